@@ -1,0 +1,263 @@
+//! What time it is, how wrong that might be, and whether the TSA may stamp with it.
+//!
+//! A [`TimeSource`] answers with a [`Reading`]: UTC, an error bound, a state and the reason for
+//! that state. [`IssuingClock`] is the gate in front of the issuing path: it hands out a time
+//! only while the source is synchronized and its bound is within the declared accuracy, and it
+//! makes genTime strictly increasing without ever running ahead of the clock.
+//!
+//! The sources of this first version are the kernel clock ([`kernel`]), trusted only while the
+//! kernel says it is synchronized, and an explicit development clock ([`development`]).
+
+pub mod development;
+pub mod kernel;
+
+use std::borrow::Cow;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The state of a time source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncState {
+    /// The source follows its references and vouches for its bound.
+    Synchronized,
+    /// References are lost; the bound is growing from the last good update.
+    Holdover,
+    /// The source cannot say what time it is.
+    Unsynchronized,
+}
+
+impl SyncState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Synchronized => "synchronized",
+            Self::Holdover => "holdover",
+            Self::Unsynchronized => "unsynchronized",
+        }
+    }
+}
+
+/// One answer of a time source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reading {
+    /// UTC, in nanoseconds since the Unix epoch.
+    pub unix_ns: u64,
+    /// The true UTC lies within `unix_ns ± bound_ns`.
+    pub bound_ns: u64,
+    pub state: SyncState,
+    /// Why the source is in this state, in words for the operator.
+    pub reason: Cow<'static, str>,
+}
+
+/// Anything that can tell the time with a bound.
+pub trait TimeSource: Send + Sync + 'static {
+    /// A short name for logs and the status page.
+    fn name(&self) -> &'static str;
+    fn read(&self) -> Reading;
+}
+
+/// A time the TSA may put into a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrustedTime {
+    pub unix_ns: u64,
+    pub bound_ns: u64,
+}
+
+/// Why no time can be given now; the client gets `timeNotAvailable`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: Cow<'static, str>,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+/// A backward step of the source that is waited out instead of refused. A reading at or before
+/// the last genTime (two threads a few nanoseconds apart, or a tiny slew) is read again until
+/// the clock passes it; a larger step back is a fault that is refused until the clock catches up.
+const MAX_WAIT_BACKWARDS: Duration = Duration::from_millis(2);
+
+/// The gate between a time source and the issuing path.
+pub struct IssuingClock {
+    source: Box<dyn TimeSource>,
+    max_bound_ns: u64,
+    /// The last time handed out; genTime is strictly greater than it.
+    last_ns: Mutex<u64>,
+}
+
+impl IssuingClock {
+    /// `max_bound` is the accuracy the policy declares (at most 1 s under ETSI EN 319 421).
+    pub fn new(source: Box<dyn TimeSource>, max_bound: Duration) -> Self {
+        Self {
+            source,
+            max_bound_ns: max_bound.as_nanos() as u64,
+            last_ns: Mutex::new(0),
+        }
+    }
+
+    pub fn source_name(&self) -> &'static str {
+        self.source.name()
+    }
+
+    pub fn max_bound(&self) -> Duration {
+        Duration::from_nanos(self.max_bound_ns)
+    }
+
+    /// The source's current reading, for health checks and the status page.
+    pub fn reading(&self) -> Reading {
+        self.source.read()
+    }
+
+    /// Whether a token could be issued now.
+    pub fn check(&self) -> Result<(), Refusal> {
+        self.admit(&self.source.read())
+    }
+
+    fn admit(&self, reading: &Reading) -> Result<(), Refusal> {
+        if reading.state != SyncState::Synchronized {
+            return Err(Refusal {
+                reason: format!("time source {}: {}", reading.state.name(), reading.reason).into(),
+            });
+        }
+        if reading.bound_ns > self.max_bound_ns {
+            return Err(Refusal {
+                reason: format!(
+                    "clock error bound {} exceeds the declared accuracy {}",
+                    fmt_ns(reading.bound_ns),
+                    fmt_ns(self.max_bound_ns)
+                )
+                .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The time for the next token: read now, strictly after every earlier one, never ahead of
+    /// the source. Call it as late as possible, just before signing.
+    pub fn now(&self) -> Result<TrustedTime, Refusal> {
+        let mut last = self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let reading = self.source.read();
+            self.admit(&reading)?;
+            if reading.unix_ns > *last {
+                *last = reading.unix_ns;
+                return Ok(TrustedTime {
+                    unix_ns: reading.unix_ns,
+                    bound_ns: reading.bound_ns,
+                });
+            }
+            let behind = *last - reading.unix_ns;
+            if behind > MAX_WAIT_BACKWARDS.as_nanos() as u64 {
+                tracing::error!(
+                    event = "clock_step_back",
+                    behind_ns = behind,
+                    "time source went back behind the last genTime; refusing until it catches up"
+                );
+                return Err(Refusal {
+                    reason: format!("clock stepped back {} behind the last token", fmt_ns(behind))
+                        .into(),
+                });
+            }
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// The system's real-time clock in nanoseconds since the Unix epoch.
+pub fn system_unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+pub fn fmt_ns(ns: u64) -> String {
+    match ns {
+        0..=9_999 => format!("{ns} ns"),
+        10_000..=9_999_999 => format!("{:.1} µs", ns as f64 / 1e3),
+        10_000_000..=9_999_999_999 => format!("{:.1} ms", ns as f64 / 1e6),
+        _ => format!("{:.1} s", ns as f64 / 1e9),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// A source that returns scripted readings.
+    struct Scripted {
+        now: Arc<AtomicU64>,
+        state: SyncState,
+        bound_ns: u64,
+    }
+
+    impl TimeSource for Scripted {
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+        fn read(&self) -> Reading {
+            Reading {
+                unix_ns: self.now.fetch_add(1, Ordering::SeqCst),
+                bound_ns: self.bound_ns,
+                state: self.state,
+                reason: "scripted".into(),
+            }
+        }
+    }
+
+    fn clock(state: SyncState, bound_ns: u64) -> (IssuingClock, Arc<AtomicU64>) {
+        let now = Arc::new(AtomicU64::new(1_000_000_000));
+        let source = Scripted {
+            now: now.clone(),
+            state,
+            bound_ns,
+        };
+        (
+            IssuingClock::new(Box::new(source), Duration::from_secs(1)),
+            now,
+        )
+    }
+
+    #[test]
+    fn refuses_unless_synchronized_within_bound() {
+        assert!(clock(SyncState::Synchronized, 1_000).0.now().is_ok());
+        assert!(clock(SyncState::Holdover, 1_000).0.now().is_err());
+        assert!(clock(SyncState::Unsynchronized, 1_000).0.now().is_err());
+        let err = clock(SyncState::Synchronized, 1_000_000_001).0.now().unwrap_err();
+        assert!(err.reason.contains("exceeds the declared accuracy"), "{err}");
+    }
+
+    #[test]
+    fn strictly_increasing_and_waits_out_small_steps_back() {
+        let (clock, now) = clock(SyncState::Synchronized, 1_000);
+        let a = clock.now().unwrap().unix_ns;
+        // A step back of 1 ms: waited out (the scripted clock advances 1 ns a read).
+        now.fetch_sub(1_000, Ordering::SeqCst);
+        let b = clock.now().unwrap().unix_ns;
+        assert!(b > a);
+        // A step back of 1 s: refused.
+        now.fetch_sub(1_000_000_000, Ordering::SeqCst);
+        assert!(clock.now().unwrap_err().reason.contains("stepped back"));
+    }
+
+    #[test]
+    fn increasing_across_threads() {
+        let (clock, _) = clock(SyncState::Synchronized, 1_000);
+        let clock = Arc::new(clock);
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let clock = clock.clone();
+                std::thread::spawn(move || (0..1000).map(|_| clock.now().unwrap().unix_ns).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut all: Vec<u64> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        let n = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), n, "two tokens got the same time");
+    }
+}

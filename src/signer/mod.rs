@@ -1,0 +1,34 @@
+//! Signing keys behind one trait.
+//!
+//! A [`Signer`] signs the DER of a token's signed attributes, hashing them itself with its
+//! algorithm's digest (on the host for HSM keys). It may fail (an HSM goes away) and may be
+//! slow, so the server never calls it on an async worker. [`certificate`] holds the TSU
+//! certificate and refuses one that does not fit the key or the ETSI EN 319 422 profile.
+
+pub mod certificate;
+pub mod software;
+
+use crate::alg::SignatureAlgorithm;
+
+/// Why a signature could not be made. The client gets `systemFailure` either way.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// The key cannot be reached now (an HSM session lost); it may come back.
+    #[error("signing key unavailable: {0}")]
+    Unavailable(String),
+    /// The signature operation failed.
+    #[error("signing failed: {0}")]
+    Failed(String),
+}
+
+pub trait Signer: Send + Sync + 'static {
+    fn algorithm(&self) -> SignatureAlgorithm;
+
+    /// The key's `subjectPublicKey` as a certificate carries it: the uncompressed point for EC,
+    /// the DER `RSAPublicKey` for RSA.
+    fn public_key(&self) -> &[u8];
+
+    /// Signs `message` (hashing it with [`SignatureAlgorithm::digest`]) and returns the
+    /// signature as CMS carries it: DER `ECDSA-Sig-Value` for ECDSA, the raw octets for RSA.
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError>;
+}

@@ -1,0 +1,112 @@
+//! A signing key held in a PKCS#8 file, used through aws-lc-rs.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair};
+
+use super::{SignError, Signer};
+use crate::alg::SignatureAlgorithm;
+
+enum Key {
+    Ecdsa(EcdsaKeyPair),
+    Rsa(RsaKeyPair, &'static dyn signature::RsaEncoding),
+}
+
+/// The RSA padding to sign with; EC keys ignore it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RsaPadding {
+    #[default]
+    Pkcs1,
+    Pss,
+}
+
+pub struct SoftwareSigner {
+    key: Key,
+    algorithm: SignatureAlgorithm,
+    public_key: Vec<u8>,
+    rng: SystemRandom,
+}
+
+impl SoftwareSigner {
+    /// Loads an unencrypted PKCS#8 key (PEM `PRIVATE KEY` or DER). EC keys on P-256 sign with
+    /// SHA-256, on P-384 with SHA-384; RSA keys (2048 to 4096 bits) with SHA-256 and `padding`.
+    pub fn load(path: &Path, padding: RsaPadding) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read the signing key {}", path.display()))?;
+        let der = if bytes.starts_with(b"-----BEGIN") {
+            let (label, der) = der::pem::decode_vec(&bytes)
+                .with_context(|| format!("{} is not a PEM file", path.display()))?;
+            if label != "PRIVATE KEY" {
+                bail!(
+                    "{} holds a PEM '{label}'; the TSA needs an unencrypted PKCS#8 'PRIVATE KEY'",
+                    path.display()
+                );
+            }
+            der
+        } else {
+            bytes
+        };
+        Self::from_pkcs8(&der, padding)
+            .with_context(|| format!("cannot use the signing key {}", path.display()))
+    }
+
+    pub fn from_pkcs8(der: &[u8], padding: RsaPadding) -> anyhow::Result<Self> {
+        use signature::{ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING};
+        if let Ok(key) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der) {
+            return Ok(Self::new(Key::Ecdsa(key), SignatureAlgorithm::EcdsaP256Sha256));
+        }
+        if let Ok(key) = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, der) {
+            return Ok(Self::new(Key::Ecdsa(key), SignatureAlgorithm::EcdsaP384Sha384));
+        }
+        let key = RsaKeyPair::from_pkcs8(der)
+            .map_err(|e| anyhow::anyhow!("not a P-256, P-384 or RSA PKCS#8 key ({e})"))?;
+        let bits = key.public_modulus_len() * 8;
+        if !(2048..=4096).contains(&bits) {
+            bail!("RSA keys of 2048 to 4096 bits are supported, this one has {bits}");
+        }
+        let (encoding, algorithm): (&'static dyn signature::RsaEncoding, _) = match padding {
+            RsaPadding::Pkcs1 => (&signature::RSA_PKCS1_SHA256, SignatureAlgorithm::RsaPkcs1Sha256),
+            RsaPadding::Pss => (&signature::RSA_PSS_SHA256, SignatureAlgorithm::RsaPssSha256),
+        };
+        Ok(Self::new(Key::Rsa(key, encoding), algorithm))
+    }
+
+    fn new(key: Key, algorithm: SignatureAlgorithm) -> Self {
+        let public_key = match &key {
+            Key::Ecdsa(k) => k.public_key().as_ref().to_vec(),
+            Key::Rsa(k, _) => k.public_key().as_ref().to_vec(),
+        };
+        Self {
+            key,
+            algorithm,
+            public_key,
+            rng: SystemRandom::new(),
+        }
+    }
+}
+
+impl Signer for SoftwareSigner {
+    fn algorithm(&self) -> SignatureAlgorithm {
+        self.algorithm
+    }
+
+    fn public_key(&self) -> &[u8] {
+        &self.public_key
+    }
+
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
+        let failed = |e: aws_lc_rs::error::Unspecified| SignError::Failed(e.to_string());
+        match &self.key {
+            Key::Ecdsa(key) => Ok(key.sign(&self.rng, message).map_err(failed)?.as_ref().to_vec()),
+            Key::Rsa(key, encoding) => {
+                let mut signature = vec![0; key.public_modulus_len()];
+                key.sign(*encoding, &self.rng, message, &mut signature)
+                    .map_err(failed)?;
+                Ok(signature)
+            }
+        }
+    }
+}
