@@ -232,10 +232,15 @@ impl SignatureAlgorithm {
 
     fn pss_parameters(self) -> der::Any {
         let digest = self.digest();
-        let hash = digest.algorithm_identifier().to_der().expect("static encoding");
+        let hash = digest
+            .algorithm_identifier()
+            .to_der()
+            .expect("static encoding");
         let mgf = AlgorithmIdentifierOwned {
             oid: oid::MGF1,
-            parameters: Some(der::Any::encode_from(&digest.algorithm_identifier()).expect("static")),
+            parameters: Some(
+                der::Any::encode_from(&digest.algorithm_identifier()).expect("static"),
+            ),
         }
         .to_der()
         .expect("static encoding");

@@ -1,5 +1,18 @@
+//! An RFC 3161 Time-Stamp Authority.
+//!
+//! Modules, from the bottom up (arrows only point down; see `docs/architecture.md`):
+//! - [`alg`]: digest and signature algorithms and their identifiers;
+//! - [`protocol`]: RFC 3161 / RFC 5652 without I/O;
+//! - [`clock`]: what time it is and how sure we are, and the issuing gate;
+//! - [`signer`]: one trait for signing keys, with a software implementation;
+//! - [`archive`]: serial numbers (and, later, the durable token record);
+//! - [`server`]: HTTP listeners and the request path that composes the others.
+
 pub mod alg;
 pub mod archive;
+pub mod client;
 pub mod clock;
+pub mod config;
 pub mod protocol;
+pub mod server;
 pub mod signer;

@@ -1,1 +1,52 @@
-fn main() {}
+//! The `tsa` command.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+/// An RFC 3161 Time-Stamp Authority.
+#[derive(Debug, Parser)]
+#[command(name = "tsa", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a development PKI and configuration in a state directory.
+    Init(cli::init::InitArgs),
+    /// Serve RFC 3161 over HTTP.
+    Serve(cli::serve::ServeArgs),
+    /// Ask a TSA for a time-stamp token.
+    Request(cli::request::RequestArgs),
+    /// Verify a time-stamp response against data and a CA.
+    Verify(cli::verify::VerifyArgs),
+    /// Print a time-stamp response or request in human-readable form.
+    Inspect(cli::inspect::InspectArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Init(args) => cli::init::run(args),
+        Command::Serve(args) => cli::serve::run(args),
+        Command::Request(args) => cli::request::run(args),
+        Command::Verify(args) => cli::verify::run(args),
+        Command::Inspect(args) => cli::inspect::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tsa: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -156,8 +156,11 @@ impl IssuingClock {
                     "time source went back behind the last genTime; refusing until it catches up"
                 );
                 return Err(Refusal {
-                    reason: format!("clock stepped back {} behind the last token", fmt_ns(behind))
-                        .into(),
+                    reason: format!(
+                        "clock stepped back {} behind the last token",
+                        fmt_ns(behind)
+                    )
+                    .into(),
                 });
             }
             std::hint::spin_loop();
@@ -227,8 +230,14 @@ mod tests {
         assert!(clock(SyncState::Synchronized, 1_000).0.now().is_ok());
         assert!(clock(SyncState::Holdover, 1_000).0.now().is_err());
         assert!(clock(SyncState::Unsynchronized, 1_000).0.now().is_err());
-        let err = clock(SyncState::Synchronized, 1_000_000_001).0.now().unwrap_err();
-        assert!(err.reason.contains("exceeds the declared accuracy"), "{err}");
+        let err = clock(SyncState::Synchronized, 1_000_000_001)
+            .0
+            .now()
+            .unwrap_err();
+        assert!(
+            err.reason.contains("exceeds the declared accuracy"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -251,10 +260,17 @@ mod tests {
         let handles: Vec<_> = (0..4)
             .map(|_| {
                 let clock = clock.clone();
-                std::thread::spawn(move || (0..1000).map(|_| clock.now().unwrap().unix_ns).collect::<Vec<_>>())
+                std::thread::spawn(move || {
+                    (0..1000)
+                        .map(|_| clock.now().unwrap().unix_ns)
+                        .collect::<Vec<_>>()
+                })
             })
             .collect();
-        let mut all: Vec<u64> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        let mut all: Vec<u64> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
         let n = all.len();
         all.sort_unstable();
         all.dedup();

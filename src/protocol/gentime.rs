@@ -211,8 +211,20 @@ mod tests {
 
     #[test]
     fn truncation_never_runs_ahead() {
-        for ns in [0u64, 1, 999, 1_000, 1_999_999_999, 1_700_000_000_123_456_789] {
-            for p in [Precision::Seconds, Precision::Millis, Precision::Micros, Precision::Nanos] {
+        for ns in [
+            0u64,
+            1,
+            999,
+            1_000,
+            1_999_999_999,
+            1_700_000_000_123_456_789,
+        ] {
+            for p in [
+                Precision::Seconds,
+                Precision::Millis,
+                Precision::Micros,
+                Precision::Nanos,
+            ] {
                 let t = GenTime::truncated(ns, p);
                 assert!(t.unix_ns() <= ns);
                 assert!(ns - t.unix_ns() < p.unit_ns());

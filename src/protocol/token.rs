@@ -174,7 +174,10 @@ impl TokenTemplate {
 
         let mut all_certs = SetOfVec::new();
         for der in std::iter::once(certificate).chain(chain.iter().map(Vec::as_slice)) {
-            if !all_certs.iter().any(|c: &AnyRef<'_>| c.to_der().ok().as_deref() == Some(der)) {
+            if !all_certs
+                .iter()
+                .any(|c: &AnyRef<'_>| c.to_der().ok().as_deref() == Some(der))
+            {
                 all_certs.insert(AnyRef::try_from(der)?)?;
             }
         }
@@ -211,9 +214,16 @@ impl TokenTemplate {
     }
 
     /// Builds TSTInfo and the signed attributes over it.
-    pub fn to_be_signed(&self, request: &Request<'_>, stamp: &Stamp) -> Result<ToBeSigned, Rejection> {
+    pub fn to_be_signed(
+        &self,
+        request: &Request<'_>,
+        stamp: &Stamp,
+    ) -> Result<ToBeSigned, Rejection> {
         let internal = |e: der::Error| {
-            Rejection::new(FailInfo::SystemFailure, format!("token encoding failed: {e}"))
+            Rejection::new(
+                FailInfo::SystemFailure,
+                format!("token encoding failed: {e}"),
+            )
         };
         let tsa = self
             .tsa_name
@@ -280,7 +290,11 @@ impl TokenTemplate {
                 &tlv::tlv(ctx0, &[&tlv::tlv(Tag::OctetString, &[&tbs.tst_info])]),
             ],
         );
-        let certificates: &[u8] = if tbs.cert_req { &self.certificates } else { &[] };
+        let certificates: &[u8] = if tbs.cert_req {
+            &self.certificates
+        } else {
+            &[]
+        };
         let signed_data = tlv::tlv(
             Tag::Sequence,
             &[

@@ -51,7 +51,11 @@ impl TsuCertificate {
     }
 
     pub fn not_after(&self) -> SystemTime {
-        self.cert.tbs_certificate().validity().not_after.to_system_time()
+        self.cert
+            .tbs_certificate()
+            .validity()
+            .not_after
+            .to_system_time()
     }
 
     /// The certificate and chain as PEM, for `GET /certs`.
@@ -97,10 +101,16 @@ impl TsuCertificate {
             validity.not_after.to_system_time(),
         );
         if now < not_before {
-            bail!("the certificate of {subject} is not valid before {}", validity.not_before);
+            bail!(
+                "the certificate of {subject} is not valid before {}",
+                validity.not_before
+            );
         }
         if now > not_after {
-            bail!("the certificate of {subject} expired at {}", validity.not_after);
+            bail!(
+                "the certificate of {subject} expired at {}",
+                validity.not_after
+            );
         }
 
         let ext_err = |e: der::Error| anyhow::anyhow!("the certificate of {subject}: {e}");
@@ -126,7 +136,9 @@ impl TsuCertificate {
             }
         }
         if let Some((_, ku)) = tbs.get_extension::<KeyUsage>().map_err(ext_err)? {
-            if !(ku.0.contains(KeyUsages::DigitalSignature) || ku.0.contains(KeyUsages::NonRepudiation)) {
+            if !(ku.0.contains(KeyUsages::DigitalSignature)
+                || ku.0.contains(KeyUsages::NonRepudiation))
+            {
                 bail!("the key usage of the certificate of {subject} allows neither digitalSignature nor nonRepudiation");
             }
         }

@@ -56,10 +56,16 @@ impl SoftwareSigner {
     pub fn from_pkcs8(der: &[u8], padding: RsaPadding) -> anyhow::Result<Self> {
         use signature::{ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING};
         if let Ok(key) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, der) {
-            return Ok(Self::new(Key::Ecdsa(key), SignatureAlgorithm::EcdsaP256Sha256));
+            return Ok(Self::new(
+                Key::Ecdsa(key),
+                SignatureAlgorithm::EcdsaP256Sha256,
+            ));
         }
         if let Ok(key) = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, der) {
-            return Ok(Self::new(Key::Ecdsa(key), SignatureAlgorithm::EcdsaP384Sha384));
+            return Ok(Self::new(
+                Key::Ecdsa(key),
+                SignatureAlgorithm::EcdsaP384Sha384,
+            ));
         }
         let key = RsaKeyPair::from_pkcs8(der)
             .map_err(|e| anyhow::anyhow!("not a P-256, P-384 or RSA PKCS#8 key ({e})"))?;
@@ -68,7 +74,10 @@ impl SoftwareSigner {
             bail!("RSA keys of 2048 to 4096 bits are supported, this one has {bits}");
         }
         let (encoding, algorithm): (&'static dyn signature::RsaEncoding, _) = match padding {
-            RsaPadding::Pkcs1 => (&signature::RSA_PKCS1_SHA256, SignatureAlgorithm::RsaPkcs1Sha256),
+            RsaPadding::Pkcs1 => (
+                &signature::RSA_PKCS1_SHA256,
+                SignatureAlgorithm::RsaPkcs1Sha256,
+            ),
             RsaPadding::Pss => (&signature::RSA_PSS_SHA256, SignatureAlgorithm::RsaPssSha256),
         };
         Ok(Self::new(Key::Rsa(key, encoding), algorithm))
@@ -100,7 +109,11 @@ impl Signer for SoftwareSigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
         let failed = |e: aws_lc_rs::error::Unspecified| SignError::Failed(e.to_string());
         match &self.key {
-            Key::Ecdsa(key) => Ok(key.sign(&self.rng, message).map_err(failed)?.as_ref().to_vec()),
+            Key::Ecdsa(key) => Ok(key
+                .sign(&self.rng, message)
+                .map_err(failed)?
+                .as_ref()
+                .to_vec()),
             Key::Rsa(key, encoding) => {
                 let mut signature = vec![0; key.public_modulus_len()];
                 key.sign(*encoding, &self.rng, message, &mut signature)

@@ -1,0 +1,24 @@
+//! The `tsa` command line: each subcommand in its own module.
+
+pub mod init;
+pub mod inspect;
+pub mod request;
+pub mod serve;
+pub mod verify;
+
+/// Hex digits (spaces and colons allowed) to bytes.
+pub fn hex_decode(text: &str) -> anyhow::Result<Vec<u8>> {
+    let digits: Vec<u8> = text.bytes().filter(|b| !matches!(b, b' ' | b':')).collect();
+    if digits.len() % 2 != 0 {
+        anyhow::bail!("odd number of hex digits");
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            std::str::from_utf8(pair)
+                .ok()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| anyhow::anyhow!("'{text}' is not hex"))
+        })
+        .collect()
+}

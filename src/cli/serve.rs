@@ -1,0 +1,83 @@
+//! `tsa serve`: run the TSA until SIGTERM or Ctrl-C.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tsa::config::Config;
+use tsa::server;
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// The configuration file.
+    #[arg(long, short, default_value = "state/tsa.toml")]
+    pub config: PathBuf,
+    /// Override server.listen (port 0 picks a free port).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Override server.admin_listen.
+    #[arg(long)]
+    pub admin_listen: Option<SocketAddr>,
+}
+
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(&args.config)?;
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if let Some(admin) = args.admin_listen {
+        config.server.admin_listen = admin;
+    }
+    let tsa = Arc::new(server::build(&config)?);
+
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if config.server.workers > 0 {
+        runtime.worker_threads(config.server.workers);
+    }
+    let runtime = runtime.build()?;
+    let ca_hint = args
+        .config
+        .parent()
+        .map(|d| d.join("ca-cert.pem"))
+        .filter(|p| p.exists());
+    runtime.block_on(server::serve(
+        tsa,
+        &config.server,
+        |bound| announce(bound, &config.server.path, ca_hint),
+        shutdown_signal(),
+    ))
+}
+
+/// Tells the operator (and tests, which read the first line) where the TSA listens.
+fn announce(bound: server::Bound, path: &str, ca: Option<PathBuf>) {
+    let url = format!("http://{}{}", bound.public, path);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "tsa: serving RFC 3161 on {url} (admin http://{})",
+        bound.admin
+    );
+    let ca = ca
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "CA.pem".into());
+    let _ = writeln!(
+        out,
+        "ask for a stamp:\n  \
+         openssl ts -query -data README.md -sha256 -cert -out req.tsq\n  \
+         curl -sS -H 'Content-Type: application/timestamp-query' --data-binary @req.tsq {url} -o reply.tsr\n  \
+         openssl ts -reply -in reply.tsr -text\n  \
+         openssl ts -verify -in reply.tsr -queryfile req.tsq -CAfile {ca}"
+    );
+    let _ = out.flush();
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

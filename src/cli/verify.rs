@@ -1,0 +1,96 @@
+//! `tsa verify`: check a token against data (or a digest), a request and a CA.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use tsa::client::read::{Response, Token};
+use tsa::client::verify::{verify, Expectation};
+use x509_cert::Certificate;
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// The time-stamp response (.tsr) or a bare token (--token).
+    #[arg(long = "in")]
+    pub input: PathBuf,
+    /// The input is a bare token (ContentInfo), not a TimeStampResp.
+    #[arg(long)]
+    pub token: bool,
+    /// The data that was stamped.
+    #[arg(long, conflicts_with = "digest")]
+    pub data: Option<PathBuf>,
+    /// The digest that was stamped, in hex.
+    #[arg(long)]
+    pub digest: Option<String>,
+    /// The request: its nonce, policy and certReq are checked too.
+    #[arg(long)]
+    pub query: Option<PathBuf>,
+    /// Trusted CA certificates (PEM).
+    #[arg(long = "ca", required = true)]
+    pub ca: Vec<PathBuf>,
+    /// Further certificates (PEM), for a token issued without its certificate.
+    #[arg(long)]
+    pub untrusted: Vec<PathBuf>,
+}
+
+pub fn run(args: &VerifyArgs) -> anyhow::Result<()> {
+    let input = std::fs::read(&args.input)
+        .with_context(|| format!("cannot read {}", args.input.display()))?;
+    let token = if args.token {
+        Token::from_der(&input)?
+    } else {
+        let response = Response::from_der(&input)?;
+        match response.token {
+            Some(token) => token,
+            None => bail!(
+                "the response is a rejection: {} ({})",
+                response
+                    .fail_info()
+                    .map(|f| f.name())
+                    .unwrap_or("unspecified"),
+                response.status_text.join("; ")
+            ),
+        }
+    };
+    let data = args
+        .data
+        .as_ref()
+        .map(std::fs::read)
+        .transpose()
+        .context("cannot read the data")?;
+    let digest = args.digest.as_deref().map(super::hex_decode).transpose()?;
+    let query = args
+        .query
+        .as_ref()
+        .map(std::fs::read)
+        .transpose()
+        .context("cannot read the query")?;
+    let expect = Expectation {
+        data: data.as_deref(),
+        digest: digest.as_deref(),
+        query: query.as_deref(),
+        trusted: load_all(&args.ca)?,
+        untrusted: load_all(&args.untrusted)?,
+    };
+    let verified = verify(&token, &expect)?;
+    println!(
+        "Verification: OK\n  genTime  {}\n  accuracy {}\n  serial   {}\n  policy   {}\n  signer   {}",
+        verified.gen_time,
+        verified.accuracy_ns.map(tsa::clock::fmt_ns).unwrap_or_else(|| "unspecified".into()),
+        verified.serial_hex,
+        verified.policy,
+        verified.signer
+    );
+    Ok(())
+}
+
+fn load_all(paths: &[PathBuf]) -> anyhow::Result<Vec<Certificate>> {
+    let mut certs = Vec::new();
+    for path in paths {
+        let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        certs.extend(
+            Certificate::load_pem_chain(&pem)
+                .with_context(|| format!("{} is not PEM certificates", path.display()))?,
+        );
+    }
+    Ok(certs)
+}

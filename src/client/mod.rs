@@ -1,0 +1,104 @@
+//! The client side: making requests, posting them, reading and verifying responses.
+//! Used by `tsa request`, `tsa inspect` and `tsa verify`, and by the tests.
+
+pub mod read;
+pub mod verify;
+
+use anyhow::{bail, Context};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use bytes::Bytes;
+use const_oid::ObjectIdentifier;
+use der::asn1::{IntRef, OctetStringRef};
+use der::Encode;
+use http_body_util::{BodyExt, Full};
+use spki::AlgorithmIdentifierRef;
+
+use crate::alg::DigestAlgorithm;
+use crate::protocol::asn1::{MessageImprint, TimeStampReq};
+
+/// What to ask for.
+#[derive(Clone, Debug)]
+pub struct Query {
+    pub digest: DigestAlgorithm,
+    pub hashed_message: Vec<u8>,
+    pub policy: Option<ObjectIdentifier>,
+    /// The nonce's INTEGER content octets.
+    pub nonce: Option<Vec<u8>>,
+    pub cert_req: bool,
+}
+
+impl Query {
+    /// A query for `data` with a fresh 64-bit nonce, asking for the certificate.
+    pub fn for_data(digest: DigestAlgorithm, data: &[u8]) -> anyhow::Result<Self> {
+        let hashed_message = digest
+            .digest(data)
+            .with_context(|| format!("{} cannot be computed here", digest.name()))?;
+        Ok(Self {
+            digest,
+            hashed_message,
+            policy: None,
+            nonce: Some(random_nonce()?),
+            cert_req: true,
+        })
+    }
+
+    /// The DER `TimeStampReq`.
+    pub fn to_der(&self) -> anyhow::Result<Vec<u8>> {
+        let null = der::asn1::Null;
+        let null_any = der::AnyRef::from(null);
+        let request = TimeStampReq {
+            version: IntRef::new(&[1])?,
+            message_imprint: MessageImprint {
+                hash_algorithm: AlgorithmIdentifierRef {
+                    oid: self.digest.oid(),
+                    parameters: Some(null_any),
+                },
+                hashed_message: OctetStringRef::new(&self.hashed_message)?,
+            },
+            req_policy: self.policy,
+            nonce: self.nonce.as_deref().map(IntRef::new).transpose()?,
+            cert_req: self.cert_req,
+            extensions: None,
+        };
+        Ok(request.to_der()?)
+    }
+}
+
+/// A positive 64-bit nonce as INTEGER content octets.
+pub fn random_nonce() -> anyhow::Result<Vec<u8>> {
+    let mut bytes = [0u8; 8];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
+    bytes[0] = (bytes[0] & 0x7f).max(1);
+    Ok(bytes.to_vec())
+}
+
+/// POSTs a DER request to a TSA URL and returns the body of its reply.
+pub async fn post(url: &str, request: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    let uri: hyper::Uri = url.parse().with_context(|| format!("invalid URL {url}"))?;
+    if uri.scheme_str() != Some("http") {
+        bail!("only http:// URLs are supported (put TLS in front of the TSA if needed)");
+    }
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let req = hyper::Request::post(uri)
+        .header(hyper::header::CONTENT_TYPE, "application/timestamp-query")
+        .body(Full::new(Bytes::from(request)))?;
+    let response = client
+        .request(req)
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = response.into_body().collect().await?.to_bytes();
+    if content_type != "application/timestamp-reply" {
+        bail!("the TSA answered HTTP {status} with '{content_type}', not a time-stamp reply");
+    }
+    Ok(body.to_vec())
+}

@@ -1,0 +1,226 @@
+//! The one TOML configuration file. `config/tsa.example.toml` is the commented example.
+//!
+//! Relative paths are taken relative to the directory of the configuration file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use const_oid::ObjectIdentifier;
+use serde::Deserialize;
+
+use crate::alg::{oid, DigestAlgorithm};
+use crate::protocol::Precision;
+use crate::signer::software::RsaPadding;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub signer: SignerConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub clock: ClockConfig,
+    #[serde(default)]
+    pub token: TokenConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// The public listener for RFC 3161 requests.
+    pub listen: SocketAddr,
+    /// The path that takes `POST application/timestamp-query`.
+    pub path: String,
+    /// The admin listener (health; later metrics, status, archive look-ups).
+    pub admin_listen: SocketAddr,
+    /// The largest request body accepted; larger ones get 413.
+    pub max_request_bytes: usize,
+    /// Time allowed for a request's headers and then for its body.
+    pub read_timeout_ms: u64,
+    /// Worker threads of the async runtime; 0 means one per core.
+    pub workers: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:3180".parse().expect("static"),
+            path: "/".into(),
+            admin_listen: "127.0.0.1:3181".parse().expect("static"),
+            max_request_bytes: 8 * 1024,
+            read_timeout_ms: 10_000,
+            workers: 0,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn read_timeout(&self) -> Duration {
+        Duration::from_millis(self.read_timeout_ms)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+pub enum SignerConfig {
+    /// A PKCS#8 key file used through aws-lc-rs.
+    Software {
+        key: PathBuf,
+        certificate: PathBuf,
+        /// Further certificates sent when a request sets certReq (intermediates, root).
+        #[serde(default)]
+        chain: Vec<PathBuf>,
+        #[serde(default)]
+        rsa_padding: RsaPadding,
+    },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// The policy of tokens whose request names none.
+    pub default: String,
+    /// Further policies a request may ask for.
+    pub accepted: Vec<String>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            default: oid::ETSI_BASELINE_POLICY.to_string(),
+            accepted: vec![],
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClockSource {
+    /// The kernel clock, trusted only while the kernel reports it synchronized.
+    Kernel,
+    /// The system clock with a declared accuracy; development only.
+    Development,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClockConfig {
+    pub source: ClockSource,
+    /// The accuracy the TSA declares; it refuses to stamp when its clock cannot meet it.
+    /// ETSI EN 319 421 asks for 1 s or better.
+    pub max_accuracy_ms: u64,
+    /// The accuracy the development clock claims for the system clock.
+    pub development_accuracy_ms: u64,
+}
+
+impl Default for ClockConfig {
+    fn default() -> Self {
+        Self {
+            source: ClockSource::Kernel,
+            max_accuracy_ms: 1_000,
+            development_accuracy_ms: 100,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// Fractional digits of genTime: seconds, millis, micros or nanos.
+    pub precision: Precision,
+    /// Put the signer's subject in TSTInfo's `tsa` field.
+    pub include_tsa_name: bool,
+    /// Add the legacy SHA-1 ESSCertID beside ESSCertIDv2.
+    pub ess_cert_id_v1: bool,
+    /// Message imprint algorithms accepted in requests.
+    pub accepted_digests: Vec<String>,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            precision: Precision::Micros,
+            include_tsa_name: false,
+            ess_cert_id_v1: false,
+            accepted_digests: DigestAlgorithm::DEFAULT_ACCEPTED
+                .iter()
+                .map(|d| d.name().to_string())
+                .collect(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the configuration {}", path.display()))?;
+        let mut config: Config = toml::from_str(&text)
+            .with_context(|| format!("invalid configuration {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        match &mut self.signer {
+            SignerConfig::Software {
+                key,
+                certificate,
+                chain,
+                ..
+            } => {
+                resolve(key);
+                resolve(certificate);
+                chain.iter_mut().for_each(resolve);
+            }
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if !self.server.path.starts_with('/') {
+            bail!("server.path must start with '/'");
+        }
+        if self.clock.max_accuracy_ms == 0 {
+            bail!("clock.max_accuracy_ms must be positive");
+        }
+        self.digests()?;
+        self.policies()?;
+        Ok(())
+    }
+
+    pub fn digests(&self) -> anyhow::Result<Vec<DigestAlgorithm>> {
+        self.token
+            .accepted_digests
+            .iter()
+            .map(|name| {
+                DigestAlgorithm::from_name(name)
+                    .with_context(|| format!("token.accepted_digests: unknown digest '{name}'"))
+            })
+            .collect()
+    }
+
+    /// The default policy and the further accepted ones.
+    pub fn policies(&self) -> anyhow::Result<(ObjectIdentifier, Vec<ObjectIdentifier>)> {
+        let parse = |s: &String| {
+            ObjectIdentifier::new(s).with_context(|| format!("policy '{s}' is not an OID"))
+        };
+        let default = parse(&self.policy.default)?;
+        let accepted = self
+            .policy
+            .accepted
+            .iter()
+            .map(parse)
+            .collect::<Result<_, _>>()?;
+        Ok((default, accepted))
+    }
+}

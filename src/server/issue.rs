@@ -1,0 +1,110 @@
+//! The request path, top to bottom: parse → read the clock → build → sign → assemble.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::archive::serial::SerialAllocator;
+use crate::clock::IssuingClock;
+use crate::protocol::{self, FailInfo, Rejection, RequestRules, Stamp, TokenTemplate};
+use crate::signer::{certificate::TsuCertificate, Signer};
+
+/// How one request ended, for logs and (later) metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Granted,
+    Rejected(FailInfo),
+}
+
+/// Everything the issuing path needs, built once at start-up.
+pub struct Tsa {
+    pub(super) rules: RequestRules,
+    pub(super) template: TokenTemplate,
+    pub(super) clock: IssuingClock,
+    pub(super) signer: Arc<dyn Signer>,
+    pub(super) serials: Box<dyn SerialAllocator>,
+    pub(super) certificate: TsuCertificate,
+    /// Whether the last signature succeeded (readiness).
+    pub(super) signer_ok: AtomicBool,
+}
+
+impl Tsa {
+    /// Answers one request body with a DER `TimeStampResp`.
+    ///
+    /// The work runs on the blocking pool, off the async workers: a signer may take
+    /// milliseconds (an HSM), and the clock is read there, after any queueing, as late as
+    /// possible before the signature.
+    pub async fn respond(self: &Arc<Self>, body: Bytes) -> (Vec<u8>, Outcome) {
+        let tsa = Arc::clone(self);
+        let answer = tokio::task::spawn_blocking(move || tsa.issue(&body)).await;
+        let result = answer.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the issuing task failed");
+            Err(Rejection::new(FailInfo::SystemFailure, "internal error"))
+        });
+        match result {
+            Ok(der) => (der, Outcome::Granted),
+            Err(rejection) => {
+                if rejection.fail_info == FailInfo::SystemFailure {
+                    tracing::error!(reason = %rejection.reason, "request failed");
+                } else {
+                    tracing::debug!(fail_info = %rejection.fail_info, reason = %rejection.reason, "request rejected");
+                }
+                (rejection.to_der(), Outcome::Rejected(rejection.fail_info))
+            }
+        }
+    }
+
+    /// The issuing path, synchronous. Returns the granted response or the rejection.
+    pub fn issue(&self, body: &[u8]) -> Result<Vec<u8>, Rejection> {
+        let request = protocol::parse_request(body, &self.rules)?;
+
+        let serial = self
+            .serials
+            .next()
+            .map_err(|e| Rejection::new(FailInfo::SystemFailure, e.to_string()))?;
+
+        let time = self
+            .clock
+            .now()
+            .map_err(|refusal| Rejection::new(FailInfo::TimeNotAvailable, refusal.reason))?;
+        let stamp = Stamp::new(
+            time.unix_ns,
+            time.bound_ns,
+            self.template.precision(),
+            serial,
+        );
+        if stamp.accuracy.as_ns() > self.clock.max_bound().as_nanos() as u64 {
+            return Err(Rejection::new(
+                FailInfo::TimeNotAvailable,
+                "the clock's bound and genTime's precision together exceed the declared accuracy",
+            ));
+        }
+
+        let tbs = self.template.to_be_signed(&request, &stamp)?;
+        let signature = self.signer.sign(tbs.message()).map_err(|e| {
+            self.signer_ok.store(false, Ordering::Relaxed);
+            Rejection::new(FailInfo::SystemFailure, e.to_string())
+        })?;
+        self.signer_ok.store(true, Ordering::Relaxed);
+
+        Ok(self.template.assemble(&tbs, &signature))
+    }
+
+    /// Ready to issue: the clock is trusted and the signer's last signature succeeded.
+    pub fn readiness(&self) -> Result<(), String> {
+        self.clock.check().map_err(|r| r.reason.into_owned())?;
+        if !self.signer_ok.load(Ordering::Relaxed) {
+            return Err("the signer's last signature failed".into());
+        }
+        Ok(())
+    }
+
+    pub fn certificate(&self) -> &TsuCertificate {
+        &self.certificate
+    }
+
+    pub fn clock(&self) -> &IssuingClock {
+        &self.clock
+    }
+}

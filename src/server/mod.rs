@@ -1,0 +1,132 @@
+//! The server: it builds the TSA from the configuration and serves it over HTTP.
+//!
+//! [`build`] composes protocol, clock, signer and serials; [`issue`] is the request path;
+//! [`http`] is routing and limits only.
+
+mod http;
+mod issue;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+
+use crate::alg::oid;
+use crate::archive::serial::RandomSerials;
+use crate::clock::{development::DevelopmentClock, kernel::KernelClock, IssuingClock, TimeSource};
+use crate::config::{ClockSource, Config, ServerConfig, SignerConfig};
+use crate::protocol::{RequestRules, TemplateOptions, TokenTemplate};
+use crate::signer::{certificate::TsuCertificate, software::SoftwareSigner, Signer};
+
+pub use issue::{Outcome, Tsa};
+
+/// Builds the TSA, refusing with a clear message whatever would make it issue bad tokens.
+pub fn build(config: &Config) -> anyhow::Result<Tsa> {
+    let (signer, certificate): (Arc<dyn Signer>, TsuCertificate) = match &config.signer {
+        SignerConfig::Software {
+            key,
+            certificate,
+            chain,
+            rsa_padding,
+        } => (
+            Arc::new(SoftwareSigner::load(key, *rsa_padding)?),
+            TsuCertificate::load(certificate, chain)?,
+        ),
+    };
+    certificate
+        .check(signer.as_ref(), SystemTime::now())
+        .context("the TSU certificate cannot be used")?;
+    tracing::info!(
+        event = "key_loaded",
+        subject = %certificate.subject(),
+        algorithm = signer.algorithm().name(),
+        "signing key and certificate loaded"
+    );
+
+    let (mut default_policy, mut other_policies) = config.policies()?;
+    let max_accuracy = Duration::from_millis(config.clock.max_accuracy_ms);
+    let source: Box<dyn TimeSource> = match config.clock.source {
+        ClockSource::Kernel => {
+            if default_policy == oid::DEVELOPMENT_POLICY
+                || other_policies.contains(&oid::DEVELOPMENT_POLICY)
+            {
+                bail!(
+                    "the development policy {} is for the development clock only",
+                    oid::DEVELOPMENT_POLICY
+                );
+            }
+            Box::new(KernelClock::new())
+        }
+        ClockSource::Development => {
+            let declared = Duration::from_millis(config.clock.development_accuracy_ms);
+            tracing::warn!(
+                event = "development_clock",
+                declared_accuracy_ms = config.clock.development_accuracy_ms,
+                policy = %oid::DEVELOPMENT_POLICY,
+                "DEVELOPMENT CLOCK: the system clock is trusted without any check. Every token \
+                 carries the development policy {} and must never be relied on.",
+                oid::DEVELOPMENT_POLICY
+            );
+            default_policy = oid::DEVELOPMENT_POLICY;
+            other_policies.clear();
+            Box::new(DevelopmentClock::new(declared))
+        }
+    };
+
+    let template = TokenTemplate::new(
+        certificate.der(),
+        certificate.chain(),
+        signer.algorithm(),
+        TemplateOptions {
+            include_tsa_name: config.token.include_tsa_name,
+            ess_cert_id_v1: config.token.ess_cert_id_v1,
+            precision: config.token.precision,
+        },
+    )
+    .context("cannot encode the token template from the certificate")?;
+
+    Ok(Tsa {
+        rules: RequestRules {
+            accepted_digests: config.digests()?,
+            default_policy,
+            other_policies,
+        },
+        template,
+        clock: IssuingClock::new(source, max_accuracy),
+        signer,
+        serials: Box::new(RandomSerials::new()),
+        certificate,
+        signer_ok: AtomicBool::new(true),
+    })
+}
+
+/// The addresses the server listens on once bound.
+#[derive(Clone, Copy, Debug)]
+pub struct Bound {
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Binds both listeners, reports them through `on_bound`, and serves until `shutdown`
+/// resolves; then stops accepting and lets requests in flight finish.
+pub async fn serve(
+    tsa: Arc<Tsa>,
+    config: &ServerConfig,
+    on_bound: impl FnOnce(Bound),
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let public = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let admin = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
+    on_bound(Bound {
+        public: public.local_addr()?,
+        admin: admin.local_addr()?,
+    });
+    http::run(tsa, config, public, admin, shutdown).await
+}
