@@ -1,0 +1,163 @@
+//! Shared test harness: a real `tsa` process with a fresh development PKI, on loopback ports
+//! chosen by the kernel, and helpers to drive the real `openssl` and `curl` against it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+pub const TSA: &str = env!("CARGO_BIN_EXE_tsa");
+
+/// A running TSA; killed when dropped.
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub admin_url: String,
+    child: Child,
+}
+
+impl Server {
+    /// `tsa init` with `init_args`, optional extra TOML appended to the config, then `tsa serve`.
+    pub fn start(init_args: &[&str], extra_config: &str) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = Command::new(TSA)
+            .arg("init")
+            .arg("--dir")
+            .arg(dir.path())
+            .args(init_args)
+            .output()
+            .expect("run tsa init");
+        assert!(out.status.success(), "tsa init failed: {}", String::from_utf8_lossy(&out.stderr));
+        if !extra_config.is_empty() {
+            let path = dir.path().join("tsa.toml");
+            let config = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(&path, merge_toml(&config, extra_config)).unwrap();
+        }
+        Self::serve(dir)
+    }
+
+    /// Serves the configuration already in `dir`.
+    pub fn serve(dir: tempfile::TempDir) -> Server {
+        let mut child = Command::new(TSA)
+            .arg("serve")
+            .arg("--config")
+            .arg(dir.path().join("tsa.toml"))
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tsa serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut first = String::new();
+        BufReader::new(stdout).read_line(&mut first).expect("read announcement");
+        // "tsa: serving RFC 3161 on http://127.0.0.1:PORT/ (admin http://127.0.0.1:PORT)"
+        let url = first
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no URL in {first:?}"))
+            .to_string();
+        let admin_url = first
+            .split("(admin ")
+            .nth(1)
+            .and_then(|s| s.strip_suffix(")\n"))
+            .unwrap_or_else(|| panic!("no admin URL in {first:?}"))
+            .to_string();
+        Server { dir, url, admin_url, child }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.path("ca-cert.pem")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Appends `extra` to `base`, merging `[section]` headers that already exist by inserting the
+/// extra keys right under the existing header.
+pub fn merge_toml(base: &str, extra: &str) -> String {
+    let mut out = base.to_string();
+    let mut section: Option<String> = None;
+    let mut pending: Vec<(Option<String>, String)> = Vec::new();
+    for line in extra.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            section = Some(t.to_string());
+        } else if !t.is_empty() {
+            pending.push((section.clone(), line.to_string()));
+        }
+    }
+    for (section, line) in pending {
+        match section {
+            Some(header) if out.contains(&header) => {
+                let at = out.find(&header).unwrap() + header.len();
+                out.insert_str(at, &format!("\n{line}"));
+            }
+            Some(header) => out.push_str(&format!("\n{header}\n{line}\n")),
+            None => out.insert_str(0, &format!("{line}\n")),
+        }
+    }
+    out
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    out
+}
+
+pub fn ok(cmd: &mut Command) -> Output {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn openssl(args: &[&str], dir: &Path) -> Output {
+    ok(Command::new("openssl").args(args).current_dir(dir))
+}
+
+/// POSTs a file with curl; returns (HTTP status, content type, body).
+pub fn curl_post(url: &str, body_file: &Path, content_type: &str) -> (u16, String, Vec<u8>) {
+    let out_file = tempfile::NamedTempFile::new().unwrap();
+    let out = ok(Command::new("curl").args([
+        "-sS",
+        "--max-time",
+        "30",
+        "-H",
+        &format!("Content-Type: {content_type}"),
+        "--data-binary",
+        &format!("@{}", body_file.display()),
+        "-o",
+        out_file.path().to_str().unwrap(),
+        "-w",
+        "%{http_code} %{content_type}",
+        url,
+    ]));
+    let meta = String::from_utf8(out.stdout).unwrap();
+    let (code, ctype) = meta.split_once(' ').unwrap_or((&meta, ""));
+    (code.parse().unwrap(), ctype.to_string(), std::fs::read(out_file.path()).unwrap())
+}
+
+pub fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
+    for _ in 0..100 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
