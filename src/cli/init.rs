@@ -4,20 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use chrono::{Datelike, Duration as ChronoDuration, Utc};
-use rcgen::{
-    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, RsaKeySize,
-};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum KeyAlgorithm {
-    P256,
-    P384,
-    Rsa2048,
-    Rsa3072,
-    Rsa4096,
-}
+use tsa::pki::{DevPki, KeyAlgorithm};
 
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {
@@ -55,18 +42,11 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
 
-    let ca_key = new_key(args.algorithm)?;
-    let ca_params = ca_params()?;
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca_params, &ca_key);
-
-    let tsu_key = new_key(args.algorithm)?;
-    let tsu_cert = tsu_params()?.signed_by(&tsu_key, &issuer)?;
-
-    write_secret(&args.dir.join("ca-key.pem"), &ca_key.serialize_pem())?;
-    std::fs::write(args.dir.join("ca-cert.pem"), ca_cert.pem())?;
-    write_secret(&args.dir.join("tsa-key.pem"), &tsu_key.serialize_pem())?;
-    std::fs::write(args.dir.join("tsa-cert.pem"), tsu_cert.pem())?;
+    let pki = DevPki::generate(args.algorithm)?;
+    write_secret(&args.dir.join("ca-key.pem"), &pki.ca_key_pem)?;
+    std::fs::write(args.dir.join("ca-cert.pem"), &pki.ca_cert_pem)?;
+    write_secret(&args.dir.join("tsa-key.pem"), &pki.tsu_key_pem)?;
+    std::fs::write(args.dir.join("tsa-cert.pem"), &pki.tsu_cert_pem)?;
 
     let padding = if args.pss { "pss" } else { "pkcs1" };
     let config = format!(
@@ -101,68 +81,6 @@ precision = "micros"
         args.dir.display()
     );
     Ok(())
-}
-
-fn new_key(algorithm: KeyAlgorithm) -> anyhow::Result<KeyPair> {
-    Ok(match algorithm {
-        KeyAlgorithm::P256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
-        KeyAlgorithm::P384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)?,
-        KeyAlgorithm::Rsa2048 => {
-            KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_2048)?
-        }
-        KeyAlgorithm::Rsa3072 => {
-            KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_3072)?
-        }
-        KeyAlgorithm::Rsa4096 => {
-            KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_4096)?
-        }
-    })
-}
-
-fn name(common_name: &str) -> DistinguishedName {
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CountryName, "VN");
-    dn.push(
-        DnType::OrganizationName,
-        "Development TSA (not for production)",
-    );
-    dn.push(DnType::CommonName, common_name);
-    dn
-}
-
-/// Validity from yesterday (clock skew between machines) for `years`.
-fn validity(params: &mut CertificateParams, years: i32) {
-    let start = Utc::now() - ChronoDuration::days(1);
-    params.not_before = rcgen::date_time_ymd(start.year(), start.month() as u8, start.day() as u8);
-    params.not_after = rcgen::date_time_ymd(start.year() + years, start.month() as u8, 1);
-}
-
-fn ca_params() -> anyhow::Result<CertificateParams> {
-    let mut params = CertificateParams::new(vec![])?;
-    params.distinguished_name = name("Development TSA Root CA");
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    validity(&mut params, 10);
-    Ok(params)
-}
-
-/// The TSU profile of ETSI EN 319 422: end entity, digitalSignature, and id-kp-timeStamping as
-/// the only extended key usage, marked critical (rcgen writes EKU non-critical, so it is added
-/// as a custom extension).
-fn tsu_params() -> anyhow::Result<CertificateParams> {
-    let mut params = CertificateParams::new(vec![])?;
-    params.distinguished_name = name("Development Time-Stamping Unit");
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    // SEQUENCE { OBJECT IDENTIFIER 1.3.6.1.5.5.7.3.8 }
-    let eku = vec![
-        0x30, 0x0a, 0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x08,
-    ];
-    let mut ext = CustomExtension::from_oid_content(&[2, 5, 29, 37], eku);
-    ext.set_criticality(true);
-    params.custom_extensions.push(ext);
-    validity(&mut params, 3);
-    Ok(params)
 }
 
 fn write_secret(path: &Path, contents: &str) -> anyhow::Result<()> {

@@ -28,7 +28,11 @@ impl Server {
             .args(init_args)
             .output()
             .expect("run tsa init");
-        assert!(out.status.success(), "tsa init failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "tsa init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         if !extra_config.is_empty() {
             let path = dir.path().join("tsa.toml");
             let config = std::fs::read_to_string(&path).unwrap();
@@ -51,7 +55,9 @@ impl Server {
             .expect("spawn tsa serve");
         let stdout = child.stdout.take().unwrap();
         let mut first = String::new();
-        BufReader::new(stdout).read_line(&mut first).expect("read announcement");
+        BufReader::new(stdout)
+            .read_line(&mut first)
+            .expect("read announcement");
         // "tsa: serving RFC 3161 on http://127.0.0.1:PORT/ (admin http://127.0.0.1:PORT)"
         let url = first
             .split_whitespace()
@@ -64,7 +70,12 @@ impl Server {
             .and_then(|s| s.strip_suffix(")\n"))
             .unwrap_or_else(|| panic!("no admin URL in {first:?}"))
             .to_string();
-        Server { dir, url, admin_url, child }
+        Server {
+            dir,
+            url,
+            admin_url,
+            child,
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -111,7 +122,9 @@ pub fn merge_toml(base: &str, extra: &str) -> String {
 }
 
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     out
 }
 
@@ -149,7 +162,11 @@ pub fn curl_post(url: &str, body_file: &Path, content_type: &str) -> (u16, Strin
     ]));
     let meta = String::from_utf8(out.stdout).unwrap();
     let (code, ctype) = meta.split_once(' ').unwrap_or((&meta, ""));
-    (code.parse().unwrap(), ctype.to_string(), std::fs::read(out_file.path()).unwrap())
+    (
+        code.parse().unwrap(),
+        ctype.to_string(),
+        std::fs::read(out_file.path()).unwrap(),
+    )
 }
 
 pub fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
