@@ -224,3 +224,33 @@ impl Config {
         Ok((default, accepted))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_configuration_parses_and_matches_the_defaults() {
+        let text = include_str!("../config/tsa.example.toml");
+        let config: Config = toml::from_str(text).unwrap();
+        config.validate().unwrap();
+        let defaults = ServerConfig::default();
+        assert_eq!(config.server.listen, defaults.listen);
+        assert_eq!(config.server.max_request_bytes, defaults.max_request_bytes);
+        assert_eq!(config.server.read_timeout_ms, defaults.read_timeout_ms);
+        assert_eq!(config.clock.max_accuracy_ms, ClockConfig::default().max_accuracy_ms);
+        assert_eq!(config.token.accepted_digests, TokenConfig::default().accepted_digests);
+        assert_eq!(config.policy.default, PolicyConfig::default().default);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let base = "[signer]\nkind = \"software\"\nkey = \"k\"\ncertificate = \"c\"\n";
+        assert!(toml::from_str::<Config>(&format!("{base}[server]\nlisten_typo = 1\n")).is_err());
+        let bad_digest: Config =
+            toml::from_str(&format!("{base}[token]\naccepted_digests = [\"sha999\"]\n")).unwrap();
+        assert!(bad_digest.validate().is_err());
+        let bad_policy: Config = toml::from_str(&format!("{base}[policy]\ndefault = \"x.y\"\n")).unwrap();
+        assert!(bad_policy.validate().is_err());
+    }
+}
