@@ -2,7 +2,7 @@
 //! RFC 5816. Everything that does not change between tokens is encoded once, in
 //! [`TokenTemplate::new`]; each token encodes only its TSTInfo and messageDigest.
 
-use der::asn1::{IntRef, ObjectIdentifier, OctetStringRef, SetOfVec};
+use der::asn1::{IntRef, ObjectIdentifier, OctetStringRef};
 use der::{AnyRef, Decode, Encode, Tag};
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::Certificate;
@@ -172,18 +172,16 @@ impl TokenTemplate {
         let digest_algorithm_id = digest.algorithm_identifier().to_der()?;
         let digest_algorithms = tlv::tlv(Tag::Set, &[&digest_algorithm_id]);
 
-        let mut all_certs = SetOfVec::new();
-        for der in std::iter::once(certificate).chain(chain.iter().map(Vec::as_slice)) {
-            if !all_certs
-                .iter()
-                .any(|c: &AnyRef<'_>| c.to_der().ok().as_deref() == Some(der))
-            {
-                all_certs.insert(AnyRef::try_from(der)?)?;
-            }
+        // CertificateSet is `[0] IMPLICIT SET OF`: DER sorts the elements by their encoding.
+        let mut certs: Vec<&[u8]> = std::iter::once(certificate)
+            .chain(chain.iter().map(Vec::as_slice))
+            .collect();
+        for der in &certs {
+            Certificate::from_der(der)?;
         }
-        let mut certificates = all_certs.to_der()?;
-        // CertificateSet is `[0] IMPLICIT SET OF`: the same octets under a context tag.
-        certificates[0] = 0xa0;
+        certs.sort_unstable();
+        certs.dedup();
+        let certificates = tlv::tlv(tlv::context(0, true), &certs);
 
         let sid = cms::cert::IssuerAndSerialNumber {
             issuer: tbs.issuer().clone(),
