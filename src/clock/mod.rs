@@ -9,6 +9,7 @@
 //! kernel says it is synchronized, and an explicit development clock ([`development`]).
 
 pub mod development;
+pub mod discipline;
 pub mod kernel;
 
 use std::borrow::Cow;

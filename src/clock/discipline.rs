@@ -1,0 +1,799 @@
+//! The clock discipline: reference samples in, an estimate of UTC with an error bound out.
+//!
+//! Pure and sans-IO, in the manner of ntpd-rs's `ntp-proto`: the caller owns sockets, timers
+//! and the local clock, and passes every time in as a value. Times are *local* nanoseconds: a
+//! clock that never steps (the adapters use the monotonic clock anchored once to the Unix
+//! epoch). The discipline never changes that clock; it models UTC on top of it:
+//!
+//! ```text
+//! UTC(t) = t + offset(t),   offset(t) = offset_u + freq · (t − t_u),
+//! bound(t) = bound_u + PHI · (t − t_u)                       (t_u: the last accepted update)
+//! ```
+//!
+//! `ALGORITHM.md` beside this file describes the steps and how they differ from chrony and
+//! ntpd-rs; the tests at the end feed it simulated references.
+
+use std::collections::VecDeque;
+
+use chrono::{DateTime, Datelike, NaiveDate};
+
+use super::SyncState;
+
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// A leap second announced by a reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Leap {
+    None,
+    /// The last minute of the month has 61 seconds.
+    Insert,
+    /// The last minute of the month has 59 seconds.
+    Delete,
+}
+
+/// One measurement of a reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// Local time of the measurement (for NTP, the midpoint of the exchange).
+    pub at: u64,
+    /// Reference UTC minus local time, in nanoseconds.
+    pub offset: i64,
+    /// Round-trip delay of the exchange (0 for a local reference such as PPS).
+    pub delay: u64,
+    /// The reference's own distance to UTC: root delay and root dispersion (NTP).
+    pub root_delay: u64,
+    pub root_dispersion: u64,
+    /// The reference's reading resolution, or the precision configured for it.
+    pub precision: u64,
+    pub leap: Leap,
+}
+
+#[derive(Clone, Debug)]
+pub struct DisciplineConfig {
+    /// Agreeing sources needed to synchronize (besides a strict majority).
+    pub min_agreeing: usize,
+    /// The drift rate the bound grows at between updates (PHI), in parts per million.
+    pub max_drift_ppm: f64,
+    /// Rounds a step of the selected sources must persist before it is followed, unless an
+    /// independent reference agrees at once.
+    pub step_confirm_rounds: u32,
+    /// Samples older than this do not count: their source is unusable.
+    pub max_sample_age_ns: u64,
+    /// Samples kept per source for the minimum-delay filter.
+    pub filter_len: usize,
+}
+
+impl Default for DisciplineConfig {
+    fn default() -> Self {
+        Self {
+            min_agreeing: 3,
+            max_drift_ppm: 15.0,
+            step_confirm_rounds: 4,
+            max_sample_age_ns: 300 * NS_PER_S,
+            filter_len: 8,
+        }
+    }
+}
+
+/// A configured reference.
+#[derive(Clone, Debug)]
+pub struct SourceSpec {
+    pub name: String,
+    /// A reference independent of the network (GPS): its agreement confirms a step at once,
+    /// and its disagreement keeps a step from being confirmed by rounds alone.
+    pub independent: bool,
+}
+
+/// What the last selection made of a source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Selection {
+    /// No fresh sample.
+    Unusable,
+    /// Usable, but no majority could be formed.
+    Unselected,
+    /// Outside the majority's intersection.
+    Falseticker,
+    /// Part of the majority; combined into the system offset.
+    Selected,
+}
+
+impl Selection {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unusable => "unusable",
+            Self::Unselected => "unselected",
+            Self::Falseticker => "falseticker",
+            Self::Selected => "selected",
+        }
+    }
+}
+
+/// Something worth a log line (ETSI EN 319 421 asks for every sync, loss of sync and leap).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    SyncAcquired {
+        offset_ns: i64,
+        bound_ns: u64,
+    },
+    SyncLost {
+        reason: String,
+    },
+    HoldoverStarted {
+        reason: String,
+    },
+    SourceSelected {
+        source: usize,
+    },
+    SourceRejected {
+        source: usize,
+        selection: Selection,
+    },
+    SourceReachable {
+        source: usize,
+    },
+    SourceUnreachable {
+        source: usize,
+    },
+    StepDetected {
+        step_ns: i64,
+        rounds: u32,
+    },
+    StepAccepted {
+        step_ns: i64,
+        confirmed_by: &'static str,
+    },
+    StepAbandoned {
+        step_ns: i64,
+    },
+    LeapScheduled {
+        kind: Leap,
+        utc_ns: u64,
+    },
+    LeapApplied {
+        kind: Leap,
+    },
+}
+
+/// The estimate at one instant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Estimate {
+    pub utc_ns: u64,
+    pub bound_ns: u64,
+    pub state: SyncState,
+    pub reason: String,
+}
+
+/// A source's view for operators (like `chronyc sources`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceView {
+    pub name: String,
+    pub independent: bool,
+    /// The last eight polls, newest in the lowest bit (NTP's reach register).
+    pub reach: u8,
+    pub selection: Selection,
+    /// Filtered offset, delay and root distance, when a fresh sample exists.
+    pub offset_ns: Option<i64>,
+    pub delay_ns: Option<u64>,
+    pub distance_ns: Option<u64>,
+    pub last_sample_age_ns: Option<u64>,
+}
+
+/// The system's view (like `chronyc tracking`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SystemView {
+    pub state: SyncState,
+    pub reason: String,
+    pub offset_ns: Option<i64>,
+    pub frequency_ppm: Option<f64>,
+    pub bound_ns: Option<u64>,
+    pub since_update_ns: Option<u64>,
+    pub pending_step_ns: Option<i64>,
+    pub leap: Option<(Leap, u64)>,
+}
+
+struct Source {
+    spec: SourceSpec,
+    samples: VecDeque<Sample>,
+    reach: u8,
+    selection: Selection,
+}
+
+/// One source's interval at the time of an update.
+#[derive(Clone, Copy, Debug)]
+struct Interval {
+    source: usize,
+    offset: i64,
+    distance: u64,
+    leap: Leap,
+}
+
+impl Interval {
+    fn low(&self) -> i64 {
+        self.offset.saturating_sub(self.distance as i64)
+    }
+    fn high(&self) -> i64 {
+        self.offset.saturating_add(self.distance as i64)
+    }
+}
+
+/// The last accepted update.
+#[derive(Clone, Copy, Debug)]
+struct Model {
+    at: u64,
+    offset: i64,
+    /// Rate of the offset (UTC runs faster than the local clock by this fraction).
+    freq: f64,
+    bound: u64,
+}
+
+struct PendingStep {
+    offset: i64,
+    bound: u64,
+    at: u64,
+    step: i64,
+    rounds: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ScheduledLeap {
+    kind: Leap,
+    /// UTC of the leap: the midnight that ends the month.
+    utc_ns: u64,
+    applied: bool,
+}
+
+/// Offsets of the last accepted updates, for the frequency estimate.
+const HISTORY: usize = 16;
+/// The frequency estimate is clamped to what an oscillator can plausibly do.
+const MAX_FREQ: f64 = 500e-6;
+
+pub struct Discipline {
+    config: DisciplineConfig,
+    sources: Vec<Source>,
+    model: Option<Model>,
+    history: VecDeque<(u64, i64)>,
+    pending: Option<PendingStep>,
+    state: SyncState,
+    reason: String,
+    leap: Option<ScheduledLeap>,
+    events: Vec<Event>,
+}
+
+impl Discipline {
+    pub fn new(config: DisciplineConfig, sources: Vec<SourceSpec>) -> Self {
+        Self {
+            config,
+            sources: sources
+                .into_iter()
+                .map(|spec| Source {
+                    spec,
+                    samples: VecDeque::new(),
+                    reach: 0,
+                    selection: Selection::Unusable,
+                })
+                .collect(),
+            model: None,
+            history: VecDeque::new(),
+            pending: None,
+            state: SyncState::Unsynchronized,
+            reason: "no update yet".into(),
+            leap: None,
+            events: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &DisciplineConfig {
+        &self.config
+    }
+
+    fn phi(&self) -> f64 {
+        self.config.max_drift_ppm * 1e-6
+    }
+
+    /// A poll of `source` answered with `sample`.
+    pub fn sample(&mut self, source: usize, sample: Sample) {
+        let src = &mut self.sources[source];
+        if src.reach == 0 {
+            self.events.push(Event::SourceReachable { source });
+        }
+        src.reach = (src.reach << 1) | 1;
+        src.samples.push_back(sample);
+        while src.samples.len() > self.config.filter_len {
+            src.samples.pop_front();
+        }
+    }
+
+    /// A poll of `source` got no usable answer.
+    pub fn missed(&mut self, source: usize) {
+        let src = &mut self.sources[source];
+        let was = src.reach;
+        src.reach <<= 1;
+        if was != 0 && src.reach == 0 {
+            self.events.push(Event::SourceUnreachable { source });
+        }
+    }
+
+    /// Takes the events since the last call.
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Runs filter, selection, combination and the step guard at local time `now`; call it
+    /// after each round of polls.
+    pub fn update(&mut self, now: u64) {
+        self.apply_due_leap(now);
+        let intervals = self.intervals(now);
+        if intervals.is_empty() {
+            for src in &mut self.sources {
+                src.selection = Selection::Unusable;
+            }
+            let reason = "no source has a fresh sample".to_string();
+            if self.model.is_some() {
+                self.set_state(SyncState::Holdover, reason);
+            } else {
+                self.set_state(SyncState::Unsynchronized, reason);
+            }
+            return;
+        }
+
+        let Some(survivors) = self.select(&intervals) else {
+            return;
+        };
+        let (offset, bound) = combine(&survivors);
+        self.vote_leap(&survivors, now, offset);
+        self.guard_and_accept(now, offset, bound, &intervals, &survivors);
+    }
+
+    /// Per source: the minimum-delay sample among the fresh ones that agree with the newest
+    /// sample, and its root distance. The newest sample defines the source's current
+    /// timescale: older samples that disagree with it (the source stepped, or came back from
+    /// a step) leave the filter, so that a step shows up at once and whole at the system
+    /// level instead of as a jitter that widens every interval.
+    fn intervals(&mut self, now: u64) -> Vec<Interval> {
+        let phi = self.phi();
+        let max_age = self.config.max_sample_age_ns;
+        let distance = |s: &Sample| {
+            (s.delay + s.root_delay) / 2
+                + s.root_dispersion
+                + s.precision
+                + (phi * now.saturating_sub(s.at) as f64).ceil() as u64
+        };
+        let mut intervals = Vec::new();
+        for (id, src) in self.sources.iter_mut().enumerate() {
+            let newest = src.samples.back().copied();
+            let fresh: Vec<&Sample> = match newest {
+                Some(newest) if src.reach != 0 => src
+                    .samples
+                    .iter()
+                    .filter(|s| s.at <= now && now - s.at <= max_age)
+                    .filter(|s| {
+                        (s.offset - newest.offset).unsigned_abs() <= distance(s) + distance(&newest)
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            // Minimum delay; among equal delays the newest.
+            let Some(best) = fresh.iter().rev().min_by_key(|s| s.delay).copied() else {
+                src.selection = Selection::Unusable;
+                continue;
+            };
+            let jitter = (fresh
+                .iter()
+                .map(|s| ((s.offset - best.offset) as f64).powi(2))
+                .sum::<f64>()
+                / fresh.len() as f64)
+                .sqrt();
+            intervals.push(Interval {
+                source: id,
+                offset: best.offset,
+                distance: distance(best) + jitter.ceil() as u64,
+                leap: best.leap,
+            });
+        }
+        intervals
+    }
+
+    /// Interval intersection (Marzullo): the largest set of sources that share a common
+    /// offset. It must be a strict majority of the usable sources and at least
+    /// `min_agreeing`; otherwise nothing is selected and the state is unsynchronized.
+    fn select(&mut self, intervals: &[Interval]) -> Option<Vec<Interval>> {
+        let mut edges: Vec<(i64, i32)> = intervals
+            .iter()
+            .flat_map(|i| [(i.low(), 1), (i.high(), -1)])
+            .collect();
+        // At equal values, openings before closings: touching intervals agree.
+        edges.sort_by_key(|&(value, kind)| (value, -kind));
+        let (mut count, mut best, mut region) = (0, 0, (0i64, 0i64));
+        for window in 0..edges.len() {
+            count += edges[window].1;
+            if count > best {
+                best = count;
+                let next = edges.get(window + 1).map_or(edges[window].0, |e| e.0);
+                region = (edges[window].0, next);
+            }
+        }
+        let agreeing = best as usize;
+        let needed = self.config.min_agreeing.max(intervals.len() / 2 + 1);
+        if agreeing < needed {
+            for i in intervals {
+                self.sources[i.source].selection = Selection::Unselected;
+            }
+            self.set_state(
+                SyncState::Unsynchronized,
+                format!(
+                    "only {agreeing} of {} usable sources agree; {needed} needed",
+                    intervals.len()
+                ),
+            );
+            return None;
+        }
+        let survivors: Vec<Interval> = intervals
+            .iter()
+            .filter(|i| i.low() <= region.0 && region.1 <= i.high())
+            .copied()
+            .collect();
+        for i in intervals {
+            let selection = if survivors.iter().any(|s| s.source == i.source) {
+                Selection::Selected
+            } else {
+                Selection::Falseticker
+            };
+            let src = &mut self.sources[i.source];
+            if src.selection != selection {
+                self.events.push(match selection {
+                    Selection::Selected => Event::SourceSelected { source: i.source },
+                    other => Event::SourceRejected {
+                        source: i.source,
+                        selection: other,
+                    },
+                });
+            }
+            src.selection = selection;
+        }
+        Some(survivors)
+    }
+
+    /// Accepts the combined offset unless it steps away from the model by more than both
+    /// bounds together; a step is followed only once confirmed.
+    fn guard_and_accept(
+        &mut self,
+        now: u64,
+        offset: i64,
+        bound: u64,
+        intervals: &[Interval],
+        survivors: &[Interval],
+    ) {
+        let Some(model) = self.model else {
+            self.accept(now, offset, bound, None);
+            self.events.push(Event::SyncAcquired {
+                offset_ns: offset,
+                bound_ns: bound,
+            });
+            self.set_state(SyncState::Synchronized, "selected sources agree".into());
+            return;
+        };
+        let (predicted, predicted_bound) = self.predict(&model, now);
+        let step = offset - predicted;
+        if step.unsigned_abs() <= predicted_bound + bound {
+            if let Some(p) = self.pending.take() {
+                self.events.push(Event::StepAbandoned { step_ns: p.step });
+            }
+            self.accept(now, offset, bound, Some(model.freq));
+            self.set_state(SyncState::Synchronized, "selected sources agree".into());
+            return;
+        }
+
+        let phi = self.phi();
+        let rounds = match &self.pending {
+            Some(p) => {
+                let drift = (phi * (now - p.at) as f64) as u64;
+                if (offset - p.offset).unsigned_abs() <= p.bound + bound + drift {
+                    p.rounds + 1
+                } else {
+                    1
+                }
+            }
+            None => 1,
+        };
+        self.pending = Some(PendingStep {
+            offset,
+            bound,
+            at: now,
+            step,
+            rounds,
+        });
+        let independent = |i: &Interval| self.sources[i.source].spec.independent;
+        let confirmed_by = if survivors.iter().any(independent) {
+            Some("an independent reference")
+        } else if rounds >= self.config.step_confirm_rounds
+            && !intervals
+                .iter()
+                .any(|i| independent(i) && !survivors.iter().any(|s| s.source == i.source))
+        {
+            Some("persistence over the confirmation rounds")
+        } else {
+            None
+        };
+        match confirmed_by {
+            Some(by) => {
+                self.pending = None;
+                // The oscillator did not change: keep its frequency, restart the history.
+                self.history.clear();
+                self.accept(now, offset, bound, Some(model.freq));
+                self.events.push(Event::StepAccepted {
+                    step_ns: step,
+                    confirmed_by: by,
+                });
+                self.set_state(SyncState::Synchronized, "step confirmed".into());
+            }
+            None => {
+                self.events.push(Event::StepDetected {
+                    step_ns: step,
+                    rounds,
+                });
+                self.set_state(
+                    SyncState::Unsynchronized,
+                    format!(
+                        "the selected sources stepped by {:+.6} s; not followed until confirmed ({rounds}/{} rounds)",
+                        step as f64 / 1e9,
+                        self.config.step_confirm_rounds
+                    ),
+                );
+            }
+        }
+    }
+
+    fn accept(&mut self, now: u64, offset: i64, bound: u64, freq: Option<f64>) {
+        self.history.push_back((now, offset));
+        while self.history.len() > HISTORY {
+            self.history.pop_front();
+        }
+        let freq = fit_frequency(&self.history).or(freq).unwrap_or(0.0);
+        self.model = Some(Model {
+            at: now,
+            offset,
+            freq,
+            bound,
+        });
+    }
+
+    /// Offset and bound of the model at `now` (a leap applied when due).
+    fn predict(&self, model: &Model, now: u64) -> (i64, u64) {
+        let elapsed = now.saturating_sub(model.at);
+        let mut offset = model.offset + (model.freq * elapsed as f64) as i64;
+        let bound = model.bound + (self.phi() * elapsed as f64).ceil() as u64;
+        if let Some(leap) = self.leap {
+            if !leap.applied && (now as i64 + offset) as u64 >= leap.utc_ns {
+                offset += leap_shift(leap.kind);
+            }
+        }
+        (offset, bound)
+    }
+
+    fn set_state(&mut self, state: SyncState, reason: String) {
+        if state != self.state {
+            match state {
+                SyncState::Synchronized => {}
+                SyncState::Holdover => self.events.push(Event::HoldoverStarted {
+                    reason: reason.clone(),
+                }),
+                SyncState::Unsynchronized => self.events.push(Event::SyncLost {
+                    reason: reason.clone(),
+                }),
+            }
+        }
+        self.state = state;
+        self.reason = reason;
+    }
+
+    /// A leap announced by a majority of the selected sources is scheduled for the midnight
+    /// that ends the current UTC month.
+    fn vote_leap(&mut self, survivors: &[Interval], now: u64, offset: i64) {
+        let votes = |kind| survivors.iter().filter(|i| i.leap == kind).count();
+        let majority = survivors.len() / 2 + 1;
+        let kind = [Leap::Insert, Leap::Delete]
+            .into_iter()
+            .find(|&k| votes(k) >= majority);
+        match (kind, self.leap) {
+            (Some(kind), None) => {
+                let utc = (now as i64 + offset) as u64;
+                let at = end_of_month(utc);
+                self.leap = Some(ScheduledLeap {
+                    kind,
+                    utc_ns: at,
+                    applied: false,
+                });
+                self.events.push(Event::LeapScheduled { kind, utc_ns: at });
+            }
+            (None, Some(leap)) if !leap.applied => {
+                // Withdrawn before it happened.
+                self.leap = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// After the leap instant, the model's offset moves by the leap second, so that UTC
+    /// repeats (or skips) it while the local clock runs on.
+    fn apply_due_leap(&mut self, now: u64) {
+        let (Some(mut leap), Some(mut model)) = (self.leap, self.model) else {
+            return;
+        };
+        if leap.applied {
+            // Forget it a day later, so that the next announcement can be scheduled.
+            let utc = (now as i64 + model.offset) as u64;
+            if utc > leap.utc_ns + 86_400 * NS_PER_S {
+                self.leap = None;
+            }
+            return;
+        }
+        let (offset, _) = self.predict(&model, now);
+        if (now as i64 + offset) as u64 >= leap.utc_ns {
+            let shift = leap_shift(leap.kind);
+            model.offset += shift;
+            for (_, o) in &mut self.history {
+                *o += shift;
+            }
+            for src in &mut self.sources {
+                // Samples from before the leap are on the old scale.
+                src.samples
+                    .retain(|s| (s.at as i64 + offset) as u64 >= leap.utc_ns);
+            }
+            leap.applied = true;
+            self.leap = Some(leap);
+            self.model = Some(model);
+            self.events.push(Event::LeapApplied { kind: leap.kind });
+        }
+    }
+
+    /// UTC at local time `now`, with its bound and the state. Between updates the bound grows
+    /// at PHI; with no update for longer than the sample age limit the state is holdover; in
+    /// the two seconds around a scheduled leap the state is unsynchronized.
+    pub fn estimate(&self, now: u64) -> Estimate {
+        let Some(model) = self.model else {
+            return Estimate {
+                utc_ns: now,
+                bound_ns: u64::MAX,
+                state: SyncState::Unsynchronized,
+                reason: self.reason.clone(),
+            };
+        };
+        let (offset, bound) = self.predict(&model, now);
+        let utc_ns = (now as i64 + offset) as u64;
+        let (mut state, mut reason) = (self.state, self.reason.clone());
+        let silent = now.saturating_sub(model.at);
+        if state == SyncState::Synchronized && silent > self.config.max_sample_age_ns {
+            state = SyncState::Holdover;
+            reason = format!("no update for {} s", silent / NS_PER_S);
+        }
+        if let Some(leap) = self.leap {
+            if leap_window(leap.utc_ns, utc_ns) {
+                state = SyncState::Unsynchronized;
+                reason = "leap second: no stamps from 23:59:59 to 00:00:01 UTC".into();
+            }
+        }
+        Estimate {
+            utc_ns,
+            bound_ns: bound,
+            state,
+            reason,
+        }
+    }
+
+    pub fn system_view(&self, now: u64) -> SystemView {
+        let estimate = self.estimate(now);
+        SystemView {
+            state: estimate.state,
+            reason: estimate.reason,
+            offset_ns: self.model.map(|m| self.predict(&m, now).0),
+            frequency_ppm: self.model.map(|m| m.freq * 1e6),
+            bound_ns: self.model.map(|_| estimate.bound_ns),
+            since_update_ns: self.model.map(|m| now.saturating_sub(m.at)),
+            pending_step_ns: self.pending.as_ref().map(|p| p.step),
+            leap: self.leap.filter(|l| !l.applied).map(|l| (l.kind, l.utc_ns)),
+        }
+    }
+
+    pub fn source_views(&self, now: u64) -> Vec<SourceView> {
+        let phi = self.phi();
+        self.sources
+            .iter()
+            .map(|src| {
+                let fresh = src
+                    .samples
+                    .iter()
+                    .filter(|s| s.at <= now && now - s.at <= self.config.max_sample_age_ns)
+                    .min_by_key(|s| s.delay);
+                SourceView {
+                    name: src.spec.name.clone(),
+                    independent: src.spec.independent,
+                    reach: src.reach,
+                    selection: src.selection,
+                    offset_ns: fresh.map(|s| s.offset),
+                    delay_ns: fresh.map(|s| s.delay),
+                    distance_ns: fresh.map(|s| {
+                        (s.delay + s.root_delay) / 2
+                            + s.root_dispersion
+                            + s.precision
+                            + (phi * (now - s.at) as f64) as u64
+                    }),
+                    last_sample_age_ns: src.samples.back().map(|s| now.saturating_sub(s.at)),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The survivors' offsets weighted by the inverse of their distance; the bound reaches the far
+/// end of every survivor's interval, so it holds the truth if any one survivor is right.
+fn combine(survivors: &[Interval]) -> (i64, u64) {
+    let weight = |i: &Interval| 1.0 / (i.distance.max(1) as f64);
+    let total: f64 = survivors.iter().map(weight).sum();
+    let offset = survivors
+        .iter()
+        .map(|i| i.offset as f64 * weight(i))
+        .sum::<f64>()
+        / total;
+    let offset = offset.round() as i64;
+    let bound = survivors
+        .iter()
+        .map(|i| (offset - i.offset).unsigned_abs() + i.distance)
+        .max()
+        .unwrap_or(0);
+    (offset, bound)
+}
+
+/// Least-squares slope of offset over local time: how much faster UTC runs than the local
+/// clock. Needs two points at least a second apart; clamped to ±500 ppm.
+fn fit_frequency(history: &VecDeque<(u64, i64)>) -> Option<f64> {
+    if history.len() < 2 {
+        return None;
+    }
+    let (t0, o0) = history[0];
+    let n = history.len() as f64;
+    let points: Vec<(f64, f64)> = history
+        .iter()
+        .map(|&(t, o)| ((t - t0) as f64, (o - o0) as f64))
+        .collect();
+    let mean_t = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let mean_o = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let var_t: f64 = points.iter().map(|p| (p.0 - mean_t).powi(2)).sum();
+    if points.last()?.0 < NS_PER_S as f64 || var_t == 0.0 {
+        return None;
+    }
+    let cov: f64 = points.iter().map(|p| (p.0 - mean_t) * (p.1 - mean_o)).sum();
+    Some((cov / var_t).clamp(-MAX_FREQ, MAX_FREQ))
+}
+
+fn leap_shift(kind: Leap) -> i64 {
+    match kind {
+        Leap::Insert => -(NS_PER_S as i64),
+        Leap::Delete => NS_PER_S as i64,
+        Leap::None => 0,
+    }
+}
+
+/// From 23:59:59 before the leap to 00:00:01 after it.
+fn leap_window(leap_utc_ns: u64, utc_ns: u64) -> bool {
+    utc_ns + NS_PER_S >= leap_utc_ns && utc_ns < leap_utc_ns + NS_PER_S
+}
+
+/// UTC nanoseconds of the midnight that ends the month containing `utc_ns`.
+pub fn end_of_month(utc_ns: u64) -> u64 {
+    let date = DateTime::from_timestamp_nanos(utc_ns as i64).date_naive();
+    let (year, month) = if date.month() == 12 {
+        (date.year() + 1, 1)
+    } else {
+        (date.year(), date.month() + 1)
+    };
+    let first = NaiveDate::from_ymd_opt(year, month, 1).expect("valid date");
+    first
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc()
+        .timestamp() as u64
+        * NS_PER_S
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,502 @@
+//! The discipline against simulated references: a true UTC that drifts against the local
+//! clock, honest sources whose stated distance covers their error, and liars.
+
+use super::*;
+
+const S: u64 = NS_PER_S;
+const POLL: u64 = 16 * S;
+/// Local time where the simulations start (2026-11-26, as local nanoseconds).
+const T0: u64 = 1_795_000_000 * S;
+
+/// A deterministic xorshift generator.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Uniform in [-span, span].
+    fn spread(&mut self, span: i64) -> i64 {
+        if span == 0 {
+            return 0;
+        }
+        (self.next() % (2 * span as u64 + 1)) as i64 - span
+    }
+}
+
+/// The true offset UTC − local: a start offset, a drift of the local oscillator, and leap
+/// seconds already passed.
+struct Truth {
+    offset0: i64,
+    drift: f64,
+    leap_at_utc: Option<u64>,
+}
+
+impl Truth {
+    fn offset(&self, t: u64) -> i64 {
+        let base = self.offset0 + (self.drift * (t - T0) as f64) as i64;
+        match self.leap_at_utc {
+            Some(leap) if (t as i64 + base) as u64 >= leap => base - S as i64,
+            _ => base,
+        }
+    }
+    fn utc(&self, t: u64) -> u64 {
+        (t as i64 + self.offset(t)) as u64
+    }
+}
+
+#[derive(Clone)]
+struct Sim {
+    /// Constant error of an honest source, within its stated dispersion.
+    bias: i64,
+    jitter: i64,
+    delay: u64,
+    root_dispersion: u64,
+    /// A liar's offset from the truth.
+    lie: i64,
+    up: bool,
+    leap: Leap,
+    independent: bool,
+}
+
+fn honest(bias_us: i64) -> Sim {
+    Sim {
+        bias: bias_us * 1_000,
+        jitter: 50_000,
+        delay: 400_000,
+        root_dispersion: 600_000,
+        lie: 0,
+        up: true,
+        leap: Leap::None,
+        independent: false,
+    }
+}
+
+fn liar(lie_ms: i64) -> Sim {
+    Sim {
+        lie: lie_ms * 1_000_000,
+        ..honest(0)
+    }
+}
+
+struct Run {
+    d: Discipline,
+    truth: Truth,
+    sims: Vec<Sim>,
+    rng: Rng,
+    now: u64,
+    events: Vec<Event>,
+    /// Whether the truth must lie within the bound (off once a lying majority was followed).
+    check: bool,
+}
+
+impl Run {
+    fn new(sims: Vec<Sim>) -> Self {
+        Self::with(sims, DisciplineConfig::default(), 0.0)
+    }
+
+    fn with(sims: Vec<Sim>, config: DisciplineConfig, drift: f64) -> Self {
+        let specs = sims
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SourceSpec {
+                name: format!("s{i}"),
+                independent: s.independent,
+            })
+            .collect();
+        Self {
+            d: Discipline::new(config, specs),
+            truth: Truth {
+                offset0: 1_234_567_891,
+                drift,
+                leap_at_utc: None,
+            },
+            sims,
+            rng: Rng(0x9e37_79b9_7f4a_7c15),
+            now: T0,
+            events: Vec::new(),
+            check: true,
+        }
+    }
+
+    /// One poll round: every source answers (or not), then an update; the estimate is checked
+    /// against the truth right after the update and half a poll later.
+    fn round(&mut self) {
+        self.now += POLL;
+        for (i, sim) in self.sims.clone().iter().enumerate() {
+            if !sim.up {
+                self.d.missed(i);
+                continue;
+            }
+            let at = self.now - sim.delay / 2;
+            let offset = self.truth.offset(at) + sim.bias + sim.lie + self.rng.spread(sim.jitter);
+            self.d.sample(
+                i,
+                Sample {
+                    at,
+                    offset,
+                    delay: sim.delay,
+                    root_delay: 0,
+                    root_dispersion: sim.root_dispersion,
+                    precision: 1_000,
+                    leap: sim.leap,
+                },
+            );
+        }
+        self.d.update(self.now);
+        self.events.extend(self.d.drain_events());
+        self.check_truth(self.now);
+        self.check_truth(self.now + POLL / 2);
+    }
+
+    fn rounds(&mut self, n: usize) {
+        for _ in 0..n {
+            self.round();
+        }
+    }
+
+    /// While the state lets tokens be issued, the truth lies within the bound.
+    fn check_truth(&self, t: u64) {
+        let e = self.d.estimate(t);
+        if self.check && e.state != SyncState::Unsynchronized {
+            let error = (e.utc_ns as i64 - self.truth.utc(t) as i64).unsigned_abs();
+            assert!(
+                error <= e.bound_ns,
+                "at +{} s: error {error} ns exceeds bound {} ns ({:?}: {})",
+                (t - T0) / S,
+                e.bound_ns,
+                e.state,
+                e.reason
+            );
+        }
+    }
+
+    fn state(&self) -> SyncState {
+        self.d.estimate(self.now).state
+    }
+
+    fn selections(&self) -> Vec<Selection> {
+        self.d
+            .source_views(self.now)
+            .iter()
+            .map(|v| v.selection)
+            .collect()
+    }
+}
+
+#[test]
+fn five_honest_sources_synchronize_with_a_tight_bound() {
+    let mut run = Run::new(vec![
+        honest(100),
+        honest(-200),
+        honest(0),
+        honest(300),
+        honest(-50),
+    ]);
+    run.round();
+    assert_eq!(run.state(), SyncState::Synchronized);
+    run.rounds(20);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    assert!(run.selections().iter().all(|s| *s == Selection::Selected));
+    let e = run.d.estimate(run.now);
+    assert!(e.bound_ns < 5_000_000, "bound {}", e.bound_ns);
+    assert!(matches!(run.events[0], Event::SourceReachable { .. }));
+    assert!(run
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::SyncAcquired { .. })));
+}
+
+#[test]
+fn one_or_two_falsetickers_are_never_selected() {
+    for liars in [
+        vec![liar(2_000)],
+        vec![liar(2_000), liar(-3_000)],
+        vec![liar(50), liar(50)],
+    ] {
+        let mut sims = vec![honest(100), honest(-100), honest(0)];
+        let first_liar = sims.len();
+        sims.extend(liars.clone());
+        let mut run = Run::new(sims);
+        for _ in 0..20 {
+            run.round();
+            assert_eq!(run.state(), SyncState::Synchronized);
+            let sel = run.selections();
+            assert!(
+                sel[first_liar..]
+                    .iter()
+                    .all(|s| *s == Selection::Falseticker),
+                "{sel:?}"
+            );
+            assert!(
+                sel[..first_liar].iter().all(|s| *s == Selection::Selected),
+                "{sel:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn three_falsetickers_or_too_few_sources_do_not_synchronize() {
+    let mut run = Run::new(vec![
+        honest(0),
+        honest(50),
+        liar(2_000),
+        liar(-2_000),
+        liar(5_000),
+    ]);
+    run.rounds(5);
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+    assert!(run.d.estimate(run.now).reason.contains("agree"));
+    assert!(run.selections().iter().all(|s| *s == Selection::Unselected));
+
+    let mut down = honest(0);
+    down.up = false;
+    let mut run = Run::new(vec![
+        honest(0),
+        honest(50),
+        down.clone(),
+        down.clone(),
+        down,
+    ]);
+    run.rounds(5);
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+}
+
+#[test]
+fn losing_sources_after_synchronizing_is_holdover_with_a_growing_bound() {
+    // The oscillator drifts by 10 ppm, within the 15 ppm the bound assumes.
+    let sims = vec![honest(0), honest(100), honest(-100), honest(50)];
+    let mut run = Run::with(sims, DisciplineConfig::default(), 10e-6);
+    run.rounds(30);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    let freq = run.d.system_view(run.now).frequency_ppm.unwrap();
+    assert!((freq - 10.0).abs() < 1.0, "frequency {freq} ppm");
+
+    for sim in &mut run.sims {
+        sim.up = false;
+    }
+    let mut last_bound = 0;
+    // Twenty hours without a reference, checked every poll. The last samples count until
+    // they are older than the sample age limit (300 s); then it is holdover.
+    for round in 0..(20 * 3600 / 16) {
+        run.round();
+        let e = run.d.estimate(run.now);
+        if round >= 300 / 16 {
+            assert_eq!(e.state, SyncState::Holdover, "round {round}");
+        }
+        assert!(e.bound_ns >= last_bound, "the bound shrank in holdover");
+        last_bound = e.bound_ns;
+    }
+    assert!(
+        last_bound > S,
+        "after 20 h at 15 ppm the bound passes 1 s: {last_bound}"
+    );
+    assert!(run
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::HoldoverStarted { .. })));
+    assert!(run
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::SourceUnreachable { .. })));
+}
+
+#[test]
+fn a_silent_discipline_reports_holdover() {
+    let mut run = Run::new(vec![honest(0), honest(10), honest(20)]);
+    run.rounds(3);
+    let later = run.now + 301 * S;
+    let e = run.d.estimate(later);
+    assert_eq!(e.state, SyncState::Holdover);
+    assert!(e.bound_ns > run.d.estimate(run.now).bound_ns);
+}
+
+#[test]
+fn a_majority_step_is_not_followed_until_confirmed() {
+    let mut run = Run::new(vec![
+        honest(0),
+        honest(100),
+        honest(-100),
+        honest(50),
+        honest(-50),
+    ]);
+    run.rounds(10);
+    let before = run.d.estimate(run.now).utc_ns as i64 - run.now as i64;
+    for sim in &mut run.sims[..3] {
+        sim.lie = 2_000_000_000;
+    }
+    // Rounds 1 to 3: refused, and the estimate stays on the old time.
+    for round in 1..=3 {
+        run.round();
+        let e = run.d.estimate(run.now);
+        assert_eq!(e.state, SyncState::Unsynchronized, "round {round}");
+        assert!(e.reason.contains("stepped"), "{}", e.reason);
+        let offset = e.utc_ns as i64 - run.now as i64;
+        assert!((offset - before).abs() < 10_000_000);
+    }
+    // Round 4: the step is followed. (Here the majority lies; persisting, it cannot be told
+    // from a true step, which is why an independent reference is worth having.)
+    run.check = false;
+    run.round();
+    let e = run.d.estimate(run.now);
+    assert_eq!(e.state, SyncState::Synchronized);
+    let offset = e.utc_ns as i64 - run.now as i64;
+    assert!((offset - before - 2_000_000_000).abs() < 10_000_000);
+    assert!(run
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::StepDetected { rounds: 1, .. })));
+    assert!(run
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::StepAccepted { .. })));
+}
+
+#[test]
+fn a_step_that_goes_away_is_abandoned() {
+    let mut run = Run::new(vec![
+        honest(0),
+        honest(100),
+        honest(-100),
+        honest(50),
+        honest(-50),
+    ]);
+    run.rounds(5);
+    for sim in &mut run.sims[..3] {
+        sim.lie = 2_000_000_000;
+    }
+    run.rounds(2);
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+    for sim in &mut run.sims[..3] {
+        sim.lie = 0;
+    }
+    // The samples of the lying rounds age out of the minimum-delay filter only slowly, but
+    // the sources return to the truth: the step is abandoned.
+    run.rounds(10);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    assert!(run
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::StepAbandoned { .. })));
+}
+
+#[test]
+fn an_independent_reference_decides_steps() {
+    // GPS agrees with the stepped servers: accepted at once.
+    let mut gps = honest(0);
+    gps.independent = true;
+    let mut run = Run::new(vec![
+        honest(0),
+        honest(100),
+        honest(-100),
+        gps.clone(),
+        honest(50),
+    ]);
+    run.rounds(5);
+    run.truth.offset0 += 2_000_000_000;
+    run.round();
+    assert_eq!(run.state(), SyncState::Synchronized);
+    assert!(run.events.iter().any(|e| matches!(
+        e,
+        Event::StepAccepted {
+            confirmed_by: "an independent reference",
+            ..
+        }
+    )));
+
+    // GPS disagrees with a majority of stepped servers: never followed by rounds alone.
+    let mut run = Run::new(vec![honest(0), honest(100), honest(-100), gps, honest(50)]);
+    run.rounds(5);
+    for sim in &mut run.sims[..3] {
+        sim.lie = 2_000_000_000;
+    }
+    run.rounds(10);
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+}
+
+#[test]
+fn a_leap_second_is_refused_around_midnight_and_applied() {
+    let mut run = Run::new(vec![honest(0), honest(10), honest(-10)]);
+    // Start 100 s before the end of the month.
+    let leap = end_of_month(run.truth.utc(T0));
+    let before = leap - 100 * S;
+    run.truth.offset0 += before as i64 - run.truth.utc(T0) as i64;
+    run.truth.leap_at_utc = Some(leap);
+    for sim in &mut run.sims {
+        sim.leap = Leap::Insert;
+    }
+    run.round();
+    assert!(run.events.iter().any(|e| matches!(
+        e,
+        Event::LeapScheduled {
+            kind: Leap::Insert,
+            ..
+        }
+    )));
+    // Walk across the leap in 250 ms steps between polls: refused exactly in the window.
+    let mut t = run.now;
+    let mut refused = 0;
+    while run.truth.utc(t) < leap + 3 * S {
+        let e = run.d.estimate(t);
+        let true_utc = run.truth.utc(t);
+        let in_window = true_utc + S >= leap && true_utc < leap + S;
+        // Around the leap the truth jumps back: both readings of 23:59:59.x are in the window.
+        if in_window || (e.utc_ns + S >= leap && e.utc_ns < leap + S) {
+            assert_eq!(e.state, SyncState::Unsynchronized, "at utc {true_utc}");
+            refused += 1;
+        } else {
+            assert_ne!(e.state, SyncState::Unsynchronized, "at utc {true_utc}");
+            assert!((e.utc_ns as i64 - true_utc as i64).unsigned_abs() <= e.bound_ns);
+        }
+        t += S / 4;
+    }
+    assert!(refused >= 8, "refused {refused} times");
+    // Polls across the leap, the sources still announcing it, then withdrawing it.
+    while run.now < leap - run.truth.offset(run.now) as u64 + 2 * POLL {
+        run.round();
+    }
+    assert!(run
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::LeapApplied { kind: Leap::Insert })));
+    for sim in &mut run.sims {
+        sim.leap = Leap::None;
+    }
+    run.rounds(3);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    let e = run.d.estimate(run.now);
+    assert!((e.utc_ns as i64 - run.truth.utc(run.now) as i64).unsigned_abs() < 5_000_000);
+}
+
+#[test]
+fn touching_intervals_agree_and_ties_prefer_none() {
+    // Two groups of two that do not overlap each other, plus nothing else: no majority.
+    let mut run = Run::new(vec![honest(0), honest(10), liar(2_000), liar(2_000)]);
+    run.rounds(3);
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+}
+
+#[test]
+fn end_of_month_is_the_next_first_of_month() {
+    let nov_26 = 1_795_000_000 * S; // 2026-11-19
+    let dec_1 = NaiveDate::from_ymd_opt(2026, 12, 1)
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+        .timestamp() as u64
+        * S;
+    assert_eq!(end_of_month(nov_26), dec_1);
+    let dec_31 = dec_1 + 30 * 86_400 * S + 3_600 * S;
+    let jan_1 = NaiveDate::from_ymd_opt(2027, 1, 1)
+        .unwrap()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+        .timestamp() as u64
+        * S;
+    assert_eq!(end_of_month(dec_31), jan_1);
+}
