@@ -104,6 +104,8 @@ pub enum ClockSource {
     Kernel,
     /// The system clock with a declared accuracy; development only.
     Development,
+    /// The TSA's own clock, disciplined from several NTP servers (see `src/clock/ALGORITHM.md`).
+    Disciplined,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -115,6 +117,20 @@ pub struct ClockConfig {
     pub max_accuracy_ms: u64,
     /// The accuracy the development clock claims for the system clock.
     pub development_accuracy_ms: u64,
+    /// NTP servers (`host:port`) of the disciplined clock; independent operators.
+    pub ntp_servers: Vec<String>,
+    /// How often each NTP server is polled, and how often the discipline updates.
+    pub poll_interval_ms: u64,
+    /// How long to wait for an NTP reply.
+    pub ntp_timeout_ms: u64,
+    /// Agreeing sources needed (besides a strict majority of the usable ones).
+    pub min_agreeing: usize,
+    /// The drift rate the error bound grows at between updates; at least 15 ppm.
+    pub max_drift_ppm: f64,
+    /// Updates a step of the selected sources must persist before it is followed.
+    pub step_confirm_rounds: u32,
+    /// Samples older than this do not count; 0 means four poll intervals.
+    pub max_sample_age_ms: u64,
 }
 
 impl Default for ClockConfig {
@@ -123,7 +139,53 @@ impl Default for ClockConfig {
             source: ClockSource::Kernel,
             max_accuracy_ms: 1_000,
             development_accuracy_ms: 100,
+            ntp_servers: vec![],
+            poll_interval_ms: 16_000,
+            ntp_timeout_ms: 1_000,
+            min_agreeing: 3,
+            max_drift_ppm: 15.0,
+            step_confirm_rounds: 4,
+            max_sample_age_ms: 0,
         }
+    }
+}
+
+impl ClockConfig {
+    /// The disciplined clock's settings, with server names resolved.
+    pub fn disciplined(&self) -> anyhow::Result<crate::clock::service::DisciplinedConfig> {
+        use std::net::ToSocketAddrs;
+        let poll = Duration::from_millis(self.poll_interval_ms);
+        let ntp = self
+            .ntp_servers
+            .iter()
+            .map(|name| {
+                let addr = name
+                    .to_socket_addrs()
+                    .with_context(|| format!("clock.ntp_servers: cannot resolve '{name}'"))?
+                    .next()
+                    .with_context(|| format!("clock.ntp_servers: '{name}' has no address"))?;
+                Ok(crate::clock::ntp::NtpServer {
+                    addr,
+                    poll,
+                    timeout: Duration::from_millis(self.ntp_timeout_ms),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let max_age = match self.max_sample_age_ms {
+            0 => poll * 4,
+            ms => Duration::from_millis(ms),
+        };
+        Ok(crate::clock::service::DisciplinedConfig {
+            ntp,
+            discipline: crate::clock::discipline::DisciplineConfig {
+                min_agreeing: self.min_agreeing,
+                max_drift_ppm: self.max_drift_ppm,
+                step_confirm_rounds: self.step_confirm_rounds,
+                max_sample_age_ns: max_age.as_nanos() as u64,
+                ..Default::default()
+            },
+            update_interval: poll,
+        })
     }
 }
 
@@ -193,6 +255,22 @@ impl Config {
         if self.clock.max_accuracy_ms == 0 {
             bail!("clock.max_accuracy_ms must be positive");
         }
+        if self.clock.source == ClockSource::Disciplined {
+            let c = &self.clock;
+            if c.max_drift_ppm < 15.0 {
+                bail!("clock.max_drift_ppm must be at least 15 (RFC 5905's PHI)");
+            }
+            if c.min_agreeing == 0 || c.ntp_servers.len() < c.min_agreeing {
+                bail!(
+                    "clock.ntp_servers lists {} servers; at least clock.min_agreeing = {} are needed",
+                    c.ntp_servers.len(),
+                    c.min_agreeing
+                );
+            }
+            if c.step_confirm_rounds == 0 || c.poll_interval_ms == 0 || c.ntp_timeout_ms == 0 {
+                bail!("clock.step_confirm_rounds, poll_interval_ms and ntp_timeout_ms must be positive");
+            }
+        }
         self.digests()?;
         self.policies()?;
         Ok(())
@@ -238,8 +316,14 @@ mod tests {
         assert_eq!(config.server.listen, defaults.listen);
         assert_eq!(config.server.max_request_bytes, defaults.max_request_bytes);
         assert_eq!(config.server.read_timeout_ms, defaults.read_timeout_ms);
-        assert_eq!(config.clock.max_accuracy_ms, ClockConfig::default().max_accuracy_ms);
-        assert_eq!(config.token.accepted_digests, TokenConfig::default().accepted_digests);
+        assert_eq!(
+            config.clock.max_accuracy_ms,
+            ClockConfig::default().max_accuracy_ms
+        );
+        assert_eq!(
+            config.token.accepted_digests,
+            TokenConfig::default().accepted_digests
+        );
         assert_eq!(config.policy.default, PolicyConfig::default().default);
     }
 
@@ -250,7 +334,8 @@ mod tests {
         let bad_digest: Config =
             toml::from_str(&format!("{base}[token]\naccepted_digests = [\"sha999\"]\n")).unwrap();
         assert!(bad_digest.validate().is_err());
-        let bad_policy: Config = toml::from_str(&format!("{base}[policy]\ndefault = \"x.y\"\n")).unwrap();
+        let bad_policy: Config =
+            toml::from_str(&format!("{base}[policy]\ndefault = \"x.y\"\n")).unwrap();
         assert!(bad_policy.validate().is_err());
     }
 }

@@ -24,6 +24,8 @@ enum Command {
     Verify(cli::verify::VerifyArgs),
     /// Print a time-stamp response or request in human-readable form.
     Inspect(cli::inspect::InspectArgs),
+    /// Show a running server's clock: state, offset, frequency, bound and sources.
+    Clock(cli::clock::ClockArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +43,7 @@ fn main() -> std::process::ExitCode {
         Command::Request(args) => cli::request::run(args),
         Command::Verify(args) => cli::verify::run(args),
         Command::Inspect(args) => cli::inspect::run(args),
+        Command::Clock(args) => cli::clock::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

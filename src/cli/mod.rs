@@ -1,5 +1,6 @@
 //! The `tsa` command line: each subcommand in its own module.
 
+pub mod clock;
 pub mod init;
 pub mod inspect;
 pub mod request;

@@ -29,8 +29,6 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     if let Some(admin) = args.admin_listen {
         config.server.admin_listen = admin;
     }
-    let tsa = Arc::new(server::build(&config)?);
-
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if config.server.workers > 0 {
@@ -42,12 +40,16 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .parent()
         .map(|d| d.join("ca-cert.pem"))
         .filter(|p| p.exists());
-    runtime.block_on(server::serve(
-        tsa,
-        &config.server,
-        |bound| announce(bound, &config.server.path, ca_hint),
-        shutdown_signal(),
-    ))
+    runtime.block_on(async {
+        let tsa = Arc::new(server::build(&config)?);
+        server::serve(
+            tsa,
+            &config.server,
+            |bound| announce(bound, &config.server.path, ca_hint),
+            shutdown_signal(),
+        )
+        .await
+    })
 }
 
 /// Tells the operator (and tests, which read the first line) where the TSA listens.

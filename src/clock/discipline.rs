@@ -160,7 +160,7 @@ pub struct Estimate {
     pub utc_ns: u64,
     pub bound_ns: u64,
     pub state: SyncState,
-    pub reason: String,
+    pub reason: std::sync::Arc<str>,
 }
 
 /// A source's view for operators (like `chronyc sources`).
@@ -557,17 +557,8 @@ impl Discipline {
         });
     }
 
-    /// Offset and bound of the model at `now` (a leap applied when due).
     fn predict(&self, model: &Model, now: u64) -> (i64, u64) {
-        let elapsed = now.saturating_sub(model.at);
-        let mut offset = model.offset + (model.freq * elapsed as f64) as i64;
-        let bound = model.bound + (self.phi() * elapsed as f64).ceil() as u64;
-        if let Some(leap) = self.leap {
-            if !leap.applied && (now as i64 + offset) as u64 >= leap.utc_ns {
-                offset += leap_shift(leap.kind);
-            }
-        }
-        (offset, bound)
+        predict(model, self.phi(), self.leap, now)
     }
 
     fn set_state(&mut self, state: SyncState, reason: String) {
@@ -646,45 +637,29 @@ impl Discipline {
         }
     }
 
-    /// UTC at local time `now`, with its bound and the state. Between updates the bound grows
-    /// at PHI; with no update for longer than the sample age limit the state is holdover; in
-    /// the two seconds around a scheduled leap the state is unsynchronized.
+    /// What the issuing path needs to compute estimates, without the sources: published
+    /// after each update so that reading the time takes no lock on the discipline.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            model: self.model,
+            phi: self.phi(),
+            state: self.state,
+            reason: self.reason.as_str().into(),
+            leap: self.leap,
+            max_sample_age_ns: self.config.max_sample_age_ns,
+        }
+    }
+
+    /// UTC at local time `now`, with its bound and the state; see [`Snapshot::estimate`].
     pub fn estimate(&self, now: u64) -> Estimate {
-        let Some(model) = self.model else {
-            return Estimate {
-                utc_ns: now,
-                bound_ns: u64::MAX,
-                state: SyncState::Unsynchronized,
-                reason: self.reason.clone(),
-            };
-        };
-        let (offset, bound) = self.predict(&model, now);
-        let utc_ns = (now as i64 + offset) as u64;
-        let (mut state, mut reason) = (self.state, self.reason.clone());
-        let silent = now.saturating_sub(model.at);
-        if state == SyncState::Synchronized && silent > self.config.max_sample_age_ns {
-            state = SyncState::Holdover;
-            reason = format!("no update for {} s", silent / NS_PER_S);
-        }
-        if let Some(leap) = self.leap {
-            if leap_window(leap.utc_ns, utc_ns) {
-                state = SyncState::Unsynchronized;
-                reason = "leap second: no stamps from 23:59:59 to 00:00:01 UTC".into();
-            }
-        }
-        Estimate {
-            utc_ns,
-            bound_ns: bound,
-            state,
-            reason,
-        }
+        self.snapshot().estimate(now)
     }
 
     pub fn system_view(&self, now: u64) -> SystemView {
         let estimate = self.estimate(now);
         SystemView {
             state: estimate.state,
-            reason: estimate.reason,
+            reason: estimate.reason.to_string(),
             offset_ns: self.model.map(|m| self.predict(&m, now).0),
             frequency_ppm: self.model.map(|m| m.freq * 1e6),
             bound_ns: self.model.map(|_| estimate.bound_ns),
@@ -722,6 +697,78 @@ impl Discipline {
             })
             .collect()
     }
+}
+
+/// The published state of the discipline.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    model: Option<Model>,
+    phi: f64,
+    state: SyncState,
+    reason: std::sync::Arc<str>,
+    leap: Option<ScheduledLeap>,
+    max_sample_age_ns: u64,
+}
+
+impl Snapshot {
+    /// Before any update: unsynchronized.
+    pub fn initial() -> Self {
+        Self {
+            model: None,
+            phi: 0.0,
+            state: SyncState::Unsynchronized,
+            reason: "no update yet".into(),
+            leap: None,
+            max_sample_age_ns: 0,
+        }
+    }
+
+    /// UTC at local time `now`, with its bound and the state. Between updates the bound grows
+    /// at PHI; with no update for longer than the sample age limit the state is holdover; in
+    /// the two seconds around a scheduled leap the state is unsynchronized.
+    pub fn estimate(&self, now: u64) -> Estimate {
+        let Some(model) = self.model else {
+            return Estimate {
+                utc_ns: now,
+                bound_ns: u64::MAX,
+                state: SyncState::Unsynchronized,
+                reason: self.reason.clone(),
+            };
+        };
+        let (offset, bound) = predict(&model, self.phi, self.leap, now);
+        let utc_ns = (now as i64 + offset) as u64;
+        let mut estimate = Estimate {
+            utc_ns,
+            bound_ns: bound,
+            state: self.state,
+            reason: self.reason.clone(),
+        };
+        let silent = now.saturating_sub(model.at);
+        if estimate.state == SyncState::Synchronized && silent > self.max_sample_age_ns {
+            estimate.state = SyncState::Holdover;
+            estimate.reason = format!("no update for {} s", silent / NS_PER_S).into();
+        }
+        if let Some(leap) = self.leap {
+            if leap_window(leap.utc_ns, utc_ns) {
+                estimate.state = SyncState::Unsynchronized;
+                estimate.reason = "leap second: no stamps from 23:59:59 to 00:00:01 UTC".into();
+            }
+        }
+        estimate
+    }
+}
+
+/// Offset and bound of `model` at `now`, a scheduled leap applied once due.
+fn predict(model: &Model, phi: f64, leap: Option<ScheduledLeap>, now: u64) -> (i64, u64) {
+    let elapsed = now.saturating_sub(model.at);
+    let mut offset = model.offset + (model.freq * elapsed as f64) as i64;
+    let bound = model.bound + (phi * elapsed as f64).ceil() as u64;
+    if let Some(leap) = leap {
+        if !leap.applied && (now as i64 + offset) as u64 >= leap.utc_ns {
+            offset += leap_shift(leap.kind);
+        }
+    }
+    (offset, bound)
 }
 
 /// The survivors' offsets weighted by the inverse of their distance; the bound reaches the far

@@ -5,6 +5,8 @@
 //! its error, which grows by 500 ppm while no daemon updates it. The adapter is thin: the
 //! decision is [`KernelClock::judge`], which tests reach through an injected reading.
 
+use std::sync::{Arc, OnceLock};
+
 use super::{system_unix_ns, Reading, SyncState, TimeSource};
 
 /// What the kernel said, at one instant.
@@ -43,6 +45,19 @@ pub struct KernelClock<A: KernelApi = Adjtimex> {
     api: A,
 }
 
+fn reason(synchronized: bool) -> Arc<str> {
+    static SYNC: OnceLock<Arc<str>> = OnceLock::new();
+    static UNSYNC: OnceLock<Arc<str>> = OnceLock::new();
+    if synchronized {
+        SYNC.get_or_init(|| "the kernel reports its clock synchronized".into())
+            .clone()
+    } else {
+        UNSYNC
+            .get_or_init(|| "the kernel reports its clock unsynchronized (STA_UNSYNC)".into())
+            .clone()
+    }
+}
+
 impl KernelClock<Adjtimex> {
     pub fn new() -> Self {
         Self { api: Adjtimex }
@@ -67,14 +82,14 @@ impl<A: KernelApi> KernelClock<A> {
                 unix_ns: state.unix_ns,
                 bound_ns: u64::MAX,
                 state: SyncState::Unsynchronized,
-                reason: "the kernel reports its clock unsynchronized (STA_UNSYNC)".into(),
+                reason: reason(false),
             };
         }
         Reading {
             unix_ns: state.unix_ns,
             bound_ns: state.max_error_us as u64 * 1_000,
             state: SyncState::Synchronized,
-            reason: "the kernel reports its clock synchronized".into(),
+            reason: reason(true),
         }
     }
 }

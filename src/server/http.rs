@@ -13,7 +13,8 @@
 //! | anything else                                       | 404 |
 //!
 //! Admin listener (loopback by default): `GET /health/live`, `GET /health/ready` (503 with the
-//! reason while the clock is not trusted or the signer failed).
+//! reason while the clock is not trusted or the signer failed), `GET /clock` (the clock's
+//! state and sources in words, as `tsa clock` prints them).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -201,6 +202,11 @@ async fn timestamp(req: Request<Incoming>, tsa: &Arc<Tsa>, limits: &Limits) -> R
 fn admin_route(req: Request<Incoming>, tsa: &Tsa) -> Reply {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/health/live") => response(StatusCode::OK, "text/plain", "live\n".into()),
+        (&Method::GET, "/clock") => response(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            tsa.clock().report().into(),
+        ),
         (&Method::GET, "/health/ready") => match tsa.readiness() {
             Ok(()) => response(StatusCode::OK, "text/plain", "ready\n".into()),
             Err(reason) => response(

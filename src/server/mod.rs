@@ -16,7 +16,10 @@ use anyhow::{bail, Context};
 
 use crate::alg::oid;
 use crate::archive::serial::RandomSerials;
-use crate::clock::{development::DevelopmentClock, kernel::KernelClock, IssuingClock, TimeSource};
+use crate::clock::service::DisciplinedClock;
+use crate::clock::{
+    development::DevelopmentClock, kernel::KernelClock, IssuingClock, Reading, TimeSource,
+};
 use crate::config::{ClockSource, Config, ServerConfig, SignerConfig};
 use crate::protocol::{RequestRules, TemplateOptions, TokenTemplate};
 use crate::signer::{certificate::TsuCertificate, software::SoftwareSigner, Signer};
@@ -24,6 +27,7 @@ use crate::signer::{certificate::TsuCertificate, software::SoftwareSigner, Signe
 pub use issue::{Outcome, Tsa};
 
 /// Builds the TSA, refusing with a clear message whatever would make it issue bad tokens.
+/// Call it inside a tokio runtime: the disciplined clock starts its tasks there.
 pub fn build(config: &Config) -> anyhow::Result<Tsa> {
     let (signer, certificate): (Arc<dyn Signer>, TsuCertificate) = match &config.signer {
         SignerConfig::Software {
@@ -47,17 +51,21 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
     );
 
     let (mut default_policy, mut other_policies) = config.policies()?;
+    let refuse_development_policy = || {
+        if default_policy == oid::DEVELOPMENT_POLICY
+            || other_policies.contains(&oid::DEVELOPMENT_POLICY)
+        {
+            bail!(
+                "the development policy {} is for the development clock only",
+                oid::DEVELOPMENT_POLICY
+            );
+        }
+        Ok(())
+    };
     let max_accuracy = Duration::from_millis(config.clock.max_accuracy_ms);
     let source: Box<dyn TimeSource> = match config.clock.source {
         ClockSource::Kernel => {
-            if default_policy == oid::DEVELOPMENT_POLICY
-                || other_policies.contains(&oid::DEVELOPMENT_POLICY)
-            {
-                bail!(
-                    "the development policy {} is for the development clock only",
-                    oid::DEVELOPMENT_POLICY
-                );
-            }
+            refuse_development_policy()?;
             Box::new(KernelClock::new())
         }
         ClockSource::Development => {
@@ -73,6 +81,11 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
             default_policy = oid::DEVELOPMENT_POLICY;
             other_policies.clear();
             Box::new(DevelopmentClock::new(declared))
+        }
+        ClockSource::Disciplined => {
+            refuse_development_policy()?;
+            let clock = DisciplinedClock::start(config.clock.disciplined()?);
+            Box::new(SharedSource(clock))
         }
     };
 
@@ -101,6 +114,21 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         certificate,
         signer_ok: AtomicBool::new(true),
     })
+}
+
+/// A source the server shares with its background tasks.
+struct SharedSource<T>(Arc<T>);
+
+impl<T: TimeSource> TimeSource for SharedSource<T> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn read(&self) -> Reading {
+        self.0.read()
+    }
+    fn report(&self) -> String {
+        self.0.report()
+    }
 }
 
 /// The addresses the server listens on once bound.

@@ -85,6 +85,13 @@ impl Server {
     pub fn ca(&self) -> PathBuf {
         self.path("ca-cert.pem")
     }
+
+    /// Stops the server and keeps its directory (to change the configuration and serve again).
+    pub fn into_dir(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"))
+    }
 }
 
 impl Drop for Server {

@@ -1,0 +1,158 @@
+//! The NTP adapter: polls one server with `sntpc` and turns each reply into a [`Sample`].
+//!
+//! sntpc already discards replies with leap indicator 3, stratum 0 or ≥ 16, a zero transmit
+//! time, an origin mismatch or a kiss-o'-death. This adapter honours kiss-o'-death: `RATE`
+//! doubles the poll interval, `DENY` and `RSTR` stop polling the server. Timestamps come from
+//! the local clock, so offsets are UTC − local, as the discipline wants them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sntpc::{KissOfDeathCode, NtpContext, NtpResult, NtpTimestampGenerator};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use super::discipline::{Leap, Sample};
+use super::local::LocalClock;
+use super::service::SourceMessage;
+
+/// One configured NTP server.
+#[derive(Clone, Debug)]
+pub struct NtpServer {
+    pub addr: SocketAddr,
+    pub poll: Duration,
+    pub timeout: Duration,
+}
+
+/// The longest poll interval kiss-o'-death `RATE` can push a server to.
+const MAX_POLL: Duration = Duration::from_secs(1024);
+
+#[derive(Clone, Copy)]
+struct LocalTimestamps {
+    clock: LocalClock,
+    now: u64,
+}
+
+impl NtpTimestampGenerator for LocalTimestamps {
+    fn init(&mut self) {
+        self.now = self.clock.now();
+    }
+    fn timestamp_sec(&self) -> u64 {
+        self.now / 1_000_000_000
+    }
+    fn timestamp_subsec_micros(&self) -> u32 {
+        ((self.now % 1_000_000_000) / 1_000) as u32
+    }
+}
+
+/// Polls `server` forever, sending samples (or misses) for source `id`.
+pub async fn poll(
+    id: usize,
+    server: NtpServer,
+    clock: LocalClock,
+    tx: mpsc::Sender<SourceMessage>,
+) {
+    let mut interval = server.poll;
+    loop {
+        let message = match exchange(&server, clock).await {
+            Ok(sample) => SourceMessage::Sample(id, sample),
+            Err(Failure::Kod(KissOfDeathCode::Rate)) => {
+                interval = (interval * 2).min(MAX_POLL);
+                tracing::warn!(event = "ntp_kod", server = %server.addr, code = "RATE", poll_s = interval.as_secs_f64(), "kiss-o'-death RATE: polling less often");
+                SourceMessage::Missed(id)
+            }
+            Err(Failure::Kod(code @ (KissOfDeathCode::Deny | KissOfDeathCode::Rstr))) => {
+                tracing::error!(event = "ntp_kod", server = %server.addr, code = ?code, "kiss-o'-death: the server refuses us; no longer polled");
+                let _ = tx.send(SourceMessage::Missed(id)).await;
+                return;
+            }
+            Err(failure) => {
+                tracing::debug!(server = %server.addr, %failure, "NTP poll failed");
+                SourceMessage::Missed(id)
+            }
+        };
+        if tx.send(message).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+#[derive(Debug)]
+enum Failure {
+    Kod(KissOfDeathCode),
+    Ntp(sntpc::Error),
+    Io(std::io::Error),
+    Timeout,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Kod(code) => write!(f, "kiss-o'-death {code:?}"),
+            Self::Ntp(e) => write!(f, "invalid reply: {e:?}"),
+            Self::Io(e) => write!(f, "socket error: {e}"),
+            Self::Timeout => f.write_str("no reply in time"),
+        }
+    }
+}
+
+async fn exchange(server: &NtpServer, clock: LocalClock) -> Result<Sample, Failure> {
+    let bind: SocketAddr = if server.addr.is_ipv4() {
+        "0.0.0.0:0".parse().expect("static")
+    } else {
+        "[::]:0".parse().expect("static")
+    };
+    // A fresh socket (and source port) per poll: a late reply to an earlier poll cannot be
+    // taken for this one, and off-path spoofing has to guess the port.
+    let socket = UdpSocket::bind(bind).await.map_err(Failure::Io)?;
+    let socket = sntpc_net_tokio::UdpSocketWrapper::from(socket);
+    let context = NtpContext::new(LocalTimestamps { clock, now: 0 });
+    let before = clock.now();
+    let result = tokio::time::timeout(
+        server.timeout,
+        sntpc::get_time(server.addr, &socket, context),
+    )
+    .await
+    .map_err(|_| Failure::Timeout)?;
+    let after = clock.now();
+    match result {
+        Ok(reply) => Ok(to_sample(&reply, before / 2 + after / 2)),
+        Err(sntpc::Error::KissOfDeath(code)) => Err(Failure::Kod(code)),
+        Err(e) => Err(Failure::Ntp(e)),
+    }
+}
+
+fn to_sample(reply: &NtpResult, at: u64) -> Sample {
+    Sample {
+        at,
+        offset: reply.offset() * 1_000,
+        delay: reply.roundtrip() * 1_000,
+        root_delay: short_to_ns(reply.root_delay()),
+        root_dispersion: short_to_ns(reply.root_dispersion()),
+        // The server's precision, 2^precision seconds.
+        precision: (2f64.powi(i32::from(reply.precision())) * 1e9).ceil() as u64,
+        leap: match reply.leap_indicator() {
+            1 => Leap::Insert,
+            2 => Leap::Delete,
+            _ => Leap::None,
+        },
+    }
+}
+
+/// NTP short format (16.16 seconds) to nanoseconds.
+fn short_to_ns(short: u32) -> u64 {
+    (u64::from(short) * 1_000_000_000) >> 16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ntp_short_format() {
+        assert_eq!(short_to_ns(0x0001_0000), 1_000_000_000);
+        assert_eq!(short_to_ns(0x0000_8000), 500_000_000);
+        assert_eq!(short_to_ns(0), 0);
+    }
+}

@@ -1,0 +1,282 @@
+//! The disciplined clock as a running service: source tasks feed samples to one discipline
+//! task, which updates on a fixed tick and publishes a snapshot that the issuing path reads
+//! without taking any lock.
+
+use std::fmt::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+
+use super::discipline::{Discipline, DisciplineConfig, Event, Snapshot, SourceSpec};
+use super::local::{LocalClock, WallClockWatch};
+use super::ntp::{self, NtpServer};
+use super::{fmt_ns, Reading, TimeSource};
+
+/// What a source task tells the discipline.
+#[derive(Debug)]
+pub enum SourceMessage {
+    Sample(usize, super::discipline::Sample),
+    Missed(usize),
+}
+
+#[derive(Clone, Debug)]
+pub struct DisciplinedConfig {
+    pub ntp: Vec<NtpServer>,
+    pub discipline: DisciplineConfig,
+    /// How often the discipline updates (one "round" for step confirmation).
+    pub update_interval: Duration,
+}
+
+pub struct DisciplinedClock {
+    local: LocalClock,
+    snapshot: ArcSwap<Snapshot>,
+    report: Mutex<String>,
+}
+
+impl DisciplinedClock {
+    /// Starts the source tasks and the discipline task on the current tokio runtime.
+    pub fn start(config: DisciplinedConfig) -> Arc<Self> {
+        let local = LocalClock::new();
+        let specs = config
+            .ntp
+            .iter()
+            .map(|s| SourceSpec {
+                name: format!("ntp {}", s.addr),
+                independent: false,
+            })
+            .collect();
+        let discipline = Discipline::new(config.discipline.clone(), specs);
+        let clock = Arc::new(Self {
+            local,
+            snapshot: ArcSwap::from_pointee(Snapshot::initial()),
+            report: Mutex::new("no update yet\n".into()),
+        });
+        let (tx, rx) = mpsc::channel(1024);
+        for (id, server) in config.ntp.into_iter().enumerate() {
+            tokio::spawn(ntp::poll(id, server, local, tx.clone()));
+        }
+        tokio::spawn(run(discipline, rx, clock.clone(), config.update_interval));
+        clock
+    }
+}
+
+impl TimeSource for DisciplinedClock {
+    fn name(&self) -> &'static str {
+        "disciplined"
+    }
+
+    fn read(&self) -> Reading {
+        let estimate = self.snapshot.load().estimate(self.local.now());
+        Reading {
+            unix_ns: estimate.utc_ns,
+            bound_ns: estimate.bound_ns,
+            state: estimate.state,
+            reason: estimate.reason,
+        }
+    }
+
+    fn report(&self) -> String {
+        self.report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+async fn run(
+    mut discipline: Discipline,
+    mut rx: mpsc::Receiver<SourceMessage>,
+    clock: Arc<DisciplinedClock>,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wall = WallClockWatch::new();
+    let names: Vec<String> = discipline
+        .source_views(0)
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    loop {
+        tokio::select! {
+            message = rx.recv() => match message {
+                Some(SourceMessage::Sample(id, sample)) => discipline.sample(id, sample),
+                Some(SourceMessage::Missed(id)) => discipline.missed(id),
+                None => return,
+            },
+            _ = tick.tick() => {
+                let now = clock.local.now();
+                discipline.update(now);
+                let snapshot = discipline.snapshot();
+                let utc = snapshot.estimate(now).utc_ns;
+                clock.snapshot.store(Arc::new(snapshot));
+                for event in discipline.drain_events() {
+                    log_event(&event, &names, utc);
+                }
+                if let Some(step) = wall.observe(now, clock.local.wall_offset()) {
+                    tracing::warn!(event = "wall_clock_step", step_ns = step, utc_ns = utc,
+                        "the system wall clock was stepped by {:+.6} s; the TSA's time is not affected",
+                        step as f64 / 1e9);
+                }
+                *clock.report.lock().unwrap_or_else(|p| p.into_inner()) = render(&discipline, now);
+            }
+        }
+    }
+}
+
+fn log_event(event: &Event, names: &[String], utc_ns: u64) {
+    let name = |id: &usize| names.get(*id).map(String::as_str).unwrap_or("?");
+    match event {
+        Event::SyncAcquired {
+            offset_ns,
+            bound_ns,
+        } => tracing::info!(
+            event = "sync_acquired",
+            utc_ns,
+            offset_ns,
+            bound_ns,
+            "clock synchronized"
+        ),
+        Event::SyncLost { reason } => tracing::warn!(
+            event = "sync_lost",
+            utc_ns,
+            reason,
+            "clock unsynchronized: no time-stamps"
+        ),
+        Event::HoldoverStarted { reason } => {
+            tracing::warn!(event = "holdover", utc_ns, reason, "clock in holdover")
+        }
+        Event::SourceSelected { source } => tracing::info!(
+            event = "source_selected",
+            utc_ns,
+            source = name(source),
+            "source selected"
+        ),
+        Event::SourceRejected { source, selection } => tracing::warn!(
+            event = "source_rejected",
+            utc_ns,
+            source = name(source),
+            selection = selection.name(),
+            "source rejected"
+        ),
+        Event::SourceReachable { source } => tracing::info!(
+            event = "source_reachable",
+            utc_ns,
+            source = name(source),
+            "source reachable"
+        ),
+        Event::SourceUnreachable { source } => tracing::warn!(
+            event = "source_unreachable",
+            utc_ns,
+            source = name(source),
+            "source unreachable"
+        ),
+        Event::StepDetected { step_ns, rounds } => tracing::error!(
+            event = "step_detected",
+            utc_ns,
+            step_ns,
+            rounds,
+            "the selected sources stepped; not followed until confirmed"
+        ),
+        Event::StepAccepted {
+            step_ns,
+            confirmed_by,
+        } => tracing::warn!(
+            event = "step_accepted",
+            utc_ns,
+            step_ns,
+            confirmed_by,
+            "step followed"
+        ),
+        Event::StepAbandoned { step_ns } => tracing::warn!(
+            event = "step_abandoned",
+            utc_ns,
+            step_ns,
+            "step abandoned: the sources came back"
+        ),
+        Event::LeapScheduled { kind, utc_ns: at } => {
+            tracing::warn!(event = "leap_scheduled", utc_ns, leap = ?kind, at_ns = at, "leap second scheduled")
+        }
+        Event::LeapApplied { kind } => {
+            tracing::warn!(event = "leap_applied", utc_ns, leap = ?kind, "leap second applied")
+        }
+    }
+}
+
+/// Like `chronyc tracking` followed by `chronyc sources`.
+fn render(discipline: &Discipline, now: u64) -> String {
+    let system = discipline.system_view(now);
+    let mut s = String::new();
+    let secs = |ns: i64| format!("{:+.9} s", ns as f64 / 1e9);
+    let _ = writeln!(
+        s,
+        "State       : {} ({})",
+        system.state.name(),
+        system.reason
+    );
+    let _ = writeln!(
+        s,
+        "Offset      : {} (UTC − local clock)",
+        system.offset_ns.map(secs).unwrap_or_else(|| "-".into())
+    );
+    let _ = writeln!(
+        s,
+        "Frequency   : {}",
+        system
+            .frequency_ppm
+            .map(|f| format!("{f:+.3} ppm"))
+            .unwrap_or_else(|| "-".into())
+    );
+    let _ = writeln!(
+        s,
+        "Error bound : {}",
+        system.bound_ns.map(fmt_ns).unwrap_or_else(|| "-".into())
+    );
+    let _ = writeln!(
+        s,
+        "Last update : {}",
+        system
+            .since_update_ns
+            .map(|n| format!("{} ago", fmt_ns(n)))
+            .unwrap_or_else(|| "never".into())
+    );
+    let _ = writeln!(
+        s,
+        "Pending step: {}",
+        system
+            .pending_step_ns
+            .map(secs)
+            .unwrap_or_else(|| "none".into())
+    );
+    let _ = writeln!(
+        s,
+        "Leap        : {}",
+        system
+            .leap
+            .map(|(k, at)| format!("{k:?} at {}", crate::protocol::GenTime::from_unix_ns(at)))
+            .unwrap_or_else(|| "none".into())
+    );
+    let _ = writeln!(
+        s,
+        "\n{:<28} {:>5} {:<12} {:>16} {:>12} {:>12} {:>8}",
+        "Source", "Reach", "Selection", "Offset", "Delay", "Distance", "Age"
+    );
+    for v in discipline.source_views(now) {
+        let _ = writeln!(
+            s,
+            "{:<28} {:>5o} {:<12} {:>16} {:>12} {:>12} {:>8}",
+            v.name,
+            v.reach,
+            v.selection.name(),
+            v.offset_ns.map(secs).unwrap_or_else(|| "-".into()),
+            v.delay_ns.map(fmt_ns).unwrap_or_else(|| "-".into()),
+            v.distance_ns.map(fmt_ns).unwrap_or_else(|| "-".into()),
+            v.last_sample_age_ns
+                .map(|a| format!("{} s", a / 1_000_000_000))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    s
+}
