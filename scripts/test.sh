@@ -1,14 +1,34 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: unit, property and integration tests against real openssl, curl
-# and HTTP on loopback. Installs the system packages the tests use when they are missing.
+# Runs the whole test suite: unit, property and integration tests against real openssl, curl,
+# HTTP on loopback, and the Python (rfc3161-client) and Java (BouncyCastle) clients. Installs
+# the system packages and the Python package the tests use when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
+command -v timeout >/dev/null || need+=(coreutils)
+# tests/clock_chrony.rs: real chronyd servers on loopback (-x: never touching the clock).
+command -v chronyd >/dev/null || need+=(chrony)
+# tests/interop_java.rs: the JDK and BouncyCastle from Debian.
+command -v javac >/dev/null || need+=(openjdk-17-jdk-headless)
+[ -e /usr/share/java/bcprov.jar ] || need+=(libbcprov-java)
+[ -e /usr/share/java/bcpkix.jar ] || need+=(libbcpkix-java)
+[ -e /usr/share/java/bcutil.jar ] || need+=(libbcutil-java)
+# tests/interop_python.rs: a Python 3 that can make a virtual environment.
+command -v python3 >/dev/null || need+=(python3)
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need+=(python3-venv); fi
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+
+# Trail of Bits' rfc3161-client from PyPI, in target/pyenv (tests/interop_python.rs).
+pyenv=target/pyenv
+if ! "$pyenv/bin/python" -c 'import rfc3161_client' >/dev/null 2>&1; then
+  rm -rf "$pyenv"
+  python3 -m venv "$pyenv"
+  "$pyenv/bin/python" -m pip install -q --disable-pip-version-check 'rfc3161-client>=1,<2'
 fi
 
 cargo test --locked --all-targets

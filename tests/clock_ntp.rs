@@ -1,122 +1,21 @@
 //! The disciplined clock end to end: the real server, in-process NTP servers on loopback with
 //! scripted behaviour, real HTTP and the real `openssl ts` client.
 
+#[path = "common/clock.rs"]
+mod clock;
 mod common;
 #[path = "common/ntp.rs"]
 mod ntp;
 
-use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::{curl_post, openssl, Server};
+use clock::{clock_report, count, query, ready, stamp, wait_for};
 use ntp::{Behaviour, NtpServer};
-use tsa::client::read::Response;
 use tsa::protocol::FailInfo;
 
-/// A TSA on a disciplined clock fed by `servers`, polling every 200 ms.
-fn tsa_with(servers: &[NtpServer], extra: &str) -> Server {
-    let list: Vec<String> = servers.iter().map(|s| format!("\"{}\"", s.addr)).collect();
-    let mut clock = format!(
-        "[clock]\nsource = \"disciplined\"\nntp_servers = [{}]\n{extra}",
-        list.join(", ")
-    );
-    for default in [
-        "poll_interval_ms = 200",
-        "ntp_timeout_ms = 150",
-        "step_confirm_rounds = 4",
-    ] {
-        let key = default.split(' ').next().unwrap();
-        if !extra.contains(key) {
-            clock.push_str(default);
-            clock.push('\n');
-        }
-    }
-    // A production policy: the development policy belongs to the development clock only.
-    let policy = "[policy]\ndefault = \"0.4.0.2023.1.1\"\n";
-    let server = Server::start(&[], "");
-    let path = server.path("tsa.toml");
-    let config = std::fs::read_to_string(&path).unwrap();
-    let config = config.replace("source = \"development\"\n", "");
-    std::fs::write(
-        &path,
-        common::merge_toml(&config, &format!("{policy}{clock}")),
-    )
-    .unwrap();
-    let dir = server.into_dir();
-    Server::serve(dir)
-}
-
-fn query(work: &Path) {
-    std::fs::write(work.join("data.bin"), b"invoice 42").unwrap();
-    openssl(
-        &[
-            "ts", "-query", "-data", "data.bin", "-sha256", "-cert", "-out", "req.tsq",
-        ],
-        work,
-    );
-}
-
-/// One request; returns the decoded reply and the client's send/receive window (Unix ns).
-fn stamp(server: &Server, work: &Path) -> (Response, u64, u64) {
-    let sent = unix_ns();
-    let (status, _, body) = curl_post(
-        &server.url,
-        &work.join("req.tsq"),
-        "application/timestamp-query",
-    );
-    let received = unix_ns();
-    assert_eq!(status, 200);
-    (Response::from_der(&body).unwrap(), sent, received)
-}
-
-fn unix_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
-
-fn wait_for(mut f: impl FnMut() -> bool, what: &str, limit: Duration) {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out after {limit:?} waiting for {what}");
-}
-
-fn ready(server: &Server) -> bool {
-    let out = std::process::Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            &format!("{}/health/ready", server.admin_url),
-        ])
-        .output()
-        .unwrap();
-    out.stdout == b"200"
-}
-
-/// Sources in the report's table with this selection.
-fn count(report: &str, selection: &str) -> usize {
-    report
-        .lines()
-        .filter(|l| l.starts_with("ntp ") && l.split_whitespace().nth(3) == Some(selection))
-        .count()
-}
-
-fn clock_report(server: &Server) -> String {
-    let out = common::ok(std::process::Command::new(common::TSA).args([
-        "clock",
-        "--admin",
-        &server.admin_url,
-    ]));
-    String::from_utf8(out.stdout).unwrap()
+fn tsa_with(servers: &[NtpServer], extra: &str) -> common::Server {
+    let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+    clock::tsa_disciplined(&addrs, extra)
 }
 
 /// The references say the time is 5 s later than this machine's clock: the TSA follows them,
@@ -155,9 +54,15 @@ fn follows_the_references_not_the_system_clock() {
         );
         assert_eq!(tst.policy.to_string(), "0.4.0.2023.1.1");
     }
-    let report = clock_report(&server);
-    assert!(report.contains("State       : synchronized"), "{report}");
-    assert_eq!(count(&report, "selected"), 5, "{report}");
+    // Under load a reply can be late, so give the table a moment to show all five again.
+    wait_for(
+        || {
+            let report = clock_report(&server);
+            report.contains("State       : synchronized") && count(&report, "selected") == 5
+        },
+        "five selected sources",
+        Duration::from_secs(5),
+    );
 }
 
 #[test]
@@ -300,10 +205,15 @@ fn unsynchronized_leap_indicator_and_kiss_of_death_make_sources_unusable() {
         "synchronization",
         Duration::from_secs(10),
     );
-    // Three good sources of five usable... only three are usable: they are the majority.
-    let report = clock_report(&server);
-    assert_eq!(count(&report, "selected"), 3, "{report}");
-    assert_eq!(count(&report, "unusable"), 2, "{report}");
+    // Of five, only the three good sources are usable: they are the majority.
+    wait_for(
+        || {
+            let report = clock_report(&server);
+            count(&report, "selected") == 3 && count(&report, "unusable") == 2
+        },
+        "three selected and two unusable sources",
+        Duration::from_secs(5),
+    );
     // DENY: polled once, never again.
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(

@@ -1,0 +1,89 @@
+//! Real `chronyd` instances serving NTP on loopback ports. `-x` keeps them off the system
+//! clock; `local stratum 1` makes each serve its own clock.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct Chronyd {
+    pub addr: SocketAddr,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+/// A free UDP port on loopback (released again: chronyd binds it right after).
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn is_root() -> bool {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() == 0 }
+}
+
+impl Chronyd {
+    pub fn start() -> Chronyd {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("chrony.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbindaddress 127.0.0.1\ncmdport 0\nlocal stratum 1\nallow 127.0.0.1\n\
+                 pidfile {0}/chronyd.pid\ndriftfile {0}/drift\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new("chronyd");
+        cmd.args(["-x", "-d", "-f"]).arg(&conf);
+        if is_root() {
+            cmd.args(["-u", "root"]);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chronyd (scripts/test.sh installs chrony)");
+        std::thread::sleep(Duration::from_millis(300));
+        Chronyd {
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Chronyd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `chronyd -Q` against `servers`: the offset chrony measures for the system clock, in
+/// seconds ("System clock wrong by X seconds"; positive: the clock is behind).
+pub fn chronyd_query(servers: &[SocketAddr]) -> Option<f64> {
+    let mut cmd = Command::new("chronyd");
+    cmd.args(["-Q", "-f", "/dev/null"]);
+    if is_root() {
+        cmd.args(["-u", "root"]);
+    }
+    for s in servers {
+        cmd.arg(format!(
+            "server {} port {} iburst minpoll -6 maxpoll -6",
+            s.ip(),
+            s.port()
+        ));
+    }
+    let out = cmd.output().ok()?;
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("System clock wrong by"))?;
+    let value = line.split("wrong by ").nth(1)?.split_whitespace().next()?;
+    value.parse().ok()
+}
