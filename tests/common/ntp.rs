@@ -1,4 +1,5 @@
 //! An NTP server on loopback whose answers a test scripts: offset from the system clock,
+#![allow(dead_code)]
 //! leap indicator, stratum, kiss-o'-death, silence, delay.
 
 use std::net::{SocketAddr, UdpSocket};
