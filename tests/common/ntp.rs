@@ -1,6 +1,6 @@
 //! An NTP server on loopback whose answers a test scripts: offset from the system clock,
-#![allow(dead_code)]
 //! leap indicator, stratum, kiss-o'-death, silence, delay.
+#![allow(dead_code)]
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
