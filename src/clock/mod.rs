@@ -16,6 +16,7 @@ pub mod ntp;
 pub mod service;
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -86,7 +87,33 @@ pub struct TrustedTime {
 /// Why no time can be given now; the client gets `timeNotAvailable`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Refusal {
+    pub kind: RefusalKind,
     pub reason: Cow<'static, str>,
+}
+
+/// Refusals by kind, a bounded set (for counters and metric labels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefusalKind {
+    /// The source is unsynchronized (never synchronized, disagreeing sources, a step awaiting
+    /// confirmation, a leap second).
+    Unsynchronized,
+    /// The error bound (with genTime's truncation) exceeds the declared accuracy.
+    BoundExceeded,
+    /// The source went back behind the last genTime.
+    SteppedBack,
+}
+
+impl RefusalKind {
+    pub const ALL: [RefusalKind; 3] =
+        [Self::Unsynchronized, Self::BoundExceeded, Self::SteppedBack];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unsynchronized => "unsynchronized",
+            Self::BoundExceeded => "bound_exceeded",
+            Self::SteppedBack => "stepped_back",
+        }
+    }
 }
 
 impl std::fmt::Display for Refusal {
@@ -106,6 +133,7 @@ pub struct IssuingClock {
     max_bound_ns: u64,
     /// The last time handed out; genTime is strictly greater than it.
     last_ns: Mutex<u64>,
+    refusals: [AtomicU64; 3],
 }
 
 impl IssuingClock {
@@ -115,6 +143,7 @@ impl IssuingClock {
             source,
             max_bound_ns: max_bound.as_nanos() as u64,
             last_ns: Mutex::new(0),
+            refusals: Default::default(),
         }
     }
 
@@ -131,9 +160,26 @@ impl IssuingClock {
         self.source.read()
     }
 
-    /// The source's state in words (`tsa clock`).
+    /// The source's state in words (`tsa clock`), with the refusals so far.
     pub fn report(&self) -> String {
-        self.source.report()
+        let mut report = self.source.report();
+        let counts: Vec<String> = RefusalKind::ALL
+            .iter()
+            .map(|k| format!("{} {}", k.name(), self.refusals(*k)))
+            .collect();
+        report.push_str(&format!("\nRefusals    : {}\n", counts.join(", ")));
+        report
+    }
+
+    /// Requests refused for this kind of reason since start.
+    pub fn refusals(&self, kind: RefusalKind) -> u64 {
+        self.refusals[kind as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts a refusal of the issuing path (also one decided after `now`, such as an
+    /// accuracy that genTime's truncation pushed over the limit).
+    pub fn count_refusal(&self, refusal: &Refusal) {
+        self.refusals[refusal.kind as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether a token could be issued now.
@@ -146,11 +192,13 @@ impl IssuingClock {
     fn admit(&self, reading: &Reading) -> Result<(), Refusal> {
         if reading.state == SyncState::Unsynchronized {
             return Err(Refusal {
+                kind: RefusalKind::Unsynchronized,
                 reason: format!("time source {}: {}", reading.state.name(), reading.reason).into(),
             });
         }
         if reading.bound_ns > self.max_bound_ns {
             return Err(Refusal {
+                kind: RefusalKind::BoundExceeded,
                 reason: format!(
                     "clock error bound {} exceeds the declared accuracy {}",
                     fmt_ns(reading.bound_ns),
@@ -165,6 +213,14 @@ impl IssuingClock {
     /// The time for the next token: read now, strictly after every earlier one, never ahead of
     /// the source. Call it as late as possible, just before signing.
     pub fn now(&self) -> Result<TrustedTime, Refusal> {
+        let result = self.next_time();
+        if let Err(refusal) = &result {
+            self.count_refusal(refusal);
+        }
+        result
+    }
+
+    fn next_time(&self) -> Result<TrustedTime, Refusal> {
         let mut last = self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let reading = self.source.read();
@@ -184,6 +240,7 @@ impl IssuingClock {
                     "time source went back behind the last genTime; refusing until it catches up"
                 );
                 return Err(Refusal {
+                    kind: RefusalKind::SteppedBack,
                     reason: format!(
                         "clock stepped back {} behind the last token",
                         fmt_ns(behind)
@@ -216,8 +273,6 @@ pub fn fmt_ns(ns: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
     /// A source that returns scripted readings.
     struct Scripted {
         now: Arc<AtomicU64>,

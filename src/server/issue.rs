@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::archive::serial::SerialAllocator;
-use crate::clock::IssuingClock;
+use crate::clock::{IssuingClock, Refusal, RefusalKind};
 use crate::protocol::{self, FailInfo, Rejection, RequestRules, Stamp, TokenTemplate};
 use crate::signer::{certificate::TsuCertificate, Signer};
 
@@ -75,10 +75,12 @@ impl Tsa {
             serial,
         );
         if stamp.accuracy.as_ns() > self.clock.max_bound().as_nanos() as u64 {
-            return Err(Rejection::new(
-                FailInfo::TimeNotAvailable,
-                "the clock's bound and genTime's precision together exceed the declared accuracy",
-            ));
+            let refusal = Refusal {
+                kind: RefusalKind::BoundExceeded,
+                reason: "the clock's bound and genTime's precision together exceed the declared accuracy".into(),
+            };
+            self.clock.count_refusal(&refusal);
+            return Err(Rejection::new(FailInfo::TimeNotAvailable, refusal.reason));
         }
 
         let tbs = self.template.to_be_signed(&request, &stamp)?;
