@@ -10,8 +10,10 @@
 
 pub mod development;
 pub mod discipline;
+pub mod gps;
 pub mod kernel;
 pub mod local;
+pub mod nmea;
 pub mod ntp;
 pub mod service;
 
@@ -131,17 +133,24 @@ const MAX_WAIT_BACKWARDS: Duration = Duration::from_millis(2);
 pub struct IssuingClock {
     source: Box<dyn TimeSource>,
     max_bound_ns: u64,
-    /// The last time handed out; genTime is strictly greater than it.
+    /// The resolution at which handed-out times strictly increase.
+    tick_ns: u64,
+    /// The last time handed out, truncated to the tick; the next is in a later tick.
     last_ns: Mutex<u64>,
     refusals: [AtomicU64; 3],
 }
 
 impl IssuingClock {
     /// `max_bound` is the accuracy the policy declares (at most 1 s under ETSI EN 319 421).
-    pub fn new(source: Box<dyn TimeSource>, max_bound: Duration) -> Self {
+    /// Handed-out times strictly increase at `tick` (at least 1 ns): callers pass genTime's
+    /// precision, capped at 1 µs, so that genTimes encoded in microseconds or finer are all
+    /// distinct while a coarser genTime is never pushed ahead of the clock to stay distinct
+    /// (it only never decreases).
+    pub fn new(source: Box<dyn TimeSource>, max_bound: Duration, tick: Duration) -> Self {
         Self {
             source,
             max_bound_ns: max_bound.as_nanos() as u64,
+            tick_ns: (tick.as_nanos() as u64).max(1),
             last_ns: Mutex::new(0),
             refusals: Default::default(),
         }
@@ -210,8 +219,8 @@ impl IssuingClock {
         Ok(())
     }
 
-    /// The time for the next token: read now, strictly after every earlier one, never ahead of
-    /// the source. Call it as late as possible, just before signing.
+    /// The time for the next token: read now, in a later tick than every earlier one, never
+    /// ahead of the source. Call it as late as possible, just before signing.
     pub fn now(&self) -> Result<TrustedTime, Refusal> {
         let result = self.next_time();
         if let Err(refusal) = &result {
@@ -225,14 +234,15 @@ impl IssuingClock {
         loop {
             let reading = self.source.read();
             self.admit(&reading)?;
-            if reading.unix_ns > *last {
-                *last = reading.unix_ns;
+            let tick = reading.unix_ns - reading.unix_ns % self.tick_ns;
+            if tick > *last {
+                *last = tick;
                 return Ok(TrustedTime {
                     unix_ns: reading.unix_ns,
                     bound_ns: reading.bound_ns,
                 });
             }
-            let behind = *last - reading.unix_ns;
+            let behind = *last - tick;
             if behind > MAX_WAIT_BACKWARDS.as_nanos() as u64 {
                 tracing::error!(
                     event = "clock_step_back",
@@ -302,7 +312,11 @@ mod tests {
             bound_ns,
         };
         (
-            IssuingClock::new(Box::new(source), Duration::from_secs(1)),
+            IssuingClock::new(
+                Box::new(source),
+                Duration::from_secs(1),
+                Duration::from_nanos(1),
+            ),
             now,
         )
     }
@@ -333,6 +347,29 @@ mod tests {
         // A step back of 1 s: refused.
         now.fetch_sub(1_000_000_000, Ordering::SeqCst);
         assert!(clock.now().unwrap_err().reason.contains("stepped back"));
+    }
+
+    #[test]
+    fn strictly_increasing_at_the_tick() {
+        let now = Arc::new(AtomicU64::new(1_000_000_000));
+        let source = Scripted {
+            now: now.clone(),
+            state: SyncState::Synchronized,
+            bound_ns: 1,
+        };
+        let clock = IssuingClock::new(
+            Box::new(source),
+            Duration::from_secs(1),
+            Duration::from_micros(1),
+        );
+        let mut last = 0;
+        for _ in 0..100 {
+            let t = clock.now().unwrap().unix_ns / 1_000;
+            assert!(t > last, "{t} after {last}");
+            last = t;
+        }
+        // Never ahead of the source: the reading itself is handed out.
+        assert!(clock.now().unwrap().unix_ns < now.load(Ordering::SeqCst));
     }
 
     #[test]

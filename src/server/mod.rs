@@ -108,7 +108,11 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
             other_policies,
         },
         template,
-        clock: IssuingClock::new(source, max_accuracy),
+        clock: IssuingClock::new(
+            source,
+            max_accuracy,
+            Duration::from_nanos(config.token.precision.unit_ns().min(1_000)),
+        ),
         signer,
         serials: Box::new(RandomSerials::new()),
         certificate,

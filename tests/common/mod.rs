@@ -48,7 +48,7 @@ impl Server {
             .arg("--config")
             .arg(dir.path().join("tsa.toml"))
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
