@@ -131,6 +131,18 @@ pub struct ClockConfig {
     pub step_confirm_rounds: u32,
     /// Samples older than this do not count; 0 means four poll intervals.
     pub max_sample_age_ms: u64,
+    /// gpsd (`host:port`, e.g. "127.0.0.1:2947") serving a GPS receiver: an independent
+    /// reference (see `src/clock/gps.rs`).
+    pub gpsd: Option<String>,
+    /// The precision claimed for gpsd's PPS samples.
+    pub gps_precision_ms: u64,
+    /// The precision claimed for gpsd's serial time (TOFF, or TPV without PPS and TOFF).
+    pub gps_serial_precision_ms: u64,
+    /// A GPS receiver's serial device read as NMEA, for sites without gpsd
+    /// (see `src/clock/nmea.rs`).
+    pub nmea_device: Option<PathBuf>,
+    /// The precision claimed for the NMEA receiver's samples.
+    pub nmea_precision_ms: u64,
 }
 
 impl Default for ClockConfig {
@@ -146,6 +158,11 @@ impl Default for ClockConfig {
             max_drift_ppm: 15.0,
             step_confirm_rounds: 4,
             max_sample_age_ms: 0,
+            gpsd: None,
+            gps_precision_ms: 1,
+            gps_serial_precision_ms: 500,
+            nmea_device: None,
+            nmea_precision_ms: 500,
         }
     }
 }
@@ -175,8 +192,25 @@ impl ClockConfig {
             0 => poll * 4,
             ms => Duration::from_millis(ms),
         };
+        let gpsd = self
+            .gpsd
+            .as_ref()
+            .map(|addr| crate::clock::gps::GpsdSource {
+                addr: addr.clone(),
+                pps_precision: Duration::from_millis(self.gps_precision_ms),
+                serial_precision: Duration::from_millis(self.gps_serial_precision_ms),
+            });
+        let nmea = self
+            .nmea_device
+            .as_ref()
+            .map(|device| crate::clock::nmea::NmeaSource {
+                device: device.clone(),
+                precision: Duration::from_millis(self.nmea_precision_ms),
+            });
         Ok(crate::clock::service::DisciplinedConfig {
             ntp,
+            gpsd,
+            nmea,
             discipline: crate::clock::discipline::DisciplineConfig {
                 min_agreeing: self.min_agreeing,
                 max_drift_ppm: self.max_drift_ppm,
@@ -246,6 +280,7 @@ impl Config {
                 chain.iter_mut().for_each(resolve);
             }
         }
+        self.clock.nmea_device.iter_mut().for_each(resolve);
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -260,12 +295,26 @@ impl Config {
             if c.max_drift_ppm < 15.0 {
                 bail!("clock.max_drift_ppm must be at least 15 (RFC 5905's PHI)");
             }
-            if c.min_agreeing == 0 || c.ntp_servers.len() < c.min_agreeing {
+            let sources = c.ntp_servers.len()
+                + usize::from(c.gpsd.is_some())
+                + usize::from(c.nmea_device.is_some());
+            if c.min_agreeing == 0 || sources < c.min_agreeing {
                 bail!(
-                    "clock.ntp_servers lists {} servers; at least clock.min_agreeing = {} are needed",
-                    c.ntp_servers.len(),
+                    "clock.ntp_servers, gpsd and nmea_device give {sources} sources; at least clock.min_agreeing = {} are needed",
                     c.min_agreeing
                 );
+            }
+            if let Some(gpsd) = &c.gpsd {
+                let port = gpsd
+                    .rsplit_once(':')
+                    .map(|(host, port)| (host, port.parse::<u16>()));
+                if !matches!(port, Some((host, Ok(_))) if !host.is_empty()) {
+                    bail!("clock.gpsd must be host:port, such as \"127.0.0.1:2947\"; got '{gpsd}'");
+                }
+            }
+            if c.gps_precision_ms == 0 || c.gps_serial_precision_ms == 0 || c.nmea_precision_ms == 0
+            {
+                bail!("clock.gps_precision_ms, gps_serial_precision_ms and nmea_precision_ms must be positive");
             }
             if c.step_confirm_rounds == 0 || c.poll_interval_ms == 0 || c.ntp_timeout_ms == 0 {
                 bail!("clock.step_confirm_rounds, poll_interval_ms and ntp_timeout_ms must be positive");
@@ -325,6 +374,37 @@ mod tests {
             TokenConfig::default().accepted_digests
         );
         assert_eq!(config.policy.default, PolicyConfig::default().default);
+    }
+
+    #[test]
+    fn gps_sources_count_towards_min_agreeing() {
+        let base = "[signer]\nkind = \"software\"\nkey = \"k\"\ncertificate = \"c\"\n\
+                    [clock]\nsource = \"disciplined\"\nntp_servers = [\"127.0.0.1:123\"]\n";
+        let parse = |extra: &str| toml::from_str::<Config>(&format!("{base}{extra}")).unwrap();
+        assert!(parse("min_agreeing = 2\n").validate().is_err());
+        let gps =
+            parse("min_agreeing = 3\ngpsd = \"127.0.0.1:2947\"\nnmea_device = \"/dev/ttyS0\"\n");
+        gps.validate().unwrap();
+        let disciplined = gps.clock.disciplined().unwrap();
+        let gpsd = disciplined.gpsd.unwrap();
+        assert_eq!(gpsd.pps_precision, Duration::from_millis(1));
+        assert_eq!(gpsd.serial_precision, Duration::from_millis(500));
+        assert_eq!(
+            disciplined.nmea.unwrap().precision,
+            Duration::from_millis(500)
+        );
+        assert!(parse(
+            "min_agreeing = 4\ngpsd = \"127.0.0.1:2947\"\nnmea_device = \"/dev/ttyS0\"\n"
+        )
+        .validate()
+        .is_err());
+        for bad in [
+            "gpsd = \"localhost\"\n",
+            "gpsd = \":2947\"\n",
+            "gps_precision_ms = 0\n",
+        ] {
+            assert!(parse(bad).validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

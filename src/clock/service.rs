@@ -10,7 +10,9 @@ use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 use super::discipline::{Discipline, DisciplineConfig, Event, Snapshot, SourceSpec};
+use super::gps::{self, GpsdSource};
 use super::local::{LocalClock, WallClockWatch};
+use super::nmea::{self, NmeaSource};
 use super::ntp::{self, NtpServer};
 use super::{fmt_ns, Reading, TimeSource};
 
@@ -24,6 +26,10 @@ pub enum SourceMessage {
 #[derive(Clone, Debug)]
 pub struct DisciplinedConfig {
     pub ntp: Vec<NtpServer>,
+    /// A GPS receiver through gpsd: an independent reference.
+    pub gpsd: Option<GpsdSource>,
+    /// A GPS receiver read as NMEA from a serial device: an independent reference.
+    pub nmea: Option<NmeaSource>,
     pub discipline: DisciplineConfig,
     /// How often the discipline updates (one "round" for step confirmation).
     pub update_interval: Duration,
@@ -39,7 +45,7 @@ impl DisciplinedClock {
     /// Starts the source tasks and the discipline task on the current tokio runtime.
     pub fn start(config: DisciplinedConfig) -> Arc<Self> {
         let local = LocalClock::new();
-        let specs = config
+        let mut specs: Vec<SourceSpec> = config
             .ntp
             .iter()
             .map(|s| SourceSpec {
@@ -47,6 +53,20 @@ impl DisciplinedClock {
                 independent: false,
             })
             .collect();
+        let gps_specs = config
+            .gpsd
+            .iter()
+            .map(|g| format!("gpsd {}", g.addr))
+            .chain(
+                config
+                    .nmea
+                    .iter()
+                    .map(|n| format!("nmea {}", n.device.display())),
+            );
+        specs.extend(gps_specs.map(|name| SourceSpec {
+            name,
+            independent: true,
+        }));
         let discipline = Discipline::new(config.discipline.clone(), specs);
         let clock = Arc::new(Self {
             local,
@@ -54,8 +74,17 @@ impl DisciplinedClock {
             report: Mutex::new("no update yet\n".into()),
         });
         let (tx, rx) = mpsc::channel(1024);
-        for (id, server) in config.ntp.into_iter().enumerate() {
+        let mut id = 0;
+        for server in config.ntp {
             tokio::spawn(ntp::poll(id, server, local, tx.clone()));
+            id += 1;
+        }
+        if let Some(source) = config.gpsd {
+            tokio::spawn(gps::run(id, source, local, tx.clone()));
+            id += 1;
+        }
+        if let Some(source) = config.nmea {
+            tokio::spawn(nmea::run(id, source, local, tx.clone()));
         }
         tokio::spawn(run(discipline, rx, clock.clone(), config.update_interval));
         clock

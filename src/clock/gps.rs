@@ -1,0 +1,750 @@
+//! GPS through gpsd: a client of gpsd's JSON protocol (TCP, port 2947 by default) that turns a
+//! receiver's PPS, TOFF or TPV reports into [`Sample`]s for the discipline.
+//!
+//! A GPS receiver is an *independent* reference (it does not depend on the network), so the
+//! discipline lets it confirm or veto a step of the NTP sources; that makes the conditions
+//! under which it is trusted matter:
+//!
+//! - **Trust.** Samples are sent only after three consecutive TPV reports with a 3D fix
+//!   (`mode` 3) and a valid leap-second count (`leapseconds` present and at least the current
+//!   GPS − UTC of 18 s: a smaller count is a receiver still on a firmware default, whose UTC may
+//!   be off by whole seconds). A TPV without them, or no TPV for three seconds, starts the count
+//!   again.
+//! - **Samples.** A `PPS` report gives the true time of a pulse (`real_*`) and the system clock
+//!   when it was seen (`clock_*`): a sample with `gps_precision_ms`. A `TOFF` report is the same
+//!   pair for the serial time of a fix, with `gps_serial_precision_ms`, used while no PPS came for
+//!   three seconds. With neither, the TPV time against the local time its line arrived, with
+//!   `gps_serial_precision_ms`. System-clock times become local times through
+//!   [`LocalClock::wall_offset`] taken when the report arrives.
+//! - **Reachability.** While untrusted, each TPV counts as a missed poll. When the connection
+//!   drops, or no TPV/PPS/TOFF arrives for three seconds, a miss is sent once per second, so
+//!   that the discipline's reach register empties. The client reconnects with a backoff of 1 s
+//!   doubling to 30 s, and after 10 s without any line.
+//! - **Leap seconds.** gpsd reports UTC in TPV and does not announce a pending leap second in
+//!   its JSON (TPV, PPS and TOFF carry no such field), so samples carry [`Leap::None`]; the NTP
+//!   sources announce leaps.
+//!
+//! One gpsd is one source: its reports are not told apart by device, so a gpsd serving several
+//! receivers should be given to the TSA through one of them only.
+//!
+//! The parsing and the trust state machine ([`GpsdTracker`]) are pure and fed lines and times;
+//! [`run`] is the thin I/O task around them.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::discipline::{Leap, Sample};
+use super::local::LocalClock;
+use super::service::SourceMessage;
+
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// No report for this long: the source is silent (unreachable, untrusted).
+pub const SILENCE_NS: u64 = 3 * NS_PER_S;
+/// While silent, one miss per this interval.
+const MISS_EVERY_NS: u64 = NS_PER_S;
+/// Consecutive good fixes before a receiver is trusted.
+pub const TRUST_AFTER: u32 = 3;
+/// GPS − UTC since 2017-01-01. A receiver reporting less has not read the current count from
+/// the satellites yet. (Lower this if a negative leap second is ever announced.)
+pub const MIN_LEAP_SECONDS: i64 = 18;
+/// Above this the count is garbage.
+const MAX_LEAP_SECONDS: i64 = 100;
+/// A PPS or TOFF whose system-clock time is further in the past when it arrives, or in the
+/// future, is not used (a wall-clock step between the pulse and its report).
+const MAX_REPORT_AGE_NS: u64 = 5 * NS_PER_S;
+/// PPS preferred over TOFF, TOFF over TPV, while the better one came within this.
+const PREFER_NS: u64 = 3 * NS_PER_S;
+
+/// What the I/O task does after a line or a tick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Sample(Sample),
+    /// Tell the discipline the source has no usable answer.
+    Missed,
+    Nothing,
+}
+
+/// Silence detection: one miss per second once nothing was heard for three seconds.
+#[derive(Clone, Debug)]
+pub struct Liveness {
+    last_heard: Option<u64>,
+    last_miss: Option<u64>,
+}
+
+impl Liveness {
+    /// Starting at local time `now` (silence counts from here).
+    pub fn new(now: u64) -> Self {
+        Self {
+            last_heard: Some(now),
+            last_miss: None,
+        }
+    }
+
+    pub fn heard(&mut self, now: u64) {
+        self.last_heard = Some(now);
+        self.last_miss = None;
+    }
+
+    /// The connection or device is gone: silent from now on.
+    pub fn lost(&mut self) {
+        self.last_heard = None;
+    }
+
+    pub fn silent(&self, now: u64) -> bool {
+        self.last_heard
+            .is_none_or(|heard| now.saturating_sub(heard) >= SILENCE_NS)
+    }
+
+    /// Nanoseconds since the last report, `None` when lost.
+    pub fn quiet_for(&self, now: u64) -> Option<u64> {
+        self.last_heard.map(|heard| now.saturating_sub(heard))
+    }
+
+    /// Whether a miss is due now (silent, and none sent in the last second).
+    pub fn miss_due(&mut self, now: u64) -> bool {
+        if !self.silent(now) {
+            return false;
+        }
+        if self
+            .last_miss
+            .is_some_and(|miss| now.saturating_sub(miss) < MISS_EVERY_NS)
+        {
+            return false;
+        }
+        self.last_miss = Some(now);
+        true
+    }
+}
+
+/// Splits a byte stream into lines (without `\r\n`). Lines longer than the limit are dropped
+/// whole; invalid UTF-8 is replaced, so that the parsers see garbage, never a panic.
+#[derive(Debug)]
+pub struct Lines {
+    buf: Vec<u8>,
+    max: usize,
+    overflow: bool,
+}
+
+impl Lines {
+    pub fn new(max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            max,
+            overflow: false,
+        }
+    }
+
+    /// Feeds bytes; returns the lines they completed.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+        let mut lines = Vec::new();
+        for &b in bytes {
+            if b == b'\n' {
+                if !self.overflow {
+                    let line = String::from_utf8_lossy(&self.buf);
+                    lines.push(line.trim_end_matches('\r').to_string());
+                }
+                self.buf.clear();
+                self.overflow = false;
+            } else if self.overflow {
+            } else if self.buf.len() >= self.max {
+                self.overflow = true;
+                self.buf.clear();
+            } else {
+                self.buf.push(b);
+            }
+        }
+        lines
+    }
+
+    /// Forgets a partial line (after a reconnection).
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.overflow = false;
+    }
+}
+
+/// The fields of gpsd's JSON reports that matter here; others are ignored.
+#[derive(Debug, Deserialize)]
+struct Report {
+    class: String,
+    mode: Option<i64>,
+    time: Option<String>,
+    leapseconds: Option<i64>,
+    real_sec: Option<i64>,
+    real_nsec: Option<i64>,
+    clock_sec: Option<i64>,
+    clock_nsec: Option<i64>,
+}
+
+/// Seconds and nanoseconds to nanoseconds, when valid.
+fn timespec(sec: Option<i64>, nsec: Option<i64>) -> Option<i64> {
+    let (sec, nsec) = (sec?, nsec?);
+    if sec < 0 || !(0..NS_PER_S as i64).contains(&nsec) {
+        return None;
+    }
+    sec.checked_mul(NS_PER_S as i64)?.checked_add(nsec)
+}
+
+/// An ISO 8601 UTC time as gpsd writes it ("2024-05-01T12:00:00.000Z") to Unix nanoseconds.
+pub fn parse_iso_time(s: &str) -> Option<i64> {
+    let t = chrono::DateTime::parse_from_rfc3339(s).ok()?;
+    t.timestamp_nanos_opt().filter(|&ns| ns >= 0)
+}
+
+/// Whether a TPV's leap-second count is one to trust.
+fn valid_leap_seconds(count: Option<i64>) -> bool {
+    count.is_some_and(|c| (MIN_LEAP_SECONDS..=MAX_LEAP_SECONDS).contains(&c))
+}
+
+/// The trust state machine of one gpsd connection, fed report lines and local times.
+#[derive(Clone, Debug)]
+pub struct GpsdTracker {
+    pps_precision: u64,
+    serial_precision: u64,
+    /// Consecutive TPV with a 3D fix and a valid leap-second count.
+    fixes: u32,
+    last_tpv: Option<u64>,
+    last_pps: Option<u64>,
+    last_toff: Option<u64>,
+    liveness: Liveness,
+}
+
+impl GpsdTracker {
+    /// Precisions in nanoseconds: PPS, and TOFF/TPV (serial time). `now`: local time at start.
+    pub fn new(pps_precision: u64, serial_precision: u64, now: u64) -> Self {
+        Self {
+            pps_precision,
+            serial_precision,
+            fixes: 0,
+            last_tpv: None,
+            last_pps: None,
+            last_toff: None,
+            liveness: Liveness::new(now),
+        }
+    }
+
+    pub fn trusted(&self) -> bool {
+        self.fixes >= TRUST_AFTER
+    }
+
+    /// Nanoseconds since the last TPV/PPS/TOFF; `None` after a disconnection.
+    pub fn quiet_for(&self, now: u64) -> Option<u64> {
+        self.liveness.quiet_for(now)
+    }
+
+    /// One line from gpsd, received at local time `now`, when the wall clock was
+    /// `wall_offset` ahead of the local clock.
+    pub fn line(&mut self, line: &str, now: u64, wall_offset: i64) -> Output {
+        let Ok(report) = serde_json::from_str::<Report>(line) else {
+            return Output::Nothing;
+        };
+        match report.class.as_str() {
+            "TPV" => self.tpv(&report, now),
+            "PPS" => self.pulse(&report, now, wall_offset, true),
+            "TOFF" => self.pulse(&report, now, wall_offset, false),
+            _ => Output::Nothing,
+        }
+    }
+
+    /// A timer tick at local time `now`: the untrusting and the misses of silence.
+    pub fn tick(&mut self, now: u64) -> Output {
+        if self
+            .last_tpv
+            .is_none_or(|t| now.saturating_sub(t) >= SILENCE_NS)
+        {
+            self.fixes = 0;
+        }
+        if self.liveness.miss_due(now) {
+            Output::Missed
+        } else {
+            Output::Nothing
+        }
+    }
+
+    /// The connection dropped: untrusted, and silent from now on.
+    pub fn disconnected(&mut self) {
+        self.fixes = 0;
+        self.last_tpv = None;
+        self.last_pps = None;
+        self.last_toff = None;
+        self.liveness.lost();
+    }
+
+    fn recent(last: Option<u64>, now: u64) -> bool {
+        last.is_some_and(|t| now.saturating_sub(t) < PREFER_NS)
+    }
+
+    fn tpv(&mut self, report: &Report, now: u64) -> Output {
+        self.liveness.heard(now);
+        self.last_tpv = Some(now);
+        if report.mode != Some(3) || !valid_leap_seconds(report.leapseconds) {
+            self.fixes = 0;
+            return Output::Missed;
+        }
+        self.fixes = self.fixes.saturating_add(1);
+        if !self.trusted() {
+            return Output::Missed;
+        }
+        if Self::recent(self.last_pps, now) || Self::recent(self.last_toff, now) {
+            return Output::Nothing;
+        }
+        match report.time.as_deref().and_then(parse_iso_time) {
+            Some(utc) => Output::Sample(Sample {
+                at: now,
+                offset: utc - now as i64,
+                delay: 0,
+                root_delay: 0,
+                root_dispersion: 0,
+                precision: self.serial_precision,
+                leap: Leap::None,
+            }),
+            None => Output::Missed,
+        }
+    }
+
+    fn pulse(&mut self, report: &Report, now: u64, wall_offset: i64, pps: bool) -> Output {
+        let (Some(real), Some(clock)) = (
+            timespec(report.real_sec, report.real_nsec),
+            timespec(report.clock_sec, report.clock_nsec),
+        ) else {
+            return Output::Nothing;
+        };
+        self.liveness.heard(now);
+        if pps {
+            self.last_pps = Some(now);
+        } else {
+            self.last_toff = Some(now);
+        }
+        if !self.trusted() || (!pps && Self::recent(self.last_pps, now)) {
+            return Output::Nothing;
+        }
+        let Some(at) = clock.checked_sub(wall_offset) else {
+            return Output::Nothing;
+        };
+        let now = now as i64;
+        // A pulse seen "after" its report by less than a millisecond is the rounding of the
+        // two clock readings behind `wall_offset`: it is dated now.
+        if at > now + 1_000_000 || now - at > MAX_REPORT_AGE_NS as i64 {
+            return Output::Nothing;
+        }
+        Output::Sample(Sample {
+            at: at.min(now) as u64,
+            offset: real - at,
+            delay: 0,
+            root_delay: 0,
+            root_dispersion: 0,
+            precision: if pps {
+                self.pps_precision
+            } else {
+                self.serial_precision
+            },
+            leap: Leap::None,
+        })
+    }
+}
+
+/// One configured gpsd.
+#[derive(Clone, Debug)]
+pub struct GpsdSource {
+    /// `host:port`, resolved at each connection.
+    pub addr: String,
+    /// Claimed for PPS samples.
+    pub pps_precision: Duration,
+    /// Claimed for TOFF and TPV samples (the serial time of a fix).
+    pub serial_precision: Duration,
+}
+
+/// What the TSA asks gpsd for: JSON reports, PPS and TOFF included.
+pub const WATCH: &[u8] = b"?WATCH={\"enable\":true,\"json\":true,\"pps\":true}\n";
+/// gpsd's longest reports (SKY with many satellites) stay well below this.
+const MAX_LINE: usize = 64 * 1024;
+const TICK: Duration = Duration::from_millis(250);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Without any line for this long, the connection is given up and made again.
+const RECONNECT_AFTER_NS: u64 = 10 * NS_PER_S;
+pub(crate) const MIN_BACKOFF: Duration = Duration::from_secs(1);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The discipline went away: the task ends.
+pub(crate) struct Stopped;
+
+pub(crate) async fn send(
+    tx: &mpsc::Sender<SourceMessage>,
+    id: usize,
+    output: Output,
+) -> Result<(), Stopped> {
+    let message = match output {
+        Output::Sample(sample) => SourceMessage::Sample(id, sample),
+        Output::Missed => SourceMessage::Missed(id),
+        Output::Nothing => return Ok(()),
+    };
+    tx.send(message).await.map_err(|_| Stopped)
+}
+
+/// Follows gpsd at `source` forever, sending samples (or misses) for source `id`.
+pub async fn run(
+    id: usize,
+    source: GpsdSource,
+    clock: LocalClock,
+    tx: mpsc::Sender<SourceMessage>,
+) {
+    let mut tracker = GpsdTracker::new(
+        source.pps_precision.as_nanos() as u64,
+        source.serial_precision.as_nanos() as u64,
+        clock.now(),
+    );
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        match session(id, &source, clock, &tx, &mut tracker).await {
+            Err(Stopped) => return,
+            Ok(true) => backoff = MIN_BACKOFF,
+            Ok(false) => {}
+        }
+        tracker.disconnected();
+        let until = tokio::time::Instant::now() + backoff;
+        loop {
+            if send(&tx, id, tracker.tick(clock.now())).await.is_err() {
+                return;
+            }
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tokio::time::sleep(left.min(TICK)).await;
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One connection; `Ok(true)` when it delivered at least one line.
+async fn session(
+    id: usize,
+    source: &GpsdSource,
+    clock: LocalClock,
+    tx: &mpsc::Sender<SourceMessage>,
+    tracker: &mut GpsdTracker,
+) -> Result<bool, Stopped> {
+    let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(source.addr.as_str()));
+    let mut stream = match connect.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(gpsd = %source.addr, error = %e, "cannot connect to gpsd");
+            return Ok(false);
+        }
+        Err(_) => {
+            tracing::debug!(gpsd = %source.addr, "connecting to gpsd timed out");
+            return Ok(false);
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    if let Err(e) = stream.write_all(WATCH).await {
+        tracing::debug!(gpsd = %source.addr, error = %e, "cannot send WATCH to gpsd");
+        return Ok(false);
+    }
+    tracing::info!(event = "gpsd_connected", gpsd = %source.addr, "connected to gpsd");
+    let mut lines = Lines::new(MAX_LINE);
+    let mut buf = vec![0u8; 8192];
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = false;
+    let mut last_line = clock.now();
+    let mut trusted = tracker.trusted();
+    let reason = loop {
+        tokio::select! {
+            read = stream.read(&mut buf) => {
+                let n = match read {
+                    Ok(0) => break "closed by gpsd".to_string(),
+                    Ok(n) => n,
+                    Err(e) => break e.to_string(),
+                };
+                let now = clock.now();
+                let wall_offset = clock.wall_offset();
+                for line in lines.push(&buf[..n]) {
+                    heard = true;
+                    last_line = now;
+                    send(tx, id, tracker.line(&line, now, wall_offset)).await?;
+                }
+            }
+            _ = tick.tick() => {
+                let now = clock.now();
+                send(tx, id, tracker.tick(now)).await?;
+                if now.saturating_sub(last_line) >= RECONNECT_AFTER_NS {
+                    break "no report for 10 s".to_string();
+                }
+            }
+        }
+        if tracker.trusted() != trusted {
+            trusted = tracker.trusted();
+            if trusted {
+                tracing::info!(event = "gps_trusted", gpsd = %source.addr, "GPS receiver trusted: three 3D fixes with a valid leap-second count");
+            } else {
+                tracing::warn!(event = "gps_untrusted", gpsd = %source.addr, "GPS receiver no longer trusted (fix lost, leap-second count missing, or silent)");
+            }
+        }
+    };
+    tracing::warn!(event = "gpsd_disconnected", gpsd = %source.addr, reason, "lost gpsd; reconnecting");
+    Ok(heard)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = NS_PER_S;
+    const T0: u64 = 1_700_000_000 * S;
+
+    fn tracker() -> GpsdTracker {
+        GpsdTracker::new(1_000_000, 500_000_000, T0)
+    }
+
+    fn iso(ns: u64) -> String {
+        chrono::DateTime::from_timestamp_nanos(ns as i64)
+            .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+            .to_string()
+    }
+
+    fn tpv(mode: u8, utc: u64, leap: Option<i64>) -> String {
+        let leap = leap
+            .map(|l| format!(",\"leapseconds\":{l}"))
+            .unwrap_or_default();
+        format!(
+            "{{\"class\":\"TPV\",\"device\":\"/dev/ttyS0\",\"mode\":{mode},\"time\":\"{}\"{leap},\"ept\":0.005,\"lat\":48.1}}",
+            iso(utc)
+        )
+    }
+
+    fn pulse(class: &str, real: u64, clock: u64) -> String {
+        format!(
+            "{{\"class\":\"{class}\",\"device\":\"/dev/ttyS0\",\"real_sec\":{}, \"real_nsec\":{},\"clock_sec\":{},\"clock_nsec\":{},\"precision\":-20}}",
+            real / S,
+            real % S,
+            clock / S,
+            clock % S
+        )
+    }
+
+    /// Three good TPVs, one a second from `T0`; returns the local time after them.
+    fn trust(t: &mut GpsdTracker) -> u64 {
+        for i in 0..3 {
+            let now = T0 + i * S;
+            let out = t.line(&tpv(3, now, Some(18)), now, 0);
+            if i < 2 {
+                assert_eq!(out, Output::Missed, "fix {i}");
+                assert!(!t.trusted());
+            }
+        }
+        assert!(t.trusted());
+        T0 + 2 * S
+    }
+
+    #[test]
+    fn three_3d_fixes_with_leap_seconds_make_the_receiver_trusted() {
+        let mut t = tracker();
+        let now = trust(&mut t);
+        // The third TPV itself gave a TPV sample (no PPS, no TOFF): UTC 250 ms ahead.
+        let later = now + S;
+        match t.line(&tpv(3, later + 250_000_000, Some(18)), later, 0) {
+            Output::Sample(s) => {
+                assert_eq!(s.offset, 250_000_000);
+                assert_eq!(s.at, later);
+                assert_eq!(s.precision, 500_000_000);
+                assert_eq!(s.delay, 0);
+                assert_eq!(s.leap, Leap::None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_2d_fix_resets_the_count() {
+        let mut t = tracker();
+        let lines = [(3, true), (3, true), (2, false), (3, true), (3, true)];
+        for (i, (mode, _)) in lines.iter().enumerate() {
+            let now = T0 + i as u64 * S;
+            assert_eq!(t.line(&tpv(*mode, now, Some(18)), now, 0), Output::Missed);
+        }
+        assert!(!t.trusted());
+        let now = T0 + 5 * S;
+        assert!(matches!(
+            t.line(&tpv(3, now, Some(18)), now, 0),
+            Output::Sample(_)
+        ));
+        // Losing the 3D fix once trusted: untrusted at once.
+        let now = now + S;
+        assert_eq!(t.line(&tpv(1, now, Some(18)), now, 0), Output::Missed);
+        assert!(!t.trusted());
+        let pps = pulse("PPS", now, now);
+        assert_eq!(t.line(&pps, now, 0), Output::Nothing);
+    }
+
+    #[test]
+    fn missing_or_implausible_leap_seconds_are_not_trusted() {
+        let mut t = tracker();
+        for i in 0..10 {
+            let now = T0 + i * S;
+            let leap = match i % 3 {
+                0 => None,
+                1 => Some(16),
+                _ => Some(1000),
+            };
+            assert_eq!(t.line(&tpv(3, now, leap), now, 0), Output::Missed);
+            assert!(!t.trusted());
+        }
+    }
+
+    #[test]
+    fn pps_is_preferred_with_its_precision_and_wall_offset() {
+        let mut t = tracker();
+        let now = trust(&mut t);
+        // The wall clock is 2 s ahead of the local clock; the pulse was seen at wall time W,
+        // 10 ms before the report arrived, and its true time is W + 300 ms.
+        let wall_offset = 2 * S as i64;
+        let now = now + S;
+        let seen_wall = now + 2 * S - 10_000_000;
+        let out = t.line(
+            &pulse("PPS", seen_wall + 300_000_000, seen_wall),
+            now,
+            wall_offset,
+        );
+        let Output::Sample(s) = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(s.at, now - 10_000_000);
+        assert_eq!(s.offset, (seen_wall + 300_000_000) as i64 - s.at as i64);
+        assert_eq!(s.precision, 1_000_000);
+        // With PPS flowing, TOFF and TPV give no samples.
+        let toff = pulse("TOFF", seen_wall + 300_000_000, seen_wall);
+        assert_eq!(t.line(&toff, now, wall_offset), Output::Nothing);
+        assert_eq!(
+            t.line(&tpv(3, now, Some(18)), now, wall_offset),
+            Output::Nothing
+        );
+        // PPS silent for 3 s: TOFF takes over, with the serial precision.
+        let later = now + 3 * S;
+        let toff = pulse("TOFF", later + 2 * S, later + 2 * S - 1_000_000);
+        let Output::Sample(s) = t.line(&toff, later, wall_offset) else {
+            panic!()
+        };
+        assert_eq!(s.precision, 500_000_000);
+        assert_eq!(s.offset, 2 * S as i64 + 1_000_000);
+    }
+
+    #[test]
+    fn pps_before_trust_or_out_of_range_is_not_used() {
+        let mut t = tracker();
+        assert_eq!(t.line(&pulse("PPS", T0, T0), T0, 0), Output::Nothing);
+        let now = trust(&mut t) + S;
+        // Seen in the future, or 10 s before its report: not used.
+        assert_eq!(t.line(&pulse("PPS", now, now + S), now, 0), Output::Nothing);
+        // A microsecond after its report: rounding, dated at the report.
+        let Output::Sample(s) = t.line(&pulse("PPS", now + 1_000, now + 1_000), now, 0) else {
+            panic!()
+        };
+        assert_eq!((s.at, s.offset), (now, 0));
+        assert_eq!(
+            t.line(&pulse("PPS", now, now - 10 * S), now, 0),
+            Output::Nothing
+        );
+        assert!(matches!(
+            t.line(&pulse("PPS", now, now - S / 2), now, 0),
+            Output::Sample(_)
+        ));
+    }
+
+    #[test]
+    fn garbage_never_panics_and_changes_nothing() {
+        let mut t = tracker();
+        let now = trust(&mut t);
+        for line in [
+            "",
+            "garbage",
+            "{",
+            "{}",
+            "[1,2,3]",
+            "{\"class\":5}",
+            "{\"class\":\"TPV\",\"mode\":\"three\"}",
+            "{\"class\":\"PPS\",\"real_sec\":-1,\"real_nsec\":0,\"clock_sec\":1,\"clock_nsec\":0}",
+            "{\"class\":\"PPS\",\"real_sec\":1,\"real_nsec\":2000000000,\"clock_sec\":1,\"clock_nsec\":0}",
+            "{\"class\":\"PPS\",\"real_sec\":9223372036854775807,\"real_nsec\":0,\"clock_sec\":9223372036854775807,\"clock_nsec\":0}",
+            "{\"class\":\"TOFF\"}",
+            "{\"class\":\"VERSION\",\"release\":\"3.22\"}",
+            "{\"class\":\"SKY\",\"satellites\":[]}",
+            "\u{0}\u{1}\u{fffd}",
+        ] {
+            assert_eq!(t.line(line, now, 0), Output::Nothing, "{line:?}");
+        }
+        assert!(t.trusted());
+        // A trusted TPV without a usable time: a miss, not a sample.
+        let bad_time = "{\"class\":\"TPV\",\"mode\":3,\"leapseconds\":18,\"time\":\"yesterday\"}";
+        assert_eq!(t.line(bad_time, now + S, 0), Output::Missed);
+        assert!(t.trusted());
+        assert_eq!(
+            t.line(&pulse("PPS", 1, i64::MAX as u64), now, i64::MIN),
+            Output::Nothing
+        );
+    }
+
+    #[test]
+    fn silence_untrusts_and_misses_once_a_second() {
+        let mut t = tracker();
+        let now = trust(&mut t);
+        assert_eq!(t.tick(now + S), Output::Nothing);
+        assert!(t.trusted());
+        let mut misses = 0;
+        let mut at = now;
+        while at < now + 10 * S {
+            at += S / 4;
+            if t.tick(at) == Output::Missed {
+                misses += 1;
+            }
+        }
+        // Silent from now + 3 s to now + 10 s: one miss per second.
+        assert_eq!(misses, 8);
+        assert!(!t.trusted());
+        // Back: trust must be earned again.
+        assert_eq!(t.line(&tpv(3, at, Some(18)), at, 0), Output::Missed);
+        assert_eq!(t.tick(at + S / 4), Output::Nothing);
+    }
+
+    #[test]
+    fn a_disconnection_misses_at_once() {
+        let mut t = tracker();
+        let now = trust(&mut t);
+        t.disconnected();
+        assert!(!t.trusted());
+        assert_eq!(t.tick(now), Output::Missed);
+        assert_eq!(t.tick(now + S / 2), Output::Nothing);
+        assert_eq!(t.tick(now + S), Output::Missed);
+        assert_eq!(t.quiet_for(now), None);
+    }
+
+    #[test]
+    fn lines_are_split_and_bounded() {
+        let mut lines = Lines::new(16);
+        assert!(lines.push(b"abc").is_empty());
+        assert_eq!(lines.push(b"def\r\nghi\n"), vec!["abcdef", "ghi"]);
+        // Too long: dropped whole, including its tail after the limit.
+        assert!(lines.push(&[b'x'; 40]).is_empty());
+        assert_eq!(lines.push(b"yy\nok\n"), vec!["ok"]);
+        assert_eq!(lines.push(b"\xff\xfe\n"), vec!["\u{fffd}\u{fffd}"]);
+        lines.push(b"partial");
+        lines.clear();
+        assert_eq!(lines.push(b"new\n"), vec!["new"]);
+    }
+
+    #[test]
+    fn iso_times() {
+        assert_eq!(
+            parse_iso_time("2024-05-01T12:00:00.250Z"),
+            Some(1_714_564_800_250_000_000)
+        );
+        assert_eq!(parse_iso_time("1969-12-31T23:59:59Z"), None);
+        assert_eq!(parse_iso_time("2024-13-01T12:00:00Z"), None);
+        assert_eq!(parse_iso_time(""), None);
+    }
+}
