@@ -8,7 +8,7 @@ use bytes::Bytes;
 use crate::archive::serial::SerialAllocator;
 use crate::clock::{IssuingClock, Refusal, RefusalKind};
 use crate::protocol::{self, FailInfo, Rejection, RequestRules, Stamp, TokenTemplate};
-use crate::signer::{certificate::TsuCertificate, Signer};
+use crate::signer::{certificate::TsuCertificate, SignError, Signer};
 
 /// How one request ended, for logs and (later) metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,21 +27,33 @@ pub struct Tsa {
     pub(super) certificate: TsuCertificate,
     /// Whether the last signature succeeded (readiness).
     pub(super) signer_ok: AtomicBool,
+    /// Issuances of a blocking signer in flight at once.
+    pub(super) blocking_lane: Arc<tokio::sync::Semaphore>,
 }
 
 impl Tsa {
     /// Answers one request body with a DER `TimeStampResp`.
     ///
-    /// The work runs on the blocking pool, off the async workers: a signer may take
-    /// milliseconds (an HSM), and the clock is read there, after any queueing, as late as
-    /// possible before the signature.
+    /// A signer that may block (an HSM, RSA) gets the blocking pool, at most `blocking_lane`
+    /// issuances at a time so that a burst queues here instead of spawning hundreds of threads;
+    /// a fast one signs on the async worker. Either way the clock is read inside `issue`, after
+    /// any queueing, as late as possible before the signature.
     pub async fn respond(self: &Arc<Self>, body: Bytes) -> (Vec<u8>, Outcome) {
-        let tsa = Arc::clone(self);
-        let answer = tokio::task::spawn_blocking(move || tsa.issue(&body)).await;
-        let result = answer.unwrap_or_else(|e| {
-            tracing::error!(error = %e, "the issuing task failed");
-            Err(Rejection::new(FailInfo::SystemFailure, "internal error"))
-        });
+        let result = if self.signer.may_block() {
+            let permit = Arc::clone(&self.blocking_lane).acquire_owned().await;
+            let tsa = Arc::clone(self);
+            tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                tsa.issue(&body)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "the issuing task failed");
+                Err(Rejection::new(FailInfo::SystemFailure, "internal error"))
+            })
+        } else {
+            self.issue(&body)
+        };
         match result {
             Ok(der) => (der, Outcome::Granted),
             Err(rejection) => {
@@ -85,7 +97,10 @@ impl Tsa {
 
         let tbs = self.template.to_be_signed(&request, &stamp)?;
         let signature = self.signer.sign(tbs.message()).map_err(|e| {
-            self.signer_ok.store(false, Ordering::Relaxed);
+            // An unavailable key is the signer's health to report (and to recover).
+            if matches!(e, SignError::Failed(_)) {
+                self.signer_ok.store(false, Ordering::Relaxed);
+            }
             Rejection::new(FailInfo::SystemFailure, e.to_string())
         })?;
         self.signer_ok.store(true, Ordering::Relaxed);
@@ -93,9 +108,11 @@ impl Tsa {
         Ok(self.template.assemble(&tbs, &signature))
     }
 
-    /// Ready to issue: the clock is trusted and the signer's last signature succeeded.
+    /// Ready to issue: the clock is trusted, the signer is healthy and its last signature
+    /// did not fail.
     pub fn readiness(&self) -> Result<(), String> {
         self.clock.check().map_err(|r| r.reason.into_owned())?;
+        self.signer.health()?;
         if !self.signer_ok.load(Ordering::Relaxed) {
             return Err("the signer's last signature failed".into());
         }

@@ -117,6 +117,9 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         serials: Box::new(RandomSerials::new()),
         certificate,
         signer_ok: AtomicBool::new(true),
+        blocking_lane: Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )),
     })
 }
 

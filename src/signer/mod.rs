@@ -31,4 +31,19 @@ pub trait Signer: Send + Sync + 'static {
     /// Signs `message` (hashing it with [`SignatureAlgorithm::digest`]) and returns the
     /// signature as CMS carries it: DER `ECDSA-Sig-Value` for ECDSA, the raw octets for RSA.
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError>;
+
+    /// Whether the key can sign now (an HSM signer is down while its token or session is lost
+    /// and recovering). Readiness reports it.
+    fn health(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Whether a signature can take long enough (an HSM round trip, an RSA private-key
+    /// operation: hundreds of microseconds and more) that it must not run on an async worker.
+    /// The server then issues on the blocking pool, a bounded number at a time; a fast signer
+    /// (ECDSA in software, tens of microseconds) signs in place and saves the two thread
+    /// hand-offs.
+    fn may_block(&self) -> bool {
+        true
+    }
 }

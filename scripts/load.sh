@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# Load test of `tsa serve` on loopback: the server pinned to one core, the load generator on
+# another, and the server's CPU time per token compared with the raw signing cost of the same
+# algorithm (`openssl speed`, single core).
+#
+#   ./scripts/load.sh                                  # ALG=p256, concurrency 1 8 32 64, 10 s each
+#   ALG=rsa2048 DURATION=5 CONCURRENCY="1 16" ./scripts/load.sh
+#   LOAD_TOOL=wrk ./scripts/load.sh                    # force wrk (Debian's `wrk`)
+#
+# Settings (environment):
+#   ALG          p256 | p384 | rsa2048 | rsa3072 | rsa4096, with "-pss" for RSA-PSS (rsa2048-pss)
+#   CONCURRENCY  connections per run, space-separated               (default "1 8 32 64")
+#   DURATION     seconds per run                                     (default 10)
+#   LOAD_TOOL    oha | wrk; default: oha when installed, else wrk (installed with apt when
+#                missing; `cargo install oha` takes minutes, so it is never installed here)
+#   SERVER_CPU   the core `tsa serve` is pinned to                   (default 0)
+#   CLIENT_CPU   the core the load generator is pinned to            (default 1)
+#   SPEED_SECONDS  seconds for `openssl speed`                       (default 3)
+#   NO_BUILD=1   use target/release/tsa as it is
+#
+# Per run it prints requests/s, p50/p99 latency, non-200 and non-granted replies (wrk checks
+# every reply's PKIStatus in Lua; oha reports only HTTP status codes) and the server's CPU time
+# (utime+stime of the whole process, from /proc/PID/stat) per completed request. One reply is
+# also checked with `openssl ts -reply -text` and `openssl ts -verify` before the runs start.
+# Everything talks to 127.0.0.1 only; the server is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ALG=${ALG:-p256}
+CONCURRENCY=${CONCURRENCY:-"1 8 32 64"}
+DURATION=${DURATION:-10}
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+SPEED_SECONDS=${SPEED_SECONDS:-3}
+HOST=127.0.0.1
+
+die() {
+  printf 'load.sh: %b\n' "$*" >&2
+  exit 1
+}
+
+case "$ALG" in
+  p256) init_args=(--algorithm p256) speed_alg=ecdsap256 ;;
+  p384) init_args=(--algorithm p384) speed_alg=ecdsap384 ;;
+  rsa2048 | rsa3072 | rsa4096) init_args=(--algorithm "$ALG") speed_alg=$ALG ;;
+  rsa2048-pss | rsa3072-pss | rsa4096-pss)
+    # openssl speed has no PSS test; the private-key operation, which dominates, is the same.
+    init_args=(--algorithm "${ALG%-pss}" --pss) speed_alg=${ALG%-pss} ;;
+  *) die "unknown ALG=$ALG (p256, p384, rsa2048, rsa3072, rsa4096, rsaNNNN-pss)" ;;
+esac
+[[ "$DURATION" =~ ^[0-9]+$ && "$DURATION" -gt 0 && "$DURATION" -le 600 ]] ||
+  die "DURATION must be 1 to 600 seconds"
+for c in $CONCURRENCY; do
+  [[ "$c" =~ ^[0-9]+$ && "$c" -gt 0 && "$c" -le 4096 ]] || die "bad concurrency '$c'"
+done
+
+# Tools.
+need=()
+command -v openssl >/dev/null || need+=(openssl)
+command -v curl >/dev/null || need+=(curl)
+command -v taskset >/dev/null || need+=(util-linux)
+if [ -z "${LOAD_TOOL:-}" ]; then
+  if command -v oha >/dev/null; then LOAD_TOOL=oha; else LOAD_TOOL=wrk; fi
+fi
+case "$LOAD_TOOL" in
+  oha) command -v oha >/dev/null || die "oha is not installed (cargo install oha --locked)" ;;
+  wrk) command -v wrk >/dev/null || need+=(wrk) ;;
+  *) die "LOAD_TOOL must be oha or wrk" ;;
+esac
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+[ "$LOAD_TOOL" = oha ] && { command -v python3 >/dev/null || die "oha's JSON is read with python3"; }
+
+cores=$(nproc --all)
+[ "$SERVER_CPU" -lt "$cores" ] && [ "$CLIENT_CPU" -lt "$cores" ] ||
+  die "SERVER_CPU=$SERVER_CPU / CLIENT_CPU=$CLIENT_CPU: this machine has $cores cores"
+[ "$SERVER_CPU" != "$CLIENT_CPU" ] || echo "load.sh: warning: server and client share core $SERVER_CPU" >&2
+
+if [ "${NO_BUILD:-0}" != 1 ]; then
+  cargo build --release --locked --bin tsa
+fi
+TSA=$PWD/target/release/tsa
+[ -x "$TSA" ] || die "$TSA is missing"
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/tsa-load.XXXXXX")
+server_pid=
+cleanup() {
+  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+    kill -TERM "$server_pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# The raw single-core signing rate of the same algorithm, before the server takes the core.
+echo "== openssl speed -seconds $SPEED_SECONDS $speed_alg (core $SERVER_CPU)"
+speed_out=$(taskset -c "$SERVER_CPU" timeout $((SPEED_SECONDS * 4 + 30)) \
+  openssl speed -seconds "$SPEED_SECONDS" "$speed_alg" 2>/dev/null)
+# The header names the columns ("sign verify sign/s verify/s", more for RSA); the result line
+# is a label followed by one value per column.
+sign_per_s=$(awk '
+  /sign\/s/ { n = NF; for (i = 1; i <= NF; i++) if ($i == "sign/s") col = i; next }
+  col && NF > n { v = $(NF - n + col) }
+  END { if (v != "") print v }' <<<"$speed_out")
+[ -n "$sign_per_s" ] || die "cannot read sign/s from openssl speed:\n$speed_out"
+raw_sign_us=$(awk -v r="$sign_per_s" 'BEGIN { printf "%.2f", 1e6 / r }')
+echo "raw sign: $sign_per_s sign/s = $raw_sign_us µs per signature (OpenSSL $(openssl version | awk '{print $2}'))"
+
+# A development PKI and a server on free loopback ports.
+"$TSA" init --dir "$work/state" "${init_args[@]}" >/dev/null
+taskset -c "$SERVER_CPU" "$TSA" serve --config "$work/state/tsa.toml" \
+  --listen "$HOST:0" --admin-listen "$HOST:0" >"$work/serve.out" 2>"$work/serve.err" &
+server_pid=$!
+url=
+for _ in $(seq 100); do
+  url=$(grep -o "http://$HOST:[0-9]*/" "$work/serve.out" 2>/dev/null | head -n1 || true)
+  [ -n "$url" ] && break
+  kill -0 "$server_pid" 2>/dev/null || { cat "$work/serve.err" >&2; die "tsa serve exited"; }
+  sleep 0.1
+done
+[ -n "$url" ] || die "tsa serve did not announce its address"
+case "$url" in "http://$HOST:"*) ;; *) die "refusing to load anything but $HOST ($url)" ;; esac
+echo "== tsa serve ($ALG) pid $server_pid on core $SERVER_CPU at $url; load: $LOAD_TOOL on core $CLIENT_CPU"
+
+# The request (what a client sends) and one checked reply.
+head -c 4096 /dev/urandom >"$work/data"
+openssl ts -query -data "$work/data" -sha256 -cert -out "$work/req.tsq" 2>/dev/null
+curl -sS --max-time 10 -H 'Content-Type: application/timestamp-query' \
+  --data-binary @"$work/req.tsq" -o "$work/reply.tsr" -w '%{http_code}' "$url" >"$work/code"
+[ "$(cat "$work/code")" = 200 ] || die "sample request: HTTP $(cat "$work/code")"
+openssl ts -reply -in "$work/reply.tsr" -text >"$work/reply.txt" 2>&1 || true
+grep -q '^Status: Granted' "$work/reply.txt" || { cat "$work/reply.txt" >&2; die "sample reply not granted"; }
+openssl ts -verify -in "$work/reply.tsr" -queryfile "$work/req.tsq" \
+  -CAfile "$work/state/ca-cert.pem" >/dev/null 2>&1 || die "sample reply does not verify"
+echo "sample reply: $(grep '^Status:' "$work/reply.txt"), $(wc -c <"$work/reply.tsr") octets, verified by openssl ts -verify"
+
+# wrk: POST the request and check every reply's PKIStatus (granted = 0 or 1).
+cat >"$work/post.lua" <<'LUA'
+local f = assert(io.open(os.getenv("TSQ"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/timestamp-query"
+
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) non200 = 0; notgranted = 0 end
+
+-- TimeStampResp ::= SEQUENCE { status PKIStatusInfo ::= SEQUENCE { status INTEGER, ... }, ... }
+local function granted(body)
+  if #body < 8 or body:byte(1) ~= 0x30 then return false end
+  local l = body:byte(2)
+  local i = 3
+  if l >= 0x80 then i = 3 + (l - 0x80) end
+  if body:byte(i) ~= 0x30 or body:byte(i + 2) ~= 0x02 or body:byte(i + 3) ~= 0x01 then
+    return false
+  end
+  local status = body:byte(i + 4)
+  return status == 0 or status == 1
+end
+
+function response(status, headers, body)
+  if status ~= 200 then non200 = non200 + 1
+  elseif not granted(body) then notgranted = notgranted + 1 end
+end
+
+function done(summary, latency, requests)
+  local n, g = 0, 0
+  for _, t in ipairs(threads) do n = n + t:get("non200"); g = g + t:get("notgranted") end
+  local e = summary.errors
+  io.write(string.format(
+    "RESULT requests=%d seconds=%.3f p50_ms=%.3f p99_ms=%.3f non200=%d notgranted=%d errors=%d\n",
+    summary.requests, summary.duration / 1e6, latency:percentile(50) / 1e3,
+    latency:percentile(99) / 1e3, n, g, e.connect + e.read + e.write + e.timeout))
+end
+LUA
+
+# oha: its JSON summary, in the same RESULT form (it cannot look into bodies).
+oha_result() {
+  python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+s, p = d["summary"], d.get("latencyPercentiles", {})
+codes = d.get("statusCodeDistribution", {})
+ok = int(codes.get("200", 0))
+n = sum(int(v) for v in codes.values())
+# Requests cut off when the duration ends are not failures of the server.
+errors = sum(int(v) for k, v in d.get("errorDistribution", {}).items() if "deadline" not in k)
+ms = lambda v: (v or 0) * 1e3
+print("RESULT requests=%d seconds=%.3f p50_ms=%.3f p99_ms=%.3f non200=%d notgranted=-1 errors=%d"
+      % (n, s["total"], ms(p.get("p50")), ms(p.get("p99")), n - ok, errors))'
+}
+
+stat_ticks() { # utime + stime of the server process, in clock ticks
+  awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$server_pid/stat"
+}
+hz=$(getconf CLK_TCK)
+
+printf '\n%-6s %10s %10s %10s %9s %10s %9s %12s %14s\n' conc req/s p50_ms p99_ms requests bad_frac errors cpu_us/token cpu/raw_sign
+for c in $CONCURRENCY; do
+  kill -0 "$server_pid" 2>/dev/null || die "the server died"
+  before=$(stat_ticks)
+  case "$LOAD_TOOL" in
+    wrk)
+      out=$(TSQ="$work/req.tsq" taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
+        wrk -t 1 -c "$c" -d "${DURATION}s" --timeout 10s -s "$work/post.lua" "$url")
+      ;;
+    oha)
+      out=$(taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
+        oha -z "${DURATION}s" -c "$c" -m POST -H 'Content-Type: application/timestamp-query' \
+        -D "$work/req.tsq" --no-tui --output-format json "$url" | oha_result)
+      ;;
+  esac
+  after=$(stat_ticks)
+  line=$(grep '^RESULT ' <<<"$out") || { echo "$out" >&2; die "no result from $LOAD_TOOL at c=$c"; }
+  awk -v c="$c" -v ticks=$((after - before)) -v hz="$hz" -v raw="$raw_sign_us" '
+    { for (i = 2; i <= NF; i++) { split($i, kv, "="); r[kv[1]] = kv[2] } }
+    END {
+      n = r["requests"]; bad = r["non200"] + (r["notgranted"] > 0 ? r["notgranted"] : 0)
+      cpu = n > 0 ? ticks / hz * 1e6 / n : 0
+      printf "%-6d %10.0f %10.3f %10.3f %9d %10s %9d %12.1f %14.2f\n", c, n / r["seconds"],
+        r["p50_ms"], r["p99_ms"], n, (n > 0 ? sprintf("%.4f", bad / n) : "-"), r["errors"],
+        cpu, cpu / raw
+    }' <<<"$line"
+done
+echo
+echo "cpu_us/token: utime+stime of tsa serve per completed request (CLK_TCK=$hz, so ±$((1000000 / hz)) µs"
+echo "over the run); cpu/raw_sign: that divided by openssl's $raw_sign_us µs per $speed_alg signature."
+[ "$LOAD_TOOL" = oha ] && echo "bad_frac counts non-200 replies only (oha does not read bodies)."
+exit 0
