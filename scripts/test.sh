@@ -18,6 +18,9 @@ command -v javac >/dev/null || need+=(openjdk-17-jdk-headless)
 [ -e /usr/share/java/bcprov.jar ] || need+=(libbcprov-java)
 [ -e /usr/share/java/bcpkix.jar ] || need+=(libbcpkix-java)
 [ -e /usr/share/java/bcutil.jar ] || need+=(libbcutil-java)
+# tests/hsm.rs, benches/hsm.rs: SoftHSM2 tokens through PKCS#11, and OpenSC's pkcs11-tool.
+command -v softhsm2-util >/dev/null || need+=(softhsm2)
+command -v pkcs11-tool >/dev/null || need+=(opensc)
 # tests/interop_python.rs: a Python 3 that can make a virtual environment.
 command -v python3 >/dev/null || need+=(python3)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need+=(python3-venv); fi

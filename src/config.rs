@@ -77,6 +77,8 @@ pub enum SignerConfig {
         #[serde(default)]
         rsa_padding: RsaPadding,
     },
+    /// A key in an HSM, used through PKCS#11 (see `hsm/README.md`).
+    Pkcs11(Box<crate::signer::pkcs11::Pkcs11Config>),
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -279,6 +281,7 @@ impl Config {
                 resolve(certificate);
                 chain.iter_mut().for_each(resolve);
             }
+            SignerConfig::Pkcs11(pkcs11) => pkcs11.resolve_paths(base),
         }
         self.clock.nmea_device.iter_mut().for_each(resolve);
     }
@@ -319,6 +322,9 @@ impl Config {
             if c.step_confirm_rounds == 0 || c.poll_interval_ms == 0 || c.ntp_timeout_ms == 0 {
                 bail!("clock.step_confirm_rounds, poll_interval_ms and ntp_timeout_ms must be positive");
             }
+        }
+        if let SignerConfig::Pkcs11(pkcs11) = &self.signer {
+            pkcs11.validate()?;
         }
         self.digests()?;
         self.policies()?;

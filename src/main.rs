@@ -26,6 +26,8 @@ enum Command {
     Inspect(cli::inspect::InspectArgs),
     /// Show a running server's clock: state, offset, frequency, bound and sources.
     Clock(cli::clock::ClockArgs),
+    /// HSM keys through PKCS#11: SoftHSM2 tokens, key generation, CSRs, certificates, checks.
+    Hsm(cli::hsm::HsmArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,6 +46,7 @@ fn main() -> std::process::ExitCode {
         Command::Verify(args) => cli::verify::run(args),
         Command::Inspect(args) => cli::inspect::run(args),
         Command::Clock(args) => cli::clock::run(args),
+        Command::Hsm(args) => cli::hsm::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -43,6 +43,38 @@ impl DevPki {
     }
 }
 
+/// A development root CA that certifies a TSU key held elsewhere (an HSM): the CA key is a
+/// PEM file, the TSU certificate is made for `tsu_key`'s public key.
+pub struct DevPkiForKey {
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+    pub tsu_cert_pem: String,
+}
+
+impl DevPkiForKey {
+    /// A fresh root CA of `ca_algorithm` and a TSU certificate for `tsu_key`.
+    pub fn generate(
+        ca_algorithm: KeyAlgorithm,
+        tsu_key: &impl rcgen::PublicKeyData,
+    ) -> anyhow::Result<Self> {
+        let ca_key = new_key(ca_algorithm)?;
+        let ca_params = ca_params()?;
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, &ca_key);
+        let tsu_cert = tsu_params()?.signed_by(tsu_key, &issuer)?;
+        Ok(Self {
+            ca_cert_pem: ca_cert.pem(),
+            ca_key_pem: ca_key.serialize_pem(),
+            tsu_cert_pem: tsu_cert.pem(),
+        })
+    }
+}
+
+/// The TSU profile's parameters (for a CSR: the subject is the caller's).
+pub fn tsu_certificate_params() -> anyhow::Result<CertificateParams> {
+    tsu_params()
+}
+
 fn new_key(algorithm: KeyAlgorithm) -> anyhow::Result<KeyPair> {
     Ok(match algorithm {
         KeyAlgorithm::P256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,

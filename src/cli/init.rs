@@ -26,6 +26,10 @@ pub struct InitArgs {
     /// Replace an existing PKI and configuration.
     #[arg(long)]
     pub force: bool,
+    /// Keep the TSU key in a SoftHSM2 token inside the state directory (`softhsm/`, PIN in
+    /// `hsm-pin`), used through PKCS#11; the CA key stays a file.
+    #[arg(long)]
+    pub hsm: bool,
 }
 
 pub const CONFIG_FILE: &str = "tsa.toml";
@@ -42,13 +46,25 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
 
-    let pki = DevPki::generate(args.algorithm)?;
-    write_secret(&args.dir.join("ca-key.pem"), &pki.ca_key_pem)?;
-    std::fs::write(args.dir.join("ca-cert.pem"), &pki.ca_cert_pem)?;
-    write_secret(&args.dir.join("tsa-key.pem"), &pki.tsu_key_pem)?;
-    std::fs::write(args.dir.join("tsa-cert.pem"), &pki.tsu_cert_pem)?;
-
     let padding = if args.pss { "pss" } else { "pkcs1" };
+    let signer = if args.hsm {
+        hsm_pki(args, padding)?
+    } else {
+        let pki = DevPki::generate(args.algorithm)?;
+        write_secret(&args.dir.join("ca-key.pem"), &pki.ca_key_pem)?;
+        std::fs::write(args.dir.join("ca-cert.pem"), &pki.ca_cert_pem)?;
+        write_secret(&args.dir.join("tsa-key.pem"), &pki.tsu_key_pem)?;
+        std::fs::write(args.dir.join("tsa-cert.pem"), &pki.tsu_cert_pem)?;
+        format!(
+            r#"[signer]
+kind = "software"
+key = "tsa-key.pem"
+certificate = "tsa-cert.pem"
+rsa_padding = "{padding}"
+"#
+        )
+    };
+
     let config = format!(
         r#"# Made by `tsa init`: a development PKI and the development clock.
 # Tokens from this configuration carry the development policy and prove nothing.
@@ -58,12 +74,7 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
 listen = "{listen}"
 admin_listen = "{admin}"
 
-[signer]
-kind = "software"
-key = "tsa-key.pem"
-certificate = "tsa-cert.pem"
-rsa_padding = "{padding}"
-
+{signer}
 [clock]
 source = "development"
 development_accuracy_ms = 100
@@ -76,14 +87,95 @@ precision = "micros"
     );
     std::fs::write(&config_path, config)?;
     println!(
-        "development PKI ({:?}) and configuration written to {}",
+        "development PKI ({:?}{}) and configuration written to {}",
         args.algorithm,
+        if args.hsm { ", key in SoftHSM2" } else { "" },
         args.dir.display()
     );
     Ok(())
 }
 
-fn write_secret(path: &Path, contents: &str) -> anyhow::Result<()> {
+/// The token label, key label and files of `tsa init --hsm`.
+const HSM_TOKEN: &str = "tsa";
+const HSM_KEY: &str = "tsa-tsu";
+const HSM_DIR: &str = "softhsm";
+const HSM_PIN: &str = "hsm-pin";
+const HSM_SO_PIN: &str = "hsm-so-pin";
+
+/// A SoftHSM2 token in `<dir>/softhsm`, the TSU key pair generated on it, a CSR signed by it
+/// (`tsa-csr.pem`) and a development CA that certifies it. Returns the `[signer]` section.
+fn hsm_pki(args: &InitArgs, padding: &str) -> anyhow::Result<String> {
+    use tsa::signer::pkcs11::token::{self, Module, TokenKey};
+    use tsa::signer::pkcs11::{key::hex, KeySelector, PinSource, TokenSelector};
+
+    let softhsm_dir = args.dir.join(HSM_DIR);
+    if args.force && softhsm_dir.exists() {
+        std::fs::remove_dir_all(&softhsm_dir)
+            .with_context(|| format!("cannot remove {}", softhsm_dir.display()))?;
+    }
+    let conf = token::write_softhsm_conf(&softhsm_dir)?;
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    let (pin_file, so_pin_file) = (args.dir.join(HSM_PIN), args.dir.join(HSM_SO_PIN));
+    for file in [&pin_file, &so_pin_file] {
+        if args.force && file.exists() {
+            std::fs::remove_file(file)?;
+        }
+        super::hsm::ensure_pin_file(file)?;
+    }
+    let module_path = token::softhsm_module()?;
+    let module = Module::load(&module_path)?;
+    let pin = PinSource::File(pin_file);
+    token::init_token(&module, HSM_TOKEN, &PinSource::File(so_pin_file), &pin)?;
+    let session = token::open_session(
+        &module,
+        &TokenSelector {
+            label: Some(HSM_TOKEN.into()),
+            slot: None,
+        },
+        &pin,
+    )?;
+    let id = token::random_id();
+    token::generate_key_pair(&session, super::hsm::key_kind(args.algorithm), HSM_KEY, &id)?;
+    let key = TokenKey::find(
+        &session,
+        &KeySelector {
+            label: Some(HSM_KEY.into()),
+            id: Some(id.clone()),
+        },
+    )?;
+    let csr = token::csr_pem(
+        &key,
+        token::parse_subject(
+            "C=VN,O=Development TSA (not for production),CN=Development Time-Stamping Unit",
+        )?,
+    )?;
+    std::fs::write(args.dir.join("tsa-csr.pem"), csr)?;
+    let pki = tsa::pki::DevPkiForKey::generate(args.algorithm, &key)?;
+    write_secret(&args.dir.join("ca-key.pem"), &pki.ca_key_pem)?;
+    std::fs::write(args.dir.join("ca-cert.pem"), &pki.ca_cert_pem)?;
+    std::fs::write(args.dir.join("tsa-cert.pem"), &pki.tsu_cert_pem)?;
+    let _ = std::fs::remove_file(args.dir.join("tsa-key.pem"));
+    Ok(format!(
+        r#"[signer]
+# The TSU key lives in a SoftHSM2 token (softhsm/), used through PKCS#11; see hsm/README.md.
+kind = "pkcs11"
+module = "{module}"
+module_env = {{ SOFTHSM2_CONF = "{conf}" }}
+token_label = "{HSM_TOKEN}"
+key_label = "{HSM_KEY}"
+key_id = "{id}"
+pin_file = "{HSM_PIN}"
+sessions = 4
+certificate = "tsa-cert.pem"
+rsa_padding = "{padding}"
+"#,
+        module = module_path.display(),
+        conf = conf.display(),
+        id = hex(&id),
+    ))
+}
+
+pub fn write_secret(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .write(true)

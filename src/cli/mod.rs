@@ -1,6 +1,7 @@
 //! The `tsa` command line: each subcommand in its own module.
 
 pub mod clock;
+pub mod hsm;
 pub mod init;
 pub mod inspect;
 pub mod request;

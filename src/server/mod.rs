@@ -22,7 +22,9 @@ use crate::clock::{
 };
 use crate::config::{ClockSource, Config, ServerConfig, SignerConfig};
 use crate::protocol::{RequestRules, TemplateOptions, TokenTemplate};
-use crate::signer::{certificate::TsuCertificate, software::SoftwareSigner, Signer};
+use crate::signer::{
+    certificate::TsuCertificate, pkcs11::Pkcs11Signer, software::SoftwareSigner, Signer,
+};
 
 pub use issue::{Outcome, Tsa};
 
@@ -38,6 +40,10 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         } => (
             Arc::new(SoftwareSigner::load(key, *rsa_padding)?),
             TsuCertificate::load(certificate, chain)?,
+        ),
+        SignerConfig::Pkcs11(pkcs11) => (
+            Arc::new(Pkcs11Signer::open(pkcs11)?),
+            TsuCertificate::load(&pkcs11.certificate, &pkcs11.chain)?,
         ),
     };
     certificate
@@ -101,6 +107,9 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
     )
     .context("cannot encode the token template from the certificate")?;
 
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let blocking_lane = signer.max_in_flight().unwrap_or(cores).max(1);
+
     Ok(Tsa {
         rules: RequestRules {
             accepted_digests: config.digests()?,
@@ -117,9 +126,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         serials: Box::new(RandomSerials::new()),
         certificate,
         signer_ok: AtomicBool::new(true),
-        blocking_lane: Arc::new(tokio::sync::Semaphore::new(
-            std::thread::available_parallelism().map_or(2, |n| n.get()),
-        )),
+        blocking_lane: Arc::new(tokio::sync::Semaphore::new(blocking_lane)),
     })
 }
 

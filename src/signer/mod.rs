@@ -6,6 +6,7 @@
 //! certificate and refuses one that does not fit the key or the ETSI EN 319 422 profile.
 
 pub mod certificate;
+pub mod pkcs11;
 pub mod software;
 
 use crate::alg::SignatureAlgorithm;
@@ -45,5 +46,11 @@ pub trait Signer: Send + Sync + 'static {
     /// hand-offs.
     fn may_block(&self) -> bool {
         true
+    }
+
+    /// How many signatures can usefully be in flight at once (an HSM's session pool); `None`
+    /// for as many as there are cores. Bounds the server's blocking lane.
+    fn max_in_flight(&self) -> Option<usize> {
+        None
     }
 }

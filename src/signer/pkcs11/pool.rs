@@ -1,0 +1,912 @@
+//! A pool of logged-in sessions on one token, and the recovery that brings it back after the
+//! token, a session or the login was lost.
+//!
+//! Concurrency: a signature borrows one idle session (waiting while all are busy) under a read
+//! lock on the library; sessions are only ever lent inside such a read section, so whoever
+//! holds the write lock (the recovery) sees every session idle and may close them, log in
+//! again, or finalize and re-initialize the library without any thread being inside it.
+//!
+//! Faults: a signature that fails with a handle error (`CKR_OBJECT_HANDLE_INVALID`,
+//! `CKR_KEY_HANDLE_INVALID`) first finds the key again in its session and retries once. Any
+//! fault that means the session, the login or the token went away (see [`classify`]) marks the
+//! pool down: from then on `sign` answers `Unavailable` at once, `health` is an error, and the
+//! recovery thread tries, with a bounded exponential backoff, new sessions and a new login,
+//! then `C_Finalize` + `C_Initialize` and all of it again, until a probe signature verifies
+//! with the key's known public key. While the pool is up the same thread probes an idle
+//! session every `health_check_interval` (`C_GetTokenInfo`, `C_GetSessionInfo`), so that a lost
+//! token is noticed without traffic.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, TryLockError};
+use std::time::{Duration, Instant};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::object::ObjectHandle;
+use cryptoki::session::{Session, SessionState, UserType};
+use cryptoki::slot::Slot;
+
+use super::key::{self, FindError, KeyInfo, KeySelector, Scheme};
+use super::pin::PinSource;
+use crate::alg::SignatureAlgorithm;
+use crate::signer::SignError;
+
+/// How long a signature waits for a busy session before it gives up.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The first pause between recovery attempts, doubled up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// What the probe signature signs (recoveries verify it with the known public key).
+const PROBE_MESSAGE: &[u8] = b"tsa pkcs11 probe";
+
+/// Which token: by label, by slot id, or both (then they must agree).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenSelector {
+    pub label: Option<String>,
+    pub slot: Option<u64>,
+}
+
+impl std::fmt::Display for TokenSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.label, self.slot) {
+            (Some(label), Some(slot)) => write!(f, "token '{label}' in slot {slot}"),
+            (Some(label), None) => write!(f, "token '{label}'"),
+            (None, Some(slot)) => write!(f, "the token in slot {slot}"),
+            (None, None) => write!(f, "(no token named)"),
+        }
+    }
+}
+
+/// Everything needed to (re)connect.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub module: std::path::PathBuf,
+    pub token: TokenSelector,
+    pub key: KeySelector,
+    pub pin: PinSource,
+    pub sessions: usize,
+    pub padding: crate::signer::software::RsaPadding,
+    pub health_check_interval: Duration,
+}
+
+/// What a failed PKCS#11 call means for the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The object handle is stale: find the key again.
+    Handle,
+    /// The session, the login, the token or the library is gone: recover.
+    Lost,
+    /// This operation failed; the pool is fine.
+    Operation,
+}
+
+pub fn classify(error: &CkError) -> Fault {
+    match error {
+        CkError::Pkcs11(rv, _) => match rv {
+            RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid => Fault::Handle,
+            RvError::SessionHandleInvalid
+            | RvError::SessionClosed
+            | RvError::UserNotLoggedIn
+            | RvError::DeviceRemoved
+            | RvError::TokenNotPresent
+            | RvError::TokenNotRecognized
+            | RvError::GeneralError
+            | RvError::DeviceError
+            | RvError::DeviceMemory
+            | RvError::CryptokiNotInitialized
+            | RvError::SlotIdInvalid
+            | RvError::PinExpired
+            | RvError::PinLocked => Fault::Lost,
+            _ => Fault::Operation,
+        },
+        _ => Fault::Operation,
+    }
+}
+
+/// The `CKR_…` name of a PKCS#11 error (`ObjectHandleInvalid` → `CKR_OBJECT_HANDLE_INVALID`),
+/// or the error itself when it is not a return value.
+pub fn ckr(error: &CkError) -> String {
+    match error {
+        CkError::Pkcs11(rv, _) => rv_name(rv),
+        other => other.to_string(),
+    }
+}
+
+fn rv_name(rv: &RvError) -> String {
+    let camel = format!("{rv:?}");
+    let mut name = String::from("CKR");
+    for c in camel.chars() {
+        if c.is_ascii_uppercase() {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
+}
+
+/// The PKCS#11 function of an error, for logs.
+pub fn function(error: &CkError) -> String {
+    match error {
+        CkError::Pkcs11(_, function) => format!("C_{function:?}"),
+        _ => String::new(),
+    }
+}
+
+struct Library {
+    ctx: Pkcs11,
+    slot: Slot,
+    /// Whether this pool called `C_Initialize` (another user in the process may have).
+    owns_init: bool,
+}
+
+struct Pooled {
+    session: Session,
+    key: ObjectHandle,
+}
+
+enum Health {
+    Up,
+    Down { reason: String, since: Instant },
+}
+
+struct State {
+    idle: Vec<Pooled>,
+    health: Health,
+    shutdown: bool,
+}
+
+pub struct Pool {
+    spec: Spec,
+    info: KeyInfo,
+    scheme: Scheme,
+    algorithm: SignatureAlgorithm,
+    lib: RwLock<Library>,
+    state: Mutex<State>,
+    /// A session became idle, or the health changed.
+    idle_cv: Condvar,
+    /// Wakes the recovery thread.
+    wake_cv: Condvar,
+}
+
+/// Why a connection failed; the message is for operators.
+#[derive(Debug)]
+pub struct ConnectError {
+    pub message: String,
+    /// The PKCS#11 return value, if one caused it.
+    pub ckr: Option<String>,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+enum Recovery {
+    Recovered,
+    Failed,
+    /// The PIN was refused: no more attempts.
+    Halted,
+}
+
+impl ConnectError {
+    /// The token refused the PIN (wrong, locked or expired).
+    fn pin_refused(&self) -> bool {
+        matches!(
+            self.ckr.as_deref(),
+            Some("CKR_PIN_INCORRECT" | "CKR_PIN_LOCKED" | "CKR_PIN_EXPIRED" | "CKR_PIN_INVALID")
+        )
+    }
+
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            ckr: None,
+        }
+    }
+
+    fn pkcs11(what: impl std::fmt::Display, error: &CkError) -> Self {
+        Self {
+            message: format!("{what}: {} ({})", ckr(error), function(error)),
+            ckr: Some(ckr(error)),
+        }
+    }
+}
+
+/// Loads and initializes the module (tolerating a library another part of the process
+/// initialized already).
+pub fn load_module(module: &std::path::Path) -> anyhow::Result<(Pkcs11, bool)> {
+    let ctx = Pkcs11::new(module)
+        .map_err(|e| anyhow::anyhow!("cannot load the PKCS#11 module {}: {e}", module.display()))?;
+    let owns_init = initialize(&ctx).map_err(|e| {
+        anyhow::anyhow!(
+            "the PKCS#11 module {} does not initialize: {} ({e})",
+            module.display(),
+            ckr(&e)
+        )
+    })?;
+    Ok((ctx, owns_init))
+}
+
+/// `C_Initialize` with OS locking; `Ok(false)` if the library was initialized already.
+fn initialize(ctx: &Pkcs11) -> Result<bool, CkError> {
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) => Ok(true),
+        Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The slot of the selected token.
+pub fn find_slot(ctx: &Pkcs11, selector: &TokenSelector) -> Result<Slot, ConnectError> {
+    let slots = ctx
+        .get_slots_with_token()
+        .map_err(|e| ConnectError::pkcs11("cannot list the module's slots", &e))?;
+    let mut labels = Vec::new();
+    for slot in slots {
+        let info = match ctx.get_token_info(slot) {
+            Ok(info) => info,
+            Err(e) => {
+                if selector.slot == Some(slot.id()) {
+                    return Err(ConnectError::pkcs11(
+                        format!("the token in slot {} does not answer", slot.id()),
+                        &e,
+                    ));
+                }
+                continue;
+            }
+        };
+        let label = info.label().trim_end().to_string();
+        let shown = if info.token_initialized() {
+            format!("'{label}' (slot {})", slot.id())
+        } else {
+            format!("an uninitialized token (slot {})", slot.id())
+        };
+        let slot_ok = selector.slot.is_none_or(|id| id == slot.id());
+        let label_ok = selector.label.as_ref().is_none_or(|l| *l == label);
+        if slot_ok && label_ok {
+            if !info.token_initialized() {
+                return Err(ConnectError::new(format!("{selector} is not initialized")));
+            }
+            return Ok(slot);
+        }
+        labels.push(shown);
+    }
+    Err(ConnectError::new(format!(
+        "{selector} is not present; the module has {}",
+        if labels.is_empty() {
+            "no token".to_string()
+        } else {
+            labels.join(", ")
+        }
+    )))
+}
+
+/// Opens a session and logs the user in (the PIN is read for this login and wiped after it).
+pub fn open_logged_in(
+    ctx: &Pkcs11,
+    slot: Slot,
+    pin: &PinSource,
+    read_write: bool,
+) -> Result<Session, ConnectError> {
+    let session = if read_write {
+        ctx.open_rw_session(slot)
+    } else {
+        ctx.open_ro_session(slot)
+    }
+    .map_err(|e| ConnectError::pkcs11("cannot open a session", &e))?;
+    login(&session, pin)?;
+    Ok(session)
+}
+
+fn login(session: &Session, pin: &PinSource) -> Result<(), ConnectError> {
+    let secret = pin
+        .read()
+        .map_err(|e| ConnectError::new(format!("cannot read the PIN: {e:#}")))?;
+    let result = session.login(UserType::User, Some(&secret));
+    drop(secret);
+    match result {
+        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+        Err(e @ CkError::Pkcs11(RvError::PinIncorrect, _)) => Err(ConnectError::pkcs11(
+            format!("the PIN from {pin} is wrong; the token refused the login"),
+            &e,
+        )),
+        Err(e @ CkError::Pkcs11(RvError::PinLocked, _)) => Err(ConnectError::pkcs11(
+            "the user PIN is locked after too many wrong PINs; unlock it with the SO PIN",
+            &e,
+        )),
+        Err(e) => Err(ConnectError::pkcs11("the login failed", &e)),
+    }
+}
+
+/// Logs in, finds the key, reads it, and opens the other sessions. `expect` is the public key
+/// a reconnection must find again.
+fn connect(
+    lib: &Library,
+    spec: &Spec,
+    expect: Option<&KeyInfo>,
+) -> Result<(Vec<Pooled>, KeyInfo), ConnectError> {
+    let first = open_logged_in(&lib.ctx, lib.slot, &spec.pin, false)?;
+    let key = key::find_private_key(&first, &spec.key).map_err(|e| match e {
+        FindError::Token(e) => ConnectError::pkcs11("cannot search the token", &e),
+        other => ConnectError::new(other.to_string()),
+    })?;
+    let info = key::read_key_info(&first, key).map_err(|e| ConnectError::new(format!("{e:#}")))?;
+    if let Some(expect) = expect {
+        if expect.public_key != info.public_key {
+            return Err(ConnectError::new(format!(
+                "the key with {} on the token is no longer the key the TSA started with; \
+                 restart the TSA with a certificate for the new key",
+                spec.key
+            )));
+        }
+    }
+    let (scheme, algorithm) = info.kind.scheme(spec.padding);
+    probe_signature(&first, key, scheme, algorithm, &info.public_key)?;
+
+    let mut sessions = Vec::with_capacity(spec.sessions);
+    sessions.push(Pooled {
+        session: first,
+        key,
+    });
+    while sessions.len() < spec.sessions {
+        let session = lib
+            .ctx
+            .open_ro_session(lib.slot)
+            .map_err(|e| ConnectError::pkcs11("cannot open another session", &e))?;
+        // The login is the application's, shared by its sessions; a token that wants one per
+        // session gets it here.
+        if !matches!(
+            session.get_session_info().map(|i| i.session_state()),
+            Ok(SessionState::RoUser)
+        ) {
+            login(&session, &spec.pin)?;
+        }
+        sessions.push(Pooled { session, key });
+    }
+    Ok((sessions, info))
+}
+
+/// Signs [`PROBE_MESSAGE`] and verifies the signature with the public key on the host: the
+/// private key works and is the key the public key (and so the certificate) belongs to.
+fn probe_signature(
+    session: &Session,
+    key: ObjectHandle,
+    scheme: Scheme,
+    algorithm: SignatureAlgorithm,
+    public_key: &[u8],
+) -> Result<(), ConnectError> {
+    let digest = algorithm
+        .digest()
+        .digest(PROBE_MESSAGE)
+        .expect("SHA-2 is computed on the host");
+    let raw = session
+        .sign(
+            &scheme.mechanism(),
+            key,
+            &scheme.input(algorithm.digest(), &digest),
+        )
+        .map_err(|e| ConnectError::pkcs11("the test signature failed", &e))?;
+    let signature = scheme.output(raw).map_err(ConnectError::new)?;
+    if !key::verify(algorithm, public_key, PROBE_MESSAGE, &signature) {
+        return Err(ConnectError::new(
+            "the test signature does not verify with the key's public key: the private and \
+             public key objects with that label/id are not one key pair",
+        ));
+    }
+    Ok(())
+}
+
+impl Pool {
+    /// Loads the module, finds the token and key, logs in, opens `sessions` sessions, checks
+    /// the key pair with a test signature, and starts the recovery thread.
+    pub fn open(spec: Spec) -> anyhow::Result<Arc<Pool>> {
+        if spec.sessions == 0 {
+            anyhow::bail!("signer.sessions must be at least 1");
+        }
+        let (ctx, owns_init) = load_module(&spec.module)?;
+        let fail = |ctx: Pkcs11, message: String| {
+            if owns_init {
+                let _ = ctx.finalize();
+            }
+            anyhow::anyhow!(message)
+        };
+        let slot = match find_slot(&ctx, &spec.token) {
+            Ok(slot) => slot,
+            Err(e) => return Err(fail(ctx, e.message)),
+        };
+        let lib = Library {
+            ctx,
+            slot,
+            owns_init,
+        };
+        let (sessions, info) = match connect(&lib, &spec, None) {
+            Ok(ok) => ok,
+            Err(e) => {
+                let message = format!("{} ({}): {e}", spec.token, spec.module.display());
+                return Err(fail(lib.ctx, message));
+            }
+        };
+        let (scheme, algorithm) = info.kind.scheme(spec.padding);
+        let pool = Arc::new(Pool {
+            spec,
+            info,
+            scheme,
+            algorithm,
+            lib: RwLock::new(lib),
+            state: Mutex::new(State {
+                idle: sessions,
+                health: Health::Up,
+                shutdown: false,
+            }),
+            idle_cv: Condvar::new(),
+            wake_cv: Condvar::new(),
+        });
+        let thread_pool = Arc::clone(&pool);
+        std::thread::Builder::new()
+            .name("pkcs11-health".into())
+            .spawn(move || thread_pool.watch())
+            .map_err(|e| anyhow::anyhow!("cannot start the PKCS#11 health thread: {e}"))?;
+        Ok(pool)
+    }
+
+    pub fn info(&self) -> &KeyInfo {
+        &self.info
+    }
+
+    pub fn algorithm(&self) -> SignatureAlgorithm {
+        self.algorithm
+    }
+
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// Stops the health thread (it holds the pool; the signer calls this when dropped).
+    pub fn shutdown(&self) {
+        self.state().shutdown = true;
+        self.wake_cv.notify_all();
+        self.idle_cv.notify_all();
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn health(&self) -> Result<(), String> {
+        match &self.state().health {
+            Health::Up => Ok(()),
+            Health::Down { reason, since } => Err(format!(
+                "the HSM key is unavailable since {} ms: {reason}",
+                since.elapsed().as_millis()
+            )),
+        }
+    }
+
+    /// Signs `data` (what the mechanism takes) with the key; the raw mechanism output.
+    pub fn sign(&self, data: &[u8]) -> Result<Vec<u8>, SignError> {
+        if let Health::Down { reason, .. } = &self.state().health {
+            return Err(SignError::Unavailable(reason.clone()));
+        }
+        // A recovery holds the write lock: answer now rather than wait for it.
+        let _lib = match self.lib.try_read() {
+            Ok(guard) => guard,
+            Err(TryLockError::WouldBlock) => {
+                return Err(SignError::Unavailable(
+                    "the HSM is being reconnected".into(),
+                ))
+            }
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        let pooled = self.acquire()?;
+        self.sign_with(pooled, data)
+    }
+
+    /// Borrows an idle session, waiting while all are busy (at most [`ACQUIRE_TIMEOUT`]).
+    fn acquire(&self) -> Result<Pooled, SignError> {
+        let deadline = Instant::now() + ACQUIRE_TIMEOUT;
+        let mut state = self.state();
+        loop {
+            if let Health::Down { reason, .. } = &state.health {
+                return Err(SignError::Unavailable(reason.clone()));
+            }
+            if let Some(pooled) = state.idle.pop() {
+                return Ok(pooled);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(SignError::Unavailable(format!(
+                    "all {} HSM sessions stayed busy for {} s",
+                    self.spec.sessions,
+                    ACQUIRE_TIMEOUT.as_secs()
+                )));
+            }
+            state = self
+                .idle_cv
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn release(&self, pooled: Pooled) {
+        self.state().idle.push(pooled);
+        self.idle_cv.notify_one();
+    }
+
+    /// Signs with a borrowed session (under the read lock) and gives it back.
+    fn sign_with(&self, mut pooled: Pooled, data: &[u8]) -> Result<Vec<u8>, SignError> {
+        let mechanism = self.scheme.mechanism();
+        let error = match pooled.session.sign(&mechanism, pooled.key, data) {
+            Ok(signature) => {
+                self.release(pooled);
+                return Ok(signature);
+            }
+            Err(e) => e,
+        };
+        let error = match classify(&error) {
+            Fault::Operation => {
+                self.release(pooled);
+                return Err(SignError::Failed(format!(
+                    "{} ({})",
+                    ckr(&error),
+                    function(&error)
+                )));
+            }
+            Fault::Lost => error,
+            Fault::Handle => {
+                // First step: the key's handle went stale; find the key again and retry once.
+                tracing::warn!(
+                    event = "hsm_key_handle_invalid",
+                    ckr = %ckr(&error),
+                    function = %function(&error),
+                    "the key's handle is no longer valid; finding the key again"
+                );
+                match key::find_private_key(&pooled.session, &self.spec.key) {
+                    Ok(handle) => match pooled.session.sign(&mechanism, handle, data) {
+                        Ok(signature) => {
+                            tracing::info!(
+                                event = "hsm_key_refound",
+                                "the key was found again and signs"
+                            );
+                            pooled.key = handle;
+                            self.release(pooled);
+                            return Ok(signature);
+                        }
+                        Err(e) if classify(&e) == Fault::Operation => {
+                            pooled.key = handle;
+                            self.release(pooled);
+                            return Err(SignError::Failed(format!(
+                                "{} ({})",
+                                ckr(&e),
+                                function(&e)
+                            )));
+                        }
+                        Err(e) => e,
+                    },
+                    Err(FindError::Token(e)) => e,
+                    Err(other) => {
+                        self.release(pooled);
+                        let reason = format!("{} ({}), and {other}", ckr(&error), function(&error));
+                        self.mark_down(
+                            format!("the HSM key was lost: {reason}"),
+                            Some(ckr(&error)),
+                            Some(function(&error)),
+                        );
+                        return Err(SignError::Unavailable(reason));
+                    }
+                }
+            }
+        };
+        // The session, login or token is gone: the recovery thread takes over.
+        self.release(pooled);
+        let reason = format!("{} ({})", ckr(&error), function(&error));
+        self.mark_down(
+            format!("the HSM session was lost: {reason}"),
+            Some(ckr(&error)),
+            Some(function(&error)),
+        );
+        Err(SignError::Unavailable(reason))
+    }
+
+    fn mark_down(&self, reason: String, ckr: Option<String>, function: Option<String>) {
+        let mut state = self.state();
+        if matches!(state.health, Health::Up) {
+            tracing::error!(
+                event = "hsm_session_lost",
+                ckr = ckr.as_deref().unwrap_or(""),
+                function = function.as_deref().unwrap_or(""),
+                reason = %reason,
+                "the HSM key is unavailable; signing stops until the recovery brings it back"
+            );
+            state.health = Health::Down {
+                reason,
+                since: Instant::now(),
+            };
+        }
+        drop(state);
+        self.idle_cv.notify_all();
+        self.wake_cv.notify_all();
+    }
+
+    /// The health thread: probes while up, recovers while down, until shutdown.
+    fn watch(self: Arc<Self>) {
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 0u32;
+        loop {
+            // Wait for a fault, the next probe, or the shutdown.
+            {
+                let mut state = self.state();
+                loop {
+                    if state.shutdown {
+                        return;
+                    }
+                    if matches!(state.health, Health::Down { .. }) {
+                        break;
+                    }
+                    let (guard, timeout) = self
+                        .wake_cv
+                        .wait_timeout(state, self.spec.health_check_interval)
+                        .unwrap_or_else(|p| p.into_inner());
+                    state = guard;
+                    if timeout.timed_out() && !state.shutdown && matches!(state.health, Health::Up)
+                    {
+                        drop(state);
+                        self.probe();
+                        state = self.state();
+                    }
+                }
+            }
+            attempt += 1;
+            match self.recover(attempt) {
+                Recovery::Recovered => {
+                    backoff = FIRST_BACKOFF;
+                    attempt = 0;
+                }
+                Recovery::Halted => {
+                    // Wait for the shutdown only: no more logins with a refused PIN.
+                    let mut state = self.state();
+                    while !state.shutdown {
+                        state = self.wake_cv.wait(state).unwrap_or_else(|p| p.into_inner());
+                    }
+                    return;
+                }
+                Recovery::Failed => {
+                    let state = self.state();
+                    if state.shutdown {
+                        return;
+                    }
+                    // Sleep (interruptible by the shutdown), then try again.
+                    let _ = self.wake_cv.wait_timeout(state, backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Checks an idle session without signing: the token answers and the session is still
+    /// logged in. A busy pool is not probed (its signatures are the probe).
+    fn probe(&self) {
+        let Ok(lib) = self.lib.try_read() else {
+            return;
+        };
+        let Some(pooled) = self.state().idle.pop() else {
+            return;
+        };
+        let checked = lib
+            .ctx
+            .get_token_info(lib.slot)
+            .and_then(|_| pooled.session.get_session_info());
+        let error = match checked {
+            Ok(info)
+                if matches!(
+                    info.session_state(),
+                    SessionState::RoUser | SessionState::RwUser
+                ) =>
+            {
+                self.release(pooled);
+                return;
+            }
+            Ok(info) => {
+                self.release(pooled);
+                self.mark_down(
+                    format!(
+                        "the HSM session is no longer logged in ({:?})",
+                        info.session_state()
+                    ),
+                    None,
+                    Some("C_GetSessionInfo".into()),
+                );
+                return;
+            }
+            Err(e) => e,
+        };
+        self.release(pooled);
+        if classify(&error) != Fault::Operation {
+            self.mark_down(
+                format!(
+                    "the HSM health check failed: {} ({})",
+                    ckr(&error),
+                    function(&error)
+                ),
+                Some(ckr(&error)),
+                Some(function(&error)),
+            );
+        } else {
+            tracing::warn!(
+                event = "hsm_probe_failed",
+                ckr = %ckr(&error),
+                function = %function(&error),
+                "the HSM health check failed"
+            );
+        }
+    }
+
+    /// One recovery attempt: new sessions and login; failing that, `C_Finalize` +
+    /// `C_Initialize`, the slot found again, new sessions and login.
+    fn recover(&self, attempt: u32) -> Recovery {
+        let mut lib = self.lib.write().unwrap_or_else(|p| p.into_inner());
+        // Under the write lock no session is lent: close them all.
+        let old = std::mem::take(&mut self.state().idle);
+        drop(old);
+
+        let outage = |state: &State| match &state.health {
+            Health::Down { since, .. } => since.elapsed().as_millis() as u64,
+            Health::Up => 0,
+        };
+        tracing::info!(
+            event = "hsm_recovery_attempt",
+            attempt,
+            level = "sessions",
+            "opening new HSM sessions and logging in again"
+        );
+        let sessions_error = match connect(&lib, &self.spec, Some(&self.info)) {
+            Ok((sessions, _)) => {
+                self.install(sessions, attempt, "sessions", outage);
+                return Recovery::Recovered;
+            }
+            Err(e) => e,
+        };
+        if sessions_error.pin_refused() {
+            return self.halt(attempt, &sessions_error);
+        }
+        tracing::warn!(
+            event = "hsm_recovery_failed",
+            attempt,
+            level = "sessions",
+            ckr = sessions_error.ckr.as_deref().unwrap_or(""),
+            error = %sessions_error,
+            "new sessions did not help"
+        );
+
+        tracing::info!(
+            event = "hsm_recovery_attempt",
+            attempt,
+            level = "library",
+            "finalizing and re-initializing the PKCS#11 library"
+        );
+        if let Err(e) = lib.ctx.clone().finalize() {
+            tracing::debug!(ckr = %ckr(&e), "C_Finalize failed");
+        }
+        let result = initialize(&lib.ctx)
+            .map_err(|e| ConnectError::pkcs11("C_Initialize failed", &e))
+            .and_then(|owns| {
+                lib.owns_init |= owns;
+                find_slot(&lib.ctx, &self.spec.token)
+            })
+            .and_then(|slot| {
+                lib.slot = slot;
+                connect(&lib, &self.spec, Some(&self.info))
+            });
+        match result {
+            Ok((sessions, _)) => {
+                self.install(sessions, attempt, "library", outage);
+                Recovery::Recovered
+            }
+            Err(e) if e.pin_refused() => self.halt(attempt, &e),
+            Err(e) => {
+                let state = self.state();
+                tracing::warn!(
+                    event = "hsm_recovery_failed",
+                    attempt,
+                    level = "library",
+                    ckr = e.ckr.as_deref().unwrap_or(""),
+                    outage_ms = outage(&state),
+                    error = %e,
+                    "the HSM is still unavailable"
+                );
+                // Keep the reason current for health().
+                drop(state);
+                if let Health::Down { reason, .. } = &mut self.state().health {
+                    *reason = format!("recovering (attempt {attempt}): {e}");
+                }
+                Recovery::Failed
+            }
+        }
+    }
+
+    /// Stops recovering: another login with a refused PIN could lock the token's user.
+    fn halt(&self, attempt: u32, error: &ConnectError) -> Recovery {
+        tracing::error!(
+            event = "hsm_recovery_stopped",
+            attempt,
+            ckr = error.ckr.as_deref().unwrap_or(""),
+            error = %error,
+            "the token refused the PIN; the recovery stops so as not to lock the PIN; fix the \
+             PIN and restart the TSA"
+        );
+        if let Health::Down { reason, .. } = &mut self.state().health {
+            *reason = format!("the recovery stopped, restart needed: {error}");
+        }
+        Recovery::Halted
+    }
+
+    fn install(
+        &self,
+        sessions: Vec<Pooled>,
+        attempt: u32,
+        level: &str,
+        outage: impl Fn(&State) -> u64,
+    ) {
+        let mut state = self.state();
+        let outage_ms = outage(&state);
+        state.idle = sessions;
+        state.health = Health::Up;
+        drop(state);
+        tracing::info!(
+            event = "hsm_recovered",
+            attempt,
+            level,
+            outage_ms,
+            sessions = self.spec.sessions,
+            "the HSM key is available again"
+        );
+        self.idle_cv.notify_all();
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let lib = self.lib.get_mut().unwrap_or_else(|p| p.into_inner());
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        // Sessions first (they close themselves), then the library if this pool started it.
+        state.idle.clear();
+        if lib.owns_init {
+            let _ = lib.ctx.clone().finalize();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cryptoki::context::Function;
+
+    #[test]
+    fn return_values_are_named_and_classified() {
+        let e = CkError::Pkcs11(RvError::ObjectHandleInvalid, Function::Sign);
+        assert_eq!(ckr(&e), "CKR_OBJECT_HANDLE_INVALID");
+        assert_eq!(function(&e), "C_Sign");
+        assert_eq!(classify(&e), Fault::Handle);
+        for rv in [
+            RvError::SessionHandleInvalid,
+            RvError::SessionClosed,
+            RvError::UserNotLoggedIn,
+            RvError::DeviceRemoved,
+            RvError::TokenNotPresent,
+            RvError::GeneralError,
+            RvError::DeviceError,
+        ] {
+            assert_eq!(classify(&CkError::Pkcs11(rv, Function::Sign)), Fault::Lost);
+        }
+        let e = CkError::Pkcs11(RvError::GeneralError, Function::GetTokenInfo);
+        assert_eq!(ckr(&e), "CKR_GENERAL_ERROR");
+        assert_eq!(
+            classify(&CkError::Pkcs11(RvError::DataLenRange, Function::Sign)),
+            Fault::Operation
+        );
+    }
+}

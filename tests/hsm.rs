@@ -1,0 +1,807 @@
+//! The PKCS#11 signer against a real SoftHSM2 token, a real `tsa serve` and real `openssl`:
+//! every test makes its own token with `tsa init --hsm` (its own `softhsm2.conf` and token
+//! directory inside a temporary state directory, so tests run in parallel), then serves it.
+//!
+//! - tokens signed by the token key (P-256, P-384, RSA-2048 PKCS#1 v1.5) verify with
+//!   `openssl ts -verify`; RSA-PSS ones with `openssl cms -verify` and `tsa verify`;
+//! - the CSR is signed by the token key (`openssl req -verify`), the private key is sensitive
+//!   and not extractable (`pkcs11-tool`), and the PIN comes from a file, an environment
+//!   variable or a systemd credential, never the configuration;
+//! - a wrong PIN, a missing token or key, and a certificate of another key refuse to start,
+//!   with a clear message;
+//! - moving the token directory away while the server runs gives `systemFailure` and a 503
+//!   readiness, and moving it back brings the key back without a restart (with and without
+//!   traffic noticing the loss); the CKR codes seen are printed;
+//! - concurrent requests all get verified tokens.
+//!
+//! SoftHSM2 and OpenSC's pkcs11-tool must be installed (`scripts/test.sh` installs them).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{curl_post, merge_toml, ok, openssl, run, TSA};
+use tsa::client::read::Response;
+use tsa::protocol::FailInfo;
+
+const QUERY_TYPE: &str = "application/timestamp-query";
+
+/// `tsa init --hsm` in a fresh directory, with `extra` TOML merged into the configuration.
+fn init_hsm(init_args: &[&str], extra: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(Command::new(TSA)
+        .args(["init", "--hsm", "--dir"])
+        .arg(dir.path())
+        .args(init_args));
+    assert!(
+        out.status.success(),
+        "tsa init --hsm failed (SoftHSM2 missing? scripts/test.sh installs softhsm2): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !extra.is_empty() {
+        edit_config(dir.path(), |config| merge_toml(config, extra));
+    }
+    dir
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&str) -> String) {
+    let path = dir.join("tsa.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, edit(&config)).unwrap();
+}
+
+/// A running `tsa serve` whose log (`RUST_LOG=info`, no colours) goes to `log`.
+struct HsmServer {
+    dir: PathBuf,
+    url: String,
+    admin_url: String,
+    log: PathBuf,
+    child: Child,
+}
+
+impl HsmServer {
+    fn start(dir: &Path, envs: &[(&str, &str)]) -> HsmServer {
+        let log = dir.join("serve.log");
+        let mut child = Command::new(TSA)
+            .arg("serve")
+            .arg("--config")
+            .arg(dir.join("tsa.toml"))
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .envs(envs.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn tsa serve");
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .expect("read the announcement");
+        let url = first
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no URL in {first:?}; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
+            .to_string();
+        let admin_url = first
+            .split("(admin ")
+            .nth(1)
+            .and_then(|s| s.strip_suffix(")\n"))
+            .unwrap_or_else(|| panic!("no admin URL in {first:?}"))
+            .to_string();
+        HsmServer {
+            dir: dir.to_path_buf(),
+            url,
+            admin_url,
+            log,
+            child,
+        }
+    }
+
+    fn log(&self) -> String {
+        // The fmt subscriber writes ANSI colours unless told otherwise; strip any.
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        strip_ansi(&text)
+    }
+
+    /// The HTTP status and body of `/health/ready`.
+    fn readiness(&self) -> (u16, String) {
+        let out = ok(Command::new("curl").args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            &format!("{}/health/ready", self.admin_url),
+        ]));
+        let out = String::from_utf8(out.stdout).unwrap();
+        let (text, code) = out.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), text.to_string())
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for HsmServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Writes `data.bin` and `req.tsq` (`openssl ts -query` with `args`) into `work`.
+fn query(work: &Path, args: &[&str]) {
+    std::fs::write(
+        work.join("data.bin"),
+        format!("stamped at {:?}\n", SystemTime::now()),
+    )
+    .unwrap();
+    let mut all = vec!["ts", "-query", "-data", "data.bin", "-out", "req.tsq"];
+    all.extend_from_slice(args);
+    openssl(&all, work);
+}
+
+/// POSTs `req.tsq`; saves `reply.tsr`; the decoded reply.
+fn post(server: &HsmServer, work: &Path) -> Response {
+    let (status, _, body) = curl_post(&server.url, &work.join("req.tsq"), QUERY_TYPE);
+    assert_eq!(status, 200);
+    std::fs::write(work.join("reply.tsr"), &body).unwrap();
+    Response::from_der(&body).expect("a TimeStampResp")
+}
+
+fn openssl_ts_verify(server: &HsmServer, work: &Path) {
+    let ca = server.dir.join("ca-cert.pem");
+    // The certificate installed in the state directory, for tokens that do not carry it.
+    let tsu = server.dir.join("tsa-cert.pem");
+    let out = run(Command::new("openssl").current_dir(work).args([
+        "ts",
+        "-verify",
+        "-in",
+        "reply.tsr",
+        "-queryfile",
+        "req.tsq",
+        "-CAfile",
+        ca.to_str().unwrap(),
+        "-untrusted",
+        tsu.to_str().unwrap(),
+    ]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("Verification: OK"),
+        "openssl ts -verify: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A stamp of a fresh document, granted and verified by `openssl ts -verify`.
+fn stamp_and_verify(server: &HsmServer, work: &Path, args: &[&str]) {
+    query(work, args);
+    let response = post(server, work);
+    assert!(response.granted(), "{:?}", response.status_text);
+    openssl_ts_verify(server, work);
+}
+
+fn tokens_verify_with_openssl_ts(algorithm: &str, signature_oid_name: &str) {
+    let dir = init_hsm(&["--algorithm", algorithm], "");
+    let server = HsmServer::start(dir.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    for args in [
+        &["-sha256", "-cert"][..],
+        &["-sha384", "-cert"][..],
+        &["-sha512", "-cert"][..],
+    ] {
+        stamp_and_verify(&server, work.path(), args);
+    }
+    let text = openssl(
+        &[
+            "ts",
+            "-reply",
+            "-in",
+            "reply.tsr",
+            "-token_out",
+            "-out",
+            "token.der",
+        ],
+        work.path(),
+    );
+    assert!(text.status.success());
+    let printed = openssl(
+        &[
+            "cms",
+            "-cmsout",
+            "-print",
+            "-inform",
+            "DER",
+            "-in",
+            "token.der",
+        ],
+        work.path(),
+    );
+    let printed = String::from_utf8(printed.stdout).unwrap();
+    assert!(printed.contains(signature_oid_name), "{printed}");
+    let log = server.log();
+    assert!(log.contains("event=\"hsm_key_loaded\""), "{log}");
+}
+
+#[test]
+fn p256_hsm_tokens_verify_with_openssl() {
+    tokens_verify_with_openssl_ts("p256", "ecdsa-with-SHA256");
+}
+
+#[test]
+fn p384_hsm_tokens_verify_with_openssl() {
+    tokens_verify_with_openssl_ts("p384", "ecdsa-with-SHA384");
+}
+
+#[test]
+fn rsa2048_pkcs1_hsm_tokens_verify_with_openssl() {
+    tokens_verify_with_openssl_ts("rsa2048", "sha256WithRSAEncryption");
+}
+
+/// `openssl ts -verify` does not take RSASSA-PSS: `openssl cms -verify` and `tsa verify` do.
+#[test]
+fn rsa2048_pss_hsm_tokens_verify_with_openssl_cms_and_tsa_verify() {
+    let dir = init_hsm(&["--algorithm", "rsa2048", "--pss"], "");
+    let server = HsmServer::start(dir.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let ca = dir.path().join("ca-cert.pem");
+    let ca = ca.to_str().unwrap();
+    for digest in ["-sha256", "-sha512"] {
+        query(w, &[digest, "-cert"]);
+        let response = post(&server, w);
+        let token = response.token.expect("granted");
+        std::fs::write(w.join("token.der"), &token.der).unwrap();
+        let printed = openssl(
+            &[
+                "cms",
+                "-cmsout",
+                "-print",
+                "-inform",
+                "DER",
+                "-in",
+                "token.der",
+            ],
+            w,
+        );
+        assert!(String::from_utf8_lossy(&printed.stdout).contains("rsassaPss"));
+        openssl(
+            &[
+                "cms",
+                "-verify",
+                "-inform",
+                "DER",
+                "-in",
+                "token.der",
+                "-binary",
+                "-CAfile",
+                ca,
+                "-purpose",
+                "timestampsign",
+                "-out",
+                "tstinfo.der",
+            ],
+            w,
+        );
+        assert_eq!(
+            std::fs::read(w.join("tstinfo.der")).unwrap(),
+            token.tst_info_der
+        );
+        let out = ok(Command::new(TSA).current_dir(w).args([
+            "verify",
+            "--in",
+            "reply.tsr",
+            "--data",
+            "data.bin",
+            "--query",
+            "req.tsq",
+            "--ca",
+            ca,
+        ]));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Verification: OK"));
+    }
+}
+
+/// The PIN of a state directory made by `tsa init --hsm`.
+fn pin(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("hsm-pin"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// `SOFTHSM2_CONF` and module of a state directory made by `tsa init --hsm`.
+fn softhsm_env(dir: &Path) -> (String, String) {
+    let config: toml::Table = std::fs::read_to_string(dir.join("tsa.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let signer = config["signer"].as_table().unwrap();
+    (
+        signer["module_env"]["SOFTHSM2_CONF"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        signer["module"].as_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn the_csr_is_signed_by_the_token_key_which_never_leaves_the_token() {
+    let dir = init_hsm(&["--algorithm", "p256"], "");
+    let d = dir.path();
+    // The CSR's signature verifies with the public key it carries, which is the certificate's.
+    let csr = openssl(
+        &["req", "-in", "tsa-csr.pem", "-verify", "-noout", "-pubkey"],
+        d,
+    );
+    let cert_key = openssl(&["x509", "-in", "tsa-cert.pem", "-noout", "-pubkey"], d);
+    assert_eq!(csr.stdout, cert_key.stdout);
+    let text = openssl(&["req", "-in", "tsa-csr.pem", "-noout", "-text"], d);
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.contains("Time Stamping"), "{text}");
+    assert!(
+        !d.join("tsa-key.pem").exists(),
+        "no key file beside the token"
+    );
+
+    // The PIN files are private; the configuration holds no PIN.
+    use std::os::unix::fs::PermissionsExt;
+    for file in ["hsm-pin", "hsm-so-pin"] {
+        let mode = std::fs::metadata(d.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    let config = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
+    assert!(!config.contains(&pin(d)), "the PIN is in the configuration");
+
+    // OpenSC's view of the key: sensitive, never extractable.
+    let (conf, module) = softhsm_env(d);
+    let out = ok(Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &conf)
+        .args([
+            "--module",
+            &module,
+            "--token-label",
+            "tsa",
+            "--login",
+            "--pin",
+        ])
+        .arg(pin(d))
+        .args(["--list-objects", "--type", "privkey"]));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("tsa-tsu"), "{listing}");
+    assert!(listing.contains("sensitive"), "{listing}");
+    assert!(listing.contains("never extractable"), "{listing}");
+
+    // `tsa hsm check` agrees, and signs.
+    let out = ok(Command::new(TSA)
+        .args(["hsm", "check", "--config"])
+        .arg(d.join("tsa.toml")));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("CKA_SENSITIVE=Some(true) CKA_EXTRACTABLE=Some(false)"),
+        "{report}"
+    );
+    assert!(report.contains("verified on the host"), "{report}");
+}
+
+/// A CSR from `tsa hsm csr` for a second key made by `tsa hsm keygen`, certified by the
+/// development CA with openssl, installed with `tsa hsm install-cert`, then served.
+#[test]
+fn keygen_csr_and_install_cert_for_a_new_token_key() {
+    let dir = init_hsm(&["--algorithm", "p256"], "");
+    let d = dir.path();
+    edit_config(d, |c| {
+        c.replace("key_label = \"tsa-tsu\"", "key_label = \"tsu-2025\"")
+            .lines()
+            .filter(|l| !l.starts_with("key_id"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    });
+    let config = d.join("tsa.toml");
+    let out = ok(Command::new(TSA)
+        .args(["hsm", "keygen", "--algorithm", "p384", "--config"])
+        .arg(&config));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ECDSA P-384"));
+    ok(Command::new(TSA)
+        .args([
+            "hsm",
+            "csr",
+            "--subject",
+            "C=VN,O=Example TSA,CN=Example TSU 2025",
+            "--out",
+        ])
+        .arg(d.join("new.csr"))
+        .arg("--config")
+        .arg(&config));
+    openssl(&["req", "-in", "new.csr", "-verify", "-noout"], d);
+    std::fs::write(
+        d.join("ext.cnf"),
+        "keyUsage = critical, digitalSignature\nextendedKeyUsage = critical, timeStamping\n\
+         basicConstraints = critical, CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "new.csr",
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-sha256",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "new.pem",
+        ],
+        d,
+    );
+    // The old certificate belongs to the old key: install-cert refuses it for the new one.
+    let refused = run(Command::new(TSA)
+        .args(["hsm", "install-cert", "--cert"])
+        .arg(d.join("tsa-cert.pem"))
+        .arg("--config")
+        .arg(&config));
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("does not belong"));
+    ok(Command::new(TSA)
+        .args(["hsm", "install-cert", "--cert"])
+        .arg(d.join("new.pem"))
+        .arg("--config")
+        .arg(&config));
+    let server = HsmServer::start(d, &[]);
+    let work = tempfile::tempdir().unwrap();
+    stamp_and_verify(&server, work.path(), &["-sha384", "-cert"]);
+}
+
+/// Runs `tsa serve` that must refuse to start; its stderr.
+fn refused_start(dir: &Path, envs: &[(&str, &str)]) -> String {
+    let mut child = Command::new(TSA)
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.join("tsa.toml"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "error")
+        .envs(envs.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+            assert!(!status.success(), "tsa serve started: {err}");
+            return err;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tsa serve neither started nor refused within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_wrong_pin_a_missing_token_or_key_and_a_pin_in_the_config_refuse_to_start() {
+    let dir = init_hsm(&[], "");
+    let d = dir.path();
+    let right = pin(d);
+    std::fs::write(d.join("hsm-pin"), "0000\n").unwrap();
+    let err = refused_start(d, &[]);
+    assert!(
+        err.contains("PIN") && err.contains("CKR_PIN_INCORRECT"),
+        "{err}"
+    );
+    assert!(!err.contains(&right), "the PIN was printed");
+    std::fs::write(d.join("hsm-pin"), format!("{right}\n")).unwrap();
+
+    let config = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
+    let with = |from: &str, to: &str| {
+        assert!(config.contains(from));
+        std::fs::write(d.join("tsa.toml"), config.replace(from, to)).unwrap();
+    };
+    with("key_label = \"tsa-tsu\"", "key_label = \"no-such-key\"");
+    let err = refused_start(d, &[]);
+    assert!(
+        err.contains("no private key with label 'no-such-key'"),
+        "{err}"
+    );
+    with("token_label = \"tsa\"", "token_label = \"elsewhere\"");
+    let err = refused_start(d, &[]);
+    assert!(err.contains("token 'elsewhere' is not present"), "{err}");
+    with("pin_file = \"hsm-pin\"", &format!("pin = \"{right}\""));
+    let err = refused_start(d, &[]);
+    assert!(err.contains("never read from the configuration"), "{err}");
+    assert!(!err.contains(&right), "the PIN was printed");
+    with("module = \"", "module = \"/nonexistent");
+    let err = refused_start(d, &[]);
+    assert!(err.contains("cannot load the PKCS#11 module"), "{err}");
+}
+
+#[test]
+fn a_certificate_of_another_key_is_refused() {
+    let one = init_hsm(&[], "");
+    let other = init_hsm(&[], "");
+    std::fs::copy(
+        other.path().join("tsa-cert.pem"),
+        one.path().join("tsa-cert.pem"),
+    )
+    .unwrap();
+    let err = refused_start(one.path(), &[]);
+    assert!(err.contains("does not belong to the signing key"), "{err}");
+}
+
+#[test]
+fn the_pin_comes_from_an_environment_variable_or_a_systemd_credential() {
+    let dir = init_hsm(&[], "");
+    let d = dir.path();
+    let the_pin = pin(d);
+    let config = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
+    let work = tempfile::tempdir().unwrap();
+
+    std::fs::write(
+        d.join("tsa.toml"),
+        config.replace("pin_file = \"hsm-pin\"", "pin_env = \"TSA_TEST_HSM_PIN\""),
+    )
+    .unwrap();
+    let server = HsmServer::start(d, &[("TSA_TEST_HSM_PIN", &the_pin)]);
+    stamp_and_verify(&server, work.path(), &["-sha256", "-cert"]);
+    drop(server);
+    let err = refused_start(d, &[]);
+    assert!(err.contains("TSA_TEST_HSM_PIN is not set"), "{err}");
+
+    let credentials = tempfile::tempdir().unwrap();
+    std::fs::write(credentials.path().join("tsa-pin"), &the_pin).unwrap();
+    std::fs::write(
+        d.join("tsa.toml"),
+        config.replace("pin_file = \"hsm-pin\"", "pin_credential = \"tsa-pin\""),
+    )
+    .unwrap();
+    let server = HsmServer::start(
+        d,
+        &[(
+            "CREDENTIALS_DIRECTORY",
+            credentials.path().to_str().unwrap(),
+        )],
+    );
+    stamp_and_verify(&server, work.path(), &["-sha256"]);
+    let log = server.log();
+    assert!(!log.contains(&the_pin), "the PIN is in the log");
+}
+
+/// The token directory of a `tsa init --hsm` state directory (one token).
+fn token_dir(dir: &Path) -> PathBuf {
+    let tokens = dir.join("softhsm/tokens");
+    let mut entries: Vec<_> = std::fs::read_dir(&tokens)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    entries.remove(0)
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `ckr="…"` values of the log lines with `event="<event>"`.
+fn ckrs(log: &str, event: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains(&format!("event=\"{event}\"")))
+        .filter_map(|l| {
+            let at = l.find("ckr=")? + 4;
+            let rest = l[at..].trim_start_matches('"');
+            let end = rest.find(['"', ' ']).unwrap_or(rest.len());
+            Some(format!(
+                "{}{}",
+                &rest[..end],
+                l.find("function=")
+                    .map(|f| format!(
+                        " in {}",
+                        l[f + 9..]
+                            .split([' ', '"'])
+                            .find(|s| !s.is_empty())
+                            .unwrap_or("")
+                    ))
+                    .unwrap_or_default()
+            ))
+        })
+        .filter(|c| !c.starts_with(" in") && !c.is_empty())
+        .collect()
+}
+
+#[test]
+fn removing_and_restoring_the_token_recovers_without_a_restart() {
+    let dir = init_hsm(&[], "[signer]\nhealth_check_interval_ms = 200\n");
+    let d = dir.path();
+    let mut server = HsmServer::start(d, &[]);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    stamp_and_verify(&server, w, &["-sha256", "-cert"]);
+    assert_eq!(server.readiness().0, 200);
+
+    let token = token_dir(d);
+    let away = d.join("token-moved-away");
+    let started = Instant::now();
+
+    // 1. Traffic notices: the next request fails with systemFailure, readiness turns 503.
+    std::fs::rename(&token, &away).unwrap();
+    query(w, &["-sha256", "-cert"]);
+    let response = post(&server, w);
+    assert!(!response.granted());
+    assert_eq!(
+        response.fail_bits,
+        vec![FailInfo::SystemFailure.bit() as usize],
+        "{:?}",
+        response.status_text
+    );
+    let (code, text) = server.readiness();
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("HSM"), "{text}");
+    // Still refused a while later (recovery keeps failing while the token is away).
+    std::thread::sleep(Duration::from_millis(600));
+    let response = post(&server, w);
+    assert_eq!(
+        response.fail_bits,
+        vec![FailInfo::SystemFailure.bit() as usize]
+    );
+    assert_eq!(server.readiness().0, 503);
+
+    std::fs::rename(&away, &token).unwrap();
+    wait_for(
+        "readiness after the token came back",
+        Duration::from_secs(30),
+        || server.readiness().0 == 200,
+    );
+    stamp_and_verify(&server, w, &["-sha256", "-cert"]);
+    let first_outage = started.elapsed();
+
+    // 2. No traffic: the health check notices, readiness turns 503 by itself.
+    std::fs::rename(&token, &away).unwrap();
+    wait_for(
+        "readiness 503 without traffic",
+        Duration::from_secs(30),
+        || server.readiness().0 == 503,
+    );
+    std::fs::rename(&away, &token).unwrap();
+    wait_for(
+        "readiness after the second outage",
+        Duration::from_secs(30),
+        || server.readiness().0 == 200,
+    );
+    stamp_and_verify(&server, w, &["-sha512"]);
+
+    assert!(server.alive(), "the server exited");
+    let log = server.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(
+        log.matches("event=\"hsm_recovered\"").count(),
+        2,
+        "two recoveries expected:\n{log}"
+    );
+    let lost = ckrs(&log, "hsm_session_lost");
+    let failed = ckrs(&log, "hsm_recovery_failed");
+    let handle = ckrs(&log, "hsm_key_handle_invalid");
+    println!("first outage and recovery took {first_outage:?}");
+    println!("CKR codes, key handle invalid: {handle:?}");
+    println!("CKR codes, session lost (signature, then health check): {lost:?}");
+    let mut distinct = failed.clone();
+    distinct.sort();
+    distinct.dedup();
+    println!("CKR codes, failed recovery attempts: {distinct:?}");
+    let recovered: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("event=\"hsm_recovered\""))
+        .collect();
+    println!("recoveries: {recovered:#?}");
+    assert_eq!(lost.len(), 2, "{log}");
+}
+
+#[test]
+fn concurrent_requests_all_get_verified_tokens() {
+    let dir = init_hsm(&[], "");
+    edit_config(dir.path(), |c| c.replace("sessions = 4", "sessions = 2"));
+    let server = HsmServer::start(dir.path(), &[]);
+    let work = tempfile::tempdir().unwrap();
+    query(work.path(), &["-sha256", "-cert"]);
+    let req = work.path().join("req.tsq");
+    std::thread::scope(|scope| {
+        for _ in 0..6 {
+            scope.spawn(|| {
+                for _ in 0..20 {
+                    let (status, _, body) = curl_post(&server.url, &req, QUERY_TYPE);
+                    assert_eq!(status, 200);
+                    assert!(Response::from_der(&body).unwrap().granted());
+                }
+            });
+        }
+    });
+    let _ = post(&server, work.path());
+    openssl_ts_verify(&server, work.path());
+}
+
+/// A recovery that meets a refused PIN stops, rather than lock the token's user PIN with
+/// login after login; the server stays up, not ready, until restarted with the right PIN.
+#[test]
+fn a_refused_pin_stops_the_recovery() {
+    let dir = init_hsm(&[], "[signer]\nhealth_check_interval_ms = 100\n");
+    let d = dir.path();
+    let mut server = HsmServer::start(d, &[]);
+    let token = token_dir(d);
+    let away = d.join("token-moved-away");
+    std::fs::rename(&token, &away).unwrap();
+    wait_for("readiness 503", Duration::from_secs(30), || {
+        server.readiness().0 == 503
+    });
+    let right = pin(d);
+    std::fs::write(d.join("hsm-pin"), "0000\n").unwrap();
+    std::fs::rename(&away, &token).unwrap();
+    wait_for("the recovery to stop", Duration::from_secs(30), || {
+        server.log().contains("event=\"hsm_recovery_stopped\"")
+    });
+    let log = server.log();
+    assert!(log.contains("CKR_PIN_INCORRECT"), "{log}");
+    let logins = log.matches("CKR_PIN_INCORRECT").count();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        server.log().matches("CKR_PIN_INCORRECT").count(),
+        logins,
+        "more logins after the stop"
+    );
+    let (code, text) = server.readiness();
+    assert_eq!(code, 503);
+    assert!(text.contains("restart"), "{text}");
+    assert!(server.alive());
+    assert!(!server.log().contains(&right));
+
+    std::fs::write(d.join("hsm-pin"), format!("{right}\n")).unwrap();
+    drop(server);
+    let server = HsmServer::start(d, &[]);
+    let work = tempfile::tempdir().unwrap();
+    stamp_and_verify(&server, work.path(), &["-sha256", "-cert"]);
+}
