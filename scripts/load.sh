@@ -9,6 +9,8 @@
 #
 # Settings (environment):
 #   ALG          p256 | p384 | rsa2048 | rsa3072 | rsa4096, with "-pss" for RSA-PSS (rsa2048-pss)
+#   HSM=1        the TSU key in SoftHSM2 (`tsa init --hsm`); the raw rate is then the token's own
+#                single-process cryptoki rate (`tsa hsm check`), and the ratio is tokens/s to it
 #   CONCURRENCY  connections per run, space-separated               (default "1 8 32 64")
 #   DURATION     seconds per run                                     (default 10)
 #   LOAD_TOOL    oha | wrk; default: oha when installed, else wrk (installed with apt when
@@ -98,6 +100,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+if [ "${HSM:-0}" = 1 ]; then
+  init_args+=(--hsm)
+fi
+
 # The raw single-core signing rate of the same algorithm, before the server takes the core.
 echo "== openssl speed -seconds $SPEED_SECONDS $speed_alg (core $SERVER_CPU)"
 speed_out=$(taskset -c "$SERVER_CPU" timeout $((SPEED_SECONDS * 4 + 30)) \
@@ -114,6 +120,13 @@ echo "raw sign: $sign_per_s sign/s = $raw_sign_us µs per signature (OpenSSL $(o
 
 # A development PKI and a server on free loopback ports.
 "$TSA" init --dir "$work/state" "${init_args[@]}" >/dev/null
+if [ "${HSM:-0}" = 1 ]; then
+  # The token's raw rate through cryptoki in one process, on the server's core.
+  hsm_rate=$(taskset -c "$SERVER_CPU" "$TSA" hsm check --config "$work/state/tsa.toml" \
+    --signatures 30000 --threads 1 2>/dev/null | awk -F'= ' '/^rate:/ { sub("/s", "", $2); print $2 }')
+  [ -n "$hsm_rate" ] || die "tsa hsm check gave no rate"
+  echo "raw HSM rate (SoftHSM2 via cryptoki, 1 process, 1 thread, core $SERVER_CPU): $hsm_rate sign/s"
+fi
 taskset -c "$SERVER_CPU" "$TSA" serve --config "$work/state/tsa.toml" \
   --listen "$HOST:0" --admin-listen "$HOST:0" >"$work/serve.out" 2>"$work/serve.err" &
 server_pid=$!
@@ -202,7 +215,8 @@ stat_ticks() { # utime + stime of the server process, in clock ticks
 }
 hz=$(getconf CLK_TCK)
 
-printf '\n%-6s %10s %10s %10s %9s %10s %9s %12s %14s\n' conc req/s p50_ms p99_ms requests bad_frac errors cpu_us/token cpu/raw_sign
+printf '\n%-6s %10s %10s %10s %9s %10s %9s %12s %14s%s\n' conc req/s p50_ms p99_ms requests bad_frac errors cpu_us/token cpu/raw_sign \
+  "$([ -n "${hsm_rate:-}" ] && printf ' %12s' 'of_hsm_rate')"
 for c in $CONCURRENCY; do
   kill -0 "$server_pid" 2>/dev/null || die "the server died"
   before=$(stat_ticks)
@@ -219,14 +233,16 @@ for c in $CONCURRENCY; do
   esac
   after=$(stat_ticks)
   line=$(grep '^RESULT ' <<<"$out") || { echo "$out" >&2; die "no result from $LOAD_TOOL at c=$c"; }
-  awk -v c="$c" -v ticks=$((after - before)) -v hz="$hz" -v raw="$raw_sign_us" '
+  awk -v c="$c" -v ticks=$((after - before)) -v hz="$hz" -v raw="$raw_sign_us" -v hsm="${hsm_rate:-0}" '
     { for (i = 2; i <= NF; i++) { split($i, kv, "="); r[kv[1]] = kv[2] } }
     END {
       n = r["requests"]; bad = r["non200"] + (r["notgranted"] > 0 ? r["notgranted"] : 0)
       cpu = n > 0 ? ticks / hz * 1e6 / n : 0
-      printf "%-6d %10.0f %10.3f %10.3f %9d %10s %9d %12.1f %14.2f\n", c, n / r["seconds"],
+      printf "%-6d %10.0f %10.3f %10.3f %9d %10s %9d %12.1f %14.2f", c, n / r["seconds"],
         r["p50_ms"], r["p99_ms"], n, (n > 0 ? sprintf("%.4f", bad / n) : "-"), r["errors"],
         cpu, cpu / raw
+      if (hsm > 0) printf " %11.0f%%", 100 * n / r["seconds"] / hsm
+      printf "\n"
     }' <<<"$line"
 done
 echo
