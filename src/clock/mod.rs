@@ -62,6 +62,11 @@ pub trait TimeSource: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn read(&self) -> Reading;
 
+    /// The discipline's data (system and sources), for metrics; `None` for simple sources.
+    fn views(&self) -> Option<ClockViews> {
+        None
+    }
+
     /// The source's state in words for the operator (`tsa clock`, the admin listener).
     fn report(&self) -> String {
         let r = self.read();
@@ -77,6 +82,14 @@ pub trait TimeSource: Send + Sync + 'static {
             }
         )
     }
+}
+
+/// What the disciplined clock knows, as data: the system (`chronyc tracking`) and each source
+/// (`chronyc sources`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClockViews {
+    pub system: Option<discipline::SystemView>,
+    pub sources: Vec<discipline::SourceView>,
 }
 
 /// A time the TSA may put into a token.
@@ -167,6 +180,11 @@ impl IssuingClock {
     /// The source's current reading, for health checks and the status page.
     pub fn reading(&self) -> Reading {
         self.source.read()
+    }
+
+    /// The source's data, for metrics.
+    pub fn views(&self) -> Option<ClockViews> {
+        self.source.views()
     }
 
     /// The source's state in words (`tsa clock`), with the refusals so far.

@@ -14,7 +14,7 @@ use super::gps::{self, GpsdSource};
 use super::local::{LocalClock, WallClockWatch};
 use super::nmea::{self, NmeaSource};
 use super::ntp::{self, NtpServer};
-use super::{fmt_ns, Reading, TimeSource};
+use super::{fmt_ns, ClockViews, Reading, TimeSource};
 
 /// What a source task tells the discipline.
 #[derive(Debug)]
@@ -38,7 +38,8 @@ pub struct DisciplinedConfig {
 pub struct DisciplinedClock {
     local: LocalClock,
     snapshot: ArcSwap<Snapshot>,
-    report: Mutex<String>,
+    /// The operator's view, refreshed at each update: text and data.
+    status: Mutex<(String, ClockViews)>,
 }
 
 impl DisciplinedClock {
@@ -71,7 +72,7 @@ impl DisciplinedClock {
         let clock = Arc::new(Self {
             local,
             snapshot: ArcSwap::from_pointee(Snapshot::initial()),
-            report: Mutex::new("no update yet\n".into()),
+            status: Mutex::new(("no update yet\n".into(), ClockViews::default())),
         });
         let (tx, rx) = mpsc::channel(1024);
         let mut id = 0;
@@ -107,10 +108,21 @@ impl TimeSource for DisciplinedClock {
     }
 
     fn report(&self) -> String {
-        self.report
+        self.status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .0
             .clone()
+    }
+
+    fn views(&self) -> Option<ClockViews> {
+        Some(
+            self.status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .1
+                .clone(),
+        )
     }
 }
 
@@ -149,7 +161,11 @@ async fn run(
                         "the system wall clock was stepped by {:+.6} s; the TSA's time is not affected",
                         step as f64 / 1e9);
                 }
-                *clock.report.lock().unwrap_or_else(|p| p.into_inner()) = render(&discipline, now);
+                let views = ClockViews {
+                    system: Some(discipline.system_view(now)),
+                    sources: discipline.source_views(now),
+                };
+                *clock.status.lock().unwrap_or_else(|p| p.into_inner()) = (render(&discipline, now), views);
             }
         }
     }

@@ -14,12 +14,12 @@
 //!
 //! Admin listener (loopback by default): `GET /health/live`, `GET /health/ready` (503 with the
 //! reason while the clock is not trusted or the signer failed), `GET /clock` (the clock's
-//! state and sources in words, as `tsa clock` prints them).
+//! state and sources in words, as `tsa clock` prints them), `GET /metrics` (Prometheus).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -32,7 +32,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use super::Tsa;
+use super::{metrics, Outcome, Tsa};
 use crate::config::ServerConfig;
 use crate::protocol::{FailInfo, Rejection};
 
@@ -128,10 +128,11 @@ fn spawn(conn: impl Future<Output = hyper::Result<()>> + Send + 'static) {
 
 async fn public_route(req: Request<Incoming>, tsa: &Arc<Tsa>, limits: &Limits) -> Reply {
     if req.uri().path() == limits.path {
-        return match *req.method() {
+        let start = Instant::now();
+        let (reply, outcome) = match *req.method() {
             Method::POST => timestamp(req, tsa, limits).await,
             _ => {
-                let mut reply = rejection(
+                let (mut reply, outcome) = rejection(
                     StatusCode::METHOD_NOT_ALLOWED,
                     FailInfo::BadRequest,
                     "time-stamp requests are POSTed",
@@ -139,9 +140,11 @@ async fn public_route(req: Request<Incoming>, tsa: &Arc<Tsa>, limits: &Limits) -
                 reply
                     .headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static("POST"));
-                reply
+                (reply, outcome)
             }
         };
+        tsa.metrics.request(outcome, start.elapsed());
+        return reply;
     }
     if req.uri().path() == "/certs" && req.method() == Method::GET {
         return response(
@@ -153,7 +156,7 @@ async fn public_route(req: Request<Incoming>, tsa: &Arc<Tsa>, limits: &Limits) -
     response(StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
 }
 
-async fn timestamp(req: Request<Incoming>, tsa: &Arc<Tsa>, limits: &Limits) -> Reply {
+async fn timestamp(req: Request<Incoming>, tsa: &Arc<Tsa>, limits: &Limits) -> (Reply, Outcome) {
     if !has_media_type(&req, QUERY_TYPE) {
         return rejection(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -195,13 +198,18 @@ async fn timestamp(req: Request<Incoming>, tsa: &Arc<Tsa>, limits: &Limits) -> R
             )
         }
     };
-    let (der, _outcome) = tsa.respond(body).await;
-    response(StatusCode::OK, REPLY_TYPE, der.into())
+    let (der, outcome) = tsa.respond(body).await;
+    (response(StatusCode::OK, REPLY_TYPE, der.into()), outcome)
 }
 
-fn admin_route(req: Request<Incoming>, tsa: &Tsa) -> Reply {
+fn admin_route(req: Request<Incoming>, tsa: &Arc<Tsa>) -> Reply {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/health/live") => response(StatusCode::OK, "text/plain", "live\n".into()),
+        (&Method::GET, "/metrics") => response(
+            StatusCode::OK,
+            metrics::CONTENT_TYPE,
+            metrics::encode(tsa).into(),
+        ),
         (&Method::GET, "/clock") => response(
             StatusCode::OK,
             "text/plain; charset=utf-8",
@@ -228,9 +236,13 @@ fn has_media_type(req: &Request<Incoming>, expected: &str) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case(expected))
 }
 
-fn rejection(status: StatusCode, fail_info: FailInfo, reason: &'static str) -> Reply {
+/// A refusal at the HTTP level, still answered with a DER `TimeStampResp`.
+fn rejection(status: StatusCode, fail_info: FailInfo, reason: &'static str) -> (Reply, Outcome) {
     let der = Rejection::new(fail_info, reason).to_der();
-    response(status, REPLY_TYPE, der.into())
+    (
+        response(status, REPLY_TYPE, der.into()),
+        Outcome::Rejected(fail_info),
+    )
 }
 
 fn response(status: StatusCode, content_type: &'static str, body: Bytes) -> Reply {

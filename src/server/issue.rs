@@ -29,6 +29,7 @@ pub struct Tsa {
     pub(super) signer_ok: AtomicBool,
     /// Issuances of a blocking signer in flight at once.
     pub(super) blocking_lane: Arc<tokio::sync::Semaphore>,
+    pub(super) metrics: super::metrics::Metrics,
 }
 
 impl Tsa {
@@ -96,7 +97,10 @@ impl Tsa {
         }
 
         let tbs = self.template.to_be_signed(&request, &stamp)?;
-        let signature = self.signer.sign(tbs.message()).map_err(|e| {
+        let signing = std::time::Instant::now();
+        let signature = self.signer.sign(tbs.message());
+        self.metrics.signature(signing.elapsed(), signature.is_ok());
+        let signature = signature.map_err(|e| {
             // An unavailable key is the signer's health to report (and to recover).
             if matches!(e, SignError::Failed(_)) {
                 self.signer_ok.store(false, Ordering::Relaxed);

@@ -5,6 +5,7 @@
 
 mod http;
 mod issue;
+mod metrics;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -127,6 +128,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         certificate,
         signer_ok: AtomicBool::new(true),
         blocking_lane: Arc::new(tokio::sync::Semaphore::new(blocking_lane)),
+        metrics: metrics::Metrics::default(),
     })
 }
 
@@ -142,6 +144,9 @@ impl<T: TimeSource> TimeSource for SharedSource<T> {
     }
     fn report(&self) -> String {
         self.0.report()
+    }
+    fn views(&self) -> Option<crate::clock::ClockViews> {
+        self.0.views()
     }
 }
 

@@ -1,0 +1,294 @@
+//! Prometheus metrics, served as OpenMetrics text on the admin listener (`GET /metrics`).
+//!
+//! Counters and histograms are updated on the request path; the clock, the certificate and the
+//! build are read when scraped (a collector). Every label value comes from a bounded set — an
+//! outcome, a failInfo name, a refusal kind, a configured source name — never from a client.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use super::issue::Outcome;
+use super::Tsa;
+use crate::clock::{RefusalKind, SyncState};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// The request-path instruments.
+pub struct Metrics {
+    requests: Family<Labels, Counter>,
+    tokens: Counter,
+    request_duration: Histogram,
+    signer_duration: Histogram,
+    signer_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        // 50 µs to about 3.3 s.
+        let buckets = || exponential_buckets(50e-6, 2.0, 17);
+        Self {
+            requests: Family::default(),
+            tokens: Counter::default(),
+            request_duration: Histogram::new(buckets()),
+            signer_duration: Histogram::new(buckets()),
+            signer_errors: Counter::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// One answered time-stamp request (also those refused at the HTTP level).
+    pub fn request(&self, outcome: Outcome, duration: Duration) {
+        let labels = match outcome {
+            Outcome::Granted => {
+                self.tokens.inc();
+                vec![("outcome", "granted".into()), ("fail_info", "none".into())]
+            }
+            Outcome::Rejected(fail) => {
+                vec![
+                    ("outcome", "rejected".into()),
+                    ("fail_info", fail.name().into()),
+                ]
+            }
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.request_duration.observe(duration.as_secs_f64());
+    }
+
+    pub fn signature(&self, duration: Duration, ok: bool) {
+        self.signer_duration.observe(duration.as_secs_f64());
+        if !ok {
+            self.signer_errors.inc();
+        }
+    }
+
+    /// The registry with the instruments and the scrape-time collector over `tsa`.
+    fn registry(tsa: Arc<Tsa>) -> Registry {
+        let m = &tsa.metrics;
+        let mut r = Registry::with_prefix("tsa");
+        r.register(
+            "requests",
+            "Time-stamp requests answered, by outcome and failInfo",
+            m.requests.clone(),
+        );
+        r.register(
+            "tokens_issued",
+            "Time-stamp tokens issued",
+            m.tokens.clone(),
+        );
+        r.register_with_unit(
+            "request_duration",
+            "Time from a request's headers to its reply",
+            Unit::Seconds,
+            m.request_duration.clone(),
+        );
+        r.register_with_unit(
+            "signer_duration",
+            "Time of one signature by the signing key",
+            Unit::Seconds,
+            m.signer_duration.clone(),
+        );
+        r.register(
+            "signer_errors",
+            "Signatures that failed",
+            m.signer_errors.clone(),
+        );
+        r.register_collector(Box::new(Scraped(tsa.clone())));
+        r
+    }
+}
+
+/// Encodes all metrics of `tsa` in the OpenMetrics text format.
+pub fn encode(tsa: &Arc<Tsa>) -> String {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &Metrics::registry(tsa.clone()))
+        .expect("writing to a String cannot fail");
+    text
+}
+
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// What is read when scraped: build, certificate, clock and its sources.
+struct Scraped(Arc<Tsa>);
+
+impl std::fmt::Debug for Scraped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Scraped")
+    }
+}
+
+fn gauge(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    series: &[(Labels, f64)],
+) -> std::fmt::Result {
+    if series.is_empty() {
+        return Ok(());
+    }
+    let mut metric = e.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for (labels, value) in series {
+        ConstGauge::new(*value).encode(metric.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Scraped {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let tsa = &self.0;
+        let none: Labels = vec![];
+        gauge(
+            &mut e,
+            "build_info",
+            "The build of this TSA",
+            None,
+            &[(vec![("version", env!("CARGO_PKG_VERSION").into())], 1.0)],
+        )?;
+        let left = tsa.certificate().remaining(SystemTime::now()).as_secs_f64();
+        gauge(
+            &mut e,
+            "certificate_expiry",
+            "Time until the TSU certificate expires",
+            Some(&Unit::Seconds),
+            &[(none.clone(), left)],
+        )?;
+
+        let clock = tsa.clock();
+        let reading = clock.reading();
+        let states = [
+            SyncState::Synchronized,
+            SyncState::Holdover,
+            SyncState::Unsynchronized,
+        ];
+        let state_series: Vec<(Labels, f64)> = states
+            .iter()
+            .map(|s| {
+                (
+                    vec![("state", s.name().into())],
+                    f64::from(u8::from(*s == reading.state)),
+                )
+            })
+            .collect();
+        gauge(
+            &mut e,
+            "clock_state",
+            "The clock's state (1 for the current one)",
+            None,
+            &state_series,
+        )?;
+        if reading.bound_ns != u64::MAX {
+            gauge(
+                &mut e,
+                "clock_error_bound",
+                "The clock's error bound now",
+                Some(&Unit::Seconds),
+                &[(none.clone(), reading.bound_ns as f64 / 1e9)],
+            )?;
+        }
+        gauge(
+            &mut e,
+            "clock_declared_accuracy",
+            "The accuracy the TSA declares; it refuses to stamp beyond it",
+            Some(&Unit::Seconds),
+            &[(none.clone(), clock.max_bound().as_secs_f64())],
+        )?;
+        {
+            let mut metric = e.encode_descriptor(
+                "clock_refusals",
+                "Requests refused with timeNotAvailable, by reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for kind in RefusalKind::ALL {
+                let labels: Labels = vec![("reason", kind.name().into())];
+                ConstCounter::new(clock.refusals(kind)).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+
+        let Some(views) = clock.views() else {
+            return Ok(());
+        };
+        if let Some(system) = &views.system {
+            if let Some(offset) = system.offset_ns {
+                gauge(
+                    &mut e,
+                    "clock_offset",
+                    "UTC minus the local (monotonic) clock, as the discipline estimates it",
+                    Some(&Unit::Seconds),
+                    &[(none.clone(), offset as f64 / 1e9)],
+                )?;
+            }
+            if let Some(ppm) = system.frequency_ppm {
+                gauge(
+                    &mut e,
+                    "clock_frequency_ppm",
+                    "How much faster UTC runs than the local clock, in parts per million",
+                    None,
+                    &[(none.clone(), ppm)],
+                )?;
+            }
+        }
+        let per_source = |f: &dyn Fn(&crate::clock::discipline::SourceView) -> Option<f64>| {
+            views
+                .sources
+                .iter()
+                .filter_map(|v| f(v).map(|x| (vec![("source", v.name.clone())], x)))
+                .collect::<Vec<_>>()
+        };
+        let seconds = |ns: i128| ns as f64 / 1e9;
+        gauge(
+            &mut e,
+            "clock_source_offset",
+            "A source's filtered offset (UTC − local)",
+            Some(&Unit::Seconds),
+            &per_source(&|v| v.offset_ns.map(|n| seconds(n.into()))),
+        )?;
+        gauge(
+            &mut e,
+            "clock_source_delay",
+            "A source's round-trip delay",
+            Some(&Unit::Seconds),
+            &per_source(&|v| v.delay_ns.map(|n| seconds(n.into()))),
+        )?;
+        gauge(&mut e, "clock_source_distance", "A source's root distance (its dispersion: half the delays, dispersion, precision, jitter, age)", Some(&Unit::Seconds),
+            &per_source(&|v| v.distance_ns.map(|n| seconds(n.into()))))?;
+        gauge(
+            &mut e,
+            "clock_source_reach",
+            "A source's reach register: the last eight polls, newest in the lowest bit",
+            None,
+            &per_source(&|v| Some(f64::from(v.reach))),
+        )?;
+        let selections: Vec<(Labels, f64)> = views
+            .sources
+            .iter()
+            .map(|v| {
+                (
+                    vec![
+                        ("source", v.name.clone()),
+                        ("selection", v.selection.name().into()),
+                    ],
+                    1.0,
+                )
+            })
+            .collect();
+        gauge(
+            &mut e,
+            "clock_source_selection",
+            "A source's selection at the last update (1 for the current one)",
+            None,
+            &selections,
+        )?;
+        Ok(())
+    }
+}
