@@ -11,6 +11,8 @@ command -v curl >/dev/null || need+=(curl)
 command -v timeout >/dev/null || need+=(coreutils)
 # tests/clock_chrony.rs: real chronyd servers on loopback (-x: never touching the clock).
 command -v chronyd >/dev/null || need+=(chrony)
+# tests/systemd.rs: systemd-analyze verify / security --offline on the unit files.
+command -v systemd-analyze >/dev/null || need+=(systemd)
 # tests/clock_gps.rs: the real gpsd, reading NMEA from a pseudo-terminal on a loopback port.
 [ -x /usr/sbin/gpsd ] || command -v gpsd >/dev/null || need+=(gpsd)
 # tests/interop_java.rs: the JDK and BouncyCastle from Debian.

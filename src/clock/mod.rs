@@ -67,6 +67,13 @@ pub trait TimeSource: Send + Sync + 'static {
         None
     }
 
+    /// Whether the machinery behind the source runs (a background task that stopped
+    /// updating is a fault the service manager's watchdog should see). Not whether it is
+    /// synchronized: a restart does not bring lost references back.
+    fn alive(&self) -> bool {
+        true
+    }
+
     /// The source's state in words for the operator (`tsa clock`, the admin listener).
     fn report(&self) -> String {
         let r = self.read();
@@ -185,6 +192,11 @@ impl IssuingClock {
     /// The source's data, for metrics.
     pub fn views(&self) -> Option<ClockViews> {
         self.source.views()
+    }
+
+    /// The source's machinery runs (see [`TimeSource::alive`]).
+    pub fn alive(&self) -> bool {
+        self.source.alive()
     }
 
     /// The source's state in words (`tsa clock`), with the refusals so far.

@@ -3,6 +3,7 @@
 //! without taking any lock.
 
 use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +41,10 @@ pub struct DisciplinedClock {
     snapshot: ArcSwap<Snapshot>,
     /// The operator's view, refreshed at each update: text and data.
     status: Mutex<(String, ClockViews)>,
+    /// Local time of the discipline task's last update, and how often it updates: the task is
+    /// alive while the one is recent in terms of the other.
+    last_update: AtomicU64,
+    update_interval: Duration,
 }
 
 impl DisciplinedClock {
@@ -73,6 +78,8 @@ impl DisciplinedClock {
             local,
             snapshot: ArcSwap::from_pointee(Snapshot::initial()),
             status: Mutex::new(("no update yet\n".into(), ClockViews::default())),
+            last_update: AtomicU64::new(local.now()),
+            update_interval: config.update_interval,
         });
         let (tx, rx) = mpsc::channel(1024);
         let mut id = 0;
@@ -124,6 +131,15 @@ impl TimeSource for DisciplinedClock {
                 .clone(),
         )
     }
+
+    /// The discipline task updated within three intervals (and a second of slack).
+    fn alive(&self) -> bool {
+        let since = self
+            .local
+            .now()
+            .saturating_sub(self.last_update.load(Ordering::Relaxed));
+        since < 3 * self.update_interval.as_nanos() as u64 + 1_000_000_000
+    }
 }
 
 async fn run(
@@ -150,6 +166,7 @@ async fn run(
             _ = tick.tick() => {
                 let now = clock.local.now();
                 discipline.update(now);
+                clock.last_update.store(now, Ordering::Relaxed);
                 let snapshot = discipline.snapshot();
                 let utc = snapshot.estimate(now).utc_ns;
                 clock.snapshot.store(Arc::new(snapshot));

@@ -6,6 +6,7 @@
 mod http;
 mod issue;
 mod metrics;
+mod systemd;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -148,6 +149,9 @@ impl<T: TimeSource> TimeSource for SharedSource<T> {
     fn views(&self) -> Option<crate::clock::ClockViews> {
         self.0.views()
     }
+    fn alive(&self) -> bool {
+        self.0.alive()
+    }
 }
 
 /// The addresses the server listens on once bound.
@@ -175,5 +179,6 @@ pub async fn serve(
         public: public.local_addr()?,
         admin: admin.local_addr()?,
     });
+    tokio::spawn(systemd::supervise(tsa.clone()));
     http::run(tsa, config, public, admin, shutdown).await
 }

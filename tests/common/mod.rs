@@ -43,12 +43,18 @@ impl Server {
 
     /// Serves the configuration already in `dir`.
     pub fn serve(dir: tempfile::TempDir) -> Server {
+        Self::serve_with_env(dir, &[])
+    }
+
+    /// Serves the configuration in `dir` with extra environment variables.
+    pub fn serve_with_env(dir: tempfile::TempDir, env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(TSA)
             .arg("serve")
             .arg("--config")
             .arg(dir.path().join("tsa.toml"))
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "error")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
