@@ -6,11 +6,15 @@
 #   ./scripts/load.sh                                  # ALG=p256, concurrency 1 8 32 64, 10 s each
 #   ALG=rsa2048 DURATION=5 CONCURRENCY="1 16" ./scripts/load.sh
 #   LOAD_TOOL=wrk ./scripts/load.sh                    # force wrk (Debian's `wrk`)
+#   ARCHIVE=both DURATION=5 ./scripts/load.sh          # the archive's cost: off vs on
 #
 # Settings (environment):
 #   ALG          p256 | p384 | rsa2048 | rsa3072 | rsa4096, with "-pss" for RSA-PSS (rsa2048-pss)
 #   HSM=1        the TSU key in SoftHSM2 (`tsa init --hsm`); the raw rate is then the token's own
 #                single-process cryptoki rate (`tsa hsm check`), and the ratio is tokens/s to it
+#   ARCHIVE      0 (default): no archive; 1: the token archive on (`tsa init --archive`: SQLite,
+#                WAL, synchronous=FULL, group commit); both: the same runs with it off, then on,
+#                and the on/off ratio of req/s per concurrency
 #   CONCURRENCY  connections per run, space-separated               (default "1 8 32 64")
 #   DURATION     seconds per run                                     (default 10)
 #   LOAD_TOOL    oha | wrk; default: oha when installed, else wrk (installed with apt when
@@ -118,41 +122,6 @@ sign_per_s=$(awk '
 raw_sign_us=$(awk -v r="$sign_per_s" 'BEGIN { printf "%.2f", 1e6 / r }')
 echo "raw sign: $sign_per_s sign/s = $raw_sign_us µs per signature (OpenSSL $(openssl version | awk '{print $2}'))"
 
-# A development PKI and a server on free loopback ports.
-"$TSA" init --dir "$work/state" "${init_args[@]}" >/dev/null
-if [ "${HSM:-0}" = 1 ]; then
-  # The token's raw rate through cryptoki in one process, on the server's core.
-  hsm_rate=$(taskset -c "$SERVER_CPU" "$TSA" hsm check --config "$work/state/tsa.toml" \
-    --signatures 30000 --threads 1 2>/dev/null | awk -F'= ' '/^rate:/ { sub("/s", "", $2); print $2 }')
-  [ -n "$hsm_rate" ] || die "tsa hsm check gave no rate"
-  echo "raw HSM rate (SoftHSM2 via cryptoki, 1 process, 1 thread, core $SERVER_CPU): $hsm_rate sign/s"
-fi
-taskset -c "$SERVER_CPU" "$TSA" serve --config "$work/state/tsa.toml" \
-  --listen "$HOST:0" --admin-listen "$HOST:0" >"$work/serve.out" 2>"$work/serve.err" &
-server_pid=$!
-url=
-for _ in $(seq 100); do
-  url=$(grep -o "http://$HOST:[0-9]*/" "$work/serve.out" 2>/dev/null | head -n1 || true)
-  [ -n "$url" ] && break
-  kill -0 "$server_pid" 2>/dev/null || { cat "$work/serve.err" >&2; die "tsa serve exited"; }
-  sleep 0.1
-done
-[ -n "$url" ] || die "tsa serve did not announce its address"
-case "$url" in "http://$HOST:"*) ;; *) die "refusing to load anything but $HOST ($url)" ;; esac
-echo "== tsa serve ($ALG) pid $server_pid on core $SERVER_CPU at $url; load: $LOAD_TOOL on core $CLIENT_CPU"
-
-# The request (what a client sends) and one checked reply.
-head -c 4096 /dev/urandom >"$work/data"
-openssl ts -query -data "$work/data" -sha256 -cert -out "$work/req.tsq" 2>/dev/null
-curl -sS --max-time 10 -H 'Content-Type: application/timestamp-query' \
-  --data-binary @"$work/req.tsq" -o "$work/reply.tsr" -w '%{http_code}' "$url" >"$work/code"
-[ "$(cat "$work/code")" = 200 ] || die "sample request: HTTP $(cat "$work/code")"
-openssl ts -reply -in "$work/reply.tsr" -text >"$work/reply.txt" 2>&1 || true
-grep -q '^Status: Granted' "$work/reply.txt" || { cat "$work/reply.txt" >&2; die "sample reply not granted"; }
-openssl ts -verify -in "$work/reply.tsr" -queryfile "$work/req.tsq" \
-  -CAfile "$work/state/ca-cert.pem" >/dev/null 2>&1 || die "sample reply does not verify"
-echo "sample reply: $(grep '^Status:' "$work/reply.txt"), $(wc -c <"$work/reply.tsr") octets, verified by openssl ts -verify"
-
 # wrk: POST the request and check every reply's PKIStatus (granted = 0 or 1).
 cat >"$work/post.lua" <<'LUA'
 local f = assert(io.open(os.getenv("TSQ"), "rb"))
@@ -215,36 +184,115 @@ stat_ticks() { # utime + stime of the server process, in clock ticks
 }
 hz=$(getconf CLK_TCK)
 
-printf '\n%-6s %10s %10s %10s %9s %10s %9s %12s %14s%s\n' conc req/s p50_ms p99_ms requests bad_frac errors cpu_us/token cpu/raw_sign \
-  "$([ -n "${hsm_rate:-}" ] && printf ' %12s' 'of_hsm_rate')"
-for c in $CONCURRENCY; do
-  kill -0 "$server_pid" 2>/dev/null || die "the server died"
-  before=$(stat_ticks)
-  case "$LOAD_TOOL" in
-    wrk)
-      out=$(TSQ="$work/req.tsq" taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
-        wrk -t 1 -c "$c" -d "${DURATION}s" --timeout 10s -s "$work/post.lua" "$url")
-      ;;
-    oha)
-      out=$(taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
-        oha -z "${DURATION}s" -c "$c" -m POST -H 'Content-Type: application/timestamp-query' \
-        -D "$work/req.tsq" --no-tui --output-format json "$url" | oha_result)
-      ;;
-  esac
-  after=$(stat_ticks)
-  line=$(grep '^RESULT ' <<<"$out") || { echo "$out" >&2; die "no result from $LOAD_TOOL at c=$c"; }
-  awk -v c="$c" -v ticks=$((after - before)) -v hz="$hz" -v raw="$raw_sign_us" -v hsm="${hsm_rate:-0}" '
-    { for (i = 2; i <= NF; i++) { split($i, kv, "="); r[kv[1]] = kv[2] } }
-    END {
-      n = r["requests"]; bad = r["non200"] + (r["notgranted"] > 0 ? r["notgranted"] : 0)
-      cpu = n > 0 ? ticks / hz * 1e6 / n : 0
-      printf "%-6d %10.0f %10.3f %10.3f %9d %10s %9d %12.1f %14.2f", c, n / r["seconds"],
-        r["p50_ms"], r["p99_ms"], n, (n > 0 ? sprintf("%.4f", bad / n) : "-"), r["errors"],
-        cpu, cpu / raw
-      if (hsm > 0) printf " %11.0f%%", 100 * n / r["seconds"] / hsm
-      printf "\n"
-    }' <<<"$line"
+declare -A rate
+# One server per archive mode: started, checked with one request, loaded at each concurrency,
+# stopped.
+start_server() { # mode: off | on
+  local mode=$1
+  # A development PKI and a server on free loopback ports.
+  mode_args=()
+  [ "$mode" = on ] && mode_args=(--archive)
+  "$TSA" init --dir "$work/state-$mode" "${init_args[@]}" "${mode_args[@]}" >/dev/null
+  if [ "${HSM:-0}" = 1 ]; then
+    # The token's raw rate through cryptoki in one process, on the server's core.
+    hsm_rate=$(taskset -c "$SERVER_CPU" "$TSA" hsm check --config "$work/state-$mode/tsa.toml" \
+      --signatures 30000 --threads 1 2>/dev/null | awk -F'= ' '/^rate:/ { sub("/s", "", $2); print $2 }')
+    [ -n "$hsm_rate" ] || die "tsa hsm check gave no rate"
+    echo "raw HSM rate (SoftHSM2 via cryptoki, 1 process, 1 thread, core $SERVER_CPU): $hsm_rate sign/s"
+  fi
+  taskset -c "$SERVER_CPU" "$TSA" serve --config "$work/state-$mode/tsa.toml" \
+    --listen "$HOST:0" --admin-listen "$HOST:0" >"$work/serve-$mode.out" 2>"$work/serve-$mode.err" &
+  server_pid=$!
+  url=
+  for _ in $(seq 100); do
+    url=$(grep -o "http://$HOST:[0-9]*/" "$work/serve-$mode.out" 2>/dev/null | head -n1 || true)
+    [ -n "$url" ] && break
+    kill -0 "$server_pid" 2>/dev/null || { cat "$work/serve-$mode.err" >&2; die "tsa serve exited"; }
+    sleep 0.1
+  done
+  [ -n "$url" ] || die "tsa serve did not announce its address"
+  case "$url" in "http://$HOST:"*) ;; *) die "refusing to load anything but $HOST ($url)" ;; esac
+  echo "== tsa serve ($ALG, archive $mode) pid $server_pid on core $SERVER_CPU at $url; load: $LOAD_TOOL on core $CLIENT_CPU"
+
+  # The request (what a client sends) and one checked reply.
+  [ -e "$work/req.tsq" ] || {
+    head -c 4096 /dev/urandom >"$work/data"
+    openssl ts -query -data "$work/data" -sha256 -cert -out "$work/req.tsq" 2>/dev/null
+  }
+  curl -sS --max-time 10 -H 'Content-Type: application/timestamp-query' \
+    --data-binary @"$work/req.tsq" -o "$work/reply.tsr" -w '%{http_code}' "$url" >"$work/code"
+  [ "$(cat "$work/code")" = 200 ] || die "sample request: HTTP $(cat "$work/code")"
+  openssl ts -reply -in "$work/reply.tsr" -text >"$work/reply.txt" 2>&1 || true
+  grep -q '^Status: Granted' "$work/reply.txt" || { cat "$work/reply.txt" >&2; die "sample reply not granted"; }
+  openssl ts -verify -in "$work/reply.tsr" -queryfile "$work/req.tsq" \
+    -CAfile "$work/state-$mode/ca-cert.pem" >/dev/null 2>&1 || die "sample reply does not verify"
+  echo "sample reply: $(grep '^Status:' "$work/reply.txt"), $(wc -c <"$work/reply.tsr") octets, verified by openssl ts -verify"
+}
+
+stop_server() {
+  kill -TERM "$server_pid" 2>/dev/null || true
+  for _ in $(seq 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=
+}
+
+run_loads() { # mode
+  local mode=$1 c out line before after
+  printf '\n%-6s %10s %10s %10s %9s %10s %9s %12s %14s%s\n' conc req/s p50_ms p99_ms requests bad_frac errors cpu_us/token cpu/raw_sign \
+    "$([ -n "${hsm_rate:-}" ] && printf ' %12s' 'of_hsm_rate')"
+  for c in $CONCURRENCY; do
+    kill -0 "$server_pid" 2>/dev/null || die "the server died"
+    before=$(stat_ticks)
+    case "$LOAD_TOOL" in
+      wrk)
+        out=$(TSQ="$work/req.tsq" taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
+          wrk -t 1 -c "$c" -d "${DURATION}s" --timeout 10s -s "$work/post.lua" "$url")
+        ;;
+      oha)
+        out=$(taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
+          oha -z "${DURATION}s" -c "$c" -m POST -H 'Content-Type: application/timestamp-query' \
+          -D "$work/req.tsq" --no-tui --output-format json "$url" | oha_result)
+        ;;
+    esac
+    after=$(stat_ticks)
+    line=$(grep '^RESULT ' <<<"$out") || { echo "$out" >&2; die "no result from $LOAD_TOOL at c=$c"; }
+    awk -v c="$c" -v ticks=$((after - before)) -v hz="$hz" -v raw="$raw_sign_us" -v hsm="${hsm_rate:-0}" '
+      { for (i = 2; i <= NF; i++) { split($i, kv, "="); r[kv[1]] = kv[2] } }
+      END {
+        n = r["requests"]; bad = r["non200"] + (r["notgranted"] > 0 ? r["notgranted"] : 0)
+        cpu = n > 0 ? ticks / hz * 1e6 / n : 0
+        printf "%-6d %10.0f %10.3f %10.3f %9d %10s %9d %12.1f %14.2f", c, n / r["seconds"],
+          r["p50_ms"], r["p99_ms"], n, (n > 0 ? sprintf("%.4f", bad / n) : "-"), r["errors"],
+          cpu, cpu / raw
+        if (hsm > 0) printf " %11.0f%%", 100 * n / r["seconds"] / hsm
+        printf "\n"
+      }' <<<"$line" | tee "$work/line"
+    rate["$mode-$c"]=$(awk '{ print $2 }' "$work/line")
+  done
+}
+
+case "${ARCHIVE:-0}" in
+  0) modes=off ;;
+  1) modes=on ;;
+  both) modes="off on" ;;
+  *) die "ARCHIVE must be 0, 1 or both" ;;
+esac
+for mode in $modes; do
+  start_server "$mode"
+  run_loads "$mode"
+  if [ "$mode" = on ]; then
+    records=$(sqlite3 "$work/state-on/archive.sqlite" 'SELECT COUNT(*) FROM tokens' 2>/dev/null || echo "?")
+    echo "archive: $records tokens recorded"
+  fi
+  stop_server
 done
+if [ "$modes" = "off on" ]; then
+  printf '\n%-6s %12s %12s %10s\n' conc off_req/s on_req/s on/off
+  for c in $CONCURRENCY; do
+    awk -v c="$c" -v off="${rate[off-$c]}" -v on="${rate[on-$c]}" \
+      'BEGIN { printf "%-6d %12.0f %12.0f %9.1f%%\n", c, off, on, 100 * on / off }'
+  done
+fi
 echo
 echo "cpu_us/token: utime+stime of tsa serve per completed request (CLK_TCK=$hz, so ±$((1000000 / hz)) µs"
 echo "over the run); cpu/raw_sign: that divided by openssl's $raw_sign_us µs per $speed_alg signature."

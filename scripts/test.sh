@@ -23,6 +23,8 @@ command -v javac >/dev/null || need+=(openjdk-17-jdk-headless)
 # tests/hsm.rs, benches/hsm.rs: SoftHSM2 tokens through PKCS#11, and OpenSC's pkcs11-tool.
 command -v softhsm2-util >/dev/null || need+=(softhsm2)
 command -v pkcs11-tool >/dev/null || need+=(opensc)
+# tests/status.rs: the status page rendered by headless Chromium.
+command -v chromium >/dev/null || need+=(chromium)
 # tests/interop_python.rs: a Python 3 that can make a virtual environment.
 command -v python3 >/dev/null || need+=(python3)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need+=(python3-venv); fi

@@ -26,6 +26,63 @@ pub struct Config {
     pub clock: ClockConfig,
     #[serde(default)]
     pub token: TokenConfig,
+    #[serde(default)]
+    pub archive: ArchiveConfig,
+}
+
+/// Where the archive keeps its data.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchiveBackend {
+    /// An embedded SQLite database (`database`).
+    #[default]
+    Sqlite,
+}
+
+/// The durable token archive and structured serial numbers (see `src/archive/LAYOUT.md`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    /// Record every token before it is sent, with structured serials; otherwise serials are
+    /// random and nothing is recorded.
+    pub enabled: bool,
+    pub backend: ArchiveBackend,
+    /// The SQLite database.
+    pub database: PathBuf,
+    /// The state file (highest reserved serial counter, last genTime); `<file>.lock` beside it.
+    pub state_file: PathBuf,
+    /// This instance's id, in the serials' high octets; unique among instances.
+    pub instance_id: u32,
+    /// Serial counters reserved by one durable write.
+    pub serial_block: u64,
+    /// How often the chain head is signed (and the state file written, and pruning run).
+    pub checkpoint_interval_s: u64,
+    /// Records older than this are pruned (the chain keeps an anchor); 0 keeps everything.
+    pub retention_days: u64,
+    /// The most records one commit takes.
+    pub max_batch: usize,
+    /// Under load, how long a record may wait for others to share its commit (its fsync).
+    pub commit_delay_us: u64,
+    /// How long a write waits for a database locked by another process before failing.
+    pub busy_timeout_ms: u64,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            backend: ArchiveBackend::Sqlite,
+            database: "archive.sqlite".into(),
+            state_file: "archive.state".into(),
+            instance_id: 0,
+            serial_block: 10_000,
+            checkpoint_interval_s: 300,
+            retention_days: 0,
+            max_batch: 1024,
+            commit_delay_us: 1_000,
+            busy_timeout_ms: 5_000,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -236,6 +293,9 @@ pub struct TokenConfig {
     pub ess_cert_id_v1: bool,
     /// Message imprint algorithms accepted in requests.
     pub accepted_digests: Vec<String>,
+    /// Stop issuing (systemFailure) this many days before the signing certificate expires,
+    /// so that tokens stay verifiable for a while; 0: until notAfter.
+    pub min_certificate_validity_days: u64,
 }
 
 impl Default for TokenConfig {
@@ -248,6 +308,7 @@ impl Default for TokenConfig {
                 .iter()
                 .map(|d| d.name().to_string())
                 .collect(),
+            min_certificate_validity_days: 0,
         }
     }
 }
@@ -284,11 +345,17 @@ impl Config {
             SignerConfig::Pkcs11(pkcs11) => pkcs11.resolve_paths(base),
         }
         self.clock.nmea_device.iter_mut().for_each(resolve);
+        resolve(&mut self.archive.database);
+        resolve(&mut self.archive.state_file);
     }
 
     fn validate(&self) -> anyhow::Result<()> {
         if !self.server.path.starts_with('/') {
             bail!("server.path must start with '/'");
+        }
+        let a = &self.archive;
+        if a.serial_block < 2 || a.max_batch == 0 || a.checkpoint_interval_s == 0 {
+            bail!("archive.serial_block must be at least 2, max_batch and checkpoint_interval_s positive");
         }
         if self.clock.max_accuracy_ms == 0 {
             bail!("clock.max_accuracy_ms must be positive");
@@ -380,6 +447,33 @@ mod tests {
             TokenConfig::default().accepted_digests
         );
         assert_eq!(config.policy.default, PolicyConfig::default().default);
+        let (archive, defaults) = (&config.archive, ArchiveConfig::default());
+        assert_eq!(
+            (
+                archive.enabled,
+                &archive.database,
+                &archive.state_file,
+                archive.instance_id,
+                archive.serial_block,
+                archive.checkpoint_interval_s,
+                archive.retention_days,
+                archive.max_batch,
+                archive.commit_delay_us,
+                archive.busy_timeout_ms,
+            ),
+            (
+                defaults.enabled,
+                &defaults.database,
+                &defaults.state_file,
+                defaults.instance_id,
+                defaults.serial_block,
+                defaults.checkpoint_interval_s,
+                defaults.retention_days,
+                defaults.max_batch,
+                defaults.commit_delay_us,
+                defaults.busy_timeout_ms,
+            )
+        );
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! - [`alg`]: digest and signature algorithms and their identifiers;
 //! - [`protocol`]: RFC 3161 / RFC 5652 without I/O;
 //! - [`clock`]: what time it is and how sure we are, and the issuing gate;
-//! - [`signer`]: one trait for signing keys, with a software implementation;
-//! - [`archive`]: serial numbers (and, later, the durable token record);
+//! - [`signer`]: one trait for signing keys: software (aws-lc-rs) and PKCS#11 (cryptoki);
+//! - [`archive`]: structured serial numbers and the durable, hash-chained token record;
 //! - [`server`]: HTTP listeners and the request path that composes the others.
 
 pub mod alg;

@@ -8,6 +8,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "tsa", version, about)]
 struct Cli {
+    /// Log as JSON lines (one object per event) instead of human-readable text. Also
+    /// TSA_LOG_FORMAT=json. Levels and filters from RUST_LOG (default info).
+    #[arg(long, global = true)]
+    log_json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,17 +32,25 @@ enum Command {
     Clock(cli::clock::ClockArgs),
     /// HSM keys through PKCS#11: SoftHSM2 tokens, key generation, CSRs, certificates, checks.
     Hsm(cli::hsm::HsmArgs),
+    /// The token archive: verify its chains and checkpoints, look up, export, prune, events.
+    Archive(cli::archive::ArchiveArgs),
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = cli.log_json || std::env::var("TSA_LOG_FORMAT").is_ok_and(|f| f == "json");
+    // Logs go to stderr under RUST_LOG's filter; every event with an `event` field (clock,
+    // key, HSM, …) also goes to the token archive when one is open, whatever the log level.
+    use tracing_subscriber::prelude::*;
+    let registry = tracing_subscriber::registry().with(tsa::archive::events::layer());
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    if json {
+        registry.with(logs.json().with_filter(filter)).init();
+    } else {
+        registry.with(logs.with_filter(filter)).init();
+    }
     let result = match &cli.command {
         Command::Init(args) => cli::init::run(args),
         Command::Serve(args) => cli::serve::run(args),
@@ -47,6 +59,7 @@ fn main() -> std::process::ExitCode {
         Command::Inspect(args) => cli::inspect::run(args),
         Command::Clock(args) => cli::clock::run(args),
         Command::Hsm(args) => cli::hsm::run(args),
+        Command::Archive(args) => cli::archive::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -146,3 +146,137 @@ fn counters_clock_and_sources_are_exported_with_bounded_labels() {
         Some(0.0)
     );
 }
+
+/// Every string of `json` under one of `keys` (recursively), with the path that led there.
+fn strings_under(
+    json: &serde_json::Value,
+    keys: &[&str],
+    path: &str,
+    out: &mut Vec<(String, String)>,
+) {
+    match json {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let here = format!("{path}.{k}");
+                match v {
+                    serde_json::Value::String(s) if keys.contains(&k.as_str()) => {
+                        out.push((here, s.clone()))
+                    }
+                    _ => strings_under(v, keys, &here, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                strings_under(v, keys, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The metric names a PromQL expression refers to (every identifier starting with `tsa_`;
+/// label values are quoted and label names never start so).
+fn metric_names(expr: &str) -> Vec<&str> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|t| t.starts_with("tsa_"))
+        .collect()
+}
+
+#[test]
+fn grafana_dashboard_uses_only_metrics_the_server_exports() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/grafana-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).expect("valid JSON");
+    assert_eq!(
+        dashboard["schemaVersion"].as_u64().map(|v| v >= 36),
+        Some(true)
+    );
+    let panels = dashboard["panels"].as_array().unwrap();
+    let mut ids: Vec<u64> = panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), panels.len(), "panel ids are unique");
+
+    // A real server, synchronized, with a granted and a rejected request: every series exists.
+    let servers: Vec<NtpServer> = (0..3)
+        .map(|_| NtpServer::start(Behaviour::default()))
+        .collect();
+    let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+    let tsa = tsa_disciplined(&addrs, "");
+    wait_for(|| ready(&tsa), "synchronization", Duration::from_secs(10));
+    let work = tempfile::tempdir().unwrap();
+    query(work.path());
+    let (status, _, _) = curl_post(
+        &tsa.url,
+        &work.path().join("req.tsq"),
+        "application/timestamp-query",
+    );
+    assert_eq!(status, 200);
+    let junk = work.path().join("junk.bin");
+    std::fs::write(&junk, [0x30, 0x00]).unwrap();
+    curl_post(&tsa.url, &junk, "application/timestamp-query");
+    let scraped = scrape(&tsa.admin_url);
+    let exported: std::collections::BTreeSet<&str> = scraped
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+        .collect();
+
+    let mut queries = Vec::new();
+    strings_under(&dashboard, &["expr"], "", &mut queries);
+    let mut variables = Vec::new();
+    strings_under(
+        &dashboard["templating"],
+        &["query", "definition"],
+        "templating",
+        &mut variables,
+    );
+    assert!(queries.len() >= 20, "{} queries", queries.len());
+    let mut used = std::collections::BTreeSet::new();
+    for (at, expr) in queries
+        .iter()
+        .chain(variables.iter().filter(|(_, q)| q.contains("tsa_")))
+    {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "{at}: {expr} names no tsa metric");
+        for name in names {
+            assert!(
+                exported.contains(name),
+                "{at}: {name} is not exported by the server\n{expr}\nexported: {exported:?}"
+            );
+            used.insert(name);
+        }
+        // Brackets and quotes are balanced.
+        for (open, close) in [('(', ')'), ('{', '}'), ('[', ']')] {
+            assert_eq!(
+                expr.matches(open).count(),
+                expr.matches(close).count(),
+                "{at}: {expr}"
+            );
+        }
+        assert_eq!(expr.matches('"').count() % 2, 0, "{at}: {expr}");
+    }
+    // What the dashboard is for: requests, latency, signer, certificate, clock and sources.
+    for name in [
+        "tsa_requests_total",
+        "tsa_tokens_issued_total",
+        "tsa_request_duration_seconds_bucket",
+        "tsa_signer_duration_seconds_bucket",
+        "tsa_signer_errors_total",
+        "tsa_certificate_expiry_seconds",
+        "tsa_clock_state",
+        "tsa_clock_error_bound_seconds",
+        "tsa_clock_declared_accuracy_seconds",
+        "tsa_clock_offset_seconds",
+        "tsa_clock_frequency_ppm",
+        "tsa_clock_refusals_total",
+        "tsa_clock_source_offset_seconds",
+        "tsa_clock_source_delay_seconds",
+        "tsa_clock_source_distance_seconds",
+        "tsa_clock_source_reach",
+        "tsa_clock_source_selection",
+    ] {
+        assert!(used.contains(name), "the dashboard does not show {name}");
+    }
+}

@@ -1,3 +1,433 @@
-//! Serial allocation (and, with the archive issue, the durable token record).
+//! Serial numbers and the durable token archive.
+//!
+//! Without the archive, serials are random ([`serial::RandomSerials`]). With it
+//! (`[archive] enabled = true`), [`Archive::open`] starts a writer thread over a storage
+//! backend ([`store::ArchiveStore`]; SQLite in [`sqlite`]) and hands out structured serials
+//! ([`serial::BlockSerials`]: instance id, a counter reserved durably in blocks, random
+//! octets). Every token is recorded ([`Archive::record`]) before its response leaves; the
+//! records form a hash chain per instance, signed at checkpoints; clock and key events are
+//! stored beside them ([`events`]). [`verify`] checks it all. `LAYOUT.md` in this folder
+//! describes the serial layout, the state file, the schema and the encodings.
 
+pub mod events;
+mod queue;
+pub mod record;
 pub mod serial;
+pub mod sqlite;
+pub mod state;
+pub mod store;
+pub mod verify;
+mod writer;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::config::ArchiveConfig;
+use queue::Queue;
+use record::{hex, ChainHead, StoredRecord, TokenRecord};
+use serial::{layout, BlockSerials};
+use sqlite::SqliteStore;
+use state::{Lock, SavedState, StateFile};
+use store::ArchiveStore;
+use writer::{Msg, Writer};
+
+/// Why a token could not be archived (the client gets systemFailure).
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ArchiveError(pub String);
+
+/// Signs a message (hashing it with the key's digest); the signature as CMS carries it.
+pub type SignFn = Box<dyn Fn(&[u8]) -> Result<Vec<u8>, String> + Send>;
+
+/// Signs checkpoints with the TSA's own key.
+pub struct CheckpointSigner {
+    pub sign: SignFn,
+    /// The signature's AlgorithmIdentifier (DER).
+    pub algorithm: Vec<u8>,
+    /// The TSU certificate (DER).
+    pub certificate: Vec<u8>,
+}
+
+/// The result of an admin look-up.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// A DER `TimeStampResp`, and how many tokens matched (an imprint may have several; the
+    /// one with the latest genTime is returned).
+    Found(Vec<u8>, usize),
+    NotFound,
+    BadRequest(String),
+    Failed(String),
+}
+
+/// The clock's selected sources in words, refreshed at most once a second (the discipline
+/// updates far less often), so that a token's record costs no lock on the clock.
+struct SourcesCache {
+    value: arc_swap::ArcSwap<(std::time::Instant, String)>,
+}
+
+impl SourcesCache {
+    fn get(&self, clock: &crate::clock::IssuingClock) -> String {
+        let cached = self.value.load();
+        if cached.0.elapsed() < Duration::from_secs(1) {
+            return cached.1.clone();
+        }
+        let names = clock
+            .views()
+            .map(|v| {
+                v.sources
+                    .iter()
+                    .filter(|s| s.selection == crate::clock::discipline::Selection::Selected)
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        self.value
+            .store(Arc::new((std::time::Instant::now(), names.clone())));
+        names
+    }
+}
+
+/// The open archive of one instance.
+pub struct Archive {
+    sources: SourcesCache,
+    queue: Arc<Queue>,
+    serials: BlockSerials,
+    instance_id: u32,
+    gen_time_floor_ns: u64,
+    reader: Mutex<Box<dyn ArchiveStore>>,
+    healthy: Arc<AtomicBool>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    _lock: Lock,
+}
+
+impl Archive {
+    /// Opens the archive: locks the state directory, reads the instance's state from the
+    /// database and the state file, takes the highest counter and genTime of both, reserves
+    /// the first block of serials durably, and starts the writer.
+    pub fn open(config: &ArchiveConfig, signer: CheckpointSigner) -> anyhow::Result<Self> {
+        let lock = Lock::acquire(&config.state_file)?;
+        let busy = Duration::from_millis(config.busy_timeout_ms);
+        let mut store: Box<dyn ArchiveStore> =
+            Box::new(SqliteStore::open(&config.database, busy).context("cannot open the archive")?);
+        let reader: Box<dyn ArchiveStore> = Box::new(
+            SqliteStore::open_read_only(&config.database).context("cannot open the archive")?,
+        );
+        let instance_id = config.instance_id;
+        let db = store
+            .instance(instance_id)
+            .context("cannot read the archive")?;
+        let state_file = StateFile::new(&config.state_file);
+        let saved = state_file.read()?;
+        if let Some(saved) = &saved {
+            if saved.instance_id != instance_id {
+                bail!(
+                    "the state file {} belongs to instance {}, not to archive.instance_id = {}",
+                    config.state_file.display(),
+                    saved.instance_id,
+                    instance_id
+                );
+            }
+        } else if db.head.is_some() {
+            tracing::warn!(
+                event = "archive_state_missing",
+                state_file = %config.state_file.display(),
+                "the archive state file is missing; continuing from the database"
+            );
+        }
+        let next = [
+            1,
+            db.reserved_until,
+            db.max_counter.map_or(0, |c| c + 1),
+            saved.map_or(0, |s| s.reserved_until),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(1);
+        let gen_time_floor_ns = db.max_gen_time_ns.max(saved.map_or(0, |s| s.gen_time_ns));
+        let until = next
+            .checked_add(config.serial_block)
+            .filter(|u| *u <= layout::MAX_COUNTER)
+            .context("the serial counter is exhausted")?;
+        // The first block, durably in both places, before any serial is handed out.
+        store
+            .reserve(instance_id, until, gen_time_floor_ns)
+            .context("cannot reserve serial numbers")?;
+        state_file
+            .write(&SavedState {
+                instance_id,
+                reserved_until: until,
+                gen_time_ns: gen_time_floor_ns,
+            })
+            .with_context(|| format!("cannot write {}", config.state_file.display()))?;
+        let head = db.head.unwrap_or(ChainHead::EMPTY);
+        let last_checkpoint_seq = store.checkpoints(instance_id)?.last().map_or(0, |c| c.seq);
+        // The start itself is an event, committed before the first token.
+        let opened = record::EventRecord {
+            instance_id,
+            seq: db.last_event_seq + 1,
+            time_ns: crate::clock::system_unix_ns(),
+            level: "info".into(),
+            kind: "archive_opened".into(),
+            message: "archive opened".into(),
+            fields: serde_json::json!({
+                "first_counter": next,
+                "reserved_until": until,
+                "gen_time_floor_ns": gen_time_floor_ns,
+                "head_seq": head.seq,
+            })
+            .to_string(),
+        };
+        store
+            .append(instance_id, &[], std::slice::from_ref(&opened))
+            .context("cannot write to the archive")?;
+        tracing::info!(
+            instance = instance_id,
+            first_counter = next,
+            head_seq = head.seq,
+            gen_time_floor_ns,
+            database = %config.database.display(),
+            "archive open"
+        );
+
+        let queue = Arc::new(Queue::new(Duration::from_micros(config.commit_delay_us)));
+        let reservations = queue.clone();
+        let serials = BlockSerials::new(
+            instance_id,
+            next,
+            until,
+            config.serial_block,
+            Box::new(move |until| {
+                let _ = reservations.send(Msg::Reserve(until));
+            }),
+        );
+        let healthy = Arc::new(AtomicBool::new(true));
+        let writer = Writer {
+            store,
+            instance_id,
+            head,
+            last_event_seq: opened.seq,
+            max_gen_time_ns: gen_time_floor_ns,
+            reserved_until: until,
+            serials: serials.clone(),
+            state: state_file,
+            signer,
+            last_checkpoint_seq,
+            checkpoint_interval: Duration::from_secs(config.checkpoint_interval_s.max(1)),
+            retention: (config.retention_days > 0)
+                .then(|| Duration::from_secs(config.retention_days * 86_400)),
+            max_batch: config.max_batch.max(1),
+            healthy: healthy.clone(),
+        };
+        let writer_queue = queue.clone();
+        let handle = std::thread::Builder::new()
+            .name("tsa-archive".into())
+            .spawn(move || writer.run(&writer_queue))
+            .context("cannot start the archive writer")?;
+        events::attach(queue.clone());
+        Ok(Self {
+            sources: SourcesCache {
+                value: arc_swap::ArcSwap::from_pointee((
+                    std::time::Instant::now() - Duration::from_secs(2),
+                    String::new(),
+                )),
+            },
+            queue,
+            serials,
+            instance_id,
+            gen_time_floor_ns,
+            reader: Mutex::new(reader),
+            healthy,
+            writer: Mutex::new(Some(handle)),
+            _lock: lock,
+        })
+    }
+
+    /// The serial allocator of this instance (the request path's `SerialAllocator`).
+    pub fn serials(&self) -> BlockSerials {
+        self.serials.clone()
+    }
+
+    pub fn instance_id(&self) -> u32 {
+        self.instance_id
+    }
+
+    /// The latest genTime this instance issued before this start: the issuing clock's floor.
+    pub fn gen_time_floor_ns(&self) -> u64 {
+        self.gen_time_floor_ns
+    }
+
+    fn send(&self, msg: Msg) -> Result<(), ArchiveError> {
+        self.queue
+            .send(msg)
+            .map_err(|_| ArchiveError("the archive is closed".into()))
+    }
+
+    fn enqueue(
+        &self,
+        record: TokenRecord,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<(), ArchiveError>>, ArchiveError> {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.send(Msg::Record(Box::new(record), reply))?;
+        Ok(done)
+    }
+
+    /// The record of a token just assembled: the request's imprint, policy and nonce, the
+    /// stamp, the clock's state at the reading, and the token out of `response`.
+    pub fn token_record(
+        &self,
+        request: &crate::protocol::Request<'_>,
+        stamp: &crate::protocol::Stamp,
+        time: &crate::clock::TrustedTime,
+        clock: &crate::clock::IssuingClock,
+        response: &[u8],
+    ) -> Result<TokenRecord, ArchiveError> {
+        let token = record::token_of_response(response)
+            .ok_or_else(|| ArchiveError("the response holds no token".into()))?;
+        Ok(TokenRecord {
+            serial: stamp.serial.as_bytes().to_vec(),
+            gen_time_ns: stamp.gen_time.unix_ns(),
+            accuracy_ns: stamp.accuracy.as_ns(),
+            imprint_alg: request.message_imprint.hash_algorithm.oid.to_string(),
+            imprint: request.message_imprint.hashed_message.as_bytes().to_vec(),
+            policy: request.policy.to_string(),
+            nonce: request.nonce.map(|n| n.as_bytes().to_vec()),
+            client: None,
+            clock: record::ClockAtIssue {
+                source: clock.source_name().to_string(),
+                state: time.state.name().to_string(),
+                bound_ns: time.bound_ns,
+                sources: self.sources.get(clock),
+            },
+            token: token.to_vec(),
+        })
+    }
+
+    /// Records a token durably; returns once the commit that holds it returned.
+    pub async fn record(&self, record: TokenRecord) -> Result<(), ArchiveError> {
+        self.enqueue(record)?
+            .await
+            .unwrap_or_else(|_| Err(ArchiveError("the archive writer stopped".into())))
+    }
+
+    /// [`Archive::record`] for a thread that may block (not an async worker).
+    pub fn record_blocking(&self, record: TokenRecord) -> Result<(), ArchiveError> {
+        self.enqueue(record)?
+            .blocking_recv()
+            .unwrap_or_else(|_| Err(ArchiveError("the archive writer stopped".into())))
+    }
+
+    /// Whether the last write succeeded (readiness).
+    pub fn health(&self) -> Result<(), String> {
+        if self.healthy.load(Ordering::Relaxed) {
+            Ok(())
+        } else {
+            Err("the archive's last write failed".into())
+        }
+    }
+
+    /// Checkpoints from now on are signed with this certificate's key (after a reload that
+    /// replaced the certificate; the key stays the same).
+    pub fn set_certificate(&self, der: Vec<u8>) {
+        let _ = self.send(Msg::Certificate(der));
+    }
+
+    /// Signs a checkpoint of the chain head now (if it moved since the last one).
+    pub fn checkpoint(&self) -> Result<(), ArchiveError> {
+        let (reply, done) = mpsc::channel();
+        self.send(Msg::Checkpoint(reply))?;
+        done.recv()
+            .unwrap_or_else(|_| Err(ArchiveError("the archive writer stopped".into())))
+    }
+
+    /// Commits what is queued, signs a last checkpoint, writes the state file and stops the
+    /// writer. Records sent later fail.
+    pub fn close(&self) {
+        let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        events::detach();
+        let (done, finished) = mpsc::channel();
+        if self.send(Msg::Close(done)).is_ok() {
+            let _ = finished.recv();
+        }
+        let _ = handle.join();
+    }
+
+    /// Answers `GET /archive/serial/<hex>` and `GET /archive/imprint/<hex>` (the path after
+    /// `/archive/`).
+    pub fn lookup_path(&self, path: &str) -> Lookup {
+        let (kind, value) = path.split_once('/').unwrap_or((path, ""));
+        let Some(bytes) = decode_hex(value) else {
+            return Lookup::BadRequest(format!("'{value}' is not hex"));
+        };
+        let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let found: Result<Vec<StoredRecord>, _> = match kind {
+            "serial" => reader
+                .record_by_serial(&normalize_serial(&bytes))
+                .map(|r| r.into_iter().collect()),
+            "imprint" => reader.records_by_imprint(&bytes),
+            _ => return Lookup::NotFound,
+        };
+        match found {
+            Ok(records) => match records.first() {
+                Some(r) => Lookup::Found(r.response(), records.len()),
+                None => Lookup::NotFound,
+            },
+            Err(e) => Lookup::Failed(e.to_string()),
+        }
+    }
+}
+
+impl Drop for Archive {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// A serial as an INTEGER's content octets: leading zeros dropped (keeping one before a high
+/// bit), so that `0001…` and `01…` find the same token.
+pub fn normalize_serial(bytes: &[u8]) -> Vec<u8> {
+    let start = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len());
+    let mut out = bytes[start..].to_vec();
+    if out.first().is_some_and(|b| b & 0x80 != 0) {
+        out.insert(0, 0);
+    }
+    out
+}
+
+pub fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    let text: Vec<u8> = text.bytes().filter(|b| !matches!(b, b':' | b' ')).collect();
+    if text.is_empty() || text.len() % 2 != 0 {
+        return None;
+    }
+    text.chunks(2)
+        .map(|p| u8::from_str_radix(std::str::from_utf8(p).ok()?, 16).ok())
+        .collect()
+}
+
+/// Opens the configured archive for reading (the CLI; works while the server runs).
+pub fn open_read_only(config: &ArchiveConfig) -> anyhow::Result<Box<dyn ArchiveStore>> {
+    Ok(Box::new(SqliteStore::open_read_only(&config.database)?))
+}
+
+/// Opens the configured archive for writing (the CLI's prune).
+pub fn open_writable(config: &ArchiveConfig) -> anyhow::Result<Box<dyn ArchiveStore>> {
+    if !config.database.exists() {
+        bail!("{} does not exist", config.database.display());
+    }
+    Ok(Box::new(SqliteStore::open(
+        &config.database,
+        Duration::from_millis(config.busy_timeout_ms),
+    )?))
+}
+
+/// The hex of a record's serial, as look-ups and file names use it.
+pub fn serial_hex(record: &StoredRecord) -> String {
+    hex(&record.record.serial)
+}

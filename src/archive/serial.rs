@@ -1,4 +1,8 @@
-//! Serial numbers behind an allocator that can fail.
+//! Serial numbers behind an allocator that can fail: random ones ([`RandomSerials`], without
+//! the archive) and structured, durable ones ([`BlockSerials`], with it; see [`layout`]).
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 
@@ -46,6 +50,173 @@ impl SerialAllocator for RandomSerials {
     }
 }
 
+/// The structured serial: 20 octets, so that byte order is numeric order.
+///
+/// ```text
+/// octet  0      0x01: the layout's version; keeps the INTEGER positive at exactly 20 octets
+/// octets 1..5   the instance id (u32, big-endian): serials of two instances never collide
+/// octets 5..13  the counter (u64 < 2^63, big-endian): never reused by an instance
+/// octets 13..20 7 random octets: the issued volume cannot be read off the serials
+/// ```
+pub mod layout {
+    pub const LEN: usize = 20;
+    pub const VERSION: u8 = 0x01;
+    /// Counters stay below 2^63 so that they fit a signed 64-bit column.
+    pub const MAX_COUNTER: u64 = i64::MAX as u64;
+
+    pub fn encode(instance_id: u32, counter: u64, random: [u8; 7]) -> [u8; LEN] {
+        let mut out = [0u8; LEN];
+        out[0] = VERSION;
+        out[1..5].copy_from_slice(&instance_id.to_be_bytes());
+        out[5..13].copy_from_slice(&counter.to_be_bytes());
+        out[13..].copy_from_slice(&random);
+        out
+    }
+
+    /// (instance id, counter) of a structured serial's content octets.
+    pub fn decode(serial: &[u8]) -> Option<(u32, u64)> {
+        if serial.len() != LEN || serial[0] != VERSION {
+            return None;
+        }
+        let instance = u32::from_be_bytes(serial[1..5].try_into().ok()?);
+        let counter = u64::from_be_bytes(serial[5..13].try_into().ok()?);
+        (counter <= MAX_COUNTER).then_some((instance, counter))
+    }
+}
+
+/// Serials of one instance from counters reserved durably in blocks.
+///
+/// Counters below `limit` have been reserved (written durably by the archive); they are handed
+/// out from memory. When fewer than half a block is left, the allocator asks for the next
+/// block through `request` (the archive's writer reserves it, off the request path, and calls
+/// [`BlockSerials::extend`]); only if the block runs out before that does `next` wait.
+#[derive(Clone)]
+pub struct BlockSerials(Arc<Inner>);
+
+struct Inner {
+    instance_id: u32,
+    block: u64,
+    counters: Mutex<Counters>,
+    extended: Condvar,
+    request: Box<dyn Fn(u64) + Send + Sync>,
+    rng: SystemRandom,
+}
+
+struct Counters {
+    next: u64,
+    limit: u64,
+    /// A reservation asked for and not yet answered.
+    requested: bool,
+    /// Why the last reservation failed, while no later one succeeded.
+    failure: Option<String>,
+}
+
+/// How long `next` waits for a reservation when the block ran out.
+const RESERVATION_WAIT: Duration = Duration::from_secs(5);
+
+impl BlockSerials {
+    /// Counters `next..limit` are reserved; `request(until)` asks for a reservation up to
+    /// `until` (exclusive).
+    pub fn new(
+        instance_id: u32,
+        next: u64,
+        limit: u64,
+        block: u64,
+        request: Box<dyn Fn(u64) + Send + Sync>,
+    ) -> Self {
+        Self(Arc::new(Inner {
+            instance_id,
+            block: block.max(2),
+            counters: Mutex::new(Counters {
+                next,
+                limit,
+                requested: false,
+                failure: None,
+            }),
+            extended: Condvar::new(),
+            request,
+            rng: SystemRandom::new(),
+        }))
+    }
+
+    pub fn instance_id(&self) -> u32 {
+        self.0.instance_id
+    }
+
+    /// Counters below `until` are now reserved durably.
+    pub fn extend(&self, until: u64) {
+        let mut c = self.lock();
+        c.limit = c.limit.max(until);
+        c.requested = false;
+        c.failure = None;
+        self.0.extended.notify_all();
+    }
+
+    /// The reservation asked for failed; the next call to `next` asks again.
+    pub fn reservation_failed(&self, reason: String) {
+        let mut c = self.lock();
+        c.requested = false;
+        c.failure = Some(reason);
+        self.0.extended.notify_all();
+    }
+
+    /// (next counter, reserved limit).
+    pub fn position(&self) -> (u64, u64) {
+        let c = self.lock();
+        (c.next, c.limit)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counters> {
+        self.0.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn next_counter(&self) -> Result<u64, SerialError> {
+        let inner = &self.0;
+        let mut c = self.lock();
+        let mut waited = false;
+        loop {
+            if !c.requested && c.limit - c.next <= inner.block / 2 {
+                let until = c.limit.max(c.next).saturating_add(inner.block);
+                if until > layout::MAX_COUNTER {
+                    return Err(SerialError("the serial counter is exhausted".into()));
+                }
+                c.requested = true;
+                (inner.request)(until);
+            }
+            if c.next < c.limit {
+                let counter = c.next;
+                c.next += 1;
+                return Ok(counter);
+            }
+            if waited {
+                let reason = c.failure.clone().unwrap_or_else(|| "no answer".into());
+                return Err(SerialError(format!(
+                    "no serial block could be reserved: {reason}"
+                )));
+            }
+            let (guard, timeout) = inner
+                .extended
+                .wait_timeout_while(c, RESERVATION_WAIT, |c| c.next >= c.limit && c.requested)
+                .unwrap_or_else(|p| p.into_inner());
+            c = guard;
+            waited = timeout.timed_out() || c.next >= c.limit;
+        }
+    }
+}
+
+impl SerialAllocator for BlockSerials {
+    fn next(&self) -> Result<Serial, SerialError> {
+        let counter = self.next_counter()?;
+        let mut random = [0u8; 7];
+        self.0
+            .rng
+            .fill(&mut random)
+            .map_err(|_| SerialError("the system random generator failed".into()))?;
+        let bytes = layout::encode(self.0.instance_id, counter, random);
+        Serial::from_unsigned(&bytes).ok_or_else(|| SerialError("invalid serial".into()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +231,68 @@ mod tests {
             assert!(s.as_bytes()[0] & 0x80 == 0 && s.as_bytes()[0] != 0);
             assert!(seen.insert(s));
         }
+    }
+
+    #[test]
+    fn structured_serials_keep_their_layout() {
+        let bytes = layout::encode(0xdead_beef, 0x0102_0304_0506_0708, [7; 7]);
+        let serial = Serial::from_unsigned(&bytes).unwrap();
+        assert_eq!(serial.as_bytes(), &bytes[..]);
+        assert_eq!(
+            layout::decode(serial.as_bytes()),
+            Some((0xdead_beef, 0x0102_0304_0506_0708))
+        );
+        assert_eq!(layout::decode(&bytes[1..]), None);
+        let mut other = bytes;
+        other[0] = 2;
+        assert_eq!(layout::decode(&other), None);
+    }
+
+    #[test]
+    fn block_serials_ask_ahead_and_wait_only_when_the_block_ran_out() {
+        use std::sync::mpsc;
+        let (tx, rx) = mpsc::channel::<u64>();
+        let tx = Mutex::new(tx);
+        let serials = BlockSerials::new(
+            3,
+            100,
+            110,
+            10,
+            Box::new(move |until| tx.lock().unwrap().send(until).unwrap()),
+        );
+        let mut counters = Vec::new();
+        for _ in 0..5 {
+            counters.push(layout::decode(serials.next().unwrap().as_bytes()).unwrap());
+        }
+        assert_eq!(counters, (100..105).map(|c| (3, c)).collect::<Vec<_>>());
+        assert!(rx.try_recv().is_err());
+        // Half the block is used: the next block is asked for, once.
+        serials.next().unwrap();
+        let until = rx.try_recv().unwrap();
+        assert_eq!(until, 120);
+        for _ in 106..110 {
+            serials.next().unwrap();
+        }
+        // The block ran out: `next` waits until the reservation arrives.
+        let s2 = serials.clone();
+        let waiter = std::thread::spawn(move || s2.next().map(|s| s.as_bytes().to_vec()));
+        std::thread::sleep(Duration::from_millis(50));
+        serials.extend(until);
+        let bytes = waiter.join().unwrap().unwrap();
+        assert_eq!(layout::decode(&bytes), Some((3, 110)));
+        assert_eq!(serials.position(), (111, 120));
+    }
+
+    #[test]
+    fn a_failed_reservation_is_an_error_not_a_reused_counter() {
+        let serials = BlockSerials::new(1, 5, 6, 4, Box::new(|_| {}));
+        serials.next().unwrap();
+        let s2 = serials.clone();
+        let waiter = std::thread::spawn(move || s2.next());
+        std::thread::sleep(Duration::from_millis(50));
+        serials.reservation_failed("disk full".into());
+        let err = waiter.join().unwrap().unwrap_err();
+        assert!(err.0.contains("disk full"), "{err}");
+        assert_eq!(serials.position(), (6, 6));
     }
 }

@@ -26,6 +26,9 @@ pub struct InitArgs {
     /// Replace an existing PKI and configuration.
     #[arg(long)]
     pub force: bool,
+    /// Enable the token archive (SQLite in the state directory) and structured serials.
+    #[arg(long)]
+    pub archive: bool,
     /// Keep the TSU key in a SoftHSM2 token inside the state directory (`softhsm/`, PIN in
     /// `hsm-pin`), used through PKCS#11; the CA key stays a file.
     #[arg(long)]
@@ -81,9 +84,14 @@ development_accuracy_ms = 100
 
 [token]
 precision = "micros"
+
+[archive]
+# Every token recorded (archive.sqlite here) before it is sent; structured serials.
+enabled = {archive}
 "#,
         listen = args.listen,
         admin = args.admin_listen,
+        archive = args.archive,
     );
     std::fs::write(&config_path, config)?;
     println!(

@@ -1,5 +1,6 @@
 //! The `tsa` command line: each subcommand in its own module.
 
+pub mod archive;
 pub mod clock;
 pub mod hsm;
 pub mod init;

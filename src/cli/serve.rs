@@ -42,6 +42,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .filter(|p| p.exists());
     runtime.block_on(async {
         let tsa = Arc::new(server::build(&config)?);
+        tokio::spawn(reload_on_sighup(tsa.clone(), args.config.clone()));
         server::serve(
             tsa,
             &config.server,
@@ -73,6 +74,29 @@ fn announce(bound: server::Bound, path: &str, ca: Option<PathBuf>) {
          openssl ts -verify -in reply.tsr -queryfile req.tsq -CAfile {ca}"
     );
     let _ = out.flush();
+}
+
+/// SIGHUP (`systemctl reload`): the certificate chain and the reloadable settings (policies,
+/// accepted digests, token options) are read again and swapped in without dropping a
+/// connection. Listeners, the signing key and the clock stay as they are until a restart. A
+/// configuration that does not load, or a certificate that does not fit the key, is refused
+/// and the running one kept.
+async fn reload_on_sighup(tsa: Arc<server::Tsa>, path: PathBuf) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot install a SIGHUP handler; reload needs a restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+        let result = Config::load(&path).and_then(|config| server::issuing(&config, tsa.signer()));
+        match result {
+            Ok(issuing) => tsa.reload(issuing),
+            Err(e) => {
+                tracing::error!(event = "reload_refused", error = %format!("{e:#}"), "reload refused; the running configuration stays")
+            }
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    }
 }
 
 async fn shutdown_signal() {

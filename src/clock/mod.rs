@@ -74,6 +74,13 @@ pub trait TimeSource: Send + Sync + 'static {
         true
     }
 
+    /// The latest events of the source's machinery (sync acquired or lost, steps, source
+    /// selection, leap seconds, holdover), oldest first, for the status page; none for simple
+    /// sources.
+    fn recent_events(&self) -> Vec<ClockEvent> {
+        Vec::new()
+    }
+
     /// The source's state in words for the operator (`tsa clock`, the admin listener).
     fn report(&self) -> String {
         let r = self.read();
@@ -99,11 +106,43 @@ pub struct ClockViews {
     pub sources: Vec<discipline::SourceView>,
 }
 
+/// How much an event matters to the operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventLevel {
+    Info,
+    Warning,
+    Error,
+}
+
+impl EventLevel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Info => "info",
+            Self::Warning => "warning",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// One event of a time source, as logged, for the status page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClockEvent {
+    /// UTC of the event, as the source estimated it then (ns since the Unix epoch).
+    pub utc_ns: u64,
+    /// The log's `event` field: `sync_acquired`, `source_rejected`, `step_detected`, …
+    pub kind: &'static str,
+    pub level: EventLevel,
+    /// The event in words.
+    pub text: String,
+}
+
 /// A time the TSA may put into a token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TrustedTime {
     pub unix_ns: u64,
     pub bound_ns: u64,
+    /// Synchronized or in holdover (recorded in the archive).
+    pub state: SyncState,
 }
 
 /// Why no time can be given now; the client gets `timeNotAvailable`.
@@ -184,6 +223,13 @@ impl IssuingClock {
         Duration::from_nanos(self.max_bound_ns)
     }
 
+    /// After a restart: the last genTime issued before it. Later times are after it; while the
+    /// source is more than a moment behind it, `now` refuses (as for a step back).
+    pub fn set_floor(&self, unix_ns: u64) {
+        let mut last = self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
+        *last = (*last).max(unix_ns - unix_ns % self.tick_ns);
+    }
+
     /// The source's current reading, for health checks and the status page.
     pub fn reading(&self) -> Reading {
         self.source.read()
@@ -192,6 +238,11 @@ impl IssuingClock {
     /// The source's data, for metrics.
     pub fn views(&self) -> Option<ClockViews> {
         self.source.views()
+    }
+
+    /// The source's latest events, oldest first (see [`TimeSource::recent_events`]).
+    pub fn recent_events(&self) -> Vec<ClockEvent> {
+        self.source.recent_events()
     }
 
     /// The source's machinery runs (see [`TimeSource::alive`]).
@@ -270,6 +321,7 @@ impl IssuingClock {
                 return Ok(TrustedTime {
                     unix_ns: reading.unix_ns,
                     bound_ns: reading.bound_ns,
+                    state: reading.state,
                 });
             }
             let behind = *last - tick;
@@ -377,6 +429,21 @@ mod tests {
         // A step back of 1 s: refused.
         now.fetch_sub(1_000_000_000, Ordering::SeqCst);
         assert!(clock.now().unwrap_err().reason.contains("stepped back"));
+    }
+
+    #[test]
+    fn a_floor_from_before_a_restart_is_never_undercut() {
+        let (clock, now) = clock(SyncState::Synchronized, 1_000);
+        let start = now.load(Ordering::SeqCst);
+        // The last genTime before the restart is 1 s ahead of this clock: refused.
+        clock.set_floor(start + 1_000_000_000);
+        assert_eq!(clock.now().unwrap_err().kind, RefusalKind::SteppedBack);
+        // Once the clock passes it, times are after it.
+        now.store(start + 1_000_000_001, Ordering::SeqCst);
+        assert!(clock.now().unwrap().unix_ns > start + 1_000_000_000);
+        // A floor in the past changes nothing.
+        clock.set_floor(start);
+        assert!(clock.now().is_ok());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! task, which updates on a fixed tick and publishes a snapshot that the issuing path reads
 //! without taking any lock.
 
+use std::collections::VecDeque;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,7 +16,10 @@ use super::gps::{self, GpsdSource};
 use super::local::{LocalClock, WallClockWatch};
 use super::nmea::{self, NmeaSource};
 use super::ntp::{self, NtpServer};
-use super::{fmt_ns, ClockViews, Reading, TimeSource};
+use super::{fmt_ns, ClockEvent, ClockViews, EventLevel, Reading, TimeSource};
+
+/// Events kept for the status page.
+const RECENT_EVENTS: usize = 200;
 
 /// What a source task tells the discipline.
 #[derive(Debug)]
@@ -41,6 +45,8 @@ pub struct DisciplinedClock {
     snapshot: ArcSwap<Snapshot>,
     /// The operator's view, refreshed at each update: text and data.
     status: Mutex<(String, ClockViews)>,
+    /// The last [`RECENT_EVENTS`] events, oldest first; written only when something happens.
+    events: Mutex<VecDeque<ClockEvent>>,
     /// Local time of the discipline task's last update, and how often it updates: the task is
     /// alive while the one is recent in terms of the other.
     last_update: AtomicU64,
@@ -78,6 +84,7 @@ impl DisciplinedClock {
             local,
             snapshot: ArcSwap::from_pointee(Snapshot::initial()),
             status: Mutex::new(("no update yet\n".into(), ClockViews::default())),
+            events: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
             last_update: AtomicU64::new(local.now()),
             update_interval: config.update_interval,
         });
@@ -97,6 +104,23 @@ impl DisciplinedClock {
         tokio::spawn(run(discipline, rx, clock.clone(), config.update_interval));
         clock
     }
+}
+
+impl DisciplinedClock {
+    fn record(&self, event: ClockEvent) {
+        keep(
+            &mut self.events.lock().unwrap_or_else(|p| p.into_inner()),
+            event,
+        );
+    }
+}
+
+/// Appends `event`, dropping the oldest beyond [`RECENT_EVENTS`].
+fn keep(events: &mut VecDeque<ClockEvent>, event: ClockEvent) {
+    if events.len() == RECENT_EVENTS {
+        events.pop_front();
+    }
+    events.push_back(event);
 }
 
 impl TimeSource for DisciplinedClock {
@@ -130,6 +154,11 @@ impl TimeSource for DisciplinedClock {
                 .1
                 .clone(),
         )
+    }
+
+    fn recent_events(&self) -> Vec<ClockEvent> {
+        let events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        events.iter().cloned().collect()
     }
 
     /// The discipline task updated within three intervals (and a second of slack).
@@ -172,11 +201,21 @@ async fn run(
                 clock.snapshot.store(Arc::new(snapshot));
                 for event in discipline.drain_events() {
                     log_event(&event, &names, utc);
+                    clock.record(describe(&event, &names, utc));
                 }
                 if let Some(step) = wall.observe(now, clock.local.wall_offset()) {
                     tracing::warn!(event = "wall_clock_step", step_ns = step, utc_ns = utc,
                         "the system wall clock was stepped by {:+.6} s; the TSA's time is not affected",
                         step as f64 / 1e9);
+                    clock.record(ClockEvent {
+                        utc_ns: utc,
+                        kind: "wall_clock_step",
+                        level: EventLevel::Warning,
+                        text: format!(
+                            "the system wall clock was stepped by {:+.6} s; the TSA's time is not affected",
+                            step as f64 / 1e9
+                        ),
+                    });
                 }
                 let views = ClockViews {
                     system: Some(discipline.system_view(now)),
@@ -267,6 +306,99 @@ fn log_event(event: &Event, names: &[String], utc_ns: u64) {
     }
 }
 
+/// The event in words, as the status page lists it (the log line carries the same facts).
+fn describe(event: &Event, names: &[String], utc_ns: u64) -> ClockEvent {
+    let name = |id: &usize| names.get(*id).map(String::as_str).unwrap_or("?");
+    let secs = |ns: &i64| format!("{:+.6} s", *ns as f64 / 1e9);
+    let (kind, level, text) = match event {
+        Event::SyncAcquired {
+            offset_ns,
+            bound_ns,
+        } => (
+            "sync_acquired",
+            EventLevel::Info,
+            format!(
+                "clock synchronized: offset {}, bound {}",
+                secs(offset_ns),
+                fmt_ns(*bound_ns)
+            ),
+        ),
+        Event::SyncLost { reason } => (
+            "sync_lost",
+            EventLevel::Error,
+            format!("clock unsynchronized, no time-stamps: {reason}"),
+        ),
+        Event::HoldoverStarted { reason } => (
+            "holdover",
+            EventLevel::Warning,
+            format!("clock in holdover: {reason}"),
+        ),
+        Event::SourceSelected { source } => (
+            "source_selected",
+            EventLevel::Info,
+            format!("{} selected", name(source)),
+        ),
+        Event::SourceRejected { source, selection } => (
+            "source_rejected",
+            EventLevel::Warning,
+            format!("{} rejected: {}", name(source), selection.name()),
+        ),
+        Event::SourceReachable { source } => (
+            "source_reachable",
+            EventLevel::Info,
+            format!("{} reachable", name(source)),
+        ),
+        Event::SourceUnreachable { source } => (
+            "source_unreachable",
+            EventLevel::Warning,
+            format!("{} unreachable", name(source)),
+        ),
+        Event::StepDetected { step_ns, rounds } => (
+            "step_detected",
+            EventLevel::Error,
+            format!(
+                "the selected sources stepped {}; not followed until confirmed ({rounds} rounds)",
+                secs(step_ns)
+            ),
+        ),
+        Event::StepAccepted {
+            step_ns,
+            confirmed_by,
+        } => (
+            "step_accepted",
+            EventLevel::Warning,
+            format!(
+                "step of {} followed (confirmed by {confirmed_by})",
+                secs(step_ns)
+            ),
+        ),
+        Event::StepAbandoned { step_ns } => (
+            "step_abandoned",
+            EventLevel::Warning,
+            format!("step of {} abandoned: the sources came back", secs(step_ns)),
+        ),
+        Event::LeapScheduled { kind, utc_ns: at } => (
+            "leap_scheduled",
+            EventLevel::Warning,
+            format!(
+                "leap second ({kind:?}) scheduled at {}",
+                crate::protocol::GenTime::from_unix_ns(*at)
+            ),
+        ),
+        Event::LeapApplied { kind } => (
+            "leap_applied",
+            EventLevel::Warning,
+            format!("leap second ({kind:?}) applied"),
+        ),
+    };
+    ClockEvent {
+        utc_ns,
+        kind,
+        level,
+        text,
+    }
+}
+
 /// Like `chronyc tracking` followed by `chronyc sources`.
 fn render(discipline: &Discipline, now: u64) -> String {
     let system = discipline.system_view(now);
@@ -341,4 +473,55 @@ fn render(discipline: &Discipline, now: u64) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::discipline::Selection;
+
+    #[test]
+    fn events_are_described_and_the_ring_is_bounded() {
+        let names = vec![
+            "ntp 127.0.0.1:123".to_string(),
+            "gpsd 127.0.0.1:2947".into(),
+        ];
+        let e = describe(
+            &Event::SourceRejected {
+                source: 0,
+                selection: Selection::Falseticker,
+            },
+            &names,
+            42,
+        );
+        assert_eq!(
+            (e.utc_ns, e.kind, e.level),
+            (42, "source_rejected", EventLevel::Warning)
+        );
+        assert_eq!(e.text, "ntp 127.0.0.1:123 rejected: falseticker");
+        let e = describe(
+            &Event::StepDetected {
+                step_ns: -1_500_000_000,
+                rounds: 4,
+            },
+            &names,
+            1,
+        );
+        assert_eq!(e.level, EventLevel::Error);
+        assert!(e.text.contains("-1.500000 s"), "{}", e.text);
+        assert!(describe(&Event::SourceSelected { source: 9 }, &names, 0)
+            .text
+            .starts_with('?'));
+
+        let mut ring = VecDeque::new();
+        for i in 0..(RECENT_EVENTS as u64 + 7) {
+            keep(
+                &mut ring,
+                describe(&Event::SourceSelected { source: 1 }, &names, i),
+            );
+        }
+        assert_eq!(ring.len(), RECENT_EVENTS);
+        assert_eq!(ring.front().unwrap().utc_ns, 7);
+        assert_eq!(ring.back().unwrap().utc_ns, RECENT_EVENTS as u64 + 6);
+    }
 }

@@ -14,7 +14,11 @@
 //!
 //! Admin listener (loopback by default): `GET /health/live`, `GET /health/ready` (503 with the
 //! reason while the clock is not trusted or the signer failed), `GET /clock` (the clock's
-//! state and sources in words, as `tsa clock` prints them), `GET /metrics` (Prometheus).
+//! state and sources in words, as `tsa clock` prints them), `GET /metrics` (Prometheus),
+//! `GET /status` (the operator's HTML status page, [`super::status`]). With the archive:
+//! `GET /archive/serial/<hex>` and `GET /archive/imprint/<hex>` answer the archived token as
+//! its granted `TimeStampResp` (for an imprint, the latest of `X-Archive-Matches` tokens), 404
+//! when unknown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -210,6 +214,11 @@ fn admin_route(req: Request<Incoming>, tsa: &Arc<Tsa>) -> Reply {
             metrics::CONTENT_TYPE,
             metrics::encode(tsa).into(),
         ),
+        (&Method::GET, "/status") => response(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            super::status::render(&super::status::gather(tsa)).into(),
+        ),
         (&Method::GET, "/clock") => response(
             StatusCode::OK,
             "text/plain; charset=utf-8",
@@ -223,7 +232,30 @@ fn admin_route(req: Request<Incoming>, tsa: &Arc<Tsa>) -> Reply {
                 format!("not ready: {reason}\n").into(),
             ),
         },
+        (&Method::GET, path) if path.starts_with("/archive/") => {
+            archive_lookup(tsa, &path["/archive/".len()..])
+        }
         _ => response(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn archive_lookup(tsa: &Tsa, path: &str) -> Reply {
+    use crate::archive::Lookup;
+    let text = |status, body: String| response(status, "text/plain", body.into());
+    let Some(archive) = tsa.archive() else {
+        return text(StatusCode::NOT_FOUND, "the archive is not enabled\n".into());
+    };
+    match archive.lookup_path(path) {
+        Lookup::Found(der, matches) => {
+            let mut reply = response(StatusCode::OK, REPLY_TYPE, der.into());
+            reply
+                .headers_mut()
+                .insert("x-archive-matches", HeaderValue::from(matches));
+            reply
+        }
+        Lookup::NotFound => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        Lookup::BadRequest(why) => text(StatusCode::BAD_REQUEST, format!("{why}\n")),
+        Lookup::Failed(why) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{why}\n")),
     }
 }
 

@@ -2,13 +2,28 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
 
 use bytes::Bytes;
 
+use crate::archive::record::TokenRecord;
 use crate::archive::serial::SerialAllocator;
+use crate::archive::Archive;
 use crate::clock::{IssuingClock, Refusal, RefusalKind};
 use crate::protocol::{self, FailInfo, Rejection, RequestRules, Stamp, TokenTemplate};
 use crate::signer::{certificate::TsuCertificate, SignError, Signer};
+
+/// The certificate of one version of [`Issuing`].
+pub struct CurrentCertificate(Arc<Issuing>);
+
+impl std::ops::Deref for CurrentCertificate {
+    type Target = TsuCertificate;
+    fn deref(&self) -> &TsuCertificate {
+        &self.0.certificate
+    }
+}
 
 /// How one request ended, for logs and (later) metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,14 +32,53 @@ pub enum Outcome {
     Rejected(FailInfo),
 }
 
+/// What a reload replaces as a whole: the request rules, the certificate with its chain and
+/// the token template made from them.
+pub struct Issuing {
+    rules: RequestRules,
+    template: TokenTemplate,
+    certificate: TsuCertificate,
+    /// genTimes outside [not_before, not_after − minimum remaining validity] get systemFailure.
+    valid_ns: (u64, u64),
+}
+
+impl Issuing {
+    pub(super) fn new(
+        rules: RequestRules,
+        template: TokenTemplate,
+        certificate: TsuCertificate,
+        min_remaining: Duration,
+    ) -> Self {
+        let ns = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        };
+        let until = certificate
+            .not_after()
+            .checked_sub(min_remaining)
+            .unwrap_or(UNIX_EPOCH);
+        Self {
+            valid_ns: (ns(certificate.not_before()), ns(until)),
+            rules,
+            template,
+            certificate,
+        }
+    }
+
+    pub fn certificate(&self) -> &TsuCertificate {
+        &self.certificate
+    }
+}
+
 /// Everything the issuing path needs, built once at start-up.
 pub struct Tsa {
-    pub(super) rules: RequestRules,
-    pub(super) template: TokenTemplate,
+    /// Replaced whole by a reload; each request works on one version.
+    pub(super) issuing: ArcSwap<Issuing>,
     pub(super) clock: IssuingClock,
     pub(super) signer: Arc<dyn Signer>,
     pub(super) serials: Box<dyn SerialAllocator>,
-    pub(super) certificate: TsuCertificate,
+    /// Records every token before its response is sent (`[archive]`).
+    pub(super) archive: Option<Arc<Archive>>,
     /// Whether the last signature succeeded (readiness).
     pub(super) signer_ok: AtomicBool,
     /// Issuances of a blocking signer in flight at once.
@@ -45,7 +99,7 @@ impl Tsa {
             let tsa = Arc::clone(self);
             tokio::task::spawn_blocking(move || {
                 let _permit = permit;
-                tsa.issue(&body)
+                tsa.issue_unrecorded(&body)
             })
             .await
             .unwrap_or_else(|e| {
@@ -53,7 +107,14 @@ impl Tsa {
                 Err(Rejection::new(FailInfo::SystemFailure, "internal error"))
             })
         } else {
-            self.issue(&body)
+            self.issue_unrecorded(&body)
+        };
+        // The response leaves only once the archive's commit that holds its token returned.
+        let result = match (result, &self.archive) {
+            (Ok((der, Some(record))), Some(archive)) => {
+                archive.record(record).await.map(|()| der).map_err(archived)
+            }
+            (result, _) => result.map(|(der, _)| der),
         };
         match result {
             Ok(der) => (der, Outcome::Granted),
@@ -61,16 +122,29 @@ impl Tsa {
                 if rejection.fail_info == FailInfo::SystemFailure {
                     tracing::error!(reason = %rejection.reason, "request failed");
                 } else {
-                    tracing::debug!(fail_info = %rejection.fail_info, reason = %rejection.reason, "request rejected");
+                    tracing::info!(fail_info = %rejection.fail_info, reason = %rejection.reason, "request rejected");
                 }
                 (rejection.to_der(), Outcome::Rejected(rejection.fail_info))
             }
         }
     }
 
-    /// The issuing path, synchronous. Returns the granted response or the rejection.
+    /// The issuing path, synchronous (it waits for the archive's commit: call it where
+    /// blocking is allowed). Returns the granted response or the rejection.
     pub fn issue(&self, body: &[u8]) -> Result<Vec<u8>, Rejection> {
-        let request = protocol::parse_request(body, &self.rules)?;
+        match (self.issue_unrecorded(body)?, &self.archive) {
+            ((der, Some(record)), Some(archive)) => {
+                archive.record_blocking(record).map_err(archived)?;
+                Ok(der)
+            }
+            ((der, _), _) => Ok(der),
+        }
+    }
+
+    /// The token and, with the archive, its record (not yet recorded).
+    fn issue_unrecorded(&self, body: &[u8]) -> Result<(Vec<u8>, Option<TokenRecord>), Rejection> {
+        let issuing = self.issuing.load();
+        let request = protocol::parse_request(body, &issuing.rules)?;
 
         let serial = self
             .serials
@@ -81,10 +155,21 @@ impl Tsa {
             .clock
             .now()
             .map_err(|refusal| Rejection::new(FailInfo::TimeNotAvailable, refusal.reason))?;
+        let (from, until) = issuing.valid_ns;
+        if time.unix_ns < from || time.unix_ns > until {
+            tracing::error!(
+                event = "certificate_out_of_validity",
+                "the signing certificate is not valid now (or has less left than the configured minimum)"
+            );
+            return Err(Rejection::new(
+                FailInfo::SystemFailure,
+                "the TSA's signing certificate is not valid at this time",
+            ));
+        }
         let stamp = Stamp::new(
             time.unix_ns,
             time.bound_ns,
-            self.template.precision(),
+            issuing.template.precision(),
             serial,
         );
         if stamp.accuracy.as_ns() > self.clock.max_bound().as_nanos() as u64 {
@@ -96,7 +181,7 @@ impl Tsa {
             return Err(Rejection::new(FailInfo::TimeNotAvailable, refusal.reason));
         }
 
-        let tbs = self.template.to_be_signed(&request, &stamp)?;
+        let tbs = issuing.template.to_be_signed(&request, &stamp)?;
         let signing = std::time::Instant::now();
         let signature = self.signer.sign(tbs.message());
         self.metrics.signature(signing.elapsed(), signature.is_ok());
@@ -109,7 +194,16 @@ impl Tsa {
         })?;
         self.signer_ok.store(true, Ordering::Relaxed);
 
-        Ok(self.template.assemble(&tbs, &signature))
+        let der = issuing.template.assemble(&tbs, &signature);
+        let record = match &self.archive {
+            Some(archive) => Some(
+                archive
+                    .token_record(&request, &stamp, &time, &self.clock, &der)
+                    .map_err(archived)?,
+            ),
+            None => None,
+        };
+        Ok((der, record))
     }
 
     /// Ready to issue: the clock is trusted, the signer is healthy and its last signature
@@ -120,14 +214,46 @@ impl Tsa {
         if !self.signer_ok.load(Ordering::Relaxed) {
             return Err("the signer's last signature failed".into());
         }
+        if let Some(archive) = &self.archive {
+            archive.health()?;
+        }
         Ok(())
     }
 
-    pub fn certificate(&self) -> &TsuCertificate {
-        &self.certificate
+    /// The certificate in force (a reload may replace it).
+    pub fn certificate(&self) -> CurrentCertificate {
+        CurrentCertificate(self.issuing.load_full())
+    }
+
+    /// Replaces the certificate, chain, rules and template with `issuing` (SIGHUP); requests
+    /// in flight finish with the version they started with.
+    pub fn reload(&self, issuing: Issuing) {
+        tracing::info!(
+            event = "certificate_reloaded",
+            subject = %issuing.certificate.subject(),
+            "configuration and certificate chain reloaded"
+        );
+        if let Some(archive) = &self.archive {
+            archive.set_certificate(issuing.certificate.der().to_vec());
+        }
+        self.issuing.store(Arc::new(issuing));
+    }
+
+    /// The token archive, when enabled.
+    pub fn archive(&self) -> Option<&Archive> {
+        self.archive.as_deref()
+    }
+
+    pub fn signer(&self) -> &dyn Signer {
+        self.signer.as_ref()
     }
 
     pub fn clock(&self) -> &IssuingClock {
         &self.clock
     }
+}
+
+/// A token that could not be archived is not handed out.
+fn archived(e: crate::archive::ArchiveError) -> Rejection {
+    Rejection::new(FailInfo::SystemFailure, e.to_string())
 }

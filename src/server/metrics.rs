@@ -29,6 +29,10 @@ pub struct Metrics {
     request_duration: Histogram,
     signer_duration: Histogram,
     signer_errors: Counter,
+    /// Requests rejected (any failInfo), for the status page's rates.
+    rejections: Counter,
+    /// The status page's history, sampled from these counters and the clock.
+    pub(super) history: super::history::History,
 }
 
 impl Default for Metrics {
@@ -41,6 +45,8 @@ impl Default for Metrics {
             request_duration: Histogram::new(buckets()),
             signer_duration: Histogram::new(buckets()),
             signer_errors: Counter::default(),
+            rejections: Counter::default(),
+            history: Default::default(),
         }
     }
 }
@@ -54,6 +60,7 @@ impl Metrics {
                 vec![("outcome", "granted".into()), ("fail_info", "none".into())]
             }
             Outcome::Rejected(fail) => {
+                self.rejections.inc();
                 vec![
                     ("outcome", "rejected".into()),
                     ("fail_info", fail.name().into()),
@@ -62,6 +69,11 @@ impl Metrics {
         };
         self.requests.get_or_create(&labels).inc();
         self.request_duration.observe(duration.as_secs_f64());
+    }
+
+    /// Tokens issued and requests rejected since start.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.tokens.get(), self.rejections.get())
     }
 
     pub fn signature(&self, duration: Duration, ok: bool) {

@@ -3,9 +3,11 @@
 //! [`build`] composes protocol, clock, signer and serials; [`issue`] is the request path;
 //! [`http`] is routing and limits only.
 
+mod history;
 mod http;
 mod issue;
 mod metrics;
+mod status;
 mod systemd;
 
 use std::future::Future;
@@ -15,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
+use arc_swap::ArcSwap;
 
 use crate::alg::oid;
 use crate::archive::serial::RandomSerials;
@@ -28,56 +31,29 @@ use crate::signer::{
     certificate::TsuCertificate, pkcs11::Pkcs11Signer, software::SoftwareSigner, Signer,
 };
 
-pub use issue::{Outcome, Tsa};
+pub use issue::{Issuing, Outcome, Tsa};
 
 /// Builds the TSA, refusing with a clear message whatever would make it issue bad tokens.
 /// Call it inside a tokio runtime: the disciplined clock starts its tasks there.
 pub fn build(config: &Config) -> anyhow::Result<Tsa> {
-    let (signer, certificate): (Arc<dyn Signer>, TsuCertificate) = match &config.signer {
+    let signer: Arc<dyn Signer> = match &config.signer {
         SignerConfig::Software {
-            key,
-            certificate,
-            chain,
-            rsa_padding,
-        } => (
-            Arc::new(SoftwareSigner::load(key, *rsa_padding)?),
-            TsuCertificate::load(certificate, chain)?,
-        ),
-        SignerConfig::Pkcs11(pkcs11) => (
-            Arc::new(Pkcs11Signer::open(pkcs11)?),
-            TsuCertificate::load(&pkcs11.certificate, &pkcs11.chain)?,
-        ),
+            key, rsa_padding, ..
+        } => Arc::new(SoftwareSigner::load(key, *rsa_padding)?),
+        SignerConfig::Pkcs11(pkcs11) => Arc::new(Pkcs11Signer::open(pkcs11)?),
     };
-    certificate
-        .check(signer.as_ref(), SystemTime::now())
-        .context("the TSU certificate cannot be used")?;
+    let issuing = issuing(config, signer.as_ref())?;
     tracing::info!(
         event = "key_loaded",
-        subject = %certificate.subject(),
+        subject = %issuing.certificate().subject(),
         algorithm = signer.algorithm().name(),
         "signing key and certificate loaded"
     );
 
-    let (mut default_policy, mut other_policies) = config.policies()?;
-    let refuse_development_policy = || {
-        if default_policy == oid::DEVELOPMENT_POLICY
-            || other_policies.contains(&oid::DEVELOPMENT_POLICY)
-        {
-            bail!(
-                "the development policy {} is for the development clock only",
-                oid::DEVELOPMENT_POLICY
-            );
-        }
-        Ok(())
-    };
     let max_accuracy = Duration::from_millis(config.clock.max_accuracy_ms);
     let source: Box<dyn TimeSource> = match config.clock.source {
-        ClockSource::Kernel => {
-            refuse_development_policy()?;
-            Box::new(KernelClock::new())
-        }
+        ClockSource::Kernel => Box::new(KernelClock::new()),
         ClockSource::Development => {
-            let declared = Duration::from_millis(config.clock.development_accuracy_ms);
             tracing::warn!(
                 event = "development_clock",
                 declared_accuracy_ms = config.clock.development_accuracy_ms,
@@ -86,16 +62,73 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
                  carries the development policy {} and must never be relied on.",
                 oid::DEVELOPMENT_POLICY
             );
-            default_policy = oid::DEVELOPMENT_POLICY;
-            other_policies.clear();
+            let declared = Duration::from_millis(config.clock.development_accuracy_ms);
             Box::new(DevelopmentClock::new(declared))
         }
-        ClockSource::Disciplined => {
-            refuse_development_policy()?;
-            let clock = DisciplinedClock::start(config.clock.disciplined()?);
-            Box::new(SharedSource(clock))
-        }
+        ClockSource::Disciplined => Box::new(SharedSource(DisciplinedClock::start(
+            config.clock.disciplined()?,
+        ))),
     };
+
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let blocking_lane = signer.max_in_flight().unwrap_or(cores).max(1);
+
+    let clock = IssuingClock::new(
+        source,
+        max_accuracy,
+        Duration::from_nanos(config.token.precision.unit_ns().min(1_000)),
+    );
+    let archive = match config.archive.enabled {
+        true => Some(Arc::new(open_archive(config, &signer, &issuing)?)),
+        false => None,
+    };
+    let serials: Box<dyn crate::archive::serial::SerialAllocator> = match &archive {
+        Some(archive) => {
+            // genTime never goes back across a restart.
+            clock.set_floor(archive.gen_time_floor_ns());
+            Box::new(archive.serials())
+        }
+        None => Box::new(RandomSerials::new()),
+    };
+
+    Ok(Tsa {
+        issuing: ArcSwap::from_pointee(issuing),
+        clock,
+        signer,
+        serials,
+        archive,
+        signer_ok: AtomicBool::new(true),
+        blocking_lane: Arc::new(tokio::sync::Semaphore::new(blocking_lane)),
+        metrics: metrics::Metrics::default(),
+    })
+}
+
+/// The reloadable part: request rules, certificate and chain, token template. The
+/// development clock forces the development policy; any other clock refuses it.
+pub fn issuing(config: &Config, signer: &dyn Signer) -> anyhow::Result<Issuing> {
+    let (cert_path, chain) = match &config.signer {
+        SignerConfig::Software {
+            certificate, chain, ..
+        } => (certificate, chain),
+        SignerConfig::Pkcs11(pkcs11) => (&pkcs11.certificate, &pkcs11.chain),
+    };
+    let certificate = TsuCertificate::load(cert_path, chain)?;
+    certificate
+        .check(signer, SystemTime::now())
+        .context("the TSU certificate cannot be used")?;
+
+    let (mut default_policy, mut other_policies) = config.policies()?;
+    if config.clock.source == ClockSource::Development {
+        default_policy = oid::DEVELOPMENT_POLICY;
+        other_policies.clear();
+    } else if default_policy == oid::DEVELOPMENT_POLICY
+        || other_policies.contains(&oid::DEVELOPMENT_POLICY)
+    {
+        bail!(
+            "the development policy {} is for the development clock only",
+            oid::DEVELOPMENT_POLICY
+        );
+    }
 
     let template = TokenTemplate::new(
         certificate.der(),
@@ -109,28 +142,17 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
     )
     .context("cannot encode the token template from the certificate")?;
 
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let blocking_lane = signer.max_in_flight().unwrap_or(cores).max(1);
-
-    Ok(Tsa {
-        rules: RequestRules {
+    let min_left = Duration::from_secs(config.token.min_certificate_validity_days * 86_400);
+    Ok(Issuing::new(
+        RequestRules {
             accepted_digests: config.digests()?,
             default_policy,
             other_policies,
         },
         template,
-        clock: IssuingClock::new(
-            source,
-            max_accuracy,
-            Duration::from_nanos(config.token.precision.unit_ns().min(1_000)),
-        ),
-        signer,
-        serials: Box::new(RandomSerials::new()),
         certificate,
-        signer_ok: AtomicBool::new(true),
-        blocking_lane: Arc::new(tokio::sync::Semaphore::new(blocking_lane)),
-        metrics: metrics::Metrics::default(),
-    })
+        min_left,
+    ))
 }
 
 /// A source the server shares with its background tasks.
@@ -151,6 +173,9 @@ impl<T: TimeSource> TimeSource for SharedSource<T> {
     }
     fn alive(&self) -> bool {
         self.0.alive()
+    }
+    fn recent_events(&self) -> Vec<crate::clock::ClockEvent> {
+        self.0.recent_events()
     }
 }
 
@@ -180,5 +205,27 @@ pub async fn serve(
         admin: admin.local_addr()?,
     });
     tokio::spawn(systemd::supervise(tsa.clone()));
-    http::run(tsa, config, public, admin, shutdown).await
+    tokio::spawn(history::run(tsa.clone()));
+    let served = http::run(tsa.clone(), config, public, admin, shutdown).await;
+    if let Some(archive) = tsa.archive() {
+        // What is queued, a last signed checkpoint and the state file.
+        archive.close();
+    }
+    served
+}
+
+/// The archive, its checkpoints signed with the TSA's own key.
+fn open_archive(
+    config: &Config,
+    signer: &Arc<dyn Signer>,
+    issuing: &Issuing,
+) -> anyhow::Result<crate::archive::Archive> {
+    use der::Encode;
+    let key = Arc::clone(signer);
+    let checkpoint_signer = crate::archive::CheckpointSigner {
+        sign: Box::new(move |message| key.sign(message).map_err(|e| e.to_string())),
+        algorithm: signer.algorithm().algorithm_identifier().to_der()?,
+        certificate: issuing.certificate().der().to_vec(),
+    };
+    crate::archive::Archive::open(&config.archive, checkpoint_signer)
 }

@@ -50,6 +50,14 @@ impl TsuCertificate {
         self.cert.tbs_certificate().subject().to_string()
     }
 
+    pub fn not_before(&self) -> SystemTime {
+        self.cert
+            .tbs_certificate()
+            .validity()
+            .not_before
+            .to_system_time()
+    }
+
     pub fn not_after(&self) -> SystemTime {
         self.cert
             .tbs_certificate()

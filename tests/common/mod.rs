@@ -92,6 +92,13 @@ impl Server {
         self.path("ca-cert.pem")
     }
 
+    /// Sends `signal` (e.g. "HUP") to the server process.
+    pub fn signal(&self, signal: &str) {
+        ok(Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string()));
+    }
+
     /// Stops the server and keeps its directory (to change the configuration and serve again).
     pub fn into_dir(mut self) -> tempfile::TempDir {
         let _ = self.child.kill();

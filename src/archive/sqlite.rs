@@ -1,0 +1,675 @@
+//! The embedded backend: one SQLite database in the state directory, in WAL mode with
+//! `synchronous=FULL`, so that a committed transaction survives a crash and a power loss
+//! (`NORMAL` may lose the last commits on power loss).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
+
+use super::record::{
+    join_certificates, sha256, split_certificates, Anchor, ChainHead, Checkpoint, ClockAtIssue,
+    EventRecord, Hash, StoredRecord, TokenRecord,
+};
+use super::serial::layout;
+use super::store::{schema, ArchiveStore, InstanceState, StoreError, Visit, SCHEMA_VERSION};
+
+pub struct SqliteStore {
+    conn: Connection,
+    /// Certificate sets known to be in `certificate_sets`, by hash.
+    certificate_sets: HashMap<Hash, Vec<u8>>,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::new(e)
+    }
+}
+
+const RECORD_COLUMNS: &str = "instance_id, seq, serial, counter, gen_time_ns, accuracy_ns, \
+     imprint_alg, imprint, policy, nonce, client, clock_source, clock_state, clock_bound_ns, \
+     clock_sources, token, prev_hash, hash, certificates";
+
+impl SqliteStore {
+    /// Opens (creating it and its schema when missing) the database for reading and writing.
+    /// A write that finds the database locked by another connection waits `busy_timeout`
+    /// and then fails.
+    pub fn open(path: &Path, busy_timeout: Duration) -> Result<Self, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
+        conn.busy_timeout(busy_timeout)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError(format!(
+                "{} cannot use the write-ahead log (journal_mode {mode})",
+                path.display()
+            )));
+        }
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        // 16 MiB of page cache: the imprint index takes random pages.
+        conn.pragma_update(None, "cache_size", -16_384)?;
+        let mut store = Self {
+            conn,
+            certificate_sets: HashMap::new(),
+        };
+        store.create_schema()?;
+        Ok(store)
+    }
+
+    /// Opens an existing database for look-ups, export and verification.
+    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError(format!("{} does not exist", path.display())));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        let store = Self {
+            conn,
+            certificate_sets: HashMap::new(),
+        };
+        store.check_version()?;
+        Ok(store)
+    }
+
+    fn create_schema(&mut self) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(&schema("BLOB"))?;
+        tx.execute(
+            "INSERT INTO archive_meta (name, value) VALUES ('schema', ?1) \
+             ON CONFLICT (name) DO NOTHING",
+            [SCHEMA_VERSION],
+        )?;
+        tx.commit()?;
+        self.check_version()
+    }
+
+    fn check_version(&self) -> Result<(), StoreError> {
+        let version: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT value FROM archive_meta WHERE name = 'schema'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match version.as_deref() {
+            Some(SCHEMA_VERSION) => Ok(()),
+            other => Err(StoreError(format!(
+                "unknown archive schema version {other:?} (this build knows {SCHEMA_VERSION})"
+            ))),
+        }
+    }
+
+    /// The connection, for tests and tools that inspect the database.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    fn query_records(
+        &mut self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare(sql)?;
+        let mut rows = stmt.query(params)?;
+        while let Some(row) = rows.next()? {
+            let (record, certificates) = read_record(row)?;
+            let record = expand(&self.conn, &mut self.certificate_sets, record, certificates)?;
+            if !visit(record)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The whole token again when its certificates were stored apart. A set that is missing
+/// or does not match its hash leaves the token as stored: verification then reports the
+/// record.
+fn expand(
+    conn: &Connection,
+    sets: &mut HashMap<Hash, Vec<u8>>,
+    mut record: StoredRecord,
+    certificates: Option<Vec<u8>>,
+) -> Result<StoredRecord, StoreError> {
+    let Some(key) = certificates else {
+        return Ok(record);
+    };
+    let Ok(key) = Hash::try_from(key.as_slice()) else {
+        return Ok(record);
+    };
+    let set = match sets.entry(key) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            let der: Option<Vec<u8>> = conn
+                .query_row(
+                    "SELECT der FROM certificate_sets WHERE hash = ?1",
+                    [&key[..]],
+                    |r| octets(r, 0),
+                )
+                .optional()?;
+            match der {
+                Some(der) if sha256(&der) == key => e.insert(der),
+                _ => return Ok(record),
+            }
+        }
+    };
+    if let Some(token) = join_certificates(&record.record.token, set) {
+        record.record.token = token;
+    }
+    Ok(record)
+}
+
+fn hash_of(v: Vec<u8>) -> Result<Hash, rusqlite::Error> {
+    Hash::try_from(v.as_slice()).map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Blob,
+            "a hash is not 32 octets".into(),
+        )
+    })
+}
+
+/// An octet-string column; a value someone wrote as text (`x'00' || …` yields text in
+/// SQLite) is read as its octets, so that verification reports it instead of failing.
+fn octets(row: &Row<'_>, idx: usize) -> Result<Vec<u8>, rusqlite::Error> {
+    use rusqlite::types::ValueRef;
+    match row.get_ref(idx)? {
+        ValueRef::Blob(b) | ValueRef::Text(b) => Ok(b.to_vec()),
+        ValueRef::Integer(i) => Ok(i.to_be_bytes().to_vec()),
+        ValueRef::Real(f) => Ok(f.to_be_bytes().to_vec()),
+        ValueRef::Null => Err(rusqlite::Error::InvalidColumnType(
+            idx,
+            "NULL".into(),
+            rusqlite::types::Type::Null,
+        )),
+    }
+}
+
+fn optional_octets(row: &Row<'_>, idx: usize) -> Result<Option<Vec<u8>>, rusqlite::Error> {
+    match row.get_ref(idx)? {
+        rusqlite::types::ValueRef::Null => Ok(None),
+        _ => octets(row, idx).map(Some),
+    }
+}
+
+/// A record as stored (the token maybe without its certificates) and its certificate set's
+/// hash.
+type Stored = (StoredRecord, Option<Vec<u8>>);
+
+fn read_record(row: &Row<'_>) -> Result<Stored, rusqlite::Error> {
+    let record = StoredRecord {
+        instance_id: row.get(0)?,
+        seq: row.get(1)?,
+        counter: row.get(3)?,
+        record: TokenRecord {
+            serial: octets(row, 2)?,
+            gen_time_ns: row.get(4)?,
+            accuracy_ns: row.get(5)?,
+            imprint_alg: row.get(6)?,
+            imprint: octets(row, 7)?,
+            policy: row.get(8)?,
+            nonce: optional_octets(row, 9)?,
+            client: row.get(10)?,
+            clock: ClockAtIssue {
+                source: row.get(11)?,
+                state: row.get(12)?,
+                bound_ns: row.get(13)?,
+                sources: row.get(14)?,
+            },
+            token: octets(row, 15)?,
+        },
+        prev_hash: hash_of(octets(row, 16)?)?,
+        hash: hash_of(octets(row, 17)?)?,
+    };
+    Ok((record, optional_octets(row, 18)?))
+}
+
+fn read_checkpoint(row: &Row<'_>) -> Result<Checkpoint, rusqlite::Error> {
+    Ok(Checkpoint {
+        instance_id: row.get(0)?,
+        seq: row.get(1)?,
+        head_hash: hash_of(row.get(2)?)?,
+        time_ns: row.get(3)?,
+        algorithm: row.get(4)?,
+        signature: row.get(5)?,
+        certificate: row.get(6)?,
+    })
+}
+
+fn read_anchor(row: &Row<'_>) -> Result<Anchor, rusqlite::Error> {
+    Ok(Anchor {
+        instance_id: row.get(0)?,
+        seq: row.get(1)?,
+        hash: hash_of(row.get(2)?)?,
+        max_counter: row.get(3)?,
+        max_gen_time_ns: row.get(4)?,
+        pruned_at_ns: row.get(5)?,
+    })
+}
+
+fn now_ns() -> u64 {
+    crate::clock::system_unix_ns()
+}
+
+impl ArchiveStore for SqliteStore {
+    fn instance(&mut self, instance_id: u32) -> Result<InstanceState, StoreError> {
+        let c = &self.conn;
+        let (reserved_until, inst_max_counter, inst_max_gen): (u64, Option<u64>, u64) = c
+            .query_row(
+                "SELECT reserved_until, max_counter, max_gen_time_ns FROM instances \
+                 WHERE instance_id = ?1",
+                [instance_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?
+            .unwrap_or((0, None, 0));
+        let anchor = c
+            .query_row(
+                "SELECT instance_id, seq, hash, max_counter, max_gen_time_ns, pruned_at_ns \
+                 FROM chain_anchors WHERE instance_id = ?1",
+                [instance_id],
+                read_anchor,
+            )
+            .optional()?;
+        // The head is the record with the highest position; the counter index answers the
+        // highest counter; the genTimes of the last records (commit order and genTime order
+        // differ only among requests in flight together) and the instance row the rest.
+        let head = c
+            .query_row(
+                "SELECT seq, hash FROM tokens WHERE instance_id = ?1 ORDER BY seq DESC LIMIT 1",
+                [instance_id],
+                |r| {
+                    Ok(ChainHead {
+                        seq: r.get(0)?,
+                        hash: hash_of(r.get(1)?)?,
+                    })
+                },
+            )
+            .optional()?
+            .or(anchor.map(|a| ChainHead {
+                seq: a.seq,
+                hash: a.hash,
+            }));
+        let max_counter: Option<u64> = c.query_row(
+            "SELECT MAX(counter) FROM tokens WHERE instance_id = ?1",
+            [instance_id],
+            |r| r.get(0),
+        )?;
+        let recent_gen: Option<u64> = c.query_row(
+            "SELECT MAX(gen_time_ns) FROM (SELECT gen_time_ns FROM tokens \
+             WHERE instance_id = ?1 ORDER BY seq DESC LIMIT 100000)",
+            [instance_id],
+            |r| r.get(0),
+        )?;
+        let last_event_seq: Option<u64> = c.query_row(
+            "SELECT MAX(seq) FROM events WHERE instance_id = ?1",
+            [instance_id],
+            |r| r.get(0),
+        )?;
+        let max_counter = [max_counter, inst_max_counter, anchor.map(|a| a.max_counter)]
+            .into_iter()
+            .flatten()
+            .max();
+        let max_gen_time_ns = [
+            recent_gen.unwrap_or(0),
+            inst_max_gen,
+            anchor.map_or(0, |a| a.max_gen_time_ns),
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        Ok(InstanceState {
+            reserved_until,
+            max_counter,
+            max_gen_time_ns,
+            head,
+            anchor,
+            last_event_seq: last_event_seq.unwrap_or(0),
+        })
+    }
+
+    fn instances(&mut self) -> Result<Vec<u32>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT instance_id FROM instances UNION SELECT DISTINCT instance_id FROM tokens \
+             UNION SELECT instance_id FROM chain_anchors \
+             UNION SELECT DISTINCT instance_id FROM checkpoints ORDER BY 1",
+        )?;
+        let ids = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<u32>, _>>()?;
+        Ok(ids)
+    }
+
+    fn reserve(
+        &mut self,
+        instance_id: u32,
+        until: u64,
+        gen_time_floor_ns: u64,
+    ) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO instances (instance_id, reserved_until, max_counter, max_gen_time_ns, \
+             updated_ns) VALUES (?1, ?2, NULL, ?3, ?4) \
+             ON CONFLICT (instance_id) DO UPDATE SET \
+             reserved_until = MAX(instances.reserved_until, excluded.reserved_until), \
+             max_gen_time_ns = MAX(instances.max_gen_time_ns, excluded.max_gen_time_ns), \
+             updated_ns = excluded.updated_ns",
+            params![instance_id, until, gen_time_floor_ns, now_ns()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn append(
+        &mut self,
+        instance_id: u32,
+        records: &[StoredRecord],
+        events: &[EventRecord],
+    ) -> Result<(), StoreError> {
+        let mut new_sets: Vec<(Hash, Vec<u8>)> = Vec::new();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut insert = tx.prepare_cached(&format!(
+                "INSERT INTO tokens ({RECORD_COLUMNS}) VALUES \
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+                 ?18, ?19)"
+            ))?;
+            let mut insert_set = tx.prepare_cached(
+                "INSERT INTO certificate_sets (hash, der) VALUES (?1, ?2) \
+                 ON CONFLICT (hash) DO NOTHING",
+            )?;
+            for s in records {
+                let r = &s.record;
+                let (token, certificates) = match split_certificates(&r.token) {
+                    Some((compact, set)) => {
+                        let key = sha256(&set);
+                        if !self.certificate_sets.contains_key(&key)
+                            && !new_sets.iter().any(|(k, _)| *k == key)
+                        {
+                            insert_set.execute(params![&key[..], set])?;
+                            new_sets.push((key, set));
+                        }
+                        (std::borrow::Cow::Owned(compact), Some(key))
+                    }
+                    None => (std::borrow::Cow::Borrowed(&r.token), None),
+                };
+                insert.execute(params![
+                    s.instance_id,
+                    s.seq,
+                    r.serial,
+                    s.counter,
+                    r.gen_time_ns,
+                    r.accuracy_ns,
+                    r.imprint_alg,
+                    r.imprint,
+                    r.policy,
+                    r.nonce,
+                    r.client,
+                    r.clock.source,
+                    r.clock.state,
+                    r.clock.bound_ns,
+                    r.clock.sources,
+                    token.as_slice(),
+                    &s.prev_hash[..],
+                    &s.hash[..],
+                    certificates.as_ref().map(|k| &k[..]),
+                ])?;
+            }
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO events (instance_id, seq, time_ns, level, kind, message, fields) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for e in events {
+                insert.execute(params![
+                    e.instance_id,
+                    e.seq,
+                    e.time_ns,
+                    e.level,
+                    e.kind,
+                    e.message,
+                    e.fields
+                ])?;
+            }
+            if let (Some(max_counter), Some(max_gen)) = (
+                records.iter().map(|r| r.counter).max(),
+                records.iter().map(|r| r.record.gen_time_ns).max(),
+            ) {
+                let mut update = tx.prepare_cached(
+                    "INSERT INTO instances (instance_id, reserved_until, max_counter, \
+                     max_gen_time_ns, updated_ns) VALUES (?1, ?2, ?2, ?3, ?4) \
+                     ON CONFLICT (instance_id) DO UPDATE SET \
+                     max_counter = MAX(COALESCE(instances.max_counter, 0), excluded.max_counter), \
+                     max_gen_time_ns = MAX(instances.max_gen_time_ns, excluded.max_gen_time_ns), \
+                     updated_ns = excluded.updated_ns",
+                )?;
+                update.execute(params![instance_id, max_counter, max_gen, now_ns()])?;
+            }
+        }
+        tx.commit()?;
+        // Known only once committed.
+        self.certificate_sets.extend(new_sets);
+        Ok(())
+    }
+
+    fn add_checkpoint(&mut self, c: &Checkpoint) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO checkpoints (instance_id, seq, head_hash, time_ns, algorithm, \
+             signature, certificate) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT (instance_id, seq) DO NOTHING",
+            params![
+                c.instance_id,
+                c.seq,
+                &c.head_hash[..],
+                c.time_ns,
+                c.algorithm,
+                c.signature,
+                c.certificate
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn checkpoints(&mut self, instance_id: u32) -> Result<Vec<Checkpoint>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT instance_id, seq, head_hash, time_ns, algorithm, signature, certificate \
+             FROM checkpoints WHERE instance_id = ?1 ORDER BY seq",
+        )?;
+        let all = stmt
+            .query_map([instance_id], read_checkpoint)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(all)
+    }
+
+    fn record_by_serial(&mut self, serial: &[u8]) -> Result<Option<StoredRecord>, StoreError> {
+        let Some((instance_id, counter)) = layout::decode(serial) else {
+            return Ok(None);
+        };
+        let found = self
+            .conn
+            .query_row(
+                &format!(
+                    "SELECT {RECORD_COLUMNS} FROM tokens WHERE instance_id = ?1 AND counter = ?2"
+                ),
+                params![instance_id, counter],
+                read_record,
+            )
+            .optional()?;
+        match found {
+            Some((record, certificates)) if record.record.serial == serial => {
+                expand(&self.conn, &mut self.certificate_sets, record, certificates).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn records_by_imprint(&mut self, imprint: &[u8]) -> Result<Vec<StoredRecord>, StoreError> {
+        let mut all = Vec::new();
+        self.query_records(
+            &format!(
+                "SELECT {RECORD_COLUMNS} FROM tokens WHERE imprint = ?1 \
+                 ORDER BY gen_time_ns DESC, instance_id, seq DESC"
+            ),
+            [imprint],
+            &mut |r| {
+                all.push(r);
+                Ok(true)
+            },
+        )?;
+        Ok(all)
+    }
+
+    fn for_each_record(
+        &mut self,
+        instance_id: u32,
+        from_seq: u64,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError> {
+        self.query_records(
+            &format!(
+                "SELECT {RECORD_COLUMNS} FROM tokens WHERE instance_id = ?1 AND seq >= ?2 \
+                 ORDER BY seq"
+            ),
+            params![instance_id, from_seq],
+            visit,
+        )
+    }
+
+    fn for_each_in_time(
+        &mut self,
+        from_ns: u64,
+        to_ns: u64,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError> {
+        self.query_records(
+            &format!(
+                "SELECT {RECORD_COLUMNS} FROM tokens WHERE gen_time_ns >= ?1 AND gen_time_ns < ?2 \
+                 ORDER BY gen_time_ns, instance_id, seq"
+            ),
+            params![from_ns.min(i64::MAX as u64), to_ns.min(i64::MAX as u64)],
+            visit,
+        )
+    }
+
+    fn events(&mut self, from_ns: u64, to_ns: u64) -> Result<Vec<EventRecord>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT instance_id, seq, time_ns, level, kind, message, fields FROM events \
+             WHERE time_ns >= ?1 AND time_ns < ?2 ORDER BY time_ns, instance_id, seq",
+        )?;
+        let all = stmt
+            .query_map(
+                params![from_ns.min(i64::MAX as u64), to_ns.min(i64::MAX as u64)],
+                |r| {
+                    Ok(EventRecord {
+                        instance_id: r.get(0)?,
+                        seq: r.get(1)?,
+                        time_ns: r.get(2)?,
+                        level: r.get(3)?,
+                        kind: r.get(4)?,
+                        message: r.get(5)?,
+                        fields: r.get(6)?,
+                    })
+                },
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(all)
+    }
+
+    fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError> {
+        let before_ns = before_ns.min(i64::MAX as u64);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // The records before the first one that is not old enough (so the anchor is always
+        // the record right before the oldest one kept).
+        let first_kept: Option<u64> = tx.query_row(
+            "SELECT MIN(seq) FROM tokens WHERE instance_id = ?1 AND gen_time_ns >= ?2",
+            params![instance_id, before_ns],
+            |r| r.get(0),
+        )?;
+        let last: Option<(u64, Vec<u8>)> = match first_kept {
+            Some(first) => tx
+                .query_row(
+                    "SELECT seq, hash FROM tokens WHERE instance_id = ?1 AND seq < ?2 \
+                     ORDER BY seq DESC LIMIT 1",
+                    params![instance_id, first],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?,
+            None => tx
+                .query_row(
+                    "SELECT seq, hash FROM tokens WHERE instance_id = ?1 ORDER BY seq DESC LIMIT 1",
+                    [instance_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?,
+        };
+        tx.execute(
+            "DELETE FROM events WHERE instance_id = ?1 AND time_ns < ?2",
+            params![instance_id, before_ns],
+        )?;
+        let Some((seq, hash)) = last else {
+            tx.commit()?;
+            return Ok(None);
+        };
+        let (max_counter, max_gen): (u64, u64) = tx.query_row(
+            "SELECT MAX(counter), MAX(gen_time_ns) FROM tokens WHERE instance_id = ?1 AND seq <= ?2",
+            params![instance_id, seq],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let previous = tx
+            .query_row(
+                "SELECT instance_id, seq, hash, max_counter, max_gen_time_ns, pruned_at_ns \
+                 FROM chain_anchors WHERE instance_id = ?1",
+                [instance_id],
+                read_anchor,
+            )
+            .optional()?;
+        let anchor = Anchor {
+            instance_id,
+            seq,
+            hash: hash_of(hash)?,
+            max_counter: max_counter.max(previous.map_or(0, |a| a.max_counter)),
+            max_gen_time_ns: max_gen.max(previous.map_or(0, |a| a.max_gen_time_ns)),
+            pruned_at_ns: now_ns(),
+        };
+        tx.execute(
+            "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, max_gen_time_ns, \
+             pruned_at_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+             ON CONFLICT (instance_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, \
+             max_counter = excluded.max_counter, max_gen_time_ns = excluded.max_gen_time_ns, \
+             pruned_at_ns = excluded.pruned_at_ns",
+            params![
+                instance_id,
+                anchor.seq,
+                &anchor.hash[..],
+                anchor.max_counter,
+                anchor.max_gen_time_ns,
+                anchor.pruned_at_ns
+            ],
+        )?;
+        tx.execute(
+            "DELETE FROM tokens WHERE instance_id = ?1 AND seq <= ?2",
+            params![instance_id, seq],
+        )?;
+        tx.commit()?;
+        Ok(Some(anchor))
+    }
+}

@@ -1,0 +1,171 @@
+//! The small state file beside the archive: the instance's last reserved counter and genTime
+//! floor, written atomically and fsynced (temporary file, fsync, rename, fsync of the
+//! directory). With the archive it guards against reuse after either one is lost or restored
+//! from an older backup: at start the TSA takes the maximum of both.
+//!
+//! ```text
+//! tsa-archive-state v1
+//! instance_id 7
+//! reserved_until 120000
+//! gen_time_ns 1764166669123456000
+//! ```
+//!
+//! The lock file beside it (`<state file>.lock`, `flock`) keeps two servers from using the same
+//! state directory at once; the kernel drops the lock when the process dies, even by kill -9.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+const HEADER: &str = "tsa-archive-state v1";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SavedState {
+    pub instance_id: u32,
+    pub reserved_until: u64,
+    pub gen_time_ns: u64,
+}
+
+pub struct StateFile {
+    path: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The saved state; `None` when there is no file. A file that does not parse is an error:
+    /// the operator must look at it rather than have the TSA guess.
+    pub fn read(&self) -> anyhow::Result<Option<SavedState>> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", self.path.display()))
+            }
+        };
+        parse(&text)
+            .with_context(|| format!("the archive state file {} is damaged", self.path.display()))
+            .map(Some)
+    }
+
+    /// Replaces the file atomically and durably.
+    pub fn write(&self, state: &SavedState) -> std::io::Result<()> {
+        let dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut tmp_name = self.path.file_name().unwrap_or_default().to_os_string();
+        tmp_name.push(".tmp");
+        let tmp = dir.join(tmp_name);
+        {
+            let mut file = File::create(&tmp)?;
+            write!(
+                file,
+                "{HEADER}\ninstance_id {}\nreserved_until {}\ngen_time_ns {}\n",
+                state.instance_id, state.reserved_until, state.gen_time_ns
+            )?;
+            file.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        File::open(dir)?.sync_all()
+    }
+}
+
+fn parse(text: &str) -> anyhow::Result<SavedState> {
+    let mut lines = text.lines();
+    if lines.next() != Some(HEADER) {
+        bail!("the first line is not '{HEADER}'");
+    }
+    let (mut instance_id, mut reserved_until, mut gen_time_ns) = (None, None, None);
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        let (key, value) = line
+            .split_once(' ')
+            .with_context(|| format!("bad line '{line}'"))?;
+        match key {
+            "instance_id" => instance_id = Some(value.parse()?),
+            "reserved_until" => reserved_until = Some(value.parse()?),
+            "gen_time_ns" => gen_time_ns = Some(value.parse()?),
+            _ => bail!("unknown key '{key}'"),
+        }
+    }
+    Ok(SavedState {
+        instance_id: instance_id.context("instance_id is missing")?,
+        reserved_until: reserved_until.context("reserved_until is missing")?,
+        gen_time_ns: gen_time_ns.context("gen_time_ns is missing")?,
+    })
+}
+
+/// An exclusive lock on `<path>.lock`, held while the value lives.
+pub struct Lock {
+    _file: File,
+}
+
+impl Lock {
+    pub fn acquire(state_path: &Path) -> anyhow::Result<Self> {
+        let mut name = state_path.as_os_str().to_os_string();
+        name.push(".lock");
+        let path = PathBuf::from(name);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: flock on a descriptor this function owns.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                bail!(
+                    "{} is locked: another tsa serves from this state directory",
+                    path.display()
+                );
+            }
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+        Ok(Self { _file: file })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::new(&dir.path().join("archive.state"));
+        assert_eq!(file.read().unwrap(), None);
+        let state = SavedState {
+            instance_id: 7,
+            reserved_until: 120_000,
+            gen_time_ns: 1_764_166_669_123_456_000,
+        };
+        file.write(&state).unwrap();
+        assert_eq!(file.read().unwrap(), Some(state));
+        std::fs::write(file.path(), "tsa-archive-state v1\ninstance_id 7\n").unwrap();
+        assert!(file.read().is_err());
+    }
+
+    #[test]
+    fn one_lock_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("archive.state");
+        let lock = Lock::acquire(&path).unwrap();
+        assert!(Lock::acquire(&path).is_err());
+        drop(lock);
+        Lock::acquire(&path).unwrap();
+    }
+}

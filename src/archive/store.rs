@@ -1,0 +1,203 @@
+//! The storage behind the archive, as one trait: SQLite ([`super::sqlite`]) implements it
+//! today; a PostgreSQL backend implements the same trait over the same schema
+//! ([`schema`] with `BYTEA` for `BLOB`).
+//!
+//! The archive calls a store from one writer thread (appends, reservations, checkpoints,
+//! pruning) and from readers (look-ups, export, verification), each with its own store value,
+//! so a store is `Send` and needs no internal locking. Every method that writes returns only
+//! once what it wrote is durable (committed with the write-ahead log synced).
+
+use super::record::{Anchor, ChainHead, Checkpoint, EventRecord, StoredRecord};
+
+#[derive(Debug, thiserror::Error)]
+#[error("archive storage: {0}")]
+pub struct StoreError(pub String);
+
+impl StoreError {
+    pub fn new(e: impl std::fmt::Display) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// What the archive knows of one instance at start-up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InstanceState {
+    /// Counters below this may have been handed out (the last durable reservation).
+    pub reserved_until: u64,
+    /// The highest counter archived (or pruned), if any.
+    pub max_counter: Option<u64>,
+    /// The latest genTime archived (or pruned, or written with a reservation), 0 if none.
+    pub max_gen_time_ns: u64,
+    /// The chain's last record (or the anchor when everything was pruned).
+    pub head: Option<ChainHead>,
+    pub anchor: Option<Anchor>,
+    /// The last event's position.
+    pub last_event_seq: u64,
+}
+
+/// A visitor over records; returns `false` to stop.
+pub type Visit<'a> = dyn FnMut(StoredRecord) -> Result<bool, StoreError> + 'a;
+
+pub trait ArchiveStore: Send {
+    /// The instance's state (all zero / `None` for an instance never seen).
+    fn instance(&mut self, instance_id: u32) -> Result<InstanceState, StoreError>;
+
+    /// Every instance that has records, an anchor, a reservation or checkpoints.
+    fn instances(&mut self) -> Result<Vec<u32>, StoreError>;
+
+    /// Records durably that counters below `until` may be handed out (never lowers it), and
+    /// raises the instance's genTime floor to `gen_time_floor_ns`.
+    fn reserve(
+        &mut self,
+        instance_id: u32,
+        until: u64,
+        gen_time_floor_ns: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Appends chained records and events in one transaction, all or nothing. A serial, or a
+    /// counter of the instance, that is already archived makes the whole append fail.
+    fn append(
+        &mut self,
+        instance_id: u32,
+        records: &[StoredRecord],
+        events: &[EventRecord],
+    ) -> Result<(), StoreError>;
+
+    fn add_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), StoreError>;
+
+    /// The instance's checkpoints by position.
+    fn checkpoints(&mut self, instance_id: u32) -> Result<Vec<Checkpoint>, StoreError>;
+
+    fn record_by_serial(&mut self, serial: &[u8]) -> Result<Option<StoredRecord>, StoreError>;
+
+    /// Records whose imprint is `imprint` (any algorithm), the latest genTime first.
+    fn records_by_imprint(&mut self, imprint: &[u8]) -> Result<Vec<StoredRecord>, StoreError>;
+
+    /// The instance's records in chain order, from position `from_seq` on.
+    fn for_each_record(
+        &mut self,
+        instance_id: u32,
+        from_seq: u64,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError>;
+
+    /// Records of every instance with `from_ns <= genTime < to_ns`, by genTime.
+    fn for_each_in_time(
+        &mut self,
+        from_ns: u64,
+        to_ns: u64,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError>;
+
+    /// Events of every instance with `from_ns <= time < to_ns`, by time.
+    fn events(&mut self, from_ns: u64, to_ns: u64) -> Result<Vec<EventRecord>, StoreError>;
+
+    /// Removes the instance's oldest records while their genTime is before `before_ns`,
+    /// keeping the last removed one's hash as the chain's anchor; removes events before
+    /// `before_ns` too. Returns the new anchor, `None` when nothing was removed.
+    fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError>;
+}
+
+/// The schema, for SQLite (`blob` = "BLOB") and PostgreSQL (`blob` = "BYTEA"): only types
+/// and statements both understand. Integers are signed 64-bit (counters and nanosecond
+/// times stay below 2^63); hashes are 32 octets.
+///
+/// A serial is found through its instance and counter (unique together; the serial is made
+/// of them). `tokens.token` holds the token without its certificates when it carried some:
+/// `tokens.certificates` is then the SHA-256 of that field, stored once in
+/// `certificate_sets` (see `record::split_certificates`); a store gives records back with the
+/// whole token.
+pub fn schema(blob: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS archive_meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    instance_id BIGINT PRIMARY KEY,
+    reserved_until BIGINT NOT NULL,
+    max_counter BIGINT,
+    max_gen_time_ns BIGINT NOT NULL,
+    updated_ns BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    instance_id BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    serial {blob} NOT NULL,
+    counter BIGINT NOT NULL,
+    gen_time_ns BIGINT NOT NULL,
+    accuracy_ns BIGINT NOT NULL,
+    imprint_alg TEXT NOT NULL,
+    imprint {blob} NOT NULL,
+    policy TEXT NOT NULL,
+    nonce {blob},
+    client TEXT,
+    clock_source TEXT NOT NULL,
+    clock_state TEXT NOT NULL,
+    clock_bound_ns BIGINT NOT NULL,
+    clock_sources TEXT NOT NULL,
+    token {blob} NOT NULL,
+    certificates {blob},
+    prev_hash {blob} NOT NULL,
+    hash {blob} NOT NULL,
+    PRIMARY KEY (instance_id, seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tokens_counter ON tokens (instance_id, counter);
+CREATE INDEX IF NOT EXISTS tokens_imprint ON tokens (imprint);
+CREATE INDEX IF NOT EXISTS tokens_gen_time ON tokens (gen_time_ns);
+CREATE TABLE IF NOT EXISTS certificate_sets (
+    hash {blob} PRIMARY KEY,
+    der {blob} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chain_anchors (
+    instance_id BIGINT PRIMARY KEY,
+    seq BIGINT NOT NULL,
+    hash {blob} NOT NULL,
+    max_counter BIGINT NOT NULL,
+    max_gen_time_ns BIGINT NOT NULL,
+    pruned_at_ns BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    instance_id BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    head_hash {blob} NOT NULL,
+    time_ns BIGINT NOT NULL,
+    algorithm {blob} NOT NULL,
+    signature {blob} NOT NULL,
+    certificate {blob} NOT NULL,
+    PRIMARY KEY (instance_id, seq)
+);
+CREATE TABLE IF NOT EXISTS events (
+    instance_id BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    time_ns BIGINT NOT NULL,
+    level TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL,
+    fields TEXT NOT NULL,
+    PRIMARY KEY (instance_id, seq)
+);
+CREATE INDEX IF NOT EXISTS events_time ON events (time_ns);
+"
+    )
+}
+
+/// The schema version in `archive_meta` (name `schema`).
+pub const SCHEMA_VERSION: &str = "1";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_schema_uses_only_portable_sql() {
+        let sql = super::schema("BYTEA");
+        for sqlite_only in [
+            "AUTOINCREMENT",
+            "WITHOUT ROWID",
+            "BLOB",
+            "PRAGMA",
+            "INTEGER ",
+        ] {
+            assert!(!sql.contains(sqlite_only), "{sqlite_only}");
+        }
+    }
+}

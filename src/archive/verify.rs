@@ -1,0 +1,341 @@
+//! Verification of the archive: every instance's hash chain from its anchor (or the start) to
+//! its head, every record against the token it holds, and every signed checkpoint against the
+//! chain and a trusted TSU certificate. Reports the first break of each chain.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use der::Decode;
+use spki::AlgorithmIdentifierOwned;
+use x509_cert::Certificate;
+
+use super::record::{hex, Anchor, ChainHead, Checkpoint, StoredRecord, ZERO_HASH};
+use super::serial::layout;
+use super::store::{ArchiveStore, StoreError};
+use crate::client::read::Token;
+use crate::client::verify::verify_signature;
+
+/// Where a chain breaks and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Break {
+    /// The record's position (or the checkpoint's).
+    pub seq: u64,
+    /// The record's serial in hex, when there is a record there.
+    pub serial: Option<String>,
+    pub what: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct InstanceReport {
+    pub instance_id: u32,
+    /// Records present (after the anchor).
+    pub records: u64,
+    pub anchor: Option<Anchor>,
+    pub head: ChainHead,
+    pub checkpoints: usize,
+    /// The last checkpoint: (position, time).
+    pub last_checkpoint: Option<(u64, u64)>,
+    pub first_break: Option<Break>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub instances: Vec<InstanceReport>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.instances.iter().all(|i| i.first_break.is_none())
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.instances.is_empty() {
+            return writeln!(f, "the archive is empty");
+        }
+        for i in &self.instances {
+            write!(
+                f,
+                "instance {}: {} records verified, up to {}",
+                i.instance_id, i.records, i.head.seq
+            )?;
+            if let Some(a) = &i.anchor {
+                write!(f, ", pruned up to {} (anchor {})", a.seq, hex(&a.hash[..8]))?;
+            }
+            match i.last_checkpoint {
+                Some((seq, time_ns)) => write!(
+                    f,
+                    ", {} signed checkpoints, the last at {seq} ({})",
+                    i.checkpoints,
+                    crate::protocol::GenTime::from_unix_ns(time_ns)
+                )?,
+                None => write!(f, ", no signed checkpoint")?,
+            }
+            if let Some((seq, _)) = i.last_checkpoint {
+                if i.head.seq > seq {
+                    write!(f, ", {} records after it", i.head.seq - seq)?;
+                }
+            }
+            match &i.first_break {
+                None => writeln!(f, ": OK")?,
+                Some(b) => writeln!(
+                    f,
+                    "\n  BROKEN at record {}{}: {}",
+                    b.seq,
+                    b.serial
+                        .as_ref()
+                        .map(|s| format!(" (serial {s})"))
+                        .unwrap_or_default(),
+                    b.what
+                )?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Verifies every instance in `store`; checkpoints must be signed by one of `trusted` (DER
+/// certificates: the TSU certificate, and older ones after a key change).
+pub fn verify(store: &mut dyn ArchiveStore, trusted: &[Vec<u8>]) -> Result<Report, StoreError> {
+    let mut report = Report::default();
+    for instance_id in store.instances()? {
+        report
+            .instances
+            .push(verify_instance(store, instance_id, trusted)?);
+    }
+    Ok(report)
+}
+
+fn verify_instance(
+    store: &mut dyn ArchiveStore,
+    instance_id: u32,
+    trusted: &[Vec<u8>],
+) -> Result<InstanceReport, StoreError> {
+    let state = store.instance(instance_id)?;
+    let checkpoints = store.checkpoints(instance_id)?;
+    let wanted: HashMap<u64, ()> = checkpoints.iter().map(|c| (c.seq, ())).collect();
+    let start = state.anchor.map_or(ChainHead::EMPTY, |a| ChainHead {
+        seq: a.seq,
+        hash: a.hash,
+    });
+    let mut head = start;
+    let mut records = 0u64;
+    let mut first_break = None;
+    let mut hashes_at: HashMap<u64, [u8; 32]> = HashMap::new();
+    store.for_each_record(instance_id, start.seq + 1, &mut |r| {
+        if let Some(b) = check_record(&r, &head) {
+            first_break = Some(b);
+            return Ok(false);
+        }
+        if wanted.contains_key(&r.seq) {
+            hashes_at.insert(r.seq, r.hash);
+        }
+        head = ChainHead {
+            seq: r.seq,
+            hash: r.hash,
+        };
+        records += 1;
+        Ok(true)
+    })?;
+
+    if first_break.is_none() {
+        for c in &checkpoints {
+            if let Some(what) =
+                check_checkpoint(c, trusted, state.anchor.as_ref(), head, &hashes_at)
+            {
+                first_break = Some(Break {
+                    seq: c.seq,
+                    serial: None,
+                    what,
+                });
+                break;
+            }
+        }
+    }
+    Ok(InstanceReport {
+        instance_id,
+        records,
+        anchor: state.anchor,
+        head,
+        checkpoints: checkpoints.len(),
+        last_checkpoint: checkpoints.last().map(|c| (c.seq, c.time_ns)),
+        first_break,
+    })
+}
+
+/// The first thing wrong with `r` as the record after `prev`.
+fn check_record(r: &StoredRecord, prev: &ChainHead) -> Option<Break> {
+    let serial = Some(hex(&r.record.serial));
+    let at = |what: String| {
+        Some(Break {
+            seq: r.seq,
+            serial: serial.clone(),
+            what,
+        })
+    };
+    if r.seq != prev.seq + 1 {
+        return Some(Break {
+            seq: prev.seq + 1,
+            serial: None,
+            what: format!(
+                "record {} is missing (the next one present is {})",
+                prev.seq + 1,
+                r.seq
+            ),
+        });
+    }
+    let differences = token_differences(r);
+    if r.computed_hash() != r.hash {
+        let what = if !differences.is_empty() {
+            format!(
+                "the stored hash does not match the record: {}",
+                differences.join("; ")
+            )
+        } else if r.prev_hash != prev.hash {
+            "prev_hash was changed (it is not the previous record's hash)".to_string()
+        } else {
+            "the stored hash does not match the record: a column outside the token \
+             (clock state, clock sources, client, counter), the token's certificate set or \
+             the hash itself was changed"
+                .to_string()
+        };
+        return at(what);
+    }
+    if r.prev_hash != prev.hash {
+        return at(if prev.seq == 0 && prev.hash == ZERO_HASH {
+            "the first record does not start the chain".to_string()
+        } else {
+            format!(
+                "the record does not chain to record {} (prev_hash {} instead of {})",
+                prev.seq,
+                hex(&r.prev_hash[..8]),
+                hex(&prev.hash[..8])
+            )
+        });
+    }
+    if !differences.is_empty() {
+        return at(format!(
+            "the record disagrees with its token: {}",
+            differences.join("; ")
+        ));
+    }
+    None
+}
+
+/// The columns that disagree with the token the record holds.
+fn token_differences(r: &StoredRecord) -> Vec<String> {
+    let rec = &r.record;
+    let mut out = Vec::new();
+    match layout::decode(&rec.serial) {
+        Some((instance, counter)) => {
+            if instance != r.instance_id {
+                out.push(format!(
+                    "column instance_id is {} but the serial names {instance}",
+                    r.instance_id
+                ));
+            }
+            if counter != r.counter {
+                out.push(format!(
+                    "column counter is {} but the serial holds {counter}",
+                    r.counter
+                ));
+            }
+        }
+        None => out.push("column serial is not a structured serial".into()),
+    }
+    let token = match Token::from_der(&rec.token) {
+        Ok(t) => t,
+        Err(e) => {
+            out.push(format!("column token does not decode ({e})"));
+            return out;
+        }
+    };
+    let tst = token.tst_info();
+    if tst.serial_number.as_bytes() != rec.serial.as_slice() {
+        out.push("column serial differs from the token's".into());
+    }
+    if tst.gen_time.unix_ns() != rec.gen_time_ns {
+        out.push(format!(
+            "column gen_time_ns differs from the token's genTime {}",
+            tst.gen_time
+        ));
+    }
+    if tst.accuracy.map(|a| a.as_ns()) != Some(rec.accuracy_ns) {
+        out.push("column accuracy_ns differs from the token's accuracy".into());
+    }
+    if tst.message_imprint.hash_algorithm.oid.to_string() != rec.imprint_alg {
+        out.push("column imprint_alg differs from the token's".into());
+    }
+    if tst.message_imprint.hashed_message.as_bytes() != rec.imprint.as_slice() {
+        out.push("column imprint differs from the token's".into());
+    }
+    if tst.policy.to_string() != rec.policy {
+        out.push("column policy differs from the token's".into());
+    }
+    if tst.nonce.map(|n| n.as_bytes().to_vec()) != rec.nonce {
+        out.push("column nonce differs from the token's".into());
+    }
+    out
+}
+
+fn check_checkpoint(
+    c: &Checkpoint,
+    trusted: &[Vec<u8>],
+    anchor: Option<&Anchor>,
+    head: ChainHead,
+    hashes_at: &HashMap<u64, [u8; 32]>,
+) -> Option<String> {
+    if !trusted.contains(&c.certificate) {
+        return Some(format!(
+            "the checkpoint at {} is signed by a certificate that is not trusted",
+            c.seq
+        ));
+    }
+    if let Err(e) = check_signature(c) {
+        return Some(format!(
+            "the checkpoint at {} has a bad signature ({e:#})",
+            c.seq
+        ));
+    }
+    if c.seq > head.seq {
+        return Some(format!(
+            "records are missing at the end: a checkpoint signed at {} covers {} records, the \
+             chain ends at {}",
+            crate::protocol::GenTime::from_unix_ns(c.time_ns),
+            c.seq,
+            head.seq
+        ));
+    }
+    let anchor_seq = anchor.map_or(0, |a| a.seq);
+    let hash = if c.seq > anchor_seq {
+        hashes_at.get(&c.seq).copied()
+    } else if c.seq == anchor_seq {
+        anchor.map(|a| a.hash)
+    } else {
+        // Pruned: the signature alone is left to check.
+        return None;
+    };
+    match hash {
+        Some(h) if h == c.head_hash => None,
+        Some(_) => Some(format!(
+            "the chain at {} differs from the checkpoint signed at {}: records up to it were \
+             changed and their hashes recomputed",
+            c.seq,
+            crate::protocol::GenTime::from_unix_ns(c.time_ns)
+        )),
+        None => Some(format!("no record at the checkpoint's position {}", c.seq)),
+    }
+}
+
+fn check_signature(c: &Checkpoint) -> anyhow::Result<()> {
+    let cert = Certificate::from_der(&c.certificate)?;
+    let alg = AlgorithmIdentifierOwned::from_der(&c.algorithm)?;
+    verify_signature(
+        cert.tbs_certificate().subject_public_key_info(),
+        &alg,
+        None,
+        &c.message(),
+        &c.signature,
+    )
+}

@@ -1,0 +1,312 @@
+//! The one writer: group commit of token records and events, serial block reservations,
+//! signed checkpoints, the state file and pruning, on a thread of its own.
+//!
+//! Requests queue their records ([`super::queue`]). The writer takes a batch (up to
+//! `max_batch` records), chains the records, appends them with the pending events in one
+//! transaction (one fsync of the write-ahead log), and only then answers each request. While
+//! it commits, the next batch queues up, so the batch grows with the load.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::events::Captured;
+use super::queue::Queue;
+use super::record::{ChainHead, Checkpoint, EventRecord, StoredRecord, TokenRecord};
+use super::serial::{layout, BlockSerials};
+use super::state::{SavedState, StateFile};
+use super::store::ArchiveStore;
+use super::{ArchiveError, CheckpointSigner};
+
+/// Where the writer answers a request: Ok once its record is committed.
+pub(crate) type Reply = oneshot::Sender<Result<(), ArchiveError>>;
+
+pub(crate) enum Msg {
+    Record(Box<TokenRecord>, Reply),
+    Event(Captured),
+    /// Reserve counters up to (excluding) this one.
+    Reserve(u64),
+    /// Sign a checkpoint now (if the head moved) and answer.
+    Checkpoint(std::sync::mpsc::Sender<Result<(), ArchiveError>>),
+    /// The certificate of later checkpoints.
+    Certificate(Vec<u8>),
+    /// A final checkpoint and state file, then stop.
+    Close(std::sync::mpsc::Sender<()>),
+}
+
+/// What one pass of the writer takes from the queue.
+#[derive(Default)]
+struct Batch {
+    records: Vec<(Box<TokenRecord>, Reply)>,
+    events: Vec<Captured>,
+    reserve: Option<u64>,
+    control: Vec<Msg>,
+}
+
+impl Batch {
+    fn take(&mut self, msg: Msg) {
+        match msg {
+            Msg::Record(r, reply) => self.records.push((r, reply)),
+            Msg::Event(e) => self.events.push(e),
+            Msg::Reserve(until) => self.reserve = self.reserve.max(Some(until)),
+            other => self.control.push(other),
+        }
+    }
+}
+
+pub(super) struct Writer {
+    pub store: Box<dyn ArchiveStore>,
+    pub instance_id: u32,
+    pub head: ChainHead,
+    pub last_event_seq: u64,
+    pub max_gen_time_ns: u64,
+    pub reserved_until: u64,
+    pub serials: BlockSerials,
+    pub state: StateFile,
+    pub signer: CheckpointSigner,
+    pub last_checkpoint_seq: u64,
+    pub checkpoint_interval: Duration,
+    pub retention: Option<Duration>,
+    pub max_batch: usize,
+    pub healthy: Arc<AtomicBool>,
+}
+
+impl Writer {
+    pub fn run(mut self, queue: &Queue) {
+        let mut next_periodic = Instant::now() + self.checkpoint_interval;
+        loop {
+            let msgs = queue.next_batch(next_periodic, self.max_batch);
+            if Instant::now() >= next_periodic {
+                self.periodic();
+                next_periodic = Instant::now() + self.checkpoint_interval;
+            }
+            if msgs.is_empty() {
+                continue;
+            }
+            let mut batch = Batch::default();
+            for msg in msgs {
+                batch.take(msg);
+            }
+            // Under load the next batch is due when as many records as this one held arrived
+            // (or the commit delay passed); a record alone is committed at once.
+            queue.set_target(batch.records.len());
+            let Batch {
+                records,
+                events,
+                reserve,
+                control,
+            } = batch;
+            if let Some(until) = reserve {
+                self.reserve(until);
+            }
+            if !records.is_empty() || !events.is_empty() {
+                self.commit(records, events);
+            }
+            for msg in control {
+                match msg {
+                    Msg::Checkpoint(reply) => {
+                        let _ = reply.send(self.checkpoint());
+                    }
+                    Msg::Certificate(der) => self.signer.certificate = der,
+                    Msg::Close(done) => {
+                        // Whatever is still queued goes in before the last checkpoint.
+                        self.drain(queue.close());
+                        self.close();
+                        let _ = done.send(());
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Commits what was still queued (at shutdown, after the server stopped taking requests).
+    fn drain(&mut self, msgs: Vec<Msg>) {
+        let (mut records, mut events) = (Vec::new(), Vec::new());
+        for msg in msgs {
+            match msg {
+                Msg::Record(r, reply) => records.push((r, reply)),
+                Msg::Event(e) => events.push(e),
+                Msg::Reserve(_) => {}
+                Msg::Certificate(der) => self.signer.certificate = der,
+                Msg::Checkpoint(reply) => {
+                    let _ = reply.send(Err(ArchiveError("the archive is closing".into())));
+                }
+                Msg::Close(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+        if !records.is_empty() || !events.is_empty() {
+            self.commit(records, events);
+        }
+    }
+
+    /// Chains `records` after the head, appends them with `events` in one transaction, then
+    /// answers every request: Ok only once the commit returned.
+    fn commit(&mut self, records: Vec<(Box<TokenRecord>, Reply)>, events: Vec<Captured>) {
+        let mut head = self.head;
+        let mut chained = Vec::with_capacity(records.len());
+        let mut replies = Vec::with_capacity(records.len());
+        let mut refused = Vec::new();
+        for (record, reply) in records {
+            let counter = match layout::decode(&record.serial) {
+                Some((instance, counter)) if instance == self.instance_id => counter,
+                _ => {
+                    refused.push(reply);
+                    continue;
+                }
+            };
+            let stored =
+                StoredRecord::chain(self.instance_id, head.seq + 1, counter, *record, head.hash);
+            head = ChainHead {
+                seq: stored.seq,
+                hash: stored.hash,
+            };
+            chained.push(stored);
+            replies.push(reply);
+        }
+        for reply in refused {
+            let _ = reply.send(Err(ArchiveError(
+                "the serial is not one of this instance".into(),
+            )));
+        }
+        let events: Vec<EventRecord> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| EventRecord {
+                instance_id: self.instance_id,
+                seq: self.last_event_seq + 1 + i as u64,
+                time_ns: e.time_ns,
+                level: e.level,
+                kind: e.kind,
+                message: e.message,
+                fields: e.fields,
+            })
+            .collect();
+        match self.store.append(self.instance_id, &chained, &events) {
+            Ok(()) => {
+                self.head = head;
+                self.last_event_seq += events.len() as u64;
+                if let Some(max) = chained.iter().map(|r| r.record.gen_time_ns).max() {
+                    self.max_gen_time_ns = self.max_gen_time_ns.max(max);
+                }
+                self.healthy.store(true, Ordering::Relaxed);
+                for reply in replies {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                tracing::error!(
+                    error = %e,
+                    records = chained.len(),
+                    events = events.len(),
+                    "the archive cannot be written: the tokens are withheld"
+                );
+                let error = ArchiveError(format!("the token could not be archived: {e}"));
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+
+    fn reserve(&mut self, until: u64) {
+        if until <= self.reserved_until {
+            self.serials.extend(self.reserved_until);
+            return;
+        }
+        match self.persist_reservation(until) {
+            Ok(()) => {
+                self.reserved_until = until;
+                self.serials.extend(until);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reserve the next block of serial numbers");
+                self.serials.reservation_failed(e.to_string());
+            }
+        }
+    }
+
+    /// The reservation, in the database and in the state file, both durable.
+    fn persist_reservation(&mut self, until: u64) -> Result<(), ArchiveError> {
+        self.store
+            .reserve(self.instance_id, until, self.max_gen_time_ns)
+            .map_err(|e| ArchiveError(e.to_string()))?;
+        self.write_state(until)
+    }
+
+    fn write_state(&self, reserved_until: u64) -> Result<(), ArchiveError> {
+        self.state
+            .write(&SavedState {
+                instance_id: self.instance_id,
+                reserved_until,
+                gen_time_ns: self.max_gen_time_ns,
+            })
+            .map_err(|e| {
+                ArchiveError(format!(
+                    "cannot write the state file {}: {e}",
+                    self.state.path().display()
+                ))
+            })
+    }
+
+    /// The checkpoint interval passed: checkpoint, state file, pruning.
+    fn periodic(&mut self) {
+        if let Err(e) = self.checkpoint() {
+            tracing::warn!(error = %e, "archive checkpoint failed; trying again later");
+        }
+        if let Err(e) = self.write_state(self.reserved_until) {
+            tracing::warn!(error = %e, "archive state file not written");
+        }
+        if let Some(retention) = self.retention {
+            let before = crate::clock::system_unix_ns().saturating_sub(retention.as_nanos() as u64);
+            match self.store.prune(self.instance_id, before) {
+                Ok(Some(anchor)) => tracing::info!(
+                    instance = self.instance_id,
+                    anchor_seq = anchor.seq,
+                    "archive pruned: records up to the anchor removed"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "archive pruning failed"),
+            }
+        }
+    }
+
+    /// Signs the chain head and stores the checkpoint, unless nothing changed since the last.
+    fn checkpoint(&mut self) -> Result<(), ArchiveError> {
+        if self.head.seq == 0 || self.head.seq == self.last_checkpoint_seq {
+            return Ok(());
+        }
+        let time_ns = crate::clock::system_unix_ns();
+        let mut checkpoint = Checkpoint {
+            instance_id: self.instance_id,
+            seq: self.head.seq,
+            head_hash: self.head.hash,
+            time_ns,
+            algorithm: self.signer.algorithm.clone(),
+            signature: Vec::new(),
+            certificate: self.signer.certificate.clone(),
+        };
+        checkpoint.signature = (self.signer.sign)(&checkpoint.message())
+            .map_err(|e| ArchiveError(format!("the checkpoint cannot be signed: {e}")))?;
+        self.store
+            .add_checkpoint(&checkpoint)
+            .map_err(|e| ArchiveError(e.to_string()))?;
+        self.last_checkpoint_seq = self.head.seq;
+        Ok(())
+    }
+
+    fn close(&mut self) {
+        if let Err(e) = self.checkpoint() {
+            tracing::warn!(error = %e, "no archive checkpoint at shutdown");
+        }
+        if let Err(e) = self.write_state(self.reserved_until) {
+            tracing::warn!(error = %e, "archive state file not written at shutdown");
+        }
+    }
+}

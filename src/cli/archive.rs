@@ -1,0 +1,340 @@
+//! `tsa archive`: verify, look up, export and prune the token archive (`[archive]` of the
+//! configuration). Reading works while the server runs (SQLite's write-ahead log lets readers
+//! and the writer go on together).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use tsa::archive::record::{hex, StoredRecord};
+use tsa::archive::{self, decode_hex, normalize_serial, serial_hex};
+use tsa::config::{Config, SignerConfig};
+use tsa::protocol::GenTime;
+
+#[derive(Debug, clap::Args)]
+pub struct ArchiveArgs {
+    /// The configuration file: its [archive] section and the TSU certificate.
+    #[arg(long, short, default_value = "state/tsa.toml", global = true)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: ArchiveCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ArchiveCommand {
+    /// Check every instance's hash chain, each record against its token, and the signed
+    /// checkpoints; report the first break of each chain (exit status 1 when one is found).
+    Verify {
+        /// Further trusted TSU certificates (PEM), for checkpoints signed before a change of
+        /// certificate; the configured one is always trusted.
+        #[arg(long)]
+        cert: Vec<PathBuf>,
+    },
+    /// Find a token by serial or by message imprint; print what the archive holds and write
+    /// the TimeStampResp (or the bare token) to --out.
+    Get {
+        /// The serial in hex (as `tsa inspect` prints it).
+        #[arg(long, required_unless_present = "imprint", conflicts_with = "imprint")]
+        serial: Option<String>,
+        /// The hashed message in hex: the latest token with this imprint.
+        #[arg(long)]
+        imprint: Option<String>,
+        /// Write the granted TimeStampResp (DER, `.tsr`) here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Write the bare token (CMS ContentInfo) instead of the TimeStampResp.
+        #[arg(long)]
+        token: bool,
+    },
+    /// Export the tokens whose genTime is in [--from, --to): a directory of
+    /// `<serial-hex>.tsr` files (DER TimeStampResp) or one JSON-lines file (one object per
+    /// token, the token's DER in hex).
+    Export {
+        /// RFC 3339 (2026-11-26T13:00:00Z) or Unix seconds.
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long, required_unless_present = "jsonl", conflicts_with = "jsonl")]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        jsonl: Option<PathBuf>,
+    },
+    /// Remove the records issued before a time (and the events before it); each chain keeps
+    /// the last removed record's hash as its anchor, so what remains still verifies.
+    Prune {
+        /// RFC 3339 or Unix seconds.
+        #[arg(long)]
+        before: String,
+        /// Only this instance (default: every instance in the archive).
+        #[arg(long)]
+        instance: Option<u32>,
+    },
+    /// Print the clock, key and archive events in [--from, --to).
+    Events {
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+    },
+}
+
+pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
+    let config = Config::load(&args.config)?;
+    match &args.command {
+        ArchiveCommand::Verify { cert } => verify(&config, cert),
+        ArchiveCommand::Get {
+            serial,
+            imprint,
+            out,
+            token,
+        } => get(
+            &config,
+            serial.as_deref(),
+            imprint.as_deref(),
+            out.as_deref(),
+            *token,
+        ),
+        ArchiveCommand::Export {
+            from,
+            to,
+            dir,
+            jsonl,
+        } => export(
+            &config,
+            parse_time(from)?,
+            parse_time(to)?,
+            dir.as_deref(),
+            jsonl.as_deref(),
+        ),
+        ArchiveCommand::Prune { before, instance } => {
+            prune(&config, &parse_time(before)?, *instance)
+        }
+        ArchiveCommand::Events { from, to } => events(
+            &config,
+            from.as_deref().map(parse_time).transpose()?.unwrap_or(0),
+            to.as_deref()
+                .map(parse_time)
+                .transpose()?
+                .unwrap_or(i64::MAX as u64),
+        ),
+    }
+}
+
+/// RFC 3339, or whole Unix seconds; nanoseconds since the epoch.
+fn parse_time(text: &str) -> anyhow::Result<u64> {
+    if let Ok(secs) = text.parse::<u64>() {
+        return secs
+            .checked_mul(1_000_000_000)
+            .context("the time is too far in the future");
+    }
+    let t = chrono::DateTime::parse_from_rfc3339(text)
+        .with_context(|| format!("'{text}' is neither RFC 3339 nor Unix seconds"))?;
+    u64::try_from(
+        t.timestamp_nanos_opt()
+            .context("the time is out of range")?,
+    )
+    .context("times before 1970 are not supported")
+}
+
+fn verify(config: &Config, extra: &[PathBuf]) -> anyhow::Result<()> {
+    let (cert, chain) = match &config.signer {
+        SignerConfig::Software {
+            certificate, chain, ..
+        } => (certificate, chain),
+        SignerConfig::Pkcs11(p) => (&p.certificate, &p.chain),
+    };
+    let mut trusted = vec![tsa::signer::certificate::TsuCertificate::load(cert, chain)?
+        .der()
+        .to_vec()];
+    for file in extra {
+        trusted.extend(tsa::signer::certificate::read_pem_certificates(file)?);
+    }
+    let mut store = archive::open_read_only(&config.archive)?;
+    let report = archive::verify::verify(store.as_mut(), &trusted)?;
+    print!("{report}");
+    if !report.ok() {
+        bail!("the archive does not verify");
+    }
+    Ok(())
+}
+
+fn describe(r: &StoredRecord) -> String {
+    let rec = &r.record;
+    format!(
+        "serial      : {}\ninstance    : {} (record {}, counter {})\ngenTime     : {}\n\
+         accuracy    : {} ns\nimprint     : {} {}\npolicy      : {}\nnonce       : {}\n\
+         clock       : {} {} (bound {} ns){}\ntoken       : {} octets\nhash        : {}\n",
+        serial_hex(r),
+        r.instance_id,
+        r.seq,
+        r.counter,
+        GenTime::from_unix_ns(rec.gen_time_ns),
+        rec.accuracy_ns,
+        rec.imprint_alg,
+        hex(&rec.imprint),
+        rec.policy,
+        rec.nonce.as_deref().map(hex).unwrap_or_else(|| "-".into()),
+        rec.clock.source,
+        rec.clock.state,
+        rec.clock.bound_ns,
+        if rec.clock.sources.is_empty() {
+            String::new()
+        } else {
+            format!(", sources {}", rec.clock.sources)
+        },
+        rec.token.len(),
+        hex(&r.hash),
+    )
+}
+
+fn get(
+    config: &Config,
+    serial: Option<&str>,
+    imprint: Option<&str>,
+    out: Option<&Path>,
+    bare_token: bool,
+) -> anyhow::Result<()> {
+    let mut store = archive::open_read_only(&config.archive)?;
+    let records = match (serial, imprint) {
+        (Some(serial), _) => {
+            let bytes = decode_hex(serial).context("--serial is not hex")?;
+            store
+                .record_by_serial(&normalize_serial(&bytes))?
+                .into_iter()
+                .collect::<Vec<_>>()
+        }
+        (None, Some(imprint)) => {
+            store.records_by_imprint(&decode_hex(imprint).context("--imprint is not hex")?)?
+        }
+        (None, None) => bail!("give --serial or --imprint"),
+    };
+    let Some(latest) = records.first() else {
+        bail!("no such token in the archive");
+    };
+    let mut stdout = std::io::stdout().lock();
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            writeln!(stdout)?;
+        }
+        write!(stdout, "{}", describe(r))?;
+    }
+    if let Some(out) = out {
+        let der = if bare_token {
+            latest.record.token.clone()
+        } else {
+            latest.response()
+        };
+        std::fs::write(out, der).with_context(|| format!("cannot write {}", out.display()))?;
+        writeln!(stdout, "written to {}", out.display())?;
+    }
+    Ok(())
+}
+
+fn export(
+    config: &Config,
+    from: u64,
+    to: u64,
+    dir: Option<&Path>,
+    jsonl: Option<&Path>,
+) -> anyhow::Result<()> {
+    let mut store = archive::open_read_only(&config.archive)?;
+    let mut count = 0u64;
+    match (dir, jsonl) {
+        (Some(dir), _) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            store.for_each_in_time(from, to, &mut |r| {
+                let path = dir.join(format!("{}.tsr", serial_hex(&r)));
+                std::fs::write(&path, r.response()).map_err(|e| {
+                    tsa::archive::store::StoreError(format!("{}: {e}", path.display()))
+                })?;
+                count += 1;
+                Ok(true)
+            })?;
+            println!("{count} tokens written to {}", dir.display());
+        }
+        (None, Some(file)) => {
+            let f = std::fs::File::create(file)
+                .with_context(|| format!("cannot create {}", file.display()))?;
+            let mut w = std::io::BufWriter::new(f);
+            store.for_each_in_time(from, to, &mut |r| {
+                let line = json_line(&r);
+                writeln!(w, "{line}")
+                    .map_err(|e| tsa::archive::store::StoreError(e.to_string()))?;
+                count += 1;
+                Ok(true)
+            })?;
+            w.flush()?;
+            println!("{count} tokens written to {}", file.display());
+        }
+        (None, None) => bail!("give --dir or --jsonl"),
+    }
+    Ok(())
+}
+
+/// One exported token as a JSON object.
+pub fn json_line(r: &StoredRecord) -> serde_json::Value {
+    let rec = &r.record;
+    serde_json::json!({
+        "serial": serial_hex(r),
+        "instance_id": r.instance_id,
+        "seq": r.seq,
+        "counter": r.counter,
+        "gen_time": GenTime::from_unix_ns(rec.gen_time_ns).to_string(),
+        "gen_time_ns": rec.gen_time_ns,
+        "accuracy_ns": rec.accuracy_ns,
+        "imprint_alg": rec.imprint_alg,
+        "imprint": hex(&rec.imprint),
+        "policy": rec.policy,
+        "nonce": rec.nonce.as_deref().map(hex),
+        "client": rec.client,
+        "clock": {
+            "source": rec.clock.source,
+            "state": rec.clock.state,
+            "bound_ns": rec.clock.bound_ns,
+            "sources": rec.clock.sources,
+        },
+        "prev_hash": hex(&r.prev_hash),
+        "hash": hex(&r.hash),
+        "token": hex(&rec.token),
+    })
+}
+
+fn prune(config: &Config, before: &u64, only: Option<u32>) -> anyhow::Result<()> {
+    let mut store = archive::open_writable(&config.archive)?;
+    let instances = match only {
+        Some(id) => vec![id],
+        None => store.instances()?,
+    };
+    for id in instances {
+        match store.prune(id, *before)? {
+            Some(anchor) => println!(
+                "instance {id}: records up to {} removed; anchor {}",
+                anchor.seq,
+                hex(&anchor.hash)
+            ),
+            None => println!("instance {id}: nothing to remove"),
+        }
+    }
+    Ok(())
+}
+
+fn events(config: &Config, from: u64, to: u64) -> anyhow::Result<()> {
+    let mut store = archive::open_read_only(&config.archive)?;
+    let mut stdout = std::io::stdout().lock();
+    for e in store.events(from, to)? {
+        writeln!(
+            stdout,
+            "{} instance {} #{} {:<5} {:<24} {} {}",
+            GenTime::from_unix_ns(e.time_ns),
+            e.instance_id,
+            e.seq,
+            e.level,
+            e.kind,
+            e.message,
+            e.fields
+        )?;
+    }
+    Ok(())
+}

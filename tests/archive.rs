@@ -1,0 +1,659 @@
+//! The token archive with a real server, real SQLite and the real openssl on loopback:
+//! complete records, look-ups over HTTP and the CLI, export, events, signed checkpoints and
+//! `tsa archive verify`; tampering found at the right record; pruning that keeps the rest
+//! verifiable; an unwritable archive that withholds tokens; one server per state directory.
+
+mod archive_support;
+
+use std::path::Path;
+use std::process::Command;
+
+use archive_support::{archive_cli, get, hex, init, open_store, stamp, Conn, Received, Serving};
+use rusqlite::params;
+use tsa::archive::record::{record_hash, StoredRecord};
+use tsa::archive::serial::layout;
+use tsa::archive::store::ArchiveStore;
+use tsa::protocol::FailInfo;
+
+const DEVELOPMENT_POLICY: &str = "1.3.6.1.4.1.32473.3161.1";
+const SHA256: &str = "2.16.840.1.101.3.4.2.1";
+
+fn stamps(server: &Serving, n: usize, tag: &str) -> Vec<Received> {
+    let mut conn = Conn::open(&server.public).unwrap();
+    (0..n)
+        .map(|i| {
+            stamp(&mut conn, format!("{tag} {i}").as_bytes())
+                .unwrap()
+                .expect("granted")
+        })
+        .collect()
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Every record all there, equal to what the client received; look-ups by serial and imprint
+/// over HTTP and the CLI; export; events; a signed checkpoint at shutdown; verify is green.
+#[test]
+fn records_are_complete_refetchable_and_verify() {
+    let dir = init("checkpoint_interval_s = 3600");
+    let d = dir.path();
+    let server = Serving::start(d);
+
+    // With the real openssl: a SHA-512 query without nonce, and a SHA-256 one with a nonce.
+    std::fs::write(d.join("data.txt"), b"archived by openssl").unwrap();
+    openssl(
+        d,
+        &[
+            "ts",
+            "-query",
+            "-data",
+            "data.txt",
+            "-sha512",
+            "-no_nonce",
+            "-cert",
+            "-out",
+            "a.tsq",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "ts", "-query", "-data", "data.txt", "-sha256", "-cert", "-out", "b.tsq",
+        ],
+    );
+    let mut conn = Conn::open(&server.public).unwrap();
+    let mut replies = Vec::new();
+    for q in ["a.tsq", "b.tsq"] {
+        let (status, body) = conn
+            .request("POST", "/", &std::fs::read(d.join(q)).unwrap())
+            .unwrap();
+        assert_eq!(status, 200);
+        let tsr = q.replace(".tsq", ".tsr");
+        std::fs::write(d.join(&tsr), &body).unwrap();
+        replies.push(body);
+    }
+    let ours = stamps(&server, 3, "crate client");
+
+    let mut store = open_store(d);
+    // The openssl replies: imprint, algorithm, nonce as sent.
+    for (i, reply) in replies.iter().enumerate() {
+        let response = tsa::client::read::Response::from_der(reply).unwrap();
+        let token = response.token.unwrap();
+        let tst = token.tst_info();
+        let r = store
+            .record_by_serial(tst.serial_number.as_bytes())
+            .unwrap()
+            .expect("archived");
+        assert_eq!(r.response(), *reply, "the archived token is the one sent");
+        assert_eq!(r.record.token, token.der);
+        let (alg, len) = if i == 0 {
+            ("2.16.840.1.101.3.4.2.3", 64)
+        } else {
+            (SHA256, 32)
+        };
+        assert_eq!(r.record.imprint_alg, alg);
+        assert_eq!(r.record.imprint.len(), len);
+        assert_eq!(r.record.nonce.is_some(), i == 1);
+    }
+    // The crate's client: every column.
+    for got in &ours {
+        let r = store.record_by_serial(&got.serial).unwrap().unwrap();
+        let rec = &r.record;
+        assert_eq!(rec.token, got.token);
+        assert_eq!(rec.gen_time_ns, got.gen_time_ns);
+        assert_eq!(rec.imprint, got.imprint);
+        assert_eq!(rec.imprint_alg, SHA256);
+        assert_eq!(rec.nonce, got.nonce);
+        assert_eq!(rec.policy, DEVELOPMENT_POLICY);
+        assert_eq!(rec.client, None);
+        assert_eq!(rec.clock.source, "development");
+        assert_eq!(rec.clock.state, "synchronized");
+        assert_eq!(rec.clock.bound_ns, 100_000_000);
+        assert!(rec.accuracy_ns >= 100_000_000);
+        assert_eq!(layout::decode(&rec.serial), Some((0, r.counter)));
+        assert_eq!(r.hash, r.computed_hash());
+    }
+    let count: u64 = store
+        .connection()
+        .query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(count, 5);
+
+    // HTTP look-ups on the admin listener; openssl verifies what comes back.
+    let serial_hex = hex(&ours[1].serial);
+    let (status, body) = get(&server.admin, &format!("/archive/serial/{serial_hex}"));
+    assert_eq!((status, &body), (200, &ours[1].response));
+    let (status, body) = get(
+        &server.admin,
+        &format!("/archive/serial/{}", serial_hex.to_uppercase()),
+    );
+    assert_eq!((status, &body), (200, &ours[1].response));
+    let imprint_sha512 = {
+        let r = tsa::client::read::Response::from_der(&replies[0]).unwrap();
+        hex(r
+            .token
+            .unwrap()
+            .tst_info()
+            .message_imprint
+            .hashed_message
+            .as_bytes())
+    };
+    let (status, body) = get(&server.admin, &format!("/archive/imprint/{imprint_sha512}"));
+    assert_eq!((status, &body), (200, &replies[0]));
+    std::fs::write(d.join("fetched.tsr"), &body).unwrap();
+    openssl(
+        d,
+        &[
+            "ts",
+            "-verify",
+            "-in",
+            "fetched.tsr",
+            "-queryfile",
+            "a.tsq",
+            "-CAfile",
+            "ca-cert.pem",
+        ],
+    );
+    assert_eq!(get(&server.admin, "/archive/serial/0102030405").0, 404);
+    assert_eq!(
+        get(
+            &server.admin,
+            &format!("/archive/imprint/{}", "00".repeat(32))
+        )
+        .0,
+        404
+    );
+    assert_eq!(get(&server.admin, "/archive/serial/xyz").0, 400);
+    assert_eq!(get(&server.admin, "/health/ready").0, 200);
+
+    // The CLI while the server runs.
+    let cli_tsr = d.join("cli.tsr");
+    let (ok, out) = archive_cli(
+        d,
+        &[
+            "get",
+            "--serial",
+            &serial_hex,
+            "--out",
+            cli_tsr.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("development synchronized"), "{out}");
+    assert_eq!(std::fs::read(d.join("cli.tsr")).unwrap(), ours[1].response);
+    let (ok, out) = archive_cli(d, &["get", "--serial", "0102"]);
+    assert!(!ok && out.contains("no such token"), "{out}");
+
+    // SIGTERM: a last checkpoint, signed with the TSU key.
+    server.stop();
+    let mut store = open_store(d);
+    let checkpoints = store.checkpoints(0).unwrap();
+    assert_eq!(checkpoints.len(), 1);
+    assert_eq!(checkpoints[0].seq, 5);
+    let (ok, out) = archive_cli(d, &["verify"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("instance 0: 5 records verified, up to 5")
+            && out.contains("1 signed checkpoints"),
+        "{out}"
+    );
+    // The checkpoint's signature checks with openssl too (ECDSA P-256 with SHA-256).
+    std::fs::write(d.join("cp.msg"), checkpoints[0].message()).unwrap();
+    std::fs::write(d.join("cp.sig"), &checkpoints[0].signature).unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-in",
+            "tsa-cert.pem",
+            "-pubkey",
+            "-noout",
+            "-out",
+            "pub.pem",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "dgst",
+            "-sha256",
+            "-verify",
+            "pub.pem",
+            "-signature",
+            "cp.sig",
+            "cp.msg",
+        ],
+    );
+
+    // Events: the key loaded at start-up, the development clock, the archive's own start.
+    let (ok, out) = archive_cli(d, &["events"]);
+    assert!(ok, "{out}");
+    for kind in ["key_loaded", "development_clock", "archive_opened"] {
+        assert!(out.contains(kind), "{kind} missing:\n{out}");
+    }
+
+    // Export by genTime: everything, then only the crate client's three.
+    let from = ours[0].gen_time_ns / 1_000_000_000;
+    let all = d.join("all");
+    let (ok, out) = archive_cli(
+        d,
+        &[
+            "export",
+            "--from",
+            "0",
+            "--to",
+            "4000000000",
+            "--dir",
+            all.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(std::fs::read_dir(d.join("all")).unwrap().count(), 5);
+    for got in &ours {
+        let file = d.join("all").join(format!("{}.tsr", hex(&got.serial)));
+        assert_eq!(std::fs::read(file).unwrap(), got.response);
+    }
+    let rfc3339 = |ns: u64| {
+        chrono::DateTime::from_timestamp_nanos(ns as i64)
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+    };
+    let (ok, out) = archive_cli(
+        d,
+        &[
+            "export",
+            "--from",
+            &rfc3339(ours[0].gen_time_ns),
+            "--to",
+            &rfc3339(ours[2].gen_time_ns + 1),
+            "--jsonl",
+            d.join("some.jsonl").to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(d.join("some.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "from {from}");
+    for (line, got) in lines.iter().zip(&ours) {
+        assert_eq!(line["serial"], hex(&got.serial));
+        assert_eq!(line["token"], hex(&got.token));
+        assert_eq!(line["clock"]["state"], "synchronized");
+    }
+}
+
+/// Runs `tsa archive verify`; on failure returns its report.
+fn verify_report(dir: &Path) -> Result<String, String> {
+    match archive_cli(dir, &["verify"]) {
+        (true, out) => Ok(out),
+        (false, out) => Err(out),
+    }
+}
+
+fn write_conn(dir: &Path) -> rusqlite::Connection {
+    rusqlite::Connection::open(archive_support::database(dir)).unwrap()
+}
+
+fn serial_at(conn: &rusqlite::Connection, seq: u64) -> String {
+    let serial: Vec<u8> = conn
+        .query_row("SELECT serial FROM tokens WHERE seq = ?1", [seq], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    hex(&serial)
+}
+
+/// Changing, deleting or re-hashing rows is reported at the record where it happened.
+#[test]
+fn tampering_is_reported_at_the_right_record() {
+    let dir = init("checkpoint_interval_s = 3600");
+    let d = dir.path();
+    let server = Serving::start(d);
+    stamps(&server, 6, "tamper");
+    server.stop();
+    verify_report(d).expect("green before tampering");
+    let conn = write_conn(d);
+
+    // One column of one row, then put back.
+    let cases: [(&str, u64, &str, &str); 4] = [
+        (
+            "imprint",
+            4,
+            "UPDATE tokens SET imprint = zeroblob(32) WHERE seq = 4",
+            "column imprint differs",
+        ),
+        (
+            "gen_time_ns",
+            3,
+            "UPDATE tokens SET gen_time_ns = gen_time_ns - 1000000 WHERE seq = 3",
+            "column gen_time_ns differs",
+        ),
+        (
+            "clock_state",
+            2,
+            "UPDATE tokens SET clock_state = 'holdover' WHERE seq = 2",
+            "a column outside the token",
+        ),
+        (
+            "nonce",
+            5,
+            "UPDATE tokens SET nonce = NULL WHERE seq = 5",
+            "column nonce differs",
+        ),
+    ];
+    for (column, seq, sql, expect) in cases {
+        let original: rusqlite::types::Value = conn
+            .query_row(
+                &format!("SELECT {column} FROM tokens WHERE seq = ?1"),
+                [seq],
+                |r| r.get(0),
+            )
+            .unwrap();
+        conn.execute(sql, []).unwrap();
+        let report = verify_report(d).expect_err("tampering must be found");
+        let serial = serial_at(&conn, seq);
+        assert!(
+            report.contains(&format!("BROKEN at record {seq} (serial {serial})"))
+                && report.contains(expect),
+            "{column}: {report}"
+        );
+        conn.execute(
+            &format!("UPDATE tokens SET {column} = ?1 WHERE seq = ?2"),
+            params![original, seq],
+        )
+        .unwrap();
+        verify_report(d).expect("green once restored");
+    }
+
+    // The certificate set the tokens share (stored once): every token that carried it breaks.
+    let set: Vec<u8> = conn
+        .query_row("SELECT der FROM certificate_sets", [], |r| r.get(0))
+        .unwrap();
+    let mut changed = set.clone();
+    *changed.last_mut().unwrap() ^= 1;
+    conn.execute("UPDATE certificate_sets SET der = ?1", [&changed])
+        .unwrap();
+    let report = verify_report(d).unwrap_err();
+    assert!(
+        report.contains(&format!(
+            "BROKEN at record 1 (serial {})",
+            serial_at(&conn, 1)
+        )) && report.contains("certificate set"),
+        "{report}"
+    );
+    conn.execute("UPDATE certificate_sets SET der = ?1", [&set])
+        .unwrap();
+    verify_report(d).expect("green once restored");
+
+    // A record deleted in the middle, and the last one (which the signed checkpoint covers).
+    let snapshot = d.join("snapshot.sqlite");
+    conn.execute("VACUUM INTO ?1", [snapshot.to_str().unwrap()])
+        .unwrap();
+    conn.execute("DELETE FROM tokens WHERE seq = 3", [])
+        .unwrap();
+    let report = verify_report(d).unwrap_err();
+    assert!(
+        report.contains("BROKEN at record 3") && report.contains("record 3 is missing"),
+        "{report}"
+    );
+    drop(conn);
+    restore(d, &snapshot);
+    let conn = write_conn(d);
+    conn.execute("DELETE FROM tokens WHERE seq = 6", [])
+        .unwrap();
+    let report = verify_report(d).unwrap_err();
+    assert!(
+        report.contains("records are missing at the end"),
+        "{report}"
+    );
+    drop(conn);
+    restore(d, &snapshot);
+
+    // A forger who changes a row and recomputes every hash after it: the chain is consistent
+    // again, but the signed checkpoint is not.
+    let conn = write_conn(d);
+    conn.execute("UPDATE tokens SET clock_bound_ns = 1 WHERE seq = 2", [])
+        .unwrap();
+    let mut store =
+        tsa::archive::sqlite::SqliteStore::open_read_only(&archive_support::database(d)).unwrap();
+    let mut records: Vec<StoredRecord> = Vec::new();
+    store
+        .for_each_record(0, 1, &mut |r| {
+            records.push(r);
+            Ok(true)
+        })
+        .unwrap();
+    let mut prev = records[0].hash;
+    for r in records.iter_mut().skip(1) {
+        r.prev_hash = prev;
+        r.hash = record_hash(r.instance_id, r.seq, r.counter, &r.record, &prev);
+        conn.execute(
+            "UPDATE tokens SET prev_hash = ?1, hash = ?2 WHERE seq = ?3",
+            params![&r.prev_hash[..], &r.hash[..], r.seq],
+        )
+        .unwrap();
+        prev = r.hash;
+    }
+    let report = verify_report(d).unwrap_err();
+    assert!(
+        report.contains("BROKEN at record 6") && report.contains("differs from the checkpoint"),
+        "{report}"
+    );
+}
+
+fn restore(dir: &Path, snapshot: &Path) {
+    let db = archive_support::database(dir);
+    for suffix in ["-wal", "-shm"] {
+        let mut name = db.as_os_str().to_os_string();
+        name.push(suffix);
+        let _ = std::fs::remove_file(name);
+    }
+    std::fs::copy(snapshot, &db).unwrap();
+    verify_report(dir).expect("the snapshot verifies");
+}
+
+/// Pruning removes old records but what remains verifies, restarts continue the chain from
+/// the anchor, and counters and genTimes stay above what was pruned.
+#[test]
+fn pruning_keeps_verification_green() {
+    let dir = init("checkpoint_interval_s = 3600");
+    let d = dir.path();
+    let server = Serving::start(d);
+    let first = stamps(&server, 5, "prune");
+    server.stop();
+    let rfc3339 = |ns: u64| {
+        chrono::DateTime::from_timestamp_nanos(ns as i64)
+            .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+    };
+    // Before the third token: the first two go.
+    let (ok, out) = archive_cli(d, &["prune", "--before", &rfc3339(first[2].gen_time_ns)]);
+    assert!(ok && out.contains("records up to 2 removed"), "{out}");
+    let out = verify_report(d).unwrap();
+    assert!(
+        out.contains("3 records verified, up to 5") && out.contains("pruned up to 2"),
+        "{out}"
+    );
+    let mut store = open_store(d);
+    assert!(store.record_by_serial(&first[1].serial).unwrap().is_none());
+    assert!(store.record_by_serial(&first[2].serial).unwrap().is_some());
+
+    // The chain goes on from the head after a restart.
+    let server = Serving::start(d);
+    let second = stamps(&server, 2, "after prune");
+    server.stop();
+    let out = verify_report(d).unwrap();
+    assert!(out.contains("5 records verified, up to 7"), "{out}");
+
+    // Everything pruned: the anchor is the head; the next start still counts on from it.
+    let (ok, out) = archive_cli(d, &["prune", "--before", "4000000000"]);
+    assert!(ok && out.contains("records up to 7 removed"), "{out}");
+    let out = verify_report(d).unwrap();
+    assert!(out.contains("0 records verified, up to 7"), "{out}");
+    // Without the state file too: the anchor alone keeps counters and genTime above.
+    std::fs::remove_file(d.join("archive.state")).unwrap();
+    let server = Serving::start(d);
+    let third = stamps(&server, 1, "after everything pruned");
+    server.stop();
+    let counter = |r: &Received| layout::decode(&r.serial).unwrap().1;
+    assert!(counter(&third[0]) > counter(&second[1]));
+    assert!(third[0].gen_time_ns > second[1].gen_time_ns);
+    let out = verify_report(d).unwrap();
+    assert!(out.contains("1 records verified, up to 8"), "{out}");
+}
+
+/// While the database cannot be written (another process holds its write lock), requests get
+/// systemFailure and no token; readiness says why; afterwards tokens are archived again.
+#[test]
+fn an_unwritable_archive_withholds_tokens() {
+    let dir = init("busy_timeout_ms = 200");
+    let d = dir.path();
+    let server = Serving::start(d);
+    let mut conn = Conn::open(&server.public).unwrap();
+    let before = stamp(&mut conn, b"before").unwrap().expect("granted");
+
+    let locker = write_conn(d);
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    for i in 0..3 {
+        let rejected = stamp(&mut conn, format!("while locked {i}").as_bytes())
+            .unwrap()
+            .expect_err("no token while the archive cannot be written");
+        assert_eq!(rejected.fail_info(), Some(FailInfo::SystemFailure));
+        assert!(
+            rejected.status_text.join(" ").contains("archived"),
+            "{:?}",
+            rejected.status_text
+        );
+    }
+    let (status, body) = get(&server.admin, "/health/ready");
+    assert_eq!(status, 503);
+    assert!(String::from_utf8_lossy(&body).contains("archive"));
+    locker.execute_batch("ROLLBACK").unwrap();
+
+    let after = stamp(&mut conn, b"after").unwrap().expect("granted again");
+    assert_eq!(get(&server.admin, "/health/ready").0, 200);
+    let mut store = open_store(d);
+    let count: u64 = store
+        .connection()
+        .query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(count, 2, "only the granted tokens are archived");
+    for got in [&before, &after] {
+        assert_eq!(
+            store
+                .record_by_serial(&got.serial)
+                .unwrap()
+                .unwrap()
+                .record
+                .token,
+            got.token
+        );
+    }
+    server.stop();
+    verify_report(d).unwrap();
+}
+
+/// The state directory's lock keeps a second server out; a database that cannot be opened
+/// stops the start with a clear message.
+#[test]
+fn one_server_per_state_directory() {
+    let dir = init("");
+    let d = dir.path();
+    let server = Serving::start(d);
+    let err = Serving::try_start(d)
+        .err()
+        .expect("the second server must not start");
+    assert!(
+        err.contains("another tsa serves from this state directory"),
+        "{err}"
+    );
+    server.kill();
+    // After a crash the lock is free again.
+    let server = Serving::start(d);
+    server.stop();
+
+    let other = init("database = \"missing/dir/archive.sqlite\"");
+    let err = Serving::try_start(other.path())
+        .err()
+        .expect("must not start");
+    assert!(err.contains("cannot open the archive"), "{err}");
+}
+
+/// A database restored from an older backup, or a lost state file, never brings a counter or
+/// a genTime back: the start takes the highest of both. A genTime floor ahead of the clock
+/// refuses requests (timeNotAvailable) until the clock passes it.
+#[test]
+fn restored_backups_and_lost_state_files_never_reuse_serials() {
+    let dir = init("");
+    let d = dir.path();
+    let counter = |r: &Received| layout::decode(&r.serial).unwrap().1;
+
+    let server = Serving::start(d);
+    stamps(&server, 3, "before the backup");
+    server.stop();
+    let backup = d.join("backup.sqlite");
+    write_conn(d)
+        .execute("VACUUM INTO ?1", [backup.to_str().unwrap()])
+        .unwrap();
+    let server = Serving::start(d);
+    let lost = stamps(&server, 3, "lost with the restore");
+    server.stop();
+
+    // The old backup comes back; the state file still knows better.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!(
+            "{}{suffix}",
+            archive_support::database(d).display()
+        ));
+    }
+    std::fs::copy(&backup, archive_support::database(d)).unwrap();
+    let server = Serving::start(d);
+    let restored = stamps(&server, 1, "after the restore");
+    server.stop();
+    assert!(counter(&restored[0]) > counter(&lost[2]));
+    assert!(restored[0].gen_time_ns > lost[2].gen_time_ns);
+    verify_report(d).expect("the restored chain goes on");
+
+    // The state file is lost: the database alone.
+    std::fs::remove_file(d.join("archive.state")).unwrap();
+    let server = Serving::start(d);
+    let again = stamps(&server, 1, "without the state file");
+    server.stop();
+    assert!(counter(&again[0]) > counter(&restored[0]));
+
+    // A genTime floor 1.5 s ahead (as if the clock had been set back since the last run).
+    let floor = again[0].gen_time_ns.max(tsa::clock::system_unix_ns()) + 1_500_000_000;
+    let state = std::fs::read_to_string(d.join("archive.state")).unwrap();
+    let state: String = state
+        .lines()
+        .map(|l| match l.strip_prefix("gen_time_ns ") {
+            Some(_) => format!("gen_time_ns {floor}\n"),
+            None => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(d.join("archive.state"), state).unwrap();
+    let server = Serving::start(d);
+    let mut conn = Conn::open(&server.public).unwrap();
+    let refused = stamp(&mut conn, b"before the floor").unwrap().unwrap_err();
+    assert_eq!(refused.fail_info(), Some(FailInfo::TimeNotAvailable));
+    while tsa::clock::system_unix_ns() < floor + 5_000_000 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let granted = stamp(&mut conn, b"after the floor")
+        .unwrap()
+        .expect("granted");
+    assert!(granted.gen_time_ns > floor);
+    server.stop();
+}

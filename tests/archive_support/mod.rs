@@ -1,0 +1,273 @@
+//! Shared by `tests/archive.rs` and `tests/crash.rs`: a `tsa serve` process on a state
+//! directory that outlives it (stopped by SIGTERM or SIGKILL), a keep-alive HTTP/1.1 client,
+//! and the archive's database opened read-only.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tsa::alg::DigestAlgorithm;
+use tsa::archive::sqlite::SqliteStore;
+use tsa::client::read::Response;
+use tsa::client::Query;
+
+pub const TSA: &str = env!("CARGO_BIN_EXE_tsa");
+
+/// `tsa init --archive` in a new temporary directory, with `extra` lines appended under
+/// `[archive]`.
+pub fn init(extra_archive: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(TSA)
+        .args(["init", "--archive", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = dir.path().join("tsa.toml");
+    let mut config = std::fs::read_to_string(&path).unwrap();
+    config.push_str(extra_archive);
+    config.push('\n');
+    std::fs::write(&path, config).unwrap();
+    dir
+}
+
+/// A running `tsa serve`.
+pub struct Serving {
+    child: Child,
+    /// `127.0.0.1:PORT` of the public and admin listeners.
+    pub public: String,
+    pub admin: String,
+}
+
+impl Serving {
+    pub fn start(dir: &Path) -> Serving {
+        Self::try_start(dir).unwrap_or_else(|e| panic!("tsa serve did not start: {e}"))
+    }
+
+    /// Starts the server; the error is its standard error when it exits instead.
+    pub fn try_start(dir: &Path) -> Result<Serving, String> {
+        let mut child = Command::new(TSA)
+            .arg("serve")
+            .arg("--config")
+            .arg(dir.join("tsa.toml"))
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tsa serve");
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        if first.is_empty() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            let _ = child.wait();
+            return Err(err);
+        }
+        // Keep standard error flowing (logs at error level only).
+        let mut stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = stderr.read_to_end(&mut sink);
+        });
+        let addr = |s: &str| {
+            s.trim_start_matches("http://")
+                .trim_end_matches(['/', ')', '\n'])
+                .to_string()
+        };
+        let public = first
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .map(addr)
+            .unwrap();
+        let admin = first.split("(admin ").nth(1).map(addr).unwrap();
+        Ok(Serving {
+            child,
+            public,
+            admin,
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM: the server finishes, signs a last checkpoint and exits.
+    pub fn stop(mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        for _ in 0..200 {
+            if self.child.try_wait().unwrap().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("tsa serve did not stop on SIGTERM");
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 keep-alive connection.
+pub struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    pub fn open(addr: &str) -> std::io::Result<Conn> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        stream.set_nodelay(true)?;
+        Ok(Conn {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    /// (status, body); an error when the connection breaks.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> std::io::Result<(u16, Vec<u8>)> {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Content-Type: application/timestamp-query\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let mut all = head.into_bytes();
+        all.extend_from_slice(body);
+        self.stream.write_all(&all)?;
+        let head_end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            self.fill()?;
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).to_string();
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, head.clone()))?;
+        let len: usize = head
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .find(|(n, _)| n.trim().eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, "no Content-Length"))?;
+        let start = head_end + 4;
+        while self.buf.len() < start + len {
+            self.fill()?;
+        }
+        let body = self.buf[start..start + len].to_vec();
+        self.buf.drain(..start + len);
+        Ok((status, body))
+    }
+
+    fn fill(&mut self) -> std::io::Result<()> {
+        let mut chunk = [0u8; 16 * 1024];
+        match self.stream.read(&mut chunk)? {
+            0 => Err(ErrorKind::UnexpectedEof.into()),
+            n => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// GET on the admin listener (a connection of its own).
+pub fn get(addr: &str, path: &str) -> (u16, Vec<u8>) {
+    Conn::open(addr).unwrap().request("GET", path, b"").unwrap()
+}
+
+/// A token a client received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub response: Vec<u8>,
+    pub token: Vec<u8>,
+    pub serial: Vec<u8>,
+    pub gen_time_ns: u64,
+    pub imprint: Vec<u8>,
+    pub nonce: Option<Vec<u8>>,
+}
+
+/// POSTs a query for `data`; the granted token, or the decoded rejection.
+pub fn stamp(conn: &mut Conn, data: &[u8]) -> std::io::Result<Result<Received, Response>> {
+    let query = Query::for_data(DigestAlgorithm::Sha256, data).unwrap();
+    let (status, body) = conn.request("POST", "/", &query.to_der().unwrap())?;
+    assert_eq!(status, 200);
+    let response = Response::from_der(&body).expect("a DER TimeStampResp");
+    let Some(token) = &response.token else {
+        return Ok(Err(response));
+    };
+    let tst = token.tst_info();
+    Ok(Ok(Received {
+        token: token.der.clone(),
+        serial: tst.serial_number.as_bytes().to_vec(),
+        gen_time_ns: tst.gen_time.unix_ns(),
+        imprint: tst.message_imprint.hashed_message.as_bytes().to_vec(),
+        nonce: tst.nonce.map(|n| n.as_bytes().to_vec()),
+        response: body,
+    }))
+}
+
+pub fn database(dir: &Path) -> PathBuf {
+    dir.join("archive.sqlite")
+}
+
+pub fn open_store(dir: &Path) -> SqliteStore {
+    SqliteStore::open_read_only(&database(dir)).unwrap()
+}
+
+/// `tsa archive <args>` on the directory's configuration: (success, stdout + stderr).
+pub fn archive_cli(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(TSA)
+        .arg("archive")
+        .arg("--config")
+        .arg(dir.join("tsa.toml"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

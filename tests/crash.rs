@@ -1,0 +1,209 @@
+//! Crash safety of the archive: under load from several client threads, `tsa serve` is killed
+//! with SIGKILL again and again and restarted on the same state directory. Afterwards no
+//! serial is in the archive twice, every token a client received is archived byte for byte,
+//! each run's counters are above every earlier run's, genTimes never go back across a
+//! restart, and the chain (with its signed checkpoints) verifies.
+
+mod archive_support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use archive_support::{archive_cli, init, open_store, stamp, Conn, Received, Serving};
+use tsa::archive::record::StoredRecord;
+use tsa::archive::serial::layout;
+use tsa::archive::store::ArchiveStore;
+
+const ROUNDS: usize = 20;
+const CLIENTS: usize = 4;
+
+/// A small deterministic generator for the time each round runs before the kill.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[test]
+fn kill_9_under_load_never_reuses_a_serial_nor_loses_a_token() {
+    let started = Instant::now();
+    // Small blocks: reservations happen all the time, also at the moment of the kill.
+    let dir = init("serial_block = 40\ncheckpoint_interval_s = 1");
+    let d = dir.path();
+    let mut rng = Lcg(0x5eed ^ std::process::id() as u64);
+    // Per round: the tokens the clients received.
+    let mut received: Vec<Vec<Received>> = Vec::new();
+
+    for round in 0..ROUNDS {
+        let server = Serving::start(d);
+        let stop = Arc::new(AtomicBool::new(false));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let (addr, stop, got) = (server.public.clone(), stop.clone(), got.clone());
+                std::thread::spawn(move || {
+                    let Ok(mut conn) = Conn::open(&addr) else {
+                        return;
+                    };
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let data = format!("round {round} client {c} request {i}");
+                        match stamp(&mut conn, data.as_bytes()) {
+                            Ok(Ok(token)) => got.lock().unwrap().push(token),
+                            Ok(Err(rejection)) => {
+                                panic!("rejected: {:?}", rejection.status_text)
+                            }
+                            // The server died under us.
+                            Err(_) => return,
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(80 + rng.below(220)));
+        server.kill();
+        stop.store(true, Ordering::Relaxed);
+        for c in clients {
+            c.join().expect("a client thread panicked");
+        }
+        received.push(std::mem::take(&mut *got.lock().unwrap()));
+    }
+    // A last, clean run: its shutdown signs a checkpoint over everything.
+    let server = Serving::start(d);
+    let mut conn = Conn::open(&server.public).unwrap();
+    let last = stamp(&mut conn, b"after the crashes").unwrap().unwrap();
+    server.stop();
+    received.push(vec![last]);
+
+    let total: usize = received.iter().map(Vec::len).sum();
+    let with_tokens = received.iter().filter(|r| !r.is_empty()).count();
+    assert!(
+        with_tokens >= ROUNDS / 2,
+        "too few rounds issued anything ({with_tokens})"
+    );
+
+    let mut store = open_store(d);
+    let mut records: Vec<StoredRecord> = Vec::new();
+    store
+        .for_each_record(0, 1, &mut |r| {
+            records.push(r);
+            Ok(true)
+        })
+        .unwrap();
+
+    // No serial (and no counter) twice in the archive.
+    let serials: HashSet<&[u8]> = records.iter().map(|r| r.record.serial.as_slice()).collect();
+    let counters: HashSet<u64> = records.iter().map(|r| r.counter).collect();
+    assert_eq!(serials.len(), records.len(), "a serial is archived twice");
+    assert_eq!(counters.len(), records.len(), "a counter is archived twice");
+
+    // Every token a client received is archived, byte for byte, and no two share a serial.
+    let by_serial: HashMap<&[u8], &StoredRecord> = records
+        .iter()
+        .map(|r| (r.record.serial.as_slice(), r))
+        .collect();
+    let mut seen = HashSet::new();
+    for got in received.iter().flatten() {
+        assert!(
+            seen.insert(got.serial.clone()),
+            "two clients got one serial"
+        );
+        let r = by_serial
+            .get(got.serial.as_slice())
+            .unwrap_or_else(|| panic!("a token a client received is not archived"));
+        assert_eq!(r.record.token, got.token);
+        assert_eq!(r.response(), got.response);
+    }
+
+    // Runs, from the archive's own start events: each start's first counter is above every
+    // counter of the runs before, and its genTimes after theirs.
+    let opened: Vec<serde_json::Value> = store
+        .events(0, u64::MAX)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "archive_opened")
+        .map(|e| serde_json::from_str(&e.fields).unwrap())
+        .collect();
+    assert_eq!(opened.len(), ROUNDS + 1);
+    let field = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap();
+    let mut max_counter = 0u64;
+    let mut max_gen = 0u64;
+    for (k, start) in opened.iter().enumerate() {
+        let (first, floor, head) = (
+            field(start, "first_counter"),
+            field(start, "gen_time_floor_ns"),
+            field(start, "head_seq"),
+        );
+        assert!(
+            first > max_counter,
+            "run {k} starts at counter {first}, not above {max_counter}"
+        );
+        assert!(
+            floor >= max_gen,
+            "run {k}: genTime floor {floor} below {max_gen}"
+        );
+        let end = opened
+            .get(k + 1)
+            .map_or(u64::MAX, |next| field(next, "head_seq"));
+        let run: Vec<&StoredRecord> = records
+            .iter()
+            .filter(|r| r.seq > head && r.seq <= end)
+            .collect();
+        for r in &run {
+            assert!(
+                r.counter >= first,
+                "run {k}: counter {} below its start {first}",
+                r.counter
+            );
+            assert!(
+                r.record.gen_time_ns > max_gen,
+                "run {k}: genTime {} not after the earlier runs' {max_gen}",
+                r.record.gen_time_ns
+            );
+        }
+        if let Some(m) = run.iter().map(|r| r.counter).max() {
+            max_counter = max_counter.max(m);
+        }
+        if let Some(m) = run.iter().map(|r| r.record.gen_time_ns).max() {
+            max_gen = max_gen.max(m);
+        }
+        // Each run's counters stay within what was reserved before it ended.
+        max_counter = max_counter.max(first);
+    }
+    // The clients' view agrees: each round's serials are above the earlier rounds'.
+    let mut prev_max = 0;
+    for (k, round) in received.iter().enumerate() {
+        let counters: Vec<u64> = round
+            .iter()
+            .map(|t| layout::decode(&t.serial).unwrap().1)
+            .collect();
+        if let (Some(&min), Some(&max)) = (counters.iter().min(), counters.iter().max()) {
+            assert!(
+                min > prev_max,
+                "round {k}: counter {min} not above {prev_max}"
+            );
+            prev_max = max;
+        }
+    }
+
+    // The chain survived every kill, and the last checkpoint covers it.
+    let (ok, report) = archive_cli(d, &["verify"]);
+    assert!(ok, "{report}");
+    assert!(report.contains(": OK"), "{report}");
+
+    eprintln!(
+        "{ROUNDS} kills: {} tokens archived, {total} received by clients, in {:.1} s",
+        records.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(started.elapsed() < Duration::from_secs(120));
+}

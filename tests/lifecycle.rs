@@ -1,0 +1,251 @@
+//! Lifecycle: SIGHUP reloads the certificate chain and the reloadable settings without
+//! dropping connections (and refuses a bad reload); issuance stops when the signing
+//! certificate has less validity left than configured.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{ok, openssl, Server};
+use tsa::client::read::Response;
+use tsa::protocol::FailInfo;
+
+/// A certificate for `key` with `subject`, issued by the development CA in `dir`, with the TSU
+/// profile (EKU id-kp-timeStamping only, critical).
+fn issue_cert(dir: &Path, key: &str, subject: &str, out: &str) {
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=critical,timeStamping\n",
+    )
+    .unwrap();
+    openssl(
+        &[
+            "req", "-new", "-key", key, "-subj", subject, "-out", "tsu.csr",
+        ],
+        dir,
+    );
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "tsu.csr",
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-days",
+            "30",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            out,
+        ],
+        dir,
+    );
+}
+
+/// A keep-alive HTTP/1.1 connection that posts queries.
+struct Conn {
+    stream: BufReader<TcpStream>,
+    host: String,
+}
+
+impl Conn {
+    fn open(url: &str) -> Conn {
+        let host = url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let stream = TcpStream::connect(&host).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Conn {
+            stream: BufReader::new(stream),
+            host,
+        }
+    }
+
+    fn post(&mut self, body: &[u8]) -> Response {
+        let head = format!(
+            "POST / HTTP/1.1\r\nHost: {}\r\nContent-Type: application/timestamp-query\r\nContent-Length: {}\r\n\r\n",
+            self.host,
+            body.len()
+        );
+        let s = self.stream.get_mut();
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            self.stream.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut reply = vec![0; length];
+        self.stream.read_exact(&mut reply).unwrap();
+        Response::from_der(&reply).unwrap()
+    }
+}
+
+fn subject_of(server: &Server) -> String {
+    let out = ok(Command::new("curl").args(["-sS", &format!("{}certs", server.url)]));
+    let pem = server.path("served.pem");
+    std::fs::write(&pem, &out.stdout).unwrap();
+    let out = openssl(
+        &["x509", "-in", pem.to_str().unwrap(), "-noout", "-subject"],
+        server.dir.path(),
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn sighup_reloads_the_certificate_and_settings_without_dropping_connections() {
+    let server = Server::start(&[], "");
+    let dir = server.dir.path().to_path_buf();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("data.bin"), b"e-invoice 7").unwrap();
+    openssl(
+        &[
+            "ts", "-query", "-data", "data.bin", "-sha256", "-cert", "-out", "req.tsq",
+        ],
+        work.path(),
+    );
+    let query = std::fs::read(work.path().join("req.tsq")).unwrap();
+
+    let mut conn = Conn::open(&server.url);
+    let before = conn.post(&query);
+    assert!(before.granted());
+    assert!(subject_of(&server).contains("Development Time-Stamping Unit"));
+
+    // A renewed certificate for the same key, and millisecond genTimes.
+    issue_cert(
+        &dir,
+        "tsa-key.pem",
+        "/CN=Renewed TSU/O=Development TSA (not for production)",
+        "renewed.pem",
+    );
+    std::fs::copy(dir.join("renewed.pem"), dir.join("tsa-cert.pem")).unwrap();
+    let config = std::fs::read_to_string(dir.join("tsa.toml")).unwrap();
+    std::fs::write(
+        dir.join("tsa.toml"),
+        config.replace("precision = \"micros\"", "precision = \"millis\""),
+    )
+    .unwrap();
+    server.signal("HUP");
+
+    let mut renewed = false;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(100));
+        if subject_of(&server).contains("Renewed TSU") {
+            renewed = true;
+            break;
+        }
+    }
+    assert!(renewed, "the reload did not take effect");
+    // The same connection, still open, now gets tokens of the new certificate.
+    let after = conn.post(&query);
+    assert!(after.granted());
+    let tst = after.token.as_ref().unwrap().tst_info();
+    assert_eq!(
+        tst.gen_time.unix_ns() % 1_000_000,
+        0,
+        "millisecond precision after the reload"
+    );
+    std::fs::write(
+        work.path().join("reply.tsr"),
+        after.token.as_ref().map(|t| t.der.clone()).unwrap(),
+    )
+    .unwrap();
+    let ca = server.ca();
+    openssl(
+        &[
+            "ts",
+            "-verify",
+            "-token_in",
+            "-in",
+            "reply.tsr",
+            "-queryfile",
+            "req.tsq",
+            "-CAfile",
+            ca.to_str().unwrap(),
+        ],
+        work.path(),
+    );
+}
+
+#[test]
+fn a_bad_reload_is_refused_and_the_running_certificate_kept() {
+    let server = Server::start(&[], "");
+    let dir = server.dir.path().to_path_buf();
+    // A certificate for another key: the reload must refuse it.
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            "other-key.pem",
+        ],
+        &dir,
+    );
+    issue_cert(&dir, "other-key.pem", "/CN=Someone Else", "other.pem");
+    std::fs::copy(dir.join("other.pem"), dir.join("tsa-cert.pem")).unwrap();
+    server.signal("HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(subject_of(&server).contains("Development Time-Stamping Unit"));
+
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("data.bin"), b"x").unwrap();
+    openssl(
+        &[
+            "ts", "-query", "-data", "data.bin", "-sha256", "-cert", "-out", "req.tsq",
+        ],
+        work.path(),
+    );
+    let (status, _, body) = common::curl_post(
+        &server.url,
+        &work.path().join("req.tsq"),
+        "application/timestamp-query",
+    );
+    assert_eq!(status, 200);
+    assert!(Response::from_der(&body).unwrap().granted());
+}
+
+#[test]
+fn too_little_certificate_validity_left_stops_issuance() {
+    // The development certificate is valid for about three years; ask for ten years left.
+    let server = Server::start(&[], "[token]\nmin_certificate_validity_days = 3650\n");
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("data.bin"), b"x").unwrap();
+    openssl(
+        &[
+            "ts", "-query", "-data", "data.bin", "-sha256", "-out", "req.tsq",
+        ],
+        work.path(),
+    );
+    let (status, _, body) = common::curl_post(
+        &server.url,
+        &work.path().join("req.tsq"),
+        "application/timestamp-query",
+    );
+    assert_eq!(status, 200);
+    let response = Response::from_der(&body).unwrap();
+    assert_eq!(response.fail_info(), Some(FailInfo::SystemFailure));
+    assert!(
+        response.status_text.join(" ").contains("certificate"),
+        "{:?}",
+        response.status_text
+    );
+}
