@@ -386,6 +386,26 @@ pub(crate) async fn send(
     tx.send(message).await.map_err(|_| Stopped)
 }
 
+/// Waits out `backoff` after a lost connection or device, telling the discipline every tick
+/// what `tick` makes of the silence (misses, once it lasts).
+pub(crate) async fn wait_reporting(
+    tx: &mpsc::Sender<SourceMessage>,
+    id: usize,
+    clock: LocalClock,
+    backoff: Duration,
+    mut tick: impl FnMut(u64) -> Output,
+) -> Result<(), Stopped> {
+    let until = tokio::time::Instant::now() + backoff;
+    loop {
+        send(tx, id, tick(clock.now())).await?;
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        tokio::time::sleep(left.min(TICK)).await;
+    }
+}
+
 /// Follows gpsd at `source` forever, sending samples (or misses) for source `id`.
 pub async fn run(
     id: usize,
@@ -406,16 +426,11 @@ pub async fn run(
             Ok(false) => {}
         }
         tracker.disconnected();
-        let until = tokio::time::Instant::now() + backoff;
-        loop {
-            if send(&tx, id, tracker.tick(clock.now())).await.is_err() {
-                return;
-            }
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            tokio::time::sleep(left.min(TICK)).await;
+        if wait_reporting(&tx, id, clock, backoff, |now| tracker.tick(now))
+            .await
+            .is_err()
+        {
+            return;
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }

@@ -30,7 +30,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 use super::discipline::{Leap, Sample};
-use super::gps::{send, Lines, Liveness, Output, Stopped, MAX_BACKOFF, MIN_BACKOFF, TRUST_AFTER};
+use super::gps::{
+    send, wait_reporting, Lines, Liveness, Output, Stopped, MAX_BACKOFF, MIN_BACKOFF, TRUST_AFTER,
+};
 use super::local::LocalClock;
 use super::service::SourceMessage;
 
@@ -309,16 +311,11 @@ pub async fn run(
             Ok(false) => {}
         }
         tracker.disconnected();
-        let until = tokio::time::Instant::now() + backoff;
-        loop {
-            if send(&tx, id, tracker.tick(clock.now())).await.is_err() {
-                return;
-            }
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            tokio::time::sleep(left.min(TICK)).await;
+        if wait_reporting(&tx, id, clock, backoff, |now| tracker.tick(now))
+            .await
+            .is_err()
+        {
+            return;
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
