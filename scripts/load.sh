@@ -19,8 +19,8 @@
 #   DURATION     seconds per run                                     (default 10)
 #   LOAD_TOOL    oha | wrk; default: oha when installed, else wrk (installed with apt when
 #                missing; `cargo install oha` takes minutes, so it is never installed here)
-#   SERVER_CPU   the core `tsa serve` is pinned to                   (default 0)
-#   CLIENT_CPU   the core the load generator is pinned to            (default 1)
+#   SERVER_CPU   the core(s) `tsa serve` is pinned to, as taskset takes them ("0", "0-3")  (default 0)
+#   CLIENT_CPU   the core(s) the load generator is pinned to            (default 1)
 #   SPEED_SECONDS  seconds for `openssl speed`                       (default 3)
 #   NO_BUILD=1   use target/release/tsa as it is
 #
@@ -78,10 +78,15 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 [ "$LOAD_TOOL" = oha ] && { command -v python3 >/dev/null || die "oha's JSON is read with python3"; }
 
+# Core lists as taskset takes them ("0", "2-5", "0,1"); every core named must exist.
 cores=$(nproc --all)
-[ "$SERVER_CPU" -lt "$cores" ] && [ "$CLIENT_CPU" -lt "$cores" ] ||
-  die "SERVER_CPU=$SERVER_CPU / CLIENT_CPU=$CLIENT_CPU: this machine has $cores cores"
-[ "$SERVER_CPU" != "$CLIENT_CPU" ] || echo "load.sh: warning: server and client share core $SERVER_CPU" >&2
+for list in "$SERVER_CPU" "$CLIENT_CPU"; do
+  [[ "$list" =~ ^[0-9]+([,-][0-9]+)*$ ]] || die "bad core list '$list'"
+  for n in ${list//[,-]/ }; do
+    [ "$n" -lt "$cores" ] || die "core $n named in '$list': this machine has $cores cores"
+  done
+done
+[ "$SERVER_CPU" != "$CLIENT_CPU" ] || echo "load.sh: warning: server and client share cores $SERVER_CPU" >&2
 
 if [ "${NO_BUILD:-0}" != 1 ]; then
   cargo build --release --locked --bin tsa
