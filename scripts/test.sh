@@ -23,6 +23,11 @@ command -v javac >/dev/null || need+=(openjdk-17-jdk-headless)
 # tests/hsm.rs, benches/hsm.rs: SoftHSM2 tokens through PKCS#11, and OpenSC's pkcs11-tool.
 command -v softhsm2-util >/dev/null || need+=(softhsm2)
 command -v pkcs11-tool >/dev/null || need+=(opensc)
+# tests/archive_postgres.rs: private PostgreSQL clusters (initdb/pg_ctl; Debian keeps them in
+# /usr/lib/postgresql/<version>/bin). As root, the tests run them as the system user tsa-test.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+  need+=(postgresql)
+fi
 # tests/status.rs: the status page rendered by headless Chromium.
 command -v chromium >/dev/null || need+=(chromium)
 # tests/interop_python.rs: a Python 3 that can make a virtual environment.

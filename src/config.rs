@@ -37,6 +37,8 @@ pub enum ArchiveBackend {
     /// An embedded SQLite database (`database`).
     #[default]
     Sqlite,
+    /// A PostgreSQL database (`postgres_url`), shared by the instances of a fleet.
+    Postgres,
 }
 
 /// The durable token archive and structured serial numbers (see `src/archive/LAYOUT.md`).
@@ -65,6 +67,13 @@ pub struct ArchiveConfig {
     pub commit_delay_us: u64,
     /// How long a write waits for a database locked by another process before failing.
     pub busy_timeout_ms: u64,
+    /// PostgreSQL (`backend = "postgres"`): a key=value connection string or a
+    /// `postgresql://` URL, without a password.
+    pub postgres_url: String,
+    /// PostgreSQL's password, in a file of its own (else `TSA_POSTGRES_PASSWORD`, if set).
+    pub postgres_password_file: Option<PathBuf>,
+    /// PostgreSQL: how long the instance id's lease outlives its last renewal.
+    pub lease_ttl_s: u64,
 }
 
 impl Default for ArchiveConfig {
@@ -81,6 +90,9 @@ impl Default for ArchiveConfig {
             max_batch: 1024,
             commit_delay_us: 1_000,
             busy_timeout_ms: 5_000,
+            postgres_url: String::new(),
+            postgres_password_file: None,
+            lease_ttl_s: 30,
         }
     }
 }
@@ -347,6 +359,9 @@ impl Config {
         self.clock.nmea_device.iter_mut().for_each(resolve);
         resolve(&mut self.archive.database);
         resolve(&mut self.archive.state_file);
+        if let Some(file) = &mut self.archive.postgres_password_file {
+            resolve(file);
+        }
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -356,6 +371,9 @@ impl Config {
         let a = &self.archive;
         if a.serial_block < 2 || a.max_batch == 0 || a.checkpoint_interval_s == 0 {
             bail!("archive.serial_block must be at least 2, max_batch and checkpoint_interval_s positive");
+        }
+        if a.enabled && a.backend == ArchiveBackend::Postgres && a.postgres_url.is_empty() {
+            bail!("archive.backend = \"postgres\" needs archive.postgres_url");
         }
         if self.clock.max_accuracy_ms == 0 {
             bail!("clock.max_accuracy_ms must be positive");

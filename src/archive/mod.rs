@@ -2,14 +2,16 @@
 //!
 //! Without the archive, serials are random ([`serial::RandomSerials`]). With it
 //! (`[archive] enabled = true`), [`Archive::open`] starts a writer thread over a storage
-//! backend ([`store::ArchiveStore`]; SQLite in [`sqlite`]) and hands out structured serials
-//! ([`serial::BlockSerials`]: instance id, a counter reserved durably in blocks, random
-//! octets). Every token is recorded ([`Archive::record`]) before its response leaves; the
-//! records form a hash chain per instance, signed at checkpoints; clock and key events are
-//! stored beside them ([`events`]). [`verify`] checks it all. `LAYOUT.md` in this folder
-//! describes the serial layout, the state file, the schema and the encodings.
+//! backend ([`store::ArchiveStore`]; SQLite in [`sqlite`], PostgreSQL in [`postgres`]) and
+//! hands out structured serials ([`serial::BlockSerials`]: instance id, a counter reserved
+//! durably in blocks, random octets). Every token is recorded ([`Archive::record`]) before
+//! its response leaves; the records form a hash chain per instance, signed at checkpoints;
+//! clock and key events are stored beside them ([`events`]). [`verify`] checks it all.
+//! `LAYOUT.md` in this folder describes the serial layout, the state file, the schema and the
+//! encodings.
 
 pub mod events;
+pub mod postgres;
 mod queue;
 pub mod record;
 pub mod serial;
@@ -27,7 +29,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::config::ArchiveConfig;
+use crate::config::{ArchiveBackend, ArchiveConfig};
 use queue::Queue;
 use record::{hex, ChainHead, StoredRecord, TokenRecord};
 use serial::{layout, BlockSerials};
@@ -103,7 +105,7 @@ pub struct Archive {
     reader: Mutex<Box<dyn ArchiveStore>>,
     healthy: Arc<AtomicBool>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    _lock: Lock,
+    held: Held,
 }
 
 impl Archive {
@@ -111,13 +113,8 @@ impl Archive {
     /// database and the state file, takes the highest counter and genTime of both, reserves
     /// the first block of serials durably, and starts the writer.
     pub fn open(config: &ArchiveConfig, signer: CheckpointSigner) -> anyhow::Result<Self> {
-        let lock = Lock::acquire(&config.state_file)?;
-        let busy = Duration::from_millis(config.busy_timeout_ms);
-        let mut store: Box<dyn ArchiveStore> =
-            Box::new(SqliteStore::open(&config.database, busy).context("cannot open the archive")?);
-        let reader: Box<dyn ArchiveStore> = Box::new(
-            SqliteStore::open_read_only(&config.database).context("cannot open the archive")?,
-        );
+        let (store, reader, lock) = open_stores(config)?;
+        let mut store = store;
         let instance_id = config.instance_id;
         let db = store
             .instance(instance_id)
@@ -191,6 +188,7 @@ impl Archive {
             first_counter = next,
             head_seq = head.seq,
             gen_time_floor_ns,
+            backend = ?config.backend,
             database = %config.database.display(),
             "archive open"
         );
@@ -244,7 +242,7 @@ impl Archive {
             reader: Mutex::new(reader),
             healthy,
             writer: Mutex::new(Some(handle)),
-            _lock: lock,
+            held: lock,
         })
     }
 
@@ -324,7 +322,9 @@ impl Archive {
 
     /// Whether the last write succeeded (readiness).
     pub fn health(&self) -> Result<(), String> {
-        if self.healthy.load(Ordering::Relaxed) {
+        if matches!(&self.held, Held::Lease(lease) if lease.lost()) {
+            Err("another process holds this instance id's lease".into())
+        } else if self.healthy.load(Ordering::Relaxed) {
             Ok(())
         } else {
             Err("the archive's last write failed".into())
@@ -411,13 +411,46 @@ pub fn decode_hex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// What keeps a second process off this instance id while the archive is open: the state
+/// directory's lock (SQLite) or the lease in the database (PostgreSQL).
+#[allow(dead_code)]
+enum Held {
+    Lock(Lock),
+    Lease(postgres::Lease),
+}
+
+type Stores = (Box<dyn ArchiveStore>, Box<dyn ArchiveStore>, Held);
+
+/// The writer's store, the readers' store, and the lock or lease, for the configured backend.
+fn open_stores(config: &ArchiveConfig) -> anyhow::Result<Stores> {
+    if config.backend == ArchiveBackend::Postgres {
+        let lease = postgres::Lease::acquire(config).context("cannot start the archive")?;
+        let store = postgres::PostgresStore::open(config).context("cannot open the archive")?;
+        let reader =
+            postgres::PostgresStore::open_existing(config).context("cannot open the archive")?;
+        return Ok((Box::new(store), Box::new(reader), Held::Lease(lease)));
+    }
+    let lock = Lock::acquire(&config.state_file)?;
+    let busy = Duration::from_millis(config.busy_timeout_ms);
+    let store = SqliteStore::open(&config.database, busy).context("cannot open the archive")?;
+    let reader =
+        SqliteStore::open_read_only(&config.database).context("cannot open the archive")?;
+    Ok((Box::new(store), Box::new(reader), Held::Lock(lock)))
+}
+
 /// Opens the configured archive for reading (the CLI; works while the server runs).
 pub fn open_read_only(config: &ArchiveConfig) -> anyhow::Result<Box<dyn ArchiveStore>> {
+    if config.backend == ArchiveBackend::Postgres {
+        return Ok(Box::new(postgres::PostgresStore::open_existing(config)?));
+    }
     Ok(Box::new(SqliteStore::open_read_only(&config.database)?))
 }
 
 /// Opens the configured archive for writing (the CLI's prune).
 pub fn open_writable(config: &ArchiveConfig) -> anyhow::Result<Box<dyn ArchiveStore>> {
+    if config.backend == ArchiveBackend::Postgres {
+        return Ok(Box::new(postgres::PostgresStore::open_existing(config)?));
+    }
     if !config.database.exists() {
         bail!("{} does not exist", config.database.display());
     }

@@ -1,6 +1,6 @@
-//! The storage behind the archive, as one trait: SQLite ([`super::sqlite`]) implements it
-//! today; a PostgreSQL backend implements the same trait over the same schema
-//! ([`schema`] with `BYTEA` for `BLOB`).
+//! The storage behind the archive, as one trait: SQLite ([`super::sqlite`]) and PostgreSQL
+//! ([`super::postgres`]) implement it over the same schema ([`schema`] with `BYTEA` for
+//! `BLOB`).
 //!
 //! The archive calls a store from one writer thread (appends, reservations, checkpoints,
 //! pruning) and from readers (look-ups, export, verification), each with its own store value,

@@ -1,0 +1,320 @@
+//! The archive on PostgreSQL (`[archive] backend = "postgres"`), against a real private
+//! cluster (tests/common/postgres.rs): every token recorded and `tsa archive verify` green;
+//! the instance-id lease keeps out a second process with the same id; and a kill -9 loop
+//! under load never archives a serial twice nor loses a token a client received.
+
+mod archive_support;
+#[path = "common/postgres.rs"]
+mod pg;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use archive_support::{archive_cli, get, hex, init, stamp, Conn, Received, Serving};
+use tsa::archive::postgres::PostgresStore;
+use tsa::archive::record::StoredRecord;
+use tsa::archive::store::ArchiveStore;
+use tsa::config::Config;
+
+/// A state directory whose archive is `database` on the cluster, as instance `id`.
+fn setup(cluster: &pg::Cluster, database: &str, id: u32, extra: &str) -> tempfile::TempDir {
+    init(&format!(
+        "backend = \"postgres\"\npostgres_url = \"{}\"\ninstance_id = {id}\nlease_ttl_s = 2\n{extra}",
+        cluster.url(database)
+    ))
+}
+
+fn store(dir: &Path) -> PostgresStore {
+    let config = Config::load(&dir.join("tsa.toml")).unwrap();
+    PostgresStore::open_existing(&config.archive).unwrap()
+}
+
+fn all_records(store: &mut PostgresStore, instance_id: u32) -> Vec<StoredRecord> {
+    let mut records = Vec::new();
+    store
+        .for_each_record(instance_id, 1, &mut |r| {
+            records.push(r);
+            Ok(true)
+        })
+        .unwrap();
+    records
+}
+
+#[test]
+fn records_are_complete_and_verify_on_postgres() {
+    let cluster = pg::Cluster::start();
+    cluster.create_database("tsa");
+    // More tokens than a page of the store's visits (500) and small blocks.
+    let dir = setup(
+        &cluster,
+        "tsa",
+        0,
+        "serial_block = 50\ncheckpoint_interval_s = 1",
+    );
+    let d = dir.path();
+    let server = Serving::start(d);
+    let mut conn = Conn::open(&server.public).unwrap();
+    let received: Vec<Received> = (0..600)
+        .map(|i| {
+            stamp(&mut conn, format!("postgres {i}").as_bytes())
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    // Admin look-ups while the server runs (the reader store, called from the runtime).
+    let (status, body) = get(
+        &server.admin,
+        &format!("/archive/serial/{}", hex(&received[7].serial)),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(body, received[7].response);
+    let (status, _) = get(
+        &server.admin,
+        &format!("/archive/imprint/{}", hex(&received[9].imprint)),
+    );
+    assert_eq!(status, 200);
+    server.stop();
+
+    let mut store = store(d);
+    let records = all_records(&mut store, 0);
+    assert_eq!(records.len(), received.len());
+    let by_serial: HashMap<&[u8], &StoredRecord> = records
+        .iter()
+        .map(|r| (r.record.serial.as_slice(), r))
+        .collect();
+    for got in &received {
+        let r = by_serial
+            .get(got.serial.as_slice())
+            .expect("a received token is not archived");
+        assert_eq!(r.record.token, got.token);
+        assert_eq!(r.response(), got.response);
+    }
+    let found = store
+        .record_by_serial(&received[3].serial)
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.record.token, received[3].token);
+    assert!(!store.checkpoints(0).unwrap().is_empty());
+    assert!(store
+        .events(0, u64::MAX)
+        .unwrap()
+        .iter()
+        .any(|e| e.kind == "archive_opened"));
+    let mut in_time = 0;
+    store
+        .for_each_in_time(0, u64::MAX, &mut |_| {
+            in_time += 1;
+            Ok(true)
+        })
+        .unwrap();
+    assert_eq!(in_time, received.len());
+
+    let (ok, report) = archive_cli(d, &["verify"]);
+    assert!(ok, "{report}");
+    assert!(report.contains(": OK"), "{report}");
+    let (ok, out) = archive_cli(
+        d,
+        &["get", "--serial", &hex(&received[0].serial), "--token"],
+    );
+    assert!(ok, "{out}");
+
+    // Pruning everything leaves an anchor; what remains (nothing) still verifies, and a
+    // restart continues above every pruned counter.
+    let (ok, out) = archive_cli(d, &["prune", "--before", "4000000000"]);
+    assert!(ok, "{out}");
+    assert!(all_records(&mut store, 0).is_empty());
+    let (ok, report) = archive_cli(d, &["verify"]);
+    assert!(ok, "{report}");
+    let server = Serving::start(d);
+    let mut conn = Conn::open(&server.public).unwrap();
+    let after = stamp(&mut conn, b"after pruning").unwrap().unwrap();
+    server.stop();
+    let max_before = received
+        .iter()
+        .map(|r| tsa::archive::serial::layout::decode(&r.serial).unwrap().1)
+        .max()
+        .unwrap();
+    assert!(
+        tsa::archive::serial::layout::decode(&after.serial)
+            .unwrap()
+            .1
+            > max_before
+    );
+    let (ok, report) = archive_cli(d, &["verify"]);
+    assert!(ok, "{report}");
+}
+
+#[test]
+fn a_second_instance_with_the_same_id_is_refused_while_the_first_holds_the_lease() {
+    let cluster = pg::Cluster::start();
+    cluster.create_database("fleet");
+    let first_dir = setup(&cluster, "fleet", 7, "");
+    let twin_dir = setup(&cluster, "fleet", 7, "");
+    let other_dir = setup(&cluster, "fleet", 8, "");
+    let first = Serving::start(first_dir.path());
+    // Longer than the lease's lifetime: only the renewals keep it.
+    std::thread::sleep(Duration::from_secs(3));
+    let err = Serving::try_start(twin_dir.path())
+        .err()
+        .expect("a second instance 7 started while the first runs");
+    assert!(err.contains("held by another live instance"), "{err}");
+    // Another id on the same database starts (a fleet).
+    let other = Serving::start(other_dir.path());
+    let mut a = Conn::open(&first.public).unwrap();
+    let mut b = Conn::open(&other.public).unwrap();
+    let ta = stamp(&mut a, b"first").unwrap().unwrap();
+    let tb = stamp(&mut b, b"other").unwrap().unwrap();
+    assert_ne!(ta.serial, tb.serial);
+    // A clean stop gives the lease back at once.
+    first.stop();
+    let twin = Serving::start(twin_dir.path());
+    let mut c = Conn::open(&twin.public).unwrap();
+    let tc = stamp(&mut c, b"twin").unwrap().unwrap();
+    twin.stop();
+    other.stop();
+    let mut store = store(first_dir.path());
+    assert_eq!(all_records(&mut store, 7).len(), 2);
+    assert_eq!(all_records(&mut store, 8).len(), 1);
+    let serials: HashSet<Vec<u8>> = [ta.serial, tb.serial, tc.serial].into_iter().collect();
+    assert_eq!(serials.len(), 3);
+    // Each directory made its own TSU certificate: trust the others' too.
+    let certs = [twin_dir.path(), other_dir.path()]
+        .map(|d| d.join("tsa-cert.pem").to_str().unwrap().to_string());
+    let (ok, report) = archive_cli(
+        first_dir.path(),
+        &["verify", "--cert", &certs[0], "--cert", &certs[1]],
+    );
+    assert!(ok, "{report}");
+    assert_eq!(report.matches(": OK").count(), 2, "{report}");
+}
+
+const ROUNDS: usize = 8;
+const CLIENTS: usize = 4;
+
+#[test]
+fn kill_9_under_load_on_postgres_never_reuses_a_serial_nor_loses_a_token() {
+    let started = Instant::now();
+    let cluster = pg::Cluster::start();
+    cluster.create_database("crash");
+    let dir = setup(
+        &cluster,
+        "crash",
+        0,
+        "serial_block = 40\ncheckpoint_interval_s = 1",
+    );
+    let d = dir.path();
+    let mut received: Vec<Received> = Vec::new();
+    let mut refused = 0;
+    for round in 0..ROUNDS {
+        // After a kill the lease stays until it expires (lease_ttl_s = 2): the start is
+        // refused until then.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let server = loop {
+            match Serving::try_start(d) {
+                Ok(s) => break s,
+                Err(e) if e.contains("held by another live instance") => {
+                    refused += 1;
+                    assert!(Instant::now() < deadline, "the lease never expired: {e}");
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                Err(e) => panic!("tsa serve did not start: {e}"),
+            }
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let (addr, stop, got) = (server.public.clone(), stop.clone(), got.clone());
+                std::thread::spawn(move || {
+                    let Ok(mut conn) = Conn::open(&addr) else {
+                        return;
+                    };
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let data = format!("round {round} client {c} request {i}");
+                        match stamp(&mut conn, data.as_bytes()) {
+                            Ok(Ok(token)) => got.lock().unwrap().push(token),
+                            Ok(Err(rejection)) => {
+                                panic!("rejected: {:?}", rejection.status_text)
+                            }
+                            Err(_) => return,
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(150 + 40 * round as u64));
+        server.kill();
+        stop.store(true, Ordering::Relaxed);
+        for c in clients {
+            c.join().expect("a client thread panicked");
+        }
+        received.extend(std::mem::take(&mut *got.lock().unwrap()));
+    }
+    assert!(
+        refused > 0,
+        "no start was refused for the dead instance's lease"
+    );
+    // A last, clean run: its shutdown signs a checkpoint over everything.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let server = loop {
+        match Serving::try_start(d) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                assert!(e.contains("held by another live instance"), "{e}");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(e) => panic!("tsa serve did not start: {e}"),
+        }
+    };
+    let mut conn = Conn::open(&server.public).unwrap();
+    received.push(stamp(&mut conn, b"after the crashes").unwrap().unwrap());
+    server.stop();
+    assert!(
+        received.len() > ROUNDS,
+        "too few tokens: {}",
+        received.len()
+    );
+
+    let mut store = store(d);
+    let records = all_records(&mut store, 0);
+    let serials: HashSet<&[u8]> = records.iter().map(|r| r.record.serial.as_slice()).collect();
+    let counters: HashSet<u64> = records.iter().map(|r| r.counter).collect();
+    assert_eq!(serials.len(), records.len(), "a serial is archived twice");
+    assert_eq!(counters.len(), records.len(), "a counter is archived twice");
+    let by_serial: HashMap<&[u8], &StoredRecord> = records
+        .iter()
+        .map(|r| (r.record.serial.as_slice(), r))
+        .collect();
+    let mut seen = HashSet::new();
+    for got in &received {
+        assert!(
+            seen.insert(got.serial.clone()),
+            "two clients got one serial"
+        );
+        let r = by_serial
+            .get(got.serial.as_slice())
+            .expect("a token a client received is not archived");
+        assert_eq!(r.record.token, got.token);
+    }
+    let opened = store
+        .events(0, u64::MAX)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "archive_opened")
+        .count();
+    assert_eq!(opened, ROUNDS + 1);
+    let (ok, report) = archive_cli(d, &["verify"]);
+    assert!(ok, "{report}");
+    assert!(report.contains(": OK"), "{report}");
+    eprintln!(
+        "{ROUNDS} kills: {} tokens archived, {} received, {refused} refused starts, in {:.1} s",
+        records.len(),
+        received.len(),
+        started.elapsed().as_secs_f64()
+    );
+}

@@ -1,0 +1,198 @@
+//! A private PostgreSQL cluster for a test: `initdb` in a temporary directory, `pg_ctl start`
+//! on a free loopback port (trust authentication, loopback only), stopped and removed on
+//! drop. initdb refuses to run as root: as root (CI), the cluster runs as the system user
+//! `tsa-test`, created once with `useradd --system`. A missing PostgreSQL fails the test with
+//! what to install; nothing is skipped.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+const USER: &str = "tsa-test";
+
+pub struct Cluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+/// The directory holding initdb and pg_ctl: Debian's `/usr/lib/postgresql/<version>/bin`
+/// (the newest), else the PATH's.
+fn bin_dir() -> PathBuf {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return bin;
+    }
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists());
+    found.unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL is not installed (no initdb/pg_ctl): scripts/test.sh installs it \
+             (apt-get install postgresql); these tests do not skip"
+        )
+    })
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn uid_of(user: &str) -> Option<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").args([flag, user]).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+/// The unprivileged user the cluster runs as, when this process is root.
+fn cluster_user() -> (u32, u32) {
+    static CREATE: Mutex<()> = Mutex::new(());
+    let _once = CREATE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(ids) = uid_of(USER) {
+        return ids;
+    }
+    let out = Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            USER,
+        ])
+        .output()
+        .expect("useradd");
+    uid_of(USER).unwrap_or_else(|| {
+        panic!(
+            "cannot create the system user {USER} for PostgreSQL (initdb refuses root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+impl Cluster {
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", USER, "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let out = self
+            .command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+        );
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    /// A new cluster, started.
+    pub fn start() -> Cluster {
+        let bin = bin_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("tsa-pg-")
+            .tempdir()
+            .unwrap();
+        if is_root() {
+            let (uid, gid) = cluster_user();
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cluster = Cluster { dir, bin, port };
+        let data = cluster.data();
+        cluster.run(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ],
+        );
+        let socket = cluster.dir.path().display().to_string();
+        let options =
+            format!("-c listen_addresses=127.0.0.1 -p {port} -k {socket} -c max_connections=100");
+        let log = cluster.dir.path().join("log").display().to_string();
+        cluster.run(
+            "pg_ctl",
+            &[
+                "-D", &data, "-o", &options, "-l", &log, "-w", "-t", "60", "start",
+            ],
+        );
+        cluster
+    }
+
+    /// `key=value` connection settings for `database`.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={database} connect_timeout=10",
+            self.port
+        )
+    }
+
+    /// Creates a database.
+    pub fn create_database(&self, name: &str) {
+        let mut client = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
+            .expect("connect to the test cluster");
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let data = self.data();
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D", &data, "-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}
