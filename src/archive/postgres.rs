@@ -320,10 +320,7 @@ impl ArchiveStore for PostgresStore {
                     seq: u(r.get(0)),
                     hash: hash_of(r.get(1))?,
                 }),
-                None => anchor.map(|a| ChainHead {
-                    seq: a.seq,
-                    hash: a.hash,
-                }),
+                None => None,
             };
             let row = c.query_one(
                 "SELECT (SELECT MAX(counter) FROM tokens WHERE instance_id = $1), \
@@ -335,30 +332,14 @@ impl ArchiveStore for PostgresStore {
             let max_counter: Option<i64> = row.get(0);
             let recent_gen: Option<i64> = row.get(1);
             let last_event_seq: Option<i64> = row.get(2);
-            let max_counter = [
-                max_counter.map(u),
-                inst_max_counter,
-                anchor.map(|a| a.max_counter),
-            ]
-            .into_iter()
-            .flatten()
-            .max();
-            let max_gen_time_ns = [
-                recent_gen.map_or(0, u),
-                inst_max_gen,
-                anchor.map_or(0, |a| a.max_gen_time_ns),
-            ]
-            .into_iter()
-            .max()
-            .unwrap_or(0);
-            Ok(InstanceState {
+            Ok(InstanceState::combine(
                 reserved_until,
-                max_counter,
-                max_gen_time_ns,
+                [max_counter.map(u), inst_max_counter],
+                [recent_gen.map(u), Some(inst_max_gen)],
                 head,
                 anchor,
-                last_event_seq: last_event_seq.map_or(0, u),
-            })
+                last_event_seq.map(u),
+            ))
         })
     }
 

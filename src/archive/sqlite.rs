@@ -299,11 +299,7 @@ impl ArchiveStore for SqliteStore {
                     })
                 },
             )
-            .optional()?
-            .or(anchor.map(|a| ChainHead {
-                seq: a.seq,
-                hash: a.hash,
-            }));
+            .optional()?;
         let max_counter: Option<u64> = c.query_row(
             "SELECT MAX(counter) FROM tokens WHERE instance_id = ?1",
             [instance_id],
@@ -320,26 +316,14 @@ impl ArchiveStore for SqliteStore {
             [instance_id],
             |r| r.get(0),
         )?;
-        let max_counter = [max_counter, inst_max_counter, anchor.map(|a| a.max_counter)]
-            .into_iter()
-            .flatten()
-            .max();
-        let max_gen_time_ns = [
-            recent_gen.unwrap_or(0),
-            inst_max_gen,
-            anchor.map_or(0, |a| a.max_gen_time_ns),
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(0);
-        Ok(InstanceState {
+        Ok(InstanceState::combine(
             reserved_until,
-            max_counter,
-            max_gen_time_ns,
+            [max_counter, inst_max_counter],
+            [recent_gen, Some(inst_max_gen)],
             head,
             anchor,
-            last_event_seq: last_event_seq.unwrap_or(0),
-        })
+            last_event_seq,
+        ))
     }
 
     fn instances(&mut self) -> Result<Vec<u32>, StoreError> {

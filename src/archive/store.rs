@@ -35,6 +35,43 @@ pub struct InstanceState {
     pub last_event_seq: u64,
 }
 
+impl InstanceState {
+    /// What a backend read, folded the same way for every backend: the maxima over the live
+    /// records and over the instance row, and the pruning anchor, which stands for everything
+    /// pruned (the chain's head when nothing is left).
+    pub fn combine(
+        reserved_until: u64,
+        max_counters: [Option<u64>; 2],
+        max_gen_times_ns: [Option<u64>; 2],
+        head: Option<ChainHead>,
+        anchor: Option<Anchor>,
+        last_event_seq: Option<u64>,
+    ) -> Self {
+        let max_counter = max_counters
+            .into_iter()
+            .chain([anchor.map(|a| a.max_counter)])
+            .flatten()
+            .max();
+        let max_gen_time_ns = max_gen_times_ns
+            .into_iter()
+            .chain([anchor.map(|a| a.max_gen_time_ns)])
+            .flatten()
+            .max()
+            .unwrap_or(0);
+        Self {
+            reserved_until,
+            max_counter,
+            max_gen_time_ns,
+            head: head.or(anchor.map(|a| ChainHead {
+                seq: a.seq,
+                hash: a.hash,
+            })),
+            anchor,
+            last_event_seq: last_event_seq.unwrap_or(0),
+        }
+    }
+}
+
 /// A visitor over records; returns `false` to stop.
 pub type Visit<'a> = dyn FnMut(StoredRecord) -> Result<bool, StoreError> + 'a;
 
