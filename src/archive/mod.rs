@@ -284,6 +284,7 @@ impl Archive {
         time: &crate::clock::TrustedTime,
         clock: &crate::clock::IssuingClock,
         response: &[u8],
+        client: &crate::server::Client,
     ) -> Result<TokenRecord, ArchiveError> {
         let token = record::token_of_response(response)
             .ok_or_else(|| ArchiveError("the response holds no token".into()))?;
@@ -295,7 +296,7 @@ impl Archive {
             imprint: request.message_imprint.hashed_message.as_bytes().to_vec(),
             policy: request.policy.to_string(),
             nonce: request.nonce.map(|n| n.as_bytes().to_vec()),
-            client: None,
+            client: client.name.as_deref().map(str::to_owned),
             clock: record::ClockAtIssue {
                 source: clock.source_name().to_string(),
                 state: time.state.name().to_string(),

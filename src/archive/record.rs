@@ -32,7 +32,7 @@ pub struct TokenRecord {
     pub policy: String,
     /// The nonce's INTEGER content octets, as the client sent them.
     pub nonce: Option<Vec<u8>>,
-    /// The authenticated client, when there is one (none yet).
+    /// The authenticated client (its configured name), when there is one.
     pub client: Option<String>,
     pub clock: ClockAtIssue,
     /// The DER token (ContentInfo with SignedData) as sent inside the TimeStampResp.

@@ -36,7 +36,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use super::{metrics, Outcome, Tsa};
+use super::{metrics, Client, Outcome, Tsa};
 use crate::config::ServerConfig;
 use crate::protocol::{FailInfo, Rejection};
 
@@ -202,7 +202,7 @@ async fn timestamp(req: Request<Incoming>, tsa: &Arc<Tsa>, limits: &Limits) -> (
             )
         }
     };
-    let (der, outcome) = tsa.respond(body).await;
+    let (der, outcome) = tsa.respond(body, &Client::ANONYMOUS).await;
     (response(StatusCode::OK, REPLY_TYPE, der.into()), outcome)
 }
 

@@ -25,6 +25,23 @@ impl std::ops::Deref for CurrentCertificate {
     }
 }
 
+/// Who sent a request, as the HTTP layer established it: anonymous, or a configured client
+/// (an API key or a TLS client certificate). Its name is recorded in the archive.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Client {
+    pub name: Option<Arc<str>>,
+}
+
+impl Client {
+    pub const ANONYMOUS: Client = Client { name: None };
+
+    pub fn named(name: impl Into<Arc<str>>) -> Self {
+        Self {
+            name: Some(name.into()),
+        }
+    }
+}
+
 /// How one request ended, for logs and (later) metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -93,13 +110,13 @@ impl Tsa {
     /// issuances at a time so that a burst queues here instead of spawning hundreds of threads;
     /// a fast one signs on the async worker. Either way the clock is read inside `issue`, after
     /// any queueing, as late as possible before the signature.
-    pub async fn respond(self: &Arc<Self>, body: Bytes) -> (Vec<u8>, Outcome) {
+    pub async fn respond(self: &Arc<Self>, body: Bytes, client: &Client) -> (Vec<u8>, Outcome) {
         let result = if self.signer.may_block() {
             let permit = Arc::clone(&self.blocking_lane).acquire_owned().await;
-            let tsa = Arc::clone(self);
+            let (tsa, client) = (Arc::clone(self), client.clone());
             tokio::task::spawn_blocking(move || {
                 let _permit = permit;
-                tsa.issue_unrecorded(&body)
+                tsa.issue_unrecorded(&body, &client)
             })
             .await
             .unwrap_or_else(|e| {
@@ -107,7 +124,7 @@ impl Tsa {
                 Err(Rejection::new(FailInfo::SystemFailure, "internal error"))
             })
         } else {
-            self.issue_unrecorded(&body)
+            self.issue_unrecorded(&body, client)
         };
         // The response leaves only once the archive's commit that holds its token returned.
         let result = match (result, &self.archive) {
@@ -129,10 +146,11 @@ impl Tsa {
         }
     }
 
-    /// The issuing path, synchronous (it waits for the archive's commit: call it where
-    /// blocking is allowed). Returns the granted response or the rejection.
+    /// The issuing path for an anonymous client, synchronous (it waits for the archive's
+    /// commit: call it where blocking is allowed). Returns the granted response or the
+    /// rejection.
     pub fn issue(&self, body: &[u8]) -> Result<Vec<u8>, Rejection> {
-        match (self.issue_unrecorded(body)?, &self.archive) {
+        match (self.issue_unrecorded(body, &Client::ANONYMOUS)?, &self.archive) {
             ((der, Some(record)), Some(archive)) => {
                 archive.record_blocking(record).map_err(archived)?;
                 Ok(der)
@@ -142,7 +160,11 @@ impl Tsa {
     }
 
     /// The token and, with the archive, its record (not yet recorded).
-    fn issue_unrecorded(&self, body: &[u8]) -> Result<(Vec<u8>, Option<TokenRecord>), Rejection> {
+    fn issue_unrecorded(
+        &self,
+        body: &[u8],
+        client: &Client,
+    ) -> Result<(Vec<u8>, Option<TokenRecord>), Rejection> {
         let issuing = self.issuing.load();
         let request = protocol::parse_request(body, &issuing.rules)?;
 
@@ -198,7 +220,7 @@ impl Tsa {
         let record = match &self.archive {
             Some(archive) => Some(
                 archive
-                    .token_record(&request, &stamp, &time, &self.clock, &der)
+                    .token_record(&request, &stamp, &time, &self.clock, &der, client)
                     .map_err(archived)?,
             ),
             None => None,

@@ -31,7 +31,7 @@ use crate::signer::{
     certificate::TsuCertificate, pkcs11::Pkcs11Signer, software::SoftwareSigner, Signer,
 };
 
-pub use issue::{Issuing, Outcome, Tsa};
+pub use issue::{Client, Issuing, Outcome, Tsa};
 
 /// Builds the TSA, refusing with a clear message whatever would make it issue bad tokens.
 /// Call it inside a tokio runtime: the disciplined clock starts its tasks there.
