@@ -23,6 +23,10 @@
 #   CLIENT_CPU   the core(s) the load generator is pinned to            (default 1)
 #   SPEED_SECONDS  seconds for `openssl speed`                       (default 3)
 #   NO_BUILD=1   use target/release/tsa as it is
+#   OVERLOAD=3   after the runs, drive the server open-loop (oha -q) at 3 × the best rate they
+#                reached, over OVERLOAD_CONNECTIONS (default 256) connections, and print the
+#                goodput (granted tokens/s) as a share of that capacity, and the 503s
+#                (admission control: server.max_queue, MAX_QUEUE to set it)
 #
 # Per run it prints requests/s, p50/p99 latency, non-200 and non-granted replies (wrk checks
 # every reply's PKIStatus in Lua; oha reports only HTTP status codes) and the server's CPU time
@@ -198,6 +202,9 @@ start_server() { # mode: off | on
   mode_args=()
   [ "$mode" = on ] && mode_args=(--archive)
   "$TSA" init --dir "$work/state-$mode" "${init_args[@]}" "${mode_args[@]}" >/dev/null
+  if [ -n "${MAX_QUEUE:-}" ]; then
+    sed -i "s/^\[server\]$/[server]\nmax_queue = $MAX_QUEUE/" "$work/state-$mode/tsa.toml"
+  fi
   if [ "${HSM:-0}" = 1 ]; then
     # The token's raw rate through cryptoki in one process, on the server's core.
     hsm_rate=$(taskset -c "$SERVER_CPU" "$TSA" hsm check --config "$work/state-$mode/tsa.toml" \
@@ -274,6 +281,35 @@ run_loads() { # mode
       }' <<<"$line" | tee "$work/line"
     rate["$mode-$c"]=$(awk '{ print $2 }' "$work/line")
   done
+  [ -n "${OVERLOAD:-}" ] && overload "$mode"
+  echo "peak RSS of the server: $(awk '/^VmHWM/ { print $2 / 1024 " MiB" }' "/proc/$server_pid/status")"
+}
+
+# Open loop at OVERLOAD × the best closed-loop rate: what share of that capacity is still
+# served as granted tokens while the excess is refused with 503.
+overload() { # mode
+  local mode=$1 cap=0 c q
+  [ "$LOAD_TOOL" = oha ] || die "OVERLOAD needs oha (-q)"
+  for c in $CONCURRENCY; do
+    cap=$(awk -v a="$cap" -v b="${rate[$mode-$c]}" 'BEGIN { print (b > a ? b : a) }')
+  done
+  q=$(awk -v c="$cap" -v m="$OVERLOAD" 'BEGIN { printf "%d", c * m }')
+  echo "== open loop: $q req/s (${OVERLOAD} × $cap) over ${OVERLOAD_CONNECTIONS:-256} connections, ${DURATION} s"
+  taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
+    oha -z "${DURATION}s" -q "$q" -c "${OVERLOAD_CONNECTIONS:-256}" -m POST \
+    -H 'Content-Type: application/timestamp-query' -D "$work/req.tsq" --no-tui \
+    --output-format json "$url" | python3 -c '
+import json, sys
+cap = float(sys.argv[1])
+d = json.load(sys.stdin)
+codes = {k: int(v) for k, v in d.get("statusCodeDistribution", {}).items()}
+seconds = d["summary"]["total"]
+p = d.get("latencyPercentiles", {})
+good = codes.get("200", 0) / seconds
+print("offered %.0f/s  granted %.0f/s = %.1f%% of capacity  503: %d  other: %s  p50 %.2f ms  p99 %.2f ms (all replies)"
+      % (sum(codes.values()) / seconds, good, 100 * good / cap, codes.get("503", 0),
+         {k: v for k, v in codes.items() if k not in ("200", "503")} or 0,
+         (p.get("p50") or 0) * 1e3, (p.get("p99") or 0) * 1e3))' "$cap"
 }
 
 case "${ARCHIVE:-0}" in

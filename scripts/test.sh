@@ -28,6 +28,8 @@ command -v pkcs11-tool >/dev/null || need+=(opensc)
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
   need+=(postgresql)
 fi
+# tests/fleet.rs: two instances behind a real HAProxy (round robin, checks on /health/ready).
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 # tests/status.rs: the status page rendered by headless Chromium.
 command -v chromium >/dev/null || need+=(chromium)
 # tests/interop_python.rs: a Python 3 that can make a virtual environment.

@@ -20,6 +20,9 @@ pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
     pub signer: SignerConfig,
+    /// A planned change of signing key at a given time (`[rollover]`).
+    #[serde(default)]
+    pub rollover: Option<RolloverConfig>,
     #[serde(default)]
     pub policy: PolicyConfig,
     #[serde(default)]
@@ -28,6 +31,8 @@ pub struct Config {
     pub token: TokenConfig,
     #[serde(default)]
     pub archive: ArchiveConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 /// Where the archive keeps its data.
@@ -108,10 +113,30 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// The largest request body accepted; larger ones get 413.
     pub max_request_bytes: usize,
+    /// The largest batch body (`application/timestamp-query-batch`, `docs/batch.md`) accepted;
+    /// larger ones get 413.
+    pub max_batch_bytes: usize,
+    /// The most requests one batch may hold; more get 413.
+    pub max_batch_items: usize,
     /// Time allowed for a request's headers and then for its body.
     pub read_timeout_ms: u64,
     /// Worker threads of the async runtime; 0 means one per core.
     pub workers: usize,
+    /// Time-stamp requests admitted and not yet answered (a batch counts its items); past
+    /// it a request gets 503 with `Retry-After` and a DER systemFailure at once.
+    pub max_queue: usize,
+    /// Open connections (both listeners' public sides together); past it a new connection
+    /// gets a fixed 503 and is closed.
+    pub max_connections: usize,
+    /// Requests served on one keep-alive connection before it is closed; 0: no limit.
+    pub max_requests_per_connection: u64,
+    /// The largest request head (request line and headers); larger ones get 431.
+    pub max_header_bytes: usize,
+    /// The HTTPS listener (the same routes as `listen`, over TLS; mutual TLS with
+    /// `tls.client_ca`); none without it.
+    pub https_listen: Option<SocketAddr>,
+    /// The HTTPS listener's certificate, key and client certificate verification.
+    pub tls: TlsConfig,
 }
 
 impl Default for ServerConfig {
@@ -121,8 +146,16 @@ impl Default for ServerConfig {
             path: "/".into(),
             admin_listen: "127.0.0.1:3181".parse().expect("static"),
             max_request_bytes: 8 * 1024,
+            max_batch_bytes: 4 * 1024 * 1024,
+            max_batch_items: 10_000,
             read_timeout_ms: 10_000,
             workers: 0,
+            max_queue: 256,
+            max_connections: 4096,
+            max_requests_per_connection: 10_000,
+            max_header_bytes: 8 * 1024,
+            https_listen: None,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -131,6 +164,139 @@ impl ServerConfig {
     pub fn read_timeout(&self) -> Duration {
         Duration::from_millis(self.read_timeout_ms)
     }
+}
+
+/// `[server.tls]`: the HTTPS listener (`server.https_listen`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM, leaf first).
+    pub certificate: Option<PathBuf>,
+    /// Its private key (PEM, PKCS#8; PKCS#1 and SEC1 are read too).
+    pub key: Option<PathBuf>,
+    /// CA certificates (PEM files) that issue client certificates; when set, the server asks
+    /// for a client certificate and verifies it against them.
+    pub client_ca: Vec<PathBuf>,
+    /// Refuse the TLS handshake without a valid client certificate (needs `client_ca`).
+    pub require_client_certificate: bool,
+}
+
+/// `[auth]`: who may ask for tokens, and how many.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Requests without credentials are served (as the anonymous client); false: every
+    /// request must authenticate (API key or client certificate).
+    pub anonymous: bool,
+    /// Tokens per second for all anonymous callers together (one shared bucket); 0: no limit.
+    pub anonymous_rate_per_s: f64,
+    /// The anonymous bucket's size; 0: one second's worth (at least 1).
+    pub anonymous_burst: u32,
+    /// The configured clients.
+    pub client: Vec<ClientConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            anonymous: true,
+            anonymous_rate_per_s: 0.0,
+            anonymous_burst: 0,
+            client: vec![],
+        }
+    }
+}
+
+/// `[[auth.client]]`: one client, known by an API key and/or a TLS client certificate.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The name recorded in the archive with the client's tokens.
+    pub name: String,
+    /// Hex SHA-256 of the API key (`tsa client new-key` makes one).
+    #[serde(default)]
+    pub api_key_sha256: Option<String>,
+    /// Hex SHA-256 of the client certificate (DER), as `tsa client cert-id` prints it.
+    #[serde(default)]
+    pub certificate_sha256: Option<String>,
+    /// The client certificate's subject in RFC 4514 form (`CN=…,O=…,C=…`, as
+    /// `openssl x509 -noout -subject -nameopt RFC2253` prints it).
+    #[serde(default)]
+    pub certificate_subject: Option<String>,
+    /// Tokens per second; 0: no limit.
+    #[serde(default)]
+    pub rate_per_s: f64,
+    /// Tokens that may be taken at once after a pause; 0: one second's worth (at least 1).
+    #[serde(default)]
+    pub burst: u32,
+}
+
+impl AuthConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        let rate_ok = |rate: f64| rate.is_finite() && rate >= 0.0;
+        if !rate_ok(self.anonymous_rate_per_s) {
+            bail!("auth.anonymous_rate_per_s must be a number of tokens per second, 0 or more");
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut keys = std::collections::HashSet::new();
+        let mut certificates = std::collections::HashSet::new();
+        let mut subjects = std::collections::HashSet::new();
+        for c in &self.client {
+            let name = &c.name;
+            if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+                bail!("auth.client name '{name}': 1 to 128 characters, no control characters");
+            }
+            if !names.insert(name) {
+                bail!("auth.client '{name}' is configured twice");
+            }
+            if c.api_key_sha256.is_none()
+                && c.certificate_sha256.is_none()
+                && c.certificate_subject.is_none()
+            {
+                bail!("auth.client '{name}' needs api_key_sha256, certificate_sha256 or certificate_subject");
+            }
+            if let Some(hash) = &c.api_key_sha256 {
+                let hash = sha256_hex(hash)
+                    .with_context(|| format!("auth.client '{name}': api_key_sha256"))?;
+                if !keys.insert(hash) {
+                    bail!("auth.client '{name}': another client has the same API key");
+                }
+            }
+            if let Some(hash) = &c.certificate_sha256 {
+                let hash = sha256_hex(hash)
+                    .with_context(|| format!("auth.client '{name}': certificate_sha256"))?;
+                if !certificates.insert(hash) {
+                    bail!("auth.client '{name}': another client has the same certificate");
+                }
+            }
+            if let Some(subject) = &c.certificate_subject {
+                if subject.is_empty() || !subjects.insert(subject) {
+                    bail!(
+                        "auth.client '{name}': certificate_subject empty or also another client's"
+                    );
+                }
+            }
+            if !rate_ok(c.rate_per_s) {
+                bail!("auth.client '{name}': rate_per_s must be 0 or more");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A SHA-256 value written as 64 hex digits (colons allowed, as `openssl x509 -fingerprint`
+/// prints them).
+pub fn sha256_hex(text: &str) -> anyhow::Result<[u8; 32]> {
+    let digits: Vec<u8> = text.bytes().filter(|b| *b != b':').collect();
+    let mut out = [0u8; 32];
+    if digits.len() != 64 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        bail!("expected 64 hex digits, got '{text}'");
+    }
+    for (byte, pair) in out.iter_mut().zip(digits.chunks(2)) {
+        let pair = std::str::from_utf8(pair).expect("ASCII hex digits");
+        *byte = u8::from_str_radix(pair, 16).expect("hex digits");
+    }
+    Ok(out)
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -148,6 +314,67 @@ pub enum SignerConfig {
     },
     /// A key in an HSM, used through PKCS#11 (see `hsm/README.md`).
     Pkcs11(Box<crate::signer::pkcs11::Pkcs11Config>),
+}
+
+/// A planned key rollover: tokens whose genTime is at or after `at` are signed by `signer`
+/// (with its certificate) instead of `[signer]`. Both keys are loaded and checked at start.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloverConfig {
+    /// The instant of the change, RFC 3339 (`2027-06-01T00:00:00Z`).
+    pub at: String,
+    pub signer: SignerConfig,
+}
+
+impl RolloverConfig {
+    /// `at` as nanoseconds since the Unix epoch.
+    pub fn at_unix_ns(&self) -> anyhow::Result<u64> {
+        let at = chrono::DateTime::parse_from_rfc3339(&self.at)
+            .with_context(|| format!("rollover.at '{}' is not an RFC 3339 time", self.at))?;
+        at.timestamp_nanos_opt()
+            .and_then(|ns| u64::try_from(ns).ok())
+            .with_context(|| format!("rollover.at '{}' is out of range", self.at))
+    }
+}
+
+impl SignerConfig {
+    /// The certificate file and chain files of this signer.
+    pub fn certificates(&self) -> (&PathBuf, &[PathBuf]) {
+        match self {
+            SignerConfig::Software {
+                certificate, chain, ..
+            } => (certificate, chain),
+            SignerConfig::Pkcs11(pkcs11) => (&pkcs11.certificate, &pkcs11.chain),
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        match self {
+            SignerConfig::Software {
+                key,
+                certificate,
+                chain,
+                ..
+            } => {
+                resolve(key);
+                resolve(certificate);
+                chain.iter_mut().for_each(resolve);
+            }
+            SignerConfig::Pkcs11(pkcs11) => pkcs11.resolve_paths(base),
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        match self {
+            SignerConfig::Pkcs11(pkcs11) => pkcs11.validate(),
+            SignerConfig::Software { .. } => Ok(()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -343,18 +570,9 @@ impl Config {
                 *p = base.join(&*p);
             }
         };
-        match &mut self.signer {
-            SignerConfig::Software {
-                key,
-                certificate,
-                chain,
-                ..
-            } => {
-                resolve(key);
-                resolve(certificate);
-                chain.iter_mut().for_each(resolve);
-            }
-            SignerConfig::Pkcs11(pkcs11) => pkcs11.resolve_paths(base),
+        self.signer.resolve_paths(base);
+        if let Some(rollover) = &mut self.rollover {
+            rollover.signer.resolve_paths(base);
         }
         self.clock.nmea_device.iter_mut().for_each(resolve);
         resolve(&mut self.archive.database);
@@ -362,9 +580,13 @@ impl Config {
         if let Some(file) = &mut self.archive.postgres_password_file {
             resolve(file);
         }
+        let tls = &mut self.server.tls;
+        tls.certificate.iter_mut().for_each(resolve);
+        tls.key.iter_mut().for_each(resolve);
+        tls.client_ca.iter_mut().for_each(resolve);
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
+    pub(crate) fn validate(&self) -> anyhow::Result<()> {
         if !self.server.path.starts_with('/') {
             bail!("server.path must start with '/'");
         }
@@ -408,8 +630,29 @@ impl Config {
                 bail!("clock.step_confirm_rounds, poll_interval_ms and ntp_timeout_ms must be positive");
             }
         }
-        if let SignerConfig::Pkcs11(pkcs11) = &self.signer {
-            pkcs11.validate()?;
+        self.signer.validate()?;
+        if let Some(rollover) = &self.rollover {
+            rollover.signer.validate()?;
+            rollover.at_unix_ns()?;
+        }
+        let tls = &self.server.tls;
+        if self.server.https_listen.is_some() && (tls.certificate.is_none() || tls.key.is_none()) {
+            bail!("server.https_listen needs server.tls.certificate and server.tls.key");
+        }
+        if tls.require_client_certificate && tls.client_ca.is_empty() {
+            bail!("server.tls.require_client_certificate needs server.tls.client_ca");
+        }
+        self.auth.validate()?;
+        let by_certificate = self
+            .auth
+            .client
+            .iter()
+            .find(|c| c.certificate_sha256.is_some() || c.certificate_subject.is_some());
+        if let (Some(client), true) = (by_certificate, tls.client_ca.is_empty()) {
+            bail!(
+                "auth.client '{}' is known by its certificate, which needs server.tls.client_ca",
+                client.name
+            );
         }
         self.digests()?;
         self.policies()?;
@@ -455,6 +698,8 @@ mod tests {
         let defaults = ServerConfig::default();
         assert_eq!(config.server.listen, defaults.listen);
         assert_eq!(config.server.max_request_bytes, defaults.max_request_bytes);
+        assert_eq!(config.server.max_batch_bytes, defaults.max_batch_bytes);
+        assert_eq!(config.server.max_batch_items, defaults.max_batch_items);
         assert_eq!(config.server.read_timeout_ms, defaults.read_timeout_ms);
         assert_eq!(
             config.clock.max_accuracy_ms,
@@ -492,6 +737,25 @@ mod tests {
                 defaults.busy_timeout_ms,
             )
         );
+        let (auth, defaults) = (&config.auth, AuthConfig::default());
+        assert_eq!(
+            (
+                auth.anonymous,
+                auth.anonymous_rate_per_s,
+                auth.anonymous_burst,
+                auth.client.len()
+            ),
+            (
+                defaults.anonymous,
+                defaults.anonymous_rate_per_s,
+                defaults.anonymous_burst,
+                0
+            )
+        );
+        let tls = &config.server.tls;
+        assert_eq!(config.server.https_listen, None);
+        assert!(tls.certificate.is_none() && tls.client_ca.is_empty());
+        assert!(!tls.require_client_certificate);
     }
 
     #[test]

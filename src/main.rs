@@ -34,6 +34,8 @@ enum Command {
     Hsm(cli::hsm::HsmArgs),
     /// The token archive: verify its chains and checkpoints, look up, export, prune, events.
     Archive(cli::archive::ArchiveArgs),
+    /// Clients of `[auth]`: new API keys, client certificate identities.
+    Client(cli::client::ClientArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -60,6 +62,7 @@ fn main() -> std::process::ExitCode {
         Command::Clock(args) => cli::clock::run(args),
         Command::Hsm(args) => cli::hsm::run(args),
         Command::Archive(args) => cli::archive::run(args),
+        Command::Client(args) => cli::client::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -3,8 +3,8 @@
 
 use chrono::{Datelike, Duration as ChronoDuration, Utc};
 use rcgen::{
-    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, RsaKeySize,
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, RsaKeySize, SanType,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -66,6 +66,64 @@ impl DevPkiForKey {
             ca_cert_pem: ca_cert.pem(),
             ca_key_pem: ca_key.serialize_pem(),
             tsu_cert_pem: tsu_cert.pem(),
+        })
+    }
+}
+
+/// TLS for a development HTTPS listener (P-256 keys): a server certificate for `localhost`,
+/// `127.0.0.1` and `::1` issued by the development root CA, and a client CA with one client
+/// certificate for mutual TLS.
+pub struct DevTls {
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
+    pub client_ca_cert_pem: String,
+    pub client_ca_key_pem: String,
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
+    /// The client certificate's DER (its fingerprint maps it to a client).
+    pub client_cert_der: Vec<u8>,
+}
+
+impl DevTls {
+    /// `root_ca_key_pem` is the development root CA's key (made by [`DevPki`] or
+    /// [`DevPkiForKey`]); `client_name` the client certificate's common name.
+    pub fn generate(root_ca_key_pem: &str, client_name: &str) -> anyhow::Result<Self> {
+        let root = Issuer::new(ca_params()?, KeyPair::from_pem(root_ca_key_pem)?);
+        let server_key = new_key(KeyAlgorithm::P256)?;
+        let mut server = CertificateParams::new(vec!["localhost".to_string()])?;
+        server.distinguished_name = name("localhost");
+        for ip in ["127.0.0.1", "::1"] {
+            server
+                .subject_alt_names
+                .push(SanType::IpAddress(ip.parse().expect("an IP address")));
+        }
+        server.is_ca = IsCa::ExplicitNoCa;
+        server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        validity(&mut server, 2);
+        let server_cert = server.signed_by(&server_key, &root)?;
+
+        let client_ca_key = new_key(KeyAlgorithm::P256)?;
+        let mut client_ca = ca_params()?;
+        client_ca.distinguished_name = name("Development TSA Client CA");
+        let client_ca_cert = client_ca.self_signed(&client_ca_key)?;
+        let client_ca = Issuer::new(client_ca, &client_ca_key);
+        let client_key = new_key(KeyAlgorithm::P256)?;
+        let mut client = CertificateParams::new(vec![])?;
+        client.distinguished_name = name(client_name);
+        client.is_ca = IsCa::ExplicitNoCa;
+        client.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        validity(&mut client, 2);
+        let client_cert = client.signed_by(&client_key, &client_ca)?;
+        Ok(Self {
+            server_cert_pem: server_cert.pem(),
+            server_key_pem: server_key.serialize_pem(),
+            client_ca_cert_pem: client_ca_cert.pem(),
+            client_ca_key_pem: client_ca_key.serialize_pem(),
+            client_cert_pem: client_cert.pem(),
+            client_key_pem: client_key.serialize_pem(),
+            client_cert_der: client_cert.der().to_vec(),
         })
     }
 }

@@ -1,7 +1,9 @@
 //! The archive on PostgreSQL (`[archive] backend = "postgres"`), against a real private
 //! cluster (tests/common/postgres.rs): every token recorded and `tsa archive verify` green;
-//! the instance-id lease keeps out a second process with the same id; and a kill -9 loop
-//! under load never archives a serial twice nor loses a token a client received.
+//! the instance-id lease keeps out a second process with the same id; a kill -9 loop under
+//! load never archives a serial twice nor loses a token a client received; an outage of
+//! PostgreSQL withholds tokens until the server has reconnected by itself; and a process
+//! that lost its lease stops issuing. The fleet behind a load balancer: tests/fleet.rs.
 
 mod archive_support;
 #[path = "common/postgres.rs"]
@@ -18,6 +20,7 @@ use tsa::archive::postgres::PostgresStore;
 use tsa::archive::record::StoredRecord;
 use tsa::archive::store::ArchiveStore;
 use tsa::config::Config;
+use tsa::protocol::FailInfo;
 
 /// A state directory whose archive is `database` on the cluster, as instance `id`.
 fn setup(cluster: &pg::Cluster, database: &str, id: u32, extra: &str) -> tempfile::TempDir {
@@ -317,4 +320,155 @@ fn kill_9_under_load_on_postgres_never_reuses_a_serial_nor_loses_a_token() {
         received.len(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// The readiness answer: (status, body).
+fn ready(admin: &str) -> (u16, String) {
+    let (status, body) = get(admin, "/health/ready");
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn refused(conn: &mut Conn, data: &str) -> String {
+    let rejected = stamp(conn, data.as_bytes())
+        .unwrap()
+        .expect_err("a token was granted");
+    assert_eq!(rejected.fail_info(), Some(FailInfo::SystemFailure));
+    rejected.status_text.join(" ")
+}
+
+#[test]
+fn a_postgres_outage_withholds_tokens_and_the_server_reconnects_by_itself() {
+    let started = Instant::now();
+    let cluster = pg::Cluster::start();
+    cluster.create_database("outage");
+    let dir = setup(&cluster, "outage", 3, "checkpoint_interval_s = 1");
+    let d = dir.path();
+    let server = Serving::start(d);
+    let mut conn = Conn::open(&server.public).unwrap();
+    let mut received = vec![stamp(&mut conn, b"before").unwrap().expect("granted")];
+    assert_eq!(ready(&server.admin).0, 200);
+
+    // PostgreSQL goes away (every session ended): no token leaves, each request gets a DER
+    // rejection with systemFailure, readiness fails and says why.
+    cluster.stop();
+    let down = Instant::now();
+    for i in 0..5 {
+        let text = refused(&mut conn, &format!("during the outage {i}"));
+        assert!(text.contains("archived"), "{text}");
+    }
+    let (status, body) = ready(&server.admin);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("archive"), "{body}");
+    // Longer than the lease's lifetime (lease_ttl_s = 2): nobody took it, so it is renewed
+    // afterwards; readiness stays down meanwhile, without any request.
+    while down.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(ready(&server.admin).0, 503);
+    }
+    assert!(refused(&mut conn, "still down").contains("archived"));
+
+    // PostgreSQL is back: the server reconnects without a request (readiness comes back, so
+    // that a load balancer sends it requests again) and issues.
+    cluster.start_again();
+    let back = Instant::now();
+    let deadline = back + Duration::from_secs(10);
+    while ready(&server.admin).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready again: {}",
+            ready(&server.admin).1
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let recovered_in = back.elapsed();
+    for i in 0..20 {
+        received.push(
+            stamp(&mut conn, format!("after the outage {i}").as_bytes())
+                .unwrap()
+                .expect("granted again"),
+        );
+    }
+    // The admin look-ups reconnect too.
+    let (status, body) = get(
+        &server.admin,
+        &format!("/archive/serial/{}", hex(&received[0].serial)),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(body, received[0].response);
+    server.stop();
+
+    // Exactly the tokens granted are archived, byte for byte; the outage is an event.
+    let mut store = store(d);
+    let records = all_records(&mut store, 3);
+    assert_eq!(records.len(), received.len());
+    for (r, got) in records.iter().zip(&received) {
+        assert_eq!(r.record.serial, got.serial);
+        assert_eq!(r.record.token, got.token);
+    }
+    let events = store.events(0, u64::MAX).unwrap();
+    let recovered: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "archive_recovered")
+        .collect();
+    assert_eq!(recovered.len(), 1, "{events:?}");
+    assert!(
+        recovered[0].fields.contains("\"refused_records\":6"),
+        "{}",
+        recovered[0].fields
+    );
+    let (ok, report) = archive_cli(d, &["verify"]);
+    assert!(ok, "{report}");
+    eprintln!(
+        "outage: ready again {:.2} s after PostgreSQL came back; {:.1} s in all",
+        recovered_in.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn a_process_that_lost_its_lease_stops_issuing() {
+    let cluster = pg::Cluster::start();
+    cluster.create_database("lease");
+    let dir = setup(&cluster, "lease", 4, "");
+    let d = dir.path();
+    let server = Serving::start(d);
+    let mut conn = Conn::open(&server.public).unwrap();
+    let first = stamp(&mut conn, b"first").unwrap().expect("granted");
+
+    // Another process holds the id now (as after a takeover of an expired lease).
+    let mut psql = cluster.client("lease");
+    let n = psql
+        .execute(
+            "UPDATE instance_leases SET holder = 'intruder:1:0', \
+             expires_at = clock_timestamp() + interval '1 hour' WHERE instance_id = 4",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    // The very next commit checks the lease in its transaction: no token.
+    let text = refused(&mut conn, "after the takeover");
+    assert!(text.contains("lease"), "{text}");
+    let (status, body) = ready(&server.admin);
+    assert_eq!(status, 503);
+    assert!(body.contains("lease"), "{body}");
+    // Lost for good: with the row gone, the process still issues nothing (another one may
+    // have used the id meanwhile; only a start takes a lease).
+    psql.execute("DELETE FROM instance_leases WHERE instance_id = 4", &[])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(refused(&mut conn, "row deleted").contains("lease"));
+    assert_eq!(ready(&server.admin).0, 503);
+    server.kill();
+
+    // A new process takes the id and issues.
+    let server = Serving::start(d);
+    let mut conn = Conn::open(&server.public).unwrap();
+    let second = stamp(&mut conn, b"second").unwrap().expect("granted");
+    server.stop();
+    let mut store = store(d);
+    let records = all_records(&mut store, 4);
+    let serials: Vec<&[u8]> = records.iter().map(|r| r.record.serial.as_slice()).collect();
+    assert_eq!(serials, [first.serial.as_slice(), second.serial.as_slice()]);
+    let (ok, report) = archive_cli(d, &["verify"]);
+    assert!(ok, "{report}");
 }

@@ -10,9 +10,19 @@ fn every_example_configuration_loads() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            let config =
+                Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            if config.archive.backend == tsa::config::ArchiveBackend::Postgres {
+                // The connection string parses (the log line names what it found).
+                let location = tsa::archive::postgres::describe(&config.archive);
+                assert!(
+                    location.starts_with("host="),
+                    "{}: {location}",
+                    path.display()
+                );
+            }
             seen += 1;
         }
     }
-    assert!(seen >= 2, "examples found: {seen}");
+    assert!(seen >= 3, "examples found: {seen}");
 }

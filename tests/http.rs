@@ -3,10 +3,11 @@
 //! against slow clients, and genTime against the client's own clock, alone and under load.
 
 mod common;
+#[path = "common/wire.rs"]
+mod wire;
 
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -14,161 +15,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::{ok, openssl, Server};
 use tsa::alg::DigestAlgorithm;
 use tsa::client::read::Response;
-use tsa::client::Query;
 use tsa::protocol::FailInfo;
-
-const QUERY_TYPE: &str = "application/timestamp-query";
-const REPLY_TYPE: &str = "application/timestamp-reply";
-
-/// One HTTP/1.1 response as read off the wire.
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// A plain HTTP/1.1 client connection over `std::net::TcpStream`.
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-/// `http://HOST:PORT/PATH` → (`HOST:PORT`, `/PATH`).
-fn split_url(url: &str) -> (String, String) {
-    let rest = url.strip_prefix("http://").expect("an http URL");
-    match rest.find('/') {
-        Some(i) => (rest[..i].to_string(), rest[i..].to_string()),
-        None => (rest.to_string(), "/".to_string()),
-    }
-}
-
-impl Conn {
-    fn open(url: &str) -> Conn {
-        let (authority, _) = split_url(url);
-        let stream = TcpStream::connect(&authority).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        Conn {
-            stream,
-            buf: Vec::new(),
-        }
-    }
-
-    fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) {
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
-        for (name, value) in headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-        let mut all = head.into_bytes();
-        all.extend_from_slice(body);
-        self.stream.write_all(&all).unwrap();
-    }
-
-    fn post(&mut self, path: &str, body: &[u8]) -> Reply {
-        self.send("POST", path, &[("Content-Type", QUERY_TYPE)], body);
-        self.read_reply()
-            .expect("a reply before the connection closed")
-    }
-
-    /// Reads one response (the TSA always sends Content-Length); `None` if the connection
-    /// closes before a complete one.
-    fn read_reply(&mut self) -> Option<Reply> {
-        let head_end = loop {
-            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
-                break i;
-            }
-            if !self.fill() {
-                return None;
-            }
-        };
-        let head = String::from_utf8(self.buf[..head_end].to_vec()).expect("ASCII head");
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap();
-        let status = status_line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-            .collect();
-        let len: usize = headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .map(|(_, v)| v.parse().unwrap())
-            .expect("Content-Length");
-        let start = head_end + 4;
-        while self.buf.len() < start + len {
-            if !self.fill() {
-                return None;
-            }
-        }
-        let body = self.buf[start..start + len].to_vec();
-        self.buf.drain(..start + len);
-        Some(Reply {
-            status,
-            headers,
-            body,
-        })
-    }
-
-    /// Reads more; false at EOF (or a reset).
-    fn fill(&mut self) -> bool {
-        let mut chunk = [0u8; 16 * 1024];
-        match self.stream.read(&mut chunk) {
-            Ok(0) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => false,
-            Err(e) => panic!("read: {e}"),
-        }
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// A fresh query for `data`, made with the crate's client (SHA-256, 64-bit nonce, certReq).
-fn query_for(data: &[u8]) -> Query {
-    Query::for_data(DigestAlgorithm::Sha256, data).unwrap()
-}
-
-fn decode(reply: &Reply) -> Response {
-    assert_eq!(reply.header("content-type"), Some(REPLY_TYPE));
-    Response::from_der(&reply.body).expect("a DER TimeStampResp")
-}
-
-fn assert_rejection(reply: &Reply, expected: FailInfo) {
-    let response = decode(reply);
-    assert_eq!(response.status, 2);
-    assert_eq!(response.fail_info(), Some(expected), "{reply:?}");
-    assert!(response.token.is_none());
-    assert!(!response.status_text.is_empty());
-}
-
-/// A stamp path that still works: the unchanged query is granted.
-fn assert_serves(server: &Server) {
-    let (_, path) = split_url(&server.url);
-    let reply = Conn::open(&server.url).post(&path, &query_for(b"control").to_der().unwrap());
-    assert_eq!(reply.status, 200);
-    assert!(decode(&reply).granted());
-}
+use wire::{
+    assert_rejection, assert_serves, decode, find, query_for, split_url, Conn, Reply, QUERY_TYPE,
+};
 
 /// curl with `args`; returns (stdout, stderr).
 fn curl(args: &[&str]) -> (String, String) {

@@ -249,3 +249,123 @@ fn too_little_certificate_validity_left_stops_issuance() {
         response.status_text
     );
 }
+
+/// The DER of a PEM certificate file.
+fn cert_der(path: &Path) -> Vec<u8> {
+    let out = openssl(
+        &["x509", "-in", path.to_str().unwrap(), "-outform", "DER"],
+        path.parent().unwrap(),
+    );
+    out.stdout
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn a_planned_rollover_changes_key_and_certificate_at_its_instant() {
+    // A second key (P-384, where the first is P-256) and its certificate from the same CA.
+    let dir = tempfile::tempdir().unwrap();
+    ok(Command::new(common::TSA)
+        .args(["init", "--dir"])
+        .arg(dir.path()));
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-384",
+            "-out",
+            "next-key.pem",
+        ],
+        dir.path(),
+    );
+    issue_cert(
+        dir.path(),
+        "next-key.pem",
+        "/CN=TSU after rollover",
+        "next-cert.pem",
+    );
+    let first = cert_der(&dir.path().join("tsa-cert.pem"));
+    let next = cert_der(&dir.path().join("next-cert.pem"));
+
+    let at = chrono::Utc::now() + chrono::Duration::seconds(3);
+    let config = dir.path().join("tsa.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let extra = format!(
+        "[rollover]\nat = \"{}\"\n[rollover.signer]\nkind = \"software\"\nkey = \"next-key.pem\"\ncertificate = \"next-cert.pem\"\n",
+        at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    );
+    std::fs::write(&config, common::merge_toml(&text, &extra)).unwrap();
+    let server = Server::serve(dir);
+    let subject = subject_of(&server);
+    assert!(
+        subject.contains("Development Time-Stamping Unit"),
+        "before: the first certificate, not {subject}"
+    );
+    assert!(!subject_of(&server).contains("after rollover"));
+
+    // Tokens on one keep-alive connection until well past the instant.
+    let at_ns = at.timestamp_nanos_opt().unwrap() as u64;
+    let mut conn = Conn::open(&server.url);
+    let (mut before, mut after) = (0, 0);
+    let work = server.path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < deadline && after < 20 {
+        let query = tsa::client::Query::for_data(
+            tsa::alg::DigestAlgorithm::Sha256,
+            format!("rollover {before} {after}").as_bytes(),
+        )
+        .unwrap();
+        let der = query.to_der().unwrap();
+        let response = conn.post(&der);
+        let token = response.token.expect("granted");
+        let gen_time = token.tst_info().gen_time.unix_ns();
+        let (signed_by_first, signed_by_next) =
+            (contains(&token.der, &first), contains(&token.der, &next));
+        assert!(
+            signed_by_first != signed_by_next,
+            "one certificate per token"
+        );
+        if gen_time < at_ns {
+            assert!(signed_by_first, "genTime before the rollover, new key");
+            before += 1;
+        } else {
+            assert!(signed_by_next, "genTime after the rollover, old key");
+            after += 1;
+        }
+        // Every tenth token on each side is checked by openssl against the CA.
+        if (before + after) % 10 == 0 {
+            std::fs::write(work.join("q.tsq"), &der).unwrap();
+            std::fs::write(work.join("t.tst"), &token.der).unwrap();
+            let verify = openssl(
+                &[
+                    "ts",
+                    "-verify",
+                    "-queryfile",
+                    "q.tsq",
+                    "-in",
+                    "t.tst",
+                    "-token_in",
+                    "-CAfile",
+                    "../ca-cert.pem",
+                ],
+                &work,
+            );
+            assert!(
+                verify.status.success(),
+                "{}",
+                String::from_utf8_lossy(&verify.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(before > 0 && after >= 20, "before {before}, after {after}");
+    assert!(
+        subject_of(&server).contains("after rollover"),
+        "after: /certs serves the new certificate"
+    );
+}

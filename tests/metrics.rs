@@ -135,12 +135,13 @@ fn counters_clock_and_sources_are_exported_with_bounded_labels() {
         )
         .is_some());
     }
-    // Every request series is one of the bounded outcome/failInfo pairs.
+    // The request series are exactly the bounded outcome/failInfo pairs, all present from
+    // the start (granted, and rejected with each failInfo).
     let series = m
         .lines()
         .filter(|l| l.starts_with("tsa_requests_total{"))
         .count();
-    assert_eq!(series, 3, "{m}");
+    assert_eq!(series, 1 + tsa::protocol::FailInfo::ALL.len(), "{m}");
     assert_eq!(
         value(&m, r#"tsa_clock_refusals_total{reason="unsynchronized"}"#),
         Some(0.0)
@@ -279,4 +280,33 @@ fn grafana_dashboard_uses_only_metrics_the_server_exports() {
     ] {
         assert!(used.contains(name), "the dashboard does not show {name}");
     }
+}
+
+#[test]
+fn the_archive_reports_its_commits_and_queue() {
+    let server = common::Server::start(&["--archive"], "");
+    let work = tempfile::tempdir().unwrap();
+    query(work.path());
+    let tokens = 12;
+    for _ in 0..tokens {
+        let (status, _, _) = curl_post(
+            &server.url,
+            &work.path().join("req.tsq"),
+            "application/timestamp-query",
+        );
+        assert_eq!(status, 200);
+    }
+    let m = scrape(&server.admin_url);
+    // Each token was committed before its reply left, so all are counted and none waits.
+    assert_eq!(
+        value(&m, "tsa_archive_commit_records_sum"),
+        Some(f64::from(tokens)),
+        "{m}"
+    );
+    // Commits of events alone (key loaded, clock state) count too.
+    let commits = value(&m, "tsa_archive_commit_duration_seconds_count").unwrap();
+    assert!(commits >= 1.0, "{m}");
+    assert!(value(&m, "tsa_archive_commit_duration_seconds_sum").unwrap() > 0.0);
+    assert_eq!(value(&m, "tsa_archive_queue_depth"), Some(0.0), "{m}");
+    assert_eq!(value(&m, "tsa_queue_depth"), Some(0.0), "{m}");
 }

@@ -1,23 +1,7 @@
-//! Strictness of the DER reader: what `TimeStampReq::from_der` accepts re-encodes to the very
-//! same octets, except for the one BER form the parser tolerates on purpose (certReq written
-//! as an explicit FALSE, which DER omits).
+//! The cargo-fuzz target for `checks/request_canonical.rs` (what it checks is written there).
 #![no_main]
 
-use der::{Decode, Encode};
-use libfuzzer_sys::fuzz_target;
-use tsa::protocol::asn1::TimeStampReq;
+#[path = "../checks/request_canonical.rs"]
+mod checks;
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(request) = TimeStampReq::from_der(data) else {
-        return;
-    };
-    let encoded = request.to_der().expect("a decoded TimeStampReq encodes");
-    if encoded == data {
-        return;
-    }
-    // The tolerated form: the same request with `01 01 00` (BOOLEAN FALSE) in it.
-    assert!(
-        !request.cert_req && data.len() == encoded.len() + 3,
-        "accepted a non-DER encoding: {data:02x?} re-encodes as {encoded:02x?}"
-    );
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::check(data));

@@ -80,11 +80,40 @@ pub fn connection_config(config: &ArchiveConfig) -> Result<postgres::Config, Sto
     Ok(pg)
 }
 
+/// Where the archive is, for logs and the `archive_opened` event: hosts, ports, database and
+/// user of `postgres_url`, never a password.
+pub fn describe(config: &ArchiveConfig) -> String {
+    let Ok(pg) = config.postgres_url.parse::<postgres::Config>() else {
+        return "postgres_url does not parse".into();
+    };
+    let hosts: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            postgres::config::Host::Tcp(name) => name.clone(),
+            postgres::config::Host::Unix(dir) => dir.display().to_string(),
+        })
+        .collect();
+    let ports: Vec<String> = pg.get_ports().iter().map(u16::to_string).collect();
+    let mut out = format!("host={}", hosts.join(","));
+    if !ports.is_empty() {
+        out.push_str(&format!(" port={}", ports.join(",")));
+    }
+    if let Some(db) = pg.get_dbname() {
+        out.push_str(&format!(" dbname={db}"));
+    }
+    if let Some(user) = pg.get_user() {
+        out.push_str(&format!(" user={user}"));
+    }
+    out
+}
+
 fn connect(pg: &postgres::Config) -> Result<Client, StoreError> {
     let mut client = pg
         .connect(NoTls)
         .map_err(|e| StoreError(format!("cannot connect to PostgreSQL: {e}")))?;
-    client.batch_execute("SET synchronous_commit = on")?;
+    // No NOTICE per "CREATE … IF NOT EXISTS" of the schema in the logs at every start.
+    client.batch_execute("SET synchronous_commit = on; SET client_min_messages = warning")?;
     Ok(client)
 }
 
@@ -94,6 +123,8 @@ struct Inner {
     pg: postgres::Config,
     /// Certificate sets known to be in `certificate_sets`, by hash.
     certificate_sets: HashMap<Hash, Vec<u8>>,
+    /// The writer's store: the lease that each append checks in its own transaction.
+    fence: Option<Fence>,
 }
 
 pub struct PostgresStore {
@@ -123,6 +154,7 @@ impl PostgresStore {
                 client,
                 pg: pg.clone(),
                 certificate_sets: HashMap::new(),
+                fence: None,
             })
         })?;
         off_runtime(&mut inner, |i| i.create_schema())?;
@@ -137,21 +169,45 @@ impl PostgresStore {
                 client,
                 pg: pg.clone(),
                 certificate_sets: HashMap::new(),
+                fence: None,
             })
         })?;
         off_runtime(&mut inner, |i| i.check_version())?;
         Ok(Self { inner: Some(inner) })
     }
 
+    /// Makes every append of this store check, in its own transaction, that `lease` is still
+    /// this process's (and renew it): the writer's store. A commit after another process took
+    /// the instance id over fails, so this process stops issuing (see [`Lease`]).
+    pub fn fence(&mut self, lease: &Lease) {
+        self.inner.as_mut().expect("open").fence = Some(Fence {
+            instance_id: lease.instance_id,
+            holder: lease.holder.clone(),
+            ttl: lease.ttl,
+            state: lease.state.clone(),
+        });
+    }
+
+    /// Runs `f` on the connection, connecting again first when it is known closed. A call
+    /// that fails because the connection broke under it (the client learns that only when it
+    /// uses it: after a database restart, the first call) runs once more on a new connection.
+    /// That is safe for every call here: reads, idempotent writes (reservations, checkpoints,
+    /// pruning), and appends, whose unique keys make a repeat fail rather than land twice.
     fn run<R: Send>(
         &mut self,
-        f: impl FnOnce(&mut Inner) -> Result<R, StoreError> + Send,
+        f: impl Fn(&mut Inner) -> Result<R, StoreError> + Send + Sync,
     ) -> Result<R, StoreError> {
         off_runtime(self.inner.as_mut().expect("open"), |inner| {
             if inner.client.is_closed() {
                 inner.client = connect(&inner.pg)?;
             }
-            f(inner)
+            match f(inner) {
+                Err(_) if inner.client.is_closed() => {
+                    inner.client = connect(&inner.pg)?;
+                    f(inner)
+                }
+                result => result,
+            }
         })
     }
 }
@@ -389,6 +445,11 @@ impl ArchiveStore for PostgresStore {
         self.run(move |s| {
             let mut new_sets: Vec<(Hash, Vec<u8>)> = Vec::new();
             let mut tx = s.client.transaction()?;
+            if let Some(fence) = &s.fence {
+                // First, so that the lease row stays locked until the commit: a process
+                // taking the id over waits for it, then finds the lease renewed.
+                fence.hold(&mut tx, instance_id)?;
+            }
             let insert = tx.prepare(&format!(
                 "INSERT INTO tokens ({RECORD_COLUMNS}) VALUES \
                  ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
@@ -725,11 +786,79 @@ impl ArchiveStore for PostgresStore {
 /// thread of its own renews every third of `lease_ttl_s` on a connection of its own, and
 /// deletes when dropped (a process killed leaves it to expire). Start-up is refused while
 /// another holder's row has not expired; the database's clock decides.
+///
+/// The writer's store also renews it inside every append's transaction ([`PostgresStore::fence`]):
+/// a commit goes in only while this process holds the row. Once a renewal or an append finds
+/// the row gone or held by another process, the lease is lost for good: nothing more is
+/// committed, so no token leaves (`systemFailure`), and readiness fails until a restart.
 pub struct Lease {
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
-    lost: Arc<AtomicBool>,
+    instance_id: i64,
+    holder: String,
+    ttl: Duration,
+    state: Arc<LeaseState>,
 }
+
+/// What the keeper thread and the appends found.
+#[derive(Default)]
+struct LeaseState {
+    /// Another process holds the row, or it was deleted: sticky.
+    lost: AtomicBool,
+    /// The last renewal failed (the database cannot be reached).
+    unreachable: AtomicBool,
+}
+
+impl LeaseState {
+    fn lose(&self, instance_id: i64) {
+        if !self.lost.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                event = "archive_lease_lost",
+                instance = instance_id,
+                "this instance id's lease is gone or held by another process: this process \
+                 stops issuing (restart it once the id is its own again)"
+            );
+        }
+    }
+}
+
+/// The lease as the writer's store checks it: see [`PostgresStore::fence`].
+struct Fence {
+    instance_id: i64,
+    holder: String,
+    ttl: Duration,
+    state: Arc<LeaseState>,
+}
+
+impl Fence {
+    /// Renews the lease inside `tx` (locking its row until the commit), or fails when it is
+    /// lost.
+    fn hold(&self, tx: &mut postgres::Transaction<'_>, instance_id: u32) -> Result<(), StoreError> {
+        let lost = || {
+            StoreError(format!(
+                "this process no longer holds the lease of archive.instance_id = {}",
+                self.instance_id
+            ))
+        };
+        if self.state.lost.load(Ordering::Relaxed) || instance_id as i64 != self.instance_id {
+            return Err(lost());
+        }
+        if tx.execute(
+            RENEW,
+            &[&self.instance_id, &self.holder, &self.ttl.as_secs_f64()],
+        )? == 1
+        {
+            return Ok(());
+        }
+        self.state.lose(self.instance_id);
+        Err(lost())
+    }
+}
+
+/// Renews a lease that is still its holder's (even past its expiry: nobody took it then).
+const RENEW: &str = "UPDATE instance_leases \
+     SET expires_at = clock_timestamp() + make_interval(secs => $3) \
+     WHERE instance_id = $1 AND holder = $2";
 
 impl Lease {
     pub fn acquire(config: &ArchiveConfig) -> Result<Lease, StoreError> {
@@ -744,11 +873,13 @@ impl Lease {
         );
         let (ready_tx, ready) = mpsc::channel();
         let (stop, stopped) = mpsc::channel::<()>();
-        let lost = Arc::new(AtomicBool::new(false));
-        let lost_flag = lost.clone();
+        let state = Arc::new(LeaseState::default());
+        let keeper_state = state.clone();
+        let keeper_holder = holder.clone();
         let thread = std::thread::Builder::new()
             .name("tsa-archive-lease".into())
             .spawn(move || {
+                let (state, holder) = (keeper_state, keeper_holder);
                 let mut client = match take(&pg, instance_id, &holder, ttl) {
                     Ok(client) => {
                         let _ = ready_tx.send(Ok(()));
@@ -760,18 +891,23 @@ impl Lease {
                     }
                 };
                 while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(ttl / 3) {
+                    if state.lost.load(Ordering::Relaxed) {
+                        continue;
+                    }
                     match renew(&mut client, instance_id, &holder, ttl) {
-                        Ok(true) => lost_flag.store(false, Ordering::Relaxed),
-                        Ok(false) => {
-                            lost_flag.store(true, Ordering::Relaxed);
-                            tracing::error!(
-                                event = "archive_lease_lost",
-                                instance = instance_id,
-                                "another process holds this instance id's lease"
-                            );
+                        Ok(true) => {
+                            if state.unreachable.swap(false, Ordering::Relaxed) {
+                                tracing::info!(
+                                    instance = instance_id,
+                                    "archive lease renewed again"
+                                );
+                            }
                         }
+                        Ok(false) => state.lose(instance_id),
                         Err(e) => {
-                            tracing::warn!(event = "archive_lease_renewal_failed", error = %e);
+                            if !state.unreachable.swap(true, Ordering::Relaxed) {
+                                tracing::warn!(event = "archive_lease_renewal_failed", error = %e);
+                            }
                             if let Ok(c) = connect(&pg) {
                                 client = c;
                             }
@@ -788,7 +924,10 @@ impl Lease {
             Ok(Ok(())) => Ok(Lease {
                 stop: Some(stop),
                 thread: Some(thread),
-                lost,
+                instance_id,
+                holder,
+                ttl,
+                state,
             }),
             Ok(Err(e)) => {
                 let _ = thread.join();
@@ -801,9 +940,14 @@ impl Lease {
         }
     }
 
-    /// Whether the last renewal found another holder.
+    /// Whether a renewal or an append found the lease gone or held by another process.
     pub fn lost(&self) -> bool {
-        self.lost.load(Ordering::Relaxed)
+        self.state.lost.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last renewal failed (the database could not be reached).
+    pub fn unreachable(&self) -> bool {
+        self.state.unreachable.load(Ordering::Relaxed)
     }
 }
 
@@ -861,16 +1005,35 @@ fn renew(
     holder: &str,
     ttl: Duration,
 ) -> Result<bool, StoreError> {
-    let n = client.execute(
-        "UPDATE instance_leases SET expires_at = clock_timestamp() + make_interval(secs => $3) \
-         WHERE instance_id = $1 AND holder = $2",
-        &[&instance_id, &holder, &ttl.as_secs_f64()],
-    )?;
-    Ok(n == 1)
+    Ok(client.execute(RENEW, &[&instance_id, &holder, &ttl.as_secs_f64()])? == 1)
 }
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_location_in_the_logs_never_holds_a_password() {
+        let mut config = ArchiveConfig {
+            postgres_url: "postgresql://tsa:secret@db.example.org:5433/archive".into(),
+            ..ArchiveConfig::default()
+        };
+        assert_eq!(
+            describe(&config),
+            "host=db.example.org port=5433 dbname=archive user=tsa"
+        );
+        config.postgres_url = "host=10.0.0.7 user=tsa password=secret dbname=tsa".into();
+        let text = describe(&config);
+        assert!(!text.contains("secret"), "{text}");
+        assert!(
+            text.starts_with("host=10.0.0.7") && text.contains("dbname=tsa"),
+            "{text}"
+        );
+    }
 }

@@ -55,6 +55,11 @@ impl Queue {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records and events queued.
+    pub fn depth(&self) -> usize {
+        self.lock().records
+    }
+
     /// Queues `msg`; gives it back when the writer has stopped.
     pub fn send(&self, msg: Msg) -> Result<(), Msg> {
         let mut s = self.lock();

@@ -32,6 +32,8 @@ pub(crate) enum Msg {
     Checkpoint(std::sync::mpsc::Sender<Result<(), ArchiveError>>),
     /// The certificate of later checkpoints.
     Certificate(Vec<u8>),
+    /// The key (and certificate) of later checkpoints, after a planned rollover.
+    Signer(Box<CheckpointSigner>),
     /// A final checkpoint and state file, then stop.
     Close(std::sync::mpsc::Sender<()>),
 }
@@ -71,13 +73,39 @@ pub(super) struct Writer {
     pub retention: Option<Duration>,
     pub max_batch: usize,
     pub healthy: Arc<AtomicBool>,
+    pub stats: Arc<super::CommitStats>,
+    /// Since the last write failed (None while writes succeed).
+    pub outage: Option<Outage>,
 }
+
+/// The archive cannot be written: since when, how many records were refused, and when to try
+/// again without waiting for a request (readiness fails meanwhile, so a load balancer sends
+/// none).
+pub(super) struct Outage {
+    since_ns: u64,
+    refused: usize,
+    next_probe: Instant,
+}
+
+/// How often the writer tries the store again while it cannot write.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Writer {
     pub fn run(mut self, queue: &Queue) {
         let mut next_periodic = Instant::now() + self.checkpoint_interval;
         loop {
-            let msgs = queue.next_batch(next_periodic, self.max_batch);
+            let wake = match &self.outage {
+                Some(o) => o.next_probe.min(next_periodic),
+                None => next_periodic,
+            };
+            let msgs = queue.next_batch(wake, self.max_batch);
+            if self
+                .outage
+                .as_ref()
+                .is_some_and(|o| Instant::now() >= o.next_probe)
+            {
+                let _ = self.recover();
+            }
             if Instant::now() >= next_periodic {
                 self.periodic();
                 next_periodic = Instant::now() + self.checkpoint_interval;
@@ -110,6 +138,7 @@ impl Writer {
                         let _ = reply.send(self.checkpoint());
                     }
                     Msg::Certificate(der) => self.signer.certificate = der,
+                    Msg::Signer(signer) => self.signer = *signer,
                     Msg::Close(done) => {
                         // Whatever is still queued goes in before the last checkpoint.
                         self.drain(queue.close());
@@ -132,6 +161,7 @@ impl Writer {
                 Msg::Event(e) => events.push(e),
                 Msg::Reserve(_) => {}
                 Msg::Certificate(der) => self.signer.certificate = der,
+                Msg::Signer(signer) => self.signer = *signer,
                 Msg::Checkpoint(reply) => {
                     let _ = reply.send(Err(ArchiveError("the archive is closing".into())));
                 }
@@ -148,6 +178,17 @@ impl Writer {
     /// Chains `records` after the head, appends them with `events` in one transaction, then
     /// answers every request: Ok only once the commit returned.
     fn commit(&mut self, records: Vec<(Box<TokenRecord>, Reply)>, events: Vec<Captured>) {
+        // After a failure, first learn where the chain really ends.
+        if self.outage.is_some() {
+            if let Err(e) = self.recover() {
+                let error = ArchiveError(format!("the token could not be archived: {e}"));
+                self.failed(records.len());
+                for (_, reply) in records {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                return;
+            }
+        }
         let mut head = self.head;
         let mut chained = Vec::with_capacity(records.len());
         let mut replies = Vec::with_capacity(records.len());
@@ -187,7 +228,11 @@ impl Writer {
                 fields: e.fields,
             })
             .collect();
-        match self.store.append(self.instance_id, &chained, &events) {
+        let started = std::time::Instant::now();
+        let appended = self.store.append(self.instance_id, &chained, &events);
+        self.stats.duration.observe(started.elapsed().as_secs_f64());
+        self.stats.records.observe(chained.len() as f64);
+        match appended {
             Ok(()) => {
                 self.head = head;
                 self.last_event_seq += events.len() as u64;
@@ -200,7 +245,7 @@ impl Writer {
                 }
             }
             Err(e) => {
-                self.healthy.store(false, Ordering::Relaxed);
+                self.failed(replies.len());
                 tracing::error!(
                     error = %e,
                     records = chained.len(),
@@ -213,6 +258,74 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// A write failed: readiness fails until [`Writer::recover`] succeeds.
+    fn failed(&mut self, refused: usize) {
+        self.healthy.store(false, Ordering::Relaxed);
+        let outage = self.outage.get_or_insert_with(|| Outage {
+            since_ns: crate::clock::system_unix_ns(),
+            refused: 0,
+            next_probe: Instant::now(),
+        });
+        outage.refused += refused;
+        outage.next_probe = Instant::now() + PROBE_INTERVAL;
+    }
+
+    /// After a failed write: reads the instance's chain head back (a commit whose answer was
+    /// lost with the connection may have gone in: the chain goes on after it, its tokens were
+    /// refused all the same), then writes an `archive_recovered` event. Only when both work
+    /// is the archive healthy again; without this, an instance that readiness took out of a
+    /// load balancer would wait for a request that never comes.
+    fn recover(&mut self) -> Result<(), ArchiveError> {
+        let Some(outage) = self.outage.as_mut() else {
+            return Ok(());
+        };
+        outage.next_probe = Instant::now() + PROBE_INTERVAL;
+        let (since_ns, refused) = (outage.since_ns, outage.refused);
+        let db = self
+            .store
+            .instance(self.instance_id)
+            .map_err(|e| ArchiveError(e.to_string()))?;
+        if let Some(head) = db.head.filter(|h| h.seq > self.head.seq) {
+            tracing::warn!(
+                instance = self.instance_id,
+                from_seq = self.head.seq,
+                to_seq = head.seq,
+                "a commit reported as failed had gone in: the chain continues after it"
+            );
+            self.head = head;
+        }
+        self.last_event_seq = self.last_event_seq.max(db.last_event_seq);
+        self.max_gen_time_ns = self.max_gen_time_ns.max(db.max_gen_time_ns);
+        let now_ns = crate::clock::system_unix_ns();
+        let event = EventRecord {
+            instance_id: self.instance_id,
+            seq: self.last_event_seq + 1,
+            time_ns: now_ns,
+            level: "info".into(),
+            kind: "archive_recovered".into(),
+            message: "the archive can be written again".into(),
+            fields: serde_json::json!({
+                "failed_since_ns": since_ns,
+                "refused_records": refused,
+            })
+            .to_string(),
+        };
+        self.store
+            .append(self.instance_id, &[], std::slice::from_ref(&event))
+            .map_err(|e| ArchiveError(e.to_string()))?;
+        self.last_event_seq = event.seq;
+        self.outage = None;
+        self.healthy.store(true, Ordering::Relaxed);
+        // No `event` field: this is stored above already, not through the events layer.
+        tracing::info!(
+            instance = self.instance_id,
+            refused_records = refused,
+            down_ms = now_ns.saturating_sub(since_ns) / 1_000_000,
+            "the archive can be written again"
+        );
+        Ok(())
     }
 
     fn reserve(&mut self, until: u64) {

@@ -33,7 +33,18 @@ pub struct InitArgs {
     /// `hsm-pin`), used through PKCS#11; the CA key stays a file.
     #[arg(long)]
     pub hsm: bool,
+    /// Also an HTTPS listener: a TLS server certificate for localhost from the development CA
+    /// (`tls-cert.pem`), a client CA (`client-ca-cert.pem`) and a client certificate
+    /// (`client-cert.pem`) mapped to the client "dev-client" for mutual TLS.
+    #[arg(long)]
+    pub tls: bool,
+    /// The HTTPS listener written into the configuration (with `--tls`).
+    #[arg(long, default_value = "127.0.0.1:3443")]
+    pub https_listen: String,
 }
+
+/// The client that `tsa init --tls` makes a certificate for.
+pub const DEV_CLIENT: &str = "dev-client";
 
 pub const CONFIG_FILE: &str = "tsa.toml";
 
@@ -68,6 +79,10 @@ rsa_padding = "{padding}"
         )
     };
 
+    let (https, auth) = match args.tls {
+        true => dev_tls(args)?,
+        false => (String::new(), String::new()),
+    };
     let config = format!(
         r#"# Made by `tsa init`: a development PKI and the development clock.
 # Tokens from this configuration carry the development policy and prove nothing.
@@ -76,7 +91,7 @@ rsa_padding = "{padding}"
 [server]
 listen = "{listen}"
 admin_listen = "{admin}"
-
+{https}
 {signer}
 [clock]
 source = "development"
@@ -88,7 +103,7 @@ precision = "micros"
 [archive]
 # Every token recorded (archive.sqlite here) before it is sent; structured serials.
 enabled = {archive}
-"#,
+{auth}"#,
         listen = args.listen,
         admin = args.admin_listen,
         archive = args.archive,
@@ -181,6 +196,48 @@ rsa_padding = "{padding}"
         conf = conf.display(),
         id = hex(&id),
     ))
+}
+
+/// The TLS files of `--tls`; returns the `https_listen` line with `[server.tls]`, and the
+/// `[auth]` section with the development client.
+fn dev_tls(args: &InitArgs) -> anyhow::Result<(String, String)> {
+    let ca_key = std::fs::read_to_string(args.dir.join("ca-key.pem"))?;
+    let tls = tsa::pki::DevTls::generate(&ca_key, DEV_CLIENT)?;
+    std::fs::write(args.dir.join("tls-cert.pem"), &tls.server_cert_pem)?;
+    write_secret(&args.dir.join("tls-key.pem"), &tls.server_key_pem)?;
+    std::fs::write(args.dir.join("client-ca-cert.pem"), &tls.client_ca_cert_pem)?;
+    write_secret(&args.dir.join("client-ca-key.pem"), &tls.client_ca_key_pem)?;
+    std::fs::write(args.dir.join("client-cert.pem"), &tls.client_cert_pem)?;
+    write_secret(&args.dir.join("client-key.pem"), &tls.client_key_pem)?;
+    let fingerprint = tsa::server::auth::PeerCertificate::from_der(&tls.client_cert_der).sha256;
+    let https = format!(
+        r#"# HTTPS: the same routes over TLS (curl --cacert ca-cert.pem https://{listen}/).
+https_listen = "{listen}"
+
+[server.tls]
+# Issued by the development root CA (ca-cert.pem) for localhost, 127.0.0.1 and ::1.
+certificate = "tls-cert.pem"
+key = "tls-key.pem"
+# Client certificates of this CA are verified (mutual TLS); client-cert.pem is one.
+client_ca = ["client-ca-cert.pem"]
+require_client_certificate = false
+"#,
+        listen = args.https_listen,
+    );
+    let auth = format!(
+        r#"
+[auth]
+# Requests without credentials are served; `tsa client new-key` makes API keys.
+anonymous = true
+
+[[auth.client]]
+# client-cert.pem: curl --cert client-cert.pem --key client-key.pem --cacert ca-cert.pem …
+name = "{DEV_CLIENT}"
+certificate_sha256 = "{fingerprint}"
+"#,
+        fingerprint = tsa::server::auth::hex(&fingerprint),
+    );
+    Ok((https, auth))
 }
 
 pub fn write_secret(path: &Path, contents: &str) -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! The `tsa` command line: each subcommand in its own module.
 
 pub mod archive;
+pub mod client;
 pub mod clock;
 pub mod hsm;
 pub mod init;

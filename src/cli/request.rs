@@ -1,19 +1,36 @@
-//! `tsa request`: hash a file (or take a digest), ask a TSA, save the reply.
+//! `tsa request`: hash a file (or take a digest), ask a TSA, save the reply; or, with
+//! `--batch`, many files and digests in one round trip (`docs/batch.md`).
 
-use std::path::PathBuf;
+use std::collections::HashSet;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use const_oid::ObjectIdentifier;
 use tsa::alg::DigestAlgorithm;
+use tsa::client::verify::{answers_query, verify, Expectation};
 use tsa::client::{self, read::Response, Query};
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "\
+Batch mode (--batch) stamps many files and digests in one HTTP round trip (docs/batch.md):
+
+  tsa request --batch --url URL invoice-1.xml invoice-2.xml …   # replies invoice-1.xml.tsr, …
+  tsa request --batch --digests list.txt --out-dir replies/    # replies replies/<hex>.tsr
+
+Each item is its own RFC 3161 request (its own nonce) and gets its own token. Every reply is
+checked against its own request (imprint, nonce, policy, certReq), and with --ca verified
+in full. The command fails when any item was not granted; the others are still saved.")]
 pub struct RequestArgs {
     /// The TSA's URL.
     #[arg(long, default_value = "http://127.0.0.1:3180/")]
     pub url: String,
     /// The file to stamp.
-    #[arg(long, conflicts_with = "digest", required_unless_present = "digest")]
+    #[arg(
+        long,
+        conflicts_with = "digest",
+        required_unless_present_any = ["digest", "batch"]
+    )]
     pub data: Option<PathBuf>,
     /// The digest to stamp, in hex.
     #[arg(long)]
@@ -36,46 +53,49 @@ pub struct RequestArgs {
     /// Also save the request (for `tsa verify --query` or `openssl ts -verify -queryfile`).
     #[arg(long)]
     pub query_out: Option<PathBuf>,
+
+    /// Batch mode: stamp every FILE and every digest of --digests in one round trip (per
+    /// --batch-size items).
+    #[arg(long, conflicts_with_all = ["data", "digest", "query_out"])]
+    pub batch: bool,
+    /// Batch mode: the files to stamp; FILE's reply is saved as FILE.tsr (or in --out-dir).
+    #[arg(value_name = "FILE", requires = "batch")]
+    pub files: Vec<PathBuf>,
+    /// Batch mode: a file of hex digests, one per line (blank lines and '#' comments
+    /// skipped; '-' reads standard input); each reply is saved as <out-dir>/<digest>.tsr.
+    #[arg(long, value_name = "LIST", requires = "batch")]
+    pub digests: Option<PathBuf>,
+    /// Batch mode: where to save the replies (default: beside each file; the current
+    /// directory for digests).
+    #[arg(long, requires = "batch")]
+    pub out_dir: Option<PathBuf>,
+    /// Batch mode: also save each request beside its reply, as .tsq.
+    #[arg(long, requires = "batch")]
+    pub save_queries: bool,
+    /// Batch mode: the most requests sent in one round trip (the TSA's
+    /// server.max_batch_items); more are sent in several batches.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), requires = "batch")]
+    pub batch_size: u32,
+    /// Batch mode: verify each token in full against these trusted CA certificates (PEM).
+    #[arg(long, value_name = "PEM", requires = "batch")]
+    pub ca: Vec<PathBuf>,
 }
 
 pub fn run(args: &RequestArgs) -> anyhow::Result<()> {
-    let digest = DigestAlgorithm::from_name(&args.hash)
-        .with_context(|| format!("unknown hash '{}'", args.hash))?;
+    if args.batch {
+        return run_batch(args);
+    }
+    let digest = digest_algorithm(args)?;
     let mut query = match (&args.data, &args.digest) {
         (Some(path), _) => {
             let data =
                 std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
             Query::for_data(digest, &data)?
         }
-        (None, Some(hex)) => {
-            let hashed_message = super::hex_decode(hex)?;
-            if hashed_message.len() != digest.output_len() {
-                bail!(
-                    "a {} digest is {} octets, this one {}",
-                    digest.name(),
-                    digest.output_len(),
-                    hashed_message.len()
-                );
-            }
-            Query {
-                digest,
-                hashed_message,
-                policy: None,
-                nonce: Some(client::random_nonce()?),
-                cert_req: true,
-            }
-        }
+        (None, Some(hex)) => digest_query(digest, hex)?,
         (None, None) => bail!("give --data or --digest"),
     };
-    if args.no_nonce {
-        query.nonce = None;
-    }
-    query.cert_req = !args.no_cert;
-    query.policy = args
-        .policy
-        .as_deref()
-        .map(|p| ObjectIdentifier::new(p).with_context(|| format!("'{p}' is not an OID")))
-        .transpose()?;
+    apply_options(args, &mut query)?;
     let der = query.to_der()?;
     if let Some(path) = &args.query_out {
         std::fs::write(path, &der).with_context(|| format!("cannot write {}", path.display()))?;
@@ -94,22 +114,216 @@ pub fn run(args: &RequestArgs) -> anyhow::Result<()> {
         println!(
             "granted: genTime {} serial {}; saved to {}",
             tst.gen_time,
-            tst.serial_number
-                .as_bytes()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>(),
+            hex(tst.serial_number.as_bytes()),
             args.out.display()
         );
         Ok(())
     } else {
+        bail!("rejected: {}", rejection_text(&response))
+    }
+}
+
+fn digest_algorithm(args: &RequestArgs) -> anyhow::Result<DigestAlgorithm> {
+    DigestAlgorithm::from_name(&args.hash).with_context(|| format!("unknown hash '{}'", args.hash))
+}
+
+/// A query for a digest given in hex, with a fresh nonce, asking for the certificate.
+fn digest_query(digest: DigestAlgorithm, hex: &str) -> anyhow::Result<Query> {
+    let hashed_message = super::hex_decode(hex)?;
+    if hashed_message.len() != digest.output_len() {
         bail!(
-            "rejected: {} ({})",
-            response
-                .fail_info()
-                .map(|f| f.name())
-                .unwrap_or("unspecified"),
-            response.status_text.join("; ")
-        )
+            "a {} digest is {} octets, this one {}",
+            digest.name(),
+            digest.output_len(),
+            hashed_message.len()
+        );
+    }
+    Ok(Query {
+        digest,
+        hashed_message,
+        policy: None,
+        nonce: Some(client::random_nonce()?),
+        cert_req: true,
+    })
+}
+
+/// --no-nonce, --no-cert and --policy.
+fn apply_options(args: &RequestArgs, query: &mut Query) -> anyhow::Result<()> {
+    if args.no_nonce {
+        query.nonce = None;
+    }
+    query.cert_req = !args.no_cert;
+    query.policy = args
+        .policy
+        .as_deref()
+        .map(|p| ObjectIdentifier::new(p).with_context(|| format!("'{p}' is not an OID")))
+        .transpose()?;
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn rejection_text(response: &Response) -> String {
+    format!(
+        "{} ({})",
+        response
+            .fail_info()
+            .map(|f| f.name())
+            .unwrap_or("unspecified"),
+        response.status_text.join("; ")
+    )
+}
+
+/// One item of a batch: what it stamps, its request and where its reply goes.
+struct Item {
+    /// The file, or the digest in hex.
+    label: String,
+    query: Query,
+    der: Vec<u8>,
+    reply: PathBuf,
+}
+
+fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
+    let digest = digest_algorithm(args)?;
+    let mut items = Vec::new();
+    for path in &args.files {
+        let data =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let name = path
+            .file_name()
+            .with_context(|| format!("{} names no file", path.display()))?;
+        let mut reply_name = name.to_os_string();
+        reply_name.push(".tsr");
+        let reply = match &args.out_dir {
+            Some(dir) => dir.join(reply_name),
+            None => path.with_file_name(reply_name),
+        };
+        let query = Query::for_data(digest, &data)?;
+        items.push((path.display().to_string(), query, reply));
+    }
+    if let Some(list) = &args.digests {
+        let dir = args.out_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+        for (number, line) in read_list(list)?.into_iter().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let query = digest_query(digest, line)
+                .with_context(|| format!("{} line {}", list.display(), number + 1))?;
+            let name = hex(&query.hashed_message);
+            items.push((name.clone(), query, dir.join(format!("{name}.tsr"))));
+        }
+    }
+    if items.is_empty() {
+        bail!("--batch needs files to stamp or --digests with at least one digest");
+    }
+    let mut replies = HashSet::new();
+    let items = items
+        .into_iter()
+        .map(|(label, mut query, reply)| {
+            if !replies.insert(reply.clone()) {
+                bail!(
+                    "{label}: its reply {} would overwrite another item's (stamped twice?)",
+                    reply.display()
+                );
+            }
+            apply_options(args, &mut query)?;
+            let der = query.to_der()?;
+            Ok(Item {
+                label,
+                query,
+                der,
+                reply,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(dir) = &args.out_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let trusted = super::verify::load_all(&args.ca)?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut granted, mut failed) = (0usize, 0usize);
+    for chunk in items.chunks(args.batch_size as usize) {
+        let requests: Vec<Vec<u8>> = chunk.iter().map(|item| item.der.clone()).collect();
+        let replies = runtime.block_on(client::post_batch(&args.url, &requests))?;
+        for (item, reply) in chunk.iter().zip(replies) {
+            match save_reply(item, &reply, args.save_queries, &trusted) {
+                Ok(()) => granted += 1,
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("{}: {e:#}", item.label);
+                }
+            }
+        }
+    }
+    let total = granted + failed;
+    let batches = total.div_ceil(args.batch_size as usize);
+    let checked = match trusted.is_empty() {
+        true => "checked against their requests",
+        false => "verified",
+    };
+    println!(
+        "{granted} of {total} granted and {checked} ({batches} batch{}); replies saved as .tsr",
+        if batches == 1 { "" } else { "es" }
+    );
+    if failed > 0 {
+        bail!("{failed} of {total} items were not granted or did not verify");
+    }
+    Ok(())
+}
+
+/// Checks one item's reply against its request (and in full with trusted CAs), then saves
+/// it; a rejection is saved too (as the single mode does) and reported as an error.
+fn save_reply(
+    item: &Item,
+    reply: &[u8],
+    save_query: bool,
+    trusted: &[x509_cert::Certificate],
+) -> anyhow::Result<()> {
+    let response = Response::from_der(reply).context("the reply does not decode")?;
+    if let Some(token) = &response.token {
+        answers_query(token, &item.der).context("the reply does not answer this item")?;
+        if !trusted.is_empty() {
+            verify(
+                token,
+                &Expectation {
+                    digest: Some(&item.query.hashed_message),
+                    query: Some(&item.der),
+                    trusted: trusted.to_vec(),
+                    ..Default::default()
+                },
+            )
+            .context("the token does not verify")?;
+        }
+    }
+    write(&item.reply, reply)?;
+    if save_query {
+        write(&item.reply.with_extension("tsq"), &item.der)?;
+    }
+    match response.token {
+        Some(_) => Ok(()),
+        None => bail!("rejected: {}", rejection_text(&response)),
+    }
+}
+
+fn write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The lines of a file, or of standard input for `-`.
+fn read_list(path: &Path) -> anyhow::Result<Vec<String>> {
+    let read = |r: &mut dyn BufRead| r.lines().collect::<std::io::Result<Vec<_>>>();
+    if path == Path::new("-") {
+        read(&mut std::io::stdin().lock()).context("cannot read the digests from standard input")
+    } else {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        read(&mut std::io::BufReader::new(file))
+            .with_context(|| format!("cannot read {}", path.display()))
     }
 }

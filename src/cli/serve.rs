@@ -56,10 +56,14 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
 /// Tells the operator (and tests, which read the first line) where the TSA listens.
 fn announce(bound: server::Bound, path: &str, ca: Option<PathBuf>) {
     let url = format!("http://{}{}", bound.public, path);
+    let https = bound
+        .https
+        .map(|addr| format!(" and https://{addr}{path}"))
+        .unwrap_or_default();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "tsa: serving RFC 3161 on {url} (admin http://{})",
+        "tsa: serving RFC 3161 on {url}{https} (admin http://{})",
         bound.admin
     );
     let ca = ca
@@ -73,14 +77,21 @@ fn announce(bound: server::Bound, path: &str, ca: Option<PathBuf>) {
          openssl ts -reply -in reply.tsr -text\n  \
          openssl ts -verify -in reply.tsr -queryfile req.tsq -CAfile {ca}"
     );
+    if let Some(addr) = bound.https {
+        let _ = writeln!(
+            out,
+            "over HTTPS (with --cert client-cert.pem --key client-key.pem for mutual TLS):\n  \
+             curl -sS --cacert {ca} -H 'Content-Type: application/timestamp-query' --data-binary @req.tsq https://{addr}{path} -o reply.tsr"
+        );
+    }
     let _ = out.flush();
 }
 
 /// SIGHUP (`systemctl reload`): the certificate chain and the reloadable settings (policies,
-/// accepted digests, token options) are read again and swapped in without dropping a
-/// connection. Listeners, the signing key and the clock stay as they are until a restart. A
-/// configuration that does not load, or a certificate that does not fit the key, is refused
-/// and the running one kept.
+/// accepted digests, token options, the clients of `[auth]` and their quotas) are read again
+/// and swapped in without dropping a connection. Listeners (and their TLS files), the signing
+/// key and the clock stay as they are until a restart. A configuration that does not load, or
+/// a certificate that does not fit the key, is refused and the running one kept.
 async fn reload_on_sighup(tsa: Arc<server::Tsa>, path: PathBuf) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         tracing::warn!("cannot install a SIGHUP handler; reload needs a restart");
@@ -88,9 +99,13 @@ async fn reload_on_sighup(tsa: Arc<server::Tsa>, path: PathBuf) {
     };
     while hup.recv().await.is_some() {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-        let result = Config::load(&path).and_then(|config| server::issuing(&config, tsa.signer()));
+        let result = Config::load(&path).and_then(|config| {
+            let auth = server::auth::Auth::new(&config.auth)?;
+            server::reload(&tsa, &config)?;
+            Ok(auth)
+        });
         match result {
-            Ok(issuing) => tsa.reload(issuing),
+            Ok(auth) => tsa.reload_clients(auth),
             Err(e) => {
                 tracing::error!(event = "reload_refused", error = %format!("{e:#}"), "reload refused; the running configuration stays")
             }

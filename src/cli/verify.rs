@@ -83,7 +83,7 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_all(paths: &[PathBuf]) -> anyhow::Result<Vec<Certificate>> {
+pub(super) fn load_all(paths: &[PathBuf]) -> anyhow::Result<Vec<Certificate>> {
     let mut certs = Vec::new();
     for path in paths {
         let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;

@@ -15,6 +15,7 @@ use spki::AlgorithmIdentifierRef;
 
 use crate::alg::DigestAlgorithm;
 use crate::protocol::asn1::{MessageImprint, TimeStampReq};
+use crate::protocol::batch;
 
 /// What to ask for.
 #[derive(Clone, Debug)]
@@ -76,6 +77,58 @@ pub fn random_nonce() -> anyhow::Result<Vec<u8>> {
 
 /// POSTs a DER request to a TSA URL and returns the body of its reply.
 pub async fn post(url: &str, request: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    let (status, content_type, body) = exchange(url, QUERY_TYPE, request).await?;
+    if content_type != REPLY_TYPE {
+        bail!("the TSA answered HTTP {status} with '{content_type}', not a time-stamp reply");
+    }
+    Ok(body.to_vec())
+}
+
+/// POSTs DER requests as one batch (`application/timestamp-query-batch`, `docs/batch.md`)
+/// and returns each one's DER `TimeStampResp`, in the requests' order. A batch the TSA refused
+/// as a whole (malformed, too large, overloaded) is an error with its reason.
+pub async fn post_batch(url: &str, requests: &[Vec<u8>]) -> anyhow::Result<Vec<Vec<u8>>> {
+    if requests.is_empty() {
+        bail!("a batch holds at least one request");
+    }
+    let body = batch::encode(requests);
+    let (status, content_type, body) = exchange(url, batch::QUERY_MEDIA_TYPE, body).await?;
+    if content_type == REPLY_TYPE {
+        let refusal = read::Response::from_der(&body)
+            .context("the TSA's refusal of the batch does not decode")?;
+        bail!(
+            "the TSA refused the batch (HTTP {status}): {} ({})",
+            refusal
+                .fail_info()
+                .map(|f| f.name())
+                .unwrap_or("unspecified"),
+            refusal.status_text.join("; ")
+        );
+    }
+    if content_type != batch::REPLY_MEDIA_TYPE {
+        bail!("the TSA answered HTTP {status} with '{content_type}', not a batch reply");
+    }
+    let replies = batch::decode(&body, requests.len())
+        .with_context(|| format!("the TSA's batch reply to {} requests", requests.len()))?;
+    if replies.len() != requests.len() {
+        bail!(
+            "the TSA answered {} of {} requests in its batch reply",
+            replies.len(),
+            requests.len()
+        );
+    }
+    Ok(replies.into_iter().map(<[u8]>::to_vec).collect())
+}
+
+const QUERY_TYPE: &str = "application/timestamp-query";
+const REPLY_TYPE: &str = "application/timestamp-reply";
+
+/// POSTs `body` as `media_type`: the reply's status, media type (without parameters) and body.
+async fn exchange(
+    url: &str,
+    media_type: &'static str,
+    body: Vec<u8>,
+) -> anyhow::Result<(hyper::StatusCode, String, Bytes)> {
     let uri: hyper::Uri = url.parse().with_context(|| format!("invalid URL {url}"))?;
     if uri.scheme_str() != Some("http") {
         bail!("only http:// URLs are supported (put TLS in front of the TSA if needed)");
@@ -83,8 +136,8 @@ pub async fn post(url: &str, request: Vec<u8>) -> anyhow::Result<Vec<u8>> {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     let req = hyper::Request::post(uri)
-        .header(hyper::header::CONTENT_TYPE, "application/timestamp-query")
-        .body(Full::new(Bytes::from(request)))?;
+        .header(hyper::header::CONTENT_TYPE, media_type)
+        .body(Full::new(Bytes::from(body)))?;
     let response = client
         .request(req)
         .await
@@ -94,11 +147,10 @@ pub async fn post(url: &str, request: Vec<u8>) -> anyhow::Result<Vec<u8>> {
         .headers()
         .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
         .unwrap_or("")
-        .to_string();
+        .trim()
+        .to_ascii_lowercase();
     let body = response.into_body().collect().await?.to_bytes();
-    if content_type != "application/timestamp-reply" {
-        bail!("the TSA answered HTTP {status} with '{content_type}', not a time-stamp reply");
-    }
-    Ok(body.to_vec())
+    Ok((status, content_type, body))
 }

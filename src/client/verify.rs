@@ -65,33 +65,7 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
 
     // The request.
     if let Some(query) = expect.query {
-        let req = TimeStampReq::from_der(query).context("the query is not a TimeStampReq")?;
-        ensure!(
-            req.message_imprint == tst.message_imprint,
-            "the token's message imprint is not the request's"
-        );
-        ensure!(
-            req.nonce.map(|n| n.as_bytes()) == tst.nonce.map(|n| n.as_bytes()),
-            "the token's nonce is not the request's"
-        );
-        if let Some(policy) = req.req_policy {
-            ensure!(
-                policy == tst.policy,
-                "the token's policy {} is not the requested {policy}",
-                tst.policy
-            );
-        }
-        let has_certs = token
-            .signed_data
-            .certificates
-            .as_ref()
-            .is_some_and(|c| !c.0.is_empty());
-        ensure!(
-            has_certs == req.cert_req,
-            "the request set certReq={} but the token {} certificates",
-            req.cert_req,
-            if has_certs { "carries" } else { "carries no" }
-        );
+        answers_query(token, query)?;
     }
 
     // The signer.
@@ -189,6 +163,42 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
         policy: tst.policy,
         signer: signer_cert.tbs_certificate().subject().to_string(),
     })
+}
+
+/// Whether `token` answers the DER request `query`: the same message imprint and nonce, the
+/// requested policy (if it named one), and the certificate present exactly when certReq asked
+/// for it. Checks nothing about the signature or the signer: [`verify`] does, and calls this
+/// when it is given the query.
+pub fn answers_query(token: &Token, query: &[u8]) -> anyhow::Result<()> {
+    let tst = token.tst_info();
+    let req = TimeStampReq::from_der(query).context("the query is not a TimeStampReq")?;
+    ensure!(
+        req.message_imprint == tst.message_imprint,
+        "the token's message imprint is not the request's"
+    );
+    ensure!(
+        req.nonce.map(|n| n.as_bytes()) == tst.nonce.map(|n| n.as_bytes()),
+        "the token's nonce is not the request's"
+    );
+    if let Some(policy) = req.req_policy {
+        ensure!(
+            policy == tst.policy,
+            "the token's policy {} is not the requested {policy}",
+            tst.policy
+        );
+    }
+    let has_certs = token
+        .signed_data
+        .certificates
+        .as_ref()
+        .is_some_and(|c| !c.0.is_empty());
+    ensure!(
+        has_certs == req.cert_req,
+        "the request set certReq={} but the token {} certificates",
+        req.cert_req,
+        if has_certs { "carries" } else { "carries no" }
+    );
+    Ok(())
 }
 
 fn find_signer<'c>(

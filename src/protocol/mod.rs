@@ -11,9 +11,11 @@
 //! 4. [`TokenTemplate::assemble`] wraps TSTInfo, attributes and signature into a granted
 //!    `TimeStampResp`, around constant DER that the template encoded once.
 //!
-//! Every failure is a `TimeStampResp` too: [`Rejection::to_der`].
+//! Every failure is a `TimeStampResp` too: [`Rejection::to_der`]. [`batch`] frames many
+//! requests (and their responses) in one `SEQUENCE OF`.
 
 pub mod asn1;
+pub mod batch;
 mod gentime;
 mod request;
 mod response;

@@ -3,13 +3,17 @@
 
 use der::{Encode, Header, Length, Tag};
 
-/// Appends `tag`, the DER length of all `parts` together, and the parts.
-pub(super) fn write(out: &mut Vec<u8>, tag: Tag, parts: &[&[u8]]) {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
+/// Appends `tag` and the DER length `len`.
+pub(super) fn header(out: &mut Vec<u8>, tag: Tag, len: usize) {
     let length = Length::try_from(len).expect("token parts are far below 256 MiB");
     Header::new(tag, length)
         .encode(out)
         .expect("writing to a Vec cannot fail");
+}
+
+/// Appends `tag`, the DER length of all `parts` together, and the parts.
+pub(super) fn write(out: &mut Vec<u8>, tag: Tag, parts: &[&[u8]]) {
+    header(out, tag, parts.iter().map(|p| p.len()).sum());
     for part in parts {
         out.extend_from_slice(part);
     }

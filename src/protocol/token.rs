@@ -111,6 +111,12 @@ pub struct TokenTemplate {
     tsa_name: Option<Vec<u8>>,
     /// contentType and signingCertificate(V2) attributes.
     fixed_attrs: Vec<Vec<u8>>,
+    /// Where messageDigest goes among `fixed_attrs` in DER's SET OF order (the order depends
+    /// only on the attributes' lengths and OIDs, so it is the same for every token).
+    message_digest_at: usize,
+    /// The messageDigest attribute up to its digest: SEQUENCE, OID, SET and OCTET STRING
+    /// headers (the digest's length is the signature algorithm's).
+    message_digest_head: Vec<u8>,
     /// `digestAlgorithms` SET.
     digest_algorithms: Vec<u8>,
     /// `[0] IMPLICIT CertificateSet`: the signer's certificate and the configured chain.
@@ -169,6 +175,26 @@ impl TokenTemplate {
             fixed_attrs.push(attribute(oid::SIGNING_CERTIFICATE, &v1.to_der()?));
         }
 
+        let digest_len = digest.output_len();
+        let message_digest_head = {
+            let sample = attribute(
+                oid::MESSAGE_DIGEST,
+                &tlv::tlv(Tag::OctetString, &[&vec![0; digest_len]]),
+            );
+            sample[..sample.len() - digest_len].to_vec()
+        };
+        // DER orders a SET OF by its encoded elements.
+        fixed_attrs.sort_unstable();
+        let message_digest_at = {
+            let mut sample = message_digest_head.clone();
+            sample.resize(message_digest_head.len() + digest_len, 0);
+            // The OIDs differ before any digest octet, so any digest sorts the same.
+            fixed_attrs
+                .iter()
+                .filter(|a| a.as_slice() < sample.as_slice())
+                .count()
+        };
+
         let digest_algorithm_id = digest.algorithm_identifier().to_der()?;
         let digest_algorithms = tlv::tlv(Tag::Set, &[&digest_algorithm_id]);
 
@@ -195,6 +221,8 @@ impl TokenTemplate {
             signature_algorithm,
             tsa_name,
             fixed_attrs,
+            message_digest_at,
+            message_digest_head,
             digest_algorithms,
             certificates,
             signer_info_head,
@@ -249,15 +277,23 @@ impl TokenTemplate {
             .digest()
             .digest(&tst_info)
             .expect("signature digests are computed");
-        let digest = tlv::tlv(Tag::OctetString, &[&digest]);
-        let message_digest = attribute(oid::MESSAGE_DIGEST, &digest);
 
-        let mut attrs: Vec<&[u8]> = self.fixed_attrs.iter().map(Vec::as_slice).collect();
-        attrs.push(&message_digest);
-        // DER orders a SET OF by its encoded elements.
-        attrs.sort_unstable();
-        let signed_attrs = tlv::tlv(Tag::Set, &attrs);
-        let attrs_start = signed_attrs.len() - attrs.iter().map(|a| a.len()).sum::<usize>();
+        // SET OF Attribute in DER order, messageDigest at its precomputed place.
+        let message_digest_len = self.message_digest_head.len() + digest.len();
+        let content: usize =
+            self.fixed_attrs.iter().map(Vec::len).sum::<usize>() + message_digest_len;
+        let mut signed_attrs = Vec::with_capacity(tlv::size(content));
+        tlv::header(&mut signed_attrs, Tag::Set, content);
+        let attrs_start = signed_attrs.len();
+        let (before, after) = self.fixed_attrs.split_at(self.message_digest_at);
+        for attr in before {
+            signed_attrs.extend_from_slice(attr);
+        }
+        signed_attrs.extend_from_slice(&self.message_digest_head);
+        signed_attrs.extend_from_slice(&digest);
+        for attr in after {
+            signed_attrs.extend_from_slice(attr);
+        }
 
         Ok(ToBeSigned {
             tst_info,
@@ -267,50 +303,72 @@ impl TokenTemplate {
         })
     }
 
-    /// The granted `TimeStampResp` around TSTInfo, the signed attributes and the signature.
+    /// The granted `TimeStampResp` around TSTInfo, the signed attributes and the signature,
+    /// written front to back into one buffer of the exact size: the lengths are computed
+    /// first, innermost out.
     pub fn assemble(&self, tbs: &ToBeSigned, signature: &[u8]) -> Vec<u8> {
+        use tlv::size;
+        const GRANTED: [u8; 5] = [0x30, 0x03, 0x02, 0x01, 0x00];
+        const CMS_VERSION_3: [u8; 3] = [0x02, 0x01, 0x03]; // eContentType is not id-data
         let ctx0 = tlv::context(0, true);
         // In the SignerInfo the attributes carry `[0] IMPLICIT` instead of the SET tag.
-        let signed_attrs_body = &tbs.signed_attrs[tbs.attrs_start..];
-        let signer_info = tlv::tlv(
-            Tag::Sequence,
-            &[
-                &self.signer_info_head,
-                &tlv::tlv(ctx0, &[signed_attrs_body]),
-                &self.signature_algorithm_id,
-                &tlv::tlv(Tag::OctetString, &[signature]),
-            ],
-        );
-        let encap = tlv::tlv(
-            Tag::Sequence,
-            &[
-                &oid_der(oid::CT_TST_INFO),
-                &tlv::tlv(ctx0, &[&tlv::tlv(Tag::OctetString, &[&tbs.tst_info])]),
-            ],
-        );
+        let attrs = &tbs.signed_attrs[tbs.attrs_start..];
         let certificates: &[u8] = if tbs.cert_req {
             &self.certificates
         } else {
             &[]
         };
-        let signed_data = tlv::tlv(
-            Tag::Sequence,
-            &[
-                &[0x02, 0x01, 0x03], // CMSVersion 3: eContentType is not id-data
-                &self.digest_algorithms,
-                &encap,
-                certificates,
-                &tlv::tlv(Tag::Set, &[&signer_info]),
-            ],
-        );
-        let content_info = tlv::tlv(
-            Tag::Sequence,
-            &[&oid_der(oid::SIGNED_DATA), &tlv::tlv(ctx0, &[&signed_data])],
-        );
-        const GRANTED: [u8; 5] = [0x30, 0x03, 0x02, 0x01, 0x00];
-        tlv::tlv(Tag::Sequence, &[&GRANTED, &content_info])
+
+        let signer_info = self.signer_info_head.len()
+            + size(attrs.len())
+            + self.signature_algorithm_id.len()
+            + size(signature.len());
+        let econtent = size(tbs.tst_info.len()); // OCTET STRING
+        let encap = CT_TST_INFO_DER.len() + size(econtent); // eContentType, [0]
+        let signer_infos = size(signer_info); // SET OF one SignerInfo
+        let signed_data = CMS_VERSION_3.len()
+            + self.digest_algorithms.len()
+            + size(encap)
+            + certificates.len()
+            + size(signer_infos);
+        let content_info = SIGNED_DATA_DER.len() + size(size(signed_data));
+        let response = GRANTED.len() + size(content_info);
+
+        let mut out = Vec::with_capacity(size(response));
+        tlv::header(&mut out, Tag::Sequence, response);
+        out.extend_from_slice(&GRANTED);
+        tlv::header(&mut out, Tag::Sequence, content_info);
+        out.extend_from_slice(SIGNED_DATA_DER);
+        tlv::header(&mut out, ctx0, size(signed_data));
+        tlv::header(&mut out, Tag::Sequence, signed_data);
+        out.extend_from_slice(&CMS_VERSION_3);
+        out.extend_from_slice(&self.digest_algorithms);
+        tlv::header(&mut out, Tag::Sequence, encap);
+        out.extend_from_slice(CT_TST_INFO_DER);
+        tlv::header(&mut out, ctx0, econtent);
+        tlv::header(&mut out, Tag::OctetString, tbs.tst_info.len());
+        out.extend_from_slice(&tbs.tst_info);
+        out.extend_from_slice(certificates);
+        tlv::header(&mut out, Tag::Set, signer_infos);
+        tlv::header(&mut out, Tag::Sequence, signer_info);
+        out.extend_from_slice(&self.signer_info_head);
+        tlv::header(&mut out, ctx0, attrs.len());
+        out.extend_from_slice(attrs);
+        out.extend_from_slice(&self.signature_algorithm_id);
+        tlv::header(&mut out, Tag::OctetString, signature.len());
+        out.extend_from_slice(signature);
+        debug_assert_eq!(out.len(), size(response));
+        out
     }
 }
+
+/// `id-ct-TSTInfo` (1.2.840.113549.1.9.16.1.4) and `id-signedData` (1.2.840.113549.1.7.2), DER.
+const CT_TST_INFO_DER: &[u8] = &[
+    0x06, 0x0b, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x10, 0x01, 0x04,
+];
+const SIGNED_DATA_DER: &[u8] = &[
+    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x02,
+];
 
 /// `Attribute ::= SEQUENCE { attrType OBJECT IDENTIFIER, attrValues SET OF AttributeValue }`
 /// with a single value that is already DER.
@@ -323,4 +381,15 @@ fn attribute(attr_type: ObjectIdentifier, value: &[u8]) -> Vec<u8> {
 
 fn oid_der(oid: ObjectIdentifier) -> Vec<u8> {
     oid.to_der().expect("an OID is always encodable")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_oid_constants_are_the_oids() {
+        assert_eq!(CT_TST_INFO_DER, oid_der(oid::CT_TST_INFO));
+        assert_eq!(SIGNED_DATA_DER, oid_der(oid::SIGNED_DATA));
+    }
 }

@@ -5,12 +5,26 @@
 //! | request                                             | answer |
 //! |-----------------------------------------------------|--------|
 //! | `POST {path}`, `application/timestamp-query`        | 200, `application/timestamp-reply`: a granted or rejected `TimeStampResp` (RFC 3161 sets no HTTP codes; clients read the PKIStatus) |
+//! | `POST {path}`, `application/timestamp-query-batch`  | 200, `application/timestamp-reply-batch`: one `TimeStampResp` per item, in order (`docs/batch.md`); a batch that is not one DER `SEQUENCE OF` SEQUENCEs, or empty: 400 + one DER rejection `badDataFormat`; over `max_batch_items` or `max_batch_bytes`: 413 likewise |
 //! | `POST {path}` with another media type               | 415 + DER rejection `badDataFormat` |
 //! | `POST {path}` with a body over the limit            | 413 + DER rejection `badDataFormat` |
 //! | `POST {path}` whose body does not arrive in time    | 408 + DER rejection `badDataFormat` |
 //! | any other method on `{path}`                        | 405, `Allow: POST` + DER rejection `badRequest` |
+//! | `POST {path}` without credentials, `[auth] anonymous = false` | 401, `WWW-Authenticate: Bearer realm="tsa"` + DER rejection `badRequest` |
+//! | `POST {path}` with a wrong API key, or a client certificate of no configured client | 401 (also when anonymous access is on) + DER rejection `badRequest` |
+//! | `POST {path}` over the client's quota               | 429, `Retry-After` (seconds) + DER rejection `systemFailure` |
+//! | `POST {path}` while `max_queue` requests wait       | 503, `Retry-After: 1` + DER rejection `systemFailure` ([`super::admission`]) |
+//! | a request head over `max_header_bytes` or 100 headers | 431, connection closed (hyper) |
+//! | a new connection while `max_connections` are open   | a fixed 503 `text/plain`, closed unread |
+//! | unparsable HTTP                                     | 400, connection closed (hyper) |
 //! | `GET /certs`                                        | 200, the certificate chain as PEM |
 //! | anything else                                       | 404 |
+//!
+//! The HTTPS listener (`server.https_listen`, [`super::tls`]) serves the same routes; its
+//! verified client certificate is a credential besides the `Authorization` header
+//! ([`super::auth`]). Authentication comes first, then the quota, then the checks above, then
+//! admission. Idle keep-alive connections close after `read_timeout_ms`, busy ones after
+//! `max_requests_per_connection` requests (the last reply says `Connection: close`).
 //!
 //! Admin listener (loopback by default): `GET /health/live`, `GET /health/ready` (503 with the
 //! reason while the clock is not trusted or the signer failed), `GET /clock` (the clock's
@@ -22,6 +36,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,12 +48,15 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
+use super::admission::{self, ConnectionSlot};
+use super::auth::{PeerCertificate, Refusal};
 use super::{metrics, Client, Outcome, Tsa};
 use crate::config::ServerConfig;
-use crate::protocol::{FailInfo, Rejection};
+use crate::protocol::{batch, FailInfo, Rejection};
 
 pub const QUERY_TYPE: &str = "application/timestamp-query";
 pub const REPLY_TYPE: &str = "application/timestamp-reply";
@@ -46,28 +64,89 @@ pub const REPLY_TYPE: &str = "application/timestamp-reply";
 struct Limits {
     path: String,
     max_body: usize,
+    /// A batch's body and items (`docs/batch.md`).
+    max_batch_body: usize,
+    max_batch_items: usize,
     read_timeout: Duration,
+    /// Requests on one connection before it is closed; 0: no limit.
+    max_requests_per_connection: u64,
+}
+
+/// One public connection: its place under `max_connections`, its request count and, on the
+/// HTTPS listener, the client certificate its handshake verified.
+struct Connection {
+    _slot: ConnectionSlot,
+    served: AtomicU64,
+    peer: Option<Arc<PeerCertificate>>,
 }
 
 type Reply = Response<Full<Bytes>>;
+
+impl Limits {
+    fn new(config: &ServerConfig) -> Self {
+        Self {
+            path: config.path.clone(),
+            max_body: config.max_request_bytes,
+            max_batch_body: config.max_batch_bytes,
+            max_batch_items: config.max_batch_items.max(1),
+            read_timeout: config.read_timeout(),
+            max_requests_per_connection: config.max_requests_per_connection,
+        }
+    }
+}
+
+fn http1_builder(config: &ServerConfig) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // Also the idle time allowed between requests on a keep-alive connection.
+        .header_read_timeout(config.read_timeout())
+        .max_header_size(config.max_header_bytes)
+        .keep_alive(true);
+    builder
+}
+
+/// Serves one connection over any byte stream as the public listener serves a plain one
+/// (routes, limits, admission, the connection's request count), until it ends: the entry of
+/// the HTTP fuzz target (`fuzz/checks/http_connection.rs`). A connection over
+/// `max_connections` is closed at once.
+pub async fn serve_stream<S>(tsa: Arc<Tsa>, config: ServerConfig, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(slot) = tsa.connections.open() else {
+        return;
+    };
+    let connection = Connection {
+        _slot: slot,
+        served: AtomicU64::new(0),
+        peer: None,
+    };
+    let limits = Arc::new(Limits::new(&config));
+    let graceful = GracefulShutdown::new();
+    let served = serve_public(
+        &http1_builder(&config),
+        graceful.watcher(),
+        TokioIo::new(stream),
+        tsa,
+        limits,
+        connection,
+    );
+    if let Err(e) = served.await {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
 
 pub(super) async fn run(
     tsa: Arc<Tsa>,
     config: &ServerConfig,
     public: TcpListener,
     admin: TcpListener,
+    https: Option<(TcpListener, TlsAcceptor)>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let limits = Arc::new(Limits {
-        path: config.path.clone(),
-        max_body: config.max_request_bytes,
-        read_timeout: config.read_timeout(),
-    });
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.read_timeout())
-        .keep_alive(true);
+    let limits = Arc::new(Limits::new(config));
+    let builder = http1_builder(config);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
 
@@ -75,12 +154,31 @@ pub(super) async fn run(
         tokio::select! {
             accepted = public.accept() => {
                 let Some(stream) = accepted_stream(accepted).await else { continue };
+                let Some(slot) = tsa.connections.open() else {
+                    refuse_connection(&tsa, stream);
+                    continue;
+                };
+                let connection = Connection { _slot: slot, served: AtomicU64::new(0), peer: None };
                 let (tsa, limits) = (tsa.clone(), limits.clone());
-                let service = service_fn(move |req| {
-                    let (tsa, limits) = (tsa.clone(), limits.clone());
-                    async move { Ok::<_, Infallible>(public_route(req, &tsa, &limits).await) }
+                spawn(serve_public(&builder, graceful.watcher(), TokioIo::new(stream), tsa, limits, connection));
+            }
+            accepted = accept_on(https.as_ref().map(|(listener, _)| listener)) => {
+                let Some(stream) = accepted_stream(accepted).await else { continue };
+                let Some(slot) = tsa.connections.open() else {
+                    // No plain-text 503 inside TLS: the connection is just closed.
+                    tsa.metrics.overloaded(metrics::Overload::Connections);
+                    continue;
+                };
+                let acceptor = https.as_ref().map(|(_, acceptor)| acceptor.clone()).expect("an HTTPS listener");
+                let (tsa, limits, builder, watcher) = (tsa.clone(), limits.clone(), builder.clone(), graceful.watcher());
+                // The handshake runs in the connection's task, within the read timeout.
+                spawn(async move {
+                    let Some((stream, peer)) = super::tls::handshake(&acceptor, stream, limits.read_timeout).await else {
+                        return Ok(());
+                    };
+                    let connection = Connection { _slot: slot, served: AtomicU64::new(0), peer };
+                    serve_public(&builder, watcher, TokioIo::new(stream), tsa, limits, connection).await
                 });
-                spawn(graceful.watch(builder.serve_connection(TokioIo::new(stream), service)));
             }
             accepted = admin.accept() => {
                 let Some(stream) = accepted_stream(accepted).await else { continue };
@@ -122,6 +220,53 @@ async fn accepted_stream(
     }
 }
 
+/// Over `max_connections`: a fixed 503 written into the fresh socket's empty send buffer,
+/// then closed, without reading anything.
+fn refuse_connection(tsa: &Tsa, stream: tokio::net::TcpStream) {
+    tsa.metrics.overloaded(metrics::Overload::Connections);
+    let _ = stream.try_write(admission::CONNECTIONS_EXCEEDED);
+}
+
+/// The next connection on the HTTPS listener; never, without one.
+async fn accept_on(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves one public connection, plain or TLS: each request through [`public_route`], and
+/// `Connection: close` on the last one `max_requests_per_connection` allows.
+fn serve_public<I>(
+    builder: &http1::Builder,
+    watcher: Watcher,
+    io: I,
+    tsa: Arc<Tsa>,
+    limits: Arc<Limits>,
+    connection: Connection,
+) -> impl Future<Output = hyper::Result<()>> + Send + 'static
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let connection = Arc::new(connection);
+    let service = service_fn(move |req| {
+        let (tsa, limits, connection) = (tsa.clone(), limits.clone(), connection.clone());
+        async move {
+            let mut reply = public_route(req, &tsa, &limits, connection.peer.as_deref()).await;
+            let served = connection.served.fetch_add(1, Ordering::Relaxed) + 1;
+            if served == limits.max_requests_per_connection {
+                reply
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok::<_, Infallible>(reply)
+        }
+    });
+    watcher.watch(builder.serve_connection(io, service))
+}
+
 fn spawn(conn: impl Future<Output = hyper::Result<()>> + Send + 'static) {
     tokio::spawn(async move {
         if let Err(e) = conn.await {
@@ -130,11 +275,23 @@ fn spawn(conn: impl Future<Output = hyper::Result<()>> + Send + 'static) {
     });
 }
 
-async fn public_route(req: Request<Incoming>, tsa: &Arc<Tsa>, limits: &Limits) -> Reply {
+async fn public_route(
+    req: Request<Incoming>,
+    tsa: &Arc<Tsa>,
+    limits: &Limits,
+    peer: Option<&PeerCertificate>,
+) -> Reply {
     if req.uri().path() == limits.path {
         let start = Instant::now();
         let (reply, outcome) = match *req.method() {
-            Method::POST => timestamp(req, tsa, limits).await,
+            Method::POST if has_media_type(&req, batch::QUERY_MEDIA_TYPE) => {
+                // Counts its items' outcomes itself.
+                return timestamp_batch(req, tsa, limits, peer, start).await;
+            }
+            Method::POST => match authenticate(&req, tsa, peer).and_then(|c| charge(tsa, c, 1)) {
+                Ok(client) => timestamp(req, tsa, limits, &client).await,
+                Err(denied) => denied.answer(),
+            },
             _ => {
                 let (mut reply, outcome) = rejection(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -160,7 +317,95 @@ async fn public_route(req: Request<Incoming>, tsa: &Arc<Tsa>, limits: &Limits) -
     response(StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
 }
 
-async fn timestamp(req: Request<Incoming>, tsa: &Arc<Tsa>, limits: &Limits) -> (Reply, Outcome) {
+/// A request refused by authentication (401) or by its client's quota (429), counted and
+/// logged; [`Denied::answer`] is its reply.
+#[derive(Debug)]
+enum Denied {
+    Credentials(Refusal),
+    /// How long until the quota holds the request.
+    Quota(Duration),
+}
+
+impl Denied {
+    /// 401 with `WWW-Authenticate` and a DER `badRequest`, or 429 with `Retry-After` (whole
+    /// seconds, at least 1) and a DER `systemFailure`.
+    fn answer(self) -> (Reply, Outcome) {
+        let (status, fail_info, reason, header, value) = match self {
+            Denied::Credentials(Refusal::Unauthenticated) => (
+                StatusCode::UNAUTHORIZED,
+                FailInfo::BadRequest,
+                "authentication required",
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer realm="tsa""#),
+            ),
+            Denied::Credentials(Refusal::InvalidCredentials(_)) => (
+                StatusCode::UNAUTHORIZED,
+                FailInfo::BadRequest,
+                "invalid credentials",
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer realm="tsa", error="invalid_token""#),
+            ),
+            Denied::Quota(wait) => {
+                let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    FailInfo::SystemFailure,
+                    "request quota exceeded",
+                    header::RETRY_AFTER,
+                    HeaderValue::from(seconds.max(1)),
+                )
+            }
+        };
+        let (mut reply, outcome) = rejection(status, fail_info, reason);
+        reply.headers_mut().insert(header, value);
+        (reply, outcome)
+    }
+}
+
+/// The request's client ([`super::auth`]): from its `Authorization` header and the
+/// connection's verified client certificate.
+fn authenticate(
+    req: &Request<Incoming>,
+    tsa: &Tsa,
+    peer: Option<&PeerCertificate>,
+) -> Result<Client, Denied> {
+    let authorization = req.headers().get(header::AUTHORIZATION);
+    let auth = tsa.auth.load();
+    auth.authenticate(authorization.map(HeaderValue::as_bytes), peer)
+        .map_err(|refusal| {
+            let metric = match refusal {
+                Refusal::Unauthenticated => metrics::AuthRefusal::Unauthenticated,
+                Refusal::InvalidCredentials(why) => {
+                    tracing::info!(reason = why, "request refused: invalid credentials");
+                    metrics::AuthRefusal::InvalidCredentials
+                }
+            };
+            tsa.metrics.auth_refused(metric);
+            Denied::Credentials(refusal)
+        })
+}
+
+/// Takes `n` tokens from `client`'s quota (a batch of n requests takes n).
+fn charge(tsa: &Tsa, client: Client, n: u32) -> Result<Client, Denied> {
+    let Err(wait) = tsa.auth.load().take(&client, n) else {
+        return Ok(client);
+    };
+    tsa.metrics.auth_refused(metrics::AuthRefusal::Quota);
+    tracing::info!(
+        client = client.name.as_deref().unwrap_or("anonymous"),
+        tokens = n,
+        retry_after_ms = wait.as_millis() as u64,
+        "request refused: quota exceeded"
+    );
+    Err(Denied::Quota(wait))
+}
+
+async fn timestamp(
+    req: Request<Incoming>,
+    tsa: &Arc<Tsa>,
+    limits: &Limits,
+    client: &Client,
+) -> (Reply, Outcome) {
     if !has_media_type(&req, QUERY_TYPE) {
         return rejection(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -168,6 +413,91 @@ async fn timestamp(req: Request<Incoming>, tsa: &Arc<Tsa>, limits: &Limits) -> (
             "the request media type must be application/timestamp-query",
         );
     }
+    let body = match read_body(req, limits.max_body, limits.read_timeout).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
+    };
+    let Some(_admitted) = tsa.admission.enter(1).await else {
+        return overloaded(tsa);
+    };
+    let (der, outcome) = tsa.respond(body, client).await;
+    (response(StatusCode::OK, REPLY_TYPE, der.into()), outcome)
+}
+
+/// `POST {path}` with `application/timestamp-query-batch` (`docs/batch.md`): authentication,
+/// the body under the batch limits, its outer `SEQUENCE OF` (400 when malformed, 413 over
+/// `max_batch_items`), the quota and the admission for as many tokens as it has items; then
+/// every item answered on its own by [`Tsa::respond_batch`], in one `SEQUENCE OF
+/// TimeStampResp`. Counts the metrics itself: each item's outcome, or the one refusal of a
+/// batch refused as a whole.
+async fn timestamp_batch(
+    req: Request<Incoming>,
+    tsa: &Arc<Tsa>,
+    limits: &Limits,
+    peer: Option<&PeerCertificate>,
+    start: Instant,
+) -> Reply {
+    let refused = |(reply, outcome): (Reply, Outcome)| {
+        tsa.metrics.request(outcome, start.elapsed());
+        reply
+    };
+    let client = match authenticate(&req, tsa, peer) {
+        Ok(client) => client,
+        Err(denied) => return refused(denied.answer()),
+    };
+    let body = match read_body(req, limits.max_batch_body, limits.read_timeout).await {
+        Ok(body) => body,
+        Err(refusal) => return refused(refusal),
+    };
+    let items: Vec<Bytes> = match batch::decode(&body, limits.max_batch_items) {
+        Ok(items) => items.into_iter().map(|item| body.slice_ref(item)).collect(),
+        Err(e) => {
+            tracing::info!(reason = %e, "batch refused");
+            let status = match e {
+                batch::BatchError::TooMany { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            let rejection = e.rejection();
+            let der = rejection.to_der();
+            return refused((
+                response(status, REPLY_TYPE, der.into()),
+                Outcome::Rejected(rejection.fail_info),
+            ));
+        }
+    };
+    let count = items.len();
+    let client = match charge(tsa, client, u32::try_from(count).unwrap_or(u32::MAX)) {
+        Ok(client) => client,
+        Err(denied) => return refused(denied.answer()),
+    };
+    // A batch waits for the lane in chunks (`Tsa::respond_batch`); each is one place.
+    let places = count.div_ceil(super::issue::BATCH_CHUNK);
+    let Some(_admitted) = tsa.admission.enter(places).await else {
+        return refused(overloaded(tsa));
+    };
+    let answers = tsa.respond_batch(items, &client).await;
+    let elapsed = start.elapsed();
+    let ders: Vec<Vec<u8>> = answers
+        .into_iter()
+        .map(|(der, outcome)| {
+            tsa.metrics.request(outcome, elapsed);
+            der
+        })
+        .collect();
+    response(
+        StatusCode::OK,
+        batch::REPLY_MEDIA_TYPE,
+        batch::encode(&ders).into(),
+    )
+}
+
+/// Reads a request body of at most `max` octets within `timeout`; otherwise the refusal:
+/// 413, 408 or 400 with a DER `badDataFormat`.
+async fn read_body(
+    req: Request<Incoming>,
+    max: usize,
+    timeout: Duration,
+) -> Result<Bytes, (Reply, Outcome)> {
     let too_large = || {
         rejection(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -180,30 +510,24 @@ async fn timestamp(req: Request<Incoming>, tsa: &Arc<Tsa>, limits: &Limits) -> (
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limits.max_body as u64) {
-        return too_large();
+    if declared.is_some_and(|len| len > max as u64) {
+        return Err(too_large());
     }
-    let body = Limited::new(req.into_body(), limits.max_body).collect();
-    let body = match tokio::time::timeout(limits.read_timeout, body).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
-        Ok(Err(_)) => {
-            return rejection(
-                StatusCode::BAD_REQUEST,
-                FailInfo::BadDataFormat,
-                "the request body could not be read",
-            )
-        }
-        Err(_) => {
-            return rejection(
-                StatusCode::REQUEST_TIMEOUT,
-                FailInfo::BadDataFormat,
-                "the request body did not arrive in time",
-            )
-        }
-    };
-    let (der, outcome) = tsa.respond(body, &Client::ANONYMOUS).await;
-    (response(StatusCode::OK, REPLY_TYPE, der.into()), outcome)
+    let body = Limited::new(req.into_body(), max).collect();
+    match tokio::time::timeout(timeout, body).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Ok(Err(_)) => Err(rejection(
+            StatusCode::BAD_REQUEST,
+            FailInfo::BadDataFormat,
+            "the request body could not be read",
+        )),
+        Err(_) => Err(rejection(
+            StatusCode::REQUEST_TIMEOUT,
+            FailInfo::BadDataFormat,
+            "the request body did not arrive in time",
+        )),
+    }
 }
 
 fn admin_route(req: Request<Incoming>, tsa: &Arc<Tsa>) -> Reply {
@@ -266,6 +590,20 @@ fn has_media_type(req: &Request<Incoming>, expected: &str) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|t| t.trim().eq_ignore_ascii_case(expected))
+}
+
+/// Over `max_queue`: 503, `Retry-After` and a DER systemFailure, at once.
+fn overloaded(tsa: &Tsa) -> (Reply, Outcome) {
+    tsa.metrics.overloaded(metrics::Overload::Queue);
+    let (mut reply, outcome) = rejection(
+        StatusCode::SERVICE_UNAVAILABLE,
+        FailInfo::SystemFailure,
+        "the TSA is overloaded; retry later",
+    );
+    reply
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    (reply, outcome)
 }
 
 /// A refusal at the HTTP level, still answered with a DER `TimeStampResp`.

@@ -1,5 +1,6 @@
 //! The request path, top to bottom: parse → read the clock → build → sign → assemble.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -101,6 +102,43 @@ pub struct Tsa {
     /// Issuances of a blocking signer in flight at once.
     pub(super) blocking_lane: Arc<tokio::sync::Semaphore>,
     pub(super) metrics: super::metrics::Metrics,
+    /// Requests admitted and not yet answered (`server.max_queue`).
+    pub(super) admission: super::admission::Admission,
+    /// Open public connections (`server.max_connections`).
+    pub(super) connections: super::admission::Connections,
+    /// The clients of `[auth]` and their quotas; replaced whole on reload.
+    pub(super) auth: ArcSwap<super::auth::Auth>,
+    /// A planned change of key (`[rollover]`).
+    pub(super) rollover: Option<Rollover>,
+}
+
+/// A planned key rollover: tokens whose genTime is at or after `at_ns` are signed by
+/// `signer` with `issuing`'s certificate and template. The choice is made per token from its
+/// genTime, so no token straddles the instant.
+pub struct Rollover {
+    pub(super) at_ns: u64,
+    /// `at_ns` as configured (RFC 3339), to tell a reload that it changed.
+    pub(super) at: String,
+    pub(super) signer: Arc<dyn Signer>,
+    pub(super) issuing: ArcSwap<Issuing>,
+}
+
+impl Rollover {
+    pub(super) fn new(at_ns: u64, signer: Arc<dyn Signer>, issuing: Issuing) -> Self {
+        let at = chrono::DateTime::<chrono::Utc>::from(UNIX_EPOCH + Duration::from_nanos(at_ns))
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+        Self {
+            at_ns,
+            at,
+            signer,
+            issuing: ArcSwap::from_pointee(issuing),
+        }
+    }
+
+    /// The rollover instant, nanoseconds since the Unix epoch.
+    pub fn at_unix_ns(&self) -> u64 {
+        self.at_ns
+    }
 }
 
 impl Tsa {
@@ -111,7 +149,7 @@ impl Tsa {
     /// a fast one signs on the async worker. Either way the clock is read inside `issue`, after
     /// any queueing, as late as possible before the signature.
     pub async fn respond(self: &Arc<Self>, body: Bytes, client: &Client) -> (Vec<u8>, Outcome) {
-        let result = if self.signer.may_block() {
+        let result = if self.may_block() {
             let permit = Arc::clone(&self.blocking_lane).acquire_owned().await;
             let (tsa, client) = (Arc::clone(self), client.clone());
             tokio::task::spawn_blocking(move || {
@@ -146,11 +184,107 @@ impl Tsa {
         }
     }
 
+    /// Answers the items of a batch (`protocol::batch`, each item one `TimeStampReq` body),
+    /// in their order, each as [`Tsa::respond`] answers a request alone: its own parse and
+    /// failInfo, clock reading (so its own strictly increasing genTime), serial, signature and,
+    /// with the archive, record. A bad item spoils nothing else.
+    ///
+    /// The issuing runs on the blocking pool, so that a batch of thousands never holds an
+    /// async worker for long, in chunks that each take a permit of the blocking lane: a batch
+    /// splits into at most one chunk per core (or per signer session, for an HSM) until its
+    /// chunks reach [`BATCH_CHUNK`] items, and then into more chunks of that size, which queue
+    /// for the lane with everyone else's requests. So one batch uses the whole machine, all
+    /// batches together use no more threads than the lane has permits, and a request queued
+    /// behind a large batch waits for one chunk, not for the whole batch. With the archive the
+    /// records of all granted items go to the writer at once (its group commit takes them in a
+    /// few transactions) and the answer waits until every one is committed; an item whose
+    /// record failed is answered `systemFailure` and its token dropped.
+    pub async fn respond_batch(
+        self: &Arc<Self>,
+        items: Vec<Bytes>,
+        client: &Client,
+    ) -> Vec<(Vec<u8>, Outcome)> {
+        let count = items.len();
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let lanes = self
+            .signer()
+            .max_in_flight()
+            .unwrap_or(cores)
+            .clamp(1, cores);
+        let chunk = count.div_ceil(lanes).clamp(1, BATCH_CHUNK);
+
+        let mut chunks = Vec::with_capacity(count.div_ceil(chunk));
+        let mut items = items.into_iter();
+        while items.len() > 0 {
+            let part: Vec<Bytes> = items.by_ref().take(chunk).collect();
+            let len = part.len();
+            let permit = Arc::clone(&self.blocking_lane).acquire_owned().await;
+            let (tsa, client) = (Arc::clone(self), client.clone());
+            let task = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                part.iter()
+                    .map(|body| tsa.issue_unrecorded(body, &client))
+                    .collect::<Vec<_>>()
+            });
+            chunks.push((len, task));
+        }
+        let mut issued = Vec::with_capacity(count);
+        for (len, task) in chunks {
+            match task.await {
+                Ok(results) => issued.extend(results),
+                Err(e) => {
+                    tracing::error!(error = %e, "a batch's issuing task failed");
+                    issued.extend(
+                        (0..len).map(|_| {
+                            Err(Rejection::new(FailInfo::SystemFailure, "internal error"))
+                        }),
+                    );
+                }
+            }
+        }
+
+        // The response leaves only once the commits that hold its tokens returned.
+        let answered = match &self.archive {
+            Some(archive) => record_all(archive, issued).await,
+            None => issued
+                .into_iter()
+                .map(|result| result.map(|(der, _)| der))
+                .collect(),
+        };
+
+        // One log line per failInfo that occurred, not one per item.
+        let mut refused: Vec<(FailInfo, usize, std::borrow::Cow<'static, str>)> = Vec::new();
+        let answers = answered
+            .into_iter()
+            .map(|result| match result {
+                Ok(der) => (der, Outcome::Granted),
+                Err(rejection) => {
+                    match refused.iter_mut().find(|(f, ..)| *f == rejection.fail_info) {
+                        Some((_, n, _)) => *n += 1,
+                        None => refused.push((rejection.fail_info, 1, rejection.reason.clone())),
+                    }
+                    (rejection.to_der(), Outcome::Rejected(rejection.fail_info))
+                }
+            })
+            .collect();
+        for (fail_info, n, first) in refused {
+            if fail_info == FailInfo::SystemFailure {
+                tracing::error!(items = n, of = count, reason = %first, "batch items failed");
+            } else {
+                tracing::info!(%fail_info, items = n, of = count, reason = %first, "batch items rejected");
+            }
+        }
+        answers
+    }
+
     /// The issuing path for an anonymous client, synchronous (it waits for the archive's
     /// commit: call it where blocking is allowed). Returns the granted response or the
     /// rejection.
     pub fn issue(&self, body: &[u8]) -> Result<Vec<u8>, Rejection> {
-        match (self.issue_unrecorded(body, &Client::ANONYMOUS)?, &self.archive) {
+        match (
+            self.issue_unrecorded(body, &Client::ANONYMOUS)?,
+            &self.archive,
+        ) {
             ((der, Some(record)), Some(archive)) => {
                 archive.record_blocking(record).map_err(archived)?;
                 Ok(der)
@@ -177,6 +311,11 @@ impl Tsa {
             .clock
             .now()
             .map_err(|refusal| Rejection::new(FailInfo::TimeNotAvailable, refusal.reason))?;
+        // The key (and certificate) for this genTime.
+        let (issuing, signer) = match &self.rollover {
+            Some(next) if time.unix_ns >= next.at_ns => (next.issuing.load(), &next.signer),
+            _ => (issuing, &self.signer),
+        };
         let (from, until) = issuing.valid_ns;
         if time.unix_ns < from || time.unix_ns > until {
             tracing::error!(
@@ -205,7 +344,7 @@ impl Tsa {
 
         let tbs = issuing.template.to_be_signed(&request, &stamp)?;
         let signing = std::time::Instant::now();
-        let signature = self.signer.sign(tbs.message());
+        let signature = signer.sign(tbs.message());
         self.metrics.signature(signing.elapsed(), signature.is_ok());
         let signature = signature.map_err(|e| {
             // An unavailable key is the signer's health to report (and to recover).
@@ -232,7 +371,7 @@ impl Tsa {
     /// did not fail.
     pub fn readiness(&self) -> Result<(), String> {
         self.clock.check().map_err(|r| r.reason.into_owned())?;
-        self.signer.health()?;
+        self.signer().health()?;
         if !self.signer_ok.load(Ordering::Relaxed) {
             return Err("the signer's last signature failed".into());
         }
@@ -242,23 +381,47 @@ impl Tsa {
         Ok(())
     }
 
-    /// The certificate in force (a reload may replace it).
-    pub fn certificate(&self) -> CurrentCertificate {
-        CurrentCertificate(self.issuing.load_full())
+    /// Whether the planned rollover's instant has passed (by the system clock).
+    fn rolled_over(&self) -> Option<&Rollover> {
+        self.rollover
+            .as_ref()
+            .filter(|next| crate::clock::system_unix_ns() >= next.at_ns)
     }
 
-    /// Replaces the certificate, chain, rules and template with `issuing` (SIGHUP); requests
-    /// in flight finish with the version they started with.
-    pub fn reload(&self, issuing: Issuing) {
+    /// The certificate in force now (a reload or the planned rollover may replace it).
+    pub fn certificate(&self) -> CurrentCertificate {
+        match self.rolled_over() {
+            Some(next) => CurrentCertificate(next.issuing.load_full()),
+            None => CurrentCertificate(self.issuing.load_full()),
+        }
+    }
+
+    /// Whether issuing may block (either key of a rollover), and so runs on the blocking pool.
+    fn may_block(&self) -> bool {
+        self.signer.may_block() || self.rollover.as_ref().is_some_and(|r| r.signer.may_block())
+    }
+
+    /// Replaces the certificates, chains, rules and templates (SIGHUP): `first` for the
+    /// signer started with, `next` for the planned rollover's. Requests in flight finish with
+    /// the version they started with.
+    pub fn reload(&self, first: Issuing, next: Option<Issuing>) {
         tracing::info!(
             event = "certificate_reloaded",
-            subject = %issuing.certificate.subject(),
+            subject = %first.certificate.subject(),
             "configuration and certificate chain reloaded"
         );
-        if let Some(archive) = &self.archive {
-            archive.set_certificate(issuing.certificate.der().to_vec());
+        self.issuing.store(Arc::new(first));
+        if let (Some(rollover), Some(next)) = (&self.rollover, next) {
+            rollover.issuing.store(Arc::new(next));
         }
-        self.issuing.store(Arc::new(issuing));
+        if let Some(archive) = &self.archive {
+            archive.set_certificate(self.certificate().der().to_vec());
+        }
+    }
+
+    /// The planned rollover, if one is configured.
+    pub fn rollover(&self) -> Option<&Rollover> {
+        self.rollover.as_ref()
     }
 
     /// The token archive, when enabled.
@@ -266,13 +429,62 @@ impl Tsa {
         self.archive.as_deref()
     }
 
+    /// The signer in force now.
     pub fn signer(&self) -> &dyn Signer {
+        match self.rolled_over() {
+            Some(next) => next.signer.as_ref(),
+            None => self.signer.as_ref(),
+        }
+    }
+
+    /// The signer the server started with (before any planned rollover).
+    pub(super) fn first_signer(&self) -> &dyn Signer {
         self.signer.as_ref()
     }
 
     pub fn clock(&self) -> &IssuingClock {
         &self.clock
     }
+}
+
+/// The most items one blocking task of a batch issues (see [`Tsa::respond_batch`]): about
+/// 2 ms of ECDSA P-256, 20 ms of RSA-2048 (one core of the release build), that a request
+/// queued behind the batch may wait.
+pub const BATCH_CHUNK: usize = 64;
+
+/// One item issued and not yet recorded: the response with its record, or the rejection.
+type Issued = Result<(Vec<u8>, Option<TokenRecord>), Rejection>;
+
+/// A batch's issued items, their records handed to the archive together and awaited together:
+/// the granted response, or the rejection (`systemFailure` where the record failed).
+async fn record_all(archive: &Archive, issued: Vec<Issued>) -> Vec<Result<Vec<u8>, Rejection>> {
+    let mut answers = Vec::with_capacity(issued.len());
+    let mut commits = Vec::new();
+    for (i, result) in issued.into_iter().enumerate() {
+        answers.push(result.map(|(der, record)| {
+            if let Some(record) = record {
+                commits.push((i, Box::pin(archive.record(record))));
+            }
+            der
+        }));
+    }
+    // Polling every record once hands them all to the writer before any commit is awaited.
+    std::future::poll_fn(|cx| {
+        commits.retain_mut(|(i, commit)| match Future::poll(commit.as_mut(), cx) {
+            std::task::Poll::Ready(Ok(())) => false,
+            std::task::Poll::Ready(Err(e)) => {
+                answers[*i] = Err(archived(e));
+                false
+            }
+            std::task::Poll::Pending => true,
+        });
+        match commits.is_empty() {
+            true => std::task::Poll::Ready(()),
+            false => std::task::Poll::Pending,
+        }
+    })
+    .await;
+    answers
 }
 
 /// A token that could not be archived is not handed out.

@@ -19,18 +19,29 @@ use prometheus_client::registry::{Registry, Unit};
 use super::issue::Outcome;
 use super::Tsa;
 use crate::clock::{RefusalKind, SyncState};
+use crate::protocol::FailInfo;
 
 type Labels = Vec<(&'static str, String)>;
 
 /// The request-path instruments.
 pub struct Metrics {
     requests: Family<Labels, Counter>,
+    /// The `requests` series, made once so that counting allocates nothing.
+    granted: Counter,
+    /// By the failInfo's place in [`FailInfo::ALL`].
+    rejected: [Counter; FailInfo::ALL.len()],
     tokens: Counter,
     request_duration: Histogram,
     signer_duration: Histogram,
     signer_errors: Counter,
     /// Requests rejected (any failInfo), for the status page's rates.
     rejections: Counter,
+    /// Requests and connections refused by overload control, by what was full.
+    overloads: Family<Labels, Counter>,
+    /// Requests refused by client authentication and quotas, by reason; each series also
+    /// held by itself (created at start, so that they read 0 before the first refusal).
+    auth_refusals: Family<Labels, Counter>,
+    auth_refused: [Counter; 3],
     /// The status page's history, sampled from these counters and the clock.
     pub(super) history: super::history::History,
 }
@@ -39,13 +50,28 @@ impl Default for Metrics {
     fn default() -> Self {
         // 50 µs to about 3.3 s.
         let buckets = || exponential_buckets(50e-6, 2.0, 17);
+        let requests = Family::<Labels, Counter>::default();
+        let auth_refusals = Family::<Labels, Counter>::default();
+        let series = |outcome: &str, fail_info: &str| {
+            let labels = vec![("outcome", outcome.into()), ("fail_info", fail_info.into())];
+            requests.get_or_create(&labels).clone()
+        };
         Self {
-            requests: Family::default(),
+            granted: series("granted", "none"),
+            rejected: FailInfo::ALL.map(|f| series("rejected", f.name())),
+            requests,
             tokens: Counter::default(),
             request_duration: Histogram::new(buckets()),
             signer_duration: Histogram::new(buckets()),
             signer_errors: Counter::default(),
             rejections: Counter::default(),
+            overloads: Family::default(),
+            auth_refused: AuthRefusal::ALL.map(|why| {
+                auth_refusals
+                    .get_or_create(&vec![("reason", why.name().into())])
+                    .clone()
+            }),
+            auth_refusals,
             history: Default::default(),
         }
     }
@@ -54,21 +80,34 @@ impl Default for Metrics {
 impl Metrics {
     /// One answered time-stamp request (also those refused at the HTTP level).
     pub fn request(&self, outcome: Outcome, duration: Duration) {
-        let labels = match outcome {
+        match outcome {
             Outcome::Granted => {
                 self.tokens.inc();
-                vec![("outcome", "granted".into()), ("fail_info", "none".into())]
+                self.granted.inc();
             }
             Outcome::Rejected(fail) => {
                 self.rejections.inc();
-                vec![
-                    ("outcome", "rejected".into()),
-                    ("fail_info", fail.name().into()),
-                ]
+                let at = FailInfo::ALL.iter().position(|f| *f == fail);
+                self.rejected[at.expect("every failInfo is in ALL")].inc();
             }
-        };
-        self.requests.get_or_create(&labels).inc();
+        }
         self.request_duration.observe(duration.as_secs_f64());
+    }
+
+    /// A request refused by client authentication (401) or its client's quota (429).
+    pub fn auth_refused(&self, why: AuthRefusal) {
+        self.auth_refused[why as usize].inc();
+    }
+
+    /// A request or a connection refused by overload control.
+    pub fn overloaded(&self, what: Overload) {
+        let limit = match what {
+            Overload::Queue => "queue",
+            Overload::Connections => "connections",
+        };
+        self.overloads
+            .get_or_create(&vec![("limit", limit.into())])
+            .inc();
     }
 
     /// Tokens issued and requests rejected since start.
@@ -114,9 +153,68 @@ impl Metrics {
             "Signatures that failed",
             m.signer_errors.clone(),
         );
+        r.register(
+            "overload_refusals",
+            "Requests (limit=queue) and connections (limit=connections) refused with 503 \
+             because the server was full",
+            m.overloads.clone(),
+        );
+        r.register(
+            "auth_refusals",
+            "Requests refused for want of credentials (reason=unauthenticated, 401), with wrong \
+             ones (reason=invalid_credentials, 401) or over their client's quota (reason=quota, 429)",
+            m.auth_refusals.clone(),
+        );
+        if let Some(archive) = tsa.archive() {
+            let stats = archive.commit_stats();
+            r.register_with_unit(
+                "archive_commit_duration",
+                "Time of one archive commit (a transaction and its fsync)",
+                Unit::Seconds,
+                stats.duration.clone(),
+            );
+            r.register(
+                "archive_commit_records",
+                "Token records in one archive commit (group commit)",
+                stats.records.clone(),
+            );
+        }
         r.register_collector(Box::new(Scraped(tsa.clone())));
         r
     }
+}
+
+/// Why client authentication refused a request.
+#[derive(Clone, Copy, Debug)]
+pub enum AuthRefusal {
+    Unauthenticated = 0,
+    InvalidCredentials = 1,
+    Quota = 2,
+}
+
+impl AuthRefusal {
+    const ALL: [AuthRefusal; 3] = [
+        AuthRefusal::Unauthenticated,
+        AuthRefusal::InvalidCredentials,
+        AuthRefusal::Quota,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            AuthRefusal::Unauthenticated => "unauthenticated",
+            AuthRefusal::InvalidCredentials => "invalid_credentials",
+            AuthRefusal::Quota => "quota",
+        }
+    }
+}
+
+/// What overload control found full.
+#[derive(Clone, Copy, Debug)]
+pub enum Overload {
+    /// `server.max_queue`: requests admitted and not yet answered.
+    Queue,
+    /// `server.max_connections`.
+    Connections,
 }
 
 /// Encodes all metrics of `tsa` in the OpenMetrics text format.
@@ -174,6 +272,38 @@ impl Collector for Scraped {
             Some(&Unit::Seconds),
             &[(none.clone(), left)],
         )?;
+
+        gauge(
+            &mut e,
+            "queue_depth",
+            "Time-stamp requests admitted and not yet answered (a batch: one per chunk of 64 items)",
+            None,
+            &[(none.clone(), tsa.admission.depth() as f64)],
+        )?;
+        gauge(
+            &mut e,
+            "queue_limit",
+            "The most requests admitted at once (server.max_queue)",
+            None,
+            &[(none.clone(), tsa.admission.max_queue() as f64)],
+        )?;
+        gauge(
+            &mut e,
+            "open_connections",
+            "Open connections on the public listener",
+            None,
+            &[(none.clone(), tsa.connections.count() as f64)],
+        )?;
+
+        if let Some(archive) = tsa.archive() {
+            gauge(
+                &mut e,
+                "archive_queue_depth",
+                "Token records and events waiting for the archive's next commit",
+                None,
+                &[(none.clone(), archive.queue_depth() as f64)],
+            )?;
+        }
 
         let clock = tsa.clock();
         let reading = clock.reading();

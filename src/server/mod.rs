@@ -3,12 +3,15 @@
 //! [`build`] composes protocol, clock, signer and serials; [`issue`] is the request path;
 //! [`http`] is routing and limits only.
 
+mod admission;
+pub mod auth;
 mod history;
 mod http;
 mod issue;
 mod metrics;
 mod status;
 mod systemd;
+mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,24 +34,24 @@ use crate::signer::{
     certificate::TsuCertificate, pkcs11::Pkcs11Signer, software::SoftwareSigner, Signer,
 };
 
-pub use issue::{Client, Issuing, Outcome, Tsa};
+pub use http::serve_stream;
+pub use issue::{Client, Issuing, Outcome, Rollover, Tsa};
 
 /// Builds the TSA, refusing with a clear message whatever would make it issue bad tokens.
 /// Call it inside a tokio runtime: the disciplined clock starts its tasks there.
 pub fn build(config: &Config) -> anyhow::Result<Tsa> {
-    let signer: Arc<dyn Signer> = match &config.signer {
-        SignerConfig::Software {
-            key, rsa_padding, ..
-        } => Arc::new(SoftwareSigner::load(key, *rsa_padding)?),
-        SignerConfig::Pkcs11(pkcs11) => Arc::new(Pkcs11Signer::open(pkcs11)?),
-    };
-    let issuing = issuing(config, signer.as_ref())?;
+    let signer = open_signer(&config.signer)?;
+    let issuing = issuing(config, &config.signer, signer.as_ref(), SystemTime::now())?;
     tracing::info!(
         event = "key_loaded",
         subject = %issuing.certificate().subject(),
         algorithm = signer.algorithm().name(),
         "signing key and certificate loaded"
     );
+    let rollover = match &config.rollover {
+        Some(planned) => Some(plan_rollover(config, planned, &issuing)?),
+        None => None,
+    };
 
     let max_accuracy = Duration::from_millis(config.clock.max_accuracy_ms);
     let source: Box<dyn TimeSource> = match config.clock.source {
@@ -100,21 +103,94 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         signer_ok: AtomicBool::new(true),
         blocking_lane: Arc::new(tokio::sync::Semaphore::new(blocking_lane)),
         metrics: metrics::Metrics::default(),
+        admission: admission::Admission::new(config.server.max_queue),
+        connections: admission::Connections::new(config.server.max_connections),
+        auth: ArcSwap::from_pointee(auth::Auth::new(&config.auth)?),
+        rollover,
     })
 }
 
-/// The reloadable part: request rules, certificate and chain, token template. The
-/// development clock forces the development policy; any other clock refuses it.
-pub fn issuing(config: &Config, signer: &dyn Signer) -> anyhow::Result<Issuing> {
-    let (cert_path, chain) = match &config.signer {
+fn open_signer(config: &SignerConfig) -> anyhow::Result<Arc<dyn Signer>> {
+    Ok(match config {
         SignerConfig::Software {
-            certificate, chain, ..
-        } => (certificate, chain),
-        SignerConfig::Pkcs11(pkcs11) => (&pkcs11.certificate, &pkcs11.chain),
+            key, rsa_padding, ..
+        } => Arc::new(SoftwareSigner::load(key, *rsa_padding)?),
+        SignerConfig::Pkcs11(pkcs11) => Arc::new(Pkcs11Signer::open(pkcs11)?),
+    })
+}
+
+/// The second signer of a planned rollover, checked as it will be used: its certificate
+/// valid at the rollover instant.
+fn plan_rollover(
+    config: &Config,
+    planned: &crate::config::RolloverConfig,
+    first: &Issuing,
+) -> anyhow::Result<Rollover> {
+    let at_ns = planned.at_unix_ns()?;
+    let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(at_ns);
+    let signer = open_signer(&planned.signer).context("rollover.signer")?;
+    let issuing = issuing(
+        config,
+        &planned.signer,
+        signer.as_ref(),
+        at.max(SystemTime::now()),
+    )
+    .context("rollover.signer")?;
+    if first.certificate().not_after() < at {
+        tracing::warn!(
+            not_after = %chrono::DateTime::<chrono::Utc>::from(first.certificate().not_after()),
+            "the current signing certificate expires before the planned rollover: no tokens \
+             will be issued in between"
+        );
+    }
+    tracing::info!(
+        event = "key_rollover_planned",
+        at = %planned.at,
+        subject = %issuing.certificate().subject(),
+        algorithm = signer.algorithm().name(),
+        "a key rollover is planned: from then on tokens are signed by this key"
+    );
+    Ok(Rollover::new(at_ns, signer, issuing))
+}
+
+/// Rebuilds what a reload replaces (SIGHUP): request rules, certificates and chains, token
+/// templates, for the current signer and the planned one. The keys themselves and the
+/// rollover instant stay as they were started.
+pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
+    if config.rollover.as_ref().map(|r| &r.at) != tsa.rollover.as_ref().map(|r| &r.at) {
+        bail!("[rollover] changed: a planned rollover is set at start; restart to change it");
+    }
+    let now = SystemTime::now();
+    let first = issuing(config, &config.signer, tsa.first_signer(), now)?;
+    let next = match (&config.rollover, &tsa.rollover) {
+        (Some(planned), Some(rollover)) => {
+            let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(rollover.at_ns);
+            Some(issuing(
+                config,
+                &planned.signer,
+                rollover.signer.as_ref(),
+                at.max(now),
+            )?)
+        }
+        _ => None,
     };
+    tsa.reload(first, next);
+    Ok(())
+}
+
+/// The reloadable part for one signer: request rules, certificate and chain, token template,
+/// with the certificate checked against the key and for validity at `valid_at`. The
+/// development clock forces the development policy; any other clock refuses it.
+pub fn issuing(
+    config: &Config,
+    signer_config: &SignerConfig,
+    signer: &dyn Signer,
+    valid_at: SystemTime,
+) -> anyhow::Result<Issuing> {
+    let (cert_path, chain) = signer_config.certificates();
     let certificate = TsuCertificate::load(cert_path, chain)?;
     certificate
-        .check(signer, SystemTime::now())
+        .check(signer, valid_at)
         .context("the TSU certificate cannot be used")?;
 
     let (mut default_policy, mut other_policies) = config.policies()?;
@@ -184,6 +260,8 @@ impl<T: TimeSource> TimeSource for SharedSource<T> {
 pub struct Bound {
     pub public: SocketAddr,
     pub admin: SocketAddr,
+    /// The HTTPS listener (`server.https_listen`).
+    pub https: Option<SocketAddr>,
 }
 
 /// Binds both listeners, reports them through `on_bound`, and serves until `shutdown`
@@ -200,13 +278,28 @@ pub async fn serve(
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
+    let https = match config.https_listen {
+        Some(addr) => {
+            let acceptor = tls::acceptor(&config.tls)?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (HTTPS)"))?;
+            Some((listener, acceptor))
+        }
+        None => None,
+    };
     on_bound(Bound {
         public: public.local_addr()?,
         admin: admin.local_addr()?,
+        https: match &https {
+            Some((listener, _)) => Some(listener.local_addr()?),
+            None => None,
+        },
     });
     tokio::spawn(systemd::supervise(tsa.clone()));
     tokio::spawn(history::run(tsa.clone()));
-    let served = http::run(tsa.clone(), config, public, admin, shutdown).await;
+    tokio::spawn(roll_over(tsa.clone()));
+    let served = http::run(tsa.clone(), config, public, admin, https, shutdown).await;
     if let Some(archive) = tsa.archive() {
         // What is queued, a last signed checkpoint and the state file.
         archive.close();
@@ -220,12 +313,49 @@ fn open_archive(
     signer: &Arc<dyn Signer>,
     issuing: &Issuing,
 ) -> anyhow::Result<crate::archive::Archive> {
+    let checkpoints = checkpoint_signer(signer, issuing.certificate().der())?;
+    crate::archive::Archive::open(&config.archive, checkpoints)
+}
+
+fn checkpoint_signer(
+    signer: &Arc<dyn Signer>,
+    certificate: &[u8],
+) -> anyhow::Result<crate::archive::CheckpointSigner> {
     use der::Encode;
     let key = Arc::clone(signer);
-    let checkpoint_signer = crate::archive::CheckpointSigner {
+    Ok(crate::archive::CheckpointSigner {
         sign: Box::new(move |message| key.sign(message).map_err(|e| e.to_string())),
         algorithm: signer.algorithm().algorithm_identifier().to_der()?,
-        certificate: issuing.certificate().der().to_vec(),
-    };
-    crate::archive::Archive::open(&config.archive, checkpoint_signer)
+        certificate: certificate.to_vec(),
+    })
+}
+
+/// Waits for the planned rollover's instant (by the system clock, in steps of at most a
+/// minute so that a stepped clock cannot delay it much), then records the key event and
+/// hands the archive's checkpoints to the new key. Tokens change keys by their own genTime
+/// in the request path, whatever this task does.
+async fn roll_over(tsa: Arc<Tsa>) {
+    let Some(next) = tsa.rollover() else { return };
+    loop {
+        let now = crate::clock::system_unix_ns();
+        if now >= next.at_ns {
+            break;
+        }
+        let left = Duration::from_nanos(next.at_ns - now);
+        tokio::time::sleep(left.min(Duration::from_secs(60))).await;
+    }
+    let issuing = next.issuing.load();
+    tracing::warn!(
+        event = "key_rollover",
+        at = %next.at,
+        subject = %issuing.certificate().subject(),
+        algorithm = next.signer.algorithm().name(),
+        "planned key rollover: tokens are now signed by the new key"
+    );
+    if let Some(archive) = tsa.archive() {
+        match checkpoint_signer(&next.signer, issuing.certificate().der()) {
+            Ok(signer) => archive.set_checkpoint_signer(signer),
+            Err(e) => tracing::error!(error = %e, "archive checkpoints keep the old key"),
+        }
+    }
 }

@@ -89,10 +89,10 @@ pub fn gather(tsa: &Tsa) -> Page {
         },
         sources: views.sources,
         signer: SignerStatus {
-            algorithm: tsa.signer.algorithm().name(),
+            algorithm: tsa.signer().algorithm().name(),
             subject: tsa.certificate().subject(),
             not_after_ns,
-            health: tsa.signer.health(),
+            health: tsa.signer().health(),
             readiness: tsa.readiness(),
         },
         tokens,

@@ -14,6 +14,8 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     pub url: String,
     pub admin_url: String,
+    /// The HTTPS listener's URL, when `server.https_listen` is set.
+    pub https_url: Option<String>,
     child: Child,
 }
 
@@ -64,7 +66,8 @@ impl Server {
         BufReader::new(stdout)
             .read_line(&mut first)
             .expect("read announcement");
-        // "tsa: serving RFC 3161 on http://127.0.0.1:PORT/ (admin http://127.0.0.1:PORT)"
+        // "tsa: serving RFC 3161 on http://127.0.0.1:PORT/ (admin http://127.0.0.1:PORT)", with
+        // " and https://127.0.0.1:PORT/" before "(admin" when HTTPS is on.
         let url = first
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
@@ -76,10 +79,15 @@ impl Server {
             .and_then(|s| s.strip_suffix(")\n"))
             .unwrap_or_else(|| panic!("no admin URL in {first:?}"))
             .to_string();
+        let https_url = first
+            .split_whitespace()
+            .find(|w| w.starts_with("https://"))
+            .map(str::to_string);
         Server {
             dir,
             url,
             admin_url,
+            https_url,
             child,
         }
     }

@@ -152,17 +152,44 @@ impl Cluster {
                 "--locale=C",
             ],
         );
-        let socket = cluster.dir.path().display().to_string();
-        let options =
-            format!("-c listen_addresses=127.0.0.1 -p {port} -k {socket} -c max_connections=100");
-        let log = cluster.dir.path().join("log").display().to_string();
-        cluster.run(
+        cluster.start_again();
+        cluster
+    }
+
+    /// `pg_ctl start` on the cluster's data directory and port (after [`Cluster::stop`]).
+    pub fn start_again(&self) {
+        let socket = self.dir.path().display().to_string();
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {socket} -c max_connections=100",
+            self.port
+        );
+        let log = self.dir.path().join("log").display().to_string();
+        self.run(
             "pg_ctl",
             &[
-                "-D", &data, "-o", &options, "-l", &log, "-w", "-t", "60", "start",
+                "-D",
+                &self.data(),
+                "-o",
+                &options,
+                "-l",
+                &log,
+                "-w",
+                "-t",
+                "60",
+                "start",
             ],
         );
-        cluster
+    }
+
+    /// `pg_ctl stop -m fast`: the server ends every session and stops (an outage).
+    pub fn stop(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+    }
+
+    /// A client on `database`, as `psql` would be.
+    pub fn client(&self, database: &str) -> postgres::Client {
+        postgres::Client::connect(&self.url(database), postgres::NoTls)
+            .expect("connect to the test cluster")
     }
 
     /// `key=value` connection settings for `database`.

@@ -1,0 +1,587 @@
+//! Who is asking, and how many tokens they may take.
+//!
+//! A request names its client with an API key in the `Authorization` header (`Bearer <key>`,
+//! or `Basic` with the key as the password and an empty user name or the client's own name),
+//! with a TLS client certificate that the HTTPS listener verified against `server.tls.client_ca`
+//! (mapped by its SHA-256 fingerprint or its subject), or with both when they agree. A
+//! credential that is presented but wrong is refused (401), never taken as anonymous; a request
+//! with none is the anonymous client when `auth.anonymous` allows it.
+//!
+//! API keys are random 256-bit strings, so the configuration keeps their SHA-256 only (a slow
+//! password hash would add nothing against guessing and cost every request). Quotas are token
+//! buckets, one per configured client and one shared by all anonymous callers, so that memory
+//! stays bounded whoever calls; a batch of n requests takes n tokens at once.
+//!
+//! Everything here is pure: the HTTP layer hands in the header and the verified certificate and
+//! turns a [`Refusal`] or a wait into its reply.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::constant_time::verify_slices_are_equal;
+use aws_lc_rs::digest::{digest, SHA256};
+use base64::Engine;
+
+use super::Client;
+use crate::config::{sha256_hex, AuthConfig};
+
+/// Why a request was not authenticated; the HTTP layer answers 401.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No credential, and anonymous access is off.
+    Unauthenticated,
+    /// A credential was presented and is wrong (or two of them disagree); the reason is for
+    /// the server's log, never for the client.
+    InvalidCredentials(&'static str),
+}
+
+/// The identity of a verified TLS client certificate, computed once per connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerCertificate {
+    /// SHA-256 of the certificate's DER.
+    pub sha256: [u8; 32],
+    /// The subject in RFC 4514 form (`CN=…,O=…,C=…`); empty when it cannot be read.
+    pub subject: String,
+}
+
+impl PeerCertificate {
+    pub fn from_der(der: &[u8]) -> Self {
+        use der::Decode;
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(digest(&SHA256, der).as_ref());
+        let subject = x509_cert::Certificate::from_der(der)
+            .map(|c| c.tbs_certificate().subject().to_string())
+            .unwrap_or_default();
+        Self { sha256, subject }
+    }
+}
+
+impl super::Tsa {
+    /// Replaces the clients of `[auth]` and their quotas (SIGHUP); the quotas start full.
+    pub fn reload_clients(&self, auth: Auth) {
+        tracing::info!(
+            event = "clients_reloaded",
+            clients = auth.clients.len(),
+            anonymous = auth.anonymous,
+            "clients and quotas reloaded"
+        );
+        self.auth.store(Arc::new(auth));
+    }
+}
+
+/// One configured client.
+struct Known {
+    client: Client,
+    api_key_sha256: Option<[u8; 32]>,
+    bucket: Option<Bucket>,
+}
+
+/// The clients of `[auth]` with their quotas. Replaced whole on reload (quotas start full).
+pub struct Auth {
+    anonymous: bool,
+    anonymous_bucket: Option<Bucket>,
+    clients: Vec<Known>,
+    by_key: HashMap<[u8; 32], usize>,
+    by_certificate: HashMap<[u8; 32], usize>,
+    by_subject: HashMap<String, usize>,
+    by_name: HashMap<Arc<str>, usize>,
+    /// The time base of the buckets.
+    epoch: Instant,
+}
+
+impl Auth {
+    /// The clients of a configuration (which `Config::load` has validated).
+    pub fn new(config: &AuthConfig) -> anyhow::Result<Self> {
+        let mut auth = Self {
+            anonymous: config.anonymous,
+            anonymous_bucket: Bucket::new(config.anonymous_rate_per_s, config.anonymous_burst),
+            clients: Vec::with_capacity(config.client.len()),
+            by_key: HashMap::new(),
+            by_certificate: HashMap::new(),
+            by_subject: HashMap::new(),
+            by_name: HashMap::new(),
+            epoch: Instant::now(),
+        };
+        for (i, c) in config.client.iter().enumerate() {
+            let client = Client::named(c.name.as_str());
+            let name = client.name.clone().expect("a named client");
+            if auth.by_name.insert(name, i).is_some() {
+                anyhow::bail!("auth.client '{}' is configured twice", c.name);
+            }
+            let api_key_sha256 = c.api_key_sha256.as_deref().map(sha256_hex).transpose()?;
+            if let Some(hash) = api_key_sha256 {
+                auth.by_key.insert(hash, i);
+            }
+            if let Some(hash) = &c.certificate_sha256 {
+                auth.by_certificate.insert(sha256_hex(hash)?, i);
+            }
+            if let Some(subject) = &c.certificate_subject {
+                auth.by_subject.insert(subject.clone(), i);
+            }
+            auth.clients.push(Known {
+                client,
+                api_key_sha256,
+                bucket: Bucket::new(c.rate_per_s, c.burst),
+            });
+        }
+        Ok(auth)
+    }
+
+    /// The client of a request: from its `Authorization` header (`None` when absent) and
+    /// the TLS client certificate its connection presented and the handshake verified.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        certificate: Option<&PeerCertificate>,
+    ) -> Result<Client, Refusal> {
+        let by_key = authorization
+            .map(|h| self.by_authorization(h))
+            .transpose()?;
+        let by_certificate = certificate.map(|c| {
+            self.by_certificate
+                .get(&c.sha256)
+                .or_else(|| self.by_subject.get(&c.subject))
+                .copied()
+        });
+        let index = match (by_key, by_certificate) {
+            (Some(key), Some(Some(cert))) if key != cert => {
+                return Err(Refusal::InvalidCredentials(
+                    "the API key and the client certificate belong to different clients",
+                ))
+            }
+            (Some(key), _) => key,
+            (None, Some(Some(cert))) => cert,
+            (None, Some(None)) => {
+                return Err(Refusal::InvalidCredentials(
+                    "the client certificate belongs to no configured client",
+                ))
+            }
+            (None, None) if self.anonymous => return Ok(Client::ANONYMOUS),
+            (None, None) => return Err(Refusal::Unauthenticated),
+        };
+        Ok(self.clients[index].client.clone())
+    }
+
+    /// The configured client an `Authorization` header names.
+    fn by_authorization(&self, header: &[u8]) -> Result<usize, Refusal> {
+        const MALFORMED: Refusal = Refusal::InvalidCredentials("malformed Authorization header");
+        let header = std::str::from_utf8(header).map_err(|_| MALFORMED)?.trim();
+        let (scheme, rest) = header.split_once(' ').ok_or(MALFORMED)?;
+        let rest = rest.trim();
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return self.by_key(rest.as_bytes());
+        }
+        if !scheme.eq_ignore_ascii_case("basic") {
+            return Err(Refusal::InvalidCredentials(
+                "unsupported Authorization scheme (Bearer or Basic)",
+            ));
+        }
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .map_err(|_| MALFORMED)?;
+        let colon = decoded.iter().position(|b| *b == b':').ok_or(MALFORMED)?;
+        let (user, password) = (&decoded[..colon], &decoded[colon + 1..]);
+        // The key as the password (user name empty or the client's own), or as the user name
+        // with an empty password, as some clients send it.
+        let (user, key) = match password.is_empty() {
+            true => (&[][..], user),
+            false => (user, password),
+        };
+        let index = self.by_key(key)?;
+        let name = self.clients[index].client.name.as_deref().unwrap_or("");
+        if !user.is_empty() && user != name.as_bytes() {
+            return Err(Refusal::InvalidCredentials(
+                "the Basic user name is not the API key's client",
+            ));
+        }
+        Ok(index)
+    }
+
+    fn by_key(&self, key: &[u8]) -> Result<usize, Refusal> {
+        const UNKNOWN: Refusal = Refusal::InvalidCredentials("unknown API key");
+        if key.is_empty() {
+            return Err(UNKNOWN);
+        }
+        let hash = digest(&SHA256, key);
+        // Looking up a hash of a 256-bit random key tells a timing attacker nothing about the
+        // key; the comparison of the stored hash is constant-time all the same.
+        let hash: [u8; 32] = hash.as_ref().try_into().expect("32 octets");
+        let &index = self.by_key.get(&hash).ok_or(UNKNOWN)?;
+        let stored = self.clients[index].api_key_sha256.as_ref().ok_or(UNKNOWN)?;
+        verify_slices_are_equal(stored, &hash).map_err(|_| UNKNOWN)?;
+        Ok(index)
+    }
+
+    /// Takes `n` tokens from `client`'s quota; when it does not hold them, nothing is taken and
+    /// the answer is how long to wait. A client unknown here (configured before a reload that
+    /// removed it) has no quota.
+    pub fn take(&self, client: &Client, n: u32) -> Result<(), Duration> {
+        let bucket = match &client.name {
+            None => self.anonymous_bucket.as_ref(),
+            Some(name) => self
+                .by_name
+                .get(name)
+                .and_then(|&i| self.clients[i].bucket.as_ref()),
+        };
+        match bucket {
+            None => Ok(()),
+            Some(bucket) => {
+                let now = self.epoch.elapsed().as_nanos() as u64;
+                bucket.take(now, n).map_err(Duration::from_nanos)
+            }
+        }
+    }
+}
+
+/// A token bucket as the generic cell rate algorithm: one atomic, the theoretical arrival
+/// time (TAT) of the next token; the bucket is full when the TAT is not after now.
+struct Bucket {
+    /// Nanoseconds per token.
+    interval: u64,
+    /// Burst × interval: how far the TAT may run ahead of now.
+    capacity: u64,
+    tat: AtomicU64,
+}
+
+impl Bucket {
+    /// None for an unlimited rate (0).
+    fn new(rate_per_s: f64, burst: u32) -> Option<Self> {
+        if rate_per_s <= 0.0 || !rate_per_s.is_finite() {
+            return None;
+        }
+        let interval = (1e9 / rate_per_s).round().max(1.0) as u64;
+        let burst = match burst {
+            0 => rate_per_s.ceil().max(1.0) as u64,
+            b => u64::from(b),
+        };
+        Some(Self {
+            interval,
+            capacity: interval.saturating_mul(burst),
+            tat: AtomicU64::new(0),
+        })
+    }
+
+    /// Takes `n` tokens at `now` (ns), or answers the wait in ns. More than the burst at once
+    /// (a large batch) is taken from a full bucket, which then stays empty until the debt is
+    /// paid back at the rate.
+    fn take(&self, now: u64, n: u32) -> Result<(), u64> {
+        let cost = self.interval.saturating_mul(u64::from(n));
+        let mut tat = self.tat.load(Ordering::Relaxed);
+        loop {
+            let next = tat.max(now).saturating_add(cost);
+            let fits = next - now <= self.capacity || (cost > self.capacity && tat <= now);
+            if !fits {
+                return Err(match cost > self.capacity {
+                    true => tat - now,
+                    false => next - now - self.capacity,
+                });
+            }
+            match self
+                .tat
+                .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(current) => tat = current,
+            }
+        }
+    }
+}
+
+/// A new API key: `tsa_` and 32 random octets in URL-safe base64, with its SHA-256 in hex.
+pub fn new_api_key() -> (String, String) {
+    let mut random = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut random).expect("the system RNG");
+    let key = format!(
+        "tsa_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random)
+    );
+    let hash = api_key_sha256(&key);
+    (key, hash)
+}
+
+/// The hex SHA-256 of an API key, as `api_key_sha256` holds it.
+pub fn api_key_sha256(key: &str) -> String {
+    hex(digest(&SHA256, key.as_bytes()).as_ref())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ClientConfig;
+
+    const ALICE_KEY: &str = "tsa_alice-key-for-tests-only-000000000000000";
+    const BOB_KEY: &str = "tsa_bob-key-for-tests-only-00000000000000000";
+
+    fn client(name: &str) -> ClientConfig {
+        ClientConfig {
+            name: name.into(),
+            api_key_sha256: None,
+            certificate_sha256: None,
+            certificate_subject: None,
+            rate_per_s: 0.0,
+            burst: 0,
+        }
+    }
+
+    fn config(anonymous: bool) -> AuthConfig {
+        AuthConfig {
+            anonymous,
+            anonymous_rate_per_s: 0.0,
+            anonymous_burst: 0,
+            client: vec![
+                ClientConfig {
+                    api_key_sha256: Some(api_key_sha256(ALICE_KEY)),
+                    ..client("alice")
+                },
+                ClientConfig {
+                    api_key_sha256: Some(api_key_sha256(BOB_KEY).to_uppercase()),
+                    certificate_sha256: Some(
+                        [0xb0u8; 32]
+                            .iter()
+                            .map(|b| format!("{b:02X}"))
+                            .collect::<Vec<_>>()
+                            .join(":"),
+                    ),
+                    ..client("bob")
+                },
+                ClientConfig {
+                    certificate_subject: Some("CN=carol,O=Example,C=VN".into()),
+                    ..client("carol")
+                },
+            ],
+        }
+    }
+
+    fn basic(user: &str, password: &str) -> Vec<u8> {
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        format!("Basic {encoded}").into_bytes()
+    }
+
+    fn bearer(key: &str) -> Vec<u8> {
+        format!("Bearer {key}").into_bytes()
+    }
+
+    fn cert(sha256: [u8; 32], subject: &str) -> PeerCertificate {
+        PeerCertificate {
+            sha256,
+            subject: subject.into(),
+        }
+    }
+
+    fn name(result: Result<Client, Refusal>) -> Result<Option<String>, Refusal> {
+        result.map(|c| c.name.as_deref().map(str::to_owned))
+    }
+
+    #[test]
+    fn api_keys_name_their_client_by_bearer_and_basic() {
+        let auth = Auth::new(&config(false)).unwrap();
+        let alice = Ok(Some("alice".to_string()));
+        for header in [
+            bearer(ALICE_KEY),
+            format!("bearer   {ALICE_KEY} ").into_bytes(),
+            basic("", ALICE_KEY),
+            basic("alice", ALICE_KEY),
+            basic(ALICE_KEY, ""),
+        ] {
+            assert_eq!(name(auth.authenticate(Some(&header), None)), alice);
+        }
+        assert_eq!(
+            name(auth.authenticate(Some(&bearer(BOB_KEY)), None)),
+            Ok(Some("bob".into())),
+            "an upper-case hash in the configuration"
+        );
+    }
+
+    #[test]
+    fn wrong_credentials_are_refused_even_when_anonymous_is_allowed() {
+        let auth = Auth::new(&config(true)).unwrap();
+        let invalid = |header: &[u8]| {
+            matches!(
+                auth.authenticate(Some(header), None),
+                Err(Refusal::InvalidCredentials(_))
+            )
+        };
+        assert!(invalid(&bearer("tsa_not-a-key")));
+        assert!(invalid(&bearer(&ALICE_KEY[..ALICE_KEY.len() - 1])));
+        assert!(invalid(b"Bearer "));
+        assert!(invalid(b"Bearer"));
+        assert!(invalid(&basic("bob", ALICE_KEY)), "another client's name");
+        assert!(invalid(&basic("", "")));
+        assert!(invalid(b"Basic not base64!"));
+        assert!(invalid(b"Basic YWxpY2U="), "no colon");
+        assert!(invalid(format!("Digest {ALICE_KEY}").as_bytes()));
+        assert!(invalid(&[0xff, 0xfe]));
+        // Anonymous without credentials.
+        assert_eq!(name(auth.authenticate(None, None)), Ok(None));
+    }
+
+    #[test]
+    fn without_anonymous_access_a_credential_is_needed() {
+        let auth = Auth::new(&config(false)).unwrap();
+        assert_eq!(auth.authenticate(None, None), Err(Refusal::Unauthenticated));
+    }
+
+    #[test]
+    fn client_certificates_map_by_fingerprint_or_subject_and_must_agree_with_a_key() {
+        let auth = Auth::new(&config(false)).unwrap();
+        let bob = cert([0xb0; 32], "CN=whoever");
+        let carol = cert([0xc0; 32], "CN=carol,O=Example,C=VN");
+        let stranger = cert([0x50; 32], "CN=stranger");
+        assert_eq!(
+            name(auth.authenticate(None, Some(&bob))),
+            Ok(Some("bob".into()))
+        );
+        assert_eq!(
+            name(auth.authenticate(None, Some(&carol))),
+            Ok(Some("carol".into()))
+        );
+        assert!(matches!(
+            auth.authenticate(None, Some(&stranger)),
+            Err(Refusal::InvalidCredentials(_))
+        ));
+        // Key and certificate: the same client, or the key with an unmapped certificate.
+        assert_eq!(
+            name(auth.authenticate(Some(&bearer(BOB_KEY)), Some(&bob))),
+            Ok(Some("bob".into()))
+        );
+        assert_eq!(
+            name(auth.authenticate(Some(&bearer(ALICE_KEY)), Some(&stranger))),
+            Ok(Some("alice".into()))
+        );
+        assert!(matches!(
+            auth.authenticate(Some(&bearer(ALICE_KEY)), Some(&bob)),
+            Err(Refusal::InvalidCredentials(_))
+        ));
+        // A wrong key is not saved by a good certificate.
+        assert!(matches!(
+            auth.authenticate(Some(&bearer("tsa_wrong")), Some(&bob)),
+            Err(Refusal::InvalidCredentials(_))
+        ));
+    }
+
+    #[test]
+    fn a_bucket_gives_its_burst_then_the_rate() {
+        let ms = 1_000_000u64;
+        let bucket = Bucket::new(5.0, 5).unwrap();
+        for _ in 0..5 {
+            assert_eq!(bucket.take(0, 1), Ok(()));
+        }
+        assert_eq!(bucket.take(0, 1), Err(200 * ms), "one token every 200 ms");
+        assert_eq!(bucket.take(199 * ms, 1), Err(ms));
+        assert_eq!(bucket.take(200 * ms, 1), Ok(()));
+        assert_eq!(bucket.take(200 * ms, 1), Err(200 * ms));
+        // After a long pause the bucket is full again, not fuller.
+        assert_eq!(bucket.take(10_000 * ms, 5), Ok(()));
+        assert_eq!(bucket.take(10_000 * ms, 1), Err(200 * ms));
+        // Several at once: all or nothing.
+        assert_eq!(bucket.take(10_400 * ms, 3), Err(200 * ms));
+        assert_eq!(bucket.take(10_400 * ms, 2), Ok(()));
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_burst_takes_a_full_bucket_and_leaves_a_debt() {
+        let ms = 1_000_000u64;
+        let bucket = Bucket::new(10.0, 0).unwrap(); // burst: one second's worth
+        assert_eq!(bucket.capacity, 1_000 * ms);
+        assert_eq!(bucket.take(0, 1), Ok(()));
+        assert_eq!(bucket.take(0, 30), Err(100 * ms), "only from a full bucket");
+        assert_eq!(bucket.take(100 * ms, 30), Ok(()));
+        // 30 tokens at 10/s: 3 s of debt. One token again once the debt is down to the
+        // burst less one token; another large batch once the bucket is full again.
+        assert_eq!(bucket.take(100 * ms, 1), Err(2_100 * ms));
+        assert_eq!(bucket.take(3_000 * ms, 30), Err(100 * ms));
+        assert_eq!(bucket.take(3_100 * ms, 30), Ok(()));
+    }
+
+    #[test]
+    fn unlimited_clients_and_quotas_by_name() {
+        let mut config = config(true);
+        config.client[0].rate_per_s = 1.0;
+        config.client[0].burst = 2;
+        config.anonymous_rate_per_s = 1.0;
+        config.anonymous_burst = 1;
+        let auth = Auth::new(&config).unwrap();
+        let alice = Client::named("alice");
+        assert_eq!(auth.take(&alice, 2), Ok(()));
+        let wait = auth.take(&alice, 1).unwrap_err();
+        assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1));
+        // Bob has no limit; the anonymous callers share one bucket; unknown names are free.
+        for _ in 0..1000 {
+            assert_eq!(auth.take(&Client::named("bob"), 1), Ok(()));
+        }
+        assert_eq!(auth.take(&Client::ANONYMOUS, 1), Ok(()));
+        assert!(auth.take(&Client::ANONYMOUS, 1).is_err());
+        assert_eq!(auth.take(&Client::named("removed"), 100), Ok(()));
+        assert!(Bucket::new(0.0, 5).is_none());
+    }
+
+    #[test]
+    fn new_keys_are_random_and_match_their_hash() {
+        let (a, hash_a) = new_api_key();
+        let (b, _) = new_api_key();
+        assert_ne!(a, b);
+        assert!(a.starts_with("tsa_") && a.len() == 4 + 43, "{a}");
+        assert_eq!(hash_a, api_key_sha256(&a));
+        let mut config = config(false);
+        config.client[0].api_key_sha256 = Some(hash_a);
+        let auth = Auth::new(&config).unwrap();
+        assert_eq!(
+            name(auth.authenticate(Some(&bearer(&a)), None)),
+            Ok(Some("alice".into()))
+        );
+    }
+
+    #[test]
+    fn the_configuration_is_checked() {
+        use crate::config::Config;
+        let base = "[signer]\nkind = \"software\"\nkey = \"k\"\ncertificate = \"c\"\n";
+        let parse = |extra: &str| {
+            toml::from_str::<Config>(&format!("{base}{extra}"))
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate().map_err(|e| format!("{e:#}")))
+        };
+        let hash = api_key_sha256(ALICE_KEY);
+        parse(&format!(
+            "[auth]\nanonymous = false\nanonymous_rate_per_s = 2\n\
+             [[auth.client]]\nname = \"alice\"\napi_key_sha256 = \"{hash}\"\nrate_per_s = 0.5\nburst = 3\n"
+        ))
+        .unwrap();
+        for bad in [
+            format!(
+                "[[auth.client]]\nname = \"a\"\napi_key_sha256 = \"{}\"\n",
+                &hash[1..]
+            ),
+            format!(
+                "[[auth.client]]\nname = \"a\"\napi_key_sha256 = \"{}x\"\n",
+                &hash[1..]
+            ),
+            "[[auth.client]]\nname = \"a\"\n".into(),
+            format!("[[auth.client]]\nname = \"\"\napi_key_sha256 = \"{hash}\"\n"),
+            format!(
+                "[[auth.client]]\nname = \"a\"\napi_key_sha256 = \"{hash}\"\n\
+                 [[auth.client]]\nname = \"b\"\napi_key_sha256 = \"{hash}\"\n"
+            ),
+            format!(
+                "[[auth.client]]\nname = \"a\"\napi_key_sha256 = \"{hash}\"\n\
+                 [[auth.client]]\nname = \"a\"\ncertificate_subject = \"CN=a\"\n"
+            ),
+            format!(
+                "[[auth.client]]\nname = \"a\"\napi_key_sha256 = \"{hash}\"\nrate_per_s = -1\n"
+            ),
+            format!("[[auth.client]]\nname = \"a\"\napi_key_sha256 = \"{hash}\"\ncolor = 1\n"),
+            // Certificates without a client CA, HTTPS without its files.
+            "[[auth.client]]\nname = \"a\"\ncertificate_subject = \"CN=a\"\n".into(),
+            "[server]\nhttps_listen = \"127.0.0.1:0\"\n".into(),
+            "[server.tls]\nrequire_client_certificate = true\n".into(),
+        ] {
+            assert!(parse(&bad).is_err(), "accepted: {bad}");
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The HTTPS listener: rustls on the aws-lc-rs provider (the signer's crypto library), TLS 1.2
+//! and 1.3 with rustls's safe defaults, HTTP/1.1 inside. With `server.tls.client_ca` the server
+//! asks for a client certificate and verifies it (webpki: chain to one of those CAs, validity,
+//! the clientAuth key usage when the certificate names any); a certificate that fails is
+//! refused in the handshake, and `require_client_certificate` refuses a handshake without one.
+//! The verified certificate's identity goes with every request of the connection to
+//! [`super::auth`], which maps it to a configured client.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::auth::PeerCertificate;
+use crate::config::TlsConfig;
+
+/// The rustls server configuration of `[server.tls]`: refuses to start on a missing or
+/// unreadable certificate, key or client CA.
+pub fn acceptor(config: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let (Some(cert_path), Some(key_path)) = (&config.certificate, &config.key) else {
+        bail!("server.https_listen needs server.tls.certificate and server.tls.key");
+    };
+    let chain = certificates(cert_path).context("server.tls.certificate")?;
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .with_context(|| format!("server.tls.key: cannot read {}", key_path.display()))?;
+
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?;
+    let builder = if config.client_ca.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let mut roots = RootCertStore::empty();
+        for path in &config.client_ca {
+            for cert in certificates(path).context("server.tls.client_ca")? {
+                roots.add(cert).with_context(|| {
+                    format!(
+                        "server.tls.client_ca: {} is not a usable CA",
+                        path.display()
+                    )
+                })?;
+            }
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+        let verifier = match config.require_client_certificate {
+            true => verifier,
+            false => verifier.allow_unauthenticated(),
+        };
+        builder.with_client_cert_verifier(
+            verifier
+                .build()
+                .context("server.tls.client_ca: cannot build the client verifier")?,
+        )
+    };
+    let mut server = builder
+        .with_single_cert(chain, key)
+        .context("server.tls: the certificate does not fit the key")?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(server)))
+}
+
+/// Every certificate of a PEM file; at least one.
+fn certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no certificate", path.display());
+    }
+    Ok(certs)
+}
+
+/// The TLS handshake on an accepted connection, within `timeout`; `None` when it fails (a
+/// refused or missing client certificate, a client that does not speak TLS, a slow one). The
+/// identity of the client certificate, when one was verified, comes with the stream.
+pub async fn handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    timeout: Duration,
+) -> Option<(TlsStream<TcpStream>, Option<Arc<PeerCertificate>>)> {
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let peer = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| Arc::new(PeerCertificate::from_der(leaf)));
+            Some((tls, peer))
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! The server pushed past its limits and fed hostile input over real loopback connections:
+//! overload control (`max_queue`, `max_connections`), keep-alive limits, slow-loris
+//! connections, header floods, pipelined garbage, deeply nested and oversized DER, huge
+//! nonces. Each must end in a bounded, clean answer (or a closed connection) and leave the
+//! server serving.
+
+mod common;
+#[path = "common/wire.rs"]
+mod wire;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::{openssl, Server};
+use tsa::client::read::Response;
+use tsa::protocol::FailInfo;
+use wire::{assert_rejection, assert_serves, decode, query_for, split_url, Conn, QUERY_TYPE};
+
+fn path_of(server: &Server) -> String {
+    split_url(&server.url).1
+}
+
+/// A metric's value from the admin listener's `/metrics`, summed over its series that carry
+/// `label` (e.g. `limit="queue"`), or over all of them for "".
+fn metric(server: &Server, name: &str, label: &str) -> f64 {
+    let out = common::ok(std::process::Command::new("curl").args([
+        "-sS",
+        "--max-time",
+        "10",
+        &format!("{}/metrics", server.admin_url),
+    ]));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.contains(label))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// Reads until the server closes the connection (or `limit` passes); what arrived, and
+/// whether it was closed.
+fn read_to_close(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    let start = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while start.elapsed() < limit {
+        match stream.read(&mut chunk) {
+            Ok(0) => return (got, true),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return (got, true), // reset: closed too
+        }
+    }
+    (got, false)
+}
+
+#[test]
+fn past_max_queue_requests_get_503_with_retry_after() {
+    // RSA signs on the blocking lane (one signature per core at a time), so 24 clients
+    // firing at once keep far more than two requests waiting.
+    let server = Server::start(&["--algorithm", "rsa2048"], "[server]\nmax_queue = 2\n");
+    let path = path_of(&server);
+    let clients = 24;
+    let barrier = Arc::new(Barrier::new(clients));
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            let (url, path, barrier) = (server.url.clone(), path.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut conn = Conn::open(&url);
+                let mut replies = Vec::new();
+                barrier.wait();
+                for j in 0..8 {
+                    let query = query_for(format!("queue {i} {j}").as_bytes());
+                    replies.push(conn.post(&path, &query.to_der().unwrap()));
+                }
+                replies
+            })
+        })
+        .collect();
+    let replies: Vec<_> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+
+    let (mut granted, mut refused) = (0, 0);
+    for reply in &replies {
+        match reply.status {
+            200 => {
+                assert!(decode(reply).granted(), "{reply:?}");
+                granted += 1;
+            }
+            503 => {
+                assert_eq!(reply.header("retry-after"), Some("1"));
+                assert_rejection(reply, FailInfo::SystemFailure);
+                refused += 1;
+            }
+            other => panic!("unexpected status {other}: {reply:?}"),
+        }
+    }
+    assert_eq!(granted + refused, clients * 8);
+    assert!(granted > 0, "nothing was admitted");
+    assert!(
+        refused > 0,
+        "a queue of 2 never overflowed under 24 clients"
+    );
+    assert_eq!(
+        metric(&server, "tsa_overload_refusals_total", "limit=\"queue\""),
+        refused as f64
+    );
+    // Once the burst is over the queue is empty and the server serves again.
+    assert_eq!(metric(&server, "tsa_queue_depth", ""), 0.0);
+    assert_serves(&server);
+}
+
+#[test]
+fn past_max_connections_a_new_connection_gets_503_and_is_closed() {
+    let server = Server::start(&[], "[server]\nmax_connections = 3\n");
+    let (authority, _) = split_url(&server.url);
+    let held: Vec<Conn> = (0..3).map(|_| Conn::open(&server.url)).collect();
+    // Let the server accept the three before the fourth arrives.
+    std::thread::sleep(Duration::from_millis(200));
+
+    let mut fourth = TcpStream::connect(&authority).unwrap();
+    let (answer, closed) = read_to_close(&mut fourth, Duration::from_secs(5));
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 503 ") && answer.contains("Retry-After: 1"),
+        "{answer:?}"
+    );
+    assert!(closed, "the refused connection stays open");
+    assert_eq!(
+        metric(
+            &server,
+            "tsa_overload_refusals_total",
+            "limit=\"connections\""
+        ),
+        1.0
+    );
+    assert_eq!(metric(&server, "tsa_open_connections", ""), 3.0);
+
+    // The held connections are served, and closing one makes room for a new one.
+    let path = path_of(&server);
+    let mut held = held.into_iter();
+    let mut first = held.next().unwrap();
+    let reply = first.post(&path, &query_for(b"held").to_der().unwrap());
+    assert!(decode(&reply).granted());
+    drop(first);
+    common::wait_until(
+        || metric(&server, "tsa_open_connections", "") == 2.0,
+        "the server to notice the closed connection",
+    );
+    assert_serves(&server);
+}
+
+#[test]
+fn keep_alive_connections_close_after_max_requests() {
+    let server = Server::start(&[], "[server]\nmax_requests_per_connection = 3\n");
+    let path = path_of(&server);
+    let mut conn = Conn::open(&server.url);
+    for i in 1..=3 {
+        let reply = conn.post(
+            &path,
+            &query_for(format!("{i}").as_bytes()).to_der().unwrap(),
+        );
+        assert!(decode(&reply).granted());
+        let close = reply.header("connection").map(str::to_ascii_lowercase);
+        assert_eq!(close.as_deref() == Some("close"), i == 3, "request {i}");
+    }
+    let (rest, closed) = read_to_close(&mut conn.stream, Duration::from_secs(5));
+    assert!(closed && rest.is_empty() && conn.buf.is_empty());
+}
+
+#[test]
+fn idle_keep_alive_connections_are_closed_after_the_read_timeout() {
+    let server = Server::start(&[], "[server]\nread_timeout_ms = 500\n");
+    let mut conn = Conn::open(&server.url);
+    let reply = conn.post(&path_of(&server), &query_for(b"idle").to_der().unwrap());
+    assert!(decode(&reply).granted());
+    let start = Instant::now();
+    let (rest, closed) = read_to_close(&mut conn.stream, Duration::from_secs(10));
+    assert!(closed, "an idle keep-alive connection was kept for 10 s");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(start.elapsed() >= Duration::from_millis(400));
+}
+
+#[test]
+fn slow_loris_connections_are_cut_off_and_do_not_starve_others() {
+    let server = Server::start(
+        &[],
+        "[server]\nread_timeout_ms = 1000\nmax_connections = 64\n",
+    );
+    let (authority, path) = split_url(&server.url);
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {QUERY_TYPE}\r\n\
+         X-Padding: {}\r\n",
+        "a".repeat(200)
+    );
+    // 40 connections each sending one octet of their headers every 100 ms.
+    let mut lorises: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let s = TcpStream::connect(&authority).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let mut alive = vec![true; lorises.len()];
+    let start = Instant::now();
+    let mut served = 0;
+    let mut sent = 0;
+    while alive.iter().any(|a| *a) && start.elapsed() < Duration::from_secs(8) {
+        for (stream, alive) in lorises.iter_mut().zip(alive.iter_mut()) {
+            if !*alive {
+                continue;
+            }
+            let mut probe = [0u8; 512];
+            match stream.read(&mut probe) {
+                Ok(_) => *alive = false, // closed, or a 408 before closing
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(_) => *alive = false,
+            }
+            if *alive && sent < head.len() && stream.write(&head.as_bytes()[sent..=sent]).is_err() {
+                *alive = false;
+            }
+        }
+        sent += 1;
+        // Meanwhile a normal client is served.
+        let mut conn = Conn::open(&server.url);
+        let reply = conn.post(&path, &query_for(b"beside the lorises").to_der().unwrap());
+        assert!(decode(&reply).granted());
+        served += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        alive.iter().all(|a| !a),
+        "{} slow connections still open after {:?}",
+        alive.iter().filter(|a| **a).count(),
+        start.elapsed()
+    );
+    assert!(
+        sent < head.len(),
+        "the headers were complete before the cut-off"
+    );
+    assert!(served >= 5);
+    assert_serves(&server);
+}
+
+#[test]
+fn header_floods_get_431_and_the_server_stays_up() {
+    let server = Server::start(&[], "[server]\nmax_header_bytes = 8192\n");
+    let path = path_of(&server);
+    let body = query_for(b"flood").to_der().unwrap();
+
+    // Many small headers, beyond what the parser takes.
+    let many: Vec<(String, String)> = (0..300)
+        .map(|i| (format!("X-Flood-{i}"), "x".into()))
+        .collect();
+    // One header beyond max_header_bytes.
+    let big = vec![("X-Big".to_string(), "b".repeat(16 * 1024))];
+    for headers in [many, big] {
+        let mut conn = Conn::open(&server.url);
+        let mut all: Vec<(&str, &str)> = vec![("Content-Type", QUERY_TYPE)];
+        all.extend(headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        conn.send("POST", &path, &all, &body);
+        let (answer, closed) = read_to_close(&mut conn.stream, Duration::from_secs(5));
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
+        assert!(closed);
+    }
+    assert_serves(&server);
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order_and_garbage_closes_the_connection() {
+    let server = Server::start(&[], "");
+    let path = path_of(&server);
+    let request = |data: &[u8]| {
+        let body = query_for(data).to_der().unwrap();
+        let mut bytes = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {QUERY_TYPE}\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        bytes.extend_from_slice(&body);
+        bytes
+    };
+
+    // Two requests and then garbage, in one write.
+    let mut conn = Conn::open(&server.url);
+    let mut wire = request(b"first");
+    wire.extend(request(b"second"));
+    wire.extend_from_slice(b"\x16\x03\x01\x02\x00GARBAGE \xff\xfe\r\n\r\n");
+    conn.stream.write_all(&wire).unwrap();
+    for _ in 0..2 {
+        let reply = conn.read_reply().expect("a pipelined reply");
+        assert!(decode(&reply).granted());
+    }
+    let (rest, closed) = read_to_close(&mut conn.stream, Duration::from_secs(5));
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.is_empty() || rest.starts_with("HTTP/1.1 400 "),
+        "{rest:?}"
+    );
+    assert!(closed, "garbage left the connection open");
+
+    // Pure binary noise on a fresh connection.
+    let mut noise = TcpStream::connect(split_url(&server.url).0).unwrap();
+    let bytes: Vec<u8> = (0..64 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let _ = noise.write_all(&bytes);
+    let (_, closed) = read_to_close(&mut noise, Duration::from_secs(5));
+    assert!(closed);
+    assert_serves(&server);
+}
+
+/// A DER SEQUENCE holding `inner`.
+fn sequence(inner: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x30];
+    match inner.len() {
+        n if n < 0x80 => out.push(n as u8),
+        n if n < 0x100 => out.extend([0x81, n as u8]),
+        n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+    }
+    out.extend_from_slice(inner);
+    out
+}
+
+fn post_der(server: &Server, body: &[u8]) -> wire::Reply {
+    Conn::open(&server.url).post(&path_of(server), body)
+}
+
+#[test]
+fn deeply_nested_and_malformed_der_is_bad_data_format() {
+    let server = Server::start(&[], "");
+    // As deep as 8 KiB allows: about 2,000 SEQUENCEs in one another.
+    let mut nested = Vec::new();
+    while nested.len() < 8 * 1024 - 8 {
+        nested = sequence(&nested);
+    }
+    // Indefinite lengths (BER, not DER), nested.
+    let indefinite: Vec<u8> = std::iter::repeat_n([0x30u8, 0x80], 2000)
+        .flatten()
+        .chain(std::iter::repeat_n(0u8, 4000))
+        .collect();
+    // A length that claims more than the body holds.
+    let overlong = [0x30, 0x84, 0x7f, 0xff, 0xff, 0xff, 0x02, 0x01, 0x01];
+    // A valid request followed by nested junk inside the imprint's algorithm parameters.
+    let query = query_for(b"params").to_der().unwrap();
+    let deep_params = {
+        let mut p = Vec::new();
+        for _ in 0..500 {
+            p = sequence(&p);
+        }
+        p
+    };
+    let with_params = {
+        // version, MessageImprint { AlgorithmIdentifier { sha256, deep }, OCTET STRING }
+        let sha256 = [
+            0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01,
+        ];
+        let alg = sequence(&[&sha256[..], &deep_params].concat());
+        let digest = [&[0x04, 0x20][..], &[7u8; 32]].concat();
+        let imprint = sequence(&[alg, digest].concat());
+        sequence(&[&[0x02, 0x01, 0x01][..], &imprint].concat())
+    };
+    for (what, body, expected) in [
+        ("nested SEQUENCEs", nested, FailInfo::BadDataFormat),
+        ("indefinite lengths", indefinite, FailInfo::BadDataFormat),
+        (
+            "an overlong length",
+            overlong.to_vec(),
+            FailInfo::BadDataFormat,
+        ),
+        ("deep algorithm parameters", with_params, FailInfo::BadAlg),
+        (
+            "trailing octets",
+            [&query[..], &[0u8]].concat(),
+            FailInfo::BadDataFormat,
+        ),
+    ] {
+        assert!(body.len() <= 8192, "{what}");
+        let reply = post_der(&server, &body);
+        assert_eq!(reply.status, 200, "{what}");
+        assert_rejection(&reply, expected);
+    }
+    assert_serves(&server);
+}
+
+#[test]
+fn huge_nonces_are_echoed_exactly_or_refused_by_size() {
+    let server = Server::start(&[], "");
+    let work = tempfile::tempdir().unwrap();
+    // A 4,000-octet nonce fits in the 8 KiB body limit: the token echoes it and verifies.
+    let mut query = query_for(b"huge nonce");
+    let mut nonce = vec![0x5a; 4000];
+    nonce[0] = 0x7f; // positive, minimal
+    query.nonce = Some(nonce.clone());
+    let der = query.to_der().unwrap();
+    let reply = post_der(&server, &der);
+    let response = decode(&reply);
+    let token = response.token.as_ref().expect("granted");
+    assert_eq!(token.tst_info().nonce.unwrap().as_bytes(), &nonce[..]);
+    std::fs::write(work.path().join("q.tsq"), &der).unwrap();
+    std::fs::write(work.path().join("r.tsr"), &reply.body).unwrap();
+    let ca = server.ca();
+    let verified = openssl(
+        &[
+            "ts",
+            "-verify",
+            "-queryfile",
+            "q.tsq",
+            "-in",
+            "r.tsr",
+            "-CAfile",
+            ca.to_str().unwrap(),
+        ],
+        work.path(),
+    );
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+
+    // One beyond the body limit: 413, refused before it is read.
+    query.nonce = Some([&[0x7f][..], &vec![1u8; 9000]].concat());
+    let reply = post_der(&server, &query.to_der().unwrap());
+    assert_eq!(reply.status, 413);
+    assert_rejection(&reply, FailInfo::BadDataFormat);
+
+    // A nonce that is not minimally encoded is not DER.
+    query.nonce = Some(vec![0x00, 0x00, 0x01]);
+    let reply = post_der(
+        &server,
+        &query.to_der().unwrap_or_else(|_| {
+            // The client refuses to encode it; splice it in by hand.
+            let mut ok = query_for(b"huge nonce");
+            ok.nonce = Some(vec![0x01, 0x01, 0x01]);
+            let der = ok.to_der().unwrap();
+            let at = der
+                .windows(5)
+                .position(|w| w == [0x02, 0x03, 0x01, 0x01, 0x01])
+                .unwrap();
+            [&der[..at + 2], &[0x00, 0x00, 0x01], &der[at + 5..]].concat()
+        }),
+    );
+    assert_rejection(&reply, FailInfo::BadDataFormat);
+    let _ = Response::from_der(&reply.body).unwrap();
+    assert_serves(&server);
+}

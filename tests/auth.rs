@@ -1,0 +1,693 @@
+//! Client authentication and quotas with a real server, the real curl and openssl as clients,
+//! on loopback: API keys (Bearer and Basic) made by `tsa client new-key`, wrong keys refused
+//! even where anonymous access is allowed, anonymous access refused where it is not, keys
+//! reloaded on SIGHUP; the HTTPS listener with the development certificate, mutual TLS mapped by
+//! fingerprint and by subject, certificates of an unknown CA and missing required ones refused
+//! in the handshake; 429 with Retry-After past a client's quota and service again after it; the
+//! client's name in the archive; tokens from the HTTPS listener verified by `openssl ts -verify`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{ok, openssl, wait_until, Server, TSA};
+use tsa::client::read::Response;
+use tsa::protocol::FailInfo;
+
+const QUERY_TYPE: &str = "application/timestamp-query";
+const REPLY_TYPE: &str = "application/timestamp-reply";
+
+/// One HTTP exchange as curl saw it.
+#[derive(Debug)]
+struct Http {
+    status: u16,
+    headers: String,
+    body: Vec<u8>,
+}
+
+impl Http {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers.lines().find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+
+    fn response(&self) -> Response {
+        Response::from_der(&self.body)
+            .unwrap_or_else(|e| panic!("not a TimeStampResp ({e}); status {}", self.status))
+    }
+
+    /// The token's DER of a 200 with a granted response.
+    fn granted(&self) -> Vec<u8> {
+        assert_eq!(self.status, 200, "{self:?}");
+        assert_eq!(self.header("content-type").as_deref(), Some(REPLY_TYPE));
+        let response = self.response();
+        assert!(response.granted(), "{:?}", response.status_text);
+        response.token.expect("a token").der
+    }
+
+    /// Checks an HTTP-level refusal: status, DER rejection with its failInfo and text.
+    fn refused(&self, status: u16, fail_info: FailInfo, text: &str) {
+        assert_eq!(self.status, status, "{self:?}");
+        assert_eq!(self.header("content-type").as_deref(), Some(REPLY_TYPE));
+        let response = self.response();
+        assert_eq!(response.status, 2, "rejection");
+        assert_eq!(response.fail_info(), Some(fail_info));
+        assert_eq!(response.status_text, vec![text.to_string()]);
+    }
+}
+
+/// POSTs the query file `query` to `url` with curl and `extra` options; Err with curl's exit
+/// code and message when no HTTP response came (a refused TLS handshake).
+fn curl(url: &str, query: &Path, extra: &[&str]) -> Result<Http, String> {
+    let work = tempfile::tempdir().unwrap();
+    let (headers, body) = (work.path().join("headers"), work.path().join("body"));
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "-H"])
+        .arg(format!("Content-Type: {QUERY_TYPE}"))
+        .arg("--data-binary")
+        .arg(format!("@{}", query.display()))
+        .arg("-D")
+        .arg(&headers)
+        .arg("-o")
+        .arg(&body)
+        .args(["-w", "%{http_code}"])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("run curl");
+    if !out.status.success() {
+        return Err(format!(
+            "curl exit {:?}, http_code {}: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(Http {
+        status: String::from_utf8(out.stdout).unwrap().parse().unwrap(),
+        headers: std::fs::read_to_string(headers).unwrap(),
+        body: std::fs::read(body).unwrap_or_default(),
+    })
+}
+
+fn post(url: &str, query: &Path, extra: &[&str]) -> Http {
+    curl(url, query, extra).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `tsa init` in a fresh directory, with `--archive` and `args`.
+fn init(args: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    ok(Command::new(TSA)
+        .arg("init")
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--archive")
+        .args(args));
+    dir
+}
+
+/// `tsa client new-key`: the key (from standard error) and the `[[auth.client]]` lines.
+fn new_key(name: &str, extra: &[&str]) -> (String, String) {
+    let out = ok(Command::new(TSA)
+        .args(["client", "new-key", "--name", name])
+        .args(extra));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let key = stderr
+        .lines()
+        .find(|l| l.starts_with("tsa_"))
+        .unwrap_or_else(|| panic!("no key in {stderr:?}"))
+        .to_string();
+    let toml = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !toml.contains(&key),
+        "the key itself never goes into the configuration"
+    );
+    (key, toml)
+}
+
+/// Edits `tsa.toml`: each (from, to) replaced once, then `append` at the end.
+fn configure(dir: &Path, replace: &[(&str, &str)], append: &str) {
+    let path = dir.join("tsa.toml");
+    let mut config = std::fs::read_to_string(&path).unwrap();
+    for (from, to) in replace {
+        assert!(config.contains(from), "{from:?} not in the configuration");
+        config = config.replacen(from, to, 1);
+    }
+    config.push('\n');
+    config.push_str(append);
+    std::fs::write(path, config).unwrap();
+}
+
+/// A query for `data` made by `openssl ts -query`.
+fn query(dir: &Path, name: &str) -> PathBuf {
+    std::fs::write(dir.join(format!("{name}.txt")), name).unwrap();
+    openssl(
+        &[
+            "ts",
+            "-query",
+            "-data",
+            &format!("{name}.txt"),
+            "-sha256",
+            "-cert",
+            "-out",
+            &format!("{name}.tsq"),
+        ],
+        dir,
+    );
+    dir.join(format!("{name}.tsq"))
+}
+
+/// Every archived token (hex DER) with its client's name.
+fn archived_clients(dir: &Path) -> HashMap<String, Option<String>> {
+    let file = dir.join("export.jsonl");
+    ok(Command::new(TSA)
+        .arg("archive")
+        .arg("--config")
+        .arg(dir.join("tsa.toml"))
+        .args(["export", "--from", "0", "--to", "4000000000", "--jsonl"])
+        .arg(&file)
+        .env("RUST_LOG", "error"));
+    std::fs::read_to_string(file)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let client = v["client"].as_str().map(str::to_string);
+            (v["token"].as_str().unwrap().to_string(), client)
+        })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Asserts which client the archive recorded for each token.
+fn assert_archived(dir: &Path, expected: &[(&[u8], Option<&str>)]) {
+    let archived = archived_clients(dir);
+    assert_eq!(archived.len(), expected.len(), "{archived:?}");
+    for (token, client) in expected {
+        assert_eq!(
+            archived.get(&hex(token)).map(Option::as_deref),
+            Some(*client),
+            "the archived client of a token"
+        );
+    }
+}
+
+/// The value of one series of the admin listener's metrics.
+fn metric(server: &Server, series: &str) -> Option<f64> {
+    let out = ok(Command::new("curl").args(["-sS", &format!("{}/metrics", server.admin_url)]));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+}
+
+fn basic(user: &str, key: &str) -> String {
+    format!("{user}:{key}")
+}
+
+/// Bearer and Basic keys name their client (recorded in the archive); a wrong key, another
+/// client's name with a key, or an unknown scheme are 401 although anonymous access is on;
+/// anonymous requests are served and archived without a name.
+#[test]
+fn api_keys_authenticate_and_wrong_ones_are_refused_even_with_anonymous_access() {
+    let dir = init(&[]);
+    let d = dir.path();
+    let (alice, alice_toml) = new_key("alice", &[]);
+    let bob_file = d.join("bob.key");
+    let out = ok(Command::new(TSA).args([
+        "client",
+        "new-key",
+        "--name",
+        "bob",
+        "--key-out",
+        bob_file.to_str().unwrap(),
+    ]));
+    let bob = std::fs::read_to_string(&bob_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(bob.starts_with("tsa_") && bob != alice);
+    let bob_toml = String::from_utf8(out.stdout).unwrap();
+    configure(d, &[], &format!("{alice_toml}\n{bob_toml}"));
+    let server = Server::serve(dir);
+    let d = server.dir.path();
+    let q = query(d, "keys");
+    let url = &server.url;
+
+    let anonymous = post(url, &q, &[]).granted();
+    let bearer = post(url, &q, &["-H", &format!("Authorization: Bearer {alice}")]).granted();
+    let basic_empty_user = post(url, &q, &["-u", &basic("", &alice)]).granted();
+    let basic_named = post(url, &q, &["-u", &basic("bob", &bob)]).granted();
+
+    let wrong_key = post(url, &q, &["-H", "Authorization: Bearer tsa_not-a-key"]);
+    wrong_key.refused(401, FailInfo::BadRequest, "invalid credentials");
+    assert!(wrong_key
+        .header("www-authenticate")
+        .is_some_and(|c| c.starts_with(r#"Bearer realm="tsa""#)));
+    post(url, &q, &["-u", &basic("bob", &alice)]).refused(
+        401,
+        FailInfo::BadRequest,
+        "invalid credentials",
+    );
+    post(url, &q, &["-H", &format!("Authorization: Token {alice}")]).refused(
+        401,
+        FailInfo::BadRequest,
+        "invalid credentials",
+    );
+    assert_eq!(
+        metric(
+            &server,
+            r#"tsa_auth_refusals_total{reason="invalid_credentials"}"#
+        ),
+        Some(3.0)
+    );
+
+    assert_archived(
+        d,
+        &[
+            (&anonymous, None),
+            (&bearer, Some("alice")),
+            (&basic_empty_user, Some("alice")),
+            (&basic_named, Some("bob")),
+        ],
+    );
+}
+
+/// With `anonymous = false` a request without credentials is 401 with the Bearer challenge;
+/// the certificate chain stays public; a key added to the configuration works after SIGHUP
+/// and a removed one no longer does.
+#[test]
+fn without_anonymous_access_credentials_are_required_and_keys_reload() {
+    let dir = init(&[]);
+    let (alice, alice_toml) = new_key("alice", &[]);
+    configure(
+        dir.path(),
+        &[],
+        &format!("[auth]\nanonymous = false\n\n{alice_toml}"),
+    );
+    let server = Server::serve(dir);
+    let d = server.dir.path();
+    let q = query(d, "closed");
+
+    let none = post(&server.url, &q, &[]);
+    none.refused(401, FailInfo::BadRequest, "authentication required");
+    assert_eq!(
+        none.header("www-authenticate").as_deref(),
+        Some(r#"Bearer realm="tsa""#)
+    );
+    let certs = ok(Command::new("curl").args(["-sS", "-f", &format!("{}certs", server.url)]));
+    assert!(String::from_utf8_lossy(&certs.stdout).contains("BEGIN CERTIFICATE"));
+    let token = post(&server.url, &q, &["-u", &basic("alice", &alice)]).granted();
+    assert_eq!(
+        metric(
+            &server,
+            r#"tsa_auth_refusals_total{reason="unauthenticated"}"#
+        ),
+        Some(1.0)
+    );
+
+    // Replace alice by carol and reload.
+    let (carol, carol_toml) = new_key("carol", &[]);
+    let config = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
+    let at = config.find("[[auth.client]]").unwrap();
+    std::fs::write(d.join("tsa.toml"), format!("{}{carol_toml}", &config[..at])).unwrap();
+    server.signal("HUP");
+    let carol_header = format!("Authorization: Bearer {carol}");
+    wait_until(
+        || post(&server.url, &q, &["-H", &carol_header]).status == 200,
+        "carol's key after the reload",
+    );
+    post(&server.url, &q, &["-u", &basic("alice", &alice)]).refused(
+        401,
+        FailInfo::BadRequest,
+        "invalid credentials",
+    );
+    let archived = archived_clients(d);
+    assert_eq!(archived[&hex(&token)].as_deref(), Some("alice"));
+    assert!(archived.values().any(|c| c.as_deref() == Some("carol")));
+    assert_eq!(archived.values().filter(|c| c.is_none()).count(), 0);
+}
+
+/// A client certificate made by the real openssl: `subject` (openssl's -subj form), issued by
+/// `ca` (cert and key files in `dir`) or self-signed when `ca` is None.
+fn client_cert(dir: &Path, name: &str, subject: &str, ca: Option<(&str, &str)>) {
+    std::fs::write(
+        dir.join("client-ext.cnf"),
+        "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = clientAuth\n",
+    )
+    .unwrap();
+    let (key, cert) = (format!("{name}-key.pem"), format!("{name}-cert.pem"));
+    match ca {
+        Some((ca_cert, ca_key)) => {
+            let csr = format!("{name}.csr");
+            openssl(
+                &[
+                    "req",
+                    "-new",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-keyout",
+                    &key,
+                    "-subj",
+                    subject,
+                    "-out",
+                    &csr,
+                ],
+                dir,
+            );
+            openssl(
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    ca_cert,
+                    "-CAkey",
+                    ca_key,
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    "client-ext.cnf",
+                    "-out",
+                    &cert,
+                ],
+                dir,
+            );
+        }
+        None => {
+            openssl(
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-keyout",
+                    &key,
+                    "-subj",
+                    subject,
+                    "-days",
+                    "2",
+                    "-addext",
+                    "extendedKeyUsage = clientAuth",
+                    "-out",
+                    &cert,
+                ],
+                dir,
+            );
+        }
+    }
+}
+
+/// `openssl ts -verify` of a reply against the query and the TSA's CA.
+fn openssl_verify(dir: &Path, reply: &[u8], query: &Path) {
+    std::fs::write(dir.join("verify.tsr"), reply).unwrap();
+    let out = openssl(
+        &[
+            "ts",
+            "-verify",
+            "-in",
+            "verify.tsr",
+            "-queryfile",
+            query.to_str().unwrap(),
+            "-CAfile",
+            "ca-cert.pem",
+        ],
+        dir,
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Verification: OK"));
+}
+
+/// The HTTPS listener of `tsa init --tls`: anonymous HTTPS with the development CA; mutual TLS
+/// by fingerprint (the development client) and by subject (a certificate the real openssl
+/// issued from the client CA, its subject as openssl prints it); a verified certificate of no
+/// configured client is 401; a key and a certificate of different clients are 401; a
+/// certificate of an unknown CA (even with a configured subject) is refused in the handshake.
+/// The tokens verify with `openssl ts -verify`, and the archive names their clients.
+#[test]
+fn https_and_mutual_tls_map_certificates_to_clients() {
+    let dir = init(&["--tls", "--https-listen", "127.0.0.1:0"]);
+    let d = dir.path();
+    client_cert(
+        d,
+        "carol",
+        "/C=VN/O=Example/CN=carol",
+        Some(("client-ca-cert.pem", "client-ca-key.pem")),
+    );
+    client_cert(
+        d,
+        "stranger",
+        "/CN=stranger",
+        Some(("client-ca-cert.pem", "client-ca-key.pem")),
+    );
+    client_cert(d, "rogue", "/C=VN/O=Example/CN=carol", None);
+    let subject = String::from_utf8(
+        openssl(
+            &[
+                "x509",
+                "-in",
+                "carol-cert.pem",
+                "-noout",
+                "-subject",
+                "-nameopt",
+                "RFC2253",
+            ],
+            d,
+        )
+        .stdout,
+    )
+    .unwrap();
+    let subject = subject.trim().strip_prefix("subject=").unwrap().to_string();
+    assert_eq!(subject, "CN=carol,O=Example,C=VN");
+    let (alice, alice_toml) = new_key("alice", &[]);
+    configure(
+        d,
+        &[],
+        &format!(
+            "[[auth.client]]\nname = \"carol\"\ncertificate_subject = \"{subject}\"\n\n{alice_toml}"
+        ),
+    );
+    let server = Server::serve(dir);
+    let d = server.dir.path();
+    let https = server.https_url.clone().expect("an HTTPS listener");
+    assert!(https.starts_with("https://127.0.0.1:"), "{https}");
+    let q = query(d, "tls");
+    let cacert = ["--cacert", "ca-cert.pem"];
+    let with = |cert: &str| -> Vec<String> {
+        [
+            "--cacert",
+            "ca-cert.pem",
+            "--cert",
+            &format!("{cert}-cert.pem"),
+            "--key",
+            &format!("{cert}-key.pem"),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let in_dir = |args: Vec<String>| -> Vec<String> {
+        args.into_iter()
+            .map(|a| match a.ends_with(".pem") {
+                true => d.join(a).display().to_string(),
+                false => a,
+            })
+            .collect()
+    };
+    let post_tls = |args: Vec<String>| {
+        let args = in_dir(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(&https, &q, &args)
+    };
+
+    // Without a client certificate: anonymous, or a key, over HTTPS.
+    let anonymous = post_tls(cacert.map(String::from).to_vec()).unwrap();
+    openssl_verify(d, &anonymous.body, &q);
+    let anonymous = anonymous.granted();
+    let mut keyed = cacert.map(String::from).to_vec();
+    keyed.extend(["-H".into(), format!("Authorization: Bearer {alice}")]);
+    let by_key = post_tls(keyed).unwrap().granted();
+    // The server is who the development CA says it is: without it curl refuses.
+    assert!(curl(&https, &q, &[]).is_err());
+
+    // Mutual TLS.
+    let dev = post_tls(with("client")).unwrap();
+    openssl_verify(d, &dev.body, &q);
+    let dev = dev.granted();
+    let carol = post_tls(with("carol")).unwrap().granted();
+    post_tls(with("stranger"))
+        .unwrap()
+        .refused(401, FailInfo::BadRequest, "invalid credentials");
+    let mut mixed = with("carol");
+    mixed.extend(["-H".into(), format!("Authorization: Bearer {alice}")]);
+    post_tls(mixed)
+        .unwrap()
+        .refused(401, FailInfo::BadRequest, "invalid credentials");
+    let rogue = post_tls(with("rogue"));
+    assert!(
+        rogue.is_err(),
+        "a certificate of an unknown CA is refused in the handshake: {rogue:?}"
+    );
+    // The listener still serves after the refused handshake.
+    let again = post_tls(with("client")).unwrap().granted();
+
+    assert_archived(
+        d,
+        &[
+            (&anonymous, None),
+            (&by_key, Some("alice")),
+            (&dev, Some("dev-client")),
+            (&carol, Some("carol")),
+            (&again, Some("dev-client")),
+        ],
+    );
+}
+
+/// `require_client_certificate = true`: a handshake without a client certificate is refused;
+/// with the development client's certificate the request is served as that client.
+#[test]
+fn a_required_client_certificate_is_enforced_in_the_handshake() {
+    let dir = init(&["--tls", "--https-listen", "127.0.0.1:0"]);
+    configure(
+        dir.path(),
+        &[(
+            "require_client_certificate = false",
+            "require_client_certificate = true",
+        )],
+        "",
+    );
+    let server = Server::serve(dir);
+    let d = server.dir.path();
+    let https = server.https_url.clone().expect("an HTTPS listener");
+    let q = query(d, "required");
+    let file = |name: &str| d.join(name).display().to_string();
+    let without = curl(&https, &q, &["--cacert", &file("ca-cert.pem")]);
+    assert!(without.is_err(), "no certificate, no TLS: {without:?}");
+    let with = post(
+        &https,
+        &q,
+        &[
+            "--cacert",
+            &file("ca-cert.pem"),
+            "--cert",
+            &file("client-cert.pem"),
+            "--key",
+            &file("client-key.pem"),
+        ],
+    );
+    let token = with.granted();
+    assert_archived(d, &[(&token, Some("dev-client"))]);
+}
+
+/// Several requests on one keep-alive connection (one curl, the URL repeated): each one's
+/// HTTP status, Retry-After and body.
+fn burst(url: &str, query: &Path, n: usize, extra: &[&str]) -> Vec<(u16, String, Vec<u8>)> {
+    let work = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "20", "-H"])
+        .arg(format!("Content-Type: {QUERY_TYPE}"))
+        .arg("--data-binary")
+        .arg(format!("@{}", query.display()))
+        .args(["-w", "%{http_code} %header{retry-after}\n"])
+        .args(extra);
+    for i in 0..n {
+        cmd.arg("-o").arg(work.path().join(i.to_string())).arg(url);
+    }
+    let out = ok(&mut cmd);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let (code, retry) = l.split_once(' ').unwrap_or((l, ""));
+            let body = std::fs::read(work.path().join(i.to_string())).unwrap();
+            (code.parse().unwrap(), retry.trim().to_string(), body)
+        })
+        .collect()
+}
+
+/// A client with 5 tokens/s and a burst of 5: its burst is served, then 429 with Retry-After
+/// and a DER systemFailure; after waiting it is served again. Other clients are not affected;
+/// the anonymous callers share their own bucket.
+#[test]
+fn quotas_answer_429_with_retry_after_and_recover() {
+    let dir = init(&[]);
+    let (alice, alice_toml) = new_key("alice", &["--rate-per-s", "5", "--burst", "5"]);
+    let (bob, bob_toml) = new_key("bob", &[]);
+    configure(
+        dir.path(),
+        &[],
+        &format!(
+            "[auth]\nanonymous_rate_per_s = 2\nanonymous_burst = 2\n\n{alice_toml}\n{bob_toml}"
+        ),
+    );
+    let server = Server::serve(dir);
+    let d = server.dir.path();
+    let q = query(d, "quota");
+    let alice_auth = format!("Authorization: Bearer {alice}");
+
+    let started = Instant::now();
+    let statuses = burst(&server.url, &q, 10, &["-H", &alice_auth]);
+    let elapsed = started.elapsed();
+    assert_eq!(statuses.len(), 10);
+    let codes: Vec<u16> = statuses.iter().map(|(code, _, _)| *code).collect();
+    assert_eq!(codes[..5], [200; 5], "the burst: {codes:?}");
+    let granted = codes.iter().filter(|c| **c == 200).count();
+    let refused: Vec<_> = statuses
+        .iter()
+        .filter(|(code, _, _)| *code == 429)
+        .collect();
+    assert_eq!(granted + refused.len(), 10, "{codes:?}");
+    // 5 at once, then at most 5 per second (and one for a partly refilled token).
+    let allowed = 5 + (elapsed.as_secs_f64() * 5.0).ceil() as usize;
+    assert!(
+        !refused.is_empty() && granted <= allowed,
+        "{codes:?} in {elapsed:?}"
+    );
+    for (_, retry_after, body) in &refused {
+        assert_eq!(retry_after, "1", "{codes:?}");
+        let response = Response::from_der(body).unwrap();
+        assert_eq!(response.fail_info(), Some(FailInfo::SystemFailure));
+        assert_eq!(response.status_text, ["request quota exceeded"]);
+    }
+    assert_eq!(
+        metric(&server, r#"tsa_auth_refusals_total{reason="quota"}"#),
+        Some(refused.len() as f64)
+    );
+
+    // Bob has no limit, whatever alice does.
+    let bob_auth = format!("Authorization: Bearer {bob}");
+    assert!(burst(&server.url, &q, 12, &["-H", &bob_auth])
+        .iter()
+        .all(|(code, _, _)| *code == 200));
+    // The anonymous callers: 2 at once between them.
+    let anonymous: Vec<u16> = burst(&server.url, &q, 4, &[])
+        .iter()
+        .map(|(code, _, _)| *code)
+        .collect();
+    assert_eq!(anonymous[..2], [200, 200]);
+    assert!(anonymous[2..].contains(&429), "{anonymous:?}");
+
+    // After Retry-After, alice is served again.
+    std::thread::sleep(Duration::from_millis(1_100));
+    post(&server.url, &q, &["-H", &alice_auth]).granted();
+}

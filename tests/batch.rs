@@ -1,0 +1,616 @@
+//! Batches (`docs/batch.md`): many `openssl ts -query` requests in one DER SEQUENCE, POSTed
+//! by curl as `application/timestamp-query-batch` to a real `tsa serve`; each reply item
+//! verified against its own query by `openssl ts -verify` (a sample) and the crate's verifier
+//! (all); bad items rejected on their own; malformed and oversized batches refused whole; the
+//! archive holding every granted item; `tsa request --batch` end to end; an RSA signer.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
+
+use common::{curl_post, ok, openssl, run, Server, TSA};
+use tsa::alg::DigestAlgorithm;
+use tsa::client::read::Response;
+use tsa::client::verify::{verify, Expectation};
+use tsa::client::Query;
+use tsa::protocol::FailInfo;
+use x509_cert::Certificate;
+
+const BATCH_QUERY: &str = "application/timestamp-query-batch";
+const BATCH_REPLY: &str = "application/timestamp-reply-batch";
+const QUERY: &str = "application/timestamp-query";
+const REPLY: &str = "application/timestamp-reply";
+const DEV_POLICY: &str = "1.3.6.1.4.1.32473.3161.1";
+
+/// `SEQUENCE OF` around DER items, written here without the crate's encoder: the definite
+/// length in the fewest octets.
+fn sequence_of(items: &[Vec<u8>]) -> Vec<u8> {
+    let content = items.concat();
+    let mut out = vec![0x30];
+    let len = content.len();
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let octets: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        out.push(0x80 | octets.len() as u8);
+        out.extend(octets);
+    }
+    out.extend(content);
+    out
+}
+
+/// POSTs `body` with curl as `content_type`: (HTTP status, content type, body).
+fn post(server: &Server, work: &Path, body: &[u8], content_type: &str) -> (u16, String, Vec<u8>) {
+    let file = work.join("batch.der");
+    std::fs::write(&file, body).unwrap();
+    curl_post(&server.url, &file, content_type)
+}
+
+/// POSTs a batch that must be answered: its items, in order.
+fn post_batch(server: &Server, work: &Path, items: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let (status, content_type, body) = post(server, work, &sequence_of(items), BATCH_QUERY);
+    assert_eq!(
+        (status, content_type.as_str()),
+        (200, BATCH_REPLY),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    // openssl parses the whole reply as DER.
+    std::fs::write(work.join("reply.der"), &body).unwrap();
+    openssl(
+        &["asn1parse", "-inform", "DER", "-in", "reply.der", "-noout"],
+        work,
+    );
+    let replies = tsa::protocol::batch::decode(&body, usize::MAX).expect("a SEQUENCE OF");
+    assert_eq!(replies.len(), items.len(), "one reply per item");
+    replies.into_iter().map(<[u8]>::to_vec).collect()
+}
+
+/// `openssl ts -query` with `args`, written to `work/name`; its DER.
+fn openssl_query(work: &Path, name: &str, args: &[String]) -> Vec<u8> {
+    let mut all = vec!["ts".to_string(), "-query".into()];
+    all.extend_from_slice(args);
+    all.extend(["-out".to_string(), name.to_string()]);
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    openssl(&all, work);
+    std::fs::read(work.join(name)).unwrap()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn certificates(path: &Path) -> Vec<Certificate> {
+    Certificate::load_pem_chain(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// The failInfo of a reply that must be a rejection.
+fn fail_info(reply: &[u8]) -> FailInfo {
+    let response = Response::from_der(reply).unwrap();
+    assert!(!response.granted(), "granted, but a rejection was expected");
+    response.fail_info().expect("one failInfo bit")
+}
+
+/// Verifies `reply` as the answer to `query` for `digest` with the crate's verifier (CA
+/// trusted, the TSU certificate given for tokens issued without it): (serial, genTime ns).
+fn verified(server: &Server, reply: &[u8], query: &[u8], digest: &[u8]) -> (String, u64) {
+    let response = Response::from_der(reply).unwrap();
+    let token = response
+        .token
+        .as_ref()
+        .unwrap_or_else(|| panic!("rejected: {:?}", response.status_text));
+    let v = verify(
+        token,
+        &Expectation {
+            digest: Some(digest),
+            query: Some(query),
+            trusted: certificates(&server.ca()),
+            untrusted: certificates(&server.path("tsa-cert.pem")),
+            ..Default::default()
+        },
+    )
+    .expect("the token verifies against its own query");
+    (v.serial_hex, v.gen_time.unix_ns())
+}
+
+/// `openssl ts -verify` of `reply` against `query`, both written into `work`.
+fn openssl_verify(server: &Server, work: &Path, i: usize, query: &[u8], reply: &[u8]) {
+    let (q, r) = (format!("q{i}.tsq"), format!("r{i}.tsr"));
+    std::fs::write(work.join(&q), query).unwrap();
+    std::fs::write(work.join(&r), reply).unwrap();
+    let (ca, untrusted) = (server.ca(), server.path("tsa-cert.pem"));
+    let out = run(Command::new("openssl").current_dir(work).args([
+        "ts",
+        "-verify",
+        "-in",
+        &r,
+        "-queryfile",
+        &q,
+        "-CAfile",
+        ca.to_str().unwrap(),
+        "-untrusted",
+        untrusted.to_str().unwrap(),
+    ]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("Verification: OK"),
+        "item {i}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Serials and genTimes all different.
+fn assert_distinct(stamps: &[(String, u64)]) {
+    let serials: HashSet<_> = stamps.iter().map(|s| &s.0).collect();
+    let times: HashSet<_> = stamps.iter().map(|s| s.1).collect();
+    assert_eq!(serials.len(), stamps.len(), "serials repeat");
+    assert_eq!(times.len(), stamps.len(), "genTimes repeat");
+}
+
+fn scrape(server: &Server) -> String {
+    let out = ok(Command::new("curl").args(["-sS", &format!("{}/metrics", server.admin_url)]));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn counter(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0, |v| v.parse().unwrap())
+}
+
+#[test]
+fn two_hundred_openssl_queries_get_their_own_verified_tokens() {
+    let server = Server::start(&[], "");
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+
+    // 200 queries from openssl: SHA-256/384/512, with and without nonce, certReq, policy.
+    let algorithms = [
+        DigestAlgorithm::Sha256,
+        DigestAlgorithm::Sha384,
+        DigestAlgorithm::Sha512,
+    ];
+    let specs: Vec<(Vec<u8>, Vec<String>)> = (0..200)
+        .map(|i| {
+            let alg = algorithms[i % 3];
+            let digest = alg.digest(format!("invoice {i}").as_bytes()).unwrap();
+            let mut args = vec![
+                "-digest".to_string(),
+                hex(&digest),
+                format!("-{}", alg.name()),
+            ];
+            if i % 4 == 0 {
+                args.push("-no_nonce".into());
+            }
+            if i % 2 == 0 {
+                args.push("-cert".into());
+            }
+            if i % 5 == 0 {
+                args.extend(["-tspolicy".into(), DEV_POLICY.into()]);
+            }
+            (digest, args)
+        })
+        .collect();
+    let queries: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let workers: Vec<_> = specs
+            .chunks(50)
+            .enumerate()
+            .map(|(c, chunk)| {
+                s.spawn(move || {
+                    chunk
+                        .iter()
+                        .enumerate()
+                        .map(|(j, (_, args))| {
+                            openssl_query(w, &format!("in{}.tsq", c * 50 + j), args)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let before = scrape(&server);
+
+    let replies = post_batch(&server, w, &queries);
+
+    // Every item verified by the crate against its own query, in order.
+    let stamps: Vec<(String, u64)> = replies
+        .iter()
+        .zip(&queries)
+        .zip(&specs)
+        .map(|((reply, query), (digest, _))| verified(&server, reply, query, digest))
+        .collect();
+    assert_distinct(&stamps);
+    // Certificates exactly where asked for, nonces echoed (checked by the verifier too).
+    for (i, reply) in replies.iter().enumerate() {
+        let token = Response::from_der(reply).unwrap().token.unwrap();
+        let has_certs = token.signed_data.certificates.is_some();
+        assert_eq!(has_certs, i % 2 == 0, "item {i}");
+        assert_eq!(token.tst_info().nonce.is_some(), i % 4 != 0, "item {i}");
+    }
+    // A sample of 20 by openssl, spread over the batch.
+    std::thread::scope(|s| {
+        for part in [0, 1] {
+            let (server, replies, queries) = (&server, &replies, &queries);
+            s.spawn(move || {
+                for i in (part * 5..200).step_by(10) {
+                    openssl_verify(server, w, i, &queries[i], &replies[i]);
+                }
+            });
+        }
+    });
+
+    // Each item counted as a request.
+    let granted = r#"tsa_requests_total{outcome="granted",fail_info="none"}"#;
+    assert_eq!(
+        counter(&scrape(&server), granted) - counter(&before, granted),
+        200
+    );
+}
+
+#[test]
+fn bad_items_get_their_own_fail_info_and_spoil_nothing() {
+    let server = Server::start(&[], "");
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let digest = DigestAlgorithm::Sha256.digest(b"good").unwrap();
+    let q = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        openssl_query(w, "item.tsq", &args)
+    };
+    let good = q(&["-digest", &hex(&digest), "-sha256", "-cert"]);
+    let mut version_2 = good.clone();
+    assert_eq!(&version_2[2..5], [0x02, 0x01, 0x01], "version INTEGER 1");
+    version_2[4] = 2;
+    let short_imprint = Query {
+        digest: DigestAlgorithm::Sha256,
+        hashed_message: vec![7; 31],
+        policy: None,
+        nonce: Some(vec![1, 2, 3]),
+        cert_req: false,
+    }
+    .to_der()
+    .unwrap();
+    let sha512 = DigestAlgorithm::Sha512.digest(b"good").unwrap();
+
+    let items = vec![
+        good.clone(),
+        short_imprint,
+        q(&["-digest", &hex(&digest), "-sha256", "-tspolicy", "1.2.3.4"]),
+        q(&["-digest", &"ab".repeat(20), "-sha1"]),
+        vec![0x30, 0x00],
+        version_2,
+        q(&["-digest", &hex(&sha512), "-sha512", "-no_nonce"]),
+        good.clone(),
+    ];
+    let replies = post_batch(&server, w, &items);
+    assert_eq!(fail_info(&replies[1]), FailInfo::BadDataFormat);
+    assert_eq!(fail_info(&replies[2]), FailInfo::UnacceptedPolicy);
+    assert_eq!(fail_info(&replies[3]), FailInfo::BadAlg);
+    assert_eq!(fail_info(&replies[4]), FailInfo::BadDataFormat);
+    assert_eq!(fail_info(&replies[5]), FailInfo::BadRequest);
+    let stamps = [
+        verified(&server, &replies[0], &items[0], &digest),
+        verified(&server, &replies[6], &items[6], &sha512),
+        verified(&server, &replies[7], &items[7], &digest),
+    ];
+    // The same query twice: two tokens.
+    assert_distinct(&stamps);
+    openssl_verify(&server, w, 6, &items[6], &replies[6]);
+
+    // The reasons are the single path's, and each item is counted with its own failInfo.
+    let text = Response::from_der(&replies[3])
+        .unwrap()
+        .status_text
+        .join("; ");
+    assert!(text.contains("sha1"), "{text}");
+    let metrics = scrape(&server);
+    for (fail, n) in [
+        ("badDataFormat", 2),
+        ("unacceptedPolicy", 1),
+        ("badAlg", 1),
+        ("badRequest", 1),
+    ] {
+        let series = format!(r#"tsa_requests_total{{outcome="rejected",fail_info="{fail}"}}"#);
+        assert_eq!(counter(&metrics, &series), n, "{fail}");
+    }
+}
+
+#[test]
+fn malformed_or_oversized_batches_are_refused_whole() {
+    let server = Server::start(&[], "[server]\nmax_batch_items = 5\nmax_batch_bytes = 4096");
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let items: Vec<Vec<u8>> = (0..6)
+        .map(|i| {
+            Query::for_data(DigestAlgorithm::Sha256, &[i])
+                .unwrap()
+                .to_der()
+                .unwrap()
+        })
+        .collect();
+
+    let refused = |body: &[u8], status: u16, why: &str| {
+        let (code, content_type, reply) = post(&server, w, body, BATCH_QUERY);
+        assert_eq!((code, content_type.as_str()), (status, REPLY), "{why}");
+        let response = Response::from_der(&reply).expect("one DER TimeStampResp");
+        assert_eq!(response.fail_info(), Some(FailInfo::BadDataFormat), "{why}");
+        let text = response.status_text.join("; ");
+        assert!(text.contains(why), "{text} does not say {why}");
+    };
+    refused(b"hello", 400, "the outer tag is not SEQUENCE");
+    let mut trailing = sequence_of(&items[..2]);
+    trailing.push(0);
+    refused(&trailing, 400, "trailing octets");
+    refused(&[0x30, 0x00], 400, "holds no request");
+    refused(&[0x30, 0x80, 0x00, 0x00], 400, "indefinite length");
+    refused(&sequence_of(&items[..2])[..40], 400, "runs past the end");
+    // A lone request sent as a batch.
+    refused(&items[0], 400, "an element is not a SEQUENCE");
+    refused(&sequence_of(&items), 413, "more than 5 requests");
+    refused(&vec![0x30; 5000], 413, "larger than this TSA accepts");
+
+    // At the limit it is served; single requests are unaffected.
+    let replies = post_batch(&server, w, &items[..5]);
+    assert!(replies
+        .iter()
+        .all(|r| Response::from_der(r).unwrap().granted()));
+    let (status, content_type, reply) = post(&server, w, &items[5], QUERY);
+    assert_eq!((status, content_type.as_str()), (200, REPLY));
+    assert!(Response::from_der(&reply).unwrap().granted());
+}
+
+#[test]
+fn archived_batches_record_every_granted_item_before_replying() {
+    let server = Server::start(&["--archive"], "[archive]\nbusy_timeout_ms = 200");
+    let work = tempfile::tempdir().unwrap();
+    let items: Vec<Vec<u8>> = (0..60u8)
+        .map(|i| {
+            let mut query = Query::for_data(DigestAlgorithm::Sha384, &[i]).unwrap();
+            if i % 10 == 3 {
+                query.policy = Some("1.2.3.4".parse().unwrap()); // unacceptedPolicy
+            }
+            query.to_der().unwrap()
+        })
+        .collect();
+    let replies = post_batch(&server, work.path(), &items);
+
+    let mut store =
+        tsa::archive::sqlite::SqliteStore::open_read_only(&server.path("archive.sqlite")).unwrap();
+    use tsa::archive::store::ArchiveStore;
+    let mut granted = 0;
+    for (i, reply) in replies.iter().enumerate() {
+        let response = Response::from_der(reply).unwrap();
+        let Some(token) = response.token else {
+            assert_eq!(i % 10, 3, "item {i} was refused");
+            assert_eq!(response.fail_info(), Some(FailInfo::UnacceptedPolicy));
+            continue;
+        };
+        granted += 1;
+        let tst = token.tst_info();
+        let stored = store
+            .record_by_serial(tst.serial_number.as_bytes())
+            .unwrap()
+            .unwrap_or_else(|| panic!("item {i} is not in the archive"));
+        assert_eq!(stored.record.token, token.der, "item {i}");
+        assert_eq!(
+            stored.response(),
+            *reply,
+            "item {i}: the archived reply is the one sent"
+        );
+        assert_eq!(
+            stored.record.imprint,
+            tst.message_imprint.hashed_message.as_bytes()
+        );
+    }
+    assert_eq!(granted, 54);
+    let rows: i64 = store
+        .connection()
+        .query_row("SELECT count(*) FROM tokens", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 54, "only the granted items are archived");
+
+    // While the database cannot be written, no token leaves: the items that would be granted
+    // are systemFailure, the others keep their own failInfo.
+    let locker = rusqlite::Connection::open(server.path("archive.sqlite")).unwrap();
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let replies = post_batch(&server, work.path(), &items[..5]);
+    for (i, reply) in replies.iter().enumerate() {
+        let response = Response::from_der(reply).unwrap();
+        let expected = match i {
+            3 => FailInfo::UnacceptedPolicy,
+            _ => FailInfo::SystemFailure,
+        };
+        assert_eq!(response.fail_info(), Some(expected), "item {i}");
+        if i != 3 {
+            let text = response.status_text.join("; ");
+            assert!(text.contains("archived"), "{text}");
+        }
+    }
+    locker.execute_batch("ROLLBACK").unwrap();
+    let replies = post_batch(&server, work.path(), &items[..5]);
+    let granted = replies
+        .iter()
+        .filter(|r| Response::from_der(r).unwrap().granted())
+        .count();
+    assert_eq!(granted, 4, "granted again once the archive can be written");
+}
+
+#[test]
+fn tsa_request_batch_stamps_files_and_digests_in_few_round_trips() {
+    let server = Server::start(&[], "");
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let files: Vec<String> = (0..25)
+        .map(|i| {
+            let name = format!("invoice-{i}.xml");
+            std::fs::write(w.join(&name), format!("<invoice n='{i}'/>")).unwrap();
+            name
+        })
+        .collect();
+    let ca = server.ca();
+    let request = |args: &[&str]| {
+        run(Command::new(TSA)
+            .current_dir(w)
+            .args(["request", "--batch", "--url", &server.url])
+            .args(args))
+    };
+
+    let mut args = vec![
+        "--ca",
+        ca.to_str().unwrap(),
+        "--save-queries",
+        "--batch-size",
+        "10",
+    ];
+    args.extend(files.iter().map(String::as_str));
+    let out = request(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("25 of 25 granted and verified (3 batches)"),
+        "{stdout}"
+    );
+    for (i, file) in files.iter().enumerate().step_by(8) {
+        // openssl checks each reply against the data and against the saved query.
+        let tsr = format!("{file}.tsr");
+        let out = openssl(
+            &[
+                "ts",
+                "-verify",
+                "-data",
+                file,
+                "-in",
+                &tsr,
+                "-CAfile",
+                ca.to_str().unwrap(),
+            ],
+            w,
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Verification: OK"));
+        let query = std::fs::read(w.join(format!("{file}.tsq"))).unwrap();
+        let reply = std::fs::read(w.join(&tsr)).unwrap();
+        openssl_verify(&server, w, i, &query, &reply);
+    }
+
+    // Digests from a list (with a comment and a blank line), replies in --out-dir.
+    let digests: Vec<Vec<u8>> = (0..4)
+        .map(|i| DigestAlgorithm::Sha512.digest(&[i]).unwrap())
+        .collect();
+    let list: String = digests.iter().map(|d| format!("{}\n\n", hex(d))).collect();
+    std::fs::write(w.join("list.txt"), format!("# invoices\n{list}")).unwrap();
+    let out = request(&[
+        "--digests",
+        "list.txt",
+        "--hash",
+        "sha512",
+        "--out-dir",
+        "out",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("4 of 4 granted and checked"));
+    for d in &digests {
+        let tsr = w.join("out").join(format!("{}.tsr", hex(d)));
+        let out = openssl(
+            &[
+                "ts",
+                "-verify",
+                "-digest",
+                &hex(d),
+                "-in",
+                tsr.to_str().unwrap(),
+                "-CAfile",
+                ca.to_str().unwrap(),
+            ],
+            w,
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Verification: OK"));
+    }
+
+    // Items the TSA rejects fail the command, each reported.
+    let out = request(&["--policy", "1.2.3.4", &files[0], &files[1]]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.matches("unacceptedPolicy").count(), 2, "{stderr}");
+    assert!(stderr.contains("2 of 2 items were not granted"), "{stderr}");
+    // Bad input is refused before anything is sent.
+    std::fs::write(w.join("bad.txt"), "abcd\n").unwrap();
+    let out = request(&["--digests", "bad.txt"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("bad.txt line 1") && stderr.contains("32 octets"),
+        "{stderr}"
+    );
+    let out = request(&[&files[0], &files[0]]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("would overwrite"));
+}
+
+#[test]
+fn rsa_batches_sign_on_the_blocking_pool_beside_single_requests() {
+    let server = Server::start(&["--algorithm", "rsa2048"], "");
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let digests: Vec<Vec<u8>> = (0..48u8)
+        .map(|i| DigestAlgorithm::Sha256.digest(&[i]).unwrap())
+        .collect();
+    let queries: Vec<Vec<u8>> = digests
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            Query {
+                digest: DigestAlgorithm::Sha256,
+                hashed_message: d.clone(),
+                policy: None,
+                nonce: (i % 3 != 0).then(|| vec![1, i as u8 + 1]),
+                cert_req: i % 2 == 0,
+            }
+            .to_der()
+            .unwrap()
+        })
+        .collect();
+
+    // Single requests while the batch is being signed are answered too.
+    let singles = tempfile::tempdir().unwrap();
+    std::fs::write(singles.path().join("single.tsq"), &queries[1]).unwrap();
+    let (replies, single_replies) = std::thread::scope(|s| {
+        let single = s.spawn(|| {
+            (0..5)
+                .map(|_| curl_post(&server.url, &singles.path().join("single.tsq"), QUERY))
+                .collect::<Vec<_>>()
+        });
+        (post_batch(&server, w, &queries), single.join().unwrap())
+    });
+    for (status, _, body) in single_replies {
+        assert_eq!(status, 200);
+        assert!(Response::from_der(&body).unwrap().granted());
+    }
+    let stamps: Vec<(String, u64)> = replies
+        .iter()
+        .zip(&queries)
+        .zip(&digests)
+        .map(|((reply, query), digest)| verified(&server, reply, query, digest))
+        .collect();
+    assert_distinct(&stamps);
+    for i in [0, 1, 46, 47] {
+        openssl_verify(&server, w, i, &queries[i], &replies[i]);
+    }
+}
