@@ -199,12 +199,13 @@ fn grafana_dashboard_uses_only_metrics_the_server_exports() {
     ids.dedup();
     assert_eq!(ids.len(), panels.len(), "panel ids are unique");
 
-    // A real server, synchronized, with a granted and a rejected request: every series exists.
+    // A real server, synchronized, with the archive, a granted and a rejected request: every
+    // series exists.
     let servers: Vec<NtpServer> = (0..3)
         .map(|_| NtpServer::start(Behaviour::default()))
         .collect();
     let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
-    let tsa = tsa_disciplined(&addrs, "");
+    let tsa = clock::tsa_disciplined_init(&["--archive"], &addrs, "");
     wait_for(|| ready(&tsa), "synchronization", Duration::from_secs(10));
     let work = tempfile::tempdir().unwrap();
     query(work.path());

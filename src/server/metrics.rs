@@ -65,7 +65,14 @@ impl Default for Metrics {
             signer_duration: Histogram::new(buckets()),
             signer_errors: Counter::default(),
             rejections: Counter::default(),
-            overloads: Family::default(),
+            overloads: {
+                // Both series from the start, at 0.
+                let overloads = Family::<Labels, Counter>::default();
+                for limit in ["queue", "connections"] {
+                    drop(overloads.get_or_create(&vec![("limit", limit.into())]));
+                }
+                overloads
+            },
             auth_refused: AuthRefusal::ALL.map(|why| {
                 auth_refusals
                     .get_or_create(&vec![("reason", why.name().into())])

@@ -58,6 +58,11 @@ pub struct SignerStatus {
     pub health: Result<(), String>,
     /// Whether the TSA issues now (clock, signer, last signature).
     pub readiness: Result<(), String>,
+    /// A planned rollover still to come: its instant (ns), the next key's algorithm and
+    /// certificate subject.
+    pub next: Option<(u64, &'static str, String)>,
+    /// Requests admitted and not yet answered, and the limit.
+    pub queue: (usize, usize),
 }
 
 /// Reads the page's data from the running server.
@@ -94,6 +99,17 @@ pub fn gather(tsa: &Tsa) -> Page {
             not_after_ns,
             health: tsa.signer().health(),
             readiness: tsa.readiness(),
+            next: tsa
+                .rollover()
+                .filter(|r| r.at_unix_ns() > crate::clock::system_unix_ns())
+                .map(|r| {
+                    (
+                        r.at_unix_ns(),
+                        r.signer.algorithm().name(),
+                        r.issuing.load().certificate().subject(),
+                    )
+                }),
+            queue: (tsa.admission.depth(), tsa.admission.max_queue()),
         },
         tokens,
         rejections,
@@ -331,6 +347,24 @@ fn signer_card(h: &mut String, page: &Page) {
     };
     row(h, "Key", &status(&s.health, "healthy"));
     row(h, "Readiness", &status(&s.readiness, "ready"));
+    if let Some((at_ns, algorithm, subject)) = &s.next {
+        row(
+            h,
+            "Planned rollover",
+            &format!(
+                "<span id=\"rollover\">{} to {} ({})</span>",
+                esc(&utc_full(*at_ns)),
+                esc(subject),
+                esc(algorithm)
+            ),
+        );
+    }
+    let (depth, limit) = s.queue;
+    row(
+        h,
+        "Admission queue",
+        &format!("<span id=\"queue\">{depth} of {limit}</span>"),
+    );
     h.push_str("</table></section>");
 }
 
@@ -1102,6 +1136,12 @@ mod tests {
                 not_after_ns: NOW + 400 * 86_400 * S + 5,
                 health: Ok(()),
                 readiness: Err("signer <down>".into()),
+                next: Some((
+                    NOW + 30 * 86_400 * S,
+                    "ecdsa-p384-sha384",
+                    "CN=Next <2>".into(),
+                )),
+                queue: (3, 256),
             },
             tokens: 145,
             rejections: 9,
@@ -1169,6 +1209,8 @@ mod tests {
         assert!(html.contains("017 <span class=\"dots\">○○○○●●●●</span>"));
         assert!(html.contains("ecdsa-p256-sha256"));
         assert!(html.contains("400 days left"));
+        assert!(html.contains("to CN=Next &lt;2&gt; (ecdsa-p384-sha384)</span>"));
+        assert!(html.contains("<span id=\"queue\">3 of 256</span>"));
         assert!(html.contains("<span id=\"tokens-total\">145</span>"));
         assert!(html.contains("5.00 /s"), "tokens in the last minute");
         // Events newest first, with their UTC time.

@@ -11,9 +11,14 @@ use tsa::client::read::Response;
 /// A TSA on a disciplined clock fed by NTP `servers`, polling every 200 ms; `extra` adds or
 /// overrides `[clock]` settings.
 pub fn tsa_disciplined(servers: &[SocketAddr], extra: &str) -> Server {
+    tsa_disciplined_init(&[], servers, extra)
+}
+
+/// [`tsa_disciplined`] with further `tsa init` arguments (such as `--archive`).
+pub fn tsa_disciplined_init(init_args: &[&str], servers: &[SocketAddr], extra: &str) -> Server {
     let list: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
     let mut clock = format!(
-        "[clock]\nsource = \"disciplined\"\nntp_servers = [{}]\n{extra}",
+        "[clock]\nsource = \"disciplined\"\nntp_servers = [{}]\n",
         list.join(", ")
     );
     for default in [
@@ -27,9 +32,11 @@ pub fn tsa_disciplined(servers: &[SocketAddr], extra: &str) -> Server {
             clock.push('\n');
         }
     }
+    // Clock keys first (no header needed), then any further sections.
+    clock.push_str(extra);
     // A production policy: the development policy belongs to the development clock only.
     let policy = "[policy]\ndefault = \"0.4.0.2023.1.1\"\n";
-    let server = Server::start(&[], "");
+    let server = Server::start(init_args, "");
     let path = server.path("tsa.toml");
     let config = std::fs::read_to_string(&path).unwrap();
     let config = config.replace("source = \"development\"\n", "");
