@@ -23,6 +23,7 @@
 #   CLIENT_CPU   the core(s) the load generator is pinned to            (default 1)
 #   SPEED_SECONDS  seconds for `openssl speed`                       (default 3)
 #   NO_BUILD=1   use target/release/tsa as it is
+#   COMMIT_DELAY_US  the archive's [archive] commit_delay_us (group commit window)
 #   OVERLOAD=3   after the runs, drive the server open-loop (oha -q) at 3 × the best rate they
 #                reached, over OVERLOAD_CONNECTIONS (default 256) connections, and print the
 #                goodput (granted tokens/s) as a share of that capacity, and the 503s
@@ -202,6 +203,11 @@ start_server() { # mode: off | on
   mode_args=()
   [ "$mode" = on ] && mode_args=(--archive)
   "$TSA" init --dir "$work/state-$mode" "${init_args[@]}" "${mode_args[@]}" >/dev/null
+  if [ -n "${COMMIT_DELAY_US:-}" ]; then
+    sed -i "s/^commit_delay_us = .*/commit_delay_us = $COMMIT_DELAY_US/" "$work/state-$mode/tsa.toml"
+    grep -q '^commit_delay_us' "$work/state-$mode/tsa.toml" ||
+      sed -i "s/^\[archive\]$/[archive]\ncommit_delay_us = $COMMIT_DELAY_US/" "$work/state-$mode/tsa.toml"
+  fi
   if [ -n "${MAX_QUEUE:-}" ]; then
     sed -i "s/^\[server\]$/[server]\nmax_queue = $MAX_QUEUE/" "$work/state-$mode/tsa.toml"
   fi

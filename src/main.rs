@@ -23,7 +23,7 @@ enum Command {
     /// Serve RFC 3161 over HTTP.
     Serve(cli::serve::ServeArgs),
     /// Ask a TSA for a time-stamp token.
-    Request(cli::request::RequestArgs),
+    Request(Box<cli::request::RequestArgs>),
     /// Verify a time-stamp response against data and a CA.
     Verify(cli::verify::VerifyArgs),
     /// Print a time-stamp response or request in human-readable form.

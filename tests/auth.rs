@@ -4,7 +4,9 @@
 //! reloaded on SIGHUP; the HTTPS listener with the development certificate, mutual TLS mapped by
 //! fingerprint and by subject, certificates of an unknown CA and missing required ones refused
 //! in the handshake; 429 with Retry-After past a client's quota and service again after it; the
-//! client's name in the archive; tokens from the HTTPS listener verified by `openssl ts -verify`.
+//! client's name in the archive; tokens from the HTTPS listener verified by `openssl ts -verify`;
+//! the built-in client `tsa request` with a key file or `TSA_API_KEY`, over HTTPS and with a
+//! client certificate, single and batch, and its refusal to send a key in clear to another host.
 
 mod common;
 
@@ -690,4 +692,231 @@ fn quotas_answer_429_with_retry_after_and_recover() {
     // After Retry-After, alice is served again.
     std::thread::sleep(Duration::from_millis(1_100));
     post(&server.url, &q, &["-H", &alice_auth]).granted();
+}
+
+/// `tsa request` (single and batch) in `dir`, with `args`, and no API key from the test's own
+/// environment unless `env` gives one.
+fn tsa_request(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(TSA)
+        .current_dir(dir)
+        .arg("request")
+        .args(args)
+        .env_remove("TSA_API_KEY")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run tsa request")
+}
+
+/// The token of a granted reply that `tsa request` saved.
+fn saved_token(path: &Path) -> Vec<u8> {
+    let reply = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let response = Response::from_der(&reply).unwrap();
+    assert!(response.granted(), "{:?}", response.status_text);
+    response.token.expect("a token").der
+}
+
+fn assert_fails(out: &std::process::Output, expected: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "succeeded: {stderr}");
+    for text in expected {
+        assert!(stderr.contains(text), "{text:?} not in {stderr:?}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// The built-in client with credentials, against a server with anonymous access off and its
+/// HTTPS listener: a key from `--api-key-file` (plain HTTP on loopback) and from `TSA_API_KEY`
+/// (HTTPS) names alice in the archive; a wrong key and no key are the server's 401, reported
+/// with its reason and nothing saved; `--cacert` of another CA fails the handshake; the
+/// development client certificate (`--cert`/`--key`) is mapped to "dev-client"; a `--batch`
+/// over HTTPS with the key is granted, verified and archived as alice's.
+#[test]
+fn tsa_request_sends_api_keys_and_speaks_https_with_client_certificates() {
+    let dir = init(&["--tls", "--https-listen", "127.0.0.1:0"]);
+    let (alice, alice_toml) = new_key("alice", &[]);
+    configure(
+        dir.path(),
+        &[("anonymous = true", "anonymous = false")],
+        &alice_toml,
+    );
+    let server = Server::serve(dir);
+    let d = server.dir.path();
+    let https = server.https_url.clone().expect("an HTTPS listener");
+    std::fs::write(d.join("doc.txt"), "a document").unwrap();
+    std::fs::write(d.join("alice.key"), format!("\n {alice}\n")).unwrap();
+    std::fs::write(d.join("wrong.key"), "tsa_not-a-key\n").unwrap();
+    let single = |url: &str, out: &str, extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec!["--url", url, "--data", "doc.txt", "--out", out];
+        args.extend(extra);
+        tsa_request(d, &args, env)
+    };
+
+    // Plain HTTP on loopback with the key file.
+    let out = single(
+        &server.url,
+        "keyed.tsr",
+        &["--api-key-file", "alice.key"],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let keyed = saved_token(&d.join("keyed.tsr"));
+
+    // A wrong key, and none: the server's 401 with its reason; no reply saved.
+    let out = single(
+        &server.url,
+        "wrong.tsr",
+        &["--api-key-file", "wrong.key"],
+        &[],
+    );
+    assert_fails(
+        &out,
+        &[
+            "refused the request: HTTP 401 Unauthorized (invalid credentials)",
+            "check the API key",
+        ],
+    );
+    let out = single(&server.url, "wrong.tsr", &[], &[]);
+    assert_fails(
+        &out,
+        &[
+            "HTTP 401 Unauthorized (authentication required)",
+            "--api-key-file",
+        ],
+    );
+    assert!(!d.join("wrong.tsr").exists());
+
+    // HTTPS trusting the development CA, the key from the environment.
+    let out = single(
+        &https,
+        "https.tsr",
+        &["--cacert", "ca-cert.pem"],
+        &[("TSA_API_KEY", &alice)],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let over_https = saved_token(&d.join("https.tsr"));
+    // The server's certificate does not chain to another CA.
+    let out = single(
+        &https,
+        "wrong.tsr",
+        &[
+            "--cacert",
+            "client-ca-cert.pem",
+            "--api-key-file",
+            "alice.key",
+        ],
+        &[],
+    );
+    assert_fails(&out, &["the TLS handshake failed", "UnknownIssuer"]);
+    // No --cacert: refused before connecting.
+    let out = single(&https, "wrong.tsr", &["--api-key-file", "alice.key"], &[]);
+    assert_fails(&out, &["https:// needs --cacert FILE"]);
+
+    // Mutual TLS with the development client certificate, no key.
+    let out = single(
+        &https,
+        "mtls.tsr",
+        &[
+            "--cacert",
+            "ca-cert.pem",
+            "--cert",
+            "client-cert.pem",
+            "--key",
+            "client-key.pem",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let mtls = saved_token(&d.join("mtls.tsr"));
+
+    // A batch over HTTPS with the key, each token verified against the TSA's CA.
+    let files = ["b1.txt", "b2.txt", "b3.txt"];
+    for (i, file) in files.iter().enumerate() {
+        std::fs::write(d.join(file), format!("batch item {i}")).unwrap();
+    }
+    let mut args = vec![
+        "--batch",
+        "--url",
+        &https,
+        "--cacert",
+        "ca-cert.pem",
+        "--api-key-file",
+        "alice.key",
+        "--ca",
+        "ca-cert.pem",
+    ];
+    args.extend(files);
+    let out = tsa_request(d, &args, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("3 of 3 granted and verified (1 batch)"),
+        "{stdout}"
+    );
+    let batch: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| saved_token(&d.join(format!("{f}.tsr"))))
+        .collect();
+
+    let mut expected: Vec<(&[u8], Option<&str>)> = vec![
+        (&keyed, Some("alice")),
+        (&over_https, Some("alice")),
+        (&mtls, Some("dev-client")),
+    ];
+    expected.extend(batch.iter().map(|t| (t.as_slice(), Some("alice"))));
+    assert_archived(d, &expected);
+}
+
+/// What `tsa request` refuses before it sends anything: a key over plain HTTP to a host that
+/// is not loopback (192.0.2.1 is TEST-NET-1: nothing is reached, and the message says so),
+/// credentials in the URL, TLS files for an http:// URL, an empty key file.
+#[test]
+fn tsa_request_refuses_to_expose_a_key_before_connecting() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    std::fs::write(w.join("doc.txt"), "a document").unwrap();
+    std::fs::write(w.join("k.key"), "tsa_some-key\n").unwrap();
+    std::fs::write(w.join("empty.key"), "\n").unwrap();
+    let request = |args: &[&str], env: &[(&str, &str)]| {
+        let mut all = vec!["--data", "doc.txt", "--out", "r.tsr"];
+        all.extend(args);
+        tsa_request(w, &all, env)
+    };
+    let refusal = "refusing to send the API key over plain http:// to 192.0.2.1";
+    let started = Instant::now();
+    let single = request(
+        &["--url", "http://192.0.2.1:1/", "--api-key-file", "k.key"],
+        &[],
+    );
+    assert_fails(&single, &[refusal, "https://", "--allow-insecure-key"]);
+    let batch = tsa_request(
+        w,
+        &["--batch", "--url", "http://192.0.2.1:1/", "doc.txt"],
+        &[("TSA_API_KEY", "tsa_some-key")],
+    );
+    assert_fails(&batch, &[refusal]);
+    for out in [&single, &batch] {
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused without connecting"
+    );
+    let out = request(&["--url", "http://me:tsa_some-key@127.0.0.1:1/"], &[]);
+    assert_fails(&out, &["put no credentials in the URL"]);
+    let out = request(
+        &["--url", "http://127.0.0.1:1/", "--cacert", "doc.txt"],
+        &[],
+    );
+    assert_fails(&out, &["are for https:// URLs"]);
+    let out = request(
+        &[
+            "--url",
+            "http://127.0.0.1:1/",
+            "--api-key-file",
+            "empty.key",
+        ],
+        &[],
+    );
+    assert_fails(&out, &["the API key file empty.key is empty"]);
+    assert!(!w.join("r.tsr").exists() && !w.join("doc.txt.tsr").exists());
 }

@@ -20,9 +20,19 @@ Batch mode (--batch) stamps many files and digests in one HTTP round trip (docs/
 
 Each item is its own RFC 3161 request (its own nonce) and gets its own token. Every reply is
 checked against its own request (imprint, nonce, policy, certReq), and with --ca verified
-in full. The command fails when any item was not granted; the others are still saved.")]
+in full. The command fails when any item was not granted; the others are still saved.
+
+Credentials and HTTPS (both modes):
+
+  tsa request --url https://tsa.example/ --cacert ca.pem --api-key-file alice.key --data f
+  tsa request --url https://127.0.0.1:3443/ --cacert ca-cert.pem \\
+      --cert client-cert.pem --key client-key.pem --data f          # mutual TLS
+
+The API key is sent as 'Authorization: Bearer'; it comes from --api-key-file or TSA_API_KEY,
+never from the command line (where every user could read it in the process list), and is
+not sent over plain http:// except to a loopback address.")]
 pub struct RequestArgs {
-    /// The TSA's URL.
+    /// The TSA's URL: http:// or https:// (with --cacert).
     #[arg(long, default_value = "http://127.0.0.1:3180/")]
     pub url: String,
     /// The file to stamp.
@@ -53,6 +63,25 @@ pub struct RequestArgs {
     /// Also save the request (for `tsa verify --query` or `openssl ts -verify -queryfile`).
     #[arg(long)]
     pub query_out: Option<PathBuf>,
+
+    /// A file holding the API key to send (as 'Authorization: Bearer'; surrounding whitespace
+    /// is ignored). Without it, the key in the environment variable TSA_API_KEY, if set.
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Send the API key over plain http:// to a host other than loopback too (anyone on the
+    /// way can read it there).
+    #[arg(long)]
+    pub allow_insecure_key: bool,
+    /// https://: the CA certificates (PEM) that the TSA's server certificate must chain to;
+    /// required for https:// (no system roots are used).
+    #[arg(long, value_name = "PEM")]
+    pub cacert: Option<PathBuf>,
+    /// https://: a client certificate (PEM, with its chain) for mutual TLS; with --key.
+    #[arg(long, value_name = "PEM", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// https://: the client certificate's private key (PEM); with --cert.
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    pub key: Option<PathBuf>,
 
     /// Batch mode: stamp every FILE and every digest of --digests in one round trip (per
     /// --batch-size items).
@@ -85,6 +114,7 @@ pub fn run(args: &RequestArgs) -> anyhow::Result<()> {
     if args.batch {
         return run_batch(args);
     }
+    let endpoint = endpoint(args)?;
     let digest = digest_algorithm(args)?;
     let mut query = match (&args.data, &args.digest) {
         (Some(path), _) => {
@@ -104,7 +134,7 @@ pub fn run(args: &RequestArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let reply = runtime.block_on(client::post(&args.url, der))?;
+    let reply = runtime.block_on(client::post(&endpoint, der))?;
     std::fs::write(&args.out, &reply)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
 
@@ -121,6 +151,17 @@ pub fn run(args: &RequestArgs) -> anyhow::Result<()> {
     } else {
         bail!("rejected: {}", rejection_text(&response))
     }
+}
+
+/// The URL with its credentials and TLS settings, checked before anything is sent.
+fn endpoint(args: &RequestArgs) -> anyhow::Result<client::Endpoint> {
+    let options = client::Options {
+        api_key: client::transport::api_key(args.api_key_file.as_deref())?,
+        allow_insecure_key: args.allow_insecure_key,
+        ca_certs: args.cacert.clone(),
+        client_cert: args.cert.clone().zip(args.key.clone()),
+    };
+    client::Endpoint::new(&args.url, &options)
 }
 
 fn digest_algorithm(args: &RequestArgs) -> anyhow::Result<DigestAlgorithm> {
@@ -186,6 +227,7 @@ struct Item {
 }
 
 fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
+    let endpoint = endpoint(args)?;
     let digest = digest_algorithm(args)?;
     let mut items = Vec::new();
     for path in &args.files {
@@ -250,7 +292,7 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
     let (mut granted, mut failed) = (0usize, 0usize);
     for chunk in items.chunks(args.batch_size as usize) {
         let requests: Vec<Vec<u8>> = chunk.iter().map(|item| item.der.clone()).collect();
-        let replies = runtime.block_on(client::post_batch(&args.url, &requests))?;
+        let replies = runtime.block_on(client::post_batch(&endpoint, &requests))?;
         for (item, reply) in chunk.iter().zip(replies) {
             match save_reply(item, &reply, args.save_queries, &trusted) {
                 Ok(()) => granted += 1,

@@ -2,15 +2,16 @@
 //! Used by `tsa request`, `tsa inspect` and `tsa verify`, and by the tests.
 
 pub mod read;
+pub mod transport;
 pub mod verify;
+
+pub use transport::{Endpoint, Options};
 
 use anyhow::{bail, Context};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
-use bytes::Bytes;
 use const_oid::ObjectIdentifier;
 use der::asn1::{IntRef, OctetStringRef};
 use der::Encode;
-use http_body_util::{BodyExt, Full};
 use spki::AlgorithmIdentifierRef;
 
 use crate::alg::DigestAlgorithm;
@@ -75,9 +76,9 @@ pub fn random_nonce() -> anyhow::Result<Vec<u8>> {
     Ok(bytes.to_vec())
 }
 
-/// POSTs a DER request to a TSA URL and returns the body of its reply.
-pub async fn post(url: &str, request: Vec<u8>) -> anyhow::Result<Vec<u8>> {
-    let (status, content_type, body) = exchange(url, QUERY_TYPE, request).await?;
+/// POSTs a DER request to a TSA and returns the body of its reply.
+pub async fn post(endpoint: &Endpoint, request: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    let (status, content_type, body) = endpoint.exchange(QUERY_TYPE, request).await?;
     if content_type != REPLY_TYPE {
         bail!("the TSA answered HTTP {status} with '{content_type}', not a time-stamp reply");
     }
@@ -87,12 +88,12 @@ pub async fn post(url: &str, request: Vec<u8>) -> anyhow::Result<Vec<u8>> {
 /// POSTs DER requests as one batch (`application/timestamp-query-batch`, `docs/batch.md`)
 /// and returns each one's DER `TimeStampResp`, in the requests' order. A batch the TSA refused
 /// as a whole (malformed, too large, overloaded) is an error with its reason.
-pub async fn post_batch(url: &str, requests: &[Vec<u8>]) -> anyhow::Result<Vec<Vec<u8>>> {
+pub async fn post_batch(endpoint: &Endpoint, requests: &[Vec<u8>]) -> anyhow::Result<Vec<Vec<u8>>> {
     if requests.is_empty() {
         bail!("a batch holds at least one request");
     }
     let body = batch::encode(requests);
-    let (status, content_type, body) = exchange(url, batch::QUERY_MEDIA_TYPE, body).await?;
+    let (status, content_type, body) = endpoint.exchange(batch::QUERY_MEDIA_TYPE, body).await?;
     if content_type == REPLY_TYPE {
         let refusal = read::Response::from_der(&body)
             .context("the TSA's refusal of the batch does not decode")?;
@@ -122,35 +123,3 @@ pub async fn post_batch(url: &str, requests: &[Vec<u8>]) -> anyhow::Result<Vec<V
 
 const QUERY_TYPE: &str = "application/timestamp-query";
 const REPLY_TYPE: &str = "application/timestamp-reply";
-
-/// POSTs `body` as `media_type`: the reply's status, media type (without parameters) and body.
-async fn exchange(
-    url: &str,
-    media_type: &'static str,
-    body: Vec<u8>,
-) -> anyhow::Result<(hyper::StatusCode, String, Bytes)> {
-    let uri: hyper::Uri = url.parse().with_context(|| format!("invalid URL {url}"))?;
-    if uri.scheme_str() != Some("http") {
-        bail!("only http:// URLs are supported (put TLS in front of the TSA if needed)");
-    }
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<Bytes>>();
-    let req = hyper::Request::post(uri)
-        .header(hyper::header::CONTENT_TYPE, media_type)
-        .body(Full::new(Bytes::from(body)))?;
-    let response = client
-        .request(req)
-        .await
-        .with_context(|| format!("cannot reach {url}"))?;
-    let status = response.status();
-    let content_type = response
-        .headers()
-        .get(hyper::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, content_type, body))
-}
