@@ -102,6 +102,9 @@ fn http1_builder(config: &ServerConfig) -> http1::Builder {
         // Also the idle time allowed between requests on a keep-alive connection.
         .header_read_timeout(config.read_timeout())
         .max_header_size(config.max_header_bytes)
+        // One write of head and body (a small response copied once) measured 3-5 % more
+        // tokens/s on loopback than hyper's vectored writes.
+        .writev(false)
         .keep_alive(true);
     builder
 }
