@@ -76,19 +76,33 @@ impl GenTime {
             write_digits(&mut buf[n..n + width], value);
             n += width;
         }
-        let mut nanos = (self.unix_ns % 1_000_000_000) as u32;
-        if nanos != 0 {
-            let mut digits = 9;
-            while nanos % 10 == 0 {
-                nanos /= 10;
-                digits -= 1;
-            }
+        if let Some((fraction, digits)) = self.fraction() {
             buf[n] = b'.';
-            write_digits(&mut buf[n + 1..n + 1 + digits], nanos);
+            write_digits(&mut buf[n + 1..n + 1 + digits], fraction);
             n += 1 + digits;
         }
         buf[n] = b'Z';
         n + 1
+    }
+
+    /// The fractional seconds without trailing zeros, and how many digits they take; `None`
+    /// for a whole second (DER writes neither the point nor trailing zeros).
+    fn fraction(self) -> Option<(u32, usize)> {
+        let mut nanos = (self.unix_ns % 1_000_000_000) as u32;
+        if nanos == 0 {
+            return None;
+        }
+        let mut digits = 9;
+        while nanos % 10 == 0 {
+            nanos /= 10;
+            digits -= 1;
+        }
+        Some((nanos, digits))
+    }
+
+    /// The length of the DER text, without writing it: `YYYYMMDDhhmmss`, the fraction, `Z`.
+    fn text_len(self) -> usize {
+        14 + self.fraction().map_or(0, |(_, digits)| 1 + digits) + 1
     }
 
     fn parse(text: &[u8]) -> Option<Self> {
@@ -153,8 +167,7 @@ impl FixedTag for GenTime {
 
 impl EncodeValue for GenTime {
     fn value_len(&self) -> der::Result<Length> {
-        let mut buf = [0; MAX_LEN];
-        Length::try_from(self.write(&mut buf))
+        Length::try_from(self.text_len())
     }
 
     fn encode_value(&self, writer: &mut impl Writer) -> der::Result<()> {
@@ -207,6 +220,23 @@ mod tests {
             text(GenTime::truncated(base + 999_999_999, Precision::Seconds)),
             "20231114221320Z"
         );
+    }
+
+    #[test]
+    fn the_length_is_the_written_length() {
+        let mut buf = [0; MAX_LEN];
+        for ns in [
+            0u64,
+            1,
+            10,
+            120_000_000,
+            999_999_999,
+            1_700_000_000_123_456_789,
+            u64::MAX,
+        ] {
+            let t = GenTime::from_unix_ns(ns);
+            assert_eq!(t.text_len(), t.write(&mut buf), "{ns}");
+        }
     }
 
     #[test]
