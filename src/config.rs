@@ -77,6 +77,17 @@ pub struct ArchiveConfig {
     pub postgres_url: String,
     /// PostgreSQL's password, in a file of its own (else `TSA_POSTGRES_PASSWORD`, if set).
     pub postgres_password_file: Option<PathBuf>,
+    /// PostgreSQL over TLS: the CA certificates (PEM files) that the server's certificate
+    /// must chain to; its name is checked against the host (libpq's `verify-full`). Makes
+    /// TLS mandatory (see `src/archive/postgres_tls.rs`).
+    pub postgres_ca: Vec<PathBuf>,
+    /// PostgreSQL: a client certificate chain (PEM) for certificate authentication.
+    pub postgres_client_certificate: Option<PathBuf>,
+    /// PostgreSQL: the client certificate's private key (PEM).
+    pub postgres_client_key: Option<PathBuf>,
+    /// PostgreSQL: allow `sslmode=require` without `postgres_ca`, which encrypts without
+    /// authenticating the server.
+    pub postgres_tls_insecure: bool,
     /// PostgreSQL: how long the instance id's lease outlives its last renewal.
     pub lease_ttl_s: u64,
 }
@@ -97,6 +108,10 @@ impl Default for ArchiveConfig {
             busy_timeout_ms: 5_000,
             postgres_url: String::new(),
             postgres_password_file: None,
+            postgres_ca: Vec::new(),
+            postgres_client_certificate: None,
+            postgres_client_key: None,
+            postgres_tls_insecure: false,
             lease_ttl_s: 30,
         }
     }
@@ -580,6 +595,13 @@ impl Config {
         if let Some(file) = &mut self.archive.postgres_password_file {
             resolve(file);
         }
+        let archive = &mut self.archive;
+        archive.postgres_ca.iter_mut().for_each(resolve);
+        archive
+            .postgres_client_certificate
+            .iter_mut()
+            .for_each(resolve);
+        archive.postgres_client_key.iter_mut().for_each(resolve);
         let tls = &mut self.server.tls;
         tls.certificate.iter_mut().for_each(resolve);
         tls.key.iter_mut().for_each(resolve);

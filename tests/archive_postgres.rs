@@ -472,3 +472,283 @@ fn a_process_that_lost_its_lease_stops_issuing() {
     let (ok, report) = archive_cli(d, &["verify"]);
     assert!(ok, "{report}");
 }
+
+// TLS to PostgreSQL (src/archive/postgres_tls.rs), against a cluster with `ssl = on` whose
+// TCP connections are TLS only (tests/common/postgres.rs, `Cluster::start_tls`).
+
+/// A state directory whose archive is `database` on `cluster` as `user`, with `settings`
+/// (key=value) appended to the connection string and `extra` lines under `[archive]`.
+fn setup_tls(
+    cluster: &pg::Cluster,
+    database: &str,
+    user: &str,
+    settings: &str,
+    id: u32,
+    extra: &str,
+) -> tempfile::TempDir {
+    init(&format!(
+        "backend = \"postgres\"\npostgres_url = \"host=127.0.0.1 port={} user={user} \
+         dbname={database} connect_timeout=10 {settings}\"\ninstance_id = {id}\n\
+         lease_ttl_s = 2\n{extra}",
+        cluster.port
+    ))
+}
+
+/// `postgres_ca = [file]`, as a TOML line.
+fn ca_line(file: &Path) -> String {
+    format!("postgres_ca = [{:?}]\n", file.display().to_string())
+}
+
+/// The TLS state of the TSA's sessions (application_name "tsa") on the cluster: (TCP from
+/// 127.0.0.1, TLS, protocol version, client certificate's DN) per session.
+fn tsa_sessions(cluster: &pg::Cluster) -> Vec<(bool, bool, Option<String>, Option<String>)> {
+    cluster
+        .client("postgres")
+        .query(
+            "SELECT a.client_addr = '127.0.0.1'::inet, s.ssl, s.version, s.client_dn \
+             FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.application_name = 'tsa'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+#[test]
+fn tokens_reach_postgres_over_verified_tls_with_channel_binding() {
+    let started = Instant::now();
+    let (cluster, pki) = pg::Cluster::start_tls();
+    let mut admin = cluster.client("postgres");
+    let u = pg::SCRAM_USER;
+    admin
+        .batch_execute(&format!("CREATE ROLE {u} LOGIN PASSWORD 'correct horse'"))
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE tls OWNER {u}"))
+        .unwrap();
+    // The cluster takes no TCP connection without TLS.
+    let plain = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=tls sslmode=disable",
+            cluster.port
+        ),
+        postgres::NoTls,
+    )
+    .err()
+    .expect("a plain connection was accepted");
+    let plain = plain
+        .as_db_error()
+        .expect("refused by the server")
+        .message();
+    assert!(plain.contains("no encryption"), "{plain}");
+
+    // SCRAM with the TLS channel bound (channel_binding=require fails without it).
+    let password = cluster.path().join("password");
+    std::fs::write(&password, "correct horse\n").unwrap();
+    let dir = setup_tls(
+        &cluster,
+        "tls",
+        pg::SCRAM_USER,
+        "sslmode=require channel_binding=require",
+        0,
+        &format!(
+            "{}postgres_password_file = {:?}\ncheckpoint_interval_s = 1",
+            ca_line(&pki.ca),
+            password.display().to_string()
+        ),
+    );
+    let d = dir.path();
+    let server = Serving::start(d);
+    let mut conn = Conn::open(&server.public).unwrap();
+    let received: Vec<Received> = (0..50)
+        .map(|i| {
+            stamp(&mut conn, format!("over TLS {i}").as_bytes())
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    // The reader's connection too (an admin look-up).
+    let (status, body) = get(
+        &server.admin,
+        &format!("/archive/serial/{}", hex(&received[5].serial)),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(body, received[5].response);
+    // Every session of the TSA (lease keeper, writer, reader) is TCP and TLS.
+    let sessions = tsa_sessions(&cluster);
+    assert!(sessions.len() >= 3, "{sessions:?}");
+    for (tcp, tls, version, _) in &sessions {
+        assert!(*tcp && *tls, "{sessions:?}");
+        assert!(version.as_deref().is_some_and(|v| v.starts_with("TLSv1.")));
+    }
+    server.stop();
+
+    // The CLI connects the same way: everything is there and verifies.
+    let mut store = store(d);
+    let records = all_records(&mut store, 0);
+    assert_eq!(records.len(), received.len());
+    for (r, got) in records.iter().zip(&received) {
+        assert_eq!(r.record.serial, got.serial);
+        assert_eq!(r.record.token, got.token);
+    }
+    let (ok, report) = archive_cli(d, &["verify"]);
+    assert!(ok, "{report}");
+    assert!(report.contains(": OK"), "{report}");
+    eprintln!("TLS archive: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn an_unverifiable_postgres_server_is_refused_at_start() {
+    let (cluster, pki) = pg::Cluster::start_tls();
+    cluster.create_database("tls");
+    // A CA that did not sign the server's certificate.
+    let dir = setup_tls(
+        &cluster,
+        "tls",
+        "postgres",
+        "sslmode=require",
+        1,
+        &ca_line(&pki.other_ca),
+    );
+    let err = Serving::try_start(dir.path())
+        .err()
+        .expect("started with a server certificate from another CA");
+    assert!(
+        err.contains("certificate failed verification")
+            && err.contains("UnknownIssuer")
+            && err.contains("other-ca.pem"),
+        "{err}"
+    );
+    // The right CA, but the certificate does not name the host asked for (the TCP
+    // connection still goes to 127.0.0.1): verify-full.
+    let dir = init(&format!(
+        "backend = \"postgres\"\npostgres_url = \"host=db.example.org hostaddr=127.0.0.1 \
+         port={} user=postgres dbname=tls connect_timeout=10\"\n{}",
+        cluster.port,
+        ca_line(&pki.ca)
+    ));
+    let err = Serving::try_start(dir.path())
+        .err()
+        .expect("started with a certificate for another name");
+    assert!(
+        err.contains("certificate failed verification")
+            && err.contains("not valid for name \"db.example.org\""),
+        "{err}"
+    );
+    // postgres_tls_insecure: encrypted, the server not authenticated; it issues.
+    let dir = setup_tls(
+        &cluster,
+        "tls",
+        "postgres",
+        "sslmode=require",
+        2,
+        "postgres_tls_insecure = true",
+    );
+    let server = Serving::start(dir.path());
+    let mut conn = Conn::open(&server.public).unwrap();
+    let token = stamp(&mut conn, b"insecure").unwrap().unwrap();
+    let sessions = tsa_sessions(&cluster);
+    assert!(
+        !sessions.is_empty() && sessions.iter().all(|s| s.0 && s.1),
+        "{sessions:?}"
+    );
+    server.stop();
+    let mut store = store(dir.path());
+    let records = all_records(&mut store, 2);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].record.serial, token.serial);
+    // libpq's default, sslmode=prefer, without a CA: TLS when the server offers it (here it
+    // must: hostssl only), plain over the Unix socket, where PostgreSQL offers none.
+    for host in [
+        "127.0.0.1".to_string(),
+        cluster.path().display().to_string(),
+    ] {
+        let config = tsa::config::ArchiveConfig {
+            postgres_url: format!(
+                "host={host} port={} user=postgres dbname=tls connect_timeout=10",
+                cluster.port
+            ),
+            ..Default::default()
+        };
+        let mut store =
+            PostgresStore::open_existing(&config).unwrap_or_else(|e| panic!("{host}: {e}"));
+        assert_eq!(all_records(&mut store, 2).len(), 1);
+    }
+}
+
+#[test]
+fn sslmode_require_without_a_ca_is_refused_before_connecting() {
+    // Nothing listens there: the refusal comes from the settings, not from a connection.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = init(&format!(
+        "backend = \"postgres\"\npostgres_url = \"host=127.0.0.1 port={port} user=tsa \
+         sslmode=require\"\n"
+    ));
+    let err = Serving::try_start(dir.path())
+        .err()
+        .expect("started with sslmode=require and no CA");
+    assert!(
+        err.contains("sslmode=require but archive.postgres_ca is not set")
+            && err.contains("postgres_tls_insecure"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let (ok, out) = archive_cli(dir.path(), &["verify"]);
+    assert!(!ok && out.contains("postgres_ca"), "{out}");
+}
+
+#[test]
+fn a_client_certificate_logs_in_without_a_password() {
+    let (cluster, pki) = pg::Cluster::start_tls();
+    let mut admin = cluster.client("postgres");
+    let u = pg::CERT_USER;
+    admin
+        .batch_execute(&format!("CREATE ROLE {u} LOGIN"))
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE certs OWNER {u}"))
+        .unwrap();
+    let files = format!(
+        "{}postgres_client_certificate = {:?}\npostgres_client_key = {:?}\n",
+        ca_line(&pki.ca),
+        pki.client_certificate.display().to_string(),
+        pki.client_key.display().to_string()
+    );
+    let dir = setup_tls(&cluster, "certs", pg::CERT_USER, "", 5, &files);
+    let server = Serving::start(dir.path());
+    let mut conn = Conn::open(&server.public).unwrap();
+    let received: Vec<Received> = (0..10)
+        .map(|i| {
+            stamp(&mut conn, format!("cert {i}").as_bytes())
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    let sessions = tsa_sessions(&cluster);
+    assert!(!sessions.is_empty());
+    for (tcp, tls, _, dn) in &sessions {
+        assert!(*tcp && *tls, "{sessions:?}");
+        assert_eq!(
+            dn.as_deref(),
+            Some(format!("/CN={}", pg::CERT_USER).as_str())
+        );
+    }
+    server.stop();
+    let mut store = store(dir.path());
+    assert_eq!(all_records(&mut store, 5).len(), received.len());
+    let (ok, report) = archive_cli(dir.path(), &["verify"]);
+    assert!(ok, "{report}");
+
+    // Without the certificate, the same role is refused.
+    let dir = setup_tls(&cluster, "certs", pg::CERT_USER, "", 6, &ca_line(&pki.ca));
+    let err = Serving::try_start(dir.path())
+        .err()
+        .expect("logged in without the client certificate");
+    assert!(err.contains("requires a valid client certificate"), "{err}");
+}

@@ -12,6 +12,7 @@
 
 pub mod events;
 pub mod postgres;
+pub mod postgres_tls;
 mod queue;
 pub mod record;
 pub mod serial;

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use postgres::{Client, NoTls, Row};
 
+use super::postgres_tls::{certificate_hint, tls_settings, MakeRustls};
+
 use super::record::{
     join_certificates, sha256, split_certificates, Anchor, ChainHead, Checkpoint, ClockAtIssue,
     EventRecord, Hash, StoredRecord, TokenRecord,
@@ -52,14 +54,32 @@ fn off_runtime<T: Send, R: Send>(value: &mut T, f: impl FnOnce(&mut T) -> R + Se
     })
 }
 
+/// How to connect, checked and loaded once (files read, the TLS configuration built) and
+/// kept for reconnections.
+#[derive(Clone)]
+pub struct Connection {
+    pg: postgres::Config,
+    /// None: plain connections (`sslmode=disable`).
+    tls: Option<MakeRustls>,
+    /// `postgres_ca`, for the error when the server's certificate is refused.
+    ca: Vec<std::path::PathBuf>,
+}
+
 /// The connection settings: `postgres_url` (a key=value string or a `postgresql://` URL,
-/// without a password) and the password from `postgres_password_file` or the
-/// `TSA_POSTGRES_PASSWORD` environment variable.
-pub fn connection_config(config: &ArchiveConfig) -> Result<postgres::Config, StoreError> {
-    let mut pg: postgres::Config = config
-        .postgres_url
-        .parse()
-        .map_err(|e| StoreError(format!("archive.postgres_url: {e}")))?;
+/// without a password), the password from `postgres_password_file` or the
+/// `TSA_POSTGRES_PASSWORD` environment variable, and TLS by `sslmode` and the `postgres_ca`,
+/// `postgres_client_certificate`/`_key` and `postgres_tls_insecure` settings
+/// (`postgres_tls.rs`).
+pub fn connection(config: &ArchiveConfig) -> Result<Connection, StoreError> {
+    let mut pg: postgres::Config = config.postgres_url.parse().map_err(|e| {
+        let hint = if config.postgres_url.contains("sslmode=verify") {
+            " (sslmode takes disable, prefer or require here: use sslmode=require with \
+             archive.postgres_ca, which verifies the server as verify-full does)"
+        } else {
+            ""
+        };
+        StoreError(format!("archive.postgres_url: {e}{hint}"))
+    })?;
     if pg.get_password().is_some() {
         return Err(StoreError(
             "archive.postgres_url must not hold a password: use postgres_password_file or \
@@ -77,7 +97,12 @@ pub fn connection_config(config: &ArchiveConfig) -> Result<postgres::Config, Sto
     if pg.get_application_name().is_none() {
         pg.application_name("tsa");
     }
-    Ok(pg)
+    let tls = tls_settings(config, &mut pg)?;
+    Ok(Connection {
+        pg,
+        tls,
+        ca: config.postgres_ca.clone(),
+    })
 }
 
 /// Where the archive is, for logs and the `archive_opened` event: hosts, ports, database and
@@ -108,10 +133,24 @@ pub fn describe(config: &ArchiveConfig) -> String {
     out
 }
 
-fn connect(pg: &postgres::Config) -> Result<Client, StoreError> {
-    let mut client = pg
-        .connect(NoTls)
-        .map_err(|e| StoreError(format!("cannot connect to PostgreSQL: {e}")))?;
+fn connect(connection: &Connection) -> Result<Client, StoreError> {
+    let pg = &connection.pg;
+    let client = match &connection.tls {
+        None => pg.connect(NoTls),
+        Some(tls) => pg.connect(tls.clone()),
+    };
+    let mut client = client.map_err(|e| {
+        // The crate's error says only "db error" or "error performing TLS handshake": the
+        // server's message or rustls's reason is in its sources.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        let hint = certificate_hint(&e, &connection.ca);
+        StoreError(format!("cannot connect to PostgreSQL: {text}{hint}"))
+    })?;
     // No NOTICE per "CREATE … IF NOT EXISTS" of the schema in the logs at every start.
     client.batch_execute("SET synchronous_commit = on; SET client_min_messages = warning")?;
     Ok(client)
@@ -120,7 +159,7 @@ fn connect(pg: &postgres::Config) -> Result<Client, StoreError> {
 struct Inner {
     client: Client,
     /// To connect again after the connection broke (a database restart).
-    pg: postgres::Config,
+    pg: Connection,
     /// Certificate sets known to be in `certificate_sets`, by hash.
     certificate_sets: HashMap<Hash, Vec<u8>>,
     /// The writer's store: the lease that each append checks in its own transaction.
@@ -148,7 +187,7 @@ const RECORD_COLUMNS: &str = "instance_id, seq, serial, counter, gen_time_ns, ac
 impl PostgresStore {
     /// Connects, creating the schema when missing, and checks its version.
     pub fn open(config: &ArchiveConfig) -> Result<Self, StoreError> {
-        let pg = connection_config(config)?;
+        let pg = connection(config)?;
         let mut inner = off_runtime(&mut (), |_| {
             connect(&pg).map(|client| Inner {
                 client,
@@ -163,7 +202,7 @@ impl PostgresStore {
 
     /// Connects to an archive that exists (the CLI's look-ups, export and verification).
     pub fn open_existing(config: &ArchiveConfig) -> Result<Self, StoreError> {
-        let pg = connection_config(config)?;
+        let pg = connection(config)?;
         let mut inner = off_runtime(&mut (), |_| {
             connect(&pg).map(|client| Inner {
                 client,
@@ -862,7 +901,13 @@ const RENEW: &str = "UPDATE instance_leases \
 
 impl Lease {
     pub fn acquire(config: &ArchiveConfig) -> Result<Lease, StoreError> {
-        let pg = connection_config(config)?;
+        let pg = connection(config)?;
+        if config.postgres_tls_insecure {
+            tracing::warn!(
+                "archive.postgres_tls_insecure: the PostgreSQL server's certificate is not \
+                 verified (set postgres_ca)"
+            );
+        }
         let instance_id = config.instance_id as i64;
         let ttl = Duration::from_secs(config.lease_ttl_s.max(1));
         let holder = format!(
@@ -961,7 +1006,7 @@ impl Drop for Lease {
 }
 
 fn take(
-    pg: &postgres::Config,
+    pg: &Connection,
     instance_id: i64,
     holder: &str,
     ttl: Duration,

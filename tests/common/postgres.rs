@@ -3,6 +3,10 @@
 //! drop. initdb refuses to run as root: as root (CI), the cluster runs as the system user
 //! `tsa-test`, created once with `useradd --system`. A missing PostgreSQL fails the test with
 //! what to install; nothing is skipped.
+//!
+//! [`Cluster::start_tls`]: the same with `ssl = on` (a certificate for 127.0.0.1 and
+//! localhost from a test CA made with rcgen) and TCP connections over TLS only (`hostssl`
+//! lines; the test's own administration goes through the Unix socket).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -15,6 +19,25 @@ pub struct Cluster {
     dir: tempfile::TempDir,
     bin: PathBuf,
     pub port: u16,
+    /// `hostssl` only: [`Cluster::client`] goes through the Unix socket.
+    tls: bool,
+}
+
+/// The role of [`Cluster::start_tls`] that logs in with a client certificate (`cert`): the
+/// certificate's CN.
+pub const CERT_USER: &str = "tsa_cert";
+/// The role of [`Cluster::start_tls`] that logs in with a password (`scram-sha-256`).
+pub const SCRAM_USER: &str = "tsa_scram";
+
+/// The test PKI of a TLS cluster (PEM files).
+pub struct Pki {
+    /// The CA that signs the server's certificate and [`Pki::client_certificate`].
+    pub ca: PathBuf,
+    /// Another CA, which signs nothing the cluster uses.
+    pub other_ca: PathBuf,
+    /// CN = [`CERT_USER`], for `cert` authentication.
+    pub client_certificate: PathBuf,
+    pub client_key: PathBuf,
 }
 
 /// The directory holding initdb and pg_ctl: Debian's `/usr/lib/postgresql/<version>/bin`
@@ -121,6 +144,106 @@ impl Cluster {
 
     /// A new cluster, started.
     pub fn start() -> Cluster {
+        let cluster = Self::init(false);
+        cluster.start_again();
+        cluster
+    }
+
+    /// A new cluster with TLS, started: TCP connections only over TLS; [`CERT_USER`] by its
+    /// client certificate, [`SCRAM_USER`] by password, anyone else trusted.
+    pub fn start_tls() -> (Cluster, Pki) {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let cluster = Self::init(true);
+        let ca_params = |name: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            params
+        };
+        let ca = CertifiedIssuer::self_signed(
+            ca_params("tsa test database CA"),
+            KeyPair::generate().unwrap(),
+        )
+        .unwrap();
+        let other =
+            CertifiedIssuer::self_signed(ca_params("another CA"), KeyPair::generate().unwrap())
+                .unwrap();
+        let leaf = |names: Vec<String>, cn: &str, usage| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(names).unwrap();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &ca).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            "localhost",
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client_cert, client_key) =
+            leaf(vec![], CERT_USER, ExtendedKeyUsagePurpose::ClientAuth);
+
+        // The server's files in the data directory, the cluster user's (the key 0600, as
+        // PostgreSQL demands).
+        let data = PathBuf::from(cluster.data());
+        for (name, text) in [
+            ("server.crt", server_cert.as_str()),
+            ("server.key", server_key.as_str()),
+            ("ca.crt", ca.pem().as_str()),
+        ] {
+            let path = data.join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            if is_root() {
+                let (uid, gid) = cluster_user();
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+            }
+        }
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(
+            &mut conf,
+            b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+              ssl_ca_file = 'ca.crt'\n",
+        )
+        .unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            format!(
+                "local all all trust\n\
+                 hostssl all {CERT_USER} 127.0.0.1/32 cert\n\
+                 hostssl all {SCRAM_USER} 127.0.0.1/32 scram-sha-256\n\
+                 hostssl all all 127.0.0.1/32 trust\n"
+            ),
+        )
+        .unwrap();
+
+        // What the TSA reads, beside the data directory.
+        let dir = cluster.path();
+        let pki = Pki {
+            ca: dir.join("ca.pem"),
+            other_ca: dir.join("other-ca.pem"),
+            client_certificate: dir.join("client.pem"),
+            client_key: dir.join("client-key.pem"),
+        };
+        std::fs::write(&pki.ca, ca.pem()).unwrap();
+        std::fs::write(&pki.other_ca, other.pem()).unwrap();
+        std::fs::write(&pki.client_certificate, client_cert).unwrap();
+        std::fs::write(&pki.client_key, client_key).unwrap();
+        cluster.start_again();
+        (cluster, pki)
+    }
+
+    /// initdb, not started.
+    fn init(tls: bool) -> Cluster {
         let bin = bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("tsa-pg-")
@@ -135,7 +258,12 @@ impl Cluster {
             .local_addr()
             .unwrap()
             .port();
-        let cluster = Cluster { dir, bin, port };
+        let cluster = Cluster {
+            dir,
+            bin,
+            port,
+            tls,
+        };
         let data = cluster.data();
         cluster.run(
             "initdb",
@@ -152,7 +280,6 @@ impl Cluster {
                 "--locale=C",
             ],
         );
-        cluster.start_again();
         cluster
     }
 
@@ -186,10 +313,18 @@ impl Cluster {
         self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
     }
 
-    /// A client on `database`, as `psql` would be.
+    /// A client on `database`, as `psql` would be (through the Unix socket on a TLS
+    /// cluster).
     pub fn client(&self, database: &str) -> postgres::Client {
-        postgres::Client::connect(&self.url(database), postgres::NoTls)
-            .expect("connect to the test cluster")
+        let url = match self.tls {
+            true => format!(
+                "host={} port={} user=postgres dbname={database}",
+                self.dir.path().display(),
+                self.port
+            ),
+            false => self.url(database),
+        };
+        postgres::Client::connect(&url, postgres::NoTls).expect("connect to the test cluster")
     }
 
     /// `key=value` connection settings for `database`.
@@ -202,9 +337,7 @@ impl Cluster {
 
     /// Creates a database.
     pub fn create_database(&self, name: &str) {
-        let mut client = postgres::Client::connect(&self.url("postgres"), postgres::NoTls)
-            .expect("connect to the test cluster");
-        client
+        self.client("postgres")
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .unwrap();
     }
