@@ -30,8 +30,7 @@ use postgres::config::SslMode;
 use postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -135,12 +134,8 @@ pub fn tls_settings(
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
             let chain = certificates(cert, "archive.postgres_client_certificate")?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                StoreError(format!(
-                    "archive.postgres_client_key: cannot read a private key from {}: {e}",
-                    key.display()
-                ))
-            })?;
+            let key = crate::pem::private_key(key)
+                .map_err(|e| StoreError(format!("archive.postgres_client_key: {e:#}")))?;
             builder.with_client_auth_cert(chain, key).map_err(|e| {
                 StoreError(format!(
                     "archive.postgres_client_certificate and postgres_client_key do not make a \
@@ -156,23 +151,9 @@ pub fn tls_settings(
     }))
 }
 
-/// Every certificate of a PEM file; at least one.
+/// Every certificate of a PEM file (at least one), the errors naming `setting`.
 fn certificates(path: &Path, setting: &str) -> Result<Vec<CertificateDer<'static>>, StoreError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            StoreError(format!(
-                "{setting}: cannot read certificates from {}: {e}",
-                path.display()
-            ))
-        })?;
-    if certs.is_empty() {
-        return Err(StoreError(format!(
-            "{setting}: {} holds no PEM certificate",
-            path.display()
-        )));
-    }
-    Ok(certs)
+    crate::pem::certificates(path).map_err(|e| StoreError(format!("{setting}: {e:#}")))
 }
 
 /// A hint for an error from connecting: what to look at when the server's certificate was

@@ -13,10 +13,11 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
+
+use crate::pem;
 use zeroize::Zeroizing;
 
 /// The environment variable read for the API key when no key file is given.
@@ -272,7 +273,7 @@ fn tls_connector(options: &Options) -> anyhow::Result<TlsConnector> {
         );
     };
     let mut roots = RootCertStore::empty();
-    for cert in certificates(ca_path).context("--cacert")? {
+    for cert in pem::certificates(ca_path).context("--cacert")? {
         roots
             .add(cert)
             .with_context(|| format!("--cacert: {} is not a usable CA", ca_path.display()))?;
@@ -285,13 +286,8 @@ fn tls_connector(options: &Options) -> anyhow::Result<TlsConnector> {
     let mut config = match &options.client_cert {
         None => builder.with_no_client_auth(),
         Some((cert_path, key_path)) => {
-            let chain = certificates(cert_path).context("--cert")?;
-            let key = PrivateKeyDer::from_pem_file(key_path).with_context(|| {
-                format!(
-                    "--key: cannot read a private key from {}",
-                    key_path.display()
-                )
-            })?;
+            let chain = pem::certificates(cert_path).context("--cert")?;
+            let key = pem::private_key(key_path).context("--key")?;
             builder.with_client_auth_cert(chain, key).with_context(|| {
                 format!(
                     "--cert {} and --key {} do not make a usable client certificate",
@@ -303,17 +299,6 @@ fn tls_connector(options: &Options) -> anyhow::Result<TlsConnector> {
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsConnector::from(Arc::new(config)))
-}
-
-/// Every certificate of a PEM file; at least one.
-fn certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("cannot read certificates from {}", path.display()))?;
-    if certs.is_empty() {
-        bail!("{} holds no PEM certificate", path.display());
-    }
-    Ok(certs)
 }
 
 /// A loopback address, or `localhost`.

@@ -6,13 +6,10 @@
 //! The verified certificate's identity goes with every request of the connection to
 //! [`super::auth`], which maps it to a configured client.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio::net::TcpStream;
@@ -21,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::auth::PeerCertificate;
 use crate::config::TlsConfig;
+use crate::pem;
 
 /// The rustls server configuration of `[server.tls]`: refuses to start on a missing or
 /// unreadable certificate, key or client CA.
@@ -29,9 +27,8 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
     let (Some(cert_path), Some(key_path)) = (&config.certificate, &config.key) else {
         bail!("server.https_listen needs server.tls.certificate and server.tls.key");
     };
-    let chain = certificates(cert_path).context("server.tls.certificate")?;
-    let key = PrivateKeyDer::from_pem_file(key_path)
-        .with_context(|| format!("server.tls.key: cannot read {}", key_path.display()))?;
+    let chain = pem::certificates(cert_path).context("server.tls.certificate")?;
+    let key = pem::private_key(key_path).context("server.tls.key")?;
 
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -41,7 +38,7 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
     } else {
         let mut roots = RootCertStore::empty();
         for path in &config.client_ca {
-            for cert in certificates(path).context("server.tls.client_ca")? {
+            for cert in pem::certificates(path).context("server.tls.client_ca")? {
                 roots.add(cert).with_context(|| {
                     format!(
                         "server.tls.client_ca: {} is not a usable CA",
@@ -66,17 +63,6 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
         .context("server.tls: the certificate does not fit the key")?;
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(server)))
-}
-
-/// Every certificate of a PEM file; at least one.
-fn certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    if certs.is_empty() {
-        bail!("{} holds no certificate", path.display());
-    }
-    Ok(certs)
 }
 
 /// The TLS handshake on an accepted connection, within `timeout`; `None` when it fails (a

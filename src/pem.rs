@@ -1,0 +1,49 @@
+//! PEM files of the TLS endpoints (the HTTPS listener, the client, the PostgreSQL archive):
+//! certificate chains and private keys, read with rustls's own PEM reader.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Every certificate of a PEM file, in order; at least one.
+pub fn certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("cannot read certificates from {}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no PEM certificate", path.display());
+    }
+    Ok(certs)
+}
+
+/// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub fn private_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path)
+        .with_context(|| format!("cannot read a private key from {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_chain_and_refuses_files_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = crate::pki::DevPki::generate(crate::pki::KeyAlgorithm::P256).unwrap();
+        let chain = dir.path().join("chain.pem");
+        std::fs::write(&chain, format!("{}{}", pki.tsu_cert_pem, pki.ca_cert_pem)).unwrap();
+        assert_eq!(certificates(&chain).unwrap().len(), 2);
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, &pki.tsu_key_pem).unwrap();
+        assert!(private_key(&key).is_ok());
+
+        let err = certificates(&key).unwrap_err().to_string();
+        assert!(err.ends_with("key.pem holds no PEM certificate"), "{err}");
+        let err = private_key(&chain).unwrap_err().to_string();
+        assert!(err.contains("cannot read a private key from"), "{err}");
+        let missing = dir.path().join("missing.pem");
+        assert!(format!("{:#}", certificates(&missing).unwrap_err()).contains("missing.pem"));
+    }
+}
