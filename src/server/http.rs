@@ -596,17 +596,23 @@ fn has_media_type(req: &Request<Incoming>, expected: &str) -> bool {
 }
 
 /// Over `max_queue`: 503, `Retry-After` and a DER systemFailure, at once.
+/// The body is encoded once: under overload most answers are this one, and each should cost
+/// as little as possible beside the requests being signed.
 fn overloaded(tsa: &Tsa) -> (Reply, Outcome) {
+    static BODY: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| {
+        Rejection::new(
+            FailInfo::SystemFailure,
+            "the TSA is overloaded; retry later",
+        )
+        .to_der()
+        .into()
+    });
     tsa.metrics.overloaded(metrics::Overload::Queue);
-    let (mut reply, outcome) = rejection(
-        StatusCode::SERVICE_UNAVAILABLE,
-        FailInfo::SystemFailure,
-        "the TSA is overloaded; retry later",
-    );
+    let mut reply = response(StatusCode::SERVICE_UNAVAILABLE, REPLY_TYPE, BODY.clone());
     reply
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    (reply, outcome)
+    (reply, Outcome::Rejected(FailInfo::SystemFailure))
 }
 
 /// A refusal at the HTTP level, still answered with a DER `TimeStampResp`.
