@@ -359,6 +359,13 @@ fn a_postgres_outage_withholds_tokens_and_the_server_reconnects_by_itself() {
     let (status, body) = ready(&server.admin);
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("archive"), "{body}");
+    // A key event during the outage (a reload): kept, and stored once the archive is back.
+    let reload_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(server.pid(), libc::SIGHUP) };
     // Longer than the lease's lifetime (lease_ttl_s = 2): nobody took it, so it is renewed
     // afterwards; readiness stays down meanwhile, without any request.
     while down.elapsed() < Duration::from_secs(3) {
@@ -416,6 +423,13 @@ fn a_postgres_outage_withholds_tokens_and_the_server_reconnects_by_itself() {
         "{}",
         recovered[0].fields
     );
+    // The reload of the outage is there, before the recovery, with its own time.
+    let reloaded = events
+        .iter()
+        .find(|e| e.kind == "certificate_reloaded" && e.time_ns >= reload_ns)
+        .unwrap_or_else(|| panic!("the reload during the outage was lost: {events:?}"));
+    assert!(reloaded.seq < recovered[0].seq && reloaded.time_ns < recovered[0].time_ns);
+    assert!(recovered[0].fields.contains("\"dropped_events\":0"));
     let (ok, report) = archive_cli(d, &["verify"]);
     assert!(ok, "{report}");
     eprintln!(

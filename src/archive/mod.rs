@@ -248,6 +248,7 @@ impl Archive {
             max_batch: config.max_batch.max(1),
             healthy: healthy.clone(),
             outage: None,
+            pending_events: Vec::new(),
         };
         let writer_queue = queue.clone();
         let handle = std::thread::Builder::new()

@@ -76,7 +76,14 @@ pub(super) struct Writer {
     pub stats: Arc<super::CommitStats>,
     /// Since the last write failed (None while writes succeed).
     pub outage: Option<Outage>,
+    /// Clock and key events that could not be stored yet (an outage), oldest first; stored
+    /// first when the archive can be written again. At most [`MAX_PENDING_EVENTS`].
+    pub pending_events: Vec<Captured>,
 }
+
+/// Events kept through an outage; later ones are dropped (and counted in the
+/// `archive_recovered` event; the log has them all).
+const MAX_PENDING_EVENTS: usize = 10_000;
 
 /// The archive cannot be written: since when, how many records were refused, and when to try
 /// again without waiting for a request (readiness fails meanwhile, so a load balancer sends
@@ -84,6 +91,8 @@ pub(super) struct Writer {
 pub(super) struct Outage {
     since_ns: u64,
     refused: usize,
+    /// Events that did not fit in [`Writer::pending_events`].
+    dropped_events: usize,
     next_probe: Instant,
 }
 
@@ -178,11 +187,13 @@ impl Writer {
     /// Chains `records` after the head, appends them with `events` in one transaction, then
     /// answers every request: Ok only once the commit returned.
     fn commit(&mut self, records: Vec<(Box<TokenRecord>, Reply)>, events: Vec<Captured>) {
-        // After a failure, first learn where the chain really ends.
+        // After a failure, first learn where the chain really ends (and store the events
+        // kept meanwhile).
         if self.outage.is_some() {
             if let Err(e) = self.recover() {
                 let error = ArchiveError(format!("the token could not be archived: {e}"));
                 self.failed(records.len());
+                self.keep_events(events);
                 for (_, reply) in records {
                     let _ = reply.send(Err(error.clone()));
                 }
@@ -215,19 +226,8 @@ impl Writer {
                 "the serial is not one of this instance".into(),
             )));
         }
-        let events: Vec<EventRecord> = events
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| EventRecord {
-                instance_id: self.instance_id,
-                seq: self.last_event_seq + 1 + i as u64,
-                time_ns: e.time_ns,
-                level: e.level,
-                kind: e.kind,
-                message: e.message,
-                fields: e.fields,
-            })
-            .collect();
+        let captured = events;
+        let events = self.event_records(&captured, self.last_event_seq + 1);
         let started = std::time::Instant::now();
         let appended = self.store.append(self.instance_id, &chained, &events);
         self.stats.duration.observe(started.elapsed().as_secs_f64());
@@ -246,6 +246,7 @@ impl Writer {
             }
             Err(e) => {
                 self.failed(replies.len());
+                self.keep_events(captured);
                 tracing::error!(
                     error = %e,
                     records = chained.len(),
@@ -260,12 +261,43 @@ impl Writer {
         }
     }
 
+    /// Numbered event records for `events`, from `first_seq` on.
+    fn event_records(&self, events: &[Captured], first_seq: u64) -> Vec<EventRecord> {
+        events
+            .iter()
+            .zip(first_seq..)
+            .map(|(e, seq)| EventRecord {
+                instance_id: self.instance_id,
+                seq,
+                time_ns: e.time_ns,
+                level: e.level.clone(),
+                kind: e.kind.clone(),
+                message: e.message.clone(),
+                fields: e.fields.clone(),
+            })
+            .collect()
+    }
+
+    /// Keeps events that could not be stored, after those already kept, up to
+    /// [`MAX_PENDING_EVENTS`]; the rest are counted as dropped.
+    fn keep_events(&mut self, events: Vec<Captured>) {
+        let room = MAX_PENDING_EVENTS.saturating_sub(self.pending_events.len());
+        let dropped = events.len().saturating_sub(room);
+        self.pending_events.extend(events.into_iter().take(room));
+        if dropped > 0 {
+            if let Some(outage) = self.outage.as_mut() {
+                outage.dropped_events += dropped;
+            }
+        }
+    }
+
     /// A write failed: readiness fails until [`Writer::recover`] succeeds.
     fn failed(&mut self, refused: usize) {
         self.healthy.store(false, Ordering::Relaxed);
         let outage = self.outage.get_or_insert_with(|| Outage {
             since_ns: crate::clock::system_unix_ns(),
             refused: 0,
+            dropped_events: 0,
             next_probe: Instant::now(),
         });
         outage.refused += refused;
@@ -282,7 +314,7 @@ impl Writer {
             return Ok(());
         };
         outage.next_probe = Instant::now() + PROBE_INTERVAL;
-        let (since_ns, refused) = (outage.since_ns, outage.refused);
+        let (since_ns, refused, dropped) = (outage.since_ns, outage.refused, outage.dropped_events);
         let db = self
             .store
             .instance(self.instance_id)
@@ -299,9 +331,11 @@ impl Writer {
         self.last_event_seq = self.last_event_seq.max(db.last_event_seq);
         self.max_gen_time_ns = self.max_gen_time_ns.max(db.max_gen_time_ns);
         let now_ns = crate::clock::system_unix_ns();
+        // What happened during the outage first, then the recovery itself.
+        let mut events = self.event_records(&self.pending_events, self.last_event_seq + 1);
         let event = EventRecord {
             instance_id: self.instance_id,
-            seq: self.last_event_seq + 1,
+            seq: self.last_event_seq + 1 + events.len() as u64,
             time_ns: now_ns,
             level: "info".into(),
             kind: "archive_recovered".into(),
@@ -309,13 +343,18 @@ impl Writer {
             fields: serde_json::json!({
                 "failed_since_ns": since_ns,
                 "refused_records": refused,
+                "kept_events": self.pending_events.len(),
+                "dropped_events": dropped,
             })
             .to_string(),
         };
+        let last_seq = event.seq;
+        events.push(event);
         self.store
-            .append(self.instance_id, &[], std::slice::from_ref(&event))
+            .append(self.instance_id, &[], &events)
             .map_err(|e| ArchiveError(e.to_string()))?;
-        self.last_event_seq = event.seq;
+        self.last_event_seq = last_seq;
+        self.pending_events.clear();
         self.outage = None;
         self.healthy.store(true, Ordering::Relaxed);
         // No `event` field: this is stored above already, not through the events layer.
