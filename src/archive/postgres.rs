@@ -70,6 +70,11 @@ pub struct Connection {
 /// `TSA_POSTGRES_PASSWORD` environment variable, and TLS by `sslmode` and the `postgres_ca`,
 /// `postgres_client_certificate`/`_key` and `postgres_tls_insecure` settings
 /// (`postgres_tls.rs`).
+/// `connect_timeout` when `postgres_url` sets none.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// `tcp_user_timeout` (unacknowledged data on an open connection) when `postgres_url` sets none.
+const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub fn connection(config: &ArchiveConfig) -> Result<Connection, StoreError> {
     let mut pg: postgres::Config = config.postgres_url.parse().map_err(|e| {
         let hint = if config.postgres_url.contains("sslmode=verify") {
@@ -96,6 +101,15 @@ pub fn connection(config: &ArchiveConfig) -> Result<Connection, StoreError> {
     }
     if pg.get_application_name().is_none() {
         pg.application_name("tsa");
+    }
+    // A database host that vanishes without closing the connection must not hold requests
+    // until the operating system's TCP timeout (minutes): bounded defaults, unless the URL
+    // sets its own.
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+    }
+    if pg.get_tcp_user_timeout().is_none() {
+        pg.tcp_user_timeout(DEFAULT_TCP_USER_TIMEOUT);
     }
     let tls = tls_settings(config, &mut pg)?;
     Ok(Connection {
@@ -1062,6 +1076,32 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_time_out_unless_the_url_says_otherwise() {
+        let config = |url: &str| ArchiveConfig {
+            postgres_url: url.into(),
+            ..ArchiveConfig::default()
+        };
+        let plain = connection(&config("host=127.0.0.1 user=tsa sslmode=disable")).unwrap();
+        assert_eq!(
+            plain.pg.get_connect_timeout(),
+            Some(&DEFAULT_CONNECT_TIMEOUT)
+        );
+        assert_eq!(
+            plain.pg.get_tcp_user_timeout(),
+            Some(&DEFAULT_TCP_USER_TIMEOUT)
+        );
+        let own = connection(&config(
+            "host=127.0.0.1 user=tsa sslmode=disable connect_timeout=2 tcp_user_timeout=3",
+        ))
+        .unwrap();
+        assert_eq!(own.pg.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_ne!(
+            own.pg.get_tcp_user_timeout(),
+            Some(&DEFAULT_TCP_USER_TIMEOUT)
+        );
+    }
 
     #[test]
     fn the_location_in_the_logs_never_holds_a_password() {
