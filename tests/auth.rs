@@ -6,7 +6,8 @@
 //! in the handshake; 429 with Retry-After past a client's quota and service again after it; the
 //! client's name in the archive; tokens from the HTTPS listener verified by `openssl ts -verify`;
 //! the built-in client `tsa request` with a key file or `TSA_API_KEY`, over HTTPS and with a
-//! client certificate, single and batch, and its refusal to send a key in clear to another host.
+//! client certificate, single and batch, and its refusal to send a key in clear to another host;
+//! the HTTPS certificate renewed by SIGHUP (and a broken one refused).
 
 mod common;
 
@@ -919,4 +920,101 @@ fn tsa_request_refuses_to_expose_a_key_before_connecting() {
     );
     assert_fails(&out, &["the API key file empty.key is empty"]);
     assert!(!w.join("r.tsr").exists() && !w.join("doc.txt.tsr").exists());
+}
+
+/// The SHA-256 fingerprint of the certificate the HTTPS listener at `https` presents.
+fn served_fingerprint(https: &str, dir: &Path) -> String {
+    let authority = https
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_string();
+    let out = Command::new("sh")
+        .current_dir(dir)
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect {authority} -CAfile ca-cert.pem </dev/null 2>/dev/null \
+             | openssl x509 -noout -fingerprint -sha256"
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn file_fingerprint(dir: &Path, pem: &str) -> String {
+    let out = openssl(
+        &["x509", "-in", pem, "-noout", "-fingerprint", "-sha256"],
+        dir,
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn sighup_reloads_the_https_certificate_and_refuses_a_broken_one() {
+    let dir = init(&["--tls", "--https-listen", "127.0.0.1:0"]);
+    let server = Server::serve(dir);
+    let d = server.dir.path();
+    let https = server.https_url.clone().expect("an HTTPS listener");
+    let first = served_fingerprint(&https, d);
+    assert_eq!(first, file_fingerprint(d, "tls-cert.pem"));
+
+    // A new certificate for the same names from the same CA, in place of the old files.
+    std::fs::write(
+        d.join("san.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "tls-key.pem",
+            "-subj",
+            "/CN=renewed",
+            "-out",
+            "tls.csr",
+        ],
+        d,
+    );
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "tls.csr",
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-days",
+            "7",
+            "-extfile",
+            "san.cnf",
+            "-out",
+            "tls-cert.pem",
+        ],
+        d,
+    );
+    let renewed = file_fingerprint(d, "tls-cert.pem");
+    assert_ne!(renewed, first);
+    server.signal("HUP");
+    wait_until(
+        || served_fingerprint(&https, d) == renewed,
+        "the renewed certificate to be served",
+    );
+    let q = query(d, "renewed");
+    let ca = d.join("ca-cert.pem").display().to_string();
+    post(&https, &q, &["--cacert", &ca]).granted();
+
+    // A broken key: the reload is refused, the renewed certificate stays and serves.
+    std::fs::write(d.join("tls-key.pem"), "not a key\n").unwrap();
+    server.signal("HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(served_fingerprint(&https, d), renewed);
+    post(&https, &q, &["--cacert", &ca]).granted();
 }

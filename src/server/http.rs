@@ -50,7 +50,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use super::admission::{self, ConnectionSlot};
 use super::auth::{PeerCertificate, Refusal};
@@ -145,7 +144,7 @@ pub(super) async fn run(
     config: &ServerConfig,
     public: TcpListener,
     admin: TcpListener,
-    https: Option<(TcpListener, TlsAcceptor)>,
+    https: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let limits = Arc::new(Limits::new(config));
@@ -165,14 +164,15 @@ pub(super) async fn run(
                 let (tsa, limits) = (tsa.clone(), limits.clone());
                 spawn(serve_public(&builder, graceful.watcher(), TokioIo::new(stream), tsa, limits, connection));
             }
-            accepted = accept_on(https.as_ref().map(|(listener, _)| listener)) => {
+            accepted = accept_on(https.as_ref()) => {
                 let Some(stream) = accepted_stream(accepted).await else { continue };
                 let Some(slot) = tsa.connections.open() else {
                     // No plain-text 503 inside TLS: the connection is just closed.
                     tsa.metrics.overloaded(metrics::Overload::Connections);
                     continue;
                 };
-                let acceptor = https.as_ref().map(|(_, acceptor)| acceptor.clone()).expect("an HTTPS listener");
+                // The certificate in force now (a reload may replace it).
+                let Some(acceptor) = tsa.tls.load_full() else { continue };
                 let (tsa, limits, builder, watcher) = (tsa.clone(), limits.clone(), builder.clone(), graceful.watcher());
                 // The handshake runs in the connection's task, within the read timeout.
                 spawn(async move {

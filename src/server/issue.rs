@@ -110,6 +110,8 @@ pub struct Tsa {
     pub(super) auth: ArcSwap<super::auth::Auth>,
     /// A planned change of key (`[rollover]`).
     pub(super) rollover: Option<Rollover>,
+    /// The HTTPS listener's TLS configuration, when it has one; replaced by a reload.
+    pub(super) tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
 }
 
 /// A planned key rollover: tokens whose genTime is at or after `at_ns` are signed by

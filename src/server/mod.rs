@@ -107,6 +107,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         connections: admission::Connections::new(config.server.max_connections),
         auth: ArcSwap::from_pointee(auth::Auth::new(&config.auth)?),
         rollover,
+        tls: arc_swap::ArcSwapOption::empty(),
     })
 }
 
@@ -154,8 +155,9 @@ fn plan_rollover(
 }
 
 /// Rebuilds what a reload replaces (SIGHUP): request rules, certificates and chains, token
-/// templates, for the current signer and the planned one. The keys themselves and the
-/// rollover instant stay as they were started.
+/// templates, for the current signer and the planned one, and the HTTPS listener's
+/// certificate, key and client CAs. The keys themselves, the rollover instant and the
+/// listeners stay as they were started. Nothing changes unless all of it can be built.
 pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
     if config.rollover.as_ref().map(|r| &r.at) != tsa.rollover.as_ref().map(|r| &r.at) {
         bail!("[rollover] changed: a planned rollover is set at start; restart to change it");
@@ -174,7 +176,18 @@ pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    let tls = match (&config.server.https_listen, tsa.tls.load().is_some()) {
+        (Some(_), true) => Some(tls::acceptor(&config.server.tls)?),
+        _ => None,
+    };
     tsa.reload(first, next);
+    if let Some(acceptor) = tls {
+        tsa.tls.store(Some(Arc::new(acceptor)));
+        tracing::info!(
+            event = "tls_certificate_reloaded",
+            "the HTTPS listener's certificate, key and client CAs reloaded; new connections use them"
+        );
+    }
     Ok(())
 }
 
@@ -280,11 +293,11 @@ pub async fn serve(
         .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
     let https = match config.https_listen {
         Some(addr) => {
-            let acceptor = tls::acceptor(&config.tls)?;
+            tsa.tls.store(Some(Arc::new(tls::acceptor(&config.tls)?)));
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} (HTTPS)"))?;
-            Some((listener, acceptor))
+            Some(listener)
         }
         None => None,
     };
@@ -292,7 +305,7 @@ pub async fn serve(
         public: public.local_addr()?,
         admin: admin.local_addr()?,
         https: match &https {
-            Some((listener, _)) => Some(listener.local_addr()?),
+            Some(listener) => Some(listener.local_addr()?),
             None => None,
         },
     });
