@@ -1018,3 +1018,31 @@ fn sighup_reloads_the_https_certificate_and_refuses_a_broken_one() {
     assert_eq!(served_fingerprint(&https, d), renewed);
     post(&https, &q, &["--cacert", &ca]).granted();
 }
+
+#[test]
+fn tsa_request_gives_up_on_a_server_that_never_answers() {
+    // A listener that accepts connections (the kernel does) and never reads or answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", silent.local_addr().unwrap());
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("doc.txt"), "a document").unwrap();
+    let started = Instant::now();
+    let out = tsa_request(
+        work.path(),
+        &[
+            "--data",
+            "doc.txt",
+            "--out",
+            "r.tsr",
+            "--url",
+            &url,
+            "--timeout-s",
+            "1",
+        ],
+        &[],
+    );
+    assert_fails(&out, &["no answer from", "within 1 s"]);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!work.path().join("r.tsr").exists());
+    drop(silent);
+}

@@ -72,6 +72,10 @@ pub struct RequestArgs {
     /// way can read it there).
     #[arg(long)]
     pub allow_insecure_key: bool,
+    /// Give up on an exchange (connect, TLS, request and whole reply; one batch round trip)
+    /// after this many seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub timeout_s: u64,
     /// https://: the CA certificates (PEM) that the TSA's server certificate must chain to;
     /// required for https:// (no system roots are used).
     #[arg(long, value_name = "PEM")]
@@ -160,6 +164,7 @@ fn endpoint(args: &RequestArgs) -> anyhow::Result<client::Endpoint> {
         allow_insecure_key: args.allow_insecure_key,
         ca_certs: args.cacert.clone(),
         client_cert: args.cert.clone().zip(args.key.clone()),
+        timeout: Some(std::time::Duration::from_secs(args.timeout_s)),
     };
     client::Endpoint::new(&args.url, &options)
 }

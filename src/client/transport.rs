@@ -37,7 +37,13 @@ pub struct Options {
     pub ca_certs: Option<PathBuf>,
     /// `https://`: a client certificate chain and its key (PEM), for mutual TLS.
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// How long one exchange (connect, TLS, request, whole reply) may take; `None`:
+    /// [`DEFAULT_TIMEOUT`].
+    pub timeout: Option<std::time::Duration>,
 }
+
+/// How long one exchange may take when [`Options::timeout`] says nothing.
+pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A TSA's URL with what it takes to reach it; see the module documentation.
 pub struct Endpoint {
@@ -48,6 +54,7 @@ pub struct Endpoint {
     port: u16,
     authorization: Option<HeaderValue>,
     tls: Option<Tls>,
+    timeout: std::time::Duration,
 }
 
 struct Tls {
@@ -134,6 +141,7 @@ impl Endpoint {
             port,
             authorization,
             tls,
+            timeout: options.timeout.unwrap_or(DEFAULT_TIMEOUT),
         })
     }
 
@@ -157,8 +165,24 @@ impl Endpoint {
     }
 
     /// POSTs `body` as `media_type`: the reply's status, media type (without parameters) and
-    /// body. A 401 is an error that says what the TSA refused.
+    /// body, within the endpoint's timeout. A 401 is an error that says what the TSA refused.
     pub(super) async fn exchange(
+        &self,
+        media_type: &'static str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<(hyper::StatusCode, String, Bytes)> {
+        tokio::time::timeout(self.timeout, self.exchange_untimed(media_type, body))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "no answer from {} within {} s (--timeout-s)",
+                    self.url,
+                    self.timeout.as_secs_f64()
+                )
+            })?
+    }
+
+    async fn exchange_untimed(
         &self,
         media_type: &'static str,
         body: Vec<u8>,
