@@ -207,6 +207,9 @@ pub struct AuthConfig {
     pub anonymous_rate_per_s: f64,
     /// The anonymous bucket's size; 0: one second's worth (at least 1).
     pub anonymous_burst: u32,
+    /// Refuse (401) an API key that arrives on the plain HTTP listener: it has crossed the
+    /// network in clear. Leave it off behind a balancer that terminates TLS.
+    pub keys_over_https_only: bool,
     /// The configured clients.
     pub client: Vec<ClientConfig>,
 }
@@ -217,6 +220,7 @@ impl Default for AuthConfig {
             anonymous: true,
             anonymous_rate_per_s: 0.0,
             anonymous_burst: 0,
+            keys_over_https_only: false,
             client: vec![],
         }
     }

@@ -1046,3 +1046,29 @@ fn tsa_request_gives_up_on_a_server_that_never_answers() {
     assert!(!work.path().join("r.tsr").exists());
     drop(silent);
 }
+
+#[test]
+fn keys_over_plain_http_are_refused_where_configured() {
+    let dir = init(&["--tls", "--https-listen", "127.0.0.1:0"]);
+    let (alice, alice_toml) = new_key("alice", &[]);
+    configure(
+        dir.path(),
+        &[(
+            "anonymous = true",
+            "anonymous = true\nkeys_over_https_only = true",
+        )],
+        &alice_toml,
+    );
+    let server = Server::serve(dir);
+    let d = server.dir.path();
+    let q = query(d, "https-only");
+    let key = format!("Authorization: Bearer {alice}");
+    let ca = d.join("ca-cert.pem").display().to_string();
+
+    // The same key: refused in clear, taken over TLS; no key in clear stays anonymous.
+    post(&server.url, &q, &["-H", &key]).refused(401, FailInfo::BadRequest, "invalid credentials");
+    let https = server.https_url.clone().expect("an HTTPS listener");
+    let over_tls = post(&https, &q, &["--cacert", &ca, "-H", &key]).granted();
+    let anonymous = post(&server.url, &q, &[]).granted();
+    assert_archived(d, &[(&over_tls, Some("alice")), (&anonymous, None)]);
+}

@@ -37,6 +37,14 @@ pub enum Refusal {
     InvalidCredentials(&'static str),
 }
 
+/// What a request's connection tells about its client: whether it is TLS, and the client
+/// certificate its handshake verified.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Link<'a> {
+    pub tls: bool,
+    pub certificate: Option<&'a PeerCertificate>,
+}
+
 /// The identity of a verified TLS client certificate, computed once per connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerCertificate {
@@ -81,6 +89,7 @@ struct Known {
 /// The clients of `[auth]` with their quotas. Replaced whole on reload (quotas start full).
 pub struct Auth {
     anonymous: bool,
+    keys_over_https_only: bool,
     anonymous_bucket: Option<Bucket>,
     clients: Vec<Known>,
     by_key: HashMap<[u8; 32], usize>,
@@ -96,6 +105,7 @@ impl Auth {
     pub fn new(config: &AuthConfig) -> anyhow::Result<Self> {
         let mut auth = Self {
             anonymous: config.anonymous,
+            keys_over_https_only: config.keys_over_https_only,
             anonymous_bucket: Bucket::new(config.anonymous_rate_per_s, config.anonymous_burst),
             clients: Vec::with_capacity(config.client.len()),
             by_key: HashMap::new(),
@@ -133,9 +143,15 @@ impl Auth {
     /// the TLS client certificate its connection presented and the handshake verified.
     pub fn authenticate(
         &self,
+        link: Link<'_>,
         authorization: Option<&[u8]>,
-        certificate: Option<&PeerCertificate>,
     ) -> Result<Client, Refusal> {
+        if authorization.is_some() && !link.tls && self.keys_over_https_only {
+            return Err(Refusal::InvalidCredentials(
+                "credentials over plain HTTP, which auth.keys_over_https_only refuses",
+            ));
+        }
+        let certificate = link.certificate;
         let by_key = authorization
             .map(|h| self.by_authorization(h))
             .transpose()?;
@@ -313,6 +329,39 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_over_plain_http_are_refused_when_configured() {
+        let plain = Link::default();
+        let open = Auth::new(&config(true)).unwrap();
+        assert_eq!(
+            name(open.authenticate(plain, Some(&bearer(ALICE_KEY)))),
+            Ok(Some("alice".into()))
+        );
+        let strict = Auth::new(&AuthConfig {
+            keys_over_https_only: true,
+            ..config(true)
+        })
+        .unwrap();
+        assert!(matches!(
+            strict.authenticate(plain, Some(&bearer(ALICE_KEY))),
+            Err(Refusal::InvalidCredentials(why)) if why.contains("plain HTTP")
+        ));
+        // Over TLS the key is taken; without credentials plain HTTP stays anonymous.
+        assert_eq!(
+            name(strict.authenticate(link(None), Some(&bearer(ALICE_KEY)))),
+            Ok(Some("alice".into()))
+        );
+        assert_eq!(name(strict.authenticate(plain, None)), Ok(None));
+    }
+
+    /// A TLS connection with `certificate` (keys over plain HTTP are tested on their own).
+    fn link(certificate: Option<&PeerCertificate>) -> Link<'_> {
+        Link {
+            tls: true,
+            certificate,
+        }
+    }
     use crate::config::ClientConfig;
 
     const ALICE_KEY: &str = "tsa_alice-key-for-tests-only-000000000000000";
@@ -334,6 +383,7 @@ mod tests {
             anonymous,
             anonymous_rate_per_s: 0.0,
             anonymous_burst: 0,
+            keys_over_https_only: false,
             client: vec![
                 ClientConfig {
                     api_key_sha256: Some(api_key_sha256(ALICE_KEY)),
@@ -390,10 +440,10 @@ mod tests {
             basic("alice", ALICE_KEY),
             basic(ALICE_KEY, ""),
         ] {
-            assert_eq!(name(auth.authenticate(Some(&header), None)), alice);
+            assert_eq!(name(auth.authenticate(link(None), Some(&header))), alice);
         }
         assert_eq!(
-            name(auth.authenticate(Some(&bearer(BOB_KEY)), None)),
+            name(auth.authenticate(link(None), Some(&bearer(BOB_KEY)))),
             Ok(Some("bob".into())),
             "an upper-case hash in the configuration"
         );
@@ -404,7 +454,7 @@ mod tests {
         let auth = Auth::new(&config(true)).unwrap();
         let invalid = |header: &[u8]| {
             matches!(
-                auth.authenticate(Some(header), None),
+                auth.authenticate(link(None), Some(header)),
                 Err(Refusal::InvalidCredentials(_))
             )
         };
@@ -419,13 +469,16 @@ mod tests {
         assert!(invalid(format!("Digest {ALICE_KEY}").as_bytes()));
         assert!(invalid(&[0xff, 0xfe]));
         // Anonymous without credentials.
-        assert_eq!(name(auth.authenticate(None, None)), Ok(None));
+        assert_eq!(name(auth.authenticate(link(None), None)), Ok(None));
     }
 
     #[test]
     fn without_anonymous_access_a_credential_is_needed() {
         let auth = Auth::new(&config(false)).unwrap();
-        assert_eq!(auth.authenticate(None, None), Err(Refusal::Unauthenticated));
+        assert_eq!(
+            auth.authenticate(link(None), None),
+            Err(Refusal::Unauthenticated)
+        );
     }
 
     #[test]
@@ -435,33 +488,33 @@ mod tests {
         let carol = cert([0xc0; 32], "CN=carol,O=Example,C=VN");
         let stranger = cert([0x50; 32], "CN=stranger");
         assert_eq!(
-            name(auth.authenticate(None, Some(&bob))),
+            name(auth.authenticate(link(Some(&bob)), None)),
             Ok(Some("bob".into()))
         );
         assert_eq!(
-            name(auth.authenticate(None, Some(&carol))),
+            name(auth.authenticate(link(Some(&carol)), None)),
             Ok(Some("carol".into()))
         );
         assert!(matches!(
-            auth.authenticate(None, Some(&stranger)),
+            auth.authenticate(link(Some(&stranger)), None),
             Err(Refusal::InvalidCredentials(_))
         ));
         // Key and certificate: the same client, or the key with an unmapped certificate.
         assert_eq!(
-            name(auth.authenticate(Some(&bearer(BOB_KEY)), Some(&bob))),
+            name(auth.authenticate(link(Some(&bob)), Some(&bearer(BOB_KEY)))),
             Ok(Some("bob".into()))
         );
         assert_eq!(
-            name(auth.authenticate(Some(&bearer(ALICE_KEY)), Some(&stranger))),
+            name(auth.authenticate(link(Some(&stranger)), Some(&bearer(ALICE_KEY)))),
             Ok(Some("alice".into()))
         );
         assert!(matches!(
-            auth.authenticate(Some(&bearer(ALICE_KEY)), Some(&bob)),
+            auth.authenticate(link(Some(&bob)), Some(&bearer(ALICE_KEY))),
             Err(Refusal::InvalidCredentials(_))
         ));
         // A wrong key is not saved by a good certificate.
         assert!(matches!(
-            auth.authenticate(Some(&bearer("tsa_wrong")), Some(&bob)),
+            auth.authenticate(link(Some(&bob)), Some(&bearer("tsa_wrong"))),
             Err(Refusal::InvalidCredentials(_))
         ));
     }
@@ -533,7 +586,7 @@ mod tests {
         config.client[0].api_key_sha256 = Some(hash_a);
         let auth = Auth::new(&config).unwrap();
         assert_eq!(
-            name(auth.authenticate(Some(&bearer(&a)), None)),
+            name(auth.authenticate(link(None), Some(&bearer(&a)))),
             Ok(Some("alice".into()))
         );
     }

@@ -52,7 +52,7 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 
 use super::admission::{self, ConnectionSlot};
-use super::auth::{PeerCertificate, Refusal};
+use super::auth::{Link, PeerCertificate, Refusal};
 use super::{metrics, Client, Outcome, Tsa};
 use crate::config::ServerConfig;
 use crate::protocol::{batch, FailInfo, Rejection};
@@ -77,6 +77,8 @@ struct Connection {
     _slot: ConnectionSlot,
     served: AtomicU64,
     peer: Option<Arc<PeerCertificate>>,
+    /// Whether the connection is TLS (the HTTPS listener).
+    tls: bool,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -123,6 +125,7 @@ where
         _slot: slot,
         served: AtomicU64::new(0),
         peer: None,
+        tls: false,
     };
     let limits = Arc::new(Limits::new(&config));
     let graceful = GracefulShutdown::new();
@@ -160,7 +163,7 @@ pub(super) async fn run(
                     refuse_connection(&tsa, stream);
                     continue;
                 };
-                let connection = Connection { _slot: slot, served: AtomicU64::new(0), peer: None };
+                let connection = Connection { _slot: slot, served: AtomicU64::new(0), peer: None, tls: false };
                 let (tsa, limits) = (tsa.clone(), limits.clone());
                 spawn(serve_public(&builder, graceful.watcher(), TokioIo::new(stream), tsa, limits, connection));
             }
@@ -179,7 +182,7 @@ pub(super) async fn run(
                     let Some((stream, peer)) = super::tls::handshake(&acceptor, stream, limits.read_timeout).await else {
                         return Ok(());
                     };
-                    let connection = Connection { _slot: slot, served: AtomicU64::new(0), peer };
+                    let connection = Connection { _slot: slot, served: AtomicU64::new(0), peer, tls: true };
                     serve_public(&builder, watcher, TokioIo::new(stream), tsa, limits, connection).await
                 });
             }
@@ -257,7 +260,11 @@ where
     let service = service_fn(move |req| {
         let (tsa, limits, connection) = (tsa.clone(), limits.clone(), connection.clone());
         async move {
-            let mut reply = public_route(req, &tsa, &limits, connection.peer.as_deref()).await;
+            let link = Link {
+                tls: connection.tls,
+                certificate: connection.peer.as_deref(),
+            };
+            let mut reply = public_route(req, &tsa, &limits, link).await;
             let served = connection.served.fetch_add(1, Ordering::Relaxed) + 1;
             if served == limits.max_requests_per_connection {
                 reply
@@ -282,16 +289,16 @@ async fn public_route(
     req: Request<Incoming>,
     tsa: &Arc<Tsa>,
     limits: &Limits,
-    peer: Option<&PeerCertificate>,
+    link: Link<'_>,
 ) -> Reply {
     if req.uri().path() == limits.path {
         let start = Instant::now();
         let (reply, outcome) = match *req.method() {
             Method::POST if has_media_type(&req, batch::QUERY_MEDIA_TYPE) => {
                 // Counts its items' outcomes itself.
-                return timestamp_batch(req, tsa, limits, peer, start).await;
+                return timestamp_batch(req, tsa, limits, link, start).await;
             }
-            Method::POST => match authenticate(&req, tsa, peer).and_then(|c| charge(tsa, c, 1)) {
+            Method::POST => match authenticate(&req, tsa, link).and_then(|c| charge(tsa, c, 1)) {
                 Ok(client) => timestamp(req, tsa, limits, &client).await,
                 Err(denied) => denied.answer(),
             },
@@ -367,14 +374,10 @@ impl Denied {
 
 /// The request's client ([`super::auth`]): from its `Authorization` header and the
 /// connection's verified client certificate.
-fn authenticate(
-    req: &Request<Incoming>,
-    tsa: &Tsa,
-    peer: Option<&PeerCertificate>,
-) -> Result<Client, Denied> {
+fn authenticate(req: &Request<Incoming>, tsa: &Tsa, link: Link<'_>) -> Result<Client, Denied> {
     let authorization = req.headers().get(header::AUTHORIZATION);
     let auth = tsa.auth.load();
-    auth.authenticate(authorization.map(HeaderValue::as_bytes), peer)
+    auth.authenticate(link, authorization.map(HeaderValue::as_bytes))
         .map_err(|refusal| {
             let metric = match refusal {
                 Refusal::Unauthenticated => metrics::AuthRefusal::Unauthenticated,
@@ -437,14 +440,14 @@ async fn timestamp_batch(
     req: Request<Incoming>,
     tsa: &Arc<Tsa>,
     limits: &Limits,
-    peer: Option<&PeerCertificate>,
+    link: Link<'_>,
     start: Instant,
 ) -> Reply {
     let refused = |(reply, outcome): (Reply, Outcome)| {
         tsa.metrics.request(outcome, start.elapsed());
         reply
     };
-    let client = match authenticate(&req, tsa, peer) {
+    let client = match authenticate(&req, tsa, link) {
         Ok(client) => client,
         Err(denied) => return refused(denied.answer()),
     };
