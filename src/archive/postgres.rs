@@ -14,6 +14,8 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use postgres::config::SslMode;
+
 use postgres::{Client, NoTls, Row};
 
 use super::postgres_tls::{certificate_hint, tls_settings, MakeRustls};
@@ -144,6 +146,17 @@ pub fn describe(config: &ArchiveConfig) -> String {
     if let Some(user) = pg.get_user() {
         out.push_str(&format!(" user={user}"));
     }
+    // How the connection is protected, as `postgres_tls::tls_settings` decides it.
+    let tls = if !config.postgres_ca.is_empty() {
+        "verified"
+    } else if pg.get_ssl_mode() == SslMode::Disable {
+        "off"
+    } else if config.postgres_tls_insecure {
+        "unverified"
+    } else {
+        "if-offered,unverified"
+    };
+    out.push_str(&format!(" tls={tls}"));
     out
 }
 
@@ -1111,7 +1124,7 @@ mod tests {
         };
         assert_eq!(
             describe(&config),
-            "host=db.example.org port=5433 dbname=archive user=tsa"
+            "host=db.example.org port=5433 dbname=archive user=tsa tls=if-offered,unverified"
         );
         config.postgres_url = "host=10.0.0.7 user=tsa password=secret dbname=tsa".into();
         let text = describe(&config);
@@ -1120,5 +1133,10 @@ mod tests {
             text.starts_with("host=10.0.0.7") && text.contains("dbname=tsa"),
             "{text}"
         );
+        config.postgres_ca = vec!["ca.pem".into()];
+        assert!(describe(&config).ends_with(" tls=verified"));
+        config.postgres_ca.clear();
+        config.postgres_url.push_str(" sslmode=disable");
+        assert!(describe(&config).ends_with(" tls=off"));
     }
 }
