@@ -3,7 +3,7 @@
 # another, and the server's CPU time per token compared with the raw signing cost of the same
 # algorithm (`openssl speed`, single core).
 #
-#   ./scripts/load.sh                                  # ALG=p256, concurrency 1 8 32 64, 10 s each
+#   ./scripts/load.sh                                  # ALG=p256, concurrency 1 8 32 128, 10 s each
 #   ALG=rsa2048 DURATION=5 CONCURRENCY="1 16" ./scripts/load.sh
 #   LOAD_TOOL=wrk ./scripts/load.sh                    # force wrk (Debian's `wrk`)
 #   ARCHIVE=both DURATION=5 ./scripts/load.sh          # the archive's cost: off vs on
@@ -15,7 +15,7 @@
 #   ARCHIVE      0 (default): no archive; 1: the token archive on (`tsa init --archive`: SQLite,
 #                WAL, synchronous=FULL, group commit); both: the same runs with it off, then on,
 #                and the on/off ratio of req/s per concurrency
-#   CONCURRENCY  connections per run, space-separated               (default "1 8 32 64")
+#   CONCURRENCY  connections per run, space-separated               (default "1 8 32 128")
 #   DURATION     seconds per run                                     (default 10)
 #   LOAD_TOOL    oha | wrk; default: oha when installed, else wrk (installed with apt when
 #                missing; `cargo install oha` takes minutes, so it is never installed here)
@@ -31,14 +31,15 @@
 #
 # Per run it prints requests/s, p50/p99 latency, non-200 and non-granted replies (wrk checks
 # every reply's PKIStatus in Lua; oha reports only HTTP status codes) and the server's CPU time
-# (utime+stime of the whole process, from /proc/PID/stat) per completed request. One reply is
+# (utime+stime of the whole process, from /proc/PID/stat) per completed request, and the
+# server's peak RSS (VmHWM) after the run. One reply is
 # also checked with `openssl ts -reply -text` and `openssl ts -verify` before the runs start.
 # Everything talks to 127.0.0.1 only; the server is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ALG=${ALG:-p256}
-CONCURRENCY=${CONCURRENCY:-"1 8 32 64"}
+CONCURRENCY=${CONCURRENCY:-"1 8 32 128"}
 DURATION=${DURATION:-10}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
@@ -256,7 +257,7 @@ stop_server() {
 
 run_loads() { # mode
   local mode=$1 c out line before after
-  printf '\n%-6s %10s %10s %10s %9s %10s %9s %12s %14s%s\n' conc req/s p50_ms p99_ms requests bad_frac errors cpu_us/token cpu/raw_sign \
+  printf '\n%-6s %10s %10s %10s %9s %10s %9s %12s %14s %9s%s\n' conc req/s p50_ms p99_ms requests bad_frac errors cpu_us/token cpu/raw_sign rss_MiB \
     "$([ -n "${hsm_rate:-}" ] && printf ' %12s' 'of_hsm_rate')"
   for c in $CONCURRENCY; do
     kill -0 "$server_pid" 2>/dev/null || die "the server died"
@@ -274,14 +275,16 @@ run_loads() { # mode
     esac
     after=$(stat_ticks)
     line=$(grep '^RESULT ' <<<"$out") || { echo "$out" >&2; die "no result from $LOAD_TOOL at c=$c"; }
-    awk -v c="$c" -v ticks=$((after - before)) -v hz="$hz" -v raw="$raw_sign_us" -v hsm="${hsm_rate:-0}" '
+    # The server's peak RSS so far (VmHWM): runs go up in concurrency, so it is this run's.
+    rss=$(awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$server_pid/status")
+    awk -v c="$c" -v ticks=$((after - before)) -v hz="$hz" -v raw="$raw_sign_us" -v hsm="${hsm_rate:-0}" -v rss="$rss" '
       { for (i = 2; i <= NF; i++) { split($i, kv, "="); r[kv[1]] = kv[2] } }
       END {
         n = r["requests"]; bad = r["non200"] + (r["notgranted"] > 0 ? r["notgranted"] : 0)
         cpu = n > 0 ? ticks / hz * 1e6 / n : 0
-        printf "%-6d %10.0f %10.3f %10.3f %9d %10s %9d %12.1f %14.2f", c, n / r["seconds"],
+        printf "%-6d %10.0f %10.3f %10.3f %9d %10s %9d %12.1f %14.2f %9.1f", c, n / r["seconds"],
           r["p50_ms"], r["p99_ms"], n, (n > 0 ? sprintf("%.4f", bad / n) : "-"), r["errors"],
-          cpu, cpu / raw
+          cpu, cpu / raw, rss
         if (hsm > 0) printf " %11.0f%%", 100 * n / r["seconds"] / hsm
         printf "\n"
       }' <<<"$line" | tee "$work/line"
