@@ -805,3 +805,128 @@ fn a_refused_pin_stops_the_recovery() {
     let work = tempfile::tempdir().unwrap();
     stamp_and_verify(&server, work.path(), &["-sha256", "-cert"]);
 }
+
+/// A planned rollover between two keys of the same token: the new key made in the token
+/// (`tsa hsm keygen`), its certificate installed, and `[rollover]` naming it; tokens change
+/// key at the instant by their genTime.
+#[test]
+fn a_planned_rollover_to_a_new_token_key() {
+    let dir = init_hsm(&["--algorithm", "p256"], "");
+    let d = dir.path();
+    // The next key's configuration: the same token, another label, its own certificate.
+    let signer_of = |config: &str, label: &str, cert: &str| -> String {
+        let table = config
+            .split("[signer]\n")
+            .nth(1)
+            .unwrap()
+            .split("\n[")
+            .next()
+            .unwrap();
+        table
+            .lines()
+            .filter(|l| !l.starts_with("key_id") && !l.starts_with('#'))
+            .map(|l| match l.split_once(" = ") {
+                Some(("key_label", _)) => format!("key_label = \"{label}\"\n"),
+                Some(("certificate", _)) => format!("certificate = \"{cert}\"\n"),
+                _ => format!("{l}\n"),
+            })
+            .collect()
+    };
+    let config = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
+    let next_signer = signer_of(&config, "tsu-next", "next-cert.pem");
+    let next_config = d.join("next.toml");
+    std::fs::write(
+        &next_config,
+        config.replace(
+            &config
+                .split("[signer]\n")
+                .nth(1)
+                .unwrap()
+                .split("\n[")
+                .next()
+                .unwrap()
+                .to_string(),
+            next_signer.trim_end(),
+        ),
+    )
+    .unwrap();
+    ok(Command::new(TSA)
+        .args(["hsm", "keygen", "--algorithm", "p384", "--config"])
+        .arg(&next_config));
+    ok(Command::new(TSA)
+        .args([
+            "hsm",
+            "csr",
+            "--subject",
+            "C=VN,O=Example TSA,CN=TSU next",
+            "--out",
+        ])
+        .arg(d.join("next.csr"))
+        .arg("--config")
+        .arg(&next_config));
+    std::fs::write(
+        d.join("ext.cnf"),
+        "keyUsage = critical, digitalSignature\nextendedKeyUsage = critical, timeStamping\n\
+         basicConstraints = critical, CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "next.csr",
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-sha256",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "next-signed.pem",
+        ],
+        d,
+    );
+    ok(Command::new(TSA)
+        .args(["hsm", "install-cert", "--cert"])
+        .arg(d.join("next-signed.pem"))
+        .arg("--config")
+        .arg(&next_config));
+
+    let at = chrono::Utc::now() + chrono::Duration::seconds(3);
+    let at_ns = at.timestamp_nanos_opt().unwrap() as u64;
+    edit_config(d, |c| {
+        format!(
+            "{c}\n[rollover]\nat = \"{}\"\n[rollover.signer]\n{next_signer}",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        )
+    });
+    let server = HsmServer::start(d, &[]);
+    let first = openssl(&["x509", "-in", "tsa-cert.pem", "-outform", "DER"], d).stdout;
+    let next = openssl(&["x509", "-in", "next-cert.pem", "-outform", "DER"], d).stdout;
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    let work = tempfile::tempdir().unwrap();
+    let (mut before, mut after) = (0, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline && after < 5 {
+        query(work.path(), &["-sha256", "-cert"]);
+        let response = post(&server, work.path());
+        let token = response.token.expect("granted");
+        let gen_time = token.tst_info().gen_time.unix_ns();
+        if gen_time < at_ns {
+            assert!(contains(&token.der, &first) && !contains(&token.der, &next));
+            before += 1;
+        } else {
+            assert!(contains(&token.der, &next) && !contains(&token.der, &first));
+            after += 1;
+            openssl_ts_verify(&server, work.path());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(before > 0 && after >= 5, "before {before}, after {after}");
+    assert!(server.log().contains("key_rollover"), "{}", server.log());
+}
