@@ -347,11 +347,17 @@ fn without_anonymous_access_credentials_are_required_and_keys_reload() {
 /// A client certificate made by the real openssl: `subject` (openssl's -subj form), issued by
 /// `ca` (cert and key files in `dir`) or self-signed when `ca` is None.
 fn client_cert(dir: &Path, name: &str, subject: &str, ca: Option<(&str, &str)>) {
-    std::fs::write(
-        dir.join("client-ext.cnf"),
-        "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = clientAuth\n",
-    )
-    .unwrap();
+    let extensions =
+        "basicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = clientAuth\n";
+    openssl_cert(dir, name, subject, ca, extensions);
+}
+
+/// A P-256 key `{name}-key.pem` and its certificate `{name}-cert.pem` made by the real
+/// openssl: `subject` (openssl's -subj form) with `extensions` (an extfile's lines), issued by
+/// `ca` (cert and key files in `dir`) or self-signed (with clientAuth) when `ca` is None.
+fn openssl_cert(dir: &Path, name: &str, subject: &str, ca: Option<(&str, &str)>, extensions: &str) {
+    let ext = format!("{name}-ext.cnf");
+    std::fs::write(dir.join(&ext), extensions).unwrap();
     let (key, cert) = (format!("{name}-key.pem"), format!("{name}-cert.pem"));
     match ca {
         Some((ca_cert, ca_key)) => {
@@ -388,7 +394,7 @@ fn client_cert(dir: &Path, name: &str, subject: &str, ca: Option<(&str, &str)>) 
                     "-days",
                     "2",
                     "-extfile",
-                    "client-ext.cnf",
+                    &ext,
                     "-out",
                     &cert,
                 ],
@@ -958,47 +964,12 @@ fn sighup_reloads_the_https_certificate_and_refuses_a_broken_one() {
     assert_eq!(first, file_fingerprint(d, "tls-cert.pem"));
 
     // A new certificate for the same names from the same CA, in place of the old files.
-    std::fs::write(
-        d.join("san.cnf"),
+    openssl_cert(
+        d,
+        "tls",
+        "/CN=renewed",
+        Some(("ca-cert.pem", "ca-key.pem")),
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "tls-key.pem",
-            "-subj",
-            "/CN=renewed",
-            "-out",
-            "tls.csr",
-        ],
-        d,
-    );
-    openssl(
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "tls.csr",
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-days",
-            "7",
-            "-extfile",
-            "san.cnf",
-            "-out",
-            "tls-cert.pem",
-        ],
-        d,
     );
     let renewed = file_fingerprint(d, "tls-cert.pem");
     assert_ne!(renewed, first);

@@ -417,6 +417,38 @@ fn the_csr_is_signed_by_the_token_key_which_never_leaves_the_token() {
 
 /// A CSR from `tsa hsm csr` for a second key made by `tsa hsm keygen`, certified by the
 /// development CA with openssl, installed with `tsa hsm install-cert`, then served.
+/// Issues `csr` (in `dir`) as a TSU certificate `out` from the development CA: the TSU
+/// profile (the only EKU id-kp-timeStamping, critical).
+fn sign_tsu_csr(dir: &Path, csr: &str, out: &str) {
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "keyUsage = critical, digitalSignature\nextendedKeyUsage = critical, timeStamping\n\
+         basicConstraints = critical, CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-sha256",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            out,
+        ],
+        dir,
+    );
+}
+
 #[test]
 fn keygen_csr_and_install_cert_for_a_new_token_key() {
     let dir = init_hsm(&["--algorithm", "p256"], "");
@@ -445,33 +477,7 @@ fn keygen_csr_and_install_cert_for_a_new_token_key() {
         .arg("--config")
         .arg(&config));
     openssl(&["req", "-in", "new.csr", "-verify", "-noout"], d);
-    std::fs::write(
-        d.join("ext.cnf"),
-        "keyUsage = critical, digitalSignature\nextendedKeyUsage = critical, timeStamping\n\
-         basicConstraints = critical, CA:FALSE\n",
-    )
-    .unwrap();
-    openssl(
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "new.csr",
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-days",
-            "30",
-            "-sha256",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "new.pem",
-        ],
-        d,
-    );
+    sign_tsu_csr(d, "new.csr", "new.pem");
     // The old certificate belongs to the old key: install-cert refuses it for the new one.
     let refused = run(Command::new(TSA)
         .args(["hsm", "install-cert", "--cert"])
@@ -814,42 +820,23 @@ fn a_planned_rollover_to_a_new_token_key() {
     let dir = init_hsm(&["--algorithm", "p256"], "");
     let d = dir.path();
     // The next key's configuration: the same token, another label, its own certificate.
-    let signer_of = |config: &str, label: &str, cert: &str| -> String {
-        let table = config
-            .split("[signer]\n")
-            .nth(1)
-            .unwrap()
-            .split("\n[")
-            .next()
-            .unwrap();
-        table
-            .lines()
-            .filter(|l| !l.starts_with("key_id") && !l.starts_with('#'))
-            .map(|l| match l.split_once(" = ") {
-                Some(("key_label", _)) => format!("key_label = \"{label}\"\n"),
-                Some(("certificate", _)) => format!("certificate = \"{cert}\"\n"),
-                _ => format!("{l}\n"),
-            })
-            .collect()
-    };
     let config = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
-    let next_signer = signer_of(&config, "tsu-next", "next-cert.pem");
+    let table = config
+        .split("[signer]\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n[").next())
+        .expect("a [signer] table");
+    let next_signer: String = table
+        .lines()
+        .filter(|l| !l.starts_with("key_id") && !l.starts_with('#'))
+        .map(|l| match l.split_once(" = ") {
+            Some(("key_label", _)) => "key_label = \"tsu-next\"\n".to_string(),
+            Some(("certificate", _)) => "certificate = \"next-cert.pem\"\n".to_string(),
+            _ => format!("{l}\n"),
+        })
+        .collect();
     let next_config = d.join("next.toml");
-    std::fs::write(
-        &next_config,
-        config.replace(
-            &config
-                .split("[signer]\n")
-                .nth(1)
-                .unwrap()
-                .split("\n[")
-                .next()
-                .unwrap()
-                .to_string(),
-            next_signer.trim_end(),
-        ),
-    )
-    .unwrap();
+    std::fs::write(&next_config, config.replace(table, next_signer.trim_end())).unwrap();
     ok(Command::new(TSA)
         .args(["hsm", "keygen", "--algorithm", "p384", "--config"])
         .arg(&next_config));
@@ -864,33 +851,7 @@ fn a_planned_rollover_to_a_new_token_key() {
         .arg(d.join("next.csr"))
         .arg("--config")
         .arg(&next_config));
-    std::fs::write(
-        d.join("ext.cnf"),
-        "keyUsage = critical, digitalSignature\nextendedKeyUsage = critical, timeStamping\n\
-         basicConstraints = critical, CA:FALSE\n",
-    )
-    .unwrap();
-    openssl(
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "next.csr",
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-days",
-            "30",
-            "-sha256",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "next-signed.pem",
-        ],
-        d,
-    );
+    sign_tsu_csr(d, "next.csr", "next-signed.pem");
     ok(Command::new(TSA)
         .args(["hsm", "install-cert", "--cert"])
         .arg(d.join("next-signed.pem"))

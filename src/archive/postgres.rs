@@ -8,7 +8,6 @@
 //! threads, and a call made from inside a runtime (start-up in `tsa serve`, admin look-ups)
 //! runs on a scoped thread of its own.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -21,11 +20,13 @@ use postgres::{Client, NoTls, Row};
 use super::postgres_tls::{certificate_hint, tls_settings, MakeRustls};
 
 use super::record::{
-    join_certificates, sha256, split_certificates, Anchor, ChainHead, Checkpoint, ClockAtIssue,
-    EventRecord, Hash, StoredRecord, TokenRecord,
+    Anchor, ChainHead, Checkpoint, ClockAtIssue, EventRecord, Hash, StoredRecord, TokenRecord,
 };
 use super::serial::layout;
-use super::store::{schema, ArchiveStore, InstanceState, StoreError, Visit, SCHEMA_VERSION};
+use super::store::{
+    schema, ArchiveStore, CertificateSets, InstanceState, StoreError, Visit, RECORD_COLUMNS,
+    SCHEMA_VERSION,
+};
 use crate::config::ArchiveConfig;
 
 /// Records fetched per round trip when visiting.
@@ -187,8 +188,7 @@ struct Inner {
     client: Client,
     /// To connect again after the connection broke (a database restart).
     pg: Connection,
-    /// Certificate sets known to be in `certificate_sets`, by hash.
-    certificate_sets: HashMap<Hash, Vec<u8>>,
+    certificate_sets: CertificateSets,
     /// The writer's store: the lease that each append checks in its own transaction.
     fence: Option<Fence>,
 }
@@ -207,38 +207,32 @@ impl Drop for PostgresStore {
     }
 }
 
-const RECORD_COLUMNS: &str = "instance_id, seq, serial, counter, gen_time_ns, accuracy_ns, \
-     imprint_alg, imprint, policy, nonce, client, clock_source, clock_state, clock_bound_ns, \
-     clock_sources, token, prev_hash, hash, certificates";
-
 impl PostgresStore {
     /// Connects, creating the schema when missing, and checks its version.
     pub fn open(config: &ArchiveConfig) -> Result<Self, StoreError> {
-        let pg = connection(config)?;
-        let mut inner = off_runtime(&mut (), |_| {
-            connect(&pg).map(|client| Inner {
-                client,
-                pg: pg.clone(),
-                certificate_sets: HashMap::new(),
-                fence: None,
-            })
-        })?;
-        off_runtime(&mut inner, |i| i.create_schema())?;
-        Ok(Self { inner: Some(inner) })
+        Self::connect_then(config, Inner::create_schema)
     }
 
     /// Connects to an archive that exists (the CLI's look-ups, export and verification).
     pub fn open_existing(config: &ArchiveConfig) -> Result<Self, StoreError> {
+        Self::connect_then(config, Inner::check_version)
+    }
+
+    /// Connects and runs `first` on the new connection.
+    fn connect_then(
+        config: &ArchiveConfig,
+        first: fn(&mut Inner) -> Result<(), StoreError>,
+    ) -> Result<Self, StoreError> {
         let pg = connection(config)?;
         let mut inner = off_runtime(&mut (), |_| {
             connect(&pg).map(|client| Inner {
                 client,
                 pg: pg.clone(),
-                certificate_sets: HashMap::new(),
+                certificate_sets: CertificateSets::default(),
                 fence: None,
             })
         })?;
-        off_runtime(&mut inner, |i| i.check_version())?;
+        off_runtime(&mut inner, first)?;
         Ok(Self { inner: Some(inner) })
     }
 
@@ -324,36 +318,21 @@ impl Inner {
 
     /// The whole token again when its certificates were stored apart (as in SQLite: a set
     /// missing or not matching its hash leaves the token as stored, for verify to report).
+    /// `record`'s whole token, its certificate set read the first time.
     fn expand(
         &mut self,
-        mut record: StoredRecord,
+        record: StoredRecord,
         certificates: Option<Vec<u8>>,
     ) -> Result<StoredRecord, StoreError> {
-        let Some(key) = certificates else {
-            return Ok(record);
-        };
-        let Ok(key) = Hash::try_from(key.as_slice()) else {
-            return Ok(record);
-        };
-        if !self.certificate_sets.contains_key(&key) {
-            let der: Option<Vec<u8>> = self
-                .client
+        let client = &mut self.client;
+        self.certificate_sets.expand(record, certificates, |key| {
+            Ok(client
                 .query_opt(
                     "SELECT der FROM certificate_sets WHERE hash = $1",
                     &[&&key[..]],
                 )?
-                .map(|r| r.get(0));
-            match der {
-                Some(der) if sha256(&der) == key => {
-                    self.certificate_sets.insert(key, der);
-                }
-                _ => return Ok(record),
-            }
-        }
-        if let Some(token) = join_certificates(&record.record.token, &self.certificate_sets[&key]) {
-            record.record.token = token;
-        }
-        Ok(record)
+                .map(|r| r.get(0)))
+        })
     }
 }
 
@@ -527,19 +506,12 @@ impl ArchiveStore for PostgresStore {
             )?;
             for rec in records {
                 let r = &rec.record;
-                let (token, certificates) = match split_certificates(&r.token) {
-                    Some((compact, set)) => {
-                        let key = sha256(&set);
-                        if !s.certificate_sets.contains_key(&key)
-                            && !new_sets.iter().any(|(k, _)| *k == key)
-                        {
+                let (token, certificates) =
+                    s.certificate_sets
+                        .compact(&r.token, &mut new_sets, |key, set| {
                             tx.execute(&insert_set, &[&&key[..], &set])?;
-                            new_sets.push((key, set));
-                        }
-                        (std::borrow::Cow::Owned(compact), Some(key))
-                    }
-                    None => (std::borrow::Cow::Borrowed(&r.token), None),
-                };
+                            Ok(())
+                        })?;
                 tx.execute(
                     &insert,
                     &[
@@ -558,7 +530,7 @@ impl ArchiveStore for PostgresStore {
                         &r.clock.state,
                         &i(r.clock.bound_ns),
                         &r.clock.sources,
-                        &token.as_slice(),
+                        &&*token,
                         &&rec.prev_hash[..],
                         &&rec.hash[..],
                         &certificates.as_ref().map(|k| &k[..]),
@@ -605,8 +577,7 @@ impl ArchiveStore for PostgresStore {
                 )?;
             }
             tx.commit()?;
-            // Known only once committed.
-            s.certificate_sets.extend(new_sets);
+            s.certificate_sets.committed(new_sets);
             Ok(())
         })
     }

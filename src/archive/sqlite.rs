@@ -2,23 +2,23 @@
 //! `synchronous=FULL`, so that a committed transaction survives a crash and a power loss
 //! (`NORMAL` may lose the last commits on power loss).
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 
 use super::record::{
-    join_certificates, sha256, split_certificates, Anchor, ChainHead, Checkpoint, ClockAtIssue,
-    EventRecord, Hash, StoredRecord, TokenRecord,
+    Anchor, ChainHead, Checkpoint, ClockAtIssue, EventRecord, Hash, StoredRecord, TokenRecord,
 };
 use super::serial::layout;
-use super::store::{schema, ArchiveStore, InstanceState, StoreError, Visit, SCHEMA_VERSION};
+use super::store::{
+    schema, ArchiveStore, CertificateSets, InstanceState, StoreError, Visit, RECORD_COLUMNS,
+    SCHEMA_VERSION,
+};
 
 pub struct SqliteStore {
     conn: Connection,
-    /// Certificate sets known to be in `certificate_sets`, by hash.
-    certificate_sets: HashMap<Hash, Vec<u8>>,
+    certificate_sets: CertificateSets,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -26,10 +26,6 @@ impl From<rusqlite::Error> for StoreError {
         StoreError::new(e)
     }
 }
-
-const RECORD_COLUMNS: &str = "instance_id, seq, serial, counter, gen_time_ns, accuracy_ns, \
-     imprint_alg, imprint, policy, nonce, client, clock_source, clock_state, clock_bound_ns, \
-     clock_sources, token, prev_hash, hash, certificates";
 
 impl SqliteStore {
     /// Opens (creating it and its schema when missing) the database for reading and writing.
@@ -56,7 +52,7 @@ impl SqliteStore {
         conn.pragma_update(None, "cache_size", -16_384)?;
         let mut store = Self {
             conn,
-            certificate_sets: HashMap::new(),
+            certificate_sets: CertificateSets::default(),
         };
         store.create_schema()?;
         Ok(store)
@@ -75,7 +71,7 @@ impl SqliteStore {
         conn.busy_timeout(Duration::from_secs(5))?;
         let store = Self {
             conn,
-            certificate_sets: HashMap::new(),
+            certificate_sets: CertificateSets::default(),
         };
         store.check_version()?;
         Ok(store)
@@ -139,38 +135,22 @@ impl SqliteStore {
 /// The whole token again when its certificates were stored apart. A set that is missing
 /// or does not match its hash leaves the token as stored: verification then reports the
 /// record.
+/// `record`'s whole token, its certificate set read from `conn` the first time.
 fn expand(
     conn: &Connection,
-    sets: &mut HashMap<Hash, Vec<u8>>,
-    mut record: StoredRecord,
+    sets: &mut CertificateSets,
+    record: StoredRecord,
     certificates: Option<Vec<u8>>,
 ) -> Result<StoredRecord, StoreError> {
-    let Some(key) = certificates else {
-        return Ok(record);
-    };
-    let Ok(key) = Hash::try_from(key.as_slice()) else {
-        return Ok(record);
-    };
-    let set = match sets.entry(key) {
-        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(e) => {
-            let der: Option<Vec<u8>> = conn
-                .query_row(
-                    "SELECT der FROM certificate_sets WHERE hash = ?1",
-                    [&key[..]],
-                    |r| octets(r, 0),
-                )
-                .optional()?;
-            match der {
-                Some(der) if sha256(&der) == key => e.insert(der),
-                _ => return Ok(record),
-            }
-        }
-    };
-    if let Some(token) = join_certificates(&record.record.token, set) {
-        record.record.token = token;
-    }
-    Ok(record)
+    sets.expand(record, certificates, |key| {
+        Ok(conn
+            .query_row(
+                "SELECT der FROM certificate_sets WHERE hash = ?1",
+                [&key[..]],
+                |r| octets(r, 0),
+            )
+            .optional()?)
+    })
 }
 
 fn hash_of(v: Vec<u8>) -> Result<Hash, rusqlite::Error> {
@@ -382,19 +362,12 @@ impl ArchiveStore for SqliteStore {
             )?;
             for s in records {
                 let r = &s.record;
-                let (token, certificates) = match split_certificates(&r.token) {
-                    Some((compact, set)) => {
-                        let key = sha256(&set);
-                        if !self.certificate_sets.contains_key(&key)
-                            && !new_sets.iter().any(|(k, _)| *k == key)
-                        {
+                let (token, certificates) =
+                    self.certificate_sets
+                        .compact(&r.token, &mut new_sets, |key, set| {
                             insert_set.execute(params![&key[..], set])?;
-                            new_sets.push((key, set));
-                        }
-                        (std::borrow::Cow::Owned(compact), Some(key))
-                    }
-                    None => (std::borrow::Cow::Borrowed(&r.token), None),
-                };
+                            Ok(())
+                        })?;
                 insert.execute(params![
                     s.instance_id,
                     s.seq,
@@ -411,7 +384,7 @@ impl ArchiveStore for SqliteStore {
                     r.clock.state,
                     r.clock.bound_ns,
                     r.clock.sources,
-                    token.as_slice(),
+                    &*token,
                     &s.prev_hash[..],
                     &s.hash[..],
                     certificates.as_ref().map(|k| &k[..]),
@@ -448,8 +421,7 @@ impl ArchiveStore for SqliteStore {
             }
         }
         tx.commit()?;
-        // Known only once committed.
-        self.certificate_sets.extend(new_sets);
+        self.certificate_sets.committed(new_sets);
         Ok(())
     }
 

@@ -7,7 +7,13 @@
 //! so a store is `Send` and needs no internal locking. Every method that writes returns only
 //! once what it wrote is durable (committed with the write-ahead log synced).
 
-use super::record::{Anchor, ChainHead, Checkpoint, EventRecord, StoredRecord};
+use std::borrow::Cow;
+use std::collections::hash_map::{Entry, HashMap};
+
+use super::record::{
+    join_certificates, sha256, split_certificates, Anchor, ChainHead, Checkpoint, EventRecord,
+    Hash, StoredRecord,
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error("archive storage: {0}")]
@@ -135,6 +141,11 @@ pub trait ArchiveStore: Send {
     fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError>;
 }
 
+/// The columns of `tokens` in the order both backends write and read a record.
+pub const RECORD_COLUMNS: &str = "instance_id, seq, serial, counter, gen_time_ns, accuracy_ns, \
+     imprint_alg, imprint, policy, nonce, client, clock_source, clock_state, clock_bound_ns, \
+     clock_sources, token, prev_hash, hash, certificates";
+
 /// The schema, for SQLite (`blob` = "BLOB") and PostgreSQL (`blob` = "BYTEA"): only types
 /// and statements both understand. Integers are signed 64-bit (counters and nanosecond
 /// times stay below 2^63); hashes are 32 octets.
@@ -236,5 +247,64 @@ mod tests {
         ] {
             assert!(!sql.contains(sqlite_only), "{sqlite_only}");
         }
+    }
+}
+
+/// The certificate sets of `certificate_sets` a store has seen, by their SHA-256. A token is
+/// stored without the certificate set it carries (`record::split_certificates`): the set is
+/// written once and joined back in when the token is read.
+#[derive(Debug, Default)]
+pub struct CertificateSets(HashMap<Hash, Vec<u8>>);
+
+impl CertificateSets {
+    /// `token` as stored: without its certificate set, with the set's hash, when it carries
+    /// one. A set this store has not seen, in `known` nor among this transaction's `adding`, is
+    /// written with `insert` and added to `adding` (known once the transaction commits:
+    /// [`CertificateSets::committed`]).
+    pub fn compact<'a>(
+        &self,
+        token: &'a [u8],
+        adding: &mut Vec<(Hash, Vec<u8>)>,
+        insert: impl FnOnce(&Hash, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(Cow<'a, [u8]>, Option<Hash>), StoreError> {
+        let Some((compact, set)) = split_certificates(token) else {
+            return Ok((Cow::Borrowed(token), None));
+        };
+        let key = sha256(&set);
+        if !self.0.contains_key(&key) && !adding.iter().any(|(k, _)| *k == key) {
+            insert(&key, &set)?;
+            adding.push((key, set));
+        }
+        Ok((Cow::Owned(compact), Some(key)))
+    }
+
+    /// The sets a transaction wrote, once it committed.
+    pub fn committed(&mut self, added: Vec<(Hash, Vec<u8>)>) {
+        self.0.extend(added);
+    }
+
+    /// `record` with its whole token again: the set named by `certificates` (the hash stored
+    /// beside the token) joined back in, read with `fetch` the first time. A missing set, or
+    /// one whose hash does not match, leaves the token as stored (verification tells).
+    pub fn expand(
+        &mut self,
+        mut record: StoredRecord,
+        certificates: Option<Vec<u8>>,
+        fetch: impl FnOnce(&Hash) -> Result<Option<Vec<u8>>, StoreError>,
+    ) -> Result<StoredRecord, StoreError> {
+        let Some(key) = certificates.and_then(|k| Hash::try_from(k.as_slice()).ok()) else {
+            return Ok(record);
+        };
+        let set = match self.0.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => match fetch(&key)? {
+                Some(der) if sha256(&der) == key => e.insert(der),
+                _ => return Ok(record),
+            },
+        };
+        if let Some(token) = join_certificates(&record.record.token, set) {
+            record.record.token = token;
+        }
+        Ok(record)
     }
 }

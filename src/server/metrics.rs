@@ -36,8 +36,11 @@ pub struct Metrics {
     signer_errors: Counter,
     /// Requests rejected (any failInfo), for the status page's rates.
     rejections: Counter,
-    /// Requests and connections refused by overload control, by what was full.
+    /// Requests and connections refused by overload control, by what was full; each series
+    /// also held by itself (created at start, counted without a look-up: under overload this
+    /// is the most frequent answer).
     overloads: Family<Labels, Counter>,
+    overloaded: [Counter; 2],
     /// Requests refused by client authentication and quotas, by reason; each series also
     /// held by itself (created at start, so that they read 0 before the first refusal).
     auth_refusals: Family<Labels, Counter>,
@@ -52,6 +55,7 @@ impl Default for Metrics {
         let buckets = || exponential_buckets(50e-6, 2.0, 17);
         let requests = Family::<Labels, Counter>::default();
         let auth_refusals = Family::<Labels, Counter>::default();
+        let overloads = Family::<Labels, Counter>::default();
         let series = |outcome: &str, fail_info: &str| {
             let labels = vec![("outcome", outcome.into()), ("fail_info", fail_info.into())];
             requests.get_or_create(&labels).clone()
@@ -65,14 +69,12 @@ impl Default for Metrics {
             signer_duration: Histogram::new(buckets()),
             signer_errors: Counter::default(),
             rejections: Counter::default(),
-            overloads: {
-                // Both series from the start, at 0.
-                let overloads = Family::<Labels, Counter>::default();
-                for limit in ["queue", "connections"] {
-                    drop(overloads.get_or_create(&vec![("limit", limit.into())]));
-                }
+            overloaded: Overload::ALL.map(|what| {
                 overloads
-            },
+                    .get_or_create(&vec![("limit", what.name().into())])
+                    .clone()
+            }),
+            overloads,
             auth_refused: AuthRefusal::ALL.map(|why| {
                 auth_refusals
                     .get_or_create(&vec![("reason", why.name().into())])
@@ -108,13 +110,7 @@ impl Metrics {
 
     /// A request or a connection refused by overload control.
     pub fn overloaded(&self, what: Overload) {
-        let limit = match what {
-            Overload::Queue => "queue",
-            Overload::Connections => "connections",
-        };
-        self.overloads
-            .get_or_create(&vec![("limit", limit.into())])
-            .inc();
+        self.overloaded[what as usize].inc();
     }
 
     /// Tokens issued and requests rejected since start.
@@ -219,9 +215,20 @@ impl AuthRefusal {
 #[derive(Clone, Copy, Debug)]
 pub enum Overload {
     /// `server.max_queue`: requests admitted and not yet answered.
-    Queue,
+    Queue = 0,
     /// `server.max_connections`.
-    Connections,
+    Connections = 1,
+}
+
+impl Overload {
+    const ALL: [Overload; 2] = [Overload::Queue, Overload::Connections];
+
+    fn name(self) -> &'static str {
+        match self {
+            Overload::Queue => "queue",
+            Overload::Connections => "connections",
+        }
+    }
 }
 
 /// Encodes all metrics of `tsa` in the OpenMetrics text format.
