@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Scaling of `tsa serve` (software P-256, development clock) from 1 to 8 server cores, with wrk
-# on cores 8-15: req/s, mean latency and server CPU per token. Used on the lent 16-core
+# on cores 8-15: req/s, mean and p99 latency and server CPU per token, with the archive off
+# and on (SQLite, group commit; ARCHIVE=off|on|both, default both). Used on the lent 16-core
 # machine, which has no network: put this script in a folder with the release binary (`tsa`),
 # a query (`q.tsq`) and Debian's wrk packages (`apt-get download wrk libluajit-5.1-2
 # libluajit-5.1-common`), carry that folder there and run it.
@@ -8,26 +9,36 @@ set -u
 cd "$(dirname "$0")"
 for f in *.deb; do dpkg -x "$f" /; done; ldconfig
 T=$PWD/tsa; W=/tmp/scale; rm -rf $W; mkdir -p $W
-$T init --dir $W/st --algorithm p256 > /dev/null 2>&1
+nproc; $T --version
 cat > $W/post.lua <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/timestamp-query"
 local f = io.open("$PWD/q.tsq", "rb"); wrk.body = f:read("*a"); f:close()
 LUA
 hz=$(getconf CLK_TCK)
-for cores in 0 0-1 0-3 0-7; do
-  n=$(( $(echo $cores | sed 's/.*-//') + 1 ))
-  taskset -c $cores $T serve --config $W/st/tsa.toml --listen 127.0.0.1:3990 --admin-listen 127.0.0.1:3991 > $W/out 2> $W/err &
-  pid=$!; sleep 1.5
-  for c in 64 256; do
-    t0=$(awk '{print $14+$15}' /proc/$pid/stat)
-    out=$(taskset -c 8-15 wrk -t8 -c$c -d6s -s $W/post.lua http://127.0.0.1:3990/)
-    t1=$(awk '{print $14+$15}' /proc/$pid/stat)
-    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-    total=$(echo "$out" | awk '/requests in/ {print $1}')
-    lat=$(echo "$out" | awk '/Latency/ {print $2}')
-    cpu=$(awk -v t=$((t1-t0)) -v hz=$hz -v n=$total 'BEGIN {printf "%.1f", t/hz*1e6/n}')
-    echo "server cores=$n c=$c req/s=$rps mean_latency=$lat cpu_us_per_token=$cpu"
+case "${ARCHIVE:-both}" in off) modes=off ;; on) modes=on ;; *) modes="off on" ;; esac
+for mode in $modes; do
+  flag=""; [ "$mode" = on ] && flag=--archive
+  rm -rf $W/st; $T init --dir $W/st --algorithm p256 $flag > /dev/null 2>&1
+  for cores in 0 0-1 0-3 0-7; do
+    n=$(( $(echo $cores | sed 's/.*-//') + 1 ))
+    taskset -c $cores $T serve --config $W/st/tsa.toml --listen 127.0.0.1:3990 --admin-listen 127.0.0.1:3991 > $W/out 2> $W/err &
+    pid=$!; sleep 1.5
+    for c in 64 256; do
+      t0=$(awk '{print $14+$15}' /proc/$pid/stat)
+      out=$(taskset -c 8-15 wrk -t8 -c$c -d6s --latency -s $W/post.lua http://127.0.0.1:3990/)
+      t1=$(awk '{print $14+$15}' /proc/$pid/stat)
+      rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+      total=$(echo "$out" | awk '/requests in/ {print $1}')
+      lat=$(echo "$out" | awk '/Latency/ && !/Distribution/ {print $2; exit}')
+      p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
+      bad=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+      cpu=$(awk -v t=$((t1-t0)) -v hz=$hz -v n=$total 'BEGIN {printf "%.1f", t/hz*1e6/n}')
+      echo "archive=$mode server_cores=$n c=$c req/s=$rps mean=$lat p99=$p99 cpu_us_per_token=$cpu non2xx=${bad:-0}"
+    done
+    rss=$(awk '/VmHWM/ {print $2/1024 " MiB"}' /proc/$pid/status)
+    echo "archive=$mode server_cores=$n peak_rss=$rss"
+    kill $pid; wait $pid 2>/dev/null; sleep 0.5
   done
-  kill $pid; wait $pid 2>/dev/null; sleep 0.5
 done
+if [ -n "${HSM:-}" ] && [ -x ./hsm-scaling.sh ]; then ./hsm-scaling.sh; fi
