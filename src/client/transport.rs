@@ -1,9 +1,10 @@
 //! Where requests go and how: an [`Endpoint`] is a TSA's URL with the credentials and TLS
 //! settings to reach it, checked and loaded once (files read, the TLS configuration built, the
-//! key refused over plain HTTP to another host) before anything touches the network. Plain
-//! `http://` goes through hyper's pooled client; `https://` through rustls (its aws-lc-rs
-//! provider) trusting only the CA certificates given, with an optional client certificate for
-//! mutual TLS. An API key goes as `Authorization: Bearer`, marked sensitive.
+//! key refused over plain HTTP to another host) before anything touches the network. Requests
+//! go as HTTP/1.1 over one connection kept open between exchanges (the chunks of a batch share
+//! it); `https://` goes through rustls (its aws-lc-rs provider) trusting only the CA
+//! certificates given, with an optional client certificate for mutual TLS. An API key goes as
+//! `Authorization: Bearer`, marked sensitive.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
@@ -55,6 +57,8 @@ pub struct Endpoint {
     authorization: Option<HeaderValue>,
     tls: Option<Tls>,
     timeout: std::time::Duration,
+    /// The connection kept open between exchanges (keep-alive), once there is one.
+    connection: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
 }
 
 struct Tls {
@@ -142,6 +146,7 @@ impl Endpoint {
             authorization,
             tls,
             timeout: options.timeout.unwrap_or(DEFAULT_TIMEOUT),
+            connection: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -187,28 +192,10 @@ impl Endpoint {
         media_type: &'static str,
         body: Vec<u8>,
     ) -> anyhow::Result<(hyper::StatusCode, String, Bytes)> {
-        let mut req = hyper::Request::post(self.uri.clone())
-            .header(CONTENT_TYPE, media_type)
-            .body(Full::new(Bytes::from(body)))?;
-        if let Some(value) = &self.authorization {
-            req.headers_mut().insert(AUTHORIZATION, value.clone());
-        }
-        let response = match &self.tls {
-            None => {
-                let client = hyper_util::client::legacy::Client::builder(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .build_http::<Full<Bytes>>();
-                client
-                    .request(req)
-                    .await
-                    .with_context(|| format!("cannot reach {}", self.url))?
-            }
-            Some(tls) => self
-                .send_tls(tls, req)
-                .await
-                .with_context(|| format!("cannot reach {}", self.url))?,
-        };
+        let response = self
+            .send(self.request(media_type, body)?)
+            .await
+            .with_context(|| format!("cannot reach {}", self.url))?;
         let status = response.status();
         let content_type = response
             .headers()
@@ -225,40 +212,73 @@ impl Endpoint {
         Ok((status, content_type, body))
     }
 
-    /// One request on a fresh TLS connection (HTTP/1.1).
-    async fn send_tls(
+    /// The POST of `body`: HTTP/1.1 on a connection of our own, so the path in the request
+    /// line and the host in `Host`.
+    fn request(
         &self,
-        tls: &Tls,
-        mut req: hyper::Request<Full<Bytes>>,
-    ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
-        let stream = tls
-            .connector
-            .connect(tls.server_name.clone(), tcp)
-            .await
-            .context("the TLS handshake failed")?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        let connection = tokio::spawn(connection);
-        // HTTP/1.1 on a connection of its own: the path in the request line, the host in Host.
-        let path = self
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .parse()?;
-        *req.uri_mut() = path;
+        media_type: &'static str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<hyper::Request<Full<Bytes>>> {
+        let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
         let host = match (self.uri.port_u16(), self.host.contains(':')) {
             (Some(port), false) => format!("{}:{port}", self.host),
             (Some(port), true) => format!("[{}]:{port}", self.host),
             (None, false) => self.host.clone(),
             (None, true) => format!("[{}]", self.host),
         };
-        req.headers_mut().insert(HOST, HeaderValue::try_from(host)?);
-        let response = sender.send_request(req).await;
-        if response.is_err() {
-            connection.abort();
+        let mut req = hyper::Request::post(path)
+            .header(HOST, host)
+            .header(CONTENT_TYPE, media_type)
+            .body(Full::new(Bytes::from(body)))?;
+        if let Some(value) = &self.authorization {
+            req.headers_mut().insert(AUTHORIZATION, value.clone());
         }
-        Ok(response?)
+        Ok(req)
+    }
+
+    /// Sends `req` on the connection kept from the last exchange when the server left it
+    /// open, else on a new one (which is then kept). A request that the kept connection
+    /// closed under before it went out goes on a new connection; one that went out is never
+    /// sent twice.
+    async fn send(
+        &self,
+        mut req: hyper::Request<Full<Bytes>>,
+    ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+        let mut kept = self.connection.lock().await;
+        if let Some(mut sender) = kept.take() {
+            if sender.ready().await.is_ok() {
+                match sender.try_send_request(req).await {
+                    Ok(response) => {
+                        *kept = Some(sender);
+                        return Ok(response);
+                    }
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => req = unsent,
+                        None => return Err(e.into_error().into()),
+                    },
+                }
+            }
+        }
+        let mut sender = self.connect().await?;
+        let response = sender.send_request(req).await?;
+        *kept = Some(sender);
+        Ok(response)
+    }
+
+    /// A new HTTP/1.1 connection to the endpoint, over TLS for `https://`; its I/O runs on a
+    /// task of its own until either side closes it.
+    async fn connect(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
+        tcp.set_nodelay(true)?;
+        let Some(tls) = &self.tls else {
+            return handshake(tcp).await;
+        };
+        let stream = tls
+            .connector
+            .connect(tls.server_name.clone(), tcp)
+            .await
+            .context("the TLS handshake failed")?;
+        handshake(stream).await
     }
 
     /// The error for a 401: the TSA's reason (the status text of its DER rejection) and what
@@ -285,6 +305,17 @@ impl Endpoint {
             self.url
         )
     }
+}
+
+/// HTTP/1.1 over `stream`, its connection task spawned.
+async fn handshake<S>(stream: S) -> anyhow::Result<SendRequest<Full<Bytes>>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    Ok(sender)
 }
 
 /// The rustls client configuration: the roots of `options.ca_certs` only, and the client
@@ -528,5 +559,90 @@ mod tests {
             api_key_from(Some(&dir.path().join("none")), None).unwrap_err()
         );
         assert!(e.contains("cannot read the API key file"), "{e}");
+    }
+
+    /// How a test server treats a connection after answering on it.
+    #[derive(Clone, Copy)]
+    enum After {
+        /// Keep it open for more requests.
+        KeepOpen,
+        /// Answer with `Connection: close` and close it.
+        Close,
+        /// Keep it open, then close it without a word once idle for 50 ms.
+        DropWhenIdle,
+    }
+
+    /// A loopback HTTP/1.1 server answering each POST with its body as a time-stamp reply;
+    /// its URL and how many connections it accepted.
+    async fn echo_server(after: After) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/tsa", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        assert_eq!(req.uri().path(), "/tsa");
+                        let body = req.into_body().collect().await?.to_bytes();
+                        anyhow::Ok(
+                            hyper::Response::builder()
+                                .header(CONTENT_TYPE, "application/timestamp-reply")
+                                .body(Full::new(body))?,
+                        )
+                    },
+                );
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(!matches!(after, After::Close))
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                tokio::spawn(async move {
+                    match after {
+                        After::DropWhenIdle => {
+                            let idle = std::time::Duration::from_millis(50);
+                            let _ = tokio::time::timeout(idle, connection).await;
+                        }
+                        _ => {
+                            let _ = connection.await;
+                        }
+                    }
+                });
+            }
+        });
+        (url, accepted)
+    }
+
+    /// Three exchanges with 100 ms between them: each reply carries its own request back.
+    async fn three_exchanges(url: &str) {
+        let endpoint = Endpoint::plain(url).unwrap();
+        for i in 0..3u8 {
+            let body = vec![i; 1000 + usize::from(i)];
+            let (status, content_type, reply) = endpoint
+                .exchange("application/timestamp-query", body.clone())
+                .await
+                .unwrap();
+            assert_eq!(status, hyper::StatusCode::OK);
+            assert_eq!(content_type, "application/timestamp-reply");
+            assert_eq!(reply, body, "exchange {i}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn exchanges_share_one_connection_while_the_server_keeps_it() {
+        let (url, accepted) = echo_server(After::KeepOpen).await;
+        three_exchanges(&url).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_replaced() {
+        for after in [After::Close, After::DropWhenIdle] {
+            let (url, accepted) = echo_server(after).await;
+            three_exchanges(&url).await;
+            assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+        }
     }
 }
