@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Scaling of `tsa serve` (software P-256, development clock) from 1 to 8 server cores, with wrk
 # on cores 8-15: req/s, mean and p99 latency and server CPU per token, with the archive off
-# and on (SQLite, group commit; ARCHIVE=off|on|both, default both). Used on the lent 16-core
-# machine, which has no network: put this script in a folder with the release binary (`tsa`),
-# a query (`q.tsq`) and Debian's wrk packages (`apt-get download wrk libluajit-5.1-2
-# libluajit-5.1-common`), carry that folder there and run it.
+# and on (SQLite, group commit; ARCHIVE=off|on|both|none, default both). HSM=1 then runs
+# hsm-scaling.sh, OVERLOAD=1 the goodput runs at the end. Used on the lent 16-core machine,
+# which has no network: put this script in a folder with the release binary (`tsa`), a query
+# (`q.tsq`), Debian's wrk packages (`apt-get download wrk libluajit-5.1-2
+# libluajit-5.1-common`) and, for OVERLOAD, the `oha` binary; carry that folder there and run
+# it.
 set -u
 cd "$(dirname "$0")"
 for f in *.deb; do dpkg -x "$f" /; done; ldconfig
