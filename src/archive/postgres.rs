@@ -77,6 +77,8 @@ pub struct Connection {
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// `tcp_user_timeout` (unacknowledged data on an open connection) when `postgres_url` sets none.
 const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `connect_timeout` or `tcp_user_timeout` accepted.
+const MAX_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub fn connection(config: &ArchiveConfig) -> Result<Connection, StoreError> {
     let mut pg: postgres::Config = config.postgres_url.parse().map_err(|e| {
@@ -113,6 +115,20 @@ pub fn connection(config: &ArchiveConfig) -> Result<Connection, StoreError> {
     }
     if pg.get_tcp_user_timeout().is_none() {
         pg.tcp_user_timeout(DEFAULT_TCP_USER_TIMEOUT);
+    }
+    // Seconds here, where libpq reads tcp_user_timeout in milliseconds: a value copied from a
+    // libpq setting would hold requests for hours.
+    for (name, timeout) in [
+        ("connect_timeout", pg.get_connect_timeout()),
+        ("tcp_user_timeout", pg.get_tcp_user_timeout()),
+    ] {
+        if timeout.is_some_and(|t| *t > MAX_TIMEOUT) {
+            return Err(StoreError(format!(
+                "archive.postgres_url: {name} is in seconds here (libpq takes tcp_user_timeout \
+                 in milliseconds), at most {}",
+                MAX_TIMEOUT.as_secs()
+            )));
+        }
     }
     let tls = tls_settings(config, &mut pg)?;
     Ok(Connection {
@@ -1081,10 +1097,17 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(own.pg.get_connect_timeout(), Some(&Duration::from_secs(2)));
-        assert_ne!(
-            own.pg.get_tcp_user_timeout(),
-            Some(&DEFAULT_TCP_USER_TIMEOUT)
-        );
+        assert_eq!(own.pg.get_tcp_user_timeout(), Some(&Duration::from_secs(3)));
+        for url in [
+            "host=127.0.0.1 user=tsa tcp_user_timeout=10000",
+            "host=127.0.0.1 user=tsa connect_timeout=3600",
+        ] {
+            let e = connection(&config(url)).err().expect(url).0;
+            assert!(
+                e.contains("in seconds here") && e.contains("at most 600"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
