@@ -6,6 +6,8 @@ mod clock;
 mod common;
 #[path = "common/ntp.rs"]
 mod ntp;
+#[path = "common/wire.rs"]
+mod wire;
 
 use std::time::{Duration, Instant};
 
@@ -184,6 +186,182 @@ fn losing_every_source_ends_in_refusal_when_the_bound_passes_the_accuracy() {
         Duration::from_secs(15),
     );
     assert!(!ready(&server));
+}
+
+/// What one request under load got, with the client's send/receive window (Unix ns).
+enum Outcome {
+    Granted {
+        gen: i64,
+        accuracy: i64,
+        serial: Vec<u8>,
+    },
+    Refused(Option<FailInfo>),
+}
+
+/// Eight keep-alive clients stamp without pause while every source goes silent and later
+/// comes back. Every reply is a token whose genTime ± accuracy holds the references' time of
+/// its exchange, or a timeNotAvailable refusal; once a refusal has been received, no request
+/// sent after it gets a token until the sources return; then tokens come again. genTimes and
+/// serials stay unique throughout.
+#[test]
+fn under_load_the_tsa_stops_for_good_when_it_can_no_longer_vouch_for_its_time() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let offset = 3_000_000_000i64;
+    let servers: Vec<NtpServer> = (0..3)
+        .map(|_| {
+            NtpServer::start(Behaviour {
+                offset_ns: offset,
+                ..Default::default()
+            })
+        })
+        .collect();
+    let server = tsa_with(
+        &servers,
+        "max_drift_ppm = 200000.0\nmax_sample_age_ms = 400\n",
+    );
+    wait_for(
+        || ready(&server),
+        "synchronization",
+        Duration::from_secs(10),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|id| {
+            let (url, stop) = (server.url.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (_, path) = wire::split_url(&url);
+                let mut conn = wire::Conn::open(&url);
+                let mut seen = Vec::new();
+                for n in 0u32.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let query = wire::query_for(format!("invoice {id}/{n}").as_bytes());
+                    let sent = clock::unix_ns() as i64;
+                    let reply = conn.post(&path, &query.to_der().unwrap());
+                    let received = clock::unix_ns() as i64;
+                    assert_eq!(reply.status, 200, "{reply:?}");
+                    let response = wire::decode(&reply);
+                    let outcome = match response.token {
+                        Some(token) => {
+                            let tst = token.tst_info();
+                            assert_eq!(
+                                tst.message_imprint.hashed_message.as_bytes(),
+                                query.hashed_message
+                            );
+                            assert_eq!(
+                                tst.nonce.map(|n| n.as_bytes().to_vec()),
+                                query.nonce.clone()
+                            );
+                            Outcome::Granted {
+                                gen: tst.gen_time.unix_ns() as i64,
+                                accuracy: tst.accuracy.unwrap().as_ns() as i64,
+                                serial: tst.serial_number.as_bytes().to_vec(),
+                            }
+                        }
+                        None => Outcome::Refused(response.fail_info()),
+                    };
+                    seen.push((sent, received, outcome));
+                }
+                seen
+            })
+        })
+        .collect();
+
+    std::thread::sleep(Duration::from_millis(800));
+    let silenced = clock::unix_ns() as i64;
+    for s in &servers {
+        s.set(|b| b.silent = true);
+    }
+    wait_for(
+        || !ready(&server),
+        "refusal once the bound passes the accuracy",
+        Duration::from_secs(20),
+    );
+    // A while refused under load, then the sources return.
+    std::thread::sleep(Duration::from_millis(1000));
+    let restored = clock::unix_ns() as i64;
+    for s in &servers {
+        s.set(|b| b.silent = false);
+    }
+    wait_for(
+        || ready(&server),
+        "resynchronization",
+        Duration::from_secs(20),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let seen: Vec<_> = clients
+        .into_iter()
+        .flat_map(|c| c.join().expect("a client thread"))
+        .collect();
+
+    let mut gens = std::collections::HashSet::new();
+    let mut serials = std::collections::HashSet::new();
+    let mut first_refusal = i64::MAX;
+    for (sent, received, outcome) in &seen {
+        match outcome {
+            Outcome::Granted {
+                gen,
+                accuracy,
+                serial,
+            } => {
+                assert!(*accuracy <= 1_000_000_000, "accuracy {accuracy} ns");
+                let (lo, hi) = (sent + offset, received + offset);
+                assert!(
+                    gen + accuracy >= lo && gen - accuracy <= hi,
+                    "genTime {gen} ± {accuracy} outside [{lo}, {hi}]"
+                );
+                assert!(gens.insert(*gen), "genTime {gen} issued twice");
+                assert!(serials.insert(serial.clone()), "serial issued twice");
+            }
+            Outcome::Refused(fail_info) => {
+                assert_eq!(*fail_info, Some(FailInfo::TimeNotAvailable));
+                assert!(
+                    *received > silenced,
+                    "refused before the sources went silent"
+                );
+                if *received < restored {
+                    first_refusal = first_refusal.min(*received);
+                }
+            }
+        }
+    }
+    assert!(
+        first_refusal < restored,
+        "no refusal while the sources were silent"
+    );
+    let count = |from: i64, to: i64| {
+        seen.iter()
+            .filter(|(sent, _, outcome)| {
+                matches!(outcome, Outcome::Granted { .. }) && *sent > from && *sent < to
+            })
+            .count()
+    };
+    eprintln!(
+        "{} replies: {} tokens before the silence, {} in holdover, {} after a refusal, {} after \
+         the sources returned",
+        seen.len(),
+        count(i64::MIN, silenced),
+        count(silenced, first_refusal),
+        count(first_refusal, restored),
+        count(restored, i64::MAX)
+    );
+    assert_eq!(
+        count(first_refusal, restored),
+        0,
+        "a token was issued after a refusal while the sources stayed silent"
+    );
+    assert!(
+        count(silenced, first_refusal) > 0,
+        "no tokens in holdover while the bound was within the accuracy"
+    );
+    assert!(
+        count(restored, i64::MAX) > 0,
+        "no tokens once the sources came back"
+    );
 }
 
 #[test]

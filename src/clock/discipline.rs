@@ -327,12 +327,7 @@ impl Discipline {
             for src in &mut self.sources {
                 src.selection = Selection::Unusable;
             }
-            let reason = "no source has a fresh sample".to_string();
-            if self.model.is_some() {
-                self.set_state(SyncState::Holdover, reason);
-            } else {
-                self.set_state(SyncState::Unsynchronized, reason);
-            }
+            self.sources_lost("no source has a fresh sample".into());
             return;
         }
 
@@ -418,13 +413,22 @@ impl Discipline {
             for i in intervals {
                 self.sources[i.source].selection = Selection::Unselected;
             }
-            self.set_state(
-                SyncState::Unsynchronized,
-                format!(
-                    "only {agreeing} of {} usable sources agree; {needed} needed",
-                    intervals.len()
-                ),
-            );
+            if intervals.len() < self.config.min_agreeing {
+                // Too few to select even if they all agreed: sources lost, not a dispute.
+                self.sources_lost(format!(
+                    "only {} usable sources; {} needed",
+                    intervals.len(),
+                    self.config.min_agreeing
+                ));
+            } else {
+                self.set_state(
+                    SyncState::Unsynchronized,
+                    format!(
+                        "only {agreeing} of {} usable sources agree; {needed} needed",
+                        intervals.len()
+                    ),
+                );
+            }
             return None;
         }
         let survivors: Vec<Interval> = intervals
@@ -559,6 +563,19 @@ impl Discipline {
 
     fn predict(&self, model: &Model, now: u64) -> (i64, u64) {
         predict(model, self.phi(), self.leap, now)
+    }
+
+    /// Too few sources left to select from. A clock that was synchronized goes on in
+    /// holdover (its model alone, the bound growing); one that was not (never synchronized,
+    /// or it stopped over disputing sources, an unconfirmed step or a leap second) stays
+    /// unsynchronized until a majority selects again: losing sources never turns a refusal
+    /// back into stamps.
+    fn sources_lost(&mut self, reason: String) {
+        if self.model.is_some() && self.state != SyncState::Unsynchronized {
+            self.set_state(SyncState::Holdover, reason);
+        } else {
+            self.set_state(SyncState::Unsynchronized, reason);
+        }
     }
 
     fn set_state(&mut self, state: SyncState, reason: String) {

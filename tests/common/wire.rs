@@ -1,5 +1,6 @@
 //! Raw HTTP/1.1 over `std::net::TcpStream`, for tests that need control over the bytes on
 //! the wire (keep-alive, slow clients, pipelining), and the checks on what comes back.
+#![allow(dead_code)]
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;

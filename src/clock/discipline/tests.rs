@@ -305,6 +305,70 @@ fn losing_sources_after_synchronizing_is_holdover_with_a_growing_bound() {
 }
 
 #[test]
+fn sources_lost_one_by_one_mean_holdover_and_never_a_refusal_in_between() {
+    let mut run = Run::new(vec![honest(0), honest(100), honest(-100)]);
+    run.rounds(10);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    // The sources fall silent one after another: two agreeing sources, then one, are too
+    // few to select from (min_agreeing 3), as none are.
+    let mut states = Vec::new();
+    for down in 0..3 {
+        run.sims[down].up = false;
+        for _ in 0..12 {
+            run.round();
+            states.push(run.state());
+        }
+    }
+    assert!(
+        states.iter().all(|s| *s != SyncState::Unsynchronized),
+        "{states:?}"
+    );
+    assert_eq!(run.state(), SyncState::Holdover);
+    assert!(run.d.estimate(run.now).reason.contains("no source"));
+    // One source back is still too few: holdover goes on, then three resynchronize.
+    run.sims[0].up = true;
+    run.rounds(2);
+    assert_eq!(run.state(), SyncState::Holdover);
+    assert!(run.d.estimate(run.now).reason.contains("only 1 usable"));
+    for sim in &mut run.sims {
+        sim.up = true;
+    }
+    run.rounds(2);
+    assert_eq!(run.state(), SyncState::Synchronized);
+}
+
+#[test]
+fn losing_the_sources_never_lifts_a_refusal() {
+    // Synchronized on four, then two of them disagree with the other two: no majority, no
+    // stamps. The sources then fall silent: the refusal stands (no holdover on a model that
+    // the sources disputed) until a majority agrees again.
+    let mut run = Run::new(vec![honest(0), honest(50), honest(-50), honest(20)]);
+    run.rounds(10);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    run.sims[2] = liar(3_000);
+    run.sims[3] = liar(3_000);
+    run.rounds(4);
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+    for (i, sim) in run.sims.iter_mut().enumerate() {
+        sim.up = i == 0;
+    }
+    for _ in 0..30 {
+        run.round();
+        assert_eq!(run.state(), SyncState::Unsynchronized);
+    }
+    for sim in &mut run.sims {
+        sim.up = false;
+    }
+    for _ in 0..30 {
+        run.round();
+        assert_eq!(run.state(), SyncState::Unsynchronized);
+    }
+    run.sims = vec![honest(0), honest(50), honest(-50), honest(20)];
+    run.rounds(3);
+    assert_eq!(run.state(), SyncState::Synchronized);
+}
+
+#[test]
 fn a_silent_discipline_reports_holdover() {
     let mut run = Run::new(vec![honest(0), honest(10), honest(20)]);
     run.rounds(3);
