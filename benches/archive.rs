@@ -184,7 +184,7 @@ fn main() {
     // What went in reads back whole: the last record, by its serial.
     let last = records.chained(1).pop().expect("a record");
     store
-        .append(INSTANCE, &[last.clone()], &[])
+        .append(INSTANCE, std::slice::from_ref(&last), &[])
         .expect("append");
     let back = store
         .record_by_serial(&last.record.serial)
