@@ -331,7 +331,7 @@ impl Discipline {
             return;
         }
 
-        let Some(survivors) = self.select(&intervals) else {
+        let Some(survivors) = self.select(&intervals, now) else {
             return;
         };
         let (offset, bound) = combine(&survivors);
@@ -391,7 +391,7 @@ impl Discipline {
     /// Interval intersection (Marzullo): the largest set of sources that share a common
     /// offset. It must be a strict majority of the usable sources and at least
     /// `min_agreeing`; otherwise nothing is selected and the state is unsynchronized.
-    fn select(&mut self, intervals: &[Interval]) -> Option<Vec<Interval>> {
+    fn select(&mut self, intervals: &[Interval], now: u64) -> Option<Vec<Interval>> {
         let mut edges: Vec<(i64, i32)> = intervals
             .iter()
             .flat_map(|i| [(i.low(), 1), (i.high(), -1)])
@@ -414,12 +414,25 @@ impl Discipline {
                 self.sources[i.source].selection = Selection::Unselected;
             }
             if intervals.len() < self.config.min_agreeing {
-                // Too few to select even if they all agreed: sources lost, not a dispute.
-                self.sources_lost(format!(
-                    "only {} usable sources; {} needed",
+                // Too few to select even if they all agreed: sources lost, not a dispute; but
+                // one that contradicts the model the clock would hold over on is one.
+                let usable = format!(
+                    "usable sources: {}, needed: {}",
                     intervals.len(),
                     self.config.min_agreeing
-                ));
+                );
+                match self.contradicting(intervals, now) {
+                    Some((source, by)) => self.set_state(
+                        SyncState::Unsynchronized,
+                        format!(
+                            "{} contradicts the clock's model by {:+.6} s beyond both bounds \
+                             ({usable})",
+                            self.sources[source].spec.name,
+                            by as f64 / 1e9
+                        ),
+                    ),
+                    None => self.sources_lost(format!("too few {usable}")),
+                }
             } else {
                 self.set_state(
                     SyncState::Unsynchronized,
@@ -563,6 +576,21 @@ impl Discipline {
 
     fn predict(&self, model: &Model, now: u64) -> (i64, u64) {
         predict(model, self.phi(), self.leap, now)
+    }
+
+    /// The first of `intervals` that cannot hold UTC if the model's prediction at `now`
+    /// does (their intervals do not meet), and by how much the offsets differ.
+    fn contradicting(&self, intervals: &[Interval], now: u64) -> Option<(usize, i64)> {
+        let model = self.model.as_ref()?;
+        let (predicted, bound) = self.predict(model, now);
+        let (low, high) = (
+            predicted.saturating_sub(bound as i64),
+            predicted.saturating_add(bound as i64),
+        );
+        intervals
+            .iter()
+            .find(|i| i.high() < low || i.low() > high)
+            .map(|i| (i.source, i.offset - predicted))
     }
 
     /// Too few sources left to select from. A clock that was synchronized goes on in

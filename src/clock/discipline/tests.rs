@@ -329,11 +329,41 @@ fn sources_lost_one_by_one_mean_holdover_and_never_a_refusal_in_between() {
     run.sims[0].up = true;
     run.rounds(2);
     assert_eq!(run.state(), SyncState::Holdover);
-    assert!(run.d.estimate(run.now).reason.contains("only 1 usable"));
+    assert!(run
+        .d
+        .estimate(run.now)
+        .reason
+        .contains("too few usable sources: 1,"));
     for sim in &mut run.sims {
         sim.up = true;
     }
     run.rounds(2);
+    assert_eq!(run.state(), SyncState::Synchronized);
+}
+
+#[test]
+fn a_remaining_source_that_contradicts_the_holdover_stops_it() {
+    let mut run = Run::new(vec![honest(0), honest(100), honest(-100)]);
+    run.rounds(10);
+    run.sims[1].up = false;
+    run.sims[2].up = false;
+    run.rounds(12);
+    assert_eq!(run.state(), SyncState::Holdover);
+    // The last source now says the time is 3 s off: too few to follow, but its interval and
+    // the model's cannot both hold UTC.
+    run.sims[0].lie = 3 * S as i64;
+    run.round();
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+    let reason = run.d.estimate(run.now).reason;
+    assert!(
+        reason.contains("s0 contradicts") && reason.contains("by +2.99"),
+        "{reason}"
+    );
+    run.sims[0].up = false;
+    run.rounds(30);
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+    run.sims = vec![honest(0), honest(100), honest(-100)];
+    run.rounds(3);
     assert_eq!(run.state(), SyncState::Synchronized);
 }
 
