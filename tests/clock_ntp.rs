@@ -188,6 +188,68 @@ fn losing_every_source_ends_in_refusal_when_the_bound_passes_the_accuracy() {
     assert!(!ready(&server));
 }
 
+/// One server of three goes silent: too few left to select from, so holdover, and tokens go
+/// on (within the references' time); it comes back and the clock is synchronized again. Then
+/// the other two go silent (holdover on the one left, which agrees), and that one jumps 5 s
+/// ahead: it contradicts the clock's model, and every request is refused.
+#[test]
+fn one_source_of_three_lost_is_holdover_and_a_contradicting_one_stops_it() {
+    let servers: Vec<NtpServer> = (0..3)
+        .map(|_| NtpServer::start(Behaviour::default()))
+        .collect();
+    let server = tsa_with(&servers, "max_sample_age_ms = 400\n");
+    wait_for(
+        || ready(&server),
+        "synchronization",
+        Duration::from_secs(10),
+    );
+    let work = tempfile::tempdir().unwrap();
+    query(work.path());
+
+    servers[0].set(|b| b.silent = true);
+    wait_for(
+        || clock_report(&server).contains("State       : holdover"),
+        "holdover",
+        Duration::from_secs(10),
+    );
+    for _ in 0..5 {
+        let (response, sent, received) = stamp(&server, work.path());
+        assert!(response.granted(), "{:?}", response.status_text);
+        let tst = response.token.as_ref().unwrap().tst_info();
+        let (gen, accuracy) = (tst.gen_time.unix_ns(), tst.accuracy.unwrap().as_ns());
+        assert!(gen + accuracy >= sent && gen - accuracy <= received);
+    }
+    assert!(ready(&server));
+
+    servers[0].set(|b| b.silent = false);
+    wait_for(
+        || clock_report(&server).contains("State       : synchronized"),
+        "synchronized again",
+        Duration::from_secs(10),
+    );
+
+    servers[1].set(|b| b.silent = true);
+    servers[2].set(|b| b.silent = true);
+    wait_for(
+        || clock_report(&server).contains("too few usable sources: 1,"),
+        "holdover on one source",
+        Duration::from_secs(10),
+    );
+    assert!(stamp(&server, work.path()).0.granted());
+    servers[0].set(|b| b.offset_ns = 5_000_000_000);
+    wait_for(
+        || stamp(&server, work.path()).0.fail_info() == Some(FailInfo::TimeNotAvailable),
+        "refusal",
+        Duration::from_secs(10),
+    );
+    let report = clock_report(&server);
+    assert!(
+        report.contains("contradicts the clock's model by +"),
+        "{report}"
+    );
+    assert!(!ready(&server));
+}
+
 /// What one request under load got, with the client's send/receive window (Unix ns).
 enum Outcome {
     Granted {
