@@ -594,17 +594,22 @@ fn the_balancer_serves_on_when_an_instance_is_killed_and_it_comes_back_with_its_
         "instance 2 served only {during} requests while instance 1 was down"
     );
     haproxy.wait_for("tsa1", "UP", Duration::from_secs(10));
+    // Back in the rotation: it serves again (how soon depends on how busy the machine is).
     let up = Instant::now();
-    std::thread::sleep(Duration::from_millis(1500));
+    while granted_by(1, up, Instant::now()) < 20 {
+        assert!(
+            up.elapsed() < Duration::from_secs(20),
+            "instance 1 served {} requests in 20 s after coming back",
+            granted_by(1, up, Instant::now())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.join().expect("a client thread panicked");
     }
+    let back_within = up.elapsed();
     let back = granted_by(1, up, Instant::now());
-    assert!(
-        back >= 20,
-        "instance 1 served {back} requests after coming back"
-    );
 
     let tally = std::mem::take(&mut *tally.lock().unwrap());
     // Only requests in flight at the kill may fail, and only at the HTTP level (the balancer's
@@ -653,8 +658,8 @@ fn the_balancer_serves_on_when_an_instance_is_killed_and_it_comes_back_with_its_
     assert_eq!(opened.iter().filter(|i| **i == 2).count(), 1, "{opened:?}");
     eprintln!(
         "fleet kill: {} tokens received ({during} while instance 1 was down, {back} after it \
-         came back), {failed} failed at the kill, {refused} refused starts, {archived} \
-         archived, {:.1} s",
+         came back, the first 20 within {back_within:?}), {failed} failed at the kill, \
+         {refused} refused starts, {archived} archived, {:.1} s",
         received.len(),
         started.elapsed().as_secs_f64()
     );

@@ -323,15 +323,11 @@ impl Discipline {
     pub fn update(&mut self, now: u64) {
         self.apply_due_leap(now);
         let intervals = self.intervals(now);
-        if intervals.is_empty() {
-            for src in &mut self.sources {
-                src.selection = Selection::Unusable;
-            }
-            self.sources_lost("no source has a fresh sample".into());
+        if intervals.len() < self.config.min_agreeing {
+            self.too_few(&intervals, now);
             return;
         }
-
-        let Some(survivors) = self.select(&intervals, now) else {
+        let Some(survivors) = self.select(&intervals) else {
             return;
         };
         let (offset, bound) = combine(&survivors);
@@ -390,8 +386,9 @@ impl Discipline {
 
     /// Interval intersection (Marzullo): the largest set of sources that share a common
     /// offset. It must be a strict majority of the usable sources and at least
-    /// `min_agreeing`; otherwise nothing is selected and the state is unsynchronized.
-    fn select(&mut self, intervals: &[Interval], now: u64) -> Option<Vec<Interval>> {
+    /// `min_agreeing`; otherwise the sources dispute the time, nothing is selected and the
+    /// state is unsynchronized.
+    fn select(&mut self, intervals: &[Interval]) -> Option<Vec<Interval>> {
         let mut edges: Vec<(i64, i32)> = intervals
             .iter()
             .flat_map(|i| [(i.low(), 1), (i.high(), -1)])
@@ -413,35 +410,13 @@ impl Discipline {
             for i in intervals {
                 self.sources[i.source].selection = Selection::Unselected;
             }
-            if intervals.len() < self.config.min_agreeing {
-                // Too few to select even if they all agreed: sources lost, not a dispute; but
-                // one that contradicts the model the clock would hold over on is one.
-                let usable = format!(
-                    "usable sources: {}, needed: {}",
-                    intervals.len(),
-                    self.config.min_agreeing
-                );
-                match self.contradicting(intervals, now) {
-                    Some((source, by)) => self.set_state(
-                        SyncState::Unsynchronized,
-                        format!(
-                            "{} contradicts the clock's model by {:+.6} s beyond both bounds \
-                             ({usable})",
-                            self.sources[source].spec.name,
-                            by as f64 / 1e9
-                        ),
-                    ),
-                    None => self.sources_lost(format!("too few {usable}")),
-                }
-            } else {
-                self.set_state(
-                    SyncState::Unsynchronized,
-                    format!(
-                        "only {agreeing} of {} usable sources agree; {needed} needed",
-                        intervals.len()
-                    ),
-                );
-            }
+            self.set_state(
+                SyncState::Unsynchronized,
+                format!(
+                    "only {agreeing} of {} usable sources agree; {needed} needed",
+                    intervals.len()
+                ),
+            );
             return None;
         }
         let survivors: Vec<Interval> = intervals
@@ -576,6 +551,36 @@ impl Discipline {
 
     fn predict(&self, model: &Model, now: u64) -> (i64, u64) {
         predict(model, self.phi(), self.leap, now)
+    }
+
+    /// Fewer usable sources than `min_agreeing`: none can be selected even if they all
+    /// agreed. That is a loss of sources ([`Discipline::sources_lost`]), unless one of them
+    /// contradicts the model the clock would hold over on: then one of the two is wrong and
+    /// the clock cannot tell which, so it is unsynchronized.
+    fn too_few(&mut self, intervals: &[Interval], now: u64) {
+        if intervals.is_empty() {
+            self.sources_lost("no source has a fresh sample".into());
+            return;
+        }
+        for i in intervals {
+            self.sources[i.source].selection = Selection::Unselected;
+        }
+        let usable = format!(
+            "usable sources: {}, needed: {}",
+            intervals.len(),
+            self.config.min_agreeing
+        );
+        match self.contradicting(intervals, now) {
+            Some((source, by)) => self.set_state(
+                SyncState::Unsynchronized,
+                format!(
+                    "{} contradicts the clock's model by {:+.6} s beyond both bounds ({usable})",
+                    self.sources[source].spec.name,
+                    by as f64 / 1e9
+                ),
+            ),
+            None => self.sources_lost(format!("too few {usable}")),
+        }
     }
 
     /// The first of `intervals` that cannot hold UTC if the model's prediction at `now`
