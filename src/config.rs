@@ -79,7 +79,7 @@ pub struct ArchiveConfig {
     pub postgres_password_file: Option<PathBuf>,
     /// PostgreSQL over TLS: the CA certificates (PEM files) that the server's certificate
     /// must chain to; its name is checked against the host (libpq's `verify-full`). Makes
-    /// TLS mandatory (see `src/archive/postgres_tls.rs`).
+    /// TLS mandatory (see `src/archive/postgres/tls.rs`).
     pub postgres_ca: Vec<PathBuf>,
     /// PostgreSQL: a client certificate chain (PEM) for certificate authentication.
     pub postgres_client_certificate: Option<PathBuf>,

@@ -487,7 +487,7 @@ fn a_process_that_lost_its_lease_stops_issuing() {
     assert!(ok, "{report}");
 }
 
-// TLS to PostgreSQL (src/archive/postgres_tls.rs), against a cluster with `ssl = on` whose
+// TLS to PostgreSQL (src/archive/postgres/tls.rs), against a cluster with `ssl = on` whose
 // TCP connections are TLS only (tests/common/postgres.rs, `Cluster::start_tls`).
 
 /// A state directory whose archive is `database` on `cluster` as `user`, with `settings`

@@ -12,7 +12,6 @@
 
 pub mod events;
 pub mod postgres;
-pub mod postgres_tls;
 mod queue;
 pub mod record;
 pub mod serial;

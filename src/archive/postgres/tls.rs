@@ -34,7 +34,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::store::StoreError;
+use crate::archive::store::StoreError;
 use crate::config::ArchiveConfig;
 
 /// The connector given to `postgres::Config::connect`: one rustls configuration for every

@@ -1,0 +1,219 @@
+//! How the archive reaches PostgreSQL: `postgres_url` (a key=value string or a
+//! `postgresql://` URL, never with a password), the password from `postgres_password_file`
+//! or `TSA_POSTGRES_PASSWORD`, bounded connect and TCP user timeouts, and TLS by `sslmode`
+//! and the `postgres_ca`, client certificate and `postgres_tls_insecure` settings
+//! ([`super::tls`]).
+
+use std::time::Duration;
+
+use postgres::config::SslMode;
+use postgres::{Client, NoTls};
+
+use super::tls::{certificate_hint, tls_settings, MakeRustls};
+use crate::archive::store::StoreError;
+use crate::config::ArchiveConfig;
+
+/// How to connect, checked and loaded once (files read, the TLS configuration built) and
+/// kept for reconnections.
+#[derive(Clone)]
+pub struct Connection {
+    pg: postgres::Config,
+    /// None: plain connections (`sslmode=disable`).
+    tls: Option<MakeRustls>,
+    /// `postgres_ca`, for the error when the server's certificate is refused.
+    ca: Vec<std::path::PathBuf>,
+}
+
+/// `connect_timeout` when `postgres_url` sets none.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// `tcp_user_timeout` (unacknowledged data on an open connection) when `postgres_url` sets none.
+const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `connect_timeout` or `tcp_user_timeout` accepted.
+const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The connection settings: `postgres_url` (a key=value string or a `postgresql://` URL,
+/// without a password), the password from `postgres_password_file` or the
+/// `TSA_POSTGRES_PASSWORD` environment variable, and TLS by `sslmode` and the `postgres_ca`,
+/// `postgres_client_certificate`/`_key` and `postgres_tls_insecure` settings
+/// ([`super::tls`]).
+pub fn connection(config: &ArchiveConfig) -> Result<Connection, StoreError> {
+    let mut pg: postgres::Config = config.postgres_url.parse().map_err(|e| {
+        let hint = if config.postgres_url.contains("sslmode=verify") {
+            " (sslmode takes disable, prefer or require here: use sslmode=require with \
+             archive.postgres_ca, which verifies the server as verify-full does)"
+        } else {
+            ""
+        };
+        StoreError(format!("archive.postgres_url: {e}{hint}"))
+    })?;
+    if pg.get_password().is_some() {
+        return Err(StoreError(
+            "archive.postgres_url must not hold a password: use postgres_password_file or \
+             TSA_POSTGRES_PASSWORD"
+                .into(),
+        ));
+    }
+    if let Some(file) = &config.postgres_password_file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| StoreError(format!("cannot read {}: {e}", file.display())))?;
+        pg.password(text.trim_end_matches(['\n', '\r']));
+    } else if let Ok(password) = std::env::var("TSA_POSTGRES_PASSWORD") {
+        pg.password(password);
+    }
+    if pg.get_application_name().is_none() {
+        pg.application_name("tsa");
+    }
+    // A database host that vanishes without closing the connection must not hold requests
+    // until the operating system's TCP timeout (minutes): bounded defaults, unless the URL
+    // sets its own.
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+    }
+    if pg.get_tcp_user_timeout().is_none() {
+        pg.tcp_user_timeout(DEFAULT_TCP_USER_TIMEOUT);
+    }
+    // Seconds here, where libpq reads tcp_user_timeout in milliseconds: a value copied from a
+    // libpq setting would hold requests for hours.
+    for (name, timeout) in [
+        ("connect_timeout", pg.get_connect_timeout()),
+        ("tcp_user_timeout", pg.get_tcp_user_timeout()),
+    ] {
+        if timeout.is_some_and(|t| *t > MAX_TIMEOUT) {
+            return Err(StoreError(format!(
+                "archive.postgres_url: {name} is in seconds here (libpq takes tcp_user_timeout \
+                 in milliseconds), at most {}",
+                MAX_TIMEOUT.as_secs()
+            )));
+        }
+    }
+    let tls = tls_settings(config, &mut pg)?;
+    Ok(Connection {
+        pg,
+        tls,
+        ca: config.postgres_ca.clone(),
+    })
+}
+
+/// Where the archive is, for logs and the `archive_opened` event: hosts, ports, database and
+/// user of `postgres_url`, never a password.
+pub fn describe(config: &ArchiveConfig) -> String {
+    let Ok(pg) = config.postgres_url.parse::<postgres::Config>() else {
+        return "postgres_url does not parse".into();
+    };
+    let hosts: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            postgres::config::Host::Tcp(name) => name.clone(),
+            postgres::config::Host::Unix(dir) => dir.display().to_string(),
+        })
+        .collect();
+    let ports: Vec<String> = pg.get_ports().iter().map(u16::to_string).collect();
+    let mut out = format!("host={}", hosts.join(","));
+    if !ports.is_empty() {
+        out.push_str(&format!(" port={}", ports.join(",")));
+    }
+    if let Some(db) = pg.get_dbname() {
+        out.push_str(&format!(" dbname={db}"));
+    }
+    if let Some(user) = pg.get_user() {
+        out.push_str(&format!(" user={user}"));
+    }
+    // How the connection is protected, as `tls::tls_settings` decides it.
+    let tls = if !config.postgres_ca.is_empty() {
+        "verified"
+    } else if pg.get_ssl_mode() == SslMode::Disable {
+        "off"
+    } else if config.postgres_tls_insecure {
+        "unverified"
+    } else {
+        "if-offered,unverified"
+    };
+    out.push_str(&format!(" tls={tls}"));
+    out
+}
+
+pub(super) fn connect(connection: &Connection) -> Result<Client, StoreError> {
+    let pg = &connection.pg;
+    let client = match &connection.tls {
+        None => pg.connect(NoTls),
+        Some(tls) => pg.connect(tls.clone()),
+    };
+    let mut client = client.map_err(|e| {
+        // The crate's error says only "db error" or "error performing TLS handshake": the
+        // server's message or rustls's reason is in its sources.
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        let hint = certificate_hint(&e, &connection.ca);
+        StoreError(format!("cannot connect to PostgreSQL: {text}{hint}"))
+    })?;
+    // No NOTICE per "CREATE … IF NOT EXISTS" of the schema in the logs at every start.
+    client.batch_execute("SET synchronous_commit = on; SET client_min_messages = warning")?;
+    Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_time_out_unless_the_url_says_otherwise() {
+        let config = |url: &str| ArchiveConfig {
+            postgres_url: url.into(),
+            ..ArchiveConfig::default()
+        };
+        let plain = connection(&config("host=127.0.0.1 user=tsa sslmode=disable")).unwrap();
+        assert_eq!(
+            plain.pg.get_connect_timeout(),
+            Some(&DEFAULT_CONNECT_TIMEOUT)
+        );
+        assert_eq!(
+            plain.pg.get_tcp_user_timeout(),
+            Some(&DEFAULT_TCP_USER_TIMEOUT)
+        );
+        let own = connection(&config(
+            "host=127.0.0.1 user=tsa sslmode=disable connect_timeout=2 tcp_user_timeout=3",
+        ))
+        .unwrap();
+        assert_eq!(own.pg.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(own.pg.get_tcp_user_timeout(), Some(&Duration::from_secs(3)));
+        for url in [
+            "host=127.0.0.1 user=tsa tcp_user_timeout=10000",
+            "host=127.0.0.1 user=tsa connect_timeout=3600",
+        ] {
+            let e = connection(&config(url)).err().expect(url).0;
+            assert!(
+                e.contains("in seconds here") && e.contains("at most 600"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_location_in_the_logs_never_holds_a_password() {
+        let mut config = ArchiveConfig {
+            postgres_url: "postgresql://tsa:secret@db.example.org:5433/archive".into(),
+            ..ArchiveConfig::default()
+        };
+        assert_eq!(
+            describe(&config),
+            "host=db.example.org port=5433 dbname=archive user=tsa tls=if-offered,unverified"
+        );
+        config.postgres_url = "host=10.0.0.7 user=tsa password=secret dbname=tsa".into();
+        let text = describe(&config);
+        assert!(!text.contains("secret"), "{text}");
+        assert!(
+            text.starts_with("host=10.0.0.7") && text.contains("dbname=tsa"),
+            "{text}"
+        );
+        config.postgres_ca = vec!["ca.pem".into()];
+        assert!(describe(&config).ends_with(" tls=verified"));
+        config.postgres_ca.clear();
+        config.postgres_url.push_str(" sslmode=disable");
+        assert!(describe(&config).ends_with(" tls=off"));
+    }
+}
