@@ -455,3 +455,59 @@ fn huge_nonces_are_echoed_exactly_or_refused_by_size() {
     let _ = Response::from_der(&reply.body).unwrap();
     assert_serves(&server);
 }
+
+/// A flood of refused requests costs the log a line a second for its kind, each line saying
+/// how many it left out since the one before; every request still gets its own answer, and
+/// the lines and the counts they give add up to the requests refused.
+#[test]
+fn a_flood_of_refused_requests_costs_the_log_a_line_a_second() {
+    let server = Server::serve_logged(Server::init(
+        &[],
+        "[server]\nmax_requests_per_connection = 1000000\n",
+    ));
+    let path = path_of(&server);
+    let mut conn = Conn::open(&server.url);
+    let started = Instant::now();
+    let mut refused = 0u64;
+    while started.elapsed() < Duration::from_millis(2500) {
+        // An INTEGER where the TimeStampReq SEQUENCE belongs.
+        let reply = conn.post(&path, &[0x02, 0x01, 0x05]);
+        assert_rejection(&reply, FailInfo::BadDataFormat);
+        refused += 1;
+    }
+    // One more in a later second: its line counts what the last one left out.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_rejection(
+        &conn.post(&path, &[0x02, 0x01, 0x05]),
+        FailInfo::BadDataFormat,
+    );
+    refused += 1;
+
+    let log = std::fs::read_to_string(server.path(Server::LOG)).unwrap();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("request rejected"))
+        .collect();
+    let left_out: u64 = lines
+        .iter()
+        .map(|l| {
+            let at = l.find("left_out=").expect("left_out in the line") + "left_out=".len();
+            let digits: String = l[at..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<u64>().unwrap()
+        })
+        .sum();
+    assert!(refused > 100, "only {refused} requests in 2.5 s");
+    assert!(
+        (2..=6).contains(&lines.len()),
+        "{} lines for {refused} refusals:\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+    assert_eq!(
+        lines.len() as u64 + left_out,
+        refused,
+        "{}",
+        lines.join("\n")
+    );
+    assert!(lines[0].contains("fail_info=badDataFormat"), "{}", lines[0]);
+}

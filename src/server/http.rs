@@ -53,6 +53,7 @@ use tokio::net::TcpListener;
 
 use super::admission::{self, ConnectionSlot};
 use super::auth::{Link, PeerCertificate, Refusal};
+use super::log_limit::LogLimit;
 use super::{metrics, Client, Outcome, Tsa};
 use crate::config::ServerConfig;
 use crate::protocol::{batch, FailInfo, Rejection};
@@ -382,7 +383,14 @@ fn authenticate(req: &Request<Incoming>, tsa: &Tsa, link: Link<'_>) -> Result<Cl
             let metric = match refusal {
                 Refusal::Unauthenticated => metrics::AuthRefusal::Unauthenticated,
                 Refusal::InvalidCredentials(why) => {
-                    tracing::info!(reason = why, "request refused: invalid credentials");
+                    static LOG: LogLimit = LogLimit::new();
+                    if let Some(left_out) = LOG.allow() {
+                        tracing::info!(
+                            reason = why,
+                            left_out,
+                            "request refused: invalid credentials"
+                        );
+                    }
                     metrics::AuthRefusal::InvalidCredentials
                 }
             };
@@ -397,12 +405,16 @@ fn charge(tsa: &Tsa, client: Client, n: u32) -> Result<Client, Denied> {
         return Ok(client);
     };
     tsa.metrics.auth_refused(metrics::AuthRefusal::Quota);
-    tracing::info!(
-        client = client.name.as_deref().unwrap_or("anonymous"),
-        tokens = n,
-        retry_after_ms = wait.as_millis() as u64,
-        "request refused: quota exceeded"
-    );
+    static LOG: LogLimit = LogLimit::new();
+    if let Some(left_out) = LOG.allow() {
+        tracing::info!(
+            client = client.name.as_deref().unwrap_or("anonymous"),
+            tokens = n,
+            retry_after_ms = wait.as_millis() as u64,
+            left_out,
+            "request refused: quota exceeded"
+        );
+    }
     Err(Denied::Quota(wait))
 }
 
@@ -458,7 +470,10 @@ async fn timestamp_batch(
     let items: Vec<Bytes> = match batch::decode(&body, limits.max_batch_items) {
         Ok(items) => items.into_iter().map(|item| body.slice_ref(item)).collect(),
         Err(e) => {
-            tracing::info!(reason = %e, "batch refused");
+            static LOG: LogLimit = LogLimit::new();
+            if let Some(left_out) = LOG.allow() {
+                tracing::info!(reason = %e, left_out, "batch refused");
+            }
             let status = match e {
                 batch::BatchError::TooMany { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                 _ => StatusCode::BAD_REQUEST,

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 
 use bytes::Bytes;
 
+use super::log_limit::LogLimit;
 use crate::archive::record::TokenRecord;
 use crate::archive::serial::SerialAllocator;
 use crate::archive::Archive;
@@ -176,11 +177,7 @@ impl Tsa {
         match result {
             Ok(der) => (der, Outcome::Granted),
             Err(rejection) => {
-                if rejection.fail_info == FailInfo::SystemFailure {
-                    tracing::error!(reason = %rejection.reason, "request failed");
-                } else {
-                    tracing::info!(fail_info = %rejection.fail_info, reason = %rejection.reason, "request rejected");
-                }
+                log_rejection(&rejection);
                 (rejection.to_der(), Outcome::Rejected(rejection.fail_info))
             }
         }
@@ -270,10 +267,14 @@ impl Tsa {
             })
             .collect();
         for (fail_info, n, first) in refused {
+            static FAILED: LogLimit = LogLimit::new();
+            static REJECTED: LogLimit = LogLimit::new();
             if fail_info == FailInfo::SystemFailure {
-                tracing::error!(items = n, of = count, reason = %first, "batch items failed");
-            } else {
-                tracing::info!(%fail_info, items = n, of = count, reason = %first, "batch items rejected");
+                if let Some(left_out) = FAILED.allow() {
+                    tracing::error!(items = n, of = count, reason = %first, left_out, "batch items failed");
+                }
+            } else if let Some(left_out) = REJECTED.allow() {
+                tracing::info!(%fail_info, items = n, of = count, reason = %first, left_out, "batch items rejected");
             }
         }
         answers
@@ -487,6 +488,25 @@ async fn record_all(archive: &Archive, issued: Vec<Issued>) -> Vec<Result<Vec<u8
     })
     .await;
     answers
+}
+
+/// The log line of a refused request: an error for a systemFailure, else information; at
+/// most one a second of each ([`LogLimit`]).
+fn log_rejection(rejection: &Rejection) {
+    static FAILED: LogLimit = LogLimit::new();
+    static REJECTED: LogLimit = LogLimit::new();
+    if rejection.fail_info == FailInfo::SystemFailure {
+        if let Some(left_out) = FAILED.allow() {
+            tracing::error!(reason = %rejection.reason, left_out, "request failed");
+        }
+    } else if let Some(left_out) = REJECTED.allow() {
+        tracing::info!(
+            fail_info = %rejection.fail_info,
+            reason = %rejection.reason,
+            left_out,
+            "request rejected"
+        );
+    }
 }
 
 /// A token that could not be archived is not handed out.

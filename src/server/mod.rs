@@ -8,6 +8,7 @@ pub mod auth;
 mod history;
 mod http;
 mod issue;
+mod log_limit;
 mod metrics;
 mod status;
 mod systemd;

@@ -22,6 +22,12 @@ pub struct Server {
 impl Server {
     /// `tsa init` with `init_args`, optional extra TOML appended to the config, then `tsa serve`.
     pub fn start(init_args: &[&str], extra_config: &str) -> Server {
+        Self::serve(Self::init(init_args, extra_config))
+    }
+
+    /// `tsa init` with `init_args` in a new directory, with extra TOML merged into its
+    /// configuration.
+    pub fn init(init_args: &[&str], extra_config: &str) -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = Command::new(TSA)
             .arg("init")
@@ -40,7 +46,7 @@ impl Server {
             let config = std::fs::read_to_string(&path).unwrap();
             std::fs::write(&path, merge_toml(&config, extra_config)).unwrap();
         }
-        Self::serve(dir)
+        dir
     }
 
     /// Serves the configuration already in `dir`.
@@ -50,6 +56,20 @@ impl Server {
 
     /// Serves the configuration in `dir` with extra environment variables.
     pub fn serve_with_env(dir: tempfile::TempDir, env: &[(&str, &str)]) -> Server {
+        Self::spawn(dir, env, Stdio::inherit())
+    }
+
+    /// Serves the configuration in `dir`, logging at `info` (no colours) to
+    /// [`Server::LOG`] in it.
+    pub fn serve_logged(dir: tempfile::TempDir) -> Server {
+        let log = std::fs::File::create(dir.path().join(Self::LOG)).expect("the log file");
+        Self::spawn(dir, &[("RUST_LOG", "info"), ("NO_COLOR", "1")], log.into())
+    }
+
+    /// The log file of [`Server::serve_logged`], in the state directory.
+    pub const LOG: &'static str = "serve.log";
+
+    fn spawn(dir: tempfile::TempDir, env: &[(&str, &str)], stderr: Stdio) -> Server {
         let mut child = Command::new(TSA)
             .arg("serve")
             .arg("--config")
@@ -58,7 +78,7 @@ impl Server {
             .env("RUST_LOG", "error")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn tsa serve");
         let stdout = child.stdout.take().unwrap();
