@@ -1,7 +1,7 @@
 //! The server pushed past its limits and fed hostile input over real loopback connections:
 //! overload control (`max_queue`, `max_connections`), keep-alive limits, slow-loris
-//! connections, header floods, pipelined garbage, deeply nested and oversized DER, huge
-//! nonces. Each must end in a bounded, clean answer (or a closed connection) and leave the
+//! connections, header floods, pipelined garbage, ambiguous framing (request smuggling),
+//! deeply nested and oversized DER, huge nonces, floods of refused requests in the log. Each must end in a bounded, clean answer (or a closed connection) and leave the
 //! server serving.
 
 mod common;
@@ -317,6 +317,81 @@ fn pipelined_requests_are_answered_in_order_and_garbage_closes_the_connection() 
     let _ = noise.write_all(&bytes);
     let (_, closed) = read_to_close(&mut noise, Duration::from_secs(5));
     assert!(closed);
+    assert_serves(&server);
+}
+
+/// Requests framed two ways at once, the classic request-smuggling shapes: a body with both
+/// `Content-Length` and `Transfer-Encoding: chunked` is read as chunked and answered, and the
+/// connection is then closed, so what a front proxy counted differently is never taken for a
+/// next request; two lengths, or a transfer coding other than chunked last, get 400 and a
+/// closed connection. Each time a well-framed request follows in the same write: it must not
+/// be answered.
+#[test]
+fn ambiguous_framing_is_answered_once_and_the_connection_closed() {
+    let server = Server::start(&[], "");
+    let path = path_of(&server);
+    let body = query_for(b"framing").to_der().unwrap();
+    let mut chunked = format!("{:x}\r\n", body.len()).into_bytes();
+    chunked.extend_from_slice(&body);
+    chunked.extend_from_slice(b"\r\n0\r\n\r\n");
+    let mut follower = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {QUERY_TYPE}\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    follower.extend_from_slice(&body);
+    let head = |framing: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {QUERY_TYPE}\r\n\
+             {framing}\r\n"
+        )
+        .into_bytes()
+    };
+    let cases: [(&str, Vec<u8>, &[u8], &str); 4] = [
+        (
+            "Content-Length and chunked",
+            head("Content-Length: 4\r\nTransfer-Encoding: chunked\r\n"),
+            &chunked,
+            "HTTP/1.1 200 ",
+        ),
+        (
+            "chunked and Content-Length",
+            head("Transfer-Encoding: chunked\r\nContent-Length: 4\r\n"),
+            &chunked,
+            "HTTP/1.1 200 ",
+        ),
+        (
+            "two lengths",
+            head(&format!(
+                "Content-Length: {}\r\nContent-Length: 4\r\n",
+                body.len()
+            )),
+            &body,
+            "HTTP/1.1 400 ",
+        ),
+        (
+            "chunked not last",
+            head("Transfer-Encoding: chunked, gzip\r\n"),
+            &chunked,
+            "HTTP/1.1 400 ",
+        ),
+    ];
+    for (name, mut bytes, payload, status) in cases {
+        bytes.extend_from_slice(payload);
+        bytes.extend_from_slice(&follower);
+        let mut stream = TcpStream::connect(split_url(&server.url).0).unwrap();
+        stream.write_all(&bytes).unwrap();
+        let (got, closed) = read_to_close(&mut stream, Duration::from_secs(5));
+        let replies = wire::find_all(&got, b"HTTP/1.1 ");
+        assert_eq!(replies.len(), 1, "{name}: {} replies", replies.len());
+        assert!(
+            got.starts_with(status.as_bytes()),
+            "{name}: {:?}",
+            String::from_utf8_lossy(&got[..got.len().min(40)])
+        );
+        assert!(closed, "{name}: the connection stayed open");
+    }
     assert_serves(&server);
 }
 

@@ -140,6 +140,16 @@ pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Where `needle` starts in `haystack`, every time.
+pub fn find_all(haystack: &[u8], needle: &[u8]) -> Vec<usize> {
+    haystack
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// A fresh query for `data`, made with the crate's client (SHA-256, 64-bit nonce, certReq).
 pub fn query_for(data: &[u8]) -> Query {
     Query::for_data(DigestAlgorithm::Sha256, data).unwrap()
