@@ -1,8 +1,9 @@
 //! The server pushed past its limits and fed hostile input over real loopback connections:
 //! overload control (`max_queue`, `max_connections`), keep-alive limits, slow-loris
 //! connections, header floods, pipelined garbage, ambiguous framing (request smuggling),
-//! deeply nested and oversized DER, huge nonces, floods of refused requests in the log. Each must end in a bounded, clean answer (or a closed connection) and leave the
-//! server serving.
+//! deeply nested and oversized DER, huge nonces, floods of refused requests in the log.
+//! Each must end in a bounded, clean answer (or a closed connection) and leave the server
+//! serving.
 
 mod common;
 #[path = "common/wire.rs"]
