@@ -260,6 +260,72 @@ enum Outcome {
     Refused(Option<FailInfo>),
 }
 
+/// Keep-alive clients stamping without pause, each query its own; every reply must be a
+/// DER TimeStampResp over HTTP 200, and a token must carry the query's imprint and nonce.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<std::thread::JoinHandle<Vec<(i64, i64, Outcome)>>>,
+}
+
+impl Load {
+    fn start(url: &str, clients: usize) -> Load {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let clients = (0..clients)
+            .map(|id| {
+                let (url, stop) = (url.to_string(), stop.clone());
+                std::thread::spawn(move || {
+                    let (_, path) = wire::split_url(&url);
+                    let mut conn = wire::Conn::open(&url);
+                    let mut seen = Vec::new();
+                    for n in 0u32.. {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let query = wire::query_for(format!("invoice {id}/{n}").as_bytes());
+                        let sent = clock::unix_ns() as i64;
+                        let reply = conn.post(&path, &query.to_der().unwrap());
+                        let received = clock::unix_ns() as i64;
+                        assert_eq!(reply.status, 200, "{reply:?}");
+                        let response = wire::decode(&reply);
+                        let outcome = match response.token {
+                            Some(token) => {
+                                let tst = token.tst_info();
+                                assert_eq!(
+                                    tst.message_imprint.hashed_message.as_bytes(),
+                                    query.hashed_message
+                                );
+                                assert_eq!(
+                                    tst.nonce.map(|n| n.as_bytes().to_vec()),
+                                    query.nonce.clone()
+                                );
+                                Outcome::Granted {
+                                    gen: tst.gen_time.unix_ns() as i64,
+                                    accuracy: tst.accuracy.unwrap().as_ns() as i64,
+                                    serial: tst.serial_number.as_bytes().to_vec(),
+                                }
+                            }
+                            None => Outcome::Refused(response.fail_info()),
+                        };
+                        seen.push((sent, received, outcome));
+                    }
+                    seen
+                })
+            })
+            .collect();
+        Load { stop, clients }
+    }
+
+    /// Stops the clients: what every request got, with its send and receive time.
+    fn stop(self) -> Vec<(i64, i64, Outcome)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.clients
+            .into_iter()
+            .flat_map(|c| c.join().expect("a client thread"))
+            .collect()
+    }
+}
+
 /// Eight keep-alive clients stamp without pause while every source goes silent and later
 /// comes back. Every reply is a token whose genTime ± accuracy holds the references' time of
 /// its exchange, or a timeNotAvailable refusal; once a refusal has been received, no request
@@ -267,9 +333,6 @@ enum Outcome {
 /// serials stay unique throughout.
 #[test]
 fn under_load_the_tsa_stops_for_good_when_it_can_no_longer_vouch_for_its_time() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-
     let offset = 3_000_000_000i64;
     let servers: Vec<NtpServer> = (0..3)
         .map(|_| {
@@ -288,50 +351,7 @@ fn under_load_the_tsa_stops_for_good_when_it_can_no_longer_vouch_for_its_time() 
         "synchronization",
         Duration::from_secs(10),
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..8)
-        .map(|id| {
-            let (url, stop) = (server.url.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let (_, path) = wire::split_url(&url);
-                let mut conn = wire::Conn::open(&url);
-                let mut seen = Vec::new();
-                for n in 0u32.. {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let query = wire::query_for(format!("invoice {id}/{n}").as_bytes());
-                    let sent = clock::unix_ns() as i64;
-                    let reply = conn.post(&path, &query.to_der().unwrap());
-                    let received = clock::unix_ns() as i64;
-                    assert_eq!(reply.status, 200, "{reply:?}");
-                    let response = wire::decode(&reply);
-                    let outcome = match response.token {
-                        Some(token) => {
-                            let tst = token.tst_info();
-                            assert_eq!(
-                                tst.message_imprint.hashed_message.as_bytes(),
-                                query.hashed_message
-                            );
-                            assert_eq!(
-                                tst.nonce.map(|n| n.as_bytes().to_vec()),
-                                query.nonce.clone()
-                            );
-                            Outcome::Granted {
-                                gen: tst.gen_time.unix_ns() as i64,
-                                accuracy: tst.accuracy.unwrap().as_ns() as i64,
-                                serial: tst.serial_number.as_bytes().to_vec(),
-                            }
-                        }
-                        None => Outcome::Refused(response.fail_info()),
-                    };
-                    seen.push((sent, received, outcome));
-                }
-                seen
-            })
-        })
-        .collect();
-
+    let load = Load::start(&server.url, 8);
     std::thread::sleep(Duration::from_millis(800));
     let silenced = clock::unix_ns() as i64;
     for s in &servers {
@@ -354,11 +374,7 @@ fn under_load_the_tsa_stops_for_good_when_it_can_no_longer_vouch_for_its_time() 
         Duration::from_secs(20),
     );
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    let seen: Vec<_> = clients
-        .into_iter()
-        .flat_map(|c| c.join().expect("a client thread"))
-        .collect();
+    let seen = load.stop();
 
     let mut gens = std::collections::HashSet::new();
     let mut serials = std::collections::HashSet::new();
@@ -424,6 +440,114 @@ fn under_load_the_tsa_stops_for_good_when_it_can_no_longer_vouch_for_its_time() 
         count(restored, i64::MAX) > 0,
         "no tokens once the sources came back"
     );
+}
+
+/// Under load, every reference steps 5 s ahead, and later back. Each token's genTime ±
+/// accuracy holds the references' time of its exchange on one timescale or the other, never
+/// in between. Once a token on the new timescale has been received, no request sent after it
+/// gets one on the old. While a step awaits confirmation every request is refused with
+/// timeNotAvailable. After the step back, no genTime repeats or goes back: requests are
+/// refused until the references' time passes the last genTime.
+#[test]
+fn under_load_a_step_of_the_references_is_refused_then_followed_without_mixing() {
+    let step = 5_000_000_000i64;
+    let servers: Vec<NtpServer> = (0..3)
+        .map(|_| NtpServer::start(Behaviour::default()))
+        .collect();
+    let server = tsa_with(&servers, "");
+    wait_for(
+        || ready(&server),
+        "synchronization",
+        Duration::from_secs(10),
+    );
+    let load = Load::start(&server.url, 6);
+    std::thread::sleep(Duration::from_millis(600));
+    let stepped = clock::unix_ns() as i64;
+    for s in &servers {
+        s.set(|b| b.offset_ns = step);
+    }
+    wait_for(
+        || clock_report(&server).contains("Offset      : +5.0"),
+        "the step followed",
+        Duration::from_secs(15),
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    let back = clock::unix_ns() as i64;
+    for s in &servers {
+        s.set(|b| b.offset_ns = 0);
+    }
+    wait_for(
+        || clock_report(&server).contains("Offset      : +0.0"),
+        "the step back followed",
+        Duration::from_secs(15),
+    );
+    // The references' time passes the last genTime (5 s ahead) again.
+    std::thread::sleep(Duration::from_millis(6000));
+    let mut seen = load.stop();
+    seen.sort_by_key(|(sent, ..)| *sent);
+
+    // Which timescale each token holds: 0 (before the step, or after the step back) or `step`.
+    let scale = |sent: i64, received: i64, gen: i64, accuracy: i64| {
+        [0, step]
+            .into_iter()
+            .find(|o| gen + accuracy >= sent + o && gen - accuracy <= received + o)
+    };
+    let mut first_new_received = i64::MAX;
+    // The latest genTime on the new timescale, which those after the step back must pass.
+    let last_new_gen = seen
+        .iter()
+        .filter_map(|(sent, received, outcome)| match outcome {
+            Outcome::Granted { gen, accuracy, .. } => {
+                (scale(*sent, *received, *gen, *accuracy) == Some(step)).then_some(*gen)
+            }
+            Outcome::Refused(_) => None,
+        })
+        .max()
+        .unwrap_or(0);
+    let mut gens = std::collections::HashSet::new();
+    let (mut granted, mut refused) = ([0usize; 3], 0usize);
+    for (sent, received, outcome) in &seen {
+        match outcome {
+            Outcome::Granted { gen, accuracy, .. } => {
+                let on = scale(*sent, *received, *gen, *accuracy).unwrap_or_else(|| {
+                    panic!("genTime {gen} ± {accuracy} on neither timescale [{sent}, {received}]")
+                });
+                assert!(gens.insert(*gen), "genTime {gen} issued twice");
+                if on == step {
+                    first_new_received = first_new_received.min(*received);
+                    granted[1] += 1;
+                } else if *sent < back {
+                    assert!(
+                        *sent < first_new_received,
+                        "a token on the old timescale after one on the new"
+                    );
+                    granted[0] += 1;
+                } else {
+                    // After the step back: later than every genTime on the new timescale.
+                    assert!(
+                        *gen > last_new_gen,
+                        "genTime {gen} not after {last_new_gen}"
+                    );
+                    granted[2] += 1;
+                }
+            }
+            Outcome::Refused(fail_info) => {
+                assert_eq!(*fail_info, Some(FailInfo::TimeNotAvailable));
+                assert!(*received > stepped, "refused before the step");
+                refused += 1;
+            }
+        }
+    }
+    eprintln!(
+        "{} replies: {} tokens before the step, {} after it, {} after the step back, {refused} \
+         refused",
+        seen.len(),
+        granted[0],
+        granted[1],
+        granted[2]
+    );
+    assert!(granted.iter().all(|n| *n > 0), "{granted:?}");
+    assert!(refused > 0, "the step was never refused");
 }
 
 #[test]
