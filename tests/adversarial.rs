@@ -324,8 +324,8 @@ fn pipelined_requests_are_answered_in_order_and_garbage_closes_the_connection() 
 /// Requests framed two ways at once, the classic request-smuggling shapes: a body with both
 /// `Content-Length` and `Transfer-Encoding: chunked` is read as chunked and answered, and the
 /// connection is then closed, so what a front proxy counted differently is never taken for a
-/// next request; two lengths, or a transfer coding other than chunked last, get 400 and a
-/// closed connection. Each time a well-framed request follows in the same write: it must not
+/// next request; two lengths, or a transfer coding other than chunked last, get 400, and a
+/// coding besides chunked (gzip, chunked) 501, each with a closed connection. Each time a well-framed request follows in the same write: it must not
 /// be answered.
 #[test]
 fn ambiguous_framing_is_answered_once_and_the_connection_closed() {
@@ -349,7 +349,7 @@ fn ambiguous_framing_is_answered_once_and_the_connection_closed() {
         )
         .into_bytes()
     };
-    let cases: [(&str, Vec<u8>, &[u8], &str); 4] = [
+    let cases: [(&str, Vec<u8>, &[u8], &str); 5] = [
         (
             "Content-Length and chunked",
             head("Content-Length: 4\r\nTransfer-Encoding: chunked\r\n"),
@@ -376,6 +376,12 @@ fn ambiguous_framing_is_answered_once_and_the_connection_closed() {
             head("Transfer-Encoding: chunked, gzip\r\n"),
             &chunked,
             "HTTP/1.1 400 ",
+        ),
+        (
+            "a coding besides chunked",
+            head("Transfer-Encoding: gzip, chunked\r\n"),
+            &chunked,
+            "HTTP/1.1 501 ",
         ),
     ];
     for (name, mut bytes, payload, status) in cases {

@@ -9,6 +9,8 @@
 //! | `POST {path}` with another media type               | 415 + DER rejection `badDataFormat` |
 //! | `POST {path}` with a body over the limit            | 413 + DER rejection `badDataFormat` |
 //! | `POST {path}` whose body does not arrive in time    | 408 + DER rejection `badDataFormat` |
+//! | `POST {path}` with a transfer coding besides `chunked` (`gzip, chunked`) | 501 + DER rejection `badRequest`, connection closed |
+//! | `Content-Length` together with `chunked`            | read as chunked, then the connection closed (hyper) |
 //! | any other method on `{path}`                        | 405, `Allow: POST` + DER rejection `badRequest` |
 //! | `POST {path}` without credentials, `[auth] anonymous = false` | 401, `WWW-Authenticate: Bearer realm="tsa"` + DER rejection `badRequest` |
 //! | `POST {path}` with a wrong API key, or a client certificate of no configured client | 401 (also when anonymous access is on) + DER rejection `badRequest` |
@@ -533,6 +535,24 @@ async fn read_body(
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > max as u64) {
         return Err(too_large());
+    }
+    // hyper frames a body by its final `chunked` and hands the octets over as they came: any
+    // other transfer coding (gzip, …) would reach the DER parser still encoded.
+    let codings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
+    let only_chunked = codings
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .all(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+    if !only_chunked {
+        let (mut reply, outcome) = rejection(
+            StatusCode::NOT_IMPLEMENTED,
+            FailInfo::BadRequest,
+            "no transfer coding but chunked is supported",
+        );
+        // The body is left unread: the connection cannot carry another request.
+        reply
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Err((reply, outcome));
     }
     let body = Limited::new(req.into_body(), max).collect();
     match tokio::time::timeout(timeout, body).await {
