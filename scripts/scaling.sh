@@ -51,13 +51,13 @@ if [ -n "${HSM:-}" ] && [ -x ./hsm-scaling.sh ]; then ./hsm-scaling.sh; fi
 # share of capacity, and the 503s.
 if [ -n "${OVERLOAD:-}" ]; then
   PATH=$PWD:$PATH
+  oha_run() { taskset -c ${LOAD_CPUS:-8-15} oha --no-tui -m POST -H 'Content-Type: application/timestamp-query' -D q.tsq "$@" http://127.0.0.1:3990/; }
+  codes() { awk -v k="[$1]" '$1 == k {print $2}' $W/oha.txt; }
   for alg in ${OVERLOAD_ALGS:-p384 rsa3072}; do
     rm -rf $W/ov; $T init --dir $W/ov --algorithm $alg > /dev/null 2>&1
     sed -i 's/^\[server\]$/[server]\nmax_queue = 64/' $W/ov/tsa.toml
     taskset -c 0 $T serve --config $W/ov/tsa.toml --listen 127.0.0.1:3990 --admin-listen 127.0.0.1:3991 > $W/out 2> $W/err &
     pid=$!; sleep 1.5
-    oha_run() { taskset -c ${LOAD_CPUS:-8-15} oha --no-tui -m POST -H 'Content-Type: application/timestamp-query' -D q.tsq "$@" http://127.0.0.1:3990/; }
-    codes() { awk -v k="[$1]" '$1 == k {print $2}' $W/oha.txt; }
     oha_run -z 6s -c 64 > $W/oha.txt
     cap=$(awk '/Requests\/sec/ {printf "%d", $2}' $W/oha.txt)
     q=$((cap * 3))

@@ -35,17 +35,6 @@ fn store(dir: &Path) -> PostgresStore {
     PostgresStore::open_existing(&config.archive).unwrap()
 }
 
-fn all_records(store: &mut PostgresStore, instance_id: u32) -> Vec<StoredRecord> {
-    let mut records = Vec::new();
-    store
-        .for_each_record(instance_id, 1, &mut |r| {
-            records.push(r);
-            Ok(true)
-        })
-        .unwrap();
-    records
-}
-
 #[test]
 fn records_are_complete_and_verify_on_postgres() {
     let cluster = pg::Cluster::start();
@@ -82,7 +71,7 @@ fn records_are_complete_and_verify_on_postgres() {
     server.stop();
 
     let mut store = store(d);
-    let records = all_records(&mut store, 0);
+    let records = pg::all_records(&mut store, 0);
     assert_eq!(records.len(), received.len());
     let by_serial: HashMap<&[u8], &StoredRecord> = records
         .iter()
@@ -128,7 +117,7 @@ fn records_are_complete_and_verify_on_postgres() {
     // restart continues above every pruned counter.
     let (ok, out) = archive_cli(d, &["prune", "--before", "4000000000"]);
     assert!(ok, "{out}");
-    assert!(all_records(&mut store, 0).is_empty());
+    assert!(pg::all_records(&mut store, 0).is_empty());
     let (ok, report) = archive_cli(d, &["verify"]);
     assert!(ok, "{report}");
     let server = Serving::start(d);
@@ -179,8 +168,8 @@ fn a_second_instance_with_the_same_id_is_refused_while_the_first_holds_the_lease
     twin.stop();
     other.stop();
     let mut store = store(first_dir.path());
-    assert_eq!(all_records(&mut store, 7).len(), 2);
-    assert_eq!(all_records(&mut store, 8).len(), 1);
+    assert_eq!(pg::all_records(&mut store, 7).len(), 2);
+    assert_eq!(pg::all_records(&mut store, 8).len(), 1);
     let serials: HashSet<Vec<u8>> = [ta.serial, tb.serial, tc.serial].into_iter().collect();
     assert_eq!(serials.len(), 3);
     // Each directory made its own TSU certificate: trust the others' too.
@@ -284,7 +273,7 @@ fn kill_9_under_load_on_postgres_never_reuses_a_serial_nor_loses_a_token() {
     );
 
     let mut store = store(d);
-    let records = all_records(&mut store, 0);
+    let records = pg::all_records(&mut store, 0);
     let serials: HashSet<&[u8]> = records.iter().map(|r| r.record.serial.as_slice()).collect();
     let counters: HashSet<u64> = records.iter().map(|r| r.counter).collect();
     assert_eq!(serials.len(), records.len(), "a serial is archived twice");
@@ -406,7 +395,7 @@ fn a_postgres_outage_withholds_tokens_and_the_server_reconnects_by_itself() {
 
     // Exactly the tokens granted are archived, byte for byte; the outage is an event.
     let mut store = store(d);
-    let records = all_records(&mut store, 3);
+    let records = pg::all_records(&mut store, 3);
     assert_eq!(records.len(), received.len());
     for (r, got) in records.iter().zip(&received) {
         assert_eq!(r.record.serial, got.serial);
@@ -480,7 +469,7 @@ fn a_process_that_lost_its_lease_stops_issuing() {
     let second = stamp(&mut conn, b"second").unwrap().expect("granted");
     server.stop();
     let mut store = store(d);
-    let records = all_records(&mut store, 4);
+    let records = pg::all_records(&mut store, 4);
     let serials: Vec<&[u8]> = records.iter().map(|r| r.record.serial.as_slice()).collect();
     assert_eq!(serials, [first.serial.as_slice(), second.serial.as_slice()]);
     let (ok, report) = archive_cli(d, &["verify"]);
@@ -601,7 +590,7 @@ fn tokens_reach_postgres_over_verified_tls_with_channel_binding() {
 
     // The CLI connects the same way: everything is there and verifies.
     let mut store = store(d);
-    let records = all_records(&mut store, 0);
+    let records = pg::all_records(&mut store, 0);
     assert_eq!(records.len(), received.len());
     for (r, got) in records.iter().zip(&received) {
         assert_eq!(r.record.serial, got.serial);
@@ -670,7 +659,7 @@ fn an_unverifiable_postgres_server_is_refused_at_start() {
     );
     server.stop();
     let mut store = store(dir.path());
-    let records = all_records(&mut store, 2);
+    let records = pg::all_records(&mut store, 2);
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].record.serial, token.serial);
     // libpq's default, sslmode=prefer, without a CA: TLS when the server offers it (here it
@@ -688,7 +677,7 @@ fn an_unverifiable_postgres_server_is_refused_at_start() {
         };
         let mut store =
             PostgresStore::open_existing(&config).unwrap_or_else(|e| panic!("{host}: {e}"));
-        assert_eq!(all_records(&mut store, 2).len(), 1);
+        assert_eq!(pg::all_records(&mut store, 2).len(), 1);
     }
 }
 
@@ -755,7 +744,7 @@ fn a_client_certificate_logs_in_without_a_password() {
     }
     server.stop();
     let mut store = store(dir.path());
-    assert_eq!(all_records(&mut store, 5).len(), received.len());
+    assert_eq!(pg::all_records(&mut store, 5).len(), received.len());
     let (ok, report) = archive_cli(dir.path(), &["verify"]);
     assert!(ok, "{report}");
 

@@ -15,9 +15,29 @@ use clock::{clock_report, count, query, ready, stamp, wait_for};
 use ntp::{Behaviour, NtpServer};
 use tsa::protocol::FailInfo;
 
-fn tsa_with(servers: &[NtpServer], extra: &str) -> common::Server {
+/// `n` NTP servers on loopback, each `offset_ns` off the system clock.
+fn ntp_servers(n: usize, offset_ns: i64) -> Vec<NtpServer> {
+    (0..n)
+        .map(|_| {
+            NtpServer::start(Behaviour {
+                offset_ns,
+                ..Default::default()
+            })
+        })
+        .collect()
+}
+
+/// A TSA disciplined by `servers` (`extra`: more `[clock]` settings), once it is synchronized
+/// and ready.
+fn synchronized_tsa(servers: &[NtpServer], extra: &str) -> common::Server {
     let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
-    clock::tsa_disciplined(&addrs, extra)
+    let server = clock::tsa_disciplined(&addrs, extra);
+    wait_for(
+        || ready(&server),
+        "synchronization",
+        Duration::from_secs(10),
+    );
+    server
 }
 
 /// The references say the time is 5 s later than this machine's clock: the TSA follows them,
@@ -25,20 +45,8 @@ fn tsa_with(servers: &[NtpServer], extra: &str) -> common::Server {
 #[test]
 fn follows_the_references_not_the_system_clock() {
     let offset = 5_000_000_000i64;
-    let servers: Vec<NtpServer> = (0..5)
-        .map(|_| {
-            NtpServer::start(Behaviour {
-                offset_ns: offset,
-                ..Default::default()
-            })
-        })
-        .collect();
-    let server = tsa_with(&servers, "");
-    wait_for(
-        || ready(&server),
-        "synchronization",
-        Duration::from_secs(10),
-    );
+    let servers = ntp_servers(5, offset);
+    let server = synchronized_tsa(&servers, "");
     let work = tempfile::tempdir().unwrap();
     query(work.path());
     for _ in 0..5 {
@@ -69,23 +77,10 @@ fn follows_the_references_not_the_system_clock() {
 
 #[test]
 fn falsetickers_are_rejected_and_tokens_keep_the_true_time() {
-    let mut servers: Vec<NtpServer> = (0..3)
-        .map(|_| NtpServer::start(Behaviour::default()))
-        .collect();
-    servers.push(NtpServer::start(Behaviour {
-        offset_ns: 3_000_000_000,
-        ..Default::default()
-    }));
-    servers.push(NtpServer::start(Behaviour {
-        offset_ns: -3_000_000_000,
-        ..Default::default()
-    }));
-    let server = tsa_with(&servers, "");
-    wait_for(
-        || ready(&server),
-        "synchronization",
-        Duration::from_secs(10),
-    );
+    let mut servers = ntp_servers(3, 0);
+    servers.extend(ntp_servers(1, 3_000_000_000));
+    servers.extend(ntp_servers(1, -3_000_000_000));
+    let server = synchronized_tsa(&servers, "");
     let work = tempfile::tempdir().unwrap();
     query(work.path());
     let (response, sent, received) = stamp(&server, work.path());
@@ -103,16 +98,9 @@ fn falsetickers_are_rejected_and_tokens_keep_the_true_time() {
 /// step persisted for the confirmation rounds; requests meanwhile get timeNotAvailable.
 #[test]
 fn a_majority_step_stops_issuance_until_confirmed() {
-    let servers: Vec<NtpServer> = (0..5)
-        .map(|_| NtpServer::start(Behaviour::default()))
-        .collect();
+    let servers = ntp_servers(5, 0);
     // Slow the confirmation down so that the refusal is easy to observe: 10 rounds of 200 ms.
-    let server = tsa_with(&servers, "step_confirm_rounds = 10\n");
-    wait_for(
-        || ready(&server),
-        "synchronization",
-        Duration::from_secs(10),
-    );
+    let server = synchronized_tsa(&servers, "step_confirm_rounds = 10\n");
     let work = tempfile::tempdir().unwrap();
     query(work.path());
     assert!(stamp(&server, work.path()).0.granted());
@@ -157,17 +145,10 @@ fn a_majority_step_stops_issuance_until_confirmed() {
 /// rate, so that it passes the declared accuracy within seconds), then refusal.
 #[test]
 fn losing_every_source_ends_in_refusal_when_the_bound_passes_the_accuracy() {
-    let servers: Vec<NtpServer> = (0..3)
-        .map(|_| NtpServer::start(Behaviour::default()))
-        .collect();
-    let server = tsa_with(
+    let servers = ntp_servers(3, 0);
+    let server = synchronized_tsa(
         &servers,
         "max_drift_ppm = 200000.0\nmax_sample_age_ms = 400\n",
-    );
-    wait_for(
-        || ready(&server),
-        "synchronization",
-        Duration::from_secs(10),
     );
     let work = tempfile::tempdir().unwrap();
     query(work.path());
@@ -194,15 +175,8 @@ fn losing_every_source_ends_in_refusal_when_the_bound_passes_the_accuracy() {
 /// ahead: it contradicts the clock's model, and every request is refused.
 #[test]
 fn one_source_of_three_lost_is_holdover_and_a_contradicting_one_stops_it() {
-    let servers: Vec<NtpServer> = (0..3)
-        .map(|_| NtpServer::start(Behaviour::default()))
-        .collect();
-    let server = tsa_with(&servers, "max_sample_age_ms = 400\n");
-    wait_for(
-        || ready(&server),
-        "synchronization",
-        Duration::from_secs(10),
-    );
+    let servers = ntp_servers(3, 0);
+    let server = synchronized_tsa(&servers, "max_sample_age_ms = 400\n");
     let work = tempfile::tempdir().unwrap();
     query(work.path());
 
@@ -334,22 +308,10 @@ impl Load {
 #[test]
 fn under_load_the_tsa_stops_for_good_when_it_can_no_longer_vouch_for_its_time() {
     let offset = 3_000_000_000i64;
-    let servers: Vec<NtpServer> = (0..3)
-        .map(|_| {
-            NtpServer::start(Behaviour {
-                offset_ns: offset,
-                ..Default::default()
-            })
-        })
-        .collect();
-    let server = tsa_with(
+    let servers = ntp_servers(3, offset);
+    let server = synchronized_tsa(
         &servers,
         "max_drift_ppm = 200000.0\nmax_sample_age_ms = 400\n",
-    );
-    wait_for(
-        || ready(&server),
-        "synchronization",
-        Duration::from_secs(10),
     );
     let load = Load::start(&server.url, 8);
     std::thread::sleep(Duration::from_millis(800));
@@ -451,15 +413,8 @@ fn under_load_the_tsa_stops_for_good_when_it_can_no_longer_vouch_for_its_time() 
 #[test]
 fn under_load_a_step_of_the_references_is_refused_then_followed_without_mixing() {
     let step = 5_000_000_000i64;
-    let servers: Vec<NtpServer> = (0..3)
-        .map(|_| NtpServer::start(Behaviour::default()))
-        .collect();
-    let server = tsa_with(&servers, "");
-    wait_for(
-        || ready(&server),
-        "synchronization",
-        Duration::from_secs(10),
-    );
+    let servers = ntp_servers(3, 0);
+    let server = synchronized_tsa(&servers, "");
     let load = Load::start(&server.url, 6);
     std::thread::sleep(Duration::from_millis(600));
     let stepped = clock::unix_ns() as i64;
@@ -552,9 +507,7 @@ fn under_load_a_step_of_the_references_is_refused_then_followed_without_mixing()
 
 #[test]
 fn unsynchronized_leap_indicator_and_kiss_of_death_make_sources_unusable() {
-    let mut servers: Vec<NtpServer> = (0..3)
-        .map(|_| NtpServer::start(Behaviour::default()))
-        .collect();
+    let mut servers = ntp_servers(3, 0);
     servers.push(NtpServer::start(Behaviour {
         leap: 3,
         ..Default::default()
@@ -563,12 +516,7 @@ fn unsynchronized_leap_indicator_and_kiss_of_death_make_sources_unusable() {
         kod: Some(*b"DENY"),
         ..Default::default()
     }));
-    let server = tsa_with(&servers, "");
-    wait_for(
-        || ready(&server),
-        "synchronization",
-        Duration::from_secs(10),
-    );
+    let server = synchronized_tsa(&servers, "");
     // Of five, only the three good sources are usable: they are the majority.
     wait_for(
         || {

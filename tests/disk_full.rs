@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use archive_support::{archive_cli, get, open_store, stamp, Conn, Received, Serving, TSA};
+use archive_support::{archive_cli, get, init_in, open_store, stamp, Conn, Received, Serving};
 use tsa::archive::record::StoredRecord;
 use tsa::archive::serial::layout;
 use tsa::archive::store::ArchiveStore;
@@ -31,15 +31,9 @@ struct Tmpfs {
 impl Tmpfs {
     fn mount(size: &str) -> Tmpfs {
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .expect("mount");
-        assert!(
-            out.status.success(),
-            "mounting a tmpfs needs root: {}",
-            String::from_utf8_lossy(&out.stderr)
+        mount(
+            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"],
+            dir.path(),
         );
         Tmpfs { dir }
     }
@@ -49,43 +43,28 @@ impl Tmpfs {
     }
 
     fn resize(&self, size: &str) {
-        let out = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(self.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        mount(&["-o", &format!("remount,size={size}")], self.path());
     }
+}
+
+/// `mount ARGS… TARGET`; a tmpfs needs root.
+fn mount(args: &[&str], target: &Path) {
+    let out = Command::new("mount")
+        .args(args)
+        .arg(target)
+        .output()
+        .expect("mount");
+    assert!(
+        out.status.success(),
+        "mount {args:?} (a tmpfs needs root): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(self.path()).status();
     }
-}
-
-/// `tsa init --archive` into `dir`, with small serial blocks so that reservations (a state
-/// file written each time) happen while the disk is full too.
-fn init(dir: &Path) {
-    let out = Command::new(TSA)
-        .args(["init", "--archive", "--dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = dir.join("tsa.toml");
-    let mut config = std::fs::read_to_string(&path).unwrap();
-    // `[archive]` is the last section `tsa init` writes.
-    config.push_str("serial_block = 40\ncheckpoint_interval_s = 1\n");
-    std::fs::write(&path, config).unwrap();
 }
 
 /// What the clients saw: tokens, and refusals counted.
@@ -100,7 +79,9 @@ struct Seen {
 fn a_full_disk_under_load_withholds_tokens_and_recovers_without_losing_one() {
     let fs = Tmpfs::mount("6m");
     let state: PathBuf = fs.path().join("state");
-    init(&state);
+    // Small serial blocks: reservations (a state file written each time) happen while the
+    // disk is full too.
+    init_in(&state, "serial_block = 40\ncheckpoint_interval_s = 1");
     let server = Serving::start(&state);
     let seen = Arc::new(Seen::default());
     let stop = Arc::new(AtomicBool::new(false));

@@ -289,17 +289,6 @@ fn load(
         .collect()
 }
 
-fn all_records(store: &mut PostgresStore, instance_id: u32) -> Vec<StoredRecord> {
-    let mut records = Vec::new();
-    store
-        .for_each_record(instance_id, 1, &mut |r| {
-            records.push(r);
-            Ok(true)
-        })
-        .unwrap();
-    records
-}
-
 /// Uniqueness and completeness over the archive and what the clients received: no serial (and
 /// no instance and counter) twice, every received token archived byte for byte, each chain
 /// and checkpoint verified by `tsa archive verify`.
@@ -315,7 +304,7 @@ fn check_archive(fleet: &[Instance], received: &[Got]) -> HashMap<u32, Vec<Store
     );
     let by_instance: HashMap<u32, Vec<StoredRecord>> = fleet
         .iter()
-        .map(|i| (i.id, all_records(&mut store, i.id)))
+        .map(|i| (i.id, pg::all_records(&mut store, i.id)))
         .collect();
     let mut serials = HashSet::new();
     let mut counters = HashSet::new();
@@ -426,17 +415,12 @@ fn granted_metric(instance: &Instance) -> u64 {
         .sum::<f64>() as u64
 }
 
-const CLIENTS: usize = 8;
-const REQUESTS: usize = 2000;
-
-#[test]
-fn two_instances_behind_haproxy_share_one_postgres_archive() {
-    let started = Instant::now();
-    let cluster = pg::Cluster::start();
+/// Instances 1 and 2 on one database `fleet` of `cluster`, behind HAProxy, both UP.
+fn start_fleet(cluster: &pg::Cluster) -> (Vec<Instance>, Haproxy) {
     cluster.create_database("fleet");
     let mut fleet = vec![
-        Instance::new(&cluster, "fleet", 1),
-        Instance::new(&cluster, "fleet", 2),
+        Instance::new(cluster, "fleet", 1),
+        Instance::new(cluster, "fleet", 2),
     ];
     for i in &mut fleet {
         i.start();
@@ -445,6 +429,17 @@ fn two_instances_behind_haproxy_share_one_postgres_archive() {
     for i in &fleet {
         haproxy.wait_for(&i.name(), "UP", Duration::from_secs(10));
     }
+    (fleet, haproxy)
+}
+
+const CLIENTS: usize = 8;
+const REQUESTS: usize = 2000;
+
+#[test]
+fn two_instances_behind_haproxy_share_one_postgres_archive() {
+    let started = Instant::now();
+    let cluster = pg::Cluster::start();
+    let (mut fleet, haproxy) = start_fleet(&cluster);
 
     let load_start = Instant::now();
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -524,18 +519,7 @@ fn two_instances_behind_haproxy_share_one_postgres_archive() {
 fn the_balancer_serves_on_when_an_instance_is_killed_and_it_comes_back_with_its_id() {
     let started = Instant::now();
     let cluster = pg::Cluster::start();
-    cluster.create_database("fleet");
-    let mut fleet = vec![
-        Instance::new(&cluster, "fleet", 1),
-        Instance::new(&cluster, "fleet", 2),
-    ];
-    for i in &mut fleet {
-        i.start();
-    }
-    let haproxy = Haproxy::start(&fleet.iter().map(Instance::backend).collect::<Vec<_>>());
-    for i in &fleet {
-        haproxy.wait_for(&i.name(), "UP", Duration::from_secs(10));
-    }
+    let (mut fleet, haproxy) = start_fleet(&cluster);
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Mutex::new(Tally::default()));
     let clients = load(

@@ -20,9 +20,16 @@ pub const TSA: &str = env!("CARGO_BIN_EXE_tsa");
 /// `[archive]`.
 pub fn init(extra_archive: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
+    init_in(dir.path(), extra_archive);
+    dir
+}
+
+/// `tsa init --archive` into `dir`, with `extra` lines appended under `[archive]` (the last
+/// section `tsa init` writes).
+pub fn init_in(dir: &Path, extra_archive: &str) {
     let out = Command::new(TSA)
         .args(["init", "--archive", "--dir"])
-        .arg(dir.path())
+        .arg(dir)
         .output()
         .unwrap();
     assert!(
@@ -30,12 +37,11 @@ pub fn init(extra_archive: &str) -> tempfile::TempDir {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let path = dir.path().join("tsa.toml");
+    let path = dir.join("tsa.toml");
     let mut config = std::fs::read_to_string(&path).unwrap();
     config.push_str(extra_archive);
     config.push('\n');
     std::fs::write(&path, config).unwrap();
-    dir
 }
 
 /// A running `tsa serve`.

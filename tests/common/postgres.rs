@@ -13,6 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
+use tsa::archive::postgres::PostgresStore;
+use tsa::archive::record::StoredRecord;
+use tsa::archive::store::ArchiveStore;
+
 const USER: &str = "tsa-test";
 
 pub struct Cluster {
@@ -355,4 +359,16 @@ impl Drop for Cluster {
             .args(["-D", &data, "-m", "immediate", "-w", "stop"])
             .output();
     }
+}
+
+/// Every record of `instance_id`'s chain in `store`, in chain order.
+pub fn all_records(store: &mut PostgresStore, instance_id: u32) -> Vec<StoredRecord> {
+    let mut records = Vec::new();
+    store
+        .for_each_record(instance_id, 1, &mut |r| {
+            records.push(r);
+            Ok(true)
+        })
+        .unwrap();
+    records
 }
