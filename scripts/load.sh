@@ -17,12 +17,17 @@
 #                and the on/off ratio of req/s per concurrency
 #   CONCURRENCY  connections per run, space-separated               (default "1 8 32 128")
 #   DURATION     seconds per run                                     (default 10)
+#   IMPRINTS     same | distinct: every request stamps the same imprint, or each another random
+#                one, as real clients' do (default: distinct with the archive on, else same).
+#                The archive indexes imprints, so only distinct ones show its cost; they need wrk
 #   LOAD_TOOL    oha | wrk; default: oha when installed, else wrk (installed with apt when
-#                missing; `cargo install oha` takes minutes, so it is never installed here)
+#                missing; `cargo install oha` takes minutes, so it is never installed here);
+#                wrk with IMPRINTS=distinct
 #   SERVER_CPU   the core(s) `tsa serve` is pinned to, as taskset takes them ("0", "0-3")  (default 0)
 #   CLIENT_CPU   the core(s) the load generator is pinned to            (default 1)
 #   SPEED_SECONDS  seconds for `openssl speed`                       (default 3)
 #   NO_BUILD=1   use target/release/tsa as it is
+#   TSA_BIN      measure this tsa binary instead (an earlier build, for a comparison)
 #   COMMIT_DELAY_US  the archive's [archive] commit_delay_us (group commit window)
 #   OVERLOAD=3   after the runs, drive the server open-loop (oha -q) at 3 × the best rate they
 #                reached, over OVERLOAD_CONNECTIONS (default 256) connections, and print the
@@ -71,9 +76,18 @@ need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
 command -v taskset >/dev/null || need+=(util-linux)
+if [ -z "${IMPRINTS:-}" ]; then
+  if [ "${ARCHIVE:-0}" = 0 ]; then IMPRINTS=same; else IMPRINTS=distinct; fi
+fi
+case "$IMPRINTS" in
+  same) ;;
+  distinct) LOAD_TOOL=${LOAD_TOOL:-wrk} ;;
+  *) die "IMPRINTS must be same or distinct" ;;
+esac
 if [ -z "${LOAD_TOOL:-}" ]; then
   if command -v oha >/dev/null; then LOAD_TOOL=oha; else LOAD_TOOL=wrk; fi
 fi
+[ "$IMPRINTS" = same ] || [ "$LOAD_TOOL" = wrk ] || die "IMPRINTS=distinct needs LOAD_TOOL=wrk"
 case "$LOAD_TOOL" in
   oha) command -v oha >/dev/null || die "oha is not installed (cargo install oha --locked)" ;;
   wrk) command -v wrk >/dev/null || need+=(wrk) ;;
@@ -94,10 +108,12 @@ for list in "$SERVER_CPU" "$CLIENT_CPU"; do
 done
 [ "$SERVER_CPU" != "$CLIENT_CPU" ] || echo "load.sh: warning: server and client share cores $SERVER_CPU" >&2
 
-if [ "${NO_BUILD:-0}" != 1 ]; then
-  cargo build --release --locked --bin tsa
+if [ -n "${TSA_BIN:-}" ]; then
+  TSA=$(realpath "$TSA_BIN")
+else
+  [ "${NO_BUILD:-0}" = 1 ] || cargo build --release --locked --bin tsa
+  TSA=$PWD/target/release/tsa
 fi
-TSA=$PWD/target/release/tsa
 [ -x "$TSA" ] || die "$TSA is missing"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/tsa-load.XXXXXX")
@@ -141,9 +157,24 @@ wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = "application/timestamp-query"
 
+-- IMPRINTS=distinct: every request another (random) SHA-256 imprint, in place of the one
+-- after the AlgorithmIdentifier's NULL parameters (05 00) and the OCTET STRING's header (04 20).
+if os.getenv("IMPRINTS") == "distinct" then
+  local at = assert(wrk.body:find("\5\0\4\32", 1, true), "no SHA-256 imprint in the query")
+  local head, tail = wrk.body:sub(1, at + 3), wrk.body:sub(at + 36)
+  local bytes = {}
+  function request()
+    for i = 1, 32 do bytes[i] = math.random(0, 255) end
+    return wrk.format(nil, nil, nil, head .. string.char(unpack(bytes)) .. tail)
+  end
+end
+
 local threads = {}
 function setup(thread) table.insert(threads, thread) end
-function init(args) non200 = 0; notgranted = 0 end
+function init(args)
+  non200 = 0; notgranted = 0
+  math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
+end
 
 -- TimeStampResp ::= SEQUENCE { status PKIStatusInfo ::= SEQUENCE { status INTEGER, ... }, ... }
 local function granted(body)
@@ -231,7 +262,7 @@ start_server() { # mode: off | on
   done
   [ -n "$url" ] || die "tsa serve did not announce its address"
   case "$url" in "http://$HOST:"*) ;; *) die "refusing to load anything but $HOST ($url)" ;; esac
-  echo "== tsa serve ($ALG, archive $mode) pid $server_pid on core $SERVER_CPU at $url; load: $LOAD_TOOL on core $CLIENT_CPU"
+  echo "== tsa serve ($ALG, archive $mode) pid $server_pid on core $SERVER_CPU at $url; load: $LOAD_TOOL on core $CLIENT_CPU, $IMPRINTS imprints"
 
   # The request (what a client sends) and one checked reply.
   [ -e "$work/req.tsq" ] || {
@@ -264,7 +295,7 @@ run_loads() { # mode
     before=$(stat_ticks)
     case "$LOAD_TOOL" in
       wrk)
-        out=$(TSQ="$work/req.tsq" taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
+        out=$(TSQ="$work/req.tsq" IMPRINTS="$IMPRINTS" taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
           wrk -t 1 -c "$c" -d "${DURATION}s" --timeout 10s -s "$work/post.lua" "$url")
         ;;
       oha)

@@ -2,7 +2,8 @@
 //! with SIGKILL again and again and restarted on the same state directory. Afterwards no
 //! serial is in the archive twice, every token a client received is archived byte for byte,
 //! each run's counters are above every earlier run's, genTimes never go back across a
-//! restart, and the chain (with its signed checkpoints) verifies.
+//! restart, every record is found by its imprint, and the chain (with its signed
+//! checkpoints) verifies.
 
 mod archive_support;
 
@@ -11,7 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use archive_support::{archive_cli, init, open_store, stamp, Conn, Received, Serving};
+use archive_support::{archive_cli, database, init, open_store, stamp, Conn, Received, Serving};
+use tsa::archive::imprints;
 use tsa::archive::record::StoredRecord;
 use tsa::archive::serial::layout;
 use tsa::archive::store::ArchiveStore;
@@ -123,6 +125,35 @@ fn kill_9_under_load_never_reuses_a_serial_nor_loses_a_token() {
         assert_eq!(r.record.token, got.token);
         assert_eq!(r.response(), got.response);
     }
+
+    // Every record is found by its imprint: through the imprint index, which each kill
+    // interrupted somewhere, and above its watermark through the archive itself.
+    for r in &records {
+        let found = store.records_by_imprint(&r.record.imprint).unwrap();
+        assert!(
+            found.iter().any(|f| f.seq == r.seq && f.hash == r.hash),
+            "record {} is not found by its imprint",
+            r.seq
+        );
+        assert_eq!(found.len(), 1, "every request stamped other data");
+    }
+    // Each start indexes what the runs before archived, so the index holds most of them.
+    let index = imprints::ImprintIndex::open_read_only(&imprints::path_for(&database(d)))
+        .unwrap()
+        .expect("the imprint index")
+        .lookup(&records[0].record.imprint)
+        .unwrap();
+    assert_eq!(
+        index.positions,
+        vec![(records[0].instance_id, records[0].seq)]
+    );
+    let mark = index.watermarks[&records[0].instance_id];
+    eprintln!("imprint index: {mark} of {} records", records.len());
+    assert!(
+        mark * 2 > records.len() as u64,
+        "only {mark} of {} records indexed",
+        records.len()
+    );
 
     // Runs, from the archive's own start events: each start's first counter is above every
     // counter of the runs before, and its genTimes after theirs.

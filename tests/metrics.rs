@@ -310,4 +310,16 @@ fn the_archive_reports_its_commits_and_queue() {
     assert!(value(&m, "tsa_archive_commit_duration_seconds_sum").unwrap() > 0.0);
     assert_eq!(value(&m, "tsa_archive_queue_depth"), Some(0.0), "{m}");
     assert_eq!(value(&m, "tsa_queue_depth"), Some(0.0), "{m}");
+    // The imprint index, filled beside the writer, reaches every record within its pause.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let m = scrape(&server.admin_url);
+        match value(&m, "tsa_archive_imprint_index_behind") {
+            Some(behind) if behind == 0.0 => break,
+            Some(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            other => panic!("the imprint index is behind: {other:?}\n{m}"),
+        }
+    }
 }

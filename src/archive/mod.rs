@@ -11,6 +11,7 @@
 //! encodings.
 
 pub mod events;
+pub mod imprints;
 pub mod postgres;
 mod queue;
 pub mod record;
@@ -107,6 +108,8 @@ pub struct Archive {
     writer: Mutex<Option<JoinHandle<()>>>,
     held: Held,
     stats: Arc<CommitStats>,
+    /// The SQLite archive's imprint index, filled beside the writer.
+    indexer: Option<imprints::Indexer>,
 }
 
 /// How the writer's commits went, for the metrics: each commit's duration (transaction and
@@ -134,6 +137,13 @@ impl Archive {
     /// the first block of serials durably, and starts the writer.
     pub fn open(config: &ArchiveConfig, signer: CheckpointSigner) -> anyhow::Result<Self> {
         let (store, reader, lock) = open_stores(config)?;
+        let indexer = match config.backend {
+            ArchiveBackend::Sqlite => Some(
+                imprints::Indexer::start(&config.database)
+                    .context("cannot start the imprint index")?,
+            ),
+            ArchiveBackend::Postgres => None,
+        };
         let mut store = store;
         let instance_id = config.instance_id;
         let db = store
@@ -271,6 +281,7 @@ impl Archive {
             writer: Mutex::new(Some(handle)),
             held: lock,
             stats,
+            indexer,
         })
     }
 
@@ -408,9 +419,18 @@ impl Archive {
             .unwrap_or_else(|_| Err(ArchiveError("the archive writer stopped".into())))
     }
 
+    /// Archived token records the imprint index has not reached yet (look-ups by imprint read
+    /// them from the archive itself); `None` where the backend keeps its own index.
+    pub fn imprint_index_behind(&self) -> Option<u64> {
+        self.indexer.as_ref().map(imprints::Indexer::behind)
+    }
+
     /// Commits what is queued, signs a last checkpoint, writes the state file and stops the
-    /// writer. Records sent later fail.
+    /// writer and the imprint indexer. Records sent later fail.
     pub fn close(&self) {
+        if let Some(indexer) = &self.indexer {
+            indexer.stop();
+        }
         let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };

@@ -2,11 +2,12 @@
 //! `synchronous=FULL`, so that a committed transaction survives a crash and a power loss
 //! (`NORMAL` may lose the last commits on power loss).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 
+use super::imprints::{Found, ImprintIndex};
 use super::record::{
     Anchor, ChainHead, Checkpoint, ClockAtIssue, EventRecord, Hash, StoredRecord, TokenRecord,
 };
@@ -18,6 +19,8 @@ use super::store::{
 
 pub struct SqliteStore {
     conn: Connection,
+    /// The database's file, whose imprint index ([`super::imprints`]) is beside it.
+    path: PathBuf,
     certificate_sets: CertificateSets,
 }
 
@@ -52,9 +55,11 @@ impl SqliteStore {
         conn.pragma_update(None, "cache_size", -16_384)?;
         let mut store = Self {
             conn,
+            path: path.to_owned(),
             certificate_sets: CertificateSets::default(),
         };
         store.create_schema()?;
+        store.drop_imprint_index()?;
         Ok(store)
     }
 
@@ -71,6 +76,7 @@ impl SqliteStore {
         conn.busy_timeout(Duration::from_secs(5))?;
         let store = Self {
             conn,
+            path: path.to_owned(),
             certificate_sets: CertificateSets::default(),
         };
         store.check_version()?;
@@ -89,6 +95,26 @@ impl SqliteStore {
         )?;
         tx.commit()?;
         self.check_version()
+    }
+
+    /// Archives written before the imprint index moved to a database of its own have it on
+    /// `tokens`: it goes, so that commits no longer pay for it.
+    fn drop_imprint_index(&mut self) -> Result<(), StoreError> {
+        let exists: bool = self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'index' \
+             AND name = 'tokens_imprint')",
+            [],
+            |r| r.get(0),
+        )?;
+        if exists {
+            tracing::info!(
+                event = "archive_imprint_index_moved",
+                index = %super::imprints::path_for(&self.path).display(),
+                "dropping the imprint index inside the archive; its own database replaces it"
+            );
+            self.conn.execute_batch("DROP INDEX tokens_imprint")?;
+        }
+        Ok(())
     }
 
     fn check_version(&self) -> Result<(), StoreError> {
@@ -476,19 +502,63 @@ impl ArchiveStore for SqliteStore {
         }
     }
 
+    /// The positions the imprint index ([`super::imprints`]) holds, then the records it has
+    /// not reached yet, read from `tokens` above each instance's watermark (all of them when
+    /// there is no index, or it cannot be read).
     fn records_by_imprint(&mut self, imprint: &[u8]) -> Result<Vec<StoredRecord>, StoreError> {
+        let index = super::imprints::path_for(&self.path);
+        let found = match ImprintIndex::open_read_only(&index)
+            .and_then(|ix| ix.map(|mut ix| ix.lookup(imprint)).transpose())
+        {
+            Ok(found) => found.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(
+                    index = %index.display(),
+                    error = %e,
+                    "cannot read the imprint index; reading the archive instead"
+                );
+                Found::default()
+            }
+        };
         let mut all = Vec::new();
-        self.query_records(
-            &format!(
-                "SELECT {RECORD_COLUMNS} FROM tokens WHERE imprint = ?1 \
-                 ORDER BY gen_time_ns DESC, instance_id, seq DESC"
-            ),
-            [imprint],
-            &mut |r| {
-                all.push(r);
-                Ok(true)
-            },
-        )?;
+        let mut collect = |r: StoredRecord| {
+            all.push(r);
+            Ok(true)
+        };
+        for (instance_id, seq) in &found.positions {
+            self.query_records(
+                &format!(
+                    "SELECT {RECORD_COLUMNS} FROM tokens \
+                     WHERE instance_id = ?1 AND seq = ?2 AND imprint = ?3"
+                ),
+                params![instance_id, seq, imprint],
+                &mut collect,
+            )?;
+        }
+        let instances: Vec<u32> = self
+            .conn
+            .prepare("SELECT instance_id FROM instances")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for instance_id in instances {
+            let mark = found.watermarks.get(&instance_id).copied().unwrap_or(0);
+            self.query_records(
+                &format!(
+                    "SELECT {RECORD_COLUMNS} FROM tokens \
+                     WHERE instance_id = ?1 AND seq > ?2 AND imprint = ?3"
+                ),
+                params![instance_id, mark, imprint],
+                &mut collect,
+            )?;
+        }
+        all.sort_by(|a, b| {
+            (b.record.gen_time_ns, a.instance_id, b.seq).cmp(&(
+                a.record.gen_time_ns,
+                b.instance_id,
+                a.seq,
+            ))
+        });
+        all.dedup_by_key(|r| (r.instance_id, r.seq));
         Ok(all)
     }
 

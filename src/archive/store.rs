@@ -191,7 +191,6 @@ CREATE TABLE IF NOT EXISTS tokens (
     PRIMARY KEY (instance_id, seq)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tokens_counter ON tokens (instance_id, counter);
-CREATE INDEX IF NOT EXISTS tokens_imprint ON tokens (imprint);
 CREATE INDEX IF NOT EXISTS tokens_gen_time ON tokens (gen_time_ns);
 CREATE TABLE IF NOT EXISTS certificate_sets (
     hash {blob} PRIMARY KEY,
@@ -229,6 +228,10 @@ CREATE INDEX IF NOT EXISTS events_time ON events (time_ns);
 "
     )
 }
+
+/// The index of records by imprint, for look-ups of a lost token. PostgreSQL keeps it on
+/// `tokens`; SQLite in a database of its own, out of the commit path ([`super::imprints`]).
+pub const IMPRINT_INDEX: &str = "CREATE INDEX IF NOT EXISTS tokens_imprint ON tokens (imprint);";
 
 /// The schema version in `archive_meta` (name `schema`).
 pub const SCHEMA_VERSION: &str = "1";

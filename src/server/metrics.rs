@@ -317,6 +317,16 @@ impl Collector for Scraped {
                 None,
                 &[(none.clone(), archive.queue_depth() as f64)],
             )?;
+            if let Some(behind) = archive.imprint_index_behind() {
+                gauge(
+                    &mut e,
+                    "archive_imprint_index_behind",
+                    "Archived token records not yet in the imprint index (look-ups by imprint \
+                     read them from the archive itself)",
+                    None,
+                    &[(none.clone(), behind as f64)],
+                )?;
+            }
         }
 
         let clock = tsa.clock();

@@ -28,8 +28,8 @@ use super::record::{
 };
 use super::serial::layout;
 use super::store::{
-    schema, ArchiveStore, CertificateSets, InstanceState, StoreError, Visit, RECORD_COLUMNS,
-    SCHEMA_VERSION,
+    schema, ArchiveStore, CertificateSets, InstanceState, StoreError, Visit, IMPRINT_INDEX,
+    RECORD_COLUMNS, SCHEMA_VERSION,
 };
 use crate::config::ArchiveConfig;
 
@@ -143,6 +143,7 @@ impl Inner {
         // Instances of a fleet may start together: one creates the schema at a time.
         tx.batch_execute("SELECT pg_advisory_xact_lock(3161)")?;
         tx.batch_execute(&schema("BYTEA"))?;
+        tx.batch_execute(IMPRINT_INDEX)?;
         tx.batch_execute(LEASE_SCHEMA)?;
         tx.execute(
             "INSERT INTO archive_meta (name, value) VALUES ('schema', $1) \
