@@ -315,7 +315,7 @@ fn the_archive_reports_its_commits_and_queue() {
     loop {
         let m = scrape(&server.admin_url);
         match value(&m, "tsa_archive_imprint_index_behind") {
-            Some(behind) if behind == 0.0 => break,
+            Some(0.0) => break,
             Some(_) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(50))
             }
