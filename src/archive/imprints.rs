@@ -5,20 +5,33 @@
 //! checkpoint writes again: the writer's cost per record was 4.3 × what it is without that
 //! index (`benches/archive.rs`). So the index is a database of its own beside the archive
 //! (`archive.imprints.sqlite` for `archive.sqlite`), filled by a thread of its own
-//! ([`Indexer`]) from what the archive has committed:
+//! ([`Indexer`]) from what the archive has committed.
 //!
-//! - it is derived data, made from `tokens` alone: rebuilt when it is missing, unreadable, or
-//!   not of this archive (the record at its watermark has another hash, or the archive ends
-//!   before it, as after a restore from an older backup);
-//! - its commits are not synced (`synchronous=NORMAL` in WAL mode: a crash may lose its last
-//!   transactions, never its consistency), and each instance's watermark is written in the
-//!   transaction of the entries it covers, so after a crash it goes on from what survived;
-//! - a look-up ([`ImprintIndex::lookup`]) reads the entries and the watermarks in one read
-//!   transaction; the store then reads the records above the watermarks from `tokens` itself
-//!   (a range of its primary key), so a look-up finds every committed record however far the
-//!   index is behind;
-//! - records pruned from the archive (everything up to an instance's chain anchor) are
-//!   dropped from the index too.
+//! It is a log-structured index, so that each record costs a few sequential writes rather
+//! than a random page, however large the archive grows:
+//!
+//! - each step of the indexer sorts the records above an instance's watermark (at most
+//!   [`STEP`]) by imprint and writes them as a new *run*: a table of its own, filled in key
+//!   order, with the new watermark in the same transaction;
+//! - when a level holds [`FANOUT`] runs, they are merged into one run of the next level, up to
+//!   [`TOP_LEVEL`], whose runs stay as they are;
+//! - an entry is the imprint's first 8 octets (as a signed integer) with the record's
+//!   instance and position, about 20 octets; a look-up asks every run (at most about
+//!   `FANOUT` per level) and then compares whole imprints in `tokens`;
+//! - a run whose records were all pruned from the archive (up to each instance's chain
+//!   anchor) is dropped; entries of pruned records in other runs find no record and are
+//!   passed over.
+//!
+//! It is derived data, made from `tokens` alone: rebuilt when it is missing, unreadable, of
+//! another layout, or not of this archive (the record at a watermark has another hash, or the
+//! archive ends before it, as after a restore from an older backup). Its commits are not
+//! synced (`synchronous=NORMAL` in WAL mode: a crash may lose its last transactions, never its
+//! consistency), so after a crash it goes on from the watermarks that survived.
+//!
+//! A look-up ([`ImprintIndex::lookup`]) reads the entries and the watermarks in one read
+//! transaction; the store then reads the records above the watermarks from `tokens` itself (a
+//! range of its primary key), so a look-up finds every committed record however far the
+//! index is behind.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -27,30 +40,42 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use rusqlite::types::ValueRef;
+use rusqlite::{
+    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
 
 use super::store::StoreError;
 
+/// The index's own tables; each run is a table `run_<id>` besides ([`create_run`]).
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS imprints (
-    imprint BLOB NOT NULL,
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY,
+    level INTEGER NOT NULL,
+    records INTEGER NOT NULL
+);
+CREATE TABLE run_ranges (
+    run INTEGER NOT NULL,
     instance_id INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    PRIMARY KEY (imprint, instance_id, seq)
+    max_seq INTEGER NOT NULL,
+    PRIMARY KEY (run, instance_id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS imprints_position ON imprints (instance_id, seq);
-CREATE TABLE IF NOT EXISTS watermarks (
+CREATE TABLE watermarks (
     instance_id INTEGER PRIMARY KEY,
     seq INTEGER NOT NULL,
-    hash BLOB NOT NULL,
-    pruned_seq INTEGER NOT NULL
+    hash BLOB NOT NULL
 );
 ";
 
-/// Records indexed per transaction.
-const STEP: usize = 8_192;
-/// Entries of pruned records dropped per transaction.
-const PRUNE_STEP: u64 = 100_000;
+/// `PRAGMA user_version` of this layout; an index of another is rebuilt.
+const LAYOUT: i64 = 2;
+/// Records indexed per step (one run of level 0).
+pub const STEP: usize = 8_192;
+/// Runs of one level merged into one of the next.
+pub const FANOUT: usize = 8;
+/// Runs of this level are not merged further (about `STEP × FANOUT^TOP_LEVEL` = 33 million
+/// records each).
+pub const TOP_LEVEL: i64 = 4;
 /// How long the indexer waits when it has caught up.
 const IDLE: Duration = Duration::from_millis(250);
 /// How long it waits after a failure before it tries again.
@@ -67,14 +92,41 @@ pub fn path_for(database: &Path) -> PathBuf {
     database.with_file_name(name)
 }
 
+/// An imprint's key in the index: its first 8 octets as a big-endian signed integer (zeros
+/// after a shorter one). Look-ups compare the whole imprint in the archive.
+pub fn prefix(imprint: &[u8]) -> i64 {
+    let mut octets = [0u8; 8];
+    let n = imprint.len().min(8);
+    octets[..n].copy_from_slice(&imprint[..n]);
+    i64::from_be_bytes(octets)
+}
+
+fn create_run(tx: &Transaction<'_>, id: i64) -> Result<(), StoreError> {
+    tx.execute_batch(&format!(
+        "CREATE TABLE run_{id} (prefix INTEGER NOT NULL, instance_id INTEGER NOT NULL, \
+         seq INTEGER NOT NULL, PRIMARY KEY (prefix, instance_id, seq)) WITHOUT ROWID"
+    ))?;
+    Ok(())
+}
+
 /// What the index knows of one imprint.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Found {
-    /// The indexed records with the imprint, as (instance, position).
+    /// The indexed records whose imprint starts as the one asked for, as (instance,
+    /// position), in no particular order.
     pub positions: Vec<(u32, u64)>,
     /// Per instance, the last position indexed: records above it are not in the index yet
     /// (an instance missing here has none indexed).
     pub watermarks: HashMap<u32, u64>,
+}
+
+/// What one step of [`ImprintIndex::catch_up`] left.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Whether it did anything (so there may be more to do).
+    pub worked: bool,
+    /// Archived records not in the index after it.
+    pub behind: u64,
 }
 
 pub struct ImprintIndex {
@@ -82,7 +134,8 @@ pub struct ImprintIndex {
 }
 
 impl ImprintIndex {
-    /// Opens the index for writing, creating it when missing.
+    /// Opens the index for writing, creating it when missing. An index of another layout is
+    /// an error (the indexer then rebuilds it).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open_with_flags(
             path,
@@ -94,8 +147,21 @@ impl ImprintIndex {
         conn.busy_timeout(Duration::from_secs(5))?;
         let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "cache_size", -32_768)?;
-        conn.execute_batch(SCHEMA)?;
+        // 8 MiB of page cache; pages beyond it come from the kernel's page cache, outside the
+        // process's memory.
+        conn.pragma_update(None, "cache_size", -8_192)?;
+        match layout(&conn)? {
+            Some(LAYOUT) => {}
+            None => conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {LAYOUT}; COMMIT;"
+            ))?,
+            Some(other) => {
+                return Err(StoreError(format!(
+                    "{} has layout {other}, not {LAYOUT}",
+                    path.display()
+                )))
+            }
+        }
         Ok(Self { conn })
     }
 
@@ -110,21 +176,36 @@ impl ImprintIndex {
         )
         .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
         conn.busy_timeout(Duration::from_secs(5))?;
-        Ok(Some(Self { conn }))
+        match layout(&conn)? {
+            Some(LAYOUT) => Ok(Some(Self { conn })),
+            None => Ok(None),
+            Some(other) => Err(StoreError(format!(
+                "{} has layout {other}, not {LAYOUT}",
+                path.display()
+            ))),
+        }
     }
 
-    /// The indexed records with `imprint` and the watermarks, from one read transaction.
+    /// The indexed records with `imprint`'s key and the watermarks, from one read
+    /// transaction.
     pub fn lookup(&mut self, imprint: &[u8]) -> Result<Found, StoreError> {
+        let key = prefix(imprint);
         let tx = self.conn.transaction()?;
-        let positions = tx
-            .prepare_cached("SELECT instance_id, seq FROM imprints WHERE imprint = ?1")?
-            .query_map([imprint], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<Vec<_>, _>>()?;
+        let runs = run_ids(&tx, "SELECT id FROM runs")?;
+        let mut positions = Vec::new();
+        for id in runs {
+            let mut stmt = tx.prepare(&format!(
+                "SELECT instance_id, seq FROM run_{id} WHERE prefix = ?1"
+            ))?;
+            let rows = stmt.query_map([key], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            for row in rows {
+                positions.push(row?);
+            }
+        }
         let watermarks = tx
             .prepare_cached("SELECT instance_id, seq FROM watermarks")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<HashMap<_, _>, _>>()?;
-        drop(tx);
         Ok(Found {
             positions,
             watermarks,
@@ -140,6 +221,7 @@ impl ImprintIndex {
             .prepare("SELECT instance_id, seq, hash FROM watermarks")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<Result<_, _>>()?;
+        let anchors = anchors(archive)?;
         for (instance_id, seq, hash) in marks {
             let stored: Option<Vec<u8>> = archive
                 .query_row(
@@ -148,25 +230,17 @@ impl ImprintIndex {
                     |r| r.get(0),
                 )
                 .optional()?;
-            let pruned = || -> Result<bool, StoreError> {
-                let anchor: Option<u64> = archive
-                    .query_row(
-                        "SELECT seq FROM chain_anchors WHERE instance_id = ?1",
-                        [instance_id],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                Ok(anchor.is_some_and(|a| a >= seq))
-            };
             let belongs = match stored {
                 Some(stored) => stored == hash,
-                None => pruned()?,
+                None => anchors.get(&instance_id).is_some_and(|a| *a >= seq),
             };
             if !belongs {
                 let tx = self
                     .conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)?;
-                tx.execute_batch("DELETE FROM imprints; DELETE FROM watermarks;")?;
+                let runs = run_ids(&tx, "SELECT id FROM runs")?;
+                drop_runs(&tx, &runs)?;
+                tx.execute_batch("DELETE FROM watermarks")?;
                 tx.commit()?;
                 return Ok(true);
             }
@@ -174,54 +248,48 @@ impl ImprintIndex {
         Ok(false)
     }
 
-    /// One step of catching up with `archive`, in one transaction: drops up to
-    /// [`PRUNE_STEP`] entries of records pruned from it, or else indexes at most `limit` of
-    /// an instance's records above its watermark.
+    /// One step of catching up with `archive`, in one transaction: drops the runs whose
+    /// records were all pruned from it; or else merges a level that is full; or else indexes
+    /// at most `limit` of an instance's records above its watermark as a new run.
     pub fn catch_up(&mut self, archive: &Connection, limit: usize) -> Result<Progress, StoreError> {
-        // Each instance's chain anchor (everything up to it was pruned) and last position.
-        let instances: Vec<(u32, Option<u64>, Option<u64>)> = archive
+        let anchors = anchors(archive)?;
+        let mut progress = Progress {
+            worked: self.drop_pruned(&anchors)? || self.merge()?,
+            behind: 0,
+        };
+        let heads: Vec<(u32, Option<u64>)> = archive
             .prepare_cached(
-                "SELECT i.instance_id, a.seq, \
+                "SELECT instance_id, \
                  (SELECT MAX(seq) FROM tokens t WHERE t.instance_id = i.instance_id) \
-                 FROM instances i LEFT JOIN chain_anchors a ON a.instance_id = i.instance_id \
-                 ORDER BY i.instance_id",
+                 FROM instances i ORDER BY instance_id",
             )?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        let mut progress = Progress::default();
-        for (instance_id, anchor, head) in instances {
-            let (mut mark, pruned_seq) = self
+        for (instance_id, head) in heads {
+            let mut mark: u64 = self
                 .conn
                 .query_row(
-                    "SELECT seq, pruned_seq FROM watermarks WHERE instance_id = ?1",
+                    "SELECT seq FROM watermarks WHERE instance_id = ?1",
                     [instance_id],
-                    |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)),
+                    |r| r.get(0),
                 )
                 .optional()?
-                .unwrap_or((0, 0));
-            if !progress.worked {
-                if let Some(anchor) = anchor.filter(|a| *a > pruned_seq) {
-                    self.drop_pruned(
-                        instance_id,
-                        anchor.min(pruned_seq.saturating_add(PRUNE_STEP)),
-                    )?;
-                    progress.worked = true;
-                } else if head.is_some_and(|h| h > mark) {
-                    mark = self
-                        .index(archive, instance_id, mark, limit)?
-                        .unwrap_or(mark);
-                    progress.worked = true;
-                }
+                .unwrap_or(0);
+            if !progress.worked && head.is_some_and(|h| h > mark) {
+                mark = self
+                    .index(archive, instance_id, mark, limit)?
+                    .unwrap_or(mark);
+                progress.worked = true;
             }
             // Records up to the anchor are gone, indexed or not.
-            let done = mark.max(anchor.unwrap_or(0));
+            let done = mark.max(anchors.get(&instance_id).copied().unwrap_or(0));
             progress.behind += head.unwrap_or(0).saturating_sub(done);
         }
         Ok(progress)
     }
 
-    /// Indexes the instance's records above `mark`, at most `limit`; returns the new
-    /// watermark.
+    /// Indexes the instance's records above `mark`, at most `limit`, as a run of level 0;
+    /// returns the new watermark.
     fn index(
         &mut self,
         archive: &Connection,
@@ -229,71 +297,176 @@ impl ImprintIndex {
         mark: u64,
         limit: usize,
     ) -> Result<Option<u64>, StoreError> {
-        let mut rows: Vec<(u64, Vec<u8>, Vec<u8>)> = archive
-            .prepare_cached(
+        let mut last = None;
+        let mut entries: Vec<(i64, u64)> = Vec::with_capacity(limit.min(STEP));
+        {
+            let mut stmt = archive.prepare_cached(
                 "SELECT seq, imprint, hash FROM tokens WHERE instance_id = ?1 AND seq > ?2 \
                  ORDER BY seq LIMIT ?3",
-            )?
-            .query_map(params![instance_id, mark, limit as u64], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?
-            .collect::<Result<_, _>>()?;
-        let Some((last_seq, _, last_hash)) = rows.last().cloned() else {
+            )?;
+            let mut rows = stmt.query(params![instance_id, mark, limit as u64])?;
+            while let Some(row) = rows.next()? {
+                let seq: u64 = row.get(0)?;
+                let imprint = match row.get_ref(1)? {
+                    ValueRef::Blob(b) | ValueRef::Text(b) => b,
+                    _ => &[],
+                };
+                entries.push((prefix(imprint), seq));
+                last = Some((seq, row.get::<_, Vec<u8>>(2)?));
+            }
+        }
+        let Some((last_seq, last_hash)) = last else {
             return Ok(None);
         };
-        // In imprint order, the inserts walk the B-tree once from left to right.
-        rows.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+        // In key order, the run's B-tree is written from left to right.
+        entries.sort_unstable();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id = new_run(&tx, 0, entries.len())?;
         {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO imprints (imprint, instance_id, seq) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT DO NOTHING",
-            )?;
-            for (seq, imprint, _) in &rows {
-                insert.execute(params![imprint, instance_id, seq])?;
+            let mut insert = tx.prepare(&format!(
+                "INSERT INTO run_{id} (prefix, instance_id, seq) VALUES (?1, ?2, ?3)"
+            ))?;
+            for (key, seq) in &entries {
+                insert.execute(params![key, instance_id, seq])?;
             }
-            tx.execute(
-                "INSERT INTO watermarks (instance_id, seq, hash, pruned_seq) \
-                 VALUES (?1, ?2, ?3, 0) ON CONFLICT (instance_id) DO UPDATE SET \
-                 seq = excluded.seq, hash = excluded.hash",
-                params![instance_id, last_seq, last_hash],
-            )?;
         }
+        tx.execute(
+            "INSERT INTO run_ranges (run, instance_id, max_seq) VALUES (?1, ?2, ?3)",
+            params![id, instance_id, last_seq],
+        )?;
+        tx.execute(
+            "INSERT INTO watermarks (instance_id, seq, hash) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (instance_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+            params![instance_id, last_seq, last_hash],
+        )?;
         tx.commit()?;
         Ok(Some(last_seq))
     }
 
-    /// Drops the entries of the instance's records up to `up_to` (pruned from the archive).
-    fn drop_pruned(&mut self, instance_id: u32, up_to: u64) -> Result<(), StoreError> {
+    /// Merges the oldest [`FANOUT`] runs of the lowest level that has that many (below
+    /// [`TOP_LEVEL`]) into one run of the next level; returns whether there was one.
+    fn merge(&mut self) -> Result<bool, StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "DELETE FROM imprints WHERE instance_id = ?1 AND seq <= ?2",
-            params![instance_id, up_to],
+        let level: Option<i64> = tx
+            .query_row(
+                "SELECT level FROM runs WHERE level < ?1 GROUP BY level \
+                 HAVING COUNT(*) >= ?2 ORDER BY level LIMIT 1",
+                params![TOP_LEVEL, FANOUT as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(level) = level else {
+            return Ok(false);
+        };
+        let runs = run_ids(
+            &tx,
+            &format!("SELECT id FROM runs WHERE level = {level} ORDER BY id LIMIT {FANOUT}"),
         )?;
-        // An instance pruned before anything of it was indexed gets a watermark at 0 (whose
-        // record [`ImprintIndex::check`] does not look for: it was pruned).
-        tx.execute(
-            "INSERT INTO watermarks (instance_id, seq, hash, pruned_seq) \
-             VALUES (?1, 0, x'', ?2) ON CONFLICT (instance_id) DO UPDATE SET \
-             pruned_seq = excluded.pruned_seq",
-            params![instance_id, up_to],
+        let list = runs
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let records: i64 = tx.query_row(
+            &format!("SELECT SUM(records) FROM runs WHERE id IN ({list})"),
+            [],
+            |r| r.get(0),
         )?;
+        let id = new_run(&tx, level + 1, records as usize)?;
+        // Each run is in key order, so SQLite merges them as they are (no sort).
+        let union = runs
+            .iter()
+            .map(|r| format!("SELECT prefix, instance_id, seq FROM run_{r}"))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        tx.execute_batch(&format!(
+            "INSERT INTO run_{id} (prefix, instance_id, seq) {union} ORDER BY 1, 2, 3;
+             INSERT INTO run_ranges (run, instance_id, max_seq) \
+             SELECT {id}, instance_id, MAX(max_seq) FROM run_ranges WHERE run IN ({list}) \
+             GROUP BY instance_id;"
+        ))?;
+        drop_runs(&tx, &runs)?;
         tx.commit()?;
-        Ok(())
+        Ok(true)
+    }
+
+    /// Drops every run whose records are all at or below their instance's anchor (pruned
+    /// from the archive); returns whether there was one.
+    fn drop_pruned(&mut self, anchors: &HashMap<u32, u64>) -> Result<bool, StoreError> {
+        if anchors.is_empty() {
+            return Ok(false);
+        }
+        let ranges: Vec<(i64, u32, u64)> = self
+            .conn
+            .prepare_cached("SELECT run, instance_id, max_seq FROM run_ranges")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut live: HashMap<i64, bool> = HashMap::new();
+        for (run, instance_id, max_seq) in ranges {
+            let pruned = anchors.get(&instance_id).is_some_and(|a| *a >= max_seq);
+            *live.entry(run).or_default() |= !pruned;
+        }
+        let gone: Vec<i64> = live
+            .into_iter()
+            .filter_map(|(run, live)| (!live).then_some(run))
+            .collect();
+        if gone.is_empty() {
+            return Ok(false);
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        drop_runs(&tx, &gone)?;
+        tx.commit()?;
+        Ok(true)
     }
 }
 
-/// What one step of [`ImprintIndex::catch_up`] left.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Progress {
-    /// Whether it did anything (so there may be more to do).
-    pub worked: bool,
-    /// Archived records not in the index after it.
-    pub behind: u64,
+/// The layout of an index database: `None` for a new, empty one.
+fn layout(conn: &Connection) -> Result<Option<i64>, StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let tables: i64 = conn.query_row("SELECT COUNT(*) FROM sqlite_schema", [], |r| r.get(0))?;
+    Ok((version != 0 || tables != 0).then_some(version))
+}
+
+/// Each instance's chain anchor: its records up to it were pruned.
+fn anchors(archive: &Connection) -> Result<HashMap<u32, u64>, StoreError> {
+    Ok(archive
+        .prepare_cached("SELECT instance_id, seq FROM chain_anchors")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?)
+}
+
+fn run_ids(tx: &Transaction<'_>, sql: &str) -> Result<Vec<i64>, StoreError> {
+    Ok(tx
+        .prepare(sql)?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?)
+}
+
+/// Adds a run of `level` with `records` entries and creates its table; returns its id.
+fn new_run(tx: &Transaction<'_>, level: i64, records: usize) -> Result<i64, StoreError> {
+    tx.execute(
+        "INSERT INTO runs (level, records) VALUES (?1, ?2)",
+        params![level, records as i64],
+    )?;
+    let id = tx.last_insert_rowid();
+    create_run(tx, id)?;
+    Ok(id)
+}
+
+fn drop_runs(tx: &Transaction<'_>, runs: &[i64]) -> Result<(), StoreError> {
+    for id in runs {
+        tx.execute_batch(&format!(
+            "DROP TABLE run_{id}; DELETE FROM runs WHERE id = {id}; \
+             DELETE FROM run_ranges WHERE run = {id};"
+        ))?;
+    }
+    Ok(())
 }
 
 /// The thread that keeps the index up with the archive.
@@ -652,26 +825,91 @@ mod tests {
         assert!(!index.check(other.store.connection()).unwrap(), "now empty");
     }
 
+    /// (level, records) of every run.
+    fn runs(index: &ImprintIndex) -> Vec<(i64, i64)> {
+        index
+            .conn
+            .prepare("SELECT level, records FROM runs ORDER BY level, id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn runs_merge_level_by_level_and_keep_every_entry() {
+        let mut a = Archive::new();
+        let n = (FANOUT * FANOUT + 3) as u64;
+        let seqs = a.append(&(0..n).map(imprint).collect::<Vec<_>>());
+        let mut index = a.index();
+        // One record per run: 67 runs of level 0 become one run of level 2, none of level 1,
+        // and 3 of level 0.
+        let steps = catch_up(&mut index, &a, 1);
+        assert_eq!(
+            steps,
+            n as usize + FANOUT + 1,
+            "one step per run and per merge"
+        );
+        assert_eq!(runs(&index), vec![(0, 1), (0, 1), (0, 1), (2, 64)]);
+        for (k, seq) in seqs.iter().enumerate() {
+            let found = index.lookup(&imprint(k as u64)).unwrap();
+            assert_eq!(found.positions, vec![(INSTANCE, *seq)], "record {seq}");
+        }
+        // No table of a merged run is left behind.
+        let total: i64 = index
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_schema WHERE type = 'table' AND name GLOB 'run_[0-9]*'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(total, 4);
+    }
+
+    #[test]
+    fn imprints_that_share_their_first_octets_are_told_apart_in_the_archive() {
+        let mut a = Archive::new();
+        let mut one = [7u8; 32];
+        let mut other = [7u8; 32];
+        one[31] = 1;
+        other[31] = 2;
+        let seqs = a.append(&[one, other]);
+        let mut index = a.index();
+        catch_up(&mut index, &a, 100);
+        let mut found = index.lookup(&one).unwrap().positions;
+        found.sort_unstable();
+        assert_eq!(found, vec![(INSTANCE, seqs[0]), (INSTANCE, seqs[1])]);
+        assert_eq!(a.found(&one), vec![seqs[0]]);
+        assert_eq!(a.found(&other), vec![seqs[1]]);
+    }
+
     #[test]
     fn pruned_records_leave_the_index() {
         let mut a = Archive::new();
         let seqs = a.append(&[imprint(1), imprint(2), imprint(3), imprint(4)]);
         let mut index = a.index();
-        catch_up(&mut index, &a, 100);
-        // Prune the first two (genTimes are 1_800…_000 + seq).
+        // Two runs: records 1 and 2, records 3 and 4.
+        catch_up(&mut index, &a, 2);
+        assert_eq!(runs(&index), vec![(0, 2), (0, 2)]);
+        // Prune the first three (genTimes are 1_800…_000 + seq).
         let anchor = a
             .store
-            .prune(INSTANCE, 1_800_000_000_000_000_000 + seqs[2])
+            .prune(INSTANCE, 1_800_000_000_000_000_000 + seqs[3])
             .unwrap()
             .unwrap();
-        assert_eq!(anchor.seq, seqs[1]);
-        catch_up(&mut index, &a, 100);
+        assert_eq!(anchor.seq, seqs[2]);
+        catch_up(&mut index, &a, 2);
+        // The first run went; the second keeps its entry of record 3, which finds nothing.
+        assert_eq!(runs(&index), vec![(0, 2)]);
         assert!(index.lookup(&imprint(1)).unwrap().positions.is_empty());
-        assert!(index.lookup(&imprint(2)).unwrap().positions.is_empty());
         assert_eq!(
             index.lookup(&imprint(3)).unwrap().positions,
             vec![(INSTANCE, seqs[2])]
         );
+        assert!(a.found(&imprint(3)).is_empty());
+        assert_eq!(a.found(&imprint(4)), vec![seqs[3]]);
         assert!(!index.check(a.store.connection()).unwrap());
 
         // Pruned before anything was indexed: the index starts after the anchor.
@@ -683,12 +921,29 @@ mod tests {
         let mut index = b.index();
         catch_up(&mut index, &b, 100);
         assert!(!index.check(b.store.connection()).unwrap());
+        assert_eq!(runs(&index), vec![(0, 1)]);
         assert_eq!(
             index.lookup(&imprint(3)).unwrap().positions,
             vec![(INSTANCE, seqs[2])]
         );
-        assert_eq!(b.found(&imprint(1)), Vec::<u64>::new());
+        assert!(b.found(&imprint(1)).is_empty());
         assert_eq!(index.catch_up(b.store.connection(), 100).unwrap().behind, 0);
+    }
+
+    #[test]
+    fn an_index_of_another_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("archive.imprints.sqlite");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE imprints (imprint BLOB); PRAGMA user_version = 1;")
+            .unwrap();
+        drop(conn);
+        assert!(ImprintIndex::open(&path).is_err());
+        assert!(ImprintIndex::open_read_only(&path).is_err());
+        // A new, empty file is no index yet.
+        let empty = dir.path().join("empty.sqlite");
+        Connection::open(&empty).unwrap();
+        assert!(ImprintIndex::open_read_only(&empty).unwrap().is_none());
     }
 
     #[test]

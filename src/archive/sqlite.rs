@@ -51,8 +51,9 @@ impl SqliteStore {
             )));
         }
         conn.pragma_update(None, "synchronous", "FULL")?;
-        // 16 MiB of page cache: the imprint index takes random pages.
-        conn.pragma_update(None, "cache_size", -16_384)?;
+        // 4 MiB of page cache: appends touch the right edges of the B-trees; the imprint index,
+        // whose pages are random, has a database of its own (`super::imprints`).
+        conn.pragma_update(None, "cache_size", -4_096)?;
         let mut store = Self {
             conn,
             path: path.to_owned(),
