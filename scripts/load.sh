@@ -362,8 +362,11 @@ for mode in $modes; do
   start_server "$mode"
   run_loads "$mode"
   if [ "$mode" = on ]; then
+    # The imprint index (filled beside the writer, at a lower priority) right after the load.
+    admin=$(grep -o "admin http://$HOST:[0-9]*" "$work/serve-$mode.out" | head -n1 | cut -d' ' -f2)
+    behind=$(curl -s --max-time 5 "$admin/metrics" | awk '/^tsa_archive_imprint_index_behind / { print $2 }')
     records=$(sqlite3 "$work/state-on/archive.sqlite" 'SELECT COUNT(*) FROM tokens' 2>/dev/null || echo "?")
-    echo "archive: $records tokens recorded"
+    echo "archive: $records tokens recorded; the imprint index was ${behind:-?} records behind at the end of the load"
   fi
   stop_server
 done
