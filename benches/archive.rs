@@ -186,7 +186,11 @@ fn main() {
             },
             |()| {
                 // The new run, and the merges it fills up (amortized over the iterations).
-                while index.catch_up(&archive, INDEX_STEP).expect("catch_up").worked {}
+                while index
+                    .catch_up(&archive, INDEX_STEP)
+                    .expect("catch_up")
+                    .worked
+                {}
             },
             criterion::BatchSize::PerIteration,
         )
@@ -196,7 +200,11 @@ fn main() {
     store
         .append(INSTANCE, std::slice::from_ref(&last), &[])
         .expect("append");
-    while index.catch_up(&archive, INDEX_STEP).expect("catch_up").worked {}
+    while index
+        .catch_up(&archive, INDEX_STEP)
+        .expect("catch_up")
+        .worked
+    {}
     group.throughput(Throughput::Elements(1));
     group.bench_function("4_lookup_by_imprint", |b| {
         b.iter(|| {

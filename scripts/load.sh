@@ -288,6 +288,7 @@ stop_server() {
 
 run_loads() { # mode
   local mode=$1 c out line before after
+  run=0 # runs so far in this mode (rate[] is keyed by it; overload reads it)
   printf '\n%-6s %10s %10s %10s %9s %10s %9s %12s %14s %9s%s\n' conc req/s p50_ms p99_ms requests bad_frac errors cpu_us/token cpu/raw_sign rss_MiB \
     "$([ -n "${hsm_rate:-}" ] && printf ' %12s' 'of_hsm_rate')"
   for c in $CONCURRENCY; do
@@ -319,7 +320,9 @@ run_loads() { # mode
         if (hsm > 0) printf " %11.0f%%", 100 * n / r["seconds"] / hsm
         printf "\n"
       }' <<<"$line" | tee "$work/line"
-    rate["$mode-$c"]=$(awk '{ print $2 }' "$work/line")
+    # By run, so that a concurrency given twice (a growing archive) keeps both.
+    rate["$mode-$run"]=$(awk '{ print $2 }' "$work/line")
+    run=$((run + 1))
   done
   [ -n "${OVERLOAD:-}" ] && overload "$mode"
   echo "peak RSS of the server: $(awk '/^VmHWM/ { print $2 / 1024 " MiB" }' "/proc/$server_pid/status")"
@@ -330,8 +333,8 @@ run_loads() { # mode
 overload() { # mode
   local mode=$1 cap=0 c q
   [ "$LOAD_TOOL" = oha ] || die "OVERLOAD needs oha (-q)"
-  for c in $CONCURRENCY; do
-    cap=$(awk -v a="$cap" -v b="${rate[$mode-$c]}" 'BEGIN { print (b > a ? b : a) }')
+  for ((k = 0; k < run; k++)); do
+    cap=$(awk -v a="$cap" -v b="${rate[$mode-$k]}" 'BEGIN { print (b > a ? b : a) }')
   done
   q=$(awk -v c="$cap" -v m="$OVERLOAD" 'BEGIN { printf "%d", c * m }')
   echo "== open loop: $q req/s (${OVERLOAD} × $cap) over ${OVERLOAD_CONNECTIONS:-256} connections, ${DURATION} s"
@@ -372,9 +375,11 @@ for mode in $modes; do
 done
 if [ "$modes" = "off on" ]; then
   printf '\n%-6s %12s %12s %10s\n' conc off_req/s on_req/s on/off
+  k=0
   for c in $CONCURRENCY; do
-    awk -v c="$c" -v off="${rate[off-$c]}" -v on="${rate[on-$c]}" \
+    awk -v c="$c" -v off="${rate[off-$k]}" -v on="${rate[on-$k]}" \
       'BEGIN { printf "%-6d %12.0f %12.0f %9.1f%%\n", c, off, on, 100 * on / off }'
+    k=$((k + 1))
   done
 fi
 echo

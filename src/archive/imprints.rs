@@ -931,6 +931,34 @@ mod tests {
     }
 
     #[test]
+    fn an_archive_with_the_index_on_tokens_loses_it_when_opened_for_writing() {
+        let mut a = Archive::new();
+        let seqs = a.append(&[imprint(1), imprint(2)]);
+        let has_index = |store: &SqliteStore| -> bool {
+            store
+                .connection()
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'tokens_imprint')",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert!(!has_index(&a.store));
+        // As an archive of the earlier layout has it.
+        a.store
+            .connection()
+            .execute_batch("CREATE INDEX tokens_imprint ON tokens (imprint)")
+            .unwrap();
+        let reader = SqliteStore::open_read_only(&a.database()).unwrap();
+        assert!(has_index(&reader), "reading leaves it");
+        drop(reader);
+        a.store = SqliteStore::open(&a.database(), Duration::from_secs(5)).unwrap();
+        assert!(!has_index(&a.store));
+        assert_eq!(a.found(&imprint(2)), vec![seqs[1]]);
+    }
+
+    #[test]
     fn an_index_of_another_layout_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("archive.imprints.sqlite");
