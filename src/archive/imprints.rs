@@ -41,10 +41,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::types::ValueRef;
-use rusqlite::{
-    params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
-};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
+use super::sqlite::{connect, Access};
 use super::store::StoreError;
 
 /// The index's own tables; each run is a table `run_<id>` besides ([`create_run`]).
@@ -76,6 +75,8 @@ pub const FANOUT: usize = 8;
 /// Runs of this level are not merged further (about `STEP × FANOUT^TOP_LEVEL` = 33 million
 /// records each).
 pub const TOP_LEVEL: i64 = 4;
+/// How long a statement waits for a database another connection has locked.
+const BUSY: Duration = Duration::from_secs(5);
 /// How long the indexer waits when it has caught up.
 const IDLE: Duration = Duration::from_millis(250);
 /// How long it waits after a failure before it tries again.
@@ -137,14 +138,7 @@ impl ImprintIndex {
     /// Opens the index for writing, creating it when missing. An index of another layout is
     /// an error (the indexer then rebuilds it).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        let conn = connect(path, Access::Write, BUSY)?;
         let _: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         // 8 MiB of page cache; pages beyond it come from the kernel's page cache, outside the
@@ -170,12 +164,7 @@ impl ImprintIndex {
         if !path.exists() {
             return Ok(None);
         }
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        let conn = connect(path, Access::Read, BUSY)?;
         match layout(&conn)? {
             Some(LAYOUT) => Ok(Some(Self { conn })),
             None => Ok(None),
@@ -489,12 +478,7 @@ impl Indexer {
     /// behind, and look-ups read the records it has not reached from the archive directly.
     pub fn start(database: &Path) -> Result<Self, StoreError> {
         let path = path_for(database);
-        let archive = Connection::open_with_flags(
-            database,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| StoreError(format!("cannot open {}: {e}", database.display())))?;
-        archive.busy_timeout(Duration::from_secs(5))?;
+        let archive = connect(database, Access::Read, BUSY)?;
         let mut index = match ImprintIndex::open(&path).and_then(|mut ix| {
             if ix.check(&archive)? {
                 tracing::warn!(

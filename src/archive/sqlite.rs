@@ -35,14 +35,7 @@ impl SqliteStore {
     /// A write that finds the database locked by another connection waits `busy_timeout`
     /// and then fails.
     pub fn open(path: &Path, busy_timeout: Duration) -> Result<Self, StoreError> {
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
-        conn.busy_timeout(busy_timeout)?;
+        let conn = connect(path, Access::Write, busy_timeout)?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError(format!(
@@ -69,12 +62,7 @@ impl SqliteStore {
         if !path.exists() {
             return Err(StoreError(format!("{} does not exist", path.display())));
         }
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        let conn = connect(path, Access::Read, Duration::from_secs(5))?;
         let store = Self {
             conn,
             path: path.to_owned(),
@@ -157,6 +145,31 @@ impl SqliteStore {
         }
         Ok(())
     }
+}
+
+/// How a connection opens its database.
+#[derive(Clone, Copy)]
+pub(super) enum Access {
+    Read,
+    /// Reading and writing, creating the database when missing.
+    Write,
+}
+
+/// A connection to the database at `path` (the archive or its imprint index), used by one
+/// thread at a time; a statement that finds it locked waits `busy_timeout`, then fails.
+pub(super) fn connect(
+    path: &Path,
+    access: Access,
+    busy_timeout: Duration,
+) -> Result<Connection, StoreError> {
+    let flags = match access {
+        Access::Read => OpenFlags::SQLITE_OPEN_READ_ONLY,
+        Access::Write => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+    };
+    let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
+    conn.busy_timeout(busy_timeout)?;
+    Ok(conn)
 }
 
 /// The whole token again when its certificates were stored apart. A set that is missing
