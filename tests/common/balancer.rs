@@ -138,8 +138,12 @@ impl Haproxy {
             child,
             addr: format!("127.0.0.1:{port}"),
         };
+        // Ready once both its frontend and its stats socket accept (it binds them one after
+        // the other).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(&haproxy.addr).is_err() {
+        while std::net::TcpStream::connect(&haproxy.addr).is_err()
+            || UnixStream::connect(haproxy.dir.path().join("admin.sock")).is_err()
+        {
             assert!(
                 Instant::now() < deadline,
                 "haproxy does not listen: {}",
