@@ -72,9 +72,10 @@ const LAYOUT: i64 = 2;
 pub const STEP: usize = 8_192;
 /// Runs of one level merged into one of the next.
 pub const FANOUT: usize = 8;
-/// Runs of this level are not merged further (about `STEP × FANOUT^TOP_LEVEL` = 33 million
-/// records each).
-pub const TOP_LEVEL: i64 = 4;
+/// Runs of this level are not merged further: about `STEP × FANOUT^TOP_LEVEL` = 4.2 million
+/// records each, so that no merge rewrites more than that in one transaction (about 90 MB),
+/// and a look-up in an archive of 100 million tokens asks about 45 runs.
+pub const TOP_LEVEL: i64 = 3;
 /// How long a statement waits for a database another connection has locked.
 const BUSY: Duration = Duration::from_secs(5);
 /// How long the indexer waits when it has caught up.
@@ -132,6 +133,8 @@ pub struct Progress {
 
 pub struct ImprintIndex {
     conn: Connection,
+    /// [`TOP_LEVEL`], lower in tests.
+    top_level: i64,
 }
 
 impl ImprintIndex {
@@ -156,7 +159,10 @@ impl ImprintIndex {
                 )))
             }
         }
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            top_level: TOP_LEVEL,
+        })
     }
 
     /// Opens the index for look-ups; `None` when there is none (yet).
@@ -166,7 +172,10 @@ impl ImprintIndex {
         }
         let conn = connect(path, Access::Read, BUSY)?;
         match layout(&conn)? {
-            Some(LAYOUT) => Ok(Some(Self { conn })),
+            Some(LAYOUT) => Ok(Some(Self {
+                conn,
+                top_level: TOP_LEVEL,
+            })),
             None => Ok(None),
             Some(other) => Err(StoreError(format!(
                 "{} has layout {other}, not {LAYOUT}",
@@ -335,7 +344,7 @@ impl ImprintIndex {
     }
 
     /// Merges the oldest [`FANOUT`] runs of the lowest level that has that many (below
-    /// [`TOP_LEVEL`]) into one run of the next level; returns whether there was one.
+    /// the top level) into one run of the next level; returns whether there was one.
     fn merge(&mut self) -> Result<bool, StoreError> {
         let tx = self
             .conn
@@ -344,7 +353,7 @@ impl ImprintIndex {
             .query_row(
                 "SELECT level FROM runs WHERE level < ?1 GROUP BY level \
                  HAVING COUNT(*) >= ?2 ORDER BY level LIMIT 1",
-                params![TOP_LEVEL, FANOUT as i64],
+                params![self.top_level, FANOUT as i64],
                 |r| r.get(0),
             )
             .optional()?;
@@ -850,6 +859,24 @@ mod tests {
             )
             .unwrap();
         assert_eq!(total, 4);
+    }
+
+    #[test]
+    fn runs_of_the_top_level_stay_as_they_are() {
+        let mut a = Archive::new();
+        let n = (FANOUT * FANOUT + 1) as u64;
+        let seqs = a.append(&(0..n).map(imprint).collect::<Vec<_>>());
+        let mut index = a.index();
+        index.top_level = 1;
+        catch_up(&mut index, &a, 1);
+        // 65 runs of one record: 8 of level 1, not merged into one of level 2.
+        let mut expected = vec![(0, 1)];
+        expected.extend([(1, FANOUT as i64); FANOUT]);
+        assert_eq!(runs(&index), expected);
+        for (k, seq) in seqs.iter().enumerate() {
+            let found = index.lookup(&imprint(k as u64)).unwrap();
+            assert_eq!(found.positions, vec![(INSTANCE, *seq)], "record {seq}");
+        }
     }
 
     #[test]
