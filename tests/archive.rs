@@ -657,3 +657,37 @@ fn restored_backups_and_lost_state_files_never_reuse_serials() {
     assert!(granted.gen_time_ns > floor);
     server.stop();
 }
+
+/// The imprint index is derived data: when it cannot be kept (here a directory stands where
+/// its database would be), the server still starts and archives, and look-ups by imprint
+/// read the archive itself.
+#[test]
+fn without_its_imprint_index_the_archive_still_serves_and_finds_tokens() {
+    let dir = init("");
+    let d = dir.path();
+    let index = tsa::archive::imprints::path_for(&archive_support::database(d));
+    std::fs::create_dir(&index).unwrap();
+    std::fs::write(index.join("keep"), b"not a database").unwrap();
+    let server = Serving::start(d);
+    let ours = stamps(&server, 3, "no index");
+    for got in &ours {
+        let (status, body) = get(
+            &server.admin,
+            &format!("/archive/imprint/{}", hex(&got.imprint)),
+        );
+        assert_eq!((status, &body), (200, &got.response));
+    }
+    let (status, metrics) = get(&server.admin, "/metrics");
+    assert_eq!(status, 200);
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(metrics.contains("tsa_archive_queue_depth"), "{metrics}");
+    assert!(
+        !metrics.contains("tsa_archive_imprint_index_behind"),
+        "no index, no lag: {metrics}"
+    );
+    server.stop();
+    assert!(
+        index.join("keep").exists(),
+        "what stood there is left alone"
+    );
+}

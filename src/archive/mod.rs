@@ -137,11 +137,18 @@ impl Archive {
     /// the first block of serials durably, and starts the writer.
     pub fn open(config: &ArchiveConfig, signer: CheckpointSigner) -> anyhow::Result<Self> {
         let (store, reader, lock) = open_stores(config)?;
+        // The imprint index is derived data: without it tokens are still archived and found,
+        // look-ups by imprint only read the whole archive.
         let indexer = match config.backend {
-            ArchiveBackend::Sqlite => Some(
-                imprints::Indexer::start(&config.database)
-                    .context("cannot start the imprint index")?,
-            ),
+            ArchiveBackend::Sqlite => imprints::Indexer::start(&config.database)
+                .inspect_err(|e| {
+                    tracing::error!(
+                        event = "imprint_index_failed",
+                        error = %e,
+                        "the imprint index cannot be kept; look-ups by imprint read the archive"
+                    )
+                })
+                .ok(),
             ArchiveBackend::Postgres => None,
         };
         let mut store = store;
