@@ -209,6 +209,13 @@ fn records_are_complete_refetchable_and_verify() {
             && out.contains("1 signed checkpoints"),
         "{out}"
     );
+    // And where the imprint index stands (derived data, told, not verified).
+    assert!(
+        out.contains(
+            "archive.imprints.sqlite (derived, rebuilt when needed): instance 0 up to record"
+        ) && out.contains(" of 5; "),
+        "{out}"
+    );
     // The checkpoint's signature checks with openssl too (ECDSA P-256 with SHA-256).
     std::fs::write(d.join("cp.msg"), checkpoints[0].message()).unwrap();
     std::fs::write(d.join("cp.sig"), &checkpoints[0].signature).unwrap();
@@ -690,4 +697,6 @@ fn without_its_imprint_index_the_archive_still_serves_and_finds_tokens() {
         index.join("keep").exists(),
         "what stood there is left alone"
     );
+    let (ok, out) = archive_cli(d, &["verify"]);
+    assert!(ok && out.contains("cannot be read"), "{out}");
 }

@@ -424,6 +424,53 @@ impl ImprintIndex {
     }
 }
 
+/// One line on the index of the archive `database`, for `tsa archive verify`: how far it
+/// reaches in each instance's chain and how many runs it has. The index is derived data, so
+/// this is information, not part of the verification.
+pub fn status(database: &Path) -> String {
+    let path = path_for(database);
+    let describe = || -> Result<String, StoreError> {
+        let Some(mut index) = ImprintIndex::open_read_only(&path)? else {
+            return Ok("none yet; look-ups by imprint read the archive".into());
+        };
+        let archive = connect(database, Access::Read, BUSY)?;
+        let tx = index.conn.transaction()?;
+        let runs = run_ids(&tx, "SELECT id FROM runs")?.len();
+        let marks: HashMap<u32, u64> = tx
+            .prepare("SELECT instance_id, seq FROM watermarks")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let heads: Vec<(u32, Option<u64>)> = archive
+            .prepare(
+                "SELECT instance_id, (SELECT MAX(seq) FROM tokens t \
+                 WHERE t.instance_id = i.instance_id) FROM instances i ORDER BY instance_id",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let reach: Vec<String> = heads
+            .iter()
+            .filter_map(|(id, head)| {
+                head.map(|h| {
+                    let mark = marks.get(id).copied().unwrap_or(0).min(h);
+                    format!("instance {id} up to record {mark} of {h}")
+                })
+            })
+            .collect();
+        let reach = if reach.is_empty() {
+            "no records".to_string()
+        } else {
+            reach.join(", ")
+        };
+        Ok(format!("{reach}; {runs} runs"))
+    };
+    let line =
+        describe().unwrap_or_else(|e| format!("cannot be read ({e}); look-ups read the archive"));
+    format!(
+        "imprint index {} (derived, rebuilt when needed): {line}",
+        path.display()
+    )
+}
+
 /// The layout of an index database: `None` for a new, empty one.
 fn layout(conn: &Connection) -> Result<Option<i64>, StoreError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use tsa::archive::record::{hex, StoredRecord};
 use tsa::archive::{self, decode_hex, normalize_serial, serial_hex};
-use tsa::config::{Config, SignerConfig};
+use tsa::config::{ArchiveBackend, Config, SignerConfig};
 use tsa::protocol::GenTime;
 
 #[derive(Debug, clap::Args)]
@@ -153,6 +153,9 @@ fn verify(config: &Config, extra: &[PathBuf]) -> anyhow::Result<()> {
     let mut store = archive::open_read_only(&config.archive)?;
     let report = archive::verify::verify(store.as_mut(), &trusted)?;
     print!("{report}");
+    if config.archive.backend == ArchiveBackend::Sqlite {
+        println!("{}", archive::imprints::status(&config.archive.database));
+    }
     if !report.ok() {
         bail!("the archive does not verify");
     }
