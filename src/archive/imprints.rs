@@ -255,15 +255,7 @@ impl ImprintIndex {
             worked: self.drop_pruned(&anchors)? || self.merge()?,
             behind: 0,
         };
-        let heads: Vec<(u32, Option<u64>)> = archive
-            .prepare_cached(
-                "SELECT instance_id, \
-                 (SELECT MAX(seq) FROM tokens t WHERE t.instance_id = i.instance_id) \
-                 FROM instances i ORDER BY instance_id",
-            )?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
-        for (instance_id, head) in heads {
+        for (instance_id, head) in heads(archive)? {
             let mut mark: u64 = self
                 .conn
                 .query_row(
@@ -440,14 +432,7 @@ pub fn status(database: &Path) -> String {
             .prepare("SELECT instance_id, seq FROM watermarks")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        let heads: Vec<(u32, Option<u64>)> = archive
-            .prepare(
-                "SELECT instance_id, (SELECT MAX(seq) FROM tokens t \
-                 WHERE t.instance_id = i.instance_id) FROM instances i ORDER BY instance_id",
-            )?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
-        let reach: Vec<String> = heads
+        let reach: Vec<String> = heads(&archive)?
             .iter()
             .filter_map(|(id, head)| {
                 head.map(|h| {
@@ -476,6 +461,18 @@ fn layout(conn: &Connection) -> Result<Option<i64>, StoreError> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let tables: i64 = conn.query_row("SELECT COUNT(*) FROM sqlite_schema", [], |r| r.get(0))?;
     Ok((version != 0 || tables != 0).then_some(version))
+}
+
+/// Each instance's last position in the archive (`None` when it has no records).
+fn heads(archive: &Connection) -> Result<Vec<(u32, Option<u64>)>, StoreError> {
+    Ok(archive
+        .prepare_cached(
+            "SELECT instance_id, \
+             (SELECT MAX(seq) FROM tokens t WHERE t.instance_id = i.instance_id) \
+             FROM instances i ORDER BY instance_id",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?)
 }
 
 /// Each instance's chain anchor: its records up to it were pruned.
@@ -865,6 +862,15 @@ mod tests {
         assert!(!index.check(other.store.connection()).unwrap(), "now empty");
     }
 
+    /// The index holds each record (`imprint(k)` at `seqs[k]`) once, and nothing else by its
+    /// key.
+    fn each_found_once(index: &mut ImprintIndex, seqs: &[u64]) {
+        for (k, seq) in seqs.iter().enumerate() {
+            let found = index.lookup(&imprint(k as u64)).unwrap();
+            assert_eq!(found.positions, vec![(INSTANCE, *seq)], "record {seq}");
+        }
+    }
+
     /// (level, records) of every run.
     fn runs(index: &ImprintIndex) -> Vec<(i64, i64)> {
         index
@@ -892,10 +898,7 @@ mod tests {
             "one step per run and per merge"
         );
         assert_eq!(runs(&index), vec![(0, 1), (0, 1), (0, 1), (2, 64)]);
-        for (k, seq) in seqs.iter().enumerate() {
-            let found = index.lookup(&imprint(k as u64)).unwrap();
-            assert_eq!(found.positions, vec![(INSTANCE, *seq)], "record {seq}");
-        }
+        each_found_once(&mut index, &seqs);
         // No table of a merged run is left behind.
         let total: i64 = index
             .conn
@@ -920,10 +923,7 @@ mod tests {
         let mut expected = vec![(0, 1)];
         expected.extend([(1, FANOUT as i64); FANOUT]);
         assert_eq!(runs(&index), expected);
-        for (k, seq) in seqs.iter().enumerate() {
-            let found = index.lookup(&imprint(k as u64)).unwrap();
-            assert_eq!(found.positions, vec![(INSTANCE, *seq)], "record {seq}");
-        }
+        each_found_once(&mut index, &seqs);
     }
 
     #[test]
