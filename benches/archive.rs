@@ -13,7 +13,7 @@
 //!   records the writer committed: one new run of them and the merges it completes, amortized
 //!   over the iterations. It works on a thread of its own, in a database of its own, without
 //!   fsync. (An index on `tokens.imprint` inside the archive, where each random imprint
-//!   dirtied a page of its own, made the writer's append 4.3 × as costly per record.)
+//!   dirtied a page of its own, made the writer's append about 4 × as costly per record.)
 //! - `4_lookup_by_imprint`: `records_by_imprint` of one record, through every run of the
 //!   index and the record's row in the archive, once the index has caught up.
 //!

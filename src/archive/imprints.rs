@@ -2,8 +2,8 @@
 //!
 //! Each token's imprint is random, so an index on `tokens.imprint` inside the archive makes
 //! every record dirty a B-tree page of its own, which the commit writes to the log and the
-//! checkpoint writes again: the writer's cost per record was 4.3 × what it is without that
-//! index (`benches/archive.rs`). So the index is a database of its own beside the archive
+//! checkpoint writes again: the writer's cost per record was about 4 × what it is without
+//! that index (`benches/archive.rs`). So the index is a database of its own beside the archive
 //! (`archive.imprints.sqlite` for `archive.sqlite`), filled by a thread of its own
 //! ([`Indexer`]) from what the archive has committed.
 //!
