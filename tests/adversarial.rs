@@ -282,14 +282,7 @@ fn pipelined_requests_are_answered_in_order_and_garbage_closes_the_connection() 
     let path = path_of(&server);
     let request = |data: &[u8]| {
         let body = query_for(data).to_der().unwrap();
-        let mut bytes = format!(
-            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {QUERY_TYPE}\r\n\
-             Content-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        bytes.extend_from_slice(&body);
-        bytes
+        wire::request("POST", &path, &[("Content-Type", QUERY_TYPE)], &body)
     };
 
     // Two requests and then garbage, in one write.
@@ -335,13 +328,7 @@ fn ambiguous_framing_is_answered_once_and_the_connection_closed() {
     let mut chunked = format!("{:x}\r\n", body.len()).into_bytes();
     chunked.extend_from_slice(&body);
     chunked.extend_from_slice(b"\r\n0\r\n\r\n");
-    let mut follower = format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {QUERY_TYPE}\r\n\
-         Content-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    follower.extend_from_slice(&body);
+    let follower = wire::request("POST", &path, &[("Content-Type", QUERY_TYPE)], &body);
     let head = |framing: &str| {
         format!(
             "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {QUERY_TYPE}\r\n\

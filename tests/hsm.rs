@@ -618,6 +618,14 @@ fn the_pin_comes_from_an_environment_variable_or_a_systemd_credential() {
 }
 
 /// The token directory of a `tsa init --hsm` state directory (one token).
+/// Puts the token directory moved to `away` back and waits until the server is ready again.
+fn bring_back(server: &HsmServer, away: &Path, token: &Path, what: &str) {
+    std::fs::rename(away, token).unwrap();
+    wait_for(what, Duration::from_secs(30), || {
+        server.readiness().0 == 200
+    });
+}
+
 fn token_dir(dir: &Path) -> PathBuf {
     let tokens = dir.join("softhsm/tokens");
     let mut entries: Vec<_> = std::fs::read_dir(&tokens)
@@ -702,11 +710,11 @@ fn removing_and_restoring_the_token_recovers_without_a_restart() {
     );
     assert_eq!(server.readiness().0, 503);
 
-    std::fs::rename(&away, &token).unwrap();
-    wait_for(
+    bring_back(
+        &server,
+        &away,
+        &token,
         "readiness after the token came back",
-        Duration::from_secs(30),
-        || server.readiness().0 == 200,
     );
     stamp_and_verify(&server, w, &["-sha256", "-cert"]);
     let first_outage = started.elapsed();
@@ -718,12 +726,7 @@ fn removing_and_restoring_the_token_recovers_without_a_restart() {
         Duration::from_secs(30),
         || server.readiness().0 == 503,
     );
-    std::fs::rename(&away, &token).unwrap();
-    wait_for(
-        "readiness after the second outage",
-        Duration::from_secs(30),
-        || server.readiness().0 == 200,
-    );
+    bring_back(&server, &away, &token, "readiness after the second outage");
     stamp_and_verify(&server, w, &["-sha512"]);
 
     assert!(server.alive(), "the server exited");
@@ -849,11 +852,11 @@ fn the_token_going_away_under_load_is_refused_cleanly_and_recovered() {
     });
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(server.readiness().0, 503);
-    std::fs::rename(&away, &token).unwrap();
-    wait_for(
+    bring_back(
+        &server,
+        &away,
+        &token,
         "readiness after the token came back",
-        Duration::from_secs(30),
-        || server.readiness().0 == 200,
     );
     // Refusals seen after this point would be wrong; give in-flight ones a moment to land.
     std::thread::sleep(Duration::from_millis(300));

@@ -21,6 +21,8 @@ pub struct SqliteStore {
     conn: Connection,
     /// The database's file, whose imprint index ([`super::imprints`]) is beside it.
     path: PathBuf,
+    /// That index, once a look-up found it (kept for the next ones).
+    imprints: Option<ImprintIndex>,
     certificate_sets: CertificateSets,
 }
 
@@ -50,6 +52,7 @@ impl SqliteStore {
         let mut store = Self {
             conn,
             path: path.to_owned(),
+            imprints: None,
             certificate_sets: CertificateSets::default(),
         };
         store.create_schema()?;
@@ -66,6 +69,7 @@ impl SqliteStore {
         let store = Self {
             conn,
             path: path.to_owned(),
+            imprints: None,
             certificate_sets: CertificateSets::default(),
         };
         store.check_version()?;
@@ -104,6 +108,17 @@ impl SqliteStore {
             self.conn.execute_batch("DROP INDEX tokens_imprint")?;
         }
         Ok(())
+    }
+
+    /// What the imprint index holds for `imprint`; nothing when there is no index (yet).
+    fn imprint_lookup(&mut self, imprint: &[u8]) -> Result<Found, StoreError> {
+        if self.imprints.is_none() {
+            self.imprints = ImprintIndex::open_read_only(&super::imprints::path_for(&self.path))?;
+        }
+        match &mut self.imprints {
+            Some(index) => index.lookup(imprint),
+            None => Ok(Found::default()),
+        }
     }
 
     fn check_version(&self) -> Result<(), StoreError> {
@@ -520,14 +535,13 @@ impl ArchiveStore for SqliteStore {
     /// not reached yet, read from `tokens` above each instance's watermark (all of them when
     /// there is no index, or it cannot be read).
     fn records_by_imprint(&mut self, imprint: &[u8]) -> Result<Vec<StoredRecord>, StoreError> {
-        let index = super::imprints::path_for(&self.path);
-        let found = match ImprintIndex::open_read_only(&index)
-            .and_then(|ix| ix.map(|mut ix| ix.lookup(imprint)).transpose())
-        {
-            Ok(found) => found.unwrap_or_default(),
+        let found = match self.imprint_lookup(imprint) {
+            Ok(found) => found,
             Err(e) => {
+                // Opened again at the next look-up.
+                self.imprints = None;
                 tracing::warn!(
-                    index = %index.display(),
+                    index = %super::imprints::path_for(&self.path).display(),
                     error = %e,
                     "cannot read the imprint index; reading the archive instead"
                 );

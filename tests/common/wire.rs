@@ -48,6 +48,18 @@ pub fn split_url(url: &str) -> (String, String) {
     }
 }
 
+/// One HTTP/1.1 request as it goes on the wire: the headers given, then Content-Length.
+pub fn request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut all = head.into_bytes();
+    all.extend_from_slice(body);
+    all
+}
+
 impl Conn {
     pub fn open(url: &str) -> Conn {
         let (authority, _) = split_url(url);
@@ -62,14 +74,9 @@ impl Conn {
     }
 
     pub fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) {
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
-        for (name, value) in headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
-        }
-        head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-        let mut all = head.into_bytes();
-        all.extend_from_slice(body);
-        self.stream.write_all(&all).unwrap();
+        self.stream
+            .write_all(&request(method, path, headers, body))
+            .unwrap();
     }
 
     pub fn post(&mut self, path: &str, body: &[u8]) -> Reply {
