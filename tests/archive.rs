@@ -1,7 +1,8 @@
 //! The token archive with a real server, real SQLite and the real openssl on loopback:
 //! complete records, look-ups over HTTP and the CLI, export, events, signed checkpoints and
 //! `tsa archive verify`; tampering found at the right record; pruning that keeps the rest
-//! verifiable; an unwritable archive that withholds tokens; one server per state directory.
+//! verifiable; an unwritable archive, or serials that cannot be reserved, withholding tokens;
+//! one server per state directory.
 
 mod archive_support;
 
@@ -568,6 +569,46 @@ fn an_unwritable_archive_withholds_tokens() {
             got.token
         );
     }
+    server.stop();
+    verify_report(d).unwrap();
+}
+
+/// Serials that cannot be reserved leave every request refused once the block in hand runs
+/// out: readiness says so, and the writer's probe reserves the block by itself once it can,
+/// with no request needed (a balancer sends none to an unready instance).
+#[test]
+fn serials_that_cannot_be_reserved_fail_readiness_until_a_probe_reserves_them() {
+    let dir = init("serial_block = 4");
+    let d = dir.path();
+    let server = Serving::start(d);
+    // The state file is replaced through `archive.state.tmp`: a directory there makes every
+    // reservation fail, root or not.
+    let blocker = d.join("archive.state.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let mut conn = Conn::open(&server.public).unwrap();
+    let mut granted = 0;
+    let rejected = loop {
+        match stamp(&mut conn, format!("request {granted}").as_bytes()).unwrap() {
+            Ok(_) => granted += 1,
+            Err(rejected) => break rejected,
+        }
+        assert!(granted <= 8, "the serial block never ran out");
+    };
+    assert_eq!(rejected.fail_info(), Some(FailInfo::SystemFailure));
+    let (status, body) = get(&server.admin, "/health/ready");
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("archive"));
+
+    std::fs::remove_dir(&blocker).unwrap();
+    let start = std::time::Instant::now();
+    while get(&server.admin, "/health/ready").0 != 200 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "still unready 10 s after the state file could be written again"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    stamp(&mut conn, b"after").unwrap().expect("granted again");
     server.stop();
     verify_report(d).unwrap();
 }

@@ -1,7 +1,8 @@
 //! The archive's disk fills up under load: the state directory sits on a small tmpfs of its
 //! own, six keep-alive clients stamp without pause until writes fail with ENOSPC, and the
 //! tmpfs is then grown. While the disk is full every request gets a DER systemFailure and no
-//! token, and readiness says so; once there is room again the server recovers by itself.
+//! token, and readiness says so without flapping; once there is room again the server
+//! recovers by itself, once.
 //! Afterwards every token a client received is archived byte for byte and nothing else is,
 //! the chain verifies, and a restart on the same directory issues above every earlier serial.
 //!
@@ -197,7 +198,9 @@ fn a_full_disk_under_load_withholds_tokens_and_recovers_without_losing_one() {
         .into_iter()
         .filter(|e| e.kind == "archive_recovered")
         .count();
-    assert!(recovered >= 1, "no archive_recovered event");
+    // One outage, one recovery: while the disk was full, a probe that happened to fit did
+    // not count as recovered (readiness would flap between 200 and 503).
+    assert_eq!(recovered, 1, "archive_recovered events");
     let (ok, report) = archive_cli(&state, &["verify"]);
     assert!(ok, "{report}");
 }

@@ -300,6 +300,19 @@ fn now_ns() -> u64 {
     crate::clock::system_unix_ns()
 }
 
+/// Octets an unprivileged writer may still allocate on the filesystem holding `dir`; `None`
+/// when `statvfs` fails.
+fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `dir` is a NUL-terminated path and `stat` a zeroed statvfs that statvfs fills.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(dir.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+}
+
 impl ArchiveStore for SqliteStore {
     fn instance(&mut self, instance_id: u32) -> Result<InstanceState, StoreError> {
         let c = &self.conn;
@@ -725,5 +738,13 @@ impl ArchiveStore for SqliteStore {
         )?;
         tx.commit()?;
         Ok(Some(anchor))
+    }
+
+    fn free_space(&self) -> Option<u64> {
+        let dir = match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        free_space(dir)
     }
 }

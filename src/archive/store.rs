@@ -139,6 +139,12 @@ pub trait ArchiveStore: Send {
     /// keeping the last removed one's hash as the chain's anchor; removes events before
     /// `before_ns` too. Returns the new anchor, `None` when nothing was removed.
     fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError>;
+
+    /// Octets free to the store's files, where the store can tell: a local database's
+    /// filesystem. `None` for a database server, whose disk is its own affair.
+    fn free_space(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The columns of `tokens` in the order both backends write and read a record.

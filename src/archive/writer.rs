@@ -93,11 +93,20 @@ pub(super) struct Outage {
     refused: usize,
     /// Events that did not fit in [`Writer::pending_events`].
     dropped_events: usize,
+    /// A block of serials that could not be reserved: reserved again before the archive
+    /// counts as recovered (without serials every request is refused).
+    reservation: Option<u64>,
     next_probe: Instant,
 }
 
 /// How often the writer tries the store again while it cannot write.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Room a local store's filesystem must have before an outage counts as over: one
+/// write-ahead log up to its checkpoint (1,000 pages of 4 KiB). On a disk that is still full,
+/// a probe of a few hundred octets can fit where a commit of tokens cannot; without this the
+/// archive would turn healthy and fail again at every probe, and readiness would flap.
+pub const ROOM_TO_RECOVER: u64 = 4 << 20;
 
 impl Writer {
     pub fn run(mut self, queue: &Queue) {
@@ -298,23 +307,32 @@ impl Writer {
             since_ns: crate::clock::system_unix_ns(),
             refused: 0,
             dropped_events: 0,
+            reservation: None,
             next_probe: Instant::now(),
         });
         outage.refused += refused;
         outage.next_probe = Instant::now() + PROBE_INTERVAL;
     }
 
-    /// After a failed write: reads the instance's chain head back (a commit whose answer was
-    /// lost with the connection may have gone in: the chain goes on after it, its tokens were
-    /// refused all the same), then writes an `archive_recovered` event. Only when both work
-    /// is the archive healthy again; without this, an instance that readiness took out of a
-    /// load balancer would wait for a request that never comes.
+    /// After a failed write: waits for room on a local store's disk, reads the instance's
+    /// chain head back (a commit whose answer was lost with the connection may have gone in:
+    /// the chain goes on after it, its tokens were refused all the same), reserves the block
+    /// of serials that could not be reserved, if any, then writes an `archive_recovered`
+    /// event. Only when all of it works is the archive healthy again; without this, an
+    /// instance that readiness took out of a load balancer would wait for a request that
+    /// never comes.
     fn recover(&mut self) -> Result<(), ArchiveError> {
         let Some(outage) = self.outage.as_mut() else {
             return Ok(());
         };
         outage.next_probe = Instant::now() + PROBE_INTERVAL;
         let (since_ns, refused, dropped) = (outage.since_ns, outage.refused, outage.dropped_events);
+        let reservation = outage.reservation;
+        if let Some(free) = self.store.free_space().filter(|&f| f < ROOM_TO_RECOVER) {
+            return Err(ArchiveError(format!(
+                "{free} octets free on the archive's filesystem; waiting for {ROOM_TO_RECOVER}"
+            )));
+        }
         let db = self
             .store
             .instance(self.instance_id)
@@ -330,6 +348,11 @@ impl Writer {
         }
         self.last_event_seq = self.last_event_seq.max(db.last_event_seq);
         self.max_gen_time_ns = self.max_gen_time_ns.max(db.max_gen_time_ns);
+        if let Some(until) = reservation {
+            self.persist_reservation(until)?;
+            self.reserved_until = self.reserved_until.max(until);
+            self.serials.extend(until);
+        }
         let now_ns = crate::clock::system_unix_ns();
         // What happened during the outage first, then the recovery itself.
         let mut events = self.event_records(&self.pending_events, self.last_event_seq + 1);
@@ -380,6 +403,12 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "cannot reserve the next block of serial numbers");
                 self.serials.reservation_failed(e.to_string());
+                // An outage like a failed commit: readiness fails (the requests would all
+                // be refused once the block runs out), and the probe reserves it again.
+                self.failed(0);
+                if let Some(outage) = self.outage.as_mut() {
+                    outage.reservation = outage.reservation.max(Some(until));
+                }
             }
         }
     }
