@@ -48,17 +48,17 @@ pub fn haproxy_bin() -> PathBuf {
     })
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
+#[path = "ports.rs"]
+mod ports;
+
+/// A port on 127.0.0.1 that was free a moment ago, below the ephemeral range.
 pub fn free_port() -> u16 {
-    free_ports::<1>()[0]
+    ports::tcp::<1>()[0]
 }
 
-/// `N` distinct ports on 127.0.0.1 that were free a moment ago (held together while chosen).
+/// `N` distinct ports on 127.0.0.1 that were free a moment ago, below the ephemeral range.
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<std::net::TcpListener> = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
+    ports::tcp::<N>()
 }
 
 /// The configuration: config/examples/haproxy.cfg's settings, on loopback, with short check

@@ -1,7 +1,7 @@
 //! Real `chronyd` instances serving NTP on loopback ports. `-x` keeps them off the system
 //! clock; `local stratum 1` makes each serve its own clock.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -12,12 +12,12 @@ pub struct Chronyd {
 }
 
 /// A free UDP port on loopback (released again: chronyd binds it right after).
+#[path = "ports.rs"]
+mod ports;
+
+/// A UDP port on 127.0.0.1 that was free a moment ago, below the ephemeral range.
 fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    ports::udp::<1>()[0]
 }
 
 fn is_root() -> bool {
