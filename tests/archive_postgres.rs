@@ -8,6 +8,8 @@
 mod archive_support;
 #[path = "common/postgres.rs"]
 mod pg;
+#[path = "common/ports.rs"]
+mod ports;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

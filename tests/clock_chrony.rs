@@ -8,6 +8,8 @@ mod clock;
 mod common;
 #[path = "common/ntp.rs"]
 mod ntp;
+#[path = "common/ports.rs"]
+mod ports;
 
 use std::time::Duration;
 

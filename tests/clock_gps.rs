@@ -10,6 +10,8 @@ mod common;
 mod gpsd;
 #[path = "common/ntp.rs"]
 mod ntp;
+#[path = "common/ports.rs"]
+mod ports;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -13,6 +13,8 @@ mod archive_support;
 mod balancer;
 #[path = "common/postgres.rs"]
 mod pg;
+#[path = "common/ports.rs"]
+mod ports;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};

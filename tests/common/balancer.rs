@@ -48,17 +48,14 @@ pub fn haproxy_bin() -> PathBuf {
     })
 }
 
-#[path = "ports.rs"]
-mod ports;
-
 /// A port on 127.0.0.1 that was free a moment ago, below the ephemeral range.
 pub fn free_port() -> u16 {
-    ports::tcp::<1>()[0]
+    crate::ports::tcp::<1>()[0]
 }
 
 /// `N` distinct ports on 127.0.0.1 that were free a moment ago, below the ephemeral range.
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    ports::tcp::<N>()
+    crate::ports::tcp::<N>()
 }
 
 /// The configuration: config/examples/haproxy.cfg's settings, on loopback, with short check

@@ -11,13 +11,10 @@ pub struct Chronyd {
     _dir: tempfile::TempDir,
 }
 
-/// A free UDP port on loopback (released again: chronyd binds it right after).
-#[path = "ports.rs"]
-mod ports;
-
-/// A UDP port on 127.0.0.1 that was free a moment ago, below the ephemeral range.
+/// A free UDP port on loopback, below the ephemeral range (released again: chronyd binds it
+/// right after).
 fn free_port() -> u16 {
-    ports::udp::<1>()[0]
+    crate::ports::udp::<1>()[0]
 }
 
 fn is_root() -> bool {

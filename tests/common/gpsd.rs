@@ -243,11 +243,7 @@ pub struct RealGpsd {
 
 impl RealGpsd {
     pub fn start(device: &Path) -> RealGpsd {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let [port] = crate::ports::tcp::<1>();
         let program = ["/usr/sbin/gpsd", "/usr/local/sbin/gpsd"]
             .into_iter()
             .find(|p| Path::new(p).exists())

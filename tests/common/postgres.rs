@@ -257,11 +257,7 @@ impl Cluster {
             let (uid, gid) = cluster_user();
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let [port] = crate::ports::tcp::<1>();
         let cluster = Cluster {
             dir,
             bin,
