@@ -36,13 +36,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
+use super::background::Background;
 use super::sqlite::{connect, Access};
 use super::store::StoreError;
 
@@ -82,6 +82,8 @@ const BUSY: Duration = Duration::from_secs(5);
 const IDLE: Duration = Duration::from_millis(250);
 /// How long it waits after a failure before it tries again.
 const RETRY: Duration = Duration::from_secs(1);
+/// The indexer's scheduling priority, below the request path's.
+const NICE: i32 = 10;
 
 /// Where the index of the archive `database` is: `archive.imprints.sqlite` beside
 /// `archive.sqlite` (`NAME.imprints` for a name without an extension).
@@ -513,15 +515,8 @@ fn drop_runs(tx: &Transaction<'_>, runs: &[i64]) -> Result<(), StoreError> {
 
 /// The thread that keeps the index up with the archive.
 pub struct Indexer {
-    stop: Arc<Stop>,
+    thread: Background,
     behind: Arc<AtomicU64>,
-    handle: Mutex<Option<JoinHandle<()>>>,
-}
-
-#[derive(Default)]
-struct Stop {
-    stopped: Mutex<bool>,
-    cond: Condvar,
 }
 
 impl Indexer {
@@ -554,21 +549,13 @@ impl Indexer {
                 ImprintIndex::open(&path)?
             }
         };
-        let stop = Arc::new(Stop::default());
         let behind = Arc::new(AtomicU64::new(0));
-        let (thread_stop, thread_behind) = (stop.clone(), behind.clone());
-        let handle = std::thread::Builder::new()
-            .name("tsa-imprints".into())
-            .spawn(move || {
-                lower_priority();
-                run(&mut index, &archive, &path, &thread_stop, &thread_behind)
-            })
-            .map_err(|e| StoreError(format!("cannot start the imprint indexer: {e}")))?;
-        Ok(Self {
-            stop,
-            behind,
-            handle: Mutex::new(Some(handle)),
-        })
+        let thread_behind = behind.clone();
+        let mut failing = false;
+        let thread = Background::spawn("tsa-imprints", NICE, move || {
+            step(&mut index, &archive, &path, &thread_behind, &mut failing)
+        })?;
+        Ok(Self { thread, behind })
     }
 
     /// Archived records not in the index yet, as of the indexer's last step.
@@ -578,65 +565,40 @@ impl Indexer {
 
     /// Stops the thread (after the step it is in).
     pub fn stop(&self) {
-        let handle = self.handle.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(handle) = handle {
-            *self.stop.stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
-            self.stop.cond.notify_one();
-            let _ = handle.join();
-        }
+        self.thread.stop();
     }
 }
 
-impl Drop for Indexer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn run(
+/// One step of the indexer: catches up by at most [`STEP`] records; returns the pause before
+/// the next step.
+fn step(
     index: &mut ImprintIndex,
     archive: &Connection,
     path: &Path,
-    stop: &Stop,
     behind: &AtomicU64,
-) {
-    let mut failing = false;
-    loop {
-        let pause = match index.catch_up(archive, STEP) {
-            Ok(progress) => {
-                behind.store(progress.behind, Ordering::Relaxed);
-                if failing {
-                    failing = false;
-                    tracing::info!(
-                        event = "imprint_index_recovered",
-                        "the imprint index is written again"
-                    );
-                }
-                (!progress.worked).then_some(IDLE)
+    failing: &mut bool,
+) -> Option<Duration> {
+    match index.catch_up(archive, STEP) {
+        Ok(progress) => {
+            behind.store(progress.behind, Ordering::Relaxed);
+            if std::mem::take(failing) {
+                tracing::info!(
+                    event = "imprint_index_recovered",
+                    "the imprint index is written again"
+                );
             }
-            Err(e) => {
-                if !failing {
-                    failing = true;
-                    tracing::warn!(
-                        event = "imprint_index_failed",
-                        index = %path.display(),
-                        error = %e,
-                        "cannot update the imprint index (look-ups read the archive directly)"
-                    );
-                }
-                Some(RETRY)
-            }
-        };
-        let mut stopped = stop.stopped.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(pause) = pause.filter(|_| !*stopped) {
-            stopped = stop
-                .cond
-                .wait_timeout(stopped, pause)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            (!progress.worked).then_some(IDLE)
         }
-        if *stopped {
-            return;
+        Err(e) => {
+            if !std::mem::replace(failing, true) {
+                tracing::warn!(
+                    event = "imprint_index_failed",
+                    index = %path.display(),
+                    error = %e,
+                    "cannot update the imprint index (look-ups read the archive directly)"
+                );
+            }
+            Some(RETRY)
         }
     }
 }
@@ -658,18 +620,6 @@ fn remove_database(path: &Path) -> Result<(), StoreError> {
         }
     }
     Ok(())
-}
-
-/// Lowers the calling thread's scheduling priority (nice 10) below the request path's.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: setpriority on this thread's own id; no memory is passed.
-        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
-        if rc != 0 {
-            tracing::debug!("cannot lower the imprint indexer's priority");
-        }
-    }
 }
 
 #[cfg(test)]

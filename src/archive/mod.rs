@@ -10,6 +10,8 @@
 //! `LAYOUT.md` in this folder describes the serial layout, the state file, the schema and the
 //! encodings.
 
+mod background;
+mod checkpointer;
 pub mod events;
 pub mod imprints;
 pub mod postgres;
@@ -110,6 +112,8 @@ pub struct Archive {
     stats: Arc<CommitStats>,
     /// The SQLite archive's imprint index, filled beside the writer.
     indexer: Option<imprints::Indexer>,
+    /// The SQLite archive's log checkpoints, beside the writer.
+    checkpointer: Option<checkpointer::Checkpointer>,
 }
 
 /// How the writer's commits went, for the metrics: each commit's duration (transaction and
@@ -136,7 +140,7 @@ impl Archive {
     /// database and the state file, takes the highest counter and genTime of both, reserves
     /// the first block of serials durably, and starts the writer.
     pub fn open(config: &ArchiveConfig, signer: CheckpointSigner) -> anyhow::Result<Self> {
-        let (store, reader, lock) = open_stores(config)?;
+        let (store, reader, lock, checkpointer) = open_stores(config)?;
         // The imprint index is derived data: without it tokens are still archived and found,
         // look-ups by imprint only read the whole archive.
         let indexer = match config.backend {
@@ -289,6 +293,7 @@ impl Archive {
             held: lock,
             stats,
             indexer,
+            checkpointer,
         })
     }
 
@@ -433,7 +438,7 @@ impl Archive {
     }
 
     /// Commits what is queued, signs a last checkpoint, writes the state file and stops the
-    /// writer and the imprint indexer. Records sent later fail.
+    /// writer, the imprint indexer and the checkpointer. Records sent later fail.
     pub fn close(&self) {
         if let Some(indexer) = &self.indexer {
             indexer.stop();
@@ -447,6 +452,9 @@ impl Archive {
             let _ = finished.recv();
         }
         let _ = handle.join();
+        if let Some(checkpointer) = &self.checkpointer {
+            checkpointer.stop();
+        }
     }
 
     /// Answers `GET /archive/serial/<hex>` and `GET /archive/imprint/<hex>` (the path after
@@ -509,9 +517,15 @@ enum Held {
     Lease(postgres::Lease),
 }
 
-type Stores = (Box<dyn ArchiveStore>, Box<dyn ArchiveStore>, Held);
+type Stores = (
+    Box<dyn ArchiveStore>,
+    Box<dyn ArchiveStore>,
+    Held,
+    Option<checkpointer::Checkpointer>,
+);
 
-/// The writer's store, the readers' store, and the lock or lease, for the configured backend.
+/// The writer's store, the readers' store, the lock or lease, and SQLite's checkpointer, for
+/// the configured backend.
 fn open_stores(config: &ArchiveConfig) -> anyhow::Result<Stores> {
     if config.backend == ArchiveBackend::Postgres {
         let lease = postgres::Lease::acquire(config).context("cannot start the archive")?;
@@ -519,14 +533,32 @@ fn open_stores(config: &ArchiveConfig) -> anyhow::Result<Stores> {
         store.fence(&lease);
         let reader =
             postgres::PostgresStore::open_existing(config).context("cannot open the archive")?;
-        return Ok((Box::new(store), Box::new(reader), Held::Lease(lease)));
+        return Ok((Box::new(store), Box::new(reader), Held::Lease(lease), None));
     }
     let lock = Lock::acquire(&config.state_file)?;
     let busy = Duration::from_millis(config.busy_timeout_ms);
     let store = SqliteStore::open(&config.database, busy).context("cannot open the archive")?;
     let reader =
         SqliteStore::open_read_only(&config.database).context("cannot open the archive")?;
-    Ok((Box::new(store), Box::new(reader), Held::Lock(lock)))
+    // Without the checkpointer, the writer checkpoints as often as SQLite's default.
+    let checkpointer = match checkpointer::Checkpointer::start(&config.database) {
+        Ok(checkpointer) => {
+            store
+                .set_autocheckpoint(checkpointer::WRITER_PAGES)
+                .context("cannot open the archive")?;
+            Some(checkpointer)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "archive checkpoints stay in the writer's commits");
+            None
+        }
+    };
+    Ok((
+        Box::new(store),
+        Box::new(reader),
+        Held::Lock(lock),
+        checkpointer,
+    ))
 }
 
 /// The backend's name and where its data is (never a password), for the logs.

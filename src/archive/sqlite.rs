@@ -138,6 +138,13 @@ impl SqliteStore {
         }
     }
 
+    /// The log length, in pages, at which a commit checkpoints it itself (SQLite's automatic
+    /// checkpoint; 1,000 unless set).
+    pub fn set_autocheckpoint(&self, pages: u32) -> Result<(), StoreError> {
+        self.conn.pragma_update(None, "wal_autocheckpoint", pages)?;
+        Ok(())
+    }
+
     /// The connection, for tests and tools that inspect the database.
     pub fn connection(&self) -> &Connection {
         &self.conn
