@@ -180,7 +180,8 @@ pub fn ok(cmd: &mut Command) -> Output {
     let out = run(cmd);
     assert!(
         out.status.success(),
-        "{cmd:?} failed:\nstdout: {}\nstderr: {}",
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );

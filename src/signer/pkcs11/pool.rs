@@ -165,6 +165,8 @@ pub struct Pool {
     idle_cv: Condvar,
     /// Wakes the recovery thread.
     wake_cv: Condvar,
+    /// The health thread, joined by [`Pool::shutdown`].
+    watcher: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// Why a connection failed; the message is for operators.
@@ -440,12 +442,14 @@ impl Pool {
             }),
             idle_cv: Condvar::new(),
             wake_cv: Condvar::new(),
+            watcher: Mutex::new(None),
         });
         let thread_pool = Arc::clone(&pool);
-        std::thread::Builder::new()
+        let watcher = std::thread::Builder::new()
             .name("pkcs11-health".into())
             .spawn(move || thread_pool.watch())
             .map_err(|e| anyhow::anyhow!("cannot start the PKCS#11 health thread: {e}"))?;
+        *pool.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
         Ok(pool)
     }
 
@@ -465,11 +469,24 @@ impl Pool {
         &self.spec
     }
 
-    /// Stops the health thread (it holds the pool; the signer calls this when dropped).
+    /// Stops the health thread and waits for it (it holds the pool; the signer calls this
+    /// when dropped). Without the wait, the thread could still be in the module while the
+    /// process exits and the module's exit handlers tear it down: SoftHSM2 then crashed in
+    /// `pkcs11-health` (SIGSEGV) after `tsa hsm check` had done its work.
     pub fn shutdown(&self) {
         self.state().shutdown = true;
         self.wake_cv.notify_all();
         self.idle_cv.notify_all();
+        let watcher = self
+            .watcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(watcher) = watcher {
+            if watcher.thread().id() != std::thread::current().id() {
+                let _ = watcher.join();
+            }
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
