@@ -29,108 +29,26 @@
 //! Compare `2_append/256` with `issuance-p256/1_raw_sign` of `cargo bench --bench issuance`
 //! for the archive's cost beside the signature's.
 
-use std::process::Command;
+mod common;
 
 use criterion::{black_box, BenchmarkId, Criterion, Throughput};
 
-use tsa::alg::DigestAlgorithm;
 use tsa::archive::imprints::{self, ImprintIndex};
-use tsa::archive::record::{ClockAtIssue, Hash, StoredRecord, TokenRecord, ZERO_HASH};
-use tsa::archive::serial::layout;
+use tsa::archive::record::{StoredRecord, ZERO_HASH};
 use tsa::archive::sqlite::SqliteStore;
 use tsa::archive::store::ArchiveStore;
-use tsa::client::read::Response;
-use tsa::client::Query;
-use tsa::config::Config;
 
-const TSA_BIN: &str = env!("CARGO_BIN_EXE_tsa");
-const INSTANCE: u32 = 1;
+use common::{real_token, Records, INSTANCE};
+
 /// Records per step of the imprint indexer.
 const INDEX_STEP: usize = 8_192;
-
-/// A granted token's DER from a TSA of a fresh development PKI.
-fn real_token() -> Vec<u8> {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let out = Command::new(TSA_BIN)
-        .args(["init", "--algorithm", "p256", "--dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {TSA_BIN}: {e}"));
-    assert!(
-        out.status.success(),
-        "tsa init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let config = Config::load(&dir.path().join("tsa.toml")).expect("the init configuration");
-    let tsa = tsa::server::build(&config).expect("server::build");
-    let query = Query::for_data(DigestAlgorithm::Sha256, b"invoice 42").expect("a query");
-    let reply = tsa
-        .issue(&query.to_der().expect("DER"))
-        .expect("the TSA grants the request");
-    let response = Response::from_der(&reply).expect("a TimeStampResp");
-    response.token.expect("a token").der
-}
-
-/// Makes the records of one chain, as the request path hands them to the writer.
-struct Records {
-    token: Vec<u8>,
-    counter: u64,
-    head: (u64, Hash),
-}
-
-impl Records {
-    fn next_record(&mut self) -> TokenRecord {
-        self.counter += 1;
-        let n = self.counter;
-        let mut imprint = [0u8; 32];
-        for (i, b) in imprint.iter_mut().enumerate() {
-            // Spread like real imprints, so the imprint index takes random pages.
-            *b = (n.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> ((i % 8) * 8)) as u8 ^ i as u8;
-        }
-        TokenRecord {
-            serial: layout::encode(INSTANCE, n, [7; 7]).to_vec(),
-            gen_time_ns: 1_795_000_000_000_000_000 + n * 1_000,
-            accuracy_ns: 1_000_000,
-            imprint_alg: "2.16.840.1.101.3.4.2.1".into(),
-            imprint: imprint.to_vec(),
-            policy: "1.3.6.1.4.1.32473.3161.1".into(),
-            nonce: Some(n.to_be_bytes().to_vec()),
-            client: None,
-            clock: ClockAtIssue {
-                source: "development".into(),
-                state: "synchronized".into(),
-                bound_ns: 1_000_000,
-                sources: String::new(),
-            },
-            token: self.token.clone(),
-        }
-    }
-
-    /// The next `n` records, chained after the head.
-    fn chained(&mut self, n: usize) -> Vec<StoredRecord> {
-        (0..n)
-            .map(|_| {
-                let record = self.next_record();
-                let counter = self.counter;
-                let stored =
-                    StoredRecord::chain(INSTANCE, self.head.0 + 1, counter, record, self.head.1);
-                self.head = (stored.seq, stored.hash);
-                stored
-            })
-            .collect()
-    }
-}
 
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     let token = real_token();
     let mut group = c.benchmark_group("archive");
 
-    let mut records = Records {
-        token: token.clone(),
-        counter: 0,
-        head: (0, ZERO_HASH),
-    };
+    let mut records = Records::new(token.clone());
     group.throughput(Throughput::Elements(1));
     group.bench_function("1_chain", |b| {
         b.iter_batched(
@@ -146,11 +64,7 @@ fn main() {
         std::time::Duration::from_secs(5),
     )
     .expect("the archive database");
-    let mut records = Records {
-        token,
-        counter: 0,
-        head: (0, ZERO_HASH),
-    };
+    let mut records = Records::new(token);
     for n in [1usize, 32, 256] {
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::new("2_append", n), &n, |b, &n| {

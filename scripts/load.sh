@@ -31,6 +31,11 @@
 #   NO_BUILD=1   use target/release/tsa as it is
 #   TSA_BIN      measure this tsa binary instead (an earlier build, for a comparison)
 #   COMMIT_DELAY_US  the archive's [archive] commit_delay_us (group commit window)
+#   BELOW="0.5 0.8"  after the runs, drive the server open-loop (oha -q, latency corrected for
+#                coordinated omission) at each of these fractions of the best rate they reached,
+#                over BELOW_CONNECTIONS (default 32) connections: latency below saturation, where
+#                a closed loop's p99 is the queue it builds itself. Open-loop runs use oha
+#                whatever LOAD_TOOL is, so they send one imprint
 #   OVERLOAD=3   after the runs, drive the server open-loop (oha -q) at 3 × the best rate they
 #                reached, over OVERLOAD_CONNECTIONS (default 256) connections, and print the
 #                goodput (granted tokens/s) as a share of that capacity, and the 503s
@@ -290,7 +295,7 @@ stop_server() {
 
 run_loads() { # mode
   local mode=$1 c out line before after
-  run=0 # runs so far in this mode (rate[] is keyed by it; overload reads it)
+  run=0 # runs so far in this mode (rate[] is keyed by it; open_loop reads it)
   printf '\n%-6s %10s %10s %10s %9s %10s %9s %12s %14s %9s%s\n' conc req/s p50_ms p99_ms requests bad_frac errors cpu_us/token cpu/raw_sign rss_MiB \
     "$([ -n "${hsm_rate:-}" ] && printf ' %12s' 'of_hsm_rate')"
   for c in $CONCURRENCY; do
@@ -326,22 +331,25 @@ run_loads() { # mode
     rate["$mode-$run"]=$(awk '{ print $2 }' "$work/line")
     run=$((run + 1))
   done
-  [ -n "${OVERLOAD:-}" ] && overload "$mode"
+  for fraction in ${BELOW:-}; do open_loop "$mode" "$fraction" "${BELOW_CONNECTIONS:-32}"; done
+  [ -n "${OVERLOAD:-}" ] && open_loop "$mode" "$OVERLOAD" "${OVERLOAD_CONNECTIONS:-256}"
   echo "peak RSS of the server: $(awk '/^VmHWM/ { print $2 / 1024 " MiB" }' "/proc/$server_pid/status")"
 }
 
-# Open loop at OVERLOAD × the best closed-loop rate: what share of that capacity is still
-# served as granted tokens while the excess is refused with 503.
-overload() { # mode
-  local mode=$1 cap=0 c q
-  [ "$LOAD_TOOL" = oha ] || die "OVERLOAD needs oha (-q)"
+# Open loop at a multiple of the best closed-loop rate (the capacity): below it (BELOW), the
+# latency a client sees when the server is not saturated; above it (OVERLOAD), what share of
+# the capacity is still served as granted tokens while the excess is refused with 503.
+open_loop() { # mode multiple connections
+  local mode=$1 multiple=$2 connections=$3 cap=0 q
+  command -v oha >/dev/null && command -v python3 >/dev/null ||
+    die "BELOW and OVERLOAD need oha (-q) and python3"
   for ((k = 0; k < run; k++)); do
     cap=$(awk -v a="$cap" -v b="${rate[$mode-$k]}" 'BEGIN { print (b > a ? b : a) }')
   done
-  q=$(awk -v c="$cap" -v m="$OVERLOAD" 'BEGIN { printf "%d", c * m }')
-  echo "== open loop: $q req/s (${OVERLOAD} × $cap) over ${OVERLOAD_CONNECTIONS:-256} connections, ${DURATION} s"
+  q=$(awk -v c="$cap" -v m="$multiple" 'BEGIN { printf "%d", c * m }')
+  echo "== open loop: $q req/s ($multiple × $cap) over $connections connections, ${DURATION} s"
   taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
-    oha -z "${DURATION}s" -q "$q" -c "${OVERLOAD_CONNECTIONS:-256}" -m POST \
+    oha -z "${DURATION}s" -q "$q" --latency-correction -c "$connections" -m POST \
     -H 'Content-Type: application/timestamp-query' -D "$work/req.tsq" --no-tui \
     --output-format json "$url" | python3 -c '
 import json, sys
@@ -351,10 +359,11 @@ codes = {k: int(v) for k, v in d.get("statusCodeDistribution", {}).items()}
 seconds = d["summary"]["total"]
 p = d.get("latencyPercentiles", {})
 good = codes.get("200", 0) / seconds
-print("offered %.0f/s  granted %.0f/s = %.1f%% of capacity  503: %d  other: %s  p50 %.2f ms  p99 %.2f ms (all replies)"
+print("offered %.0f/s  granted %.0f/s = %.1f%% of capacity  503: %d  other: %s  "
+      "p50 %.2f ms  p99 %.2f ms  p99.9 %.2f ms (all replies)"
       % (sum(codes.values()) / seconds, good, 100 * good / cap, codes.get("503", 0),
          {k: v for k, v in codes.items() if k not in ("200", "503")} or 0,
-         (p.get("p50") or 0) * 1e3, (p.get("p99") or 0) * 1e3))' "$cap"
+         (p.get("p50") or 0) * 1e3, (p.get("p99") or 0) * 1e3, (p.get("p99.9") or 0) * 1e3))' "$cap"
 }
 
 case "${ARCHIVE:-0}" in
