@@ -37,7 +37,8 @@
 #                a closed loop's p99 is the queue it builds itself. Open-loop runs use oha
 #                whatever LOAD_TOOL is, so they send one imprint
 #   OVERLOAD=3   after the runs, drive the server open-loop (oha -q) at 3 × the best rate they
-#                reached, over OVERLOAD_CONNECTIONS (default 256) connections, and print the
+#                reached, over OVERLOAD_CONNECTIONS (default 1024: more than the default
+#                server.max_queue of 256, so that admission refuses) connections, and print the
 #                goodput (granted tokens/s) as a share of that capacity, and the 503s
 #                (admission control: server.max_queue, MAX_QUEUE to set it)
 #
@@ -332,7 +333,7 @@ run_loads() { # mode
     run=$((run + 1))
   done
   for fraction in ${BELOW:-}; do open_loop "$mode" "$fraction" "${BELOW_CONNECTIONS:-32}"; done
-  [ -n "${OVERLOAD:-}" ] && open_loop "$mode" "$OVERLOAD" "${OVERLOAD_CONNECTIONS:-256}"
+  [ -n "${OVERLOAD:-}" ] && open_loop "$mode" "$OVERLOAD" "${OVERLOAD_CONNECTIONS:-1024}"
   echo "peak RSS of the server: $(awk '/^VmHWM/ { print $2 / 1024 " MiB" }' "/proc/$server_pid/status")"
 }
 
