@@ -105,6 +105,10 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 [ "$LOAD_TOOL" = oha ] && { command -v python3 >/dev/null || die "oha's JSON is read with python3"; }
+if [ -n "${BELOW:-}${OVERLOAD:-}" ]; then
+  command -v oha >/dev/null && command -v python3 >/dev/null ||
+    die "BELOW and OVERLOAD need oha (-q; cargo install oha --locked) and python3"
+fi
 
 # Core lists as taskset takes them ("0", "2-5", "0,1"); every core named must exist.
 cores=$(nproc --all)
@@ -342,8 +346,6 @@ run_loads() { # mode
 # the capacity is still served as granted tokens while the excess is refused with 503.
 open_loop() { # mode multiple connections
   local mode=$1 multiple=$2 connections=$3 cap=0 q
-  command -v oha >/dev/null && command -v python3 >/dev/null ||
-    die "BELOW and OVERLOAD need oha (-q) and python3"
   for ((k = 0; k < run; k++)); do
     cap=$(awk -v a="$cap" -v b="${rate[$mode-$k]}" 'BEGIN { print (b > a ? b : a) }')
   done
