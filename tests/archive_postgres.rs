@@ -13,11 +13,11 @@ mod ports;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use archive_support::{archive_cli, get, hex, init, stamp, Conn, Received, Serving};
+use archive_support::{
+    archive_cli, check_received, get, hex, init, stamp, Conn, Load, Received, Serving,
+};
 use tsa::archive::postgres::PostgresStore;
 use tsa::archive::record::StoredRecord;
 use tsa::archive::store::ArchiveStore;
@@ -200,7 +200,8 @@ fn kill_9_under_load_on_postgres_never_reuses_a_serial_nor_loses_a_token() {
         "serial_block = 40\ncheckpoint_interval_s = 1",
     );
     let d = dir.path();
-    let mut received: Vec<Received> = Vec::new();
+    // Per run: the tokens the clients received.
+    let mut received: Vec<Vec<Received>> = Vec::new();
     let mut refused = 0;
     for round in 0..ROUNDS {
         // After a kill the lease stays until it expires (lease_ttl_s = 2): the start is
@@ -217,37 +218,10 @@ fn kill_9_under_load_on_postgres_never_reuses_a_serial_nor_loses_a_token() {
                 Err(e) => panic!("tsa serve did not start: {e}"),
             }
         };
-        let stop = Arc::new(AtomicBool::new(false));
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let clients: Vec<_> = (0..CLIENTS)
-            .map(|c| {
-                let (addr, stop, got) = (server.public.clone(), stop.clone(), got.clone());
-                std::thread::spawn(move || {
-                    let Ok(mut conn) = Conn::open(&addr) else {
-                        return;
-                    };
-                    let mut i = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        let data = format!("round {round} client {c} request {i}");
-                        match stamp(&mut conn, data.as_bytes()) {
-                            Ok(Ok(token)) => got.lock().unwrap().push(token),
-                            Ok(Err(rejection)) => {
-                                panic!("rejected: {:?}", rejection.status_text)
-                            }
-                            Err(_) => return,
-                        }
-                        i += 1;
-                    }
-                })
-            })
-            .collect();
+        let load = Load::start(&server.public, CLIENTS, &format!("round {round}"));
         std::thread::sleep(Duration::from_millis(150 + 40 * round as u64));
         server.kill();
-        stop.store(true, Ordering::Relaxed);
-        for c in clients {
-            c.join().expect("a client thread panicked");
-        }
-        received.extend(std::mem::take(&mut *got.lock().unwrap()));
+        received.push(load.stop());
     }
     assert!(
         refused > 0,
@@ -266,35 +240,17 @@ fn kill_9_under_load_on_postgres_never_reuses_a_serial_nor_loses_a_token() {
         }
     };
     let mut conn = Conn::open(&server.public).unwrap();
-    received.push(stamp(&mut conn, b"after the crashes").unwrap().unwrap());
+    received.push(vec![stamp(&mut conn, b"after the crashes")
+        .unwrap()
+        .unwrap()]);
     server.stop();
-    assert!(
-        received.len() > ROUNDS,
-        "too few tokens: {}",
-        received.len()
-    );
+    let total: usize = received.iter().map(Vec::len).sum();
+    assert!(total > ROUNDS, "too few tokens: {total}");
 
     let mut store = store(d);
     let records = pg::all_records(&mut store, 0);
-    let serials: HashSet<&[u8]> = records.iter().map(|r| r.record.serial.as_slice()).collect();
-    let counters: HashSet<u64> = records.iter().map(|r| r.counter).collect();
-    assert_eq!(serials.len(), records.len(), "a serial is archived twice");
-    assert_eq!(counters.len(), records.len(), "a counter is archived twice");
-    let by_serial: HashMap<&[u8], &StoredRecord> = records
-        .iter()
-        .map(|r| (r.record.serial.as_slice(), r))
-        .collect();
-    let mut seen = HashSet::new();
-    for got in &received {
-        assert!(
-            seen.insert(got.serial.clone()),
-            "two clients got one serial"
-        );
-        let r = by_serial
-            .get(got.serial.as_slice())
-            .expect("a token a client received is not archived");
-        assert_eq!(r.record.token, got.token);
-    }
+    // No serial twice, every received token archived, each run's counters above the last.
+    check_received(&records, &received);
     let opened = store
         .events(0, u64::MAX)
         .unwrap()
@@ -306,9 +262,8 @@ fn kill_9_under_load_on_postgres_never_reuses_a_serial_nor_loses_a_token() {
     assert!(ok, "{report}");
     assert!(report.contains(": OK"), "{report}");
     eprintln!(
-        "{ROUNDS} kills: {} tokens archived, {} received, {refused} refused starts, in {:.1} s",
+        "{ROUNDS} kills: {} tokens archived, {total} received, {refused} refused starts, in {:.1} s",
         records.len(),
-        received.len(),
         started.elapsed().as_secs_f64()
     );
 }

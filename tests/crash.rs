@@ -7,15 +7,14 @@
 
 mod archive_support;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use archive_support::{archive_cli, database, init, open_store, stamp, Conn, Received, Serving};
+use archive_support::{
+    archive_cli, archived_records, check_received, database, init, open_store, stamp, Conn, Load,
+    Received, Serving,
+};
 use tsa::archive::imprints;
 use tsa::archive::record::StoredRecord;
-use tsa::archive::serial::layout;
 use tsa::archive::store::ArchiveStore;
 
 const ROUNDS: usize = 20;
@@ -46,38 +45,10 @@ fn kill_9_under_load_never_reuses_a_serial_nor_loses_a_token() {
 
     for round in 0..ROUNDS {
         let server = Serving::start(d);
-        let stop = Arc::new(AtomicBool::new(false));
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let clients: Vec<_> = (0..CLIENTS)
-            .map(|c| {
-                let (addr, stop, got) = (server.public.clone(), stop.clone(), got.clone());
-                std::thread::spawn(move || {
-                    let Ok(mut conn) = Conn::open(&addr) else {
-                        return;
-                    };
-                    let mut i = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        let data = format!("round {round} client {c} request {i}");
-                        match stamp(&mut conn, data.as_bytes()) {
-                            Ok(Ok(token)) => got.lock().unwrap().push(token),
-                            Ok(Err(rejection)) => {
-                                panic!("rejected: {:?}", rejection.status_text)
-                            }
-                            // The server died under us.
-                            Err(_) => return,
-                        }
-                        i += 1;
-                    }
-                })
-            })
-            .collect();
+        let load = Load::start(&server.public, CLIENTS, &format!("round {round}"));
         std::thread::sleep(Duration::from_millis(80 + rng.below(220)));
         server.kill();
-        stop.store(true, Ordering::Relaxed);
-        for c in clients {
-            c.join().expect("a client thread panicked");
-        }
-        received.push(std::mem::take(&mut *got.lock().unwrap()));
+        received.push(load.stop());
     }
     // A last, clean run: its shutdown signs a checkpoint over everything.
     let server = Serving::start(d);
@@ -93,38 +64,10 @@ fn kill_9_under_load_never_reuses_a_serial_nor_loses_a_token() {
         "too few rounds issued anything ({with_tokens})"
     );
 
+    // No serial twice, every received token archived, each round's counters above the last.
+    let records = archived_records(d);
+    check_received(&records, &received);
     let mut store = open_store(d);
-    let mut records: Vec<StoredRecord> = Vec::new();
-    store
-        .for_each_record(0, 1, &mut |r| {
-            records.push(r);
-            Ok(true)
-        })
-        .unwrap();
-
-    // No serial (and no counter) twice in the archive.
-    let serials: HashSet<&[u8]> = records.iter().map(|r| r.record.serial.as_slice()).collect();
-    let counters: HashSet<u64> = records.iter().map(|r| r.counter).collect();
-    assert_eq!(serials.len(), records.len(), "a serial is archived twice");
-    assert_eq!(counters.len(), records.len(), "a counter is archived twice");
-
-    // Every token a client received is archived, byte for byte, and no two share a serial.
-    let by_serial: HashMap<&[u8], &StoredRecord> = records
-        .iter()
-        .map(|r| (r.record.serial.as_slice(), r))
-        .collect();
-    let mut seen = HashSet::new();
-    for got in received.iter().flatten() {
-        assert!(
-            seen.insert(got.serial.clone()),
-            "two clients got one serial"
-        );
-        let r = by_serial
-            .get(got.serial.as_slice())
-            .unwrap_or_else(|| panic!("a token a client received is not archived"));
-        assert_eq!(r.record.token, got.token);
-        assert_eq!(r.response(), got.response);
-    }
 
     // Every record is found by its imprint: through the imprint index, which each kill
     // interrupted somewhere, and above its watermark through the archive itself.
@@ -210,22 +153,6 @@ fn kill_9_under_load_never_reuses_a_serial_nor_loses_a_token() {
         // Each run's counters stay within what was reserved before it ended.
         max_counter = max_counter.max(first);
     }
-    // The clients' view agrees: each round's serials are above the earlier rounds'.
-    let mut prev_max = 0;
-    for (k, round) in received.iter().enumerate() {
-        let counters: Vec<u64> = round
-            .iter()
-            .map(|t| layout::decode(&t.serial).unwrap().1)
-            .collect();
-        if let (Some(&min), Some(&max)) = (counters.iter().min(), counters.iter().max()) {
-            assert!(
-                min > prev_max,
-                "round {k}: counter {min} not above {prev_max}"
-            );
-            prev_max = max;
-        }
-    }
-
     // The chain survived every kill, and the last checkpoint covers it.
     let (ok, report) = archive_cli(d, &["verify"]);
     assert!(ok, "{report}");

@@ -1,16 +1,25 @@
-//! Shared by `tests/archive.rs` and `tests/crash.rs`: a `tsa serve` process on a state
-//! directory that outlives it (stopped by SIGTERM or SIGKILL), a keep-alive HTTP/1.1 client,
-//! and the archive's database opened read-only.
+//! Shared by the archive's tests: a `tsa serve` process on a state directory that outlives it
+//! (stopped by SIGTERM, SIGKILL or a power cut), a keep-alive HTTP/1.1 client, clients that
+//! stamp until they are told to stop, the archive's database opened read-only, and the check
+//! that every token a client received survived.
 #![allow(dead_code)]
 
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tsa::alg::DigestAlgorithm;
+use tsa::archive::record::StoredRecord;
+use tsa::archive::serial::layout;
 use tsa::archive::sqlite::SqliteStore;
+use tsa::archive::store::ArchiveStore;
 use tsa::client::read::Response;
 use tsa::client::Query;
 
@@ -59,12 +68,22 @@ impl Serving {
 
     /// Starts the server; the error is its standard error when it exits instead.
     pub fn try_start(dir: &Path) -> Result<Serving, String> {
+        Self::try_start_with(dir, &[])
+    }
+
+    /// Starts the server with these variables added to its environment.
+    pub fn start_with(dir: &Path, env: &[(&str, &OsStr)]) -> Serving {
+        Self::try_start_with(dir, env).unwrap_or_else(|e| panic!("tsa serve did not start: {e}"))
+    }
+
+    fn try_start_with(dir: &Path, env: &[(&str, &OsStr)]) -> Result<Serving, String> {
         let mut child = Command::new(TSA)
             .arg("serve")
             .arg("--config")
             .arg(dir.join("tsa.toml"))
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "error")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -116,6 +135,18 @@ impl Serving {
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Waits for the server to end by itself; its exit status, `None` after `timeout`.
+    pub fn wait(mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
     }
 
     /// SIGTERM: the server finishes, signs a last checkpoint and exits.
@@ -276,4 +307,117 @@ pub fn archive_cli(dir: &Path, args: &[&str]) -> (bool, String) {
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Client threads, each on a keep-alive connection of its own, stamping data of their own
+/// until [`Load::stop`] or until the server goes away under them; a rejection fails the test.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    got: Arc<Mutex<Vec<Received>>>,
+    clients: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    /// `clients` threads stamping on `addr`; `label` makes their data unique across loads.
+    pub fn start(addr: &str, clients: usize, label: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let clients = (0..clients)
+            .map(|c| {
+                let (addr, stop, got) = (addr.to_string(), stop.clone(), got.clone());
+                let label = label.to_string();
+                std::thread::spawn(move || {
+                    let Ok(mut conn) = Conn::open(&addr) else {
+                        return;
+                    };
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let data = format!("{label} client {c} request {i}");
+                        match stamp(&mut conn, data.as_bytes()) {
+                            Ok(Ok(token)) => got.lock().unwrap().push(token),
+                            Ok(Err(rejection)) => {
+                                panic!("rejected: {:?}", rejection.status_text)
+                            }
+                            // The server died under us.
+                            Err(_) => return,
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        Load { stop, got, clients }
+    }
+
+    /// Tokens received so far.
+    pub fn received(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    /// Stops the clients; the tokens they received.
+    pub fn stop(self) -> Vec<Received> {
+        self.stop.store(true, Ordering::Relaxed);
+        for c in self.clients {
+            c.join().expect("a client thread panicked");
+        }
+        std::mem::take(&mut *self.got.lock().unwrap())
+    }
+}
+
+/// The SQLite archive's records of instance 0, in chain order.
+pub fn archived_records(dir: &Path) -> Vec<StoredRecord> {
+    let mut records: Vec<StoredRecord> = Vec::new();
+    open_store(dir)
+        .for_each_record(0, 1, &mut |r| {
+            records.push(r);
+            Ok(true)
+        })
+        .unwrap();
+    records
+}
+
+/// Checks the archive's `records` against what clients received, run by run (`received[k]`:
+/// the tokens of the k-th server run): no serial or counter is archived twice, every token a
+/// client received is archived byte for byte (and no two clients got one serial), and each
+/// run's counters are above every earlier run's.
+pub fn check_received(records: &[StoredRecord], received: &[Vec<Received>]) {
+    let serials: HashSet<&[u8]> = records.iter().map(|r| r.record.serial.as_slice()).collect();
+    let counters: HashSet<u64> = records.iter().map(|r| r.counter).collect();
+    assert_eq!(serials.len(), records.len(), "a serial is archived twice");
+    assert_eq!(counters.len(), records.len(), "a counter is archived twice");
+
+    let by_serial: HashMap<&[u8], &StoredRecord> = records
+        .iter()
+        .map(|r| (r.record.serial.as_slice(), r))
+        .collect();
+    let mut seen = HashSet::new();
+    for got in received.iter().flatten() {
+        assert!(
+            seen.insert(got.serial.clone()),
+            "two clients got one serial"
+        );
+        let r = by_serial.get(got.serial.as_slice()).unwrap_or_else(|| {
+            panic!(
+                "a token a client received is not archived (serial {})",
+                hex(&got.serial)
+            )
+        });
+        assert_eq!(r.record.token, got.token);
+        assert_eq!(r.response(), got.response);
+    }
+
+    let mut prev_max = 0;
+    for (k, run) in received.iter().enumerate() {
+        let counters: Vec<u64> = run
+            .iter()
+            .map(|t| layout::decode(&t.serial).unwrap().1)
+            .collect();
+        if let (Some(&min), Some(&max)) = (counters.iter().min(), counters.iter().max()) {
+            assert!(
+                min > prev_max,
+                "run {k}: counter {min} not above {prev_max}"
+            );
+            prev_max = max;
+        }
+    }
 }
