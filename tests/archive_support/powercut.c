@@ -93,6 +93,14 @@ static void note(int fd, off_t offset, size_t len)
 		if (!u->old)
 			abort();
 		ssize_t got = pread(fd, u->old, u->len, offset);
+		if (got < 0 && errno == EBADF) {
+			/* Opened for writing only: read the old octets through a descriptor of
+			 * our own. */
+			int reader = open(u->path, O_RDONLY);
+			got = reader < 0 ? -1 : pread(reader, u->old, u->len, offset);
+			if (reader >= 0)
+				close(reader);
+		}
 		u->len = got > 0 ? (size_t)got : 0;
 	}
 	u->next = newest;
