@@ -67,7 +67,7 @@ fn a_power_cut_under_load_loses_no_token_a_client_received() {
     // Per run: the tokens the clients received.
     let mut received: Vec<Vec<Received>> = Vec::new();
 
-    for round in 0..ROUNDS {
+    for (round, &before_cut) in BEFORE_CUT.iter().enumerate() {
         let server = Serving::start_with(
             d,
             &[
@@ -77,7 +77,7 @@ fn a_power_cut_under_load_loses_no_token_a_client_received() {
         );
         let load = Load::start(&server.public, CLIENTS, &format!("round {round}"));
         let deadline = Instant::now() + Duration::from_secs(30);
-        while load.received() < BEFORE_CUT[round] {
+        while load.received() < before_cut {
             assert!(Instant::now() < deadline, "round {round}: too few tokens");
             std::thread::sleep(Duration::from_millis(5));
         }
