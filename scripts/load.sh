@@ -14,9 +14,11 @@
 #                single-process cryptoki rate (`tsa hsm check`), and the ratio is tokens/s to it
 #   ARCHIVE      0 (default): no archive; 1: the token archive on (`tsa init --archive`: SQLite,
 #                WAL, synchronous=FULL, group commit); both: the same runs with it off, then on,
-#                and the on/off ratio of req/s per concurrency. After the runs with it on: the
-#                tokens archived, how far the imprint index was behind, and how many commits
-#                took over 6.4, 25.6 and 102 ms (each one delays every token waiting for it)
+#                and the on/off ratio of req/s per concurrency. Under each run with it on: the
+#                CPU per token of the archive's threads (writer, imprint indexer, checkpointer).
+#                After the runs with it on: the tokens archived, how far the imprint index was
+#                behind, and how many commits took over 6.4, 25.6 and 102 ms (each one delays
+#                every token waiting for it)
 #   CONCURRENCY  connections per run, space-separated               (default "1 8 32 128")
 #   DURATION     seconds per run                                     (default 10)
 #   IMPRINTS     same | distinct: every request stamps the same imprint, or each another random
@@ -237,6 +239,11 @@ stat_ticks() { # utime + stime of the server process, in clock ticks
   awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$server_pid/stat"
 }
 hz=$(getconf CLK_TCK)
+thread_ticks() { # "name ticks" for each of the archive's threads of the server, summed by name
+  for t in /proc/"$server_pid"/task/*; do
+    awk -v name="$(cat "$t/comm" 2>/dev/null)" '{ sub(/^.*\) /, ""); print name, $12 + $13 }' "$t/stat" 2>/dev/null
+  done | awk '$1 ~ /^tsa-(archive|imprints|checkpoint)$/ { n[$1] += $2 } END { for (k in n) print k, n[k] }'
+}
 
 declare -A rate
 # One server per archive mode: started, checked with one request, loaded at each concurrency,
@@ -306,6 +313,7 @@ run_loads() { # mode
   for c in $CONCURRENCY; do
     kill -0 "$server_pid" 2>/dev/null || die "the server died"
     before=$(stat_ticks)
+    threads_before=$(thread_ticks)
     case "$LOAD_TOOL" in
       wrk)
         out=$(TSQ="$work/req.tsq" IMPRINTS="$IMPRINTS" taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
@@ -318,6 +326,7 @@ run_loads() { # mode
         ;;
     esac
     after=$(stat_ticks)
+    threads_after=$(thread_ticks)
     line=$(grep '^RESULT ' <<<"$out") || { echo "$out" >&2; die "no result from $LOAD_TOOL at c=$c"; }
     # The server's peak RSS so far (VmHWM): runs go up in concurrency, so it is this run's.
     rss=$(awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$server_pid/status")
@@ -332,6 +341,16 @@ run_loads() { # mode
         if (hsm > 0) printf " %11.0f%%", 100 * n / r["seconds"] / hsm
         printf "\n"
       }' <<<"$line" | tee "$work/line"
+    if [ "$mode" = on ]; then
+      # The archive's own threads, per token: the rest of cpu_us/token is the request path.
+      awk -v n="$(awk '{ print $5 }' "$work/line")" -v hz="$hz" '
+        FNR == NR { before[$1] = $2; next }
+        { us[$1] = n > 0 ? ($2 - before[$1]) / hz * 1e6 / n : 0 }
+        END {
+          printf "       archive threads, µs per token: writer %.1f, imprint indexer %.1f, checkpointer %.1f\n",
+            us["tsa-archive"], us["tsa-imprints"], us["tsa-checkpoint"]
+        }' <(echo "$threads_before") <(echo "$threads_after")
+    fi
     # By run, so that a concurrency given twice (a growing archive) keeps both.
     rate["$mode-$run"]=$(awk '{ print $2 }' "$work/line")
     run=$((run + 1))
