@@ -235,13 +235,16 @@ print("RESULT requests=%d seconds=%.3f p50_ms=%.3f p99_ms=%.3f non200=%d notgran
       % (n, s["total"], ms(p.get("p50")), ms(p.get("p99")), n - ok, errors))'
 }
 
-stat_ticks() { # utime + stime of the server process, in clock ticks
-  awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$server_pid/stat"
+ticks() { # utime + stime in clock ticks, from a /proc stat file (after the comm field)
+  awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "$1" 2>/dev/null
+}
+stat_ticks() { # of the server process
+  ticks "/proc/$server_pid/stat"
 }
 hz=$(getconf CLK_TCK)
 thread_ticks() { # "name ticks" for each of the archive's threads of the server, summed by name
   for t in /proc/"$server_pid"/task/*; do
-    awk -v name="$(cat "$t/comm" 2>/dev/null)" '{ sub(/^.*\) /, ""); print name, $12 + $13 }' "$t/stat" 2>/dev/null
+    echo "$(cat "$t/comm" 2>/dev/null) $(ticks "$t/stat")"
   done | awk '$1 ~ /^tsa-(archive|imprints|checkpoint)$/ { n[$1] += $2 } END { for (k in n) print k, n[k] }'
 }
 
@@ -313,7 +316,7 @@ run_loads() { # mode
   for c in $CONCURRENCY; do
     kill -0 "$server_pid" 2>/dev/null || die "the server died"
     before=$(stat_ticks)
-    threads_before=$(thread_ticks)
+    [ "$mode" = on ] && threads_before=$(thread_ticks)
     case "$LOAD_TOOL" in
       wrk)
         out=$(TSQ="$work/req.tsq" IMPRINTS="$IMPRINTS" taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
@@ -326,7 +329,7 @@ run_loads() { # mode
         ;;
     esac
     after=$(stat_ticks)
-    threads_after=$(thread_ticks)
+    [ "$mode" = on ] && threads_after=$(thread_ticks)
     line=$(grep '^RESULT ' <<<"$out") || { echo "$out" >&2; die "no result from $LOAD_TOOL at c=$c"; }
     # The server's peak RSS so far (VmHWM): runs go up in concurrency, so it is this run's.
     rss=$(awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$server_pid/status")

@@ -102,10 +102,11 @@ pub(super) struct Outage {
 /// How often the writer tries the store again while it cannot write.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Room a local store's filesystem must have before an outage counts as over: one
-/// write-ahead log up to its checkpoint (1,000 pages of 4 KiB). On a disk that is still full,
-/// a probe of a few hundred octets can fit where a commit of tokens cannot; without this the
-/// archive would turn healthy and fail again at every probe, and readiness would flap.
+/// Room a local store's filesystem must have before an outage counts as over: the log of some
+/// thousands of tokens (1,000 pages of 4 KiB, SQLite's default checkpoint threshold). On a
+/// disk that is still full, a probe of a few hundred octets can fit where a commit of tokens
+/// cannot; without this the archive would turn healthy and fail again at every probe, and
+/// readiness would flap.
 pub const ROOM_TO_RECOVER: u64 = 4 << 20;
 
 impl Writer {

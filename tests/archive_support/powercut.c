@@ -160,26 +160,26 @@ ssize_t write(int fd, const void *buf, size_t len)
 	return r;
 }
 
-ssize_t pwrite(int fd, const void *buf, size_t len, off_t offset)
+static ssize_t pwrite_with(ssize_t (*real)(int, const void *, size_t, off_t), int fd,
+			   const void *buf, size_t len, off_t offset)
 {
 	if (!regular(fd))
-		return real_pwrite(fd, buf, len, offset);
+		return real(fd, buf, len, offset);
 	pthread_mutex_lock(&lock);
 	note(fd, offset, len);
-	ssize_t r = real_pwrite(fd, buf, len, offset);
+	ssize_t r = real(fd, buf, len, offset);
 	pthread_mutex_unlock(&lock);
 	return r;
 }
 
+ssize_t pwrite(int fd, const void *buf, size_t len, off_t offset)
+{
+	return pwrite_with(real_pwrite, fd, buf, len, offset);
+}
+
 ssize_t pwrite64(int fd, const void *buf, size_t len, off_t offset)
 {
-	if (!regular(fd))
-		return real_pwrite64(fd, buf, len, offset);
-	pthread_mutex_lock(&lock);
-	note(fd, offset, len);
-	ssize_t r = real_pwrite64(fd, buf, len, offset);
-	pthread_mutex_unlock(&lock);
-	return r;
+	return pwrite_with(real_pwrite64, fd, buf, len, offset);
 }
 
 ssize_t writev(int fd, const struct iovec *iov, int n)
