@@ -40,9 +40,10 @@
 #                whatever LOAD_TOOL is, so they send one imprint
 #   OVERLOAD=3   after the runs, drive the server open-loop (oha -q) at 3 × the best rate they
 #                reached, over OVERLOAD_CONNECTIONS (default 1024: more than the default
-#                server.max_queue of 256, so that admission refuses) connections, and print the
-#                goodput (granted tokens/s) as a share of that capacity, and the 503s
-#                (admission control: server.max_queue, MAX_QUEUE to set it)
+#                server.max_queue of 256, so that requests wait for a place or are refused)
+#                connections, and print the goodput (granted tokens/s) as a share of that
+#                capacity, and the 503s (admission control: server.max_queue and
+#                server.queue_wait_ms, MAX_QUEUE and QUEUE_WAIT_MS to set them)
 #
 # Per run it prints requests/s, p50/p99 latency, non-200 and non-granted replies (wrk checks
 # every reply's PKIStatus in Lua; oha reports only HTTP status codes) and the server's CPU time
@@ -265,6 +266,9 @@ start_server() { # mode: off | on
   if [ -n "${MAX_QUEUE:-}" ]; then
     sed -i "s/^\[server\]$/[server]\nmax_queue = $MAX_QUEUE/" "$work/state-$mode/tsa.toml"
   fi
+  if [ -n "${QUEUE_WAIT_MS:-}" ]; then
+    sed -i "s/^\[server\]$/[server]\nqueue_wait_ms = $QUEUE_WAIT_MS/" "$work/state-$mode/tsa.toml"
+  fi
   if [ "${HSM:-0}" = 1 ]; then
     # The token's raw rate through cryptoki in one process, on the server's core.
     hsm_rate=$(taskset -c "$SERVER_CPU" "$TSA" hsm check --config "$work/state-$mode/tsa.toml" \
@@ -367,28 +371,37 @@ run_loads() { # mode
 # latency a client sees when the server is not saturated; above it (OVERLOAD), what share of
 # the capacity is still served as granted tokens while the excess is refused with 503.
 open_loop() { # mode multiple connections
-  local mode=$1 multiple=$2 connections=$3 cap=0 q
+  local mode=$1 multiple=$2 connections=$3 cap=0 q before
   for ((k = 0; k < run; k++)); do
     cap=$(awk -v a="$cap" -v b="${rate[$mode-$k]}" 'BEGIN { print (b > a ? b : a) }')
   done
   q=$(awk -v c="$cap" -v m="$multiple" 'BEGIN { printf "%d", c * m }')
   echo "== open loop: $q req/s ($multiple × $cap) over $connections connections, ${DURATION} s"
+  before=$(stat_ticks)
   taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
     oha -z "${DURATION}s" -q "$q" --latency-correction -c "$connections" -m POST \
     -H 'Content-Type: application/timestamp-query' -D "$work/req.tsq" --no-tui \
-    --output-format json "$url" | python3 -c '
+    --output-format json "$url" >"$work/open.json"
+  python3 - "$cap" $(($(stat_ticks) - before)) "$hz" "$work/open.json" <<'PY'
 import json, sys
-cap = float(sys.argv[1])
-d = json.load(sys.stdin)
+cap, ticks, hz = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+d = json.load(open(sys.argv[4]))
 codes = {k: int(v) for k, v in d.get("statusCodeDistribution", {}).items()}
 seconds = d["summary"]["total"]
 p = d.get("latencyPercentiles", {})
 good = codes.get("200", 0) / seconds
-print("offered %.0f/s  granted %.0f/s = %.1f%% of capacity  503: %d  other: %s  "
-      "p50 %.2f ms  p99 %.2f ms  p99.9 %.2f ms (all replies)"
-      % (sum(codes.values()) / seconds, good, 100 * good / cap, codes.get("503", 0),
+replies = sum(codes.values())
+print("answered %.0f/s  granted %.0f/s = %.1f%% of capacity  503: %d  other: %s  "
+      "p50 %.2f ms  p99 %.2f ms  p99.9 %.2f ms (all replies, from when each was due)"
+      % (replies / seconds, good, 100 * good / cap, codes.get("503", 0),
          {k: v for k, v in codes.items() if k not in ("200", "503")} or 0,
-         (p.get("p50") or 0) * 1e3, (p.get("p99") or 0) * 1e3, (p.get("p99.9") or 0) * 1e3))' "$cap"
+         (p.get("p50") or 0) * 1e3, (p.get("p99") or 0) * 1e3, (p.get("p99.9") or 0) * 1e3))
+# The server's core: how busy, and its CPU per reply; a core far from busy at a goodput
+# below 100 % means the load tool, not the server, set the pace.
+cpu_s = ticks / hz
+print("server core %.0f%% busy, %.1f µs of CPU per reply"
+      % (100 * cpu_s / seconds, cpu_s * 1e6 / replies if replies else 0))
+PY
 }
 
 case "${ARCHIVE:-0}" in

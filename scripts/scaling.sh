@@ -55,9 +55,9 @@ done
 if [ -n "${HSM:-}" ] && [ -x ./hsm-scaling.sh ]; then ./hsm-scaling.sh; fi
 
 # Goodput past capacity (OVERLOAD=1; needs `oha` beside this script or on PATH): slow signers on
-# one server core with max_queue 64, their capacity measured closed-loop, then driven
-# open-loop at 3 × that rate over 1024 connections from cores 8-15: granted tokens/s as a
-# share of capacity, and the 503s.
+# one server core with max_queue 64 (and queue_wait_ms QUEUE_WAIT_MS, default the server's),
+# their capacity measured closed-loop, then driven open-loop at 3 × that rate over 1024
+# connections from cores 8-15: granted tokens/s as a share of capacity, and the 503s.
 if [ -n "${OVERLOAD:-}" ]; then
   PATH=$PWD:$PATH
   oha_run() { taskset -c ${LOAD_CPUS:-8-15} oha --no-tui -m POST -H 'Content-Type: application/timestamp-query' -D q.tsq "$@" http://127.0.0.1:3990/; }
@@ -65,6 +65,7 @@ if [ -n "${OVERLOAD:-}" ]; then
   for alg in ${OVERLOAD_ALGS:-p384 rsa3072}; do
     rm -rf $W/ov; $T init --dir $W/ov --algorithm $alg > /dev/null 2>&1
     sed -i 's/^\[server\]$/[server]\nmax_queue = 64/' $W/ov/tsa.toml
+    [ -n "${QUEUE_WAIT_MS:-}" ] && sed -i "s/^\[server\]$/[server]\nqueue_wait_ms = $QUEUE_WAIT_MS/" $W/ov/tsa.toml
     taskset -c 0 $T serve --config $W/ov/tsa.toml --listen 127.0.0.1:3990 --admin-listen 127.0.0.1:3991 > $W/out 2> $W/err &
     pid=$!; sleep 1.5
     oha_run -z 6s -c 64 > $W/oha.txt

@@ -137,9 +137,12 @@ pub struct ServerConfig {
     pub read_timeout_ms: u64,
     /// Worker threads of the async runtime; 0 means one per core.
     pub workers: usize,
-    /// Time-stamp requests admitted and not yet answered (a batch counts its items); past
-    /// it a request gets 503 with `Retry-After` and a DER systemFailure at once.
+    /// Time-stamp requests admitted and not yet answered (a batch: one per chunk of 64
+    /// items); past it a request waits for a place (`queue_wait_ms`).
     pub max_queue: usize,
+    /// How long a request past `max_queue` waits for a place, first come first served,
+    /// before it gets 503 with `Retry-After` and a DER systemFailure; 0: at once.
+    pub queue_wait_ms: u64,
     /// Open connections (both listeners' public sides together); past it a new connection
     /// gets a fixed 503 and is closed.
     pub max_connections: usize,
@@ -166,6 +169,7 @@ impl Default for ServerConfig {
             read_timeout_ms: 10_000,
             workers: 0,
             max_queue: 256,
+            queue_wait_ms: 1_000,
             max_connections: 4096,
             max_requests_per_connection: 10_000,
             max_header_bytes: 8 * 1024,
@@ -178,6 +182,10 @@ impl Default for ServerConfig {
 impl ServerConfig {
     pub fn read_timeout(&self) -> Duration {
         Duration::from_millis(self.read_timeout_ms)
+    }
+
+    pub fn queue_wait(&self) -> Duration {
+        Duration::from_millis(self.queue_wait_ms)
     }
 }
 

@@ -61,13 +61,10 @@ fn read_to_close(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
     (got, false)
 }
 
-#[test]
-fn past_max_queue_requests_get_503_with_retry_after() {
-    // RSA signs on the blocking lane (one signature per core at a time), so 24 clients
-    // firing at once keep far more than two requests waiting.
-    let server = Server::start(&["--algorithm", "rsa2048"], "[server]\nmax_queue = 2\n");
-    let path = path_of(&server);
-    let clients = 24;
+/// `clients` connections that each post `requests` time-stamp requests in a row, all starting
+/// at once; every reply.
+fn burst(server: &Server, clients: usize, requests: usize) -> Vec<wire::Reply> {
+    let path = path_of(server);
     let barrier = Arc::new(Barrier::new(clients));
     let threads: Vec<_> = (0..clients)
         .map(|i| {
@@ -76,7 +73,7 @@ fn past_max_queue_requests_get_503_with_retry_after() {
                 let mut conn = Conn::open(&url);
                 let mut replies = Vec::new();
                 barrier.wait();
-                for j in 0..8 {
+                for j in 0..requests {
                     let query = query_for(format!("queue {i} {j}").as_bytes());
                     replies.push(conn.post(&path, &query.to_der().unwrap()));
                 }
@@ -84,10 +81,22 @@ fn past_max_queue_requests_get_503_with_retry_after() {
             })
         })
         .collect();
-    let replies: Vec<_> = threads
+    threads
         .into_iter()
         .flat_map(|t| t.join().unwrap())
-        .collect();
+        .collect()
+}
+
+#[test]
+fn past_max_queue_requests_get_503_with_retry_after() {
+    // RSA signs on the blocking lane (one signature per core at a time), so 24 clients
+    // firing at once keep far more than two requests waiting; none may wait for a place.
+    let server = Server::start(
+        &["--algorithm", "rsa2048"],
+        "[server]\nmax_queue = 2\nqueue_wait_ms = 0\n",
+    );
+    let clients = 24;
+    let replies = burst(&server, clients, 8);
 
     let (mut granted, mut refused) = (0, 0);
     for reply in &replies {
@@ -117,6 +126,28 @@ fn past_max_queue_requests_get_503_with_retry_after() {
     // Once the burst is over the queue is empty and the server serves again.
     assert_eq!(metric(&server, "tsa_queue_depth", ""), 0.0);
     assert_serves(&server);
+}
+
+#[test]
+fn past_max_queue_requests_wait_for_a_place_within_queue_wait_ms() {
+    // The same burst, with time to wait: every request past the two admitted waits for a
+    // place instead of being refused, and is served.
+    let server = Server::start(
+        &["--algorithm", "rsa2048"],
+        "[server]\nmax_queue = 2\nqueue_wait_ms = 60000\n",
+    );
+    let replies = burst(&server, 24, 8);
+    assert_eq!(replies.len(), 24 * 8);
+    for reply in &replies {
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert!(decode(reply).granted(), "{reply:?}");
+    }
+    assert_eq!(
+        metric(&server, "tsa_overload_refusals_total", "limit=\"queue\""),
+        0.0
+    );
+    assert_eq!(metric(&server, "tsa_queue_depth", ""), 0.0);
+    assert_eq!(metric(&server, "tsa_queue_waiting", ""), 0.0);
 }
 
 #[test]

@@ -15,7 +15,7 @@
 //! | `POST {path}` without credentials, `[auth] anonymous = false` | 401, `WWW-Authenticate: Bearer realm="tsa"` + DER rejection `badRequest` |
 //! | `POST {path}` with a wrong API key, or a client certificate of no configured client | 401 (also when anonymous access is on) + DER rejection `badRequest` |
 //! | `POST {path}` over the client's quota               | 429, `Retry-After` (seconds) + DER rejection `systemFailure` |
-//! | `POST {path}` while `max_queue` requests wait       | 503, `Retry-After: 1` + DER rejection `systemFailure` ([`super::admission`]) |
+//! | `POST {path}` while `max_queue` requests are admitted, and no place frees within `queue_wait_ms` | 503, `Retry-After: 1` + DER rejection `systemFailure` ([`super::admission`]) |
 //! | a request head over `max_header_bytes` or 100 headers | 431, connection closed (hyper) |
 //! | a new connection while `max_connections` are open   | a fixed 503 `text/plain`, closed unread |
 //! | unparsable HTTP                                     | 400, connection closed (hyper) |
@@ -633,7 +633,7 @@ fn has_media_type(req: &Request<Incoming>, expected: &str) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case(expected))
 }
 
-/// Over `max_queue`: 503, `Retry-After` and a DER systemFailure, at once.
+/// No place in `max_queue` within `queue_wait_ms`: 503, `Retry-After` and a DER systemFailure.
 /// The body is encoded once: under overload most answers are this one, and each should cost
 /// as little as possible beside the requests being signed.
 fn overloaded(tsa: &Tsa) -> (Reply, Outcome) {

@@ -296,6 +296,13 @@ impl Collector for Scraped {
         )?;
         gauge(
             &mut e,
+            "queue_waiting",
+            "Time-stamp requests waiting for a place in the queue (server.queue_wait_ms)",
+            None,
+            &[(none.clone(), tsa.admission.waiting() as f64)],
+        )?;
+        gauge(
+            &mut e,
             "queue_limit",
             "The most requests admitted at once (server.max_queue)",
             None,

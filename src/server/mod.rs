@@ -104,7 +104,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         signer_ok: AtomicBool::new(true),
         blocking_lane: Arc::new(tokio::sync::Semaphore::new(blocking_lane)),
         metrics: metrics::Metrics::default(),
-        admission: admission::Admission::new(config.server.max_queue),
+        admission: admission::Admission::new(config.server.max_queue, config.server.queue_wait()),
         connections: admission::Connections::new(config.server.max_connections),
         auth: ArcSwap::from_pointee(auth::Auth::new(&config.auth)?),
         rollover,

@@ -65,8 +65,9 @@ pub struct SignerStatus {
     /// A planned rollover still to come: its instant (ns), the next key's algorithm and
     /// certificate subject.
     pub next: Option<(u64, &'static str, String)>,
-    /// Requests admitted and not yet answered, and the limit.
-    pub queue: (usize, usize),
+    /// Requests admitted and not yet answered, the limit, and the requests waiting for a
+    /// place.
+    pub queue: (usize, usize, usize),
 }
 
 /// Reads the page's data from the running server.
@@ -113,7 +114,11 @@ pub fn gather(tsa: &Tsa) -> Page {
                         r.issuing.load().certificate().subject(),
                     )
                 }),
-            queue: (tsa.admission.depth(), tsa.admission.max_queue()),
+            queue: (
+                tsa.admission.depth(),
+                tsa.admission.max_queue(),
+                tsa.admission.waiting(),
+            ),
         },
         tokens,
         rejections,
@@ -363,11 +368,11 @@ fn signer_card(h: &mut String, page: &Page) {
             ),
         );
     }
-    let (depth, limit) = s.queue;
+    let (depth, limit, waiting) = s.queue;
     row(
         h,
         "Admission queue",
-        &format!("<span id=\"queue\">{depth} of {limit}</span>"),
+        &format!("<span id=\"queue\">{depth} of {limit}</span>, {waiting} waiting"),
     );
     h.push_str("</table></section>");
 }
@@ -789,7 +794,7 @@ mod tests {
                     "ecdsa-p384-sha384",
                     "CN=Next <2>".into(),
                 )),
-                queue: (3, 256),
+                queue: (3, 256, 0),
             },
             tokens: 145,
             rejections: 9,
