@@ -13,6 +13,7 @@ pub mod archive;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod files;
 pub mod pem;
 pub mod pki;
 pub mod protocol;

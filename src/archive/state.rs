@@ -14,7 +14,6 @@
 //! state directory at once; the kernel drops the lock when the process dies, even by kill -9.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -61,25 +60,11 @@ impl StateFile {
 
     /// Replaces the file atomically and durably.
     pub fn write(&self, state: &SavedState) -> std::io::Result<()> {
-        let dir = self
-            .path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let mut tmp_name = self.path.file_name().unwrap_or_default().to_os_string();
-        tmp_name.push(".tmp");
-        let tmp = dir.join(tmp_name);
-        {
-            let mut file = File::create(&tmp)?;
-            write!(
-                file,
-                "{HEADER}\ninstance_id {}\nreserved_until {}\ngen_time_ns {}\n",
-                state.instance_id, state.reserved_until, state.gen_time_ns
-            )?;
-            file.sync_all()?;
-        }
-        std::fs::rename(&tmp, &self.path)?;
-        File::open(dir)?.sync_all()
+        let text = format!(
+            "{HEADER}\ninstance_id {}\nreserved_until {}\ngen_time_ns {}\n",
+            state.instance_id, state.reserved_until, state.gen_time_ns
+        );
+        crate::files::replace(&self.path, text.as_bytes(), crate::files::PUBLIC)
     }
 }
 

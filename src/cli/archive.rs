@@ -228,7 +228,8 @@ fn get(
         } else {
             latest.response()
         };
-        std::fs::write(out, der).with_context(|| format!("cannot write {}", out.display()))?;
+        tsa::files::replace(out, &der, tsa::files::PUBLIC)
+            .with_context(|| format!("cannot write {}", out.display()))?;
         writeln!(stdout, "written to {}", out.display())?;
     }
     Ok(())

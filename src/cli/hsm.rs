@@ -201,7 +201,7 @@ fn csr(args: &CsrArgs) -> anyhow::Result<()> {
     let session = token::open_session(&module, &config.token_selector(), &config.pin_source()?)?;
     let key = TokenKey::find(&session, &config.key_selector()?)?;
     let pem = token::csr_pem(&key, subject)?;
-    std::fs::write(&args.out, pem)
+    tsa::files::replace(&args.out, pem.as_bytes(), tsa::files::PUBLIC)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     println!(
         "certificate signing request for the {} token key written to {}",
@@ -247,7 +247,8 @@ fn install_cert(args: &InstallCertArgs) -> anyhow::Result<()> {
         .context("the certificate cannot be installed")?;
     let pem = std::fs::read(&args.cert)?;
     if args.cert.canonicalize().ok() != config.certificate.canonicalize().ok() {
-        std::fs::write(&config.certificate, pem)
+        // Replaced whole: a reload, or a start after a crash, never reads half of it.
+        tsa::files::replace(&config.certificate, &pem, tsa::files::PUBLIC)
             .with_context(|| format!("cannot write {}", config.certificate.display()))?;
     }
     println!(

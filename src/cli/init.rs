@@ -1,9 +1,9 @@
 //! `tsa init`: a development PKI (root CA and TSU certificate) and a configuration file.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use tsa::files;
 use tsa::pki::{DevPki, KeyAlgorithm};
 
 #[derive(Debug, clap::Args)]
@@ -66,9 +66,9 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
     } else {
         let pki = DevPki::generate(args.algorithm)?;
         write_secret(&args.dir.join("ca-key.pem"), &pki.ca_key_pem)?;
-        std::fs::write(args.dir.join("ca-cert.pem"), &pki.ca_cert_pem)?;
+        write_public(&args.dir.join("ca-cert.pem"), &pki.ca_cert_pem)?;
         write_secret(&args.dir.join("tsa-key.pem"), &pki.tsu_key_pem)?;
-        std::fs::write(args.dir.join("tsa-cert.pem"), &pki.tsu_cert_pem)?;
+        write_public(&args.dir.join("tsa-cert.pem"), &pki.tsu_cert_pem)?;
         format!(
             r#"[signer]
 kind = "software"
@@ -108,7 +108,7 @@ enabled = {archive}
         admin = args.admin_listen,
         archive = args.archive,
     );
-    std::fs::write(&config_path, config)?;
+    write_public(&config_path, &config)?;
     println!(
         "development PKI ({:?}{}) and configuration written to {}",
         args.algorithm,
@@ -172,11 +172,11 @@ fn hsm_pki(args: &InitArgs, padding: &str) -> anyhow::Result<String> {
             "C=VN,O=Development TSA (not for production),CN=Development Time-Stamping Unit",
         )?,
     )?;
-    std::fs::write(args.dir.join("tsa-csr.pem"), csr)?;
+    write_public(&args.dir.join("tsa-csr.pem"), csr)?;
     let pki = tsa::pki::DevPkiForKey::generate(args.algorithm, &key)?;
     write_secret(&args.dir.join("ca-key.pem"), &pki.ca_key_pem)?;
-    std::fs::write(args.dir.join("ca-cert.pem"), &pki.ca_cert_pem)?;
-    std::fs::write(args.dir.join("tsa-cert.pem"), &pki.tsu_cert_pem)?;
+    write_public(&args.dir.join("ca-cert.pem"), &pki.ca_cert_pem)?;
+    write_public(&args.dir.join("tsa-cert.pem"), &pki.tsu_cert_pem)?;
     let _ = std::fs::remove_file(args.dir.join("tsa-key.pem"));
     Ok(format!(
         r#"[signer]
@@ -203,11 +203,14 @@ rsa_padding = "{padding}"
 fn dev_tls(args: &InitArgs) -> anyhow::Result<(String, String)> {
     let ca_key = std::fs::read_to_string(args.dir.join("ca-key.pem"))?;
     let tls = tsa::pki::DevTls::generate(&ca_key, DEV_CLIENT)?;
-    std::fs::write(args.dir.join("tls-cert.pem"), &tls.server_cert_pem)?;
+    write_public(&args.dir.join("tls-cert.pem"), &tls.server_cert_pem)?;
     write_secret(&args.dir.join("tls-key.pem"), &tls.server_key_pem)?;
-    std::fs::write(args.dir.join("client-ca-cert.pem"), &tls.client_ca_cert_pem)?;
+    write_public(
+        &args.dir.join("client-ca-cert.pem"),
+        &tls.client_ca_cert_pem,
+    )?;
     write_secret(&args.dir.join("client-ca-key.pem"), &tls.client_ca_key_pem)?;
-    std::fs::write(args.dir.join("client-cert.pem"), &tls.client_cert_pem)?;
+    write_public(&args.dir.join("client-cert.pem"), &tls.client_cert_pem)?;
     write_secret(&args.dir.join("client-key.pem"), &tls.client_key_pem)?;
     let fingerprint = tsa::server::auth::PeerCertificate::from_der(&tls.client_cert_der).sha256;
     let https = format!(
@@ -240,15 +243,14 @@ certificate_sha256 = "{fingerprint}"
     Ok((https, auth))
 }
 
+/// Writes a private key (or PIN, or API key) durably, readable by its owner alone.
 pub fn write_secret(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    file.write_all(contents.as_bytes())?;
-    Ok(())
+    files::replace(path, contents.as_bytes(), files::SECRET)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes a certificate, request or configuration durably.
+fn write_public(path: &Path, contents: impl AsRef<[u8]>) -> anyhow::Result<()> {
+    files::replace(path, contents.as_ref(), files::PUBLIC)
+        .with_context(|| format!("cannot write {}", path.display()))
 }

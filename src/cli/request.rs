@@ -132,15 +132,14 @@ pub fn run(args: &RequestArgs) -> anyhow::Result<()> {
     apply_options(args, &mut query)?;
     let der = query.to_der()?;
     if let Some(path) = &args.query_out {
-        std::fs::write(path, &der).with_context(|| format!("cannot write {}", path.display()))?;
+        write(path, &der)?;
     }
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let reply = runtime.block_on(client::post(&endpoint, der))?;
-    std::fs::write(&args.out, &reply)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    write(&args.out, &reply)?;
 
     let response = Response::from_der(&reply)?;
     if let Some(token) = &response.token {
@@ -358,8 +357,11 @@ fn save_reply(
     }
 }
 
+/// Saves a request or a reply whole and durably: a token may be the only proof of time its
+/// owner has.
 fn write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    tsa::files::replace(path, bytes, tsa::files::PUBLIC)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The lines of a file, or of standard input for `-`.

@@ -1,0 +1,89 @@
+//! Files that must survive a crash whole: keys and certificates written by `tsa init` and
+//! `tsa hsm`, tokens saved by `tsa request` and `tsa archive get`, the archive's state file.
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// Permission bits for a private key: the owner alone reads it.
+pub const SECRET: u32 = 0o600;
+/// Permission bits for everything else (the umask applies).
+pub const PUBLIC: u32 = 0o644;
+
+/// Replaces `path` with `contents`, atomically and durably: written to a temporary file
+/// beside it with permission bits `mode`, synced, renamed over `path`, and the directory
+/// synced. A reader, or the file system after a crash, finds the old file or the new one,
+/// never a part of either. A symbolic link at `path` is replaced, not followed.
+pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?;
+    // Hidden, and of this process: two writers of the same file never share one.
+    let mut temporary = OsString::from(".");
+    temporary.push(name);
+    temporary.push(format!(".{}.tmp", std::process::id()));
+    let temporary = dir.join(temporary);
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&temporary)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written?;
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn replaces_the_file_whole_and_leaves_nothing_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tsa-cert.pem");
+        std::fs::write(&path, "old").unwrap();
+        replace(&path, b"new contents", PUBLIC).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new contents");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["tsa-cert.pem"], "no temporary file is left");
+    }
+
+    #[test]
+    fn a_secret_is_readable_by_its_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tsa-key.pem");
+        replace(&path, b"key", SECRET).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_file_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should go: the rename fails.
+        let path = dir.path().join("taken");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("inside"), "kept").unwrap();
+        assert!(replace(&path, b"new", PUBLIC).is_err());
+        assert_eq!(std::fs::read(path.join("inside")).unwrap(), b"kept");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}
