@@ -581,9 +581,9 @@ fn serials_that_cannot_be_reserved_fail_readiness_until_a_probe_reserves_them() 
     let dir = init("serial_block = 4");
     let d = dir.path();
     let server = Serving::start(d);
-    // The state file is replaced through `archive.state.tmp`: a directory there makes every
-    // reservation fail, root or not.
-    let blocker = d.join("archive.state.tmp");
+    // The state file is replaced through `.archive.state.<pid>.tmp` (`tsa::files::replace`):
+    // a directory there makes every reservation fail, root or not.
+    let blocker = d.join(format!(".archive.state.{}.tmp", server.pid()));
     std::fs::create_dir(&blocker).unwrap();
     let mut conn = Conn::open(&server.public).unwrap();
     let mut granted = 0;

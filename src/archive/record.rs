@@ -399,6 +399,24 @@ pub fn hex(bytes: &[u8]) -> String {
 pub(crate) mod tests_support {
     use super::*;
 
+    /// A token-shaped ContentInfo whose certificate set is `cert_len` octets of `fill`.
+    pub(crate) fn token_with_certificates(fill: u8, cert_len: usize) -> Vec<u8> {
+        let mut certs = Vec::new();
+        put_header(&mut certs, 0xa0, cert_len);
+        certs.extend(std::iter::repeat_n(fill, cert_len));
+        let mut signer_infos = Vec::new();
+        put_header(&mut signer_infos, 0x31, 150);
+        signer_infos.extend(std::iter::repeat_n(0x17, 150));
+        let parts: [&[u8]; 5] = [
+            &[0x02, 0x01, 0x03],
+            &[0x31, 0x02, 0x05, 0x00],
+            &[0x30, 0x03, 0x06, 0x01, 0x01],
+            &certs,
+            &signer_infos,
+        ];
+        rebuild(&[0x06, 0x03, 0x2a, 0x86, 0x48], &parts)
+    }
+
     pub(crate) fn sample(token_len: usize) -> TokenRecord {
         TokenRecord {
             serial: vec![1, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 42, 9, 9, 9, 9, 9, 9, 9],
