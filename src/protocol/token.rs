@@ -3,13 +3,12 @@
 //! [`TokenTemplate::new`]; each token encodes only its TSTInfo and messageDigest.
 
 use der::asn1::{IntRef, ObjectIdentifier, OctetStringRef};
-use der::{AnyRef, Decode, Encode, Tag};
+use der::{Decode, Encode, Tag};
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::Certificate;
 
 use super::asn1::{
     Accuracy, EssCertId, EssCertIdV2, IssuerSerial, SigningCertificate, SigningCertificateV2,
-    TstInfo,
 };
 use super::gentime::{GenTime, Precision};
 use super::request::Request;
@@ -107,8 +106,9 @@ impl ToBeSigned {
 pub struct TokenTemplate {
     signature_algorithm: SignatureAlgorithm,
     options: TemplateOptions,
-    /// TSTInfo `tsa`: the GeneralName `directoryName` of the signer's subject.
-    tsa_name: Option<Vec<u8>>,
+    /// TSTInfo's `tsa` field whole: `[0]` around the GeneralName `directoryName` of the
+    /// signer's subject.
+    tsa_field: Option<Vec<u8>>,
     /// contentType and signingCertificate(V2) attributes.
     fixed_attrs: Vec<Vec<u8>>,
     /// Where messageDigest goes among `fixed_attrs` in DER's SET OF order (the order depends
@@ -139,10 +139,11 @@ impl TokenTemplate {
         let tbs = &cert.tbs_certificate();
         let digest = signature_algorithm.digest();
 
-        let tsa_name = options
+        let tsa_field = options
             .include_tsa_name
             .then(|| GeneralName::DirectoryName(tbs.subject().clone()).to_der())
-            .transpose()?;
+            .transpose()?
+            .map(|name| tlv::tlv(tlv::context(0, true), &[&name]));
 
         let issuer_serial = IssuerSerial {
             issuer: vec![GeneralName::DirectoryName(tbs.issuer().clone())],
@@ -219,7 +220,7 @@ impl TokenTemplate {
 
         Ok(Self {
             signature_algorithm,
-            tsa_name,
+            tsa_field,
             fixed_attrs,
             message_digest_at,
             message_digest_head,
@@ -240,6 +241,29 @@ impl TokenTemplate {
     }
 
     /// Builds TSTInfo and the signed attributes over it.
+    /// The DER TSTInfo (`asn1::TstInfo`): each field encoded by `der` into one buffer, the
+    /// precomputed `tsa` field copied, and the SEQUENCE written around them once. (The
+    /// derived encoder of the whole structure computes the nested lengths again at each level
+    /// and needs the `tsa` name parsed back: 2.7 % of a P-256 token's CPU on the server,
+    /// against 2.2 % this way.)
+    fn tst_info(&self, request: &Request<'_>, stamp: &Stamp) -> der::Result<Vec<u8>> {
+        let mut fields = Vec::with_capacity(TST_INFO_FIELDS);
+        1u8.encode_to_vec(&mut fields)?;
+        request.policy.encode_to_vec(&mut fields)?;
+        request.message_imprint.encode_to_vec(&mut fields)?;
+        IntRef::new(stamp.serial.as_bytes())?.encode_to_vec(&mut fields)?;
+        stamp.gen_time.encode_to_vec(&mut fields)?;
+        stamp.accuracy.encode_to_vec(&mut fields)?;
+        // ordering: FALSE, its DEFAULT, so absent.
+        if let Some(nonce) = request.nonce {
+            nonce.encode_to_vec(&mut fields)?;
+        }
+        if let Some(tsa) = &self.tsa_field {
+            fields.extend_from_slice(tsa);
+        }
+        Ok(tlv::tlv(Tag::Sequence, &[&fields]))
+    }
+
     pub fn to_be_signed(
         &self,
         request: &Request<'_>,
@@ -251,26 +275,7 @@ impl TokenTemplate {
                 format!("token encoding failed: {e}"),
             )
         };
-        let tsa = self
-            .tsa_name
-            .as_deref()
-            .map(AnyRef::try_from)
-            .transpose()
-            .map_err(internal)?;
-        let tst_info = TstInfo {
-            version: 1,
-            policy: request.policy,
-            message_imprint: request.message_imprint.clone(),
-            serial_number: IntRef::new(stamp.serial.as_bytes()).map_err(internal)?,
-            gen_time: stamp.gen_time,
-            accuracy: Some(stamp.accuracy),
-            ordering: false,
-            nonce: request.nonce,
-            tsa,
-            extensions: None,
-        }
-        .to_der()
-        .map_err(internal)?;
+        let tst_info = self.tst_info(request, stamp).map_err(internal)?;
 
         let digest = self
             .signature_algorithm
@@ -362,6 +367,9 @@ impl TokenTemplate {
     }
 }
 
+/// Room for a TSTInfo's fields: a SHA-512 imprint, a 20-octet nonce and a long `tsa` name fit.
+const TST_INFO_FIELDS: usize = 384;
+
 /// `id-ct-TSTInfo` (1.2.840.113549.1.9.16.1.4) and `id-signedData` (1.2.840.113549.1.7.2), DER.
 const CT_TST_INFO_DER: &[u8] = &[
     0x06, 0x0b, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x10, 0x01, 0x04,
@@ -386,6 +394,82 @@ fn oid_der(oid: ObjectIdentifier) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::asn1::{MessageImprint, TstInfo};
+
+    /// The TSTInfo written field by field is octet for octet what `der`'s derived encoder
+    /// writes for `asn1::TstInfo`, with and without each optional field.
+    #[test]
+    fn tst_info_is_the_derived_encoding() {
+        use crate::pki::{DevPki, KeyAlgorithm};
+        use der::{AnyRef, DecodePem};
+        use spki::AlgorithmIdentifierRef;
+
+        let pki = DevPki::generate(KeyAlgorithm::P256).unwrap();
+        let cert = Certificate::from_pem(pki.tsu_cert_pem.as_bytes()).unwrap();
+        let subject = GeneralName::DirectoryName(cert.tbs_certificate().subject().clone())
+            .to_der()
+            .unwrap();
+        let imprint = [0xab; 64];
+        let nonce = [0x00, 0x80, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88];
+        for include_tsa_name in [false, true] {
+            let options = TemplateOptions {
+                include_tsa_name,
+                ..TemplateOptions::default()
+            };
+            let template = TokenTemplate::new(
+                &cert.to_der().unwrap(),
+                &[],
+                SignatureAlgorithm::EcdsaP256Sha256,
+                options,
+            )
+            .unwrap();
+            for (with_nonce, parameters, bound_ns) in [
+                (false, None, 0),
+                (true, Some(AnyRef::NULL), 2_500_000_123),
+                (true, None, 999_000),
+            ] {
+                let request = Request {
+                    message_imprint: MessageImprint {
+                        hash_algorithm: AlgorithmIdentifierRef {
+                            oid: oid::SHA512,
+                            parameters,
+                        },
+                        hashed_message: OctetStringRef::new(&imprint).unwrap(),
+                    },
+                    digest: DigestAlgorithm::Sha512,
+                    policy: ObjectIdentifier::new_unwrap("1.3.6.1.4.1.99999.1.2"),
+                    nonce: with_nonce.then(|| IntRef::new(&nonce[1..]).unwrap()),
+                    cert_req: false,
+                };
+                let serial = Serial::from_unsigned(&[0x7f; 20]).unwrap();
+                let stamp = Stamp::new(
+                    1_764_166_669_123_456_789,
+                    bound_ns,
+                    Precision::Micros,
+                    serial,
+                );
+                let derived = TstInfo {
+                    version: 1,
+                    policy: request.policy,
+                    message_imprint: request.message_imprint.clone(),
+                    serial_number: IntRef::new(stamp.serial.as_bytes()).unwrap(),
+                    gen_time: stamp.gen_time,
+                    accuracy: Some(stamp.accuracy),
+                    ordering: false,
+                    nonce: request.nonce,
+                    tsa: include_tsa_name.then(|| AnyRef::from_der(&subject).unwrap()),
+                    extensions: None,
+                }
+                .to_der()
+                .unwrap();
+                assert_eq!(
+                    template.tst_info(&request, &stamp).unwrap(),
+                    derived,
+                    "tsa name {include_tsa_name}, nonce {with_nonce}, bound {bound_ns} ns"
+                );
+            }
+        }
+    }
 
     #[test]
     fn the_oid_constants_are_the_oids() {
