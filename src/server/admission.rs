@@ -17,8 +17,10 @@
 //!
 //! A batch takes one place per chunk of [`super::issue::BATCH_CHUNK`] items, the unit in which
 //! it queues for the signing lane beside single requests; a batch with more chunks than the
-//! whole queue takes all of it, so it runs alone. Past `server.max_connections`, a new
-//! connection gets a fixed 503 and is closed without being read.
+//! whole queue takes all of it, so it runs alone. Batches wait in turn too: one waiting for
+//! its places holds back the requests behind it until it has them, or its wait ends. Past
+//! `server.max_connections`, a new connection gets a fixed 503 and is closed without being
+//! read.
 //!
 //! Why the yield in [`Admission::enter`] matters: a software signer signs on the async worker,
 //! so without it a request would run from its first byte to its response in one poll and
