@@ -7,9 +7,9 @@
 //! overload the server spends its time signing what it admitted, latency stays bounded by
 //! `max_queue / throughput + queue_wait_ms`, and memory by `max_connections`.
 //!
-//! Why wait at all: a refusal costs the server nearly as much HTTP and kernel work as a cheap
-//! token (about 13 µs against a P-384 signature's 108 on one core), and a client that ignores
-//! `Retry-After` asks again at once. Refused at once, a client that keeps 1,024 connections
+//! Why wait at all: a refusal still costs the server about 13 µs of HTTP and kernel work (a
+//! whole P-256 token costs about 31 µs on one core), and a client that ignores `Retry-After`
+//! asks again at once. Refused at once, a client that keeps 1,024 connections
 //! busy at three times the capacity takes a quarter of the core for refusals; waiting, each
 //! connection is refused at most once per `queue_wait_ms`, and every request that a place
 //! reaches in time is served instead of asked again. A balancer that retries a 503 on another
@@ -51,7 +51,8 @@ pub struct Admission {
 
 impl Admission {
     pub fn new(max_queue: usize, wait: Duration) -> Self {
-        let max_queue = max_queue.clamp(1, Semaphore::MAX_PERMITS);
+        // A place count is a u32 to the semaphore.
+        let max_queue = max_queue.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         Self {
             max_queue,
             places: Semaphore::new(max_queue),
@@ -82,7 +83,7 @@ impl Admission {
 
     /// At least one place; a batch larger than the whole queue takes all of it.
     fn places_for(&self, n: usize) -> u32 {
-        // max_queue is at most Semaphore::MAX_PERMITS, below u32::MAX.
+        // max_queue fits a u32 (`new`).
         n.clamp(1, self.max_queue) as u32
     }
 
