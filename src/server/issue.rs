@@ -191,7 +191,7 @@ impl Tsa {
     /// The issuing runs on the blocking pool, so that a batch of thousands never holds an
     /// async worker for long, in chunks that each take a permit of the blocking lane: a batch
     /// splits into at most one chunk per core (or per signer session, for an HSM) until its
-    /// chunks reach [`BATCH_CHUNK`] items, and then into more chunks of that size, which queue
+    /// chunks reach `BATCH_CHUNK` items, and then into more chunks of that size, which queue
     /// for the lane with everyone else's requests. So one batch uses the whole machine, all
     /// batches together use no more threads than the lane has permits, and a request queued
     /// behind a large batch waits for one chunk, not for the whole batch. With the archive the

@@ -1,7 +1,7 @@
 //! The server: it builds the TSA from the configuration and serves it over HTTP.
 //!
-//! [`build`] composes protocol, clock, signer and serials; [`issue`] is the request path;
-//! [`http`] is routing and limits only.
+//! [`build`] composes protocol, clock, signer and serials; `issue` is the request path;
+//! `http` is routing and limits only.
 
 mod admission;
 pub mod auth;
