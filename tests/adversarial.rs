@@ -129,6 +129,34 @@ fn past_max_queue_requests_get_503_with_retry_after() {
 }
 
 #[test]
+fn a_request_that_finds_no_place_within_queue_wait_ms_gets_503() {
+    // RSA-4096 signs in milliseconds; a place is never free within 1 ms of the burst.
+    let server = Server::start(
+        &["--algorithm", "rsa4096"],
+        "[server]\nmax_queue = 1\nqueue_wait_ms = 1\n",
+    );
+    let replies = burst(&server, 12, 3);
+    let refused = replies.iter().filter(|r| r.status == 503).count();
+    for reply in &replies {
+        match reply.status {
+            200 => assert!(decode(reply).granted(), "{reply:?}"),
+            503 => {
+                assert_eq!(reply.header("retry-after"), Some("1"));
+                assert_rejection(reply, FailInfo::SystemFailure);
+            }
+            other => panic!("unexpected status {other}: {reply:?}"),
+        }
+    }
+    assert!(refused > 0, "nobody waited past 1 ms for the one place");
+    assert!(refused < replies.len(), "nothing was admitted");
+    assert_eq!(
+        metric(&server, "tsa_overload_refusals_total", "limit=\"queue\""),
+        refused as f64
+    );
+    assert_eq!(metric(&server, "tsa_queue_waiting", ""), 0.0);
+}
+
+#[test]
 fn past_max_queue_requests_wait_for_a_place_within_queue_wait_ms() {
     // The same burst, with time to wait: every request past the two admitted waits for a
     // place instead of being refused, and is served.
