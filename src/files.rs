@@ -35,7 +35,14 @@ pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
             .create(true)
             .truncate(true)
             .mode(mode)
-            .open(&temporary)?;
+            .open(&temporary)
+            .map_err(|e| {
+                // The directory must be writable, not only the file: say so.
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot create {} beside it: {e}", temporary.display()),
+                )
+            })?;
         file.write_all(contents)?;
         file.sync_all()?;
         std::fs::rename(&temporary, path)
@@ -73,6 +80,17 @@ mod tests {
         replace(&path, b"key", SECRET).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_directory_that_takes_no_new_file_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing-dir").join("tsa-cert.pem");
+        let error = replace(&path, b"new", PUBLIC).unwrap_err();
+        assert!(
+            error.to_string().contains(".tsa-cert.pem."),
+            "the temporary file is named: {error}"
+        );
     }
 
     #[test]
