@@ -256,6 +256,8 @@ fn export(
                 count += 1;
                 Ok(true)
             })?;
+            tsa::files::sync_file_system(dir)
+                .with_context(|| format!("cannot sync {}", dir.display()))?;
             println!("{count} tokens written to {}", dir.display());
         }
         (None, Some(file)) => {
@@ -270,6 +272,10 @@ fn export(
                 Ok(true)
             })?;
             w.flush()?;
+            drop(w);
+            // The file and its name in the directory.
+            tsa::files::sync_file_system(file)
+                .with_context(|| format!("cannot sync {}", file.display()))?;
             println!("{count} tokens written to {}", file.display());
         }
         (None, None) => bail!("give --dir or --jsonl"),
