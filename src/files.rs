@@ -19,10 +19,7 @@ pub const PUBLIC: u32 = 0o644;
 /// synced. A reader, or the file system after a crash, finds the old file or the new one,
 /// never a part of either. A symbolic link at `path` is replaced, not followed.
 pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = directory_of(path);
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?;
@@ -54,6 +51,13 @@ pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     }
     written?;
     File::open(dir)?.sync_all()
+}
+
+/// The directory `path` is in: its parent, or `.` for a bare file name.
+pub fn directory_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// Makes everything written to the file system that holds `path` durable (`syncfs`): one

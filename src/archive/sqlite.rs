@@ -748,10 +748,6 @@ impl ArchiveStore for SqliteStore {
     }
 
     fn free_space(&self) -> Option<u64> {
-        let dir = match self.path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir,
-            _ => Path::new("."),
-        };
-        free_space(dir)
+        free_space(crate::files::directory_of(&self.path))
     }
 }

@@ -240,7 +240,6 @@ impl TokenTemplate {
         self.options.precision
     }
 
-    /// Builds TSTInfo and the signed attributes over it.
     /// The DER TSTInfo (`asn1::TstInfo`): each field encoded by `der` into one buffer, the
     /// precomputed `tsa` field copied, and the SEQUENCE written around them once. (The
     /// derived encoder of the whole structure computes the nested lengths again at each level
@@ -264,6 +263,7 @@ impl TokenTemplate {
         Ok(tlv::tlv(Tag::Sequence, &[&fields]))
     }
 
+    /// Builds TSTInfo and the signed attributes over it.
     pub fn to_be_signed(
         &self,
         request: &Request<'_>,
