@@ -56,6 +56,10 @@ pub struct ArchiveConfig {
     pub backend: ArchiveBackend,
     /// The SQLite database.
     pub database: PathBuf,
+    /// Where a new SQLite archive keeps its token records: `rows` of the database, or `log`:
+    /// append-only files beside it (`archive.tokens/`), which cost a commit a third of the
+    /// CPU. An archive keeps the layout it was made with.
+    pub layout: crate::archive::sqlite::Layout,
     /// The state file (highest reserved serial counter, last genTime); `<file>.lock` beside it.
     pub state_file: PathBuf,
     /// This instance's id, in the serials' high octets; unique among instances.
@@ -98,6 +102,7 @@ impl Default for ArchiveConfig {
             enabled: false,
             backend: ArchiveBackend::Sqlite,
             database: "archive.sqlite".into(),
+            layout: Default::default(),
             state_file: "archive.state".into(),
             instance_id: 0,
             serial_block: 10_000,

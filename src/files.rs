@@ -50,6 +50,11 @@ pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
         let _ = std::fs::remove_file(&temporary);
     }
     written?;
+    sync_directory(dir)
+}
+
+/// Makes the names in directory `dir` durable (files created, renamed or removed in it).
+pub fn sync_directory(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

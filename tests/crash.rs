@@ -15,7 +15,6 @@ use archive_support::{
 };
 use tsa::archive::imprints;
 use tsa::archive::record::StoredRecord;
-use tsa::archive::store::ArchiveStore;
 
 const ROUNDS: usize = 20;
 const CLIENTS: usize = 4;

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use archive_support::{archive_cli, get, init_in, open_store, stamp, Conn, Received, Serving};
 use tsa::archive::record::StoredRecord;
 use tsa::archive::serial::layout;
-use tsa::archive::store::ArchiveStore;
 use tsa::protocol::FailInfo;
 
 /// A tmpfs mounted on a temporary directory, unmounted on drop.

@@ -22,7 +22,6 @@ use archive_support::{
     archive_cli, archived_records, check_received, init, open_store, stamp, Conn, Load, Received,
     Serving,
 };
-use tsa::archive::store::ArchiveStore;
 
 const ROUNDS: usize = 8;
 const CLIENTS: usize = 4;

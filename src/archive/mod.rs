@@ -14,6 +14,7 @@ mod background;
 mod checkpointer;
 pub mod events;
 pub mod imprints;
+pub mod log;
 pub mod postgres;
 mod queue;
 pub mod record;
@@ -537,9 +538,19 @@ fn open_stores(config: &ArchiveConfig) -> anyhow::Result<Stores> {
     }
     let lock = Lock::acquire(&config.state_file)?;
     let busy = Duration::from_millis(config.busy_timeout_ms);
-    let store = SqliteStore::open(&config.database, busy).context("cannot open the archive")?;
-    let reader =
-        SqliteStore::open_read_only(&config.database).context("cannot open the archive")?;
+    let mut store = SqliteStore::open(&config.database, busy).context("cannot open the archive")?;
+    let layout = store
+        .settle_layout(config.layout)
+        .context("cannot open the archive")?;
+    if layout != config.layout {
+        tracing::warn!(
+            archive = %config.database.display(),
+            ?layout,
+            configured = ?config.layout,
+            "the archive keeps the layout it was made with; archive.layout applies to new ones"
+        );
+    }
+    let reader = open_sqlite_read_only(&config.database).context("cannot open the archive")?;
     // Without the checkpointer, the writer checkpoints as often as SQLite's default.
     let checkpointer = match checkpointer::Checkpointer::start(&config.database) {
         Ok(checkpointer) => {
@@ -553,12 +564,11 @@ fn open_stores(config: &ArchiveConfig) -> anyhow::Result<Stores> {
             None
         }
     };
-    Ok((
-        Box::new(store),
-        Box::new(reader),
-        Held::Lock(lock),
-        checkpointer,
-    ))
+    let store: Box<dyn ArchiveStore> = match layout {
+        sqlite::Layout::Rows => Box::new(store),
+        sqlite::Layout::Log => Box::new(log::LogStore::open(store)),
+    };
+    Ok((store, reader, Held::Lock(lock), checkpointer))
 }
 
 /// The backend's name and where its data is (never a password), for the logs.
@@ -574,7 +584,18 @@ pub fn open_read_only(config: &ArchiveConfig) -> anyhow::Result<Box<dyn ArchiveS
     if config.backend == ArchiveBackend::Postgres {
         return Ok(Box::new(postgres::PostgresStore::open_existing(config)?));
     }
-    Ok(Box::new(SqliteStore::open_read_only(&config.database)?))
+    Ok(open_sqlite_read_only(&config.database)?)
+}
+
+/// Opens an existing SQLite archive for reading, in its layout.
+pub fn open_sqlite_read_only(
+    database: &std::path::Path,
+) -> Result<Box<dyn ArchiveStore>, store::StoreError> {
+    let db = SqliteStore::open_read_only(database)?;
+    Ok(match sqlite::layout_of(db.connection())? {
+        sqlite::Layout::Rows => Box::new(db),
+        sqlite::Layout::Log => Box::new(log::LogStore::open_read_only(db)),
+    })
 }
 
 /// Opens the configured archive for writing (the CLI's prune).
@@ -585,10 +606,11 @@ pub fn open_writable(config: &ArchiveConfig) -> anyhow::Result<Box<dyn ArchiveSt
     if !config.database.exists() {
         bail!("{} does not exist", config.database.display());
     }
-    Ok(Box::new(SqliteStore::open(
+    Ok(log::open_sqlite(
         &config.database,
         Duration::from_millis(config.busy_timeout_ms),
-    )?))
+        config.layout,
+    )?)
 }
 
 /// The hex of a record's serial, as look-ups and file names use it.

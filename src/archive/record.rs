@@ -173,25 +173,158 @@ pub fn canonical(
     prev_hash: &Hash,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + r.token.len());
-    out.extend_from_slice(RECORD_DOMAIN);
-    put_u64(&mut out, instance_id.into());
-    put_u64(&mut out, seq);
-    put_bytes(&mut out, &r.serial);
-    put_u64(&mut out, counter);
-    put_u64(&mut out, r.gen_time_ns);
-    put_u64(&mut out, r.accuracy_ns);
-    put_bytes(&mut out, r.imprint_alg.as_bytes());
-    put_bytes(&mut out, &r.imprint);
-    put_bytes(&mut out, r.policy.as_bytes());
-    put_opt(&mut out, r.nonce.as_deref());
-    put_opt(&mut out, r.client.as_ref().map(String::as_bytes));
-    put_bytes(&mut out, r.clock.source.as_bytes());
-    put_bytes(&mut out, r.clock.state.as_bytes());
-    put_u64(&mut out, r.clock.bound_ns);
-    put_bytes(&mut out, r.clock.sources.as_bytes());
-    put_bytes(&mut out, &r.token);
-    out.extend_from_slice(prev_hash);
+    canonical_into(&mut out, instance_id, seq, counter, r, prev_hash);
     out
+}
+
+/// [`canonical`], appended to `out`.
+pub fn canonical_into(
+    out: &mut Vec<u8>,
+    instance_id: u32,
+    seq: u64,
+    counter: u64,
+    r: &TokenRecord,
+    prev_hash: &Hash,
+) {
+    out.extend_from_slice(RECORD_DOMAIN);
+    put_u64(out, instance_id.into());
+    put_u64(out, seq);
+    put_bytes(out, &r.serial);
+    put_u64(out, counter);
+    put_u64(out, r.gen_time_ns);
+    put_u64(out, r.accuracy_ns);
+    put_bytes(out, r.imprint_alg.as_bytes());
+    put_bytes(out, &r.imprint);
+    put_bytes(out, r.policy.as_bytes());
+    put_opt(out, r.nonce.as_deref());
+    put_opt(out, r.client.as_ref().map(String::as_bytes));
+    put_bytes(out, r.clock.source.as_bytes());
+    put_bytes(out, r.clock.state.as_bytes());
+    put_u64(out, r.clock.bound_ns);
+    put_bytes(out, r.clock.sources.as_bytes());
+    put_bytes(out, &r.token);
+    out.extend_from_slice(prev_hash);
+}
+
+/// A record back from its [`canonical`] encoding and its hash (which is not checked here:
+/// [`StoredRecord::computed_hash`] tells); `None` for octets that are not one.
+pub fn decode_canonical(octets: &[u8], hash: Hash) -> Option<StoredRecord> {
+    CanonicalRef::parse(octets).map(|c| c.to_record(hash))
+}
+
+/// The fields of a [`canonical`] encoding, borrowed from it: what a reader that needs only
+/// some of them (a position, an imprint) takes without copying the rest.
+#[derive(Clone, Copy, Debug)]
+pub struct CanonicalRef<'a> {
+    pub instance_id: u32,
+    pub seq: u64,
+    pub serial: &'a [u8],
+    pub counter: u64,
+    pub gen_time_ns: u64,
+    pub accuracy_ns: u64,
+    pub imprint_alg: &'a str,
+    pub imprint: &'a [u8],
+    pub policy: &'a str,
+    pub nonce: Option<&'a [u8]>,
+    pub client: Option<&'a str>,
+    pub clock_source: &'a str,
+    pub clock_state: &'a str,
+    pub clock_bound_ns: u64,
+    pub clock_sources: &'a str,
+    pub token: &'a [u8],
+    pub prev_hash: Hash,
+}
+
+impl<'a> CanonicalRef<'a> {
+    /// `None` for octets that are not a whole canonical encoding.
+    pub fn parse(octets: &'a [u8]) -> Option<Self> {
+        let mut r = Reader(octets.strip_prefix(RECORD_DOMAIN)?);
+        let parsed = Self {
+            instance_id: u32::try_from(r.u64()?).ok()?,
+            seq: r.u64()?,
+            serial: r.bytes()?,
+            counter: r.u64()?,
+            gen_time_ns: r.u64()?,
+            accuracy_ns: r.u64()?,
+            imprint_alg: r.text()?,
+            imprint: r.bytes()?,
+            policy: r.text()?,
+            nonce: r.optional()?,
+            client: match r.optional()? {
+                Some(b) => Some(std::str::from_utf8(b).ok()?),
+                None => None,
+            },
+            clock_source: r.text()?,
+            clock_state: r.text()?,
+            clock_bound_ns: r.u64()?,
+            clock_sources: r.text()?,
+            token: r.bytes()?,
+            prev_hash: Hash::try_from(r.0).ok()?,
+        };
+        Some(parsed)
+    }
+
+    /// The record, with `hash` as its stored hash.
+    pub fn to_record(&self, hash: Hash) -> StoredRecord {
+        StoredRecord {
+            instance_id: self.instance_id,
+            seq: self.seq,
+            counter: self.counter,
+            record: TokenRecord {
+                serial: self.serial.to_vec(),
+                gen_time_ns: self.gen_time_ns,
+                accuracy_ns: self.accuracy_ns,
+                imprint_alg: self.imprint_alg.into(),
+                imprint: self.imprint.to_vec(),
+                policy: self.policy.into(),
+                nonce: self.nonce.map(<[u8]>::to_vec),
+                client: self.client.map(Into::into),
+                clock: ClockAtIssue {
+                    source: self.clock_source.into(),
+                    state: self.clock_state.into(),
+                    bound_ns: self.clock_bound_ns,
+                    sources: self.clock_sources.into(),
+                },
+                token: self.token.to_vec(),
+            },
+            prev_hash: self.prev_hash,
+            hash,
+        }
+    }
+}
+
+/// Reads the fields of [`canonical`] in order.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn optional(&mut self) -> Option<Option<&'a [u8]>> {
+        let len = u32::from_be_bytes(self.take(4)?.try_into().ok()?);
+        if len == u32::MAX {
+            return Some(None);
+        }
+        self.take(len as usize).map(Some)
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        self.optional()?
+    }
+
+    fn text(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.bytes()?).ok()
+    }
 }
 
 /// SHA-256 over [`canonical`].
@@ -442,6 +575,28 @@ pub(crate) mod tests_support {
 mod tests {
     use super::tests_support::sample;
     use super::*;
+
+    #[test]
+    fn the_canonical_encoding_decodes_to_the_record() {
+        let mut with_client = sample(300);
+        with_client.client = Some("e-invoice".into());
+        with_client.nonce = None;
+        for record in [sample(0), sample(1200), with_client] {
+            let stored = StoredRecord::chain(7, 3, 42, record, [5; 32]);
+            let octets = canonical(7, 3, 42, &stored.record, &stored.prev_hash);
+            assert_eq!(
+                decode_canonical(&octets, stored.hash).as_ref(),
+                Some(&stored)
+            );
+            // Cut anywhere, or with an octet more, it is not a record.
+            for cut in [0, 10, octets.len() / 2, octets.len() - 1] {
+                assert_eq!(decode_canonical(&octets[..cut], stored.hash), None, "{cut}");
+            }
+            let mut longer = octets.clone();
+            longer.push(0);
+            assert_eq!(decode_canonical(&longer, stored.hash), None);
+        }
+    }
 
     #[test]
     fn every_field_changes_the_hash() {

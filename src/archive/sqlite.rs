@@ -169,6 +169,107 @@ impl SqliteStore {
     }
 }
 
+/// Where an SQLite archive keeps its token records (`archive_meta` name `layout`, fixed when
+/// the archive is made): rows of `tokens` (every archive made before the log), or the token
+/// log beside the database ([`super::log`]), with everything else in the database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    #[default]
+    Rows,
+    Log,
+}
+
+impl Layout {
+    fn name(self) -> &'static str {
+        match self {
+            Layout::Rows => "rows",
+            Layout::Log => "log",
+        }
+    }
+}
+
+/// The layout of the archive open on `conn` (rows when it names none).
+pub fn layout_of(conn: &Connection) -> Result<Layout, StoreError> {
+    let name: Option<String> = conn
+        .query_row(
+            "SELECT value FROM archive_meta WHERE name = 'layout'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match name.as_deref() {
+        None | Some("rows") => Ok(Layout::Rows),
+        Some("log") => Ok(Layout::Log),
+        Some(other) => Err(StoreError(format!(
+            "unknown archive layout {other:?} (this build knows rows and log)"
+        ))),
+    }
+}
+
+impl SqliteStore {
+    /// The archive's layout; for one that has none yet (new, or made before layouts), `wanted`
+    /// when it holds no token rows, else rows, written down.
+    pub fn settle_layout(&mut self, wanted: Layout) -> Result<Layout, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let named: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM archive_meta WHERE name = 'layout')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !named {
+            let rows: bool =
+                tx.query_row("SELECT EXISTS (SELECT 1 FROM tokens)", [], |r| r.get(0))?;
+            let layout = if rows { Layout::Rows } else { wanted };
+            tx.execute(
+                "INSERT INTO archive_meta (name, value) VALUES ('layout', ?1)",
+                [layout.name()],
+            )?;
+        }
+        let layout = layout_of(&tx)?;
+        tx.commit()?;
+        Ok(layout)
+    }
+
+    /// Each instance's chain anchor position.
+    pub(super) fn anchor_positions(
+        &self,
+    ) -> Result<std::collections::HashMap<u32, u64>, StoreError> {
+        super::imprints::anchors(&self.conn)
+    }
+
+    /// Stores `anchor` as its instance's chain anchor (replacing the last one), durably.
+    pub(super) fn set_anchor(&mut self, anchor: &Anchor) -> Result<(), StoreError> {
+        write_anchor(&self.conn, anchor)
+    }
+
+    /// The archive's database file.
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn write_anchor(conn: &Connection, anchor: &Anchor) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, max_gen_time_ns, \
+         pruned_at_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+         ON CONFLICT (instance_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, \
+         max_counter = excluded.max_counter, max_gen_time_ns = excluded.max_gen_time_ns, \
+         pruned_at_ns = excluded.pruned_at_ns",
+        params![
+            anchor.instance_id,
+            anchor.seq,
+            &anchor.hash[..],
+            anchor.max_counter,
+            anchor.max_gen_time_ns,
+            anchor.pruned_at_ns
+        ],
+    )?;
+    Ok(())
+}
+
 /// How a connection opens its database.
 #[derive(Clone, Copy)]
 pub(super) enum Access {
@@ -292,7 +393,7 @@ fn read_checkpoint(row: &Row<'_>) -> Result<Checkpoint, rusqlite::Error> {
     })
 }
 
-fn read_anchor(row: &Row<'_>) -> Result<Anchor, rusqlite::Error> {
+pub(super) fn read_anchor(row: &Row<'_>) -> Result<Anchor, rusqlite::Error> {
     Ok(Anchor {
         instance_id: row.get(0)?,
         seq: row.get(1)?,
@@ -724,21 +825,7 @@ impl ArchiveStore for SqliteStore {
             max_gen_time_ns: max_gen.max(previous.map_or(0, |a| a.max_gen_time_ns)),
             pruned_at_ns: now_ns(),
         };
-        tx.execute(
-            "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, max_gen_time_ns, \
-             pruned_at_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
-             ON CONFLICT (instance_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, \
-             max_counter = excluded.max_counter, max_gen_time_ns = excluded.max_gen_time_ns, \
-             pruned_at_ns = excluded.pruned_at_ns",
-            params![
-                instance_id,
-                anchor.seq,
-                &anchor.hash[..],
-                anchor.max_counter,
-                anchor.max_gen_time_ns,
-                anchor.pruned_at_ns
-            ],
-        )?;
+        write_anchor(&tx, &anchor)?;
         tx.execute(
             "DELETE FROM tokens WHERE instance_id = ?1 AND seq <= ?2",
             params![instance_id, seq],

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use tsa::alg::DigestAlgorithm;
 use tsa::archive::record::StoredRecord;
 use tsa::archive::serial::layout;
-use tsa::archive::sqlite::SqliteStore;
 use tsa::archive::store::ArchiveStore;
 use tsa::client::read::Response;
 use tsa::client::Query;
@@ -281,8 +280,9 @@ pub fn database(dir: &Path) -> PathBuf {
     dir.join("archive.sqlite")
 }
 
-pub fn open_store(dir: &Path) -> SqliteStore {
-    SqliteStore::open_read_only(&database(dir)).unwrap()
+/// The archive of `dir`, in its layout, for reading.
+pub fn open_store(dir: &Path) -> Box<dyn ArchiveStore> {
+    tsa::archive::open_sqlite_read_only(&database(dir)).unwrap()
 }
 
 /// `tsa archive <args>` on the directory's configuration: (success, stdout + stderr).

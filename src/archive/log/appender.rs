@@ -1,0 +1,261 @@
+//! Appending to one instance's token log: one `write` of a commit's frames and one
+//! `fdatasync` of the segment, then the index entries (not synced).
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::segments::{encode_frame, open_index, scan, segments, Entry, Segment, ENTRY_LEN};
+use crate::archive::record::{ChainHead, StoredRecord};
+
+/// A torn commit is cut off at start; past this many octets of frames that do not check, the
+/// damage is no torn commit (a commit of a thousand tokens is some megabytes) and the start
+/// stops for the operator instead.
+const MAX_TORN: u64 = 32 << 20;
+
+/// The segment being appended to.
+struct Open {
+    segment: Segment,
+    file: File,
+    index: File,
+    /// Where the next frame goes (the end of the good frames).
+    len: u64,
+    /// Where the next index entry goes; `None` once an index write failed (readers then read
+    /// the segment's frames past the index).
+    index_len: Option<u64>,
+}
+
+pub struct Appender {
+    dir: PathBuf,
+    open: Option<Open>,
+    /// The position the next record must have, once a segment is open.
+    next_seq: u64,
+    /// The last record's position and hash.
+    last: Option<ChainHead>,
+    /// A failed commit's frames could not be cut off: cut before the next commit.
+    dirty: bool,
+    /// Segments close at this length.
+    segment_limit: u64,
+    frames: Vec<u8>,
+    entries: Vec<u8>,
+}
+
+impl Appender {
+    /// Opens the log in `dir` (an instance's folder) for appending. The newest segment's frames
+    /// past its index are read and checked; a torn commit at its end (frames cut short or not
+    /// checking, from a crash or a power cut inside a commit, whose requests were never
+    /// answered) is cut off and the cut synced; its index is completed. A newest segment left
+    /// without a good frame is removed. Returns the appender and the chain's last record.
+    pub fn open(dir: &Path, segment_limit: u64) -> io::Result<(Self, Option<StoredRecord>)> {
+        let mut appender = Self {
+            dir: dir.to_owned(),
+            open: None,
+            next_seq: 0,
+            last: None,
+            dirty: false,
+            segment_limit,
+            frames: Vec::new(),
+            entries: Vec::new(),
+        };
+        let mut all = segments(dir)?;
+        while let Some(segment) = all.pop() {
+            let scanned = scan(&segment)?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&segment.path)?;
+            let len = file.metadata()?.len();
+            if scanned.entries.len() < scanned.claimed {
+                return Err(damaged(
+                    &segment,
+                    scanned.end,
+                    "its index lists records past it",
+                ));
+            }
+            if len > scanned.end {
+                if len - scanned.end > MAX_TORN {
+                    return Err(damaged(
+                        &segment,
+                        scanned.end,
+                        "too much follows for a torn commit",
+                    ));
+                }
+                tracing::warn!(
+                    event = "archive_log_torn_tail",
+                    segment = %segment.path.display(),
+                    offset = scanned.end,
+                    octets = len - scanned.end,
+                    "cutting off a commit that did not complete (its requests were not answered)"
+                );
+                file.set_len(scanned.end)?;
+                file.sync_all()?;
+            }
+            let Some(last) = scanned.last else {
+                drop(file);
+                remove_segment(&segment)?;
+                crate::files::sync_directory(dir)?;
+                continue;
+            };
+            let index = open_index(&segment)?;
+            let mut entries = Vec::new();
+            for entry in &scanned.entries[scanned.indexed..] {
+                entry.encode(&mut entries);
+            }
+            let indexed = (scanned.indexed * ENTRY_LEN) as u64;
+            index.set_len(indexed)?;
+            index.write_all_at(&entries, indexed)?;
+            appender.next_seq = last.seq + 1;
+            appender.last = Some(ChainHead {
+                seq: last.seq,
+                hash: last.hash,
+            });
+            appender.open = Some(Open {
+                segment,
+                file,
+                index,
+                len: scanned.end,
+                index_len: Some(indexed + entries.len() as u64),
+            });
+            return Ok((appender, Some(last)));
+        }
+        Ok((appender, None))
+    }
+
+    /// The last record's position and hash.
+    pub fn head(&self) -> Option<ChainHead> {
+        self.last
+    }
+
+    /// Appends `records` (chained, from the next position on) durably: one write of their
+    /// frames and one `fdatasync`. On failure nothing of them stays in the segment.
+    pub fn append(&mut self, records: &[StoredRecord]) -> io::Result<()> {
+        let Some(first) = records.first() else {
+            return Ok(());
+        };
+        if self.open.is_some() && first.seq != self.next_seq {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "record {} does not follow the log's last record {}",
+                    first.seq,
+                    self.next_seq - 1
+                ),
+            ));
+        }
+        if self.dirty {
+            let open = self.open.as_ref().expect("dirty only with a segment open");
+            open.file.set_len(open.len)?;
+            open.file.sync_all()?;
+            self.dirty = false;
+        }
+        if self
+            .open
+            .as_ref()
+            .is_none_or(|o| o.len >= self.segment_limit)
+        {
+            self.roll(first.seq)?;
+        }
+        let open = self.open.as_mut().expect("a segment is open");
+        self.frames.clear();
+        self.entries.clear();
+        for record in records {
+            Entry::of(record, open.len + self.frames.len() as u64).encode(&mut self.entries);
+            encode_frame(record, &mut self.frames);
+        }
+        let written = open
+            .file
+            .write_all_at(&self.frames, open.len)
+            .and_then(|()| open.file.sync_data());
+        if let Err(e) = written {
+            // The records are refused: none of them may stay to be found, or chained to.
+            if open
+                .file
+                .set_len(open.len)
+                .and_then(|()| open.file.sync_all())
+                .is_err()
+            {
+                self.dirty = true;
+            }
+            return Err(e);
+        }
+        open.len += self.frames.len() as u64;
+        let last = &records[records.len() - 1];
+        self.next_seq = last.seq + 1;
+        self.last = Some(ChainHead {
+            seq: last.seq,
+            hash: last.hash,
+        });
+        if let Some(at) = open.index_len {
+            match open.index.write_all_at(&self.entries, at) {
+                Ok(()) => open.index_len = Some(at + self.entries.len() as u64),
+                Err(e) => {
+                    tracing::warn!(
+                        index = %open.segment.index_path().display(),
+                        error = %e,
+                        "the token log's index cannot be written; readers read the frames"
+                    );
+                    open.index_len = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes the open segment (its index synced: closed segments are not checked again at
+    /// start) and starts a new one at `first_seq`, its name synced into the folder.
+    fn roll(&mut self, first_seq: u64) -> io::Result<()> {
+        if let Some(old) = self.open.take() {
+            if old.index_len.is_some() {
+                old.index.sync_all()?;
+            }
+        }
+        if !self.dir.exists() {
+            fs::create_dir_all(&self.dir)?;
+            if let Some(parent) = self.dir.parent() {
+                crate::files::sync_directory(parent)?;
+                if let Some(root) = parent.parent() {
+                    crate::files::sync_directory(root)?;
+                }
+            }
+        }
+        let segment = Segment::new(&self.dir, first_seq);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&segment.path)?;
+        let index = open_index(&segment)?;
+        index.set_len(0)?;
+        crate::files::sync_directory(&self.dir)?;
+        self.next_seq = first_seq;
+        self.open = Some(Open {
+            segment,
+            file,
+            index,
+            len: 0,
+            index_len: Some(0),
+        });
+        Ok(())
+    }
+}
+
+/// Removes a segment and its index.
+pub fn remove_segment(segment: &Segment) -> io::Result<()> {
+    fs::remove_file(&segment.path)?;
+    match fs::remove_file(segment.index_path()) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn damaged(segment: &Segment, offset: u64, why: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "the token log {} is damaged at offset {offset} ({why}): it is not cut off; \
+             restore it from a backup or move it aside",
+            segment.path.display()
+        ),
+    )
+}

@@ -1,0 +1,554 @@
+//! The token log: an SQLite archive's token records in append-only files beside the
+//! database (`archive.layout = "log"`), so that a commit costs one `write` and one
+//! `fdatasync` instead of B-tree work and a write-ahead log (`docs/design/token-log.md`).
+//!
+//! Everything but the token records stays in the database: reservations, events,
+//! checkpoints, chain anchors. The files and their recovery are in [`segments`] and
+//! [`appender`]; [`LogStore`] puts both behind [`ArchiveStore`], so the writer, look-ups,
+//! export, verification and pruning use the log as they use rows.
+
+pub mod appender;
+pub mod segments;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use self::appender::{remove_segment, Appender};
+use self::segments::{dir_for, instance_dir, read_at, scan, Entry, Frames, Segment};
+use super::imprints::{self, Found, ImprintIndex, Source};
+use super::record::{Anchor, CanonicalRef, ChainHead, Checkpoint, EventRecord, Hash, StoredRecord};
+use super::serial::layout;
+use super::sqlite::SqliteStore;
+use super::store::{ArchiveStore, InstanceState, StoreError, Visit};
+
+impl From<io::Error> for StoreError {
+    fn from(e: io::Error) -> Self {
+        StoreError::new(e)
+    }
+}
+
+/// Reads the token log of an archive (the writer's segments, while it writes).
+pub struct LogReader {
+    root: PathBuf,
+}
+
+impl LogReader {
+    /// The log beside the SQLite database `database`.
+    pub fn new(database: &Path) -> Self {
+        Self {
+            root: dir_for(database),
+        }
+    }
+
+    pub fn instances(&self) -> io::Result<Vec<u32>> {
+        segments::instances(&self.root)
+    }
+
+    fn segments(&self, instance_id: u32) -> io::Result<Vec<Segment>> {
+        segments::segments(&instance_dir(&self.root, instance_id))
+    }
+
+    /// The instance's last record.
+    pub fn head(&self, instance_id: u32) -> io::Result<Option<StoredRecord>> {
+        for segment in self.segments(instance_id)?.iter().rev() {
+            if let Some(last) = segments::last_record(segment)? {
+                return Ok(Some(last));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The highest counter and genTime of the instance's records in its last two segments:
+    /// both rise with the position, except among requests in flight together, and older
+    /// segments are pruned behind an anchor that keeps their maxima.
+    pub fn maxima(&self, instance_id: u32) -> io::Result<(Option<u64>, Option<u64>)> {
+        let all = self.segments(instance_id)?;
+        let (mut counter, mut gen_time) = (None, None);
+        for segment in all.iter().rev().take(2) {
+            for e in scan(segment)?.entries {
+                counter = counter.max(Some(e.counter));
+                gen_time = gen_time.max(Some(e.gen_time_ns));
+            }
+        }
+        Ok((counter, gen_time))
+    }
+
+    /// Visits the instance's records from position `from_seq` on, in order, until `visit`
+    /// returns `false`. A record is read as stored (its hash is not checked here:
+    /// verification recomputes it); a frame that is cut short or does not decode ends its
+    /// segment.
+    pub fn for_each_from(
+        &self,
+        instance_id: u32,
+        from_seq: u64,
+        visit: &mut dyn FnMut(StoredRecord) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        self.for_each_ref(instance_id, from_seq, &mut |fields, hash| {
+            visit(fields.to_record(*hash))
+        })
+    }
+
+    /// [`LogReader::for_each_from`] with each record's fields borrowed from its frame.
+    pub fn for_each_ref(
+        &self,
+        instance_id: u32,
+        from_seq: u64,
+        visit: &mut dyn FnMut(&CanonicalRef<'_>, &Hash) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        let all = self.segments(instance_id)?;
+        let start = all
+            .partition_point(|s| s.first_seq <= from_seq)
+            .saturating_sub(1);
+        for (i, segment) in all.iter().enumerate().skip(start) {
+            let offset = if i == start && from_seq > segment.first_seq {
+                match segments::offset_of(segment, from_seq)? {
+                    Some(offset) => offset,
+                    None => continue,
+                }
+            } else {
+                0
+            };
+            let mut frames = Frames::open(segment, offset)?.unchecked();
+            while let Some((_, fields, hash)) = frames.next_ref()? {
+                if fields.seq >= from_seq && !visit(&fields, &hash)? {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The instance's record at position `seq`.
+    pub fn record_at(&self, instance_id: u32, seq: u64) -> io::Result<Option<StoredRecord>> {
+        let all = self.segments(instance_id)?;
+        let Some(segment) = all[..all.partition_point(|s| s.first_seq <= seq)].last() else {
+            return Ok(None);
+        };
+        let Some(offset) = segments::offset_of(segment, seq)? else {
+            return Ok(None);
+        };
+        Ok(read_at(&File::open(&segment.path)?, offset)?
+            .map(|(r, _)| r)
+            .filter(|r| r.seq == seq))
+    }
+
+    /// The instance's record with `counter`. Counters rise with the position except among
+    /// requests in flight together, so it is in the last segment whose first counter is not
+    /// above it, or next to that one.
+    pub fn by_counter(&self, instance_id: u32, counter: u64) -> io::Result<Option<StoredRecord>> {
+        let all = self.segments(instance_id)?;
+        let mut firsts = Vec::with_capacity(all.len());
+        for segment in &all {
+            let first = read_at(&File::open(&segment.path)?, 0)?.map(|(r, _)| r.counter);
+            firsts.push(first.unwrap_or(u64::MAX));
+        }
+        let at = firsts.partition_point(|&c| c <= counter).saturating_sub(1);
+        let candidates = [Some(at), at.checked_add(1), at.checked_sub(1)];
+        for i in candidates.into_iter().flatten().filter(|&i| i < all.len()) {
+            let entries = scan(&all[i])?.entries;
+            if let Some(e) = entries.iter().find(|e| e.counter == counter) {
+                return Ok(read_at(&File::open(&all[i].path)?, e.offset)?.map(|(r, _)| r));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records of every instance with `from_ns <= genTime < to_ns` and a position above the
+    /// instance's anchor, by genTime (then instance and position).
+    pub fn in_time(
+        &self,
+        from_ns: u64,
+        to_ns: u64,
+        anchors: &HashMap<u32, u64>,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError> {
+        let mut found: Vec<(u64, u32, u64, usize, u64)> = Vec::new();
+        let mut files: Vec<PathBuf> = Vec::new();
+        for instance_id in self.instances()? {
+            let anchor = anchors.get(&instance_id).copied().unwrap_or(0);
+            for segment in self.segments(instance_id)? {
+                let entries = scan(&segment)?.entries;
+                let within = |e: &&Entry| {
+                    e.seq > anchor && e.gen_time_ns >= from_ns && e.gen_time_ns < to_ns
+                };
+                let file = files.len();
+                found.extend(
+                    entries
+                        .iter()
+                        .filter(within)
+                        .map(|e| (e.gen_time_ns, instance_id, e.seq, file, e.offset)),
+                );
+                files.push(segment.path);
+            }
+        }
+        found.sort_unstable();
+        let mut open: HashMap<usize, File> = HashMap::new();
+        for (_, _, seq, file, offset) in found {
+            let handle = match open.entry(file) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => v.insert(File::open(&files[file])?),
+            };
+            if let Some((record, _)) = read_at(handle, offset)?.filter(|(r, _)| r.seq == seq) {
+                if !visit(record)? {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The imprint indexer's view of a log archive: the records from the log, the instances and
+/// anchors from the database.
+pub struct LogSource {
+    log: LogReader,
+    archive: Connection,
+}
+
+impl LogSource {
+    pub fn new(database: &Path, archive: Connection) -> Self {
+        Self {
+            log: LogReader::new(database),
+            archive,
+        }
+    }
+}
+
+impl Source for LogSource {
+    fn heads(&self) -> Result<Vec<(u32, Option<u64>)>, StoreError> {
+        let mut ids: Vec<u32> = self
+            .archive
+            .prepare_cached("SELECT instance_id FROM instances")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        ids.extend(self.log.instances()?);
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter()
+            .map(|id| Ok((id, self.log.head(id)?.map(|r| r.seq))))
+            .collect()
+    }
+
+    fn anchors(&self) -> Result<HashMap<u32, u64>, StoreError> {
+        imprints::anchors(&self.archive)
+    }
+
+    fn hash_at(&self, instance_id: u32, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .log
+            .record_at(instance_id, seq)?
+            .map(|r| r.hash.to_vec()))
+    }
+
+    fn imprints_after(
+        &self,
+        instance_id: u32,
+        seq: u64,
+        limit: usize,
+        visit: &mut imprints::VisitImprint<'_>,
+    ) -> Result<(), StoreError> {
+        let mut left = limit;
+        self.log
+            .for_each_ref(instance_id, seq + 1, &mut |fields, hash| {
+                visit(fields.seq, fields.imprint, hash);
+                left -= 1;
+                Ok(left > 0)
+            })
+    }
+}
+
+/// An SQLite archive whose token records are in the log.
+pub struct LogStore {
+    db: SqliteStore,
+    log: LogReader,
+    /// The instance the writer appends to, and its appender (opened, and so recovered, when
+    /// the store is first asked about that instance, or appends to it).
+    appender: Option<(u32, Appender)>,
+    writable: bool,
+    imprints: Option<ImprintIndex>,
+    segment_limit: u64,
+}
+
+impl LogStore {
+    /// Opens (creating it when missing) the archive at `database` for writing.
+    pub fn open(db: SqliteStore) -> Self {
+        let log = LogReader::new(db.path());
+        Self {
+            db,
+            log,
+            appender: None,
+            writable: true,
+            imprints: None,
+            segment_limit: segments::SEGMENT_LIMIT,
+        }
+    }
+
+    /// Segments close at `limit` octets instead of [`segments::SEGMENT_LIMIT`] (tests).
+    pub fn with_segment_limit(self, limit: u64) -> Self {
+        Self {
+            segment_limit: limit,
+            ..self
+        }
+    }
+
+    /// Opens an existing archive for look-ups, export and verification.
+    pub fn open_read_only(db: SqliteStore) -> Self {
+        Self {
+            writable: false,
+            ..Self::open(db)
+        }
+    }
+
+    fn appender(&mut self, instance_id: u32) -> Result<&mut Appender, StoreError> {
+        if self
+            .appender
+            .as_ref()
+            .is_none_or(|(id, _)| *id != instance_id)
+        {
+            let dir = instance_dir(&self.log.root, instance_id);
+            let (appender, _) = Appender::open(&dir, self.segment_limit)?;
+            self.appender = Some((instance_id, appender));
+        }
+        Ok(&mut self.appender.as_mut().expect("opened above").1)
+    }
+
+    fn anchor_of(&self, instance_id: u32) -> Result<u64, StoreError> {
+        Ok(self
+            .db
+            .anchor_positions()?
+            .get(&instance_id)
+            .copied()
+            .unwrap_or(0))
+    }
+}
+
+impl ArchiveStore for LogStore {
+    fn instance(&mut self, instance_id: u32) -> Result<InstanceState, StoreError> {
+        let mut state = self.db.instance(instance_id)?;
+        let head = if self.writable {
+            self.appender(instance_id)?.head()
+        } else {
+            self.log.head(instance_id)?.map(|r| ChainHead {
+                seq: r.seq,
+                hash: r.hash,
+            })
+        };
+        if let Some(head) = head.filter(|h| state.head.is_none_or(|s| h.seq > s.seq)) {
+            state.head = Some(head);
+        }
+        let (counter, gen_time) = self.log.maxima(instance_id)?;
+        state.max_counter = state.max_counter.max(counter);
+        state.max_gen_time_ns = state.max_gen_time_ns.max(gen_time.unwrap_or(0));
+        Ok(state)
+    }
+
+    fn instances(&mut self) -> Result<Vec<u32>, StoreError> {
+        let mut ids = self.db.instances()?;
+        ids.extend(self.log.instances()?);
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    fn reserve(
+        &mut self,
+        instance_id: u32,
+        until: u64,
+        gen_time_floor_ns: u64,
+    ) -> Result<(), StoreError> {
+        self.db.reserve(instance_id, until, gen_time_floor_ns)
+    }
+
+    /// The records go to the log (durable when it returns), then the events to the database.
+    /// When the events fail, the records stay: the writer reports the commit as failed and,
+    /// recovering, reads the head back and chains after them. Counters are not looked up:
+    /// each comes from a block reserved durably beforehand, so none is handed out twice.
+    fn append(
+        &mut self,
+        instance_id: u32,
+        records: &[StoredRecord],
+        events: &[EventRecord],
+    ) -> Result<(), StoreError> {
+        if !self.writable {
+            return Err(StoreError("the archive is open for reading only".into()));
+        }
+        if records.iter().any(|r| r.instance_id != instance_id) {
+            return Err(StoreError("a record of another instance".into()));
+        }
+        self.appender(instance_id)?.append(records)?;
+        if !events.is_empty() {
+            self.db.append(instance_id, &[], events)?;
+        }
+        Ok(())
+    }
+
+    fn add_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+        self.db.add_checkpoint(checkpoint)
+    }
+
+    fn checkpoints(&mut self, instance_id: u32) -> Result<Vec<Checkpoint>, StoreError> {
+        self.db.checkpoints(instance_id)
+    }
+
+    fn record_by_serial(&mut self, serial: &[u8]) -> Result<Option<StoredRecord>, StoreError> {
+        let Some((instance_id, counter)) = layout::decode(serial) else {
+            return Ok(None);
+        };
+        let anchor = self.anchor_of(instance_id)?;
+        Ok(self
+            .log
+            .by_counter(instance_id, counter)?
+            .filter(|r| r.record.serial == serial && r.seq > anchor))
+    }
+
+    /// The positions the imprint index holds, then the records it has not reached yet, read
+    /// from the log above each instance's watermark.
+    fn records_by_imprint(&mut self, imprint: &[u8]) -> Result<Vec<StoredRecord>, StoreError> {
+        let found = self.imprint_lookup(imprint);
+        let anchors = self.db.anchor_positions()?;
+        let above = |r: &StoredRecord| r.seq > anchors.get(&r.instance_id).copied().unwrap_or(0);
+        let mut all = Vec::new();
+        for (instance_id, seq) in &found.positions {
+            if let Some(r) = self.log.record_at(*instance_id, *seq)? {
+                if r.record.imprint == imprint && above(&r) {
+                    all.push(r);
+                }
+            }
+        }
+        for instance_id in self.instances()? {
+            let mark = found.watermarks.get(&instance_id).copied().unwrap_or(0);
+            self.log
+                .for_each_ref(instance_id, mark + 1, &mut |fields, hash| {
+                    if fields.imprint == imprint {
+                        let r = fields.to_record(*hash);
+                        if above(&r) {
+                            all.push(r);
+                        }
+                    }
+                    Ok(true)
+                })?;
+        }
+        all.sort_by(|a, b| {
+            (b.record.gen_time_ns, a.instance_id, b.seq).cmp(&(
+                a.record.gen_time_ns,
+                b.instance_id,
+                a.seq,
+            ))
+        });
+        all.dedup_by_key(|r| (r.instance_id, r.seq));
+        Ok(all)
+    }
+
+    fn for_each_record(
+        &mut self,
+        instance_id: u32,
+        from_seq: u64,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError> {
+        let from_seq = from_seq.max(self.anchor_of(instance_id)? + 1);
+        self.log.for_each_from(instance_id, from_seq, visit)
+    }
+
+    fn for_each_in_time(
+        &mut self,
+        from_ns: u64,
+        to_ns: u64,
+        visit: &mut Visit<'_>,
+    ) -> Result<(), StoreError> {
+        let anchors = self.db.anchor_positions()?;
+        self.log.in_time(from_ns, to_ns, &anchors, visit)
+    }
+
+    fn events(&mut self, from_ns: u64, to_ns: u64) -> Result<Vec<EventRecord>, StoreError> {
+        self.db.events(from_ns, to_ns)
+    }
+
+    /// Removes whole segments, oldest first, while every record of one is older than
+    /// `before_ns`; the segment being written stays. The anchor is stored (synced) before the
+    /// files go, so a crash between the two leaves segments that readers pass over and the
+    /// next pruning removes.
+    fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError> {
+        self.db.prune(instance_id, before_ns)?;
+        let all = self.log.segments(instance_id)?;
+        let previous = self.db.instance(instance_id)?.anchor;
+        let (mut removing, mut last) = (0, None);
+        let (mut max_counter, mut max_gen) =
+            previous.map_or((0, 0), |a| (a.max_counter, a.max_gen_time_ns));
+        for segment in all.iter().take(all.len().saturating_sub(1)) {
+            let scanned = scan(segment)?;
+            if scanned.entries.iter().any(|e| e.gen_time_ns >= before_ns) {
+                break;
+            }
+            for e in &scanned.entries {
+                max_counter = max_counter.max(e.counter);
+                max_gen = max_gen.max(e.gen_time_ns);
+            }
+            last = scanned.last.or(last);
+            removing += 1;
+        }
+        let Some(last) = last.filter(|l| previous.is_none_or(|p| l.seq > p.seq)) else {
+            return Ok(None);
+        };
+        let anchor = Anchor {
+            instance_id,
+            seq: last.seq,
+            hash: last.hash,
+            max_counter,
+            max_gen_time_ns: max_gen,
+            pruned_at_ns: crate::clock::system_unix_ns(),
+        };
+        self.db.set_anchor(&anchor)?;
+        for segment in &all[..removing] {
+            remove_segment(segment)?;
+        }
+        crate::files::sync_directory(&instance_dir(&self.log.root, instance_id))?;
+        Ok(Some(anchor))
+    }
+
+    fn free_space(&self) -> Option<u64> {
+        self.db.free_space()
+    }
+}
+
+impl LogStore {
+    /// What the imprint index holds for `imprint`; nothing (the whole log is read) when there
+    /// is no index or it cannot be read.
+    fn imprint_lookup(&mut self, imprint: &[u8]) -> Found {
+        let path = imprints::path_for(self.db.path());
+        if self.imprints.is_none() {
+            self.imprints = ImprintIndex::open_read_only(&path).ok().flatten();
+        }
+        let Some(index) = &mut self.imprints else {
+            return Found::default();
+        };
+        index.lookup(imprint).unwrap_or_else(|e| {
+            self.imprints = None;
+            tracing::warn!(
+                index = %path.display(),
+                error = %e,
+                "cannot read the imprint index; reading the archive instead"
+            );
+            Found::default()
+        })
+    }
+}
+
+/// Opens the SQLite archive at `database` for writing in its layout (`wanted` for a new one).
+pub fn open_sqlite(
+    database: &Path,
+    busy_timeout: Duration,
+    wanted: super::sqlite::Layout,
+) -> Result<Box<dyn ArchiveStore>, StoreError> {
+    let mut db = SqliteStore::open(database, busy_timeout)?;
+    Ok(match db.settle_layout(wanted)? {
+        super::sqlite::Layout::Rows => Box::new(db),
+        super::sqlite::Layout::Log => Box::new(LogStore::open(db)),
+    })
+}

@@ -1,0 +1,420 @@
+//! The token log's files: each instance's records in append-only segments of self-checking
+//! frames, and beside each segment an index of where its frames start.
+//!
+//! ```text
+//! archive.tokens/<instance_id>/<first_seq, 20 digits>.log   frames, synced at every commit
+//! archive.tokens/<instance_id>/<first_seq, 20 digits>.idx   entries, written after the sync
+//! ```
+//!
+//! A frame is a 4-octet big-endian length, the record's canonical chain encoding
+//! (`record::canonical`) and the record's 32-octet hash: the hash is recomputed when the frame
+//! is read, so a torn or altered frame is told apart without a checksum of its own. An index
+//! entry is four big-endian u64: the record's position, its frame's offset, its counter and
+//! its genTime. The index is derived data: it is written after the segment's sync and never
+//! synced itself (except when its segment is closed), so a reader takes its entries only while
+//! they agree with the positions, and reads the frames past them from the segment.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::archive::record::{
+    canonical_into, decode_canonical, sha256, CanonicalRef, Hash, StoredRecord,
+};
+
+/// A segment takes no new commit once it is this long.
+pub const SEGMENT_LIMIT: u64 = 64 << 20;
+
+/// A frame's body is never longer (a token with a long certificate chain is some kilobytes).
+const MAX_BODY: usize = 16 << 20;
+
+/// Octets of a frame around its body: the length and the hash.
+const FRAME_OVERHEAD: usize = 4 + 32;
+
+/// Octets of an index entry.
+pub const ENTRY_LEN: usize = 32;
+
+/// The log beside the SQLite database `database`: `archive.tokens` for `archive.sqlite`.
+pub fn dir_for(database: &Path) -> PathBuf {
+    database.with_extension("tokens")
+}
+
+/// The folder of one instance's segments.
+pub fn instance_dir(root: &Path, instance_id: u32) -> PathBuf {
+    root.join(instance_id.to_string())
+}
+
+/// The instances that have a folder in the log, in order.
+pub fn instances(root: &Path) -> io::Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    match fs::read_dir(root) {
+        Ok(dir) => {
+            for entry in dir {
+                if let Some(id) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
+                    ids.push(id);
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// One segment: its first position and its files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub first_seq: u64,
+    pub path: PathBuf,
+}
+
+impl Segment {
+    pub fn new(dir: &Path, first_seq: u64) -> Self {
+        Self {
+            first_seq,
+            path: dir.join(format!("{first_seq:020}.log")),
+        }
+    }
+
+    pub fn index_path(&self) -> PathBuf {
+        self.path.with_extension("idx")
+    }
+}
+
+/// The segments in `dir` (an instance's folder), by first position; none when it is missing.
+pub fn segments(dir: &Path) -> io::Result<Vec<Segment>> {
+    let mut found = Vec::new();
+    match fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let name = entry?.file_name();
+                let first = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".log"))
+                    .and_then(|n| n.parse().ok());
+                if let Some(first_seq) = first {
+                    found.push(Segment::new(dir, first_seq));
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    found.sort_unstable_by_key(|s| s.first_seq);
+    Ok(found)
+}
+
+/// Where a record's frame is, with what look-ups by counter and time need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub seq: u64,
+    pub offset: u64,
+    pub counter: u64,
+    pub gen_time_ns: u64,
+}
+
+impl Entry {
+    pub fn of(record: &StoredRecord, offset: u64) -> Self {
+        Self {
+            seq: record.seq,
+            offset,
+            counter: record.counter,
+            gen_time_ns: record.record.gen_time_ns,
+        }
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        for v in [self.seq, self.offset, self.counter, self.gen_time_ns] {
+            out.extend_from_slice(&v.to_be_bytes());
+        }
+    }
+
+    fn decode(b: &[u8]) -> Self {
+        let v = |i: usize| u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 octets"));
+        Self {
+            seq: v(0),
+            offset: v(1),
+            counter: v(2),
+            gen_time_ns: v(3),
+        }
+    }
+}
+
+/// Appends `record`'s frame to `out`.
+pub fn encode_frame(record: &StoredRecord, out: &mut Vec<u8>) {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    canonical_into(
+        out,
+        record.instance_id,
+        record.seq,
+        record.counter,
+        &record.record,
+        &record.prev_hash,
+    );
+    let len = u32::try_from(out.len() - at - 4).expect("a record is far below 4 GiB");
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&record.hash);
+}
+
+/// A frame read back: the record, checked against its hash, and the frame's length.
+fn decode_frame(len: usize, body_and_hash: &[u8]) -> Option<StoredRecord> {
+    let (body, hash) = body_and_hash.split_at(len);
+    let hash = Hash::try_from(hash).ok()?;
+    if sha256(body) != hash {
+        return None;
+    }
+    decode_canonical(body, hash)
+}
+
+/// Reads the frames of a segment one after the other.
+pub struct Frames {
+    reader: BufReader<File>,
+    offset: u64,
+    end: u64,
+    body: Vec<u8>,
+    /// Whether a frame's hash is checked (else a record is taken as it decodes).
+    checked: bool,
+}
+
+impl Frames {
+    /// The frames of `file` from `offset` on, up to `end` (the length it had when opened).
+    pub fn new(file: File, offset: u64) -> io::Result<Self> {
+        use std::io::Seek;
+        let end = file.metadata()?.len();
+        let mut reader = BufReader::with_capacity(256 << 10, file);
+        reader.seek(io::SeekFrom::Start(offset))?;
+        Ok(Self {
+            reader,
+            offset,
+            end,
+            body: Vec::new(),
+            checked: true,
+        })
+    }
+
+    pub fn open(segment: &Segment, offset: u64) -> io::Result<Self> {
+        Self::new(File::open(&segment.path)?, offset)
+    }
+
+    /// Frames taken as they decode, their hashes not checked: for verification, which
+    /// recomputes them and reports a record that was altered.
+    pub fn unchecked(self) -> Self {
+        Self {
+            checked: false,
+            ..self
+        }
+    }
+
+    /// Where the next frame starts (after the last one read).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The next frame, borrowed: its offset, its fields and its stored hash; `None` at the
+    /// end of the segment or at the first frame that is cut short or does not check (a commit
+    /// that never completed).
+    pub fn next_ref(&mut self) -> io::Result<Option<(u64, CanonicalRef<'_>, Hash)>> {
+        if self.end - self.offset < FRAME_OVERHEAD as u64 {
+            return Ok(None);
+        }
+        let mut len = [0u8; 4];
+        self.reader.read_exact(&mut len)?;
+        let len = u32::from_be_bytes(len) as usize;
+        let next = self.offset + (len + FRAME_OVERHEAD) as u64;
+        if len > MAX_BODY || next > self.end {
+            return Ok(None);
+        }
+        self.body.resize(len + 32, 0);
+        self.reader.read_exact(&mut self.body)?;
+        let (body, hash) = self.body.split_at(len);
+        let hash = Hash::try_from(hash).expect("32 octets");
+        if self.checked && sha256(body) != hash {
+            return Ok(None);
+        }
+        let Some(fields) = CanonicalRef::parse(body) else {
+            return Ok(None);
+        };
+        let at = std::mem::replace(&mut self.offset, next);
+        Ok(Some((at, fields, hash)))
+    }
+
+    /// [`Frames::next_ref`], as an owned record.
+    pub fn next_frame(&mut self) -> io::Result<Option<(u64, StoredRecord)>> {
+        Ok(self
+            .next_ref()?
+            .map(|(at, fields, hash)| (at, fields.to_record(hash))))
+    }
+}
+
+/// The record whose frame starts at `offset` in `file`, and the frame's length; `None` when no
+/// good frame is there.
+pub fn read_at(file: &File, offset: u64) -> io::Result<Option<(StoredRecord, u64)>> {
+    let mut len = [0u8; 4];
+    match file.read_exact_at(&mut len, offset) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_BODY {
+        return Ok(None);
+    }
+    let mut body = vec![0u8; len + 32];
+    match file.read_exact_at(&mut body, offset + 4) {
+        Ok(()) => Ok(decode_frame(len, &body).map(|r| (r, (len + FRAME_OVERHEAD) as u64))),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The entries of the index file beside `segment` while they agree with the positions (the
+/// first at `first_seq`, each the next, offsets rising below `segment_len`).
+fn indexed_entries(segment: &Segment, segment_len: u64) -> io::Result<Vec<Entry>> {
+    let octets = match fs::read(segment.index_path()) {
+        Ok(o) => o,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut entries: Vec<Entry> = Vec::with_capacity(octets.len() / ENTRY_LEN);
+    for chunk in octets.chunks_exact(ENTRY_LEN) {
+        let entry = Entry::decode(chunk);
+        let agrees = match entries.last() {
+            None => entry.seq == segment.first_seq && entry.offset == 0,
+            Some(last) => entry.seq == last.seq + 1 && entry.offset > last.offset,
+        };
+        if !agrees || entry.offset >= segment_len {
+            break;
+        }
+        entries.push(entry);
+    }
+    Ok(entries)
+}
+
+/// What [`scan`] found in a segment.
+pub struct Scanned {
+    /// Every good frame's entry, in order.
+    pub entries: Vec<Entry>,
+    /// How many of them the index file held.
+    pub indexed: usize,
+    /// How many records the index file lists (more than `entries` when frames it lists do
+    /// not check: damage, not a torn commit, since entries are written after the sync).
+    pub claimed: usize,
+    /// The last good frame's record.
+    pub last: Option<StoredRecord>,
+    /// Where the good frames end.
+    pub end: u64,
+}
+
+/// The entries of `segment`: its index file's, then those of the frames past them, read and
+/// checked (hash, position, chain) up to the first that is cut short or does not check.
+pub fn scan(segment: &Segment) -> io::Result<Scanned> {
+    let file = File::open(&segment.path)?;
+    let len = file.metadata()?.len();
+    let mut entries = indexed_entries(segment, len)?;
+    let (indexed, claimed) = (entries.len(), entries.len());
+    // The last indexed frame is read again: its length says where the next one starts, its
+    // hash what the next one chains to (and a frame that does not check voids the index).
+    let (start, mut last) = match entries.last() {
+        Some(entry) => match read_at(&file, entry.offset)? {
+            Some((record, len)) if record.seq == entry.seq => (entry.offset + len, Some(record)),
+            _ => {
+                entries.clear();
+                (0, None)
+            }
+        },
+        None => (0, None),
+    };
+    let indexed = indexed.min(entries.len());
+    let mut frames = Frames::new(file, start)?;
+    while let Some((offset, record)) = frames.next_frame()? {
+        let expected = entries.last().map_or(segment.first_seq, |e| e.seq + 1);
+        let chained = last.as_ref().is_none_or(|l| record.prev_hash == l.hash);
+        if record.seq != expected || !chained {
+            break;
+        }
+        entries.push(Entry::of(&record, offset));
+        last = Some(record);
+    }
+    Ok(Scanned {
+        entries,
+        indexed,
+        claimed,
+        last,
+        end: frames.offset(),
+    })
+}
+
+/// Opens a segment's index for appending entries.
+pub fn open_index(segment: &Segment) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(segment.index_path())
+}
+
+/// The index entry for position `i` of `segment`, when its index has one.
+fn indexed_entry(segment: &Segment, i: u64) -> io::Result<Option<Entry>> {
+    let index = match File::open(segment.index_path()) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut octets = [0u8; ENTRY_LEN];
+    match index.read_exact_at(&mut octets, i * ENTRY_LEN as u64) {
+        Ok(()) => Ok(Some(Entry::decode(&octets))),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Where the frame of position `seq` starts in `segment`: from its index entry when that
+/// entry and the frame it points at agree, else from a [`scan`].
+pub fn offset_of(segment: &Segment, seq: u64) -> io::Result<Option<u64>> {
+    let Some(i) = seq.checked_sub(segment.first_seq) else {
+        return Ok(None);
+    };
+    if let Some(entry) = indexed_entry(segment, i)?.filter(|e| e.seq == seq) {
+        let file = File::open(&segment.path)?;
+        if read_at(&file, entry.offset)?.is_some_and(|(r, _)| r.seq == seq) {
+            return Ok(Some(entry.offset));
+        }
+    }
+    Ok(scan(segment)?
+        .entries
+        .iter()
+        .find(|e| e.seq == seq)
+        .map(|e| e.offset))
+}
+
+/// The last good record of `segment`: from its index's last entry and the frames past it,
+/// else from a [`scan`].
+pub fn last_record(segment: &Segment) -> io::Result<Option<StoredRecord>> {
+    let indexed = match fs::metadata(segment.index_path()) {
+        Ok(m) => m.len() / ENTRY_LEN as u64,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    if let Some(entry) = match indexed.checked_sub(1) {
+        Some(i) => indexed_entry(segment, i)?.filter(|e| e.seq == segment.first_seq + i),
+        None => None,
+    } {
+        let file = File::open(&segment.path)?;
+        if let Some((mut last, len)) =
+            read_at(&file, entry.offset)?.filter(|(r, _)| r.seq == entry.seq)
+        {
+            let mut frames = Frames::new(file, entry.offset + len)?;
+            while let Some((_, next)) = frames.next_frame()? {
+                if next.seq != last.seq + 1 || next.prev_hash != last.hash {
+                    break;
+                }
+                last = next;
+            }
+            return Ok(Some(last));
+        }
+    }
+    Ok(scan(segment)?.last)
+}

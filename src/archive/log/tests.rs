@@ -1,0 +1,370 @@
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::appender::Appender;
+use super::segments::{self, dir_for, instance_dir, Segment};
+use super::*;
+use crate::archive::record::tests_support::sample;
+use crate::archive::record::{ChainHead, EventRecord, ZERO_HASH};
+use crate::archive::sqlite::{Layout, SqliteStore};
+
+/// Small segments, so that a few records span several.
+const LIMIT: u64 = 2 << 10;
+
+struct Log {
+    _dir: tempfile::TempDir,
+    database: PathBuf,
+    head: ChainHead,
+    records: Vec<StoredRecord>,
+}
+
+impl Log {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let database = dir.path().join("archive.sqlite");
+        Self {
+            _dir: dir,
+            database,
+            head: ChainHead::EMPTY,
+            records: Vec::new(),
+        }
+    }
+
+    fn dir(&self) -> PathBuf {
+        instance_dir(&dir_for(&self.database), 0)
+    }
+
+    /// `n` new records after the head, counters 10 × position (genTimes rising the same way).
+    fn chain(&mut self, n: usize) -> Vec<StoredRecord> {
+        (0..n)
+            .map(|_| {
+                let seq = self.head.seq + 1;
+                let mut r = sample(700);
+                r.serial = layout::encode(0, 10 * seq, [7; 7]).to_vec();
+                r.gen_time_ns += seq * 1_000;
+                r.imprint = vec![seq as u8; 32];
+                r.token[0] = seq as u8;
+                let stored = StoredRecord::chain(0, seq, 10 * seq, r, self.head.hash);
+                self.head = ChainHead {
+                    seq,
+                    hash: stored.hash,
+                };
+                self.records.push(stored.clone());
+                stored
+            })
+            .collect()
+    }
+
+    fn reader(&self) -> LogReader {
+        LogReader::new(&self.database)
+    }
+
+    fn all(&self) -> Vec<StoredRecord> {
+        let mut all = Vec::new();
+        self.reader()
+            .for_each_from(0, 1, &mut |r| {
+                all.push(r);
+                Ok(true)
+            })
+            .unwrap();
+        all
+    }
+}
+
+fn open(dir: &Path) -> (Appender, Option<StoredRecord>) {
+    Appender::open(dir, LIMIT).unwrap()
+}
+
+fn segment_files(dir: &Path) -> Vec<Segment> {
+    segments::segments(dir).unwrap()
+}
+
+#[test]
+fn records_read_back_by_position_counter_and_time_across_segments() {
+    let mut log = Log::new();
+    let (mut appender, last) = open(&log.dir());
+    assert!(last.is_none(), "a new log is empty");
+    for n in [3, 1, 4, 2, 5] {
+        let commit = log.chain(n);
+        appender.append(&commit).unwrap();
+    }
+    assert!(segment_files(&log.dir()).len() > 2, "the segments rolled");
+    assert_eq!(log.all(), log.records);
+
+    let reader = log.reader();
+    assert_eq!(reader.head(0).unwrap().as_ref(), log.records.last());
+    assert_eq!(reader.instances().unwrap(), [0]);
+    for r in &log.records {
+        assert_eq!(reader.record_at(0, r.seq).unwrap().as_ref(), Some(r));
+        assert_eq!(reader.by_counter(0, r.counter).unwrap().as_ref(), Some(r));
+    }
+    assert_eq!(reader.by_counter(0, 11).unwrap(), None, "no such counter");
+    assert_eq!(reader.record_at(0, 16).unwrap(), None, "past the head");
+    assert_eq!(reader.record_at(1, 1).unwrap(), None, "another instance");
+
+    let from_7: Vec<u64> = {
+        let mut seqs = Vec::new();
+        reader
+            .for_each_from(0, 7, &mut |r| {
+                seqs.push(r.seq);
+                Ok(true)
+            })
+            .unwrap();
+        seqs
+    };
+    assert_eq!(from_7, (7..=15).collect::<Vec<_>>());
+
+    let (max_counter, max_gen) = reader.maxima(0).unwrap();
+    assert_eq!(max_counter, Some(150));
+    assert_eq!(max_gen, Some(log.records[14].record.gen_time_ns));
+
+    let (from, to) = (
+        log.records[4].record.gen_time_ns,
+        log.records[9].record.gen_time_ns,
+    );
+    let mut in_time = Vec::new();
+    reader
+        .in_time(from, to, &HashMap::new(), &mut |r| {
+            in_time.push(r.seq);
+            Ok(true)
+        })
+        .unwrap();
+    assert_eq!(
+        in_time,
+        [5, 6, 7, 8, 9],
+        "genTime from inclusive, to exclusive"
+    );
+}
+
+#[test]
+fn a_torn_commit_is_cut_off_and_the_chain_goes_on() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    appender.append(&log.chain(2)).unwrap();
+    let segment = segment_files(&log.dir()).pop().unwrap();
+    let good_len = fs::metadata(&segment.path).unwrap().len();
+    // A power cut inside the next commit: part of its frame reached the disk.
+    let torn = log.chain(1);
+    let mut frame = Vec::new();
+    segments::encode_frame(&torn[0], &mut frame);
+    let file = OpenOptions::new().write(true).open(&segment.path).unwrap();
+    file.write_all_at(&frame[..frame.len() / 2], good_len)
+        .unwrap();
+    drop(appender);
+    log.records.pop();
+    log.head = ChainHead {
+        seq: 2,
+        hash: log.records[1].hash,
+    };
+
+    let (mut appender, last) = open(&log.dir());
+    assert_eq!(
+        last.as_ref(),
+        log.records.last(),
+        "the head before the torn commit"
+    );
+    assert_eq!(
+        fs::metadata(&segment.path).unwrap().len(),
+        good_len,
+        "cut off"
+    );
+    appender.append(&log.chain(3)).unwrap();
+    assert_eq!(log.all(), log.records, "the chain goes on from the head");
+}
+
+#[test]
+fn a_new_segment_whose_first_commit_tore_is_removed() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    appender.append(&log.chain(1)).unwrap();
+    let before = segment_files(&log.dir());
+    // The next segment was made; its first commit wrote nothing that checks.
+    let empty = Segment::new(&log.dir(), 2);
+    fs::write(&empty.path, [0u8; 10]).unwrap();
+    drop(appender);
+    let (_, last) = open(&log.dir());
+    assert_eq!(last.as_ref(), log.records.last());
+    assert_eq!(segment_files(&log.dir()), before);
+}
+
+#[test]
+fn damage_to_committed_frames_stops_the_start_and_verification_sees_it() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    appender.append(&log.chain(1)).unwrap();
+    appender.append(&log.chain(1)).unwrap();
+    drop(appender);
+    let segment = segment_files(&log.dir()).pop().unwrap();
+    // One octet of the last record's token changes: the index lists its frame, so it was
+    // committed, and this is no torn commit to cut off.
+    let len = fs::metadata(&segment.path).unwrap().len();
+    let file = OpenOptions::new().write(true).open(&segment.path).unwrap();
+    file.write_all_at(&[0xee], len - 100).unwrap();
+
+    let error = Appender::open(&log.dir(), LIMIT).err().expect("refused");
+    assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+    assert!(error.to_string().contains("damaged"), "{error}");
+    // Readers take the frame as it decodes: its hash no longer matches its fields.
+    let all = log.all();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0], log.records[0]);
+    assert_ne!(all[1].computed_hash(), all[1].hash);
+}
+
+#[test]
+fn the_index_is_derived_data() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    for _ in 0..4 {
+        appender.append(&log.chain(2)).unwrap();
+    }
+    drop(appender);
+    let all = segment_files(&log.dir());
+    // One index lost, one garbage, one cut short.
+    fs::remove_file(all[0].index_path()).unwrap();
+    fs::write(all[1].index_path(), [0x55; 100]).unwrap();
+    let last = all.last().unwrap().index_path();
+    let len = fs::metadata(&last).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    let reader = log.reader();
+    for r in &log.records {
+        assert_eq!(reader.by_counter(0, r.counter).unwrap().as_ref(), Some(r));
+    }
+    assert_eq!(log.all(), log.records);
+    // The writer completes the open segment's index.
+    let (mut appender, _) = open(&log.dir());
+    appender.append(&log.chain(1)).unwrap();
+    let open_segment = segment_files(&log.dir()).pop().unwrap();
+    let scanned = segments::scan(&open_segment).unwrap();
+    assert_eq!(
+        scanned.indexed,
+        scanned.entries.len(),
+        "fully indexed again"
+    );
+}
+
+#[test]
+fn a_commit_out_of_order_is_refused_and_leaves_nothing() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    appender.append(&log.chain(2)).unwrap();
+    let mut skipped = Log::new();
+    skipped.head = ChainHead {
+        seq: 5,
+        hash: ZERO_HASH,
+    };
+    let error = appender.append(&skipped.chain(1)).unwrap_err();
+    assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+    appender.append(&log.chain(1)).unwrap();
+    assert_eq!(log.all(), log.records);
+}
+
+#[test]
+fn the_store_appends_finds_and_prunes_through_the_archive_trait() {
+    let mut log = Log::new();
+    let mut db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
+    assert_eq!(db.settle_layout(Layout::Log).unwrap(), Layout::Log);
+    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    assert_eq!(store.instance(0).unwrap().head, None);
+    let event = EventRecord {
+        instance_id: 0,
+        seq: 1,
+        time_ns: 5,
+        level: "info".into(),
+        kind: "sync_acquired".into(),
+        message: "m".into(),
+        fields: "{}".into(),
+    };
+    store
+        .append(0, &log.chain(3), std::slice::from_ref(&event))
+        .unwrap();
+    for _ in 0..5 {
+        store.append(0, &log.chain(2), &[]).unwrap();
+    }
+    let state = store.instance(0).unwrap();
+    assert_eq!(state.head, Some(log.head));
+    assert_eq!(state.max_counter, Some(130));
+    assert_eq!(state.last_event_seq, 1);
+    assert_eq!(store.events(0, 10).unwrap(), [event]);
+
+    let mut reader = LogStore::open_read_only(SqliteStore::open_read_only(&log.database).unwrap());
+    assert_eq!(reader.instance(0).unwrap().head, Some(log.head));
+    let r = &log.records[6];
+    assert_eq!(
+        reader.record_by_serial(&r.record.serial).unwrap().as_ref(),
+        Some(r)
+    );
+    let mut other = r.record.serial.clone();
+    other[19] ^= 1;
+    assert_eq!(
+        reader.record_by_serial(&other).unwrap(),
+        None,
+        "random octets differ"
+    );
+    let found = reader.records_by_imprint(&r.record.imprint).unwrap();
+    assert_eq!(found.as_slice(), std::slice::from_ref(r));
+
+    // Pruning takes whole segments, never the one being written, anchor first.
+    let segments_before = segment_files(&log.dir()).len();
+    let cut = log.records[8].record.gen_time_ns;
+    let anchor = store.prune(0, cut).unwrap().expect("segments pruned");
+    assert!(anchor.seq < 9 && anchor.seq >= 1);
+    assert_eq!(anchor.hash, log.records[anchor.seq as usize - 1].hash);
+    assert!(segment_files(&log.dir()).len() < segments_before);
+    let kept = {
+        let mut kept = Vec::new();
+        reader
+            .for_each_record(0, 1, &mut |r| {
+                kept.push(r);
+                Ok(true)
+            })
+            .unwrap();
+        kept
+    };
+    assert_eq!(kept, log.records[anchor.seq as usize..]);
+    let state = reader.instance(0).unwrap();
+    assert_eq!(state.head, Some(log.head), "the head stays");
+    assert_eq!(state.anchor, Some(anchor));
+    assert_eq!(store.prune(0, cut).unwrap(), None, "nothing more to prune");
+    let pruned = &log.records[0];
+    assert_eq!(
+        reader.record_by_serial(&pruned.record.serial).unwrap(),
+        None
+    );
+
+    // A new writer goes on after the head.
+    drop(store);
+    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
+    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    assert_eq!(store.instance(0).unwrap().head, Some(log.head));
+    store.append(0, &log.chain(1), &[]).unwrap();
+    assert_eq!(reader.instance(0).unwrap().head, Some(log.head));
+}
+
+#[test]
+fn an_archive_with_rows_keeps_them() {
+    let log = Log::new();
+    let mut db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
+    let mut record = Log::new();
+    db.append(0, &record.chain(1), &[]).unwrap();
+    assert_eq!(db.settle_layout(Layout::Log).unwrap(), Layout::Rows);
+    assert_eq!(
+        db.settle_layout(Layout::Log).unwrap(),
+        Layout::Rows,
+        "written down"
+    );
+    let new = Log::new();
+    let mut db = SqliteStore::open(&new.database, Duration::from_secs(1)).unwrap();
+    assert_eq!(db.settle_layout(Layout::Log).unwrap(), Layout::Log);
+    assert_eq!(
+        db.settle_layout(Layout::Rows).unwrap(),
+        Layout::Log,
+        "fixed once made"
+    );
+}
