@@ -34,9 +34,21 @@ impl Lcg {
 
 #[test]
 fn kill_9_under_load_never_reuses_a_serial_nor_loses_a_token() {
+    kill_9_rounds("rows");
+}
+
+#[test]
+fn kill_9_under_load_never_reuses_a_serial_nor_loses_a_token_with_the_token_log() {
+    kill_9_rounds("log");
+}
+
+/// Kills the server under load, round after round, on an archive of `layout`.
+fn kill_9_rounds(layout: &str) {
     let started = Instant::now();
     // Small blocks: reservations happen all the time, also at the moment of the kill.
-    let dir = init("serial_block = 40\ncheckpoint_interval_s = 1");
+    let dir = init(&format!(
+        "serial_block = 40\ncheckpoint_interval_s = 1\nlayout = \"{layout}\""
+    ));
     let d = dir.path();
     let mut rng = Lcg(0x5eed ^ std::process::id() as u64);
     // Per round: the tokens the clients received.
@@ -65,6 +77,11 @@ fn kill_9_under_load_never_reuses_a_serial_nor_loses_a_token() {
 
     // No serial twice, every received token archived, each round's counters above the last.
     let records = archived_records(d);
+    assert_eq!(
+        database(d).with_extension("tokens").is_dir(),
+        layout == "log",
+        "the records are where the {layout} layout keeps them"
+    );
     check_received(&records, &received);
     let mut store = open_store(d);
 
@@ -158,7 +175,7 @@ fn kill_9_under_load_never_reuses_a_serial_nor_loses_a_token() {
     assert!(report.contains(": OK"), "{report}");
 
     eprintln!(
-        "{ROUNDS} kills: {} tokens archived, {total} received by clients, in {:.1} s",
+        "{ROUNDS} kills ({layout}): {} tokens archived, {total} received by clients, in {:.1} s",
         records.len(),
         started.elapsed().as_secs_f64()
     );

@@ -19,8 +19,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use archive_support::{
-    archive_cli, archived_records, check_received, init, open_store, stamp, Conn, Load, Received,
-    Serving,
+    archive_cli, archived_records, check_received, database, init, open_store, stamp, Conn, Load,
+    Received, Serving,
 };
 
 const ROUNDS: usize = 8;
@@ -55,10 +55,22 @@ fn powercut_library(dir: &Path) -> PathBuf {
 
 #[test]
 fn a_power_cut_under_load_loses_no_token_a_client_received() {
+    power_cuts("rows");
+}
+
+#[test]
+fn a_power_cut_under_load_loses_no_token_a_client_received_with_the_token_log() {
+    power_cuts("log");
+}
+
+/// Cuts the power under load, round after round, on an archive of `layout`.
+fn power_cuts(layout: &str) {
     let started = Instant::now();
     // Small blocks: serial reservations (synced database row and state file) go on all the
     // time, also at the cut.
-    let dir = init("serial_block = 40\ncheckpoint_interval_s = 1");
+    let dir = init(&format!(
+        "serial_block = 40\ncheckpoint_interval_s = 1\nlayout = \"{layout}\""
+    ));
     let d = dir.path();
     let tools = tempfile::tempdir().unwrap();
     let library = powercut_library(tools.path());
@@ -97,6 +109,11 @@ fn a_power_cut_under_load_loses_no_token_a_client_received() {
     received.push(vec![last]);
 
     let records = archived_records(d);
+    assert_eq!(
+        database(d).with_extension("tokens").is_dir(),
+        layout == "log",
+        "the records are where the {layout} layout keeps them"
+    );
     check_received(&records, &received);
     let total: usize = received.iter().map(Vec::len).sum();
     assert!(records.len() >= total);
@@ -117,7 +134,7 @@ fn a_power_cut_under_load_loses_no_token_a_client_received() {
     assert!(report.contains(": OK"), "{report}");
 
     eprintln!(
-        "{ROUNDS} power cuts: {} tokens archived, {total} received by clients, in {:.1} s",
+        "{ROUNDS} power cuts ({layout}): {} tokens archived, {total} received by clients, in {:.1} s",
         records.len(),
         started.elapsed().as_secs_f64()
     );
