@@ -50,7 +50,18 @@ fn openssl(dir: &Path, args: &[&str]) -> String {
 /// over HTTP and the CLI; export; events; a signed checkpoint at shutdown; verify is green.
 #[test]
 fn records_are_complete_refetchable_and_verify() {
-    let dir = init("checkpoint_interval_s = 3600");
+    complete_refetchable_and_verified("rows");
+}
+
+#[test]
+fn records_are_complete_refetchable_and_verify_with_the_token_log() {
+    complete_refetchable_and_verified("log");
+}
+
+fn complete_refetchable_and_verified(layout: &str) {
+    let dir = init(&format!(
+        "checkpoint_interval_s = 3600\nlayout = \"{layout}\""
+    ));
     let d = dir.path();
     let server = Serving::start(d);
 
@@ -457,6 +468,54 @@ fn tampering_is_reported_at_the_right_record() {
     let report = verify_report(d).unwrap_err();
     assert!(
         report.contains("BROKEN at record 6") && report.contains("differs from the checkpoint"),
+        "{report}"
+    );
+}
+
+/// In the token log: an altered frame is reported at its record, a lost last record as
+/// missing at the end (the signed checkpoint counts it).
+#[test]
+fn tampering_with_the_token_log_is_reported_at_the_right_record() {
+    let dir = init("checkpoint_interval_s = 3600\nlayout = \"log\"");
+    let d = dir.path();
+    let server = Serving::start(d);
+    stamps(&server, 6, "tamper");
+    server.stop();
+    verify_report(d).expect("green before tampering");
+    let records = archived_records(d);
+    let segment = d.join("archive.tokens/0/00000000000000000001.log");
+    let original = std::fs::read(&segment).unwrap();
+
+    // One bit of record 4's imprint.
+    let imprint = &records[3].record.imprint;
+    let at = original
+        .windows(imprint.len())
+        .position(|w| w == imprint.as_slice())
+        .expect("the imprint is in its frame");
+    let mut altered = original.clone();
+    altered[at] ^= 1;
+    std::fs::write(&segment, &altered).unwrap();
+    let report = verify_report(d).expect_err("tampering must be found");
+    assert!(
+        report.contains(&format!(
+            "BROKEN at record 4 (serial {})",
+            hex(&records[3].record.serial)
+        )),
+        "{report}"
+    );
+    std::fs::write(&segment, &original).unwrap();
+    verify_report(d).expect("green once restored");
+
+    // The last record's frame cut off.
+    let token = &records[5].record.token;
+    let last = original
+        .windows(token.len())
+        .position(|w| w == token.as_slice())
+        .expect("the token is in its frame");
+    std::fs::write(&segment, &original[..last]).unwrap();
+    let report = verify_report(d).unwrap_err();
+    assert!(
+        report.contains("records are missing at the end"),
         "{report}"
     );
 }
