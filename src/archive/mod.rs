@@ -351,9 +351,9 @@ impl Archive {
             serial: stamp.serial.as_bytes().to_vec(),
             gen_time_ns: stamp.gen_time.unix_ns(),
             accuracy_ns: stamp.accuracy.as_ns(),
-            imprint_alg: request.message_imprint.hash_algorithm.oid.to_string(),
+            imprint_alg: dotted(&request.message_imprint.hash_algorithm.oid),
             imprint: request.message_imprint.hashed_message.as_bytes().to_vec(),
-            policy: request.policy.to_string(),
+            policy: dotted(&request.policy),
             nonce: request.nonce.map(|n| n.as_bytes().to_vec()),
             client: client.name.as_deref().map(str::to_owned),
             clock: record::ClockAtIssue {
@@ -613,7 +613,46 @@ pub fn open_writable(config: &ArchiveConfig) -> anyhow::Result<Box<dyn ArchiveSt
     )?)
 }
 
+/// An OID in dotted form, as records keep it. Requests name a handful of digests and
+/// policies, so each thread remembers the last few it wrote out (formatting one costs more
+/// than the rest of the record's copying).
+fn dotted(oid: &const_oid::ObjectIdentifier) -> String {
+    use std::cell::RefCell;
+    thread_local! {
+        static SEEN: RefCell<Vec<(const_oid::ObjectIdentifier, String)>> =
+            const { RefCell::new(Vec::new()) };
+    }
+    SEEN.with_borrow_mut(|seen| {
+        if let Some((_, name)) = seen.iter().find(|(o, _)| o == oid) {
+            return name.clone();
+        }
+        let name = oid.to_string();
+        if seen.len() == 8 {
+            seen.remove(0);
+        }
+        seen.push((*oid, name.clone()));
+        name
+    })
+}
+
 /// The hex of a record's serial, as look-ups and file names use it.
 pub fn serial_hex(record: &StoredRecord) -> String {
     hex(&record.record.serial)
+}
+
+#[cfg(test)]
+mod tests {
+    use const_oid::ObjectIdentifier;
+
+    #[test]
+    fn dotted_names_come_back_right_past_what_a_thread_remembers() {
+        // More OIDs than a thread keeps, twice over: each is its own dotted form every time.
+        let oids: Vec<String> = (1..=12).map(|n| format!("1.3.6.1.4.1.32473.{n}")).collect();
+        for _ in 0..2 {
+            for text in &oids {
+                let oid = ObjectIdentifier::new(text).unwrap();
+                assert_eq!(&super::dotted(&oid), text);
+            }
+        }
+    }
 }
