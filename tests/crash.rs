@@ -96,23 +96,32 @@ fn kill_9_rounds(layout: &str) {
         );
         assert_eq!(found.len(), 1, "every request stamped other data");
     }
-    // Each start indexes what the runs before archived, so the index holds most of them.
-    let index = imprints::ImprintIndex::open_read_only(&imprints::path_for(&database(d)))
-        .unwrap()
-        .expect("the imprint index")
-        .lookup(&records[0].record.imprint)
-        .unwrap();
-    assert_eq!(
-        index.positions,
-        vec![(records[0].instance_id, records[0].seq)]
-    );
-    let mark = index.watermarks[&records[0].instance_id];
-    eprintln!("imprint index: {mark} of {} records", records.len());
-    assert!(
-        mark * 2 > records.len() as u64,
-        "only {mark} of {} records indexed",
-        records.len()
-    );
+    // Each start indexes what the runs before archived, so the index holds most of them (the
+    // token log keeps imprint files per closed segment instead: these runs fill only one).
+    if layout == "rows" {
+        let index = imprints::ImprintIndex::open_read_only(&imprints::path_for(&database(d)))
+            .unwrap()
+            .expect("the imprint index")
+            .lookup(&records[0].record.imprint)
+            .unwrap();
+        assert_eq!(
+            index.positions,
+            vec![(records[0].instance_id, records[0].seq)]
+        );
+        let mark = index.watermarks[&records[0].instance_id];
+        eprintln!("imprint index: {mark} of {} records", records.len());
+        assert!(
+            mark * 2 > records.len() as u64,
+            "only {mark} of {} records indexed",
+            records.len()
+        );
+    } else {
+        let imprint_index = imprints::path_for(&database(d));
+        assert!(
+            !imprint_index.exists(),
+            "the token log has no imprint database"
+        );
+    }
 
     // Runs, from the archive's own start events: each start's first counter is above every
     // counter of the runs before, and its genTimes after theirs.

@@ -215,15 +215,21 @@ impl ImprintIndex {
     /// Whether the index belongs to `archive`: each watermark's record is there with the hash
     /// the index noted, or was pruned. An index that does not is emptied (and rebuilt by
     /// [`ImprintIndex::catch_up`]); returns whether that happened.
-    pub fn check(&mut self, archive: &dyn Source) -> Result<bool, StoreError> {
+    pub fn check(&mut self, archive: &Connection) -> Result<bool, StoreError> {
         let marks: Vec<(u32, u64, Vec<u8>)> = self
             .conn
             .prepare("SELECT instance_id, seq, hash FROM watermarks")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<Result<_, _>>()?;
-        let anchors = archive.anchors()?;
+        let anchors = anchors(archive)?;
         for (instance_id, seq, hash) in marks {
-            let stored = archive.hash_at(instance_id, seq)?;
+            let stored: Option<Vec<u8>> = archive
+                .query_row(
+                    "SELECT hash FROM tokens WHERE instance_id = ?1 AND seq = ?2",
+                    params![instance_id, seq],
+                    |r| r.get(0),
+                )
+                .optional()?;
             let belongs = match stored {
                 Some(stored) => stored == hash,
                 None => anchors.get(&instance_id).is_some_and(|a| *a >= seq),
@@ -245,13 +251,13 @@ impl ImprintIndex {
     /// One step of catching up with `archive`, in one transaction: drops the runs whose
     /// records were all pruned from it; or else merges a level that is full; or else indexes
     /// at most `limit` of an instance's records above its watermark as a new run.
-    pub fn catch_up(&mut self, archive: &dyn Source, limit: usize) -> Result<Progress, StoreError> {
-        let anchors = archive.anchors()?;
+    pub fn catch_up(&mut self, archive: &Connection, limit: usize) -> Result<Progress, StoreError> {
+        let anchors = anchors(archive)?;
         let mut progress = Progress {
             worked: self.drop_pruned(&anchors)? || self.merge()?,
             behind: 0,
         };
-        for (instance_id, head) in archive.heads()? {
+        for (instance_id, head) in heads(archive)? {
             let mut mark: u64 = self
                 .conn
                 .query_row(
@@ -278,17 +284,29 @@ impl ImprintIndex {
     /// returns the new watermark.
     fn index(
         &mut self,
-        archive: &dyn Source,
+        archive: &Connection,
         instance_id: u32,
         mark: u64,
         limit: usize,
     ) -> Result<Option<u64>, StoreError> {
         let mut last = None;
         let mut entries: Vec<(i64, u64)> = Vec::with_capacity(limit.min(STEP));
-        archive.imprints_after(instance_id, mark, limit, &mut |seq, imprint, hash| {
-            entries.push((prefix(imprint), seq));
-            last = Some((seq, hash.to_vec()));
-        })?;
+        {
+            let mut stmt = archive.prepare_cached(
+                "SELECT seq, imprint, hash FROM tokens WHERE instance_id = ?1 AND seq > ?2 \
+                 ORDER BY seq LIMIT ?3",
+            )?;
+            let mut rows = stmt.query(params![instance_id, mark, limit as u64])?;
+            while let Some(row) = rows.next()? {
+                let seq: u64 = row.get(0)?;
+                let imprint = match row.get_ref(1)? {
+                    ValueRef::Blob(b) | ValueRef::Text(b) => b,
+                    _ => &[],
+                };
+                entries.push((prefix(imprint), seq));
+                last = Some((seq, row.get::<_, Vec<u8>>(2)?));
+            }
+        }
         let Some((last_seq, last_hash)) = last else {
             return Ok(None);
         };
@@ -404,20 +422,22 @@ impl ImprintIndex {
 /// reaches in each instance's chain and how many runs it has. The index is derived data, so
 /// this is information, not part of the verification.
 pub fn status(database: &Path) -> String {
+    if super::log::is_log_archive(database) {
+        return super::log::imprint_status(database);
+    }
     let path = path_for(database);
     let describe = || -> Result<String, StoreError> {
         let Some(mut index) = ImprintIndex::open_read_only(&path)? else {
             return Ok("none yet; look-ups by imprint read the archive".into());
         };
-        let archive = open_source(database)?;
+        let archive = connect(database, Access::Read, BUSY)?;
         let tx = index.conn.transaction()?;
         let runs = run_ids(&tx, "SELECT id FROM runs")?.len();
         let marks: HashMap<u32, u64> = tx
             .prepare("SELECT instance_id, seq FROM watermarks")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        let reach: Vec<String> = archive
-            .heads()?
+        let reach: Vec<String> = heads(&archive)?
             .iter()
             .filter_map(|(id, head)| {
                 head.map(|h| {
@@ -448,101 +468,24 @@ fn layout(conn: &Connection) -> Result<Option<i64>, StoreError> {
     Ok((version != 0 || tables != 0).then_some(version))
 }
 
-/// Receives a record's position, imprint and hash.
-pub type VisitImprint<'a> = dyn FnMut(u64, &[u8], &[u8]) + 'a;
-
-/// What the index is made from: the archive's records, in SQLite's `tokens` or in the token
-/// log ([`super::log`]).
-pub trait Source: Send {
-    /// Each instance's last position in the archive (`None` when it has no records).
-    fn heads(&self) -> Result<Vec<(u32, Option<u64>)>, StoreError>;
-
-    /// Each instance's chain anchor: its records up to it were pruned.
-    fn anchors(&self) -> Result<HashMap<u32, u64>, StoreError>;
-
-    /// The hash of the instance's record at `seq`, when it is there.
-    fn hash_at(&self, instance_id: u32, seq: u64) -> Result<Option<Vec<u8>>, StoreError>;
-
-    /// At most `limit` of the instance's records above `seq`, in order: each one's position,
-    /// imprint and hash.
-    fn imprints_after(
-        &self,
-        instance_id: u32,
-        seq: u64,
-        limit: usize,
-        visit: &mut VisitImprint<'_>,
-    ) -> Result<(), StoreError>;
+/// Each instance's last position in the archive (`None` when it has no records).
+fn heads(archive: &Connection) -> Result<Vec<(u32, Option<u64>)>, StoreError> {
+    Ok(archive
+        .prepare_cached(
+            "SELECT instance_id, \
+             (SELECT MAX(seq) FROM tokens t WHERE t.instance_id = i.instance_id) \
+             FROM instances i ORDER BY instance_id",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?)
 }
 
-/// The rows of the archive's `tokens`.
-impl Source for Connection {
-    fn heads(&self) -> Result<Vec<(u32, Option<u64>)>, StoreError> {
-        Ok(self
-            .prepare_cached(
-                "SELECT instance_id, \
-                 (SELECT MAX(seq) FROM tokens t WHERE t.instance_id = i.instance_id) \
-                 FROM instances i ORDER BY instance_id",
-            )?
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?)
-    }
-
-    fn anchors(&self) -> Result<HashMap<u32, u64>, StoreError> {
-        anchors(self)
-    }
-
-    fn hash_at(&self, instance_id: u32, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .query_row(
-                "SELECT hash FROM tokens WHERE instance_id = ?1 AND seq = ?2",
-                params![instance_id, seq],
-                |r| r.get(0),
-            )
-            .optional()?)
-    }
-
-    fn imprints_after(
-        &self,
-        instance_id: u32,
-        seq: u64,
-        limit: usize,
-        visit: &mut VisitImprint<'_>,
-    ) -> Result<(), StoreError> {
-        let mut stmt = self.prepare_cached(
-            "SELECT seq, imprint, hash FROM tokens WHERE instance_id = ?1 AND seq > ?2 \
-             ORDER BY seq LIMIT ?3",
-        )?;
-        let mut rows = stmt.query(params![instance_id, seq, limit as u64])?;
-        while let Some(row) = rows.next()? {
-            let imprint = match row.get_ref(1)? {
-                ValueRef::Blob(b) | ValueRef::Text(b) => b,
-                _ => &[],
-            };
-            let hash = match row.get_ref(2)? {
-                ValueRef::Blob(b) | ValueRef::Text(b) => b,
-                _ => &[],
-            };
-            visit(row.get(0)?, imprint, hash);
-        }
-        Ok(())
-    }
-}
-
-/// Each instance's chain anchor in the archive's database: its records up to it were pruned.
+/// Each instance's chain anchor: its records up to it were pruned.
 pub(super) fn anchors(archive: &Connection) -> Result<HashMap<u32, u64>, StoreError> {
     Ok(archive
         .prepare_cached("SELECT instance_id, seq FROM chain_anchors")?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?)
-}
-
-/// The records of the archive `database`, in whichever layout it has.
-fn open_source(database: &Path) -> Result<Box<dyn Source>, StoreError> {
-    let archive = connect(database, Access::Read, BUSY)?;
-    Ok(match super::sqlite::layout_of(&archive)? {
-        super::sqlite::Layout::Rows => Box::new(archive),
-        super::sqlite::Layout::Log => Box::new(super::log::LogSource::new(database, archive)),
-    })
 }
 
 fn run_ids(tx: &Transaction<'_>, sql: &str) -> Result<Vec<i64>, StoreError> {
@@ -586,9 +529,9 @@ impl Indexer {
     /// behind, and look-ups read the records it has not reached from the archive directly.
     pub fn start(database: &Path) -> Result<Self, StoreError> {
         let path = path_for(database);
-        let archive = open_source(database)?;
+        let archive = connect(database, Access::Read, BUSY)?;
         let mut index = match ImprintIndex::open(&path).and_then(|mut ix| {
-            if ix.check(archive.as_ref())? {
+            if ix.check(&archive)? {
                 tracing::warn!(
                     event = "imprint_index_rebuilt",
                     index = %path.display(),
@@ -613,13 +556,7 @@ impl Indexer {
         let thread_behind = behind.clone();
         let mut failing = false;
         let thread = Background::spawn("tsa-imprints", NICE, move || {
-            step(
-                &mut index,
-                archive.as_ref(),
-                &path,
-                &thread_behind,
-                &mut failing,
-            )
+            step(&mut index, &archive, &path, &thread_behind, &mut failing)
         })?;
         Ok(Self { thread, behind })
     }
@@ -639,7 +576,7 @@ impl Indexer {
 /// the next step.
 fn step(
     index: &mut ImprintIndex,
-    archive: &dyn Source,
+    archive: &Connection,
     path: &Path,
     behind: &AtomicU64,
     failing: &mut bool,

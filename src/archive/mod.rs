@@ -145,6 +145,8 @@ impl Archive {
         // The imprint index is derived data: without it tokens are still archived and found,
         // look-ups by imprint only read the whole archive.
         let indexer = match config.backend {
+            // The token log keeps sorted imprint files of its own, per segment.
+            ArchiveBackend::Sqlite if log::is_log_archive(&config.database) => None,
             ArchiveBackend::Sqlite => imprints::Indexer::start(&config.database)
                 .inspect_err(|e| {
                     tracing::error!(

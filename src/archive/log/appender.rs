@@ -6,7 +6,10 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::segments::{encode_frame, open_index, scan, segments, Entry, Segment, ENTRY_LEN};
+use super::segments::{
+    encode_frame, imprint_entries, imprint_key, open_index, scan, segments, write_imprints, Entry,
+    Segment, ENTRY_LEN,
+};
 use crate::archive::record::{ChainHead, StoredRecord};
 
 /// A torn commit is cut off at start; past this many octets of frames that do not check, the
@@ -39,6 +42,8 @@ pub struct Appender {
     segment_limit: u64,
     frames: Vec<u8>,
     entries: Vec<u8>,
+    /// The open segment's imprint entries, written sorted when it closes.
+    imprints: Vec<(u64, u64)>,
 }
 
 impl Appender {
@@ -57,6 +62,7 @@ impl Appender {
             segment_limit,
             frames: Vec::new(),
             entries: Vec::new(),
+            imprints: Vec::new(),
         };
         let mut all = segments(dir)?;
         while let Some(segment) = all.pop() {
@@ -105,6 +111,13 @@ impl Appender {
             let indexed = (scanned.indexed * ENTRY_LEN) as u64;
             index.set_len(indexed)?;
             index.write_all_at(&entries, indexed)?;
+            // Closed segments whose imprint file is missing (a crash as one closed) get it now.
+            for closed in &all {
+                if !closed.imprints_path().exists() {
+                    write_imprints(closed, imprint_entries(&scan(closed)?.entries))?;
+                }
+            }
+            appender.imprints = imprint_entries(&scanned.entries);
             appender.next_seq = last.seq + 1;
             appender.last = Some(ChainHead {
                 seq: last.seq,
@@ -180,6 +193,11 @@ impl Appender {
             return Err(e);
         }
         open.len += self.frames.len() as u64;
+        self.imprints.extend(
+            records
+                .iter()
+                .map(|r| (imprint_key(&r.record.imprint), r.seq)),
+        );
         let last = &records[records.len() - 1];
         self.next_seq = last.seq + 1;
         self.last = Some(ChainHead {
@@ -208,6 +226,15 @@ impl Appender {
         if let Some(old) = self.open.take() {
             if old.index_len.is_some() {
                 old.index.sync_all()?;
+            }
+            let imprints = std::mem::take(&mut self.imprints);
+            if let Err(e) = write_imprints(&old.segment, imprints) {
+                // Look-ups by imprint read this segment's frames instead.
+                tracing::warn!(
+                    segment = %old.segment.path.display(),
+                    error = %e,
+                    "the closed segment's imprint file cannot be written"
+                );
             }
         }
         if !self.dir.exists() {
@@ -240,13 +267,16 @@ impl Appender {
     }
 }
 
-/// Removes a segment and its index.
+/// Removes a segment, its index and its imprint file.
 pub fn remove_segment(segment: &Segment) -> io::Result<()> {
     fs::remove_file(&segment.path)?;
-    match fs::remove_file(segment.index_path()) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+    for derived in [segment.index_path(), segment.imprints_path()] {
+        match fs::remove_file(derived) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
     }
+    Ok(())
 }
 
 fn damaged(segment: &Segment, offset: u64, why: &str) -> io::Error {

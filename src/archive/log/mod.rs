@@ -18,11 +18,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::Connection;
-
 use self::appender::{remove_segment, Appender};
 use self::segments::{dir_for, instance_dir, read_at, scan, Entry, Frames, Segment};
-use super::imprints::{self, Found, ImprintIndex, Source};
 use super::record::{Anchor, CanonicalRef, ChainHead, Checkpoint, EventRecord, Hash, StoredRecord};
 use super::serial::layout;
 use super::sqlite::SqliteStore;
@@ -128,9 +125,14 @@ impl LogReader {
     /// The instance's record at position `seq`.
     pub fn record_at(&self, instance_id: u32, seq: u64) -> io::Result<Option<StoredRecord>> {
         let all = self.segments(instance_id)?;
-        let Some(segment) = all[..all.partition_point(|s| s.first_seq <= seq)].last() else {
-            return Ok(None);
-        };
+        match all[..all.partition_point(|s| s.first_seq <= seq)].last() {
+            Some(segment) => Self::record_in(segment, seq),
+            None => Ok(None),
+        }
+    }
+
+    /// The record at position `seq` of `segment`.
+    fn record_in(segment: &Segment, seq: u64) -> io::Result<Option<StoredRecord>> {
         let Some(offset) = segments::offset_of(segment, seq)? else {
             return Ok(None);
         };
@@ -205,65 +207,6 @@ impl LogReader {
     }
 }
 
-/// The imprint indexer's view of a log archive: the records from the log, the instances and
-/// anchors from the database.
-pub struct LogSource {
-    log: LogReader,
-    archive: Connection,
-}
-
-impl LogSource {
-    pub fn new(database: &Path, archive: Connection) -> Self {
-        Self {
-            log: LogReader::new(database),
-            archive,
-        }
-    }
-}
-
-impl Source for LogSource {
-    fn heads(&self) -> Result<Vec<(u32, Option<u64>)>, StoreError> {
-        let mut ids: Vec<u32> = self
-            .archive
-            .prepare_cached("SELECT instance_id FROM instances")?
-            .query_map([], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        ids.extend(self.log.instances()?);
-        ids.sort_unstable();
-        ids.dedup();
-        ids.into_iter()
-            .map(|id| Ok((id, self.log.head(id)?.map(|r| r.seq))))
-            .collect()
-    }
-
-    fn anchors(&self) -> Result<HashMap<u32, u64>, StoreError> {
-        imprints::anchors(&self.archive)
-    }
-
-    fn hash_at(&self, instance_id: u32, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self
-            .log
-            .record_at(instance_id, seq)?
-            .map(|r| r.hash.to_vec()))
-    }
-
-    fn imprints_after(
-        &self,
-        instance_id: u32,
-        seq: u64,
-        limit: usize,
-        visit: &mut imprints::VisitImprint<'_>,
-    ) -> Result<(), StoreError> {
-        let mut left = limit;
-        self.log
-            .for_each_ref(instance_id, seq + 1, &mut |fields, hash| {
-                visit(fields.seq, fields.imprint, hash);
-                left -= 1;
-                Ok(left > 0)
-            })
-    }
-}
-
 /// An SQLite archive whose token records are in the log.
 pub struct LogStore {
     db: SqliteStore,
@@ -272,7 +215,6 @@ pub struct LogStore {
     /// the store is first asked about that instance, or appends to it).
     appender: Option<(u32, Appender)>,
     writable: bool,
-    imprints: Option<ImprintIndex>,
     segment_limit: u64,
 }
 
@@ -285,7 +227,6 @@ impl LogStore {
             log,
             appender: None,
             writable: true,
-            imprints: None,
             segment_limit: segments::SEGMENT_LIMIT,
         }
     }
@@ -408,32 +349,37 @@ impl ArchiveStore for LogStore {
             .filter(|r| r.record.serial == serial && r.seq > anchor))
     }
 
-    /// The positions the imprint index holds, then the records it has not reached yet, read
-    /// from the log above each instance's watermark.
+    /// Each closed segment's imprint file (a binary search), and the index entries of the open
+    /// one (and of any segment without its file).
     fn records_by_imprint(&mut self, imprint: &[u8]) -> Result<Vec<StoredRecord>, StoreError> {
-        let found = self.imprint_lookup(imprint);
         let anchors = self.db.anchor_positions()?;
-        let above = |r: &StoredRecord| r.seq > anchors.get(&r.instance_id).copied().unwrap_or(0);
         let mut all = Vec::new();
-        for (instance_id, seq) in &found.positions {
-            if let Some(r) = self.log.record_at(*instance_id, *seq)? {
-                if r.record.imprint == imprint && above(&r) {
-                    all.push(r);
-                }
-            }
-        }
         for instance_id in self.instances()? {
-            let mark = found.watermarks.get(&instance_id).copied().unwrap_or(0);
-            self.log
-                .for_each_ref(instance_id, mark + 1, &mut |fields, hash| {
-                    if fields.imprint == imprint {
-                        let r = fields.to_record(*hash);
-                        if above(&r) {
-                            all.push(r);
+            let anchor = anchors.get(&instance_id).copied().unwrap_or(0);
+            for segment in self.log.segments(instance_id)? {
+                if let Some(positions) = segments::positions_by_imprint(&segment, imprint)? {
+                    for seq in positions.into_iter().filter(|&seq| seq > anchor) {
+                        if let Some(r) = LogReader::record_in(&segment, seq)? {
+                            if r.record.imprint == imprint {
+                                all.push(r);
+                            }
                         }
                     }
-                    Ok(true)
-                })?;
+                    continue;
+                }
+                // The open segment: its index entries carry the key.
+                let key = segments::imprint_key(imprint);
+                let file = File::open(&segment.path)?;
+                for e in scan(&segment)?.entries {
+                    if e.imprint_key == key && e.seq > anchor {
+                        if let Some((r, _)) = read_at(&file, e.offset)? {
+                            if r.record.imprint == imprint {
+                                all.push(r);
+                            }
+                        }
+                    }
+                }
+            }
         }
         all.sort_by(|a, b| {
             (b.record.gen_time_ns, a.instance_id, b.seq).cmp(&(
@@ -517,27 +463,29 @@ impl ArchiveStore for LogStore {
     }
 }
 
-impl LogStore {
-    /// What the imprint index holds for `imprint`; nothing (the whole log is read) when there
-    /// is no index or it cannot be read.
-    fn imprint_lookup(&mut self, imprint: &[u8]) -> Found {
-        let path = imprints::path_for(self.db.path());
-        if self.imprints.is_none() {
-            self.imprints = ImprintIndex::open_read_only(&path).ok().flatten();
+/// Whether the SQLite archive at `database` keeps its records in the log.
+pub fn is_log_archive(database: &Path) -> bool {
+    SqliteStore::open_read_only(database)
+        .and_then(|db| super::sqlite::layout_of(db.connection()))
+        .is_ok_and(|layout| layout == super::sqlite::Layout::Log)
+}
+
+/// One line on the log's imprint files, for `tsa archive verify`: how many closed segments
+/// have theirs (a look-up reads the frames of the others, and of the open one).
+pub fn imprint_status(database: &Path) -> String {
+    let log = LogReader::new(database);
+    let (mut closed, mut with_file) = (0, 0);
+    for instance_id in log.instances().unwrap_or_default() {
+        let all = log.segments(instance_id).unwrap_or_default();
+        for segment in all.iter().take(all.len().saturating_sub(1)) {
+            closed += 1;
+            with_file += usize::from(segment.imprints_path().exists());
         }
-        let Some(index) = &mut self.imprints else {
-            return Found::default();
-        };
-        index.lookup(imprint).unwrap_or_else(|e| {
-            self.imprints = None;
-            tracing::warn!(
-                index = %path.display(),
-                error = %e,
-                "cannot read the imprint index; reading the archive instead"
-            );
-            Found::default()
-        })
     }
+    format!(
+        "imprint files of the token log (derived, written as each segment closes): \
+         {with_file} of {closed} closed segments; look-ups read the open segments' frames"
+    )
 }
 
 /// Opens the SQLite archive at `database` for writing in its layout (`wanted` for a new one).

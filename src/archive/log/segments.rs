@@ -9,8 +9,8 @@
 //! A frame is a 4-octet big-endian length, the record's canonical chain encoding
 //! (`record::canonical`) and the record's 32-octet hash: the hash is recomputed when the frame
 //! is read, so a torn or altered frame is told apart without a checksum of its own. An index
-//! entry is four big-endian u64: the record's position, its frame's offset, its counter and
-//! its genTime. The index is derived data: it is written after the segment's sync and never
+//! entry is five big-endian u64: the record's position, its frame's offset, its counter, its
+//! genTime and its imprint's first 8 octets. The index is derived data: it is written after the segment's sync and never
 //! synced itself (except when its segment is closed), so a reader takes its entries only while
 //! they agree with the positions, and reads the frames past them from the segment.
 
@@ -33,7 +33,7 @@ const MAX_BODY: usize = 16 << 20;
 const FRAME_OVERHEAD: usize = 4 + 32;
 
 /// Octets of an index entry.
-pub const ENTRY_LEN: usize = 32;
+pub const ENTRY_LEN: usize = 40;
 
 /// The log beside the SQLite database `database`: `archive.tokens` for `archive.sqlite`.
 pub fn dir_for(database: &Path) -> PathBuf {
@@ -113,6 +113,8 @@ pub struct Entry {
     pub offset: u64,
     pub counter: u64,
     pub gen_time_ns: u64,
+    /// The record's [`imprint_key`].
+    pub imprint_key: u64,
 }
 
 impl Entry {
@@ -122,11 +124,18 @@ impl Entry {
             offset,
             counter: record.counter,
             gen_time_ns: record.record.gen_time_ns,
+            imprint_key: imprint_key(&record.record.imprint),
         }
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {
-        for v in [self.seq, self.offset, self.counter, self.gen_time_ns] {
+        for v in [
+            self.seq,
+            self.offset,
+            self.counter,
+            self.gen_time_ns,
+            self.imprint_key,
+        ] {
             out.extend_from_slice(&v.to_be_bytes());
         }
     }
@@ -138,6 +147,7 @@ impl Entry {
             offset: v(1),
             counter: v(2),
             gen_time_ns: v(3),
+            imprint_key: v(4),
         }
     }
 }
@@ -417,4 +427,82 @@ pub fn last_record(segment: &Segment) -> io::Result<Option<StoredRecord>> {
         }
     }
     Ok(scan(segment)?.last)
+}
+
+/// Octets of an imprint entry: the imprint's first 8 octets and the record's position, both
+/// big-endian.
+const IMPRINT_ENTRY_LEN: u64 = 16;
+
+/// The key an imprint is sorted by: its first 8 octets (fewer, zero-padded, for a shorter one).
+pub fn imprint_key(imprint: &[u8]) -> u64 {
+    let mut key = [0u8; 8];
+    let n = imprint.len().min(8);
+    key[..n].copy_from_slice(&imprint[..n]);
+    u64::from_be_bytes(key)
+}
+
+impl Segment {
+    /// The segment's imprint file: its records' [`imprint_key`]s and positions, sorted, written
+    /// when the segment closes.
+    pub fn imprints_path(&self) -> PathBuf {
+        self.path.with_extension("imp")
+    }
+}
+
+/// The imprint entries (key, position) of `entries`.
+pub fn imprint_entries(entries: &[Entry]) -> Vec<(u64, u64)> {
+    entries.iter().map(|e| (e.imprint_key, e.seq)).collect()
+}
+
+/// Writes a closed segment's imprint file, sorted, atomically and durably (a file that is
+/// there is whole: look-ups trust it).
+pub fn write_imprints(segment: &Segment, mut entries: Vec<(u64, u64)>) -> io::Result<()> {
+    entries.sort_unstable();
+    let mut octets = Vec::with_capacity(entries.len() * IMPRINT_ENTRY_LEN as usize);
+    for (key, seq) in entries {
+        octets.extend_from_slice(&key.to_be_bytes());
+        octets.extend_from_slice(&seq.to_be_bytes());
+    }
+    crate::files::replace(&segment.imprints_path(), &octets, crate::files::PUBLIC)
+}
+
+/// The positions in `segment` whose imprint has `imprint`'s key, by a binary search of its
+/// imprint file; `None` when it has none (the open segment), so the caller reads its frames.
+pub fn positions_by_imprint(segment: &Segment, imprint: &[u8]) -> io::Result<Option<Vec<u64>>> {
+    let file = match File::open(segment.imprints_path()) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    if len % IMPRINT_ENTRY_LEN != 0 {
+        return Ok(None);
+    }
+    let entry = |i: u64| -> io::Result<(u64, u64)> {
+        let mut octets = [0u8; IMPRINT_ENTRY_LEN as usize];
+        file.read_exact_at(&mut octets, i * IMPRINT_ENTRY_LEN)?;
+        let (key, seq) = octets.split_at(8);
+        Ok((
+            u64::from_be_bytes(key.try_into().expect("8 octets")),
+            u64::from_be_bytes(seq.try_into().expect("8 octets")),
+        ))
+    };
+    let key = imprint_key(imprint);
+    let (mut low, mut high) = (0, len / IMPRINT_ENTRY_LEN);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        if entry(middle)?.0 < key {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    let mut positions = Vec::new();
+    for i in low..len / IMPRINT_ENTRY_LEN {
+        match entry(i)? {
+            (k, seq) if k == key => positions.push(seq),
+            _ => break,
+        }
+    }
+    Ok(Some(positions))
 }

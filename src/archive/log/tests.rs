@@ -368,3 +368,74 @@ fn an_archive_with_rows_keeps_them() {
         "fixed once made"
     );
 }
+
+#[test]
+fn closed_segments_get_sorted_imprint_files_that_look_ups_search() {
+    let mut log = Log::new();
+    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
+    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    for _ in 0..6 {
+        store.append(0, &log.chain(2), &[]).unwrap();
+    }
+    // Two records whose imprints share their first 8 octets (the files' key), not the rest.
+    let shared = {
+        let mut twins = Log::new();
+        twins.head = log.head;
+        let mut a = twins.chain(2);
+        a[0].record.imprint = [[0x66; 8], [1; 8], [1; 8], [1; 8]].concat();
+        a[1].record.imprint = [[0x66; 8], [2; 8], [2; 8], [2; 8]].concat();
+        // Chained again with the imprints they now have.
+        let mut head = log.head;
+        a.into_iter()
+            .map(|r| {
+                let s = StoredRecord::chain(0, r.seq, r.counter, r.record, head.hash);
+                head = ChainHead {
+                    seq: s.seq,
+                    hash: s.hash,
+                };
+                s
+            })
+            .collect::<Vec<_>>()
+    };
+    store.append(0, &shared, &[]).unwrap();
+    log.head = ChainHead {
+        seq: shared[1].seq,
+        hash: shared[1].hash,
+    };
+    log.records.extend(shared.iter().cloned());
+    for _ in 0..4 {
+        store.append(0, &log.chain(2), &[]).unwrap();
+    }
+
+    let all = segment_files(&log.dir());
+    let (open, closed) = all.split_last().unwrap();
+    assert!(closed.len() >= 3);
+    assert!(closed.iter().all(|s| s.imprints_path().exists()));
+    assert!(
+        !open.imprints_path().exists(),
+        "the open segment has none yet"
+    );
+    let check = |store: &mut LogStore| {
+        for r in &log.records {
+            let found = store.records_by_imprint(&r.record.imprint).unwrap();
+            assert_eq!(
+                found.as_slice(),
+                std::slice::from_ref(r),
+                "record {}",
+                r.seq
+            );
+        }
+        assert!(store.records_by_imprint(&[0x66; 32]).unwrap().is_empty());
+    };
+    check(&mut store);
+
+    // A lost imprint file: look-ups read that segment; the next writer writes it again.
+    fs::remove_file(closed[1].imprints_path()).unwrap();
+    check(&mut store);
+    drop(store);
+    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
+    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    store.instance(0).unwrap();
+    assert!(closed[1].imprints_path().exists(), "written again at open");
+    check(&mut store);
+}
