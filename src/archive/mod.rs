@@ -608,10 +608,9 @@ pub fn open_writable(config: &ArchiveConfig) -> anyhow::Result<Box<dyn ArchiveSt
     if !config.database.exists() {
         bail!("{} does not exist", config.database.display());
     }
-    Ok(log::open_sqlite(
+    Ok(log::open_for_maintenance(
         &config.database,
         Duration::from_millis(config.busy_timeout_ms),
-        config.layout,
     )?)
 }
 

@@ -239,7 +239,8 @@ impl LogStore {
         }
     }
 
-    /// Opens an existing archive for look-ups, export and verification.
+    /// Opens an existing archive for look-ups, export, verification and pruning, without
+    /// appending (so without the writer's recovery).
     pub fn open_read_only(db: SqliteStore) -> Self {
         Self {
             writable: false,
@@ -488,15 +489,17 @@ pub fn imprint_status(database: &Path) -> String {
     )
 }
 
-/// Opens the SQLite archive at `database` for writing in its layout (`wanted` for a new one).
-pub fn open_sqlite(
+/// Opens the SQLite archive at `database` for maintenance beside a server that may be
+/// running (the CLI's prune), in its layout. A log archive is opened without its appender:
+/// only the server's writer appends, and only it cuts a torn commit off; pruning removes
+/// closed segments only.
+pub fn open_for_maintenance(
     database: &Path,
     busy_timeout: Duration,
-    wanted: super::sqlite::Layout,
 ) -> Result<Box<dyn ArchiveStore>, StoreError> {
-    let mut db = SqliteStore::open(database, busy_timeout)?;
-    Ok(match db.settle_layout(wanted)? {
+    let db = SqliteStore::open(database, busy_timeout)?;
+    Ok(match super::sqlite::layout_of(db.connection())? {
         super::sqlite::Layout::Rows => Box::new(db),
-        super::sqlite::Layout::Log => Box::new(LogStore::open(db)),
+        super::sqlite::Layout::Log => Box::new(LogStore::open_read_only(db)),
     })
 }

@@ -310,10 +310,14 @@ fn the_store_appends_finds_and_prunes_through_the_archive_trait() {
     let found = reader.records_by_imprint(&r.record.imprint).unwrap();
     assert_eq!(found.as_slice(), std::slice::from_ref(r));
 
-    // Pruning takes whole segments, never the one being written, anchor first.
+    // Pruning takes whole segments, never the one being written, anchor first; the CLI's
+    // store, beside the writer, prunes without appending.
     let segments_before = segment_files(&log.dir()).len();
     let cut = log.records[8].record.gen_time_ns;
-    let anchor = store.prune(0, cut).unwrap().expect("segments pruned");
+    let mut maintenance =
+        LogStore::open_read_only(SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap());
+    assert!(maintenance.append(0, &[], &[]).is_err(), "it never appends");
+    let anchor = maintenance.prune(0, cut).unwrap().expect("segments pruned");
     assert!(anchor.seq < 9 && anchor.seq >= 1);
     assert_eq!(anchor.hash, log.records[anchor.seq as usize - 1].hash);
     assert!(segment_files(&log.dir()).len() < segments_before);
