@@ -1,5 +1,5 @@
-//! What a durable write of tokens costs in CPU per record, for the archive's SQLite layout and
-//! for two layouts it does not use: the measurement behind "What bounds the archive's cost" in
+//! What a durable write of tokens costs in CPU per record, for the archive's two layouts
+//! (`rows` and `log`) and for two it does not use: the measurement behind "What bounds the archive's cost" in
 //! `docs/performance.md`. On one core the archive's CPU is taken from the issuing, so CPU time
 //! (user + system of this process, `getrusage`), not wall time, is what the archive costs in
 //! tokens/s; wall time adds the wait for the disk.
@@ -8,7 +8,9 @@
 //! in groups of N, each group durable before the next (`synchronous=FULL` in WAL mode, with
 //! SQLite's default checkpointing in the writing thread, or `fdatasync`):
 //!
-//! - `rows`: `SqliteStore::append`, one row per token with its indexes: the archive's layout;
+//! - `rows`: `SqliteStore::append`, one row per token with its indexes (`layout = "rows"`);
+//! - `log`: `LogStore::append`, the token log (`layout = "log"`): frames, index entries, one
+//!   `fdatasync` per commit;
 //! - `row-per-commit`: one row per commit in a table of its own in the same database,
 //!   holding the commit's records (each the canonical record encoding, the token without its
 //!   certificates), with the commit's ranges of positions, counters and genTimes indexed;
@@ -28,6 +30,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use tsa::archive::log::LogStore;
 use tsa::archive::record::{canonical, split_certificates, StoredRecord};
 use tsa::archive::sqlite::SqliteStore;
 use tsa::archive::store::ArchiveStore;
@@ -41,6 +44,7 @@ const ROUNDS: usize = 3;
 #[derive(Clone, Copy)]
 enum Layout {
     Rows,
+    Log,
     RowPerCommit,
     File,
 }
@@ -49,6 +53,7 @@ impl Layout {
     fn name(self) -> &'static str {
         match self {
             Self::Rows => "rows",
+            Self::Log => "log",
             Self::RowPerCommit => "row-per-commit",
             Self::File => "file",
         }
@@ -58,6 +63,7 @@ impl Layout {
 /// Where one layout writes, opened fresh for each round.
 enum Target {
     Rows(SqliteStore),
+    Log(Box<LogStore>),
     RowPerCommit(SqliteStore),
     File(std::fs::File),
 }
@@ -70,6 +76,12 @@ impl Target {
         };
         match layout {
             Layout::Rows => Self::Rows(database()),
+            Layout::Log => {
+                let mut db = database();
+                db.settle_layout(tsa::archive::sqlite::Layout::Log)
+                    .expect("a new archive");
+                Self::Log(Box::new(LogStore::open(db)))
+            }
             Layout::RowPerCommit => {
                 let store = database();
                 store
@@ -100,6 +112,7 @@ impl Target {
     fn commit(&mut self, records: &[StoredRecord]) {
         match self {
             Self::Rows(store) => store.append(INSTANCE, records, &[]).expect("append"),
+            Self::Log(store) => store.append(INSTANCE, records, &[]).expect("append"),
             Self::RowPerCommit(store) => {
                 let (first, last) = (&records[0], &records[records.len() - 1]);
                 let conn = store.connection();
@@ -181,7 +194,12 @@ fn main() {
     println!("layout          records/commit  cpu µs/record  wall µs/record");
     for group in [32usize, 128] {
         for _ in 0..rounds {
-            for layout in [Layout::Rows, Layout::RowPerCommit, Layout::File] {
+            for layout in [
+                Layout::Rows,
+                Layout::Log,
+                Layout::RowPerCommit,
+                Layout::File,
+            ] {
                 let dir = tempfile::tempdir().expect("a temporary directory");
                 let mut target = Target::open(layout, dir.path());
                 let mut records = Records::new(token.clone());
