@@ -77,11 +77,23 @@ struct Seen {
 
 #[test]
 fn a_full_disk_under_load_withholds_tokens_and_recovers_without_losing_one() {
+    full_disk("rows");
+}
+
+#[test]
+fn a_full_disk_under_load_withholds_tokens_and_recovers_without_losing_one_with_the_token_log() {
+    full_disk("log");
+}
+
+fn full_disk(layout: &str) {
     let fs = Tmpfs::mount("6m");
     let state: PathBuf = fs.path().join("state");
     // Small serial blocks: reservations (a state file written each time) happen while the
     // disk is full too.
-    init_in(&state, "serial_block = 40\ncheckpoint_interval_s = 1");
+    init_in(
+        &state,
+        &format!("serial_block = 40\ncheckpoint_interval_s = 1\nlayout = \"{layout}\""),
+    );
     let server = Serving::start(&state);
     let seen = Arc::new(Seen::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -162,6 +174,11 @@ fn a_full_disk_under_load_withholds_tokens_and_recovers_without_losing_one() {
     assert!(counter(&last.serial) > highest);
 
     // Exactly the tokens the clients received are archived, byte for byte.
+    assert_eq!(
+        state.join("archive.tokens").is_dir(),
+        layout == "log",
+        "the records are where the {layout} layout keeps them"
+    );
     let mut store = open_store(&state);
     let mut records: HashMap<Vec<u8>, StoredRecord> = HashMap::new();
     store
