@@ -31,6 +31,11 @@ impl From<io::Error> for StoreError {
     }
 }
 
+/// How far a record's genTime may be from its neighbours' in the log: a request's genTime is
+/// read before it is signed and archived, and a slow signer or a long commit delay it by
+/// seconds; ten minutes is far past any of them.
+const TIME_SLACK_NS: u64 = 600_000_000_000;
+
 /// Reads the token log of an archive (the writer's segments, while it writes).
 pub struct LogReader {
     root: PathBuf,
@@ -176,6 +181,16 @@ impl LogReader {
         for instance_id in self.instances()? {
             let anchor = anchors.get(&instance_id).copied().unwrap_or(0);
             for segment in self.segments(instance_id)? {
+                // A segment whose first and last genTimes are far outside the range is passed
+                // over: genTimes rise with the position, except among requests in flight
+                // together (seconds apart at most).
+                if let Some((first, last)) = segments::time_bounds(&segment)? {
+                    if last.saturating_add(TIME_SLACK_NS) < from_ns
+                        || first >= to_ns.saturating_add(TIME_SLACK_NS)
+                    {
+                        continue;
+                    }
+                }
                 let entries = scan(&segment)?.entries;
                 let within = |e: &&Entry| {
                     e.seq > anchor && e.gen_time_ns >= from_ns && e.gen_time_ns < to_ns

@@ -506,3 +506,31 @@ pub fn positions_by_imprint(segment: &Segment, imprint: &[u8]) -> io::Result<Opt
     }
     Ok(Some(positions))
 }
+
+/// The genTimes of `segment`'s first and last records, from the first and last entries of its
+/// index, when the index covers the whole segment (its last entry's frame ends the file);
+/// `None` otherwise.
+pub fn time_bounds(segment: &Segment) -> io::Result<Option<(u64, u64)>> {
+    let indexed = match fs::metadata(segment.index_path()) {
+        Ok(m) => m.len() / ENTRY_LEN as u64,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let Some(last_i) = indexed.checked_sub(1) else {
+        return Ok(None);
+    };
+    let (Some(first), Some(last)) = (
+        indexed_entry(segment, 0)?.filter(|e| e.seq == segment.first_seq && e.offset == 0),
+        indexed_entry(segment, last_i)?.filter(|e| e.seq == segment.first_seq + last_i),
+    ) else {
+        return Ok(None);
+    };
+    let file = File::open(&segment.path)?;
+    let len = file.metadata()?.len();
+    Ok(match read_at(&file, last.offset)? {
+        Some((record, frame)) if record.seq == last.seq && last.offset + frame == len => {
+            Some((first.gen_time_ns, last.gen_time_ns))
+        }
+        _ => None,
+    })
+}

@@ -17,6 +17,8 @@ struct Log {
     database: PathBuf,
     head: ChainHead,
     records: Vec<StoredRecord>,
+    /// genTime between one record and the next.
+    gen_step_ns: u64,
 }
 
 impl Log {
@@ -28,6 +30,7 @@ impl Log {
             database,
             head: ChainHead::EMPTY,
             records: Vec::new(),
+            gen_step_ns: 1_000,
         }
     }
 
@@ -42,7 +45,7 @@ impl Log {
                 let seq = self.head.seq + 1;
                 let mut r = sample(700);
                 r.serial = layout::encode(0, 10 * seq, [7; 7]).to_vec();
-                r.gen_time_ns += seq * 1_000;
+                r.gen_time_ns += seq * self.gen_step_ns;
                 r.imprint = vec![seq as u8; 32];
                 r.token[0] = seq as u8;
                 let stored = StoredRecord::chain(0, seq, 10 * seq, r, self.head.hash);
@@ -442,4 +445,37 @@ fn closed_segments_get_sorted_imprint_files_that_look_ups_search() {
     store.instance(0).unwrap();
     assert!(closed[1].imprints_path().exists(), "written again at open");
     check(&mut store);
+}
+
+#[test]
+fn a_time_range_passes_over_segments_far_from_it_and_misses_nothing() {
+    let mut log = Log::new();
+    // 20 minutes between records, two or three records per segment: most segments lie far
+    // outside any one-hour range.
+    log.gen_step_ns = 1_200_000_000_000;
+    let (mut appender, _) = open(&log.dir());
+    for _ in 0..12 {
+        appender.append(&log.chain(1)).unwrap();
+    }
+    assert!(segment_files(&log.dir()).len() >= 4);
+    let reader = log.reader();
+    let in_time = |from: u64, to: u64| {
+        let mut seqs = Vec::new();
+        reader
+            .in_time(from, to, &HashMap::new(), &mut |r| {
+                seqs.push(r.seq);
+                Ok(true)
+            })
+            .unwrap();
+        seqs
+    };
+    let gen = |seq: usize| log.records[seq - 1].record.gen_time_ns;
+    for (from, to) in [(4, 7), (1, 2), (11, 13), (5, 6), (2, 12)] {
+        let expected: Vec<u64> = (from as u64..to as u64).filter(|&s| s <= 12).collect();
+        let to_ns = if to > 12 { u64::MAX } else { gen(to) };
+        assert_eq!(in_time(gen(from), to_ns), expected, "[{from}, {to})");
+        // Just past a record's genTime leaves it out; just before the next takes it in.
+        assert_eq!(in_time(gen(from) + 1, gen(from + 1)), Vec::<u64>::new());
+        assert_eq!(in_time(gen(from) - 1, gen(from) + 1), [from as u64]);
+    }
 }
