@@ -12,15 +12,15 @@
 #   ALG          p256 | p384 | rsa2048 | rsa3072 | rsa4096, with "-pss" for RSA-PSS (rsa2048-pss)
 #   HSM=1        the TSU key in SoftHSM2 (`tsa init --hsm`); the raw rate is then the token's own
 #                single-process cryptoki rate (`tsa hsm check`), and the ratio is tokens/s to it
-#   ARCHIVE      0 (default): no archive; 1: the token archive on (`tsa init --archive`: SQLite,
-#                WAL, synchronous=FULL, group commit); both: the same runs with it off, then on,
+#   ARCHIVE      0 (default): no archive; 1: the token archive on (`tsa init --archive`: the
+#                token log beside SQLite, group commit); both: the same runs with it off, then on,
 #                and the on/off ratio of req/s per concurrency. Under each run with it on: the
 #                CPU per token of the archive's threads (writer, imprint indexer, checkpointer).
 #                After the runs with it on: the tokens archived, how far the imprint index was
 #                behind, and how many commits took over 6.4, 25.6 and 102 ms (each one delays
 #                every token waiting for it)
-#   ARCHIVE_LAYOUT  rows | log: where the archive keeps its tokens ([archive] layout; default
-#                the configuration's, rows)
+#   ARCHIVE_LAYOUT  log | rows: where the archive keeps its tokens ([archive] layout; default
+#                the configuration's: log)
 #   CONCURRENCY  connections per run, space-separated               (default "1 8 32 128")
 #   DURATION     seconds per run                                     (default 10)
 #   IMPRINTS     same | distinct: every request stamps the same imprint, or each another random

@@ -56,9 +56,9 @@ pub struct ArchiveConfig {
     pub backend: ArchiveBackend,
     /// The SQLite database.
     pub database: PathBuf,
-    /// Where a new SQLite archive keeps its token records: `rows` of the database, or `log`:
-    /// append-only files beside it (`archive.tokens/`), which cost a commit a third of the
-    /// CPU. An archive keeps the layout it was made with.
+    /// Where a new SQLite archive keeps its token records: `log` (the default), append-only
+    /// files beside the database (`archive.tokens/`), or `rows` of the database, which cost
+    /// the writer about twice the CPU. An archive keeps the layout it was made with.
     pub layout: crate::archive::sqlite::Layout,
     /// The state file (highest reserved serial counter, last genTime); `<file>.lock` beside it.
     pub state_file: PathBuf,

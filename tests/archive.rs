@@ -339,7 +339,8 @@ fn serial_at(conn: &rusqlite::Connection, seq: u64) -> String {
 /// Changing, deleting or re-hashing rows is reported at the record where it happened.
 #[test]
 fn tampering_is_reported_at_the_right_record() {
-    let dir = init("checkpoint_interval_s = 3600");
+    // Rows: this edits the token rows (the log's own test is below).
+    let dir = init("checkpoint_interval_s = 3600\nlayout = \"rows\"");
     let d = dir.path();
     let server = Serving::start(d);
     stamps(&server, 6, "tamper");
@@ -537,7 +538,8 @@ fn restore(dir: &Path, snapshot: &Path) {
 /// the anchor, and counters and genTimes stay above what was pruned.
 #[test]
 fn pruning_keeps_verification_green() {
-    let dir = init("checkpoint_interval_s = 3600");
+    // Rows: pruned record by record (the log prunes whole segments: src/archive/log/tests.rs).
+    let dir = init("checkpoint_interval_s = 3600\nlayout = \"rows\"");
     let d = dir.path();
     let server = Serving::start(d);
     let first = stamps(&server, 5, "prune");
@@ -586,7 +588,9 @@ fn pruning_keeps_verification_green() {
 /// systemFailure and no token; readiness says why; afterwards tokens are archived again.
 #[test]
 fn an_unwritable_archive_withholds_tokens() {
-    let dir = init("busy_timeout_ms = 200");
+    // Rows: a lock on the database stops their commits (the log's writes fail with its disk:
+    // tests/disk_full.rs).
+    let dir = init("busy_timeout_ms = 200\nlayout = \"rows\"");
     let d = dir.path();
     let server = Serving::start(d);
     let mut conn = Conn::open(&server.public).unwrap();
@@ -768,7 +772,8 @@ fn restored_backups_and_lost_state_files_never_reuse_serials() {
 /// read the archive itself.
 #[test]
 fn without_its_imprint_index_the_archive_still_serves_and_finds_tokens() {
-    let dir = init("");
+    // Rows: the imprint database is theirs (the log keeps imprint files per segment).
+    let dir = init("layout = \"rows\"");
     let d = dir.path();
     let index = tsa::archive::imprints::path_for(&archive_support::database(d));
     std::fs::create_dir(&index).unwrap();

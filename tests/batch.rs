@@ -372,7 +372,12 @@ fn malformed_or_oversized_batches_are_refused_whole() {
 
 #[test]
 fn archived_batches_record_every_granted_item_before_replying() {
-    let server = Server::start(&["--archive"], "[archive]\nbusy_timeout_ms = 200");
+    // Rows: the database's lock below stops their commits (the token log is written beside
+    // the database).
+    let server = Server::start(
+        &["--archive"],
+        "[archive]\nbusy_timeout_ms = 200\nlayout = \"rows\"",
+    );
     let work = tempfile::tempdir().unwrap();
     let items: Vec<Vec<u8>> = (0..60u8)
         .map(|i| {

@@ -310,7 +310,10 @@ fn the_archive_reports_its_commits_and_queue() {
     assert!(value(&m, "tsa_archive_commit_duration_seconds_sum").unwrap() > 0.0);
     assert_eq!(value(&m, "tsa_archive_queue_depth"), Some(0.0), "{m}");
     assert_eq!(value(&m, "tsa_queue_depth"), Some(0.0), "{m}");
-    // The imprint index, filled beside the writer, reaches every record within its pause.
+    // A new archive is a token log, which indexes imprints as it commits: never behind. (With
+    // rows, the imprint index, filled beside the writer, reaches every record within its
+    // pause.)
+    assert!(server.path("archive.tokens").is_dir(), "a token log");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let m = scrape(&server.admin_url);

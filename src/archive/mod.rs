@@ -111,8 +111,10 @@ pub struct Archive {
     writer: Mutex<Option<JoinHandle<()>>>,
     held: Held,
     stats: Arc<CommitStats>,
-    /// The SQLite archive's imprint index, filled beside the writer.
+    /// The SQLite archive's imprint index, filled beside the writer (rows only).
     indexer: Option<imprints::Indexer>,
+    /// A token log, whose imprints are indexed as they are committed.
+    log: bool,
     /// The SQLite archive's log checkpoints, beside the writer.
     checkpointer: Option<checkpointer::Checkpointer>,
 }
@@ -144,9 +146,10 @@ impl Archive {
         let (store, reader, lock, checkpointer) = open_stores(config)?;
         // The imprint index is derived data: without it tokens are still archived and found,
         // look-ups by imprint only read the whole archive.
+        let log = config.backend == ArchiveBackend::Sqlite && log::is_log_archive(&config.database);
         let indexer = match config.backend {
             // The token log keeps sorted imprint files of its own, per segment.
-            ArchiveBackend::Sqlite if log::is_log_archive(&config.database) => None,
+            ArchiveBackend::Sqlite if log => None,
             ArchiveBackend::Sqlite => imprints::Indexer::start(&config.database)
                 .inspect_err(|e| {
                     tracing::error!(
@@ -296,6 +299,7 @@ impl Archive {
             held: lock,
             stats,
             indexer,
+            log,
             checkpointer,
         })
     }
@@ -435,9 +439,13 @@ impl Archive {
     }
 
     /// Archived token records the imprint index has not reached yet (look-ups by imprint read
-    /// them from the archive itself); `None` where the backend keeps its own index.
+    /// them from the archive itself): always 0 for a token log, which indexes its imprints as
+    /// it commits them; `None` where the backend keeps its own index.
     pub fn imprint_index_behind(&self) -> Option<u64> {
-        self.indexer.as_ref().map(imprints::Indexer::behind)
+        match &self.indexer {
+            Some(indexer) => Some(indexer.behind()),
+            None => self.log.then_some(0),
+        }
     }
 
     /// Commits what is queued, signs a last checkpoint, writes the state file and stops the

@@ -170,13 +170,14 @@ impl SqliteStore {
 }
 
 /// Where an SQLite archive keeps its token records (`archive_meta` name `layout`, fixed when
-/// the archive is made): rows of `tokens` (every archive made before the log), or the token
-/// log beside the database ([`super::log`]), with everything else in the database.
+/// the archive is made): the token log beside the database ([`super::log`]), with everything
+/// else in the database (the default for new archives), or rows of `tokens` (every archive
+/// made before the log).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Layout {
-    #[default]
     Rows,
+    #[default]
     Log,
 }
 
@@ -208,8 +209,8 @@ pub fn layout_of(conn: &Connection) -> Result<Layout, StoreError> {
 }
 
 impl SqliteStore {
-    /// The archive's layout; for one that has none yet (new, or made before layouts), `wanted`
-    /// when it holds no token rows, else rows, written down.
+    /// The archive's layout; for one that names none yet, `wanted` when it is new (no token,
+    /// instance, anchor or checkpoint), else rows (made before layouts), written down.
     pub fn settle_layout(&mut self, wanted: Layout) -> Result<Layout, StoreError> {
         let tx = self
             .conn
@@ -220,9 +221,13 @@ impl SqliteStore {
             |r| r.get(0),
         )?;
         if !named {
-            let rows: bool =
-                tx.query_row("SELECT EXISTS (SELECT 1 FROM tokens)", [], |r| r.get(0))?;
-            let layout = if rows { Layout::Rows } else { wanted };
+            let used: bool = tx.query_row(
+                "SELECT EXISTS (SELECT 1 FROM tokens) OR EXISTS (SELECT 1 FROM instances) \
+                 OR EXISTS (SELECT 1 FROM chain_anchors) OR EXISTS (SELECT 1 FROM checkpoints)",
+                [],
+                |r| r.get(0),
+            )?;
+            let layout = if used { Layout::Rows } else { wanted };
             tx.execute(
                 "INSERT INTO archive_meta (name, value) VALUES ('layout', ?1)",
                 [layout.name()],

@@ -1,5 +1,5 @@
 //! The token log: an SQLite archive's token records in append-only files beside the
-//! database (`archive.layout = "log"`), so that a commit costs one `write` and one
+//! database (`archive.layout = "log"`, the default for new archives), so that a commit costs one `write` and one
 //! `fdatasync` instead of B-tree work and a write-ahead log (`docs/design/token-log.md`).
 //!
 //! Everything but the token records stays in the database: reservations, events,

@@ -366,6 +366,12 @@ fn an_archive_with_rows_keeps_them() {
         Layout::Rows,
         "written down"
     );
+    // One made before layouts that holds no token (never stamped, or all pruned) but has
+    // its instance: rows too.
+    let used = Log::new();
+    let mut db = SqliteStore::open(&used.database, Duration::from_secs(1)).unwrap();
+    db.reserve(0, 100, 0).unwrap();
+    assert_eq!(db.settle_layout(Layout::Log).unwrap(), Layout::Rows);
     let new = Log::new();
     let mut db = SqliteStore::open(&new.database, Duration::from_secs(1)).unwrap();
     assert_eq!(db.settle_layout(Layout::Log).unwrap(), Layout::Log);
