@@ -13,8 +13,8 @@ use super::record::{
 };
 use super::serial::layout;
 use super::store::{
-    schema, ArchiveStore, CertificateSets, InstanceState, StoreError, Visit, RECORD_COLUMNS,
-    SCHEMA_VERSION,
+    latest_first, schema, ArchiveStore, CertificateSets, InstanceState, StoreError, Visit,
+    RECORD_COLUMNS, SCHEMA_VERSION,
 };
 
 pub struct SqliteStore {
@@ -705,14 +705,7 @@ impl ArchiveStore for SqliteStore {
                 &mut collect,
             )?;
         }
-        all.sort_by(|a, b| {
-            (b.record.gen_time_ns, a.instance_id, b.seq).cmp(&(
-                a.record.gen_time_ns,
-                b.instance_id,
-                a.seq,
-            ))
-        });
-        all.dedup_by_key(|r| (r.instance_id, r.seq));
+        latest_first(&mut all);
         Ok(all)
     }
 

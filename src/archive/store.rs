@@ -78,6 +78,19 @@ impl InstanceState {
     }
 }
 
+/// Puts the records a look-up by imprint found in the order it answers them: the latest
+/// genTime first (then by instance, and the later position first), each record once.
+pub fn latest_first(records: &mut Vec<StoredRecord>) {
+    records.sort_by(|a, b| {
+        (b.record.gen_time_ns, a.instance_id, b.seq).cmp(&(
+            a.record.gen_time_ns,
+            b.instance_id,
+            a.seq,
+        ))
+    });
+    records.dedup_by_key(|r| (r.instance_id, r.seq));
+}
+
 /// A visitor over records; returns `false` to stop.
 pub type Visit<'a> = dyn FnMut(StoredRecord) -> Result<bool, StoreError> + 'a;
 

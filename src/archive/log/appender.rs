@@ -117,6 +117,14 @@ impl Appender {
                     write_imprints(closed, imprint_entries(&scan(closed)?.entries))?;
                 }
             }
+            // A segment that was closed and is open again (the one after it held no good
+            // frame) takes records its imprint file lacks: without the file, look-ups read its
+            // index entries, and the file is written again when it closes.
+            match std::fs::remove_file(segment.imprints_path()) {
+                Ok(()) => crate::files::sync_directory(dir)?,
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                Err(_) => {}
+            }
             appender.imprints = imprint_entries(&scanned.entries);
             appender.next_seq = last.seq + 1;
             appender.last = Some(ChainHead {

@@ -1,6 +1,7 @@
 //! The token log: an SQLite archive's token records in append-only files beside the
-//! database (`archive.layout = "log"`, the default for new archives), so that a commit costs one `write` and one
-//! `fdatasync` instead of B-tree work and a write-ahead log (`docs/design/token-log.md`).
+//! database (`archive.layout = "log"`, the default for new archives), so that a commit costs
+//! one `write` and one `fdatasync` instead of B-tree work and a write-ahead log
+//! (`docs/design/token-log.md`).
 //!
 //! Everything but the token records stays in the database: reservations, events,
 //! checkpoints, chain anchors. The files and their recovery are in [`segments`] and
@@ -20,10 +21,10 @@ use std::time::Duration;
 
 use self::appender::{remove_segment, Appender};
 use self::segments::{dir_for, instance_dir, read_at, scan, Entry, Frames, Segment};
-use super::record::{Anchor, CanonicalRef, ChainHead, Checkpoint, EventRecord, Hash, StoredRecord};
+use super::record::{Anchor, ChainHead, Checkpoint, EventRecord, StoredRecord};
 use super::serial::layout;
 use super::sqlite::SqliteStore;
-use super::store::{ArchiveStore, InstanceState, StoreError, Visit};
+use super::store::{latest_first, ArchiveStore, InstanceState, StoreError, Visit};
 
 impl From<io::Error> for StoreError {
     fn from(e: io::Error) -> Self {
@@ -90,19 +91,7 @@ impl LogReader {
         &self,
         instance_id: u32,
         from_seq: u64,
-        visit: &mut dyn FnMut(StoredRecord) -> Result<bool, StoreError>,
-    ) -> Result<(), StoreError> {
-        self.for_each_ref(instance_id, from_seq, &mut |fields, hash| {
-            visit(fields.to_record(*hash))
-        })
-    }
-
-    /// [`LogReader::for_each_from`] with each record's fields borrowed from its frame.
-    pub fn for_each_ref(
-        &self,
-        instance_id: u32,
-        from_seq: u64,
-        visit: &mut dyn FnMut(&CanonicalRef<'_>, &Hash) -> Result<bool, StoreError>,
+        visit: &mut Visit<'_>,
     ) -> Result<(), StoreError> {
         let all = self.segments(instance_id)?;
         let start = all
@@ -119,7 +108,7 @@ impl LogReader {
             };
             let mut frames = Frames::open(segment, offset)?.unchecked();
             while let Some((_, fields, hash)) = frames.next_ref()? {
-                if fields.seq >= from_seq && !visit(&fields, &hash)? {
+                if fields.seq >= from_seq && !visit(fields.to_record(hash))? {
                     return Ok(());
                 }
             }
@@ -229,19 +218,21 @@ pub struct LogStore {
     /// The instance the writer appends to, and its appender (opened, and so recovered, when
     /// the store is first asked about that instance, or appends to it).
     appender: Option<(u32, Appender)>,
-    writable: bool,
+    /// Whether this is the writer's store. Only the writer appends, and only it opens an
+    /// appender, whose recovery may cut a torn commit off a segment.
+    appends: bool,
     segment_limit: u64,
 }
 
 impl LogStore {
-    /// Opens (creating it when missing) the archive at `database` for writing.
+    /// The writer's store over the archive `db` (whose layout is the log).
     pub fn open(db: SqliteStore) -> Self {
         let log = LogReader::new(db.path());
         Self {
             db,
             log,
             appender: None,
-            writable: true,
+            appends: true,
             segment_limit: segments::SEGMENT_LIMIT,
         }
     }
@@ -258,7 +249,7 @@ impl LogStore {
     /// appending (so without the writer's recovery).
     pub fn open_read_only(db: SqliteStore) -> Self {
         Self {
-            writable: false,
+            appends: false,
             ..Self::open(db)
         }
     }
@@ -289,7 +280,7 @@ impl LogStore {
 impl ArchiveStore for LogStore {
     fn instance(&mut self, instance_id: u32) -> Result<InstanceState, StoreError> {
         let mut state = self.db.instance(instance_id)?;
-        let head = if self.writable {
+        let head = if self.appends {
             self.appender(instance_id)?.head()
         } else {
             self.log.head(instance_id)?.map(|r| ChainHead {
@@ -333,8 +324,10 @@ impl ArchiveStore for LogStore {
         records: &[StoredRecord],
         events: &[EventRecord],
     ) -> Result<(), StoreError> {
-        if !self.writable {
-            return Err(StoreError("the archive is open for reading only".into()));
+        if !self.appends {
+            return Err(StoreError(
+                "only the server's writer appends to the token log".into(),
+            ));
         }
         if records.iter().any(|r| r.instance_id != instance_id) {
             return Err(StoreError("a record of another instance".into()));
@@ -397,14 +390,7 @@ impl ArchiveStore for LogStore {
                 }
             }
         }
-        all.sort_by(|a, b| {
-            (b.record.gen_time_ns, a.instance_id, b.seq).cmp(&(
-                a.record.gen_time_ns,
-                b.instance_id,
-                a.seq,
-            ))
-        });
-        all.dedup_by_key(|r| (r.instance_id, r.seq));
+        latest_first(&mut all);
         Ok(all)
     }
 

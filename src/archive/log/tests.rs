@@ -485,3 +485,44 @@ fn a_time_range_passes_over_segments_far_from_it_and_misses_nothing() {
         assert_eq!(in_time(gen(from) - 1, gen(from) + 1), [from as u64]);
     }
 }
+
+#[test]
+fn a_closed_segment_open_again_is_searched_by_its_index_until_it_closes_again() {
+    let mut log = Log::new();
+    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
+    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    // Until the first segment closes: its imprint file is written as the second one starts.
+    while segment_files(&log.dir()).len() < 2 {
+        store.append(0, &log.chain(1), &[]).unwrap();
+    }
+    drop(store);
+    let [first, second] = <[Segment; 2]>::try_from(segment_files(&log.dir())).unwrap();
+    assert!(first.imprints_path().exists());
+    // The second segment's only commit tore: it goes, and the first is the open one again.
+    // (its index entries are written after the sync: there are none)
+    fs::write(&second.path, [0x42; 300]).unwrap();
+    fs::write(second.index_path(), []).unwrap();
+    let last = log.records.pop().unwrap();
+    log.head = ChainHead {
+        seq: last.seq - 1,
+        hash: last.prev_hash,
+    };
+    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
+    let mut store = LogStore::open(db).with_segment_limit(1 << 20);
+    assert_eq!(store.instance(0).unwrap().head, Some(log.head));
+    assert_eq!(segment_files(&log.dir()), [first.clone()]);
+    assert!(
+        !first.imprints_path().exists(),
+        "its imprint file lacks what comes next"
+    );
+    store.append(0, &log.chain(2), &[]).unwrap();
+    for r in &log.records {
+        let found = store.records_by_imprint(&r.record.imprint).unwrap();
+        assert_eq!(
+            found.as_slice(),
+            std::slice::from_ref(r),
+            "record {}",
+            r.seq
+        );
+    }
+}
