@@ -510,7 +510,7 @@ fn a_closed_segment_open_again_is_searched_by_its_index_until_it_closes_again() 
     let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
     let mut store = LogStore::open(db).with_segment_limit(1 << 20);
     assert_eq!(store.instance(0).unwrap().head, Some(log.head));
-    assert_eq!(segment_files(&log.dir()), [first.clone()]);
+    assert_eq!(segment_files(&log.dir()), std::slice::from_ref(&first));
     assert!(
         !first.imprints_path().exists(),
         "its imprint file lacks what comes next"
