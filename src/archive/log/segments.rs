@@ -227,7 +227,7 @@ impl Frames {
     /// end of the segment or at the first frame that is cut short or does not check (a commit
     /// that never completed).
     pub fn next_ref(&mut self) -> io::Result<Option<(u64, CanonicalRef<'_>, Hash)>> {
-        if self.end - self.offset < FRAME_OVERHEAD as u64 {
+        if self.end.saturating_sub(self.offset) < FRAME_OVERHEAD as u64 {
             return Ok(None);
         }
         let mut len = [0u8; 4];

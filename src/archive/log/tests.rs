@@ -526,3 +526,94 @@ fn a_closed_segment_open_again_is_searched_by_its_index_until_it_closes_again() 
         );
     }
 }
+
+/// A small deterministic generator for the damage below.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+#[test]
+fn damaged_files_give_errors_or_a_sound_head_never_a_panic() {
+    let mut rng = XorShift(0x7e57_10c5);
+    let (mut started, mut refused) = (0, 0);
+    for round in 0..300 {
+        let mut log = Log::new();
+        let (mut appender, _) = open(&log.dir());
+        for _ in 0..1 + rng.below(4) {
+            appender
+                .append(&log.chain(1 + rng.below(3) as usize))
+                .unwrap();
+        }
+        drop(appender);
+        let segment = segment_files(&log.dir()).pop().unwrap();
+        let target = if rng.below(3) == 0 {
+            segment.index_path()
+        } else {
+            segment.path.clone()
+        };
+        let mut octets = fs::read(&target).unwrap();
+        match rng.below(4) {
+            0 => {
+                for _ in 0..1 + rng.below(4) {
+                    let at = rng.below(octets.len() as u64) as usize;
+                    if let Some(b) = octets.get_mut(at) {
+                        *b ^= 1 << rng.below(8);
+                    }
+                }
+            }
+            1 => octets.truncate(rng.below(octets.len() as u64 + 1) as usize),
+            2 => octets.extend((0..rng.below(200)).map(|_| rng.below(256) as u8)),
+            _ => {
+                let at = rng.below(octets.len() as u64) as usize;
+                octets.splice(at..at, (0..1 + rng.below(40)).map(|_| rng.below(256) as u8));
+            }
+        }
+        fs::write(&target, &octets).unwrap();
+
+        // Readers answer, with records or errors.
+        let reader = log.reader();
+        let _ = reader.head(0);
+        let _ = reader.maxima(0);
+        let _ = reader.by_counter(0, 10 * (1 + rng.below(12)));
+        let _ = reader.record_at(0, 1 + rng.below(12));
+        let _ = reader.in_time(0, u64::MAX, &HashMap::new(), &mut |_| Ok(true));
+        let _ = reader.for_each_from(0, 1, &mut |_| Ok(true));
+
+        // The writer starts on a head that checks, or refuses to start.
+        let Ok((mut appender, last)) = Appender::open(&log.dir(), LIMIT) else {
+            refused += 1;
+            continue;
+        };
+        started += 1;
+        if let Some(last) = &last {
+            assert_eq!(last.computed_hash(), last.hash, "round {round}");
+            assert_eq!(
+                reader.head(0).unwrap().as_ref(),
+                Some(last),
+                "round {round}"
+            );
+        }
+        log.head = last.map_or(ChainHead::EMPTY, |l| ChainHead {
+            seq: l.seq,
+            hash: l.hash,
+        });
+        let next = log.chain(1);
+        appender.append(&next).unwrap();
+        assert_eq!(
+            reader.head(0).unwrap().as_ref(),
+            next.last(),
+            "round {round}"
+        );
+    }
+    assert!(
+        started > 100 && refused > 10,
+        "{started} started, {refused} refused"
+    );
+}
