@@ -523,6 +523,60 @@ fn tampering_with_the_token_log_is_reported_at_the_right_record() {
     );
 }
 
+/// A rows archive moved into the token log: refused while the server runs; afterwards the
+/// chain (pruned start included) verifies, every token is found by serial and imprint, the
+/// rows are gone, and the next server goes on in the log.
+#[test]
+fn a_rows_archive_migrates_into_the_token_log() {
+    let dir = init("checkpoint_interval_s = 3600\nlayout = \"rows\"");
+    let d = dir.path();
+    let server = Serving::start(d);
+    let first = stamps(&server, 6, "before migration");
+    let (ok, out) = archive_cli(d, &["migrate"]);
+    assert!(!ok && out.contains("stop the server first"), "{out}");
+    server.stop();
+    // The first two pruned: the log starts after the anchor.
+    let cut = chrono::DateTime::from_timestamp_nanos(first[2].gen_time_ns as i64)
+        .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    let (ok, out) = archive_cli(d, &["prune", "--before", &cut]);
+    assert!(ok && out.contains("records up to 2 removed"), "{out}");
+
+    let (ok, out) = archive_cli(d, &["migrate"]);
+    assert!(
+        ok && out.contains("instance 0: 4 records moved into the token log"),
+        "{out}"
+    );
+    assert!(d.join("archive.tokens").is_dir());
+    let rows: u64 = rusqlite::Connection::open(archive_support::database(d))
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0, "the rows are gone");
+    let out = verify_report(d).unwrap();
+    assert!(out.contains("4 records verified, up to 6"), "{out}");
+    let (ok, out) = archive_cli(d, &["migrate"]);
+    assert!(!ok && out.contains("token log already"), "{out}");
+
+    // The configuration still says rows: the archive keeps its own layout.
+    let server = Serving::start(d);
+    let second = stamps(&server, 2, "after migration");
+    server.stop();
+    let out = verify_report(d).unwrap();
+    assert!(out.contains("6 records verified, up to 8"), "{out}");
+    let mut store = open_store(d);
+    for got in first[2..].iter().chain(&second) {
+        let by_serial = store.record_by_serial(&got.serial).unwrap().unwrap();
+        assert_eq!(by_serial.record.token, got.token);
+        let by_imprint = store.records_by_imprint(&got.imprint).unwrap();
+        assert_eq!(by_imprint.len(), 1);
+        assert_eq!(by_imprint[0].record.serial, got.serial);
+    }
+    assert!(
+        store.record_by_serial(&first[0].serial).unwrap().is_none(),
+        "pruned"
+    );
+}
+
 fn restore(dir: &Path, snapshot: &Path) {
     let db = archive_support::database(dir);
     for suffix in ["-wal", "-shm"] {

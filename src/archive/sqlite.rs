@@ -238,6 +238,22 @@ impl SqliteStore {
         Ok(layout)
     }
 
+    /// Names the layout `log` and deletes the token rows, in one transaction: the last step
+    /// of a migration, once the token log holds them ([`super::log::migrate`]).
+    pub(super) fn switch_to_log(&mut self) -> Result<(), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO archive_meta (name, value) VALUES ('layout', 'log') \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            [],
+        )?;
+        tx.execute("DELETE FROM tokens", [])?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Each instance's chain anchor position.
     pub(super) fn anchor_positions(
         &self,

@@ -70,6 +70,10 @@ pub enum ArchiveCommand {
         #[arg(long)]
         instance: Option<u32>,
     },
+    /// Move a rows archive's tokens into a token log beside its database (the layout of new
+    /// archives: about half the writer's CPU), with the server stopped. The copy is read back
+    /// and compared before the rows go; run `verify` before and after.
+    Migrate,
     /// Print the clock, key and archive events in [--from, --to).
     Events {
         #[arg(long)]
@@ -110,6 +114,7 @@ pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
         ArchiveCommand::Prune { before, instance } => {
             prune(&config, &parse_time(before)?, *instance)
         }
+        ArchiveCommand::Migrate => migrate(&config),
         ArchiveCommand::Events { from, to } => events(
             &config,
             from.as_deref().map(parse_time).transpose()?.unwrap_or(0),
@@ -327,6 +332,28 @@ fn prune(config: &Config, before: &u64, only: Option<u32>) -> anyhow::Result<()>
             None => println!("instance {id}: nothing to remove"),
         }
     }
+    Ok(())
+}
+
+fn migrate(config: &Config) -> anyhow::Result<()> {
+    let a = &config.archive;
+    if a.backend != tsa::config::ArchiveBackend::Sqlite {
+        anyhow::bail!("only an SQLite archive has a token log");
+    }
+    let _lock = archive::state::Lock::acquire(&a.state_file)
+        .context("the archive is in use: stop the server first")?;
+    let migrated = archive::log::migrate::migrate(
+        &a.database,
+        std::time::Duration::from_millis(a.busy_timeout_ms),
+    )?;
+    for (id, records) in &migrated {
+        println!("instance {id}: {records} records moved into the token log");
+    }
+    println!(
+        "{} now keeps its tokens in {}; `VACUUM` it to give back the space the rows took",
+        a.database.display(),
+        archive::log::segments::dir_for(&a.database).display()
+    );
     Ok(())
 }
 

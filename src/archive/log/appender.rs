@@ -164,6 +164,16 @@ impl Appender {
                 ),
             ));
         }
+        // Positions are the index's key: a segment's records are consecutive.
+        if let Some(pair) = records.windows(2).find(|w| w[1].seq != w[0].seq + 1) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "record {} does not follow record {}",
+                    pair[1].seq, pair[0].seq
+                ),
+            ));
+        }
         if self.dirty {
             let open = self.open.as_ref().expect("dirty only with a segment open");
             open.file.set_len(open.len)?;

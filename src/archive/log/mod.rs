@@ -9,6 +9,7 @@
 //! export, verification and pruning use the log as they use rows.
 
 pub mod appender;
+pub mod migrate;
 pub mod segments;
 #[cfg(test)]
 mod tests;

@@ -617,3 +617,49 @@ fn damaged_files_give_errors_or_a_sound_head_never_a_panic() {
         "{started} started, {refused} refused"
     );
 }
+
+#[test]
+fn a_migration_starts_over_after_a_stop_and_leaves_a_broken_chain_as_it_was() {
+    let mut log = Log::new();
+    let mut db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
+    db.append(0, &log.chain(5), &[]).unwrap();
+    drop(db);
+    // What a migration that stopped half way left.
+    let partial = log
+        .dir()
+        .join(Segment::new(&log.dir(), 1).path.file_name().unwrap());
+    fs::create_dir_all(log.dir()).unwrap();
+    fs::write(&partial, [0x17; 100]).unwrap();
+    let migrated = super::migrate::migrate(&log.database, Duration::from_secs(1)).unwrap();
+    assert_eq!(migrated, [(0, 5)]);
+    assert_eq!(log.all(), log.records);
+    let db = SqliteStore::open_read_only(&log.database).unwrap();
+    assert_eq!(
+        crate::archive::sqlite::layout_of(db.connection()).unwrap(),
+        Layout::Log
+    );
+
+    // A chain with a gap (record 3 missing) cannot be copied: nothing changes.
+    let mut gap = Log::new();
+    let mut db = SqliteStore::open(&gap.database, Duration::from_secs(1)).unwrap();
+    let records = gap.chain(4);
+    db.append(
+        0,
+        &[records[0].clone(), records[1].clone(), records[3].clone()],
+        &[],
+    )
+    .unwrap();
+    drop(db);
+    let error = super::migrate::migrate(&gap.database, Duration::from_secs(1)).unwrap_err();
+    assert!(error.to_string().contains("does not follow"), "{error}");
+    let db = SqliteStore::open_read_only(&gap.database).unwrap();
+    assert_eq!(
+        crate::archive::sqlite::layout_of(db.connection()).unwrap(),
+        Layout::Rows
+    );
+    let rows: u64 = db
+        .connection()
+        .query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 3, "the rows stay");
+}

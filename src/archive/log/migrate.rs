@@ -1,0 +1,103 @@
+//! Moving a rows archive into the token log (`tsa archive migrate`), with the server stopped.
+//!
+//! Every instance's records are copied, in chain order and as stored (positions, hashes and
+//! all), into segments beside the database; the copy is read back and compared with the rows;
+//! then one transaction names the layout `log` and deletes the rows. A migration that stops
+//! half way leaves the layout `rows`, which the server keeps using; the next migration
+//! removes the partial log and starts over.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use super::appender::Appender;
+use super::segments::{dir_for, instance_dir, SEGMENT_LIMIT};
+use super::LogReader;
+use crate::archive::record::{sha256, StoredRecord};
+use crate::archive::sqlite::{layout_of, Layout, SqliteStore};
+use crate::archive::store::{ArchiveStore, StoreError};
+
+/// Records per commit of the copy (each commit one `fdatasync`).
+const BATCH: usize = 4_096;
+
+/// What a migration copied: each instance and its records.
+pub type Migrated = Vec<(u32, u64)>;
+
+/// Migrates the rows archive at `database` into a token log beside it. The caller keeps
+/// every server off the archive (the state directory's lock).
+pub fn migrate(database: &Path, busy_timeout: Duration) -> Result<Migrated, StoreError> {
+    let mut db = SqliteStore::open(database, busy_timeout)?;
+    if layout_of(db.connection())? == Layout::Log {
+        return Err(StoreError(format!(
+            "{} keeps its tokens in a token log already",
+            database.display()
+        )));
+    }
+    let root = dir_for(database);
+    if root.exists() {
+        // Left by a migration that stopped before the switch: the rows are the archive.
+        fs::remove_dir_all(&root)?;
+        crate::files::sync_directory(crate::files::directory_of(&root))?;
+    }
+    let mut migrated = Vec::new();
+    for instance_id in db.instances()? {
+        let anchor = db.instance(instance_id)?.anchor.map_or(0, |a| a.seq);
+        let (mut appender, _) = Appender::open(&instance_dir(&root, instance_id), SEGMENT_LIMIT)?;
+        let (mut batch, mut rows) = (Vec::with_capacity(BATCH), Digest::default());
+        db.for_each_record(instance_id, anchor + 1, &mut |r| {
+            rows.add(&r);
+            batch.push(r);
+            if batch.len() == BATCH {
+                appender.append(&batch)?;
+                batch.clear();
+            }
+            Ok(true)
+        })?;
+        appender.append(&batch)?;
+        // The copy, read back, against the rows.
+        let mut copy = Digest::default();
+        LogReader::new(database).for_each_from(instance_id, anchor + 1, &mut |r| {
+            copy.add(&r);
+            Ok(true)
+        })?;
+        if copy != rows {
+            return Err(StoreError(format!(
+                "instance {instance_id}: the token log read back holds {} records, the \
+                 archive {}, or they differ; the archive is unchanged",
+                copy.records, rows.records
+            )));
+        }
+        migrated.push((instance_id, rows.records));
+    }
+    db.switch_to_log()?;
+    // The imprint database indexed the rows; the log keeps imprint files of its own.
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = crate::archive::imprints::path_for(database).into_os_string();
+        name.push(suffix);
+        match fs::remove_file(&name) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+    }
+    Ok(migrated)
+}
+
+/// A running digest of records: their count and a hash over each one's position, stored hash
+/// and the hash its fields give (so a copy that changed a field differs).
+#[derive(Default, PartialEq, Eq)]
+struct Digest {
+    records: u64,
+    hash: [u8; 32],
+}
+
+impl Digest {
+    fn add(&mut self, r: &StoredRecord) {
+        let mut octets = Vec::with_capacity(104);
+        octets.extend_from_slice(&self.hash);
+        octets.extend_from_slice(&r.seq.to_be_bytes());
+        octets.extend_from_slice(&r.hash);
+        octets.extend_from_slice(&r.computed_hash());
+        self.hash = sha256(&octets);
+        self.records += 1;
+    }
+}
