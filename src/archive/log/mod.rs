@@ -487,7 +487,7 @@ pub fn imprint_status(database: &Path) -> String {
     }
     format!(
         "imprint files of the token log (derived, written as each segment closes): \
-         {with_file} of {closed} closed segments; look-ups read the open segments' frames"
+         {with_file} of {closed} closed segments; look-ups read the open segments' index entries"
     )
 }
 
