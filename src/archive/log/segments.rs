@@ -1,18 +1,21 @@
 //! The token log's files: each instance's records in append-only segments of self-checking
-//! frames, and beside each segment an index of where its frames start.
+//! frames, and beside each segment an index of where its frames start and, once it is closed,
+//! its records' imprint keys in order.
 //!
 //! ```text
 //! archive.tokens/<instance_id>/<first_seq, 20 digits>.log   frames, synced at every commit
 //! archive.tokens/<instance_id>/<first_seq, 20 digits>.idx   entries, written after the sync
+//! archive.tokens/<instance_id>/<first_seq, 20 digits>.imp   imprint keys, when it closes
 //! ```
 //!
 //! A frame is a 4-octet big-endian length, the record's canonical chain encoding
 //! (`record::canonical`) and the record's 32-octet hash: the hash is recomputed when the frame
 //! is read, so a torn or altered frame is told apart without a checksum of its own. An index
 //! entry is five big-endian u64: the record's position, its frame's offset, its counter, its
-//! genTime and its imprint's first 8 octets. The index is derived data: it is written after the segment's sync and never
-//! synced itself (except when its segment is closed), so a reader takes its entries only while
-//! they agree with the positions, and reads the frames past them from the segment.
+//! genTime and its imprint's first 8 octets. The index is derived data: it is written after
+//! the segment's sync and never synced itself (except when its segment is closed), so a reader
+//! takes its entries only while they agree with the positions, and reads the frames past them
+//! from the segment.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read};
