@@ -60,6 +60,9 @@ pub struct ArchiveConfig {
     /// files beside the database (`archive.tokens/`), or `rows` of the database, which cost
     /// the writer about twice the CPU. An archive keeps the layout it was made with.
     pub layout: crate::archive::sqlite::Layout,
+    /// The token log's segments close at this size (MiB, 1 to 1024): pruning removes whole
+    /// segments.
+    pub log_segment_mib: u64,
     /// The state file (highest reserved serial counter, last genTime); `<file>.lock` beside it.
     pub state_file: PathBuf,
     /// This instance's id, in the serials' high octets; unique among instances.
@@ -103,6 +106,7 @@ impl Default for ArchiveConfig {
             backend: ArchiveBackend::Sqlite,
             database: "archive.sqlite".into(),
             layout: Default::default(),
+            log_segment_mib: 64,
             state_file: "archive.state".into(),
             instance_id: 0,
             serial_block: 10_000,
@@ -632,6 +636,9 @@ impl Config {
         let a = &self.archive;
         if a.serial_block < 2 || a.max_batch == 0 || a.checkpoint_interval_s == 0 {
             bail!("archive.serial_block must be at least 2, max_batch and checkpoint_interval_s positive");
+        }
+        if !(1..=1024).contains(&a.log_segment_mib) {
+            bail!("archive.log_segment_mib must be from 1 to 1024");
         }
         if a.enabled && a.backend == ArchiveBackend::Postgres && a.postgres_url.is_empty() {
             bail!("archive.backend = \"postgres\" needs archive.postgres_url");

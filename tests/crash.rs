@@ -47,7 +47,7 @@ fn kill_9_rounds(layout: &str) {
     let started = Instant::now();
     // Small blocks: reservations happen all the time, also at the moment of the kill.
     let dir = init(&format!(
-        "serial_block = 40\ncheckpoint_interval_s = 1\nlayout = \"{layout}\""
+        "serial_block = 40\ncheckpoint_interval_s = 1\nlayout = \"{layout}\"\nlog_segment_mib = 1"
     ));
     let d = dir.path();
     let mut rng = Lcg(0x5eed ^ std::process::id() as u64);
@@ -121,6 +121,22 @@ fn kill_9_rounds(layout: &str) {
             !imprint_index.exists(),
             "the token log has no imprint database"
         );
+        // Segments of 1 MiB: the kills came across segments closing, too.
+        let mut segments: Vec<_> = std::fs::read_dir(d.join("archive.tokens/0"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        segments.sort();
+        eprintln!("{} segments", segments.len());
+        assert!(segments.len() >= 3, "{segments:?}");
+        for closed in &segments[..segments.len() - 1] {
+            assert!(
+                closed.with_extension("imp").exists(),
+                "{}",
+                closed.display()
+            );
+        }
     }
 
     // Runs, from the archive's own start events: each start's first counter is above every

@@ -92,7 +92,7 @@ fn full_disk(layout: &str) {
     // disk is full too.
     init_in(
         &state,
-        &format!("serial_block = 40\ncheckpoint_interval_s = 1\nlayout = \"{layout}\""),
+        &format!("serial_block = 40\ncheckpoint_interval_s = 1\nlayout = \"{layout}\"\nlog_segment_mib = 1"),
     );
     let server = Serving::start(&state);
     let seen = Arc::new(Seen::default());

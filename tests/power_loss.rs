@@ -69,7 +69,7 @@ fn power_cuts(layout: &str) {
     // Small blocks: serial reservations (synced database row and state file) go on all the
     // time, also at the cut.
     let dir = init(&format!(
-        "serial_block = 40\ncheckpoint_interval_s = 1\nlayout = \"{layout}\""
+        "serial_block = 40\ncheckpoint_interval_s = 1\nlayout = \"{layout}\"\nlog_segment_mib = 1"
     ));
     let d = dir.path();
     let tools = tempfile::tempdir().unwrap();

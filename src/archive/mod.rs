@@ -576,7 +576,9 @@ fn open_stores(config: &ArchiveConfig) -> anyhow::Result<Stores> {
     };
     let store: Box<dyn ArchiveStore> = match layout {
         sqlite::Layout::Rows => Box::new(store),
-        sqlite::Layout::Log => Box::new(log::LogStore::open(store)),
+        sqlite::Layout::Log => {
+            Box::new(log::LogStore::open(store).with_segment_limit(config.log_segment_mib << 20))
+        }
     };
     Ok((store, reader, Held::Lock(lock), checkpointer))
 }

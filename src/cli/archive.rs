@@ -345,6 +345,7 @@ fn migrate(config: &Config) -> anyhow::Result<()> {
     let migrated = archive::log::migrate::migrate(
         &a.database,
         std::time::Duration::from_millis(a.busy_timeout_ms),
+        a.log_segment_mib << 20,
     )?;
     for (id, records) in &migrated {
         println!("instance {id}: {records} records moved into the token log");

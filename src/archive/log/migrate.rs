@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::appender::Appender;
-use super::segments::{dir_for, instance_dir, SEGMENT_LIMIT};
+use super::segments::{dir_for, instance_dir};
 use super::LogReader;
 use crate::archive::record::{sha256, StoredRecord};
 use crate::archive::sqlite::{layout_of, Layout, SqliteStore};
@@ -23,9 +23,14 @@ const BATCH: usize = 4_096;
 /// What a migration copied: each instance and its records.
 pub type Migrated = Vec<(u32, u64)>;
 
-/// Migrates the rows archive at `database` into a token log beside it. The caller keeps
-/// every server off the archive (the state directory's lock).
-pub fn migrate(database: &Path, busy_timeout: Duration) -> Result<Migrated, StoreError> {
+/// Migrates the rows archive at `database` into a token log beside it, in segments of
+/// `segment_limit` octets. The caller keeps every server off the archive (the state
+/// directory's lock).
+pub fn migrate(
+    database: &Path,
+    busy_timeout: Duration,
+    segment_limit: u64,
+) -> Result<Migrated, StoreError> {
     let mut db = SqliteStore::open(database, busy_timeout)?;
     if layout_of(db.connection())? == Layout::Log {
         return Err(StoreError(format!(
@@ -42,7 +47,7 @@ pub fn migrate(database: &Path, busy_timeout: Duration) -> Result<Migrated, Stor
     let mut migrated = Vec::new();
     for instance_id in db.instances()? {
         let anchor = db.instance(instance_id)?.anchor.map_or(0, |a| a.seq);
-        let (mut appender, _) = Appender::open(&instance_dir(&root, instance_id), SEGMENT_LIMIT)?;
+        let (mut appender, _) = Appender::open(&instance_dir(&root, instance_id), segment_limit)?;
         let (mut batch, mut rows) = (Vec::with_capacity(BATCH), Digest::default());
         db.for_each_record(instance_id, anchor + 1, &mut |r| {
             rows.add(&r);

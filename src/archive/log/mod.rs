@@ -238,7 +238,8 @@ impl LogStore {
         }
     }
 
-    /// Segments close at `limit` octets instead of [`segments::SEGMENT_LIMIT`] (tests).
+    /// Segments close at `limit` octets instead of [`segments::SEGMENT_LIMIT`]
+    /// (`archive.log_segment_mib`).
     pub fn with_segment_limit(self, limit: u64) -> Self {
         Self {
             segment_limit: limit,

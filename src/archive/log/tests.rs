@@ -630,7 +630,7 @@ fn a_migration_starts_over_after_a_stop_and_leaves_a_broken_chain_as_it_was() {
         .join(Segment::new(&log.dir(), 1).path.file_name().unwrap());
     fs::create_dir_all(log.dir()).unwrap();
     fs::write(&partial, [0x17; 100]).unwrap();
-    let migrated = super::migrate::migrate(&log.database, Duration::from_secs(1)).unwrap();
+    let migrated = super::migrate::migrate(&log.database, Duration::from_secs(1), LIMIT).unwrap();
     assert_eq!(migrated, [(0, 5)]);
     assert_eq!(log.all(), log.records);
     let db = SqliteStore::open_read_only(&log.database).unwrap();
@@ -650,7 +650,7 @@ fn a_migration_starts_over_after_a_stop_and_leaves_a_broken_chain_as_it_was() {
     )
     .unwrap();
     drop(db);
-    let error = super::migrate::migrate(&gap.database, Duration::from_secs(1)).unwrap_err();
+    let error = super::migrate::migrate(&gap.database, Duration::from_secs(1), LIMIT).unwrap_err();
     assert!(error.to_string().contains("does not follow"), "{error}");
     let db = SqliteStore::open_read_only(&gap.database).unwrap();
     assert_eq!(
