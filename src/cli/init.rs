@@ -26,7 +26,8 @@ pub struct InitArgs {
     /// Replace an existing PKI and configuration.
     #[arg(long)]
     pub force: bool,
-    /// Enable the token archive (SQLite in the state directory) and structured serials.
+    /// Enable the token archive (a token log beside an SQLite database, in the state
+    /// directory) and structured serials.
     #[arg(long)]
     pub archive: bool,
     /// Keep the TSU key in a SoftHSM2 token inside the state directory (`softhsm/`, PIN in
@@ -101,7 +102,8 @@ development_accuracy_ms = 100
 precision = "micros"
 
 [archive]
-# Every token recorded (archive.sqlite here) before it is sent; structured serials.
+# Every token recorded (archive.tokens/ beside archive.sqlite here) before it is sent;
+# structured serials.
 enabled = {archive}
 {auth}"#,
         listen = args.listen,
