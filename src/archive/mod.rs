@@ -415,6 +415,12 @@ impl Archive {
         let _ = self.send(Msg::Certificate(der));
     }
 
+    /// Where the writer learns how many requests the server holds, to commit larger batches
+    /// when many more wait than the last commit took (`queue.rs`).
+    pub fn set_load(&self, load: Box<dyn Fn() -> usize + Send + Sync>) {
+        self.queue.set_load(load);
+    }
+
     /// Records and events waiting for the writer's next commit.
     pub fn queue_depth(&self) -> usize {
         self.queue.depth()

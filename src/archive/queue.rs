@@ -6,17 +6,30 @@
 //! added latency), otherwise when as many records as the last commit held have arrived, or
 //! `commit_delay` after the first one; control messages (reservations, checkpoints, close)
 //! wake it at once.
+//!
+//! A commit holds what arrives during the last one: the issuing rate times an fsync. On a
+//! saturated core that stays about the same at any number of connections, and so does each
+//! token's share of the commit's fixed cost (the fsync's system calls, waits and context
+//! switches: about half the writer's CPU at 26 records a commit). So when the server holds at
+//! least twice as many requests as the last commit took ([`Queue::set_load`]), the writer waits
+//! up to `commit_delay` for half of them: those requests wait for the core anyway, and each
+//! fsync serves more tokens. With fewer requests in flight (where the core waits for the
+//! clients, not the other way round) nothing changes.
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::writer::Msg;
+
+/// How many requests the server holds (admitted and not answered yet).
+pub type Load = Box<dyn Fn() -> usize + Send + Sync>;
 
 pub(crate) struct Queue {
     state: Mutex<State>,
     ready: Condvar,
     commit_delay: Duration,
+    load: OnceLock<Load>,
 }
 
 struct State {
@@ -27,6 +40,8 @@ struct State {
     first_at: Option<Instant>,
     /// Records that make a batch due (the last commit's size; 1 when idle).
     target: usize,
+    /// Records that make the batch the writer waits for due: `target`, or more under load.
+    goal: usize,
     /// A control message is queued.
     urgent: bool,
     /// The writer sleeps on `ready`.
@@ -42,13 +57,21 @@ impl Queue {
                 records: 0,
                 first_at: None,
                 target: 1,
+                goal: 1,
                 urgent: false,
                 waiting: false,
                 closed: false,
             }),
             ready: Condvar::new(),
             commit_delay,
+            load: OnceLock::new(),
         }
+    }
+
+    /// Where the writer learns how many requests the server holds (see the module's
+    /// documentation); without it, batches are the last commit's size.
+    pub fn set_load(&self, load: Load) {
+        let _ = self.load.set(load);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -78,7 +101,7 @@ impl Queue {
         s.msgs.push_back(msg);
         // The first record wakes a waiting writer so that it can time the batch; the rest
         // only when the batch is due.
-        let wake = s.waiting && (s.urgent || s.records == 1 || s.records >= s.target);
+        let wake = s.waiting && (s.urgent || s.records == 1 || s.records >= s.goal);
         drop(s);
         if wake {
             self.ready.notify_one();
@@ -90,19 +113,25 @@ impl Queue {
     /// the last of them), once it is due; empty when `idle_until` passed with nothing due.
     pub fn next_batch(&self, idle_until: Instant, max_records: usize) -> Vec<Msg> {
         let mut s = self.lock();
+        let grown = self.grown(&s, max_records);
+        let entered = Instant::now();
         loop {
             let now = Instant::now();
-            let due_at = s.first_at.map(|t| t + self.commit_delay);
-            if s.urgent
-                || s.records >= s.target.min(max_records)
-                || due_at.is_some_and(|t| now >= t)
-            {
+            let (goal, due_at) = match grown {
+                Some(goal) => (goal, Some(entered + self.commit_delay)),
+                None => (
+                    s.target.min(max_records),
+                    s.first_at.map(|t| t + self.commit_delay),
+                ),
+            };
+            if s.urgent || s.records >= goal || due_at.is_some_and(|t| now >= t) {
                 break;
             }
             let until = due_at.map_or(idle_until, |t| t.min(idle_until));
             if now >= until {
                 return Vec::new();
             }
+            s.goal = goal;
             s.waiting = true;
             s = self
                 .ready
@@ -128,6 +157,13 @@ impl Queue {
             .any(|m| !matches!(m, Msg::Record(..) | Msg::Event(_)));
         s.first_at = (s.records > 0).then(Instant::now);
         out
+    }
+
+    /// Under load, the batch to wait for instead of the last commit's size: half the requests
+    /// the server holds, when they are at least twice that size.
+    fn grown(&self, s: &State, max_records: usize) -> Option<usize> {
+        let in_flight = (self.load.get()?)();
+        (s.target > 1 && in_flight >= 2 * s.target).then(|| (in_flight / 2).min(max_records))
     }
 
     /// How many records make the next batch due: the size of the last commit under load, 1
@@ -189,6 +225,48 @@ mod tests {
         q.send(record()).map_err(|_| ()).unwrap();
         assert_eq!(q.close().len(), 1);
         assert!(q.send(record()).is_err());
+    }
+
+    #[test]
+    fn under_load_a_batch_waits_for_half_the_requests_in_flight() {
+        let q = Queue::new(Duration::from_millis(100));
+        let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(100));
+        let gauge = in_flight.clone();
+        q.set_load(Box::new(move || {
+            gauge.load(std::sync::atomic::Ordering::Relaxed)
+        }));
+        let far = Instant::now() + Duration::from_secs(10);
+        let send = |n: usize| {
+            for _ in 0..n {
+                q.send(record()).map_err(|_| ()).unwrap();
+            }
+        };
+        // The last commit took 10; 100 requests in flight: the writer waits for 50...
+        q.set_target(10);
+        send(50);
+        let start = Instant::now();
+        assert_eq!(q.next_batch(far, 1_000).len(), 50);
+        assert!(start.elapsed() < Duration::from_millis(50), "at once");
+        // ...at most the delay, then takes what came.
+        q.set_target(10);
+        send(30);
+        let start = Instant::now();
+        assert_eq!(q.next_batch(far, 1_000).len(), 30);
+        assert!(start.elapsed() >= Duration::from_millis(90));
+        // Fewer than twice the last commit in flight: the last commit's size, as without load.
+        in_flight.store(15, std::sync::atomic::Ordering::Relaxed);
+        q.set_target(10);
+        send(10);
+        let start = Instant::now();
+        assert_eq!(q.next_batch(far, 1_000).len(), 10);
+        assert!(start.elapsed() < Duration::from_millis(50), "at once");
+        // Idle (the last commit held one record): at once, whatever is in flight.
+        in_flight.store(100, std::sync::atomic::Ordering::Relaxed);
+        q.set_target(1);
+        send(1);
+        let start = Instant::now();
+        assert_eq!(q.next_batch(far, 1_000).len(), 1);
+        assert!(start.elapsed() < Duration::from_millis(50), "at once");
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub const CONNECTIONS_EXCEEDED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
 pub struct Admission {
     max_queue: usize,
     /// One permit per free place; its waiters are served in order.
-    places: Semaphore,
+    places: Arc<Semaphore>,
     wait: Duration,
     waiting: AtomicUsize,
 }
@@ -55,7 +55,7 @@ impl Admission {
         let max_queue = max_queue.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         Self {
             max_queue,
-            places: Semaphore::new(max_queue),
+            places: Arc::new(Semaphore::new(max_queue)),
             wait,
             waiting: AtomicUsize::new(0),
         }
@@ -90,6 +90,12 @@ impl Admission {
     /// Requests admitted and not yet answered.
     pub fn depth(&self) -> usize {
         self.max_queue - self.places.available_permits()
+    }
+
+    /// [`Admission::depth`], read from elsewhere (the archive's writer).
+    pub fn depth_gauge(&self) -> Box<dyn Fn() -> usize + Send + Sync> {
+        let (places, max_queue) = (Arc::clone(&self.places), self.max_queue);
+        Box::new(move || max_queue - places.available_permits())
     }
 
     /// Requests waiting for a place.

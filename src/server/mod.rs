@@ -95,6 +95,10 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         None => Box::new(RandomSerials::new()),
     };
 
+    let admission = admission::Admission::new(config.server.max_queue, config.server.queue_wait());
+    if let Some(archive) = &archive {
+        archive.set_load(admission.depth_gauge());
+    }
     Ok(Tsa {
         issuing: ArcSwap::from_pointee(issuing),
         clock,
@@ -104,7 +108,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         signer_ok: AtomicBool::new(true),
         blocking_lane: Arc::new(tokio::sync::Semaphore::new(blocking_lane)),
         metrics: metrics::Metrics::default(),
-        admission: admission::Admission::new(config.server.max_queue, config.server.queue_wait()),
+        admission,
         connections: admission::Connections::new(config.server.max_connections),
         auth: ArcSwap::from_pointee(auth::Auth::new(&config.auth)?),
         rollover,
