@@ -567,18 +567,23 @@ fn open_stores(config: &ArchiveConfig) -> anyhow::Result<Stores> {
         );
     }
     let reader = open_sqlite_read_only(&config.database).context("cannot open the archive")?;
-    // Without the checkpointer, the writer checkpoints as often as SQLite's default.
-    let checkpointer = match checkpointer::Checkpointer::start(&config.database) {
-        Ok(checkpointer) => {
-            store
-                .set_autocheckpoint(checkpointer::WRITER_PAGES)
-                .context("cannot open the archive")?;
-            Some(checkpointer)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "archive checkpoints stay in the writer's commits");
-            None
-        }
+    // The checkpointer copies the rows' write-ahead log beside the writer (without it, the
+    // writer checkpoints as often as SQLite's default). A token log's database takes a few
+    // rows a second (events, reservations): SQLite's own checkpoints are enough there.
+    let checkpointer = match layout {
+        sqlite::Layout::Log => None,
+        sqlite::Layout::Rows => match checkpointer::Checkpointer::start(&config.database) {
+            Ok(checkpointer) => {
+                store
+                    .set_autocheckpoint(checkpointer::WRITER_PAGES)
+                    .context("cannot open the archive")?;
+                Some(checkpointer)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "archive checkpoints stay in the writer's commits");
+                None
+            }
+        },
     };
     let store: Box<dyn ArchiveStore> = match layout {
         sqlite::Layout::Rows => Box::new(store),

@@ -143,8 +143,7 @@ impl LogReader {
         let all = self.segments(instance_id)?;
         let mut firsts = Vec::with_capacity(all.len());
         for segment in &all {
-            let first = read_at(&File::open(&segment.path)?, 0)?.map(|(r, _)| r.counter);
-            firsts.push(first.unwrap_or(u64::MAX));
+            firsts.push(segments::first_counter(segment)?.unwrap_or(u64::MAX));
         }
         let at = firsts.partition_point(|&c| c <= counter).saturating_sub(1);
         let candidates = [Some(at), at.checked_add(1), at.checked_sub(1)];

@@ -384,6 +384,17 @@ fn indexed_entry(segment: &Segment, i: u64) -> io::Result<Option<Entry>> {
     }
 }
 
+/// The counter of `segment`'s first record: from its index's first entry (40 octets), else
+/// from its first frame.
+pub fn first_counter(segment: &Segment) -> io::Result<Option<u64>> {
+    if let Some(entry) =
+        indexed_entry(segment, 0)?.filter(|e| e.seq == segment.first_seq && e.offset == 0)
+    {
+        return Ok(Some(entry.counter));
+    }
+    Ok(read_at(&File::open(&segment.path)?, 0)?.map(|(r, _)| r.counter))
+}
+
 /// Where the frame of position `seq` starts in `segment`: from its index entry when that
 /// entry and the frame it points at agree, else from a [`scan`].
 pub fn offset_of(segment: &Segment, seq: u64) -> io::Result<Option<u64>> {
