@@ -10,8 +10,8 @@ mod archive_support;
 use std::time::{Duration, Instant};
 
 use archive_support::{
-    archive_cli, archived_records, check_received, database, init, open_store, stamp, Conn, Load,
-    Received, Serving,
+    archive_cli, archived_records, assert_layout, check_received, database, init, open_store,
+    stamp, Conn, Load, Received, Serving,
 };
 use tsa::archive::imprints;
 use tsa::archive::record::StoredRecord;
@@ -77,11 +77,7 @@ fn kill_9_rounds(layout: &str) {
 
     // No serial twice, every received token archived, each round's counters above the last.
     let records = archived_records(d);
-    assert_eq!(
-        database(d).with_extension("tokens").is_dir(),
-        layout == "log",
-        "the records are where the {layout} layout keeps them"
-    );
+    assert_layout(d, layout);
     check_received(&records, &received);
     let mut store = open_store(d);
 

@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use archive_support::{archive_cli, get, init_in, open_store, stamp, Conn, Received, Serving};
+use archive_support::{
+    archive_cli, assert_layout, get, init_in, open_store, stamp, Conn, Received, Serving,
+};
 use tsa::archive::record::StoredRecord;
 use tsa::archive::serial::layout;
 use tsa::protocol::FailInfo;
@@ -174,11 +176,7 @@ fn full_disk(layout: &str) {
     assert!(counter(&last.serial) > highest);
 
     // Exactly the tokens the clients received are archived, byte for byte.
-    assert_eq!(
-        state.join("archive.tokens").is_dir(),
-        layout == "log",
-        "the records are where the {layout} layout keeps them"
-    );
+    assert_layout(&state, layout);
     let mut store = open_store(&state);
     let mut records: HashMap<Vec<u8>, StoredRecord> = HashMap::new();
     store

@@ -19,8 +19,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use archive_support::{
-    archive_cli, archived_records, check_received, database, init, open_store, stamp, Conn, Load,
-    Received, Serving,
+    archive_cli, archived_records, assert_layout, check_received, init, open_store, stamp, Conn,
+    Load, Received, Serving,
 };
 
 const ROUNDS: usize = 8;
@@ -109,11 +109,7 @@ fn power_cuts(layout: &str) {
     received.push(vec![last]);
 
     let records = archived_records(d);
-    assert_eq!(
-        database(d).with_extension("tokens").is_dir(),
-        layout == "log",
-        "the records are where the {layout} layout keeps them"
-    );
+    assert_layout(d, layout);
     check_received(&records, &received);
     let total: usize = received.iter().map(Vec::len).sum();
     assert!(records.len() >= total);

@@ -607,7 +607,7 @@ fn step(
 }
 
 /// Removes a database and its log and shared-memory files.
-fn remove_database(path: &Path) -> Result<(), StoreError> {
+pub(super) fn remove_database(path: &Path) -> Result<(), StoreError> {
     for suffix in ["", "-wal", "-shm"] {
         let mut name = path.as_os_str().to_owned();
         name.push(suffix);

@@ -143,14 +143,13 @@ impl Archive {
     /// database and the state file, takes the highest counter and genTime of both, reserves
     /// the first block of serials durably, and starts the writer.
     pub fn open(config: &ArchiveConfig, signer: CheckpointSigner) -> anyhow::Result<Self> {
-        let (store, reader, lock, checkpointer) = open_stores(config)?;
+        let (store, reader, lock, checkpointer, layout) = open_stores(config)?;
         // The imprint index is derived data: without it tokens are still archived and found,
-        // look-ups by imprint only read the whole archive.
-        let log = config.backend == ArchiveBackend::Sqlite && log::is_log_archive(&config.database);
-        let indexer = match config.backend {
-            // The token log keeps sorted imprint files of its own, per segment.
-            ArchiveBackend::Sqlite if log => None,
-            ArchiveBackend::Sqlite => imprints::Indexer::start(&config.database)
+        // look-ups by imprint only read the whole archive. The token log keeps sorted imprint
+        // files of its own, per segment; PostgreSQL indexes `tokens`.
+        let log = layout == Some(sqlite::Layout::Log);
+        let indexer = match layout {
+            Some(sqlite::Layout::Rows) => imprints::Indexer::start(&config.database)
                 .inspect_err(|e| {
                     tracing::error!(
                         event = "imprint_index_failed",
@@ -159,7 +158,7 @@ impl Archive {
                     )
                 })
                 .ok(),
-            ArchiveBackend::Postgres => None,
+            Some(sqlite::Layout::Log) | None => None,
         };
         let mut store = store;
         let instance_id = config.instance_id;
@@ -539,10 +538,11 @@ type Stores = (
     Box<dyn ArchiveStore>,
     Held,
     Option<checkpointer::Checkpointer>,
+    Option<sqlite::Layout>,
 );
 
-/// The writer's store, the readers' store, the lock or lease, and SQLite's checkpointer, for
-/// the configured backend.
+/// The writer's store, the readers' store, the lock or lease, SQLite's checkpointer and the
+/// SQLite archive's layout, for the configured backend.
 fn open_stores(config: &ArchiveConfig) -> anyhow::Result<Stores> {
     if config.backend == ArchiveBackend::Postgres {
         let lease = postgres::Lease::acquire(config).context("cannot start the archive")?;
@@ -550,7 +550,13 @@ fn open_stores(config: &ArchiveConfig) -> anyhow::Result<Stores> {
         store.fence(&lease);
         let reader =
             postgres::PostgresStore::open_existing(config).context("cannot open the archive")?;
-        return Ok((Box::new(store), Box::new(reader), Held::Lease(lease), None));
+        return Ok((
+            Box::new(store),
+            Box::new(reader),
+            Held::Lease(lease),
+            None,
+            None,
+        ));
     }
     let lock = Lock::acquire(&config.state_file)?;
     let busy = Duration::from_millis(config.busy_timeout_ms);
@@ -591,7 +597,7 @@ fn open_stores(config: &ArchiveConfig) -> anyhow::Result<Stores> {
             Box::new(log::LogStore::open(store).with_segment_limit(config.log_segment_mib << 20))
         }
     };
-    Ok((store, reader, Held::Lock(lock), checkpointer))
+    Ok((store, reader, Held::Lock(lock), checkpointer, Some(layout)))
 }
 
 /// The backend's name and where its data is (never a password), for the logs.

@@ -280,6 +280,16 @@ pub fn database(dir: &Path) -> PathBuf {
     dir.join("archive.sqlite")
 }
 
+/// Checks that the archive of `dir` keeps its records where `layout` ("rows" or "log") does:
+/// the token log's folder exists for a log and only for a log.
+pub fn assert_layout(dir: &Path, layout: &str) {
+    assert_eq!(
+        database(dir).with_extension("tokens").is_dir(),
+        layout == "log",
+        "the records are where the {layout} layout keeps them"
+    );
+}
+
 /// The archive of `dir`, in its layout, for reading.
 pub fn open_store(dir: &Path) -> Box<dyn ArchiveStore> {
     tsa::archive::open_sqlite_read_only(&database(dir)).unwrap()

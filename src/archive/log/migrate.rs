@@ -13,6 +13,7 @@ use std::time::Duration;
 use super::appender::Appender;
 use super::segments::{dir_for, instance_dir};
 use super::LogReader;
+use crate::archive::imprints;
 use crate::archive::record::{sha256, StoredRecord};
 use crate::archive::sqlite::{layout_of, Layout, SqliteStore};
 use crate::archive::store::{ArchiveStore, StoreError};
@@ -76,14 +77,7 @@ pub fn migrate(
     }
     db.switch_to_log()?;
     // The imprint database indexed the rows; the log keeps imprint files of its own.
-    for suffix in ["", "-wal", "-shm"] {
-        let mut name = crate::archive::imprints::path_for(database).into_os_string();
-        name.push(suffix);
-        match fs::remove_file(&name) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-            _ => {}
-        }
-    }
+    imprints::remove_database(&imprints::path_for(database))?;
     Ok(migrated)
 }
 

@@ -128,12 +128,7 @@ impl LogReader {
 
     /// The record at position `seq` of `segment`.
     fn record_in(segment: &Segment, seq: u64) -> io::Result<Option<StoredRecord>> {
-        let Some(offset) = segments::offset_of(segment, seq)? else {
-            return Ok(None);
-        };
-        Ok(read_at(&File::open(&segment.path)?, offset)?
-            .map(|(r, _)| r)
-            .filter(|r| r.seq == seq))
+        Ok(segments::record_of(segment, seq)?.map(|(_, r)| r))
     }
 
     /// The instance's record with `counter`. Counters rise with the position except among

@@ -398,20 +398,30 @@ pub fn first_counter(segment: &Segment) -> io::Result<Option<u64>> {
 /// Where the frame of position `seq` starts in `segment`: from its index entry when that
 /// entry and the frame it points at agree, else from a [`scan`].
 pub fn offset_of(segment: &Segment, seq: u64) -> io::Result<Option<u64>> {
+    Ok(record_of(segment, seq)?.map(|(offset, _)| offset))
+}
+
+/// The record at position `seq` of `segment` and its frame's offset, found as
+/// [`offset_of`] finds it (its frame read once).
+pub fn record_of(segment: &Segment, seq: u64) -> io::Result<Option<(u64, StoredRecord)>> {
     let Some(i) = seq.checked_sub(segment.first_seq) else {
         return Ok(None);
     };
+    let file = File::open(&segment.path)?;
+    let at = |offset: u64| -> io::Result<Option<(u64, StoredRecord)>> {
+        Ok(read_at(&file, offset)?
+            .filter(|(r, _)| r.seq == seq)
+            .map(|(r, _)| (offset, r)))
+    };
     if let Some(entry) = indexed_entry(segment, i)?.filter(|e| e.seq == seq) {
-        let file = File::open(&segment.path)?;
-        if read_at(&file, entry.offset)?.is_some_and(|(r, _)| r.seq == seq) {
-            return Ok(Some(entry.offset));
+        if let Some(found) = at(entry.offset)? {
+            return Ok(Some(found));
         }
     }
-    Ok(scan(segment)?
-        .entries
-        .iter()
-        .find(|e| e.seq == seq)
-        .map(|e| e.offset))
+    match scan(segment)?.entries.iter().find(|e| e.seq == seq) {
+        Some(e) => at(e.offset),
+        None => Ok(None),
+    }
 }
 
 /// The last good record of `segment`: from its index's last entry and the frames past it,
