@@ -251,6 +251,15 @@ thread_ticks() { # "name ticks" for each of the archive's threads of the server,
   done | awk '$1 ~ /^tsa-(archive|imprints|checkpoint)$/ { n[$1] += $2 } END { for (k in n) print k, n[k] }'
 }
 
+# "commits records seconds" so far, from the server's metrics (the archive's commit histograms).
+commit_sums() {
+  curl -s --max-time 5 "$admin/metrics" | awk '
+    /^tsa_archive_commit_duration_seconds_count / { n = $2 }
+    /^tsa_archive_commit_records_sum / { r = $2 }
+    /^tsa_archive_commit_duration_seconds_sum / { d = $2 }
+    END { print n + 0, r + 0, d + 0 }'
+}
+
 declare -A rate
 # One server per archive mode: started, checked with one request, loaded at each concurrency,
 # stopped.
@@ -292,6 +301,7 @@ start_server() { # mode: off | on
     sleep 0.1
   done
   [ -n "$url" ] || die "tsa serve did not announce its address"
+  admin=$(grep -o "admin http://$HOST:[0-9]*" "$work/serve-$mode.out" | head -n1 | cut -d' ' -f2)
   case "$url" in "http://$HOST:"*) ;; *) die "refusing to load anything but $HOST ($url)" ;; esac
   echo "== tsa serve ($ALG, archive $mode) pid $server_pid on core $SERVER_CPU at $url; load: $LOAD_TOOL on core $CLIENT_CPU, $IMPRINTS imprints"
 
@@ -325,7 +335,7 @@ run_loads() { # mode
   for c in $CONCURRENCY; do
     kill -0 "$server_pid" 2>/dev/null || die "the server died"
     before=$(stat_ticks)
-    [ "$mode" = on ] && threads_before=$(thread_ticks)
+    [ "$mode" = on ] && { threads_before=$(thread_ticks); commits_before=$(commit_sums); }
     case "$LOAD_TOOL" in
       wrk)
         out=$(TSQ="$work/req.tsq" IMPRINTS="$IMPRINTS" taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
@@ -338,7 +348,7 @@ run_loads() { # mode
         ;;
     esac
     after=$(stat_ticks)
-    [ "$mode" = on ] && threads_after=$(thread_ticks)
+    [ "$mode" = on ] && { threads_after=$(thread_ticks); commits_after=$(commit_sums); }
     line=$(grep '^RESULT ' <<<"$out") || { echo "$out" >&2; die "no result from $LOAD_TOOL at c=$c"; }
     # The server's peak RSS so far (VmHWM): runs go up in concurrency, so it is this run's.
     rss=$(awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$server_pid/status")
@@ -362,6 +372,13 @@ run_loads() { # mode
           printf "       archive threads, µs per token: writer %.1f, imprint indexer %.1f, checkpointer %.1f\n",
             us["tsa-archive"], us["tsa-imprints"], us["tsa-checkpoint"]
         }' <(echo "$threads_before") <(echo "$threads_after")
+      # The group commit: how many records each commit took, and how long it took.
+      read -r n0 r0 d0 <<<"$commits_before"
+      read -r n1 r1 d1 <<<"$commits_after"
+      awk -v n=$((n1 - n0)) -v r="$r0 $r1" -v d="$d0 $d1" 'BEGIN {
+            split(r, rr, " "); split(d, dd, " ")
+            if (n > 0) printf "       commits: %d, %.1f records each, %.0f µs each (write and fsync)\n",
+              n, (rr[2] - rr[1]) / n, (dd[2] - dd[1]) * 1e6 / n }'
     fi
     # By run, so that a concurrency given twice (a growing archive) keeps both.
     rate["$mode-$run"]=$(awk '{ print $2 }' "$work/line")
@@ -420,7 +437,6 @@ for mode in $modes; do
   run_loads "$mode"
   if [ "$mode" = on ]; then
     # The imprint index (filled beside the writer, at a lower priority) right after the load.
-    admin=$(grep -o "admin http://$HOST:[0-9]*" "$work/serve-$mode.out" | head -n1 | cut -d' ' -f2)
     metrics=$(curl -s --max-time 5 "$admin/metrics")
     behind=$(awk '/^tsa_archive_imprint_index_behind / { print $2 }' <<<"$metrics")
     records=$(awk '/^tsa_archive_commit_records_sum / { printf "%d", $2 }' <<<"$metrics")

@@ -119,6 +119,10 @@ pub trait ArchiveStore: Send {
         events: &[EventRecord],
     ) -> Result<(), StoreError>;
 
+    /// Work a commit leaves for after its requests are answered (the token log writes room
+    /// ahead for the next commits here). Failures are the store's to log: nothing waits on it.
+    fn after_append(&mut self) {}
+
     fn add_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), StoreError>;
 
     /// The instance's checkpoints by position.

@@ -253,6 +253,7 @@ impl Writer {
                 for reply in replies {
                     let _ = reply.send(Ok(()));
                 }
+                self.store.after_append();
             }
             Err(e) => {
                 self.failed(replies.len());

@@ -1,5 +1,13 @@
 //! Appending to one instance's token log: one `write` of a commit's frames and one
 //! `fdatasync` of the segment, then the index entries (not synced).
+//!
+//! The open segment keeps some room past its frames: zeros, written and synced ahead in
+//! [`ROOM`] steps after a commit ([`Appender::make_room`], once the commit's requests are
+//! answered). A commit then overwrites blocks the file already has, so its
+//! `fdatasync` writes the data alone: a commit that extends the file also changes its size and
+//! its extents, and waits for the filesystem's journal to commit them. Readers stop at the
+//! zeros as at the end (a frame of length 0 does not check); a closed segment is cut to its
+//! frames.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -17,6 +25,9 @@ use crate::archive::record::{ChainHead, StoredRecord};
 /// stops for the operator instead.
 const MAX_TORN: u64 = 32 << 20;
 
+/// Zeros written ahead at a time; more once less than half of it is left.
+const ROOM: u64 = 1 << 20;
+
 /// The segment being appended to.
 struct Open {
     segment: Segment,
@@ -24,6 +35,11 @@ struct Open {
     index: File,
     /// Where the next frame goes (the end of the good frames).
     len: u64,
+    /// The file's length: zeros from `len` to it.
+    room: u64,
+    /// No zeros are written ahead before the frames reach this length (after a write of
+    /// them failed: a full disk, say).
+    no_room_before: u64,
     /// Where the next index entry goes; `None` once an index write failed (readers then read
     /// the segment's frames past the index).
     index_len: Option<u64>,
@@ -44,6 +60,9 @@ pub struct Appender {
     entries: Vec<u8>,
     /// The open segment's imprint entries, written sorted when it closes.
     imprints: Vec<(u64, u64)>,
+    /// [`ROOM`] zeros (allocated on first use, and never written: the kernel backs them with
+    /// its zero page).
+    zeros: Vec<u8>,
 }
 
 impl Appender {
@@ -63,6 +82,7 @@ impl Appender {
             frames: Vec::new(),
             entries: Vec::new(),
             imprints: Vec::new(),
+            zeros: Vec::new(),
         };
         let mut all = segments(dir)?;
         while let Some(segment) = all.pop() {
@@ -79,14 +99,20 @@ impl Appender {
                     "its index lists records past it",
                 ));
             }
-            if len > scanned.end {
-                if len - scanned.end > MAX_TORN {
-                    return Err(damaged(
-                        &segment,
-                        scanned.end,
-                        "too much follows for a torn commit",
-                    ));
-                }
+            if len - scanned.end > MAX_TORN {
+                return Err(damaged(
+                    &segment,
+                    scanned.end,
+                    "too much follows for a torn commit",
+                ));
+            }
+            let room = if len > scanned.end && zeros_from(&file, scanned.end, len)? {
+                // The room written ahead, not a torn commit.
+                len
+            } else {
+                scanned.end
+            };
+            if len > room {
                 tracing::warn!(
                     event = "archive_log_torn_tail",
                     segment = %segment.path.display(),
@@ -136,6 +162,8 @@ impl Appender {
                 file,
                 index,
                 len: scanned.end,
+                room,
+                no_room_before: 0,
                 index_len: Some(indexed + entries.len() as u64),
             });
             return Ok((appender, Some(last)));
@@ -175,9 +203,10 @@ impl Appender {
             ));
         }
         if self.dirty {
-            let open = self.open.as_ref().expect("dirty only with a segment open");
+            let open = self.open.as_mut().expect("dirty only with a segment open");
             open.file.set_len(open.len)?;
             open.file.sync_all()?;
+            open.room = open.len;
             self.dirty = false;
         }
         if self
@@ -208,9 +237,11 @@ impl Appender {
             {
                 self.dirty = true;
             }
+            open.room = open.room.min(open.len);
             return Err(e);
         }
         open.len += self.frames.len() as u64;
+        open.room = open.room.max(open.len);
         self.imprints.extend(
             records
                 .iter()
@@ -238,10 +269,46 @@ impl Appender {
         Ok(())
     }
 
+    /// Writes [`ROOM`] zeros past the open segment's end (up to its limit) and syncs them,
+    /// once less than half of that is left. When that fails, commits extend the file instead
+    /// for the next [`ROOM`] octets of frames, and then it is tried again.
+    pub fn make_room(&mut self) {
+        let Some(open) = self.open.as_mut() else {
+            return;
+        };
+        let zeros = ROOM.min(self.segment_limit.saturating_sub(open.room));
+        if open.len < open.no_room_before || zeros == 0 || open.room >= open.len + ROOM / 2 {
+            return;
+        }
+        if self.zeros.is_empty() {
+            self.zeros = vec![0; ROOM as usize];
+        }
+        let written = open
+            .file
+            .write_all_at(&self.zeros[..zeros as usize], open.room)
+            .and_then(|()| open.file.sync_data());
+        match written {
+            Ok(()) => open.room += zeros,
+            Err(e) => {
+                // Zeros that went in stay: readers and the start take them for room.
+                tracing::warn!(
+                    segment = %open.segment.path.display(),
+                    error = %e,
+                    "no room can be written ahead in the token log; commits extend it instead"
+                );
+                open.no_room_before = open.len + ROOM;
+            }
+        }
+    }
+
     /// Closes the open segment (its index synced: closed segments are not checked again at
     /// start) and starts a new one at `first_seq`, its name synced into the folder.
     fn roll(&mut self, first_seq: u64) -> io::Result<()> {
         if let Some(old) = self.open.take() {
+            if old.room > old.len {
+                old.file.set_len(old.len)?;
+                old.file.sync_data()?;
+            }
             if old.index_len.is_some() {
                 old.index.sync_all()?;
             }
@@ -279,6 +346,8 @@ impl Appender {
             file,
             index,
             len: 0,
+            room: 0,
+            no_room_before: 0,
             index_len: Some(0),
         });
         Ok(())
@@ -295,6 +364,21 @@ pub fn remove_segment(segment: &Segment) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `file` holds only zeros from `from` to `to`.
+fn zeros_from(file: &File, from: u64, to: u64) -> io::Result<bool> {
+    let mut chunk = vec![0u8; (to - from).min(ROOM) as usize];
+    let mut at = from;
+    while at < to {
+        let n = chunk.len().min((to - at) as usize);
+        file.read_exact_at(&mut chunk[..n], at)?;
+        if chunk[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
 }
 
 fn damaged(segment: &Segment, offset: u64, why: &str) -> io::Error {

@@ -335,6 +335,12 @@ impl ArchiveStore for LogStore {
         Ok(())
     }
 
+    fn after_append(&mut self) {
+        if let Some((_, appender)) = self.appender.as_mut() {
+            appender.make_room();
+        }
+    }
+
     fn add_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
         self.db.add_checkpoint(checkpoint)
     }

@@ -532,7 +532,7 @@ pub fn positions_by_imprint(segment: &Segment, imprint: &[u8]) -> io::Result<Opt
 }
 
 /// The genTimes of `segment`'s first and last records, from the first and last entries of its
-/// index, when the index covers the whole segment (its last entry's frame ends the file);
+/// index, when the index covers the whole segment (no good frame follows its last entry's);
 /// `None` otherwise.
 pub fn time_bounds(segment: &Segment) -> io::Result<Option<(u64, u64)>> {
     let indexed = match fs::metadata(segment.index_path()) {
@@ -550,9 +550,10 @@ pub fn time_bounds(segment: &Segment) -> io::Result<Option<(u64, u64)>> {
         return Ok(None);
     };
     let file = File::open(&segment.path)?;
-    let len = file.metadata()?.len();
     Ok(match read_at(&file, last.offset)? {
-        Some((record, frame)) if record.seq == last.seq && last.offset + frame == len => {
+        Some((record, frame))
+            if record.seq == last.seq && read_at(&file, last.offset + frame)?.is_none() =>
+        {
             Some((first.gen_time_ns, last.gen_time_ns))
         }
         _ => None,

@@ -79,6 +79,11 @@ fn open(dir: &Path) -> (Appender, Option<StoredRecord>) {
     Appender::open(dir, LIMIT).unwrap()
 }
 
+/// Where the good frames of `segment` end (the room written ahead follows).
+fn frames_end(segment: &Segment) -> u64 {
+    segments::scan(segment).unwrap().end
+}
+
 fn segment_files(dir: &Path) -> Vec<Segment> {
     segments::segments(dir).unwrap()
 }
@@ -145,9 +150,15 @@ fn a_torn_commit_is_cut_off_and_the_chain_goes_on() {
     let mut log = Log::new();
     let (mut appender, _) = open(&log.dir());
     appender.append(&log.chain(2)).unwrap();
+    appender.make_room();
     let segment = segment_files(&log.dir()).pop().unwrap();
-    let good_len = fs::metadata(&segment.path).unwrap().len();
-    // A power cut inside the next commit: part of its frame reached the disk.
+    let good_len = frames_end(&segment);
+    assert!(
+        fs::metadata(&segment.path).unwrap().len() > good_len,
+        "room written ahead"
+    );
+    // A power cut inside the next commit: part of its frame reached the disk (the rest of
+    // the room stays zeros).
     let torn = log.chain(1);
     let mut frame = Vec::new();
     segments::encode_frame(&torn[0], &mut frame);
@@ -170,10 +181,78 @@ fn a_torn_commit_is_cut_off_and_the_chain_goes_on() {
     assert_eq!(
         fs::metadata(&segment.path).unwrap().len(),
         good_len,
-        "cut off"
+        "cut off, with the room"
     );
     appender.append(&log.chain(3)).unwrap();
     assert_eq!(log.all(), log.records, "the chain goes on from the head");
+}
+
+#[test]
+fn commits_overwrite_zeros_written_ahead_and_closed_segments_are_cut_to_their_frames() {
+    let mut log = Log::new();
+    let limit = 3 << 20;
+    let (mut appender, _) = Appender::open(&log.dir(), limit).unwrap();
+    let room = |segment: &Segment| {
+        let octets = fs::read(&segment.path).unwrap();
+        let end = frames_end(segment) as usize;
+        assert!(
+            octets[end..].iter().all(|&b| b == 0),
+            "only zeros past the frames"
+        );
+        octets.len() - end
+    };
+    // (frames, room) of the open segment after each commit.
+    let mut rooms = Vec::new();
+    while segment_files(&log.dir()).len() < 2 {
+        appender.append(&log.chain(40)).unwrap();
+        appender.make_room();
+        let segments = segment_files(&log.dir());
+        let open_segment = segments.last().unwrap();
+        rooms.push((frames_end(open_segment), room(open_segment)));
+        // A closed segment ends with its last frame, and its room is gone.
+        for closed in &segments[..segments.len() - 1] {
+            assert_eq!(room(closed), 0);
+        }
+    }
+    // The room was kept between half a step and a step and a half ahead, renewed as commits
+    // used it, and not written past the segment's limit (its last commit went past it).
+    let (first_segment, second) = rooms.split_at(rooms.len() - 1);
+    let (last, before_last) = first_segment.split_last().unwrap();
+    assert!(last.0 >= limit && last.1 == 0, "{last:?}");
+    assert!(
+        before_last.iter().all(|&(frames, room)| room > 0
+            && room <= 3 << 19
+            && (room >= 1 << 19 || frames + room as u64 == limit)),
+        "{first_segment:?}"
+    );
+    assert!(
+        before_last.windows(2).filter(|w| w[1].1 > w[0].1).count() >= 2,
+        "renewed: {first_segment:?}"
+    );
+    assert!(second[0].1 > 0, "{second:?}");
+
+    // The start takes the zeros for room, not for a torn commit: nothing is cut.
+    drop(appender);
+    let open_segment = segment_files(&log.dir()).pop().unwrap();
+    let len = fs::metadata(&open_segment.path).unwrap().len();
+    let (mut appender, last) = Appender::open(&log.dir(), limit).unwrap();
+    assert_eq!(last.as_ref(), log.records.last());
+    assert_eq!(fs::metadata(&open_segment.path).unwrap().len(), len);
+    appender.append(&log.chain(3)).unwrap();
+    appender.make_room();
+    assert_eq!(
+        fs::metadata(&open_segment.path).unwrap().len(),
+        len,
+        "the commit went into the room"
+    );
+    assert_eq!(log.all(), log.records);
+    let reader = log.reader();
+    for r in &log.records {
+        assert_eq!(reader.record_at(0, r.seq).unwrap().as_ref(), Some(r));
+    }
+    assert_eq!(reader.head(0).unwrap().as_ref(), log.records.last());
+    // The open segment's time bounds are known through its room.
+    assert!(segments::time_bounds(&open_segment).unwrap().is_some());
 }
 
 #[test]
@@ -201,7 +280,7 @@ fn damage_to_committed_frames_stops_the_start_and_verification_sees_it() {
     let segment = segment_files(&log.dir()).pop().unwrap();
     // One octet of the last record's token changes: the index lists its frame, so it was
     // committed, and this is no torn commit to cut off.
-    let len = fs::metadata(&segment.path).unwrap().len();
+    let len = frames_end(&segment);
     let file = OpenOptions::new().write(true).open(&segment.path).unwrap();
     file.write_all_at(&[0xee], len - 100).unwrap();
 
@@ -550,6 +629,7 @@ fn damaged_files_give_errors_or_a_sound_head_never_a_panic() {
             appender
                 .append(&log.chain(1 + rng.below(3) as usize))
                 .unwrap();
+            appender.make_room();
         }
         drop(appender);
         let segment = segment_files(&log.dir()).pop().unwrap();
@@ -559,6 +639,15 @@ fn damaged_files_give_errors_or_a_sound_head_never_a_panic() {
             segment.path.clone()
         };
         let mut octets = fs::read(&target).unwrap();
+        // The damage falls on the frames (the room past them is zeros), which keep their room
+        // in some rounds.
+        let room = if target == segment.path {
+            let room = octets.split_off(frames_end(&segment) as usize);
+            assert!(room.iter().all(|&b| b == 0), "round {round}");
+            Some(room).filter(|_| rng.below(2) == 0)
+        } else {
+            None
+        };
         match rng.below(4) {
             0 => {
                 for _ in 0..1 + rng.below(4) {
@@ -575,6 +664,7 @@ fn damaged_files_give_errors_or_a_sound_head_never_a_panic() {
                 octets.splice(at..at, (0..1 + rng.below(40)).map(|_| rng.below(256) as u8));
             }
         }
+        octets.extend(room.unwrap_or_default());
         fs::write(&target, &octets).unwrap();
 
         // Readers answer, with records or errors.
