@@ -10,7 +10,7 @@
 //!
 //! - `rows`: `SqliteStore::append`, one row per token with its indexes (`layout = "rows"`);
 //! - `log`: `LogStore::append`, the token log (`layout = "log"`): frames, index entries, one
-//!   `fdatasync` per commit;
+//!   `fdatasync` per commit (and the zeros written ahead, `LogStore::after_append`);
 //! - `row-per-commit`: one row per commit in a table of its own in the same database,
 //!   holding the commit's records (each the canonical record encoding, the token without its
 //!   certificates), with the commit's ranges of positions, counters and genTimes indexed;
@@ -112,7 +112,11 @@ impl Target {
     fn commit(&mut self, records: &[StoredRecord]) {
         match self {
             Self::Rows(store) => store.append(INSTANCE, records, &[]).expect("append"),
-            Self::Log(store) => store.append(INSTANCE, records, &[]).expect("append"),
+            Self::Log(store) => {
+                store.append(INSTANCE, records, &[]).expect("append");
+                // The room written ahead, as the writer does once the requests are answered.
+                store.after_append();
+            }
             Self::RowPerCommit(store) => {
                 let (first, last) = (&records[0], &records[records.len() - 1]);
                 let conn = store.connection();

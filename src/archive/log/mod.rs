@@ -133,14 +133,20 @@ impl LogReader {
 
     /// The instance's record with `counter`. Counters rise with the position except among
     /// requests in flight together, so it is in the last segment whose first counter is not
-    /// above it, or next to that one.
+    /// above it (a binary search: the first counters of log2(segments) segments are read), or
+    /// next to that one.
     pub fn by_counter(&self, instance_id: u32, counter: u64) -> io::Result<Option<StoredRecord>> {
         let all = self.segments(instance_id)?;
-        let mut firsts = Vec::with_capacity(all.len());
-        for segment in &all {
-            firsts.push(segments::first_counter(segment)?.unwrap_or(u64::MAX));
+        let (mut low, mut high) = (0, all.len());
+        while low < high {
+            let middle = low + (high - low) / 2;
+            if segments::first_counter(&all[middle])?.is_some_and(|c| c <= counter) {
+                low = middle + 1;
+            } else {
+                high = middle;
+            }
         }
-        let at = firsts.partition_point(|&c| c <= counter).saturating_sub(1);
+        let at = low.saturating_sub(1);
         let candidates = [Some(at), at.checked_add(1), at.checked_sub(1)];
         for i in candidates.into_iter().flatten().filter(|&i| i < all.len()) {
             let entries = scan(&all[i])?.entries;
