@@ -2,7 +2,7 @@
 //! `fdatasync` of the segment, then the index entries (not synced).
 //!
 //! The open segment keeps some room past its frames: zeros, written and synced ahead in
-//! [`ROOM`] steps after a commit ([`Appender::make_room`], once the commit's requests are
+//! `ROOM` steps after a commit ([`Appender::make_room`], once the commit's requests are
 //! answered). A commit then overwrites blocks the file already has, so its
 //! `fdatasync` writes the data alone: a commit that extends the file also changes its size and
 //! its extents, and waits for the filesystem's journal to commit them. Readers stop at the
@@ -60,8 +60,7 @@ pub struct Appender {
     entries: Vec<u8>,
     /// The open segment's imprint entries, written sorted when it closes.
     imprints: Vec<(u64, u64)>,
-    /// [`ROOM`] zeros (allocated on first use, and never written: the kernel backs them with
-    /// its zero page).
+    /// `ROOM` zeros, allocated on first use.
     zeros: Vec<u8>,
 }
 
@@ -269,9 +268,9 @@ impl Appender {
         Ok(())
     }
 
-    /// Writes [`ROOM`] zeros past the open segment's end (up to its limit) and syncs them,
+    /// Writes `ROOM` zeros past the open segment's end (up to its limit) and syncs them,
     /// once less than half of that is left. When that fails, commits extend the file instead
-    /// for the next [`ROOM`] octets of frames, and then it is tried again.
+    /// for the next `ROOM` octets of frames, and then it is tried again.
     pub fn make_room(&mut self) {
         let Some(open) = self.open.as_mut() else {
             return;
