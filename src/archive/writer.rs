@@ -302,8 +302,9 @@ impl Writer {
         }
     }
 
-    /// A write failed: readiness fails until [`Writer::recover`] succeeds.
-    fn failed(&mut self, refused: usize) {
+    /// A write failed: readiness fails until [`Writer::recover`] succeeds. Returns the
+    /// outage (begun now, or going on).
+    fn failed(&mut self, refused: usize) -> &mut Outage {
         self.healthy.store(false, Ordering::Relaxed);
         let outage = self.outage.get_or_insert_with(|| Outage {
             since_ns: crate::clock::system_unix_ns(),
@@ -314,6 +315,7 @@ impl Writer {
         });
         outage.refused += refused;
         outage.next_probe = Instant::now() + PROBE_INTERVAL;
+        outage
     }
 
     /// After a failed write: waits for room on a local store's disk, reads the instance's
@@ -407,10 +409,8 @@ impl Writer {
                 self.serials.reservation_failed(e.to_string());
                 // An outage like a failed commit: readiness fails (the requests would all
                 // be refused once the block runs out), and the probe reserves it again.
-                self.failed(0);
-                if let Some(outage) = self.outage.as_mut() {
-                    outage.reservation = outage.reservation.max(Some(until));
-                }
+                let outage = self.failed(0);
+                outage.reservation = outage.reservation.max(Some(until));
             }
         }
     }
