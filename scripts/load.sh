@@ -14,8 +14,9 @@
 #                single-process cryptoki rate (`tsa hsm check`), and the ratio is tokens/s to it
 #   ARCHIVE      0 (default): no archive; 1: the token archive on (`tsa init --archive`: the
 #                token log beside SQLite, group commit); both: the same runs with it off, then on,
-#                and the on/off ratio of req/s per concurrency. Under each run with it on: the
-#                CPU per token of the archive's threads (writer, imprint indexer, checkpointer).
+#                and the on/off ratios of req/s and of CPU per token per concurrency. Under each
+#                run with it on: the CPU per token of the archive's threads (writer, imprint
+#                indexer, checkpointer) and the commits (records each, time each).
 #                After the runs with it on: the tokens archived, how far the imprint index was
 #                behind, and how many commits took over 6.4, 25.6 and 102 ms (each one delays
 #                every token waiting for it)
@@ -260,7 +261,7 @@ commit_sums() {
     END { print n + 0, r + 0, d + 0 }'
 }
 
-declare -A rate
+declare -A rate cpu
 # One server per archive mode: started, checked with one request, loaded at each concurrency,
 # stopped.
 start_server() { # mode: off | on
@@ -382,6 +383,7 @@ run_loads() { # mode
     fi
     # By run, so that a concurrency given twice (a growing archive) keeps both.
     rate["$mode-$run"]=$(awk '{ print $2 }' "$work/line")
+    cpu["$mode-$run"]=$(awk '{ print $8 }' "$work/line")
     run=$((run + 1))
   done
   for fraction in ${BELOW:-}; do open_loop "$mode" "$fraction" "${BELOW_CONNECTIONS:-32}"; done
@@ -451,13 +453,19 @@ for mode in $modes; do
   stop_server
 done
 if [ "$modes" = "off on" ]; then
-  printf '\n%-6s %12s %12s %10s\n' conc off_req/s on_req/s on/off
+  printf '\n%-6s %12s %12s %10s %14s %14s %12s\n' conc off_req/s on_req/s on/off \
+    off_cpu_us on_cpu_us cpu_on/off
   k=0
   for c in $CONCURRENCY; do
     awk -v c="$c" -v off="${rate[off-$k]}" -v on="${rate[on-$k]}" \
-      'BEGIN { printf "%-6d %12.0f %12.0f %9.1f%%\n", c, off, on, 100 * on / off }'
+      -v off_cpu="${cpu[off-$k]}" -v on_cpu="${cpu[on-$k]}" \
+      'BEGIN { printf "%-6d %12.0f %12.0f %9.1f%% %14.1f %14.1f %11.1f%%\n", c, off, on,
+               100 * on / off, off_cpu, on_cpu, 100 * on_cpu / off_cpu }'
     k=$((k + 1))
   done
+  echo "on/off: tokens/s with the archive to tokens/s without; cpu_on/off: the server's CPU per"
+  echo "token with the archive to without (what the archive costs where the core, not the disk,"
+  echo "sets the pace)."
 fi
 echo
 echo "cpu_us/token: utime+stime of tsa serve per completed request (CLK_TCK=$hz, so ±$((1000000 / hz)) µs"
