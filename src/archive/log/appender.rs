@@ -236,7 +236,7 @@ impl Appender {
             {
                 self.dirty = true;
             }
-            open.room = open.room.min(open.len);
+            open.room = open.len;
             return Err(e);
         }
         open.len += self.frames.len() as u64;
