@@ -89,13 +89,13 @@ impl Admission {
 
     /// Requests admitted and not yet answered.
     pub fn depth(&self) -> usize {
-        self.max_queue - self.places.available_permits()
+        taken(&self.places, self.max_queue)
     }
 
     /// [`Admission::depth`], read from elsewhere (the archive's writer).
     pub fn depth_gauge(&self) -> Box<dyn Fn() -> usize + Send + Sync> {
         let (places, max_queue) = (Arc::clone(&self.places), self.max_queue);
-        Box::new(move || max_queue - places.available_permits())
+        Box::new(move || taken(&places, max_queue))
     }
 
     /// Requests waiting for a place.
@@ -106,6 +106,11 @@ impl Admission {
     pub fn max_queue(&self) -> usize {
         self.max_queue
     }
+}
+
+/// The places of `max_queue` that are taken: the requests admitted and not yet answered.
+fn taken(places: &Semaphore, max_queue: usize) -> usize {
+    max_queue - places.available_permits()
 }
 
 /// Places in the queue, held until the request is answered.
