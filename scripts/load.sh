@@ -47,6 +47,14 @@
 #                connections, and print the goodput (granted tokens/s) as a share of that
 #                capacity, and the 503s (admission control: server.max_queue and
 #                server.queue_wait_ms, MAX_QUEUE and QUEUE_WAIT_MS to set them)
+#   OTHER="CMD"  also measure another RFC 3161 server under the same pinning, for a comparison:
+#                after this server's runs, CMD (a shell command that serves in the foreground on
+#                loopback; stopped with SIGTERM) is started on SERVER_CPU, its reply to the
+#                sample request must be granted (and verify, with OTHER_CA=its CA certificate),
+#                and it is loaded the same way at OTHER_URL (default http://127.0.0.1:2020/).
+#                The summary gives both servers' tokens/s and CPU per token, and their ratios.
+#                Run the script a few times and compare the ratios: the servers take turns,
+#                so a machine that slows down between runs weighs on both
 #
 # Per run it prints requests/s, p50/p99 latency, non-200 and non-granted replies (wrk checks
 # every reply's PKIStatus in Lua; oha reports only HTTP status codes) and the server's CPU time
@@ -115,6 +123,9 @@ if [ -n "${BELOW:-}${OVERLOAD:-}" ]; then
   command -v oha >/dev/null && command -v python3 >/dev/null ||
     die "BELOW and OVERLOAD need oha (-q; cargo install oha --locked) and python3"
 fi
+
+other_url=${OTHER_URL:-http://$HOST:2020/}
+case "$other_url" in "http://$HOST:"*) ;; *) die "OTHER_URL must be on http://$HOST ($other_url)" ;; esac
 
 # Core lists as taskset takes them ("0", "2-5", "0,1"); every core named must exist.
 cores=$(nproc --all)
@@ -264,8 +275,9 @@ commit_sums() {
 declare -A rate cpu
 # One server per archive mode: started, checked with one request, loaded at each concurrency,
 # stopped.
-start_server() { # mode: off | on
+start_server() { # mode: off | on | other
   local mode=$1
+  [ "$mode" = other ] && { start_other; return; }
   # A development PKI and a server on free loopback ports.
   mode_args=()
   [ "$mode" = on ] && mode_args=(--archive)
@@ -321,9 +333,38 @@ start_server() { # mode: off | on
   echo "sample reply: $(grep '^Status:' "$work/reply.txt"), $(wc -c <"$work/reply.tsr") octets, verified by openssl ts -verify"
 }
 
+# The comparison server (OTHER): started on the server's cores, checked with the sample
+# request.
+start_other() {
+  url=$other_url
+  taskset -c "$SERVER_CPU" bash -c "exec $OTHER" >"$work/serve-other.out" 2>&1 &
+  server_pid=$!
+  local code=000
+  for _ in $(seq 100); do
+    kill -0 "$server_pid" 2>/dev/null || { cat "$work/serve-other.out" >&2; die "OTHER exited"; }
+    code=$(curl -sS --max-time 5 -H 'Content-Type: application/timestamp-query' \
+      --data-binary @"$work/req.tsq" -o "$work/reply-other.tsr" -w '%{http_code}' "$url" 2>/dev/null) &&
+      break
+    sleep 0.1
+  done
+  [ "$code" = 200 ] || die "OTHER's reply to the sample request: HTTP $code"
+  openssl ts -reply -in "$work/reply-other.tsr" -text >"$work/reply-other.txt" 2>&1 || true
+  grep -q '^Status: Granted' "$work/reply-other.txt" ||
+    { cat "$work/reply-other.txt" >&2; die "OTHER's sample reply is not granted"; }
+  local checked="granted"
+  if [ -n "${OTHER_CA:-}" ]; then
+    openssl ts -verify -in "$work/reply-other.tsr" -queryfile "$work/req.tsq" \
+      -CAfile "$OTHER_CA" >/dev/null 2>&1 || die "OTHER's sample reply does not verify with $OTHER_CA"
+    checked="verified by openssl ts -verify"
+  fi
+  echo "== other server ($OTHER) pid $server_pid on core $SERVER_CPU at $url; load: $LOAD_TOOL on core $CLIENT_CPU, $IMPRINTS imprints"
+  echo "sample reply: $(wc -c <"$work/reply-other.tsr") octets, $checked"
+}
+
 stop_server() {
   kill -TERM "$server_pid" 2>/dev/null || true
   for _ in $(seq 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$server_pid" 2>/dev/null || true
   wait "$server_pid" 2>/dev/null || true
   server_pid=
 }
@@ -436,6 +477,7 @@ case "${ARCHIVE:-0}" in
   both) modes="off on" ;;
   *) die "ARCHIVE must be 0, 1 or both" ;;
 esac
+[ -z "${OTHER:-}" ] || modes="$modes other"
 for mode in $modes; do
   start_server "$mode"
   run_loads "$mode"
@@ -454,7 +496,7 @@ for mode in $modes; do
   fi
   stop_server
 done
-if [ "$modes" = "off on" ]; then
+if [[ "$modes" == "off on"* ]]; then
   printf '\n%-6s %12s %12s %10s %14s %14s %12s\n' conc off_req/s on_req/s on/off \
     off_cpu_us on_cpu_us cpu_on/off
   k=0
@@ -468,6 +510,22 @@ if [ "$modes" = "off on" ]; then
   echo "on/off: tokens/s with the archive to tokens/s without; cpu_on/off: the server's CPU per"
   echo "token with the archive to without (what the archive costs where the core, not the disk,"
   echo "sets the pace)."
+fi
+if [ -n "${OTHER:-}" ]; then
+  ours=${modes%% *} # with ARCHIVE=both, this server without the archive
+  printf '\n%-6s %12s %12s %12s %14s %14s %14s\n' conc this_req/s other_req/s this/other \
+    this_cpu_us other_cpu_us other/this_cpu
+  k=0
+  for c in $CONCURRENCY; do
+    awk -v c="$c" -v this="${rate[$ours-$k]}" -v other="${rate[other-$k]}" \
+      -v this_cpu="${cpu[$ours-$k]}" -v other_cpu="${cpu[other-$k]}" \
+      'BEGIN { printf "%-6d %12.0f %12.0f %11.2fx %14.1f %14.1f %13.2fx\n", c, this, other,
+               this / other, this_cpu, other_cpu, other_cpu / this_cpu }'
+    k=$((k + 1))
+  done
+  echo "this/other: this server's tokens/s to the other's, both pinned to core(s) $SERVER_CPU;"
+  echo "other/this_cpu: the other's CPU per token to this server's. The other's replies are not"
+  echo "read (oha) or checked for PKIStatus only (wrk)."
 fi
 echo
 echo "cpu_us/token: utime+stime of tsa serve per completed request (CLK_TCK=$hz, so ±$((1000000 / hz)) µs"
