@@ -496,35 +496,31 @@ for mode in $modes; do
   fi
   stop_server
 done
-if [[ "$modes" == "off on"* ]]; then
-  printf '\n%-6s %12s %12s %10s %14s %14s %12s\n' conc off_req/s on_req/s on/off \
-    off_cpu_us on_cpu_us cpu_on/off
-  k=0
+# Two modes' runs side by side at each concurrency, and the second's tokens/s and CPU per
+# token to the first's, in percent (unit %) or as factors (unit x).
+side_by_side() { # mode_a mode_b name_a name_b unit
+  local a=$1 b=$2 k=0 c
+  printf '\n%-6s %12s %12s %12s %14s %14s %14s\n' conc "$3_req/s" "$4_req/s" "$4/$3" \
+    "$3_cpu_us" "$4_cpu_us" "cpu_$4/$3"
   for c in $CONCURRENCY; do
-    awk -v c="$c" -v off="${rate[off-$k]}" -v on="${rate[on-$k]}" \
-      -v off_cpu="${cpu[off-$k]}" -v on_cpu="${cpu[on-$k]}" \
-      'BEGIN { printf "%-6d %12.0f %12.0f %9.1f%% %14.1f %14.1f %11.1f%%\n", c, off, on,
-               100 * on / off, off_cpu, on_cpu, 100 * on_cpu / off_cpu }'
+    awk -v c="$c" -v ra="${rate[$a-$k]}" -v rb="${rate[$b-$k]}" -v ca="${cpu[$a-$k]}" \
+      -v cb="${cpu[$b-$k]}" -v unit="$5" '
+      function ratio(x) { return unit == "%" ? sprintf("%.1f%%", 100 * x) : sprintf("%.2fx", x) }
+      BEGIN { printf "%-6d %12.0f %12.0f %12s %14.1f %14.1f %14s\n", c, ra, rb, ratio(rb / ra),
+                ca, cb, ratio(cb / ca) }'
     k=$((k + 1))
   done
+}
+if [[ "$modes" == "off on"* ]]; then
+  side_by_side off on off on %
   echo "on/off: tokens/s with the archive to tokens/s without; cpu_on/off: the server's CPU per"
   echo "token with the archive to without (what the archive costs where the core, not the disk,"
   echo "sets the pace)."
 fi
 if [ -n "${OTHER:-}" ]; then
-  ours=${modes%% *} # with ARCHIVE=both, this server without the archive
-  printf '\n%-6s %12s %12s %12s %14s %14s %14s\n' conc this_req/s other_req/s this/other \
-    this_cpu_us other_cpu_us other/this_cpu
-  k=0
-  for c in $CONCURRENCY; do
-    awk -v c="$c" -v this="${rate[$ours-$k]}" -v other="${rate[other-$k]}" \
-      -v this_cpu="${cpu[$ours-$k]}" -v other_cpu="${cpu[other-$k]}" \
-      'BEGIN { printf "%-6d %12.0f %12.0f %11.2fx %14.1f %14.1f %13.2fx\n", c, this, other,
-               this / other, this_cpu, other_cpu, other_cpu / this_cpu }'
-    k=$((k + 1))
-  done
+  side_by_side other "${modes%% *}" other this x # with ARCHIVE=both, this server without it
   echo "this/other: this server's tokens/s to the other's, both pinned to core(s) $SERVER_CPU;"
-  echo "other/this_cpu: the other's CPU per token to this server's. The other's replies are not"
+  echo "cpu_this/other: this server's CPU per token to the other's. The other's replies are not"
   echo "read (oha) or checked for PKIStatus only (wrk)."
 fi
 echo
