@@ -524,7 +524,8 @@ if [ -n "${OTHER:-}" ]; then
   echo "read (oha) or checked for PKIStatus only (wrk)."
 fi
 echo
-echo "cpu_us/token: utime+stime of tsa serve per completed request (CLK_TCK=$hz, so ±$((1000000 / hz)) µs"
-echo "over the run); cpu/raw_sign: that divided by openssl's $raw_sign_us µs per $speed_alg signature."
+echo "cpu_us/token: utime+stime of the server (tsa serve${OTHER:+, or OTHER}) per completed request"
+echo "(CLK_TCK=$hz, so ±$((1000000 / hz)) µs over the run); cpu/raw_sign: that divided by openssl's"
+echo "$raw_sign_us µs per $speed_alg signature."
 [ "$LOAD_TOOL" = oha ] && echo "bad_frac counts non-200 replies only (oha does not read bodies)."
 exit 0
