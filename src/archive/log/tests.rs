@@ -84,6 +84,19 @@ fn frames_end(segment: &Segment) -> u64 {
     segments::scan(segment).unwrap().end
 }
 
+/// Every one of `records` is found by its imprint, alone (the imprints are distinct).
+fn each_found_by_its_imprint(store: &mut LogStore, records: &[StoredRecord]) {
+    for r in records {
+        let found = store.records_by_imprint(&r.record.imprint).unwrap();
+        assert_eq!(
+            found.as_slice(),
+            std::slice::from_ref(r),
+            "record {}",
+            r.seq
+        );
+    }
+}
+
 fn segment_files(dir: &Path) -> Vec<Segment> {
     segments::segments(dir).unwrap()
 }
@@ -508,15 +521,7 @@ fn closed_segments_get_sorted_imprint_files_that_look_ups_search() {
         "the open segment has none yet"
     );
     let check = |store: &mut LogStore| {
-        for r in &log.records {
-            let found = store.records_by_imprint(&r.record.imprint).unwrap();
-            assert_eq!(
-                found.as_slice(),
-                std::slice::from_ref(r),
-                "record {}",
-                r.seq
-            );
-        }
+        each_found_by_its_imprint(store, &log.records);
         assert!(store.records_by_imprint(&[0x66; 32]).unwrap().is_empty());
     };
     check(&mut store);
@@ -595,15 +600,7 @@ fn a_closed_segment_open_again_is_searched_by_its_index_until_it_closes_again() 
         "its imprint file lacks what comes next"
     );
     store.append(0, &log.chain(2), &[]).unwrap();
-    for r in &log.records {
-        let found = store.records_by_imprint(&r.record.imprint).unwrap();
-        assert_eq!(
-            found.as_slice(),
-            std::slice::from_ref(r),
-            "record {}",
-            r.seq
-        );
-    }
+    each_found_by_its_imprint(&mut store, &log.records);
 }
 
 /// A small deterministic generator for the damage below.
