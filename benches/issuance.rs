@@ -130,6 +130,7 @@ impl Fixture {
             accepted_digests: config.digests().expect("digests"),
             default_policy: tsa::alg::oid::DEVELOPMENT_POLICY,
             other_policies: vec![],
+            max_len: config.server.max_request_bytes,
         };
         let certificate = tsa.certificate();
         let template = TokenTemplate::new(

@@ -282,6 +282,16 @@ fn bad_items_get_their_own_fail_info_and_spoil_nothing() {
     .to_der()
     .unwrap();
     let sha512 = DigestAlgorithm::Sha512.digest(b"good").unwrap();
+    // Longer than `max_request_bytes` (8 KiB), which a single body may not exceed either.
+    let huge_nonce = Query {
+        digest: DigestAlgorithm::Sha256,
+        hashed_message: digest.clone(),
+        policy: None,
+        nonce: Some([&[0x7f][..], &[1; 9000]].concat()),
+        cert_req: false,
+    }
+    .to_der()
+    .unwrap();
 
     let items = vec![
         good.clone(),
@@ -292,6 +302,7 @@ fn bad_items_get_their_own_fail_info_and_spoil_nothing() {
         version_2,
         q(&["-digest", &hex(&sha512), "-sha512", "-no_nonce"]),
         good.clone(),
+        huge_nonce,
     ];
     let replies = post_batch(&server, w, &items);
     assert_eq!(fail_info(&replies[1]), FailInfo::BadDataFormat);
@@ -299,6 +310,7 @@ fn bad_items_get_their_own_fail_info_and_spoil_nothing() {
     assert_eq!(fail_info(&replies[3]), FailInfo::BadAlg);
     assert_eq!(fail_info(&replies[4]), FailInfo::BadDataFormat);
     assert_eq!(fail_info(&replies[5]), FailInfo::BadRequest);
+    assert_eq!(fail_info(&replies[8]), FailInfo::BadDataFormat);
     let stamps = [
         verified(&server, &replies[0], &items[0], &digest),
         verified(&server, &replies[6], &items[6], &sha512),
@@ -316,7 +328,7 @@ fn bad_items_get_their_own_fail_info_and_spoil_nothing() {
     assert!(text.contains("sha1"), "{text}");
     let metrics = scrape(&server);
     for (fail, n) in [
-        ("badDataFormat", 2),
+        ("badDataFormat", 3),
         ("unacceptedPolicy", 1),
         ("badAlg", 1),
         ("badRequest", 1),

@@ -22,6 +22,7 @@ fn rules() -> &'static RequestRules {
         accepted_digests: DigestAlgorithm::DEFAULT_ACCEPTED.to_vec(),
         default_policy: oid::ETSI_BASELINE_POLICY,
         other_policies: vec![],
+        max_len: 8 * 1024,
     })
 }
 

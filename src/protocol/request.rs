@@ -17,6 +17,10 @@ pub struct RequestRules {
     pub default_policy: ObjectIdentifier,
     /// Policies a request may name besides the default; anything else gets `unacceptedPolicy`.
     pub other_policies: Vec<ObjectIdentifier>,
+    /// The longest request taken, in octets; a longer one gets `badDataFormat`. The HTTP
+    /// layer refuses a longer single body with 413 before reading it; this bounds each
+    /// element of a batch, whose body is allowed to be much larger, the same way.
+    pub max_len: usize,
 }
 
 impl RequestRules {
@@ -44,6 +48,16 @@ pub struct Request<'a> {
 /// `certReq` written out as an explicit FALSE (BER, not DER) is tolerated, since several
 /// clients write it; everything else must be DER, with no trailing bytes.
 pub fn parse_request<'a>(der: &'a [u8], rules: &RequestRules) -> Result<Request<'a>, Rejection> {
+    if der.len() > rules.max_len {
+        return Err(Rejection::new(
+            FailInfo::BadDataFormat,
+            format!(
+                "the request is {} octets long; this TSA takes at most {}",
+                der.len(),
+                rules.max_len
+            ),
+        ));
+    }
     let req = TimeStampReq::from_der(der).map_err(|e| {
         Rejection::new(
             FailInfo::BadDataFormat,

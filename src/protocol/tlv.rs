@@ -5,7 +5,7 @@ use der::{Encode, Header, Length, Tag};
 
 /// Appends `tag` and the DER length `len`.
 pub(super) fn header(out: &mut Vec<u8>, tag: Tag, len: usize) {
-    let length = Length::try_from(len).expect("token parts are far below 256 MiB");
+    let length = Length::try_from(len).expect("token parts are far below 4 GiB");
     Header::new(tag, length)
         .encode(out)
         .expect("writing to a Vec cannot fail");
@@ -25,7 +25,8 @@ pub(super) fn size(len: usize) -> usize {
         0..=0x7f => 2,
         0x80..=0xff => 3,
         0x100..=0xffff => 4,
-        _ => 5,
+        0x1_0000..=0xff_ffff => 5,
+        _ => 6,
     };
     header + len
 }
@@ -40,5 +41,24 @@ pub(super) fn context(number: u32, constructed: bool) -> Tag {
     Tag::ContextSpecific {
         constructed,
         number: der::TagNumber(number),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_is_the_written_length_at_every_length_form() {
+        for len in [
+            0, 0x7f, 0x80, 0xff, 0x100, 0xffff, 0x1_0000, 0xff_ffff, 0x100_0000,
+        ] {
+            let content = vec![0u8; len];
+            assert_eq!(
+                tlv(Tag::OctetString, &[&content]).len(),
+                size(len),
+                "content of {len} octets"
+            );
+        }
     }
 }

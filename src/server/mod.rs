@@ -242,6 +242,7 @@ pub fn issuing(
             accepted_digests: config.digests()?,
             default_policy,
             other_policies,
+            max_len: config.server.max_request_bytes,
         },
         template,
         certificate,
