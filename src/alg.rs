@@ -159,12 +159,21 @@ impl DigestAlgorithm {
         Some(digest::digest(alg, data).as_ref().to_vec())
     }
 
-    /// The AlgorithmIdentifier as CMS writes it for SHA-2: with NULL parameters (RFC 5754 allows
-    /// both forms; OpenSSL and most verifiers write NULL).
+    /// The AlgorithmIdentifier with NULL parameters: the form PKCS#1's `DigestInfo` requires
+    /// (RFC 8017, § 9.2) and RFC 4055's identifiers inside RSASSA-PSS parameters use.
     pub fn algorithm_identifier(self) -> AlgorithmIdentifierOwned {
         AlgorithmIdentifierOwned {
             oid: self.oid(),
             parameters: Some(Null.into()),
+        }
+    }
+
+    /// The AlgorithmIdentifier as a CMS `DigestAlgorithmIdentifier`: parameters absent, as RFC
+    /// 5754 § 2 has writers generate for SHA-2 (readers must accept both forms).
+    pub fn cms_identifier(self) -> AlgorithmIdentifierOwned {
+        AlgorithmIdentifierOwned {
+            oid: self.oid(),
+            parameters: None,
         }
     }
 }

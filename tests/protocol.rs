@@ -226,6 +226,17 @@ fn tokens_decode_with_cms_and_verify_for_every_algorithm() {
         // version 3, one digest algorithm, the certificate because certReq was set.
         assert_eq!(token.signed_data.version, cms::content_info::CmsVersion::V3);
         assert_eq!(token.signed_data.digest_algorithms.len(), 1);
+        // SHA-2 digest algorithms with their parameters absent, as RFC 5754 § 2 has CMS
+        // writers generate them.
+        let signer = &token.signed_data.signer_infos.0.as_slice()[0];
+        for digest_alg in token
+            .signed_data
+            .digest_algorithms
+            .iter()
+            .chain([&signer.digest_alg])
+        {
+            assert_eq!(digest_alg.parameters, None, "{alg:?}/{padding:?}");
+        }
         assert_eq!(token.signed_data.certificates.as_ref().unwrap().0.len(), 1);
         let tst = token.tst_info();
         assert_eq!(tst.gen_time.unix_ns(), now - now % 1_000);

@@ -196,7 +196,7 @@ impl TokenTemplate {
                 .count()
         };
 
-        let digest_algorithm_id = digest.algorithm_identifier().to_der()?;
+        let digest_algorithm_id = digest.cms_identifier().to_der()?;
         let digest_algorithms = tlv::tlv(Tag::Set, &[&digest_algorithm_id]);
 
         // CertificateSet is `[0] IMPLICIT SET OF`: DER sorts the elements by their encoding.
