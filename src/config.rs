@@ -701,7 +701,21 @@ impl Config {
             );
         }
         self.digests()?;
-        self.policies()?;
+        let (default, accepted) = self.policies()?;
+        // ETSI EN 319 421 and EN 319 422: tokens under the baseline policy declare an accuracy
+        // of 1 s or better. (The development clock's tokens carry the development policy.)
+        let etsi = self.clock.source != ClockSource::Development
+            && std::iter::once(default)
+                .chain(accepted)
+                .any(|p| p == oid::ETSI_BASELINE_POLICY);
+        if etsi && self.clock.max_accuracy_ms > 1_000 {
+            bail!(
+                "clock.max_accuracy_ms = {} is over 1000: tokens under the ETSI baseline policy \
+                 ({}) must declare an accuracy of 1 s or better",
+                self.clock.max_accuracy_ms,
+                oid::ETSI_BASELINE_POLICY
+            );
+        }
         Ok(())
     }
 
@@ -845,5 +859,32 @@ mod tests {
         let bad_policy: Config =
             toml::from_str(&format!("{base}[policy]\ndefault = \"x.y\"\n")).unwrap();
         assert!(bad_policy.validate().is_err());
+    }
+
+    #[test]
+    fn the_etsi_policy_needs_an_accuracy_of_one_second_or_better() {
+        let base = "[signer]\nkind = \"software\"\nkey = \"k\"\ncertificate = \"c\"\n";
+        let parse = |extra: &str| toml::from_str::<Config>(&format!("{base}{extra}")).unwrap();
+        let etsi = oid::ETSI_BASELINE_POLICY;
+        let other = oid::DEVELOPMENT_POLICY;
+        parse("[clock]\nmax_accuracy_ms = 1000\n")
+            .validate()
+            .unwrap();
+        // The baseline policy is the default one.
+        let error = parse("[clock]\nmax_accuracy_ms = 1001\n")
+            .validate()
+            .unwrap_err();
+        assert!(error.to_string().contains("ETSI"), "{error}");
+        // ... or one a request may ask for.
+        let offered = format!(
+            "[clock]\nmax_accuracy_ms = 2000\n[policy]\ndefault = \"{other}\"\naccepted = [\"{etsi}\"]\n"
+        );
+        assert!(parse(&offered).validate().is_err());
+        // Without it, a coarser accuracy is the operator's to declare.
+        let own = format!("[clock]\nmax_accuracy_ms = 2000\n[policy]\ndefault = \"{other}\"\n");
+        parse(&own).validate().unwrap();
+        parse("[clock]\nsource = \"development\"\nmax_accuracy_ms = 2000\n")
+            .validate()
+            .unwrap();
     }
 }
