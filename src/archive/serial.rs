@@ -14,6 +14,12 @@ pub struct SerialError(pub String);
 /// Hands out serial numbers that are never reused.
 pub trait SerialAllocator: Send + Sync + 'static {
     fn next(&self) -> Result<Serial, SerialError>;
+
+    /// Whether `next` would wait now (for a durable reservation), so that the caller calls it
+    /// where blocking a thread is allowed.
+    fn may_wait(&self) -> bool {
+        false
+    }
 }
 
 /// Random octets for serials from the CSPRNG (aws-lc's), drawn 4 KiB at a time by each
@@ -224,6 +230,13 @@ impl SerialAllocator for BlockSerials {
         let bytes = layout::encode(self.0.instance_id, counter, random_octets::<7>()?);
         Serial::from_unsigned(&bytes).ok_or_else(|| SerialError("invalid serial".into()))
     }
+
+    /// The block ran out (the writer has not answered the reservation asked for half a block
+    /// ago): `next` would wait.
+    fn may_wait(&self) -> bool {
+        let c = self.lock();
+        c.next >= c.limit
+    }
 }
 
 #[cfg(test)]
@@ -306,9 +319,11 @@ mod tests {
         let until = rx.try_recv().unwrap();
         assert_eq!(until, 120);
         for _ in 106..110 {
+            assert!(!serials.may_wait());
             serials.next().unwrap();
         }
         // The block ran out: `next` waits until the reservation arrives.
+        assert!(serials.may_wait());
         let s2 = serials.clone();
         let waiter = std::thread::spawn(move || s2.next().map(|s| s.as_bytes().to_vec()));
         std::thread::sleep(Duration::from_millis(50));
@@ -316,6 +331,7 @@ mod tests {
         let bytes = waiter.join().unwrap().unwrap();
         assert_eq!(layout::decode(&bytes), Some((3, 110)));
         assert_eq!(serials.position(), (111, 120));
+        assert!(!serials.may_wait());
     }
 
     #[test]

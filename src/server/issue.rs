@@ -149,10 +149,12 @@ impl Tsa {
     ///
     /// A signer that may block (an HSM, RSA) gets the blocking pool, at most `blocking_lane`
     /// issuances at a time so that a burst queues here instead of spawning hundreds of threads;
-    /// a fast one signs on the async worker. Either way the clock is read inside `issue`, after
-    /// any queueing, as late as possible before the signature.
+    /// a fast one signs on the async worker. So does an issuance whose serial would wait for the
+    /// archive's reservation (the writer is behind): the wait (up to seconds) must not hold the
+    /// worker that also serves the health checks. Either way the clock is read inside `issue`,
+    /// after any queueing, as late as possible before the signature.
     pub async fn respond(self: &Arc<Self>, body: Bytes, client: &Client) -> (Vec<u8>, Outcome) {
-        let result = if self.may_block() {
+        let result = if self.may_block() || self.serials.may_wait() {
             let permit = Arc::clone(&self.blocking_lane).acquire_owned().await;
             let (tsa, client) = (Arc::clone(self), client.clone());
             tokio::task::spawn_blocking(move || {
