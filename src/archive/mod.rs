@@ -141,8 +141,13 @@ impl Default for CommitStats {
 impl Archive {
     /// Opens the archive: locks the state directory, reads the instance's state from the
     /// database and the state file, takes the highest counter and genTime of both, reserves
-    /// the first block of serials durably, and starts the writer.
-    pub fn open(config: &ArchiveConfig, signer: CheckpointSigner) -> anyhow::Result<Self> {
+    /// the first block of serials durably, and starts the writer. At most `max_queued` token
+    /// records wait for the writer at once; more are refused (`Queue::send`).
+    pub fn open(
+        config: &ArchiveConfig,
+        signer: CheckpointSigner,
+        max_queued: usize,
+    ) -> anyhow::Result<Self> {
         let (store, reader, lock, checkpointer, layout) = open_stores(config)?;
         // The imprint index is derived data: without it tokens are still archived and found,
         // look-ups by imprint only read the whole archive. The token log keeps sorted imprint
@@ -242,7 +247,10 @@ impl Archive {
             "archive open"
         );
 
-        let queue = Arc::new(Queue::new(Duration::from_micros(config.commit_delay_us)));
+        let queue = Arc::new(Queue::new(
+            Duration::from_micros(config.commit_delay_us),
+            max_queued,
+        ));
         let reservations = queue.clone();
         let serials = BlockSerials::new(
             instance_id,
@@ -335,7 +343,18 @@ impl Archive {
             ));
         }
         let (reply, done) = tokio::sync::oneshot::channel();
-        self.send(Msg::Record(Box::new(record), reply))?;
+        if self
+            .queue
+            .send(Msg::Record(Box::new(record), reply))
+            .is_err()
+        {
+            return Err(ArchiveError(if self.queue.is_closed() {
+                "the archive is closed".into()
+            } else {
+                "the token could not be archived: too many tokens wait for the archive's writer"
+                    .into()
+            }));
+        }
         Ok(done)
     }
 

@@ -35,6 +35,8 @@ pub(crate) struct Queue {
     state: Mutex<State>,
     ready: Condvar,
     commit_delay: Duration,
+    /// Token records queued at most; later ones are refused (see [`Queue::send`]).
+    max_records: usize,
     load: OnceLock<Load>,
 }
 
@@ -56,7 +58,7 @@ struct State {
 }
 
 impl Queue {
-    pub fn new(commit_delay: Duration) -> Self {
+    pub fn new(commit_delay: Duration, max_records: usize) -> Self {
         Self {
             state: Mutex::new(State {
                 msgs: VecDeque::new(),
@@ -70,6 +72,7 @@ impl Queue {
             }),
             ready: Condvar::new(),
             commit_delay,
+            max_records: max_records.max(1),
             load: OnceLock::new(),
         }
     }
@@ -89,10 +92,13 @@ impl Queue {
         self.lock().records
     }
 
-    /// Queues `msg`; gives it back when the writer has stopped.
+    /// Queues `msg`; gives it back when the writer has stopped, or when it is a token record
+    /// and `max_records` are queued already. The server admits fewer than that, but a request
+    /// whose client left stops counting there while its record stays here: while the writer
+    /// is slow, clients that leave and ask again would otherwise grow the queue without bound.
     pub fn send(&self, msg: Msg) -> Result<(), Msg> {
         let mut s = self.lock();
-        if s.closed {
+        if s.closed || (matches!(msg, Msg::Record(..)) && s.records >= self.max_records) {
             return Err(msg);
         }
         match msg {
@@ -178,6 +184,10 @@ impl Queue {
         self.lock().target = records.max(1);
     }
 
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// Refuses later messages and returns what is still queued.
     pub fn close(&self) -> Vec<Msg> {
         let mut s = self.lock();
@@ -200,7 +210,7 @@ mod tests {
 
     #[test]
     fn a_batch_is_due_at_its_target_or_after_the_delay() {
-        let q = Queue::new(Duration::from_millis(50));
+        let q = Queue::new(Duration::from_millis(50), 100);
         let far = Instant::now() + Duration::from_secs(10);
         // Idle: one record is a batch.
         q.send(record()).map_err(|_| ()).unwrap();
@@ -234,8 +244,30 @@ mod tests {
     }
 
     #[test]
+    fn records_past_the_limit_are_refused_but_events_and_control_messages_are_not() {
+        let q = Queue::new(Duration::from_millis(50), 2);
+        let far = Instant::now() + Duration::from_secs(10);
+        q.send(record()).map_err(|_| ()).unwrap();
+        q.send(record()).map_err(|_| ()).unwrap();
+        assert!(matches!(q.send(record()), Err(Msg::Record(..))));
+        assert!(!q.is_closed());
+        let event = super::super::events::Captured {
+            time_ns: 1,
+            level: "INFO".into(),
+            kind: "sync_lost".into(),
+            message: String::new(),
+            fields: "{}".into(),
+        };
+        q.send(Msg::Event(event)).map_err(|_| ()).unwrap();
+        q.send(Msg::Reserve(10)).map_err(|_| ()).unwrap();
+        // Once the writer took them, records are queued again.
+        assert_eq!(q.next_batch(far, 100).len(), 4);
+        q.send(record()).map_err(|_| ()).unwrap();
+    }
+
+    #[test]
     fn under_load_a_batch_waits_for_half_the_requests_in_flight() {
-        let q = Queue::new(Duration::from_millis(100));
+        let q = Queue::new(Duration::from_millis(100), 1_000);
         let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(100));
         let gauge = in_flight.clone();
         q.set_load(Box::new(move || {
@@ -282,7 +314,7 @@ mod tests {
 
     #[test]
     fn a_waiting_writer_is_woken_when_the_batch_is_due() {
-        let q = std::sync::Arc::new(Queue::new(Duration::from_secs(5)));
+        let q = std::sync::Arc::new(Queue::new(Duration::from_secs(5), 1_000));
         q.set_target(2);
         let q2 = q.clone();
         let writer = std::thread::spawn(move || {

@@ -333,7 +333,14 @@ fn open_archive(
     issuing: &Issuing,
 ) -> anyhow::Result<crate::archive::Archive> {
     let checkpoints = checkpoint_signer(signer, issuing.certificate().der())?;
-    crate::archive::Archive::open(&config.archive, checkpoints)
+    // The server admits `max_queue` requests, a batch's chunk of items per place: twice what
+    // they can queue leaves room for requests whose clients left while the writer was slow.
+    let max_queued = config
+        .server
+        .max_queue
+        .saturating_mul(issue::BATCH_CHUNK)
+        .saturating_mul(2);
+    crate::archive::Archive::open(&config.archive, checkpoints, max_queued)
 }
 
 fn checkpoint_signer(
