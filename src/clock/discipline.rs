@@ -2,8 +2,8 @@
 //!
 //! Pure and sans-IO, in the manner of ntpd-rs's `ntp-proto`: the caller owns sockets, timers
 //! and the local clock, and passes every time in as a value. Times are *local* nanoseconds: a
-//! clock that never steps (the adapters use the monotonic clock anchored once to the Unix
-//! epoch). The discipline never changes that clock; it models UTC on top of it:
+//! clock that never steps and that nothing slews (the adapters use `CLOCK_MONOTONIC_RAW`
+//! anchored once to the Unix epoch, see `local.rs`). The discipline never changes that clock; it models UTC on top of it:
 //!
 //! ```text
 //! UTC(t) = t + offset(t),   offset(t) = offset_u + freq · (t − t_u),
