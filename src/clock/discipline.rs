@@ -48,6 +48,33 @@ pub struct Sample {
     pub leap: Leap,
 }
 
+/// The largest offset a sample may claim: about 73 years, more than any local clock anchored
+/// to a wall clock that was reset to 1970 can be off, and small enough that the difference of
+/// two offsets never overflows.
+pub const MAX_OFFSET_NS: u64 = 1 << 61;
+/// The largest distance a sample may claim before ageing: RFC 5905's MAXDISP (16 s). A sample
+/// that vouches for nothing better than that says nothing about a clock that must hold 1 s.
+pub const MAX_DISTANCE_NS: u64 = 16 * NS_PER_S;
+
+impl Sample {
+    /// `(delay + root delay)/2 + root dispersion + precision`, saturating.
+    pub fn static_distance(&self) -> u64 {
+        (self.delay.saturating_add(self.root_delay) / 2)
+            .saturating_add(self.root_dispersion)
+            .saturating_add(self.precision)
+    }
+
+    /// Whether the sample is a measurement at all: an offset and a distance within
+    /// [`MAX_OFFSET_NS`] and [`MAX_DISTANCE_NS`]. Adapters drop other samples (a hostile
+    /// server's precision of 2^40 s, a PPS report dated in the year 2262) and the discipline
+    /// counts them as missed polls.
+    pub fn is_plausible(&self) -> bool {
+        self.offset.unsigned_abs() <= MAX_OFFSET_NS
+            && self.static_distance() <= MAX_DISTANCE_NS
+            && self.at <= i64::MAX as u64
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct DisciplineConfig {
     /// Agreeing sources needed to synchronize (besides a strict majority).
@@ -208,11 +235,14 @@ struct Interval {
 }
 
 impl Interval {
+    fn reach(&self) -> i64 {
+        i64::try_from(self.distance).unwrap_or(i64::MAX)
+    }
     fn low(&self) -> i64 {
-        self.offset.saturating_sub(self.distance as i64)
+        self.offset.saturating_sub(self.reach())
     }
     fn high(&self) -> i64 {
-        self.offset.saturating_add(self.distance as i64)
+        self.offset.saturating_add(self.reach())
     }
 }
 
@@ -290,8 +320,13 @@ impl Discipline {
         self.config.max_drift_ppm * 1e-6
     }
 
-    /// A poll of `source` answered with `sample`.
+    /// A poll of `source` answered with `sample`. An implausible sample (see
+    /// [`Sample::is_plausible`]) counts as a missed poll.
     pub fn sample(&mut self, source: usize, sample: Sample) {
+        if !sample.is_plausible() {
+            self.missed(source);
+            return;
+        }
         let src = &mut self.sources[source];
         if src.reach == 0 {
             self.events.push(Event::SourceReachable { source });
@@ -344,11 +379,10 @@ impl Discipline {
         let phi = self.phi();
         let max_age = self.config.max_sample_age_ns;
         let distance = |s: &Sample| {
-            (s.delay + s.root_delay) / 2
-                + s.root_dispersion
-                + s.precision
-                + (phi * now.saturating_sub(s.at) as f64).ceil() as u64
+            s.static_distance()
+                .saturating_add((phi * now.saturating_sub(s.at) as f64).ceil() as u64)
         };
+        let apart = |a: i64, b: i64| (i128::from(a) - i128::from(b)).unsigned_abs();
         let mut intervals = Vec::new();
         for (id, src) in self.sources.iter_mut().enumerate() {
             let newest = src.samples.back().copied();
@@ -358,7 +392,8 @@ impl Discipline {
                     .iter()
                     .filter(|s| s.at <= now && now - s.at <= max_age)
                     .filter(|s| {
-                        (s.offset - newest.offset).unsigned_abs() <= distance(s) + distance(&newest)
+                        apart(s.offset, newest.offset)
+                            <= u128::from(distance(s)) + u128::from(distance(&newest))
                     })
                     .collect(),
                 _ => Vec::new(),
@@ -370,14 +405,14 @@ impl Discipline {
             };
             let jitter = (fresh
                 .iter()
-                .map(|s| ((s.offset - best.offset) as f64).powi(2))
+                .map(|s| (apart(s.offset, best.offset) as f64).powi(2))
                 .sum::<f64>()
                 / fresh.len() as f64)
                 .sqrt();
             intervals.push(Interval {
                 source: id,
                 offset: best.offset,
-                distance: distance(best) + jitter.ceil() as u64,
+                distance: distance(best).saturating_add(jitter.ceil() as u64),
                 leap: best.leap,
             });
         }
@@ -465,8 +500,8 @@ impl Discipline {
             return;
         };
         let (predicted, predicted_bound) = self.predict(&model, now);
-        let step = offset - predicted;
-        if step.unsigned_abs() <= predicted_bound + bound {
+        let step = offset.saturating_sub(predicted);
+        if step.unsigned_abs() <= predicted_bound.saturating_add(bound) {
             if let Some(p) = self.pending.take() {
                 self.events.push(Event::StepAbandoned { step_ns: p.step });
             }
@@ -479,7 +514,8 @@ impl Discipline {
         let rounds = match &self.pending {
             Some(p) => {
                 let drift = (phi * (now - p.at) as f64) as u64;
-                if (offset - p.offset).unsigned_abs() <= p.bound + bound + drift {
+                if offset.abs_diff(p.offset) <= p.bound.saturating_add(bound).saturating_add(drift)
+                {
                     p.rounds + 1
                 } else {
                     1
@@ -595,7 +631,7 @@ impl Discipline {
         intervals
             .iter()
             .find(|i| i.high() < low || i.low() > high)
-            .map(|i| (i.source, i.offset - predicted))
+            .map(|i| (i.source, i.offset.saturating_sub(predicted)))
     }
 
     /// Too few sources left to select from. A clock that was synchronized goes on in
@@ -737,10 +773,8 @@ impl Discipline {
                     offset_ns: fresh.map(|s| s.offset),
                     delay_ns: fresh.map(|s| s.delay),
                     distance_ns: fresh.map(|s| {
-                        (s.delay + s.root_delay) / 2
-                            + s.root_dispersion
-                            + s.precision
-                            + (phi * (now - s.at) as f64) as u64
+                        s.static_distance()
+                            .saturating_add((phi * (now - s.at) as f64) as u64)
                     }),
                     last_sample_age_ns: src.samples.back().map(|s| now.saturating_sub(s.at)),
                 }
@@ -812,7 +846,9 @@ impl Snapshot {
 fn predict(model: &Model, phi: f64, leap: Option<ScheduledLeap>, now: u64) -> (i64, u64) {
     let elapsed = now.saturating_sub(model.at);
     let mut offset = model.offset + (model.freq * elapsed as f64) as i64;
-    let bound = model.bound + (phi * elapsed as f64).ceil() as u64;
+    let bound = model
+        .bound
+        .saturating_add((phi * elapsed as f64).ceil() as u64);
     if let Some(leap) = leap {
         if !leap.applied && (now as i64 + offset) as u64 >= leap.utc_ns {
             offset += leap_shift(leap.kind);
@@ -834,7 +870,7 @@ fn combine(survivors: &[Interval]) -> (i64, u64) {
     let offset = offset.round() as i64;
     let bound = survivors
         .iter()
-        .map(|i| (offset - i.offset).unsigned_abs() + i.distance)
+        .map(|i| offset.abs_diff(i.offset).saturating_add(i.distance))
         .max()
         .unwrap_or(0);
     (offset, bound)

@@ -293,16 +293,23 @@ impl GpsdTracker {
         if Self::recent(self.last_pps, now) || Self::recent(self.last_toff, now) {
             return Output::Nothing;
         }
-        match report.time.as_deref().and_then(parse_iso_time) {
-            Some(utc) => Output::Sample(Sample {
-                at: now,
-                offset: utc - now as i64,
-                delay: 0,
-                root_delay: 0,
-                root_dispersion: 0,
-                precision: self.serial_precision,
-                leap: Leap::None,
-            }),
+        let sample = report
+            .time
+            .as_deref()
+            .and_then(parse_iso_time)
+            .and_then(|utc| {
+                Some(Sample {
+                    at: now,
+                    offset: utc.checked_sub(i64::try_from(now).ok()?)?,
+                    delay: 0,
+                    root_delay: 0,
+                    root_dispersion: 0,
+                    precision: self.serial_precision,
+                    leap: Leap::None,
+                })
+            });
+        match sample.filter(Sample::is_plausible) {
+            Some(sample) => Output::Sample(sample),
             None => Output::Missed,
         }
     }
@@ -332,9 +339,12 @@ impl GpsdTracker {
         if at > now + 1_000_000 || now - at > MAX_REPORT_AGE_NS as i64 {
             return Output::Nothing;
         }
-        Output::Sample(Sample {
+        let Some(offset) = real.checked_sub(at) else {
+            return Output::Nothing;
+        };
+        let sample = Sample {
             at: at.min(now) as u64,
-            offset: real - at,
+            offset,
             delay: 0,
             root_delay: 0,
             root_dispersion: 0,
@@ -344,7 +354,12 @@ impl GpsdTracker {
                 self.serial_precision
             },
             leap: Leap::None,
-        })
+        };
+        // A pulse dated decades away from the local clock is garbage, not a measurement.
+        if !sample.is_plausible() {
+            return Output::Nothing;
+        }
+        Output::Sample(sample)
     }
 }
 
@@ -669,6 +684,10 @@ mod tests {
             t.line(&pulse("PPS", now, now - S / 2), now, 0),
             Output::Sample(_)
         ));
+        // A pulse whose true time is centuries away from the local clock: absurd.
+        for real in [i64::MAX as u64 - S, 9_000_000_000 * S] {
+            assert_eq!(t.line(&pulse("PPS", real, now), now, 0), Output::Nothing);
+        }
     }
 
     #[test]

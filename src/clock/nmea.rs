@@ -250,16 +250,20 @@ impl NmeaTracker {
         if self.last_sample_utc.is_some_and(|last| utc <= last) {
             return Output::Nothing;
         }
-        self.last_sample_utc = Some(utc);
-        Output::Sample(Sample {
+        let sample = Sample {
             at: now,
-            offset: utc - now as i64,
+            offset: utc.saturating_sub(now as i64),
             delay: 0,
             root_delay: 0,
             root_dispersion: 0,
             precision: self.precision,
             leap: Leap::None,
-        })
+        };
+        if !sample.is_plausible() {
+            return Output::Nothing;
+        }
+        self.last_sample_utc = Some(utc);
+        Output::Sample(sample)
     }
 
     /// A timer tick at local time `now`: the untrusting and the misses of silence.

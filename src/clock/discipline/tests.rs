@@ -54,6 +54,7 @@ struct Sim {
     jitter: i64,
     delay: u64,
     root_dispersion: u64,
+    precision: u64,
     /// A liar's offset from the truth.
     lie: i64,
     up: bool,
@@ -67,6 +68,7 @@ fn honest(bias_us: i64) -> Sim {
         jitter: 50_000,
         delay: 400_000,
         root_dispersion: 600_000,
+        precision: 1_000,
         lie: 0,
         up: true,
         leap: Leap::None,
@@ -140,7 +142,7 @@ impl Run {
                     delay: sim.delay,
                     root_delay: 0,
                     root_dispersion: sim.root_dispersion,
-                    precision: 1_000,
+                    precision: sim.precision,
                     leap: sim.leap,
                 },
             );
@@ -563,6 +565,87 @@ fn a_leap_second_is_refused_around_midnight_and_applied() {
     assert_eq!(run.state(), SyncState::Synchronized);
     let e = run.d.estimate(run.now);
     assert!((e.utc_ns as i64 - run.truth.utc(run.now) as i64).unsigned_abs() < 5_000_000);
+}
+
+#[test]
+fn a_source_claiming_an_absurd_distance_cannot_outvote_honest_ones() {
+    // An NTP server with precision 34 (2^34 s, as the adapter would have turned it), and one
+    // whose precision alone is just below i64::MAX: neither may invert its interval or
+    // overflow the arithmetic, and three honest sources of four stay a majority.
+    for precision in [(2f64.powi(34) * 1e9) as u64, i64::MAX as u64 - 1, u64::MAX] {
+        let mut absurd = honest(0);
+        absurd.precision = precision;
+        let mut run = Run::new(vec![honest(0), honest(100), honest(-100), absurd]);
+        for _ in 0..5 {
+            run.round();
+            assert_eq!(
+                run.state(),
+                SyncState::Synchronized,
+                "{}",
+                run.d.estimate(run.now).reason
+            );
+            let sel = run.selections();
+            assert!(
+                sel[..3].iter().all(|s| *s == Selection::Selected),
+                "{sel:?}"
+            );
+            assert!(
+                matches!(sel[3], Selection::Unusable | Selection::Falseticker),
+                "{sel:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn extreme_offsets_neither_overflow_nor_count() {
+    // A PPS report dated near the end of i64 nanoseconds, then one near zero, from the same
+    // source: no arithmetic overflow, and the source is not usable.
+    let specs = (0..4)
+        .map(|i| SourceSpec {
+            name: format!("s{i}"),
+            independent: i == 3,
+        })
+        .collect();
+    let mut d = Discipline::new(DisciplineConfig::default(), specs);
+    let mut now = T0;
+    for round in 0..4 {
+        now += POLL;
+        for i in 0..3 {
+            d.sample(
+                i,
+                Sample {
+                    at: now,
+                    offset: 1_000_000,
+                    delay: 400_000,
+                    root_delay: 0,
+                    root_dispersion: 600_000,
+                    precision: 1_000,
+                    leap: Leap::None,
+                },
+            );
+        }
+        let extreme = if round % 2 == 0 {
+            i64::MAX
+        } else {
+            i64::MIN + 1
+        };
+        d.sample(
+            3,
+            Sample {
+                at: now,
+                offset: extreme,
+                delay: 0,
+                root_delay: 0,
+                root_dispersion: 0,
+                precision: 1_000_000,
+                leap: Leap::None,
+            },
+        );
+        d.update(now);
+        assert_eq!(d.estimate(now).state, SyncState::Synchronized);
+    }
+    assert_eq!(d.source_views(now)[3].selection, Selection::Unusable);
 }
 
 #[test]
