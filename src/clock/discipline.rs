@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! UTC(t) = t + offset(t),   offset(t) = offset_u + freq · (t − t_u),
-//! bound(t) = bound_u + PHI · (t − t_u)                       (t_u: the last accepted update)
+//! bound(t) = bound_u + (PHI + δfreq) · (t − t_u)   (t_u: the last accepted update,
+//!                                                   δfreq: the frequency's uncertainty)
 //! ```
 //!
 //! `ALGORITHM.md` beside this file describes the steps and how they differ from chrony and
@@ -253,6 +254,9 @@ struct Model {
     offset: i64,
     /// Rate of the offset (UTC runs faster than the local clock by this fraction).
     freq: f64,
+    /// How far the true rate (averaged over the fit) can be from `freq`: see
+    /// [`fit_frequency`].
+    freq_unc: f64,
     bound: u64,
 }
 
@@ -274,14 +278,16 @@ struct ScheduledLeap {
 
 /// Offsets of the last accepted updates, for the frequency estimate.
 const HISTORY: usize = 16;
-/// The frequency estimate is clamped to what an oscillator can plausibly do.
+/// What an oscillator can plausibly do (NTP's MAXFREQ): before any fit, the frequency is
+/// taken as 0 ± this.
 const MAX_FREQ: f64 = 500e-6;
 
 pub struct Discipline {
     config: DisciplineConfig,
     sources: Vec<Source>,
     model: Option<Model>,
-    history: VecDeque<(u64, i64)>,
+    /// Accepted updates: local time, offset and bound.
+    history: VecDeque<(u64, i64, u64)>,
     pending: Option<PendingStep>,
     state: SyncState,
     reason: String,
@@ -377,11 +383,20 @@ impl Discipline {
     /// level instead of as a jitter that widens every interval.
     fn intervals(&mut self, now: u64) -> Vec<Interval> {
         let phi = self.phi();
+        let (freq, freq_unc) = self.frequency();
         let max_age = self.config.max_sample_age_ns;
-        let distance = |s: &Sample| {
-            s.static_distance()
-                .saturating_add((phi * now.saturating_sub(s.at) as f64).ceil() as u64)
+        // A sample carried from its time to `now`: its offset advanced at the model's
+        // frequency, its distance grown by what that frequency and PHI can be wrong by.
+        let carried = |s: &Sample| {
+            let age = now.saturating_sub(s.at) as f64;
+            let offset = s.offset.saturating_add((freq * age) as i64);
+            let distance = s
+                .static_distance()
+                .saturating_add(((phi + freq_unc) * age).ceil() as u64);
+            (offset, distance)
         };
+        let offset = |s: &Sample| carried(s).0;
+        let distance = |s: &Sample| carried(s).1;
         let apart = |a: i64, b: i64| (i128::from(a) - i128::from(b)).unsigned_abs();
         let mut intervals = Vec::new();
         for (id, src) in self.sources.iter_mut().enumerate() {
@@ -392,7 +407,7 @@ impl Discipline {
                     .iter()
                     .filter(|s| s.at <= now && now - s.at <= max_age)
                     .filter(|s| {
-                        apart(s.offset, newest.offset)
+                        apart(offset(s), offset(&newest))
                             <= u128::from(distance(s)) + u128::from(distance(&newest))
                     })
                     .collect(),
@@ -405,13 +420,13 @@ impl Discipline {
             };
             let jitter = (fresh
                 .iter()
-                .map(|s| (apart(s.offset, best.offset) as f64).powi(2))
+                .map(|s| (apart(offset(s), offset(best)) as f64).powi(2))
                 .sum::<f64>()
                 / fresh.len() as f64)
                 .sqrt();
             intervals.push(Interval {
                 source: id,
-                offset: best.offset,
+                offset: offset(best),
                 distance: distance(best).saturating_add(jitter.ceil() as u64),
                 leap: best.leap,
             });
@@ -505,7 +520,7 @@ impl Discipline {
             if let Some(p) = self.pending.take() {
                 self.events.push(Event::StepAbandoned { step_ns: p.step });
             }
-            self.accept(now, offset, bound, Some(model.freq));
+            self.accept(now, offset, bound, Some(model));
             self.set_state(SyncState::Synchronized, "selected sources agree".into());
             return;
         }
@@ -513,7 +528,7 @@ impl Discipline {
         let phi = self.phi();
         let rounds = match &self.pending {
             Some(p) => {
-                let drift = (phi * (now - p.at) as f64) as u64;
+                let drift = ((phi + model.freq_unc) * (now - p.at) as f64) as u64;
                 if offset.abs_diff(p.offset) <= p.bound.saturating_add(bound).saturating_add(drift)
                 {
                     p.rounds + 1
@@ -547,7 +562,7 @@ impl Discipline {
                 self.pending = None;
                 // The oscillator did not change: keep its frequency, restart the history.
                 self.history.clear();
-                self.accept(now, offset, bound, Some(model.freq));
+                self.accept(now, offset, bound, Some(model));
                 self.events.push(Event::StepAccepted {
                     step_ns: step,
                     confirmed_by: by,
@@ -571,18 +586,29 @@ impl Discipline {
         }
     }
 
-    fn accept(&mut self, now: u64, offset: i64, bound: u64, freq: Option<f64>) {
-        self.history.push_back((now, offset));
+    /// A new model through (`now`, `offset`) with its bound. The frequency is fitted to the
+    /// accepted updates; with fewer than two it is the previous model's (after a step) or
+    /// 0 ± [`MAX_FREQ`].
+    fn accept(&mut self, now: u64, offset: i64, bound: u64, previous: Option<Model>) {
+        self.history.push_back((now, offset, bound));
         while self.history.len() > HISTORY {
             self.history.pop_front();
         }
-        let freq = fit_frequency(&self.history).or(freq).unwrap_or(0.0);
+        let (freq, freq_unc) = fit_frequency(&self.history)
+            .or(previous.map(|m| (m.freq, m.freq_unc)))
+            .unwrap_or((0.0, MAX_FREQ));
         self.model = Some(Model {
             at: now,
             offset,
             freq,
+            freq_unc,
             bound,
         });
+    }
+
+    /// The model's frequency and its uncertainty; 0 ± [`MAX_FREQ`] before any model.
+    fn frequency(&self) -> (f64, f64) {
+        self.model.map_or((0.0, MAX_FREQ), |m| (m.freq, m.freq_unc))
     }
 
     fn predict(&self, model: &Model, now: u64) -> (i64, u64) {
@@ -708,7 +734,7 @@ impl Discipline {
         if (now as i64 + offset) as u64 >= leap.utc_ns {
             let shift = leap_shift(leap.kind);
             model.offset += shift;
-            for (_, o) in &mut self.history {
+            for (_, o, _) in &mut self.history {
                 *o += shift;
             }
             for src in &mut self.sources {
@@ -756,7 +782,7 @@ impl Discipline {
     }
 
     pub fn source_views(&self, now: u64) -> Vec<SourceView> {
-        let phi = self.phi();
+        let rate = self.phi() + self.frequency().1;
         self.sources
             .iter()
             .map(|src| {
@@ -774,7 +800,7 @@ impl Discipline {
                     delay_ns: fresh.map(|s| s.delay),
                     distance_ns: fresh.map(|s| {
                         s.static_distance()
-                            .saturating_add((phi * (now - s.at) as f64) as u64)
+                            .saturating_add((rate * (now - s.at) as f64) as u64)
                     }),
                     last_sample_age_ns: src.samples.back().map(|s| now.saturating_sub(s.at)),
                 }
@@ -808,7 +834,7 @@ impl Snapshot {
     }
 
     /// UTC at local time `now`, with its bound and the state. Between updates the bound grows
-    /// at PHI; with no update for longer than the sample age limit the state is holdover; in
+    /// at PHI plus the frequency's uncertainty; with no update for longer than the sample age limit the state is holdover; in
     /// the two seconds around a scheduled leap the state is unsynchronized.
     pub fn estimate(&self, now: u64) -> Estimate {
         let Some(model) = self.model else {
@@ -848,7 +874,7 @@ fn predict(model: &Model, phi: f64, leap: Option<ScheduledLeap>, now: u64) -> (i
     let mut offset = model.offset + (model.freq * elapsed as f64) as i64;
     let bound = model
         .bound
-        .saturating_add((phi * elapsed as f64).ceil() as u64);
+        .saturating_add(((phi + model.freq_unc) * elapsed as f64).ceil() as u64);
     if let Some(leap) = leap {
         if !leap.applied && (now as i64 + offset) as u64 >= leap.utc_ns {
             offset += leap_shift(leap.kind);
@@ -876,26 +902,38 @@ fn combine(survivors: &[Interval]) -> (i64, u64) {
     (offset, bound)
 }
 
-/// Least-squares slope of offset over local time: how much faster UTC runs than the local
-/// clock. Needs two points at least a second apart; clamped to ±500 ppm.
-fn fit_frequency(history: &VecDeque<(u64, i64)>) -> Option<f64> {
-    if history.len() < 2 {
+/// How much faster UTC runs than the local clock, and how wrong that can be: the
+/// least-squares slope of the accepted offsets over local time, with an uncertainty that
+/// holds whenever the bounds of the two ends of the fit held. The true offsets at the ends lie
+/// within `o₀ ± b₀` and `oₙ ± bₙ`, so the true rate averaged over the fit lies within
+/// `(oₙ − o₀)/span ± (b₀ + bₙ)/span`; the slope is off that centre by its own distance to it.
+/// The result is then narrowed to what an oscillator can do (±[`MAX_FREQ`]) when the two
+/// agree. `None` with fewer than two updates apart in time.
+fn fit_frequency(history: &VecDeque<(u64, i64, u64)>) -> Option<(f64, f64)> {
+    let (&(t0, o0, b0), &(tn, on, bn)) = (history.front()?, history.back()?);
+    if tn <= t0 {
         return None;
     }
-    let (t0, o0) = history[0];
     let n = history.len() as f64;
     let points: Vec<(f64, f64)> = history
         .iter()
-        .map(|&(t, o)| ((t - t0) as f64, (o - o0) as f64))
+        .map(|&(t, o, _)| ((t - t0) as f64, (o as i128 - o0 as i128) as f64))
         .collect();
     let mean_t = points.iter().map(|p| p.0).sum::<f64>() / n;
     let mean_o = points.iter().map(|p| p.1).sum::<f64>() / n;
     let var_t: f64 = points.iter().map(|p| (p.0 - mean_t).powi(2)).sum();
-    if points.last()?.0 < NS_PER_S as f64 || var_t == 0.0 {
-        return None;
-    }
     let cov: f64 = points.iter().map(|p| (p.0 - mean_t) * (p.1 - mean_o)).sum();
-    Some((cov / var_t).clamp(-MAX_FREQ, MAX_FREQ))
+    let span = (tn - t0) as f64;
+    let ends = (on as i128 - o0 as i128) as f64 / span;
+    let slope = cov / var_t;
+    let unc = (b0 as f64 + bn as f64) / span + (slope - ends).abs();
+    let (low, high) = ((slope - unc).max(-MAX_FREQ), (slope + unc).min(MAX_FREQ));
+    if low <= high {
+        Some(((low + high) / 2.0, (high - low) / 2.0))
+    } else {
+        // The measurements put the rate beyond what was assumed plausible: they win.
+        Some((slope, unc))
+    }
 }
 
 fn leap_shift(kind: Leap) -> i64 {

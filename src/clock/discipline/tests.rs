@@ -649,6 +649,48 @@ fn extreme_offsets_neither_overflow_nor_count() {
 }
 
 #[test]
+fn a_frequency_fitted_over_one_poll_does_not_break_the_bound() {
+    // Three sources, each 10 ms wide, read 9 ms early and then 9 ms late: the two updates are
+    // consistent (18 ms apart, within both bounds), and a line through them runs at
+    // 18 ms / 16 s = 1125 ppm. Extrapolating with that slope while the bound grows at 15 ppm
+    // would leave the truth behind within half a poll.
+    let wide = |bias_ms: i64| Sim {
+        bias: bias_ms * 1_000_000,
+        jitter: 0,
+        root_dispersion: 10_000_000,
+        ..honest(0)
+    };
+    let mut run = Run::new(vec![wide(-9), wide(-9), wide(-9)]);
+    run.round();
+    run.sims = vec![wide(9), wide(9), wide(9)];
+    run.round();
+    assert_eq!(run.state(), SyncState::Synchronized);
+    // The bound holds over a whole poll without updates, and in holdover.
+    for k in 1..=64 {
+        run.check_truth(run.now + k * POLL / 4);
+    }
+    run.rounds(20);
+    let view = run.d.system_view(run.now);
+    assert!(view.frequency_ppm.unwrap().abs() < 500.0, "{view:?}");
+}
+
+#[test]
+fn samples_are_carried_to_the_update_at_the_model_frequency() {
+    // The oscillator is 200 ppm off; one source answers only every fourth poll, so its sample
+    // is up to three polls old at an update: advanced at the model's frequency it stays
+    // consistent with the others instead of lagging by 200 ppm × 48 s ≈ 10 ms.
+    let sims = vec![honest(0), honest(100), honest(-100), honest(50)];
+    let mut run = Run::with(sims, DisciplineConfig::default(), 200e-6);
+    run.rounds(20);
+    for round in 0..40 {
+        run.sims[3].up = round % 4 == 0;
+        run.round();
+        assert_eq!(run.state(), SyncState::Synchronized, "round {round}");
+        assert_eq!(run.selections()[3], Selection::Selected, "round {round}");
+    }
+}
+
+#[test]
 fn touching_intervals_agree_and_ties_prefer_none() {
     // Two groups of two that do not overlap each other, plus nothing else: no majority.
     let mut run = Run::new(vec![honest(0), honest(10), liar(2_000), liar(2_000)]);
