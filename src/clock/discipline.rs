@@ -25,7 +25,11 @@ const NS_PER_S: u64 = 1_000_000_000;
 /// A leap second announced by a reference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Leap {
+    /// The reference says no leap second is pending.
     None,
+    /// The reference carries no leap-second information (GPS through gpsd, NMEA): it abstains
+    /// from the vote.
+    Unknown,
     /// The last minute of the month has 61 seconds.
     Insert,
     /// The last minute of the month has 59 seconds.
@@ -292,6 +296,8 @@ pub struct Discipline {
     state: SyncState,
     reason: String,
     leap: Option<ScheduledLeap>,
+    /// The midnight (UTC) for which the sources disagree whether a leap comes.
+    leap_uncertain: Option<u64>,
     events: Vec<Event>,
 }
 
@@ -314,6 +320,7 @@ impl Discipline {
             state: SyncState::Unsynchronized,
             reason: "no update yet".into(),
             leap: None,
+            leap_uncertain: None,
             events: Vec::new(),
         }
     }
@@ -689,28 +696,63 @@ impl Discipline {
         self.reason = reason;
     }
 
-    /// A leap announced by a majority of the selected sources is scheduled for the midnight
-    /// that ends the current UTC month.
+    /// The leap-second vote of the selected sources. Those without leap information
+    /// ([`Leap::Unknown`]) abstain; a strict majority of the others decides. A leap is
+    /// accepted only in June or December (leap seconds happen at the end of those months; an
+    /// announcement in any other month is an error) and scheduled for the midnight that ends
+    /// the month; a majority saying none withdraws one not yet applied; no informing source
+    /// changes nothing. Without a majority on the last day of June or December, the leap is
+    /// uncertain: the clock does not guess and refuses from 23:59:59 until an update after
+    /// midnight has seen which way the sources went.
     fn vote_leap(&mut self, survivors: &[Interval], now: u64, offset: i64) {
-        let votes = |kind| survivors.iter().filter(|i| i.leap == kind).count();
-        let majority = survivors.len() / 2 + 1;
-        let kind = [Leap::Insert, Leap::Delete]
+        let utc = now.saturating_add_signed(offset);
+        if self
+            .leap_uncertain
+            .is_some_and(|midnight| utc >= midnight + NS_PER_S)
+        {
+            self.leap_uncertain = None;
+        }
+        let informing: Vec<Leap> = survivors
+            .iter()
+            .map(|i| i.leap)
+            .filter(|l| *l != Leap::Unknown)
+            .collect();
+        if informing.is_empty() {
+            return;
+        }
+        let votes = |kind| informing.iter().filter(|l| **l == kind).count();
+        let decision = [Leap::None, Leap::Insert, Leap::Delete]
             .into_iter()
-            .find(|&k| votes(k) >= majority);
-        match (kind, self.leap) {
-            (Some(kind), None) => {
-                let utc = (now as i64 + offset) as u64;
-                let at = end_of_month(utc);
-                self.leap = Some(ScheduledLeap {
-                    kind,
-                    utc_ns: at,
-                    applied: false,
-                });
-                self.events.push(Event::LeapScheduled { kind, utc_ns: at });
+            .find(|&k| 2 * votes(k) > informing.len());
+        let midnight = end_of_month(utc);
+        let leap_month = matches!(DateTime::from_timestamp_nanos(utc as i64).month(), 6 | 12);
+        match decision {
+            Some(kind @ (Leap::Insert | Leap::Delete)) if leap_month => {
+                self.leap_uncertain = None;
+                let scheduled = self
+                    .leap
+                    .is_some_and(|l| l.kind == kind && l.utc_ns == midnight);
+                if !scheduled && !self.leap.is_some_and(|l| l.applied) {
+                    self.leap = Some(ScheduledLeap {
+                        kind,
+                        utc_ns: midnight,
+                        applied: false,
+                    });
+                    self.events.push(Event::LeapScheduled {
+                        kind,
+                        utc_ns: midnight,
+                    });
+                }
             }
-            (None, Some(leap)) if !leap.applied => {
-                // Withdrawn before it happened.
-                self.leap = None;
+            Some(Leap::None) => {
+                self.leap_uncertain = None;
+                if self.leap.is_some_and(|l| !l.applied) {
+                    // Withdrawn before it happened.
+                    self.leap = None;
+                }
+            }
+            None if leap_month && midnight - utc <= 86_400 * NS_PER_S => {
+                self.leap_uncertain = Some(midnight);
             }
             _ => {}
         }
@@ -758,6 +800,7 @@ impl Discipline {
             state: self.state,
             reason: self.reason.as_str().into(),
             leap: self.leap,
+            leap_uncertain: self.leap_uncertain,
             max_sample_age_ns: self.config.max_sample_age_ns,
         }
     }
@@ -817,6 +860,7 @@ pub struct Snapshot {
     state: SyncState,
     reason: std::sync::Arc<str>,
     leap: Option<ScheduledLeap>,
+    leap_uncertain: Option<u64>,
     max_sample_age_ns: u64,
 }
 
@@ -829,13 +873,15 @@ impl Snapshot {
             state: SyncState::Unsynchronized,
             reason: "no update yet".into(),
             leap: None,
+            leap_uncertain: None,
             max_sample_age_ns: 0,
         }
     }
 
     /// UTC at local time `now`, with its bound and the state. Between updates the bound grows
-    /// at PHI plus the frequency's uncertainty; with no update for longer than the sample age limit the state is holdover; in
-    /// the two seconds around a scheduled leap the state is unsynchronized.
+    /// at PHI plus the frequency's uncertainty; with no update for longer than the sample age
+    /// limit the state is holdover; in the two seconds around a scheduled leap, and from
+    /// 23:59:59 on before an uncertain one, the state is unsynchronized.
     pub fn estimate(&self, now: u64) -> Estimate {
         let Some(model) = self.model else {
             return Estimate {
@@ -862,6 +908,14 @@ impl Snapshot {
             if leap_window(leap.utc_ns, utc_ns) {
                 estimate.state = SyncState::Unsynchronized;
                 estimate.reason = "leap second: no stamps from 23:59:59 to 00:00:01 UTC".into();
+            }
+        }
+        if let Some(midnight) = self.leap_uncertain {
+            if utc_ns + NS_PER_S >= midnight {
+                estimate.state = SyncState::Unsynchronized;
+                estimate.reason = "leap second uncertain (the sources disagree): no stamps from \
+                                   23:59:59 UTC until an update after midnight"
+                    .into();
             }
         }
         estimate
@@ -940,7 +994,7 @@ fn leap_shift(kind: Leap) -> i64 {
     match kind {
         Leap::Insert => -(NS_PER_S as i64),
         Leap::Delete => NS_PER_S as i64,
-        Leap::None => 0,
+        Leap::None | Leap::Unknown => 0,
     }
 }
 

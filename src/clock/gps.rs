@@ -21,8 +21,8 @@
 //!   that the discipline's reach register empties. The client reconnects with a backoff of 1 s
 //!   doubling to 30 s, and after 10 s without any line.
 //! - **Leap seconds.** gpsd reports UTC in TPV and does not announce a pending leap second in
-//!   its JSON (TPV, PPS and TOFF carry no such field), so samples carry [`Leap::None`]; the NTP
-//!   sources announce leaps.
+//!   its JSON (TPV, PPS and TOFF carry no such field), so samples carry [`Leap::Unknown`]: they
+//!   abstain from the discipline's leap vote, and the NTP sources announce leaps.
 //!
 //! One gpsd is one source: its reports are not told apart by device, so a gpsd serving several
 //! receivers should be given to the TSA through one of them only.
@@ -305,7 +305,7 @@ impl GpsdTracker {
                     root_delay: 0,
                     root_dispersion: 0,
                     precision: self.serial_precision,
-                    leap: Leap::None,
+                    leap: Leap::Unknown,
                 })
             });
         match sample.filter(Sample::is_plausible) {
@@ -353,7 +353,7 @@ impl GpsdTracker {
             } else {
                 self.serial_precision
             },
-            leap: Leap::None,
+            leap: Leap::Unknown,
         };
         // A pulse dated decades away from the local clock is garbage, not a measurement.
         if !sample.is_plausible() {
@@ -584,7 +584,7 @@ mod tests {
                 assert_eq!(s.at, later);
                 assert_eq!(s.precision, 500_000_000);
                 assert_eq!(s.delay, 0);
-                assert_eq!(s.leap, Leap::None);
+                assert_eq!(s.leap, Leap::Unknown);
             }
             other => panic!("{other:?}"),
         }

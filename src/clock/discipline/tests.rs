@@ -513,25 +513,43 @@ fn an_independent_reference_decides_steps() {
     assert_eq!(run.state(), SyncState::Unsynchronized);
 }
 
-#[test]
-fn a_leap_second_is_refused_around_midnight_and_applied() {
-    let mut run = Run::new(vec![honest(0), honest(10), honest(-10)]);
-    // Start 100 s before the end of the month.
-    let leap = end_of_month(run.truth.utc(T0));
-    let before = leap - 100 * S;
-    run.truth.offset0 += before as i64 - run.truth.utc(T0) as i64;
-    run.truth.leap_at_utc = Some(leap);
-    for sim in &mut run.sims {
-        sim.leap = Leap::Insert;
+/// A GPS-like source: independent, and without leap-second information.
+fn gps(bias_us: i64) -> Sim {
+    Sim {
+        independent: true,
+        leap: Leap::Unknown,
+        ..honest(bias_us)
     }
+}
+
+/// Moves the run's truth to `before` UTC seconds ahead of the midnight that ends December
+/// (leaps are accepted only at the end of June or December), with an inserted leap there if
+/// `inserted`; returns the leap's UTC.
+fn before_new_year(run: &mut Run, before: u64, inserted: bool) -> u64 {
+    let leap = end_of_month(run.truth.utc(T0) + 20 * 86_400 * S);
+    run.truth.offset0 += (leap - before * S) as i64 - run.truth.utc(T0) as i64;
+    run.truth.leap_at_utc = inserted.then_some(leap);
+    leap
+}
+
+/// The leap announced by `sims` (the informing ones say Insert) is scheduled, refused around
+/// midnight, applied, and survives the announcement's withdrawal.
+fn a_leap_second_is_refused_around_midnight_and_applied_with(sims: Vec<Sim>) {
+    let mut run = Run::new(sims);
+    // Start 100 s before the end of the year.
+    let leap = before_new_year(&mut run, 100, true);
     run.round();
-    assert!(run.events.iter().any(|e| matches!(
-        e,
-        Event::LeapScheduled {
-            kind: Leap::Insert,
-            ..
-        }
-    )));
+    assert!(
+        run.events.iter().any(|e| matches!(
+            e,
+            Event::LeapScheduled {
+                kind: Leap::Insert,
+                ..
+            }
+        )),
+        "{:?}",
+        run.events
+    );
     // Walk across the leap in 250 ms steps between polls: refused exactly in the window.
     let mut t = run.now;
     let mut refused = 0;
@@ -559,12 +577,101 @@ fn a_leap_second_is_refused_around_midnight_and_applied() {
         .iter()
         .any(|e| matches!(e, Event::LeapApplied { kind: Leap::Insert })));
     for sim in &mut run.sims {
-        sim.leap = Leap::None;
+        if sim.leap == Leap::Insert {
+            sim.leap = Leap::None;
+        }
     }
     run.rounds(3);
     assert_eq!(run.state(), SyncState::Synchronized);
     let e = run.d.estimate(run.now);
     assert!((e.utc_ns as i64 - run.truth.utc(run.now) as i64).unsigned_abs() < 5_000_000);
+}
+
+#[test]
+fn a_leap_second_is_refused_around_midnight_and_applied() {
+    let mut sims = vec![honest(0), honest(10), honest(-10)];
+    for sim in &mut sims {
+        sim.leap = Leap::Insert;
+    }
+    a_leap_second_is_refused_around_midnight_and_applied_with(sims);
+}
+
+#[test]
+fn sources_without_leap_information_abstain() {
+    // Two NTP servers announce the leap; two GPS receivers know nothing of it.
+    let mut ntp = honest(0);
+    ntp.leap = Leap::Insert;
+    a_leap_second_is_refused_around_midnight_and_applied_with(vec![
+        ntp.clone(),
+        ntp,
+        gps(10),
+        gps(-10),
+    ]);
+}
+
+#[test]
+fn a_leap_stays_scheduled_when_its_only_announcer_goes_away() {
+    let mut ntp = honest(0);
+    ntp.leap = Leap::Insert;
+    let mut run = Run::new(vec![ntp, gps(10), gps(-10), gps(20)]);
+    let leap = before_new_year(&mut run, 200, true);
+    run.round();
+    assert!(run.d.system_view(run.now).leap.is_some());
+    run.sims[0].up = false;
+    while run.now < leap - run.truth.offset(run.now) as u64 + 2 * POLL {
+        run.round();
+    }
+    assert!(run
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::LeapApplied { kind: Leap::Insert })));
+    assert_eq!(run.state(), SyncState::Synchronized);
+}
+
+#[test]
+fn a_leap_is_accepted_only_at_the_end_of_june_or_december() {
+    // 2026-11-19: the end of November is no leap date.
+    let mut run = Run::new(vec![honest(0), honest(10), honest(-10)]);
+    for sim in &mut run.sims {
+        sim.leap = Leap::Insert;
+    }
+    run.rounds(3);
+    assert_eq!(run.d.system_view(run.now).leap, None);
+    assert!(!run
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::LeapScheduled { .. })));
+}
+
+#[test]
+fn disagreeing_announcements_on_the_last_day_refuse_around_midnight() {
+    // One server announces a leap, another does not, the GPS receivers cannot tell: the clock
+    // does not guess. Stamps stop at 23:59:59 and resume only after an update past midnight
+    // has seen which way the sources went (here: no leap happened).
+    let mut ntp = honest(0);
+    ntp.leap = Leap::Insert;
+    let mut run = Run::new(vec![ntp, honest(10), gps(-10), gps(20)]);
+    let leap = before_new_year(&mut run, 3_600, false);
+    run.rounds(2);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    assert_eq!(run.d.system_view(run.now).leap, None);
+    let mut t = run.now;
+    let mut resolved = false;
+    while run.truth.utc(t) < leap + 3 * POLL {
+        if t >= run.now + POLL {
+            run.round();
+            resolved |= run.truth.utc(run.now) >= leap + S;
+        }
+        let utc = run.truth.utc(t);
+        let e = run.d.estimate(t);
+        if utc + S >= leap && !resolved {
+            assert_eq!(e.state, SyncState::Unsynchronized, "at {utc}");
+        } else {
+            assert_eq!(e.state, SyncState::Synchronized, "at {utc}: {}", e.reason);
+        }
+        t += S / 4;
+    }
+    assert_eq!(run.state(), SyncState::Synchronized);
 }
 
 #[test]
