@@ -93,6 +93,9 @@ pub struct DisciplineConfig {
     pub max_sample_age_ns: u64,
     /// Samples kept per source for the minimum-delay filter.
     pub filter_len: usize,
+    /// The accuracy the TSA declares: the bound crossing it (issuing stops or resumes) is an
+    /// event. `None`: no such events.
+    pub declared_accuracy_ns: Option<u64>,
 }
 
 impl Default for DisciplineConfig {
@@ -103,6 +106,7 @@ impl Default for DisciplineConfig {
             step_confirm_rounds: 4,
             max_sample_age_ns: 300 * NS_PER_S,
             filter_len: 8,
+            declared_accuracy_ns: None,
         }
     }
 }
@@ -183,6 +187,15 @@ pub enum Event {
     },
     LeapApplied {
         kind: Leap,
+    },
+    /// The bound passed the declared accuracy: no stamps until it is back within.
+    AccuracyExceeded {
+        bound_ns: u64,
+        accuracy_ns: u64,
+    },
+    AccuracyRegained {
+        bound_ns: u64,
+        accuracy_ns: u64,
     },
 }
 
@@ -299,6 +312,9 @@ pub struct Discipline {
     /// The midnight (UTC) for which the sources disagree whether a leap comes.
     leap_uncertain: Option<u64>,
     events: Vec<Event>,
+    /// The state (as [`Discipline::estimate`] gives it) and whether the bound was within the
+    /// declared accuracy, as last told by an event.
+    announced: (SyncState, bool),
 }
 
 impl Discipline {
@@ -322,6 +338,7 @@ impl Discipline {
             leap: None,
             leap_uncertain: None,
             events: Vec::new(),
+            announced: (SyncState::Unsynchronized, true),
         }
     }
 
@@ -369,6 +386,99 @@ impl Discipline {
     /// Runs filter, selection, combination and the step guard at local time `now`; call it
     /// after each round of polls.
     pub fn update(&mut self, now: u64) {
+        self.update_model(now);
+        self.observe(now);
+    }
+
+    /// Emits one event for each change since the last one of the state that
+    /// [`Discipline::estimate`] gives at `now` (synchronized, holdover, unsynchronized), and of
+    /// whether the bound is within the declared accuracy while the state lets tokens be
+    /// issued. [`Discipline::update`] calls it; between updates, call it at the times
+    /// [`Discipline::next_change`] names, so that changes that need no update (silence, the
+    /// bound growing, a leap second's window) are told when they happen.
+    pub fn observe(&mut self, now: u64) {
+        let estimate = self.estimate(now);
+        let (was, was_within) = self.announced;
+        let within = self
+            .config
+            .declared_accuracy_ns
+            .is_none_or(|a| estimate.bound_ns <= a);
+        if estimate.state != was {
+            self.events.push(match estimate.state {
+                SyncState::Synchronized => Event::SyncAcquired {
+                    offset_ns: estimate.utc_ns as i64 - now as i64,
+                    bound_ns: estimate.bound_ns,
+                },
+                SyncState::Holdover => Event::HoldoverStarted {
+                    reason: estimate.reason.to_string(),
+                },
+                SyncState::Unsynchronized => Event::SyncLost {
+                    reason: estimate.reason.to_string(),
+                },
+            });
+        }
+        if let Some(accuracy_ns) = self.config.declared_accuracy_ns {
+            // A state event that lets tokens be issued again implies the bound is within,
+            // unless said otherwise.
+            let was_within = was_within || was == SyncState::Unsynchronized;
+            if estimate.state != SyncState::Unsynchronized && within != was_within {
+                let bound_ns = estimate.bound_ns;
+                self.events.push(if within {
+                    Event::AccuracyRegained {
+                        bound_ns,
+                        accuracy_ns,
+                    }
+                } else {
+                    Event::AccuracyExceeded {
+                        bound_ns,
+                        accuracy_ns,
+                    }
+                });
+            }
+        }
+        self.announced = (estimate.state, within);
+    }
+
+    /// The next local time after `now` at which the estimate's state or the bound's standing
+    /// against the declared accuracy can change without an update: the silence limit, the
+    /// bound reaching the accuracy, the edges of a leap second's window. `None` when no such
+    /// change is due.
+    pub fn next_change(&self, now: u64) -> Option<u64> {
+        let model = self.model?;
+        let mut times = Vec::new();
+        if self.state == SyncState::Synchronized {
+            times.push(model.at + self.config.max_sample_age_ns + 1);
+        }
+        if let Some(accuracy) = self.config.declared_accuracy_ns {
+            let rate = self.phi() + model.freq_unc;
+            let elapsed = (accuracy.saturating_sub(model.bound) as f64 / rate) as u64;
+            // Years away, or never: nothing to wake for.
+            if model.bound <= accuracy && rate > 0.0 && elapsed < 1 << 58 {
+                let mut t = model.at.saturating_add(elapsed);
+                while self.predict(&model, t).1 <= accuracy {
+                    t += 1 + ((t - model.at) >> 20);
+                }
+                times.push(t);
+            }
+        }
+        let (offset, _) = self.predict(&model, now);
+        let to_local = |utc: u64| utc.saturating_add_signed(-offset);
+        let midnights = self
+            .leap
+            .filter(|l| !l.applied)
+            .map(|l| (l.utc_ns, leap_shift(l.kind)))
+            .into_iter()
+            .chain(self.leap_uncertain.map(|m| (m, 0)));
+        for (midnight, shift) in midnights {
+            times.push(to_local(midnight - NS_PER_S));
+            times.push(to_local(midnight + NS_PER_S));
+            times.push(to_local(midnight + NS_PER_S).saturating_add_signed(-shift));
+        }
+        times.into_iter().filter(|&t| t > now).min()
+    }
+
+    /// Filter, selection, combination and the step guard.
+    fn update_model(&mut self, now: u64) {
         self.apply_due_leap(now);
         let intervals = self.intervals(now);
         if intervals.len() < self.config.min_agreeing {
@@ -514,10 +624,6 @@ impl Discipline {
     ) {
         let Some(model) = self.model else {
             self.accept(now, offset, bound, None);
-            self.events.push(Event::SyncAcquired {
-                offset_ns: offset,
-                bound_ns: bound,
-            });
             self.set_state(SyncState::Synchronized, "selected sources agree".into());
             return;
         };
@@ -680,18 +786,8 @@ impl Discipline {
         }
     }
 
+    /// The state the last update left; its events come from [`Discipline::observe`].
     fn set_state(&mut self, state: SyncState, reason: String) {
-        if state != self.state {
-            match state {
-                SyncState::Synchronized => {}
-                SyncState::Holdover => self.events.push(Event::HoldoverStarted {
-                    reason: reason.clone(),
-                }),
-                SyncState::Unsynchronized => self.events.push(Event::SyncLost {
-                    reason: reason.clone(),
-                }),
-            }
-        }
         self.state = state;
         self.reason = reason;
     }

@@ -797,6 +797,86 @@ fn samples_are_carried_to_the_update_at_the_model_frequency() {
     }
 }
 
+/// The state events (sync, holdover, loss of sync, accuracy) among `events`, in order.
+fn state_events(events: &[Event]) -> Vec<&'static str> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SyncAcquired { .. } => Some("sync"),
+            Event::SyncLost { .. } => Some("lost"),
+            Event::HoldoverStarted { .. } => Some("holdover"),
+            Event::AccuracyExceeded { .. } => Some("exceeded"),
+            Event::AccuracyRegained { .. } => Some("regained"),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_loss_and_return_of_sync_is_an_event() {
+    let mut run = Run::new(vec![honest(0), honest(50), honest(-50)]);
+    run.rounds(5);
+    assert_eq!(state_events(&run.events), ["sync"]);
+    // Two of three lie: no majority, sync lost; they come back: sync regained.
+    run.sims[1].lie = 3 * S as i64;
+    run.sims[2].lie = 3 * S as i64;
+    run.rounds(3);
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+    run.sims[1].lie = 0;
+    run.sims[2].lie = 0;
+    run.rounds(12);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    assert_eq!(state_events(&run.events), ["sync", "lost", "sync"]);
+}
+
+#[test]
+fn transitions_between_updates_are_events_once() {
+    // Declared accuracy 5 ms: the bound passes it in holdover, which stops issuing.
+    let config = DisciplineConfig {
+        declared_accuracy_ns: Some(5_000_000),
+        ..DisciplineConfig::default()
+    };
+    let sims = vec![honest(0), honest(50), honest(-50)];
+    let mut run = Run::with(sims, config, 0.0);
+    run.rounds(20);
+    run.events.clear();
+    // No update at all: silence past the sample age limit is holdover, seen by `observe` at
+    // the time `next_change` names, and said once.
+    let mut t = run.now;
+    let mut seen = Vec::new();
+    let mut exceeded_at = None;
+    for _ in 0..10 {
+        let Some(next) = run.d.next_change(t) else {
+            break;
+        };
+        assert!(next > t);
+        t = next;
+        run.d.observe(t);
+        let events = run.d.drain_events();
+        assert!(!events.is_empty(), "nothing changed at {t}");
+        if events
+            .iter()
+            .any(|e| matches!(e, Event::AccuracyExceeded { .. }))
+        {
+            exceeded_at = Some(t);
+        }
+        seen.extend(events);
+        run.d.observe(t);
+        assert!(run.d.drain_events().is_empty());
+    }
+    let mut kinds = state_events(&seen);
+    kinds.sort_unstable();
+    assert_eq!(kinds, ["exceeded", "holdover"]);
+    // Told within a millisecond of the crossing.
+    let exceeded_at = exceeded_at.unwrap();
+    assert!(run.d.estimate(exceeded_at).bound_ns > 5_000_000);
+    assert!(run.d.estimate(exceeded_at - 1_000_000).bound_ns <= 5_000_000);
+    // Sources back: synchronized and within the accuracy again.
+    run.now = t;
+    run.rounds(3);
+    assert_eq!(state_events(&run.events), ["sync", "regained"]);
+}
+
 #[test]
 fn touching_intervals_agree_and_ties_prefer_none() {
     // Two groups of two that do not overlap each other, plus nothing else: no majority.
