@@ -550,6 +550,7 @@ impl ClockConfig {
                 max_drift_ppm: self.max_drift_ppm,
                 step_confirm_rounds: self.step_confirm_rounds,
                 max_sample_age_ns: max_age.as_nanos() as u64,
+                declared_accuracy_ns: Some(self.max_accuracy_ms * 1_000_000),
                 ..Default::default()
             },
             update_interval: poll,

@@ -2,12 +2,13 @@
 //!
 //! Pure and sans-IO, in the manner of ntpd-rs's `ntp-proto`: the caller owns sockets, timers
 //! and the local clock, and passes every time in as a value. Times are *local* nanoseconds: a
-//! clock that never steps (the adapters use the monotonic clock anchored once to the Unix
-//! epoch). The discipline never changes that clock; it models UTC on top of it:
+//! clock that never steps and that nothing slews (the adapters use `CLOCK_MONOTONIC_RAW`
+//! anchored once to the Unix epoch, see `local.rs`). The discipline never changes that clock; it models UTC on top of it:
 //!
 //! ```text
 //! UTC(t) = t + offset(t),   offset(t) = offset_u + freq · (t − t_u),
-//! bound(t) = bound_u + PHI · (t − t_u)                       (t_u: the last accepted update)
+//! bound(t) = bound_u + (PHI + δfreq) · (t − t_u)   (t_u: the last accepted update,
+//!                                                   δfreq: the frequency's uncertainty)
 //! ```
 //!
 //! `ALGORITHM.md` beside this file describes the steps and how they differ from chrony and
@@ -24,7 +25,11 @@ const NS_PER_S: u64 = 1_000_000_000;
 /// A leap second announced by a reference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Leap {
+    /// The reference says no leap second is pending.
     None,
+    /// The reference carries no leap-second information (GPS through gpsd, NMEA): it abstains
+    /// from the vote.
+    Unknown,
     /// The last minute of the month has 61 seconds.
     Insert,
     /// The last minute of the month has 59 seconds.
@@ -48,6 +53,33 @@ pub struct Sample {
     pub leap: Leap,
 }
 
+/// The largest offset a sample may claim: about 73 years, more than any local clock anchored
+/// to a wall clock that was reset to 1970 can be off, and small enough that the difference of
+/// two offsets never overflows.
+pub const MAX_OFFSET_NS: u64 = 1 << 61;
+/// The largest distance a sample may claim before ageing: RFC 5905's MAXDISP (16 s). A sample
+/// that vouches for nothing better than that says nothing about a clock that must hold 1 s.
+pub const MAX_DISTANCE_NS: u64 = 16 * NS_PER_S;
+
+impl Sample {
+    /// `(delay + root delay)/2 + root dispersion + precision`, saturating.
+    pub fn static_distance(&self) -> u64 {
+        (self.delay.saturating_add(self.root_delay) / 2)
+            .saturating_add(self.root_dispersion)
+            .saturating_add(self.precision)
+    }
+
+    /// Whether the sample is a measurement at all: an offset and a distance within
+    /// [`MAX_OFFSET_NS`] and [`MAX_DISTANCE_NS`]. Adapters drop other samples (a hostile
+    /// server's precision of 2^40 s, a PPS report dated in the year 2262) and the discipline
+    /// counts them as missed polls.
+    pub fn is_plausible(&self) -> bool {
+        self.offset.unsigned_abs() <= MAX_OFFSET_NS
+            && self.static_distance() <= MAX_DISTANCE_NS
+            && self.at <= i64::MAX as u64
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct DisciplineConfig {
     /// Agreeing sources needed to synchronize (besides a strict majority).
@@ -61,6 +93,9 @@ pub struct DisciplineConfig {
     pub max_sample_age_ns: u64,
     /// Samples kept per source for the minimum-delay filter.
     pub filter_len: usize,
+    /// The accuracy the TSA declares: the bound crossing it (issuing stops or resumes) is an
+    /// event. `None`: no such events.
+    pub declared_accuracy_ns: Option<u64>,
 }
 
 impl Default for DisciplineConfig {
@@ -71,6 +106,7 @@ impl Default for DisciplineConfig {
             step_confirm_rounds: 4,
             max_sample_age_ns: 300 * NS_PER_S,
             filter_len: 8,
+            declared_accuracy_ns: None,
         }
     }
 }
@@ -152,6 +188,15 @@ pub enum Event {
     LeapApplied {
         kind: Leap,
     },
+    /// The bound passed the declared accuracy: no stamps until it is back within.
+    AccuracyExceeded {
+        bound_ns: u64,
+        accuracy_ns: u64,
+    },
+    AccuracyRegained {
+        bound_ns: u64,
+        accuracy_ns: u64,
+    },
 }
 
 /// The estimate at one instant.
@@ -208,11 +253,14 @@ struct Interval {
 }
 
 impl Interval {
+    fn reach(&self) -> i64 {
+        i64::try_from(self.distance).unwrap_or(i64::MAX)
+    }
     fn low(&self) -> i64 {
-        self.offset.saturating_sub(self.distance as i64)
+        self.offset.saturating_sub(self.reach())
     }
     fn high(&self) -> i64 {
-        self.offset.saturating_add(self.distance as i64)
+        self.offset.saturating_add(self.reach())
     }
 }
 
@@ -223,6 +271,9 @@ struct Model {
     offset: i64,
     /// Rate of the offset (UTC runs faster than the local clock by this fraction).
     freq: f64,
+    /// How far the true rate (averaged over the fit) can be from `freq`: see
+    /// [`fit_frequency`].
+    freq_unc: f64,
     bound: u64,
 }
 
@@ -244,19 +295,26 @@ struct ScheduledLeap {
 
 /// Offsets of the last accepted updates, for the frequency estimate.
 const HISTORY: usize = 16;
-/// The frequency estimate is clamped to what an oscillator can plausibly do.
+/// What an oscillator can plausibly do (NTP's MAXFREQ): before any fit, the frequency is
+/// taken as 0 ± this.
 const MAX_FREQ: f64 = 500e-6;
 
 pub struct Discipline {
     config: DisciplineConfig,
     sources: Vec<Source>,
     model: Option<Model>,
-    history: VecDeque<(u64, i64)>,
+    /// Accepted updates: local time, offset and bound.
+    history: VecDeque<(u64, i64, u64)>,
     pending: Option<PendingStep>,
     state: SyncState,
     reason: String,
     leap: Option<ScheduledLeap>,
+    /// The midnight (UTC) for which the sources disagree whether a leap comes.
+    leap_uncertain: Option<u64>,
     events: Vec<Event>,
+    /// The state (as [`Discipline::estimate`] gives it) and whether the bound was within the
+    /// declared accuracy, as last told by an event.
+    announced: (SyncState, bool),
 }
 
 impl Discipline {
@@ -278,7 +336,9 @@ impl Discipline {
             state: SyncState::Unsynchronized,
             reason: "no update yet".into(),
             leap: None,
+            leap_uncertain: None,
             events: Vec::new(),
+            announced: (SyncState::Unsynchronized, true),
         }
     }
 
@@ -290,8 +350,13 @@ impl Discipline {
         self.config.max_drift_ppm * 1e-6
     }
 
-    /// A poll of `source` answered with `sample`.
+    /// A poll of `source` answered with `sample`. An implausible sample (see
+    /// [`Sample::is_plausible`]) counts as a missed poll.
     pub fn sample(&mut self, source: usize, sample: Sample) {
+        if !sample.is_plausible() {
+            self.missed(source);
+            return;
+        }
         let src = &mut self.sources[source];
         if src.reach == 0 {
             self.events.push(Event::SourceReachable { source });
@@ -321,6 +386,99 @@ impl Discipline {
     /// Runs filter, selection, combination and the step guard at local time `now`; call it
     /// after each round of polls.
     pub fn update(&mut self, now: u64) {
+        self.update_model(now);
+        self.observe(now);
+    }
+
+    /// Emits one event for each change since the last one of the state that
+    /// [`Discipline::estimate`] gives at `now` (synchronized, holdover, unsynchronized), and of
+    /// whether the bound is within the declared accuracy while the state lets tokens be
+    /// issued. [`Discipline::update`] calls it; between updates, call it at the times
+    /// [`Discipline::next_change`] names, so that changes that need no update (silence, the
+    /// bound growing, a leap second's window) are told when they happen.
+    pub fn observe(&mut self, now: u64) {
+        let estimate = self.estimate(now);
+        let (was, was_within) = self.announced;
+        let within = self
+            .config
+            .declared_accuracy_ns
+            .is_none_or(|a| estimate.bound_ns <= a);
+        if estimate.state != was {
+            self.events.push(match estimate.state {
+                SyncState::Synchronized => Event::SyncAcquired {
+                    offset_ns: estimate.utc_ns as i64 - now as i64,
+                    bound_ns: estimate.bound_ns,
+                },
+                SyncState::Holdover => Event::HoldoverStarted {
+                    reason: estimate.reason.to_string(),
+                },
+                SyncState::Unsynchronized => Event::SyncLost {
+                    reason: estimate.reason.to_string(),
+                },
+            });
+        }
+        if let Some(accuracy_ns) = self.config.declared_accuracy_ns {
+            // A state event that lets tokens be issued again implies the bound is within,
+            // unless said otherwise.
+            let was_within = was_within || was == SyncState::Unsynchronized;
+            if estimate.state != SyncState::Unsynchronized && within != was_within {
+                let bound_ns = estimate.bound_ns;
+                self.events.push(if within {
+                    Event::AccuracyRegained {
+                        bound_ns,
+                        accuracy_ns,
+                    }
+                } else {
+                    Event::AccuracyExceeded {
+                        bound_ns,
+                        accuracy_ns,
+                    }
+                });
+            }
+        }
+        self.announced = (estimate.state, within);
+    }
+
+    /// The next local time after `now` at which the estimate's state or the bound's standing
+    /// against the declared accuracy can change without an update: the silence limit, the
+    /// bound reaching the accuracy, the edges of a leap second's window. `None` when no such
+    /// change is due.
+    pub fn next_change(&self, now: u64) -> Option<u64> {
+        let model = self.model?;
+        let mut times = Vec::new();
+        if self.state == SyncState::Synchronized {
+            times.push(model.at + self.config.max_sample_age_ns + 1);
+        }
+        if let Some(accuracy) = self.config.declared_accuracy_ns {
+            let rate = self.phi() + model.freq_unc;
+            let elapsed = (accuracy.saturating_sub(model.bound) as f64 / rate) as u64;
+            // Years away, or never: nothing to wake for.
+            if model.bound <= accuracy && rate > 0.0 && elapsed < 1 << 58 {
+                let mut t = model.at.saturating_add(elapsed);
+                while self.predict(&model, t).1 <= accuracy {
+                    t += 1 + ((t - model.at) >> 20);
+                }
+                times.push(t);
+            }
+        }
+        let (offset, _) = self.predict(&model, now);
+        let to_local = |utc: u64| utc.saturating_add_signed(-offset);
+        let midnights = self
+            .leap
+            .filter(|l| !l.applied)
+            .map(|l| (l.utc_ns, leap_shift(l.kind)))
+            .into_iter()
+            .chain(self.leap_uncertain.map(|m| (m, 0)));
+        for (midnight, shift) in midnights {
+            times.push(to_local(midnight - NS_PER_S));
+            times.push(to_local(midnight + NS_PER_S));
+            times.push(to_local(midnight + NS_PER_S).saturating_add_signed(-shift));
+        }
+        times.into_iter().filter(|&t| t > now).min()
+    }
+
+    /// Filter, selection, combination and the step guard.
+    fn update_model(&mut self, now: u64) {
         self.apply_due_leap(now);
         let intervals = self.intervals(now);
         if intervals.len() < self.config.min_agreeing {
@@ -342,13 +500,21 @@ impl Discipline {
     /// level instead of as a jitter that widens every interval.
     fn intervals(&mut self, now: u64) -> Vec<Interval> {
         let phi = self.phi();
+        let (freq, freq_unc) = self.frequency();
         let max_age = self.config.max_sample_age_ns;
-        let distance = |s: &Sample| {
-            (s.delay + s.root_delay) / 2
-                + s.root_dispersion
-                + s.precision
-                + (phi * now.saturating_sub(s.at) as f64).ceil() as u64
+        // A sample carried from its time to `now`: its offset advanced at the model's
+        // frequency, its distance grown by what that frequency and PHI can be wrong by.
+        let carried = |s: &Sample| {
+            let age = now.saturating_sub(s.at) as f64;
+            let offset = s.offset.saturating_add((freq * age) as i64);
+            let distance = s
+                .static_distance()
+                .saturating_add(((phi + freq_unc) * age).ceil() as u64);
+            (offset, distance)
         };
+        let offset = |s: &Sample| carried(s).0;
+        let distance = |s: &Sample| carried(s).1;
+        let apart = |a: i64, b: i64| (i128::from(a) - i128::from(b)).unsigned_abs();
         let mut intervals = Vec::new();
         for (id, src) in self.sources.iter_mut().enumerate() {
             let newest = src.samples.back().copied();
@@ -358,7 +524,8 @@ impl Discipline {
                     .iter()
                     .filter(|s| s.at <= now && now - s.at <= max_age)
                     .filter(|s| {
-                        (s.offset - newest.offset).unsigned_abs() <= distance(s) + distance(&newest)
+                        apart(offset(s), offset(&newest))
+                            <= u128::from(distance(s)) + u128::from(distance(&newest))
                     })
                     .collect(),
                 _ => Vec::new(),
@@ -370,14 +537,14 @@ impl Discipline {
             };
             let jitter = (fresh
                 .iter()
-                .map(|s| ((s.offset - best.offset) as f64).powi(2))
+                .map(|s| (apart(offset(s), offset(best)) as f64).powi(2))
                 .sum::<f64>()
                 / fresh.len() as f64)
                 .sqrt();
             intervals.push(Interval {
                 source: id,
-                offset: best.offset,
-                distance: distance(best) + jitter.ceil() as u64,
+                offset: offset(best),
+                distance: distance(best).saturating_add(jitter.ceil() as u64),
                 leap: best.leap,
             });
         }
@@ -457,20 +624,16 @@ impl Discipline {
     ) {
         let Some(model) = self.model else {
             self.accept(now, offset, bound, None);
-            self.events.push(Event::SyncAcquired {
-                offset_ns: offset,
-                bound_ns: bound,
-            });
             self.set_state(SyncState::Synchronized, "selected sources agree".into());
             return;
         };
         let (predicted, predicted_bound) = self.predict(&model, now);
-        let step = offset - predicted;
-        if step.unsigned_abs() <= predicted_bound + bound {
+        let step = offset.saturating_sub(predicted);
+        if step.unsigned_abs() <= predicted_bound.saturating_add(bound) {
             if let Some(p) = self.pending.take() {
                 self.events.push(Event::StepAbandoned { step_ns: p.step });
             }
-            self.accept(now, offset, bound, Some(model.freq));
+            self.accept(now, offset, bound, Some(model));
             self.set_state(SyncState::Synchronized, "selected sources agree".into());
             return;
         }
@@ -478,8 +641,9 @@ impl Discipline {
         let phi = self.phi();
         let rounds = match &self.pending {
             Some(p) => {
-                let drift = (phi * (now - p.at) as f64) as u64;
-                if (offset - p.offset).unsigned_abs() <= p.bound + bound + drift {
+                let drift = ((phi + model.freq_unc) * (now - p.at) as f64) as u64;
+                if offset.abs_diff(p.offset) <= p.bound.saturating_add(bound).saturating_add(drift)
+                {
                     p.rounds + 1
                 } else {
                     1
@@ -511,7 +675,7 @@ impl Discipline {
                 self.pending = None;
                 // The oscillator did not change: keep its frequency, restart the history.
                 self.history.clear();
-                self.accept(now, offset, bound, Some(model.freq));
+                self.accept(now, offset, bound, Some(model));
                 self.events.push(Event::StepAccepted {
                     step_ns: step,
                     confirmed_by: by,
@@ -535,18 +699,29 @@ impl Discipline {
         }
     }
 
-    fn accept(&mut self, now: u64, offset: i64, bound: u64, freq: Option<f64>) {
-        self.history.push_back((now, offset));
+    /// A new model through (`now`, `offset`) with its bound. The frequency is fitted to the
+    /// accepted updates; with fewer than two it is the previous model's (after a step) or
+    /// 0 ± [`MAX_FREQ`].
+    fn accept(&mut self, now: u64, offset: i64, bound: u64, previous: Option<Model>) {
+        self.history.push_back((now, offset, bound));
         while self.history.len() > HISTORY {
             self.history.pop_front();
         }
-        let freq = fit_frequency(&self.history).or(freq).unwrap_or(0.0);
+        let (freq, freq_unc) = fit_frequency(&self.history)
+            .or(previous.map(|m| (m.freq, m.freq_unc)))
+            .unwrap_or((0.0, MAX_FREQ));
         self.model = Some(Model {
             at: now,
             offset,
             freq,
+            freq_unc,
             bound,
         });
+    }
+
+    /// The model's frequency and its uncertainty; 0 ± [`MAX_FREQ`] before any model.
+    fn frequency(&self) -> (f64, f64) {
+        self.model.map_or((0.0, MAX_FREQ), |m| (m.freq, m.freq_unc))
     }
 
     fn predict(&self, model: &Model, now: u64) -> (i64, u64) {
@@ -595,7 +770,7 @@ impl Discipline {
         intervals
             .iter()
             .find(|i| i.high() < low || i.low() > high)
-            .map(|i| (i.source, i.offset - predicted))
+            .map(|i| (i.source, i.offset.saturating_sub(predicted)))
     }
 
     /// Too few sources left to select from. A clock that was synchronized goes on in
@@ -611,44 +786,69 @@ impl Discipline {
         }
     }
 
+    /// The state the last update left; its events come from [`Discipline::observe`].
     fn set_state(&mut self, state: SyncState, reason: String) {
-        if state != self.state {
-            match state {
-                SyncState::Synchronized => {}
-                SyncState::Holdover => self.events.push(Event::HoldoverStarted {
-                    reason: reason.clone(),
-                }),
-                SyncState::Unsynchronized => self.events.push(Event::SyncLost {
-                    reason: reason.clone(),
-                }),
-            }
-        }
         self.state = state;
         self.reason = reason;
     }
 
-    /// A leap announced by a majority of the selected sources is scheduled for the midnight
-    /// that ends the current UTC month.
+    /// The leap-second vote of the selected sources. Those without leap information
+    /// ([`Leap::Unknown`]) abstain; a strict majority of the others decides. A leap is
+    /// accepted only in June or December (leap seconds happen at the end of those months; an
+    /// announcement in any other month is an error) and scheduled for the midnight that ends
+    /// the month; a majority saying none withdraws one not yet applied; no informing source
+    /// changes nothing. Without a majority on the last day of June or December, the leap is
+    /// uncertain: the clock does not guess and refuses from 23:59:59 until an update after
+    /// midnight has seen which way the sources went.
     fn vote_leap(&mut self, survivors: &[Interval], now: u64, offset: i64) {
-        let votes = |kind| survivors.iter().filter(|i| i.leap == kind).count();
-        let majority = survivors.len() / 2 + 1;
-        let kind = [Leap::Insert, Leap::Delete]
+        let utc = now.saturating_add_signed(offset);
+        if self
+            .leap_uncertain
+            .is_some_and(|midnight| utc >= midnight + NS_PER_S)
+        {
+            self.leap_uncertain = None;
+        }
+        let informing: Vec<Leap> = survivors
+            .iter()
+            .map(|i| i.leap)
+            .filter(|l| *l != Leap::Unknown)
+            .collect();
+        if informing.is_empty() {
+            return;
+        }
+        let votes = |kind| informing.iter().filter(|l| **l == kind).count();
+        let decision = [Leap::None, Leap::Insert, Leap::Delete]
             .into_iter()
-            .find(|&k| votes(k) >= majority);
-        match (kind, self.leap) {
-            (Some(kind), None) => {
-                let utc = (now as i64 + offset) as u64;
-                let at = end_of_month(utc);
-                self.leap = Some(ScheduledLeap {
-                    kind,
-                    utc_ns: at,
-                    applied: false,
-                });
-                self.events.push(Event::LeapScheduled { kind, utc_ns: at });
+            .find(|&k| 2 * votes(k) > informing.len());
+        let midnight = end_of_month(utc);
+        let leap_month = matches!(DateTime::from_timestamp_nanos(utc as i64).month(), 6 | 12);
+        match decision {
+            Some(kind @ (Leap::Insert | Leap::Delete)) if leap_month => {
+                self.leap_uncertain = None;
+                let scheduled = self
+                    .leap
+                    .is_some_and(|l| l.kind == kind && l.utc_ns == midnight);
+                if !scheduled && !self.leap.is_some_and(|l| l.applied) {
+                    self.leap = Some(ScheduledLeap {
+                        kind,
+                        utc_ns: midnight,
+                        applied: false,
+                    });
+                    self.events.push(Event::LeapScheduled {
+                        kind,
+                        utc_ns: midnight,
+                    });
+                }
             }
-            (None, Some(leap)) if !leap.applied => {
-                // Withdrawn before it happened.
-                self.leap = None;
+            Some(Leap::None) => {
+                self.leap_uncertain = None;
+                if self.leap.is_some_and(|l| !l.applied) {
+                    // Withdrawn before it happened.
+                    self.leap = None;
+                }
+            }
+            None if leap_month && midnight - utc <= 86_400 * NS_PER_S => {
+                self.leap_uncertain = Some(midnight);
             }
             _ => {}
         }
@@ -672,7 +872,7 @@ impl Discipline {
         if (now as i64 + offset) as u64 >= leap.utc_ns {
             let shift = leap_shift(leap.kind);
             model.offset += shift;
-            for (_, o) in &mut self.history {
+            for (_, o, _) in &mut self.history {
                 *o += shift;
             }
             for src in &mut self.sources {
@@ -696,6 +896,7 @@ impl Discipline {
             state: self.state,
             reason: self.reason.as_str().into(),
             leap: self.leap,
+            leap_uncertain: self.leap_uncertain,
             max_sample_age_ns: self.config.max_sample_age_ns,
         }
     }
@@ -720,7 +921,7 @@ impl Discipline {
     }
 
     pub fn source_views(&self, now: u64) -> Vec<SourceView> {
-        let phi = self.phi();
+        let rate = self.phi() + self.frequency().1;
         self.sources
             .iter()
             .map(|src| {
@@ -737,10 +938,8 @@ impl Discipline {
                     offset_ns: fresh.map(|s| s.offset),
                     delay_ns: fresh.map(|s| s.delay),
                     distance_ns: fresh.map(|s| {
-                        (s.delay + s.root_delay) / 2
-                            + s.root_dispersion
-                            + s.precision
-                            + (phi * (now - s.at) as f64) as u64
+                        s.static_distance()
+                            .saturating_add((rate * (now - s.at) as f64) as u64)
                     }),
                     last_sample_age_ns: src.samples.back().map(|s| now.saturating_sub(s.at)),
                 }
@@ -757,6 +956,7 @@ pub struct Snapshot {
     state: SyncState,
     reason: std::sync::Arc<str>,
     leap: Option<ScheduledLeap>,
+    leap_uncertain: Option<u64>,
     max_sample_age_ns: u64,
 }
 
@@ -769,13 +969,15 @@ impl Snapshot {
             state: SyncState::Unsynchronized,
             reason: "no update yet".into(),
             leap: None,
+            leap_uncertain: None,
             max_sample_age_ns: 0,
         }
     }
 
     /// UTC at local time `now`, with its bound and the state. Between updates the bound grows
-    /// at PHI; with no update for longer than the sample age limit the state is holdover; in
-    /// the two seconds around a scheduled leap the state is unsynchronized.
+    /// at PHI plus the frequency's uncertainty; with no update for longer than the sample age
+    /// limit the state is holdover; in the two seconds around a scheduled leap, and from
+    /// 23:59:59 on before an uncertain one, the state is unsynchronized.
     pub fn estimate(&self, now: u64) -> Estimate {
         let Some(model) = self.model else {
             return Estimate {
@@ -804,6 +1006,14 @@ impl Snapshot {
                 estimate.reason = "leap second: no stamps from 23:59:59 to 00:00:01 UTC".into();
             }
         }
+        if let Some(midnight) = self.leap_uncertain {
+            if utc_ns + NS_PER_S >= midnight {
+                estimate.state = SyncState::Unsynchronized;
+                estimate.reason = "leap second uncertain (the sources disagree): no stamps from \
+                                   23:59:59 UTC until an update after midnight"
+                    .into();
+            }
+        }
         estimate
     }
 }
@@ -812,7 +1022,9 @@ impl Snapshot {
 fn predict(model: &Model, phi: f64, leap: Option<ScheduledLeap>, now: u64) -> (i64, u64) {
     let elapsed = now.saturating_sub(model.at);
     let mut offset = model.offset + (model.freq * elapsed as f64) as i64;
-    let bound = model.bound + (phi * elapsed as f64).ceil() as u64;
+    let bound = model
+        .bound
+        .saturating_add(((phi + model.freq_unc) * elapsed as f64).ceil() as u64);
     if let Some(leap) = leap {
         if !leap.applied && (now as i64 + offset) as u64 >= leap.utc_ns {
             offset += leap_shift(leap.kind);
@@ -834,39 +1046,51 @@ fn combine(survivors: &[Interval]) -> (i64, u64) {
     let offset = offset.round() as i64;
     let bound = survivors
         .iter()
-        .map(|i| (offset - i.offset).unsigned_abs() + i.distance)
+        .map(|i| offset.abs_diff(i.offset).saturating_add(i.distance))
         .max()
         .unwrap_or(0);
     (offset, bound)
 }
 
-/// Least-squares slope of offset over local time: how much faster UTC runs than the local
-/// clock. Needs two points at least a second apart; clamped to ±500 ppm.
-fn fit_frequency(history: &VecDeque<(u64, i64)>) -> Option<f64> {
-    if history.len() < 2 {
+/// How much faster UTC runs than the local clock, and how wrong that can be: the
+/// least-squares slope of the accepted offsets over local time, with an uncertainty that
+/// holds whenever the bounds of the two ends of the fit held. The true offsets at the ends lie
+/// within `o₀ ± b₀` and `oₙ ± bₙ`, so the true rate averaged over the fit lies within
+/// `(oₙ − o₀)/span ± (b₀ + bₙ)/span`; the slope is off that centre by its own distance to it.
+/// The result is then narrowed to what an oscillator can do (±[`MAX_FREQ`]) when the two
+/// agree. `None` with fewer than two updates apart in time.
+fn fit_frequency(history: &VecDeque<(u64, i64, u64)>) -> Option<(f64, f64)> {
+    let (&(t0, o0, b0), &(tn, on, bn)) = (history.front()?, history.back()?);
+    if tn <= t0 {
         return None;
     }
-    let (t0, o0) = history[0];
     let n = history.len() as f64;
     let points: Vec<(f64, f64)> = history
         .iter()
-        .map(|&(t, o)| ((t - t0) as f64, (o - o0) as f64))
+        .map(|&(t, o, _)| ((t - t0) as f64, (o as i128 - o0 as i128) as f64))
         .collect();
     let mean_t = points.iter().map(|p| p.0).sum::<f64>() / n;
     let mean_o = points.iter().map(|p| p.1).sum::<f64>() / n;
     let var_t: f64 = points.iter().map(|p| (p.0 - mean_t).powi(2)).sum();
-    if points.last()?.0 < NS_PER_S as f64 || var_t == 0.0 {
-        return None;
-    }
     let cov: f64 = points.iter().map(|p| (p.0 - mean_t) * (p.1 - mean_o)).sum();
-    Some((cov / var_t).clamp(-MAX_FREQ, MAX_FREQ))
+    let span = (tn - t0) as f64;
+    let ends = (on as i128 - o0 as i128) as f64 / span;
+    let slope = cov / var_t;
+    let unc = (b0 as f64 + bn as f64) / span + (slope - ends).abs();
+    let (low, high) = ((slope - unc).max(-MAX_FREQ), (slope + unc).min(MAX_FREQ));
+    if low <= high {
+        Some(((low + high) / 2.0, (high - low) / 2.0))
+    } else {
+        // The measurements put the rate beyond what was assumed plausible: they win.
+        Some((slope, unc))
+    }
 }
 
 fn leap_shift(kind: Leap) -> i64 {
     match kind {
         Leap::Insert => -(NS_PER_S as i64),
         Leap::Delete => NS_PER_S as i64,
-        Leap::None => 0,
+        Leap::None | Leap::Unknown => 0,
     }
 }
 

@@ -21,8 +21,8 @@
 //!   that the discipline's reach register empties. The client reconnects with a backoff of 1 s
 //!   doubling to 30 s, and after 10 s without any line.
 //! - **Leap seconds.** gpsd reports UTC in TPV and does not announce a pending leap second in
-//!   its JSON (TPV, PPS and TOFF carry no such field), so samples carry [`Leap::None`]; the NTP
-//!   sources announce leaps.
+//!   its JSON (TPV, PPS and TOFF carry no such field), so samples carry [`Leap::Unknown`]: they
+//!   abstain from the discipline's leap vote, and the NTP sources announce leaps.
 //!
 //! One gpsd is one source: its reports are not told apart by device, so a gpsd serving several
 //! receivers should be given to the TSA through one of them only.
@@ -293,16 +293,23 @@ impl GpsdTracker {
         if Self::recent(self.last_pps, now) || Self::recent(self.last_toff, now) {
             return Output::Nothing;
         }
-        match report.time.as_deref().and_then(parse_iso_time) {
-            Some(utc) => Output::Sample(Sample {
-                at: now,
-                offset: utc - now as i64,
-                delay: 0,
-                root_delay: 0,
-                root_dispersion: 0,
-                precision: self.serial_precision,
-                leap: Leap::None,
-            }),
+        let sample = report
+            .time
+            .as_deref()
+            .and_then(parse_iso_time)
+            .and_then(|utc| {
+                Some(Sample {
+                    at: now,
+                    offset: utc.checked_sub(i64::try_from(now).ok()?)?,
+                    delay: 0,
+                    root_delay: 0,
+                    root_dispersion: 0,
+                    precision: self.serial_precision,
+                    leap: Leap::Unknown,
+                })
+            });
+        match sample.filter(Sample::is_plausible) {
+            Some(sample) => Output::Sample(sample),
             None => Output::Missed,
         }
     }
@@ -332,9 +339,12 @@ impl GpsdTracker {
         if at > now + 1_000_000 || now - at > MAX_REPORT_AGE_NS as i64 {
             return Output::Nothing;
         }
-        Output::Sample(Sample {
+        let Some(offset) = real.checked_sub(at) else {
+            return Output::Nothing;
+        };
+        let sample = Sample {
             at: at.min(now) as u64,
-            offset: real - at,
+            offset,
             delay: 0,
             root_delay: 0,
             root_dispersion: 0,
@@ -343,8 +353,13 @@ impl GpsdTracker {
             } else {
                 self.serial_precision
             },
-            leap: Leap::None,
-        })
+            leap: Leap::Unknown,
+        };
+        // A pulse dated decades away from the local clock is garbage, not a measurement.
+        if !sample.is_plausible() {
+            return Output::Nothing;
+        }
+        Output::Sample(sample)
     }
 }
 
@@ -569,7 +584,7 @@ mod tests {
                 assert_eq!(s.at, later);
                 assert_eq!(s.precision, 500_000_000);
                 assert_eq!(s.delay, 0);
-                assert_eq!(s.leap, Leap::None);
+                assert_eq!(s.leap, Leap::Unknown);
             }
             other => panic!("{other:?}"),
         }
@@ -669,6 +684,10 @@ mod tests {
             t.line(&pulse("PPS", now, now - S / 2), now, 0),
             Output::Sample(_)
         ));
+        // A pulse whose true time is centuries away from the local clock: absurd.
+        for real in [i64::MAX as u64 - S, 9_000_000_000 * S] {
+            assert_eq!(t.line(&pulse("PPS", real, now), now, 0), Output::Nothing);
+        }
     }
 
     #[test]

@@ -1,27 +1,42 @@
-//! The local clock the discipline works on: the monotonic clock, anchored once to the Unix
-//! epoch. It never steps, whatever happens to the wall clock.
-
-use std::time::Instant;
+//! The local clock the discipline works on: Linux's `CLOCK_MONOTONIC_RAW`, anchored once to
+//! the Unix epoch. It never steps, whatever happens to the wall clock, and it runs at the rate
+//! of the hardware oscillator: unlike `CLOCK_MONOTONIC` (what `std::time::Instant` reads), it
+//! is not slewed by `adjtimex` (frequency, offset or tick adjustments, which an NTP daemon or
+//! anyone with `CAP_SYS_TIME` can make, up to ±10 % with `ADJ_TICK`). The discipline measures
+//! and bounds the oscillator's own frequency error; nothing outside the process changes it.
 
 use super::system_unix_ns;
 
 #[derive(Clone, Copy, Debug)]
 pub struct LocalClock {
     epoch_ns: u64,
-    start: Instant,
+    /// `CLOCK_MONOTONIC_RAW` when `epoch_ns` was read.
+    start_raw: u64,
+}
+
+/// `CLOCK_MONOTONIC_RAW` in nanoseconds (since an unspecified point, usually the boot).
+fn raw_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux supports.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_RAW, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC_RAW) failed");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl LocalClock {
     pub fn new() -> Self {
         Self {
-            start: Instant::now(),
+            start_raw: raw_ns(),
             epoch_ns: system_unix_ns(),
         }
     }
 
-    /// Local nanoseconds: the wall clock at start plus monotonic time since.
+    /// Local nanoseconds: the wall clock at start plus raw monotonic time since.
     pub fn now(&self) -> u64 {
-        self.epoch_ns + self.start.elapsed().as_nanos() as u64
+        self.epoch_ns + raw_ns().saturating_sub(self.start_raw)
     }
 
     /// The wall clock minus the local clock. It moves slowly while something slews the wall
@@ -81,6 +96,33 @@ mod tests {
         let b = clock.now();
         assert!(b >= a);
         assert!(clock.wall_offset().unsigned_abs() < 1_000_000_000);
+    }
+
+    #[test]
+    fn local_clock_runs_on_the_raw_oscillator() {
+        // CLOCK_MONOTONIC and CLOCK_MONOTONIC_RAW part as soon as anything slews the kernel
+        // clock (any NTP daemon does); the local clock must read the raw one.
+        let read = |id| {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            assert_eq!(unsafe { libc::clock_gettime(id, &mut ts) }, 0);
+            ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+        };
+        let before = read(libc::CLOCK_MONOTONIC_RAW);
+        let clock = LocalClock::new();
+        let after = read(libc::CLOCK_MONOTONIC_RAW);
+        assert!(
+            (before..=after).contains(&clock.start_raw),
+            "start {} not within [{before}, {after}]",
+            clock.start_raw
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let before = read(libc::CLOCK_MONOTONIC_RAW) - clock.start_raw;
+        let elapsed = clock.now() - clock.epoch_ns;
+        let after = read(libc::CLOCK_MONOTONIC_RAW) - clock.start_raw;
+        assert!((before..=after).contains(&elapsed));
     }
 
     #[test]

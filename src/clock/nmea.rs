@@ -18,7 +18,8 @@
 //! The device is switched to raw mode (no echo, no line editing) but its speed is left as it is:
 //! set it with `stty -F /dev/ttyS0 9600` (or a udev rule) to the receiver's.
 //!
-//! NMEA carries no leap-second warning in these sentences: samples carry [`Leap::None`].
+//! NMEA carries no leap-second warning in these sentences: samples carry [`Leap::Unknown`],
+//! abstaining from the discipline's leap vote.
 
 use std::fs::File;
 use std::io::Read;
@@ -250,16 +251,20 @@ impl NmeaTracker {
         if self.last_sample_utc.is_some_and(|last| utc <= last) {
             return Output::Nothing;
         }
-        self.last_sample_utc = Some(utc);
-        Output::Sample(Sample {
+        let sample = Sample {
             at: now,
-            offset: utc - now as i64,
+            offset: utc.saturating_sub(now as i64),
             delay: 0,
             root_delay: 0,
             root_dispersion: 0,
             precision: self.precision,
-            leap: Leap::None,
-        })
+            leap: Leap::Unknown,
+        };
+        if !sample.is_plausible() {
+            return Output::Nothing;
+        }
+        self.last_sample_utc = Some(utc);
+        Output::Sample(sample)
     }
 
     /// A timer tick at local time `now`: the untrusting and the misses of silence.
@@ -577,7 +582,7 @@ mod tests {
         assert_eq!(s.offset, -100_000_000);
         assert_eq!(s.at, utc + 100_000_000);
         assert_eq!(s.precision, 500_000_000);
-        assert_eq!(s.leap, Leap::None);
+        assert_eq!(s.leap, Leap::Unknown);
         // The ZDA of the same second adds nothing; the next second's ZDA is a sample.
         assert_eq!(t.line(&zda(utc), utc + 120_000_000), Output::Nothing);
         let utc = utc + S;

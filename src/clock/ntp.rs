@@ -3,7 +3,10 @@
 //! sntpc already discards replies with leap indicator 3, stratum 0 or ≥ 16, a zero transmit
 //! time, an origin mismatch or a kiss-o'-death. This adapter honours kiss-o'-death: `RATE`
 //! doubles the poll interval, `DENY` and `RSTR` stop polling the server. Timestamps come from
-//! the local clock, so offsets are UTC − local, as the discipline wants them.
+//! the local clock, so offsets are UTC − local, as the discipline wants them. A reply whose
+//! precision is worse than a second (2^precision s with precision > 0: no real clock, and
+//! useless to a TSA that must hold 1 s), or whose sample is otherwise implausible
+//! ([`Sample::is_plausible`]), counts as a missed poll.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -84,6 +87,7 @@ enum Failure {
     Ntp(sntpc::Error),
     Io(std::io::Error),
     Timeout,
+    Implausible,
 }
 
 impl std::fmt::Display for Failure {
@@ -93,6 +97,9 @@ impl std::fmt::Display for Failure {
             Self::Ntp(e) => write!(f, "invalid reply: {e:?}"),
             Self::Io(e) => write!(f, "socket error: {e}"),
             Self::Timeout => f.write_str("no reply in time"),
+            Self::Implausible => {
+                f.write_str("implausible reply (precision worse than 1 s, or absurd values)")
+            }
         }
     }
 }
@@ -117,17 +124,24 @@ async fn exchange(server: &NtpServer, clock: LocalClock) -> Result<Sample, Failu
     .map_err(|_| Failure::Timeout)?;
     let after = clock.now();
     match result {
-        Ok(reply) => Ok(to_sample(&reply, before / 2 + after / 2)),
+        Ok(reply) => to_sample(&reply, before / 2 + after / 2).ok_or(Failure::Implausible),
         Err(sntpc::Error::KissOfDeath(code)) => Err(Failure::Kod(code)),
         Err(e) => Err(Failure::Ntp(e)),
     }
 }
 
-fn to_sample(reply: &NtpResult, at: u64) -> Sample {
-    Sample {
+/// The largest precision (log2 seconds) taken from a server: 1 s.
+const MAX_PRECISION: i8 = 0;
+
+/// The reply as a sample; `None` when it is implausible.
+fn to_sample(reply: &NtpResult, at: u64) -> Option<Sample> {
+    if reply.precision() > MAX_PRECISION {
+        return None;
+    }
+    let sample = Sample {
         at,
-        offset: reply.offset() * 1_000,
-        delay: reply.roundtrip() * 1_000,
+        offset: reply.offset().checked_mul(1_000)?,
+        delay: reply.roundtrip().checked_mul(1_000)?,
         root_delay: short_to_ns(reply.root_delay()),
         root_dispersion: short_to_ns(reply.root_dispersion()),
         // The server's precision, 2^precision seconds.
@@ -137,7 +151,8 @@ fn to_sample(reply: &NtpResult, at: u64) -> Sample {
             2 => Leap::Delete,
             _ => Leap::None,
         },
-    }
+    };
+    sample.is_plausible().then_some(sample)
 }
 
 /// NTP short format (16.16 seconds) to nanoseconds.
@@ -154,5 +169,29 @@ mod tests {
         assert_eq!(short_to_ns(0x0001_0000), 1_000_000_000);
         assert_eq!(short_to_ns(0x0000_8000), 500_000_000);
         assert_eq!(short_to_ns(0), 0);
+    }
+
+    fn reply(precision: i8, offset_us: i64) -> NtpResult {
+        NtpResult::new(
+            0, 0, 400, offset_us, 2, precision, 0, 0x10, 0x20, [0; 4], 0, 4, 0,
+        )
+    }
+
+    #[test]
+    fn a_precision_worse_than_a_second_is_refused() {
+        let at = 1_795_000_000_000_000_000;
+        let s = to_sample(&reply(-20, 1_500), at).unwrap();
+        assert_eq!(
+            (s.at, s.offset, s.delay, s.precision),
+            (at, 1_500_000, 400_000, 954)
+        );
+        assert_eq!(
+            to_sample(&reply(0, 0), at).unwrap().precision,
+            1_000_000_000
+        );
+        for precision in [1, 33, 34, 35, 127] {
+            assert_eq!(to_sample(&reply(precision, 0), at), None, "{precision}");
+        }
+        assert_eq!(to_sample(&reply(-20, i64::MAX / 100), at), None);
     }
 }

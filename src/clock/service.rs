@@ -186,7 +186,22 @@ async fn run(
         .map(|v| v.name)
         .collect();
     loop {
+        // Changes that come without an update (silence, the bound passing the declared
+        // accuracy, a leap second's window) are observed when they are due.
+        let now = clock.local.now();
+        let change = discipline
+            .next_change(now)
+            .map(|t| Duration::from_nanos(t - now));
         tokio::select! {
+            _ = tokio::time::sleep(change.unwrap_or(every)), if change.is_some() => {
+                let now = clock.local.now();
+                discipline.observe(now);
+                let utc = discipline.estimate(now).utc_ns;
+                for event in discipline.drain_events() {
+                    log_event(&event, &names, utc);
+                    clock.record(describe(&event, &names, utc));
+                }
+            }
             message = rx.recv() => match message {
                 Some(SourceMessage::Sample(id, sample)) => discipline.sample(id, sample),
                 Some(SourceMessage::Missed(id)) => discipline.missed(id),
@@ -303,6 +318,26 @@ fn log_event(event: &Event, names: &[String], utc_ns: u64) {
         Event::LeapApplied { kind } => {
             tracing::warn!(event = "leap_applied", utc_ns, leap = ?kind, "leap second applied")
         }
+        Event::AccuracyExceeded {
+            bound_ns,
+            accuracy_ns,
+        } => tracing::warn!(
+            event = "accuracy_exceeded",
+            utc_ns,
+            bound_ns,
+            accuracy_ns,
+            "clock error bound exceeds the declared accuracy: no time-stamps"
+        ),
+        Event::AccuracyRegained {
+            bound_ns,
+            accuracy_ns,
+        } => tracing::info!(
+            event = "accuracy_regained",
+            utc_ns,
+            bound_ns,
+            accuracy_ns,
+            "clock error bound within the declared accuracy again"
+        ),
     }
 }
 
@@ -389,6 +424,30 @@ fn describe(event: &Event, names: &[String], utc_ns: u64) -> ClockEvent {
             "leap_applied",
             EventLevel::Warning,
             format!("leap second ({kind:?}) applied"),
+        ),
+        Event::AccuracyExceeded {
+            bound_ns,
+            accuracy_ns,
+        } => (
+            "accuracy_exceeded",
+            EventLevel::Error,
+            format!(
+                "error bound {} exceeds the declared accuracy {}: no time-stamps",
+                fmt_ns(*bound_ns),
+                fmt_ns(*accuracy_ns)
+            ),
+        ),
+        Event::AccuracyRegained {
+            bound_ns,
+            accuracy_ns,
+        } => (
+            "accuracy_regained",
+            EventLevel::Info,
+            format!(
+                "error bound {} within the declared accuracy {} again",
+                fmt_ns(*bound_ns),
+                fmt_ns(*accuracy_ns)
+            ),
         ),
     };
     ClockEvent {

@@ -54,6 +54,7 @@ struct Sim {
     jitter: i64,
     delay: u64,
     root_dispersion: u64,
+    precision: u64,
     /// A liar's offset from the truth.
     lie: i64,
     up: bool,
@@ -67,6 +68,7 @@ fn honest(bias_us: i64) -> Sim {
         jitter: 50_000,
         delay: 400_000,
         root_dispersion: 600_000,
+        precision: 1_000,
         lie: 0,
         up: true,
         leap: Leap::None,
@@ -140,7 +142,7 @@ impl Run {
                     delay: sim.delay,
                     root_delay: 0,
                     root_dispersion: sim.root_dispersion,
-                    precision: 1_000,
+                    precision: sim.precision,
                     leap: sim.leap,
                 },
             );
@@ -511,25 +513,43 @@ fn an_independent_reference_decides_steps() {
     assert_eq!(run.state(), SyncState::Unsynchronized);
 }
 
-#[test]
-fn a_leap_second_is_refused_around_midnight_and_applied() {
-    let mut run = Run::new(vec![honest(0), honest(10), honest(-10)]);
-    // Start 100 s before the end of the month.
-    let leap = end_of_month(run.truth.utc(T0));
-    let before = leap - 100 * S;
-    run.truth.offset0 += before as i64 - run.truth.utc(T0) as i64;
-    run.truth.leap_at_utc = Some(leap);
-    for sim in &mut run.sims {
-        sim.leap = Leap::Insert;
+/// A GPS-like source: independent, and without leap-second information.
+fn gps(bias_us: i64) -> Sim {
+    Sim {
+        independent: true,
+        leap: Leap::Unknown,
+        ..honest(bias_us)
     }
+}
+
+/// Moves the run's truth to `before` UTC seconds ahead of the midnight that ends December
+/// (leaps are accepted only at the end of June or December), with an inserted leap there if
+/// `inserted`; returns the leap's UTC.
+fn before_new_year(run: &mut Run, before: u64, inserted: bool) -> u64 {
+    let leap = end_of_month(run.truth.utc(T0) + 20 * 86_400 * S);
+    run.truth.offset0 += (leap - before * S) as i64 - run.truth.utc(T0) as i64;
+    run.truth.leap_at_utc = inserted.then_some(leap);
+    leap
+}
+
+/// The leap announced by `sims` (the informing ones say Insert) is scheduled, refused around
+/// midnight, applied, and survives the announcement's withdrawal.
+fn a_leap_second_is_refused_around_midnight_and_applied_with(sims: Vec<Sim>) {
+    let mut run = Run::new(sims);
+    // Start 100 s before the end of the year.
+    let leap = before_new_year(&mut run, 100, true);
     run.round();
-    assert!(run.events.iter().any(|e| matches!(
-        e,
-        Event::LeapScheduled {
-            kind: Leap::Insert,
-            ..
-        }
-    )));
+    assert!(
+        run.events.iter().any(|e| matches!(
+            e,
+            Event::LeapScheduled {
+                kind: Leap::Insert,
+                ..
+            }
+        )),
+        "{:?}",
+        run.events
+    );
     // Walk across the leap in 250 ms steps between polls: refused exactly in the window.
     let mut t = run.now;
     let mut refused = 0;
@@ -557,12 +577,304 @@ fn a_leap_second_is_refused_around_midnight_and_applied() {
         .iter()
         .any(|e| matches!(e, Event::LeapApplied { kind: Leap::Insert })));
     for sim in &mut run.sims {
-        sim.leap = Leap::None;
+        if sim.leap == Leap::Insert {
+            sim.leap = Leap::None;
+        }
     }
     run.rounds(3);
     assert_eq!(run.state(), SyncState::Synchronized);
     let e = run.d.estimate(run.now);
     assert!((e.utc_ns as i64 - run.truth.utc(run.now) as i64).unsigned_abs() < 5_000_000);
+}
+
+#[test]
+fn a_leap_second_is_refused_around_midnight_and_applied() {
+    let mut sims = vec![honest(0), honest(10), honest(-10)];
+    for sim in &mut sims {
+        sim.leap = Leap::Insert;
+    }
+    a_leap_second_is_refused_around_midnight_and_applied_with(sims);
+}
+
+#[test]
+fn sources_without_leap_information_abstain() {
+    // Two NTP servers announce the leap; two GPS receivers know nothing of it.
+    let mut ntp = honest(0);
+    ntp.leap = Leap::Insert;
+    a_leap_second_is_refused_around_midnight_and_applied_with(vec![
+        ntp.clone(),
+        ntp,
+        gps(10),
+        gps(-10),
+    ]);
+}
+
+#[test]
+fn a_leap_stays_scheduled_when_its_only_announcer_goes_away() {
+    let mut ntp = honest(0);
+    ntp.leap = Leap::Insert;
+    let mut run = Run::new(vec![ntp, gps(10), gps(-10), gps(20)]);
+    let leap = before_new_year(&mut run, 200, true);
+    run.round();
+    assert!(run.d.system_view(run.now).leap.is_some());
+    run.sims[0].up = false;
+    while run.now < leap - run.truth.offset(run.now) as u64 + 2 * POLL {
+        run.round();
+    }
+    assert!(run
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::LeapApplied { kind: Leap::Insert })));
+    assert_eq!(run.state(), SyncState::Synchronized);
+}
+
+#[test]
+fn a_leap_is_accepted_only_at_the_end_of_june_or_december() {
+    // 2026-11-19: the end of November is no leap date.
+    let mut run = Run::new(vec![honest(0), honest(10), honest(-10)]);
+    for sim in &mut run.sims {
+        sim.leap = Leap::Insert;
+    }
+    run.rounds(3);
+    assert_eq!(run.d.system_view(run.now).leap, None);
+    assert!(!run
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::LeapScheduled { .. })));
+}
+
+#[test]
+fn disagreeing_announcements_on_the_last_day_refuse_around_midnight() {
+    // One server announces a leap, another does not, the GPS receivers cannot tell: the clock
+    // does not guess. Stamps stop at 23:59:59 and resume only after an update past midnight
+    // has seen which way the sources went (here: no leap happened).
+    let mut ntp = honest(0);
+    ntp.leap = Leap::Insert;
+    let mut run = Run::new(vec![ntp, honest(10), gps(-10), gps(20)]);
+    let leap = before_new_year(&mut run, 3_600, false);
+    run.rounds(2);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    assert_eq!(run.d.system_view(run.now).leap, None);
+    let mut t = run.now;
+    let mut resolved = false;
+    while run.truth.utc(t) < leap + 3 * POLL {
+        if t >= run.now + POLL {
+            run.round();
+            resolved |= run.truth.utc(run.now) >= leap + S;
+        }
+        let utc = run.truth.utc(t);
+        let e = run.d.estimate(t);
+        if utc + S >= leap && !resolved {
+            assert_eq!(e.state, SyncState::Unsynchronized, "at {utc}");
+        } else {
+            assert_eq!(e.state, SyncState::Synchronized, "at {utc}: {}", e.reason);
+        }
+        t += S / 4;
+    }
+    assert_eq!(run.state(), SyncState::Synchronized);
+}
+
+#[test]
+fn a_source_claiming_an_absurd_distance_cannot_outvote_honest_ones() {
+    // An NTP server with precision 34 (2^34 s, as the adapter would have turned it), and one
+    // whose precision alone is just below i64::MAX: neither may invert its interval or
+    // overflow the arithmetic, and three honest sources of four stay a majority.
+    for precision in [(2f64.powi(34) * 1e9) as u64, i64::MAX as u64 - 1, u64::MAX] {
+        let mut absurd = honest(0);
+        absurd.precision = precision;
+        let mut run = Run::new(vec![honest(0), honest(100), honest(-100), absurd]);
+        for _ in 0..5 {
+            run.round();
+            assert_eq!(
+                run.state(),
+                SyncState::Synchronized,
+                "{}",
+                run.d.estimate(run.now).reason
+            );
+            let sel = run.selections();
+            assert!(
+                sel[..3].iter().all(|s| *s == Selection::Selected),
+                "{sel:?}"
+            );
+            assert!(
+                matches!(sel[3], Selection::Unusable | Selection::Falseticker),
+                "{sel:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn extreme_offsets_neither_overflow_nor_count() {
+    // A PPS report dated near the end of i64 nanoseconds, then one near zero, from the same
+    // source: no arithmetic overflow, and the source is not usable.
+    let specs = (0..4)
+        .map(|i| SourceSpec {
+            name: format!("s{i}"),
+            independent: i == 3,
+        })
+        .collect();
+    let mut d = Discipline::new(DisciplineConfig::default(), specs);
+    let mut now = T0;
+    for round in 0..4 {
+        now += POLL;
+        for i in 0..3 {
+            d.sample(
+                i,
+                Sample {
+                    at: now,
+                    offset: 1_000_000,
+                    delay: 400_000,
+                    root_delay: 0,
+                    root_dispersion: 600_000,
+                    precision: 1_000,
+                    leap: Leap::None,
+                },
+            );
+        }
+        let extreme = if round % 2 == 0 {
+            i64::MAX
+        } else {
+            i64::MIN + 1
+        };
+        d.sample(
+            3,
+            Sample {
+                at: now,
+                offset: extreme,
+                delay: 0,
+                root_delay: 0,
+                root_dispersion: 0,
+                precision: 1_000_000,
+                leap: Leap::None,
+            },
+        );
+        d.update(now);
+        assert_eq!(d.estimate(now).state, SyncState::Synchronized);
+    }
+    assert_eq!(d.source_views(now)[3].selection, Selection::Unusable);
+}
+
+#[test]
+fn a_frequency_fitted_over_one_poll_does_not_break_the_bound() {
+    // Three sources, each 10 ms wide, read 9 ms early and then 9 ms late: the two updates are
+    // consistent (18 ms apart, within both bounds), and a line through them runs at
+    // 18 ms / 16 s = 1125 ppm. Extrapolating with that slope while the bound grows at 15 ppm
+    // would leave the truth behind within half a poll.
+    let wide = |bias_ms: i64| Sim {
+        bias: bias_ms * 1_000_000,
+        jitter: 0,
+        root_dispersion: 10_000_000,
+        ..honest(0)
+    };
+    let mut run = Run::new(vec![wide(-9), wide(-9), wide(-9)]);
+    run.round();
+    run.sims = vec![wide(9), wide(9), wide(9)];
+    run.round();
+    assert_eq!(run.state(), SyncState::Synchronized);
+    // The bound holds over a whole poll without updates, and in holdover.
+    for k in 1..=64 {
+        run.check_truth(run.now + k * POLL / 4);
+    }
+    run.rounds(20);
+    let view = run.d.system_view(run.now);
+    assert!(view.frequency_ppm.unwrap().abs() < 500.0, "{view:?}");
+}
+
+#[test]
+fn samples_are_carried_to_the_update_at_the_model_frequency() {
+    // The oscillator is 200 ppm off; one source answers only every fourth poll, so its sample
+    // is up to three polls old at an update: advanced at the model's frequency it stays
+    // consistent with the others instead of lagging by 200 ppm × 48 s ≈ 10 ms.
+    let sims = vec![honest(0), honest(100), honest(-100), honest(50)];
+    let mut run = Run::with(sims, DisciplineConfig::default(), 200e-6);
+    run.rounds(20);
+    for round in 0..40 {
+        run.sims[3].up = round % 4 == 0;
+        run.round();
+        assert_eq!(run.state(), SyncState::Synchronized, "round {round}");
+        assert_eq!(run.selections()[3], Selection::Selected, "round {round}");
+    }
+}
+
+/// The state events (sync, holdover, loss of sync, accuracy) among `events`, in order.
+fn state_events(events: &[Event]) -> Vec<&'static str> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SyncAcquired { .. } => Some("sync"),
+            Event::SyncLost { .. } => Some("lost"),
+            Event::HoldoverStarted { .. } => Some("holdover"),
+            Event::AccuracyExceeded { .. } => Some("exceeded"),
+            Event::AccuracyRegained { .. } => Some("regained"),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_loss_and_return_of_sync_is_an_event() {
+    let mut run = Run::new(vec![honest(0), honest(50), honest(-50)]);
+    run.rounds(5);
+    assert_eq!(state_events(&run.events), ["sync"]);
+    // Two of three lie: no majority, sync lost; they come back: sync regained.
+    run.sims[1].lie = 3 * S as i64;
+    run.sims[2].lie = 3 * S as i64;
+    run.rounds(3);
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+    run.sims[1].lie = 0;
+    run.sims[2].lie = 0;
+    run.rounds(12);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    assert_eq!(state_events(&run.events), ["sync", "lost", "sync"]);
+}
+
+#[test]
+fn transitions_between_updates_are_events_once() {
+    // Declared accuracy 5 ms: the bound passes it in holdover, which stops issuing.
+    let config = DisciplineConfig {
+        declared_accuracy_ns: Some(5_000_000),
+        ..DisciplineConfig::default()
+    };
+    let sims = vec![honest(0), honest(50), honest(-50)];
+    let mut run = Run::with(sims, config, 0.0);
+    run.rounds(20);
+    run.events.clear();
+    // No update at all: silence past the sample age limit is holdover, seen by `observe` at
+    // the time `next_change` names, and said once.
+    let mut t = run.now;
+    let mut seen = Vec::new();
+    let mut exceeded_at = None;
+    for _ in 0..10 {
+        let Some(next) = run.d.next_change(t) else {
+            break;
+        };
+        assert!(next > t);
+        t = next;
+        run.d.observe(t);
+        let events = run.d.drain_events();
+        assert!(!events.is_empty(), "nothing changed at {t}");
+        if events
+            .iter()
+            .any(|e| matches!(e, Event::AccuracyExceeded { .. }))
+        {
+            exceeded_at = Some(t);
+        }
+        seen.extend(events);
+        run.d.observe(t);
+        assert!(run.d.drain_events().is_empty());
+    }
+    let mut kinds = state_events(&seen);
+    kinds.sort_unstable();
+    assert_eq!(kinds, ["exceeded", "holdover"]);
+    // Told within a millisecond of the crossing.
+    let exceeded_at = exceeded_at.unwrap();
+    assert!(run.d.estimate(exceeded_at).bound_ns > 5_000_000);
+    assert!(run.d.estimate(exceeded_at - 1_000_000).bound_ns <= 5_000_000);
+    // Sources back: synchronized and within the accuracy again.
+    run.now = t;
+    run.rounds(3);
+    assert_eq!(state_events(&run.events), ["sync", "regained"]);
 }
 
 #[test]
