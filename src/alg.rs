@@ -159,6 +159,12 @@ impl DigestAlgorithm {
         Some(digest::digest(alg, data).as_ref().to_vec())
     }
 
+    /// Whether collisions of this digest can be made (MD5, SHA-1): a stamp of such an imprint
+    /// binds no single document.
+    pub fn is_broken(self) -> bool {
+        matches!(self, Self::Md5 | Self::Sha1)
+    }
+
     /// The AlgorithmIdentifier with NULL parameters: the form PKCS#1's `DigestInfo` requires
     /// (RFC 8017, § 9.2) and RFC 4055's identifiers inside RSASSA-PSS parameters use.
     pub fn algorithm_identifier(self) -> AlgorithmIdentifierOwned {

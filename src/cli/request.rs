@@ -20,7 +20,8 @@ Batch mode (--batch) stamps many files and digests in one HTTP round trip (docs/
 
 Each item is its own RFC 3161 request (its own nonce) and gets its own token. Every reply is
 checked against its own request (imprint, nonce, policy, certReq), and with --ca verified
-in full. The command fails when any item was not granted; the others are still saved.
+in full (in both modes; a reply that does not answer its request is not saved). The command
+fails when any item was not granted; the others are still saved.
 
 Credentials and HTTPS (both modes):
 
@@ -109,8 +110,9 @@ pub struct RequestArgs {
     /// server.max_batch_items); more are sent in several batches.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), requires = "batch")]
     pub batch_size: u32,
-    /// Batch mode: verify each token in full against these trusted CA certificates (PEM).
-    #[arg(long, value_name = "PEM", requires = "batch")]
+    /// Verify each token in full against these trusted CA certificates (PEM); without them a
+    /// reply is checked against its request only.
+    #[arg(long, value_name = "PEM")]
     pub ca: Vec<PathBuf>,
 }
 
@@ -134,26 +136,30 @@ pub fn run(args: &RequestArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.query_out {
         write(path, &der)?;
     }
+    let trusted = super::verify::load_all(&args.ca)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let reply = runtime.block_on(client::post(&endpoint, der))?;
-    write(&args.out, &reply)?;
-
+    let reply = runtime.block_on(client::post(&endpoint, der.clone()))?;
+    let item = Item {
+        label: args.out.display().to_string(),
+        query,
+        der,
+        reply: args.out.clone(),
+    };
+    save_reply(&item, &reply, false, &trusted)?;
     let response = Response::from_der(&reply)?;
-    if let Some(token) = &response.token {
-        let tst = token.tst_info();
-        println!(
-            "granted: genTime {} serial {}; saved to {}",
-            tst.gen_time,
-            hex(tst.serial_number.as_bytes()),
-            args.out.display()
-        );
-        Ok(())
-    } else {
-        bail!("rejected: {}", rejection_text(&response))
-    }
+    let token = response.token.as_ref().expect("a granted reply was saved");
+    let tst = token.tst_info();
+    println!(
+        "granted: genTime {} serial {}; {}saved to {}",
+        tst.gen_time,
+        hex(tst.serial_number.as_bytes()),
+        if trusted.is_empty() { "" } else { "verified, " },
+        args.out.display()
+    );
+    Ok(())
 }
 
 /// The URL with its credentials and TLS settings, checked before anything is sent.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use tsa::client::read::{Response, Token};
-use tsa::client::verify::{verify, Expectation};
+use tsa::client::verify::{verify, Expectation, ValidAt};
 use x509_cert::Certificate;
 
 #[derive(Debug, clap::Args)]
@@ -30,6 +30,22 @@ pub struct VerifyArgs {
     /// Further certificates (PEM), for a token issued without its certificate.
     #[arg(long)]
     pub untrusted: Vec<PathBuf>,
+    /// When the signer's certificate path must be valid: "now" (as `openssl ts -verify`
+    /// checks), "gen-time" (the token's own genTime, for a token whose certificate has expired
+    /// since: this takes the token's word for its time and checks no revocation), or an RFC 3339
+    /// time.
+    #[arg(long, default_value = "now", value_parser = parse_at)]
+    pub at: ValidAt,
+}
+
+fn parse_at(text: &str) -> Result<ValidAt, String> {
+    match text {
+        "now" => Ok(ValidAt::Now),
+        "gen-time" => Ok(ValidAt::GenTime),
+        _ => chrono::DateTime::parse_from_rfc3339(text)
+            .map(|t| ValidAt::Time(t.into()))
+            .map_err(|e| format!("not \"now\", \"gen-time\" or an RFC 3339 time: {e}")),
+    }
 }
 
 pub fn run(args: &VerifyArgs) -> anyhow::Result<()> {
@@ -70,6 +86,7 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<()> {
         query: query.as_deref(),
         trusted: load_all(&args.ca)?,
         untrusted: load_all(&args.untrusted)?,
+        at: args.at,
     };
     let verified = verify(&token, &expect)?;
     println!(

@@ -76,9 +76,14 @@ pub fn random_nonce() -> anyhow::Result<Vec<u8>> {
     Ok(bytes.to_vec())
 }
 
+/// The longest reply read for one request: a token with its certificate path is a few KB.
+const MAX_REPLY: usize = 1 << 20;
+/// The longest reply read per request of a batch.
+const MAX_BATCH_REPLY_ITEM: usize = 64 << 10;
+
 /// POSTs a DER request to a TSA and returns the body of its reply.
 pub async fn post(endpoint: &Endpoint, request: Vec<u8>) -> anyhow::Result<Vec<u8>> {
-    let (status, content_type, body) = endpoint.exchange(QUERY_TYPE, request).await?;
+    let (status, content_type, body) = endpoint.exchange(QUERY_TYPE, request, MAX_REPLY).await?;
     if content_type != REPLY_TYPE {
         bail!("the TSA answered HTTP {status} with '{content_type}', not a time-stamp reply");
     }
@@ -93,7 +98,12 @@ pub async fn post_batch(endpoint: &Endpoint, requests: &[Vec<u8>]) -> anyhow::Re
         bail!("a batch holds at least one request");
     }
     let body = batch::encode(requests);
-    let (status, content_type, body) = endpoint.exchange(batch::QUERY_MEDIA_TYPE, body).await?;
+    let max_reply = MAX_BATCH_REPLY_ITEM
+        .saturating_mul(requests.len())
+        .saturating_add(MAX_REPLY);
+    let (status, content_type, body) = endpoint
+        .exchange(batch::QUERY_MEDIA_TYPE, body, max_reply)
+        .await?;
     if content_type == REPLY_TYPE {
         let refusal = read::Response::from_der(&body)
             .context("the TSA's refusal of the batch does not decode")?;

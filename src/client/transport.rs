@@ -170,27 +170,33 @@ impl Endpoint {
     }
 
     /// POSTs `body` as `media_type`: the reply's status, media type (without parameters) and
-    /// body, within the endpoint's timeout. A 401 is an error that says what the TSA refused.
+    /// body, within the endpoint's timeout. A 401 is an error that says what the TSA refused;
+    /// so is a reply body over `max_reply` octets, read no further.
     pub(super) async fn exchange(
         &self,
         media_type: &'static str,
         body: Vec<u8>,
+        max_reply: usize,
     ) -> anyhow::Result<(hyper::StatusCode, String, Bytes)> {
-        tokio::time::timeout(self.timeout, self.exchange_untimed(media_type, body))
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "no answer from {} within {} s (--timeout-s)",
-                    self.url,
-                    self.timeout.as_secs_f64()
-                )
-            })?
+        tokio::time::timeout(
+            self.timeout,
+            self.exchange_untimed(media_type, body, max_reply),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from {} within {} s (--timeout-s)",
+                self.url,
+                self.timeout.as_secs_f64()
+            )
+        })?
     }
 
     async fn exchange_untimed(
         &self,
         media_type: &'static str,
         body: Vec<u8>,
+        max_reply: usize,
     ) -> anyhow::Result<(hyper::StatusCode, String, Bytes)> {
         let response = self
             .send(self.request(media_type, body)?)
@@ -205,7 +211,22 @@ impl Endpoint {
             .unwrap_or("")
             .trim()
             .to_ascii_lowercase();
-        let body = response.into_body().collect().await?.to_bytes();
+        let body = http_body_util::Limited::new(response.into_body(), max_reply)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    anyhow::anyhow!(
+                        "the reply from {} is longer than {max_reply} octets",
+                        self.url
+                    )
+                } else {
+                    anyhow::anyhow!("the reply from {} broke off: {e}", self.url)
+                }
+            })?
+            .to_bytes();
         if status == hyper::StatusCode::UNAUTHORIZED {
             bail!(self.unauthorized(&content_type, &body));
         }
@@ -620,7 +641,7 @@ mod tests {
         for i in 0..3u8 {
             let body = vec![i; 1000 + usize::from(i)];
             let (status, content_type, reply) = endpoint
-                .exchange("application/timestamp-query", body.clone())
+                .exchange("application/timestamp-query", body.clone(), 1 << 20)
                 .await
                 .unwrap();
             assert_eq!(status, hyper::StatusCode::OK);
@@ -635,6 +656,26 @@ mod tests {
         let (url, accepted) = echo_server(After::KeepOpen).await;
         three_exchanges(&url).await;
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_reply_longer_than_its_limit_is_refused() {
+        let (url, _) = echo_server(After::KeepOpen).await;
+        let endpoint = Endpoint::plain(&url).unwrap();
+        let body = vec![7; 10_000];
+        let error = endpoint
+            .exchange("application/timestamp-query", body.clone(), 9_999)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("longer than 9999 octets"),
+            "{error}"
+        );
+        let (_, _, reply) = endpoint
+            .exchange("application/timestamp-query", body.clone(), 10_000)
+            .await
+            .unwrap();
+        assert_eq!(reply, body);
     }
 
     #[tokio::test]

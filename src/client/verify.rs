@@ -1,7 +1,9 @@
 //! Verifying a token the way a relying party does: the imprint (and the request's nonce,
 //! policy and certReq), the CMS signature over the signed attributes, messageDigest,
-//! ESSCertID(v2) against the signer's certificate, the signer certificate's time-stamping
-//! profile, and its chain to a trusted CA.
+//! ESSCertID(v2) against the signer's certificate, the `tsa` name against the signer, the
+//! signer certificate's time-stamping profile, and its path to a trusted CA, validated by
+//! rustls's `webpki` (basic constraints, path length, name constraints, critical extensions,
+//! validity) at a chosen time: now by default, as `openssl ts -verify` does.
 
 use anyhow::{bail, ensure, Context};
 use aws_lc_rs::signature::{self, UnparsedPublicKey, VerificationAlgorithm};
@@ -9,8 +11,12 @@ use cms::cert::CertificateChoices;
 use cms::signed_data::{SignerIdentifier, SignerInfo};
 use const_oid::ObjectIdentifier;
 use der::{Decode, Encode};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
-use x509_cert::ext::pkix::ExtendedKeyUsage;
+use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::{
+    BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName,
+};
 use x509_cert::Certificate;
 
 use super::read::Token;
@@ -31,7 +37,31 @@ pub struct Expectation<'a> {
     pub trusted: Vec<Certificate>,
     /// Further certificates, for a token issued without them (certReq false).
     pub untrusted: Vec<Certificate>,
+    /// When the signer's certificate path must be valid.
+    pub at: ValidAt,
 }
+
+/// When the signer's certificate path must be valid.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ValidAt {
+    /// Now, as `openssl ts -verify` checks: a token whose certificate has expired (or whose key
+    /// may since have leaked) needs other evidence.
+    #[default]
+    Now,
+    /// At the token's own genTime, for a token whose certificate has expired since. This takes
+    /// the token's word for its time, and checks no revocation: only for keys known not to have
+    /// been compromised since (for example, tokens kept in one's own archive since they came).
+    GenTime,
+    /// At this time.
+    Time(std::time::SystemTime),
+}
+
+/// Certificates a token (and the caller) may bring for the path; more are refused, so that a
+/// token cannot make path building try thousands.
+const MAX_CERTIFICATES: usize = 32;
+
+/// id-kp-timeStamping's DER content octets, as `webpki` takes an extended key usage.
+const KP_TIME_STAMPING_DER: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x08];
 
 /// What a verified token says.
 #[derive(Debug)]
@@ -51,6 +81,12 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
     let imprint_oid = tst.message_imprint.hash_algorithm.oid;
     let imprint_alg = DigestAlgorithm::from_oid(&imprint_oid)
         .with_context(|| format!("unknown imprint algorithm {imprint_oid}"))?;
+    ensure!(
+        !imprint_alg.is_broken(),
+        "the token stamps a {} imprint: that digest is broken (collisions), so the token proves \
+         nothing about one document",
+        imprint_alg.name()
+    );
     let expected_digest = match (expect.data, expect.digest) {
         (Some(data), _) => imprint_alg
             .digest(data)
@@ -119,6 +155,11 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
     let digest_alg_oid = signer_info.digest_alg.oid;
     let digest_alg = DigestAlgorithm::from_oid(&digest_alg_oid)
         .with_context(|| format!("unknown digest algorithm {digest_alg_oid}"))?;
+    ensure!(
+        !digest_alg.is_broken(),
+        "the signature covers a {} digest, which is broken",
+        digest_alg.name()
+    );
     let message_digest =
         attr(oid::MESSAGE_DIGEST)?.context("the messageDigest attribute is missing")?;
     let message_digest = der::asn1::OctetString::from_der(&message_digest)?;
@@ -145,11 +186,20 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
     )
     .context("the token's signature does not verify")?;
 
-    // The signer's certificate: profile, validity at genTime, chain.
+    // The signer's certificate: the name the token gives, its profile, its path.
+    if let Some(tsa) = &tst.tsa {
+        check_tsa_name(tsa, signer_cert)?;
+    }
     check_tsu_profile(signer_cert)?;
     let gen_time = tst.gen_time;
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(gen_time.unix_ns());
-    check_chain(signer_cert, &included, expect, at)?;
+    let at = match expect.at {
+        ValidAt::Now => std::time::SystemTime::now(),
+        ValidAt::GenTime => {
+            std::time::UNIX_EPOCH + std::time::Duration::from_nanos(gen_time.unix_ns())
+        }
+        ValidAt::Time(at) => at,
+    };
+    check_path(signer_cert, &signer_der, &included, expect, at)?;
 
     Ok(Verified {
         gen_time,
@@ -249,7 +299,6 @@ fn check_ess(
             issuer_matches(&first.issuer_serial),
             "ESSCertIDv2 names another issuer and serial"
         );
-        return Ok(());
     }
     if let Some(v1) = v1 {
         let sc = SigningCertificate::from_der(v1).context("signingCertificate does not decode")?;
@@ -265,63 +314,149 @@ fn check_ess(
             issuer_matches(&first.issuer_serial),
             "ESSCertID names another issuer and serial"
         );
-        return Ok(());
     }
-    bail!("neither signingCertificateV2 nor signingCertificate is present")
+    ensure!(
+        v2.is_some() || v1.is_some(),
+        "neither signingCertificateV2 nor signingCertificate is present"
+    );
+    Ok(())
 }
 
+/// The TSU certificate's profile (RFC 3161 § 2.3, as `openssl ts -verify` checks it): the only
+/// extended key usage id-kp-timeStamping, marked critical; a key usage, where there is one,
+/// that allows digitalSignature or nonRepudiation.
 fn check_tsu_profile(cert: &Certificate) -> anyhow::Result<()> {
-    match cert.tbs_certificate().get_extension::<ExtendedKeyUsage>()? {
-        Some((true, eku)) if eku.0 == [oid::KP_TIME_STAMPING] => Ok(()),
+    let tbs = cert.tbs_certificate();
+    match tbs.get_extension::<ExtendedKeyUsage>()? {
+        Some((true, eku)) if eku.0 == [oid::KP_TIME_STAMPING] => {}
         Some((false, _)) => bail!("the signer's extended key usage is not critical"),
         Some(_) => bail!("the signer's extended key usage is not exactly id-kp-timeStamping"),
         None => bail!("the signer's certificate has no extended key usage"),
     }
+    if let Some((_, usage)) = tbs.get_extension::<KeyUsage>()? {
+        ensure!(
+            usage.0.contains(KeyUsages::DigitalSignature)
+                || usage.0.contains(KeyUsages::NonRepudiation),
+            "the signer's key usage allows neither digitalSignature nor nonRepudiation"
+        );
+    }
+    Ok(())
 }
 
-fn check_chain(
+/// The `tsa` field of TSTInfo names the signer: its subject, or one of its subject
+/// alternative names (as `openssl ts -verify` requires).
+fn check_tsa_name(tsa: &der::asn1::AnyRef<'_>, cert: &Certificate) -> anyhow::Result<()> {
+    let name =
+        GeneralName::from_der(&tsa.to_der()?).context("the tsa field is not a GeneralName")?;
+    let tbs = cert.tbs_certificate();
+    if matches!(&name, GeneralName::DirectoryName(n) if n == tbs.subject()) {
+        return Ok(());
+    }
+    let alternatives = tbs.get_extension::<SubjectAltName>()?;
+    ensure!(
+        alternatives.is_some_and(|(_, san)| san.0.contains(&name)),
+        "the token's tsa field names someone other than its signer {}",
+        tbs.subject()
+    );
+    Ok(())
+}
+
+/// The signer's certificate path to a trusted CA, valid at `at`: built and checked by `webpki`
+/// from the token's certificates and the caller's, with id-kp-timeStamping required of every
+/// certificate on it that restricts its extended key usage. A trusted certificate that is the
+/// signer's own (a pinned TSU certificate) needs no path, only to be valid at `at`.
+fn check_path(
     leaf: &Certificate,
+    leaf_der: &[u8],
     included: &[Certificate],
     expect: &Expectation<'_>,
     at: std::time::SystemTime,
 ) -> anyhow::Result<()> {
     ensure!(!expect.trusted.is_empty(), "no trusted CA given");
-    let mut cert = leaf;
-    for _ in 0..8 {
-        let validity = cert.tbs_certificate().validity();
+    let seconds = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("a validation time before 1970")?;
+    if expect.trusted.iter().any(|t| t == leaf) {
+        let validity = leaf.tbs_certificate().validity();
         ensure!(
             validity.not_before.to_system_time() <= at && at <= validity.not_after.to_system_time(),
-            "{} was not valid at genTime",
+            "the signer's certificate {} is not valid at the validation time",
+            leaf.tbs_certificate().subject()
+        );
+        return Ok(());
+    }
+    let others: Vec<&Certificate> = included
+        .iter()
+        .chain(&expect.untrusted)
+        .filter(|c| *c != leaf)
+        .collect();
+    ensure!(
+        others.len() <= MAX_CERTIFICATES && expect.trusted.len() <= MAX_CERTIFICATES,
+        "more than {MAX_CERTIFICATES} certificates to build the signer's path from"
+    );
+    for cert in std::iter::once(leaf).chain(others.iter().copied()) {
+        ensure!(
+            cert.signature_algorithm() == cert.tbs_certificate().signature(),
+            "the certificate {} names two different signature algorithms",
             cert.tbs_certificate().subject()
         );
-        let issuer_name = cert.tbs_certificate().issuer();
-        let tbs_der = cert.tbs_certificate().to_der()?;
-        let signed_by = |issuer: &Certificate| {
-            issuer.tbs_certificate().subject() == issuer_name
-                && verify_signature(
-                    issuer.tbs_certificate().subject_public_key_info(),
-                    cert.signature_algorithm(),
-                    None,
-                    &tbs_der,
-                    cert.signature().raw_bytes(),
-                )
-                .is_ok()
-        };
-        if expect.trusted.iter().any(signed_by) || expect.trusted.iter().any(|t| t == cert) {
-            return Ok(());
-        }
-        cert = included
-            .iter()
-            .chain(&expect.untrusted)
-            .find(|c| *c != cert && signed_by(c))
-            .with_context(|| {
-                format!(
-                    "no trusted issuer found for {}",
-                    cert.tbs_certificate().subject()
-                )
-            })?;
     }
-    bail!("the certificate chain is too long")
+    let der = |c: &Certificate| c.to_der().map(CertificateDer::from);
+    let trusted = expect
+        .trusted
+        .iter()
+        .map(der)
+        .collect::<Result<Vec<_>, _>>()?;
+    let anchors = trusted
+        .iter()
+        .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("a trusted CA certificate cannot be used: {e}"))?;
+    let intermediates = others
+        .iter()
+        .map(|c| der(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let leaf_der = CertificateDer::from(leaf_der);
+    let end_entity = webpki::EndEntityCert::try_from(&leaf_der)
+        .map_err(|e| anyhow::anyhow!("the signer's certificate cannot be used: {e}"))?;
+    let path = end_entity
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &intermediates,
+            UnixTime::since_unix_epoch(seconds),
+            webpki::KeyUsage::required_if_present(KP_TIME_STAMPING_DER),
+            None,
+            None,
+        )
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "the signer's certificate {} has no valid path to a trusted CA: {e}",
+                leaf.tbs_certificate().subject()
+            )
+        })?;
+    // `webpki` takes a trust anchor as a name and a key; a trusted CA certificate's own path
+    // length constraint binds the path too (as OpenSSL holds it).
+    let anchor = path.anchor();
+    let root = anchors
+        .iter()
+        .position(|a| {
+            a.subject == anchor.subject
+                && a.subject_public_key_info == anchor.subject_public_key_info
+        })
+        .map(|i| &expect.trusted[i])
+        .context("the path ends at no trusted certificate")?;
+    let below = path.intermediate_certificates().count();
+    if let Some((_, constraints)) = root.tbs_certificate().get_extension::<BasicConstraints>()? {
+        if let Some(max) = constraints.path_len_constraint {
+            ensure!(
+                below <= usize::from(max),
+                "the signer's path has {below} CA certificates below {}, which allows {max}",
+                root.tbs_certificate().subject()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Verifies `signature` over `message` with the key in `spki`, by the algorithm `alg`
@@ -411,4 +546,76 @@ fn pss_verifier(
 /// Reads the signer's algorithm info for display.
 pub fn signer_info(token: &Token) -> Option<&SignerInfo> {
     token.signed_data.signer_infos.0.get(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{DevPki, DevTls, KeyAlgorithm};
+    use crate::protocol::asn1::{EssCertId, EssCertIdV2};
+    use der::asn1::{Ia5String, OctetStringRef};
+    use der::DecodePem;
+
+    fn tsu() -> Certificate {
+        let pki = DevPki::generate(KeyAlgorithm::P256).unwrap();
+        Certificate::from_pem(pki.tsu_cert_pem.as_bytes()).unwrap()
+    }
+
+    fn any(name: &GeneralName) -> Vec<u8> {
+        name.to_der().unwrap()
+    }
+
+    #[test]
+    fn the_tsa_name_is_the_signers_subject_or_one_of_its_alternative_names() {
+        let cert = tsu();
+        let check = |name: &GeneralName, cert: &Certificate| {
+            let der = any(name);
+            check_tsa_name(&der::asn1::AnyRef::from_der(&der).unwrap(), cert)
+        };
+        let subject = cert.tbs_certificate().subject().clone();
+        check(&GeneralName::DirectoryName(subject), &cert).unwrap();
+        let issuer = cert.tbs_certificate().issuer().clone();
+        assert!(check(&GeneralName::DirectoryName(issuer), &cert).is_err());
+
+        let pki = DevPki::generate(KeyAlgorithm::P256).unwrap();
+        let tls = DevTls::generate(&pki.ca_key_pem, "client").unwrap();
+        let server = Certificate::from_pem(tls.server_cert_pem.as_bytes()).unwrap();
+        let localhost = GeneralName::DnsName(Ia5String::new("localhost").unwrap());
+        check(&localhost, &server).unwrap();
+        let other = GeneralName::DnsName(Ia5String::new("tsa.example").unwrap());
+        assert!(check(&other, &server).is_err());
+    }
+
+    #[test]
+    fn both_ess_identifiers_must_name_the_signer_when_both_are_present() {
+        let cert = tsu();
+        let der = cert.to_der().unwrap();
+        let sha256 = DigestAlgorithm::Sha256.digest(&der).unwrap();
+        let sha1 = DigestAlgorithm::Sha1.digest(&der).unwrap();
+        let wrong = [0u8; 20];
+        let v2 = SigningCertificateV2 {
+            certs: vec![EssCertIdV2 {
+                hash_algorithm: None,
+                cert_hash: OctetStringRef::new(&sha256).unwrap(),
+                issuer_serial: None,
+            }],
+        }
+        .to_der()
+        .ok();
+        let v1 = |hash: &[u8]| {
+            SigningCertificate {
+                certs: vec![EssCertId {
+                    cert_hash: OctetStringRef::new(hash).unwrap(),
+                    issuer_serial: None,
+                }],
+            }
+            .to_der()
+            .ok()
+        };
+        check_ess(&v2, &None, &cert, &der).unwrap();
+        check_ess(&None, &v1(&sha1), &cert, &der).unwrap();
+        check_ess(&v2, &v1(&sha1), &cert, &der).unwrap();
+        assert!(check_ess(&v2, &v1(&wrong), &cert, &der).is_err());
+        assert!(check_ess(&None, &None, &cert, &der).is_err());
+    }
 }

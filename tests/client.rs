@@ -1,0 +1,79 @@
+//! `tsa request` against a TSA that answers with somebody else's token (a replay by a man in
+//! the middle, or a confused server): the reply is refused and not saved, and with `--ca` a
+//! genuine answer is verified in full.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{Server, TSA};
+
+fn tsa_request(dir: &Path, url: &str, args: &[&str]) -> Output {
+    Command::new(TSA)
+        .current_dir(dir)
+        .args(["request", "--url", url])
+        .args(args)
+        .env_remove("TSA_API_KEY")
+        .output()
+        .expect("run tsa request")
+}
+
+/// A loopback HTTP server that answers every request with `reply` as a time-stamp reply, for
+/// `count` connections.
+fn replaying(reply: Vec<u8>, count: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(count) {
+            let mut stream = stream.unwrap();
+            // The request head and its body (a small DER request): read what came.
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/timestamp-reply\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n",
+                reply.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&reply);
+        }
+    });
+    url
+}
+
+#[test]
+fn a_reply_that_answers_another_request_is_refused_and_not_saved() {
+    let server = Server::start(&[], "");
+    let d = server.dir.path();
+    std::fs::write(d.join("first.txt"), "the first invoice").unwrap();
+    std::fs::write(d.join("second.txt"), "the second invoice").unwrap();
+    let ca = server.ca();
+    let ca = ca.to_str().unwrap();
+
+    // A genuine exchange, verified in full with --ca.
+    let out = tsa_request(
+        d,
+        &server.url,
+        &["--data", "first.txt", "--out", "first.tsr", "--ca", ca],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("verified"), "{stdout}");
+    let first = std::fs::read(d.join("first.tsr")).unwrap();
+
+    // That reply again, for another document: refused, nothing saved.
+    let url = replaying(first, 1);
+    let out = tsa_request(d, &url, &["--data", "second.txt", "--out", "second.tsr"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted a replayed token: {stderr}");
+    assert!(stderr.contains("does not answer"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!d.join("second.tsr").exists());
+}

@@ -1,0 +1,271 @@
+//! The token verifier against certificate paths that a forger or a careless CA makes: tokens
+//! issued by the crate's own template under rcgen-made PKIs, each judged by the verifier and by
+//! `openssl ts -verify`, which must agree.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chrono::Datelike;
+use der::{Decode, Encode};
+use rcgen::{
+    BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use tsa::alg::{oid, DigestAlgorithm};
+use tsa::client::read::Response;
+use tsa::client::verify::{verify, Expectation, ValidAt};
+use tsa::client::Query;
+use tsa::protocol::{parse_request, RequestRules, Serial, Stamp, TemplateOptions, TokenTemplate};
+use tsa::signer::software::{RsaPadding, SoftwareSigner};
+use tsa::signer::Signer;
+use x509_cert::Certificate;
+
+const YEAR: Duration = Duration::from_secs(365 * 86_400);
+const DATA: &[u8] = b"an e-invoice";
+
+/// (year, month, day) of `t`, as `rcgen::date_time_ymd` takes them.
+fn ymd(t: SystemTime) -> (i32, u8, u8) {
+    let d = chrono::DateTime::<chrono::Utc>::from(t);
+    (d.year(), d.month() as u8, d.day() as u8)
+}
+
+fn key() -> KeyPair {
+    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap()
+}
+
+/// Certificate parameters named `cn`, valid over `from..to`.
+fn params(cn: &str, from: SystemTime, to: SystemTime) -> CertificateParams {
+    let mut p = CertificateParams::new(vec![]).unwrap();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    let ((y0, m0, d0), (y1, m1, d1)) = (ymd(from), ymd(to));
+    p.not_before = rcgen::date_time_ymd(y0, m0, d0);
+    p.not_after = rcgen::date_time_ymd(y1, m1, d1);
+    p
+}
+
+/// A CA, its path length constrained to `path_len` when given.
+fn ca(cn: &str, path_len: Option<u8>) -> CertificateParams {
+    let now = SystemTime::now();
+    let mut p = params(cn, now - 5 * YEAR, now + 5 * YEAR);
+    p.is_ca = IsCa::Ca(match path_len {
+        Some(n) => BasicConstraints::Constrained(n),
+        None => BasicConstraints::Unconstrained,
+    });
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p
+}
+
+/// The TSU profile: end entity, digitalSignature, id-kp-timeStamping alone and critical.
+fn tsu(from: SystemTime, to: SystemTime) -> CertificateParams {
+    let mut p = params("Time-Stamping Unit", from, to);
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let eku = vec![
+        0x30, 0x0a, 0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x08,
+    ];
+    let mut ext = CustomExtension::from_oid_content(&[2, 5, 29, 37], eku);
+    ext.set_criticality(true);
+    p.custom_extensions.push(ext);
+    p
+}
+
+fn current_tsu() -> CertificateParams {
+    let now = SystemTime::now();
+    tsu(now - YEAR, now + YEAR)
+}
+
+fn cert(c: &rcgen::Certificate) -> Certificate {
+    Certificate::from_der(c.der()).unwrap()
+}
+
+/// A root, the certificates between it and the TSU (issuer first), the TSU's certificate and
+/// key.
+struct Pki {
+    root: Certificate,
+    between: Vec<Certificate>,
+    tsu: Certificate,
+    tsu_key: KeyPair,
+}
+
+/// `root` signs `path[0]`, which signs `path[1]`, …; the last one signs `tsu`.
+fn pki(root: CertificateParams, path: Vec<CertificateParams>, tsu: CertificateParams) -> Pki {
+    let root_key = key();
+    let root_cert = root.self_signed(&root_key).unwrap();
+    let mut issuer = Issuer::new(root, root_key);
+    let mut between = Vec::new();
+    for params in path {
+        let k = key();
+        between.push(cert(&params.signed_by(&k, &issuer).unwrap()));
+        issuer = Issuer::new(params, k);
+    }
+    let tsu_key = key();
+    let tsu = cert(&tsu.signed_by(&tsu_key, &issuer).unwrap());
+    Pki {
+        root: cert(&root_cert),
+        between,
+        tsu,
+        tsu_key,
+    }
+}
+
+fn rules(digest: DigestAlgorithm) -> RequestRules {
+    RequestRules {
+        accepted_digests: vec![digest],
+        default_policy: oid::ETSI_BASELINE_POLICY,
+        other_policies: vec![],
+        max_len: 8 * 1024,
+    }
+}
+
+/// A token stamping [`DATA`] with `digest` at `at`, signed by the PKI's TSU with its path (and
+/// the TSU's name in TSTInfo): (the reply, its query).
+fn stamp(pki: &Pki, digest: DigestAlgorithm, at: SystemTime) -> (Vec<u8>, Vec<u8>) {
+    let signer =
+        SoftwareSigner::from_pkcs8(&pki.tsu_key.serialize_der(), RsaPadding::Pkcs1).unwrap();
+    let chain: Vec<Vec<u8>> = pki.between.iter().map(|c| c.to_der().unwrap()).collect();
+    let template = TokenTemplate::new(
+        &pki.tsu.to_der().unwrap(),
+        &chain,
+        signer.algorithm(),
+        TemplateOptions {
+            include_tsa_name: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let query = Query::for_data(digest, DATA).unwrap().to_der().unwrap();
+    let request = parse_request(&query, &rules(digest)).unwrap();
+    let unix_ns = at.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let serial = Serial::from_unsigned(&[0x12, 0x34]).unwrap();
+    let stamp = Stamp::new(unix_ns, 1_000_000, template.precision(), serial);
+    let tbs = template.to_be_signed(&request, &stamp).unwrap();
+    let signature = signer.sign(tbs.message()).unwrap();
+    (template.assemble(&tbs, &signature), query)
+}
+
+/// The verifier's judgement of `reply` with the PKI's root trusted.
+fn ours(pki: &Pki, reply: &[u8], query: &[u8], at: ValidAt) -> Result<(), String> {
+    let response = Response::from_der(reply).unwrap();
+    verify(
+        response.token.as_ref().unwrap(),
+        &Expectation {
+            data: Some(DATA),
+            query: Some(query),
+            trusted: vec![pki.root.clone()],
+            at,
+            ..Default::default()
+        },
+    )
+    .map(|_| ())
+    .map_err(|e| format!("{e:#}"))
+}
+
+/// `openssl ts -verify`'s judgement, at `at` (now when `None`).
+fn openssl(pki: &Pki, reply: &[u8], query: &[u8], at: Option<SystemTime>, dir: &Path) -> bool {
+    std::fs::write(dir.join("r.tsr"), reply).unwrap();
+    std::fs::write(dir.join("q.tsq"), query).unwrap();
+    let pem = der::EncodePem::to_pem(&pki.root, der::pem::LineEnding::LF).unwrap();
+    std::fs::write(dir.join("root.pem"), pem).unwrap();
+    let mut cmd = Command::new("openssl");
+    cmd.args(["ts", "-verify", "-in", "r.tsr", "-queryfile", "q.tsq"])
+        .args(["-CAfile", "root.pem"])
+        .current_dir(dir);
+    if let Some(at) = at {
+        let seconds = at.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        cmd.args(["-attime", &seconds.to_string()]);
+    }
+    cmd.output().unwrap().status.success()
+}
+
+/// Both verifiers accept (`true`) or both refuse the token, judged now.
+fn both(pki: &Pki, accept: bool) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let (reply, query) = stamp(pki, DigestAlgorithm::Sha256, SystemTime::now());
+    assert_eq!(
+        openssl(pki, &reply, &query, None, dir.path()),
+        accept,
+        "openssl ts -verify"
+    );
+    let judged = ours(pki, &reply, &query, ValidAt::Now);
+    assert_eq!(judged.is_ok(), accept, "the verifier: {judged:?}");
+    judged
+}
+
+#[test]
+fn a_tsu_under_the_root_or_an_intermediate_ca_verifies() {
+    both(&pki(ca("Root", Some(0)), vec![], current_tsu()), true).unwrap();
+    both(
+        &pki(
+            ca("Root", None),
+            vec![ca("Issuing CA", Some(0))],
+            current_tsu(),
+        ),
+        true,
+    )
+    .unwrap();
+}
+
+#[test]
+fn an_end_entity_certificate_cannot_issue_a_tsu_certificate() {
+    // A TLS server certificate under the trusted root, whose key signs a TSU certificate of
+    // its own making.
+    let now = SystemTime::now();
+    let mut server = params("localhost", now - YEAR, now + YEAR);
+    server.is_ca = IsCa::ExplicitNoCa;
+    server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let forged = pki(ca("Root", Some(0)), vec![server], current_tsu());
+    let error = both(&forged, false).unwrap_err();
+    assert!(error.contains("no valid path"), "{error}");
+}
+
+#[test]
+fn a_path_longer_than_the_root_allows_is_refused() {
+    let deep = pki(
+        ca("Root", Some(0)),
+        vec![ca("Issuing CA", None)],
+        current_tsu(),
+    );
+    both(&deep, false).unwrap_err();
+}
+
+#[test]
+fn a_tsu_key_usage_without_signatures_or_an_unknown_critical_extension_is_refused() {
+    let mut encipherment = current_tsu();
+    encipherment.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
+    let error = both(&pki(ca("Root", Some(0)), vec![], encipherment), false).unwrap_err();
+    assert!(error.contains("key usage"), "{error}");
+
+    let mut unknown = current_tsu();
+    let mut ext = CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 32473, 99], vec![5, 0]);
+    ext.set_criticality(true);
+    unknown.custom_extensions.push(ext);
+    both(&pki(ca("Root", Some(0)), vec![], unknown), false).unwrap_err();
+}
+
+#[test]
+fn an_expired_tsu_certificate_verifies_only_when_asked_to_at_gen_time() {
+    let now = SystemTime::now();
+    let old = pki(ca("Root", Some(0)), vec![], tsu(now - 3 * YEAR, now - YEAR));
+    let gen_time = now - 2 * YEAR;
+    let (reply, query) = stamp(&old, DigestAlgorithm::Sha256, gen_time);
+    let dir = tempfile::tempdir().unwrap();
+    assert!(!openssl(&old, &reply, &query, None, dir.path()));
+    let error = ours(&old, &reply, &query, ValidAt::Now).unwrap_err();
+    assert!(error.contains("no valid path"), "{error}");
+    assert!(openssl(&old, &reply, &query, Some(gen_time), dir.path()));
+    ours(&old, &reply, &query, ValidAt::GenTime).unwrap();
+    ours(&old, &reply, &query, ValidAt::Time(gen_time)).unwrap();
+    // After the certificate expired, not even its own genTime helps a later token.
+    let (late, late_query) = stamp(&old, DigestAlgorithm::Sha256, now - YEAR / 2);
+    ours(&old, &late, &late_query, ValidAt::GenTime).unwrap_err();
+}
+
+#[test]
+fn a_token_of_a_broken_digest_is_refused() {
+    let pki = pki(ca("Root", Some(0)), vec![], current_tsu());
+    let (reply, query) = stamp(&pki, DigestAlgorithm::Sha1, SystemTime::now());
+    let error = ours(&pki, &reply, &query, ValidAt::Now).unwrap_err();
+    assert!(error.contains("broken"), "{error}");
+}
