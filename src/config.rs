@@ -144,6 +144,9 @@ pub struct ServerConfig {
     pub max_batch_items: usize,
     /// Time allowed for a request's headers and then for its body.
     pub read_timeout_ms: u64,
+    /// How long a write to a client may make no progress (the client reads nothing) before
+    /// the connection is closed.
+    pub write_timeout_ms: u64,
     /// Worker threads of the async runtime; 0 means one per core.
     pub workers: usize,
     /// Time-stamp requests admitted and not yet answered (a batch: one per chunk of 64
@@ -176,6 +179,7 @@ impl Default for ServerConfig {
             max_batch_bytes: 4 * 1024 * 1024,
             max_batch_items: 10_000,
             read_timeout_ms: 10_000,
+            write_timeout_ms: 5_000,
             workers: 0,
             max_queue: 256,
             queue_wait_ms: 1_000,
@@ -191,6 +195,10 @@ impl Default for ServerConfig {
 impl ServerConfig {
     pub fn read_timeout(&self) -> Duration {
         Duration::from_millis(self.read_timeout_ms)
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
     }
 
     pub fn queue_wait(&self) -> Duration {
@@ -633,6 +641,9 @@ impl Config {
         if !self.server.path.starts_with('/') {
             bail!("server.path must start with '/'");
         }
+        if self.server.write_timeout_ms == 0 {
+            bail!("server.write_timeout_ms must be positive: a client that reads nothing would hold its connection for good");
+        }
         let a = &self.archive;
         if a.serial_block < 2 || a.max_batch == 0 || a.checkpoint_interval_s == 0 {
             bail!("archive.serial_block must be at least 2, max_batch and checkpoint_interval_s positive");
@@ -747,6 +758,7 @@ mod tests {
         assert_eq!(config.server.max_batch_bytes, defaults.max_batch_bytes);
         assert_eq!(config.server.max_batch_items, defaults.max_batch_items);
         assert_eq!(config.server.read_timeout_ms, defaults.read_timeout_ms);
+        assert_eq!(config.server.write_timeout_ms, defaults.write_timeout_ms);
         assert_eq!(
             config.clock.max_accuracy_ms,
             ClockConfig::default().max_accuracy_ms

@@ -215,6 +215,74 @@ fn past_max_connections_a_new_connection_gets_503_and_is_closed() {
     assert_serves(&server);
 }
 
+/// A connection to `authority` with a receive buffer as small as the kernel allows (set
+/// before the handshake, so that the window it announces is small too).
+fn connect_with_small_receive_buffer(authority: &str) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let addr: std::net::SocketAddr = authority.parse().unwrap();
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    socket.into()
+}
+
+/// Polls `/metrics` until `name` reads `value`, for at most `limit`; whether it did.
+fn metric_reaches(server: &Server, name: &str, value: f64, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if metric(server, name, "") == value {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn a_client_that_reads_no_answers_is_cut_off_after_the_write_timeout() {
+    // The read timeout is far longer than the test: only the write timeout can close it.
+    let server = Server::start(
+        &[],
+        "[server]\nwrite_timeout_ms = 500\nread_timeout_ms = 60000\n",
+    );
+    let (authority, _) = split_url(&server.url);
+    let mut stream = connect_with_small_receive_buffer(&authority);
+    assert!(
+        metric_reaches(&server, "tsa_open_connections", 1.0, Duration::from_secs(5)),
+        "the connection was not accepted"
+    );
+    // Pipelined requests for the certificate chain (no credentials, no quota), never read:
+    // their answers fill the client's receive buffer, the server's send buffer and hyper's.
+    stream
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let request = b"GET /certs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    for _ in 0..20_000 {
+        if stream.write_all(request).is_err() {
+            break; // the server stopped reading, or closed the connection
+        }
+    }
+    let sent = Instant::now();
+    assert!(
+        metric_reaches(
+            &server,
+            "tsa_open_connections",
+            0.0,
+            Duration::from_secs(10)
+        ),
+        "a connection whose client reads nothing still held its place 10 s after its last request"
+    );
+    let (_, closed) = read_to_close(&mut stream, Duration::from_secs(5));
+    assert!(closed, "the server did not close the connection");
+    assert!(sent.elapsed() < Duration::from_secs(15));
+    // A GET /certs on a fresh connection, and a stamp, are served as before.
+    let mut conn = Conn::open(&server.url);
+    conn.send("GET", "/certs", &[], b"");
+    let reply = conn.read_reply().expect("an answer");
+    assert_eq!(reply.status, 200);
+    assert_serves(&server);
+}
+
 #[test]
 fn keep_alive_connections_close_after_max_requests() {
     let server = Server::start(&[], "[server]\nmax_requests_per_connection = 3\n");

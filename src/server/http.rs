@@ -26,7 +26,9 @@
 //! verified client certificate is a credential besides the `Authorization` header
 //! ([`super::auth`]). Authentication comes first, then the quota, then the checks above, then
 //! admission. Idle keep-alive connections close after `read_timeout_ms`, busy ones after
-//! `max_requests_per_connection` requests (the last reply says `Connection: close`).
+//! `max_requests_per_connection` requests (the last reply says `Connection: close`), and a
+//! connection whose client reads none of its answers for `write_timeout_ms` is closed
+//! ([`super::write_timeout`]), so that it cannot hold its place under `max_connections`.
 //!
 //! Admin listener (loopback by default): `GET /health/live`, `GET /health/ready` (503 with the
 //! reason while the clock is not trusted or the signer failed), `GET /clock` (the clock's
@@ -56,6 +58,7 @@ use tokio::net::TcpListener;
 use super::admission::{self, ConnectionSlot};
 use super::auth::{Link, PeerCertificate, Refusal};
 use super::log_limit::LogLimit;
+use super::write_timeout::WriteTimeout;
 use super::{metrics, Client, Outcome, Tsa};
 use crate::config::ServerConfig;
 use crate::protocol::{batch, FailInfo, Rejection};
@@ -70,6 +73,8 @@ struct Limits {
     max_batch_body: usize,
     max_batch_items: usize,
     read_timeout: Duration,
+    /// How long a write to the client may make no progress ([`WriteTimeout`]).
+    write_timeout: Duration,
     /// Requests on one connection before it is closed; 0: no limit.
     max_requests_per_connection: u64,
 }
@@ -94,6 +99,7 @@ impl Limits {
             max_batch_body: config.max_batch_bytes,
             max_batch_items: config.max_batch_items.max(1),
             read_timeout: config.read_timeout(),
+            write_timeout: config.write_timeout(),
             max_requests_per_connection: config.max_requests_per_connection,
         }
     }
@@ -135,9 +141,9 @@ where
     let served = serve_public(
         &http1_builder(&config),
         graceful.watcher(),
-        TokioIo::new(stream),
+        TokioIo::new(WriteTimeout::new(stream, limits.write_timeout)),
         tsa,
-        limits,
+        limits.clone(),
         connection,
     );
     if let Err(e) = served.await {
@@ -168,7 +174,8 @@ pub(super) async fn run(
                 };
                 let connection = Connection { _slot: slot, served: AtomicU64::new(0), peer: None, tls: false };
                 let (tsa, limits) = (tsa.clone(), limits.clone());
-                spawn(serve_public(&builder, graceful.watcher(), TokioIo::new(stream), tsa, limits, connection));
+                let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
+                spawn(serve_public(&builder, graceful.watcher(), io, tsa, limits, connection));
             }
             accepted = accept_on(https.as_ref()) => {
                 let Some(stream) = accepted_stream(accepted).await else { continue };
@@ -182,6 +189,8 @@ pub(super) async fn run(
                 let (tsa, limits, builder, watcher) = (tsa.clone(), limits.clone(), builder.clone(), graceful.watcher());
                 // The handshake runs in the connection's task, within the read timeout.
                 spawn(async move {
+                    // Under TLS, so that the handshake's and the records' writes are held to it too.
+                    let stream = WriteTimeout::new(stream, limits.write_timeout);
                     let Some((stream, peer)) = super::tls::handshake(&acceptor, stream, limits.read_timeout).await else {
                         return Ok(());
                     };
@@ -196,7 +205,8 @@ pub(super) async fn run(
                     let tsa = tsa.clone();
                     async move { Ok::<_, Infallible>(admin_route(req, &tsa)) }
                 });
-                spawn(graceful.watch(builder.serve_connection(TokioIo::new(stream), service)));
+                let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
+                spawn(graceful.watch(builder.serve_connection(io, service)));
             }
             () = &mut shutdown => break,
         }

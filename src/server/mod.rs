@@ -13,6 +13,7 @@ mod metrics;
 mod status;
 mod systemd;
 mod tls;
+mod write_timeout;
 
 use std::future::Future;
 use std::net::SocketAddr;
