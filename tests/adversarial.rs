@@ -284,6 +284,45 @@ fn a_client_that_reads_no_answers_is_cut_off_after_the_write_timeout() {
 }
 
 #[test]
+fn under_a_low_open_file_limit_the_connection_limit_is_lowered_to_fit() {
+    // 300 open files, of which the server keeps 256 for itself (`src/server/fd_limit.rs`):
+    // room for 44 connections, not the 1000 configured.
+    let dir = Server::init(&[], "[server]\nmax_connections = 1000\n");
+    let server = Server::serve_under(dir, &["prlimit", "--nofile=300:300"]);
+    let room = 300 - 256;
+    let held: Vec<Conn> = (0..room).map(|_| Conn::open(&server.url)).collect();
+    assert!(
+        metric_reaches(
+            &server,
+            "tsa_open_connections",
+            room as f64,
+            Duration::from_secs(5)
+        ),
+        "the {room} connections were not accepted"
+    );
+
+    let (authority, _) = split_url(&server.url);
+    let mut next = TcpStream::connect(&authority).unwrap();
+    let (answer, closed) = read_to_close(&mut next, Duration::from_secs(5));
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 503 ") && closed,
+        "connection {} was not refused with a 503: {answer:?}",
+        room + 1
+    );
+
+    // The connections it holds are served: tokens are still issued.
+    let path = path_of(&server);
+    for (i, mut conn) in held.into_iter().enumerate().step_by(11) {
+        let reply = conn.post(
+            &path,
+            &query_for(format!("held {i}").as_bytes()).to_der().unwrap(),
+        );
+        assert!(decode(&reply).granted(), "{reply:?}");
+    }
+}
+
+#[test]
 fn keep_alive_connections_close_after_max_requests() {
     let server = Server::start(&[], "[server]\nmax_requests_per_connection = 3\n");
     let path = path_of(&server);

@@ -5,6 +5,7 @@
 
 mod admission;
 pub mod auth;
+mod fd_limit;
 mod history;
 mod http;
 mod issue;
@@ -110,7 +111,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         blocking_lane: Arc::new(tokio::sync::Semaphore::new(blocking_lane)),
         metrics: metrics::Metrics::default(),
         admission,
-        connections: admission::Connections::new(config.server.max_connections),
+        connections: admission::Connections::new(fd_limit::fit(config.server.max_connections)),
         auth: ArcSwap::from_pointee(auth::Auth::new(&config.auth)?),
         rollover,
         tls: arc_swap::ArcSwapOption::empty(),
