@@ -142,6 +142,9 @@ pub struct ServerConfig {
     pub max_batch_bytes: usize,
     /// The most requests one batch may hold; more get 413.
     pub max_batch_items: usize,
+    /// Batches whose bodies are read or answered at once (each holds up to
+    /// `max_batch_bytes`); past it a batch gets 503 with `Retry-After` before its body is read.
+    pub max_batches_in_flight: usize,
     /// Time allowed for a request's headers and then for its body.
     pub read_timeout_ms: u64,
     /// How long a write to a client may make no progress (the client reads nothing) before
@@ -178,6 +181,7 @@ impl Default for ServerConfig {
             max_request_bytes: 8 * 1024,
             max_batch_bytes: 4 * 1024 * 1024,
             max_batch_items: 10_000,
+            max_batches_in_flight: 8,
             read_timeout_ms: 10_000,
             write_timeout_ms: 5_000,
             workers: 0,
@@ -641,6 +645,9 @@ impl Config {
         if !self.server.path.starts_with('/') {
             bail!("server.path must start with '/'");
         }
+        if self.server.max_batches_in_flight == 0 {
+            bail!("server.max_batches_in_flight must be positive");
+        }
         if self.server.write_timeout_ms == 0 {
             bail!("server.write_timeout_ms must be positive: a client that reads nothing would hold its connection for good");
         }
@@ -757,6 +764,10 @@ mod tests {
         assert_eq!(config.server.max_request_bytes, defaults.max_request_bytes);
         assert_eq!(config.server.max_batch_bytes, defaults.max_batch_bytes);
         assert_eq!(config.server.max_batch_items, defaults.max_batch_items);
+        assert_eq!(
+            config.server.max_batches_in_flight,
+            defaults.max_batches_in_flight
+        );
         assert_eq!(config.server.read_timeout_ms, defaults.read_timeout_ms);
         assert_eq!(config.server.write_timeout_ms, defaults.write_timeout_ms);
         assert_eq!(

@@ -16,6 +16,7 @@
 //! | `POST {path}` with a wrong API key, or a client certificate of no configured client | 401 (also when anonymous access is on) + DER rejection `badRequest` |
 //! | `POST {path}` over the client's quota               | 429, `Retry-After` (seconds) + DER rejection `systemFailure` |
 //! | `POST {path}` while `max_queue` requests are admitted, and no place frees within `queue_wait_ms` | 503, `Retry-After: 1` + DER rejection `systemFailure` ([`super::admission`]) |
+//! | a batch while `max_batches_in_flight` batches are read or answered | 503, `Retry-After: 1` + DER rejection `systemFailure`, before its body is read |
 //! | a request head over `max_header_bytes` or 100 headers | 431, connection closed (hyper) |
 //! | a new connection while `max_connections` are open   | a fixed 503 `text/plain`, closed unread |
 //! | unparsable HTTP                                     | 400, connection closed (hyper) |
@@ -44,8 +45,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -448,7 +449,7 @@ async fn timestamp(
         Err(refused) => return refused,
     };
     let Some(_admitted) = tsa.admission.enter(1).await else {
-        return overloaded(tsa);
+        return overloaded(tsa, metrics::Overload::Queue);
     };
     let (der, outcome) = tsa.respond(body, client).await;
     (response(StatusCode::OK, REPLY_TYPE, der.into()), outcome)
@@ -474,6 +475,10 @@ async fn timestamp_batch(
     let client = match authenticate(&req, tsa, link) {
         Ok(client) => client,
         Err(denied) => return refused(denied.answer()),
+    };
+    // Taken before the body is read, so that the batch bodies held at once are bounded.
+    let Ok(_in_flight) = tsa.batches.try_acquire() else {
+        return refused(overloaded(tsa, metrics::Overload::Batches));
     };
     let body = match read_body(req, limits.max_batch_body, limits.read_timeout).await {
         Ok(body) => body,
@@ -506,7 +511,7 @@ async fn timestamp_batch(
     // A batch waits for the lane in chunks (`Tsa::respond_batch`); each is one place.
     let places = count.div_ceil(super::issue::BATCH_CHUNK);
     let Some(_admitted) = tsa.admission.enter(places).await else {
-        return refused(overloaded(tsa));
+        return refused(overloaded(tsa, metrics::Overload::Queue));
     };
     let answers = tsa.respond_batch(items, &client).await;
     let elapsed = start.elapsed();
@@ -564,11 +569,11 @@ async fn read_body(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Err((reply, outcome));
     }
-    let body = Limited::new(req.into_body(), max).collect();
+    let body = collect(req.into_body(), max, declared);
     match tokio::time::timeout(timeout, body).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Ok(Err(_)) => Err(rejection(
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(BodyError::TooLarge)) => Err(too_large()),
+        Ok(Err(BodyError::Failed)) => Err(rejection(
             StatusCode::BAD_REQUEST,
             FailInfo::BadDataFormat,
             "the request body could not be read",
@@ -579,6 +584,49 @@ async fn read_body(
             "the request body did not arrive in time",
         )),
     }
+}
+
+enum BodyError {
+    TooLarge,
+    Failed,
+}
+
+/// The body's data, at most `max` octets: a body that came in one piece as it came, else
+/// copied once into one buffer (sized by its `Content-Length`) as its pieces arrive, so that
+/// no more than about one copy of it is held at any time.
+async fn collect(
+    mut body: Incoming,
+    max: usize,
+    declared: Option<u64>,
+) -> Result<Bytes, BodyError> {
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| BodyError::Failed)?.into_data() else {
+            continue; // trailers
+        };
+        let held = first.as_ref().map_or(0, Bytes::len) + joined.as_ref().map_or(0, BytesMut::len);
+        if data.len() > max - held {
+            return Err(BodyError::TooLarge);
+        }
+        if let Some(buffer) = joined.as_mut() {
+            buffer.extend_from_slice(&data);
+        } else if let Some(head) = first.take() {
+            let size = declared
+                .map_or(0, |n| n as usize)
+                .clamp(held + data.len(), max);
+            let mut buffer = BytesMut::with_capacity(size);
+            buffer.extend_from_slice(&head);
+            buffer.extend_from_slice(&data);
+            joined = Some(buffer);
+        } else {
+            first = Some(data);
+        }
+    }
+    Ok(match joined {
+        Some(buffer) => buffer.freeze(),
+        None => first.unwrap_or_default(),
+    })
 }
 
 fn admin_route(req: Request<Incoming>, tsa: &Arc<Tsa>) -> Reply {
@@ -643,10 +691,10 @@ fn has_media_type(req: &Request<Incoming>, expected: &str) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case(expected))
 }
 
-/// No place in `max_queue` within `queue_wait_ms`: 503, `Retry-After` and a DER systemFailure.
-/// The body is encoded once: under overload most answers are this one, and each should cost
-/// as little as possible beside the requests being signed.
-fn overloaded(tsa: &Tsa) -> (Reply, Outcome) {
+/// No place in `max_queue` within `queue_wait_ms`, or no batch place: 503, `Retry-After` and a
+/// DER systemFailure. The body is encoded once: under overload most answers are this one, and
+/// each should cost as little as possible beside the requests being signed.
+fn overloaded(tsa: &Tsa, limit: metrics::Overload) -> (Reply, Outcome) {
     static BODY: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| {
         Rejection::new(
             FailInfo::SystemFailure,
@@ -655,7 +703,7 @@ fn overloaded(tsa: &Tsa) -> (Reply, Outcome) {
         .to_der()
         .into()
     });
-    tsa.metrics.overloaded(metrics::Overload::Queue);
+    tsa.metrics.overloaded(limit);
     let mut reply = response(StatusCode::SERVICE_UNAVAILABLE, REPLY_TYPE, BODY.clone());
     reply
         .headers_mut()

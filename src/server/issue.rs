@@ -105,6 +105,8 @@ pub struct Tsa {
     pub(super) metrics: super::metrics::Metrics,
     /// Requests admitted and not yet answered (`server.max_queue`).
     pub(super) admission: super::admission::Admission,
+    /// Batches read or answered now (`server.max_batches_in_flight`).
+    pub(super) batches: tokio::sync::Semaphore,
     /// Open public connections (`server.max_connections`).
     pub(super) connections: super::admission::Connections,
     /// The clients of `[auth]` and their quotas; replaced whole on reload.

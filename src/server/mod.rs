@@ -111,6 +111,9 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         blocking_lane: Arc::new(tokio::sync::Semaphore::new(blocking_lane)),
         metrics: metrics::Metrics::default(),
         admission,
+        batches: tokio::sync::Semaphore::new(
+            (config.server.max_batches_in_flight).clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        ),
         connections: admission::Connections::new(fd_limit::fit(config.server.max_connections)),
         auth: ArcSwap::from_pointee(auth::Auth::new(&config.auth)?),
         rollover,
