@@ -648,8 +648,14 @@ impl Config {
         if self.server.max_batches_in_flight == 0 {
             bail!("server.max_batches_in_flight must be positive");
         }
+        if self.server.read_timeout_ms == 0 {
+            bail!("server.read_timeout_ms must be positive: every request would time out at once");
+        }
         if self.server.write_timeout_ms == 0 {
             bail!("server.write_timeout_ms must be positive: a client that reads nothing would hold its connection for good");
+        }
+        if self.archive.lease_ttl_s == 0 {
+            bail!("archive.lease_ttl_s must be positive");
         }
         let a = &self.archive;
         if a.serial_block < 2 || a.max_batch == 0 || a.checkpoint_interval_s == 0 {
@@ -753,6 +759,28 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_timeouts_are_refused_with_the_setting_named() {
+        let text = include_str!("../config/tsa.example.toml");
+        for (setting, section) in [
+            ("read_timeout_ms", "server"),
+            ("write_timeout_ms", "server"),
+            ("lease_ttl_s", "archive"),
+        ] {
+            let mut config: toml::Table = text.parse().unwrap();
+            config[section]
+                .as_table_mut()
+                .unwrap()
+                .insert(setting.into(), toml::Value::Integer(0));
+            let config: Config = config.try_into().unwrap();
+            let refused = config.validate().unwrap_err().to_string();
+            assert!(
+                refused.contains(&format!("{section}.{setting} must be positive")),
+                "{refused}"
+            );
+        }
+    }
 
     #[test]
     fn the_example_configuration_parses_and_matches_the_defaults() {

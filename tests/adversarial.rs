@@ -323,6 +323,46 @@ fn under_a_low_open_file_limit_the_connection_limit_is_lowered_to_fit() {
 }
 
 #[test]
+fn a_refused_connection_that_sent_its_request_reads_the_whole_503() {
+    let server = Server::start(&[], "[server]\nmax_connections = 1\n");
+    let (authority, path) = split_url(&server.url);
+    let _held = Conn::open(&server.url);
+    std::thread::sleep(Duration::from_millis(200));
+    let request = wire::request(
+        "POST",
+        &path,
+        &[("Content-Type", QUERY_TYPE)],
+        &query_for(b"refused").to_der().unwrap(),
+    );
+    let (head, body) = request.split_at(request.len() - 20);
+    // A socket closed with the client's bytes unread answers with a reset: the client's next
+    // write fails and it may never read the 503. The server is stopped while the client
+    // connects and sends the head, so that the head is there before the connection is even
+    // accepted (as it often is under load); the rest follows a moment after the refusal.
+    for attempt in 0..5 {
+        server.signal("STOP");
+        let mut stream = TcpStream::connect(&authority).unwrap();
+        stream.write_all(head).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        server.signal("CONT");
+        std::thread::sleep(Duration::from_millis(100));
+        stream
+            .write_all(body)
+            .unwrap_or_else(|e| panic!("attempt {attempt}: the rest of the request: {e}"));
+        let (answer, closed) = read_to_close(&mut stream, Duration::from_secs(5));
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 503 ") && answer.ends_with("too many connections\n"),
+            "attempt {attempt}: {answer:?}"
+        );
+        assert!(
+            closed,
+            "attempt {attempt}: the refused connection stays open"
+        );
+    }
+}
+
+#[test]
 fn keep_alive_connections_close_after_max_requests() {
     let server = Server::start(&[], "[server]\nmax_requests_per_connection = 3\n");
     let path = path_of(&server);

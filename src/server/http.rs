@@ -18,7 +18,7 @@
 //! | `POST {path}` while `max_queue` requests are admitted, and no place frees within `queue_wait_ms` | 503, `Retry-After: 1` + DER rejection `systemFailure` ([`super::admission`]) |
 //! | a batch while `max_batches_in_flight` batches are read or answered | 503, `Retry-After: 1` + DER rejection `systemFailure`, before its body is read |
 //! | a request head over `max_header_bytes` or 100 headers | 431, connection closed (hyper) |
-//! | a new connection while `max_connections` are open   | a fixed 503 `text/plain`, closed unread |
+//! | a new connection while `max_connections` are open   | a fixed 503 `text/plain`, then closed; what the client sent is read and discarded briefly first, so that it reads the 503 rather than a reset |
 //! | unparsable HTTP                                     | 400, connection closed (hyper) |
 //! | `GET /certs`                                        | 200, the certificate chain as PEM |
 //! | anything else                                       | 404 |
@@ -41,7 +41,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -240,11 +240,47 @@ async fn accepted_stream(
     }
 }
 
-/// Over `max_connections`: a fixed 503 written into the fresh socket's empty send buffer,
-/// then closed, without reading anything.
+/// Refused connections being drained at once ([`refuse_connection`]); past it one is closed
+/// at once. Each holds a file descriptor for at most [`DRAIN_TIME`]: they fit in the
+/// descriptors kept beside the connections ([`super::fd_limit::RESERVE`]).
+const MAX_DRAINING: usize = 64;
+/// How long a refused connection's request is read and discarded, at most.
+const DRAIN_TIME: Duration = Duration::from_millis(500);
+/// How much of it, at most.
+const DRAIN_BYTES: usize = 64 * 1024;
+
+/// Over `max_connections`: a fixed 503 written into the fresh socket's empty send buffer and
+/// the sending side shut (FIN). What the client sent is then read and discarded, briefly
+/// ([`DRAIN_TIME`], [`DRAIN_BYTES`]), before the socket is closed: a socket closed with
+/// unread data sends a reset, which would make the client drop the 503 unread.
 fn refuse_connection(tsa: &Tsa, stream: tokio::net::TcpStream) {
+    static DRAINING: AtomicUsize = AtomicUsize::new(0);
     tsa.metrics.overloaded(metrics::Overload::Connections);
     let _ = stream.try_write(admission::CONNECTIONS_EXCEEDED);
+    if DRAINING.fetch_add(1, Ordering::AcqRel) >= MAX_DRAINING {
+        DRAINING.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
+    tokio::spawn(async move {
+        drain(stream).await;
+        DRAINING.fetch_sub(1, Ordering::AcqRel);
+    });
+}
+
+async fn drain(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let mut chunk = [0u8; 4096];
+    let mut left = DRAIN_BYTES;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while left > 0 {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// The next connection on the HTTPS listener; never, without one.
