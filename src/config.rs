@@ -142,8 +142,14 @@ pub struct ServerConfig {
     pub max_batch_bytes: usize,
     /// The most requests one batch may hold; more get 413.
     pub max_batch_items: usize,
+    /// Batches whose bodies are read or answered at once (each holds up to
+    /// `max_batch_bytes`); past it a batch gets 503 with `Retry-After` before its body is read.
+    pub max_batches_in_flight: usize,
     /// Time allowed for a request's headers and then for its body.
     pub read_timeout_ms: u64,
+    /// How long a write to a client may make no progress (the client reads nothing) before
+    /// the connection is closed.
+    pub write_timeout_ms: u64,
     /// Worker threads of the async runtime; 0 means one per core.
     pub workers: usize,
     /// Time-stamp requests admitted and not yet answered (a batch: one per chunk of 64
@@ -175,7 +181,9 @@ impl Default for ServerConfig {
             max_request_bytes: 8 * 1024,
             max_batch_bytes: 4 * 1024 * 1024,
             max_batch_items: 10_000,
+            max_batches_in_flight: 8,
             read_timeout_ms: 10_000,
+            write_timeout_ms: 5_000,
             workers: 0,
             max_queue: 256,
             queue_wait_ms: 1_000,
@@ -191,6 +199,10 @@ impl Default for ServerConfig {
 impl ServerConfig {
     pub fn read_timeout(&self) -> Duration {
         Duration::from_millis(self.read_timeout_ms)
+    }
+
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
     }
 
     pub fn queue_wait(&self) -> Duration {
@@ -634,6 +646,18 @@ impl Config {
         if !self.server.path.starts_with('/') {
             bail!("server.path must start with '/'");
         }
+        if self.server.max_batches_in_flight == 0 {
+            bail!("server.max_batches_in_flight must be positive");
+        }
+        if self.server.read_timeout_ms == 0 {
+            bail!("server.read_timeout_ms must be positive: every request would time out at once");
+        }
+        if self.server.write_timeout_ms == 0 {
+            bail!("server.write_timeout_ms must be positive: a client that reads nothing would hold its connection for good");
+        }
+        if self.archive.lease_ttl_s == 0 {
+            bail!("archive.lease_ttl_s must be positive");
+        }
         let a = &self.archive;
         if a.serial_block < 2 || a.max_batch == 0 || a.checkpoint_interval_s == 0 {
             bail!("archive.serial_block must be at least 2, max_batch and checkpoint_interval_s positive");
@@ -752,6 +776,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn zero_timeouts_are_refused_with_the_setting_named() {
+        let text = include_str!("../config/tsa.example.toml");
+        for (setting, section) in [
+            ("read_timeout_ms", "server"),
+            ("write_timeout_ms", "server"),
+            ("lease_ttl_s", "archive"),
+        ] {
+            let mut config: toml::Table = text.parse().unwrap();
+            config[section]
+                .as_table_mut()
+                .unwrap()
+                .insert(setting.into(), toml::Value::Integer(0));
+            let config: Config = config.try_into().unwrap();
+            let refused = config.validate().unwrap_err().to_string();
+            assert!(
+                refused.contains(&format!("{section}.{setting} must be positive")),
+                "{refused}"
+            );
+        }
+    }
+
+    #[test]
     fn the_example_configuration_parses_and_matches_the_defaults() {
         let text = include_str!("../config/tsa.example.toml");
         let config: Config = toml::from_str(text).unwrap();
@@ -761,7 +807,12 @@ mod tests {
         assert_eq!(config.server.max_request_bytes, defaults.max_request_bytes);
         assert_eq!(config.server.max_batch_bytes, defaults.max_batch_bytes);
         assert_eq!(config.server.max_batch_items, defaults.max_batch_items);
+        assert_eq!(
+            config.server.max_batches_in_flight,
+            defaults.max_batches_in_flight
+        );
         assert_eq!(config.server.read_timeout_ms, defaults.read_timeout_ms);
+        assert_eq!(config.server.write_timeout_ms, defaults.write_timeout_ms);
         assert_eq!(
             config.clock.max_accuracy_ms,
             ClockConfig::default().max_accuracy_ms

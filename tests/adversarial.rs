@@ -215,6 +215,153 @@ fn past_max_connections_a_new_connection_gets_503_and_is_closed() {
     assert_serves(&server);
 }
 
+/// A connection to `authority` with a receive buffer as small as the kernel allows (set
+/// before the handshake, so that the window it announces is small too).
+fn connect_with_small_receive_buffer(authority: &str) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let addr: std::net::SocketAddr = authority.parse().unwrap();
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    socket.into()
+}
+
+/// Polls `/metrics` until `name` reads `value`, for at most `limit`; whether it did.
+fn metric_reaches(server: &Server, name: &str, value: f64, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if metric(server, name, "") == value {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn a_client_that_reads_no_answers_is_cut_off_after_the_write_timeout() {
+    // The read timeout is far longer than the test: only the write timeout can close it.
+    let server = Server::start(
+        &[],
+        "[server]\nwrite_timeout_ms = 500\nread_timeout_ms = 60000\n",
+    );
+    let (authority, _) = split_url(&server.url);
+    let mut stream = connect_with_small_receive_buffer(&authority);
+    assert!(
+        metric_reaches(&server, "tsa_open_connections", 1.0, Duration::from_secs(5)),
+        "the connection was not accepted"
+    );
+    // Pipelined requests for the certificate chain (no credentials, no quota), never read:
+    // their answers fill the client's receive buffer, the server's send buffer and hyper's.
+    stream
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let request = b"GET /certs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    for _ in 0..20_000 {
+        if stream.write_all(request).is_err() {
+            break; // the server stopped reading, or closed the connection
+        }
+    }
+    let sent = Instant::now();
+    assert!(
+        metric_reaches(
+            &server,
+            "tsa_open_connections",
+            0.0,
+            Duration::from_secs(10)
+        ),
+        "a connection whose client reads nothing still held its place 10 s after its last request"
+    );
+    let (_, closed) = read_to_close(&mut stream, Duration::from_secs(5));
+    assert!(closed, "the server did not close the connection");
+    assert!(sent.elapsed() < Duration::from_secs(15));
+    // A GET /certs on a fresh connection, and a stamp, are served as before.
+    let mut conn = Conn::open(&server.url);
+    conn.send("GET", "/certs", &[], b"");
+    let reply = conn.read_reply().expect("an answer");
+    assert_eq!(reply.status, 200);
+    assert_serves(&server);
+}
+
+#[test]
+fn under_a_low_open_file_limit_the_connection_limit_is_lowered_to_fit() {
+    // 300 open files, of which the server keeps 256 for itself (`src/server/fd_limit.rs`):
+    // room for 44 connections, not the 1000 configured.
+    let dir = Server::init(&[], "[server]\nmax_connections = 1000\n");
+    let server = Server::serve_under(dir, &["prlimit", "--nofile=300:300"]);
+    let room = 300 - 256;
+    let held: Vec<Conn> = (0..room).map(|_| Conn::open(&server.url)).collect();
+    assert!(
+        metric_reaches(
+            &server,
+            "tsa_open_connections",
+            room as f64,
+            Duration::from_secs(5)
+        ),
+        "the {room} connections were not accepted"
+    );
+
+    let (authority, _) = split_url(&server.url);
+    let mut next = TcpStream::connect(&authority).unwrap();
+    let (answer, closed) = read_to_close(&mut next, Duration::from_secs(5));
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 503 ") && closed,
+        "connection {} was not refused with a 503: {answer:?}",
+        room + 1
+    );
+
+    // The connections it holds are served: tokens are still issued.
+    let path = path_of(&server);
+    for (i, mut conn) in held.into_iter().enumerate().step_by(11) {
+        let reply = conn.post(
+            &path,
+            &query_for(format!("held {i}").as_bytes()).to_der().unwrap(),
+        );
+        assert!(decode(&reply).granted(), "{reply:?}");
+    }
+}
+
+#[test]
+fn a_refused_connection_that_sent_its_request_reads_the_whole_503() {
+    let server = Server::start(&[], "[server]\nmax_connections = 1\n");
+    let (authority, path) = split_url(&server.url);
+    let _held = Conn::open(&server.url);
+    std::thread::sleep(Duration::from_millis(200));
+    let request = wire::request(
+        "POST",
+        &path,
+        &[("Content-Type", QUERY_TYPE)],
+        &query_for(b"refused").to_der().unwrap(),
+    );
+    let (head, body) = request.split_at(request.len() - 20);
+    // A socket closed with the client's bytes unread answers with a reset: the client's next
+    // write fails and it may never read the 503. The server is stopped while the client
+    // connects and sends the head, so that the head is there before the connection is even
+    // accepted (as it often is under load); the rest follows a moment after the refusal.
+    for attempt in 0..5 {
+        server.signal("STOP");
+        let mut stream = TcpStream::connect(&authority).unwrap();
+        stream.write_all(head).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        server.signal("CONT");
+        std::thread::sleep(Duration::from_millis(100));
+        stream
+            .write_all(body)
+            .unwrap_or_else(|e| panic!("attempt {attempt}: the rest of the request: {e}"));
+        let (answer, closed) = read_to_close(&mut stream, Duration::from_secs(5));
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 503 ") && answer.ends_with("too many connections\n"),
+            "attempt {attempt}: {answer:?}"
+        );
+        assert!(
+            closed,
+            "attempt {attempt}: the refused connection stays open"
+        );
+    }
+}
+
 #[test]
 fn keep_alive_connections_close_after_max_requests() {
     let server = Server::start(&[], "[server]\nmax_requests_per_connection = 3\n");

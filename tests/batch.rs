@@ -5,10 +5,14 @@
 //! archive holding every granted item; `tsa request --batch` end to end; an RSA signer.
 
 mod common;
+#[path = "common/wire.rs"]
+mod wire;
 
 use std::collections::HashSet;
+use std::io::Write;
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::{curl_post, ok, openssl, run, Server, TSA};
 use tsa::alg::DigestAlgorithm;
@@ -380,6 +384,83 @@ fn malformed_or_oversized_batches_are_refused_whole() {
     let (status, content_type, reply) = post(&server, w, &items[5], QUERY);
     assert_eq!((status, content_type.as_str()), (200, REPLY));
     assert!(Response::from_der(&reply).unwrap().granted());
+}
+
+/// A batch whose head and first half are sent now, on a connection of its own; the rest
+/// waits for [`send_rest`].
+fn start_batch(server: &Server, body: &[u8]) -> wire::Conn {
+    let (_, path) = wire::split_url(&server.url);
+    let mut conn = wire::Conn::open(&server.url);
+    let request = wire::request("POST", &path, &[("Content-Type", BATCH_QUERY)], body);
+    let half = request.len() - body.len() / 2;
+    conn.stream.write_all(&request[..half]).unwrap();
+    conn
+}
+
+/// The batch's refusal for want of a place: 503 at once, `Retry-After: 1`, a DER
+/// systemFailure.
+fn assert_refused_at_once(server: &Server, work: &Path, body: &[u8]) {
+    let asked = Instant::now();
+    let (status, content_type, reply) = post(server, work, body, BATCH_QUERY);
+    assert_eq!((status, content_type.as_str()), (503, REPLY));
+    assert_eq!(fail_info(&reply), FailInfo::SystemFailure);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+}
+
+#[test]
+fn past_max_batches_in_flight_a_batch_gets_503_before_its_body_is_read() {
+    let server = Server::start(
+        &[],
+        "[server]\nmax_batches_in_flight = 1\nread_timeout_ms = 3000\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let items: Vec<Vec<u8>> = (0..200u32)
+        .map(|i| {
+            Query::for_data(DigestAlgorithm::Sha256, &i.to_be_bytes())
+                .unwrap()
+                .to_der()
+                .unwrap()
+        })
+        .collect();
+    let body = sequence_of(&items);
+
+    // One batch upload held half-way takes the only place.
+    let mut first = start_batch(&server, &body);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_refused_at_once(&server, w, &body);
+    // Single requests are not held back by it.
+    let (status, _, reply) = post(&server, w, &items[0], QUERY);
+    assert_eq!(status, 200);
+    assert!(Response::from_der(&reply).unwrap().granted());
+
+    // Once the first batch is whole it is answered, and the place is free again.
+    first
+        .stream
+        .write_all(&body[body.len() - body.len() / 2..])
+        .unwrap();
+    let reply = first.read_reply().expect("the first batch's answer");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("content-type"), Some(BATCH_REPLY));
+    assert_eq!(post_batch(&server, w, &items[..10]).len(), 10);
+
+    // A stalled upload holds its place until the read timeout ends it (408).
+    let mut stalled = start_batch(&server, &body);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_refused_at_once(&server, w, &body);
+    let reply = stalled.read_reply().expect("the stalled batch's refusal");
+    assert_eq!(reply.status, 408);
+    assert_eq!(post_batch(&server, w, &items[..10]).len(), 10);
+
+    let metrics = scrape(&server);
+    assert_eq!(
+        counter(&metrics, "tsa_overload_refusals_total{limit=\"batches\"}"),
+        2
+    );
 }
 
 #[test]

@@ -19,8 +19,8 @@
 //! it queues for the signing lane beside single requests; a batch with more chunks than the
 //! whole queue takes all of it, so it runs alone. Batches wait in turn too: one waiting for
 //! its places holds back the requests behind it until it has them, or its wait ends. Past
-//! `server.max_connections`, a new connection gets a fixed 503 and is closed without being
-//! read.
+//! `server.max_connections`, a new connection gets a fixed 503 and is closed (what it sent is
+//! read and discarded briefly first, so that its client reads the 503, not a reset).
 //!
 //! Why the yield in [`Admission::enter`] matters: a software signer signs on the async worker,
 //! so without it a request would run from its first byte to its response in one poll and

@@ -16,8 +16,9 @@
 //! | `POST {path}` with a wrong API key, or a client certificate of no configured client | 401 (also when anonymous access is on) + DER rejection `badRequest` |
 //! | `POST {path}` over the client's quota               | 429, `Retry-After` (seconds) + DER rejection `systemFailure` |
 //! | `POST {path}` while `max_queue` requests are admitted, and no place frees within `queue_wait_ms` | 503, `Retry-After: 1` + DER rejection `systemFailure` ([`super::admission`]) |
+//! | a batch while `max_batches_in_flight` batches are read or answered | 503, `Retry-After: 1` + DER rejection `systemFailure`, before its body is read |
 //! | a request head over `max_header_bytes` or 100 headers | 431, connection closed (hyper) |
-//! | a new connection while `max_connections` are open   | a fixed 503 `text/plain`, closed unread |
+//! | a new connection while `max_connections` are open   | a fixed 503 `text/plain`, then closed; what the client sent is read and discarded briefly first, so that it reads the 503 rather than a reset |
 //! | unparsable HTTP                                     | 400, connection closed (hyper) |
 //! | `GET /certs`                                        | 200, the certificate chain as PEM |
 //! | anything else                                       | 404 |
@@ -26,7 +27,9 @@
 //! verified client certificate is a credential besides the `Authorization` header
 //! ([`super::auth`]). Authentication comes first, then the quota, then the checks above, then
 //! admission. Idle keep-alive connections close after `read_timeout_ms`, busy ones after
-//! `max_requests_per_connection` requests (the last reply says `Connection: close`).
+//! `max_requests_per_connection` requests (the last reply says `Connection: close`), and a
+//! connection whose client reads none of its answers for `write_timeout_ms` is closed
+//! ([`super::write_timeout`]), so that it cannot hold its place under `max_connections`.
 //!
 //! Admin listener (loopback by default): `GET /health/live`, `GET /health/ready` (503 with the
 //! reason while the clock is not trusted or the signer failed), `GET /clock` (the clock's
@@ -38,12 +41,12 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -56,6 +59,7 @@ use tokio::net::TcpListener;
 use super::admission::{self, ConnectionSlot};
 use super::auth::{Link, PeerCertificate, Refusal};
 use super::log_limit::LogLimit;
+use super::write_timeout::WriteTimeout;
 use super::{metrics, Client, Outcome, Tsa};
 use crate::config::ServerConfig;
 use crate::protocol::{batch, FailInfo, Rejection};
@@ -70,6 +74,8 @@ struct Limits {
     max_batch_body: usize,
     max_batch_items: usize,
     read_timeout: Duration,
+    /// How long a write to the client may make no progress ([`WriteTimeout`]).
+    write_timeout: Duration,
     /// Requests on one connection before it is closed; 0: no limit.
     max_requests_per_connection: u64,
 }
@@ -94,6 +100,7 @@ impl Limits {
             max_batch_body: config.max_batch_bytes,
             max_batch_items: config.max_batch_items.max(1),
             read_timeout: config.read_timeout(),
+            write_timeout: config.write_timeout(),
             max_requests_per_connection: config.max_requests_per_connection,
         }
     }
@@ -135,9 +142,9 @@ where
     let served = serve_public(
         &http1_builder(&config),
         graceful.watcher(),
-        TokioIo::new(stream),
+        TokioIo::new(WriteTimeout::new(stream, limits.write_timeout)),
         tsa,
-        limits,
+        limits.clone(),
         connection,
     );
     if let Err(e) = served.await {
@@ -168,7 +175,8 @@ pub(super) async fn run(
                 };
                 let connection = Connection { _slot: slot, served: AtomicU64::new(0), peer: None, tls: false };
                 let (tsa, limits) = (tsa.clone(), limits.clone());
-                spawn(serve_public(&builder, graceful.watcher(), TokioIo::new(stream), tsa, limits, connection));
+                let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
+                spawn(serve_public(&builder, graceful.watcher(), io, tsa, limits, connection));
             }
             accepted = accept_on(https.as_ref()) => {
                 let Some(stream) = accepted_stream(accepted).await else { continue };
@@ -182,6 +190,8 @@ pub(super) async fn run(
                 let (tsa, limits, builder, watcher) = (tsa.clone(), limits.clone(), builder.clone(), graceful.watcher());
                 // The handshake runs in the connection's task, within the read timeout.
                 spawn(async move {
+                    // Under TLS, so that the handshake's and the records' writes are held to it too.
+                    let stream = WriteTimeout::new(stream, limits.write_timeout);
                     let Some((stream, peer)) = super::tls::handshake(&acceptor, stream, limits.read_timeout).await else {
                         return Ok(());
                     };
@@ -196,7 +206,8 @@ pub(super) async fn run(
                     let tsa = tsa.clone();
                     async move { Ok::<_, Infallible>(admin_route(req, &tsa)) }
                 });
-                spawn(graceful.watch(builder.serve_connection(TokioIo::new(stream), service)));
+                let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
+                spawn(graceful.watch(builder.serve_connection(io, service)));
             }
             () = &mut shutdown => break,
         }
@@ -229,11 +240,47 @@ async fn accepted_stream(
     }
 }
 
-/// Over `max_connections`: a fixed 503 written into the fresh socket's empty send buffer,
-/// then closed, without reading anything.
+/// Refused connections being drained at once ([`refuse_connection`]); past it one is closed
+/// at once. Each holds a file descriptor for at most [`DRAIN_TIME`]: they fit in the
+/// descriptors kept beside the connections ([`super::fd_limit::RESERVE`]).
+const MAX_DRAINING: usize = 64;
+/// How long a refused connection's request is read and discarded, at most.
+const DRAIN_TIME: Duration = Duration::from_millis(500);
+/// How much of it, at most.
+const DRAIN_BYTES: usize = 64 * 1024;
+
+/// Over `max_connections`: a fixed 503 written into the fresh socket's empty send buffer and
+/// the sending side shut (FIN). What the client sent is then read and discarded, briefly
+/// ([`DRAIN_TIME`], [`DRAIN_BYTES`]), before the socket is closed: a socket closed with
+/// unread data sends a reset, which would make the client drop the 503 unread.
 fn refuse_connection(tsa: &Tsa, stream: tokio::net::TcpStream) {
+    static DRAINING: AtomicUsize = AtomicUsize::new(0);
     tsa.metrics.overloaded(metrics::Overload::Connections);
     let _ = stream.try_write(admission::CONNECTIONS_EXCEEDED);
+    if DRAINING.fetch_add(1, Ordering::AcqRel) >= MAX_DRAINING {
+        DRAINING.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
+    tokio::spawn(async move {
+        drain(stream).await;
+        DRAINING.fetch_sub(1, Ordering::AcqRel);
+    });
+}
+
+async fn drain(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let mut chunk = [0u8; 4096];
+    let mut left = DRAIN_BYTES;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while left > 0 {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// The next connection on the HTTPS listener; never, without one.
@@ -438,7 +485,7 @@ async fn timestamp(
         Err(refused) => return refused,
     };
     let Some(_admitted) = tsa.admission.enter(1).await else {
-        return overloaded(tsa);
+        return overloaded(tsa, metrics::Overload::Queue);
     };
     let (der, outcome) = tsa.respond(body, client).await;
     (response(StatusCode::OK, REPLY_TYPE, der.into()), outcome)
@@ -464,6 +511,10 @@ async fn timestamp_batch(
     let client = match authenticate(&req, tsa, link) {
         Ok(client) => client,
         Err(denied) => return refused(denied.answer()),
+    };
+    // Taken before the body is read, so that the batch bodies held at once are bounded.
+    let Ok(_in_flight) = tsa.batches.try_acquire() else {
+        return refused(overloaded(tsa, metrics::Overload::Batches));
     };
     let body = match read_body(req, limits.max_batch_body, limits.read_timeout).await {
         Ok(body) => body,
@@ -496,7 +547,7 @@ async fn timestamp_batch(
     // A batch waits for the lane in chunks (`Tsa::respond_batch`); each is one place.
     let places = count.div_ceil(super::issue::BATCH_CHUNK);
     let Some(_admitted) = tsa.admission.enter(places).await else {
-        return refused(overloaded(tsa));
+        return refused(overloaded(tsa, metrics::Overload::Queue));
     };
     let answers = tsa.respond_batch(items, &client).await;
     let elapsed = start.elapsed();
@@ -554,11 +605,11 @@ async fn read_body(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return Err((reply, outcome));
     }
-    let body = Limited::new(req.into_body(), max).collect();
+    let body = collect(req.into_body(), max, declared);
     match tokio::time::timeout(timeout, body).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Ok(Err(_)) => Err(rejection(
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(BodyError::TooLarge)) => Err(too_large()),
+        Ok(Err(BodyError::Failed)) => Err(rejection(
             StatusCode::BAD_REQUEST,
             FailInfo::BadDataFormat,
             "the request body could not be read",
@@ -569,6 +620,49 @@ async fn read_body(
             "the request body did not arrive in time",
         )),
     }
+}
+
+enum BodyError {
+    TooLarge,
+    Failed,
+}
+
+/// The body's data, at most `max` octets: a body that came in one piece as it came, else
+/// copied once into one buffer (sized by its `Content-Length`) as its pieces arrive, so that
+/// no more than about one copy of it is held at any time.
+async fn collect(
+    mut body: Incoming,
+    max: usize,
+    declared: Option<u64>,
+) -> Result<Bytes, BodyError> {
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| BodyError::Failed)?.into_data() else {
+            continue; // trailers
+        };
+        let held = first.as_ref().map_or(0, Bytes::len) + joined.as_ref().map_or(0, BytesMut::len);
+        if data.len() > max - held {
+            return Err(BodyError::TooLarge);
+        }
+        if let Some(buffer) = joined.as_mut() {
+            buffer.extend_from_slice(&data);
+        } else if let Some(head) = first.take() {
+            let size = declared
+                .map_or(0, |n| n as usize)
+                .clamp(held + data.len(), max);
+            let mut buffer = BytesMut::with_capacity(size);
+            buffer.extend_from_slice(&head);
+            buffer.extend_from_slice(&data);
+            joined = Some(buffer);
+        } else {
+            first = Some(data);
+        }
+    }
+    Ok(match joined {
+        Some(buffer) => buffer.freeze(),
+        None => first.unwrap_or_default(),
+    })
 }
 
 fn admin_route(req: Request<Incoming>, tsa: &Arc<Tsa>) -> Reply {
@@ -633,10 +727,10 @@ fn has_media_type(req: &Request<Incoming>, expected: &str) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case(expected))
 }
 
-/// No place in `max_queue` within `queue_wait_ms`: 503, `Retry-After` and a DER systemFailure.
-/// The body is encoded once: under overload most answers are this one, and each should cost
-/// as little as possible beside the requests being signed.
-fn overloaded(tsa: &Tsa) -> (Reply, Outcome) {
+/// No place in `max_queue` within `queue_wait_ms`, or no batch place: 503, `Retry-After` and a
+/// DER systemFailure. The body is encoded once: under overload most answers are this one, and
+/// each should cost as little as possible beside the requests being signed.
+fn overloaded(tsa: &Tsa, limit: metrics::Overload) -> (Reply, Outcome) {
     static BODY: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| {
         Rejection::new(
             FailInfo::SystemFailure,
@@ -645,7 +739,7 @@ fn overloaded(tsa: &Tsa) -> (Reply, Outcome) {
         .to_der()
         .into()
     });
-    tsa.metrics.overloaded(metrics::Overload::Queue);
+    tsa.metrics.overloaded(limit);
     let mut reply = response(StatusCode::SERVICE_UNAVAILABLE, REPLY_TYPE, BODY.clone());
     reply
         .headers_mut()

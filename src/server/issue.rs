@@ -105,6 +105,8 @@ pub struct Tsa {
     pub(super) metrics: super::metrics::Metrics,
     /// Requests admitted and not yet answered (`server.max_queue`).
     pub(super) admission: super::admission::Admission,
+    /// Batches read or answered now (`server.max_batches_in_flight`).
+    pub(super) batches: tokio::sync::Semaphore,
     /// Open public connections (`server.max_connections`).
     pub(super) connections: super::admission::Connections,
     /// The clients of `[auth]` and their quotas; replaced whole on reload.
@@ -307,6 +309,13 @@ impl Tsa {
         let issuing = self.issuing.load();
         let request = protocol::parse_request(body, &issuing.rules)?;
 
+        // A clock that cannot be trusted refuses before a serial is spent (with the archive,
+        // each serial is a counter reserved durably in blocks). The time itself is read after
+        // the serial, whose allocation may wait for such a reservation: as late as possible.
+        if let Err(refusal) = self.clock.check() {
+            self.clock.count_refusal(&refusal);
+            return Err(Rejection::new(FailInfo::TimeNotAvailable, refusal.reason));
+        }
         let serial = self
             .serials
             .next()
@@ -514,4 +523,94 @@ fn log_rejection(rejection: &Rejection) {
 /// A token that could not be archived is not handed out.
 fn archived(e: crate::archive::ArchiveError) -> Rejection {
     Rejection::new(FailInfo::SystemFailure, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::*;
+    use crate::archive::serial::{RandomSerials, SerialError};
+    use crate::clock::{Reading, SyncState, TimeSource};
+
+    /// A time source that has lost its references.
+    struct Unsynchronized;
+
+    impl TimeSource for Unsynchronized {
+        fn name(&self) -> &'static str {
+            "unsynchronized"
+        }
+        fn read(&self) -> Reading {
+            Reading {
+                unix_ns: crate::clock::system_unix_ns(),
+                bound_ns: 0,
+                state: SyncState::Unsynchronized,
+                reason: "no reference".into(),
+            }
+        }
+    }
+
+    /// Random serials, counted.
+    struct Counted(Arc<AtomicU64>);
+
+    impl SerialAllocator for Counted {
+        fn next(&self) -> Result<crate::protocol::Serial, SerialError> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            RandomSerials::new().next()
+        }
+    }
+
+    /// A TSA of the development configuration (a fresh P-256 key), built in `dir`.
+    fn development_tsa(dir: &std::path::Path) -> Tsa {
+        let pki = crate::pki::DevPki::generate(crate::pki::KeyAlgorithm::P256).expect("a PKI");
+        std::fs::write(dir.join("key.pem"), &pki.tsu_key_pem).unwrap();
+        std::fs::write(dir.join("cert.pem"), &pki.tsu_cert_pem).unwrap();
+        let path = dir.join("tsa.toml");
+        std::fs::write(
+            &path,
+            "[signer]\nkind = \"software\"\nkey = \"key.pem\"\ncertificate = \"cert.pem\"\n\
+             [clock]\nsource = \"development\"\n",
+        )
+        .unwrap();
+        let config = crate::config::Config::load(&path).expect("the configuration");
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async { super::super::build(&config) })
+            .expect("the TSA")
+    }
+
+    #[test]
+    fn a_request_refused_for_want_of_time_spends_no_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tsa = development_tsa(dir.path());
+        let taken = Arc::new(AtomicU64::new(0));
+        tsa.serials = Box::new(Counted(taken.clone()));
+        let query = crate::client::Query::for_data(crate::alg::DigestAlgorithm::Sha256, b"x")
+            .unwrap()
+            .to_der()
+            .unwrap();
+        assert!(
+            tsa.issue(&query).is_ok(),
+            "the development clock is trusted"
+        );
+        assert_eq!(taken.load(Ordering::Relaxed), 1);
+
+        tsa.clock = IssuingClock::new(
+            Box::new(Unsynchronized),
+            Duration::from_secs(1),
+            Duration::from_micros(1),
+        );
+        for _ in 0..3 {
+            let refused = tsa.issue(&query).expect_err("no time to stamp with");
+            assert_eq!(refused.fail_info, FailInfo::TimeNotAvailable);
+        }
+        assert_eq!(taken.load(Ordering::Relaxed), 1, "refusals spent serials");
+        assert_eq!(
+            tsa.clock.refusals(RefusalKind::Unsynchronized),
+            3,
+            "each refusal is counted"
+        );
+    }
 }

@@ -40,7 +40,7 @@ pub struct Metrics {
     /// also held by itself (created at start, counted without a look-up: under overload this
     /// is the most frequent answer).
     overloads: Family<Labels, Counter>,
-    overloaded: [Counter; 2],
+    overloaded: [Counter; 3],
     /// Requests refused by client authentication and quotas, by reason; each series also
     /// held by itself (created at start, so that they read 0 before the first refusal).
     auth_refusals: Family<Labels, Counter>,
@@ -158,8 +158,8 @@ impl Metrics {
         );
         r.register(
             "overload_refusals",
-            "Requests (limit=queue) and connections (limit=connections) refused with 503 \
-             because the server was full",
+            "Requests (limit=queue), connections (limit=connections) and batches \
+             (limit=batches) refused with 503 because the server was full",
             m.overloads.clone(),
         );
         r.register(
@@ -218,15 +218,18 @@ pub enum Overload {
     Queue = 0,
     /// `server.max_connections`.
     Connections = 1,
+    /// `server.max_batches_in_flight`: batch bodies being read or answered.
+    Batches = 2,
 }
 
 impl Overload {
-    const ALL: [Overload; 2] = [Overload::Queue, Overload::Connections];
+    const ALL: [Overload; 3] = [Overload::Queue, Overload::Connections, Overload::Batches];
 
     fn name(self) -> &'static str {
         match self {
             Overload::Queue => "queue",
             Overload::Connections => "connections",
+            Overload::Batches => "batches",
         }
     }
 }

@@ -5,6 +5,7 @@
 
 mod admission;
 pub mod auth;
+mod fd_limit;
 mod history;
 mod http;
 mod issue;
@@ -13,6 +14,7 @@ mod metrics;
 mod status;
 mod systemd;
 mod tls;
+mod write_timeout;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -109,7 +111,10 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         blocking_lane: Arc::new(tokio::sync::Semaphore::new(blocking_lane)),
         metrics: metrics::Metrics::default(),
         admission,
-        connections: admission::Connections::new(config.server.max_connections),
+        batches: tokio::sync::Semaphore::new(
+            (config.server.max_batches_in_flight).clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        ),
+        connections: admission::Connections::new(fd_limit::fit(config.server.max_connections)),
         auth: ArcSwap::from_pointee(auth::Auth::new(&config.auth)?),
         rollover,
         tls: arc_swap::ArcSwapOption::empty(),

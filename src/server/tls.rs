@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -68,11 +67,14 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
 /// The TLS handshake on an accepted connection, within `timeout`; `None` when it fails (a
 /// refused or missing client certificate, a client that does not speak TLS, a slow one). The
 /// identity of the client certificate, when one was verified, comes with the stream.
-pub async fn handshake(
+pub async fn handshake<S>(
     acceptor: &TlsAcceptor,
-    stream: TcpStream,
+    stream: S,
     timeout: Duration,
-) -> Option<(TlsStream<TcpStream>, Option<Arc<PeerCertificate>>)> {
+) -> Option<(TlsStream<S>, Option<Arc<PeerCertificate>>)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             let peer = tls

@@ -69,8 +69,31 @@ impl Server {
     /// The log file of [`Server::serve_logged`], in the state directory.
     pub const LOG: &'static str = "serve.log";
 
+    /// Serves the configuration in `dir` through `wrapper` (a command that runs the rest of
+    /// its arguments, such as `prlimit --nofile=300:300`).
+    pub fn serve_under(dir: tempfile::TempDir, wrapper: &[&str]) -> Server {
+        Self::spawn_under(dir, &[], Stdio::inherit(), wrapper)
+    }
+
     fn spawn(dir: tempfile::TempDir, env: &[(&str, &str)], stderr: Stdio) -> Server {
-        let mut child = Command::new(TSA)
+        Self::spawn_under(dir, env, stderr, &[])
+    }
+
+    fn spawn_under(
+        dir: tempfile::TempDir,
+        env: &[(&str, &str)],
+        stderr: Stdio,
+        wrapper: &[&str],
+    ) -> Server {
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(TSA);
+                command
+            }
+            None => Command::new(TSA),
+        };
+        let mut child = command
             .arg("serve")
             .arg("--config")
             .arg(dir.path().join("tsa.toml"))

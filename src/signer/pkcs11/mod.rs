@@ -275,6 +275,10 @@ impl Signer for Pkcs11Signer {
             .expect("SHA-2 is computed on the host");
         let scheme = self.pool.scheme();
         let raw = self.pool.sign(&scheme.input(digest_alg, &digest))?;
+        if matches!(scheme, key::Scheme::RsaPkcs1 | key::Scheme::RsaPss) {
+            key::check_rsa(self.algorithm, &self.public_key, message, &raw)
+                .map_err(SignError::Failed)?;
+        }
         scheme.output(raw).map_err(SignError::Failed)
     }
 
