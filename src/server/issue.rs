@@ -309,29 +309,32 @@ impl Tsa {
         let issuing = self.issuing.load();
         let request = protocol::parse_request(body, &issuing.rules)?;
 
-        // A clock that cannot be trusted refuses before a serial is spent (with the archive,
-        // each serial is a counter reserved durably in blocks). The time itself is read after
-        // the serial, whose allocation may wait for such a reservation: as late as possible.
-        if let Err(refusal) = self.clock.check() {
-            self.clock.count_refusal(&refusal);
-            return Err(Rejection::new(FailInfo::TimeNotAvailable, refusal.reason));
-        }
-        let serial = self
-            .serials
-            .next()
-            .map_err(|e| Rejection::new(FailInfo::SystemFailure, e.to_string()))?;
-
+        // The time first: a clock that cannot vouch for it refuses before a serial is spent
+        // (with the archive, each serial is a counter reserved durably in blocks). A serial
+        // that would wait for a reservation is taken on the blocking pool (`respond`), and only
+        // while the archive's writer is behind.
         let time = self
             .clock
             .now()
             .map_err(|refusal| Rejection::new(FailInfo::TimeNotAvailable, refusal.reason))?;
-        // The key (and certificate) for this genTime.
+        let serial = self
+            .serials
+            .next()
+            .map_err(|e| Rejection::new(FailInfo::SystemFailure, e.to_string()))?;
+        // The key (and certificate) for this genTime: the instant truncated as the token will
+        // carry it.
+        let gen_time_ns = |issuing: &Issuing| {
+            protocol::GenTime::truncated(time.unix_ns, issuing.template.precision()).unix_ns()
+        };
         let (issuing, signer) = match &self.rollover {
-            Some(next) if time.unix_ns >= next.at_ns => (next.issuing.load(), &next.signer),
+            Some(next) if gen_time_ns(&issuing) >= next.at_ns => {
+                (next.issuing.load(), &next.signer)
+            }
             _ => (issuing, &self.signer),
         };
         let (from, until) = issuing.valid_ns;
-        if time.unix_ns < from || time.unix_ns > until {
+        let gen_time = gen_time_ns(&issuing);
+        if gen_time < from || time.unix_ns > until {
             tracing::error!(
                 event = "certificate_out_of_validity",
                 "the signing certificate is not valid now (or has less left than the configured minimum)"
@@ -562,14 +565,21 @@ mod tests {
 
     /// A TSA of the development configuration (a fresh P-256 key), built in `dir`.
     fn development_tsa(dir: &std::path::Path) -> Tsa {
+        development_tsa_with(dir, "")
+    }
+
+    /// [`development_tsa`] with `extra` configuration after the `[clock]` section.
+    fn development_tsa_with(dir: &std::path::Path, extra: &str) -> Tsa {
         let pki = crate::pki::DevPki::generate(crate::pki::KeyAlgorithm::P256).expect("a PKI");
         std::fs::write(dir.join("key.pem"), &pki.tsu_key_pem).unwrap();
         std::fs::write(dir.join("cert.pem"), &pki.tsu_cert_pem).unwrap();
         let path = dir.join("tsa.toml");
         std::fs::write(
             &path,
-            "[signer]\nkind = \"software\"\nkey = \"key.pem\"\ncertificate = \"cert.pem\"\n\
-             [clock]\nsource = \"development\"\n",
+            format!(
+                "[signer]\nkind = \"software\"\nkey = \"key.pem\"\ncertificate = \"cert.pem\"\n\
+                 [clock]\nsource = \"development\"\n{extra}"
+            ),
         )
         .unwrap();
         let config = crate::config::Config::load(&path).expect("the configuration");
@@ -612,5 +622,69 @@ mod tests {
             3,
             "each refusal is counted"
         );
+    }
+
+    /// A time source that always reads `unix_ns`, synchronized to within a millisecond.
+    struct Fixed(u64);
+
+    impl TimeSource for Fixed {
+        fn name(&self) -> &'static str {
+            "fixed"
+        }
+        fn read(&self) -> Reading {
+            Reading {
+                unix_ns: self.0,
+                bound_ns: 1_000_000,
+                state: SyncState::Synchronized,
+                reason: "fixed".into(),
+            }
+        }
+    }
+
+    #[test]
+    fn a_rollover_takes_effect_at_the_gen_time_the_token_carries() {
+        const S: u64 = 1_000_000_000;
+        let seconds = "[token]\nprecision = \"seconds\"\n";
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut tsa = development_tsa_with(a.path(), seconds);
+        let next = development_tsa_with(b.path(), seconds);
+        let old_der = tsa.issuing.load().certificate().der().to_vec();
+        let new_der = next.issuing.load().certificate().der().to_vec();
+        let issuing = Arc::try_unwrap(next.issuing.into_inner())
+            .ok()
+            .expect("the only reference");
+        let second = crate::clock::system_unix_ns() / S * S;
+        tsa.rollover = Some(Rollover::new(second + S / 2, next.signer, issuing));
+        let query = crate::client::Query::for_data(crate::alg::DigestAlgorithm::Sha256, b"x")
+            .unwrap()
+            .to_der()
+            .unwrap();
+        // Read 0.7 s past the second, genTime is the whole second: before the rollover instant
+        // (0.5 s past it), so the old key signs. Read in the next second, the new key does.
+        for (reading, expected) in [
+            (second + 7 * S / 10, &old_der),
+            (second + S + S / 5, &new_der),
+        ] {
+            tsa.clock = IssuingClock::new(
+                Box::new(Fixed(reading)),
+                Duration::from_secs(1),
+                Duration::from_micros(1),
+            );
+            let der = tsa.issue(&query).expect("granted");
+            let response = crate::client::read::Response::from_der(&der).unwrap();
+            let token = response.token.expect("a token");
+            let certificates: Vec<Vec<u8>> = token
+                .signed_data
+                .certificates
+                .iter()
+                .flat_map(|set| set.0.iter())
+                .map(|c| der::Encode::to_der(c).unwrap())
+                .collect();
+            assert_eq!(
+                certificates,
+                std::slice::from_ref(expected),
+                "read at {reading}"
+            );
+        }
     }
 }
