@@ -2,7 +2,8 @@
 //!
 //! sntpc already discards replies with leap indicator 3, stratum 0 or ≥ 16, a zero transmit
 //! time, an origin mismatch or a kiss-o'-death. This adapter honours kiss-o'-death: `RATE`
-//! doubles the poll interval, `DENY` and `RSTR` stop polling the server. Timestamps come from
+//! doubles the poll interval (each good reply later halves it again, down to the configured
+//! one), `DENY` and `RSTR` stop polling the server. Timestamps come from
 //! the local clock, so offsets are UTC − local, as the discipline wants them. A reply whose
 //! precision is worse than a second (2^precision s with precision > 0: no real clock, and
 //! useless to a TSA that must hold 1 s), or whose sample is otherwise implausible
@@ -58,9 +59,12 @@ pub async fn poll(
     let mut interval = server.poll;
     loop {
         let message = match exchange(&server, clock).await {
-            Ok(sample) => SourceMessage::Sample(id, sample),
+            Ok(sample) => {
+                interval = after_reply(interval, server.poll);
+                SourceMessage::Sample(id, sample)
+            }
             Err(Failure::Kod(KissOfDeathCode::Rate)) => {
-                interval = (interval * 2).min(MAX_POLL);
+                interval = after_rate(interval);
                 tracing::warn!(event = "ntp_kod", server = %server.addr, code = "RATE", poll_s = interval.as_secs_f64(), "kiss-o'-death RATE: polling less often");
                 SourceMessage::Missed(id)
             }
@@ -79,6 +83,17 @@ pub async fn poll(
         }
         tokio::time::sleep(interval).await;
     }
+}
+
+/// The poll interval after a kiss-o'-death `RATE`: doubled, up to [`MAX_POLL`].
+fn after_rate(interval: Duration) -> Duration {
+    (interval * 2).min(MAX_POLL)
+}
+
+/// The poll interval after a good reply: halved, back down to the configured one (a server
+/// that asked us to slow down answers again).
+fn after_reply(interval: Duration, configured: Duration) -> Duration {
+    (interval / 2).max(configured)
 }
 
 #[derive(Debug)]
@@ -163,6 +178,24 @@ fn short_to_ns(short: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rate_kiss_o_death_slows_the_polls_and_good_replies_restore_them() {
+        let configured = Duration::from_secs(16);
+        let mut interval = configured;
+        for expected in [32, 64, 128] {
+            interval = after_rate(interval);
+            assert_eq!(interval, Duration::from_secs(expected));
+        }
+        for _ in 0..20 {
+            interval = after_rate(interval);
+        }
+        assert_eq!(interval, MAX_POLL);
+        for expected in [512, 256, 128, 64, 32, 16, 16] {
+            interval = after_reply(interval, configured);
+            assert_eq!(interval, Duration::from_secs(expected));
+        }
+    }
 
     #[test]
     fn ntp_short_format() {
