@@ -81,6 +81,12 @@ pub trait TimeSource: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Whether the source logs its own changes of state (the disciplined clock's events);
+    /// otherwise the server watches its readings ([`Watch`]).
+    fn logs_its_changes(&self) -> bool {
+        false
+    }
+
     /// The source's state in words for the operator (`tsa clock`, the admin listener).
     fn report(&self) -> String {
         let r = self.read();
@@ -235,6 +241,16 @@ impl IssuingClock {
         self.source.read()
     }
 
+    /// Whether the source logs its own changes of state (see [`TimeSource::logs_its_changes`]).
+    pub fn logs_its_changes(&self) -> bool {
+        self.source.logs_its_changes()
+    }
+
+    /// The declared accuracy in nanoseconds.
+    pub fn max_bound_ns(&self) -> u64 {
+        self.max_bound_ns
+    }
+
     /// The source's data, for metrics.
     pub fn views(&self) -> Option<ClockViews> {
         self.source.views()
@@ -345,6 +361,83 @@ impl IssuingClock {
     }
 }
 
+/// Whether a source's readings allow tokens, watched from outside for a source that does not
+/// log its own changes (the kernel's clock, whose state the kernel keeps): ETSI EN 319 421
+/// wants every synchronization and loss of it logged. One reading a second is enough; each
+/// change is told once.
+#[derive(Debug, Default)]
+pub struct Watch {
+    /// The last state seen, and whether its bound was within the declared accuracy.
+    last: Option<(SyncState, bool)>,
+}
+
+/// A change a [`Watch`] saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Trusted again (or for the first time), with this bound.
+    Synchronized {
+        bound_ns: u64,
+    },
+    /// In holdover: still trusted while the bound grows.
+    Holdover {
+        reason: Arc<str>,
+    },
+    Unsynchronized {
+        reason: Arc<str>,
+    },
+    /// The bound passed the declared accuracy: no tokens.
+    AccuracyExceeded {
+        bound_ns: u64,
+    },
+    AccuracyRegained {
+        bound_ns: u64,
+    },
+}
+
+impl Watch {
+    /// The changes since the last reading (the first reading tells its state).
+    pub fn observe(&mut self, reading: &Reading, max_bound_ns: u64) -> Vec<Change> {
+        let within = reading.bound_ns <= max_bound_ns;
+        let mut changes = Vec::new();
+        let (was, was_within) = match self.last {
+            Some(last) => last,
+            // Before the first reading: nothing was trusted, so a trusted first reading is a
+            // synchronization, and its bound is judged on its own.
+            None => (SyncState::Unsynchronized, true),
+        };
+        if self.last.is_none() || reading.state != was {
+            changes.push(match reading.state {
+                SyncState::Synchronized => Change::Synchronized {
+                    bound_ns: reading.bound_ns,
+                },
+                SyncState::Holdover => Change::Holdover {
+                    reason: reading.reason.clone(),
+                },
+                SyncState::Unsynchronized => Change::Unsynchronized {
+                    reason: reading.reason.clone(),
+                },
+            });
+        }
+        // The bound of an unsynchronized source says nothing: its state was told.
+        if reading.state != SyncState::Unsynchronized {
+            let was_within = was_within || was == SyncState::Unsynchronized;
+            if within != was_within {
+                changes.push(if within {
+                    Change::AccuracyRegained {
+                        bound_ns: reading.bound_ns,
+                    }
+                } else {
+                    Change::AccuracyExceeded {
+                        bound_ns: reading.bound_ns,
+                    }
+                });
+            }
+        }
+        self.last = Some((reading.state, within));
+        changes
+    }
+}
+
 /// The system's real-time clock in nanoseconds since the Unix epoch.
 pub fn system_unix_ns() -> u64 {
     SystemTime::now()
@@ -364,6 +457,61 @@ pub fn fmt_ns(ns: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_watch_tells_each_change_once() {
+        let reading = |state, bound_ns| Reading {
+            unix_ns: 1,
+            bound_ns,
+            state,
+            reason: "why".into(),
+        };
+        use Change as C;
+        use SyncState as S;
+        let max = 1_000;
+        let mut watch = Watch::default();
+        let mut see = |state, bound| watch.observe(&reading(state, bound), max);
+        assert_eq!(see(S::Synchronized, 10), [C::Synchronized { bound_ns: 10 }]);
+        assert_eq!(see(S::Synchronized, 20), []);
+        assert_eq!(
+            see(S::Synchronized, 2_000),
+            [C::AccuracyExceeded { bound_ns: 2_000 }]
+        );
+        assert_eq!(see(S::Synchronized, 3_000), []);
+        assert_eq!(
+            see(S::Synchronized, 900),
+            [C::AccuracyRegained { bound_ns: 900 }]
+        );
+        assert_eq!(
+            see(S::Holdover, 950),
+            [C::Holdover {
+                reason: "why".into()
+            }]
+        );
+        assert_eq!(
+            see(S::Unsynchronized, u64::MAX),
+            [C::Unsynchronized {
+                reason: "why".into()
+            }]
+        );
+        assert_eq!(see(S::Unsynchronized, u64::MAX), []);
+        // Back, but beyond the accuracy: both are told.
+        assert_eq!(
+            see(S::Synchronized, 5_000),
+            [
+                C::Synchronized { bound_ns: 5_000 },
+                C::AccuracyExceeded { bound_ns: 5_000 }
+            ]
+        );
+        // The first reading is told whatever it is.
+        let mut watch = Watch::default();
+        assert_eq!(
+            watch.observe(&reading(S::Unsynchronized, u64::MAX), max),
+            [C::Unsynchronized {
+                reason: "why".into()
+            }]
+        );
+    }
+
     use super::*;
     /// A source that returns scripted readings.
     struct Scripted {

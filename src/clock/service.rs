@@ -124,6 +124,9 @@ fn keep(events: &mut VecDeque<ClockEvent>, event: ClockEvent) {
 }
 
 impl TimeSource for DisciplinedClock {
+    fn logs_its_changes(&self) -> bool {
+        true
+    }
     fn name(&self) -> &'static str {
         "disciplined"
     }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::Tsa;
-use crate::clock::SyncState;
+use crate::clock::{Change, SyncState, Watch};
 
 /// How often the sampler runs; the fine ring keeps every sample.
 pub const FINE_INTERVAL: Duration = Duration::from_secs(1);
@@ -74,10 +74,9 @@ impl History {
     }
 }
 
-/// One sample of `tsa` now.
-fn sample(tsa: &Tsa) -> Point {
+/// One sample of `tsa` now, from `reading` of its clock.
+fn sample(tsa: &Tsa, reading: &crate::clock::Reading) -> Point {
     let clock = tsa.clock();
-    let reading = clock.reading();
     let offset_ns = clock
         .views()
         .and_then(|v| v.system)
@@ -93,13 +92,62 @@ fn sample(tsa: &Tsa) -> Point {
     }
 }
 
-/// The sampler; runs for the life of the server.
+/// The sampler; runs for the life of the server. For a clock that does not log its own
+/// changes (the kernel's), it also logs each change of whether tokens can be issued.
 pub(super) async fn run(tsa: Arc<Tsa>) {
     let mut tick = tokio::time::interval(FINE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch = (!tsa.clock().logs_its_changes()).then(Watch::default);
     loop {
         tick.tick().await;
-        tsa.metrics.history.record(sample(&tsa));
+        let reading = tsa.clock().reading();
+        if let Some(watch) = &mut watch {
+            for change in watch.observe(&reading, tsa.clock().max_bound_ns()) {
+                log_change(&change, tsa.clock().source_name(), reading.unix_ns);
+            }
+        }
+        tsa.metrics.history.record(sample(&tsa, &reading));
+    }
+}
+
+/// A change of the clock as an event, under the names the disciplined clock's events use.
+fn log_change(change: &Change, source: &str, utc_ns: u64) {
+    match change {
+        Change::Synchronized { bound_ns } => tracing::info!(
+            event = "sync_acquired",
+            source,
+            utc_ns,
+            bound_ns,
+            "clock synchronized"
+        ),
+        Change::Holdover { reason } => tracing::warn!(
+            event = "holdover",
+            source,
+            utc_ns,
+            reason = &**reason,
+            "clock in holdover"
+        ),
+        Change::Unsynchronized { reason } => tracing::warn!(
+            event = "sync_lost",
+            source,
+            utc_ns,
+            reason = &**reason,
+            "clock unsynchronized: no time-stamps"
+        ),
+        Change::AccuracyExceeded { bound_ns } => tracing::warn!(
+            event = "accuracy_exceeded",
+            source,
+            utc_ns,
+            bound_ns,
+            "clock error bound exceeds the declared accuracy: no time-stamps"
+        ),
+        Change::AccuracyRegained { bound_ns } => tracing::info!(
+            event = "accuracy_regained",
+            source,
+            utc_ns,
+            bound_ns,
+            "clock error bound within the declared accuracy again"
+        ),
     }
 }
 

@@ -277,6 +277,9 @@ impl<T: TimeSource> TimeSource for SharedSource<T> {
     fn recent_events(&self) -> Vec<crate::clock::ClockEvent> {
         self.0.recent_events()
     }
+    fn logs_its_changes(&self) -> bool {
+        self.0.logs_its_changes()
+    }
 }
 
 /// The addresses the server listens on once bound.
