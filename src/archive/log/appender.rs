@@ -15,15 +15,19 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::segments::{
-    encode_frame, imprint_entries, imprint_key, open_index, scan, segments, write_imprints, Entry,
-    Segment, ENTRY_LEN,
+    encode_frame, imprint_entries, imprint_key, open_index, read_at, scan, segments,
+    write_imprints, Entry, Segment, ENTRY_LEN, MAX_BODY,
 };
-use crate::archive::record::{ChainHead, StoredRecord};
+use crate::archive::record::{ChainHead, StoredRecord, RECORD_DOMAIN};
 
-/// A torn commit is cut off at start; past this many octets of frames that do not check, the
-/// damage is no torn commit (a commit of a thousand tokens is some megabytes) and the start
-/// stops for the operator instead.
+/// A torn commit is cut off at start; past this many octets that are not zeros after the last
+/// good frame, the damage is no torn commit (a commit of a thousand tokens is some megabytes)
+/// and the start stops for the operator instead.
 const MAX_TORN: u64 = 32 << 20;
+
+/// A disk writes a sector whole or not at all; one that did not reach it reads as it was
+/// before: zeros, past the last synced frame (the room, or the file's end).
+const SECTOR: u64 = 512;
 
 /// Zeros written ahead at a time; more once less than half of it is left.
 const ROOM: u64 = 1 << 20;
@@ -68,8 +72,11 @@ impl Appender {
     /// Opens the log in `dir` (an instance's folder) for appending. The newest segment's frames
     /// past its index are read and checked; a torn commit at its end (frames cut short or not
     /// checking, from a crash or a power cut inside a commit, whose requests were never
-    /// answered) is cut off and the cut synced; its index is completed. A newest segment left
-    /// without a good frame is removed. Returns the appender and the chain's last record.
+    /// answered: see [`tail`]) is cut off and the cut synced; its index is completed. A newest
+    /// segment left without a good frame is removed. Anything else after the last good frame,
+    /// or an index that lists records past it, is damage: an `InvalidData` error naming the
+    /// segment and the offset, and nothing is changed. Returns the appender and the chain's
+    /// last record.
     pub fn open(dir: &Path, segment_limit: u64) -> io::Result<(Self, Option<StoredRecord>)> {
         let mut appender = Self {
             dir: dir.to_owned(),
@@ -95,33 +102,32 @@ impl Appender {
                 return Err(damaged(
                     &segment,
                     scanned.end,
-                    "its index lists records past it",
+                    &format!(
+                        "its index lists {} records, only {} good frames are there: the \
+                         segment was cut short or altered, or its index copied after it",
+                        scanned.claimed,
+                        scanned.entries.len()
+                    ),
                 ));
             }
-            if len - scanned.end > MAX_TORN {
-                return Err(damaged(
-                    &segment,
-                    scanned.end,
-                    "too much follows for a torn commit",
-                ));
-            }
-            let room = if len > scanned.end && zeros_from(&file, scanned.end, len)? {
+            let room = match tail(&file, scanned.end, len)? {
                 // The room written ahead, not a torn commit.
-                len
-            } else {
-                scanned.end
+                Tail::Zeros => len,
+                Tail::Torn => {
+                    tracing::warn!(
+                        event = "archive_log_torn_tail",
+                        segment = %segment.path.display(),
+                        offset = scanned.end,
+                        octets = len - scanned.end,
+                        "cutting off a commit that did not complete (its requests were not \
+                         answered)"
+                    );
+                    file.set_len(scanned.end)?;
+                    file.sync_all()?;
+                    scanned.end
+                }
+                Tail::Damaged(why) => return Err(damaged(&segment, scanned.end, &why)),
             };
-            if len > room {
-                tracing::warn!(
-                    event = "archive_log_torn_tail",
-                    segment = %segment.path.display(),
-                    offset = scanned.end,
-                    octets = len - scanned.end,
-                    "cutting off a commit that did not complete (its requests were not answered)"
-                );
-                file.set_len(scanned.end)?;
-                file.sync_all()?;
-            }
             let Some(last) = scanned.last else {
                 drop(file);
                 remove_segment(&segment)?;
@@ -365,27 +371,112 @@ pub fn remove_segment(segment: &Segment) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether `file` holds only zeros from `from` to `to`.
-fn zeros_from(file: &File, from: u64, to: u64) -> io::Result<bool> {
-    let mut chunk = vec![0u8; (to - from).min(ROOM) as usize];
-    let mut at = from;
-    while at < to {
-        let n = chunk.len().min((to - at) as usize);
-        file.read_exact_at(&mut chunk[..n], at)?;
-        if chunk[..n].iter().any(|&b| b != 0) {
-            return Ok(false);
-        }
-        at += n as u64;
+/// What follows the last good frame of the newest segment.
+enum Tail {
+    /// Nothing, or zeros only: the room written ahead.
+    Zeros,
+    /// The frames of a commit that did not complete.
+    Torn,
+    /// Anything else, and why.
+    Damaged(String),
+}
+
+/// Tells the octets from `end` (where the good frames end) to `len` (the file's end) apart.
+///
+/// Only the last commit can be torn: each commit is one write at the end of the good frames,
+/// synced before its requests are answered and before the next commit, into zeros (the room)
+/// or past the file's end. So after a power cut every octet from the first frame that does
+/// not check on is what that commit wrote, or a zero where a sector of it did not reach the
+/// disk; and the frame at `end` failed because a sector of it is missing. Anything else is
+/// damage to committed frames, never cut off:
+/// - a frame at `end` that checks but does not follow the chain;
+/// - more than [`MAX_TORN`] octets that are not zeros;
+/// - a frame that checks anywhere after `end` (after a torn commit nothing checks, unless
+///   its sectors reached the disk out of order: such a start is refused too, for the
+///   operator, rather than a committed record cut off);
+/// - a frame at `end` whose length fits, whose octets all lie before the last one that is
+///   not zero, and which holds no sector of zeros: written whole, then altered.
+fn tail(file: &File, end: u64, len: u64) -> io::Result<Tail> {
+    if end >= len {
+        return Ok(Tail::Zeros);
     }
-    Ok(true)
+    if let Some((record, _)) = read_at(file, end)? {
+        return Ok(Tail::Damaged(format!(
+            "the frame there, of position {}, checks but does not follow the chain",
+            record.seq
+        )));
+    }
+    let written = end + nonzero_len(file, end, len)?;
+    if written == end {
+        return Ok(Tail::Zeros);
+    }
+    if written - end > MAX_TORN {
+        return Ok(Tail::Damaged(format!(
+            "{} octets follow the last good frame, more than a commit that did not complete",
+            written - end
+        )));
+    }
+    let mut octets = vec![0u8; (written - end) as usize];
+    file.read_exact_at(&mut octets, end)?;
+    // Every frame's body starts with the record domain, 4 octets into the frame.
+    for i in 5..octets.len().saturating_sub(RECORD_DOMAIN.len() - 1) {
+        if octets[i..].starts_with(RECORD_DOMAIN) {
+            let at = end + i as u64 - 4;
+            if let Some((record, _)) = read_at(file, at)? {
+                return Ok(Tail::Damaged(format!(
+                    "a good frame, of position {}, follows at offset {at}",
+                    record.seq
+                )));
+            }
+        }
+    }
+    let body = match octets.get(..4) {
+        Some(l) => u64::from(u32::from_be_bytes(l.try_into().expect("4 octets"))),
+        None => 0,
+    };
+    let frame_end = end + 4 + body + 32;
+    if body == 0 || body > MAX_BODY as u64 || frame_end > written {
+        return Ok(Tail::Torn);
+    }
+    // A sector of the frame that did not reach the disk: zeros from `end` (or its start) on.
+    let mut sector = end / SECTOR * SECTOR;
+    while sector < frame_end {
+        let from = (sector.max(end) - end) as usize;
+        let to = ((sector + SECTOR).min(written) - end) as usize;
+        if octets[from..to].iter().all(|&b| b == 0) {
+            return Ok(Tail::Torn);
+        }
+        sector += SECTOR;
+    }
+    Ok(Tail::Damaged(
+        "a frame written whole does not check: it was altered, not torn".into(),
+    ))
+}
+
+/// How many octets of `file` from `from` to `to` there are up to the last one that is not
+/// zero (0 when all are zeros).
+fn nonzero_len(file: &File, from: u64, to: u64) -> io::Result<u64> {
+    let mut chunk = vec![0u8; (to - from).min(ROOM) as usize];
+    let mut at = to;
+    while at > from {
+        let n = chunk.len().min((at - from) as usize);
+        file.read_exact_at(&mut chunk[..n], at - n as u64)?;
+        if let Some(i) = chunk[..n].iter().rposition(|&b| b != 0) {
+            return Ok(at - n as u64 + i as u64 + 1 - from);
+        }
+        at -= n as u64;
+    }
+    Ok(0)
 }
 
 fn damaged(segment: &Segment, offset: u64, why: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
         format!(
-            "the token log {} is damaged at offset {offset} ({why}): it is not cut off; \
-             restore it from a backup or move it aside",
+            "the token log {} is damaged at offset {offset} ({why}); nothing was cut off and \
+             the server does not start on it: keep a copy of the segment as it is for \
+             forensics, see which records `tsa archive verify` reports, and restore the \
+             segment from a backup",
             segment.path.display()
         ),
     )

@@ -30,7 +30,7 @@ use crate::archive::record::{
 pub const SEGMENT_LIMIT: u64 = 64 << 20;
 
 /// A frame's body is never longer (a token with a long certificate chain is some kilobytes).
-const MAX_BODY: usize = 16 << 20;
+pub const MAX_BODY: usize = 16 << 20;
 
 /// Octets of a frame around its body: the length and the hash.
 const FRAME_OVERHEAD: usize = 4 + 32;
@@ -284,8 +284,8 @@ pub fn read_at(file: &File, offset: u64) -> io::Result<Option<(StoredRecord, u64
 }
 
 /// The entries of the index file beside `segment` while they agree with the positions (the
-/// first at `first_seq`, each the next, offsets rising below `segment_len`).
-fn indexed_entries(segment: &Segment, segment_len: u64) -> io::Result<Vec<Entry>> {
+/// first at `first_seq` and offset 0, each the next, offsets rising), wherever they point.
+fn indexed_entries(segment: &Segment) -> io::Result<Vec<Entry>> {
     let octets = match fs::read(segment.index_path()) {
         Ok(o) => o,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -298,7 +298,7 @@ fn indexed_entries(segment: &Segment, segment_len: u64) -> io::Result<Vec<Entry>
             None => entry.seq == segment.first_seq && entry.offset == 0,
             Some(last) => entry.seq == last.seq + 1 && entry.offset > last.offset,
         };
-        if !agrees || entry.offset >= segment_len {
+        if !agrees {
             break;
         }
         entries.push(entry);
@@ -313,7 +313,8 @@ pub struct Scanned {
     /// How many of them the index file held.
     pub indexed: usize,
     /// How many records the index file lists (more than `entries` when frames it lists do
-    /// not check: damage, not a torn commit, since entries are written after the sync).
+    /// not check, or lie past the segment's end: damage, not a torn commit, since entries are
+    /// written after the sync).
     pub claimed: usize,
     /// The last good frame's record.
     pub last: Option<StoredRecord>,
@@ -326,8 +327,10 @@ pub struct Scanned {
 pub fn scan(segment: &Segment) -> io::Result<Scanned> {
     let file = File::open(&segment.path)?;
     let len = file.metadata()?.len();
-    let mut entries = indexed_entries(segment, len)?;
-    let (indexed, claimed) = (entries.len(), entries.len());
+    let mut entries = indexed_entries(segment)?;
+    let claimed = entries.len();
+    entries.truncate(entries.partition_point(|e| e.offset < len));
+    let indexed = entries.len();
     // The last indexed frame is read again: its length says where the next one starts, its
     // hash what the next one chains to (and a frame that does not check voids the index).
     let (start, mut last) = match entries.last() {
