@@ -568,10 +568,11 @@ pub fn decode_hex(text: &str) -> Option<Vec<u8>> {
 }
 
 /// What keeps a second process off this instance id while the archive is open: the state
-/// directory's lock (SQLite) or the lease in the database (PostgreSQL).
+/// directory's lock and the database's lock of the instance (SQLite), or the lease in the
+/// database (PostgreSQL).
 #[allow(dead_code)]
 enum Held {
-    Lock(Lock),
+    Lock(Lock, Lock),
     Lease(postgres::Lease),
 }
 
@@ -601,6 +602,10 @@ fn open_stores(config: &ArchiveConfig) -> anyhow::Result<Stores> {
         ));
     }
     let lock = Lock::acquire(&config.state_file)?;
+    // The state file may be configured apart from the database: the instance of the database
+    // is locked too, or two servers would chain and number the same instance.
+    let instance_lock = Lock::for_instance(&config.database, config.instance_id)
+        .context("cannot open the archive")?;
     let busy = Duration::from_millis(config.busy_timeout_ms);
     let mut store = SqliteStore::open(&config.database, busy).context("cannot open the archive")?;
     let layout = store
@@ -639,7 +644,13 @@ fn open_stores(config: &ArchiveConfig) -> anyhow::Result<Stores> {
             Box::new(log::LogStore::open(store).with_segment_limit(config.log_segment_mib << 20))
         }
     };
-    Ok((store, reader, Held::Lock(lock), checkpointer, Some(layout)))
+    Ok((
+        store,
+        reader,
+        Held::Lock(lock, instance_lock),
+        checkpointer,
+        Some(layout),
+    ))
 }
 
 /// The backend's name and where its data is (never a password), for the logs.
@@ -803,6 +814,29 @@ mod tests {
             third,
             "left as it was"
         );
+    }
+
+    #[test]
+    fn one_process_per_instance_of_a_database_whatever_its_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Archive::open(&config(dir.path(), "a.state"), signer(), 16).unwrap();
+        let error = Archive::open(&config(dir.path(), "b.state"), signer(), 16)
+            .err()
+            .expect("a second process on the same instance must not start");
+        let text = format!("{error:#}");
+        assert!(text.contains("instance 0"), "{text}");
+        assert!(text.contains("locked"), "{text}");
+        // Another instance of the same database has a lock of its own.
+        let other = ArchiveConfig {
+            instance_id: 1,
+            ..config(dir.path(), "c.state")
+        };
+        Archive::open(&other, signer(), 16).unwrap().close();
+        first.close();
+        drop(first);
+        Archive::open(&config(dir.path(), "b.state"), signer(), 16)
+            .unwrap()
+            .close();
     }
 
     #[test]
