@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use self::appender::{remove_segment, Appender};
@@ -41,13 +42,20 @@ const TIME_SLACK_NS: u64 = 600_000_000_000;
 /// Reads the token log of an archive (the writer's segments, while it writes).
 pub struct LogReader {
     root: PathBuf,
+    /// The lowest and highest counter of closed segments (instance, first position), read
+    /// once: a closed segment does not change.
+    counters: Mutex<CounterRanges>,
 }
+
+/// Per closed segment (instance, first position): its lowest and highest counter, if any.
+type CounterRanges = HashMap<(u32, u64), Option<(u64, u64)>>;
 
 impl LogReader {
     /// The log beside the SQLite database `database`.
     pub fn new(database: &Path) -> Self {
         Self {
             root: dir_for(database),
+            counters: Mutex::new(HashMap::new()),
         }
     }
 
@@ -132,9 +140,12 @@ impl LogReader {
     }
 
     /// The instance's record with `counter`. Counters rise with the position except among
-    /// requests in flight together, so it is in the last segment whose first counter is not
-    /// above it (a binary search: the first counters of log2(segments) segments are read), or
-    /// next to that one.
+    /// requests in flight together, so it is nearly always in the last segment whose first
+    /// counter is not above it (a binary search: the first counters of log2(segments)
+    /// segments are read), or next to that one. A counter taken early and recorded late (a
+    /// batch, a slow signature) may lie further on, and first counters may then be out of
+    /// order: when those segments do not hold it, every other segment whose lowest and highest
+    /// counters (read once for a closed segment) span it is searched.
     pub fn by_counter(&self, instance_id: u32, counter: u64) -> io::Result<Option<StoredRecord>> {
         let all = self.segments(instance_id)?;
         let (mut low, mut high) = (0, all.len());
@@ -147,14 +158,59 @@ impl LogReader {
             }
         }
         let at = low.saturating_sub(1);
-        let candidates = [Some(at), at.checked_add(1), at.checked_sub(1)];
-        for i in candidates.into_iter().flatten().filter(|&i| i < all.len()) {
-            let entries = scan(&all[i])?.entries;
-            if let Some(e) = entries.iter().find(|e| e.counter == counter) {
-                return Ok(read_at(&File::open(&all[i].path)?, e.offset)?.map(|(r, _)| r));
+        let candidates: Vec<usize> = [Some(at), at.checked_add(1), at.checked_sub(1)]
+            .into_iter()
+            .flatten()
+            .filter(|&i| i < all.len())
+            .collect();
+        for &i in &candidates {
+            if let Some(found) = Self::counter_in(&all[i], counter)? {
+                return Ok(Some(found));
+            }
+        }
+        for (i, segment) in all.iter().enumerate() {
+            if candidates.contains(&i) {
+                continue;
+            }
+            let closed = i + 1 < all.len();
+            if closed {
+                let key = (instance_id, segment.first_seq);
+                let cached = self.lock_counters().get(&key).copied();
+                let range = match cached {
+                    Some(range) => range,
+                    None => {
+                        let entries = scan(segment)?.entries;
+                        let range = entries
+                            .iter()
+                            .map(|e| e.counter)
+                            .min()
+                            .zip(entries.iter().map(|e| e.counter).max());
+                        self.lock_counters().insert(key, range);
+                        range
+                    }
+                };
+                if !range.is_some_and(|(low, high)| low <= counter && counter <= high) {
+                    continue;
+                }
+            }
+            if let Some(found) = Self::counter_in(segment, counter)? {
+                return Ok(Some(found));
             }
         }
         Ok(None)
+    }
+
+    fn lock_counters(&self) -> std::sync::MutexGuard<'_, CounterRanges> {
+        self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The record with `counter` in `segment`, through its entries.
+    fn counter_in(segment: &Segment, counter: u64) -> io::Result<Option<StoredRecord>> {
+        let entries = scan(segment)?.entries;
+        match entries.iter().find(|e| e.counter == counter) {
+            Some(e) => Ok(read_at(&File::open(&segment.path)?, e.offset)?.map(|(r, _)| r)),
+            None => Ok(None),
+        }
     }
 
     /// Records of every instance with `from_ns <= genTime < to_ns` and a position above the

@@ -855,3 +855,33 @@ fn a_torn_commit_whose_sector_in_the_middle_did_not_land_is_cut_off() {
     assert_eq!(last.as_ref(), log.records.last());
     assert_eq!(fs::metadata(&segment.path).unwrap().len(), good_len);
 }
+
+#[test]
+fn a_counter_recorded_segments_after_later_ones_is_found() {
+    let mut log = Log::new();
+    // One record per segment, counters 10, 20, 30, 40.
+    let (mut appender, _) = Appender::open(&log.dir(), 1).unwrap();
+    for _ in 0..4 {
+        appender.append(&log.chain(1)).unwrap();
+    }
+    // Counter 5 was taken first (a batch, a slow signature) and recorded last.
+    let mut late = sample(700);
+    late.serial = layout::encode(0, 5, [7; 7]).to_vec();
+    let late = StoredRecord::chain(0, 5, 5, late, log.head.hash);
+    appender.append(std::slice::from_ref(&late)).unwrap();
+    // And counter 1 in a segment that closes behind it.
+    let mut later = sample(700);
+    later.serial = layout::encode(0, 1, [7; 7]).to_vec();
+    let later = StoredRecord::chain(0, 6, 1, later, late.hash);
+    appender.append(std::slice::from_ref(&later)).unwrap();
+    assert_eq!(segment_files(&log.dir()).len(), 6);
+
+    let reader = log.reader();
+    assert_eq!(reader.by_counter(0, 5).unwrap().as_ref(), Some(&late));
+    assert_eq!(reader.by_counter(0, 1).unwrap().as_ref(), Some(&later));
+    for r in &log.records {
+        assert_eq!(reader.by_counter(0, r.counter).unwrap().as_ref(), Some(r));
+    }
+    assert_eq!(reader.by_counter(0, 15).unwrap(), None);
+    assert_eq!(reader.by_counter(0, 50).unwrap(), None);
+}
