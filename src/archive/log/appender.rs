@@ -182,9 +182,18 @@ impl Appender {
     }
 
     /// Appends `records` (chained, from the next position on) durably: one write of their
-    /// frames and one `fdatasync`. On failure nothing of them stays in the segment.
+    /// frames and one `fdatasync`. On failure nothing of them stays in the segment. Without
+    /// records, a full segment is closed and the next one made (so that the writer's probe,
+    /// which appends events alone, fails while the next segment cannot be made).
     pub fn append(&mut self, records: &[StoredRecord]) -> io::Result<()> {
         let Some(first) = records.first() else {
+            if self
+                .open
+                .as_ref()
+                .is_some_and(|o| o.len >= self.segment_limit)
+            {
+                self.roll(self.next_seq)?;
+            }
             return Ok(());
         };
         if self.open.is_some() && first.seq != self.next_seq {
@@ -307,24 +316,18 @@ impl Appender {
     }
 
     /// Closes the open segment (its index synced: closed segments are not checked again at
-    /// start) and starts a new one at `first_seq`, its name synced into the folder.
+    /// start) and starts a new one at `first_seq`, its name synced into the folder. On failure
+    /// the open segment stays open (what of the new one was made is removed, or left empty to
+    /// be taken again), so the next commit tries again.
     fn roll(&mut self, first_seq: u64) -> io::Result<()> {
-        if let Some(old) = self.open.take() {
+        if let Some(old) = self.open.as_mut() {
             if old.room > old.len {
                 old.file.set_len(old.len)?;
                 old.file.sync_data()?;
+                old.room = old.len;
             }
             if old.index_len.is_some() {
                 old.index.sync_all()?;
-            }
-            let imprints = std::mem::take(&mut self.imprints);
-            if let Err(e) = write_imprints(&old.segment, imprints) {
-                // Look-ups by imprint read this segment's frames instead.
-                tracing::warn!(
-                    segment = %old.segment.path.display(),
-                    error = %e,
-                    "the closed segment's imprint file cannot be written"
-                );
             }
         }
         if !self.dir.exists() {
@@ -337,14 +340,18 @@ impl Appender {
             }
         }
         let segment = Segment::new(&self.dir, first_seq);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&segment.path)?;
-        let index = open_index(&segment)?;
-        index.set_len(0)?;
-        crate::files::sync_directory(&self.dir)?;
+        let (file, index) = make_segment(&segment, &self.dir)?;
+        if let Some(old) = self.open.take() {
+            let imprints = std::mem::take(&mut self.imprints);
+            if let Err(e) = write_imprints(&old.segment, imprints) {
+                // Look-ups by imprint read this segment's frames instead.
+                tracing::warn!(
+                    segment = %old.segment.path.display(),
+                    error = %e,
+                    "the closed segment's imprint file cannot be written"
+                );
+            }
+        }
         self.next_seq = first_seq;
         self.open = Some(Open {
             segment,
@@ -356,6 +363,41 @@ impl Appender {
             index_len: Some(0),
         });
         Ok(())
+    }
+}
+
+/// Makes `segment`'s files in `dir`, the segment empty (one left empty by a roll that failed
+/// is taken again; one that holds anything is not), its index emptied, and syncs their names.
+fn make_segment(segment: &Segment, dir: &Path) -> io::Result<(File, File)> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&segment.path)?;
+    if file.metadata()?.len() != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} holds data already: it is not taken as a new segment",
+                segment.path.display()
+            ),
+        ));
+    }
+    let made = open_index(segment).and_then(|index| {
+        index.set_len(0)?;
+        crate::files::sync_directory(dir)?;
+        Ok(index)
+    });
+    match made {
+        Ok(index) => Ok((file, index)),
+        Err(e) => {
+            // Best effort: an empty segment left behind is taken again by the next try, and
+            // removed at start.
+            drop(file);
+            let _ = remove_segment(segment);
+            Err(e)
+        }
     }
 }
 

@@ -885,3 +885,40 @@ fn a_counter_recorded_segments_after_later_ones_is_found() {
     assert_eq!(reader.by_counter(0, 15).unwrap(), None);
     assert_eq!(reader.by_counter(0, 50).unwrap(), None);
 }
+
+#[test]
+fn a_segment_roll_that_failed_is_tried_again() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    while segment_files(&log.dir()).len() < 2 {
+        appender.append(&log.chain(1)).unwrap();
+        appender.make_room();
+    }
+    // Fill the second segment, up to its limit.
+    let dir = log.dir();
+    while frames_end(&segment_files(&dir).pop().unwrap()) < LIMIT {
+        appender.append(&log.chain(1)).unwrap();
+        appender.make_room();
+    }
+    // The next segment's index cannot be made.
+    let next = Segment::new(&log.dir(), log.head.seq + 1);
+    fs::create_dir(next.index_path()).unwrap();
+    let refused = log.chain(1);
+    appender.append(&refused).unwrap_err();
+    // An append without records (the writer's probe) fails too while it does.
+    appender.append(&[]).unwrap_err();
+    log.records.pop();
+    log.head = ChainHead {
+        seq: refused[0].seq - 1,
+        hash: refused[0].prev_hash,
+    };
+
+    fs::remove_dir(next.index_path()).unwrap();
+    appender.append(&log.chain(2)).unwrap();
+    assert_eq!(log.all(), log.records);
+    let reader = log.reader();
+    assert_eq!(reader.head(0).unwrap().as_ref(), log.records.last());
+    drop(appender);
+    let (_, last) = open(&log.dir());
+    assert_eq!(last.as_ref(), log.records.last());
+}
