@@ -279,7 +279,13 @@ pub struct LogStore {
     /// appender, whose recovery may cut a torn commit off a segment.
     appends: bool,
     segment_limit: u64,
+    /// Events of commits whose records went in while the events could not be stored (the
+    /// database locked or unwritable), oldest first: stored before the next commit's.
+    kept_events: Vec<EventRecord>,
 }
+
+/// Events kept for the next commit; later ones are dropped (the log has them all).
+const MAX_KEPT_EVENTS: usize = 10_000;
 
 impl LogStore {
     /// The writer's store over the archive `db` (whose layout is the log).
@@ -291,25 +297,23 @@ impl LogStore {
             appender: None,
             appends: true,
             segment_limit: segments::SEGMENT_LIMIT,
+            kept_events: Vec::new(),
         }
     }
 
     /// Segments close at `limit` octets instead of [`segments::SEGMENT_LIMIT`]
     /// (`archive.log_segment_mib`).
-    pub fn with_segment_limit(self, limit: u64) -> Self {
-        Self {
-            segment_limit: limit,
-            ..self
-        }
+    pub fn with_segment_limit(mut self, limit: u64) -> Self {
+        self.segment_limit = limit;
+        self
     }
 
     /// Opens an existing archive for look-ups, export, verification and pruning, without
     /// appending (so without the writer's recovery).
     pub fn open_read_only(db: SqliteStore) -> Self {
-        Self {
-            appends: false,
-            ..Self::open(db)
-        }
+        let mut store = Self::open(db);
+        store.appends = false;
+        store
     }
 
     fn appender(&mut self, instance_id: u32) -> Result<&mut Appender, StoreError> {
@@ -373,9 +377,11 @@ impl ArchiveStore for LogStore {
     }
 
     /// The records go to the log (durable when it returns), then the events to the database.
-    /// When the events fail, the records stay: the writer reports the commit as failed and,
-    /// recovering, reads the head back and chains after them. Counters are not looked up:
-    /// each comes from a block reserved durably beforehand, so none is handed out twice.
+    /// Once the records are durable the commit succeeds: events that cannot be stored then
+    /// are kept, in order, and stored before the next commit's (up to [`MAX_KEPT_EVENTS`]).
+    /// A commit of events alone fails when they cannot be stored (the writer keeps them).
+    /// Counters are not looked up: each comes from a block reserved durably beforehand, so
+    /// none is handed out twice.
     fn append(
         &mut self,
         instance_id: u32,
@@ -391,10 +397,34 @@ impl ArchiveStore for LogStore {
             return Err(StoreError("a record of another instance".into()));
         }
         self.appender(instance_id)?.append(records)?;
-        if !events.is_empty() {
-            self.db.append(instance_id, &[], events)?;
+        if events.is_empty() && self.kept_events.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let kept = self.kept_events.len();
+        self.kept_events.extend_from_slice(events);
+        match self.db.append(instance_id, &[], &self.kept_events) {
+            Ok(()) => {
+                self.kept_events.clear();
+                Ok(())
+            }
+            Err(e) if records.is_empty() => {
+                self.kept_events.truncate(kept);
+                Err(e)
+            }
+            Err(e) => {
+                let dropped = self.kept_events.len().saturating_sub(MAX_KEPT_EVENTS);
+                self.kept_events.truncate(MAX_KEPT_EVENTS);
+                tracing::error!(
+                    error = %e,
+                    records = records.len(),
+                    kept_events = self.kept_events.len(),
+                    dropped_events = dropped,
+                    "the archive's events cannot be stored; the records are committed, the \
+                     events are kept for the next commit"
+                );
+                Ok(())
+            }
+        }
     }
 
     fn after_append(&mut self) {
@@ -526,6 +556,22 @@ impl ArchiveStore for LogStore {
 
     fn free_space(&self) -> Option<u64> {
         self.db.free_space()
+    }
+}
+
+impl Drop for LogStore {
+    /// Events still kept are stored, if the database takes them now.
+    fn drop(&mut self) {
+        let Some(instance_id) = self.kept_events.first().map(|e| e.instance_id) else {
+            return;
+        };
+        if let Err(e) = self.db.append(instance_id, &[], &self.kept_events) {
+            tracing::error!(
+                error = %e,
+                events = self.kept_events.len(),
+                "the archive's events kept for the next commit are lost"
+            );
+        }
     }
 }
 

@@ -922,3 +922,39 @@ fn a_segment_roll_that_failed_is_tried_again() {
     let (_, last) = open(&log.dir());
     assert_eq!(last.as_ref(), log.records.last());
 }
+
+#[test]
+fn events_that_cannot_be_stored_do_not_fail_records_already_durable() {
+    let mut log = Log::new();
+    let mut db = SqliteStore::open(&log.database, Duration::from_millis(50)).unwrap();
+    assert_eq!(db.settle_layout(Layout::Log).unwrap(), Layout::Log);
+    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    let event = |seq: u64| EventRecord {
+        instance_id: 0,
+        seq,
+        time_ns: seq,
+        level: "info".into(),
+        kind: "sync_acquired".into(),
+        message: format!("event {seq}"),
+        fields: "{}".into(),
+    };
+    store.append(0, &log.chain(1), &[event(1)]).unwrap();
+
+    // Another process holds the database's write lock past the busy timeout.
+    let locker = rusqlite::Connection::open(&log.database).unwrap();
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    store
+        .append(0, &log.chain(2), &[event(2), event(3)])
+        .expect("the records are durable: they are not refused for their events");
+    assert_eq!(log.all(), log.records, "and chained and found");
+    locker.execute_batch("ROLLBACK").unwrap();
+
+    // The events kept go in with the next commit, in their order.
+    store.append(0, &log.chain(1), &[event(4)]).unwrap();
+    assert_eq!(
+        store.events(0, 10).unwrap(),
+        [event(1), event(2), event(3), event(4)]
+    );
+    assert_eq!(store.instance(0).unwrap().last_event_seq, 4);
+    assert_eq!(log.all(), log.records);
+}
