@@ -213,7 +213,9 @@ impl Frames {
     }
 
     /// Frames taken as they decode, their hashes not checked: for verification, which
-    /// recomputes them and reports a record that was altered.
+    /// recomputes them and reports a record that was altered. The last frame (followed by
+    /// zeros or the end) is checked all the same: beside the writer it may be one being
+    /// written, not yet a record.
     pub fn unchecked(self) -> Self {
         Self {
             checked: false,
@@ -233,20 +235,42 @@ impl Frames {
         if self.end.saturating_sub(self.offset) < FRAME_OVERHEAD as u64 {
             return Ok(None);
         }
+        // The writer may have cut the file since (the room, as a segment closes; a failed
+        // commit): its end ends the frames too.
         let mut len = [0u8; 4];
-        self.reader.read_exact(&mut len)?;
+        if !read_or_end(&mut self.reader, &mut len)? {
+            return Ok(None);
+        }
         let len = u32::from_be_bytes(len) as usize;
         let next = self.offset + (len + FRAME_OVERHEAD) as u64;
         if len > MAX_BODY || next > self.end {
             return Ok(None);
         }
         self.body.resize(len + 32, 0);
-        self.reader.read_exact(&mut self.body)?;
+        if !read_or_end(&mut self.reader, &mut self.body)? {
+            return Ok(None);
+        }
         let (body, hash) = self.body.split_at(len);
         let hash = Hash::try_from(hash).expect("32 octets");
         if self.checked && sha256(body) != hash {
             return Ok(None);
         }
+        // Unchecked, a last frame that shows octets not written yet (zeros at its end, or a
+        // sector of zeros) and does not check is one the writer is writing, not a record; an
+        // altered one is still taken, for verification to report.
+        if !self.checked && (hash[31] == 0 || has_zero_sector(self.offset + 4, &self.body)) {
+            let mut after = [0u8; 4];
+            let last = match self.reader.get_ref().read_exact_at(&mut after, next) {
+                Ok(()) => after == [0; 4],
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => true,
+                Err(e) => return Err(e),
+            };
+            let (body, _) = self.body.split_at(len);
+            if last && sha256(body) != hash {
+                return Ok(None);
+            }
+        }
+        let (body, _) = self.body.split_at(len);
         let Some(fields) = CanonicalRef::parse(body) else {
             return Ok(None);
         };
@@ -259,6 +283,23 @@ impl Frames {
         Ok(self
             .next_ref()?
             .map(|(at, fields, hash)| (at, fields.to_record(hash))))
+    }
+}
+
+/// Whether `octets`, read from `offset` on, hold a whole 512-octet sector of zeros.
+fn has_zero_sector(offset: u64, octets: &[u8]) -> bool {
+    let first = (offset.div_ceil(512) * 512 - offset) as usize;
+    octets
+        .get(first..)
+        .is_some_and(|rest| rest.chunks_exact(512).any(|s| s.iter().all(|&b| b == 0)))
+}
+
+/// Fills `buf` from `reader`; `false` when the file ends first.
+fn read_or_end(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    match reader.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

@@ -958,3 +958,46 @@ fn events_that_cannot_be_stored_do_not_fail_records_already_durable() {
     assert_eq!(store.instance(0).unwrap().last_event_seq, 4);
     assert_eq!(log.all(), log.records);
 }
+
+#[test]
+fn a_reader_ends_where_the_writer_cut_the_segment_short() {
+    let mut log = Log::new();
+    let (mut appender, _) = Appender::open(&log.dir(), 1 << 20).unwrap();
+    appender.append(&log.chain(1)).unwrap();
+    appender.make_room();
+    let segment = segment_files(&log.dir()).pop().unwrap();
+    let end = frames_end(&segment);
+    assert!(fs::metadata(&segment.path).unwrap().len() > end, "room");
+    let mut frames = segments::Frames::open(&segment, 0).unwrap();
+    // The writer cuts the room off (the segment closes, or a failed commit is cut).
+    OpenOptions::new()
+        .write(true)
+        .open(&segment.path)
+        .unwrap()
+        .set_len(end)
+        .unwrap();
+    assert_eq!(frames.next_frame().unwrap().unwrap().1, log.records[0]);
+    assert!(frames.next_frame().unwrap().is_none());
+}
+
+#[test]
+fn verification_beside_the_writer_does_not_take_a_frame_being_written() {
+    let mut log = Log::new();
+    let (mut appender, _) = Appender::open(&log.dir(), 1 << 20).unwrap();
+    appender.append(&log.chain(2)).unwrap();
+    appender.make_room();
+    let segment = segment_files(&log.dir()).pop().unwrap();
+    let end = frames_end(&segment);
+    // The next commit's frame, all but its hash in so far.
+    let next = log.chain(1);
+    let mut frame = Vec::new();
+    segments::encode_frame(&next[0], &mut frame);
+    OpenOptions::new()
+        .write(true)
+        .open(&segment.path)
+        .unwrap()
+        .write_all_at(&frame[..frame.len() - 32], end)
+        .unwrap();
+    log.records.pop();
+    assert_eq!(log.all(), log.records);
+}
