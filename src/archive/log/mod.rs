@@ -513,7 +513,8 @@ impl ArchiveStore for LogStore {
     }
 
     /// Removes whole segments, oldest first, while every record of one is older than
-    /// `before_ns`; the segment being written stays. The anchor is stored (synced) before the
+    /// `before_ns`; the segment being written stays, and a damaged one stops the pruning with
+    /// an error before anything is removed (its anchor would break the chain). The anchor is stored (synced) before the
     /// files go, so a crash between the two leaves segments that readers pass over and the
     /// next pruning removes.
     fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError> {
@@ -523,10 +524,30 @@ impl ArchiveStore for LogStore {
         let (mut removing, mut last) = (0, None);
         let (mut max_counter, mut max_gen) =
             previous.map_or((0, 0), |a| (a.max_counter, a.max_gen_time_ns));
-        for segment in all.iter().take(all.len().saturating_sub(1)) {
+        for (i, segment) in all.iter().enumerate().take(all.len().saturating_sub(1)) {
             let scanned = scan(segment)?;
             if scanned.entries.iter().any(|e| e.gen_time_ns >= before_ns) {
                 break;
+            }
+            // A closed segment ends with its last good frame, which the next segment's first
+            // record chains to: else the anchor would not be the hash the chain goes on from.
+            let len = std::fs::metadata(&segment.path)?.len();
+            let follows = match (&scanned.last, all.get(i + 1)) {
+                (Some(last), Some(next)) => {
+                    segments::record_of(next, next.first_seq)?.is_none_or(|(_, first)| {
+                        first.seq == last.seq + 1 && first.prev_hash == last.hash
+                    })
+                }
+                _ => true,
+            };
+            if scanned.end != len || scanned.entries.len() < scanned.claimed || !follows {
+                return Err(StoreError(format!(
+                    "the token log {} is damaged at offset {} (not every frame checks, or the \
+                     next segment does not chain to its last): it is not pruned; see \
+                     `tsa archive verify`",
+                    segment.path.display(),
+                    scanned.end
+                )));
             }
             for e in &scanned.entries {
                 max_counter = max_counter.max(e.counter);

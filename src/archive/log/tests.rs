@@ -1001,3 +1001,32 @@ fn verification_beside_the_writer_does_not_take_a_frame_being_written() {
     log.records.pop();
     assert_eq!(log.all(), log.records);
 }
+
+#[test]
+fn a_damaged_segment_is_not_pruned() {
+    let mut log = Log::new();
+    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
+    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    for _ in 0..6 {
+        store.append(0, &log.chain(2), &[]).unwrap();
+    }
+    let before = segment_files(&log.dir());
+    assert!(before.len() >= 3);
+    // One octet of the first segment's last record changes.
+    let first = &before[0];
+    let last = segments::scan(first)
+        .unwrap()
+        .entries
+        .last()
+        .copied()
+        .unwrap();
+    let mut octets = fs::read(&first.path).unwrap();
+    octets[last.offset as usize + 200] ^= 0x10;
+    fs::write(&first.path, &octets).unwrap();
+
+    let cut = log.records.last().unwrap().record.gen_time_ns + 1;
+    let error = store.prune(0, cut).unwrap_err();
+    assert!(error.to_string().contains("damaged"), "{error}");
+    assert_eq!(segment_files(&log.dir()), before, "nothing removed");
+    assert_eq!(store.instance(0).unwrap().anchor, None, "no anchor");
+}
