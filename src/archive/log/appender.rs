@@ -157,7 +157,13 @@ impl Appender {
                 Err(_) => {}
             }
             appender.imprints = imprint_entries(&scanned.entries);
-            appender.next_seq = last.seq + 1;
+            appender.next_seq = last.seq.checked_add(1).ok_or_else(|| {
+                damaged(
+                    &segment,
+                    scanned.end,
+                    "its last record is at the last position",
+                )
+            })?;
             appender.last = Some(ChainHead {
                 seq: last.seq,
                 hash: last.hash,
@@ -202,12 +208,15 @@ impl Appender {
                 format!(
                     "record {} does not follow the log's last record {}",
                     first.seq,
-                    self.next_seq - 1
+                    self.next_seq.saturating_sub(1)
                 ),
             ));
         }
         // Positions are the index's key: a segment's records are consecutive.
-        if let Some(pair) = records.windows(2).find(|w| w[1].seq != w[0].seq + 1) {
+        if let Some(pair) = records
+            .windows(2)
+            .find(|w| w[0].seq.checked_add(1) != Some(w[1].seq))
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
@@ -262,7 +271,7 @@ impl Appender {
                 .map(|r| (imprint_key(&r.record.imprint), r.seq)),
         );
         let last = &records[records.len() - 1];
-        self.next_seq = last.seq + 1;
+        self.next_seq = last.seq.saturating_add(1);
         self.last = Some(ChainHead {
             seq: last.seq,
             hash: last.hash,

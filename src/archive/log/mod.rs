@@ -535,7 +535,7 @@ impl ArchiveStore for LogStore {
             let follows = match (&scanned.last, all.get(i + 1)) {
                 (Some(last), Some(next)) => {
                     segments::record_of(next, next.first_seq)?.is_none_or(|(_, first)| {
-                        first.seq == last.seq + 1 && first.prev_hash == last.hash
+                        last.seq.checked_add(1) == Some(first.seq) && first.prev_hash == last.hash
                     })
                 }
                 _ => true,

@@ -32,6 +32,10 @@ pub const SEGMENT_LIMIT: u64 = 64 << 20;
 /// A frame's body is never longer (a token with a long certificate chain is some kilobytes).
 pub const MAX_BODY: usize = 16 << 20;
 
+/// Offsets past this are no frame's (the kernel refuses offsets past `i64::MAX`, and a frame
+/// there would end past it).
+const MAX_OFFSET: u64 = i64::MAX as u64 - (MAX_BODY + FRAME_OVERHEAD) as u64;
+
 /// Octets of a frame around its body: the length and the hash.
 const FRAME_OVERHEAD: usize = 4 + 32;
 
@@ -306,6 +310,10 @@ fn read_or_end(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
 /// The record whose frame starts at `offset` in `file`, and the frame's length; `None` when no
 /// good frame is there.
 pub fn read_at(file: &File, offset: u64) -> io::Result<Option<(StoredRecord, u64)>> {
+    // An offset from disk (an index entry) may be anything: no file is that long.
+    if offset > MAX_OFFSET {
+        return Ok(None);
+    }
     let mut len = [0u8; 4];
     match file.read_exact_at(&mut len, offset) {
         Ok(()) => {}
@@ -325,19 +333,23 @@ pub fn read_at(file: &File, offset: u64) -> io::Result<Option<(StoredRecord, u64
 }
 
 /// The entries of the index file beside `segment` while they agree with the positions (the
-/// first at `first_seq` and offset 0, each the next, offsets rising), wherever they point.
-fn indexed_entries(segment: &Segment) -> io::Result<Vec<Entry>> {
-    let octets = match fs::read(segment.index_path()) {
-        Ok(o) => o,
+/// first at `first_seq` and offset 0, each the next, offsets rising), wherever they point;
+/// read up to one entry more than a segment of `segment_len` octets can have frames.
+fn indexed_entries(segment: &Segment, segment_len: u64) -> io::Result<Vec<Entry>> {
+    let file = match File::open(segment.index_path()) {
+        Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
+    let most = (segment_len / FRAME_OVERHEAD as u64 + 1).saturating_mul(ENTRY_LEN as u64);
+    let mut octets = Vec::new();
+    file.take(most).read_to_end(&mut octets)?;
     let mut entries: Vec<Entry> = Vec::with_capacity(octets.len() / ENTRY_LEN);
     for chunk in octets.chunks_exact(ENTRY_LEN) {
         let entry = Entry::decode(chunk);
         let agrees = match entries.last() {
             None => entry.seq == segment.first_seq && entry.offset == 0,
-            Some(last) => entry.seq == last.seq + 1 && entry.offset > last.offset,
+            Some(last) => last.seq.checked_add(1) == Some(entry.seq) && entry.offset > last.offset,
         };
         if !agrees {
             break;
@@ -368,7 +380,7 @@ pub struct Scanned {
 pub fn scan(segment: &Segment) -> io::Result<Scanned> {
     let file = File::open(&segment.path)?;
     let len = file.metadata()?.len();
-    let mut entries = indexed_entries(segment)?;
+    let mut entries = indexed_entries(segment, len)?;
     let claimed = entries.len();
     entries.truncate(entries.partition_point(|e| e.offset < len));
     let indexed = entries.len();
@@ -387,9 +399,11 @@ pub fn scan(segment: &Segment) -> io::Result<Scanned> {
     let indexed = indexed.min(entries.len());
     let mut frames = Frames::new(file, start)?;
     while let Some((offset, record)) = frames.next_frame()? {
-        let expected = entries.last().map_or(segment.first_seq, |e| e.seq + 1);
+        let expected = entries
+            .last()
+            .map_or(Some(segment.first_seq), |e| e.seq.checked_add(1));
         let chained = last.as_ref().is_none_or(|l| record.prev_hash == l.hash);
-        if record.seq != expected || !chained {
+        if Some(record.seq) != expected || !chained {
             break;
         }
         entries.push(Entry::of(&record, offset));
@@ -420,8 +434,14 @@ fn indexed_entry(segment: &Segment, i: u64) -> io::Result<Option<Entry>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
+    let Some(at) = i
+        .checked_mul(ENTRY_LEN as u64)
+        .filter(|&at| at <= MAX_OFFSET)
+    else {
+        return Ok(None);
+    };
     let mut octets = [0u8; ENTRY_LEN];
-    match index.read_exact_at(&mut octets, i * ENTRY_LEN as u64) {
+    match index.read_exact_at(&mut octets, at) {
         Ok(()) => Ok(Some(Entry::decode(&octets))),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
         Err(e) => Err(e),
@@ -477,7 +497,9 @@ pub fn last_record(segment: &Segment) -> io::Result<Option<StoredRecord>> {
         Err(e) => return Err(e),
     };
     if let Some(entry) = match indexed.checked_sub(1) {
-        Some(i) => indexed_entry(segment, i)?.filter(|e| e.seq == segment.first_seq + i),
+        Some(i) => {
+            indexed_entry(segment, i)?.filter(|e| segment.first_seq.checked_add(i) == Some(e.seq))
+        }
         None => None,
     } {
         let file = File::open(&segment.path)?;
@@ -486,7 +508,7 @@ pub fn last_record(segment: &Segment) -> io::Result<Option<StoredRecord>> {
         {
             let mut frames = Frames::new(file, entry.offset + len)?;
             while let Some((_, next)) = frames.next_frame()? {
-                if next.seq != last.seq + 1 || next.prev_hash != last.hash {
+                if last.seq.checked_add(1) != Some(next.seq) || next.prev_hash != last.hash {
                     break;
                 }
                 last = next;
@@ -589,7 +611,8 @@ pub fn time_bounds(segment: &Segment) -> io::Result<Option<(u64, u64)>> {
     };
     let (Some(first), Some(last)) = (
         indexed_entry(segment, 0)?.filter(|e| e.seq == segment.first_seq && e.offset == 0),
-        indexed_entry(segment, last_i)?.filter(|e| e.seq == segment.first_seq + last_i),
+        indexed_entry(segment, last_i)?
+            .filter(|e| segment.first_seq.checked_add(last_i) == Some(e.seq)),
     ) else {
         return Ok(None);
     };

@@ -1030,3 +1030,37 @@ fn a_damaged_segment_is_not_pruned() {
     assert_eq!(segment_files(&log.dir()), before, "nothing removed");
     assert_eq!(store.instance(0).unwrap().anchor, None, "no anchor");
 }
+
+#[test]
+fn offsets_and_positions_from_disk_are_bounded() {
+    let mut log = Log::new();
+    let (mut appender, _) = Appender::open(&log.dir(), 1 << 20).unwrap();
+    appender.append(&log.chain(2)).unwrap();
+    drop(appender);
+    let segment = segment_files(&log.dir()).pop().unwrap();
+    // The second index entry points far past the file (its position right).
+    let mut index = fs::read(segment.index_path()).unwrap();
+    index[ENTRY + 8..ENTRY + 16].copy_from_slice(&(u64::MAX - 1).to_be_bytes());
+    fs::write(segment.index_path(), &index).unwrap();
+    let reader = log.reader();
+    assert_eq!(
+        reader.record_at(0, 2).unwrap().as_ref(),
+        Some(&log.records[1])
+    );
+    assert_eq!(reader.record_at(0, u64::MAX).unwrap(), None);
+    assert_eq!(reader.head(0).unwrap().as_ref(), Some(&log.records[1]));
+
+    // A segment whose record is at the last position there is: no next one.
+    let end = Log::new();
+    let mut r = sample(100);
+    r.serial = layout::encode(0, 1, [7; 7]).to_vec();
+    let last = StoredRecord::chain(0, u64::MAX, 1, r, ZERO_HASH);
+    let mut frame = Vec::new();
+    segments::encode_frame(&last, &mut frame);
+    fs::create_dir_all(end.dir()).unwrap();
+    fs::write(Segment::new(&end.dir(), u64::MAX).path, &frame).unwrap();
+    let error = Appender::open(&end.dir(), 1 << 20).err().expect("refused");
+    assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+}
+
+const ENTRY: usize = segments::ENTRY_LEN;
