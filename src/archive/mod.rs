@@ -170,6 +170,29 @@ impl Archive {
         let db = store
             .instance(instance_id)
             .context("cannot read the archive")?;
+        // The chain must reach the head its last signed checkpoint saw: records below it were
+        // committed, and their tokens sent.
+        let last_checkpoint = store
+            .checkpoints(instance_id)
+            .context("cannot read the archive")?
+            .pop();
+        if let Some(checkpoint) = &last_checkpoint {
+            let head = db.head.unwrap_or(ChainHead::EMPTY);
+            if head.seq < checkpoint.seq
+                || (head.seq == checkpoint.seq && head.hash != checkpoint.head_hash)
+            {
+                bail!(
+                    "the archive of instance {instance_id} ends at record {} but its last signed \
+                     checkpoint covers {} records (head hash {}): committed records are missing \
+                     or were altered. Nothing was changed; keep the database and the token log as \
+                     they are for forensics, run `tsa archive verify`, and restore the archive \
+                     from a backup",
+                    head.seq,
+                    checkpoint.seq,
+                    hex(&checkpoint.head_hash)
+                );
+            }
+        }
         let state_file = StateFile::new(&config.state_file);
         let saved = state_file.read()?;
         if let Some(saved) = &saved {
@@ -214,7 +237,7 @@ impl Archive {
             })
             .with_context(|| format!("cannot write {}", config.state_file.display()))?;
         let head = db.head.unwrap_or(ChainHead::EMPTY);
-        let last_checkpoint_seq = store.checkpoints(instance_id)?.last().map_or(0, |c| c.seq);
+        let last_checkpoint_seq = last_checkpoint.map_or(0, |c| c.seq);
         let (backend, location) = location(config);
         // The start itself is an event, committed before the first token.
         let opened = record::EventRecord {
@@ -545,10 +568,11 @@ pub fn decode_hex(text: &str) -> Option<Vec<u8>> {
 }
 
 /// What keeps a second process off this instance id while the archive is open: the state
-/// directory's lock (SQLite) or the lease in the database (PostgreSQL).
+/// directory's lock and the database's lock of the instance (SQLite), or the lease in the
+/// database (PostgreSQL).
 #[allow(dead_code)]
 enum Held {
-    Lock(Lock),
+    Lock(Lock, Lock),
     Lease(postgres::Lease),
 }
 
@@ -578,6 +602,10 @@ fn open_stores(config: &ArchiveConfig) -> anyhow::Result<Stores> {
         ));
     }
     let lock = Lock::acquire(&config.state_file)?;
+    // The state file may be configured apart from the database: the instance of the database
+    // is locked too, or two servers would chain and number the same instance.
+    let instance_lock = Lock::for_instance(&config.database, config.instance_id)
+        .context("cannot open the archive")?;
     let busy = Duration::from_millis(config.busy_timeout_ms);
     let mut store = SqliteStore::open(&config.database, busy).context("cannot open the archive")?;
     let layout = store
@@ -616,7 +644,13 @@ fn open_stores(config: &ArchiveConfig) -> anyhow::Result<Stores> {
             Box::new(log::LogStore::open(store).with_segment_limit(config.log_segment_mib << 20))
         }
     };
-    Ok((store, reader, Held::Lock(lock), checkpointer, Some(layout)))
+    Ok((
+        store,
+        reader,
+        Held::Lock(lock, instance_lock),
+        checkpointer,
+        Some(layout),
+    ))
 }
 
 /// The backend's name and where its data is (never a password), for the logs.
@@ -689,7 +723,146 @@ pub fn serial_hex(record: &StoredRecord) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use const_oid::ObjectIdentifier;
+
+    use super::record::{tests_support::sample, Checkpoint, StoredRecord};
+    use super::store::ArchiveStore;
+    use super::*;
+
+    /// An archive in `dir` (the token log), its state file `state`.
+    pub(super) fn config(dir: &Path, state: &str) -> ArchiveConfig {
+        ArchiveConfig {
+            enabled: true,
+            database: dir.join("archive.sqlite"),
+            state_file: dir.join(state),
+            checkpoint_interval_s: 3600,
+            ..ArchiveConfig::default()
+        }
+    }
+
+    pub(super) fn signer() -> CheckpointSigner {
+        CheckpointSigner {
+            sign: Box::new(|_| Ok(vec![1])),
+            algorithm: vec![0x30, 0x00],
+            certificate: vec![0x30, 0x00],
+        }
+    }
+
+    /// `n` records of instance 0 from position 1 on.
+    fn records(n: u64) -> Vec<StoredRecord> {
+        let mut prev = record::ZERO_HASH;
+        (1..=n)
+            .map(|seq| {
+                let mut r = sample(300);
+                r.serial = layout::encode(0, seq, [7; 7]).to_vec();
+                let stored = StoredRecord::chain(0, seq, seq, r, prev);
+                prev = stored.hash;
+                stored
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_chain_that_ends_below_its_last_signed_checkpoint_does_not_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), "archive.state");
+        let records = records(3);
+        {
+            let mut db = SqliteStore::open(&config.database, Duration::from_secs(1)).unwrap();
+            db.settle_layout(sqlite::Layout::Log).unwrap();
+            let mut store = log::LogStore::open(db);
+            store.append(0, &records, &[]).unwrap();
+            store
+                .add_checkpoint(&Checkpoint {
+                    instance_id: 0,
+                    seq: 3,
+                    head_hash: records[2].hash,
+                    time_ns: 1,
+                    algorithm: vec![],
+                    signature: vec![1],
+                    certificate: vec![],
+                })
+                .unwrap();
+        }
+        // The last record is lost with its index entry (a segment restored from an older
+        // copy, say): the log alone looks whole, ending at record 2.
+        let segment = log::segments::segments(&log::segments::instance_dir(
+            &log::segments::dir_for(&config.database),
+            0,
+        ))
+        .unwrap()
+        .pop()
+        .unwrap();
+        let third = log::segments::offset_of(&segment, 3).unwrap().unwrap();
+        std::fs::remove_file(segment.index_path()).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment.path)
+            .unwrap()
+            .set_len(third)
+            .unwrap();
+
+        let error = Archive::open(&config, signer(), 16)
+            .err()
+            .expect("must not start");
+        let text = format!("{error:#}");
+        assert!(text.contains("checkpoint"), "{text}");
+        assert_eq!(
+            std::fs::metadata(&segment.path).unwrap().len(),
+            third,
+            "left as it was"
+        );
+    }
+
+    #[test]
+    fn one_process_per_instance_of_a_database_whatever_its_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Archive::open(&config(dir.path(), "a.state"), signer(), 16).unwrap();
+        let error = Archive::open(&config(dir.path(), "b.state"), signer(), 16)
+            .err()
+            .expect("a second process on the same instance must not start");
+        let text = format!("{error:#}");
+        assert!(text.contains("instance 0"), "{text}");
+        assert!(text.contains("locked"), "{text}");
+        // Another instance of the same database has a lock of its own.
+        let other = ArchiveConfig {
+            instance_id: 1,
+            ..config(dir.path(), "c.state")
+        };
+        Archive::open(&other, signer(), 16).unwrap().close();
+        first.close();
+        drop(first);
+        Archive::open(&config(dir.path(), "b.state"), signer(), 16)
+            .unwrap()
+            .close();
+    }
+
+    #[test]
+    fn a_checkpoint_at_a_signed_position_with_another_head_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db =
+            SqliteStore::open(&dir.path().join("archive.sqlite"), Duration::from_secs(1)).unwrap();
+        let checkpoint = Checkpoint {
+            instance_id: 0,
+            seq: 3,
+            head_hash: [3; 32],
+            time_ns: 1,
+            algorithm: vec![],
+            signature: vec![1],
+            certificate: vec![],
+        };
+        db.add_checkpoint(&checkpoint).unwrap();
+        db.add_checkpoint(&checkpoint).unwrap();
+        let other = Checkpoint {
+            head_hash: [4; 32],
+            ..checkpoint.clone()
+        };
+        let error = db.add_checkpoint(&other).unwrap_err();
+        assert!(error.to_string().contains("another head"), "{error}");
+        assert_eq!(db.checkpoints(0).unwrap(), [checkpoint]);
+    }
 
     #[test]
     fn dotted_names_come_back_right_past_what_a_thread_remembers() {

@@ -159,7 +159,8 @@ impl Checkpoint {
     }
 }
 
-const RECORD_DOMAIN: &[u8] = b"tsa-archive/record/v1\0";
+/// The first octets of every record's canonical encoding (so of every frame's body).
+pub const RECORD_DOMAIN: &[u8] = b"tsa-archive/record/v1\0";
 const CHECKPOINT_DOMAIN: &[u8] = b"tsa-archive/checkpoint/v1\0";
 
 /// The canonical encoding of a record: a domain string, then every field in a fixed order,

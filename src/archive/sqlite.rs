@@ -622,8 +622,10 @@ impl ArchiveStore for SqliteStore {
         Ok(())
     }
 
+    /// A checkpoint is stored once per position; storing it again is a no-op, but one that
+    /// signs another head there is refused (the chain was rewritten below a signed head).
     fn add_checkpoint(&mut self, c: &Checkpoint) -> Result<(), StoreError> {
-        self.conn.execute(
+        let added = self.conn.execute(
             "INSERT INTO checkpoints (instance_id, seq, head_hash, time_ns, algorithm, \
              signature, certificate) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
              ON CONFLICT (instance_id, seq) DO NOTHING",
@@ -637,6 +639,20 @@ impl ArchiveStore for SqliteStore {
                 c.certificate
             ],
         )?;
+        if added == 0 {
+            let signed: Vec<u8> = self.conn.query_row(
+                "SELECT head_hash FROM checkpoints WHERE instance_id = ?1 AND seq = ?2",
+                params![c.instance_id, c.seq],
+                |r| r.get(0),
+            )?;
+            if signed != c.head_hash {
+                return Err(StoreError(format!(
+                    "instance {}: a checkpoint at position {} signs another head already: the \
+                     chain was rewritten below a signed head",
+                    c.instance_id, c.seq
+                )));
+            }
+        }
         Ok(())
     }
 

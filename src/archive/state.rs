@@ -11,7 +11,9 @@
 //! ```
 //!
 //! The lock file beside it (`<state file>.lock`, `flock`) keeps two servers from using the same
-//! state directory at once; the kernel drops the lock when the process dies, even by kill -9.
+//! state directory at once, and one beside the SQLite database per instance
+//! (`<database>.instance-<id>.lock`) two servers from using the same instance of it with
+//! different state files; the kernel drops a lock when the process dies, even by kill -9.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
@@ -98,30 +100,52 @@ pub struct Lock {
 }
 
 impl Lock {
+    /// The state directory's lock: `<state file>.lock`.
     pub fn acquire(state_path: &Path) -> anyhow::Result<Self> {
-        let mut name = state_path.as_os_str().to_os_string();
-        name.push(".lock");
-        let path = PathBuf::from(name);
+        Self::take(&with_suffix(state_path, ".lock"), || {
+            "another tsa serves from this state directory".into()
+        })
+    }
+
+    /// The lock of one instance of the SQLite archive `database`:
+    /// `<database>.instance-<id>.lock` beside it, whatever state file a server has, so two
+    /// processes never append to the same instance's chain nor hand out its serials.
+    pub fn for_instance(database: &Path, instance_id: u32) -> anyhow::Result<Self> {
+        Self::take(
+            &with_suffix(database, &format!(".instance-{instance_id}.lock")),
+            || {
+                format!(
+                    "another tsa serves instance {instance_id} of the archive {}",
+                    database.display()
+                )
+            },
+        )
+    }
+
+    fn take(path: &Path, holder: impl Fn() -> String) -> anyhow::Result<Self> {
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&path)
+            .open(path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: flock on a descriptor this function owns.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::WouldBlock {
-                bail!(
-                    "{} is locked: another tsa serves from this state directory",
-                    path.display()
-                );
+                bail!("{} is locked: {}", path.display(), holder());
             }
             return Err(e).with_context(|| format!("cannot lock {}", path.display()));
         }
         Ok(Self { _file: file })
     }
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 #[cfg(test)]

@@ -342,6 +342,8 @@ fn migrate(config: &Config) -> anyhow::Result<()> {
     }
     let _lock = archive::state::Lock::acquire(&a.state_file)
         .context("the archive is in use: stop the server first")?;
+    let _instance = archive::state::Lock::for_instance(&a.database, a.instance_id)
+        .context("the archive is in use: stop the server first")?;
     let migrated = archive::log::migrate::migrate(
         &a.database,
         std::time::Duration::from_millis(a.busy_timeout_ms),

@@ -15,15 +15,19 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::segments::{
-    encode_frame, imprint_entries, imprint_key, open_index, scan, segments, write_imprints, Entry,
-    Segment, ENTRY_LEN,
+    encode_frame, imprint_entries, imprint_key, open_index, read_at, scan, segments,
+    write_imprints, Entry, Segment, ENTRY_LEN, MAX_BODY,
 };
-use crate::archive::record::{ChainHead, StoredRecord};
+use crate::archive::record::{ChainHead, StoredRecord, RECORD_DOMAIN};
 
-/// A torn commit is cut off at start; past this many octets of frames that do not check, the
-/// damage is no torn commit (a commit of a thousand tokens is some megabytes) and the start
-/// stops for the operator instead.
+/// A torn commit is cut off at start; past this many octets that are not zeros after the last
+/// good frame, the damage is no torn commit (a commit of a thousand tokens is some megabytes)
+/// and the start stops for the operator instead.
 const MAX_TORN: u64 = 32 << 20;
+
+/// A disk writes a sector whole or not at all; one that did not reach it reads as it was
+/// before: zeros, past the last synced frame (the room, or the file's end).
+const SECTOR: u64 = 512;
 
 /// Zeros written ahead at a time; more once less than half of it is left.
 const ROOM: u64 = 1 << 20;
@@ -68,8 +72,11 @@ impl Appender {
     /// Opens the log in `dir` (an instance's folder) for appending. The newest segment's frames
     /// past its index are read and checked; a torn commit at its end (frames cut short or not
     /// checking, from a crash or a power cut inside a commit, whose requests were never
-    /// answered) is cut off and the cut synced; its index is completed. A newest segment left
-    /// without a good frame is removed. Returns the appender and the chain's last record.
+    /// answered: see [`tail`]) is cut off and the cut synced; its index is completed. A newest
+    /// segment left without a good frame is removed. Anything else after the last good frame,
+    /// or an index that lists records past it, is damage: an `InvalidData` error naming the
+    /// segment and the offset, and nothing is changed. Returns the appender and the chain's
+    /// last record.
     pub fn open(dir: &Path, segment_limit: u64) -> io::Result<(Self, Option<StoredRecord>)> {
         let mut appender = Self {
             dir: dir.to_owned(),
@@ -95,33 +102,32 @@ impl Appender {
                 return Err(damaged(
                     &segment,
                     scanned.end,
-                    "its index lists records past it",
+                    &format!(
+                        "its index lists {} records, only {} good frames are there: the \
+                         segment was cut short or altered, or its index copied after it",
+                        scanned.claimed,
+                        scanned.entries.len()
+                    ),
                 ));
             }
-            if len - scanned.end > MAX_TORN {
-                return Err(damaged(
-                    &segment,
-                    scanned.end,
-                    "too much follows for a torn commit",
-                ));
-            }
-            let room = if len > scanned.end && zeros_from(&file, scanned.end, len)? {
+            let room = match tail(&file, scanned.end, len)? {
                 // The room written ahead, not a torn commit.
-                len
-            } else {
-                scanned.end
+                Tail::Zeros => len,
+                Tail::Torn => {
+                    tracing::warn!(
+                        event = "archive_log_torn_tail",
+                        segment = %segment.path.display(),
+                        offset = scanned.end,
+                        octets = len - scanned.end,
+                        "cutting off a commit that did not complete (its requests were not \
+                         answered)"
+                    );
+                    file.set_len(scanned.end)?;
+                    file.sync_all()?;
+                    scanned.end
+                }
+                Tail::Damaged(why) => return Err(damaged(&segment, scanned.end, &why)),
             };
-            if len > room {
-                tracing::warn!(
-                    event = "archive_log_torn_tail",
-                    segment = %segment.path.display(),
-                    offset = scanned.end,
-                    octets = len - scanned.end,
-                    "cutting off a commit that did not complete (its requests were not answered)"
-                );
-                file.set_len(scanned.end)?;
-                file.sync_all()?;
-            }
             let Some(last) = scanned.last else {
                 drop(file);
                 remove_segment(&segment)?;
@@ -151,7 +157,13 @@ impl Appender {
                 Err(_) => {}
             }
             appender.imprints = imprint_entries(&scanned.entries);
-            appender.next_seq = last.seq + 1;
+            appender.next_seq = last.seq.checked_add(1).ok_or_else(|| {
+                damaged(
+                    &segment,
+                    scanned.end,
+                    "its last record is at the last position",
+                )
+            })?;
             appender.last = Some(ChainHead {
                 seq: last.seq,
                 hash: last.hash,
@@ -176,9 +188,18 @@ impl Appender {
     }
 
     /// Appends `records` (chained, from the next position on) durably: one write of their
-    /// frames and one `fdatasync`. On failure nothing of them stays in the segment.
+    /// frames and one `fdatasync`. On failure nothing of them stays in the segment. Without
+    /// records, a full segment is closed and the next one made (so that the writer's probe,
+    /// which appends events alone, fails while the next segment cannot be made).
     pub fn append(&mut self, records: &[StoredRecord]) -> io::Result<()> {
         let Some(first) = records.first() else {
+            if self
+                .open
+                .as_ref()
+                .is_some_and(|o| o.len >= self.segment_limit)
+            {
+                self.roll(self.next_seq)?;
+            }
             return Ok(());
         };
         if self.open.is_some() && first.seq != self.next_seq {
@@ -187,12 +208,15 @@ impl Appender {
                 format!(
                     "record {} does not follow the log's last record {}",
                     first.seq,
-                    self.next_seq - 1
+                    self.next_seq.saturating_sub(1)
                 ),
             ));
         }
         // Positions are the index's key: a segment's records are consecutive.
-        if let Some(pair) = records.windows(2).find(|w| w[1].seq != w[0].seq + 1) {
+        if let Some(pair) = records
+            .windows(2)
+            .find(|w| w[0].seq.checked_add(1) != Some(w[1].seq))
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
@@ -247,7 +271,7 @@ impl Appender {
                 .map(|r| (imprint_key(&r.record.imprint), r.seq)),
         );
         let last = &records[records.len() - 1];
-        self.next_seq = last.seq + 1;
+        self.next_seq = last.seq.saturating_add(1);
         self.last = Some(ChainHead {
             seq: last.seq,
             hash: last.hash,
@@ -301,24 +325,18 @@ impl Appender {
     }
 
     /// Closes the open segment (its index synced: closed segments are not checked again at
-    /// start) and starts a new one at `first_seq`, its name synced into the folder.
+    /// start) and starts a new one at `first_seq`, its name synced into the folder. On failure
+    /// the open segment stays open (what of the new one was made is removed, or left empty to
+    /// be taken again), so the next commit tries again.
     fn roll(&mut self, first_seq: u64) -> io::Result<()> {
-        if let Some(old) = self.open.take() {
+        if let Some(old) = self.open.as_mut() {
             if old.room > old.len {
                 old.file.set_len(old.len)?;
                 old.file.sync_data()?;
+                old.room = old.len;
             }
             if old.index_len.is_some() {
                 old.index.sync_all()?;
-            }
-            let imprints = std::mem::take(&mut self.imprints);
-            if let Err(e) = write_imprints(&old.segment, imprints) {
-                // Look-ups by imprint read this segment's frames instead.
-                tracing::warn!(
-                    segment = %old.segment.path.display(),
-                    error = %e,
-                    "the closed segment's imprint file cannot be written"
-                );
             }
         }
         if !self.dir.exists() {
@@ -331,14 +349,18 @@ impl Appender {
             }
         }
         let segment = Segment::new(&self.dir, first_seq);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&segment.path)?;
-        let index = open_index(&segment)?;
-        index.set_len(0)?;
-        crate::files::sync_directory(&self.dir)?;
+        let (file, index) = make_segment(&segment, &self.dir)?;
+        if let Some(old) = self.open.take() {
+            let imprints = std::mem::take(&mut self.imprints);
+            if let Err(e) = write_imprints(&old.segment, imprints) {
+                // Look-ups by imprint read this segment's frames instead.
+                tracing::warn!(
+                    segment = %old.segment.path.display(),
+                    error = %e,
+                    "the closed segment's imprint file cannot be written"
+                );
+            }
+        }
         self.next_seq = first_seq;
         self.open = Some(Open {
             segment,
@@ -350,6 +372,41 @@ impl Appender {
             index_len: Some(0),
         });
         Ok(())
+    }
+}
+
+/// Makes `segment`'s files in `dir`, the segment empty (one left empty by a roll that failed
+/// is taken again; one that holds anything is not), its index emptied, and syncs their names.
+fn make_segment(segment: &Segment, dir: &Path) -> io::Result<(File, File)> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&segment.path)?;
+    if file.metadata()?.len() != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} holds data already: it is not taken as a new segment",
+                segment.path.display()
+            ),
+        ));
+    }
+    let made = open_index(segment).and_then(|index| {
+        index.set_len(0)?;
+        crate::files::sync_directory(dir)?;
+        Ok(index)
+    });
+    match made {
+        Ok(index) => Ok((file, index)),
+        Err(e) => {
+            // Best effort: an empty segment left behind is taken again by the next try, and
+            // removed at start.
+            drop(file);
+            let _ = remove_segment(segment);
+            Err(e)
+        }
     }
 }
 
@@ -365,27 +422,112 @@ pub fn remove_segment(segment: &Segment) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether `file` holds only zeros from `from` to `to`.
-fn zeros_from(file: &File, from: u64, to: u64) -> io::Result<bool> {
-    let mut chunk = vec![0u8; (to - from).min(ROOM) as usize];
-    let mut at = from;
-    while at < to {
-        let n = chunk.len().min((to - at) as usize);
-        file.read_exact_at(&mut chunk[..n], at)?;
-        if chunk[..n].iter().any(|&b| b != 0) {
-            return Ok(false);
-        }
-        at += n as u64;
+/// What follows the last good frame of the newest segment.
+enum Tail {
+    /// Nothing, or zeros only: the room written ahead.
+    Zeros,
+    /// The frames of a commit that did not complete.
+    Torn,
+    /// Anything else, and why.
+    Damaged(String),
+}
+
+/// Tells the octets from `end` (where the good frames end) to `len` (the file's end) apart.
+///
+/// Only the last commit can be torn: each commit is one write at the end of the good frames,
+/// synced before its requests are answered and before the next commit, into zeros (the room)
+/// or past the file's end. So after a power cut every octet from the first frame that does
+/// not check on is what that commit wrote, or a zero where a sector of it did not reach the
+/// disk; and the frame at `end` failed because a sector of it is missing. Anything else is
+/// damage to committed frames, never cut off:
+/// - a frame at `end` that checks but does not follow the chain;
+/// - more than [`MAX_TORN`] octets that are not zeros;
+/// - a frame that checks anywhere after `end` (after a torn commit nothing checks, unless
+///   its sectors reached the disk out of order: such a start is refused too, for the
+///   operator, rather than a committed record cut off);
+/// - a frame at `end` whose length fits, whose octets all lie before the last one that is
+///   not zero, and which holds no sector of zeros: written whole, then altered.
+fn tail(file: &File, end: u64, len: u64) -> io::Result<Tail> {
+    if end >= len {
+        return Ok(Tail::Zeros);
     }
-    Ok(true)
+    if let Some((record, _)) = read_at(file, end)? {
+        return Ok(Tail::Damaged(format!(
+            "the frame there, of position {}, checks but does not follow the chain",
+            record.seq
+        )));
+    }
+    let written = end + nonzero_len(file, end, len)?;
+    if written == end {
+        return Ok(Tail::Zeros);
+    }
+    if written - end > MAX_TORN {
+        return Ok(Tail::Damaged(format!(
+            "{} octets follow the last good frame, more than a commit that did not complete",
+            written - end
+        )));
+    }
+    let mut octets = vec![0u8; (written - end) as usize];
+    file.read_exact_at(&mut octets, end)?;
+    // Every frame's body starts with the record domain, 4 octets into the frame.
+    for i in 5..octets.len().saturating_sub(RECORD_DOMAIN.len() - 1) {
+        if octets[i..].starts_with(RECORD_DOMAIN) {
+            let at = end + i as u64 - 4;
+            if let Some((record, _)) = read_at(file, at)? {
+                return Ok(Tail::Damaged(format!(
+                    "a good frame, of position {}, follows at offset {at}",
+                    record.seq
+                )));
+            }
+        }
+    }
+    let body = match octets.get(..4) {
+        Some(l) => u64::from(u32::from_be_bytes(l.try_into().expect("4 octets"))),
+        None => 0,
+    };
+    let frame_end = end + 4 + body + 32;
+    if body == 0 || body > MAX_BODY as u64 || frame_end > written {
+        return Ok(Tail::Torn);
+    }
+    // A sector of the frame that did not reach the disk: zeros from `end` (or its start) on.
+    let mut sector = end / SECTOR * SECTOR;
+    while sector < frame_end {
+        let from = (sector.max(end) - end) as usize;
+        let to = ((sector + SECTOR).min(written) - end) as usize;
+        if octets[from..to].iter().all(|&b| b == 0) {
+            return Ok(Tail::Torn);
+        }
+        sector += SECTOR;
+    }
+    Ok(Tail::Damaged(
+        "a frame written whole does not check: it was altered, not torn".into(),
+    ))
+}
+
+/// How many octets of `file` from `from` to `to` there are up to the last one that is not
+/// zero (0 when all are zeros).
+fn nonzero_len(file: &File, from: u64, to: u64) -> io::Result<u64> {
+    let mut chunk = vec![0u8; (to - from).min(ROOM) as usize];
+    let mut at = to;
+    while at > from {
+        let n = chunk.len().min((at - from) as usize);
+        file.read_exact_at(&mut chunk[..n], at - n as u64)?;
+        if let Some(i) = chunk[..n].iter().rposition(|&b| b != 0) {
+            return Ok(at - n as u64 + i as u64 + 1 - from);
+        }
+        at -= n as u64;
+    }
+    Ok(0)
 }
 
 fn damaged(segment: &Segment, offset: u64, why: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
         format!(
-            "the token log {} is damaged at offset {offset} ({why}): it is not cut off; \
-             restore it from a backup or move it aside",
+            "the token log {} is damaged at offset {offset} ({why}); nothing was cut off and \
+             the server does not start on it: keep a copy of the segment as it is for \
+             forensics, see which records `tsa archive verify` reports, and restore the \
+             segment from a backup",
             segment.path.display()
         ),
     )

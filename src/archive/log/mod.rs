@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use self::appender::{remove_segment, Appender};
@@ -41,13 +42,20 @@ const TIME_SLACK_NS: u64 = 600_000_000_000;
 /// Reads the token log of an archive (the writer's segments, while it writes).
 pub struct LogReader {
     root: PathBuf,
+    /// The lowest and highest counter of closed segments (instance, first position), read
+    /// once: a closed segment does not change.
+    counters: Mutex<CounterRanges>,
 }
+
+/// Per closed segment (instance, first position): its lowest and highest counter, if any.
+type CounterRanges = HashMap<(u32, u64), Option<(u64, u64)>>;
 
 impl LogReader {
     /// The log beside the SQLite database `database`.
     pub fn new(database: &Path) -> Self {
         Self {
             root: dir_for(database),
+            counters: Mutex::new(HashMap::new()),
         }
     }
 
@@ -132,9 +140,12 @@ impl LogReader {
     }
 
     /// The instance's record with `counter`. Counters rise with the position except among
-    /// requests in flight together, so it is in the last segment whose first counter is not
-    /// above it (a binary search: the first counters of log2(segments) segments are read), or
-    /// next to that one.
+    /// requests in flight together, so it is nearly always in the last segment whose first
+    /// counter is not above it (a binary search: the first counters of log2(segments)
+    /// segments are read), or next to that one. A counter taken early and recorded late (a
+    /// batch, a slow signature) may lie further on, and first counters may then be out of
+    /// order: when those segments do not hold it, every other segment whose lowest and highest
+    /// counters (read once for a closed segment) span it is searched.
     pub fn by_counter(&self, instance_id: u32, counter: u64) -> io::Result<Option<StoredRecord>> {
         let all = self.segments(instance_id)?;
         let (mut low, mut high) = (0, all.len());
@@ -147,14 +158,59 @@ impl LogReader {
             }
         }
         let at = low.saturating_sub(1);
-        let candidates = [Some(at), at.checked_add(1), at.checked_sub(1)];
-        for i in candidates.into_iter().flatten().filter(|&i| i < all.len()) {
-            let entries = scan(&all[i])?.entries;
-            if let Some(e) = entries.iter().find(|e| e.counter == counter) {
-                return Ok(read_at(&File::open(&all[i].path)?, e.offset)?.map(|(r, _)| r));
+        let candidates: Vec<usize> = [Some(at), at.checked_add(1), at.checked_sub(1)]
+            .into_iter()
+            .flatten()
+            .filter(|&i| i < all.len())
+            .collect();
+        for &i in &candidates {
+            if let Some(found) = Self::counter_in(&all[i], counter)? {
+                return Ok(Some(found));
+            }
+        }
+        for (i, segment) in all.iter().enumerate() {
+            if candidates.contains(&i) {
+                continue;
+            }
+            let closed = i + 1 < all.len();
+            if closed {
+                let key = (instance_id, segment.first_seq);
+                let cached = self.lock_counters().get(&key).copied();
+                let range = match cached {
+                    Some(range) => range,
+                    None => {
+                        let entries = scan(segment)?.entries;
+                        let range = entries
+                            .iter()
+                            .map(|e| e.counter)
+                            .min()
+                            .zip(entries.iter().map(|e| e.counter).max());
+                        self.lock_counters().insert(key, range);
+                        range
+                    }
+                };
+                if !range.is_some_and(|(low, high)| low <= counter && counter <= high) {
+                    continue;
+                }
+            }
+            if let Some(found) = Self::counter_in(segment, counter)? {
+                return Ok(Some(found));
             }
         }
         Ok(None)
+    }
+
+    fn lock_counters(&self) -> std::sync::MutexGuard<'_, CounterRanges> {
+        self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The record with `counter` in `segment`, through its entries.
+    fn counter_in(segment: &Segment, counter: u64) -> io::Result<Option<StoredRecord>> {
+        let entries = scan(segment)?.entries;
+        match entries.iter().find(|e| e.counter == counter) {
+            Some(e) => Ok(read_at(&File::open(&segment.path)?, e.offset)?.map(|(r, _)| r)),
+            None => Ok(None),
+        }
     }
 
     /// Records of every instance with `from_ns <= genTime < to_ns` and a position above the
@@ -223,7 +279,13 @@ pub struct LogStore {
     /// appender, whose recovery may cut a torn commit off a segment.
     appends: bool,
     segment_limit: u64,
+    /// Events of commits whose records went in while the events could not be stored (the
+    /// database locked or unwritable), oldest first: stored before the next commit's.
+    kept_events: Vec<EventRecord>,
 }
+
+/// Events kept for the next commit; later ones are dropped (the log has them all).
+const MAX_KEPT_EVENTS: usize = 10_000;
 
 impl LogStore {
     /// The writer's store over the archive `db` (whose layout is the log).
@@ -235,25 +297,23 @@ impl LogStore {
             appender: None,
             appends: true,
             segment_limit: segments::SEGMENT_LIMIT,
+            kept_events: Vec::new(),
         }
     }
 
     /// Segments close at `limit` octets instead of [`segments::SEGMENT_LIMIT`]
     /// (`archive.log_segment_mib`).
-    pub fn with_segment_limit(self, limit: u64) -> Self {
-        Self {
-            segment_limit: limit,
-            ..self
-        }
+    pub fn with_segment_limit(mut self, limit: u64) -> Self {
+        self.segment_limit = limit;
+        self
     }
 
     /// Opens an existing archive for look-ups, export, verification and pruning, without
     /// appending (so without the writer's recovery).
     pub fn open_read_only(db: SqliteStore) -> Self {
-        Self {
-            appends: false,
-            ..Self::open(db)
-        }
+        let mut store = Self::open(db);
+        store.appends = false;
+        store
     }
 
     fn appender(&mut self, instance_id: u32) -> Result<&mut Appender, StoreError> {
@@ -317,9 +377,11 @@ impl ArchiveStore for LogStore {
     }
 
     /// The records go to the log (durable when it returns), then the events to the database.
-    /// When the events fail, the records stay: the writer reports the commit as failed and,
-    /// recovering, reads the head back and chains after them. Counters are not looked up:
-    /// each comes from a block reserved durably beforehand, so none is handed out twice.
+    /// Once the records are durable the commit succeeds: events that cannot be stored then
+    /// are kept, in order, and stored before the next commit's (up to [`MAX_KEPT_EVENTS`]).
+    /// A commit of events alone fails when they cannot be stored (the writer keeps them).
+    /// Counters are not looked up: each comes from a block reserved durably beforehand, so
+    /// none is handed out twice.
     fn append(
         &mut self,
         instance_id: u32,
@@ -335,10 +397,34 @@ impl ArchiveStore for LogStore {
             return Err(StoreError("a record of another instance".into()));
         }
         self.appender(instance_id)?.append(records)?;
-        if !events.is_empty() {
-            self.db.append(instance_id, &[], events)?;
+        if events.is_empty() && self.kept_events.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let kept = self.kept_events.len();
+        self.kept_events.extend_from_slice(events);
+        match self.db.append(instance_id, &[], &self.kept_events) {
+            Ok(()) => {
+                self.kept_events.clear();
+                Ok(())
+            }
+            Err(e) if records.is_empty() => {
+                self.kept_events.truncate(kept);
+                Err(e)
+            }
+            Err(e) => {
+                let dropped = self.kept_events.len().saturating_sub(MAX_KEPT_EVENTS);
+                self.kept_events.truncate(MAX_KEPT_EVENTS);
+                tracing::error!(
+                    error = %e,
+                    records = records.len(),
+                    kept_events = self.kept_events.len(),
+                    dropped_events = dropped,
+                    "the archive's events cannot be stored; the records are committed, the \
+                     events are kept for the next commit"
+                );
+                Ok(())
+            }
+        }
     }
 
     fn after_append(&mut self) {
@@ -427,7 +513,8 @@ impl ArchiveStore for LogStore {
     }
 
     /// Removes whole segments, oldest first, while every record of one is older than
-    /// `before_ns`; the segment being written stays. The anchor is stored (synced) before the
+    /// `before_ns`; the segment being written stays, and a damaged one stops the pruning with
+    /// an error before anything is removed (its anchor would break the chain). The anchor is stored (synced) before the
     /// files go, so a crash between the two leaves segments that readers pass over and the
     /// next pruning removes.
     fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError> {
@@ -437,10 +524,30 @@ impl ArchiveStore for LogStore {
         let (mut removing, mut last) = (0, None);
         let (mut max_counter, mut max_gen) =
             previous.map_or((0, 0), |a| (a.max_counter, a.max_gen_time_ns));
-        for segment in all.iter().take(all.len().saturating_sub(1)) {
+        for (i, segment) in all.iter().enumerate().take(all.len().saturating_sub(1)) {
             let scanned = scan(segment)?;
             if scanned.entries.iter().any(|e| e.gen_time_ns >= before_ns) {
                 break;
+            }
+            // A closed segment ends with its last good frame, which the next segment's first
+            // record chains to: else the anchor would not be the hash the chain goes on from.
+            let len = std::fs::metadata(&segment.path)?.len();
+            let follows = match (&scanned.last, all.get(i + 1)) {
+                (Some(last), Some(next)) => {
+                    segments::record_of(next, next.first_seq)?.is_none_or(|(_, first)| {
+                        last.seq.checked_add(1) == Some(first.seq) && first.prev_hash == last.hash
+                    })
+                }
+                _ => true,
+            };
+            if scanned.end != len || scanned.entries.len() < scanned.claimed || !follows {
+                return Err(StoreError(format!(
+                    "the token log {} is damaged at offset {} (not every frame checks, or the \
+                     next segment does not chain to its last): it is not pruned; see \
+                     `tsa archive verify`",
+                    segment.path.display(),
+                    scanned.end
+                )));
             }
             for e in &scanned.entries {
                 max_counter = max_counter.max(e.counter);
@@ -470,6 +577,22 @@ impl ArchiveStore for LogStore {
 
     fn free_space(&self) -> Option<u64> {
         self.db.free_space()
+    }
+}
+
+impl Drop for LogStore {
+    /// Events still kept are stored, if the database takes them now.
+    fn drop(&mut self) {
+        let Some(instance_id) = self.kept_events.first().map(|e| e.instance_id) else {
+            return;
+        };
+        if let Err(e) = self.db.append(instance_id, &[], &self.kept_events) {
+            tracing::error!(
+                error = %e,
+                events = self.kept_events.len(),
+                "the archive's events kept for the next commit are lost"
+            );
+        }
     }
 }
 

@@ -30,7 +30,11 @@ use crate::archive::record::{
 pub const SEGMENT_LIMIT: u64 = 64 << 20;
 
 /// A frame's body is never longer (a token with a long certificate chain is some kilobytes).
-const MAX_BODY: usize = 16 << 20;
+pub const MAX_BODY: usize = 16 << 20;
+
+/// Offsets past this are no frame's (the kernel refuses offsets past `i64::MAX`, and a frame
+/// there would end past it).
+const MAX_OFFSET: u64 = i64::MAX as u64 - (MAX_BODY + FRAME_OVERHEAD) as u64;
 
 /// Octets of a frame around its body: the length and the hash.
 const FRAME_OVERHEAD: usize = 4 + 32;
@@ -213,7 +217,9 @@ impl Frames {
     }
 
     /// Frames taken as they decode, their hashes not checked: for verification, which
-    /// recomputes them and reports a record that was altered.
+    /// recomputes them and reports a record that was altered. The last frame (followed by
+    /// zeros or the end) is checked all the same: beside the writer it may be one being
+    /// written, not yet a record.
     pub fn unchecked(self) -> Self {
         Self {
             checked: false,
@@ -233,20 +239,42 @@ impl Frames {
         if self.end.saturating_sub(self.offset) < FRAME_OVERHEAD as u64 {
             return Ok(None);
         }
+        // The writer may have cut the file since (the room, as a segment closes; a failed
+        // commit): its end ends the frames too.
         let mut len = [0u8; 4];
-        self.reader.read_exact(&mut len)?;
+        if !read_or_end(&mut self.reader, &mut len)? {
+            return Ok(None);
+        }
         let len = u32::from_be_bytes(len) as usize;
         let next = self.offset + (len + FRAME_OVERHEAD) as u64;
         if len > MAX_BODY || next > self.end {
             return Ok(None);
         }
         self.body.resize(len + 32, 0);
-        self.reader.read_exact(&mut self.body)?;
+        if !read_or_end(&mut self.reader, &mut self.body)? {
+            return Ok(None);
+        }
         let (body, hash) = self.body.split_at(len);
         let hash = Hash::try_from(hash).expect("32 octets");
         if self.checked && sha256(body) != hash {
             return Ok(None);
         }
+        // Unchecked, a last frame that shows octets not written yet (zeros at its end, or a
+        // sector of zeros) and does not check is one the writer is writing, not a record; an
+        // altered one is still taken, for verification to report.
+        if !self.checked && (hash[31] == 0 || has_zero_sector(self.offset + 4, &self.body)) {
+            let mut after = [0u8; 4];
+            let last = match self.reader.get_ref().read_exact_at(&mut after, next) {
+                Ok(()) => after == [0; 4],
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => true,
+                Err(e) => return Err(e),
+            };
+            let (body, _) = self.body.split_at(len);
+            if last && sha256(body) != hash {
+                return Ok(None);
+            }
+        }
+        let (body, _) = self.body.split_at(len);
         let Some(fields) = CanonicalRef::parse(body) else {
             return Ok(None);
         };
@@ -262,9 +290,30 @@ impl Frames {
     }
 }
 
+/// Whether `octets`, read from `offset` on, hold a whole 512-octet sector of zeros.
+fn has_zero_sector(offset: u64, octets: &[u8]) -> bool {
+    let first = (offset.div_ceil(512) * 512 - offset) as usize;
+    octets
+        .get(first..)
+        .is_some_and(|rest| rest.chunks_exact(512).any(|s| s.iter().all(|&b| b == 0)))
+}
+
+/// Fills `buf` from `reader`; `false` when the file ends first.
+fn read_or_end(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    match reader.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// The record whose frame starts at `offset` in `file`, and the frame's length; `None` when no
 /// good frame is there.
 pub fn read_at(file: &File, offset: u64) -> io::Result<Option<(StoredRecord, u64)>> {
+    // An offset from disk (an index entry) may be anything: no file is that long.
+    if offset > MAX_OFFSET {
+        return Ok(None);
+    }
     let mut len = [0u8; 4];
     match file.read_exact_at(&mut len, offset) {
         Ok(()) => {}
@@ -284,21 +333,25 @@ pub fn read_at(file: &File, offset: u64) -> io::Result<Option<(StoredRecord, u64
 }
 
 /// The entries of the index file beside `segment` while they agree with the positions (the
-/// first at `first_seq`, each the next, offsets rising below `segment_len`).
+/// first at `first_seq` and offset 0, each the next, offsets rising), wherever they point;
+/// read up to one entry more than a segment of `segment_len` octets can have frames.
 fn indexed_entries(segment: &Segment, segment_len: u64) -> io::Result<Vec<Entry>> {
-    let octets = match fs::read(segment.index_path()) {
-        Ok(o) => o,
+    let file = match File::open(segment.index_path()) {
+        Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
+    let most = (segment_len / FRAME_OVERHEAD as u64 + 1).saturating_mul(ENTRY_LEN as u64);
+    let mut octets = Vec::new();
+    file.take(most).read_to_end(&mut octets)?;
     let mut entries: Vec<Entry> = Vec::with_capacity(octets.len() / ENTRY_LEN);
     for chunk in octets.chunks_exact(ENTRY_LEN) {
         let entry = Entry::decode(chunk);
         let agrees = match entries.last() {
             None => entry.seq == segment.first_seq && entry.offset == 0,
-            Some(last) => entry.seq == last.seq + 1 && entry.offset > last.offset,
+            Some(last) => last.seq.checked_add(1) == Some(entry.seq) && entry.offset > last.offset,
         };
-        if !agrees || entry.offset >= segment_len {
+        if !agrees {
             break;
         }
         entries.push(entry);
@@ -313,7 +366,8 @@ pub struct Scanned {
     /// How many of them the index file held.
     pub indexed: usize,
     /// How many records the index file lists (more than `entries` when frames it lists do
-    /// not check: damage, not a torn commit, since entries are written after the sync).
+    /// not check, or lie past the segment's end: damage, not a torn commit, since entries are
+    /// written after the sync).
     pub claimed: usize,
     /// The last good frame's record.
     pub last: Option<StoredRecord>,
@@ -327,7 +381,9 @@ pub fn scan(segment: &Segment) -> io::Result<Scanned> {
     let file = File::open(&segment.path)?;
     let len = file.metadata()?.len();
     let mut entries = indexed_entries(segment, len)?;
-    let (indexed, claimed) = (entries.len(), entries.len());
+    let claimed = entries.len();
+    entries.truncate(entries.partition_point(|e| e.offset < len));
+    let indexed = entries.len();
     // The last indexed frame is read again: its length says where the next one starts, its
     // hash what the next one chains to (and a frame that does not check voids the index).
     let (start, mut last) = match entries.last() {
@@ -343,9 +399,11 @@ pub fn scan(segment: &Segment) -> io::Result<Scanned> {
     let indexed = indexed.min(entries.len());
     let mut frames = Frames::new(file, start)?;
     while let Some((offset, record)) = frames.next_frame()? {
-        let expected = entries.last().map_or(segment.first_seq, |e| e.seq + 1);
+        let expected = entries
+            .last()
+            .map_or(Some(segment.first_seq), |e| e.seq.checked_add(1));
         let chained = last.as_ref().is_none_or(|l| record.prev_hash == l.hash);
-        if record.seq != expected || !chained {
+        if Some(record.seq) != expected || !chained {
             break;
         }
         entries.push(Entry::of(&record, offset));
@@ -376,8 +434,14 @@ fn indexed_entry(segment: &Segment, i: u64) -> io::Result<Option<Entry>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
+    let Some(at) = i
+        .checked_mul(ENTRY_LEN as u64)
+        .filter(|&at| at <= MAX_OFFSET)
+    else {
+        return Ok(None);
+    };
     let mut octets = [0u8; ENTRY_LEN];
-    match index.read_exact_at(&mut octets, i * ENTRY_LEN as u64) {
+    match index.read_exact_at(&mut octets, at) {
         Ok(()) => Ok(Some(Entry::decode(&octets))),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
         Err(e) => Err(e),
@@ -433,7 +497,9 @@ pub fn last_record(segment: &Segment) -> io::Result<Option<StoredRecord>> {
         Err(e) => return Err(e),
     };
     if let Some(entry) = match indexed.checked_sub(1) {
-        Some(i) => indexed_entry(segment, i)?.filter(|e| e.seq == segment.first_seq + i),
+        Some(i) => {
+            indexed_entry(segment, i)?.filter(|e| segment.first_seq.checked_add(i) == Some(e.seq))
+        }
         None => None,
     } {
         let file = File::open(&segment.path)?;
@@ -442,7 +508,7 @@ pub fn last_record(segment: &Segment) -> io::Result<Option<StoredRecord>> {
         {
             let mut frames = Frames::new(file, entry.offset + len)?;
             while let Some((_, next)) = frames.next_frame()? {
-                if next.seq != last.seq + 1 || next.prev_hash != last.hash {
+                if last.seq.checked_add(1) != Some(next.seq) || next.prev_hash != last.hash {
                     break;
                 }
                 last = next;
@@ -545,7 +611,8 @@ pub fn time_bounds(segment: &Segment) -> io::Result<Option<(u64, u64)>> {
     };
     let (Some(first), Some(last)) = (
         indexed_entry(segment, 0)?.filter(|e| e.seq == segment.first_seq && e.offset == 0),
-        indexed_entry(segment, last_i)?.filter(|e| e.seq == segment.first_seq + last_i),
+        indexed_entry(segment, last_i)?
+            .filter(|e| segment.first_seq.checked_add(last_i) == Some(e.seq)),
     ) else {
         return Ok(None);
     };

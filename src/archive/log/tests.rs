@@ -750,3 +750,317 @@ fn a_migration_starts_over_after_a_stop_and_leaves_a_broken_chain_as_it_was() {
         .unwrap();
     assert_eq!(rows, 3, "the rows stay");
 }
+
+/// Three commits of one record each in one segment, with the room the writer keeps, and the
+/// segment's octets.
+fn three_commits(log: &mut Log) -> (Segment, Vec<u8>) {
+    let (mut appender, _) = Appender::open(&log.dir(), 1 << 20).unwrap();
+    for _ in 0..3 {
+        appender.append(&log.chain(1)).unwrap();
+        appender.make_room();
+    }
+    drop(appender);
+    let segment = segment_files(&log.dir()).pop().unwrap();
+    let octets = fs::read(&segment.path).unwrap();
+    (segment, octets)
+}
+
+/// Where record `seq`'s token starts in `octets`.
+fn token_at(log: &Log, octets: &[u8], seq: usize) -> usize {
+    let offset = segments::offset_of(
+        &segment_files(&log.dir()).pop().unwrap(),
+        log.records[seq - 1].seq,
+    )
+    .unwrap()
+    .unwrap() as usize;
+    let token = &log.records[seq - 1].record.token;
+    offset
+        + octets[offset..]
+            .windows(token.len())
+            .position(|w| w == token.as_slice())
+            .unwrap()
+}
+
+#[test]
+fn an_altered_frame_followed_by_good_ones_is_damage_even_without_the_index() {
+    let mut log = Log::new();
+    let (segment, mut octets) = three_commits(&mut log);
+    let at = token_at(&log, &octets, 2) + 10;
+    fs::remove_file(segment.index_path()).unwrap();
+    octets[at] ^= 0x04;
+    fs::write(&segment.path, &octets).unwrap();
+
+    let error = Appender::open(&log.dir(), 1 << 20).err().expect("refused");
+    assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains(&segment.path.display().to_string()),
+        "{error}"
+    );
+    assert_eq!(fs::read(&segment.path).unwrap(), octets, "nothing cut off");
+}
+
+#[test]
+fn an_altered_last_frame_is_damage_even_without_the_index() {
+    let mut log = Log::new();
+    let (segment, mut octets) = three_commits(&mut log);
+    let at = token_at(&log, &octets, 3) + 100;
+    fs::remove_file(segment.index_path()).unwrap();
+    octets[at] ^= 0x04;
+    fs::write(&segment.path, &octets).unwrap();
+
+    let error = Appender::open(&log.dir(), 1 << 20).err().expect("refused");
+    assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+    assert_eq!(fs::read(&segment.path).unwrap(), octets, "nothing cut off");
+}
+
+#[test]
+fn a_segment_cut_at_a_frame_its_index_lists_is_damage() {
+    let mut log = Log::new();
+    let (segment, _) = three_commits(&mut log);
+    let third = segments::offset_of(&segment, 3).unwrap().unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&segment.path)
+        .unwrap()
+        .set_len(third)
+        .unwrap();
+
+    let error = Appender::open(&log.dir(), 1 << 20).err().expect("refused");
+    assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+    assert_eq!(fs::metadata(&segment.path).unwrap().len(), third);
+}
+
+#[test]
+fn a_torn_commit_whose_sector_in_the_middle_did_not_land_is_cut_off() {
+    let mut log = Log::new();
+    let (segment, _) = three_commits(&mut log);
+    let good_len = frames_end(&segment);
+    // The next commit's frame reached the disk but for one sector inside it (zeros, as the
+    // room was), its hash included: not one frame of it checks.
+    let torn = log.chain(1);
+    let mut frame = Vec::new();
+    segments::encode_frame(&torn[0], &mut frame);
+    let sector = (good_len / 512 + 1) * 512;
+    let lost = (sector - good_len) as usize..(sector - good_len + 512) as usize;
+    assert!(lost.end < frame.len());
+    frame[lost].fill(0);
+    let file = OpenOptions::new().write(true).open(&segment.path).unwrap();
+    file.write_all_at(&frame, good_len).unwrap();
+    fs::remove_file(segment.index_path()).unwrap();
+    log.records.pop();
+
+    let (_, last) = Appender::open(&log.dir(), 1 << 20).unwrap();
+    assert_eq!(last.as_ref(), log.records.last());
+    assert_eq!(fs::metadata(&segment.path).unwrap().len(), good_len);
+}
+
+#[test]
+fn a_counter_recorded_segments_after_later_ones_is_found() {
+    let mut log = Log::new();
+    // One record per segment, counters 10, 20, 30, 40.
+    let (mut appender, _) = Appender::open(&log.dir(), 1).unwrap();
+    for _ in 0..4 {
+        appender.append(&log.chain(1)).unwrap();
+    }
+    // Counter 5 was taken first (a batch, a slow signature) and recorded last.
+    let mut late = sample(700);
+    late.serial = layout::encode(0, 5, [7; 7]).to_vec();
+    let late = StoredRecord::chain(0, 5, 5, late, log.head.hash);
+    appender.append(std::slice::from_ref(&late)).unwrap();
+    // And counter 1 in a segment that closes behind it.
+    let mut later = sample(700);
+    later.serial = layout::encode(0, 1, [7; 7]).to_vec();
+    let later = StoredRecord::chain(0, 6, 1, later, late.hash);
+    appender.append(std::slice::from_ref(&later)).unwrap();
+    assert_eq!(segment_files(&log.dir()).len(), 6);
+
+    let reader = log.reader();
+    assert_eq!(reader.by_counter(0, 5).unwrap().as_ref(), Some(&late));
+    assert_eq!(reader.by_counter(0, 1).unwrap().as_ref(), Some(&later));
+    for r in &log.records {
+        assert_eq!(reader.by_counter(0, r.counter).unwrap().as_ref(), Some(r));
+    }
+    assert_eq!(reader.by_counter(0, 15).unwrap(), None);
+    assert_eq!(reader.by_counter(0, 50).unwrap(), None);
+}
+
+#[test]
+fn a_segment_roll_that_failed_is_tried_again() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    while segment_files(&log.dir()).len() < 2 {
+        appender.append(&log.chain(1)).unwrap();
+        appender.make_room();
+    }
+    // Fill the second segment, up to its limit.
+    let dir = log.dir();
+    while frames_end(&segment_files(&dir).pop().unwrap()) < LIMIT {
+        appender.append(&log.chain(1)).unwrap();
+        appender.make_room();
+    }
+    // The next segment's index cannot be made.
+    let next = Segment::new(&log.dir(), log.head.seq + 1);
+    fs::create_dir(next.index_path()).unwrap();
+    let refused = log.chain(1);
+    appender.append(&refused).unwrap_err();
+    // An append without records (the writer's probe) fails too while it does.
+    appender.append(&[]).unwrap_err();
+    log.records.pop();
+    log.head = ChainHead {
+        seq: refused[0].seq - 1,
+        hash: refused[0].prev_hash,
+    };
+
+    fs::remove_dir(next.index_path()).unwrap();
+    appender.append(&log.chain(2)).unwrap();
+    assert_eq!(log.all(), log.records);
+    let reader = log.reader();
+    assert_eq!(reader.head(0).unwrap().as_ref(), log.records.last());
+    drop(appender);
+    let (_, last) = open(&log.dir());
+    assert_eq!(last.as_ref(), log.records.last());
+}
+
+#[test]
+fn events_that_cannot_be_stored_do_not_fail_records_already_durable() {
+    let mut log = Log::new();
+    let mut db = SqliteStore::open(&log.database, Duration::from_millis(50)).unwrap();
+    assert_eq!(db.settle_layout(Layout::Log).unwrap(), Layout::Log);
+    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    let event = |seq: u64| EventRecord {
+        instance_id: 0,
+        seq,
+        time_ns: seq,
+        level: "info".into(),
+        kind: "sync_acquired".into(),
+        message: format!("event {seq}"),
+        fields: "{}".into(),
+    };
+    store.append(0, &log.chain(1), &[event(1)]).unwrap();
+
+    // Another process holds the database's write lock past the busy timeout.
+    let locker = rusqlite::Connection::open(&log.database).unwrap();
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    store
+        .append(0, &log.chain(2), &[event(2), event(3)])
+        .expect("the records are durable: they are not refused for their events");
+    assert_eq!(log.all(), log.records, "and chained and found");
+    locker.execute_batch("ROLLBACK").unwrap();
+
+    // The events kept go in with the next commit, in their order.
+    store.append(0, &log.chain(1), &[event(4)]).unwrap();
+    assert_eq!(
+        store.events(0, 10).unwrap(),
+        [event(1), event(2), event(3), event(4)]
+    );
+    assert_eq!(store.instance(0).unwrap().last_event_seq, 4);
+    assert_eq!(log.all(), log.records);
+}
+
+#[test]
+fn a_reader_ends_where_the_writer_cut_the_segment_short() {
+    let mut log = Log::new();
+    let (mut appender, _) = Appender::open(&log.dir(), 1 << 20).unwrap();
+    appender.append(&log.chain(1)).unwrap();
+    appender.make_room();
+    let segment = segment_files(&log.dir()).pop().unwrap();
+    let end = frames_end(&segment);
+    assert!(fs::metadata(&segment.path).unwrap().len() > end, "room");
+    let mut frames = segments::Frames::open(&segment, 0).unwrap();
+    // The writer cuts the room off (the segment closes, or a failed commit is cut).
+    OpenOptions::new()
+        .write(true)
+        .open(&segment.path)
+        .unwrap()
+        .set_len(end)
+        .unwrap();
+    assert_eq!(frames.next_frame().unwrap().unwrap().1, log.records[0]);
+    assert!(frames.next_frame().unwrap().is_none());
+}
+
+#[test]
+fn verification_beside_the_writer_does_not_take_a_frame_being_written() {
+    let mut log = Log::new();
+    let (mut appender, _) = Appender::open(&log.dir(), 1 << 20).unwrap();
+    appender.append(&log.chain(2)).unwrap();
+    appender.make_room();
+    let segment = segment_files(&log.dir()).pop().unwrap();
+    let end = frames_end(&segment);
+    // The next commit's frame, all but its hash in so far.
+    let next = log.chain(1);
+    let mut frame = Vec::new();
+    segments::encode_frame(&next[0], &mut frame);
+    OpenOptions::new()
+        .write(true)
+        .open(&segment.path)
+        .unwrap()
+        .write_all_at(&frame[..frame.len() - 32], end)
+        .unwrap();
+    log.records.pop();
+    assert_eq!(log.all(), log.records);
+}
+
+#[test]
+fn a_damaged_segment_is_not_pruned() {
+    let mut log = Log::new();
+    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
+    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    for _ in 0..6 {
+        store.append(0, &log.chain(2), &[]).unwrap();
+    }
+    let before = segment_files(&log.dir());
+    assert!(before.len() >= 3);
+    // One octet of the first segment's last record changes.
+    let first = &before[0];
+    let last = segments::scan(first)
+        .unwrap()
+        .entries
+        .last()
+        .copied()
+        .unwrap();
+    let mut octets = fs::read(&first.path).unwrap();
+    octets[last.offset as usize + 200] ^= 0x10;
+    fs::write(&first.path, &octets).unwrap();
+
+    let cut = log.records.last().unwrap().record.gen_time_ns + 1;
+    let error = store.prune(0, cut).unwrap_err();
+    assert!(error.to_string().contains("damaged"), "{error}");
+    assert_eq!(segment_files(&log.dir()), before, "nothing removed");
+    assert_eq!(store.instance(0).unwrap().anchor, None, "no anchor");
+}
+
+#[test]
+fn offsets_and_positions_from_disk_are_bounded() {
+    let mut log = Log::new();
+    let (mut appender, _) = Appender::open(&log.dir(), 1 << 20).unwrap();
+    appender.append(&log.chain(2)).unwrap();
+    drop(appender);
+    let segment = segment_files(&log.dir()).pop().unwrap();
+    // The second index entry points far past the file (its position right).
+    let mut index = fs::read(segment.index_path()).unwrap();
+    index[ENTRY + 8..ENTRY + 16].copy_from_slice(&(u64::MAX - 1).to_be_bytes());
+    fs::write(segment.index_path(), &index).unwrap();
+    let reader = log.reader();
+    assert_eq!(
+        reader.record_at(0, 2).unwrap().as_ref(),
+        Some(&log.records[1])
+    );
+    assert_eq!(reader.record_at(0, u64::MAX).unwrap(), None);
+    assert_eq!(reader.head(0).unwrap().as_ref(), Some(&log.records[1]));
+
+    // A segment whose record is at the last position there is: no next one.
+    let end = Log::new();
+    let mut r = sample(100);
+    r.serial = layout::encode(0, 1, [7; 7]).to_vec();
+    let last = StoredRecord::chain(0, u64::MAX, 1, r, ZERO_HASH);
+    let mut frame = Vec::new();
+    segments::encode_frame(&last, &mut frame);
+    fs::create_dir_all(end.dir()).unwrap();
+    fs::write(Segment::new(&end.dir(), u64::MAX).path, &frame).unwrap();
+    let error = Appender::open(&end.dir(), 1 << 20).err().expect("refused");
+    assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+}
+
+const ENTRY: usize = segments::ENTRY_LEN;

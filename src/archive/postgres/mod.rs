@@ -464,6 +464,21 @@ impl ArchiveStore for PostgresStore {
                     &c.certificate,
                 ],
             )?;
+            // Stored again (a repeat) is a no-op; another head at a signed position is not.
+            let signed: Vec<u8> = s
+                .client
+                .query_one(
+                    "SELECT head_hash FROM checkpoints WHERE instance_id = $1 AND seq = $2",
+                    &[&(c.instance_id as i64), &i(c.seq)],
+                )?
+                .get(0);
+            if signed != c.head_hash {
+                return Err(StoreError(format!(
+                    "instance {}: a checkpoint at position {} signs another head already: the \
+                     chain was rewritten below a signed head",
+                    c.instance_id, c.seq
+                )));
+            }
             Ok(())
         })
     }
