@@ -56,17 +56,12 @@ fn ca(cn: &str, path_len: Option<u8>) -> CertificateParams {
     p
 }
 
-/// The TSU profile: end entity, digitalSignature, id-kp-timeStamping alone and critical.
+/// The TSU profile (`tsa init`'s: end entity, digitalSignature, id-kp-timeStamping alone and
+/// critical), valid over `from..to`.
 fn tsu(from: SystemTime, to: SystemTime) -> CertificateParams {
-    let mut p = params("Time-Stamping Unit", from, to);
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let eku = vec![
-        0x30, 0x0a, 0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x08,
-    ];
-    let mut ext = CustomExtension::from_oid_content(&[2, 5, 29, 37], eku);
-    ext.set_criticality(true);
-    p.custom_extensions.push(ext);
+    let mut p = tsa::pki::tsu_certificate_params().unwrap();
+    let dates = params("", from, to);
+    (p.not_before, p.not_after) = (dates.not_before, dates.not_after);
     p
 }
 

@@ -371,12 +371,15 @@ pub struct Watch {
     last: Option<(SyncState, bool)>,
 }
 
-/// A change a [`Watch`] saw.
+/// A change of whether a clock lets tokens be issued: what a [`Watch`] sees of a simple
+/// source, and what the disciplined clock tells of itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// Trusted again (or for the first time), with this bound.
+    /// Trusted again (or for the first time), with this bound (and, where the source knows
+    /// it, UTC − the local clock).
     Synchronized {
         bound_ns: u64,
+        offset_ns: Option<i64>,
     },
     /// In holdover: still trusted while the bound grows.
     Holdover {
@@ -388,10 +391,68 @@ pub enum Change {
     /// The bound passed the declared accuracy: no tokens.
     AccuracyExceeded {
         bound_ns: u64,
+        accuracy_ns: u64,
     },
     AccuracyRegained {
         bound_ns: u64,
+        accuracy_ns: u64,
     },
+}
+
+impl Change {
+    /// Logs the change as an event (the archive keeps these, ETSI EN 319 421), `source`
+    /// naming the clock.
+    pub fn log(&self, source: &str, utc_ns: u64) {
+        match self {
+            Change::Synchronized {
+                bound_ns,
+                offset_ns,
+            } => tracing::info!(
+                event = "sync_acquired",
+                source,
+                utc_ns,
+                offset_ns,
+                bound_ns,
+                "clock synchronized"
+            ),
+            Change::Holdover { reason } => tracing::warn!(
+                event = "holdover",
+                source,
+                utc_ns,
+                reason = &**reason,
+                "clock in holdover"
+            ),
+            Change::Unsynchronized { reason } => tracing::warn!(
+                event = "sync_lost",
+                source,
+                utc_ns,
+                reason = &**reason,
+                "clock unsynchronized: no time-stamps"
+            ),
+            Change::AccuracyExceeded {
+                bound_ns,
+                accuracy_ns,
+            } => tracing::warn!(
+                event = "accuracy_exceeded",
+                source,
+                utc_ns,
+                bound_ns,
+                accuracy_ns,
+                "clock error bound exceeds the declared accuracy: no time-stamps"
+            ),
+            Change::AccuracyRegained {
+                bound_ns,
+                accuracy_ns,
+            } => tracing::info!(
+                event = "accuracy_regained",
+                source,
+                utc_ns,
+                bound_ns,
+                accuracy_ns,
+                "clock error bound within the declared accuracy again"
+            ),
+        }
+    }
 }
 
 impl Watch {
@@ -409,6 +470,7 @@ impl Watch {
             changes.push(match reading.state {
                 SyncState::Synchronized => Change::Synchronized {
                     bound_ns: reading.bound_ns,
+                    offset_ns: None,
                 },
                 SyncState::Holdover => Change::Holdover {
                     reason: reading.reason.clone(),
@@ -422,13 +484,16 @@ impl Watch {
         if reading.state != SyncState::Unsynchronized {
             let was_within = was_within || was == SyncState::Unsynchronized;
             if within != was_within {
+                let (bound_ns, accuracy_ns) = (reading.bound_ns, max_bound_ns);
                 changes.push(if within {
                     Change::AccuracyRegained {
-                        bound_ns: reading.bound_ns,
+                        bound_ns,
+                        accuracy_ns,
                     }
                 } else {
                     Change::AccuracyExceeded {
-                        bound_ns: reading.bound_ns,
+                        bound_ns,
+                        accuracy_ns,
                     }
                 });
             }
@@ -470,16 +535,28 @@ mod tests {
         let max = 1_000;
         let mut watch = Watch::default();
         let mut see = |state, bound| watch.observe(&reading(state, bound), max);
-        assert_eq!(see(S::Synchronized, 10), [C::Synchronized { bound_ns: 10 }]);
+        assert_eq!(
+            see(S::Synchronized, 10),
+            [C::Synchronized {
+                bound_ns: 10,
+                offset_ns: None
+            }]
+        );
         assert_eq!(see(S::Synchronized, 20), []);
         assert_eq!(
             see(S::Synchronized, 2_000),
-            [C::AccuracyExceeded { bound_ns: 2_000 }]
+            [C::AccuracyExceeded {
+                bound_ns: 2_000,
+                accuracy_ns: max
+            }]
         );
         assert_eq!(see(S::Synchronized, 3_000), []);
         assert_eq!(
             see(S::Synchronized, 900),
-            [C::AccuracyRegained { bound_ns: 900 }]
+            [C::AccuracyRegained {
+                bound_ns: 900,
+                accuracy_ns: max
+            }]
         );
         assert_eq!(
             see(S::Holdover, 950),
@@ -498,8 +575,14 @@ mod tests {
         assert_eq!(
             see(S::Synchronized, 5_000),
             [
-                C::Synchronized { bound_ns: 5_000 },
-                C::AccuracyExceeded { bound_ns: 5_000 }
+                C::Synchronized {
+                    bound_ns: 5_000,
+                    offset_ns: None
+                },
+                C::AccuracyExceeded {
+                    bound_ns: 5_000,
+                    accuracy_ns: max
+                }
             ]
         );
         // The first reading is told whatever it is.

@@ -16,6 +16,7 @@ use super::gps::{self, GpsdSource};
 use super::local::{LocalClock, WallClockWatch};
 use super::nmea::{self, NmeaSource};
 use super::ntp::{self, NtpServer};
+use super::Change;
 use super::{fmt_ns, ClockEvent, ClockViews, EventLevel, Reading, TimeSource};
 
 /// Events kept for the status page.
@@ -245,28 +246,28 @@ async fn run(
     }
 }
 
+/// The name the disciplined clock's events carry as their source.
+const SOURCE: &str = "disciplined";
+
 fn log_event(event: &Event, names: &[String], utc_ns: u64) {
     let name = |id: &usize| names.get(*id).map(String::as_str).unwrap_or("?");
     match event {
         Event::SyncAcquired {
             offset_ns,
             bound_ns,
-        } => tracing::info!(
-            event = "sync_acquired",
-            utc_ns,
-            offset_ns,
-            bound_ns,
-            "clock synchronized"
-        ),
-        Event::SyncLost { reason } => tracing::warn!(
-            event = "sync_lost",
-            utc_ns,
-            reason,
-            "clock unsynchronized: no time-stamps"
-        ),
-        Event::HoldoverStarted { reason } => {
-            tracing::warn!(event = "holdover", utc_ns, reason, "clock in holdover")
+        } => Change::Synchronized {
+            bound_ns: *bound_ns,
+            offset_ns: Some(*offset_ns),
         }
+        .log(SOURCE, utc_ns),
+        Event::SyncLost { reason } => Change::Unsynchronized {
+            reason: reason.as_str().into(),
+        }
+        .log(SOURCE, utc_ns),
+        Event::HoldoverStarted { reason } => Change::Holdover {
+            reason: reason.as_str().into(),
+        }
+        .log(SOURCE, utc_ns),
         Event::SourceSelected { source } => tracing::info!(
             event = "source_selected",
             utc_ns,
@@ -324,23 +325,19 @@ fn log_event(event: &Event, names: &[String], utc_ns: u64) {
         Event::AccuracyExceeded {
             bound_ns,
             accuracy_ns,
-        } => tracing::warn!(
-            event = "accuracy_exceeded",
-            utc_ns,
-            bound_ns,
-            accuracy_ns,
-            "clock error bound exceeds the declared accuracy: no time-stamps"
-        ),
+        } => Change::AccuracyExceeded {
+            bound_ns: *bound_ns,
+            accuracy_ns: *accuracy_ns,
+        }
+        .log(SOURCE, utc_ns),
         Event::AccuracyRegained {
             bound_ns,
             accuracy_ns,
-        } => tracing::info!(
-            event = "accuracy_regained",
-            utc_ns,
-            bound_ns,
-            accuracy_ns,
-            "clock error bound within the declared accuracy again"
-        ),
+        } => Change::AccuracyRegained {
+            bound_ns: *bound_ns,
+            accuracy_ns: *accuracy_ns,
+        }
+        .log(SOURCE, utc_ns),
     }
 }
 

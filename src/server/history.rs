@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::Tsa;
-use crate::clock::{Change, SyncState, Watch};
+use crate::clock::{SyncState, Watch};
 
 /// How often the sampler runs; the fine ring keeps every sample.
 pub const FINE_INTERVAL: Duration = Duration::from_secs(1);
@@ -103,51 +103,10 @@ pub(super) async fn run(tsa: Arc<Tsa>) {
         let reading = tsa.clock().reading();
         if let Some(watch) = &mut watch {
             for change in watch.observe(&reading, tsa.clock().max_bound_ns()) {
-                log_change(&change, tsa.clock().source_name(), reading.unix_ns);
+                change.log(tsa.clock().source_name(), reading.unix_ns);
             }
         }
         tsa.metrics.history.record(sample(&tsa, &reading));
-    }
-}
-
-/// A change of the clock as an event, under the names the disciplined clock's events use.
-fn log_change(change: &Change, source: &str, utc_ns: u64) {
-    match change {
-        Change::Synchronized { bound_ns } => tracing::info!(
-            event = "sync_acquired",
-            source,
-            utc_ns,
-            bound_ns,
-            "clock synchronized"
-        ),
-        Change::Holdover { reason } => tracing::warn!(
-            event = "holdover",
-            source,
-            utc_ns,
-            reason = &**reason,
-            "clock in holdover"
-        ),
-        Change::Unsynchronized { reason } => tracing::warn!(
-            event = "sync_lost",
-            source,
-            utc_ns,
-            reason = &**reason,
-            "clock unsynchronized: no time-stamps"
-        ),
-        Change::AccuracyExceeded { bound_ns } => tracing::warn!(
-            event = "accuracy_exceeded",
-            source,
-            utc_ns,
-            bound_ns,
-            "clock error bound exceeds the declared accuracy: no time-stamps"
-        ),
-        Change::AccuracyRegained { bound_ns } => tracing::info!(
-            event = "accuracy_regained",
-            source,
-            utc_ns,
-            bound_ns,
-            "clock error bound within the declared accuracy again"
-        ),
     }
 }
 
