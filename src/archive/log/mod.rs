@@ -40,6 +40,11 @@ impl From<io::Error> for StoreError {
 const TIME_SLACK_NS: u64 = 600_000_000_000;
 
 /// Reads the token log of an archive (the writer's segments, while it writes).
+
+/// How far back [`LogReader::maxima`] looks, in octets of records: more than the records of
+/// the largest batch (10,000 tokens of a few KB with their certificates split off).
+const MAXIMA_SPAN: u64 = 64 << 20;
+
 pub struct LogReader {
     root: PathBuf,
     /// The lowest and highest counter of closed segments (instance, first position), read
@@ -77,14 +82,23 @@ impl LogReader {
         Ok(None)
     }
 
-    /// The highest counter and genTime of the instance's records in its last two segments:
-    /// both rise with the position, except among requests in flight together, and older
-    /// segments are pruned behind an anchor that keeps their maxima.
+    /// The highest counter and genTime of the instance's recent records: those of its last
+    /// segments, at least two and at least [`MAXIMA_SPAN`] octets of them. Both rise with the
+    /// position, except among requests in flight together: a batch takes its serials and
+    /// genTimes as it issues, and its records (up to `max_batch_bytes` of requests' tokens)
+    /// follow those of requests that came after it. Older segments are pruned behind an anchor
+    /// that keeps their maxima.
     pub fn maxima(&self, instance_id: u32) -> io::Result<(Option<u64>, Option<u64>)> {
         let all = self.segments(instance_id)?;
         let (mut counter, mut gen_time) = (None, None);
-        for segment in all.iter().rev().take(2) {
-            for e in scan(segment)?.entries {
+        let mut spanned = 0u64;
+        for (i, segment) in all.iter().rev().enumerate() {
+            if i >= 2 && spanned >= MAXIMA_SPAN {
+                break;
+            }
+            let scanned = scan(segment)?;
+            spanned = spanned.saturating_add(scanned.end);
+            for e in scanned.entries {
                 counter = counter.max(Some(e.counter));
                 gen_time = gen_time.max(Some(e.gen_time_ns));
             }

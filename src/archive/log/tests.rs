@@ -884,6 +884,12 @@ fn a_counter_recorded_segments_after_later_ones_is_found() {
     }
     assert_eq!(reader.by_counter(0, 15).unwrap(), None);
     assert_eq!(reader.by_counter(0, 50).unwrap(), None);
+    // The highest counter and genTime at a start are those of record 4, three segments back.
+    let newest = &log.records[3];
+    assert_eq!(
+        reader.maxima(0).unwrap(),
+        (Some(40), Some(newest.record.gen_time_ns))
+    );
 }
 
 #[test]
