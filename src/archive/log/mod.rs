@@ -39,12 +39,11 @@ impl From<io::Error> for StoreError {
 /// seconds; ten minutes is far past any of them.
 const TIME_SLACK_NS: u64 = 600_000_000_000;
 
-/// Reads the token log of an archive (the writer's segments, while it writes).
-
 /// How far back [`LogReader::maxima`] looks, in octets of records: more than the records of
 /// the largest batch (10,000 tokens of a few KB with their certificates split off).
 const MAXIMA_SPAN: u64 = 64 << 20;
 
+/// Reads the token log of an archive (the writer's segments, while it writes).
 pub struct LogReader {
     root: PathBuf,
     /// The lowest and highest counter of closed segments (instance, first position), read
