@@ -28,12 +28,19 @@ pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     temporary.push(name);
     temporary.push(format!(".{}.tmp", std::process::id()));
     let temporary = dir.join(temporary);
+    // A leftover of this name (a crash of an earlier process of this id) is removed, and the
+    // file is made anew, never opened through a link: so `mode` is the new file's, whoever
+    // made the old one.
+    match std::fs::remove_file(&temporary) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let written = (|| {
         let mut file = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&temporary)
             .map_err(|e| {
                 // The directory must be writable, not only the file: say so.
@@ -104,6 +111,28 @@ mod tests {
         replace(&path, b"key", SECRET).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_leftover_temporary_file_or_link_does_not_decide_the_mode_or_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tsa-key.pem");
+        let temporary = dir
+            .path()
+            .join(format!(".tsa-key.pem.{}.tmp", std::process::id()));
+        std::fs::write(&temporary, "stale").unwrap();
+        std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o644)).unwrap();
+        replace(&path, b"key", SECRET).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, "untouched").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &temporary).unwrap();
+        replace(&path, b"key 2", SECRET).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"key 2");
+        assert_eq!(std::fs::read(&elsewhere).unwrap(), b"untouched");
+        assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
     }
 
     #[test]
