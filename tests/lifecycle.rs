@@ -369,3 +369,31 @@ fn a_planned_rollover_changes_key_and_certificate_at_its_instant() {
         "after: /certs serves the new certificate"
     );
 }
+
+#[test]
+fn tsa_init_never_replaces_keys_it_did_not_write_unless_forced() {
+    // A directory with a key but no configuration of tsa init's: another instance's, or a
+    // production key whose configuration lives elsewhere.
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("tsa-key.pem");
+    std::fs::write(&key, "PRODUCTION KEY").unwrap();
+    for hsm in [false, true] {
+        let mut init = Command::new(common::TSA);
+        init.args(["init", "--dir"]).arg(dir.path());
+        if hsm {
+            init.arg("--hsm");
+        }
+        let out = init.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "init replaced the key: {stderr}");
+        assert!(stderr.contains("tsa-key.pem exists"), "{stderr}");
+        assert_eq!(std::fs::read(&key).unwrap(), b"PRODUCTION KEY");
+        assert!(!dir.path().join("tsa.toml").exists());
+    }
+    // Asked to start over, it does.
+    ok(Command::new(common::TSA)
+        .args(["init", "--force", "--dir"])
+        .arg(dir.path()));
+    assert_ne!(std::fs::read(&key).unwrap(), b"PRODUCTION KEY");
+    assert!(dir.path().join("tsa.toml").exists());
+}

@@ -49,6 +49,25 @@ pub const DEV_CLIENT: &str = "dev-client";
 
 pub const CONFIG_FILE: &str = "tsa.toml";
 
+/// What `tsa init` writes (or, for a key moved into SoftHSM2, removes) besides the
+/// configuration.
+const WRITES: &[&str] = &[
+    "ca-key.pem",
+    "ca-cert.pem",
+    "tsa-key.pem",
+    "tsa-cert.pem",
+    "tsa-csr.pem",
+    "tls-cert.pem",
+    "tls-key.pem",
+    "client-ca-cert.pem",
+    "client-ca-key.pem",
+    "client-cert.pem",
+    "client-key.pem",
+    HSM_DIR,
+    HSM_PIN,
+    HSM_SO_PIN,
+];
+
 pub fn run(args: &InitArgs) -> anyhow::Result<()> {
     let config_path = args.dir.join(CONFIG_FILE);
     if config_path.exists() && !args.force {
@@ -57,6 +76,17 @@ pub fn run(args: &InitArgs) -> anyhow::Result<()> {
             config_path.display()
         );
         return Ok(());
+    }
+    // Without its configuration the directory may still hold keys (another instance's, or
+    // a production key beside its own configuration file): never replace them unasked.
+    if !args.force {
+        if let Some(found) = WRITES.iter().map(|n| args.dir.join(n)).find(|p| p.exists()) {
+            anyhow::bail!(
+                "{} exists: tsa init writes a development PKI and would replace it (use --force \
+                 to start over, or another --dir)",
+                found.display()
+            );
+        }
     }
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
