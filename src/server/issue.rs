@@ -572,6 +572,8 @@ mod tests {
     fn development_tsa_with(dir: &std::path::Path, extra: &str) -> Tsa {
         let pki = crate::pki::DevPki::generate(crate::pki::KeyAlgorithm::P256).expect("a PKI");
         std::fs::write(dir.join("key.pem"), &pki.tsu_key_pem).unwrap();
+        let secret = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600);
+        std::fs::set_permissions(dir.join("key.pem"), secret).unwrap();
         std::fs::write(dir.join("cert.pem"), &pki.tsu_cert_pem).unwrap();
         let path = dir.join("tsa.toml");
         std::fs::write(

@@ -33,9 +33,28 @@ pub struct SoftwareSigner {
 impl SoftwareSigner {
     /// Loads an unencrypted PKCS#8 key (PEM `PRIVATE KEY` or DER). EC keys on P-256 sign with
     /// SHA-256, on P-384 with SHA-384; RSA keys (2048 to 4096 bits) with SHA-256 and `padding`.
+    /// A key file that other users may read or write is refused (the service's group may read
+    /// it, as the systemd units have it).
     pub fn load(path: &Path, padding: RsaPadding) -> anyhow::Result<Self> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read the signing key {}", path.display()))?;
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let cannot_read = || format!("cannot read the signing key {}", path.display());
+        let mut file = std::fs::File::open(path).with_context(cannot_read)?;
+        let mode = file
+            .metadata()
+            .with_context(cannot_read)?
+            .permissions()
+            .mode();
+        if mode & 0o007 != 0 {
+            bail!(
+                "the signing key {} is open to other users (mode {:04o}): give it 0600, or 0640 \
+                 with the service's group",
+                path.display(),
+                mode & 0o7777
+            );
+        }
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).with_context(cannot_read)?;
         let der = if bytes.starts_with(b"-----BEGIN") {
             let (label, der) = der::pem::decode_vec(&bytes)
                 .with_context(|| format!("{} is not a PEM file", path.display()))?;
@@ -126,6 +145,30 @@ impl Signer for SoftwareSigner {
                     .map_err(failed)?;
                 Ok(signature)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_key_file_open_to_other_users_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tsa-key.pem");
+        let pki = crate::pki::DevPki::generate(crate::pki::KeyAlgorithm::P256).unwrap();
+        std::fs::write(&path, &pki.tsu_key_pem).unwrap();
+        let load = |mode: u32| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            SoftwareSigner::load(&path, RsaPadding::Pkcs1)
+        };
+        load(0o600).unwrap();
+        load(0o640).unwrap();
+        for open in [0o644, 0o602, 0o604] {
+            let error = load(open).err().expect("refused").to_string();
+            assert!(error.contains("open to other users"), "{error}");
         }
     }
 }
