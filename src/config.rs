@@ -534,6 +534,18 @@ impl ClockConfig {
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        // One server under two names would count as two agreeing sources.
+        for (i, a) in ntp.iter().enumerate() {
+            if let Some(j) = ntp[..i].iter().position(|b| b.addr == a.addr) {
+                bail!(
+                    "clock.ntp_servers: '{}' and '{}' are the same server {}: each source must be \
+                     another server",
+                    self.ntp_servers[j],
+                    self.ntp_servers[i],
+                    a.addr
+                );
+            }
+        }
         let max_age = match self.max_sample_age_ms {
             0 => poll * 4,
             ms => Duration::from_millis(ms),
@@ -668,13 +680,35 @@ impl Config {
         if a.enabled && a.backend == ArchiveBackend::Postgres && a.postgres_url.is_empty() {
             bail!("archive.backend = \"postgres\" needs archive.postgres_url");
         }
-        if self.clock.max_accuracy_ms == 0 {
-            bail!("clock.max_accuracy_ms must be positive");
+        const DAY_MS: u64 = 86_400_000;
+        if !(1..=DAY_MS).contains(&self.clock.max_accuracy_ms) {
+            bail!("clock.max_accuracy_ms must be from 1 to {DAY_MS} (a day)");
+        }
+        if a.retention_days > 36_500 || a.checkpoint_interval_s > 7 * 86_400 {
+            bail!(
+                "archive.retention_days must be at most 36500 (100 years) and \
+                 checkpoint_interval_s at most 604800 (a week)"
+            );
+        }
+        if a.busy_timeout_ms > 3_600_000 {
+            bail!("archive.busy_timeout_ms must be at most 3600000 (an hour)");
         }
         if self.clock.source == ClockSource::Disciplined {
             let c = &self.clock;
-            if c.max_drift_ppm < 15.0 {
-                bail!("clock.max_drift_ppm must be at least 15 (RFC 5905's PHI)");
+            // Also refuses NaN (which would freeze the bound) and infinity.
+            if !(c.max_drift_ppm.is_finite() && c.max_drift_ppm >= 15.0) {
+                bail!("clock.max_drift_ppm must be a number of at least 15 (RFC 5905's PHI)");
+            }
+            if c.poll_interval_ms > DAY_MS || c.max_sample_age_ms > DAY_MS {
+                bail!(
+                    "clock.poll_interval_ms and max_sample_age_ms must be at most {DAY_MS} (a day)"
+                );
+            }
+            let mut named = std::collections::HashSet::new();
+            if let Some(twice) = c.ntp_servers.iter().find(|n| !named.insert(n.trim())) {
+                bail!(
+                    "clock.ntp_servers lists '{twice}' twice: each source must be another server"
+                );
             }
             let sources = c.ntp_servers.len()
                 + usize::from(c.gpsd.is_some())
@@ -899,6 +933,42 @@ mod tests {
         ] {
             assert!(parse(bad).validate().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn numbers_that_would_break_the_clock_or_the_archive_are_refused() {
+        let base = "[signer]\nkind = \"software\"\nkey = \"k\"\ncertificate = \"c\"\n";
+        let disciplined = "[clock]\nsource = \"disciplined\"\nmin_agreeing = 1\n";
+        let parse = |extra: &str| toml::from_str::<Config>(&format!("{base}{extra}")).unwrap();
+        let servers = "ntp_servers = [\"127.0.0.1:123\", \"127.0.0.2:123\"]\n";
+        parse(&format!("{disciplined}{servers}"))
+            .validate()
+            .unwrap();
+        for bad in [
+            format!("{disciplined}{servers}max_drift_ppm = nan\n"),
+            format!("{disciplined}{servers}max_drift_ppm = inf\n"),
+            format!("{disciplined}{servers}poll_interval_ms = 9223372036854775807\n"),
+            format!("{disciplined}{servers}max_sample_age_ms = 9223372036854775807\n"),
+            format!("{disciplined}ntp_servers = [\"127.0.0.1:123\", \"127.0.0.1:123\"]\n"),
+            "[clock]\nmax_accuracy_ms = 18446744073709551\n".into(),
+            "[archive]\nretention_days = 213504\n".into(),
+            "[archive]\ncheckpoint_interval_s = 9223372036854775807\n".into(),
+            "[archive]\nbusy_timeout_ms = 2147483648\n".into(),
+        ] {
+            assert!(parse(&bad).validate().is_err(), "{bad}");
+        }
+        // Two names of one server: found once they are resolved.
+        let twins = parse(&format!(
+            "{disciplined}ntp_servers = [\"127.0.0.1:123\", \"127.0.0.1:0123\"]\n"
+        ));
+        twins.validate().unwrap();
+        let error = twins
+            .clock
+            .disciplined()
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(error.contains("the same server"), "{error}");
     }
 
     #[test]
