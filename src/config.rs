@@ -469,7 +469,7 @@ pub struct ClockConfig {
     pub poll_interval_ms: u64,
     /// How long to wait for an NTP reply.
     pub ntp_timeout_ms: u64,
-    /// Agreeing sources needed (besides a strict majority of the usable ones).
+    /// Agreeing sources needed (besides a strict majority of the configured ones).
     pub min_agreeing: usize,
     /// The drift rate the error bound grows at between updates; at least 15 ppm.
     pub max_drift_ppm: f64,

@@ -82,7 +82,8 @@ impl Sample {
 
 #[derive(Clone, Debug)]
 pub struct DisciplineConfig {
-    /// Agreeing sources needed to synchronize (besides a strict majority).
+    /// Agreeing sources needed to synchronize (besides a strict majority of the configured
+    /// sources).
     pub min_agreeing: usize,
     /// The drift rate the bound grows at between updates (PHI), in parts per million.
     pub max_drift_ppm: f64,
@@ -481,7 +482,7 @@ impl Discipline {
     fn update_model(&mut self, now: u64) {
         self.apply_due_leap(now);
         let intervals = self.intervals(now);
-        if intervals.len() < self.config.min_agreeing {
+        if intervals.len() < self.needed() {
             self.too_few(&intervals, now);
             return;
         }
@@ -551,8 +552,15 @@ impl Discipline {
         intervals
     }
 
+    /// Agreeing sources needed to select: at least `min_agreeing` and a strict majority of the
+    /// *configured* sources. A majority of those that answer would let an attacker who
+    /// silences honest sources (blocks their packets) hand the clock to a minority of liars.
+    fn needed(&self) -> usize {
+        self.config.min_agreeing.max(self.sources.len() / 2 + 1)
+    }
+
     /// Interval intersection (Marzullo): the largest set of sources that share a common
-    /// offset. It must be a strict majority of the usable sources and at least
+    /// offset. It must be a strict majority of the configured sources and at least
     /// `min_agreeing`; otherwise the sources dispute the time, nothing is selected and the
     /// state is unsynchronized.
     fn select(&mut self, intervals: &[Interval]) -> Option<Vec<Interval>> {
@@ -572,7 +580,7 @@ impl Discipline {
             }
         }
         let agreeing = best as usize;
-        let needed = self.config.min_agreeing.max(intervals.len() / 2 + 1);
+        let needed = self.needed();
         if agreeing < needed {
             for i in intervals {
                 self.sources[i.source].selection = Selection::Unselected;
@@ -580,8 +588,9 @@ impl Discipline {
             self.set_state(
                 SyncState::Unsynchronized,
                 format!(
-                    "only {agreeing} of {} usable sources agree; {needed} needed",
-                    intervals.len()
+                    "only {agreeing} of {} usable sources agree; {needed} needed ({} configured)",
+                    intervals.len(),
+                    self.sources.len()
                 ),
             );
             return None;
@@ -728,8 +737,8 @@ impl Discipline {
         predict(model, self.phi(), self.leap, now)
     }
 
-    /// Fewer usable sources than `min_agreeing`: none can be selected even if they all
-    /// agreed. That is a loss of sources ([`Discipline::sources_lost`]), unless one of them
+    /// Fewer usable sources than [`Discipline::needed`] (`min_agreeing`, and a strict majority
+    /// of the configured sources): none can be selected even if they all agreed. That is a loss of sources ([`Discipline::sources_lost`]), unless one of them
     /// contradicts the model the clock would hold over on: then one of the two is wrong and
     /// the clock cannot tell which, so it is unsynchronized.
     fn too_few(&mut self, intervals: &[Interval], now: u64) {
@@ -741,9 +750,10 @@ impl Discipline {
             self.sources[i.source].selection = Selection::Unselected;
         }
         let usable = format!(
-            "usable sources: {}, needed: {}",
+            "usable sources: {}, needed: {} ({} configured)",
             intervals.len(),
-            self.config.min_agreeing
+            self.needed(),
+            self.sources.len()
         );
         match self.contradicting(intervals, now) {
             Some((source, by)) => self.set_state(

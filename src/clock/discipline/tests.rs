@@ -268,6 +268,54 @@ fn three_falsetickers_or_too_few_sources_do_not_synchronize() {
 }
 
 #[test]
+fn silencing_honest_sources_never_hands_the_clock_to_a_minority() {
+    // Seven configured servers. An attacker blocks the four honest ones and steps the other
+    // three by +2 s: three of seven is no majority, whoever else answers.
+    let sims: Vec<Sim> = (0..7).map(|i| honest(i * 30 - 90)).collect();
+    let mut run = Run::new(sims);
+    run.rounds(10);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    let before = run.d.estimate(run.now).utc_ns as i64 - run.now as i64;
+    for sim in &mut run.sims[3..] {
+        sim.up = false;
+    }
+    for sim in &mut run.sims[..3] {
+        sim.lie = 2 * S as i64;
+    }
+    // The honest sources' last samples count while their reach register holds any; then the
+    // liars are all that answer. Far past that and the confirmation rounds, the clock never
+    // takes their time (the harness checks that the truth stays within the bound while
+    // tokens may be issued), and it ends unsynchronized: the liars contradict the model.
+    for round in 0..60 {
+        run.round();
+        let e = run.d.estimate(run.now);
+        let offset = e.utc_ns as i64 - run.now as i64;
+        assert!((offset - before).abs() < 10_000_000, "round {round}");
+    }
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+    assert!(!run
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::StepAccepted { .. })));
+
+    // From the start, with only the three liars answering: never synchronized.
+    let mut sims: Vec<Sim> = (0..7).map(|_| liar(2_000)).collect();
+    for sim in &mut sims[3..] {
+        sim.up = false;
+    }
+    let mut run = Run::new(sims);
+    for _ in 0..20 {
+        run.round();
+        assert_eq!(run.state(), SyncState::Unsynchronized);
+    }
+    assert!(
+        run.d.estimate(run.now).reason.contains("7 configured"),
+        "{}",
+        run.d.estimate(run.now).reason
+    );
+}
+
+#[test]
 fn losing_sources_after_synchronizing_is_holdover_with_a_growing_bound() {
     // The oscillator drifts by 10 ppm, within the 15 ppm the bound assumes.
     let sims = vec![honest(0), honest(100), honest(-100), honest(50)];
