@@ -117,7 +117,8 @@ impl Default for DisciplineConfig {
 pub struct SourceSpec {
     pub name: String,
     /// A reference independent of the network (GPS): its agreement confirms a step at once,
-    /// and its disagreement keeps a step from being confirmed by rounds alone.
+    /// its disagreement keeps a step from being confirmed by rounds alone, and its interval
+    /// missing the selected sources' combined one for a second update stops issuance.
     pub independent: bool,
 }
 
@@ -181,6 +182,12 @@ pub enum Event {
     },
     StepAbandoned {
         step_ns: i64,
+    },
+    /// An independent reference kept disagreeing with the selected sources (its interval does
+    /// not meet their combined one): no stamps until they agree again.
+    IndependentDisagrees {
+        source: usize,
+        offset_ns: i64,
     },
     LeapScheduled {
         kind: Leap,
@@ -312,6 +319,9 @@ pub struct Discipline {
     leap: Option<ScheduledLeap>,
     /// The midnight (UTC) for which the sources disagree whether a leap comes.
     leap_uncertain: Option<u64>,
+    /// Consecutive updates in which a reachable independent reference disagreed with the
+    /// selected sources; see [`Discipline::independent_dissent`].
+    dissent: u32,
     events: Vec<Event>,
     /// The state (as [`Discipline::estimate`] gives it) and whether the bound was within the
     /// declared accuracy, as last told by an event.
@@ -338,6 +348,7 @@ impl Discipline {
             reason: "no update yet".into(),
             leap: None,
             leap_uncertain: None,
+            dissent: 0,
             events: Vec::new(),
             announced: (SyncState::Unsynchronized, true),
         }
@@ -490,6 +501,9 @@ impl Discipline {
             return;
         };
         let (offset, bound) = combine(&survivors);
+        if self.independent_dissent(&intervals, now, offset, bound) {
+            return;
+        }
         self.vote_leap(&survivors, now, offset);
         self.guard_and_accept(now, offset, bound, &intervals, &survivors);
     }
@@ -619,6 +633,89 @@ impl Discipline {
             src.selection = selection;
         }
         Some(survivors)
+    }
+
+    /// Whether an independent reference (GPS) keeps the combined offset from being used. A
+    /// majority of network sources that moves slowly passes the step guard at every update;
+    /// an independent reference that is reachable and whose interval does not meet the
+    /// combined one (`offset ± bound`) says the majority is wrong, or it is, and the clock
+    /// cannot tell which. One such update is tolerated (not taken into the model, the state
+    /// kept, unless the offset is a step, which the step guard holds); from the second in a
+    /// row the state is unsynchronized, until an update in which the reachable independent
+    /// references agree. Updates in which none is reachable neither end nor extend the dissent.
+    fn independent_dissent(
+        &mut self,
+        intervals: &[Interval],
+        now: u64,
+        offset: i64,
+        bound: u64,
+    ) -> bool {
+        let reach = i64::try_from(bound).unwrap_or(i64::MAX);
+        let (low, high) = (offset.saturating_sub(reach), offset.saturating_add(reach));
+        let mut independent = intervals
+            .iter()
+            .filter(|i| self.sources[i.source].spec.independent)
+            .peekable();
+        if independent.peek().is_none() {
+            if self.dissent >= 2 {
+                self.set_state(
+                    SyncState::Unsynchronized,
+                    "an independent reference disagreed with the selected sources and has not \
+                     been reachable since"
+                        .into(),
+                );
+                return true;
+            }
+            return false;
+        }
+        let Some(dissenter) = independent.find(|i| i.high() < low || i.low() > high) else {
+            self.dissent = 0;
+            return false;
+        };
+        let (source, by) = (dissenter.source, dissenter.offset.saturating_sub(offset));
+        self.dissent = self.dissent.saturating_add(1);
+        let name = &self.sources[source].spec.name;
+        if self.dissent >= 2 {
+            if self.dissent == 2 {
+                self.events.push(Event::IndependentDisagrees {
+                    source,
+                    offset_ns: by,
+                });
+            }
+            self.set_state(
+                SyncState::Unsynchronized,
+                format!(
+                    "{name}, an independent reference, disagrees with the selected sources by \
+                     {:+.6} s beyond both intervals ({} disagreeing updates)",
+                    by as f64 / 1e9,
+                    self.dissent
+                ),
+            );
+            return true;
+        }
+        match self.model {
+            None => {
+                self.set_state(
+                    SyncState::Unsynchronized,
+                    format!(
+                        "{name}, an independent reference, disagrees with the selected sources \
+                         by {:+.6} s beyond both intervals",
+                        by as f64 / 1e9
+                    ),
+                );
+                true
+            }
+            // A step: the step guard holds it (an independent reference outside the
+            // survivors keeps the rounds from confirming it).
+            Some(model) => !self.is_step(&model, now, offset, bound),
+        }
+    }
+
+    /// Whether `offset` (with its `bound`) at `now` leaves the model's prediction by more than
+    /// the two bounds together.
+    fn is_step(&self, model: &Model, now: u64, offset: i64, bound: u64) -> bool {
+        let (predicted, predicted_bound) = self.predict(model, now);
+        offset.saturating_sub(predicted).unsigned_abs() > predicted_bound.saturating_add(bound)
     }
 
     /// Accepts the combined offset unless it steps away from the model by more than both

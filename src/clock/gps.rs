@@ -2,8 +2,9 @@
 //! receiver's PPS, TOFF or TPV reports into [`Sample`]s for the discipline.
 //!
 //! A GPS receiver is an *independent* reference (it does not depend on the network), so the
-//! discipline lets it confirm or veto a step of the NTP sources; that makes the conditions
-//! under which it is trusted matter:
+//! discipline lets it confirm or veto a step of the NTP sources, and stops issuance while it
+//! persistently disagrees with them; that makes the conditions under which it is trusted
+//! matter:
 //!
 //! - **Trust.** Samples are sent only after three consecutive TPV reports with a 3D fix
 //!   (`mode` 3) and a valid leap-second count (`leapseconds` present and at least the current

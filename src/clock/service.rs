@@ -315,6 +315,13 @@ fn log_event(event: &Event, names: &[String], utc_ns: u64) {
             step_ns,
             "step abandoned: the sources came back"
         ),
+        Event::IndependentDisagrees { source, offset_ns } => tracing::error!(
+            event = "independent_disagrees",
+            utc_ns,
+            source = name(source),
+            offset_ns,
+            "an independent reference disagrees with the selected sources; no time-stamps"
+        ),
         Event::LeapScheduled { kind, utc_ns: at } => {
             tracing::warn!(event = "leap_scheduled", utc_ns, leap = ?kind, at_ns = at, "leap second scheduled")
         }
@@ -414,6 +421,15 @@ fn describe(event: &Event, names: &[String], utc_ns: u64) -> ClockEvent {
             "step_abandoned",
             EventLevel::Warning,
             format!("step of {} abandoned: the sources came back", secs(step_ns)),
+        ),
+        Event::IndependentDisagrees { source, offset_ns } => (
+            "independent_disagrees",
+            EventLevel::Error,
+            format!(
+                "{}, an independent reference, disagrees with the selected sources by {}: no time-stamps until they agree",
+                name(source),
+                secs(offset_ns)
+            ),
         ),
         Event::LeapScheduled { kind, utc_ns: at } => (
             "leap_scheduled",
