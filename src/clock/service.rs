@@ -182,7 +182,11 @@ async fn run(
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The wall clock is compared with the local clock each second, so that a step is told
+    // from the fastest slew (see `WallClockWatch`) down to about a tenth of a second.
     let mut wall = WallClockWatch::new();
+    let mut wall_tick = tokio::time::interval(Duration::from_secs(1));
+    wall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let names: Vec<String> = discipline
         .source_views(0)
         .into_iter()
@@ -221,7 +225,16 @@ async fn run(
                     log_event(&event, &names, utc);
                     clock.record(describe(&event, &names, utc));
                 }
+                let views = ClockViews {
+                    system: Some(discipline.system_view(now)),
+                    sources: discipline.source_views(now),
+                };
+                *clock.status.lock().unwrap_or_else(|p| p.into_inner()) = (render(&discipline, now), views);
+            }
+            _ = wall_tick.tick() => {
+                let now = clock.local.now();
                 if let Some(step) = wall.observe(now, clock.local.wall_offset()) {
+                    let utc = discipline.estimate(now).utc_ns;
                     tracing::warn!(event = "wall_clock_step", step_ns = step, utc_ns = utc,
                         "the system wall clock was stepped by {:+.6} s; the TSA's time is not affected",
                         step as f64 / 1e9);
@@ -235,11 +248,6 @@ async fn run(
                         ),
                     });
                 }
-                let views = ClockViews {
-                    system: Some(discipline.system_view(now)),
-                    sources: discipline.source_views(now),
-                };
-                *clock.status.lock().unwrap_or_else(|p| p.into_inner()) = (render(&discipline, now), views);
             }
         }
     }
