@@ -469,7 +469,7 @@ pub struct ClockConfig {
     pub poll_interval_ms: u64,
     /// How long to wait for an NTP reply.
     pub ntp_timeout_ms: u64,
-    /// Agreeing sources needed (besides a strict majority of the usable ones).
+    /// Agreeing sources needed (besides a strict majority of the configured ones).
     pub min_agreeing: usize,
     /// The drift rate the error bound grows at between updates; at least 15 ppm.
     pub max_drift_ppm: f64,
@@ -482,12 +482,14 @@ pub struct ClockConfig {
     pub gpsd: Option<String>,
     /// The precision claimed for gpsd's PPS samples.
     pub gps_precision_ms: u64,
-    /// The precision claimed for gpsd's serial time (TOFF, or TPV without PPS and TOFF).
+    /// The longest gpsd's serial time (TOFF, or TPV without PPS and TOFF) can lag behind the
+    /// second it names: such a sample claims UTC within that much after its naive offset.
     pub gps_serial_precision_ms: u64,
     /// A GPS receiver's serial device read as NMEA, for sites without gpsd
     /// (see `src/clock/nmea.rs`).
     pub nmea_device: Option<PathBuf>,
-    /// The precision claimed for the NMEA receiver's samples.
+    /// The longest the NMEA receiver's sentences can lag behind the second they name: a
+    /// sample claims UTC within that much after its naive offset.
     pub nmea_precision_ms: u64,
 }
 
@@ -506,9 +508,9 @@ impl Default for ClockConfig {
             max_sample_age_ms: 0,
             gpsd: None,
             gps_precision_ms: 1,
-            gps_serial_precision_ms: 500,
+            gps_serial_precision_ms: 700,
             nmea_device: None,
-            nmea_precision_ms: 500,
+            nmea_precision_ms: 700,
         }
     }
 }
@@ -916,10 +918,11 @@ mod tests {
         let disciplined = gps.clock.disciplined().unwrap();
         let gpsd = disciplined.gpsd.unwrap();
         assert_eq!(gpsd.pps_precision, Duration::from_millis(1));
-        assert_eq!(gpsd.serial_precision, Duration::from_millis(500));
+        // Serial time lags its second by up to 700 ms.
+        assert_eq!(gpsd.serial_precision, Duration::from_millis(700));
         assert_eq!(
             disciplined.nmea.unwrap().precision,
-            Duration::from_millis(500)
+            Duration::from_millis(700)
         );
         assert!(parse(
             "min_agreeing = 4\ngpsd = \"127.0.0.1:2947\"\nnmea_device = \"/dev/ttyS0\"\n"

@@ -82,7 +82,8 @@ impl Sample {
 
 #[derive(Clone, Debug)]
 pub struct DisciplineConfig {
-    /// Agreeing sources needed to synchronize (besides a strict majority).
+    /// Agreeing sources needed to synchronize (besides a strict majority of the configured
+    /// sources).
     pub min_agreeing: usize,
     /// The drift rate the bound grows at between updates (PHI), in parts per million.
     pub max_drift_ppm: f64,
@@ -116,7 +117,8 @@ impl Default for DisciplineConfig {
 pub struct SourceSpec {
     pub name: String,
     /// A reference independent of the network (GPS): its agreement confirms a step at once,
-    /// and its disagreement keeps a step from being confirmed by rounds alone.
+    /// its disagreement keeps a step from being confirmed by rounds alone, and its interval
+    /// missing the selected sources' combined one for a second update stops issuance.
     pub independent: bool,
 }
 
@@ -180,6 +182,12 @@ pub enum Event {
     },
     StepAbandoned {
         step_ns: i64,
+    },
+    /// An independent reference kept disagreeing with the selected sources (its interval does
+    /// not meet their combined one): no stamps until they agree again.
+    IndependentDisagrees {
+        source: usize,
+        offset_ns: i64,
     },
     LeapScheduled {
         kind: Leap,
@@ -311,6 +319,9 @@ pub struct Discipline {
     leap: Option<ScheduledLeap>,
     /// The midnight (UTC) for which the sources disagree whether a leap comes.
     leap_uncertain: Option<u64>,
+    /// Consecutive updates in which a reachable independent reference disagreed with the
+    /// selected sources; see [`Discipline::independent_dissent`].
+    dissent: u32,
     events: Vec<Event>,
     /// The state (as [`Discipline::estimate`] gives it) and whether the bound was within the
     /// declared accuracy, as last told by an event.
@@ -337,6 +348,7 @@ impl Discipline {
             reason: "no update yet".into(),
             leap: None,
             leap_uncertain: None,
+            dissent: 0,
             events: Vec::new(),
             announced: (SyncState::Unsynchronized, true),
         }
@@ -481,7 +493,7 @@ impl Discipline {
     fn update_model(&mut self, now: u64) {
         self.apply_due_leap(now);
         let intervals = self.intervals(now);
-        if intervals.len() < self.config.min_agreeing {
+        if intervals.len() < self.needed() {
             self.too_few(&intervals, now);
             return;
         }
@@ -489,6 +501,9 @@ impl Discipline {
             return;
         };
         let (offset, bound) = combine(&survivors);
+        if self.independent_dissent(&intervals, now, offset, bound) {
+            return;
+        }
         self.vote_leap(&survivors, now, offset);
         self.guard_and_accept(now, offset, bound, &intervals, &survivors);
     }
@@ -551,8 +566,15 @@ impl Discipline {
         intervals
     }
 
+    /// Agreeing sources needed to select: at least `min_agreeing` and a strict majority of the
+    /// *configured* sources. A majority of those that answer would let an attacker who
+    /// silences honest sources (blocks their packets) hand the clock to a minority of liars.
+    fn needed(&self) -> usize {
+        self.config.min_agreeing.max(self.sources.len() / 2 + 1)
+    }
+
     /// Interval intersection (Marzullo): the largest set of sources that share a common
-    /// offset. It must be a strict majority of the usable sources and at least
+    /// offset. It must be a strict majority of the configured sources and at least
     /// `min_agreeing`; otherwise the sources dispute the time, nothing is selected and the
     /// state is unsynchronized.
     fn select(&mut self, intervals: &[Interval]) -> Option<Vec<Interval>> {
@@ -572,7 +594,7 @@ impl Discipline {
             }
         }
         let agreeing = best as usize;
-        let needed = self.config.min_agreeing.max(intervals.len() / 2 + 1);
+        let needed = self.needed();
         if agreeing < needed {
             for i in intervals {
                 self.sources[i.source].selection = Selection::Unselected;
@@ -580,8 +602,9 @@ impl Discipline {
             self.set_state(
                 SyncState::Unsynchronized,
                 format!(
-                    "only {agreeing} of {} usable sources agree; {needed} needed",
-                    intervals.len()
+                    "only {agreeing} of {} usable sources agree; {needed} needed ({} configured)",
+                    intervals.len(),
+                    self.sources.len()
                 ),
             );
             return None;
@@ -610,6 +633,89 @@ impl Discipline {
             src.selection = selection;
         }
         Some(survivors)
+    }
+
+    /// Whether an independent reference (GPS) keeps the combined offset from being used. A
+    /// majority of network sources that moves slowly passes the step guard at every update;
+    /// an independent reference that is reachable and whose interval does not meet the
+    /// combined one (`offset ± bound`) says the majority is wrong, or it is, and the clock
+    /// cannot tell which. One such update is tolerated (not taken into the model, the state
+    /// kept, unless the offset is a step, which the step guard holds); from the second in a
+    /// row the state is unsynchronized, until an update in which the reachable independent
+    /// references agree. Updates in which none is reachable neither end nor extend the dissent.
+    fn independent_dissent(
+        &mut self,
+        intervals: &[Interval],
+        now: u64,
+        offset: i64,
+        bound: u64,
+    ) -> bool {
+        let reach = i64::try_from(bound).unwrap_or(i64::MAX);
+        let (low, high) = (offset.saturating_sub(reach), offset.saturating_add(reach));
+        let mut independent = intervals
+            .iter()
+            .filter(|i| self.sources[i.source].spec.independent)
+            .peekable();
+        if independent.peek().is_none() {
+            if self.dissent >= 2 {
+                self.set_state(
+                    SyncState::Unsynchronized,
+                    "an independent reference disagreed with the selected sources and has not \
+                     been reachable since"
+                        .into(),
+                );
+                return true;
+            }
+            return false;
+        }
+        let Some(dissenter) = independent.find(|i| i.high() < low || i.low() > high) else {
+            self.dissent = 0;
+            return false;
+        };
+        let (source, by) = (dissenter.source, dissenter.offset.saturating_sub(offset));
+        self.dissent = self.dissent.saturating_add(1);
+        let name = &self.sources[source].spec.name;
+        if self.dissent >= 2 {
+            if self.dissent == 2 {
+                self.events.push(Event::IndependentDisagrees {
+                    source,
+                    offset_ns: by,
+                });
+            }
+            self.set_state(
+                SyncState::Unsynchronized,
+                format!(
+                    "{name}, an independent reference, disagrees with the selected sources by \
+                     {:+.6} s beyond both intervals ({} disagreeing updates)",
+                    by as f64 / 1e9,
+                    self.dissent
+                ),
+            );
+            return true;
+        }
+        match self.model {
+            None => {
+                self.set_state(
+                    SyncState::Unsynchronized,
+                    format!(
+                        "{name}, an independent reference, disagrees with the selected sources \
+                         by {:+.6} s beyond both intervals",
+                        by as f64 / 1e9
+                    ),
+                );
+                true
+            }
+            // A step: the step guard holds it (an independent reference outside the
+            // survivors keeps the rounds from confirming it).
+            Some(model) => !self.is_step(&model, now, offset, bound),
+        }
+    }
+
+    /// Whether `offset` (with its `bound`) at `now` leaves the model's prediction by more than
+    /// the two bounds together.
+    fn is_step(&self, model: &Model, now: u64, offset: i64, bound: u64) -> bool {
+        let (predicted, predicted_bound) = self.predict(model, now);
+        offset.saturating_sub(predicted).unsigned_abs() > predicted_bound.saturating_add(bound)
     }
 
     /// Accepts the combined offset unless it steps away from the model by more than both
@@ -728,8 +834,8 @@ impl Discipline {
         predict(model, self.phi(), self.leap, now)
     }
 
-    /// Fewer usable sources than `min_agreeing`: none can be selected even if they all
-    /// agreed. That is a loss of sources ([`Discipline::sources_lost`]), unless one of them
+    /// Fewer usable sources than [`Discipline::needed`] (`min_agreeing`, and a strict majority
+    /// of the configured sources): none can be selected even if they all agreed. That is a loss of sources ([`Discipline::sources_lost`]), unless one of them
     /// contradicts the model the clock would hold over on: then one of the two is wrong and
     /// the clock cannot tell which, so it is unsynchronized.
     fn too_few(&mut self, intervals: &[Interval], now: u64) {
@@ -741,9 +847,10 @@ impl Discipline {
             self.sources[i.source].selection = Selection::Unselected;
         }
         let usable = format!(
-            "usable sources: {}, needed: {}",
+            "usable sources: {}, needed: {} ({} configured)",
             intervals.len(),
-            self.config.min_agreeing
+            self.needed(),
+            self.sources.len()
         );
         match self.contradicting(intervals, now) {
             Some((source, by)) => self.set_state(

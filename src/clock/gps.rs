@@ -2,8 +2,9 @@
 //! receiver's PPS, TOFF or TPV reports into [`Sample`]s for the discipline.
 //!
 //! A GPS receiver is an *independent* reference (it does not depend on the network), so the
-//! discipline lets it confirm or veto a step of the NTP sources; that makes the conditions
-//! under which it is trusted matter:
+//! discipline lets it confirm or veto a step of the NTP sources, and stops issuance while it
+//! persistently disagrees with them; that makes the conditions under which it is trusted
+//! matter:
 //!
 //! - **Trust.** Samples are sent only after three consecutive TPV reports with a 3D fix
 //!   (`mode` 3) and a valid leap-second count (`leapseconds` present and at least the current
@@ -12,10 +13,12 @@
 //!   again.
 //! - **Samples.** A `PPS` report gives the true time of a pulse (`real_*`) and the system clock
 //!   when it was seen (`clock_*`): a sample with `gps_precision_ms`. A `TOFF` report is the same
-//!   pair for the serial time of a fix, with `gps_serial_precision_ms`, used while no PPS came for
-//!   three seconds. With neither, the TPV time against the local time its line arrived, with
-//!   `gps_serial_precision_ms`. System-clock times become local times through
-//!   [`LocalClock::wall_offset`] taken when the report arrives.
+//!   pair for the serial time of a fix, used while no PPS came for three seconds. With neither,
+//!   the TPV time against the local time its line arrived. Serial time arrives after the second
+//!   it names, never before, by up to `gps_serial_precision_ms`: such a sample claims
+//!   `[m, m + lag]` (`m` the time named minus the arrival), not `m ± lag` ([`serial_sample`]).
+//!   System-clock times become local times through [`LocalClock::wall_offset`] taken when the
+//!   report arrives.
 //! - **Reachability.** While untrusted, each TPV counts as a missed poll. When the connection
 //!   drops, or no TPV/PPS/TOFF arrives for three seconds, a miss is sent once per second, so
 //!   that the discipline's reach register empties. The client reconnects with a backoff of 1 s
@@ -59,6 +62,25 @@ const MAX_LEAP_SECONDS: i64 = 100;
 const MAX_REPORT_AGE_NS: u64 = 5 * NS_PER_S;
 /// PPS preferred over TOFF, TOFF over TPV, while the better one came within this.
 const PREFER_NS: u64 = 3 * NS_PER_S;
+
+/// A sample for a time read from a serial line: the time `utc` of a second, whose report
+/// arrived at local time `at`. The report comes after the second it names, by up to
+/// `max_lag` (10 to 700 ms for serial GPS time), never before, so UTC − local at `at` lies in
+/// `[utc − at, utc − at + max_lag]`: the sample is centred there, with half the lag as its
+/// precision, and claims nothing on the side the error cannot be. `None` on overflow.
+pub(crate) fn serial_sample(utc: i64, at: u64, max_lag: u64) -> Option<Sample> {
+    let half = max_lag.div_ceil(2);
+    let naive = utc.checked_sub(i64::try_from(at).ok()?)?;
+    Some(Sample {
+        at,
+        offset: naive.checked_add(i64::try_from(half).ok()?)?,
+        delay: 0,
+        root_delay: 0,
+        root_dispersion: 0,
+        precision: half,
+        leap: Leap::Unknown,
+    })
+}
 
 /// What the I/O task does after a line or a tick.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -297,17 +319,7 @@ impl GpsdTracker {
             .time
             .as_deref()
             .and_then(parse_iso_time)
-            .and_then(|utc| {
-                Some(Sample {
-                    at: now,
-                    offset: utc.checked_sub(i64::try_from(now).ok()?)?,
-                    delay: 0,
-                    root_delay: 0,
-                    root_dispersion: 0,
-                    precision: self.serial_precision,
-                    leap: Leap::Unknown,
-                })
-            });
+            .and_then(|utc| serial_sample(utc, now, self.serial_precision));
         match sample.filter(Sample::is_plausible) {
             Some(sample) => Output::Sample(sample),
             None => Output::Missed,
@@ -339,21 +351,29 @@ impl GpsdTracker {
         if at > now + 1_000_000 || now - at > MAX_REPORT_AGE_NS as i64 {
             return Output::Nothing;
         }
-        let Some(offset) = real.checked_sub(at) else {
-            return Output::Nothing;
-        };
-        let sample = Sample {
-            at: at.min(now) as u64,
-            offset,
-            delay: 0,
-            root_delay: 0,
-            root_dispersion: 0,
-            precision: if pps {
-                self.pps_precision
-            } else {
-                self.serial_precision
-            },
-            leap: Leap::Unknown,
+        let sample = if pps {
+            // The pulse marks the second itself: a symmetric interval of its precision.
+            let Some(offset) = real.checked_sub(at) else {
+                return Output::Nothing;
+            };
+            Sample {
+                at: at.min(now) as u64,
+                offset,
+                delay: 0,
+                root_delay: 0,
+                root_dispersion: 0,
+                precision: self.pps_precision,
+                leap: Leap::Unknown,
+            }
+        } else {
+            // TOFF: the second of a fix against the arrival of its first sentence.
+            match serial_sample(real, at as u64, self.serial_precision) {
+                Some(sample) => Sample {
+                    at: at.min(now) as u64,
+                    ..sample
+                },
+                None => return Output::Nothing,
+            }
         };
         // A pulse dated decades away from the local clock is garbage, not a measurement.
         if !sample.is_plausible() {
@@ -576,13 +596,14 @@ mod tests {
     fn three_3d_fixes_with_leap_seconds_make_the_receiver_trusted() {
         let mut t = tracker();
         let now = trust(&mut t);
-        // The third TPV itself gave a TPV sample (no PPS, no TOFF): UTC 250 ms ahead.
+        // The third TPV itself gave a TPV sample (no PPS, no TOFF): UTC 250 ms ahead, and
+        // up to the 500 ms of serial lag more.
         let later = now + S;
         match t.line(&tpv(3, later + 250_000_000, Some(18)), later, 0) {
             Output::Sample(s) => {
-                assert_eq!(s.offset, 250_000_000);
+                assert_eq!(s.offset, 500_000_000);
                 assert_eq!(s.at, later);
-                assert_eq!(s.precision, 500_000_000);
+                assert_eq!(s.precision, 250_000_000);
                 assert_eq!(s.delay, 0);
                 assert_eq!(s.leap, Leap::Unknown);
             }
@@ -660,8 +681,51 @@ mod tests {
         let Output::Sample(s) = t.line(&toff, later, wall_offset) else {
             panic!()
         };
-        assert_eq!(s.precision, 500_000_000);
-        assert_eq!(s.offset, 2 * S as i64 + 1_000_000);
+        assert_eq!(s.precision, 250_000_000);
+        assert_eq!(s.offset, 2 * S as i64 + 1_000_000 + 250_000_000);
+    }
+
+    #[test]
+    fn serial_time_arriving_late_gives_an_interval_that_holds_the_truth() {
+        // The local clock and the wall clock are on UTC. gpsd's TOFF pairs the second of a fix
+        // with the system time its first sentence arrived, 10 to 700 ms later; a TPV line
+        // comes later still. UTC − local lies between the naive offset m and m plus the lag,
+        // never below m; with the configured default, lags up to 700 ms are covered. PPS keeps
+        // its symmetric microsecond interval.
+        let config = crate::config::ClockConfig::default();
+        let serial = config.gps_serial_precision_ms * 1_000_000;
+        let check = |s: Sample, lag: u64| {
+            let (low, high) = (
+                s.offset - s.static_distance() as i64,
+                s.offset + s.static_distance() as i64,
+            );
+            let m = -(lag as i64);
+            assert!(low <= 0 && 0 <= high, "lag {lag}: [{low}, {high}] misses 0");
+            assert!(low >= m, "lag {lag}: [{low}, {high}] reaches below {m}");
+        };
+        let mut t = GpsdTracker::new(config.gps_precision_ms * 1_000_000, serial, T0);
+        let mut now = trust(&mut t);
+        for lag in [10, 300, 600, 700] {
+            let lag = lag * 1_000_000;
+            // TOFF.
+            now += S;
+            let second = now - lag;
+            let Output::Sample(s) = t.line(&pulse("TOFF", second, now), now, 0) else {
+                panic!("no TOFF sample at lag {lag}")
+            };
+            check(s, lag);
+            // TPV, with neither PPS nor TOFF for three seconds.
+            now += 4 * S;
+            let Output::Sample(s) = t.line(&tpv(3, now - lag, Some(18)), now, 0) else {
+                panic!("no TPV sample at lag {lag}")
+            };
+            check(s, lag);
+        }
+        now += S;
+        let Output::Sample(s) = t.line(&pulse("PPS", now - 2_000, now - 1_000), now, 0) else {
+            panic!()
+        };
+        assert_eq!((s.offset, s.precision), (-1_000, 1_000_000));
     }
 
     #[test]

@@ -55,11 +55,21 @@ impl Default for LocalClock {
 
 /// Watches the wall clock against the local clock and reports steps: the kernel clock as a
 /// cross-check. A step moves nothing in the TSA's time; it is an event for the operator.
+///
+/// The local clock is the raw oscillator, which no daemon slews, so a daemon's slew of the
+/// wall clock shows up here in full: chrony slews at up to 83,333 ppm (its `maxslewrate`, with
+/// `ADJ_TICK`) on top of its frequency correction (up to 500 ppm). A change faster than that
+/// is a step; a slower one is not told apart from a slew, so the watch is fed often (every
+/// second, where a step of about 90 ms or more is told). A slew faster than chrony's (the
+/// kernel's PLL with a short time constant, or a hand-set `ADJ_TICK` near its ±10 %) can be
+/// reported as a step: the report is for the operator and moves nothing.
 pub struct WallClockWatch {
     last: Option<(u64, i64)>,
 }
 
-/// A wall-clock change faster than any slew (500 ppm) plus this is a step.
+/// The fastest a wall clock is slewed: chrony's 83,333 ppm plus a frequency of 500 ppm.
+const MAX_SLEW_RATE: f64 = 83_333e-6 + 500e-6;
+/// A wall-clock change faster than [`MAX_SLEW_RATE`] plus this is a step.
 const STEP_TOLERANCE_NS: u64 = 5_000_000;
 
 impl WallClockWatch {
@@ -71,7 +81,7 @@ impl WallClockWatch {
     pub fn observe(&mut self, local: u64, wall_offset: i64) -> Option<i64> {
         let step = self.last.and_then(|(at, offset)| {
             let change = wall_offset - offset;
-            let slew_limit = (local.saturating_sub(at) as f64 * 500e-6) as u64;
+            let slew_limit = (local.saturating_sub(at) as f64 * MAX_SLEW_RATE) as u64;
             (change.unsigned_abs() > slew_limit + STEP_TOLERANCE_NS).then_some(change)
         });
         self.last = Some((local, wall_offset));
@@ -136,5 +146,19 @@ mod tests {
         assert_eq!(watch.observe(11 * s, 2_004_000_000), Some(2_000_000_000));
         // Back by 1 s: a step the other way.
         assert_eq!(watch.observe(12 * s, 1_004_000_000), Some(-1_000_000_000));
+    }
+
+    #[test]
+    fn the_fastest_slew_of_an_ntp_daemon_is_not_a_step() {
+        // chrony slews the wall clock at up to 83,333 ppm (ADJ_TICK), against the raw clock
+        // that nothing slews: over 16 s, 1.33 s, in either direction.
+        let mut watch = WallClockWatch::new();
+        let s = 1_000_000_000u64;
+        assert_eq!(watch.observe(0, 0), None);
+        assert_eq!(watch.observe(16 * s, 1_333_333_328), None);
+        assert_eq!(watch.observe(32 * s, 0), None);
+        assert_eq!(watch.observe(33 * s, -83_333_333), None);
+        // Faster than chrony ever slews: a step.
+        assert!(watch.observe(34 * s, 200_000_000).is_some());
     }
 }

@@ -8,9 +8,11 @@
 //!   (simulator), a valid time and date, each later than the one before. An RMC that is not a
 //!   valid fix, or no RMC for three seconds, starts the count again. A ZDA is used only while
 //!   trusted and within two seconds of the last fix.
-//! - **Samples.** The sentence's UTC minus the local time its line arrived, one per sentence
-//!   time (the first sentence of a fix, the one nearest the second), with `nmea_precision_ms`:
-//!   a receiver sends its sentences some tens to hundreds of milliseconds after the second.
+//! - **Samples.** One per sentence time (the first sentence of a fix, the one nearest the
+//!   second). A receiver sends its sentences some tens to hundreds of milliseconds after the
+//!   second they name, never before: with `m` the sentence's UTC minus the local time its line
+//!   arrived, UTC − local lies in `[m, m + nmea_precision_ms]`, and that is the interval the
+//!   sample claims (centred half the lag after `m`, see [`serial_sample`]).
 //! - **Reachability.** While untrusted, each RMC counts as a missed poll; with no RMC for three
 //!   seconds, or the device gone, a miss once per second. The device is opened again with a
 //!   backoff of 1 s doubling to 30 s.
@@ -18,7 +20,8 @@
 //! The device is switched to raw mode (no echo, no line editing) but its speed is left as it is:
 //! set it with `stty -F /dev/ttyS0 9600` (or a udev rule) to the receiver's.
 //!
-//! NMEA carries no leap-second warning in these sentences: samples carry [`Leap::Unknown`],
+//! NMEA carries no leap-second warning in these sentences: samples carry
+//! [`Leap::Unknown`](super::discipline::Leap::Unknown),
 //! abstaining from the discipline's leap vote.
 
 use std::fs::File;
@@ -30,9 +33,10 @@ use chrono::NaiveDate;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
-use super::discipline::{Leap, Sample};
+use super::discipline::Sample;
 use super::gps::{
-    send, wait_reporting, Lines, Liveness, Output, Stopped, MAX_BACKOFF, MIN_BACKOFF, TRUST_AFTER,
+    send, serial_sample, wait_reporting, Lines, Liveness, Output, Stopped, MAX_BACKOFF,
+    MIN_BACKOFF, TRUST_AFTER,
 };
 use super::local::LocalClock;
 use super::service::SourceMessage;
@@ -251,18 +255,10 @@ impl NmeaTracker {
         if self.last_sample_utc.is_some_and(|last| utc <= last) {
             return Output::Nothing;
         }
-        let sample = Sample {
-            at: now,
-            offset: utc.saturating_sub(now as i64),
-            delay: 0,
-            root_delay: 0,
-            root_dispersion: 0,
-            precision: self.precision,
-            leap: Leap::Unknown,
-        };
-        if !sample.is_plausible() {
+        let Some(sample) = serial_sample(utc, now, self.precision).filter(Sample::is_plausible)
+        else {
             return Output::Nothing;
-        }
+        };
         self.last_sample_utc = Some(utc);
         Output::Sample(sample)
     }
@@ -428,6 +424,7 @@ async fn read_device(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::discipline::Leap;
 
     const S: u64 = NS_PER_S as u64;
     /// 2024-05-01T12:00:00Z.
@@ -579,20 +576,48 @@ mod tests {
         let Output::Sample(s) = t.line(&rmc(utc, "A"), utc + 100_000_000) else {
             panic!("no sample after three fixes")
         };
-        assert_eq!(s.offset, -100_000_000);
+        // 100 ms after its second, with up to 500 ms of lag: UTC − local in [-100, 400] ms.
+        assert_eq!(s.offset, 150_000_000);
         assert_eq!(s.at, utc + 100_000_000);
-        assert_eq!(s.precision, 500_000_000);
+        assert_eq!(s.precision, 250_000_000);
         assert_eq!(s.leap, Leap::Unknown);
         // The ZDA of the same second adds nothing; the next second's ZDA is a sample.
         assert_eq!(t.line(&zda(utc), utc + 120_000_000), Output::Nothing);
         let utc = utc + S;
         assert!(matches!(
             t.line(&zda(utc), utc + 50_000_000),
-            Output::Sample(s) if s.offset == -50_000_000
+            Output::Sample(s) if s.offset == 200_000_000
         ));
         // A ZDA far from the last fix is not used.
         let far = utc + 10 * S;
         assert_eq!(t.line(&zda(far), utc + 60_000_000), Output::Nothing);
+    }
+
+    #[test]
+    fn a_sentence_arriving_late_gives_an_interval_that_holds_the_truth() {
+        // The local clock is on UTC. A receiver sends each sentence 10 to 700 ms after the
+        // second it names, so UTC − local lies between the sentence's time minus the arrival
+        // (m) and m plus the lag: never below m. With the configured default, every lag up to
+        // 700 ms is covered.
+        let precision = crate::config::ClockConfig::default().nmea_precision_ms * 1_000_000;
+        let mut t = NmeaTracker::new(precision, T0);
+        for i in 0..2 {
+            t.line(&rmc(T0 + i * S, "A"), T0 + i * S + 10_000_000);
+        }
+        for (i, lag) in [10, 100, 600, 700].into_iter().enumerate() {
+            let utc = T0 + (2 + i as u64) * S;
+            let lag = lag * 1_000_000;
+            let Output::Sample(s) = t.line(&rmc(utc, "A"), utc + lag) else {
+                panic!("no sample at lag {lag}")
+            };
+            let (low, high) = (
+                s.offset - s.static_distance() as i64,
+                s.offset + s.static_distance() as i64,
+            );
+            let m = -(lag as i64);
+            assert!(low <= 0 && 0 <= high, "lag {lag}: [{low}, {high}] misses 0");
+            assert!(low >= m, "lag {lag}: [{low}, {high}] reaches below {m}");
+        }
     }
 
     #[test]

@@ -183,7 +183,11 @@ async fn run(
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The wall clock is compared with the local clock each second, so that a step is told
+    // from the fastest slew (see `WallClockWatch`) down to about a tenth of a second.
     let mut wall = WallClockWatch::new();
+    let mut wall_tick = tokio::time::interval(Duration::from_secs(1));
+    wall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let names: Vec<String> = discipline
         .source_views(0)
         .into_iter()
@@ -222,7 +226,16 @@ async fn run(
                     log_event(&event, &names, utc);
                     clock.record(describe(&event, &names, utc));
                 }
+                let views = ClockViews {
+                    system: Some(discipline.system_view(now)),
+                    sources: discipline.source_views(now),
+                };
+                *clock.status.lock().unwrap_or_else(|p| p.into_inner()) = (render(&discipline, now), views);
+            }
+            _ = wall_tick.tick() => {
+                let now = clock.local.now();
                 if let Some(step) = wall.observe(now, clock.local.wall_offset()) {
+                    let utc = discipline.estimate(now).utc_ns;
                     tracing::warn!(event = "wall_clock_step", step_ns = step, utc_ns = utc,
                         "the system wall clock was stepped by {:+.6} s; the TSA's time is not affected",
                         step as f64 / 1e9);
@@ -236,11 +249,6 @@ async fn run(
                         ),
                     });
                 }
-                let views = ClockViews {
-                    system: Some(discipline.system_view(now)),
-                    sources: discipline.source_views(now),
-                };
-                *clock.status.lock().unwrap_or_else(|p| p.into_inner()) = (render(&discipline, now), views);
             }
         }
     }
@@ -315,6 +323,13 @@ fn log_event(event: &Event, names: &[String], utc_ns: u64) {
             utc_ns,
             step_ns,
             "step abandoned: the sources came back"
+        ),
+        Event::IndependentDisagrees { source, offset_ns } => tracing::error!(
+            event = "independent_disagrees",
+            utc_ns,
+            source = name(source),
+            offset_ns,
+            "an independent reference disagrees with the selected sources; no time-stamps"
         ),
         Event::LeapScheduled { kind, utc_ns: at } => {
             tracing::warn!(event = "leap_scheduled", utc_ns, leap = ?kind, at_ns = at, "leap second scheduled")
@@ -411,6 +426,15 @@ fn describe(event: &Event, names: &[String], utc_ns: u64) -> ClockEvent {
             "step_abandoned",
             EventLevel::Warning,
             format!("step of {} abandoned: the sources came back", secs(step_ns)),
+        ),
+        Event::IndependentDisagrees { source, offset_ns } => (
+            "independent_disagrees",
+            EventLevel::Error,
+            format!(
+                "{}, an independent reference, disagrees with the selected sources by {}: no time-stamps until they agree",
+                name(source),
+                secs(offset_ns)
+            ),
         ),
         Event::LeapScheduled { kind, utc_ns: at } => (
             "leap_scheduled",

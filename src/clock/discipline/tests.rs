@@ -268,6 +268,54 @@ fn three_falsetickers_or_too_few_sources_do_not_synchronize() {
 }
 
 #[test]
+fn silencing_honest_sources_never_hands_the_clock_to_a_minority() {
+    // Seven configured servers. An attacker blocks the four honest ones and steps the other
+    // three by +2 s: three of seven is no majority, whoever else answers.
+    let sims: Vec<Sim> = (0..7).map(|i| honest(i * 30 - 90)).collect();
+    let mut run = Run::new(sims);
+    run.rounds(10);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    let before = run.d.estimate(run.now).utc_ns as i64 - run.now as i64;
+    for sim in &mut run.sims[3..] {
+        sim.up = false;
+    }
+    for sim in &mut run.sims[..3] {
+        sim.lie = 2 * S as i64;
+    }
+    // The honest sources' last samples count while their reach register holds any; then the
+    // liars are all that answer. Far past that and the confirmation rounds, the clock never
+    // takes their time (the harness checks that the truth stays within the bound while
+    // tokens may be issued), and it ends unsynchronized: the liars contradict the model.
+    for round in 0..60 {
+        run.round();
+        let e = run.d.estimate(run.now);
+        let offset = e.utc_ns as i64 - run.now as i64;
+        assert!((offset - before).abs() < 10_000_000, "round {round}");
+    }
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+    assert!(!run
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::StepAccepted { .. })));
+
+    // From the start, with only the three liars answering: never synchronized.
+    let mut sims: Vec<Sim> = (0..7).map(|_| liar(2_000)).collect();
+    for sim in &mut sims[3..] {
+        sim.up = false;
+    }
+    let mut run = Run::new(sims);
+    for _ in 0..20 {
+        run.round();
+        assert_eq!(run.state(), SyncState::Unsynchronized);
+    }
+    assert!(
+        run.d.estimate(run.now).reason.contains("7 configured"),
+        "{}",
+        run.d.estimate(run.now).reason
+    );
+}
+
+#[test]
 fn losing_sources_after_synchronizing_is_holdover_with_a_growing_bound() {
     // The oscillator drifts by 10 ppm, within the 15 ppm the bound assumes.
     let sims = vec![honest(0), honest(100), honest(-100), honest(50)];
@@ -519,6 +567,90 @@ fn gps(bias_us: i64) -> Sim {
         independent: true,
         leap: Leap::Unknown,
         ..honest(bias_us)
+    }
+}
+
+#[test]
+fn an_independent_reference_that_keeps_disagreeing_stops_a_slowly_lying_majority() {
+    // Three NTP servers under an attacker's control ramp away from UTC at 50 ppm: each update
+    // stays within the bound of the last, so the step guard never fires. The GPS receiver
+    // stays on UTC. Once its interval no longer meets the selected sources' combined interval
+    // for a second update, no more stamps (the harness checks that the truth lies within the
+    // bound whenever tokens may be issued).
+    let mut run = Run::new(vec![honest(0), honest(100), honest(-100), gps(50)]);
+    run.rounds(30);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    run.events.clear();
+    let start = run.now;
+    let (mut first_disagreement, mut disputed_at) = (None, None);
+    // Five and a half hours: 1 s of ramp.
+    for round in 0..(5 * 3600 + 1800) / 16 {
+        let lie = (50e-6 * (run.now + POLL - start) as f64) as i64;
+        for sim in &mut run.sims[..3] {
+            sim.lie = lie;
+        }
+        run.round();
+        if run.d.dissent == 1 && first_disagreement.is_none() {
+            // Tolerated once: still synchronized, on the model of the last agreeing update.
+            first_disagreement = Some(round);
+            assert_eq!(run.state(), SyncState::Synchronized);
+        }
+        let disputed = run
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::IndependentDisagrees { source: 3, .. }));
+        if disputed && disputed_at.is_none() {
+            disputed_at = Some(round);
+        }
+        if disputed_at.is_some() {
+            let e = run.d.estimate(run.now);
+            assert_eq!(e.state, SyncState::Unsynchronized, "round {round}");
+            assert!(e.reason.contains("s3"), "{}", e.reason);
+        }
+    }
+    // At the second disagreeing update, a few polls after the ramp's start (0.8 ms per poll
+    // against intervals of about a millisecond).
+    let disputed_at = disputed_at.expect("the GPS receiver's dissent was never told");
+    assert_eq!(first_disagreement, Some(disputed_at - 1));
+    assert!(disputed_at < 10, "disputed only at round {disputed_at}");
+    assert_eq!(state_events(&run.events), ["lost"], "{:?}", run.events);
+
+    // The attacker stops: the sources agree with the GPS receiver and the model again.
+    for sim in &mut run.sims[..3] {
+        sim.lie = 0;
+    }
+    run.rounds(12);
+    assert_eq!(run.state(), SyncState::Synchronized);
+}
+
+#[test]
+fn honest_independent_references_raise_no_false_alarm() {
+    // Three NTP servers and a GPS receiver, all honest, their errors spread within their
+    // distances; the oscillator drifts by 10 ppm. Over eight hours, never a dissent. The same
+    // with a serial receiver whose interval is wide and off-centre.
+    let serial = Sim {
+        bias: -300_000_000,
+        jitter: 20_000_000,
+        precision: 350_000_000,
+        ..gps(0)
+    };
+    for receiver in [gps(-500), gps(500), serial] {
+        let sims = vec![honest(400), honest(-400), honest(0), receiver];
+        let mut run = Run::with(sims, DisciplineConfig::default(), 10e-6);
+        run.round();
+        for round in 0..8 * 3600 / 16 {
+            run.round();
+            assert_eq!(
+                run.state(),
+                SyncState::Synchronized,
+                "round {round}: {}",
+                run.d.estimate(run.now).reason
+            );
+        }
+        assert!(!run
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::IndependentDisagrees { .. })));
     }
 }
 
