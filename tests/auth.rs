@@ -701,6 +701,64 @@ fn quotas_answer_429_with_retry_after_and_recover() {
     post(&server.url, &q, &["-H", &alice_auth]).granted();
 }
 
+/// A reload (SIGHUP) forgives no debt: a client whose rate and burst are unchanged keeps its
+/// bucket, so after spending its burst it is still refused (429) once the reload is in force;
+/// the anonymous callers' shared bucket likewise. A client whose quota changed starts full.
+#[test]
+fn a_reload_keeps_the_quota_state_of_unchanged_clients() {
+    let dir = init(&[]);
+    let (alice, alice_toml) = new_key("alice", &["--rate-per-s", "0.05", "--burst", "2"]);
+    let (carol, carol_toml) = new_key("carol", &["--rate-per-s", "0.05", "--burst", "1"]);
+    configure(
+        dir.path(),
+        &[],
+        &format!(
+            "[auth]\nanonymous_rate_per_s = 0.05\nanonymous_burst = 1\n\n{alice_toml}\n{carol_toml}"
+        ),
+    );
+    let server = Server::serve(dir);
+    let d = server.dir.path();
+    let q = query(d, "reload-quota");
+    let alice_auth = format!("Authorization: Bearer {alice}");
+    let carol_auth = format!("Authorization: Bearer {carol}");
+    let codes = |extra: &[&str], n| -> Vec<u16> {
+        burst(&server.url, &q, n, extra)
+            .iter()
+            .map(|(code, _, _)| *code)
+            .collect()
+    };
+    assert_eq!(codes(&["-H", &alice_auth], 3), [200, 200, 429]);
+    assert_eq!(codes(&["-H", &carol_auth], 2), [200, 429]);
+    assert_eq!(codes(&[], 2), [200, 429]);
+
+    // Add bob, give carol a larger burst, and reload; bob's key shows the reload in force.
+    let (bob, bob_toml) = new_key("bob", &[]);
+    let config = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
+    let config = config.replacen(
+        "rate_per_s = 0.05\nburst = 1",
+        "rate_per_s = 0.05\nburst = 3",
+        1,
+    );
+    std::fs::write(d.join("tsa.toml"), format!("{config}\n{bob_toml}")).unwrap();
+    server.signal("HUP");
+    let bob_auth = format!("Authorization: Bearer {bob}");
+    wait_until(
+        || post(&server.url, &q, &["-H", &bob_auth]).status == 200,
+        "bob's key after the reload",
+    );
+    assert_eq!(
+        codes(&["-H", &alice_auth], 1),
+        [429],
+        "alice's spent burst survives the reload"
+    );
+    assert_eq!(codes(&[], 1), [429], "so does the anonymous bucket");
+    assert_eq!(
+        codes(&["-H", &carol_auth], 4),
+        [200, 200, 200, 429],
+        "a changed quota starts full"
+    );
+}
+
 /// `tsa request` (single and batch) in `dir`, with `args`, and no API key from the test's own
 /// environment unless `env` gives one.
 fn tsa_request(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {

@@ -10,7 +10,9 @@
 //! API keys are random 256-bit strings, so the configuration keeps their SHA-256 only (a slow
 //! password hash would add nothing against guessing and cost every request). Quotas are token
 //! buckets, one per configured client and one shared by all anonymous callers, so that memory
-//! stays bounded whoever calls; a batch of n requests takes n tokens at once.
+//! stays bounded whoever calls; a batch of n requests takes n tokens at once. A reload keeps the
+//! bucket, spent or not, of every client whose rate and burst it leaves unchanged (and the
+//! anonymous one likewise), so that reloading forgives no client its debt.
 //!
 //! Everything here is pure: the HTTP layer hands in the header and the verified certificate and
 //! turns a [`Refusal`] or a wait into its reply.
@@ -67,11 +69,15 @@ impl PeerCertificate {
 }
 
 impl super::Tsa {
-    /// Replaces the clients of `[auth]` and their quotas (SIGHUP); the quotas start full.
-    pub fn reload_clients(&self, auth: Auth) {
+    /// Replaces the clients of `[auth]` and their quotas (SIGHUP). A client of the same name
+    /// whose rate and burst are unchanged keeps its bucket as it is, spent or not, and so do the
+    /// anonymous callers; a new client, or one whose quota changed, starts full.
+    pub fn reload_clients(&self, mut auth: Auth) {
+        let kept = auth.keep_buckets(&self.auth.load());
         tracing::info!(
             event = "clients_reloaded",
             clients = auth.clients.len(),
+            quotas_kept = kept,
             anonymous = auth.anonymous,
             "clients and quotas reloaded"
         );
@@ -83,14 +89,15 @@ impl super::Tsa {
 struct Known {
     client: Client,
     api_key_sha256: Option<[u8; 32]>,
-    bucket: Option<Bucket>,
+    bucket: Option<Arc<Bucket>>,
 }
 
-/// The clients of `[auth]` with their quotas. Replaced whole on reload (quotas start full).
+/// The clients of `[auth]` with their quotas. Replaced whole on reload, keeping the buckets of
+/// the clients whose quota is unchanged ([`Auth::keep_buckets`]).
 pub struct Auth {
     anonymous: bool,
     keys_over_https_only: bool,
-    anonymous_bucket: Option<Bucket>,
+    anonymous_bucket: Option<Arc<Bucket>>,
     clients: Vec<Known>,
     by_key: HashMap<[u8; 32], usize>,
     by_certificate: HashMap<[u8; 32], usize>,
@@ -106,7 +113,8 @@ impl Auth {
         let mut auth = Self {
             anonymous: config.anonymous,
             keys_over_https_only: config.keys_over_https_only,
-            anonymous_bucket: Bucket::new(config.anonymous_rate_per_s, config.anonymous_burst),
+            anonymous_bucket: Bucket::new(config.anonymous_rate_per_s, config.anonymous_burst)
+                .map(Arc::new),
             clients: Vec::with_capacity(config.client.len()),
             by_key: HashMap::new(),
             by_certificate: HashMap::new(),
@@ -133,10 +141,38 @@ impl Auth {
             auth.clients.push(Known {
                 client,
                 api_key_sha256,
-                bucket: Bucket::new(c.rate_per_s, c.burst),
+                bucket: Bucket::new(c.rate_per_s, c.burst).map(Arc::new),
             });
         }
         Ok(auth)
+    }
+
+    /// Takes over from `old`, the configuration in force, the bucket of each client of the
+    /// same name whose rate and burst are the same, and the anonymous bucket when its quota is
+    /// the same: the very buckets, shared, so that tokens taken through `old` while the reload
+    /// is swapped in count too. The buckets' time base becomes `old`'s. Answers how many
+    /// buckets were kept.
+    fn keep_buckets(&mut self, old: &Auth) -> usize {
+        self.epoch = old.epoch;
+        let mut kept = 0;
+        let mut keep = |new: &mut Option<Arc<Bucket>>, old: Option<&Arc<Bucket>>| {
+            if let (Some(bucket), Some(old)) = (new.as_ref(), old) {
+                if bucket.same_quota(old) {
+                    *new = Some(Arc::clone(old));
+                    kept += 1;
+                }
+            }
+        };
+        keep(&mut self.anonymous_bucket, old.anonymous_bucket.as_ref());
+        for known in &mut self.clients {
+            let name = known.client.name.as_ref().expect("a named client");
+            let before = old
+                .by_name
+                .get(name)
+                .and_then(|&i| old.clients[i].bucket.as_ref());
+            keep(&mut known.bucket, before);
+        }
+        kept
     }
 
     /// The client of a request: from its `Authorization` header (`None` when absent) and
@@ -277,6 +313,11 @@ impl Bucket {
             capacity: interval.saturating_mul(burst),
             tat: AtomicU64::new(0),
         })
+    }
+
+    /// Whether `other` has the same rate and burst.
+    fn same_quota(&self, other: &Bucket) -> bool {
+        (self.interval, self.capacity) == (other.interval, other.capacity)
     }
 
     /// Takes `n` tokens at `now` (ns), or answers the wait in ns. More than the burst at once
@@ -573,6 +614,38 @@ mod tests {
         assert!(auth.take(&Client::ANONYMOUS, 1).is_err());
         assert_eq!(auth.take(&Client::named("removed"), 100), Ok(()));
         assert!(Bucket::new(0.0, 5).is_none());
+    }
+
+    #[test]
+    fn a_reload_keeps_the_buckets_of_unchanged_quotas() {
+        let mut first = config(true);
+        first.client[0].rate_per_s = 1.0;
+        first.client[0].burst = 1;
+        first.client[1].rate_per_s = 1.0;
+        first.client[1].burst = 1;
+        first.anonymous_rate_per_s = 1.0;
+        first.anonymous_burst = 1;
+        let old = Auth::new(&first).unwrap();
+        let (alice, bob) = (Client::named("alice"), Client::named("bob"));
+        for client in [&alice, &bob, &Client::ANONYMOUS] {
+            assert_eq!(old.take(client, 1), Ok(()));
+            assert!(old.take(client, 1).is_err());
+        }
+        // Bob's burst changes; carol gets a quota; alice and the anonymous one stay.
+        let mut second = first.clone();
+        second.client[1].burst = 2;
+        second.client[2].rate_per_s = 1.0;
+        let mut new = Auth::new(&second).unwrap();
+        assert_eq!(new.keep_buckets(&old), 2);
+        assert!(new.take(&alice, 1).is_err(), "still spent");
+        assert!(new.take(&Client::ANONYMOUS, 1).is_err(), "still spent");
+        assert_eq!(new.take(&bob, 2), Ok(()), "a new quota starts full");
+        assert_eq!(new.take(&Client::named("carol"), 1), Ok(()));
+        // Shared: what the old configuration hands out counts in the new one.
+        let mut third = Auth::new(&second).unwrap();
+        third.keep_buckets(&new);
+        assert!(new.take(&Client::named("carol"), 1).is_err());
+        assert!(third.take(&Client::named("carol"), 1).is_err());
     }
 
     #[test]
