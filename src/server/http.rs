@@ -213,6 +213,9 @@ pub(super) async fn run(
         }
     }
 
+    // Closed now, not when the drain ends: a connection that came meanwhile would wait in the
+    // backlog and then be reset; refused at once, its client (or balancer) goes elsewhere.
+    drop((public, admin, https));
     tracing::info!("shutting down: no new connections, finishing requests in flight");
     tokio::select! {
         () = graceful.shutdown() => {}

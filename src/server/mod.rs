@@ -292,7 +292,8 @@ pub struct Bound {
 }
 
 /// Binds both listeners, reports them through `on_bound`, and serves until `shutdown`
-/// resolves; then stops accepting and lets requests in flight finish.
+/// resolves; then closes the listeners (a new connection is refused at once) and lets
+/// requests in flight finish, for up to 10 s.
 pub async fn serve(
     tsa: Arc<Tsa>,
     config: &ServerConfig,
