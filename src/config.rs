@@ -161,6 +161,10 @@ pub struct ServerConfig {
     /// Open connections (both listeners' public sides together); past it a new connection
     /// gets a fixed 503 and is closed.
     pub max_connections: usize,
+    /// Open connections of the admin listener, counted apart from `max_connections`; past it
+    /// a new one gets the same fixed 503. Its descriptors come from those kept beside
+    /// `max_connections`, hence at most [`MAX_ADMIN_CONNECTIONS`].
+    pub admin_max_connections: usize,
     /// Requests served on one keep-alive connection before it is closed; 0: no limit.
     pub max_requests_per_connection: u64,
     /// The largest request head (request line and headers); larger ones get 431.
@@ -188,6 +192,7 @@ impl Default for ServerConfig {
             max_queue: 256,
             queue_wait_ms: 1_000,
             max_connections: 4096,
+            admin_max_connections: 16,
             max_requests_per_connection: 10_000,
             max_header_bytes: 8 * 1024,
             https_listen: None,
@@ -209,6 +214,10 @@ impl ServerConfig {
         Duration::from_millis(self.queue_wait_ms)
     }
 }
+
+/// The most `server.admin_max_connections` may be: their descriptors are part of those the
+/// server keeps beside `max_connections`.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
 
 /// `[server.tls]`: the HTTPS listener (`server.https_listen`).
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -706,6 +715,9 @@ impl Config {
             rollover.signer.validate()?;
             rollover.at_unix_ns()?;
         }
+        if !(1..=MAX_ADMIN_CONNECTIONS).contains(&self.server.admin_max_connections) {
+            bail!("server.admin_max_connections must be 1 to {MAX_ADMIN_CONNECTIONS}");
+        }
         let tls = &self.server.tls;
         if self.server.https_listen.is_some() && (tls.certificate.is_none() || tls.key.is_none()) {
             bail!("server.https_listen needs server.tls.certificate and server.tls.key");
@@ -911,6 +923,13 @@ mod tests {
         let bad_policy: Config =
             toml::from_str(&format!("{base}[policy]\ndefault = \"x.y\"\n")).unwrap();
         assert!(bad_policy.validate().is_err());
+        for admin in ["0", "65"] {
+            let config: Config = toml::from_str(&format!(
+                "{base}[server]\nadmin_max_connections = {admin}\n"
+            ))
+            .unwrap();
+            assert!(config.validate().is_err(), "admin_max_connections {admin}");
+        }
     }
 
     #[test]
