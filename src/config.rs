@@ -277,9 +277,16 @@ pub struct ClientConfig {
     #[serde(default)]
     pub certificate_sha256: Option<String>,
     /// The client certificate's subject in RFC 4514 form (`CN=…,O=…,C=…`, as
-    /// `openssl x509 -noout -subject -nameopt RFC2253` prints it).
+    /// `openssl x509 -noout -subject -nameopt RFC2253` prints it); only with
+    /// `certificate_issuer`.
     #[serde(default)]
     pub certificate_subject: Option<String>,
+    /// The subject of the CA that issues the client certificate (its issuer, as
+    /// `openssl x509 -noout -issuer -nameopt RFC2253` prints it): a certificate is taken by
+    /// its subject only when this CA signed it, never when another CA of
+    /// `server.tls.client_ca` issued one with the same subject.
+    #[serde(default)]
+    pub certificate_issuer: Option<String>,
     /// Tokens per second; 0: no limit.
     #[serde(default)]
     pub rate_per_s: f64,
@@ -326,12 +333,27 @@ impl AuthConfig {
                     bail!("auth.client '{name}': another client has the same certificate");
                 }
             }
-            if let Some(subject) = &c.certificate_subject {
-                if subject.is_empty() || !subjects.insert(subject) {
-                    bail!(
-                        "auth.client '{name}': certificate_subject empty or also another client's"
-                    );
+            match (&c.certificate_subject, &c.certificate_issuer) {
+                (Some(subject), Some(issuer)) => {
+                    if subject.is_empty() || issuer.is_empty() {
+                        bail!("auth.client '{name}': certificate_subject or certificate_issuer empty");
+                    }
+                    if !subjects.insert((issuer, subject)) {
+                        bail!(
+                            "auth.client '{name}': another client has the same certificate_subject \
+                             and certificate_issuer"
+                        );
+                    }
                 }
+                (Some(_), None) => bail!(
+                    "auth.client '{name}': certificate_subject needs certificate_issuer, the subject \
+                     of the CA that issues the certificate (any CA of server.tls.client_ca could \
+                     issue a certificate with that subject)"
+                ),
+                (None, Some(_)) => {
+                    bail!("auth.client '{name}': certificate_issuer without certificate_subject")
+                }
+                (None, None) => {}
             }
             if !rate_ok(c.rate_per_s) {
                 bail!("auth.client '{name}': rate_per_s must be 0 or more");

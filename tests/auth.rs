@@ -448,10 +448,12 @@ fn openssl_verify(dir: &Path, reply: &[u8], query: &Path) {
 }
 
 /// The HTTPS listener of `tsa init --tls`: anonymous HTTPS with the development CA; mutual TLS
-/// by fingerprint (the development client) and by subject (a certificate the real openssl
-/// issued from the client CA, its subject as openssl prints it); a verified certificate of no
-/// configured client is 401; a key and a certificate of different clients are 401; a
-/// certificate of an unknown CA (even with a configured subject) is refused in the handshake.
+/// by fingerprint (the development client) and by subject and issuer (a certificate the real
+/// openssl issued from the client CA, its subject and issuer as openssl prints them); a
+/// verified certificate of no configured client is 401, and so is one with a configured
+/// subject from a second trusted client CA; a key and a certificate of different clients are
+/// 401; a certificate of an unknown CA (even with a configured subject) is refused in the
+/// handshake.
 /// The tokens verify with `openssl ts -verify`, and the archive names their clients.
 #[test]
 fn https_and_mutual_tls_map_certificates_to_clients() {
@@ -470,6 +472,37 @@ fn https_and_mutual_tls_map_certificates_to_clients() {
         Some(("client-ca-cert.pem", "client-ca-key.pem")),
     );
     client_cert(d, "rogue", "/C=VN/O=Example/CN=carol", None);
+    // A second client CA, trusted too, that issues a certificate with carol's subject.
+    openssl_cert(
+        d,
+        "other-ca",
+        "/CN=Other Client CA",
+        None,
+        "basicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n",
+    );
+    client_cert(
+        d,
+        "impostor",
+        "/C=VN/O=Example/CN=carol",
+        Some(("other-ca-cert.pem", "other-ca-key.pem")),
+    );
+    let issuer = String::from_utf8(
+        openssl(
+            &[
+                "x509",
+                "-in",
+                "carol-cert.pem",
+                "-noout",
+                "-issuer",
+                "-nameopt",
+                "RFC2253",
+            ],
+            d,
+        )
+        .stdout,
+    )
+    .unwrap();
+    let issuer = issuer.trim().strip_prefix("issuer=").unwrap().to_string();
     let subject = String::from_utf8(
         openssl(
             &[
@@ -491,9 +524,13 @@ fn https_and_mutual_tls_map_certificates_to_clients() {
     let (alice, alice_toml) = new_key("alice", &[]);
     configure(
         d,
-        &[],
+        &[(
+            r#"client_ca = ["client-ca-cert.pem"]"#,
+            r#"client_ca = ["client-ca-cert.pem", "other-ca-cert.pem"]"#,
+        )],
         &format!(
-            "[[auth.client]]\nname = \"carol\"\ncertificate_subject = \"{subject}\"\n\n{alice_toml}"
+            "[[auth.client]]\nname = \"carol\"\ncertificate_subject = \"{subject}\"\n\
+             certificate_issuer = \"{issuer}\"\n\n{alice_toml}"
         ),
     );
     let server = Server::serve(dir);
@@ -549,6 +586,10 @@ fn https_and_mutual_tls_map_certificates_to_clients() {
     let mut mixed = with("carol");
     mixed.extend(["-H".into(), format!("Authorization: Bearer {alice}")]);
     post_tls(mixed)
+        .unwrap()
+        .refused(401, FailInfo::BadRequest, "invalid credentials");
+    // Carol's subject from the other trusted CA: verified in the handshake, but not carol.
+    post_tls(with("impostor"))
         .unwrap()
         .refused(401, FailInfo::BadRequest, "invalid credentials");
     let rogue = post_tls(with("rogue"));

@@ -3,7 +3,10 @@
 //! A request names its client with an API key in the `Authorization` header (`Bearer <key>`,
 //! or `Basic` with the key as the password and an empty user name or the client's own name),
 //! with a TLS client certificate that the HTTPS listener verified against `server.tls.client_ca`
-//! (mapped by its SHA-256 fingerprint or its subject), or with both when they agree. A
+//! (mapped by its SHA-256 fingerprint, or by its subject together with its issuer's), or with
+//! both when they agree. A subject is matched only with the name of the CA that signed the
+//! certificate (which the handshake verified): any CA of `client_ca` can put any subject in a
+//! certificate it issues, so a subject alone would let every trusted CA speak for the client. A
 //! credential that is presented but wrong is refused (401), never taken as anonymous; a request
 //! with none is the anonymous client when `auth.anonymous` allows it.
 //!
@@ -54,6 +57,9 @@ pub struct PeerCertificate {
     pub sha256: [u8; 32],
     /// The subject in RFC 4514 form (`CN=…,O=…,C=…`); empty when it cannot be read.
     pub subject: String,
+    /// The issuer (the subject of the CA that signed it) in RFC 4514 form; empty when it
+    /// cannot be read.
+    pub issuer: String,
 }
 
 impl PeerCertificate {
@@ -61,10 +67,17 @@ impl PeerCertificate {
         use der::Decode;
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(digest(&SHA256, der).as_ref());
-        let subject = x509_cert::Certificate::from_der(der)
-            .map(|c| c.tbs_certificate().subject().to_string())
+        let (subject, issuer) = x509_cert::Certificate::from_der(der)
+            .map(|c| {
+                let tbs = c.tbs_certificate();
+                (tbs.subject().to_string(), tbs.issuer().to_string())
+            })
             .unwrap_or_default();
-        Self { sha256, subject }
+        Self {
+            sha256,
+            subject,
+            issuer,
+        }
     }
 }
 
@@ -101,7 +114,8 @@ pub struct Auth {
     clients: Vec<Known>,
     by_key: HashMap<[u8; 32], usize>,
     by_certificate: HashMap<[u8; 32], usize>,
-    by_subject: HashMap<String, usize>,
+    /// By (issuer, subject).
+    by_subject: HashMap<(String, String), usize>,
     by_name: HashMap<Arc<str>, usize>,
     /// The time base of the buckets.
     epoch: Instant,
@@ -135,8 +149,15 @@ impl Auth {
             if let Some(hash) = &c.certificate_sha256 {
                 auth.by_certificate.insert(sha256_hex(hash)?, i);
             }
-            if let Some(subject) = &c.certificate_subject {
-                auth.by_subject.insert(subject.clone(), i);
+            match (&c.certificate_subject, &c.certificate_issuer) {
+                (Some(subject), Some(issuer)) => {
+                    auth.by_subject.insert((issuer.clone(), subject.clone()), i);
+                }
+                (None, None) => {}
+                _ => anyhow::bail!(
+                    "auth.client '{}': certificate_subject and certificate_issuer go together",
+                    c.name
+                ),
             }
             auth.clients.push(Known {
                 client,
@@ -194,7 +215,10 @@ impl Auth {
         let by_certificate = certificate.map(|c| {
             self.by_certificate
                 .get(&c.sha256)
-                .or_else(|| self.by_subject.get(&c.subject))
+                .or_else(|| match c.subject.is_empty() || c.issuer.is_empty() {
+                    true => None,
+                    false => self.by_subject.get(&(c.issuer.clone(), c.subject.clone())),
+                })
                 .copied()
         });
         let index = match (by_key, by_certificate) {
@@ -414,6 +438,7 @@ mod tests {
             api_key_sha256: None,
             certificate_sha256: None,
             certificate_subject: None,
+            certificate_issuer: None,
             rate_per_s: 0.0,
             burst: 0,
         }
@@ -443,6 +468,7 @@ mod tests {
                 },
                 ClientConfig {
                     certificate_subject: Some("CN=carol,O=Example,C=VN".into()),
+                    certificate_issuer: Some("CN=Client CA A".into()),
                     ..client("carol")
                 },
             ],
@@ -463,6 +489,7 @@ mod tests {
         PeerCertificate {
             sha256,
             subject: subject.into(),
+            issuer: "CN=Client CA A".into(),
         }
     }
 
@@ -538,6 +565,15 @@ mod tests {
         );
         assert!(matches!(
             auth.authenticate(link(Some(&stranger)), None),
+            Err(Refusal::InvalidCredentials(_))
+        ));
+        // Carol's subject from another CA is nobody.
+        let other_ca = PeerCertificate {
+            issuer: "CN=Client CA B".into(),
+            ..carol.clone()
+        };
+        assert!(matches!(
+            auth.authenticate(link(Some(&other_ca)), None),
             Err(Refusal::InvalidCredentials(_))
         ));
         // Key and certificate: the same client, or the key with an unmapped certificate.
@@ -679,6 +715,13 @@ mod tests {
              [[auth.client]]\nname = \"alice\"\napi_key_sha256 = \"{hash}\"\nrate_per_s = 0.5\nburst = 3\n"
         ))
         .unwrap();
+        // One subject from two CAs: two clients.
+        parse(
+            "[server.tls]\nclient_ca = [\"ca.pem\"]\n\
+             [[auth.client]]\nname = \"a\"\ncertificate_subject = \"CN=a\"\ncertificate_issuer = \"CN=CA 1\"\n\
+             [[auth.client]]\nname = \"b\"\ncertificate_subject = \"CN=a\"\ncertificate_issuer = \"CN=CA 2\"\n",
+        )
+        .unwrap();
         for bad in [
             format!(
                 "[[auth.client]]\nname = \"a\"\napi_key_sha256 = \"{}\"\n",
@@ -702,8 +745,20 @@ mod tests {
                 "[[auth.client]]\nname = \"a\"\napi_key_sha256 = \"{hash}\"\nrate_per_s = -1\n"
             ),
             format!("[[auth.client]]\nname = \"a\"\napi_key_sha256 = \"{hash}\"\ncolor = 1\n"),
+            // A subject without its issuer, an issuer without a subject.
+            "[server.tls]\nclient_ca = [\"ca.pem\"]\n\
+             [[auth.client]]\nname = \"a\"\ncertificate_subject = \"CN=a\"\n"
+                .into(),
+            "[server.tls]\nclient_ca = [\"ca.pem\"]\n\
+             [[auth.client]]\nname = \"a\"\ncertificate_issuer = \"CN=CA\"\n"
+                .into(),
+            // The same subject and issuer for two clients.
+            "[server.tls]\nclient_ca = [\"ca.pem\"]\n\
+             [[auth.client]]\nname = \"a\"\ncertificate_subject = \"CN=a\"\ncertificate_issuer = \"CN=CA\"\n\
+             [[auth.client]]\nname = \"b\"\ncertificate_subject = \"CN=a\"\ncertificate_issuer = \"CN=CA\"\n"
+                .into(),
             // Certificates without a client CA, HTTPS without its files.
-            "[[auth.client]]\nname = \"a\"\ncertificate_subject = \"CN=a\"\n".into(),
+            "[[auth.client]]\nname = \"a\"\ncertificate_subject = \"CN=a\"\ncertificate_issuer = \"CN=CA\"\n".into(),
             "[server]\nhttps_listen = \"127.0.0.1:0\"\n".into(),
             "[server.tls]\nrequire_client_certificate = true\n".into(),
         ] {
