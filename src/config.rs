@@ -232,6 +232,11 @@ pub struct TlsConfig {
     pub client_ca: Vec<PathBuf>,
     /// Refuse the TLS handshake without a valid client certificate (needs `client_ca`).
     pub require_client_certificate: bool,
+    /// Certificate revocation lists (PEM or DER files) of the client CAs: a client certificate
+    /// they revoke is refused in the handshake, and so is one whose revocation status none of
+    /// them gives (each CA that issues client certificates, or intermediates, needs its CRL
+    /// here). Read again on reload (SIGHUP). Needs `client_ca`.
+    pub client_crl: Vec<PathBuf>,
 }
 
 /// `[auth]`: who may ask for tokens, and how many.
@@ -671,6 +676,7 @@ impl Config {
         tls.certificate.iter_mut().for_each(resolve);
         tls.key.iter_mut().for_each(resolve);
         tls.client_ca.iter_mut().for_each(resolve);
+        tls.client_crl.iter_mut().for_each(resolve);
     }
 
     pub(crate) fn validate(&self) -> anyhow::Result<()> {
@@ -746,6 +752,9 @@ impl Config {
         }
         if tls.require_client_certificate && tls.client_ca.is_empty() {
             bail!("server.tls.require_client_certificate needs server.tls.client_ca");
+        }
+        if !tls.client_crl.is_empty() && tls.client_ca.is_empty() {
+            bail!("server.tls.client_crl needs server.tls.client_ca");
         }
         self.auth.validate()?;
         let by_certificate = self

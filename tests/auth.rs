@@ -612,6 +612,144 @@ fn https_and_mutual_tls_map_certificates_to_clients() {
     );
 }
 
+/// A client CA made with rcgen: its certificate (PEM) in `dir`, and what signs for it.
+struct TestCa {
+    key: rcgen::KeyPair,
+    params: rcgen::CertificateParams,
+}
+
+impl TestCa {
+    fn new(dir: &Path, name: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        TestCa { key, params }
+    }
+
+    /// A client certificate with `serial`: `{name}-cert.pem` and `{name}-key.pem` in `dir`.
+    fn issue(&self, dir: &Path, name: &str, serial: u64) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.serial_number = Some(serial.into());
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let issuer = rcgen::Issuer::new(self.params.clone(), &self.key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{name}-cert.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+    }
+
+    /// A CRL numbered `number` that revokes `serials`.
+    fn crl(&self, number: u64, serials: &[u64]) -> rcgen::CertificateRevocationList {
+        let issuer = rcgen::Issuer::new(self.params.clone(), &self.key);
+        rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: number.into(),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|&serial| rcgen::RevokedCertParams {
+                    serial_number: serial.into(),
+                    revocation_time: rcgen::date_time_ymd(2024, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .unwrap()
+    }
+}
+
+/// `server.tls.client_crl`: with the client CA's CRL (PEM) that revokes nothing, both of its
+/// clients are served; after a CRL (DER) that revokes one and a reload (SIGHUP), that one is
+/// refused in the handshake while the other still gets its token. A certificate of a client CA
+/// that has no CRL listed is refused (its status is unknown).
+#[test]
+fn client_certificates_revoked_by_a_crl_are_refused_in_the_handshake() {
+    let dir = init(&["--tls", "--https-listen", "127.0.0.1:0"]);
+    let d = dir.path();
+    let ca = TestCa::new(d, "crl-ca");
+    ca.issue(d, "kept", 1001);
+    ca.issue(d, "revoked", 1002);
+    std::fs::write(d.join("crl.pem"), ca.crl(1, &[]).pem().unwrap()).unwrap();
+    let mut clients = String::new();
+    for name in ["kept", "revoked"] {
+        let cert = d.join(format!("{name}-cert.pem"));
+        let out = ok(Command::new(TSA)
+            .args(["client", "cert-id", "--name", name, "--cert"])
+            .arg(&cert));
+        clients.push_str(&String::from_utf8(out.stdout).unwrap());
+        clients.push('\n');
+    }
+    configure(
+        d,
+        &[(
+            r#"client_ca = ["client-ca-cert.pem"]"#,
+            r#"client_ca = ["client-ca-cert.pem", "crl-ca.pem"]
+client_crl = ["crl.pem"]"#,
+        )],
+        &clients,
+    );
+    let server = Server::serve(dir);
+    let d = server.dir.path();
+    let https = server.https_url.clone().expect("an HTTPS listener");
+    let q = query(d, "crl");
+    let post_as = |name: &str| {
+        let file = |f: String| d.join(f).display().to_string();
+        curl(
+            &https,
+            &q,
+            &[
+                "--cacert",
+                &file("ca-cert.pem".into()),
+                "--cert",
+                &file(format!("{name}-cert.pem")),
+                "--key",
+                &file(format!("{name}-key.pem")),
+            ],
+        )
+    };
+    post_as("kept").unwrap().granted();
+    post_as("revoked").unwrap().granted();
+    // The development client's CA has no CRL here: its status is unknown, so it is refused.
+    assert!(
+        post_as("client").is_err(),
+        "a certificate of a CA without a CRL"
+    );
+
+    std::fs::write(d.join("crl.pem"), ca.crl(2, &[1002]).der()).unwrap();
+    server.signal("HUP");
+    wait_until(
+        || post_as("revoked").is_err(),
+        "the revoked certificate to be refused after the reload",
+    );
+    post_as("kept").unwrap().granted();
+    let archived = archived_clients(d);
+    let count = |name| {
+        archived
+            .values()
+            .filter(|c| c.as_deref() == Some(name))
+            .count()
+    };
+    assert_eq!((count("kept"), count("revoked")), (2, 1), "{archived:?}");
+}
+
 /// `require_client_certificate = true`: a handshake without a client certificate is refused;
 /// with the development client's certificate the request is served as that client.
 #[test]

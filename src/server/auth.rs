@@ -761,6 +761,7 @@ mod tests {
             "[[auth.client]]\nname = \"a\"\ncertificate_subject = \"CN=a\"\ncertificate_issuer = \"CN=CA\"\n".into(),
             "[server]\nhttps_listen = \"127.0.0.1:0\"\n".into(),
             "[server.tls]\nrequire_client_certificate = true\n".into(),
+            "[server.tls]\nclient_crl = [\"crl.pem\"]\n".into(),
         ] {
             assert!(parse(&bad).is_err(), "accepted: {bad}");
         }
