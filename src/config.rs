@@ -161,6 +161,10 @@ pub struct ServerConfig {
     /// Open connections (both listeners' public sides together); past it a new connection
     /// gets a fixed 503 and is closed.
     pub max_connections: usize,
+    /// Open connections of the admin listener, counted apart from `max_connections`; past it
+    /// a new one gets the same fixed 503. Its descriptors come from those kept beside
+    /// `max_connections`, hence at most [`MAX_ADMIN_CONNECTIONS`].
+    pub admin_max_connections: usize,
     /// Requests served on one keep-alive connection before it is closed; 0: no limit.
     pub max_requests_per_connection: u64,
     /// The largest request head (request line and headers); larger ones get 431.
@@ -188,6 +192,7 @@ impl Default for ServerConfig {
             max_queue: 256,
             queue_wait_ms: 1_000,
             max_connections: 4096,
+            admin_max_connections: 16,
             max_requests_per_connection: 10_000,
             max_header_bytes: 8 * 1024,
             https_listen: None,
@@ -210,6 +215,10 @@ impl ServerConfig {
     }
 }
 
+/// The most `server.admin_max_connections` may be: their descriptors are part of those the
+/// server keeps beside `max_connections`.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 /// `[server.tls]`: the HTTPS listener (`server.https_listen`).
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -223,6 +232,11 @@ pub struct TlsConfig {
     pub client_ca: Vec<PathBuf>,
     /// Refuse the TLS handshake without a valid client certificate (needs `client_ca`).
     pub require_client_certificate: bool,
+    /// Certificate revocation lists (PEM or DER files) of the client CAs: a client certificate
+    /// they revoke is refused in the handshake, and so is one whose revocation status none of
+    /// them gives (each CA that issues client certificates, or intermediates, needs its CRL
+    /// here). Read again on reload (SIGHUP). Needs `client_ca`.
+    pub client_crl: Vec<PathBuf>,
 }
 
 /// `[auth]`: who may ask for tokens, and how many.
@@ -268,9 +282,16 @@ pub struct ClientConfig {
     #[serde(default)]
     pub certificate_sha256: Option<String>,
     /// The client certificate's subject in RFC 4514 form (`CN=…,O=…,C=…`, as
-    /// `openssl x509 -noout -subject -nameopt RFC2253` prints it).
+    /// `openssl x509 -noout -subject -nameopt RFC2253` prints it); only with
+    /// `certificate_issuer`.
     #[serde(default)]
     pub certificate_subject: Option<String>,
+    /// The subject of the CA that issues the client certificate (its issuer, as
+    /// `openssl x509 -noout -issuer -nameopt RFC2253` prints it): a certificate is taken by
+    /// its subject only when this CA signed it, never when another CA of
+    /// `server.tls.client_ca` issued one with the same subject.
+    #[serde(default)]
+    pub certificate_issuer: Option<String>,
     /// Tokens per second; 0: no limit.
     #[serde(default)]
     pub rate_per_s: f64,
@@ -317,12 +338,27 @@ impl AuthConfig {
                     bail!("auth.client '{name}': another client has the same certificate");
                 }
             }
-            if let Some(subject) = &c.certificate_subject {
-                if subject.is_empty() || !subjects.insert(subject) {
-                    bail!(
-                        "auth.client '{name}': certificate_subject empty or also another client's"
-                    );
+            match (&c.certificate_subject, &c.certificate_issuer) {
+                (Some(subject), Some(issuer)) => {
+                    if subject.is_empty() || issuer.is_empty() {
+                        bail!("auth.client '{name}': certificate_subject or certificate_issuer empty");
+                    }
+                    if !subjects.insert((issuer, subject)) {
+                        bail!(
+                            "auth.client '{name}': another client has the same certificate_subject \
+                             and certificate_issuer"
+                        );
+                    }
                 }
+                (Some(_), None) => bail!(
+                    "auth.client '{name}': certificate_subject needs certificate_issuer, the subject \
+                     of the CA that issues the certificate (any CA of server.tls.client_ca could \
+                     issue a certificate with that subject)"
+                ),
+                (None, Some(_)) => {
+                    bail!("auth.client '{name}': certificate_issuer without certificate_subject")
+                }
+                (None, None) => {}
             }
             if !rate_ok(c.rate_per_s) {
                 bail!("auth.client '{name}': rate_per_s must be 0 or more");
@@ -654,6 +690,7 @@ impl Config {
         tls.certificate.iter_mut().for_each(resolve);
         tls.key.iter_mut().for_each(resolve);
         tls.client_ca.iter_mut().for_each(resolve);
+        tls.client_crl.iter_mut().for_each(resolve);
     }
 
     pub(crate) fn validate(&self) -> anyhow::Result<()> {
@@ -742,12 +779,18 @@ impl Config {
             rollover.signer.validate()?;
             rollover.at_unix_ns()?;
         }
+        if !(1..=MAX_ADMIN_CONNECTIONS).contains(&self.server.admin_max_connections) {
+            bail!("server.admin_max_connections must be 1 to {MAX_ADMIN_CONNECTIONS}");
+        }
         let tls = &self.server.tls;
         if self.server.https_listen.is_some() && (tls.certificate.is_none() || tls.key.is_none()) {
             bail!("server.https_listen needs server.tls.certificate and server.tls.key");
         }
         if tls.require_client_certificate && tls.client_ca.is_empty() {
             bail!("server.tls.require_client_certificate needs server.tls.client_ca");
+        }
+        if !tls.client_crl.is_empty() && tls.client_ca.is_empty() {
+            bail!("server.tls.client_crl needs server.tls.client_ca");
         }
         self.auth.validate()?;
         let by_certificate = self
@@ -982,6 +1025,13 @@ mod tests {
         let bad_policy: Config =
             toml::from_str(&format!("{base}[policy]\ndefault = \"x.y\"\n")).unwrap();
         assert!(bad_policy.validate().is_err());
+        for admin in ["0", "65"] {
+            let config: Config = toml::from_str(&format!(
+                "{base}[server]\nadmin_max_connections = {admin}\n"
+            ))
+            .unwrap();
+            assert!(config.validate().is_err(), "admin_max_connections {admin}");
+        }
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! PEM files of the TLS endpoints (the HTTPS listener, the client, the PostgreSQL archive):
-//! certificate chains and private keys, read with rustls's own PEM reader.
+//! certificate chains, private keys and CRLs, read with rustls's own PEM reader.
 
 use std::path::Path;
 
 use anyhow::{bail, Context};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 /// Every certificate of a PEM file, in order; at least one.
 pub fn certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
@@ -16,6 +16,22 @@ pub fn certificates(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>>
         bail!("{} holds no PEM certificate", path.display());
     }
     Ok(certs)
+}
+
+/// Every certificate revocation list of a file: PEM (`X509 CRL` blocks, at least one) or a
+/// single DER CRL.
+pub fn crls(path: &Path) -> anyhow::Result<Vec<CertificateRevocationListDer<'static>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.first() == Some(&0x30) {
+        return Ok(vec![CertificateRevocationListDer::from(bytes)]);
+    }
+    let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("cannot read CRLs from {}", path.display()))?;
+    if crls.is_empty() {
+        bail!("{} holds no CRL (PEM X509 CRL or DER)", path.display());
+    }
+    Ok(crls)
 }
 
 /// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
@@ -43,6 +59,8 @@ mod tests {
         assert!(err.ends_with("key.pem holds no PEM certificate"), "{err}");
         let err = private_key(&chain).unwrap_err().to_string();
         assert!(err.contains("cannot read a private key from"), "{err}");
+        let err = format!("{:#}", crls(&chain).unwrap_err());
+        assert!(err.contains("holds no CRL"), "{err}");
         let missing = dir.path().join("missing.pem");
         assert!(format!("{:#}", certificates(&missing).unwrap_err()).contains("missing.pem"));
     }

@@ -215,6 +215,48 @@ fn past_max_connections_a_new_connection_gets_503_and_is_closed() {
     assert_serves(&server);
 }
 
+/// The admin listener has its own, small limit: past `admin_max_connections` a new admin
+/// connection gets the fixed 503 and is closed, counted under its own label, while the
+/// public listener serves on; closing one makes room again.
+#[test]
+fn past_admin_max_connections_a_new_admin_connection_gets_503() {
+    let server = Server::start(&[], "[server]\nadmin_max_connections = 2\n");
+    let (admin, _) = split_url(&server.admin_url);
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(&admin).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+
+    let mut third = TcpStream::connect(&admin).unwrap();
+    let (answer, closed) = read_to_close(&mut third, Duration::from_secs(5));
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 503 ") && answer.contains("too many connections"),
+        "{answer:?}"
+    );
+    assert!(closed, "the refused admin connection stays open");
+    assert_serves(&server);
+
+    drop(held);
+    let refused = || {
+        metric(
+            &server,
+            "tsa_overload_refusals_total",
+            "limit=\"admin_connections\"",
+        )
+    };
+    // Once the held ones are closed, /metrics itself gets through.
+    common::wait_until(|| refused() == 1.0, "the admin listener to serve again");
+    assert_eq!(
+        metric(
+            &server,
+            "tsa_overload_refusals_total",
+            "limit=\"connections\""
+        ),
+        0.0
+    );
+}
+
 /// A connection to `authority` with a receive buffer as small as the kernel allows (set
 /// before the handshake, so that the window it announces is small too).
 fn connect_with_small_receive_buffer(authority: &str) -> TcpStream {

@@ -448,10 +448,12 @@ fn openssl_verify(dir: &Path, reply: &[u8], query: &Path) {
 }
 
 /// The HTTPS listener of `tsa init --tls`: anonymous HTTPS with the development CA; mutual TLS
-/// by fingerprint (the development client) and by subject (a certificate the real openssl
-/// issued from the client CA, its subject as openssl prints it); a verified certificate of no
-/// configured client is 401; a key and a certificate of different clients are 401; a
-/// certificate of an unknown CA (even with a configured subject) is refused in the handshake.
+/// by fingerprint (the development client) and by subject and issuer (a certificate the real
+/// openssl issued from the client CA, its subject and issuer as openssl prints them); a
+/// verified certificate of no configured client is 401, and so is one with a configured
+/// subject from a second trusted client CA; a key and a certificate of different clients are
+/// 401; a certificate of an unknown CA (even with a configured subject) is refused in the
+/// handshake.
 /// The tokens verify with `openssl ts -verify`, and the archive names their clients.
 #[test]
 fn https_and_mutual_tls_map_certificates_to_clients() {
@@ -470,6 +472,37 @@ fn https_and_mutual_tls_map_certificates_to_clients() {
         Some(("client-ca-cert.pem", "client-ca-key.pem")),
     );
     client_cert(d, "rogue", "/C=VN/O=Example/CN=carol", None);
+    // A second client CA, trusted too, that issues a certificate with carol's subject.
+    openssl_cert(
+        d,
+        "other-ca",
+        "/CN=Other Client CA",
+        None,
+        "basicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n",
+    );
+    client_cert(
+        d,
+        "impostor",
+        "/C=VN/O=Example/CN=carol",
+        Some(("other-ca-cert.pem", "other-ca-key.pem")),
+    );
+    let issuer = String::from_utf8(
+        openssl(
+            &[
+                "x509",
+                "-in",
+                "carol-cert.pem",
+                "-noout",
+                "-issuer",
+                "-nameopt",
+                "RFC2253",
+            ],
+            d,
+        )
+        .stdout,
+    )
+    .unwrap();
+    let issuer = issuer.trim().strip_prefix("issuer=").unwrap().to_string();
     let subject = String::from_utf8(
         openssl(
             &[
@@ -491,9 +524,13 @@ fn https_and_mutual_tls_map_certificates_to_clients() {
     let (alice, alice_toml) = new_key("alice", &[]);
     configure(
         d,
-        &[],
+        &[(
+            r#"client_ca = ["client-ca-cert.pem"]"#,
+            r#"client_ca = ["client-ca-cert.pem", "other-ca-cert.pem"]"#,
+        )],
         &format!(
-            "[[auth.client]]\nname = \"carol\"\ncertificate_subject = \"{subject}\"\n\n{alice_toml}"
+            "[[auth.client]]\nname = \"carol\"\ncertificate_subject = \"{subject}\"\n\
+             certificate_issuer = \"{issuer}\"\n\n{alice_toml}"
         ),
     );
     let server = Server::serve(dir);
@@ -551,6 +588,10 @@ fn https_and_mutual_tls_map_certificates_to_clients() {
     post_tls(mixed)
         .unwrap()
         .refused(401, FailInfo::BadRequest, "invalid credentials");
+    // Carol's subject from the other trusted CA: verified in the handshake, but not carol.
+    post_tls(with("impostor"))
+        .unwrap()
+        .refused(401, FailInfo::BadRequest, "invalid credentials");
     let rogue = post_tls(with("rogue"));
     assert!(
         rogue.is_err(),
@@ -569,6 +610,144 @@ fn https_and_mutual_tls_map_certificates_to_clients() {
             (&again, Some("dev-client")),
         ],
     );
+}
+
+/// A client CA made with rcgen: its certificate (PEM) in `dir`, and what signs for it.
+struct TestCa {
+    key: rcgen::KeyPair,
+    params: rcgen::CertificateParams,
+}
+
+impl TestCa {
+    fn new(dir: &Path, name: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        TestCa { key, params }
+    }
+
+    /// A client certificate with `serial`: `{name}-cert.pem` and `{name}-key.pem` in `dir`.
+    fn issue(&self, dir: &Path, name: &str, serial: u64) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.serial_number = Some(serial.into());
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let issuer = rcgen::Issuer::new(self.params.clone(), &self.key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{name}-cert.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+    }
+
+    /// A CRL numbered `number` that revokes `serials`.
+    fn crl(&self, number: u64, serials: &[u64]) -> rcgen::CertificateRevocationList {
+        let issuer = rcgen::Issuer::new(self.params.clone(), &self.key);
+        rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: number.into(),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|&serial| rcgen::RevokedCertParams {
+                    serial_number: serial.into(),
+                    revocation_time: rcgen::date_time_ymd(2024, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .unwrap()
+    }
+}
+
+/// `server.tls.client_crl`: with the client CA's CRL (PEM) that revokes nothing, both of its
+/// clients are served; after a CRL (DER) that revokes one and a reload (SIGHUP), that one is
+/// refused in the handshake while the other still gets its token. A certificate of a client CA
+/// that has no CRL listed is refused (its status is unknown).
+#[test]
+fn client_certificates_revoked_by_a_crl_are_refused_in_the_handshake() {
+    let dir = init(&["--tls", "--https-listen", "127.0.0.1:0"]);
+    let d = dir.path();
+    let ca = TestCa::new(d, "crl-ca");
+    ca.issue(d, "kept", 1001);
+    ca.issue(d, "revoked", 1002);
+    std::fs::write(d.join("crl.pem"), ca.crl(1, &[]).pem().unwrap()).unwrap();
+    let mut clients = String::new();
+    for name in ["kept", "revoked"] {
+        let cert = d.join(format!("{name}-cert.pem"));
+        let out = ok(Command::new(TSA)
+            .args(["client", "cert-id", "--name", name, "--cert"])
+            .arg(&cert));
+        clients.push_str(&String::from_utf8(out.stdout).unwrap());
+        clients.push('\n');
+    }
+    configure(
+        d,
+        &[(
+            r#"client_ca = ["client-ca-cert.pem"]"#,
+            r#"client_ca = ["client-ca-cert.pem", "crl-ca.pem"]
+client_crl = ["crl.pem"]"#,
+        )],
+        &clients,
+    );
+    let server = Server::serve(dir);
+    let d = server.dir.path();
+    let https = server.https_url.clone().expect("an HTTPS listener");
+    let q = query(d, "crl");
+    let post_as = |name: &str| {
+        let file = |f: String| d.join(f).display().to_string();
+        curl(
+            &https,
+            &q,
+            &[
+                "--cacert",
+                &file("ca-cert.pem".into()),
+                "--cert",
+                &file(format!("{name}-cert.pem")),
+                "--key",
+                &file(format!("{name}-key.pem")),
+            ],
+        )
+    };
+    post_as("kept").unwrap().granted();
+    post_as("revoked").unwrap().granted();
+    // The development client's CA has no CRL here: its status is unknown, so it is refused.
+    assert!(
+        post_as("client").is_err(),
+        "a certificate of a CA without a CRL"
+    );
+
+    std::fs::write(d.join("crl.pem"), ca.crl(2, &[1002]).der()).unwrap();
+    server.signal("HUP");
+    wait_until(
+        || post_as("revoked").is_err(),
+        "the revoked certificate to be refused after the reload",
+    );
+    post_as("kept").unwrap().granted();
+    let archived = archived_clients(d);
+    let count = |name| {
+        archived
+            .values()
+            .filter(|c| c.as_deref() == Some(name))
+            .count()
+    };
+    assert_eq!((count("kept"), count("revoked")), (2, 1), "{archived:?}");
 }
 
 /// `require_client_certificate = true`: a handshake without a client certificate is refused;
@@ -699,6 +878,64 @@ fn quotas_answer_429_with_retry_after_and_recover() {
     // After Retry-After, alice is served again.
     std::thread::sleep(Duration::from_millis(1_100));
     post(&server.url, &q, &["-H", &alice_auth]).granted();
+}
+
+/// A reload (SIGHUP) forgives no debt: a client whose rate and burst are unchanged keeps its
+/// bucket, so after spending its burst it is still refused (429) once the reload is in force;
+/// the anonymous callers' shared bucket likewise. A client whose quota changed starts full.
+#[test]
+fn a_reload_keeps_the_quota_state_of_unchanged_clients() {
+    let dir = init(&[]);
+    let (alice, alice_toml) = new_key("alice", &["--rate-per-s", "0.05", "--burst", "2"]);
+    let (carol, carol_toml) = new_key("carol", &["--rate-per-s", "0.05", "--burst", "1"]);
+    configure(
+        dir.path(),
+        &[],
+        &format!(
+            "[auth]\nanonymous_rate_per_s = 0.05\nanonymous_burst = 1\n\n{alice_toml}\n{carol_toml}"
+        ),
+    );
+    let server = Server::serve(dir);
+    let d = server.dir.path();
+    let q = query(d, "reload-quota");
+    let alice_auth = format!("Authorization: Bearer {alice}");
+    let carol_auth = format!("Authorization: Bearer {carol}");
+    let codes = |extra: &[&str], n| -> Vec<u16> {
+        burst(&server.url, &q, n, extra)
+            .iter()
+            .map(|(code, _, _)| *code)
+            .collect()
+    };
+    assert_eq!(codes(&["-H", &alice_auth], 3), [200, 200, 429]);
+    assert_eq!(codes(&["-H", &carol_auth], 2), [200, 429]);
+    assert_eq!(codes(&[], 2), [200, 429]);
+
+    // Add bob, give carol a larger burst, and reload; bob's key shows the reload in force.
+    let (bob, bob_toml) = new_key("bob", &[]);
+    let config = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
+    let config = config.replacen(
+        "rate_per_s = 0.05\nburst = 1",
+        "rate_per_s = 0.05\nburst = 3",
+        1,
+    );
+    std::fs::write(d.join("tsa.toml"), format!("{config}\n{bob_toml}")).unwrap();
+    server.signal("HUP");
+    let bob_auth = format!("Authorization: Bearer {bob}");
+    wait_until(
+        || post(&server.url, &q, &["-H", &bob_auth]).status == 200,
+        "bob's key after the reload",
+    );
+    assert_eq!(
+        codes(&["-H", &alice_auth], 1),
+        [429],
+        "alice's spent burst survives the reload"
+    );
+    assert_eq!(codes(&[], 1), [429], "so does the anonymous bucket");
+    assert_eq!(
+        codes(&["-H", &carol_auth], 4),
+        [200, 200, 200, 429],
+        "a changed quota starts full"
+    );
 }
 
 /// `tsa request` (single and batch) in `dir`, with `args`, and no API key from the test's own

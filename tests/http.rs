@@ -422,6 +422,49 @@ fn keep_alive_serves_several_requests_on_one_connection() {
     assert_eq!(conn.stream.local_addr().unwrap(), local);
 }
 
+/// SIGTERM: the listeners close as the drain begins, so that a new connection is refused at
+/// once (and a balancer sends it elsewhere) instead of waiting in the backlog for the drain to
+/// end; a request in flight still gets its answer.
+#[test]
+fn on_sigterm_new_connections_are_refused_and_requests_in_flight_finish() {
+    let server = Server::start(&[], "");
+    let (_, path) = split_url(&server.url);
+    let query = query_for(b"in flight at shutdown").to_der().unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {QUERY_TYPE}\r\n\
+         Content-Length: {}\r\n\r\n",
+        query.len()
+    );
+    let mut conn = Conn::open(&server.url);
+    conn.stream.write_all(head.as_bytes()).unwrap();
+    conn.stream.write_all(&query[..5]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    server.signal("TERM");
+    let addresses = [split_url(&server.url).0, split_url(&server.admin_url).0];
+    let started = Instant::now();
+    for address in &addresses {
+        loop {
+            let address: std::net::SocketAddr = address.parse().unwrap();
+            match std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)) {
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => break,
+                other => assert!(
+                    started.elapsed() < Duration::from_secs(3),
+                    "{address} still takes connections during the drain: {other:?}"
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    conn.stream.write_all(&query[5..]).unwrap();
+    let reply = conn
+        .read_reply()
+        .expect("the answer of the request in flight");
+    assert_eq!(reply.status, 200);
+    assert!(decode(&reply).granted());
+}
+
 /// Sends `head` and then `body` one octet per 100 ms until the server answers or closes;
 /// returns what it said (if anything) and how long it took from the end of the head.
 fn trickle(server: &Server, head: &[u8], body: &[u8]) -> (Option<Reply>, Duration) {

@@ -34,7 +34,7 @@ enum ClientCommand {
         burst: u32,
     },
     /// The `[[auth.client]]` lines that map a TLS client certificate (PEM or DER) to a client:
-    /// its SHA-256 fingerprint, and its subject as an alternative.
+    /// its SHA-256 fingerprint, and its subject and issuer as an alternative.
     CertId {
         /// The client certificate.
         #[arg(long)]
@@ -88,10 +88,12 @@ pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
             }
             println!(
                 "[[auth.client]]\nname = {}\ncertificate_sha256 = \"{}\"\n\
-                 # or any certificate of the client CA with this subject:\n# certificate_subject = {}",
+                 # or any certificate with this subject that this CA issues:\n\
+                 # certificate_subject = {}\n# certificate_issuer = {}",
                 toml_string(name),
                 hex(&id.sha256),
-                toml_string(&id.subject)
+                toml_string(&id.subject),
+                toml_string(&id.issuer)
             );
             Ok(())
         }

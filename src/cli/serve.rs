@@ -88,9 +88,10 @@ fn announce(bound: server::Bound, path: &str, ca: Option<PathBuf>) {
 }
 
 /// SIGHUP (`systemctl reload`): the certificate chain and the reloadable settings (policies,
-/// accepted digests, token options, the clients of `[auth]` and their quotas) are read again
-/// and swapped in without dropping a connection. Listeners (and their TLS files), the signing
-/// key and the clock stay as they are until a restart. A configuration that does not load, or
+/// accepted digests, token options, the clients of `[auth]` and their quotas, the HTTPS
+/// listener's certificate, key, client CAs and CRLs) are read again and swapped in without
+/// dropping a connection. The listeners' addresses, the signing key and the clock stay as they
+/// are until a restart. A configuration that does not load, or
 /// a certificate that does not fit the key, is refused and the running one kept.
 async fn reload_on_sighup(tsa: Arc<server::Tsa>, path: PathBuf) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {

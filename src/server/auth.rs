@@ -3,14 +3,19 @@
 //! A request names its client with an API key in the `Authorization` header (`Bearer <key>`,
 //! or `Basic` with the key as the password and an empty user name or the client's own name),
 //! with a TLS client certificate that the HTTPS listener verified against `server.tls.client_ca`
-//! (mapped by its SHA-256 fingerprint or its subject), or with both when they agree. A
+//! (mapped by its SHA-256 fingerprint, or by its subject together with its issuer's), or with
+//! both when they agree. A subject is matched only with the name of the CA that signed the
+//! certificate (which the handshake verified): any CA of `client_ca` can put any subject in a
+//! certificate it issues, so a subject alone would let every trusted CA speak for the client. A
 //! credential that is presented but wrong is refused (401), never taken as anonymous; a request
 //! with none is the anonymous client when `auth.anonymous` allows it.
 //!
 //! API keys are random 256-bit strings, so the configuration keeps their SHA-256 only (a slow
 //! password hash would add nothing against guessing and cost every request). Quotas are token
 //! buckets, one per configured client and one shared by all anonymous callers, so that memory
-//! stays bounded whoever calls; a batch of n requests takes n tokens at once.
+//! stays bounded whoever calls; a batch of n requests takes n tokens at once. A reload keeps the
+//! bucket, spent or not, of every client whose rate and burst it leaves unchanged (and the
+//! anonymous one likewise), so that reloading forgives no client its debt.
 //!
 //! Everything here is pure: the HTTP layer hands in the header and the verified certificate and
 //! turns a [`Refusal`] or a wait into its reply.
@@ -52,6 +57,9 @@ pub struct PeerCertificate {
     pub sha256: [u8; 32],
     /// The subject in RFC 4514 form (`CN=…,O=…,C=…`); empty when it cannot be read.
     pub subject: String,
+    /// The issuer (the subject of the CA that signed it) in RFC 4514 form; empty when it
+    /// cannot be read.
+    pub issuer: String,
 }
 
 impl PeerCertificate {
@@ -59,19 +67,30 @@ impl PeerCertificate {
         use der::Decode;
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(digest(&SHA256, der).as_ref());
-        let subject = x509_cert::Certificate::from_der(der)
-            .map(|c| c.tbs_certificate().subject().to_string())
+        let (subject, issuer) = x509_cert::Certificate::from_der(der)
+            .map(|c| {
+                let tbs = c.tbs_certificate();
+                (tbs.subject().to_string(), tbs.issuer().to_string())
+            })
             .unwrap_or_default();
-        Self { sha256, subject }
+        Self {
+            sha256,
+            subject,
+            issuer,
+        }
     }
 }
 
 impl super::Tsa {
-    /// Replaces the clients of `[auth]` and their quotas (SIGHUP); the quotas start full.
-    pub fn reload_clients(&self, auth: Auth) {
+    /// Replaces the clients of `[auth]` and their quotas (SIGHUP). A client of the same name
+    /// whose rate and burst are unchanged keeps its bucket as it is, spent or not, and so do the
+    /// anonymous callers; a new client, or one whose quota changed, starts full.
+    pub fn reload_clients(&self, mut auth: Auth) {
+        let kept = auth.keep_buckets(&self.auth.load());
         tracing::info!(
             event = "clients_reloaded",
             clients = auth.clients.len(),
+            quotas_kept = kept,
             anonymous = auth.anonymous,
             "clients and quotas reloaded"
         );
@@ -83,18 +102,20 @@ impl super::Tsa {
 struct Known {
     client: Client,
     api_key_sha256: Option<[u8; 32]>,
-    bucket: Option<Bucket>,
+    bucket: Option<Arc<Bucket>>,
 }
 
-/// The clients of `[auth]` with their quotas. Replaced whole on reload (quotas start full).
+/// The clients of `[auth]` with their quotas. Replaced whole on reload, keeping the buckets of
+/// the clients whose quota is unchanged ([`Auth::keep_buckets`]).
 pub struct Auth {
     anonymous: bool,
     keys_over_https_only: bool,
-    anonymous_bucket: Option<Bucket>,
+    anonymous_bucket: Option<Arc<Bucket>>,
     clients: Vec<Known>,
     by_key: HashMap<[u8; 32], usize>,
     by_certificate: HashMap<[u8; 32], usize>,
-    by_subject: HashMap<String, usize>,
+    /// By (issuer, subject).
+    by_subject: HashMap<(String, String), usize>,
     by_name: HashMap<Arc<str>, usize>,
     /// The time base of the buckets.
     epoch: Instant,
@@ -106,7 +127,8 @@ impl Auth {
         let mut auth = Self {
             anonymous: config.anonymous,
             keys_over_https_only: config.keys_over_https_only,
-            anonymous_bucket: Bucket::new(config.anonymous_rate_per_s, config.anonymous_burst),
+            anonymous_bucket: Bucket::new(config.anonymous_rate_per_s, config.anonymous_burst)
+                .map(Arc::new),
             clients: Vec::with_capacity(config.client.len()),
             by_key: HashMap::new(),
             by_certificate: HashMap::new(),
@@ -127,16 +149,51 @@ impl Auth {
             if let Some(hash) = &c.certificate_sha256 {
                 auth.by_certificate.insert(sha256_hex(hash)?, i);
             }
-            if let Some(subject) = &c.certificate_subject {
-                auth.by_subject.insert(subject.clone(), i);
+            match (&c.certificate_subject, &c.certificate_issuer) {
+                (Some(subject), Some(issuer)) => {
+                    auth.by_subject.insert((issuer.clone(), subject.clone()), i);
+                }
+                (None, None) => {}
+                _ => anyhow::bail!(
+                    "auth.client '{}': certificate_subject and certificate_issuer go together",
+                    c.name
+                ),
             }
             auth.clients.push(Known {
                 client,
                 api_key_sha256,
-                bucket: Bucket::new(c.rate_per_s, c.burst),
+                bucket: Bucket::new(c.rate_per_s, c.burst).map(Arc::new),
             });
         }
         Ok(auth)
+    }
+
+    /// Takes over from `old`, the configuration in force, the bucket of each client of the
+    /// same name whose rate and burst are the same, and the anonymous bucket when its quota is
+    /// the same: the very buckets, shared, so that tokens taken through `old` while the reload
+    /// is swapped in count too. The buckets' time base becomes `old`'s. Answers how many
+    /// buckets were kept.
+    fn keep_buckets(&mut self, old: &Auth) -> usize {
+        self.epoch = old.epoch;
+        let mut kept = 0;
+        let mut keep = |new: &mut Option<Arc<Bucket>>, old: Option<&Arc<Bucket>>| {
+            if let (Some(bucket), Some(old)) = (new.as_ref(), old) {
+                if bucket.same_quota(old) {
+                    *new = Some(Arc::clone(old));
+                    kept += 1;
+                }
+            }
+        };
+        keep(&mut self.anonymous_bucket, old.anonymous_bucket.as_ref());
+        for known in &mut self.clients {
+            let name = known.client.name.as_ref().expect("a named client");
+            let before = old
+                .by_name
+                .get(name)
+                .and_then(|&i| old.clients[i].bucket.as_ref());
+            keep(&mut known.bucket, before);
+        }
+        kept
     }
 
     /// The client of a request: from its `Authorization` header (`None` when absent) and
@@ -158,7 +215,10 @@ impl Auth {
         let by_certificate = certificate.map(|c| {
             self.by_certificate
                 .get(&c.sha256)
-                .or_else(|| self.by_subject.get(&c.subject))
+                .or_else(|| match c.subject.is_empty() || c.issuer.is_empty() {
+                    true => None,
+                    false => self.by_subject.get(&(c.issuer.clone(), c.subject.clone())),
+                })
                 .copied()
         });
         let index = match (by_key, by_certificate) {
@@ -279,6 +339,11 @@ impl Bucket {
         })
     }
 
+    /// Whether `other` has the same rate and burst.
+    fn same_quota(&self, other: &Bucket) -> bool {
+        (self.interval, self.capacity) == (other.interval, other.capacity)
+    }
+
     /// Takes `n` tokens at `now` (ns), or answers the wait in ns. More than the burst at once
     /// (a large batch) is taken from a full bucket, which then stays empty until the debt is
     /// paid back at the rate.
@@ -373,6 +438,7 @@ mod tests {
             api_key_sha256: None,
             certificate_sha256: None,
             certificate_subject: None,
+            certificate_issuer: None,
             rate_per_s: 0.0,
             burst: 0,
         }
@@ -402,6 +468,7 @@ mod tests {
                 },
                 ClientConfig {
                     certificate_subject: Some("CN=carol,O=Example,C=VN".into()),
+                    certificate_issuer: Some("CN=Client CA A".into()),
                     ..client("carol")
                 },
             ],
@@ -422,6 +489,7 @@ mod tests {
         PeerCertificate {
             sha256,
             subject: subject.into(),
+            issuer: "CN=Client CA A".into(),
         }
     }
 
@@ -497,6 +565,15 @@ mod tests {
         );
         assert!(matches!(
             auth.authenticate(link(Some(&stranger)), None),
+            Err(Refusal::InvalidCredentials(_))
+        ));
+        // Carol's subject from another CA is nobody.
+        let other_ca = PeerCertificate {
+            issuer: "CN=Client CA B".into(),
+            ..carol.clone()
+        };
+        assert!(matches!(
+            auth.authenticate(link(Some(&other_ca)), None),
             Err(Refusal::InvalidCredentials(_))
         ));
         // Key and certificate: the same client, or the key with an unmapped certificate.
@@ -576,6 +653,38 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_keeps_the_buckets_of_unchanged_quotas() {
+        let mut first = config(true);
+        first.client[0].rate_per_s = 1.0;
+        first.client[0].burst = 1;
+        first.client[1].rate_per_s = 1.0;
+        first.client[1].burst = 1;
+        first.anonymous_rate_per_s = 1.0;
+        first.anonymous_burst = 1;
+        let old = Auth::new(&first).unwrap();
+        let (alice, bob) = (Client::named("alice"), Client::named("bob"));
+        for client in [&alice, &bob, &Client::ANONYMOUS] {
+            assert_eq!(old.take(client, 1), Ok(()));
+            assert!(old.take(client, 1).is_err());
+        }
+        // Bob's burst changes; carol gets a quota; alice and the anonymous one stay.
+        let mut second = first.clone();
+        second.client[1].burst = 2;
+        second.client[2].rate_per_s = 1.0;
+        let mut new = Auth::new(&second).unwrap();
+        assert_eq!(new.keep_buckets(&old), 2);
+        assert!(new.take(&alice, 1).is_err(), "still spent");
+        assert!(new.take(&Client::ANONYMOUS, 1).is_err(), "still spent");
+        assert_eq!(new.take(&bob, 2), Ok(()), "a new quota starts full");
+        assert_eq!(new.take(&Client::named("carol"), 1), Ok(()));
+        // Shared: what the old configuration hands out counts in the new one.
+        let mut third = Auth::new(&second).unwrap();
+        third.keep_buckets(&new);
+        assert!(new.take(&Client::named("carol"), 1).is_err());
+        assert!(third.take(&Client::named("carol"), 1).is_err());
+    }
+
+    #[test]
     fn new_keys_are_random_and_match_their_hash() {
         let (a, hash_a) = new_api_key();
         let (b, _) = new_api_key();
@@ -606,6 +715,13 @@ mod tests {
              [[auth.client]]\nname = \"alice\"\napi_key_sha256 = \"{hash}\"\nrate_per_s = 0.5\nburst = 3\n"
         ))
         .unwrap();
+        // One subject from two CAs: two clients.
+        parse(
+            "[server.tls]\nclient_ca = [\"ca.pem\"]\n\
+             [[auth.client]]\nname = \"a\"\ncertificate_subject = \"CN=a\"\ncertificate_issuer = \"CN=CA 1\"\n\
+             [[auth.client]]\nname = \"b\"\ncertificate_subject = \"CN=a\"\ncertificate_issuer = \"CN=CA 2\"\n",
+        )
+        .unwrap();
         for bad in [
             format!(
                 "[[auth.client]]\nname = \"a\"\napi_key_sha256 = \"{}\"\n",
@@ -629,10 +745,23 @@ mod tests {
                 "[[auth.client]]\nname = \"a\"\napi_key_sha256 = \"{hash}\"\nrate_per_s = -1\n"
             ),
             format!("[[auth.client]]\nname = \"a\"\napi_key_sha256 = \"{hash}\"\ncolor = 1\n"),
+            // A subject without its issuer, an issuer without a subject.
+            "[server.tls]\nclient_ca = [\"ca.pem\"]\n\
+             [[auth.client]]\nname = \"a\"\ncertificate_subject = \"CN=a\"\n"
+                .into(),
+            "[server.tls]\nclient_ca = [\"ca.pem\"]\n\
+             [[auth.client]]\nname = \"a\"\ncertificate_issuer = \"CN=CA\"\n"
+                .into(),
+            // The same subject and issuer for two clients.
+            "[server.tls]\nclient_ca = [\"ca.pem\"]\n\
+             [[auth.client]]\nname = \"a\"\ncertificate_subject = \"CN=a\"\ncertificate_issuer = \"CN=CA\"\n\
+             [[auth.client]]\nname = \"b\"\ncertificate_subject = \"CN=a\"\ncertificate_issuer = \"CN=CA\"\n"
+                .into(),
             // Certificates without a client CA, HTTPS without its files.
-            "[[auth.client]]\nname = \"a\"\ncertificate_subject = \"CN=a\"\n".into(),
+            "[[auth.client]]\nname = \"a\"\ncertificate_subject = \"CN=a\"\ncertificate_issuer = \"CN=CA\"\n".into(),
             "[server]\nhttps_listen = \"127.0.0.1:0\"\n".into(),
             "[server.tls]\nrequire_client_certificate = true\n".into(),
+            "[server.tls]\nclient_crl = [\"crl.pem\"]\n".into(),
         ] {
             assert!(parse(&bad).is_err(), "accepted: {bad}");
         }

@@ -37,7 +37,9 @@
 //! `GET /status` (the operator's HTML status page, [`super::status`]). With the archive:
 //! `GET /archive/serial/<hex>` and `GET /archive/imprint/<hex>` answer the archived token as
 //! its granted `TimeStampResp` (for an imprint, the latest of `X-Archive-Matches` tokens), 404
-//! when unknown.
+//! when unknown. Its connections are counted apart from the public ones: past
+//! `admin_max_connections` (16) a new one gets the same fixed 503 and is closed, so that a
+//! client of the admin listener cannot take the descriptors the public listener needs.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -163,6 +165,7 @@ pub(super) async fn run(
     let limits = Arc::new(Limits::new(config));
     let builder = http1_builder(config);
     let graceful = GracefulShutdown::new();
+    let admin_connections = admission::Connections::new(config.admin_max_connections);
     tokio::pin!(shutdown);
 
     loop {
@@ -170,7 +173,7 @@ pub(super) async fn run(
             accepted = public.accept() => {
                 let Some(stream) = accepted_stream(accepted).await else { continue };
                 let Some(slot) = tsa.connections.open() else {
-                    refuse_connection(&tsa, stream);
+                    refuse_connection(&tsa, stream, metrics::Overload::Connections);
                     continue;
                 };
                 let connection = Connection { _slot: slot, served: AtomicU64::new(0), peer: None, tls: false };
@@ -201,18 +204,29 @@ pub(super) async fn run(
             }
             accepted = admin.accept() => {
                 let Some(stream) = accepted_stream(accepted).await else { continue };
+                let Some(slot) = admin_connections.open() else {
+                    refuse_connection(&tsa, stream, metrics::Overload::AdminConnections);
+                    continue;
+                };
                 let tsa = tsa.clone();
                 let service = service_fn(move |req| {
                     let tsa = tsa.clone();
                     async move { Ok::<_, Infallible>(admin_route(req, &tsa)) }
                 });
                 let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
-                spawn(graceful.watch(builder.serve_connection(io, service)));
+                let served = graceful.watch(builder.serve_connection(io, service));
+                spawn(async move {
+                    let _slot = slot;
+                    served.await
+                });
             }
             () = &mut shutdown => break,
         }
     }
 
+    // Closed now, not when the drain ends: a connection that came meanwhile would wait in the
+    // backlog and then be reset; refused at once, its client (or balancer) goes elsewhere.
+    drop((public, admin, https));
     tracing::info!("shutting down: no new connections, finishing requests in flight");
     tokio::select! {
         () = graceful.shutdown() => {}
@@ -249,13 +263,13 @@ const DRAIN_TIME: Duration = Duration::from_millis(500);
 /// How much of it, at most.
 const DRAIN_BYTES: usize = 64 * 1024;
 
-/// Over `max_connections`: a fixed 503 written into the fresh socket's empty send buffer and
+/// Over `max_connections` (or the admin listener's `admin_max_connections`): a fixed 503 written into the fresh socket's empty send buffer and
 /// the sending side shut (FIN). What the client sent is then read and discarded, briefly
 /// ([`DRAIN_TIME`], [`DRAIN_BYTES`]), before the socket is closed: a socket closed with
 /// unread data sends a reset, which would make the client drop the 503 unread.
-fn refuse_connection(tsa: &Tsa, stream: tokio::net::TcpStream) {
+fn refuse_connection(tsa: &Tsa, stream: tokio::net::TcpStream, limit: metrics::Overload) {
     static DRAINING: AtomicUsize = AtomicUsize::new(0);
-    tsa.metrics.overloaded(metrics::Overload::Connections);
+    tsa.metrics.overloaded(limit);
     let _ = stream.try_write(admission::CONNECTIONS_EXCEEDED);
     if DRAINING.fetch_add(1, Ordering::AcqRel) >= MAX_DRAINING {
         DRAINING.fetch_sub(1, Ordering::AcqRel);

@@ -40,7 +40,7 @@ pub struct Metrics {
     /// also held by itself (created at start, counted without a look-up: under overload this
     /// is the most frequent answer).
     overloads: Family<Labels, Counter>,
-    overloaded: [Counter; 3],
+    overloaded: [Counter; 4],
     /// Requests refused by client authentication and quotas, by reason; each series also
     /// held by itself (created at start, so that they read 0 before the first refusal).
     auth_refusals: Family<Labels, Counter>,
@@ -220,16 +220,24 @@ pub enum Overload {
     Connections = 1,
     /// `server.max_batches_in_flight`: batch bodies being read or answered.
     Batches = 2,
+    /// `server.admin_max_connections`: the admin listener's connections.
+    AdminConnections = 3,
 }
 
 impl Overload {
-    const ALL: [Overload; 3] = [Overload::Queue, Overload::Connections, Overload::Batches];
+    const ALL: [Overload; 4] = [
+        Overload::Queue,
+        Overload::Connections,
+        Overload::Batches,
+        Overload::AdminConnections,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Overload::Queue => "queue",
             Overload::Connections => "connections",
             Overload::Batches => "batches",
+            Overload::AdminConnections => "admin_connections",
         }
     }
 }

@@ -166,7 +166,7 @@ fn plan_rollover(
 
 /// Rebuilds what a reload replaces (SIGHUP): request rules, certificates and chains, token
 /// templates, for the current signer and the planned one, and the HTTPS listener's
-/// certificate, key and client CAs. The keys themselves, the rollover instant and the
+/// certificate, key, client CAs and CRLs. The keys themselves, the rollover instant and the
 /// listeners stay as they were started. Nothing changes unless all of it can be built.
 pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
     if config.rollover.as_ref().map(|r| &r.at) != tsa.rollover.as_ref().map(|r| &r.at) {
@@ -195,7 +195,7 @@ pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
         tsa.tls.store(Some(Arc::new(acceptor)));
         tracing::info!(
             event = "tls_certificate_reloaded",
-            "the HTTPS listener's certificate, key and client CAs reloaded; new connections use them"
+            "the HTTPS listener's certificate, key, client CAs and CRLs reloaded; new connections use them"
         );
     }
     Ok(())
@@ -292,7 +292,8 @@ pub struct Bound {
 }
 
 /// Binds both listeners, reports them through `on_bound`, and serves until `shutdown`
-/// resolves; then stops accepting and lets requests in flight finish.
+/// resolves; then closes the listeners (a new connection is refused at once) and lets
+/// requests in flight finish, for up to 10 s.
 pub async fn serve(
     tsa: Arc<Tsa>,
     config: &ServerConfig,
