@@ -26,7 +26,12 @@ fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(|| {
         let dir = tempfile::tempdir().expect("a temporary directory");
         let pki = tsa::pki::DevPki::generate(tsa::pki::KeyAlgorithm::P256).expect("a dev PKI");
-        std::fs::write(dir.path().join("key.pem"), &pki.tsu_key_pem).unwrap();
+        tsa::files::replace(
+            &dir.path().join("key.pem"),
+            pki.tsu_key_pem.as_bytes(),
+            tsa::files::SECRET,
+        )
+        .unwrap();
         std::fs::write(dir.path().join("cert.pem"), &pki.tsu_cert_pem).unwrap();
         // Small limits, so that the fuzzer reaches them.
         let toml = "[server]\nmax_request_bytes = 2048\nread_timeout_ms = 200\nmax_queue = 4\n\
