@@ -3,12 +3,14 @@
 //! The TSA hashes on the host and lets the token sign the digest: `CKM_ECDSA` for P-256 and
 //! P-384, `CKM_RSA_PKCS` over the DER `DigestInfo`, or `CKM_RSA_PKCS_PSS` (see [`key`]). A
 //! pool of logged-in sessions serves concurrent signatures and recovers from lost sessions,
-//! logins and tokens without a restart (see [`pool`]). The PIN comes from a file, an
+//! logins and tokens without a restart (see [`pool`]); signers on one module share its library
+//! ([`module`]). The PIN comes from a file, an
 //! environment variable or a systemd credential ([`pin`]), never from the configuration file.
 //! [`token`] has the tooling: a SoftHSM2 token for development, key generation on a token, and
 //! CSRs signed by the token key. `hsm/README.md` is the operator's guide.
 
 pub mod key;
+pub mod module;
 pub mod pin;
 pub mod pool;
 pub mod token;

@@ -12,20 +12,23 @@
 //! pool down: from then on `sign` answers `Unavailable` at once, `health` is an error, and the
 //! recovery thread tries, with a bounded exponential backoff, new sessions and a new login,
 //! then `C_Finalize` + `C_Initialize` and all of it again, until a probe signature verifies
-//! with the key's known public key. While the pool is up the same thread probes an idle
+//! with the key's known public key. The library is re-initialized only by the module's only
+//! user in the process (see [`super::module`]): with another signer on the same module, only
+//! new sessions and logins are tried. While the pool is up the same thread probes an idle
 //! session every `health_check_interval` (`C_GetTokenInfo`, `C_GetSessionInfo`), so that a lost
 //! token is noticed without traffic.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 
 use super::key::{self, FindError, KeyInfo, KeySelector, Scheme};
+use super::module::{Reinitialized, SharedModule};
 use super::pin::PinSource;
 use crate::alg::SignatureAlgorithm;
 use crate::signer::SignError;
@@ -132,10 +135,14 @@ pub fn function(error: &CkError) -> String {
 }
 
 struct Library {
-    ctx: Pkcs11,
+    module: SharedModule,
     slot: Slot,
-    /// Whether this pool called `C_Initialize` (another user in the process may have).
-    owns_init: bool,
+}
+
+impl Library {
+    fn ctx(&self) -> &Pkcs11 {
+        self.module.ctx()
+    }
 }
 
 struct Pooled {
@@ -211,30 +218,6 @@ impl ConnectError {
             message: format!("{what}: {} ({})", ckr(error), function(error)),
             ckr: Some(ckr(error)),
         }
-    }
-}
-
-/// Loads and initializes the module (tolerating a library another part of the process
-/// initialized already).
-pub fn load_module(module: &std::path::Path) -> anyhow::Result<(Pkcs11, bool)> {
-    let ctx = Pkcs11::new(module)
-        .map_err(|e| anyhow::anyhow!("cannot load the PKCS#11 module {}: {e}", module.display()))?;
-    let owns_init = initialize(&ctx).map_err(|e| {
-        anyhow::anyhow!(
-            "the PKCS#11 module {} does not initialize: {} ({e})",
-            module.display(),
-            ckr(&e)
-        )
-    })?;
-    Ok((ctx, owns_init))
-}
-
-/// `C_Initialize` with OS locking; `Ok(false)` if the library was initialized already.
-fn initialize(ctx: &Pkcs11) -> Result<bool, CkError> {
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) => Ok(true),
-        Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(false),
-        Err(e) => Err(e),
     }
 }
 
@@ -327,7 +310,7 @@ fn connect(
     spec: &Spec,
     expect: Option<&KeyInfo>,
 ) -> Result<(Vec<Pooled>, KeyInfo), ConnectError> {
-    let first = open_logged_in(&lib.ctx, lib.slot, &spec.pin, false)?;
+    let first = open_logged_in(lib.ctx(), lib.slot, &spec.pin, false)?;
     let key = key::find_private_key(&first, &spec.key).map_err(|e| match e {
         FindError::Token(e) => ConnectError::pkcs11("cannot search the token", &e),
         other => ConnectError::new(other.to_string()),
@@ -352,7 +335,7 @@ fn connect(
     });
     while sessions.len() < spec.sessions {
         let session = lib
-            .ctx
+            .ctx()
             .open_ro_session(lib.slot)
             .map_err(|e| ConnectError::pkcs11("cannot open another session", &e))?;
         // The login is the application's, shared by its sessions; a token that wants one per
@@ -405,29 +388,12 @@ impl Pool {
         if spec.sessions == 0 {
             anyhow::bail!("signer.sessions must be at least 1");
         }
-        let (ctx, owns_init) = load_module(&spec.module)?;
-        let fail = |ctx: Pkcs11, message: String| {
-            if owns_init {
-                let _ = ctx.finalize();
-            }
-            anyhow::anyhow!(message)
-        };
-        let slot = match find_slot(&ctx, &spec.token) {
-            Ok(slot) => slot,
-            Err(e) => return Err(fail(ctx, e.message)),
-        };
-        let lib = Library {
-            ctx,
-            slot,
-            owns_init,
-        };
-        let (sessions, info) = match connect(&lib, &spec, None) {
-            Ok(ok) => ok,
-            Err(e) => {
-                let message = format!("{} ({}): {e}", spec.token, spec.module.display());
-                return Err(fail(lib.ctx, message));
-            }
-        };
+        // On failure the module is let go (and finalized if this was its last user).
+        let module = SharedModule::open(&spec.module)?;
+        let slot = find_slot(module.ctx(), &spec.token).map_err(|e| anyhow::anyhow!(e.message))?;
+        let lib = Library { module, slot };
+        let (sessions, info) = connect(&lib, &spec, None)
+            .map_err(|e| anyhow::anyhow!("{} ({}): {e}", spec.token, spec.module.display()))?;
         let (scheme, algorithm) = info.kind.scheme(spec.padding);
         let pool = Arc::new(Pool {
             spec,
@@ -714,7 +680,7 @@ impl Pool {
             return;
         };
         let checked = lib
-            .ctx
+            .ctx()
             .get_token_info(lib.slot)
             .and_then(|_| pooled.session.get_session_info());
         let error = match checked {
@@ -799,25 +765,41 @@ impl Pool {
             "new sessions did not help"
         );
 
-        tracing::info!(
-            event = "hsm_recovery_attempt",
-            attempt,
-            level = "library",
-            "finalizing and re-initializing the PKCS#11 library"
-        );
-        if let Err(e) = lib.ctx.clone().finalize() {
-            tracing::debug!(ckr = %ckr(&e), "C_Finalize failed");
-        }
-        let result = initialize(&lib.ctx)
-            .map_err(|e| ConnectError::pkcs11("C_Initialize failed", &e))
-            .and_then(|owns| {
-                lib.owns_init |= owns;
-                find_slot(&lib.ctx, &self.spec.token)
-            })
-            .and_then(|slot| {
-                lib.slot = slot;
-                connect(&lib, &self.spec, Some(&self.info))
-            });
+        let result = match lib.module.reinitialize() {
+            Ok(Reinitialized::Done) => {
+                tracing::info!(
+                    event = "hsm_recovery_attempt",
+                    attempt,
+                    level = "library",
+                    "the PKCS#11 library was finalized and initialized again"
+                );
+                find_slot(lib.ctx(), &self.spec.token).and_then(|slot| {
+                    lib.slot = slot;
+                    connect(&lib, &self.spec, Some(&self.info))
+                })
+            }
+            Ok(Reinitialized::Shared { others }) => {
+                if attempt == 1 {
+                    tracing::warn!(
+                        event = "hsm_library_shared",
+                        attempt,
+                        others,
+                        module = %self.spec.module.display(),
+                        "the PKCS#11 library is shared with other users in this process \
+                         (another signer on the same module): it is not finalized under them, \
+                         so this recovery tries new sessions and logins only; a module that \
+                         needs a new library context comes back after a restart"
+                    );
+                }
+                Err(ConnectError {
+                    message: format!(
+                        "{sessions_error}; the shared PKCS#11 library is not re-initialized"
+                    ),
+                    ckr: sessions_error.ckr.clone(),
+                })
+            }
+            Err(e) => Err(ConnectError::pkcs11("C_Initialize failed", &e)),
+        };
         match result {
             Ok((sessions, _)) => {
                 self.install(sessions, attempt, "library", outage);
@@ -887,13 +869,13 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        let lib = self.lib.get_mut().unwrap_or_else(|p| p.into_inner());
-        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
-        // Sessions first (they close themselves), then the library if this pool started it.
-        state.idle.clear();
-        if lib.owns_init {
-            let _ = lib.ctx.clone().finalize();
-        }
+        // Sessions first (they close themselves), then the module (`lib`, dropped after this),
+        // which its last user finalizes.
+        self.state
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .idle
+            .clear();
     }
 }
 
