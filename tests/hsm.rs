@@ -1159,3 +1159,53 @@ fn one_tokens_outage_leaves_another_token_of_the_same_module_signing() {
         "token A's recovery must not re-initialize the shared library:\n{log}"
     );
 }
+
+/// The key deleted and a new key pair generated under the same label and id while the server
+/// runs: the signer finds a key again after its handle went stale, but not the certified one,
+/// so it stops signing (systemFailure, readiness 503) rather than grant tokens that do not
+/// verify.
+#[test]
+fn a_key_replaced_under_the_same_label_and_id_is_not_used() {
+    let dir = init_hsm(&["--algorithm", "p256"], "");
+    let d = dir.path();
+    let server = HsmServer::start(d, &[]);
+    let work = tempfile::tempdir().unwrap();
+    stamp_and_verify(&server, work.path(), &["-sha256", "-cert"]);
+
+    let (conf, module) = softhsm_env(d);
+    for class in ["privkey", "pubkey"] {
+        ok(Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", &conf)
+            .args([
+                "--module",
+                &module,
+                "--token-label",
+                "tsa",
+                "--login",
+                "--pin",
+            ])
+            .arg(pin(d))
+            .args(["--delete-object", "--type", class, "--label", "tsa-tsu"]));
+    }
+    // The configuration names the key by label and id: the new pair gets both.
+    ok(Command::new(TSA)
+        .args(["hsm", "keygen", "--algorithm", "p256", "--config"])
+        .arg(d.join("tsa.toml")));
+
+    query(work.path(), &["-sha256", "-cert"]);
+    let response = post(&server, work.path());
+    assert!(
+        !response.granted(),
+        "a token signed by the new key was granted"
+    );
+    assert_eq!(
+        response.fail_bits,
+        vec![FailInfo::SystemFailure.bit() as usize],
+        "{:?}",
+        response.status_text
+    );
+    let (code, text) = server.readiness();
+    assert_eq!(code, 503, "{text}");
+    let log = server.log();
+    assert!(!log.contains("event=\"hsm_key_refound\""), "{log}");
+}

@@ -7,7 +7,8 @@
 //! again, or finalize and re-initialize the library without any thread being inside it.
 //!
 //! Faults: a signature that fails with a handle error (`CKR_OBJECT_HANDLE_INVALID`,
-//! `CKR_KEY_HANDLE_INVALID`) first finds the key again in its session and retries once. Any
+//! `CKR_KEY_HANDLE_INVALID`) first finds the key again in its session, checks with a test
+//! signature that it is still the key the TSA started with, and retries once. Any
 //! fault that means the session, the login or the token went away (see [`classify`]) marks the
 //! pool down: from then on `sign` answers `Unavailable` at once, `health` is an error, and the
 //! recovery thread tries, with a bounded exponential backoff, new sessions and a new login,
@@ -548,7 +549,34 @@ impl Pool {
                     function = %function(&error),
                     "the key's handle is no longer valid; finding the key again"
                 );
-                match key::find_private_key(&pooled.session, &self.spec.key) {
+                let found = key::find_private_key(&pooled.session, &self.spec.key);
+                if let Ok(handle) = found {
+                    // Whatever now has the label/id must still be the certified key: a test
+                    // signature verifies with the public key the TSA started with.
+                    if let Err(e) = probe_signature(
+                        &pooled.session,
+                        handle,
+                        self.scheme,
+                        self.algorithm,
+                        &self.info.public_key,
+                    ) {
+                        self.release(pooled);
+                        let reason = format!(
+                            "{} ({}), and the key found again with {} is not the key the TSA \
+                             started with (its certificate's): {e}",
+                            ckr(&error),
+                            function(&error),
+                            self.spec.key
+                        );
+                        self.mark_down(
+                            format!("the HSM key was replaced: {reason}"),
+                            e.ckr.clone().or_else(|| Some(ckr(&error))),
+                            Some(function(&error)),
+                        );
+                        return Err(SignError::Unavailable(reason));
+                    }
+                }
+                match found {
                     Ok(handle) => match pooled.session.sign(&mechanism, handle, data) {
                         Ok(signature) => {
                             tracing::info!(
