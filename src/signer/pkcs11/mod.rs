@@ -73,6 +73,10 @@ pub struct Pkcs11Config {
     /// How often an idle pool checks that the token and its sessions are still there.
     #[serde(default = "default_health_check_interval_ms")]
     pub health_check_interval_ms: u64,
+    /// How long a signature may stay inside the module before the signer counts the HSM as
+    /// hung (readiness 503 until it answers again).
+    #[serde(default = "default_sign_timeout_ms")]
+    pub sign_timeout_ms: u64,
     /// The TSU certificate (PEM); it may be followed by its chain.
     pub certificate: PathBuf,
     /// Further certificates sent when a request sets certReq.
@@ -86,6 +90,10 @@ fn default_sessions() -> usize {
 
 fn default_health_check_interval_ms() -> u64 {
     5_000
+}
+
+fn default_sign_timeout_ms() -> u64 {
+    10_000
 }
 
 impl Pkcs11Config {
@@ -124,6 +132,9 @@ impl Pkcs11Config {
         }
         if self.health_check_interval_ms < 10 {
             bail!("signer.health_check_interval_ms must be at least 10");
+        }
+        if self.sign_timeout_ms < 100 {
+            bail!("signer.sign_timeout_ms must be at least 100");
         }
         Ok(())
     }
@@ -183,6 +194,7 @@ impl Pkcs11Config {
             sessions: self.sessions,
             padding: self.rsa_padding,
             health_check_interval: Duration::from_millis(self.health_check_interval_ms),
+            sign_timeout: Duration::from_millis(self.sign_timeout_ms),
         })
     }
 }
@@ -311,6 +323,7 @@ mod tests {
     fn settings_are_checked() {
         let ok = parse("token_label = \"t\"\nkey_label = \"k\"\npin_file = \"pin\"\n").unwrap();
         assert_eq!(ok.sessions, 4);
+        assert_eq!(ok.sign_timeout_ms, 10_000);
         assert_eq!(ok.pin_source().unwrap(), PinSource::File("pin".into()));
         let with_id = parse("slot = 3\nkey_id = \"0a:1B\"\npin_env = \"PIN\"\n").unwrap();
         assert_eq!(with_id.key_selector().unwrap().id, Some(vec![0x0a, 0x1b]));

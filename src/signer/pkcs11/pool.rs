@@ -18,6 +18,12 @@
 //! new sessions and logins are tried. While the pool is up the same thread probes an idle
 //! session every `health_check_interval` (`C_GetTokenInfo`, `C_GetSessionInfo`), so that a lost
 //! token is noticed without traffic.
+//!
+//! A module that stops answering: every signature's start is recorded, and the health thread
+//! marks the pool down when one has been inside the module longer than `sign_timeout` (a hung
+//! HSM holds its sessions, so there is no idle one to probe). No recovery takes the write lock
+//! while such a signature is in flight (it would wait for it for good), and the shutdown waits
+//! for the health thread at most `sign_timeout`.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::{Duration, Instant};
@@ -70,6 +76,8 @@ pub struct Spec {
     pub sessions: usize,
     pub padding: crate::signer::software::RsaPadding,
     pub health_check_interval: Duration,
+    /// How long a signature may stay inside the module before the pool counts it as hung.
+    pub sign_timeout: Duration,
 }
 
 /// What a failed PKCS#11 call means for the pool.
@@ -149,6 +157,45 @@ impl Library {
 struct Pooled {
     session: Session,
     key: ObjectHandle,
+    /// The signature it is lent for, in [`InFlight`].
+    signing: Option<u64>,
+}
+
+/// When each signature in flight started.
+#[derive(Default)]
+pub struct InFlight {
+    next: u64,
+    started: std::collections::BTreeMap<u64, Instant>,
+}
+
+impl InFlight {
+    pub fn begin(&mut self, now: Instant) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.started.insert(id, now);
+        id
+    }
+
+    pub fn end(&mut self, id: u64) {
+        self.started.remove(&id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.started.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.started.is_empty()
+    }
+
+    /// How long the oldest signature in flight has run, if it has run longer than `bound`:
+    /// the module does not answer.
+    pub fn stuck(&self, now: Instant, bound: Duration) -> Option<Duration> {
+        // Ids grow with time: the first is the oldest.
+        let (_, started) = self.started.first_key_value()?;
+        let running = now.saturating_duration_since(*started);
+        (running > bound).then_some(running)
+    }
 }
 
 enum Health {
@@ -158,8 +205,11 @@ enum Health {
 
 struct State {
     idle: Vec<Pooled>,
+    in_flight: InFlight,
     health: Health,
     shutdown: bool,
+    /// The health thread has returned.
+    watcher_done: bool,
 }
 
 pub struct Pool {
@@ -333,6 +383,7 @@ fn connect(
     sessions.push(Pooled {
         session: first,
         key,
+        signing: None,
     });
     while sessions.len() < spec.sessions {
         let session = lib
@@ -347,7 +398,11 @@ fn connect(
         ) {
             login(&session, &spec.pin)?;
         }
-        sessions.push(Pooled { session, key });
+        sessions.push(Pooled {
+            session,
+            key,
+            signing: None,
+        });
     }
     Ok((sessions, info))
 }
@@ -404,8 +459,10 @@ impl Pool {
             lib: RwLock::new(lib),
             state: Mutex::new(State {
                 idle: sessions,
+                in_flight: InFlight::default(),
                 health: Health::Up,
                 shutdown: false,
+                watcher_done: false,
             }),
             idle_cv: Condvar::new(),
             wake_cv: Condvar::new(),
@@ -414,7 +471,11 @@ impl Pool {
         let thread_pool = Arc::clone(&pool);
         let watcher = std::thread::Builder::new()
             .name("pkcs11-health".into())
-            .spawn(move || thread_pool.watch())
+            .spawn(move || {
+                Arc::clone(&thread_pool).watch();
+                thread_pool.state().watcher_done = true;
+                thread_pool.idle_cv.notify_all();
+            })
             .map_err(|e| anyhow::anyhow!("cannot start the PKCS#11 health thread: {e}"))?;
         *pool.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
         Ok(pool)
@@ -439,9 +500,11 @@ impl Pool {
     /// Stops the health thread and waits for it (it holds the pool; the signer calls this
     /// when dropped). Without the wait, the thread could still be in the module while the
     /// process exits and the module's exit handlers tear it down: SoftHSM2 then crashed in
-    /// `pkcs11-health` (SIGSEGV) after `tsa hsm check` had done its work.
+    /// `pkcs11-health` (SIGSEGV) after `tsa hsm check` had done its work. A module that does
+    /// not answer is waited for at most `sign_timeout`: the process then exits without it.
     pub fn shutdown(&self) {
-        self.state().shutdown = true;
+        let mut state = self.state();
+        state.shutdown = true;
         self.wake_cv.notify_all();
         self.idle_cv.notify_all();
         let watcher = self
@@ -449,11 +512,33 @@ impl Pool {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(watcher) = watcher {
-            if watcher.thread().id() != std::thread::current().id() {
-                let _ = watcher.join();
-            }
+        let Some(watcher) = watcher else {
+            return;
+        };
+        if watcher.thread().id() == std::thread::current().id() {
+            return;
         }
+        let deadline = Instant::now() + self.spec.sign_timeout;
+        while !state.watcher_done {
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::error!(
+                    event = "hsm_shutdown_stuck",
+                    waited_ms = self.spec.sign_timeout.as_millis() as u64,
+                    signatures_in_flight = state.in_flight.len(),
+                    "the PKCS#11 module does not answer: its health thread is still inside it; \
+                     going on without waiting for it"
+                );
+                return;
+            }
+            state = self
+                .idle_cv
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(state);
+        let _ = watcher.join();
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -497,7 +582,8 @@ impl Pool {
             if let Health::Down { reason, .. } = &state.health {
                 return Err(SignError::Unavailable(reason.clone()));
             }
-            if let Some(pooled) = state.idle.pop() {
+            if let Some(mut pooled) = state.idle.pop() {
+                pooled.signing = Some(state.in_flight.begin(Instant::now()));
                 return Ok(pooled);
             }
             let now = Instant::now();
@@ -516,8 +602,13 @@ impl Pool {
         }
     }
 
-    fn release(&self, pooled: Pooled) {
-        self.state().idle.push(pooled);
+    fn release(&self, mut pooled: Pooled) {
+        let mut state = self.state();
+        if let Some(id) = pooled.signing.take() {
+            state.in_flight.end(id);
+        }
+        state.idle.push(pooled);
+        drop(state);
         self.idle_cv.notify_one();
     }
 
@@ -624,10 +715,20 @@ impl Pool {
     }
 
     fn mark_down(&self, reason: String, ckr: Option<String>, function: Option<String>) {
+        self.mark_down_as("hsm_session_lost", reason, ckr, function);
+    }
+
+    fn mark_down_as(
+        &self,
+        event: &'static str,
+        reason: String,
+        ckr: Option<String>,
+        function: Option<String>,
+    ) {
         let mut state = self.state();
         if matches!(state.health, Health::Up) {
             tracing::error!(
-                event = "hsm_session_lost",
+                event,
                 ckr = ckr.as_deref().unwrap_or(""),
                 function = function.as_deref().unwrap_or(""),
                 reason = %reason,
@@ -665,8 +766,14 @@ impl Pool {
                     state = guard;
                     if timeout.timed_out() && !state.shutdown && matches!(state.health, Health::Up)
                     {
+                        let stuck = state
+                            .in_flight
+                            .stuck(Instant::now(), self.spec.sign_timeout);
                         drop(state);
-                        self.probe();
+                        match stuck {
+                            Some(running) => self.mark_stuck(running),
+                            None => self.probe(),
+                        }
                         state = self.state();
                     }
                 }
@@ -695,6 +802,57 @@ impl Pool {
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
+        }
+    }
+
+    /// A signature has been inside the module longer than `sign_timeout`.
+    fn mark_stuck(&self, running: Duration) {
+        self.mark_down_as(
+            "hsm_sign_timeout",
+            format!(
+                "a signature has been inside the PKCS#11 module for {} ms (sign_timeout_ms = \
+                 {}): the HSM does not answer",
+                running.as_millis(),
+                self.spec.sign_timeout.as_millis()
+            ),
+            None,
+            Some("C_Sign".into()),
+        );
+    }
+
+    /// The library's write lock for a recovery, once no signature is in flight; `None` while
+    /// one has been inside the module longer than `sign_timeout` (it may never return, and a
+    /// blocking `write()` would wait with it) or when the pool shuts down.
+    fn write_for_recovery(&self) -> Option<std::sync::RwLockWriteGuard<'_, Library>> {
+        loop {
+            match self.lib.try_write() {
+                Ok(lib) => return Some(lib),
+                Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) => {}
+            }
+            let state = self.state();
+            if state.shutdown {
+                return None;
+            }
+            if let Some(running) = state
+                .in_flight
+                .stuck(Instant::now(), self.spec.sign_timeout)
+            {
+                drop(state);
+                if let Health::Down { reason, .. } = &mut self.state().health {
+                    *reason = format!(
+                        "a signature has been inside the PKCS#11 module for {} ms: the HSM \
+                         does not answer; the recovery waits for it to return",
+                        running.as_millis()
+                    );
+                }
+                return None;
+            }
+            // Signatures in flight end within `sign_timeout`, or count as stuck.
+            let _ = self
+                .idle_cv
+                .wait_timeout(state, Duration::from_millis(10))
+                .unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -759,7 +917,9 @@ impl Pool {
     /// One recovery attempt: new sessions and login; failing that, `C_Finalize` +
     /// `C_Initialize`, the slot found again, new sessions and login.
     fn recover(&self, attempt: u32) -> Recovery {
-        let mut lib = self.lib.write().unwrap_or_else(|p| p.into_inner());
+        let Some(mut lib) = self.write_for_recovery() else {
+            return Recovery::Failed;
+        };
         // Under the write lock no session is lent: close them all.
         let old = std::mem::take(&mut self.state().idle);
         drop(old);
@@ -911,6 +1071,34 @@ impl Drop for Pool {
 mod tests {
     use super::*;
     use cryptoki::context::Function;
+
+    #[test]
+    fn a_signature_in_flight_longer_than_the_bound_counts_as_stuck() {
+        let bound = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let mut in_flight = InFlight::default();
+        assert_eq!(in_flight.stuck(t0 + bound * 2, bound), None);
+        let first = in_flight.begin(t0);
+        let second = in_flight.begin(t0 + Duration::from_secs(1));
+        assert_eq!(in_flight.len(), 2);
+        assert_eq!(in_flight.stuck(t0 + Duration::from_secs(5), bound), None);
+        assert_eq!(in_flight.stuck(t0 + bound, bound), None);
+        // The oldest decides, whatever finished after it.
+        let at = t0 + Duration::from_secs(11);
+        assert_eq!(in_flight.stuck(at, bound), Some(Duration::from_secs(11)));
+        in_flight.end(first);
+        assert_eq!(in_flight.stuck(at, bound), None);
+        assert_eq!(
+            in_flight.stuck(at + Duration::from_secs(1), bound),
+            Some(Duration::from_secs(11))
+        );
+        in_flight.end(second);
+        assert!(in_flight.is_empty());
+        assert_eq!(in_flight.stuck(at + bound, bound), None);
+        // An instant before the start (another clock reading) is not a negative duration.
+        in_flight.begin(at);
+        assert_eq!(in_flight.stuck(t0, bound), None);
+    }
 
     #[test]
     fn return_values_are_named_and_classified() {
