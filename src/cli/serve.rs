@@ -29,6 +29,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     if let Some(admin) = args.admin_listen {
         config.server.admin_listen = admin;
     }
+    // The PKCS#11 modules' environment, while this is the only thread.
+    tsa::signer::pkcs11::apply_module_envs(config.pkcs11_signers())?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if config.server.workers > 0 {

@@ -178,11 +178,15 @@ impl Pkcs11Config {
         }
     }
 
-    /// Sets `module_env` in the process environment (before the module is loaded).
+    /// Sets `module_env` in the process environment (before the module is loaded), leaving
+    /// alone what holds its value already. Changing the environment while other threads run
+    /// is unsound (they may read it meanwhile, the module's own threads included): call this,
+    /// or [`apply_module_envs`] for all signers, before any thread starts.
     pub fn apply_module_env(&self) {
         for (name, value) in &self.module_env {
-            // Rust 2021: set_var is safe; this runs at start-up, before the module reads it.
-            std::env::set_var(name, value);
+            if std::env::var_os(name).is_none_or(|current| current != value.as_str()) {
+                std::env::set_var(name, value);
+            }
         }
     }
 
@@ -199,6 +203,38 @@ impl Pkcs11Config {
             sign_timeout: Duration::from_millis(self.sign_timeout_ms),
         })
     }
+}
+
+/// Applies the `module_env` of every signer (before any thread starts), refusing two signers
+/// that want one variable to hold different values: a process has one environment.
+pub fn apply_module_envs<'a>(
+    configs: impl IntoIterator<Item = (&'a str, &'a Pkcs11Config)>,
+) -> anyhow::Result<()> {
+    let configs: Vec<_> = configs.into_iter().collect();
+    module_env_conflict(&configs)?;
+    for (_, config) in configs {
+        config.apply_module_env();
+    }
+    Ok(())
+}
+
+fn module_env_conflict(configs: &[(&str, &Pkcs11Config)]) -> anyhow::Result<()> {
+    let mut seen: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+    for (section, config) in configs {
+        for (name, value) in &config.module_env {
+            match seen.get(name.as_str()) {
+                Some((other, earlier)) if earlier != value => bail!(
+                    "{other}.module_env and {section}.module_env set {name} differently; the \
+                     process has one environment: give both signers the same value"
+                ),
+                Some(_) => {}
+                None => {
+                    seen.insert(name, (section, value));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Hex digits (colons and spaces allowed) to bytes.
@@ -227,7 +263,8 @@ pub struct Pkcs11Signer {
 }
 
 impl Pkcs11Signer {
-    /// Applies `module_env`, loads the module, logs in, finds the key, checks it with a test
+    /// Applies `module_env` (a no-op when [`apply_module_envs`] ran at start-up), loads the
+    /// module, logs in, finds the key, checks it with a test
     /// signature and fills the session pool. Refuses with a clear message when the module,
     /// token or key is missing or the PIN is wrong.
     pub fn open(config: &Pkcs11Config) -> anyhow::Result<Self> {
@@ -350,6 +387,26 @@ mod tests {
         assert!(
             err("token_label = \"t\"\nkey_label = \"k\"\npin_env = \"A\"\ntypo = 1\n")
                 .contains("unknown field")
+        );
+    }
+
+    #[test]
+    fn two_signers_may_not_set_one_module_variable_differently() {
+        let with = |value: &str| {
+            parse(&format!(
+                "token_label = \"t\"\nkey_label = \"k\"\npin_env = \"P\"\n\
+                 module_env = {{ TSA_TEST_MODULE_CONF = \"{value}\" }}\n"
+            ))
+            .unwrap()
+        };
+        let (a, b, c) = (with("/a"), with("/a"), with("/b"));
+        module_env_conflict(&[("signer", &a), ("rollover.signer", &b)]).unwrap();
+        let err = module_env_conflict(&[("signer", &a), ("rollover.signer", &c)]).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "signer.module_env and rollover.signer.module_env set TSA_TEST_MODULE_CONF"
+            ),
+            "{err}"
         );
     }
 
