@@ -1209,3 +1209,25 @@ fn a_key_replaced_under_the_same_label_and_id_is_not_used() {
     let log = server.log();
     assert!(!log.contains("event=\"hsm_key_refound\""), "{log}");
 }
+
+/// Two tokens with the token label of the configuration: the signer does not guess.
+#[test]
+fn two_tokens_with_one_label_refuse_to_start() {
+    let dir = init_hsm(&[], "");
+    let d = dir.path();
+    let (conf, _) = softhsm_env(d);
+    ok(Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &conf)
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "tsa",
+            "--so-pin",
+            "12345678",
+            "--pin",
+            "87654321",
+        ]));
+    let err = refused_start(d, &[]);
+    assert!(err.contains("2 tokens have the label 'tsa'"), "{err}");
+}

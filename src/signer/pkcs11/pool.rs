@@ -272,12 +272,14 @@ impl ConnectError {
     }
 }
 
-/// The slot of the selected token.
+/// The slot of the selected token; an error when several tokens fit it (two with its label),
+/// as for two keys with one label.
 pub fn find_slot(ctx: &Pkcs11, selector: &TokenSelector) -> Result<Slot, ConnectError> {
     let slots = ctx
         .get_slots_with_token()
         .map_err(|e| ConnectError::pkcs11("cannot list the module's slots", &e))?;
     let mut labels = Vec::new();
+    let mut found = Vec::new();
     for slot in slots {
         let info = match ctx.get_token_info(slot) {
             Ok(info) => info,
@@ -303,9 +305,22 @@ pub fn find_slot(ctx: &Pkcs11, selector: &TokenSelector) -> Result<Slot, Connect
             if !info.token_initialized() {
                 return Err(ConnectError::new(format!("{selector} is not initialized")));
             }
-            return Ok(slot);
+            found.push(slot);
         }
         labels.push(shown);
+    }
+    match found.as_slice() {
+        [slot] => return Ok(*slot),
+        [] => {}
+        many => {
+            let ids: Vec<String> = many.iter().map(|s| s.id().to_string()).collect();
+            return Err(ConnectError::new(format!(
+                "{} tokens have the label '{}' (slots {}); name the token by slot as well",
+                many.len(),
+                selector.label.as_deref().unwrap_or(""),
+                ids.join(", ")
+            )));
+        }
     }
     Err(ConnectError::new(format!(
         "{selector} is not present; the module has {}",

@@ -102,8 +102,15 @@ pub fn init_token(
         label: Some(label.into()),
         slot: None,
     };
-    if pool::find_slot(ctx, &selector).is_ok() {
-        bail!("a token labelled '{label}' exists already");
+    for slot in ctx
+        .get_slots_with_token()
+        .context("cannot list the slots")?
+    {
+        if let Ok(info) = ctx.get_token_info(slot) {
+            if info.token_initialized() && info.label().trim_end() == label {
+                bail!("a token labelled '{label}' exists already");
+            }
+        }
     }
     let mut free = None;
     for slot in ctx.get_all_slots().context("cannot list the slots")? {
