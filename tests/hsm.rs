@@ -14,7 +14,11 @@
 //!   traffic noticing the loss); the CKR codes seen are printed;
 //! - concurrent requests all get verified tokens, also while the token goes away and comes
 //!   back under load: refusals are systemFailure only, and after the recovery every session
-//!   of the pool signs again.
+//!   of the pool signs again;
+//! - two tokens of one module: the first going away and back leaves the second signing and
+//!   ready throughout (the shared library is not re-initialized under it);
+//! - a key deleted and generated anew under the same label and id is not used; two tokens with
+//!   one label refuse to start.
 //!
 //! SoftHSM2 and OpenSC's pkcs11-tool must be installed (`scripts/test.sh` installs them).
 
