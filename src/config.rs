@@ -652,6 +652,22 @@ impl Default for TokenConfig {
 }
 
 impl Config {
+    /// The PKCS#11 signers, by section: `[signer]`, `[rollover.signer]`.
+    pub fn pkcs11_signers(&self) -> Vec<(&'static str, &crate::signer::pkcs11::Pkcs11Config)> {
+        let rollover = self
+            .rollover
+            .as_ref()
+            .map(|r| ("rollover.signer", &r.signer));
+        [("signer", &self.signer)]
+            .into_iter()
+            .chain(rollover)
+            .filter_map(|(section, signer)| match signer {
+                SignerConfig::Pkcs11(pkcs11) => Some((section, &**pkcs11)),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the configuration {}", path.display()))?;

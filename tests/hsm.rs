@@ -14,7 +14,11 @@
 //!   traffic noticing the loss); the CKR codes seen are printed;
 //! - concurrent requests all get verified tokens, also while the token goes away and comes
 //!   back under load: refusals are systemFailure only, and after the recovery every session
-//!   of the pool signs again.
+//!   of the pool signs again;
+//! - two tokens of one module: the first going away and back leaves the second signing and
+//!   ready throughout (the shared library is not re-initialized under it);
+//! - a key deleted and generated anew under the same label and id is not used; two tokens with
+//!   one label refuse to start.
 //!
 //! SoftHSM2 and OpenSC's pkcs11-tool must be installed (`scripts/test.sh` installs them).
 
@@ -1001,4 +1005,233 @@ fn a_planned_rollover_to_a_new_token_key() {
     }
     assert!(before > 0 && after >= 5, "before {before}, after {after}");
     assert!(server.log().contains("key_rollover"), "{}", server.log());
+}
+
+/// A second token in the state directory's SoftHSM2 configuration (`tsa hsm softhsm-init`),
+/// with a P-256 key `tsu-b` certified by the development CA; the `[signer]` table for it.
+fn second_token_signer(d: &Path, label: &str) -> String {
+    ok(Command::new(TSA)
+        .args(["hsm", "softhsm-init", "--label", label, "--dir"])
+        .arg(d.join("softhsm"))
+        .arg("--pin-file")
+        .arg(d.join("hsm-pin"))
+        .arg("--so-pin-file")
+        .arg(d.join("hsm-so-pin")));
+    let config = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
+    let table = config
+        .split("[signer]\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n[").next())
+        .expect("a [signer] table");
+    let signer: String = table
+        .lines()
+        .filter(|l| !l.starts_with("key_id") && !l.starts_with('#'))
+        .map(|l| match l.split_once(" = ") {
+            Some(("token_label", _)) => format!("token_label = \"{label}\"\n"),
+            Some(("key_label", _)) => "key_label = \"tsu-b\"\n".to_string(),
+            Some(("certificate", _)) => "certificate = \"b-cert.pem\"\n".to_string(),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    let b_config = d.join("b.toml");
+    std::fs::write(&b_config, config.replace(table, signer.trim_end())).unwrap();
+    ok(Command::new(TSA)
+        .args(["hsm", "keygen", "--algorithm", "p256", "--config"])
+        .arg(&b_config));
+    ok(Command::new(TSA)
+        .args([
+            "hsm",
+            "csr",
+            "--subject",
+            "C=VN,O=Example TSA,CN=TSU B",
+            "--out",
+        ])
+        .arg(d.join("b.csr"))
+        .arg("--config")
+        .arg(&b_config));
+    sign_tsu_csr(d, "b.csr", "b-signed.pem");
+    ok(Command::new(TSA)
+        .args(["hsm", "install-cert", "--cert"])
+        .arg(d.join("b-signed.pem"))
+        .arg("--config")
+        .arg(&b_config));
+    signer
+}
+
+/// Two signers on two tokens of one module (the first key and a rollover key already in
+/// force): the first token going away and coming back is recovered by its own pool without
+/// touching the library under the other, whose signatures never fail and whose readiness
+/// stays 200 throughout.
+#[test]
+fn one_tokens_outage_leaves_another_token_of_the_same_module_signing() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let dir = init_hsm(
+        &["--algorithm", "p256"],
+        "[signer]\nhealth_check_interval_ms = 100\n",
+    );
+    let d = dir.path();
+    let token_a = token_dir(d);
+    let signer_b = second_token_signer(d, "tsb");
+    let at = chrono::Utc::now() - chrono::Duration::seconds(60);
+    edit_config(d, |c| {
+        format!(
+            "{c}\n[rollover]\nat = \"{}\"\n[rollover.signer]\n{signer_b}",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        )
+    });
+    let mut server = HsmServer::start(d, &[]);
+    let work = tempfile::tempdir().unwrap();
+    stamp_and_verify(&server, work.path(), &["-sha256", "-cert"]);
+
+    let (granted, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (url, granted, refused, stop) = (
+            server.url.clone(),
+            granted.clone(),
+            refused.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
+            let (_, path) = wire::split_url(&url);
+            let mut conn = wire::Conn::open(&url);
+            let mut last = None;
+            for i in 0u32.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let query = wire::query_for(format!("request {i}").as_bytes());
+                let der = query.to_der().unwrap();
+                let reply = conn.post(&path, &der);
+                assert_eq!(reply.status, 200, "{reply:?}");
+                let response = wire::decode(&reply);
+                if response.granted() {
+                    granted.fetch_add(1, Ordering::Relaxed);
+                    last = Some((der, reply.body));
+                } else {
+                    eprintln!("refused: {:?}", response.status_text);
+                    refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            last.expect("a token")
+        })
+    };
+
+    let away = d.join("token-a-moved-away");
+    std::fs::rename(&token_a, &away).unwrap();
+    wait_for("token A's loss noticed", Duration::from_secs(30), || {
+        server.log().contains("event=\"hsm_session_lost\"")
+    });
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        let (code, text) = server.readiness();
+        assert_eq!(
+            code, 200,
+            "token B's readiness while token A is away: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::rename(&away, &token_a).unwrap();
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        let (code, text) = server.readiness();
+        assert_eq!(
+            code, 200,
+            "token B's readiness after token A came back: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (query, reply) = client.join().expect("the client");
+    std::fs::write(work.path().join("req.tsq"), query).unwrap();
+    std::fs::write(work.path().join("reply.tsr"), reply).unwrap();
+    std::fs::copy(d.join("b-cert.pem"), d.join("tsa-cert.pem")).unwrap();
+    openssl_ts_verify(&server, work.path());
+    assert!(server.alive(), "the server exited");
+    let log = server.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(
+        refused.load(Ordering::Relaxed),
+        0,
+        "token B refused:\n{log}"
+    );
+    assert!(granted.load(Ordering::Relaxed) > 0);
+    assert!(
+        log.contains("event=\"hsm_library_shared\""),
+        "token A's recovery must not re-initialize the shared library:\n{log}"
+    );
+}
+
+/// The key deleted and a new key pair generated under the same label and id while the server
+/// runs: the signer finds a key again after its handle went stale, but not the certified one,
+/// so it stops signing (systemFailure, readiness 503) rather than grant tokens that do not
+/// verify.
+#[test]
+fn a_key_replaced_under_the_same_label_and_id_is_not_used() {
+    let dir = init_hsm(&["--algorithm", "p256"], "");
+    let d = dir.path();
+    let server = HsmServer::start(d, &[]);
+    let work = tempfile::tempdir().unwrap();
+    stamp_and_verify(&server, work.path(), &["-sha256", "-cert"]);
+
+    let (conf, module) = softhsm_env(d);
+    for class in ["privkey", "pubkey"] {
+        ok(Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", &conf)
+            .args([
+                "--module",
+                &module,
+                "--token-label",
+                "tsa",
+                "--login",
+                "--pin",
+            ])
+            .arg(pin(d))
+            .args(["--delete-object", "--type", class, "--label", "tsa-tsu"]));
+    }
+    // The configuration names the key by label and id: the new pair gets both.
+    ok(Command::new(TSA)
+        .args(["hsm", "keygen", "--algorithm", "p256", "--config"])
+        .arg(d.join("tsa.toml")));
+
+    query(work.path(), &["-sha256", "-cert"]);
+    let response = post(&server, work.path());
+    assert!(
+        !response.granted(),
+        "a token signed by the new key was granted"
+    );
+    assert_eq!(
+        response.fail_bits,
+        vec![FailInfo::SystemFailure.bit() as usize],
+        "{:?}",
+        response.status_text
+    );
+    let (code, text) = server.readiness();
+    assert_eq!(code, 503, "{text}");
+    let log = server.log();
+    assert!(!log.contains("event=\"hsm_key_refound\""), "{log}");
+}
+
+/// Two tokens with the token label of the configuration: the signer does not guess.
+#[test]
+fn two_tokens_with_one_label_refuse_to_start() {
+    let dir = init_hsm(&[], "");
+    let d = dir.path();
+    let (conf, _) = softhsm_env(d);
+    ok(Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &conf)
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            "tsa",
+            "--so-pin",
+            "12345678",
+            "--pin",
+            "87654321",
+        ]));
+    let err = refused_start(d, &[]);
+    assert!(err.contains("2 tokens have the label 'tsa'"), "{err}");
 }

@@ -29,6 +29,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     if let Some(admin) = args.admin_listen {
         config.server.admin_listen = admin;
     }
+    // The PKCS#11 modules' environment, while this is the only thread.
+    tsa::signer::pkcs11::apply_module_envs(config.pkcs11_signers())?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if config.server.workers > 0 {
@@ -40,7 +42,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .parent()
         .map(|d| d.join("ca-cert.pem"))
         .filter(|p| p.exists());
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let tsa = Arc::new(server::build(&config)?);
         tokio::spawn(reload_on_sighup(tsa.clone(), args.config.clone()));
         server::serve(
@@ -50,8 +52,24 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             shutdown_signal(),
         )
         .await
-    })
+    });
+    // Requests in flight have had their time (`serve` waits for them); blocking work still
+    // running now is stuck (a signature inside an HSM module that does not answer) and must
+    // not keep the process from exiting, as dropping the runtime would.
+    let started = std::time::Instant::now();
+    runtime.shutdown_timeout(BLOCKING_SHUTDOWN);
+    if started.elapsed() >= BLOCKING_SHUTDOWN {
+        tracing::warn!(
+            waited_ms = BLOCKING_SHUTDOWN.as_millis() as u64,
+            "blocking work (a signature inside an HSM module that does not answer?) is still \
+             running; exiting without it"
+        );
+    }
+    served
 }
+
+/// How long the exit waits for blocking work still running after the server stopped.
+const BLOCKING_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Tells the operator (and tests, which read the first line) where the TSA listens.
 fn announce(bound: server::Bound, path: &str, ca: Option<PathBuf>) {

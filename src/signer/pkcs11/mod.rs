@@ -3,12 +3,14 @@
 //! The TSA hashes on the host and lets the token sign the digest: `CKM_ECDSA` for P-256 and
 //! P-384, `CKM_RSA_PKCS` over the DER `DigestInfo`, or `CKM_RSA_PKCS_PSS` (see [`key`]). A
 //! pool of logged-in sessions serves concurrent signatures and recovers from lost sessions,
-//! logins and tokens without a restart (see [`pool`]). The PIN comes from a file, an
+//! logins and tokens without a restart (see [`pool`]); signers on one module share its library
+//! ([`module`]). The PIN comes from a file, an
 //! environment variable or a systemd credential ([`pin`]), never from the configuration file.
 //! [`token`] has the tooling: a SoftHSM2 token for development, key generation on a token, and
 //! CSRs signed by the token key. `hsm/README.md` is the operator's guide.
 
 pub mod key;
+pub mod module;
 pub mod pin;
 pub mod pool;
 pub mod token;
@@ -50,7 +52,9 @@ pub struct Pkcs11Config {
     /// The private key's `CKA_ID`, in hex.
     #[serde(default)]
     pub key_id: Option<String>,
-    /// A file holding the user PIN (mode 0600 or stricter).
+    /// A file holding the user PIN. Refused when others (neither its owner nor its group) have
+    /// any access to it; the group may read it (mode 0640 for a service's group), so 0600 or
+    /// 0640.
     #[serde(default)]
     pub pin_file: Option<PathBuf>,
     /// An environment variable holding the user PIN.
@@ -71,6 +75,10 @@ pub struct Pkcs11Config {
     /// How often an idle pool checks that the token and its sessions are still there.
     #[serde(default = "default_health_check_interval_ms")]
     pub health_check_interval_ms: u64,
+    /// How long a signature may stay inside the module before the signer counts the HSM as
+    /// hung (readiness 503 until it answers again).
+    #[serde(default = "default_sign_timeout_ms")]
+    pub sign_timeout_ms: u64,
     /// The TSU certificate (PEM); it may be followed by its chain.
     pub certificate: PathBuf,
     /// Further certificates sent when a request sets certReq.
@@ -84,6 +92,10 @@ fn default_sessions() -> usize {
 
 fn default_health_check_interval_ms() -> u64 {
     5_000
+}
+
+fn default_sign_timeout_ms() -> u64 {
+    10_000
 }
 
 impl Pkcs11Config {
@@ -122,6 +134,9 @@ impl Pkcs11Config {
         }
         if self.health_check_interval_ms < 10 {
             bail!("signer.health_check_interval_ms must be at least 10");
+        }
+        if self.sign_timeout_ms < 100 {
+            bail!("signer.sign_timeout_ms must be at least 100");
         }
         Ok(())
     }
@@ -163,11 +178,15 @@ impl Pkcs11Config {
         }
     }
 
-    /// Sets `module_env` in the process environment (before the module is loaded).
+    /// Sets `module_env` in the process environment (before the module is loaded), leaving
+    /// alone what holds its value already. Changing the environment while other threads run
+    /// is unsound (they may read it meanwhile, the module's own threads included): call this,
+    /// or [`apply_module_envs`] for all signers, before any thread starts.
     pub fn apply_module_env(&self) {
         for (name, value) in &self.module_env {
-            // Rust 2021: set_var is safe; this runs at start-up, before the module reads it.
-            std::env::set_var(name, value);
+            if std::env::var_os(name).is_none_or(|current| current != value.as_str()) {
+                std::env::set_var(name, value);
+            }
         }
     }
 
@@ -181,8 +200,41 @@ impl Pkcs11Config {
             sessions: self.sessions,
             padding: self.rsa_padding,
             health_check_interval: Duration::from_millis(self.health_check_interval_ms),
+            sign_timeout: Duration::from_millis(self.sign_timeout_ms),
         })
     }
+}
+
+/// Applies the `module_env` of every signer (before any thread starts), refusing two signers
+/// that want one variable to hold different values: a process has one environment.
+pub fn apply_module_envs<'a>(
+    configs: impl IntoIterator<Item = (&'a str, &'a Pkcs11Config)>,
+) -> anyhow::Result<()> {
+    let configs: Vec<_> = configs.into_iter().collect();
+    module_env_conflict(&configs)?;
+    for (_, config) in configs {
+        config.apply_module_env();
+    }
+    Ok(())
+}
+
+fn module_env_conflict(configs: &[(&str, &Pkcs11Config)]) -> anyhow::Result<()> {
+    let mut seen: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+    for (section, config) in configs {
+        for (name, value) in &config.module_env {
+            match seen.get(name.as_str()) {
+                Some((other, earlier)) if earlier != value => bail!(
+                    "{other}.module_env and {section}.module_env set {name} differently; the \
+                     process has one environment: give both signers the same value"
+                ),
+                Some(_) => {}
+                None => {
+                    seen.insert(name, (section, value));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Hex digits (colons and spaces allowed) to bytes.
@@ -211,7 +263,8 @@ pub struct Pkcs11Signer {
 }
 
 impl Pkcs11Signer {
-    /// Applies `module_env`, loads the module, logs in, finds the key, checks it with a test
+    /// Applies `module_env` (a no-op when [`apply_module_envs`] ran at start-up), loads the
+    /// module, logs in, finds the key, checks it with a test
     /// signature and fills the session pool. Refuses with a clear message when the module,
     /// token or key is missing or the PIN is wrong.
     pub fn open(config: &Pkcs11Config) -> anyhow::Result<Self> {
@@ -309,6 +362,7 @@ mod tests {
     fn settings_are_checked() {
         let ok = parse("token_label = \"t\"\nkey_label = \"k\"\npin_file = \"pin\"\n").unwrap();
         assert_eq!(ok.sessions, 4);
+        assert_eq!(ok.sign_timeout_ms, 10_000);
         assert_eq!(ok.pin_source().unwrap(), PinSource::File("pin".into()));
         let with_id = parse("slot = 3\nkey_id = \"0a:1B\"\npin_env = \"PIN\"\n").unwrap();
         assert_eq!(with_id.key_selector().unwrap().id, Some(vec![0x0a, 0x1b]));
@@ -333,6 +387,26 @@ mod tests {
         assert!(
             err("token_label = \"t\"\nkey_label = \"k\"\npin_env = \"A\"\ntypo = 1\n")
                 .contains("unknown field")
+        );
+    }
+
+    #[test]
+    fn two_signers_may_not_set_one_module_variable_differently() {
+        let with = |value: &str| {
+            parse(&format!(
+                "token_label = \"t\"\nkey_label = \"k\"\npin_env = \"P\"\n\
+                 module_env = {{ TSA_TEST_MODULE_CONF = \"{value}\" }}\n"
+            ))
+            .unwrap()
+        };
+        let (a, b, c) = (with("/a"), with("/a"), with("/b"));
+        module_env_conflict(&[("signer", &a), ("rollover.signer", &b)]).unwrap();
+        let err = module_env_conflict(&[("signer", &a), ("rollover.signer", &c)]).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "signer.module_env and rollover.signer.module_env set TSA_TEST_MODULE_CONF"
+            ),
+            "{err}"
         );
     }
 

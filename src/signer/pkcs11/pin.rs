@@ -15,7 +15,9 @@ const MAX_PIN: usize = 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PinSource {
-    /// A file holding the PIN (a trailing newline is ignored); not readable by others.
+    /// A file holding the PIN (a trailing newline is ignored). Others (neither the owner nor
+    /// the group) must have no access to it; the group's bits are not checked, so that a
+    /// service's group may read it (0640).
     File(PathBuf),
     /// An environment variable.
     Env(String),
@@ -80,7 +82,8 @@ fn read_pin_file(path: &Path, check_mode: bool) -> anyhow::Result<AuthPin> {
             .mode();
         if mode & 0o007 != 0 {
             bail!(
-                "{source} is accessible to every user (mode {:o}); chmod 600 it",
+                "{source} is accessible to other users (mode {:o}); chmod 600 it (or 640 for \
+                 a service group)",
                 mode & 0o777
             );
         }
@@ -132,9 +135,11 @@ mod tests {
         let pin = PinSource::File(path.clone()).read().unwrap();
         assert_eq!(pin.expose_secret(), "12 34");
 
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = PinSource::File(path.clone()).read().unwrap_err();
-        assert!(err.to_string().contains("chmod 600"), "{err}");
+        for refused in [0o644, 0o602, 0o601] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(refused)).unwrap();
+            let err = PinSource::File(path.clone()).read().unwrap_err();
+            assert!(err.to_string().contains("chmod 600"), "{err}");
+        }
 
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&path, "\n").unwrap();

@@ -7,25 +7,35 @@
 //! again, or finalize and re-initialize the library without any thread being inside it.
 //!
 //! Faults: a signature that fails with a handle error (`CKR_OBJECT_HANDLE_INVALID`,
-//! `CKR_KEY_HANDLE_INVALID`) first finds the key again in its session and retries once. Any
+//! `CKR_KEY_HANDLE_INVALID`) first finds the key again in its session, checks with a test
+//! signature that it is still the key the TSA started with, and retries once. Any
 //! fault that means the session, the login or the token went away (see [`classify`]) marks the
 //! pool down: from then on `sign` answers `Unavailable` at once, `health` is an error, and the
 //! recovery thread tries, with a bounded exponential backoff, new sessions and a new login,
 //! then `C_Finalize` + `C_Initialize` and all of it again, until a probe signature verifies
-//! with the key's known public key. While the pool is up the same thread probes an idle
+//! with the key's known public key. The library is re-initialized only by the module's only
+//! user in the process (see [`super::module`]): with another signer on the same module, only
+//! new sessions and logins are tried. While the pool is up the same thread probes an idle
 //! session every `health_check_interval` (`C_GetTokenInfo`, `C_GetSessionInfo`), so that a lost
 //! token is noticed without traffic.
+//!
+//! A module that stops answering: every signature's start is recorded, and the health thread
+//! marks the pool down when one has been inside the module longer than `sign_timeout` (a hung
+//! HSM holds its sessions, so there is no idle one to probe). No recovery takes the write lock
+//! while such a signature is in flight (it would wait for it for good), and the shutdown waits
+//! for the health thread at most `sign_timeout`.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
 
 use super::key::{self, FindError, KeyInfo, KeySelector, Scheme};
+use super::module::{Reinitialized, SharedModule};
 use super::pin::PinSource;
 use crate::alg::SignatureAlgorithm;
 use crate::signer::SignError;
@@ -66,6 +76,8 @@ pub struct Spec {
     pub sessions: usize,
     pub padding: crate::signer::software::RsaPadding,
     pub health_check_interval: Duration,
+    /// How long a signature may stay inside the module before the pool counts it as hung.
+    pub sign_timeout: Duration,
 }
 
 /// What a failed PKCS#11 call means for the pool.
@@ -132,15 +144,58 @@ pub fn function(error: &CkError) -> String {
 }
 
 struct Library {
-    ctx: Pkcs11,
+    module: SharedModule,
     slot: Slot,
-    /// Whether this pool called `C_Initialize` (another user in the process may have).
-    owns_init: bool,
+}
+
+impl Library {
+    fn ctx(&self) -> &Pkcs11 {
+        self.module.ctx()
+    }
 }
 
 struct Pooled {
     session: Session,
     key: ObjectHandle,
+    /// The signature it is lent for, in [`InFlight`].
+    signing: Option<u64>,
+}
+
+/// When each signature in flight started.
+#[derive(Default)]
+pub struct InFlight {
+    next: u64,
+    started: std::collections::BTreeMap<u64, Instant>,
+}
+
+impl InFlight {
+    pub fn begin(&mut self, now: Instant) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.started.insert(id, now);
+        id
+    }
+
+    pub fn end(&mut self, id: u64) {
+        self.started.remove(&id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.started.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.started.is_empty()
+    }
+
+    /// How long the oldest signature in flight has run, if it has run longer than `bound`:
+    /// the module does not answer.
+    pub fn stuck(&self, now: Instant, bound: Duration) -> Option<Duration> {
+        // Ids grow with time: the first is the oldest.
+        let (_, started) = self.started.first_key_value()?;
+        let running = now.saturating_duration_since(*started);
+        (running > bound).then_some(running)
+    }
 }
 
 enum Health {
@@ -150,8 +205,11 @@ enum Health {
 
 struct State {
     idle: Vec<Pooled>,
+    in_flight: InFlight,
     health: Health,
     shutdown: bool,
+    /// The health thread has returned.
+    watcher_done: bool,
 }
 
 pub struct Pool {
@@ -214,36 +272,14 @@ impl ConnectError {
     }
 }
 
-/// Loads and initializes the module (tolerating a library another part of the process
-/// initialized already).
-pub fn load_module(module: &std::path::Path) -> anyhow::Result<(Pkcs11, bool)> {
-    let ctx = Pkcs11::new(module)
-        .map_err(|e| anyhow::anyhow!("cannot load the PKCS#11 module {}: {e}", module.display()))?;
-    let owns_init = initialize(&ctx).map_err(|e| {
-        anyhow::anyhow!(
-            "the PKCS#11 module {} does not initialize: {} ({e})",
-            module.display(),
-            ckr(&e)
-        )
-    })?;
-    Ok((ctx, owns_init))
-}
-
-/// `C_Initialize` with OS locking; `Ok(false)` if the library was initialized already.
-fn initialize(ctx: &Pkcs11) -> Result<bool, CkError> {
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) => Ok(true),
-        Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// The slot of the selected token.
+/// The slot of the selected token; an error when several tokens fit it (two with its label),
+/// as for two keys with one label.
 pub fn find_slot(ctx: &Pkcs11, selector: &TokenSelector) -> Result<Slot, ConnectError> {
     let slots = ctx
         .get_slots_with_token()
         .map_err(|e| ConnectError::pkcs11("cannot list the module's slots", &e))?;
     let mut labels = Vec::new();
+    let mut found = Vec::new();
     for slot in slots {
         let info = match ctx.get_token_info(slot) {
             Ok(info) => info,
@@ -269,9 +305,22 @@ pub fn find_slot(ctx: &Pkcs11, selector: &TokenSelector) -> Result<Slot, Connect
             if !info.token_initialized() {
                 return Err(ConnectError::new(format!("{selector} is not initialized")));
             }
-            return Ok(slot);
+            found.push(slot);
         }
         labels.push(shown);
+    }
+    match found.as_slice() {
+        [slot] => return Ok(*slot),
+        [] => {}
+        many => {
+            let ids: Vec<String> = many.iter().map(|s| s.id().to_string()).collect();
+            return Err(ConnectError::new(format!(
+                "{} tokens have the label '{}' (slots {}); name the token by slot as well",
+                many.len(),
+                selector.label.as_deref().unwrap_or(""),
+                ids.join(", ")
+            )));
+        }
     }
     Err(ConnectError::new(format!(
         "{selector} is not present; the module has {}",
@@ -327,7 +376,7 @@ fn connect(
     spec: &Spec,
     expect: Option<&KeyInfo>,
 ) -> Result<(Vec<Pooled>, KeyInfo), ConnectError> {
-    let first = open_logged_in(&lib.ctx, lib.slot, &spec.pin, false)?;
+    let first = open_logged_in(lib.ctx(), lib.slot, &spec.pin, false)?;
     let key = key::find_private_key(&first, &spec.key).map_err(|e| match e {
         FindError::Token(e) => ConnectError::pkcs11("cannot search the token", &e),
         other => ConnectError::new(other.to_string()),
@@ -349,10 +398,11 @@ fn connect(
     sessions.push(Pooled {
         session: first,
         key,
+        signing: None,
     });
     while sessions.len() < spec.sessions {
         let session = lib
-            .ctx
+            .ctx()
             .open_ro_session(lib.slot)
             .map_err(|e| ConnectError::pkcs11("cannot open another session", &e))?;
         // The login is the application's, shared by its sessions; a token that wants one per
@@ -363,7 +413,11 @@ fn connect(
         ) {
             login(&session, &spec.pin)?;
         }
-        sessions.push(Pooled { session, key });
+        sessions.push(Pooled {
+            session,
+            key,
+            signing: None,
+        });
     }
     Ok((sessions, info))
 }
@@ -405,29 +459,12 @@ impl Pool {
         if spec.sessions == 0 {
             anyhow::bail!("signer.sessions must be at least 1");
         }
-        let (ctx, owns_init) = load_module(&spec.module)?;
-        let fail = |ctx: Pkcs11, message: String| {
-            if owns_init {
-                let _ = ctx.finalize();
-            }
-            anyhow::anyhow!(message)
-        };
-        let slot = match find_slot(&ctx, &spec.token) {
-            Ok(slot) => slot,
-            Err(e) => return Err(fail(ctx, e.message)),
-        };
-        let lib = Library {
-            ctx,
-            slot,
-            owns_init,
-        };
-        let (sessions, info) = match connect(&lib, &spec, None) {
-            Ok(ok) => ok,
-            Err(e) => {
-                let message = format!("{} ({}): {e}", spec.token, spec.module.display());
-                return Err(fail(lib.ctx, message));
-            }
-        };
+        // On failure the module is let go (and finalized if this was its last user).
+        let module = SharedModule::open(&spec.module)?;
+        let slot = find_slot(module.ctx(), &spec.token).map_err(|e| anyhow::anyhow!(e.message))?;
+        let lib = Library { module, slot };
+        let (sessions, info) = connect(&lib, &spec, None)
+            .map_err(|e| anyhow::anyhow!("{} ({}): {e}", spec.token, spec.module.display()))?;
         let (scheme, algorithm) = info.kind.scheme(spec.padding);
         let pool = Arc::new(Pool {
             spec,
@@ -437,8 +474,10 @@ impl Pool {
             lib: RwLock::new(lib),
             state: Mutex::new(State {
                 idle: sessions,
+                in_flight: InFlight::default(),
                 health: Health::Up,
                 shutdown: false,
+                watcher_done: false,
             }),
             idle_cv: Condvar::new(),
             wake_cv: Condvar::new(),
@@ -447,7 +486,11 @@ impl Pool {
         let thread_pool = Arc::clone(&pool);
         let watcher = std::thread::Builder::new()
             .name("pkcs11-health".into())
-            .spawn(move || thread_pool.watch())
+            .spawn(move || {
+                Arc::clone(&thread_pool).watch();
+                thread_pool.state().watcher_done = true;
+                thread_pool.idle_cv.notify_all();
+            })
             .map_err(|e| anyhow::anyhow!("cannot start the PKCS#11 health thread: {e}"))?;
         *pool.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
         Ok(pool)
@@ -472,9 +515,11 @@ impl Pool {
     /// Stops the health thread and waits for it (it holds the pool; the signer calls this
     /// when dropped). Without the wait, the thread could still be in the module while the
     /// process exits and the module's exit handlers tear it down: SoftHSM2 then crashed in
-    /// `pkcs11-health` (SIGSEGV) after `tsa hsm check` had done its work.
+    /// `pkcs11-health` (SIGSEGV) after `tsa hsm check` had done its work. A module that does
+    /// not answer is waited for at most `sign_timeout`: the process then exits without it.
     pub fn shutdown(&self) {
-        self.state().shutdown = true;
+        let mut state = self.state();
+        state.shutdown = true;
         self.wake_cv.notify_all();
         self.idle_cv.notify_all();
         let watcher = self
@@ -482,11 +527,33 @@ impl Pool {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(watcher) = watcher {
-            if watcher.thread().id() != std::thread::current().id() {
-                let _ = watcher.join();
-            }
+        let Some(watcher) = watcher else {
+            return;
+        };
+        if watcher.thread().id() == std::thread::current().id() {
+            return;
         }
+        let deadline = Instant::now() + self.spec.sign_timeout;
+        while !state.watcher_done {
+            let now = Instant::now();
+            if now >= deadline {
+                tracing::error!(
+                    event = "hsm_shutdown_stuck",
+                    waited_ms = self.spec.sign_timeout.as_millis() as u64,
+                    signatures_in_flight = state.in_flight.len(),
+                    "the PKCS#11 module does not answer: its health thread is still inside it; \
+                     going on without waiting for it"
+                );
+                return;
+            }
+            state = self
+                .idle_cv
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(state);
+        let _ = watcher.join();
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -530,7 +597,8 @@ impl Pool {
             if let Health::Down { reason, .. } = &state.health {
                 return Err(SignError::Unavailable(reason.clone()));
             }
-            if let Some(pooled) = state.idle.pop() {
+            if let Some(mut pooled) = state.idle.pop() {
+                pooled.signing = Some(state.in_flight.begin(Instant::now()));
                 return Ok(pooled);
             }
             let now = Instant::now();
@@ -549,8 +617,13 @@ impl Pool {
         }
     }
 
-    fn release(&self, pooled: Pooled) {
-        self.state().idle.push(pooled);
+    fn release(&self, mut pooled: Pooled) {
+        let mut state = self.state();
+        if let Some(id) = pooled.signing.take() {
+            state.in_flight.end(id);
+        }
+        state.idle.push(pooled);
+        drop(state);
         self.idle_cv.notify_one();
     }
 
@@ -582,7 +655,34 @@ impl Pool {
                     function = %function(&error),
                     "the key's handle is no longer valid; finding the key again"
                 );
-                match key::find_private_key(&pooled.session, &self.spec.key) {
+                let found = key::find_private_key(&pooled.session, &self.spec.key);
+                if let Ok(handle) = found {
+                    // Whatever now has the label/id must still be the certified key: a test
+                    // signature verifies with the public key the TSA started with.
+                    if let Err(e) = probe_signature(
+                        &pooled.session,
+                        handle,
+                        self.scheme,
+                        self.algorithm,
+                        &self.info.public_key,
+                    ) {
+                        self.release(pooled);
+                        let reason = format!(
+                            "{} ({}), and the key found again with {} is not the key the TSA \
+                             started with (its certificate's): {e}",
+                            ckr(&error),
+                            function(&error),
+                            self.spec.key
+                        );
+                        self.mark_down(
+                            format!("the HSM key was replaced: {reason}"),
+                            e.ckr.clone().or_else(|| Some(ckr(&error))),
+                            Some(function(&error)),
+                        );
+                        return Err(SignError::Unavailable(reason));
+                    }
+                }
+                match found {
                     Ok(handle) => match pooled.session.sign(&mechanism, handle, data) {
                         Ok(signature) => {
                             tracing::info!(
@@ -630,10 +730,20 @@ impl Pool {
     }
 
     fn mark_down(&self, reason: String, ckr: Option<String>, function: Option<String>) {
+        self.mark_down_as("hsm_session_lost", reason, ckr, function);
+    }
+
+    fn mark_down_as(
+        &self,
+        event: &'static str,
+        reason: String,
+        ckr: Option<String>,
+        function: Option<String>,
+    ) {
         let mut state = self.state();
         if matches!(state.health, Health::Up) {
             tracing::error!(
-                event = "hsm_session_lost",
+                event,
                 ckr = ckr.as_deref().unwrap_or(""),
                 function = function.as_deref().unwrap_or(""),
                 reason = %reason,
@@ -671,8 +781,14 @@ impl Pool {
                     state = guard;
                     if timeout.timed_out() && !state.shutdown && matches!(state.health, Health::Up)
                     {
+                        let stuck = state
+                            .in_flight
+                            .stuck(Instant::now(), self.spec.sign_timeout);
                         drop(state);
-                        self.probe();
+                        match stuck {
+                            Some(running) => self.mark_stuck(running),
+                            None => self.probe(),
+                        }
                         state = self.state();
                     }
                 }
@@ -704,6 +820,57 @@ impl Pool {
         }
     }
 
+    /// A signature has been inside the module longer than `sign_timeout`.
+    fn mark_stuck(&self, running: Duration) {
+        self.mark_down_as(
+            "hsm_sign_timeout",
+            format!(
+                "a signature has been inside the PKCS#11 module for {} ms (sign_timeout_ms = \
+                 {}): the HSM does not answer",
+                running.as_millis(),
+                self.spec.sign_timeout.as_millis()
+            ),
+            None,
+            Some("C_Sign".into()),
+        );
+    }
+
+    /// The library's write lock for a recovery, once no signature is in flight; `None` while
+    /// one has been inside the module longer than `sign_timeout` (it may never return, and a
+    /// blocking `write()` would wait with it) or when the pool shuts down.
+    fn write_for_recovery(&self) -> Option<std::sync::RwLockWriteGuard<'_, Library>> {
+        loop {
+            match self.lib.try_write() {
+                Ok(lib) => return Some(lib),
+                Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) => {}
+            }
+            let state = self.state();
+            if state.shutdown {
+                return None;
+            }
+            if let Some(running) = state
+                .in_flight
+                .stuck(Instant::now(), self.spec.sign_timeout)
+            {
+                drop(state);
+                if let Health::Down { reason, .. } = &mut self.state().health {
+                    *reason = format!(
+                        "a signature has been inside the PKCS#11 module for {} ms: the HSM \
+                         does not answer; the recovery waits for it to return",
+                        running.as_millis()
+                    );
+                }
+                return None;
+            }
+            // Signatures in flight end within `sign_timeout`, or count as stuck.
+            let _ = self
+                .idle_cv
+                .wait_timeout(state, Duration::from_millis(10))
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
     /// Checks an idle session without signing: the token answers and the session is still
     /// logged in. A busy pool is not probed (its signatures are the probe).
     fn probe(&self) {
@@ -714,7 +881,7 @@ impl Pool {
             return;
         };
         let checked = lib
-            .ctx
+            .ctx()
             .get_token_info(lib.slot)
             .and_then(|_| pooled.session.get_session_info());
         let error = match checked {
@@ -765,7 +932,9 @@ impl Pool {
     /// One recovery attempt: new sessions and login; failing that, `C_Finalize` +
     /// `C_Initialize`, the slot found again, new sessions and login.
     fn recover(&self, attempt: u32) -> Recovery {
-        let mut lib = self.lib.write().unwrap_or_else(|p| p.into_inner());
+        let Some(mut lib) = self.write_for_recovery() else {
+            return Recovery::Failed;
+        };
         // Under the write lock no session is lent: close them all.
         let old = std::mem::take(&mut self.state().idle);
         drop(old);
@@ -799,25 +968,41 @@ impl Pool {
             "new sessions did not help"
         );
 
-        tracing::info!(
-            event = "hsm_recovery_attempt",
-            attempt,
-            level = "library",
-            "finalizing and re-initializing the PKCS#11 library"
-        );
-        if let Err(e) = lib.ctx.clone().finalize() {
-            tracing::debug!(ckr = %ckr(&e), "C_Finalize failed");
-        }
-        let result = initialize(&lib.ctx)
-            .map_err(|e| ConnectError::pkcs11("C_Initialize failed", &e))
-            .and_then(|owns| {
-                lib.owns_init |= owns;
-                find_slot(&lib.ctx, &self.spec.token)
-            })
-            .and_then(|slot| {
-                lib.slot = slot;
-                connect(&lib, &self.spec, Some(&self.info))
-            });
+        let result = match lib.module.reinitialize() {
+            Ok(Reinitialized::Done) => {
+                tracing::info!(
+                    event = "hsm_recovery_attempt",
+                    attempt,
+                    level = "library",
+                    "the PKCS#11 library was finalized and initialized again"
+                );
+                find_slot(lib.ctx(), &self.spec.token).and_then(|slot| {
+                    lib.slot = slot;
+                    connect(&lib, &self.spec, Some(&self.info))
+                })
+            }
+            Ok(Reinitialized::Shared { others }) => {
+                if attempt == 1 {
+                    tracing::warn!(
+                        event = "hsm_library_shared",
+                        attempt,
+                        others,
+                        module = %self.spec.module.display(),
+                        "the PKCS#11 library is shared with other users in this process \
+                         (another signer on the same module): it is not finalized under them, \
+                         so this recovery tries new sessions and logins only; a module that \
+                         needs a new library context comes back after a restart"
+                    );
+                }
+                Err(ConnectError {
+                    message: format!(
+                        "{sessions_error}; the shared PKCS#11 library is not re-initialized"
+                    ),
+                    ckr: sessions_error.ckr.clone(),
+                })
+            }
+            Err(e) => Err(ConnectError::pkcs11("C_Initialize failed", &e)),
+        };
         match result {
             Ok((sessions, _)) => {
                 self.install(sessions, attempt, "library", outage);
@@ -887,13 +1072,13 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        let lib = self.lib.get_mut().unwrap_or_else(|p| p.into_inner());
-        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
-        // Sessions first (they close themselves), then the library if this pool started it.
-        state.idle.clear();
-        if lib.owns_init {
-            let _ = lib.ctx.clone().finalize();
-        }
+        // Sessions first (they close themselves), then the module (`lib`, dropped after this),
+        // which its last user finalizes.
+        self.state
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .idle
+            .clear();
     }
 }
 
@@ -901,6 +1086,34 @@ impl Drop for Pool {
 mod tests {
     use super::*;
     use cryptoki::context::Function;
+
+    #[test]
+    fn a_signature_in_flight_longer_than_the_bound_counts_as_stuck() {
+        let bound = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let mut in_flight = InFlight::default();
+        assert_eq!(in_flight.stuck(t0 + bound * 2, bound), None);
+        let first = in_flight.begin(t0);
+        let second = in_flight.begin(t0 + Duration::from_secs(1));
+        assert_eq!(in_flight.len(), 2);
+        assert_eq!(in_flight.stuck(t0 + Duration::from_secs(5), bound), None);
+        assert_eq!(in_flight.stuck(t0 + bound, bound), None);
+        // The oldest decides, whatever finished after it.
+        let at = t0 + Duration::from_secs(11);
+        assert_eq!(in_flight.stuck(at, bound), Some(Duration::from_secs(11)));
+        in_flight.end(first);
+        assert_eq!(in_flight.stuck(at, bound), None);
+        assert_eq!(
+            in_flight.stuck(at + Duration::from_secs(1), bound),
+            Some(Duration::from_secs(11))
+        );
+        in_flight.end(second);
+        assert!(in_flight.is_empty());
+        assert_eq!(in_flight.stuck(at + bound, bound), None);
+        // An instant before the start (another clock reading) is not a negative duration.
+        in_flight.begin(at);
+        assert_eq!(in_flight.stuck(t0, bound), None);
+    }
 
     #[test]
     fn return_values_are_named_and_classified() {

@@ -12,6 +12,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 
 use super::key::{self, KeyInfo, KeyKind, KeySelector, Scheme};
+use super::module::SharedModule;
 use super::pin::PinSource;
 use super::pool::{self, ckr, TokenSelector};
 use crate::alg::SignatureAlgorithm;
@@ -67,33 +68,21 @@ pub fn write_softhsm_conf(dir: &Path) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("cannot resolve {}", conf.display()))
 }
 
-/// A loaded module, closed (and finalized, if it initialized it) when dropped.
+/// A loaded module, shared with the signers of the process on the same module (the last user
+/// finalizes it).
 pub struct Module {
-    ctx: Option<Pkcs11>,
-    owns_init: bool,
+    module: SharedModule,
 }
 
 impl Module {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let (ctx, owns_init) = pool::load_module(path)?;
         Ok(Self {
-            ctx: Some(ctx),
-            owns_init,
+            module: SharedModule::open(path)?,
         })
     }
 
     pub fn ctx(&self) -> &Pkcs11 {
-        self.ctx.as_ref().expect("present until dropped")
-    }
-}
-
-impl Drop for Module {
-    fn drop(&mut self) {
-        if let Some(ctx) = self.ctx.take() {
-            if self.owns_init {
-                let _ = ctx.finalize();
-            }
-        }
+        self.module.ctx()
     }
 }
 
@@ -113,8 +102,15 @@ pub fn init_token(
         label: Some(label.into()),
         slot: None,
     };
-    if pool::find_slot(ctx, &selector).is_ok() {
-        bail!("a token labelled '{label}' exists already");
+    for slot in ctx
+        .get_slots_with_token()
+        .context("cannot list the slots")?
+    {
+        if let Ok(info) = ctx.get_token_info(slot) {
+            if info.token_initialized() && info.label().trim_end() == label {
+                bail!("a token labelled '{label}' exists already");
+            }
+        }
     }
     let mut free = None;
     for slot in ctx.get_all_slots().context("cannot list the slots")? {
