@@ -53,6 +53,9 @@ pub(super) const RIGHT: f64 = 14.0;
 pub(super) const TOP: f64 = 12.0;
 pub(super) const BOTTOM: f64 = 46.0;
 
+/// The most value-axis ticks drawn: a scale cuts its range in about four.
+const MAX_TICKS: usize = 20;
+
 /// A round step (1, 2 or 5 times a power of ten) that cuts `range` in about `parts`.
 pub(super) fn nice_step(range: f64, parts: f64) -> f64 {
     let raw = (range / parts).max(f64::MIN_POSITIVE);
@@ -244,9 +247,16 @@ pub(super) fn chart(h: &mut String, c: &Chart) {
     } = scale;
     let y = |v: f64| TOP + (hi - v / div) / (hi - lo) * ph;
 
-    // Grid and value axis.
-    let mut v = lo;
-    while v <= hi + step / 2.0 {
+    // Grid and value axis: counted, since `v += step` stops moving `v` when the values are far
+    // larger than their spread (a wildly wrong clock's offsets).
+    let ticks = ((hi - lo) / step).round();
+    let ticks = if ticks.is_finite() && ticks >= 0.0 {
+        (ticks as usize).min(MAX_TICKS)
+    } else {
+        0
+    };
+    for i in 0..=ticks {
+        let v = lo + step * i as f64;
         let yy = TOP + (hi - v) / (hi - lo) * ph;
         let _ = write!(
             h,
@@ -259,7 +269,6 @@ pub(super) fn chart(h: &mut String, c: &Chart) {
             if v.abs() < step / 1e6 { 0.0 } else { v },
             esc(suffix)
         );
-        v += step;
     }
     if lo < 0.0 && hi > 0.0 {
         let yy = TOP + hi / (hi - lo) * ph;
@@ -363,4 +372,49 @@ pub(super) fn chart(h: &mut String, c: &Chart) {
          <p class=\"note\">{}</p></figure>",
         esc(&c.note)
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_far_larger_than_their_spread_draw_a_bounded_axis() {
+        const S: u64 = 1_000_000_000;
+        let (t0, t1) = (1_750_000_000 * S, 1_750_000_060 * S);
+        // A clock some 25 years off, whose readings differ by 128 ns: the step is below the
+        // spacing of f64 values there.
+        let big = 7.9e17;
+        let chart_of = |values: [f64; 2]| {
+            let mut h = String::new();
+            chart(
+                &mut h,
+                &Chart {
+                    id: "offset",
+                    title: "Offset",
+                    note: String::new(),
+                    quantity: Quantity::Time,
+                    lines: vec![Line {
+                        label: "offset",
+                        class: "l1",
+                        points: vec![(t0, Some(values[0])), (t1, Some(values[1]))],
+                    }],
+                    limit: None,
+                    states: &[],
+                    t0,
+                    t1,
+                    zero_based: false,
+                    width: W,
+                    max_gap_ns: 60 * S,
+                },
+            );
+            h
+        };
+        let page = chart_of([big, big + 128.0]);
+        let ticks = page.matches("class=\"tick\"").count();
+        assert!((1..=2 * MAX_TICKS).contains(&ticks), "{ticks} ticks");
+        // Ordinary values keep their axis.
+        let page = chart_of([10_000.0, 30_000.0]);
+        assert!(page.matches("class=\"tick\"").count() >= 3);
+    }
 }
