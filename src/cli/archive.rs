@@ -60,8 +60,9 @@ pub enum ArchiveCommand {
         #[arg(long)]
         jsonl: Option<PathBuf>,
     },
-    /// Remove the records issued before a time (and the events before it); each chain keeps
-    /// the last removed record's hash as its anchor, so what remains still verifies.
+    /// Remove the records issued before a time (and the events before it), never past an
+    /// instance's last signed checkpoint; each chain keeps the last removed record's hash as
+    /// its anchor, so what remains still verifies.
     Prune {
         /// RFC 3339 or Unix seconds.
         #[arg(long)]
@@ -329,7 +330,9 @@ fn prune(config: &Config, before: &u64, only: Option<u32>) -> anyhow::Result<()>
                 anchor.seq,
                 hex(&anchor.hash)
             ),
-            None => println!("instance {id}: nothing to remove"),
+            None => println!(
+                "instance {id}: nothing to remove (pruning stops at the last signed checkpoint)"
+            ),
         }
     }
     Ok(())

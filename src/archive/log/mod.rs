@@ -534,12 +534,22 @@ impl ArchiveStore for LogStore {
         self.db.prune(instance_id, before_ns)?;
         let all = self.log.segments(instance_id)?;
         let previous = self.db.instance(instance_id)?.anchor;
+        // Never past the last signed checkpoint (none: nothing is pruned), so that a signed
+        // head reaches the anchor through the chain.
+        let Some(signed) = super::sqlite::last_checkpoint_seq(self.db.connection(), instance_id)?
+        else {
+            return Ok(None);
+        };
         let (mut removing, mut last) = (0, None);
         let (mut max_counter, mut max_gen) =
             previous.map_or((0, 0), |a| (a.max_counter, a.max_gen_time_ns));
         for (i, segment) in all.iter().enumerate().take(all.len().saturating_sub(1)) {
             let scanned = scan(segment)?;
-            if scanned.entries.iter().any(|e| e.gen_time_ns >= before_ns) {
+            if scanned
+                .entries
+                .iter()
+                .any(|e| e.gen_time_ns >= before_ns || e.seq > signed)
+            {
                 break;
             }
             // A closed segment ends with its last good frame, which the next segment's first

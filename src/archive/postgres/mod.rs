@@ -636,16 +636,21 @@ impl ArchiveStore for PostgresStore {
                     &[&id, &before],
                 )?
                 .get(0);
-            let last = match first_kept {
-                Some(first) => tx.query_opt(
-                    "SELECT seq, hash FROM tokens WHERE instance_id = $1 AND seq < $2 \
-                     ORDER BY seq DESC LIMIT 1",
-                    &[&id, &first],
-                )?,
-                None => tx.query_opt(
-                    "SELECT seq, hash FROM tokens WHERE instance_id = $1 ORDER BY seq DESC LIMIT 1",
+            // Never past the last signed checkpoint (none: nothing is pruned), so that a
+            // signed head reaches the anchor through the chain.
+            let signed: Option<i64> = tx
+                .query_one(
+                    "SELECT MAX(seq) FROM checkpoints WHERE instance_id = $1",
                     &[&id],
+                )?
+                .get(0);
+            let last = match signed {
+                Some(signed) => tx.query_opt(
+                    "SELECT seq, hash FROM tokens WHERE instance_id = $1 AND seq < $2 \
+                     AND seq <= $3 ORDER BY seq DESC LIMIT 1",
+                    &[&id, &first_kept.unwrap_or(i64::MAX), &signed],
                 )?,
+                None => None,
             };
             tx.execute(
                 "DELETE FROM events WHERE instance_id = $1 AND time_ns < $2",
