@@ -494,6 +494,120 @@ fn tampering_is_reported_at_the_right_record() {
     );
 }
 
+/// Rewrites the hashes of `records` (instance 0, rows) in chain order from `prev` on, in the
+/// rows and in `records`; returns the last hash.
+fn rehash(
+    conn: &rusqlite::Connection,
+    records: &mut [StoredRecord],
+    mut prev: [u8; 32],
+) -> [u8; 32] {
+    for r in records {
+        r.prev_hash = prev;
+        r.hash = record_hash(r.instance_id, r.seq, r.counter, &r.record, &prev);
+        conn.execute(
+            "UPDATE tokens SET prev_hash = ?1, hash = ?2, client = ?3 WHERE seq = ?4",
+            params![&r.prev_hash[..], &r.hash[..], r.record.client, r.seq],
+        )
+        .unwrap();
+        prev = r.hash;
+    }
+    prev
+}
+
+/// The anchor row is no proof of what it stands for: records left at or below it are still
+/// checked (they are not served as pruned), and an anchor must be reached from a signed
+/// checkpoint at or after it.
+#[test]
+fn an_anchor_written_by_hand_does_not_verify() {
+    let dir = init("checkpoint_interval_s = 3600\nlayout = \"rows\"");
+    let d = dir.path();
+    // Checkpoints at 5 and 10 (each stop signs the head).
+    for run in 0..2 {
+        let server = Serving::start(d);
+        stamps(&server, 5, &format!("anchor {run}"));
+        server.stop();
+    }
+    verify_report(d).expect("green before tampering");
+    let snapshot = d.join("snapshot.sqlite");
+    write_conn(d)
+        .execute("VACUUM INTO ?1", [snapshot.to_str().unwrap()])
+        .unwrap();
+    let original = archived_records(d);
+
+    // Record 3's client changed and the hashes of 3..7 recomputed; an anchor at 7 with the
+    // new hash of 7, which record 8 now names (and its hash recomputed as well).
+    let conn = write_conn(d);
+    let mut records = original.clone();
+    records[2].record.client = Some("someone else".into());
+    let prev = records[1].hash;
+    let last = rehash(&conn, &mut records[2..7], prev);
+    conn.execute(
+        "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, max_gen_time_ns, \
+         pruned_at_ns) VALUES (0, 7, ?1, 0, 0, 0)",
+        [&last[..]],
+    )
+    .unwrap();
+    conn.execute(
+        "UPDATE tokens SET prev_hash = ?1 WHERE seq = 8",
+        [&last[..]],
+    )
+    .unwrap();
+    let report = verify_report(d).expect_err("records below the anchor are read");
+    assert!(
+        report.contains("BROKEN at record 1") && report.contains("at or below the anchor"),
+        "{report}"
+    );
+    drop(conn);
+    restore(d, &snapshot);
+
+    // Record 3's client changed, nothing recomputed; an anchor at 7 with 7's true hash.
+    let conn = write_conn(d);
+    conn.execute(
+        "UPDATE tokens SET client = 'someone else' WHERE seq = 3",
+        [],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, max_gen_time_ns, \
+         pruned_at_ns) VALUES (0, 7, ?1, 0, 0, 0)",
+        [&original[6].hash[..]],
+    )
+    .unwrap();
+    let report = verify_report(d).expect_err("records at or below the anchor must not remain");
+    assert!(
+        report.contains(&format!(
+            "BROKEN at record 1 (serial {})",
+            hex(&original[0].record.serial)
+        )) && report.contains("at or below the anchor"),
+        "{report}"
+    );
+    drop(conn);
+    restore(d, &snapshot);
+
+    // Records 1..7 gone under a forged anchor that 8..10 chain to, and the checkpoint at 10
+    // deleted: only the checkpoint at 5, below the anchor, is left.
+    let conn = write_conn(d);
+    let forged = [0x5a; 32];
+    let mut records = original.clone();
+    records[7].record.client = Some("someone else".into());
+    rehash(&conn, &mut records[7..], forged);
+    conn.execute("DELETE FROM tokens WHERE seq <= 7", [])
+        .unwrap();
+    conn.execute("DELETE FROM checkpoints WHERE seq = 10", [])
+        .unwrap();
+    conn.execute(
+        "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, max_gen_time_ns, \
+         pruned_at_ns) VALUES (0, 7, ?1, 0, 0, 0)",
+        [&forged[..]],
+    )
+    .unwrap();
+    let report = verify_report(d).expect_err("an anchor no signed checkpoint reaches");
+    assert!(
+        report.contains("BROKEN at record 7") && report.contains("no signed checkpoint"),
+        "{report}"
+    );
+}
+
 /// In the token log: an altered frame is reported at its record, a lost last record as
 /// missing at the end (the signed checkpoint counts it).
 #[test]

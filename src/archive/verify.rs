@@ -122,22 +122,43 @@ fn verify_instance(
     let mut head = start;
     let mut records = 0u64;
     let mut first_break = None;
+    // Pruning deletes the records up to the anchor in the anchor's own transaction: one left
+    // at or below it was put back, or the anchor written over records it does not stand
+    // for. Either way they are not what the chain goes on from, and look-ups still find them.
+    if let Some(anchor) = &state.anchor {
+        store.for_each_record(instance_id, 1, &mut |r| {
+            if r.seq <= anchor.seq {
+                first_break = Some(Break {
+                    seq: r.seq,
+                    serial: Some(hex(&r.record.serial)),
+                    what: format!(
+                        "the record is at or below the anchor ({}): pruning removed every \
+                         record up to it, so the anchor does not stand for these",
+                        anchor.seq
+                    ),
+                });
+            }
+            Ok(false)
+        })?;
+    }
     let mut hashes_at: HashMap<u64, [u8; 32]> = HashMap::new();
-    store.for_each_record(instance_id, start.seq + 1, &mut |r| {
-        if let Some(b) = check_record(&r, &head) {
-            first_break = Some(b);
-            return Ok(false);
-        }
-        if wanted.contains_key(&r.seq) {
-            hashes_at.insert(r.seq, r.hash);
-        }
-        head = ChainHead {
-            seq: r.seq,
-            hash: r.hash,
-        };
-        records += 1;
-        Ok(true)
-    })?;
+    if first_break.is_none() {
+        store.for_each_record(instance_id, start.seq + 1, &mut |r| {
+            if let Some(b) = check_record(&r, &head) {
+                first_break = Some(b);
+                return Ok(false);
+            }
+            if wanted.contains_key(&r.seq) {
+                hashes_at.insert(r.seq, r.hash);
+            }
+            head = ChainHead {
+                seq: r.seq,
+                hash: r.hash,
+            };
+            records += 1;
+            Ok(true)
+        })?;
+    }
 
     if first_break.is_none() {
         for c in &checkpoints {
@@ -151,6 +172,22 @@ fn verify_instance(
                 });
                 break;
             }
+        }
+    }
+    // The anchor's hash is the chain's start: only a signed checkpoint at or after it,
+    // checked above through the chain from it, says that it is the one pruning kept.
+    // Checkpoints below it are checked by their signature alone.
+    if let Some(anchor) = state.anchor.filter(|_| first_break.is_none()) {
+        if !checkpoints.iter().any(|c| c.seq >= anchor.seq) {
+            first_break = Some(Break {
+                seq: anchor.seq,
+                serial: None,
+                what: format!(
+                    "no signed checkpoint at or after the anchor ({}): its hash, where the \
+                     chain starts, is not signed",
+                    anchor.seq
+                ),
+            });
         }
     }
     Ok(InstanceReport {
