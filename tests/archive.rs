@@ -608,6 +608,121 @@ fn an_anchor_written_by_hand_does_not_verify() {
     );
 }
 
+/// `tsa archive verify <args>`: (exit status, stdout + stderr).
+fn verify_status(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(archive_support::TSA)
+        .arg("archive")
+        .arg("--config")
+        .arg(dir.join("tsa.toml"))
+        .arg("verify")
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The records after the last signed checkpoint are signed by no checkpoint: verify says so
+/// (a failure with --strict), checks their tokens' own signatures, and finds records missing
+/// at the end by the instance's highest archived counter. An emptied archive is no success
+/// either.
+#[test]
+fn a_stripped_archive_does_not_pass_for_a_verified_one() {
+    let dir = init("checkpoint_interval_s = 3600\nlayout = \"rows\"");
+    let d = dir.path();
+    let server = Serving::start(d);
+    stamps(&server, 5, "signed");
+    server.stop();
+    // Killed: no checkpoint at shutdown, records 6..8 signed by none.
+    let server = Serving::start(d);
+    stamps(&server, 3, "unsigned");
+    server.kill();
+    let (status, out) = verify_status(d, &[]);
+    assert_eq!(status, Some(0), "{out}");
+    assert!(
+        out.contains("8 records verified")
+            && out.contains("WARNING")
+            && out.contains("3 records after the last signed checkpoint"),
+        "{out}"
+    );
+    let (status, out) = verify_status(d, &["--strict"]);
+    assert_eq!(status, Some(2), "warnings fail with --strict: {out}");
+    let snapshot = d.join("snapshot.sqlite");
+    write_conn(d)
+        .execute("VACUUM INTO ?1", [snapshot.to_str().unwrap()])
+        .unwrap();
+    let original = archived_records(d);
+
+    // The last record deleted: no checkpoint counts it, the instance's row does.
+    let conn = write_conn(d);
+    conn.execute("DELETE FROM tokens WHERE seq = 8", [])
+        .unwrap();
+    let report = verify_report(d).expect_err("a record missing at the end");
+    assert!(
+        report.contains("records are missing at the end"),
+        "{report}"
+    );
+    drop(conn);
+    restore(d, &snapshot);
+
+    // Record 7's token signature altered, its hash and 8's recomputed.
+    let conn = write_conn(d);
+    let stored: Vec<u8> = conn
+        .query_row("SELECT token FROM tokens WHERE seq = 7", [], |r| r.get(0))
+        .unwrap();
+    let mut altered = stored.clone();
+    *altered.last_mut().unwrap() ^= 1;
+    conn.execute("UPDATE tokens SET token = ?1 WHERE seq = 7", [&altered])
+        .unwrap();
+    let mut records = original.clone();
+    *records[6].record.token.last_mut().unwrap() ^= 1;
+    let prev = records[5].hash;
+    rehash(&conn, &mut records[6..], prev);
+    let report = verify_report(d).expect_err("a token whose signature does not verify");
+    assert!(
+        report.contains(&format!(
+            "BROKEN at record 7 (serial {})",
+            hex(&original[6].record.serial)
+        )) && report.contains("signature"),
+        "{report}"
+    );
+    drop(conn);
+    restore(d, &snapshot);
+
+    // Every checkpoint deleted: a warning; the tokens' signatures are checked all the same.
+    let conn = write_conn(d);
+    conn.execute("DELETE FROM checkpoints", []).unwrap();
+    let (status, out) = verify_status(d, &[]);
+    assert_eq!(status, Some(0), "{out}");
+    assert!(
+        out.contains("no signed checkpoint") && out.contains("WARNING"),
+        "{out}"
+    );
+    assert_eq!(verify_status(d, &["--strict"]).0, Some(2));
+
+    // Emptied.
+    for table in [
+        "tokens",
+        "checkpoints",
+        "instances",
+        "chain_anchors",
+        "events",
+    ] {
+        conn.execute(&format!("DELETE FROM {table}"), []).unwrap();
+    }
+    let (status, out) = verify_status(d, &[]);
+    assert_eq!(status, Some(0), "{out}");
+    assert!(out.contains("WARNING") && out.contains("empty"), "{out}");
+    assert_eq!(verify_status(d, &["--strict"]).0, Some(2));
+}
+
 /// In the token log: an altered frame is reported at its record, a lost last record as
 /// missing at the end (the signed checkpoint counts it).
 #[test]

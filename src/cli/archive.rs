@@ -22,13 +22,20 @@ pub struct ArchiveArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ArchiveCommand {
-    /// Check every instance's hash chain, each record against its token, and the signed
-    /// checkpoints; report the first break of each chain (exit status 1 when one is found).
+    /// Check every instance's hash chain, each record against its token, the signed
+    /// checkpoints, and the tokens' signatures after the last checkpoint; report the first
+    /// break of each chain (exit status 1 when one is found). What it cannot vouch for (an
+    /// empty archive, records no checkpoint signs yet) is a WARNING line: exit status 0, or 2
+    /// with --strict.
     Verify {
         /// Further trusted TSU certificates (PEM), for checkpoints signed before a change of
         /// certificate; the configured one is always trusted.
         #[arg(long)]
         cert: Vec<PathBuf>,
+        /// Warnings fail too, with exit status 2: for a stopped server's archive, whose
+        /// head the shutdown signed.
+        #[arg(long)]
+        strict: bool,
     },
     /// Find a token by serial or by message imprint; print what the archive holds and write
     /// the TimeStampResp (or the bare token) to --out.
@@ -87,7 +94,7 @@ pub enum ArchiveCommand {
 pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     match &args.command {
-        ArchiveCommand::Verify { cert } => verify(&config, cert),
+        ArchiveCommand::Verify { cert, strict } => verify(&config, cert, *strict),
         ArchiveCommand::Get {
             serial,
             imprint,
@@ -143,7 +150,11 @@ fn parse_time(text: &str) -> anyhow::Result<u64> {
     .context("times before 1970 are not supported")
 }
 
-fn verify(config: &Config, extra: &[PathBuf]) -> anyhow::Result<()> {
+/// The exit status of `tsa archive verify --strict` when nothing is broken but there are
+/// warnings (1 is a broken chain or an error).
+const WARNINGS_EXIT_STATUS: i32 = 2;
+
+fn verify(config: &Config, extra: &[PathBuf], strict: bool) -> anyhow::Result<()> {
     let (cert, chain) = match &config.signer {
         SignerConfig::Software {
             certificate, chain, ..
@@ -164,6 +175,15 @@ fn verify(config: &Config, extra: &[PathBuf]) -> anyhow::Result<()> {
     }
     if !report.ok() {
         bail!("the archive does not verify");
+    }
+    let warnings = report.warnings();
+    if strict && !warnings.is_empty() {
+        drop(store);
+        eprintln!(
+            "tsa: the archive verifies with {} warning(s), which --strict makes a failure",
+            warnings.len()
+        );
+        std::process::exit(WARNINGS_EXIT_STATUS);
     }
     Ok(())
 }
