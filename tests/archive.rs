@@ -723,6 +723,62 @@ fn a_stripped_archive_does_not_pass_for_a_verified_one() {
     assert_eq!(verify_status(d, &["--strict"]).0, Some(2));
 }
 
+/// Export makes every file it writes: it never truncates one that exists (the archive's own
+/// database included) nor writes through a link, unless --force, which replaces the link.
+#[test]
+fn export_never_overwrites_nor_follows_links() {
+    let dir = init("checkpoint_interval_s = 3600");
+    let d = dir.path();
+    let server = Serving::start(d);
+    let got = stamps(&server, 2, "export");
+    server.stop();
+    let export = |args: &[&str]| {
+        let mut all = vec!["export", "--from", "0", "--to", "4000000000"];
+        all.extend_from_slice(args);
+        archive_cli(d, &all)
+    };
+
+    // A link named as the first token's file, to a file of someone else's.
+    let out = d.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let victim = d.join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let name = format!("{}.tsr", hex(&got[0].serial));
+    std::os::unix::fs::symlink(&victim, out.join(&name)).unwrap();
+    let (ok, text) = export(&["--dir", out.to_str().unwrap()]);
+    assert!(
+        !ok && text.contains(&name) && text.contains("--force"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+
+    // The live database named as the JSON-lines file.
+    let database = archive_support::database(d);
+    let before = std::fs::read(&database).unwrap();
+    let (ok, text) = export(&["--jsonl", database.to_str().unwrap()]);
+    assert!(!ok && text.contains("exists already"), "{text}");
+    assert_eq!(std::fs::read(&database).unwrap(), before);
+    verify_report(d).expect("the archive is untouched");
+    // A link as the JSON-lines file.
+    let link = d.join("tokens.jsonl");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let (ok, text) = export(&["--jsonl", link.to_str().unwrap()]);
+    assert!(!ok && text.contains("tokens.jsonl"), "{text}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+
+    // --force replaces the links themselves.
+    let (ok, text) = export(&["--dir", out.to_str().unwrap(), "--force"]);
+    assert!(ok, "{text}");
+    let (ok, text) = export(&["--jsonl", link.to_str().unwrap(), "--force"]);
+    assert!(ok, "{text}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    let file = out.join(&name);
+    assert!(std::fs::symlink_metadata(&file).unwrap().is_file());
+    assert_eq!(std::fs::read(&file).unwrap(), got[0].response);
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+    assert_eq!(std::fs::read_to_string(&link).unwrap().lines().count(), 2);
+}
+
 /// In the token log: an altered frame is reported at its record, a lost last record as
 /// missing at the end (the signed checkpoint counts it).
 #[test]

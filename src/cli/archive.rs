@@ -66,6 +66,10 @@ pub enum ArchiveCommand {
         dir: Option<PathBuf>,
         #[arg(long)]
         jsonl: Option<PathBuf>,
+        /// Replace files that exist already (a link is replaced, never followed); without it
+        /// the export stops at the first one, naming it.
+        #[arg(long)]
+        force: bool,
     },
     /// Remove the records issued before a time (and the events before it), never past an
     /// instance's last signed checkpoint; each chain keeps the last removed record's hash as
@@ -112,12 +116,14 @@ pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
             to,
             dir,
             jsonl,
+            force,
         } => export(
             &config,
             parse_time(from)?,
             parse_time(to)?,
             dir.as_deref(),
             jsonl.as_deref(),
+            *force,
         ),
         ArchiveCommand::Prune { before, instance } => {
             prune(&config, &parse_time(before)?, *instance)
@@ -261,12 +267,46 @@ fn get(
     Ok(())
 }
 
+/// A new file at `path` for an export: made here (`O_CREAT | O_EXCL`), never through a link,
+/// so nothing that exists is truncated or written through, the archive's own files included.
+/// With `force`, what `path` names is removed first (a link itself, not its target).
+fn create_export_file(path: &Path, force: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if force {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(tsa::files::PUBLIC)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} exists already (a file or a link): not replaced; remove it, or give \
+                         --force",
+                        path.display()
+                    ),
+                )
+            } else {
+                std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
+            }
+        })
+}
+
 fn export(
     config: &Config,
     from: u64,
     to: u64,
     dir: Option<&Path>,
     jsonl: Option<&Path>,
+    force: bool,
 ) -> anyhow::Result<()> {
     let mut store = archive::open_read_only(&config.archive)?;
     let mut count = 0u64;
@@ -274,34 +314,52 @@ fn export(
         (Some(dir), _) => {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
-            store.for_each_in_time(from, to, &mut |r| {
+            let written = store.for_each_in_time(from, to, &mut |r| {
                 let path = dir.join(format!("{}.tsr", serial_hex(&r)));
-                std::fs::write(&path, r.response()).map_err(|e| {
-                    tsa::archive::store::StoreError(format!("{}: {e}", path.display()))
-                })?;
+                create_export_file(&path, force)
+                    .and_then(|mut f| f.write_all(&r.response()))
+                    .map_err(|e| {
+                        tsa::archive::store::StoreError(format!("{}: {e}", path.display()))
+                    })?;
                 count += 1;
                 Ok(true)
+            });
+            // What was written is made durable, even when the export stopped half way.
+            let synced = tsa::files::sync_file_system(dir)
+                .with_context(|| format!("cannot sync {}", dir.display()));
+            written.with_context(|| {
+                format!(
+                    "the export stopped after {count} tokens written to {}",
+                    dir.display()
+                )
             })?;
-            tsa::files::sync_file_system(dir)
-                .with_context(|| format!("cannot sync {}", dir.display()))?;
+            synced?;
             println!("{count} tokens written to {}", dir.display());
         }
         (None, Some(file)) => {
-            let f = std::fs::File::create(file)
-                .with_context(|| format!("cannot create {}", file.display()))?;
+            let f = create_export_file(file, force)?;
             let mut w = std::io::BufWriter::new(f);
-            store.for_each_in_time(from, to, &mut |r| {
-                let line = json_line(&r);
-                writeln!(w, "{line}")
-                    .map_err(|e| tsa::archive::store::StoreError(e.to_string()))?;
-                count += 1;
-                Ok(true)
-            })?;
-            w.flush()?;
-            drop(w);
-            // The file and its name in the directory.
-            tsa::files::sync_file_system(file)
-                .with_context(|| format!("cannot sync {}", file.display()))?;
+            let written = store
+                .for_each_in_time(from, to, &mut |r| {
+                    let line = json_line(&r);
+                    writeln!(w, "{line}")
+                        .map_err(|e| tsa::archive::store::StoreError(e.to_string()))?;
+                    count += 1;
+                    Ok(true)
+                })
+                .map_err(anyhow::Error::from)
+                .and_then(|()| {
+                    // The file, then its name in the directory.
+                    let f = w.into_inner().map_err(|e| e.into_error())?;
+                    f.sync_all()?;
+                    tsa::files::sync_directory(tsa::files::directory_of(file))?;
+                    Ok(())
+                });
+            if let Err(e) = written {
+                // Made by this export: a partial file is not left as if it were one.
+                let _ = std::fs::remove_file(file);
+                return Err(e.context(format!("cannot write {}", file.display())));
+            }
             println!("{count} tokens written to {}", file.display());
         }
         (None, None) => bail!("give --dir or --jsonl"),
