@@ -779,6 +779,59 @@ fn export_never_overwrites_nor_follows_links() {
     assert_eq!(std::fs::read_to_string(&link).unwrap().lines().count(), 2);
 }
 
+/// After a planned rollover the checkpoints are signed by the [rollover] key: the
+/// configuration alone lets verify trust both.
+#[test]
+fn checkpoints_before_and_after_a_rollover_verify_with_the_configuration() {
+    let dir = init("checkpoint_interval_s = 3600");
+    let d = dir.path();
+    // The next key and its certificate: another `tsa init`'s.
+    let other = tempfile::tempdir().unwrap();
+    let out = Command::new(archive_support::TSA)
+        .args(["init", "--dir"])
+        .arg(other.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::copy(other.path().join("tsa-key.pem"), d.join("next-key.pem")).unwrap();
+    std::fs::copy(other.path().join("tsa-cert.pem"), d.join("next-cert.pem")).unwrap();
+
+    let server = Serving::start(d);
+    stamps(&server, 3, "before the rollover");
+    server.stop();
+    // The instant has passed: the next start signs tokens and checkpoints with the next key.
+    let config = d.join("tsa.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "\n[rollover]\nat = \"2020-01-01T00:00:00Z\"\n[rollover.signer]\nkind = \"software\"\n\
+         key = \"next-key.pem\"\ncertificate = \"next-cert.pem\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let server = Serving::start(d);
+    stamps(&server, 3, "after the rollover");
+    server.stop();
+
+    let mut store = open_store(d);
+    let checkpoints = store.checkpoints(0).unwrap();
+    let next = tsa::signer::certificate::read_pem_certificates(&d.join("next-cert.pem")).unwrap();
+    assert_eq!(checkpoints.len(), 2);
+    assert_ne!(checkpoints[0].certificate, next[0]);
+    assert_eq!(
+        checkpoints[1].certificate, next[0],
+        "signed by the next key"
+    );
+    let (status, out) = verify_status(d, &["--strict"]);
+    assert_eq!(status, Some(0), "{out}");
+    assert!(
+        out.contains("6 records verified") && out.contains(": OK"),
+        "{out}"
+    );
+}
+
 /// In the token log: an altered frame is reported at its record, a lost last record as
 /// missing at the end (the signed checkpoint counts it).
 #[test]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use tsa::archive::record::{hex, StoredRecord};
 use tsa::archive::{self, decode_hex, normalize_serial, serial_hex};
-use tsa::config::{ArchiveBackend, Config, SignerConfig};
+use tsa::config::{ArchiveBackend, Config};
 use tsa::protocol::GenTime;
 
 #[derive(Debug, clap::Args)]
@@ -29,7 +29,8 @@ pub enum ArchiveCommand {
     /// with --strict.
     Verify {
         /// Further trusted TSU certificates (PEM), for checkpoints signed before a change of
-        /// certificate; the configured one is always trusted.
+        /// certificate; the configured ones ([signer], and [rollover.signer] when a rollover
+        /// is planned) are always trusted.
         #[arg(long)]
         cert: Vec<PathBuf>,
         /// Warnings fail too, with exit status 2: for a stopped server's archive, whose
@@ -161,15 +162,23 @@ fn parse_time(text: &str) -> anyhow::Result<u64> {
 const WARNINGS_EXIT_STATUS: i32 = 2;
 
 fn verify(config: &Config, extra: &[PathBuf], strict: bool) -> anyhow::Result<()> {
-    let (cert, chain) = match &config.signer {
-        SignerConfig::Software {
-            certificate, chain, ..
-        } => (certificate, chain),
-        SignerConfig::Pkcs11(p) => (&p.certificate, &p.chain),
-    };
-    let mut trusted = vec![tsa::signer::certificate::TsuCertificate::load(cert, chain)?
-        .der()
-        .to_vec()];
+    // The configured signer's certificate, and the planned rollover's: checkpoints after the
+    // rollover's instant are signed by its key.
+    let mut trusted = Vec::new();
+    for (what, signer) in std::iter::once(("[signer]", &config.signer)).chain(
+        config
+            .rollover
+            .as_ref()
+            .map(|r| ("[rollover.signer]", &r.signer)),
+    ) {
+        let (cert, chain) = signer.certificates();
+        trusted.push(
+            tsa::signer::certificate::TsuCertificate::load(cert, chain)
+                .with_context(|| format!("the certificate of {what}"))?
+                .der()
+                .to_vec(),
+        );
+    }
     for file in extra {
         trusted.extend(tsa::signer::certificate::read_pem_certificates(file)?);
     }
