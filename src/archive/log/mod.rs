@@ -527,19 +527,17 @@ impl ArchiveStore for LogStore {
 
     /// Removes whole segments, oldest first, while every record of one is older than
     /// `before_ns`; the segment being written stays, and a damaged one stops the pruning with
-    /// an error before anything is removed (its anchor would break the chain). The anchor is stored (synced) before the
+    /// an error before anything is removed, events included (its anchor would break the
+    /// chain). The anchor is stored (synced) before the
     /// files go, so a crash between the two leaves segments that readers pass over and the
     /// next pruning removes.
     fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError> {
-        self.db.prune(instance_id, before_ns)?;
         let all = self.log.segments(instance_id)?;
         let previous = self.db.instance(instance_id)?.anchor;
-        // Never past the last signed checkpoint (none: nothing is pruned), so that a signed
+        // Never past the last signed checkpoint (none: no segment goes), so that a signed
         // head reaches the anchor through the chain.
-        let Some(signed) = super::sqlite::last_checkpoint_seq(self.db.connection(), instance_id)?
-        else {
-            return Ok(None);
-        };
+        let signed =
+            super::sqlite::last_checkpoint_seq(self.db.connection(), instance_id)?.unwrap_or(0);
         let (mut removing, mut last) = (0, None);
         let (mut max_counter, mut max_gen) =
             previous.map_or((0, 0), |a| (a.max_counter, a.max_gen_time_ns));
@@ -579,6 +577,9 @@ impl ArchiveStore for LogStore {
             last = scanned.last.or(last);
             removing += 1;
         }
+        // Every segment to remove checked: the events before the cut go (the database holds
+        // no token rows in this layout), then the anchor, then the segments.
+        self.db.prune(instance_id, before_ns)?;
         let Some(last) = last.filter(|l| previous.is_none_or(|p| l.seq > p.seq)) else {
             return Ok(None);
         };

@@ -1027,7 +1027,19 @@ fn a_damaged_segment_is_not_pruned() {
     let mut log = Log::new();
     let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
     let mut store = LogStore::open(db).with_segment_limit(LIMIT);
-    for _ in 0..6 {
+    let event = EventRecord {
+        instance_id: 0,
+        seq: 1,
+        time_ns: 5,
+        level: "info".into(),
+        kind: "sync_acquired".into(),
+        message: "m".into(),
+        fields: "{}".into(),
+    };
+    store
+        .append(0, &log.chain(2), std::slice::from_ref(&event))
+        .unwrap();
+    for _ in 0..5 {
         store.append(0, &log.chain(2), &[]).unwrap();
     }
     let before = segment_files(&log.dir());
@@ -1050,6 +1062,11 @@ fn a_damaged_segment_is_not_pruned() {
     assert!(error.to_string().contains("damaged"), "{error}");
     assert_eq!(segment_files(&log.dir()), before, "nothing removed");
     assert_eq!(store.instance(0).unwrap().anchor, None, "no anchor");
+    assert_eq!(
+        store.events(0, u64::MAX).unwrap(),
+        [event],
+        "nor the events before the cut"
+    );
 }
 
 #[test]
