@@ -779,3 +779,23 @@ fn pruning_on_postgres_never_goes_past_the_last_signed_checkpoint() {
     assert_eq!(kept, (6..=10).collect::<Vec<_>>());
     assert_eq!(store.prune(0, u64::MAX).unwrap(), None, "nothing more");
 }
+
+#[test]
+fn an_instance_id_outside_u32_is_refused_not_truncated() {
+    let cluster = pg::Cluster::start();
+    cluster.create_database("tsa");
+    let dir = setup(&cluster, "tsa", 0, "");
+    let config = Config::load(&dir.path().join("tsa.toml")).unwrap();
+    let mut store = PostgresStore::open(&config.archive).unwrap();
+    // 2^32: as u32 it would read as instance 0.
+    cluster
+        .client("tsa")
+        .execute(
+            "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, max_gen_time_ns, \
+             pruned_at_ns) VALUES (4294967296, 1, '\\x00', 0, 0, 0)",
+            &[],
+        )
+        .unwrap();
+    let error = store.instances().unwrap_err().to_string();
+    assert!(error.contains("4294967296"), "{error}");
+}
