@@ -494,6 +494,344 @@ fn tampering_is_reported_at_the_right_record() {
     );
 }
 
+/// Rewrites the hashes of `records` (instance 0, rows) in chain order from `prev` on, in the
+/// rows and in `records`; returns the last hash.
+fn rehash(
+    conn: &rusqlite::Connection,
+    records: &mut [StoredRecord],
+    mut prev: [u8; 32],
+) -> [u8; 32] {
+    for r in records {
+        r.prev_hash = prev;
+        r.hash = record_hash(r.instance_id, r.seq, r.counter, &r.record, &prev);
+        conn.execute(
+            "UPDATE tokens SET prev_hash = ?1, hash = ?2, client = ?3 WHERE seq = ?4",
+            params![&r.prev_hash[..], &r.hash[..], r.record.client, r.seq],
+        )
+        .unwrap();
+        prev = r.hash;
+    }
+    prev
+}
+
+/// The anchor row is no proof of what it stands for: records left at or below it are still
+/// checked (they are not served as pruned), and an anchor must be reached from a signed
+/// checkpoint at or after it.
+#[test]
+fn an_anchor_written_by_hand_does_not_verify() {
+    let dir = init("checkpoint_interval_s = 3600\nlayout = \"rows\"");
+    let d = dir.path();
+    // Checkpoints at 5 and 10 (each stop signs the head).
+    for run in 0..2 {
+        let server = Serving::start(d);
+        stamps(&server, 5, &format!("anchor {run}"));
+        server.stop();
+    }
+    verify_report(d).expect("green before tampering");
+    let snapshot = d.join("snapshot.sqlite");
+    write_conn(d)
+        .execute("VACUUM INTO ?1", [snapshot.to_str().unwrap()])
+        .unwrap();
+    let original = archived_records(d);
+
+    // Record 3's client changed and the hashes of 3..7 recomputed; an anchor at 7 with the
+    // new hash of 7, which record 8 now names (and its hash recomputed as well).
+    let conn = write_conn(d);
+    let mut records = original.clone();
+    records[2].record.client = Some("someone else".into());
+    let prev = records[1].hash;
+    let last = rehash(&conn, &mut records[2..7], prev);
+    conn.execute(
+        "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, max_gen_time_ns, \
+         pruned_at_ns) VALUES (0, 7, ?1, 0, 0, 0)",
+        [&last[..]],
+    )
+    .unwrap();
+    conn.execute(
+        "UPDATE tokens SET prev_hash = ?1 WHERE seq = 8",
+        [&last[..]],
+    )
+    .unwrap();
+    let report = verify_report(d).expect_err("records below the anchor are read");
+    assert!(
+        report.contains("BROKEN at record 1") && report.contains("at or below the anchor"),
+        "{report}"
+    );
+    drop(conn);
+    restore(d, &snapshot);
+
+    // Record 3's client changed, nothing recomputed; an anchor at 7 with 7's true hash.
+    let conn = write_conn(d);
+    conn.execute(
+        "UPDATE tokens SET client = 'someone else' WHERE seq = 3",
+        [],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, max_gen_time_ns, \
+         pruned_at_ns) VALUES (0, 7, ?1, 0, 0, 0)",
+        [&original[6].hash[..]],
+    )
+    .unwrap();
+    let report = verify_report(d).expect_err("records at or below the anchor must not remain");
+    assert!(
+        report.contains(&format!(
+            "BROKEN at record 1 (serial {})",
+            hex(&original[0].record.serial)
+        )) && report.contains("at or below the anchor"),
+        "{report}"
+    );
+    drop(conn);
+    restore(d, &snapshot);
+
+    // Records 1..7 gone under a forged anchor that 8..10 chain to, and the checkpoint at 10
+    // deleted: only the checkpoint at 5, below the anchor, is left.
+    let conn = write_conn(d);
+    let forged = [0x5a; 32];
+    let mut records = original.clone();
+    records[7].record.client = Some("someone else".into());
+    rehash(&conn, &mut records[7..], forged);
+    conn.execute("DELETE FROM tokens WHERE seq <= 7", [])
+        .unwrap();
+    conn.execute("DELETE FROM checkpoints WHERE seq = 10", [])
+        .unwrap();
+    conn.execute(
+        "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, max_gen_time_ns, \
+         pruned_at_ns) VALUES (0, 7, ?1, 0, 0, 0)",
+        [&forged[..]],
+    )
+    .unwrap();
+    let report = verify_report(d).expect_err("an anchor no signed checkpoint reaches");
+    assert!(
+        report.contains("BROKEN at record 7") && report.contains("no signed checkpoint"),
+        "{report}"
+    );
+}
+
+/// `tsa archive verify <args>`: (exit status, stdout + stderr).
+fn verify_status(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(archive_support::TSA)
+        .arg("archive")
+        .arg("--config")
+        .arg(dir.join("tsa.toml"))
+        .arg("verify")
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The records after the last signed checkpoint are signed by no checkpoint: verify says so
+/// (a failure with --strict), checks their tokens' own signatures, and finds records missing
+/// at the end by the instance's highest archived counter. An emptied archive is no success
+/// either.
+#[test]
+fn a_stripped_archive_does_not_pass_for_a_verified_one() {
+    let dir = init("checkpoint_interval_s = 3600\nlayout = \"rows\"");
+    let d = dir.path();
+    let server = Serving::start(d);
+    stamps(&server, 5, "signed");
+    server.stop();
+    // Killed: no checkpoint at shutdown, records 6..8 signed by none.
+    let server = Serving::start(d);
+    stamps(&server, 3, "unsigned");
+    server.kill();
+    let (status, out) = verify_status(d, &[]);
+    assert_eq!(status, Some(0), "{out}");
+    assert!(
+        out.contains("8 records verified")
+            && out.contains("WARNING")
+            && out.contains("3 records after the last signed checkpoint"),
+        "{out}"
+    );
+    let (status, out) = verify_status(d, &["--strict"]);
+    assert_eq!(status, Some(2), "warnings fail with --strict: {out}");
+    let snapshot = d.join("snapshot.sqlite");
+    write_conn(d)
+        .execute("VACUUM INTO ?1", [snapshot.to_str().unwrap()])
+        .unwrap();
+    let original = archived_records(d);
+
+    // The last record deleted: no checkpoint counts it, the instance's row does.
+    let conn = write_conn(d);
+    conn.execute("DELETE FROM tokens WHERE seq = 8", [])
+        .unwrap();
+    let report = verify_report(d).expect_err("a record missing at the end");
+    assert!(
+        report.contains("records are missing at the end"),
+        "{report}"
+    );
+    drop(conn);
+    restore(d, &snapshot);
+
+    // Record 7's token signature altered, its hash and 8's recomputed.
+    let conn = write_conn(d);
+    let stored: Vec<u8> = conn
+        .query_row("SELECT token FROM tokens WHERE seq = 7", [], |r| r.get(0))
+        .unwrap();
+    let mut altered = stored.clone();
+    *altered.last_mut().unwrap() ^= 1;
+    conn.execute("UPDATE tokens SET token = ?1 WHERE seq = 7", [&altered])
+        .unwrap();
+    let mut records = original.clone();
+    *records[6].record.token.last_mut().unwrap() ^= 1;
+    let prev = records[5].hash;
+    rehash(&conn, &mut records[6..], prev);
+    let report = verify_report(d).expect_err("a token whose signature does not verify");
+    assert!(
+        report.contains(&format!(
+            "BROKEN at record 7 (serial {})",
+            hex(&original[6].record.serial)
+        )) && report.contains("signature"),
+        "{report}"
+    );
+    drop(conn);
+    restore(d, &snapshot);
+
+    // Every checkpoint deleted: a warning; the tokens' signatures are checked all the same.
+    let conn = write_conn(d);
+    conn.execute("DELETE FROM checkpoints", []).unwrap();
+    let (status, out) = verify_status(d, &[]);
+    assert_eq!(status, Some(0), "{out}");
+    assert!(
+        out.contains("no signed checkpoint") && out.contains("WARNING"),
+        "{out}"
+    );
+    assert_eq!(verify_status(d, &["--strict"]).0, Some(2));
+
+    // Emptied.
+    for table in [
+        "tokens",
+        "checkpoints",
+        "instances",
+        "chain_anchors",
+        "events",
+    ] {
+        conn.execute(&format!("DELETE FROM {table}"), []).unwrap();
+    }
+    let (status, out) = verify_status(d, &[]);
+    assert_eq!(status, Some(0), "{out}");
+    assert!(out.contains("WARNING") && out.contains("empty"), "{out}");
+    assert_eq!(verify_status(d, &["--strict"]).0, Some(2));
+}
+
+/// Export makes every file it writes: it never truncates one that exists (the archive's own
+/// database included) nor writes through a link, unless --force, which replaces the link.
+#[test]
+fn export_never_overwrites_nor_follows_links() {
+    let dir = init("checkpoint_interval_s = 3600");
+    let d = dir.path();
+    let server = Serving::start(d);
+    let got = stamps(&server, 2, "export");
+    server.stop();
+    let export = |args: &[&str]| {
+        let mut all = vec!["export", "--from", "0", "--to", "4000000000"];
+        all.extend_from_slice(args);
+        archive_cli(d, &all)
+    };
+
+    // A link named as the first token's file, to a file of someone else's.
+    let out = d.join("out");
+    std::fs::create_dir(&out).unwrap();
+    let victim = d.join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let name = format!("{}.tsr", hex(&got[0].serial));
+    std::os::unix::fs::symlink(&victim, out.join(&name)).unwrap();
+    let (ok, text) = export(&["--dir", out.to_str().unwrap()]);
+    assert!(
+        !ok && text.contains(&name) && text.contains("--force"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+
+    // The live database named as the JSON-lines file.
+    let database = archive_support::database(d);
+    let before = std::fs::read(&database).unwrap();
+    let (ok, text) = export(&["--jsonl", database.to_str().unwrap()]);
+    assert!(!ok && text.contains("exists already"), "{text}");
+    assert_eq!(std::fs::read(&database).unwrap(), before);
+    verify_report(d).expect("the archive is untouched");
+    // A link as the JSON-lines file.
+    let link = d.join("tokens.jsonl");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let (ok, text) = export(&["--jsonl", link.to_str().unwrap()]);
+    assert!(!ok && text.contains("tokens.jsonl"), "{text}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+
+    // --force replaces the links themselves.
+    let (ok, text) = export(&["--dir", out.to_str().unwrap(), "--force"]);
+    assert!(ok, "{text}");
+    let (ok, text) = export(&["--jsonl", link.to_str().unwrap(), "--force"]);
+    assert!(ok, "{text}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    let file = out.join(&name);
+    assert!(std::fs::symlink_metadata(&file).unwrap().is_file());
+    assert_eq!(std::fs::read(&file).unwrap(), got[0].response);
+    assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+    assert_eq!(std::fs::read_to_string(&link).unwrap().lines().count(), 2);
+}
+
+/// After a planned rollover the checkpoints are signed by the [rollover] key: the
+/// configuration alone lets verify trust both.
+#[test]
+fn checkpoints_before_and_after_a_rollover_verify_with_the_configuration() {
+    let dir = init("checkpoint_interval_s = 3600");
+    let d = dir.path();
+    // The next key and its certificate: another `tsa init`'s.
+    let other = tempfile::tempdir().unwrap();
+    let out = Command::new(archive_support::TSA)
+        .args(["init", "--dir"])
+        .arg(other.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::copy(other.path().join("tsa-key.pem"), d.join("next-key.pem")).unwrap();
+    std::fs::copy(other.path().join("tsa-cert.pem"), d.join("next-cert.pem")).unwrap();
+
+    let server = Serving::start(d);
+    stamps(&server, 3, "before the rollover");
+    server.stop();
+    // The instant has passed: the next start signs tokens and checkpoints with the next key.
+    let config = d.join("tsa.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "\n[rollover]\nat = \"2020-01-01T00:00:00Z\"\n[rollover.signer]\nkind = \"software\"\n\
+         key = \"next-key.pem\"\ncertificate = \"next-cert.pem\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let server = Serving::start(d);
+    stamps(&server, 3, "after the rollover");
+    server.stop();
+
+    let mut store = open_store(d);
+    let checkpoints = store.checkpoints(0).unwrap();
+    let next = tsa::signer::certificate::read_pem_certificates(&d.join("next-cert.pem")).unwrap();
+    assert_eq!(checkpoints.len(), 2);
+    assert_ne!(checkpoints[0].certificate, next[0]);
+    assert_eq!(
+        checkpoints[1].certificate, next[0],
+        "signed by the next key"
+    );
+    let (status, out) = verify_status(d, &["--strict"]);
+    assert_eq!(status, Some(0), "{out}");
+    assert!(
+        out.contains("6 records verified") && out.contains(": OK"),
+        "{out}"
+    );
+}
+
 /// In the token log: an altered frame is reported at its record, a lost last record as
 /// missing at the end (the signed checkpoint counts it).
 #[test]

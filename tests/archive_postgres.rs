@@ -712,3 +712,90 @@ fn a_client_certificate_logs_in_without_a_password() {
         .expect("logged in without the client certificate");
     assert!(err.contains("requires a valid client certificate"), "{err}");
 }
+
+/// `n` chained records of `instance_id` from position 1 on (counter = position).
+fn chained(instance_id: u32, n: u64) -> Vec<StoredRecord> {
+    use tsa::archive::record::{ClockAtIssue, TokenRecord, ZERO_HASH};
+    let mut prev = ZERO_HASH;
+    (1..=n)
+        .map(|seq| {
+            let record = TokenRecord {
+                serial: tsa::archive::serial::layout::encode(instance_id, seq, [7; 7]).to_vec(),
+                gen_time_ns: 1_700_000_000_000_000_000 + seq,
+                accuracy_ns: 1_000_000,
+                imprint_alg: "2.16.840.1.101.3.4.2.1".into(),
+                imprint: vec![seq as u8; 32],
+                policy: "1.3.6.1.4.1.32473.1".into(),
+                nonce: None,
+                client: None,
+                clock: ClockAtIssue {
+                    source: "test".into(),
+                    state: "synchronized".into(),
+                    bound_ns: 1,
+                    sources: String::new(),
+                },
+                token: vec![0x30, 0x00],
+            };
+            let stored = StoredRecord::chain(instance_id, seq, seq, record, prev);
+            prev = stored.hash;
+            stored
+        })
+        .collect()
+}
+
+/// A checkpoint signing `record` as its instance's head (the store does not check the
+/// signature; verification does).
+fn checkpoint_of(record: &StoredRecord) -> tsa::archive::record::Checkpoint {
+    tsa::archive::record::Checkpoint {
+        instance_id: record.instance_id,
+        seq: record.seq,
+        head_hash: record.hash,
+        time_ns: 1,
+        algorithm: vec![],
+        signature: vec![1],
+        certificate: vec![],
+    }
+}
+
+#[test]
+fn pruning_on_postgres_never_goes_past_the_last_signed_checkpoint() {
+    let cluster = pg::Cluster::start();
+    cluster.create_database("tsa");
+    let dir = setup(&cluster, "tsa", 0, "");
+    let config = Config::load(&dir.path().join("tsa.toml")).unwrap();
+    let mut store = PostgresStore::open(&config.archive).unwrap();
+    let records = chained(0, 10);
+    store.append(0, &records[..5], &[]).unwrap();
+    assert_eq!(store.prune(0, u64::MAX).unwrap(), None, "no checkpoint yet");
+    store.add_checkpoint(&checkpoint_of(&records[4])).unwrap();
+    store.append(0, &records[5..], &[]).unwrap();
+    let anchor = store.prune(0, u64::MAX).unwrap().expect("pruned");
+    assert_eq!(anchor.seq, 5);
+    assert_eq!(anchor.hash, records[4].hash);
+    let kept: Vec<u64> = pg::all_records(&mut store, 0)
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(kept, (6..=10).collect::<Vec<_>>());
+    assert_eq!(store.prune(0, u64::MAX).unwrap(), None, "nothing more");
+}
+
+#[test]
+fn an_instance_id_outside_u32_is_refused_not_truncated() {
+    let cluster = pg::Cluster::start();
+    cluster.create_database("tsa");
+    let dir = setup(&cluster, "tsa", 0, "");
+    let config = Config::load(&dir.path().join("tsa.toml")).unwrap();
+    let mut store = PostgresStore::open(&config.archive).unwrap();
+    // 2^32: as u32 it would read as instance 0.
+    cluster
+        .client("tsa")
+        .execute(
+            "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, max_gen_time_ns, \
+             pruned_at_ns) VALUES (4294967296, 1, '\\x00', 0, 0, 0)",
+            &[],
+        )
+        .unwrap();
+    let error = store.instances().unwrap_err().to_string();
+    assert!(error.contains("4294967296"), "{error}");
+}

@@ -691,6 +691,21 @@ mod tests {
             records.iter().map(|r| r.seq).collect()
         }
 
+        /// A checkpoint at the head (pruning stops at the last one).
+        fn sign_head(&mut self) {
+            self.store
+                .add_checkpoint(&crate::archive::record::Checkpoint {
+                    instance_id: INSTANCE,
+                    seq: self.head.0,
+                    head_hash: self.head.1,
+                    time_ns: 1,
+                    algorithm: vec![],
+                    signature: vec![1],
+                    certificate: vec![],
+                })
+                .unwrap();
+        }
+
         fn index(&self) -> ImprintIndex {
             ImprintIndex::open(&path_for(&self.database())).unwrap()
         }
@@ -905,6 +920,7 @@ mod tests {
         catch_up(&mut index, &a, 2);
         assert_eq!(runs(&index), vec![(0, 2), (0, 2)]);
         // Prune the first three (genTimes are 1_800…_000 + seq).
+        a.sign_head();
         let anchor = a
             .store
             .prune(INSTANCE, 1_800_000_000_000_000_000 + seqs[3])
@@ -926,6 +942,7 @@ mod tests {
         // Pruned before anything was indexed: the index starts after the anchor.
         let mut b = Archive::new();
         let seqs = b.append(&[imprint(1), imprint(2), imprint(3)]);
+        b.sign_head();
         b.store
             .prune(INSTANCE, 1_800_000_000_000_000_000 + seqs[2])
             .unwrap();

@@ -816,6 +816,59 @@ mod tests {
         );
     }
 
+    /// A checkpoint of instance 0 signing `record` as its head.
+    fn checkpoint_of(record: &StoredRecord) -> Checkpoint {
+        Checkpoint {
+            instance_id: 0,
+            seq: record.seq,
+            head_hash: record.hash,
+            time_ns: 1,
+            algorithm: vec![],
+            signature: vec![1],
+            certificate: vec![],
+        }
+    }
+
+    #[test]
+    fn pruning_never_goes_past_the_last_signed_checkpoint() {
+        for layout in [sqlite::Layout::Rows, sqlite::Layout::Log] {
+            let dir = tempfile::tempdir().unwrap();
+            let database = dir.path().join("archive.sqlite");
+            let mut db = SqliteStore::open(&database, Duration::from_secs(1)).unwrap();
+            db.settle_layout(layout).unwrap();
+            let mut store: Box<dyn ArchiveStore> = match layout {
+                sqlite::Layout::Rows => Box::new(db),
+                // Small segments: a few records each.
+                sqlite::Layout::Log => Box::new(log::LogStore::open(db).with_segment_limit(1024)),
+            };
+            let records = records(10);
+            // No signed checkpoint yet: nothing is pruned.
+            store.append(0, &records[..5], &[]).unwrap();
+            assert_eq!(store.prune(0, u64::MAX).unwrap(), None, "{layout:?}");
+            store.add_checkpoint(&checkpoint_of(&records[4])).unwrap();
+            // Five more records that no checkpoint signs (its signature failed, say).
+            for r in &records[5..] {
+                store.append(0, std::slice::from_ref(r), &[]).unwrap();
+            }
+            let anchor = store.prune(0, u64::MAX).unwrap().expect("pruned");
+            assert!(anchor.seq <= 5, "{layout:?}: anchor at {}", anchor.seq);
+            assert_eq!(anchor.hash, records[anchor.seq as usize - 1].hash);
+            let mut kept = Vec::new();
+            store
+                .for_each_record(0, 1, &mut |r| {
+                    kept.push(r.seq);
+                    Ok(true)
+                })
+                .unwrap();
+            assert_eq!(
+                kept,
+                (anchor.seq + 1..=10).collect::<Vec<_>>(),
+                "{layout:?}"
+            );
+            assert_eq!(store.instance(0).unwrap().head.unwrap().seq, 10);
+        }
+    }
+
     #[test]
     fn one_process_per_instance_of_a_database_whatever_its_state_file() {
         let dir = tempfile::tempdir().unwrap();

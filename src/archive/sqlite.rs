@@ -803,28 +803,29 @@ impl ArchiveStore for SqliteStore {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         // The records before the first one that is not old enough (so the anchor is always
-        // the record right before the oldest one kept).
+        // the record right before the oldest one kept), and never past the last signed
+        // checkpoint: the anchor's hash is then one that a signed head reaches through the
+        // chain. Without a checkpoint nothing is pruned.
         let first_kept: Option<u64> = tx.query_row(
             "SELECT MIN(seq) FROM tokens WHERE instance_id = ?1 AND gen_time_ns >= ?2",
             params![instance_id, before_ns],
             |r| r.get(0),
         )?;
-        let last: Option<(u64, Vec<u8>)> = match first_kept {
-            Some(first) => tx
+        let signed = last_checkpoint_seq(&tx, instance_id)?;
+        let last: Option<(u64, Vec<u8>)> = match signed {
+            Some(signed) => tx
                 .query_row(
                     "SELECT seq, hash FROM tokens WHERE instance_id = ?1 AND seq < ?2 \
-                     ORDER BY seq DESC LIMIT 1",
-                    params![instance_id, first],
+                     AND seq <= ?3 ORDER BY seq DESC LIMIT 1",
+                    params![
+                        instance_id,
+                        first_kept.unwrap_or(i64::MAX as u64),
+                        signed.min(i64::MAX as u64)
+                    ],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?,
-            None => tx
-                .query_row(
-                    "SELECT seq, hash FROM tokens WHERE instance_id = ?1 ORDER BY seq DESC LIMIT 1",
-                    [instance_id],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?,
+            None => None,
         };
         tx.execute(
             "DELETE FROM events WHERE instance_id = ?1 AND time_ns < ?2",
@@ -867,4 +868,17 @@ impl ArchiveStore for SqliteStore {
     fn free_space(&self) -> Option<u64> {
         free_space(crate::files::directory_of(&self.path))
     }
+}
+
+/// The position of the instance's last signed checkpoint, if it has one: pruning never goes
+/// past it.
+pub(super) fn last_checkpoint_seq(
+    conn: &Connection,
+    instance_id: u32,
+) -> Result<Option<u64>, StoreError> {
+    Ok(conn.query_row(
+        "SELECT MAX(seq) FROM checkpoints WHERE instance_id = ?1",
+        [instance_id],
+        |r| r.get(0),
+    )?)
 }

@@ -152,9 +152,10 @@ pub trait ArchiveStore: Send {
     /// Events of every instance with `from_ns <= time < to_ns`, by time.
     fn events(&mut self, from_ns: u64, to_ns: u64) -> Result<Vec<EventRecord>, StoreError>;
 
-    /// Removes the instance's oldest records while their genTime is before `before_ns`,
-    /// keeping the last removed one's hash as the chain's anchor; removes events before
-    /// `before_ns` too. Returns the new anchor, `None` when nothing was removed.
+    /// Removes the instance's oldest records while their genTime is before `before_ns` and
+    /// their position is at or below the instance's last signed checkpoint (none: no record
+    /// goes), keeping the last removed one's hash as the chain's anchor; removes events
+    /// before `before_ns` too. Returns the new anchor, `None` when no record was removed.
     fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError>;
 
     /// Octets free to the store's files, where the store can tell: a local database's

@@ -13,7 +13,7 @@ use super::record::{hex, Anchor, ChainHead, Checkpoint, StoredRecord, ZERO_HASH}
 use super::serial::layout;
 use super::store::{ArchiveStore, StoreError};
 use crate::client::read::Token;
-use crate::client::verify::verify_signature;
+use crate::client::verify::{verify_signature, verify_signed_by};
 
 /// Where a chain breaks and how.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +36,9 @@ pub struct InstanceReport {
     /// The last checkpoint: (position, time).
     pub last_checkpoint: Option<(u64, u64)>,
     pub first_break: Option<Break>,
+    /// What verification cannot vouch for, though nothing is broken: records after the last
+    /// signed checkpoint, an instance without records.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -44,15 +47,35 @@ pub struct Report {
 }
 
 impl Report {
+    /// No chain is broken.
     pub fn ok(&self) -> bool {
         self.instances.iter().all(|i| i.first_break.is_none())
     }
+
+    /// What the report warns of (an empty archive, records no checkpoint signs); `tsa archive
+    /// verify --strict` fails on them.
+    pub fn warnings(&self) -> Vec<String> {
+        if self.instances.is_empty() {
+            return vec![EMPTY.to_string()];
+        }
+        self.instances
+            .iter()
+            .flat_map(|i| {
+                i.warnings
+                    .iter()
+                    .map(move |w| format!("instance {}: {w}", i.instance_id))
+            })
+            .collect()
+    }
 }
+
+const EMPTY: &str = "the archive is empty: no instance has a record, an anchor, a reservation or \
+                     a checkpoint (a new archive, or one emptied)";
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.instances.is_empty() {
-            return writeln!(f, "the archive is empty");
+            return writeln!(f, "WARNING: {EMPTY}");
         }
         for i in &self.instances {
             write!(
@@ -90,19 +113,27 @@ impl fmt::Display for Report {
                     b.what
                 )?,
             }
+            for w in &i.warnings {
+                writeln!(f, "  WARNING: {w}")?;
+            }
         }
         Ok(())
     }
 }
 
-/// Verifies every instance in `store`; checkpoints must be signed by one of `trusted` (DER
-/// certificates: the TSU certificate, and older ones after a key change).
+/// Verifies every instance in `store`; checkpoints, and the tokens after the last one, must
+/// be signed by one of `trusted` (DER certificates: the TSU certificate, and older ones after
+/// a key change).
 pub fn verify(store: &mut dyn ArchiveStore, trusted: &[Vec<u8>]) -> Result<Report, StoreError> {
     let mut report = Report::default();
+    let signers: Vec<Certificate> = trusted
+        .iter()
+        .filter_map(|der| Certificate::from_der(der).ok())
+        .collect();
     for instance_id in store.instances()? {
         report
             .instances
-            .push(verify_instance(store, instance_id, trusted)?);
+            .push(verify_instance(store, instance_id, trusted, &signers)?);
     }
     Ok(report)
 }
@@ -111,9 +142,15 @@ fn verify_instance(
     store: &mut dyn ArchiveStore,
     instance_id: u32,
     trusted: &[Vec<u8>],
+    signers: &[Certificate],
 ) -> Result<InstanceReport, StoreError> {
+    // Read before the records: a server appending meanwhile only raises what they show.
     let state = store.instance(instance_id)?;
     let checkpoints = store.checkpoints(instance_id)?;
+    // The records after the last checkpoint are signed by none: their tokens' own signatures
+    // are checked instead.
+    let signed_up_to = checkpoints.last().map_or(0, |c| c.seq);
+    let mut max_counter = state.anchor.map(|a| a.max_counter);
     let wanted: HashMap<u64, ()> = checkpoints.iter().map(|c| (c.seq, ())).collect();
     let start = state.anchor.map_or(ChainHead::EMPTY, |a| ChainHead {
         seq: a.seq,
@@ -122,22 +159,59 @@ fn verify_instance(
     let mut head = start;
     let mut records = 0u64;
     let mut first_break = None;
+    // Pruning deletes the records up to the anchor in the anchor's own transaction: one left
+    // at or below it was put back, or the anchor written over records it does not stand
+    // for. Either way they are not what the chain goes on from, and look-ups still find them.
+    if let Some(anchor) = &state.anchor {
+        store.for_each_record(instance_id, 1, &mut |r| {
+            if r.seq <= anchor.seq {
+                first_break = Some(Break {
+                    seq: r.seq,
+                    serial: Some(hex(&r.record.serial)),
+                    what: format!(
+                        "the record is at or below the anchor ({}): pruning removed every \
+                         record up to it, so the anchor does not stand for these",
+                        anchor.seq
+                    ),
+                });
+            }
+            Ok(false)
+        })?;
+    }
     let mut hashes_at: HashMap<u64, [u8; 32]> = HashMap::new();
-    store.for_each_record(instance_id, start.seq + 1, &mut |r| {
-        if let Some(b) = check_record(&r, &head) {
-            first_break = Some(b);
-            return Ok(false);
-        }
-        if wanted.contains_key(&r.seq) {
-            hashes_at.insert(r.seq, r.hash);
-        }
-        head = ChainHead {
-            seq: r.seq,
-            hash: r.hash,
-        };
-        records += 1;
-        Ok(true)
-    })?;
+    if first_break.is_none() {
+        store.for_each_record(instance_id, start.seq + 1, &mut |r| {
+            if let Some(b) = check_record(&r, &head) {
+                first_break = Some(b);
+                return Ok(false);
+            }
+            if r.seq > signed_up_to {
+                if let Err(e) =
+                    Token::from_der(&r.record.token).and_then(|t| verify_signed_by(&t, signers))
+                {
+                    first_break = Some(Break {
+                        seq: r.seq,
+                        serial: Some(hex(&r.record.serial)),
+                        what: format!(
+                            "the token's signature does not verify with a trusted certificate \
+                             ({e:#}); no checkpoint signs this record"
+                        ),
+                    });
+                    return Ok(false);
+                }
+            }
+            max_counter = max_counter.max(Some(r.counter));
+            if wanted.contains_key(&r.seq) {
+                hashes_at.insert(r.seq, r.hash);
+            }
+            head = ChainHead {
+                seq: r.seq,
+                hash: r.hash,
+            };
+            records += 1;
+            Ok(true)
+        })?;
+    }
 
     if first_break.is_none() {
         for c in &checkpoints {
@@ -153,6 +227,59 @@ fn verify_instance(
             }
         }
     }
+    // The anchor's hash is the chain's start: only a signed checkpoint at or after it,
+    // checked above through the chain from it, says that it is the one pruning kept.
+    // Checkpoints below it are checked by their signature alone.
+    if let Some(anchor) = state.anchor.filter(|_| first_break.is_none()) {
+        if !checkpoints.iter().any(|c| c.seq >= anchor.seq) {
+            first_break = Some(Break {
+                seq: anchor.seq,
+                serial: None,
+                what: format!(
+                    "no signed checkpoint at or after the anchor ({}): its hash, where the \
+                     chain starts, is not signed",
+                    anchor.seq
+                ),
+            });
+        }
+    }
+    // The highest counter the instance archived, as its row keeps it (rows archives and
+    // PostgreSQL raise it with each commit; the token log does not keep it): records deleted
+    // after the last checkpoint show here.
+    if first_break.is_none() && state.max_counter > max_counter {
+        first_break = Some(Break {
+            seq: head.seq + 1,
+            serial: None,
+            what: format!(
+                "records are missing at the end: the instance archived counter {}, the \
+                 highest left is {}",
+                state.max_counter.unwrap_or(0),
+                max_counter.map_or_else(|| "none".to_string(), |c| c.to_string())
+            ),
+        });
+    }
+    let mut warnings = Vec::new();
+    if first_break.is_none() {
+        if head.seq == 0 {
+            warnings.push("no record: it has issued none, or its records were deleted".to_string());
+        } else if head.seq > signed_up_to {
+            let unsigned = head.seq - signed_up_to.max(start.seq);
+            warnings.push(match checkpoints.last() {
+                Some(c) => format!(
+                    "{unsigned} records after the last signed checkpoint (at {}) are signed \
+                     by no checkpoint: their tokens' signatures verify, but records deleted \
+                     from the end, or changed outside their tokens, would not show there; a \
+                     running server signs its head every checkpoint_interval_s and at shutdown",
+                    c.seq
+                ),
+                None => format!(
+                    "no signed checkpoint: the {unsigned} records are signed by none; their \
+                     tokens' signatures verify, but records deleted from the end, or changed \
+                     outside their tokens, would not show"
+                ),
+            });
+        }
+    }
     Ok(InstanceReport {
         instance_id,
         records,
@@ -161,6 +288,7 @@ fn verify_instance(
         checkpoints: checkpoints.len(),
         last_checkpoint: checkpoints.last().map(|c| (c.seq, c.time_ns)),
         first_break,
+        warnings,
     })
 }
 

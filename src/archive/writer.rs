@@ -438,7 +438,9 @@ impl Writer {
             })
     }
 
-    /// The checkpoint interval passed: checkpoint, state file, pruning.
+    /// The checkpoint interval passed: checkpoint, state file, pruning (which never goes past
+    /// the last stored checkpoint, so a checkpoint that failed here leaves the records after
+    /// the one before in place).
     fn periodic(&mut self) {
         if let Err(e) = self.checkpoint() {
             tracing::warn!(error = %e, "archive checkpoint failed; trying again later");

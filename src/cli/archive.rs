@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use tsa::archive::record::{hex, StoredRecord};
 use tsa::archive::{self, decode_hex, normalize_serial, serial_hex};
-use tsa::config::{ArchiveBackend, Config, SignerConfig};
+use tsa::config::{ArchiveBackend, Config};
 use tsa::protocol::GenTime;
 
 #[derive(Debug, clap::Args)]
@@ -22,13 +22,21 @@ pub struct ArchiveArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ArchiveCommand {
-    /// Check every instance's hash chain, each record against its token, and the signed
-    /// checkpoints; report the first break of each chain (exit status 1 when one is found).
+    /// Check every instance's hash chain, each record against its token, the signed
+    /// checkpoints, and the tokens' signatures after the last checkpoint; report the first
+    /// break of each chain (exit status 1 when one is found). What it cannot vouch for (an
+    /// empty archive, records no checkpoint signs yet) is a WARNING line: exit status 0, or 2
+    /// with --strict.
     Verify {
         /// Further trusted TSU certificates (PEM), for checkpoints signed before a change of
-        /// certificate; the configured one is always trusted.
+        /// certificate; the configured ones ([signer], and [rollover.signer] when a rollover
+        /// is planned) are always trusted.
         #[arg(long)]
         cert: Vec<PathBuf>,
+        /// Warnings fail too, with exit status 2: for a stopped server's archive, whose
+        /// head the shutdown signed.
+        #[arg(long)]
+        strict: bool,
     },
     /// Find a token by serial or by message imprint; print what the archive holds and write
     /// the TimeStampResp (or the bare token) to --out.
@@ -59,9 +67,14 @@ pub enum ArchiveCommand {
         dir: Option<PathBuf>,
         #[arg(long)]
         jsonl: Option<PathBuf>,
+        /// Replace files that exist already (a link is replaced, never followed); without it
+        /// the export stops at the first one, naming it.
+        #[arg(long)]
+        force: bool,
     },
-    /// Remove the records issued before a time (and the events before it); each chain keeps
-    /// the last removed record's hash as its anchor, so what remains still verifies.
+    /// Remove the records issued before a time (and the events before it), never past an
+    /// instance's last signed checkpoint; each chain keeps the last removed record's hash as
+    /// its anchor, so what remains still verifies.
     Prune {
         /// RFC 3339 or Unix seconds.
         #[arg(long)]
@@ -86,7 +99,7 @@ pub enum ArchiveCommand {
 pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     match &args.command {
-        ArchiveCommand::Verify { cert } => verify(&config, cert),
+        ArchiveCommand::Verify { cert, strict } => verify(&config, cert, *strict),
         ArchiveCommand::Get {
             serial,
             imprint,
@@ -104,12 +117,14 @@ pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
             to,
             dir,
             jsonl,
+            force,
         } => export(
             &config,
             parse_time(from)?,
             parse_time(to)?,
             dir.as_deref(),
             jsonl.as_deref(),
+            *force,
         ),
         ArchiveCommand::Prune { before, instance } => {
             prune(&config, &parse_time(before)?, *instance)
@@ -142,16 +157,28 @@ fn parse_time(text: &str) -> anyhow::Result<u64> {
     .context("times before 1970 are not supported")
 }
 
-fn verify(config: &Config, extra: &[PathBuf]) -> anyhow::Result<()> {
-    let (cert, chain) = match &config.signer {
-        SignerConfig::Software {
-            certificate, chain, ..
-        } => (certificate, chain),
-        SignerConfig::Pkcs11(p) => (&p.certificate, &p.chain),
-    };
-    let mut trusted = vec![tsa::signer::certificate::TsuCertificate::load(cert, chain)?
-        .der()
-        .to_vec()];
+/// The exit status of `tsa archive verify --strict` when nothing is broken but there are
+/// warnings (1 is a broken chain or an error).
+const WARNINGS_EXIT_STATUS: i32 = 2;
+
+fn verify(config: &Config, extra: &[PathBuf], strict: bool) -> anyhow::Result<()> {
+    // The configured signer's certificate, and the planned rollover's: checkpoints after the
+    // rollover's instant are signed by its key.
+    let mut trusted = Vec::new();
+    for (what, signer) in std::iter::once(("[signer]", &config.signer)).chain(
+        config
+            .rollover
+            .as_ref()
+            .map(|r| ("[rollover.signer]", &r.signer)),
+    ) {
+        let (cert, chain) = signer.certificates();
+        trusted.push(
+            tsa::signer::certificate::TsuCertificate::load(cert, chain)
+                .with_context(|| format!("the certificate of {what}"))?
+                .der()
+                .to_vec(),
+        );
+    }
     for file in extra {
         trusted.extend(tsa::signer::certificate::read_pem_certificates(file)?);
     }
@@ -163,6 +190,15 @@ fn verify(config: &Config, extra: &[PathBuf]) -> anyhow::Result<()> {
     }
     if !report.ok() {
         bail!("the archive does not verify");
+    }
+    let warnings = report.warnings();
+    if strict && !warnings.is_empty() {
+        drop(store);
+        eprintln!(
+            "tsa: the archive verifies with {} warning(s), which --strict makes a failure",
+            warnings.len()
+        );
+        std::process::exit(WARNINGS_EXIT_STATUS);
     }
     Ok(())
 }
@@ -240,12 +276,46 @@ fn get(
     Ok(())
 }
 
+/// A new file at `path` for an export: made here (`O_CREAT | O_EXCL`), never through a link,
+/// so nothing that exists is truncated or written through, the archive's own files included.
+/// With `force`, what `path` names is removed first (a link itself, not its target).
+fn create_export_file(path: &Path, force: bool) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if force {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(tsa::files::PUBLIC)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{} exists already (a file or a link): not replaced; remove it, or give \
+                         --force",
+                        path.display()
+                    ),
+                )
+            } else {
+                std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
+            }
+        })
+}
+
 fn export(
     config: &Config,
     from: u64,
     to: u64,
     dir: Option<&Path>,
     jsonl: Option<&Path>,
+    force: bool,
 ) -> anyhow::Result<()> {
     let mut store = archive::open_read_only(&config.archive)?;
     let mut count = 0u64;
@@ -253,34 +323,52 @@ fn export(
         (Some(dir), _) => {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
-            store.for_each_in_time(from, to, &mut |r| {
+            let written = store.for_each_in_time(from, to, &mut |r| {
                 let path = dir.join(format!("{}.tsr", serial_hex(&r)));
-                std::fs::write(&path, r.response()).map_err(|e| {
-                    tsa::archive::store::StoreError(format!("{}: {e}", path.display()))
-                })?;
+                create_export_file(&path, force)
+                    .and_then(|mut f| f.write_all(&r.response()))
+                    .map_err(|e| {
+                        tsa::archive::store::StoreError(format!("{}: {e}", path.display()))
+                    })?;
                 count += 1;
                 Ok(true)
+            });
+            // What was written is made durable, even when the export stopped half way.
+            let synced = tsa::files::sync_file_system(dir)
+                .with_context(|| format!("cannot sync {}", dir.display()));
+            written.with_context(|| {
+                format!(
+                    "the export stopped after {count} tokens written to {}",
+                    dir.display()
+                )
             })?;
-            tsa::files::sync_file_system(dir)
-                .with_context(|| format!("cannot sync {}", dir.display()))?;
+            synced?;
             println!("{count} tokens written to {}", dir.display());
         }
         (None, Some(file)) => {
-            let f = std::fs::File::create(file)
-                .with_context(|| format!("cannot create {}", file.display()))?;
+            let f = create_export_file(file, force)?;
             let mut w = std::io::BufWriter::new(f);
-            store.for_each_in_time(from, to, &mut |r| {
-                let line = json_line(&r);
-                writeln!(w, "{line}")
-                    .map_err(|e| tsa::archive::store::StoreError(e.to_string()))?;
-                count += 1;
-                Ok(true)
-            })?;
-            w.flush()?;
-            drop(w);
-            // The file and its name in the directory.
-            tsa::files::sync_file_system(file)
-                .with_context(|| format!("cannot sync {}", file.display()))?;
+            let written = store
+                .for_each_in_time(from, to, &mut |r| {
+                    let line = json_line(&r);
+                    writeln!(w, "{line}")
+                        .map_err(|e| tsa::archive::store::StoreError(e.to_string()))?;
+                    count += 1;
+                    Ok(true)
+                })
+                .map_err(anyhow::Error::from)
+                .and_then(|()| {
+                    // The file, then its name in the directory.
+                    let f = w.into_inner().map_err(|e| e.into_error())?;
+                    f.sync_all()?;
+                    tsa::files::sync_directory(tsa::files::directory_of(file))?;
+                    Ok(())
+                });
+            if let Err(e) = written {
+                // Made by this export: a partial file is not left as if it were one.
+                let _ = std::fs::remove_file(file);
+                return Err(e.context(format!("cannot write {}", file.display())));
+            }
             println!("{count} tokens written to {}", file.display());
         }
         (None, None) => bail!("give --dir or --jsonl"),
@@ -329,7 +417,9 @@ fn prune(config: &Config, before: &u64, only: Option<u32>) -> anyhow::Result<()>
                 anchor.seq,
                 hex(&anchor.hash)
             ),
-            None => println!("instance {id}: nothing to remove"),
+            None => println!(
+                "instance {id}: nothing to remove (pruning stops at the last signed checkpoint)"
+            ),
         }
     }
     Ok(())

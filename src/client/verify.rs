@@ -130,7 +130,63 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
     let signer_cert = find_signer(&signer_info.sid, &candidates)
         .context("the signer's certificate is neither in the token nor given")?;
     let signer_der = signer_cert.to_der()?;
+    check_signed_by(token, signer_info, signer_cert, &signer_der)?;
 
+    // The signer's certificate: the name the token gives, its profile, its path.
+    if let Some(tsa) = &tst.tsa {
+        check_tsa_name(tsa, signer_cert)?;
+    }
+    check_tsu_profile(signer_cert)?;
+    let gen_time = tst.gen_time;
+    let at = match expect.at {
+        ValidAt::Now => std::time::SystemTime::now(),
+        ValidAt::GenTime => {
+            std::time::UNIX_EPOCH + std::time::Duration::from_nanos(gen_time.unix_ns())
+        }
+        ValidAt::Time(at) => at,
+    };
+    check_path(signer_cert, &signer_der, &included, expect, at)?;
+
+    Ok(Verified {
+        gen_time,
+        accuracy_ns: tst.accuracy.map(|a| a.as_ns()),
+        serial_hex: tst
+            .serial_number
+            .as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+        policy: tst.policy,
+        signer: signer_cert.tbs_certificate().subject().to_string(),
+    })
+}
+
+/// Whether `token`'s CMS signature is that of one of `signers`, taken as they are (no path, no
+/// validity period, no profile): for the tokens an archive holds, against the TSU certificates
+/// that issued them. The signed attributes (contentType, messageDigest over TSTInfo,
+/// signingCertificate) and the signature are checked as [`verify`] checks them.
+pub fn verify_signed_by(token: &Token, signers: &[Certificate]) -> anyhow::Result<()> {
+    let signer_infos = &token.signed_data.signer_infos.0;
+    ensure!(
+        signer_infos.len() == 1,
+        "a token has exactly one SignerInfo, this one {}",
+        signer_infos.len()
+    );
+    let signer_info = signer_infos.get(0).expect("one");
+    let candidates: Vec<&Certificate> = signers.iter().collect();
+    let signer_cert = find_signer(&signer_info.sid, &candidates)
+        .context("the token's signer is none of the trusted certificates")?;
+    check_signed_by(token, signer_info, signer_cert, &signer_cert.to_der()?)
+}
+
+/// The token's signed attributes (contentType, messageDigest, signingCertificate(V2)) and
+/// its signature over them, by `signer_cert` (DER `signer_der`).
+fn check_signed_by(
+    token: &Token,
+    signer_info: &SignerInfo,
+    signer_cert: &Certificate,
+    signer_der: &[u8],
+) -> anyhow::Result<()> {
     // Signed attributes: contentType, messageDigest, signingCertificate(V2).
     let attrs = signer_info
         .signed_attrs
@@ -171,7 +227,7 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
         &attr(oid::SIGNING_CERTIFICATE_V2)?,
         &attr(oid::SIGNING_CERTIFICATE)?,
         signer_cert,
-        &signer_der,
+        signer_der,
     )?;
 
     // The signature over the DER SET OF signed attributes.
@@ -184,35 +240,7 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
         &signed,
         signer_info.signature.as_bytes(),
     )
-    .context("the token's signature does not verify")?;
-
-    // The signer's certificate: the name the token gives, its profile, its path.
-    if let Some(tsa) = &tst.tsa {
-        check_tsa_name(tsa, signer_cert)?;
-    }
-    check_tsu_profile(signer_cert)?;
-    let gen_time = tst.gen_time;
-    let at = match expect.at {
-        ValidAt::Now => std::time::SystemTime::now(),
-        ValidAt::GenTime => {
-            std::time::UNIX_EPOCH + std::time::Duration::from_nanos(gen_time.unix_ns())
-        }
-        ValidAt::Time(at) => at,
-    };
-    check_path(signer_cert, &signer_der, &included, expect, at)?;
-
-    Ok(Verified {
-        gen_time,
-        accuracy_ns: tst.accuracy.map(|a| a.as_ns()),
-        serial_hex: tst
-            .serial_number
-            .as_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-        policy: tst.policy,
-        signer: signer_cert.tbs_certificate().subject().to_string(),
-    })
+    .context("the token's signature does not verify")
 }
 
 /// Whether `token` answers the DER request `query`: the same message imprint and nonce, the

@@ -527,19 +527,27 @@ impl ArchiveStore for LogStore {
 
     /// Removes whole segments, oldest first, while every record of one is older than
     /// `before_ns`; the segment being written stays, and a damaged one stops the pruning with
-    /// an error before anything is removed (its anchor would break the chain). The anchor is stored (synced) before the
+    /// an error before anything is removed, events included (its anchor would break the
+    /// chain). The anchor is stored (synced) before the
     /// files go, so a crash between the two leaves segments that readers pass over and the
     /// next pruning removes.
     fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError> {
-        self.db.prune(instance_id, before_ns)?;
         let all = self.log.segments(instance_id)?;
         let previous = self.db.instance(instance_id)?.anchor;
+        // Never past the last signed checkpoint (none: no segment goes), so that a signed
+        // head reaches the anchor through the chain.
+        let signed =
+            super::sqlite::last_checkpoint_seq(self.db.connection(), instance_id)?.unwrap_or(0);
         let (mut removing, mut last) = (0, None);
         let (mut max_counter, mut max_gen) =
             previous.map_or((0, 0), |a| (a.max_counter, a.max_gen_time_ns));
         for (i, segment) in all.iter().enumerate().take(all.len().saturating_sub(1)) {
             let scanned = scan(segment)?;
-            if scanned.entries.iter().any(|e| e.gen_time_ns >= before_ns) {
+            if scanned
+                .entries
+                .iter()
+                .any(|e| e.gen_time_ns >= before_ns || e.seq > signed)
+            {
                 break;
             }
             // A closed segment ends with its last good frame, which the next segment's first
@@ -569,6 +577,9 @@ impl ArchiveStore for LogStore {
             last = scanned.last.or(last);
             removing += 1;
         }
+        // Every segment to remove checked: the events before the cut go (the database holds
+        // no token rows in this layout), then the anchor, then the segments.
+        self.db.prune(instance_id, before_ns)?;
         let Some(last) = last.filter(|l| previous.is_none_or(|p| l.seq > p.seq)) else {
             return Ok(None);
         };

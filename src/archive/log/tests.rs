@@ -59,6 +59,19 @@ impl Log {
             .collect()
     }
 
+    /// A checkpoint at the head (pruning stops at the last one).
+    fn checkpoint(&self) -> crate::archive::record::Checkpoint {
+        crate::archive::record::Checkpoint {
+            instance_id: 0,
+            seq: self.head.seq,
+            head_hash: self.head.hash,
+            time_ns: 1,
+            algorithm: vec![],
+            signature: vec![1],
+            certificate: vec![],
+        }
+    }
+
     fn reader(&self) -> LogReader {
         LogReader::new(&self.database)
     }
@@ -409,6 +422,7 @@ fn the_store_appends_finds_and_prunes_through_the_archive_trait() {
     // store, beside the writer, prunes without appending.
     let segments_before = segment_files(&log.dir()).len();
     let cut = log.records[8].record.gen_time_ns;
+    store.add_checkpoint(&log.checkpoint()).unwrap();
     let mut maintenance =
         LogStore::open_read_only(SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap());
     assert!(maintenance.append(0, &[], &[]).is_err(), "it never appends");
@@ -1013,7 +1027,19 @@ fn a_damaged_segment_is_not_pruned() {
     let mut log = Log::new();
     let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
     let mut store = LogStore::open(db).with_segment_limit(LIMIT);
-    for _ in 0..6 {
+    let event = EventRecord {
+        instance_id: 0,
+        seq: 1,
+        time_ns: 5,
+        level: "info".into(),
+        kind: "sync_acquired".into(),
+        message: "m".into(),
+        fields: "{}".into(),
+    };
+    store
+        .append(0, &log.chain(2), std::slice::from_ref(&event))
+        .unwrap();
+    for _ in 0..5 {
         store.append(0, &log.chain(2), &[]).unwrap();
     }
     let before = segment_files(&log.dir());
@@ -1031,10 +1057,16 @@ fn a_damaged_segment_is_not_pruned() {
     fs::write(&first.path, &octets).unwrap();
 
     let cut = log.records.last().unwrap().record.gen_time_ns + 1;
+    store.add_checkpoint(&log.checkpoint()).unwrap();
     let error = store.prune(0, cut).unwrap_err();
     assert!(error.to_string().contains("damaged"), "{error}");
     assert_eq!(segment_files(&log.dir()), before, "nothing removed");
     assert_eq!(store.instance(0).unwrap().anchor, None, "no anchor");
+    assert_eq!(
+        store.events(0, u64::MAX).unwrap(),
+        [event],
+        "nor the events before the cut"
+    );
 }
 
 #[test]

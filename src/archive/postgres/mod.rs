@@ -210,6 +210,18 @@ fn i(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
 
+/// An instance id as read from a BIGINT column: one outside u32 is refused, never truncated
+/// into another instance's.
+fn instance_of(v: i64) -> Result<u32, StoreError> {
+    u32::try_from(v).map_err(|_| {
+        StoreError(format!(
+            "a row names instance {v}, which is no instance id (0 to {}): the database holds \
+             rows this server did not write",
+            u32::MAX
+        ))
+    })
+}
+
 fn hash_of(v: &[u8]) -> Result<Hash, StoreError> {
     Hash::try_from(v).map_err(|_| StoreError("a hash is not 32 octets".into()))
 }
@@ -218,7 +230,7 @@ type Stored = (StoredRecord, Option<Vec<u8>>);
 
 fn read_record(row: &Row) -> Result<Stored, StoreError> {
     let record = StoredRecord {
-        instance_id: row.try_get::<_, i64>(0)? as u32,
+        instance_id: instance_of(row.try_get(0)?)?,
         seq: u(row.try_get(1)?),
         counter: u(row.try_get(3)?),
         record: TokenRecord {
@@ -246,7 +258,7 @@ fn read_record(row: &Row) -> Result<Stored, StoreError> {
 
 fn read_anchor(row: &Row) -> Result<Anchor, StoreError> {
     Ok(Anchor {
-        instance_id: row.try_get::<_, i64>(0)? as u32,
+        instance_id: instance_of(row.try_get(0)?)?,
         seq: u(row.try_get(1)?),
         hash: hash_of(row.try_get(2)?)?,
         max_counter: u(row.try_get(3)?),
@@ -318,7 +330,7 @@ impl ArchiveStore for PostgresStore {
                  UNION SELECT DISTINCT instance_id FROM checkpoints ORDER BY 1",
                 &[],
             )?;
-            Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u32).collect())
+            rows.iter().map(|r| instance_of(r.try_get(0)?)).collect()
         })
     }
 
@@ -494,7 +506,7 @@ impl ArchiveStore for PostgresStore {
                 .iter()
                 .map(|r| {
                     Ok(Checkpoint {
-                        instance_id: r.try_get::<_, i64>(0)? as u32,
+                        instance_id: instance_of(r.try_get(0)?)?,
                         seq: u(r.try_get(1)?),
                         head_hash: hash_of(r.try_get(2)?)?,
                         time_ns: u(r.try_get(3)?),
@@ -608,7 +620,7 @@ impl ArchiveStore for PostgresStore {
                 .iter()
                 .map(|r| {
                     Ok(EventRecord {
-                        instance_id: r.try_get::<_, i64>(0)? as u32,
+                        instance_id: instance_of(r.try_get(0)?)?,
                         seq: u(r.try_get(1)?),
                         time_ns: u(r.try_get(2)?),
                         level: r.try_get(3)?,
@@ -636,16 +648,21 @@ impl ArchiveStore for PostgresStore {
                     &[&id, &before],
                 )?
                 .get(0);
-            let last = match first_kept {
-                Some(first) => tx.query_opt(
-                    "SELECT seq, hash FROM tokens WHERE instance_id = $1 AND seq < $2 \
-                     ORDER BY seq DESC LIMIT 1",
-                    &[&id, &first],
-                )?,
-                None => tx.query_opt(
-                    "SELECT seq, hash FROM tokens WHERE instance_id = $1 ORDER BY seq DESC LIMIT 1",
+            // Never past the last signed checkpoint (none: nothing is pruned), so that a
+            // signed head reaches the anchor through the chain.
+            let signed: Option<i64> = tx
+                .query_one(
+                    "SELECT MAX(seq) FROM checkpoints WHERE instance_id = $1",
                     &[&id],
+                )?
+                .get(0);
+            let last = match signed {
+                Some(signed) => tx.query_opt(
+                    "SELECT seq, hash FROM tokens WHERE instance_id = $1 AND seq < $2 \
+                     AND seq <= $3 ORDER BY seq DESC LIMIT 1",
+                    &[&id, &first_kept.unwrap_or(i64::MAX), &signed],
                 )?,
+                None => None,
             };
             tx.execute(
                 "DELETE FROM events WHERE instance_id = $1 AND time_ns < $2",
