@@ -419,7 +419,7 @@ fn check_path(
         .filter(|c| *c != leaf)
         .collect();
     ensure!(
-        others.len() <= MAX_CERTIFICATES && expect.trusted.len() <= MAX_CERTIFICATES,
+        others.len() <= MAX_CERTIFICATES,
         "more than {MAX_CERTIFICATES} certificates to build the signer's path from"
     );
     for cert in std::iter::once(leaf).chain(others.iter().copied()) {
@@ -435,11 +435,20 @@ fn check_path(
         .iter()
         .map(der)
         .collect::<Result<Vec<_>, _>>()?;
-    let anchors = trusted
+    // A bundle of trusted roots (a system's CA file) may hold some that `webpki` cannot take
+    // as anchors; the others still serve. `anchored[i]` is the trusted certificate of anchor i.
+    let (anchors, anchored): (Vec<_>, Vec<&Certificate>) = trusted
         .iter()
-        .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("a trusted CA certificate cannot be used: {e}"))?;
+        .zip(&expect.trusted)
+        .filter_map(|(der, cert)| {
+            let anchor = webpki::anchor_from_trusted_cert(der).ok()?;
+            Some((anchor.to_owned(), cert))
+        })
+        .unzip();
+    ensure!(
+        !anchors.is_empty(),
+        "none of the trusted CA certificates can be used as a trust anchor"
+    );
     let intermediates = others
         .iter()
         .map(|c| der(c))
@@ -458,8 +467,15 @@ fn check_path(
             None,
         )
         .map_err(|e| {
+            let hint = match e {
+                webpki::Error::UnsupportedCriticalExtension => {
+                    " (a certificate on the path marks critical an extension this verifier does \
+                     not process, such as policy constraints: check it with openssl ts -verify)"
+                }
+                _ => "",
+            };
             anyhow::anyhow!(
-                "the signer's certificate {} has no valid path to a trusted CA: {e}",
+                "the signer's certificate {} has no valid path to a trusted CA: {e}{hint}",
                 leaf.tbs_certificate().subject()
             )
         })?;
@@ -472,7 +488,7 @@ fn check_path(
             a.subject == anchor.subject
                 && a.subject_public_key_info == anchor.subject_public_key_info
         })
-        .map(|i| &expect.trusted[i])
+        .map(|i| anchored[i])
         .context("the path ends at no trusted certificate")?;
     let below = path.intermediate_certificates().count();
     if let Some((_, constraints)) = root.tbs_certificate().get_extension::<BasicConstraints>()? {

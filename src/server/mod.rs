@@ -342,13 +342,13 @@ fn open_archive(
     issuing: &Issuing,
 ) -> anyhow::Result<crate::archive::Archive> {
     let checkpoints = checkpoint_signer(signer, issuing.certificate().der())?;
-    // The server admits `max_queue` requests, a batch's chunk of items per place: twice what
-    // they can queue leaves room for requests whose clients left while the writer was slow.
-    let max_queued = config
-        .server
-        .max_queue
+    // The server admits `max_queue` requests, a batch's chunk of items per place, and a batch
+    // larger than the whole queue alone: twice what they can queue leaves room for requests
+    // whose clients left while the writer was slow.
+    let admitted = (config.server.max_queue)
         .saturating_mul(issue::BATCH_CHUNK)
-        .saturating_mul(2);
+        .max(config.server.max_batch_items);
+    let max_queued = admitted.saturating_mul(2);
     crate::archive::Archive::open(&config.archive, checkpoints, max_queued)
 }
 
