@@ -739,6 +739,9 @@ impl Config {
         if !(1..=DAY_MS).contains(&self.clock.max_accuracy_ms) {
             bail!("clock.max_accuracy_ms must be from 1 to {DAY_MS} (a day)");
         }
+        if self.clock.development_accuracy_ms > DAY_MS {
+            bail!("clock.development_accuracy_ms must be at most {DAY_MS} (a day)");
+        }
         if a.retention_days > 36_500 || a.checkpoint_interval_s > 7 * 86_400 {
             bail!(
                 "archive.retention_days must be at most 36500 (100 years) and \
@@ -782,9 +785,13 @@ impl Config {
                     bail!("clock.gpsd must be host:port, such as \"127.0.0.1:2947\"; got '{gpsd}'");
                 }
             }
-            if c.gps_precision_ms == 0 || c.gps_serial_precision_ms == 0 || c.nmea_precision_ms == 0
-            {
-                bail!("clock.gps_precision_ms, gps_serial_precision_ms and nmea_precision_ms must be positive");
+            let precisions = [
+                c.gps_precision_ms,
+                c.gps_serial_precision_ms,
+                c.nmea_precision_ms,
+            ];
+            if precisions.iter().any(|p| !(1..=16_000).contains(p)) {
+                bail!("clock.gps_precision_ms, gps_serial_precision_ms and nmea_precision_ms must be from 1 to 16000 (RFC 5905's largest distance)");
             }
             if c.step_confirm_rounds == 0 || c.poll_interval_ms == 0 || c.ntp_timeout_ms == 0 {
                 bail!("clock.step_confirm_rounds, poll_interval_ms and ntp_timeout_ms must be positive");
@@ -1016,6 +1023,9 @@ mod tests {
             "[archive]\nretention_days = 213504\n".into(),
             "[archive]\ncheckpoint_interval_s = 9223372036854775807\n".into(),
             "[archive]\nbusy_timeout_ms = 2147483648\n".into(),
+            "[clock]\ndevelopment_accuracy_ms = 9223372036854775807\n".into(),
+            format!("{disciplined}{servers}gps_serial_precision_ms = 9223372036854775807\n"),
+            format!("{disciplined}{servers}nmea_precision_ms = 16001\n"),
         ] {
             assert!(parse(&bad).validate().is_err(), "{bad}");
         }

@@ -654,12 +654,13 @@ mod tests {
 
     #[test]
     fn a_reload_keeps_the_buckets_of_unchanged_quotas() {
+        // 100 s a token: nothing refills during the test, however slow the machine.
         let mut first = config(true);
-        first.client[0].rate_per_s = 1.0;
+        first.client[0].rate_per_s = 0.01;
         first.client[0].burst = 1;
-        first.client[1].rate_per_s = 1.0;
+        first.client[1].rate_per_s = 0.01;
         first.client[1].burst = 1;
-        first.anonymous_rate_per_s = 1.0;
+        first.anonymous_rate_per_s = 0.01;
         first.anonymous_burst = 1;
         let old = Auth::new(&first).unwrap();
         let (alice, bob) = (Client::named("alice"), Client::named("bob"));
@@ -670,7 +671,7 @@ mod tests {
         // Bob's burst changes; carol gets a quota; alice and the anonymous one stay.
         let mut second = first.clone();
         second.client[1].burst = 2;
-        second.client[2].rate_per_s = 1.0;
+        second.client[2].rate_per_s = 0.01;
         let mut new = Auth::new(&second).unwrap();
         assert_eq!(new.keep_buckets(&old), 2);
         assert!(new.take(&alice, 1).is_err(), "still spent");

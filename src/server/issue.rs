@@ -117,6 +117,10 @@ pub struct Tsa {
     pub(super) tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
 }
 
+/// A serial that took longer than this (it waited for the archive's reservation) has the time
+/// read again after it.
+const SERIAL_WAIT_REREAD: Duration = Duration::from_millis(1);
+
 /// A planned key rollover: tokens whose genTime is at or after `at_ns` are signed by
 /// `signer` with `issuing`'s certificate and template. The choice is made per token from its
 /// genTime, so no token straddles the instant.
@@ -311,16 +315,23 @@ impl Tsa {
 
         // The time first: a clock that cannot vouch for it refuses before a serial is spent
         // (with the archive, each serial is a counter reserved durably in blocks). A serial
-        // that would wait for a reservation is taken on the blocking pool (`respond`), and only
-        // while the archive's writer is behind.
-        let time = self
-            .clock
-            .now()
-            .map_err(|refusal| Rejection::new(FailInfo::TimeNotAvailable, refusal.reason))?;
+        // that waited for a reservation (the archive's writer behind; on the blocking pool, see
+        // `respond`) has the time read again, so that the signature still follows its genTime
+        // closely.
+        let now = || {
+            self.clock
+                .now()
+                .map_err(|refusal| Rejection::new(FailInfo::TimeNotAvailable, refusal.reason))
+        };
+        let mut time = now()?;
+        let asked = std::time::Instant::now();
         let serial = self
             .serials
             .next()
             .map_err(|e| Rejection::new(FailInfo::SystemFailure, e.to_string()))?;
+        if asked.elapsed() > SERIAL_WAIT_REREAD {
+            time = now()?;
+        }
         // The key (and certificate) for this genTime: the instant truncated as the token will
         // carry it.
         let gen_time_ns = |issuing: &Issuing| {
@@ -688,5 +699,41 @@ mod tests {
                 "read at {reading}"
             );
         }
+    }
+
+    /// Random serials, each after a wait (as for a reservation the writer is slow to make).
+    struct Slow(Duration);
+
+    impl SerialAllocator for Slow {
+        fn next(&self) -> Result<crate::protocol::Serial, SerialError> {
+            std::thread::sleep(self.0);
+            RandomSerials::new().next()
+        }
+    }
+
+    #[test]
+    fn a_serial_that_waited_has_the_time_read_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tsa = development_tsa(dir.path());
+        let wait = Duration::from_millis(50);
+        tsa.serials = Box::new(Slow(wait));
+        let query = crate::client::Query::for_data(crate::alg::DigestAlgorithm::Sha256, b"x")
+            .unwrap()
+            .to_der()
+            .unwrap();
+        let asked = crate::clock::system_unix_ns();
+        let der = tsa.issue(&query).expect("granted");
+        let response = crate::client::read::Response::from_der(&der).unwrap();
+        let gen_time = response
+            .token
+            .expect("a token")
+            .tst_info()
+            .gen_time
+            .unix_ns();
+        assert!(
+            gen_time >= asked + wait.as_nanos() as u64,
+            "genTime {} ms after the request, the serial took {wait:?}",
+            (gen_time.saturating_sub(asked)) / 1_000_000
+        );
     }
 }

@@ -54,8 +54,11 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
         for path in &config.client_crl {
             crls.extend(pem::crls(path).context("server.tls.client_crl")?);
         }
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).with_crls(crls);
+        // A CRL past its nextUpdate says nothing about later revocations: refused, as one
+        // missing is (reload with a fresh one).
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .with_crls(crls)
+            .enforce_revocation_expiration();
         let verifier = match config.require_client_certificate {
             true => verifier,
             false => verifier.allow_unauthenticated(),

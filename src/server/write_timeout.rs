@@ -158,13 +158,14 @@ mod tests {
         run(async {
             use tokio::io::AsyncReadExt;
             let (near, mut far) = tokio::io::duplex(16);
-            let mut stream = WriteTimeout::new(near, Duration::from_millis(200));
+            let mut stream = WriteTimeout::new(near, Duration::from_millis(600));
             let reader = async move {
                 let mut got = 0;
                 let mut chunk = [0; 16];
                 while got < 256 {
-                    // Each pause is shorter than the timeout, all of them far longer.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Each pause is far shorter than the timeout (room for a loaded machine's
+                    // stalls), all of them together longer (1.6 s).
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     got += far.read(&mut chunk).await.expect("read");
                 }
             };
