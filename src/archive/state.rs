@@ -94,9 +94,9 @@ fn parse(text: &str) -> anyhow::Result<SavedState> {
     })
 }
 
-/// An exclusive lock on `<path>.lock`, held while the value lives.
+/// Locks on files (flock), held while the value lives.
 pub struct Lock {
-    _file: File,
+    _files: Vec<File>,
 }
 
 impl Lock {
@@ -109,20 +109,49 @@ impl Lock {
 
     /// The lock of one instance of the SQLite archive `database`:
     /// `<database>.instance-<id>.lock` beside it, whatever state file a server has, so two
-    /// processes never append to the same instance's chain nor hand out its serials.
+    /// processes never append to the same instance's chain nor hand out its serials; and a
+    /// shared lock on `<database>.lock`, which [`Lock::whole_database`] waits for.
     pub fn for_instance(database: &Path, instance_id: u32) -> anyhow::Result<Self> {
-        Self::take(
+        let shared = Self::flock(&with_suffix(database, ".lock"), libc::LOCK_SH, || {
+            format!(
+                "the archive {} is being migrated (tsa archive migrate)",
+                database.display()
+            )
+        })?;
+        let own = Self::flock(
             &with_suffix(database, &format!(".instance-{instance_id}.lock")),
+            libc::LOCK_EX,
             || {
                 format!(
                     "another tsa serves instance {instance_id} of the archive {}",
                     database.display()
                 )
             },
-        )
+        )?;
+        Ok(Self {
+            _files: vec![shared, own],
+        })
+    }
+
+    /// The SQLite archive `database` as a whole, for a command that rewrites every instance's
+    /// records (`tsa archive migrate`): no server of any instance may hold it.
+    pub fn whole_database(database: &Path) -> anyhow::Result<Self> {
+        let file = Self::flock(&with_suffix(database, ".lock"), libc::LOCK_EX, || {
+            format!(
+                "a tsa serves an instance of the archive {}",
+                database.display()
+            )
+        })?;
+        Ok(Self { _files: vec![file] })
     }
 
     fn take(path: &Path, holder: impl Fn() -> String) -> anyhow::Result<Self> {
+        let file = Self::flock(path, libc::LOCK_EX, holder)?;
+        Ok(Self { _files: vec![file] })
+    }
+
+    /// `path` (created if missing) locked in `mode` without waiting.
+    fn flock(path: &Path, mode: libc::c_int, holder: impl Fn() -> String) -> anyhow::Result<File> {
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -130,7 +159,7 @@ impl Lock {
             .open(path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: flock on a descriptor this function owns.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let rc = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
         if rc != 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::WouldBlock {
@@ -138,7 +167,7 @@ impl Lock {
             }
             return Err(e).with_context(|| format!("cannot lock {}", path.display()));
         }
-        Ok(Self { _file: file })
+        Ok(file)
     }
 }
 
@@ -166,6 +195,29 @@ mod tests {
         assert_eq!(file.read().unwrap(), Some(state));
         std::fs::write(file.path(), "tsa-archive-state v1\ninstance_id 7\n").unwrap();
         assert!(file.read().is_err());
+    }
+
+    #[test]
+    fn instances_share_a_database_that_migration_takes_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = dir.path().join("archive.sqlite");
+        let zero = Lock::for_instance(&database, 0).unwrap();
+        let one = Lock::for_instance(&database, 1).unwrap();
+        assert!(
+            Lock::for_instance(&database, 1).is_err(),
+            "one process per instance"
+        );
+        assert!(Lock::whole_database(&database).is_err());
+        drop(zero);
+        assert!(
+            Lock::whole_database(&database).is_err(),
+            "instance 1 still runs"
+        );
+        drop(one);
+        let whole = Lock::whole_database(&database).unwrap();
+        assert!(Lock::for_instance(&database, 2).is_err());
+        drop(whole);
+        Lock::for_instance(&database, 2).unwrap();
     }
 
     #[test]

@@ -432,8 +432,9 @@ fn migrate(config: &Config) -> anyhow::Result<()> {
     }
     let _lock = archive::state::Lock::acquire(&a.state_file)
         .context("the archive is in use: stop the server first")?;
-    let _instance = archive::state::Lock::for_instance(&a.database, a.instance_id)
-        .context("the archive is in use: stop the server first")?;
+    // Every instance's rows move: no server of any instance may run meanwhile.
+    let _database = archive::state::Lock::whole_database(&a.database)
+        .context("the archive is in use: stop its servers first")?;
     let migrated = archive::log::migrate::migrate(
         &a.database,
         std::time::Duration::from_millis(a.busy_timeout_ms),
