@@ -561,8 +561,20 @@ impl Pool {
     }
 
     pub fn health(&self) -> Result<(), String> {
-        match &self.state().health {
-            Health::Up => Ok(()),
+        let state = self.state();
+        match &state.health {
+            // Told here too, not only by the health thread: a module that hangs every call
+            // may hold that thread in its probe.
+            Health::Up => match state
+                .in_flight
+                .stuck(Instant::now(), self.spec.sign_timeout)
+            {
+                Some(running) => Err(format!(
+                    "an HSM call has not returned for {} ms",
+                    running.as_millis()
+                )),
+                None => Ok(()),
+            },
             Health::Down { reason, since } => Err(format!(
                 "the HSM key is unavailable since {} ms: {reason}",
                 since.elapsed().as_millis()
@@ -872,18 +884,28 @@ impl Pool {
     }
 
     /// Checks an idle session without signing: the token answers and the session is still
-    /// logged in. A busy pool is not probed (its signatures are the probe).
+    /// logged in. A pool with signatures in flight is not probed (its signatures are the
+    /// probe). The probe counts as a call in flight, so that one that hangs is seen as stuck.
     fn probe(&self) {
         let Ok(lib) = self.lib.try_read() else {
             return;
         };
-        let Some(pooled) = self.state().idle.pop() else {
-            return;
+        let (pooled, probing) = {
+            let mut state = self.state();
+            if !state.in_flight.is_empty() {
+                return;
+            }
+            let Some(pooled) = state.idle.pop() else {
+                return;
+            };
+            let probing = state.in_flight.begin(Instant::now());
+            (pooled, probing)
         };
         let checked = lib
             .ctx()
             .get_token_info(lib.slot)
             .and_then(|_| pooled.session.get_session_info());
+        self.state().in_flight.end(probing);
         let error = match checked {
             Ok(info)
                 if matches!(
