@@ -41,7 +41,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::discipline::{Leap, Sample};
-use super::local::LocalClock;
+use super::local::{LocalClock, MAX_SLEW_RATE};
 use super::service::SourceMessage;
 
 const NS_PER_S: u64 = 1_000_000_000;
@@ -375,6 +375,14 @@ impl GpsdTracker {
                 None => return Output::Nothing,
             }
         };
+        // `at` is the pulse's wall-clock stamp moved by the wall clock's offset *now*: a daemon
+        // slewing the wall clock since (at most `MAX_SLEW_RATE`) moved it by up to the report's
+        // age times that, which the interval must hold.
+        let mut sample = sample;
+        let age = now.saturating_sub(at).max(0) as f64;
+        sample.precision = sample
+            .precision
+            .saturating_add((age * MAX_SLEW_RATE).ceil() as u64);
         // A pulse dated decades away from the local clock is garbage, not a measurement.
         if !sample.is_plausible() {
             return Output::Nothing;
@@ -667,7 +675,9 @@ mod tests {
         };
         assert_eq!(s.at, now - 10_000_000);
         assert_eq!(s.offset, (seen_wall + 300_000_000) as i64 - s.at as i64);
-        assert_eq!(s.precision, 1_000_000);
+        // 1 ms, and what a slewing wall clock may have moved in the report's 10 ms.
+        let slewed = (10_000_000.0 * MAX_SLEW_RATE).ceil() as u64;
+        assert_eq!(s.precision, 1_000_000 + slewed);
         // With PPS flowing, TOFF and TPV give no samples.
         let toff = pulse("TOFF", seen_wall + 300_000_000, seen_wall);
         assert_eq!(t.line(&toff, now, wall_offset), Output::Nothing);
@@ -681,7 +691,8 @@ mod tests {
         let Output::Sample(s) = t.line(&toff, later, wall_offset) else {
             panic!()
         };
-        assert_eq!(s.precision, 250_000_000);
+        let slewed = (1_000_000.0 * MAX_SLEW_RATE).ceil() as u64;
+        assert_eq!(s.precision, 250_000_000 + slewed);
         assert_eq!(s.offset, 2 * S as i64 + 1_000_000 + 250_000_000);
     }
 
@@ -725,7 +736,8 @@ mod tests {
         let Output::Sample(s) = t.line(&pulse("PPS", now - 2_000, now - 1_000), now, 0) else {
             panic!()
         };
-        assert_eq!((s.offset, s.precision), (-1_000, 1_000_000));
+        let slewed = (1_000.0 * MAX_SLEW_RATE).ceil() as u64;
+        assert_eq!((s.offset, s.precision), (-1_000, 1_000_000 + slewed));
     }
 
     #[test]

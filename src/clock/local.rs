@@ -68,7 +68,7 @@ pub struct WallClockWatch {
 }
 
 /// The fastest a wall clock is slewed: chrony's 83,333 ppm plus a frequency of 500 ppm.
-const MAX_SLEW_RATE: f64 = 83_333e-6 + 500e-6;
+pub(super) const MAX_SLEW_RATE: f64 = 83_333e-6 + 500e-6;
 /// A wall-clock change faster than [`MAX_SLEW_RATE`] plus this is a step.
 const STEP_TOLERANCE_NS: u64 = 5_000_000;
 
