@@ -935,43 +935,16 @@ fn a_planned_rollover_to_a_new_token_key() {
     let dir = init_hsm(&["--algorithm", "p256"], "");
     let d = dir.path();
     // The next key's configuration: the same token, another label, its own certificate.
-    let config = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
-    let table = config
-        .split("[signer]\n")
-        .nth(1)
-        .and_then(|rest| rest.split("\n[").next())
-        .expect("a [signer] table");
-    let next_signer: String = table
-        .lines()
-        .filter(|l| !l.starts_with("key_id") && !l.starts_with('#'))
-        .map(|l| match l.split_once(" = ") {
-            Some(("key_label", _)) => "key_label = \"tsu-next\"\n".to_string(),
-            Some(("certificate", _)) => "certificate = \"next-cert.pem\"\n".to_string(),
-            _ => format!("{l}\n"),
-        })
-        .collect();
-    let next_config = d.join("next.toml");
-    std::fs::write(&next_config, config.replace(table, next_signer.trim_end())).unwrap();
-    ok(Command::new(TSA)
-        .args(["hsm", "keygen", "--algorithm", "p384", "--config"])
-        .arg(&next_config));
-    ok(Command::new(TSA)
-        .args([
-            "hsm",
-            "csr",
-            "--subject",
-            "C=VN,O=Example TSA,CN=TSU next",
-            "--out",
-        ])
-        .arg(d.join("next.csr"))
-        .arg("--config")
-        .arg(&next_config));
-    sign_tsu_csr(d, "next.csr", "next-signed.pem");
-    ok(Command::new(TSA)
-        .args(["hsm", "install-cert", "--cert"])
-        .arg(d.join("next-signed.pem"))
-        .arg("--config")
-        .arg(&next_config));
+    let next_signer = new_token_key(
+        d,
+        "next",
+        &[
+            ("key_label", "\"tsu-next\"".into()),
+            ("certificate", "\"next-cert.pem\"".into()),
+        ],
+        "p384",
+        "C=VN,O=Example TSA,CN=TSU next",
+    );
 
     let at = chrono::Utc::now() + chrono::Duration::seconds(3);
     let at_ns = at.timestamp_nanos_opt().unwrap() as u64;
@@ -1017,6 +990,30 @@ fn second_token_signer(d: &Path, label: &str) -> String {
         .arg(d.join("hsm-pin"))
         .arg("--so-pin-file")
         .arg(d.join("hsm-so-pin")));
+    new_token_key(
+        d,
+        "b",
+        &[
+            ("token_label", format!("\"{label}\"")),
+            ("key_label", "\"tsu-b\"".into()),
+            ("certificate", "\"b-cert.pem\"".into()),
+        ],
+        "p256",
+        "C=VN,O=Example TSA,CN=TSU B",
+    )
+}
+
+/// A new key in SoftHSM2 for the `[signer]` table of `tsa.toml` in `d` with the settings of
+/// `changes` (and no `key_id`): made by `tsa hsm keygen` (`algorithm`), certified by the
+/// development CA through `tsa hsm csr` (`subject`) and installed, all through the
+/// configuration `<name>.toml`; the table for it.
+fn new_token_key(
+    d: &Path,
+    name: &str,
+    changes: &[(&str, String)],
+    algorithm: &str,
+    subject: &str,
+) -> String {
     let config = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
     let table = config
         .split("[signer]\n")
@@ -1026,35 +1023,31 @@ fn second_token_signer(d: &Path, label: &str) -> String {
     let signer: String = table
         .lines()
         .filter(|l| !l.starts_with("key_id") && !l.starts_with('#'))
-        .map(|l| match l.split_once(" = ") {
-            Some(("token_label", _)) => format!("token_label = \"{label}\"\n"),
-            Some(("key_label", _)) => "key_label = \"tsu-b\"\n".to_string(),
-            Some(("certificate", _)) => "certificate = \"b-cert.pem\"\n".to_string(),
-            _ => format!("{l}\n"),
+        .map(|l| {
+            let key = l.split_once(" = ").map(|(k, _)| k);
+            match changes.iter().find(|(k, _)| Some(*k) == key) {
+                Some((k, v)) => format!("{k} = {v}\n"),
+                None => format!("{l}\n"),
+            }
         })
         .collect();
-    let b_config = d.join("b.toml");
-    std::fs::write(&b_config, config.replace(table, signer.trim_end())).unwrap();
+    let own_config = d.join(format!("{name}.toml"));
+    std::fs::write(&own_config, config.replace(table, signer.trim_end())).unwrap();
     ok(Command::new(TSA)
-        .args(["hsm", "keygen", "--algorithm", "p256", "--config"])
-        .arg(&b_config));
+        .args(["hsm", "keygen", "--algorithm", algorithm, "--config"])
+        .arg(&own_config));
+    let (csr, signed) = (format!("{name}.csr"), format!("{name}-signed.pem"));
     ok(Command::new(TSA)
-        .args([
-            "hsm",
-            "csr",
-            "--subject",
-            "C=VN,O=Example TSA,CN=TSU B",
-            "--out",
-        ])
-        .arg(d.join("b.csr"))
+        .args(["hsm", "csr", "--subject", subject, "--out"])
+        .arg(d.join(&csr))
         .arg("--config")
-        .arg(&b_config));
-    sign_tsu_csr(d, "b.csr", "b-signed.pem");
+        .arg(&own_config));
+    sign_tsu_csr(d, &csr, &signed);
     ok(Command::new(TSA)
         .args(["hsm", "install-cert", "--cert"])
-        .arg(d.join("b-signed.pem"))
+        .arg(d.join(&signed))
         .arg("--config")
-        .arg(&b_config));
+        .arg(&own_config));
     signer
 }
 
