@@ -475,7 +475,10 @@ fn tail(file: &File, end: u64, len: u64) -> io::Result<Tail> {
             let at = end + i as u64 - 4;
             if let Some((record, _)) = read_at(file, at)? {
                 return Ok(Tail::Damaged(format!(
-                    "a good frame, of position {}, follows at offset {at}",
+                    "a good frame, of position {}, follows at offset {at}; after a power cut \
+                     this can be the last commit, whose sectors reached the disk out of order \
+                     and whose requests were never answered: then, with a copy kept, cutting \
+                     the segment at offset {end} (truncate -s {end}) lets the server start",
                     record.seq
                 )));
             }
