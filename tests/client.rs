@@ -77,3 +77,20 @@ fn a_reply_that_answers_another_request_is_refused_and_not_saved() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!d.join("second.tsr").exists());
 }
+
+#[test]
+fn verifying_a_token_asked_without_its_certificate_is_refused_before_asking() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("doc.txt"), "a document").unwrap();
+    // Nothing listens on this port: the refusal comes before any connection.
+    let out = tsa_request(
+        dir.path(),
+        "http://127.0.0.1:9/",
+        &["--data", "doc.txt", "--no-cert", "--ca", "ca.pem"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--no-cert"), "{stderr}");
+    assert!(!stderr.contains("cannot reach"), "{stderr}");
+    assert!(!dir.path().join("reply.tsr").exists());
+}

@@ -111,8 +111,9 @@ pub struct RequestArgs {
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), requires = "batch")]
     pub batch_size: u32,
     /// Verify each token in full against these trusted CA certificates (PEM); without them a
-    /// reply is checked against its request only.
-    #[arg(long, value_name = "PEM")]
+    /// reply is checked against its request only. The token must carry its certificate, so not
+    /// with --no-cert (verify such a token later: tsa verify --untrusted tsa-cert.pem).
+    #[arg(long, value_name = "PEM", conflicts_with = "no_cert")]
     pub ca: Vec<PathBuf>,
 }
 
