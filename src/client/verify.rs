@@ -105,13 +105,7 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
     }
 
     // The signer.
-    let signer_infos = &token.signed_data.signer_infos.0;
-    ensure!(
-        signer_infos.len() == 1,
-        "a token has exactly one SignerInfo, this one {}",
-        signer_infos.len()
-    );
-    let signer_info = signer_infos.get(0).expect("one");
+    let signer_info = only_signer_info(token)?;
     let included: Vec<Certificate> = token
         .signed_data
         .certificates
@@ -161,18 +155,23 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
     })
 }
 
-/// Whether `token`'s CMS signature is that of one of `signers`, taken as they are (no path, no
-/// validity period, no profile): for the tokens an archive holds, against the TSU certificates
-/// that issued them. The signed attributes (contentType, messageDigest over TSTInfo,
-/// signingCertificate) and the signature are checked as [`verify`] checks them.
-pub fn verify_signed_by(token: &Token, signers: &[Certificate]) -> anyhow::Result<()> {
+/// The token's SignerInfo: a token has exactly one.
+fn only_signer_info(token: &Token) -> anyhow::Result<&SignerInfo> {
     let signer_infos = &token.signed_data.signer_infos.0;
     ensure!(
         signer_infos.len() == 1,
         "a token has exactly one SignerInfo, this one {}",
         signer_infos.len()
     );
-    let signer_info = signer_infos.get(0).expect("one");
+    Ok(signer_infos.get(0).expect("one"))
+}
+
+/// Whether `token`'s CMS signature is that of one of `signers`, taken as they are (no path, no
+/// validity period, no profile): for the tokens an archive holds, against the TSU certificates
+/// that issued them. The signed attributes (contentType, messageDigest over TSTInfo,
+/// signingCertificate) and the signature are checked as [`verify`] checks them.
+pub fn verify_signed_by(token: &Token, signers: &[Certificate]) -> anyhow::Result<()> {
+    let signer_info = only_signer_info(token)?;
     let candidates: Vec<&Certificate> = signers.iter().collect();
     let signer_cert = find_signer(&signer_info.sid, &candidates)
         .context("the token's signer is none of the trusted certificates")?;

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 
 use chrono::{DateTime, Datelike, NaiveDate};
 
-use super::SyncState;
+use super::{Change, SyncState};
 
 const NS_PER_S: u64 = 1_000_000_000;
 
@@ -149,16 +149,9 @@ impl Selection {
 /// Something worth a log line (ETSI EN 319 421 asks for every sync, loss of sync and leap).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    SyncAcquired {
-        offset_ns: i64,
-        bound_ns: u64,
-    },
-    SyncLost {
-        reason: String,
-    },
-    HoldoverStarted {
-        reason: String,
-    },
+    /// A change of whether tokens can be issued: the state the issuing path sees, or the bound
+    /// against the declared accuracy.
+    Changed(Change),
     SourceSelected {
         source: usize,
     },
@@ -195,15 +188,6 @@ pub enum Event {
     },
     LeapApplied {
         kind: Leap,
-    },
-    /// The bound passed the declared accuracy: no stamps until it is back within.
-    AccuracyExceeded {
-        bound_ns: u64,
-        accuracy_ns: u64,
-    },
-    AccuracyRegained {
-        bound_ns: u64,
-        accuracy_ns: u64,
     },
 }
 
@@ -416,18 +400,18 @@ impl Discipline {
             .declared_accuracy_ns
             .is_none_or(|a| estimate.bound_ns <= a);
         if estimate.state != was {
-            self.events.push(match estimate.state {
-                SyncState::Synchronized => Event::SyncAcquired {
-                    offset_ns: estimate.utc_ns as i64 - now as i64,
+            self.events.push(Event::Changed(match estimate.state {
+                SyncState::Synchronized => Change::Synchronized {
+                    offset_ns: Some(estimate.utc_ns as i64 - now as i64),
                     bound_ns: estimate.bound_ns,
                 },
-                SyncState::Holdover => Event::HoldoverStarted {
-                    reason: estimate.reason.to_string(),
+                SyncState::Holdover => Change::Holdover {
+                    reason: estimate.reason.clone(),
                 },
-                SyncState::Unsynchronized => Event::SyncLost {
-                    reason: estimate.reason.to_string(),
+                SyncState::Unsynchronized => Change::Unsynchronized {
+                    reason: estimate.reason.clone(),
                 },
-            });
+            }));
         }
         if let Some(accuracy_ns) = self.config.declared_accuracy_ns {
             // A state event that lets tokens be issued again implies the bound is within,
@@ -435,17 +419,17 @@ impl Discipline {
             let was_within = was_within || was == SyncState::Unsynchronized;
             if estimate.state != SyncState::Unsynchronized && within != was_within {
                 let bound_ns = estimate.bound_ns;
-                self.events.push(if within {
-                    Event::AccuracyRegained {
+                self.events.push(Event::Changed(if within {
+                    Change::AccuracyRegained {
                         bound_ns,
                         accuracy_ns,
                     }
                 } else {
-                    Event::AccuracyExceeded {
+                    Change::AccuracyExceeded {
                         bound_ns,
                         accuracy_ns,
                     }
-                });
+                }));
             }
         }
         self.announced = (estimate.state, within);

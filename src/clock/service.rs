@@ -260,22 +260,7 @@ const SOURCE: &str = "disciplined";
 fn log_event(event: &Event, names: &[String], utc_ns: u64) {
     let name = |id: &usize| names.get(*id).map(String::as_str).unwrap_or("?");
     match event {
-        Event::SyncAcquired {
-            offset_ns,
-            bound_ns,
-        } => Change::Synchronized {
-            bound_ns: *bound_ns,
-            offset_ns: Some(*offset_ns),
-        }
-        .log(SOURCE, utc_ns),
-        Event::SyncLost { reason } => Change::Unsynchronized {
-            reason: reason.as_str().into(),
-        }
-        .log(SOURCE, utc_ns),
-        Event::HoldoverStarted { reason } => Change::Holdover {
-            reason: reason.as_str().into(),
-        }
-        .log(SOURCE, utc_ns),
+        Event::Changed(change) => change.log(SOURCE, utc_ns),
         Event::SourceSelected { source } => tracing::info!(
             event = "source_selected",
             utc_ns,
@@ -337,22 +322,6 @@ fn log_event(event: &Event, names: &[String], utc_ns: u64) {
         Event::LeapApplied { kind } => {
             tracing::warn!(event = "leap_applied", utc_ns, leap = ?kind, "leap second applied")
         }
-        Event::AccuracyExceeded {
-            bound_ns,
-            accuracy_ns,
-        } => Change::AccuracyExceeded {
-            bound_ns: *bound_ns,
-            accuracy_ns: *accuracy_ns,
-        }
-        .log(SOURCE, utc_ns),
-        Event::AccuracyRegained {
-            bound_ns,
-            accuracy_ns,
-        } => Change::AccuracyRegained {
-            bound_ns: *bound_ns,
-            accuracy_ns: *accuracy_ns,
-        }
-        .log(SOURCE, utc_ns),
     }
 }
 
@@ -361,24 +330,27 @@ fn describe(event: &Event, names: &[String], utc_ns: u64) -> ClockEvent {
     let name = |id: &usize| names.get(*id).map(String::as_str).unwrap_or("?");
     let secs = |ns: &i64| format!("{:+.6} s", *ns as f64 / 1e9);
     let (kind, level, text) = match event {
-        Event::SyncAcquired {
+        Event::Changed(Change::Synchronized {
             offset_ns,
             bound_ns,
-        } => (
+        }) => (
             "sync_acquired",
             EventLevel::Info,
-            format!(
-                "clock synchronized: offset {}, bound {}",
-                secs(offset_ns),
-                fmt_ns(*bound_ns)
-            ),
+            match offset_ns {
+                Some(offset) => format!(
+                    "clock synchronized: offset {}, bound {}",
+                    secs(offset),
+                    fmt_ns(*bound_ns)
+                ),
+                None => format!("clock synchronized: bound {}", fmt_ns(*bound_ns)),
+            },
         ),
-        Event::SyncLost { reason } => (
+        Event::Changed(Change::Unsynchronized { reason }) => (
             "sync_lost",
             EventLevel::Error,
             format!("clock unsynchronized, no time-stamps: {reason}"),
         ),
-        Event::HoldoverStarted { reason } => (
+        Event::Changed(Change::Holdover { reason }) => (
             "holdover",
             EventLevel::Warning,
             format!("clock in holdover: {reason}"),
@@ -449,10 +421,10 @@ fn describe(event: &Event, names: &[String], utc_ns: u64) -> ClockEvent {
             EventLevel::Warning,
             format!("leap second ({kind:?}) applied"),
         ),
-        Event::AccuracyExceeded {
+        Event::Changed(Change::AccuracyExceeded {
             bound_ns,
             accuracy_ns,
-        } => (
+        }) => (
             "accuracy_exceeded",
             EventLevel::Error,
             format!(
@@ -461,10 +433,10 @@ fn describe(event: &Event, names: &[String], utc_ns: u64) -> ClockEvent {
                 fmt_ns(*accuracy_ns)
             ),
         ),
-        Event::AccuracyRegained {
+        Event::Changed(Change::AccuracyRegained {
             bound_ns,
             accuracy_ns,
-        } => (
+        }) => (
             "accuracy_regained",
             EventLevel::Info,
             format!(

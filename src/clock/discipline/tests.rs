@@ -208,7 +208,7 @@ fn five_honest_sources_synchronize_with_a_tight_bound() {
     assert!(run
         .events
         .iter()
-        .any(|e| matches!(e, Event::SyncAcquired { .. })));
+        .any(|e| matches!(e, Event::Changed(Change::Synchronized { .. }))));
 }
 
 #[test]
@@ -347,7 +347,7 @@ fn losing_sources_after_synchronizing_is_holdover_with_a_growing_bound() {
     assert!(run
         .events
         .iter()
-        .any(|e| matches!(e, Event::HoldoverStarted { .. })));
+        .any(|e| matches!(e, Event::Changed(Change::Holdover { .. }))));
     assert!(run
         .events
         .iter()
@@ -934,11 +934,11 @@ fn state_events(events: &[Event]) -> Vec<&'static str> {
     events
         .iter()
         .filter_map(|e| match e {
-            Event::SyncAcquired { .. } => Some("sync"),
-            Event::SyncLost { .. } => Some("lost"),
-            Event::HoldoverStarted { .. } => Some("holdover"),
-            Event::AccuracyExceeded { .. } => Some("exceeded"),
-            Event::AccuracyRegained { .. } => Some("regained"),
+            Event::Changed(Change::Synchronized { .. }) => Some("sync"),
+            Event::Changed(Change::Unsynchronized { .. }) => Some("lost"),
+            Event::Changed(Change::Holdover { .. }) => Some("holdover"),
+            Event::Changed(Change::AccuracyExceeded { .. }) => Some("exceeded"),
+            Event::Changed(Change::AccuracyRegained { .. }) => Some("regained"),
             _ => None,
         })
         .collect()
@@ -988,7 +988,7 @@ fn transitions_between_updates_are_events_once() {
         assert!(!events.is_empty(), "nothing changed at {t}");
         if events
             .iter()
-            .any(|e| matches!(e, Event::AccuracyExceeded { .. }))
+            .any(|e| matches!(e, Event::Changed(Change::AccuracyExceeded { .. })))
         {
             exceeded_at = Some(t);
         }
