@@ -60,6 +60,21 @@ pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     sync_directory(dir)
 }
 
+/// Refuses a secret (a key, a PIN file) opened as `file` that users other than its owner and
+/// its group may read or write: the group may read it, for a service that runs in that group.
+pub fn ensure_private(file: &File, what: &dyn std::fmt::Display) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o007 != 0 {
+        anyhow::bail!(
+            "{what} is open to other users (mode {:04o}): chmod 600 it, or 640 with the \
+             service's group",
+            mode & 0o7777
+        );
+    }
+    Ok(())
+}
+
 /// Makes the names in directory `dir` durable (files created, renamed or removed in it).
 pub fn sync_directory(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -37,22 +37,9 @@ impl SoftwareSigner {
     /// it, as the systemd units have it).
     pub fn load(path: &Path, padding: RsaPadding) -> anyhow::Result<Self> {
         use std::io::Read;
-        use std::os::unix::fs::PermissionsExt;
         let cannot_read = || format!("cannot read the signing key {}", path.display());
         let mut file = std::fs::File::open(path).with_context(cannot_read)?;
-        let mode = file
-            .metadata()
-            .with_context(cannot_read)?
-            .permissions()
-            .mode();
-        if mode & 0o007 != 0 {
-            bail!(
-                "the signing key {} is open to other users (mode {:04o}): give it 0600, or 0640 \
-                 with the service's group",
-                path.display(),
-                mode & 0o7777
-            );
-        }
+        crate::files::ensure_private(&file, &format_args!("the signing key {}", path.display()))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).with_context(cannot_read)?;
         let der = if bytes.starts_with(b"-----BEGIN") {

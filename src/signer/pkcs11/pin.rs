@@ -74,19 +74,7 @@ fn read_pin_file(path: &Path, check_mode: bool) -> anyhow::Result<AuthPin> {
     let source = PinSource::File(path.to_path_buf());
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {source}"))?;
     if check_mode {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = file
-            .metadata()
-            .with_context(|| format!("cannot read {source}"))?
-            .permissions()
-            .mode();
-        if mode & 0o007 != 0 {
-            bail!(
-                "{source} is accessible to other users (mode {:o}); chmod 600 it (or 640 for \
-                 a service group)",
-                mode & 0o777
-            );
-        }
+        crate::files::ensure_private(&file, &source)?;
     }
     // One fixed buffer, so that no reallocation leaves a copy of the PIN behind.
     let mut buf = Zeroizing::new([0u8; MAX_PIN + 1]);
