@@ -610,23 +610,10 @@ fn an_anchor_written_by_hand_does_not_verify() {
 
 /// `tsa archive verify <args>`: (exit status, stdout + stderr).
 fn verify_status(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(archive_support::TSA)
-        .arg("archive")
-        .arg("--config")
-        .arg(dir.join("tsa.toml"))
-        .arg("verify")
-        .args(args)
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let args: Vec<&str> = std::iter::once("verify")
+        .chain(args.iter().copied())
+        .collect();
+    archive_support::archive_cli_status(dir, &args)
 }
 
 /// The records after the last signed checkpoint are signed by no checkpoint: verify says so

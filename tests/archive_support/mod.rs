@@ -297,6 +297,12 @@ pub fn open_store(dir: &Path) -> Box<dyn ArchiveStore> {
 
 /// `tsa archive <args>` on the directory's configuration: (success, stdout + stderr).
 pub fn archive_cli(dir: &Path, args: &[&str]) -> (bool, String) {
+    let (status, out) = archive_cli_status(dir, args);
+    (status == Some(0), out)
+}
+
+/// [`archive_cli`] with the exit status itself.
+pub fn archive_cli_status(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(TSA)
         .arg("archive")
         .arg("--config")
@@ -306,7 +312,7 @@ pub fn archive_cli(dir: &Path, args: &[&str]) -> (bool, String) {
         .output()
         .unwrap();
     (
-        out.status.success(),
+        out.status.code(),
         format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
