@@ -361,6 +361,23 @@ fn softhsm_env(dir: &Path) -> (String, String) {
     )
 }
 
+/// OpenSC's `pkcs11-tool` on the state directory's token "tsa", logged in with its PIN.
+fn pkcs11_tool(d: &Path, args: &[&str]) -> std::process::Output {
+    let (conf, module) = softhsm_env(d);
+    ok(Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &conf)
+        .args([
+            "--module",
+            &module,
+            "--token-label",
+            "tsa",
+            "--login",
+            "--pin",
+        ])
+        .arg(pin(d))
+        .args(args))
+}
+
 #[test]
 fn the_csr_is_signed_by_the_token_key_which_never_leaves_the_token() {
     let dir = init_hsm(&["--algorithm", "p256"], "");
@@ -393,19 +410,7 @@ fn the_csr_is_signed_by_the_token_key_which_never_leaves_the_token() {
     assert!(!config.contains(&pin(d)), "the PIN is in the configuration");
 
     // OpenSC's view of the key: sensitive, never extractable.
-    let (conf, module) = softhsm_env(d);
-    let out = ok(Command::new("pkcs11-tool")
-        .env("SOFTHSM2_CONF", &conf)
-        .args([
-            "--module",
-            &module,
-            "--token-label",
-            "tsa",
-            "--login",
-            "--pin",
-        ])
-        .arg(pin(d))
-        .args(["--list-objects", "--type", "privkey"]));
+    let out = pkcs11_tool(d, &["--list-objects", "--type", "privkey"]);
     let listing = String::from_utf8_lossy(&out.stdout);
     assert!(listing.contains("tsa-tsu"), "{listing}");
     assert!(listing.contains("sensitive"), "{listing}");
@@ -1169,20 +1174,11 @@ fn a_key_replaced_under_the_same_label_and_id_is_not_used() {
     let work = tempfile::tempdir().unwrap();
     stamp_and_verify(&server, work.path(), &["-sha256", "-cert"]);
 
-    let (conf, module) = softhsm_env(d);
     for class in ["privkey", "pubkey"] {
-        ok(Command::new("pkcs11-tool")
-            .env("SOFTHSM2_CONF", &conf)
-            .args([
-                "--module",
-                &module,
-                "--token-label",
-                "tsa",
-                "--login",
-                "--pin",
-            ])
-            .arg(pin(d))
-            .args(["--delete-object", "--type", class, "--label", "tsa-tsu"]));
+        pkcs11_tool(
+            d,
+            &["--delete-object", "--type", class, "--label", "tsa-tsu"],
+        );
     }
     // The configuration names the key by label and id: the new pair gets both.
     ok(Command::new(TSA)
