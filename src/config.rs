@@ -90,7 +90,8 @@ pub struct ArchiveConfig {
     pub postgres_ca: Vec<PathBuf>,
     /// PostgreSQL: a client certificate chain (PEM) for certificate authentication.
     pub postgres_client_certificate: Option<PathBuf>,
-    /// PostgreSQL: the client certificate's private key (PEM).
+    /// PostgreSQL: the client certificate's private key (PEM), mode 0600 or 0640 as libpq
+    /// demands of its own.
     pub postgres_client_key: Option<PathBuf>,
     /// PostgreSQL: allow `sslmode=require` without `postgres_ca`, which encrypts without
     /// authenticating the server.
@@ -225,7 +226,8 @@ pub const MAX_ADMIN_CONNECTIONS: usize = 64;
 pub struct TlsConfig {
     /// The server's certificate chain (PEM, leaf first).
     pub certificate: Option<PathBuf>,
-    /// Its private key (PEM, PKCS#8; PKCS#1 and SEC1 are read too).
+    /// Its private key (PEM, PKCS#8; PKCS#1 and SEC1 are read too), readable by the service
+    /// alone (mode 0600, or 0640 with its group).
     pub key: Option<PathBuf>,
     /// CA certificates (PEM files) that issue client certificates; when set, the server asks
     /// for a client certificate and verifies it against them.

@@ -1,6 +1,8 @@
 //! PEM files of the TLS endpoints (the HTTPS listener, the client, the PostgreSQL archive):
 //! certificate chains, private keys and CRLs, read with rustls's own PEM reader.
 
+use std::fs::File;
+use std::io::BufReader;
 use std::path::Path;
 
 use anyhow::{bail, Context};
@@ -40,6 +42,16 @@ pub fn private_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
         .with_context(|| format!("cannot read a private key from {}", path.display()))
 }
 
+/// The private key of a PEM file that the service holds (the HTTPS listener's, the archive's
+/// PostgreSQL client key), refused like the signing key when users other than its owner and
+/// its group may read it: a key that others can read is a key that others may have.
+pub fn service_private_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let cannot = || format!("cannot read a private key from {}", path.display());
+    let file = File::open(path).with_context(cannot)?;
+    crate::files::ensure_private(&file, &format_args!("the private key {}", path.display()))?;
+    PrivateKeyDer::from_pem_reader(BufReader::new(file)).with_context(cannot)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,6 +70,30 @@ mod tests {
         let err = certificates(&key).unwrap_err().to_string();
         assert!(err.ends_with("key.pem holds no PEM certificate"), "{err}");
         let err = private_key(&chain).unwrap_err().to_string();
+        assert!(err.contains("cannot read a private key from"), "{err}");
+
+        // The service's own keys: 0600 or 0640, and read like any other key.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |path: &Path, mode| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        mode(&key, 0o644);
+        let err = format!("{:#}", service_private_key(&key).unwrap_err());
+        assert!(err.contains("is open to other users (mode 0644)"), "{err}");
+        for private in [0o600, 0o640] {
+            mode(&key, private);
+            assert_eq!(
+                service_private_key(&key).unwrap().secret_der(),
+                private_key(&key).unwrap().secret_der()
+            );
+        }
+        mode(&chain, 0o600);
+        let err = service_private_key(&chain).unwrap_err().to_string();
+        assert!(err.contains("cannot read a private key from"), "{err}");
+        let err = format!(
+            "{:#}",
+            service_private_key(&dir.path().join("none")).unwrap_err()
+        );
         assert!(err.contains("cannot read a private key from"), "{err}");
         let err = format!("{:#}", crls(&chain).unwrap_err());
         assert!(err.contains("holds no CRL"), "{err}");

@@ -31,7 +31,7 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
         bail!("server.https_listen needs server.tls.certificate and server.tls.key");
     };
     let chain = pem::certificates(cert_path).context("server.tls.certificate")?;
-    let key = pem::private_key(key_path).context("server.tls.key")?;
+    let key = pem::service_private_key(key_path).context("server.tls.key")?;
 
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

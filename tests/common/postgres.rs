@@ -242,6 +242,12 @@ impl Cluster {
         std::fs::write(&pki.other_ca, other.pem()).unwrap();
         std::fs::write(&pki.client_certificate, client_cert).unwrap();
         std::fs::write(&pki.client_key, client_key).unwrap();
+        // The service's keys must be private to it, as libpq's own must.
+        std::fs::set_permissions(
+            &pki.client_key,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         cluster.start_again();
         (cluster, pki)
     }

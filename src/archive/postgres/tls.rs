@@ -134,7 +134,7 @@ pub fn tls_settings(
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
             let chain = certificates(cert, "archive.postgres_client_certificate")?;
-            let key = crate::pem::private_key(key)
+            let key = crate::pem::service_private_key(key)
                 .map_err(|e| StoreError(format!("archive.postgres_client_key: {e:#}")))?;
             builder.with_client_auth_cert(chain, key).map_err(|e| {
                 StoreError(format!(
