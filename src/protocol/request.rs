@@ -41,6 +41,98 @@ pub struct Request<'a> {
     pub cert_req: bool,
 }
 
+/// The answer to a request that `der` refused for an OBJECT IDENTIFIER that DER allows but
+/// `const-oid` cannot hold: an arc over 2^32 − 1 (a UUID arc under 2.25 is 128 bits) or more
+/// than 39 octets. Such an OID is none this TSA knows, so the request gets the failInfo of an
+/// unknown one (`badAlg` for the imprint's algorithm, `unacceptedPolicy`,
+/// `unacceptedExtension`) rather than `badDataFormat`; `None` when no such OID is found, and
+/// the refusal stands. Read on this error path only, with the request's shape taken from the
+/// outside in: SEQUENCE { version, SEQUENCE { SEQUENCE { OID, … }, … }, [OID], …, [0] { … } }.
+fn unknown_oid(der: &[u8]) -> Option<Rejection> {
+    use der::{AnyRef, Tag};
+
+    fn elements(any: AnyRef<'_>) -> impl Iterator<Item = AnyRef<'_>> {
+        let mut reader = der::SliceReader::new(any.value()).ok();
+        std::iter::from_fn(move || {
+            let reader = reader.as_mut()?;
+            match der::Reader::is_finished(reader) {
+                true => None,
+                false => AnyRef::decode(reader).ok(),
+            }
+        })
+    }
+    let big = |oid: AnyRef<'_>| {
+        (der::Tagged::tag(&oid) == Tag::ObjectIdentifier
+            && well_formed_oid(oid.value())
+            && ObjectIdentifier::from_bytes(oid.value()).is_err())
+        .then(|| dotted(oid.value()))
+    };
+
+    let request = AnyRef::from_der(der).ok()?;
+    let mut fields = elements(request).skip(1); // version
+    let imprint = fields.next()?;
+    let algorithm = elements(imprint).next()?;
+    if let Some(oid) = elements(algorithm).next().and_then(big) {
+        return Some(Rejection::new(
+            FailInfo::BadAlg,
+            format!("unknown message imprint algorithm {oid}"),
+        ));
+    }
+    for field in fields {
+        if let Some(policy) = big(field) {
+            return Some(Rejection::new(
+                FailInfo::UnacceptedPolicy,
+                format!("policy {policy} is not offered by this TSA"),
+            ));
+        }
+        if der::Tagged::tag(&field) == super::tlv::context(0, true) {
+            let oid = elements(field).find_map(|e| elements(e).next().and_then(big))?;
+            return Some(Rejection::new(
+                FailInfo::UnacceptedExtension,
+                format!("request extensions are not supported ({oid})"),
+            ));
+        }
+    }
+    None
+}
+
+/// Whether `content` is an OBJECT IDENTIFIER's content in DER: base-128 arcs, each ended by
+/// an octet under 0x80 and none starting with the padding octet 0x80.
+fn well_formed_oid(content: &[u8]) -> bool {
+    content.last().is_some_and(|&last| last < 0x80)
+        && content
+            .iter()
+            .zip(std::iter::once(&0).chain(content))
+            .all(|(&octet, &before)| octet != 0x80 || before >= 0x80)
+}
+
+/// The dotted form of a well-formed OBJECT IDENTIFIER's content; an arc past 128 bits is
+/// written `…` (none exists in practice: UUIDs, the largest, have 128).
+fn dotted(content: &[u8]) -> String {
+    let mut arcs = Vec::new();
+    let mut arc: Option<u128> = Some(0);
+    for &octet in content {
+        arc = arc
+            .and_then(|a| a.checked_mul(128))
+            .map(|a| a | u128::from(octet & 0x7f));
+        if octet < 0x80 {
+            arcs.push(arc);
+            arc = Some(0);
+        }
+    }
+    let text = |arc: Option<u128>| arc.map_or("…".to_string(), |a| a.to_string());
+    // The first arc holds the first two: 40 × X + Y, with X ≤ 2.
+    let (x, y) = match arcs.first().copied().flatten() {
+        Some(first) if first < 80 => (first / 40, Some(first % 40)),
+        first => (2, first.map(|f| f - 80)),
+    };
+    std::iter::once(x.to_string())
+        .chain(std::iter::once(text(y)))
+        .chain(arcs.into_iter().skip(1).map(text))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 /// Parses a DER `TimeStampReq` and checks it against `rules`.
 ///
 /// The failInfo follows OpenSSL's TSA where RFC 3161 leaves room: an unsupported version is
@@ -59,10 +151,12 @@ pub fn parse_request<'a>(der: &'a [u8], rules: &RequestRules) -> Result<Request<
         ));
     }
     let req = TimeStampReq::from_der(der).map_err(|e| {
-        Rejection::new(
-            FailInfo::BadDataFormat,
-            format!("the request is not a DER TimeStampReq ({})", e.kind()),
-        )
+        unknown_oid(der).unwrap_or_else(|| {
+            Rejection::new(
+                FailInfo::BadDataFormat,
+                format!("the request is not a DER TimeStampReq ({})", e.kind()),
+            )
+        })
     })?;
 
     if req.version.as_bytes() != [1] {
@@ -138,4 +232,140 @@ pub fn parse_request<'a>(der: &'a [u8], rules: &RequestRules) -> Result<Request<
         nonce: req.nonce,
         cert_req: req.cert_req,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use der::Tag;
+
+    use super::super::tlv::{context, tlv};
+    use super::*;
+
+    /// An OBJECT IDENTIFIER's TLV from its arcs, of any size.
+    fn oid(arcs: &[u128]) -> Vec<u8> {
+        let mut content = Vec::new();
+        let first = arcs[0] * 40 + arcs[1];
+        for &arc in std::iter::once(&first).chain(&arcs[2..]) {
+            let mut septets = vec![(arc & 0x7f) as u8];
+            let mut rest = arc >> 7;
+            while rest > 0 {
+                septets.push((rest & 0x7f) as u8 | 0x80);
+                rest >>= 7;
+            }
+            content.extend(septets.iter().rev());
+        }
+        tlv(Tag::ObjectIdentifier, &[&content])
+    }
+
+    /// A TimeStampReq for a SHA-256 imprint, with the hash algorithm's OID, the policy and
+    /// an extension's OID as given.
+    fn request(hash: &[u8], policy: Option<&[u8]>, extension: Option<&[u8]>) -> Vec<u8> {
+        let algorithm = tlv(Tag::Sequence, &[hash, &[0x05, 0x00]]);
+        let imprint = tlv(
+            Tag::Sequence,
+            &[&algorithm, &tlv(Tag::OctetString, &[&[7; 32]])],
+        );
+        let extensions = extension.map(|id| {
+            let one = tlv(Tag::Sequence, &[id, &tlv(Tag::OctetString, &[&[5, 0]])]);
+            tlv(context(0, true), &[&one])
+        });
+        let mut fields: Vec<&[u8]> = vec![&[0x02, 0x01, 0x01], &imprint];
+        fields.extend(policy);
+        fields.push(&[0x02, 0x01, 0x2a]); // nonce
+        fields.extend(extensions.as_deref());
+        tlv(Tag::Sequence, &fields)
+    }
+
+    fn rules() -> RequestRules {
+        RequestRules {
+            accepted_digests: vec![DigestAlgorithm::Sha256],
+            default_policy: crate::alg::oid::DEVELOPMENT_POLICY,
+            other_policies: Vec::new(),
+            max_len: 10_000,
+        }
+    }
+
+    fn refused(der: &[u8]) -> Rejection {
+        parse_request(der, &rules()).unwrap_err()
+    }
+
+    const UUID: u128 = 329_800_735_698_586_629_295_641_978_511_506_172_918;
+
+    #[test]
+    fn oids_past_const_oid_get_the_fail_info_of_an_unknown_one() {
+        let sha256 = oid(&[2, 16, 840, 1, 101, 3, 4, 2, 1]);
+        let uuid = oid(&[2, 25, UUID]);
+        let arc_over_32_bits = oid(&[1, 3, 6, 1, 4, 1, 1 << 32]);
+        let long: Vec<u128> = [1, 3].into_iter().chain([1; 40]).collect();
+        let long = oid(&long);
+        assert!(long.len() > 2 + 39);
+        let dev_policy = tlv(
+            Tag::ObjectIdentifier,
+            &[crate::alg::oid::DEVELOPMENT_POLICY.as_bytes()],
+        );
+        assert!(parse_request(&request(&sha256, Some(&dev_policy), None), &rules()).is_ok());
+
+        let r = refused(&request(&uuid, None, None));
+        assert_eq!(r.fail_info, FailInfo::BadAlg);
+        assert!(r.reason.contains(&format!("2.25.{UUID}")), "{}", r.reason);
+
+        for (policy, dotted) in [
+            (&uuid, format!("2.25.{UUID}")),
+            (&arc_over_32_bits, "1.3.6.1.4.1.4294967296".into()),
+            (&long, format!("1.3{}", ".1".repeat(40))),
+        ] {
+            let r = refused(&request(&sha256, Some(policy), None));
+            assert_eq!(r.fail_info, FailInfo::UnacceptedPolicy, "{dotted}");
+            assert!(r.reason.contains(&dotted), "{}", r.reason);
+        }
+
+        let r = refused(&request(&sha256, None, Some(&arc_over_32_bits)));
+        assert_eq!(r.fail_info, FailInfo::UnacceptedExtension);
+        assert!(r.reason.contains("1.3.6.1.4.1.4294967296"), "{}", r.reason);
+    }
+
+    #[test]
+    fn malformed_oids_and_other_damage_stay_bad_data_format() {
+        let sha256 = oid(&[2, 16, 840, 1, 101, 3, 4, 2, 1]);
+        let uuid = oid(&[2, 25, UUID]);
+        // The last arc never ends.
+        let unended = [0x06, 0x02, 0x2a, 0x81];
+        let r = refused(&request(&sha256, Some(&unended), None));
+        assert_eq!(r.fail_info, FailInfo::BadDataFormat);
+        // 0x80 pads an arc: not DER. `const-oid` reads it (as 1.2.1 here) and keeps the
+        // octets, which match none this TSA offers; a padded big arc is no OID at all.
+        let padded = [0x06, 0x04, 0x2a, 0x80, 0x80, 0x01];
+        let r = refused(&request(&sha256, Some(&padded), None));
+        assert_eq!(r.fail_info, FailInfo::UnacceptedPolicy);
+        let mut padded_uuid = uuid.clone();
+        padded_uuid.insert(3, 0x80);
+        padded_uuid[1] += 1;
+        let r = refused(&request(&sha256, Some(&padded_uuid), None));
+        assert_eq!(r.fail_info, FailInfo::BadDataFormat);
+        // A big policy in a request that is not DER for another reason too: the outer length
+        // is wrong, so nothing is read of it.
+        let mut broken = request(&sha256, Some(&uuid), None);
+        broken[1] += 1;
+        assert_eq!(refused(&broken).fail_info, FailInfo::BadDataFormat);
+        assert!(!well_formed_oid(&[]));
+        assert!(well_formed_oid(&[0x2a, 0x86, 0x48]));
+        assert!(!well_formed_oid(&[0x2a, 0x80, 0x01]));
+        assert!(well_formed_oid(&[0x2a, 0x81, 0x80, 0x01]));
+    }
+
+    #[test]
+    fn dotted_reads_the_first_two_arcs_from_one() {
+        for arcs in [
+            &[0, 39][..],
+            &[1, 2, 840, 113549],
+            &[2, 999, 3],
+            &[2, 25, UUID],
+        ] {
+            let der = oid(arcs);
+            let expected: Vec<String> = arcs.iter().map(u128::to_string).collect();
+            assert_eq!(dotted(&der[2..]), expected.join("."));
+        }
+        let too_big = [0x81; 20].into_iter().chain([0x01]).collect::<Vec<_>>();
+        assert_eq!(dotted(&[&[0x2a][..], &too_big].concat()), "1.2.…");
+    }
 }
