@@ -162,6 +162,17 @@ pub struct ServerConfig {
     /// Open connections (both listeners' public sides together); past it a new connection
     /// gets a fixed 503 and is closed.
     pub max_connections: usize,
+    /// Open public connections (HTTP and HTTPS together) from one client address; past it a
+    /// new connection from that address gets the same fixed 503 as past `max_connections`.
+    /// While set, an address's batches in flight are held to half of `max_batches_in_flight`
+    /// (at least 1) too. An IPv4-mapped IPv6 address counts as its IPv4 address, and any other
+    /// IPv6 address as its /64 (one subnet, which one host or home usually owns whole). So one
+    /// client cannot take every place with idle or slow connections and lock the others out.
+    /// 0 (the default): no limit. Behind a load balancer or reverse proxy every connection
+    /// comes from the balancer's address, and any limit would refuse the balancer itself; set
+    /// it where clients connect directly, well above what one client needs (it counts a whole
+    /// NAT, or an office's /64, as one client).
+    pub max_connections_per_address: usize,
     /// Open connections of the admin listener, counted apart from `max_connections`; past it
     /// a new one gets the same fixed 503. Its descriptors come from those kept beside
     /// `max_connections`, hence at most [`MAX_ADMIN_CONNECTIONS`].
@@ -193,6 +204,7 @@ impl Default for ServerConfig {
             max_queue: 256,
             queue_wait_ms: 1_000,
             max_connections: 4096,
+            max_connections_per_address: 0,
             admin_max_connections: 16,
             max_requests_per_connection: 10_000,
             max_header_bytes: 8 * 1024,
@@ -804,6 +816,12 @@ impl Config {
             rollover.signer.validate()?;
             rollover.at_unix_ns()?;
         }
+        if self.server.max_connections_per_address > self.server.max_connections {
+            bail!(
+                "server.max_connections_per_address must be at most max_connections ({}); 0: no limit",
+                self.server.max_connections
+            );
+        }
         if !(1..=MAX_ADMIN_CONNECTIONS).contains(&self.server.admin_max_connections) {
             bail!("server.admin_max_connections must be 1 to {MAX_ADMIN_CONNECTIONS}");
         }
@@ -917,6 +935,10 @@ mod tests {
         );
         assert_eq!(config.server.read_timeout_ms, defaults.read_timeout_ms);
         assert_eq!(config.server.write_timeout_ms, defaults.write_timeout_ms);
+        assert_eq!(
+            config.server.max_connections_per_address,
+            defaults.max_connections_per_address
+        );
         assert_eq!(
             config.clock.max_accuracy_ms,
             ClockConfig::default().max_accuracy_ms
@@ -1060,6 +1082,17 @@ mod tests {
             .unwrap();
             assert!(config.validate().is_err(), "admin_max_connections {admin}");
         }
+        let per_address = |n: usize| {
+            toml::from_str::<Config>(&format!(
+                "{base}[server]\nmax_connections = 100\nmax_connections_per_address = {n}\n"
+            ))
+            .unwrap()
+            .validate()
+        };
+        per_address(0).unwrap();
+        per_address(100).unwrap();
+        let refused = per_address(101).unwrap_err().to_string();
+        assert!(refused.contains("max_connections_per_address"), "{refused}");
     }
 
     #[test]

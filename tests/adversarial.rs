@@ -1,7 +1,8 @@
 //! The server pushed past its limits and fed hostile input over real loopback connections:
-//! overload control (`max_queue`, `max_connections`), keep-alive limits, slow-loris
-//! connections, header floods, pipelined garbage, ambiguous framing (request smuggling),
-//! deeply nested and oversized DER, huge nonces, floods of refused requests in the log.
+//! overload control (`max_queue`, `max_connections`, `max_connections_per_address`),
+//! keep-alive limits, slow-loris connections, header floods, pipelined garbage, ambiguous
+//! framing (request smuggling), deeply nested and oversized DER, huge nonces, floods of
+//! refused requests in the log.
 //! Each must end in a bounded, clean answer (or a closed connection) and leave the server
 //! serving.
 
@@ -255,6 +256,92 @@ fn past_admin_max_connections_a_new_admin_connection_gets_503() {
         ),
         0.0
     );
+}
+
+/// One client address cannot take every connection: past `max_connections_per_address` (HTTP
+/// and HTTPS together) a new connection from it gets the fixed 503 and is closed (over TLS:
+/// just closed), while another address (127.0.0.2: the whole 127.0.0.0/8 is loopback) is
+/// served; closing one makes room again, and the address's entry goes with its last
+/// connection.
+#[test]
+fn past_max_connections_per_address_a_new_connection_from_it_gets_503() {
+    let server = Server::start(
+        &["--tls", "--https-listen", "127.0.0.1:0"],
+        "[server]\nmax_connections_per_address = 2\n",
+    );
+    let (authority, path) = split_url(&server.url);
+    let https = server.https_url.clone().expect("an HTTPS listener");
+    let https = https
+        .strip_prefix("https://")
+        .and_then(|rest| rest.split('/').next())
+        .expect("an https URL")
+        .to_string();
+    let per_address = || {
+        metric(
+            &server,
+            "tsa_overload_refusals_total",
+            "limit=\"connections_per_address\"",
+        )
+    };
+    // One plain connection, and one on the HTTPS listener that has not begun its handshake.
+    let mut plain = Conn::open(&server.url);
+    let tls = TcpStream::connect(&https).unwrap();
+    common::wait_until(
+        || metric(&server, "tsa_open_connections", "") == 2.0,
+        "the server to accept both",
+    );
+    assert_eq!(metric(&server, "tsa_client_addresses", ""), 1.0);
+
+    let mut third = TcpStream::connect(&authority).unwrap();
+    let (answer, closed) = read_to_close(&mut third, Duration::from_secs(5));
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 503 ")
+            && answer.contains("Retry-After: 1")
+            && answer.contains("too many connections"),
+        "{answer:?}"
+    );
+    assert!(closed, "the refused connection stays open");
+    let mut over_tls = TcpStream::connect(&https).unwrap();
+    let (answer, closed) = read_to_close(&mut over_tls, Duration::from_secs(5));
+    assert!(answer.is_empty() && closed, "{answer:?}, closed: {closed}");
+    assert_eq!(per_address(), 2.0);
+    assert_eq!(
+        metric(
+            &server,
+            "tsa_overload_refusals_total",
+            "limit=\"connections\""
+        ),
+        0.0
+    );
+
+    // Another address is served meanwhile, and so is the held connection.
+    let query = query_for(b"per address").to_der().unwrap();
+    let mut other = Conn::open_from(&server.url, "127.0.0.2");
+    assert!(decode(&other.post(&path, &query)).granted());
+    assert_eq!(metric(&server, "tsa_client_addresses", ""), 2.0);
+    assert!(decode(&plain.post(&path, &query)).granted());
+
+    // Closing one makes room for one, not more.
+    drop(tls);
+    common::wait_until(
+        || metric(&server, "tsa_open_connections", "") == 2.0,
+        "the server to notice the closed connection",
+    );
+    let mut again = Conn::open(&server.url);
+    assert!(decode(&again.post(&path, &query)).granted());
+    let mut one_more = TcpStream::connect(&authority).unwrap();
+    let (answer, _) = read_to_close(&mut one_more, Duration::from_secs(5));
+    assert!(answer.starts_with(b"HTTP/1.1 503 "), "{answer:?}");
+    assert_eq!(per_address(), 3.0);
+
+    // No address is left behind once its connections are closed.
+    drop((plain, other, again));
+    common::wait_until(
+        || metric(&server, "tsa_client_addresses", "") == 0.0,
+        "the addresses' entries to go with their connections",
+    );
+    assert_eq!(metric(&server, "tsa_open_connections", ""), 0.0);
 }
 
 /// A connection to `authority` with a receive buffer as small as the kernel allows (set

@@ -463,6 +463,68 @@ fn past_max_batches_in_flight_a_batch_gets_503_before_its_body_is_read() {
     );
 }
 
+/// One client address cannot take every batch place with slow uploads: while
+/// `max_connections_per_address` is set, a batch from an address that already has half of
+/// `max_batches_in_flight` in flight gets 503 before its body is read, while a batch from
+/// another address (127.0.0.2: the whole 127.0.0.0/8 is loopback) finds a place and is
+/// answered; a finished batch gives its address its place back.
+#[test]
+fn an_address_with_half_the_batch_places_in_flight_gets_503_for_another() {
+    let server = Server::start(
+        &[],
+        "[server]\nmax_batches_in_flight = 4\nmax_connections_per_address = 8\n\
+         read_timeout_ms = 5000\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let items: Vec<Vec<u8>> = (0..200u32)
+        .map(|i| {
+            Query::for_data(DigestAlgorithm::Sha256, &i.to_be_bytes())
+                .unwrap()
+                .to_der()
+                .unwrap()
+        })
+        .collect();
+    let body = sequence_of(&items);
+
+    // Two uploads from 127.0.0.1 held half-way: its two places of the four.
+    let mut first = start_batch(&server, &body);
+    let _second = start_batch(&server, &body);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_refused_at_once(&server, w, &body);
+
+    // Another address's batch is answered: the places of all were not taken.
+    let (_, path) = wire::split_url(&server.url);
+    let mut other = wire::Conn::open_from(&server.url, "127.0.0.2");
+    let request = wire::request("POST", &path, &[("Content-Type", BATCH_QUERY)], &body);
+    other.stream.write_all(&request).unwrap();
+    let reply = other.read_reply().expect("the other address's answer");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("content-type"), Some(BATCH_REPLY));
+
+    // Once the first batch is whole it is answered, and its address has a place again.
+    first
+        .stream
+        .write_all(&body[body.len() - body.len() / 2..])
+        .unwrap();
+    let reply = first.read_reply().expect("the first batch's answer");
+    assert_eq!(reply.status, 200);
+    assert_eq!(post_batch(&server, w, &items[..10]).len(), 10);
+
+    let metrics = scrape(&server);
+    assert_eq!(
+        counter(
+            &metrics,
+            "tsa_overload_refusals_total{limit=\"batches_per_address\"}"
+        ),
+        1
+    );
+    assert_eq!(
+        counter(&metrics, "tsa_overload_refusals_total{limit=\"batches\"}"),
+        0
+    );
+}
+
 #[test]
 fn archived_batches_record_every_granted_item_before_replying() {
     // Rows: the database's lock below stops their commits (the token log is written beside

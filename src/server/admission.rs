@@ -22,14 +22,21 @@
 //! `server.max_connections`, a new connection gets a fixed 503 and is closed (what it sent is
 //! read and discarded briefly first, so that its client reads the 503, not a reset).
 //!
+//! Per client address ([`Addresses`], `server.max_connections_per_address`): past it a new
+//! connection from that address gets the same fixed 503, and a batch from an address that
+//! already has half of `max_batches_in_flight` in flight gets the batch's 503, so that one
+//! client's idle or slow connections and uploads cannot take the places every client shares.
+//!
 //! Why the yield in [`Admission::enter`] matters: a software signer signs on the async worker,
 //! so without it a request would run from its first byte to its response in one poll and
 //! the backlog would never become visible here (it would wait, uncounted, in the sockets).
 //! Yielding once after admission lets the worker read the other ready connections first, so
 //! the count is the real queue and what exceeds it waits here, or is refused.
 
+use std::collections::hash_map::{Entry, HashMap};
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError};
@@ -172,6 +179,169 @@ impl Connections {
     }
 }
 
+/// The address a client is counted under ([`Addresses`]): an IPv4 address as it is, an
+/// IPv4-mapped IPv6 address (a dual-stack listener's IPv4 client) as its IPv4 address, and
+/// any other IPv6 address as its /64. A /64 is one subnet, which a single host or home
+/// usually owns whole (SLAAC, a provider's delegated prefix): counted one by one, a host could
+/// take a new address of its 2^64 for each connection; grouped, the subnet shares one
+/// allowance, as hosts behind one NAT share their IPv4 address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AddressKey(IpAddr);
+
+impl AddressKey {
+    pub fn of(ip: IpAddr) -> Self {
+        Self(match ip.to_canonical() {
+            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & (u128::MAX << 64))),
+            v4 => v4,
+        })
+    }
+}
+
+/// The address, an IPv6 subnet with its `/64`: as it appears in the log.
+impl std::fmt::Display for AddressKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => write!(f, "{v4}"),
+            IpAddr::V6(v6) => write!(f, "{v6}/64"),
+        }
+    }
+}
+
+/// Open public connections and batches in flight per client address
+/// (`server.max_connections_per_address`; [`AddressKey`] says what one address is).
+///
+/// An address has an entry while it has a connection open: made by its first connection,
+/// removed with its last (the [`AddressSlot`]'s `Drop`). So the map holds no more entries
+/// than connections are open (at most `max_connections`, which are counted first; its table
+/// keeps the capacity of its busiest moment, no more than that), and nothing is left behind
+/// by clients gone. Its cost: one map operation under a short lock
+/// when a connection opens and one when it closes, nothing per request; a batch counts on its
+/// address's own counter, without the lock. The map's hasher is keyed at random, so that
+/// clients cannot choose addresses that collide.
+#[derive(Debug)]
+pub struct Addresses {
+    /// Connections per address; 0: not counted (nor their batches).
+    max_connections: usize,
+    /// Batches in flight per address.
+    max_batches: usize,
+    open: Arc<Mutex<HashMap<AddressKey, Counts>>>,
+}
+
+/// One address's open connections, and its batches in flight (shared with its slots).
+#[derive(Debug)]
+struct Counts {
+    connections: usize,
+    batches: Arc<AtomicUsize>,
+}
+
+impl Addresses {
+    /// `max_connections` per address (0: no limit); an address's batches in flight are held
+    /// to half of `max_batches_in_flight` (at least 1), so that one address leaves the other
+    /// half to everyone else, and a client that uploads two at once still has its two.
+    pub fn new(max_connections: usize, max_batches_in_flight: usize) -> Self {
+        Self {
+            max_connections,
+            max_batches: (max_batches_in_flight / 2).max(1),
+            open: Arc::default(),
+        }
+    }
+
+    /// A place for a new connection from `ip`, or (`Err`) the address it is counted under,
+    /// which has `max_connections` open. Without a limit, a slot that counts nothing.
+    pub fn open(&self, ip: IpAddr) -> Result<AddressSlot, AddressKey> {
+        if self.max_connections == 0 {
+            return Ok(AddressSlot::uncounted());
+        }
+        let key = AddressKey::of(ip);
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let counts = open.entry(key).or_insert_with(|| Counts {
+            connections: 0,
+            batches: Arc::default(),
+        });
+        if counts.connections >= self.max_connections {
+            // Never a fresh entry: max_connections is at least 1 here.
+            return Err(key);
+        }
+        counts.connections += 1;
+        Ok(AddressSlot {
+            counted: Some(Counted {
+                open: Arc::clone(&self.open),
+                key,
+                batches: Arc::clone(&counts.batches),
+                max_batches: self.max_batches,
+            }),
+        })
+    }
+
+    /// Addresses with a connection open.
+    pub fn count(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// One connection's place under its address's limit; dropping it closes the place, and its
+/// address's entry with the last one.
+#[derive(Debug)]
+pub struct AddressSlot {
+    /// `None`: not counted (no limit set, or a stream without an address).
+    counted: Option<Counted>,
+}
+
+#[derive(Debug)]
+struct Counted {
+    open: Arc<Mutex<HashMap<AddressKey, Counts>>>,
+    key: AddressKey,
+    batches: Arc<AtomicUsize>,
+    max_batches: usize,
+}
+
+impl AddressSlot {
+    /// A slot under no limit.
+    pub fn uncounted() -> Self {
+        Self { counted: None }
+    }
+
+    /// A batch place of this connection's address, returned when dropped; or (`Err`) the
+    /// address, which has its share of batches in flight ([`Addresses::new`]).
+    pub fn batch(&self) -> Result<AddressBatch<'_>, AddressKey> {
+        let Some(counted) = &self.counted else {
+            return Ok(AddressBatch(None));
+        };
+        let max = counted.max_batches;
+        counted
+            .batches
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map(|_| AddressBatch(Some(&counted.batches)))
+            .map_err(|_| counted.key)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Entry::Occupied(mut counts) = open.entry(self.key) {
+            counts.get_mut().connections -= 1;
+            if counts.get().connections == 0 {
+                counts.remove();
+            }
+        }
+    }
+}
+
+/// One batch in flight counted under its address; dropping it returns the place.
+#[derive(Debug)]
+pub struct AddressBatch<'a>(Option<&'a AtomicUsize>);
+
+impl Drop for AddressBatch<'_> {
+    fn drop(&mut self) {
+        if let Some(batches) = self.0 {
+            batches.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +455,94 @@ mod tests {
         let c = connections.open().expect("a place again");
         drop((b, c));
         assert_eq!(connections.count(), 0);
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("an address")
+    }
+
+    #[test]
+    fn an_address_is_counted_as_ipv4_or_as_its_ipv6_64() {
+        let key = |text| AddressKey::of(ip(text));
+        assert_eq!(key("192.0.2.7"), AddressKey(ip("192.0.2.7")));
+        // A dual-stack listener's IPv4 client is its IPv4 address.
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+        // One /64, whatever the interface identifier; the next /64 is another address.
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:a:b:c:d"));
+        assert_eq!(
+            key("2001:db8:1:2:a:b:c:d"),
+            AddressKey(ip("2001:db8:1:2::"))
+        );
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        // Only the mapped form is IPv4: an ordinary IPv6 address ending in the same octets
+        // is not.
+        assert_ne!(key("::c000:207"), key("192.0.2.7"));
+        assert_eq!(key("192.0.2.7").to_string(), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2::1").to_string(), "2001:db8:1:2::/64");
+    }
+
+    #[test]
+    fn connections_are_counted_per_address_until_the_last_closes() {
+        let addresses = Addresses::new(2, 8);
+        let a = addresses.open(ip("192.0.2.1")).expect("first");
+        let b = addresses
+            .open(ip("::ffff:192.0.2.1"))
+            .expect("second, the same address");
+        assert!(addresses.open(ip("192.0.2.1")).is_err(), "a third");
+        assert_eq!(addresses.count(), 1, "a refusal leaves no entry");
+        let other = addresses.open(ip("192.0.2.2")).expect("another address");
+        let v6 = addresses.open(ip("2001:db8::1")).expect("an IPv6 host");
+        let _v6 = addresses.open(ip("2001:db8::2")).expect("its /64 again");
+        let refused = addresses
+            .open(ip("2001:db8::3"))
+            .expect_err("the /64 is full");
+        assert_eq!(refused.to_string(), "2001:db8::/64");
+        assert_eq!(addresses.count(), 3);
+        drop(a);
+        let c = addresses.open(ip("192.0.2.1")).expect("a place again");
+        drop((b, c, other, v6, _v6));
+        assert_eq!(
+            addresses.count(),
+            0,
+            "no entry outlives its last connection"
+        );
+    }
+
+    #[test]
+    fn without_a_limit_nothing_is_counted() {
+        let addresses = Addresses::new(0, 1);
+        let slots: Vec<_> = (0..100)
+            .map(|_| addresses.open(ip("192.0.2.1")).expect("no limit"))
+            .collect();
+        assert_eq!(addresses.count(), 0);
+        let batches: Vec<_> = slots.iter().map(|s| s.batch().expect("no limit")).collect();
+        assert_eq!(batches.len(), 100);
+    }
+
+    #[test]
+    fn an_address_has_half_the_batch_places() {
+        let addresses = Addresses::new(10, 5);
+        let (a, b) = (
+            addresses.open(ip("192.0.2.1")).expect("a"),
+            addresses.open(ip("192.0.2.1")).expect("b"),
+        );
+        let first = a.batch().expect("one of two");
+        let second = b.batch().expect("two of two, on another connection");
+        assert!(
+            a.batch().is_err() && b.batch().is_err(),
+            "its half is taken"
+        );
+        let other = addresses.open(ip("192.0.2.2")).expect("another address");
+        let theirs = other.batch().expect("another address's own share");
+        drop(first);
+        let again = b.batch().expect("a place returned");
+        drop((second, theirs, again));
+        // At least one, however small max_batches_in_flight.
+        let one = Addresses::new(10, 1).open(ip("192.0.2.1")).expect("a");
+        let held = one.batch().expect("one");
+        assert!(one.batch().is_err());
+        drop(held);
     }
 
     #[test]

@@ -19,6 +19,8 @@
 //! | a batch while `max_batches_in_flight` batches are read or answered | 503, `Retry-After: 1` + DER rejection `systemFailure`, before its body is read |
 //! | a request head over `max_header_bytes` or 100 headers | 431, connection closed (hyper) |
 //! | a new connection while `max_connections` are open   | a fixed 503 `text/plain`, then closed; what the client sent is read and discarded briefly first, so that it reads the 503 rather than a reset |
+//! | a new connection from an address with `max_connections_per_address` open (IPv6: per /64) | the same fixed 503, then closed (0, the default: no limit) |
+//! | a batch from an address with half of `max_batches_in_flight` in flight, while `max_connections_per_address` is set | 503, `Retry-After: 1` + DER rejection `systemFailure`, before its body is read |
 //! | unparsable HTTP                                     | 400, connection closed (hyper) |
 //! | `GET /certs`                                        | 200, the certificate chain as PEM |
 //! | anything else                                       | 404 |
@@ -30,6 +32,8 @@
 //! `max_requests_per_connection` requests (the last reply says `Connection: close`), and a
 //! connection whose client reads none of its answers for `write_timeout_ms` is closed
 //! ([`super::write_timeout`]), so that it cannot hold its place under `max_connections`.
+//! Over TLS the refusal of a connection past `max_connections` or its address's
+//! `max_connections_per_address` is no plain-text 503: the connection is closed at once.
 //!
 //! Admin listener (loopback by default): `GET /health/live`, `GET /health/ready` (503 with the
 //! reason while the clock is not trusted or the signer failed), `GET /clock` (the clock's
@@ -43,6 +47,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -58,7 +63,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 
-use super::admission::{self, ConnectionSlot};
+use super::admission::{self, AddressKey, AddressSlot, ConnectionSlot};
 use super::auth::{Link, PeerCertificate, Refusal};
 use super::log_limit::LogLimit;
 use super::write_timeout::WriteTimeout;
@@ -82,10 +87,12 @@ struct Limits {
     max_requests_per_connection: u64,
 }
 
-/// One public connection: its place under `max_connections`, its request count and, on the
-/// HTTPS listener, the client certificate its handshake verified.
+/// One public connection: its place under `max_connections` and under its address's
+/// `max_connections_per_address` (which its batches count on too), its request count and, on
+/// the HTTPS listener, the client certificate its handshake verified.
 struct Connection {
     _slot: ConnectionSlot,
+    address: AddressSlot,
     served: AtomicU64,
     peer: Option<Arc<PeerCertificate>>,
     /// Whether the connection is TLS (the HTTPS listener).
@@ -125,7 +132,8 @@ fn http1_builder(config: &ServerConfig) -> http1::Builder {
 /// Serves one connection over any byte stream as the public listener serves a plain one
 /// (routes, limits, admission, the connection's request count), until it ends: the entry of
 /// the HTTP fuzz target (`fuzz/checks/http_connection.rs`). A connection over
-/// `max_connections` is closed at once.
+/// `max_connections` is closed at once; a stream has no address to count under
+/// `max_connections_per_address`.
 pub async fn serve_stream<S>(tsa: Arc<Tsa>, config: ServerConfig, stream: S)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -135,6 +143,7 @@ where
     };
     let connection = Connection {
         _slot: slot,
+        address: AddressSlot::uncounted(),
         served: AtomicU64::new(0),
         peer: None,
         tls: false,
@@ -171,22 +180,38 @@ pub(super) async fn run(
     loop {
         tokio::select! {
             accepted = public.accept() => {
-                let Some(stream) = accepted_stream(accepted).await else { continue };
+                let Some((stream, from)) = accepted_stream(accepted).await else { continue };
                 let Some(slot) = tsa.connections.open() else {
                     refuse_connection(&tsa, stream, metrics::Overload::Connections);
                     continue;
                 };
-                let connection = Connection { _slot: slot, served: AtomicU64::new(0), peer: None, tls: false };
+                let address = match tsa.addresses.open(from.ip()) {
+                    Ok(address) => address,
+                    Err(key) => {
+                        log_address_refused(key);
+                        refuse_connection(&tsa, stream, metrics::Overload::ConnectionsPerAddress);
+                        continue;
+                    }
+                };
+                let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), peer: None, tls: false };
                 let (tsa, limits) = (tsa.clone(), limits.clone());
                 let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
                 spawn(serve_public(&builder, graceful.watcher(), io, tsa, limits, connection));
             }
             accepted = accept_on(https.as_ref()) => {
-                let Some(stream) = accepted_stream(accepted).await else { continue };
+                let Some((stream, from)) = accepted_stream(accepted).await else { continue };
+                // No plain-text 503 inside TLS: a connection refused is just closed.
                 let Some(slot) = tsa.connections.open() else {
-                    // No plain-text 503 inside TLS: the connection is just closed.
                     tsa.metrics.overloaded(metrics::Overload::Connections);
                     continue;
+                };
+                let address = match tsa.addresses.open(from.ip()) {
+                    Ok(address) => address,
+                    Err(key) => {
+                        log_address_refused(key);
+                        tsa.metrics.overloaded(metrics::Overload::ConnectionsPerAddress);
+                        continue;
+                    }
                 };
                 // The certificate in force now (a reload may replace it).
                 let Some(acceptor) = tsa.tls.load_full() else { continue };
@@ -198,12 +223,12 @@ pub(super) async fn run(
                     let Some((stream, peer)) = super::tls::handshake(&acceptor, stream, limits.read_timeout).await else {
                         return Ok(());
                     };
-                    let connection = Connection { _slot: slot, served: AtomicU64::new(0), peer, tls: true };
+                    let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), peer, tls: true };
                     serve_public(&builder, watcher, TokioIo::new(stream), tsa, limits, connection).await
                 });
             }
             accepted = admin.accept() => {
-                let Some(stream) = accepted_stream(accepted).await else { continue };
+                let Some((stream, _)) = accepted_stream(accepted).await else { continue };
                 let Some(slot) = admin_connections.open() else {
                     refuse_connection(&tsa, stream, metrics::Overload::AdminConnections);
                     continue;
@@ -237,13 +262,15 @@ pub(super) async fn run(
     Ok(())
 }
 
+/// The accepted connection and its client's address; after a failed accept, `None` once a
+/// short pause is over.
 async fn accepted_stream(
-    accepted: std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)>,
-) -> Option<tokio::net::TcpStream> {
+    accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
     match accepted {
-        Ok((stream, _)) => {
+        Ok((stream, from)) => {
             let _ = stream.set_nodelay(true);
-            Some(stream)
+            Some((stream, from))
         }
         Err(e) => {
             // Out of file descriptors and the like: back off instead of spinning.
@@ -263,10 +290,11 @@ const DRAIN_TIME: Duration = Duration::from_millis(500);
 /// How much of it, at most.
 const DRAIN_BYTES: usize = 64 * 1024;
 
-/// Over `max_connections` (or the admin listener's `admin_max_connections`): a fixed 503 written into the fresh socket's empty send buffer and
-/// the sending side shut (FIN). What the client sent is then read and discarded, briefly
-/// ([`DRAIN_TIME`], [`DRAIN_BYTES`]), before the socket is closed: a socket closed with
-/// unread data sends a reset, which would make the client drop the 503 unread.
+/// Over `max_connections` (or its address's `max_connections_per_address`, or the admin
+/// listener's `admin_max_connections`): a fixed 503 written into the fresh socket's empty send
+/// buffer and the sending side shut (FIN). What the client sent is then read and discarded,
+/// briefly ([`DRAIN_TIME`], [`DRAIN_BYTES`]), before the socket is closed: a socket closed
+/// with unread data sends a reset, which would make the client drop the 503 unread.
 fn refuse_connection(tsa: &Tsa, stream: tokio::net::TcpStream, limit: metrics::Overload) {
     static DRAINING: AtomicUsize = AtomicUsize::new(0);
     tsa.metrics.overloaded(limit);
@@ -297,10 +325,23 @@ async fn drain(mut stream: tokio::net::TcpStream) {
     .await;
 }
 
+/// A connection refused because its address has `max_connections_per_address` open: logged
+/// at most once a second (the metric counts them all), with the address it is counted under.
+fn log_address_refused(key: AddressKey) {
+    static LOG: LogLimit = LogLimit::new();
+    if let Some(left_out) = LOG.allow() {
+        tracing::info!(
+            address = %key,
+            left_out,
+            "connection refused: its address has max_connections_per_address open"
+        );
+    }
+}
+
 /// The next connection on the HTTPS listener; never, without one.
 async fn accept_on(
     listener: Option<&TcpListener>,
-) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
     match listener {
         Some(listener) => listener.accept().await,
         None => std::future::pending().await,
@@ -328,7 +369,7 @@ where
                 tls: connection.tls,
                 certificate: connection.peer.as_deref(),
             };
-            let mut reply = public_route(req, &tsa, &limits, link).await;
+            let mut reply = public_route(req, &tsa, &limits, link, &connection.address).await;
             let served = connection.served.fetch_add(1, Ordering::Relaxed) + 1;
             if served == limits.max_requests_per_connection {
                 reply
@@ -354,13 +395,14 @@ async fn public_route(
     tsa: &Arc<Tsa>,
     limits: &Limits,
     link: Link<'_>,
+    address: &AddressSlot,
 ) -> Reply {
     if req.uri().path() == limits.path {
         let start = Instant::now();
         let (reply, outcome) = match *req.method() {
             Method::POST if has_media_type(&req, batch::QUERY_MEDIA_TYPE) => {
                 // Counts its items' outcomes itself.
-                return timestamp_batch(req, tsa, limits, link, start).await;
+                return timestamp_batch(req, tsa, limits, link, address, start).await;
             }
             Method::POST => match authenticate(&req, tsa, link).and_then(|c| charge(tsa, c, 1)) {
                 Ok(client) => timestamp(req, tsa, limits, &client).await,
@@ -506,16 +548,17 @@ async fn timestamp(
 }
 
 /// `POST {path}` with `application/timestamp-query-batch` (`docs/batch.md`): authentication,
-/// the body under the batch limits, its outer `SEQUENCE OF` (400 when malformed, 413 over
-/// `max_batch_items`), the quota and the admission for as many tokens as it has items; then
-/// every item answered on its own by [`Tsa::respond_batch`], in one `SEQUENCE OF
-/// TimeStampResp`. Counts the metrics itself: each item's outcome, or the one refusal of a
-/// batch refused as a whole.
+/// a batch place of its address's share and one of all, the body under the batch limits, its
+/// outer `SEQUENCE OF` (400 when malformed, 413 over `max_batch_items`), the quota and the
+/// admission for as many tokens as it has items; then every item answered on its own by
+/// [`Tsa::respond_batch`], in one `SEQUENCE OF TimeStampResp`. Counts the metrics itself:
+/// each item's outcome, or the one refusal of a batch refused as a whole.
 async fn timestamp_batch(
     req: Request<Incoming>,
     tsa: &Arc<Tsa>,
     limits: &Limits,
     link: Link<'_>,
+    address: &AddressSlot,
     start: Instant,
 ) -> Reply {
     let refused = |(reply, outcome): (Reply, Outcome)| {
@@ -526,7 +569,23 @@ async fn timestamp_batch(
         Ok(client) => client,
         Err(denied) => return refused(denied.answer()),
     };
-    // Taken before the body is read, so that the batch bodies held at once are bounded.
+    // Both taken before the body is read, so that the batch bodies held at once are bounded,
+    // and one address's share of them too. The address's first: the address that has its
+    // share is refused as such (and logged), whether or not the others are full.
+    let _address_in_flight = match address.batch() {
+        Ok(place) => place,
+        Err(key) => {
+            static LOG: LogLimit = LogLimit::new();
+            if let Some(left_out) = LOG.allow() {
+                tracing::info!(
+                    address = %key,
+                    left_out,
+                    "batch refused: its address has its share of max_batches_in_flight"
+                );
+            }
+            return refused(overloaded(tsa, metrics::Overload::BatchesPerAddress));
+        }
+    };
     let Ok(_in_flight) = tsa.batches.try_acquire() else {
         return refused(overloaded(tsa, metrics::Overload::Batches));
     };
@@ -741,9 +800,10 @@ fn has_media_type(req: &Request<Incoming>, expected: &str) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case(expected))
 }
 
-/// No place in `max_queue` within `queue_wait_ms`, or no batch place: 503, `Retry-After` and a
-/// DER systemFailure. The body is encoded once: under overload most answers are this one, and
-/// each should cost as little as possible beside the requests being signed.
+/// No place in `max_queue` within `queue_wait_ms`, or no batch place (of all, or of its
+/// address's share): 503, `Retry-After` and a DER systemFailure. The body is encoded once:
+/// under overload most answers are this one, and each should cost as little as possible
+/// beside the requests being signed.
 fn overloaded(tsa: &Tsa, limit: metrics::Overload) -> (Reply, Outcome) {
     static BODY: std::sync::LazyLock<Bytes> = std::sync::LazyLock::new(|| {
         Rejection::new(

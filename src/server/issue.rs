@@ -109,6 +109,9 @@ pub struct Tsa {
     pub(super) batches: tokio::sync::Semaphore,
     /// Open public connections (`server.max_connections`).
     pub(super) connections: super::admission::Connections,
+    /// Open public connections and batches in flight per client address
+    /// (`server.max_connections_per_address`).
+    pub(super) addresses: super::admission::Addresses,
     /// The clients of `[auth]` and their quotas; replaced whole on reload.
     pub(super) auth: ArcSwap<super::auth::Auth>,
     /// A planned change of key (`[rollover]`).

@@ -40,7 +40,7 @@ pub struct Metrics {
     /// also held by itself (created at start, counted without a look-up: under overload this
     /// is the most frequent answer).
     overloads: Family<Labels, Counter>,
-    overloaded: [Counter; 4],
+    overloaded: [Counter; 6],
     /// Requests refused by client authentication and quotas, by reason; each series also
     /// held by itself (created at start, so that they read 0 before the first refusal).
     auth_refusals: Family<Labels, Counter>,
@@ -158,8 +158,10 @@ impl Metrics {
         );
         r.register(
             "overload_refusals",
-            "Requests (limit=queue), connections (limit=connections) and batches \
-             (limit=batches) refused with 503 because the server was full",
+            "Requests (limit=queue), connections (limit=connections, on the admin listener \
+             limit=admin_connections) and batches (limit=batches) refused with 503 because the \
+             server was full, or because their client address had its share \
+             (limit=connections_per_address, limit=batches_per_address)",
             m.overloads.clone(),
         );
         r.register(
@@ -222,14 +224,21 @@ pub enum Overload {
     Batches = 2,
     /// `server.admin_max_connections`: the admin listener's connections.
     AdminConnections = 3,
+    /// `server.max_connections_per_address`: one client address's connections.
+    ConnectionsPerAddress = 4,
+    /// One client address's batches in flight (half of `server.max_batches_in_flight`, while
+    /// `server.max_connections_per_address` is set).
+    BatchesPerAddress = 5,
 }
 
 impl Overload {
-    const ALL: [Overload; 4] = [
+    const ALL: [Overload; 6] = [
         Overload::Queue,
         Overload::Connections,
         Overload::Batches,
         Overload::AdminConnections,
+        Overload::ConnectionsPerAddress,
+        Overload::BatchesPerAddress,
     ];
 
     fn name(self) -> &'static str {
@@ -238,6 +247,8 @@ impl Overload {
             Overload::Connections => "connections",
             Overload::Batches => "batches",
             Overload::AdminConnections => "admin_connections",
+            Overload::ConnectionsPerAddress => "connections_per_address",
+            Overload::BatchesPerAddress => "batches_per_address",
         }
     }
 }
@@ -325,6 +336,14 @@ impl Collector for Scraped {
             "Open connections on the public listener",
             None,
             &[(none.clone(), tsa.connections.count() as f64)],
+        )?;
+        gauge(
+            &mut e,
+            "client_addresses",
+            "Client addresses with a public connection open (counted while \
+             server.max_connections_per_address is set; an IPv6 /64 is one)",
+            None,
+            &[(none.clone(), tsa.addresses.count() as f64)],
         )?;
 
         if let Some(archive) = tsa.archive() {

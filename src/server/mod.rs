@@ -115,6 +115,10 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
             (config.server.max_batches_in_flight).clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
         ),
         connections: admission::Connections::new(fd_limit::fit(config.server.max_connections)),
+        addresses: admission::Addresses::new(
+            config.server.max_connections_per_address,
+            config.server.max_batches_in_flight,
+        ),
         auth: ArcSwap::from_pointee(auth::Auth::new(&config.auth)?),
         rollover,
         tls: arc_swap::ArcSwapOption::empty(),

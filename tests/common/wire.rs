@@ -60,10 +60,31 @@ pub fn request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) 
     all
 }
 
+/// A TCP connection to `authority` from the local address `local` (any port): another
+/// client address on loopback, where the whole 127.0.0.0/8 is this host's.
+pub fn connect_from(authority: &str, local: &str) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let to: std::net::SocketAddr = authority.parse().expect("an IP authority");
+    let from: std::net::SocketAddr = format!("{local}:0").parse().expect("an IP address");
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, None).expect("a socket");
+    socket.bind(&from.into()).expect("bind");
+    socket.connect(&to.into()).expect("connect");
+    socket.into()
+}
+
 impl Conn {
     pub fn open(url: &str) -> Conn {
         let (authority, _) = split_url(url);
-        let stream = TcpStream::connect(&authority).expect("connect");
+        Conn::over(TcpStream::connect(&authority).expect("connect"))
+    }
+
+    /// A connection to `url` from the local address `local` ([`connect_from`]).
+    pub fn open_from(url: &str, local: &str) -> Conn {
+        let (authority, _) = split_url(url);
+        Conn::over(connect_from(&authority, local))
+    }
+
+    fn over(stream: TcpStream) -> Conn {
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
