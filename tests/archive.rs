@@ -911,9 +911,10 @@ fn a_rows_archive_migrates_into_the_token_log() {
     for got in first[2..].iter().chain(&second) {
         let by_serial = store.record_by_serial(&got.serial).unwrap().unwrap();
         assert_eq!(by_serial.record.token, got.token);
-        let by_imprint = store.records_by_imprint(&got.imprint).unwrap();
-        assert_eq!(by_imprint.len(), 1);
-        assert_eq!(by_imprint[0].record.serial, got.serial);
+        let by_imprint = store.records_by_imprint(&got.imprint, 10).unwrap();
+        assert_eq!(by_imprint.total, 1);
+        assert_eq!(by_imprint.records.len(), 1);
+        assert_eq!(by_imprint.records[0].record.serial, got.serial);
     }
     assert!(
         store.record_by_serial(&first[0].serial).unwrap().is_none(),
