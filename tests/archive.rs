@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Command;
 
 use archive_support::{
-    archive_cli, archived_records, database, get, hex, init, open_store, stamp, Conn, Received,
-    Serving,
+    archive_cli, archived_records, database, get, get_with_header, hex, init, open_store, stamp,
+    Conn, Received, Serving,
 };
 use rusqlite::params;
 use tsa::archive::record::{record_hash, StoredRecord};
@@ -911,9 +911,10 @@ fn a_rows_archive_migrates_into_the_token_log() {
     for got in first[2..].iter().chain(&second) {
         let by_serial = store.record_by_serial(&got.serial).unwrap().unwrap();
         assert_eq!(by_serial.record.token, got.token);
-        let by_imprint = store.records_by_imprint(&got.imprint).unwrap();
-        assert_eq!(by_imprint.len(), 1);
-        assert_eq!(by_imprint[0].record.serial, got.serial);
+        let by_imprint = store.records_by_imprint(&got.imprint, 10).unwrap();
+        assert_eq!(by_imprint.total, 1);
+        assert_eq!(by_imprint.records.len(), 1);
+        assert_eq!(by_imprint.records[0].record.serial, got.serial);
     }
     assert!(
         store.record_by_serial(&first[0].serial).unwrap().is_none(),
@@ -1168,6 +1169,96 @@ fn restored_backups_and_lost_state_files_never_reuse_serials() {
 /// The imprint index is derived data: when it cannot be kept (here a directory stands where
 /// its database would be), the server still starts and archives, and look-ups by imprint
 /// read the archive itself.
+/// One document stamped more times than the CLI prints: the admin look-up answers the
+/// latest token and counts them all; `tsa archive get --imprint` prints the latest `--limit`
+/// and says how many more there are, and writes the latest with `--out`.
+#[test]
+fn an_imprint_stamped_many_times_gives_its_latest_token_and_a_count() {
+    an_imprint_stamped_many_times("rows");
+}
+
+#[test]
+fn an_imprint_stamped_many_times_gives_its_latest_token_and_a_count_with_the_token_log() {
+    an_imprint_stamped_many_times("log");
+}
+
+fn an_imprint_stamped_many_times(layout: &str) {
+    let dir = init(&format!("layout = \"{layout}\""));
+    let d = dir.path();
+    let server = Serving::start(d);
+    let mut conn = Conn::open(&server.public).unwrap();
+    let ours: Vec<Received> = (0..12)
+        .map(|_| {
+            stamp(&mut conn, b"the same document")
+                .unwrap()
+                .expect("granted")
+        })
+        .collect();
+    let latest = ours.last().unwrap();
+    let imprint = hex(&latest.imprint);
+    let (status, matches, body) = get_with_header(
+        &server.admin,
+        &format!("/archive/imprint/{imprint}"),
+        "x-archive-matches",
+    );
+    assert_eq!((status, &body), (200, &latest.response));
+    assert_eq!(matches.as_deref(), Some("12"));
+    server.stop();
+
+    let tsr = d.join("latest.tsr");
+    let (ok, out) = archive_cli(
+        d,
+        &[
+            "get",
+            "--imprint",
+            &imprint,
+            "--limit",
+            "5",
+            "--out",
+            tsr.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    let printed: Vec<&str> = out.lines().filter(|l| l.starts_with("serial")).collect();
+    let newest: Vec<String> = ours
+        .iter()
+        .rev()
+        .take(5)
+        .map(|r| format!("serial      : {}", hex(&r.serial)))
+        .collect();
+    assert_eq!(printed, newest, "{out}");
+    assert!(
+        out.contains("7 of the 12 tokens with this imprint not shown"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read(&tsr).unwrap(), latest.response);
+
+    // All of them: nothing more to say.
+    let (ok, out) = archive_cli(d, &["get", "--imprint", &imprint]);
+    assert!(ok, "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("serial")).count(), 12);
+    assert!(!out.contains("not shown"), "{out}");
+    // Counted only; --out still writes the latest.
+    let (ok, out) = archive_cli(
+        d,
+        &[
+            "get",
+            "--imprint",
+            &imprint,
+            "--limit",
+            "0",
+            "--out",
+            tsr.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(!out.contains("serial"), "{out}");
+    assert!(
+        out.contains("12 of the 12 tokens with this imprint not shown"),
+        "{out}"
+    );
+}
+
 #[test]
 fn without_its_imprint_index_the_archive_still_serves_and_finds_tokens() {
     // Rows: the imprint database is theirs (the log keeps imprint files per segment).

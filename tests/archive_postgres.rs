@@ -715,11 +715,20 @@ fn a_client_certificate_logs_in_without_a_password() {
 
 /// `n` chained records of `instance_id` from position 1 on (counter = position).
 fn chained(instance_id: u32, n: u64) -> Vec<StoredRecord> {
+    chained_with(instance_id, n, |_, _| {})
+}
+
+/// [`chained`], each record changed by `adjust(position, record)` before it is chained.
+fn chained_with(
+    instance_id: u32,
+    n: u64,
+    adjust: impl Fn(u64, &mut tsa::archive::record::TokenRecord),
+) -> Vec<StoredRecord> {
     use tsa::archive::record::{ClockAtIssue, TokenRecord, ZERO_HASH};
     let mut prev = ZERO_HASH;
     (1..=n)
         .map(|seq| {
-            let record = TokenRecord {
+            let mut record = TokenRecord {
                 serial: tsa::archive::serial::layout::encode(instance_id, seq, [7; 7]).to_vec(),
                 gen_time_ns: 1_700_000_000_000_000_000 + seq,
                 accuracy_ns: 1_000_000,
@@ -736,6 +745,7 @@ fn chained(instance_id: u32, n: u64) -> Vec<StoredRecord> {
                 },
                 token: vec![0x30, 0x00],
             };
+            adjust(seq, &mut record);
             let stored = StoredRecord::chain(instance_id, seq, seq, record, prev);
             prev = stored.hash;
             stored
@@ -778,6 +788,85 @@ fn pruning_on_postgres_never_goes_past_the_last_signed_checkpoint() {
         .collect();
     assert_eq!(kept, (6..=10).collect::<Vec<_>>());
     assert_eq!(store.prune(0, u64::MAX).unwrap(), None, "nothing more");
+}
+
+/// One imprint stamped 53 times by two instances, among look-alikes, with genTimes out of
+/// position order and equal across instances: a look-up answers the newest `limit` (the later
+/// genTime first, then the lower instance, then the later position) and counts every match;
+/// pruned records no longer count.
+#[test]
+fn a_frequent_imprint_gives_its_newest_records_and_counts_them_all_on_postgres() {
+    let cluster = pg::Cluster::start();
+    cluster.create_database("tsa");
+    let dir = setup(&cluster, "tsa", 0, "");
+    let config = Config::load(&dir.path().join("tsa.toml")).unwrap();
+    let mut store = PostgresStore::open(&config.archive).unwrap();
+    let frequent = vec![0x42; 32];
+    let mut twin = frequent.clone();
+    twin[31] = 0;
+    const BASE: u64 = 1_700_000_000_000_000_000;
+    // Instance 0: every third record the look-alike; every tenth from the second on has the
+    // genTime of 13 positions further on (74 for 61: a tie with 74).
+    let gen_time_ns = |seq: u64| match seq % 10 {
+        1 => BASE + 1_000 * (seq + 13),
+        _ => BASE + 1_000 * seq,
+    };
+    let zero = chained_with(0, 75, |seq, r| {
+        r.imprint = (if seq % 3 == 0 { &twin } else { &frequent }).clone();
+        r.gen_time_ns = gen_time_ns(seq);
+    });
+    // Instance 1: the genTimes of instance 0's newest two, and an old one.
+    let one = chained_with(1, 3, |seq, r| {
+        r.imprint = frequent.clone();
+        r.gen_time_ns = [gen_time_ns(71), gen_time_ns(74), BASE][seq as usize - 1];
+    });
+    store.append(0, &zero, &[]).unwrap();
+    store.append(1, &one, &[]).unwrap();
+    let expected = |above: u64| -> Vec<(u32, u64)> {
+        let mut found: Vec<&StoredRecord> = zero
+            .iter()
+            .filter(|r| r.seq > above)
+            .chain(&one)
+            .filter(|r| r.record.imprint == frequent)
+            .collect();
+        found.sort_by_key(|r| {
+            std::cmp::Reverse((
+                r.record.gen_time_ns,
+                std::cmp::Reverse(r.instance_id),
+                r.seq,
+            ))
+        });
+        found.iter().map(|r| (r.instance_id, r.seq)).collect()
+    };
+    assert_eq!(
+        expected(0)[..5],
+        [(0, 71), (1, 1), (0, 74), (0, 61), (1, 2)]
+    );
+    let look_up = |store: &mut PostgresStore, limit: usize| {
+        let found = store.records_by_imprint(&frequent, limit).unwrap();
+        assert!(found.records.iter().all(|r| r.record.imprint == frequent));
+        let at: Vec<(u32, u64)> = found
+            .records
+            .iter()
+            .map(|r| (r.instance_id, r.seq))
+            .collect();
+        (at, found.total)
+    };
+    assert_eq!(look_up(&mut store, 3), (expected(0)[..3].to_vec(), 53));
+    assert_eq!(look_up(&mut store, 0), (vec![], 53));
+    assert_eq!(look_up(&mut store, 100), (expected(0), 53));
+    let found = store.records_by_imprint(&frequent, 1).unwrap();
+    assert_eq!(found.records, [zero[70].clone()], "the whole record");
+    assert_eq!(store.records_by_imprint(&twin, 3).unwrap().total, 25);
+
+    // Instance 0 pruned up to position 10 (the first genTime at or after the cut is 11's).
+    store.add_checkpoint(&checkpoint_of(&zero[74])).unwrap();
+    let anchor = store.prune(0, gen_time_ns(11)).unwrap().expect("pruned");
+    assert_eq!(anchor.seq, 10);
+    let left = expected(10);
+    assert_eq!(left.len(), 46);
+    assert_eq!(look_up(&mut store, 3), (left[..3].to_vec(), 46));
+    assert_eq!(look_up(&mut store, 100), (left, 46));
 }
 
 #[test]

@@ -101,13 +101,17 @@ fn kill_9_rounds(layout: &str) {
     // Every record is found by its imprint: through the imprint index, which each kill
     // interrupted somewhere, and above its watermark through the archive itself.
     for r in &records {
-        let found = store.records_by_imprint(&r.record.imprint).unwrap();
+        let found = store.records_by_imprint(&r.record.imprint, 10).unwrap();
         assert!(
-            found.iter().any(|f| f.seq == r.seq && f.hash == r.hash),
+            found
+                .records
+                .iter()
+                .any(|f| f.seq == r.seq && f.hash == r.hash),
             "record {} is not found by its imprint",
             r.seq
         );
-        assert_eq!(found.len(), 1, "every request stamped other data");
+        assert_eq!(found.total, 1, "every request stamped other data");
+        assert_eq!(found.records.len(), 1);
     }
     // Each start indexes what the runs before archived, so the index holds most of them (the
     // token log keeps imprint files per closed segment instead: these runs fill only one).

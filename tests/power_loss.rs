@@ -118,9 +118,9 @@ fn power_cuts(layout: &str) {
     // finds every token, through its runs or above its watermark.
     let mut store = open_store(d);
     for got in received.iter().flatten() {
-        let found = store.records_by_imprint(&got.imprint).unwrap();
+        let found = store.records_by_imprint(&got.imprint, 10).unwrap();
         assert!(
-            found.iter().any(|r| r.record.serial == got.serial),
+            found.records.iter().any(|r| r.record.serial == got.serial),
             "a token is not found by its imprint"
         );
     }

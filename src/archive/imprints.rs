@@ -634,6 +634,8 @@ mod tests {
     use crate::archive::store::ArchiveStore;
 
     const INSTANCE: u32 = 3;
+    /// The genTime of the records' position 0.
+    const GEN_TIME_NS: u64 = 1_800_000_000_000_000_000;
 
     /// An archive in a temporary directory and the head of its chain.
     struct Archive {
@@ -661,13 +663,22 @@ mod tests {
 
         /// Appends records with these imprints; returns their positions.
         fn append(&mut self, imprints: &[[u8; 32]]) -> Vec<u64> {
+            self.append_with(imprints, |seq| GEN_TIME_NS + seq)
+        }
+
+        /// [`Archive::append`], each record's genTime `gen_time_ns(position)`.
+        fn append_with(
+            &mut self,
+            imprints: &[[u8; 32]],
+            gen_time_ns: impl Fn(u64) -> u64,
+        ) -> Vec<u64> {
             let records: Vec<StoredRecord> = imprints
                 .iter()
                 .map(|imprint| {
                     let seq = self.head.0 + 1;
                     let record = TokenRecord {
                         serial: layout::encode(INSTANCE, seq, [1; 7]).to_vec(),
-                        gen_time_ns: 1_800_000_000_000_000_000 + seq,
+                        gen_time_ns: gen_time_ns(seq),
                         accuracy_ns: 1_000_000,
                         imprint_alg: "2.16.840.1.101.3.4.2.1".into(),
                         imprint: imprint.to_vec(),
@@ -714,8 +725,9 @@ mod tests {
         fn found(&mut self, imprint: &[u8; 32]) -> Vec<u64> {
             let mut seqs: Vec<u64> = self
                 .store
-                .records_by_imprint(imprint)
+                .records_by_imprint(imprint, usize::MAX)
                 .unwrap()
+                .records
                 .iter()
                 .map(|r| r.seq)
                 .collect();
@@ -782,8 +794,9 @@ mod tests {
         assert_eq!(a.found(&twice), vec![first[1], later[0]]);
         assert!(a.found(&imprint(99)).is_empty());
         // Latest genTime first.
-        let records = a.store.records_by_imprint(&twice).unwrap();
-        assert_eq!(records[0].seq, later[0]);
+        let found = a.store.records_by_imprint(&twice, 10).unwrap();
+        assert_eq!(found.total, 2);
+        assert_eq!(found.records[0].seq, later[0]);
         catch_up(&mut index, &a, 100);
         assert_eq!(a.found(&twice), vec![first[1], later[0]]);
         assert_eq!(a.found(&imprint(3)), vec![later[1]]);
@@ -911,6 +924,75 @@ mod tests {
         assert_eq!(a.found(&other), vec![seqs[1]]);
     }
 
+    /// One imprint stamped 50 times among imprints that share its first 8 octets, its
+    /// records partly indexed and partly above the watermark, genTimes out of position order
+    /// in places: a look-up answers the newest `limit` in order and counts every match, the
+    /// pruned ones and the look-alikes not.
+    #[test]
+    fn a_frequent_imprint_gives_its_newest_records_and_counts_them_all() {
+        let mut a = Archive::new();
+        let frequent = [0x42; 32];
+        let mut twin = frequent;
+        twin[31] = 0;
+        // Every third record the look-alike; every tenth from the second on has the genTime
+        // of 13 positions further on (74 for 61: a tie with 74, the later position first).
+        let imprints: Vec<[u8; 32]> = (1..=75u64)
+            .map(|seq| if seq % 3 == 0 { twin } else { frequent })
+            .collect();
+        let gen_time_ns = |seq: u64| match seq % 10 {
+            1 => GEN_TIME_NS + 1_000 * (seq + 13),
+            _ => GEN_TIME_NS + 1_000 * seq,
+        };
+        a.append_with(&imprints, gen_time_ns);
+        let mut index = a.index();
+        index.catch_up(a.store.connection(), 40).unwrap();
+        assert_eq!(
+            index.lookup(&frequent).unwrap().watermarks.get(&INSTANCE),
+            Some(&40)
+        );
+        // The records with the frequent imprint as the look-up orders them.
+        let expected = |above: u64| -> Vec<u64> {
+            let mut seqs: Vec<u64> = (above + 1..=75).filter(|seq| seq % 3 != 0).collect();
+            seqs.sort_by_key(|&seq| std::cmp::Reverse((gen_time_ns(seq), seq)));
+            seqs
+        };
+        assert_eq!(expected(0)[..3], [71, 74, 61]);
+        let look_up = |a: &mut Archive, limit: usize| {
+            let found = a.store.records_by_imprint(&frequent, limit).unwrap();
+            let seqs: Vec<u64> = found.records.iter().map(|r| r.seq).collect();
+            assert!(found.records.iter().all(|r| r.record.imprint == frequent));
+            (seqs, found.total)
+        };
+        assert_eq!(look_up(&mut a, 3), (expected(0)[..3].to_vec(), 50));
+        assert_eq!(look_up(&mut a, 1), (vec![71], 50));
+        assert_eq!(look_up(&mut a, 0), (vec![], 50), "counted, none read");
+        assert_eq!(look_up(&mut a, 100), (expected(0), 50));
+        assert_eq!(
+            a.store.records_by_imprint(&twin, 3).unwrap().total,
+            25,
+            "the look-alike is told apart"
+        );
+
+        // Pruned up to position 10 (the first genTime at or after the cut is position 11's);
+        // the run of the index still lists the pruned positions, which no longer count.
+        a.sign_head();
+        let anchor = a
+            .store
+            .prune(INSTANCE, gen_time_ns(11))
+            .unwrap()
+            .expect("records pruned");
+        assert_eq!(anchor.seq, 10);
+        assert!(index
+            .lookup(&frequent)
+            .unwrap()
+            .positions
+            .contains(&(INSTANCE, 1)));
+        let left = expected(10);
+        assert_eq!(left.len(), 43);
+        assert_eq!(look_up(&mut a, 3), (left[..3].to_vec(), 43));
+        assert_eq!(look_up(&mut a, 100), (left, 43));
+    }
+
     #[test]
     fn pruned_records_leave_the_index() {
         let mut a = Archive::new();
@@ -923,7 +1005,7 @@ mod tests {
         a.sign_head();
         let anchor = a
             .store
-            .prune(INSTANCE, 1_800_000_000_000_000_000 + seqs[3])
+            .prune(INSTANCE, GEN_TIME_NS + seqs[3])
             .unwrap()
             .unwrap();
         assert_eq!(anchor.seq, seqs[2]);
@@ -943,9 +1025,7 @@ mod tests {
         let mut b = Archive::new();
         let seqs = b.append(&[imprint(1), imprint(2), imprint(3)]);
         b.sign_head();
-        b.store
-            .prune(INSTANCE, 1_800_000_000_000_000_000 + seqs[2])
-            .unwrap();
+        b.store.prune(INSTANCE, GEN_TIME_NS + seqs[2]).unwrap();
         let mut index = b.index();
         catch_up(&mut index, &b, 100);
         assert!(!index.check(b.store.connection()).unwrap());

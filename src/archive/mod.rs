@@ -64,7 +64,7 @@ pub struct CheckpointSigner {
 pub enum Lookup {
     /// A DER `TimeStampResp`, and how many tokens matched (an imprint may have several; the
     /// one with the latest genTime is returned).
-    Found(Vec<u8>, usize),
+    Found(Vec<u8>, u64),
     NotFound,
     BadRequest(String),
     Failed(String),
@@ -523,18 +523,19 @@ impl Archive {
             return Lookup::BadRequest(format!("'{value}' is not hex"));
         };
         let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        let found: Result<Vec<StoredRecord>, _> = match kind {
+        let found = match kind {
             "serial" => reader
                 .record_by_serial(&normalize_serial(&bytes))
-                .map(|r| r.into_iter().collect()),
-            "imprint" => reader.records_by_imprint(&bytes),
+                .map(|r| (r, 1)),
+            // The newest alone is answered; the others are only counted.
+            "imprint" => reader
+                .records_by_imprint(&bytes, 1)
+                .map(|m| (m.records.into_iter().next(), m.total)),
             _ => return Lookup::NotFound,
         };
         match found {
-            Ok(records) => match records.first() {
-                Some(r) => Lookup::Found(r.response(), records.len()),
-                None => Lookup::NotFound,
-            },
+            Ok((Some(r), matches)) => Lookup::Found(r.response(), matches),
+            Ok((None, _)) => Lookup::NotFound,
             Err(e) => Lookup::Failed(e.to_string()),
         }
     }

@@ -13,8 +13,8 @@ use super::record::{
 };
 use super::serial::layout;
 use super::store::{
-    latest_first, schema, ArchiveStore, CertificateSets, InstanceState, StoreError, Visit,
-    RECORD_COLUMNS, SCHEMA_VERSION,
+    schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState, Newest, Rank, StoreError,
+    Visit, RECORD_COLUMNS, SCHEMA_VERSION,
 };
 
 pub struct SqliteStore {
@@ -691,9 +691,15 @@ impl ArchiveStore for SqliteStore {
 
     /// The positions the imprint index ([`super::imprints`]) holds, then the records it has
     /// not reached yet, read from `tokens` above each instance's watermark (all of them when
-    /// there is no index, or it cannot be read).
-    fn records_by_imprint(&mut self, imprint: &[u8]) -> Result<Vec<StoredRecord>, StoreError> {
-        let found = match self.imprint_lookup(imprint) {
+    /// there is no index, or it cannot be read), in one read transaction. The matches are
+    /// counted and ranked by their genTimes, their tokens left on disk; then the newest `limit`
+    /// are read whole.
+    fn records_by_imprint(
+        &mut self,
+        imprint: &[u8],
+        limit: usize,
+    ) -> Result<ImprintMatches, StoreError> {
+        let mut found = match self.imprint_lookup(imprint) {
             Ok(found) => found,
             Err(e) => {
                 // Opened again at the next look-up.
@@ -706,39 +712,68 @@ impl ArchiveStore for SqliteStore {
                 Found::default()
             }
         };
-        let mut all = Vec::new();
-        let mut collect = |r: StoredRecord| {
-            all.push(r);
-            Ok(true)
-        };
-        for (instance_id, seq) in &found.positions {
-            self.query_records(
-                &format!(
-                    "SELECT {RECORD_COLUMNS} FROM tokens \
-                     WHERE instance_id = ?1 AND seq = ?2 AND imprint = ?3"
-                ),
-                params![instance_id, seq, imprint],
-                &mut collect,
-            )?;
-        }
-        let instances: Vec<u32> = self
-            .conn
+        // Each record counts once, however the index lists it.
+        found.positions.sort_unstable();
+        found.positions.dedup();
+        let mark = |instance_id: u32| found.watermarks.get(&instance_id).copied().unwrap_or(0);
+        let tx = self.conn.unchecked_transaction()?;
+        let instances: Vec<u32> = tx
             .prepare("SELECT instance_id FROM instances")?
             .query_map([], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
-        for instance_id in instances {
-            let mark = found.watermarks.get(&instance_id).copied().unwrap_or(0);
-            self.query_records(
-                &format!(
-                    "SELECT {RECORD_COLUMNS} FROM tokens \
-                     WHERE instance_id = ?1 AND seq > ?2 AND imprint = ?3"
-                ),
-                params![instance_id, mark, imprint],
-                &mut collect,
+        let mut newest = Newest::new(limit);
+        {
+            let mut indexed = tx.prepare(
+                "SELECT gen_time_ns FROM tokens WHERE instance_id = ?1 AND seq = ?2 \
+                 AND imprint = ?3",
             )?;
+            for &(instance_id, seq) in &found.positions {
+                // One above its watermark is among those read next.
+                if seq > mark(instance_id) && instances.contains(&instance_id) {
+                    continue;
+                }
+                let gen_time_ns: Option<u64> = indexed
+                    .query_row(params![instance_id, seq, imprint], |r| r.get(0))
+                    .optional()?;
+                if let Some(gen_time_ns) = gen_time_ns {
+                    newest.offer(Rank::new(gen_time_ns, instance_id, seq), (instance_id, seq));
+                }
+            }
+            let mut above = tx.prepare(
+                "SELECT seq, gen_time_ns FROM tokens WHERE instance_id = ?1 AND seq > ?2 \
+                 AND imprint = ?3",
+            )?;
+            for &instance_id in &instances {
+                let mut rows = above.query(params![instance_id, mark(instance_id), imprint])?;
+                while let Some(row) = rows.next()? {
+                    let (seq, gen_time_ns) = (row.get(0)?, row.get(1)?);
+                    newest.offer(Rank::new(gen_time_ns, instance_id, seq), (instance_id, seq));
+                }
+            }
         }
-        latest_first(&mut all);
-        Ok(all)
+        let (kept, total) = newest.finish();
+        let mut records = Vec::with_capacity(kept.len());
+        for (instance_id, seq) in kept {
+            let stored = tx
+                .query_row(
+                    &format!(
+                        "SELECT {RECORD_COLUMNS} FROM tokens WHERE instance_id = ?1 AND seq = ?2"
+                    ),
+                    params![instance_id, seq],
+                    read_record,
+                )
+                .optional()?;
+            if let Some((record, certificates)) = stored {
+                records.push(expand(
+                    &tx,
+                    &mut self.certificate_sets,
+                    record,
+                    certificates,
+                )?);
+            }
+        }
+        tx.commit()?;
+        Ok(ImprintMatches { records, total })
     }
 
     fn for_each_record(

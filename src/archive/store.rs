@@ -8,7 +8,9 @@
 //! once what it wrote is durable (committed with the write-ahead log synced).
 
 use std::borrow::Cow;
+use std::cmp::Reverse;
 use std::collections::hash_map::{Entry, HashMap};
+use std::collections::BinaryHeap;
 
 use super::record::{
     join_certificates, sha256, split_certificates, Anchor, ChainHead, Checkpoint, EventRecord,
@@ -78,17 +80,103 @@ impl InstanceState {
     }
 }
 
-/// Puts the records a look-up by imprint found in the order it answers them: the latest
-/// genTime first (then by instance, and the later position first), each record once.
-pub fn latest_first(records: &mut Vec<StoredRecord>) {
-    records.sort_by(|a, b| {
-        (b.record.gen_time_ns, a.instance_id, b.seq).cmp(&(
-            a.record.gen_time_ns,
-            b.instance_id,
-            a.seq,
-        ))
-    });
-    records.dedup_by_key(|r| (r.instance_id, r.seq));
+/// What a look-up by imprint found: the newest matching records, as many as were asked for
+/// at most, and how many match in all. An imprint may have been stamped millions of times
+/// (the hash of an empty file), so a look-up never holds every match.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ImprintMatches {
+    /// In the order of [`Rank`]: the latest genTime first.
+    pub records: Vec<StoredRecord>,
+    /// Every record with the imprint, those not in `records` too.
+    pub total: u64,
+}
+
+/// Where a record stands in the order look-ups by imprint answer in: the greater first,
+/// that is the later genTime, then the lower instance, then the later position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rank {
+    gen_time_ns: u64,
+    instance_id: Reverse<u32>,
+    seq: u64,
+}
+
+impl Rank {
+    pub fn new(gen_time_ns: u64, instance_id: u32, seq: u64) -> Self {
+        Self {
+            gen_time_ns,
+            instance_id: Reverse(instance_id),
+            seq,
+        }
+    }
+
+    pub fn of(record: &StoredRecord) -> Self {
+        Self::new(record.record.gen_time_ns, record.instance_id, record.seq)
+    }
+}
+
+/// The `limit` greatest [`Rank`]s of the matches a store goes through one at a time, each
+/// with what the store needs of it, and how many it went through: a store that cannot order
+/// and count its matches in a query holds no more than `limit` of them at once.
+pub struct Newest<T> {
+    limit: usize,
+    /// The oldest kept on top: it goes when a newer one comes and there is no room.
+    kept: BinaryHeap<Reverse<Ranked<T>>>,
+    total: u64,
+}
+
+/// An item ordered by its rank alone.
+struct Ranked<T>(Rank, T);
+
+impl<T> PartialEq for Ranked<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl<T> Eq for Ranked<T> {}
+
+impl<T> PartialOrd for Ranked<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<T> Ord for Ranked<T> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
+
+impl<T> Newest<T> {
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            kept: BinaryHeap::new(),
+            total: 0,
+        }
+    }
+
+    /// Counts a match, and keeps `item` while `rank` is among the `limit` greatest so far.
+    pub fn offer(&mut self, rank: Rank, item: T) {
+        self.total += 1;
+        if self.kept.len() < self.limit {
+            self.kept.push(Reverse(Ranked(rank, item)));
+        } else if self.kept.peek().is_some_and(|oldest| rank > oldest.0 .0) {
+            self.kept.pop();
+            self.kept.push(Reverse(Ranked(rank, item)));
+        }
+    }
+
+    /// The items kept, the greatest rank first, and how many matches were offered.
+    pub fn finish(self) -> (Vec<T>, u64) {
+        let items = self
+            .kept
+            .into_sorted_vec()
+            .into_iter()
+            .map(|Reverse(Ranked(_, item))| item)
+            .collect();
+        (items, self.total)
+    }
 }
 
 /// A visitor over records; returns `false` to stop.
@@ -130,8 +218,14 @@ pub trait ArchiveStore: Send {
 
     fn record_by_serial(&mut self, serial: &[u8]) -> Result<Option<StoredRecord>, StoreError>;
 
-    /// Records whose imprint is `imprint` (any algorithm), the latest genTime first.
-    fn records_by_imprint(&mut self, imprint: &[u8]) -> Result<Vec<StoredRecord>, StoreError>;
+    /// The records whose imprint is `imprint` (any algorithm): the `limit` with the latest
+    /// genTimes, in the order of [`Rank`], and how many there are in all. However many match,
+    /// the store holds at most `limit` tokens at once (counting reads none, or one at a time).
+    fn records_by_imprint(
+        &mut self,
+        imprint: &[u8],
+        limit: usize,
+    ) -> Result<ImprintMatches, StoreError>;
 
     /// The instance's records in chain order, from position `from_seq` on.
     fn for_each_record(
@@ -329,6 +423,39 @@ mod tests {
             .unwrap();
         }
         assert_eq!(writes, 2, "the rolled-back set must not count as stored");
+    }
+
+    #[test]
+    fn the_newest_are_kept_in_order_whatever_order_they_come_in() {
+        // (genTime, instance, position), as look-ups answer them: the later genTime first,
+        // then the lower instance, then the later position.
+        let ordered = [
+            (7, 1, 4),
+            (7, 1, 3),
+            (7, 2, 1),
+            (6, 0, 100),
+            (5, 1, 9),
+            (1, 0, 1),
+        ];
+        let mut orders = vec![ordered.to_vec(), ordered.iter().rev().copied().collect()];
+        for shift in 1..ordered.len() {
+            let mut turned = ordered.to_vec();
+            turned.rotate_left(shift);
+            orders.push(turned);
+        }
+        for order in orders {
+            for limit in [0, 1, 3, 6, 10] {
+                let mut newest = Newest::new(limit);
+                for &(gen_time_ns, instance_id, seq) in &order {
+                    newest.offer(
+                        Rank::new(gen_time_ns, instance_id, seq),
+                        (gen_time_ns, instance_id, seq),
+                    );
+                }
+                let kept = &ordered[..limit.min(ordered.len())];
+                assert_eq!(newest.finish(), (kept.to_vec(), 6), "{order:?}, {limit}");
+            }
+        }
     }
 
     #[test]

@@ -44,9 +44,13 @@ pub enum ArchiveCommand {
         /// The serial in hex (as `tsa inspect` prints it).
         #[arg(long, required_unless_present = "imprint", conflicts_with = "imprint")]
         serial: Option<String>,
-        /// The hashed message in hex: the latest token with this imprint.
+        /// The hashed message in hex: the tokens with this imprint, the latest first.
         #[arg(long)]
         imprint: Option<String>,
+        /// With --imprint, how many tokens to print at most (the latest ones; the others are
+        /// counted). An imprint may have been stamped millions of times.
+        #[arg(long, default_value_t = 100, requires = "imprint")]
+        limit: usize,
         /// Write the granted TimeStampResp (DER, `.tsr`) here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -103,12 +107,14 @@ pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
         ArchiveCommand::Get {
             serial,
             imprint,
+            limit,
             out,
             token,
         } => get(
             &config,
             serial.as_deref(),
             imprint.as_deref(),
+            *limit,
             out.as_deref(),
             *token,
         ),
@@ -232,24 +238,29 @@ fn describe(r: &StoredRecord) -> String {
     )
 }
 
+/// Prints what the archive holds of the token with `serial`, or of the latest `limit` tokens
+/// with `imprint` (and how many more there are), and writes the latest to `out`.
 fn get(
     config: &Config,
     serial: Option<&str>,
     imprint: Option<&str>,
+    limit: usize,
     out: Option<&Path>,
     bare_token: bool,
 ) -> anyhow::Result<()> {
     let mut store = archive::open_read_only(&config.archive)?;
-    let records = match (serial, imprint) {
+    let (records, total) = match (serial, imprint) {
         (Some(serial), _) => {
             let bytes = decode_hex(serial).context("--serial is not hex")?;
-            store
-                .record_by_serial(&normalize_serial(&bytes))?
-                .into_iter()
-                .collect::<Vec<_>>()
+            let found = store.record_by_serial(&normalize_serial(&bytes))?;
+            let total = u64::from(found.is_some());
+            (found.into_iter().collect::<Vec<_>>(), total)
         }
         (None, Some(imprint)) => {
-            store.records_by_imprint(&decode_hex(imprint).context("--imprint is not hex")?)?
+            let imprint = decode_hex(imprint).context("--imprint is not hex")?;
+            // The latest one at least, for --out, even when none is printed.
+            let found = store.records_by_imprint(&imprint, limit.max(1))?;
+            (found.records, found.total)
         }
         (None, None) => bail!("give --serial or --imprint"),
     };
@@ -257,11 +268,23 @@ fn get(
         bail!("no such token in the archive");
     };
     let mut stdout = std::io::stdout().lock();
-    for (i, r) in records.iter().enumerate() {
+    let shown = records.len().min(limit);
+    for (i, r) in records[..shown].iter().enumerate() {
         if i > 0 {
             writeln!(stdout)?;
         }
         write!(stdout, "{}", describe(r))?;
+    }
+    let hidden = total.saturating_sub(shown as u64);
+    if hidden > 0 {
+        if shown > 0 {
+            writeln!(stdout)?;
+        }
+        writeln!(
+            stdout,
+            "{hidden} of the {total} tokens with this imprint not shown (--limit N prints the \
+             latest N)"
+        )?;
     }
     if let Some(out) = out {
         let der = if bare_token {

@@ -193,6 +193,17 @@ impl Conn {
         path: &str,
         body: &[u8],
     ) -> std::io::Result<(u16, Vec<u8>)> {
+        let (status, _, body) = self.exchange(method, path, body)?;
+        Ok((status, body))
+    }
+
+    /// [`Conn::request`] with the response's head (status line and header fields) too.
+    pub fn exchange(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> std::io::Result<(u16, String, Vec<u8>)> {
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
              Content-Type: application/timestamp-query\r\nContent-Length: {}\r\n\r\n",
@@ -225,7 +236,7 @@ impl Conn {
         }
         let body = self.buf[start..start + len].to_vec();
         self.buf.drain(..start + len);
-        Ok((status, body))
+        Ok((status, head, body))
     }
 
     fn fill(&mut self) -> std::io::Result<()> {
@@ -243,6 +254,20 @@ impl Conn {
 /// GET on the admin listener (a connection of its own).
 pub fn get(addr: &str, path: &str) -> (u16, Vec<u8>) {
     Conn::open(addr).unwrap().request("GET", path, b"").unwrap()
+}
+
+/// [`get`], with the value of the response's header field `name` (the first one), if any.
+pub fn get_with_header(addr: &str, path: &str, name: &str) -> (u16, Option<String>, Vec<u8>) {
+    let (status, head, body) = Conn::open(addr)
+        .unwrap()
+        .exchange("GET", path, b"")
+        .unwrap();
+    let value = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim().to_string());
+    (status, value, body)
 }
 
 /// A token a client received.

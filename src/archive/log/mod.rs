@@ -26,7 +26,7 @@ use self::segments::{dir_for, instance_dir, read_at, scan, Entry, Frames, Segmen
 use super::record::{Anchor, ChainHead, Checkpoint, EventRecord, StoredRecord};
 use super::serial::layout;
 use super::sqlite::SqliteStore;
-use super::store::{latest_first, ArchiveStore, InstanceState, StoreError, Visit};
+use super::store::{ArchiveStore, ImprintMatches, InstanceState, Newest, Rank, StoreError, Visit};
 
 impl From<io::Error> for StoreError {
     fn from(e: io::Error) -> Self {
@@ -466,39 +466,50 @@ impl ArchiveStore for LogStore {
     }
 
     /// Each closed segment's imprint file (a binary search), and the index entries of the open
-    /// one (and of any segment without its file).
-    fn records_by_imprint(&mut self, imprint: &[u8]) -> Result<Vec<StoredRecord>, StoreError> {
+    /// one (and of any segment without its file). Both hold only the imprint's first 8 octets,
+    /// so each candidate above the anchor is read to compare the whole imprint, one at a time:
+    /// only the newest `limit` are kept. A position counts in the segment whose range holds it
+    /// (below the next segment's first position), so no record counts twice.
+    fn records_by_imprint(
+        &mut self,
+        imprint: &[u8],
+        limit: usize,
+    ) -> Result<ImprintMatches, StoreError> {
         let anchors = self.db.anchor_positions()?;
-        let mut all = Vec::new();
+        let mut newest = Newest::new(limit);
+        let mut offer = |r: StoredRecord| {
+            if r.record.imprint == imprint {
+                newest.offer(Rank::of(&r), r);
+            }
+        };
+        let key = segments::imprint_key(imprint);
         for instance_id in self.instances()? {
             let anchor = anchors.get(&instance_id).copied().unwrap_or(0);
-            for segment in self.log.segments(instance_id)? {
-                if let Some(positions) = segments::positions_by_imprint(&segment, imprint)? {
-                    for seq in positions.into_iter().filter(|&seq| seq > anchor) {
-                        if let Some(r) = LogReader::record_in(&segment, seq)? {
-                            if r.record.imprint == imprint {
-                                all.push(r);
-                            }
+            let all = self.log.segments(instance_id)?;
+            for (i, segment) in all.iter().enumerate() {
+                let end = all.get(i + 1).map_or(u64::MAX, |next| next.first_seq);
+                let counts = |seq: u64| seq > anchor && seq < end;
+                if let Some(positions) = segments::positions_by_imprint(segment, imprint)? {
+                    for seq in positions.into_iter().filter(|&seq| counts(seq)) {
+                        if let Some(r) = LogReader::record_in(segment, seq)? {
+                            offer(r);
                         }
                     }
                     continue;
                 }
                 // The open segment: its index entries carry the key.
-                let key = segments::imprint_key(imprint);
                 let file = File::open(&segment.path)?;
-                for e in scan(&segment)?.entries {
-                    if e.imprint_key == key && e.seq > anchor {
+                for e in scan(segment)?.entries {
+                    if e.imprint_key == key && counts(e.seq) {
                         if let Some((r, _)) = read_at(&file, e.offset)? {
-                            if r.record.imprint == imprint {
-                                all.push(r);
-                            }
+                            offer(r);
                         }
                     }
                 }
             }
         }
-        latest_first(&mut all);
-        Ok(all)
+        let (records, total) = newest.finish();
+        Ok(ImprintMatches { records, total })
     }
 
     fn for_each_record(

@@ -6,7 +6,7 @@ use super::appender::Appender;
 use super::segments::{self, dir_for, instance_dir, Segment};
 use super::*;
 use crate::archive::record::tests_support::sample;
-use crate::archive::record::{ChainHead, EventRecord, ZERO_HASH};
+use crate::archive::record::{Anchor, ChainHead, EventRecord, TokenRecord, ZERO_HASH};
 use crate::archive::sqlite::{Layout, SqliteStore};
 
 /// Small segments, so that a few records span several.
@@ -40,6 +40,15 @@ impl Log {
 
     /// `n` new records after the head, counters 10 × position (genTimes rising the same way).
     fn chain(&mut self, n: usize) -> Vec<StoredRecord> {
+        self.chain_with(n, |_, _| {})
+    }
+
+    /// [`Log::chain`], each record changed by `adjust(position, record)` before it is chained.
+    fn chain_with(
+        &mut self,
+        n: usize,
+        mut adjust: impl FnMut(u64, &mut TokenRecord),
+    ) -> Vec<StoredRecord> {
         (0..n)
             .map(|_| {
                 let seq = self.head.seq + 1;
@@ -48,6 +57,7 @@ impl Log {
                 r.gen_time_ns += seq * self.gen_step_ns;
                 r.imprint = vec![seq as u8; 32];
                 r.token[0] = seq as u8;
+                adjust(seq, &mut r);
                 let stored = StoredRecord::chain(0, seq, 10 * seq, r, self.head.hash);
                 self.head = ChainHead {
                     seq,
@@ -100,13 +110,14 @@ fn frames_end(segment: &Segment) -> u64 {
 /// Every one of `records` is found by its imprint, alone (the imprints are distinct).
 fn each_found_by_its_imprint(store: &mut LogStore, records: &[StoredRecord]) {
     for r in records {
-        let found = store.records_by_imprint(&r.record.imprint).unwrap();
+        let found = store.records_by_imprint(&r.record.imprint, 10).unwrap();
         assert_eq!(
-            found.as_slice(),
+            found.records.as_slice(),
             std::slice::from_ref(r),
             "record {}",
             r.seq
         );
+        assert_eq!(found.total, 1, "record {}", r.seq);
     }
 }
 
@@ -415,8 +426,9 @@ fn the_store_appends_finds_and_prunes_through_the_archive_trait() {
         None,
         "random octets differ"
     );
-    let found = reader.records_by_imprint(&r.record.imprint).unwrap();
-    assert_eq!(found.as_slice(), std::slice::from_ref(r));
+    let found = reader.records_by_imprint(&r.record.imprint, 10).unwrap();
+    assert_eq!(found.records.as_slice(), std::slice::from_ref(r));
+    assert_eq!(found.total, 1);
 
     // Pruning takes whole segments, never the one being written, anchor first; the CLI's
     // store, beside the writer, prunes without appending.
@@ -536,7 +548,10 @@ fn closed_segments_get_sorted_imprint_files_that_look_ups_search() {
     );
     let check = |store: &mut LogStore| {
         each_found_by_its_imprint(store, &log.records);
-        assert!(store.records_by_imprint(&[0x66; 32]).unwrap().is_empty());
+        assert_eq!(
+            store.records_by_imprint(&[0x66; 32], 10).unwrap(),
+            ImprintMatches::default()
+        );
     };
     check(&mut store);
 
@@ -549,6 +564,82 @@ fn closed_segments_get_sorted_imprint_files_that_look_ups_search() {
     store.instance(0).unwrap();
     assert!(closed[1].imprints_path().exists(), "written again at open");
     check(&mut store);
+}
+
+/// One imprint stamped 50 times over many segments (closed ones with their imprint files,
+/// one without, the open one), among records whose imprints share its key (first 8 octets),
+/// with genTimes out of position order in places: a look-up answers the newest `limit` in
+/// order and counts every match; the look-alikes, and records at or below the anchor (left
+/// by a pruning cut short before their segments went), do not count.
+#[test]
+fn a_frequent_imprint_gives_its_newest_records_and_counts_them_all() {
+    let mut log = Log::new();
+    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
+    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    let frequent = vec![0x42; 32];
+    let mut twin = frequent.clone();
+    twin[31] = 0;
+    // Every third record the look-alike; every tenth from the second on has the genTime of 13
+    // positions further on (74 for 61: a tie with 74, the later position first).
+    let step = log.gen_step_ns;
+    let base = sample(700).gen_time_ns;
+    let gen_time_ns = |seq: u64| match seq % 10 {
+        1 => base + step * (seq + 13),
+        _ => base + step * seq,
+    };
+    for _ in 0..25 {
+        let records = log.chain_with(3, |seq, r| {
+            r.imprint = (if seq % 3 == 0 { &twin } else { &frequent }).clone();
+            r.gen_time_ns = gen_time_ns(seq);
+        });
+        store.append(0, &records, &[]).unwrap();
+    }
+    let all = segment_files(&log.dir());
+    assert!(all.len() > 10, "{} segments", all.len());
+    fs::remove_file(all[3].imprints_path()).unwrap();
+
+    // The records with the frequent imprint as the look-up orders them.
+    let expected = |above: u64| -> Vec<StoredRecord> {
+        let mut found: Vec<StoredRecord> = log
+            .records
+            .iter()
+            .filter(|r| r.seq > above && r.record.imprint == frequent)
+            .cloned()
+            .collect();
+        found.sort_by_key(|r| std::cmp::Reverse((r.record.gen_time_ns, r.seq)));
+        found
+    };
+    let seqs: Vec<u64> = expected(0)[..3].iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [71, 74, 61]);
+    let look_up = |store: &mut LogStore, limit: usize| {
+        let found = store.records_by_imprint(&frequent, limit).unwrap();
+        (found.records, found.total)
+    };
+    assert_eq!(look_up(&mut store, 3), (expected(0)[..3].to_vec(), 50));
+    assert_eq!(look_up(&mut store, 0), (vec![], 50), "counted, none kept");
+    assert_eq!(look_up(&mut store, 100), (expected(0), 50));
+    assert_eq!(store.records_by_imprint(&twin, 3).unwrap().total, 25);
+
+    // The anchor stored, the segments before it not removed yet: readers pass over them.
+    let at = &log.records[39];
+    store
+        .db
+        .set_anchor(&Anchor {
+            instance_id: 0,
+            seq: at.seq,
+            hash: at.hash,
+            max_counter: at.counter,
+            max_gen_time_ns: gen_time_ns(31),
+            pruned_at_ns: 1,
+        })
+        .unwrap();
+    let left = expected(40);
+    assert_eq!(left.len(), 23);
+    let mut reader = LogStore::open_read_only(SqliteStore::open_read_only(&log.database).unwrap());
+    for store in [&mut store, &mut reader] {
+        assert_eq!(look_up(store, 3), (left[..3].to_vec(), 23));
+        assert_eq!(look_up(store, 100), (left.clone(), 23));
+    }
 }
 
 #[test]

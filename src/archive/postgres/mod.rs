@@ -28,8 +28,8 @@ use super::record::{
 };
 use super::serial::layout;
 use super::store::{
-    schema, ArchiveStore, CertificateSets, InstanceState, StoreError, Visit, IMPRINT_INDEX,
-    RECORD_COLUMNS, SCHEMA_VERSION,
+    schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState, StoreError, Visit,
+    IMPRINT_INDEX, RECORD_COLUMNS, SCHEMA_VERSION,
 };
 use crate::config::ArchiveConfig;
 
@@ -534,15 +534,44 @@ impl ArchiveStore for PostgresStore {
         Ok(found.into_iter().find(|r| r.record.serial == serial))
     }
 
-    fn records_by_imprint(&mut self, imprint: &[u8]) -> Result<Vec<StoredRecord>, StoreError> {
+    /// A count and the newest `limit` rows (a top-N sort: the server holds no more either),
+    /// from one snapshot.
+    fn records_by_imprint(
+        &mut self,
+        imprint: &[u8],
+        limit: usize,
+    ) -> Result<ImprintMatches, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.run(move |s| {
-            s.records(
+            let mut tx = s
+                .client
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?;
+            let total: i64 = tx
+                .query_one(
+                    "SELECT COUNT(*) FROM tokens WHERE imprint = $1",
+                    &[&imprint],
+                )?
+                .try_get(0)?;
+            let rows = tx.query(
                 &format!(
                     "SELECT {RECORD_COLUMNS} FROM tokens WHERE imprint = $1 \
-                     ORDER BY gen_time_ns DESC, instance_id, seq DESC"
+                     ORDER BY gen_time_ns DESC, instance_id, seq DESC LIMIT $2"
                 ),
-                &[&imprint],
-            )
+                &[&imprint, &limit],
+            )?;
+            tx.commit()?;
+            let mut records = Vec::with_capacity(rows.len());
+            for row in rows {
+                let (record, certificates) = read_record(&row)?;
+                records.push(s.expand(record, certificates)?);
+            }
+            Ok(ImprintMatches {
+                records,
+                total: u(total),
+            })
         })
     }
 
