@@ -90,8 +90,8 @@ pub struct ArchiveConfig {
     pub postgres_ca: Vec<PathBuf>,
     /// PostgreSQL: a client certificate chain (PEM) for certificate authentication.
     pub postgres_client_certificate: Option<PathBuf>,
-    /// PostgreSQL: the client certificate's private key (PEM), mode 0600 or 0640 as libpq
-    /// demands of its own.
+    /// PostgreSQL: the client certificate's private key (PEM), mode 0600, or 0640 with the
+    /// service's group.
     pub postgres_client_key: Option<PathBuf>,
     /// PostgreSQL: allow `sslmode=require` without `postgres_ca`, which encrypts without
     /// authenticating the server.
@@ -168,6 +168,9 @@ pub struct ServerConfig {
     /// (at least 1) too. An IPv4-mapped IPv6 address counts as its IPv4 address, and any other
     /// IPv6 address as its /64 (one subnet, which one host or home usually owns whole). So one
     /// client cannot take every place with idle or slow connections and lock the others out.
+    /// A client with many addresses is not held by it (a botnet; a host whose provider gives
+    /// it a /56 or /48 has 256 or 65,536 /64s, and two /64s can hold every batch place): limits
+    /// per source network belong to the firewall or balancer in front.
     /// 0 (the default): no limit. Behind a load balancer or reverse proxy every connection
     /// comes from the balancer's address, and any limit would refuse the balancer itself; set
     /// it where clients connect directly, well above what one client needs (it counts a whole

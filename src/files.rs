@@ -60,12 +60,19 @@ pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     sync_directory(dir)
 }
 
-/// Refuses a secret (a key, a PIN file) opened as `file` that users other than its owner and
-/// its group may read or write: the group may read it, for a service that runs in that group.
+/// Refuses a secret (a key, a PIN file) opened as `file` that users other than its owner may
+/// change, or users outside its group may read: the group may read it (mode 0640), for a
+/// service that runs in that group. The mode is the open file's, so the file read is the file
+/// checked.
 pub fn ensure_private(file: &File, what: &dyn std::fmt::Display) -> anyhow::Result<()> {
+    use anyhow::Context;
     use std::os::unix::fs::PermissionsExt;
-    let mode = file.metadata()?.permissions().mode();
-    if mode & 0o007 != 0 {
+    let mode = file
+        .metadata()
+        .with_context(|| format!("cannot read the mode of {what}"))?
+        .permissions()
+        .mode();
+    if mode & 0o037 != 0 {
         anyhow::bail!(
             "{what} is open to other users (mode {:04o}): chmod 600 it, or 640 with the \
              service's group",

@@ -1166,9 +1166,6 @@ fn restored_backups_and_lost_state_files_never_reuse_serials() {
     server.stop();
 }
 
-/// The imprint index is derived data: when it cannot be kept (here a directory stands where
-/// its database would be), the server still starts and archives, and look-ups by imprint
-/// read the archive itself.
 /// One document stamped more times than the CLI prints: the admin look-up answers the
 /// latest token and counts them all; `tsa archive get --imprint` prints the latest `--limit`
 /// and says how many more there are, and writes the latest with `--out`.
@@ -1259,6 +1256,9 @@ fn an_imprint_stamped_many_times(layout: &str) {
     );
 }
 
+/// The imprint index is derived data: when it cannot be kept (here a directory stands where
+/// its database would be), the server still starts and archives, and look-ups by imprint
+/// read the archive itself.
 #[test]
 fn without_its_imprint_index_the_archive_still_serves_and_finds_tokens() {
     // Rows: the imprint database is theirs (the log keeps imprint files per segment).

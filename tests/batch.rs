@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{curl_post, ok, openssl, run, Server, TSA};
+use common::{curl_post, ok, openssl, run, wait_until, Server, TSA};
 use tsa::alg::DigestAlgorithm;
 use tsa::client::read::Response;
 use tsa::client::verify::{verify, Expectation};
@@ -160,6 +160,14 @@ fn assert_distinct(stamps: &[(String, u64)]) {
 fn scrape(server: &Server) -> String {
     let out = ok(Command::new("curl").args(["-sS", &format!("{}/metrics", server.admin_url)]));
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// A gauge's value, as the server's metrics give it now.
+fn gauge(server: &Server, series: &str) -> f64 {
+    scrape(server)
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(f64::NAN, |v| v.parse().unwrap())
 }
 
 fn counter(metrics: &str, series: &str) -> u64 {
@@ -431,7 +439,10 @@ fn past_max_batches_in_flight_a_batch_gets_503_before_its_body_is_read() {
 
     // One batch upload held half-way takes the only place.
     let mut first = start_batch(&server, &body);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(
+        || gauge(&server, "tsa_batches_in_flight") == 1.0,
+        "the upload to take its place",
+    );
     assert_refused_at_once(&server, w, &body);
     // Single requests are not held back by it.
     let (status, _, reply) = post(&server, w, &items[0], QUERY);
@@ -450,7 +461,10 @@ fn past_max_batches_in_flight_a_batch_gets_503_before_its_body_is_read() {
 
     // A stalled upload holds its place until the read timeout ends it (408).
     let mut stalled = start_batch(&server, &body);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(
+        || gauge(&server, "tsa_batches_in_flight") == 1.0,
+        "the stalled upload to take its place",
+    );
     assert_refused_at_once(&server, w, &body);
     let reply = stalled.read_reply().expect("the stalled batch's refusal");
     assert_eq!(reply.status, 408);
@@ -490,7 +504,10 @@ fn an_address_with_half_the_batch_places_in_flight_gets_503_for_another() {
     // Two uploads from 127.0.0.1 held half-way: its two places of the four.
     let mut first = start_batch(&server, &body);
     let _second = start_batch(&server, &body);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(
+        || gauge(&server, "tsa_batches_in_flight") == 2.0,
+        "both uploads to take their places",
+    );
     assert_refused_at_once(&server, w, &body);
 
     // Another address's batch is answered: the places of all were not taken.

@@ -1,8 +1,11 @@
 //! Strict parsing and checking of a `TimeStampReq`.
 
 use const_oid::ObjectIdentifier;
-use der::asn1::IntRef;
-use der::Decode;
+use der::asn1::{IntRef, OctetStringRef};
+use der::{
+    AnyRef, Decode, DecodeValue, EncodeValue, FixedTag, Header, Length, Reader, Sequence, Tag,
+    Writer,
+};
 
 use super::asn1::{MessageImprint, TimeStampReq};
 use super::response::{FailInfo, Rejection};
@@ -42,58 +45,102 @@ pub struct Request<'a> {
 }
 
 /// The answer to a request that `der` refused for an OBJECT IDENTIFIER that DER allows but
-/// `const-oid` cannot hold: an arc over 2^32 − 1 (a UUID arc under 2.25 is 128 bits) or more
-/// than 39 octets. Such an OID is none this TSA knows, so the request gets the failInfo of an
-/// unknown one (`badAlg` for the imprint's algorithm, `unacceptedPolicy`,
-/// `unacceptedExtension`) rather than `badDataFormat`; `None` when no such OID is found, and
-/// the refusal stands. Read on this error path only, with the request's shape taken from the
-/// outside in: SEQUENCE { version, SEQUENCE { SEQUENCE { OID, … }, … }, [OID], …, [0] { … } }.
+/// `const-oid` cannot hold: an arc over 2^32 − 1 (a UUID arc under 2.25 is 128 bits), a second
+/// arc over 47 under 2 (2.999, the example arc), or more than 39 octets. Such an OID is none this TSA knows, so the
+/// request gets the failInfo of an unknown one (`badAlg` for the imprint's algorithm,
+/// `unacceptedPolicy`, `unacceptedExtension`) rather than `badDataFormat`. `None`, and the
+/// refusal stands, unless the request is a [`LenientRequest`] (a `TimeStampReq` in every
+/// other respect) with such an OID. Read on this error path only.
 fn unknown_oid(der: &[u8]) -> Option<Rejection> {
-    use der::{AnyRef, Tag};
-
-    fn elements(any: AnyRef<'_>) -> impl Iterator<Item = AnyRef<'_>> {
-        let mut reader = der::SliceReader::new(any.value()).ok();
-        std::iter::from_fn(move || {
-            let reader = reader.as_mut()?;
-            match der::Reader::is_finished(reader) {
-                true => None,
-                false => AnyRef::decode(reader).ok(),
-            }
-        })
-    }
-    let big = |oid: AnyRef<'_>| {
-        (der::Tagged::tag(&oid) == Tag::ObjectIdentifier
-            && well_formed_oid(oid.value())
-            && ObjectIdentifier::from_bytes(oid.value()).is_err())
-        .then(|| dotted(oid.value()))
+    let request = LenientRequest::from_der(der).ok()?;
+    let unknown = |oid: RawOid<'_>| {
+        (well_formed_oid(oid.0) && ObjectIdentifier::from_bytes(oid.0).is_err())
+            .then(|| dotted(oid.0))
     };
-
-    let request = AnyRef::from_der(der).ok()?;
-    let mut fields = elements(request).skip(1); // version
-    let imprint = fields.next()?;
-    let algorithm = elements(imprint).next()?;
-    if let Some(oid) = elements(algorithm).next().and_then(big) {
+    if let Some(oid) = unknown(request.message_imprint.hash_algorithm.oid) {
         return Some(Rejection::new(
             FailInfo::BadAlg,
             format!("unknown message imprint algorithm {oid}"),
         ));
     }
-    for field in fields {
-        if let Some(policy) = big(field) {
-            return Some(Rejection::new(
-                FailInfo::UnacceptedPolicy,
-                format!("policy {policy} is not offered by this TSA"),
-            ));
-        }
-        if der::Tagged::tag(&field) == super::tlv::context(0, true) {
-            let oid = elements(field).find_map(|e| elements(e).next().and_then(big))?;
-            return Some(Rejection::new(
-                FailInfo::UnacceptedExtension,
-                format!("request extensions are not supported ({oid})"),
-            ));
-        }
+    if let Some(policy) = request.req_policy.and_then(unknown) {
+        return Some(Rejection::new(
+            FailInfo::UnacceptedPolicy,
+            format!("policy {policy} is not offered by this TSA"),
+        ));
     }
-    None
+    let extension = request
+        .extensions?
+        .into_iter()
+        .find_map(|e| unknown(e.extn_id))?;
+    Some(Rejection::new(
+        FailInfo::UnacceptedExtension,
+        format!("request extensions are not supported ({extension})"),
+    ))
+}
+
+/// An OBJECT IDENTIFIER's content octets, undecoded.
+#[derive(Clone, Copy, Debug, Eq, PartialEq, PartialOrd, Ord)]
+struct RawOid<'a>(&'a [u8]);
+
+impl FixedTag for RawOid<'_> {
+    const TAG: Tag = Tag::ObjectIdentifier;
+}
+
+impl<'a> DecodeValue<'a> for RawOid<'a> {
+    type Error = der::Error;
+
+    fn decode_value<R: Reader<'a>>(reader: &mut R, header: Header) -> der::Result<Self> {
+        Ok(Self(reader.read_slice(header.length())?))
+    }
+}
+
+impl EncodeValue for RawOid<'_> {
+    fn value_len(&self) -> der::Result<Length> {
+        Length::try_from(self.0.len())
+    }
+
+    fn encode_value(&self, writer: &mut impl Writer) -> der::Result<()> {
+        writer.write(self.0)
+    }
+}
+
+/// `asn1::TimeStampReq` with its OIDs undecoded ([`unknown_oid`]): the same fields, tags and
+/// order, so that only a request whose one fault is an OID past `const-oid` decodes as this
+/// and not as that.
+#[derive(Sequence)]
+struct LenientRequest<'a> {
+    version: IntRef<'a>,
+    message_imprint: LenientImprint<'a>,
+    #[asn1(optional = "true")]
+    req_policy: Option<RawOid<'a>>,
+    #[asn1(optional = "true")]
+    nonce: Option<IntRef<'a>>,
+    #[asn1(default = "Default::default")]
+    cert_req: bool,
+    #[asn1(context_specific = "0", tag_mode = "IMPLICIT", optional = "true")]
+    extensions: Option<Vec<LenientExtension<'a>>>,
+}
+
+#[derive(Sequence)]
+struct LenientImprint<'a> {
+    hash_algorithm: LenientAlgorithm<'a>,
+    hashed_message: &'a OctetStringRef,
+}
+
+#[derive(Sequence)]
+struct LenientAlgorithm<'a> {
+    oid: RawOid<'a>,
+    #[asn1(optional = "true")]
+    parameters: Option<AnyRef<'a>>,
+}
+
+#[derive(Sequence)]
+struct LenientExtension<'a> {
+    extn_id: RawOid<'a>,
+    #[asn1(default = "Default::default")]
+    critical: bool,
+    extn_value: &'a OctetStringRef,
 }
 
 /// Whether `content` is an OBJECT IDENTIFIER's content in DER: base-128 arcs, each ended by
@@ -107,7 +154,9 @@ fn well_formed_oid(content: &[u8]) -> bool {
 }
 
 /// The dotted form of a well-formed OBJECT IDENTIFIER's content; an arc past 128 bits is
-/// written `…` (none exists in practice: UUIDs, the largest, have 128).
+/// written `…` (none exists in practice: UUIDs, the largest, have 128), and so is what
+/// follows the first [`DOTTED_MAX`] characters (the text goes back in the reply and the log,
+/// and a request of a few KiB can hold thousands of arcs).
 fn dotted(content: &[u8]) -> String {
     let mut arcs = Vec::new();
     let mut arc: Option<u128> = Some(0);
@@ -126,12 +175,25 @@ fn dotted(content: &[u8]) -> String {
         Some(first) if first < 80 => (first / 40, Some(first % 40)),
         first => (2, first.map(|f| f - 80)),
     };
-    std::iter::once(x.to_string())
+    let mut out = String::new();
+    let all = std::iter::once(x.to_string())
         .chain(std::iter::once(text(y)))
-        .chain(arcs.into_iter().skip(1).map(text))
-        .collect::<Vec<_>>()
-        .join(".")
+        .chain(arcs.into_iter().skip(1).map(text));
+    for (i, arc) in all.enumerate() {
+        if out.len() + arc.len() > DOTTED_MAX {
+            out.push_str(".…");
+            break;
+        }
+        if i > 0 {
+            out.push('.');
+        }
+        out.push_str(&arc);
+    }
+    out
 }
+
+/// The longest [`dotted`] text before it is cut short.
+const DOTTED_MAX: usize = 100;
 
 /// Parses a DER `TimeStampReq` and checks it against `rules`.
 ///
@@ -308,6 +370,9 @@ mod tests {
         let r = refused(&request(&uuid, None, None));
         assert_eq!(r.fail_info, FailInfo::BadAlg);
         assert!(r.reason.contains(&format!("2.25.{UUID}")), "{}", r.reason);
+        let r = refused(&request(&oid(&[2, 999, 3]), None, None));
+        assert_eq!(r.fail_info, FailInfo::BadAlg);
+        assert!(r.reason.contains("2.999.3"), "{}", r.reason);
 
         for (policy, dotted) in [
             (&uuid, format!("2.25.{UUID}")),
@@ -347,6 +412,25 @@ mod tests {
         let mut broken = request(&sha256, Some(&uuid), None);
         broken[1] += 1;
         assert_eq!(refused(&broken).fail_info, FailInfo::BadDataFormat);
+        // The request's shape is checked around the OID: a hashedMessage that is an INTEGER,
+        // or the policy after the nonce, is no TimeStampReq, whatever its OIDs.
+        let mut integer_imprint = request(&sha256, Some(&uuid), None);
+        let at = integer_imprint
+            .windows(2)
+            .position(|w| w == [0x04, 0x20])
+            .expect("the imprint's OCTET STRING");
+        integer_imprint[at] = 0x02;
+        assert_eq!(refused(&integer_imprint).fail_info, FailInfo::BadDataFormat);
+        let plain = request(&sha256, None, None);
+        assert!(plain[1] < 0x80, "a short outer length");
+        let (head, nonce) = plain[2..].split_at(plain.len() - 2 - 3);
+        let swapped = tlv(Tag::Sequence, &[head, nonce, &uuid]);
+        assert_eq!(
+            refused(&tlv(Tag::Sequence, &[head, &uuid, nonce])).fail_info,
+            FailInfo::UnacceptedPolicy,
+            "the same fields in their order"
+        );
+        assert_eq!(refused(&swapped).fail_info, FailInfo::BadDataFormat);
         assert!(!well_formed_oid(&[]));
         assert!(well_formed_oid(&[0x2a, 0x86, 0x48]));
         assert!(!well_formed_oid(&[0x2a, 0x80, 0x01]));
@@ -367,5 +451,12 @@ mod tests {
         }
         let too_big = [0x81; 20].into_iter().chain([0x01]).collect::<Vec<_>>();
         assert_eq!(dotted(&[&[0x2a][..], &too_big].concat()), "1.2.…");
+        // Thousands of arcs: the text stops after DOTTED_MAX characters.
+        let many = dotted(&[0x2a; 4000]);
+        assert!(many.starts_with("1.2.42.42."), "{many}");
+        assert!(
+            many.ends_with(".…") && many.len() <= DOTTED_MAX + ".…".len(),
+            "{many}"
+        );
     }
 }

@@ -236,7 +236,7 @@ pub(super) async fn run(
                 let tsa = tsa.clone();
                 let service = service_fn(move |req| {
                     let tsa = tsa.clone();
-                    async move { Ok::<_, Infallible>(admin_route(req, &tsa)) }
+                    async move { Ok::<_, Infallible>(admin_route(req, &tsa).await) }
                 });
                 let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
                 let served = graceful.watch(builder.serve_connection(io, service));
@@ -295,17 +295,26 @@ const DRAIN_BYTES: usize = 64 * 1024;
 /// buffer and the sending side shut (FIN). What the client sent is then read and discarded,
 /// briefly ([`DRAIN_TIME`], [`DRAIN_BYTES`]), before the socket is closed: a socket closed
 /// with unread data sends a reset, which would make the client drop the 503 unread.
+///
+/// Connections refused for their address's limit drain in a quarter of the places of their
+/// own, so that one address that floods cannot take the drain from clients refused because
+/// the server is full.
 fn refuse_connection(tsa: &Tsa, stream: tokio::net::TcpStream, limit: metrics::Overload) {
     static DRAINING: AtomicUsize = AtomicUsize::new(0);
+    static DRAINING_PER_ADDRESS: AtomicUsize = AtomicUsize::new(0);
+    let (draining, max) = match limit {
+        metrics::Overload::ConnectionsPerAddress => (&DRAINING_PER_ADDRESS, MAX_DRAINING / 4),
+        _ => (&DRAINING, MAX_DRAINING - MAX_DRAINING / 4),
+    };
     tsa.metrics.overloaded(limit);
     let _ = stream.try_write(admission::CONNECTIONS_EXCEEDED);
-    if DRAINING.fetch_add(1, Ordering::AcqRel) >= MAX_DRAINING {
-        DRAINING.fetch_sub(1, Ordering::AcqRel);
+    if draining.fetch_add(1, Ordering::AcqRel) >= max {
+        draining.fetch_sub(1, Ordering::AcqRel);
         return;
     }
     tokio::spawn(async move {
         drain(stream).await;
-        DRAINING.fetch_sub(1, Ordering::AcqRel);
+        draining.fetch_sub(1, Ordering::AcqRel);
     });
 }
 
@@ -738,7 +747,7 @@ async fn collect(
     })
 }
 
-fn admin_route(req: Request<Incoming>, tsa: &Arc<Tsa>) -> Reply {
+async fn admin_route(req: Request<Incoming>, tsa: &Arc<Tsa>) -> Reply {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/health/live") => response(StatusCode::OK, "text/plain", "live\n".into()),
         (&Method::GET, "/metrics") => response(
@@ -765,7 +774,18 @@ fn admin_route(req: Request<Incoming>, tsa: &Arc<Tsa>) -> Reply {
             ),
         },
         (&Method::GET, path) if path.starts_with("/archive/") => {
-            archive_lookup(tsa, &path["/archive/".len()..])
+            // A look-up reads the archive, and an imprint stamped many times has many records
+            // to go through: on the blocking pool, not on a worker of the public listener.
+            let (tsa, path) = (Arc::clone(tsa), path["/archive/".len()..].to_owned());
+            tokio::task::spawn_blocking(move || archive_lookup(&tsa, &path))
+                .await
+                .unwrap_or_else(|_| {
+                    response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        "the look-up failed\n".into(),
+                    )
+                })
         }
         _ => response(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }

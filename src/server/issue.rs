@@ -107,6 +107,8 @@ pub struct Tsa {
     pub(super) admission: super::admission::Admission,
     /// Batches read or answered now (`server.max_batches_in_flight`).
     pub(super) batches: tokio::sync::Semaphore,
+    /// `batches`' permits in all.
+    pub(super) max_batches: usize,
     /// Open public connections (`server.max_connections`).
     pub(super) connections: super::admission::Connections,
     /// Open public connections and batches in flight per client address

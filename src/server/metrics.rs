@@ -332,6 +332,17 @@ impl Collector for Scraped {
         )?;
         gauge(
             &mut e,
+            "batches_in_flight",
+            "Batch bodies being read or answered (server.max_batches_in_flight)",
+            None,
+            &[(
+                none.clone(),
+                tsa.max_batches
+                    .saturating_sub(tsa.batches.available_permits()) as f64,
+            )],
+        )?;
+        gauge(
+            &mut e,
             "open_connections",
             "Open connections on the public listener",
             None,

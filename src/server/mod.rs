@@ -101,6 +101,8 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
     if let Some(archive) = &archive {
         archive.set_load(admission.depth_gauge());
     }
+    let max_batches =
+        (config.server.max_batches_in_flight).clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
     Ok(Tsa {
         issuing: ArcSwap::from_pointee(issuing),
         clock,
@@ -111,9 +113,8 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         blocking_lane: Arc::new(tokio::sync::Semaphore::new(blocking_lane)),
         metrics: metrics::Metrics::default(),
         admission,
-        batches: tokio::sync::Semaphore::new(
-            (config.server.max_batches_in_flight).clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
-        ),
+        batches: tokio::sync::Semaphore::new(max_batches),
+        max_batches,
         connections: admission::Connections::new(fd_limit::fit(config.server.max_connections)),
         addresses: admission::Addresses::new(
             config.server.max_connections_per_address,
