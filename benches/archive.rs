@@ -16,6 +16,12 @@
 //!   dirtied a page of its own, made the writer's append about 4 × as costly per record.)
 //! - `4_lookup_by_imprint`: `records_by_imprint` of one record, through every run of the
 //!   index and the record's row in the archive, once the index has caught up.
+//! - `4_lookup_frequent_in_log/L` for L = 1 and 100: `records_by_imprint` in the token log
+//!   (`archive.layout = "log"`, `LogStore`) of an imprint stamped 10,000 times (one record in
+//!   four, as the hash of an empty file may be), asking the newest L (the admin listener asks
+//!   1, `tsa archive get --imprint` 100): every match counted and its frame checked, in
+//!   closed segments (through their imprint files) and the open one (through its index). The
+//!   log is written once before, its files in the page cache.
 //!
 //! The records carry a real token: `tsa init --archive` (through `CARGO_BIN_EXE_tsa`) makes a
 //! P-256 PKI once, `tsa::server::build` the TSA, and one issued token (certReq, so with its
@@ -34,14 +40,24 @@ mod common;
 use criterion::{black_box, BenchmarkId, Criterion, Throughput};
 
 use tsa::archive::imprints::{self, ImprintIndex};
-use tsa::archive::record::{StoredRecord, ZERO_HASH};
-use tsa::archive::sqlite::SqliteStore;
+use tsa::archive::log::LogStore;
+use tsa::archive::record::{sha256, StoredRecord, ZERO_HASH};
+use tsa::archive::sqlite::{Layout, SqliteStore};
 use tsa::archive::store::ArchiveStore;
 
 use common::{real_token, Records, INSTANCE};
 
 /// Records per step of the imprint indexer.
 const INDEX_STEP: usize = 8_192;
+
+/// Records in the token log of `4_lookup_frequent_in_log`, committed so many at a time, and
+/// how many of them have its imprint (every fourth).
+const LOG_RECORDS: usize = 40_000;
+const LOG_COMMIT: usize = 250;
+const LOG_MATCHES: u64 = 10_000;
+
+/// Its segments close at this length (64 MiB in a server), so that its records span several.
+const LOG_SEGMENT: u64 = 16 << 20;
 
 fn main() {
     let mut c = Criterion::default().configure_from_args();
@@ -64,7 +80,7 @@ fn main() {
         std::time::Duration::from_secs(5),
     )
     .expect("the archive database");
-    let mut records = Records::new(token);
+    let mut records = Records::new(token.clone());
     for n in [1usize, 32, 256] {
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::new("2_append", n), &n, |b, &n| {
@@ -130,6 +146,50 @@ fn main() {
             assert_eq!(found.records[0].hash, last.hash);
         })
     });
+
+    // The token log, one imprint in four the same: the SHA-256 of nothing.
+    let log_dir = tempfile::tempdir().expect("a temporary directory");
+    let mut db = SqliteStore::open(
+        &log_dir.path().join("archive.sqlite"),
+        std::time::Duration::from_secs(5),
+    )
+    .expect("the archive database");
+    db.settle_layout(Layout::Log).expect("a new archive");
+    let mut log = LogStore::open(db).with_segment_limit(LOG_SEGMENT);
+    let empty = sha256(b"").to_vec();
+    let mut frequent_last = None;
+    let mut records = Records::new(token);
+    for _ in 0..LOG_RECORDS / LOG_COMMIT {
+        let batch = records.chained_with(LOG_COMMIT, |counter, r| {
+            if counter % 4 == 0 {
+                r.imprint.clone_from(&empty);
+            }
+        });
+        log.append(INSTANCE, &batch, &[]).expect("append");
+        log.after_append();
+        frequent_last = batch
+            .iter()
+            .rfind(|r| r.record.imprint == empty)
+            .map(|r| r.hash)
+            .or(frequent_last);
+    }
+    let frequent_last = frequent_last.expect("records with the imprint");
+    // Each iteration takes milliseconds: fewer samples.
+    group.sample_size(20);
+    for limit in [1usize, 100] {
+        group.bench_with_input(
+            BenchmarkId::new("4_lookup_frequent_in_log", limit),
+            &limit,
+            |b, &limit| {
+                b.iter(|| {
+                    let found = log.records_by_imprint(&empty, limit).expect("a look-up");
+                    assert_eq!(found.total, LOG_MATCHES);
+                    assert_eq!(found.records.len(), limit);
+                    assert_eq!(found.records[0].hash, frequent_last);
+                })
+            },
+        );
+    }
     group.finish();
 
     // What went in reads back whole: the last record, by its serial.

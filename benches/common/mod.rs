@@ -82,10 +82,21 @@ impl Records {
 
     /// The next `n` records, chained after the head.
     pub fn chained(&mut self, n: usize) -> Vec<StoredRecord> {
+        self.chained_with(n, |_, _| {})
+    }
+
+    /// [`Records::chained`], each record changed by `adjust(counter, record)` before it is
+    /// chained.
+    pub fn chained_with(
+        &mut self,
+        n: usize,
+        mut adjust: impl FnMut(u64, &mut TokenRecord),
+    ) -> Vec<StoredRecord> {
         (0..n)
             .map(|_| {
-                let record = self.next_record();
+                let mut record = self.next_record();
                 let counter = self.counter;
+                adjust(counter, &mut record);
                 let stored =
                     StoredRecord::chain(INSTANCE, self.head.0 + 1, counter, record, self.head.1);
                 self.head = (stored.seq, stored.hash);

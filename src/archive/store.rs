@@ -108,10 +108,6 @@ impl Rank {
             seq,
         }
     }
-
-    pub fn of(record: &StoredRecord) -> Self {
-        Self::new(record.record.gen_time_ns, record.instance_id, record.seq)
-    }
 }
 
 /// The `limit` greatest [`Rank`]s of the matches a store goes through one at a time, each
@@ -157,13 +153,19 @@ impl<T> Newest<T> {
     }
 
     /// Counts a match, and keeps `item` while `rank` is among the `limit` greatest so far.
-    pub fn offer(&mut self, rank: Rank, item: T) {
+    /// Gives back the item it does not keep (this one, or the oldest kept, which this one
+    /// displaces), so that a store that keeps buffers can use it again.
+    pub fn offer(&mut self, rank: Rank, item: T) -> Option<T> {
         self.total += 1;
         if self.kept.len() < self.limit {
             self.kept.push(Reverse(Ranked(rank, item)));
+            None
         } else if self.kept.peek().is_some_and(|oldest| rank > oldest.0 .0) {
-            self.kept.pop();
+            let displaced = self.kept.pop().map(|Reverse(Ranked(_, item))| item);
             self.kept.push(Reverse(Ranked(rank, item)));
+            displaced
+        } else {
+            Some(item)
         }
     }
 
@@ -446,13 +448,17 @@ mod tests {
         for order in orders {
             for limit in [0, 1, 3, 6, 10] {
                 let mut newest = Newest::new(limit);
+                let mut given_back = Vec::new();
                 for &(gen_time_ns, instance_id, seq) in &order {
-                    newest.offer(
+                    given_back.extend(newest.offer(
                         Rank::new(gen_time_ns, instance_id, seq),
                         (gen_time_ns, instance_id, seq),
-                    );
+                    ));
                 }
                 let kept = &ordered[..limit.min(ordered.len())];
+                // Each item is kept or given back, once.
+                given_back.sort_unstable_by_key(|&(g, i, s)| Reverse(Rank::new(g, i, s)));
+                assert_eq!(given_back, ordered[kept.len()..], "{order:?}, {limit}");
                 assert_eq!(newest.finish(), (kept.to_vec(), 6), "{order:?}, {limit}");
             }
         }

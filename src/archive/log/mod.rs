@@ -22,7 +22,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use self::appender::{remove_segment, Appender};
-use self::segments::{dir_for, instance_dir, read_at, scan, Entry, Frames, Segment};
+use self::segments::{
+    dir_for, frame_fields, instance_dir, read_at, read_frame_into, scan, Entry, Frames,
+    PositionReader, Segment,
+};
 use super::record::{Anchor, ChainHead, Checkpoint, EventRecord, StoredRecord};
 use super::serial::layout;
 use super::sqlite::SqliteStore;
@@ -467,9 +470,17 @@ impl ArchiveStore for LogStore {
 
     /// Each closed segment's imprint file (a binary search), and the index entries of the open
     /// one (and of any segment without its file). Both hold only the imprint's first 8 octets,
-    /// so each candidate above the anchor is read to compare the whole imprint, one at a time:
-    /// only the newest `limit` are kept. A position counts in the segment whose range holds it
-    /// (below the next segment's first position), so no record counts twice.
+    /// so each candidate above the anchor is read to compare the whole imprint. A position
+    /// counts in the segment whose range holds it (below the next segment's first position),
+    /// so no record counts twice.
+    ///
+    /// An imprint may match millions of times, so a candidate costs little: each segment's
+    /// files are opened once, its candidates read in position order (file order) into one
+    /// buffer, and a frame counts when its hash checks (as a frame any reader reads) and its
+    /// fields, read in place, are of that position and have the imprint. The newest `limit`
+    /// keep their frames (the buffer goes into [`Newest`], which hands back the one it
+    /// displaces), and only those become records at the end: the frames are kept rather than
+    /// read again by offset, since a segment may go (pruning) before the end.
     fn records_by_imprint(
         &mut self,
         imprint: &[u8],
@@ -477,11 +488,18 @@ impl ArchiveStore for LogStore {
     ) -> Result<ImprintMatches, StoreError> {
         let anchors = self.db.anchor_positions()?;
         let mut newest = Newest::new(limit);
-        let mut offer = |r: StoredRecord| {
-            if r.record.imprint == imprint {
-                newest.offer(Rank::of(&r), r);
+        let mut offer = |frame: &mut Vec<u8>, seq: u64| {
+            let rank = match frame_fields(frame) {
+                Some((r, _)) if r.seq == seq && r.imprint == imprint => {
+                    Rank::new(r.gen_time_ns, r.instance_id, r.seq)
+                }
+                _ => return,
+            };
+            if let Some(spare) = newest.offer(rank, std::mem::take(frame)) {
+                *frame = spare;
             }
         };
+        let mut frame = Vec::new();
         let key = segments::imprint_key(imprint);
         for instance_id in self.instances()? {
             let anchor = anchors.get(&instance_id).copied().unwrap_or(0);
@@ -490,9 +508,16 @@ impl ArchiveStore for LogStore {
                 let end = all.get(i + 1).map_or(u64::MAX, |next| next.first_seq);
                 let counts = |seq: u64| seq > anchor && seq < end;
                 if let Some(positions) = segments::positions_by_imprint(segment, imprint)? {
-                    for seq in positions.into_iter().filter(|&seq| counts(seq)) {
-                        if let Some(r) = LogReader::record_in(segment, seq)? {
-                            offer(r);
+                    let positions: Vec<u64> =
+                        positions.into_iter().filter(|&s| counts(s)).collect();
+                    // Most look-ups find no candidate in most segments: their files stay shut.
+                    if positions.is_empty() {
+                        continue;
+                    }
+                    let mut reader = PositionReader::open(segment)?;
+                    for seq in positions {
+                        if reader.read(seq, &mut frame)?.is_some() {
+                            offer(&mut frame, seq);
                         }
                     }
                     continue;
@@ -500,15 +525,23 @@ impl ArchiveStore for LogStore {
                 // The open segment: its index entries carry the key.
                 let file = File::open(&segment.path)?;
                 for e in scan(segment)?.entries {
-                    if e.imprint_key == key && counts(e.seq) {
-                        if let Some((r, _)) = read_at(&file, e.offset)? {
-                            offer(r);
-                        }
+                    if e.imprint_key == key
+                        && counts(e.seq)
+                        && read_frame_into(&file, e.offset, &mut frame)?
+                    {
+                        offer(&mut frame, e.seq);
                     }
                 }
             }
         }
-        let (records, total) = newest.finish();
+        let (frames, total) = newest.finish();
+        let records = frames
+            .iter()
+            .map(|frame| {
+                let (fields, hash) = frame_fields(frame).expect("a kept frame was read whole");
+                fields.to_record(hash)
+            })
+            .collect();
         Ok(ImprintMatches { records, total })
     }
 

@@ -22,9 +22,7 @@ use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::archive::record::{
-    canonical_into, decode_canonical, sha256, CanonicalRef, Hash, StoredRecord,
-};
+use crate::archive::record::{canonical_into, sha256, CanonicalRef, Hash, StoredRecord};
 
 /// A segment takes no new commit once it is this long.
 pub const SEGMENT_LIMIT: u64 = 64 << 20;
@@ -176,16 +174,6 @@ pub fn encode_frame(record: &StoredRecord, out: &mut Vec<u8>) {
     out.extend_from_slice(&record.hash);
 }
 
-/// A frame read back: the record, checked against its hash, and the frame's length.
-fn decode_frame(len: usize, body_and_hash: &[u8]) -> Option<StoredRecord> {
-    let (body, hash) = body_and_hash.split_at(len);
-    let hash = Hash::try_from(hash).ok()?;
-    if sha256(body) != hash {
-        return None;
-    }
-    decode_canonical(body, hash)
-}
-
 /// Reads the frames of a segment one after the other.
 pub struct Frames {
     reader: BufReader<File>,
@@ -310,24 +298,51 @@ fn read_or_end(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
 /// The record whose frame starts at `offset` in `file`, and the frame's length; `None` when no
 /// good frame is there.
 pub fn read_at(file: &File, offset: u64) -> io::Result<Option<(StoredRecord, u64)>> {
-    // An offset from disk (an index entry) may be anything: no file is that long.
-    if offset > MAX_OFFSET {
+    let mut frame = Vec::new();
+    if !read_frame_into(file, offset, &mut frame)? {
         return Ok(None);
     }
+    Ok(frame_fields(&frame)
+        .map(|(fields, hash)| (fields.to_record(hash), (frame.len() + 4) as u64)))
+}
+
+/// Reads the frame that starts at `offset` in `file` into `frame` (its body, then its hash),
+/// and checks the hash: `false` when no whole frame is there or it does not check (`frame`
+/// then holds whatever was read). `frame` is a buffer the caller keeps, so that reading many
+/// frames allocates once.
+pub fn read_frame_into(file: &File, offset: u64, frame: &mut Vec<u8>) -> io::Result<bool> {
+    // An offset from disk (an index entry) may be anything: no file is that long.
+    if offset > MAX_OFFSET {
+        return Ok(false);
+    }
     let mut len = [0u8; 4];
-    match file.read_exact_at(&mut len, offset) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
+    if !read_exact_or_end(file, &mut len, offset)? {
+        return Ok(false);
     }
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_BODY {
-        return Ok(None);
+        return Ok(false);
     }
-    let mut body = vec![0u8; len + 32];
-    match file.read_exact_at(&mut body, offset + 4) {
-        Ok(()) => Ok(decode_frame(len, &body).map(|r| (r, (len + FRAME_OVERHEAD) as u64))),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+    frame.resize(len + 32, 0);
+    if !read_exact_or_end(file, frame, offset + 4)? {
+        return Ok(false);
+    }
+    let (body, hash) = frame.split_at(len);
+    Ok(sha256(body) == hash)
+}
+
+/// The fields and stored hash of a frame [`read_frame_into`] read; `None` when its body is not
+/// a canonical encoding.
+pub fn frame_fields(frame: &[u8]) -> Option<(CanonicalRef<'_>, Hash)> {
+    let (body, hash) = frame.split_at_checked(frame.len().checked_sub(32)?)?;
+    Some((CanonicalRef::parse(body)?, Hash::try_from(hash).ok()?))
+}
+
+/// Fills `buf` from `file` at `offset`; `false` when the file ends first.
+fn read_exact_or_end(file: &File, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+    match file.read_exact_at(buf, offset) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
         Err(e) => Err(e),
     }
 }
@@ -427,13 +442,25 @@ pub fn open_index(segment: &Segment) -> io::Result<File> {
         .open(segment.index_path())
 }
 
+/// The index file beside `segment`, opened; `None` when it has none.
+fn open_index_for_reading(segment: &Segment) -> io::Result<Option<File>> {
+    match File::open(segment.index_path()) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The index entry for position `i` of `segment`, when its index has one.
 fn indexed_entry(segment: &Segment, i: u64) -> io::Result<Option<Entry>> {
-    let index = match File::open(segment.index_path()) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
+    match open_index_for_reading(segment)? {
+        Some(index) => entry_in(&index, i),
+        None => Ok(None),
+    }
+}
+
+/// The entry for position `i` in the index file `index`, when it has one.
+fn entry_in(index: &File, i: u64) -> io::Result<Option<Entry>> {
     let Some(at) = i
         .checked_mul(ENTRY_LEN as u64)
         .filter(|&at| at <= MAX_OFFSET)
@@ -441,11 +468,7 @@ fn indexed_entry(segment: &Segment, i: u64) -> io::Result<Option<Entry>> {
         return Ok(None);
     };
     let mut octets = [0u8; ENTRY_LEN];
-    match index.read_exact_at(&mut octets, at) {
-        Ok(()) => Ok(Some(Entry::decode(&octets))),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
-        Err(e) => Err(e),
-    }
+    Ok(read_exact_or_end(index, &mut octets, at)?.then(|| Entry::decode(&octets)))
 }
 
 /// The counter of `segment`'s first record: from its index's first entry (40 octets), else
@@ -468,23 +491,72 @@ pub fn offset_of(segment: &Segment, seq: u64) -> io::Result<Option<u64>> {
 /// The record at position `seq` of `segment` and its frame's offset, found as
 /// [`offset_of`] finds it (its frame read once).
 pub fn record_of(segment: &Segment, seq: u64) -> io::Result<Option<(u64, StoredRecord)>> {
-    let Some(i) = seq.checked_sub(segment.first_seq) else {
+    let mut frame = Vec::new();
+    let Some(offset) = PositionReader::open(segment)?.read(seq, &mut frame)? else {
         return Ok(None);
     };
-    let file = File::open(&segment.path)?;
-    let at = |offset: u64| -> io::Result<Option<(u64, StoredRecord)>> {
-        Ok(read_at(&file, offset)?
-            .filter(|(r, _)| r.seq == seq)
-            .map(|(r, _)| (offset, r)))
-    };
-    if let Some(entry) = indexed_entry(segment, i)?.filter(|e| e.seq == seq) {
-        if let Some(found) = at(entry.offset)? {
-            return Ok(Some(found));
+    Ok(frame_fields(&frame).map(|(fields, hash)| (offset, fields.to_record(hash))))
+}
+
+/// Reads a segment's frames by position, its files opened once: for a reader that takes
+/// many of them (the matches of a frequent imprint), which asks for them in position order so
+/// that they are read in file order.
+pub struct PositionReader<'a> {
+    segment: &'a Segment,
+    file: File,
+    /// The segment's index file; `None` when it has none.
+    index: Option<File>,
+    /// The segment's entries by [`scan`], taken once a position is not where its index entry
+    /// says (a damaged index or frame): a scan is read once per segment, not per position.
+    scanned: Option<Vec<Entry>>,
+}
+
+impl<'a> PositionReader<'a> {
+    /// Opens `segment`'s file and its index file (when it has one).
+    pub fn open(segment: &'a Segment) -> io::Result<Self> {
+        Ok(Self {
+            segment,
+            file: File::open(&segment.path)?,
+            index: open_index_for_reading(segment)?,
+            scanned: None,
+        })
+    }
+
+    /// Reads the frame of position `seq` into `frame` (as [`read_frame_into`]) and gives its
+    /// offset: from the position's index entry when that entry and the frame it points at
+    /// agree, else from a [`scan`]. `None` when no good frame of that position is there: a
+    /// frame that does not check is no record.
+    pub fn read(&mut self, seq: u64, frame: &mut Vec<u8>) -> io::Result<Option<u64>> {
+        let Some(i) = seq.checked_sub(self.segment.first_seq) else {
+            return Ok(None);
+        };
+        let indexed = match &self.index {
+            Some(index) => entry_in(index, i)?.filter(|e| e.seq == seq),
+            None => None,
+        };
+        if let Some(entry) = indexed {
+            if self.frame_of(seq, entry.offset, frame)? {
+                return Ok(Some(entry.offset));
+            }
+        }
+        let entries = match &mut self.scanned {
+            Some(entries) => entries,
+            none => none.insert(scan(self.segment)?.entries),
+        };
+        let scanned = entries
+            .binary_search_by_key(&seq, |e| e.seq)
+            .ok()
+            .map(|at| entries[at].offset);
+        match scanned {
+            Some(offset) if self.frame_of(seq, offset, frame)? => Ok(Some(offset)),
+            _ => Ok(None),
         }
     }
-    match scan(segment)?.entries.iter().find(|e| e.seq == seq) {
-        Some(e) => at(e.offset),
-        None => Ok(None),
+
+    /// Whether the frame at `offset` checks and is the record of position `seq`.
+    fn frame_of(&self, seq: u64, offset: u64, frame: &mut Vec<u8>) -> io::Result<bool> {
+        Ok(read_frame_into(&self.file, offset, frame)?
+            && frame_fields(frame).is_some_and(|(fields, _)| fields.seq == seq))
     }
 }
 

@@ -642,6 +642,68 @@ fn a_frequent_imprint_gives_its_newest_records_and_counts_them_all() {
     }
 }
 
+/// An imprint stamped 60 times, one commit of 4 per segment, and a frame in the middle of
+/// three segments altered (an octet of its token, so that it still parses but its hash does
+/// not check): of a closed segment found through its imprint file, of one whose imprint file
+/// is lost, and of the open one, where it is among the newest. A look-up neither counts nor
+/// returns them, and counts and returns every other match, in order.
+#[test]
+fn a_damaged_frame_among_many_matches_is_neither_counted_nor_returned() {
+    let mut log = Log::new();
+    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
+    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    let frequent = vec![0x42; 32];
+    for _ in 0..15 {
+        let records = log.chain_with(4, |_, r| r.imprint.clone_from(&frequent));
+        store.append(0, &records, &[]).unwrap();
+    }
+    let all = segment_files(&log.dir());
+    assert_eq!(all.len(), 15, "one commit per segment");
+    fs::remove_file(all[6].imprints_path()).unwrap();
+    let damaged: Vec<u64> = [3, 6, 14]
+        .into_iter()
+        .map(|i| {
+            let segment = &all[i];
+            let seq = segment.first_seq + 2;
+            let token = &log.records[seq as usize - 1].record.token;
+            let offset = segments::offset_of(segment, seq).unwrap().unwrap();
+            let octets = fs::read(&segment.path).unwrap();
+            let at = offset as usize
+                + octets[offset as usize..]
+                    .windows(token.len())
+                    .position(|w| w == token.as_slice())
+                    .unwrap()
+                + 10;
+            let file = OpenOptions::new().write(true).open(&segment.path).unwrap();
+            file.write_all_at(&[octets[at] ^ 0x04], at as u64).unwrap();
+            seq
+        })
+        .collect();
+    assert_eq!(damaged, [15, 27, 59]);
+
+    let mut expected: Vec<StoredRecord> = log
+        .records
+        .iter()
+        .filter(|r| !damaged.contains(&r.seq))
+        .cloned()
+        .collect();
+    expected.sort_by_key(|r| std::cmp::Reverse((r.record.gen_time_ns, r.seq)));
+    assert_eq!(
+        expected[..3].iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [60, 58, 57],
+        "the damaged one would be the second newest"
+    );
+    let mut reader = LogStore::open_read_only(SqliteStore::open_read_only(&log.database).unwrap());
+    for store in [&mut store, &mut reader] {
+        for limit in [1, 3, 100] {
+            let found = store.records_by_imprint(&frequent, limit).unwrap();
+            let kept = limit.min(expected.len());
+            assert_eq!(found.records, expected[..kept], "limit {limit}");
+            assert_eq!(found.total, 57, "limit {limit}");
+        }
+    }
+}
+
 #[test]
 fn a_time_range_passes_over_segments_far_from_it_and_misses_nothing() {
     let mut log = Log::new();
