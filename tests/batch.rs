@@ -177,6 +177,41 @@ fn counter(metrics: &str, series: &str) -> u64 {
         .map_or(0, |v| v.parse().unwrap())
 }
 
+/// A batch body ten times the connection's read buffer (32 KiB, `server::http`) is read in
+/// many reads and answered whole: every item its own token for its own imprint, in order.
+#[test]
+fn a_batch_far_larger_than_the_read_buffer_is_read_whole() {
+    let server = Server::start(&[], "");
+    let work = tempfile::tempdir().unwrap();
+    let items: Vec<Vec<u8>> = (0..5_000u32)
+        .map(|i| {
+            Query::for_data(DigestAlgorithm::Sha256, &i.to_be_bytes())
+                .unwrap()
+                .to_der()
+                .unwrap()
+        })
+        .collect();
+    assert!(sequence_of(&items).len() > 10 * 32 * 1024);
+    let replies = post_batch(&server, work.path(), &items);
+    let mut serials = HashSet::new();
+    for (i, reply) in replies.iter().enumerate() {
+        let token = Response::from_der(reply).unwrap().token.expect("granted");
+        let tst = token.tst_info();
+        let imprint = DigestAlgorithm::Sha256
+            .digest(&(i as u32).to_be_bytes())
+            .unwrap();
+        assert_eq!(
+            tst.message_imprint.hashed_message.as_bytes(),
+            imprint,
+            "item {i}"
+        );
+        assert!(
+            serials.insert(tst.serial_number.as_bytes().to_vec()),
+            "item {i}"
+        );
+    }
+}
+
 #[test]
 fn two_hundred_openssl_queries_get_their_own_verified_tokens() {
     let server = Server::start(&[], "");
