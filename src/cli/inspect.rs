@@ -24,6 +24,13 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
         response_text(&response)
     } else if let Ok(req) = TimeStampReq::from_der(&der) {
         request_text(&req)
+    } else if let Some(rejection) = tsa::protocol::unknown_oid(&der) {
+        anyhow::bail!(
+            "a time-stamp request with an OID past what this TSA reads, which it refuses with \
+             {}: {}",
+            rejection.fail_info.name(),
+            rejection.reason
+        );
     } else {
         let token =
             Token::from_der(&der).context("neither a time-stamp request, response nor token")?;

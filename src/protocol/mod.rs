@@ -24,6 +24,6 @@ mod token;
 
 pub use asn1::Accuracy;
 pub use gentime::{GenTime, Precision};
-pub use request::{parse_request, Request, RequestRules};
+pub use request::{parse_request, unknown_oid, Request, RequestRules};
 pub use response::{FailInfo, PkiStatus, Rejection};
 pub use token::{Serial, Stamp, TemplateOptions, ToBeSigned, TokenTemplate};

@@ -50,8 +50,8 @@ pub struct Request<'a> {
 /// request gets the failInfo of an unknown one (`badAlg` for the imprint's algorithm,
 /// `unacceptedPolicy`, `unacceptedExtension`) rather than `badDataFormat`. `None`, and the
 /// refusal stands, unless the request is a [`LenientRequest`] (a `TimeStampReq` in every
-/// other respect) with such an OID. Read on this error path only.
-fn unknown_oid(der: &[u8]) -> Option<Rejection> {
+/// other respect) with such an OID. Read on this error path only (and by `tsa inspect`).
+pub fn unknown_oid(der: &[u8]) -> Option<Rejection> {
     let request = LenientRequest::from_der(der).ok()?;
     let unknown = |oid: RawOid<'_>| {
         (well_formed_oid(oid.0) && ObjectIdentifier::from_bytes(oid.0).is_err())
