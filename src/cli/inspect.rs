@@ -8,7 +8,7 @@ use der::{Decode, Encode};
 use tsa::alg::DigestAlgorithm;
 use tsa::client::read::{Response, Token};
 use tsa::protocol::asn1::{TimeStampReq, TstInfo};
-use tsa::protocol::FailInfo;
+use tsa::protocol::{FailInfo, RequestRules};
 use x509_cert::ext::pkix::name::GeneralName;
 
 #[derive(Debug, clap::Args)]
@@ -24,10 +24,10 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
         response_text(&response)
     } else if let Ok(req) = TimeStampReq::from_der(&der) {
         request_text(&req)
-    } else if let Some(rejection) = tsa::protocol::unknown_oid(&der) {
+    } else if let Some(rejection) = tsa::protocol::unknown_oid(&der, &default_rules()) {
         anyhow::bail!(
-            "a time-stamp request with an OID past what this TSA reads, which it refuses with \
-             {}: {}",
+            "a time-stamp request with an OID past what this TSA reads, which it refuses (with \
+             the default settings) with {}: {}",
             rejection.fail_info.name(),
             rejection.reason
         );
@@ -38,6 +38,16 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     };
     print!("{text}");
     Ok(())
+}
+
+/// The rules of a TSA with the default configuration.
+fn default_rules() -> RequestRules {
+    RequestRules {
+        accepted_digests: DigestAlgorithm::DEFAULT_ACCEPTED.to_vec(),
+        default_policy: tsa::alg::oid::ETSI_BASELINE_POLICY,
+        other_policies: Vec::new(),
+        max_len: usize::MAX,
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -44,39 +44,165 @@ pub struct Request<'a> {
     pub cert_req: bool,
 }
 
-/// The answer to a request that `der` refused for an OBJECT IDENTIFIER that DER allows but
-/// `const-oid` cannot hold: an arc over 2^32 − 1 (a UUID arc under 2.25 is 128 bits), a second
-/// arc over 47 under 2 (2.999, the example arc), or more than 39 octets. Such an OID is none this TSA knows, so the
-/// request gets the failInfo of an unknown one (`badAlg` for the imprint's algorithm,
-/// `unacceptedPolicy`, `unacceptedExtension`) rather than `badDataFormat`. `None`, and the
-/// refusal stands, unless the request is a [`LenientRequest`] (a `TimeStampReq` in every
-/// other respect) with such an OID. Read on this error path only (and by `tsa inspect`).
-pub fn unknown_oid(der: &[u8]) -> Option<Rejection> {
+/// The answer to a request that `TimeStampReq` refused for an OBJECT IDENTIFIER that DER
+/// allows but `const-oid` cannot hold: an arc over 2^32 − 1 (a UUID arc under 2.25 is 128
+/// bits), a second arc over 47 under 2 (2.999, the example arc), or more than 39 octets. No
+/// configuration can name such an OID, so it is one this TSA does not know: the request, read
+/// as a [`LenientRequest`] (a `TimeStampReq` with its OIDs undecoded), goes through the same
+/// checks in the same order as any other ([`check`]), which give it the failInfo of an unknown
+/// OID (`badAlg`, `unacceptedPolicy`, `unacceptedExtension`) or whatever an earlier check
+/// finds first. `None`, and the refusal as not DER stands, unless the request is a
+/// `LenientRequest` whose OIDs are each one `const-oid` reads or a well-formed one past it.
+/// Read on the error path only (and by `tsa inspect`).
+pub fn unknown_oid(der: &[u8], rules: &RequestRules) -> Option<Rejection> {
     let request = LenientRequest::from_der(der).ok()?;
-    let unknown = |oid: RawOid<'_>| {
-        (well_formed_oid(oid.0) && ObjectIdentifier::from_bytes(oid.0).is_err())
-            .then(|| dotted(oid.0))
+    let oid = |raw: RawOid<'_>| match ObjectIdentifier::from_bytes(raw.0) {
+        Ok(oid) => Some(Oid::Read(oid)),
+        Err(_) if well_formed_oid(raw.0) => Some(Oid::Past(dotted(raw.0))),
+        Err(_) => None,
     };
-    if let Some(oid) = unknown(request.message_imprint.hash_algorithm.oid) {
-        return Some(Rejection::new(
+    let imprint = &request.message_imprint;
+    let extensions = match &request.extensions {
+        None => None,
+        Some(all) => {
+            // Each extension's id must be an OID, though only the first is named.
+            let ids = all
+                .iter()
+                .map(|e| oid(e.extn_id))
+                .collect::<Option<Vec<_>>>()?;
+            Some(ids.into_iter().next())
+        }
+    };
+    let fields = Fields {
+        version: request.version.as_bytes(),
+        algorithm: oid(imprint.hash_algorithm.oid)?,
+        parameters: imprint.hash_algorithm.parameters,
+        hashed_message: imprint.hashed_message.as_bytes(),
+        policy: match request.req_policy {
+            None => None,
+            Some(policy) => Some(oid(policy)?),
+        },
+        extensions,
+    };
+    check(&fields, rules).err()
+}
+
+/// A request's OBJECT IDENTIFIER as its checks see it.
+enum Oid {
+    /// One `const-oid` reads, as every OID a configuration names is.
+    Read(ObjectIdentifier),
+    /// A well-formed one past `const-oid`'s limits, dotted: none this TSA knows.
+    Past(String),
+}
+
+impl std::fmt::Display for Oid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Read(oid) => write!(f, "{oid}"),
+            Self::Past(dotted) => f.write_str(dotted),
+        }
+    }
+}
+
+/// What the checks of a request read, from `TimeStampReq` or from [`LenientRequest`].
+struct Fields<'a> {
+    version: &'a [u8],
+    algorithm: Oid,
+    parameters: Option<AnyRef<'a>>,
+    hashed_message: &'a [u8],
+    policy: Option<Oid>,
+    /// With extensions, the first one's id (`None`: an empty list).
+    extensions: Option<Option<Oid>>,
+}
+
+impl<'a> Fields<'a> {
+    fn of(req: &TimeStampReq<'a>) -> Self {
+        let imprint = &req.message_imprint;
+        Self {
+            version: req.version.as_bytes(),
+            algorithm: Oid::Read(imprint.hash_algorithm.oid),
+            parameters: imprint.hash_algorithm.parameters,
+            hashed_message: imprint.hashed_message.as_bytes(),
+            policy: req.req_policy.map(Oid::Read),
+            extensions: req
+                .extensions
+                .as_ref()
+                .map(|all| all.first().map(|e| Oid::Read(e.extn_id))),
+        }
+    }
+}
+
+/// The checks of a request against `rules`, in order: its imprint's algorithm and the
+/// policy its token will carry when it passes them all.
+fn check(
+    fields: &Fields<'_>,
+    rules: &RequestRules,
+) -> Result<(DigestAlgorithm, ObjectIdentifier), Rejection> {
+    if fields.version != [1] {
+        return Err(Rejection::new(
+            FailInfo::BadRequest,
+            "unsupported request version (only v1 exists)",
+        ));
+    }
+
+    let unknown = |oid: &dyn std::fmt::Display| {
+        Rejection::new(
             FailInfo::BadAlg,
             format!("unknown message imprint algorithm {oid}"),
+        )
+    };
+    let digest = match &fields.algorithm {
+        Oid::Read(oid) => DigestAlgorithm::from_oid(oid).ok_or_else(|| unknown(oid))?,
+        past => return Err(unknown(past)),
+    };
+    if !rules.accepted_digests.contains(&digest) {
+        return Err(Rejection::new(
+            FailInfo::BadAlg,
+            format!(
+                "message imprint algorithm {} is not accepted by this TSA",
+                digest.name()
+            ),
         ));
     }
-    if let Some(policy) = request.req_policy.and_then(unknown) {
-        return Some(Rejection::new(
-            FailInfo::UnacceptedPolicy,
-            format!("policy {policy} is not offered by this TSA"),
+    if fields.parameters.is_some_and(|p| !p.is_null()) {
+        return Err(Rejection::new(
+            FailInfo::BadAlg,
+            "message imprint algorithm parameters must be absent or NULL",
         ));
     }
-    let extension = request
-        .extensions?
-        .into_iter()
-        .find_map(|e| unknown(e.extn_id))?;
-    Some(Rejection::new(
-        FailInfo::UnacceptedExtension,
-        format!("request extensions are not supported ({extension})"),
-    ))
+    let len = fields.hashed_message.len();
+    if len != digest.output_len() {
+        return Err(Rejection::new(
+            FailInfo::BadDataFormat,
+            format!(
+                "a {} message imprint is {} octets, not {len}",
+                digest.name(),
+                digest.output_len()
+            ),
+        ));
+    }
+
+    let policy = match &fields.policy {
+        None => rules.default_policy,
+        Some(Oid::Read(policy)) if rules.accepts_policy(policy) => *policy,
+        Some(policy) => {
+            return Err(Rejection::new(
+                FailInfo::UnacceptedPolicy,
+                format!("policy {policy} is not offered by this TSA"),
+            ))
+        }
+    };
+
+    if let Some(first) = &fields.extensions {
+        let first = first
+            .as_ref()
+            .map_or_else(|| "(empty)".to_string(), ToString::to_string);
+        return Err(Rejection::new(
+            FailInfo::UnacceptedExtension,
+            format!("request extensions are not supported ({first})"),
+        ));
+    }
+    Ok((digest, policy))
 }
 
 /// An OBJECT IDENTIFIER's content octets, undecoded.
@@ -180,19 +306,18 @@ fn dotted(content: &[u8]) -> String {
         .chain(std::iter::once(text(y)))
         .chain(arcs.into_iter().skip(1).map(text));
     for (i, arc) in all.enumerate() {
-        if out.len() + arc.len() > DOTTED_MAX {
+        let dot = if i > 0 { "." } else { "" };
+        if out.len() + dot.len() + arc.len() > DOTTED_MAX {
             out.push_str(".…");
             break;
         }
-        if i > 0 {
-            out.push('.');
-        }
+        out.push_str(dot);
         out.push_str(&arc);
     }
     out
 }
 
-/// The longest [`dotted`] text before it is cut short.
+/// The most octets of a [`dotted`] text before it is cut short (and `.…` added).
 const DOTTED_MAX: usize = 100;
 
 /// Parses a DER `TimeStampReq` and checks it against `rules`.
@@ -213,79 +338,14 @@ pub fn parse_request<'a>(der: &'a [u8], rules: &RequestRules) -> Result<Request<
         ));
     }
     let req = TimeStampReq::from_der(der).map_err(|e| {
-        unknown_oid(der).unwrap_or_else(|| {
+        unknown_oid(der, rules).unwrap_or_else(|| {
             Rejection::new(
                 FailInfo::BadDataFormat,
                 format!("the request is not a DER TimeStampReq ({})", e.kind()),
             )
         })
     })?;
-
-    if req.version.as_bytes() != [1] {
-        return Err(Rejection::new(
-            FailInfo::BadRequest,
-            "unsupported request version (only v1 exists)",
-        ));
-    }
-
-    let imprint = &req.message_imprint;
-    let oid = imprint.hash_algorithm.oid;
-    let digest = DigestAlgorithm::from_oid(&oid).ok_or_else(|| {
-        Rejection::new(
-            FailInfo::BadAlg,
-            format!("unknown message imprint algorithm {oid}"),
-        )
-    })?;
-    if !rules.accepted_digests.contains(&digest) {
-        return Err(Rejection::new(
-            FailInfo::BadAlg,
-            format!(
-                "message imprint algorithm {} is not accepted by this TSA",
-                digest.name()
-            ),
-        ));
-    }
-    if let Some(params) = imprint.hash_algorithm.parameters {
-        if !params.is_null() {
-            return Err(Rejection::new(
-                FailInfo::BadAlg,
-                "message imprint algorithm parameters must be absent or NULL",
-            ));
-        }
-    }
-    let len = imprint.hashed_message.as_bytes().len();
-    if len != digest.output_len() {
-        return Err(Rejection::new(
-            FailInfo::BadDataFormat,
-            format!(
-                "a {} message imprint is {} octets, not {len}",
-                digest.name(),
-                digest.output_len()
-            ),
-        ));
-    }
-
-    let policy = match req.req_policy {
-        None => rules.default_policy,
-        Some(policy) if rules.accepts_policy(&policy) => policy,
-        Some(policy) => {
-            return Err(Rejection::new(
-                FailInfo::UnacceptedPolicy,
-                format!("policy {policy} is not offered by this TSA"),
-            ))
-        }
-    };
-
-    if let Some(extensions) = &req.extensions {
-        let first = extensions
-            .first()
-            .map(|e| e.extn_id.to_string())
-            .unwrap_or_else(|| "(empty)".into());
-        return Err(Rejection::new(
-            FailInfo::UnacceptedExtension,
-            format!("request extensions are not supported ({first})"),
-        ));
-    }
+    let (digest, policy) = check(&Fields::of(&req), rules)?;
 
     Ok(Request {
         message_imprint: req.message_imprint,
@@ -389,6 +449,45 @@ mod tests {
         assert!(r.reason.contains("1.3.6.1.4.1.4294967296"), "{}", r.reason);
     }
 
+    /// A request with an OID past `const-oid` goes through the checks in their order: what an
+    /// earlier check finds comes first, as for any request.
+    #[test]
+    fn past_oids_are_checked_in_the_order_of_every_request() {
+        let sha256 = oid(&[2, 16, 840, 1, 101, 3, 4, 2, 1]);
+        let sha1 = oid(&[1, 3, 14, 3, 2, 26]);
+        let uuid = oid(&[2, 25, UUID]);
+        let other_policy = oid(&[1, 2, 3, 4]);
+
+        let mut v2 = request(&sha256, Some(&uuid), None);
+        assert_eq!(&v2[2..5], &[0x02, 0x01, 0x01]);
+        v2[4] = 2;
+        assert_eq!(refused(&v2).fail_info, FailInfo::BadRequest);
+        // SHA-1 is known, and not accepted by these rules.
+        let r = refused(&request(&sha1, Some(&uuid), None));
+        assert_eq!(r.fail_info, FailInfo::BadAlg, "{}", r.reason);
+        // The policy before the extensions, whichever is past const-oid.
+        let r = refused(&request(&sha256, Some(&other_policy), Some(&uuid)));
+        assert_eq!(r.fail_info, FailInfo::UnacceptedPolicy, "{}", r.reason);
+        let r = refused(&request(&sha256, Some(&uuid), Some(&other_policy)));
+        assert_eq!(r.fail_info, FailInfo::UnacceptedPolicy, "{}", r.reason);
+        assert!(r.reason.contains(&UUID.to_string()), "{}", r.reason);
+        // An imprint of the wrong length is found before the policy.
+        let mut short = request(&sha256, Some(&uuid), None);
+        let at = short
+            .windows(2)
+            .position(|w| w == [0x04, 0x20])
+            .expect("the imprint");
+        short[at + 1] = 0x1f;
+        short.remove(at + 2);
+        // The outer SEQUENCE's length, and the imprint's after the version's three octets.
+        assert_eq!(short[5], 0x30);
+        short[1] -= 1;
+        short[6] -= 1;
+        let r = refused(&short);
+        assert_eq!(r.fail_info, FailInfo::BadDataFormat, "{}", r.reason);
+        assert!(r.reason.contains("octets, not 31"), "{}", r.reason);
+    }
+
     #[test]
     fn malformed_oids_and_other_damage_stay_bad_data_format() {
         let sha256 = oid(&[2, 16, 840, 1, 101, 3, 4, 2, 1]);
@@ -431,6 +530,11 @@ mod tests {
             "the same fields in their order"
         );
         assert_eq!(refused(&swapped).fail_info, FailInfo::BadDataFormat);
+        // A malformed OID anywhere: not DER, whatever OID past const-oid comes with it.
+        let r = refused(&request(&unended, Some(&uuid), None));
+        assert_eq!(r.fail_info, FailInfo::BadDataFormat, "{}", r.reason);
+        let r = refused(&request(&sha256, None, Some(&unended)));
+        assert_eq!(r.fail_info, FailInfo::BadDataFormat, "{}", r.reason);
         assert!(!well_formed_oid(&[]));
         assert!(well_formed_oid(&[0x2a, 0x86, 0x48]));
         assert!(!well_formed_oid(&[0x2a, 0x80, 0x01]));
@@ -452,11 +556,19 @@ mod tests {
         let too_big = [0x81; 20].into_iter().chain([0x01]).collect::<Vec<_>>();
         assert_eq!(dotted(&[&[0x2a][..], &too_big].concat()), "1.2.…");
         // Thousands of arcs: the text stops after DOTTED_MAX characters.
-        let many = dotted(&[0x2a; 4000]);
-        assert!(many.starts_with("1.2.42.42."), "{many}");
-        assert!(
-            many.ends_with(".…") && many.len() <= DOTTED_MAX + ".…".len(),
-            "{many}"
-        );
+        // (Arcs of two and three digits: the dots count too.)
+        for arc in [0x2a_u8, 0x7f] {
+            let many = dotted(&[arc; 4000]);
+            assert!(
+                many.starts_with("1.2.") || many.starts_with("2.47."),
+                "{many}"
+            );
+            assert!(many.ends_with(".…"), "{many}");
+            assert!(
+                many.len() <= DOTTED_MAX + ".…".len(),
+                "{} octets",
+                many.len()
+            );
+        }
     }
 }

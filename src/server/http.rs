@@ -41,7 +41,7 @@
 //! `GET /status` (the operator's HTML status page, [`super::status`]). With the archive:
 //! `GET /archive/serial/<hex>` and `GET /archive/imprint/<hex>` answer the archived token as
 //! its granted `TimeStampResp` (for an imprint, the latest of `X-Archive-Matches` tokens), 404
-//! when unknown. Its connections are counted apart from the public ones: past
+//! when unknown, 503 with `Retry-After` while [`MAX_LOOKUPS`] look-ups run. Its connections are counted apart from the public ones: past
 //! `admin_max_connections` (16) a new one gets the same fixed 503 and is closed, so that a
 //! client of the admin listener cannot take the descriptors the public listener needs.
 
@@ -114,6 +114,10 @@ impl Limits {
         }
     }
 }
+
+/// Archive look-ups (`GET /archive/…` on the admin listener) running or waiting for the
+/// archive's reader at once; one more gets 503 with `Retry-After`.
+pub(super) const MAX_LOOKUPS: usize = 4;
 
 /// The most a connection's read buffer holds (more when `max_header_bytes` needs it).
 const READ_BUFFER: usize = 32 * 1024;
@@ -787,17 +791,33 @@ async fn admin_route(req: Request<Incoming>, tsa: &Arc<Tsa>) -> Reply {
         },
         (&Method::GET, path) if path.starts_with("/archive/") => {
             // A look-up reads the archive, and an imprint stamped many times has many records
-            // to go through: on the blocking pool, not on a worker of the public listener.
+            // to go through: on the blocking pool, not on a worker of the public listener. At
+            // most MAX_LOOKUPS at once (they take the archive's reader in turn): a client that
+            // asks and goes away leaves its look-up running, and must not be able to fill the
+            // pool the signatures use.
+            let Ok(place) = Arc::clone(&tsa.lookups).try_acquire_owned() else {
+                let mut busy = response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "archive look-ups are all busy; retry later\n".into(),
+                );
+                busy.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return busy;
+            };
             let (tsa, path) = (Arc::clone(tsa), path["/archive/".len()..].to_owned());
-            tokio::task::spawn_blocking(move || archive_lookup(&tsa, &path))
-                .await
-                .unwrap_or_else(|_| {
-                    response(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "text/plain",
-                        "the look-up failed\n".into(),
-                    )
-                })
+            tokio::task::spawn_blocking(move || {
+                let _place = place;
+                archive_lookup(&tsa, &path)
+            })
+            .await
+            .unwrap_or_else(|_| {
+                response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "the look-up failed\n".into(),
+                )
+            })
         }
         _ => response(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }

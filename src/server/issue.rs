@@ -109,6 +109,8 @@ pub struct Tsa {
     pub(super) batches: tokio::sync::Semaphore,
     /// `batches`' permits in all.
     pub(super) max_batches: usize,
+    /// Archive look-ups on the blocking pool at once ([`super::http`]: `GET /archive/…`).
+    pub(super) lookups: Arc<tokio::sync::Semaphore>,
     /// Open public connections (`server.max_connections`).
     pub(super) connections: super::admission::Connections,
     /// Open public connections and batches in flight per client address

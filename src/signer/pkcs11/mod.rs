@@ -53,8 +53,8 @@ pub struct Pkcs11Config {
     #[serde(default)]
     pub key_id: Option<String>,
     /// A file holding the user PIN. Refused when others (neither its owner nor its group) have
-    /// any access to it; the group may read it (mode 0640 for a service's group), so 0600 or
-    /// 0640.
+    /// any access to it, or its group more than reading; the group may read it (mode 0640 for a
+    /// service's group), so 0600 or 0640.
     #[serde(default)]
     pub pin_file: Option<PathBuf>,
     /// An environment variable holding the user PIN.
