@@ -162,6 +162,19 @@ fn scrape(server: &Server) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `count` SHA-256 queries, each for the big-endian octets of its number: item `i`'s imprint
+/// is the SHA-256 of `(i as u32).to_be_bytes()`.
+fn numbered_queries(count: u32) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| {
+            Query::for_data(DigestAlgorithm::Sha256, &i.to_be_bytes())
+                .unwrap()
+                .to_der()
+                .unwrap()
+        })
+        .collect()
+}
+
 /// A gauge's value, as the server's metrics give it now.
 fn gauge(server: &Server, series: &str) -> f64 {
     scrape(server)
@@ -183,14 +196,7 @@ fn counter(metrics: &str, series: &str) -> u64 {
 fn a_batch_far_larger_than_the_read_buffer_is_read_whole() {
     let server = Server::start(&[], "");
     let work = tempfile::tempdir().unwrap();
-    let items: Vec<Vec<u8>> = (0..5_000u32)
-        .map(|i| {
-            Query::for_data(DigestAlgorithm::Sha256, &i.to_be_bytes())
-                .unwrap()
-                .to_der()
-                .unwrap()
-        })
-        .collect();
+    let items = numbered_queries(5_000);
     assert!(sequence_of(&items).len() > 10 * 32 * 1024);
     let replies = post_batch(&server, work.path(), &items);
     let mut serials = HashSet::new();
@@ -462,14 +468,7 @@ fn past_max_batches_in_flight_a_batch_gets_503_before_its_body_is_read() {
     );
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    let items: Vec<Vec<u8>> = (0..200u32)
-        .map(|i| {
-            Query::for_data(DigestAlgorithm::Sha256, &i.to_be_bytes())
-                .unwrap()
-                .to_der()
-                .unwrap()
-        })
-        .collect();
+    let items = numbered_queries(200);
     let body = sequence_of(&items);
 
     // One batch upload held half-way takes the only place.
@@ -526,14 +525,7 @@ fn an_address_with_half_the_batch_places_in_flight_gets_503_for_another() {
     );
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    let items: Vec<Vec<u8>> = (0..200u32)
-        .map(|i| {
-            Query::for_data(DigestAlgorithm::Sha256, &i.to_be_bytes())
-                .unwrap()
-                .to_der()
-                .unwrap()
-        })
-        .collect();
+    let items = numbered_queries(200);
     let body = sequence_of(&items);
 
     // Two uploads from 127.0.0.1 held half-way: its two places of the four.

@@ -27,6 +27,14 @@ fn inspected(dir: &Path, file: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `openssl ts -query` for `doc.txt` in `dir` with SHA-256 and `args`, written to `out`.
+fn query(dir: &Path, args: &[&str], out: &str) {
+    let mut all = vec!["ts", "-query", "-data", "doc.txt", "-sha256"];
+    all.extend(args);
+    all.extend(["-out", out]);
+    openssl(&all, dir);
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -41,12 +49,7 @@ fn requests_replies_and_tokens_in_words() {
         .digest(b"an invoice")
         .unwrap());
 
-    openssl(
-        &[
-            "ts", "-query", "-data", "doc.txt", "-sha256", "-cert", "-out", "req.tsq",
-        ],
-        w,
-    );
+    query(w, &["-cert"], "req.tsq");
     let request = inspected(w, "req.tsq");
     assert!(request.starts_with("Time-stamp request\n"), "{request}");
     for line in [
@@ -98,20 +101,7 @@ fn requests_replies_and_tokens_in_words() {
     );
 
     // A refusal: a policy this TSA does not offer.
-    openssl(
-        &[
-            "ts",
-            "-query",
-            "-data",
-            "doc.txt",
-            "-sha256",
-            "-tspolicy",
-            "1.2.3.4.5",
-            "-out",
-            "other.tsq",
-        ],
-        w,
-    );
+    query(w, &["-tspolicy", "1.2.3.4.5"], "other.tsq");
     let (_, _, refusal) = curl_post(
         &server.url,
         &w.join("other.tsq"),
@@ -130,20 +120,7 @@ fn a_request_with_a_uuid_policy_is_named_with_the_answer_it_gets() {
     let w = work.path();
     std::fs::write(w.join("doc.txt"), "an invoice").unwrap();
     let uuid = "2.25.329800735698586629295641978511506172918";
-    openssl(
-        &[
-            "ts",
-            "-query",
-            "-data",
-            "doc.txt",
-            "-sha256",
-            "-tspolicy",
-            uuid,
-            "-out",
-            "req.tsq",
-        ],
-        w,
-    );
+    query(w, &["-tspolicy", uuid], "req.tsq");
     let out = inspect(w, "req.tsq");
     assert!(!out.status.success());
     let error = String::from_utf8_lossy(&out.stderr);

@@ -354,12 +354,17 @@ async fn drain(mut stream: tokio::net::TcpStream) {
 /// at most once a second (the metric counts them all), with the address it is counted under.
 fn log_address_refused(key: AddressKey) {
     static LOG: LogLimit = LogLimit::new();
-    if let Some(left_out) = LOG.allow() {
-        tracing::info!(
-            address = %key,
-            left_out,
-            "connection refused: its address has max_connections_per_address open"
-        );
+    log_refusal_of(
+        &LOG,
+        key,
+        "connection refused: its address has max_connections_per_address open",
+    );
+}
+
+/// A refusal of `key`'s connection or batch, logged at most once a second by `log`.
+fn log_refusal_of(log: &LogLimit, key: AddressKey, what: &'static str) {
+    if let Some(left_out) = log.allow() {
+        tracing::info!(address = %key, left_out, "{what}");
     }
 }
 
@@ -601,13 +606,11 @@ async fn timestamp_batch(
         Ok(place) => place,
         Err(key) => {
             static LOG: LogLimit = LogLimit::new();
-            if let Some(left_out) = LOG.allow() {
-                tracing::info!(
-                    address = %key,
-                    left_out,
-                    "batch refused: its address has its share of max_batches_in_flight"
-                );
-            }
+            log_refusal_of(
+                &LOG,
+                key,
+                "batch refused: its address has its share of max_batches_in_flight",
+            );
             return refused(overloaded(tsa, metrics::Overload::BatchesPerAddress));
         }
     };
