@@ -55,7 +55,11 @@ fn read_to_close(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
         match stream.read(&mut chunk) {
             Ok(0) => return (got, true),
             Ok(n) => got.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
             Err(_) => return (got, true), // reset: closed too
         }
     }

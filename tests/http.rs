@@ -483,7 +483,11 @@ fn trickle(server: &Server, head: &[u8], body: &[u8]) -> (Option<Reply>, Duratio
         match conn.stream.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => conn.buf.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) => {}
             Err(_) => break,
         }
         if find(&conn.buf, b"\r\n\r\n").is_some() {

@@ -239,9 +239,17 @@ impl Conn {
         Ok((status, head, body))
     }
 
+    /// Reads more. A read of a socket with a timeout that a stop (or a freeze of the process)
+    /// interrupts fails with EINTR even without a signal handler: it is read again.
     fn fill(&mut self) -> std::io::Result<()> {
         let mut chunk = [0u8; 16 * 1024];
-        match self.stream.read(&mut chunk)? {
+        let n = loop {
+            match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                read => break read?,
+            }
+        };
+        match n {
             0 => Err(ErrorKind::UnexpectedEof.into()),
             n => {
                 self.buf.extend_from_slice(&chunk[..n]);

@@ -149,17 +149,22 @@ impl Conn {
         })
     }
 
-    /// Reads more; false at EOF (or a reset).
+    /// Reads more; false at EOF (or a reset). A read that a stop or a freeze of the process
+    /// interrupts (EINTR on a socket with a timeout, even without a signal handler) is tried
+    /// again.
     pub fn fill(&mut self) -> bool {
         let mut chunk = [0u8; 16 * 1024];
-        match self.stream.read(&mut chunk) {
-            Ok(0) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return true;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return false,
+                Err(e) => panic!("read: {e}"),
             }
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => false,
-            Err(e) => panic!("read: {e}"),
         }
     }
 }
