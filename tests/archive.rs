@@ -1292,3 +1292,70 @@ fn without_its_imprint_index_the_archive_still_serves_and_finds_tokens() {
     let (ok, out) = archive_cli(d, &["verify"]);
     assert!(ok && out.contains("cannot be read"), "{out}");
 }
+
+/// Archive look-ups run on the blocking pool, a few at once: a client that asks for many slow
+/// look-ups (an imprint stamped thousands of times) at the same time gets 503 with
+/// `Retry-After` for those past the places, never a pool filled for the signatures; the
+/// places come back when the look-ups end.
+#[test]
+fn look_ups_past_their_places_get_503_with_retry_after() {
+    const STAMPS: usize = 6_000;
+    const ASKING: usize = 12;
+    let dir = init("layout = \"log\"");
+    let server = Serving::start(dir.path());
+    let mut conn = Conn::open(&server.public).unwrap();
+    let mut last = None;
+    for _ in 0..STAMPS {
+        last = Some(
+            stamp(&mut conn, b"a frequent document")
+                .unwrap()
+                .expect("granted"),
+        );
+    }
+    let path = format!("/archive/imprint/{}", hex(&last.unwrap().imprint));
+    let started = std::time::Instant::now();
+    let (status, matches, _) = get_with_header(&server.admin, &path, "x-archive-matches");
+    let one = started.elapsed();
+    assert_eq!((status, matches), (200, Some(STAMPS.to_string())));
+
+    let barrier = std::sync::Barrier::new(ASKING);
+    let answers: Vec<(u16, Option<String>)> = std::thread::scope(|s| {
+        let asking: Vec<_> = (0..ASKING)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut conn = Conn::open(&server.admin).unwrap();
+                    barrier.wait();
+                    let (status, head, _) = conn.exchange("GET", &path, b"").unwrap();
+                    let retry = head
+                        .lines()
+                        .filter_map(|l| l.split_once(':'))
+                        .find(|(n, _)| n.trim().eq_ignore_ascii_case("retry-after"))
+                        .map(|(_, v)| v.trim().to_string());
+                    (status, retry)
+                })
+            })
+            .collect();
+        asking.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let busy = answers.iter().filter(|(status, _)| *status == 503).count();
+    let served = answers.iter().filter(|(status, _)| *status == 200).count();
+    assert_eq!(busy + served, ASKING, "{answers:?}");
+    // The look-ups take the archive's reader in turn, each about as long as the one alone
+    // (some 40 ms in a debug build): the fifth asking within the first one's time finds the
+    // four places taken.
+    assert!(
+        busy > 0,
+        "{ASKING} look-ups of {one:?} each, none refused: {answers:?}"
+    );
+    assert!(served >= 1, "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|(status, retry)| *status == 200 || retry.as_deref() == Some("1")),
+        "{answers:?}"
+    );
+    // Every place is back.
+    let (status, matches, _) = get_with_header(&server.admin, &path, "x-archive-matches");
+    assert_eq!((status, matches), (200, Some(STAMPS.to_string())));
+    server.stop();
+}
