@@ -888,3 +888,96 @@ fn an_instance_id_outside_u32_is_refused_not_truncated() {
     let error = store.instances().unwrap_err().to_string();
     assert!(error.contains("4294967296"), "{error}");
 }
+
+/// The plan of a look-up's query with sequential and bitmap scans off: what index it reads,
+/// and whether it sorts.
+fn look_up_plan(client: &mut postgres::Client) -> String {
+    let mut tx = client.transaction().unwrap();
+    tx.batch_execute("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off")
+        .unwrap();
+    let rows = tx
+        .query(
+            "EXPLAIN SELECT instance_id, seq FROM tokens WHERE imprint = decode('42', 'hex') \
+             ORDER BY gen_time_ns DESC, instance_id, seq DESC LIMIT 3",
+            &[],
+        )
+        .unwrap();
+    rows.iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn has_index(client: &mut postgres::Client, name: &str) -> bool {
+    client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+        .unwrap()
+        .get(0)
+}
+
+/// The imprint index is in the order look-ups answer in, so that the newest of an imprint
+/// are read from its start, with no sort of all its tokens. An archive of an earlier build,
+/// with tokens and only the index by imprint, keeps that one (building the new one at start
+/// would hold every instance's inserts) until the operator builds the new one beside the
+/// running servers, as the log says; look-ups answer the same with either.
+#[test]
+fn the_imprint_index_reads_look_ups_in_their_order_and_waits_for_the_operator() {
+    let cluster = pg::Cluster::start();
+    cluster.create_database("tsa");
+    let dir = setup(&cluster, "tsa", 0, "");
+    let config = Config::load(&dir.path().join("tsa.toml")).unwrap();
+    let mut client = cluster.client("tsa");
+    let frequent = vec![0x42; 32];
+    let records = chained_with(0, 20, |seq, r| {
+        r.imprint = frequent.clone();
+        r.gen_time_ns = 1_700_000_000_000_000_000 + (seq % 7) * 1_000;
+    });
+    let newest = |store: &mut PostgresStore| {
+        let found = store.records_by_imprint(&frequent, 3).unwrap();
+        let at: Vec<u64> = found.records.iter().map(|r| r.seq).collect();
+        (at, found.total)
+    };
+
+    let mut store = PostgresStore::open(&config.archive).unwrap();
+    assert!(has_index(&mut client, "tokens_imprint_newest"));
+    assert!(
+        !has_index(&mut client, "tokens_imprint"),
+        "one index is enough"
+    );
+    let plan = look_up_plan(&mut client);
+    assert!(
+        plan.contains("tokens_imprint_newest") && !plan.contains("Sort"),
+        "{plan}"
+    );
+    store.append(0, &records, &[]).unwrap();
+    // The latest genTime (6 × 1,000 ns) at positions 6, 13 and 20: the later position first.
+    assert_eq!(newest(&mut store), (vec![20, 13, 6], 20));
+    drop(store);
+
+    // An earlier build's archive: the tokens, and the index by imprint alone.
+    client
+        .batch_execute(
+            "DROP INDEX tokens_imprint_newest; CREATE INDEX tokens_imprint ON tokens (imprint)",
+        )
+        .unwrap();
+    let mut store = PostgresStore::open(&config.archive).unwrap();
+    assert!(!has_index(&mut client, "tokens_imprint_newest"));
+    assert!(has_index(&mut client, "tokens_imprint"));
+    assert!(look_up_plan(&mut client).contains("Sort"));
+    assert_eq!(newest(&mut store), (vec![20, 13, 6], 20));
+
+    // The operator's commands, from the log, while a server has the archive open.
+    client
+        .batch_execute(
+            "CREATE INDEX CONCURRENTLY tokens_imprint_newest ON tokens \
+             (imprint, gen_time_ns DESC, instance_id, seq DESC)",
+        )
+        .unwrap();
+    client.batch_execute("DROP INDEX tokens_imprint").unwrap();
+    assert_eq!(newest(&mut store), (vec![20, 13, 6], 20));
+    drop(store);
+    let mut store = PostgresStore::open(&config.archive).unwrap();
+    assert!(!has_index(&mut client, "tokens_imprint"));
+    assert!(!look_up_plan(&mut client).contains("Sort"));
+    assert_eq!(newest(&mut store), (vec![20, 13, 6], 20));
+}

@@ -349,9 +349,17 @@ CREATE INDEX IF NOT EXISTS events_time ON events (time_ns);
     )
 }
 
-/// The index of records by imprint, for look-ups of a lost token. PostgreSQL keeps it on
-/// `tokens`; SQLite in a database of its own, out of the commit path ([`super::imprints`]).
-pub const IMPRINT_INDEX: &str = "CREATE INDEX IF NOT EXISTS tokens_imprint ON tokens (imprint);";
+/// The index of records by imprint, for look-ups of a lost token, in the order look-ups
+/// answer in ([`Rank`]): the newest `limit` of an imprint stamped a million times are read
+/// from its start, and the others counted in the index alone. PostgreSQL keeps it on `tokens`;
+/// SQLite in a database of its own, out of the commit path ([`super::imprints`]).
+pub const IMPRINT_INDEX: &str = "CREATE INDEX IF NOT EXISTS tokens_imprint_newest \
+     ON tokens (imprint, gen_time_ns DESC, instance_id, seq DESC);";
+
+/// The index by imprint alone, of PostgreSQL archives made before [`IMPRINT_INDEX`]: kept
+/// where that one is not built yet.
+pub const OLD_IMPRINT_INDEX: &str =
+    "CREATE INDEX IF NOT EXISTS tokens_imprint ON tokens (imprint);";
 
 /// The schema version in `archive_meta` (name `schema`).
 pub const SCHEMA_VERSION: &str = "1";

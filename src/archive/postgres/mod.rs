@@ -29,7 +29,7 @@ use super::record::{
 use super::serial::layout;
 use super::store::{
     schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState, StoreError, Visit,
-    IMPRINT_INDEX, RECORD_COLUMNS, SCHEMA_VERSION,
+    IMPRINT_INDEX, OLD_IMPRINT_INDEX, RECORD_COLUMNS, SCHEMA_VERSION,
 };
 use crate::config::ArchiveConfig;
 
@@ -143,7 +143,30 @@ impl Inner {
         // Instances of a fleet may start together: one creates the schema at a time.
         tx.batch_execute("SELECT pg_advisory_xact_lock(3161)")?;
         tx.batch_execute(&schema("BYTEA"))?;
-        tx.batch_execute(IMPRINT_INDEX)?;
+        // The imprint index is made with the table. On a table that holds tokens already,
+        // building it here would hold every instance's inserts until it is built: the
+        // operator builds it beside them, and look-ups use the older index meanwhile.
+        let built: bool = tx
+            .query_one(
+                "SELECT to_regclass('tokens_imprint_newest') IS NOT NULL",
+                &[],
+            )?
+            .get(0);
+        let empty: bool = tx
+            .query_one("SELECT NOT EXISTS (SELECT 1 FROM tokens)", &[])?
+            .get(0);
+        if built || empty {
+            tx.batch_execute(IMPRINT_INDEX)?;
+        } else {
+            tx.batch_execute(OLD_IMPRINT_INDEX)?;
+            tracing::warn!(
+                "the archive's tokens have no index by imprint and genTime, and look-ups of an \
+                 imprint stamped many times sort all of its tokens: build it beside the running \
+                 servers with: CREATE INDEX CONCURRENTLY tokens_imprint_newest ON tokens \
+                 (imprint, gen_time_ns DESC, instance_id, seq DESC); then DROP INDEX \
+                 tokens_imprint;"
+            );
+        }
         tx.batch_execute(LEASE_SCHEMA)?;
         tx.execute(
             "INSERT INTO archive_meta (name, value) VALUES ('schema', $1) \
