@@ -42,6 +42,17 @@ fn metric(server: &Server, name: &str, label: &str) -> f64 {
         .sum()
 }
 
+/// What a new connection to `authority` reads before the server closes it, which must be a
+/// 503 (a refusal at the door: `max_connections` and its kin).
+fn refused_at_connect(authority: &str) -> String {
+    let mut stream = TcpStream::connect(authority).unwrap();
+    let (answer, closed) = read_to_close(&mut stream, Duration::from_secs(5));
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 503 "), "{answer:?}");
+    assert!(closed, "the refused connection stays open");
+    answer
+}
+
 /// Reads until the server closes the connection (or `limit` passes); what arrived, and
 /// whether it was closed.
 fn read_to_close(stream: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
@@ -188,14 +199,8 @@ fn past_max_connections_a_new_connection_gets_503_and_is_closed() {
     // Let the server accept the three before the fourth arrives.
     std::thread::sleep(Duration::from_millis(200));
 
-    let mut fourth = TcpStream::connect(&authority).unwrap();
-    let (answer, closed) = read_to_close(&mut fourth, Duration::from_secs(5));
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(
-        answer.starts_with("HTTP/1.1 503 ") && answer.contains("Retry-After: 1"),
-        "{answer:?}"
-    );
-    assert!(closed, "the refused connection stays open");
+    let answer = refused_at_connect(&authority);
+    assert!(answer.contains("Retry-After: 1"), "{answer:?}");
     assert_eq!(
         metric(
             &server,
@@ -232,14 +237,8 @@ fn past_admin_max_connections_a_new_admin_connection_gets_503() {
         .collect();
     std::thread::sleep(Duration::from_millis(200));
 
-    let mut third = TcpStream::connect(&admin).unwrap();
-    let (answer, closed) = read_to_close(&mut third, Duration::from_secs(5));
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(
-        answer.starts_with("HTTP/1.1 503 ") && answer.contains("too many connections"),
-        "{answer:?}"
-    );
-    assert!(closed, "the refused admin connection stays open");
+    let answer = refused_at_connect(&admin);
+    assert!(answer.contains("too many connections"), "{answer:?}");
     assert_serves(&server);
 
     drop(held);
@@ -296,16 +295,11 @@ fn past_max_connections_per_address_a_new_connection_from_it_gets_503() {
     );
     assert_eq!(metric(&server, "tsa_client_addresses", ""), 1.0);
 
-    let mut third = TcpStream::connect(&authority).unwrap();
-    let (answer, closed) = read_to_close(&mut third, Duration::from_secs(5));
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = refused_at_connect(&authority);
     assert!(
-        answer.starts_with("HTTP/1.1 503 ")
-            && answer.contains("Retry-After: 1")
-            && answer.contains("too many connections"),
+        answer.contains("Retry-After: 1") && answer.contains("too many connections"),
         "{answer:?}"
     );
-    assert!(closed, "the refused connection stays open");
     let mut over_tls = TcpStream::connect(&https).unwrap();
     let (answer, closed) = read_to_close(&mut over_tls, Duration::from_secs(5));
     assert!(answer.is_empty() && closed, "{answer:?}, closed: {closed}");

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Command;
 
 use archive_support::{
-    archive_cli, archived_records, database, get, get_with_header, hex, init, open_store, stamp,
-    Conn, Received, Serving,
+    archive_cli, archived_records, database, get, get_with_header, header, hex, init, open_store,
+    stamp, Conn, Received, Serving,
 };
 use rusqlite::params;
 use tsa::archive::record::{record_hash, StoredRecord};
@@ -1326,12 +1326,7 @@ fn look_ups_past_their_places_get_503_with_retry_after() {
                     let mut conn = Conn::open(&server.admin).unwrap();
                     barrier.wait();
                     let (status, head, _) = conn.exchange("GET", &path, b"").unwrap();
-                    let retry = head
-                        .lines()
-                        .filter_map(|l| l.split_once(':'))
-                        .find(|(n, _)| n.trim().eq_ignore_ascii_case("retry-after"))
-                        .map(|(_, v)| v.trim().to_string());
-                    (status, retry)
+                    (status, header(&head, "retry-after"))
                 })
             })
             .collect();

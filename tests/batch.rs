@@ -175,19 +175,20 @@ fn numbered_queries(count: u32) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// A gauge's value, as the server's metrics give it now.
-fn gauge(server: &Server, series: &str) -> f64 {
-    scrape(server)
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(f64::NAN, |v| v.parse().unwrap())
-}
-
-fn counter(metrics: &str, series: &str) -> u64 {
+/// The value of `series` (its name and labels) in scraped `metrics`, as written.
+fn sample<'a>(metrics: &'a str, series: &str) -> Option<&'a str> {
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map_or(0, |v| v.parse().unwrap())
+}
+
+/// A gauge's value, as the server's metrics give it now.
+fn gauge(server: &Server, series: &str) -> f64 {
+    sample(&scrape(server), series).map_or(f64::NAN, |v| v.parse().unwrap())
+}
+
+fn counter(metrics: &str, series: &str) -> u64 {
+    sample(metrics, series).map_or(0, |v| v.parse().unwrap())
 }
 
 /// A batch body ten times the connection's read buffer (32 KiB, `server::http`) is read in
@@ -446,6 +447,14 @@ fn start_batch(server: &Server, body: &[u8]) -> wire::Conn {
     conn
 }
 
+/// The rest of a batch that [`start_batch`] began, and its answer.
+fn finish_batch(conn: &mut wire::Conn, body: &[u8]) -> wire::Reply {
+    conn.stream
+        .write_all(&body[body.len() - body.len() / 2..])
+        .unwrap();
+    conn.read_reply().expect("the batch's answer")
+}
+
 /// The batch's refusal for want of a place: 503 at once, `Retry-After: 1`, a DER
 /// systemFailure.
 fn assert_refused_at_once(server: &Server, work: &Path, body: &[u8]) {
@@ -484,11 +493,7 @@ fn past_max_batches_in_flight_a_batch_gets_503_before_its_body_is_read() {
     assert!(Response::from_der(&reply).unwrap().granted());
 
     // Once the first batch is whole it is answered, and the place is free again.
-    first
-        .stream
-        .write_all(&body[body.len() - body.len() / 2..])
-        .unwrap();
-    let reply = first.read_reply().expect("the first batch's answer");
+    let reply = finish_batch(&mut first, &body);
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("content-type"), Some(BATCH_REPLY));
     assert_eq!(post_batch(&server, w, &items[..10]).len(), 10);
@@ -547,11 +552,7 @@ fn an_address_with_half_the_batch_places_in_flight_gets_503_for_another() {
     assert_eq!(reply.header("content-type"), Some(BATCH_REPLY));
 
     // Once the first batch is whole it is answered, and its address has a place again.
-    first
-        .stream
-        .write_all(&body[body.len() - body.len() / 2..])
-        .unwrap();
-    let reply = first.read_reply().expect("the first batch's answer");
+    let reply = finish_batch(&mut first, &body);
     assert_eq!(reply.status, 200);
     assert_eq!(post_batch(&server, w, &items[..10]).len(), 10);
 

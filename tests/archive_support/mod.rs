@@ -270,12 +270,15 @@ pub fn get_with_header(addr: &str, path: &str, name: &str) -> (u16, Option<Strin
         .unwrap()
         .exchange("GET", path, b"")
         .unwrap();
-    let value = head
-        .lines()
+    (status, header(&head, name), body)
+}
+
+/// The value of the header field `name` in a response's `head` ([`Conn::exchange`]).
+pub fn header(head: &str, name: &str) -> Option<String> {
+    head.lines()
         .filter_map(|l| l.split_once(':'))
         .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim().to_string());
-    (status, value, body)
+        .map(|(_, v)| v.trim().to_string())
 }
 
 /// A token a client received.
