@@ -1,29 +1,30 @@
 #!/usr/bin/env bash
 # HSM path over HTTP on a machine with many cores: SoftHSM2's raw single-process rate beside
-# `tsa serve` on 2, 4 and 8 cores, with wrk on cores 8-15. Used on the lent 16-core machine,
-# which has no network: put this script in a folder together with the release binary (`tsa`),
-# a query (`q.tsq`, from `openssl ts -query`) and Debian's packages it unpacks
-# (`apt-get download softhsm2 libsofthsm2 softhsm2-common wrk libluajit-5.1-2
-# libluajit-5.1-common`), carry that folder there and run it.
+# `tsa serve` on 2, 4 and 8 cores (HSM_CORE_SETS, default "0-1 0-3 0-7"), with wrk on LOAD_CPUS
+# (default cores 8-15). Used on the lent 16-core machine, which has no network: put this script
+# in a folder together with the release binary (`tsa`), a query (`q.tsq`, from `openssl ts
+# -query`) and Debian's packages it unpacks (`apt-get download softhsm2 libsofthsm2
+# softhsm2-common wrk libluajit-5.1-2 libluajit-5.1-common`), carry that folder there and run
+# it (scaling.sh runs it as its part "hsm").
 set -u
 cd "$(dirname "$0")"
 for f in *.deb; do dpkg -x "$f" /; done; ldconfig
 T=$PWD/tsa; W=/tmp/hsmload; rm -rf $W; mkdir -p $W
 nproc; $T --version
 $T init --dir $W/st --hsm > $W/init.log 2>&1 || { cat $W/init.log; exit 1; }
-echo "raw (tsa hsm check, 1 process, 1 thread):"; taskset -c 0 $T hsm check --config $W/st/tsa.toml --signatures 60000 --threads 1 2>&1 | grep rate
-echo "raw (1 process, 4 threads):"; $T hsm check --config $W/st/tsa.toml --signatures 60000 --threads 4 2>&1 | grep rate
+echo "raw (tsa hsm check, 1 process, 1 thread):"; taskset -c 0 $T hsm check --config $W/st/tsa.toml --signatures ${HSM_SIGNATURES:-20000} --threads 1 2>&1 | grep rate
+echo "raw (1 process, 4 threads):"; $T hsm check --config $W/st/tsa.toml --signatures ${HSM_SIGNATURES:-20000} --threads 4 2>&1 | grep rate
 cat > $W/post.lua <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/timestamp-query"
 local f = io.open("$PWD/q.tsq", "rb"); wrk.body = f:read("*a"); f:close()
 LUA
-for cores in 0-1 0-3 0-7; do
+for cores in ${HSM_CORE_SETS:-0-1 0-3 0-7}; do
   taskset -c $cores $T serve --config $W/st/tsa.toml --listen 127.0.0.1:3990 --admin-listen 127.0.0.1:3991 > $W/out 2> $W/err &
   pid=$!; sleep 1.5
   for c in 16 64; do
-    echo "server on cores $cores, wrk on cores 8-15, c=$c:"
-    taskset -c 8-15 wrk -t4 -c$c -d6s -s $W/post.lua http://127.0.0.1:3990/ | grep -E "Requests/sec|Latency|Non-2xx"
+    echo "server on cores $cores, wrk on cores ${LOAD_CPUS:-8-15}, c=$c:"
+    taskset -c ${LOAD_CPUS:-8-15} wrk -t${LOAD_THREADS:-4} -c$c -d6s -s $W/post.lua http://127.0.0.1:3990/ | grep -E "Requests/sec|Latency|Non-2xx"
   done
   kill $pid; wait $pid 2>/dev/null; sleep 0.5
 done
