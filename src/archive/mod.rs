@@ -270,10 +270,15 @@ impl Archive {
             "archive open"
         );
 
-        let queue = Arc::new(Queue::new(
-            Duration::from_micros(config.commit_delay_us),
-            max_queued,
-        ));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let commit_delay = config.commit_delay(cores);
+        tracing::info!(
+            cores,
+            commit_delay_us = commit_delay.as_micros() as u64,
+            configured = config.commit_delay_us.is_some(),
+            "archive group commit"
+        );
+        let queue = Arc::new(Queue::new(commit_delay, max_queued));
         let reservations = queue.clone();
         let serials = BlockSerials::new(
             instance_id,
