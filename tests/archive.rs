@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Command;
 
 use archive_support::{
-    archive_cli, archived_records, database, get, get_with_header, header, hex, init, open_store,
-    stamp, Conn, Received, Serving,
+    archive_cli, archived_records, database, get, get_with_header, hex, init, open_store, stamp,
+    Conn, Received, Serving,
 };
 use rusqlite::params;
 use tsa::archive::record::{record_hash, StoredRecord};
@@ -23,7 +23,7 @@ const DEVELOPMENT_POLICY: &str = "1.3.6.1.4.1.32473.3161.1";
 const SHA256: &str = "2.16.840.1.101.3.4.2.1";
 
 fn stamps(server: &Serving, n: usize, tag: &str) -> Vec<Received> {
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     (0..n)
         .map(|i| {
             stamp(&mut conn, format!("{tag} {i}").as_bytes())
@@ -88,7 +88,7 @@ fn complete_refetchable_and_verified(layout: &str) {
             "ts", "-query", "-data", "data.txt", "-sha256", "-cert", "-out", "b.tsq",
         ],
     );
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let mut replies = Vec::new();
     for q in ["a.tsq", "b.tsq"] {
         let (status, body) = conn
@@ -992,7 +992,7 @@ fn an_unwritable_archive_withholds_tokens() {
     let dir = init("busy_timeout_ms = 200\nlayout = \"rows\"");
     let d = dir.path();
     let server = Serving::start(d);
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let before = stamp(&mut conn, b"before").unwrap().expect("granted");
 
     let locker = write_conn(d);
@@ -1045,7 +1045,7 @@ fn serials_that_cannot_be_reserved_fail_readiness_until_a_probe_reserves_them() 
     // a directory there makes every reservation fail, root or not.
     let blocker = d.join(format!(".archive.state.{}.tmp", server.pid()));
     std::fs::create_dir(&blocker).unwrap();
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let mut granted = 0;
     let rejected = loop {
         match stamp(&mut conn, format!("request {granted}").as_bytes()).unwrap() {
@@ -1153,7 +1153,7 @@ fn restored_backups_and_lost_state_files_never_reuse_serials() {
         .collect();
     std::fs::write(d.join("archive.state"), state).unwrap();
     let server = Serving::start(d);
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let refused = stamp(&mut conn, b"before the floor").unwrap().unwrap_err();
     assert_eq!(refused.fail_info(), Some(FailInfo::TimeNotAvailable));
     while tsa::clock::system_unix_ns() < floor + 5_000_000 {
@@ -1183,7 +1183,7 @@ fn an_imprint_stamped_many_times(layout: &str) {
     let dir = init(&format!("layout = \"{layout}\""));
     let d = dir.path();
     let server = Serving::start(d);
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let ours: Vec<Received> = (0..12)
         .map(|_| {
             stamp(&mut conn, b"the same document")
@@ -1303,7 +1303,7 @@ fn look_ups_past_their_places_get_503_with_retry_after() {
     const ASKING: usize = 12;
     let dir = init("layout = \"log\"");
     let server = Serving::start(dir.path());
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let mut last = None;
     for _ in 0..STAMPS {
         last = Some(
@@ -1323,10 +1323,10 @@ fn look_ups_past_their_places_get_503_with_retry_after() {
         let asking: Vec<_> = (0..ASKING)
             .map(|_| {
                 s.spawn(|| {
-                    let mut conn = Conn::open(&server.admin).unwrap();
+                    let mut conn = Conn::connect(&server.admin).unwrap();
                     barrier.wait();
-                    let (status, head, _) = conn.exchange("GET", &path, b"").unwrap();
-                    (status, header(&head, "retry-after"))
+                    let reply = conn.exchange("GET", &path, b"").unwrap();
+                    (reply.status, reply.header("retry-after").map(str::to_owned))
                 })
             })
             .collect();

@@ -50,7 +50,7 @@ fn records_are_complete_and_verify_on_postgres() {
     );
     let d = dir.path();
     let server = Serving::start(d);
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let received: Vec<Received> = (0..600)
         .map(|i| {
             stamp(&mut conn, format!("postgres {i}").as_bytes())
@@ -123,7 +123,7 @@ fn records_are_complete_and_verify_on_postgres() {
     let (ok, report) = archive_cli(d, &["verify"]);
     assert!(ok, "{report}");
     let server = Serving::start(d);
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let after = stamp(&mut conn, b"after pruning").unwrap().unwrap();
     server.stop();
     let max_before = received
@@ -157,15 +157,15 @@ fn a_second_instance_with_the_same_id_is_refused_while_the_first_holds_the_lease
     assert!(err.contains("held by another live instance"), "{err}");
     // Another id on the same database starts (a fleet).
     let other = Serving::start(other_dir.path());
-    let mut a = Conn::open(&first.public).unwrap();
-    let mut b = Conn::open(&other.public).unwrap();
+    let mut a = Conn::connect(&first.public).unwrap();
+    let mut b = Conn::connect(&other.public).unwrap();
     let ta = stamp(&mut a, b"first").unwrap().unwrap();
     let tb = stamp(&mut b, b"other").unwrap().unwrap();
     assert_ne!(ta.serial, tb.serial);
     // A clean stop gives the lease back at once.
     first.stop();
     let twin = Serving::start(twin_dir.path());
-    let mut c = Conn::open(&twin.public).unwrap();
+    let mut c = Conn::connect(&twin.public).unwrap();
     let tc = stamp(&mut c, b"twin").unwrap().unwrap();
     twin.stop();
     other.stop();
@@ -239,7 +239,7 @@ fn kill_9_under_load_on_postgres_never_reuses_a_serial_nor_loses_a_token() {
             Err(e) => panic!("tsa serve did not start: {e}"),
         }
     };
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     received.push(vec![stamp(&mut conn, b"after the crashes")
         .unwrap()
         .unwrap()]);
@@ -290,7 +290,7 @@ fn a_postgres_outage_withholds_tokens_and_the_server_reconnects_by_itself() {
     let dir = setup(&cluster, "outage", 3, "checkpoint_interval_s = 1");
     let d = dir.path();
     let server = Serving::start(d);
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let mut received = vec![stamp(&mut conn, b"before").unwrap().expect("granted")];
     assert_eq!(ready(&server.admin).0, 200);
 
@@ -392,7 +392,7 @@ fn a_process_that_lost_its_lease_stops_issuing() {
     let dir = setup(&cluster, "lease", 4, "");
     let d = dir.path();
     let server = Serving::start(d);
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let first = stamp(&mut conn, b"first").unwrap().expect("granted");
 
     // Another process holds the id now (as after a takeover of an expired lease).
@@ -422,7 +422,7 @@ fn a_process_that_lost_its_lease_stops_issuing() {
 
     // A new process takes the id and issues.
     let server = Serving::start(d);
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let second = stamp(&mut conn, b"second").unwrap().expect("granted");
     server.stop();
     let mut store = store(d);
@@ -521,7 +521,7 @@ fn tokens_reach_postgres_over_verified_tls_with_channel_binding() {
     );
     let d = dir.path();
     let server = Serving::start(d);
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let received: Vec<Received> = (0..50)
         .map(|i| {
             stamp(&mut conn, format!("over TLS {i}").as_bytes())
@@ -607,7 +607,7 @@ fn an_unverifiable_postgres_server_is_refused_at_start() {
         "postgres_tls_insecure = true",
     );
     let server = Serving::start(dir.path());
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let token = stamp(&mut conn, b"insecure").unwrap().unwrap();
     let sessions = tsa_sessions(&cluster);
     assert!(
@@ -682,7 +682,7 @@ fn a_client_certificate_logs_in_without_a_password() {
     );
     let dir = setup_tls(&cluster, "certs", pg::CERT_USER, "", 5, &files);
     let server = Serving::start(dir.path());
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let received: Vec<Received> = (0..10)
         .map(|i| {
             stamp(&mut conn, format!("cert {i}").as_bytes())

@@ -80,7 +80,7 @@ fn kill_9_rounds(layout: &str) {
     }
     // A last, clean run: its shutdown signs a checkpoint over everything.
     let server = Serving::start(d);
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let last = stamp(&mut conn, b"after the crashes").unwrap().unwrap();
     server.stop();
     received.push(vec![last]);

@@ -103,7 +103,7 @@ fn full_disk(layout: &str) {
         .map(|c| {
             let (addr, stop, seen) = (server.public.clone(), stop.clone(), seen.clone());
             std::thread::spawn(move || {
-                let mut conn = Conn::open(&addr).unwrap();
+                let mut conn = Conn::connect(&addr).unwrap();
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let data = format!("client {c} request {i}");
@@ -165,7 +165,7 @@ fn full_disk(layout: &str) {
 
     // A restart on the same directory issues above every serial before it.
     let server = Serving::start(&state);
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let last = stamp(&mut conn, b"after the restart")
         .unwrap()
         .expect("granted");

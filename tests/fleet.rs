@@ -195,7 +195,7 @@ enum Outcome {
 fn post(conn: &mut Option<Conn>, addr: &str, data: String) -> Outcome {
     let sent = Instant::now();
     if conn.is_none() {
-        match Conn::open(addr) {
+        match Conn::connect(addr) {
             Ok(c) => *conn = Some(c),
             Err(_) => return Outcome::Broken,
         }
@@ -368,7 +368,7 @@ fn check_fetch(fleet: &[Instance], received: &[Got]) {
         .map(|i| {
             let (admin, received) = (i.admin(), received.clone());
             std::thread::spawn(move || {
-                let mut conn = Conn::open(&admin).unwrap();
+                let mut conn = Conn::connect(&admin).unwrap();
                 for got in received.iter() {
                     let (status, body) = conn
                         .request("GET", &format!("/archive/serial/{}", hex(&got.serial)), b"")

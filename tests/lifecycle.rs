@@ -3,9 +3,9 @@
 //! certificate has less validity left than configured.
 
 mod common;
+#[path = "common/wire.rs"]
+mod wire;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::{ok, openssl, Server};
 use tsa::client::read::Response;
 use tsa::protocol::FailInfo;
+use wire::Conn;
 
 /// A certificate for `key` with `subject`, issued by the development CA in `dir`, with the TSU
 /// profile (EKU id-kp-timeStamping only, critical).
@@ -49,52 +50,9 @@ fn issue_cert(dir: &Path, key: &str, subject: &str, out: &str) {
     );
 }
 
-/// A keep-alive HTTP/1.1 connection that posts queries.
-struct Conn {
-    stream: BufReader<TcpStream>,
-    host: String,
-}
-
-impl Conn {
-    fn open(url: &str) -> Conn {
-        let host = url
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_string();
-        let stream = TcpStream::connect(&host).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        Conn {
-            stream: BufReader::new(stream),
-            host,
-        }
-    }
-
-    fn post(&mut self, body: &[u8]) -> Response {
-        let head = format!(
-            "POST / HTTP/1.1\r\nHost: {}\r\nContent-Type: application/timestamp-query\r\nContent-Length: {}\r\n\r\n",
-            self.host,
-            body.len()
-        );
-        let s = self.stream.get_mut();
-        s.write_all(head.as_bytes()).unwrap();
-        s.write_all(body).unwrap();
-        let mut length = 0;
-        loop {
-            let mut line = String::new();
-            self.stream.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap();
-            }
-        }
-        let mut reply = vec![0; length];
-        self.stream.read_exact(&mut reply).unwrap();
-        Response::from_der(&reply).unwrap()
-    }
+/// Posts `query` on the keep-alive `conn`: the decoded reply.
+fn post(conn: &mut Conn, query: &[u8]) -> Response {
+    wire::decode(&conn.post("/", query))
 }
 
 fn subject_of(server: &Server) -> String {
@@ -123,7 +81,7 @@ fn sighup_reloads_the_certificate_and_settings_without_dropping_connections() {
     let query = std::fs::read(work.path().join("req.tsq")).unwrap();
 
     let mut conn = Conn::open(&server.url);
-    let before = conn.post(&query);
+    let before = post(&mut conn, &query);
     assert!(before.granted());
     assert!(subject_of(&server).contains("Development Time-Stamping Unit"));
 
@@ -153,7 +111,7 @@ fn sighup_reloads_the_certificate_and_settings_without_dropping_connections() {
     }
     assert!(renewed, "the reload did not take effect");
     // The same connection, still open, now gets tokens of the new certificate.
-    let after = conn.post(&query);
+    let after = post(&mut conn, &query);
     assert!(after.granted());
     let tst = after.token.as_ref().unwrap().tst_info();
     assert_eq!(
@@ -321,7 +279,7 @@ fn a_planned_rollover_changes_key_and_certificate_at_its_instant() {
         )
         .unwrap();
         let der = query.to_der().unwrap();
-        let response = conn.post(&der);
+        let response = post(&mut conn, &der);
         let token = response.token.expect("granted");
         let gen_time = token.tst_info().gen_time.unix_ns();
         let (signed_by_first, signed_by_next) =

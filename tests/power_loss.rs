@@ -103,7 +103,7 @@ fn power_cuts(layout: &str) {
     }
     // A last run with the power on: its shutdown signs a checkpoint over everything.
     let server = Serving::start(d);
-    let mut conn = Conn::open(&server.public).unwrap();
+    let mut conn = Conn::connect(&server.public).unwrap();
     let last = stamp(&mut conn, b"after the power cuts").unwrap().unwrap();
     server.stop();
     received.push(vec![last]);

@@ -6,8 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -169,116 +168,26 @@ impl Drop for Serving {
     }
 }
 
-/// One HTTP/1.1 keep-alive connection.
-pub struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Conn {
-    pub fn open(addr: &str) -> std::io::Result<Conn> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-        stream.set_nodelay(true)?;
-        Ok(Conn {
-            stream,
-            buf: Vec::new(),
-        })
-    }
-
-    /// (status, body); an error when the connection breaks.
-    pub fn request(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: &[u8],
-    ) -> std::io::Result<(u16, Vec<u8>)> {
-        let (status, _, body) = self.exchange(method, path, body)?;
-        Ok((status, body))
-    }
-
-    /// [`Conn::request`] with the response's head (status line and header fields) too.
-    pub fn exchange(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: &[u8],
-    ) -> std::io::Result<(u16, String, Vec<u8>)> {
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
-             Content-Type: application/timestamp-query\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        let mut all = head.into_bytes();
-        all.extend_from_slice(body);
-        self.stream.write_all(&all)?;
-        let head_end = loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i;
-            }
-            self.fill()?;
-        };
-        let head = String::from_utf8_lossy(&self.buf[..head_end]).to_string();
-        let status: u16 = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, head.clone()))?;
-        let len: usize = head
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .find(|(n, _)| n.trim().eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.trim().parse().ok())
-            .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidData, "no Content-Length"))?;
-        let start = head_end + 4;
-        while self.buf.len() < start + len {
-            self.fill()?;
-        }
-        let body = self.buf[start..start + len].to_vec();
-        self.buf.drain(..start + len);
-        Ok((status, head, body))
-    }
-
-    /// Reads more. A read of a socket with a timeout that a stop (or a freeze of the process)
-    /// interrupts fails with EINTR even without a signal handler: it is read again.
-    fn fill(&mut self) -> std::io::Result<()> {
-        let mut chunk = [0u8; 16 * 1024];
-        let n = loop {
-            match self.stream.read(&mut chunk) {
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                read => break read?,
-            }
-        };
-        match n {
-            0 => Err(ErrorKind::UnexpectedEof.into()),
-            n => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                Ok(())
-            }
-        }
-    }
-}
+#[path = "../common/http1.rs"]
+mod http1;
+pub use http1::Conn;
 
 /// GET on the admin listener (a connection of its own).
 pub fn get(addr: &str, path: &str) -> (u16, Vec<u8>) {
-    Conn::open(addr).unwrap().request("GET", path, b"").unwrap()
+    Conn::connect(addr)
+        .unwrap()
+        .request("GET", path, b"")
+        .unwrap()
 }
 
 /// [`get`], with the value of the response's header field `name` (the first one), if any.
 pub fn get_with_header(addr: &str, path: &str, name: &str) -> (u16, Option<String>, Vec<u8>) {
-    let (status, head, body) = Conn::open(addr)
+    let reply = Conn::connect(addr)
         .unwrap()
         .exchange("GET", path, b"")
         .unwrap();
-    (status, header(&head, name), body)
-}
-
-/// The value of the header field `name` in a response's `head` ([`Conn::exchange`]).
-pub fn header(head: &str, name: &str) -> Option<String> {
-    head.lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.trim().to_string())
+    let value = reply.header(name).map(str::to_owned);
+    (reply.status, value, reply.body)
 }
 
 /// A token a client received.
@@ -379,7 +288,7 @@ impl Load {
                 let (addr, stop, got) = (addr.to_string(), stop.clone(), got.clone());
                 let label = label.to_string();
                 std::thread::spawn(move || {
-                    let Ok(mut conn) = Conn::open(&addr) else {
+                    let Ok(mut conn) = Conn::connect(&addr) else {
                         return;
                     };
                     let mut i = 0;
