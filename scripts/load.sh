@@ -36,6 +36,11 @@
 #   NO_BUILD=1   use target/release/tsa as it is
 #   TSA_BIN      measure this tsa binary instead (an earlier build, for a comparison)
 #   COMMIT_DELAY_US  the archive's [archive] commit_delay_us (group commit window)
+#   TRANSPORT    http (default) | https: the requests over the HTTPS listener (`tsa init
+#                --tls`: TLS 1.3, the development server certificate, keep-alive connections, so
+#                a handshake per connection) | http-new | https-new: a new connection for every
+#                request (oha --disable-keepalive), so each token pays for a TCP accept and, over
+#                TLS, a full handshake. The -new ones need LOAD_TOOL=oha
 #   BELOW="0.5 0.8"  after the runs, drive the server open-loop (oha -q, latency corrected for
 #                coordinated omission) at each of these fractions of the best rate they reached,
 #                over BELOW_CONNECTIONS (default 32) connections: latency below saturation, where
@@ -123,6 +128,20 @@ if [ -n "${BELOW:-}${OVERLOAD:-}" ]; then
   command -v oha >/dev/null && command -v python3 >/dev/null ||
     die "BELOW and OVERLOAD need oha (-q; cargo install oha --locked) and python3"
 fi
+
+TRANSPORT=${TRANSPORT:-http}
+case "$TRANSPORT" in
+  http | https) ;;
+  http-new | https-new) [ "$LOAD_TOOL" = oha ] || die "TRANSPORT=$TRANSPORT needs LOAD_TOOL=oha" ;;
+  *) die "TRANSPORT must be http, https, http-new or https-new" ;;
+esac
+scheme=${TRANSPORT%-new}
+[ "$scheme" = http ] || [ -z "${OTHER:-}" ] || die "OTHER is measured over plain HTTP only"
+# oha's connections: new for every request with -new; over TLS, trusting the development CA's
+# server certificate (as curl and wrk, which checks none, do).
+oha_transport=()
+case "$TRANSPORT" in *-new) oha_transport+=(--disable-keepalive) ;; esac
+[ "$scheme" = https ] && oha_transport+=(--insecure)
 
 other_url=${OTHER_URL:-http://$HOST:2020/}
 case "$other_url" in "http://$HOST:"*) ;; *) die "OTHER_URL must be on http://$HOST ($other_url)" ;; esac
@@ -281,7 +300,9 @@ start_server() { # mode: off | on | other
   # A development PKI and a server on free loopback ports.
   mode_args=()
   [ "$mode" = on ] && mode_args=(--archive)
+  [ "$scheme" = https ] && mode_args+=(--tls)
   "$TSA" init --dir "$work/state-$mode" "${init_args[@]}" "${mode_args[@]}" >/dev/null
+  sed -i "s/^https_listen = .*/https_listen = \"$HOST:0\"/" "$work/state-$mode/tsa.toml"
   if [ -n "${COMMIT_DELAY_US:-}" ]; then
     sed -i "s/^commit_delay_us = .*/commit_delay_us = $COMMIT_DELAY_US/" "$work/state-$mode/tsa.toml"
     grep -q '^commit_delay_us' "$work/state-$mode/tsa.toml" ||
@@ -308,22 +329,23 @@ start_server() { # mode: off | on | other
   server_pid=$!
   url=
   for _ in $(seq 100); do
-    url=$(grep -o "http://$HOST:[0-9]*/" "$work/serve-$mode.out" 2>/dev/null | head -n1 || true)
+    url=$(grep -o "$scheme://$HOST:[0-9]*/" "$work/serve-$mode.out" 2>/dev/null | head -n1 || true)
     [ -n "$url" ] && break
     kill -0 "$server_pid" 2>/dev/null || { cat "$work/serve-$mode.err" >&2; die "tsa serve exited"; }
     sleep 0.1
   done
   [ -n "$url" ] || die "tsa serve did not announce its address"
   admin=$(grep -o "admin http://$HOST:[0-9]*" "$work/serve-$mode.out" | head -n1 | cut -d' ' -f2)
-  case "$url" in "http://$HOST:"*) ;; *) die "refusing to load anything but $HOST ($url)" ;; esac
-  echo "== tsa serve ($ALG, archive $mode) pid $server_pid on core $SERVER_CPU at $url; load: $LOAD_TOOL on core $CLIENT_CPU, $IMPRINTS imprints"
+  case "$url" in "$scheme://$HOST:"*) ;; *) die "refusing to load anything but $HOST ($url)" ;; esac
+  echo "== tsa serve ($ALG, archive $mode) pid $server_pid on core $SERVER_CPU at $url; load: $LOAD_TOOL on core $CLIENT_CPU, $IMPRINTS imprints, $TRANSPORT"
 
   # The request (what a client sends) and one checked reply.
   [ -e "$work/req.tsq" ] || {
     head -c 4096 /dev/urandom >"$work/data"
     openssl ts -query -data "$work/data" -sha256 -cert -out "$work/req.tsq" 2>/dev/null
   }
-  curl -sS --max-time 10 -H 'Content-Type: application/timestamp-query' \
+  curl -sS --max-time 10 --cacert "$work/state-$mode/ca-cert.pem" \
+    -H 'Content-Type: application/timestamp-query' \
     --data-binary @"$work/req.tsq" -o "$work/reply.tsr" -w '%{http_code}' "$url" >"$work/code"
   [ "$(cat "$work/code")" = 200 ] || die "sample request: HTTP $(cat "$work/code")"
   openssl ts -reply -in "$work/reply.tsr" -text >"$work/reply.txt" 2>&1 || true
@@ -388,7 +410,7 @@ run_loads() { # mode
       oha)
         out=$(taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
           oha -z "${DURATION}s" -c "$c" -m POST -H 'Content-Type: application/timestamp-query' \
-          -D "$work/req.tsq" --no-tui --output-format json "$url" | oha_result)
+          "${oha_transport[@]}" -D "$work/req.tsq" --no-tui --output-format json "$url" | oha_result)
         ;;
     esac
     after=$(stat_ticks)
@@ -447,7 +469,7 @@ open_loop() { # mode multiple connections
   before=$(stat_ticks)
   taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
     oha -z "${DURATION}s" -q "$q" --latency-correction -c "$connections" -m POST \
-    -H 'Content-Type: application/timestamp-query' -D "$work/req.tsq" --no-tui \
+    -H 'Content-Type: application/timestamp-query' "${oha_transport[@]}" -D "$work/req.tsq" --no-tui \
     --output-format json "$url" >"$work/open.json"
   python3 - "$cap" $(($(stat_ticks) - before)) "$hz" "$work/open.json" <<'PY'
 import json, sys

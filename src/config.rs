@@ -201,6 +201,20 @@ pub struct ServerConfig {
     /// it where clients connect directly, well above what one client needs (it counts a whole
     /// NAT, or an office's /64, as one client).
     pub max_connections_per_address: usize,
+    /// New public connections (HTTP and HTTPS together) one client address may open per
+    /// second, after a burst of `new_connections_per_address_burst`; past it a new connection
+    /// from that address gets the same fixed 503 as past `max_connections` (over TLS it is
+    /// closed before the handshake). A TLS handshake costs the server about eight tokens' CPU,
+    /// and a client can make it do one by sending a recorded ClientHello, which costs the
+    /// client nothing: `max_connections_per_address` bounds the connections an address holds,
+    /// this how fast it may open and drop them. Addresses are counted as there (an IPv6 /64 is
+    /// one), and so, many addresses are not held by it either. 0 (the default): no limit, as a
+    /// balancer in front needs; set it where clients connect directly, above what a client
+    /// that opens a connection per request needs.
+    pub new_connections_per_address_per_s: f64,
+    /// New connections an address may open at once before the rate holds it; 0: one second's
+    /// worth (at least 1).
+    pub new_connections_per_address_burst: u32,
     /// Open connections of the admin listener, counted apart from `max_connections`; past it
     /// a new one gets the same fixed 503. Its descriptors come from those kept beside
     /// `max_connections`, hence at most [`MAX_ADMIN_CONNECTIONS`].
@@ -233,6 +247,8 @@ impl Default for ServerConfig {
             queue_wait_ms: 1_000,
             max_connections: 4096,
             max_connections_per_address: 0,
+            new_connections_per_address_per_s: 0.0,
+            new_connections_per_address_burst: 0,
             admin_max_connections: 16,
             max_requests_per_connection: 10_000,
             max_header_bytes: 8 * 1024,
@@ -850,6 +866,10 @@ impl Config {
                 self.server.max_connections
             );
         }
+        let rate = self.server.new_connections_per_address_per_s;
+        if !(rate.is_finite() && rate >= 0.0) {
+            bail!("server.new_connections_per_address_per_s must be a number, at least 0 (0: no limit)");
+        }
         if !(1..=MAX_ADMIN_CONNECTIONS).contains(&self.server.admin_max_connections) {
             bail!("server.admin_max_connections must be 1 to {MAX_ADMIN_CONNECTIONS}");
         }
@@ -966,6 +986,16 @@ mod tests {
         assert_eq!(
             config.server.max_connections_per_address,
             defaults.max_connections_per_address
+        );
+        assert_eq!(
+            (
+                config.server.new_connections_per_address_per_s,
+                config.server.new_connections_per_address_burst
+            ),
+            (
+                defaults.new_connections_per_address_per_s,
+                defaults.new_connections_per_address_burst
+            )
         );
         assert_eq!(
             config.clock.max_accuracy_ms,
@@ -1121,6 +1151,28 @@ mod tests {
         per_address(100).unwrap();
         let refused = per_address(101).unwrap_err().to_string();
         assert!(refused.contains("max_connections_per_address"), "{refused}");
+    }
+
+    #[test]
+    fn the_new_connection_rate_is_a_number_at_least_zero() {
+        let base = "[signer]\nkind = \"software\"\nkey = \"k\"\ncertificate = \"c\"\n";
+        let rate = |value: &str| {
+            toml::from_str::<Config>(&format!(
+                "{base}[server]\nnew_connections_per_address_per_s = {value}\n"
+            ))
+            .unwrap()
+            .validate()
+        };
+        rate("0").unwrap();
+        rate("0.25").unwrap();
+        rate("200").unwrap();
+        for wrong in ["-1", "nan", "inf"] {
+            let refused = rate(wrong).unwrap_err().to_string();
+            assert!(
+                refused.contains("new_connections_per_address_per_s"),
+                "{refused}"
+            );
+        }
     }
 
     #[test]

@@ -342,6 +342,95 @@ fn past_max_connections_per_address_a_new_connection_from_it_gets_503() {
     assert_eq!(metric(&server, "tsa_open_connections", ""), 0.0);
 }
 
+/// Past `new_connections_per_address_per_s` (after its burst), a new connection from the
+/// address is refused however few it holds open: the fixed 503 on the plain listener, closed
+/// before any TLS on the HTTPS one. Other addresses are served meanwhile, and the address
+/// connects again once its allowance has refilled.
+#[test]
+fn past_the_new_connection_rate_a_new_connection_from_the_address_is_refused() {
+    // Three at once, then one every 4 s.
+    let server = Server::start(
+        &["--tls", "--https-listen", "127.0.0.1:0"],
+        "[server]\nnew_connections_per_address_per_s = 0.25\nnew_connections_per_address_burst = 3\n",
+    );
+    let (authority, path) = split_url(&server.url);
+    let https = server.https_url.clone().expect("an HTTPS listener");
+    let https = https
+        .strip_prefix("https://")
+        .and_then(|rest| rest.split('/').next())
+        .expect("an https URL")
+        .to_string();
+    let refused = || {
+        metric(
+            &server,
+            "tsa_overload_refusals_total",
+            "limit=\"new_connections_per_address\"",
+        )
+    };
+    let query = query_for(b"connection rate").to_der().unwrap();
+    let served_from = |local: &str| {
+        let mut conn = Conn::open_from(&server.url, local);
+        decode(&conn.post(&path, &query)).granted()
+    };
+
+    // The burst: two plain connections, each served and closed, and one on the HTTPS listener,
+    // which waits for its ClientHello.
+    assert!(served_from("127.0.0.2") && served_from("127.0.0.2"));
+    let mut tls = wire::connect_from(&https, "127.0.0.2");
+    let (answer, closed) = read_to_close(&mut tls, Duration::from_millis(500));
+    assert!(
+        answer.is_empty() && !closed,
+        "admitted: {answer:?}, closed: {closed}"
+    );
+    drop(tls);
+
+    // None is open now, yet the next ones are refused.
+    let mut plain = wire::connect_from(&authority, "127.0.0.2");
+    let (answer, closed) = read_to_close(&mut plain, Duration::from_secs(5));
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 503 ") && answer.contains("Retry-After: 1") && closed,
+        "{answer:?}, closed: {closed}"
+    );
+    let mut over_tls = wire::connect_from(&https, "127.0.0.2");
+    let (answer, closed) = read_to_close(&mut over_tls, Duration::from_secs(5));
+    assert!(answer.is_empty() && closed, "{answer:?}, closed: {closed}");
+    assert_eq!(refused(), 2.0);
+    assert_eq!(
+        metric(
+            &server,
+            "tsa_overload_refusals_total",
+            "limit=\"connections\""
+        ),
+        0.0
+    );
+
+    // Another address has an allowance of its own.
+    assert!(served_from("127.0.0.3"));
+    assert_eq!(metric(&server, "tsa_connection_rate_addresses", ""), 2.0);
+
+    // The allowance refills: one connection every 4 s.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut conn = wire::connect_from(&authority, "127.0.0.2");
+        conn.write_all(&wire::request(
+            "POST",
+            &path,
+            &[("Content-Type", QUERY_TYPE), ("Connection", "close")],
+            &query,
+        ))
+        .unwrap();
+        let (answer, _) = read_to_close(&mut conn, Duration::from_secs(5));
+        if answer.starts_with(b"HTTP/1.1 200 ") {
+            break;
+        }
+        assert!(answer.starts_with(b"HTTP/1.1 503 "), "{answer:?}");
+        assert!(Instant::now() < deadline, "the allowance never refilled");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_serves(&server);
+}
+
 /// A connection to `authority` with a receive buffer as small as the kernel allows (set
 /// before the handshake, so that the window it announces is small too).
 fn connect_with_small_receive_buffer(authority: &str) -> TcpStream {

@@ -37,7 +37,7 @@ use std::collections::hash_map::{Entry, HashMap};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, SemaphorePermit, TryAcquireError};
 
@@ -342,6 +342,102 @@ impl Drop for AddressBatch<'_> {
     }
 }
 
+/// New public connections per client address and second
+/// (`server.new_connections_per_address_per_s`, [`AddressKey`] says what one address is): a
+/// token bucket of `burst` connections per address, refilled at the rate.
+///
+/// Each accepted TLS connection costs the server a handshake (a key exchange and a signature:
+/// about eight tokens' CPU), and a client can make it do one by sending a recorded
+/// ClientHello, with no cryptography of its own; `max_connections_per_address` bounds the
+/// connections an address holds, not how fast it opens and drops them.
+///
+/// The bucket is kept as the instant it is full again (the generic cell rate algorithm): an
+/// address's entry is one key and one number, and it can go once that instant has passed.
+/// Entries that have are swept whenever the table has doubled since the last sweep, so it
+/// holds the addresses that connected within the last `burst / rate` seconds (amortized one
+/// map operation per new connection, under a short lock).
+#[derive(Debug)]
+pub struct ConnectionRate {
+    /// Nanoseconds between connections at the rate; 0: no limit.
+    interval_ns: u64,
+    /// How far an address's schedule may run ahead of now: `burst - 1` intervals.
+    tolerance_ns: u64,
+    epoch: Instant,
+    table: Mutex<RateTable>,
+}
+
+#[derive(Debug, Default)]
+struct RateTable {
+    /// Per address, the instant (since the epoch, ns) at which its bucket is full again.
+    full_at: HashMap<AddressKey, u64>,
+    /// The table's size that starts the next sweep.
+    sweep_at: usize,
+}
+
+/// The smallest table that is swept.
+const MIN_SWEEP: usize = 1024;
+
+impl ConnectionRate {
+    /// `per_s` new connections a second per address (0: no limit), `burst` at once (0: one
+    /// second's worth; at least 1).
+    pub fn new(per_s: f64, burst: u32) -> Self {
+        let interval_ns = if per_s > 0.0 {
+            (1e9 / per_s).clamp(1.0, u64::MAX as f64) as u64
+        } else {
+            0
+        };
+        let burst = match burst {
+            0 => per_s.ceil().max(1.0) as u64,
+            n => u64::from(n),
+        };
+        Self {
+            interval_ns,
+            tolerance_ns: interval_ns.saturating_mul(burst - 1),
+            epoch: Instant::now(),
+            table: Mutex::new(RateTable {
+                full_at: HashMap::new(),
+                sweep_at: MIN_SWEEP,
+            }),
+        }
+    }
+
+    /// Whether a new connection from `ip` may open now; `Err`: the address it is counted
+    /// under, which has opened its burst faster than the rate.
+    pub fn admit(&self, ip: IpAddr) -> Result<(), AddressKey> {
+        self.admit_at(ip, self.epoch.elapsed())
+    }
+
+    fn admit_at(&self, ip: IpAddr, now: Duration) -> Result<(), AddressKey> {
+        if self.interval_ns == 0 {
+            return Ok(());
+        }
+        let now = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+        let key = AddressKey::of(ip);
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if table.full_at.len() >= table.sweep_at {
+            table.full_at.retain(|_, full_at| *full_at > now);
+            table.sweep_at = (table.full_at.len() * 2).max(MIN_SWEEP);
+        }
+        let full_at = table.full_at.get(&key).map_or(now, |&t| t.max(now));
+        if full_at - now > self.tolerance_ns {
+            return Err(key);
+        }
+        table
+            .full_at
+            .insert(key, full_at.saturating_add(self.interval_ns));
+        Ok(())
+    }
+
+    /// Addresses whose bucket may still be refilling (some are full, until the next sweep).
+    pub fn count(&self) -> usize {
+        self.table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .full_at
+            .len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,6 +639,83 @@ mod tests {
         let held = one.batch().expect("one");
         assert!(one.batch().is_err());
         drop(held);
+    }
+
+    #[test]
+    fn an_address_opens_its_burst_then_one_connection_per_interval() {
+        // Two a second, bursts of three.
+        let rate = ConnectionRate::new(2.0, 3);
+        let at = |ms: u64| Duration::from_millis(ms);
+        for n in 0..3 {
+            assert!(rate.admit_at(ip("192.0.2.1"), at(0)).is_ok(), "burst {n}");
+        }
+        let refused = rate.admit_at(ip("::ffff:192.0.2.1"), at(10)).unwrap_err();
+        assert_eq!(refused.to_string(), "192.0.2.1");
+        assert!(
+            rate.admit_at(ip("192.0.2.2"), at(10)).is_ok(),
+            "another address"
+        );
+        // One more each half second; a refusal spends nothing.
+        assert!(rate.admit_at(ip("192.0.2.1"), at(499)).is_err());
+        assert!(rate.admit_at(ip("192.0.2.1"), at(500)).is_ok());
+        assert!(rate.admit_at(ip("192.0.2.1"), at(600)).is_err());
+        assert!(rate.admit_at(ip("192.0.2.1"), at(1000)).is_ok());
+        // Idle for the burst's time, the bucket is full again: three at once.
+        for n in 0..3 {
+            assert!(rate.admit_at(ip("192.0.2.1"), at(2500)).is_ok(), "{n}");
+        }
+        assert!(rate.admit_at(ip("192.0.2.1"), at(2500)).is_err());
+        // An IPv6 /64 is one address.
+        for host in ["2001:db8::1", "2001:db8::2", "2001:db8::3"] {
+            assert!(rate.admit_at(ip(host), at(0)).is_ok());
+        }
+        assert!(rate.admit_at(ip("2001:db8::4"), at(0)).is_err());
+    }
+
+    #[test]
+    fn one_second_of_the_rate_is_the_default_burst_and_zero_no_limit() {
+        let rate = ConnectionRate::new(4.0, 0);
+        let now = Duration::from_secs(1);
+        assert_eq!(
+            (0..10)
+                .filter(|_| rate.admit_at(ip("192.0.2.1"), now).is_ok())
+                .count(),
+            4
+        );
+        let slow = ConnectionRate::new(0.1, 0);
+        assert!(slow.admit_at(ip("192.0.2.1"), now).is_ok(), "at least one");
+        assert!(slow.admit_at(ip("192.0.2.1"), now).is_err());
+        let none = ConnectionRate::new(0.0, 0);
+        assert!((0..1000).all(|_| none.admit_at(ip("192.0.2.1"), now).is_ok()));
+        assert_eq!(none.count(), 0, "nothing kept without a limit");
+    }
+
+    #[test]
+    fn addresses_whose_bucket_is_full_again_are_swept() {
+        let rate = ConnectionRate::new(10.0, 10);
+        let host = |n: u32| IpAddr::V4(std::net::Ipv4Addr::from_bits(0x0a00_0000 + n));
+        // 5,000 addresses at once: every one has a bucket to refill, the table keeps them
+        // (and the next sweep waits for twice as many).
+        for n in 0..5_000 {
+            rate.admit_at(host(n), Duration::ZERO)
+                .expect("a first connection");
+        }
+        assert_eq!(rate.count(), 5_000);
+        // A second later (each bucket refills in a second) they can go: when the table has
+        // doubled, at 8,192, the sweep takes all of them and none of the newcomers.
+        for n in 5_000..8_200 {
+            rate.admit_at(host(n), Duration::from_secs(2))
+                .expect("a first connection");
+        }
+        assert_eq!(rate.count(), 3_200);
+        // What was swept had a full bucket: the address gets its whole burst.
+        let later = Duration::from_secs(3);
+        assert_eq!(
+            (0..20)
+                .filter(|_| rate.admit_at(host(1), later).is_ok())
+                .count(),
+            10
+        );
     }
 
     #[test]

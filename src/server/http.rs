@@ -20,6 +20,7 @@
 //! | a request head over `max_header_bytes` or 100 headers | 431, connection closed (hyper) |
 //! | a new connection while `max_connections` are open   | a fixed 503 `text/plain`, then closed; what the client sent is read and discarded briefly first, so that it reads the 503 rather than a reset |
 //! | a new connection from an address with `max_connections_per_address` open (IPv6: per /64) | the same fixed 503, then closed (0, the default: no limit) |
+//! | a new connection from an address that opened `new_connections_per_address_burst` faster than `new_connections_per_address_per_s` | the same fixed 503, then closed (0, the default: no limit) |
 //! | a batch from an address with half of `max_batches_in_flight` in flight, while `max_connections_per_address` is set | 503, `Retry-After: 1` + DER rejection `systemFailure`, before its body is read |
 //! | unparsable HTTP                                     | 400, connection closed (hyper) |
 //! | `GET /certs`                                        | 200, the certificate chain as PEM |
@@ -32,8 +33,9 @@
 //! `max_requests_per_connection` requests (the last reply says `Connection: close`), and a
 //! connection whose client reads none of its answers for `write_timeout_ms` is closed
 //! ([`super::write_timeout`]), so that it cannot hold its place under `max_connections`.
-//! Over TLS the refusal of a connection past `max_connections` or its address's
-//! `max_connections_per_address` is no plain-text 503: the connection is closed at once.
+//! Over TLS the refusal of a connection past `max_connections`, its address's
+//! `max_connections_per_address` or its rate is no plain-text 503: the connection is closed
+//! at once, before the handshake.
 //!
 //! Admin listener (loopback by default): `GET /health/live`, `GET /health/ready` (503 with the
 //! reason while the clock is not trusted or the signer failed), `GET /clock` (the clock's
@@ -197,6 +199,11 @@ pub(super) async fn run(
         tokio::select! {
             accepted = public.accept() => {
                 let Some((stream, from)) = accepted_stream(accepted).await else { continue };
+                if let Err(key) = tsa.connection_rate.admit(from.ip()) {
+                    log_rate_refused(key);
+                    refuse_connection(&tsa, stream, metrics::Overload::NewConnectionsPerAddress);
+                    continue;
+                }
                 let Some(slot) = tsa.connections.open() else {
                     refuse_connection(&tsa, stream, metrics::Overload::Connections);
                     continue;
@@ -216,7 +223,13 @@ pub(super) async fn run(
             }
             accepted = accept_on(https.as_ref()) => {
                 let Some((stream, from)) = accepted_stream(accepted).await else { continue };
-                // No plain-text 503 inside TLS: a connection refused is just closed.
+                // No plain-text 503 inside TLS: a connection refused is just closed, before
+                // the handshake it would cost.
+                if let Err(key) = tsa.connection_rate.admit(from.ip()) {
+                    log_rate_refused(key);
+                    tsa.metrics.overloaded(metrics::Overload::NewConnectionsPerAddress);
+                    continue;
+                }
                 let Some(slot) = tsa.connections.open() else {
                     tsa.metrics.overloaded(metrics::Overload::Connections);
                     continue;
@@ -306,7 +319,7 @@ const DRAIN_TIME: Duration = Duration::from_millis(500);
 /// How much of it, at most.
 const DRAIN_BYTES: usize = 64 * 1024;
 
-/// Over `max_connections` (or its address's `max_connections_per_address`, or the admin
+/// Over `max_connections` (or its address's `max_connections_per_address` or rate, or the admin
 /// listener's `admin_max_connections`): a fixed 503 written into the fresh socket's empty send
 /// buffer and the sending side shut (FIN). What the client sent is then read and discarded,
 /// briefly ([`DRAIN_TIME`], [`DRAIN_BYTES`]), before the socket is closed: a socket closed
@@ -319,7 +332,9 @@ fn refuse_connection(tsa: &Tsa, stream: tokio::net::TcpStream, limit: metrics::O
     static DRAINING: AtomicUsize = AtomicUsize::new(0);
     static DRAINING_PER_ADDRESS: AtomicUsize = AtomicUsize::new(0);
     let (draining, max) = match limit {
-        metrics::Overload::ConnectionsPerAddress => (&DRAINING_PER_ADDRESS, MAX_DRAINING / 4),
+        metrics::Overload::ConnectionsPerAddress | metrics::Overload::NewConnectionsPerAddress => {
+            (&DRAINING_PER_ADDRESS, MAX_DRAINING / 4)
+        }
         _ => (&DRAINING, MAX_DRAINING - MAX_DRAINING / 4),
     };
     tsa.metrics.overloaded(limit);
@@ -358,6 +373,17 @@ fn log_address_refused(key: AddressKey) {
         &LOG,
         key,
         "connection refused: its address has max_connections_per_address open",
+    );
+}
+
+/// A connection refused because its address opens them faster than
+/// `new_connections_per_address_per_s`: logged at most once a second, as above.
+fn log_rate_refused(key: AddressKey) {
+    static LOG: LogLimit = LogLimit::new();
+    log_refusal_of(
+        &LOG,
+        key,
+        "connection refused: its address opens connections faster than new_connections_per_address_per_s",
     );
 }
 

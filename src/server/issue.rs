@@ -116,6 +116,9 @@ pub struct Tsa {
     /// Open public connections and batches in flight per client address
     /// (`server.max_connections_per_address`).
     pub(super) addresses: super::admission::Addresses,
+    /// New public connections per client address and second
+    /// (`server.new_connections_per_address_per_s`).
+    pub(super) connection_rate: super::admission::ConnectionRate,
     /// The clients of `[auth]` and their quotas; replaced whole on reload.
     pub(super) auth: ArcSwap<super::auth::Auth>,
     /// A planned change of key (`[rollover]`).

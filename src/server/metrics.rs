@@ -40,7 +40,7 @@ pub struct Metrics {
     /// also held by itself (created at start, counted without a look-up: under overload this
     /// is the most frequent answer).
     overloads: Family<Labels, Counter>,
-    overloaded: [Counter; 6],
+    overloaded: [Counter; Overload::ALL.len()],
     /// Requests refused by client authentication and quotas, by reason; each series also
     /// held by itself (created at start, so that they read 0 before the first refusal).
     auth_refusals: Family<Labels, Counter>,
@@ -161,7 +161,8 @@ impl Metrics {
             "Requests (limit=queue), connections (limit=connections, on the admin listener \
              limit=admin_connections) and batches (limit=batches) refused with 503 because the \
              server was full, or because their client address had its share \
-             (limit=connections_per_address, limit=batches_per_address)",
+             (limit=connections_per_address, limit=batches_per_address) or opened connections \
+             faster than its rate (limit=new_connections_per_address)",
             m.overloads.clone(),
         );
         r.register(
@@ -229,16 +230,19 @@ pub enum Overload {
     /// One client address's batches in flight (half of `server.max_batches_in_flight`, while
     /// `server.max_connections_per_address` is set).
     BatchesPerAddress = 5,
+    /// `server.new_connections_per_address_per_s`: one client address's new connections.
+    NewConnectionsPerAddress = 6,
 }
 
 impl Overload {
-    const ALL: [Overload; 6] = [
+    const ALL: [Overload; 7] = [
         Overload::Queue,
         Overload::Connections,
         Overload::Batches,
         Overload::AdminConnections,
         Overload::ConnectionsPerAddress,
         Overload::BatchesPerAddress,
+        Overload::NewConnectionsPerAddress,
     ];
 
     fn name(self) -> &'static str {
@@ -249,6 +253,7 @@ impl Overload {
             Overload::AdminConnections => "admin_connections",
             Overload::ConnectionsPerAddress => "connections_per_address",
             Overload::BatchesPerAddress => "batches_per_address",
+            Overload::NewConnectionsPerAddress => "new_connections_per_address",
         }
     }
 }
@@ -355,6 +360,14 @@ impl Collector for Scraped {
              server.max_connections_per_address is set; an IPv6 /64 is one)",
             None,
             &[(none.clone(), tsa.addresses.count() as f64)],
+        )?;
+        gauge(
+            &mut e,
+            "connection_rate_addresses",
+            "Client addresses whose allowance of new connections is refilling (kept while \
+             server.new_connections_per_address_per_s is set; an IPv6 /64 is one)",
+            None,
+            &[(none.clone(), tsa.connection_rate.count() as f64)],
         )?;
 
         if let Some(archive) = tsa.archive() {

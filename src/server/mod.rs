@@ -121,6 +121,10 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
             config.server.max_connections_per_address,
             config.server.max_batches_in_flight,
         ),
+        connection_rate: admission::ConnectionRate::new(
+            config.server.new_connections_per_address_per_s,
+            config.server.new_connections_per_address_burst,
+        ),
         auth: ArcSwap::from_pointee(auth::Auth::new(&config.auth)?),
         rollover,
         tls: arc_swap::ArcSwapOption::empty(),
