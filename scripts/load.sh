@@ -40,7 +40,8 @@
 #                --tls`: TLS 1.3, the development server certificate, keep-alive connections, so
 #                a handshake per connection) | http-new | https-new: a new connection for every
 #                request (oha --disable-keepalive), so each token pays for a TCP accept and, over
-#                TLS, a full handshake. The -new ones need LOAD_TOOL=oha
+#                TLS, a full handshake. The -new ones need LOAD_TOOL=oha. (`tsa init --tls` also
+#                writes an [auth] section: anonymous access beside one client certificate.)
 #   BELOW="0.5 0.8"  after the runs, drive the server open-loop (oha -q, latency corrected for
 #                coordinated omission) at each of these fractions of the best rate they reached,
 #                over BELOW_CONNECTIONS (default 32) connections: latency below saturation, where
@@ -410,7 +411,8 @@ run_loads() { # mode
       oha)
         out=$(taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
           oha -z "${DURATION}s" -c "$c" -m POST -H 'Content-Type: application/timestamp-query' \
-          "${oha_transport[@]}" -D "$work/req.tsq" --no-tui --output-format json "$url" | oha_result)
+          ${oha_transport[@]+"${oha_transport[@]}"} -D "$work/req.tsq" --no-tui \
+          --output-format json "$url" | oha_result)
         ;;
     esac
     after=$(stat_ticks)
@@ -469,7 +471,8 @@ open_loop() { # mode multiple connections
   before=$(stat_ticks)
   taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
     oha -z "${DURATION}s" -q "$q" --latency-correction -c "$connections" -m POST \
-    -H 'Content-Type: application/timestamp-query' "${oha_transport[@]}" -D "$work/req.tsq" --no-tui \
+    -H 'Content-Type: application/timestamp-query' ${oha_transport[@]+"${oha_transport[@]}"} \
+    -D "$work/req.tsq" --no-tui \
     --output-format json "$url" >"$work/open.json"
   python3 - "$cap" $(($(stat_ticks) - before)) "$hz" "$work/open.json" <<'PY'
 import json, sys

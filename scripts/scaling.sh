@@ -35,11 +35,13 @@ PARTS=" ${PARTS:-tsa uts pinned archive hsm overload} "
 export LOAD_CPUS
 
 # Debian's packages, unpacked over /: SQLite's only where the machine has none.
+shopt -s nullglob
 for f in *.deb; do
   case "$f" in libsqlite3-0_*) ldconfig -p | grep -q 'libsqlite3.so.0 ' && continue ;; esac
   dpkg -x "$f" /
 done
 ldconfig
+export KIT_UNPACKED=1 # for hsm-scaling.sh
 if [ -x uts/uts-server ] && [ ! -x /tmp/uts-server/uts-server ]; then cp -r uts /tmp/uts-server; fi
 echo "cores: $(nproc); $($T --version); $(wrk -v 2>&1 | head -1)"
 hz=$(getconf CLK_TCK)
@@ -109,8 +111,10 @@ measure() {
     /Socket errors/ { errors = $0; sub(/^ *Socket errors: */, "", errors) }
     $1 == "BAD" { bad = $2 }
     END {
-      printf "%s c=%d req/s=%.0f p50=%s p99=%s cpu_us/token=%.1f bad_replies=%d%s\n", label, c,
-        rps, p50, p99, (n > 0 ? ticks / hz * 1e6 / n : 0), bad, (errors ? " socket_errors=[" errors "]" : "")
+      # No BAD line: wrk failed before its summary; its replies were not checked.
+      printf "%s c=%d req/s=%.0f p50=%s p99=%s cpu_us/token=%.1f bad_replies=%s%s\n", label, c,
+        rps, p50, p99, (n > 0 ? ticks / hz * 1e6 / n : 0), (bad == "" ? "?" : bad),
+        (errors ? " socket_errors=[" errors "]" : "")
     }' <<<"$out"
 }
 
@@ -136,19 +140,21 @@ archive_report() {
       c, (y[2] - x[2]) / c, (y[3] - x[3]) * 1e3 / c, (y[4] - x[4]) / hz * 1e6 / n, (y[5] - x[5]) / hz * 1e6 / n }'
 }
 
-# serve_tsa CORES CONFIG: starts `tsa serve` on CORES, sets $pid
+# serve_tsa CORES CONFIG: starts `tsa serve` on CORES, sets $pid; fails (and says why) when
+# it does not listen.
 serve_tsa() {
   taskset -c $1 $T serve --config $2 --listen 127.0.0.1:3990 --admin-listen 127.0.0.1:3991 \
     > $W/out 2> $W/err &
   pid=$!
-  wait_port 3990 || { echo "tsa serve did not start:"; tail -5 $W/err; }
+  wait_port 3990 || { echo "tsa serve did not start:"; tail -5 $W/err; stop; return 1; }
 }
 serve_uts() {
   taskset -c $1 /tmp/uts-server/uts-server -c /tmp/uts-server/uts.cnf > $W/uts.out 2>&1 &
   pid=$!
-  wait_port 2020 || { echo "uts-server did not start:"; tail -5 $W/uts.out; }
+  wait_port 2020 || { echo "uts-server did not start:"; tail -5 $W/uts.out; stop; return 1; }
 }
-stop() { kill $pid; wait $pid 2>/dev/null; sleep 0.5; }
+stop() { kill $pid 2>/dev/null; wait $pid 2>/dev/null; sleep 0.5; }
+# The cores in a set as CORE_SETS names them: "N" or "0-N".
 ncores() { echo $(( ${1##*-} + 1 )); }
 
 # scale LABEL SERVE CONFIG_OR_EMPTY URL: every core set, every connection count
@@ -156,7 +162,7 @@ scale() {
   local label=$1 serve=$2 config=$3 url=$4 cores n c
   for cores in $CORE_SETS; do
     n=$(ncores $cores)
-    $serve $cores $config
+    $serve $cores $config || continue
     for c in $CONNS; do
       [ -n "${stats:-}" ] && before=$(archive_stats)
       measure "$label server_cores=$n" $pid $url $c $DURATION $LOAD_CPUS $LOAD_THREADS
@@ -181,11 +187,11 @@ fi ;; esac
 case "$PARTS" in *" pinned "*)
   echo "== pinned: server on core 0, wrk -t1 on core 1, 32 connections, ${PINNED_DURATION:-8} s, taking turns"
   for round in 1 2; do
-    serve_tsa 0 $W/st/tsa.toml
-    measure "pinned round=$round tsa" $pid http://127.0.0.1:3990/ 32 ${PINNED_DURATION:-8} 1 1
-    stop
-    if have_uts; then
-      serve_uts 0
+    if serve_tsa 0 $W/st/tsa.toml; then
+      measure "pinned round=$round tsa" $pid http://127.0.0.1:3990/ 32 ${PINNED_DURATION:-8} 1 1
+      stop
+    fi
+    if have_uts && serve_uts 0; then
       measure "pinned round=$round uts-server" $pid http://127.0.0.1:2020/ 32 ${PINNED_DURATION:-8} 1 1
       stop
     fi
@@ -219,9 +225,10 @@ case "$PARTS" in *" overload "*)
     rm -rf $W/ov; $T init --dir $W/ov --algorithm $alg > /dev/null 2>&1
     sed -i 's/^\[server\]$/[server]\nmax_queue = 64/' $W/ov/tsa.toml
     [ -n "${QUEUE_WAIT_MS:-}" ] && sed -i "s/^\[server\]$/[server]\nqueue_wait_ms = $QUEUE_WAIT_MS/" $W/ov/tsa.toml
-    serve_tsa 0 $W/ov/tsa.toml
+    serve_tsa 0 $W/ov/tsa.toml || continue
     oha_run -z 6s -c 64 > $W/oha.txt
     cap=$(awk '/Requests\/sec/ {printf "%d", $2}' $W/oha.txt)
+    [ "${cap:-0}" -gt 0 ] || { echo "overload alg=$alg: no capacity measured"; stop; continue; }
     q=$((cap * 3))
     oha_run -z 10s -q $q -c 1024 > $W/oha.txt
     ok=$(codes 200); refused=$(codes 503); secs=$(awk '/Total:/ {print ($3 == "ms" ? $2 / 1000 : $2); exit}' $W/oha.txt)

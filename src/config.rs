@@ -102,12 +102,14 @@ pub struct ArchiveConfig {
 }
 
 impl ArchiveConfig {
-    /// The commit delay of a server on one or two cores, unless configured.
-    pub const FEW_CORES_COMMIT_DELAY: Duration = Duration::from_millis(1);
+    /// The commit delay, unless configured, of a server on one or two cores, and of one whose
+    /// archive is in PostgreSQL.
+    pub const BATCHING_COMMIT_DELAY: Duration = Duration::from_millis(1);
 
     /// How long, under load, a record may wait for others to share its commit, on a server
     /// that may run on `cores` cores: `commit_delay_us` when set; else
-    /// [`Self::FEW_CORES_COMMIT_DELAY`] on one or two cores and no wait on more.
+    /// [`Self::BATCHING_COMMIT_DELAY`] on one or two cores, or with PostgreSQL, and no wait on
+    /// more cores with SQLite.
     ///
     /// The wait saves the writer's cost per commit (the fsync's system calls and wake-ups),
     /// which on few cores is taken from the signatures. On more, the writer runs beside them,
@@ -115,11 +117,18 @@ impl ArchiveConfig {
     /// together, so they come back, sign and wait together again. Measured on a 16-core
     /// machine (docs/performance.md, "Scaling with cores"): with the wait, one core gave a
     /// third more tokens/s and more, two cores up to 8 % more at 256 connections; without it,
-    /// four cores gave up to 6 % more and eight 11 % (256 connections) to 40 % (64) more.
+    /// four cores gave up to 6 % more and eight 4–15 % (256 connections) and 26–46 % (64)
+    /// more. With PostgreSQL each commit is a round trip to a database that a fleet shares,
+    /// and those figures are SQLite's: there the wait stays.
+    ///
+    /// `cores` are those the process may run on, not `server.workers`: the writer is a thread
+    /// of its own, which competes with the signatures for the cores, not for the workers.
     pub fn commit_delay(&self, cores: usize) -> Duration {
         match self.commit_delay_us {
             Some(us) => Duration::from_micros(us),
-            None if cores <= 2 => Self::FEW_CORES_COMMIT_DELAY,
+            None if cores <= 2 || self.backend == ArchiveBackend::Postgres => {
+                Self::BATCHING_COMMIT_DELAY
+            }
             None => Duration::ZERO,
         }
     }
@@ -204,7 +213,7 @@ pub struct ServerConfig {
     /// New public connections (HTTP and HTTPS together) one client address may open per
     /// second, after a burst of `new_connections_per_address_burst`; past it a new connection
     /// from that address gets the same fixed 503 as past `max_connections` (over TLS it is
-    /// closed before the handshake). A TLS handshake costs the server about eight tokens' CPU,
+    /// closed before the handshake). A TLS handshake costs the server seven to eight tokens' CPU,
     /// and a client can make it do one by sending a recorded ClientHello, which costs the
     /// client nothing: `max_connections_per_address` bounds the connections an address holds,
     /// this how fast it may open and drop them. Addresses are counted as there (an IPv6 /64 is
@@ -213,7 +222,7 @@ pub struct ServerConfig {
     /// that opens a connection per request needs.
     pub new_connections_per_address_per_s: f64,
     /// New connections an address may open at once before the rate holds it; 0: one second's
-    /// worth (at least 1).
+    /// worth (at least 1); at most [`MAX_NEW_CONNECTIONS_BURST`].
     pub new_connections_per_address_burst: u32,
     /// Open connections of the admin listener, counted apart from `max_connections`; past it
     /// a new one gets the same fixed 503. Its descriptors come from those kept beside
@@ -275,6 +284,9 @@ impl ServerConfig {
 /// The most `server.admin_max_connections` may be: their descriptors are part of those the
 /// server keeps beside `max_connections`.
 pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// The largest `server.new_connections_per_address_burst`.
+pub const MAX_NEW_CONNECTIONS_BURST: u32 = 100_000;
 
 /// `[server.tls]`: the HTTPS listener (`server.https_listen`).
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -867,8 +879,17 @@ impl Config {
             );
         }
         let rate = self.server.new_connections_per_address_per_s;
-        if !(rate.is_finite() && rate >= 0.0) {
-            bail!("server.new_connections_per_address_per_s must be a number, at least 0 (0: no limit)");
+        if !(rate == 0.0 || (rate.is_finite() && rate >= 0.01)) {
+            bail!(
+                "server.new_connections_per_address_per_s must be 0 (no limit) or at least 0.01 \
+                 (one connection in 100 s)"
+            );
+        }
+        if self.server.new_connections_per_address_burst > MAX_NEW_CONNECTIONS_BURST {
+            bail!(
+                "server.new_connections_per_address_burst must be at most \
+                 {MAX_NEW_CONNECTIONS_BURST} (0: one second's worth)"
+            );
         }
         if !(1..=MAX_ADMIN_CONNECTIONS).contains(&self.server.admin_max_connections) {
             bail!("server.admin_max_connections must be 1 to {MAX_ADMIN_CONNECTIONS}");
@@ -1166,13 +1187,30 @@ mod tests {
         rate("0").unwrap();
         rate("0.25").unwrap();
         rate("200").unwrap();
-        for wrong in ["-1", "nan", "inf"] {
+        rate("0.01").unwrap();
+        for wrong in ["-1", "nan", "inf", "0.001"] {
             let refused = rate(wrong).unwrap_err().to_string();
             assert!(
                 refused.contains("new_connections_per_address_per_s"),
                 "{refused}"
             );
         }
+        let burst = |n: u32| {
+            toml::from_str::<Config>(&format!(
+                "{base}[server]\nnew_connections_per_address_per_s = 1\n\
+                 new_connections_per_address_burst = {n}\n"
+            ))
+            .unwrap()
+            .validate()
+        };
+        burst(MAX_NEW_CONNECTIONS_BURST).unwrap();
+        let refused = burst(MAX_NEW_CONNECTIONS_BURST + 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("new_connections_per_address_burst"),
+            "{refused}"
+        );
     }
 
     #[test]
@@ -1183,7 +1221,7 @@ mod tests {
         for cores in [0, 1, 2] {
             assert_eq!(
                 unset.commit_delay(cores),
-                ArchiveConfig::FEW_CORES_COMMIT_DELAY
+                ArchiveConfig::BATCHING_COMMIT_DELAY
             );
         }
         assert_eq!(unset.commit_delay(3), Duration::ZERO);
@@ -1193,6 +1231,12 @@ mod tests {
             let set = archive(&format!("commit_delay_us = {us}\n"));
             assert_eq!(set.commit_delay(cores), Duration::from_micros(us));
         }
+        // PostgreSQL keeps the wait on any number of cores.
+        let postgres = archive("backend = \"postgres\"\n");
+        assert_eq!(
+            postgres.commit_delay(16),
+            ArchiveConfig::BATCHING_COMMIT_DELAY
+        );
     }
 
     #[test]

@@ -348,10 +348,10 @@ fn past_max_connections_per_address_a_new_connection_from_it_gets_503() {
 /// connects again once its allowance has refilled.
 #[test]
 fn past_the_new_connection_rate_a_new_connection_from_the_address_is_refused() {
-    // Three at once, then one every 4 s.
+    // Three at once, then one every 10 s.
     let server = Server::start(
         &["--tls", "--https-listen", "127.0.0.1:0"],
-        "[server]\nnew_connections_per_address_per_s = 0.25\nnew_connections_per_address_burst = 3\n",
+        "[server]\nnew_connections_per_address_per_s = 0.1\nnew_connections_per_address_burst = 3\n",
     );
     let (authority, path) = split_url(&server.url);
     let https = server.https_url.clone().expect("an HTTPS listener");
@@ -389,13 +389,14 @@ fn past_the_new_connection_rate_a_new_connection_from_the_address_is_refused() {
     let (answer, closed) = read_to_close(&mut plain, Duration::from_secs(5));
     let answer = String::from_utf8_lossy(&answer);
     assert!(
-        answer.starts_with("HTTP/1.1 503 ") && answer.contains("Retry-After: 1") && closed,
+        answer.starts_with("HTTP/1.1 503 ") && answer.contains("Retry-After: 10\r\n") && closed,
         "{answer:?}, closed: {closed}"
     );
     let mut over_tls = wire::connect_from(&https, "127.0.0.2");
     let (answer, closed) = read_to_close(&mut over_tls, Duration::from_secs(5));
     assert!(answer.is_empty() && closed, "{answer:?}, closed: {closed}");
     assert_eq!(refused(), 2.0);
+    // Refused by the rate alone: by no other limit, and holding no connection.
     assert_eq!(
         metric(
             &server,
@@ -404,13 +405,17 @@ fn past_the_new_connection_rate_a_new_connection_from_the_address_is_refused() {
         ),
         0.0
     );
+    common::wait_until(
+        || metric(&server, "tsa_open_connections", "") == 0.0,
+        "the refused connections to leave no place taken",
+    );
 
     // Another address has an allowance of its own.
     assert!(served_from("127.0.0.3"));
     assert_eq!(metric(&server, "tsa_connection_rate_addresses", ""), 2.0);
 
-    // The allowance refills: one connection every 4 s.
-    let deadline = Instant::now() + Duration::from_secs(15);
+    // The allowance refills: one connection every 10 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut conn = wire::connect_from(&authority, "127.0.0.2");
         conn.write_all(&wire::request(

@@ -26,6 +26,9 @@
 //! connection from that address gets the same fixed 503, and a batch from an address that
 //! already has half of `max_batches_in_flight` in flight gets the batch's 503, so that one
 //! client's idle or slow connections and uploads cannot take the places every client shares.
+//! And per client address and second ([`ConnectionRate`],
+//! `server.new_connections_per_address_per_s`): past its burst, a new connection from an
+//! address that opens them faster gets a 503 too (over TLS it is closed before the handshake).
 //!
 //! Why the yield in [`Admission::enter`] matters: a software signer signs on the async worker,
 //! so without it a request would run from its first byte to its response in one poll and
@@ -347,15 +350,19 @@ impl Drop for AddressBatch<'_> {
 /// token bucket of `burst` connections per address, refilled at the rate.
 ///
 /// Each accepted TLS connection costs the server a handshake (a key exchange and a signature:
-/// about eight tokens' CPU), and a client can make it do one by sending a recorded
+/// seven to eight tokens' CPU), and a client can make it do one by sending a recorded
 /// ClientHello, with no cryptography of its own; `max_connections_per_address` bounds the
 /// connections an address holds, not how fast it opens and drops them.
 ///
 /// The bucket is kept as the instant it is full again (the generic cell rate algorithm): an
-/// address's entry is one key and one number, and it can go once that instant has passed.
-/// Entries that have are swept whenever the table has doubled since the last sweep, so it
-/// holds the addresses that connected within the last `burst / rate` seconds (amortized one
-/// map operation per new connection, under a short lock).
+/// address's entry is one key and one number, and it can go once that instant has passed, at
+/// most `burst / rate` seconds after the address's last connection. Entries that can go are
+/// swept when the table has doubled since the last sweep (at most every [`SWEEP_PAUSE`]), so
+/// it holds about the addresses that connected within the last `burst / rate` seconds:
+/// amortized one map operation per new connection, under a short lock. It holds at most
+/// [`MAX_ADDRESSES`]: past that (many addresses at once, which a per-address limit does not
+/// hold anyway) a new address goes uncounted, as it would with no limit, and the server says
+/// so in its log.
 #[derive(Debug)]
 pub struct ConnectionRate {
     /// Nanoseconds between connections at the rate; 0: no limit.
@@ -364,18 +371,28 @@ pub struct ConnectionRate {
     tolerance_ns: u64,
     epoch: Instant,
     table: Mutex<RateTable>,
+    /// The fixed answer to a connection refused on the plain listener: a 503 whose
+    /// `Retry-After` is the rate's interval, in whole seconds.
+    refusal: Vec<u8>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct RateTable {
     /// Per address, the instant (since the epoch, ns) at which its bucket is full again.
     full_at: HashMap<AddressKey, u64>,
     /// The table's size that starts the next sweep.
     sweep_at: usize,
+    /// No sweep before this instant (ns since the epoch).
+    quiet_until: u64,
 }
 
 /// The smallest table that is swept.
 const MIN_SWEEP: usize = 1024;
+/// The most addresses the table holds (about 5 MB).
+pub const MAX_ADDRESSES: usize = 100_000;
+/// The least time between two sweeps: a table full of addresses that all still refill is not
+/// gone through again for each new address.
+const SWEEP_PAUSE: Duration = Duration::from_millis(100);
 
 impl ConnectionRate {
     /// `per_s` new connections a second per address (0: no limit), `burst` at once (0: one
@@ -390,6 +407,13 @@ impl ConnectionRate {
             0 => per_s.ceil().max(1.0) as u64,
             n => u64::from(n),
         };
+        let retry_after = interval_ns.div_ceil(1_000_000_000).max(1);
+        let body = "too many new connections\n";
+        let refusal = format!(
+            "HTTP/1.1 503 Service Unavailable\r\nRetry-After: {retry_after}\r\n\
+             Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
         Self {
             interval_ns,
             tolerance_ns: interval_ns.saturating_mul(burst - 1),
@@ -397,7 +421,9 @@ impl ConnectionRate {
             table: Mutex::new(RateTable {
                 full_at: HashMap::new(),
                 sweep_at: MIN_SWEEP,
+                quiet_until: 0,
             }),
+            refusal: refusal.into_bytes(),
         }
     }
 
@@ -414,18 +440,40 @@ impl ConnectionRate {
         let now = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
         let key = AddressKey::of(ip);
         let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        if table.full_at.len() >= table.sweep_at {
-            table.full_at.retain(|_, full_at| *full_at > now);
-            table.sweep_at = (table.full_at.len() * 2).max(MIN_SWEEP);
+        if let Some(full_at) = table.full_at.get_mut(&key) {
+            let start = (*full_at).max(now);
+            if start - now > self.tolerance_ns {
+                return Err(key);
+            }
+            *full_at = start.saturating_add(self.interval_ns);
+            return Ok(());
         }
-        let full_at = table.full_at.get(&key).map_or(now, |&t| t.max(now));
-        if full_at - now > self.tolerance_ns {
-            return Err(key);
+        // A new address (or one whose bucket was full again and swept): its bucket is full.
+        if table.full_at.len() >= table.sweep_at && now >= table.quiet_until {
+            table.sweep(now);
+        }
+        if table.full_at.len() >= MAX_ADDRESSES {
+            drop(table);
+            static LOG: super::log_limit::LogLimit = super::log_limit::LogLimit::new();
+            if let Some(left_out) = LOG.allow() {
+                tracing::warn!(
+                    addresses = MAX_ADDRESSES,
+                    left_out,
+                    "new_connections_per_address_per_s: the table of addresses is full; \
+                     connections from addresses not in it are not held to the rate"
+                );
+            }
+            return Ok(());
         }
         table
             .full_at
-            .insert(key, full_at.saturating_add(self.interval_ns));
+            .insert(key, now.saturating_add(self.interval_ns));
         Ok(())
+    }
+
+    /// The answer to a connection refused on the plain listener.
+    pub fn refusal(&self) -> &[u8] {
+        &self.refusal
     }
 
     /// Addresses whose bucket may still be refilling (some are full, until the next sweep).
@@ -435,6 +483,19 @@ impl ConnectionRate {
             .unwrap_or_else(|p| p.into_inner())
             .full_at
             .len()
+    }
+}
+
+impl RateTable {
+    /// Drops the addresses whose bucket is full again, and most of the room they held.
+    fn sweep(&mut self, now: u64) {
+        self.full_at.retain(|_, full_at| *full_at > now);
+        let len = self.full_at.len();
+        if self.full_at.capacity() > 4 * len.max(MIN_SWEEP) {
+            self.full_at.shrink_to(2 * len.max(MIN_SWEEP));
+        }
+        self.sweep_at = (2 * len).clamp(MIN_SWEEP, MAX_ADDRESSES);
+        self.quiet_until = now.saturating_add(SWEEP_PAUSE.as_nanos() as u64);
     }
 }
 
@@ -716,6 +777,38 @@ mod tests {
                 .count(),
             10
         );
+    }
+
+    #[test]
+    fn the_table_holds_at_most_max_addresses_and_lets_the_rest_through() {
+        let rate = ConnectionRate::new(1.0, 1);
+        let host = |n: u32| IpAddr::V4(std::net::Ipv4Addr::from_bits(0x0a00_0000 + n));
+        let now = Duration::from_secs(1);
+        for n in 0..MAX_ADDRESSES as u32 + 10 {
+            rate.admit_at(host(n), now).expect("a first connection");
+        }
+        assert_eq!(rate.count(), MAX_ADDRESSES);
+        // Those in it are held to the rate; those past it go uncounted.
+        assert!(rate.admit_at(host(0), now).is_err());
+        assert!(rate.admit_at(host(MAX_ADDRESSES as u32 + 5), now).is_ok());
+        assert!(rate.admit_at(host(MAX_ADDRESSES as u32 + 5), now).is_ok());
+        // Once their buckets are full again, the sweep makes room.
+        let later = now + Duration::from_secs(2);
+        assert!(rate.admit_at(host(u32::MAX >> 8), later).is_ok());
+        assert_eq!(rate.count(), 1);
+        assert!(rate.admit_at(host(u32::MAX >> 8), later).is_err());
+    }
+
+    #[test]
+    fn a_refused_connection_is_told_when_to_come_back() {
+        let answer = |rate: ConnectionRate| String::from_utf8(rate.refusal().to_vec()).unwrap();
+        assert!(answer(ConnectionRate::new(200.0, 0)).contains("Retry-After: 1\r\n"));
+        assert!(answer(ConnectionRate::new(0.1, 3)).contains("Retry-After: 10\r\n"));
+        let text = answer(ConnectionRate::new(0.3, 0));
+        assert!(text.contains("Retry-After: 4\r\n"), "{text}");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a header block");
+        assert!(head.starts_with("HTTP/1.1 503 "));
+        assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())));
     }
 
     #[test]

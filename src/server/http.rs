@@ -20,7 +20,7 @@
 //! | a request head over `max_header_bytes` or 100 headers | 431, connection closed (hyper) |
 //! | a new connection while `max_connections` are open   | a fixed 503 `text/plain`, then closed; what the client sent is read and discarded briefly first, so that it reads the 503 rather than a reset |
 //! | a new connection from an address with `max_connections_per_address` open (IPv6: per /64) | the same fixed 503, then closed (0, the default: no limit) |
-//! | a new connection from an address that opened `new_connections_per_address_burst` faster than `new_connections_per_address_per_s` | the same fixed 503, then closed (0, the default: no limit) |
+//! | a new connection from an address that opened `new_connections_per_address_burst` faster than `new_connections_per_address_per_s` | a fixed 503 whose `Retry-After` is the rate's interval, then closed (0, the default: no limit) |
 //! | a batch from an address with half of `max_batches_in_flight` in flight, while `max_connections_per_address` is set | 503, `Retry-After: 1` + DER rejection `systemFailure`, before its body is read |
 //! | unparsable HTTP                                     | 400, connection closed (hyper) |
 //! | `GET /certs`                                        | 200, the certificate chain as PEM |
@@ -338,7 +338,11 @@ fn refuse_connection(tsa: &Tsa, stream: tokio::net::TcpStream, limit: metrics::O
         _ => (&DRAINING, MAX_DRAINING - MAX_DRAINING / 4),
     };
     tsa.metrics.overloaded(limit);
-    let _ = stream.try_write(admission::CONNECTIONS_EXCEEDED);
+    let answer = match limit {
+        metrics::Overload::NewConnectionsPerAddress => tsa.connection_rate.refusal(),
+        _ => admission::CONNECTIONS_EXCEEDED,
+    };
+    let _ = stream.try_write(answer);
     if draining.fetch_add(1, Ordering::AcqRel) >= max {
         draining.fetch_sub(1, Ordering::AcqRel);
         return;

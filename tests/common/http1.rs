@@ -110,13 +110,19 @@ impl Conn {
             .expect("a reply before the connection closed")
     }
 
-    /// Sends a request (with the time-stamp query's content type) and reads its reply; an
-    /// error when the connection breaks first.
+    /// Sends a request (but a GET, with the time-stamp query's content type) and reads its
+    /// reply; an error when the connection breaks first (closed, reset, refused). Anything
+    /// else, a reply that is no HTTP or a read timeout (a server that hangs), fails the test.
     pub fn exchange(&mut self, method: &str, path: &str, body: &[u8]) -> io::Result<Reply> {
-        let headers = [("Content-Type", QUERY_TYPE)];
-        self.stream
-            .write_all(&request(method, path, &headers, body))?;
-        self.next_reply()
+        let headers: &[(&str, &str)] = match method {
+            "GET" => &[],
+            _ => &[("Content-Type", QUERY_TYPE)],
+        };
+        let sent = self.stream.write_all(&request(method, path, headers, body));
+        match sent.and_then(|()| self.next_reply()) {
+            Err(e) if !broken(&e) => panic!("{method} {path}: {e}"),
+            answer => answer,
+        }
     }
 
     /// [`Conn::exchange`], as (status, body).
@@ -200,6 +206,18 @@ impl Conn {
             }
         }
     }
+}
+
+/// Whether `e` says the connection is gone (the server closed or reset it, or is not there).
+fn broken(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::UnexpectedEof
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe
+            | ErrorKind::ConnectionRefused
+    )
 }
 
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
