@@ -1,23 +1,12 @@
 #!/usr/bin/env bash
 # HSM path over HTTP on a machine with many cores: SoftHSM2's raw single-process rate beside
 # `tsa serve` on 2, 4 and 8 cores (HSM_CORE_SETS, default "0-1 0-3 0-7"), with wrk on LOAD_CPUS
-# (default cores 8-15). Used on the lent 16-core machine, which has no network: put this script
-# in a folder together with the release binary (`tsa`), a query (`q.tsq`, from `openssl ts
-# -query`) and Debian's packages it unpacks (`apt-get download softhsm2 libsofthsm2
-# softhsm2-common wrk libluajit-5.1-2 libluajit-5.1-common`), carry that folder there and run
-# it (scaling.sh runs it as its part "hsm").
+# (default cores 8-15). The part "hsm" of scaling.sh, which unpacks the kit's packages (SoftHSM2
+# and wrk among them) first: run it as `PARTS=hsm ./scaling.sh` (its header says what the kit
+# holds).
 set -u
 cd "$(dirname "$0")"
-# Debian's packages (unless scaling.sh, which runs this, has unpacked them): SQLite's only
-# where the machine has none.
-if [ -z "${KIT_UNPACKED:-}" ]; then
-  shopt -s nullglob
-  for f in *.deb; do
-    case "$f" in libsqlite3-0_*) ldconfig -p | grep -q 'libsqlite3.so.0 ' && continue ;; esac
-    dpkg -x "$f" /
-  done
-  ldconfig
-fi
+[ -n "${KIT_UNPACKED:-}" ] || { echo "run as PARTS=hsm ./scaling.sh" >&2; exit 2; }
 T=$PWD/tsa; W=/tmp/hsmload; rm -rf $W; mkdir -p $W
 nproc; $T --version
 $T init --dir $W/st --hsm > $W/init.log 2>&1 || { cat $W/init.log; exit 1; }

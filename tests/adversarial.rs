@@ -42,6 +42,13 @@ fn metric(server: &Server, name: &str, label: &str) -> f64 {
         .sum()
 }
 
+/// `HOST:PORT` of the server's HTTPS listener.
+fn https_authority(server: &Server) -> String {
+    let url = server.https_url.as_deref().expect("an HTTPS listener");
+    let rest = url.strip_prefix("https://").expect("an https URL");
+    rest.split('/').next().unwrap_or(rest).to_string()
+}
+
 /// What a new connection to `authority` reads before the server closes it, which must be a
 /// 503 (a refusal at the door: `max_connections` and its kin).
 fn refused_at_connect(authority: &str) -> String {
@@ -273,12 +280,7 @@ fn past_max_connections_per_address_a_new_connection_from_it_gets_503() {
         "[server]\nmax_connections_per_address = 2\n",
     );
     let (authority, path) = split_url(&server.url);
-    let https = server.https_url.clone().expect("an HTTPS listener");
-    let https = https
-        .strip_prefix("https://")
-        .and_then(|rest| rest.split('/').next())
-        .expect("an https URL")
-        .to_string();
+    let https = https_authority(&server);
     let per_address = || {
         metric(
             &server,
@@ -354,12 +356,7 @@ fn past_the_new_connection_rate_a_new_connection_from_the_address_is_refused() {
         "[server]\nnew_connections_per_address_per_s = 0.1\nnew_connections_per_address_burst = 3\n",
     );
     let (authority, path) = split_url(&server.url);
-    let https = server.https_url.clone().expect("an HTTPS listener");
-    let https = https
-        .strip_prefix("https://")
-        .and_then(|rest| rest.split('/').next())
-        .expect("an https URL")
-        .to_string();
+    let https = https_authority(&server);
     let refused = || {
         metric(
             &server,
