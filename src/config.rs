@@ -885,6 +885,12 @@ impl Config {
                  (one connection in 100 s)"
             );
         }
+        if rate == 0.0 && self.server.new_connections_per_address_burst > 0 {
+            bail!(
+                "server.new_connections_per_address_burst is set, but new_connections_per_address_per_s \
+                 is 0 (no limit): set the rate too, or remove the burst"
+            );
+        }
         if self.server.new_connections_per_address_burst > MAX_NEW_CONNECTIONS_BURST {
             bail!(
                 "server.new_connections_per_address_burst must be at most \
@@ -1204,6 +1210,18 @@ mod tests {
             .validate()
         };
         burst(MAX_NEW_CONNECTIONS_BURST).unwrap();
+        // A burst without a rate would be ignored: refused instead.
+        let alone = toml::from_str::<Config>(&format!(
+            "{base}[server]\nnew_connections_per_address_burst = 10\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            alone.contains("new_connections_per_address_per_s"),
+            "{alone}"
+        );
         let refused = burst(MAX_NEW_CONNECTIONS_BURST + 1)
             .unwrap_err()
             .to_string();
