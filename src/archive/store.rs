@@ -356,6 +356,11 @@ CREATE INDEX IF NOT EXISTS events_time ON events (time_ns);
 pub const IMPRINT_INDEX: &str = "CREATE INDEX IF NOT EXISTS tokens_imprint_newest \
      ON tokens (imprint, gen_time_ns DESC, instance_id, seq DESC);";
 
+/// [`IMPRINT_INDEX`] built beside running servers (PostgreSQL: inserts go on meanwhile; not
+/// in a transaction).
+pub const IMPRINT_INDEX_CONCURRENTLY: &str = "CREATE INDEX CONCURRENTLY tokens_imprint_newest \
+     ON tokens (imprint, gen_time_ns DESC, instance_id, seq DESC);";
+
 /// The index by imprint alone, of PostgreSQL archives made before [`IMPRINT_INDEX`]: kept
 /// where that one is not built yet.
 pub const OLD_IMPRINT_INDEX: &str =

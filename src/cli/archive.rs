@@ -87,9 +87,12 @@ pub enum ArchiveCommand {
         #[arg(long)]
         instance: Option<u32>,
     },
-    /// Move a rows archive's tokens into a token log beside its database (the layout of new
-    /// archives: about half the writer's CPU), with the server stopped. The copy is read back
-    /// and compared before the rows go; run `verify` before and after.
+    /// Bring an archive to the layout of new ones. SQLite: move a rows archive's tokens into
+    /// a token log beside its database (about half the writer's CPU), with the server
+    /// stopped; the copy is read back and compared before the rows go; run `verify` before
+    /// and after. PostgreSQL: build the imprint index in the look-ups' order on an archive
+    /// made before it, beside the running servers (CREATE INDEX CONCURRENTLY), and drop the
+    /// older one.
     Migrate,
     /// Print the clock, key and archive events in [--from, --to).
     Events {
@@ -450,8 +453,15 @@ fn prune(config: &Config, before: &u64, only: Option<u32>) -> anyhow::Result<()>
 
 fn migrate(config: &Config) -> anyhow::Result<()> {
     let a = &config.archive;
-    if a.backend != tsa::config::ArchiveBackend::Sqlite {
-        anyhow::bail!("only an SQLite archive has a token log");
+    if a.backend == tsa::config::ArchiveBackend::Postgres {
+        let mut store = archive::postgres::PostgresStore::open_existing(a)?;
+        match store.build_imprint_index()? {
+            true => {
+                println!("the imprint index (imprint, genTime) is built; the older one is gone")
+            }
+            false => println!("the imprint index (imprint, genTime) was there already"),
+        }
+        return Ok(());
     }
     let _lock = archive::state::Lock::acquire(&a.state_file)
         .context("the archive is in use: stop the server first")?;

@@ -29,7 +29,7 @@ use super::record::{
 use super::serial::layout;
 use super::store::{
     schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState, StoreError, Visit,
-    IMPRINT_INDEX, OLD_IMPRINT_INDEX, RECORD_COLUMNS, SCHEMA_VERSION,
+    IMPRINT_INDEX, IMPRINT_INDEX_CONCURRENTLY, OLD_IMPRINT_INDEX, RECORD_COLUMNS, SCHEMA_VERSION,
 };
 use crate::config::ArchiveConfig;
 
@@ -106,6 +106,32 @@ impl PostgresStore {
         Ok(Self { inner: Some(inner) })
     }
 
+    /// Builds the imprint index in the look-ups' order ([`IMPRINT_INDEX`]) on an archive made
+    /// before it, beside running servers (`CREATE INDEX CONCURRENTLY`: their inserts go on
+    /// meanwhile), then drops the older index by imprint alone the same way. An index that a
+    /// failed build left invalid is dropped and built again. Whether it built one (false:
+    /// it was there).
+    pub fn build_imprint_index(&mut self) -> Result<bool, StoreError> {
+        off_runtime(&mut self.inner, |inner| {
+            let client = &mut inner.as_mut().expect("the store is open").client;
+            let valid: Option<bool> = client
+                .query_opt(
+                    "SELECT indisvalid FROM pg_index \
+                     WHERE indexrelid = to_regclass('tokens_imprint_newest')",
+                    &[],
+                )?
+                .map(|r| r.get(0));
+            if valid == Some(false) {
+                client.batch_execute("DROP INDEX CONCURRENTLY tokens_imprint_newest")?;
+            }
+            if valid != Some(true) {
+                client.batch_execute(IMPRINT_INDEX_CONCURRENTLY)?;
+            }
+            client.batch_execute("DROP INDEX CONCURRENTLY IF EXISTS tokens_imprint")?;
+            Ok(valid != Some(true))
+        })
+    }
+
     /// Makes every append of this store check, in its own transaction, that `lease` is still
     /// this process's (and renew it): the writer's store. A commit after another process took
     /// the instance id over fails, so this process stops issuing (see [`Lease`]).
@@ -162,9 +188,9 @@ impl Inner {
             tracing::warn!(
                 "the archive's tokens have no index by imprint and genTime, and look-ups of an \
                  imprint stamped many times sort all of its tokens: build it beside the running \
-                 servers with: CREATE INDEX CONCURRENTLY tokens_imprint_newest ON tokens \
-                 (imprint, gen_time_ns DESC, instance_id, seq DESC); then DROP INDEX \
-                 tokens_imprint;"
+                 servers with `tsa archive migrate` (CREATE INDEX CONCURRENTLY \
+                 tokens_imprint_newest ON tokens (imprint, gen_time_ns DESC, instance_id, seq \
+                 DESC); then DROP INDEX CONCURRENTLY tokens_imprint;)"
             );
         }
         tx.batch_execute(LEASE_SCHEMA)?;
