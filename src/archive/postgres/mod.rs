@@ -112,8 +112,8 @@ impl PostgresStore {
     /// failed build left invalid is dropped and built again. Whether it built one (false:
     /// it was there).
     pub fn build_imprint_index(&mut self) -> Result<bool, StoreError> {
-        off_runtime(&mut self.inner, |inner| {
-            let client = &mut inner.as_mut().expect("the store is open").client;
+        self.run(|inner| {
+            let client = &mut inner.client;
             let valid: Option<bool> = client
                 .query_opt(
                     "SELECT indisvalid FROM pg_index \
