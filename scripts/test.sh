@@ -30,6 +30,10 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb 
 fi
 # tests/fleet.rs: two instances behind a real HAProxy (round robin, checks on /health/ready).
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+# tests/adversarial.rs: the example firewall rules, in a network namespace of the test's own.
+command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
+command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need+=(iproute2)
+command -v unshare >/dev/null || need+=(util-linux)
 # tests/status.rs: the status page rendered by headless Chromium.
 command -v chromium >/dev/null || need+=(chromium)
 # tests/interop_python.rs: a Python 3 that can make a virtual environment.

@@ -433,6 +433,81 @@ fn past_the_new_connection_rate_a_new_connection_from_the_address_is_refused() {
     assert_serves(&server);
 }
 
+/// The example firewall rules (config/examples/nftables.nft) load, and hold one source to its
+/// rate of new connections before the server sees them: in a network namespace of its own
+/// (only its loopback), with the rate scaled down to 5 a second, 20 connections at once from
+/// 127.0.0.1 reach a real server 5 times (the burst), one from 127.0.0.2 is not held by
+/// 127.0.0.1's allowance, and 127.0.0.1 connects again a second later.
+#[test]
+fn the_example_nftables_rules_hold_a_source_to_its_rate_of_new_connections() {
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/nftables.nft");
+    // nft and ip live in /usr/sbin, which a CI user's PATH may lack.
+    let path = format!(
+        "/usr/sbin:/sbin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let check = common::ok(
+        std::process::Command::new("nft")
+            .args(["-c", "-f"])
+            .arg(&example)
+            .env("PATH", &path),
+    );
+    assert!(check.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    common::ok(
+        std::process::Command::new(common::TSA)
+            .args(["init", "--dir"])
+            .arg(dir.path()),
+    );
+    let script = r#"
+        set -eu
+        ip link set lo up
+        sed 's#200/second burst 200#5/second burst 5#g' "$EXAMPLE" > "$DIR/rules.nft"
+        grep -q '5/second burst 5' "$DIR/rules.nft"
+        nft -f "$DIR/rules.nft"
+        "$TSA" serve --config "$DIR/tsa.toml" --listen 127.0.0.1:3180             --admin-listen 127.0.0.1:3181 > "$DIR/serve.log" 2>&1 &
+        pid=$!
+        for i in $(seq 100); do
+            curl -s -o /dev/null http://127.0.0.1:3181/health/live && break
+            sleep 0.1
+        done
+        get() { curl -s -o /dev/null -w '%{http_code}
+' --connect-timeout 0.5 "$@" http://127.0.0.1:3180/certs || true; }
+        pids=""
+        for i in $(seq 20); do get >> "$DIR/burst" & pids="$pids $!"; done
+        wait $pids
+        echo "burst $(grep -c '^200$' "$DIR/burst")"
+        echo "other $(get --interface 127.0.0.2)"
+        sleep 1.5
+        echo "later $(get)"
+        kill $pid
+    "#;
+    let out = common::ok(
+        std::process::Command::new("unshare")
+            .args(["-n", "sh", "-c", script])
+            .env("EXAMPLE", &example)
+            .env("DIR", dir.path())
+            .env("TSA", common::TSA)
+            .env("PATH", &path),
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text:?}"))
+            .trim()
+            .to_string()
+    };
+    let burst: usize = value("burst").parse().unwrap();
+    assert!(
+        (5..=7).contains(&burst),
+        "{burst} of 20 got through: {text}"
+    );
+    assert_eq!(value("other"), "200", "{text}");
+    assert_eq!(value("later"), "200", "{text}");
+}
+
 /// A connection to `authority` with a receive buffer as small as the kernel allows (set
 /// before the handshake, so that the window it announces is small too).
 fn connect_with_small_receive_buffer(authority: &str) -> TcpStream {
