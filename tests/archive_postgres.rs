@@ -982,13 +982,28 @@ fn the_imprint_index_reads_look_ups_in_their_order_and_waits_for_the_operator() 
     // Again: nothing to do.
     let (ok, out) = archive_cli(dir.path(), &["migrate"]);
     assert!(ok && out.contains("was there already"), "{out}");
-    // An index a failed concurrent build left (invalid: the planner does not use it) is
-    // built again.
+    // An index a failed concurrent build left (invalid: the planner does not use it): a
+    // server starts and answers look-ups meanwhile, and migrate builds it again...
     client
         .batch_execute(
             "UPDATE pg_index SET indisvalid = false \
              WHERE indexrelid = 'tokens_imprint_newest'::regclass",
         )
+        .unwrap();
+    drop(store);
+    let mut store = PostgresStore::open(&config.archive).unwrap();
+    assert_eq!(newest(&mut store), (vec![20, 13, 6], 20));
+    // ...but not while another migrate holds the build.
+    client
+        .batch_execute("SELECT pg_advisory_lock(3162)")
+        .unwrap();
+    let (ok, out) = archive_cli(dir.path(), &["migrate"]);
+    assert!(
+        !ok && out.contains("another `tsa archive migrate`"),
+        "{out}"
+    );
+    client
+        .batch_execute("SELECT pg_advisory_unlock(3162)")
         .unwrap();
     let (ok, out) = archive_cli(dir.path(), &["migrate"]);
     assert!(ok && out.contains("is built"), "{out}");

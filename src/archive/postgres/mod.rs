@@ -114,22 +114,57 @@ impl PostgresStore {
     pub fn build_imprint_index(&mut self) -> Result<bool, StoreError> {
         self.run(|inner| {
             let client = &mut inner.client;
-            let valid: Option<bool> = client
-                .query_opt(
-                    "SELECT indisvalid FROM pg_index \
-                     WHERE indexrelid = to_regclass('tokens_imprint_newest')",
+            // One build at a time (a second `migrate`, or a retry after a broken connection,
+            // would drop the index the first is building), and none cut short by a
+            // `statement_timeout` of the role or database.
+            let alone: bool = client
+                .query_one("SELECT pg_try_advisory_lock(3162)", &[])?
+                .get(0);
+            if !alone {
+                return Err(StoreError(
+                    "another `tsa archive migrate` is building the imprint index: wait for it"
+                        .into(),
+                ));
+            }
+            let built = Self::build_imprint_index_locked(client);
+            let _ = client.batch_execute("SELECT pg_advisory_unlock(3162)");
+            built
+        })
+    }
+
+    fn build_imprint_index_locked(client: &mut Client) -> Result<bool, StoreError> {
+        client.batch_execute("SET statement_timeout = 0")?;
+        let valid: Option<bool> = client
+            .query_opt(
+                "SELECT indisvalid FROM pg_index \
+                 WHERE indexrelid = to_regclass('tokens_imprint_newest')",
+                &[],
+            )?
+            .map(|r| r.get(0));
+        if valid == Some(false) {
+            // Invalid: a build that failed, or one still running in a session that lost its
+            // client (the server goes on with it): only the first may be dropped.
+            let running: bool = client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_progress_create_index \
+                     WHERE relid = 'tokens'::regclass)",
                     &[],
                 )?
-                .map(|r| r.get(0));
-            if valid == Some(false) {
-                client.batch_execute("DROP INDEX CONCURRENTLY tokens_imprint_newest")?;
+                .get(0);
+            if running {
+                return Err(StoreError(
+                    "an index on tokens is being built (pg_stat_progress_create_index): run \
+                     `tsa archive migrate` again when it has ended"
+                        .into(),
+                ));
             }
-            if valid != Some(true) {
-                client.batch_execute(IMPRINT_INDEX_CONCURRENTLY)?;
-            }
-            client.batch_execute("DROP INDEX CONCURRENTLY IF EXISTS tokens_imprint")?;
-            Ok(valid != Some(true))
-        })
+            client.batch_execute("DROP INDEX CONCURRENTLY tokens_imprint_newest")?;
+        }
+        if valid != Some(true) {
+            client.batch_execute(IMPRINT_INDEX_CONCURRENTLY)?;
+        }
+        client.batch_execute("DROP INDEX CONCURRENTLY IF EXISTS tokens_imprint")?;
+        Ok(valid != Some(true))
     }
 
     /// Makes every append of this store check, in its own transaction, that `lease` is still
@@ -168,30 +203,51 @@ impl Inner {
         let mut tx = self.client.transaction()?;
         // Instances of a fleet may start together: one creates the schema at a time.
         tx.batch_execute("SELECT pg_advisory_xact_lock(3161)")?;
-        tx.batch_execute(&schema("BYTEA"))?;
+        // Only what is missing: `CREATE INDEX IF NOT EXISTS` locks the table before it looks,
+        // and waits for an index being built beside the servers (`tsa archive migrate`), while
+        // every server's inserts queue behind it. The schema's statements run in one
+        // transaction, so its last index says whether all of it is there.
+        let exists = |tx: &mut postgres::Transaction<'_>, name: &str| -> Result<bool, StoreError> {
+            Ok(tx
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])?
+                .get(0))
+        };
+        if !exists(&mut tx, "events_time")? {
+            tx.batch_execute(&schema("BYTEA"))?;
+        }
         // The imprint index is made with the table. On a table that holds tokens already,
         // building it here would hold every instance's inserts until it is built: the
         // operator builds it beside them, and look-ups use the older index meanwhile.
-        let built: bool = tx
-            .query_one(
-                "SELECT to_regclass('tokens_imprint_newest') IS NOT NULL",
+        let newest: Option<bool> = tx
+            .query_opt(
+                "SELECT indisvalid FROM pg_index \
+                 WHERE indexrelid = to_regclass('tokens_imprint_newest')",
                 &[],
             )?
-            .get(0);
+            .map(|r| r.get(0));
         let empty: bool = tx
             .query_one("SELECT NOT EXISTS (SELECT 1 FROM tokens)", &[])?
             .get(0);
-        if built || empty {
-            tx.batch_execute(IMPRINT_INDEX)?;
-        } else {
-            tx.batch_execute(OLD_IMPRINT_INDEX)?;
-            tracing::warn!(
-                "the archive's tokens have no index by imprint and genTime, and look-ups of an \
-                 imprint stamped many times sort all of its tokens: build it beside the running \
-                 servers with `tsa archive migrate` (CREATE INDEX CONCURRENTLY \
-                 tokens_imprint_newest ON tokens (imprint, gen_time_ns DESC, instance_id, seq \
-                 DESC); then DROP INDEX CONCURRENTLY tokens_imprint;)"
-            );
+        match newest {
+            Some(true) => {}
+            None if empty => tx.batch_execute(IMPRINT_INDEX)?,
+            _ => {
+                if !exists(&mut tx, "tokens_imprint")? {
+                    tx.batch_execute(OLD_IMPRINT_INDEX)?;
+                }
+                let what = match newest {
+                    Some(false) => "is being built, or a build of it failed",
+                    _ => "is missing",
+                };
+                tracing::warn!(
+                    "the archive's index by imprint and genTime {what}, and look-ups of an \
+                     imprint stamped many times sort all of its tokens meanwhile: build it \
+                     beside the running servers with `tsa archive migrate` (CREATE INDEX \
+                     CONCURRENTLY tokens_imprint_newest ON tokens (imprint, gen_time_ns DESC, \
+                     instance_id, seq DESC); then DROP INDEX CONCURRENTLY tokens_imprint;), \
+                     once no build of it runs"
+                );
+            }
         }
         tx.batch_execute(LEASE_SCHEMA)?;
         tx.execute(
