@@ -49,6 +49,15 @@ fn https_authority(server: &Server) -> String {
     rest.split('/').next().unwrap_or(rest).to_string()
 }
 
+/// Refusals counted under `limit` (`tsa_overload_refusals_total{limit="…"}`).
+fn refusals(server: &Server, limit: &str) -> f64 {
+    metric(
+        server,
+        "tsa_overload_refusals_total",
+        &format!("limit=\"{limit}\""),
+    )
+}
+
 /// What a new connection to `authority` reads before the server closes it, which must be a
 /// 503 (a refusal at the door: `max_connections` and its kin).
 fn refused_at_connect(authority: &str) -> String {
@@ -149,10 +158,7 @@ fn past_max_queue_requests_get_503_with_retry_after() {
         refused > 0,
         "a queue of 2 never overflowed under 24 clients"
     );
-    assert_eq!(
-        metric(&server, "tsa_overload_refusals_total", "limit=\"queue\""),
-        refused as f64
-    );
+    assert_eq!(refusals(&server, "queue"), refused as f64);
     // Once the burst is over the queue is empty and the server serves again.
     assert_eq!(metric(&server, "tsa_queue_depth", ""), 0.0);
     assert_serves(&server);
@@ -169,10 +175,7 @@ fn a_request_that_finds_no_place_within_queue_wait_ms_gets_503() {
     let (_, refused) = granted_and_refused(&replies);
     assert!(refused > 0, "nobody waited past 1 ms for the one place");
     assert!(refused < replies.len(), "nothing was admitted");
-    assert_eq!(
-        metric(&server, "tsa_overload_refusals_total", "limit=\"queue\""),
-        refused as f64
-    );
+    assert_eq!(refusals(&server, "queue"), refused as f64);
     assert_eq!(metric(&server, "tsa_queue_waiting", ""), 0.0);
 }
 
@@ -190,10 +193,7 @@ fn past_max_queue_requests_wait_for_a_place_within_queue_wait_ms() {
         assert_eq!(reply.status, 200, "{reply:?}");
         assert!(decode(reply).granted(), "{reply:?}");
     }
-    assert_eq!(
-        metric(&server, "tsa_overload_refusals_total", "limit=\"queue\""),
-        0.0
-    );
+    assert_eq!(refusals(&server, "queue"), 0.0);
     assert_eq!(metric(&server, "tsa_queue_depth", ""), 0.0);
     assert_eq!(metric(&server, "tsa_queue_waiting", ""), 0.0);
 }
@@ -208,14 +208,7 @@ fn past_max_connections_a_new_connection_gets_503_and_is_closed() {
 
     let answer = refused_at_connect(&authority);
     assert!(answer.contains("Retry-After: 1"), "{answer:?}");
-    assert_eq!(
-        metric(
-            &server,
-            "tsa_overload_refusals_total",
-            "limit=\"connections\""
-        ),
-        1.0
-    );
+    assert_eq!(refusals(&server, "connections"), 1.0);
     assert_eq!(metric(&server, "tsa_open_connections", ""), 3.0);
 
     // The held connections are served, and closing one makes room for a new one.
@@ -249,23 +242,10 @@ fn past_admin_max_connections_a_new_admin_connection_gets_503() {
     assert_serves(&server);
 
     drop(held);
-    let refused = || {
-        metric(
-            &server,
-            "tsa_overload_refusals_total",
-            "limit=\"admin_connections\"",
-        )
-    };
+    let refused = || refusals(&server, "admin_connections");
     // Once the held ones are closed, /metrics itself gets through.
     common::wait_until(|| refused() == 1.0, "the admin listener to serve again");
-    assert_eq!(
-        metric(
-            &server,
-            "tsa_overload_refusals_total",
-            "limit=\"connections\""
-        ),
-        0.0
-    );
+    assert_eq!(refusals(&server, "connections"), 0.0);
 }
 
 /// One client address cannot take every connection: past `max_connections_per_address` (HTTP
@@ -281,13 +261,7 @@ fn past_max_connections_per_address_a_new_connection_from_it_gets_503() {
     );
     let (authority, path) = split_url(&server.url);
     let https = https_authority(&server);
-    let per_address = || {
-        metric(
-            &server,
-            "tsa_overload_refusals_total",
-            "limit=\"connections_per_address\"",
-        )
-    };
+    let per_address = || refusals(&server, "connections_per_address");
     // One plain connection, and one on the HTTPS listener that has not begun its handshake.
     let mut plain = Conn::open(&server.url);
     let tls = TcpStream::connect(&https).unwrap();
@@ -306,14 +280,7 @@ fn past_max_connections_per_address_a_new_connection_from_it_gets_503() {
     let (answer, closed) = read_to_close(&mut over_tls, Duration::from_secs(5));
     assert!(answer.is_empty() && closed, "{answer:?}, closed: {closed}");
     assert_eq!(per_address(), 2.0);
-    assert_eq!(
-        metric(
-            &server,
-            "tsa_overload_refusals_total",
-            "limit=\"connections\""
-        ),
-        0.0
-    );
+    assert_eq!(refusals(&server, "connections"), 0.0);
 
     // Another address is served meanwhile, and so is the held connection.
     let query = query_for(b"per address").to_der().unwrap();
@@ -357,13 +324,7 @@ fn past_the_new_connection_rate_a_new_connection_from_the_address_is_refused() {
     );
     let (authority, path) = split_url(&server.url);
     let https = https_authority(&server);
-    let refused = || {
-        metric(
-            &server,
-            "tsa_overload_refusals_total",
-            "limit=\"new_connections_per_address\"",
-        )
-    };
+    let refused = || refusals(&server, "new_connections_per_address");
     let query = query_for(b"connection rate").to_der().unwrap();
     let served_from = |local: &str| {
         let mut conn = Conn::open_from(&server.url, local);
@@ -394,14 +355,7 @@ fn past_the_new_connection_rate_a_new_connection_from_the_address_is_refused() {
     assert!(answer.is_empty() && closed, "{answer:?}, closed: {closed}");
     assert_eq!(refused(), 2.0);
     // Refused by the rate alone: by no other limit, and holding no connection.
-    assert_eq!(
-        metric(
-            &server,
-            "tsa_overload_refusals_total",
-            "limit=\"connections\""
-        ),
-        0.0
-    );
+    assert_eq!(refusals(&server, "connections"), 0.0);
     common::wait_until(
         || metric(&server, "tsa_open_connections", "") == 0.0,
         "the refused connections to leave no place taken",

@@ -227,18 +227,7 @@ fn tokens_verify_with_openssl_ts(algorithm: &str, signature_oid_name: &str) {
     ] {
         stamp_and_verify(&server, work.path(), args);
     }
-    let text = openssl(
-        &[
-            "ts",
-            "-reply",
-            "-in",
-            "reply.tsr",
-            "-token_out",
-            "-out",
-            "token.der",
-        ],
-        work.path(),
-    );
+    let text = common::openssl_token_out(work.path());
     assert!(text.status.success());
     let printed = openssl(
         &[

@@ -81,18 +81,7 @@ fn requests_replies_and_tokens_in_words() {
     );
 
     // The token alone, as openssl writes it out of the reply.
-    openssl(
-        &[
-            "ts",
-            "-reply",
-            "-in",
-            "reply.tsr",
-            "-token_out",
-            "-out",
-            "token.der",
-        ],
-        w,
-    );
+    common::openssl_token_out(w);
     let token = inspected(w, "token.der");
     assert!(token.starts_with("TST info:\n"), "{token}");
     assert!(

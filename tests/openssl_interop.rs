@@ -203,18 +203,7 @@ fn rsa2048_pss_tokens_verify_with_openssl_cms_and_tsa_verify() {
         );
         let (_, response) = post_query(&server, w);
         let token = response.token.expect("granted");
-        openssl(
-            &[
-                "ts",
-                "-reply",
-                "-in",
-                "reply.tsr",
-                "-token_out",
-                "-out",
-                "token.der",
-            ],
-            w,
-        );
+        common::openssl_token_out(w);
         assert_eq!(std::fs::read(w.join("token.der")).unwrap(), token.der);
 
         let printed = openssl(

@@ -211,6 +211,22 @@ pub fn ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// The token alone, as openssl writes it out of `reply.tsr` in `dir` (into `token.der`).
+pub fn openssl_token_out(dir: &Path) -> Output {
+    openssl(
+        &[
+            "ts",
+            "-reply",
+            "-in",
+            "reply.tsr",
+            "-token_out",
+            "-out",
+            "token.der",
+        ],
+        dir,
+    )
+}
+
 pub fn openssl(args: &[&str], dir: &Path) -> Output {
     ok(Command::new("openssl").args(args).current_dir(dir))
 }

@@ -15,7 +15,7 @@ mod connection;
 mod lease;
 pub mod tls;
 
-use postgres::{Client, Row};
+use postgres::{Client, GenericClient, Row};
 
 pub use connection::{connection, describe, Connection};
 pub use lease::Lease;
@@ -134,13 +134,7 @@ impl PostgresStore {
 
     fn build_imprint_index_locked(client: &mut Client) -> Result<bool, StoreError> {
         client.batch_execute("SET statement_timeout = 0")?;
-        let valid: Option<bool> = client
-            .query_opt(
-                "SELECT indisvalid FROM pg_index \
-                 WHERE indexrelid = to_regclass('tokens_imprint_newest')",
-                &[],
-            )?
-            .map(|r| r.get(0));
+        let valid = imprint_index_state(client)?;
         if valid == Some(false) {
             // Invalid: a build that failed, or one still running in a session that lost its
             // client (the server goes on with it): only the first may be dropped.
@@ -198,6 +192,18 @@ impl PostgresStore {
     }
 }
 
+/// Whether the imprint index in the look-ups' order (`tokens_imprint_newest`) is there:
+/// `None` without it, `Some(false)` while it is invalid (being built, or a build failed).
+fn imprint_index_state(client: &mut impl GenericClient) -> Result<Option<bool>, StoreError> {
+    Ok(client
+        .query_opt(
+            "SELECT indisvalid FROM pg_index \
+             WHERE indexrelid = to_regclass('tokens_imprint_newest')",
+            &[],
+        )?
+        .map(|r| r.get(0)))
+}
+
 impl Inner {
     fn create_schema(&mut self) -> Result<(), StoreError> {
         let mut tx = self.client.transaction()?;
@@ -218,13 +224,7 @@ impl Inner {
         // The imprint index is made with the table. On a table that holds tokens already,
         // building it here would hold every instance's inserts until it is built: the
         // operator builds it beside them, and look-ups use the older index meanwhile.
-        let newest: Option<bool> = tx
-            .query_opt(
-                "SELECT indisvalid FROM pg_index \
-                 WHERE indexrelid = to_regclass('tokens_imprint_newest')",
-                &[],
-            )?
-            .map(|r| r.get(0));
+        let newest = imprint_index_state(&mut tx)?;
         let empty: bool = tx
             .query_one("SELECT NOT EXISTS (SELECT 1 FROM tokens)", &[])?
             .get(0);
