@@ -21,17 +21,21 @@
 #   archive   archive on (token log + SQLite imprint index, group commit), CORE_SETS × CONNS
 #   hsm       hsm-scaling.sh: the key in SoftHSM2, raw PKCS#11 rate beside the server's
 #   overload  slow signers (P-384, RSA-3072) on one core driven open-loop at 3 × capacity
+#   below     latency below saturation: P-256 on core 0, oha on LOAD_CPUS, 32 connections, its
+#             capacity closed-loop, then open loop at BELOW_FRACTIONS of it, archive off and on
 # Settings: CORE_SETS ("0 0-1 0-3 0-7"), CONNS ("64 256"), DURATION (6), PINNED_DURATION (8),
 # LOAD_CPUS ("8-15"), LOAD_THREADS (8), OVERLOAD_ALGS ("p384 rsa3072"), QUEUE_WAIT_MS,
-# COMMIT_DELAYS (the archive's commit_delay_us values to run, "default" the configuration's).
+# COMMIT_DELAYS (the archive's commit_delay_us values to run, "default" the configuration's),
+# BELOW_FRACTIONS ("0.3 0.5 0.7 0.9"), BELOW_ARCHIVE ("off on"), TSA (the binary to measure;
+# default the kit's `tsa`).
 # On a 2-core machine, to try the script: CORE_SETS=0 LOAD_CPUS=1 LOAD_THREADS=1 DURATION=2.
 set -u
 cd "$(dirname "$0")"
 KIT=$PWD
-T=$KIT/tsa; W=/tmp/scale; rm -rf $W; mkdir -p $W
+T=${TSA:-$KIT/tsa}; W=/tmp/scale; rm -rf $W; mkdir -p $W
 CORE_SETS=${CORE_SETS:-0 0-1 0-3 0-7}; CONNS=${CONNS:-64 256}; DURATION=${DURATION:-6}
 LOAD_CPUS=${LOAD_CPUS:-8-15}; LOAD_THREADS=${LOAD_THREADS:-8}
-PARTS=" ${PARTS:-tsa uts pinned archive hsm overload} "
+PARTS=" ${PARTS:-tsa uts pinned archive hsm overload below} "
 export LOAD_CPUS
 
 # Debian's packages, unpacked over /: SQLite's only where the machine has none.
@@ -212,27 +216,64 @@ case "$PARTS" in *" hsm "*)
   ./hsm-scaling.sh ;;
 esac
 
+# oha, from the kit, against the server on 3990: its text summary in $W/oha.txt.
+PATH=$KIT:$PATH
+oha_run() { taskset -c $LOAD_CPUS oha --no-tui -m POST -H 'Content-Type: application/timestamp-query' -D q.tsq "$@" http://127.0.0.1:3990/ > $W/oha.txt; }
+codes() { awk -v k="[$1]" '$1 == k {print $2}' $W/oha.txt; }
+seconds() { awk '/Total:/ {print ($3 == "ms" ? $2 / 1000 : $2); exit}' $W/oha.txt; }
+
 # Goodput past capacity: slow signers on one server core with max_queue 64 (and queue_wait_ms
 # QUEUE_WAIT_MS, default the server's), their capacity measured closed-loop, then driven
 # open-loop at 3 × that rate over 1024 connections from LOAD_CPUS: granted tokens/s as a share
 # of capacity, and the 503s.
 case "$PARTS" in *" overload "*)
   echo "== overload: one server core, open loop at 3 × capacity"
-  PATH=$KIT:$PATH
-  oha_run() { taskset -c $LOAD_CPUS oha --no-tui -m POST -H 'Content-Type: application/timestamp-query' -D q.tsq "$@" http://127.0.0.1:3990/; }
-  codes() { awk -v k="[$1]" '$1 == k {print $2}' $W/oha.txt; }
   for alg in ${OVERLOAD_ALGS:-p384 rsa3072}; do
     rm -rf $W/ov; $T init --dir $W/ov --algorithm $alg > /dev/null 2>&1
     sed -i 's/^\[server\]$/[server]\nmax_queue = 64/' $W/ov/tsa.toml
     [ -n "${QUEUE_WAIT_MS:-}" ] && sed -i "s/^\[server\]$/[server]\nqueue_wait_ms = $QUEUE_WAIT_MS/" $W/ov/tsa.toml
     serve_tsa 0 $W/ov/tsa.toml || continue
-    oha_run -z 6s -c 64 > $W/oha.txt
+    oha_run -z 6s -c 64
     cap=$(awk '/Requests\/sec/ {printf "%d", $2}' $W/oha.txt)
     [ "${cap:-0}" -gt 0 ] || { echo "overload alg=$alg: no capacity measured"; stop; continue; }
     q=$((cap * 3))
-    oha_run -z 10s -q $q -c 1024 > $W/oha.txt
-    ok=$(codes 200); refused=$(codes 503); secs=$(awk '/Total:/ {print ($3 == "ms" ? $2 / 1000 : $2); exit}' $W/oha.txt)
+    oha_run -z 10s -q $q -c 1024
+    ok=$(codes 200); refused=$(codes 503); secs=$(seconds)
     echo "overload alg=$alg capacity=$cap/s offered=$q/s granted=$(awk -v n=${ok:-0} -v s=$secs -v c=$cap 'BEGIN {printf "%.0f/s = %.1f%% of capacity", n/s, 100*n/s/c}') 503=${refused:-0} peak_rss=$(peak_rss $pid)"
+    stop
+  done ;;
+esac
+# Latency below saturation: P-256 on core 0 with 32 connections from LOAD_CPUS, its capacity
+# closed-loop, then open loop at each of BELOW_FRACTIONS of it (oha -q --latency-correction:
+# a request that could not be sent when it was due counts from then). Per run: p50, p99 and
+# p99.9 of every reply, replies that were not 200, and how busy the server's core was.
+case "$PARTS" in *" below "*)
+  echo "== below saturation: one server core, 32 connections, open loop"
+  for archive in ${BELOW_ARCHIVE:-off on}; do
+    dir=$W/below-$archive; rm -rf $dir
+    $T init --dir $dir --algorithm p256 $([ $archive = on ] && echo --archive) > /dev/null 2>&1
+    serve_tsa 0 $dir/tsa.toml || continue
+    oha_run -z 6s -c 32
+    cap=$(awk '/Requests\/sec/ {printf "%d", $2}' $W/oha.txt)
+    echo "below archive=$archive capacity=$cap/s (closed loop, 32 connections)"
+    for f in ${BELOW_FRACTIONS:-0.3 0.5 0.7 0.9}; do
+      q=$(awk -v c=${cap:-0} -v f=$f 'BEGIN {printf "%d", c * f}')
+      [ "$q" -gt 0 ] || break
+      t0=$(cpu_ticks $pid)
+      oha_run -z ${DURATION}s -q $q --latency-correction -c 32
+      t1=$(cpu_ticks $pid)
+      awk -v f=$f -v q=$q -v ok=$(codes 200) -v s=$(seconds) -v ticks=$((t1 - t0)) -v hz=$hz '
+        function ms(v, unit) { return unit ~ /^ms/ ? v : v * 1000 }
+        $1 == "50.00%" { p50 = ms($3, $4) }
+        $1 == "99.00%" { p99 = ms($3, $4) }
+        $1 == "99.90%" { p999 = ms($3, $4) }
+        /\[[0-9]+\] [0-9]+ responses/ { n += $2 }
+        END {
+          printf "  offered %d/s (%s): p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms; not 200: %d; server core %.0f%% busy\n",
+            q, f, p50, p99, p999, n - ok, 100 * ticks / hz / s
+        }' $W/oha.txt
+    done
+    echo "below archive=$archive peak_rss=$(peak_rss $pid)"
     stop
   done ;;
 esac

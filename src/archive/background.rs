@@ -77,7 +77,7 @@ impl Drop for Background {
 }
 
 /// Sets the calling thread's scheduling priority (`nice`), where that is not the default.
-fn set_nice(nice: i32) {
+pub(super) fn set_nice(nice: i32) {
     #[cfg(target_os = "linux")]
     if nice != 0 {
         // SAFETY: setpriority on this thread's own id; no memory is passed.

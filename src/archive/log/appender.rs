@@ -18,6 +18,7 @@ use super::segments::{
     encode_frame, imprint_entries, imprint_key, open_index, read_at, scan, segments,
     write_imprints, Entry, Segment, ENTRY_LEN, MAX_BODY,
 };
+use super::spare::Spare;
 use crate::archive::record::{ChainHead, StoredRecord, RECORD_DOMAIN};
 
 /// A torn commit is cut off at start; past this many octets that are not zeros after the last
@@ -66,6 +67,9 @@ pub struct Appender {
     imprints: Vec<(u64, u64)>,
     /// `ROOM` zeros, allocated on first use.
     zeros: Vec<u8>,
+    /// The next segment, written ahead while a segment is open (`None` before the first, and
+    /// where its thread could not be started).
+    spare: Option<Spare>,
 }
 
 impl Appender {
@@ -89,6 +93,7 @@ impl Appender {
             entries: Vec::new(),
             imprints: Vec::new(),
             zeros: Vec::new(),
+            spare: None,
         };
         let mut all = segments(dir)?;
         while let Some(segment) = all.pop() {
@@ -177,6 +182,7 @@ impl Appender {
                 no_room_before: 0,
                 index_len: Some(indexed + entries.len() as u64),
             });
+            appender.start_spare();
             return Ok((appender, Some(last)));
         }
         Ok((appender, None))
@@ -349,7 +355,9 @@ impl Appender {
             }
         }
         let segment = Segment::new(&self.dir, first_seq);
-        let (file, index) = make_segment(&segment, &self.dir)?;
+        let spare = self.spare.as_mut().and_then(Spare::take);
+        let (file, index) = make_segment(&segment, &self.dir, spare)?;
+        let room = file.metadata()?.len();
         if let Some(old) = self.open.take() {
             let imprints = std::mem::take(&mut self.imprints);
             if let Err(e) = write_imprints(&old.segment, imprints) {
@@ -367,32 +375,80 @@ impl Appender {
             file,
             index,
             len: 0,
-            room: 0,
+            room,
             no_room_before: 0,
             index_len: Some(0),
         });
+        self.start_spare();
         Ok(())
+    }
+
+    /// Starts writing the segment after the open one ahead, unless one is pending.
+    fn start_spare(&mut self) {
+        if self.spare.as_ref().is_some_and(Spare::is_pending) {
+            return;
+        }
+        self.spare = match Spare::start(&self.dir, self.segment_limit, ROOM) {
+            Ok(spare) => Some(spare),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    "the next segment cannot be written ahead; segments make their room as they fill"
+                );
+                None
+            }
+        };
+    }
+
+    /// Waits until the next segment is written ahead, or has failed (for tests).
+    #[cfg(test)]
+    pub fn wait_for_spare(&self) {
+        if let Some(spare) = &self.spare {
+            spare.wait();
+        }
     }
 }
 
 /// Makes `segment`'s files in `dir`, the segment empty (one left empty by a roll that failed
-/// is taken again; one that holds anything is not), its index emptied, and syncs their names.
-fn make_segment(segment: &Segment, dir: &Path) -> io::Result<(File, File)> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&segment.path)?;
-    if file.metadata()?.len() != 0 {
-        return Err(io::Error::new(
+/// is taken again; one that holds anything is not) or the `spare` written ahead (renamed to
+/// it: zeros, the segment's room), its index emptied, and syncs their names.
+fn make_segment(
+    segment: &Segment,
+    dir: &Path,
+    spare: Option<(PathBuf, File)>,
+) -> io::Result<(File, File)> {
+    let holds_data = || {
+        io::Error::new(
             io::ErrorKind::AlreadyExists,
             format!(
                 "{} holds data already: it is not taken as a new segment",
                 segment.path.display()
             ),
-        ));
-    }
+        )
+    };
+    let file = match spare {
+        Some((spare_path, spare)) => {
+            match fs::metadata(&segment.path) {
+                Ok(m) if m.len() != 0 => return Err(holds_data()),
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            fs::rename(spare_path, &segment.path)?;
+            spare
+        }
+        None => {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&segment.path)?;
+            if file.metadata()?.len() != 0 {
+                return Err(holds_data());
+            }
+            file
+        }
+    };
     let made = open_index(segment).and_then(|index| {
         index.set_len(0)?;
         crate::files::sync_directory(dir)?;

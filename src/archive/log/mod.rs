@@ -11,6 +11,7 @@
 pub mod appender;
 pub mod migrate;
 pub mod segments;
+mod spare;
 #[cfg(test)]
 mod tests;
 

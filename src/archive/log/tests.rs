@@ -293,6 +293,57 @@ fn commits_overwrite_zeros_written_ahead_and_closed_segments_are_cut_to_their_fr
 }
 
 #[test]
+fn the_next_segment_is_written_ahead_and_a_roll_takes_it_whole() {
+    let mut log = Log::new();
+    let limit = 2 << 20;
+    let spare = log.dir().join(super::spare::NAME);
+    let (mut appender, _) = Appender::open(&log.dir(), limit).unwrap();
+    // The first segment is made by its roll; the next is written ahead from then on.
+    appender.append(&log.chain(40)).unwrap();
+    appender.wait_for_spare();
+    let octets = fs::read(&spare).unwrap();
+    assert_eq!(octets.len() as u64, limit);
+    assert!(octets.iter().all(|&b| b == 0), "zeros only");
+    assert_eq!(
+        segment_files(&log.dir()).len(),
+        1,
+        "the spare is no segment"
+    );
+
+    while segment_files(&log.dir()).len() < 2 {
+        appender.append(&log.chain(40)).unwrap();
+        appender.make_room();
+    }
+    // The roll renamed the spare: the new segment's first commit went into its zeros, and
+    // the segment after it is being written ahead again.
+    let second = segment_files(&log.dir()).pop().unwrap();
+    assert_eq!(fs::metadata(&second.path).unwrap().len(), limit);
+    assert!(frames_end(&second) > 0);
+    appender.wait_for_spare();
+    assert_eq!(fs::metadata(&spare).unwrap().len(), limit);
+    let first = &segment_files(&log.dir())[0];
+    assert_eq!(
+        fs::metadata(&first.path).unwrap().len(),
+        frames_end(first),
+        "the closed segment is cut to its frames"
+    );
+
+    // The start takes the zeros for room and writes the spare again.
+    drop(appender);
+    let (mut appender, last) = Appender::open(&log.dir(), limit).unwrap();
+    assert_eq!(last.as_ref(), log.records.last());
+    appender.append(&log.chain(3)).unwrap();
+    assert_eq!(fs::metadata(&second.path).unwrap().len(), limit);
+    appender.wait_for_spare();
+    assert_eq!(fs::metadata(&spare).unwrap().len(), limit);
+    assert_eq!(log.all(), log.records);
+    let reader = log.reader();
+    for r in &log.records {
+        assert_eq!(reader.record_at(0, r.seq).unwrap().as_ref(), Some(r));
+    }
+}
+
+#[test]
 fn a_new_segment_whose_first_commit_tore_is_removed() {
     let mut log = Log::new();
     let (mut appender, _) = open(&log.dir());
