@@ -27,7 +27,7 @@
 # LOAD_CPUS ("8-15"), LOAD_THREADS (8), OVERLOAD_ALGS ("p384 rsa3072"), QUEUE_WAIT_MS,
 # COMMIT_DELAYS (the archive's commit_delay_us values to run, "default" the configuration's),
 # BELOW_FRACTIONS ("0.3 0.5 0.7 0.9"), BELOW_ARCHIVE ("off on"), TSA (the binary to measure;
-# default the kit's `tsa`).
+# default the kit's `tsa`), MAX_QUEUE (below).
 # On a 2-core machine, to try the script: CORE_SETS=0 LOAD_CPUS=1 LOAD_THREADS=1 DURATION=2.
 set -u
 cd "$(dirname "$0")"
@@ -178,6 +178,12 @@ scale() {
 }
 
 rm -rf $W/st; $T init --dir $W/st --algorithm p256 > /dev/null 2>&1
+# MAX_QUEUE: the servers' [server] max_queue in the tsa and archive parts (default the
+# configuration's, 256), which bounds the requests in flight and so, with the archive, the commits.
+set_max_queue() {
+  [ -z "${MAX_QUEUE:-}" ] || sed -i "s/^\[server\]$/[server]\nmax_queue = $MAX_QUEUE/" $1
+}
+set_max_queue $W/st/tsa.toml
 have_uts() { [ -x /tmp/uts-server/uts-server ] || { echo "uts: no build in the kit, skipped"; return 1; }; }
 
 case "$PARTS" in *" tsa "*)
@@ -207,6 +213,7 @@ case "$PARTS" in *" archive "*)
   for delay in ${COMMIT_DELAYS:-default}; do
     rm -rf $W/sta; $T init --dir $W/sta --algorithm p256 --archive > /dev/null 2>&1
     [ "$delay" = default ] || sed -i "s/^\[archive\]$/[archive]\ncommit_delay_us = $delay/" $W/sta/tsa.toml
+    set_max_queue $W/sta/tsa.toml
     stats=1 scale "tsa archive=on commit_delay_us=$delay" serve_tsa $W/sta/tsa.toml http://127.0.0.1:3990/
     echo "tokens archived: $(du -sh $W/sta 2>/dev/null | cut -f1) in $W/sta"
   done ;;

@@ -94,6 +94,19 @@ pub fn directory_of(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
+/// Octets an unprivileged writer may still allocate on the filesystem holding `dir`; `None`
+/// when `statvfs` fails.
+pub fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `dir` is a NUL-terminated path and `stat` a zeroed statvfs that statvfs fills.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(dir.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+}
+
 /// Makes everything written to the file system that holds `path` durable (`syncfs`): one
 /// call for the many files of an export, where a sync of each would cost a disk flush apiece.
 pub fn sync_file_system(path: &Path) -> io::Result<()> {

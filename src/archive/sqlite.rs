@@ -429,19 +429,6 @@ fn now_ns() -> u64 {
     crate::clock::system_unix_ns()
 }
 
-/// Octets an unprivileged writer may still allocate on the filesystem holding `dir`; `None`
-/// when `statvfs` fails.
-fn free_space(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let dir = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: `dir` is a NUL-terminated path and `stat` a zeroed statvfs that statvfs fills.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(dir.as_ptr(), &mut stat) } != 0 {
-        return None;
-    }
-    Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
-}
-
 impl ArchiveStore for SqliteStore {
     fn instance(&mut self, instance_id: u32) -> Result<InstanceState, StoreError> {
         let c = &self.conn;
@@ -901,7 +888,7 @@ impl ArchiveStore for SqliteStore {
     }
 
     fn free_space(&self) -> Option<u64> {
-        free_space(crate::files::directory_of(&self.path))
+        crate::files::free_space(crate::files::directory_of(&self.path))
     }
 }
 

@@ -1,9 +1,10 @@
 //! Appending to one instance's token log: one `write` of a commit's frames and one
 //! `fdatasync` of the segment, then the index entries (not synced).
 //!
-//! The open segment keeps some room past its frames: zeros, written and synced ahead in
-//! `ROOM` steps after a commit ([`Appender::make_room`], once the commit's requests are
-//! answered). A commit then overwrites blocks the file already has, so its
+//! The open segment keeps some room past its frames: zeros, usually the whole segment's,
+//! written ahead by a thread of its own before the segment was opened ([`super::spare`]), or
+//! else written and synced in `ROOM` steps after a commit ([`Appender::make_room`], once the
+//! commit's requests are answered). A commit then overwrites blocks the file already has, so its
 //! `fdatasync` writes the data alone: a commit that extends the file also changes its size and
 //! its extents, and waits for the filesystem's journal to commit them. Readers stop at the
 //! zeros as at the end (a frame of length 0 does not check); a closed segment is cut to its
@@ -68,7 +69,7 @@ pub struct Appender {
     /// `ROOM` zeros, allocated on first use.
     zeros: Vec<u8>,
     /// The next segment, written ahead while a segment is open (`None` before the first, and
-    /// where its thread could not be started).
+    /// where its thread could not be started; taken or failed, started again at the next roll).
     spare: Option<Spare>,
 }
 
@@ -356,8 +357,7 @@ impl Appender {
         }
         let segment = Segment::new(&self.dir, first_seq);
         let spare = self.spare.as_mut().and_then(Spare::take);
-        let (file, index) = make_segment(&segment, &self.dir, spare)?;
-        let room = file.metadata()?.len();
+        let (file, index, room) = make_segment(&segment, &self.dir, spare)?;
         if let Some(old) = self.open.take() {
             let imprints = std::mem::take(&mut self.imprints);
             if let Err(e) = write_imprints(&old.segment, imprints) {
@@ -409,32 +409,41 @@ impl Appender {
     }
 }
 
-/// Makes `segment`'s files in `dir`, the segment empty (one left empty by a roll that failed
-/// is taken again; one that holds anything is not) or the `spare` written ahead (renamed to
-/// it: zeros, the segment's room), its index emptied, and syncs their names.
+/// Makes `segment`'s files in `dir` and syncs their names: the segment is the `spare` written
+/// ahead (renamed to it) or a new file, its index emptied. A segment file left by a roll that
+/// failed is taken again (or replaced by the spare) while it holds zeros only; one that holds
+/// anything else is not. Returns the segment, its index and the segment's length (zeros: its
+/// room).
 fn make_segment(
     segment: &Segment,
     dir: &Path,
     spare: Option<(PathBuf, File)>,
-) -> io::Result<(File, File)> {
-    let holds_data = || {
-        io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!(
-                "{} holds data already: it is not taken as a new segment",
-                segment.path.display()
-            ),
-        )
+) -> io::Result<(File, File, u64)> {
+    let check_unused = |file: &File| {
+        let len = file.metadata()?.len();
+        if nonzero_len(file, 0, len)? != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} holds data already: it is not taken as a new segment",
+                    segment.path.display()
+                ),
+            ));
+        }
+        Ok(len)
     };
-    let file = match spare {
+    let (file, room) = match spare {
         Some((spare_path, spare)) => {
-            match fs::metadata(&segment.path) {
-                Ok(m) if m.len() != 0 => return Err(holds_data()),
+            match File::open(&segment.path) {
+                Ok(left) => {
+                    check_unused(&left)?;
+                }
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
+                Err(_) => {}
             }
             fs::rename(spare_path, &segment.path)?;
-            spare
+            let room = spare.metadata()?.len();
+            (spare, room)
         }
         None => {
             let file = OpenOptions::new()
@@ -443,10 +452,8 @@ fn make_segment(
                 .create(true)
                 .truncate(false)
                 .open(&segment.path)?;
-            if file.metadata()?.len() != 0 {
-                return Err(holds_data());
-            }
-            file
+            let room = check_unused(&file)?;
+            (file, room)
         }
     };
     let made = open_index(segment).and_then(|index| {
@@ -455,9 +462,9 @@ fn make_segment(
         Ok(index)
     });
     match made {
-        Ok(index) => Ok((file, index)),
+        Ok(index) => Ok((file, index, room)),
         Err(e) => {
-            // Best effort: an empty segment left behind is taken again by the next try, and
+            // Best effort: a segment of zeros left behind is taken again by the next try, and
             // removed at start.
             drop(file);
             let _ = remove_segment(segment);

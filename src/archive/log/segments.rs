@@ -6,6 +6,7 @@
 //! archive.tokens/<instance_id>/<first_seq, 20 digits>.log   frames, synced at every commit
 //! archive.tokens/<instance_id>/<first_seq, 20 digits>.idx   entries, written after the sync
 //! archive.tokens/<instance_id>/<first_seq, 20 digits>.imp   imprint keys, when it closes
+//! archive.tokens/<instance_id>/next-segment.zeros            the next segment, written ahead
 //! ```
 //!
 //! A frame is a 4-octet big-endian length, the record's canonical chain encoding

@@ -5,11 +5,13 @@
 //! Zeros written by the writer itself, a step at a time after a commit, held every request
 //! that came during the step: on the development VM's disk a step of 1 MiB takes about 2 ms,
 //! twenty commits' worth. Here the writer only renames a finished file. The thread writes a
-//! step, syncs it and then rests as long as that took, so it takes at most half of the disk's
-//! time from the commits; it runs at a lower priority, and stops (removing what it wrote) where
-//! less than two segments' worth of the disk would stay free, so that it never takes the space
-//! the open segment still needs. A spare that is not finished when the roll comes is left to
-//! finish for the roll after; that segment makes its room as before.
+//! step, syncs it and then rests about as long as that took, so it takes roughly half of the
+//! disk's time at most; it runs at a lower CPU priority (its I/O priority is the process's).
+//! It stops, removing what it wrote, where less than two segments' worth of the disk (and no
+//! less than the archive needs to recover from a full disk) would stay free: a finished spare
+//! then never holds space the open segment still needs, unless something else fills the disk.
+//! A spare that is not finished when the roll comes is left to finish for the roll after; that
+//! segment makes its room as before.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -20,12 +22,18 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
+use crate::archive::writer::ROOM_TO_RECOVER;
+
 /// The spare's name in an instance's folder; not a segment's (theirs end in `.log`).
 pub const NAME: &str = "next-segment.zeros";
 
 /// The thread's priority (`nice`): below the requests' and the writer's.
 const NICE: i32 = 10;
 
+const NOT_WRITTEN: &str =
+    "the next segment could not be written ahead; it makes its room as it fills";
+
+/// One spare: being written, finished and not taken yet, or (`thread` gone) taken or failed.
 pub struct Spare {
     path: PathBuf,
     stop: Arc<AtomicBool>,
@@ -39,10 +47,10 @@ impl Spare {
         let path = dir.join(NAME);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = thread::Builder::new().name("tsa-log-spare".into()).spawn({
-            let (path, stop) = (path.clone(), Arc::clone(&stop));
+            let (dir, path, stop) = (dir.to_owned(), path.clone(), Arc::clone(&stop));
             move || {
                 crate::archive::background::set_nice(NICE);
-                let written = write_zeros(&path, len, step, &stop);
+                let written = write_zeros(&dir, &path, len, step, &stop);
                 if written.is_err() {
                     let _ = fs::remove_file(&path);
                 }
@@ -65,14 +73,22 @@ impl Spare {
         match self.thread.take()?.join() {
             Ok(Ok(file)) => Some((self.path.clone(), file)),
             Ok(Err(e)) => {
-                tracing::debug!(
-                    file = %self.path.display(),
-                    error = %e,
-                    "the next segment could not be written ahead; it makes its room as it fills"
+                let expected = matches!(
+                    e.kind(),
+                    io::ErrorKind::StorageFull | io::ErrorKind::Interrupted
                 );
+                if expected {
+                    tracing::debug!(file = %self.path.display(), error = %e, "{NOT_WRITTEN}");
+                } else {
+                    tracing::warn!(file = %self.path.display(), error = %e, "{NOT_WRITTEN}");
+                }
                 None
             }
-            Err(_) => None,
+            Err(_) => {
+                let _ = fs::remove_file(&self.path);
+                tracing::warn!(file = %self.path.display(), "{NOT_WRITTEN}: its thread panicked");
+                None
+            }
         }
     }
 
@@ -102,7 +118,13 @@ impl Drop for Spare {
     }
 }
 
-fn write_zeros(path: &Path, len: u64, step: u64, stop: &AtomicBool) -> io::Result<File> {
+fn write_zeros(
+    dir: &Path,
+    path: &Path,
+    len: u64,
+    step: u64,
+    stop: &AtomicBool,
+) -> io::Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -116,11 +138,11 @@ fn write_zeros(path: &Path, len: u64, step: u64, stop: &AtomicBool) -> io::Resul
             return Err(io::Error::new(io::ErrorKind::Interrupted, "stopped"));
         }
         let n = step.min(len - at);
-        let free = free_octets(&file)?;
-        if free < n + 2 * len {
+        let keep = (2 * len).max(ROOM_TO_RECOVER);
+        if let Some(free) = crate::files::free_space(dir).filter(|&f| f < n + keep) {
             return Err(io::Error::new(
                 io::ErrorKind::StorageFull,
-                format!("{free} octets free, less than two segments' worth"),
+                format!("{free} octets free; the spare leaves {keep}"),
             ));
         }
         let started = Instant::now();
@@ -131,17 +153,4 @@ fn write_zeros(path: &Path, len: u64, step: u64, stop: &AtomicBool) -> io::Resul
         thread::park_timeout(started.elapsed());
     }
     Ok(file)
-}
-
-/// Octets an unprivileged writer may still take on `file`'s filesystem.
-fn free_octets(file: &File) -> io::Result<u64> {
-    use std::os::fd::AsRawFd;
-    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `fstatvfs` fills the struct it is given for an open descriptor, or fails.
-    if unsafe { libc::fstatvfs(file.as_raw_fd(), stat.as_mut_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: initialized by the successful call above.
-    let stat = unsafe { stat.assume_init() };
-    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }

@@ -1148,6 +1148,46 @@ fn a_segment_roll_that_failed_is_tried_again() {
 }
 
 #[test]
+fn a_segment_file_left_behind_is_taken_again_while_it_holds_zeros_only() {
+    let mut log = Log::new();
+    let dir = log.dir();
+    let (mut appender, _) = open(&dir);
+    appender.append(&log.chain(1)).unwrap();
+    while frames_end(&segment_files(&dir).pop().unwrap()) < LIMIT {
+        appender.append(&log.chain(1)).unwrap();
+    }
+    // The spare written ahead is taken by the roll below, which fails: what is at the next
+    // segment's name is no leftover of a roll (a zero in a frame's length, then data).
+    appender.wait_for_spare();
+    let next = Segment::new(&dir, log.head.seq + 1);
+    fs::write(&next.path, [0, 0, 0, 0, 9]).unwrap();
+    let refused = log.chain(1);
+    let e = appender.append(&refused).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(
+        fs::read(&next.path).unwrap(),
+        [0, 0, 0, 0, 9],
+        "left as it was"
+    );
+    log.records.pop();
+    log.head = ChainHead {
+        seq: refused[0].seq - 1,
+        hash: refused[0].prev_hash,
+    };
+
+    // Zeros only (a roll that failed after it renamed a spare, and could not remove it): the
+    // next roll takes the file, its zeros as the new segment's room.
+    fs::write(&next.path, vec![0; 3000]).unwrap();
+    appender.append(&log.chain(2)).unwrap();
+    assert_eq!(segment_files(&dir).last(), Some(&next));
+    assert_eq!(fs::metadata(&next.path).unwrap().len(), 3000);
+    assert_eq!(log.all(), log.records);
+    drop(appender);
+    let (_, last) = open(&dir);
+    assert_eq!(last.as_ref(), log.records.last());
+}
+
+#[test]
 fn events_that_cannot_be_stored_do_not_fail_records_already_durable() {
     let mut log = Log::new();
     let mut db = SqliteStore::open(&log.database, Duration::from_millis(50)).unwrap();
