@@ -392,6 +392,8 @@ fn past_the_new_connection_rate_a_new_connection_from_the_address_is_refused() {
 /// (only its loopback), with the rate scaled down to one a second after a burst of 5, 20
 /// connections at once from 127.0.0.1 reach a real server 5 times (the burst), one from
 /// 127.0.0.2 is not held by 127.0.0.1's allowance, and 127.0.0.1 connects again 1.5 s later.
+/// Over IPv6 an address's /64 is the source: after 20 at once from fd00:0:0:1::1, five more
+/// from fd00:0:0:1::2 get at most one through, and fd00:0:0:2::1 (another /64) gets through.
 #[test]
 fn the_example_nftables_rules_hold_a_source_to_its_rate_of_new_connections() {
     let example =
@@ -431,10 +433,13 @@ fn the_example_nftables_rules_hold_a_source_to_its_rate_of_new_connections() {
     let script = r#"
         set -eu
         ip link set lo up
+        for a in fd00:0:0:1::1 fd00:0:0:1::2 fd00:0:0:2::1; do
+            ip -6 addr add $a/64 dev lo nodad
+        done
         sed 's#200/second burst 200#1/second burst 5#g' "$EXAMPLE" > "$DIR/rules.nft"
         grep -q '1/second burst 5' "$DIR/rules.nft"
         nft -f "$DIR/rules.nft"
-        "$TSA" serve --config "$DIR/tsa.toml" --listen 127.0.0.1:3180 \
+        "$TSA" serve --config "$DIR/tsa.toml" --listen '[::]:3180' \
             --admin-listen 127.0.0.1:3181 > "$DIR/serve.log" 2>&1 &
         pid=$!
         trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
@@ -455,6 +460,19 @@ fn the_example_nftables_rules_hold_a_source_to_its_rate_of_new_connections() {
         echo "other $(get --interface 127.0.0.2)"
         sleep 1.5
         echo "later $(get)"
+        get6() {
+            curl -s -o /dev/null -w '%{http_code}\n' --connect-timeout 0.5 --interface "$1" \
+                'http://[fd00:0:0:1::1]:3180/certs' || true
+        }
+        at_once() { # count from: how many of `count` connections at once from `from` got 200
+            : > "$DIR/at_once"; pids=""
+            for i in $(seq $1); do get6 $2 >> "$DIR/at_once" & pids="$pids $!"; done
+            wait $pids
+            grep -c '^200$' "$DIR/at_once" || true
+        }
+        echo "burst6 $(at_once 20 fd00:0:0:1::1)"
+        echo "same64 $(at_once 5 fd00:0:0:1::2)"
+        echo "other64 $(get6 fd00:0:0:2::1)"
     "#;
     let out = common::ok(
         std::process::Command::new("unshare")
@@ -479,6 +497,11 @@ fn the_example_nftables_rules_hold_a_source_to_its_rate_of_new_connections() {
     );
     assert_eq!(value("other"), "200", "{text}");
     assert_eq!(value("later"), "200", "{text}");
+    let burst6: usize = value("burst6").parse().unwrap();
+    assert!((5..=6).contains(&burst6), "IPv6: {burst6} of 20: {text}");
+    let same64: usize = value("same64").parse().unwrap();
+    assert!(same64 <= 1, "{same64} of 5 from the same /64: {text}");
+    assert_eq!(value("other64"), "200", "{text}");
 }
 
 /// A connection to `authority` with a receive buffer as small as the kernel allows (set
