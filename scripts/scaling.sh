@@ -9,8 +9,8 @@
 # hsm-scaling.sh, the release binary (`tsa`), a query (`q.tsq`, from `openssl ts -query -sha256
 # -cert`), Debian's packages it unpacks (`apt-get download wrk libluajit-5.1-2
 # libluajit-5.1-common softhsm2 libsofthsm2 softhsm2-common libsqlite3-0 libcivetweb1`), the
-# `oha` binary for the overload part, and for the comparison a folder `uts/` holding a build of
-# uts-server (kakwa/uts-server) with its `uts.cnf` and `pki/` (its `dir` set to
+# `oha` binary for the overload and below parts, and for the comparison a folder `uts/` holding
+# a build of uts-server (kakwa/uts-server) with its `uts.cnf` and `pki/` (its `dir` set to
 # /tmp/uts-server/pki). Carry the kit there and run `kit/scaling.sh`.
 #
 # Parts (PARTS, space-separated, in this order by default):
