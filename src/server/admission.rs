@@ -476,13 +476,23 @@ impl ConnectionRate {
         &self.refusal
     }
 
-    /// Addresses whose bucket may still be refilling (some are full, until the next sweep).
+    /// Addresses whose bucket is refilling (the gauge); those full again are swept first,
+    /// unless a sweep ran in the last `SWEEP_PAUSE`.
     pub fn count(&self) -> usize {
-        self.table
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.count_at(self.epoch.elapsed())
+    }
+
+    fn count_at(&self, now: Duration) -> usize {
+        let now = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if now >= table.quiet_until {
+            table.sweep(now);
+        }
+        table
             .full_at
-            .len()
+            .values()
+            .filter(|&&full_at| full_at > now)
+            .count()
     }
 }
 
@@ -777,6 +787,19 @@ mod tests {
                 .count(),
             10
         );
+    }
+
+    #[test]
+    fn the_gauge_counts_the_buckets_still_refilling() {
+        let rate = ConnectionRate::new(10.0, 10);
+        let at = Duration::from_secs(1);
+        for host in ["192.0.2.1", "192.0.2.2", "2001:db8::1"] {
+            rate.admit_at(ip(host), at).expect("a first connection");
+        }
+        assert_eq!(rate.count_at(at), 3);
+        // Each bucket refills in 0.1 s: a second later none is counted, and the table is empty.
+        assert_eq!(rate.count_at(at + Duration::from_secs(1)), 0);
+        assert!(rate.table.lock().unwrap().full_at.is_empty());
     }
 
     #[test]
