@@ -27,7 +27,7 @@
 # LOAD_CPUS ("8-15"), LOAD_THREADS (8), OVERLOAD_ALGS ("p384 rsa3072"), QUEUE_WAIT_MS,
 # COMMIT_DELAYS (the archive's commit_delay_us values to run, "default" the configuration's),
 # BELOW_FRACTIONS ("0.3 0.5 0.7 0.9"), BELOW_ARCHIVE ("off on"), TSA (the binary to measure;
-# default the kit's `tsa`), MAX_QUEUE (below).
+# default the kit's `tsa`), MAX_QUEUE (the tsa, pinned and archive parts; see below).
 # On a 2-core machine, to try the script: CORE_SETS=0 LOAD_CPUS=1 LOAD_THREADS=1 DURATION=2.
 set -u
 cd "$(dirname "$0")"
@@ -178,7 +178,7 @@ scale() {
 }
 
 rm -rf $W/st; $T init --dir $W/st --algorithm p256 > /dev/null 2>&1
-# MAX_QUEUE: the servers' [server] max_queue in the tsa and archive parts (default the
+# MAX_QUEUE: the servers' [server] max_queue in the tsa, pinned and archive parts (default the
 # configuration's, 256), which bounds the requests in flight and so, with the archive, the commits.
 set_max_queue() {
   [ -z "${MAX_QUEUE:-}" ] || sed -i "s/^\[server\]$/[server]\nmax_queue = $MAX_QUEUE/" $1
@@ -223,9 +223,10 @@ case "$PARTS" in *" hsm "*)
   ./hsm-scaling.sh ;;
 esac
 
-# oha, from the kit, against the server on 3990: its text summary in $W/oha.txt.
+# oha, from the kit, against the server on 3990: its text summary in $W/oha.txt, every time in
+# ms (oha otherwise picks one unit for the whole summary from its slowest reply).
 PATH=$KIT:$PATH
-oha_run() { taskset -c $LOAD_CPUS oha --no-tui -m POST -H 'Content-Type: application/timestamp-query' -D q.tsq "$@" http://127.0.0.1:3990/ > $W/oha.txt; }
+oha_run() { taskset -c $LOAD_CPUS oha --no-tui --time-unit ms -m POST -H 'Content-Type: application/timestamp-query' -D q.tsq "$@" http://127.0.0.1:3990/ > $W/oha.txt; }
 codes() { awk -v k="[$1]" '$1 == k {print $2}' $W/oha.txt; }
 seconds() { awk '/Total:/ {print ($3 == "ms" ? $2 / 1000 : $2); exit}' $W/oha.txt; }
 

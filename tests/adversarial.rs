@@ -392,8 +392,9 @@ fn past_the_new_connection_rate_a_new_connection_from_the_address_is_refused() {
 /// (only its loopback), with the rate scaled down to one a second after a burst of 5, 20
 /// connections at once from 127.0.0.1 reach a real server 5 times (the burst), one from
 /// 127.0.0.2 is not held by 127.0.0.1's allowance, and 127.0.0.1 connects again 1.5 s later.
-/// Over IPv6 an address's /64 is the source: after 20 at once from fd00:0:0:1::1, five more
-/// from fd00:0:0:1::2 get at most one through, and fd00:0:0:2::1 (another /64) gets through.
+/// Over IPv6 (where the kernel has it) an address's /64 is the source: after 20 at once from
+/// fd00:0:0:1::1, five more from fd00:0:0:1::2 get at most two through (one a second refills),
+/// and fd00:0:0:2::1 (another /64) gets through.
 #[test]
 fn the_example_nftables_rules_hold_a_source_to_its_rate_of_new_connections() {
     let example =
@@ -433,13 +434,17 @@ fn the_example_nftables_rules_hold_a_source_to_its_rate_of_new_connections() {
     let script = r#"
         set -eu
         ip link set lo up
-        for a in fd00:0:0:1::1 fd00:0:0:1::2 fd00:0:0:2::1; do
-            ip -6 addr add $a/64 dev lo nodad
-        done
+        listen=127.0.0.1:3180
+        if [ -d /proc/sys/net/ipv6 ]; then
+            listen='[::]:3180'
+            for a in fd00:0:0:1::1 fd00:0:0:1::2 fd00:0:0:2::1; do
+                ip -6 addr add $a/64 dev lo nodad
+            done
+        fi
         sed 's#200/second burst 200#1/second burst 5#g' "$EXAMPLE" > "$DIR/rules.nft"
         grep -q '1/second burst 5' "$DIR/rules.nft"
         nft -f "$DIR/rules.nft"
-        "$TSA" serve --config "$DIR/tsa.toml" --listen '[::]:3180' \
+        "$TSA" serve --config "$DIR/tsa.toml" --listen "$listen" \
             --admin-listen 127.0.0.1:3181 > "$DIR/serve.log" 2>&1 &
         pid=$!
         trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT
@@ -470,6 +475,7 @@ fn the_example_nftables_rules_hold_a_source_to_its_rate_of_new_connections() {
             wait $pids
             grep -c '^200$' "$DIR/at_once" || true
         }
+        [ "$listen" != 127.0.0.1:3180 ] || { echo "no IPv6"; exit 0; }
         echo "burst6 $(at_once 20 fd00:0:0:1::1)"
         echo "same64 $(at_once 5 fd00:0:0:1::2)"
         echo "other64 $(get6 fd00:0:0:2::1)"
@@ -497,10 +503,15 @@ fn the_example_nftables_rules_hold_a_source_to_its_rate_of_new_connections() {
     );
     assert_eq!(value("other"), "200", "{text}");
     assert_eq!(value("later"), "200", "{text}");
+    if text.lines().any(|l| l == "no IPv6") {
+        eprintln!("the kernel has no IPv6: the example's IPv6 rule was loaded, not exercised");
+        return;
+    }
     let burst6: usize = value("burst6").parse().unwrap();
     assert!((5..=6).contains(&burst6), "IPv6: {burst6} of 20: {text}");
+    // A rule per address would let all five through; one or two may come with the refill.
     let same64: usize = value("same64").parse().unwrap();
-    assert!(same64 <= 1, "{same64} of 5 from the same /64: {text}");
+    assert!(same64 <= 2, "{same64} of 5 from the same /64: {text}");
     assert_eq!(value("other64"), "200", "{text}");
 }
 

@@ -333,8 +333,8 @@ impl Appender {
 
     /// Closes the open segment (its index synced: closed segments are not checked again at
     /// start) and starts a new one at `first_seq`, its name synced into the folder. On failure
-    /// the open segment stays open (what of the new one was made is removed, or left empty to
-    /// be taken again), so the next commit tries again.
+    /// the open segment stays open (what of the new one was made is removed, or left holding
+    /// zeros only, to be taken again), so the next commit tries again.
     fn roll(&mut self, first_seq: u64) -> io::Result<()> {
         if let Some(old) = self.open.as_mut() {
             if old.room > old.len {

@@ -6,7 +6,8 @@
 //! that came during the step: on the development VM's disk a step of 1 MiB takes about 2 ms,
 //! twenty commits' worth. Here the writer only renames a finished file. The thread writes a
 //! step, syncs it and then rests about as long as that took, so it takes roughly half of the
-//! disk's time at most; it runs at a lower CPU priority (its I/O priority is the process's).
+//! disk's time at most; it runs at nice 10 (a lower CPU priority, and the I/O priority Linux
+//! derives from it where the I/O scheduler honours one).
 //! It stops, removing what it wrote, where less than two segments' worth of the disk (and no
 //! less than the archive needs to recover from a full disk) would stay free: a finished spare
 //! then never holds space the open segment still needs, unless something else fills the disk.

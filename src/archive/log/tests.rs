@@ -1181,6 +1181,17 @@ fn a_segment_file_left_behind_is_taken_again_while_it_holds_zeros_only() {
     appender.append(&log.chain(2)).unwrap();
     assert_eq!(segment_files(&dir).last(), Some(&next));
     assert_eq!(fs::metadata(&next.path).unwrap().len(), 3000);
+
+    // With a spare written ahead, the roll renames it over such a file.
+    while frames_end(&segment_files(&dir).pop().unwrap()) < LIMIT {
+        appender.append(&log.chain(1)).unwrap();
+    }
+    appender.wait_for_spare();
+    let after = Segment::new(&dir, log.head.seq + 1);
+    fs::write(&after.path, vec![0; 1000]).unwrap();
+    appender.append(&log.chain(1)).unwrap();
+    assert_eq!(segment_files(&dir).last(), Some(&after));
+    assert_eq!(fs::metadata(&after.path).unwrap().len(), LIMIT, "the spare");
     assert_eq!(log.all(), log.records);
     drop(appender);
     let (_, last) = open(&dir);
