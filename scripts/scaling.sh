@@ -228,7 +228,8 @@ esac
 PATH=$KIT:$PATH
 oha_run() { taskset -c $LOAD_CPUS oha --no-tui --time-unit ms -m POST -H 'Content-Type: application/timestamp-query' -D q.tsq "$@" http://127.0.0.1:3990/ > $W/oha.txt; }
 codes() { awk -v k="[$1]" '$1 == k {print $2}' $W/oha.txt; }
-seconds() { awk '/Total:/ {print ($3 == "ms" ? $2 / 1000 : $2); exit}' $W/oha.txt; }
+seconds() { awk '/Total:/ {print $2 / 1000; exit}' $W/oha.txt; }
+rate() { awk '/Requests\/sec/ {printf "%d", $2}' $W/oha.txt; }
 
 # Goodput past capacity: slow signers on one server core with max_queue 64 (and queue_wait_ms
 # QUEUE_WAIT_MS, default the server's), their capacity measured closed-loop, then driven
@@ -242,7 +243,7 @@ case "$PARTS" in *" overload "*)
     [ -n "${QUEUE_WAIT_MS:-}" ] && sed -i "s/^\[server\]$/[server]\nqueue_wait_ms = $QUEUE_WAIT_MS/" $W/ov/tsa.toml
     serve_tsa 0 $W/ov/tsa.toml || continue
     oha_run -z 6s -c 64
-    cap=$(awk '/Requests\/sec/ {printf "%d", $2}' $W/oha.txt)
+    cap=$(rate)
     [ "${cap:-0}" -gt 0 ] || { echo "overload alg=$alg: no capacity measured"; stop; continue; }
     q=$((cap * 3))
     oha_run -z 10s -q $q -c 1024
@@ -262,7 +263,7 @@ case "$PARTS" in *" below "*)
     $T init --dir $dir --algorithm p256 $([ $archive = on ] && echo --archive) > /dev/null 2>&1
     serve_tsa 0 $dir/tsa.toml || continue
     oha_run -z 6s -c 32
-    cap=$(awk '/Requests\/sec/ {printf "%d", $2}' $W/oha.txt)
+    cap=$(rate)
     echo "below archive=$archive capacity=$cap/s (closed loop, 32 connections)"
     for f in ${BELOW_FRACTIONS:-0.3 0.5 0.7 0.9}; do
       q=$(awk -v c=${cap:-0} -v f=$f 'BEGIN {printf "%d", c * f}')
@@ -271,10 +272,9 @@ case "$PARTS" in *" below "*)
       oha_run -z ${DURATION}s -q $q --latency-correction -c 32
       t1=$(cpu_ticks $pid)
       awk -v f=$f -v q=$q -v ok=$(codes 200) -v s=$(seconds) -v ticks=$((t1 - t0)) -v hz=$hz '
-        function ms(v, unit) { return unit ~ /^ms/ ? v : v * 1000 }
-        $1 == "50.00%" { p50 = ms($3, $4) }
-        $1 == "99.00%" { p99 = ms($3, $4) }
-        $1 == "99.90%" { p999 = ms($3, $4) }
+        $1 == "50.00%" { p50 = $3 }
+        $1 == "99.00%" { p99 = $3 }
+        $1 == "99.90%" { p999 = $3 }
         /\[[0-9]+\] [0-9]+ responses/ { n += $2 }
         END {
           printf "  offered %d/s (%s): p50 %.2f ms, p99 %.2f ms, p99.9 %.2f ms; not 200: %d; server core %.0f%% busy\n",

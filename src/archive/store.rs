@@ -349,17 +349,26 @@ CREATE INDEX IF NOT EXISTS events_time ON events (time_ns);
     )
 }
 
+/// `CREATE INDEX {how}` of the imprint index: one definition for both ways of building it.
+macro_rules! imprint_index {
+    ($how:literal) => {
+        concat!(
+            "CREATE INDEX ",
+            $how,
+            " tokens_imprint_newest ON tokens (imprint, gen_time_ns DESC, instance_id, seq DESC);"
+        )
+    };
+}
+
 /// The index of records by imprint, for look-ups of a lost token, in the order look-ups
 /// answer in ([`Rank`]): the newest `limit` of an imprint stamped a million times are read
 /// from its start, and the others counted in the index alone. PostgreSQL keeps it on `tokens`;
 /// SQLite in a database of its own, out of the commit path ([`super::imprints`]).
-pub const IMPRINT_INDEX: &str = "CREATE INDEX IF NOT EXISTS tokens_imprint_newest \
-     ON tokens (imprint, gen_time_ns DESC, instance_id, seq DESC);";
+pub const IMPRINT_INDEX: &str = imprint_index!("IF NOT EXISTS");
 
 /// [`IMPRINT_INDEX`] built beside running servers (PostgreSQL: inserts go on meanwhile; not
 /// in a transaction).
-pub const IMPRINT_INDEX_CONCURRENTLY: &str = "CREATE INDEX CONCURRENTLY tokens_imprint_newest \
-     ON tokens (imprint, gen_time_ns DESC, instance_id, seq DESC);";
+pub const IMPRINT_INDEX_CONCURRENTLY: &str = imprint_index!("CONCURRENTLY");
 
 /// The index by imprint alone, of PostgreSQL archives made before [`IMPRINT_INDEX`]: kept
 /// where that one is not built yet.

@@ -437,7 +437,7 @@ impl ConnectionRate {
         if self.interval_ns == 0 {
             return Ok(());
         }
-        let now = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+        let now = nanos(now);
         let key = AddressKey::of(ip);
         let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(full_at) = table.full_at.get_mut(&key) {
@@ -483,7 +483,7 @@ impl ConnectionRate {
     }
 
     fn count_at(&self, now: Duration) -> usize {
-        let now = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+        let now = nanos(now);
         let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         if now >= table.quiet_until {
             // What a sweep leaves is refilling.
@@ -507,8 +507,13 @@ impl RateTable {
             self.full_at.shrink_to(2 * len.max(MIN_SWEEP));
         }
         self.sweep_at = (2 * len).clamp(MIN_SWEEP, MAX_ADDRESSES);
-        self.quiet_until = now.saturating_add(SWEEP_PAUSE.as_nanos() as u64);
+        self.quiet_until = now.saturating_add(nanos(SWEEP_PAUSE));
     }
+}
+
+/// `d` in nanoseconds, the rate table's unit (saturating: some 584 years).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
