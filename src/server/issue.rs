@@ -1,7 +1,7 @@
 //! The request path, top to bottom: parse → read the clock → build → sign → assemble.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -70,7 +70,7 @@ impl Issuing {
     ) -> Self {
         let ns = |t: SystemTime| {
             t.duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         };
         let until = certificate
             .not_after()
@@ -89,6 +89,51 @@ impl Issuing {
     }
 }
 
+/// How long a failed signature keeps readiness failing, unless one succeeds meanwhile. Not
+/// for good: a load balancer that readiness took the instance out of sends it no request that
+/// could succeed. A failure that lasts shows again in the requests it sends once the instance
+/// is back, and a lost HSM in the signer's own health.
+const SIGNER_FAILURE_HOLD: Duration = Duration::from_secs(10);
+
+/// When the last signature failed, unless one succeeded since.
+pub(super) struct LastFailure {
+    epoch: std::time::Instant,
+    /// Nanoseconds after `epoch` (at least 1); 0 when none is outstanding.
+    at_ns: AtomicU64,
+}
+
+impl LastFailure {
+    pub(super) fn new() -> Self {
+        Self {
+            epoch: std::time::Instant::now(),
+            at_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn since_epoch_ns(&self, now: std::time::Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn failed(&self) {
+        let now = self.since_epoch_ns(std::time::Instant::now());
+        self.at_ns.store(now.max(1), Ordering::Relaxed);
+    }
+
+    /// Cheap on the request path: a load, and a store only after a failure.
+    fn succeeded(&self) {
+        if self.at_ns.load(Ordering::Relaxed) != 0 {
+            self.at_ns.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A failure outstanding for less than [`SIGNER_FAILURE_HOLD`] at `now`.
+    fn is_recent(&self, now: std::time::Instant) -> bool {
+        let at = self.at_ns.load(Ordering::Relaxed);
+        at != 0
+            && self.since_epoch_ns(now).saturating_sub(at) < SIGNER_FAILURE_HOLD.as_nanos() as u64
+    }
+}
+
 /// Everything the issuing path needs, built once at start-up.
 pub struct Tsa {
     /// Replaced whole by a reload; each request works on one version.
@@ -98,8 +143,8 @@ pub struct Tsa {
     pub(super) serials: Box<dyn SerialAllocator>,
     /// Records every token before its response is sent (`[archive]`).
     pub(super) archive: Option<Arc<Archive>>,
-    /// Whether the last signature succeeded (readiness).
-    pub(super) signer_ok: AtomicBool,
+    /// When the last signature failed, unless one succeeded since (readiness).
+    pub(super) signer_failure: LastFailure,
     /// Issuances of a blocking signer in flight at once.
     pub(super) blocking_lane: Arc<tokio::sync::Semaphore>,
     pub(super) metrics: super::metrics::Metrics,
@@ -334,13 +379,14 @@ impl Tsa {
                 .map_err(|refusal| Rejection::new(FailInfo::TimeNotAvailable, refusal.reason))
         };
         let mut time = now()?;
-        let asked = std::time::Instant::now();
+        let mut read_at = std::time::Instant::now();
         let serial = self
             .serials
             .next()
             .map_err(|e| Rejection::new(FailInfo::SystemFailure, e.to_string()))?;
-        if asked.elapsed() > SERIAL_WAIT_REREAD {
+        if read_at.elapsed() > SERIAL_WAIT_REREAD {
             time = now()?;
+            read_at = std::time::Instant::now();
         }
         // The key (and certificate) for this genTime: the instant truncated as the token will
         // carry it.
@@ -371,13 +417,11 @@ impl Tsa {
             issuing.template.precision(),
             serial,
         );
-        if stamp.accuracy.as_ns() > self.clock.max_bound().as_nanos() as u64 {
-            let refusal = Refusal {
-                kind: RefusalKind::BoundExceeded,
-                reason: "the clock's bound and genTime's precision together exceed the declared accuracy".into(),
-            };
-            self.clock.count_refusal(&refusal);
-            return Err(Rejection::new(FailInfo::TimeNotAvailable, refusal.reason));
+        let declared_ns = u64::try_from(self.clock.max_bound().as_nanos()).unwrap_or(u64::MAX);
+        if stamp.accuracy.as_ns() > declared_ns {
+            return Err(self.refuse_bound(
+                "the clock's bound and genTime's precision together exceed the declared accuracy",
+            ));
         }
 
         let tbs = issuing.template.to_be_signed(&request, &stamp)?;
@@ -387,11 +431,20 @@ impl Tsa {
         let signature = signature.map_err(|e| {
             // An unavailable key is the signer's health to report (and to recover).
             if matches!(e, SignError::Failed(_)) {
-                self.signer_ok.store(false, Ordering::Relaxed);
+                self.signer_failure.failed();
             }
             Rejection::new(FailInfo::SystemFailure, e.to_string())
         })?;
-        self.signer_ok.store(true, Ordering::Relaxed);
+        self.signer_failure.succeeded();
+        // genTime ± accuracy holds the reading; the token is made when the signature returns.
+        // A signature that came back late (an HSM that stalled, a wait for one of its sessions)
+        // must still leave that instant within the declared accuracy of genTime.
+        let late_ns = u64::try_from(read_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        if stamp.accuracy.as_ns().saturating_add(late_ns) > declared_ns {
+            return Err(self.refuse_bound(
+                "the signature came back too late: genTime would be outside the declared accuracy of the token's making",
+            ));
+        }
 
         let der = issuing.template.assemble(&tbs, &signature);
         let record = match &self.archive {
@@ -405,12 +458,23 @@ impl Tsa {
         Ok((der, record))
     }
 
+    /// A `timeNotAvailable` for a genTime whose error would exceed the declared accuracy,
+    /// counted among the clock's refusals.
+    fn refuse_bound(&self, reason: &'static str) -> Rejection {
+        let refusal = Refusal {
+            kind: RefusalKind::BoundExceeded,
+            reason: reason.into(),
+        };
+        self.clock.count_refusal(&refusal);
+        Rejection::new(FailInfo::TimeNotAvailable, refusal.reason)
+    }
+
     /// Ready to issue: the clock is trusted, the signer is healthy and its last signature
     /// did not fail.
     pub fn readiness(&self) -> Result<(), String> {
         self.clock.check().map_err(|r| r.reason.into_owned())?;
         self.signer().health()?;
-        if !self.signer_ok.load(Ordering::Relaxed) {
+        if self.signer_failure.is_recent(std::time::Instant::now()) {
             return Err("the signer's last signature failed".into());
         }
         if let Some(archive) = &self.archive {
@@ -551,8 +615,6 @@ fn archived(e: crate::archive::ArchiveError) -> Rejection {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicU64;
-
     use super::*;
     use crate::archive::serial::{RandomSerials, SerialError};
     use crate::clock::{Reading, SyncState, TimeSource};
@@ -708,6 +770,76 @@ mod tests {
                 std::slice::from_ref(expected),
                 "read at {reading}"
             );
+        }
+    }
+
+    #[test]
+    fn a_failed_signature_fails_readiness_until_one_succeeds_or_for_a_while() {
+        let failure = LastFailure::new();
+        let now = std::time::Instant::now;
+        assert!(!failure.is_recent(now()), "none failed yet");
+        failure.failed();
+        assert!(failure.is_recent(now()));
+        failure.succeeded();
+        assert!(!failure.is_recent(now()), "one succeeded since");
+        failure.failed();
+        // Without a request that could succeed (a load balancer took the instance out), the
+        // failure stops counting after the hold.
+        assert!(!failure.is_recent(now() + SIGNER_FAILURE_HOLD));
+        assert!(failure.is_recent(now() + SIGNER_FAILURE_HOLD / 2));
+    }
+
+    /// A signer whose signatures come back after `stall` (an HSM that stalls).
+    struct Stalling {
+        inner: Arc<dyn Signer>,
+        stall: Duration,
+    }
+
+    impl Signer for Stalling {
+        fn algorithm(&self) -> crate::alg::SignatureAlgorithm {
+            self.inner.algorithm()
+        }
+        fn public_key(&self) -> &[u8] {
+            self.inner.public_key()
+        }
+        fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
+            std::thread::sleep(self.stall);
+            self.inner.sign(message)
+        }
+    }
+
+    #[test]
+    fn a_signature_back_later_than_the_declared_accuracy_allows_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tsa = development_tsa(dir.path());
+        let inner = Arc::clone(&tsa.signer);
+        let query = crate::client::Query::for_data(crate::alg::DigestAlgorithm::Sha256, b"x")
+            .unwrap()
+            .to_der()
+            .unwrap();
+        // The reading's bound is 1 ms; 100 ms are declared.
+        let declared = Duration::from_millis(100);
+        for (stall, granted) in [(Duration::from_millis(20), true), (declared, false)] {
+            tsa.signer = Arc::new(Stalling {
+                inner: Arc::clone(&inner),
+                stall,
+            });
+            tsa.clock = IssuingClock::new(
+                Box::new(Fixed(crate::clock::system_unix_ns())),
+                declared,
+                Duration::from_micros(1),
+            );
+            match tsa.issue(&query) {
+                Ok(_) => assert!(granted, "a signature {stall:?} late was granted"),
+                Err(refused) => {
+                    assert!(
+                        !granted,
+                        "a signature {stall:?} late was refused: {refused:?}"
+                    );
+                    assert_eq!(refused.fail_info, FailInfo::TimeNotAvailable);
+                    assert_eq!(tsa.clock.refusals(RefusalKind::BoundExceeded), 1);
+                }
+            }
         }
     }
 

@@ -18,7 +18,6 @@ mod write_timeout;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -109,7 +108,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         signer,
         serials,
         archive,
-        signer_ok: AtomicBool::new(true),
+        signer_failure: issue::LastFailure::new(),
         blocking_lane: Arc::new(tokio::sync::Semaphore::new(blocking_lane)),
         metrics: metrics::Metrics::default(),
         admission,
