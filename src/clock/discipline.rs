@@ -959,7 +959,10 @@ impl Discipline {
             }
             return;
         }
-        let (offset, _) = self.predict(&model, now);
+        // On the old scale: the prediction with the leap would already have taken an inserted
+        // second off, and not see it due until a second later, after an update in that second
+        // could have taken the new scale into the model (the leap then applied twice).
+        let (offset, _) = predict(&model, self.phi(), None, now);
         if (now as i64 + offset) as u64 >= leap.utc_ns {
             let shift = leap_shift(leap.kind);
             model.offset += shift;

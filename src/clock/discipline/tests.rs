@@ -729,6 +729,38 @@ fn a_leap_second_is_refused_around_midnight_and_applied() {
 }
 
 #[test]
+fn a_leap_is_applied_once_when_an_update_falls_in_the_repeated_second() {
+    let mut sims = vec![honest(0), honest(10), honest(-10)];
+    for sim in &mut sims {
+        sim.leap = Leap::Insert;
+    }
+    let mut run = Run::new(sims);
+    // The sixth update comes half a second into the inserted second (23:59:59 again), when
+    // every sample of that round is on the new scale.
+    let leap = before_new_year(&mut run, 6 * POLL / S, true);
+    run.truth.offset0 += (S / 2) as i64;
+    // `round` checks the truth against the bound after each update and half a poll later.
+    run.rounds(10);
+    let applied = run
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::LeapApplied { kind: Leap::Insert }))
+        .count();
+    assert_eq!(applied, 1, "{:?}", run.events);
+    assert!(
+        !run.events
+            .iter()
+            .any(|e| matches!(e, Event::StepDetected { .. } | Event::StepAccepted { .. })),
+        "the leap was taken for a step: {:?}",
+        run.events
+    );
+    assert_eq!(run.state(), SyncState::Synchronized);
+    let e = run.d.estimate(run.now);
+    assert!(run.truth.utc(run.now) > leap);
+    assert!((e.utc_ns as i64 - run.truth.utc(run.now) as i64).unsigned_abs() < 5_000_000);
+}
+
+#[test]
 fn sources_without_leap_information_abstain() {
     // Two NTP servers announce the leap; two GPS receivers know nothing of it.
     let mut ntp = honest(0);
