@@ -169,6 +169,46 @@ fn losing_every_source_ends_in_refusal_when_the_bound_passes_the_accuracy() {
     assert!(!ready(&server));
 }
 
+/// Every server turns to refusing us (kiss-o'-death DENY): each source's task ends, and the
+/// clock goes on without them, through holdover to refusal, its status and events kept up.
+#[test]
+fn every_server_refusing_us_ends_in_holdover_then_refusal_observed() {
+    let servers = ntp_servers(3, 0);
+    let server = synchronized_tsa(
+        &servers,
+        "max_drift_ppm = 200000.0\nmax_sample_age_ms = 400\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    query(work.path());
+    assert!(stamp(&server, work.path()).0.granted());
+    for s in &servers {
+        s.set(|b| b.kod = Some(*b"DENY"));
+    }
+    // The status is rendered at each update: without updates it would stay "synchronized".
+    wait_for(
+        || clock_report(&server).contains("State       : holdover"),
+        "holdover",
+        Duration::from_secs(5),
+    );
+    wait_for(
+        || stamp(&server, work.path()).0.fail_info() == Some(FailInfo::TimeNotAvailable),
+        "refusal once the bound passes 1 s",
+        Duration::from_secs(15),
+    );
+    let unreachable = |report: &str| {
+        report
+            .lines()
+            .filter(|l| l.starts_with("ntp ") && l.split_whitespace().nth(2) == Some("0"))
+            .count()
+    };
+    wait_for(
+        || unreachable(&clock_report(&server)) == servers.len(),
+        "every source unreachable in the status",
+        Duration::from_secs(5),
+    );
+    assert!(!ready(&server));
+}
+
 /// One server of three goes silent: too few left to select from, so holdover, and tokens go
 /// on (within the references' time); it comes back and the clock is synchronized again. Then
 /// the other two go silent (holdover on the one left, which agrees), and that one jumps 5 s

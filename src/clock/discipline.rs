@@ -374,6 +374,17 @@ impl Discipline {
         }
     }
 
+    /// `source` will answer no more (an NTP server's kiss-o'-death DENY or RSTR): unreachable
+    /// now rather than after its reach register empties. Its samples age as any others.
+    pub fn gone(&mut self, source: usize) {
+        let src = &mut self.sources[source];
+        let was = src.reach;
+        src.reach = 0;
+        if was != 0 {
+            self.events.push(Event::SourceUnreachable { source });
+        }
+    }
+
     /// Takes the events since the last call.
     pub fn drain_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)

@@ -5,8 +5,10 @@
 //! only while the source is synchronized and its bound is within the declared accuracy, and it
 //! makes genTime strictly increasing without ever running ahead of the clock.
 //!
-//! The sources of this first version are the kernel clock ([`kernel`]), trusted only while the
-//! kernel says it is synchronized, and an explicit development clock ([`development`]).
+//! The sources: the disciplined clock ([`service`], [`discipline`]) that the TSA keeps itself
+//! from NTP servers ([`ntp`]) and GPS receivers ([`gps`], [`nmea`]); the kernel clock
+//! ([`kernel`]), trusted only while the kernel says it is synchronized; and an explicit
+//! development clock ([`development`]).
 
 pub mod development;
 pub mod discipline;

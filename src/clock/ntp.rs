@@ -70,7 +70,7 @@ pub async fn poll(
             }
             Err(Failure::Kod(code @ (KissOfDeathCode::Deny | KissOfDeathCode::Rstr))) => {
                 tracing::error!(event = "ntp_kod", server = %server.addr, code = ?code, "kiss-o'-death: the server refuses us; no longer polled");
-                let _ = tx.send(SourceMessage::Missed(id)).await;
+                let _ = tx.send(SourceMessage::Gone(id)).await;
                 return;
             }
             Err(failure) => {

@@ -27,6 +27,8 @@ const RECENT_EVENTS: usize = 200;
 pub enum SourceMessage {
     Sample(usize, super::discipline::Sample),
     Missed(usize),
+    /// The source will answer no more (an NTP server refused us).
+    Gone(usize),
 }
 
 #[derive(Clone, Debug)]
@@ -193,6 +195,7 @@ async fn run(
         .into_iter()
         .map(|v| v.name)
         .collect();
+    let mut sources_running = true;
     loop {
         // Changes that come without an update (silence, the bound passing the declared
         // accuracy, a leap second's window) are observed when they are due.
@@ -210,10 +213,13 @@ async fn run(
                     clock.record(describe(&event, &names, utc));
                 }
             }
-            message = rx.recv() => match message {
+            message = rx.recv(), if sources_running => match message {
                 Some(SourceMessage::Sample(id, sample)) => discipline.sample(id, sample),
                 Some(SourceMessage::Missed(id)) => discipline.missed(id),
-                None => return,
+                Some(SourceMessage::Gone(id)) => discipline.gone(id),
+                // Every source's task ended (each server refused us): the updates go on
+                // without samples, so that the loss of sync is observed and logged.
+                None => sources_running = false,
             },
             _ = tick.tick() => {
                 let now = clock.local.now();
