@@ -178,7 +178,10 @@ fn utc_ns((y, mo, d): (i32, u32, u32), (h, mi, s, ns): (u32, u32, u32, u32)) -> 
         .and_utc()
         .timestamp();
     let secs = midnight + i64::from(h * 3600 + mi * 60 + s);
-    (secs >= 0).then(|| secs * NS_PER_S + i64::from(ns))
+    // Past 2262 nanoseconds since 1970 overflow an i64: such a date is no time to take.
+    secs.checked_mul(NS_PER_S)?
+        .checked_add(i64::from(ns))
+        .filter(|_| secs >= 0)
 }
 
 /// The trust state machine of one NMEA receiver, fed lines and local times.
@@ -240,7 +243,7 @@ impl NmeaTracker {
             Ok(Sentence::Zda { utc }) => {
                 let near_fix = self
                     .last_fix_utc
-                    .is_some_and(|fix| (utc - fix).abs() <= ZDA_WINDOW_NS);
+                    .is_some_and(|fix| utc.abs_diff(fix) <= ZDA_WINDOW_NS as u64);
                 if self.trusted() && near_fix {
                     self.sample(utc, now)
                 } else {
@@ -547,6 +550,9 @@ mod tests {
             "GPZDA,120000.1234567890,01,05,2024,00,00",
             "GPZDA,12€000,01,05,2024,00,00",
             "GPZDA,120000,01,05,-024,00,00",
+            // Past what nanoseconds since 1970 hold (2262): refused, not overflowed.
+            "GPZDA,120000,01,05,2300,00,00",
+            "GPZDA,235959.999999999,31,12,9999,00,00",
         ] {
             assert_eq!(parse(&nmea(body)), Err(ParseError::Malformed), "{body}");
         }
