@@ -101,9 +101,38 @@ proptest! {
     #[test]
     fn accuracy_covers_and_is_tight(ns in 0u64..10_000_000_000) {
         let a = Accuracy::covering_ns(ns);
-        prop_assert!(a.as_ns() >= ns && a.as_ns() < ns + 1_000);
+        // Never exact (an empty Accuracy): at least a microsecond.
+        prop_assert!(a.as_ns() >= ns.max(1) && a.as_ns() < ns + 1_000 + 1);
         let der = a.to_der().unwrap();
         prop_assert_eq!(Accuracy::from_der(&der).unwrap(), a);
+    }
+}
+
+#[test]
+fn an_exact_reading_still_states_a_microsecond_of_accuracy() {
+    // A clock bound of 0 on a reading that truncation leaves whole: not `30 00`, which
+    // RFC 3161 reads as an exact time.
+    let a = Accuracy::covering_ns(0);
+    assert_eq!(a.micros, Some(1));
+    assert_eq!(a.to_der().unwrap(), [0x30, 0x03, 0x81, 0x01, 0x01]);
+}
+
+#[test]
+fn millis_and_micros_outside_1_to_999_are_out_of_range() {
+    let of = |millis, micros| Accuracy {
+        seconds: None,
+        millis,
+        micros,
+    };
+    assert!(of(Some(999), Some(1)).is_in_range());
+    assert!(of(None, None).is_in_range());
+    for (millis, micros) in [
+        (Some(0), None),
+        (Some(1_000), None),
+        (None, Some(0)),
+        (None, Some(1_000)),
+    ] {
+        assert!(!of(millis, micros).is_in_range(), "{millis:?} {micros:?}");
     }
 }
 

@@ -76,6 +76,10 @@ pub struct Verified {
 pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verified> {
     let tst = token.tst_info();
     ensure!(tst.version == 1, "TSTInfo version {} is not 1", tst.version);
+    ensure!(
+        tst.accuracy.is_none_or(|a| a.is_in_range()),
+        "the accuracy's millis or micros are outside 1..999"
+    );
 
     // The imprint.
     let imprint_oid = tst.message_imprint.hash_algorithm.oid;
@@ -630,6 +634,26 @@ mod tests {
     }
 
     #[test]
+    fn a_signing_certificate_attribute_with_policies_is_read() {
+        let cert = tsu();
+        let der = cert.to_der().unwrap();
+        let sha256 = DigestAlgorithm::Sha256.digest(&der).unwrap();
+        // policies: SEQUENCE OF PolicyInformation, here one with anyPolicy.
+        let policies = [0x30, 0x08, 0x30, 0x06, 0x06, 0x04, 0x55, 0x1d, 0x20, 0x00];
+        let v2 = SigningCertificateV2 {
+            certs: vec![EssCertIdV2 {
+                hash_algorithm: None,
+                cert_hash: OctetStringRef::new(&sha256).unwrap(),
+                issuer_serial: None,
+            }],
+            policies: Some(der::AnyRef::from_der(&policies).unwrap()),
+        }
+        .to_der()
+        .ok();
+        check_ess(&v2, &None, &cert, &der).unwrap();
+    }
+
+    #[test]
     fn both_ess_identifiers_must_name_the_signer_when_both_are_present() {
         let cert = tsu();
         let der = cert.to_der().unwrap();
@@ -642,6 +666,7 @@ mod tests {
                 cert_hash: OctetStringRef::new(&sha256).unwrap(),
                 issuer_serial: None,
             }],
+            policies: None,
         }
         .to_der()
         .ok();
@@ -651,6 +676,7 @@ mod tests {
                     cert_hash: OctetStringRef::new(hash).unwrap(),
                     issuer_serial: None,
                 }],
+                policies: None,
             }
             .to_der()
             .ok()

@@ -61,15 +61,23 @@ pub struct Accuracy {
 }
 
 impl Accuracy {
-    /// The smallest Accuracy (in whole microseconds) that covers `ns` nanoseconds.
+    /// The smallest Accuracy (in whole microseconds) that covers `ns` nanoseconds, and never
+    /// less than a microsecond: with every field absent it would claim an exact time.
     pub fn covering_ns(ns: u64) -> Self {
-        let micros_total = ns.div_ceil(1_000);
+        let micros_total = ns.div_ceil(1_000).max(1);
         let nonzero = |v: u64| (v != 0).then_some(v);
         Self {
             seconds: nonzero(micros_total / 1_000_000).map(|s| s.min(u64::from(u32::MAX)) as u32),
             millis: nonzero(micros_total / 1_000 % 1_000).map(|v| v as u16),
             micros: nonzero(micros_total % 1_000).map(|v| v as u16),
         }
+    }
+
+    /// `millis` and `micros` within 1..999 when present (RFC 3161); another TSA's token may
+    /// break it.
+    pub fn is_in_range(&self) -> bool {
+        let ok = |v: Option<u16>| v.is_none_or(|v| (1..=999).contains(&v));
+        ok(self.millis) && ok(self.micros)
     }
 
     pub fn as_ns(&self) -> u64 {
@@ -177,10 +185,17 @@ pub struct IssuerSerial {
 #[derive(Clone, Debug, Eq, PartialEq, Sequence)]
 pub struct SigningCertificateV2<'a> {
     pub certs: Vec<EssCertIdV2<'a>>,
+    /// `SEQUENCE OF PolicyInformation`: never written here, read (and not checked) in
+    /// other TSAs' tokens.
+    #[asn1(optional = "true")]
+    pub policies: Option<AnyRef<'a>>,
 }
 
 /// `SigningCertificate ::= SEQUENCE { certs SEQUENCE OF ESSCertID, policies … OPTIONAL }`
 #[derive(Clone, Debug, Eq, PartialEq, Sequence)]
 pub struct SigningCertificate<'a> {
     pub certs: Vec<EssCertId<'a>>,
+    /// As in [`SigningCertificateV2`].
+    #[asn1(optional = "true")]
+    pub policies: Option<AnyRef<'a>>,
 }

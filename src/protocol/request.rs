@@ -193,14 +193,21 @@ fn check(
         }
     };
 
-    if let Some(first) = &fields.extensions {
-        let first = first
-            .as_ref()
-            .map_or_else(|| "(empty)".to_string(), ToString::to_string);
-        return Err(Rejection::new(
-            FailInfo::UnacceptedExtension,
-            format!("request extensions are not supported ({first})"),
-        ));
+    match &fields.extensions {
+        None => {}
+        // `Extensions ::= SEQUENCE SIZE (1..MAX) OF Extension`: an empty list is malformed.
+        Some(None) => {
+            return Err(Rejection::new(
+                FailInfo::BadDataFormat,
+                "the request's extensions are an empty list (at least one is required)",
+            ))
+        }
+        Some(Some(first)) => {
+            return Err(Rejection::new(
+                FailInfo::UnacceptedExtension,
+                format!("request extensions are not supported ({first})"),
+            ))
+        }
     }
     Ok((digest, policy))
 }
@@ -345,6 +352,17 @@ pub fn parse_request<'a>(der: &'a [u8], rules: &RequestRules) -> Result<Request<
             )
         })
     })?;
+    // `const-oid` reads an arc padded with 0x80, which DER forbids; such an OID matches none
+    // this TSA knows, but the request is malformed before it is unknown.
+    let mut oids = std::iter::once(&req.message_imprint.hash_algorithm.oid)
+        .chain(&req.req_policy)
+        .chain(req.extensions.iter().flatten().map(|e| &e.extn_id));
+    if oids.any(|oid| !well_formed_oid(oid.as_bytes())) {
+        return Err(Rejection::new(
+            FailInfo::BadDataFormat,
+            "the request is not DER (an OBJECT IDENTIFIER's arc is padded with 0x80)",
+        ));
+    }
     let (digest, policy) = check(&Fields::of(&req), rules)?;
 
     Ok(Request {
@@ -489,6 +507,17 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_list_of_extensions_is_bad_data_format() {
+        let sha256 = oid(&[2, 16, 840, 1, 101, 3, 4, 2, 1]);
+        let with_one = request(&sha256, None, Some(&oid(&[1, 3, 6, 1, 4, 1, 32473, 1])));
+        assert_eq!(refused(&with_one).fail_info, FailInfo::UnacceptedExtension);
+        let mut empty = request(&sha256, None, None);
+        empty.extend([0xa0, 0x00]);
+        empty[1] += 2;
+        assert_eq!(refused(&empty).fail_info, FailInfo::BadDataFormat);
+    }
+
+    #[test]
     fn malformed_oids_and_other_damage_stay_bad_data_format() {
         let sha256 = oid(&[2, 16, 840, 1, 101, 3, 4, 2, 1]);
         let uuid = oid(&[2, 25, UUID]);
@@ -496,11 +525,18 @@ mod tests {
         let unended = [0x06, 0x02, 0x2a, 0x81];
         let r = refused(&request(&sha256, Some(&unended), None));
         assert_eq!(r.fail_info, FailInfo::BadDataFormat);
-        // 0x80 pads an arc: not DER. `const-oid` reads it (as 1.2.1 here) and keeps the
-        // octets, which match none this TSA offers; a padded big arc is no OID at all.
+        // 0x80 pads an arc: not DER, wherever the OID is (`const-oid` reads it, as 1.2.1
+        // here); a padded big arc is no OID at all.
         let padded = [0x06, 0x04, 0x2a, 0x80, 0x80, 0x01];
         let r = refused(&request(&sha256, Some(&padded), None));
-        assert_eq!(r.fail_info, FailInfo::UnacceptedPolicy);
+        assert_eq!(r.fail_info, FailInfo::BadDataFormat);
+        let padded_sha256 = [
+            0x06, 0x0a, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x80, 0x01,
+        ];
+        let r = refused(&request(&padded_sha256, None, None));
+        assert_eq!(r.fail_info, FailInfo::BadDataFormat, "{}", r.reason);
+        let r = refused(&request(&sha256, None, Some(&padded)));
+        assert_eq!(r.fail_info, FailInfo::BadDataFormat, "{}", r.reason);
         let mut padded_uuid = uuid.clone();
         padded_uuid.insert(3, 0x80);
         padded_uuid[1] += 1;

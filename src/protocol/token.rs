@@ -158,6 +158,7 @@ impl TokenTemplate {
                 cert_hash: OctetStringRef::new(&sha256)?,
                 issuer_serial: Some(issuer_serial.clone()),
             }],
+            policies: None,
         };
         let mut fixed_attrs = vec![
             attribute(oid::CONTENT_TYPE, &oid::CT_TST_INFO.to_der()?),
@@ -172,6 +173,7 @@ impl TokenTemplate {
                     cert_hash: OctetStringRef::new(&sha1)?,
                     issuer_serial: Some(issuer_serial),
                 }],
+                policies: None,
             };
             fixed_attrs.push(attribute(oid::SIGNING_CERTIFICATE, &v1.to_der()?));
         }
