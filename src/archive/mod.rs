@@ -42,6 +42,11 @@ use state::{Lock, SavedState, StateFile};
 use store::ArchiveStore;
 use writer::{Msg, Writer};
 
+/// How long a request waits for the commit of its token: far beyond any commit of a working
+/// disk or database (milliseconds; a full disk is answered at once), short of a client's
+/// patience.
+const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Why a token could not be archived (the client gets systemFailure).
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{0}")]
@@ -418,11 +423,20 @@ impl Archive {
         })
     }
 
-    /// Records a token durably; returns once the commit that holds it returned.
+    /// Records a token durably; returns once the commit that holds it returned, or with an
+    /// error after [`COMMIT_WAIT`] (a disk or a database that hangs: the token is withheld,
+    /// though the commit may still go in, as when an answer is lost with the connection).
     pub async fn record(&self, record: TokenRecord) -> Result<(), ArchiveError> {
-        self.enqueue(record)?
-            .await
-            .unwrap_or_else(|_| Err(ArchiveError("the archive writer stopped".into())))
+        let commit = self.enqueue(record)?;
+        match tokio::time::timeout(COMMIT_WAIT, commit).await {
+            Ok(answer) => {
+                answer.unwrap_or_else(|_| Err(ArchiveError("the archive writer stopped".into())))
+            }
+            Err(_) => Err(ArchiveError(format!(
+                "the archive did not commit the token within {} s",
+                COMMIT_WAIT.as_secs()
+            ))),
+        }
     }
 
     /// [`Archive::record`] for a thread that may block (not an async worker).

@@ -20,6 +20,12 @@ pub trait SerialAllocator: Send + Sync + 'static {
     fn may_wait(&self) -> bool {
         false
     }
+
+    /// `next`, or `None` where it would wait (the check of [`SerialAllocator::may_wait`] and
+    /// the draw in one step: between the two, other threads can take the last reserved one).
+    fn next_without_waiting(&self) -> Option<Result<Serial, SerialError>> {
+        Some(self.next())
+    }
 }
 
 /// Random octets for serials from the CSPRNG (aws-lc's), drawn 4 KiB at a time by each
@@ -190,22 +196,30 @@ impl BlockSerials {
         self.0.counters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A counter if one is reserved (`None` if not), the next block asked for once half of
+    /// this one is used.
+    fn take_reserved(&self, c: &mut Counters) -> Result<Option<u64>, SerialError> {
+        let inner = &self.0;
+        if !c.requested && c.limit - c.next <= inner.block / 2 {
+            let until = c.limit.max(c.next).saturating_add(inner.block);
+            if until > layout::MAX_COUNTER {
+                return Err(SerialError("the serial counter is exhausted".into()));
+            }
+            c.requested = true;
+            (inner.request)(until);
+        }
+        Ok((c.next < c.limit).then(|| {
+            c.next += 1;
+            c.next - 1
+        }))
+    }
+
     fn next_counter(&self) -> Result<u64, SerialError> {
         let inner = &self.0;
         let mut c = self.lock();
         let mut waited = false;
         loop {
-            if !c.requested && c.limit - c.next <= inner.block / 2 {
-                let until = c.limit.max(c.next).saturating_add(inner.block);
-                if until > layout::MAX_COUNTER {
-                    return Err(SerialError("the serial counter is exhausted".into()));
-                }
-                c.requested = true;
-                (inner.request)(until);
-            }
-            if c.next < c.limit {
-                let counter = c.next;
-                c.next += 1;
+            if let Some(counter) = self.take_reserved(&mut c)? {
                 return Ok(counter);
             }
             if waited {
@@ -224,11 +238,21 @@ impl BlockSerials {
     }
 }
 
-impl SerialAllocator for BlockSerials {
-    fn next(&self) -> Result<Serial, SerialError> {
-        let counter = self.next_counter()?;
+impl BlockSerials {
+    fn serial(&self, counter: u64) -> Result<Serial, SerialError> {
         let bytes = layout::encode(self.0.instance_id, counter, random_octets::<7>()?);
         Serial::from_unsigned(&bytes).ok_or_else(|| SerialError("invalid serial".into()))
+    }
+}
+
+impl SerialAllocator for BlockSerials {
+    fn next(&self) -> Result<Serial, SerialError> {
+        self.serial(self.next_counter()?)
+    }
+
+    fn next_without_waiting(&self) -> Option<Result<Serial, SerialError>> {
+        let taken = self.take_reserved(&mut self.lock());
+        taken.transpose().map(|counter| self.serial(counter?))
     }
 
     /// The block ran out (the writer has not answered the reservation asked for half a block
@@ -332,6 +356,33 @@ mod tests {
         assert_eq!(layout::decode(&bytes), Some((3, 110)));
         assert_eq!(serials.position(), (111, 120));
         assert!(!serials.may_wait());
+    }
+
+    #[test]
+    fn a_draw_without_waiting_takes_what_is_reserved_and_nothing_more() {
+        // Instance 2, counters 10..13 reserved, blocks of 4; the reservation goes unanswered.
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let serials = BlockSerials::new(2, 10, 13, 4, {
+            let asked = Arc::clone(&asked);
+            Box::new(move |until| asked.lock().unwrap().push(until))
+        });
+        let mut drawn = Vec::new();
+        while let Some(serial) = serials.next_without_waiting() {
+            drawn.push(layout::decode(serial.unwrap().as_bytes()).unwrap().1);
+        }
+        assert_eq!(drawn, [10, 11, 12]);
+        assert_eq!(
+            *asked.lock().unwrap(),
+            [17],
+            "the next block was asked for once"
+        );
+        assert!(serials.may_wait());
+        serials.extend(17);
+        let next = serials
+            .next_without_waiting()
+            .expect("reserved again")
+            .unwrap();
+        assert_eq!(layout::decode(next.as_bytes()).unwrap(), (2, 13));
     }
 
     #[test]

@@ -172,6 +172,25 @@ pub struct Tsa {
     pub(super) tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
 }
 
+/// A granted response and, with the archive, its token's record (not yet recorded).
+type Granted = (Vec<u8>, Option<TokenRecord>);
+
+/// How the issuing path draws its serial.
+#[derive(Clone, Copy)]
+enum Draw {
+    /// Waiting for the archive's reservation if it must (on the blocking pool).
+    Waiting,
+    /// Not at all where that would wait (on an async worker).
+    WithoutWaiting,
+}
+
+/// How long a request that must sign on the blocking pool waits for a place in its lane: far
+/// beyond a busy HSM's queue (its sessions' count of round trips), short of a client's patience.
+#[cfg(not(test))]
+const LANE_WAIT: Duration = Duration::from_secs(10);
+#[cfg(test)]
+const LANE_WAIT: Duration = Duration::from_millis(100);
+
 /// A serial that took longer than this (it waited for the archive's reservation) has the time
 /// read again after it.
 const SERIAL_WAIT_REREAD: Duration = Duration::from_millis(1);
@@ -215,20 +234,31 @@ impl Tsa {
     /// worker that also serves the health checks. Either way the clock is read inside `issue`,
     /// after any queueing, as late as possible before the signature.
     pub async fn respond(self: &Arc<Self>, body: Bytes, client: &Client) -> (Vec<u8>, Outcome) {
-        let result = if self.may_block() || self.serials.may_wait() {
-            let permit = Arc::clone(&self.blocking_lane).acquire_owned().await;
-            let (tsa, client) = (Arc::clone(self), client.clone());
-            tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                tsa.issue_unrecorded(&body, &client)
-            })
-            .await
-            .unwrap_or_else(|e| {
-                tracing::error!(error = %e, "the issuing task failed");
-                Err(Rejection::new(FailInfo::SystemFailure, "internal error"))
-            })
-        } else {
-            self.issue_unrecorded(&body, client)
+        // In place unless the signer may block; then, or where the serial would wait after
+        // all (the check and the draw are apart), on the blocking pool.
+        let in_place = match self.may_block() || self.serials.may_wait() {
+            true => None,
+            false => self
+                .issue_with(&body, client, Draw::WithoutWaiting)
+                .transpose(),
+        };
+        let result = match in_place {
+            Some(result) => result,
+            None => match self.lane_place().await {
+                Ok(permit) => {
+                    let (tsa, client) = (Arc::clone(self), client.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let _permit = permit;
+                        tsa.issue_unrecorded(&body, &client)
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "the issuing task failed");
+                        Err(Rejection::new(FailInfo::SystemFailure, "internal error"))
+                    })
+                }
+                Err(refused) => Err(refused),
+            },
         };
         // The response leaves only once the archive's commit that holds its token returned.
         let result = match (result, &self.archive) {
@@ -280,18 +310,26 @@ impl Tsa {
         while items.len() > 0 {
             let part: Vec<Bytes> = items.by_ref().take(chunk).collect();
             let len = part.len();
-            let permit = Arc::clone(&self.blocking_lane).acquire_owned().await;
-            let (tsa, client) = (Arc::clone(self), client.clone());
-            let task = tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                part.iter()
-                    .map(|body| tsa.issue_unrecorded(body, &client))
-                    .collect::<Vec<_>>()
+            let task = self.lane_place().await.map(|permit| {
+                let (tsa, client) = (Arc::clone(self), client.clone());
+                tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    part.iter()
+                        .map(|body| tsa.issue_unrecorded(body, &client))
+                        .collect::<Vec<_>>()
+                })
             });
             chunks.push((len, task));
         }
         let mut issued = Vec::with_capacity(count);
         for (len, task) in chunks {
+            let task = match task {
+                Ok(task) => task,
+                Err(refused) => {
+                    issued.extend((0..len).map(|_| Err(refused.clone())));
+                    continue;
+                }
+            };
             match task.await {
                 Ok(results) => issued.extend(results),
                 Err(e) => {
@@ -359,12 +397,34 @@ impl Tsa {
         }
     }
 
+    /// A place in the blocking lane, waited for at most [`LANE_WAIT`]: a signer whose calls
+    /// hang (an HSM that stopped answering holds every place) must not hold the requests
+    /// behind them for good. `None` inside once the lane is closed (it never is).
+    async fn lane_place(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Rejection> {
+        let place = Arc::clone(&self.blocking_lane).acquire_owned();
+        match tokio::time::timeout(LANE_WAIT, place).await {
+            Ok(permit) => Ok(permit.ok()),
+            Err(_) => Err(Rejection::new(
+                FailInfo::SystemFailure,
+                format!("the signer stayed busy for {} s", LANE_WAIT.as_secs()),
+            )),
+        }
+    }
+
     /// The token and, with the archive, its record (not yet recorded).
-    fn issue_unrecorded(
+    fn issue_unrecorded(&self, body: &[u8], client: &Client) -> Issued {
+        self.issue_with(body, client, Draw::Waiting)?
+            .ok_or_else(|| Rejection::new(FailInfo::SystemFailure, "no serial was drawn"))
+    }
+
+    /// [`Tsa::issue_unrecorded`], or `None` where the serial was to be drawn without waiting
+    /// and would have waited (nothing spent then but a reading of the clock).
+    fn issue_with(
         &self,
         body: &[u8],
         client: &Client,
-    ) -> Result<(Vec<u8>, Option<TokenRecord>), Rejection> {
+        draw: Draw,
+    ) -> Result<Option<Granted>, Rejection> {
         let issuing = self.issuing.load();
         let request = protocol::parse_request(body, &issuing.rules)?;
 
@@ -380,10 +440,14 @@ impl Tsa {
         };
         let mut time = now()?;
         let mut read_at = std::time::Instant::now();
-        let serial = self
-            .serials
-            .next()
-            .map_err(|e| Rejection::new(FailInfo::SystemFailure, e.to_string()))?;
+        let serial = match draw {
+            Draw::Waiting => Some(self.serials.next()),
+            Draw::WithoutWaiting => self.serials.next_without_waiting(),
+        };
+        let Some(serial) = serial else {
+            return Ok(None);
+        };
+        let serial = serial.map_err(|e| Rejection::new(FailInfo::SystemFailure, e.to_string()))?;
         if read_at.elapsed() > SERIAL_WAIT_REREAD {
             time = now()?;
             read_at = std::time::Instant::now();
@@ -455,7 +519,7 @@ impl Tsa {
             ),
             None => None,
         };
-        Ok((der, record))
+        Ok(Some((der, record)))
     }
 
     /// A `timeNotAvailable` for a genTime whose error would exceed the declared accuracy,
@@ -555,7 +619,7 @@ impl Tsa {
 pub const BATCH_CHUNK: usize = 64;
 
 /// One item issued and not yet recorded: the response with its record, or the rejection.
-type Issued = Result<(Vec<u8>, Option<TokenRecord>), Rejection>;
+type Issued = Result<Granted, Rejection>;
 
 /// A batch's issued items, their records handed to the archive together and awaited together:
 /// the granted response, or the rejection (`systemFailure` where the record failed).
@@ -841,6 +905,45 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_request_that_finds_no_place_in_the_signers_lane_in_time_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tsa = development_tsa(dir.path());
+        // One place, held by a signature that takes three times the lane's wait.
+        tsa.signer = Arc::new(Stalling {
+            inner: Arc::clone(&tsa.signer),
+            stall: 3 * LANE_WAIT,
+        });
+        tsa.blocking_lane = Arc::new(tokio::sync::Semaphore::new(1));
+        let tsa = Arc::new(tsa);
+        let query = Bytes::from(
+            crate::client::Query::for_data(crate::alg::DigestAlgorithm::Sha256, b"x")
+                .unwrap()
+                .to_der()
+                .unwrap(),
+        );
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (first, second) = runtime.block_on(async {
+            let first = tokio::spawn({
+                let (tsa, query) = (Arc::clone(&tsa), query.clone());
+                async move { tsa.respond(query, &Client::ANONYMOUS).await }
+            });
+            tokio::time::sleep(LANE_WAIT / 4).await;
+            let second = tsa.respond(query, &Client::ANONYMOUS).await;
+            (first.await.unwrap(), second)
+        });
+        assert_eq!(first.1, Outcome::Granted);
+        assert_eq!(second.1, Outcome::Rejected(FailInfo::SystemFailure));
+        let response = crate::client::read::Response::from_der(&second.0).unwrap();
+        assert!(
+            format!("{response:?}").contains("stayed busy"),
+            "{response:?}"
+        );
     }
 
     /// Random serials, each after a wait (as for a reservation the writer is slow to make).
