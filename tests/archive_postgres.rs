@@ -406,8 +406,13 @@ fn a_process_that_lost_its_lease_stops_issuing() {
         .unwrap();
     assert_eq!(n, 1);
     // The very next commit checks the lease in its transaction: no token.
+    // The client is told the token was not archived; why (the lease) is for the log and
+    // readiness.
     let text = refused(&mut conn, "after the takeover");
-    assert!(text.contains("lease"), "{text}");
+    assert!(
+        text.contains("archived") && !text.contains("lease"),
+        "{text}"
+    );
     let (status, body) = ready(&server.admin);
     assert_eq!(status, 503);
     assert!(body.contains("lease"), "{body}");

@@ -96,6 +96,9 @@ impl std::fmt::Display for FailInfo {
 pub struct Rejection {
     pub fail_info: FailInfo,
     pub reason: Cow<'static, str>,
+    /// What only the log is told: an internal failure's own words (an HSM's return code, a
+    /// store's error with its paths or hosts), which are no client's business.
+    pub detail: Option<String>,
 }
 
 impl Rejection {
@@ -103,6 +106,16 @@ impl Rejection {
         Self {
             fail_info,
             reason: reason.into(),
+            detail: None,
+        }
+    }
+
+    /// A `systemFailure` whose statusString says what failed (`reason`) and whose log line
+    /// also says how (`detail`).
+    pub fn internal(reason: &'static str, detail: impl std::fmt::Display) -> Self {
+        Self {
+            detail: Some(detail.to_string()),
+            ..Self::new(FailInfo::SystemFailure, reason)
         }
     }
 
@@ -126,7 +139,11 @@ impl Rejection {
 
 impl std::fmt::Display for Rejection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.fail_info, self.reason)
+        write!(f, "{}: {}", self.fail_info, self.reason)?;
+        match &self.detail {
+            Some(detail) => write!(f, " ({detail})"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -154,6 +171,26 @@ mod tests {
             assert_eq!(set, vec![usize::from(fail.bit())]);
             assert_eq!(resp.status.status_string.unwrap()[0].as_str(), "why");
         }
+    }
+
+    #[test]
+    fn an_internal_failures_own_words_stay_out_of_the_reply() {
+        let r = Rejection::internal(
+            "the token could not be archived",
+            "database error: connection to 10.0.0.5:5432 refused",
+        );
+        let der = r.to_der();
+        let resp = TimeStampResp::from_der(&der).unwrap();
+        assert_eq!(
+            resp.status.fail_info,
+            Some(FailInfo::SystemFailure.bit_string())
+        );
+        let text = &resp.status.status_string.unwrap()[0];
+        assert_eq!(text.as_str(), "the token could not be archived");
+        assert!(
+            r.to_string().contains("10.0.0.5:5432"),
+            "the log is told: {r}"
+        );
     }
 
     #[test]

@@ -447,7 +447,7 @@ impl Tsa {
         let Some(serial) = serial else {
             return Ok(None);
         };
-        let serial = serial.map_err(|e| Rejection::new(FailInfo::SystemFailure, e.to_string()))?;
+        let serial = serial.map_err(|e| Rejection::internal("no serial number is available", e))?;
         if read_at.elapsed() > SERIAL_WAIT_REREAD {
             time = now()?;
             read_at = std::time::Instant::now();
@@ -497,7 +497,7 @@ impl Tsa {
             if matches!(e, SignError::Failed(_)) {
                 self.signer_failure.failed();
             }
-            Rejection::new(FailInfo::SystemFailure, e.to_string())
+            Rejection::internal("the token could not be signed", e)
         })?;
         self.signer_failure.succeeded();
         // genTime ± accuracy holds the reading; the token is made when the signature returns.
@@ -660,7 +660,8 @@ fn log_rejection(rejection: &Rejection) {
     static REJECTED: LogLimit = LogLimit::new();
     if rejection.fail_info == FailInfo::SystemFailure {
         if let Some(left_out) = FAILED.allow() {
-            tracing::error!(reason = %rejection.reason, left_out, "request failed");
+            let detail = rejection.detail.as_deref().unwrap_or("");
+            tracing::error!(reason = %rejection.reason, detail, left_out, "request failed");
         }
     } else if let Some(left_out) = REJECTED.allow() {
         tracing::info!(
@@ -674,7 +675,7 @@ fn log_rejection(rejection: &Rejection) {
 
 /// A token that could not be archived is not handed out.
 fn archived(e: crate::archive::ArchiveError) -> Rejection {
-    Rejection::new(FailInfo::SystemFailure, e.to_string())
+    Rejection::internal("the token could not be archived", e)
 }
 
 #[cfg(test)]
