@@ -421,8 +421,10 @@ fn a_process_that_lost_its_lease_stops_issuing() {
     psql.execute("DELETE FROM instance_leases WHERE instance_id = 4", &[])
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(refused(&mut conn, "row deleted").contains("lease"));
-    assert_eq!(ready(&server.admin).0, 503);
+    assert!(refused(&mut conn, "row deleted").contains("archived"));
+    let (status, body) = ready(&server.admin);
+    assert_eq!(status, 503);
+    assert!(body.contains("lease"), "{body}");
     server.kill();
 
     // A new process takes the id and issues.
