@@ -35,6 +35,7 @@ impl TsuCertificate {
 
     pub fn from_der(der: Vec<u8>, chain: Vec<Vec<u8>>) -> anyhow::Result<Self> {
         let cert = Certificate::from_der(&der).context("the TSU certificate is not valid DER")?;
+        ensure_der(&cert, &der).context("the TSU certificate")?;
         Ok(Self { der, chain, cert })
     }
 
@@ -159,13 +160,123 @@ impl TsuCertificate {
     }
 }
 
-/// Every `CERTIFICATE` block of a PEM file, as DER.
+/// Every `CERTIFICATE` block of a PEM file, its octets as they are (tokens carry them, and
+/// their ESS identifier hashes them), each a certificate in DER.
 pub fn read_pem_certificates(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
+    use rustls::pki_types::pem::PemObject;
     let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let certs = Certificate::load_pem_chain(&pem)
-        .with_context(|| format!("{} is not a PEM certificate file", path.display()))?;
-    certs
-        .iter()
-        .map(|c| c.to_der().context("re-encoding a certificate"))
+    let not_pem = || format!("{} is not a PEM certificate file", path.display());
+    let blocks = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(not_pem)?;
+    if blocks.is_empty() {
+        bail!("{}", not_pem());
+    }
+    blocks
+        .into_iter()
+        .enumerate()
+        .map(|(i, block)| {
+            let which = || format!("certificate {} of {}", i + 1, path.display());
+            let cert = Certificate::from_der(&block).with_context(which)?;
+            ensure_der(&cert, &block).with_context(which)?;
+            Ok(block.to_vec())
+        })
         .collect()
+}
+
+/// Refuses a certificate whose octets are not the DER of what they decode to (a `der` reading
+/// sorts a SET OF, such as a multi-valued RDN, that came unsorted): the names a token gives
+/// its signer (`sid`, ESS `issuerSerial`, `tsa`) are encoded from the decoded certificate and
+/// would not match its octets, which verifiers compare.
+fn ensure_der(cert: &Certificate, octets: &[u8]) -> anyhow::Result<()> {
+    if cert.to_der()? != octets {
+        bail!(
+            "is not in DER (a SET OF out of order, say: a multi-valued name component); tokens \
+             would name it by other octets than its own, which verifiers refuse: have it issued \
+             again in DER"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use der::{Reader, SliceReader};
+
+    use super::*;
+
+    /// A TLV with a DER length.
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let len = content.len();
+        match len {
+            0..=0x7f => out.push(len as u8),
+            0x80..=0xff => out.extend([0x81, len as u8]),
+            _ => out.extend([0x82, (len >> 8) as u8, len as u8]),
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    /// `certificate` with its subject replaced by `subject` (the signature no longer fits, which
+    /// loading does not check).
+    fn with_subject(certificate: &[u8], subject: &[u8]) -> Vec<u8> {
+        let mut cert = SliceReader::new(certificate).unwrap();
+        cert.sequence(|cert| {
+            let tbs = cert.sequence(|tbs| {
+                let mut fields = Vec::new();
+                while !tbs.is_finished() {
+                    fields.push(tbs.tlv_bytes()?);
+                }
+                Ok::<_, der::Error>(fields)
+            })?;
+            let (algorithm, signature) = (cert.tlv_bytes()?, cert.tlv_bytes()?);
+            // version, serialNumber, signature, issuer, validity, subject, …
+            let mut tbs_content = Vec::new();
+            for (i, field) in tbs.iter().enumerate() {
+                tbs_content.extend_from_slice(if i == 5 { subject } else { field });
+            }
+            let content = [
+                tlv(0x30, &tbs_content),
+                algorithm.to_vec(),
+                signature.to_vec(),
+            ];
+            Ok::<_, der::Error>(tlv(0x30, &content.concat()))
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_certificate_that_is_not_der_is_refused_not_reencoded() {
+        let pki = crate::pki::DevPki::generate(crate::pki::KeyAlgorithm::P256).unwrap();
+        let der = Certificate::load_pem_chain(pki.tsu_cert_pem.as_bytes()).unwrap()[0]
+            .to_der()
+            .unwrap();
+        assert!(TsuCertificate::from_der(der.clone(), Vec::new()).is_ok());
+        // One name component of two values, organizationName before commonName: DER sorts a
+        // SET OF by the encodings, which puts 2.5.4.3 first.
+        let atv = |arc: u8, value: &[u8]| {
+            tlv(
+                0x30,
+                &[tlv(0x06, &[0x55, 0x04, arc]), tlv(0x0c, value)].concat(),
+            )
+        };
+        let unsorted = tlv(0x31, &[atv(10, b"Org"), atv(3, b"TSU")].concat());
+        let sorted = tlv(0x31, &[atv(3, b"TSU"), atv(10, b"Org")].concat());
+        let good = with_subject(&der, &tlv(0x30, &sorted));
+        assert!(TsuCertificate::from_der(good, Vec::new()).is_ok());
+        let bad = with_subject(&der, &tlv(0x30, &unsorted));
+        let error = TsuCertificate::from_der(bad.clone(), Vec::new())
+            .err()
+            .expect("refused");
+        assert!(format!("{error:#}").contains("not in DER"), "{error:#}");
+        // Read from PEM, it is refused too (it was re-encoded, its signature no longer over
+        // its own octets).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tsu.pem");
+        let pem = der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, &bad).unwrap();
+        std::fs::write(&path, pem).unwrap();
+        let error = read_pem_certificates(&path).unwrap_err();
+        assert!(format!("{error:#}").contains("not in DER"), "{error:#}");
+    }
 }
