@@ -14,6 +14,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod files;
+mod log_limit;
 pub mod pem;
 pub mod pki;
 pub mod protocol;

@@ -344,11 +344,16 @@ impl IssuingClock {
             }
             let behind = *last - tick;
             if behind > MAX_WAIT_BACKWARDS.as_nanos() as u64 {
-                tracing::error!(
-                    event = "clock_step_back",
-                    behind_ns = behind,
-                    "time source went back behind the last genTime; refusing until it catches up"
-                );
+                // Every request meanwhile is refused: a line a second, not one a request.
+                static STEPPED_BACK: crate::log_limit::LogLimit = crate::log_limit::LogLimit::new();
+                if let Some(left_out) = STEPPED_BACK.allow() {
+                    tracing::error!(
+                        event = "clock_step_back",
+                        behind_ns = behind,
+                        left_out,
+                        "time source went back behind the last genTime; refusing until it catches up"
+                    );
+                }
                 return Err(Refusal {
                     kind: RefusalKind::SteppedBack,
                     reason: format!(

@@ -454,7 +454,7 @@ impl ConnectionRate {
         }
         if table.full_at.len() >= MAX_ADDRESSES {
             drop(table);
-            static LOG: super::log_limit::LogLimit = super::log_limit::LogLimit::new();
+            static LOG: crate::log_limit::LogLimit = crate::log_limit::LogLimit::new();
             if let Some(left_out) = LOG.allow() {
                 tracing::warn!(
                     addresses = MAX_ADDRESSES,

@@ -67,10 +67,10 @@ use tokio::net::TcpListener;
 
 use super::admission::{self, AddressKey, AddressSlot, ConnectionSlot};
 use super::auth::{Link, PeerCertificate, Refusal};
-use super::log_limit::LogLimit;
 use super::write_timeout::WriteTimeout;
 use super::{metrics, Client, Outcome, Tsa};
 use crate::config::ServerConfig;
+use crate::log_limit::LogLimit;
 use crate::protocol::{batch, FailInfo, Rejection};
 
 pub const QUERY_TYPE: &str = "application/timestamp-query";

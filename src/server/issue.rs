@@ -9,11 +9,11 @@ use arc_swap::ArcSwap;
 
 use bytes::Bytes;
 
-use super::log_limit::LogLimit;
 use crate::archive::record::TokenRecord;
 use crate::archive::serial::SerialAllocator;
 use crate::archive::Archive;
 use crate::clock::{IssuingClock, Refusal, RefusalKind};
+use crate::log_limit::LogLimit;
 use crate::protocol::{self, FailInfo, Rejection, RequestRules, Stamp, TokenTemplate};
 use crate::signer::{certificate::TsuCertificate, SignError, Signer};
 

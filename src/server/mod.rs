@@ -9,7 +9,6 @@ mod fd_limit;
 mod history;
 mod http;
 mod issue;
-mod log_limit;
 mod metrics;
 mod status;
 mod systemd;

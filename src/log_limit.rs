@@ -1,4 +1,4 @@
-//! Log lines of refused requests, at most one a second per kind of refusal.
+//! Log lines of refused requests (and of other lines a flood repeats), one a second per kind.
 //!
 //! Every refusal is counted in the metrics and answered with its reason; the log keeps the
 //! first of each second with the number left out since the last line. A flood of bad,
