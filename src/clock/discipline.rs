@@ -375,7 +375,8 @@ impl Discipline {
     }
 
     /// `source` will answer no more (an NTP server's kiss-o'-death DENY or RSTR): unreachable
-    /// now rather than after its reach register empties. Its samples age as any others.
+    /// now rather than after its reach register empties, so that its samples leave the
+    /// selection at the next update (as an unreachable source's do).
     pub fn gone(&mut self, source: usize) {
         let src = &mut self.sources[source];
         let was = src.reach;

@@ -170,17 +170,25 @@ pub enum RefusalKind {
     BoundExceeded,
     /// The source went back behind the last genTime.
     SteppedBack,
+    /// The signature came back so late after the reading that the token would be made
+    /// outside the declared accuracy of its genTime (a signer that stalled, not the clock).
+    SignedLate,
 }
 
 impl RefusalKind {
-    pub const ALL: [RefusalKind; 3] =
-        [Self::Unsynchronized, Self::BoundExceeded, Self::SteppedBack];
+    pub const ALL: [RefusalKind; 4] = [
+        Self::Unsynchronized,
+        Self::BoundExceeded,
+        Self::SteppedBack,
+        Self::SignedLate,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Unsynchronized => "unsynchronized",
             Self::BoundExceeded => "bound_exceeded",
             Self::SteppedBack => "stepped_back",
+            Self::SignedLate => "signed_late",
         }
     }
 }
@@ -204,7 +212,7 @@ pub struct IssuingClock {
     tick_ns: u64,
     /// The last time handed out, truncated to the tick; the next is in a later tick.
     last_ns: Mutex<u64>,
-    refusals: [AtomicU64; 3],
+    refusals: [AtomicU64; RefusalKind::ALL.len()],
 }
 
 impl IssuingClock {

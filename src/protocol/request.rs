@@ -56,10 +56,11 @@ pub struct Request<'a> {
 /// Read on the error path only (and by `tsa inspect`).
 pub fn unknown_oid(der: &[u8], rules: &RequestRules) -> Option<Rejection> {
     let request = LenientRequest::from_der(der).ok()?;
+    // An arc padded with 0x80 is not DER even where `const-oid` reads it.
     let oid = |raw: RawOid<'_>| match ObjectIdentifier::from_bytes(raw.0) {
+        _ if !well_formed_oid(raw.0) => None,
         Ok(oid) => Some(Oid::Read(oid)),
-        Err(_) if well_formed_oid(raw.0) => Some(Oid::Past(dotted(raw.0))),
-        Err(_) => None,
+        Err(_) => Some(Oid::Past(dotted(raw.0))),
     };
     let imprint = &request.message_imprint;
     let extensions = match &request.extensions {
@@ -534,6 +535,9 @@ mod tests {
             0x06, 0x0a, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x80, 0x01,
         ];
         let r = refused(&request(&padded_sha256, None, None));
+        assert_eq!(r.fail_info, FailInfo::BadDataFormat, "{}", r.reason);
+        // Also beside an OID past `const-oid` (read leniently, on the error path).
+        let r = refused(&request(&padded_sha256, None, Some(&uuid)));
         assert_eq!(r.fail_info, FailInfo::BadDataFormat, "{}", r.reason);
         let r = refused(&request(&sha256, None, Some(&padded)));
         assert_eq!(r.fail_info, FailInfo::BadDataFormat, "{}", r.reason);

@@ -95,14 +95,14 @@ impl Issuing {
 /// is back, and a lost HSM in the signer's own health.
 const SIGNER_FAILURE_HOLD: Duration = Duration::from_secs(10);
 
-/// When the last signature failed, unless one succeeded since.
-pub(super) struct LastFailure {
+/// An instant that threads mark and read without a lock: none yet, or the last one marked.
+pub(super) struct Moment {
     epoch: std::time::Instant,
-    /// Nanoseconds after `epoch` (at least 1); 0 when none is outstanding.
+    /// Nanoseconds after `epoch` (at least 1); 0 for none.
     at_ns: AtomicU64,
 }
 
-impl LastFailure {
+impl Moment {
     pub(super) fn new() -> Self {
         Self {
             epoch: std::time::Instant::now(),
@@ -114,23 +114,31 @@ impl LastFailure {
         u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn failed(&self) {
+    fn mark(&self) {
         let now = self.since_epoch_ns(std::time::Instant::now());
         self.at_ns.store(now.max(1), Ordering::Relaxed);
     }
 
-    /// Cheap on the request path: a load, and a store only after a failure.
-    fn succeeded(&self) {
-        if self.at_ns.load(Ordering::Relaxed) != 0 {
-            self.at_ns.store(0, Ordering::Relaxed);
+    /// Back to none, unless marked again since it was read here. Cheap where it is none: a
+    /// load (the request path clears the signer's failure after every signature).
+    fn clear(&self) {
+        let seen = self.at_ns.load(Ordering::Relaxed);
+        if seen != 0 {
+            let _ = self
+                .at_ns
+                .compare_exchange(seen, 0, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 
-    /// A failure outstanding for less than [`SIGNER_FAILURE_HOLD`] at `now`.
-    fn is_recent(&self, now: std::time::Instant) -> bool {
+    /// How long before `now` it was marked; `None` if it is none.
+    fn age(&self, now: std::time::Instant) -> Option<Duration> {
         let at = self.at_ns.load(Ordering::Relaxed);
-        at != 0
-            && self.since_epoch_ns(now).saturating_sub(at) < SIGNER_FAILURE_HOLD.as_nanos() as u64
+        (at != 0).then(|| Duration::from_nanos(self.since_epoch_ns(now).saturating_sub(at)))
+    }
+
+    /// Marked less than `within` before `now`.
+    fn is_within(&self, within: Duration, now: std::time::Instant) -> bool {
+        self.age(now).is_some_and(|age| age < within)
     }
 }
 
@@ -144,7 +152,9 @@ pub struct Tsa {
     /// Records every token before its response is sent (`[archive]`).
     pub(super) archive: Option<Arc<Archive>>,
     /// When the last signature failed, unless one succeeded since (readiness).
-    pub(super) signer_failure: LastFailure,
+    pub(super) signer_failure: Moment,
+    /// When an issuance on the blocking pool last ended: whether its lane moves.
+    pub(super) lane_moved: Moment,
     /// Issuances of a blocking signer in flight at once.
     pub(super) blocking_lane: Arc<tokio::sync::Semaphore>,
     pub(super) metrics: super::metrics::Metrics,
@@ -184,8 +194,8 @@ enum Draw {
     WithoutWaiting,
 }
 
-/// How long a request that must sign on the blocking pool waits for a place in its lane: far
-/// beyond a busy HSM's queue (its sessions' count of round trips), short of a client's patience.
+/// How long a request that must sign on the blocking pool waits for a place in its lane while
+/// no issuance there ends: far beyond any signature, short of a client's patience.
 #[cfg(not(test))]
 const LANE_WAIT: Duration = Duration::from_secs(10);
 #[cfg(test)]
@@ -249,7 +259,9 @@ impl Tsa {
                     let (tsa, client) = (Arc::clone(self), client.clone());
                     tokio::task::spawn_blocking(move || {
                         let _permit = permit;
-                        tsa.issue_unrecorded(&body, &client)
+                        let issued = tsa.issue_unrecorded(&body, &client);
+                        tsa.lane_moved.mark();
+                        issued
                     })
                     .await
                     .unwrap_or_else(|e| {
@@ -307,15 +319,28 @@ impl Tsa {
 
         let mut chunks = Vec::with_capacity(count.div_ceil(chunk));
         let mut items = items.into_iter();
+        // After a chunk found no place in time, the rest are refused without waiting.
+        let mut no_place: Option<Rejection> = None;
         while items.len() > 0 {
             let part: Vec<Bytes> = items.by_ref().take(chunk).collect();
             let len = part.len();
-            let task = self.lane_place().await.map(|permit| {
+            let place = match &no_place {
+                Some(refused) => Err(refused.clone()),
+                None => self.lane_place().await,
+            };
+            if let Err(refused) = &place {
+                no_place = Some(refused.clone());
+            }
+            let task = place.map(|permit| {
                 let (tsa, client) = (Arc::clone(self), client.clone());
                 tokio::task::spawn_blocking(move || {
                     let _permit = permit;
                     part.iter()
-                        .map(|body| tsa.issue_unrecorded(body, &client))
+                        .map(|body| {
+                            let issued = tsa.issue_unrecorded(body, &client);
+                            tsa.lane_moved.mark();
+                            issued
+                        })
                         .collect::<Vec<_>>()
                 })
             });
@@ -353,29 +378,34 @@ impl Tsa {
         };
 
         // One log line per failInfo that occurred, not one per item.
-        let mut refused: Vec<(FailInfo, usize, std::borrow::Cow<'static, str>)> = Vec::new();
+        let mut refused: Vec<(usize, Rejection)> = Vec::new();
         let answers = answered
             .into_iter()
             .map(|result| match result {
                 Ok(der) => (der, Outcome::Granted),
                 Err(rejection) => {
-                    match refused.iter_mut().find(|(f, ..)| *f == rejection.fail_info) {
-                        Some((_, n, _)) => *n += 1,
-                        None => refused.push((rejection.fail_info, 1, rejection.reason.clone())),
+                    let answer = (rejection.to_der(), Outcome::Rejected(rejection.fail_info));
+                    match refused
+                        .iter_mut()
+                        .find(|(_, first)| first.fail_info == rejection.fail_info)
+                    {
+                        Some((n, _)) => *n += 1,
+                        None => refused.push((1, rejection)),
                     }
-                    (rejection.to_der(), Outcome::Rejected(rejection.fail_info))
+                    answer
                 }
             })
             .collect();
-        for (fail_info, n, first) in refused {
+        for (n, first) in refused {
             static FAILED: LogLimit = LogLimit::new();
             static REJECTED: LogLimit = LogLimit::new();
-            if fail_info == FailInfo::SystemFailure {
+            if first.fail_info == FailInfo::SystemFailure {
                 if let Some(left_out) = FAILED.allow() {
-                    tracing::error!(items = n, of = count, reason = %first, left_out, "batch items failed");
+                    let detail = first.detail.as_deref().unwrap_or("");
+                    tracing::error!(items = n, of = count, reason = %first.reason, detail, left_out, "batch items failed");
                 }
             } else if let Some(left_out) = REJECTED.allow() {
-                tracing::info!(%fail_info, items = n, of = count, reason = %first, left_out, "batch items rejected");
+                tracing::info!(fail_info = %first.fail_info, items = n, of = count, reason = %first.reason, left_out, "batch items rejected");
             }
         }
         answers
@@ -397,17 +427,28 @@ impl Tsa {
         }
     }
 
-    /// A place in the blocking lane, waited for at most [`LANE_WAIT`]: a signer whose calls
-    /// hang (an HSM that stopped answering holds every place) must not hold the requests
-    /// behind them for good. `None` inside once the lane is closed (it never is).
+    /// A place in the blocking lane, waited for as long as the lane moves: a signer whose
+    /// calls hang (an HSM that stopped answering holds every place) must not hold the requests
+    /// behind them for good, while a slow one with a long queue (a batch's chunks, each of
+    /// many signatures) ends an issuance at least every [`LANE_WAIT`]. `None` inside once the
+    /// lane is closed (it never is).
     async fn lane_place(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Rejection> {
         let place = Arc::clone(&self.blocking_lane).acquire_owned();
-        match tokio::time::timeout(LANE_WAIT, place).await {
-            Ok(permit) => Ok(permit.ok()),
-            Err(_) => Err(Rejection::new(
-                FailInfo::SystemFailure,
-                format!("the signer stayed busy for {} s", LANE_WAIT.as_secs()),
-            )),
+        tokio::pin!(place);
+        loop {
+            match tokio::time::timeout(LANE_WAIT, &mut place).await {
+                Ok(permit) => return Ok(permit.ok()),
+                Err(_)
+                    if self
+                        .lane_moved
+                        .is_within(LANE_WAIT, std::time::Instant::now()) => {}
+                Err(_) => {
+                    return Err(Rejection::new(
+                        FailInfo::SystemFailure,
+                        format!("the signer ended no signature for {LANE_WAIT:?}"),
+                    ))
+                }
+            }
         }
     }
 
@@ -438,8 +479,9 @@ impl Tsa {
                 .now()
                 .map_err(|refusal| Rejection::new(FailInfo::TimeNotAvailable, refusal.reason))
         };
-        let mut time = now()?;
+        // Taken before the reading: the lateness measured from it is never too small.
         let mut read_at = std::time::Instant::now();
+        let mut time = now()?;
         let serial = match draw {
             Draw::Waiting => Some(self.serials.next()),
             Draw::WithoutWaiting => self.serials.next_without_waiting(),
@@ -449,8 +491,8 @@ impl Tsa {
         };
         let serial = serial.map_err(|e| Rejection::internal("no serial number is available", e))?;
         if read_at.elapsed() > SERIAL_WAIT_REREAD {
-            time = now()?;
             read_at = std::time::Instant::now();
+            time = now()?;
         }
         // The key (and certificate) for this genTime: the instant truncated as the token will
         // carry it.
@@ -483,7 +525,8 @@ impl Tsa {
         );
         let declared_ns = u64::try_from(self.clock.max_bound().as_nanos()).unwrap_or(u64::MAX);
         if stamp.accuracy.as_ns() > declared_ns {
-            return Err(self.refuse_bound(
+            return Err(self.refuse(
+                RefusalKind::BoundExceeded,
                 "the clock's bound and genTime's precision together exceed the declared accuracy",
             ));
         }
@@ -495,17 +538,18 @@ impl Tsa {
         let signature = signature.map_err(|e| {
             // An unavailable key is the signer's health to report (and to recover).
             if matches!(e, SignError::Failed(_)) {
-                self.signer_failure.failed();
+                self.signer_failure.mark();
             }
             Rejection::internal("the token could not be signed", e)
         })?;
-        self.signer_failure.succeeded();
+        self.signer_failure.clear();
         // genTime ± accuracy holds the reading; the token is made when the signature returns.
         // A signature that came back late (an HSM that stalled, a wait for one of its sessions)
         // must still leave that instant within the declared accuracy of genTime.
         let late_ns = u64::try_from(read_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
         if stamp.accuracy.as_ns().saturating_add(late_ns) > declared_ns {
-            return Err(self.refuse_bound(
+            return Err(self.refuse(
+                RefusalKind::SignedLate,
                 "the signature came back too late: genTime would be outside the declared accuracy of the token's making",
             ));
         }
@@ -524,9 +568,9 @@ impl Tsa {
 
     /// A `timeNotAvailable` for a genTime whose error would exceed the declared accuracy,
     /// counted among the clock's refusals.
-    fn refuse_bound(&self, reason: &'static str) -> Rejection {
+    fn refuse(&self, kind: RefusalKind, reason: &'static str) -> Rejection {
         let refusal = Refusal {
-            kind: RefusalKind::BoundExceeded,
+            kind,
             reason: reason.into(),
         };
         self.clock.count_refusal(&refusal);
@@ -538,7 +582,10 @@ impl Tsa {
     pub fn readiness(&self) -> Result<(), String> {
         self.clock.check().map_err(|r| r.reason.into_owned())?;
         self.signer().health()?;
-        if self.signer_failure.is_recent(std::time::Instant::now()) {
+        if self
+            .signer_failure
+            .is_within(SIGNER_FAILURE_HOLD, std::time::Instant::now())
+        {
             return Err("the signer's last signature failed".into());
         }
         if let Some(archive) = &self.archive {
@@ -840,18 +887,19 @@ mod tests {
 
     #[test]
     fn a_failed_signature_fails_readiness_until_one_succeeds_or_for_a_while() {
-        let failure = LastFailure::new();
+        let failure = Moment::new();
+        let recent = |at| failure.is_within(SIGNER_FAILURE_HOLD, at);
         let now = std::time::Instant::now;
-        assert!(!failure.is_recent(now()), "none failed yet");
-        failure.failed();
-        assert!(failure.is_recent(now()));
-        failure.succeeded();
-        assert!(!failure.is_recent(now()), "one succeeded since");
-        failure.failed();
+        assert!(!recent(now()), "none failed yet");
+        failure.mark();
+        assert!(recent(now()));
+        failure.clear();
+        assert!(!recent(now()), "one succeeded since");
+        failure.mark();
         // Without a request that could succeed (a load balancer took the instance out), the
         // failure stops counting after the hold.
-        assert!(!failure.is_recent(now() + SIGNER_FAILURE_HOLD));
-        assert!(failure.is_recent(now() + SIGNER_FAILURE_HOLD / 2));
+        assert!(!recent(now() + SIGNER_FAILURE_HOLD));
+        assert!(recent(now() + SIGNER_FAILURE_HOLD / 2));
     }
 
     /// A signer whose signatures come back after `stall` (an HSM that stalls).
@@ -902,20 +950,20 @@ mod tests {
                         "a signature {stall:?} late was refused: {refused:?}"
                     );
                     assert_eq!(refused.fail_info, FailInfo::TimeNotAvailable);
-                    assert_eq!(tsa.clock.refusals(RefusalKind::BoundExceeded), 1);
+                    assert_eq!(tsa.clock.refusals(RefusalKind::SignedLate), 1);
                 }
             }
         }
     }
 
-    #[test]
-    fn a_request_that_finds_no_place_in_the_signers_lane_in_time_is_refused() {
+    /// `requests` at once (a tenth of the lane's wait apart) to a TSA with one place in its
+    /// signer's lane and signatures that take `stall`; their outcomes in order.
+    fn through_one_place(stall: Duration, requests: usize) -> Vec<(Vec<u8>, Outcome)> {
         let dir = tempfile::tempdir().unwrap();
         let mut tsa = development_tsa(dir.path());
-        // One place, held by a signature that takes three times the lane's wait.
         tsa.signer = Arc::new(Stalling {
             inner: Arc::clone(&tsa.signer),
-            stall: 3 * LANE_WAIT,
+            stall,
         });
         tsa.blocking_lane = Arc::new(tokio::sync::Semaphore::new(1));
         let tsa = Arc::new(tsa);
@@ -929,22 +977,44 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let (first, second) = runtime.block_on(async {
-            let first = tokio::spawn({
-                let (tsa, query) = (Arc::clone(&tsa), query.clone());
-                async move { tsa.respond(query, &Client::ANONYMOUS).await }
-            });
-            tokio::time::sleep(LANE_WAIT / 4).await;
-            let second = tsa.respond(query, &Client::ANONYMOUS).await;
-            (first.await.unwrap(), second)
-        });
-        assert_eq!(first.1, Outcome::Granted);
-        assert_eq!(second.1, Outcome::Rejected(FailInfo::SystemFailure));
-        let response = crate::client::read::Response::from_der(&second.0).unwrap();
+        runtime.block_on(async {
+            let mut tasks = Vec::new();
+            for _ in 0..requests {
+                tasks.push(tokio::spawn({
+                    let (tsa, query) = (Arc::clone(&tsa), query.clone());
+                    async move { tsa.respond(query, &Client::ANONYMOUS).await }
+                }));
+                tokio::time::sleep(LANE_WAIT / 10).await;
+            }
+            let mut outcomes = Vec::new();
+            for task in tasks {
+                outcomes.push(task.await.unwrap());
+            }
+            outcomes
+        })
+    }
+
+    #[test]
+    fn a_request_behind_a_signer_that_ends_nothing_is_refused() {
+        // The one place is held by a signature three times the lane's wait long.
+        let outcomes = through_one_place(3 * LANE_WAIT, 2);
+        assert_eq!(outcomes[0].1, Outcome::Granted);
+        assert_eq!(outcomes[1].1, Outcome::Rejected(FailInfo::SystemFailure));
+        let response = crate::client::read::Response::from_der(&outcomes[1].0).unwrap();
         assert!(
-            format!("{response:?}").contains("stayed busy"),
+            format!("{response:?}").contains("ended no signature"),
             "{response:?}"
         );
+    }
+
+    #[test]
+    fn a_request_behind_a_slow_signer_that_moves_waits_its_turn() {
+        // Signatures of 0.6 × the lane's wait, one at a time: the fourth waits about twice the
+        // lane's wait, while one ends every 0.6 of it.
+        let outcomes = through_one_place(LANE_WAIT * 6 / 10, 4);
+        for (i, (_, outcome)) in outcomes.iter().enumerate() {
+            assert_eq!(*outcome, Outcome::Granted, "request {i}");
+        }
     }
 
     /// Random serials, each after a wait (as for a reservation the writer is slow to make).

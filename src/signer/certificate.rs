@@ -161,7 +161,8 @@ impl TsuCertificate {
 }
 
 /// Every `CERTIFICATE` block of a PEM file, its octets as they are (tokens carry them, and
-/// their ESS identifier hashes them), each a certificate in DER.
+/// their ESS identifier hashes them), each a certificate that decodes. Only the TSU
+/// certificate must be in DER exactly ([`TsuCertificate::from_der`]): tokens name it.
 pub fn read_pem_certificates(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
     use rustls::pki_types::pem::PemObject;
     let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -177,8 +178,7 @@ pub fn read_pem_certificates(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
         .enumerate()
         .map(|(i, block)| {
             let which = || format!("certificate {} of {}", i + 1, path.display());
-            let cert = Certificate::from_der(&block).with_context(which)?;
-            ensure_der(&cert, &block).with_context(which)?;
+            Certificate::from_der(&block).with_context(which)?;
             Ok(block.to_vec())
         })
         .collect()
@@ -270,13 +270,14 @@ mod tests {
             .err()
             .expect("refused");
         assert!(format!("{error:#}").contains("not in DER"), "{error:#}");
-        // Read from PEM, it is refused too (it was re-encoded, its signature no longer over
-        // its own octets).
+        // Read from PEM, it is refused too; read as a chain certificate, its octets are kept
+        // as they are (they were re-encoded: the CA's signature was no longer over them).
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tsu.pem");
         let pem = der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, &bad).unwrap();
         std::fs::write(&path, pem).unwrap();
-        let error = read_pem_certificates(&path).unwrap_err();
+        assert_eq!(read_pem_certificates(&path).unwrap(), [bad]);
+        let error = TsuCertificate::load(&path, &[]).err().expect("refused");
         assert!(format!("{error:#}").contains("not in DER"), "{error:#}");
     }
 }
