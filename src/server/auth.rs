@@ -60,6 +60,10 @@ pub struct PeerCertificate {
     /// The issuer (the subject of the CA that signed it) in RFC 4514 form; empty when it
     /// cannot be read.
     pub issuer: String,
+    /// The end of its validity, Unix seconds: checked at every request, since a resumed TLS
+    /// session restores the certificate without verifying it again, and a connection lives
+    /// for many requests.
+    pub not_after_s: Option<u64>,
 }
 
 impl PeerCertificate {
@@ -67,16 +71,22 @@ impl PeerCertificate {
         use der::Decode;
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(digest(&SHA256, der).as_ref());
-        let (subject, issuer) = x509_cert::Certificate::from_der(der)
+        let (subject, issuer, not_after_s) = x509_cert::Certificate::from_der(der)
             .map(|c| {
                 let tbs = c.tbs_certificate();
-                (tbs.subject().to_string(), tbs.issuer().to_string())
+                let not_after = tbs.validity().not_after.to_unix_duration().as_secs();
+                (
+                    tbs.subject().to_string(),
+                    tbs.issuer().to_string(),
+                    Some(not_after),
+                )
             })
             .unwrap_or_default();
         Self {
             sha256,
             subject,
             issuer,
+            not_after_s,
         }
     }
 }
@@ -203,12 +213,29 @@ impl Auth {
         link: Link<'_>,
         authorization: Option<&[u8]>,
     ) -> Result<Client, Refusal> {
+        let now_s = crate::clock::system_unix_ns() / 1_000_000_000;
+        self.authenticate_at(link, authorization, now_s)
+    }
+
+    /// [`Auth::authenticate`] at `now_s` (Unix seconds).
+    pub fn authenticate_at(
+        &self,
+        link: Link<'_>,
+        authorization: Option<&[u8]>,
+        now_s: u64,
+    ) -> Result<Client, Refusal> {
         if authorization.is_some() && !link.tls && self.keys_over_https_only {
             return Err(Refusal::InvalidCredentials(
                 "credentials over plain HTTP, which auth.keys_over_https_only refuses",
             ));
         }
         let certificate = link.certificate;
+        if certificate.is_some_and(|c| c.not_after_s.is_some_and(|end| now_s > end)) {
+            return Err(Refusal::InvalidCredentials(
+                "the client certificate has expired since its connection's handshake (or the \
+                 session's that this one resumed)",
+            ));
+        }
         let by_key = authorization
             .map(|h| self.by_authorization(h))
             .transpose()?;
@@ -490,6 +517,7 @@ mod tests {
             sha256,
             subject: subject.into(),
             issuer: "CN=Client CA A".into(),
+            not_after_s: Some(4_102_444_800),
         }
     }
 
@@ -594,6 +622,19 @@ mod tests {
             auth.authenticate(link(Some(&bob)), Some(&bearer("tsa_wrong"))),
             Err(Refusal::InvalidCredentials(_))
         ));
+        // A certificate that expired after the handshake (a resumed session, a long
+        // connection) names nobody any more, not even beside a good key.
+        let end = bob.not_after_s.unwrap();
+        assert_eq!(
+            name(auth.authenticate_at(link(Some(&bob)), None, end)),
+            Ok(Some("bob".into()))
+        );
+        for key in [None, Some(bearer(BOB_KEY))] {
+            assert!(matches!(
+                auth.authenticate_at(link(Some(&bob)), key.as_deref(), end + 1),
+                Err(Refusal::InvalidCredentials(_))
+            ));
+        }
     }
 
     #[test]
