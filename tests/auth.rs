@@ -880,6 +880,41 @@ fn quotas_answer_429_with_retry_after_and_recover() {
     post(&server.url, &q, &["-H", &alice_auth]).granted();
 }
 
+/// A client with no token left is refused a batch (429) before its body is read: it holds no
+/// batch place while the body comes, however slowly (here it never comes).
+#[test]
+fn a_batch_of_a_client_over_its_quota_is_refused_before_its_body() {
+    use std::io::{Read, Write};
+    let dir = init(&[]);
+    let (alice, alice_toml) = new_key("alice", &["--rate-per-s", "0.05", "--burst", "1"]);
+    configure(dir.path(), &[], &format!("[auth]\n{alice_toml}"));
+    let server = Server::serve(dir);
+    let q = query(server.dir.path(), "batch-quota");
+    let alice_auth = format!("Authorization: Bearer {alice}");
+    assert_eq!(post(&server.url, &q, &["-H", &alice_auth]).status, 200);
+
+    let url = server.url.strip_prefix("http://").unwrap();
+    let (host, path) = url.split_once('/').unwrap();
+    let mut conn = std::net::TcpStream::connect(host).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        conn,
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {alice}\r\n\
+         Content-Type: application/timestamp-query-batch\r\nContent-Length: 100000\r\n\r\n"
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut reply = [0u8; 64];
+    let n = conn.read(&mut reply).expect("an answer before the body");
+    let head = String::from_utf8_lossy(&reply[..n]);
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// A reload (SIGHUP) forgives no debt: a client whose rate and burst are unchanged keeps its
 /// bucket, so after spending its burst it is still refused (429) once the reload is in force;
 /// the anonymous callers' shared bucket likewise. A client whose quota changed starts full.

@@ -321,19 +321,35 @@ impl Auth {
     /// the answer is how long to wait. A client unknown here (configured before a reload that
     /// removed it) has no quota.
     pub fn take(&self, client: &Client, n: u32) -> Result<(), Duration> {
-        let bucket = match &client.name {
-            None => self.anonymous_bucket.as_ref(),
-            Some(name) => self
-                .by_name
-                .get(name)
-                .and_then(|&i| self.clients[i].bucket.as_ref()),
-        };
-        match bucket {
+        match self.bucket(client) {
             None => Ok(()),
             Some(bucket) => {
                 let now = self.epoch.elapsed().as_nanos() as u64;
                 bucket.take(now, n).map_err(Duration::from_nanos)
             }
+        }
+    }
+
+    /// Whether `client` could take a token now, without taking it (`Err`: how long until it
+    /// could): a batch asks before it holds a place for its body, whose items it is charged
+    /// for once read.
+    pub fn has_a_token(&self, client: &Client) -> Result<(), Duration> {
+        match self.bucket(client) {
+            None => Ok(()),
+            Some(bucket) => {
+                let now = self.epoch.elapsed().as_nanos() as u64;
+                bucket.could_take(now, 1).map_err(Duration::from_nanos)
+            }
+        }
+    }
+
+    fn bucket(&self, client: &Client) -> Option<&Bucket> {
+        match &client.name {
+            None => self.anonymous_bucket.as_deref(),
+            Some(name) => self
+                .by_name
+                .get(name)
+                .and_then(|&i| self.clients[i].bucket.as_deref()),
         }
     }
 }
@@ -374,18 +390,27 @@ impl Bucket {
     /// Takes `n` tokens at `now` (ns), or answers the wait in ns. More than the burst at once
     /// (a large batch) is taken from a full bucket, which then stays empty until the debt is
     /// paid back at the rate.
-    fn take(&self, now: u64, n: u32) -> Result<(), u64> {
+    /// The TAT after `n` more tokens from `tat` at `now`, or how long until they fit.
+    fn after(&self, tat: u64, now: u64, n: u32) -> Result<u64, u64> {
         let cost = self.interval.saturating_mul(u64::from(n));
+        let next = tat.max(now).saturating_add(cost);
+        let fits = next - now <= self.capacity || (cost > self.capacity && tat <= now);
+        match (fits, cost > self.capacity) {
+            (true, _) => Ok(next),
+            (false, true) => Err(tat - now),
+            (false, false) => Err(next - now - self.capacity),
+        }
+    }
+
+    fn could_take(&self, now: u64, n: u32) -> Result<(), u64> {
+        self.after(self.tat.load(Ordering::Relaxed), now, n)
+            .map(|_| ())
+    }
+
+    fn take(&self, now: u64, n: u32) -> Result<(), u64> {
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
-            let next = tat.max(now).saturating_add(cost);
-            let fits = next - now <= self.capacity || (cost > self.capacity && tat <= now);
-            if !fits {
-                return Err(match cost > self.capacity {
-                    true => tat - now,
-                    false => next - now - self.capacity,
-                });
-            }
+            let next = self.after(tat, now, n)?;
             match self
                 .tat
                 .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
@@ -641,9 +666,14 @@ mod tests {
     fn a_bucket_gives_its_burst_then_the_rate() {
         let ms = 1_000_000u64;
         let bucket = Bucket::new(5.0, 5).unwrap();
+        // Asking whether a token is there takes none.
+        for _ in 0..10 {
+            assert_eq!(bucket.could_take(0, 1), Ok(()));
+        }
         for _ in 0..5 {
             assert_eq!(bucket.take(0, 1), Ok(()));
         }
+        assert_eq!(bucket.could_take(0, 1), Err(200 * ms));
         assert_eq!(bucket.take(0, 1), Err(200 * ms), "one token every 200 ms");
         assert_eq!(bucket.take(199 * ms, 1), Err(ms));
         assert_eq!(bucket.take(200 * ms, 1), Ok(()));

@@ -566,9 +566,14 @@ fn authenticate(req: &Request<Incoming>, tsa: &Tsa, link: Link<'_>) -> Result<Cl
 
 /// Takes `n` tokens from `client`'s quota (a batch of n requests takes n).
 fn charge(tsa: &Tsa, client: Client, n: u32) -> Result<Client, Denied> {
-    let Err(wait) = tsa.auth.load().take(&client, n) else {
-        return Ok(client);
-    };
+    match tsa.auth.load().take(&client, n) {
+        Ok(()) => Ok(client),
+        Err(wait) => Err(quota_refused(tsa, &client, n, wait)),
+    }
+}
+
+/// `client` has not `n` tokens left for `wait`: counted, logged (a line a second) and 429.
+fn quota_refused(tsa: &Tsa, client: &Client, n: u32, wait: Duration) -> Denied {
     tsa.metrics.auth_refused(metrics::AuthRefusal::Quota);
     static LOG: LogLimit = LogLimit::new();
     if let Some(left_out) = LOG.allow() {
@@ -580,7 +585,7 @@ fn charge(tsa: &Tsa, client: Client, n: u32) -> Result<Client, Denied> {
             "request refused: quota exceeded"
         );
     }
-    Err(Denied::Quota(wait))
+    Denied::Quota(wait)
 }
 
 async fn timestamp(
@@ -629,6 +634,11 @@ async fn timestamp_batch(
         Ok(client) => client,
         Err(denied) => return refused(denied.answer()),
     };
+    // A client without a token left holds no place while its body comes (it is charged for
+    // every item once the body is read).
+    if let Err(wait) = tsa.auth.load().has_a_token(&client) {
+        return refused(quota_refused(tsa, &client, 1, wait).answer());
+    }
     // Both taken before the body is read, so that the batch bodies held at once are bounded,
     // and one address's share of them too. The address's first: the address that has its
     // share is refused as such (and logged), whether or not the others are full.
