@@ -146,12 +146,33 @@ impl Appender {
                 entry.encode(&mut entries);
             }
             let indexed = (scanned.indexed * ENTRY_LEN) as u64;
-            index.set_len(indexed)?;
-            index.write_all_at(&entries, indexed)?;
+            // The index and the imprint files are derived data: one that cannot be written (a
+            // full disk) leaves readers to read the frames, and stops no start.
+            let index_len = match index
+                .set_len(indexed)
+                .and_then(|()| index.write_all_at(&entries, indexed))
+            {
+                Ok(()) => Some(indexed + entries.len() as u64),
+                Err(e) => {
+                    tracing::warn!(
+                        index = %segment.index_path().display(),
+                        error = %e,
+                        "the token log's index cannot be completed; readers read the frames"
+                    );
+                    None
+                }
+            };
             // Closed segments whose imprint file is missing (a crash as one closed) get it now.
             for closed in &all {
                 if !closed.imprints_path().exists() {
-                    write_imprints(closed, imprint_entries(&scan(closed)?.entries))?;
+                    let written = write_imprints(closed, imprint_entries(&scan(closed)?.entries));
+                    if let Err(e) = written {
+                        tracing::warn!(
+                            segment = %closed.path.display(),
+                            error = %e,
+                            "the closed segment's imprint file cannot be written"
+                        );
+                    }
                 }
             }
             // A segment that was closed and is open again (the one after it held no good
@@ -181,7 +202,7 @@ impl Appender {
                 len: scanned.end,
                 room,
                 no_room_before: 0,
-                index_len: Some(indexed + entries.len() as u64),
+                index_len,
             });
             appender.start_spare();
             return Ok((appender, Some(last)));
@@ -194,11 +215,27 @@ impl Appender {
         self.last
     }
 
+    /// As after a refused commit whose frames could not be cut off (for tests).
+    #[cfg(test)]
+    pub fn set_dirty(&mut self) {
+        self.dirty = true;
+    }
+
     /// Appends `records` (chained, from the next position on) durably: one write of their
     /// frames and one `fdatasync`. On failure nothing of them stays in the segment. Without
     /// records, a full segment is closed and the next one made (so that the writer's probe,
     /// which appends events alone, fails while the next segment cannot be made).
     pub fn append(&mut self, records: &[StoredRecord]) -> io::Result<()> {
+        // Frames of a refused commit that could not be cut off are cut first, also before an
+        // append without records (the writer's probe): until they are, the log cannot be
+        // written, and readers could find them.
+        if self.dirty {
+            let open = self.open.as_mut().expect("dirty only with a segment open");
+            open.file.set_len(open.len)?;
+            open.file.sync_all()?;
+            open.room = open.len;
+            self.dirty = false;
+        }
         let Some(first) = records.first() else {
             if self
                 .open
@@ -231,13 +268,6 @@ impl Appender {
                     pair[1].seq, pair[0].seq
                 ),
             ));
-        }
-        if self.dirty {
-            let open = self.open.as_mut().expect("dirty only with a segment open");
-            open.file.set_len(open.len)?;
-            open.file.sync_all()?;
-            open.room = open.len;
-            self.dirty = false;
         }
         if self
             .open

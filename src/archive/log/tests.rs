@@ -225,6 +225,33 @@ fn a_torn_commit_is_cut_off_and_the_chain_goes_on() {
 }
 
 #[test]
+fn frames_a_failed_cut_left_are_cut_before_any_append_even_one_without_records() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    appender.append(&log.chain(2)).unwrap();
+    let segment = segment_files(&log.dir()).pop().unwrap();
+    let good_len = frames_end(&segment);
+    // A commit refused after its frames were written, and its cut failed: its frames stay.
+    let refused = log.chain(1);
+    log.records.pop();
+    log.head = ChainHead {
+        seq: 2,
+        hash: log.records[1].hash,
+    };
+    let mut frame = Vec::new();
+    segments::encode_frame(&refused[0], &mut frame);
+    let file = OpenOptions::new().write(true).open(&segment.path).unwrap();
+    file.write_all_at(&frame, good_len).unwrap();
+    appender.set_dirty();
+    // The writer's probe appends no record: the cut comes first.
+    appender.append(&[]).unwrap();
+    assert_eq!(fs::metadata(&segment.path).unwrap().len(), good_len);
+    assert_eq!(log.all(), log.records, "the refused record is not found");
+    appender.append(&log.chain(1)).unwrap();
+    assert_eq!(log.all(), log.records);
+}
+
+#[test]
 fn commits_overwrite_zeros_written_ahead_and_closed_segments_are_cut_to_their_frames() {
     let mut log = Log::new();
     let limit = 3 << 20;
