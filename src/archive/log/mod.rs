@@ -47,6 +47,9 @@ const TIME_SLACK_NS: u64 = 600_000_000_000;
 /// the largest batch (10,000 tokens of a few KB with their certificates split off).
 const MAXIMA_SPAN: u64 = 64 << 20;
 
+/// Segments a read in genTime order keeps open at once (the least recently opened closes).
+const OPEN_SEGMENTS: usize = 8;
+
 /// Reads the token log of an archive (the writer's segments, while it writes).
 pub struct LogReader {
     root: PathBuf,
@@ -269,13 +272,22 @@ impl LogReader {
             }
         }
         found.sort_unstable();
-        let mut open: HashMap<usize, File> = HashMap::new();
+        // In genTime order the segments come one after the other (genTimes rise with the
+        // position, but for requests in flight together): a few open at once, not one for
+        // every segment of the range (thousands, past the open-file limit).
+        let mut open: Vec<(usize, File)> = Vec::with_capacity(OPEN_SEGMENTS);
         for (_, _, seq, file, offset) in found {
-            let handle = match open.entry(file) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => v.insert(File::open(&files[file])?),
+            let at = match open.iter().position(|(f, _)| *f == file) {
+                Some(at) => at,
+                None => {
+                    if open.len() == OPEN_SEGMENTS {
+                        open.remove(0);
+                    }
+                    open.push((file, File::open(&files[file])?));
+                    open.len() - 1
+                }
             };
-            if let Some((record, _)) = read_at(handle, offset)?.filter(|(r, _)| r.seq == seq) {
+            if let Some((record, _)) = read_at(&open[at].1, offset)?.filter(|(r, _)| r.seq == seq) {
                 if !visit(record)? {
                     break;
                 }
