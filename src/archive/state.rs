@@ -133,6 +133,19 @@ impl Lock {
         })
     }
 
+    /// Pruning one instance of the token log beside the SQLite archive `database`
+    /// (`<database>.prune-<id>.lock`): the server's retention and `tsa archive prune` take
+    /// turns, so that neither writes an anchor below the other's, nor removes its segments
+    /// under it.
+    pub fn for_pruning(database: &Path, instance_id: u32) -> anyhow::Result<Self> {
+        let file = Self::flock(
+            &with_suffix(database, &format!(".prune-{instance_id}.lock")),
+            libc::LOCK_EX,
+            || format!("instance {instance_id} is being pruned by another process"),
+        )?;
+        Ok(Self { _files: vec![file] })
+    }
+
     /// The SQLite archive `database` as a whole, for a command that rewrites every instance's
     /// records (`tsa archive migrate`): no server of any instance may hold it.
     pub fn whole_database(database: &Path) -> anyhow::Result<Self> {

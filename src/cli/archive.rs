@@ -437,7 +437,12 @@ fn prune(config: &Config, before: &u64, only: Option<u32>) -> anyhow::Result<()>
         None => store.instances()?,
     };
     for id in instances {
-        match store.prune(id, *before)? {
+        // A call removes a bounded step (the token log: some segments); until nothing is left.
+        let mut last = None;
+        while let Some(anchor) = store.prune(id, *before)? {
+            last = Some(anchor);
+        }
+        match last {
             Some(anchor) => println!(
                 "instance {id}: records up to {} removed; anchor {}",
                 anchor.seq,

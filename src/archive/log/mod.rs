@@ -50,6 +50,10 @@ const MAXIMA_SPAN: u64 = 64 << 20;
 /// Segments a read in genTime order keeps open at once (the least recently opened closes).
 const OPEN_SEGMENTS: usize = 8;
 
+/// Segments one call of `prune` removes at most (some milliseconds each: their index is read
+/// and their next segment's first frame).
+const PRUNE_STEP: usize = 64;
+
 /// Reads the token log of an archive (the writer's segments, while it writes).
 pub struct LogReader {
     root: PathBuf,
@@ -588,7 +592,12 @@ impl ArchiveStore for LogStore {
     /// chain). The anchor is stored (synced) before the
     /// files go, so a crash between the two leaves segments that readers pass over and the
     /// next pruning removes.
+    /// At most [`PRUNE_STEP`] segments a call (the writer prunes between commits: a first
+    /// retention pass over years of segments must not hold them for minutes); the anchor only
+    /// rises, one process at a time ([`crate::archive::state::Lock::for_pruning`]).
     fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError> {
+        let _pruning = crate::archive::state::Lock::for_pruning(self.db.path(), instance_id)
+            .map_err(|e| StoreError(format!("{e:#}")))?;
         let all = self.log.segments(instance_id)?;
         let previous = self.db.instance(instance_id)?.anchor;
         // Never past the last signed checkpoint (none: no segment goes), so that a signed
@@ -598,7 +607,12 @@ impl ArchiveStore for LogStore {
         let (mut removing, mut last) = (0, None);
         let (mut max_counter, mut max_gen) =
             previous.map_or((0, 0), |a| (a.max_counter, a.max_gen_time_ns));
-        for (i, segment) in all.iter().enumerate().take(all.len().saturating_sub(1)) {
+        for (i, segment) in all
+            .iter()
+            .enumerate()
+            .take(all.len().saturating_sub(1))
+            .take(PRUNE_STEP)
+        {
             let scanned = scan(segment)?;
             if scanned
                 .entries

@@ -82,6 +82,20 @@ impl Log {
         }
     }
 
+    /// Every record of instance 0 from position `from` on, read back.
+    fn reader_records(&self, from: u64) -> Vec<StoredRecord> {
+        let mut reader =
+            LogStore::open_read_only(SqliteStore::open_read_only(&self.database).unwrap());
+        let mut all = Vec::new();
+        reader
+            .for_each_record(0, from, &mut |r| {
+                all.push(r);
+                Ok(true)
+            })
+            .unwrap();
+        all
+    }
+
     fn reader(&self) -> LogReader {
         LogReader::new(&self.database)
     }
@@ -548,6 +562,47 @@ fn the_store_appends_finds_and_prunes_through_the_archive_trait() {
     assert_eq!(store.instance(0).unwrap().head, Some(log.head));
     store.append(0, &log.chain(1), &[]).unwrap();
     assert_eq!(reader.instance(0).unwrap().head, Some(log.head));
+}
+
+#[test]
+fn pruning_takes_a_bounded_step_at_a_time_one_process_at_a_time() {
+    let mut log = Log::new();
+    let mut db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
+    assert_eq!(db.settle_layout(Layout::Log).unwrap(), Layout::Log);
+    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    while segment_files(&log.dir()).len() < PRUNE_STEP + 10 {
+        store.append(0, &log.chain(2), &[]).unwrap();
+    }
+    store.add_checkpoint(&log.checkpoint()).unwrap();
+    let segments_before = segment_files(&log.dir()).len();
+    let cut = u64::MAX;
+
+    // Another process pruning the instance: this one waits for its turn (the next interval).
+    let database = log.database.clone();
+    {
+        let _other = crate::archive::state::Lock::for_pruning(&database, 0).unwrap();
+        let refused = store.prune(0, cut).unwrap_err();
+        assert!(refused.0.contains("being pruned"), "{refused}");
+        assert_eq!(segment_files(&log.dir()).len(), segments_before);
+    }
+
+    let first = store.prune(0, cut).unwrap().expect("a first step");
+    assert_eq!(
+        segment_files(&log.dir()).len(),
+        segments_before - PRUNE_STEP
+    );
+    let mut last = first;
+    while let Some(anchor) = store.prune(0, cut).unwrap() {
+        assert!(anchor.seq > last.seq, "the anchor only rises");
+        last = anchor;
+    }
+    assert_eq!(
+        segment_files(&log.dir()).len(),
+        1,
+        "all but the one being written"
+    );
+    let kept: Vec<StoredRecord> = log.reader_records(last.seq + 1);
+    assert_eq!(kept, log.records[last.seq as usize..]);
 }
 
 #[test]
