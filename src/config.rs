@@ -799,6 +799,11 @@ impl Config {
         if a.serial_block < 2 || a.max_batch == 0 || a.checkpoint_interval_s == 0 {
             bail!("archive.serial_block must be at least 2, max_batch and checkpoint_interval_s positive");
         }
+        // A commit's frames must stay within what the token log's start takes for one torn
+        // commit (32 MiB): 2,048 tokens of up to 16 KB with their certificates.
+        if a.max_batch > 2048 {
+            bail!("archive.max_batch must be at most 2048");
+        }
         if !(1..=1024).contains(&a.log_segment_mib) {
             bail!("archive.log_segment_mib must be from 1 to 1024");
         }
@@ -1122,6 +1127,7 @@ mod tests {
         parse(&format!("{disciplined}{servers}"))
             .validate()
             .unwrap();
+        parse("[archive]\nmax_batch = 2048\n").validate().unwrap();
         for bad in [
             format!("{disciplined}{servers}max_drift_ppm = nan\n"),
             format!("{disciplined}{servers}max_drift_ppm = inf\n"),
@@ -1135,6 +1141,7 @@ mod tests {
             "[clock]\ndevelopment_accuracy_ms = 9223372036854775807\n".into(),
             format!("{disciplined}{servers}gps_serial_precision_ms = 9223372036854775807\n"),
             format!("{disciplined}{servers}nmea_precision_ms = 16001\n"),
+            "[archive]\nmax_batch = 2049\n".into(),
         ] {
             assert!(parse(&bad).validate().is_err(), "{bad}");
         }
