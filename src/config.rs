@@ -352,7 +352,8 @@ pub struct ClientConfig {
     #[serde(default)]
     pub certificate_sha256: Option<String>,
     /// The client certificate's subject in RFC 4514 form (`CN=…,O=…,C=…`, as
-    /// `openssl x509 -noout -subject -nameopt RFC2253` prints it); only with
+    /// `openssl x509 -noout -subject -nameopt RFC2253` or `tsa client cert-id` prints it),
+    /// compared by attributes and values ([`crate::server::auth::NameKey`]); only with
     /// `certificate_issuer`.
     #[serde(default)]
     pub certificate_subject: Option<String>,

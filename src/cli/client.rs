@@ -83,17 +83,18 @@ pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
                 Err(_) => bytes,
             };
             let id = PeerCertificate::from_der(&der);
-            if id.subject.is_empty() {
+            let Ok(certificate) = <x509_cert::Certificate as der::Decode>::from_der(&der) else {
                 anyhow::bail!("{} is not an X.509 certificate", cert.display());
-            }
+            };
+            let tbs = certificate.tbs_certificate();
             println!(
                 "[[auth.client]]\nname = {}\ncertificate_sha256 = \"{}\"\n\
                  # or any certificate with this subject that this CA issues:\n\
                  # certificate_subject = {}\n# certificate_issuer = {}",
                 toml_string(name),
                 hex(&id.sha256),
-                toml_string(&id.subject),
-                toml_string(&id.issuer)
+                toml_string(&tbs.subject().to_string()),
+                toml_string(&tbs.issuer().to_string())
             );
             Ok(())
         }

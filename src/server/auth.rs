@@ -50,16 +50,73 @@ pub struct Link<'a> {
     pub certificate: Option<&'a PeerCertificate>,
 }
 
+/// A distinguished name as clients are matched by it: its RDNs in order, each its (attribute
+/// type, value) pairs sorted, string values as text whatever their ASN.1 string type, others
+/// as `#` and the hex of their DER. So one name written as `openssl x509 -nameopt RFC2253`
+/// prints it (`emailAddress=`, non-ASCII escaped as `\C3\A1`) and as a certificate encodes it
+/// (a PrintableString, a UTF8String) compare equal; values compare exactly (case included).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NameKey(Vec<Vec<(der::asn1::ObjectIdentifier, String)>>);
+
+impl NameKey {
+    pub fn of(name: &x509_cert::name::Name) -> Self {
+        Self(
+            name.iter_rdn()
+                .map(|rdn| {
+                    let mut pairs: Vec<_> =
+                        rdn.iter().map(|a| (a.oid, value_text(&a.value))).collect();
+                    pairs.sort();
+                    pairs
+                })
+                .collect(),
+        )
+    }
+
+    /// From RFC 4514 text (`CN=…,O=…,C=…`).
+    pub fn parse(text: &str) -> Option<Self> {
+        text.parse::<x509_cert::name::Name>()
+            .ok()
+            .map(|name| Self::of(&name))
+    }
+}
+
+fn value_text(value: &der::Any) -> String {
+    use der::{Encode, Tag, Tagged};
+    let text = match value.tag() {
+        Tag::Utf8String
+        | Tag::PrintableString
+        | Tag::Ia5String
+        | Tag::VisibleString
+        | Tag::TeletexString => std::str::from_utf8(value.value()).ok().map(str::to_owned),
+        Tag::BmpString => {
+            let units: Option<Vec<u16>> = value
+                .value()
+                .chunks(2)
+                .map(|c| <[u8; 2]>::try_from(c).ok().map(u16::from_be_bytes))
+                .collect();
+            units.and_then(|u| String::from_utf16(&u).ok())
+        }
+        _ => None,
+    };
+    text.unwrap_or_else(|| {
+        let der = value.to_der().unwrap_or_default();
+        format!(
+            "#{}",
+            der.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )
+    })
+}
+
 /// The identity of a verified TLS client certificate, computed once per connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerCertificate {
     /// SHA-256 of the certificate's DER.
     pub sha256: [u8; 32],
-    /// The subject in RFC 4514 form (`CN=…,O=…,C=…`); empty when it cannot be read.
-    pub subject: String,
-    /// The issuer (the subject of the CA that signed it) in RFC 4514 form; empty when it
-    /// cannot be read.
-    pub issuer: String,
+    /// The subject, as matched; `None` when it cannot be read.
+    pub subject: Option<NameKey>,
+    /// The issuer (the subject of the CA that signed it), as matched; `None` when it cannot
+    /// be read.
+    pub issuer: Option<NameKey>,
     /// The end of its validity, Unix seconds: checked at every request, since a resumed TLS
     /// session restores the certificate without verifying it again, and a connection lives
     /// for many requests.
@@ -76,8 +133,8 @@ impl PeerCertificate {
                 let tbs = c.tbs_certificate();
                 let not_after = tbs.validity().not_after.to_unix_duration().as_secs();
                 (
-                    tbs.subject().to_string(),
-                    tbs.issuer().to_string(),
+                    Some(NameKey::of(tbs.subject())),
+                    Some(NameKey::of(tbs.issuer())),
                     Some(not_after),
                 )
             })
@@ -125,7 +182,7 @@ pub struct Auth {
     by_key: HashMap<[u8; 32], usize>,
     by_certificate: HashMap<[u8; 32], usize>,
     /// By (issuer, subject).
-    by_subject: HashMap<(String, String), usize>,
+    by_subject: HashMap<(NameKey, NameKey), usize>,
     by_name: HashMap<Arc<str>, usize>,
     /// The time base of the buckets.
     epoch: Instant,
@@ -161,7 +218,20 @@ impl Auth {
             }
             match (&c.certificate_subject, &c.certificate_issuer) {
                 (Some(subject), Some(issuer)) => {
-                    auth.by_subject.insert((issuer.clone(), subject.clone()), i);
+                    let name = |text: &str, what| {
+                        NameKey::parse(text).ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "auth.client '{}': {what} {text:?} is not a distinguished name \
+                                 in RFC 4514 form (CN=…,O=…,C=…)",
+                                c.name
+                            )
+                        })
+                    };
+                    let key = (
+                        name(issuer, "certificate_issuer")?,
+                        name(subject, "certificate_subject")?,
+                    );
+                    auth.by_subject.insert(key, i);
                 }
                 (None, None) => {}
                 _ => anyhow::bail!(
@@ -242,9 +312,11 @@ impl Auth {
         let by_certificate = certificate.map(|c| {
             self.by_certificate
                 .get(&c.sha256)
-                .or_else(|| match c.subject.is_empty() || c.issuer.is_empty() {
-                    true => None,
-                    false => self.by_subject.get(&(c.issuer.clone(), c.subject.clone())),
+                .or_else(|| match (&c.issuer, &c.subject) {
+                    (Some(issuer), Some(subject)) => {
+                        self.by_subject.get(&(issuer.clone(), subject.clone()))
+                    }
+                    _ => None,
                 })
                 .copied()
         });
@@ -540,8 +612,8 @@ mod tests {
     fn cert(sha256: [u8; 32], subject: &str) -> PeerCertificate {
         PeerCertificate {
             sha256,
-            subject: subject.into(),
-            issuer: "CN=Client CA A".into(),
+            subject: NameKey::parse(subject),
+            issuer: NameKey::parse("CN=Client CA A"),
             not_after_s: Some(4_102_444_800),
         }
     }
@@ -622,7 +694,7 @@ mod tests {
         ));
         // Carol's subject from another CA is nobody.
         let other_ca = PeerCertificate {
-            issuer: "CN=Client CA B".into(),
+            issuer: NameKey::parse("CN=Client CA B"),
             ..carol.clone()
         };
         assert!(matches!(
@@ -660,6 +732,34 @@ mod tests {
                 Err(Refusal::InvalidCredentials(_))
             ));
         }
+    }
+
+    #[test]
+    fn names_compare_by_their_attributes_whatever_their_text() {
+        // As `openssl x509 -noout -subject -nameopt RFC2253` prints a Vietnamese subject with
+        // an e-mail address, and as this crate writes it.
+        let openssl =
+            r"emailAddress=an@example.vn,CN=Nguy\E1\BB\85n V\C4\83n An,O=C\C3\B4ng ty,C=VN";
+        let ours = "EMAILADDRESS=an@example.vn,CN=Nguyễn Văn An,O=Công ty,C=VN";
+        let key = NameKey::parse(openssl).expect("RFC 4514");
+        assert_eq!(NameKey::parse(ours), Some(key.clone()));
+        let name: x509_cert::name::Name = ours.parse().unwrap();
+        assert_eq!(NameKey::of(&name), key);
+        assert_eq!(
+            name.to_string()
+                .parse::<x509_cert::name::Name>()
+                .map(|n| NameKey::of(&n)),
+            Ok(key.clone())
+        );
+        // Another value, another order of the RDNs, another case: another name.
+        for other in [
+            "emailAddress=an@example.vn,CN=Nguyen Van An,O=Công ty,C=VN",
+            "CN=Nguyễn Văn An,emailAddress=an@example.vn,O=Công ty,C=VN",
+            "emailAddress=an@example.vn,CN=nguyễn văn an,O=Công ty,C=VN",
+        ] {
+            assert_ne!(NameKey::parse(other), Some(key.clone()), "{other}");
+        }
+        assert_eq!(NameKey::parse("not a name"), None);
     }
 
     #[test]
