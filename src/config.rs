@@ -161,7 +161,7 @@ impl Default for ArchiveConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// The public listener for RFC 3161 requests.
@@ -289,7 +289,7 @@ pub const MAX_ADMIN_CONNECTIONS: usize = 64;
 pub const MAX_NEW_CONNECTIONS_BURST: u32 = 100_000;
 
 /// `[server.tls]`: the HTTPS listener (`server.https_listen`).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// The server's certificate chain (PEM, leaf first).

@@ -141,6 +141,42 @@ fn sighup_reloads_the_certificate_and_settings_without_dropping_connections() {
     );
 }
 
+/// A reload applies `[server.tls]` only of `[server]`: a changed request size limit stays the
+/// start's (the HTTP body limit is set at start, and the request rules keep to it), and the
+/// log says that the rest of `[server]` waits for a restart.
+#[test]
+fn a_reload_keeps_the_servers_limits_and_says_so() {
+    let dir = Server::init(&[], "");
+    let server = Server::serve_logged(dir);
+    let config_path = server.path("tsa.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        common::merge_toml(&config, "[server]\nmax_request_bytes = 20\n"),
+    )
+    .unwrap();
+    server.signal("HUP");
+    let log = || std::fs::read_to_string(server.path(Server::LOG)).unwrap_or_default();
+    common::wait_until(|| log().contains("reload_partial"), "the reload's warning");
+
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("data.bin"), b"x").unwrap();
+    openssl(
+        &[
+            "ts", "-query", "-data", "data.bin", "-sha256", "-out", "req.tsq",
+        ],
+        work.path(),
+    );
+    let (status, _, body) = common::curl_post(
+        &server.url,
+        &work.path().join("req.tsq"),
+        "application/timestamp-query",
+    );
+    assert_eq!(status, 200);
+    let response = Response::from_der(&body).unwrap();
+    assert!(response.granted(), "{:?}", response.status_text);
+}
+
 #[test]
 fn a_bad_reload_is_refused_and_the_running_certificate_kept() {
     let server = Server::start(&[], "");

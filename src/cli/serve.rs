@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tsa::config::Config;
+use tsa::config::{Config, ServerConfig};
 use tsa::server;
 
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
     /// The configuration file.
     #[arg(long, short, default_value = "state/tsa.toml")]
@@ -21,7 +21,8 @@ pub struct ServeArgs {
     pub admin_listen: Option<SocketAddr>,
 }
 
-pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+/// The configuration at `args.config`, with the command line's overrides.
+fn load(args: &ServeArgs) -> anyhow::Result<Config> {
     let mut config = Config::load(&args.config)?;
     if let Some(listen) = args.listen {
         config.server.listen = listen;
@@ -29,6 +30,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     if let Some(admin) = args.admin_listen {
         config.server.admin_listen = admin;
     }
+    Ok(config)
+}
+
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = load(args)?;
     // The PKCS#11 modules' environment, while this is the only thread.
     tsa::signer::pkcs11::apply_module_envs(config.pkcs11_signers())?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -44,7 +50,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .filter(|p| p.exists());
     let served = runtime.block_on(async {
         let tsa = Arc::new(server::build(&config)?);
-        tokio::spawn(reload_on_sighup(tsa.clone(), args.config.clone()));
+        tokio::spawn(reload_on_sighup(
+            tsa.clone(),
+            args.clone(),
+            config.server.clone(),
+        ));
         server::serve(
             tsa,
             &config.server,
@@ -108,19 +118,30 @@ fn announce(bound: server::Bound, path: &str, ca: Option<PathBuf>) {
 /// SIGHUP (`systemctl reload`): the certificate chain and the reloadable settings (policies,
 /// accepted digests, token options, the clients of `[auth]` and their quotas, the HTTPS
 /// listener's certificate, key, client CAs and CRLs) are read again and swapped in without
-/// dropping a connection. The listeners' addresses, the signing key and the clock stay as they
-/// are until a restart. A configuration that does not load, or
+/// dropping a connection. The rest of `[server]` (listeners, paths, limits, timeouts), the
+/// signing key and the clock stay as they are until a restart (a changed `[server]` is logged
+/// as `reload_partial`). A configuration that does not load, or
 /// a certificate that does not fit the key, is refused and the running one kept.
-async fn reload_on_sighup(tsa: Arc<server::Tsa>, path: PathBuf) {
+async fn reload_on_sighup(tsa: Arc<server::Tsa>, args: ServeArgs, running: ServerConfig) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         tracing::warn!("cannot install a SIGHUP handler; reload needs a restart");
         return;
     };
     while hup.recv().await.is_some() {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-        let result = Config::load(&path).and_then(|config| {
+        let result = load(&args).and_then(|config| {
             let auth = server::auth::Auth::new(&config.auth)?;
             server::reload(&tsa, &config)?;
+            // Only [server.tls] of [server] is reloaded: say so when the rest changed.
+            let (mut new, mut old) = (config.server.clone(), running.clone());
+            (new.tls, old.tls) = (Default::default(), Default::default());
+            if new != old {
+                tracing::warn!(
+                    event = "reload_partial",
+                    "[server] changed besides [server.tls]: its listeners, paths, limits and \
+                     timeouts stay as they are until a restart"
+                );
+            }
             Ok(auth)
         });
         match result {

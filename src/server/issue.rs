@@ -87,6 +87,11 @@ impl Issuing {
     pub fn certificate(&self) -> &TsuCertificate {
         &self.certificate
     }
+
+    /// The largest request body the rules take (`server.max_request_bytes` at start).
+    pub fn max_request_bytes(&self) -> usize {
+        self.rules.max_len
+    }
 }
 
 /// How long a failed signature keeps readiness failing, unless one succeeds meanwhile. Not

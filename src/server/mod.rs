@@ -182,6 +182,11 @@ pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
         bail!("[rollover] changed: a planned rollover is set at start; restart to change it");
     }
     let now = SystemTime::now();
+    // The HTTP limits stay those of the start (a restart changes them): the request rules'
+    // size limit with them.
+    let mut config = config.clone();
+    config.server.max_request_bytes = tsa.issuing.load().max_request_bytes();
+    let config = &config;
     let first = issuing(config, &config.signer, tsa.first_signer(), now)?;
     let next = match (&config.rollover, &tsa.rollover) {
         (Some(planned), Some(rollover)) => {
