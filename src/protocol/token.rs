@@ -12,7 +12,7 @@ use super::asn1::{
 };
 use super::gentime::{GenTime, Precision};
 use super::request::Request;
-use super::response::{FailInfo, Rejection};
+use super::response::Rejection;
 use super::tlv;
 use crate::alg::{oid, DigestAlgorithm, SignatureAlgorithm};
 
@@ -271,12 +271,7 @@ impl TokenTemplate {
         request: &Request<'_>,
         stamp: &Stamp,
     ) -> Result<ToBeSigned, Rejection> {
-        let internal = |e: der::Error| {
-            Rejection::new(
-                FailInfo::SystemFailure,
-                format!("token encoding failed: {e}"),
-            )
-        };
+        let internal = |e: der::Error| Rejection::internal("the token could not be encoded", e);
         let tst_info = self.tst_info(request, stamp).map_err(internal)?;
 
         let digest = self
