@@ -13,7 +13,8 @@
 //! The lock file beside it (`<state file>.lock`, `flock`) keeps two servers from using the same
 //! state directory at once, and one beside the SQLite database per instance
 //! (`<database>.instance-<id>.lock`) two servers from using the same instance of it with
-//! different state files; the kernel drops a lock when the process dies, even by kill -9.
+//! different state files, and `<database>.prune-<id>.lock` two processes from pruning one
+//! instance at once; the kernel drops a lock when the process dies, even by kill -9.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
@@ -163,14 +164,19 @@ impl Lock {
         Ok(Self { _files: vec![file] })
     }
 
-    /// `path` (created if missing) locked in `mode` without waiting.
+    /// `path` (created if missing) locked in `mode` without waiting. An existing lock file is
+    /// opened for reading only (`flock` needs no more): one that an administrator's command
+    /// created as root, readable by all, still serves the service's own user.
     fn flock(path: &Path, mode: libc::c_int, holder: impl Fn() -> String) -> anyhow::Result<File> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
+        let file = match File::open(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path),
+            opened => opened,
+        }
+        .with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: flock on a descriptor this function owns.
         let rc = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
         if rc != 0 {

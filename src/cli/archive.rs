@@ -438,9 +438,19 @@ fn prune(config: &Config, before: &u64, only: Option<u32>) -> anyhow::Result<()>
     };
     for id in instances {
         // A call removes a bounded step (the token log: some segments); until nothing is left.
+        // The server's own retention may be pruning the instance: its turn is short.
         let mut last = None;
-        while let Some(anchor) = store.prune(id, *before)? {
-            last = Some(anchor);
+        let mut busy = 0;
+        loop {
+            match store.prune(id, *before) {
+                Ok(Some(anchor)) => last = Some(anchor),
+                Ok(None) => break,
+                Err(e) if e.0.contains("being pruned by another process") && busy < 30 => {
+                    busy += 1;
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         match last {
             Some(anchor) => println!(

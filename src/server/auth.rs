@@ -52,11 +52,18 @@ pub struct Link<'a> {
 
 /// A distinguished name as clients are matched by it: its RDNs in order, each its (attribute
 /// type, value) pairs sorted, string values as text whatever their ASN.1 string type, others
-/// as `#` and the hex of their DER. So one name written as `openssl x509 -nameopt RFC2253`
+/// as their DER. So one name written as `openssl x509 -nameopt RFC2253`
 /// prints it (`emailAddress=`, non-ASCII escaped as `\C3\A1`) and as a certificate encodes it
 /// (a PrintableString, a UTF8String) compare equal; values compare exactly (case included).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct NameKey(Vec<Vec<(der::asn1::ObjectIdentifier, String)>>);
+pub struct NameKey(Vec<Vec<(der::asn1::ObjectIdentifier, Value)>>);
+
+/// An attribute's value as compared: a string's text, or the DER of anything else.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Value {
+    Text(String),
+    Der(Vec<u8>),
+}
 
 impl NameKey {
     pub fn of(name: &x509_cert::name::Name) -> Self {
@@ -64,7 +71,7 @@ impl NameKey {
             name.iter_rdn()
                 .map(|rdn| {
                     let mut pairs: Vec<_> =
-                        rdn.iter().map(|a| (a.oid, value_text(&a.value))).collect();
+                        rdn.iter().map(|a| (a.oid, value_of(&a.value))).collect();
                     pairs.sort();
                     pairs
                 })
@@ -80,7 +87,7 @@ impl NameKey {
     }
 }
 
-fn value_text(value: &der::Any) -> String {
+fn value_of(value: &der::Any) -> Value {
     use der::{Encode, Tag, Tagged};
     let text = match value.tag() {
         Tag::Utf8String
@@ -98,13 +105,10 @@ fn value_text(value: &der::Any) -> String {
         }
         _ => None,
     };
-    text.unwrap_or_else(|| {
-        let der = value.to_der().unwrap_or_default();
-        format!(
-            "#{}",
-            der.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        )
-    })
+    match text {
+        Some(text) => Value::Text(text),
+        None => Value::Der(value.to_der().unwrap_or_default()),
+    }
 }
 
 /// The identity of a verified TLS client certificate, computed once per connection.
@@ -231,7 +235,14 @@ impl Auth {
                         name(issuer, "certificate_issuer")?,
                         name(subject, "certificate_subject")?,
                     );
-                    auth.by_subject.insert(key, i);
+                    if let Some(other) = auth.by_subject.insert(key, i) {
+                        anyhow::bail!(
+                            "auth.client '{}' and '{}' name the same certificate subject and \
+                             issuer (written differently)",
+                            config.client[other].name,
+                            c.name
+                        );
+                    }
                 }
                 (None, None) => {}
                 _ => anyhow::bail!(
@@ -459,9 +470,6 @@ impl Bucket {
         (self.interval, self.capacity) == (other.interval, other.capacity)
     }
 
-    /// Takes `n` tokens at `now` (ns), or answers the wait in ns. More than the burst at once
-    /// (a large batch) is taken from a full bucket, which then stays empty until the debt is
-    /// paid back at the rate.
     /// The TAT after `n` more tokens from `tat` at `now`, or how long until they fit.
     fn after(&self, tat: u64, now: u64, n: u32) -> Result<u64, u64> {
         let cost = self.interval.saturating_mul(u64::from(n));
@@ -479,6 +487,9 @@ impl Bucket {
             .map(|_| ())
     }
 
+    /// Takes `n` tokens at `now` (ns), or answers the wait in ns. More than the burst at once
+    /// (a large batch) is taken from a full bucket, which then stays empty until the debt is
+    /// paid back at the rate.
     fn take(&self, now: u64, n: u32) -> Result<(), u64> {
         let mut tat = self.tat.load(Ordering::Relaxed);
         loop {
@@ -732,6 +743,22 @@ mod tests {
                 Err(Refusal::InvalidCredentials(_))
             ));
         }
+    }
+
+    #[test]
+    fn one_certificate_name_written_two_ways_for_two_clients_is_refused() {
+        let mut two = config(false);
+        two.client.push(ClientConfig {
+            certificate_subject: Some("CN=carol,O=Example,C=VN".into()),
+            certificate_issuer: Some("CN=Client CA A".into()),
+            ..client("dave")
+        });
+        // The same name as carol's, written with an escape.
+        two.client[3].certificate_subject = Some(r"CN=c\61rol,O=Example,C=VN".into());
+        let error = Auth::new(&two).err().expect("refused").to_string();
+        assert!(error.contains("'carol' and 'dave'"), "{error}");
+        two.client[3].certificate_subject = Some("CN=dave,O=Example,C=VN".into());
+        Auth::new(&two).unwrap();
     }
 
     #[test]

@@ -47,7 +47,8 @@ const TIME_SLACK_NS: u64 = 600_000_000_000;
 /// the largest batch (10,000 tokens of a few KB with their certificates split off).
 const MAXIMA_SPAN: u64 = 64 << 20;
 
-/// Segments a read in genTime order keeps open at once (the least recently opened closes).
+/// Segments a read in genTime order keeps open at once (the least recently opened closes),
+/// and at least two for each instance.
 const OPEN_SEGMENTS: usize = 8;
 
 /// Segments one call of `prune` removes at most (some milliseconds each: their index is read
@@ -248,7 +249,10 @@ impl LogReader {
     ) -> Result<(), StoreError> {
         let mut found: Vec<(u64, u32, u64, usize, u64)> = Vec::new();
         let mut files: Vec<PathBuf> = Vec::new();
-        for instance_id in self.instances()? {
+        let instances = self.instances()?;
+        // Instances writing at once interleave their records in genTime order.
+        let keep_open = OPEN_SEGMENTS.max(2 * instances.len());
+        for instance_id in instances {
             let anchor = anchors.get(&instance_id).copied().unwrap_or(0);
             for segment in self.segments(instance_id)? {
                 // A segment whose first and last genTimes are far outside the range is passed
@@ -279,12 +283,12 @@ impl LogReader {
         // In genTime order the segments come one after the other (genTimes rise with the
         // position, but for requests in flight together): a few open at once, not one for
         // every segment of the range (thousands, past the open-file limit).
-        let mut open: Vec<(usize, File)> = Vec::with_capacity(OPEN_SEGMENTS);
+        let mut open: Vec<(usize, File)> = Vec::with_capacity(keep_open);
         for (_, _, seq, file, offset) in found {
             let at = match open.iter().position(|(f, _)| *f == file) {
                 Some(at) => at,
                 None => {
-                    if open.len() == OPEN_SEGMENTS {
+                    if open.len() == keep_open {
                         open.remove(0);
                     }
                     open.push((file, File::open(&files[file])?));
@@ -607,12 +611,20 @@ impl ArchiveStore for LogStore {
         let (mut removing, mut last) = (0, None);
         let (mut max_counter, mut max_gen) =
             previous.map_or((0, 0), |a| (a.max_counter, a.max_gen_time_ns));
-        for (i, segment) in all
-            .iter()
-            .enumerate()
-            .take(all.len().saturating_sub(1))
-            .take(PRUNE_STEP)
-        {
+        let anchored = previous.map_or(0, |a| a.seq);
+        let (mut leftovers, mut stepped) = (0, 0);
+        for (i, segment) in all.iter().enumerate().take(all.len().saturating_sub(1)) {
+            // Every record at or below the anchor: left by a prune that stopped after storing
+            // it (a crash, a file that could not be removed). Removed now, outside the step.
+            if all[i + 1].first_seq <= anchored.saturating_add(1) {
+                leftovers += 1;
+                removing += 1;
+                continue;
+            }
+            if stepped == PRUNE_STEP {
+                break;
+            }
+            stepped += 1;
             let scanned = scan(segment)?;
             if scanned
                 .entries
@@ -652,6 +664,12 @@ impl ArchiveStore for LogStore {
         // no token rows in this layout), then the anchor, then the segments.
         self.db.prune(instance_id, before_ns)?;
         let Some(last) = last.filter(|l| previous.is_none_or(|p| l.seq > p.seq)) else {
+            if leftovers > 0 {
+                for segment in &all[..leftovers] {
+                    remove_segment(segment)?;
+                }
+                crate::files::sync_directory(&instance_dir(&self.log.root, instance_id))?;
+            }
             return Ok(None);
         };
         let anchor = Anchor {
