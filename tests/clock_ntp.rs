@@ -141,10 +141,10 @@ fn a_majority_step_stops_issuance_until_confirmed() {
     assert!(stepped, "the persisting step was never followed");
 }
 
-/// Every server goes silent: holdover, with the bound growing (here at an exaggerated drift
-/// rate, so that it passes the declared accuracy within seconds), then refusal.
-#[test]
-fn losing_every_source_ends_in_refusal_when_the_bound_passes_the_accuracy() {
+/// Three servers, the clock synchronized to them at an exaggerated drift rate (so that its
+/// bound passes the declared accuracy within seconds after they are lost); then every server
+/// turns `lost`: holdover, then refusal, and readiness fails. Returns the TSA and the servers.
+fn every_source_lost(lost: fn(&mut Behaviour)) -> (common::Server, Vec<NtpServer>) {
     let servers = ntp_servers(3, 0);
     let server = synchronized_tsa(
         &servers,
@@ -154,35 +154,7 @@ fn losing_every_source_ends_in_refusal_when_the_bound_passes_the_accuracy() {
     query(work.path());
     assert!(stamp(&server, work.path()).0.granted());
     for s in &servers {
-        s.set(|b| b.silent = true);
-    }
-    wait_for(
-        || clock_report(&server).contains("State       : holdover"),
-        "holdover",
-        Duration::from_secs(5),
-    );
-    wait_for(
-        || stamp(&server, work.path()).0.fail_info() == Some(FailInfo::TimeNotAvailable),
-        "refusal once the bound passes 1 s",
-        Duration::from_secs(15),
-    );
-    assert!(!ready(&server));
-}
-
-/// Every server turns to refusing us (kiss-o'-death DENY): each source's task ends, and the
-/// clock goes on without them, through holdover to refusal, its status and events kept up.
-#[test]
-fn every_server_refusing_us_ends_in_holdover_then_refusal_observed() {
-    let servers = ntp_servers(3, 0);
-    let server = synchronized_tsa(
-        &servers,
-        "max_drift_ppm = 200000.0\nmax_sample_age_ms = 400\n",
-    );
-    let work = tempfile::tempdir().unwrap();
-    query(work.path());
-    assert!(stamp(&server, work.path()).0.granted());
-    for s in &servers {
-        s.set(|b| b.kod = Some(*b"DENY"));
+        s.set(lost);
     }
     // The status is rendered at each update: without updates it would stay "synchronized".
     wait_for(
@@ -195,6 +167,21 @@ fn every_server_refusing_us_ends_in_holdover_then_refusal_observed() {
         "refusal once the bound passes 1 s",
         Duration::from_secs(15),
     );
+    assert!(!ready(&server));
+    (server, servers)
+}
+
+/// Every server goes silent: holdover, with the bound growing, then refusal.
+#[test]
+fn losing_every_source_ends_in_refusal_when_the_bound_passes_the_accuracy() {
+    every_source_lost(|b| b.silent = true);
+}
+
+/// Every server turns to refusing us (kiss-o'-death DENY): each source's task ends, and the
+/// clock goes on without them, through holdover to refusal, its status and events kept up.
+#[test]
+fn every_server_refusing_us_ends_in_holdover_then_refusal_observed() {
+    let (server, servers) = every_source_lost(|b| b.kod = Some(*b"DENY"));
     let unreachable = |report: &str| {
         report
             .lines()

@@ -66,6 +66,26 @@ fn subject_of(server: &Server) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// One `openssl ts -query` (SHA-256 of "x", no certificate asked) posted with curl: the reply
+/// of a 200.
+fn stamp_once(server: &Server) -> Response {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("data.bin"), b"x").unwrap();
+    openssl(
+        &[
+            "ts", "-query", "-data", "data.bin", "-sha256", "-out", "req.tsq",
+        ],
+        work.path(),
+    );
+    let (status, _, body) = common::curl_post(
+        &server.url,
+        &work.path().join("req.tsq"),
+        "application/timestamp-query",
+    );
+    assert_eq!(status, 200);
+    Response::from_der(&body).unwrap()
+}
+
 #[test]
 fn sighup_reloads_the_certificate_and_settings_without_dropping_connections() {
     let server = Server::start(&[], "");
@@ -159,21 +179,7 @@ fn a_reload_keeps_the_servers_limits_and_says_so() {
     let log = || std::fs::read_to_string(server.path(Server::LOG)).unwrap_or_default();
     common::wait_until(|| log().contains("reload_partial"), "the reload's warning");
 
-    let work = tempfile::tempdir().unwrap();
-    std::fs::write(work.path().join("data.bin"), b"x").unwrap();
-    openssl(
-        &[
-            "ts", "-query", "-data", "data.bin", "-sha256", "-out", "req.tsq",
-        ],
-        work.path(),
-    );
-    let (status, _, body) = common::curl_post(
-        &server.url,
-        &work.path().join("req.tsq"),
-        "application/timestamp-query",
-    );
-    assert_eq!(status, 200);
-    let response = Response::from_der(&body).unwrap();
+    let response = stamp_once(&server);
     assert!(response.granted(), "{:?}", response.status_text);
 }
 
@@ -221,21 +227,7 @@ fn a_bad_reload_is_refused_and_the_running_certificate_kept() {
 fn too_little_certificate_validity_left_stops_issuance() {
     // The development certificate is valid for about three years; ask for ten years left.
     let server = Server::start(&[], "[token]\nmin_certificate_validity_days = 3650\n");
-    let work = tempfile::tempdir().unwrap();
-    std::fs::write(work.path().join("data.bin"), b"x").unwrap();
-    openssl(
-        &[
-            "ts", "-query", "-data", "data.bin", "-sha256", "-out", "req.tsq",
-        ],
-        work.path(),
-    );
-    let (status, _, body) = common::curl_post(
-        &server.url,
-        &work.path().join("req.tsq"),
-        "application/timestamp-query",
-    );
-    assert_eq!(status, 200);
-    let response = Response::from_der(&body).unwrap();
+    let response = stamp_once(&server);
     assert_eq!(response.fail_info(), Some(FailInfo::SystemFailure));
     assert!(
         response.status_text.join(" ").contains("certificate"),
