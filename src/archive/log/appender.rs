@@ -2,7 +2,7 @@
 //! `fdatasync` of the segment, then the index entries (not synced).
 //!
 //! The open segment keeps some room past its frames: zeros, usually the whole segment's,
-//! written ahead by a thread of its own before the segment was opened ([`super::spare`]), or
+//! written ahead by a thread of its own before the segment was opened (`spare.rs`), or
 //! else written and synced in `ROOM` steps after a commit ([`Appender::make_room`], once the
 //! commit's requests are answered). A commit then overwrites blocks the file already has, so its
 //! `fdatasync` writes the data alone: a commit that extends the file also changes its size and
