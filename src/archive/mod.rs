@@ -424,7 +424,7 @@ impl Archive {
     }
 
     /// Records a token durably; returns once the commit that holds it returned, or with an
-    /// error after [`COMMIT_WAIT`] (a disk or a database that hangs: the token is withheld,
+    /// error after `COMMIT_WAIT` (a disk or a database that hangs: the token is withheld,
     /// though the commit may still go in, as when an answer is lost with the connection).
     pub async fn record(&self, record: TokenRecord) -> Result<(), ArchiveError> {
         let commit = self.enqueue(record)?;

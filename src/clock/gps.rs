@@ -16,7 +16,7 @@
 //!   pair for the serial time of a fix, used while no PPS came for three seconds. With neither,
 //!   the TPV time against the local time its line arrived. Serial time arrives after the second
 //!   it names, never before, by up to `gps_serial_precision_ms`: such a sample claims
-//!   `[m, m + lag]` (`m` the time named minus the arrival), not `m ± lag` ([`serial_sample`]).
+//!   `[m, m + lag]` (`m` the time named minus the arrival), not `m ± lag` (`serial_sample`).
 //!   System-clock times become local times through [`LocalClock::wall_offset`] taken when the
 //!   report arrives.
 //! - **Reachability.** While untrusted, each TPV counts as a missed poll. When the connection

@@ -12,7 +12,7 @@
 //!   second). A receiver sends its sentences some tens to hundreds of milliseconds after the
 //!   second they name, never before: with `m` the sentence's UTC minus the local time its line
 //!   arrived, UTC − local lies in `[m, m + nmea_precision_ms]`, and that is the interval the
-//!   sample claims (centred half the lag after `m`, see [`serial_sample`]).
+//!   sample claims (centred half the lag after `m`, see `serial_sample`).
 //! - **Reachability.** While untrusted, each RMC counts as a missed poll; with no RMC for three
 //!   seconds, or the device gone, a miss once per second. The device is opened again with a
 //!   backoff of 1 s doubling to 30 s.

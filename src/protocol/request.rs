@@ -48,8 +48,8 @@ pub struct Request<'a> {
 /// allows but `const-oid` cannot hold: an arc over 2^32 − 1 (a UUID arc under 2.25 is 128
 /// bits), a second arc over 47 under 2 (2.999, the example arc), or more than 39 octets. No
 /// configuration can name such an OID, so it is one this TSA does not know: the request, read
-/// as a [`LenientRequest`] (a `TimeStampReq` with its OIDs undecoded), goes through the same
-/// checks in the same order as any other ([`check`]), which give it the failInfo of an unknown
+/// as a `LenientRequest` (a `TimeStampReq` with its OIDs undecoded), goes through the same
+/// checks in the same order as any other (`check`), which give it the failInfo of an unknown
 /// OID (`badAlg`, `unacceptedPolicy`, `unacceptedExtension`) or whatever an earlier check
 /// finds first. `None`, and the refusal as not DER stands, unless the request is a
 /// `LenientRequest` whose OIDs are each one `const-oid` reads or a well-formed one past it.

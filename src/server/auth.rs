@@ -177,7 +177,7 @@ struct Known {
 }
 
 /// The clients of `[auth]` with their quotas. Replaced whole on reload, keeping the buckets of
-/// the clients whose quota is unchanged ([`Auth::keep_buckets`]).
+/// the clients whose quota is unchanged (`Auth::keep_buckets`).
 pub struct Auth {
     anonymous: bool,
     keys_over_https_only: bool,

@@ -77,7 +77,7 @@ impl Appender {
     /// Opens the log in `dir` (an instance's folder) for appending. The newest segment's frames
     /// past its index are read and checked; a torn commit at its end (frames cut short or not
     /// checking, from a crash or a power cut inside a commit, whose requests were never
-    /// answered: see [`tail`]) is cut off and the cut synced; its index is completed. A newest
+    /// answered: see `tail`) is cut off and the cut synced; its index is completed. A newest
     /// segment left without a good frame is removed. Anything else after the last good frame,
     /// or an index that lists records past it, is damage: an `InvalidData` error naming the
     /// segment and the offset, and nothing is changed. Returns the appender and the chain's

@@ -94,7 +94,7 @@ impl LogReader {
     }
 
     /// The highest counter and genTime of the instance's recent records: those of its last
-    /// segments, at least two and at least [`MAXIMA_SPAN`] octets of them. Both rise with the
+    /// segments, at least two and at least `MAXIMA_SPAN` octets of them. Both rise with the
     /// position, except among requests in flight together: a batch takes its serials and
     /// genTimes as it issues, and its records (up to `max_batch_bytes` of requests' tokens)
     /// follow those of requests that came after it. Older segments are pruned behind an anchor
@@ -415,7 +415,7 @@ impl ArchiveStore for LogStore {
 
     /// The records go to the log (durable when it returns), then the events to the database.
     /// Once the records are durable the commit succeeds: events that cannot be stored then
-    /// are kept, in order, and stored before the next commit's (up to [`MAX_KEPT_EVENTS`]).
+    /// are kept, in order, and stored before the next commit's (up to `MAX_KEPT_EVENTS`).
     /// A commit of events alone fails when they cannot be stored (the writer keeps them).
     /// Counters are not looked up: each comes from a block reserved durably beforehand, so
     /// none is handed out twice.
@@ -596,7 +596,7 @@ impl ArchiveStore for LogStore {
     /// chain). The anchor is stored (synced) before the
     /// files go, so a crash between the two leaves segments that readers pass over and the
     /// next pruning removes.
-    /// At most [`PRUNE_STEP`] segments a call (the writer prunes between commits: a first
+    /// At most `PRUNE_STEP` segments a call (the writer prunes between commits: a first
     /// retention pass over years of segments must not hold them for minutes); the anchor only
     /// rises, one process at a time ([`crate::archive::state::Lock::for_pruning`]).
     fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError> {
