@@ -256,6 +256,13 @@ pub trait ArchiveStore: Send {
 
     /// Octets free to the store's files, where the store can tell: a local database's
     /// filesystem. `None` for a database server, whose disk is its own affair.
+    /// Damage to data derived from an instance's records that look-ups trust (the token log's
+    /// index and imprint files): a line for each, for verification to warn of. None elsewhere
+    /// (the rows layout and PostgreSQL index within their databases).
+    fn derived_damage(&mut self, _instance_id: u32) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+
     fn free_space(&self) -> Option<u64> {
         None
     }

@@ -258,7 +258,11 @@ fn verify_instance(
             ),
         });
     }
-    let mut warnings = Vec::new();
+    let mut warnings: Vec<String> = store
+        .derived_damage(instance_id)?
+        .into_iter()
+        .map(|d| format!("look-ups may miss records: {d}"))
+        .collect();
     if first_break.is_none() {
         if head.seq == 0 {
             warnings.push("no record: it has issued none, or its records were deleted".to_string());

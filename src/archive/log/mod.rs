@@ -688,6 +688,23 @@ impl ArchiveStore for LogStore {
         Ok(Some(anchor))
     }
 
+    /// Every segment after the anchor's, checked against its frames.
+    fn derived_damage(&mut self, instance_id: u32) -> Result<Vec<String>, StoreError> {
+        let anchor = self.anchor_of(instance_id)?;
+        let all = self.log.segments(instance_id)?;
+        let mut damage = Vec::new();
+        for (i, segment) in all.iter().enumerate() {
+            if all
+                .get(i + 1)
+                .is_some_and(|next| next.first_seq <= anchor + 1)
+            {
+                continue;
+            }
+            damage.extend(segments::derived_damage(segment)?);
+        }
+        Ok(damage)
+    }
+
     fn free_space(&self) -> Option<u64> {
         self.db.free_space()
     }

@@ -670,6 +670,75 @@ pub fn positions_by_imprint(segment: &Segment, imprint: &[u8]) -> io::Result<Opt
     Ok(Some(positions))
 }
 
+/// What is wrong with `segment`'s derived files against its frames, which look-ups trust
+/// without reading the frames: index entries that do not match the frames they name (a
+/// position, offset, counter, genTime or imprint key: a record look-ups would miss), more
+/// entries than frames, and an imprint file that is not the sorted keys and positions of the
+/// frames. One line each, naming the file; removing it is the remedy (readers then read the
+/// frames, and the next start or roll writes it again).
+pub fn derived_damage(segment: &Segment) -> io::Result<Vec<String>> {
+    // The index first: entries are written after their frames are synced, so beside a writer
+    // every entry read here names a frame read below.
+    let index: Vec<Entry> = match File::open(segment.index_path()) {
+        Ok(mut file) => {
+            let mut octets = Vec::new();
+            file.read_to_end(&mut octets)?;
+            octets.chunks_exact(ENTRY_LEN).map(Entry::decode).collect()
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let imprints = match std::fs::read(segment.imprints_path()) {
+        Ok(octets) => Some(octets),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    let mut frames = Frames::open(segment, 0)?.unchecked();
+    let mut expected = Vec::new();
+    while let Some((offset, fields, _)) = frames.next_ref()? {
+        expected.push(Entry {
+            seq: fields.seq,
+            offset,
+            counter: fields.counter,
+            gen_time_ns: fields.gen_time_ns,
+            imprint_key: imprint_key(fields.imprint),
+        });
+    }
+    let mut damage = Vec::new();
+    let remedy = "remove the file: readers then read the frames, and the next start (or the \
+                  segment's closing) writes it again";
+    if let Some(i) = (0..index.len().min(expected.len())).find(|&i| index[i] != expected[i]) {
+        damage.push(format!(
+            "{}: entry {i} (position {}) does not match its frame; {remedy}",
+            segment.index_path().display(),
+            expected[i].seq
+        ));
+    } else if index.len() > expected.len() {
+        damage.push(format!(
+            "{}: {} entries for {} frames; {remedy}",
+            segment.index_path().display(),
+            index.len(),
+            expected.len()
+        ));
+    }
+    if let Some(octets) = imprints {
+        let mut wanted = imprint_entries(&expected);
+        wanted.sort_unstable();
+        let mut written = Vec::with_capacity(wanted.len() * IMPRINT_ENTRY_LEN as usize);
+        for (key, seq) in wanted {
+            written.extend_from_slice(&key.to_be_bytes());
+            written.extend_from_slice(&seq.to_be_bytes());
+        }
+        if octets != written {
+            damage.push(format!(
+                "{}: not the sorted imprint keys and positions of the segment's frames; {remedy}",
+                segment.imprints_path().display()
+            ));
+        }
+    }
+    Ok(damage)
+}
+
 /// The genTimes of `segment`'s first and last records, from the first and last entries of its
 /// index, when the index covers the whole segment (no good frame follows its last entry's);
 /// `None` otherwise.

@@ -619,6 +619,59 @@ fn pruning_takes_a_bounded_step_at_a_time_one_process_at_a_time() {
 }
 
 #[test]
+fn damaged_index_and_imprint_files_are_reported_against_the_frames() {
+    let mut log = Log::new();
+    let mut db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
+    assert_eq!(db.settle_layout(Layout::Log).unwrap(), Layout::Log);
+    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    while segment_files(&log.dir()).len() < 4 {
+        store.append(0, &log.chain(2), &[]).unwrap();
+    }
+    store.add_checkpoint(&log.checkpoint()).unwrap();
+    assert_eq!(store.derived_damage(0).unwrap(), Vec::<String>::new());
+    let report = crate::archive::verify::verify(&mut store, &[]).unwrap();
+    assert!(
+        report.warnings().iter().all(|w| !w.contains("look-ups")),
+        "{report}"
+    );
+
+    let closed = &segment_files(&log.dir())[1];
+    // A counter in the first index entry: a look-up by serial would miss that record.
+    let index = closed.index_path();
+    let good = fs::read(&index).unwrap();
+    let mut bad = good.clone();
+    bad[23] ^= 1;
+    fs::write(&index, &bad).unwrap();
+    let damage = store.derived_damage(0).unwrap();
+    assert_eq!(damage.len(), 1, "{damage:?}");
+    assert!(
+        damage[0].contains(&index.display().to_string()),
+        "{damage:?}"
+    );
+    // (The sample tokens do not decode, so the report has its break anyway.)
+    let report = crate::archive::verify::verify(&mut store, &[]).unwrap();
+    assert!(
+        report
+            .warnings()
+            .iter()
+            .any(|w| w.contains("look-ups may miss records")),
+        "{report}"
+    );
+    fs::write(&index, &good).unwrap();
+
+    // An imprint file of another segment's keys.
+    let imprints = closed.imprints_path();
+    let other = fs::read(segment_files(&log.dir())[0].imprints_path()).unwrap();
+    fs::write(&imprints, other).unwrap();
+    let damage = store.derived_damage(0).unwrap();
+    assert_eq!(damage.len(), 1, "{damage:?}");
+    assert!(damage[0].contains(".imp"), "{damage:?}");
+    // The remedy it names: without the file, look-ups read the frames, and nothing is wrong.
+    fs::remove_file(&imprints).unwrap();
+    assert_eq!(store.derived_damage(0).unwrap(), Vec::<String>::new());
+}
+
+#[test]
 fn an_archive_with_rows_keeps_them() {
     let log = Log::new();
     let mut db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
