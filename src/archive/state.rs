@@ -100,6 +100,10 @@ pub struct Lock {
     _files: Vec<File>,
 }
 
+/// What the error of [`Lock::for_pruning`] says when another process prunes the instance:
+/// `tsa archive prune` waits for its turn on it.
+pub const PRUNED_ELSEWHERE: &str = "is being pruned by another process";
+
 impl Lock {
     /// The state directory's lock: `<state file>.lock`.
     pub fn acquire(state_path: &Path) -> anyhow::Result<Self> {
@@ -142,7 +146,7 @@ impl Lock {
         let file = Self::flock(
             &with_suffix(database, &format!(".prune-{instance_id}.lock")),
             libc::LOCK_EX,
-            || format!("instance {instance_id} is being pruned by another process"),
+            || format!("instance {instance_id} {PRUNED_ELSEWHERE}"),
         )?;
         Ok(Self { _files: vec![file] })
     }

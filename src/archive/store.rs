@@ -254,8 +254,6 @@ pub trait ArchiveStore: Send {
     /// before `before_ns` too. Returns the new anchor, `None` when no record was removed.
     fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError>;
 
-    /// Octets free to the store's files, where the store can tell: a local database's
-    /// filesystem. `None` for a database server, whose disk is its own affair.
     /// Damage to data derived from an instance's records that look-ups trust (the token log's
     /// index and imprint files): a line for each, for verification to warn of. None elsewhere
     /// (the rows layout and PostgreSQL index within their databases).
@@ -263,6 +261,8 @@ pub trait ArchiveStore: Send {
         Ok(Vec::new())
     }
 
+    /// Octets free to the store's files, where the store can tell: a local database's
+    /// filesystem. `None` for a database server, whose disk is its own affair.
     fn free_space(&self) -> Option<u64> {
         None
     }

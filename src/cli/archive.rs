@@ -445,7 +445,7 @@ fn prune(config: &Config, before: &u64, only: Option<u32>) -> anyhow::Result<()>
             match store.prune(id, *before) {
                 Ok(Some(anchor)) => last = Some(anchor),
                 Ok(None) => break,
-                Err(e) if e.0.contains("being pruned by another process") && busy < 30 => {
+                Err(e) if e.0.contains(archive::state::PRUNED_ELSEWHERE) && busy < 30 => {
                     busy += 1;
                     std::thread::sleep(std::time::Duration::from_secs(1));
                 }

@@ -129,13 +129,18 @@ async fn reload_on_sighup(tsa: Arc<server::Tsa>, args: ServeArgs, running: Serve
     };
     while hup.recv().await.is_some() {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-        let result = load(&args).and_then(|config| {
+        let result = load(&args).and_then(|mut config| {
+            // Only [server.tls] of [server] is reloaded (the request rules keep the start's
+            // size limit with the rest): say so when the rest changed.
+            let server = ServerConfig {
+                tls: config.server.tls.clone(),
+                ..running.clone()
+            };
+            let partial = config.server != server;
+            config.server = server;
             let auth = server::auth::Auth::new(&config.auth)?;
             server::reload(&tsa, &config)?;
-            // Only [server.tls] of [server] is reloaded: say so when the rest changed.
-            let (mut new, mut old) = (config.server.clone(), running.clone());
-            (new.tls, old.tls) = (Default::default(), Default::default());
-            if new != old {
+            if partial {
                 tracing::warn!(
                     event = "reload_partial",
                     "[server] changed besides [server.tls]: its listeners, paths, limits and \

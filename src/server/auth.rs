@@ -116,11 +116,9 @@ fn value_of(value: &der::Any) -> Value {
 pub struct PeerCertificate {
     /// SHA-256 of the certificate's DER.
     pub sha256: [u8; 32],
-    /// The subject, as matched; `None` when it cannot be read.
-    pub subject: Option<NameKey>,
-    /// The issuer (the subject of the CA that signed it), as matched; `None` when it cannot
-    /// be read.
-    pub issuer: Option<NameKey>,
+    /// Its issuer (the subject of the CA that signed it) and its subject, as clients are
+    /// matched by them; `None` when they cannot be read.
+    pub names: Option<(NameKey, NameKey)>,
     /// The end of its validity, Unix seconds: checked at every request, since a resumed TLS
     /// session restores the certificate without verifying it again, and a connection lives
     /// for many requests.
@@ -132,21 +130,19 @@ impl PeerCertificate {
         use der::Decode;
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(digest(&SHA256, der).as_ref());
-        let (subject, issuer, not_after_s) = x509_cert::Certificate::from_der(der)
+        let (names, not_after_s) = x509_cert::Certificate::from_der(der)
             .map(|c| {
                 let tbs = c.tbs_certificate();
                 let not_after = tbs.validity().not_after.to_unix_duration().as_secs();
                 (
-                    Some(NameKey::of(tbs.subject())),
-                    Some(NameKey::of(tbs.issuer())),
+                    Some((NameKey::of(tbs.issuer()), NameKey::of(tbs.subject()))),
                     Some(not_after),
                 )
             })
             .unwrap_or_default();
         Self {
             sha256,
-            subject,
-            issuer,
+            names,
             not_after_s,
         }
     }
@@ -323,11 +319,10 @@ impl Auth {
         let by_certificate = certificate.map(|c| {
             self.by_certificate
                 .get(&c.sha256)
-                .or_else(|| match (&c.issuer, &c.subject) {
-                    (Some(issuer), Some(subject)) => {
-                        self.by_subject.get(&(issuer.clone(), subject.clone()))
-                    }
-                    _ => None,
+                .or_else(|| {
+                    c.names
+                        .as_ref()
+                        .and_then(|names| self.by_subject.get(names))
                 })
                 .copied()
         });
@@ -623,8 +618,7 @@ mod tests {
     fn cert(sha256: [u8; 32], subject: &str) -> PeerCertificate {
         PeerCertificate {
             sha256,
-            subject: NameKey::parse(subject),
-            issuer: NameKey::parse("CN=Client CA A"),
+            names: NameKey::parse("CN=Client CA A").zip(NameKey::parse(subject)),
             not_after_s: Some(4_102_444_800),
         }
     }
@@ -705,7 +699,7 @@ mod tests {
         ));
         // Carol's subject from another CA is nobody.
         let other_ca = PeerCertificate {
-            issuer: NameKey::parse("CN=Client CA B"),
+            names: NameKey::parse("CN=Client CA B").zip(NameKey::parse("CN=carol,O=Example,C=VN")),
             ..carol.clone()
         };
         assert!(matches!(

@@ -87,11 +87,6 @@ impl Issuing {
     pub fn certificate(&self) -> &TsuCertificate {
         &self.certificate
     }
-
-    /// The largest request body the rules take (`server.max_request_bytes` at start).
-    pub fn max_request_bytes(&self) -> usize {
-        self.rules.max_len
-    }
 }
 
 /// How long a failed signature keeps readiness failing, unless one succeeds meanwhile. Not
@@ -251,11 +246,11 @@ impl Tsa {
     pub async fn respond(self: &Arc<Self>, body: Bytes, client: &Client) -> (Vec<u8>, Outcome) {
         // In place unless the signer may block; then, or where the serial would wait after
         // all (the check and the draw are apart), on the blocking pool.
-        let in_place = match self.may_block() || self.serials.may_wait() {
-            true => None,
-            false => self
-                .issue_with(&body, client, Draw::WithoutWaiting)
-                .transpose(),
+        let in_place = if self.may_block() || self.serials.may_wait() {
+            None
+        } else {
+            self.issue_with(&body, client, Draw::WithoutWaiting)
+                .transpose()
         };
         let result = match in_place {
             Some(result) => result,
@@ -264,9 +259,7 @@ impl Tsa {
                     let (tsa, client) = (Arc::clone(self), client.clone());
                     tokio::task::spawn_blocking(move || {
                         let _permit = permit;
-                        let issued = tsa.issue_unrecorded(&body, &client);
-                        tsa.lane_moved.mark();
-                        issued
+                        tsa.issue_in_lane(&body, &client)
                     })
                     .await
                     .unwrap_or_else(|e| {
@@ -341,11 +334,7 @@ impl Tsa {
                 tokio::task::spawn_blocking(move || {
                     let _permit = permit;
                     part.iter()
-                        .map(|body| {
-                            let issued = tsa.issue_unrecorded(body, &client);
-                            tsa.lane_moved.mark();
-                            issued
-                        })
+                        .map(|body| tsa.issue_in_lane(body, &client))
                         .collect::<Vec<_>>()
                 })
             });
@@ -457,6 +446,14 @@ impl Tsa {
         }
     }
 
+    /// [`Tsa::issue_unrecorded`] on the blocking pool, holding a place of its lane: the lane
+    /// moved once it ends ([`Tsa::lane_place`]).
+    fn issue_in_lane(&self, body: &[u8], client: &Client) -> Issued {
+        let issued = self.issue_unrecorded(body, client);
+        self.lane_moved.mark();
+        issued
+    }
+
     /// The token and, with the archive, its record (not yet recorded).
     fn issue_unrecorded(&self, body: &[u8], client: &Client) -> Issued {
         self.issue_with(body, client, Draw::Waiting)?
@@ -528,7 +525,7 @@ impl Tsa {
             issuing.template.precision(),
             serial,
         );
-        let declared_ns = u64::try_from(self.clock.max_bound().as_nanos()).unwrap_or(u64::MAX);
+        let declared_ns = self.clock.max_bound_ns();
         if stamp.accuracy.as_ns() > declared_ns {
             return Err(self.refuse(
                 RefusalKind::BoundExceeded,

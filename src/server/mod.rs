@@ -176,17 +176,14 @@ fn plan_rollover(
 /// Rebuilds what a reload replaces (SIGHUP): request rules, certificates and chains, token
 /// templates, for the current signer and the planned one, and the HTTPS listener's
 /// certificate, key, client CAs and CRLs. The keys themselves, the rollover instant and the
-/// listeners stay as they were started. Nothing changes unless all of it can be built.
+/// listeners stay as they were started; `config.server` is the one the server started with
+/// but for `[server.tls]` (the request rules take its `max_request_bytes`, which the HTTP
+/// limits were set from). Nothing changes unless all of it can be built.
 pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
     if config.rollover.as_ref().map(|r| &r.at) != tsa.rollover.as_ref().map(|r| &r.at) {
         bail!("[rollover] changed: a planned rollover is set at start; restart to change it");
     }
     let now = SystemTime::now();
-    // The HTTP limits stay those of the start (a restart changes them): the request rules'
-    // size limit with them.
-    let mut config = config.clone();
-    config.server.max_request_bytes = tsa.issuing.load().max_request_bytes();
-    let config = &config;
     let first = issuing(config, &config.signer, tsa.first_signer(), now)?;
     let next = match (&config.rollover, &tsa.rollover) {
         (Some(planned), Some(rollover)) => {

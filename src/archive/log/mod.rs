@@ -305,6 +305,13 @@ impl LogReader {
     }
 }
 
+/// Whether every record of `all[i]` (a segment, listed in order) is at or below the position
+/// `anchor`: pruned, its files not removed yet. The last segment never is.
+fn below_anchor(all: &[Segment], i: usize, anchor: u64) -> bool {
+    all.get(i + 1)
+        .is_some_and(|next| next.first_seq <= anchor.saturating_add(1))
+}
+
 /// An SQLite archive whose token records are in the log.
 pub struct LogStore {
     db: SqliteStore,
@@ -364,6 +371,15 @@ impl LogStore {
             self.appender = Some((instance_id, appender));
         }
         Ok(&mut self.appender.as_mut().expect("opened above").1)
+    }
+
+    /// Removes `segments` of the instance, their removal synced into its folder.
+    fn remove_segments(&self, instance_id: u32, segments: &[Segment]) -> Result<(), StoreError> {
+        for segment in segments {
+            remove_segment(segment)?;
+        }
+        crate::files::sync_directory(&instance_dir(&self.log.root, instance_id))?;
+        Ok(())
     }
 
     fn anchor_of(&self, instance_id: u32) -> Result<u64, StoreError> {
@@ -616,7 +632,7 @@ impl ArchiveStore for LogStore {
         for (i, segment) in all.iter().enumerate().take(all.len().saturating_sub(1)) {
             // Every record at or below the anchor: left by a prune that stopped after storing
             // it (a crash, a file that could not be removed). Removed now, outside the step.
-            if all[i + 1].first_seq <= anchored.saturating_add(1) {
+            if below_anchor(&all, i, anchored) {
                 leftovers += 1;
                 removing += 1;
                 continue;
@@ -665,10 +681,7 @@ impl ArchiveStore for LogStore {
         self.db.prune(instance_id, before_ns)?;
         let Some(last) = last.filter(|l| previous.is_none_or(|p| l.seq > p.seq)) else {
             if leftovers > 0 {
-                for segment in &all[..leftovers] {
-                    remove_segment(segment)?;
-                }
-                crate::files::sync_directory(&instance_dir(&self.log.root, instance_id))?;
+                self.remove_segments(instance_id, &all[..leftovers])?;
             }
             return Ok(None);
         };
@@ -681,10 +694,7 @@ impl ArchiveStore for LogStore {
             pruned_at_ns: crate::clock::system_unix_ns(),
         };
         self.db.set_anchor(&anchor)?;
-        for segment in &all[..removing] {
-            remove_segment(segment)?;
-        }
-        crate::files::sync_directory(&instance_dir(&self.log.root, instance_id))?;
+        self.remove_segments(instance_id, &all[..removing])?;
         Ok(Some(anchor))
     }
 
@@ -694,10 +704,7 @@ impl ArchiveStore for LogStore {
         let all = self.log.segments(instance_id)?;
         let mut damage = Vec::new();
         for (i, segment) in all.iter().enumerate() {
-            if all
-                .get(i + 1)
-                .is_some_and(|next| next.first_seq <= anchor + 1)
-            {
+            if below_anchor(&all, i, anchor) {
                 continue;
             }
             damage.extend(segments::derived_damage(segment)?);

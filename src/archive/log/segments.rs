@@ -619,14 +619,20 @@ pub fn imprint_entries(entries: &[Entry]) -> Vec<(u64, u64)> {
 
 /// Writes a closed segment's imprint file, sorted, atomically and durably (a file that is
 /// there is whole: look-ups trust it).
-pub fn write_imprints(segment: &Segment, mut entries: Vec<(u64, u64)>) -> io::Result<()> {
+pub fn write_imprints(segment: &Segment, entries: Vec<(u64, u64)>) -> io::Result<()> {
+    let octets = encode_imprints(entries);
+    crate::files::replace(&segment.imprints_path(), &octets, crate::files::PUBLIC)
+}
+
+/// An imprint file's content: `entries` sorted, each key and position as 8 octets big-endian.
+fn encode_imprints(mut entries: Vec<(u64, u64)>) -> Vec<u8> {
     entries.sort_unstable();
     let mut octets = Vec::with_capacity(entries.len() * IMPRINT_ENTRY_LEN as usize);
     for (key, seq) in entries {
         octets.extend_from_slice(&key.to_be_bytes());
         octets.extend_from_slice(&seq.to_be_bytes());
     }
-    crate::files::replace(&segment.imprints_path(), &octets, crate::files::PUBLIC)
+    octets
 }
 
 /// The positions in `segment` whose imprint has `imprint`'s key, by a binary search of its
@@ -679,15 +685,11 @@ pub fn positions_by_imprint(segment: &Segment, imprint: &[u8]) -> io::Result<Opt
 pub fn derived_damage(segment: &Segment) -> io::Result<Vec<String>> {
     // The index first: entries are written after their frames are synced, so beside a writer
     // every entry read here names a frame read below.
-    let index: Vec<Entry> = match File::open(segment.index_path()) {
-        Ok(mut file) => {
-            let mut octets = Vec::new();
-            file.read_to_end(&mut octets)?;
-            octets.chunks_exact(ENTRY_LEN).map(Entry::decode).collect()
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e),
-    };
+    let mut octets = Vec::new();
+    if let Some(mut file) = open_index_for_reading(segment)? {
+        file.read_to_end(&mut octets)?;
+    }
+    let index: Vec<Entry> = octets.chunks_exact(ENTRY_LEN).map(Entry::decode).collect();
     let imprints = match std::fs::read(segment.imprints_path()) {
         Ok(octets) => Some(octets),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -722,14 +724,7 @@ pub fn derived_damage(segment: &Segment) -> io::Result<Vec<String>> {
         ));
     }
     if let Some(octets) = imprints {
-        let mut wanted = imprint_entries(&expected);
-        wanted.sort_unstable();
-        let mut written = Vec::with_capacity(wanted.len() * IMPRINT_ENTRY_LEN as usize);
-        for (key, seq) in wanted {
-            written.extend_from_slice(&key.to_be_bytes());
-            written.extend_from_slice(&seq.to_be_bytes());
-        }
-        if octets != written {
+        if octets != encode_imprints(imprint_entries(&expected)) {
             damage.push(format!(
                 "{}: not the sorted imprint keys and positions of the segment's frames; {remedy}",
                 segment.imprints_path().display()

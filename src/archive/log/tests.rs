@@ -82,6 +82,19 @@ impl Log {
         }
     }
 
+    /// The writer's store over the log, segments of [`LIMIT`].
+    fn store(&self) -> LogStore {
+        let db = SqliteStore::open(&self.database, Duration::from_secs(1)).unwrap();
+        LogStore::open(db).with_segment_limit(LIMIT)
+    }
+
+    /// [`Log::store`] of a new archive, its layout settled as the log.
+    fn new_store(&self) -> LogStore {
+        let mut db = SqliteStore::open(&self.database, Duration::from_secs(1)).unwrap();
+        assert_eq!(db.settle_layout(Layout::Log).unwrap(), Layout::Log);
+        LogStore::open(db).with_segment_limit(LIMIT)
+    }
+
     /// Every record of instance 0 from position `from` on, read back.
     fn reader_records(&self, from: u64) -> Vec<StoredRecord> {
         let mut reader =
@@ -479,9 +492,7 @@ fn a_commit_out_of_order_is_refused_and_leaves_nothing() {
 #[test]
 fn the_store_appends_finds_and_prunes_through_the_archive_trait() {
     let mut log = Log::new();
-    let mut db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
-    assert_eq!(db.settle_layout(Layout::Log).unwrap(), Layout::Log);
-    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    let mut store = log.new_store();
     assert_eq!(store.instance(0).unwrap().head, None);
     let event = EventRecord {
         instance_id: 0,
@@ -557,8 +568,7 @@ fn the_store_appends_finds_and_prunes_through_the_archive_trait() {
 
     // A new writer goes on after the head.
     drop(store);
-    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
-    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    let mut store = log.store();
     assert_eq!(store.instance(0).unwrap().head, Some(log.head));
     store.append(0, &log.chain(1), &[]).unwrap();
     assert_eq!(reader.instance(0).unwrap().head, Some(log.head));
@@ -567,9 +577,7 @@ fn the_store_appends_finds_and_prunes_through_the_archive_trait() {
 #[test]
 fn pruning_takes_a_bounded_step_at_a_time_one_process_at_a_time() {
     let mut log = Log::new();
-    let mut db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
-    assert_eq!(db.settle_layout(Layout::Log).unwrap(), Layout::Log);
-    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    let mut store = log.new_store();
     while segment_files(&log.dir()).len() < PRUNE_STEP + 10 {
         store.append(0, &log.chain(2), &[]).unwrap();
     }
@@ -621,9 +629,7 @@ fn pruning_takes_a_bounded_step_at_a_time_one_process_at_a_time() {
 #[test]
 fn damaged_index_and_imprint_files_are_reported_against_the_frames() {
     let mut log = Log::new();
-    let mut db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
-    assert_eq!(db.settle_layout(Layout::Log).unwrap(), Layout::Log);
-    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    let mut store = log.new_store();
     while segment_files(&log.dir()).len() < 4 {
         store.append(0, &log.chain(2), &[]).unwrap();
     }
@@ -702,8 +708,7 @@ fn an_archive_with_rows_keeps_them() {
 #[test]
 fn closed_segments_get_sorted_imprint_files_that_look_ups_search() {
     let mut log = Log::new();
-    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
-    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    let mut store = log.store();
     for _ in 0..6 {
         store.append(0, &log.chain(2), &[]).unwrap();
     }
@@ -758,8 +763,7 @@ fn closed_segments_get_sorted_imprint_files_that_look_ups_search() {
     fs::remove_file(closed[1].imprints_path()).unwrap();
     check(&mut store);
     drop(store);
-    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
-    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    let mut store = log.store();
     store.instance(0).unwrap();
     assert!(closed[1].imprints_path().exists(), "written again at open");
     check(&mut store);
@@ -773,8 +777,7 @@ fn closed_segments_get_sorted_imprint_files_that_look_ups_search() {
 #[test]
 fn a_frequent_imprint_gives_its_newest_records_and_counts_them_all() {
     let mut log = Log::new();
-    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
-    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    let mut store = log.store();
     let frequent = vec![0x42; 32];
     let mut twin = frequent.clone();
     twin[31] = 0;
@@ -849,8 +852,7 @@ fn a_frequent_imprint_gives_its_newest_records_and_counts_them_all() {
 #[test]
 fn a_damaged_frame_among_many_matches_is_neither_counted_nor_returned() {
     let mut log = Log::new();
-    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
-    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    let mut store = log.store();
     let frequent = vec![0x42; 32];
     for _ in 0..15 {
         let records = log.chain_with(4, |_, r| r.imprint.clone_from(&frequent));
@@ -939,8 +941,7 @@ fn a_time_range_passes_over_segments_far_from_it_and_misses_nothing() {
 #[test]
 fn a_closed_segment_open_again_is_searched_by_its_index_until_it_closes_again() {
     let mut log = Log::new();
-    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
-    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    let mut store = log.store();
     // Until the first segment closes: its imprint file is written as the second one starts.
     while segment_files(&log.dir()).len() < 2 {
         store.append(0, &log.chain(1), &[]).unwrap();
@@ -1428,8 +1429,7 @@ fn verification_beside_the_writer_does_not_take_a_frame_being_written() {
 #[test]
 fn a_damaged_segment_is_not_pruned() {
     let mut log = Log::new();
-    let db = SqliteStore::open(&log.database, Duration::from_secs(1)).unwrap();
-    let mut store = LogStore::open(db).with_segment_limit(LIMIT);
+    let mut store = log.store();
     let event = EventRecord {
         instance_id: 0,
         seq: 1,
