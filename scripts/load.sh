@@ -15,8 +15,9 @@
 #   ARCHIVE      0 (default): no archive; 1: the token archive on (`tsa init --archive`: the
 #                token log beside SQLite, group commit); both: the same runs with it off, then on,
 #                and the on/off ratios of req/s and of CPU per token per concurrency. Under each
-#                run with it on: the CPU per token of the archive's threads (writer, imprint
-#                indexer, checkpointer) and the commits (records each, time each).
+#                run with it on: the CPU per token of the archive's threads (writer, the
+#                token log's syncer, imprint indexer, checkpointer) and the commits (records
+#                each, time each: from the writer's append to the records durable).
 #                After the runs with it on: the tokens archived, how far the imprint index was
 #                behind, and how many commits took over 6.4, 25.6 and 102 ms (each one delays
 #                every token waiting for it)
@@ -280,7 +281,7 @@ hz=$(getconf CLK_TCK)
 thread_ticks() { # "name ticks" for each of the archive's threads of the server, summed by name
   for t in /proc/"$server_pid"/task/*; do
     echo "$(cat "$t/comm" 2>/dev/null) $(ticks "$t/stat")"
-  done | awk '$1 ~ /^tsa-(archive|imprints|checkpoint)$/ { n[$1] += $2 } END { for (k in n) print k, n[k] }'
+  done | awk '$1 ~ /^tsa-(archive|log-sync|imprints|checkpoint)$/ { n[$1] += $2 } END { for (k in n) print k, n[k] }'
 }
 
 # "commits records seconds" so far, from the server's metrics (the archive's commit histograms).
@@ -437,15 +438,15 @@ run_loads() { # mode
         FNR == NR { before[$1] = $2; next }
         { us[$1] = n > 0 ? ($2 - before[$1]) / hz * 1e6 / n : 0 }
         END {
-          printf "       archive threads, µs per token: writer %.1f, imprint indexer %.1f, checkpointer %.1f\n",
-            us["tsa-archive"], us["tsa-imprints"], us["tsa-checkpoint"]
+          printf "       archive threads, µs per token: writer %.1f, its syncer %.1f, imprint indexer %.1f, checkpointer %.1f\n",
+            us["tsa-archive"], us["tsa-log-sync"], us["tsa-imprints"], us["tsa-checkpoint"]
         }' <(echo "$threads_before") <(echo "$threads_after")
       # The group commit: how many records each commit took, and how long it took.
       read -r n0 r0 d0 <<<"$commits_before"
       read -r n1 r1 d1 <<<"$commits_after"
       awk -v n=$((n1 - n0)) -v r="$r0 $r1" -v d="$d0 $d1" 'BEGIN {
             split(r, rr, " "); split(d, dd, " ")
-            if (n > 0) printf "       commits: %d, %.1f records each, %.0f µs each (write and fsync)\n",
+            if (n > 0) printf "       commits: %d, %.1f records each, %.0f µs each (write and sync)\n",
               n, (rr[2] - rr[1]) / n, (dd[2] - dd[1]) * 1e6 / n }'
     fi
     # By run, so that a concurrency given twice (a growing archive) keeps both.

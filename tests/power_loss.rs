@@ -19,8 +19,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use archive_support::{
-    archive_cli, archived_records, assert_layout, check_received, init, open_store, stamp, Conn,
-    Load, Received, Serving,
+    archive_cli, archived_records, assert_layout, check_received, get, init, open_store, stamp,
+    Conn, Load, Received, Serving,
 };
 
 const ROUNDS: usize = 8;
@@ -133,5 +133,72 @@ fn power_cuts(layout: &str) {
         "{ROUNDS} power cuts ({layout}): {} tokens archived, {total} received by clients, in {:.1} s",
         records.len(),
         started.elapsed().as_secs_f64()
+    );
+}
+
+/// The token log's `fdatasync` fails (the library's `TSA_SYNC_FAIL`) under load, for a while,
+/// and then works again. The writer frames and writes the next commit while the last one is
+/// synced on a thread of its own, chained to it: when that sync fails, the commit is cut off,
+/// the next one is refused with it (it was chained to records that are not there), readiness
+/// fails, and once syncs work again the chain goes on from the last durable record. Every
+/// token a client received is archived and the chain verifies; the requests in the failing
+/// commits got a rejection, not a token.
+#[test]
+fn commits_whose_sync_fails_are_refused_and_the_chain_goes_on_from_the_last_durable_one() {
+    let dir = init("layout = \"log\"\ncheckpoint_interval_s = 1");
+    let d = dir.path();
+    let tools = tempfile::tempdir().unwrap();
+    let library = powercut_library(tools.path());
+    let failing = tools.path().join("fail");
+    let server = Serving::start_with(
+        d,
+        &[
+            ("LD_PRELOAD", library.as_os_str()),
+            ("TSA_SYNC_FAIL", failing.as_os_str()),
+        ],
+    );
+    let load = Load::allowing_refusals(&server.public, CLIENTS, "sync failures");
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    for round in 0..3 {
+        let before = load.received();
+        wait_for("tokens before the failure", &|| {
+            load.received() >= before + 100
+        });
+        std::fs::write(&failing, b"").unwrap();
+        let refused = load.refused();
+        wait_for("a refusal while syncs fail", &|| load.refused() > refused);
+        assert_eq!(
+            get(&server.admin, "/health/ready").0,
+            503,
+            "round {round}: ready while the archive cannot be written"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        std::fs::remove_file(&failing).unwrap();
+        let after = load.received();
+        wait_for("tokens after the failure", &|| {
+            load.received() >= after + 100
+        });
+        assert_eq!(get(&server.admin, "/health/ready").0, 200, "round {round}");
+    }
+    let refused = load.refused();
+    let received = load.stop();
+    server.stop();
+
+    let records = archived_records(d);
+    check_received(&records, std::slice::from_ref(&received));
+    // Strict: the index entries, written after each sync, match the frames.
+    let (ok, report) = archive_cli(d, &["verify", "--strict"]);
+    assert!(ok, "{report}");
+    assert!(report.contains(": OK"), "{report}");
+    eprintln!(
+        "{} tokens received, {refused} requests refused while syncs failed, {} archived",
+        received.len(),
+        records.len()
     );
 }

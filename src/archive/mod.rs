@@ -313,13 +313,14 @@ impl Archive {
                 .then(|| Duration::from_secs(config.retention_days * 86_400)),
             max_batch: config.max_batch.max(1),
             healthy: healthy.clone(),
+            queue: queue.clone(),
+            refused: Default::default(),
             outage: None,
             pending_events: Vec::new(),
         };
-        let writer_queue = queue.clone();
         let handle = std::thread::Builder::new()
             .name("tsa-archive".into())
-            .spawn(move || writer.run(&writer_queue))
+            .spawn(move || writer.run())
             .context("cannot start the archive writer")?;
         events::attach(queue.clone());
         Ok(Self {

@@ -184,6 +184,17 @@ impl Queue {
         self.lock().target = records.max(1);
     }
 
+    /// Wakes the writer now, with or without a batch (a commit failed after it went on).
+    pub fn wake(&self) {
+        let mut s = self.lock();
+        s.urgent = true;
+        let waiting = s.waiting;
+        drop(s);
+        if waiting {
+            self.ready.notify_one();
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         self.lock().closed
     }

@@ -181,6 +181,9 @@ impl<T> Newest<T> {
     }
 }
 
+/// Told whether an append's records became durable ([`ArchiveStore::append_then`]).
+pub type Durable = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
+
 /// A visitor over records; returns `false` to stop.
 pub type Visit<'a> = dyn FnMut(StoredRecord) -> Result<bool, StoreError> + 'a;
 
@@ -208,6 +211,31 @@ pub trait ArchiveStore: Send {
         records: &[StoredRecord],
         events: &[EventRecord],
     ) -> Result<(), StoreError>;
+
+    /// [`ArchiveStore::append`] that may return before the records are durable: once they
+    /// are written after those of earlier appends. `durable` is told, here or later on
+    /// another thread, whether they became durable, never before it was told of an earlier
+    /// append's records; a failure returned here was told to it too. Records appended after
+    /// ones that did not become durable are refused (they were chained to them): the writer
+    /// then reads the instance's head again ([`ArchiveStore::instance`]). The default commits
+    /// in one step.
+    fn append_then(
+        &mut self,
+        instance_id: u32,
+        records: &[StoredRecord],
+        events: &[EventRecord],
+        durable: Durable,
+    ) -> Result<(), StoreError> {
+        let appended = self.append(instance_id, records, events);
+        durable(appended.as_ref().map(|_| ()));
+        appended
+    }
+
+    /// Waits until the records of every [`ArchiveStore::append_then`] are durable or known
+    /// not to be; an error when some were not, since the last call that returned one.
+    fn settle(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// Work a commit leaves for after its requests are answered (the token log writes room
     /// ahead for the next commits here). Failures are the store's to log: nothing waits on it.

@@ -4,9 +4,13 @@
 //! Requests queue their records ([`super::queue`]). The writer takes a batch (up to
 //! `max_batch` records), chains the records, appends them with the pending events in one
 //! transaction (one fsync of the write-ahead log), and only then answers each request. While
-//! it commits, the next batch queues up, so the batch grows with the load.
+//! it commits, the next batch queues up, so the batch grows with the load. The token log
+//! makes a commit durable and answers its requests on a thread of its own
+//! ([`super::store::ArchiveStore::append_then`]), so there the writer takes and chains the
+//! next batch meanwhile, on a head that is not durable yet: if the commit fails after all,
+//! the next one is refused too, and the outage's recovery reads the head back.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +21,7 @@ use super::queue::Queue;
 use super::record::{ChainHead, Checkpoint, EventRecord, StoredRecord, TokenRecord};
 use super::serial::{layout, BlockSerials};
 use super::state::{SavedState, StateFile};
-use super::store::ArchiveStore;
+use super::store::{ArchiveStore, Durable};
 use super::{ArchiveError, CheckpointSigner};
 
 /// Where the writer answers a request: Ok once its record is committed.
@@ -74,6 +78,10 @@ pub(super) struct Writer {
     pub max_batch: usize,
     pub healthy: Arc<AtomicBool>,
     pub stats: Arc<super::CommitStats>,
+    /// Woken when a commit fails after the writer went on (so that it sees the outage).
+    pub queue: Arc<Queue>,
+    /// Records refused since the writer last counted them into its outage.
+    pub refused: Arc<AtomicUsize>,
     /// Since the last write failed (None while writes succeed).
     pub outage: Option<Outage>,
     /// Clock and key events that could not be stored yet (an outage), oldest first; stored
@@ -110,7 +118,8 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 pub const ROOM_TO_RECOVER: u64 = 4 << 20;
 
 impl Writer {
-    pub fn run(mut self, queue: &Queue) {
+    pub fn run(mut self) {
+        let queue = self.queue.clone();
         let mut next_periodic = Instant::now() + self.checkpoint_interval;
         loop {
             let wake = match &self.outage {
@@ -130,6 +139,8 @@ impl Writer {
                 next_periodic = Instant::now() + self.checkpoint_interval;
             }
             if msgs.is_empty() {
+                // Woken by a commit that failed after all, or by a timer.
+                self.settle();
                 continue;
             }
             let mut batch = Batch::default();
@@ -238,10 +249,11 @@ impl Writer {
         }
         let captured = events;
         let events = self.event_records(&captured, self.last_event_seq + 1);
-        let started = std::time::Instant::now();
-        let appended = self.store.append(self.instance_id, &chained, &events);
-        self.stats.duration.observe(started.elapsed().as_secs_f64());
-        self.stats.records.observe(chained.len() as f64);
+        let records = chained.len();
+        let durable = self.answer(replies);
+        let appended = self
+            .store
+            .append_then(self.instance_id, &chained, &events, durable);
         match appended {
             Ok(()) => {
                 self.head = head;
@@ -249,26 +261,58 @@ impl Writer {
                 if let Some(max) = chained.iter().map(|r| r.record.gen_time_ns).max() {
                     self.max_gen_time_ns = self.max_gen_time_ns.max(max);
                 }
-                self.healthy.store(true, Ordering::Relaxed);
-                for reply in replies {
-                    let _ = reply.send(Ok(()));
-                }
                 self.store.after_append();
             }
             Err(e) => {
-                self.failed(replies.len());
+                self.failed(0);
                 self.keep_events(captured);
                 tracing::error!(
                     error = %e,
-                    records = chained.len(),
+                    records,
                     events = events.len(),
                     "the archive cannot be written: the tokens are withheld"
                 );
-                let error = ArchiveError(format!("the token could not be archived: {e}"));
-                for reply in replies {
-                    let _ = reply.send(Err(error.clone()));
-                }
             }
+        }
+    }
+
+    /// What answers a commit's requests once it is durable, or is not: then readiness fails
+    /// at once, the records are counted as refused and the writer is woken to begin the
+    /// outage (if the failure came after it went on). Commit statistics are taken here too,
+    /// from the start of the append to its end.
+    fn answer(&self, replies: Vec<Reply>) -> Durable {
+        let (healthy, queue, refused, stats) = (
+            self.healthy.clone(),
+            self.queue.clone(),
+            self.refused.clone(),
+            self.stats.clone(),
+        );
+        let started = Instant::now();
+        Box::new(move |outcome| {
+            stats.duration.observe(started.elapsed().as_secs_f64());
+            stats.records.observe(replies.len() as f64);
+            let outcome = outcome.map_err(|e| {
+                healthy.store(false, Ordering::Relaxed);
+                refused.fetch_add(replies.len(), Ordering::Relaxed);
+                ArchiveError(format!("the token could not be archived: {e}"))
+            });
+            for reply in replies {
+                let _ = reply.send(outcome.clone());
+            }
+            if outcome.is_err() {
+                queue.wake();
+            }
+        })
+    }
+
+    /// Waits for the commit in flight, if any; one that failed begins an outage.
+    fn settle(&mut self) {
+        if let Err(e) = self.store.settle() {
+            tracing::error!(
+                error = %e,
+                "the archive cannot be written: the tokens are withheld"
+            );
+            self.failed(0);
         }
     }
 
@@ -306,6 +350,7 @@ impl Writer {
     /// outage (begun now, or going on).
     fn failed(&mut self, refused: usize) -> &mut Outage {
         self.healthy.store(false, Ordering::Relaxed);
+        let refused = refused + self.refused.swap(0, Ordering::Relaxed);
         let outage = self.outage.get_or_insert_with(|| Outage {
             since_ns: crate::clock::system_unix_ns(),
             refused: 0,
@@ -326,10 +371,14 @@ impl Writer {
     /// instance that readiness took out of a load balancer would wait for a request that
     /// never comes.
     fn recover(&mut self) -> Result<(), ArchiveError> {
+        // A commit still in flight is durable first, or refused too (the counts are taken
+        // below).
+        let _ = self.store.settle();
         let Some(outage) = self.outage.as_mut() else {
             return Ok(());
         };
         outage.next_probe = Instant::now() + PROBE_INTERVAL;
+        outage.refused += self.refused.swap(0, Ordering::Relaxed);
         let (since_ns, refused, dropped) = (outage.since_ns, outage.refused, outage.dropped_events);
         let reservation = outage.reservation;
         if let Some(free) = self.store.free_space().filter(|&f| f < ROOM_TO_RECOVER) {
@@ -341,15 +390,26 @@ impl Writer {
             .store
             .instance(self.instance_id)
             .map_err(|e| ArchiveError(e.to_string()))?;
-        if let Some(head) = db.head.filter(|h| h.seq > self.head.seq) {
+        // The chain goes on from the store's head: past the writer's where a commit reported
+        // as failed had gone in after all, before it where commits that the writer chained
+        // on went out (the token log's, written but not made durable).
+        let head = db.head.unwrap_or(ChainHead::EMPTY);
+        if head.seq > self.head.seq {
             tracing::warn!(
                 instance = self.instance_id,
                 from_seq = self.head.seq,
                 to_seq = head.seq,
                 "a commit reported as failed had gone in: the chain continues after it"
             );
-            self.head = head;
+        } else if head.seq < self.head.seq {
+            tracing::warn!(
+                instance = self.instance_id,
+                from_seq = self.head.seq,
+                to_seq = head.seq,
+                "commits that did not become durable were cut off: the chain continues before them"
+            );
         }
+        self.head = head;
         self.last_event_seq = self.last_event_seq.max(db.last_event_seq);
         self.max_gen_time_ns = self.max_gen_time_ns.max(db.max_gen_time_ns);
         if let Some(until) = reservation {
@@ -464,6 +524,12 @@ impl Writer {
 
     /// Signs the chain head and stores the checkpoint, unless nothing changed since the last.
     fn checkpoint(&mut self) -> Result<(), ArchiveError> {
+        // Only a durable head is signed: after a commit that failed, the one the recovery
+        // reads back.
+        self.settle();
+        if self.outage.is_some() {
+            self.recover()?;
+        }
         if self.head.seq == 0 || self.head.seq == self.last_checkpoint_seq {
             return Ok(());
         }

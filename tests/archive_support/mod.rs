@@ -9,7 +9,7 @@ use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -275,17 +275,31 @@ pub fn hex(bytes: &[u8]) -> String {
 pub struct Load {
     stop: Arc<AtomicBool>,
     got: Arc<Mutex<Vec<Received>>>,
+    /// Requests answered with a rejection (only where [`Load::allowing_refusals`]).
+    refused: Arc<AtomicUsize>,
     clients: Vec<JoinHandle<()>>,
 }
 
 impl Load {
     /// `clients` threads stamping on `addr`; `label` makes their data unique across loads.
     pub fn start(addr: &str, clients: usize, label: &str) -> Load {
+        Self::start_with(addr, clients, label, false)
+    }
+
+    /// [`Load::start`] whose clients count rejections and go on (a rejection panics
+    /// otherwise).
+    pub fn allowing_refusals(addr: &str, clients: usize, label: &str) -> Load {
+        Self::start_with(addr, clients, label, true)
+    }
+
+    fn start_with(addr: &str, clients: usize, label: &str, refusals: bool) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let got = Arc::new(Mutex::new(Vec::new()));
+        let refused = Arc::new(AtomicUsize::new(0));
         let clients = (0..clients)
             .map(|c| {
                 let (addr, stop, got) = (addr.to_string(), stop.clone(), got.clone());
+                let refused = refused.clone();
                 let label = label.to_string();
                 std::thread::spawn(move || {
                     let Ok(mut conn) = Conn::connect(&addr) else {
@@ -296,6 +310,9 @@ impl Load {
                         let data = format!("{label} client {c} request {i}");
                         match stamp(&mut conn, data.as_bytes()) {
                             Ok(Ok(token)) => got.lock().unwrap().push(token),
+                            Ok(Err(_)) if refusals => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                            }
                             Ok(Err(rejection)) => {
                                 panic!("rejected: {:?}", rejection.status_text)
                             }
@@ -307,12 +324,22 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, got, clients }
+        Load {
+            stop,
+            got,
+            refused,
+            clients,
+        }
     }
 
     /// Tokens received so far.
     pub fn received(&self) -> usize {
         self.got.lock().unwrap().len()
+    }
+
+    /// Requests rejected so far.
+    pub fn refused(&self) -> usize {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// Stops the clients; the tokens they received.

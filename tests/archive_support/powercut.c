@@ -8,6 +8,8 @@
  * renaming, removing files) and SQLite's wal-index (`*-shm`, mapped into memory and rebuilt
  * from the log) are left as they are.
  *
+ * With TSA_SYNC_FAIL it also fails the token log's syncs on demand (`sync_fails`).
+ *
  * Every write, truncate and sync of a regular file runs under one lock, with the undo log
  * updated in the same step, so the log always matches the files; other descriptors (sockets,
  * pipes) pass straight through.
@@ -227,8 +229,55 @@ int ftruncate64(int fd, off_t length)
 	return truncate_with(real_ftruncate64, fd, length);
 }
 
+/* TSA_SYNC_FAIL: while the file it names exists, a sync of a file of the token log fails
+ * with EIO, and the writes since the file's last sync are undone: the worst a disk's write
+ * error can leave (the kernel may mark the pages clean without having written them, so no
+ * later sync writes them, and they are gone once the page cache is). */
+static const char *sync_fail;
+
+static int sync_fails(int fd)
+{
+	if (!sync_fail || access(sync_fail, F_OK) != 0)
+		return 0;
+	char link[64], path[PATH_MAX];
+	snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+	ssize_t n = readlink(link, path, sizeof path - 1);
+	if (n < 0)
+		return 0;
+	path[n] = 0;
+	return strstr(path, "/archive.tokens/") != NULL;
+}
+
+/* Puts the file of `fd` back as it was at its last sync, newest write first. */
+static void undo(int fd)
+{
+	struct stat st;
+	if (fstat(fd, &st) != 0)
+		return;
+	for (struct undo **p = &newest; *p;) {
+		struct undo *u = *p;
+		if (u->dev == st.st_dev && u->ino == st.st_ino) {
+			real_ftruncate(fd, u->size_before);
+			if (u->len)
+				real_pwrite(fd, u->old, u->len, u->offset);
+			*p = u->next;
+			free(u->old);
+			free(u);
+		} else {
+			p = &u->next;
+		}
+	}
+}
+
 static int sync_with(int (*real)(int), int fd)
 {
+	if (sync_fails(fd)) {
+		pthread_mutex_lock(&lock);
+		undo(fd);
+		pthread_mutex_unlock(&lock);
+		errno = EIO;
+		return -1;
+	}
 	pthread_mutex_lock(&lock);
 	int r = real(fd);
 	if (r == 0)
@@ -288,6 +337,7 @@ __attribute__((constructor)) static void start(void)
 	real_ftruncate64 = next_symbol("ftruncate64");
 	real_fsync = next_symbol("fsync");
 	real_fdatasync = next_symbol("fdatasync");
+	sync_fail = getenv("TSA_SYNC_FAIL");
 	const char *trigger = getenv("TSA_POWER_CUT");
 	if (!trigger)
 		return;

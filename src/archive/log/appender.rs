@@ -1,5 +1,7 @@
 //! Appending to one instance's token log: one `write` of a commit's frames and one
-//! `fdatasync` of the segment, then the index entries (not synced).
+//! `fdatasync` of the segment, then the index entries (not synced). The `fdatasync` and what
+//! follows it run on a thread of their own while the writer prepares the next commit
+//! ([`super::syncer`]); the next commit is written only once this one is durable.
 //!
 //! The open segment keeps some room past its frames: zeros, usually the whole segment's,
 //! written ahead by a thread of its own before the segment was opened (`spare.rs`), or
@@ -14,13 +16,16 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::segments::{
     encode_frame, imprint_entries, imprint_key, open_index, read_at, scan, segments,
     write_imprints, Entry, Segment, ENTRY_LEN, MAX_BODY,
 };
 use super::spare::Spare;
+use super::syncer::{Job, Syncer};
 use crate::archive::record::{ChainHead, StoredRecord, RECORD_DOMAIN};
+use crate::archive::store::{Durable, StoreError};
 
 /// A torn commit is cut off at start; past this many octets that are not zeros after the last
 /// good frame, the damage is no torn commit (a commit of a thousand tokens is some megabytes)
@@ -37,8 +42,8 @@ const ROOM: u64 = 1 << 20;
 /// The segment being appended to.
 struct Open {
     segment: Segment,
-    file: File,
-    index: File,
+    file: Arc<File>,
+    index: Arc<File>,
     /// Where the next frame goes (the end of the good frames).
     len: u64,
     /// The file's length: zeros from `len` to it.
@@ -71,6 +76,32 @@ pub struct Appender {
     /// The next segment, written ahead while a segment is open (`None` before the first, and
     /// where its thread could not be started; taken or failed, started again at the next roll).
     spare: Option<Spare>,
+    /// Makes commits durable (started with the first).
+    syncer: Option<Syncer>,
+    /// The commit the syncer has: where the log stood before it, to go back to if it fails.
+    in_flight: Option<Before>,
+    /// A commit that did not become durable, found while waiting for it on behalf of another
+    /// call: the error for the next [`Appender::settle`] or append.
+    failed: Option<io::Error>,
+}
+
+/// The log's end before a commit that is not durable yet.
+#[derive(Clone, Copy)]
+struct Before {
+    len: u64,
+    next_seq: u64,
+    last: Option<ChainHead>,
+    imprints: usize,
+    index_len: Option<u64>,
+}
+
+/// Tells `durable` of `result` and returns it.
+fn answer(durable: Durable, result: io::Result<()>) -> io::Result<()> {
+    match &result {
+        Ok(()) => durable(Ok(())),
+        Err(e) => durable(Err(&StoreError::new(e))),
+    }
+    result
 }
 
 impl Appender {
@@ -95,6 +126,9 @@ impl Appender {
             imprints: Vec::new(),
             zeros: Vec::new(),
             spare: None,
+            syncer: None,
+            in_flight: None,
+            failed: None,
         };
         let mut all = segments(dir)?;
         while let Some(segment) = all.pop() {
@@ -197,8 +231,8 @@ impl Appender {
             });
             appender.open = Some(Open {
                 segment,
-                file,
-                index,
+                file: Arc::new(file),
+                index: Arc::new(index),
                 len: scanned.end,
                 room,
                 no_room_before: 0,
@@ -210,8 +244,10 @@ impl Appender {
         Ok((appender, None))
     }
 
-    /// The last record's position and hash.
-    pub fn head(&self) -> Option<ChainHead> {
+    /// The last durable record's position and hash (once the commit in flight, if any, is
+    /// durable or cut off).
+    pub fn head(&mut self) -> Option<ChainHead> {
+        self.wait();
         self.last
     }
 
@@ -226,82 +262,95 @@ impl Appender {
     /// records, a full segment is closed and the next one made (so that the writer's probe,
     /// which appends events alone, fails while the next segment cannot be made).
     pub fn append(&mut self, records: &[StoredRecord]) -> io::Result<()> {
-        // Frames of a refused commit that could not be cut off are cut first, also before an
-        // append without records (the writer's probe): until they are, the log cannot be
-        // written, and readers could find them.
-        if self.dirty {
-            let open = self.open.as_mut().expect("dirty only with a segment open");
-            open.file.set_len(open.len)?;
-            open.file.sync_all()?;
-            open.room = open.len;
-            self.dirty = false;
-        }
+        self.append_then(records, Box::new(|_| {}))?;
+        self.settle()
+    }
+
+    /// [`Appender::append`], returning once the frames are written: the syncer makes them
+    /// durable, writes their index entries and then tells `durable`, while the caller goes
+    /// on with the next commit. That one is framed meanwhile but written only after this one
+    /// is durable; if this one fails, it is cut off and the next is refused (it was chained
+    /// to it). Every error is told to `durable` too.
+    pub fn append_then(&mut self, records: &[StoredRecord], durable: Durable) -> io::Result<()> {
         let Some(first) = records.first() else {
-            if self
-                .open
-                .as_ref()
-                .is_some_and(|o| o.len >= self.segment_limit)
-            {
-                self.roll(self.next_seq)?;
-            }
-            return Ok(());
+            let made = self
+                .settle()
+                .and_then(|()| self.cut_dirty())
+                .and_then(|()| {
+                    if self
+                        .open
+                        .as_ref()
+                        .is_some_and(|o| o.len >= self.segment_limit)
+                    {
+                        self.roll(self.next_seq)?;
+                    }
+                    Ok(())
+                });
+            return answer(durable, made);
         };
         if self.open.is_some() && first.seq != self.next_seq {
-            return Err(io::Error::new(
+            let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
                     "record {} does not follow the log's last record {}",
                     first.seq,
                     self.next_seq.saturating_sub(1)
                 ),
-            ));
+            );
+            return answer(durable, Err(e));
         }
         // Positions are the index's key: a segment's records are consecutive.
         if let Some(pair) = records
             .windows(2)
             .find(|w| w[0].seq.checked_add(1) != Some(w[1].seq))
         {
-            return Err(io::Error::new(
+            let e = io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
                     "record {} does not follow record {}",
                     pair[1].seq, pair[0].seq
                 ),
-            ));
+            );
+            return answer(durable, Err(e));
         }
         if self
             .open
             .as_ref()
             .is_none_or(|o| o.len >= self.segment_limit)
         {
-            self.roll(first.seq)?;
+            if let Err(e) = self.settle().and_then(|()| self.roll(first.seq)) {
+                return answer(durable, Err(e));
+            }
         }
-        let open = self.open.as_mut().expect("a segment is open");
+        let open = self.open.as_ref().expect("a segment is open");
         self.frames.clear();
         self.entries.clear();
         for record in records {
             Entry::of(record, open.len + self.frames.len() as u64).encode(&mut self.entries);
             encode_frame(record, &mut self.frames);
         }
-        let written = open
-            .file
-            .write_all_at(&self.frames, open.len)
-            .and_then(|()| open.file.sync_data());
-        if let Err(e) = written {
-            // The records are refused: none of them may stay to be found, or chained to.
-            if open
-                .file
-                .set_len(open.len)
-                .and_then(|()| open.file.sync_all())
-                .is_err()
-            {
-                self.dirty = true;
-            }
-            open.room = open.len;
-            return Err(e);
+        // The commit before must be durable before this one is written: a torn commit is
+        // always the last one (`tail`).
+        if let Err(e) = self.settle().and_then(|()| self.cut_dirty()) {
+            return answer(durable, Err(e));
         }
+        let open = self.open.as_mut().expect("a segment is open");
+        if let Err(e) = open.file.write_all_at(&self.frames, open.len) {
+            // Nothing of the records may stay to be found, or chained to.
+            cut(open, &mut self.dirty);
+            return answer(durable, Err(e));
+        }
+        self.in_flight = Some(Before {
+            len: open.len,
+            next_seq: self.next_seq,
+            last: self.last,
+            imprints: self.imprints.len(),
+            index_len: open.index_len,
+        });
+        let index = open.index_len.map(|at| (open.index.clone(), at));
         open.len += self.frames.len() as u64;
         open.room = open.room.max(open.len);
+        open.index_len = open.index_len.map(|at| at + self.entries.len() as u64);
         self.imprints.extend(
             records
                 .iter()
@@ -313,18 +362,67 @@ impl Appender {
             seq: last.seq,
             hash: last.hash,
         });
-        if let Some(at) = open.index_len {
-            match open.index.write_all_at(&self.entries, at) {
-                Ok(()) => open.index_len = Some(at + self.entries.len() as u64),
-                Err(e) => {
-                    tracing::warn!(
-                        index = %open.segment.index_path().display(),
-                        error = %e,
-                        "the token log's index cannot be written; readers read the frames"
-                    );
-                    open.index_len = None;
-                }
-            }
+        let job = Job {
+            segment: open.file.clone(),
+            index,
+            entries: std::mem::take(&mut self.entries),
+            durable,
+        };
+        self.syncer.get_or_insert_with(Syncer::start).send(job);
+        Ok(())
+    }
+
+    /// Waits for the commit in flight, if any; an error when it, or one found earlier by
+    /// [`Appender::wait`], did not become durable (its frames are cut off).
+    pub fn settle(&mut self) -> io::Result<()> {
+        self.wait();
+        self.failed.take().map_or(Ok(()), Err)
+    }
+
+    /// Waits for the commit in flight, if any. If it did not become durable, its frames are
+    /// cut off, the log's end is set back to where it was before it, and the error kept for
+    /// the next [`Appender::settle`].
+    fn wait(&mut self) {
+        let Some(before) = self.in_flight.take() else {
+            return;
+        };
+        let done = self
+            .syncer
+            .as_mut()
+            .expect("a commit in flight has a syncer")
+            .wait();
+        let open = self
+            .open
+            .as_mut()
+            .expect("a commit in flight has a segment");
+        if let Some(e) = done.index_failed {
+            tracing::warn!(
+                index = %open.segment.index_path().display(),
+                error = %e,
+                "the token log's index cannot be written; readers read the frames"
+            );
+            open.index_len = None;
+        }
+        if let Err(e) = done.synced {
+            open.len = before.len;
+            cut(open, &mut self.dirty);
+            open.index_len = before.index_len;
+            self.next_seq = before.next_seq;
+            self.last = before.last;
+            self.imprints.truncate(before.imprints);
+            self.failed = Some(e);
+        }
+    }
+
+    /// Cuts off frames that a refused commit left (a cut that failed), before anything else
+    /// is written: until they are, readers could find them.
+    fn cut_dirty(&mut self) -> io::Result<()> {
+        if self.dirty {
+            let open = self.open.as_mut().expect("dirty only with a segment open");
+            open.file.set_len(open.len)?;
+            open.file.sync_all()?;
+            open.room = open.len;
+            self.dirty = false;
         }
         Ok(())
     }
@@ -333,13 +431,29 @@ impl Appender {
     /// once less than half of that is left. When that fails, commits extend the file instead
     /// for the next `ROOM` octets of frames, and then it is tried again.
     pub fn make_room(&mut self) {
+        let due = |open: &Open, limit: u64| {
+            let zeros = ROOM.min(limit.saturating_sub(open.room));
+            let due =
+                open.len >= open.no_room_before && zeros > 0 && open.room < open.len + ROOM / 2;
+            due.then_some(zeros)
+        };
+        if self
+            .open
+            .as_ref()
+            .and_then(|o| due(o, self.segment_limit))
+            .is_none()
+        {
+            return;
+        }
+        // One sync of the segment at a time (see `syncer`); a failure is kept for the next
+        // append, and the room is made after the frames as they are then.
+        self.wait();
         let Some(open) = self.open.as_mut() else {
             return;
         };
-        let zeros = ROOM.min(self.segment_limit.saturating_sub(open.room));
-        if open.len < open.no_room_before || zeros == 0 || open.room >= open.len + ROOM / 2 {
+        let Some(zeros) = due(open, self.segment_limit) else {
             return;
-        }
+        };
         if self.zeros.is_empty() {
             self.zeros = vec![0; ROOM as usize];
         }
@@ -402,8 +516,8 @@ impl Appender {
         self.next_seq = first_seq;
         self.open = Some(Open {
             segment,
-            file,
-            index,
+            file: Arc::new(file),
+            index: Arc::new(index),
             len: 0,
             room,
             no_room_before: 0,
@@ -437,6 +551,27 @@ impl Appender {
             spare.wait();
         }
     }
+}
+
+impl Drop for Appender {
+    /// The commit in flight is answered, and cut off if it did not become durable.
+    fn drop(&mut self) {
+        self.wait();
+    }
+}
+
+/// Cuts the open segment back to its frames' end and syncs the cut; where that fails, the
+/// appender is left `dirty`, to cut before anything else.
+fn cut(open: &mut Open, dirty: &mut bool) {
+    if open
+        .file
+        .set_len(open.len)
+        .and_then(|()| open.file.sync_all())
+        .is_err()
+    {
+        *dirty = true;
+    }
+    open.room = open.len;
 }
 
 /// Makes `segment`'s files in `dir` and syncs their names: the segment is the `spare` written

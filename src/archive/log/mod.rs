@@ -12,6 +12,7 @@ pub mod appender;
 pub mod migrate;
 pub mod segments;
 mod spare;
+mod syncer;
 #[cfg(test)]
 mod tests;
 
@@ -30,7 +31,9 @@ use self::segments::{
 use super::record::{Anchor, ChainHead, Checkpoint, EventRecord, StoredRecord};
 use super::serial::layout;
 use super::sqlite::SqliteStore;
-use super::store::{ArchiveStore, ImprintMatches, InstanceState, Newest, Rank, StoreError, Visit};
+use super::store::{
+    ArchiveStore, Durable, ImprintMatches, InstanceState, Newest, Rank, StoreError, Visit,
+};
 
 impl From<io::Error> for StoreError {
     fn from(e: io::Error) -> Self {
@@ -390,6 +393,44 @@ impl LogStore {
             .copied()
             .unwrap_or(0))
     }
+
+    /// Stores `events` (after those kept from earlier commits) in the database beside the
+    /// records of the same commit: see [`LogStore::append_then`].
+    fn store_events(
+        &mut self,
+        instance_id: u32,
+        records: &[StoredRecord],
+        events: &[EventRecord],
+    ) -> Result<(), StoreError> {
+        if events.is_empty() && self.kept_events.is_empty() {
+            return Ok(());
+        }
+        let kept = self.kept_events.len();
+        self.kept_events.extend_from_slice(events);
+        match self.db.append(instance_id, &[], &self.kept_events) {
+            Ok(()) => {
+                self.kept_events.clear();
+                Ok(())
+            }
+            Err(e) if records.is_empty() => {
+                self.kept_events.truncate(kept);
+                Err(e)
+            }
+            Err(e) => {
+                let dropped = self.kept_events.len().saturating_sub(MAX_KEPT_EVENTS);
+                self.kept_events.truncate(MAX_KEPT_EVENTS);
+                tracing::error!(
+                    error = %e,
+                    records = records.len(),
+                    kept_events = self.kept_events.len(),
+                    dropped_events = dropped,
+                    "the archive's events cannot be stored; the records are written, the \
+                     events are kept for the next commit"
+                );
+                Ok(())
+            }
+        }
+    }
 }
 
 impl ArchiveStore for LogStore {
@@ -429,54 +470,62 @@ impl ArchiveStore for LogStore {
         self.db.reserve(instance_id, until, gen_time_floor_ns)
     }
 
-    /// The records go to the log (durable when it returns), then the events to the database.
-    /// Once the records are durable the commit succeeds: events that cannot be stored then
-    /// are kept, in order, and stored before the next commit's (up to `MAX_KEPT_EVENTS`).
-    /// A commit of events alone fails when they cannot be stored (the writer keeps them).
-    /// Counters are not looked up: each comes from a block reserved durably beforehand, so
-    /// none is handed out twice.
     fn append(
         &mut self,
         instance_id: u32,
         records: &[StoredRecord],
         events: &[EventRecord],
     ) -> Result<(), StoreError> {
-        if !self.appends {
-            return Err(StoreError(
+        self.append_then(instance_id, records, events, Box::new(|_| {}))?;
+        self.settle()
+    }
+
+    /// The records go to the log (made durable beside the caller, see
+    /// [`Appender::append_then`]), then the events to the database. Once the records are
+    /// written the commit goes on: events that cannot be stored then are kept, in order, and
+    /// stored before the next commit's (up to `MAX_KEPT_EVENTS`). A commit of events alone
+    /// fails when they cannot be stored (the writer keeps them). Counters are not looked up:
+    /// each comes from a block reserved durably beforehand, so none is handed out twice.
+    fn append_then(
+        &mut self,
+        instance_id: u32,
+        records: &[StoredRecord],
+        events: &[EventRecord],
+        durable: Durable,
+    ) -> Result<(), StoreError> {
+        let refused = if !self.appends {
+            Some(StoreError(
                 "only the server's writer appends to the token log".into(),
-            ));
-        }
-        if records.iter().any(|r| r.instance_id != instance_id) {
-            return Err(StoreError("a record of another instance".into()));
-        }
-        self.appender(instance_id)?.append(records)?;
-        if events.is_empty() && self.kept_events.is_empty() {
-            return Ok(());
-        }
-        let kept = self.kept_events.len();
-        self.kept_events.extend_from_slice(events);
-        match self.db.append(instance_id, &[], &self.kept_events) {
-            Ok(()) => {
-                self.kept_events.clear();
-                Ok(())
-            }
-            Err(e) if records.is_empty() => {
-                self.kept_events.truncate(kept);
-                Err(e)
-            }
+            ))
+        } else if records.iter().any(|r| r.instance_id != instance_id) {
+            Some(StoreError("a record of another instance".into()))
+        } else {
+            None
+        };
+        let appender = match refused.map_or_else(|| self.appender(instance_id), Err) {
+            Ok(appender) => appender,
             Err(e) => {
-                let dropped = self.kept_events.len().saturating_sub(MAX_KEPT_EVENTS);
-                self.kept_events.truncate(MAX_KEPT_EVENTS);
-                tracing::error!(
-                    error = %e,
-                    records = records.len(),
-                    kept_events = self.kept_events.len(),
-                    dropped_events = dropped,
-                    "the archive's events cannot be stored; the records are committed, the \
-                     events are kept for the next commit"
-                );
-                Ok(())
+                durable(Err(&e));
+                return Err(e);
             }
+        };
+        if records.is_empty() {
+            // Events alone (the writer's probe): told once they are stored, or not.
+            let stored = appender
+                .append_then(records, Box::new(|_| {}))
+                .map_err(StoreError::from)
+                .and_then(|()| self.store_events(instance_id, records, events));
+            durable(stored.as_ref().map(|_| ()));
+            return stored;
+        }
+        appender.append_then(records, durable)?;
+        self.store_events(instance_id, records, events)
+    }
+
+    fn settle(&mut self) -> Result<(), StoreError> {
+        match self.appender.as_mut() {
+            Some((_, appender)) => Ok(appender.settle()?),
+            None => Ok(()),
         }
     }
 
