@@ -109,8 +109,9 @@ static void note(int fd, off_t offset, size_t len)
 	newest = u;
 }
 
-/* The file's writes are durable: forget their undo. */
-static void forget(int fd)
+/* Forgets the undo of the file of `fd`: its writes are durable, or (`restore`) are undone
+ * here first, newest first, putting the file back as it was at its last sync. */
+static void forget(int fd, int restore)
 {
 	struct stat st;
 	if (fstat(fd, &st) != 0)
@@ -118,6 +119,11 @@ static void forget(int fd)
 	for (struct undo **p = &newest; *p;) {
 		struct undo *u = *p;
 		if (u->dev == st.st_dev && u->ino == st.st_ino) {
+			if (restore) {
+				real_ftruncate(fd, u->size_before);
+				if (u->len)
+					real_pwrite(fd, u->old, u->len, u->offset);
+			}
 			*p = u->next;
 			free(u->old);
 			free(u);
@@ -248,32 +254,11 @@ static int sync_fails(int fd)
 	return strstr(path, "/archive.tokens/") != NULL;
 }
 
-/* Puts the file of `fd` back as it was at its last sync, newest write first. */
-static void undo(int fd)
-{
-	struct stat st;
-	if (fstat(fd, &st) != 0)
-		return;
-	for (struct undo **p = &newest; *p;) {
-		struct undo *u = *p;
-		if (u->dev == st.st_dev && u->ino == st.st_ino) {
-			real_ftruncate(fd, u->size_before);
-			if (u->len)
-				real_pwrite(fd, u->old, u->len, u->offset);
-			*p = u->next;
-			free(u->old);
-			free(u);
-		} else {
-			p = &u->next;
-		}
-	}
-}
-
 static int sync_with(int (*real)(int), int fd)
 {
 	if (sync_fails(fd)) {
 		pthread_mutex_lock(&lock);
-		undo(fd);
+		forget(fd, 1);
 		pthread_mutex_unlock(&lock);
 		errno = EIO;
 		return -1;
@@ -281,7 +266,7 @@ static int sync_with(int (*real)(int), int fd)
 	pthread_mutex_lock(&lock);
 	int r = real(fd);
 	if (r == 0)
-		forget(fd);
+		forget(fd, 0);
 	pthread_mutex_unlock(&lock);
 	return r;
 }
