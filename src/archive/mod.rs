@@ -315,6 +315,7 @@ impl Archive {
             healthy: healthy.clone(),
             queue: queue.clone(),
             refused: Default::default(),
+            durable: Arc::new(std::sync::Mutex::new(head)),
             outage: None,
             pending_events: Vec::new(),
         };

@@ -214,11 +214,11 @@ pub trait ArchiveStore: Send {
 
     /// [`ArchiveStore::append`] that may return before the records are durable: once they
     /// are written after those of earlier appends. `durable` is told, here or later on
-    /// another thread, whether they became durable, never before it was told of an earlier
-    /// append's records; a failure returned here was told to it too. Records appended after
-    /// ones that did not become durable are refused (they were chained to them): the writer
-    /// then reads the instance's head again ([`ArchiveStore::instance`]). The default commits
-    /// in one step.
+    /// another thread, whether they became durable (after the earlier appends' were told,
+    /// unless these records are refused at once: they do not follow, say); a failure returned
+    /// here was told to it too. Records appended after ones that did not become durable are
+    /// refused (they were chained to them): the writer then reads the instance's head again
+    /// ([`ArchiveStore::instance`]). The default commits in one step.
     fn append_then(
         &mut self,
         instance_id: u32,

@@ -11,7 +11,7 @@
 //! the next one is refused too, and the outage's recovery reads the head back.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -82,6 +82,9 @@ pub(super) struct Writer {
     pub queue: Arc<Queue>,
     /// Records refused since the writer last counted them into its outage.
     pub refused: Arc<AtomicUsize>,
+    /// The last head the store made durable (`head` may be past it while a commit is in
+    /// flight): where the chain may be taken back to after a commit failed.
+    pub durable: Arc<Mutex<ChainHead>>,
     /// Since the last write failed (None while writes succeed).
     pub outage: Option<Outage>,
     /// Clock and key events that could not be stored yet (an outage), oldest first; stored
@@ -250,7 +253,7 @@ impl Writer {
         let captured = events;
         let events = self.event_records(&captured, self.last_event_seq + 1);
         let records = chained.len();
-        let durable = self.answer(replies);
+        let durable = self.answer(replies, head);
         let appended = self
             .store
             .append_then(self.instance_id, &chained, &events, durable);
@@ -276,21 +279,29 @@ impl Writer {
         }
     }
 
-    /// What answers a commit's requests once it is durable, or is not: then readiness fails
-    /// at once, the records are counted as refused and the writer is woken to begin the
-    /// outage (if the failure came after it went on). Commit statistics are taken here too,
-    /// from the start of the append to its end.
-    fn answer(&self, replies: Vec<Reply>) -> Durable {
-        let (healthy, queue, refused, stats) = (
+    /// What answers a commit's requests once it is durable (and notes `head`, the commit's
+    /// last record, as durable), or is not: then readiness fails at once, the records are
+    /// counted as refused and the writer is woken to begin the outage (if the failure came
+    /// after it went on). Commit statistics are taken here too, from the start of the append
+    /// to its end.
+    fn answer(&self, replies: Vec<Reply>, head: ChainHead) -> Durable {
+        let (healthy, queue, refused, stats, durable) = (
             self.healthy.clone(),
             self.queue.clone(),
             self.refused.clone(),
             self.stats.clone(),
+            self.durable.clone(),
         );
         let started = Instant::now();
         Box::new(move |outcome| {
             stats.duration.observe(started.elapsed().as_secs_f64());
             stats.records.observe(replies.len() as f64);
+            if outcome.is_ok() {
+                let mut durable = durable.lock().unwrap_or_else(|p| p.into_inner());
+                if head.seq >= durable.seq {
+                    *durable = head;
+                }
+            }
             let outcome = outcome.map_err(|e| {
                 healthy.store(false, Ordering::Relaxed);
                 refused.fetch_add(replies.len(), Ordering::Relaxed);
@@ -303,6 +314,11 @@ impl Writer {
                 queue.wake();
             }
         })
+    }
+
+    /// The last head the store made durable.
+    fn durable_head(&self) -> ChainHead {
+        *self.durable.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits for the commit in flight, if any; one that failed begins an outage.
@@ -373,7 +389,9 @@ impl Writer {
     fn recover(&mut self) -> Result<(), ArchiveError> {
         // A commit still in flight is durable first, or refused too (the counts are taken
         // below).
-        let _ = self.store.settle();
+        if let Err(e) = self.store.settle() {
+            tracing::error!(error = %e, "the archive cannot be written: the tokens are withheld");
+        }
         let Some(outage) = self.outage.as_mut() else {
             return Ok(());
         };
@@ -391,9 +409,11 @@ impl Writer {
             .instance(self.instance_id)
             .map_err(|e| ArchiveError(e.to_string()))?;
         // The chain goes on from the store's head: past the writer's where a commit reported
-        // as failed had gone in after all, before it where commits that the writer chained
-        // on went out (the token log's, written but not made durable).
+        // as failed had gone in after all; before it where commits that the writer chained
+        // on did not become durable (the token log's), but never below what was durable
+        // (records the store lost: the chain is not forked over them).
         let head = db.head.unwrap_or(ChainHead::EMPTY);
+        let durable = self.durable_head();
         if head.seq > self.head.seq {
             tracing::warn!(
                 instance = self.instance_id,
@@ -401,6 +421,16 @@ impl Writer {
                 to_seq = head.seq,
                 "a commit reported as failed had gone in: the chain continues after it"
             );
+            self.head = head;
+        } else if head.seq < durable.seq {
+            tracing::error!(
+                instance = self.instance_id,
+                store_seq = head.seq,
+                durable_seq = durable.seq,
+                "the archive's head is below records it committed: the chain goes on after them \
+                 (see `tsa archive verify`)"
+            );
+            self.head = durable;
         } else if head.seq < self.head.seq {
             tracing::warn!(
                 instance = self.instance_id,
@@ -408,8 +438,9 @@ impl Writer {
                 to_seq = head.seq,
                 "commits that did not become durable were cut off: the chain continues before them"
             );
+            self.head = head;
         }
-        self.head = head;
+        *self.durable.lock().unwrap_or_else(|p| p.into_inner()) = self.head;
         self.last_event_seq = self.last_event_seq.max(db.last_event_seq);
         self.max_gen_time_ns = self.max_gen_time_ns.max(db.max_gen_time_ns);
         if let Some(until) = reservation {
@@ -527,8 +558,11 @@ impl Writer {
         // Only a durable head is signed: after a commit that failed, the one the recovery
         // reads back.
         self.settle();
-        if self.outage.is_some() {
+        if self.head != self.durable_head() {
             self.recover()?;
+            if self.head != self.durable_head() {
+                return Err(ArchiveError("the chain's head is not durable yet".into()));
+            }
         }
         if self.head.seq == 0 || self.head.seq == self.last_checkpoint_seq {
             return Ok(());

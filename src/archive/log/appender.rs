@@ -83,6 +83,9 @@ pub struct Appender {
     /// A commit that did not become durable, found while waiting for it on behalf of another
     /// call: the error for the next [`Appender::settle`] or append.
     failed: Option<io::Error>,
+    /// The next commit's sync is reported as failed (for tests).
+    #[cfg(test)]
+    fail_next_sync: bool,
 }
 
 /// The log's end before a commit that is not durable yet.
@@ -129,6 +132,8 @@ impl Appender {
             syncer: None,
             in_flight: None,
             failed: None,
+            #[cfg(test)]
+            fail_next_sync: false,
         };
         let mut all = segments(dir)?;
         while let Some(segment) = all.pop() {
@@ -257,6 +262,12 @@ impl Appender {
         self.dirty = true;
     }
 
+    /// The next commit's sync is reported as failed, after it ran (for tests).
+    #[cfg(test)]
+    pub fn fail_next_sync(&mut self) {
+        self.fail_next_sync = true;
+    }
+
     /// Appends `records` (chained, from the next position on) durably: one write of their
     /// frames and one `fdatasync`. On failure nothing of them stays in the segment. Without
     /// records, a full segment is closed and the next one made (so that the writer's probe,
@@ -272,6 +283,10 @@ impl Appender {
     /// is durable; if this one fails, it is cut off and the next is refused (it was chained
     /// to it). Every error is told to `durable` too.
     pub fn append_then(&mut self, records: &[StoredRecord], durable: Durable) -> io::Result<()> {
+        // A commit found not durable meanwhile (the records were chained to it).
+        if let Some(e) = self.failed.take() {
+            return answer(durable, Err(e));
+        }
         let Some(first) = records.first() else {
             let made = self
                 .settle()
@@ -340,8 +355,9 @@ impl Appender {
             cut(open, &mut self.dirty);
             return answer(durable, Err(e));
         }
+        let start = open.len;
         self.in_flight = Some(Before {
-            len: open.len,
+            len: start,
             next_seq: self.next_seq,
             last: self.last,
             imprints: self.imprints.len(),
@@ -364,9 +380,12 @@ impl Appender {
         });
         let job = Job {
             segment: open.file.clone(),
+            cut_to: start,
             index,
             entries: std::mem::take(&mut self.entries),
             durable,
+            #[cfg(test)]
+            fail: std::mem::take(&mut self.fail_next_sync),
         };
         self.syncer.get_or_insert_with(Syncer::start).send(job);
         Ok(())
@@ -404,8 +423,18 @@ impl Appender {
             open.index_len = None;
         }
         if let Err(e) = done.synced {
+            tracing::error!(
+                segment = %open.segment.path.display(),
+                error = %e,
+                cut_off = done.cut,
+                "a commit of the token log did not become durable: its requests are refused"
+            );
             open.len = before.len;
-            cut(open, &mut self.dirty);
+            if done.cut {
+                open.room = open.len;
+            } else {
+                cut(open, &mut self.dirty);
+            }
             open.index_len = before.index_len;
             self.next_seq = before.next_seq;
             self.last = before.last;

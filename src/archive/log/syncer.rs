@@ -22,16 +22,23 @@ use crate::archive::store::{Durable, StoreError};
 /// A commit whose frames are written, to be made durable.
 pub struct Job {
     pub segment: Arc<File>,
+    /// Where the commit's frames begin: the segment is cut back to it if the sync fails.
+    pub cut_to: u64,
     /// The segment's index and where the commit's entries go in it (`None`: not kept).
     pub index: Option<(Arc<File>, u64)>,
     pub entries: Vec<u8>,
     /// Told once the frames are durable (after the index entries are written), or not.
     pub durable: Durable,
+    /// The sync is reported as failed (for tests of what follows).
+    #[cfg(test)]
+    pub fail: bool,
 }
 
 /// What came of a [`Job`].
 pub struct Done {
     pub synced: io::Result<()>,
+    /// After a failed sync: whether the commit's frames were cut off (and the cut synced).
+    pub cut: bool,
     /// The index entries could not be written (the frames are durable all the same).
     pub index_failed: Option<io::Error>,
 }
@@ -98,10 +105,13 @@ impl Syncer {
             return done;
         }
         let received = self.thread.as_ref().map(|t| t.done.recv());
+        // Only a panic in the thread's own code ends it before it reports (the answer's is
+        // caught): the sync was not reached.
         received.and_then(Result::ok).unwrap_or_else(|| Done {
             synced: Err(io::Error::other(
                 "the token log's sync thread ended before its commit was durable",
             )),
+            cut: false,
             index_failed: None,
         })
     }
@@ -121,23 +131,48 @@ impl Drop for Syncer {
 fn run(job: Job) -> Done {
     let Job {
         segment,
+        cut_to,
         index,
         entries,
         durable,
+        #[cfg(test)]
+        fail,
     } = job;
     let synced = segment.sync_data();
+    #[cfg(test)]
+    let synced = synced.and_then(|()| match fail {
+        true => Err(io::Error::other("the sync failed (a test's)")),
+        false => Ok(()),
+    });
     if let Err(e) = &synced {
-        durable(Err(&StoreError::new(e)));
+        // Cut off before the requests are refused: none of their records may be found, or
+        // taken as committed at the next start.
+        let cut = segment
+            .set_len(cut_to)
+            .and_then(|()| segment.sync_all())
+            .is_ok();
+        tell(durable, Err(&StoreError::new(e)));
         return Done {
             synced,
+            cut,
             index_failed: None,
         };
     }
     // The index only ever lists durable frames: an entry past them stops the start.
     let index_failed = index.and_then(|(index, at)| index.write_all_at(&entries, at).err());
-    durable(Ok(()));
+    tell(durable, Ok(()));
     Done {
         synced,
+        cut: false,
         index_failed,
+    }
+}
+
+/// Calls `durable`; a panic in it is logged, and the thread goes on reporting (its commit's
+/// outcome stands whatever became of the answer).
+fn tell(durable: Durable, outcome: Result<(), &StoreError>) {
+    let told = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| durable(outcome)));
+    if told.is_err() {
+        tracing::error!("answering a token log commit panicked");
     }
 }

@@ -654,6 +654,54 @@ fn commits_made_durable_beside_the_writer_are_answered_in_order_and_indexed_like
 }
 
 #[test]
+fn a_commit_whose_sync_fails_is_cut_off_with_the_one_chained_to_it() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tell = |last: u64| -> crate::archive::store::Durable {
+        let told = told.clone();
+        Box::new(move |outcome| told.lock().unwrap().push((last, outcome.is_ok())))
+    };
+    appender.append_then(&log.chain(2), tell(2)).unwrap();
+    let durable = log.head;
+    let kept = log.records.clone();
+    // Written and handed to the syncer, whose sync fails: meanwhile the next commit is
+    // chained to it, and refused once the failure is known.
+    appender.fail_next_sync();
+    appender.append_then(&log.chain(2), tell(4)).unwrap();
+    let error = appender.append_then(&log.chain(2), tell(6)).unwrap_err();
+    assert!(error.to_string().contains("a test's"), "{error}");
+    assert_eq!(*told.lock().unwrap(), [(2, true), (4, false), (6, false)]);
+    // Cut back to the durable end: nothing of them is read, and the log goes on from there.
+    assert_eq!(appender.head(), Some(durable));
+    let segment = segment_files(&log.dir()).pop().unwrap();
+    assert_eq!(
+        fs::metadata(&segment.path).unwrap().len(),
+        frames_end(&segment)
+    );
+    assert_eq!(log.all(), kept);
+    log.head = durable;
+    log.records = kept;
+    let again = log.chain_with(2, |_, r| r.token[1] ^= 0xff);
+    appender.append_then(&again, tell(4)).unwrap();
+    appender.settle().unwrap();
+    assert_eq!(told.lock().unwrap().last(), Some(&(4, true)));
+    assert_eq!(log.all(), log.records);
+    // The index, and the imprint file written as the segment closes, know only the records
+    // in it.
+    appender.append(&log.chain(1)).unwrap();
+    assert_eq!(segment_files(&log.dir()).len(), 2, "the segment closed");
+    assert!(segment.imprints_path().exists());
+    assert_eq!(
+        segments::derived_damage(&segment).unwrap(),
+        Vec::<String>::new()
+    );
+    drop(appender);
+    let mut store = log.store();
+    each_found_by_its_imprint(&mut store, &log.records);
+}
+
+#[test]
 fn damaged_index_and_imprint_files_are_reported_against_the_frames() {
     let mut log = Log::new();
     let mut store = log.new_store();
