@@ -16,7 +16,8 @@ mod syncer;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -25,8 +26,8 @@ use std::time::Duration;
 
 use self::appender::{remove_segment, Appender};
 use self::segments::{
-    dir_for, frame_fields, instance_dir, read_at, read_frame_into, scan, Entry, Frames,
-    PositionReader, Segment,
+    dir_for, frame_fields, instance_dir, read_at, read_frame_into, scan, Frames, PositionReader,
+    Segment,
 };
 use super::record::{Anchor, ChainHead, Checkpoint, EventRecord, StoredRecord};
 use super::serial::layout;
@@ -243,6 +244,12 @@ impl LogReader {
 
     /// Records of every instance with `from_ns <= genTime < to_ns` and a position above the
     /// instance's anchor, by genTime (then instance and position).
+    ///
+    /// A merge of the instances' logs, read a segment at a time: genTimes rise with the
+    /// position but for requests in flight together, never more than [`TIME_SLACK_NS`] below
+    /// a genTime before them, so a record read is visited once no unread segment can hold an
+    /// earlier one. What is held at once is the entries of about that slack's tokens, not
+    /// those of the whole range (40 octets each: 4 GB for a year of 100 million).
     pub fn in_time(
         &self,
         from_ns: u64,
@@ -250,61 +257,125 @@ impl LogReader {
         anchors: &HashMap<u32, u64>,
         visit: &mut Visit<'_>,
     ) -> Result<(), StoreError> {
-        let mut found: Vec<(u64, u32, u64, usize, u64)> = Vec::new();
-        let mut files: Vec<PathBuf> = Vec::new();
         let instances = self.instances()?;
         // Instances writing at once interleave their records in genTime order.
         let keep_open = OPEN_SEGMENTS.max(2 * instances.len());
+        let mut logs = Vec::with_capacity(instances.len());
         for instance_id in instances {
-            let anchor = anchors.get(&instance_id).copied().unwrap_or(0);
+            let mut unread = VecDeque::new();
             for segment in self.segments(instance_id)? {
                 // A segment whose first and last genTimes are far outside the range is passed
-                // over: genTimes rise with the position, except among requests in flight
-                // together (seconds apart at most).
-                if let Some((first, last)) = segments::time_bounds(&segment)? {
+                // over.
+                let bounds = segments::time_bounds(&segment)?;
+                if let Some((first, last)) = bounds {
                     if last.saturating_add(TIME_SLACK_NS) < from_ns
                         || first >= to_ns.saturating_add(TIME_SLACK_NS)
                     {
                         continue;
                     }
                 }
-                let entries = scan(&segment)?.entries;
-                let within = |e: &&Entry| {
-                    e.seq > anchor && e.gen_time_ns >= from_ns && e.gen_time_ns < to_ns
-                };
-                let file = files.len();
-                found.extend(
-                    entries
-                        .iter()
-                        .filter(within)
-                        .map(|e| (e.gen_time_ns, instance_id, e.seq, file, e.offset)),
-                );
-                files.push(segment.path);
+                unread.push_back((segment, bounds.map(|(first, _)| first)));
             }
+            logs.push(InTime {
+                instance_id,
+                anchor: anchors.get(&instance_id).copied().unwrap_or(0),
+                unread,
+                latest: None,
+            });
         }
-        found.sort_unstable();
-        // In genTime order the segments come one after the other (genTimes rise with the
-        // position, but for requests in flight together): a few open at once, not one for
-        // every segment of the range (thousands, past the open-file limit).
+        // (genTime, instance, position, file, offset) of the records read, not yet visited.
+        let mut pending = BinaryHeap::new();
+        let mut files: Vec<PathBuf> = Vec::new();
         let mut open: Vec<(usize, File)> = Vec::with_capacity(keep_open);
-        for (_, _, seq, file, offset) in found {
-            let at = match open.iter().position(|(f, _)| *f == file) {
-                Some(at) => at,
-                None => {
-                    if open.len() == keep_open {
-                        open.remove(0);
-                    }
-                    open.push((file, File::open(&files[file])?));
-                    open.len() - 1
-                }
-            };
-            if let Some((record, _)) = read_at(&open[at].1, offset)?.filter(|(r, _)| r.seq == seq) {
-                if !visit(record)? {
+        let mut visited_up_to = 0;
+        let mut out_of_order = 0u64;
+        loop {
+            let next = (0..logs.len())
+                .filter_map(|i| logs[i].floor().map(|floor| (floor, i)))
+                .min();
+            // Every record below the least genTime an unread segment may hold.
+            while let Some(Reverse((gen_time_ns, _, seq, file, offset))) = pending.peek().copied() {
+                if next.is_some_and(|(floor, _)| gen_time_ns >= floor) {
                     break;
                 }
+                pending.pop();
+                if gen_time_ns < visited_up_to {
+                    out_of_order += 1;
+                }
+                visited_up_to = visited_up_to.max(gen_time_ns);
+                // In genTime order the segments come one after the other: a few open at
+                // once, not one for every segment of the range (thousands, past the
+                // open-file limit).
+                let at = match open.iter().position(|(f, _)| *f == file) {
+                    Some(at) => at,
+                    None => {
+                        if open.len() == keep_open {
+                            open.remove(0);
+                        }
+                        open.push((file, File::open(&files[file])?));
+                        open.len() - 1
+                    }
+                };
+                let read = read_at(&open[at].1, offset)?.filter(|(r, _)| r.seq == seq);
+                if let Some((record, _)) = read {
+                    if !visit(record)? {
+                        return Ok(());
+                    }
+                }
             }
+            let Some((_, i)) = next else {
+                break;
+            };
+            let log = &mut logs[i];
+            let (segment, _) = log
+                .unread
+                .pop_front()
+                .expect("a floor comes from a segment");
+            let entries = scan(&segment)?.entries;
+            let file = files.len();
+            for e in &entries {
+                log.latest = log.latest.max(Some(e.gen_time_ns));
+                if e.seq > log.anchor && e.gen_time_ns >= from_ns && e.gen_time_ns < to_ns {
+                    pending.push(Reverse((
+                        e.gen_time_ns,
+                        log.instance_id,
+                        e.seq,
+                        file,
+                        e.offset,
+                    )));
+                }
+            }
+            files.push(segment.path);
+        }
+        if out_of_order > 0 {
+            tracing::warn!(
+                records = out_of_order,
+                slack_s = TIME_SLACK_NS / 1_000_000_000,
+                "records visited out of genTime order: their genTimes lie further below earlier \
+                 records' than the slack a read in genTime order allows for"
+            );
         }
         Ok(())
+    }
+}
+
+/// One instance's log in a read by genTime ([`LogReader::in_time`]).
+struct InTime {
+    instance_id: u32,
+    anchor: u64,
+    /// The segments not read yet, in order, each with its first record's genTime if its index
+    /// tells it.
+    unread: VecDeque<(Segment, Option<u64>)>,
+    /// The latest genTime read so far.
+    latest: Option<u64>,
+}
+
+impl InTime {
+    /// The least genTime a record of the unread segments may have (`None`: all are read).
+    fn floor(&self) -> Option<u64> {
+        let (_, first) = self.unread.front()?;
+        let below = |t: u64| t.saturating_sub(TIME_SLACK_NS);
+        Some(first.map_or(0, below).max(self.latest.map_or(0, below)))
     }
 }
 

@@ -981,6 +981,70 @@ fn a_damaged_frame_among_many_matches_is_neither_counted_nor_returned() {
 }
 
 #[test]
+fn a_read_by_time_merges_instances_segment_by_segment_in_gentime_order() {
+    let log = Log::new();
+    let root = dir_for(&log.database);
+    let minute = 60_000_000_000u64;
+    let start = 1_800_000_000_000_000_000u64;
+    // Two instances, a few records to a segment: genTimes rise with the position but for
+    // some that lie minutes (within the slack) below those before them.
+    let genes = |instance: u64, k: u64| match instance {
+        0 => start + k * minute - if k % 5 == 4 { 4 * minute } else { 0 },
+        _ => start + k * 45_000_000_000 + 7_000_000_000 - if k % 7 == 6 { 9 * minute } else { 0 },
+    };
+    let mut all = Vec::new();
+    for instance in [0u32, 1] {
+        let (mut appender, _) = Appender::open(&instance_dir(&root, instance), LIMIT).unwrap();
+        let mut prev = ZERO_HASH;
+        let records: Vec<StoredRecord> = (1..=40u64)
+            .map(|seq| {
+                let mut r = sample(300);
+                r.serial = layout::encode(instance, seq, [7; 7]).to_vec();
+                r.gen_time_ns = genes(u64::from(instance), seq);
+                r.imprint = vec![seq as u8; 32];
+                let stored = StoredRecord::chain(instance, seq, seq, r, prev);
+                prev = stored.hash;
+                stored
+            })
+            .collect();
+        for commit in records.chunks(3) {
+            appender.append(commit).unwrap();
+        }
+        assert!(segment_files(&instance_dir(&root, instance)).len() > 5);
+        all.extend(records);
+    }
+    let anchors = HashMap::from([(1, 3)]);
+    let reader = log.reader();
+    for (from, to) in [(0, u64::MAX), (start + 5 * minute, start + 30 * minute)] {
+        let mut read = Vec::new();
+        reader
+            .in_time(from, to, &anchors, &mut |r| {
+                read.push((r.record.gen_time_ns, r.instance_id, r.seq));
+                Ok(true)
+            })
+            .unwrap();
+        let mut expected: Vec<(u64, u32, u64)> = all
+            .iter()
+            .filter(|r| r.record.gen_time_ns >= from && r.record.gen_time_ns < to)
+            .filter(|r| r.instance_id != 1 || r.seq > 3)
+            .map(|r| (r.record.gen_time_ns, r.instance_id, r.seq))
+            .collect();
+        expected.sort_unstable();
+        assert!(expected.len() > 20);
+        assert_eq!(read, expected, "[{from}, {to})");
+    }
+    // A visitor that stops is not called again.
+    let mut calls = 0;
+    reader
+        .in_time(0, u64::MAX, &anchors, &mut |_| {
+            calls += 1;
+            Ok(calls < 5)
+        })
+        .unwrap();
+    assert_eq!(calls, 5);
+}
+
+#[test]
 fn a_time_range_passes_over_segments_far_from_it_and_misses_nothing() {
     let mut log = Log::new();
     // 20 minutes between records, two or three records per segment: most segments lie far
