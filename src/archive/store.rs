@@ -294,6 +294,13 @@ pub trait ArchiveStore: Send {
     fn free_space(&self) -> Option<u64> {
         None
     }
+
+    /// After a failed write, before the writer's recovery counts the store as writable again:
+    /// a durable write where the records go, if the recovery's own (its events) goes
+    /// elsewhere. The default has none to make.
+    fn probe(&mut self, _instance_id: u32) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// The columns of `tokens` in the order both backends write and read a record.

@@ -404,6 +404,9 @@ impl Writer {
                 "{free} octets free on the archive's filesystem; waiting for {ROOM_TO_RECOVER}"
             )));
         }
+        self.store
+            .probe(self.instance_id)
+            .map_err(|e| ArchiveError(e.to_string()))?;
         let db = self
             .store
             .instance(self.instance_id)
@@ -556,22 +559,22 @@ impl Writer {
     /// Signs the chain head and stores the checkpoint, unless nothing changed since the last.
     fn checkpoint(&mut self) -> Result<(), ArchiveError> {
         // Only a durable head is signed: after a commit that failed, the one the recovery
-        // reads back.
+        // reads back, or while it cannot, the last one known durable.
         self.settle();
         if self.head != self.durable_head() {
-            self.recover()?;
-            if self.head != self.durable_head() {
-                return Err(ArchiveError("the chain's head is not durable yet".into()));
+            if let Err(e) = self.recover() {
+                tracing::warn!(error = %e, "the archive is not recovered: the checkpoint signs its last durable head");
             }
         }
-        if self.head.seq == 0 || self.head.seq == self.last_checkpoint_seq {
+        let head = self.durable_head();
+        if head.seq == 0 || head.seq <= self.last_checkpoint_seq {
             return Ok(());
         }
         let time_ns = crate::clock::system_unix_ns();
         let mut checkpoint = Checkpoint {
             instance_id: self.instance_id,
-            seq: self.head.seq,
-            head_hash: self.head.hash,
+            seq: head.seq,
+            head_hash: head.hash,
             time_ns,
             algorithm: self.signer.algorithm.clone(),
             signature: Vec::new(),
@@ -582,7 +585,7 @@ impl Writer {
         self.store
             .add_checkpoint(&checkpoint)
             .map_err(|e| ArchiveError(e.to_string()))?;
-        self.last_checkpoint_seq = self.head.seq;
+        self.last_checkpoint_seq = head.seq;
         Ok(())
     }
 

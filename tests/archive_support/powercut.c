@@ -235,10 +235,12 @@ int ftruncate64(int fd, off_t length)
 	return truncate_with(real_ftruncate64, fd, length);
 }
 
-/* TSA_SYNC_FAIL: while the file it names exists, a sync of a file of the token log fails
- * with EIO, and the writes since the file's last sync are undone: the worst a disk's write
- * error can leave (the kernel may mark the pages clean without having written them, so no
- * later sync writes them, and they are gone once the page cache is). */
+/* TSA_SYNC_FAIL: while the file it names exists, an fdatasync of a file of the token log
+ * fails with EIO, and the writes since the file's last sync are undone: the worst a disk's
+ * write error can leave (the kernel may mark the pages clean without having written them, so
+ * no later sync writes them, and they are gone once the page cache is). An fsync still works:
+ * a disk whose data writes fail while its metadata (a cut's new size) goes through, and the
+ * kernel reports a writeback error once, so a later sync of the same file can succeed. */
 static const char *sync_fail;
 
 static int sync_fails(int fd)
@@ -256,7 +258,7 @@ static int sync_fails(int fd)
 
 static int sync_with(int (*real)(int), int fd)
 {
-	if (sync_fails(fd)) {
+	if (real == real_fdatasync && sync_fails(fd)) {
 		pthread_mutex_lock(&lock);
 		forget(fd, 1);
 		pthread_mutex_unlock(&lock);

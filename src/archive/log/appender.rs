@@ -391,6 +391,22 @@ impl Appender {
         Ok(())
     }
 
+    /// Writes a sector of zeros past the open segment's frames (room, which it already
+    /// holds or which it extends) and syncs it: whether the segment takes durable writes
+    /// again, after a failure.
+    pub fn probe(&mut self) -> io::Result<()> {
+        self.settle()?;
+        self.cut_dirty()?;
+        let Some(open) = self.open.as_mut() else {
+            return Ok(());
+        };
+        open.file
+            .write_all_at(&[0; SECTOR as usize], open.len)
+            .and_then(|()| open.file.sync_data())?;
+        open.room = open.room.max(open.len + SECTOR);
+        Ok(())
+    }
+
     /// Waits for the commit in flight, if any; an error when it, or one found earlier by
     /// [`Appender::wait`], did not become durable (its frames are cut off).
     pub fn settle(&mut self) -> io::Result<()> {

@@ -288,7 +288,7 @@ impl LogReader {
         let mut files: Vec<PathBuf> = Vec::new();
         let mut open: Vec<(usize, File)> = Vec::with_capacity(keep_open);
         let mut visited_up_to = 0;
-        let mut out_of_order = 0u64;
+        let (mut out_of_order, mut pruned) = (0u64, 0u64);
         loop {
             let next = (0..logs.len())
                 .filter_map(|i| logs[i].floor().map(|floor| (floor, i)))
@@ -308,13 +308,21 @@ impl LogReader {
                 // open-file limit).
                 let at = match open.iter().position(|(f, _)| *f == file) {
                     Some(at) => at,
-                    None => {
-                        if open.len() == keep_open {
-                            open.remove(0);
+                    None => match File::open(&files[file]) {
+                        Ok(opened) => {
+                            if open.len() == keep_open {
+                                open.remove(0);
+                            }
+                            open.push((file, opened));
+                            open.len() - 1
                         }
-                        open.push((file, File::open(&files[file])?));
-                        open.len() - 1
-                    }
+                        // Pruned since it was scanned: the record is no longer archived.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            pruned += 1;
+                            continue;
+                        }
+                        Err(e) => return Err(e.into()),
+                    },
                 };
                 let read = read_at(&open[at].1, offset)?.filter(|(r, _)| r.seq == seq);
                 if let Some((record, _)) = read {
@@ -331,7 +339,18 @@ impl LogReader {
                 .unread
                 .pop_front()
                 .expect("a floor comes from a segment");
-            let entries = scan(&segment)?.entries;
+            let entries = match scan(&segment) {
+                Ok(scanned) => scanned.entries,
+                // Pruned since it was listed (retention, beside a long export).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    tracing::warn!(
+                        segment = %segment.path.display(),
+                        "a segment was pruned while the read went on: its records are left out"
+                    );
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             let file = files.len();
             for e in &entries {
                 log.latest = log.latest.max(Some(e.gen_time_ns));
@@ -346,6 +365,12 @@ impl LogReader {
                 }
             }
             files.push(segment.path);
+        }
+        if pruned > 0 {
+            tracing::warn!(
+                records = pruned,
+                "records of segments pruned while the read went on are left out"
+            );
         }
         if out_of_order > 0 {
             tracing::warn!(
@@ -591,6 +616,13 @@ impl ArchiveStore for LogStore {
         }
         appender.append_then(records, durable)?;
         self.store_events(instance_id, records, events)
+    }
+
+    /// The recovery's events go to the database: the token log's segment is written and
+    /// synced too (a disk that reported one writeback error may keep failing: the error is
+    /// reported once, so the cut of the failed commit may have synced without fault).
+    fn probe(&mut self, instance_id: u32) -> Result<(), StoreError> {
+        Ok(self.appender(instance_id)?.probe()?)
     }
 
     fn settle(&mut self) -> Result<(), StoreError> {

@@ -657,35 +657,52 @@ fn commits_made_durable_beside_the_writer_are_answered_in_order_and_indexed_like
 fn a_commit_whose_sync_fails_is_cut_off_with_the_one_chained_to_it() {
     let mut log = Log::new();
     let (mut appender, _) = open(&log.dir());
-    let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let tell = |last: u64| -> crate::archive::store::Durable {
-        let told = told.clone();
-        Box::new(move |outcome| told.lock().unwrap().push((last, outcome.is_ok())))
-    };
-    appender.append_then(&log.chain(2), tell(2)).unwrap();
+    appender.append(&log.chain(2)).unwrap();
+    let segment = segment_files(&log.dir()).pop().unwrap();
     let durable = log.head;
     let kept = log.records.clone();
+    let end = frames_end(&segment);
+    // Each answer: the commit's last position, whether it is durable, the segment's length
+    // then.
+    let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let tell = |last: u64| -> crate::archive::store::Durable {
+        let (told, path) = (told.clone(), segment.path.clone());
+        Box::new(move |outcome| {
+            let len = fs::metadata(&path).unwrap().len();
+            told.lock().unwrap().push((last, outcome.is_ok(), len));
+        })
+    };
     // Written and handed to the syncer, whose sync fails: meanwhile the next commit is
-    // chained to it, and refused once the failure is known.
+    // chained to it, and refused once the failure is known. The failed commit is cut off
+    // before its requests are refused.
     appender.fail_next_sync();
     appender.append_then(&log.chain(2), tell(4)).unwrap();
     let error = appender.append_then(&log.chain(2), tell(6)).unwrap_err();
     assert!(error.to_string().contains("a test's"), "{error}");
-    assert_eq!(*told.lock().unwrap(), [(2, true), (4, false), (6, false)]);
+    assert_eq!(*told.lock().unwrap(), [(4, false, end), (6, false, end)]);
     // Cut back to the durable end: nothing of them is read, and the log goes on from there.
     assert_eq!(appender.head(), Some(durable));
-    let segment = segment_files(&log.dir()).pop().unwrap();
-    assert_eq!(
-        fs::metadata(&segment.path).unwrap().len(),
-        frames_end(&segment)
-    );
+    assert_eq!(fs::metadata(&segment.path).unwrap().len(), end);
     assert_eq!(log.all(), kept);
+    // A failure found by another call (the head read for a recovery, here) refuses the next
+    // commit with its own error, not as one that does not follow.
+    log.head = durable;
+    log.records = kept.clone();
+    appender.fail_next_sync();
+    appender.append_then(&log.chain(1), tell(3)).unwrap();
+    assert_eq!(appender.head(), Some(durable));
+    let error = appender.append_then(&log.chain(1), tell(4)).unwrap_err();
+    assert!(error.to_string().contains("a test's"), "{error}");
+    assert_eq!(
+        told.lock().unwrap()[2..],
+        [(3, false, end), (4, false, end)]
+    );
     log.head = durable;
     log.records = kept;
     let again = log.chain_with(2, |_, r| r.token[1] ^= 0xff);
     appender.append_then(&again, tell(4)).unwrap();
     appender.settle().unwrap();
-    assert_eq!(told.lock().unwrap().last(), Some(&(4, true)));
+    assert_eq!(told.lock().unwrap().last().map(|t| t.1), Some(true));
     assert_eq!(log.all(), log.records);
     // The index, and the imprint file written as the segment closes, know only the records
     // in it.
@@ -1075,6 +1092,21 @@ fn a_time_range_passes_over_segments_far_from_it_and_misses_nothing() {
         assert_eq!(in_time(gen(from) + 1, gen(from + 1)), Vec::<u64>::new());
         assert_eq!(in_time(gen(from) - 1, gen(from) + 1), [from as u64]);
     }
+    // A segment removed while the read goes on (pruning beside an export) is left out, and
+    // the read goes on.
+    let last = segment_files(&log.dir()).pop().unwrap();
+    let mut seqs = Vec::new();
+    reader
+        .in_time(0, u64::MAX, &HashMap::new(), &mut |r| {
+            if seqs.is_empty() {
+                super::appender::remove_segment(&last).unwrap();
+            }
+            seqs.push(r.seq);
+            Ok(true)
+        })
+        .unwrap();
+    let expected: Vec<u64> = (1..last.first_seq).collect();
+    assert_eq!(seqs, expected);
 }
 
 #[test]
