@@ -8,6 +8,7 @@ mod archive_support;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use archive_support::{
     archive_cli, archived_records, database, get, get_with_header, hex, init, open_store, stamp,
@@ -984,7 +985,9 @@ fn pruning_keeps_verification_green() {
 }
 
 /// While the database cannot be written (another process holds its write lock), requests get
-/// systemFailure and no token; readiness says why; afterwards tokens are archived again.
+/// systemFailure and no token; readiness says why; afterwards the writer's probe (once a
+/// second, not at every request) finds it writable, readiness comes back and tokens are
+/// archived again.
 #[test]
 fn an_unwritable_archive_withholds_tokens() {
     // Rows: a lock on the database stops their commits (the log's writes fail with its disk:
@@ -1013,8 +1016,12 @@ fn an_unwritable_archive_withholds_tokens() {
     assert!(String::from_utf8_lossy(&body).contains("archive"));
     locker.execute_batch("ROLLBACK").unwrap();
 
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&server.admin, "/health/ready").0 != 200 {
+        assert!(Instant::now() < deadline, "not ready again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let after = stamp(&mut conn, b"after").unwrap().expect("granted again");
-    assert_eq!(get(&server.admin, "/health/ready").0, 200);
     let mut store = open_store(d);
     let count = archived_records(d).len();
     assert_eq!(count, 2, "only the granted tokens are archived");

@@ -212,9 +212,17 @@ impl Writer {
     /// answers every request: Ok only once the commit returned.
     fn commit(&mut self, records: Vec<(Box<TokenRecord>, Reply)>, events: Vec<Captured>) {
         // After a failure, first learn where the chain really ends (and store the events
-        // kept meanwhile).
-        if self.outage.is_some() {
-            if let Err(e) = self.recover() {
+        // kept meanwhile), once a probe interval has passed: until then the batch is refused
+        // at once (a failing disk can take seconds to fail each write and sync).
+        if let Some(outage) = &self.outage {
+            let recovered = if Instant::now() >= outage.next_probe {
+                self.recover()
+            } else {
+                Err(ArchiveError(
+                    "the archive cannot be written (it is tried again every second)".into(),
+                ))
+            };
+            if let Err(e) = recovered {
                 let error = ArchiveError(format!("the token could not be archived: {e}"));
                 self.failed(records.len());
                 self.keep_events(events);
@@ -367,15 +375,16 @@ impl Writer {
     fn failed(&mut self, refused: usize) -> &mut Outage {
         self.healthy.store(false, Ordering::Relaxed);
         let refused = refused + self.refused.swap(0, Ordering::Relaxed);
+        // The first try comes a probe interval after the failure; later failures (batches
+        // refused meanwhile) do not put it off.
         let outage = self.outage.get_or_insert_with(|| Outage {
             since_ns: crate::clock::system_unix_ns(),
             refused: 0,
             dropped_events: 0,
             reservation: None,
-            next_probe: Instant::now(),
+            next_probe: Instant::now() + PROBE_INTERVAL,
         });
         outage.refused += refused;
-        outage.next_probe = Instant::now() + PROBE_INTERVAL;
         outage
     }
 
