@@ -21,7 +21,8 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::writer::Msg;
+use super::record::TokenRecord;
+use super::writer::{Msg, Reply};
 
 /// Under load the writer waits up to this many times `commit_delay` for its batch. With 1
 /// (the wait below saturation), commits at 128 connections on one core held 34–40 records;
@@ -184,6 +185,21 @@ impl Queue {
         self.lock().target = records.max(1);
     }
 
+    /// Token records queued now, up to `max`, ahead of any other message: taken without
+    /// waiting, to join a batch about to be committed.
+    pub fn take_records(&self, max: usize) -> Vec<(Box<TokenRecord>, Reply)> {
+        let mut s = self.lock();
+        let mut out = Vec::new();
+        while out.len() < max && matches!(s.msgs.front(), Some(Msg::Record(..))) {
+            if let Some(Msg::Record(record, reply)) = s.msgs.pop_front() {
+                out.push((record, reply));
+            }
+        }
+        s.records -= out.len();
+        s.first_at = s.first_at.filter(|_| s.records > 0);
+        out
+    }
+
     /// Wakes the writer now, with or without a batch (a commit failed after it went on).
     pub fn wake(&self) {
         let mut s = self.lock();
@@ -217,6 +233,27 @@ mod tests {
     fn record() -> Msg {
         let (reply, _) = tokio::sync::oneshot::channel();
         Msg::Record(Box::new(sample(10)), reply)
+    }
+
+    #[test]
+    fn records_taken_to_join_a_commit_stop_at_the_limit_and_at_any_other_message() {
+        let q = Queue::new(Duration::from_millis(50), 100);
+        for _ in 0..3 {
+            q.send(record()).map_err(|_| ()).unwrap();
+        }
+        q.send(Msg::Reserve(10)).map_err(|_| ()).unwrap();
+        q.send(record()).map_err(|_| ()).unwrap();
+        assert_eq!(q.take_records(2).len(), 2);
+        assert_eq!(q.depth(), 2);
+        // Not past the reservation: what comes after a control message waits for the writer's
+        // next batch, behind it.
+        assert_eq!(q.take_records(10).len(), 1);
+        assert_eq!(q.take_records(10).len(), 0);
+        assert_eq!(q.depth(), 1);
+        let far = Instant::now() + Duration::from_secs(10);
+        let next = q.next_batch(far, 100);
+        assert!(matches!(next[..], [Msg::Reserve(10), Msg::Record(..)]));
+        assert_eq!(q.depth(), 0);
     }
 
     #[test]

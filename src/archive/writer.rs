@@ -7,8 +7,9 @@
 //! it commits, the next batch queues up, so the batch grows with the load. The token log
 //! makes a commit durable and answers its requests on a thread of its own
 //! ([`super::store::ArchiveStore::append_then`]), so there the writer takes and chains the
-//! next batch meanwhile, on a head that is not durable yet: if the commit fails after all,
-//! the next one is refused too, and the outage's recovery reads the head back.
+//! next batch meanwhile, on a head that is not durable yet (and once that commit is durable,
+//! adds the records that came during its sync): if the commit fails after all, the next one
+//! is refused too, and the outage's recovery reads the head back.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -235,29 +236,26 @@ impl Writer {
         let mut head = self.head;
         let mut chained = Vec::with_capacity(records.len());
         let mut replies = Vec::with_capacity(records.len());
-        let mut refused = Vec::new();
-        for (record, reply) in records {
-            let counter = match layout::decode(&record.serial) {
-                Some((instance, counter)) if instance == self.instance_id => counter,
-                _ => {
-                    refused.push(reply);
-                    continue;
-                }
-            };
-            let stored =
-                StoredRecord::chain(self.instance_id, head.seq + 1, counter, *record, head.hash);
-            head = ChainHead {
-                seq: stored.seq,
-                hash: stored.hash,
-            };
-            chained.push(stored);
-            replies.push(reply);
+        self.chain(records, &mut head, &mut chained, &mut replies);
+        // The commit in flight (the token log's) must be durable before this one is written;
+        // the records that came while it was synced join this one rather than wait for
+        // another sync.
+        self.settle();
+        if self.outage.is_some() {
+            // It was not: these records were chained to it.
+            let error =
+                ArchiveError("the token could not be archived: the commit before it failed".into());
+            self.failed(replies.len());
+            self.keep_events(events);
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+            return;
         }
-        for reply in refused {
-            let _ = reply.send(Err(ArchiveError(
-                "the serial is not one of this instance".into(),
-            )));
-        }
+        let more = self
+            .queue
+            .take_records(self.max_batch.saturating_sub(chained.len()));
+        self.chain(more, &mut head, &mut chained, &mut replies);
         let captured = events;
         let events = self.event_records(&captured, self.last_event_seq + 1);
         let records = chained.len();
@@ -337,6 +335,36 @@ impl Writer {
                 "the archive cannot be written: the tokens are withheld"
             );
             self.failed(0);
+        }
+    }
+
+    /// Chains `records` after `head` (which moves to the last) into `chained`, their replies
+    /// into `replies`; one whose serial is not of this instance is refused.
+    fn chain(
+        &self,
+        records: Vec<(Box<TokenRecord>, Reply)>,
+        head: &mut ChainHead,
+        chained: &mut Vec<StoredRecord>,
+        replies: &mut Vec<Reply>,
+    ) {
+        for (record, reply) in records {
+            let counter = match layout::decode(&record.serial) {
+                Some((instance, counter)) if instance == self.instance_id => counter,
+                _ => {
+                    let _ = reply.send(Err(ArchiveError(
+                        "the serial is not one of this instance".into(),
+                    )));
+                    continue;
+                }
+            };
+            let stored =
+                StoredRecord::chain(self.instance_id, head.seq + 1, counter, *record, head.hash);
+            *head = ChainHead {
+                seq: stored.seq,
+                hash: stored.hash,
+            };
+            chained.push(stored);
+            replies.push(reply);
         }
     }
 
