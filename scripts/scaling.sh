@@ -122,9 +122,9 @@ measure() {
     }' <<<"$out"
 }
 
-# The archive's figures so far: "commits records seconds writer_ticks indexer_ticks", from the
-# admin listener's metrics (read without curl, which the lent machine lacks) and the ticks of
-# the writer's and the imprint indexer's threads.
+# The archive's figures so far: "commits records seconds writer_ticks indexer_ticks
+# syncer_ticks", from the admin listener's metrics (read without curl, which the lent machine
+# lacks) and the ticks of the writer's, the imprint indexer's and the token log's sync threads.
 archive_stats() {
   local commits
   commits=$(exec 3<>/dev/tcp/127.0.0.1/3991
@@ -134,14 +134,14 @@ archive_stats() {
       /^tsa_archive_commit_duration_seconds_sum / { d = $2 }
       END { print n + 0, r + 0, d + 0 }' <&3)
   echo "$commits" $(for t in /proc/$pid/task/*; do echo "$(cat $t/comm) $(cpu_ticks $pid/task/${t##*/})"; done |
-    awk '{ n[$1] += $2 } END { print n["tsa-archive"] + 0, n["tsa-imprints"] + 0 }')
+    awk '{ n[$1] += $2 } END { print n["tsa-archive"] + 0, n["tsa-imprints"] + 0, n["tsa-log-sync"] + 0 }')
 }
 # archive_report BEFORE AFTER: per run, the commits and the archive threads' CPU per token.
 archive_report() {
   awk -v n=$requests -v hz=$hz -v b="$1" -v a="$2" 'BEGIN {
     split(b, x, " "); split(a, y, " "); c = y[1] - x[1]
-    if (c > 0 && n > 0) printf "    commits: %d, %.1f records each, %.2f ms each (write + fsync); writer %.1f µs/token, imprint indexer %.1f µs/token\n",
-      c, (y[2] - x[2]) / c, (y[3] - x[3]) * 1e3 / c, (y[4] - x[4]) / hz * 1e6 / n, (y[5] - x[5]) / hz * 1e6 / n }'
+    if (c > 0 && n > 0) printf "    commits: %d, %.1f records each, %.2f ms each (write + fsync); writer %.1f µs/token, its syncer %.1f, imprint indexer %.1f µs/token\n",
+      c, (y[2] - x[2]) / c, (y[3] - x[3]) * 1e3 / c, (y[4] - x[4]) / hz * 1e6 / n, (y[6] - x[6]) / hz * 1e6 / n, (y[5] - x[5]) / hz * 1e6 / n }'
 }
 
 # serve_tsa CORES CONFIG: starts `tsa serve` on CORES, sets $pid; fails (and says why) when

@@ -643,6 +643,22 @@ fn archived_batches_record_every_granted_item_before_replying() {
         }
     }
     locker.execute_batch("ROLLBACK").unwrap();
+    // The writer tries again once a second: ready again, then granted again.
+    let ready = format!("{}/health/ready", server.admin_url);
+    wait_until(
+        || {
+            let code = ok(Command::new("curl").args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &ready,
+            ]));
+            code.stdout == b"200"
+        },
+        "readiness once the archive can be written again",
+    );
     let replies = post_batch(&server, work.path(), &items[..5]);
     let granted = replies
         .iter()

@@ -209,8 +209,9 @@ impl Writer {
         }
     }
 
-    /// Chains `records` after the head, appends them with `events` in one transaction, then
-    /// answers every request: Ok only once the commit returned.
+    /// Chains `records` after the head, appends them (with the records that came meanwhile)
+    /// and `events` in one transaction; every request is answered once its record is durable,
+    /// or is not ([`Writer::answer`]).
     fn commit(&mut self, records: Vec<(Box<TokenRecord>, Reply)>, events: Vec<Captured>) {
         // After a failure, first learn where the chain really ends (and store the events
         // kept meanwhile), once a probe interval has passed: until then the batch is refused
@@ -288,8 +289,7 @@ impl Writer {
     /// What answers a commit's requests once it is durable (and notes `head`, the commit's
     /// last record, as durable), or is not: then readiness fails at once, the records are
     /// counted as refused and the writer is woken to begin the outage (if the failure came
-    /// after it went on). Commit statistics are taken here too, from the start of the append
-    /// to its end.
+    /// after it went on). Commit statistics are taken here too, from the append to the end.
     fn answer(&self, replies: Vec<Reply>, head: ChainHead) -> Durable {
         let (healthy, queue, refused, stats, durable) = (
             self.healthy.clone(),

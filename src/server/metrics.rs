@@ -175,7 +175,7 @@ impl Metrics {
             let stats = archive.commit_stats();
             r.register_with_unit(
                 "archive_commit_duration",
-                "Time of one archive commit, from its start to its records durable (a transaction and its fsync; with the token log, also the wait for the commit before it)",
+                "Time of one archive commit, from its write to its records durable (a transaction and its fsync)",
                 Unit::Seconds,
                 stats.duration.clone(),
             );
