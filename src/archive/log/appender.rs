@@ -1,7 +1,7 @@
 //! Appending to one instance's token log: one `write` of a commit's frames and one
 //! `fdatasync` of the segment, then the index entries (not synced). The `fdatasync` and what
 //! follows it run on a thread of their own while the writer prepares the next commit
-//! ([`super::syncer`]); the next commit is written only once this one is durable.
+//! (`syncer.rs`); the next commit is written only once this one is durable.
 //!
 //! The open segment keeps some room past its frames: zeros, usually the whole segment's,
 //! written ahead by a thread of its own before the segment was opened (`spare.rs`), or
@@ -408,7 +408,7 @@ impl Appender {
     }
 
     /// Waits for the commit in flight, if any; an error when it, or one found earlier by
-    /// [`Appender::wait`], did not become durable (its frames are cut off).
+    /// `Appender::wait`, did not become durable (its frames are cut off).
     pub fn settle(&mut self) -> io::Result<()> {
         self.wait();
         self.failed.take().map_or(Ok(()), Err)

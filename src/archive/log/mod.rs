@@ -246,7 +246,7 @@ impl LogReader {
     /// instance's anchor, by genTime (then instance and position).
     ///
     /// A merge of the instances' logs, read a segment at a time: genTimes rise with the
-    /// position but for requests in flight together, never more than [`TIME_SLACK_NS`] below
+    /// position but for requests in flight together, never more than `TIME_SLACK_NS` below
     /// a genTime before them, so a record read is visited once no unread segment can hold an
     /// earlier one. What is held at once is the entries of about that slack's tokens, not
     /// those of the whole range (40 octets each: 4 GB for a year of 100 million).
