@@ -992,7 +992,7 @@ fn pruning_keeps_verification_green() {
 fn an_unwritable_archive_withholds_tokens() {
     // Rows: a lock on the database stops their commits (the log's writes fail with its disk:
     // tests/disk_full.rs).
-    let dir = init("busy_timeout_ms = 200\nlayout = \"rows\"");
+    let dir = init("busy_timeout_ms = 1000\nlayout = \"rows\"");
     let d = dir.path();
     let server = Serving::start(d);
     let mut conn = Conn::connect(&server.public).unwrap();
@@ -1001,9 +1001,19 @@ fn an_unwritable_archive_withholds_tokens() {
     let locker = write_conn(d);
     locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
     for i in 0..3 {
+        let asked = Instant::now();
         let rejected = stamp(&mut conn, format!("while locked {i}").as_bytes())
             .unwrap()
             .expect_err("no token while the archive cannot be written");
+        // The first waits out the lock (busy_timeout_ms); the next ones are refused at once,
+        // until the writer tries again a second after the failure, not at each request.
+        if i > 0 {
+            assert!(
+                asked.elapsed() < Duration::from_millis(500),
+                "request {i} waited {:?} for an archive known to fail",
+                asked.elapsed()
+            );
+        }
         assert_eq!(rejected.fail_info(), Some(FailInfo::SystemFailure));
         assert!(
             rejected.status_text.join(" ").contains("archived"),

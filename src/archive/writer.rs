@@ -256,7 +256,11 @@ impl Writer {
         let more = self
             .queue
             .take_records(self.max_batch.saturating_sub(chained.len()));
-        self.chain(more, &mut head, &mut chained, &mut replies);
+        if !more.is_empty() {
+            self.chain(more, &mut head, &mut chained, &mut replies);
+            // The next batch is due at this commit's size (see `queue`).
+            self.queue.set_target(chained.len());
+        }
         let captured = events;
         let events = self.event_records(&captured, self.last_event_seq + 1);
         let records = chained.len();
@@ -422,8 +426,19 @@ impl Writer {
     /// of serials that could not be reserved, if any, then writes an `archive_recovered`
     /// event. Only when all of it works is the archive healthy again; without this, an
     /// instance that readiness took out of a load balancer would wait for a request that
-    /// never comes.
+    /// never comes. A try that fails puts the next one a probe interval after its end (a
+    /// failing disk, or a database locked by another process, can take seconds to fail).
     fn recover(&mut self) -> Result<(), ArchiveError> {
+        let recovered = self.try_recover();
+        if recovered.is_err() {
+            if let Some(outage) = self.outage.as_mut() {
+                outage.next_probe = Instant::now() + PROBE_INTERVAL;
+            }
+        }
+        recovered
+    }
+
+    fn try_recover(&mut self) -> Result<(), ArchiveError> {
         // A commit still in flight is durable first, or refused too (the counts are taken
         // below).
         if let Err(e) = self.store.settle() {
@@ -432,7 +447,6 @@ impl Writer {
         let Some(outage) = self.outage.as_mut() else {
             return Ok(());
         };
-        outage.next_probe = Instant::now() + PROBE_INTERVAL;
         outage.refused += self.refused.swap(0, Ordering::Relaxed);
         let (since_ns, refused, dropped) = (outage.since_ns, outage.refused, outage.dropped_events);
         let reservation = outage.reservation;

@@ -279,9 +279,9 @@ impl Appender {
 
     /// [`Appender::append`], returning once the frames are written: the syncer makes them
     /// durable, writes their index entries and then tells `durable`, while the caller goes
-    /// on with the next commit. That one is framed meanwhile but written only after this one
-    /// is durable; if this one fails, it is cut off and the next is refused (it was chained
-    /// to it). Every error is told to `durable` too.
+    /// on with the next commit. That one is written only after this one is durable; if this
+    /// one fails, it is cut off and the next is refused (it was chained to it). Every error
+    /// is told to `durable` too.
     pub fn append_then(&mut self, records: &[StoredRecord], durable: Durable) -> io::Result<()> {
         // A commit found not durable meanwhile (the records were chained to it).
         if let Some(e) = self.failed.take() {
