@@ -225,12 +225,8 @@ impl Writer {
                 ))
             };
             if let Err(e) = recovered {
-                let error = ArchiveError(format!("the token could not be archived: {e}"));
-                self.failed(records.len());
-                self.keep_events(events);
-                for (_, reply) in records {
-                    let _ = reply.send(Err(error.clone()));
-                }
+                let replies = records.into_iter().map(|(_, reply)| reply).collect();
+                self.refuse(replies, events, &e.to_string());
                 return;
             }
         }
@@ -244,13 +240,7 @@ impl Writer {
         self.settle();
         if self.outage.is_some() {
             // It was not: these records were chained to it.
-            let error =
-                ArchiveError("the token could not be archived: the commit before it failed".into());
-            self.failed(replies.len());
-            self.keep_events(events);
-            for reply in replies {
-                let _ = reply.send(Err(error.clone()));
-            }
+            self.refuse(replies, events, "the commit before it failed");
             return;
         }
         let more = self
@@ -287,6 +277,17 @@ impl Writer {
                     "the archive cannot be written: the tokens are withheld"
                 );
             }
+        }
+    }
+
+    /// Refuses a batch that is not appended (`why`), counting it into the outage, and keeps
+    /// its events for the recovery.
+    fn refuse(&mut self, replies: Vec<Reply>, events: Vec<Captured>, why: &str) {
+        let error = ArchiveError(format!("the token could not be archived: {why}"));
+        self.failed(replies.len());
+        self.keep_events(events);
+        for reply in replies {
+            let _ = reply.send(Err(error.clone()));
         }
     }
 
@@ -439,11 +440,8 @@ impl Writer {
     }
 
     fn try_recover(&mut self) -> Result<(), ArchiveError> {
-        // A commit still in flight is durable first, or refused too (the counts are taken
-        // below).
-        if let Err(e) = self.store.settle() {
-            tracing::error!(error = %e, "the archive cannot be written: the tokens are withheld");
-        }
+        // A commit still in flight is durable first, or refused too (an outage, if none yet).
+        self.settle();
         let Some(outage) = self.outage.as_mut() else {
             return Ok(());
         };

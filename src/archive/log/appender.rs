@@ -167,8 +167,7 @@ impl Appender {
                         "cutting off a commit that did not complete (its requests were not \
                          answered)"
                     );
-                    file.set_len(scanned.end)?;
-                    file.sync_all()?;
+                    cut_back(&file, scanned.end)?;
                     scanned.end
                 }
                 Tail::Damaged(why) => return Err(damaged(&segment, scanned.end, &why)),
@@ -464,8 +463,7 @@ impl Appender {
     fn cut_dirty(&mut self) -> io::Result<()> {
         if self.dirty {
             let open = self.open.as_mut().expect("dirty only with a segment open");
-            open.file.set_len(open.len)?;
-            open.file.sync_all()?;
+            cut_back(&open.file, open.len)?;
             open.room = open.len;
             self.dirty = false;
         }
@@ -608,15 +606,16 @@ impl Drop for Appender {
 /// Cuts the open segment back to its frames' end and syncs the cut; where that fails, the
 /// appender is left `dirty`, to cut before anything else.
 fn cut(open: &mut Open, dirty: &mut bool) {
-    if open
-        .file
-        .set_len(open.len)
-        .and_then(|()| open.file.sync_all())
-        .is_err()
-    {
+    if cut_back(&open.file, open.len).is_err() {
         *dirty = true;
     }
     open.room = open.len;
+}
+
+/// Cuts `file` at `len` and syncs the cut (its size too).
+pub(super) fn cut_back(file: &File, len: u64) -> io::Result<()> {
+    file.set_len(len)?;
+    file.sync_all()
 }
 
 /// Makes `segment`'s files in `dir` and syncs their names: the segment is the `spare` written

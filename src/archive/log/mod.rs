@@ -285,8 +285,7 @@ impl LogReader {
         }
         // (genTime, instance, position, file, offset) of the records read, not yet visited.
         let mut pending = BinaryHeap::new();
-        let mut files: Vec<PathBuf> = Vec::new();
-        let mut open: Vec<(usize, File)> = Vec::with_capacity(keep_open);
+        let mut files = SegmentFiles::new(keep_open);
         let mut visited_up_to = 0;
         let (mut out_of_order, mut pruned) = (0u64, 0u64);
         loop {
@@ -303,28 +302,12 @@ impl LogReader {
                     out_of_order += 1;
                 }
                 visited_up_to = visited_up_to.max(gen_time_ns);
-                // In genTime order the segments come one after the other: a few open at
-                // once, not one for every segment of the range (thousands, past the
-                // open-file limit).
-                let at = match open.iter().position(|(f, _)| *f == file) {
-                    Some(at) => at,
-                    None => match File::open(&files[file]) {
-                        Ok(opened) => {
-                            if open.len() == keep_open {
-                                open.remove(0);
-                            }
-                            open.push((file, opened));
-                            open.len() - 1
-                        }
-                        // Pruned since it was scanned: the record is no longer archived.
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                            pruned += 1;
-                            continue;
-                        }
-                        Err(e) => return Err(e.into()),
-                    },
+                let Some(segment) = files.open(file)? else {
+                    // Pruned since it was scanned: the record is no longer archived.
+                    pruned += 1;
+                    continue;
                 };
-                let read = read_at(&open[at].1, offset)?.filter(|(r, _)| r.seq == seq);
+                let read = read_at(segment, offset)?.filter(|(r, _)| r.seq == seq);
                 if let Some((record, _)) = read {
                     if !visit(record)? {
                         return Ok(());
@@ -351,7 +334,7 @@ impl LogReader {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let file = files.len();
+            let file = files.add(segment.path);
             for e in &entries {
                 log.latest = log.latest.max(Some(e.gen_time_ns));
                 if e.seq > log.anchor && e.gen_time_ns >= from_ns && e.gen_time_ns < to_ns {
@@ -364,7 +347,6 @@ impl LogReader {
                     )));
                 }
             }
-            files.push(segment.path);
         }
         if pruned > 0 {
             tracing::warn!(
@@ -381,6 +363,53 @@ impl LogReader {
             );
         }
         Ok(())
+    }
+}
+
+/// The segments a read by genTime has scanned, by number, a few of them open: in genTime
+/// order the segments come one after the other, so not one is open for every segment of the
+/// range (thousands, past the open-file limit).
+struct SegmentFiles {
+    paths: Vec<PathBuf>,
+    /// The most recently opened last.
+    open: Vec<(usize, File)>,
+    keep_open: usize,
+}
+
+impl SegmentFiles {
+    fn new(keep_open: usize) -> Self {
+        Self {
+            paths: Vec::new(),
+            open: Vec::with_capacity(keep_open),
+            keep_open,
+        }
+    }
+
+    /// Numbers a scanned segment.
+    fn add(&mut self, path: PathBuf) -> usize {
+        self.paths.push(path);
+        self.paths.len() - 1
+    }
+
+    /// Segment `file`, opened if it is not (closing the one opened first past `keep_open`);
+    /// `None` once it was removed (pruned).
+    fn open(&mut self, file: usize) -> io::Result<Option<&File>> {
+        let at = match self.open.iter().position(|(f, _)| *f == file) {
+            Some(at) => at,
+            None => {
+                let opened = match File::open(&self.paths[file]) {
+                    Ok(opened) => opened,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                if self.open.len() == self.keep_open {
+                    self.open.remove(0);
+                }
+                self.open.push((file, opened));
+                self.open.len() - 1
+            }
+        };
+        Ok(Some(&self.open[at].1))
     }
 }
 
@@ -470,6 +499,23 @@ impl LogStore {
             self.appender = Some((instance_id, appender));
         }
         Ok(&mut self.appender.as_mut().expect("opened above").1)
+    }
+
+    /// The appender of the writer's store for `records` of `instance_id`.
+    fn appender_for(
+        &mut self,
+        instance_id: u32,
+        records: &[StoredRecord],
+    ) -> Result<&mut Appender, StoreError> {
+        if !self.appends {
+            return Err(StoreError(
+                "only the server's writer appends to the token log".into(),
+            ));
+        }
+        if records.iter().any(|r| r.instance_id != instance_id) {
+            return Err(StoreError("a record of another instance".into()));
+        }
+        self.appender(instance_id)
     }
 
     /// Removes `segments` of the instance, their removal synced into its folder.
@@ -589,16 +635,7 @@ impl ArchiveStore for LogStore {
         events: &[EventRecord],
         durable: Durable,
     ) -> Result<(), StoreError> {
-        let refused = if !self.appends {
-            Some(StoreError(
-                "only the server's writer appends to the token log".into(),
-            ))
-        } else if records.iter().any(|r| r.instance_id != instance_id) {
-            Some(StoreError("a record of another instance".into()))
-        } else {
-            None
-        };
-        let appender = match refused.map_or_else(|| self.appender(instance_id), Err) {
+        let appender = match self.appender_for(instance_id, records) {
             Ok(appender) => appender,
             Err(e) => {
                 durable(Err(&e));

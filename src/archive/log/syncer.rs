@@ -17,6 +17,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use super::appender::cut_back;
 use crate::archive::store::{Durable, StoreError};
 
 /// A commit whose frames are written, to be made durable.
@@ -147,10 +148,7 @@ fn run(job: Job) -> Done {
     if let Err(e) = &synced {
         // Cut off before the requests are refused: none of their records may be found, or
         // taken as committed at the next start.
-        let cut = segment
-            .set_len(cut_to)
-            .and_then(|()| segment.sync_all())
-            .is_ok();
+        let cut = cut_back(&segment, cut_to).is_ok();
         tell(durable, Err(&StoreError::new(e)));
         return Done {
             synced,
