@@ -16,8 +16,9 @@
 #                token log beside SQLite, group commit); both: the same runs with it off, then on,
 #                and the on/off ratios of req/s and of CPU per token per concurrency. Under each
 #                run with it on: the CPU per token of the archive's threads (writer, the
-#                token log's syncer, imprint indexer, checkpointer) and the commits (records
-#                each, time each: from the writer's append to the records durable).
+#                token log's syncer and next-segment writer, imprint indexer, checkpointer)
+#                and the commits (records each, time each: from the writer's append to the
+#                records durable).
 #                After the runs with it on: the tokens archived, how far the imprint index was
 #                behind, and how many commits took over 6.4, 25.6 and 102 ms (each one delays
 #                every token waiting for it)
@@ -66,7 +67,8 @@
 # Per run it prints requests/s, p50/p99 latency, non-200 and non-granted replies (wrk checks
 # every reply's PKIStatus in Lua; oha reports only HTTP status codes) and the server's CPU time
 # (utime+stime of the whole process, from /proc/PID/stat) per completed request, and the
-# server's peak RSS (VmHWM) after the run. One reply is
+# server's peak RSS (VmHWM) after the run, and how busy the server's cores were (/proc/stat:
+# below 100 % they waited, for the clients or for the archive's commits). One reply is
 # also checked with `openssl ts -reply -text` and `openssl ts -verify` before the runs start.
 # Everything talks to 127.0.0.1 only; the server is stopped on exit.
 set -euo pipefail
@@ -278,10 +280,17 @@ stat_ticks() { # of the server process
   ticks "/proc/$server_pid/stat"
 }
 hz=$(getconf CLK_TCK)
+# The server's cores, one number each ("0-2,5" -> "0 1 2 5").
+server_cores=$(tr , '\n' <<<"$SERVER_CPU" | while IFS=- read -r from to; do seq "$from" "${to:-$from}"; done | tr '\n' ' ')
+core_ticks() { # "busy total" ticks of the server's cores so far (/proc/stat; steal left out)
+  awk -v want=" $server_cores " '$1 ~ /^cpu[0-9]+$/ && index(want, " " substr($1, 4) " ") {
+    busy += $2 + $3 + $4 + $7 + $8; all += $2 + $3 + $4 + $5 + $6 + $7 + $8 }
+    END { print busy + 0, all + 0 }' /proc/stat
+}
 thread_ticks() { # "name ticks" for each of the archive's threads of the server, summed by name
   for t in /proc/"$server_pid"/task/*; do
     echo "$(cat "$t/comm" 2>/dev/null) $(ticks "$t/stat")"
-  done | awk '$1 ~ /^tsa-(archive|log-sync|imprints|checkpoint)$/ { n[$1] += $2 } END { for (k in n) print k, n[k] }'
+  done | awk '$1 ~ /^tsa-(archive|log-sync|log-spare|imprints|checkpoint)$/ { n[$1] += $2 } END { for (k in n) print k, n[k] }'
 }
 
 # "commits records seconds" so far, from the server's metrics (the archive's commit histograms).
@@ -396,13 +405,14 @@ stop_server() {
 run_loads() { # mode
   local mode=$1 c out line before after
   run=0 # runs so far in this mode (rate[] is keyed by it; open_loop reads it)
-  printf '\n%-6s %10s %10s %10s %9s %10s %9s %12s %14s %9s%s\n' conc req/s p50_ms p99_ms requests bad_frac errors cpu_us/token cpu/raw_sign rss_MiB \
+  printf '\n%-6s %10s %10s %10s %9s %10s %9s %12s %14s %9s %9s%s\n' conc req/s p50_ms p99_ms requests bad_frac errors cpu_us/token cpu/raw_sign rss_MiB core_busy \
     "$([ -n "${hsm_rate:-}" ] && printf ' %12s' 'of_hsm_rate')"
   for c in $CONCURRENCY; do
     kill -0 "$server_pid" 2>/dev/null || die "the server died"
     # The metrics scrape costs the server CPU: before the run's CPU is read, not inside it.
     [ "$mode" = on ] && commits_before=$(commit_sums)
     before=$(stat_ticks)
+    cores_before=$(core_ticks)
     [ "$mode" = on ] && threads_before=$(thread_ticks)
     case "$LOAD_TOOL" in
       wrk)
@@ -417,11 +427,13 @@ run_loads() { # mode
         ;;
     esac
     after=$(stat_ticks)
+    cores_after=$(core_ticks)
     [ "$mode" = on ] && { threads_after=$(thread_ticks); commits_after=$(commit_sums); }
     line=$(grep '^RESULT ' <<<"$out") || { echo "$out" >&2; die "no result from $LOAD_TOOL at c=$c"; }
     # The server's peak RSS so far (VmHWM): runs go up in concurrency, so it is this run's.
     rss=$(awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$server_pid/status")
-    awk -v c="$c" -v ticks=$((after - before)) -v hz="$hz" -v raw="$raw_sign_us" -v hsm="${hsm_rate:-0}" -v rss="$rss" '
+    awk -v c="$c" -v ticks=$((after - before)) -v hz="$hz" -v raw="$raw_sign_us" -v hsm="${hsm_rate:-0}" -v rss="$rss" \
+      -v cores="$cores_before $cores_after" '
       { for (i = 2; i <= NF; i++) { split($i, kv, "="); r[kv[1]] = kv[2] } }
       END {
         n = r["requests"]; bad = r["non200"] + (r["notgranted"] > 0 ? r["notgranted"] : 0)
@@ -429,6 +441,8 @@ run_loads() { # mode
         printf "%-6d %10.0f %10.3f %10.3f %9d %10s %9d %12.1f %14.2f %9.1f", c, n / r["seconds"],
           r["p50_ms"], r["p99_ms"], n, (n > 0 ? sprintf("%.4f", bad / n) : "-"), r["errors"],
           cpu, cpu / raw, rss
+        split(cores, k, " ")
+        printf " %8s", (k[4] > k[2] ? sprintf("%.0f%%", 100 * (k[3] - k[1]) / (k[4] - k[2])) : "-")
         if (hsm > 0) printf " %11.0f%%", 100 * n / r["seconds"] / hsm
         printf "\n"
       }' <<<"$line" | tee "$work/line"
@@ -438,8 +452,8 @@ run_loads() { # mode
         FNR == NR { before[$1] = $2; next }
         { us[$1] = n > 0 ? ($2 - before[$1]) / hz * 1e6 / n : 0 }
         END {
-          printf "       archive threads, µs per token: writer %.1f, its syncer %.1f, imprint indexer %.1f, checkpointer %.1f\n",
-            us["tsa-archive"], us["tsa-log-sync"], us["tsa-imprints"], us["tsa-checkpoint"]
+          printf "       archive threads, µs per token: writer %.1f, its syncer %.1f, next segment %.1f, imprint indexer %.1f, checkpointer %.1f\n",
+            us["tsa-archive"], us["tsa-log-sync"], us["tsa-log-spare"], us["tsa-imprints"], us["tsa-checkpoint"]
         }' <(echo "$threads_before") <(echo "$threads_after")
       # The group commit: how many records each commit took, and how long it took.
       read -r n0 r0 d0 <<<"$commits_before"
@@ -552,6 +566,8 @@ fi
 echo
 echo "cpu_us/token: utime+stime of the server (tsa serve${OTHER:+, or OTHER}) per completed request"
 echo "(CLK_TCK=$hz, so ±$((1000000 / hz)) µs over the run); cpu/raw_sign: that divided by openssl's"
-echo "$raw_sign_us µs per $speed_alg signature."
+echo "$raw_sign_us µs per $speed_alg signature. core_busy: the share of the time the server's"
+echo "cores ($SERVER_CPU) ran anything (/proc/stat): below 100 % they waited for the clients or for"
+echo "the archive's commits, and tokens/s is then set by latency, not by CPU."
 [ "$LOAD_TOOL" = oha ] && echo "bad_frac counts non-200 replies only (oha does not read bodies)."
 exit 0
