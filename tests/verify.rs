@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::Datelike;
-use der::{Decode, Encode};
+use der::{Decode, Encode, Tagged};
 use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
@@ -199,6 +199,56 @@ fn a_tsu_under_the_root_or_an_intermediate_ca_verifies() {
         true,
     )
     .unwrap();
+}
+
+/// The certificates of a reply's token as they lie in its `certificates` field (a decoder
+/// into a `SetOfVec` would sort them).
+fn certificates_in_order(reply: &[u8]) -> Vec<Vec<u8>> {
+    use der::asn1::AnyRef;
+    fn fields(der: &[u8]) -> Vec<AnyRef<'_>> {
+        Vec::<AnyRef<'_>>::from_der(der).unwrap()
+    }
+    let token = fields(reply)[1].to_der().unwrap();
+    let content_info = fields(&token);
+    let signed_data = fields(content_info[1].value());
+    let set = signed_data
+        .iter()
+        .find(|f| {
+            f.tag()
+                == der::Tag::ContextSpecific {
+                    constructed: true,
+                    number: der::TagNumber(0),
+                }
+        })
+        .expect("a certificates field");
+    let mut reader = der::SliceReader::new(set.value()).unwrap();
+    let mut out = Vec::new();
+    while !der::Reader::is_finished(&reader) {
+        out.push(AnyRef::decode(&mut reader).unwrap().to_der().unwrap());
+    }
+    out
+}
+
+#[test]
+fn the_tsu_certificate_comes_first_then_the_chain_as_configured() {
+    // Two CAs between root and TSU; the TSU's certificate (a long subject, a TSU's extensions)
+    // is longer than theirs, so a token sorted by encoding would put a CA first.
+    let pki = pki(
+        ca("Root", None),
+        vec![ca("Policy CA", Some(1)), ca("Issuing CA", Some(0))],
+        current_tsu(),
+    );
+    let (reply, _) = stamp(&pki, DigestAlgorithm::Sha256, SystemTime::now());
+    let tsu = pki.tsu.to_der().unwrap();
+    let chain: Vec<Vec<u8>> = pki.between.iter().map(|c| c.to_der().unwrap()).collect();
+    assert!(
+        chain.iter().all(|c| c.as_slice() < tsu.as_slice()),
+        "the test needs CAs that sort first"
+    );
+    let mut expected = vec![tsu];
+    expected.extend(chain);
+    assert_eq!(certificates_in_order(&reply), expected);
+    both(&pki, true).unwrap();
 }
 
 #[test]

@@ -119,7 +119,7 @@ pub struct TokenTemplate {
     message_digest_head: Vec<u8>,
     /// `digestAlgorithms` SET.
     digest_algorithms: Vec<u8>,
-    /// `[0] IMPLICIT CertificateSet`: the signer's certificate and the configured chain.
+    /// `[0] IMPLICIT CertificateSet`: the signer's certificate first, then the configured chain.
     certificates: Vec<u8>,
     /// SignerInfo's version, sid and digestAlgorithm.
     signer_info_head: Vec<u8>,
@@ -128,7 +128,8 @@ pub struct TokenTemplate {
 
 impl TokenTemplate {
     /// `certificate` is the TSU certificate (DER); `chain` the certificates sent with it when a
-    /// request asks for certificates (intermediates and, if the operator wishes, the root).
+    /// request asks for certificates (intermediates and, if the operator wishes, the root), in
+    /// the token in this order after the TSU certificate.
     pub fn new(
         certificate: &[u8],
         chain: &[Vec<u8>],
@@ -201,15 +202,20 @@ impl TokenTemplate {
         let digest_algorithm_id = digest.cms_identifier().to_der()?;
         let digest_algorithms = tlv::tlv(Tag::Set, &[&digest_algorithm_id]);
 
-        // CertificateSet is `[0] IMPLICIT SET OF`: DER sorts the elements by their encoding.
-        let mut certs: Vec<&[u8]> = std::iter::once(certificate)
-            .chain(chain.iter().map(Vec::as_slice))
-            .collect();
+        // CertificateSet is a SET OF, which DER would sort by encoding; but it lies outside
+        // the signed attributes, where RFC 5652 § 5.1 allows BER, and clients take the first
+        // certificate for the signer's (OpenSSL and BouncyCastle responders write it first;
+        // rfc3161ng reads `certificates[0]`). So: the TSU's certificate, then the chain in
+        // its configured order, each once.
+        let mut certs: Vec<&[u8]> = vec![certificate];
+        for der in chain {
+            if !certs.contains(&der.as_slice()) {
+                certs.push(der);
+            }
+        }
         for der in &certs {
             Certificate::from_der(der)?;
         }
-        certs.sort_unstable();
-        certs.dedup();
         let certificates = tlv::tlv(tlv::context(0, true), &certs);
 
         let sid = cms::cert::IssuerAndSerialNumber {
