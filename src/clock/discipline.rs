@@ -310,6 +310,8 @@ pub struct Discipline {
     /// The state (as [`Discipline::estimate`] gives it) and whether the bound was within the
     /// declared accuracy, as last told by an event.
     announced: (SyncState, bool),
+    /// Samples measured before this local time are void ([`Discipline::restart`]).
+    not_before: u64,
 }
 
 impl Discipline {
@@ -335,7 +337,23 @@ impl Discipline {
             dissent: 0,
             events: Vec::new(),
             announced: (SyncState::Unsynchronized, true),
+            not_before: 0,
         }
+    }
+
+    /// Starts again as at start at local time `now`, with `reason` as the state's: for when the
+    /// local clock stood still while UTC went on (the host was suspended), which voids the
+    /// model, every sample, the frequency history and a step in progress, and any sample
+    /// measured before `now` that is still to come. What was announced is kept, so that the
+    /// next [`Discipline::observe`] tells the loss of sync as any other change.
+    pub fn restart(&mut self, now: u64, reason: String) {
+        let specs = self.sources.iter().map(|s| s.spec.clone()).collect();
+        let mut fresh = Self::new(self.config.clone(), specs);
+        fresh.reason = reason;
+        fresh.announced = self.announced;
+        fresh.events = std::mem::take(&mut self.events);
+        fresh.not_before = now;
+        *self = fresh;
     }
 
     pub fn config(&self) -> &DisciplineConfig {
@@ -349,6 +367,9 @@ impl Discipline {
     /// A poll of `source` answered with `sample`. An implausible sample (see
     /// [`Sample::is_plausible`]) counts as a missed poll.
     pub fn sample(&mut self, source: usize, sample: Sample) {
+        if sample.at < self.not_before {
+            return;
+        }
         if !sample.is_plausible() {
             self.missed(source);
             return;

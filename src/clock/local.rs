@@ -14,17 +14,50 @@ pub struct LocalClock {
     start_raw: u64,
 }
 
-/// `CLOCK_MONOTONIC_RAW` in nanoseconds (since an unspecified point, usually the boot).
-fn raw_ns() -> u64 {
+/// `clock` (a constant Linux supports) in nanoseconds.
+fn read_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux supports.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_RAW, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC_RAW) failed");
+    // SAFETY: `ts` is a valid, writable timespec; the callers pass constant clock ids.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime({clock}) failed");
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// `CLOCK_MONOTONIC_RAW` in nanoseconds (since an unspecified point, usually the boot).
+fn raw_ns() -> u64 {
+    read_ns(libc::CLOCK_MONOTONIC_RAW)
+}
+
+/// How long the host has been suspended (or hibernated) since it booted, in nanoseconds.
+///
+/// The local clock stands still during a suspend while UTC goes on, which no sample or bound
+/// shows until the next poll: after an hour asleep, the model would answer an hour in the
+/// past with a bound of milliseconds. `CLOCK_BOOTTIME` counts the suspend and
+/// `CLOCK_MONOTONIC` does not; both are slewed alike, so their difference moves only across a
+/// suspend, by its length. (A virtual machine paused by its host is not a suspend of the
+/// guest: no clock tells it, and only the next samples do.) Read between two monotonic
+/// readings less than 0.1 ms apart where the scheduler allows, so that the result is good to
+/// well under [`SUSPEND_TOLERANCE_NS`].
+pub fn suspended_ns() -> u64 {
+    let mut reading = 0;
+    for _ in 0..8 {
+        let before = read_ns(libc::CLOCK_MONOTONIC);
+        let boot = read_ns(libc::CLOCK_BOOTTIME);
+        let after = read_ns(libc::CLOCK_MONOTONIC);
+        reading = boot.saturating_sub(before + (after - before) / 2);
+        if after - before < 100_000 {
+            break;
+        }
+    }
+    reading
+}
+
+/// A growth of [`suspended_ns`] beyond this is a suspend (no suspend and resume takes under
+/// a second; the reading's own error is far below).
+pub const SUSPEND_TOLERANCE_NS: u64 = 1_000_000;
 
 impl LocalClock {
     pub fn new() -> Self {
@@ -133,6 +166,20 @@ mod tests {
         let elapsed = clock.now() - clock.epoch_ns;
         let after = read(libc::CLOCK_MONOTONIC_RAW) - clock.start_raw;
         assert!((before..=after).contains(&elapsed));
+    }
+
+    #[test]
+    fn the_suspended_time_holds_still_while_the_host_runs() {
+        let first = suspended_ns();
+        let mut last = first;
+        let end = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        while std::time::Instant::now() < end {
+            let now = suspended_ns();
+            assert!(now.abs_diff(last) < SUSPEND_TOLERANCE_NS, "{last} -> {now}");
+            last = now;
+        }
+        // Boot time counts everything monotonic time does, and the suspends besides.
+        assert!(read_ns(libc::CLOCK_BOOTTIME) + 1_000_000 >= read_ns(libc::CLOCK_MONOTONIC));
     }
 
     #[test]

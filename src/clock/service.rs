@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -13,14 +13,22 @@ use tokio::sync::mpsc;
 
 use super::discipline::{Discipline, DisciplineConfig, Event, Snapshot, SourceSpec};
 use super::gps::{self, GpsdSource};
-use super::local::{LocalClock, WallClockWatch};
+use super::local::{self, LocalClock, WallClockWatch, SUSPEND_TOLERANCE_NS};
 use super::nmea::{self, NmeaSource};
 use super::ntp::{self, NtpServer};
 use super::Change;
-use super::{fmt_ns, ClockEvent, ClockViews, EventLevel, Reading, TimeSource};
+use super::{fmt_ns, ClockEvent, ClockViews, EventLevel, Reading, SyncState, TimeSource};
 
 /// Events kept for the status page.
 const RECENT_EVENTS: usize = 200;
+
+/// What the discipline task publishes for the issuing path.
+struct Published {
+    snapshot: Snapshot,
+    /// The host's suspended time when the discipline (re)started: a reading that grew past it
+    /// means the local clock stood still since, and the snapshot is void.
+    suspended_ns: u64,
+}
 
 /// What a source task tells the discipline.
 #[derive(Debug)]
@@ -45,7 +53,9 @@ pub struct DisciplinedConfig {
 
 pub struct DisciplinedClock {
     local: LocalClock,
-    snapshot: ArcSwap<Snapshot>,
+    published: ArcSwap<Published>,
+    /// How long the host has been suspended ([`local::suspended_ns`]; tests give their own).
+    suspended: Box<dyn Fn() -> u64 + Send + Sync>,
     /// The operator's view, refreshed at each update: text and data.
     status: Mutex<(String, ClockViews)>,
     /// The last [`RECENT_EVENTS`] events, oldest first; written only when something happens.
@@ -83,14 +93,11 @@ impl DisciplinedClock {
             independent: true,
         }));
         let discipline = Discipline::new(config.discipline.clone(), specs);
-        let clock = Arc::new(Self {
+        let clock = Arc::new(Self::new(
             local,
-            snapshot: ArcSwap::from_pointee(Snapshot::initial()),
-            status: Mutex::new(("no update yet\n".into(), ClockViews::default())),
-            events: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
-            last_update: AtomicU64::new(local.now()),
-            update_interval: config.update_interval,
-        });
+            config.update_interval,
+            Box::new(local::suspended_ns),
+        ));
         let (tx, rx) = mpsc::channel(1024);
         let mut id = 0;
         for server in config.ntp {
@@ -110,6 +117,67 @@ impl DisciplinedClock {
 }
 
 impl DisciplinedClock {
+    fn new(
+        local: LocalClock,
+        update_interval: Duration,
+        suspended: Box<dyn Fn() -> u64 + Send + Sync>,
+    ) -> Self {
+        Self {
+            local,
+            published: ArcSwap::from_pointee(Published {
+                snapshot: Snapshot::initial(),
+                suspended_ns: suspended(),
+            }),
+            suspended,
+            status: Mutex::new(("no update yet\n".into(), ClockViews::default())),
+            events: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
+            last_update: AtomicU64::new(local.now()),
+            update_interval,
+        }
+    }
+
+    fn publish(&self, snapshot: Snapshot, suspended_ns: u64) {
+        self.published.store(Arc::new(Published {
+            snapshot,
+            suspended_ns,
+        }));
+    }
+
+    /// When the host was suspended since the discipline (re)started (`base` its suspended
+    /// time then): the discipline starts again, as [`Discipline::restart`] says why, and the
+    /// new base is returned. The issuing path refuses from the resume on by itself
+    /// ([`TimeSource::read`]); this makes the discipline wait for new samples.
+    fn after_suspend(&self, discipline: &mut Discipline, base: u64) -> Option<u64> {
+        let suspended = (self.suspended)();
+        if suspended <= base + SUSPEND_TOLERANCE_NS {
+            return None;
+        }
+        let now = self.local.now();
+        let asleep = fmt_ns(suspended - base);
+        discipline.restart(
+            now,
+            format!("the host was suspended for {asleep}: the local clock stood still, so the model and its samples are void"),
+        );
+        discipline.observe(now);
+        self.publish(discipline.snapshot(), suspended);
+        let utc = discipline.estimate(now).utc_ns;
+        let text = format!(
+            "the host was suspended for {asleep}; the disciplined clock starts again from new samples"
+        );
+        tracing::warn!(
+            event = "host_suspended",
+            suspended_ns = suspended - base,
+            "{text}"
+        );
+        self.record(ClockEvent {
+            utc_ns: utc,
+            kind: "host_suspended",
+            level: EventLevel::Warning,
+            text,
+        });
+        Some(suspended)
+    }
+
     fn record(&self, event: ClockEvent) {
         keep(
             &mut self.events.lock().unwrap_or_else(|p| p.into_inner()),
@@ -126,6 +194,14 @@ fn keep(events: &mut VecDeque<ClockEvent>, event: ClockEvent) {
     events.push_back(event);
 }
 
+/// Why a reading after a suspend is refused; shared, so that a reading allocates nothing.
+fn suspended_reason() -> Arc<str> {
+    static REASON: OnceLock<Arc<str>> = OnceLock::new();
+    REASON
+        .get_or_init(|| "the host was suspended: waiting for new samples".into())
+        .clone()
+}
+
 impl TimeSource for DisciplinedClock {
     fn logs_its_changes(&self) -> bool {
         true
@@ -135,7 +211,13 @@ impl TimeSource for DisciplinedClock {
     }
 
     fn read(&self) -> Reading {
-        let estimate = self.snapshot.load().estimate(self.local.now());
+        let published = self.published.load();
+        let mut estimate = published.snapshot.estimate(self.local.now());
+        if (self.suspended)() > published.suspended_ns + SUSPEND_TOLERANCE_NS {
+            estimate.state = SyncState::Unsynchronized;
+            estimate.bound_ns = u64::MAX;
+            estimate.reason = suspended_reason();
+        }
         Reading {
             unix_ns: estimate.utc_ns,
             bound_ns: estimate.bound_ns,
@@ -196,7 +278,19 @@ async fn run(
         .map(|v| v.name)
         .collect();
     let mut sources_running = true;
+    let mut suspended = clock.published.load().suspended_ns;
     loop {
+        if let Some(now_suspended) = clock.after_suspend(&mut discipline, suspended) {
+            suspended = now_suspended;
+            // The wall clock moved on across the suspend while the local clock stood still:
+            // that is not a step of the wall clock.
+            wall = WallClockWatch::new();
+            let utc = discipline.estimate(clock.local.now()).utc_ns;
+            for event in discipline.drain_events() {
+                log_event(&event, &names, utc);
+                clock.record(describe(&event, &names, utc));
+            }
+        }
         // Changes that come without an update (silence, the bound passing the declared
         // accuracy, a leap second's window) are observed when they are due.
         let now = clock.local.now();
@@ -227,7 +321,7 @@ async fn run(
                 clock.last_update.store(now, Ordering::Relaxed);
                 let snapshot = discipline.snapshot();
                 let utc = snapshot.estimate(now).utc_ns;
-                clock.snapshot.store(Arc::new(snapshot));
+                clock.publish(snapshot, suspended);
                 for event in discipline.drain_events() {
                     log_event(&event, &names, utc);
                     clock.record(describe(&event, &names, utc));
@@ -539,7 +633,77 @@ fn render(discipline: &Discipline, now: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::discipline::Selection;
+    use crate::clock::discipline::{Leap, Sample, Selection};
+
+    #[test]
+    fn a_suspend_refuses_at_once_and_starts_the_discipline_again() {
+        let asleep = Arc::new(AtomicU64::new(5_000_000_000));
+        let local = LocalClock::new();
+        let clock = DisciplinedClock::new(local, Duration::from_secs(1), {
+            let asleep = asleep.clone();
+            Box::new(move || asleep.load(Ordering::Relaxed))
+        });
+        let specs = (0..3)
+            .map(|i| SourceSpec {
+                name: format!("ntp 127.0.0.{i}:123"),
+                independent: false,
+            })
+            .collect();
+        let mut discipline = Discipline::new(DisciplineConfig::default(), specs);
+        let now = local.now();
+        for source in 0..3 {
+            discipline.sample(
+                source,
+                Sample {
+                    at: now - 1_000_000,
+                    offset: 0,
+                    delay: 400_000,
+                    root_delay: 0,
+                    root_dispersion: 600_000,
+                    precision: 1_000,
+                    leap: Leap::None,
+                },
+            );
+        }
+        discipline.update(now);
+        discipline.drain_events();
+        let base = 5_000_000_000;
+        clock.publish(discipline.snapshot(), base);
+        assert_eq!(clock.read().state, SyncState::Synchronized);
+        assert_eq!(clock.after_suspend(&mut discipline, base), None);
+
+        // An hour asleep: the snapshot is void from the resume on, before the discipline task
+        // has run.
+        asleep.fetch_add(3_600_000_000_000, Ordering::Relaxed);
+        let reading = clock.read();
+        assert_eq!(reading.state, SyncState::Unsynchronized);
+        assert_eq!(reading.bound_ns, u64::MAX);
+        assert!(reading.reason.contains("suspended"), "{}", reading.reason);
+
+        // The discipline task starts the discipline again and tells the loss of sync.
+        assert_eq!(
+            clock.after_suspend(&mut discipline, base),
+            Some(3_605_000_000_000)
+        );
+        let events = discipline.drain_events();
+        assert!(
+            matches!(&events[..], [Event::Changed(Change::Unsynchronized { reason })]
+                if reason.contains("suspended for 3600.0 s")),
+            "{events:?}"
+        );
+        let reading = clock.read();
+        assert_eq!(reading.state, SyncState::Unsynchronized);
+        assert!(reading.reason.contains("suspended"), "{}", reading.reason);
+        assert!(clock
+            .recent_events()
+            .iter()
+            .any(|e| e.kind == "host_suspended" && e.text.contains("3600.0 s")));
+        // Nothing more until the next suspend.
+        assert_eq!(
+            clock.after_suspend(&mut discipline, 3_605_000_000_000),
+            None
+        );
+    }
 
     #[test]
     fn events_are_described_and_the_ring_is_bounded() {

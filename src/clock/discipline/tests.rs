@@ -1070,3 +1070,57 @@ fn end_of_month_is_the_next_first_of_month() {
         * S;
     assert_eq!(end_of_month(dec_31), jan_1);
 }
+
+#[test]
+fn a_suspend_voids_the_model_and_the_samples_measured_before_it() {
+    let mut run = Run::new(vec![honest(100), honest(-200), honest(0)]);
+    run.rounds(8);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    run.events.clear();
+    // An hour asleep: the local clock stood still while UTC went on. A poll answered just
+    // before the suspend is delivered after it.
+    let stale_at = run.now + POLL / 2;
+    let stale_offset = run.truth.offset(stale_at);
+    run.now += POLL / 2 + S;
+    run.truth.offset0 += 3_600 * S as i64;
+    run.d
+        .restart(run.now, "the host was suspended for 3600 s".into());
+    run.d.observe(run.now);
+    let events = run.d.drain_events();
+    assert!(
+        events.iter().any(|e| matches!(e,
+            Event::Changed(Change::Unsynchronized { reason }) if reason.contains("suspended"))),
+        "{events:?}"
+    );
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+    for source in 0..3 {
+        run.d.sample(
+            source,
+            Sample {
+                at: stale_at,
+                offset: stale_offset,
+                delay: 400_000,
+                root_delay: 0,
+                root_dispersion: 600_000,
+                precision: 1_000,
+                leap: Leap::None,
+            },
+        );
+    }
+    run.d.update(run.now);
+    assert_eq!(
+        run.state(),
+        SyncState::Unsynchronized,
+        "synchronized on samples from before the suspend: {:?}",
+        run.d.estimate(run.now)
+    );
+    // New samples synchronize it again, on the new offset (each round checks the truth lies
+    // within the bound).
+    run.rounds(4);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    let e = run.d.estimate(run.now);
+    assert!(
+        e.utc_ns.abs_diff(run.truth.utc(run.now)) < 5_000_000,
+        "{e:?}"
+    );
+}
