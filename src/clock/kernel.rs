@@ -1,15 +1,35 @@
 //! The kernel clock, trusted only while the kernel says it is synchronized.
 //!
 //! `adjtimex(2)` with no modes reads the kernel's NTP state: `STA_UNSYNC` (or the return value
-//! `TIME_ERROR`) means nothing disciplines the clock, and `maxerror` is the kernel's bound on
-//! its error, which grows by 500 ppm while no daemon updates it. Leap seconds: while the kernel
-//! inserts one (`TIME_OOP`) it replays 23:59:59, so the clock is refused then, and, as the
-//! disciplined clock does, from 23:59:59 to 00:00:01 UTC whenever a leap is pending or just
-//! happened (`TIME_INS`, `TIME_DEL`, `TIME_WAIT`, or `STA_INS`/`STA_DEL` set). The adapter is thin: the
-//! decision is [`KernelClock::judge`], which tests reach through an injected reading.
+//! `TIME_ERROR`) means nothing disciplines the clock, and `maxerror` is the time daemon's
+//! bound on its error when it last updated the clock, which the kernel grows by 500 ppm while
+//! no daemon updates it. The bound taken is that plus the offset the kernel's PLL still has to
+//! slew (`offset`, which ntpd and systemd-timesyncd hand to the kernel and `maxerror` leaves
+//! out). What the kernel cannot tell, and so neither can this source:
+//! - chronyd slews the clock itself and writes `maxerror` as its root distance alone; its own
+//!   bound adds the offset still to slew (`chronyc tracking`'s "System time"), which is
+//!   usually well below the root distance but, after a disturbance, up to `makestep`'s
+//!   threshold for the seconds its slew takes;
+//! - systemd-timesyncd writes `maxerror` 0 at each update (it keeps no error estimate), so
+//!   there is no bound at all: where it runs, this source refuses (see [`time_daemons`]);
+//! - a leap second that the daemon slews (chrony's `leapsecmode slew`, smearing servers) never
+//!   shows in the kernel's flags.
+//!
+//! For a bound of its own, use the disciplined clock (`clock.source = "disciplined"`).
+//!
+//! Leap seconds: while the kernel inserts one (`TIME_OOP`) it replays 23:59:59, so the clock
+//! is refused then, and, as the disciplined clock does, from 23:59:59 to 00:00:01 UTC whenever
+//! a leap is pending or just happened (`TIME_INS`, `TIME_DEL`, `TIME_WAIT`, or
+//! `STA_INS`/`STA_DEL` set). A suspend of the host: the kernel sets the clock on resume from
+//! what measured the sleep (to a second, where that is the RTC) and keeps its NTP state, so
+//! the source refuses from the resume until the daemon writes a new `maxerror` (`Resume`).
+//! The adapter is thin: the decisions are [`KernelClock::judge`] and `Resume::check`, which
+//! tests reach through injected readings.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use super::local::{self, SUSPEND_TOLERANCE_NS};
 use super::{system_unix_ns, Reading, SyncState, TimeSource};
 
 /// What the kernel said, at one instant.
@@ -23,6 +43,8 @@ pub struct KernelState {
     pub status: i32,
     /// The kernel's maximum error, in microseconds.
     pub max_error_us: i64,
+    /// The offset the kernel's PLL has still to slew, in nanoseconds.
+    pub offset_ns: i64,
 }
 
 /// Where kernel readings come from: the real kernel, or a test.
@@ -44,12 +66,121 @@ impl KernelApi for Adjtimex {
             rc,
             status: tx.status,
             max_error_us: tx.maxerror,
+            // Microseconds unless the daemon switched the kernel to nanoseconds.
+            offset_ns: if tx.status & libc::STA_NANO != 0 {
+                tx.offset
+            } else {
+                tx.offset.saturating_mul(1_000)
+            },
         }
     }
 }
 
 pub struct KernelClock<A: KernelApi = Adjtimex> {
     api: A,
+    /// How long the host has been suspended ([`local::suspended_ns`]; tests give their own).
+    suspended: Box<dyn Fn() -> u64 + Send + Sync>,
+    resume: Resume,
+    /// Set where the daemon that disciplines the clock keeps no bound: every reading refused.
+    no_bound: bool,
+}
+
+/// A suspend of the host, as the kernel source sees it: refused from the resume on until the
+/// time daemon writes a new `maxerror`. Between updates the kernel only grows `maxerror`, so
+/// a reading below the one before is the daemon's (missed when the daemon writes more than
+/// the kernel's growth since the last reading, and then taken at its next update). Off the
+/// common path: readings take the lock only while a resume is waited on or has just been seen.
+struct Resume {
+    /// The host's suspended time when last trusted.
+    base: AtomicU64,
+    waiting: AtomicBool,
+    /// While waiting: the last `maxerror` read (inside the lock, so in time order).
+    last_max_error_us: Mutex<i64>,
+}
+
+impl Resume {
+    fn new(suspended_ns: u64) -> Self {
+        Self {
+            base: AtomicU64::new(suspended_ns),
+            waiting: AtomicBool::new(false),
+            last_max_error_us: Mutex::new(0),
+        }
+    }
+
+    /// A reading of the kernel (`read`) and whether it is refused for a resume not yet
+    /// followed by the daemon's update; `suspended` reads the host's suspended time.
+    fn check(
+        &self,
+        read: impl Fn() -> KernelState,
+        suspended: impl Fn() -> u64,
+    ) -> (KernelState, bool) {
+        let state = read();
+        // Read after the kernel, so that a suspend before that reading is seen.
+        let asleep = suspended();
+        if !self.waiting.load(Ordering::Acquire)
+            && asleep <= self.base.load(Ordering::Relaxed) + SUSPEND_TOLERANCE_NS
+        {
+            return (state, false);
+        }
+        let mut last = self
+            .last_max_error_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let state = read();
+        let asleep = suspended();
+        if asleep > self.base.load(Ordering::Relaxed) + SUSPEND_TOLERANCE_NS {
+            self.base.store(asleep, Ordering::Relaxed);
+            self.waiting.store(true, Ordering::Release);
+            *last = state.max_error_us;
+            return (state, true);
+        }
+        if !self.waiting.load(Ordering::Acquire) {
+            return (state, false);
+        }
+        if state.max_error_us < *last {
+            self.waiting.store(false, Ordering::Release);
+            return (state, false);
+        }
+        *last = state.max_error_us;
+        (state, true)
+    }
+}
+
+/// The time daemons running on this host, by the names of the processes this one can see in
+/// `/proc` (`chronyd`, `ntpd`, `systemd-timesyncd`).
+pub fn time_daemons() -> Vec<&'static str> {
+    const KNOWN: [(&str, &str); 3] = [
+        ("chronyd", "chronyd"),
+        ("ntpd", "ntpd"),
+        // The kernel keeps 15 octets of a process's name.
+        ("systemd-timesyn", "systemd-timesyncd"),
+    ];
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else {
+            continue;
+        };
+        if let Some((_, name)) = KNOWN
+            .iter()
+            .find(|(comm_name, _)| comm.trim_end() == *comm_name)
+        {
+            if !found.contains(name) {
+                found.push(*name);
+            }
+        }
+    }
+    found
 }
 
 /// Why the kernel clock is (not) trusted; shared, so that a reading allocates nothing.
@@ -58,10 +189,12 @@ enum Verdict {
     Synchronized,
     Unsynchronized,
     Leap,
+    Resumed,
+    NoBound,
 }
 
 fn reason(verdict: Verdict) -> Arc<str> {
-    static REASONS: [OnceLock<Arc<str>>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    static REASONS: [OnceLock<Arc<str>>; 5] = [const { OnceLock::new() }; 5];
     REASONS[verdict as usize]
         .get_or_init(|| {
             match verdict {
@@ -71,6 +204,13 @@ fn reason(verdict: Verdict) -> Arc<str> {
                 }
                 Verdict::Leap => {
                     "leap second in the kernel: no stamps from 23:59:59 to 00:00:01 UTC"
+                }
+                Verdict::Resumed => {
+                    "the host was suspended: waiting for the time daemon to update the clock"
+                }
+                Verdict::NoBound => {
+                    "systemd-timesyncd disciplines the clock and keeps no error bound \
+                     (it writes maxerror 0): run chronyd or ntpd, or use the disciplined clock"
                 }
             }
             .into()
@@ -87,8 +227,25 @@ fn near_midnight(unix_ns: u64) -> bool {
 }
 
 impl KernelClock<Adjtimex> {
+    /// The kernel's clock, as the time daemons running now leave it (see [`time_daemons`]).
     pub fn new() -> Self {
-        Self { api: Adjtimex }
+        Self::under(&time_daemons())
+    }
+
+    /// The kernel's clock under these time daemons.
+    fn under(daemons: &[&str]) -> Self {
+        let mut clock = Self::with_api(Adjtimex);
+        clock.no_bound = daemons.contains(&"systemd-timesyncd");
+        if clock.no_bound {
+            tracing::error!(
+                event = "clock_without_bound",
+                "{}: the kernel clock refuses every stamp",
+                reason(Verdict::NoBound)
+            );
+        } else {
+            tracing::info!(daemons = ?daemons, "the kernel clock, disciplined by {daemons:?}");
+        }
+        clock
     }
 }
 
@@ -100,7 +257,26 @@ impl Default for KernelClock<Adjtimex> {
 
 impl<A: KernelApi> KernelClock<A> {
     pub fn with_api(api: A) -> Self {
-        Self { api }
+        Self::with_suspend(api, Box::new(local::suspended_ns))
+    }
+
+    /// With `suspended` telling how long the host has been suspended.
+    pub fn with_suspend(api: A, suspended: Box<dyn Fn() -> u64 + Send + Sync>) -> Self {
+        Self {
+            api,
+            resume: Resume::new(suspended()),
+            suspended,
+            no_bound: false,
+        }
+    }
+
+    fn refused(state: &KernelState, verdict: Verdict) -> Reading {
+        Reading {
+            unix_ns: state.unix_ns,
+            bound_ns: u64::MAX,
+            state: SyncState::Unsynchronized,
+            reason: reason(verdict),
+        }
     }
 
     /// Turns what the kernel said into a reading.
@@ -119,7 +295,9 @@ impl<A: KernelApi> KernelClock<A> {
         Reading {
             unix_ns: state.unix_ns,
             bound_ns: match verdict {
-                Verdict::Synchronized => state.max_error_us as u64 * 1_000,
+                Verdict::Synchronized => (state.max_error_us as u64)
+                    .saturating_mul(1_000)
+                    .saturating_add(state.offset_ns.unsigned_abs()),
                 _ => u64::MAX,
             },
             state: match verdict {
@@ -137,7 +315,14 @@ impl<A: KernelApi> TimeSource for KernelClock<A> {
     }
 
     fn read(&self) -> Reading {
-        Self::judge(self.api.state())
+        let (state, resumed) = self.resume.check(|| self.api.state(), &self.suspended);
+        if self.no_bound {
+            Self::refused(&state, Verdict::NoBound)
+        } else if resumed {
+            Self::refused(&state, Verdict::Resumed)
+        } else {
+            Self::judge(state)
+        }
     }
 }
 
@@ -151,7 +336,81 @@ mod tests {
             rc,
             status,
             max_error_us: 1_500,
+            offset_ns: 0,
         }
+    }
+
+    /// A kernel whose state the test sets.
+    struct Fake(Arc<Mutex<KernelState>>);
+    impl KernelApi for Fake {
+        fn state(&self) -> KernelState {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    #[test]
+    fn the_bound_holds_the_offset_the_kernel_has_still_to_slew() {
+        for offset_ns in [250_000, -250_000] {
+            let r = KernelClock::<Adjtimex>::judge(KernelState {
+                offset_ns,
+                ..state(5, libc::TIME_OK, libc::STA_PLL)
+            });
+            assert_eq!(r.state, SyncState::Synchronized);
+            assert_eq!(r.bound_ns, 1_750_000);
+        }
+    }
+
+    #[test]
+    fn after_a_suspend_the_clock_waits_for_the_daemon_to_update_it() {
+        const S: u64 = 1_000_000_000;
+        let kernel = Arc::new(Mutex::new(state(1_795_000_000 * S, libc::TIME_OK, 0)));
+        let asleep = Arc::new(AtomicU64::new(7 * S));
+        let clock = KernelClock::with_suspend(Fake(kernel.clone()), {
+            let asleep = asleep.clone();
+            Box::new(move || asleep.load(Ordering::Relaxed))
+        });
+        let set_max_error = |us: i64| kernel.lock().unwrap().max_error_us = us;
+        assert_eq!(clock.read().state, SyncState::Synchronized);
+        // An hour asleep; the kernel's NTP state is as it was.
+        asleep.fetch_add(3_600 * S, Ordering::Relaxed);
+        let r = clock.read();
+        assert_eq!((r.state, r.bound_ns), (SyncState::Unsynchronized, u64::MAX));
+        assert!(r.reason.contains("suspended"), "{}", r.reason);
+        // The kernel grows maxerror: still refused.
+        for us in [1_500, 2_000, 2_500] {
+            set_max_error(us);
+            assert_eq!(clock.read().state, SyncState::Unsynchronized, "{us}");
+        }
+        // The daemon updates the clock: trusted again, with its bound.
+        set_max_error(800);
+        let r = clock.read();
+        assert_eq!((r.state, r.bound_ns), (SyncState::Synchronized, 800_000));
+        set_max_error(1_300);
+        assert_eq!(clock.read().state, SyncState::Synchronized);
+    }
+
+    #[test]
+    fn under_systemd_timesyncd_every_reading_is_refused() {
+        let clock = KernelClock::under(&["systemd-timesyncd"]);
+        let r = clock.read();
+        assert_eq!(r.state, SyncState::Unsynchronized);
+        assert!(r.reason.contains("timesyncd"), "{}", r.reason);
+        assert!(!KernelClock::under(&["chronyd"]).no_bound);
+    }
+
+    #[test]
+    fn time_daemons_are_found_by_their_process_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("chronyd");
+        std::fs::copy("/bin/sleep", &fake).unwrap();
+        let mut child = std::process::Command::new(&fake).arg("5").spawn().unwrap();
+        let found = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            time_daemons().contains(&"chronyd")
+        });
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(found, "{:?}", time_daemons());
     }
 
     #[test]
