@@ -148,6 +148,13 @@ async fn exchange(server: &NtpServer, clock: LocalClock) -> Result<Sample, Failu
 /// The largest precision (log2 seconds) taken from a server: 1 s.
 const MAX_PRECISION: i8 = 0;
 
+/// What this end's whole microseconds can hide: sntpc takes the local send and receive times
+/// in whole microseconds (each cut by up to 1 µs: the offset and the round trip move by up to
+/// 1 µs) and gives offset and round trip in whole microseconds (up to 1 µs each): up to 2 µs
+/// on the offset and 1 µs on the half round trip. RFC 5905's ε counts both ends' precision;
+/// this is ours.
+const CLIENT_PRECISION_NS: u64 = 3_000;
+
 /// The reply as a sample; `None` when it is implausible.
 fn to_sample(reply: &NtpResult, at: u64) -> Option<Sample> {
     if reply.precision() > MAX_PRECISION {
@@ -159,8 +166,9 @@ fn to_sample(reply: &NtpResult, at: u64) -> Option<Sample> {
         delay: reply.roundtrip().checked_mul(1_000)?,
         root_delay: short_to_ns(reply.root_delay()),
         root_dispersion: short_to_ns(reply.root_dispersion()),
-        // The server's precision, 2^precision seconds.
-        precision: (2f64.powi(i32::from(reply.precision())) * 1e9).ceil() as u64,
+        // The server's precision, 2^precision seconds, and ours.
+        precision: (2f64.powi(i32::from(reply.precision())) * 1e9).ceil() as u64
+            + CLIENT_PRECISION_NS,
         leap: match reply.leap_indicator() {
             1 => Leap::Insert,
             2 => Leap::Delete,
@@ -216,11 +224,11 @@ mod tests {
         let s = to_sample(&reply(-20, 1_500), at).unwrap();
         assert_eq!(
             (s.at, s.offset, s.delay, s.precision),
-            (at, 1_500_000, 400_000, 954)
+            (at, 1_500_000, 400_000, 954 + CLIENT_PRECISION_NS)
         );
         assert_eq!(
             to_sample(&reply(0, 0), at).unwrap().precision,
-            1_000_000_000
+            1_000_000_000 + CLIENT_PRECISION_NS
         );
         for precision in [1, 33, 34, 35, 127] {
             assert_eq!(to_sample(&reply(precision, 0), at), None, "{precision}");
