@@ -572,22 +572,58 @@ fn verify_rsa(
         .map_err(|_| anyhow::anyhow!("bad signature"))
 }
 
-/// RSASSA-PSS parameters as RFC 4055 writes them: the hash, MGF1 with the same hash, and a
-/// salt as long as the hash (the only form the TSA issues and aws-lc-rs verifies).
+/// RSASSA-PSS-params (RFC 4055 section 3.1); an absent field takes its DEFAULT (SHA-1, MGF1
+/// with SHA-1, 20 octets of salt, trailer 1).
+#[derive(der::Sequence)]
+struct PssParams {
+    #[asn1(context_specific = "0", tag_mode = "EXPLICIT", optional = "true")]
+    hash: Option<AlgorithmIdentifierOwned>,
+    #[asn1(context_specific = "1", tag_mode = "EXPLICIT", optional = "true")]
+    mask_gen: Option<AlgorithmIdentifierOwned>,
+    #[asn1(context_specific = "2", tag_mode = "EXPLICIT", optional = "true")]
+    salt_len: Option<u32>,
+    #[asn1(context_specific = "3", tag_mode = "EXPLICIT", optional = "true")]
+    trailer: Option<u32>,
+}
+
+/// The verifier for RSASSA-PSS with these parameters: SHA-256, SHA-384 or SHA-512, MGF1 with
+/// the same hash, a salt as long as the hash and the trailer 1 (what aws-lc-rs verifies, and
+/// what this TSA and others issue). A hash identifier's parameters may be absent or NULL:
+/// RFC 4055 section 2.1 has verifiers accept both.
 fn pss_verifier(
     alg: &AlgorithmIdentifierOwned,
 ) -> anyhow::Result<&'static dyn VerificationAlgorithm> {
-    use crate::alg::SignatureAlgorithm as S;
-    for (candidate, verifier) in [
-        (S::RsaPssSha256, &signature::RSA_PSS_2048_8192_SHA256),
-        (S::RsaPssSha384, &signature::RSA_PSS_2048_8192_SHA384),
-        (S::RsaPssSha512, &signature::RSA_PSS_2048_8192_SHA512),
-    ] {
-        if candidate.algorithm_identifier() == *alg {
-            return Ok(verifier);
-        }
-    }
-    bail!("unsupported RSASSA-PSS parameters")
+    let unsupported = || anyhow::anyhow!("unsupported RSASSA-PSS parameters");
+    let params = alg.parameters.as_ref().ok_or_else(unsupported)?;
+    let params: PssParams = params.decode_as().map_err(|_| unsupported())?;
+    let hash_of = |id: &AlgorithmIdentifierOwned| {
+        let plain = id.parameters.as_ref().is_none_or(|p| p.is_null());
+        DigestAlgorithm::from_oid(&id.oid).filter(|_| plain)
+    };
+    let hash = params
+        .hash
+        .as_ref()
+        .and_then(hash_of)
+        .ok_or_else(unsupported)?;
+    let mgf_hash = params
+        .mask_gen
+        .as_ref()
+        .filter(|m| m.oid == oid::MGF1)
+        .and_then(|m| m.parameters.as_ref())
+        .and_then(|p| p.decode_as::<AlgorithmIdentifierOwned>().ok())
+        .and_then(|id| hash_of(&id));
+    ensure!(
+        mgf_hash == Some(hash)
+            && params.salt_len == Some(hash.output_len() as u32)
+            && params.trailer.unwrap_or(1) == 1,
+        unsupported()
+    );
+    Ok(match hash {
+        DigestAlgorithm::Sha256 => &signature::RSA_PSS_2048_8192_SHA256,
+        DigestAlgorithm::Sha384 => &signature::RSA_PSS_2048_8192_SHA384,
+        DigestAlgorithm::Sha512 => &signature::RSA_PSS_2048_8192_SHA512,
+        _ => return Err(unsupported()),
+    })
 }
 
 /// Reads the signer's algorithm info for display.
@@ -602,6 +638,66 @@ mod tests {
     use crate::protocol::asn1::{EssCertId, EssCertIdV2};
     use der::asn1::{Ia5String, OctetStringRef};
     use der::DecodePem;
+
+    #[test]
+    fn pss_parameters_are_read_not_compared_octet_for_octet() {
+        use crate::alg::SignatureAlgorithm as S;
+        for alg in [S::RsaPssSha256, S::RsaPssSha384, S::RsaPssSha512] {
+            assert!(pss_verifier(&alg.algorithm_identifier()).is_ok(), "{alg:?}");
+        }
+        let id = |oid, parameters: Option<der::Any>| AlgorithmIdentifierOwned { oid, parameters };
+        let null = || Some(der::Any::from(der::asn1::Null));
+        let pss = |hash_params: Option<der::Any>, mgf_hash, salt_len, trailer| {
+            let params = PssParams {
+                hash: Some(id(oid::SHA256, hash_params)),
+                mask_gen: Some(id(
+                    oid::MGF1,
+                    Some(der::Any::encode_from(&id(mgf_hash, null())).unwrap()),
+                )),
+                salt_len: Some(salt_len),
+                trailer,
+            };
+            id(
+                oid::RSASSA_PSS,
+                Some(der::Any::encode_from(&params).unwrap()),
+            )
+        };
+        // The SHA-256 identifier with its parameters absent or NULL, the trailer written out.
+        assert!(pss_verifier(&pss(None, oid::SHA256, 32, None)).is_ok());
+        assert!(pss_verifier(&pss(null(), oid::SHA256, 32, Some(1))).is_ok());
+        for (why, alg) in [
+            ("salt", pss(None, oid::SHA256, 20, None)),
+            ("MGF1 hash", pss(None, oid::SHA384, 32, None)),
+            ("trailer", pss(None, oid::SHA256, 32, Some(2))),
+            (
+                "hash parameters",
+                pss(
+                    Some(der::Any::encode_from(&1u8).unwrap()),
+                    oid::SHA256,
+                    32,
+                    None,
+                ),
+            ),
+            ("no parameters", id(oid::RSASSA_PSS, None)),
+            (
+                "the DEFAULT SHA-1",
+                id(
+                    oid::RSASSA_PSS,
+                    Some(
+                        der::Any::encode_from(&PssParams {
+                            hash: None,
+                            mask_gen: None,
+                            salt_len: None,
+                            trailer: None,
+                        })
+                        .unwrap(),
+                    ),
+                ),
+            ),
+        ] {
+            assert!(pss_verifier(&alg).is_err(), "{why}");
+        }
+    }
 
     fn tsu() -> Certificate {
         let pki = DevPki::generate(KeyAlgorithm::P256).unwrap();
