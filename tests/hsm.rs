@@ -941,7 +941,8 @@ fn a_planned_rollover_to_a_new_token_key() {
     );
 
     let at = chrono::Utc::now() + chrono::Duration::seconds(3);
-    let at_ns = at.timestamp_nanos_opt().unwrap() as u64;
+    // The configuration names the instant to the millisecond, and the server switches there.
+    let at_ns = at.timestamp_millis() as u64 * 1_000_000;
     edit_config(d, |c| {
         format!(
             "{c}\n[rollover]\nat = \"{}\"\n[rollover.signer]\n{next_signer}",

@@ -341,18 +341,18 @@ impl Discipline {
         }
     }
 
-    /// Starts again as at start at local time `now`, with `reason` as the state's: for when the
-    /// local clock stood still while UTC went on (the host was suspended), which voids the
-    /// model, every sample, the frequency history and a step in progress, and any sample
-    /// measured before `now` that is still to come. What was announced is kept, so that the
+    /// Starts again as at start, with `reason` as the state's: for when the local clock stood
+    /// still while UTC went on (the host was suspended), which voids the model, every sample,
+    /// the frequency history and a step in progress, and any sample still to come that was
+    /// measured before the local time `not_before`. What was announced is kept, so that the
     /// next [`Discipline::observe`] tells the loss of sync as any other change.
-    pub fn restart(&mut self, now: u64, reason: String) {
+    pub fn restart(&mut self, not_before: u64, reason: String) {
         let specs = self.sources.iter().map(|s| s.spec.clone()).collect();
         let mut fresh = Self::new(self.config.clone(), specs);
         fresh.reason = reason;
         fresh.announced = self.announced;
         fresh.events = std::mem::take(&mut self.events);
-        fresh.not_before = now;
+        fresh.not_before = not_before;
         *self = fresh;
     }
 

@@ -21,12 +21,14 @@
 //! is refused then, and, as the disciplined clock does, from 23:59:59 to 00:00:01 UTC whenever
 //! a leap is pending or just happened (`TIME_INS`, `TIME_DEL`, `TIME_WAIT`, or
 //! `STA_INS`/`STA_DEL` set). A suspend of the host: the kernel sets the clock on resume from
-//! what measured the sleep (to a second, where that is the RTC) and keeps its NTP state, so
-//! the source refuses from the resume until the daemon writes a new `maxerror` (`Resume`).
+//! what measured the sleep, and where that was a clock that ran through it (a TSC that does
+//! not stop) it keeps its NTP state, so `maxerror` says nothing of the sleep; the source
+//! refuses from the resume until the daemon has updated the clock twice (`Resume`). (Where
+//! the RTC measured it, to a second, the kernel also marks itself unsynchronized.)
 //! The adapter is thin: the decisions are [`KernelClock::judge`] and `Resume::check`, which
 //! tests reach through injected readings.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::local::{self, SUSPEND_TOLERANCE_NS};
@@ -70,9 +72,23 @@ impl KernelApi for Adjtimex {
             offset_ns: if tx.status & libc::STA_NANO != 0 {
                 tx.offset
             } else {
-                tx.offset.saturating_mul(1_000)
+                micros_offset(tx.offset).saturating_mul(1_000)
             },
         }
+    }
+}
+
+/// The PLL's offset as a kernel reports it in microseconds: Linux divides it as an unsigned
+/// 32-bit number of nanoseconds, so a negative offset reads as about 2^32 / 1000 less its
+/// magnitude. The kernel keeps the offset within `MAXPHASE` (0.5 s), so a reading above that
+/// is such a negative one (taken here at a magnitude no smaller than the true one).
+fn micros_offset(reported: i64) -> i64 {
+    const MAX_PHASE_US: i64 = 500_000;
+    const WRAP_US: i64 = 4_294_968; // 2^32 / 1000, rounded up
+    if reported > MAX_PHASE_US {
+        reported - WRAP_US
+    } else {
+        reported
     }
 }
 
@@ -86,23 +102,30 @@ pub struct KernelClock<A: KernelApi = Adjtimex> {
 }
 
 /// A suspend of the host, as the kernel source sees it: refused from the resume on until the
-/// time daemon writes a new `maxerror`. Between updates the kernel only grows `maxerror`, so
-/// a reading below the one before is the daemon's (missed when the daemon writes more than
-/// the kernel's growth since the last reading, and then taken at its next update). Off the
-/// common path: readings take the lock only while a resume is waited on or has just been seen.
+/// time daemon has written `maxerror` twice. Between updates the kernel only grows `maxerror`,
+/// so a reading below the one before is the daemon's (missed when the daemon writes more than
+/// the kernel's growth since the last reading, and then taken at its next update). Twice,
+/// because chronyd slews what the resume left (up to a second where the RTC measured the
+/// sleep) from its first update on, at up to 83 ms a second, and its `maxerror` never shows
+/// that slew; its next update comes a poll interval later (64 s or more). Off the common path:
+/// readings take the lock only while a resume is waited on or has just been seen.
 struct Resume {
     /// The host's suspended time when last trusted.
     base: AtomicU64,
-    waiting: AtomicBool,
+    /// Daemon updates still to see before the source is trusted again (0: none).
+    updates_needed: AtomicU32,
     /// While waiting: the last `maxerror` read (inside the lock, so in time order).
     last_max_error_us: Mutex<i64>,
 }
+
+/// The daemon's updates a resume waits for (see [`Resume`]).
+const UPDATES_AFTER_RESUME: u32 = 2;
 
 impl Resume {
     fn new(suspended_ns: u64) -> Self {
         Self {
             base: AtomicU64::new(suspended_ns),
-            waiting: AtomicBool::new(false),
+            updates_needed: AtomicU32::new(0),
             last_max_error_us: Mutex::new(0),
         }
     }
@@ -117,8 +140,11 @@ impl Resume {
         let state = read();
         // Read after the kernel, so that a suspend before that reading is seen.
         let asleep = suspended();
-        if !self.waiting.load(Ordering::Acquire)
-            && asleep <= self.base.load(Ordering::Relaxed) + SUSPEND_TOLERANCE_NS
+        // The base before the count: a resume stores the count before the base, so a reader
+        // that sees the new base sees the count too, and one that sees the old base sees the
+        // suspend.
+        let base = self.base.load(Ordering::Acquire);
+        if self.updates_needed.load(Ordering::Acquire) == 0 && asleep <= base + SUSPEND_TOLERANCE_NS
         {
             return (state, false);
         }
@@ -128,20 +154,23 @@ impl Resume {
             .unwrap_or_else(|p| p.into_inner());
         let state = read();
         let asleep = suspended();
-        if asleep > self.base.load(Ordering::Relaxed) + SUSPEND_TOLERANCE_NS {
-            self.base.store(asleep, Ordering::Relaxed);
-            self.waiting.store(true, Ordering::Release);
+        if asleep > self.base.load(Ordering::Acquire) + SUSPEND_TOLERANCE_NS {
+            self.updates_needed
+                .store(UPDATES_AFTER_RESUME, Ordering::Release);
+            self.base.store(asleep, Ordering::Release);
             *last = state.max_error_us;
             return (state, true);
         }
-        if !self.waiting.load(Ordering::Acquire) {
+        let needed = self.updates_needed.load(Ordering::Acquire);
+        if needed == 0 {
             return (state, false);
         }
-        if state.max_error_us < *last {
-            self.waiting.store(false, Ordering::Release);
-            return (state, false);
-        }
+        let updated = state.max_error_us < *last;
         *last = state.max_error_us;
+        if updated {
+            self.updates_needed.store(needed - 1, Ordering::Release);
+            return (state, needed > 1);
+        }
         (state, true)
     }
 }
@@ -149,38 +178,35 @@ impl Resume {
 /// The time daemons running on this host, by the names of the processes this one can see in
 /// `/proc` (`chronyd`, `ntpd`, `systemd-timesyncd`).
 pub fn time_daemons() -> Vec<&'static str> {
+    let mut found = Vec::new();
+    for (_, name) in time_daemon_processes() {
+        if !found.contains(&name) {
+            found.push(name);
+        }
+    }
+    found
+}
+
+/// The processes of [`time_daemons`]: (process id, daemon).
+fn time_daemon_processes() -> Vec<(u32, &'static str)> {
     const KNOWN: [(&str, &str); 3] = [
         ("chronyd", "chronyd"),
         ("ntpd", "ntpd"),
         // The kernel keeps 15 octets of a process's name.
         ("systemd-timesyn", "systemd-timesyncd"),
     ];
-    let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
+        return Vec::new();
     };
-    for entry in entries.flatten() {
-        if !entry
-            .file_name()
-            .to_string_lossy()
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-        {
-            continue;
-        }
-        let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else {
-            continue;
-        };
-        if let Some((_, name)) = KNOWN
-            .iter()
-            .find(|(comm_name, _)| comm.trim_end() == *comm_name)
-        {
-            if !found.contains(name) {
-                found.push(*name);
-            }
-        }
-    }
-    found
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            let (_, name) = KNOWN.iter().find(|(known, _)| comm.trim_end() == *known)?;
+            Some((pid, *name))
+        })
+        .collect()
 }
 
 /// Why the kernel clock is (not) trusted; shared, so that a reading allocates nothing.
@@ -241,6 +267,11 @@ impl KernelClock<Adjtimex> {
                 event = "clock_without_bound",
                 "{}: the kernel clock refuses every stamp",
                 reason(Verdict::NoBound)
+            );
+        } else if daemons.is_empty() {
+            tracing::warn!(
+                "no time daemon seen (chronyd, ntpd): the kernel's maxerror is whatever its last \
+                 writer left, grown by 500 ppm; the kernel clock trusts it as a bound"
             );
         } else {
             tracing::info!(daemons = ?daemons, "the kernel clock, disciplined by {daemons:?}");
@@ -381,11 +412,16 @@ mod tests {
             set_max_error(us);
             assert_eq!(clock.read().state, SyncState::Unsynchronized, "{us}");
         }
-        // The daemon updates the clock: trusted again, with its bound.
-        set_max_error(800);
+        // The daemon updates the clock (a smaller maxerror), the kernel grows it, the daemon
+        // updates again: trusted again, with its bound.
+        for us in [800, 1_300] {
+            set_max_error(us);
+            assert_eq!(clock.read().state, SyncState::Unsynchronized, "{us}");
+        }
+        set_max_error(900);
         let r = clock.read();
-        assert_eq!((r.state, r.bound_ns), (SyncState::Synchronized, 800_000));
-        set_max_error(1_300);
+        assert_eq!((r.state, r.bound_ns), (SyncState::Synchronized, 900_000));
+        set_max_error(1_400);
         assert_eq!(clock.read().state, SyncState::Synchronized);
     }
 
@@ -399,18 +435,30 @@ mod tests {
     }
 
     #[test]
+    fn a_negative_offset_a_kernel_reports_in_microseconds_is_unwrapped() {
+        // -250.4 µs as such a kernel reports it: (2^32 - 250_400 ns) / 1000, unsigned; read
+        // back to within 2 µs, never smaller in magnitude.
+        let reported = ((1u64 << 32) - 250_400) as i64 / 1_000;
+        assert_eq!(micros_offset(reported), -252);
+        assert_eq!(micros_offset(250), 250);
+        assert_eq!(micros_offset(500_000), 500_000);
+    }
+
+    #[test]
     fn time_daemons_are_found_by_their_process_names() {
-        let dir = tempfile::tempdir().unwrap();
+        // A copy of sleep named chronyd, beside the test binary (where executing is allowed).
+        let deps = std::env::current_exe().unwrap();
+        let dir = tempfile::tempdir_in(deps.parent().unwrap()).unwrap();
         let fake = dir.path().join("chronyd");
         std::fs::copy("/bin/sleep", &fake).unwrap();
         let mut child = std::process::Command::new(&fake).arg("5").spawn().unwrap();
         let found = (0..100).any(|_| {
             std::thread::sleep(std::time::Duration::from_millis(10));
-            time_daemons().contains(&"chronyd")
+            time_daemon_processes().contains(&(child.id(), "chronyd"))
         });
         child.kill().unwrap();
         child.wait().unwrap();
-        assert!(found, "{:?}", time_daemons());
+        assert!(found, "{:?}", time_daemon_processes());
     }
 
     #[test]

@@ -64,7 +64,14 @@ pub struct DisciplinedClock {
     /// alive while the one is recent in terms of the other.
     last_update: AtomicU64,
     update_interval: Duration,
+    /// After a resume, how long samples are still taken as measured before it: the longest
+    /// NTP exchange (its timeout) and a receiver's buffered lines ([`RESUME_GRACE`]).
+    resume_grace: Duration,
 }
+
+/// After a resume, how long a receiver's serial lines (one a second) or gpsd's reports are
+/// taken as from before it.
+const RESUME_GRACE: Duration = Duration::from_secs(2);
 
 impl DisciplinedClock {
     /// Starts the source tasks and the discipline task on the current tokio runtime.
@@ -93,9 +100,11 @@ impl DisciplinedClock {
             independent: true,
         }));
         let discipline = Discipline::new(config.discipline.clone(), specs);
+        let longest_exchange = config.ntp.iter().map(|s| s.timeout).max();
         let clock = Arc::new(Self::new(
             local,
             config.update_interval,
+            RESUME_GRACE + longest_exchange.unwrap_or_default(),
             Box::new(local::suspended_ns),
         ));
         let (tx, rx) = mpsc::channel(1024);
@@ -120,6 +129,7 @@ impl DisciplinedClock {
     fn new(
         local: LocalClock,
         update_interval: Duration,
+        resume_grace: Duration,
         suspended: Box<dyn Fn() -> u64 + Send + Sync>,
     ) -> Self {
         Self {
@@ -133,6 +143,7 @@ impl DisciplinedClock {
             events: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
             last_update: AtomicU64::new(local.now()),
             update_interval,
+            resume_grace,
         }
     }
 
@@ -145,17 +156,22 @@ impl DisciplinedClock {
 
     /// When the host was suspended since the discipline (re)started (`base` its suspended
     /// time then): the discipline starts again, as [`Discipline::restart`] says why, and the
-    /// new base is returned. The issuing path refuses from the resume on by itself
+    /// new base is returned. Samples measured up to [`DisciplinedClock::resume_grace`] after
+    /// now are void too: an NTP exchange that spanned the suspend is dated about when it
+    /// ended (the local clock stood still), and a receiver's lines from before it wait in
+    /// the serial port's buffer. The issuing path refuses from the resume on by itself
     /// ([`TimeSource::read`]); this makes the discipline wait for new samples.
     fn after_suspend(&self, discipline: &mut Discipline, base: u64) -> Option<u64> {
-        let suspended = (self.suspended)();
+        // The lower of two readings: a restart costs minutes of sync, a reading that the
+        // scheduler stretched must not cause one.
+        let suspended = (self.suspended)().min((self.suspended)());
         if suspended <= base + SUSPEND_TOLERANCE_NS {
             return None;
         }
         let now = self.local.now();
         let asleep = fmt_ns(suspended - base);
         discipline.restart(
-            now,
+            now + self.resume_grace.as_nanos() as u64,
             format!("the host was suspended for {asleep}: the local clock stood still, so the model and its samples are void"),
         );
         discipline.observe(now);
@@ -280,17 +296,6 @@ async fn run(
     let mut sources_running = true;
     let mut suspended = clock.published.load().suspended_ns;
     loop {
-        if let Some(now_suspended) = clock.after_suspend(&mut discipline, suspended) {
-            suspended = now_suspended;
-            // The wall clock moved on across the suspend while the local clock stood still:
-            // that is not a step of the wall clock.
-            wall = WallClockWatch::new();
-            let utc = discipline.estimate(clock.local.now()).utc_ns;
-            for event in discipline.drain_events() {
-                log_event(&event, &names, utc);
-                clock.record(describe(&event, &names, utc));
-            }
-        }
         // Changes that come without an update (silence, the bound passing the declared
         // accuracy, a leap second's window) are observed when they are due.
         let now = clock.local.now();
@@ -299,6 +304,7 @@ async fn run(
             .map(|t| Duration::from_nanos(t - now));
         tokio::select! {
             _ = tokio::time::sleep(change.unwrap_or(every)), if change.is_some() => {
+                resumed(&clock, &mut discipline, &mut suspended, &mut wall, &names);
                 let now = clock.local.now();
                 discipline.observe(now);
                 let utc = discipline.estimate(now).utc_ns;
@@ -307,15 +313,19 @@ async fn run(
                     clock.record(describe(&event, &names, utc));
                 }
             }
-            message = rx.recv(), if sources_running => match message {
-                Some(SourceMessage::Sample(id, sample)) => discipline.sample(id, sample),
-                Some(SourceMessage::Missed(id)) => discipline.missed(id),
-                Some(SourceMessage::Gone(id)) => discipline.gone(id),
-                // Every source's task ended (each server refused us): the updates go on
-                // without samples, so that the loss of sync is observed and logged.
-                None => sources_running = false,
-            },
+            message = rx.recv(), if sources_running => {
+                resumed(&clock, &mut discipline, &mut suspended, &mut wall, &names);
+                match message {
+                    Some(SourceMessage::Sample(id, sample)) => discipline.sample(id, sample),
+                    Some(SourceMessage::Missed(id)) => discipline.missed(id),
+                    Some(SourceMessage::Gone(id)) => discipline.gone(id),
+                    // Every source's task ended (each server refused us): the updates go on
+                    // without samples, so that the loss of sync is observed and logged.
+                    None => sources_running = false,
+                }
+            }
             _ = tick.tick() => {
+                resumed(&clock, &mut discipline, &mut suspended, &mut wall, &names);
                 let now = clock.local.now();
                 discipline.update(now);
                 clock.last_update.store(now, Ordering::Relaxed);
@@ -333,6 +343,7 @@ async fn run(
                 *clock.status.lock().unwrap_or_else(|p| p.into_inner()) = (render(&discipline, now), views);
             }
             _ = wall_tick.tick() => {
+                resumed(&clock, &mut discipline, &mut suspended, &mut wall, &names);
                 let now = clock.local.now();
                 if let Some(step) = wall.observe(now, clock.local.wall_offset()) {
                     let utc = discipline.estimate(now).utc_ns;
@@ -351,6 +362,29 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+/// What the discipline task does first whenever it wakes: when the host was suspended since
+/// `suspended` (see [`DisciplinedClock::after_suspend`]), the discipline starts again, the
+/// new base is kept, its events are logged, and the wall-clock watch forgets the jump (the
+/// wall clock moved on across the suspend while the local clock stood still: not a step).
+fn resumed(
+    clock: &DisciplinedClock,
+    discipline: &mut Discipline,
+    suspended: &mut u64,
+    wall: &mut WallClockWatch,
+    names: &[String],
+) {
+    let Some(now_suspended) = clock.after_suspend(discipline, *suspended) else {
+        return;
+    };
+    *suspended = now_suspended;
+    *wall = WallClockWatch::new();
+    let utc = discipline.estimate(clock.local.now()).utc_ns;
+    for event in discipline.drain_events() {
+        log_event(&event, names, utc);
+        clock.record(describe(&event, names, utc));
     }
 }
 
@@ -639,7 +673,7 @@ mod tests {
     fn a_suspend_refuses_at_once_and_starts_the_discipline_again() {
         let asleep = Arc::new(AtomicU64::new(5_000_000_000));
         let local = LocalClock::new();
-        let clock = DisciplinedClock::new(local, Duration::from_secs(1), {
+        let clock = DisciplinedClock::new(local, Duration::from_secs(1), Duration::from_secs(3), {
             let asleep = asleep.clone();
             Box::new(move || asleep.load(Ordering::Relaxed))
         });
@@ -650,20 +684,18 @@ mod tests {
             })
             .collect();
         let mut discipline = Discipline::new(DisciplineConfig::default(), specs);
+        let sample = |at| Sample {
+            at,
+            offset: 0,
+            delay: 400_000,
+            root_delay: 0,
+            root_dispersion: 600_000,
+            precision: 1_000,
+            leap: Leap::None,
+        };
         let now = local.now();
         for source in 0..3 {
-            discipline.sample(
-                source,
-                Sample {
-                    at: now - 1_000_000,
-                    offset: 0,
-                    delay: 400_000,
-                    root_delay: 0,
-                    root_dispersion: 600_000,
-                    precision: 1_000,
-                    leap: Leap::None,
-                },
-            );
+            discipline.sample(source, sample(now - 1_000_000));
         }
         discipline.update(now);
         discipline.drain_events();
@@ -694,6 +726,17 @@ mod tests {
         let reading = clock.read();
         assert_eq!(reading.state, SyncState::Unsynchronized);
         assert!(reading.reason.contains("suspended"), "{}", reading.reason);
+        // Samples dated within the grace after the resume are taken as from before it.
+        let now = local.now();
+        for source in 0..3 {
+            discipline.sample(source, sample(now + 1_000_000_000));
+        }
+        discipline.update(now + 1_000_000_000);
+        assert_eq!(
+            discipline.estimate(now).state,
+            SyncState::Unsynchronized,
+            "synchronized on samples from within the grace"
+        );
         assert!(clock
             .recent_events()
             .iter()

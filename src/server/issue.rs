@@ -481,8 +481,10 @@ impl Tsa {
                 .now()
                 .map_err(|refusal| Rejection::new(FailInfo::TimeNotAvailable, refusal.reason))
         };
-        // Taken before the reading: the lateness measured from it is never too small.
-        let mut read_at = std::time::Instant::now();
+        // Taken before the reading: the lateness measured from it is never too small. Boot
+        // time, so that a suspend of the host between reading and signature counts in full.
+        let elapsed_ns = |since: u64| crate::clock::local::boot_ns().saturating_sub(since);
+        let mut read_at = crate::clock::local::boot_ns();
         let mut time = now()?;
         let serial = match draw {
             Draw::Waiting => Some(self.serials.next()),
@@ -492,8 +494,8 @@ impl Tsa {
             return Ok(None);
         };
         let serial = serial.map_err(|e| Rejection::internal("no serial number is available", e))?;
-        if read_at.elapsed() > SERIAL_WAIT_REREAD {
-            read_at = std::time::Instant::now();
+        if elapsed_ns(read_at) > SERIAL_WAIT_REREAD.as_nanos() as u64 {
+            read_at = crate::clock::local::boot_ns();
             time = now()?;
         }
         // The key (and certificate) for this genTime: the instant truncated as the token will
@@ -548,7 +550,7 @@ impl Tsa {
         // genTime ± accuracy holds the reading; the token is made when the signature returns.
         // A signature that came back late (an HSM that stalled, a wait for one of its sessions)
         // must still leave that instant within the declared accuracy of genTime.
-        let late_ns = u64::try_from(read_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let late_ns = elapsed_ns(read_at);
         if stamp.accuracy.as_ns().saturating_add(late_ns) > declared_ns {
             return Err(self.refuse(
                 RefusalKind::SignedLate,

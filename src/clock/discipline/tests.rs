@@ -1078,13 +1078,15 @@ fn a_suspend_voids_the_model_and_the_samples_measured_before_it() {
     assert_eq!(run.state(), SyncState::Synchronized);
     run.events.clear();
     // An hour asleep: the local clock stood still while UTC went on. A poll answered just
-    // before the suspend is delivered after it.
+    // before the suspend is delivered after it, and an exchange that spanned the suspend is
+    // dated just after the restart (the local clock stood still): both carry the old offset.
     let stale_at = run.now + POLL / 2;
     let stale_offset = run.truth.offset(stale_at);
     run.now += POLL / 2 + S;
+    let spanning_at = run.now + S / 2;
     run.truth.offset0 += 3_600 * S as i64;
     run.d
-        .restart(run.now, "the host was suspended for 3600 s".into());
+        .restart(run.now + 2 * S, "the host was suspended for 3600 s".into());
     run.d.observe(run.now);
     let events = run.d.drain_events();
     assert!(
@@ -1093,11 +1095,11 @@ fn a_suspend_voids_the_model_and_the_samples_measured_before_it() {
         "{events:?}"
     );
     assert_eq!(run.state(), SyncState::Unsynchronized);
-    for source in 0..3 {
+    for (source, at) in (0..3).flat_map(|s| [(s, stale_at), (s, spanning_at)]) {
         run.d.sample(
             source,
             Sample {
-                at: stale_at,
+                at,
                 offset: stale_offset,
                 delay: 400_000,
                 root_delay: 0,
@@ -1107,6 +1109,7 @@ fn a_suspend_voids_the_model_and_the_samples_measured_before_it() {
             },
         );
     }
+    run.now += S;
     run.d.update(run.now);
     assert_eq!(
         run.state(),
