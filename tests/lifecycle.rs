@@ -219,6 +219,17 @@ fn too_little_certificate_validity_left_stops_issuance() {
         "{:?}",
         response.status_text
     );
+    // Readiness says so too: a balancer sends such an instance nothing.
+    let ready = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}"])
+        .arg(format!("{}/health/ready", server.admin_url))
+        .output()
+        .unwrap();
+    let ready = String::from_utf8_lossy(&ready.stdout);
+    assert!(
+        ready.ends_with("503") && ready.contains("certificate"),
+        "{ready}"
+    );
 }
 
 /// The DER of a PEM certificate file.

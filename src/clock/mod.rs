@@ -298,9 +298,18 @@ impl IssuingClock {
         self.refusals[refusal.kind as usize].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Whether a token could be issued now.
+    /// Whether a token could be issued now: what [`IssuingClock::now`] would refuse, without
+    /// taking a tick.
     pub fn check(&self) -> Result<(), Refusal> {
-        self.admit(&self.source.read())
+        let reading = self.source.read();
+        self.admit(&reading)?;
+        let last = *self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
+        match last.checked_sub(reading.unix_ns) {
+            Some(behind) if behind > MAX_WAIT_BACKWARDS.as_nanos() as u64 => {
+                Err(stepped_back(behind))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Synchronized, or in holdover, and within the declared accuracy (ETSI EN 319 421: stop
@@ -362,17 +371,21 @@ impl IssuingClock {
                         "time source went back behind the last genTime; refusing until it catches up"
                     );
                 }
-                return Err(Refusal {
-                    kind: RefusalKind::SteppedBack,
-                    reason: format!(
-                        "clock stepped back {} behind the last token",
-                        fmt_ns(behind)
-                    )
-                    .into(),
-                });
+                return Err(stepped_back(behind));
             }
             std::hint::spin_loop();
         }
+    }
+}
+
+fn stepped_back(behind_ns: u64) -> Refusal {
+    Refusal {
+        kind: RefusalKind::SteppedBack,
+        reason: format!(
+            "clock stepped back {} behind the last token",
+            fmt_ns(behind_ns)
+        )
+        .into(),
     }
 }
 
@@ -672,9 +685,11 @@ mod tests {
         now.fetch_sub(1_000, Ordering::SeqCst);
         let b = clock.now().unwrap().unix_ns;
         assert!(b > a);
-        // A step back of 1 s: refused.
+        assert!(clock.check().is_ok());
+        // A step back of 1 s: refused, and readiness says so.
         now.fetch_sub(1_000_000_000, Ordering::SeqCst);
         assert!(clock.now().unwrap_err().reason.contains("stepped back"));
+        assert_eq!(clock.check().unwrap_err().kind, RefusalKind::SteppedBack);
     }
 
     #[test]

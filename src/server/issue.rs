@@ -89,6 +89,9 @@ impl Issuing {
     }
 }
 
+/// Why no token can be signed with the certificate in force.
+const CERTIFICATE_NOT_VALID: &str = "the TSA's signing certificate is not valid at this time";
+
 /// How long a failed signature keeps readiness failing, unless one succeeds meanwhile. Not
 /// for good: a load balancer that readiness took the instance out of sends it no request that
 /// could succeed. A failure that lasts shows again in the requests it sends once the instance
@@ -518,7 +521,7 @@ impl Tsa {
             );
             return Err(Rejection::new(
                 FailInfo::SystemFailure,
-                "the TSA's signing certificate is not valid at this time",
+                CERTIFICATE_NOT_VALID,
             ));
         }
         let stamp = Stamp::new(
@@ -581,10 +584,15 @@ impl Tsa {
         Rejection::new(FailInfo::TimeNotAvailable, refusal.reason)
     }
 
-    /// Ready to issue: the clock is trusted, the signer is healthy and its last signature
-    /// did not fail.
+    /// Ready to issue: the clock is trusted, the certificate in force is valid now (with the
+    /// validity left that `token.min_certificate_validity_days` asks), the signer is healthy
+    /// and its last signature did not fail.
     pub fn readiness(&self) -> Result<(), String> {
         self.clock.check().map_err(|r| r.reason.into_owned())?;
+        let (from, until) = self.certificate().0.valid_ns;
+        if !(from..=until).contains(&crate::clock::system_unix_ns()) {
+            return Err(CERTIFICATE_NOT_VALID.into());
+        }
         self.signer().health()?;
         if self
             .signer_failure
