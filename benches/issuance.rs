@@ -121,7 +121,7 @@ impl Fixture {
         let signer =
             SoftwareSigner::load(&dir.path().join("tsa-key.pem"), padding).expect("the TSU key");
         tsa.certificate()
-            .check(&signer, SystemTime::now())
+            .check(&signer, Some(SystemTime::now()))
             .expect("the key is the TSU certificate's");
 
         // The rules `server::build` makes from a development-clock configuration: the

@@ -242,7 +242,7 @@ fn install_cert(args: &InstallCertArgs) -> anyhow::Result<()> {
                 algorithm,
                 public_key: key.info().public_key.clone(),
             },
-            SystemTime::now(),
+            Some(SystemTime::now()),
         )
         .context("the certificate cannot be installed")?;
     let pem = std::fs::read(&args.cert)?;
@@ -292,7 +292,7 @@ fn check(args: &CheckArgs) -> anyhow::Result<()> {
     )?;
     let certificate = TsuCertificate::load(&config.certificate, &config.chain)?;
     certificate
-        .check(signer.as_ref(), SystemTime::now())
+        .check(signer.as_ref(), Some(SystemTime::now()))
         .context("the TSU certificate cannot be used")?;
     writeln!(
         out,

@@ -42,7 +42,16 @@ pub use issue::{Client, Issuing, Outcome, Rollover, Tsa};
 /// Call it inside a tokio runtime: the disciplined clock starts its tasks there.
 pub fn build(config: &Config) -> anyhow::Result<Tsa> {
     let signer = open_signer(&config.signer)?;
-    let issuing = issuing(config, &config.signer, signer.as_ref(), SystemTime::now())?;
+    let rolled_over_at = match &config.rollover {
+        Some(planned) => Some(planned.at_unix_ns()?),
+        None => None,
+    };
+    let issuing = issuing(
+        config,
+        &config.signer,
+        signer.as_ref(),
+        first_valid_at(rolled_over_at, SystemTime::now()),
+    )?;
     tracing::info!(
         event = "key_loaded",
         subject = %issuing.certificate().subject(),
@@ -139,6 +148,16 @@ fn open_signer(config: &SignerConfig) -> anyhow::Result<Arc<dyn Signer>> {
     })
 }
 
+/// When the first signer's certificate must be valid: now, unless a planned rollover's instant
+/// (`rollover_at_ns`) has passed, after which that signer signs nothing more and its
+/// certificate may expire without stopping a restart or a reload.
+fn first_valid_at(rollover_at_ns: Option<u64>, now: SystemTime) -> Option<SystemTime> {
+    match rollover_at_ns {
+        Some(at_ns) if SystemTime::UNIX_EPOCH + Duration::from_nanos(at_ns) <= now => None,
+        _ => Some(now),
+    }
+}
+
 /// The second signer of a planned rollover, checked as it will be used: its certificate
 /// valid at the rollover instant.
 fn plan_rollover(
@@ -153,7 +172,7 @@ fn plan_rollover(
         config,
         &planned.signer,
         signer.as_ref(),
-        at.max(SystemTime::now()),
+        Some(at.max(SystemTime::now())),
     )
     .context("rollover.signer")?;
     if first.certificate().not_after() < at {
@@ -184,7 +203,13 @@ pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
         bail!("[rollover] changed: a planned rollover is set at start; restart to change it");
     }
     let now = SystemTime::now();
-    let first = issuing(config, &config.signer, tsa.first_signer(), now)?;
+    let rollover_at_ns = tsa.rollover.as_ref().map(|r| r.at_ns);
+    let first = issuing(
+        config,
+        &config.signer,
+        tsa.first_signer(),
+        first_valid_at(rollover_at_ns, now),
+    )?;
     let next = match (&config.rollover, &tsa.rollover) {
         (Some(planned), Some(rollover)) => {
             let at = SystemTime::UNIX_EPOCH + Duration::from_nanos(rollover.at_ns);
@@ -192,7 +217,7 @@ pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
                 config,
                 &planned.signer,
                 rollover.signer.as_ref(),
-                at.max(now),
+                Some(at.max(now)),
             )?)
         }
         _ => None,
@@ -213,13 +238,14 @@ pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
 }
 
 /// The reloadable part for one signer: request rules, certificate and chain, token template,
-/// with the certificate checked against the key and for validity at `valid_at`. The
+/// with the certificate checked against the key and for validity at `valid_at` (see
+/// [`TsuCertificate::check`]). The
 /// development clock forces the development policy; any other clock refuses it.
 pub fn issuing(
     config: &Config,
     signer_config: &SignerConfig,
     signer: &dyn Signer,
-    valid_at: SystemTime,
+    valid_at: Option<SystemTime>,
 ) -> anyhow::Result<Issuing> {
     let (cert_path, chain) = signer_config.certificates();
     let certificate = TsuCertificate::load(cert_path, chain)?;
@@ -403,5 +429,22 @@ async fn roll_over(tsa: Arc<Tsa>) {
             Ok(signer) => archive.set_checkpoint_signer(signer),
             Err(e) => tracing::error!(error = %e, "archive checkpoints keep the old key"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_certificate_need_not_be_valid_once_the_rollover_has_passed() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ns =
+            |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        assert_eq!(first_valid_at(None, now), Some(now));
+        let ahead = ns(now + Duration::from_secs(60));
+        assert_eq!(first_valid_at(Some(ahead), now), Some(now));
+        let passed = ns(now - Duration::from_secs(60));
+        assert_eq!(first_valid_at(Some(passed), now), None);
     }
 }

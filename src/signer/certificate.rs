@@ -79,10 +79,11 @@ impl TsuCertificate {
     }
 
     /// Refuses a certificate that a verifier would refuse, or that the profile forbids: a key
-    /// that is not the signer's, a CA certificate, one outside its validity period, or one
-    /// whose extended key usage is not exactly id-kp-timeStamping, marked critical (RFC 3161
-    /// 2.3, ETSI EN 319 422 7.2).
-    pub fn check(&self, signer: &dyn Signer, now: SystemTime) -> anyhow::Result<()> {
+    /// that is not the signer's, a CA certificate, one outside its validity period at `now`
+    /// (not checked when `None`: a certificate no longer used to sign, as the first one after
+    /// a rollover), or one whose extended key usage is not exactly id-kp-timeStamping, marked
+    /// critical (RFC 3161 2.3, ETSI EN 319 422 7.2).
+    pub fn check(&self, signer: &dyn Signer, now: Option<SystemTime>) -> anyhow::Result<()> {
         let tbs = self.cert.tbs_certificate();
         let subject = tbs.subject();
 
@@ -109,13 +110,13 @@ impl TsuCertificate {
             validity.not_before.to_system_time(),
             validity.not_after.to_system_time(),
         );
-        if now < not_before {
+        if now.is_some_and(|now| now < not_before) {
             bail!(
                 "the certificate of {subject} is not valid before {}",
                 validity.not_before
             );
         }
-        if now > not_after {
+        if now.is_some_and(|now| now > not_after) {
             bail!(
                 "the certificate of {subject} expired at {}",
                 validity.not_after
@@ -244,6 +245,24 @@ mod tests {
             Ok::<_, der::Error>(tlv(0x30, &content.concat()))
         })
         .unwrap()
+    }
+
+    #[test]
+    fn validity_is_checked_at_the_instant_given_or_not_at_all() {
+        use crate::signer::software::{RsaPadding, SoftwareSigner};
+        let pki = crate::pki::DevPki::generate(crate::pki::KeyAlgorithm::P256).unwrap();
+        let der = Certificate::load_pem_chain(pki.tsu_cert_pem.as_bytes()).unwrap()[0]
+            .to_der()
+            .unwrap();
+        let certificate = TsuCertificate::from_der(der, Vec::new()).unwrap();
+        let key = der::pem::decode_vec(pki.tsu_key_pem.as_bytes()).unwrap().1;
+        let signer = SoftwareSigner::from_pkcs8(&key, RsaPadding::Pkcs1).unwrap();
+        assert!(certificate.check(&signer, Some(SystemTime::now())).is_ok());
+        let later = certificate.not_after() + std::time::Duration::from_secs(1);
+        let error = certificate.check(&signer, Some(later)).unwrap_err();
+        assert!(format!("{error:#}").contains("expired"), "{error:#}");
+        // A certificate no longer used to sign (the first one after a rollover).
+        assert!(certificate.check(&signer, None).is_ok());
     }
 
     #[test]
