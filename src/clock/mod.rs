@@ -191,6 +191,21 @@ impl RefusalKind {
             Self::SignedLate => "signed_late",
         }
     }
+
+    /// What a client is told (the statusString of its `timeNotAvailable`). The refusal's own
+    /// reason names the clock's sources (NTP servers' addresses, a receiver's device) and
+    /// their offsets: the operator's, in the log, the status page and readiness.
+    pub fn public_reason(self) -> &'static str {
+        match self {
+            Self::Unsynchronized => "the TSA's clock is not synchronized",
+            Self::BoundExceeded => "the TSA's clock error bound exceeds its declared accuracy",
+            Self::SteppedBack => "the TSA's clock went back behind its last token",
+            Self::SignedLate => {
+                "the signature came back too late: genTime would be outside the declared \
+                 accuracy of the token's making"
+            }
+        }
+    }
 }
 
 impl std::fmt::Display for Refusal {

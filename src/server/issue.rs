@@ -480,9 +480,10 @@ impl Tsa {
         // `respond`) has the time read again, so that the signature still follows its genTime
         // closely.
         let now = || {
-            self.clock
-                .now()
-                .map_err(|refusal| Rejection::new(FailInfo::TimeNotAvailable, refusal.reason))
+            self.clock.now().map_err(|refusal| Rejection {
+                detail: Some(refusal.reason.into_owned()),
+                ..Rejection::new(FailInfo::TimeNotAvailable, refusal.kind.public_reason())
+            })
         };
         // Taken before the reading: the lateness measured from it is never too small. Boot
         // time, so that a suspend of the host between reading and signature counts in full.
@@ -555,9 +556,12 @@ impl Tsa {
         // must still leave that instant within the declared accuracy of genTime.
         let late_ns = elapsed_ns(read_at);
         if stamp.accuracy.as_ns().saturating_add(late_ns) > declared_ns {
+            // The signer's health to report as a failure is: readiness holds off the requests
+            // a balancer would send into the same wait.
+            self.signer_failure.mark();
             return Err(self.refuse(
                 RefusalKind::SignedLate,
-                "the signature came back too late: genTime would be outside the declared accuracy of the token's making",
+                RefusalKind::SignedLate.public_reason(),
             ));
         }
 
@@ -598,7 +602,7 @@ impl Tsa {
             .signer_failure
             .is_within(SIGNER_FAILURE_HOLD, std::time::Instant::now())
         {
-            return Err("the signer's last signature failed".into());
+            return Err("the signer's last signature failed or came back too late".into());
         }
         if let Some(archive) = &self.archive {
             archive.health()?;
@@ -755,7 +759,7 @@ mod tests {
                 unix_ns: crate::clock::system_unix_ns(),
                 bound_ns: 0,
                 state: SyncState::Unsynchronized,
-                reason: "no reference".into(),
+                reason: "ntp 10.9.8.7:123 contradicts the model by +0.8 s".into(),
             }
         }
     }
@@ -824,7 +828,12 @@ mod tests {
         for _ in 0..3 {
             let refused = tsa.issue(&query).expect_err("no time to stamp with");
             assert_eq!(refused.fail_info, FailInfo::TimeNotAvailable);
+            // The client is told why in general terms; the sources' own words (addresses,
+            // devices, offsets) go to the log only.
+            assert_eq!(refused.reason, RefusalKind::Unsynchronized.public_reason());
+            assert!(refused.detail.unwrap().contains("10.9.8.7"));
         }
+        assert!(tsa.readiness().unwrap_err().contains("10.9.8.7"));
         assert_eq!(taken.load(Ordering::Relaxed), 1, "refusals spent serials");
         assert_eq!(
             tsa.clock.refusals(RefusalKind::Unsynchronized),
@@ -963,6 +972,9 @@ mod tests {
                     );
                     assert_eq!(refused.fail_info, FailInfo::TimeNotAvailable);
                     assert_eq!(tsa.clock.refusals(RefusalKind::SignedLate), 1);
+                    // Readiness holds off what a balancer would send into the same wait.
+                    let not_ready = tsa.readiness().unwrap_err();
+                    assert!(not_ready.contains("too late"), "{not_ready}");
                 }
             }
         }
