@@ -815,6 +815,18 @@ impl Config {
         if !(1..=DAY_MS).contains(&self.clock.max_accuracy_ms) {
             bail!("clock.max_accuracy_ms must be from 1 to {DAY_MS} (a day)");
         }
+        // genTime's truncation counts in each token's accuracy: a unit longer than the
+        // declared accuracy refuses most requests (every one truncated by more than that).
+        let unit_ns = self.token.precision.unit_ns();
+        if unit_ns > self.clock.max_accuracy_ms.saturating_mul(1_000_000) {
+            bail!(
+                "token.precision {:?} truncates genTime by up to {} ms, more than \
+                 clock.max_accuracy_ms = {}: most requests would be refused",
+                self.token.precision,
+                unit_ns / 1_000_000,
+                self.clock.max_accuracy_ms
+            );
+        }
         if self.clock.development_accuracy_ms > DAY_MS {
             bail!("clock.development_accuracy_ms must be at most {DAY_MS} (a day)");
         }
@@ -1143,9 +1155,13 @@ mod tests {
             format!("{disciplined}{servers}gps_serial_precision_ms = 9223372036854775807\n"),
             format!("{disciplined}{servers}nmea_precision_ms = 16001\n"),
             "[archive]\nmax_batch = 2049\n".into(),
+            "[clock]\nmax_accuracy_ms = 999\n[token]\nprecision = \"seconds\"\n".into(),
         ] {
             assert!(parse(&bad).validate().is_err(), "{bad}");
         }
+        parse("[clock]\nmax_accuracy_ms = 1000\n[token]\nprecision = \"seconds\"\n")
+            .validate()
+            .unwrap();
         // Two names of one server: found once they are resolved.
         let twins = parse(&format!(
             "{disciplined}ntp_servers = [\"127.0.0.1:123\", \"127.0.0.1:0123\"]\n"
