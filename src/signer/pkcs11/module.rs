@@ -119,13 +119,27 @@ impl SharedModule {
         if let Some(others) = may_reinitialize(entry.users, entry.owns_init) {
             return Ok(Reinitialized::Shared { others });
         }
-        if let Err(e) = self.ctx.clone().finalize() {
-            tracing::debug!(ckr = %ckr(&e), "C_Finalize failed");
-        }
+        let finalized = match self.ctx.clone().finalize() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(ckr = %ckr(&e), "C_Finalize failed");
+                false
+            }
+        };
         // The registry stays locked: no new user joins a library between the two calls.
-        entry.owns_init = initialize(&self.ctx)?;
+        let initialized_here = initialize(&self.ctx)?;
+        entry.owns_init = owned_after_reinitializing(finalized, initialized_here);
         Ok(Reinitialized::Done)
     }
+}
+
+/// Whether the library is still this process's to re-initialize after a try: yes when
+/// `C_Initialize` initialized it, and also when `C_Finalize` failed, which leaves it
+/// initialized by this process's earlier call (`C_Initialize` then answers "already
+/// initialized"); otherwise the next recovery would take it for another user's and never
+/// try again.
+fn owned_after_reinitializing(finalized: bool, initialized_here: bool) -> bool {
+    initialized_here || !finalized
 }
 
 /// `None` when a re-initialization is safe (the only user, and the library initialized here);
@@ -167,6 +181,13 @@ mod tests {
         assert_eq!(may_reinitialize(2, true), Some(1));
         assert_eq!(may_reinitialize(1, false), Some(0));
         assert_eq!(may_reinitialize(3, false), Some(2));
+    }
+
+    #[test]
+    fn a_library_that_would_not_finalize_stays_ours_to_reinitialize() {
+        assert!(owned_after_reinitializing(true, true));
+        assert!(owned_after_reinitializing(false, false));
+        assert!(!owned_after_reinitializing(true, false));
     }
 
     #[test]
