@@ -83,8 +83,14 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         ))),
     };
 
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let blocking_lane = signer.max_in_flight().unwrap_or(cores).max(1);
+    // The lane of the signer in force at start: the rollover's from its instant on (the
+    // rollover task resizes it then, for a server started before).
+    let blocking_lane = match &rollover {
+        Some(next) if crate::clock::system_unix_ns() >= next.at_ns => {
+            lane_for(next.signer.as_ref())
+        }
+        _ => lane_for(signer.as_ref()),
+    };
 
     let clock = IssuingClock::new(
         source,
@@ -402,19 +408,57 @@ fn checkpoint_signer(
     })
 }
 
+/// Issuances of `signer` that may block at once (the blocking lane's places): its sessions,
+/// or one a core.
+fn lane_for(signer: &dyn Signer) -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    signer.max_in_flight().unwrap_or(cores).max(1)
+}
+
+/// How long before a planned rollover its key's health is watched (and a failure logged).
+const ROLLOVER_WATCH: Duration = Duration::from_secs(600);
+
 /// Waits for the planned rollover's instant (by the system clock, in steps of at most a
-/// minute so that a stepped clock cannot delay it much), then records the key event and
-/// hands the archive's checkpoints to the new key. Tokens change keys by their own genTime
-/// in the request path, whatever this task does.
+/// minute so that a stepped clock cannot delay it much), logging meanwhile when the new key
+/// cannot sign in its last minutes before; then resizes the blocking lane to the new signer,
+/// records the key event and hands the archive's checkpoints to the new key. Tokens change
+/// keys by their own genTime in the request path, whatever this task does.
 async fn roll_over(tsa: Arc<Tsa>) {
     let Some(next) = tsa.rollover() else { return };
+    let mut waited = false;
+    let mut healthy = true;
     loop {
         let now = crate::clock::system_unix_ns();
         if now >= next.at_ns {
             break;
         }
         let left = Duration::from_nanos(next.at_ns - now);
+        if left <= ROLLOVER_WATCH {
+            let health = next.signer.health();
+            match (&health, healthy) {
+                (Err(reason), true) => tracing::error!(
+                    event = "rollover_key_unusable",
+                    at = %next.at,
+                    reason,
+                    "the planned rollover's key cannot sign: every token from the rollover on \
+                     will be refused unless it recovers"
+                ),
+                (Ok(()), false) => {
+                    tracing::info!(at = %next.at, "the planned rollover's key signs again")
+                }
+                _ => {}
+            }
+            healthy = health.is_ok();
+        }
+        waited = true;
         tokio::time::sleep(left.min(Duration::from_secs(60))).await;
+    }
+    if waited {
+        resize(
+            &tsa.blocking_lane,
+            lane_for(tsa.first_signer()),
+            lane_for(next.signer.as_ref()),
+        );
     }
     let issuing = next.issuing.load();
     tracing::warn!(
@@ -432,9 +476,41 @@ async fn roll_over(tsa: Arc<Tsa>) {
     }
 }
 
+/// Gives `lane` `to` places instead of `from`: more at once, fewer as the places in use
+/// come back.
+fn resize(lane: &Arc<tokio::sync::Semaphore>, from: usize, to: usize) {
+    if to > from {
+        lane.add_permits(to - from);
+    } else if from > to {
+        let lane = Arc::clone(lane);
+        tokio::spawn(async move {
+            if let Ok(places) = lane.acquire_many_owned((from - to) as u32).await {
+                places.forget();
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_lane_resized_gives_and_takes_places() {
+        let lane = Arc::new(tokio::sync::Semaphore::new(4));
+        resize(&lane, 4, 6);
+        assert_eq!(lane.available_permits(), 6);
+        // Two places in use: the lane shrinks to 2 as they come back.
+        let busy = Arc::clone(&lane).acquire_many_owned(2).await.unwrap();
+        resize(&lane, 6, 2);
+        tokio::task::yield_now().await;
+        assert_eq!(lane.available_permits(), 0);
+        drop(busy);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(lane.available_permits(), 2);
+    }
 
     #[test]
     fn the_first_certificate_need_not_be_valid_once_the_rollover_has_passed() {
