@@ -974,7 +974,11 @@ fn a_planned_rollover_to_a_new_token_key() {
     assert!(before > 0 && after >= 5, "before {before}, after {after}");
     assert!(server.log().contains("key_rollover"), "{}", server.log());
     // The new key was watched before the instant, and found usable.
-    assert!(!server.log().contains("rollover_key_unusable"), "{}", server.log());
+    assert!(
+        !server.log().contains("rollover_key_unusable"),
+        "{}",
+        server.log()
+    );
 }
 
 /// A second token in the state directory's SoftHSM2 configuration (`tsa hsm softhsm-init`),

@@ -113,6 +113,9 @@ pub struct Archive {
     gen_time_floor_ns: u64,
     reader: Mutex<Box<dyn ArchiveStore>>,
     healthy: Arc<AtomicBool>,
+    /// A token waited [`COMMIT_WAIT`] for its commit, or found too many waiting, since the
+    /// last durable commit (the writer clears it): the disk or database hangs.
+    stalled: Arc<AtomicBool>,
     writer: Mutex<Option<JoinHandle<()>>>,
     held: Held,
     stats: Arc<CommitStats>,
@@ -295,6 +298,7 @@ impl Archive {
             }),
         );
         let healthy = Arc::new(AtomicBool::new(true));
+        let stalled = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(CommitStats::default());
         let writer = Writer {
             stats: stats.clone(),
@@ -313,6 +317,7 @@ impl Archive {
                 .then(|| Duration::from_secs(config.retention_days * 86_400)),
             max_batch: config.max_batch.max(1),
             healthy: healthy.clone(),
+            stalled: stalled.clone(),
             queue: queue.clone(),
             refused: Default::default(),
             durable: Arc::new(std::sync::Mutex::new(head)),
@@ -337,6 +342,7 @@ impl Archive {
             gen_time_floor_ns,
             reader: Mutex::new(reader),
             healthy,
+            stalled,
             writer: Mutex::new(Some(handle)),
             held: lock,
             stats,
@@ -383,12 +389,14 @@ impl Archive {
             .send(Msg::Record(Box::new(record), reply))
             .is_err()
         {
-            return Err(ArchiveError(if self.queue.is_closed() {
-                "the archive is closed".into()
-            } else {
+            if self.queue.is_closed() {
+                return Err(ArchiveError("the archive is closed".into()));
+            }
+            self.stalled.store(true, Ordering::Relaxed);
+            return Err(ArchiveError(
                 "the token could not be archived: too many tokens wait for the archive's writer"
-                    .into()
-            }));
+                    .into(),
+            ));
         }
         Ok(done)
     }
@@ -434,10 +442,13 @@ impl Archive {
             Ok(answer) => {
                 answer.unwrap_or_else(|_| Err(ArchiveError("the archive writer stopped".into())))
             }
-            Err(_) => Err(ArchiveError(format!(
-                "the archive did not commit the token within {} s",
-                COMMIT_WAIT.as_secs()
-            ))),
+            Err(_) => {
+                self.stalled.store(true, Ordering::Relaxed);
+                Err(ArchiveError(format!(
+                    "the archive did not commit the token within {} s",
+                    COMMIT_WAIT.as_secs()
+                )))
+            }
         }
     }
 
@@ -464,11 +475,17 @@ impl Archive {
                 );
             }
         }
-        if self.healthy.load(Ordering::Relaxed) {
-            Ok(())
-        } else {
-            Err("the archive's last write failed".into())
+        if !self.healthy.load(Ordering::Relaxed) {
+            return Err("the archive's last write failed".into());
         }
+        if self.stalled.load(Ordering::Relaxed) {
+            return Err(format!(
+                "the archive has committed nothing since a token waited {} s for it or found \
+                 too many waiting (its disk or database hangs)",
+                COMMIT_WAIT.as_secs()
+            ));
+        }
+        Ok(())
     }
 
     /// Checkpoints from now on are signed with this certificate's key (after a reload that
@@ -949,5 +966,62 @@ mod tests {
                 assert_eq!(&super::dotted(&oid), text);
             }
         }
+    }
+
+    #[test]
+    fn a_writer_that_hangs_fails_readiness_until_it_commits_again() {
+        use crate::archive::serial::SerialAllocator;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path(), "archive.state");
+        config.layout = sqlite::Layout::Rows;
+        config.busy_timeout_ms = 3_000;
+        let archive = Archive::open(&config, signer(), 2).unwrap();
+        let serials = archive.serials();
+        let record = || {
+            let mut r = sample(300);
+            r.serial = serials.next().unwrap().as_bytes().to_vec();
+            r
+        };
+        assert!(archive.health().is_ok());
+        // Another process holds the database: the writer's commit waits for it.
+        let locker = rusqlite::Connection::open(&config.database).unwrap();
+        locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let mut waiting = Vec::new();
+        let mut refused = None;
+        for _ in 0..10 {
+            match archive.enqueue(record()) {
+                Ok(done) => waiting.push(done),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let refused = refused.expect("the queue of two filled while the writer waited");
+        assert!(refused.0.contains("too many tokens wait"), "{}", refused.0);
+        let not_ready = archive.health().unwrap_err();
+        assert!(not_ready.contains("hangs"), "{not_ready}");
+        // Once the database is free and a commit is durable, the archive is ready again.
+        locker.execute_batch("ROLLBACK").unwrap();
+        drop(waiting);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            // Refused while the writer still waits out its commit (the queue is full), then
+            // refused as the outage its failed commit began, then committed.
+            let committed = archive
+                .enqueue(record())
+                .is_ok_and(|done| done.blocking_recv().is_ok_and(|r| r.is_ok()));
+            if committed && archive.health().is_ok() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                archive.health()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        archive.close();
     }
 }

@@ -78,6 +78,9 @@ pub(super) struct Writer {
     pub retention: Option<Duration>,
     pub max_batch: usize,
     pub healthy: Arc<AtomicBool>,
+    /// Set by the request side when a token waited too long for its commit or found the
+    /// queue full (a disk or database that hangs); cleared by the next durable commit.
+    pub stalled: Arc<AtomicBool>,
     pub stats: Arc<super::CommitStats>,
     /// Woken when a commit fails after the writer went on (so that it sees the outage).
     pub queue: Arc<Queue>,
@@ -296,8 +299,9 @@ impl Writer {
     /// counted as refused and the writer is woken to begin the outage (if the failure came
     /// after it went on). Commit statistics are taken here too, from the append to the end.
     fn answer(&self, replies: Vec<Reply>, head: ChainHead) -> Durable {
-        let (healthy, queue, refused, stats, durable) = (
+        let (healthy, stalled, queue, refused, stats, durable) = (
             self.healthy.clone(),
+            self.stalled.clone(),
             self.queue.clone(),
             self.refused.clone(),
             self.stats.clone(),
@@ -311,6 +315,9 @@ impl Writer {
                 let mut durable = durable.lock().unwrap_or_else(|p| p.into_inner());
                 if head.seq >= durable.seq {
                     *durable = head;
+                }
+                if stalled.load(Ordering::Relaxed) {
+                    stalled.store(false, Ordering::Relaxed);
                 }
             }
             let outcome = outcome.map_err(|e| {
