@@ -732,6 +732,36 @@ client_crl = ["crl.pem"]"#,
         post_as("client").is_err(),
         "a certificate of a CA without a CRL"
     );
+    // Connections kept open across the reload (keep-alive), one for each certificate.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let kept_open = |name: &str| {
+        let endpoint = tsa::client::transport::Endpoint::new(
+            &https,
+            &tsa::client::transport::Options {
+                ca_certs: Some(d.join("ca-cert.pem")),
+                client_cert: Some((
+                    d.join(format!("{name}-cert.pem")),
+                    d.join(format!("{name}-key.pem")),
+                )),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        endpoint
+    };
+    let query_der = std::fs::read(&q).unwrap();
+    let stamp_on = |endpoint: &tsa::client::transport::Endpoint| {
+        runtime
+            .block_on(tsa::client::post(endpoint, query_der.clone()))
+            .map(|body| Response::from_der(&body).unwrap())
+            .map_err(|e| format!("{e:#}"))
+    };
+    let (kept_conn, revoked_conn) = (kept_open("kept"), kept_open("revoked"));
+    assert!(stamp_on(&kept_conn).unwrap().granted());
+    assert!(stamp_on(&revoked_conn).unwrap().granted());
 
     std::fs::write(d.join("crl.pem"), ca.crl(2, &[1002]).der()).unwrap();
     server.signal("HUP");
@@ -740,6 +770,12 @@ client_crl = ["crl.pem"]"#,
         "the revoked certificate to be refused after the reload",
     );
     post_as("kept").unwrap().granted();
+    // On the connections opened before the reload: the revoked certificate is refused at its
+    // next request, the kept one verified again and served.
+    let refused =
+        stamp_on(&revoked_conn).expect_err("a revoked certificate served on its old connection");
+    assert!(refused.contains("HTTP 401"), "{refused}");
+    assert!(stamp_on(&kept_conn).unwrap().granted());
     let archived = archived_clients(d);
     let count = |name| {
         archived
@@ -747,7 +783,7 @@ client_crl = ["crl.pem"]"#,
             .filter(|c| c.as_deref() == Some(name))
             .count()
     };
-    assert_eq!((count("kept"), count("revoked")), (2, 1), "{archived:?}");
+    assert_eq!((count("kept"), count("revoked")), (4, 2), "{archived:?}");
 }
 
 /// `require_client_certificate = true`: a handshake without a client certificate is refused;

@@ -48,6 +48,9 @@ pub enum Refusal {
 pub struct Link<'a> {
     pub tls: bool,
     pub certificate: Option<&'a PeerCertificate>,
+    /// The TLS configuration was reloaded since the handshake and refuses that certificate
+    /// now (a CRL revoked it, its CA was dropped).
+    pub certificate_refused: bool,
 }
 
 /// A distinguished name as clients are matched by it: its RDNs in order, each its (attribute
@@ -123,9 +126,21 @@ pub struct PeerCertificate {
     /// session restores the certificate without verifying it again, and a connection lives
     /// for many requests.
     pub not_after_s: Option<u64>,
+    /// The chain the handshake verified, the client's certificate first: verified again
+    /// when the TLS configuration is reloaded while the connection lives.
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl PeerCertificate {
+    /// The identity of `chain`'s first certificate, the chain kept.
+    pub fn from_chain(chain: &[rustls::pki_types::CertificateDer<'_>]) -> Self {
+        let leaf = chain.first().map_or(&[][..], |c| c.as_ref());
+        Self {
+            chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+            ..Self::from_der(leaf)
+        }
+    }
+
     pub fn from_der(der: &[u8]) -> Self {
         use der::Decode;
         let mut sha256 = [0u8; 32];
@@ -144,6 +159,7 @@ impl PeerCertificate {
             sha256,
             names,
             not_after_s,
+            chain: Vec::new(),
         }
     }
 }
@@ -307,6 +323,12 @@ impl Auth {
             ));
         }
         let certificate = link.certificate;
+        if certificate.is_some() && link.certificate_refused {
+            return Err(Refusal::InvalidCredentials(
+                "the client certificate is refused by the TLS configuration reloaded since its \
+                 connection's handshake (revoked, or its CA dropped)",
+            ));
+        }
         if certificate.is_some_and(|c| c.not_after_s.is_some_and(|end| now_s > end)) {
             return Err(Refusal::InvalidCredentials(
                 "the client certificate has expired since its connection's handshake (or the \
@@ -555,6 +577,7 @@ mod tests {
         Link {
             tls: true,
             certificate,
+            certificate_refused: false,
         }
     }
     use crate::config::ClientConfig;
@@ -620,6 +643,7 @@ mod tests {
             sha256,
             names: NameKey::parse("CN=Client CA A").zip(NameKey::parse(subject)),
             not_after_s: Some(4_102_444_800),
+            chain: Vec::new(),
         }
     }
 

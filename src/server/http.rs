@@ -13,7 +13,7 @@
 //! | `Content-Length` together with `chunked`            | read as chunked, then the connection closed (hyper) |
 //! | any other method on `{path}`                        | 405, `Allow: POST` + DER rejection `badRequest` |
 //! | `POST {path}` without credentials, `[auth] anonymous = false` | 401, `WWW-Authenticate: Bearer realm="tsa"` + DER rejection `badRequest` |
-//! | `POST {path}` with a wrong API key, or a client certificate of no configured client | 401 (also when anonymous access is on) + DER rejection `badRequest` |
+//! | `POST {path}` with a wrong API key, or a client certificate of no configured client (or one that the TLS configuration reloaded since its connection's handshake refuses) | 401 (also when anonymous access is on) + DER rejection `badRequest` |
 //! | `POST {path}` over the client's quota               | 429, `Retry-After` (seconds) + DER rejection `systemFailure` |
 //! | `POST {path}` while `max_queue` requests are admitted, and no place frees within `queue_wait_ms` | 503, `Retry-After: 1` + DER rejection `systemFailure` ([`super::admission`]) |
 //! | a batch while `max_batches_in_flight` batches are read or answered | 503, `Retry-After: 1` + DER rejection `systemFailure`, before its body is read |
@@ -99,6 +99,31 @@ struct Connection {
     peer: Option<Arc<PeerCertificate>>,
     /// Whether the connection is TLS (the HTTPS listener).
     tls: bool,
+    /// The TLS configuration that last accepted `peer` (its handshake's, then the reloaded
+    /// one that verified it again).
+    verified_under: Option<std::sync::Mutex<Arc<super::tls::Tls>>>,
+}
+
+impl Connection {
+    /// Whether the client certificate is refused by the TLS configuration in force, reloaded
+    /// since it was last verified (once per reload: then it is verified again).
+    fn certificate_refused(&self, tsa: &Tsa) -> bool {
+        let (Some(peer), Some(under)) = (&self.peer, &self.verified_under) else {
+            return false;
+        };
+        let Some(current) = tsa.tls.load_full() else {
+            return true;
+        };
+        let mut under = under.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&under, &current) {
+            return false;
+        }
+        if current.still_accepts(&peer.chain) {
+            *under = current;
+            return false;
+        }
+        true
+    }
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -165,6 +190,7 @@ where
         served: AtomicU64::new(0),
         peer: None,
         tls: false,
+        verified_under: None,
     };
     let limits = Arc::new(Limits::new(&config));
     let graceful = GracefulShutdown::new();
@@ -216,7 +242,7 @@ pub(super) async fn run(
                         continue;
                     }
                 };
-                let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), peer: None, tls: false };
+                let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), peer: None, tls: false, verified_under: None };
                 let (tsa, limits) = (tsa.clone(), limits.clone());
                 let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
                 spawn(serve_public(&builder, graceful.watcher(), io, tsa, limits, connection));
@@ -243,16 +269,17 @@ pub(super) async fn run(
                     }
                 };
                 // The certificate in force now (a reload may replace it).
-                let Some(acceptor) = tsa.tls.load_full() else { continue };
+                let Some(tls) = tsa.tls.load_full() else { continue };
                 let (tsa, limits, builder, watcher) = (tsa.clone(), limits.clone(), builder.clone(), graceful.watcher());
                 // The handshake runs in the connection's task, within the read timeout.
                 spawn(async move {
                     // Under TLS, so that the handshake's and the records' writes are held to it too.
                     let stream = WriteTimeout::new(stream, limits.write_timeout);
-                    let Some((stream, peer)) = super::tls::handshake(&acceptor, stream, limits.read_timeout).await else {
+                    let Some((stream, peer)) = super::tls::handshake(&tls, stream, limits.read_timeout).await else {
                         return Ok(());
                     };
-                    let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), peer, tls: true };
+                    let verified_under = peer.is_some().then(|| std::sync::Mutex::new(tls));
+                    let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), peer, tls: true, verified_under };
                     serve_public(&builder, watcher, TokioIo::new(stream), tsa, limits, connection).await
                 });
             }
@@ -428,6 +455,7 @@ where
             let link = Link {
                 tls: connection.tls,
                 certificate: connection.peer.as_deref(),
+                certificate_refused: connection.certificate_refused(&tsa),
             };
             let mut reply = public_route(req, &tsa, &limits, link, &connection.address).await;
             let served = connection.served.fetch_add(1, Ordering::Relaxed) + 1;

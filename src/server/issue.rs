@@ -182,7 +182,7 @@ pub struct Tsa {
     /// A planned change of key (`[rollover]`).
     pub(super) rollover: Option<Rollover>,
     /// The HTTPS listener's TLS configuration, when it has one; replaced by a reload.
-    pub(super) tls: arc_swap::ArcSwapOption<tokio_rustls::TlsAcceptor>,
+    pub(super) tls: arc_swap::ArcSwapOption<super::tls::Tls>,
 }
 
 /// A granted response and, with the archive, its token's record (not yet recorded).

@@ -8,12 +8,17 @@
 //! them gives (fail closed: a CA left out of the CRLs would otherwise go unchecked). The CRLs
 //! are read again with the rest of the TLS files on reload (SIGHUP).
 //! The verified certificate's identity goes with every request of the connection to
-//! [`super::auth`], which maps it to a configured client.
+//! [`super::auth`], which maps it to a configured client. A connection opened before a reload
+//! keeps its certificate only while the reloaded configuration accepts it too
+//! ([`Tls::still_accepts`], asked once per connection and reload): a certificate that the new
+//! CRLs revoke, or whose CA was dropped, is refused at the connection's next request.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::server::TlsStream;
@@ -23,9 +28,30 @@ use super::auth::PeerCertificate;
 use crate::config::TlsConfig;
 use crate::pem;
 
+/// The HTTPS listener's configuration as one reload replaces it: the acceptor and the client
+/// certificate verifier inside it.
+pub struct Tls {
+    pub acceptor: TlsAcceptor,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+impl Tls {
+    /// Whether this configuration accepts the client certificate `chain` (the client's first,
+    /// as its handshake presented it) now, as its handshake would.
+    pub fn still_accepts(&self, chain: &[CertificateDer<'static>]) -> bool {
+        let (Some(verifier), Some((leaf, intermediates))) = (&self.verifier, chain.split_first())
+        else {
+            return false;
+        };
+        verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .is_ok()
+    }
+}
+
 /// The rustls server configuration of `[server.tls]`: refuses to start on a missing or
 /// unreadable certificate, key or client CA.
-pub fn acceptor(config: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
+pub fn acceptor(config: &TlsConfig) -> anyhow::Result<Tls> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let (Some(cert_path), Some(key_path)) = (&config.certificate, &config.key) else {
         bail!("server.https_listen needs server.tls.certificate and server.tls.key");
@@ -36,6 +62,7 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
+    let mut client_verifier = None;
     let builder = if config.client_ca.is_empty() {
         builder.with_no_client_auth()
     } else {
@@ -63,39 +90,42 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
             true => verifier,
             false => verifier.allow_unauthenticated(),
         };
-        builder.with_client_cert_verifier(
-            verifier
-                .build()
-                .context("server.tls.client_ca: cannot build the client verifier")?,
-        )
+        let verifier = verifier
+            .build()
+            .context("server.tls.client_ca: cannot build the client verifier")?;
+        client_verifier = Some(verifier.clone());
+        builder.with_client_cert_verifier(verifier)
     };
     let mut server = builder
         .with_single_cert(chain, key)
         .context("server.tls: the certificate does not fit the key")?;
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(server)))
+    Ok(Tls {
+        acceptor: TlsAcceptor::from(Arc::new(server)),
+        verifier: client_verifier,
+    })
 }
 
 /// The TLS handshake on an accepted connection, within `timeout`; `None` when it fails (a
 /// refused or missing client certificate, a client that does not speak TLS, a slow one). The
 /// identity of the client certificate, when one was verified, comes with the stream.
 pub async fn handshake<S>(
-    acceptor: &TlsAcceptor,
+    tls: &Tls,
     stream: S,
     timeout: Duration,
 ) -> Option<(TlsStream<S>, Option<Arc<PeerCertificate>>)>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => {
-            let peer = tls
+    match tokio::time::timeout(timeout, tls.acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => {
+            let peer = stream
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(|chain| chain.first())
-                .map(|leaf| Arc::new(PeerCertificate::from_der(leaf)));
-            Some((tls, peer))
+                .filter(|chain| !chain.is_empty())
+                .map(|chain| Arc::new(PeerCertificate::from_chain(chain)));
+            Some((stream, peer))
         }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "TLS handshake failed");
