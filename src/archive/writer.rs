@@ -534,6 +534,8 @@ impl Writer {
         self.pending_events.clear();
         self.outage = None;
         self.healthy.store(true, Ordering::Relaxed);
+        // A write went through: whatever hung before has ended.
+        self.stalled.store(false, Ordering::Relaxed);
         // No `event` field: this is stored above already, not through the events layer.
         tracing::info!(
             instance = self.instance_id,

@@ -316,9 +316,11 @@ impl IssuingClock {
     /// Whether a token could be issued now: what [`IssuingClock::now`] would refuse, without
     /// taking a tick.
     pub fn check(&self) -> Result<(), Refusal> {
+        // Read under the lock, as `now` does: a reading taken before it could be passed by
+        // the tokens issued while this thread waited, and look like a step back.
+        let last = self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
         let reading = self.source.read();
         self.admit(&reading)?;
-        let last = *self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
         match last.checked_sub(reading.unix_ns) {
             Some(behind) if behind > MAX_WAIT_BACKWARDS.as_nanos() as u64 => {
                 Err(stepped_back(behind))

@@ -160,6 +160,8 @@ pub struct Tsa {
     pub(super) lane_moved: Moment,
     /// Issuances of a blocking signer in flight at once.
     pub(super) blocking_lane: Arc<tokio::sync::Semaphore>,
+    /// The places `blocking_lane` was given (it is resized at a planned rollover).
+    pub(super) lane_places: std::sync::atomic::AtomicUsize,
     pub(super) metrics: super::metrics::Metrics,
     /// Requests admitted and not yet answered (`server.max_queue`).
     pub(super) admission: super::admission::Admission,
@@ -402,7 +404,8 @@ impl Tsa {
                     tracing::error!(items = n, of = count, reason = %first.reason, detail, left_out, "batch items failed");
                 }
             } else if let Some(left_out) = REJECTED.allow() {
-                tracing::info!(fail_info = %first.fail_info, items = n, of = count, reason = %first.reason, left_out, "batch items rejected");
+                let detail = first.detail.as_deref().unwrap_or("");
+                tracing::info!(fail_info = %first.fail_info, items = n, of = count, reason = %first.reason, detail, left_out, "batch items rejected");
             }
         }
         answers
@@ -556,9 +559,12 @@ impl Tsa {
         // must still leave that instant within the declared accuracy of genTime.
         let late_ns = elapsed_ns(read_at);
         if stamp.accuracy.as_ns().saturating_add(late_ns) > declared_ns {
-            // The signer's health to report as a failure is: readiness holds off the requests
-            // a balancer would send into the same wait.
-            self.signer_failure.mark();
+            // Late whatever genTime's truncation (which can bring a fast signature close to
+            // the limit): the signer's health to report as a failure, so that readiness holds
+            // off the requests a balancer would send into the same wait.
+            if time.bound_ns.saturating_add(late_ns) > declared_ns {
+                self.signer_failure.mark();
+            }
             return Err(self.refuse(
                 RefusalKind::SignedLate,
                 RefusalKind::SignedLate.public_reason(),
@@ -727,9 +733,11 @@ fn log_rejection(rejection: &Rejection) {
             tracing::error!(reason = %rejection.reason, detail, left_out, "request failed");
         }
     } else if let Some(left_out) = REJECTED.allow() {
+        // The detail (the clock's own reason for a timeNotAvailable) is the operator's.
         tracing::info!(
             fail_info = %rejection.fail_info,
             reason = %rejection.reason,
+            detail = rejection.detail.as_deref().unwrap_or(""),
             left_out,
             "request rejected"
         );

@@ -84,7 +84,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
     };
 
     // The lane of the signer in force at start: the rollover's from its instant on (the
-    // rollover task resizes it then, for a server started before).
+    // rollover task resizes it at the instant, from whatever size it has).
     let blocking_lane = match &rollover {
         Some(next) if crate::clock::system_unix_ns() >= next.at_ns => {
             lane_for(next.signer.as_ref())
@@ -125,6 +125,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         signer_failure: issue::Moment::new(),
         lane_moved: issue::Moment::new(),
         blocking_lane: Arc::new(tokio::sync::Semaphore::new(blocking_lane)),
+        lane_places: std::sync::atomic::AtomicUsize::new(blocking_lane),
         metrics: metrics::Metrics::default(),
         admission,
         batches: tokio::sync::Semaphore::new(max_batches),
@@ -425,7 +426,6 @@ const ROLLOVER_WATCH: Duration = Duration::from_secs(600);
 /// keys by their own genTime in the request path, whatever this task does.
 async fn roll_over(tsa: Arc<Tsa>) {
     let Some(next) = tsa.rollover() else { return };
-    let mut waited = false;
     let mut healthy = true;
     loop {
         let now = crate::clock::system_unix_ns();
@@ -450,16 +450,13 @@ async fn roll_over(tsa: Arc<Tsa>) {
             }
             healthy = health.is_ok();
         }
-        waited = true;
         tokio::time::sleep(left.min(Duration::from_secs(60))).await;
     }
-    if waited {
-        resize(
-            &tsa.blocking_lane,
-            lane_for(tsa.first_signer()),
-            lane_for(next.signer.as_ref()),
-        );
-    }
+    let places = lane_for(next.signer.as_ref());
+    let was = tsa
+        .lane_places
+        .swap(places, std::sync::atomic::Ordering::Relaxed);
+    resize(&tsa.blocking_lane, was, places);
     let issuing = next.issuing.load();
     tracing::warn!(
         event = "key_rollover",

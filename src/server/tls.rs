@@ -10,8 +10,10 @@
 //! The verified certificate's identity goes with every request of the connection to
 //! [`super::auth`], which maps it to a configured client. A connection opened before a reload
 //! keeps its certificate only while the reloaded configuration accepts it too
-//! ([`Tls::still_accepts`], asked once per connection and reload): a certificate that the new
-//! CRLs revoke, or whose CA was dropped, is refused at the connection's next request.
+//! ([`Tls::still_accepts`], asked once per connection and reload while it is accepted, at each
+//! request once it is not): a certificate that the new CRLs revoke, or whose CA was dropped,
+//! is refused at the connection's next request. (A connection without a certificate is not
+//! asked again: a reload that makes one required applies to new connections.)
 
 use std::sync::Arc;
 use std::time::Duration;
