@@ -543,15 +543,33 @@ impl Tsa {
         }
 
         let tbs = issuing.template.to_be_signed(&request, &stamp)?;
+        // What is left of the declared accuracy: a signer that waits for a session gives up
+        // once a signature would come too late anyway, rather than hold the request.
+        let budget_ns = declared_ns
+            .saturating_sub(stamp.accuracy.as_ns())
+            .saturating_sub(elapsed_ns(read_at));
         let signing = std::time::Instant::now();
-        let signature = signer.sign(tbs.message());
+        let signature = signer.sign_within(tbs.message(), Duration::from_nanos(budget_ns));
         self.metrics.signature(signing.elapsed(), signature.is_ok());
-        let signature = signature.map_err(|e| {
-            // An unavailable key is the signer's health to report (and to recover).
-            if matches!(e, SignError::Failed(_)) {
+        let signature = signature.map_err(|e| match e {
+            // As a signature back late (below): readiness holds off the requests a balancer
+            // would send into the same wait.
+            SignError::Late(_) => {
                 self.signer_failure.mark();
+                Rejection {
+                    detail: Some(e.to_string()),
+                    ..self.refuse(
+                        RefusalKind::SignedLate,
+                        RefusalKind::SignedLate.public_reason(),
+                    )
+                }
             }
-            Rejection::internal("the token could not be signed", e)
+            // An unavailable key is the signer's health to report (and to recover).
+            SignError::Failed(_) => {
+                self.signer_failure.mark();
+                Rejection::internal("the token could not be signed", e)
+            }
+            SignError::Unavailable(_) => Rejection::internal("the token could not be signed", e),
         })?;
         self.signer_failure.clear();
         // genTime ± accuracy holds the reading; the token is made when the signature returns.
@@ -947,6 +965,74 @@ mod tests {
         fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
             std::thread::sleep(self.stall);
             self.inner.sign(message)
+        }
+    }
+
+    /// A signer whose sessions come free only after `busy`: it gives up within the wait it
+    /// is given, which it records.
+    struct Busy {
+        inner: Arc<dyn Signer>,
+        busy: Duration,
+        given: std::sync::Mutex<Option<Duration>>,
+    }
+
+    impl Signer for Busy {
+        fn algorithm(&self) -> crate::alg::SignatureAlgorithm {
+            self.inner.algorithm()
+        }
+        fn public_key(&self) -> &[u8] {
+            self.inner.public_key()
+        }
+        fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
+            self.sign_within(message, Duration::MAX)
+        }
+        fn sign_within(&self, message: &[u8], wait: Duration) -> Result<Vec<u8>, SignError> {
+            *self.given.lock().unwrap() = Some(wait);
+            if wait < self.busy {
+                return Err(SignError::Late(wait));
+            }
+            self.inner.sign(message)
+        }
+    }
+
+    #[test]
+    fn a_signer_is_given_what_is_left_of_the_declared_accuracy_to_begin_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tsa = development_tsa(dir.path());
+        let inner = Arc::clone(&tsa.signer);
+        let query = crate::client::Query::for_data(crate::alg::DigestAlgorithm::Sha256, b"x")
+            .unwrap()
+            .to_der()
+            .unwrap();
+        // The reading's bound is 1 ms; 100 ms are declared: 99 ms or less are left.
+        let declared = Duration::from_millis(100);
+        for (busy, granted) in [(Duration::from_millis(10), true), (declared, false)] {
+            let signer = Arc::new(Busy {
+                inner: Arc::clone(&inner),
+                busy,
+                given: Default::default(),
+            });
+            tsa.signer = signer.clone();
+            tsa.clock = IssuingClock::new(
+                Box::new(Fixed(crate::clock::system_unix_ns())),
+                declared,
+                Duration::from_micros(1),
+            );
+            let outcome = tsa.issue(&query);
+            let given = signer.given.lock().unwrap().expect("asked to sign");
+            assert!(
+                given <= Duration::from_millis(99) && given > Duration::from_millis(90),
+                "{given:?}"
+            );
+            match outcome {
+                Ok(_) => assert!(granted, "granted although busy for {busy:?}"),
+                Err(refused) => {
+                    assert!(!granted, "busy for {busy:?}: {refused:?}");
+                    assert_eq!(refused.fail_info, FailInfo::TimeNotAvailable);
+                    assert_eq!(tsa.clock.refusals(RefusalKind::SignedLate), 1);
+                    assert!(tsa.readiness().unwrap_err().contains("too late"));
+                }
+            }
         }
     }
 

@@ -20,6 +20,10 @@ pub enum SignError {
     /// The signature operation failed.
     #[error("signing failed: {0}")]
     Failed(String),
+    /// The signature could not begin within the time it was given (every HSM session busy):
+    /// it would have come too late for the token's declared accuracy.
+    #[error("no signature within {0:?}: every session stayed busy")]
+    Late(std::time::Duration),
 }
 
 pub trait Signer: Send + Sync + 'static {
@@ -32,6 +36,13 @@ pub trait Signer: Send + Sync + 'static {
     /// Signs `message` (hashing it with [`SignatureAlgorithm::digest`]) and returns the
     /// signature as CMS carries it: DER `ECDSA-Sig-Value` for ECDSA, the raw octets for RSA.
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError>;
+
+    /// [`Signer::sign`], given up with [`SignError::Late`] where the signature cannot begin
+    /// within `wait` (a signer that waits for a session of its own; the others sign at once).
+    fn sign_within(&self, message: &[u8], wait: std::time::Duration) -> Result<Vec<u8>, SignError> {
+        let _ = wait;
+        self.sign(message)
+    }
 
     /// Whether the key can sign now (an HSM signer is down while its token or session is lost
     /// and recovering). Readiness reports it.

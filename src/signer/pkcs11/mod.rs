@@ -322,12 +322,18 @@ impl Signer for Pkcs11Signer {
     }
 
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
+        self.sign_within(message, Duration::MAX)
+    }
+
+    fn sign_within(&self, message: &[u8], wait: Duration) -> Result<Vec<u8>, SignError> {
         let digest_alg = self.algorithm.digest();
         let digest = digest_alg
             .digest(message)
             .expect("SHA-2 is computed on the host");
         let scheme = self.pool.scheme();
-        let raw = self.pool.sign(&scheme.input(digest_alg, &digest))?;
+        let raw = self
+            .pool
+            .sign_within(&scheme.input(digest_alg, &digest), wait)?;
         if matches!(scheme, key::Scheme::RsaPkcs1 | key::Scheme::RsaPss) {
             key::check_rsa(self.algorithm, &self.public_key, message, &raw)
                 .map_err(SignError::Failed)?;

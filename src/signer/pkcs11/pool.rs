@@ -584,6 +584,12 @@ impl Pool {
 
     /// Signs `data` (what the mechanism takes) with the key; the raw mechanism output.
     pub fn sign(&self, data: &[u8]) -> Result<Vec<u8>, SignError> {
+        self.sign_within(data, ACQUIRE_TIMEOUT)
+    }
+
+    /// [`SessionPool::sign`], waiting at most `wait` for a session (and never more than
+    /// [`ACQUIRE_TIMEOUT`]): [`SignError::Late`] when `wait` ran out first.
+    pub fn sign_within(&self, data: &[u8], wait: Duration) -> Result<Vec<u8>, SignError> {
         if let Health::Down { reason, .. } = &self.state().health {
             return Err(SignError::Unavailable(reason.clone()));
         }
@@ -597,13 +603,14 @@ impl Pool {
             }
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
         };
-        let pooled = self.acquire()?;
+        let pooled = self.acquire(wait)?;
         self.sign_with(pooled, data)
     }
 
-    /// Borrows an idle session, waiting while all are busy (at most [`ACQUIRE_TIMEOUT`]).
-    fn acquire(&self) -> Result<Pooled, SignError> {
-        let deadline = Instant::now() + ACQUIRE_TIMEOUT;
+    /// Borrows an idle session, waiting while all are busy (at most `wait`, and at most
+    /// [`ACQUIRE_TIMEOUT`], after which the sessions count as stuck).
+    fn acquire(&self, wait: Duration) -> Result<Pooled, SignError> {
+        let deadline = Instant::now() + wait.min(ACQUIRE_TIMEOUT);
         let mut state = self.state();
         loop {
             if let Health::Down { reason, .. } = &state.health {
@@ -614,6 +621,9 @@ impl Pool {
                 return Ok(pooled);
             }
             let now = Instant::now();
+            if now >= deadline && wait < ACQUIRE_TIMEOUT {
+                return Err(SignError::Late(wait));
+            }
             if now >= deadline {
                 return Err(SignError::Unavailable(format!(
                     "all {} HSM sessions stayed busy for {} s",
