@@ -49,7 +49,7 @@ pub struct Link<'a> {
     pub tls: bool,
     pub certificate: Option<&'a PeerCertificate>,
     /// The TLS configuration was reloaded since the handshake and refuses that certificate
-    /// now (a CRL revoked it, its CA was dropped).
+    /// now (a CRL revoked it, its CA was dropped), or requires one where none was presented.
     pub certificate_refused: bool,
 }
 
@@ -323,10 +323,10 @@ impl Auth {
             ));
         }
         let certificate = link.certificate;
-        if certificate.is_some() && link.certificate_refused {
+        if link.certificate_refused {
             return Err(Refusal::InvalidCredentials(
-                "the client certificate is refused by the TLS configuration reloaded since its \
-                 connection's handshake (revoked, or its CA dropped)",
+                "the TLS configuration reloaded since the connection's handshake refuses its \
+                 client certificate (revoked, its CA dropped) or requires one",
             ));
         }
         if certificate.is_some_and(|c| c.not_after_s.is_some_and(|end| now_s > end)) {

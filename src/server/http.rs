@@ -99,16 +99,17 @@ struct Connection {
     peer: Option<Arc<PeerCertificate>>,
     /// Whether the connection is TLS (the HTTPS listener).
     tls: bool,
-    /// The TLS configuration that last accepted `peer` (its handshake's, then the reloaded
-    /// one that verified it again).
+    /// On the HTTPS listener, the TLS configuration that last accepted the connection and
+    /// `peer` (its handshake's, then a reloaded one that verified it again).
     verified_under: Option<std::sync::Mutex<Arc<super::tls::Tls>>>,
 }
 
 impl Connection {
-    /// Whether the client certificate is refused by the TLS configuration in force, reloaded
-    /// since it was last verified (once per reload: then it is verified again).
+    /// Whether the TLS configuration in force, reloaded since the connection's client
+    /// certificate (or its lack of one) was last accepted, refuses it: a certificate it
+    /// does not verify, or none where it requires one (asked once per reload while accepted).
     fn certificate_refused(&self, tsa: &Tsa) -> bool {
-        let (Some(peer), Some(under)) = (&self.peer, &self.verified_under) else {
+        let Some(under) = &self.verified_under else {
             return false;
         };
         let Some(current) = tsa.tls.load_full() else {
@@ -118,11 +119,14 @@ impl Connection {
         if Arc::ptr_eq(&under, &current) {
             return false;
         }
-        if current.still_accepts(&peer.chain) {
+        let accepted = match &self.peer {
+            Some(peer) => current.still_accepts(&peer.chain),
+            None => !current.requires_certificate(),
+        };
+        if accepted {
             *under = current;
-            return false;
         }
-        true
+        !accepted
     }
 }
 
@@ -278,7 +282,7 @@ pub(super) async fn run(
                     let Some((stream, peer)) = super::tls::handshake(&tls, stream, limits.read_timeout).await else {
                         return Ok(());
                     };
-                    let verified_under = peer.is_some().then(|| std::sync::Mutex::new(tls));
+                    let verified_under = Some(std::sync::Mutex::new(tls));
                     let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), peer, tls: true, verified_under };
                     serve_public(&builder, watcher, TokioIo::new(stream), tsa, limits, connection).await
                 });

@@ -12,8 +12,8 @@
 //! keeps its certificate only while the reloaded configuration accepts it too
 //! ([`Tls::still_accepts`], asked once per connection and reload while it is accepted, at each
 //! request once it is not): a certificate that the new CRLs revoke, or whose CA was dropped,
-//! is refused at the connection's next request. (A connection without a certificate is not
-//! asked again: a reload that makes one required applies to new connections.)
+//! is refused at the connection's next request, and so is a connection without one where the
+//! reloaded configuration requires one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,9 +35,16 @@ use crate::pem;
 pub struct Tls {
     pub acceptor: TlsAcceptor,
     verifier: Option<Arc<dyn ClientCertVerifier>>,
+    /// `require_client_certificate`: a handshake without one is refused.
+    requires_certificate: bool,
 }
 
 impl Tls {
+    /// Whether this configuration refuses a connection without a client certificate.
+    pub fn requires_certificate(&self) -> bool {
+        self.requires_certificate
+    }
+
     /// Whether this configuration accepts the client certificate `chain` (the client's first,
     /// as its handshake presented it) now, as its handshake would.
     pub fn still_accepts(&self, chain: &[CertificateDer<'static>]) -> bool {
@@ -104,6 +111,7 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<Tls> {
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Tls {
         acceptor: TlsAcceptor::from(Arc::new(server)),
+        requires_certificate: client_verifier.is_some() && config.require_client_certificate,
         verifier: client_verifier,
     })
 }
