@@ -266,6 +266,54 @@ fn an_end_entity_certificate_cannot_issue_a_tsu_certificate() {
 }
 
 #[test]
+fn a_trusted_certificate_signs_the_path_only_as_a_ca_valid_then() {
+    let now = SystemTime::now();
+    // A pinned TSU certificate (an end entity) whose key signs a TSU certificate of its own
+    // making: as a trust anchor it is a name and a key, and it is no CA.
+    let pinned = pki(current_tsu(), vec![], current_tsu());
+    let error = both(&pinned, false).unwrap_err();
+    assert!(error.contains("not a CA"), "{error}");
+    // A root CA that has expired.
+    let mut expired = ca("Root", None);
+    let dates = params("", now - 5 * YEAR, now - YEAR);
+    (expired.not_before, expired.not_after) = (dates.not_before, dates.not_after);
+    let error = both(&pki(expired, vec![], current_tsu()), false).unwrap_err();
+    assert!(error.contains("not valid"), "{error}");
+}
+
+#[test]
+fn a_ca_whose_key_usage_does_not_allow_signing_certificates_issues_no_tsu() {
+    let mut crl_signer = ca("CRL signer", Some(0));
+    crl_signer.key_usages = vec![KeyUsagePurpose::CrlSign];
+    let error = both(
+        &pki(ca("Root", None), vec![crl_signer], current_tsu()),
+        false,
+    )
+    .unwrap_err();
+    assert!(error.contains("key usage"), "{error}");
+}
+
+#[test]
+fn a_gen_time_outside_the_certificate_or_ahead_of_the_clock_is_refused() {
+    let now = SystemTime::now();
+    let p = pki(ca("Root", Some(0)), vec![], current_tsu());
+    let dir = tempfile::tempdir().unwrap();
+    // Before the certificate existed (it is valid from a year ago), and a day ahead: the
+    // certificate is valid now, as openssl checks it, but not for those times.
+    for gen_time in [now - 3 * YEAR, now + Duration::from_secs(86_400)] {
+        let (reply, query) = stamp(&p, DigestAlgorithm::Sha256, gen_time);
+        assert!(openssl(&p, &reply, &query, None, dir.path()));
+        let error = ours(&p, &reply, &query, ValidAt::Now).unwrap_err();
+        assert!(
+            error.contains("outside the signer's certificate") || error.contains("ahead"),
+            "{error}"
+        );
+    }
+    let (reply, query) = stamp(&p, DigestAlgorithm::Sha256, now);
+    ours(&p, &reply, &query, ValidAt::Now).unwrap();
+}
+
+#[test]
 fn a_path_longer_than_the_root_allows_is_refused() {
     let deep = pki(
         ca("Root", Some(0)),

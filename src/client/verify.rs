@@ -60,6 +60,10 @@ pub enum ValidAt {
 /// token cannot make path building try thousands.
 const MAX_CERTIFICATES: usize = 32;
 
+/// How far a genTime may lie ahead of the verifying machine's clock: two clocks kept by NTP
+/// differ by far less; a token from further ahead was not made at its genTime.
+const MAX_CLOCK_DIFFERENCE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// id-kp-timeStamping's DER content octets, as `webpki` takes an extended key usage.
 const KP_TIME_STAMPING_DER: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x08];
 
@@ -80,6 +84,14 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
         tst.accuracy.is_none_or(|a| a.is_in_range()),
         "the accuracy's millis or micros are outside 1..999"
     );
+    // RFC 3161 2.4.2 takes extensions as RFC 5280 does: one marked critical that the verifier
+    // does not know refuses the token (none is known here).
+    if let Some(critical) = tst.extensions.iter().flatten().find(|e| e.critical) {
+        bail!(
+            "the token carries an extension marked critical that this verifier does not know: {}",
+            critical.extn_id
+        );
+    }
 
     // The imprint.
     let imprint_oid = tst.message_imprint.hash_algorithm.oid;
@@ -144,6 +156,23 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
         ValidAt::Time(at) => at,
     };
     check_path(signer_cert, &signer_der, &included, expect, at)?;
+    // Whatever the validation time, the token's own time must lie within the signer's
+    // certificate (a key cannot vouch for years its certificate never covered) and not ahead
+    // of this machine's clock by more than clocks differ.
+    let gen_at = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(gen_time.unix_ns());
+    let validity = signer_cert.tbs_certificate().validity();
+    ensure!(
+        validity.not_before.to_system_time() <= gen_at
+            && gen_at <= validity.not_after.to_system_time(),
+        "genTime {gen_time} lies outside the signer's certificate validity ({} to {})",
+        validity.not_before,
+        validity.not_after
+    );
+    ensure!(
+        gen_at <= std::time::SystemTime::now() + MAX_CLOCK_DIFFERENCE,
+        "genTime {gen_time} is ahead of this machine's clock by more than {} s",
+        MAX_CLOCK_DIFFERENCE.as_secs()
+    );
 
     Ok(Verified {
         gen_time,
@@ -323,6 +352,11 @@ fn check_ess(
             Some(a) => DigestAlgorithm::from_oid(&a.oid).context("unknown ESSCertIDv2 hash")?,
         };
         ensure!(
+            !alg.is_broken(),
+            "ESSCertIDv2 binds the signer's certificate with {}, a broken digest",
+            alg.name()
+        );
+        ensure!(
             alg.digest(cert_der).as_deref() == Some(first.cert_hash.as_bytes()),
             "ESSCertIDv2 does not match the signer's certificate"
         );
@@ -493,7 +527,25 @@ fn check_path(
         })
         .map(|i| anchored[i])
         .context("the path ends at no trusted certificate")?;
-    let below = path.intermediate_certificates().count();
+    // `webpki` checks nothing of an anchor but its name and key, and nothing of a CA's key
+    // usage: as RFC 5280 6.1.4 (k) and (n) and OpenSSL hold them, the trusted certificate
+    // that signed the path must be valid at the validation time, and it and every CA below it
+    // must be a CA whose key usage, where it has one, allows signing certificates (a pinned
+    // TSU certificate's key signs no certificate that this verifier accepts).
+    let validity = root.tbs_certificate().validity();
+    ensure!(
+        validity.not_before.to_system_time() <= at && at <= validity.not_after.to_system_time(),
+        "the trusted CA certificate {} is not valid at the validation time",
+        root.tbs_certificate().subject()
+    );
+    let intermediates = path
+        .intermediate_certificates()
+        .map(|c| Certificate::from_der(c.der().as_ref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    for issuer in std::iter::once(root).chain(&intermediates) {
+        check_issuing_ca(issuer)?;
+    }
+    let below = intermediates.len();
     if let Some((_, constraints)) = root.tbs_certificate().get_extension::<BasicConstraints>()? {
         if let Some(max) = constraints.path_len_constraint {
             ensure!(
@@ -502,6 +554,32 @@ fn check_path(
                 root.tbs_certificate().subject()
             );
         }
+    }
+    Ok(())
+}
+
+/// A certificate that signed another on the signer's path: a CA (basicConstraints cA) whose
+/// key usage, if it has one, includes keyCertSign.
+fn check_issuing_ca(cert: &Certificate) -> anyhow::Result<()> {
+    let tbs = cert.tbs_certificate();
+    // A version 1 root (no extensions at all) is taken as a CA where it is trusted, as
+    // OpenSSL takes it.
+    let v1_root = tbs.version() == x509_cert::Version::V1 && tbs.issuer() == tbs.subject();
+    let ca = v1_root
+        || tbs
+            .get_extension::<BasicConstraints>()?
+            .is_some_and(|(_, bc)| bc.ca);
+    ensure!(
+        ca,
+        "{} signs a certificate on the signer's path but is not a CA certificate",
+        tbs.subject()
+    );
+    if let Some((_, usage)) = tbs.get_extension::<KeyUsage>()? {
+        ensure!(
+            usage.0.contains(KeyUsages::KeyCertSign),
+            "{} signs a certificate on the signer's path but its key usage does not allow it",
+            tbs.subject()
+        );
     }
     Ok(())
 }
