@@ -314,6 +314,60 @@ fn a_gen_time_outside_the_certificate_or_ahead_of_the_clock_is_refused() {
 }
 
 #[test]
+fn with_cert_req_the_signers_certificate_must_be_in_the_token() {
+    let p = pki(
+        ca("Root", None),
+        vec![ca("Issuing CA", Some(0))],
+        current_tsu(),
+    );
+    let (reply, query) = stamp(&p, DigestAlgorithm::Sha256, SystemTime::now());
+    // The certificates lie outside the signature: the token stays valid without the TSU's,
+    // which the verifier is then given apart.
+    let fields = Vec::<der::asn1::AnyRef<'_>>::from_der(&reply).unwrap();
+    let mut content_info =
+        cms::content_info::ContentInfo::from_der(&fields[1].to_der().unwrap()).unwrap();
+    let mut signed_data: cms::signed_data::SignedData = content_info.content.decode_as().unwrap();
+    let tsu_der = p.tsu.to_der().unwrap();
+    let kept: Vec<cms::cert::CertificateChoices> = signed_data
+        .certificates
+        .take()
+        .unwrap()
+        .0
+        .into_vec()
+        .into_iter()
+        .filter(|c| !matches!(c, cms::cert::CertificateChoices::Certificate(c) if c.to_der().unwrap() == tsu_der))
+        .collect();
+    assert_eq!(kept.len(), 1, "the issuing CA's certificate is left");
+    signed_data.certificates = Some(cms::signed_data::CertificateSet(kept.try_into().unwrap()));
+    content_info.content = der::Any::encode_from(&signed_data).unwrap();
+    let status = fields[0].to_der().unwrap();
+    let token = content_info.to_der().unwrap();
+    let mut body = status;
+    body.extend(token);
+    let without_tsu = der::asn1::AnyRef::new(der::Tag::Sequence, &body)
+        .unwrap()
+        .to_der()
+        .unwrap();
+
+    let response = Response::from_der(&without_tsu).unwrap();
+    fn expectation<'a>(p: &Pki, query: Option<&'a [u8]>) -> Expectation<'a> {
+        Expectation {
+            data: Some(DATA),
+            query,
+            trusted: vec![p.root.clone()],
+            untrusted: vec![p.tsu.clone()],
+            ..Default::default()
+        }
+    }
+    let token = response.token.as_ref().unwrap();
+    // Given apart, the certificate verifies the token…
+    verify(token, &expectation(&p, None)).unwrap();
+    // …but not as the answer to a request that asked for it in the token.
+    let error = verify(token, &expectation(&p, Some(&query))).unwrap_err();
+    assert!(format!("{error:#}").contains("certReq"), "{error:#}");
+}
+
+#[test]
 fn a_path_longer_than_the_root_allows_is_refused() {
     let deep = pki(
         ca("Root", Some(0)),

@@ -139,6 +139,13 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
         .collect();
     let signer_cert = find_signer(&signer_info.sid, &candidates)
         .context("the signer's certificate is neither in the token nor given")?;
+    if let Some(query) = expect.query {
+        let cert_req = TimeStampReq::from_der(query).is_ok_and(|req| req.cert_req);
+        ensure!(
+            !cert_req || included.contains(signer_cert),
+            "the request set certReq but the token does not carry the signer's certificate"
+        );
+    }
     let signer_der = signer_cert.to_der()?;
     check_signed_by(token, signer_info, signer_cert, &signer_der)?;
 
@@ -297,17 +304,20 @@ pub fn answers_query(token: &Token, query: &[u8]) -> anyhow::Result<()> {
             tst.policy
         );
     }
-    let has_certs = token
-        .signed_data
-        .certificates
-        .as_ref()
-        .is_some_and(|c| !c.0.is_empty());
-    ensure!(
-        has_certs == req.cert_req,
-        "the request set certReq={} but the token {} certificates",
-        req.cert_req,
-        if has_certs { "carries" } else { "carries no" }
-    );
+    // RFC 3161 2.4.1: with certReq the signer's certificate MUST be present ([`verify`]
+    // checks it is the signer's); without it the certificates field MUST NOT be.
+    let certificates = token.signed_data.certificates.as_ref();
+    if req.cert_req {
+        ensure!(
+            certificates.is_some_and(|c| !c.0.is_empty()),
+            "the request set certReq but the token carries no certificates"
+        );
+    } else {
+        ensure!(
+            certificates.is_none(),
+            "the request did not set certReq but the token has a certificates field"
+        );
+    }
     Ok(())
 }
 
