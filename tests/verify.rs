@@ -78,6 +78,8 @@ fn cert(c: &rcgen::Certificate) -> Certificate {
 /// key.
 struct Pki {
     root: Certificate,
+    /// What signs for the root (its CRLs).
+    root_issuer: Issuer<'static, KeyPair>,
     between: Vec<Certificate>,
     tsu: Certificate,
     tsu_key: KeyPair,
@@ -87,6 +89,10 @@ struct Pki {
 fn pki(root: CertificateParams, path: Vec<CertificateParams>, tsu: CertificateParams) -> Pki {
     let root_key = key();
     let root_cert = root.self_signed(&root_key).unwrap();
+    let root_issuer = Issuer::new(
+        root.clone(),
+        KeyPair::from_pem(&root_key.serialize_pem()).unwrap(),
+    );
     let mut issuer = Issuer::new(root, root_key);
     let mut between = Vec::new();
     for params in path {
@@ -98,6 +104,7 @@ fn pki(root: CertificateParams, path: Vec<CertificateParams>, tsu: CertificatePa
     let tsu = cert(&tsu.signed_by(&tsu_key, &issuer).unwrap());
     Pki {
         root: cert(&root_cert),
+        root_issuer,
         between,
         tsu,
         tsu_key,
@@ -365,6 +372,70 @@ fn with_cert_req_the_signers_certificate_must_be_in_the_token() {
     // …but not as the answer to a request that asked for it in the token.
     let error = verify(token, &expectation(&p, Some(&query))).unwrap_err();
     assert!(format!("{error:#}").contains("certReq"), "{error:#}");
+}
+
+#[test]
+fn a_crl_given_must_vouch_for_the_signers_certificate() {
+    let p = pki(ca("Root", Some(0)), vec![], current_tsu());
+    let (reply, query) = stamp(&p, DigestAlgorithm::Sha256, SystemTime::now());
+    let response = Response::from_der(&reply).unwrap();
+    let token = response.token.as_ref().unwrap();
+    let serial = p.tsu.tbs_certificate().serial_number().as_bytes().to_vec();
+    let crl = |revoked: &[&[u8]]| {
+        rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: 1u64.into(),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(serial),
+                    revocation_time: rcgen::date_time_ymd(2024, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&p.root_issuer)
+        .unwrap()
+        .der()
+        .to_vec()
+    };
+    let judge = |crls: Vec<Vec<u8>>| {
+        verify(
+            token,
+            &Expectation {
+                data: Some(DATA),
+                query: Some(&query),
+                trusted: vec![p.root.clone()],
+                crls,
+                ..Default::default()
+            },
+        )
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"))
+    };
+    judge(vec![]).unwrap();
+    judge(vec![crl(&[])]).unwrap();
+    let error = judge(vec![crl(&[&serial])]).unwrap_err();
+    assert!(error.contains("evoked"), "{error}");
+    // A CRL of another CA says nothing of this certificate: its status is unknown.
+    let other = pki(ca("Other root", Some(0)), vec![], current_tsu());
+    let foreign = rcgen::CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2024, 1, 1),
+        next_update: rcgen::date_time_ymd(2099, 1, 1),
+        crl_number: 1u64.into(),
+        issuing_distribution_point: None,
+        revoked_certs: vec![],
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&other.root_issuer)
+    .unwrap()
+    .der()
+    .to_vec();
+    judge(vec![foreign]).unwrap_err();
 }
 
 #[test]

@@ -30,10 +30,14 @@ pub struct VerifyArgs {
     /// Further certificates (PEM), for a token issued without its certificate.
     #[arg(long)]
     pub untrusted: Vec<PathBuf>,
+    /// CRLs (PEM or DER): the signer's certificate must have its status in one of them and
+    /// not be revoked. Without any, revocation is not checked.
+    #[arg(long)]
+    pub crl: Vec<PathBuf>,
     /// When the signer's certificate path must be valid: "now" (as `openssl ts -verify`
     /// checks), "gen-time" (the token's own genTime, for a token whose certificate has expired
-    /// since: this takes the token's word for its time and checks no revocation), or an RFC 3339
-    /// time.
+    /// since: this takes the token's word for its time, and CRLs no longer list expired
+    /// certificates), or an RFC 3339 time.
     #[arg(long, default_value = "now", value_parser = parse_at)]
     pub at: ValidAt,
 }
@@ -86,6 +90,7 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<()> {
         query: query.as_deref(),
         trusted: load_all(&args.ca)?,
         untrusted: load_all(&args.untrusted)?,
+        crls: load_crls(&args.crl)?,
         at: args.at,
     };
     let verified = verify(&token, &expect)?;
@@ -98,6 +103,25 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<()> {
         verified.signer
     );
     Ok(())
+}
+
+/// CRLs from files of PEM `X509 CRL` blocks or of one DER CRL.
+fn load_crls(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut crls = Vec::new();
+    for path in paths {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if bytes.first() == Some(&0x30) {
+            crls.push(bytes);
+        } else {
+            let pem = tsa::pem::crls(path)?;
+            if pem.is_empty() {
+                bail!("{} holds no CRL", path.display());
+            }
+            crls.extend(pem.into_iter().map(|c| c.to_vec()));
+        }
+    }
+    Ok(crls)
 }
 
 pub(super) fn load_all(paths: &[PathBuf]) -> anyhow::Result<Vec<Certificate>> {

@@ -35,6 +35,10 @@ pub struct Expectation<'a> {
     pub query: Option<&'a [u8]>,
     /// Trust anchors.
     pub trusted: Vec<Certificate>,
+    /// CRLs (DER): when given, the signer's certificate must have its status in one of them
+    /// and not be revoked (as `openssl ts -verify -crl_check` holds it); none: no revocation
+    /// checked.
+    pub crls: Vec<Vec<u8>>,
     /// Further certificates, for a token issued without them (certReq false).
     pub untrusted: Vec<Certificate>,
     /// When the signer's certificate path must be valid.
@@ -49,8 +53,9 @@ pub enum ValidAt {
     #[default]
     Now,
     /// At the token's own genTime, for a token whose certificate has expired since. This takes
-    /// the token's word for its time, and checks no revocation: only for keys known not to have
-    /// been compromised since (for example, tokens kept in one's own archive since they came).
+    /// the token's word for its time, and a CRL (if given) lists an expired certificate no
+    /// more: only for keys known not to have been compromised since (for example, tokens kept
+    /// in one's own archive since they came).
     GenTime,
     /// At this time.
     Time(std::time::SystemTime),
@@ -452,6 +457,11 @@ fn check_path(
         .duration_since(std::time::UNIX_EPOCH)
         .context("a validation time before 1970")?;
     if expect.trusted.iter().any(|t| t == leaf) {
+        ensure!(
+            expect.crls.is_empty(),
+            "CRLs are checked along a path from a trusted CA: give the TSU certificate's CA as \
+             trusted, not the TSU certificate itself"
+        );
         let validity = leaf.tbs_certificate().validity();
         ensure!(
             validity.not_before.to_system_time() <= at && at <= validity.not_after.to_system_time(),
@@ -503,6 +513,26 @@ fn check_path(
     let leaf_der = CertificateDer::from(leaf_der);
     let end_entity = webpki::EndEntityCert::try_from(&leaf_der)
         .map_err(|e| anyhow::anyhow!("the signer's certificate cannot be used: {e}"))?;
+    let crls = expect
+        .crls
+        .iter()
+        .map(|der| {
+            webpki::OwnedCertRevocationList::from_der(der)
+                .map(webpki::CertRevocationList::Owned)
+                .map_err(|e| anyhow::anyhow!("a CRL given cannot be read: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let crl_refs: Vec<&webpki::CertRevocationList<'_>> = crls.iter().collect();
+    // The signer's certificate, as `openssl ts -verify -crl_check` checks it: its status must
+    // be in a CRL given (a CRL of another issuer says nothing), and not revoked.
+    let revocation = webpki::RevocationOptionsBuilder::new(&crl_refs)
+        .ok()
+        .map(|options| {
+            options
+                .with_depth(webpki::RevocationCheckDepth::EndEntity)
+                .with_status_policy(webpki::UnknownStatusPolicy::Deny)
+                .build()
+        });
     let path = end_entity
         .verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
@@ -510,7 +540,7 @@ fn check_path(
             &intermediates,
             UnixTime::since_unix_epoch(seconds),
             webpki::KeyUsage::required_if_present(KP_TIME_STAMPING_DER),
-            None,
+            revocation,
             None,
         )
         .map_err(|e| {
