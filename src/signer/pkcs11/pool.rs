@@ -587,8 +587,8 @@ impl Pool {
         self.sign_within(data, ACQUIRE_TIMEOUT)
     }
 
-    /// [`SessionPool::sign`], waiting at most `wait` for a session (and never more than
-    /// [`ACQUIRE_TIMEOUT`]): [`SignError::Late`] when `wait` ran out first.
+    /// `sign`, waiting at most `wait` for a session (and never more than the pool's own
+    /// session wait, 5 s): [`SignError::Late`] when `wait` ran out first.
     pub fn sign_within(&self, data: &[u8], wait: Duration) -> Result<Vec<u8>, SignError> {
         if let Health::Down { reason, .. } = &self.state().health {
             return Err(SignError::Unavailable(reason.clone()));
