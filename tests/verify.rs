@@ -320,6 +320,77 @@ fn a_gen_time_outside_the_certificate_or_ahead_of_the_clock_is_refused() {
     ours(&p, &reply, &query, ValidAt::Now).unwrap();
 }
 
+/// `reply` with its token's SignedData changed by `change` (in its unsigned parts, or the
+/// signature no longer verifies).
+fn with_signed_data(
+    reply: &[u8],
+    change: impl FnOnce(&mut cms::signed_data::SignedData),
+) -> Vec<u8> {
+    let fields = Vec::<der::asn1::AnyRef<'_>>::from_der(reply).unwrap();
+    let mut content_info =
+        cms::content_info::ContentInfo::from_der(&fields[1].to_der().unwrap()).unwrap();
+    let mut signed_data: cms::signed_data::SignedData = content_info.content.decode_as().unwrap();
+    change(&mut signed_data);
+    content_info.content = der::Any::encode_from(&signed_data).unwrap();
+    let mut body = fields[0].to_der().unwrap();
+    body.extend(content_info.to_der().unwrap());
+    der::asn1::AnyRef::new(der::Tag::Sequence, &body)
+        .unwrap()
+        .to_der()
+        .unwrap()
+}
+
+#[test]
+fn a_signer_named_by_its_key_identifier_or_behind_a_look_alike_is_found() {
+    let p = pki(ca("Root", Some(0)), vec![], current_tsu());
+    let (reply, _) = stamp(&p, DigestAlgorithm::Sha256, SystemTime::now());
+    let expect = |untrusted: Vec<Certificate>| Expectation {
+        data: Some(DATA),
+        trusted: vec![p.root.clone()],
+        untrusted,
+        ..Default::default()
+    };
+    // RFC 5652 5.3: the sid may be the subject key identifier (outside the signed attributes).
+    let ski = p
+        .tsu
+        .tbs_certificate()
+        .get_extension::<x509_cert::ext::pkix::SubjectKeyIdentifier>()
+        .unwrap()
+        .expect("the TSU certificate has a subject key identifier")
+        .1;
+    let by_ski = with_signed_data(&reply, |sd| {
+        let mut infos = sd.signer_infos.0.clone().into_vec();
+        infos[0].sid = cms::signed_data::SignerIdentifier::SubjectKeyIdentifier(ski.clone());
+        sd.signer_infos = cms::signed_data::SignerInfos(infos.try_into().unwrap());
+    });
+    let response = Response::from_der(&by_ski).unwrap();
+    verify(response.token.as_ref().unwrap(), &expect(vec![])).unwrap();
+    // A certificate with the TSU's issuer and serial but another key, in the token in place
+    // of the TSU's; the real one given apart is still found.
+    let mut look_alike = current_tsu();
+    look_alike.serial_number = Some(rcgen::SerialNumber::from_slice(
+        p.tsu.tbs_certificate().serial_number().as_bytes(),
+    ));
+    let look_alike = cert(&look_alike.signed_by(&key(), &p.root_issuer).unwrap());
+    assert_eq!(
+        look_alike.tbs_certificate().issuer(),
+        p.tsu.tbs_certificate().issuer()
+    );
+    let swapped = with_signed_data(&reply, |sd| {
+        sd.certificates = Some(cms::signed_data::CertificateSet(
+            vec![cms::cert::CertificateChoices::Certificate(
+                look_alike.clone(),
+            )]
+            .try_into()
+            .unwrap(),
+        ));
+    });
+    let response = Response::from_der(&swapped).unwrap();
+    let token = response.token.as_ref().unwrap();
+    verify(token, &expect(vec![])).unwrap_err();
+    verify(token, &expect(vec![p.tsu.clone()])).unwrap();
+}
+
 #[test]
 fn with_cert_req_the_signers_certificate_must_be_in_the_token() {
     let p = pki(
@@ -330,12 +401,9 @@ fn with_cert_req_the_signers_certificate_must_be_in_the_token() {
     let (reply, query) = stamp(&p, DigestAlgorithm::Sha256, SystemTime::now());
     // The certificates lie outside the signature: the token stays valid without the TSU's,
     // which the verifier is then given apart.
-    let fields = Vec::<der::asn1::AnyRef<'_>>::from_der(&reply).unwrap();
-    let mut content_info =
-        cms::content_info::ContentInfo::from_der(&fields[1].to_der().unwrap()).unwrap();
-    let mut signed_data: cms::signed_data::SignedData = content_info.content.decode_as().unwrap();
     let tsu_der = p.tsu.to_der().unwrap();
-    let kept: Vec<cms::cert::CertificateChoices> = signed_data
+    let without_tsu = with_signed_data(&reply, |signed_data| {
+        let kept: Vec<cms::cert::CertificateChoices> = signed_data
         .certificates
         .take()
         .unwrap()
@@ -344,17 +412,9 @@ fn with_cert_req_the_signers_certificate_must_be_in_the_token() {
         .into_iter()
         .filter(|c| !matches!(c, cms::cert::CertificateChoices::Certificate(c) if c.to_der().unwrap() == tsu_der))
         .collect();
-    assert_eq!(kept.len(), 1, "the issuing CA's certificate is left");
-    signed_data.certificates = Some(cms::signed_data::CertificateSet(kept.try_into().unwrap()));
-    content_info.content = der::Any::encode_from(&signed_data).unwrap();
-    let status = fields[0].to_der().unwrap();
-    let token = content_info.to_der().unwrap();
-    let mut body = status;
-    body.extend(token);
-    let without_tsu = der::asn1::AnyRef::new(der::Tag::Sequence, &body)
-        .unwrap()
-        .to_der()
-        .unwrap();
+        assert_eq!(kept.len(), 1, "the issuing CA's certificate is left");
+        signed_data.certificates = Some(cms::signed_data::CertificateSet(kept.try_into().unwrap()));
+    });
 
     let response = Response::from_der(&without_tsu).unwrap();
     fn expectation<'a>(p: &Pki, query: Option<&'a [u8]>) -> Expectation<'a> {

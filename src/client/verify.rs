@@ -142,8 +142,12 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
         .chain(&expect.untrusted)
         .chain(&expect.trusted)
         .collect();
-    let signer_cert = find_signer(&signer_info.sid, &candidates)
-        .context("the signer's certificate is neither in the token nor given")?;
+    let (signer_cert, signer_der) = signed_by_one(
+        token,
+        signer_info,
+        &candidates,
+        "the signer's certificate is neither in the token nor given",
+    )?;
     if let Some(query) = expect.query {
         let cert_req = TimeStampReq::from_der(query).is_ok_and(|req| req.cert_req);
         ensure!(
@@ -151,8 +155,6 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
             "the request set certReq but the token does not carry the signer's certificate"
         );
     }
-    let signer_der = signer_cert.to_der()?;
-    check_signed_by(token, signer_info, signer_cert, &signer_der)?;
 
     // The signer's certificate: the name the token gives, its profile, its path.
     if let Some(tsa) = &tst.tsa {
@@ -218,9 +220,36 @@ fn only_signer_info(token: &Token) -> anyhow::Result<&SignerInfo> {
 pub fn verify_signed_by(token: &Token, signers: &[Certificate]) -> anyhow::Result<()> {
     let signer_info = only_signer_info(token)?;
     let candidates: Vec<&Certificate> = signers.iter().collect();
-    let signer_cert = find_signer(&signer_info.sid, &candidates)
-        .context("the token's signer is none of the trusted certificates")?;
-    check_signed_by(token, signer_info, signer_cert, &signer_cert.to_der()?)
+    signed_by_one(
+        token,
+        signer_info,
+        &candidates,
+        "the token's signer is none of the trusted certificates",
+    )
+    .map(|_| ())
+}
+
+/// The signer's certificate among `candidates`, and its DER: of those the sid names (a token
+/// may bring one that only looks like the signer's, with its issuer and serial), the first
+/// whose key signed and that the signed attributes bind ([`check_signed_by`]); `none` when
+/// the sid names none of them.
+fn signed_by_one<'c>(
+    token: &Token,
+    signer_info: &SignerInfo,
+    candidates: &[&'c Certificate],
+    none: &'static str,
+) -> anyhow::Result<(&'c Certificate, Vec<u8>)> {
+    let mut refused = None;
+    for cert in find_signers(&signer_info.sid, candidates) {
+        let der = cert.to_der()?;
+        match check_signed_by(token, signer_info, cert, &der) {
+            Ok(()) => return Ok((cert, der)),
+            Err(e) => {
+                refused.get_or_insert(e);
+            }
+        }
+    }
+    Err(refused.unwrap_or_else(|| anyhow::anyhow!(none)))
 }
 
 /// The token's signed attributes (contentType, messageDigest, signingCertificate(V2)) and
@@ -326,17 +355,31 @@ pub fn answers_query(token: &Token, query: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn find_signer<'c>(
+/// The candidates the sid names: by issuer and serial number, or by subject key identifier
+/// (RFC 5652 5.3 allows either), in the candidates' order, each once.
+fn find_signers<'c>(
     sid: &SignerIdentifier,
     candidates: &[&'c Certificate],
-) -> Option<&'c Certificate> {
-    let SignerIdentifier::IssuerAndSerialNumber(ias) = sid else {
-        return None;
+) -> Vec<&'c Certificate> {
+    let named = |c: &Certificate| match sid {
+        SignerIdentifier::IssuerAndSerialNumber(ias) => {
+            c.tbs_certificate().issuer() == &ias.issuer
+                && c.tbs_certificate().serial_number() == &ias.serial_number
+        }
+        SignerIdentifier::SubjectKeyIdentifier(ski) => c
+            .tbs_certificate()
+            .get_extension::<x509_cert::ext::pkix::SubjectKeyIdentifier>()
+            .ok()
+            .flatten()
+            .is_some_and(|(_, own)| own.0 == ski.0),
     };
-    candidates.iter().copied().find(|c| {
-        c.tbs_certificate().issuer() == &ias.issuer
-            && c.tbs_certificate().serial_number() == &ias.serial_number
-    })
+    let mut found: Vec<&Certificate> = Vec::new();
+    for &c in candidates {
+        if named(c) && !found.contains(&c) {
+            found.push(c);
+        }
+    }
+    found
 }
 
 fn check_ess(
