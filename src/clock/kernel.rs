@@ -11,7 +11,9 @@
 //!   usually well below the root distance but, after a disturbance, up to `makestep`'s
 //!   threshold for the seconds its slew takes;
 //! - systemd-timesyncd writes `maxerror` 0 at each update (it keeps no error estimate), so
-//!   there is no bound at all: where it runs, this source refuses (see [`time_daemons`]);
+//!   there is no bound at all: where it runs, this source refuses (see [`time_daemons`]), and
+//!   so it does where it sees no daemon that keeps one (chronyd, ntpd): a container that
+//!   cannot see the host's processes, a unit with `ProtectProc=invisible`;
 //! - a leap second that the daemon slews (chrony's `leapsecmode slew`, smearing servers) never
 //!   shows in the kernel's flags.
 //!
@@ -97,8 +99,9 @@ pub struct KernelClock<A: KernelApi = Adjtimex> {
     /// How long the host has been suspended ([`local::suspended_ns`]; tests give their own).
     suspended: Box<dyn Fn() -> u64 + Send + Sync>,
     resume: Resume,
-    /// Set where the daemon that disciplines the clock keeps no bound: every reading refused.
-    no_bound: bool,
+    /// Set where no daemon that keeps a bound is seen (none, or systemd-timesyncd): every
+    /// reading refused, for this reason.
+    no_bound: Option<Verdict>,
 }
 
 /// A suspend of the host, as the kernel source sees it: refused from the resume on until the
@@ -217,10 +220,11 @@ enum Verdict {
     Leap,
     Resumed,
     NoBound,
+    NoDaemon,
 }
 
 fn reason(verdict: Verdict) -> Arc<str> {
-    static REASONS: [OnceLock<Arc<str>>; 5] = [const { OnceLock::new() }; 5];
+    static REASONS: [OnceLock<Arc<str>>; 6] = [const { OnceLock::new() }; 6];
     REASONS[verdict as usize]
         .get_or_init(|| {
             match verdict {
@@ -237,6 +241,11 @@ fn reason(verdict: Verdict) -> Arc<str> {
                 Verdict::NoBound => {
                     "systemd-timesyncd disciplines the clock and keeps no error bound \
                      (it writes maxerror 0): run chronyd or ntpd, or use the disciplined clock"
+                }
+                Verdict::NoDaemon => {
+                    "no time daemon that keeps an error bound (chronyd, ntpd) is seen among \
+                     this host's processes, so the kernel's maxerror is no bound: run one where \
+                     the TSA can see it, or use the disciplined clock"
                 }
             }
             .into()
@@ -261,20 +270,23 @@ impl KernelClock<Adjtimex> {
     /// The kernel's clock under these time daemons.
     fn under(daemons: &[&str]) -> Self {
         let mut clock = Self::with_api(Adjtimex);
-        clock.no_bound = daemons.contains(&"systemd-timesyncd");
-        if clock.no_bound {
-            tracing::error!(
+        clock.no_bound = if daemons.contains(&"systemd-timesyncd") {
+            Some(Verdict::NoBound)
+        } else if daemons.is_empty() {
+            // The kernel's maxerror is whatever its last writer left, grown by 500 ppm.
+            Some(Verdict::NoDaemon)
+        } else {
+            None
+        };
+        match clock.no_bound {
+            Some(verdict) => tracing::error!(
                 event = "clock_without_bound",
                 "{}: the kernel clock refuses every stamp",
-                reason(Verdict::NoBound)
-            );
-        } else if daemons.is_empty() {
-            tracing::warn!(
-                "no time daemon seen (chronyd, ntpd): the kernel's maxerror is whatever its last \
-                 writer left, grown by 500 ppm; the kernel clock trusts it as a bound"
-            );
-        } else {
-            tracing::info!(daemons = ?daemons, "the kernel clock, disciplined by {daemons:?}");
+                reason(verdict)
+            ),
+            None => {
+                tracing::info!(daemons = ?daemons, "the kernel clock, disciplined by {daemons:?}")
+            }
         }
         clock
     }
@@ -297,7 +309,7 @@ impl<A: KernelApi> KernelClock<A> {
             api,
             resume: Resume::new(suspended()),
             suspended,
-            no_bound: false,
+            no_bound: None,
         }
     }
 
@@ -347,8 +359,8 @@ impl<A: KernelApi> TimeSource for KernelClock<A> {
 
     fn read(&self) -> Reading {
         let (state, resumed) = self.resume.check(|| self.api.state(), &self.suspended);
-        if self.no_bound {
-            Self::refused(&state, Verdict::NoBound)
+        if let Some(verdict) = self.no_bound {
+            Self::refused(&state, verdict)
         } else if resumed {
             Self::refused(&state, Verdict::Resumed)
         } else {
@@ -426,12 +438,17 @@ mod tests {
     }
 
     #[test]
-    fn under_systemd_timesyncd_every_reading_is_refused() {
-        let clock = KernelClock::under(&["systemd-timesyncd"]);
-        let r = clock.read();
-        assert_eq!(r.state, SyncState::Unsynchronized);
-        assert!(r.reason.contains("timesyncd"), "{}", r.reason);
-        assert!(!KernelClock::under(&["chronyd"]).no_bound);
+    fn under_systemd_timesyncd_or_no_daemon_seen_every_reading_is_refused() {
+        for (daemons, why) in [
+            (&["systemd-timesyncd"][..], "timesyncd"),
+            (&[][..], "no time daemon"),
+        ] {
+            let r = KernelClock::under(daemons).read();
+            assert_eq!(r.state, SyncState::Unsynchronized);
+            assert!(r.reason.contains(why), "{}", r.reason);
+        }
+        assert_eq!(KernelClock::under(&["chronyd"]).no_bound, None);
+        assert_eq!(KernelClock::under(&["ntpd"]).no_bound, None);
     }
 
     #[test]
