@@ -514,6 +514,11 @@ fn tokens_reach_postgres_over_verified_tls_with_channel_binding() {
     // SCRAM with the TLS channel bound (channel_binding=require fails without it).
     let password = cluster.path().join("password");
     std::fs::write(&password, "correct horse\n").unwrap();
+    std::fs::set_permissions(
+        &password,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
     let dir = setup_tls(
         &cluster,
         "tls",

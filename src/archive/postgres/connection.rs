@@ -54,8 +54,16 @@ pub fn connection(config: &ArchiveConfig) -> Result<Connection, StoreError> {
         ));
     }
     if let Some(file) = &config.postgres_password_file {
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| StoreError(format!("cannot read {}: {e}", file.display())))?;
+        // A secret as the keys and the PIN are: refused where other users may read it.
+        let read = || -> anyhow::Result<String> {
+            let mut opened = std::fs::File::open(file)?;
+            crate::files::ensure_private(&opened, &file.display())?;
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut opened, &mut text)?;
+            Ok(text)
+        };
+        let text =
+            read().map_err(|e| StoreError(format!("cannot use {}: {e:#}", file.display())))?;
         pg.password(text.trim_end_matches(['\n', '\r']));
     } else if let Ok(password) = std::env::var("TSA_POSTGRES_PASSWORD") {
         pg.password(password);
@@ -191,6 +199,28 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn a_password_file_other_users_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "correct horse\n").unwrap();
+        let config = ArchiveConfig {
+            postgres_url: "host=127.0.0.1 user=tsa sslmode=disable".into(),
+            postgres_password_file: Some(file.clone()),
+            ..ArchiveConfig::default()
+        };
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = connection(&config)
+            .err()
+            .expect("a readable password file")
+            .0;
+        assert!(e.contains("open to other users"), "{e}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let ok = connection(&config).unwrap();
+        assert_eq!(ok.pg.get_password(), Some(&b"correct horse"[..]));
     }
 
     #[test]
