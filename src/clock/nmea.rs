@@ -308,8 +308,10 @@ pub async fn run(
 ) {
     let mut tracker = NmeaTracker::new(source.precision.as_nanos() as u64, clock.now());
     let mut backoff = MIN_BACKOFF;
+    // Whether the device's failure to open was told since it last opened.
+    let mut told = false;
     loop {
-        match read_device(id, &source, clock, &tx, &mut tracker).await {
+        match read_device(id, &source, clock, &tx, &mut tracker, &mut told).await {
             Err(Stopped) => return,
             Ok(true) => backoff = MIN_BACKOFF,
             Ok(false) => {}
@@ -362,15 +364,23 @@ async fn read_device(
     clock: LocalClock,
     tx: &mpsc::Sender<SourceMessage>,
     tracker: &mut NmeaTracker,
+    told: &mut bool,
 ) -> Result<bool, Stopped> {
     let device = source.device.display();
     let fd = match open(&source.device) {
         Ok(fd) => fd,
         Err(e) => {
-            tracing::debug!(device = %device, error = %e, "cannot open the NMEA device");
+            // The operator's to see once (a device missing, or hidden by the service's
+            // sandbox: systemd's PrivateDevices), not at every try.
+            if std::mem::replace(told, true) {
+                tracing::debug!(device = %device, error = %e, "cannot open the NMEA device");
+            } else {
+                tracing::warn!(device = %device, error = %e, "cannot open the NMEA device; trying again");
+            }
             return Ok(false);
         }
     };
+    *told = false;
     tracing::info!(event = "nmea_opened", device = %device, "reading NMEA");
     let mut lines = Lines::new(MAX_LINE);
     let mut buf = [0u8; 1024];
