@@ -281,7 +281,11 @@ pub(super) fn chart(h: &mut String, c: &Chart) {
 
     // Time axis, in UTC.
     let step_s = time_step_s(t_span / 1e9 * 560.0 / w);
-    let step_ns = step_s * 1_000_000_000;
+    let mut step_ns = step_s * 1_000_000_000;
+    // However wide the span, at most MAX_TICKS time labels.
+    while c.t1.saturating_sub(c.t0) / step_ns > MAX_TICKS as u64 {
+        step_ns *= 2;
+    }
     let format = if step_s < 60 { "%H:%M:%S" } else { "%H:%M" };
     let mut t = c.t0.div_ceil(step_ns) * step_ns;
     while t <= c.t1 {
@@ -416,5 +420,40 @@ mod tests {
         // Ordinary values keep their axis.
         let page = chart_of([10_000.0, 30_000.0]);
         assert!(page.matches("class=\"tick\"").count() >= 3);
+    }
+
+    #[test]
+    fn a_time_span_of_decades_draws_a_bounded_time_axis() {
+        const S: u64 = 1_000_000_000;
+        // A point from a host that started in 1970 and was set to 2025 later.
+        let (t0, t1) = (S, 1_750_000_000 * S);
+        let mut h = String::new();
+        chart(
+            &mut h,
+            &Chart {
+                id: "offset",
+                title: "Offset",
+                note: String::new(),
+                quantity: Quantity::Time,
+                lines: vec![Line {
+                    label: "offset",
+                    class: "l1",
+                    points: vec![(t0, Some(1_000.0)), (t1, Some(2_000.0))],
+                }],
+                limit: None,
+                states: &[],
+                t0,
+                t1,
+                zero_based: false,
+                width: W,
+                max_gap_ns: 60 * S,
+            },
+        );
+        let ticks = h.matches("class=\"tick\"").count();
+        assert!(
+            ticks <= 2 * MAX_TICKS + 2,
+            "{ticks} ticks, {} octets",
+            h.len()
+        );
     }
 }

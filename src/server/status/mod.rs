@@ -13,7 +13,7 @@ mod chart;
 
 use chart::{chart, Chart, Line, Quantity, W, W_WIDE};
 
-use super::history::{Point, COARSE_EVERY, FINE_INTERVAL};
+use super::history::{Point, COARSE_EVERY, COARSE_LEN, FINE_INTERVAL};
 use super::Tsa;
 use crate::clock::discipline::{Selection, SourceView, SystemView};
 use crate::clock::{ClockEvent, RefusalKind, SyncState};
@@ -508,10 +508,14 @@ fn plots(h: &mut String, page: &Page) {
         (&page.fine, fine_ns)
     };
     let t1 = page.now_ns;
+    // No wider than the coarse ring spans: points the clock dated years away (a host that
+    // started in 1970 and was set later) would otherwise stretch the time axis over them.
+    let max_window_ns = fine_ns * COARSE_EVERY * COARSE_LEN as u64;
     let t0 = points
         .first()
         .map_or(t1, |p| p.unix_ns)
-        .min(t1.saturating_sub(MIN_WINDOW_NS));
+        .min(t1.saturating_sub(MIN_WINDOW_NS))
+        .max(t1.saturating_sub(max_window_ns));
     let span = |points: &[Point]| match (points.first(), points.last()) {
         (Some(a), Some(b)) => fmt_span(b.unix_ns.saturating_sub(a.unix_ns)),
         _ => "nothing yet".into(),
