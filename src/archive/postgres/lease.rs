@@ -266,8 +266,30 @@ fn renew(
     Ok(client.execute(RENEW, &[&instance_id, &holder, &ttl.as_secs_f64()])? == 1)
 }
 
+/// This host's name, from uname(2) (the service's sandbox may hide /proc/sys: ProcSubset=pid).
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
+    // SAFETY: `utsname` is plain data that uname fills.
+    let mut names: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut names) } != 0 {
+        return "localhost".into();
+    }
+    let bytes: Vec<u8> = names
+        .nodename
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    match String::from_utf8_lossy(&bytes).trim() {
+        "" => "localhost".into(),
+        name => name.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_host_name_is_the_kernels() {
+        let expected = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(super::hostname(), expected.trim());
+    }
 }
