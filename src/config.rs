@@ -784,6 +784,16 @@ impl Config {
         if !self.server.path.starts_with('/') {
             bail!("server.path must start with '/'");
         }
+        if self.server.path == "/certs" {
+            bail!("server.path cannot be /certs, where the certificate chain is served");
+        }
+        // A SHA-512 imprint with a nonce and certReq takes about 110 octets.
+        if self.server.max_request_bytes < 128 {
+            bail!(
+                "server.max_request_bytes = {} is below 128: every request would be refused",
+                self.server.max_request_bytes
+            );
+        }
         if self.server.max_batches_in_flight == 0 {
             bail!("server.max_batches_in_flight must be positive");
         }
@@ -883,6 +893,18 @@ impl Config {
             }
             if c.step_confirm_rounds == 0 || c.poll_interval_ms == 0 || c.ntp_timeout_ms == 0 {
                 bail!("clock.step_confirm_rounds, poll_interval_ms and ntp_timeout_ms must be positive");
+            }
+            // NTP servers answer once a poll (GPS receivers report every second).
+            if !c.ntp_servers.is_empty()
+                && c.max_sample_age_ms != 0
+                && c.max_sample_age_ms <= c.poll_interval_ms
+            {
+                bail!(
+                    "clock.max_sample_age_ms = {} is not above poll_interval_ms = {}: the NTP \
+                     servers' samples would be too old before their next poll",
+                    c.max_sample_age_ms,
+                    c.poll_interval_ms
+                );
             }
         }
         self.signer.validate()?;
@@ -1156,6 +1178,9 @@ mod tests {
             format!("{disciplined}{servers}nmea_precision_ms = 16001\n"),
             "[archive]\nmax_batch = 2049\n".into(),
             "[clock]\nmax_accuracy_ms = 999\n[token]\nprecision = \"seconds\"\n".into(),
+            "[server]\nmax_request_bytes = 0\n".into(),
+            "[server]\npath = \"/certs\"\n".into(),
+            format!("{disciplined}{servers}poll_interval_ms = 16000\nmax_sample_age_ms = 16000\n"),
         ] {
             assert!(parse(&bad).validate().is_err(), "{bad}");
         }
