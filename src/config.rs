@@ -787,10 +787,10 @@ impl Config {
         if self.server.path == "/certs" {
             bail!("server.path cannot be /certs, where the certificate chain is served");
         }
-        // A SHA-512 imprint with a nonce and certReq takes about 110 octets.
-        if self.server.max_request_bytes < 128 {
+        // The smallest request a TSA grants, a SHA-256 imprint alone, takes 56 octets.
+        if self.server.max_request_bytes < 64 {
             bail!(
-                "server.max_request_bytes = {} is below 128: every request would be refused",
+                "server.max_request_bytes = {} is below 64: every request would be refused",
                 self.server.max_request_bytes
             );
         }
@@ -894,16 +894,18 @@ impl Config {
             if c.step_confirm_rounds == 0 || c.poll_interval_ms == 0 || c.ntp_timeout_ms == 0 {
                 bail!("clock.step_confirm_rounds, poll_interval_ms and ntp_timeout_ms must be positive");
             }
-            // NTP servers answer once a poll (GPS receivers report every second).
+            // NTP servers answer once a poll, within their timeout (GPS receivers report every
+            // second).
+            let between_samples = c.poll_interval_ms.saturating_add(c.ntp_timeout_ms);
             if !c.ntp_servers.is_empty()
                 && c.max_sample_age_ms != 0
-                && c.max_sample_age_ms <= c.poll_interval_ms
+                && c.max_sample_age_ms <= between_samples
             {
                 bail!(
-                    "clock.max_sample_age_ms = {} is not above poll_interval_ms = {}: the NTP \
-                     servers' samples would be too old before their next poll",
+                    "clock.max_sample_age_ms = {} is not above poll_interval_ms + ntp_timeout_ms \
+                     = {between_samples}: the NTP servers' samples would be too old before their \
+                     next one",
                     c.max_sample_age_ms,
-                    c.poll_interval_ms
                 );
             }
         }

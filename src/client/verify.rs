@@ -35,9 +35,9 @@ pub struct Expectation<'a> {
     pub query: Option<&'a [u8]>,
     /// Trust anchors.
     pub trusted: Vec<Certificate>,
-    /// CRLs (DER): when given, the signer's certificate must have its status in one of them
-    /// and not be revoked (as `openssl ts -verify -crl_check` holds it); none: no revocation
-    /// checked.
+    /// CRLs (DER), one current CRL per issuer: when given, the signer's certificate must have
+    /// its status in one of them, not past its nextUpdate, and not be revoked; none: no
+    /// revocation checked.
     pub crls: Vec<Vec<u8>>,
     /// Further certificates, for a token issued without them (certReq false).
     pub untrusted: Vec<Certificate>,
@@ -137,6 +137,11 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
             _ => None,
         })
         .collect();
+    // Before any is looked at: a token cannot make the search try thousands.
+    ensure!(
+        included.len() + expect.untrusted.len() <= MAX_CERTIFICATES,
+        "more than {MAX_CERTIFICATES} certificates to find the signer's among"
+    );
     let candidates: Vec<&Certificate> = included
         .iter()
         .chain(&expect.untrusted)
@@ -175,8 +180,10 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
     // of this machine's clock by more than clocks differ.
     let gen_at = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(gen_time.unix_ns());
     let validity = signer_cert.tbs_certificate().validity();
+    // Clocks differ: a TSU certificate dated by its CA's clock may begin a little after the
+    // TSA's first genTimes.
     ensure!(
-        validity.not_before.to_system_time() <= gen_at
+        validity.not_before.to_system_time() <= gen_at + MAX_CLOCK_DIFFERENCE
             && gen_at <= validity.not_after.to_system_time(),
         "genTime {gen_time} lies outside the signer's certificate validity ({} to {})",
         validity.not_before,
@@ -574,6 +581,8 @@ fn check_path(
             options
                 .with_depth(webpki::RevocationCheckDepth::EndEntity)
                 .with_status_policy(webpki::UnknownStatusPolicy::Deny)
+                // A CRL past its nextUpdate says nothing of revocations since.
+                .with_expiration_policy(webpki::ExpirationPolicy::Enforce)
                 .build()
         });
     let path = end_entity
@@ -602,30 +611,52 @@ fn check_path(
     // `webpki` takes a trust anchor as a name and a key; a trusted CA certificate's own path
     // length constraint binds the path too (as OpenSSL holds it).
     let anchor = path.anchor();
-    let root = anchors
-        .iter()
-        .position(|a| {
-            a.subject == anchor.subject
-                && a.subject_public_key_info == anchor.subject_public_key_info
-        })
-        .map(|i| anchored[i])
-        .context("the path ends at no trusted certificate")?;
     // `webpki` checks nothing of an anchor but its name and key, and nothing of a CA's key
     // usage: as RFC 5280 6.1.4 (k) and (n) and OpenSSL hold them, the trusted certificate
     // that signed the path must be valid at the validation time, and it and every CA below it
     // must be a CA whose key usage, where it has one, allows signing certificates (a pinned
-    // TSU certificate's key signs no certificate that this verifier accepts).
-    let validity = root.tbs_certificate().validity();
-    ensure!(
-        validity.not_before.to_system_time() <= at && at <= validity.not_after.to_system_time(),
-        "the trusted CA certificate {} is not valid at the validation time",
-        root.tbs_certificate().subject()
-    );
+    // TSU certificate's key signs no certificate that this verifier accepts). Any trusted
+    // certificate of that name and key that is so will do (a renewed root beside the old one).
+    let named: Vec<&Certificate> = anchors
+        .iter()
+        .zip(&anchored)
+        .filter(|(a, _)| {
+            a.subject == anchor.subject
+                && a.subject_public_key_info == anchor.subject_public_key_info
+        })
+        .map(|(_, cert)| *cert)
+        .collect();
+    ensure!(!named.is_empty(), "the path ends at no trusted certificate");
+    let usable = |root: &Certificate| -> anyhow::Result<()> {
+        let validity = root.tbs_certificate().validity();
+        ensure!(
+            validity.not_before.to_system_time() <= at && at <= validity.not_after.to_system_time(),
+            "the trusted CA certificate {} is not valid at the validation time",
+            root.tbs_certificate().subject()
+        );
+        check_issuing_ca(root)
+    };
+    let mut refused = None;
+    let mut root = None;
+    for cert in &named {
+        match usable(cert) {
+            Ok(()) => {
+                root = Some(*cert);
+                break;
+            }
+            Err(e) => {
+                refused.get_or_insert(e);
+            }
+        }
+    }
+    let Some(root) = root else {
+        return Err(refused.expect("a trusted certificate was tried"));
+    };
     let intermediates = path
         .intermediate_certificates()
         .map(|c| Certificate::from_der(c.der().as_ref()))
         .collect::<Result<Vec<_>, _>>()?;
-    for issuer in std::iter::once(root).chain(&intermediates) {
+    for issuer in &intermediates {
         check_issuing_ca(issuer)?;
     }
     let below = intermediates.len();

@@ -99,9 +99,88 @@ pub struct KernelClock<A: KernelApi = Adjtimex> {
     /// How long the host has been suspended ([`local::suspended_ns`]; tests give their own).
     suspended: Box<dyn Fn() -> u64 + Send + Sync>,
     resume: Resume,
-    /// Set where no daemon that keeps a bound is seen (none, or systemd-timesyncd): every
-    /// reading refused, for this reason.
-    no_bound: Option<Verdict>,
+    /// Whether a daemon that keeps a bound is seen (see [`DaemonWatch`]).
+    daemons: DaemonWatch,
+}
+
+/// The time daemons as last seen, looked for again while none that keeps a bound is (it may
+/// start after the TSA, or be restarted by an upgrade): every reading is refused meanwhile.
+struct DaemonWatch {
+    /// 0: a daemon that keeps a bound is seen; else the refusal's `Verdict` + 1.
+    refusal: std::sync::atomic::AtomicU8,
+    /// When to look again while refusing (Unix ns).
+    next_look_ns: AtomicU64,
+    look: Box<dyn Fn() -> Vec<&'static str> + Send + Sync>,
+}
+
+/// While refusing for want of a daemon, how often the processes are looked through again.
+const LOOK_AGAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl DaemonWatch {
+    fn new(look: Box<dyn Fn() -> Vec<&'static str> + Send + Sync>) -> Self {
+        let watch = Self {
+            refusal: std::sync::atomic::AtomicU8::new(0),
+            next_look_ns: AtomicU64::new(0),
+            look,
+        };
+        watch.look_now(true);
+        watch
+    }
+
+    /// Looks through the processes and logs what changed (everything, at start).
+    fn look_now(&self, start: bool) {
+        let daemons = (self.look)();
+        let refusal = verdict_without(&daemons);
+        let code = refusal.map_or(0, |v| v as u8 + 1);
+        let was = self.refusal.swap(code, Ordering::Relaxed);
+        if !start && was == code {
+            return;
+        }
+        match refusal {
+            Some(verdict) => tracing::error!(
+                event = "clock_without_bound",
+                "{}: the kernel clock refuses every stamp",
+                reason(verdict)
+            ),
+            None => {
+                tracing::info!(daemons = ?daemons, "the kernel clock, disciplined by {daemons:?}")
+            }
+        }
+    }
+
+    /// The refusal in force at `now_ns` (looking again when it is due).
+    fn refusal(&self, now_ns: u64) -> Option<Verdict> {
+        if self.refusal.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let due = self.next_look_ns.load(Ordering::Relaxed);
+        let next = now_ns.saturating_add(LOOK_AGAIN.as_nanos() as u64);
+        if now_ns >= due
+            && self
+                .next_look_ns
+                .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.look_now(false);
+        }
+        match self.refusal.load(Ordering::Relaxed) {
+            0 => None,
+            code if code == Verdict::NoBound as u8 + 1 => Some(Verdict::NoBound),
+            _ => Some(Verdict::NoDaemon),
+        }
+    }
+}
+
+/// Why the kernel source refuses under `daemons`: none that keeps a bound.
+fn verdict_without(daemons: &[&str]) -> Option<Verdict> {
+    if daemons.contains(&"systemd-timesyncd") {
+        Some(Verdict::NoBound)
+    } else if daemons.is_empty() {
+        // The kernel's maxerror is whatever its last writer left, grown by 500 ppm.
+        Some(Verdict::NoDaemon)
+    } else {
+        None
+    }
 }
 
 /// A suspend of the host, as the kernel source sees it: refused from the resume on until the
@@ -264,30 +343,13 @@ fn near_midnight(unix_ns: u64) -> bool {
 impl KernelClock<Adjtimex> {
     /// The kernel's clock, as the time daemons running now leave it (see [`time_daemons`]).
     pub fn new() -> Self {
-        Self::under(&time_daemons())
+        Self::under(Box::new(time_daemons))
     }
 
-    /// The kernel's clock under these time daemons.
-    fn under(daemons: &[&str]) -> Self {
+    /// The kernel's clock under the daemons `look` finds.
+    fn under(look: Box<dyn Fn() -> Vec<&'static str> + Send + Sync>) -> Self {
         let mut clock = Self::with_api(Adjtimex);
-        clock.no_bound = if daemons.contains(&"systemd-timesyncd") {
-            Some(Verdict::NoBound)
-        } else if daemons.is_empty() {
-            // The kernel's maxerror is whatever its last writer left, grown by 500 ppm.
-            Some(Verdict::NoDaemon)
-        } else {
-            None
-        };
-        match clock.no_bound {
-            Some(verdict) => tracing::error!(
-                event = "clock_without_bound",
-                "{}: the kernel clock refuses every stamp",
-                reason(verdict)
-            ),
-            None => {
-                tracing::info!(daemons = ?daemons, "the kernel clock, disciplined by {daemons:?}")
-            }
-        }
+        clock.daemons = DaemonWatch::new(look);
         clock
     }
 }
@@ -309,7 +371,12 @@ impl<A: KernelApi> KernelClock<A> {
             api,
             resume: Resume::new(suspended()),
             suspended,
-            no_bound: None,
+            // Readings of an injected kernel (tests) are not held to a daemon.
+            daemons: DaemonWatch {
+                refusal: std::sync::atomic::AtomicU8::new(0),
+                next_look_ns: AtomicU64::new(0),
+                look: Box::new(|| vec!["chronyd"]),
+            },
         }
     }
 
@@ -359,7 +426,7 @@ impl<A: KernelApi> TimeSource for KernelClock<A> {
 
     fn read(&self) -> Reading {
         let (state, resumed) = self.resume.check(|| self.api.state(), &self.suspended);
-        if let Some(verdict) = self.no_bound {
+        if let Some(verdict) = self.daemons.refusal(state.unix_ns) {
             Self::refused(&state, verdict)
         } else if resumed {
             Self::refused(&state, Verdict::Resumed)
@@ -439,16 +506,40 @@ mod tests {
 
     #[test]
     fn under_systemd_timesyncd_or_no_daemon_seen_every_reading_is_refused() {
+        let fixed = |daemons: &'static [&'static str]| {
+            KernelClock::under(Box::new(move || daemons.to_vec()))
+        };
         for (daemons, why) in [
             (&["systemd-timesyncd"][..], "timesyncd"),
             (&[][..], "no time daemon"),
         ] {
-            let r = KernelClock::under(daemons).read();
+            let r = fixed(daemons).read();
             assert_eq!(r.state, SyncState::Unsynchronized);
             assert!(r.reason.contains(why), "{}", r.reason);
         }
-        assert_eq!(KernelClock::under(&["chronyd"]).no_bound, None);
-        assert_eq!(KernelClock::under(&["ntpd"]).no_bound, None);
+        for daemons in [&["chronyd"][..], &["ntpd"][..]] {
+            assert!(!fixed(daemons).read().reason.contains("daemon"));
+        }
+    }
+
+    #[test]
+    fn a_daemon_that_starts_after_the_tsa_is_found() {
+        let running = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watch = DaemonWatch::new({
+            let running = running.clone();
+            Box::new(move || match running.load(Ordering::Relaxed) {
+                true => vec!["chronyd"],
+                false => vec![],
+            })
+        });
+        const S: u64 = 1_000_000_000;
+        let t = 1_795_000_000 * S;
+        assert_eq!(watch.refusal(t), Some(Verdict::NoDaemon));
+        running.store(true, Ordering::Relaxed);
+        // Looked for again once LOOK_AGAIN has passed, not at every reading.
+        assert_eq!(watch.refusal(t + S), Some(Verdict::NoDaemon));
+        assert_eq!(watch.refusal(t + 12 * S), None);
+        assert_eq!(watch.refusal(t + 13 * S), None);
     }
 
     #[test]

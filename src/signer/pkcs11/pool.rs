@@ -608,7 +608,7 @@ impl Pool {
     }
 
     /// Borrows an idle session, waiting while all are busy (at most `wait`, and at most
-    /// [`ACQUIRE_TIMEOUT`], after which the sessions count as stuck).
+    /// [`ACQUIRE_TIMEOUT`], after which the request is refused as the HSM unavailable).
     fn acquire(&self, wait: Duration) -> Result<Pooled, SignError> {
         let deadline = Instant::now() + wait.min(ACQUIRE_TIMEOUT);
         let mut state = self.state();
