@@ -172,7 +172,9 @@ fn a_reload_keeps_the_servers_limits_and_says_so() {
     let config = std::fs::read_to_string(&config_path).unwrap();
     std::fs::write(
         &config_path,
-        common::merge_toml(&config, "[server]\nmax_request_bytes = 20\n"),
+        // The smallest limit allowed, under the ~67 octets of the request below: applied, it
+        // would refuse it.
+        common::merge_toml(&config, "[server]\nmax_request_bytes = 64\n"),
     )
     .unwrap();
     server.signal("HUP");
