@@ -496,6 +496,44 @@ fn a_crl_given_must_vouch_for_the_signers_certificate() {
     .der()
     .to_vec();
     judge(vec![foreign]).unwrap_err();
+
+    // The same through `tsa verify --crl`, from a PEM file and a DER file.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("r.tsr"), &reply).unwrap();
+    std::fs::write(d.join("q.tsq"), &query).unwrap();
+    std::fs::write(d.join("data"), DATA).unwrap();
+    let lf = der::pem::LineEnding::LF;
+    std::fs::write(
+        d.join("root.pem"),
+        der::EncodePem::to_pem(&p.root, lf).unwrap(),
+    )
+    .unwrap();
+    let empty = der::pem::encode_string("X509 CRL", lf, &crl(&[])).unwrap();
+    std::fs::write(d.join("empty.pem"), empty).unwrap();
+    std::fs::write(d.join("revoking.der"), crl(&[&serial])).unwrap();
+    let run = |crl: &str| {
+        Command::new(env!("CARGO_BIN_EXE_tsa"))
+            .args([
+                "verify", "--in", "r.tsr", "--data", "data", "--query", "q.tsq",
+            ])
+            .args(["--ca", "root.pem", "--crl", crl])
+            .current_dir(d)
+            .output()
+            .unwrap()
+    };
+    let kept = run("empty.pem");
+    assert!(
+        kept.status.success(),
+        "{}",
+        String::from_utf8_lossy(&kept.stderr)
+    );
+    let refused = run("revoking.der");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("evoked"),
+        "{stderr}"
+    );
 }
 
 #[test]
