@@ -121,9 +121,10 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
     );
 
     // The request.
-    if let Some(query) = expect.query {
-        answers_query(token, query)?;
-    }
+    let cert_req = match expect.query {
+        Some(query) => answers(token, query)?,
+        None => false,
+    };
 
     // The signer.
     let signer_info = only_signer_info(token)?;
@@ -153,13 +154,10 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
         &candidates,
         "the signer's certificate is neither in the token nor given",
     )?;
-    if let Some(query) = expect.query {
-        let cert_req = TimeStampReq::from_der(query).is_ok_and(|req| req.cert_req);
-        ensure!(
-            !cert_req || included.contains(signer_cert),
-            "the request set certReq but the token does not carry the signer's certificate"
-        );
-    }
+    ensure!(
+        !cert_req || included.contains(signer_cert),
+        "the request set certReq but the token does not carry the signer's certificate"
+    );
 
     // The signer's certificate: the name the token gives, its profile, its path.
     if let Some(tsa) = &tst.tsa {
@@ -328,6 +326,11 @@ fn check_signed_by(
 /// for it. Checks nothing about the signature or the signer: [`verify`] does, and calls this
 /// when it is given the query.
 pub fn answers_query(token: &Token, query: &[u8]) -> anyhow::Result<()> {
+    answers(token, query).map(|_| ())
+}
+
+/// [`answers_query`], and whether the query set certReq.
+fn answers(token: &Token, query: &[u8]) -> anyhow::Result<bool> {
     let tst = token.tst_info();
     let req = TimeStampReq::from_der(query).context("the query is not a TimeStampReq")?;
     ensure!(
@@ -359,7 +362,7 @@ pub fn answers_query(token: &Token, query: &[u8]) -> anyhow::Result<()> {
             "the request did not set certReq but the token has a certificates field"
         );
     }
-    Ok(())
+    Ok(req.cert_req)
 }
 
 /// The candidates the sid names: by issuer and serial number, or by subject key identifier
@@ -512,9 +515,8 @@ fn check_path(
             "CRLs are checked along a path from a trusted CA: give the TSU certificate's CA as \
              trusted, not the TSU certificate itself"
         );
-        let validity = leaf.tbs_certificate().validity();
         ensure!(
-            validity.not_before.to_system_time() <= at && at <= validity.not_after.to_system_time(),
+            valid_at(leaf, at),
             "the signer's certificate {} is not valid at the validation time",
             leaf.tbs_certificate().subject()
         );
@@ -628,9 +630,8 @@ fn check_path(
         .collect();
     ensure!(!named.is_empty(), "the path ends at no trusted certificate");
     let usable = |root: &Certificate| -> anyhow::Result<()> {
-        let validity = root.tbs_certificate().validity();
         ensure!(
-            validity.not_before.to_system_time() <= at && at <= validity.not_after.to_system_time(),
+            valid_at(root, at),
             "the trusted CA certificate {} is not valid at the validation time",
             root.tbs_certificate().subject()
         );
@@ -670,6 +671,12 @@ fn check_path(
         }
     }
     Ok(())
+}
+
+/// Whether `at` lies within `cert`'s validity.
+fn valid_at(cert: &Certificate, at: std::time::SystemTime) -> bool {
+    let validity = cert.tbs_certificate().validity();
+    validity.not_before.to_system_time() <= at && at <= validity.not_after.to_system_time()
 }
 
 /// A certificate that signed another on the signer's path: a CA (basicConstraints cA) whose

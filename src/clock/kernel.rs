@@ -30,10 +30,10 @@
 //! The adapter is thin: the decisions are [`KernelClock::judge`] and `Resume::check`, which
 //! tests reach through injected readings.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::local::{self, SUSPEND_TOLERANCE_NS};
+use super::local::{self, suspended_between};
 use super::{system_unix_ns, Reading, SyncState, TimeSource};
 
 /// What the kernel said, at one instant.
@@ -107,7 +107,7 @@ pub struct KernelClock<A: KernelApi = Adjtimex> {
 /// start after the TSA, or be restarted by an upgrade): every reading is refused meanwhile.
 struct DaemonWatch {
     /// 0: a daemon that keeps a bound is seen; else the refusal's `Verdict` + 1.
-    refusal: std::sync::atomic::AtomicU8,
+    refusal: AtomicU8,
     /// When to look again while refusing (Unix ns).
     next_look_ns: AtomicU64,
     look: Box<dyn Fn() -> Vec<&'static str> + Send + Sync>,
@@ -119,12 +119,21 @@ const LOOK_AGAIN: std::time::Duration = std::time::Duration::from_secs(10);
 impl DaemonWatch {
     fn new(look: Box<dyn Fn() -> Vec<&'static str> + Send + Sync>) -> Self {
         let watch = Self {
-            refusal: std::sync::atomic::AtomicU8::new(0),
+            refusal: AtomicU8::new(0),
             next_look_ns: AtomicU64::new(0),
             look,
         };
         watch.look_now(true);
         watch
+    }
+
+    /// No refusal, and no looking: for readings of an injected kernel (tests).
+    fn trusting() -> Self {
+        Self {
+            refusal: AtomicU8::new(0),
+            next_look_ns: AtomicU64::new(0),
+            look: Box::new(Vec::new),
+        }
     }
 
     /// Looks through the processes and logs what changed (everything, at start).
@@ -226,8 +235,7 @@ impl Resume {
         // that sees the new base sees the count too, and one that sees the old base sees the
         // suspend.
         let base = self.base.load(Ordering::Acquire);
-        if self.updates_needed.load(Ordering::Acquire) == 0 && asleep <= base + SUSPEND_TOLERANCE_NS
-        {
+        if self.updates_needed.load(Ordering::Acquire) == 0 && !suspended_between(base, asleep) {
             return (state, false);
         }
         let mut last = self
@@ -236,7 +244,7 @@ impl Resume {
             .unwrap_or_else(|p| p.into_inner());
         let state = read();
         let asleep = suspended();
-        if asleep > self.base.load(Ordering::Acquire) + SUSPEND_TOLERANCE_NS {
+        if suspended_between(self.base.load(Ordering::Acquire), asleep) {
             self.updates_needed
                 .store(UPDATES_AFTER_RESUME, Ordering::Release);
             self.base.store(asleep, Ordering::Release);
@@ -372,36 +380,32 @@ impl<A: KernelApi> KernelClock<A> {
             resume: Resume::new(suspended()),
             suspended,
             // Readings of an injected kernel (tests) are not held to a daemon.
-            daemons: DaemonWatch {
-                refusal: std::sync::atomic::AtomicU8::new(0),
-                next_look_ns: AtomicU64::new(0),
-                look: Box::new(|| vec!["chronyd"]),
-            },
-        }
-    }
-
-    fn refused(state: &KernelState, verdict: Verdict) -> Reading {
-        Reading {
-            unix_ns: state.unix_ns,
-            bound_ns: u64::MAX,
-            state: SyncState::Unsynchronized,
-            reason: reason(verdict),
+            daemons: DaemonWatch::trusting(),
         }
     }
 
     /// Turns what the kernel said into a reading.
     pub fn judge(state: KernelState) -> Reading {
+        Self::reading(&state, Self::verdict_of(&state))
+    }
+
+    /// What the kernel's own state says.
+    fn verdict_of(state: &KernelState) -> Verdict {
         let unsynchronized =
             state.rc < 0 || state.rc == libc::TIME_ERROR || state.status & libc::STA_UNSYNC != 0;
         let leap_pending = matches!(state.rc, libc::TIME_INS | libc::TIME_DEL | libc::TIME_WAIT)
             || state.status & (libc::STA_INS | libc::STA_DEL) != 0;
-        let verdict = if unsynchronized || state.max_error_us < 0 {
+        if unsynchronized || state.max_error_us < 0 {
             Verdict::Unsynchronized
         } else if state.rc == libc::TIME_OOP || (leap_pending && near_midnight(state.unix_ns)) {
             Verdict::Leap
         } else {
             Verdict::Synchronized
-        };
+        }
+    }
+
+    /// The reading `verdict` gives of `state`: its bound only when synchronized.
+    fn reading(state: &KernelState, verdict: Verdict) -> Reading {
         Reading {
             unix_ns: state.unix_ns,
             bound_ns: match verdict {
@@ -426,13 +430,12 @@ impl<A: KernelApi> TimeSource for KernelClock<A> {
 
     fn read(&self) -> Reading {
         let (state, resumed) = self.resume.check(|| self.api.state(), &self.suspended);
-        if let Some(verdict) = self.daemons.refusal(state.unix_ns) {
-            Self::refused(&state, verdict)
-        } else if resumed {
-            Self::refused(&state, Verdict::Resumed)
-        } else {
-            Self::judge(state)
-        }
+        let verdict = self
+            .daemons
+            .refusal(state.unix_ns)
+            .or(resumed.then_some(Verdict::Resumed))
+            .unwrap_or_else(|| Self::verdict_of(&state));
+        Self::reading(&state, verdict)
     }
 }
 

@@ -70,6 +70,11 @@ pub fn suspended_ns() -> u64 {
 /// a second; the reading's own error is far below).
 pub const SUSPEND_TOLERANCE_NS: u64 = 1_000_000;
 
+/// Whether the host was suspended between two readings of [`suspended_ns`].
+pub fn suspended_between(before_ns: u64, after_ns: u64) -> bool {
+    after_ns > before_ns.saturating_add(SUSPEND_TOLERANCE_NS)
+}
+
 impl LocalClock {
     pub fn new() -> Self {
         Self {

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::discipline::{Discipline, DisciplineConfig, Event, Snapshot, SourceSpec};
 use super::gps::{self, GpsdSource};
-use super::local::{self, LocalClock, WallClockWatch, SUSPEND_TOLERANCE_NS};
+use super::local::{self, suspended_between, LocalClock, WallClockWatch};
 use super::nmea::{self, NmeaSource};
 use super::ntp::{self, NtpServer};
 use super::Change;
@@ -165,7 +165,7 @@ impl DisciplinedClock {
         // The lower of two readings: a restart costs minutes of sync, a reading that the
         // scheduler stretched must not cause one.
         let suspended = (self.suspended)().min((self.suspended)());
-        if suspended <= base + SUSPEND_TOLERANCE_NS {
+        if !suspended_between(base, suspended) {
             return None;
         }
         let now = self.local.now();
@@ -229,7 +229,7 @@ impl TimeSource for DisciplinedClock {
     fn read(&self) -> Reading {
         let published = self.published.load();
         let mut estimate = published.snapshot.estimate(self.local.now());
-        if (self.suspended)() > published.suspended_ns + SUSPEND_TOLERANCE_NS {
+        if suspended_between(published.suspended_ns, (self.suspended)()) {
             estimate.state = SyncState::Unsynchronized;
             estimate.bound_ns = u64::MAX;
             estimate.reason = suspended_reason();
@@ -308,10 +308,7 @@ async fn run(
                 let now = clock.local.now();
                 discipline.observe(now);
                 let utc = discipline.estimate(now).utc_ns;
-                for event in discipline.drain_events() {
-                    log_event(&event, &names, utc);
-                    clock.record(describe(&event, &names, utc));
-                }
+                tell(&clock, &mut discipline, &names, utc);
             }
             message = rx.recv(), if sources_running => {
                 resumed(&clock, &mut discipline, &mut suspended, &mut wall, &names);
@@ -332,10 +329,7 @@ async fn run(
                 let snapshot = discipline.snapshot();
                 let utc = snapshot.estimate(now).utc_ns;
                 clock.publish(snapshot, suspended);
-                for event in discipline.drain_events() {
-                    log_event(&event, &names, utc);
-                    clock.record(describe(&event, &names, utc));
-                }
+                tell(&clock, &mut discipline, &names, utc);
                 let views = ClockViews {
                     system: Some(discipline.system_view(now)),
                     sources: discipline.source_views(now),
@@ -382,9 +376,14 @@ fn resumed(
     *suspended = now_suspended;
     *wall = WallClockWatch::new();
     let utc = discipline.estimate(clock.local.now()).utc_ns;
+    tell(clock, discipline, names, utc);
+}
+
+/// Logs the discipline's events since the last call and keeps them for the status page.
+fn tell(clock: &DisciplinedClock, discipline: &mut Discipline, names: &[String], utc_ns: u64) {
     for event in discipline.drain_events() {
-        log_event(&event, names, utc);
-        clock.record(describe(&event, names, utc));
+        log_event(&event, names, utc_ns);
+        clock.record(describe(&event, names, utc_ns));
     }
 }
 

@@ -97,11 +97,10 @@ struct Connection {
     address: AddressSlot,
     served: AtomicU64,
     peer: Option<Arc<PeerCertificate>>,
-    /// Whether the connection is TLS (the HTTPS listener).
-    tls: bool,
-    /// On the HTTPS listener, the TLS configuration that last accepted the connection and
-    /// `peer` (its handshake's, then a reloaded one that verified it again).
-    verified_under: Option<std::sync::Mutex<Arc<super::tls::Tls>>>,
+    /// On the HTTPS listener (`None` on the plain one): the TLS configuration that last
+    /// accepted the connection and `peer` (its handshake's, then a reloaded one that verified
+    /// it again).
+    tls: Option<std::sync::Mutex<Arc<super::tls::Tls>>>,
 }
 
 impl Connection {
@@ -109,7 +108,7 @@ impl Connection {
     /// certificate (or its lack of one) was last accepted, refuses it: a certificate it
     /// does not verify, or none where it requires one (asked once per reload while accepted).
     fn certificate_refused(&self, tsa: &Tsa) -> bool {
-        let Some(under) = &self.verified_under else {
+        let Some(under) = &self.tls else {
             return false;
         };
         let Some(current) = tsa.tls.load_full() else {
@@ -193,8 +192,7 @@ where
         address: AddressSlot::uncounted(),
         served: AtomicU64::new(0),
         peer: None,
-        tls: false,
-        verified_under: None,
+        tls: None,
     };
     let limits = Arc::new(Limits::new(&config));
     let graceful = GracefulShutdown::new();
@@ -246,7 +244,7 @@ pub(super) async fn run(
                         continue;
                     }
                 };
-                let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), peer: None, tls: false, verified_under: None };
+                let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), peer: None, tls: None };
                 let (tsa, limits) = (tsa.clone(), limits.clone());
                 let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
                 spawn(serve_public(&builder, graceful.watcher(), io, tsa, limits, connection));
@@ -282,8 +280,8 @@ pub(super) async fn run(
                     let Some((stream, peer)) = super::tls::handshake(&tls, stream, limits.read_timeout).await else {
                         return Ok(());
                     };
-                    let verified_under = Some(std::sync::Mutex::new(tls));
-                    let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), peer, tls: true, verified_under };
+                    let tls = Some(std::sync::Mutex::new(tls));
+                    let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), peer, tls };
                     serve_public(&builder, watcher, TokioIo::new(stream), tsa, limits, connection).await
                 });
             }
@@ -457,7 +455,7 @@ where
         let (tsa, limits, connection) = (tsa.clone(), limits.clone(), connection.clone());
         async move {
             let link = Link {
-                tls: connection.tls,
+                tls: connection.tls.is_some(),
                 certificate: connection.peer.as_deref(),
                 certificate_refused: connection.certificate_refused(&tsa),
             };

@@ -552,28 +552,21 @@ impl Tsa {
         let signature = signer.sign_within(tbs.message(), Duration::from_nanos(budget_ns));
         self.metrics.signature(signing.elapsed(), signature.is_ok());
         let signature = signature.map_err(|e| match e {
-            // As a signature back late (below): readiness holds off the requests a balancer
-            // would send into the same wait.
-            SignError::Late(wait) => {
-                // The signer's to report only when it had a fair part of the accuracy to begin
-                // in: a wait that genTime's truncation cut short says nothing of it.
-                if wait.as_nanos() as u64 >= declared_ns.saturating_sub(time.bound_ns) / 2 {
+            // The signer's to answer for only when it had a fair part of the accuracy to begin
+            // in: a wait that genTime's truncation cut short says nothing of it.
+            SignError::Late(wait) => Rejection {
+                detail: Some(e.to_string()),
+                ..self.signed_late(
+                    wait.as_nanos() as u64 >= declared_ns.saturating_sub(time.bound_ns) / 2,
+                )
+            },
+            // An unavailable key is the signer's health to report (and to recover).
+            _ => {
+                if matches!(e, SignError::Failed(_)) {
                     self.signer_failure.mark();
                 }
-                Rejection {
-                    detail: Some(e.to_string()),
-                    ..self.refuse(
-                        RefusalKind::SignedLate,
-                        RefusalKind::SignedLate.public_reason(),
-                    )
-                }
-            }
-            // An unavailable key is the signer's health to report (and to recover).
-            SignError::Failed(_) => {
-                self.signer_failure.mark();
                 Rejection::internal("the token could not be signed", e)
             }
-            SignError::Unavailable(_) => Rejection::internal("the token could not be signed", e),
         })?;
         self.signer_failure.clear();
         // genTime ± accuracy holds the reading; the token is made when the signature returns.
@@ -581,16 +574,9 @@ impl Tsa {
         // must still leave that instant within the declared accuracy of genTime.
         let late_ns = elapsed_ns(read_at);
         if stamp.accuracy.as_ns().saturating_add(late_ns) > declared_ns {
-            // Late whatever genTime's truncation (which can bring a fast signature close to
-            // the limit): the signer's health to report as a failure, so that readiness holds
-            // off the requests a balancer would send into the same wait.
-            if time.bound_ns.saturating_add(late_ns) > declared_ns {
-                self.signer_failure.mark();
-            }
-            return Err(self.refuse(
-                RefusalKind::SignedLate,
-                RefusalKind::SignedLate.public_reason(),
-            ));
+            // The signer's to answer for when late whatever genTime's truncation (which can
+            // bring a fast signature close to the limit).
+            return Err(self.signed_late(time.bound_ns.saturating_add(late_ns) > declared_ns));
         }
 
         let der = issuing.template.assemble(&tbs, &signature);
@@ -607,6 +593,19 @@ impl Tsa {
 
     /// A `timeNotAvailable` for a genTime whose error would exceed the declared accuracy,
     /// counted among the clock's refusals.
+    /// A signature that came, or would have come, too late for the token's declared accuracy;
+    /// `signer_to_blame` marks the signer's failure, so that readiness holds off the requests
+    /// a balancer would send into the same wait.
+    fn signed_late(&self, signer_to_blame: bool) -> Rejection {
+        if signer_to_blame {
+            self.signer_failure.mark();
+        }
+        self.refuse(
+            RefusalKind::SignedLate,
+            RefusalKind::SignedLate.public_reason(),
+        )
+    }
+
     fn refuse(&self, kind: RefusalKind, reason: &'static str) -> Rejection {
         let refusal = Refusal {
             kind,
@@ -804,6 +803,23 @@ mod tests {
         }
     }
 
+    /// A SHA-256 query (with a nonce, asking for the certificate), DER.
+    fn query_der() -> Vec<u8> {
+        crate::client::Query::for_data(crate::alg::DigestAlgorithm::Sha256, b"x")
+            .unwrap()
+            .to_der()
+            .unwrap()
+    }
+
+    /// A clock that reads now, synchronized to within 1 ms, declaring `accuracy`.
+    fn fixed_now(accuracy: Duration) -> IssuingClock {
+        IssuingClock::new(
+            Box::new(Fixed(crate::clock::system_unix_ns())),
+            accuracy,
+            Duration::from_micros(1),
+        )
+    }
+
     /// A TSA of the development configuration (a fresh P-256 key), built in `dir`.
     fn development_tsa(dir: &std::path::Path) -> Tsa {
         development_tsa_with(dir, "")
@@ -840,10 +856,7 @@ mod tests {
         let mut tsa = development_tsa(dir.path());
         let taken = Arc::new(AtomicU64::new(0));
         tsa.serials = Box::new(Counted(taken.clone()));
-        let query = crate::client::Query::for_data(crate::alg::DigestAlgorithm::Sha256, b"x")
-            .unwrap()
-            .to_der()
-            .unwrap();
+        let query = query_der();
         assert!(
             tsa.issue(&query).is_ok(),
             "the development clock is trusted"
@@ -903,10 +916,7 @@ mod tests {
             .expect("the only reference");
         let second = crate::clock::system_unix_ns() / S * S;
         tsa.rollover = Some(Rollover::new(second + S / 2, next.signer, issuing));
-        let query = crate::client::Query::for_data(crate::alg::DigestAlgorithm::Sha256, b"x")
-            .unwrap()
-            .to_der()
-            .unwrap();
+        let query = query_der();
         // Read 0.7 s past the second, genTime is the whole second: before the rollover instant
         // (0.5 s past it), so the old key signs. Read in the next second, the new key does.
         for (reading, expected) in [
@@ -1004,10 +1014,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut tsa = development_tsa(dir.path());
         let inner = Arc::clone(&tsa.signer);
-        let query = crate::client::Query::for_data(crate::alg::DigestAlgorithm::Sha256, b"x")
-            .unwrap()
-            .to_der()
-            .unwrap();
+        let query = query_der();
         // The reading's bound is 1 ms; 100 ms are declared: 99 ms or less are left.
         let declared = Duration::from_millis(100);
         for (busy, granted) in [(Duration::from_millis(10), true), (declared, false)] {
@@ -1017,11 +1024,7 @@ mod tests {
                 given: Default::default(),
             });
             tsa.signer = signer.clone();
-            tsa.clock = IssuingClock::new(
-                Box::new(Fixed(crate::clock::system_unix_ns())),
-                declared,
-                Duration::from_micros(1),
-            );
+            tsa.clock = fixed_now(declared);
             let outcome = tsa.issue(&query);
             let given = signer.given.lock().unwrap().expect("asked to sign");
             // What was left: under the 99 ms, less the little spent since the reading.
@@ -1046,10 +1049,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut tsa = development_tsa(dir.path());
         let inner = Arc::clone(&tsa.signer);
-        let query = crate::client::Query::for_data(crate::alg::DigestAlgorithm::Sha256, b"x")
-            .unwrap()
-            .to_der()
-            .unwrap();
+        let query = query_der();
         // The reading's bound is 1 ms; 100 ms are declared.
         let declared = Duration::from_millis(100);
         for (stall, granted) in [(Duration::from_millis(20), true), (declared, false)] {
@@ -1057,11 +1057,7 @@ mod tests {
                 inner: Arc::clone(&inner),
                 stall,
             });
-            tsa.clock = IssuingClock::new(
-                Box::new(Fixed(crate::clock::system_unix_ns())),
-                declared,
-                Duration::from_micros(1),
-            );
+            tsa.clock = fixed_now(declared);
             match tsa.issue(&query) {
                 Ok(_) => assert!(granted, "a signature {stall:?} late was granted"),
                 Err(refused) => {
@@ -1156,10 +1152,7 @@ mod tests {
         let mut tsa = development_tsa(dir.path());
         let wait = Duration::from_millis(50);
         tsa.serials = Box::new(Slow(wait));
-        let query = crate::client::Query::for_data(crate::alg::DigestAlgorithm::Sha256, b"x")
-            .unwrap()
-            .to_der()
-            .unwrap();
+        let query = query_der();
         let asked = crate::clock::system_unix_ns();
         let der = tsa.issue(&query).expect("granted");
         let response = crate::client::read::Response::from_der(&der).unwrap();

@@ -42,7 +42,7 @@ pub use issue::{Client, Issuing, Outcome, Rollover, Tsa};
 /// Call it inside a tokio runtime: the disciplined clock starts its tasks there.
 pub fn build(config: &Config) -> anyhow::Result<Tsa> {
     let signer = open_signer(&config.signer)?;
-    let rolled_over_at = match &config.rollover {
+    let rollover_at_ns = match &config.rollover {
         Some(planned) => Some(planned.at_unix_ns()?),
         None => None,
     };
@@ -50,7 +50,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         config,
         &config.signer,
         signer.as_ref(),
-        first_valid_at(rolled_over_at, SystemTime::now()),
+        first_valid_at(rollover_at_ns, SystemTime::now()),
     )?;
     tracing::info!(
         event = "key_loaded",

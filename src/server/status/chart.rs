@@ -389,31 +389,7 @@ mod tests {
         // A clock some 25 years off, whose readings differ by 128 ns: the step is below the
         // spacing of f64 values there.
         let big = 7.9e17;
-        let chart_of = |values: [f64; 2]| {
-            let mut h = String::new();
-            chart(
-                &mut h,
-                &Chart {
-                    id: "offset",
-                    title: "Offset",
-                    note: String::new(),
-                    quantity: Quantity::Time,
-                    lines: vec![Line {
-                        label: "offset",
-                        class: "l1",
-                        points: vec![(t0, Some(values[0])), (t1, Some(values[1]))],
-                    }],
-                    limit: None,
-                    states: &[],
-                    t0,
-                    t1,
-                    zero_based: false,
-                    width: W,
-                    max_gap_ns: 60 * S,
-                },
-            );
-            h
-        };
+        let chart_of = |values: [f64; 2]| offset_chart([(t0, values[0]), (t1, values[1])]);
         let page = chart_of([big, big + 128.0]);
         let ticks = page.matches("class=\"tick\"").count();
         assert!((1..=2 * MAX_TICKS).contains(&ticks), "{ticks} ticks");
@@ -422,11 +398,8 @@ mod tests {
         assert!(page.matches("class=\"tick\"").count() >= 3);
     }
 
-    #[test]
-    fn a_time_span_of_decades_draws_a_bounded_time_axis() {
-        const S: u64 = 1_000_000_000;
-        // A point from a host that started in 1970 and was set to 2025 later.
-        let (t0, t1) = (S, 1_750_000_000 * S);
+    /// The offset chart over two points, from the first's time to the second's.
+    fn offset_chart(points: [(u64, f64); 2]) -> String {
         let mut h = String::new();
         chart(
             &mut h,
@@ -438,17 +411,25 @@ mod tests {
                 lines: vec![Line {
                     label: "offset",
                     class: "l1",
-                    points: vec![(t0, Some(1_000.0)), (t1, Some(2_000.0))],
+                    points: points.iter().map(|&(t, v)| (t, Some(v))).collect(),
                 }],
                 limit: None,
                 states: &[],
-                t0,
-                t1,
+                t0: points[0].0,
+                t1: points[1].0,
                 zero_based: false,
                 width: W,
-                max_gap_ns: 60 * S,
+                max_gap_ns: 60_000_000_000,
             },
         );
+        h
+    }
+
+    #[test]
+    fn a_time_span_of_decades_draws_a_bounded_time_axis() {
+        const S: u64 = 1_000_000_000;
+        // A point from a host that started in 1970 and was set to 2025 later.
+        let h = offset_chart([(S, 1_000.0), (1_750_000_000 * S, 2_000.0)]);
         let ticks = h.matches("class=\"tick\"").count();
         assert!(
             ticks <= 2 * MAX_TICKS + 2,
