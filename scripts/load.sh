@@ -333,7 +333,7 @@ start_server() { # mode: off | on | other
     hsm_rate=$(taskset -c "$SERVER_CPU" "$TSA" hsm check --config "$work/state-$mode/tsa.toml" \
       --signatures 30000 --threads 1 2>/dev/null | awk -F'= ' '/^rate:/ { sub("/s", "", $2); print $2 }')
     [ -n "$hsm_rate" ] || die "tsa hsm check gave no rate"
-    echo "raw HSM rate (SoftHSM2 via cryptoki, 1 process, 1 thread, core $SERVER_CPU): $hsm_rate sign/s"
+    echo "raw HSM rate (SoftHSM2 via cryptoki, each signature checked on the host as the server does, 1 process, 1 thread, core $SERVER_CPU): $hsm_rate sign/s"
   fi
   taskset -c "$SERVER_CPU" "$TSA" serve --config "$work/state-$mode/tsa.toml" \
     --listen "$HOST:0" --admin-listen "$HOST:0" >"$work/serve-$mode.out" 2>"$work/serve-$mode.err" &

@@ -329,7 +329,8 @@ fn check(args: &CheckArgs) -> anyhow::Result<()> {
         let total = per_thread * threads;
         writeln!(
             out,
-            "rate: {total} signatures on {threads} thread(s) in {:.2} s = {:.0}/s",
+            "rate: {total} signatures (each checked on the host) on {threads} thread(s) in \
+             {:.2} s = {:.0}/s",
             elapsed.as_secs_f64(),
             total as f64 / elapsed.as_secs_f64()
         )?;

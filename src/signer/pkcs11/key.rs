@@ -409,28 +409,34 @@ fn significant_bits(big_endian: &[u8]) -> usize {
     }
 }
 
-/// Checks an RSA signature from the token before it is used: exactly as long as the modulus,
-/// and valid under the public key (`RSAPublicKey` DER). A faulty module must not make a
-/// granted token that does not verify, and a faulty RSA-CRT signature, once published,
-/// reveals the key's factors. Verifying costs the host a few tens of µs beside the token's
-/// signature.
-pub fn check_rsa(
+/// Checks a signature from the token, as CMS carries it, before it is used: for RSA exactly
+/// as long as the modulus, and for every scheme valid under the public key (`RSAPublicKey` DER
+/// or the uncompressed EC point). A faulty module must not make a granted token that does not
+/// verify, and a faulty RSA-CRT signature, once published, reveals the key's factors (faults
+/// in an ECDSA computation can leak key bits too). Verifying costs the host a few tens of µs
+/// beside the token's signature.
+pub fn check(
     algorithm: SignatureAlgorithm,
     public_key: &[u8],
     message: &[u8],
     signature: &[u8],
 ) -> Result<(), String> {
-    let modulus_len = RsaPublicKey::from_der(public_key)
-        .map(|key| key.modulus.as_bytes().len())
-        .map_err(|e| format!("the RSA public key does not parse: {e}"))?;
-    if signature.len() != modulus_len {
-        return Err(format!(
-            "the token returned a {}-octet RSA signature, expected {modulus_len}",
-            signature.len()
-        ));
+    if algorithm.is_rsa() {
+        let modulus_len = RsaPublicKey::from_der(public_key)
+            .map(|key| key.modulus.as_bytes().len())
+            .map_err(|e| format!("the RSA public key does not parse: {e}"))?;
+        if signature.len() != modulus_len {
+            return Err(format!(
+                "the token returned a {}-octet RSA signature, expected {modulus_len}",
+                signature.len()
+            ));
+        }
     }
     if !verify(algorithm, public_key, message, signature) {
-        return Err("the token's RSA signature does not verify with the key's public key".into());
+        return Err(format!(
+            "the token's {} signature does not verify with the key's public key",
+            algorithm.name()
+        ));
     }
     Ok(())
 }
@@ -502,21 +508,49 @@ mod tests {
             let mut signature = vec![0; key.public_modulus_len()];
             key.sign(padding, &rng, message, &mut signature)
                 .expect("a signature");
-            check_rsa(algorithm, &public, message, &signature).expect("a good signature");
+            check(algorithm, &public, message, &signature).expect("a good signature");
 
             let mut faulty = signature.clone();
             faulty[100] ^= 0x01;
-            let refused = check_rsa(algorithm, &public, message, &faulty).unwrap_err();
+            let refused = check(algorithm, &public, message, &faulty).unwrap_err();
             assert!(refused.contains("does not verify"), "{refused}");
-            let other = check_rsa(algorithm, &public, b"another message", &signature);
+            let other = check(algorithm, &public, b"another message", &signature);
             assert!(other.is_err());
 
-            let short = check_rsa(algorithm, &public, message, &signature[1..]).unwrap_err();
+            let short = check(algorithm, &public, message, &signature[1..]).unwrap_err();
             assert!(short.contains("255-octet"), "{short}");
             let mut long = signature.clone();
             long.insert(0, 0);
-            assert!(check_rsa(algorithm, &public, message, &long).is_err());
+            assert!(check(algorithm, &public, message, &long).is_err());
         }
+    }
+
+    #[test]
+    fn ecdsa_signatures_that_do_not_verify_are_refused() {
+        use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING};
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref())
+            .expect("a P-256 key");
+        let public = key.public_key().as_ref().to_vec();
+        let message = b"the signed attributes";
+        let signature = key
+            .sign(&rng, message)
+            .expect("a signature")
+            .as_ref()
+            .to_vec();
+        let algorithm = SignatureAlgorithm::EcdsaP256Sha256;
+        check(algorithm, &public, message, &signature).expect("a good signature");
+
+        let mut faulty = signature.clone();
+        let last = faulty.len() - 1;
+        faulty[last] ^= 0x01;
+        let refused = check(algorithm, &public, message, &faulty).unwrap_err();
+        assert!(
+            refused.contains("ecdsa-p256-sha256 signature does not verify"),
+            "{refused}"
+        );
+        assert!(check(algorithm, &public, b"another message", &signature).is_err());
     }
 
     #[test]

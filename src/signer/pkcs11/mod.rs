@@ -334,11 +334,10 @@ impl Signer for Pkcs11Signer {
         let raw = self
             .pool
             .sign_within(&scheme.input(digest_alg, &digest), wait)?;
-        if matches!(scheme, key::Scheme::RsaPkcs1 | key::Scheme::RsaPss) {
-            key::check_rsa(self.algorithm, &self.public_key, message, &raw)
-                .map_err(SignError::Failed)?;
-        }
-        scheme.output(raw).map_err(SignError::Failed)
+        let signature = scheme.output(raw).map_err(SignError::Failed)?;
+        key::check(self.algorithm, &self.public_key, message, &signature)
+            .map_err(SignError::Failed)?;
+        Ok(signature)
     }
 
     fn health(&self) -> Result<(), String> {
