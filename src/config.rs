@@ -228,6 +228,10 @@ pub struct ServerConfig {
     /// a new one gets the same fixed 503. Its descriptors come from those kept beside
     /// `max_connections`, hence at most [`MAX_ADMIN_CONNECTIONS`].
     pub admin_max_connections: usize,
+    /// Host names the admin listener answers under, besides IP addresses and `localhost`
+    /// (a request naming another host gets 403: a web page whose name was rebound to the
+    /// listener's address cannot read it from the operator's browser).
+    pub admin_hosts: Vec<String>,
     /// Requests served on one keep-alive connection before it is closed; 0: no limit.
     pub max_requests_per_connection: u64,
     /// The largest request head (request line and headers); larger ones get 431.
@@ -259,6 +263,7 @@ impl Default for ServerConfig {
             new_connections_per_address_per_s: 0.0,
             new_connections_per_address_burst: 0,
             admin_max_connections: 16,
+            admin_hosts: Vec::new(),
             max_requests_per_connection: 10_000,
             max_header_bytes: 8 * 1024,
             https_listen: None,

@@ -90,6 +90,13 @@ pub fn encode<T: AsRef<[u8]>>(items: &[T]) -> Vec<u8> {
     out
 }
 
+/// The identifier and length octets of the reply's `SEQUENCE OF` around `content` octets of
+/// answers: what [`encode`] puts before them.
+pub fn reply_header(content: usize) -> Vec<u8> {
+    let (header, len) = header(content);
+    header[..len].to_vec()
+}
+
 /// The identifier and length octets of a SEQUENCE with `len` content octets: the definite
 /// form with the fewest length octets (X.690 10.1).
 fn header(len: usize) -> ([u8; 2 + size_of::<usize>()], usize) {

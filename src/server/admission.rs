@@ -306,7 +306,7 @@ impl AddressSlot {
 
     /// A batch place of this connection's address, returned when dropped; or (`Err`) the
     /// address, which has its share of batches in flight ([`Addresses::new`]).
-    pub fn batch(&self) -> Result<AddressBatch<'_>, AddressKey> {
+    pub fn batch(&self) -> Result<AddressBatch, AddressKey> {
         let Some(counted) = &self.counted else {
             return Ok(AddressBatch(None));
         };
@@ -316,7 +316,7 @@ impl AddressSlot {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
-            .map(|_| AddressBatch(Some(&counted.batches)))
+            .map(|_| AddressBatch(Some(Arc::clone(&counted.batches))))
             .map_err(|_| counted.key)
     }
 }
@@ -333,13 +333,14 @@ impl Drop for Counted {
     }
 }
 
-/// One batch in flight counted under its address; dropping it returns the place.
+/// One batch in flight counted under its address; dropping it returns the place (held until
+/// the batch's reply is sent).
 #[derive(Debug)]
-pub struct AddressBatch<'a>(Option<&'a AtomicUsize>);
+pub struct AddressBatch(Option<Arc<AtomicUsize>>);
 
-impl Drop for AddressBatch<'_> {
+impl Drop for AddressBatch {
     fn drop(&mut self) {
-        if let Some(batches) = self.0 {
+        if let Some(batches) = &self.0 {
             batches.fetch_sub(1, Ordering::AcqRel);
         }
     }

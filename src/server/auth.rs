@@ -430,6 +430,24 @@ impl Auth {
         }
     }
 
+    /// Gives back `n` tokens taken from `client`'s quota for a request the server then
+    /// refused as overloaded: a refusal the client did not cause (another client's load may
+    /// have) costs it nothing.
+    pub fn give_back(&self, client: &Client, n: u32) {
+        if let Some(bucket) = self.bucket(client) {
+            bucket.give_back(n);
+        }
+    }
+
+    /// The anonymous callers' burst, where `client` is anonymous and `n` tokens are more than
+    /// it: such a batch is refused (taken from their shared bucket, its debt would refuse every
+    /// anonymous caller until paid back at the rate, minutes for a large batch).
+    pub fn over_shared_burst(&self, client: &Client, n: u32) -> Option<u64> {
+        let bucket = self.anonymous_bucket.as_deref()?;
+        let burst = bucket.capacity / bucket.interval;
+        (client.name.is_none() && u64::from(n) > burst).then_some(burst)
+    }
+
     /// Whether `client` could take a token now, without taking it (`Err`: how long until it
     /// could): a batch asks before it holds a place for its body, whose items it is charged
     /// for once read.
@@ -502,6 +520,17 @@ impl Bucket {
     fn could_take(&self, now: u64, n: u32) -> Result<(), u64> {
         self.after(self.tat.load(Ordering::Relaxed), now, n)
             .map(|_| ())
+    }
+
+    /// Returns `n` tokens taken (the TAT moves back by their cost; a bucket that fills up
+    /// meanwhile is just full).
+    fn give_back(&self, n: u32) {
+        let cost = self.interval.saturating_mul(u64::from(n));
+        let _ = self
+            .tat
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
+                Some(tat.saturating_sub(cost))
+            });
     }
 
     /// Takes `n` tokens at `now` (ns), or answers the wait in ns. More than the burst at once
@@ -844,6 +873,10 @@ mod tests {
         assert_eq!(bucket.take(100 * ms, 1), Err(2_100 * ms));
         assert_eq!(bucket.take(3_000 * ms, 30), Err(100 * ms));
         assert_eq!(bucket.take(3_100 * ms, 30), Ok(()));
+        // Given back (the batch was refused after all), the debt is gone again.
+        bucket.give_back(30);
+        assert_eq!(bucket.take(3_100 * ms, 10), Ok(()));
+        assert!(bucket.take(3_100 * ms, 1).is_err());
     }
 
     #[test]
@@ -866,6 +899,11 @@ mod tests {
         assert!(auth.take(&Client::ANONYMOUS, 1).is_err());
         assert_eq!(auth.take(&Client::named("removed"), 100), Ok(()));
         assert!(Bucket::new(0.0, 5).is_none());
+        // A named client may run into debt with a large batch; the anonymous callers, who
+        // share their bucket, may not.
+        assert_eq!(auth.over_shared_burst(&Client::ANONYMOUS, 1), None);
+        assert_eq!(auth.over_shared_burst(&Client::ANONYMOUS, 2), Some(1));
+        assert_eq!(auth.over_shared_burst(&alice, 2), None);
     }
 
     #[test]

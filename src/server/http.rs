@@ -15,8 +15,9 @@
 //! | `POST {path}` without credentials, `[auth] anonymous = false` | 401, `WWW-Authenticate: Bearer realm="tsa"` + DER rejection `badRequest` |
 //! | `POST {path}` with a wrong API key, or a client certificate of no configured client (or one that the TLS configuration reloaded since its connection's handshake refuses) | 401 (also when anonymous access is on) + DER rejection `badRequest` |
 //! | `POST {path}` over the client's quota               | 429, `Retry-After` (seconds) + DER rejection `systemFailure` |
+//! | an anonymous batch of more items than `auth.anonymous_burst` (where anonymous callers have a quota) | 413 + DER rejection `badRequest` |
 //! | `POST {path}` while `max_queue` requests are admitted, and no place frees within `queue_wait_ms` | 503, `Retry-After: 1` + DER rejection `systemFailure` ([`super::admission`]) |
-//! | a batch while `max_batches_in_flight` batches are read or answered | 503, `Retry-After: 1` + DER rejection `systemFailure`, before its body is read |
+//! | a batch while `max_batches_in_flight` batches are read, answered or sent | 503, `Retry-After: 1` + DER rejection `systemFailure`, before its body is read |
 //! | a request head over `max_header_bytes` or 100 headers | 431, connection closed (hyper) |
 //! | a new connection while `max_connections` are open   | a fixed 503 `text/plain`, then closed; what the client sent is read and discarded briefly first, so that it reads the 503 rather than a reset |
 //! | a new connection from an address with `max_connections_per_address` open (IPv6: per /64) | the same fixed 503, then closed (0, the default: no limit) |
@@ -43,7 +44,9 @@
 //! `GET /status` (the operator's HTML status page, [`super::status`]). With the archive:
 //! `GET /archive/serial/<hex>` and `GET /archive/imprint/<hex>` answer the archived token as
 //! its granted `TimeStampResp` (for an imprint, the latest of `X-Archive-Matches` tokens), 404
-//! when unknown, 503 with `Retry-After` while [`MAX_LOOKUPS`] look-ups run. Its connections are counted apart from the public ones: past
+//! when unknown, 503 with `Retry-After` while [`MAX_LOOKUPS`] look-ups run. A request whose
+//! `Host` is not an IP address, `localhost` or one of `admin_hosts` gets 403 (DNS rebinding:
+//! a web page in the operator's browser must not read the listener). Its connections are counted apart from the public ones: past
 //! `admin_max_connections` (16) a new one gets the same fixed 503 and is closed, so that a
 //! client of the admin listener cannot take the descriptors the public listener needs.
 
@@ -67,7 +70,8 @@ use tokio::net::TcpListener;
 
 use super::admission::{self, AddressKey, AddressSlot, ConnectionSlot};
 use super::auth::{Link, PeerCertificate, Refusal};
-use super::write_timeout::WriteTimeout;
+use super::reply::{BatchBody, ReplyBody};
+use super::write_timeout::{SendBy, WriteTimeout};
 use super::{metrics, Client, Outcome, Tsa};
 use crate::config::ServerConfig;
 use crate::log_limit::LogLimit;
@@ -96,6 +100,8 @@ struct Connection {
     _slot: ConnectionSlot,
     address: AddressSlot,
     served: AtomicU64,
+    /// Shared with the connection's [`WriteTimeout`]: set while a batch's reply is sent.
+    send_by: SendBy,
     peer: Option<Arc<PeerCertificate>>,
     /// On the HTTPS listener (`None` on the plain one): the TLS configuration that last
     /// accepted the connection and `peer` (its handshake's, then a reloaded one that verified
@@ -129,7 +135,7 @@ impl Connection {
     }
 }
 
-type Reply = Response<Full<Bytes>>;
+type Reply = Response<ReplyBody>;
 
 impl Limits {
     fn new(config: &ServerConfig) -> Self {
@@ -187,10 +193,12 @@ where
     let Some(slot) = tsa.connections.open() else {
         return;
     };
+    let send_by = SendBy::default();
     let connection = Connection {
         _slot: slot,
         address: AddressSlot::uncounted(),
         served: AtomicU64::new(0),
+        send_by: send_by.clone(),
         peer: None,
         tls: None,
     };
@@ -199,7 +207,7 @@ where
     let served = serve_public(
         &http1_builder(&config),
         graceful.watcher(),
-        TokioIo::new(WriteTimeout::new(stream, limits.write_timeout)),
+        TokioIo::new(WriteTimeout::new(stream, limits.write_timeout, send_by)),
         tsa,
         limits.clone(),
         connection,
@@ -221,6 +229,7 @@ pub(super) async fn run(
     let builder = http1_builder(config);
     let graceful = GracefulShutdown::new();
     let admin_connections = admission::Connections::new(config.admin_max_connections);
+    let admin_hosts: Arc<[String]> = config.admin_hosts.clone().into();
     tokio::pin!(shutdown);
 
     loop {
@@ -244,9 +253,10 @@ pub(super) async fn run(
                         continue;
                     }
                 };
-                let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), peer: None, tls: None };
+                let send_by = SendBy::default();
+                let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), send_by: send_by.clone(), peer: None, tls: None };
                 let (tsa, limits) = (tsa.clone(), limits.clone());
-                let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
+                let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout, send_by));
                 spawn(serve_public(&builder, graceful.watcher(), io, tsa, limits, connection));
             }
             accepted = accept_on(https.as_ref()) => {
@@ -276,12 +286,13 @@ pub(super) async fn run(
                 // The handshake runs in the connection's task, within the read timeout.
                 spawn(async move {
                     // Under TLS, so that the handshake's and the records' writes are held to it too.
-                    let stream = WriteTimeout::new(stream, limits.write_timeout);
+                    let send_by = SendBy::default();
+                    let stream = WriteTimeout::new(stream, limits.write_timeout, send_by.clone());
                     let Some((stream, peer)) = super::tls::handshake(&tls, stream, limits.read_timeout).await else {
                         return Ok(());
                     };
                     let tls = Some(std::sync::Mutex::new(tls));
-                    let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), peer, tls };
+                    let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), send_by, peer, tls };
                     serve_public(&builder, watcher, TokioIo::new(stream), tsa, limits, connection).await
                 });
             }
@@ -291,12 +302,21 @@ pub(super) async fn run(
                     refuse_connection(&tsa, stream, metrics::Overload::AdminConnections);
                     continue;
                 };
-                let tsa = tsa.clone();
+                let (tsa, hosts) = (tsa.clone(), admin_hosts.clone());
                 let service = service_fn(move |req| {
-                    let tsa = tsa.clone();
-                    async move { Ok::<_, Infallible>(admin_route(req, &tsa).await) }
+                    let (tsa, hosts) = (tsa.clone(), hosts.clone());
+                    async move {
+                        if !admin_host_allowed(req.headers().get(header::HOST), &hosts) {
+                            return Ok::<_, Infallible>(response(
+                                StatusCode::FORBIDDEN,
+                                "text/plain",
+                                "this host name is not served here (server.admin_hosts)\n".into(),
+                            ));
+                        }
+                        Ok::<_, Infallible>(admin_route(req, &tsa).await)
+                    }
                 });
-                let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout));
+                let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout, SendBy::default()));
                 let served = graceful.watch(builder.serve_connection(io, service));
                 spawn(async move {
                     let _slot = slot;
@@ -459,7 +479,7 @@ where
                 certificate: connection.peer.as_deref(),
                 certificate_refused: connection.certificate_refused(&tsa),
             };
-            let mut reply = public_route(req, &tsa, &limits, link, &connection.address).await;
+            let mut reply = public_route(req, &tsa, &limits, link, &connection).await;
             let served = connection.served.fetch_add(1, Ordering::Relaxed) + 1;
             if served == limits.max_requests_per_connection {
                 reply
@@ -485,14 +505,14 @@ async fn public_route(
     tsa: &Arc<Tsa>,
     limits: &Limits,
     link: Link<'_>,
-    address: &AddressSlot,
+    connection: &Connection,
 ) -> Reply {
     if req.uri().path() == limits.path {
         let start = Instant::now();
         let (reply, outcome) = match *req.method() {
             Method::POST if has_media_type(&req, batch::QUERY_MEDIA_TYPE) => {
                 // Counts its items' outcomes itself.
-                return timestamp_batch(req, tsa, limits, link, address, start).await;
+                return timestamp_batch(req, tsa, limits, link, connection, start).await;
             }
             Method::POST => match authenticate(&req, tsa, link).and_then(|c| charge(tsa, c, 1)) {
                 Ok(client) => timestamp(req, tsa, limits, &client).await,
@@ -636,6 +656,7 @@ async fn timestamp(
         Err(refused) => return refused,
     };
     let Some(_admitted) = tsa.admission.enter(1).await else {
+        tsa.auth.load().give_back(client, 1);
         return overloaded(tsa, metrics::Overload::Queue);
     };
     let (der, outcome) = tsa.respond(body, client).await;
@@ -646,14 +667,15 @@ async fn timestamp(
 /// a batch place of its address's share and one of all, the body under the batch limits, its
 /// outer `SEQUENCE OF` (400 when malformed, 413 over `max_batch_items`), the quota and the
 /// admission for as many tokens as it has items; then every item answered on its own by
-/// [`Tsa::respond_batch`], in one `SEQUENCE OF TimeStampResp`. Counts the metrics itself:
+/// [`Tsa::respond_batch`], in one `SEQUENCE OF TimeStampResp` sent as a [`BatchBody`] (which
+/// holds the places until it is out) with `Connection: close`. Counts the metrics itself:
 /// each item's outcome, or the one refusal of a batch refused as a whole.
 async fn timestamp_batch(
     req: Request<Incoming>,
     tsa: &Arc<Tsa>,
     limits: &Limits,
     link: Link<'_>,
-    address: &AddressSlot,
+    connection: &Connection,
     start: Instant,
 ) -> Reply {
     let refused = |(reply, outcome): (Reply, Outcome)| {
@@ -672,7 +694,7 @@ async fn timestamp_batch(
     // Both taken before the body is read, so that the batch bodies held at once are bounded,
     // and one address's share of them too. The address's first: the address that has its
     // share is refused as such (and logged), whether or not the others are full.
-    let _address_in_flight = match address.batch() {
+    let address_place = match connection.address.batch() {
         Ok(place) => place,
         Err(key) => {
             static LOG: LogLimit = LogLimit::new();
@@ -684,13 +706,14 @@ async fn timestamp_batch(
             return refused(overloaded(tsa, metrics::Overload::BatchesPerAddress));
         }
     };
-    let Ok(_in_flight) = tsa.batches.try_acquire() else {
+    let Ok(place) = Arc::clone(&tsa.batches).try_acquire_owned() else {
         return refused(overloaded(tsa, metrics::Overload::Batches));
     };
     let body = match read_body(req, limits.max_batch_body, limits.read_timeout).await {
         Ok(body) => body,
         Err(refusal) => return refused(refusal),
     };
+    // The items are slices of the body: it is freed once they are answered.
     let items: Vec<Bytes> = match batch::decode(&body, limits.max_batch_items) {
         Ok(items) => items.into_iter().map(|item| body.slice_ref(item)).collect(),
         Err(e) => {
@@ -711,15 +734,34 @@ async fn timestamp_batch(
         }
     };
     let count = items.len();
-    let client = match charge(tsa, client, u32::try_from(count).unwrap_or(u32::MAX)) {
+    let tokens = u32::try_from(count).unwrap_or(u32::MAX);
+    if let Some(burst) = tsa.auth.load().over_shared_burst(&client, tokens) {
+        static LOG: LogLimit = LogLimit::new();
+        if let Some(left_out) = LOG.allow() {
+            tracing::info!(
+                items = count,
+                burst,
+                left_out,
+                "batch refused: over the anonymous burst"
+            );
+        }
+        return refused(rejection(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            FailInfo::BadRequest,
+            "the batch has more items than anonymous callers' burst (auth.anonymous_burst)",
+        ));
+    }
+    let client = match charge(tsa, client, tokens) {
         Ok(client) => client,
         Err(denied) => return refused(denied.answer()),
     };
     // A batch waits for the lane in chunks (`Tsa::respond_batch`); each is one place.
     let places = count.div_ceil(super::issue::BATCH_CHUNK);
     let Some(_admitted) = tsa.admission.enter(places).await else {
+        tsa.auth.load().give_back(&client, tokens);
         return refused(overloaded(tsa, metrics::Overload::Queue));
     };
+    drop(body);
     let answers = tsa.respond_batch(items, &client).await;
     let elapsed = start.elapsed();
     let ders: Vec<Vec<u8>> = answers
@@ -729,11 +771,22 @@ async fn timestamp_batch(
             der
         })
         .collect();
-    response(
-        StatusCode::OK,
-        batch::REPLY_MEDIA_TYPE,
-        batch::encode(&ders).into(),
-    )
+    let body = BatchBody::new(
+        ders,
+        connection.send_by.clone(),
+        limits.write_timeout,
+        Box::new((address_place, place)),
+    );
+    let mut reply = Response::new(ReplyBody::Right(body));
+    let headers = reply.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(batch::REPLY_MEDIA_TYPE),
+    );
+    // hyper's write buffer grew to its largest for the reply, and would keep that size for
+    // as long as the connection lives.
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    reply
 }
 
 /// Reads a request body of at most `max` octets within `timeout`; otherwise the refusal:
@@ -834,6 +887,29 @@ async fn collect(
         Some(buffer) => buffer.freeze(),
         None => first.unwrap_or_default(),
     })
+}
+
+/// Whether the admin listener answers a request that names `host` (its `Host` header): an IP
+/// address, `localhost` or one of `allowed` (`server.admin_hosts`), with any port. None is
+/// answered too: browsers always send one, HTTP/1.0 clients need not.
+fn admin_host_allowed(host: Option<&HeaderValue>, allowed: &[String]) -> bool {
+    let Some(host) = host else {
+        return true;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    if let Some(bracketed) = host.strip_prefix('[') {
+        return bracketed.split_once(']').is_some_and(|(address, port)| {
+            address.parse::<std::net::Ipv6Addr>().is_ok()
+                && (port.is_empty() || port.starts_with(':'))
+        });
+    }
+    let name = host.rsplit_once(':').map_or(host, |(name, _port)| name);
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
 }
 
 async fn admin_route(req: Request<Incoming>, tsa: &Arc<Tsa>) -> Reply {
@@ -956,10 +1032,48 @@ fn rejection(status: StatusCode, fail_info: FailInfo, reason: &'static str) -> (
 }
 
 fn response(status: StatusCode, content_type: &'static str, body: Bytes) -> Reply {
-    let mut reply = Response::new(Full::new(body));
+    let mut reply = Response::new(ReplyBody::Left(Full::new(body)));
     *reply.status_mut() = status;
     reply
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_admin_listener_answers_ip_addresses_localhost_and_the_names_configured() {
+        let allowed = ["metrics.internal".to_string()];
+        let answers =
+            |host: &str| admin_host_allowed(Some(&HeaderValue::from_str(host).unwrap()), &allowed);
+        for host in [
+            "127.0.0.1:3181",
+            "127.0.0.1",
+            "10.0.0.11:3181",
+            "[::1]:3181",
+            "[::1]",
+            "localhost:3181",
+            "LOCALHOST",
+            "localhost.:3181",
+            "metrics.internal:3181",
+        ] {
+            assert!(answers(host), "{host}");
+        }
+        // A rebound name, a name that merely starts like an allowed one, broken brackets.
+        for host in [
+            "attacker.example:3181",
+            "attacker.example",
+            "localhost.attacker.example",
+            "metrics.internal.attacker.example",
+            "[::1",
+            "[not-an-address]:3181",
+            "[::1]junk",
+        ] {
+            assert!(!answers(host), "{host}");
+        }
+        assert!(admin_host_allowed(None, &allowed), "HTTP/1.0 without Host");
+    }
 }

@@ -166,7 +166,7 @@ pub struct Tsa {
     /// Requests admitted and not yet answered (`server.max_queue`).
     pub(super) admission: super::admission::Admission,
     /// Batches read or answered now (`server.max_batches_in_flight`).
-    pub(super) batches: tokio::sync::Semaphore,
+    pub(super) batches: Arc<tokio::sync::Semaphore>,
     /// `batches`' permits in all.
     pub(super) max_batches: usize,
     /// Archive look-ups on the blocking pool at once ([`super::http`]: `GET /archive/…`).

@@ -10,6 +10,7 @@ mod history;
 mod http;
 mod issue;
 mod metrics;
+mod reply;
 mod status;
 mod systemd;
 mod tls;
@@ -128,7 +129,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         lane_places: std::sync::atomic::AtomicUsize::new(blocking_lane),
         metrics: metrics::Metrics::default(),
         admission,
-        batches: tokio::sync::Semaphore::new(max_batches),
+        batches: Arc::new(tokio::sync::Semaphore::new(max_batches)),
         max_batches,
         lookups: Arc::new(tokio::sync::Semaphore::new(http::MAX_LOOKUPS)),
         connections: admission::Connections::new(fd_limit::fit(config.server.max_connections)),

@@ -8,55 +8,112 @@
 //! pending for the whole timeout fails with `TimedOut`; hyper then ends the connection. Any
 //! write that goes through starts the clock again, so a slow client that keeps reading is
 //! never cut off by it.
+//!
+//! A reply that holds something scarce while it is sent (a batch's places and its tokens, up
+//! to megabytes) also sets a [`SendBy`] on its connection: a write still pending then fails,
+//! so a client that takes it a few octets at a time cannot hold it for hours.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// `inner`, whose writes fail once one stays pending for `timeout`.
+/// When the reply being sent must be out: set by the request that answers it, shared with
+/// its connection's [`WriteTimeout`]; none while nothing is set.
+#[derive(Clone, Debug, Default)]
+pub struct SendBy(Arc<AtomicU64>);
+
+/// What [`SendBy`] counts from (its nanoseconds, plus one: 0 is "none").
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+impl SendBy {
+    pub fn set(&self, by: Instant) {
+        let ns = by.saturating_duration_since(epoch()).as_nanos();
+        let ns = u64::try_from(ns).unwrap_or(u64::MAX - 1) + 1;
+        self.0.store(ns, Ordering::Relaxed);
+    }
+
+    pub fn clear(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub fn is_set(&self) -> bool {
+        self.get().is_some()
+    }
+
+    fn get(&self) -> Option<Instant> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(epoch() + Duration::from_nanos(ns - 1)),
+        }
+    }
+}
+
+/// `inner`, whose writes fail once one stays pending for `timeout`, or is pending when its
+/// [`SendBy`] has passed.
 #[derive(Debug)]
 pub struct WriteTimeout<S> {
     inner: S,
     timeout: Duration,
+    send_by: SendBy,
     /// Made at the first write that has to wait, then reset for each later one.
     timer: Option<Pin<Box<Sleep>>>,
-    /// Whether the timer runs for the write pending now.
-    armed: bool,
+    /// While a write waits: when it has waited `timeout`.
+    idle_until: Option<Instant>,
 }
 
 impl<S> WriteTimeout<S> {
-    pub fn new(inner: S, timeout: Duration) -> Self {
+    pub fn new(inner: S, timeout: Duration, send_by: SendBy) -> Self {
         Self {
             inner,
             timeout,
+            send_by,
             timer: None,
-            armed: false,
+            idle_until: None,
         }
     }
 
-    /// The stream's write returned `Pending`: start the clock if it does not run, and fail
-    /// once it ran out. Polling the timer registers the task to be woken when it does.
+    /// The stream's write returned `Pending`: fail if it has waited `timeout` or the reply's
+    /// send-by time has passed, else wait for the first of them too (polling the timer
+    /// registers the task to be woken then).
     fn waiting<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        let deadline = Instant::now() + self.timeout;
+        let now = Instant::now();
+        let idle_until = *self.idle_until.get_or_insert(now + self.timeout);
+        let send_by = self.send_by.get();
+        if now >= idle_until {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer read nothing within write_timeout_ms",
+            )));
+        }
+        if send_by.is_some_and(|by| by <= now) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer did not take the reply by its send-by time",
+            )));
+        }
+        let deadline = send_by.map_or(idle_until, |by| by.min(idle_until));
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if !self.armed {
+        if timer.deadline() != deadline {
             timer.as_mut().reset(deadline);
-            self.armed = true;
         }
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the peer read nothing within write_timeout_ms",
-            ))),
-            Poll::Pending => Poll::Pending,
+        if timer.as_mut().poll(cx).is_ready() {
+            // Due by the timer's clock, a hair before by `now` above: look again at once.
+            cx.waker().wake_by_ref();
         }
+        Poll::Pending
     }
 
     fn after<T>(
@@ -67,7 +124,7 @@ impl<S> WriteTimeout<S> {
         match polled {
             Poll::Pending => self.waiting(cx),
             ready => {
-                self.armed = false;
+                self.idle_until = None;
                 ready
             }
         }
@@ -140,7 +197,7 @@ mod tests {
         run(async {
             // A pipe of 64 octets whose other end never reads.
             let (near, _far) = tokio::io::duplex(64);
-            let mut stream = WriteTimeout::new(near, Duration::from_millis(100));
+            let mut stream = WriteTimeout::new(near, Duration::from_millis(100), SendBy::default());
             stream.write_all(&[0; 64]).await.expect("room for 64");
             let started = std::time::Instant::now();
             let e = stream.write_all(&[0; 1]).await.expect_err("no room left");
@@ -158,7 +215,7 @@ mod tests {
         run(async {
             use tokio::io::AsyncReadExt;
             let (near, mut far) = tokio::io::duplex(16);
-            let mut stream = WriteTimeout::new(near, Duration::from_millis(600));
+            let mut stream = WriteTimeout::new(near, Duration::from_millis(600), SendBy::default());
             let reader = async move {
                 let mut got = 0;
                 let mut chunk = [0; 16];
@@ -172,6 +229,54 @@ mod tests {
             let writer = async move { stream.write_all(&[1; 256]).await };
             let ((), written) = tokio::join!(reader, writer);
             written.expect("every write made progress in time");
+        });
+    }
+
+    #[test]
+    fn a_reply_not_taken_by_its_send_by_time_fails_however_slowly_it_is_read() {
+        run(async {
+            use tokio::io::AsyncReadExt;
+            let (near, mut far) = tokio::io::duplex(16);
+            let send_by = SendBy::default();
+            let mut stream = WriteTimeout::new(near, Duration::from_secs(60), send_by.clone());
+            send_by.set(Instant::now() + Duration::from_millis(300));
+            let reader = async move {
+                let mut chunk = [0; 16];
+                // Reads on (16 octets every 100 ms) until the writer gives up.
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if far.read(&mut chunk).await.map_or(true, |n| n == 0) {
+                        break;
+                    }
+                }
+            };
+            let writer = async move {
+                let written = stream.write_all(&[1; 4096]).await;
+                drop(stream);
+                written
+            };
+            let ((), written) = tokio::join!(reader, writer);
+            let e = written.expect_err("4 KiB at 160 octets/s is not out in 300 ms");
+            assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+            assert!(e.to_string().contains("send-by"), "{e}");
+
+            // Cleared, the same reader is only held to the timeout.
+            let (near, mut far) = tokio::io::duplex(16);
+            let send_by = SendBy::default();
+            let mut stream = WriteTimeout::new(near, Duration::from_secs(60), send_by.clone());
+            send_by.set(Instant::now() + Duration::from_millis(300));
+            send_by.clear();
+            let reader = async move {
+                let mut got = 0;
+                let mut chunk = [0; 16];
+                while got < 256 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    got += far.read(&mut chunk).await.expect("read");
+                }
+            };
+            let writer = async move { stream.write_all(&[1; 256]).await };
+            let ((), written) = tokio::join!(reader, writer);
+            written.expect("no send-by time");
         });
     }
 }
