@@ -73,7 +73,7 @@ pub struct ArchiveConfig {
     pub checkpoint_interval_s: u64,
     /// Records older than this are pruned (the chain keeps an anchor); 0 keeps everything.
     pub retention_days: u64,
-    /// The most records one commit takes.
+    /// The most records one commit takes (at most [`MAX_COMMIT_RECORDS`]).
     pub max_batch: usize,
     /// Under load, how long a record may wait for others to share its commit (its fsync);
     /// unset, it depends on the server's cores ([`ArchiveConfig::commit_delay`]).
@@ -285,6 +285,11 @@ impl ServerConfig {
         Duration::from_millis(self.queue_wait_ms)
     }
 }
+
+/// The most records `archive.max_batch` lets one commit take: its frames must stay within
+/// what the token log's start takes for one torn commit (32 MiB), 2,048 tokens of up to
+/// 16 KB with their certificates.
+pub const MAX_COMMIT_RECORDS: usize = 2048;
 
 /// The most `server.admin_max_connections` may be: their descriptors are part of those the
 /// server keeps beside `max_connections`.
@@ -815,10 +820,8 @@ impl Config {
         if a.serial_block < 2 || a.max_batch == 0 || a.checkpoint_interval_s == 0 {
             bail!("archive.serial_block must be at least 2, max_batch and checkpoint_interval_s positive");
         }
-        // A commit's frames must stay within what the token log's start takes for one torn
-        // commit (32 MiB): 2,048 tokens of up to 16 KB with their certificates.
-        if a.max_batch > 2048 {
-            bail!("archive.max_batch must be at most 2048");
+        if a.max_batch > MAX_COMMIT_RECORDS {
+            bail!("archive.max_batch must be at most {MAX_COMMIT_RECORDS}");
         }
         if !(1..=1024).contains(&a.log_segment_mib) {
             bail!("archive.log_segment_mib must be from 1 to 1024");

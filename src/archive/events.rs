@@ -16,6 +16,7 @@ use tracing_subscriber::layer::{Context, Filter, Layer};
 
 use super::queue::Queue;
 use super::writer::Msg;
+use crate::log_limit::LogLimit;
 
 /// An event before the writer assigns it an instance and a position.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,8 +44,22 @@ fn deliver(event: Captured) {
     match &mut *sink {
         Sink::Attached(queue) => {
             if let Err(Msg::Event(event)) = queue.send(Msg::Event(event)) {
-                // The writer is gone (shutdown): keep what comes after it.
-                *sink = Sink::Buffer(vec![event]);
+                if queue.is_closed() {
+                    // The writer is gone (shutdown): keep what comes after it.
+                    *sink = Sink::Buffer(vec![event]);
+                } else {
+                    // The writer hangs and its queue is full: the log has the event still.
+                    drop(sink);
+                    static LOG: LogLimit = LogLimit::new();
+                    if let Some(left_out) = LOG.allow() {
+                        // No `event` field: not an archive event itself.
+                        tracing::warn!(
+                            left_out,
+                            kind = event.kind,
+                            "an event is not archived: the archive's queue is full"
+                        );
+                    }
+                }
             }
         }
         Sink::Buffer(buffer) => {

@@ -39,7 +39,7 @@ use record::{hex, ChainHead, StoredRecord, TokenRecord};
 use serial::{layout, BlockSerials};
 use sqlite::SqliteStore;
 use state::{Lock, SavedState, StateFile};
-use store::ArchiveStore;
+use store::{ArchiveStore, ImprintMatches};
 use writer::{Msg, Writer};
 
 /// How long a request waits for the commit of its token: far beyond any commit of a working
@@ -112,6 +112,9 @@ pub struct Archive {
     instance_id: u32,
     gen_time_floor_ns: u64,
     reader: Mutex<Box<dyn ArchiveStore>>,
+    /// The writer's last durable head: a look-up answers none of this instance's records past
+    /// it (the token log's readers see a commit's frames before its sync, which may fail).
+    durable: Arc<std::sync::Mutex<ChainHead>>,
     healthy: Arc<AtomicBool>,
     /// A token waited [`COMMIT_WAIT`] for its commit, or found too many waiting, since the
     /// last durable commit (the writer clears it): the disk or database hangs.
@@ -300,6 +303,7 @@ impl Archive {
         let healthy = Arc::new(AtomicBool::new(true));
         let stalled = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(CommitStats::default());
+        let durable = Arc::new(std::sync::Mutex::new(head));
         let writer = Writer {
             stats: stats.clone(),
             store,
@@ -320,7 +324,7 @@ impl Archive {
             stalled: stalled.clone(),
             queue: queue.clone(),
             refused: Default::default(),
-            durable: Arc::new(std::sync::Mutex::new(head)),
+            durable: durable.clone(),
             outage: None,
             pending_events: Vec::new(),
         };
@@ -341,6 +345,7 @@ impl Archive {
             instance_id,
             gen_time_floor_ns,
             reader: Mutex::new(reader),
+            durable,
             healthy,
             stalled,
             writer: Mutex::new(Some(handle)),
@@ -561,14 +566,30 @@ impl Archive {
             return Lookup::BadRequest(format!("'{value}' is not hex"));
         };
         let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        // Read after the records: whatever it covers was durable when they were read.
+        let durable = || DurableEnd {
+            instance_id: self.instance_id,
+            seq: self.durable.lock().unwrap_or_else(|p| p.into_inner()).seq,
+        };
         let found = match kind {
             "serial" => reader
                 .record_by_serial(&normalize_serial(&bytes))
-                .map(|r| (r, 1)),
-            // The newest alone is answered; the others are only counted.
-            "imprint" => reader
-                .records_by_imprint(&bytes, 1)
-                .map(|m| (m.records.into_iter().next(), m.total)),
+                .map(|r| (r.filter(|r| durable().holds(r)), 1)),
+            // The newest durable one is answered; the others are only counted. Records not
+            // durable yet are one commit's at most: a few are read, and a commit's more where
+            // those few are all of it.
+            "imprint" => {
+                const FEW: usize = 4;
+                reader.records_by_imprint(&bytes, FEW).and_then(|m| {
+                    let all = m.records.len() as u64 == m.total;
+                    let mut found = durable().only(m);
+                    if found.records.is_empty() && !all {
+                        let commit = crate::config::MAX_COMMIT_RECORDS;
+                        found = durable().only(reader.records_by_imprint(&bytes, FEW + commit)?);
+                    }
+                    Ok((found.records.into_iter().next(), found.total))
+                })
+            }
             _ => return Lookup::NotFound,
         };
         match found {
@@ -576,6 +597,28 @@ impl Archive {
             Ok((None, _)) => Lookup::NotFound,
             Err(e) => Lookup::Failed(e.to_string()),
         }
+    }
+}
+
+/// Where an instance's records were durable when a look-up read them: its own records past
+/// `seq` may be a commit whose sync is still to come, or failed (the token log's readers see
+/// its frames before), and a look-up must not hand out a token the archive may lose.
+struct DurableEnd {
+    instance_id: u32,
+    seq: u64,
+}
+
+impl DurableEnd {
+    fn holds(&self, r: &StoredRecord) -> bool {
+        r.instance_id != self.instance_id || r.seq <= self.seq
+    }
+
+    /// `m` without the records not durable yet (the count less those among the records read).
+    fn only(&self, mut m: ImprintMatches) -> ImprintMatches {
+        let read = m.records.len();
+        m.records.retain(|r| self.holds(r));
+        m.total -= (read - m.records.len()) as u64;
+        m
     }
 }
 
@@ -769,6 +812,33 @@ mod tests {
     use super::record::{tests_support::sample, Checkpoint, StoredRecord};
     use super::store::ArchiveStore;
     use super::*;
+
+    #[test]
+    fn look_ups_leave_out_this_instances_records_past_its_durable_end() {
+        let stored =
+            |instance, seq| StoredRecord::chain(instance, seq, seq, sample(10), record::ZERO_HASH);
+        let end = DurableEnd {
+            instance_id: 1,
+            seq: 10,
+        };
+        assert!(end.holds(&stored(1, 10)));
+        assert!(!end.holds(&stored(1, 11)), "written, not synced yet");
+        assert!(
+            end.holds(&stored(2, 11)),
+            "another instance's, committed in its store"
+        );
+        let found = end.only(ImprintMatches {
+            records: vec![stored(1, 12), stored(2, 40), stored(1, 11), stored(1, 9)],
+            total: 7,
+        });
+        let kept: Vec<_> = found
+            .records
+            .iter()
+            .map(|r| (r.instance_id, r.seq))
+            .collect();
+        assert_eq!(kept, [(2, 40), (1, 9)]);
+        assert_eq!(found.total, 5);
+    }
 
     /// An archive in `dir` (the token log), its state file `state`.
     pub(super) fn config(dir: &Path, state: &str) -> ArchiveConfig {

@@ -29,6 +29,10 @@ use super::writer::{Msg, Reply};
 /// with 4, 49–53, and the writer took a sixth less CPU per token.
 const LOAD_WAIT: u32 = 4;
 
+/// Events queued beyond a full queue of records: while the writer hangs, events (one per
+/// refusal of some kinds) must not grow the queue without bound either.
+pub(crate) const EVENT_ROOM: usize = 10_000;
+
 /// How many requests the server holds (admitted and not answered yet).
 pub type Load = Box<dyn Fn() -> usize + Send + Sync>;
 
@@ -93,13 +97,18 @@ impl Queue {
         self.lock().records
     }
 
-    /// Queues `msg`; gives it back when the writer has stopped, or when it is a token record
-    /// and `max_records` are queued already. The server admits fewer than that, but a request
+    /// Queues `msg`; gives it back when the writer has stopped, when it is a token record and
+    /// `max_records` are queued already, or an event and [`EVENT_ROOM`] more are. The server admits fewer than that, but a request
     /// whose client left stops counting there while its record stays here: while the writer
     /// is slow, clients that leave and ask again would otherwise grow the queue without bound.
     pub fn send(&self, msg: Msg) -> Result<(), Msg> {
         let mut s = self.lock();
-        if s.closed || (matches!(msg, Msg::Record(..)) && s.records >= self.max_records) {
+        let full = match msg {
+            Msg::Record(..) => s.records >= self.max_records,
+            Msg::Event(_) => s.records >= self.max_records + EVENT_ROOM,
+            _ => false,
+        };
+        if s.closed || full {
             return Err(msg);
         }
         match msg {
@@ -299,18 +308,28 @@ mod tests {
         q.send(record()).map_err(|_| ()).unwrap();
         assert!(matches!(q.send(record()), Err(Msg::Record(..))));
         assert!(!q.is_closed());
-        let event = super::super::events::Captured {
-            time_ns: 1,
-            level: "INFO".into(),
-            kind: "sync_lost".into(),
-            message: String::new(),
-            fields: "{}".into(),
+        let event = || {
+            Msg::Event(super::super::events::Captured {
+                time_ns: 1,
+                level: "INFO".into(),
+                kind: "sync_lost".into(),
+                message: String::new(),
+                fields: "{}".into(),
+            })
         };
-        q.send(Msg::Event(event)).map_err(|_| ()).unwrap();
+        q.send(event()).map_err(|_| ()).unwrap();
         q.send(Msg::Reserve(10)).map_err(|_| ()).unwrap();
         // Once the writer took them, records are queued again.
         assert_eq!(q.next_batch(far, 100).len(), 4);
         q.send(record()).map_err(|_| ()).unwrap();
+        // Events too have their bound, EVENT_ROOM past a full queue of records.
+        q.send(record()).map_err(|_| ()).unwrap();
+        for _ in 0..EVENT_ROOM {
+            q.send(event()).map_err(|_| ()).unwrap();
+        }
+        assert!(matches!(q.send(event()), Err(Msg::Event(_))));
+        assert!(!q.is_closed());
+        q.send(Msg::Reserve(11)).map_err(|_| ()).unwrap();
     }
 
     #[test]

@@ -124,9 +124,30 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// readiness would flap.
 pub const ROOM_TO_RECOVER: u64 = 4 << 20;
 
+/// Should the writer's thread panic (a bug): readiness fails and the queue closes, so that
+/// requests are refused at once (their replies dropped) instead of each waiting out its
+/// commit, and a shutdown does not wait for a writer that is gone.
+struct PanicGuard {
+    healthy: Arc<AtomicBool>,
+    queue: Arc<Queue>,
+}
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.healthy.store(false, Ordering::Relaxed);
+            drop(self.queue.close());
+        }
+    }
+}
+
 impl Writer {
     pub fn run(mut self) {
         let queue = self.queue.clone();
+        let _guard = PanicGuard {
+            healthy: self.healthy.clone(),
+            queue: queue.clone(),
+        };
         let mut next_periodic = Instant::now() + self.checkpoint_interval;
         loop {
             let wake = match &self.outage {

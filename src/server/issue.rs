@@ -519,10 +519,16 @@ impl Tsa {
         let (from, until) = issuing.valid_ns;
         let gen_time = gen_time_ns(&issuing);
         if gen_time < from || time.unix_ns > until {
-            tracing::error!(
-                event = "certificate_out_of_validity",
-                "the signing certificate is not valid now (or has less left than the configured minimum)"
-            );
+            // Once a second at most: every request would log it (and queue it as an archive
+            // event) while it lasts.
+            static LOG: LogLimit = LogLimit::new();
+            if let Some(left_out) = LOG.allow() {
+                tracing::error!(
+                    event = "certificate_out_of_validity",
+                    left_out,
+                    "the signing certificate is not valid now (or has less left than the configured minimum)"
+                );
+            }
             return Err(Rejection::new(
                 FailInfo::SystemFailure,
                 CERTIFICATE_NOT_VALID,

@@ -403,8 +403,11 @@ fn checkpoint_signer(
 ) -> anyhow::Result<crate::archive::CheckpointSigner> {
     use der::Encode;
     let key = Arc::clone(signer);
+    // The archive's writer signs, and every commit waits meanwhile: an HSM whose sessions are
+    // all busy gets a second, not the pool's usual wait (the checkpoint is tried again later).
+    const WAIT: Duration = Duration::from_secs(1);
     Ok(crate::archive::CheckpointSigner {
-        sign: Box::new(move |message| key.sign(message).map_err(|e| e.to_string())),
+        sign: Box::new(move |message| key.sign_within(message, WAIT).map_err(|e| e.to_string())),
         algorithm: signer.algorithm().algorithm_identifier().to_der()?,
         certificate: certificate.to_vec(),
     })

@@ -109,7 +109,7 @@ fn answer(durable: Durable, result: io::Result<()>) -> io::Result<()> {
 
 impl Appender {
     /// Opens the log in `dir` (an instance's folder) for appending. The newest segment's frames
-    /// past its index are read and checked; a torn commit at its end (frames cut short or not
+    /// past its index are read and checked, and synced; a torn commit at its end (frames cut short or not
     /// checking, from a crash or a power cut inside a commit, whose requests were never
     /// answered: see `tail`) is cut off and the cut synced; its index is completed. A newest
     /// segment left without a good frame is removed. Anything else after the last good frame,
@@ -156,8 +156,17 @@ impl Appender {
                 ));
             }
             let room = match tail(&file, scanned.end, len)? {
-                // The room written ahead, not a torn commit.
-                Tail::Zeros => len,
+                // The room written ahead, not a torn commit. The frames before it may still
+                // be a killed process's commit that was written and not yet synced (its
+                // requests unanswered): whole in the page cache, so taken as records, but
+                // a power cut before the kernel writes them back would lose them after a
+                // checkpoint signed them (or a write-back error would leave a hole that
+                // later commits chain across). Synced now, they are records like any other;
+                // a write-back that failed stops the start here.
+                Tail::Zeros => {
+                    file.sync_data()?;
+                    len
+                }
                 Tail::Torn => {
                     tracing::warn!(
                         event = "archive_log_torn_tail",
@@ -489,8 +498,13 @@ impl Appender {
             return;
         }
         // One sync of the segment at a time (see `syncer`); a failure is kept for the next
-        // append, and the room is made after the frames as they are then.
+        // append, and the room is made after the frames as they are then. Not after a failed
+        // commit: where its frames could not be cut off (`dirty`), zeros synced over part of
+        // them would leave good frames behind a hole for the next start to find.
         self.wait();
+        if self.dirty || self.failed.is_some() {
+            return;
+        }
         let Some(open) = self.open.as_mut() else {
             return;
         };
