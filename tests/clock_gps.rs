@@ -74,6 +74,34 @@ fn row(report: &str, prefix: &str) -> Option<Row> {
     })
 }
 
+/// The octets sent and received on the TSA's established connection to `addr`, as `ss`
+/// reports them (None while no `tsa` process has one).
+fn tsa_connection_to(addr: std::net::SocketAddr) -> Option<(u64, u64)> {
+    let out = common::ok(std::process::Command::new("ss").args([
+        "-Htnpi",
+        "state",
+        "established",
+        "dst",
+        &addr.to_string(),
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Each connection: a line with its process, then one of TCP information.
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if line.contains("((\"tsa\"") {
+            let info = lines.next().unwrap_or_default();
+            let field = |name: &str| {
+                info.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            return Some((field("bytes_sent:"), field("bytes_received:")));
+        }
+    }
+    None
+}
+
 fn selection(server: &Server, prefix: &str) -> Option<String> {
     row(&clock_report(server), prefix).map(|r| r.selection)
 }
@@ -147,6 +175,13 @@ fn the_real_gpsd_without_a_leap_second_count_is_never_used() {
         "synchronization",
         Duration::from_secs(10),
     );
+    // The TSA does talk to it: it sent its watch and gpsd answered (a source that never
+    // connected would be unusable too).
+    wait_for(
+        || tsa_connection_to(gpsd.addr).is_some_and(|(sent, received)| sent > 0 && received > 0),
+        "the TSA's watch on gpsd, answered",
+        Duration::from_secs(60),
+    );
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(2) {
         let report = clock_report(&server);
@@ -196,8 +231,19 @@ fn a_receiver_without_three_3d_fixes_in_a_row_is_never_selected() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Both servers did talk to their receiver (a source that never connected would be
+    // unusable too): a connection each, and its watch.
     let watch = r#"?WATCH={"enable":true,"json":true,"pps":true}"#;
-    assert!(flaky.watches.lock().unwrap().iter().all(|w| w == watch));
+    for g in [&flaky, &no_leap] {
+        wait_for(
+            || !g.watches.lock().unwrap().is_empty(),
+            "the TSA's watch",
+            Duration::from_secs(60),
+        );
+        assert!(g.connections.load(Ordering::SeqCst) >= 1);
+        let watches = g.watches.lock().unwrap();
+        assert!(watches.iter().all(|w| w == watch), "{watches:?}");
+    }
     flaky.set(|s| s.modes = vec![3]);
     wait_for(
         || selection(&a, "gpsd ").as_deref() == Some("selected"),

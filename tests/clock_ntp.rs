@@ -266,16 +266,20 @@ enum Outcome {
 /// DER TimeStampResp over HTTP 200, and a token must carry the query's imprint and nonce.
 struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// When the latest request that got a token was sent (Unix ns; 0 before any).
+    last_granted_sent: std::sync::Arc<std::sync::atomic::AtomicI64>,
     clients: Vec<std::thread::JoinHandle<Vec<(i64, i64, Outcome)>>>,
 }
 
 impl Load {
     fn start(url: &str, clients: usize) -> Load {
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
         let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let last_granted_sent = std::sync::Arc::new(AtomicI64::new(0));
         let clients = (0..clients)
             .map(|id| {
-                let (url, stop) = (url.to_string(), stop.clone());
+                let (url, stop, last_granted_sent) =
+                    (url.to_string(), stop.clone(), last_granted_sent.clone());
                 std::thread::spawn(move || {
                     let (_, path) = wire::split_url(&url);
                     let mut conn = wire::Conn::open(&url);
@@ -292,6 +296,7 @@ impl Load {
                         let response = wire::decode(&reply);
                         let outcome = match response.token {
                             Some(token) => {
+                                last_granted_sent.fetch_max(sent, Ordering::Relaxed);
                                 let tst = token.tst_info();
                                 assert_eq!(
                                     tst.message_imprint.hashed_message.as_bytes(),
@@ -318,7 +323,24 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, clients }
+        Load {
+            stop,
+            last_granted_sent,
+            clients,
+        }
+    }
+
+    /// Waits until a request sent after `after` (Unix ns) has got a token.
+    fn wait_for_a_token_sent_after(&self, after: i64, what: &str) {
+        wait_for(
+            || {
+                self.last_granted_sent
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > after
+            },
+            what,
+            Duration::from_secs(60),
+        );
     }
 
     /// Stops the clients: what every request got, with its send and receive time.
@@ -345,7 +367,7 @@ fn under_load_the_tsa_stops_for_good_when_it_can_no_longer_vouch_for_its_time() 
         "max_drift_ppm = 200000.0\nmax_sample_age_ms = 400\n",
     );
     let load = Load::start(&server.url, 8);
-    std::thread::sleep(Duration::from_millis(800));
+    load.wait_for_a_token_sent_after(0, "tokens under load");
     let silenced = clock::unix_ns() as i64;
     for s in &servers {
         s.set(|b| b.silent = true);
@@ -366,7 +388,7 @@ fn under_load_the_tsa_stops_for_good_when_it_can_no_longer_vouch_for_its_time() 
         "resynchronization",
         Duration::from_secs(20),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    load.wait_for_a_token_sent_after(restored, "tokens once the sources came back");
     let seen = load.stop();
 
     let mut gens = std::collections::HashSet::new();
@@ -458,7 +480,7 @@ fn under_load_a_step_of_the_references_is_refused_then_followed_without_mixing()
     let servers = ntp_servers(3, 0);
     let server = synchronized_tsa(&servers, "");
     let load = Load::start(&server.url, 6);
-    std::thread::sleep(Duration::from_millis(600));
+    load.wait_for_a_token_sent_after(0, "tokens before the step");
     let stepped = clock::unix_ns() as i64;
     for s in &servers {
         s.set(|b| b.offset_ns = step);
@@ -468,7 +490,10 @@ fn under_load_a_step_of_the_references_is_refused_then_followed_without_mixing()
         "the step followed",
         Duration::from_secs(15),
     );
-    std::thread::sleep(Duration::from_millis(600));
+    load.wait_for_a_token_sent_after(
+        clock::unix_ns() as i64,
+        "tokens after the step was followed",
+    );
     let back = clock::unix_ns() as i64;
     for s in &servers {
         s.set(|b| b.offset_ns = 0);
@@ -478,8 +503,11 @@ fn under_load_a_step_of_the_references_is_refused_then_followed_without_mixing()
         "the step back followed",
         Duration::from_secs(15),
     );
-    // The references' time passes the last genTime (5 s ahead) again.
-    std::thread::sleep(Duration::from_millis(6000));
+    // Refused until the references' time passes the last genTime (5 s ahead) again.
+    load.wait_for_a_token_sent_after(
+        clock::unix_ns() as i64,
+        "tokens after the step back was followed",
+    );
     let mut seen = load.stop();
     seen.sort_by_key(|(sent, ..)| *sent);
 

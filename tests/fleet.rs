@@ -37,6 +37,10 @@ use tsa::client::verify::{verify, Expectation};
 use tsa::client::Query;
 use tsa::config::Config;
 
+/// The instances' `archive.lease_ttl_s`: long enough that a killed instance's lease is surely
+/// still live when the test tries to start it again at once.
+const LEASE_TTL_S: u64 = 10;
+
 /// One instance of the fleet: its state directory (own development PKI) and fixed loopback
 /// ports, so that it comes back where the balancer expects it after a kill.
 struct Instance {
@@ -51,7 +55,7 @@ impl Instance {
     fn new(cluster: &pg::Cluster, database: &str, id: u32) -> Instance {
         let dir = init(&format!(
             "backend = \"postgres\"\npostgres_url = \"{}\"\ninstance_id = {id}\n\
-             lease_ttl_s = 2\nserial_block = 100\ncheckpoint_interval_s = 1",
+             lease_ttl_s = {LEASE_TTL_S}\nserial_block = 100\ncheckpoint_interval_s = 1",
             cluster.url(database)
         ));
         let [public_port, admin_port] = free_ports::<2>();
@@ -545,17 +549,16 @@ fn the_balancer_serves_on_when_an_instance_is_killed_and_it_comes_back_with_its_
     std::thread::sleep(Duration::from_millis(1500));
     fleet[0].kill();
     let killed = Instant::now();
-    // The balancer's checks see it go; requests go to the other instance meanwhile.
-    haproxy.wait_for("tsa1", "DOWN", Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(500));
-
-    // Its lease was renewed by its last commit moments ago: the same id is refused for now…
+    // Its lease was renewed by its last commit moments ago and lasts LEASE_TTL_S (10 s, ample
+    // for a process start on a busy machine): the same id is refused for now…
     let err = fleet[0]
         .try_start()
         .expect_err("instance 1 started again while its dead process's lease was live");
     assert!(err.contains("held by another live instance"), "{err}");
-    // …and taken again once the lease (lease_ttl_s = 2) has expired.
-    let deadline = Instant::now() + Duration::from_secs(15);
+    // The balancer's checks see it go; requests go to the other instance meanwhile.
+    haproxy.wait_for("tsa1", "DOWN", Duration::from_secs(60));
+    // …and it is taken again once the lease has expired.
+    let deadline = Instant::now() + Duration::from_secs(LEASE_TTL_S + 60);
     let mut refused = 1;
     loop {
         match fleet[0].try_start() {

@@ -761,19 +761,46 @@ fn concurrent_requests_all_get_verified_tokens() {
     let work = tempfile::tempdir().unwrap();
     query(work.path(), &["-sha256", "-cert"]);
     let req = work.path().join("req.tsq");
-    std::thread::scope(|scope| {
-        for _ in 0..6 {
-            scope.spawn(|| {
-                for _ in 0..20 {
-                    let (status, _, body) = curl_post(&server.url, &req, QUERY_TYPE);
-                    assert_eq!(status, 200);
-                    assert!(Response::from_der(&body).unwrap().granted());
-                }
-            });
-        }
+    // Six clients × 20 requests (one query, so that any reply verifies against req.tsq).
+    let replies: Vec<Vec<u8>> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..6)
+            .map(|_| {
+                scope.spawn(|| {
+                    (0..20)
+                        .map(|_| {
+                            let (status, _, body) = curl_post(&server.url, &req, QUERY_TYPE);
+                            assert_eq!(status, 200);
+                            body
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().expect("a client thread"))
+            .collect()
     });
-    let _ = post(&server, work.path());
-    openssl_ts_verify(&server, work.path());
+    assert_eq!(replies.len(), 120);
+    // Every one a token, each with its own serial number.
+    let mut serials = std::collections::HashSet::new();
+    for body in &replies {
+        let response = Response::from_der(body).unwrap();
+        assert!(response.granted(), "{:?}", response.status_text);
+        let serial = response
+            .token
+            .expect("a token")
+            .tst_info()
+            .serial_number
+            .as_bytes()
+            .to_vec();
+        assert!(serials.insert(serial), "a serial number issued twice");
+    }
+    // A sample across the clients verifies with openssl.
+    for body in replies.iter().step_by(replies.len() / 5).take(5) {
+        std::fs::write(work.path().join("reply.tsr"), body).unwrap();
+        openssl_ts_verify(&server, work.path());
+    }
 }
 
 /// Six keep-alive clients stamp without pause while the token goes away for a second and
@@ -790,14 +817,20 @@ fn the_token_going_away_under_load_is_refused_cleanly_and_recovered() {
     let mut server = HsmServer::start(d, &[]);
     let (granted, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let away_flag = Arc::new(AtomicBool::new(false));
+    // Set once the token is back (readiness 200); then each client counts itself in
+    // `clients_back` at its first grant for a request sent after that.
+    let back = Arc::new(AtomicBool::new(false));
+    let clients_back = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..6)
         .map(|c| {
             let url = server.url.clone();
-            let (granted, refused, away_flag, stop) = (
+            let (granted, refused, away_flag, back, clients_back, stop) = (
                 granted.clone(),
                 refused.clone(),
                 away_flag.clone(),
+                back.clone(),
+                clients_back.clone(),
                 stop.clone(),
             );
             std::thread::spawn(move || {
@@ -805,10 +838,12 @@ fn the_token_going_away_under_load_is_refused_cleanly_and_recovered() {
                 let mut conn = wire::Conn::open(&url);
                 // Tokens in a row since the last refusal, and the last one granted.
                 let (mut in_a_row, mut last) = (0usize, None);
+                let mut counted_back = false;
                 for i in 0u32.. {
                     if stop.load(Ordering::Relaxed) && in_a_row >= 50 {
                         break;
                     }
+                    let sent_after_back = back.load(Ordering::SeqCst);
                     let query = wire::query_for(format!("client {c} request {i}").as_bytes());
                     let der = query.to_der().unwrap();
                     let reply = conn.post(&path, &der);
@@ -818,6 +853,10 @@ fn the_token_going_away_under_load_is_refused_cleanly_and_recovered() {
                         granted.fetch_add(1, Ordering::Relaxed);
                         in_a_row += 1;
                         last = Some((der, reply.body));
+                        if sent_after_back && !counted_back {
+                            counted_back = true;
+                            clients_back.fetch_add(1, Ordering::SeqCst);
+                        }
                     } else {
                         assert_eq!(
                             response.fail_info(),
@@ -839,26 +878,36 @@ fn the_token_going_away_under_load_is_refused_cleanly_and_recovered() {
         })
         .collect();
 
-    std::thread::sleep(Duration::from_millis(500));
-    let before = granted.load(Ordering::Relaxed);
-    assert!(before > 0, "nothing granted before the outage");
+    wait_for("tokens before the outage", Duration::from_secs(60), || {
+        granted.load(Ordering::Relaxed) > 0
+    });
     let (token, away) = (token_dir(d), d.join("token-moved-away"));
     away_flag.store(true, Ordering::Relaxed);
     std::fs::rename(&token, &away).unwrap();
-    wait_for("refusals under load", Duration::from_secs(10), || {
+    let before = granted.load(Ordering::Relaxed);
+    wait_for("refusals under load", Duration::from_secs(60), || {
         refused.load(Ordering::Relaxed) > 0
     });
+    wait_for("readiness 503", Duration::from_secs(60), || {
+        server.readiness().0 == 503
+    });
+    // Away for a second at least.
     std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(server.readiness().0, 503);
     bring_back(
         &server,
         &away,
         &token,
         "readiness after the token came back",
     );
-    // Refusals seen after this point would be wrong; give in-flight ones a moment to land.
-    std::thread::sleep(Duration::from_millis(300));
-    away_flag.store(false, Ordering::Relaxed);
+    back.store(true, Ordering::SeqCst);
+    // Refusals after each client's first grant since the token came back would be wrong:
+    // every refusal still in flight has landed by then (each client has one request at a time).
+    wait_for(
+        "a grant to every client after the token came back",
+        Duration::from_secs(60),
+        || clients_back.load(Ordering::SeqCst) == 6,
+    );
+    away_flag.store(false, Ordering::SeqCst);
     stop.store(true, Ordering::Relaxed);
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
@@ -940,7 +989,8 @@ fn a_planned_rollover_to_a_new_token_key() {
         "C=VN,O=Example TSA,CN=TSU next",
     );
 
-    let at = chrono::Utc::now() + chrono::Duration::seconds(3);
+    // Far enough ahead that the start (a SoftHSM2 login) and the first tokens come before it.
+    let at = chrono::Utc::now() + chrono::Duration::seconds(15);
     // The configuration names the instant to the millisecond, and the server switches there.
     let at_ns = at.timestamp_millis() as u64 * 1_000_000;
     edit_config(d, |c| {
@@ -955,8 +1005,20 @@ fn a_planned_rollover_to_a_new_token_key() {
     let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
     let work = tempfile::tempdir().unwrap();
     let (mut before, mut after) = (0, 0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline && after < 5 {
+    while after < 5 {
+        // Two tokens at the start, then none until a second before the instant (the clock
+        // polled), then tokens until five carry the new key.
+        if before == 2 {
+            wait_for(
+                "a second before the rollover",
+                Duration::from_secs(60),
+                || chrono::Utc::now() + chrono::Duration::seconds(1) >= at,
+            );
+        }
+        assert!(
+            chrono::Utc::now() < at + chrono::Duration::seconds(60),
+            "a minute past the rollover: before {before}, after {after}"
+        );
         query(work.path(), &["-sha256", "-cert"]);
         let response = post(&server, work.path());
         let token = response.token.expect("granted");

@@ -382,6 +382,53 @@ fn admin_health_is_live_and_ready_with_the_development_clock() {
     assert_eq!(code, "404");
 }
 
+/// DNS rebinding: a web page whose name now resolves to the admin listener's address must not
+/// read it from the operator's browser. Only IP addresses, localhost and the names in
+/// `server.admin_hosts` are answered.
+#[test]
+fn the_admin_listener_answers_only_the_host_names_it_is_known_by() {
+    let server = Server::start(
+        &[],
+        "[server]
+admin_hosts = [\"metrics.internal\"]
+",
+    );
+    let port = server
+        .admin_url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/');
+    let ask = |host: &str| {
+        let (out, _) = curl(&[
+            "-H",
+            &format!("Host: {host}"),
+            "-w",
+            "\n%{http_code}",
+            &format!("{}/metrics", server.admin_url),
+        ]);
+        let (body, code) = out.rsplit_once('\n').unwrap();
+        (code.to_string(), body.to_string())
+    };
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("metrics.internal:{port}"),
+    ] {
+        let (code, body) = ask(&host);
+        assert_eq!(code, "200", "{host}: {body}");
+        assert!(body.contains("tsa_open_connections"), "{host}");
+    }
+    for host in [
+        format!("attacker.example:{port}"),
+        "localhost.attacker.example".into(),
+    ] {
+        let (code, body) = ask(&host);
+        assert_eq!(code, "403", "{host}: {body}");
+        assert!(!body.contains("tsa_"), "{host}: {body}");
+    }
+}
+
 #[test]
 fn keep_alive_serves_several_requests_on_one_connection() {
     let server = Server::start(&[], "");
@@ -438,18 +485,38 @@ fn on_sigterm_new_connections_are_refused_and_requests_in_flight_finish() {
     let mut conn = Conn::open(&server.url);
     conn.stream.write_all(head.as_bytes()).unwrap();
     conn.stream.write_all(&query[..5]).unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // In flight once the server has accepted the connection (not only the kernel's backlog).
+    let open_connections = || {
+        let (metrics, _) = curl(&[&format!("{}/metrics", server.admin_url)]);
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("tsa_open_connections "))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let accepted = Instant::now();
+    while open_connections() != Some(1.0) {
+        assert!(
+            accepted.elapsed() < Duration::from_secs(60),
+            "the connection was not accepted: {:?} open",
+            open_connections()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     server.signal("TERM");
     let addresses = [split_url(&server.url).0, split_url(&server.admin_url).0];
     let started = Instant::now();
+    // The drain cannot end before the request in flight has its answer (the rest of its body
+    // is sent below): listeners refused meanwhile were closed as the drain began. Were they
+    // closed when it ends (by its own limit, closing the request's connection), the answer
+    // below would not come.
     for address in &addresses {
         loop {
             let address: std::net::SocketAddr = address.parse().unwrap();
             match std::net::TcpStream::connect_timeout(&address, Duration::from_secs(1)) {
                 Err(e) if e.kind() == ErrorKind::ConnectionRefused => break,
                 other => assert!(
-                    started.elapsed() < Duration::from_secs(3),
+                    started.elapsed() < Duration::from_secs(60),
                     "{address} still takes connections during the drain: {other:?}"
                 ),
             }
@@ -667,7 +734,6 @@ fn gen_time_brackets_each_exchange_sequentially() {
 
 /// 8 threads × 50 stamps, each thread on its own keep-alive connection.
 fn under_load(server: &Server) -> Vec<Exchange> {
-    let started = Instant::now();
     let all: Vec<Exchange> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
             .map(|t| {
@@ -681,7 +747,6 @@ fn under_load(server: &Server) -> Vec<Exchange> {
             .collect()
     });
     assert_eq!(all.len(), 400);
-    assert!(started.elapsed() < Duration::from_secs(120));
     all
 }
 

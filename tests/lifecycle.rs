@@ -1,7 +1,10 @@
 //! Lifecycle: SIGHUP reloads the certificate chain and the reloadable settings without
 //! dropping connections (and refuses a bad reload); issuance stops when the signing
-//! certificate has less validity left than configured.
+//! certificate has less validity left than configured; `tsa serve` refuses to start on a TSU
+//! certificate outside the profile.
 
+#[path = "common/clock.rs"]
+mod clock;
 mod common;
 #[path = "common/wire.rs"]
 mod wire;
@@ -187,7 +190,7 @@ fn a_reload_keeps_the_servers_limits_and_says_so() {
 
 #[test]
 fn a_bad_reload_is_refused_and_the_running_certificate_kept() {
-    let server = Server::start(&[], "");
+    let server = Server::serve_logged(Server::init(&[], ""));
     let dir = server.dir.path().to_path_buf();
     // A certificate for another key: the reload must refuse it.
     openssl(
@@ -204,8 +207,18 @@ fn a_bad_reload_is_refused_and_the_running_certificate_kept() {
     );
     issue_cert(&dir, "other-key.pem", "/CN=Someone Else", "other.pem");
     std::fs::copy(dir.join("other.pem"), dir.join("tsa-cert.pem")).unwrap();
+    let log = || std::fs::read_to_string(server.path(Server::LOG)).unwrap_or_default();
+    assert!(!log().contains("reload_refused"), "{}", log());
     server.signal("HUP");
-    std::thread::sleep(Duration::from_millis(500));
+    common::wait_until(
+        || log().contains("reload_refused"),
+        "the reload to be refused",
+    );
+    assert!(
+        log().contains("does not belong to the signing key"),
+        "{}",
+        log()
+    );
     assert!(subject_of(&server).contains("Development Time-Stamping Unit"));
     assert!(stamp_once(&server).granted());
 }
@@ -275,7 +288,8 @@ fn a_planned_rollover_changes_key_and_certificate_at_its_instant() {
     let first = cert_der(&dir.path().join("tsa-cert.pem"));
     let next = cert_der(&dir.path().join("next-cert.pem"));
 
-    let at = chrono::Utc::now() + chrono::Duration::seconds(3);
+    // Far enough ahead that the start and the first checks surely come before it.
+    let at = chrono::Utc::now() + chrono::Duration::seconds(15);
     let config = dir.path().join("tsa.toml");
     let text = std::fs::read_to_string(&config).unwrap();
     let extra = format!(
@@ -291,14 +305,29 @@ fn a_planned_rollover_changes_key_and_certificate_at_its_instant() {
     );
     assert!(!subject_of(&server).contains("after rollover"));
 
-    // Tokens on one keep-alive connection until well past the instant.
+    // A few tokens at once; then, the clock polled until a second before the instant, one
+    // every 20 ms on one keep-alive connection (a new one: the first may have idled out) until
+    // well past it.
     let at_ns = at.timestamp_nanos_opt().unwrap() as u64;
     let mut conn = Conn::open(&server.url);
     let (mut before, mut after) = (0, 0);
+    let mut waited = false;
     let work = server.path("work");
     std::fs::create_dir_all(&work).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(8);
-    while std::time::Instant::now() < deadline && after < 20 {
+    while after < 20 {
+        if before == 3 && !waited {
+            clock::wait_for(
+                || chrono::Utc::now() + chrono::Duration::seconds(1) >= at,
+                "a second before the rollover",
+                Duration::from_secs(60),
+            );
+            conn = Conn::open(&server.url);
+            waited = true;
+        }
+        assert!(
+            chrono::Utc::now() < at + chrono::Duration::seconds(60),
+            "a minute past the rollover: before {before}, after {after}"
+        );
         let query = tsa::client::Query::for_data(
             tsa::alg::DigestAlgorithm::Sha256,
             format!("rollover {before} {after}").as_bytes(),
@@ -380,4 +409,169 @@ fn tsa_init_never_replaces_keys_it_did_not_write_unless_forced() {
         .arg(dir.path()));
     assert_ne!(std::fs::read(&key).unwrap(), b"PRODUCTION KEY");
     assert!(dir.path().join("tsa.toml").exists());
+}
+
+/// The TSU profile's extensions (as `tsa init` writes them), for `openssl` extension files.
+const TSU_PROFILE: &str =
+    "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+                           extendedKeyUsage=critical,timeStamping\n";
+
+/// A certificate for the TSU key of `dir` (`tsa-key.pem`), subject `cn`, issued by the
+/// development CA with the extensions `ext` by `openssl ca`, valid from `start` to `end`
+/// (`YYYYMMDDHHMMSSZ`), as `tsa-cert.pem`.
+fn issue_tsu_cert(dir: &Path, cn: &str, ext: &str, (start, end): (&str, &str)) {
+    std::fs::write(dir.join("ext.cnf"), ext).unwrap();
+    std::fs::write(
+        dir.join("ca.cnf"),
+        "[ca]\ndefault_ca = dev\n[dev]\ndatabase = index.txt\nnew_certs_dir = .\n\
+         serial = serial\nrand_serial = yes\ndefault_md = sha256\npolicy = any\n\
+         unique_subject = no\n[any]\ncommonName = supplied\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("index.txt"), "").unwrap();
+    openssl(
+        &[
+            "req",
+            "-new",
+            "-key",
+            "tsa-key.pem",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-out",
+            "tsu.csr",
+        ],
+        dir,
+    );
+    openssl(
+        &[
+            "ca",
+            "-batch",
+            "-config",
+            "ca.cnf",
+            "-cert",
+            "ca-cert.pem",
+            "-keyfile",
+            "ca-key.pem",
+            "-in",
+            "tsu.csr",
+            "-startdate",
+            start,
+            "-enddate",
+            end,
+            "-extfile",
+            "ext.cnf",
+            "-notext",
+            "-out",
+            "tsa-cert.pem",
+        ],
+        dir,
+    );
+}
+
+/// Starts `tsa serve` on the configuration in `dir` and stops it once it has announced its
+/// listeners; its standard error when it exits instead.
+fn serve_once(dir: &Path) -> Result<(), String> {
+    use std::io::{BufRead, Read};
+    let mut child = Command::new(common::TSA)
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.join("tsa.toml"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tsa serve");
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let _ = child.kill();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let _ = child.wait();
+    if first.is_empty() {
+        Err(err)
+    } else {
+        Ok(())
+    }
+}
+
+/// `tsa serve` refuses to start on a certificate of its own key from its own CA that a verifier
+/// or the TSU profile (RFC 3161 2.3, ETSI EN 319 422) would refuse, and says why: a CA
+/// certificate, no extended key usage, another one beside id-kp-timeStamping, one not marked
+/// critical, a key usage without digitalSignature (or nonRepudiation), a certificate not valid
+/// yet. The same key with the profile's certificate starts.
+#[test]
+fn serve_refuses_to_start_on_a_tsu_certificate_outside_the_profile() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(Command::new(common::TSA).args(["init", "--dir"]).arg(d));
+    let now = chrono::Utc::now();
+    let stamp = |t: chrono::DateTime<chrono::Utc>| t.format("%Y%m%d%H%M%SZ").to_string();
+    let (valid_from, valid_to) = (
+        stamp(now - chrono::Duration::days(1)),
+        stamp(now + chrono::Duration::days(30)),
+    );
+    let valid = (valid_from.as_str(), valid_to.as_str());
+    let (later_from, later_to) = (
+        stamp(now + chrono::Duration::days(1)),
+        stamp(now + chrono::Duration::days(30)),
+    );
+    let not_yet = (later_from.as_str(), later_to.as_str());
+    let without = |line: &str| TSU_PROFILE.replace(line, "");
+    let cases: Vec<(&str, String, (&str, &str), &str)> = vec![
+        (
+            "CA certificate",
+            TSU_PROFILE.replace("CA:FALSE", "CA:TRUE"),
+            valid,
+            "is a CA certificate; a TSU certificate must not be",
+        ),
+        (
+            "No EKU",
+            without("extendedKeyUsage=critical,timeStamping\n"),
+            valid,
+            "has no extended key usage",
+        ),
+        (
+            "Extra EKU",
+            TSU_PROFILE.replace("timeStamping", "timeStamping,serverAuth"),
+            valid,
+            "must have id-kp-timeStamping as its only extended key usage",
+        ),
+        (
+            "Non-critical EKU",
+            TSU_PROFILE.replace("extendedKeyUsage=critical,", "extendedKeyUsage="),
+            valid,
+            "the extended key usage of the certificate of CN=Non-critical EKU must be critical",
+        ),
+        (
+            "Key agreement only",
+            TSU_PROFILE.replace("digitalSignature", "keyAgreement"),
+            valid,
+            "allows neither digitalSignature nor nonRepudiation",
+        ),
+        (
+            "Not yet valid",
+            TSU_PROFILE.to_string(),
+            not_yet,
+            "is not valid before",
+        ),
+    ];
+    for (cn, ext, dates, expected) in &cases {
+        issue_tsu_cert(d, cn, ext, *dates);
+        let err = serve_once(d).expect_err(&format!("{cn}: tsa serve started"));
+        assert!(
+            err.contains(&format!("CN={cn}")) && err.contains(expected),
+            "{cn}: {err}"
+        );
+    }
+    // The key and the CA are not what is refused.
+    issue_tsu_cert(d, "Within the profile", TSU_PROFILE, valid);
+    serve_once(d).unwrap_or_else(|e| panic!("the profile's certificate: {e}"));
 }

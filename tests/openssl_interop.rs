@@ -183,6 +183,34 @@ fn rsa2048_pkcs1_tokens_verify_with_openssl() {
     verify_matrix(&["--algorithm", "rsa2048"]);
 }
 
+#[test]
+fn rsa3072_pkcs1_tokens_verify_with_openssl() {
+    rsa_verify_matrix(3072);
+}
+
+#[test]
+fn rsa4096_pkcs1_tokens_verify_with_openssl() {
+    rsa_verify_matrix(4096);
+}
+
+/// [`verify_matrix`] for an RSA key of `bits` (PKCS#1 v1.5), once `tsa init` is seen to make
+/// a TSU key of that size.
+fn rsa_verify_matrix(bits: u32) {
+    let algorithm = format!("rsa{bits}");
+    let dir = Server::init(&["--algorithm", &algorithm], "");
+    let text = openssl(
+        &["x509", "-in", "tsa-cert.pem", "-noout", "-text"],
+        dir.path(),
+    );
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!("Public-Key: ({bits} bit)")),
+        "{text}"
+    );
+    drop(dir);
+    verify_matrix(&["--algorithm", &algorithm]);
+}
+
 /// `openssl ts -verify` does not take RSASSA-PSS; `openssl cms -verify` does, on the token
 /// itself, and so does `tsa verify`.
 #[test]

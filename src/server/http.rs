@@ -591,27 +591,35 @@ impl Denied {
 /// The request's client ([`super::auth`]): from its `Authorization` header and the
 /// connection's verified client certificate.
 fn authenticate(req: &Request<Incoming>, tsa: &Tsa, link: Link<'_>) -> Result<Client, Denied> {
-    let authorization = req.headers().get(header::AUTHORIZATION);
+    let mut authorization = req.headers().get_all(header::AUTHORIZATION).iter();
+    let (first, second) = (authorization.next(), authorization.next());
     let auth = tsa.auth.load();
-    auth.authenticate(link, authorization.map(HeaderValue::as_bytes))
-        .map_err(|refusal| {
-            let metric = match refusal {
-                Refusal::Unauthenticated => metrics::AuthRefusal::Unauthenticated,
-                Refusal::InvalidCredentials(why) => {
-                    static LOG: LogLimit = LogLimit::new();
-                    if let Some(left_out) = LOG.allow() {
-                        tracing::info!(
-                            reason = why,
-                            left_out,
-                            "request refused: invalid credentials"
-                        );
-                    }
-                    metrics::AuthRefusal::InvalidCredentials
+    let authenticated = match second {
+        // A proxy in front may have read the other one: who the client is must not depend
+        // on which of them a reader takes.
+        Some(_) => Err(Refusal::InvalidCredentials(
+            "more than one Authorization header",
+        )),
+        None => auth.authenticate(link, first.map(HeaderValue::as_bytes)),
+    };
+    authenticated.map_err(|refusal| {
+        let metric = match refusal {
+            Refusal::Unauthenticated => metrics::AuthRefusal::Unauthenticated,
+            Refusal::InvalidCredentials(why) => {
+                static LOG: LogLimit = LogLimit::new();
+                if let Some(left_out) = LOG.allow() {
+                    tracing::info!(
+                        reason = why,
+                        left_out,
+                        "request refused: invalid credentials"
+                    );
                 }
-            };
-            tsa.metrics.auth_refused(metric);
-            Denied::Credentials(refusal)
-        })
+                metrics::AuthRefusal::InvalidCredentials
+            }
+        };
+        tsa.metrics.auth_refused(metric);
+        Denied::Credentials(refusal)
+    })
 }
 
 /// Takes `n` tokens from `client`'s quota (a batch of n requests takes n).
