@@ -950,6 +950,19 @@ impl Config {
         if !(1..=MAX_ADMIN_CONNECTIONS).contains(&self.server.admin_max_connections) {
             bail!("server.admin_max_connections must be 1 to {MAX_ADMIN_CONNECTIONS}");
         }
+        // Compared with a request's Host without its port and trailing dot, whatever the case.
+        if let Some(name) = self.server.admin_hosts.iter().find(|name| {
+            name.is_empty()
+                || name.ends_with('.')
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        }) {
+            bail!(
+                "server.admin_hosts: {name:?} is not a host name (letters, digits, '-' and '.'; \
+                 no port, no trailing dot)"
+            );
+        }
         let tls = &self.server.tls;
         if self.server.https_listen.is_some() && (tls.certificate.is_none() || tls.key.is_none()) {
             bail!("server.https_listen needs server.tls.certificate and server.tls.key");
@@ -1225,6 +1238,21 @@ mod tests {
             ))
             .unwrap();
             assert!(config.validate().is_err(), "admin_max_connections {admin}");
+        }
+        let admin_hosts = |names: &str| {
+            toml::from_str::<Config>(&format!("{base}[server]\nadmin_hosts = [{names}]\n"))
+                .unwrap()
+                .validate()
+        };
+        admin_hosts(r#""metrics.internal", "tsa-1""#).unwrap();
+        for bad in [
+            r#""""#,
+            r#""metrics.internal.""#,
+            r#""tsa:3181""#,
+            r#""a b""#,
+        ] {
+            let error = admin_hosts(bad).unwrap_err().to_string();
+            assert!(error.contains("admin_hosts"), "{bad}: {error}");
         }
         let per_address = |n: usize| {
             toml::from_str::<Config>(&format!(

@@ -838,13 +838,13 @@ fn rsa_batches_sign_on_the_blocking_pool_beside_single_requests() {
     }
 }
 
-/// A batch's reply holds its place under `max_batches_in_flight` until the client has taken
-/// it, not only until it is signed: a client that reads the head of a large reply and then
+/// A batch's reply holds its place under `max_batches_in_flight` while it is sent, not only
+/// until it is signed: a client that reads the head of a large reply and then
 /// nothing (a small receive buffer) keeps the only place, so another batch gets 503; once it
 /// reads on, the reply is whole (its `Content-Length`, `Connection: close`, every answer) and
 /// the place is free again.
 #[test]
-fn a_batch_reply_holds_its_place_until_the_client_has_taken_it() {
+fn a_batch_reply_holds_its_place_while_it_is_sent() {
     use std::io::Read;
     let server = Server::start(
         &[],

@@ -430,17 +430,18 @@ impl Auth {
         }
     }
 
-    /// Gives back `n` tokens taken from `client`'s quota for a request the server then
+    /// Gives back `n` tokens taken from `client`'s quota `ago`, for a request the server then
     /// refused as overloaded: a refusal the client did not cause (another client's load may
-    /// have) costs it nothing.
-    pub fn give_back(&self, client: &Client, n: u32) {
+    /// have) costs it nothing ([`Bucket::give_back`] says when that cannot be told).
+    pub fn give_back(&self, client: &Client, n: u32, ago: Duration) {
         if let Some(bucket) = self.bucket(client) {
-            bucket.give_back(n);
+            bucket.give_back(n, ago);
         }
     }
 
-    /// The anonymous callers' burst, where `client` is anonymous and `n` tokens are more than
-    /// it: such a batch is refused (taken from their shared bucket, its debt would refuse every
+    /// The anonymous callers' burst (`anonymous_burst`, or one second's worth of their rate
+    /// where it is 0), where `client` is anonymous and `n` tokens are more than it: such a
+    /// batch is refused (taken from their shared bucket, its debt would refuse every
     /// anonymous caller until paid back at the rate, minutes for a large batch).
     pub fn over_shared_burst(&self, client: &Client, n: u32) -> Option<u64> {
         let bucket = self.anonymous_bucket.as_deref()?;
@@ -522,10 +523,16 @@ impl Bucket {
             .map(|_| ())
     }
 
-    /// Returns `n` tokens taken (the TAT moves back by their cost; a bucket that fills up
-    /// meanwhile is just full).
-    fn give_back(&self, n: u32) {
+    /// Returns `n` tokens taken `ago`: the TAT moves back by their cost, while it surely still
+    /// holds it. A take left the TAT at least that cost past its own time, and only a take
+    /// from a full bucket (the TAT not after now) drops what it held; so within the cost since
+    /// the take, it is all there. Later, a full bucket may have dropped it meanwhile, and
+    /// nothing is returned rather than tokens the bucket already refilled (to other callers).
+    fn give_back(&self, n: u32, ago: Duration) {
         let cost = self.interval.saturating_mul(u64::from(n));
+        if u64::try_from(ago.as_nanos()).unwrap_or(u64::MAX) >= cost {
+            return;
+        }
         let _ = self
             .tat
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
@@ -873,10 +880,18 @@ mod tests {
         assert_eq!(bucket.take(100 * ms, 1), Err(2_100 * ms));
         assert_eq!(bucket.take(3_000 * ms, 30), Err(100 * ms));
         assert_eq!(bucket.take(3_100 * ms, 30), Ok(()));
-        // Given back (the batch was refused after all), the debt is gone again.
-        bucket.give_back(30);
+        // Given back at once (the batch was refused after all), the debt is gone again.
+        bucket.give_back(30, Duration::ZERO);
         assert_eq!(bucket.take(3_100 * ms, 10), Ok(()));
         assert!(bucket.take(3_100 * ms, 1).is_err());
+        // Not after its cost's time: the bucket may have been full meanwhile, its TAT past
+        // the cost (here it was: the batch at 6.1 s found it full, and would get 3 s back).
+        assert_eq!(bucket.take(6_100 * ms, 30), Ok(()));
+        let before = bucket.tat.load(Ordering::Relaxed);
+        bucket.give_back(10, Duration::from_millis(1_000));
+        assert_eq!(bucket.tat.load(Ordering::Relaxed), before);
+        bucket.give_back(10, Duration::from_millis(999));
+        assert_eq!(bucket.tat.load(Ordering::Relaxed), before - 1_000 * ms);
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! | `POST {path}` without credentials, `[auth] anonymous = false` | 401, `WWW-Authenticate: Bearer realm="tsa"` + DER rejection `badRequest` |
 //! | `POST {path}` with a wrong API key, or a client certificate of no configured client (or one that the TLS configuration reloaded since its connection's handshake refuses) | 401 (also when anonymous access is on) + DER rejection `badRequest` |
 //! | `POST {path}` over the client's quota               | 429, `Retry-After` (seconds) + DER rejection `systemFailure` |
-//! | an anonymous batch of more items than `auth.anonymous_burst` (where anonymous callers have a quota) | 413 + DER rejection `badRequest` |
+//! | an anonymous batch of more items than their burst (`auth.anonymous_burst`, or one second of `anonymous_rate_per_s` where it is 0) | 413 + DER rejection `badRequest` |
 //! | `POST {path}` while `max_queue` requests are admitted, and no place frees within `queue_wait_ms` | 503, `Retry-After: 1` + DER rejection `systemFailure` ([`super::admission`]) |
 //! | a batch while `max_batches_in_flight` batches are read, answered or sent | 503, `Retry-After: 1` + DER rejection `systemFailure`, before its body is read |
 //! | a request head over `max_header_bytes` or 100 headers | 431, connection closed (hyper) |
@@ -515,7 +515,7 @@ async fn public_route(
                 return timestamp_batch(req, tsa, limits, link, connection, start).await;
             }
             Method::POST => match authenticate(&req, tsa, link).and_then(|c| charge(tsa, c, 1)) {
-                Ok(client) => timestamp(req, tsa, limits, &client).await,
+                Ok(client) => timestamp(req, tsa, limits, &client, start).await,
                 Err(denied) => denied.answer(),
             },
             _ => {
@@ -651,6 +651,7 @@ async fn timestamp(
     tsa: &Arc<Tsa>,
     limits: &Limits,
     client: &Client,
+    charged: Instant,
 ) -> (Reply, Outcome) {
     if !has_media_type(&req, QUERY_TYPE) {
         return rejection(
@@ -664,7 +665,7 @@ async fn timestamp(
         Err(refused) => return refused,
     };
     let Some(_admitted) = tsa.admission.enter(1).await else {
-        tsa.auth.load().give_back(client, 1);
+        tsa.auth.load().give_back(client, 1, charged.elapsed());
         return overloaded(tsa, metrics::Overload::Queue);
     };
     let (der, outcome) = tsa.respond(body, client).await;
@@ -756,9 +757,11 @@ async fn timestamp_batch(
         return refused(rejection(
             StatusCode::PAYLOAD_TOO_LARGE,
             FailInfo::BadRequest,
-            "the batch has more items than anonymous callers' burst (auth.anonymous_burst)",
+            "the batch has more items than anonymous callers' burst (auth.anonymous_burst, or \
+             when 0 one second of auth.anonymous_rate_per_s)",
         ));
     }
+    let charged = Instant::now();
     let client = match charge(tsa, client, tokens) {
         Ok(client) => client,
         Err(denied) => return refused(denied.answer()),
@@ -766,7 +769,9 @@ async fn timestamp_batch(
     // A batch waits for the lane in chunks (`Tsa::respond_batch`); each is one place.
     let places = count.div_ceil(super::issue::BATCH_CHUNK);
     let Some(_admitted) = tsa.admission.enter(places).await else {
-        tsa.auth.load().give_back(&client, tokens);
+        tsa.auth
+            .load()
+            .give_back(&client, tokens, charged.elapsed());
         return refused(overloaded(tsa, metrics::Overload::Queue));
     };
     drop(body);
@@ -791,8 +796,8 @@ async fn timestamp_batch(
         header::CONTENT_TYPE,
         HeaderValue::from_static(batch::REPLY_MEDIA_TYPE),
     );
-    // hyper's write buffer grew to its largest for the reply, and would keep that size for
-    // as long as the connection lives.
+    // A batch client is done: its connection's buffers, grown for the body and the reply,
+    // go with it.
     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     reply
 }

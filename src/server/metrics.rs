@@ -338,7 +338,7 @@ impl Collector for Scraped {
         gauge(
             &mut e,
             "batches_in_flight",
-            "Batch bodies being read or answered (server.max_batches_in_flight)",
+            "Batches being read, answered or sent (server.max_batches_in_flight)",
             None,
             &[(
                 none.clone(),
