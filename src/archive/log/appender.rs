@@ -111,7 +111,7 @@ impl Appender {
     /// Opens the log in `dir` (an instance's folder) for appending. The newest segment's frames
     /// past its index are read and checked, and synced; a torn commit at its end (frames cut short or not
     /// checking, from a crash or a power cut inside a commit, whose requests were never
-    /// answered: see `tail`) is cut off and the cut synced; its index is completed. A newest
+    /// answered: see `tail`) is cut off and the cut synced, a copy of it kept beside; its index is completed. A newest
     /// segment left without a good frame is removed. Anything else after the last good frame,
     /// or an index that lists records past it, is damage: an `InvalidData` error naming the
     /// segment and the offset, and nothing is changed. Returns the appender and the chain's
@@ -167,14 +167,16 @@ impl Appender {
                     file.sync_data()?;
                     len
                 }
-                Tail::Torn => {
+                Tail::Torn { written } => {
+                    let kept = keep_torn(&file, &segment, scanned.end, written)?;
                     tracing::warn!(
                         event = "archive_log_torn_tail",
                         segment = %segment.path.display(),
                         offset = scanned.end,
-                        octets = len - scanned.end,
+                        octets = written - scanned.end,
+                        kept = %kept.display(),
                         "cutting off a commit that did not complete (its requests were not \
-                         answered)"
+                         answered); its octets are kept beside the segment"
                     );
                     cut_back(&file, scanned.end)?;
                     scanned.end
@@ -697,6 +699,26 @@ fn make_segment(
 }
 
 /// Removes a segment, its index and its imprint file.
+/// Copies the octets of `file` from `from` to `to` (a torn tail about to be cut off, up to
+/// its last octet that is not zero: at most [`MAX_TORN`]) into `<segment>.torn-<from>` beside it, synced with its name before
+/// the cut. A torn commit's requests were never answered, so the copy is not needed; but
+/// should a disk that lost a sector of acknowledged frames (or ignored a flush) have made
+/// them look torn, the cut would otherwise take their tokens for good.
+fn keep_torn(file: &File, segment: &Segment, from: u64, to: u64) -> io::Result<PathBuf> {
+    let mut octets = vec![0; (to - from) as usize];
+    file.read_exact_at(&mut octets, from)?;
+    let mut name = segment.path.file_name().unwrap_or_default().to_owned();
+    name.push(format!(".torn-{from}"));
+    let path = segment.path.with_file_name(name);
+    let copy = File::create(&path)?;
+    copy.write_all_at(&octets, 0)?;
+    copy.sync_all()?;
+    if let Some(dir) = path.parent() {
+        crate::files::sync_directory(dir)?;
+    }
+    Ok(path)
+}
+
 pub fn remove_segment(segment: &Segment) -> io::Result<()> {
     fs::remove_file(&segment.path)?;
     for derived in [segment.index_path(), segment.imprints_path()] {
@@ -712,8 +734,9 @@ pub fn remove_segment(segment: &Segment) -> io::Result<()> {
 enum Tail {
     /// Nothing, or zeros only: the room written ahead.
     Zeros,
-    /// The frames of a commit that did not complete.
-    Torn,
+    /// The frames of a commit that did not complete, up to `written` (past its last octet
+    /// that is not zero).
+    Torn { written: u64 },
     /// Anything else, and why.
     Damaged(String),
 }
@@ -776,7 +799,7 @@ fn tail(file: &File, end: u64, len: u64) -> io::Result<Tail> {
     };
     let frame_end = end + 4 + body + 32;
     if body == 0 || body > MAX_BODY as u64 || frame_end > written {
-        return Ok(Tail::Torn);
+        return Ok(Tail::Torn { written });
     }
     // A sector of the frame that did not reach the disk: zeros from `end` (or its start) on.
     let mut sector = end / SECTOR * SECTOR;
@@ -784,7 +807,7 @@ fn tail(file: &File, end: u64, len: u64) -> io::Result<Tail> {
         let from = (sector.max(end) - end) as usize;
         let to = ((sector + SECTOR).min(written) - end) as usize;
         if octets[from..to].iter().all(|&b| b == 0) {
-            return Ok(Tail::Torn);
+            return Ok(Tail::Torn { written });
         }
         sector += SECTOR;
     }

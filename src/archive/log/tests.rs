@@ -247,6 +247,15 @@ fn a_torn_commit_is_cut_off_and_the_chain_goes_on() {
         good_len,
         "cut off, with the room"
     );
+    // What was cut is kept beside the segment, without the room's zeros after it.
+    let kept = segment.path.with_file_name(format!(
+        "{}.torn-{good_len}",
+        segment.path.file_name().unwrap().to_str().unwrap()
+    ));
+    let torn_octets = &frame[..frame.len() / 2];
+    let kept = fs::read(&kept).unwrap();
+    let last_nonzero = torn_octets.iter().rposition(|&b| b != 0).unwrap();
+    assert_eq!(kept, torn_octets[..=last_nonzero]);
     appender.append(&log.chain(3)).unwrap();
     assert_eq!(log.all(), log.records, "the chain goes on from the head");
 }
