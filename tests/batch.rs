@@ -768,12 +768,29 @@ fn tsa_request_batch_stamps_files_and_digests_in_few_round_trips() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("Verification: OK"));
     }
 
-    // Items the TSA rejects fail the command, each reported.
-    let out = request(&["--policy", "1.2.3.4", &files[0], &files[1]]);
+    // Items the TSA rejects fail the command, each reported; a rejection is saved where no
+    // file was, and never over a token that is there.
+    let token_before = std::fs::read(w.join(format!("{}.tsr", files[0]))).unwrap();
+    std::fs::write(w.join("new-invoice.xml"), "<invoice n='new'/>").unwrap();
+    let out = request(&["--policy", "1.2.3.4", &files[0], "new-invoice.xml"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert_eq!(stderr.matches("unacceptedPolicy").count(), 2, "{stderr}");
     assert!(stderr.contains("2 of 2 items were not granted"), "{stderr}");
+    assert!(stderr.contains("is kept as it was"), "{stderr}");
+    assert_eq!(
+        std::fs::read(w.join(format!("{}.tsr", files[0]))).unwrap(),
+        token_before,
+        "the earlier token is kept"
+    );
+    let saved = std::fs::read(w.join("new-invoice.xml.tsr")).unwrap();
+    assert_eq!(fail_info(&saved), FailInfo::UnacceptedPolicy);
+    // A file stamped together with the file its reply would be saved as: refused before
+    // anything is sent (the reply would replace it).
+    let out = request(&[&files[2], &format!("{}.tsr", files[2])]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("would be replaced"), "{stderr}");
     // Bad input is refused before anything is sent.
     std::fs::write(w.join("bad.txt"), "abcd\n").unwrap();
     let out = request(&["--digests", "bad.txt"]);

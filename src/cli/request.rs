@@ -134,6 +134,8 @@ pub fn run(args: &RequestArgs) -> anyhow::Result<()> {
     };
     apply_options(args, &mut query)?;
     let der = query.to_der()?;
+    let outputs = [Some(args.out.as_path()), args.query_out.as_deref()];
+    refuse_overwriting_inputs(args.data.as_deref(), outputs.into_iter().flatten())?;
     if let Some(path) = &args.query_out {
         write(path, &der)?;
     }
@@ -217,6 +219,8 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A rejection's failInfo and statusString, the server's text with its control characters
+/// escaped (it must not move the terminal's cursor or forge lines).
 fn rejection_text(response: &Response) -> String {
     format!(
         "{} ({})",
@@ -224,7 +228,7 @@ fn rejection_text(response: &Response) -> String {
             .fail_info()
             .map(|f| f.name())
             .unwrap_or("unspecified"),
-        response.status_text.join("; ")
+        client::printable(&response.status_text.join("; "))
     )
 }
 
@@ -292,6 +296,22 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let tsq = |item: &Item| item.reply.with_extension("tsq");
+    let queries: Vec<PathBuf> = match args.save_queries {
+        true => items.iter().map(tsq).collect(),
+        false => Vec::new(),
+    };
+    let lists = args
+        .digests
+        .iter()
+        .filter(|l| l.as_path() != Path::new("-"));
+    refuse_overwriting_inputs(
+        args.files.iter().chain(lists).map(PathBuf::as_path),
+        items
+            .iter()
+            .map(|i| i.reply.as_path())
+            .chain(queries.iter().map(PathBuf::as_path)),
+    )?;
     if let Some(dir) = &args.out_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -354,14 +374,47 @@ fn save_reply(
             .context("the token does not verify")?;
         }
     }
-    write(&item.reply, reply)?;
+    // A rejection is saved for a look at it, but never over a file that is there: that may
+    // be an earlier token, the only proof of time its owner has.
+    let kept = response.token.is_none() && item.reply.exists();
+    if !kept {
+        write(&item.reply, reply)?;
+    }
     if save_query {
         write(&item.reply.with_extension("tsq"), &item.der)?;
     }
-    match response.token {
-        Some(_) => Ok(()),
-        None => bail!("rejected: {}", rejection_text(&response)),
+    match (&response.token, kept) {
+        (Some(_), _) => Ok(()),
+        (None, false) => bail!("rejected: {}", rejection_text(&response)),
+        (None, true) => bail!(
+            "rejected: {} (not saved: {} is kept as it was)",
+            rejection_text(&response),
+            item.reply.display()
+        ),
     }
+}
+
+/// Refuses outputs that would replace an input: a file stamped beside its own reply (`doc`
+/// and `doc.tsr` in one batch), `--out` naming `--data`. An output that does not exist yet
+/// is no input.
+fn refuse_overwriting_inputs<'a>(
+    inputs: impl IntoIterator<Item = &'a Path>,
+    outputs: impl IntoIterator<Item = &'a Path>,
+) -> anyhow::Result<()> {
+    let inputs: HashSet<PathBuf> = inputs
+        .into_iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    for output in outputs {
+        if std::fs::canonicalize(output).is_ok_and(|o| inputs.contains(&o)) {
+            bail!(
+                "{} is both stamped and where a reply or request would be saved: it would be \
+                 replaced",
+                output.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Saves a request or a reply whole and durably: a token may be the only proof of time its

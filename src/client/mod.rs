@@ -78,8 +78,10 @@ pub fn random_nonce() -> anyhow::Result<Vec<u8>> {
 
 /// The longest reply read for one request: a token with its certificate path is a few KB.
 const MAX_REPLY: usize = 1 << 20;
-/// The longest reply read per request of a batch.
-const MAX_BATCH_REPLY_ITEM: usize = 64 << 10;
+/// The longest reply read per request of a batch: a token with a chain of RSA-4096
+/// certificates is some 8 KB (a server that sends more is not answering a batch, and 10,000
+/// items at this stay within some 300 MiB).
+const MAX_BATCH_REPLY_ITEM: usize = 32 << 10;
 
 /// POSTs a DER request to a TSA and returns the body of its reply.
 pub async fn post(endpoint: &Endpoint, request: Vec<u8>) -> anyhow::Result<Vec<u8>> {
@@ -113,7 +115,7 @@ pub async fn post_batch(endpoint: &Endpoint, requests: &[Vec<u8>]) -> anyhow::Re
                 .fail_info()
                 .map(|f| f.name())
                 .unwrap_or("unspecified"),
-            refusal.status_text.join("; ")
+            printable(&refusal.status_text.join("; "))
         );
     }
     if content_type != batch::REPLY_MEDIA_TYPE {
@@ -131,5 +133,28 @@ pub async fn post_batch(endpoint: &Endpoint, requests: &[Vec<u8>]) -> anyhow::Re
     Ok(replies.into_iter().map(<[u8]>::to_vec).collect())
 }
 
+/// Text from a server, fit for a terminal: control characters (escape sequences, new lines)
+/// escaped.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
+}
+
 const QUERY_TYPE: &str = "application/timestamp-query";
 const REPLY_TYPE: &str = "application/timestamp-reply";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn server_text_is_printed_with_its_control_characters_escaped() {
+        assert_eq!(
+            super::printable("bad policy\n\u{1b}[1Agranted: ok"),
+            "bad policy\\n\\u{1b}[1Agranted: ok"
+        );
+        assert_eq!(super::printable("Thời gian không có"), "Thời gian không có");
+    }
+}

@@ -308,7 +308,7 @@ impl Endpoint {
         let reason = (content_type == super::REPLY_TYPE)
             .then(|| super::read::Response::from_der(body).ok())
             .flatten()
-            .map(|r| r.status_text.join("; "))
+            .map(|r| super::printable(&r.status_text.join("; ")))
             .filter(|t| !t.is_empty())
             .unwrap_or_else(|| "no reason given".to_string());
         let hint = match (self.has_api_key(), self.has_client_cert()) {
