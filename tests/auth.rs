@@ -175,6 +175,7 @@ fn query(dir: &Path, name: &str) -> PathBuf {
 /// Every archived token (hex DER) with its client's name.
 fn archived_clients(dir: &Path) -> HashMap<String, Option<String>> {
     let file = dir.join("export.jsonl");
+    let _ = std::fs::remove_file(&file);
     ok(Command::new(TSA)
         .arg("archive")
         .arg("--config")
@@ -302,6 +303,37 @@ fn api_keys_authenticate_and_wrong_ones_are_refused_even_with_anonymous_access()
             (&basic_empty_user, Some("alice")),
             (&basic_named, Some("bob")),
         ],
+    );
+
+    // `tsa request` sends a key in clear to `localhost` once the name resolved to loopback
+    // addresses alone (as here); the token is then alice's.
+    std::fs::write(d.join("alice.key"), &alice).unwrap();
+    let url = server.url.replace("127.0.0.1", "localhost");
+    let out = tsa_request(
+        d,
+        &[
+            "--url",
+            &url,
+            "--api-key-file",
+            "alice.key",
+            "--data",
+            "alice.key",
+            "--out",
+            "localhost.tsr",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        archived_clients(d)
+            .values()
+            .filter(|c| c.as_deref() == Some("alice"))
+            .count(),
+        3
     );
 }
 

@@ -55,6 +55,9 @@ pub struct Endpoint {
     host: String,
     port: u16,
     authorization: Option<HeaderValue>,
+    /// A key goes over plain http:// to a host name only because the name is `localhost`:
+    /// each connection checks that it resolves to loopback addresses alone.
+    key_needs_loopback: bool,
     tls: Option<Tls>,
     timeout: std::time::Duration,
     /// The connection kept open between exchanges (keep-alive), once there is one.
@@ -117,12 +120,14 @@ impl Endpoint {
                 anyhow::Ok(value)
             })
             .transpose()?;
-        if authorization.is_some() && !https && !options.allow_insecure_key && !is_loopback(&host) {
+        let key_in_clear = authorization.is_some() && !https && !options.allow_insecure_key;
+        if key_in_clear && !is_loopback(&host) {
             bail!(
                 "refusing to send the API key over plain http:// to {host}, where anyone on the \
                  way could read it: use an https:// URL (or --allow-insecure-key)"
             );
         }
+        let key_needs_loopback = key_in_clear && host.parse::<IpAddr>().is_err();
 
         let tls = match https {
             true => Some(Tls {
@@ -144,6 +149,7 @@ impl Endpoint {
             host,
             port,
             authorization,
+            key_needs_loopback,
             tls,
             timeout: options.timeout.unwrap_or(DEFAULT_TIMEOUT),
             connection: tokio::sync::Mutex::new(None),
@@ -289,7 +295,23 @@ impl Endpoint {
     /// A new HTTP/1.1 connection to the endpoint, over TLS for `https://`; its I/O runs on a
     /// task of its own until either side closes it.
     async fn connect(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let tcp = if self.key_needs_loopback {
+            let addresses: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((self.host.as_str(), self.port))
+                    .await?
+                    .collect();
+            if addresses.is_empty() || !addresses.iter().all(|a| a.ip().is_loopback()) {
+                bail!(
+                    "refusing to send the API key over plain http://: {} resolves to {addresses:?} \
+                     here, not to loopback addresses alone (use an https:// URL, or \
+                     --allow-insecure-key)",
+                    self.host
+                );
+            }
+            tokio::net::TcpStream::connect(&addresses[..]).await?
+        } else {
+            tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?
+        };
         tcp.set_nodelay(true)?;
         let Some(tls) = &self.tls else {
             return handshake(tcp).await;
