@@ -4,7 +4,9 @@
 //! all), into segments beside the database; the copy is read back and compared with the rows;
 //! then one transaction names the layout `log` and deletes the rows. A migration that stops
 //! half way leaves the layout `rows`, which the server keeps using; the next migration
-//! removes the partial log and starts over.
+//! moves the partial log aside (never deleting it: a database restored from a backup taken
+//! before an earlier migration says `rows` too, beside a log that holds every token since)
+//! and starts over.
 
 use std::fs;
 use std::path::Path;
@@ -41,9 +43,23 @@ pub fn migrate(
     }
     let root = dir_for(database);
     if root.exists() {
-        // Left by a migration that stopped before the switch: the rows are the archive.
-        fs::remove_dir_all(&root)?;
+        // Left by a migration that stopped before the switch, where the rows are the archive;
+        // or the log of a migration that did switch, beside a database restored from an older
+        // backup, where it holds the tokens issued since: moved aside, for the operator.
+        let mut aside = root.as_os_str().to_owned();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        aside.push(format!(".before-migration-{now}"));
+        fs::rename(&root, &aside)?;
         crate::files::sync_directory(crate::files::directory_of(&root))?;
+        tracing::warn!(
+            log = %root.display(),
+            kept = %Path::new(&aside).display(),
+            "a token log was there already (a migration that stopped, or a database restored \
+             from a backup older than a migration): moved aside, not deleted; look at it before \
+             removing it"
+        );
     }
     let mut migrated = Vec::new();
     for instance_id in db.instances()? {

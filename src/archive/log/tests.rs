@@ -1267,6 +1267,16 @@ fn a_migration_starts_over_after_a_stop_and_leaves_a_broken_chain_as_it_was() {
     let migrated = super::migrate::migrate(&log.database, Duration::from_secs(1), LIMIT).unwrap();
     assert_eq!(migrated, [(0, 5)]);
     assert_eq!(log.all(), log.records);
+    // The log that was there is moved aside, not deleted (it could hold tokens the rows lack).
+    let root = log.dir().parent().unwrap().to_path_buf();
+    let aside: Vec<_> = fs::read_dir(root.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains(".before-migration-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    let kept = aside[0].join(partial.strip_prefix(&root).unwrap());
+    assert_eq!(fs::read(kept).unwrap(), [0x17; 100]);
     let db = SqliteStore::open_read_only(&log.database).unwrap();
     assert_eq!(
         crate::archive::sqlite::layout_of(db.connection()).unwrap(),
