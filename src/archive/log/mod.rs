@@ -287,7 +287,7 @@ impl LogReader {
         let mut pending = BinaryHeap::new();
         let mut files = SegmentFiles::new(keep_open);
         let mut visited_up_to = 0;
-        let (mut out_of_order, mut pruned) = (0u64, 0u64);
+        let (mut out_of_order, mut pruned, mut unreadable) = (0u64, 0u64, 0u64);
         loop {
             let next = (0..logs.len())
                 .filter_map(|i| logs[i].floor().map(|floor| (floor, i)))
@@ -308,10 +308,14 @@ impl LogReader {
                     continue;
                 };
                 let read = read_at(segment, offset)?.filter(|(r, _)| r.seq == seq);
-                if let Some((record, _)) = read {
-                    if !visit(record)? {
-                        return Ok(());
+                match read {
+                    Some((record, _)) => {
+                        if !visit(record)? {
+                            return Ok(());
+                        }
                     }
+                    // Listed, and not there whole: damaged (or the index is).
+                    None => unreadable += 1,
                 }
             }
             let Some((_, i)) = next else {
@@ -361,6 +365,13 @@ impl LogReader {
                 "records visited out of genTime order: their genTimes lie further below earlier \
                  records' than the slack a read in genTime order allows for"
             );
+        }
+        if unreadable > 0 {
+            return Err(StoreError(format!(
+                "{unreadable} records the segments' indexes list in the range could not be read \
+                 (their frames do not check, or the index is wrong): they are left out; see \
+                 tsa archive verify"
+            )));
         }
         Ok(())
     }
