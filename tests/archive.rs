@@ -518,6 +518,35 @@ fn rehash(
 /// The anchor row is no proof of what it stands for: records left at or below it are still
 /// checked (they are not served as pruned), and an anchor must be reached from a signed
 /// checkpoint at or after it.
+/// The token log prunes whole segments and anchors at the last record of the last one removed:
+/// an anchor written by hand in the middle of a segment (with its record's true hash) would
+/// hide every record below it from verification, look-ups and exports.
+#[test]
+fn an_anchor_written_by_hand_in_a_log_segment_does_not_verify() {
+    let dir = init("checkpoint_interval_s = 3600");
+    let d = dir.path();
+    for run in 0..2 {
+        let server = Serving::start(d);
+        stamps(&server, 5, &format!("anchor {run}"));
+        server.stop();
+    }
+    verify_report(d).expect("green before tampering");
+    let original = archived_records(d);
+    assert!(original.len() >= 10);
+    write_conn(d)
+        .execute(
+            "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, max_gen_time_ns, \
+             pruned_at_ns) VALUES (0, 7, ?1, 0, 0, 0)",
+            [&original[6].hash[..]],
+        )
+        .unwrap();
+    let report = verify_report(d).expect_err("an anchor inside a segment");
+    assert!(
+        report.contains("BROKEN at record 1") && report.contains("at or below the anchor"),
+        "{report}"
+    );
+}
+
 #[test]
 fn an_anchor_written_by_hand_does_not_verify() {
     let dir = init("checkpoint_interval_s = 3600\nlayout = \"rows\"");

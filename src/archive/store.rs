@@ -265,6 +265,24 @@ pub trait ArchiveStore: Send {
         visit: &mut Visit<'_>,
     ) -> Result<(), StoreError>;
 
+    /// A record at or below `anchor_seq` that pruning to that anchor would have removed: one
+    /// there was put back, or the anchor was written over records it does not stand for.
+    /// (Rows and PostgreSQL delete them in the anchor's transaction: any one is such.)
+    fn kept_below_anchor(
+        &mut self,
+        instance_id: u32,
+        anchor_seq: u64,
+    ) -> Result<Option<StoredRecord>, StoreError> {
+        let mut found = None;
+        self.for_each_record(instance_id, 1, &mut |r| {
+            if r.seq <= anchor_seq {
+                found = Some(r);
+            }
+            Ok(false)
+        })?;
+        Ok(found)
+    }
+
     /// Records of every instance with `from_ns <= genTime < to_ns`, by genTime.
     fn for_each_in_time(
         &mut self,

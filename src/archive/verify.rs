@@ -163,20 +163,17 @@ fn verify_instance(
     // at or below it was put back, or the anchor written over records it does not stand
     // for. Either way they are not what the chain goes on from, and look-ups still find them.
     if let Some(anchor) = &state.anchor {
-        store.for_each_record(instance_id, 1, &mut |r| {
-            if r.seq <= anchor.seq {
-                first_break = Some(Break {
-                    seq: r.seq,
-                    serial: Some(hex(&r.record.serial)),
-                    what: format!(
-                        "the record is at or below the anchor ({}): pruning removed every \
-                         record up to it, so the anchor does not stand for these",
-                        anchor.seq
-                    ),
-                });
-            }
-            Ok(false)
-        })?;
+        if let Some(r) = store.kept_below_anchor(instance_id, anchor.seq)? {
+            first_break = Some(Break {
+                seq: r.seq,
+                serial: Some(hex(&r.record.serial)),
+                what: format!(
+                    "the record is at or below the anchor ({}): pruning removed every record \
+                     up to it, so the anchor does not stand for these",
+                    anchor.seq
+                ),
+            });
+        }
     }
     let mut hashes_at: HashMap<u64, [u8; 32]> = HashMap::new();
     if first_break.is_none() {

@@ -587,6 +587,44 @@ impl LogStore {
 }
 
 impl ArchiveStore for LogStore {
+    /// The log prunes whole segments and anchors at the last record of the last one removed
+    /// (the anchor first, the files after: segments wholly at or below the anchor are what an
+    /// interrupted prune leaves, for the next one to remove). A segment that holds the
+    /// anchor's position and the one after it is what no prune leaves: an anchor written by
+    /// hand in its middle, which would hide every record below it from verification.
+    fn kept_below_anchor(
+        &mut self,
+        instance_id: u32,
+        anchor_seq: u64,
+    ) -> Result<Option<StoredRecord>, StoreError> {
+        let segments = self.log.segments(instance_id)?;
+        let after = anchor_seq.saturating_add(1);
+        let Some(i) = segments.iter().rposition(|s| s.first_seq <= after) else {
+            return Ok(None);
+        };
+        if segments[i].first_seq == after {
+            return Ok(None);
+        }
+        let reaches_past = match segments.get(i + 1) {
+            // The next segment begins past `after`: this one holds it.
+            Some(_) => true,
+            None => self
+                .log
+                .head(instance_id)?
+                .is_some_and(|head| head.seq > anchor_seq),
+        };
+        if !reaches_past {
+            return Ok(None);
+        }
+        let mut first = None;
+        self.log
+            .for_each_from(instance_id, segments[i].first_seq, &mut |r| {
+                first = Some(r);
+                Ok(false)
+            })?;
+        Ok(first)
+    }
+
     fn instance(&mut self, instance_id: u32) -> Result<InstanceState, StoreError> {
         let mut state = self.db.instance(instance_id)?;
         let head = if self.appends {

@@ -1711,3 +1711,40 @@ fn offsets_and_positions_from_disk_are_bounded() {
 }
 
 const ENTRY: usize = segments::ENTRY_LEN;
+
+#[test]
+fn an_anchor_inside_a_segment_is_found_and_one_at_a_segments_end_is_not() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    for _ in 0..12 {
+        appender.append(&log.chain(1)).unwrap();
+    }
+    drop(appender);
+    let segments = segment_files(&log.dir());
+    assert!(segments.len() >= 3, "{segments:?}");
+    let mut store = log.store();
+    // At a segment's last record (what pruning writes), and past the head: nothing.
+    let last_of_first = segments[1].first_seq - 1;
+    assert_eq!(store.kept_below_anchor(0, last_of_first).unwrap(), None);
+    assert_eq!(store.kept_below_anchor(0, 12).unwrap(), None);
+    // Inside a segment: its first record, which pruning to there would have removed.
+    let inside = segments[1].first_seq;
+    assert!(
+        inside < segments[2].first_seq - 1,
+        "a segment of two records at least"
+    );
+    let found = store
+        .kept_below_anchor(0, inside)
+        .unwrap()
+        .expect("a record");
+    assert_eq!(found.seq, segments[1].first_seq);
+    // Inside the newest segment, while records follow the anchor.
+    let newest = segments.last().unwrap().first_seq;
+    if newest < 12 {
+        let found = store
+            .kept_below_anchor(0, newest)
+            .unwrap()
+            .expect("a record");
+        assert_eq!(found.seq, newest);
+    }
+}
