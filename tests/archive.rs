@@ -895,6 +895,38 @@ fn tampering_with_the_token_log_is_reported_at_the_right_record() {
         report.contains("records are missing at the end"),
         "{report}"
     );
+    std::fs::write(&segment, &original).unwrap();
+
+    // Records after the last checkpoint (a server killed before its next one), one of them
+    // altered: the reads stop there, and what follows is no torn commit. Verification says
+    // so, as the next start would refuse to.
+    let server = Serving::start(d);
+    let later = stamps(&server, 4, "unsigned");
+    server.kill();
+    verify_report(d).expect("green before tampering, with a warning");
+    let original = std::fs::read(&segment).unwrap();
+    assert_eq!(later.len(), 4);
+    // Frames: a 4-octet length, the body, a 32-octet hash. Record 8's length made too large.
+    let mut at = 0;
+    for _ in 0..7 {
+        let len = u32::from_be_bytes(original[at..at + 4].try_into().unwrap()) as usize;
+        at += 4 + len + 32;
+    }
+    let mut altered = original.clone();
+    altered[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+    std::fs::write(&segment, &altered).unwrap();
+    // Its index gone too (derived, never synced): nothing else lists records 8 to 10.
+    std::fs::remove_file(segment.with_extension("idx")).unwrap();
+    let report = verify_report(d).expect_err("damage past the last checkpoint");
+    assert!(report.contains("what no crash leaves"), "{report}");
+    let refused = match Serving::try_start(d) {
+        Ok(server) => {
+            server.stop();
+            panic!("the server started on it");
+        }
+        Err(e) => e,
+    };
+    assert!(refused.contains("a good frame"), "{refused}");
 }
 
 /// A rows archive moved into the token log: refused while the server runs; afterwards the

@@ -80,6 +80,16 @@ impl InstanceState {
     }
 }
 
+/// What follows the last record an instance's reads reach ([`ArchiveStore::unread_tail`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum UnreadTail {
+    /// A commit that did not complete (its requests were never answered), this long: the
+    /// next start cuts it off, keeping a copy.
+    Torn { octets: u64 },
+    /// What no crash leaves, and why: the next start refuses to start on it.
+    Damaged(String),
+}
+
 /// What a look-up by imprint found: the newest matching records, as many as were asked for
 /// at most, and how many match in all. An imprint may have been stamped millions of times
 /// (the hash of an empty file), so a look-up never holds every match.
@@ -305,6 +315,12 @@ pub trait ArchiveStore: Send {
     /// (the rows layout and PostgreSQL index within their databases).
     fn derived_damage(&mut self, _instance_id: u32) -> Result<Vec<String>, StoreError> {
         Ok(Vec::new())
+    }
+
+    /// What follows the last record an instance's reads reach, where the next start would cut
+    /// it off or refuse to start on it (the token log's newest segment). None elsewhere.
+    fn unread_tail(&mut self, _instance_id: u32) -> Result<Option<UnreadTail>, StoreError> {
+        Ok(None)
     }
 
     /// Octets free to the store's files, where the store can tell: a local database's

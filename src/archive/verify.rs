@@ -11,7 +11,7 @@ use x509_cert::Certificate;
 
 use super::record::{hex, Anchor, ChainHead, Checkpoint, StoredRecord, ZERO_HASH};
 use super::serial::layout;
-use super::store::{ArchiveStore, StoreError};
+use super::store::{ArchiveStore, StoreError, UnreadTail};
 use crate::client::read::Token;
 use crate::client::verify::{verify_signature, verify_signed_by};
 
@@ -260,6 +260,26 @@ fn verify_instance(
         .into_iter()
         .map(|d| format!("look-ups may miss records: {d}"))
         .collect();
+    // Reads stop at the first frame that does not check; what follows is judged as the start
+    // judges it (whose refusal would otherwise be the first sign).
+    match store.unread_tail(instance_id)? {
+        None => {}
+        Some(UnreadTail::Torn { octets }) => warnings.push(format!(
+            "a commit that did not complete follows the last record ({octets} octets; its \
+             requests were never answered): the next start cuts it off, keeping a copy"
+        )),
+        Some(UnreadTail::Damaged(why)) if first_break.is_none() => {
+            first_break = Some(Break {
+                seq: head.seq + 1,
+                serial: None,
+                what: format!(
+                    "after the last record that reads, what no crash leaves: {why}; the server \
+                     will not start on it (restore the segment from a backup)"
+                ),
+            });
+        }
+        Some(UnreadTail::Damaged(_)) => {}
+    }
     if first_break.is_none() {
         if head.seq == 0 {
             warnings.push("no record: it has issued none, or its records were deleted".to_string());

@@ -25,7 +25,7 @@ use super::segments::{
 use super::spare::Spare;
 use super::syncer::{Job, Syncer};
 use crate::archive::record::{ChainHead, StoredRecord, RECORD_DOMAIN};
-use crate::archive::store::{Durable, StoreError};
+use crate::archive::store::{Durable, StoreError, UnreadTail};
 
 /// A torn commit is cut off at start; past this many octets that are not zeros after the last
 /// good frame, the damage is no torn commit (a commit of a thousand tokens is some megabytes)
@@ -728,6 +728,33 @@ pub fn remove_segment(segment: &Segment) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What follows the good frames of `segment` (the newest), as the start judges it: nothing
+/// (or the room's zeros), a torn commit it cuts off, or damage it refuses to start on.
+pub(super) fn judge_tail(segment: &Segment) -> io::Result<Option<UnreadTail>> {
+    let scanned = scan(segment)?;
+    if scanned.entries.len() < scanned.claimed {
+        return Ok(Some(UnreadTail::Damaged(format!(
+            "{}: its index lists {} records, only {} good frames are there",
+            segment.path.display(),
+            scanned.claimed,
+            scanned.entries.len()
+        ))));
+    }
+    let file = File::open(&segment.path)?;
+    let len = file.metadata()?.len();
+    Ok(match tail(&file, scanned.end, len)? {
+        Tail::Zeros => None,
+        Tail::Torn { written } => Some(UnreadTail::Torn {
+            octets: written - scanned.end,
+        }),
+        Tail::Damaged(why) => Some(UnreadTail::Damaged(format!(
+            "{} at offset {}: {why}",
+            segment.path.display(),
+            scanned.end
+        ))),
+    })
 }
 
 /// What follows the last good frame of the newest segment.

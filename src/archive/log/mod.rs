@@ -33,7 +33,8 @@ use super::record::{Anchor, ChainHead, Checkpoint, EventRecord, StoredRecord};
 use super::serial::layout;
 use super::sqlite::SqliteStore;
 use super::store::{
-    ArchiveStore, Durable, ImprintMatches, InstanceState, Newest, Rank, StoreError, Visit,
+    ArchiveStore, Durable, ImprintMatches, InstanceState, Newest, Rank, StoreError, UnreadTail,
+    Visit,
 };
 
 impl From<io::Error> for StoreError {
@@ -948,6 +949,13 @@ impl ArchiveStore for LogStore {
             damage.extend(segments::derived_damage(segment)?);
         }
         Ok(damage)
+    }
+
+    fn unread_tail(&mut self, instance_id: u32) -> Result<Option<UnreadTail>, StoreError> {
+        match self.log.segments(instance_id)?.last() {
+            Some(newest) => Ok(appender::judge_tail(newest)?),
+            None => Ok(None),
+        }
     }
 
     fn free_space(&self) -> Option<u64> {
