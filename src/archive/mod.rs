@@ -809,7 +809,7 @@ mod tests {
 
     use const_oid::ObjectIdentifier;
 
-    use super::record::{tests_support::sample, Checkpoint, StoredRecord};
+    use super::record::{tests_support::sample, Checkpoint, EventRecord, StoredRecord};
     use super::store::ArchiveStore;
     use super::*;
 
@@ -975,6 +975,71 @@ mod tests {
                 "{layout:?}"
             );
             assert_eq!(store.instance(0).unwrap().head.unwrap().seq, 10);
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_the_events_of_the_records_it_keeps() {
+        for layout in [sqlite::Layout::Rows, sqlite::Layout::Log] {
+            let dir = tempfile::tempdir().unwrap();
+            let database = dir.path().join("archive.sqlite");
+            let mut db = SqliteStore::open(&database, Duration::from_secs(1)).unwrap();
+            db.settle_layout(layout).unwrap();
+            let mut store: Box<dyn ArchiveStore> = match layout {
+                sqlite::Layout::Rows => Box::new(db),
+                sqlite::Layout::Log => Box::new(log::LogStore::open(db).with_segment_limit(1024)),
+            };
+            // Records one second apart, and an event at each one's genTime.
+            let second = 1_000_000_000u64;
+            let mut prev = record::ZERO_HASH;
+            let records: Vec<StoredRecord> = (1..=10u64)
+                .map(|seq| {
+                    let mut r = sample(300);
+                    r.serial = layout::encode(0, seq, [7; 7]).to_vec();
+                    r.gen_time_ns = seq * second;
+                    let stored = StoredRecord::chain(0, seq, seq, r, prev);
+                    prev = stored.hash;
+                    stored
+                })
+                .collect();
+            let events: Vec<EventRecord> = (1..=10u64)
+                .map(|seq| EventRecord {
+                    instance_id: 0,
+                    seq,
+                    time_ns: seq * second,
+                    level: "warn".into(),
+                    kind: "sync_lost".into(),
+                    message: String::new(),
+                    fields: "{}".into(),
+                })
+                .collect();
+            for (r, e) in records.iter().zip(&events) {
+                store
+                    .append(0, std::slice::from_ref(r), std::slice::from_ref(e))
+                    .unwrap();
+            }
+            let events_left = |store: &mut Box<dyn ArchiveStore>| -> Vec<u64> {
+                let all = store.events(0, u64::MAX).unwrap();
+                all.iter().map(|e| e.time_ns / second).collect()
+            };
+            // No checkpoint: no record goes, and none of their events either.
+            assert_eq!(store.prune(0, u64::MAX).unwrap(), None, "{layout:?}");
+            assert_eq!(
+                events_left(&mut store),
+                (1..=10).collect::<Vec<_>>(),
+                "{layout:?}"
+            );
+            // Signed up to 5: the records up to the anchor go, and the events before the
+            // oldest record kept.
+            store.add_checkpoint(&checkpoint_of(&records[4])).unwrap();
+            let anchor = store.prune(0, u64::MAX).unwrap().expect("pruned");
+            let left = events_left(&mut store);
+            assert_eq!(
+                left,
+                (anchor.seq + 1..=10).collect::<Vec<_>>(),
+                "{layout:?}: anchor at {}",
+                anchor.seq
+            );
         }
     }
 

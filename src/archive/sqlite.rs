@@ -849,9 +849,18 @@ impl ArchiveStore for SqliteStore {
                 .optional()?,
             None => None,
         };
+        // Events go only where no record kept is as old: those explain the records (a sync
+        // lost, a key event) that stay unpruned past their checkpoint.
+        let kept_from = last.as_ref().map_or(0, |(seq, _)| *seq);
+        let oldest_kept: Option<u64> = tx.query_row(
+            "SELECT MIN(gen_time_ns) FROM tokens WHERE instance_id = ?1 AND seq > ?2",
+            params![instance_id, kept_from],
+            |r| r.get(0),
+        )?;
+        let events_before = oldest_kept.map_or(before_ns, |t| t.min(before_ns));
         tx.execute(
             "DELETE FROM events WHERE instance_id = ?1 AND time_ns < ?2",
-            params![instance_id, before_ns],
+            params![instance_id, events_before],
         )?;
         let Some((seq, hash)) = last else {
             tx.commit()?;

@@ -916,8 +916,17 @@ impl ArchiveStore for LogStore {
             removing += 1;
         }
         // Every segment to remove checked: the events before the cut go (the database holds
-        // no token rows in this layout), then the anchor, then the segments.
-        self.db.prune(instance_id, before_ns)?;
+        // no token rows in this layout), then the anchor, then the segments. Events go only
+        // where no record kept is as old: those explain the records (a sync lost, a key event)
+        // that stay unpruned past their checkpoint.
+        let oldest_kept = match all.get(removing) {
+            Some(kept) => scan(kept)?.entries.iter().map(|e| e.gen_time_ns).min(),
+            None => None,
+        };
+        self.db.prune(
+            instance_id,
+            oldest_kept.map_or(before_ns, |t| t.min(before_ns)),
+        )?;
         let Some(last) = last.filter(|l| previous.is_none_or(|p| l.seq > p.seq)) else {
             if leftovers > 0 {
                 self.remove_segments(instance_id, &all[..leftovers])?;

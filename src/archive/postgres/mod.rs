@@ -798,9 +798,19 @@ impl ArchiveStore for PostgresStore {
                 )?,
                 None => None,
             };
+            // Events go only where no record kept is as old: those explain the records (a
+            // sync lost, a key event) that stay unpruned past their checkpoint.
+            let kept_from: i64 = last.as_ref().map_or(0, |l| l.get(0));
+            let oldest_kept: Option<i64> = tx
+                .query_one(
+                    "SELECT MIN(gen_time_ns) FROM tokens WHERE instance_id = $1 AND seq > $2",
+                    &[&id, &kept_from],
+                )?
+                .get(0);
+            let events_before = oldest_kept.map_or(before, |t| t.min(before));
             tx.execute(
                 "DELETE FROM events WHERE instance_id = $1 AND time_ns < $2",
-                &[&id, &before],
+                &[&id, &events_before],
             )?;
             let Some(last) = last else {
                 tx.commit()?;
