@@ -772,7 +772,22 @@ fn tsa_request_batch_stamps_files_and_digests_in_few_round_trips() {
     // file was, and never over a token that is there.
     let token_before = std::fs::read(w.join(format!("{}.tsr", files[0]))).unwrap();
     std::fs::write(w.join("new-invoice.xml"), "<invoice n='new'/>").unwrap();
+    // Without --force nothing is sent where a reply file is there already.
     let out = request(&["--policy", "1.2.3.4", &files[0], "new-invoice.xml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("exists already") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert!(!w.join("new-invoice.xml.tsr").exists(), "nothing sent");
+    let out = request(&[
+        "--force",
+        "--policy",
+        "1.2.3.4",
+        &files[0],
+        "new-invoice.xml",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert_eq!(stderr.matches("unacceptedPolicy").count(), 2, "{stderr}");

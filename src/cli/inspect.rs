@@ -115,7 +115,7 @@ fn response_text(response: &Response) -> String {
     let text = if response.status_text.is_empty() {
         "unspecified".into()
     } else {
-        response.status_text.join("; ")
+        tsa::client::printable(&response.status_text.join("; "))
     };
     let _ = writeln!(s, "Status description: {text}");
     let fail: Vec<String> = response

@@ -64,6 +64,11 @@ pub struct RequestArgs {
     /// Also save the request (for `tsa verify --query` or `openssl ts -verify -queryfile`).
     #[arg(long)]
     pub query_out: Option<PathBuf>,
+    /// Replace reply (and request) files that are there already. Without it a stamp whose
+    /// reply file exists is not asked for: that file may hold an earlier token, the proof of
+    /// an earlier time. A rejection never replaces a file.
+    #[arg(long)]
+    pub force: bool,
 
     /// A file holding the API key to send (as 'Authorization: Bearer'; surrounding whitespace
     /// is ignored). Without it, the key in the environment variable TSA_API_KEY, if set.
@@ -136,6 +141,7 @@ pub fn run(args: &RequestArgs) -> anyhow::Result<()> {
     let der = query.to_der()?;
     let outputs = [Some(args.out.as_path()), args.query_out.as_deref()];
     refuse_overwriting_inputs(args.data.as_deref(), outputs.into_iter().flatten())?;
+    refuse_replacing(outputs.into_iter().flatten(), args.force)?;
     if let Some(path) = &args.query_out {
         write(path, &der)?;
     }
@@ -305,13 +311,17 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
         .digests
         .iter()
         .filter(|l| l.as_path() != Path::new("-"));
-    refuse_overwriting_inputs(
-        args.files.iter().chain(lists).map(PathBuf::as_path),
+    let outputs = || {
         items
             .iter()
             .map(|i| i.reply.as_path())
-            .chain(queries.iter().map(PathBuf::as_path)),
+            .chain(queries.iter().map(PathBuf::as_path))
+    };
+    refuse_overwriting_inputs(
+        args.files.iter().chain(lists).map(PathBuf::as_path),
+        outputs(),
     )?;
+    refuse_replacing(outputs(), args.force)?;
     if let Some(dir) = &args.out_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -379,9 +389,9 @@ fn save_reply(
     let kept = response.token.is_none() && item.reply.exists();
     if !kept {
         write(&item.reply, reply)?;
-    }
-    if save_query {
-        write(&item.reply.with_extension("tsq"), &item.der)?;
+        if save_query {
+            write(&item.reply.with_extension("tsq"), &item.der)?;
+        }
     }
     match (&response.token, kept) {
         (Some(_), _) => Ok(()),
@@ -392,6 +402,29 @@ fn save_reply(
             item.reply.display()
         ),
     }
+}
+
+/// Without `force`, refuses outputs that are there already (before anything is sent).
+fn refuse_replacing<'a>(
+    outputs: impl IntoIterator<Item = &'a Path>,
+    force: bool,
+) -> anyhow::Result<()> {
+    if force {
+        return Ok(());
+    }
+    let there: Vec<&Path> = outputs.into_iter().filter(|p| p.exists()).collect();
+    if let Some(first) = there.first() {
+        bail!(
+            "{} exists already{} (an earlier token?): not replaced, nothing sent; remove it, \
+             or give --force",
+            first.display(),
+            match there.len() {
+                1 => String::new(),
+                n => format!(", and {} more files", n - 1),
+            }
+        );
+    }
+    Ok(())
 }
 
 /// Refuses outputs that would replace an input: a file stamped beside its own reply (`doc`

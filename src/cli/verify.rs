@@ -67,7 +67,7 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<()> {
                     .fail_info()
                     .map(|f| f.name())
                     .unwrap_or("unspecified"),
-                response.status_text.join("; ")
+                tsa::client::printable(&response.status_text.join("; "))
             ),
         }
     };

@@ -80,7 +80,7 @@ pub fn random_nonce() -> anyhow::Result<Vec<u8>> {
 const MAX_REPLY: usize = 1 << 20;
 /// The longest reply read per request of a batch: a token with a chain of RSA-4096
 /// certificates is some 8 KB (a server that sends more is not answering a batch, and 10,000
-/// items at this stay within some 300 MiB).
+/// items at this stay within some 300 MiB, twice that while the replies are split).
 const MAX_BATCH_REPLY_ITEM: usize = 32 << 10;
 
 /// POSTs a DER request to a TSA and returns the body of its reply.
@@ -134,10 +134,15 @@ pub async fn post_batch(endpoint: &Endpoint, requests: &[Vec<u8>]) -> anyhow::Re
 }
 
 /// Text from a server, fit for a terminal: control characters (escape sequences, new lines)
-/// escaped.
+/// and the format characters that reorder or break what follows (bidirectional overrides and
+/// isolates, line and paragraph separators) escaped.
 pub fn printable(text: &str) -> String {
+    let reorders = |c: char| {
+        matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            || matches!(c, '\u{2028}' | '\u{2029}')
+    };
     text.chars()
-        .map(|c| match c.is_control() {
+        .map(|c| match c.is_control() || reorders(c) {
             true => c.escape_default().to_string(),
             false => c.to_string(),
         })
@@ -156,5 +161,9 @@ mod tests {
             "bad policy\\n\\u{1b}[1Agranted: ok"
         );
         assert_eq!(super::printable("Thời gian không có"), "Thời gian không có");
+        assert_eq!(
+            super::printable("a\u{202e}b\u{2028}"),
+            "a\\u{202e}b\\u{2028}"
+        );
     }
 }

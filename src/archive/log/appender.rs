@@ -168,15 +168,18 @@ impl Appender {
                     len
                 }
                 Tail::Torn { written } => {
-                    let kept = keep_torn(&file, &segment, scanned.end, written)?;
+                    let kept = match keep_torn(&file, &segment, scanned.end, written) {
+                        Ok(path) => path.display().to_string(),
+                        Err(e) => format!("no copy: {e}"),
+                    };
                     tracing::warn!(
                         event = "archive_log_torn_tail",
                         segment = %segment.path.display(),
                         offset = scanned.end,
                         octets = written - scanned.end,
-                        kept = %kept.display(),
+                        kept,
                         "cutting off a commit that did not complete (its requests were not \
-                         answered); its octets are kept beside the segment"
+                         answered); its octets are kept beside the segment where they can be"
                     );
                     cut_back(&file, scanned.end)?;
                     scanned.end
@@ -698,27 +701,50 @@ fn make_segment(
     }
 }
 
-/// Removes a segment, its index and its imprint file.
 /// Copies the octets of `file` from `from` to `to` (a torn tail about to be cut off, up to
-/// its last octet that is not zero: at most [`MAX_TORN`]) into `<segment>.torn-<from>` beside it, synced with its name before
-/// the cut. A torn commit's requests were never answered, so the copy is not needed; but
-/// should a disk that lost a sector of acknowledged frames (or ignored a flush) have made
-/// them look torn, the cut would otherwise take their tokens for good.
+/// its last octet that is not zero: at most [`MAX_TORN`]) into a new file beside the segment,
+/// `<segment>.torn-<from>` (or `…-<from>.<n>` where that is taken: an earlier start's copy is
+/// never written over), synced with its name. A torn commit's requests were never answered,
+/// so the copy is not needed; but should a disk that lost a sector of acknowledged frames (or
+/// ignored a flush) have made them look torn, the cut would otherwise take their tokens for
+/// good. Best effort: a copy that cannot be made (a full disk) is removed again, and the
+/// caller cuts all the same (the start must not fail for want of room for an insurance).
 fn keep_torn(file: &File, segment: &Segment, from: u64, to: u64) -> io::Result<PathBuf> {
     let mut octets = vec![0; (to - from) as usize];
     file.read_exact_at(&mut octets, from)?;
-    let mut name = segment.path.file_name().unwrap_or_default().to_owned();
-    name.push(format!(".torn-{from}"));
-    let path = segment.path.with_file_name(name);
-    let copy = File::create(&path)?;
-    copy.write_all_at(&octets, 0)?;
-    copy.sync_all()?;
-    if let Some(dir) = path.parent() {
-        crate::files::sync_directory(dir)?;
+    let name = segment
+        .path
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy();
+    let (path, copy) = (0..1000)
+        .find_map(|n| {
+            let name = match n {
+                0 => format!("{name}.torn-{from}"),
+                n => format!("{name}.torn-{from}.{n}"),
+            };
+            let path = segment.path.with_file_name(name);
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
+                opened => Some(opened.map(|copy| (path, copy))),
+            }
+        })
+        .unwrap_or_else(|| Err(io::Error::other("a thousand copies are there already")))?;
+    let written = copy
+        .write_all_at(&octets, 0)
+        .and_then(|()| copy.sync_all())
+        .and_then(|()| match path.parent() {
+            Some(dir) => crate::files::sync_directory(dir),
+            None => Ok(()),
+        });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&path);
+        return Err(e);
     }
     Ok(path)
 }
 
+/// Removes a segment, its index and its imprint file.
 pub fn remove_segment(segment: &Segment) -> io::Result<()> {
     fs::remove_file(&segment.path)?;
     for derived in [segment.index_path(), segment.imprints_path()] {
@@ -732,19 +758,52 @@ pub fn remove_segment(segment: &Segment) -> io::Result<()> {
 
 /// What follows the good frames of `segment` (the newest), as the start judges it: nothing
 /// (or the room's zeros), a torn commit it cuts off, or damage it refuses to start on.
+///
+/// Beside a running server the tail moves: a commit written between the scan and the look
+/// at what follows it shows as a whole frame there, which would read as damage. Damage is
+/// told only when a second look, a moment later, finds the good frames ending where they did;
+/// a tail that keeps moving is a writer at work, not damage (`None`). A frame being written
+/// shows as torn at most: a warning.
 pub(super) fn judge_tail(segment: &Segment) -> io::Result<Option<UnreadTail>> {
-    let scanned = scan(segment)?;
+    let mut judged = judge_tail_once(segment)?;
+    for _ in 0..5 {
+        let Some((end, Some(UnreadTail::Damaged(_)))) = &judged else {
+            break;
+        };
+        let end = *end;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let again = judge_tail_once(segment)?;
+        if again.as_ref().is_some_and(|(e, _)| *e == end) {
+            return Ok(again.and_then(|(_, tail)| tail));
+        }
+        judged = again;
+    }
+    Ok(match judged {
+        Some((_, Some(UnreadTail::Damaged(_)))) | None => None,
+        Some((_, tail)) => tail,
+    })
+}
+
+/// [`judge_tail`]'s one look: where the good frames end, and what follows them (`None`: the
+/// segment is gone, pruned or closed meanwhile).
+fn judge_tail_once(segment: &Segment) -> io::Result<Option<(u64, Option<UnreadTail>)>> {
+    let scanned = match scan(segment) {
+        Ok(scanned) => scanned,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
     if scanned.entries.len() < scanned.claimed {
-        return Ok(Some(UnreadTail::Damaged(format!(
+        let why = format!(
             "{}: its index lists {} records, only {} good frames are there",
             segment.path.display(),
             scanned.claimed,
             scanned.entries.len()
-        ))));
+        );
+        return Ok(Some((scanned.end, Some(UnreadTail::Damaged(why)))));
     }
     let file = File::open(&segment.path)?;
     let len = file.metadata()?.len();
-    Ok(match tail(&file, scanned.end, len)? {
+    let tail = match tail(&file, scanned.end, len)? {
         Tail::Zeros => None,
         Tail::Torn { written } => Some(UnreadTail::Torn {
             octets: written - scanned.end,
@@ -754,7 +813,8 @@ pub(super) fn judge_tail(segment: &Segment) -> io::Result<Option<UnreadTail>> {
             segment.path.display(),
             scanned.end
         ))),
-    })
+    };
+    Ok(Some((scanned.end, tail)))
 }
 
 /// What follows the last good frame of the newest segment.

@@ -4,9 +4,10 @@
 //! all), into segments beside the database; the copy is read back and compared with the rows;
 //! then one transaction names the layout `log` and deletes the rows. A migration that stops
 //! half way leaves the layout `rows`, which the server keeps using; the next migration
-//! moves the partial log aside (never deleting it: a database restored from a backup taken
+//! moves the partial log aside (a copy of the rows' records, kept for a look) and starts
+//! over. A log that holds records the rows do not (a database restored from a backup taken
 //! before an earlier migration says `rows` too, beside a log that holds every token since)
-//! and starts over.
+//! stops the migration.
 
 use std::fs;
 use std::path::Path;
@@ -43,9 +44,31 @@ pub fn migrate(
     }
     let root = dir_for(database);
     if root.exists() {
-        // Left by a migration that stopped before the switch, where the rows are the archive;
-        // or the log of a migration that did switch, beside a database restored from an older
-        // backup, where it holds the tokens issued since: moved aside, for the operator.
+        // Left by a migration that stopped before the switch, its records a copy of the
+        // rows': moved aside (kept for a look). Anything else, such as the log of a migration
+        // that did switch beside a database restored from an older backup, holding every
+        // token issued since, stops the migration.
+        let reader = LogReader::new(database);
+        for instance_id in super::segments::instances(&root)? {
+            let Some(head) = reader.head(instance_id)? else {
+                continue;
+            };
+            let mut in_rows = None;
+            db.for_each_record(instance_id, head.seq, &mut |r| {
+                in_rows = Some(r);
+                Ok(false)
+            })?;
+            if in_rows.is_none_or(|r| r.seq != head.seq || r.hash != head.hash) {
+                return Err(StoreError(format!(
+                    "{} holds records of instance {instance_id} up to {} that the rows do not \
+                     (a database restored from a backup older than an earlier migration?): \
+                     nothing was changed; look at it, and move it away yourself if the rows \
+                     are to replace it",
+                    root.display(),
+                    head.seq
+                )));
+            }
+        }
         let mut aside = root.as_os_str().to_owned();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -294,7 +294,9 @@ impl LogReader {
                 .filter_map(|i| logs[i].floor().map(|floor| (floor, i)))
                 .min();
             // Every record below the least genTime an unread segment may hold.
-            while let Some(Reverse((gen_time_ns, _, seq, file, offset))) = pending.peek().copied() {
+            while let Some(Reverse((gen_time_ns, _, seq, file, offset, listed))) =
+                pending.peek().copied()
+            {
                 if next.is_some_and(|(floor, _)| gen_time_ns >= floor) {
                     break;
                 }
@@ -309,14 +311,17 @@ impl LogReader {
                     continue;
                 };
                 let read = read_at(segment, offset)?.filter(|(r, _)| r.seq == seq);
-                match read {
-                    Some((record, _)) => {
-                        if !visit(record)? {
-                            return Ok(());
-                        }
+                let Some((record, _)) = read else {
+                    // Listed, and not there whole: damaged (or the index is). Unlisted: a
+                    // frame past the newest segment's index, read whole before its sync, and
+                    // cut off since (the sync failed: its requests were refused).
+                    if listed {
+                        unreadable += 1;
                     }
-                    // Listed, and not there whole: damaged (or the index is).
-                    None => unreadable += 1,
+                    continue;
+                };
+                if !visit(record)? {
+                    return Ok(());
                 }
             }
             let Some((_, i)) = next else {
@@ -327,8 +332,11 @@ impl LogReader {
                 .unread
                 .pop_front()
                 .expect("a floor comes from a segment");
-            let entries = match scan(&segment) {
-                Ok(scanned) => scanned.entries,
+            // The records a closed segment holds, and those the newest one's index lists, are
+            // durable; frames past that index may be a commit whose sync is still to come.
+            let newest = log.unread.is_empty();
+            let (entries, indexed) = match scan(&segment) {
+                Ok(scanned) => (scanned.entries, scanned.indexed),
                 // Pruned since it was listed (retention, beside a long export).
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     tracing::warn!(
@@ -340,7 +348,7 @@ impl LogReader {
                 Err(e) => return Err(e.into()),
             };
             let file = files.add(segment.path);
-            for e in &entries {
+            for (i, e) in entries.iter().enumerate() {
                 log.latest = log.latest.max(Some(e.gen_time_ns));
                 if e.seq > log.anchor && e.gen_time_ns >= from_ns && e.gen_time_ns < to_ns {
                     pending.push(Reverse((
@@ -349,6 +357,7 @@ impl LogReader {
                         e.seq,
                         file,
                         e.offset,
+                        !newest || i < indexed,
                     )));
                 }
             }

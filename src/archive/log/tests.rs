@@ -236,7 +236,7 @@ fn a_torn_commit_is_cut_off_and_the_chain_goes_on() {
         hash: log.records[1].hash,
     };
 
-    let (mut appender, last) = open(&log.dir());
+    let (appender, last) = open(&log.dir());
     assert_eq!(
         last.as_ref(),
         log.records.last(),
@@ -253,9 +253,25 @@ fn a_torn_commit_is_cut_off_and_the_chain_goes_on() {
         segment.path.file_name().unwrap().to_str().unwrap()
     ));
     let torn_octets = &frame[..frame.len() / 2];
-    let kept = fs::read(&kept).unwrap();
+    let kept_octets = fs::read(&kept).unwrap();
     let last_nonzero = torn_octets.iter().rposition(|&b| b != 0).unwrap();
-    assert_eq!(kept, torn_octets[..=last_nonzero]);
+    assert_eq!(kept_octets, torn_octets[..=last_nonzero]);
+    // Torn again at the same place (a crash loop): the earlier copy stays, the new one goes
+    // beside it.
+    drop(appender);
+    let file = OpenOptions::new().write(true).open(&segment.path).unwrap();
+    file.write_all_at(&frame[..frame.len() / 3], good_len)
+        .unwrap();
+    let (mut appender, _) = open(&log.dir());
+    assert_eq!(
+        fs::read(&kept).unwrap(),
+        kept_octets,
+        "the first copy as it was"
+    );
+    let second = kept.with_file_name(format!("{}.1", kept.file_name().unwrap().to_str().unwrap()));
+    let third = &frame[..frame.len() / 3];
+    let last_nonzero = third.iter().rposition(|&b| b != 0).unwrap();
+    assert_eq!(fs::read(second).unwrap(), third[..=last_nonzero]);
     appender.append(&log.chain(3)).unwrap();
     assert_eq!(log.all(), log.records, "the chain goes on from the head");
 }
@@ -1293,6 +1309,24 @@ fn a_migration_starts_over_after_a_stop_and_leaves_a_broken_chain_as_it_was() {
     assert_eq!(aside.len(), 1, "{aside:?}");
     let kept = aside[0].join(partial.strip_prefix(&root).unwrap());
     assert_eq!(fs::read(kept).unwrap(), [0x17; 100]);
+
+    // A log that holds records the rows do not (the database restored from a backup older
+    // than the migration, which says rows again): the migration stops, nothing is moved.
+    let mut restored = Log::new();
+    let mut db = SqliteStore::open(&restored.database, Duration::from_secs(1)).unwrap();
+    let records = restored.chain(7);
+    db.append(0, &records[..5], &[]).unwrap();
+    drop(db);
+    let (mut appender, _) = open(&restored.dir());
+    appender.append(&records).unwrap();
+    drop(appender);
+    let error =
+        super::migrate::migrate(&restored.database, Duration::from_secs(1), LIMIT).unwrap_err();
+    assert!(
+        error.to_string().contains("up to 7 that the rows do not"),
+        "{error}"
+    );
+    assert_eq!(restored.all(), records, "the log is where it was");
     let db = SqliteStore::open_read_only(&log.database).unwrap();
     assert_eq!(
         crate::archive::sqlite::layout_of(db.connection()).unwrap(),
