@@ -515,22 +515,13 @@ fn rehash(
     prev
 }
 
-/// The anchor row is no proof of what it stands for: records left at or below it are still
-/// checked (they are not served as pruned), and an anchor must be reached from a signed
-/// checkpoint at or after it.
 /// The token log prunes whole segments and anchors at the last record of the last one removed:
 /// an anchor written by hand in the middle of a segment (with its record's true hash) would
 /// hide every record below it from verification, look-ups and exports.
 #[test]
 fn an_anchor_written_by_hand_in_a_log_segment_does_not_verify() {
-    let dir = init("checkpoint_interval_s = 3600");
+    let dir = two_signed_runs("checkpoint_interval_s = 3600");
     let d = dir.path();
-    for run in 0..2 {
-        let server = Serving::start(d);
-        stamps(&server, 5, &format!("anchor {run}"));
-        server.stop();
-    }
-    verify_report(d).expect("green before tampering");
     let original = archived_records(d);
     assert!(original.len() >= 10);
     write_conn(d)
@@ -547,17 +538,26 @@ fn an_anchor_written_by_hand_in_a_log_segment_does_not_verify() {
     );
 }
 
-#[test]
-fn an_anchor_written_by_hand_does_not_verify() {
-    let dir = init("checkpoint_interval_s = 3600\nlayout = \"rows\"");
-    let d = dir.path();
-    // Checkpoints at 5 and 10 (each stop signs the head).
+/// An archive (`extra` under `[archive]`) of two server runs of five tokens each, with
+/// checkpoints at 5 and 10 (each stop signs the head), green.
+fn two_signed_runs(extra: &str) -> tempfile::TempDir {
+    let dir = init(extra);
     for run in 0..2 {
-        let server = Serving::start(d);
+        let server = Serving::start(dir.path());
         stamps(&server, 5, &format!("anchor {run}"));
         server.stop();
     }
-    verify_report(d).expect("green before tampering");
+    verify_report(dir.path()).expect("green before tampering");
+    dir
+}
+
+/// The anchor row is no proof of what it stands for: records left at or below it are still
+/// checked (they are not served as pruned), and an anchor must be reached from a signed
+/// checkpoint at or after it.
+#[test]
+fn an_anchor_written_by_hand_does_not_verify() {
+    let dir = two_signed_runs("checkpoint_interval_s = 3600\nlayout = \"rows\"");
+    let d = dir.path();
     let snapshot = d.join("snapshot.sqlite");
     write_conn(d)
         .execute("VACUUM INTO ?1", [snapshot.to_str().unwrap()])

@@ -938,18 +938,22 @@ mod tests {
         }
     }
 
+    /// A new archive of `layout` in `dir`; the token log's segments small (a few records each).
+    fn store_of(layout: sqlite::Layout, dir: &Path) -> Box<dyn ArchiveStore> {
+        let database = dir.join("archive.sqlite");
+        let mut db = SqliteStore::open(&database, Duration::from_secs(1)).unwrap();
+        db.settle_layout(layout).unwrap();
+        match layout {
+            sqlite::Layout::Rows => Box::new(db),
+            sqlite::Layout::Log => Box::new(log::LogStore::open(db).with_segment_limit(1024)),
+        }
+    }
+
     #[test]
     fn pruning_never_goes_past_the_last_signed_checkpoint() {
         for layout in [sqlite::Layout::Rows, sqlite::Layout::Log] {
             let dir = tempfile::tempdir().unwrap();
-            let database = dir.path().join("archive.sqlite");
-            let mut db = SqliteStore::open(&database, Duration::from_secs(1)).unwrap();
-            db.settle_layout(layout).unwrap();
-            let mut store: Box<dyn ArchiveStore> = match layout {
-                sqlite::Layout::Rows => Box::new(db),
-                // Small segments: a few records each.
-                sqlite::Layout::Log => Box::new(log::LogStore::open(db).with_segment_limit(1024)),
-            };
+            let mut store = store_of(layout, dir.path());
             let records = records(10);
             // No signed checkpoint yet: nothing is pruned.
             store.append(0, &records[..5], &[]).unwrap();
@@ -982,13 +986,7 @@ mod tests {
     fn pruning_keeps_the_events_of_the_records_it_keeps() {
         for layout in [sqlite::Layout::Rows, sqlite::Layout::Log] {
             let dir = tempfile::tempdir().unwrap();
-            let database = dir.path().join("archive.sqlite");
-            let mut db = SqliteStore::open(&database, Duration::from_secs(1)).unwrap();
-            db.settle_layout(layout).unwrap();
-            let mut store: Box<dyn ArchiveStore> = match layout {
-                sqlite::Layout::Rows => Box::new(db),
-                sqlite::Layout::Log => Box::new(log::LogStore::open(db).with_segment_limit(1024)),
-            };
+            let mut store = store_of(layout, dir.path());
             // Records one second apart, and an event at each one's genTime.
             let second = 1_000_000_000u64;
             let mut prev = record::ZERO_HASH;
