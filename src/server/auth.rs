@@ -432,7 +432,8 @@ impl Auth {
 
     /// Gives back `n` tokens taken from `client`'s quota `ago`, for a request the server then
     /// refused as overloaded: a refusal the client did not cause (another client's load may
-    /// have) costs it nothing ([`Bucket::give_back`] says when that cannot be told).
+    /// have) costs it nothing. Only within the tokens' cost's time since the take: later the
+    /// bucket may have been full meanwhile and dropped them (nothing is given back then).
     pub fn give_back(&self, client: &Client, n: u32, ago: Duration) {
         if let Some(bucket) = self.bucket(client) {
             bucket.give_back(n, ago);
