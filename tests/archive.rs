@@ -929,6 +929,55 @@ fn tampering_with_the_token_log_is_reported_at_the_right_record() {
     assert!(refused.contains("a good frame"), "{refused}");
 }
 
+/// A power cut inside a commit leaves part of its frame after the last good one: the next
+/// start cuts it off, keeps its octets beside the segment, and verification warns of the copy
+/// (`--strict` fails) until the operator has looked at it and removed it.
+#[test]
+fn a_torn_tail_cut_at_start_is_kept_and_verification_says_so() {
+    let dir = init("checkpoint_interval_s = 3600");
+    let d = dir.path();
+    let server = Serving::start(d);
+    stamps(&server, 3, "torn");
+    server.stop();
+    let segment = d.join("archive.tokens/0/00000000000000000001.log");
+    let original = std::fs::read(&segment).unwrap();
+    // Frames: a 4-octet length, the body, a 32-octet hash; then the room's zeros.
+    let mut end = 0;
+    while end + 4 <= original.len() {
+        let len = u32::from_be_bytes(original[end..end + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        end += 4 + len + 32;
+    }
+    let first_len = u32::from_be_bytes(original[..4].try_into().unwrap()) as usize;
+    let half_a_frame = &original[..(4 + first_len + 32) / 2];
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, half_a_frame, end as u64).unwrap();
+    drop(file);
+
+    let server = Serving::start(d);
+    server.stop();
+    let copy = segment.with_file_name(format!("00000000000000000001.log.torn-{end}"));
+    let kept = std::fs::read(&copy).expect("the torn tail kept");
+    assert_eq!(
+        kept,
+        half_a_frame[..=half_a_frame.iter().rposition(|&b| b != 0).unwrap()]
+    );
+    let (status, out) = verify_status(d, &["--strict"]);
+    assert_eq!(status, Some(2), "{out}");
+    assert!(
+        out.contains(".log.torn-") && out.contains("look at it"),
+        "{out}"
+    );
+    std::fs::remove_file(&copy).unwrap();
+    let (status, out) = verify_status(d, &["--strict"]);
+    assert_eq!(status, Some(0), "{out}");
+}
+
 /// A rows archive moved into the token log: refused while the server runs; afterwards the
 /// chain (pruned start included) verifies, every token is found by serial and imprint, the
 /// rows are gone, and the next server goes on in the log.
@@ -1250,6 +1299,8 @@ fn restored_backups_and_lost_state_files_never_reuse_serials() {
     while tsa::clock::system_unix_ns() < floor + 5_000_000 {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    // A new connection: the first may have idled out (read_timeout_ms) meanwhile.
+    let mut conn = Conn::connect(&server.public).unwrap();
     let granted = stamp(&mut conn, b"after the floor")
         .unwrap()
         .expect("granted");

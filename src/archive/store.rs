@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::hash_map::{Entry, HashMap};
 use std::collections::BinaryHeap;
+use std::path::PathBuf;
 
 use super::record::{
     join_certificates, sha256, split_certificates, Anchor, ChainHead, Checkpoint, EventRecord,
@@ -314,6 +315,12 @@ pub trait ArchiveStore: Send {
     /// index and imprint files): a line for each, for verification to warn of. None elsewhere
     /// (the rows layout and PostgreSQL index within their databases).
     fn derived_damage(&mut self, _instance_id: u32) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Copies of torn tails the start cut off (the token log's `<segment>.log.torn-<offset>`),
+    /// with their lengths, for verification to warn of until the operator has looked at them.
+    fn torn_copies(&mut self, _instance_id: u32) -> Result<Vec<(PathBuf, u64)>, StoreError> {
         Ok(Vec::new())
     }
 

@@ -260,6 +260,13 @@ fn verify_instance(
         .into_iter()
         .map(|d| format!("look-ups may miss records: {d}"))
         .collect();
+    for (copy, octets) in store.torn_copies(instance_id)? {
+        warnings.push(format!(
+            "{} ({octets} octets) is a torn commit a start cut off and kept: it holds tokens \
+             only if the disk lost frames it had acknowledged; look at it, then remove it",
+            copy.display()
+        ));
+    }
     // Reads stop at the first frame that does not check; what follows is judged as the start
     // judges it (whose refusal would otherwise be the first sign).
     match store.unread_tail(instance_id)? {

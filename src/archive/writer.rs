@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use super::events::Captured;
 use super::queue::Queue;
-use super::record::{ChainHead, Checkpoint, EventRecord, StoredRecord, TokenRecord};
+use super::record::{hex, ChainHead, Checkpoint, EventRecord, StoredRecord, TokenRecord};
 use super::serial::{layout, BlockSerials};
 use super::state::{SavedState, StateFile};
 use super::store::{ArchiveStore, Durable};
@@ -624,9 +624,13 @@ impl Writer {
         if let Some(retention) = self.retention {
             let before = crate::clock::system_unix_ns().saturating_sub(retention.as_nanos() as u64);
             match self.store.prune(self.instance_id, before) {
+                // An archive event too: records leaving the archive is one to keep.
                 Ok(Some(anchor)) => tracing::info!(
+                    event = "archive_pruned",
                     instance = self.instance_id,
                     anchor_seq = anchor.seq,
+                    anchor_hash = %hex(&anchor.hash),
+                    before_ns = before,
                     "archive pruned: records up to the anchor removed"
                 ),
                 Ok(None) => {}

@@ -969,6 +969,24 @@ impl ArchiveStore for LogStore {
         Ok(damage)
     }
 
+    fn torn_copies(&mut self, instance_id: u32) -> Result<Vec<(PathBuf, u64)>, StoreError> {
+        let dir = instance_dir(&self.log.root, instance_id);
+        let mut copies = Vec::new();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(copies),
+            Err(e) => return Err(e.into()),
+        };
+        for entry in entries {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().contains(".log.torn-") {
+                copies.push((entry.path(), entry.metadata()?.len()));
+            }
+        }
+        copies.sort();
+        Ok(copies)
+    }
+
     fn unread_tail(&mut self, instance_id: u32) -> Result<Option<UnreadTail>, StoreError> {
         match self.log.segments(instance_id)?.last() {
             Some(newest) => Ok(appender::judge_tail(newest)?),
