@@ -327,6 +327,7 @@ impl Archive {
             durable: durable.clone(),
             outage: None,
             pending_events: Vec::new(),
+            prune_again: None,
         };
         let handle = std::thread::Builder::new()
             .name("tsa-archive".into())
@@ -980,6 +981,22 @@ mod tests {
             );
             assert_eq!(store.instance(0).unwrap().head.unwrap().seq, 10);
         }
+    }
+
+    #[test]
+    fn rows_are_pruned_in_bounded_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_of(sqlite::Layout::Rows, dir.path());
+        let records = records(10);
+        store.append(0, &records, &[]).unwrap();
+        store.add_checkpoint(&checkpoint_of(&records[9])).unwrap();
+        let mut anchors = Vec::new();
+        while let Some(anchor) = store.prune(0, u64::MAX).unwrap() {
+            anchors.push(anchor.seq);
+        }
+        // PRUNE_ROWS is 3 in tests: each step one transaction of at most three records.
+        assert_eq!(anchors, [3, 6, 9, 10]);
+        assert_eq!(store.instance(0).unwrap().anchor.unwrap().seq, 10);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use super::record::{
 use super::serial::layout;
 use super::store::{
     schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState, Newest, Rank, StoreError,
-    Visit, RECORD_COLUMNS, SCHEMA_VERSION,
+    Visit, PRUNE_ROWS, RECORD_COLUMNS, SCHEMA_VERSION,
 };
 
 pub struct SqliteStore {
@@ -834,6 +834,13 @@ impl ArchiveStore for SqliteStore {
             |r| r.get(0),
         )?;
         let signed = last_checkpoint_seq(&tx, instance_id)?;
+        // A bounded step (`PRUNE_ROWS`) from the oldest record there.
+        let lowest: Option<u64> = tx.query_row(
+            "SELECT MIN(seq) FROM tokens WHERE instance_id = ?1",
+            [instance_id],
+            |r| r.get(0),
+        )?;
+        let step_end = lowest.map_or(0, |l| l.saturating_sub(1).saturating_add(PRUNE_ROWS));
         let last: Option<(u64, Vec<u8>)> = match signed {
             Some(signed) => tx
                 .query_row(
@@ -842,7 +849,7 @@ impl ArchiveStore for SqliteStore {
                     params![
                         instance_id,
                         first_kept.unwrap_or(i64::MAX as u64),
-                        signed.min(i64::MAX as u64)
+                        signed.min(step_end).min(i64::MAX as u64)
                     ],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )

@@ -81,6 +81,15 @@ impl InstanceState {
     }
 }
 
+/// Records a rows or PostgreSQL prune removes at most in one call, one transaction: the
+/// instance's commits wait for it (SQLite's write lock, PostgreSQL's instance row), and a
+/// first prune over years of records would hold them for minutes. The writer's retention goes
+/// on a step a second until nothing is left; `tsa archive prune` step after step.
+#[cfg(not(test))]
+pub const PRUNE_ROWS: u64 = 20_000;
+#[cfg(test)]
+pub const PRUNE_ROWS: u64 = 3;
+
 /// What follows the last record an instance's reads reach ([`ArchiveStore::unread_tail`]).
 #[derive(Debug, PartialEq, Eq)]
 pub enum UnreadTail {

@@ -94,7 +94,13 @@ pub(super) struct Writer {
     /// Clock and key events that could not be stored yet (an outage), oldest first; stored
     /// first when the archive can be written again. At most [`MAX_PENDING_EVENTS`].
     pub pending_events: Vec<Captured>,
+    /// When retention's next pruning step is due, while the last one removed records (each
+    /// step is bounded, and commits go on between steps).
+    pub prune_again: Option<Instant>,
 }
+
+/// The pause between two pruning steps of the retention while records are left to remove.
+const PRUNE_PAUSE: Duration = Duration::from_secs(1);
 
 /// Events kept through an outage; later ones are dropped (and counted in the
 /// `archive_recovered` event; the log has them all).
@@ -154,6 +160,7 @@ impl Writer {
                 Some(o) => o.next_probe.min(next_periodic),
                 None => next_periodic,
             };
+            let wake = self.prune_again.map_or(wake, |at| at.min(wake));
             let msgs = queue.next_batch(wake, self.max_batch);
             if self
                 .outage
@@ -165,6 +172,8 @@ impl Writer {
             if Instant::now() >= next_periodic {
                 self.periodic();
                 next_periodic = Instant::now() + self.checkpoint_interval;
+            } else if self.prune_again.is_some_and(|at| Instant::now() >= at) {
+                self.prune_step();
             }
             if msgs.is_empty() {
                 // Woken by a commit that failed after all, or by a timer.
@@ -621,21 +630,32 @@ impl Writer {
         if let Err(e) = self.write_state(self.reserved_until) {
             tracing::warn!(error = %e, "archive state file not written");
         }
-        if let Some(retention) = self.retention {
-            let before = crate::clock::system_unix_ns().saturating_sub(retention.as_nanos() as u64);
-            match self.store.prune(self.instance_id, before) {
-                // An archive event too: records leaving the archive is one to keep.
-                Ok(Some(anchor)) => tracing::info!(
+        self.prune_step();
+    }
+
+    /// One bounded step of the retention's pruning; another one is due [`PRUNE_PAUSE`] later
+    /// while this one removed records (commits go on in between).
+    fn prune_step(&mut self) {
+        self.prune_again = None;
+        let Some(retention) = self.retention else {
+            return;
+        };
+        let before = crate::clock::system_unix_ns().saturating_sub(retention.as_nanos() as u64);
+        match self.store.prune(self.instance_id, before) {
+            // An archive event too: records leaving the archive is one to keep.
+            Ok(Some(anchor)) => {
+                tracing::info!(
                     event = "archive_pruned",
                     instance = self.instance_id,
                     anchor_seq = anchor.seq,
                     anchor_hash = %hex(&anchor.hash),
                     before_ns = before,
                     "archive pruned: records up to the anchor removed"
-                ),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "archive pruning failed"),
+                );
+                self.prune_again = Some(Instant::now() + PRUNE_PAUSE);
             }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "archive pruning failed"),
         }
     }
 

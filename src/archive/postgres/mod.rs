@@ -29,7 +29,8 @@ use super::record::{
 use super::serial::layout;
 use super::store::{
     schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState, StoreError, Visit,
-    IMPRINT_INDEX, IMPRINT_INDEX_CONCURRENTLY, OLD_IMPRINT_INDEX, RECORD_COLUMNS, SCHEMA_VERSION,
+    IMPRINT_INDEX, IMPRINT_INDEX_CONCURRENTLY, OLD_IMPRINT_INDEX, PRUNE_ROWS, RECORD_COLUMNS,
+    SCHEMA_VERSION,
 };
 use crate::config::ArchiveConfig;
 
@@ -790,11 +791,18 @@ impl ArchiveStore for PostgresStore {
                     &[&id],
                 )?
                 .get(0);
+            // A bounded step (`PRUNE_ROWS`) from the oldest record there.
+            let lowest: Option<i64> = tx
+                .query_one("SELECT MIN(seq) FROM tokens WHERE instance_id = $1", &[&id])?
+                .get(0);
+            let step_end = lowest.map_or(0, |l| {
+                (l - 1).saturating_add(i64::try_from(PRUNE_ROWS).unwrap_or(i64::MAX))
+            });
             let last = match signed {
                 Some(signed) => tx.query_opt(
                     "SELECT seq, hash FROM tokens WHERE instance_id = $1 AND seq < $2 \
                      AND seq <= $3 ORDER BY seq DESC LIMIT 1",
-                    &[&id, &first_kept.unwrap_or(i64::MAX), &signed],
+                    &[&id, &first_kept.unwrap_or(i64::MAX), &signed.min(step_end)],
                 )?,
                 None => None,
             };
