@@ -514,17 +514,6 @@ fn the_example_nftables_rules_hold_a_source_to_its_rate_of_new_connections() {
     assert_eq!(value("other64"), "200", "{text}");
 }
 
-/// A connection to `authority` with a receive buffer as small as the kernel allows (set
-/// before the handshake, so that the window it announces is small too).
-fn connect_with_small_receive_buffer(authority: &str) -> TcpStream {
-    use socket2::{Domain, Socket, Type};
-    let addr: std::net::SocketAddr = authority.parse().unwrap();
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&addr.into()).unwrap();
-    socket.into()
-}
-
 /// Polls `/metrics` until `name` reads `value`, for at most `limit`; whether it did.
 fn metric_reaches(server: &Server, name: &str, value: f64, limit: Duration) -> bool {
     let start = Instant::now();
@@ -546,7 +535,7 @@ fn a_client_that_reads_no_answers_is_cut_off_after_the_write_timeout() {
         "[server]\nwrite_timeout_ms = 500\nread_timeout_ms = 600000\n",
     );
     let (authority, _) = split_url(&server.url);
-    let mut stream = connect_with_small_receive_buffer(&authority);
+    let mut stream = wire::connect_with_small_receive_buffer(&authority);
     assert!(
         metric_reaches(&server, "tsa_open_connections", 1.0, Duration::from_secs(5)),
         "the connection was not accepted"

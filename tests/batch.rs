@@ -889,16 +889,7 @@ fn a_batch_reply_holds_its_place_while_it_is_sent() {
     let body = sequence_of(&items);
 
     let (authority, path) = wire::split_url(&server.url);
-    let addr: std::net::SocketAddr = authority.parse().unwrap();
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )
-    .unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&addr.into()).unwrap();
-    let mut slow: std::net::TcpStream = socket.into();
+    let mut slow = wire::connect_with_small_receive_buffer(&authority);
     slow.set_read_timeout(Some(std::time::Duration::from_secs(60)))
         .unwrap();
     let request = wire::request("POST", &path, &[("Content-Type", BATCH_QUERY)], &body);

@@ -114,7 +114,7 @@ pub struct Archive {
     reader: Mutex<Box<dyn ArchiveStore>>,
     /// The writer's last durable head: a look-up answers none of this instance's records past
     /// it (the token log's readers see a commit's frames before its sync, which may fail).
-    durable: Arc<std::sync::Mutex<ChainHead>>,
+    durable: Arc<Mutex<ChainHead>>,
     healthy: Arc<AtomicBool>,
     /// A token waited [`COMMIT_WAIT`] for its commit, or found too many waiting, since the
     /// last durable commit (the writer clears it): the disk or database hangs.
@@ -303,7 +303,7 @@ impl Archive {
         let healthy = Arc::new(AtomicBool::new(true));
         let stalled = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(CommitStats::default());
-        let durable = Arc::new(std::sync::Mutex::new(head));
+        let durable = Arc::new(Mutex::new(head));
         let writer = Writer {
             stats: stats.clone(),
             store,

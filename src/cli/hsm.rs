@@ -300,10 +300,8 @@ fn check(args: &CheckArgs) -> anyhow::Result<()> {
         certificate.subject()
     )?;
     let message = b"tsa hsm check";
-    let signature = signer.sign(message)?;
-    if !key::verify(signer.algorithm(), signer.public_key(), message, &signature) {
-        bail!("the token's signature does not verify");
-    }
+    // The PKCS#11 signer verifies each signature on the host before it hands it back.
+    signer.sign(message)?;
     writeln!(out, "signature: made by the token, verified on the host")?;
     if args.signatures > 0 {
         let threads = args.threads.max(1);

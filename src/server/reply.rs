@@ -9,7 +9,6 @@
 //! the batch's places until the last one is taken, and gives the connection a [`SendBy`]
 //! time, after which a write still pending ends it.
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,7 +30,7 @@ const BATCH_MIN_RATE: u64 = 128 * 1024;
 pub struct BatchBody {
     /// The `SEQUENCE OF`'s identifier and length octets, until sent.
     header: Option<Bytes>,
-    answers: VecDeque<Vec<u8>>,
+    answers: std::vec::IntoIter<Vec<u8>>,
     /// Octets not yet handed to hyper.
     left: u64,
     send_by: SendBy,
@@ -49,13 +48,13 @@ impl BatchBody {
         places: Box<dyn Send + Sync>,
     ) -> Self {
         let content: usize = answers.iter().map(Vec::len).sum();
-        let header = Bytes::copy_from_slice(&batch::reply_header(content));
+        let header = Bytes::from(batch::reply_header(content));
         let left = (header.len() + content) as u64;
         let allowed = write_timeout + Duration::from_secs_f64(left as f64 / BATCH_MIN_RATE as f64);
         send_by.set(tokio::time::Instant::now() + allowed);
         Self {
             header: Some(header),
-            answers: answers.into(),
+            answers: answers.into_iter(),
             left,
             send_by,
             _places: places,
@@ -74,7 +73,7 @@ impl Body for BatchBody {
         let this = self.get_mut();
         let next = match this.header.take() {
             Some(header) => Some(header),
-            None => this.answers.pop_front().map(Bytes::from),
+            None => this.answers.next().map(Bytes::from),
         };
         if let Some(data) = &next {
             this.left -= data.len() as u64;

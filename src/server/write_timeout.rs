@@ -210,24 +210,25 @@ mod tests {
         });
     }
 
+    /// Reads `total` octets from `far`, 16 every 100 ms.
+    async fn read_slowly(mut far: tokio::io::DuplexStream, total: usize) {
+        use tokio::io::AsyncReadExt;
+        let (mut got, mut chunk) = (0, [0; 16]);
+        while got < total {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            got += far.read(&mut chunk).await.expect("read");
+        }
+    }
+
     #[test]
     fn a_slow_reader_that_keeps_reading_is_not_cut_off() {
         run(async {
-            use tokio::io::AsyncReadExt;
-            let (near, mut far) = tokio::io::duplex(16);
+            let (near, far) = tokio::io::duplex(16);
             let mut stream = WriteTimeout::new(near, Duration::from_millis(600), SendBy::default());
-            let reader = async move {
-                let mut got = 0;
-                let mut chunk = [0; 16];
-                while got < 256 {
-                    // Each pause is far shorter than the timeout (room for a loaded machine's
-                    // stalls), all of them together longer (1.6 s).
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    got += far.read(&mut chunk).await.expect("read");
-                }
-            };
+            // Each pause is far shorter than the timeout (room for a loaded machine's stalls),
+            // all of them together longer (1.6 s).
             let writer = async move { stream.write_all(&[1; 256]).await };
-            let ((), written) = tokio::join!(reader, writer);
+            let ((), written) = tokio::join!(read_slowly(far, 256), writer);
             written.expect("every write made progress in time");
         });
     }
@@ -261,21 +262,13 @@ mod tests {
             assert!(e.to_string().contains("send-by"), "{e}");
 
             // Cleared, the same reader is only held to the timeout.
-            let (near, mut far) = tokio::io::duplex(16);
+            let (near, far) = tokio::io::duplex(16);
             let send_by = SendBy::default();
             let mut stream = WriteTimeout::new(near, Duration::from_secs(60), send_by.clone());
             send_by.set(Instant::now() + Duration::from_millis(300));
             send_by.clear();
-            let reader = async move {
-                let mut got = 0;
-                let mut chunk = [0; 16];
-                while got < 256 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    got += far.read(&mut chunk).await.expect("read");
-                }
-            };
             let writer = async move { stream.write_all(&[1; 256]).await };
-            let ((), written) = tokio::join!(reader, writer);
+            let ((), written) = tokio::join!(read_slowly(far, 256), writer);
             written.expect("no send-by time");
         });
     }

@@ -70,6 +70,18 @@ pub fn connect_from(authority: &str, local: &str) -> TcpStream {
     socket.into()
 }
 
+/// A connection to `authority` with a receive buffer as small as the kernel allows (set
+/// before the handshake, so that the window it announces is small too): a client that reads
+/// slowly, or not at all.
+pub fn connect_with_small_receive_buffer(authority: &str) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let addr: std::net::SocketAddr = authority.parse().expect("an IP authority");
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("a socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket.connect(&addr.into()).expect("connect");
+    socket.into()
+}
+
 impl Conn {
     /// A connection to `authority` (`HOST:PORT`); an error when nothing listens there.
     pub fn connect(authority: &str) -> io::Result<Conn> {

@@ -701,6 +701,15 @@ fn make_segment(
     }
 }
 
+/// What names a torn tail's copy, after its segment's file name and before the offset.
+const TORN_COPY: &str = ".torn-";
+
+/// Whether `name` is a torn tail's copy ([`keep_torn`]).
+pub(super) fn is_torn_copy(name: &str) -> bool {
+    name.split_once(TORN_COPY)
+        .is_some_and(|(segment, _)| segment.ends_with(".log"))
+}
+
 /// Copies the octets of `file` from `from` to `to` (a torn tail about to be cut off, up to
 /// its last octet that is not zero: at most [`MAX_TORN`]) into a new file beside the segment,
 /// `<segment>.torn-<from>` (or `…-<from>.<n>` where that is taken: an earlier start's copy is
@@ -717,19 +726,18 @@ fn keep_torn(file: &File, segment: &Segment, from: u64, to: u64) -> io::Result<P
         .file_name()
         .unwrap_or_default()
         .to_string_lossy();
-    let (path, copy) = (0..1000)
-        .find_map(|n| {
-            let name = match n {
-                0 => format!("{name}.torn-{from}"),
-                n => format!("{name}.torn-{from}.{n}"),
-            };
-            let path = segment.path.with_file_name(name);
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => None,
-                opened => Some(opened.map(|copy| (path, copy))),
-            }
-        })
-        .unwrap_or_else(|| Err(io::Error::other("a thousand copies are there already")))?;
+    let mut n = 0;
+    let (path, copy) = loop {
+        let path = segment.path.with_file_name(match n {
+            0 => format!("{name}{TORN_COPY}{from}"),
+            n => format!("{name}{TORN_COPY}{from}.{n}"),
+        });
+        match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(copy) => break (path, copy),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) => return Err(e),
+        }
+    };
     let written = copy
         .write_all_at(&octets, 0)
         .and_then(|()| copy.sync_all())

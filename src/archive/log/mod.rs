@@ -979,7 +979,7 @@ impl ArchiveStore for LogStore {
         };
         for entry in entries {
             let entry = entry?;
-            if entry.file_name().to_string_lossy().contains(".log.torn-") {
+            if appender::is_torn_copy(&entry.file_name().to_string_lossy()) {
                 copies.push((entry.path(), entry.metadata()?.len()));
             }
         }
