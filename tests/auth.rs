@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{ok, openssl, wait_until, Server, TSA};
+use common::{new_key, ok, openssl, wait_until, Server, TSA};
 use tsa::client::read::Response;
 use tsa::protocol::FailInfo;
 
@@ -119,25 +119,6 @@ fn init(args: &[&str]) -> tempfile::TempDir {
         .arg("--archive")
         .args(args));
     dir
-}
-
-/// `tsa client new-key`: the key (from standard error) and the `[[auth.client]]` lines.
-fn new_key(name: &str, extra: &[&str]) -> (String, String) {
-    let out = ok(Command::new(TSA)
-        .args(["client", "new-key", "--name", name])
-        .args(extra));
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    let key = stderr
-        .lines()
-        .find(|l| l.starts_with("tsa_"))
-        .unwrap_or_else(|| panic!("no key in {stderr:?}"))
-        .to_string();
-    let toml = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        !toml.contains(&key),
-        "the key itself never goes into the configuration"
-    );
-    (key, toml)
 }
 
 /// Edits `tsa.toml`: each (from, to) replaced once, then `append` at the end.

@@ -436,11 +436,18 @@ fn malformed_or_oversized_batches_are_refused_whole() {
 }
 
 /// A batch whose head and first half are sent now, on a connection of its own; the rest
-/// waits for [`send_rest`].
+/// waits for [`finish_batch`].
 fn start_batch(server: &Server, body: &[u8]) -> wire::Conn {
+    start_batch_as(server, body, None)
+}
+
+/// [`start_batch`] with an `Authorization` header.
+fn start_batch_as(server: &Server, body: &[u8], authorization: Option<&str>) -> wire::Conn {
     let (_, path) = wire::split_url(&server.url);
     let mut conn = wire::Conn::open(&server.url);
-    let request = wire::request("POST", &path, &[("Content-Type", BATCH_QUERY)], body);
+    let mut headers = vec![("Content-Type", BATCH_QUERY)];
+    headers.extend(authorization.map(|a| ("Authorization", a)));
+    let request = wire::request("POST", &path, &headers, body);
     let half = request.len() - body.len() / 2;
     conn.stream.write_all(&request[..half]).unwrap();
     conn
@@ -458,7 +465,11 @@ fn finish_batch(conn: &mut wire::Conn, body: &[u8]) -> wire::Reply {
 /// its body is read: only the first half of the body is ever sent (a server that waited for
 /// the rest would answer 408 at its read timeout instead).
 fn assert_refused_at_once(server: &Server, body: &[u8]) {
-    let mut conn = start_batch(server, body);
+    assert_refused(start_batch(server, body));
+}
+
+/// [`assert_refused_at_once`] for a batch already begun.
+fn assert_refused(mut conn: wire::Conn) {
     let reply = conn
         .read_reply()
         .expect("an answer while half the body was unsent");
@@ -565,6 +576,68 @@ fn an_address_with_half_the_batch_places_in_flight_gets_503_for_another() {
             "tsa_overload_refusals_total{limit=\"batches_per_address\"}"
         ),
         1
+    );
+    assert_eq!(
+        counter(&metrics, "tsa_overload_refusals_total{limit=\"batches\"}"),
+        0
+    );
+}
+
+/// Behind a balancer every connection has the same address. While `[auth]` names clients,
+/// the anonymous callers together hold at most half of `max_batches_in_flight`, so a named
+/// client's batch finds a place beside their slow uploads; and a named client holds at most
+/// its own half.
+#[test]
+fn anonymous_uploads_leave_a_named_client_its_batch_places() {
+    let (key, client_toml) = common::new_key("platform", &[]);
+    let server = Server::start(
+        &[],
+        &format!(
+            "[server]\nmax_batches_in_flight = 4\nread_timeout_ms = 5000\n\
+             [auth]\nanonymous = true\n{client_toml}"
+        ),
+    );
+    let bearer = format!("Bearer {key}");
+    let items = numbered_queries(200);
+    let body = sequence_of(&items);
+
+    // Two anonymous uploads held half-way: the anonymous callers' two places of the four.
+    let mut anonymous = start_batch(&server, &body);
+    let _anonymous = start_batch(&server, &body);
+    wait_until(
+        || gauge(&server, "tsa_batches_in_flight") == 2.0,
+        "both anonymous uploads to take their places",
+    );
+    assert_refused_at_once(&server, &body);
+
+    // The named client's two batches take the other two places; a third of its own is
+    // refused as over its share, although it is the same address as the anonymous ones.
+    let mut named = start_batch_as(&server, &body, Some(&bearer));
+    let _named = start_batch_as(&server, &body, Some(&bearer));
+    wait_until(
+        || gauge(&server, "tsa_batches_in_flight") == 4.0,
+        "the named client's uploads to take their places",
+    );
+    assert_refused(start_batch_as(&server, &body, Some(&bearer)));
+
+    for conn in [&mut named, &mut anonymous] {
+        let reply = finish_batch(conn, &body);
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("content-type"), Some(BATCH_REPLY));
+        let replies = tsa::protocol::batch::decode(&reply.body, usize::MAX).expect("a batch");
+        assert_eq!(replies.len(), items.len());
+        assert!(replies
+            .iter()
+            .all(|r| Response::from_der(r).unwrap().granted()));
+    }
+
+    let metrics = scrape(&server);
+    assert_eq!(
+        counter(
+            &metrics,
+            "tsa_overload_refusals_total{limit=\"batches_per_client\"}"
+        ),
+        2
     );
     assert_eq!(
         counter(&metrics, "tsa_overload_refusals_total{limit=\"batches\"}"),

@@ -26,6 +26,9 @@
 //! connection from that address gets the same fixed 503, and a batch from an address that
 //! already has half of `max_batches_in_flight` in flight gets the batch's 503, so that one
 //! client's idle or slow connections and uploads cannot take the places every client shares.
+//! Per client ([`ClientBatches`], while `[auth]` names clients): a batch from a client, or
+//! from the anonymous callers together, that already has half of `max_batches_in_flight` in
+//! flight gets the batch's 503 too, whatever its address (behind a balancer, all are one).
 //! And per client address and second ([`ConnectionRate`],
 //! `server.new_connections_per_address_per_s`): past its burst, a new connection from an
 //! address that opens them faster gets a 503 too (over TLS it is closed before the handshake).
@@ -342,6 +345,73 @@ impl Drop for AddressBatch {
     fn drop(&mut self) {
         if let Some(batches) = &self.0 {
             batches.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Batches in flight per client, while `[auth]` names clients: each named client, and the
+/// anonymous callers together, hold at most half of `max_batches_in_flight` (at least 1).
+/// Behind a balancer every connection has the balancer's address, so the address's share
+/// cannot tell an e-invoice platform from a flood of anonymous uploads that the client
+/// names can: neither the anonymous callers nor any one client can take every place. With
+/// no named clients there is one client only, and no share.
+///
+/// A client has an entry while it has a batch in flight, so the map holds at most as many
+/// entries as batches are being taken or held; its names are the configuration's (a
+/// client's own bytes never make a key).
+#[derive(Debug)]
+pub struct ClientBatches {
+    max: usize,
+    held: BatchesByClient,
+}
+
+/// Batches in flight by client name (`None`: the anonymous callers).
+type BatchesByClient = Arc<Mutex<HashMap<Option<Arc<str>>, usize>>>;
+
+impl ClientBatches {
+    pub fn new(max_batches_in_flight: usize) -> Self {
+        Self {
+            max: (max_batches_in_flight / 2).max(1),
+            held: Arc::default(),
+        }
+    }
+
+    /// A batch place of `client`'s share, returned when dropped; `None` while it holds its
+    /// share. `shared`: whether shares apply (`[auth]` names clients).
+    pub fn take(&self, client: &super::Client, shared: bool) -> Option<ClientBatch> {
+        if !shared {
+            return Some(ClientBatch(None));
+        }
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let count = held.entry(client.name.clone()).or_insert(0);
+        if *count >= self.max {
+            // Never a fresh entry: max is at least 1.
+            return None;
+        }
+        *count += 1;
+        Some(ClientBatch(Some((
+            Arc::clone(&self.held),
+            client.name.clone(),
+        ))))
+    }
+}
+
+/// One batch in flight counted under its client; dropping it returns the place (held until
+/// the batch's reply is sent), and the client's entry with its last.
+#[derive(Debug)]
+pub struct ClientBatch(Option<(BatchesByClient, Option<Arc<str>>)>);
+
+impl Drop for ClientBatch {
+    fn drop(&mut self) {
+        let Some((held, name)) = self.0.take() else {
+            return;
+        };
+        let mut held = held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Entry::Occupied(mut count) = held.entry(name) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
+            }
         }
     }
 }
@@ -693,6 +763,40 @@ mod tests {
         assert_eq!(addresses.count(), 0);
         let batches: Vec<_> = slots.iter().map(|s| s.batch().expect("no limit")).collect();
         assert_eq!(batches.len(), 100);
+    }
+
+    #[test]
+    fn a_client_has_half_the_batch_places_while_clients_are_named() {
+        use crate::server::Client;
+        let clients = ClientBatches::new(5);
+        let alice = Client::named("alice");
+        let held: Vec<_> = (0..2)
+            .map(|_| clients.take(&alice, true).expect("two of five"))
+            .collect();
+        assert!(clients.take(&alice, true).is_none(), "her half is taken");
+        // The anonymous callers are one client of their own, and another name has its own.
+        let anonymous: Vec<_> = (0..2)
+            .map(|_| clients.take(&Client::ANONYMOUS, true).expect("theirs"))
+            .collect();
+        assert!(clients.take(&Client::ANONYMOUS, true).is_none());
+        let bob = clients.take(&Client::named("bob"), true).expect("his");
+        drop(held);
+        let again = clients.take(&alice, true).expect("her places returned");
+        drop((anonymous, bob, again));
+        assert!(
+            clients.held.lock().unwrap().is_empty(),
+            "no entry left behind"
+        );
+        // With no client named there is no share; and at least one place otherwise.
+        let unshared: Vec<_> = (0..10)
+            .map(|_| clients.take(&Client::ANONYMOUS, false).expect("no share"))
+            .collect();
+        assert!(clients.held.lock().unwrap().is_empty());
+        drop(unshared);
+        let one = ClientBatches::new(1);
+        let only = one.take(&alice, true).expect("one");
+        assert!(one.take(&alice, true).is_none());
+        drop(only);
     }
 
     #[test]

@@ -23,6 +23,7 @@
 //! | a new connection from an address with `max_connections_per_address` open (IPv6: per /64) | the same fixed 503, then closed (0, the default: no limit) |
 //! | a new connection from an address that opened `new_connections_per_address_burst` faster than `new_connections_per_address_per_s` | a fixed 503 whose `Retry-After` is the rate's interval, then closed (0, the default: no limit) |
 //! | a batch from an address with half of `max_batches_in_flight` in flight, while `max_connections_per_address` is set | 503, `Retry-After: 1` + DER rejection `systemFailure`, before its body is read |
+//! | a batch from a client with half of `max_batches_in_flight` in flight (the anonymous callers together are one client), while `[auth]` names clients | 503, `Retry-After: 1` + DER rejection `systemFailure`, before its body is read |
 //! | unparsable HTTP                                     | 400, connection closed (hyper) |
 //! | `GET /certs`                                        | 200, the certificate chain as PEM |
 //! | anything else                                       | 404 |
@@ -700,9 +701,23 @@ async fn timestamp_batch(
     if let Err(wait) = tsa.auth.load().has_a_token(&client) {
         return refused(quota_refused(tsa, &client, 1, wait).answer());
     }
-    // Both taken before the body is read, so that the batch bodies held at once are bounded,
-    // and one address's share of them too. The address's first: the address that has its
-    // share is refused as such (and logged), whether or not the others are full.
+    // All taken before the body is read, so that the batch bodies held at once are bounded,
+    // and one client's and one address's share of them too. The shares first: a client or
+    // address that has its share is refused as such (and logged), whether or not the others
+    // are full.
+    let auth = tsa.auth.load();
+    let Some(client_place) = tsa.client_batches.take(&client, auth.has_named_clients()) else {
+        static LOG: LogLimit = LogLimit::new();
+        if let Some(left_out) = LOG.allow() {
+            tracing::info!(
+                client = client.name.as_deref().unwrap_or("anonymous"),
+                left_out,
+                "batch refused: its client has its share of max_batches_in_flight"
+            );
+        }
+        return refused(overloaded(tsa, metrics::Overload::BatchesPerClient));
+    };
+    drop(auth);
     let address_place = match connection.address.batch() {
         Ok(place) => place,
         Err(key) => {
@@ -788,7 +803,7 @@ async fn timestamp_batch(
         ders,
         connection.send_by.clone(),
         limits.write_timeout,
-        Box::new((address_place, place)),
+        Box::new((client_place, address_place, place)),
     );
     let mut reply = Response::new(ReplyBody::Right(body));
     let headers = reply.headers_mut();

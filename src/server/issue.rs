@@ -171,6 +171,8 @@ pub struct Tsa {
     pub(super) max_batches: usize,
     /// Archive look-ups on the blocking pool at once ([`super::http`]: `GET /archive/…`).
     pub(super) lookups: Arc<tokio::sync::Semaphore>,
+    /// Batches in flight per client, while `[auth]` names clients.
+    pub(super) client_batches: super::admission::ClientBatches,
     /// Open public connections (`server.max_connections`).
     pub(super) connections: super::admission::Connections,
     /// Open public connections and batches in flight per client address

@@ -162,7 +162,8 @@ impl Metrics {
              limit=admin_connections) and batches (limit=batches) refused with 503 because the \
              server was full, or because their client address had its share \
              (limit=connections_per_address, limit=batches_per_address) or opened connections \
-             faster than its rate (limit=new_connections_per_address)",
+             faster than its rate (limit=new_connections_per_address), or their client had its \
+             share of the batch places (limit=batches_per_client)",
             m.overloads.clone(),
         );
         r.register(
@@ -232,10 +233,13 @@ pub enum Overload {
     BatchesPerAddress = 5,
     /// `server.new_connections_per_address_per_s`: one client address's new connections.
     NewConnectionsPerAddress = 6,
+    /// One client's batches in flight (half of `server.max_batches_in_flight`, while `[auth]`
+    /// names clients; the anonymous callers are one client).
+    BatchesPerClient = 7,
 }
 
 impl Overload {
-    const ALL: [Overload; 7] = [
+    const ALL: [Overload; 8] = [
         Overload::Queue,
         Overload::Connections,
         Overload::Batches,
@@ -243,6 +247,7 @@ impl Overload {
         Overload::ConnectionsPerAddress,
         Overload::BatchesPerAddress,
         Overload::NewConnectionsPerAddress,
+        Overload::BatchesPerClient,
     ];
 
     fn name(self) -> &'static str {
@@ -254,6 +259,7 @@ impl Overload {
             Overload::ConnectionsPerAddress => "connections_per_address",
             Overload::BatchesPerAddress => "batches_per_address",
             Overload::NewConnectionsPerAddress => "new_connections_per_address",
+            Overload::BatchesPerClient => "batches_per_client",
         }
     }
 }

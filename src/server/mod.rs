@@ -131,6 +131,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         admission,
         batches: Arc::new(tokio::sync::Semaphore::new(max_batches)),
         max_batches,
+        client_batches: admission::ClientBatches::new(max_batches),
         lookups: Arc::new(tokio::sync::Semaphore::new(http::MAX_LOOKUPS)),
         connections: admission::Connections::new(fd_limit::fit(config.server.max_connections)),
         addresses: admission::Addresses::new(

@@ -192,6 +192,25 @@ pub fn merge_toml(base: &str, extra: &str) -> String {
     out
 }
 
+/// `tsa client new-key`: the key (from standard error) and the `[[auth.client]]` lines.
+pub fn new_key(name: &str, extra: &[&str]) -> (String, String) {
+    let out = ok(Command::new(TSA)
+        .args(["client", "new-key", "--name", name])
+        .args(extra));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let key = stderr
+        .lines()
+        .find(|l| l.starts_with("tsa_"))
+        .unwrap_or_else(|| panic!("no key in {stderr:?}"))
+        .to_string();
+    let toml = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !toml.contains(&key),
+        "the key itself never goes into the configuration"
+    );
+    (key, toml)
+}
+
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd
         .output()
