@@ -9,6 +9,7 @@ pub use transport::{Endpoint, Options};
 
 use anyhow::{bail, Context};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use bytes::Bytes;
 use const_oid::ObjectIdentifier;
 use der::asn1::{IntRef, OctetStringRef};
 use der::Encode;
@@ -93,9 +94,10 @@ pub async fn post(endpoint: &Endpoint, request: Vec<u8>) -> anyhow::Result<Vec<u
 }
 
 /// POSTs DER requests as one batch (`application/timestamp-query-batch`, `docs/batch.md`)
-/// and returns each one's DER `TimeStampResp`, in the requests' order. A batch the TSA refused
-/// as a whole (malformed, too large, overloaded) is an error with its reason.
-pub async fn post_batch(endpoint: &Endpoint, requests: &[Vec<u8>]) -> anyhow::Result<Vec<Vec<u8>>> {
+/// and returns each one's DER `TimeStampResp`, in the requests' order (slices of the one
+/// reply body, not copies of it). A batch the TSA refused as a whole (malformed, too large,
+/// overloaded) is an error with its reason.
+pub async fn post_batch(endpoint: &Endpoint, requests: &[Vec<u8>]) -> anyhow::Result<Vec<Bytes>> {
     if requests.is_empty() {
         bail!("a batch holds at least one request");
     }
@@ -130,7 +132,7 @@ pub async fn post_batch(endpoint: &Endpoint, requests: &[Vec<u8>]) -> anyhow::Re
             requests.len()
         );
     }
-    Ok(replies.into_iter().map(<[u8]>::to_vec).collect())
+    Ok(replies.into_iter().map(|r| body.slice_ref(r)).collect())
 }
 
 /// Text from a server, fit for a terminal: control characters (escape sequences, new lines)
