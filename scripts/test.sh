@@ -36,6 +36,8 @@ command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need+=(iproute2)
 command -v unshare >/dev/null || need+=(util-linux)
 # tests/status.rs: the status page rendered by headless Chromium.
 command -v chromium >/dev/null || need+=(chromium)
+# tests/power_loss.rs, tests/clock_kernel.rs: libraries for LD_PRELOAD, built with the C compiler.
+command -v cc >/dev/null || need+=(gcc libc6-dev)
 # tests/interop_python.rs: a Python 3 that can make a virtual environment.
 command -v python3 >/dev/null || need+=(python3)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need+=(python3-venv); fi

@@ -13,9 +13,9 @@
 //! with its signed checkpoints, verifies.
 
 mod archive_support;
+mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use archive_support::{
@@ -32,25 +32,7 @@ const BEFORE_CUT: [usize; ROUNDS] = [0, 150, 40, 300, 1, 220, 90, 10];
 
 /// The power cut as a shared library, compiled with the system's C compiler into `dir`.
 fn powercut_library(dir: &Path) -> PathBuf {
-    let library = dir.join("powercut.so");
-    let out = Command::new("cc")
-        .args([
-            "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-o",
-        ])
-        .arg(&library)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/archive_support/powercut.c"
-        ))
-        .args(["-ldl", "-lpthread"])
-        .output()
-        .expect("cc, the C compiler, runs");
-    assert!(
-        out.status.success(),
-        "cc: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    library
+    common::preload_library("tests/archive_support/powercut.c", dir)
 }
 
 #[test]

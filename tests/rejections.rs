@@ -8,9 +8,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
-use common::{curl_post, ok, openssl, Server, TSA};
+use common::{curl_post, openssl, Server};
 use der::asn1::{IntRef, ObjectIdentifier, OctetString, OctetStringRef};
 use der::{Decode, Encode};
 use tsa::client::read::Response;
@@ -283,59 +282,4 @@ fn explicit_cert_req_false_is_tolerated() {
         .certificates
         .as_ref()
         .is_none_or(|c| c.0.is_empty()));
-}
-
-/// With `[clock] source = "kernel"` on a machine whose kernel clock is not synchronized, the
-/// TSA is not ready and every request gets timeNotAvailable.
-#[test]
-fn unsynchronized_kernel_clock_is_time_not_available() {
-    let dir = tempfile::tempdir().unwrap();
-    ok(Command::new(TSA).arg("init").arg("--dir").arg(dir.path()));
-    let path = dir.path().join("tsa.toml");
-    let mut config: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
-    config["clock"]
-        .as_table_mut()
-        .unwrap()
-        .insert("source".into(), "kernel".into());
-    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
-    let server = Server::serve(dir);
-
-    let out = ok(Command::new("curl").args([
-        "-sS",
-        "--max-time",
-        "10",
-        "-w",
-        "\n%{http_code}",
-        &format!("{}/health/ready", server.admin_url),
-    ]));
-    let out = String::from_utf8(out.stdout).unwrap();
-    let (text, code) = out.rsplit_once('\n').unwrap();
-    if code == "200" {
-        println!("NOTE: the kernel clock is synchronized here; timeNotAvailable is not tested");
-        return;
-    }
-    assert_eq!(code, "503", "{text}");
-    assert!(text.contains("unsynchronized"), "{text}");
-
-    let work = tempfile::tempdir().unwrap();
-    let w = work.path();
-    for args in [&["-sha256", "-cert"][..], &["-sha512"][..]] {
-        let query = openssl_query(w, args);
-        expect_rejection(
-            &server,
-            w,
-            &query,
-            FailInfo::TimeNotAvailable,
-            "kernel clock",
-        );
-    }
-    // Still a request that is wrong in itself is refused for what is wrong with it.
-    let query = openssl_query(w, &["-sha1"]);
-    expect_rejection(
-        &server,
-        w,
-        &query,
-        FailInfo::BadAlg,
-        "SHA-1 on the kernel clock",
-    );
 }

@@ -211,6 +211,28 @@ pub fn new_key(name: &str, extra: &[&str]) -> (String, String) {
     (key, toml)
 }
 
+/// A C source of the tests (`source`, from the crate's root) compiled with the system's C
+/// compiler into a shared library in `dir`, for `LD_PRELOAD`.
+pub fn preload_library(source: &str, dir: &Path) -> PathBuf {
+    let name = Path::new(source).with_extension("so");
+    let library = dir.join(name.file_name().expect("a file name"));
+    let out = Command::new("cc")
+        .args([
+            "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-o",
+        ])
+        .arg(&library)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(source))
+        .args(["-ldl", "-lpthread"])
+        .output()
+        .expect("cc, the C compiler, runs");
+    assert!(
+        out.status.success(),
+        "cc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    library
+}
+
 pub fn run(cmd: &mut Command) -> Output {
     let out = cmd
         .output()

@@ -1,0 +1,191 @@
+//! The kernel clock source (`[clock] source = "kernel"`) of a real `tsa serve`, whatever the
+//! host's own clock state: the server runs with `clock_support/adjtimex.c` preloaded, which
+//! answers its adjtimex(2) reads from a state this test writes (the time itself stays the
+//! system's), beside a process named `chronyd` (a copy of `sleep`) for the time daemon the
+//! source looks for. Unsynchronized, past the declared accuracy, and inserting a leap second,
+//! every request is `timeNotAvailable` and the server is not ready; synchronized, each token's
+//! accuracy covers the kernel's `maxerror` and the offset it has still to slew.
+
+#[path = "common/clock.rs"]
+mod clock;
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use clock::{query, stamp, wait_for};
+use common::{curl_post, openssl, Server, TSA};
+use tsa::client::read::Response;
+use tsa::protocol::FailInfo;
+
+// adjtimex(2)'s return values and status bits (linux/timex.h).
+const TIME_OK: i32 = 0;
+const TIME_OOP: i32 = 3;
+const TIME_ERROR: i32 = 5;
+const STA_PLL: i32 = 0x0001;
+const STA_UNSYNC: i32 = 0x0040;
+
+/// The declared accuracy of the server under test.
+const MAX_ACCURACY_MS: u64 = 100;
+
+/// The kernel state the preloaded library answers with.
+struct Kernel(PathBuf);
+
+impl Kernel {
+    /// Writes the state whole (a rename), so that a read sees it or the one before.
+    fn set(&self, rc: i32, status: i32, max_error_us: i64, offset_us: i64) {
+        let next = self.0.with_extension("next");
+        std::fs::write(&next, format!("{rc} {status} {max_error_us} {offset_us}\n")).unwrap();
+        std::fs::rename(&next, &self.0).unwrap();
+    }
+}
+
+/// A process that the kernel source takes for chronyd; killed when dropped.
+struct FakeDaemon(Child);
+
+impl FakeDaemon {
+    /// A copy of `sleep` named chronyd in `dir` (one where executing is allowed).
+    fn start(dir: &Path) -> Self {
+        let fake = dir.join("chronyd");
+        std::fs::copy("/bin/sleep", &fake).unwrap();
+        Self(Command::new(&fake).arg("600").spawn().unwrap())
+    }
+}
+
+impl Drop for FakeDaemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `/health/ready`: (HTTP status, text).
+fn readiness(server: &Server) -> (u16, String) {
+    let out = common::ok(Command::new("curl").args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-w",
+        "\n%{http_code}",
+        &format!("{}/health/ready", server.admin_url),
+    ]));
+    let out = String::from_utf8(out.stdout).unwrap();
+    let (text, code) = out.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), text.to_string())
+}
+
+/// Waits until the server is not ready for a reason that says `why`, then checks that a
+/// request is refused with `timeNotAvailable`.
+fn assert_refuses(server: &Server, work: &Path, why: &str) {
+    wait_for(
+        || {
+            let (code, text) = readiness(server);
+            code == 503 && text.contains(why)
+        },
+        why,
+        Duration::from_secs(10),
+    );
+    let (response, _, _) = stamp(server, work);
+    assert_eq!(response.status, 2, "{why}: {:?}", response.status_text);
+    assert_eq!(
+        response.fail_info(),
+        Some(FailInfo::TimeNotAvailable),
+        "{why}"
+    );
+}
+
+/// Waits until the server is ready, then checks tokens: granted, with an accuracy of at least
+/// `bound_ns` (and within the declared one), and genTime ± accuracy around the request.
+fn assert_grants(server: &Server, work: &Path, bound_ns: u64) {
+    wait_for(
+        || readiness(server).0 == 200,
+        "readiness on a synchronized kernel",
+        Duration::from_secs(10),
+    );
+    for _ in 0..3 {
+        let (response, sent, received) = stamp(server, work);
+        assert!(response.granted(), "{:?}", response.status_text);
+        let token = response.token.expect("a token");
+        let tst = token.tst_info();
+        let gen = tst.gen_time.unix_ns();
+        let accuracy = tst.accuracy.expect("accuracy").as_ns();
+        assert!(
+            (bound_ns..=MAX_ACCURACY_MS * 1_000_000).contains(&accuracy),
+            "accuracy {accuracy} ns for a kernel bound of {bound_ns} ns"
+        );
+        assert!(gen.saturating_sub(accuracy) <= received && gen + accuracy >= sent);
+    }
+}
+
+#[test]
+fn the_kernel_clock_is_trusted_only_while_the_kernel_vouches_for_it() {
+    // Beside the test binaries: a temporary directory may not allow executing.
+    let tools = tempfile::tempdir_in(Path::new(TSA).parent().unwrap()).unwrap();
+    let library = common::preload_library("tests/clock_support/adjtimex.c", tools.path());
+    let kernel = Kernel(tools.path().join("kernel-state"));
+    kernel.set(TIME_ERROR, STA_UNSYNC, 16_000_000, 0);
+    let _chronyd = FakeDaemon::start(tools.path());
+    let dir = Server::init(&[], "");
+    let path = dir.path().join("tsa.toml");
+    let mut config: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    let clock = config["clock"].as_table_mut().unwrap();
+    clock.insert("source".into(), "kernel".into());
+    clock.insert("max_accuracy_ms".into(), (MAX_ACCURACY_MS as i64).into());
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let server = Server::serve_with_env(
+        dir,
+        &[
+            ("LD_PRELOAD", library.to_str().unwrap()),
+            ("TSA_TEST_KERNEL_STATE", kernel.0.to_str().unwrap()),
+        ],
+    );
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    query(w);
+
+    if Command::new("pgrep")
+        .args(["-x", "systemd-timesyn"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        // It keeps no bound: the source refuses whatever the kernel says.
+        assert_refuses(&server, w, "systemd-timesyncd");
+        return;
+    }
+
+    assert_refuses(&server, w, "STA_UNSYNC");
+    // A request that is wrong in itself is refused for what is wrong with it.
+    openssl(
+        &[
+            "ts", "-query", "-data", "data.bin", "-sha1", "-out", "sha1.tsq",
+        ],
+        w,
+    );
+    let (status, _, body) = curl_post(
+        &server.url,
+        &w.join("sha1.tsq"),
+        "application/timestamp-query",
+    );
+    assert_eq!(status, 200);
+    let sha1 = Response::from_der(&body).unwrap();
+    assert_eq!(sha1.fail_info(), Some(FailInfo::BadAlg));
+
+    // Synchronized: 20 ms of maxerror and 5 ms still to slew (microseconds: no STA_NANO).
+    kernel.set(TIME_OK, STA_PLL, 20_000, 5_000);
+    assert_grants(&server, w, 25_000_000);
+
+    // The daemon's bound past the declared accuracy: no stamp, although synchronized.
+    kernel.set(TIME_OK, STA_PLL, 150_000, 0);
+    assert_refuses(&server, w, "accuracy");
+
+    // A leap second being inserted: the kernel replays 23:59:59.
+    kernel.set(TIME_OOP, STA_PLL, 20_000, 0);
+    assert_refuses(&server, w, "leap second");
+
+    // Synchronized again, and then lost again.
+    kernel.set(TIME_OK, STA_PLL, 1_000, 0);
+    assert_grants(&server, w, 1_000_000);
+    kernel.set(TIME_ERROR, STA_UNSYNC, 16_000_000, 0);
+    assert_refuses(&server, w, "STA_UNSYNC");
+}
