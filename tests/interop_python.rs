@@ -97,8 +97,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A granted, verified exchange whose every detail agrees with the crate and openssl.
-fn check_granted(server: &Server, hash: &str) {
+/// A granted, verified exchange whose every detail agrees with the crate and openssl; the
+/// token carries `certificates` certificates.
+fn check_granted(server: &Server, hash: &str, certificates: usize) {
     let digest = DigestAlgorithm::from_name(hash).unwrap();
     let data = format!("stamped by rfc3161-client with {hash} via {}", server.url).into_bytes();
     let policy = oid::DEVELOPMENT_POLICY.to_string();
@@ -111,7 +112,7 @@ fn check_granted(server: &Server, hash: &str) {
     assert_eq!(field(&f, "policy"), policy);
     assert_eq!(field(&f, "hash_oid"), digest.oid().to_string());
     assert_eq!(field(&f, "imprint"), hex(&digest.digest(&data).unwrap()));
-    assert_eq!(field(&f, "certificates"), "1");
+    assert_eq!(field(&f, "certificates"), certificates.to_string());
 
     let request_der = std::fs::read(out.path().join("req.tsq")).unwrap();
     let reply_der = std::fs::read(out.path().join("reply.tsr")).unwrap();
@@ -154,7 +155,7 @@ fn check_granted(server: &Server, hash: &str) {
 fn rfc3161_client_verifies_p256_tokens() {
     let server = Server::start(&["--algorithm", "p256"], "");
     for hash in ["sha256", "sha512"] {
-        check_granted(&server, hash);
+        check_granted(&server, hash, 1);
     }
 }
 
@@ -162,7 +163,7 @@ fn rfc3161_client_verifies_p256_tokens() {
 fn rfc3161_client_verifies_p384_tokens() {
     let server = Server::start(&["--algorithm", "p384"], "");
     for hash in ["sha256", "sha512"] {
-        check_granted(&server, hash);
+        check_granted(&server, hash, 1);
     }
 }
 
@@ -170,8 +171,17 @@ fn rfc3161_client_verifies_p384_tokens() {
 fn rfc3161_client_verifies_rsa2048_tokens() {
     let server = Server::start(&["--algorithm", "rsa2048"], "");
     for hash in ["sha256", "sha512"] {
-        check_granted(&server, hash);
+        check_granted(&server, hash, 1);
     }
+}
+
+/// With a chain configured the token carries the root CA's certificate beside the TSU's, in
+/// DER order (the shorter root's first): rfc3161-client reads SET OF strictly (it refused the
+/// TSU's certificate put first with InvalidSetOrdering) and verifies the token.
+#[test]
+fn rfc3161_client_verifies_tokens_that_carry_a_chain() {
+    let server = Server::start(&[], "[signer]\nchain = [\"ca-cert.pem\"]\n");
+    check_granted(&server, "sha256", 2);
 }
 
 #[test]

@@ -119,7 +119,8 @@ pub struct TokenTemplate {
     message_digest_head: Vec<u8>,
     /// `digestAlgorithms` SET.
     digest_algorithms: Vec<u8>,
-    /// `[0] IMPLICIT CertificateSet`: the signer's certificate first, then the configured chain.
+    /// `[0] IMPLICIT CertificateSet`: the signer's certificate and the configured chain, in DER
+    /// order.
     certificates: Vec<u8>,
     /// SignerInfo's version, sid and digestAlgorithm.
     signer_info_head: Vec<u8>,
@@ -129,7 +130,7 @@ pub struct TokenTemplate {
 impl TokenTemplate {
     /// `certificate` is the TSU certificate (DER); `chain` the certificates sent with it when a
     /// request asks for certificates (intermediates and, if the operator wishes, the root), in
-    /// the token in this order after the TSU certificate.
+    /// the token together with the TSU certificate in DER order.
     pub fn new(
         certificate: &[u8],
         chain: &[Vec<u8>],
@@ -202,17 +203,16 @@ impl TokenTemplate {
         let digest_algorithm_id = digest.cms_identifier().to_der()?;
         let digest_algorithms = tlv::tlv(Tag::Set, &[&digest_algorithm_id]);
 
-        // CertificateSet is a SET OF, which DER would sort by encoding; but it lies outside
-        // the signed attributes, where RFC 5652 § 5.1 allows BER, and clients take the first
-        // certificate for the signer's (OpenSSL and BouncyCastle responders write it first;
-        // rfc3161ng reads `certificates[0]`). So: the TSU's certificate, then the chain in
-        // its configured order, each once.
+        // CertificateSet is a SET OF, which DER sorts by encoding (X.690 § 11.6), and the
+        // reply is DER (RFC 3161 § 3.4). Strict parsers refuse another order (rust-asn1, so
+        // rfc3161-client and sigstore: InvalidSetOrdering; Windows' Authenticode checks), so
+        // the TSU's certificate is wherever its encoding puts it, each certificate once: the
+        // signer is named exactly by its SignerInfo's sid and the ESS attribute, and a client
+        // that takes the first certificate for the signer's may find a CA there.
         let mut certs: Vec<&[u8]> = vec![certificate];
-        for der in chain {
-            if !certs.contains(&der.as_slice()) {
-                certs.push(der);
-            }
-        }
+        certs.extend(chain.iter().map(Vec::as_slice));
+        certs.sort_unstable();
+        certs.dedup();
         for der in &certs {
             Certificate::from_der(der)?;
         }
