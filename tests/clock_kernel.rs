@@ -3,8 +3,9 @@
 //! answers its adjtimex(2) reads from a state this test writes (the time itself stays the
 //! system's), beside a process named `chronyd` (a copy of `sleep`) for the time daemon the
 //! source looks for. Unsynchronized, past the declared accuracy, and inserting a leap second,
-//! every request is `timeNotAvailable` and the server is not ready; synchronized, each token's
-//! accuracy covers the kernel's `maxerror` and the offset it has still to slew.
+//! every request is `timeNotAvailable` and the server is not ready, as it is once the daemon
+//! has gone; synchronized, each token's accuracy covers the kernel's `maxerror` and the offset
+//! it has still to slew.
 
 #[path = "common/clock.rs"]
 mod clock;
@@ -84,7 +85,7 @@ fn assert_refuses(server: &Server, work: &Path, why: &str) {
             code == 503 && text.contains(why)
         },
         why,
-        Duration::from_secs(10),
+        Duration::from_secs(30),
     );
     let (response, _, _) = stamp(server, work);
     assert_eq!(response.status, 2, "{why}: {:?}", response.status_text);
@@ -125,7 +126,7 @@ fn the_kernel_clock_is_trusted_only_while_the_kernel_vouches_for_it() {
     let library = common::preload_library("tests/clock_support/adjtimex.c", tools.path());
     let kernel = Kernel(tools.path().join("kernel-state"));
     kernel.set(TIME_ERROR, STA_UNSYNC, 16_000_000, 0);
-    let _chronyd = FakeDaemon::start(tools.path());
+    let chronyd = FakeDaemon::start(tools.path());
     let dir = Server::init(&[], "");
     let path = dir.path().join("tsa.toml");
     let mut config: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
@@ -188,4 +189,10 @@ fn the_kernel_clock_is_trusted_only_while_the_kernel_vouches_for_it() {
     assert_grants(&server, w, 1_000_000);
     kernel.set(TIME_ERROR, STA_UNSYNC, 16_000_000, 0);
     assert_refuses(&server, w, "STA_UNSYNC");
+
+    // Synchronized, until the daemon that keeps the bound goes away (looked for every 10 s).
+    kernel.set(TIME_OK, STA_PLL, 1_000, 0);
+    assert_grants(&server, w, 1_000_000);
+    drop(chronyd);
+    assert_refuses(&server, w, "no time daemon");
 }

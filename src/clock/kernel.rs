@@ -3,13 +3,18 @@
 //! `adjtimex(2)` with no modes reads the kernel's NTP state: `STA_UNSYNC` (or the return value
 //! `TIME_ERROR`) means nothing disciplines the clock, and `maxerror` is the time daemon's
 //! bound on its error when it last updated the clock, which the kernel grows by 500 ppm while
-//! no daemon updates it. The bound taken is that plus the offset the kernel's PLL still has to
+//! no daemon updates it (500 µs once a second, so a reading can be up to 500 µs behind: it is
+//! added). The bound taken is that plus the offset the kernel's PLL still has to
 //! slew (`offset`, which ntpd and systemd-timesyncd hand to the kernel and `maxerror` leaves
 //! out). What the kernel cannot tell, and so neither can this source:
 //! - chronyd slews the clock itself and writes `maxerror` as its root distance alone; its own
 //!   bound adds the offset still to slew (`chronyc tracking`'s "System time"), which is
-//!   usually well below the root distance but, after a disturbance, up to `makestep`'s
-//!   threshold for the seconds its slew takes;
+//!   usually well below the root distance, but after a disturbance found at an update (a
+//!   virtual machine paused or migrated, the network back after an outage) is whatever
+//!   chronyd found, for the minutes its slew takes: `makestep` steps (and a step marks the
+//!   kernel unsynchronized) only in its first updates unless its limit is -1. Where tokens
+//!   must hold their accuracy through such events, use the disciplined clock, or run chronyd
+//!   with `makestep <threshold> -1` and a threshold well inside the declared accuracy;
 //! - systemd-timesyncd writes `maxerror` 0 at each update (it keeps no error estimate), so
 //!   there is no bound at all: where it runs, this source refuses (see [`time_daemons`]), and
 //!   so it does where it sees no daemon that keeps one (chronyd, ntpd): a container that
@@ -103,17 +108,18 @@ pub struct KernelClock<A: KernelApi = Adjtimex> {
     daemons: DaemonWatch,
 }
 
-/// The time daemons as last seen, looked for again while none that keeps a bound is (it may
-/// start after the TSA, or be restarted by an upgrade): every reading is refused meanwhile.
+/// The time daemons as last seen, looked for again every [`LOOK_AGAIN`]: while none that keeps
+/// a bound is seen (it may start after the TSA, or be restarted by an upgrade) every reading is
+/// refused, and a daemon that goes away is missed within that time.
 struct DaemonWatch {
     /// 0: a daemon that keeps a bound is seen; else the refusal's `Verdict` + 1.
     refusal: AtomicU8,
-    /// When to look again while refusing (Unix ns).
+    /// When to look again (Unix ns).
     next_look_ns: AtomicU64,
     look: Box<dyn Fn() -> Vec<&'static str> + Send + Sync>,
 }
 
-/// While refusing for want of a daemon, how often the processes are looked through again.
+/// How often the processes are looked through again.
 const LOOK_AGAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl DaemonWatch {
@@ -131,7 +137,7 @@ impl DaemonWatch {
     fn trusting() -> Self {
         Self {
             refusal: AtomicU8::new(0),
-            next_look_ns: AtomicU64::new(0),
+            next_look_ns: AtomicU64::new(u64::MAX),
             look: Box::new(Vec::new),
         }
     }
@@ -157,11 +163,12 @@ impl DaemonWatch {
         }
     }
 
-    /// The refusal in force at `now_ns` (looking again when it is due).
+    /// The refusal in force at `now_ns`, looking again when it is due: while refusing (a
+    /// daemon started later), and while trusting (a daemon stopped, or one that keeps no bound
+    /// taking over: removing chrony enables systemd-timesyncd again on some distributions).
+    /// The reading that finds it due pays for the look (a few hundred small reads of `/proc`,
+    /// once every [`LOOK_AGAIN`]).
     fn refusal(&self, now_ns: u64) -> Option<Verdict> {
-        if self.refusal.load(Ordering::Relaxed) == 0 {
-            return None;
-        }
         let due = self.next_look_ns.load(Ordering::Relaxed);
         let next = now_ns.saturating_add(LOOK_AGAIN.as_nanos() as u64);
         if now_ns >= due
@@ -342,6 +349,9 @@ fn reason(verdict: Verdict) -> Arc<str> {
 
 const NS_PER_S: u64 = 1_000_000_000;
 
+/// How far `maxerror` can be behind: the kernel grows it by 500 µs once a second.
+const MAX_ERROR_LAG_US: u64 = 500;
+
 /// Within a second of a UTC midnight: from 23:59:59 to 00:00:01.
 fn near_midnight(unix_ns: u64) -> bool {
     let into_day = unix_ns % (86_400 * NS_PER_S);
@@ -410,6 +420,7 @@ impl<A: KernelApi> KernelClock<A> {
             unix_ns: state.unix_ns,
             bound_ns: match verdict {
                 Verdict::Synchronized => (state.max_error_us as u64)
+                    .saturating_add(MAX_ERROR_LAG_US)
                     .saturating_mul(1_000)
                     .saturating_add(state.offset_ns.unsigned_abs()),
                 _ => u64::MAX,
@@ -469,7 +480,8 @@ mod tests {
                 ..state(5, libc::TIME_OK, libc::STA_PLL)
             });
             assert_eq!(r.state, SyncState::Synchronized);
-            assert_eq!(r.bound_ns, 1_750_000);
+            // maxerror 1.5 ms, the 0.5 ms it may lag, the offset.
+            assert_eq!(r.bound_ns, 2_250_000);
         }
     }
 
@@ -502,7 +514,7 @@ mod tests {
         }
         set_max_error(900);
         let r = clock.read();
-        assert_eq!((r.state, r.bound_ns), (SyncState::Synchronized, 900_000));
+        assert_eq!((r.state, r.bound_ns), (SyncState::Synchronized, 1_400_000));
         set_max_error(1_400);
         assert_eq!(clock.read().state, SyncState::Synchronized);
     }
@@ -526,7 +538,7 @@ mod tests {
     }
 
     #[test]
-    fn a_daemon_that_starts_after_the_tsa_is_found() {
+    fn a_daemon_that_starts_after_the_tsa_is_found_and_one_that_stops_is_missed() {
         let running = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let watch = DaemonWatch::new({
             let running = running.clone();
@@ -543,6 +555,10 @@ mod tests {
         assert_eq!(watch.refusal(t + S), Some(Verdict::NoDaemon));
         assert_eq!(watch.refusal(t + 12 * S), None);
         assert_eq!(watch.refusal(t + 13 * S), None);
+        // And missed once it has gone, while trusting too.
+        running.store(false, Ordering::Relaxed);
+        assert_eq!(watch.refusal(t + 14 * S), None);
+        assert_eq!(watch.refusal(t + 23 * S), Some(Verdict::NoDaemon));
     }
 
     #[test]
@@ -623,10 +639,10 @@ mod tests {
     }
 
     #[test]
-    fn synchronized_kernel_gives_its_max_error() {
+    fn synchronized_kernel_gives_its_max_error_and_the_half_millisecond_it_may_lag() {
         let r = KernelClock::<Adjtimex>::judge(state(5, libc::TIME_OK, 0));
         assert_eq!(r.state, SyncState::Synchronized);
-        assert_eq!(r.bound_ns, 1_500_000);
+        assert_eq!(r.bound_ns, 2_000_000);
     }
 
     #[test]
