@@ -177,7 +177,7 @@ fn losing_every_source_ends_in_refusal_when_the_bound_passes_the_accuracy() {
     every_source_lost(|b| b.silent = true);
 }
 
-/// Every server turns to refusing us (kiss-o'-death DENY): each source's task ends, and the
+/// Every server turns to refusing us (kiss-o'-death DENY): each source is left alone, and the
 /// clock goes on without them, through holdover to refusal, its status and events kept up.
 #[test]
 fn every_server_refusing_us_ends_in_holdover_then_refusal_observed() {
@@ -596,7 +596,7 @@ fn unsynchronized_leap_indicator_and_kiss_of_death_make_sources_unusable() {
         "three selected and two unusable sources",
         Duration::from_secs(5),
     );
-    // DENY: polled once, never again.
+    // DENY: polled once, and not again for an hour.
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(
         servers[4]

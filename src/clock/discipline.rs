@@ -395,7 +395,8 @@ impl Discipline {
         }
     }
 
-    /// `source` will answer no more (an NTP server's kiss-o'-death DENY or RSTR): unreachable
+    /// `source` will not answer for a long while (an NTP server's kiss-o'-death DENY or RSTR,
+    /// after which it is asked again only hours later): unreachable
     /// now rather than after its reach register empties, so that its samples leave the
     /// selection at the next update (as an unreachable source's do).
     pub fn gone(&mut self, source: usize) {

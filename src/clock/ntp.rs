@@ -3,7 +3,10 @@
 //! sntpc already discards replies with leap indicator 3, stratum 0 or ≥ 16, a zero transmit
 //! time, an origin mismatch or a kiss-o'-death. This adapter honours kiss-o'-death: `RATE`
 //! doubles the poll interval (each good reply later halves it again, down to the configured
-//! one), `DENY` and `RSTR` stop polling the server. Timestamps come from
+//! one), `DENY` and `RSTR` stop polling the server for an hour, then for twice as long at each
+//! refusal up to a day (RFC 5905 has the client stop; asking again that seldom costs the server
+//! nothing, and a refusal that was a mistake of the server's, or forged, does not take the
+//! source away until the TSA restarts). Timestamps come from
 //! the local clock, so offsets are UTC − local, as the discipline wants them. A reply whose
 //! precision is worse than a second (2^precision s with precision > 0: no real clock, and
 //! useless to a TSA that must hold 1 s), or whose sample is otherwise implausible
@@ -31,6 +34,11 @@ pub struct NtpServer {
 /// The longest poll interval kiss-o'-death `RATE` can push a server to.
 const MAX_POLL: Duration = Duration::from_secs(1024);
 
+/// How long a server that refused us (kiss-o'-death `DENY` or `RSTR`) is left alone at first,
+/// and at most.
+const DENIED_PAUSE: Duration = Duration::from_secs(3_600);
+const MAX_DENIED_PAUSE: Duration = Duration::from_secs(86_400);
+
 #[derive(Clone, Copy)]
 struct LocalTimestamps {
     clock: LocalClock,
@@ -57,10 +65,13 @@ pub async fn poll(
     tx: mpsc::Sender<SourceMessage>,
 ) {
     let mut interval = server.poll;
+    // While the server refuses us: how long we left it alone the last time.
+    let mut denied: Option<Duration> = None;
     loop {
         let message = match exchange(&server, clock).await {
             Ok(sample) => {
                 interval = after_reply(interval, server.poll);
+                denied = None;
                 SourceMessage::Sample(id, sample)
             }
             Err(Failure::Kod(KissOfDeathCode::Rate)) => {
@@ -69,9 +80,14 @@ pub async fn poll(
                 SourceMessage::Missed(id)
             }
             Err(Failure::Kod(code @ (KissOfDeathCode::Deny | KissOfDeathCode::Rstr))) => {
-                tracing::error!(event = "ntp_kod", server = %server.addr, code = ?code, "kiss-o'-death: the server refuses us; no longer polled");
-                let _ = tx.send(SourceMessage::Gone(id)).await;
-                return;
+                let pause = after_denial(denied);
+                denied = Some(pause);
+                tracing::error!(event = "ntp_kod", server = %server.addr, code = ?code, retry_s = pause.as_secs(), "kiss-o'-death: the server refuses us; not polled until the retry");
+                if tx.send(SourceMessage::Gone(id)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                continue;
             }
             Err(failure) => {
                 tracing::debug!(server = %server.addr, %failure, "NTP poll failed");
@@ -88,6 +104,12 @@ pub async fn poll(
 /// The poll interval after a kiss-o'-death `RATE`: doubled, up to [`MAX_POLL`].
 fn after_rate(interval: Duration) -> Duration {
     (interval * 2).min(MAX_POLL)
+}
+
+/// How long to leave a server alone after it refused us, `last` the pause after its refusal
+/// before (none: it answered since): an hour, then twice the last, up to a day.
+fn after_denial(last: Option<Duration>) -> Duration {
+    last.map_or(DENIED_PAUSE, |last| (last * 2).min(MAX_DENIED_PAUSE))
 }
 
 /// The poll interval after a good reply: halved, back down to the configured one (a server
@@ -203,6 +225,18 @@ mod tests {
             interval = after_reply(interval, configured);
             assert_eq!(interval, Duration::from_secs(expected));
         }
+    }
+
+    #[test]
+    fn a_server_that_refuses_us_is_asked_again_ever_more_seldom() {
+        let mut last = None;
+        for hours in [1, 2, 4, 8, 16, 24, 24] {
+            let pause = after_denial(last);
+            assert_eq!(pause, Duration::from_secs(hours * 3_600));
+            last = Some(pause);
+        }
+        // It answered meanwhile: an hour again at its next refusal.
+        assert_eq!(after_denial(None), DENIED_PAUSE);
     }
 
     #[test]
