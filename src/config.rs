@@ -580,6 +580,9 @@ pub struct ClockConfig {
     pub max_accuracy_ms: u64,
     /// The accuracy the development clock claims for the system clock.
     pub development_accuracy_ms: u64,
+    /// chronyd's command port, asked for its correction still to slew by the kernel clock
+    /// where chronyd disciplines it (`src/clock/chronyd.rs`).
+    pub chronyd_command: SocketAddr,
     /// NTP servers (`host:port`) of the disciplined clock; independent operators.
     pub ntp_servers: Vec<String>,
     /// How often each NTP server is polled, and how often the discipline updates.
@@ -616,6 +619,7 @@ impl Default for ClockConfig {
             source: ClockSource::Kernel,
             max_accuracy_ms: 1_000,
             development_accuracy_ms: 100,
+            chronyd_command: "127.0.0.1:323".parse().expect("static"),
             ntp_servers: vec![],
             poll_interval_ms: 16_000,
             ntp_timeout_ms: 1_000,

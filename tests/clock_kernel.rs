@@ -1,22 +1,32 @@
 //! The kernel clock source (`[clock] source = "kernel"`) of a real `tsa serve`, whatever the
 //! host's own clock state: the server runs with `clock_support/adjtimex.c` preloaded, which
 //! answers its adjtimex(2) reads from a state this test writes (the time itself stays the
-//! system's), beside a process named `chronyd` (a copy of `sleep`) for the time daemon the
-//! source looks for. Unsynchronized, past the declared accuracy, and inserting a leap second,
-//! every request is `timeNotAvailable` and the server is not ready, as it is once the daemon
-//! has gone; synchronized, each token's accuracy covers the kernel's `maxerror` and the offset
-//! it has still to slew.
+//! system's), beside a real `chronyd -x` (which never touches the clock) following an NTP
+//! server of the test's, whose correction still to slew the source reads from its command
+//! port. Unsynchronized, past the declared accuracy, inserting a leap second, and while
+//! chronyd has a correction larger than the accuracy to slew, every request is
+//! `timeNotAvailable` and the server is not ready, as it is once chronyd has gone;
+//! synchronized, each token's accuracy covers the kernel's `maxerror`, the offset the kernel
+//! has still to slew and chronyd's.
 
+#[path = "common/chrony.rs"]
+mod chrony;
 #[path = "common/clock.rs"]
 mod clock;
 mod common;
+#[path = "common/ntp.rs"]
+mod ntp;
+#[path = "common/ports.rs"]
+mod ports;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
+use chrony::Chronyd;
 use clock::{query, stamp, wait_for};
 use common::{curl_post, openssl, Server, TSA};
+use ntp::{Behaviour, NtpServer};
 use tsa::client::read::Response;
 use tsa::protocol::FailInfo;
 
@@ -39,25 +49,6 @@ impl Kernel {
         let next = self.0.with_extension("next");
         std::fs::write(&next, format!("{rc} {status} {max_error_us} {offset_us}\n")).unwrap();
         std::fs::rename(&next, &self.0).unwrap();
-    }
-}
-
-/// A process that the kernel source takes for chronyd; killed when dropped.
-struct FakeDaemon(Child);
-
-impl FakeDaemon {
-    /// A copy of `sleep` named chronyd in `dir` (one where executing is allowed).
-    fn start(dir: &Path) -> Self {
-        let fake = dir.join("chronyd");
-        std::fs::copy("/bin/sleep", &fake).unwrap();
-        Self(Command::new(&fake).arg("600").spawn().unwrap())
-    }
-}
-
-impl Drop for FakeDaemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -126,13 +117,16 @@ fn the_kernel_clock_is_trusted_only_while_the_kernel_vouches_for_it() {
     let library = common::preload_library("tests/clock_support/adjtimex.c", tools.path());
     let kernel = Kernel(tools.path().join("kernel-state"));
     kernel.set(TIME_ERROR, STA_UNSYNC, 16_000_000, 0);
-    let chronyd = FakeDaemon::start(tools.path());
+    let upstream = NtpServer::start(Behaviour::default());
+    let chronyd = Chronyd::following(upstream.addr);
     let dir = Server::init(&[], "");
     let path = dir.path().join("tsa.toml");
     let mut config: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
     let clock = config["clock"].as_table_mut().unwrap();
     clock.insert("source".into(), "kernel".into());
     clock.insert("max_accuracy_ms".into(), (MAX_ACCURACY_MS as i64).into());
+    let command = chronyd.command.expect("a command port").to_string();
+    clock.insert("chronyd_command".into(), command.into());
     std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
     let server = Server::serve_with_env(
         dir,
@@ -190,9 +184,18 @@ fn the_kernel_clock_is_trusted_only_while_the_kernel_vouches_for_it() {
     kernel.set(TIME_ERROR, STA_UNSYNC, 16_000_000, 0);
     assert_refuses(&server, w, "STA_UNSYNC");
 
-    // Synchronized, until the daemon that keeps the bound goes away (looked for every 10 s).
+    // chronyd finds its server 2 s ahead and has that to slew (with -x it never does): the
+    // kernel's maxerror leaves it out, the source does not.
     kernel.set(TIME_OK, STA_PLL, 1_000, 0);
     assert_grants(&server, w, 1_000_000);
+    upstream.set(|b| b.offset_ns = 2_000_000_000);
+    assert_refuses(&server, w, "accuracy");
+    upstream.set(|b| b.offset_ns = 0);
+    assert_grants(&server, w, 1_000_000);
+
+    // The daemon that keeps the bound goes away: its correction is unknown at once, and the
+    // daemon is missed within the 10 s between looks.
     drop(chronyd);
+    assert_refuses(&server, w, "chronyd's correction");
     assert_refuses(&server, w, "no time daemon");
 }

@@ -6,15 +6,13 @@
 //! no daemon updates it (500 µs once a second, so a reading can be up to 500 µs behind: it is
 //! added). The bound taken is that plus the offset the kernel's PLL still has to
 //! slew (`offset`, which ntpd and systemd-timesyncd hand to the kernel and `maxerror` leaves
-//! out). What the kernel cannot tell, and so neither can this source:
-//! - chronyd slews the clock itself and writes `maxerror` as its root distance alone; its own
-//!   bound adds the offset still to slew (`chronyc tracking`'s "System time"), which is
-//!   usually well below the root distance, but after a disturbance found at an update (a
-//!   virtual machine paused or migrated, the network back after an outage) is whatever
-//!   chronyd found, for the minutes its slew takes: `makestep` steps (and a step marks the
-//!   kernel unsynchronized) only in its first updates unless its limit is -1. Where tokens
-//!   must hold their accuracy through such events, use the disciplined clock, or run chronyd
-//!   with `makestep <threshold> -1` and a threshold well inside the declared accuracy;
+//! out). chronyd slews the clock itself and writes `maxerror` as its root distance alone,
+//! leaving out the offset it has still to slew: usually well below the root distance, but after
+//! a disturbance found at an update (a virtual machine paused or migrated, the network back
+//! after an outage) whatever chronyd found, for the minutes its slew takes. So where chronyd is
+//! the daemon, its correction still to slew is read from its command port
+//! (`clock.chronyd_command`, [`super::chronyd`]) and added, and while it is not known every
+//! reading is refused. What the kernel cannot tell, and so neither can this source:
 //! - systemd-timesyncd writes `maxerror` 0 at each update (it keeps no error estimate), so
 //!   there is no bound at all: where it runs, this source refuses (see [`time_daemons`]), and
 //!   so it does where it sees no daemon that keeps one (chronyd, ntpd): a container that
@@ -35,9 +33,11 @@
 //! The adapter is thin: the decisions are [`KernelClock::judge`] and `Resume::check`, which
 //! tests reach through injected readings.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::chronyd::Correction;
 use super::local::{self, suspended_between};
 use super::{system_unix_ns, Reading, SyncState, TimeSource};
 
@@ -52,6 +52,9 @@ pub struct KernelState {
     pub status: i32,
     /// The kernel's maximum error, in microseconds.
     pub max_error_us: i64,
+    /// The daemon's estimated error, in microseconds: written at each update, unchanged by
+    /// the kernel between them.
+    pub est_error_us: i64,
     /// The offset the kernel's PLL has still to slew, in nanoseconds.
     pub offset_ns: i64,
 }
@@ -75,6 +78,7 @@ impl KernelApi for Adjtimex {
             rc,
             status: tx.status,
             max_error_us: tx.maxerror,
+            est_error_us: tx.esterror,
             // Microseconds unless the daemon switched the kernel to nanoseconds.
             offset_ns: if tx.status & libc::STA_NANO != 0 {
                 tx.offset
@@ -105,7 +109,10 @@ pub struct KernelClock<A: KernelApi = Adjtimex> {
     suspended: Box<dyn Fn() -> u64 + Send + Sync>,
     resume: Resume,
     /// Whether a daemon that keeps a bound is seen (see [`DaemonWatch`]).
-    daemons: DaemonWatch,
+    daemons: Arc<DaemonWatch>,
+    /// chronyd's remaining correction, added to the bound while chronyd is seen (none for an
+    /// injected kernel).
+    chronyd: Option<Correction>,
 }
 
 /// The time daemons as last seen, looked for again every [`LOOK_AGAIN`]: while none that keeps
@@ -116,6 +123,8 @@ struct DaemonWatch {
     refusal: AtomicU8,
     /// When to look again (Unix ns).
     next_look_ns: AtomicU64,
+    /// Whether chronyd is among the daemons seen: its correction counts then.
+    chronyd: AtomicBool,
     look: Box<dyn Fn() -> Vec<&'static str> + Send + Sync>,
 }
 
@@ -127,6 +136,7 @@ impl DaemonWatch {
         let watch = Self {
             refusal: AtomicU8::new(0),
             next_look_ns: AtomicU64::new(0),
+            chronyd: AtomicBool::new(false),
             look,
         };
         watch.look_now(true);
@@ -138,6 +148,7 @@ impl DaemonWatch {
         Self {
             refusal: AtomicU8::new(0),
             next_look_ns: AtomicU64::new(u64::MAX),
+            chronyd: AtomicBool::new(false),
             look: Box::new(Vec::new),
         }
     }
@@ -145,6 +156,8 @@ impl DaemonWatch {
     /// Looks through the processes and logs what changed (everything, at start).
     fn look_now(&self, start: bool) {
         let daemons = (self.look)();
+        self.chronyd
+            .store(daemons.contains(&"chronyd"), Ordering::Relaxed);
         let refusal = verdict_without(&daemons);
         let code = refusal.map_or(0, |v| v as u8 + 1);
         let was = self.refusal.swap(code, Ordering::Relaxed);
@@ -315,10 +328,11 @@ enum Verdict {
     Resumed,
     NoBound,
     NoDaemon,
+    CorrectionUnknown,
 }
 
 fn reason(verdict: Verdict) -> Arc<str> {
-    static REASONS: [OnceLock<Arc<str>>; 6] = [const { OnceLock::new() }; 6];
+    static REASONS: [OnceLock<Arc<str>>; 7] = [const { OnceLock::new() }; 7];
     REASONS[verdict as usize]
         .get_or_init(|| {
             match verdict {
@@ -341,6 +355,11 @@ fn reason(verdict: Verdict) -> Arc<str> {
                      this host's processes, so the kernel's maxerror is no bound: run one where \
                      the TSA can see it, or use the disciplined clock"
                 }
+                Verdict::CorrectionUnknown => {
+                    "chronyd's correction still to slew (chronyc tracking's System time) is not \
+                     known: its command port (clock.chronyd_command) does not answer, or it has \
+                     just updated the clock"
+                }
             }
             .into()
         })
@@ -359,22 +378,25 @@ fn near_midnight(unix_ns: u64) -> bool {
 }
 
 impl KernelClock<Adjtimex> {
-    /// The kernel's clock, as the time daemons running now leave it (see [`time_daemons`]).
-    pub fn new() -> Self {
-        Self::under(Box::new(time_daemons))
+    /// The kernel's clock, as the time daemons running now leave it (see [`time_daemons`]),
+    /// with chronyd's remaining correction read from its command port `chronyd` where chronyd
+    /// is the daemon.
+    pub fn new(chronyd: SocketAddr) -> Self {
+        let mut clock = Self::under(Box::new(time_daemons));
+        let daemons = Arc::clone(&clock.daemons);
+        clock.chronyd = Some(Correction::watch(
+            chronyd,
+            || Adjtimex.state(),
+            move || daemons.chronyd.load(Ordering::Relaxed),
+        ));
+        clock
     }
 
     /// The kernel's clock under the daemons `look` finds.
     fn under(look: Box<dyn Fn() -> Vec<&'static str> + Send + Sync>) -> Self {
         let mut clock = Self::with_api(Adjtimex);
-        clock.daemons = DaemonWatch::new(look);
+        clock.daemons = Arc::new(DaemonWatch::new(look));
         clock
-    }
-}
-
-impl Default for KernelClock<Adjtimex> {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -390,13 +412,14 @@ impl<A: KernelApi> KernelClock<A> {
             resume: Resume::new(suspended()),
             suspended,
             // Readings of an injected kernel (tests) are not held to a daemon.
-            daemons: DaemonWatch::trusting(),
+            daemons: Arc::new(DaemonWatch::trusting()),
+            chronyd: None,
         }
     }
 
     /// Turns what the kernel said into a reading.
     pub fn judge(state: KernelState) -> Reading {
-        Self::reading(&state, Self::verdict_of(&state))
+        Self::reading(&state, Self::verdict_of(&state), 0)
     }
 
     /// What the kernel's own state says.
@@ -414,15 +437,17 @@ impl<A: KernelApi> KernelClock<A> {
         }
     }
 
-    /// The reading `verdict` gives of `state`: its bound only when synchronized.
-    fn reading(state: &KernelState, verdict: Verdict) -> Reading {
+    /// The reading `verdict` gives of `state`: its bound only when synchronized, with
+    /// `correction_ns` still to slew besides the kernel's own.
+    fn reading(state: &KernelState, verdict: Verdict, correction_ns: u64) -> Reading {
         Reading {
             unix_ns: state.unix_ns,
             bound_ns: match verdict {
                 Verdict::Synchronized => (state.max_error_us as u64)
                     .saturating_add(MAX_ERROR_LAG_US)
                     .saturating_mul(1_000)
-                    .saturating_add(state.offset_ns.unsigned_abs()),
+                    .saturating_add(state.offset_ns.unsigned_abs())
+                    .saturating_add(correction_ns),
                 _ => u64::MAX,
             },
             state: match verdict {
@@ -446,7 +471,19 @@ impl<A: KernelApi> TimeSource for KernelClock<A> {
             .refusal(state.unix_ns)
             .or(resumed.then_some(Verdict::Resumed))
             .unwrap_or_else(|| Self::verdict_of(&state));
-        Self::reading(&state, verdict)
+        // chronyd's correction still to slew, where chronyd keeps the clock.
+        let correction = match (&self.chronyd, verdict) {
+            (Some(chronyd), Verdict::Synchronized)
+                if self.daemons.chronyd.load(Ordering::Relaxed) =>
+            {
+                chronyd.current(&state)
+            }
+            _ => Some(0),
+        };
+        match correction {
+            Some(ns) => Self::reading(&state, verdict, ns),
+            None => Self::reading(&state, Verdict::CorrectionUnknown, 0),
+        }
     }
 }
 
@@ -460,6 +497,7 @@ mod tests {
             rc,
             status,
             max_error_us: 1_500,
+            est_error_us: 100,
             offset_ns: 0,
         }
     }

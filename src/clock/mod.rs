@@ -10,6 +10,7 @@
 //! ([`kernel`]), trusted only while the kernel says it is synchronized; and an explicit
 //! development clock ([`development`]).
 
+pub mod chronyd;
 pub mod development;
 pub mod discipline;
 pub mod gps;

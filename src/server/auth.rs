@@ -445,7 +445,7 @@ impl Auth {
     /// batch is refused (taken from their shared bucket, its debt would refuse every
     /// anonymous caller until paid back at the rate, minutes for a large batch).
     /// Whether any client is named: only then do clients have shares of the batch places
-    /// ([`super::admission::ClientBatches`]).
+    /// (`admission::ClientBatches`).
     pub fn has_named_clients(&self) -> bool {
         !self.clients.is_empty()
     }

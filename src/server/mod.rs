@@ -66,7 +66,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
 
     let max_accuracy = Duration::from_millis(config.clock.max_accuracy_ms);
     let source: Box<dyn TimeSource> = match config.clock.source {
-        ClockSource::Kernel => Box::new(KernelClock::new()),
+        ClockSource::Kernel => Box::new(KernelClock::new(config.clock.chronyd_command)),
         ClockSource::Development => {
             tracing::warn!(
                 event = "development_clock",

@@ -1,3 +1,5 @@
+#![allow(dead_code)]
+
 //! Real `chronyd` instances serving NTP on loopback ports. `-x` keeps them off the system
 //! clock; `local stratum 1` makes each serve its own clock.
 
@@ -7,6 +9,8 @@ use std::time::Duration;
 
 pub struct Chronyd {
     pub addr: SocketAddr,
+    /// Its command port (`chronyc tracking` and the like), where it has one.
+    pub command: Option<SocketAddr>,
     child: Child,
     _dir: tempfile::TempDir,
 }
@@ -24,13 +28,33 @@ fn is_root() -> bool {
 
 impl Chronyd {
     pub fn start() -> Chronyd {
+        Self::with("cmdport 0\nlocal stratum 1\n", None)
+    }
+
+    /// A chronyd that follows `server` (polled 16 times a second; with `-x` it only counts the
+    /// correction it would slew, "System time" in `chronyc tracking`) and answers commands on
+    /// a loopback port of its own.
+    pub fn following(server: SocketAddr) -> Chronyd {
+        let command = free_port();
+        Self::with(
+            &format!(
+                "cmdport {command}\nbindcmdaddress 127.0.0.1\n\
+                 server {} port {} iburst minpoll -4 maxpoll -4\n",
+                server.ip(),
+                server.port()
+            ),
+            Some(format!("127.0.0.1:{command}").parse().unwrap()),
+        )
+    }
+
+    fn with(extra: &str, command: Option<SocketAddr>) -> Chronyd {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = dir.path().join("chrony.conf");
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbindaddress 127.0.0.1\ncmdport 0\nlocal stratum 1\nallow 127.0.0.1\n\
+                "port {port}\nbindaddress 127.0.0.1\n{extra}allow 127.0.0.1\n\
                  pidfile {0}/chronyd.pid\ndriftfile {0}/drift\n",
                 dir.path().display()
             ),
@@ -49,6 +73,7 @@ impl Chronyd {
         std::thread::sleep(Duration::from_millis(300));
         Chronyd {
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            command,
             child,
             _dir: dir,
         }

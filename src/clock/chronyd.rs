@@ -1,0 +1,351 @@
+//! chronyd's remaining correction, which the kernel clock ([`super::kernel`]) adds to its bound.
+//!
+//! chronyd slews the system clock itself and writes the kernel's `maxerror` as its root
+//! distance alone, leaving out the offset it has still to slew: small in steady state, but
+//! after a disturbance it finds at an update (a virtual machine paused or migrated, the network
+//! back after an outage) whatever it found, for the minutes the slew takes. Its command port
+//! answers `tracking` to unprivileged clients on loopback (127.0.0.1:323 by default), whose
+//! "System time" is that correction. [`Correction`] asks for it on a thread of its own, a few
+//! times a second, and gives it to a reading only while it still holds: read less than
+//! [`MAX_AGE`] ago, and the daemon has not updated the clock since (each update writes the
+//! kernel's `esterror` and `maxerror` anew; between updates `esterror` stays and `maxerror`
+//! only grows). A reading that sees an update wakes the thread, and is refused meanwhile.
+//!
+//! The request and reply are chrony's command protocol, version 6 (`candm.h`): a 20-octet
+//! request header padded to the reply's length (chronyd answers no request shorter than its
+//! reply), and a 28-octet reply header before the tracking report, whose numbers are chrony's
+//! 32-bit floats (a 7-bit exponent over a 25-bit coefficient, both signed).
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+
+use super::kernel::KernelState;
+
+/// How long a correction read is trusted at most.
+pub const MAX_AGE: Duration = Duration::from_secs(2);
+/// How often the thread asks while no reading wakes it.
+const POLL: Duration = Duration::from_millis(250);
+/// How long an answer is waited for.
+const TIMEOUT: Duration = Duration::from_millis(200);
+
+/// chrony's command protocol: version, packet types, the tracking command and its reply.
+const VERSION: u8 = 6;
+const REQUEST: u8 = 1;
+const REPLY: u8 = 2;
+const REQ_TRACKING: u16 = 33;
+const RPY_TRACKING: u16 = 5;
+const STATUS_SUCCESS: u16 = 0;
+const REQUEST_HEADER: usize = 20;
+const REPLY_HEADER: usize = 28;
+/// The tracking report: reference id, address (20 octets), stratum, leap status, reference
+/// time (12), then nine floats, the first of them the current correction.
+const TRACKING_BODY: usize = 4 + 20 + 2 + 2 + 12 + 9 * 4;
+const CORRECTION_AT: usize = REPLY_HEADER + 4 + 20 + 2 + 2 + 12;
+
+/// The tracking request with sequence number `sequence`, padded to the reply's length.
+fn tracking_request(sequence: u32) -> [u8; REPLY_HEADER + TRACKING_BODY] {
+    let mut request = [0; REPLY_HEADER + TRACKING_BODY];
+    request[0] = VERSION;
+    request[1] = REQUEST;
+    request[4..6].copy_from_slice(&REQ_TRACKING.to_be_bytes());
+    request[8..12].copy_from_slice(&sequence.to_be_bytes());
+    debug_assert!(request.len() >= REQUEST_HEADER);
+    request
+}
+
+/// The current correction, in seconds, of a tracking reply to the request `sequence`.
+fn tracking_correction(reply: &[u8], sequence: u32) -> Result<f64, String> {
+    let u16_at = |at: usize| u16::from_be_bytes([reply[at], reply[at + 1]]);
+    if reply.len() < REPLY_HEADER + TRACKING_BODY {
+        return Err(format!("a reply of {} octets", reply.len()));
+    }
+    if reply[0] != VERSION || reply[1] != REPLY {
+        return Err(format!(
+            "protocol version {} packet type {}",
+            reply[0], reply[1]
+        ));
+    }
+    if u32::from_be_bytes(reply[16..20].try_into().expect("4 octets")) != sequence {
+        return Err("a reply to another request".into());
+    }
+    let (command, kind, status) = (u16_at(4), u16_at(6), u16_at(8));
+    if status != STATUS_SUCCESS {
+        return Err(format!("status {status}"));
+    }
+    if command != REQ_TRACKING || kind != RPY_TRACKING {
+        return Err(format!("reply {kind} to command {command}"));
+    }
+    let float = u32::from_be_bytes(
+        reply[CORRECTION_AT..CORRECTION_AT + 4]
+            .try_into()
+            .expect("4 octets"),
+    );
+    Ok(chrony_float(float))
+}
+
+/// chrony's 32-bit float: a signed 7-bit exponent over a signed 25-bit coefficient.
+fn chrony_float(x: u32) -> f64 {
+    const COEFFICIENT_BITS: u32 = 25;
+    let exponent = (x as i32) >> COEFFICIENT_BITS; // arithmetic: keeps the sign
+    let coefficient = ((x << 7) as i32) >> 7;
+    f64::from(coefficient) * 2f64.powi(exponent - COEFFICIENT_BITS as i32)
+}
+
+/// Asks chronyd at `server` for its current correction (seconds, signed).
+pub fn query(server: SocketAddr) -> std::io::Result<f64> {
+    let local: SocketAddr = match server {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(local)?;
+    socket.connect(server)?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    let mut sequence = [0; 4];
+    aws_lc_rs::rand::fill(&mut sequence)
+        .map_err(|_| std::io::Error::other("no random sequence number"))?;
+    let sequence = u32::from_ne_bytes(sequence);
+    socket.send(&tracking_request(sequence))?;
+    let mut reply = [0; 512];
+    let len = socket.recv(&mut reply)?;
+    tracking_correction(&reply[..len], sequence).map_err(std::io::Error::other)
+}
+
+/// The correction as last read, and the kernel's state just before.
+#[derive(Clone, Copy, Debug)]
+struct Known {
+    correction_ns: u64,
+    est_error_us: i64,
+    max_error_us: i64,
+    read_at_ns: u64,
+}
+
+struct Shared {
+    /// `None` until read, and after a failed read.
+    known: ArcSwapOption<Known>,
+    /// Set to wake the thread before its next poll.
+    wake: Mutex<bool>,
+    woken: Condvar,
+}
+
+/// chronyd's remaining correction, kept fresh by a thread of its own (see the module).
+pub struct Correction {
+    shared: Arc<Shared>,
+}
+
+impl Correction {
+    /// Starts the thread that asks chronyd at `server`, reading the kernel's state with
+    /// `kernel` before each question, while `wanted` says chronyd disciplines the clock. It
+    /// ends once the `Correction` is dropped.
+    pub fn watch(
+        server: SocketAddr,
+        kernel: impl Fn() -> KernelState + Send + 'static,
+        wanted: impl Fn() -> bool + Send + 'static,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            known: ArcSwapOption::empty(),
+            wake: Mutex::new(false),
+            woken: Condvar::new(),
+        });
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("chronyd-tracking".into())
+            .spawn(move || run(weak, server, kernel, wanted))
+            .expect("a thread for chronyd's tracking");
+        Self { shared }
+    }
+
+    /// The correction, in nanoseconds, that holds for a reading of the kernel in `state`; `None`
+    /// where none is known that does (the thread is woken to read it again).
+    pub fn current(&self, state: &KernelState) -> Option<u64> {
+        let known = self.shared.known.load();
+        let holds = known.as_deref().filter(|k| {
+            k.est_error_us == state.est_error_us
+                && state.max_error_us >= k.max_error_us
+                && state.unix_ns.saturating_sub(k.read_at_ns) < MAX_AGE.as_nanos() as u64
+        });
+        match holds {
+            Some(k) => Some(k.correction_ns),
+            None => {
+                *self.shared.wake.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                self.shared.woken.notify_one();
+                None
+            }
+        }
+    }
+}
+
+/// The thread: asks, stores, waits for the next poll or a wake-up; logs when chronyd stops
+/// answering and when it answers again.
+fn run(
+    shared: Weak<Shared>,
+    server: SocketAddr,
+    kernel: impl Fn() -> KernelState,
+    wanted: impl Fn() -> bool,
+) {
+    let mut failing = false;
+    while let Some(shared) = shared.upgrade() {
+        if wanted() {
+            let before = kernel();
+            match query(server) {
+                Ok(seconds) => {
+                    if failing {
+                        tracing::info!(%server, "chronyd's tracking is read again");
+                        failing = false;
+                    }
+                    shared.known.store(Some(Arc::new(Known {
+                        correction_ns: (seconds.abs() * 1e9).ceil() as u64,
+                        est_error_us: before.est_error_us,
+                        max_error_us: before.max_error_us,
+                        read_at_ns: before.unix_ns,
+                    })));
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::error!(
+                            event = "clock_without_bound",
+                            %server,
+                            error = %e,
+                            "chronyd's tracking cannot be read: the kernel clock refuses every \
+                             stamp until it can (clock.chronyd_command)"
+                        );
+                        failing = true;
+                    }
+                    shared.known.store(None);
+                }
+            }
+        }
+        let wake = shared.wake.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut wake, _) = shared
+            .woken
+            .wait_timeout_while(wake, POLL, |woken| !*woken)
+            .unwrap_or_else(|p| p.into_inner());
+        *wake = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tracking reply as chronyd sends it, with `correction` as its first float.
+    fn reply(sequence: u32, correction: u32) -> Vec<u8> {
+        let mut reply = vec![0; REPLY_HEADER + TRACKING_BODY];
+        reply[0] = VERSION;
+        reply[1] = REPLY;
+        reply[4..6].copy_from_slice(&REQ_TRACKING.to_be_bytes());
+        reply[6..8].copy_from_slice(&RPY_TRACKING.to_be_bytes());
+        reply[16..20].copy_from_slice(&sequence.to_be_bytes());
+        reply[CORRECTION_AT..CORRECTION_AT + 4].copy_from_slice(&correction.to_be_bytes());
+        reply
+    }
+
+    /// A chronyd stand-in on loopback that answers tracking with the correction (a chrony
+    /// float) `answer` holds, and nothing while it holds 0.
+    fn stand_in(answer: Arc<std::sync::atomic::AtomicU32>) -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut request = [0; 512];
+            while let Ok((len, from)) = socket.recv_from(&mut request) {
+                let correction = answer.load(std::sync::atomic::Ordering::SeqCst);
+                if len == REPLY_HEADER + TRACKING_BODY && correction != 0 {
+                    let sequence = u32::from_be_bytes(request[8..12].try_into().unwrap());
+                    let _ = socket.send_to(&reply(sequence, correction), from);
+                }
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_correction_holds_until_the_daemon_updates_the_clock_or_it_ages() {
+        use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+        const TWO_SECONDS: u32 = (3 << 25) | (1 << 23);
+        let answer = Arc::new(AtomicU32::new(TWO_SECONDS));
+        let now = crate::clock::system_unix_ns();
+        let kernel = Arc::new(Mutex::new(KernelState {
+            unix_ns: now,
+            rc: libc::TIME_OK,
+            status: 0,
+            max_error_us: 1_000,
+            est_error_us: 10,
+            offset_ns: 0,
+        }));
+        let read = {
+            let kernel = Arc::clone(&kernel);
+            move || *kernel.lock().unwrap()
+        };
+        let correction = Correction::watch(stand_in(Arc::clone(&answer)), read, || true);
+        let at = |unix_ns: u64, est_error_us: i64, max_error_us: i64| KernelState {
+            unix_ns,
+            est_error_us,
+            max_error_us,
+            ..*kernel.lock().unwrap()
+        };
+        let wait_for = |state: KernelState, expected: Option<u64>| {
+            for _ in 0..500 {
+                if correction.current(&state) == expected {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            panic!("{:?} never became {expected:?}", correction.current(&state));
+        };
+        wait_for(at(now, 10, 1_000), Some(2_000_000_000));
+        // maxerror grown by the kernel since: the same correction holds.
+        assert_eq!(correction.current(&at(now, 10, 1_300)), Some(2_000_000_000));
+        // The daemon updated the clock (a new esterror, or a maxerror below the one read):
+        // not until read again.
+        assert_eq!(correction.current(&at(now, 11, 1_000)), None);
+        assert_eq!(correction.current(&at(now, 10, 999)), None);
+        // Read too long ago.
+        assert_eq!(
+            correction.current(&at(now + 3_000_000_000, 10, 1_000)),
+            None
+        );
+        // The daemon's update seen by the thread: the new state holds, with the new correction.
+        *kernel.lock().unwrap() = at(now + 1, 11, 900);
+        answer.store((1 << 25) | (1 << 23), SeqCst); // 0.5 s
+        wait_for(at(now + 1, 11, 900), Some(500_000_000));
+        // chronyd stops answering: nothing holds.
+        answer.store(0, SeqCst);
+        wait_for(at(now + 1, 11, 900), None);
+    }
+
+    #[test]
+    fn chrony_floats_are_a_signed_exponent_over_a_signed_coefficient() {
+        // The coefficient's top bit (bit 24) is its sign: 2^23 × 2^(1 − 25) = 0.5.
+        assert_eq!(chrony_float((1 << 25) | (1 << 23)), 0.5);
+        assert_eq!(chrony_float((2 << 25) | (1 << 23)), 1.0);
+        assert_eq!(chrony_float(1 << 24), -0.5); // −2^24 × 2^−25
+        assert_eq!(chrony_float(0x0180_0000), -0.25); // −2^23 × 2^−25
+                                                      // Exponent −1 (0b1111111): 2^23 × 2^−26 = 0.125.
+        assert_eq!(chrony_float((0x7f << 25) | (1 << 23)), 0.125);
+        assert_eq!(chrony_float(0), 0.0);
+    }
+
+    #[test]
+    fn the_request_is_padded_to_the_reply_and_the_reply_is_checked() {
+        let request = tracking_request(0xdead_beef);
+        assert_eq!(request.len(), 104, "chronyd answers no shorter request");
+        assert_eq!(
+            &request[..12],
+            &[6, 1, 0, 0, 0, 33, 0, 0, 0xde, 0xad, 0xbe, 0xef]
+        );
+        assert!(request[12..].iter().all(|&b| b == 0));
+
+        let two_seconds = (3 << 25) | (1 << 23); // 2^23 × 2^(3 − 25) = 2.0
+        assert_eq!(tracking_correction(&reply(7, two_seconds), 7), Ok(2.0));
+        assert!(tracking_correction(&reply(7, two_seconds), 8).is_err());
+        assert!(tracking_correction(&reply(7, two_seconds)[..100], 7).is_err());
+        let mut refused = reply(7, two_seconds);
+        refused[9] = 3; // STT_UNAUTH
+        assert!(tracking_correction(&refused, 7).is_err());
+        let mut other = reply(7, two_seconds);
+        other[7] = 2; // RPY_N_SOURCES
+        assert!(tracking_correction(&other, 7).is_err());
+    }
+}
