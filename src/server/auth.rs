@@ -444,16 +444,16 @@ impl Auth {
     /// where it is 0), where `client` is anonymous and `n` tokens are more than it: such a
     /// batch is refused (taken from their shared bucket, its debt would refuse every
     /// anonymous caller until paid back at the rate, minutes for a large batch).
-    /// Whether any client is named: only then do clients have shares of the batch places
-    /// (`admission::ClientBatches`).
-    pub fn has_named_clients(&self) -> bool {
-        !self.clients.is_empty()
-    }
-
     pub fn over_shared_burst(&self, client: &Client, n: u32) -> Option<u64> {
         let bucket = self.anonymous_bucket.as_deref()?;
         let burst = bucket.capacity / bucket.interval;
         (client.name.is_none() && u64::from(n) > burst).then_some(burst)
+    }
+
+    /// Whether any client is named: only then do clients have shares of the batch places
+    /// (`admission::ClientBatches`).
+    pub fn has_named_clients(&self) -> bool {
+        !self.clients.is_empty()
     }
 
     /// Whether `client` could take a token now, without taking it (`Err`: how long until it
