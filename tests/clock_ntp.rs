@@ -611,3 +611,49 @@ fn unsynchronized_leap_indicator_and_kiss_of_death_make_sources_unusable() {
             > 1
     );
 }
+
+/// Routine synchronizations are recorded, not only changes of state (ETSI EN 319 421): the
+/// archive holds a `clock_sync` event naming the sources the update selected.
+#[test]
+fn routine_synchronizations_are_archived() {
+    let servers = ntp_servers(3, 0);
+    let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+    let server = clock::tsa_disciplined_init(&["--archive"], &addrs, "");
+    wait_for(
+        || ready(&server),
+        "synchronization",
+        Duration::from_secs(10),
+    );
+    let work = tempfile::tempdir().unwrap();
+    query(work.path());
+    let events = || {
+        // A token's commit takes the events queued before it along.
+        assert!(stamp(&server, work.path()).0.granted());
+        let out = common::ok(
+            std::process::Command::new(common::TSA)
+                .args(["archive", "--config"])
+                .arg(server.path("tsa.toml"))
+                .arg("events")
+                .env("RUST_LOG", "error"),
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let mut listed = String::new();
+    wait_for(
+        || {
+            listed = events();
+            listed.contains("clock_sync")
+        },
+        "a clock_sync event in the archive",
+        Duration::from_secs(20),
+    );
+    let line = listed
+        .lines()
+        .find(|l| l.contains("clock_sync"))
+        .unwrap()
+        .to_string();
+    for addr in &addrs {
+        assert!(line.contains(&addr.to_string()), "{addr} not in {line}");
+    }
+    assert!(line.contains("bound_ns"), "{line}");
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
-use super::discipline::{Discipline, DisciplineConfig, Event, Snapshot, SourceSpec};
+use super::discipline::{Discipline, DisciplineConfig, Event, Selection, Snapshot, SourceSpec};
 use super::gps::{self, GpsdSource};
 use super::local::{self, suspended_between, LocalClock, WallClockWatch};
 use super::nmea::{self, NmeaSource};
@@ -295,6 +295,7 @@ async fn run(
         .collect();
     let mut sources_running = true;
     let mut suspended = clock.published.load().suspended_ns;
+    let mut synchronizations = Synchronizations::default();
     loop {
         // Changes that come without an update (silence, the bound passing the declared
         // accuracy, a leap second's window) are observed when they are due.
@@ -316,8 +317,8 @@ async fn run(
                     Some(SourceMessage::Sample(id, sample)) => discipline.sample(id, sample),
                     Some(SourceMessage::Missed(id)) => discipline.missed(id),
                     Some(SourceMessage::Gone(id)) => discipline.gone(id),
-                    // Every source's task ended (each server refused us): the updates go on
-                    // without samples, so that the loss of sync is observed and logged.
+                    // Every source's task ended: the updates go on without samples, so that
+                    // the loss of sync is observed and logged.
                     None => sources_running = false,
                 }
             }
@@ -334,6 +335,7 @@ async fn run(
                     system: Some(discipline.system_view(now)),
                     sources: discipline.source_views(now),
                 };
+                synchronizations.after_update(now, utc, &views);
                 *clock.status.lock().unwrap_or_else(|p| p.into_inner()) = (render(&discipline, now), views);
             }
             _ = wall_tick.tick() => {
@@ -356,6 +358,50 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+/// The record of routine synchronizations (ETSI EN 319 421 asks for the normal ones too, not
+/// only the changes of state): after an update that set the model from a selection, one
+/// `clock_sync` event (so archived) at most every [`Synchronizations::EVERY`], with what the
+/// update found.
+#[derive(Default)]
+struct Synchronizations {
+    /// Local time of the last record.
+    last: Option<u64>,
+}
+
+impl Synchronizations {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    fn after_update(&mut self, now: u64, utc_ns: u64, views: &ClockViews) {
+        let Some(system) = &views.system else {
+            return;
+        };
+        let synchronized_now =
+            system.state == super::SyncState::Synchronized && system.since_update_ns == Some(0);
+        let due = self
+            .last
+            .is_none_or(|last| now.saturating_sub(last) >= Self::EVERY.as_nanos() as u64);
+        if !(synchronized_now && due) {
+            return;
+        }
+        self.last = Some(now);
+        let selected: Vec<&str> = views
+            .sources
+            .iter()
+            .filter(|s| s.selection == Selection::Selected)
+            .map(|s| s.name.as_str())
+            .collect();
+        tracing::info!(
+            event = "clock_sync",
+            utc_ns,
+            offset_ns = system.offset_ns,
+            frequency_ppm = system.frequency_ppm,
+            bound_ns = system.bound_ns,
+            selected = ?selected,
+            "clock synchronized to the selected sources"
+        );
     }
 }
 
