@@ -5,11 +5,14 @@
 //! after a disturbance it finds at an update (a virtual machine paused or migrated, the network
 //! back after an outage) whatever it found, for the minutes the slew takes. Its command port
 //! answers `tracking` to unprivileged clients on loopback (127.0.0.1:323 by default), whose
-//! "System time" is that correction. [`Correction`] asks for it on a thread of its own, a few
+//! "System time" is that correction. [`Correction`] asks for it on a thread of its own, four
 //! times a second, and gives it to a reading only while it still holds: read less than
-//! [`MAX_AGE`] ago, and the daemon has not updated the clock since (each update writes the
-//! kernel's `esterror` and `maxerror` anew; between updates `esterror` stays and `maxerror`
-//! only grows). A reading that sees an update wakes the thread, and is refused meanwhile.
+//! [`MAX_AGE`] ago, and the daemon has not touched the clock since (each update writes the
+//! kernel's `esterror`, `maxerror` and frequency anew, and starting or ending a slew the
+//! frequency; between them `esterror` and the frequency stay and `maxerror` only grows). A
+//! reading that sees such a change asks the thread to read again and waits for it (a
+//! loopback round trip, [`REFRESH_WAIT`] at most) rather than refuse; one that finds nothing
+//! read (before the first answer, or chronyd not answering) is refused.
 //!
 //! The request and reply are chrony's command protocol, version 6 (`candm.h`): a 20-octet
 //! request header padded to the reply's length (chronyd answers no request shorter than its
@@ -30,6 +33,8 @@ pub const MAX_AGE: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(250);
 /// How long an answer is waited for.
 const TIMEOUT: Duration = Duration::from_millis(200);
+/// How long a reading that found the correction outdated waits for the thread's new one.
+pub const REFRESH_WAIT: Duration = Duration::from_millis(20);
 
 /// chrony's command protocol: version, packet types, the tracking command and its reply.
 const VERSION: u8 = 6;
@@ -119,7 +124,18 @@ struct Known {
     correction_ns: u64,
     est_error_us: i64,
     max_error_us: i64,
+    frequency: (i64, i64),
     read_at_ns: u64,
+}
+
+impl Known {
+    /// Whether the correction holds for a reading of the kernel in `state`.
+    fn holds(&self, state: &KernelState) -> bool {
+        self.est_error_us == state.est_error_us
+            && self.frequency == state.frequency
+            && state.max_error_us >= self.max_error_us
+            && state.unix_ns.saturating_sub(self.read_at_ns) < MAX_AGE.as_nanos() as u64
+    }
 }
 
 struct Shared {
@@ -128,6 +144,9 @@ struct Shared {
     /// Set to wake the thread before its next poll.
     wake: Mutex<bool>,
     woken: Condvar,
+    /// Reads done (answered or failed), for readings waiting for the next one.
+    reads: Mutex<u64>,
+    read: Condvar,
 }
 
 /// chronyd's remaining correction, kept fresh by a thread of its own (see the module).
@@ -148,74 +167,99 @@ impl Correction {
             known: ArcSwapOption::empty(),
             wake: Mutex::new(false),
             woken: Condvar::new(),
+            reads: Mutex::new(0),
+            read: Condvar::new(),
         });
+        // The first read before the first reading, so that the start is not refused.
+        let mut failing = false;
+        if wanted() {
+            ask(&shared, server, &kernel, &mut failing);
+        }
         let weak = Arc::downgrade(&shared);
         std::thread::Builder::new()
             .name("chronyd-tracking".into())
-            .spawn(move || run(weak, server, kernel, wanted))
+            .spawn(move || run(weak, server, kernel, wanted, failing))
             .expect("a thread for chronyd's tracking");
         Self { shared }
     }
 
     /// The correction, in nanoseconds, that holds for a reading of the kernel in `state`; `None`
-    /// where none is known that does (the thread is woken to read it again).
+    /// where none does. One read before the daemon last touched the clock is read again, and
+    /// waited for up to [`REFRESH_WAIT`]; none at all (chronyd not answering) is not: the
+    /// thread asks again at its next poll.
     pub fn current(&self, state: &KernelState) -> Option<u64> {
-        let known = self.shared.known.load();
-        let holds = known.as_deref().filter(|k| {
-            k.est_error_us == state.est_error_us
-                && state.max_error_us >= k.max_error_us
-                && state.unix_ns.saturating_sub(k.read_at_ns) < MAX_AGE.as_nanos() as u64
-        });
-        match holds {
-            Some(k) => Some(k.correction_ns),
-            None => {
-                *self.shared.wake.lock().unwrap_or_else(|p| p.into_inner()) = true;
-                self.shared.woken.notify_one();
-                None
-            }
+        match self.shared.known.load().as_deref() {
+            Some(known) if known.holds(state) => return Some(known.correction_ns),
+            Some(_) => {}
+            None => return None,
         }
+        let reads = self.shared.reads.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = *reads;
+        *self.shared.wake.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.shared.woken.notify_one();
+        let reads = self
+            .shared
+            .read
+            .wait_timeout_while(reads, REFRESH_WAIT, |reads| *reads == seen)
+            .unwrap_or_else(|p| p.into_inner());
+        drop(reads);
+        let known = self.shared.known.load();
+        known
+            .as_deref()
+            .filter(|k| k.holds(state))
+            .map(|k| k.correction_ns)
     }
 }
 
-/// The thread: asks, stores, waits for the next poll or a wake-up; logs when chronyd stops
-/// answering and when it answers again.
+/// Reads the kernel's state, then asks chronyd, and stores what it says (nothing, when it
+/// does not answer); tells the readings waiting for it. Logs when chronyd stops answering and
+/// when it answers again (`failing`: whether it did not the last time).
+fn ask(shared: &Shared, server: SocketAddr, kernel: &impl Fn() -> KernelState, failing: &mut bool) {
+    let before = kernel();
+    match query(server) {
+        Ok(seconds) => {
+            if *failing {
+                tracing::info!(%server, "chronyd's tracking is read again");
+                *failing = false;
+            }
+            shared.known.store(Some(Arc::new(Known {
+                correction_ns: (seconds.abs() * 1e9).ceil() as u64,
+                est_error_us: before.est_error_us,
+                max_error_us: before.max_error_us,
+                frequency: before.frequency,
+                read_at_ns: before.unix_ns,
+            })));
+        }
+        Err(e) => {
+            if !*failing {
+                tracing::error!(
+                    event = "clock_without_bound",
+                    %server,
+                    error = %e,
+                    "chronyd's tracking cannot be read: the kernel clock refuses every stamp \
+                     until it can (clock.chronyd_command)"
+                );
+                *failing = true;
+            }
+            shared.known.store(None);
+        }
+    }
+    *shared.reads.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    shared.read.notify_all();
+}
+
+/// The thread: asks at every poll, or sooner when a reading wakes it, while chronyd is the
+/// daemon; ends once the [`Correction`] is gone.
 fn run(
     shared: Weak<Shared>,
     server: SocketAddr,
     kernel: impl Fn() -> KernelState,
     wanted: impl Fn() -> bool,
+    mut failing: bool,
 ) {
-    let mut failing = false;
     while let Some(shared) = shared.upgrade() {
         if wanted() {
-            let before = kernel();
-            match query(server) {
-                Ok(seconds) => {
-                    if failing {
-                        tracing::info!(%server, "chronyd's tracking is read again");
-                        failing = false;
-                    }
-                    shared.known.store(Some(Arc::new(Known {
-                        correction_ns: (seconds.abs() * 1e9).ceil() as u64,
-                        est_error_us: before.est_error_us,
-                        max_error_us: before.max_error_us,
-                        read_at_ns: before.unix_ns,
-                    })));
-                }
-                Err(e) => {
-                    if !failing {
-                        tracing::error!(
-                            event = "clock_without_bound",
-                            %server,
-                            error = %e,
-                            "chronyd's tracking cannot be read: the kernel clock refuses every \
-                             stamp until it can (clock.chronyd_command)"
-                        );
-                        failing = true;
-                    }
-                    shared.known.store(None);
-                }
-            }
+            ask(&shared, server, &kernel, &mut failing);
         }
         let wake = shared.wake.lock().unwrap_or_else(|p| p.into_inner());
         let (mut wake, _) = shared
@@ -272,6 +316,7 @@ mod tests {
             status: 0,
             max_error_us: 1_000,
             est_error_us: 10,
+            frequency: (0, 10_000),
             offset_ns: 0,
         }));
         let read = {
@@ -297,19 +342,25 @@ mod tests {
         wait_for(at(now, 10, 1_000), Some(2_000_000_000));
         // maxerror grown by the kernel since: the same correction holds.
         assert_eq!(correction.current(&at(now, 10, 1_300)), Some(2_000_000_000));
-        // The daemon updated the clock (a new esterror, or a maxerror below the one read):
-        // not until read again.
+        // A state the correction was not read in (a new esterror or frequency, a maxerror
+        // below the one read, too long ago) is read again, and refused while the kernel the
+        // thread reads does not match it.
         assert_eq!(correction.current(&at(now, 11, 1_000)), None);
         assert_eq!(correction.current(&at(now, 10, 999)), None);
-        // Read too long ago.
+        let slewing = KernelState {
+            frequency: (65_536, 10_000),
+            ..at(now, 10, 1_000)
+        };
+        assert_eq!(correction.current(&slewing), None);
         assert_eq!(
             correction.current(&at(now + 3_000_000_000, 10, 1_000)),
             None
         );
-        // The daemon's update seen by the thread: the new state holds, with the new correction.
-        *kernel.lock().unwrap() = at(now + 1, 11, 900);
+        // The daemon updates the clock, and its new correction is read for the very reading
+        // that sees the update: it waits for it rather than refuse.
         answer.store((1 << 25) | (1 << 23), SeqCst); // 0.5 s
-        wait_for(at(now + 1, 11, 900), Some(500_000_000));
+        *kernel.lock().unwrap() = at(now + 1, 11, 900);
+        assert_eq!(correction.current(&at(now + 1, 11, 900)), Some(500_000_000));
         // chronyd stops answering: nothing holds.
         answer.store(0, SeqCst);
         wait_for(at(now + 1, 11, 900), None);

@@ -11,8 +11,9 @@
 //! a disturbance found at an update (a virtual machine paused or migrated, the network back
 //! after an outage) whatever chronyd found, for the minutes its slew takes. So where chronyd is
 //! the daemon, its correction still to slew is read from its command port
-//! (`clock.chronyd_command`, [`super::chronyd`]) and added, and while it is not known every
-//! reading is refused. What the kernel cannot tell, and so neither can this source:
+//! (`clock.chronyd_command`, [`super::chronyd`]) and added; a reading that finds chronyd has
+//! touched the clock since waits for it to be read again, and while chronyd does not answer
+//! every reading is refused. What the kernel cannot tell, and so neither can this source:
 //! - systemd-timesyncd writes `maxerror` 0 at each update (it keeps no error estimate), so
 //!   there is no bound at all: where it runs, this source refuses (see [`time_daemons`]), and
 //!   so it does where it sees no daemon that keeps one (chronyd, ntpd): a container that
@@ -55,6 +56,9 @@ pub struct KernelState {
     /// The daemon's estimated error, in microseconds: written at each update, unchanged by
     /// the kernel between them.
     pub est_error_us: i64,
+    /// `timex.freq` and `timex.tick`: what a daemon that slews by the frequency (chronyd)
+    /// sets, at each update and as a slew starts or ends.
+    pub frequency: (i64, i64),
     /// The offset the kernel's PLL has still to slew, in nanoseconds.
     pub offset_ns: i64,
 }
@@ -79,6 +83,7 @@ impl KernelApi for Adjtimex {
             status: tx.status,
             max_error_us: tx.maxerror,
             est_error_us: tx.esterror,
+            frequency: (tx.freq, tx.tick),
             // Microseconds unless the daemon switched the kernel to nanoseconds.
             offset_ns: if tx.status & libc::STA_NANO != 0 {
                 tx.offset
@@ -119,10 +124,9 @@ pub struct KernelClock<A: KernelApi = Adjtimex> {
 /// a bound is seen (it may start after the TSA, or be restarted by an upgrade) every reading is
 /// refused, and a daemon that goes away is missed within that time.
 struct DaemonWatch {
-    /// 0: a daemon that keeps a bound is seen; else the refusal's `Verdict` + 1.
+    /// 0: a daemon that keeps a bound is seen; else the refusal's `Verdict` + 1. Stored after
+    /// `chronyd` (release), so that a reading that sees it sees which daemon too.
     refusal: AtomicU8,
-    /// When to look again (Unix ns).
-    next_look_ns: AtomicU64,
     /// Whether chronyd is among the daemons seen: its correction counts then.
     chronyd: AtomicBool,
     look: Box<dyn Fn() -> Vec<&'static str> + Send + Sync>,
@@ -135,7 +139,6 @@ impl DaemonWatch {
     fn new(look: Box<dyn Fn() -> Vec<&'static str> + Send + Sync>) -> Self {
         let watch = Self {
             refusal: AtomicU8::new(0),
-            next_look_ns: AtomicU64::new(0),
             chronyd: AtomicBool::new(false),
             look,
         };
@@ -147,7 +150,6 @@ impl DaemonWatch {
     fn trusting() -> Self {
         Self {
             refusal: AtomicU8::new(0),
-            next_look_ns: AtomicU64::new(u64::MAX),
             chronyd: AtomicBool::new(false),
             look: Box::new(Vec::new),
         }
@@ -160,7 +162,7 @@ impl DaemonWatch {
             .store(daemons.contains(&"chronyd"), Ordering::Relaxed);
         let refusal = verdict_without(&daemons);
         let code = refusal.map_or(0, |v| v as u8 + 1);
-        let was = self.refusal.swap(code, Ordering::Relaxed);
+        let was = self.refusal.swap(code, Ordering::AcqRel);
         if !start && was == code {
             return;
         }
@@ -176,23 +178,28 @@ impl DaemonWatch {
         }
     }
 
-    /// The refusal in force at `now_ns`, looking again when it is due: while refusing (a
-    /// daemon started later), and while trusting (a daemon stopped, or one that keeps no bound
-    /// taking over: removing chrony enables systemd-timesyncd again on some distributions).
-    /// The reading that finds it due pays for the look (a few hundred small reads of `/proc`,
-    /// once every [`LOOK_AGAIN`]).
-    fn refusal(&self, now_ns: u64) -> Option<Verdict> {
-        let due = self.next_look_ns.load(Ordering::Relaxed);
-        let next = now_ns.saturating_add(LOOK_AGAIN.as_nanos() as u64);
-        if now_ns >= due
-            && self
-                .next_look_ns
-                .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.look_now(false);
-        }
-        match self.refusal.load(Ordering::Relaxed) {
+    /// Looks again every [`LOOK_AGAIN`] on a thread of its own (not on the request path: a
+    /// host's `/proc` can hold thousands of processes), while refusing (a daemon started
+    /// later) and while trusting (a daemon stopped, or one that keeps no bound taking over:
+    /// removing chrony enables systemd-timesyncd again on some distributions); until the
+    /// watch is gone.
+    fn keep_looking(watch: &Arc<Self>) {
+        let watch = Arc::downgrade(watch);
+        std::thread::Builder::new()
+            .name("time-daemons".into())
+            .spawn(move || loop {
+                std::thread::sleep(LOOK_AGAIN);
+                match watch.upgrade() {
+                    Some(watch) => watch.look_now(false),
+                    None => return,
+                }
+            })
+            .expect("a thread to look for the time daemons");
+    }
+
+    /// The refusal in force.
+    fn refusal(&self) -> Option<Verdict> {
+        match self.refusal.load(Ordering::Acquire) {
             0 => None,
             code if code == Verdict::NoBound as u8 + 1 => Some(Verdict::NoBound),
             _ => Some(Verdict::NoDaemon),
@@ -396,6 +403,7 @@ impl KernelClock<Adjtimex> {
     fn under(look: Box<dyn Fn() -> Vec<&'static str> + Send + Sync>) -> Self {
         let mut clock = Self::with_api(Adjtimex);
         clock.daemons = Arc::new(DaemonWatch::new(look));
+        DaemonWatch::keep_looking(&clock.daemons);
         clock
     }
 }
@@ -468,7 +476,7 @@ impl<A: KernelApi> TimeSource for KernelClock<A> {
         let (state, resumed) = self.resume.check(|| self.api.state(), &self.suspended);
         let verdict = self
             .daemons
-            .refusal(state.unix_ns)
+            .refusal()
             .or(resumed.then_some(Verdict::Resumed))
             .unwrap_or_else(|| Self::verdict_of(&state));
         // chronyd's correction still to slew, where chronyd keeps the clock.
@@ -498,6 +506,7 @@ mod tests {
             status,
             max_error_us: 1_500,
             est_error_us: 100,
+            frequency: (0, 10_000),
             offset_ns: 0,
         }
     }
@@ -585,18 +594,17 @@ mod tests {
                 false => vec![],
             })
         });
-        const S: u64 = 1_000_000_000;
-        let t = 1_795_000_000 * S;
-        assert_eq!(watch.refusal(t), Some(Verdict::NoDaemon));
+        assert_eq!(watch.refusal(), Some(Verdict::NoDaemon));
         running.store(true, Ordering::Relaxed);
-        // Looked for again once LOOK_AGAIN has passed, not at every reading.
-        assert_eq!(watch.refusal(t + S), Some(Verdict::NoDaemon));
-        assert_eq!(watch.refusal(t + 12 * S), None);
-        assert_eq!(watch.refusal(t + 13 * S), None);
+        // Seen at the next look (every LOOK_AGAIN on its thread), not at every reading.
+        assert_eq!(watch.refusal(), Some(Verdict::NoDaemon));
+        watch.look_now(false);
+        assert_eq!(watch.refusal(), None);
+        assert!(watch.chronyd.load(Ordering::Relaxed));
         // And missed once it has gone, while trusting too.
         running.store(false, Ordering::Relaxed);
-        assert_eq!(watch.refusal(t + 14 * S), None);
-        assert_eq!(watch.refusal(t + 23 * S), Some(Verdict::NoDaemon));
+        watch.look_now(false);
+        assert_eq!(watch.refusal(), Some(Verdict::NoDaemon));
     }
 
     #[test]

@@ -80,6 +80,18 @@ impl Chronyd {
     }
 }
 
+impl Chronyd {
+    /// Stops (`SIGSTOP`) or continues (`SIGCONT`) the process: stopped, it is still there and
+    /// answers nothing.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal}");
+    }
+}
+
 impl Drop for Chronyd {
     fn drop(&mut self) {
         let _ = self.child.kill();
