@@ -52,27 +52,12 @@ impl Kernel {
     }
 }
 
-/// `/health/ready`: (HTTP status, text).
-fn readiness(server: &Server) -> (u16, String) {
-    let out = common::ok(Command::new("curl").args([
-        "-sS",
-        "--max-time",
-        "10",
-        "-w",
-        "\n%{http_code}",
-        &format!("{}/health/ready", server.admin_url),
-    ]));
-    let out = String::from_utf8(out.stdout).unwrap();
-    let (text, code) = out.rsplit_once('\n').unwrap();
-    (code.parse().unwrap(), text.to_string())
-}
-
 /// Waits until the server is not ready for a reason that says `why`, then checks that a
 /// request is refused with `timeNotAvailable`.
 fn assert_refuses(server: &Server, work: &Path, why: &str) {
     wait_for(
         || {
-            let (code, text) = readiness(server);
+            let (code, text) = common::readiness(&server.admin_url);
             code == 503 && text.contains(why)
         },
         why,
@@ -91,7 +76,7 @@ fn assert_refuses(server: &Server, work: &Path, why: &str) {
 /// `bound_ns` (and within the declared one), and genTime ± accuracy around the request.
 fn assert_grants(server: &Server, work: &Path, bound_ns: u64) {
     wait_for(
-        || readiness(server).0 == 200,
+        || common::readiness(&server.admin_url).0 == 200,
         "readiness on a synchronized kernel",
         Duration::from_secs(10),
     );

@@ -122,17 +122,7 @@ impl HsmServer {
 
     /// The HTTP status and body of `/health/ready`.
     fn readiness(&self) -> (u16, String) {
-        let out = ok(Command::new("curl").args([
-            "-sS",
-            "--max-time",
-            "10",
-            "-w",
-            "\n%{http_code}",
-            &format!("{}/health/ready", self.admin_url),
-        ]));
-        let out = String::from_utf8(out.stdout).unwrap();
-        let (text, code) = out.rsplit_once('\n').unwrap();
-        (code.parse().unwrap(), text.to_string())
+        common::readiness(&self.admin_url)
     }
 
     fn alive(&mut self) -> bool {

@@ -211,6 +211,21 @@ pub fn new_key(name: &str, extra: &[&str]) -> (String, String) {
     (key, toml)
 }
 
+/// `GET {admin_url}/health/ready` with curl: (HTTP status, text).
+pub fn readiness(admin_url: &str) -> (u16, String) {
+    let out = ok(Command::new("curl").args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-w",
+        "\n%{http_code}",
+        &format!("{admin_url}/health/ready"),
+    ]));
+    let out = String::from_utf8(out.stdout).unwrap();
+    let (text, code) = out.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), text.to_string())
+}
+
 /// A C source of the tests (`source`, from the crate's root) compiled with the system's C
 /// compiler into a shared library in `dir`, for `LD_PRELOAD`.
 pub fn preload_library(source: &str, dir: &Path) -> PathBuf {
