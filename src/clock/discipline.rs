@@ -283,6 +283,10 @@ struct ScheduledLeap {
     /// UTC of the leap: the midnight that ends the month.
     utc_ns: u64,
     applied: bool,
+    /// Whether an update after the leap was accepted: the sources took it as the model did
+    /// (or a step that undid it was confirmed). Until then the model's shift rests on the
+    /// announcement alone, and no stamp is given (not even in holdover).
+    confirmed: bool,
 }
 
 /// Offsets of the last accepted updates, for the frequency estimate.
@@ -827,6 +831,10 @@ impl Discipline {
     /// accepted updates; with fewer than two it is the previous model's (after a step) or
     /// 0 ± [`MAX_FREQ`].
     fn accept(&mut self, now: u64, offset: i64, bound: u64, previous: Option<Model>) {
+        if let Some(leap) = self.leap.as_mut().filter(|l| l.applied) {
+            // Selected from samples after the leap (those before it were dropped with it).
+            leap.confirmed = true;
+        }
         self.history.push_back((now, offset, bound));
         while self.history.len() > HISTORY {
             self.history.pop_front();
@@ -958,6 +966,7 @@ impl Discipline {
                         kind,
                         utc_ns: midnight,
                         applied: false,
+                        confirmed: false,
                     });
                     self.events.push(Event::LeapScheduled {
                         kind,
@@ -1132,6 +1141,11 @@ impl Snapshot {
             if leap_window(leap.utc_ns, utc_ns) {
                 estimate.state = SyncState::Unsynchronized;
                 estimate.reason = "leap second: no stamps from 23:59:59 to 00:00:01 UTC".into();
+            } else if leap.applied && !leap.confirmed {
+                estimate.state = SyncState::Unsynchronized;
+                estimate.reason = "leap second applied: no stamps until an update confirms that \
+                                   the sources took it"
+                    .into();
             }
         }
         if let Some(midnight) = self.leap_uncertain {

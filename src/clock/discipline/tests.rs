@@ -793,6 +793,56 @@ fn a_leap_stays_scheduled_when_its_only_announcer_goes_away() {
 }
 
 #[test]
+fn a_leap_applied_on_the_announcement_alone_gives_no_stamps_until_an_update_confirms_it() {
+    // The three servers announce a leap that does not happen, and become unreachable before
+    // midnight (the network is down across it): the clock holds over, and at midnight applies
+    // the leap on the announcement. Holding over on that model would stamp a second off with
+    // a bound of milliseconds (`round` checks the truth against the bound whenever stamps are
+    // allowed); with a source left, it would contradict the model (refused before too).
+    let mut sims = vec![honest(0), honest(10), honest(-10)];
+    for sim in &mut sims {
+        sim.leap = Leap::Insert;
+    }
+    let mut run = Run::new(sims);
+    let leap = before_new_year(&mut run, 300, false);
+    run.rounds(2);
+    assert!(run.d.system_view(run.now).leap.is_some());
+    for sim in &mut run.sims {
+        sim.up = false;
+    }
+    // Their samples age out: holdover, before midnight.
+    for _ in 0..8 {
+        run.round();
+    }
+    assert_eq!(run.state(), SyncState::Holdover);
+    assert!(run.truth.utc(run.now) < leap);
+    while run.now < leap - run.truth.offset(run.now) as u64 + 4 * POLL {
+        run.round();
+    }
+    assert!(run
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::LeapApplied { kind: Leap::Insert })));
+    let e = run.d.estimate(run.now);
+    assert_eq!(e.state, SyncState::Unsynchronized);
+    assert!(e.reason.contains("leap second applied"), "{}", e.reason);
+    // The sources are back, a second off the model: followed once the step is confirmed.
+    for sim in &mut run.sims {
+        sim.up = true;
+        sim.leap = Leap::None;
+    }
+    for _ in 0..20 {
+        run.round();
+        if run.state() == SyncState::Synchronized {
+            break;
+        }
+    }
+    assert_eq!(run.state(), SyncState::Synchronized);
+    let e = run.d.estimate(run.now);
+    assert!((e.utc_ns as i64 - run.truth.utc(run.now) as i64).unsigned_abs() < 5_000_000);
+}
+
+#[test]
 fn a_leap_is_accepted_only_at_the_end_of_june_or_december() {
     // 2026-11-19: the end of November is no leap date.
     let mut run = Run::new(vec![honest(0), honest(10), honest(-10)]);
