@@ -186,8 +186,10 @@ pub enum Event {
         kind: Leap,
         utc_ns: u64,
     },
+    /// Applied at the first update after the leap: `utc_ns` is the leap's instant.
     LeapApplied {
         kind: Leap,
+        utc_ns: u64,
     },
 }
 
@@ -1020,7 +1022,10 @@ impl Discipline {
             leap.applied = true;
             self.leap = Some(leap);
             self.model = Some(model);
-            self.events.push(Event::LeapApplied { kind: leap.kind });
+            self.events.push(Event::LeapApplied {
+                kind: leap.kind,
+                utc_ns: leap.utc_ns,
+            });
         }
     }
 

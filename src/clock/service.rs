@@ -498,8 +498,8 @@ fn log_event(event: &Event, names: &[String], utc_ns: u64) {
         Event::LeapScheduled { kind, utc_ns: at } => {
             tracing::warn!(event = "leap_scheduled", utc_ns, leap = ?kind, at_ns = at, "leap second scheduled")
         }
-        Event::LeapApplied { kind } => {
-            tracing::warn!(event = "leap_applied", utc_ns, leap = ?kind, "leap second applied")
+        Event::LeapApplied { kind, utc_ns: at } => {
+            tracing::warn!(event = "leap_applied", utc_ns, leap = ?kind, at_ns = at, "leap second applied")
         }
     }
 }
@@ -595,10 +595,13 @@ fn describe(event: &Event, names: &[String], utc_ns: u64) -> ClockEvent {
                 crate::protocol::GenTime::from_unix_ns(*at)
             ),
         ),
-        Event::LeapApplied { kind } => (
+        Event::LeapApplied { kind, utc_ns: at } => (
             "leap_applied",
             EventLevel::Warning,
-            format!("leap second ({kind:?}) applied"),
+            format!(
+                "leap second ({kind:?}) at {} applied",
+                crate::protocol::GenTime::from_unix_ns(*at)
+            ),
         ),
         Event::Changed(Change::AccuracyExceeded {
             bound_ns,

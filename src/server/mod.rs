@@ -79,9 +79,20 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
             let declared = Duration::from_millis(config.clock.development_accuracy_ms);
             Box::new(DevelopmentClock::new(declared))
         }
-        ClockSource::Disciplined => Box::new(SharedSource(DisciplinedClock::start(
-            config.clock.disciplined()?,
-        ))),
+        ClockSource::Disciplined => {
+            let c = &config.clock;
+            if c.min_agreeing < 2 && !c.ntp_servers.is_empty() {
+                tracing::warn!(
+                    min_agreeing = c.min_agreeing,
+                    step_confirm_rounds = c.step_confirm_rounds,
+                    "clock.min_agreeing = 1: a single NTP server can be selected alone, and its \
+                     answers are not authenticated (one that lies, or a forged one, sets the \
+                     time; a step is followed after step_confirm_rounds); configure at least \
+                     three independent servers and min_agreeing = 3"
+                );
+            }
+            Box::new(SharedSource(DisciplinedClock::start(c.disciplined()?)))
+        }
     };
 
     // The lane of the signer in force at start: the rollover's from its instant on (the

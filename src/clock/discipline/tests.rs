@@ -704,10 +704,13 @@ fn a_leap_second_is_refused_around_midnight_and_applied_with(sims: Vec<Sim>) {
     while run.now < leap - run.truth.offset(run.now) as u64 + 2 * POLL {
         run.round();
     }
-    assert!(run
-        .events
-        .iter()
-        .any(|e| matches!(e, Event::LeapApplied { kind: Leap::Insert })));
+    assert!(run.events.iter().any(|e| matches!(
+        e,
+        Event::LeapApplied {
+            kind: Leap::Insert,
+            ..
+        }
+    )));
     for sim in &mut run.sims {
         if sim.leap == Leap::Insert {
             sim.leap = Leap::None;
@@ -744,7 +747,15 @@ fn a_leap_is_applied_once_when_an_update_falls_in_the_repeated_second() {
     let applied = run
         .events
         .iter()
-        .filter(|e| matches!(e, Event::LeapApplied { kind: Leap::Insert }))
+        .filter(|e| {
+            matches!(
+                e,
+                Event::LeapApplied {
+                    kind: Leap::Insert,
+                    ..
+                }
+            )
+        })
         .count();
     assert_eq!(applied, 1, "{:?}", run.events);
     assert!(
@@ -785,10 +796,13 @@ fn a_leap_stays_scheduled_when_its_only_announcer_goes_away() {
     while run.now < leap - run.truth.offset(run.now) as u64 + 2 * POLL {
         run.round();
     }
-    assert!(run
-        .events
-        .iter()
-        .any(|e| matches!(e, Event::LeapApplied { kind: Leap::Insert })));
+    assert!(run.events.iter().any(|e| matches!(
+        e,
+        Event::LeapApplied {
+            kind: Leap::Insert,
+            ..
+        }
+    )));
     assert_eq!(run.state(), SyncState::Synchronized);
 }
 
@@ -819,10 +833,13 @@ fn a_leap_applied_on_the_announcement_alone_gives_no_stamps_until_an_update_conf
     while run.now < leap - run.truth.offset(run.now) as u64 + 4 * POLL {
         run.round();
     }
-    assert!(run
-        .events
-        .iter()
-        .any(|e| matches!(e, Event::LeapApplied { kind: Leap::Insert })));
+    assert!(run.events.iter().any(|e| matches!(
+        e,
+        Event::LeapApplied {
+            kind: Leap::Insert,
+            ..
+        }
+    )));
     let e = run.d.estimate(run.now);
     assert_eq!(e.state, SyncState::Unsynchronized);
     assert!(e.reason.contains("leap second applied"), "{}", e.reason);
