@@ -657,3 +657,30 @@ fn routine_synchronizations_are_archived() {
     }
     assert!(line.contains("bound_ns"), "{line}");
 }
+
+/// A server whose timestamps say it held each request longer than the whole exchange took
+/// (no offset fits both directions) gives no samples: it is unusable, not a source of the
+/// narrowest delay there is (sntpc clamps a negative delay to its precision).
+#[test]
+fn a_server_with_inconsistent_timestamps_is_unusable() {
+    let mut servers = ntp_servers(3, 0);
+    servers.push(NtpServer::start(Behaviour {
+        held_ns: 10_000_000,
+        ..Default::default()
+    }));
+    let server = synchronized_tsa(&servers, "");
+    wait_for(
+        || {
+            let report = clock_report(&server);
+            count(&report, "selected") == 3 && count(&report, "unusable") == 1
+        },
+        "three selected sources and the inconsistent one unusable",
+        Duration::from_secs(5),
+    );
+    assert!(
+        servers[3]
+            .requests
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+    );
+}

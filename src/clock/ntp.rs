@@ -46,6 +46,16 @@ struct LocalTimestamps {
 }
 
 impl NtpTimestampGenerator for LocalTimestamps {
+    /// Finer than a microsecond, so that sntpc reports an inconsistent reply with a round trip
+    /// of 0 (it clamps a negative delay to this precision, 1 µs at its default): a server that
+    /// claims to have held the request longer than the whole exchange took gives timestamps
+    /// no offset fits in both directions, and [`to_sample`] refuses it instead of taking it as
+    /// a sample of the narrowest delay there is. (sntpc uses this precision for nothing else
+    /// here: its dispersion feature is off.)
+    fn precision(&self) -> i8 {
+        -30
+    }
+
     fn init(&mut self) {
         self.now = self.clock.now();
     }
@@ -179,7 +189,8 @@ const CLIENT_PRECISION_NS: u64 = 3_000;
 
 /// The reply as a sample; `None` when it is implausible.
 fn to_sample(reply: &NtpResult, at: u64) -> Option<Sample> {
-    if reply.precision() > MAX_PRECISION {
+    // A round trip of 0: inconsistent timestamps (see `LocalTimestamps::precision`).
+    if reply.precision() > MAX_PRECISION || reply.roundtrip() == 0 {
         return None;
     }
     let sample = Sample {
@@ -247,9 +258,32 @@ mod tests {
     }
 
     fn reply(precision: i8, offset_us: i64) -> NtpResult {
+        reply_after(precision, offset_us, 400)
+    }
+
+    fn reply_after(precision: i8, offset_us: i64, roundtrip_us: u64) -> NtpResult {
         NtpResult::new(
-            0, 0, 400, offset_us, 2, precision, 0, 0x10, 0x20, [0; 4], 0, 4, 0,
+            0,
+            0,
+            roundtrip_us,
+            offset_us,
+            2,
+            precision,
+            0,
+            0x10,
+            0x20,
+            [0; 4],
+            0,
+            4,
+            0,
         )
+    }
+
+    #[test]
+    fn an_inconsistent_reply_is_refused() {
+        let at = 1_795_000_000_000_000_000;
+        assert!(to_sample(&reply_after(-20, 10, 1), at).is_some());
+        assert_eq!(to_sample(&reply_after(-20, 10, 0), at), None);
     }
 
     #[test]

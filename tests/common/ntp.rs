@@ -18,6 +18,9 @@ pub struct Behaviour {
     pub kod: Option<[u8; 4]>,
     /// Do not answer at all.
     pub silent: bool,
+    /// Claim to have held each request this long (receive timestamp this much before the
+    /// transmit one): more than the exchange takes makes the reply inconsistent.
+    pub held_ns: i64,
 }
 
 impl Default for Behaviour {
@@ -28,6 +31,7 @@ impl Default for Behaviour {
             stratum: 2,
             kod: None,
             silent: false,
+            held_ns: 0,
         }
     }
 }
@@ -102,7 +106,7 @@ fn serve(
         if b.silent {
             continue;
         }
-        let receive = ntp_timestamp(b.offset_ns);
+        let receive = ntp_timestamp(b.offset_ns - b.held_ns);
         let mut reply = [0u8; 48];
         let (stratum, refid) = match b.kod {
             Some(code) => (0, code),
