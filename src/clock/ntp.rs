@@ -198,7 +198,8 @@ fn to_sample(reply: &NtpResult, at: u64) -> Option<Sample> {
         offset: reply.offset().checked_mul(1_000)?,
         delay: reply.roundtrip().checked_mul(1_000)?,
         root_delay: short_to_ns(reply.root_delay()),
-        root_dispersion: short_to_ns(reply.root_dispersion()),
+        root_dispersion: short_to_ns(reply.root_dispersion())
+            .checked_add(since_reference_ns(reply) / 1_000_000 * PHI_PPM)?,
         // The server's precision, 2^precision seconds, and ours.
         precision: (2f64.powi(i32::from(reply.precision())) * 1e9).ceil() as u64
             + CLIENT_PRECISION_NS,
@@ -209,6 +210,27 @@ fn to_sample(reply: &NtpResult, at: u64) -> Option<Sample> {
         },
     };
     sample.is_plausible().then_some(sample)
+}
+
+/// RFC 5905's PHI: how fast a server's dispersion grows since it last set its clock.
+const PHI_PPM: u64 = 15;
+
+/// How long before its reply the server last set its clock (its reference timestamp): the
+/// root dispersion it sends is as of then, and a server that lost its own sources goes on
+/// sending it. 0 where it names no reference time, or one after the reply.
+fn since_reference_ns(reply: &NtpResult) -> u64 {
+    const NTP_TO_UNIX_S: u64 = 2_208_988_800;
+    let reference = reply.reference_timestamp();
+    if reference == 0 {
+        return 0;
+    }
+    // Both in the 32.32 format of the era they are in; the difference wraps across eras.
+    let transmit =
+        (reply.sec().wrapping_add(NTP_TO_UNIX_S) << 32) | u64::from(reply.sec_fraction());
+    match transmit.wrapping_sub(reference) as i64 {
+        ..=0 => 0,
+        age => ((age as u128 * 1_000_000_000) >> 32) as u64,
+    }
 }
 
 /// NTP short format (16.16 seconds) to nanoseconds.
@@ -262,8 +284,19 @@ mod tests {
     }
 
     fn reply_after(precision: i8, offset_us: i64, roundtrip_us: u64) -> NtpResult {
+        reply_at(precision, offset_us, roundtrip_us, 0, 0)
+    }
+
+    /// A reply sent at `transmit_unix_s` by a server whose reference timestamp is `reference`.
+    fn reply_at(
+        precision: i8,
+        offset_us: i64,
+        roundtrip_us: u64,
+        transmit_unix_s: u64,
+        reference: u64,
+    ) -> NtpResult {
         NtpResult::new(
-            0,
+            transmit_unix_s,
             0,
             roundtrip_us,
             offset_us,
@@ -273,10 +306,41 @@ mod tests {
             0x10,
             0x20,
             [0; 4],
-            0,
+            reference,
             4,
             0,
         )
+    }
+
+    #[test]
+    fn the_root_dispersion_grows_since_the_servers_reference_time() {
+        let at = 1_795_000_000_000_000_000;
+        let sent = 1_795_000_000;
+        let ntp = |unix_s: u64| (unix_s + 2_208_988_800) << 32;
+        let dispersion = |reference| {
+            to_sample(&reply_at(-20, 0, 400, sent, reference), at)
+                .unwrap()
+                .root_dispersion
+        };
+        let sent_as_is = short_to_ns(0x20);
+        assert_eq!(dispersion(0), sent_as_is, "no reference time: as sent");
+        assert_eq!(
+            dispersion(ntp(sent + 5)),
+            sent_as_is,
+            "a reference after the reply"
+        );
+        // Set 1000 s before its reply: 15 ms more.
+        assert_eq!(dispersion(ntp(sent - 1_000)), sent_as_is + 15_000_000);
+        // Across the 2036 era change: the reference in era 0, the reply in era 1.
+        let era1 = 2_085_978_496 + 100; // Unix seconds 100 s into era 1
+        let reference = (u64::from(u32::MAX) - 99) << 32; // 100 s before the era's end
+        let s = to_sample(&reply_at(-20, 0, 400, era1, reference), at).unwrap();
+        assert_eq!(s.root_dispersion, sent_as_is + 200 * 15_000);
+        // A reference years old makes the sample implausible.
+        assert_eq!(
+            to_sample(&reply_at(-20, 0, 400, sent, ntp(sent - 100_000_000)), at),
+            None
+        );
     }
 
     #[test]
