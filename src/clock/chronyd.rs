@@ -10,9 +10,11 @@
 //! [`MAX_AGE`] ago, and the daemon has not touched the clock since (each update writes the
 //! kernel's `esterror`, `maxerror` and frequency anew, and starting or ending a slew the
 //! frequency; between them `esterror` and the frequency stay and `maxerror` only grows). A
-//! reading that sees such a change asks the thread to read again and waits for it (a
-//! loopback round trip, [`REFRESH_WAIT`] at most) rather than refuse; one that finds nothing
-//! read (before the first answer, or chronyd not answering) is refused.
+//! reading that sees such a change asks the thread to read again, waits for it (a loopback
+//! round trip, [`REFRESH_WAIT`] at most) and reads the kernel again, rather than refuse; a
+//! reading made before the answer it gets (the correction shrinks as chronyd slews) adds what
+//! chronyd can have slewed in between. While chronyd does not answer, the last value holds
+//! until it expires, and then every reading is refused.
 //!
 //! The request and reply are chrony's command protocol, version 6 (`candm.h`): a 20-octet
 //! request header padded to the reply's length (chronyd answers no request shorter than its
@@ -20,6 +22,7 @@
 //! 32-bit floats (a 7-bit exponent over a 25-bit coefficient, both signed).
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
@@ -118,33 +121,48 @@ pub fn query(server: SocketAddr) -> std::io::Result<f64> {
     tracking_correction(&reply[..len], sequence).map_err(std::io::Error::other)
 }
 
-/// The correction as last read, and the kernel's state just before.
+/// The correction as last read, and the kernel's state around the question.
 #[derive(Clone, Copy, Debug)]
 struct Known {
     correction_ns: u64,
     est_error_us: i64,
+    /// `maxerror` before the question (it only grows until the daemon's next update).
     max_error_us: i64,
     frequency: (i64, i64),
+    /// The time after the answer: the correction was measured at or before it.
     read_at_ns: u64,
 }
 
 impl Known {
-    /// Whether the correction holds for a reading of the kernel in `state`.
-    fn holds(&self, state: &KernelState) -> bool {
-        self.est_error_us == state.est_error_us
+    /// The correction that holds for a reading of the kernel in `state`, if any: the daemon
+    /// has not touched the clock since, and it was read less than [`MAX_AGE`] ago. A reading
+    /// made before the answer (the correction shrinks while chronyd slews) gets what chronyd
+    /// can have slewed in between added.
+    fn for_state(&self, state: &KernelState) -> Option<u64> {
+        let unchanged = self.est_error_us == state.est_error_us
             && self.frequency == state.frequency
-            && state.max_error_us >= self.max_error_us
-            && state.unix_ns.saturating_sub(self.read_at_ns) < MAX_AGE.as_nanos() as u64
+            && state.max_error_us >= self.max_error_us;
+        let age_ns = state.unix_ns.saturating_sub(self.read_at_ns);
+        let before_ns = self.read_at_ns.saturating_sub(state.unix_ns);
+        (unchanged && age_ns < MAX_AGE.as_nanos() as u64).then(|| {
+            self.correction_ns
+                .saturating_add(before_ns.saturating_mul(MAX_SLEW_PPM) / 1_000_000)
+        })
     }
 }
 
+/// chrony's fastest slew (`maxslewrate`, 83,333 ppm by default), rounded up.
+const MAX_SLEW_PPM: u64 = 83_334;
+
 struct Shared {
-    /// `None` until read, and after a failed read.
+    /// `None` until read. A failed read leaves the last value, which expires by itself.
     known: ArcSwapOption<Known>,
+    /// Whether the last question went unanswered: readings then do not wait for the next.
+    failing: AtomicBool,
     /// Set to wake the thread before its next poll.
     wake: Mutex<bool>,
     woken: Condvar,
-    /// Reads done (answered or failed), for readings waiting for the next one.
+    /// Questions done (answered or not), for readings waiting for the next one.
     reads: Mutex<u64>,
     read: Condvar,
 }
@@ -156,7 +174,7 @@ pub struct Correction {
 
 impl Correction {
     /// Starts the thread that asks chronyd at `server`, reading the kernel's state with
-    /// `kernel` before each question, while `wanted` says chronyd disciplines the clock. It
+    /// `kernel` around each question, while `wanted` says chronyd disciplines the clock. It
     /// ends once the `Correction` is dropped.
     pub fn watch(
         server: SocketAddr,
@@ -165,73 +183,88 @@ impl Correction {
     ) -> Self {
         let shared = Arc::new(Shared {
             known: ArcSwapOption::empty(),
+            failing: AtomicBool::new(false),
             wake: Mutex::new(false),
             woken: Condvar::new(),
             reads: Mutex::new(0),
             read: Condvar::new(),
         });
-        // The first read before the first reading, so that the start is not refused.
-        let mut failing = false;
+        // The first question before the first reading, so that the start is not refused (at
+        // most TIMEOUT).
+        let mut failing_since = None;
         if wanted() {
-            ask(&shared, server, &kernel, &mut failing);
+            ask(&shared, server, &kernel, &mut failing_since);
         }
         let weak = Arc::downgrade(&shared);
         std::thread::Builder::new()
             .name("chronyd-tracking".into())
-            .spawn(move || run(weak, server, kernel, wanted, failing))
+            .spawn(move || run(weak, server, kernel, wanted, failing_since))
             .expect("a thread for chronyd's tracking");
         Self { shared }
     }
 
-    /// The correction, in nanoseconds, that holds for a reading of the kernel in `state`; `None`
-    /// where none does. One read before the daemon last touched the clock is read again, and
-    /// waited for up to [`REFRESH_WAIT`]; none at all (chronyd not answering) is not: the
-    /// thread asks again at its next poll.
+    /// The correction, in nanoseconds, that holds for a reading of the kernel in `state`;
+    /// `None` where none does: chronyd has touched the clock since it was last read (then
+    /// [`Correction::refresh`], and a new reading), or it does not answer.
     pub fn current(&self, state: &KernelState) -> Option<u64> {
-        match self.shared.known.load().as_deref() {
-            Some(known) if known.holds(state) => return Some(known.correction_ns),
-            Some(_) => {}
-            None => return None,
+        self.shared.known.load().as_deref()?.for_state(state)
+    }
+
+    /// Asks the thread to read the correction again, and waits for it ([`REFRESH_WAIT`] at
+    /// most): whether it was read. Not while chronyd does not answer (the thread asks again
+    /// at its polls): readings then are refused at once rather than one after another.
+    pub fn refresh(&self) -> bool {
+        if self.shared.failing.load(Ordering::Acquire) {
+            return false;
         }
         let reads = self.shared.reads.lock().unwrap_or_else(|p| p.into_inner());
         let seen = *reads;
         *self.shared.wake.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.shared.woken.notify_one();
-        let reads = self
+        let (reads, _) = self
             .shared
             .read
             .wait_timeout_while(reads, REFRESH_WAIT, |reads| *reads == seen)
             .unwrap_or_else(|p| p.into_inner());
-        drop(reads);
-        let known = self.shared.known.load();
-        known
-            .as_deref()
-            .filter(|k| k.holds(state))
-            .map(|k| k.correction_ns)
+        *reads != seen && !self.shared.failing.load(Ordering::Acquire)
     }
 }
 
-/// Reads the kernel's state, then asks chronyd, and stores what it says (nothing, when it
-/// does not answer); tells the readings waiting for it. Logs when chronyd stops answering and
-/// when it answers again (`failing`: whether it did not the last time).
-fn ask(shared: &Shared, server: SocketAddr, kernel: &impl Fn() -> KernelState, failing: &mut bool) {
+/// Reads the kernel's state, asks chronyd, reads the state again, and stores the answer when
+/// the daemon did not touch the clock meanwhile (else the last value stays, and the next
+/// question settles it); tells the readings waiting. Logs when chronyd has not answered for
+/// [`MAX_AGE`] (`failing_since`: since when it has not; the last value expires then too),
+/// and when it answers again.
+fn ask(
+    shared: &Shared,
+    server: SocketAddr,
+    kernel: &impl Fn() -> KernelState,
+    failing_since: &mut Option<(std::time::Instant, bool)>,
+) {
     let before = kernel();
-    match query(server) {
+    let answer = query(server);
+    let after = kernel();
+    match answer {
         Ok(seconds) => {
-            if *failing {
+            if let Some((_, true)) = failing_since {
                 tracing::info!(%server, "chronyd's tracking is read again");
-                *failing = false;
             }
-            shared.known.store(Some(Arc::new(Known {
-                correction_ns: (seconds.abs() * 1e9).ceil() as u64,
-                est_error_us: before.est_error_us,
-                max_error_us: before.max_error_us,
-                frequency: before.frequency,
-                read_at_ns: before.unix_ns,
-            })));
+            *failing_since = None;
+            shared.failing.store(false, Ordering::Release);
+            if before.est_error_us == after.est_error_us && before.frequency == after.frequency {
+                shared.known.store(Some(Arc::new(Known {
+                    correction_ns: (seconds.abs() * 1e9).ceil() as u64,
+                    est_error_us: after.est_error_us,
+                    max_error_us: before.max_error_us,
+                    frequency: after.frequency,
+                    read_at_ns: after.unix_ns,
+                })));
+            }
         }
         Err(e) => {
-            if !*failing {
+            shared.failing.store(true, Ordering::Release);
+            let (since, logged) = failing_since.get_or_insert((std::time::Instant::now(), false));
+            if !*logged && since.elapsed() >= MAX_AGE {
                 tracing::error!(
                     event = "clock_without_bound",
                     %server,
@@ -239,9 +272,8 @@ fn ask(shared: &Shared, server: SocketAddr, kernel: &impl Fn() -> KernelState, f
                     "chronyd's tracking cannot be read: the kernel clock refuses every stamp \
                      until it can (clock.chronyd_command)"
                 );
-                *failing = true;
+                *logged = true;
             }
-            shared.known.store(None);
         }
     }
     *shared.reads.lock().unwrap_or_else(|p| p.into_inner()) += 1;
@@ -255,11 +287,11 @@ fn run(
     server: SocketAddr,
     kernel: impl Fn() -> KernelState,
     wanted: impl Fn() -> bool,
-    mut failing: bool,
+    mut failing_since: Option<(std::time::Instant, bool)>,
 ) {
     while let Some(shared) = shared.upgrade() {
         if wanted() {
-            ask(&shared, server, &kernel, &mut failing);
+            ask(&shared, server, &kernel, &mut failing_since);
         }
         let wake = shared.wake.lock().unwrap_or_else(|p| p.into_inner());
         let (mut wake, _) = shared
@@ -330,21 +362,17 @@ mod tests {
             max_error_us,
             ..*kernel.lock().unwrap()
         };
-        let wait_for = |state: KernelState, expected: Option<u64>| {
-            for _ in 0..500 {
-                if correction.current(&state) == expected {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            panic!("{:?} never became {expected:?}", correction.current(&state));
-        };
-        wait_for(at(now, 10, 1_000), Some(2_000_000_000));
+        // Read before the first reading.
+        assert_eq!(correction.current(&at(now, 10, 1_000)), Some(2_000_000_000));
         // maxerror grown by the kernel since: the same correction holds.
         assert_eq!(correction.current(&at(now, 10, 1_300)), Some(2_000_000_000));
+        // A reading made 1 ms before the answer: what chronyd can slew in 1 ms is added.
+        assert_eq!(
+            correction.current(&at(now - 1_000_000, 10, 1_000)),
+            Some(2_000_000_000 + 83_334)
+        );
         // A state the correction was not read in (a new esterror or frequency, a maxerror
-        // below the one read, too long ago) is read again, and refused while the kernel the
-        // thread reads does not match it.
+        // below the one read, too long ago): none holds.
         assert_eq!(correction.current(&at(now, 11, 1_000)), None);
         assert_eq!(correction.current(&at(now, 10, 999)), None);
         let slewing = KernelState {
@@ -356,14 +384,30 @@ mod tests {
             correction.current(&at(now + 3_000_000_000, 10, 1_000)),
             None
         );
-        // The daemon updates the clock, and its new correction is read for the very reading
-        // that sees the update: it waits for it rather than refuse.
+        // The daemon updates the clock: a refresh reads the new correction in the new state.
         answer.store((1 << 25) | (1 << 23), SeqCst); // 0.5 s
         *kernel.lock().unwrap() = at(now + 1, 11, 900);
-        assert_eq!(correction.current(&at(now + 1, 11, 900)), Some(500_000_000));
-        // chronyd stops answering: nothing holds.
+        let updated = at(now + 1, 11, 900);
+        let mut refreshed = false;
+        for _ in 0..500 {
+            if correction.current(&updated) == Some(500_000_000) {
+                break;
+            }
+            refreshed |= correction.refresh();
+        }
+        assert!(refreshed, "no refresh was read");
+        assert_eq!(correction.current(&updated), Some(500_000_000));
+        // chronyd stops answering: the last value holds until it is too old, and readings no
+        // longer wait for the thread.
         answer.store(0, SeqCst);
-        wait_for(at(now + 1, 11, 900), None);
+        for _ in 0..500 {
+            if !correction.refresh() {
+                break;
+            }
+        }
+        assert!(!correction.refresh());
+        assert_eq!(correction.current(&updated), Some(500_000_000));
+        assert_eq!(correction.current(&at(now + 3_000_000_000, 11, 900)), None);
     }
 
     #[test]

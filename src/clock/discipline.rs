@@ -286,8 +286,9 @@ struct ScheduledLeap {
     utc_ns: u64,
     applied: bool,
     /// Whether an update after the leap was accepted: the sources took it as the model did
-    /// (or a step that undid it was confirmed). Until then the model's shift rests on the
-    /// announcement alone, and no stamp is given (not even in holdover).
+    /// (or a step that undid it was confirmed). Until then the model's shift (the
+    /// prediction's before the leap is applied, the model's after) rests on the announcement
+    /// alone, and no stamp is given past the leap (not even in holdover).
     confirmed: bool,
 }
 
@@ -997,9 +998,11 @@ impl Discipline {
             return;
         };
         if leap.applied {
-            // Forget it a day later, so that the next announcement can be scheduled.
+            // Forget it a day after it was confirmed, so that the next announcement can be
+            // scheduled (unconfirmed, it keeps refusing stamps: forgotten, holdover would stamp
+            // on the shifted model).
             let utc = (now as i64 + model.offset) as u64;
-            if utc > leap.utc_ns + 86_400 * NS_PER_S {
+            if leap.confirmed && utc > leap.utc_ns + 86_400 * NS_PER_S {
                 self.leap = None;
             }
             return;
@@ -1146,10 +1149,12 @@ impl Snapshot {
             if leap_window(leap.utc_ns, utc_ns) {
                 estimate.state = SyncState::Unsynchronized;
                 estimate.reason = "leap second: no stamps from 23:59:59 to 00:00:01 UTC".into();
-            } else if leap.applied && !leap.confirmed {
+            } else if !leap.confirmed && utc_ns >= leap.utc_ns {
+                // Past the leap the model is shifted (by the prediction until the next update
+                // applies it) on the announcement alone.
                 estimate.state = SyncState::Unsynchronized;
-                estimate.reason = "leap second applied: no stamps until an update confirms that \
-                                   the sources took it"
+                estimate.reason = "leap second: no stamps after it until an update confirms \
+                                   that the sources took it"
                     .into();
             }
         }

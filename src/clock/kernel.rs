@@ -12,8 +12,9 @@
 //! after an outage) whatever chronyd found, for the minutes its slew takes. So where chronyd is
 //! the daemon, its correction still to slew is read from its command port
 //! (`clock.chronyd_command`, [`super::chronyd`]) and added; a reading that finds chronyd has
-//! touched the clock since waits for it to be read again, and while chronyd does not answer
-//! every reading is refused. What the kernel cannot tell, and so neither can this source:
+//! touched the clock since waits for it to be read again, and once chronyd has not answered
+//! for 2 s every reading is refused. What the kernel cannot tell, and so neither can this
+//! source:
 //! - systemd-timesyncd writes `maxerror` 0 at each update (it keeps no error estimate), so
 //!   there is no bound at all: where it runs, this source refuses (see [`time_daemons`]), and
 //!   so it does where it sees no daemon that keeps one (chronyd, ntpd): a container that
@@ -473,25 +474,41 @@ impl<A: KernelApi> TimeSource for KernelClock<A> {
     }
 
     fn read(&self) -> Reading {
+        let (state, verdict) = self.state_and_verdict();
+        // chronyd's correction still to slew, where chronyd keeps the clock.
+        let chronyd = self
+            .chronyd
+            .as_ref()
+            .filter(|_| self.daemons.chronyd.load(Ordering::Relaxed));
+        let Some(chronyd) = chronyd.filter(|_| verdict == Verdict::Synchronized) else {
+            return Self::reading(&state, verdict, 0);
+        };
+        if let Some(ns) = chronyd.current(&state) {
+            return Self::reading(&state, verdict, ns);
+        }
+        // chronyd touched the clock since its correction was read: both read again.
+        if chronyd.refresh() {
+            let (state, verdict) = self.state_and_verdict();
+            match (verdict, chronyd.current(&state)) {
+                (Verdict::Synchronized, Some(ns)) => return Self::reading(&state, verdict, ns),
+                (Verdict::Synchronized, None) => {}
+                _ => return Self::reading(&state, verdict, 0),
+            }
+        }
+        Self::reading(&state, Verdict::CorrectionUnknown, 0)
+    }
+}
+
+impl<A: KernelApi> KernelClock<A> {
+    /// The kernel's state now, and what it, the daemons seen and a resume say of it.
+    fn state_and_verdict(&self) -> (KernelState, Verdict) {
         let (state, resumed) = self.resume.check(|| self.api.state(), &self.suspended);
         let verdict = self
             .daemons
             .refusal()
             .or(resumed.then_some(Verdict::Resumed))
             .unwrap_or_else(|| Self::verdict_of(&state));
-        // chronyd's correction still to slew, where chronyd keeps the clock.
-        let correction = match (&self.chronyd, verdict) {
-            (Some(chronyd), Verdict::Synchronized)
-                if self.daemons.chronyd.load(Ordering::Relaxed) =>
-            {
-                chronyd.current(&state)
-            }
-            _ => Some(0),
-        };
-        match correction {
-            Some(ns) => Self::reading(&state, verdict, ns),
-            None => Self::reading(&state, Verdict::CorrectionUnknown, 0),
-        }
+        (state, verdict)
     }
 }
 
