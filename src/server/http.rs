@@ -705,8 +705,8 @@ async fn timestamp_batch(
     // and one client's and one address's share of them too. The shares first: a client or
     // address that has its share is refused as such (and logged), whether or not the others
     // are full.
-    let auth = tsa.auth.load();
-    let Some(client_place) = tsa.client_batches.take(&client, auth.has_named_clients()) else {
+    let shares = tsa.auth.load().has_named_clients();
+    let Some(client_place) = tsa.client_batches.take(&client, shares) else {
         static LOG: LogLimit = LogLimit::new();
         if let Some(left_out) = LOG.allow() {
             tracing::info!(
@@ -717,7 +717,6 @@ async fn timestamp_batch(
         }
         return refused(overloaded(tsa, metrics::Overload::BatchesPerClient));
     };
-    drop(auth);
     let address_place = match connection.address.batch() {
         Ok(place) => place,
         Err(key) => {
