@@ -887,6 +887,15 @@ impl Config {
                     c.min_agreeing
                 );
             }
+            if sources == 1 && c.nmea_device.is_some() {
+                bail!(
+                    "clock.nmea_device cannot be the clock's only source: NMEA does not say \
+                     whether the receiver knows the GPS-UTC offset (after a cold start a \
+                     receiver can give UTC whole seconds off until its almanac arrives, 12.5 \
+                     minutes); add NTP servers, or read the receiver through gpsd (clock.gpsd), \
+                     which does say"
+                );
+            }
             if let Some(gpsd) = &c.gpsd {
                 let port = gpsd
                     .rsplit_once(':')
@@ -1154,6 +1163,16 @@ mod tests {
                     [clock]\nsource = \"disciplined\"\nntp_servers = [\"127.0.0.1:123\"]\n";
         let parse = |extra: &str| toml::from_str::<Config>(&format!("{base}{extra}")).unwrap();
         assert!(parse("min_agreeing = 2\n").validate().is_err());
+        // An NMEA receiver alone: it cannot tell whether its UTC has the right leap seconds.
+        let nmea_only = "[signer]\nkind = \"software\"\nkey = \"k\"\ncertificate = \"c\"\n\
+                         [clock]\nsource = \"disciplined\"\nmin_agreeing = 1\n\
+                         nmea_device = \"/dev/ttyS0\"\n";
+        let error = toml::from_str::<Config>(nmea_only)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("only source"), "{error}");
         let gps =
             parse("min_agreeing = 3\ngpsd = \"127.0.0.1:2947\"\nnmea_device = \"/dev/ttyS0\"\n");
         gps.validate().unwrap();
