@@ -9,7 +9,8 @@ need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
 command -v timeout >/dev/null || need+=(coreutils)
-# tests/clock_chrony.rs: real chronyd servers on loopback (-x: never touching the clock).
+# tests/clock_chrony.rs, tests/clock_kernel.rs: real chronyd on loopback (-x: never touching
+# the clock).
 command -v chronyd >/dev/null || need+=(chrony)
 # tests/systemd.rs: systemd-analyze verify / security --offline on the unit files.
 command -v systemd-analyze >/dev/null || need+=(systemd)

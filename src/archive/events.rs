@@ -1,8 +1,8 @@
 //! Clock and key events into the archive (ETSI EN 319 421 asks that they be recorded).
 //!
 //! Every module already logs its events through `tracing` with an `event` field
-//! (`sync_acquired`, `sync_lost`, `source_rejected`, `step_detected`, `leap_applied`,
-//! `key_loaded`, `hsm_session_lost`, `hsm_recovered`, …). [`layer`] captures exactly those
+//! (`sync_acquired`, `clock_sync`, `sync_lost`, `source_rejected`, `step_detected`,
+//! `leap_applied`, `key_loaded`, `hsm_session_lost`, `hsm_recovered`, …). [`layer`] captures exactly those
 //! (it selects callsites by their fields, so other logging costs nothing) whatever the log
 //! level, and hands them to the archive's writer, which stores them with the next commit.
 //! Events that come before the archive is open (the key loaded at start-up) wait in a small

@@ -1121,8 +1121,9 @@ impl Snapshot {
 
     /// UTC at local time `now`, with its bound and the state. Between updates the bound grows
     /// at PHI plus the frequency's uncertainty; with no update for longer than the sample age
-    /// limit the state is holdover; in the two seconds around a scheduled leap, and from
-    /// 23:59:59 on before an uncertain one, the state is unsynchronized.
+    /// limit the state is holdover; from 23:59:59 before a scheduled leap until an update
+    /// after it confirms it, and from 23:59:59 on before an uncertain one, the state is
+    /// unsynchronized.
     pub fn estimate(&self, now: u64) -> Estimate {
         let Some(model) = self.model else {
             return Estimate {
@@ -1148,7 +1149,9 @@ impl Snapshot {
         if let Some(leap) = self.leap {
             if leap_window(leap.utc_ns, utc_ns) {
                 estimate.state = SyncState::Unsynchronized;
-                estimate.reason = "leap second: no stamps from 23:59:59 to 00:00:01 UTC".into();
+                estimate.reason = "leap second: no stamps from 23:59:59 UTC until an update \
+                                   after it confirms it"
+                    .into();
             } else if !leap.confirmed && utc_ns >= leap.utc_ns {
                 // Past the leap the model is shifted (by the prediction until the next update
                 // applies it) on the announcement alone.

@@ -25,8 +25,9 @@
 //! For a bound of its own, use the disciplined clock (`clock.source = "disciplined"`).
 //!
 //! Leap seconds: while the kernel inserts one (`TIME_OOP`) it replays 23:59:59, so the clock
-//! is refused then, and, as the disciplined clock does, from 23:59:59 to 00:00:01 UTC whenever
-//! a leap is pending or just happened (`TIME_INS`, `TIME_DEL`, `TIME_WAIT`, or
+//! is refused then, and from 23:59:59 to 00:00:01 UTC whenever a leap is pending or just
+//! happened (the disciplined clock refuses on until an update confirms the leap; the kernel's
+//! flags offer nothing to confirm it by) (`TIME_INS`, `TIME_DEL`, `TIME_WAIT`, or
 //! `STA_INS`/`STA_DEL` set). A suspend of the host: the kernel sets the clock on resume from
 //! what measured the sleep, and where that was a clock that ran through it (a TSC that does
 //! not stop) it keeps its NTP state, so `maxerror` says nothing of the sleep; the source

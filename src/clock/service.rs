@@ -35,7 +35,8 @@ struct Published {
 pub enum SourceMessage {
     Sample(usize, super::discipline::Sample),
     Missed(usize),
-    /// The source will answer no more (an NTP server refused us).
+    /// The source refuses us (an NTP server's kiss-o'-death DENY or RSTR): unreachable now;
+    /// its task asks again after its backoff.
     Gone(usize),
 }
 

@@ -6,6 +6,8 @@
  * and the timex fields the kernel source reads (written whole by a rename, so that a read sees
  * one state or the next). Without the variable or the file, and for calls that set anything,
  * the real adjtimex answers. The clock itself is never touched: the time is the system's.
+ * esterror is set to maxerror, so that each state written looks like a daemon's update (the
+ * kernel source then reads chronyd's correction again); freq and tick are 0.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>

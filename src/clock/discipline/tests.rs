@@ -664,8 +664,9 @@ fn before_new_year(run: &mut Run, before: u64, inserted: bool) -> u64 {
     leap
 }
 
-/// The leap announced by `sims` (the informing ones say Insert) is scheduled, refused around
-/// midnight, applied, and survives the announcement's withdrawal.
+/// The leap announced by `sims` (the informing ones say Insert) is scheduled, refused from
+/// 23:59:59 until an update after it confirms it, applied, and survives the announcement's
+/// withdrawal.
 fn a_leap_second_is_refused_around_midnight_and_applied_with(sims: Vec<Sim>) {
     let mut run = Run::new(sims);
     // Start 100 s before the end of the year.
