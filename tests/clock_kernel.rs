@@ -22,6 +22,8 @@ mod ports;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use libc::{STA_PLL, STA_UNSYNC, TIME_ERROR, TIME_OK, TIME_OOP};
+
 use chrony::Chronyd;
 use clock::{query, stamp, wait_for};
 use common::{curl_post, openssl, Server, TSA};
@@ -29,13 +31,6 @@ use ntp::{Behaviour, NtpServer};
 use tsa::client::read::Response;
 use tsa::clock::kernel::time_daemons;
 use tsa::protocol::FailInfo;
-
-// adjtimex(2)'s return values and status bits (linux/timex.h).
-const TIME_OK: i32 = 0;
-const TIME_OOP: i32 = 3;
-const TIME_ERROR: i32 = 5;
-const STA_PLL: i32 = 0x0001;
-const STA_UNSYNC: i32 = 0x0040;
 
 /// The declared accuracy of the server under test.
 const MAX_ACCURACY_MS: u64 = 100;

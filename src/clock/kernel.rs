@@ -427,6 +427,17 @@ impl<A: KernelApi> KernelClock<A> {
         }
     }
 
+    /// The kernel's state now, and what it, the daemons seen and a resume say of it.
+    fn state_and_verdict(&self) -> (KernelState, Verdict) {
+        let (state, resumed) = self.resume.check(|| self.api.state(), &self.suspended);
+        let verdict = self
+            .daemons
+            .refusal()
+            .or(resumed.then_some(Verdict::Resumed))
+            .unwrap_or_else(|| Self::verdict_of(&state));
+        (state, verdict)
+    }
+
     /// Turns what the kernel said into a reading.
     pub fn judge(state: KernelState) -> Reading {
         Self::reading(&state, Self::verdict_of(&state), 0)
@@ -497,19 +508,6 @@ impl<A: KernelApi> TimeSource for KernelClock<A> {
             }
         }
         Self::reading(&state, Verdict::CorrectionUnknown, 0)
-    }
-}
-
-impl<A: KernelApi> KernelClock<A> {
-    /// The kernel's state now, and what it, the daemons seen and a resume say of it.
-    fn state_and_verdict(&self) -> (KernelState, Verdict) {
-        let (state, resumed) = self.resume.check(|| self.api.state(), &self.suspended);
-        let verdict = self
-            .daemons
-            .refusal()
-            .or(resumed.then_some(Verdict::Resumed))
-            .unwrap_or_else(|| Self::verdict_of(&state));
-        (state, verdict)
     }
 }
 
