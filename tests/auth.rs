@@ -977,6 +977,56 @@ fn a_batch_of_a_client_over_its_quota_is_refused_before_its_body() {
     assert!(head.starts_with("HTTP/1.1 429"), "{head}");
 }
 
+/// A batch costs one token before its body is read: one refused before its items are counted
+/// (here not a batch at all, 400) keeps it, so that a client cannot hold batch places for
+/// nothing. With a burst of 2 and nothing refilling, two malformed batches leave alice no
+/// token: her third batch and a single request are refused (429), the latter with no place
+/// held. Bob's malformed batch costs one of his 2; a batch of 2 then finds only one and is
+/// refused when its items are counted, after its body held a place: it keeps the one too.
+#[test]
+fn a_batch_refused_before_its_items_are_counted_costs_one_token() {
+    const BATCH: &str = "application/timestamp-query-batch";
+    let dir = init(&[]);
+    // One token every 1000 s.
+    let quota = ["--rate-per-s", "0.001", "--burst", "2"];
+    let (alice, alice_toml) = new_key("alice", &quota);
+    let (bob, bob_toml) = new_key("bob", &quota);
+    configure(
+        dir.path(),
+        &[],
+        &format!("[auth]\n{alice_toml}\n{bob_toml}"),
+    );
+    let server = Server::serve(dir);
+    let d = server.dir.path();
+    // A lone TimeStampReq sent as a batch: not a SEQUENCE OF SEQUENCEs.
+    let not_a_batch = query(d, "not-a-batch");
+    let auth = |key: &str| format!("Authorization: Bearer {key}");
+    let batch = |file: &Path, key: &str| {
+        curl_as(&server.url, file, BATCH, &["-H", &auth(key)]).unwrap_or_else(|e| panic!("{e}"))
+    };
+    for _ in 0..2 {
+        assert_eq!(batch(&not_a_batch, &alice).status, 400);
+    }
+    batch(&not_a_batch, &alice).refused(429, FailInfo::SystemFailure, "request quota exceeded");
+    post(&server.url, &not_a_batch, &["-H", &auth(&alice)]).refused(
+        429,
+        FailInfo::SystemFailure,
+        "request quota exceeded",
+    );
+
+    assert_eq!(batch(&not_a_batch, &bob).status, 400);
+    batch(&batch_file(d, "bob", 2), &bob).refused(
+        429,
+        FailInfo::SystemFailure,
+        "request quota exceeded",
+    );
+    post(&server.url, &not_a_batch, &["-H", &auth(&bob)]).refused(
+        429,
+        FailInfo::SystemFailure,
+        "request quota exceeded",
+    );
+}
+
 /// A batch of `n` distinct queries (`tag` and the item's number) as `name.tsqb` in `dir`.
 fn batch_file(dir: &Path, name: &str, n: usize) -> PathBuf {
     let items: Vec<Vec<u8>> = (0..n)

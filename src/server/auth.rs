@@ -420,23 +420,24 @@ impl Auth {
     /// Takes `n` tokens from `client`'s quota; when it does not hold them, nothing is taken and
     /// the answer is how long to wait. A client unknown here (configured before a reload that
     /// removed it) has no quota.
-    pub fn take(&self, client: &Client, n: u32) -> Result<(), Duration> {
+    pub fn take(&self, client: &Client, n: u32) -> Result<Taken, Duration> {
+        let at_ns = self.epoch.elapsed().as_nanos() as u64;
         match self.bucket(client) {
-            None => Ok(()),
-            Some(bucket) => {
-                let now = self.epoch.elapsed().as_nanos() as u64;
-                bucket.take(now, n).map_err(Duration::from_nanos)
-            }
+            None => Ok(Taken { n, at_ns }),
+            Some(bucket) => bucket
+                .take(at_ns, n)
+                .map(|()| Taken { n, at_ns })
+                .map_err(Duration::from_nanos),
         }
     }
 
-    /// Gives back `n` tokens taken from `client`'s quota `ago`, for a request the server then
-    /// refused as overloaded: a refusal the client did not cause (another client's load may
-    /// have) costs it nothing. Only within the tokens' cost's time since the take: later the
-    /// bucket may have been full meanwhile and dropped them (nothing is given back then).
-    pub fn give_back(&self, client: &Client, n: u32, ago: Duration) {
+    /// Gives back tokens taken from `client`'s quota, for a request the server then refused
+    /// as overloaded (after its wait for a place, a second or more later): a refusal the
+    /// client did not cause (another client's load may have) costs it nothing. Nothing goes
+    /// back once the bucket has been full since the take: it had refilled them already.
+    pub fn give_back(&self, client: &Client, taken: Taken) {
         if let Some(bucket) = self.bucket(client) {
-            bucket.give_back(n, ago);
+            bucket.give_back(taken.n, taken.at_ns);
         }
     }
 
@@ -456,19 +457,6 @@ impl Auth {
         !self.clients.is_empty()
     }
 
-    /// Whether `client` could take a token now, without taking it (`Err`: how long until it
-    /// could): a batch asks before it holds a place for its body, whose items it is charged
-    /// for once read.
-    pub fn has_a_token(&self, client: &Client) -> Result<(), Duration> {
-        match self.bucket(client) {
-            None => Ok(()),
-            Some(bucket) => {
-                let now = self.epoch.elapsed().as_nanos() as u64;
-                bucket.could_take(now, 1).map_err(Duration::from_nanos)
-            }
-        }
-    }
-
     fn bucket(&self, client: &Client) -> Option<&Bucket> {
         match &client.name {
             None => self.anonymous_bucket.as_deref(),
@@ -480,6 +468,16 @@ impl Auth {
     }
 }
 
+/// Tokens taken from a client's quota ([`Auth::take`]), to give back
+/// ([`Auth::give_back`]) if the server then refuses the request as overloaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub struct Taken {
+    n: u32,
+    /// When, on the quotas' clock.
+    at_ns: u64,
+}
+
 /// A token bucket as the generic cell rate algorithm: one atomic, the theoretical arrival
 /// time (TAT) of the next token; the bucket is full when the TAT is not after now.
 struct Bucket {
@@ -488,6 +486,9 @@ struct Bucket {
     /// Burst × interval: how far the TAT may run ahead of now.
     capacity: u64,
     tat: AtomicU64,
+    /// The last time a take found the bucket full: the tokens taken before had refilled, and
+    /// that take started the TAT afresh from its own time, so their cost is no longer in it.
+    full_at: AtomicU64,
 }
 
 impl Bucket {
@@ -505,6 +506,7 @@ impl Bucket {
             interval,
             capacity: interval.saturating_mul(burst),
             tat: AtomicU64::new(0),
+            full_at: AtomicU64::new(0),
         })
     }
 
@@ -525,21 +527,17 @@ impl Bucket {
         }
     }
 
-    fn could_take(&self, now: u64, n: u32) -> Result<(), u64> {
-        self.after(self.tat.load(Ordering::Relaxed), now, n)
-            .map(|_| ())
-    }
-
-    /// Returns `n` tokens taken `ago`: the TAT moves back by their cost, while it surely still
-    /// holds it. A take left the TAT at least that cost past its own time, and only a take
-    /// from a full bucket (the TAT not after now) drops what it held; so within the cost since
-    /// the take, it is all there. Later, a full bucket may have dropped it meanwhile, and
-    /// nothing is returned rather than tokens the bucket already refilled (to other callers).
-    fn give_back(&self, n: u32, ago: Duration) {
-        let cost = self.interval.saturating_mul(u64::from(n));
-        if u64::try_from(ago.as_nanos()).unwrap_or(u64::MAX) >= cost {
+    /// Returns `n` tokens taken at `taken_at` (ns): the TAT moves back by their cost, while it
+    /// still holds it. A take left the TAT that cost further on, and each take after it moved
+    /// the TAT on from there, unless it found the bucket full: only such a take drops what the
+    /// TAT held (it starts afresh from its own time). So until one has, the cost is all there
+    /// (a TAT moved back before now is a full bucket, no fuller); after one, nothing is
+    /// returned rather than tokens the bucket had already refilled (to other callers).
+    fn give_back(&self, n: u32, taken_at: u64) {
+        if self.full_at.load(Ordering::Relaxed) > taken_at {
             return;
         }
+        let cost = self.interval.saturating_mul(u64::from(n));
         let _ = self
             .tat
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
@@ -558,7 +556,12 @@ impl Bucket {
                 .tat
                 .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    if tat <= now {
+                        self.full_at.fetch_max(now, Ordering::Relaxed);
+                    }
+                    return Ok(());
+                }
                 Err(current) => tat = current,
             }
         }
@@ -854,14 +857,9 @@ mod tests {
     fn a_bucket_gives_its_burst_then_the_rate() {
         let ms = 1_000_000u64;
         let bucket = Bucket::new(5.0, 5).unwrap();
-        // Asking whether a token is there takes none.
-        for _ in 0..10 {
-            assert_eq!(bucket.could_take(0, 1), Ok(()));
-        }
         for _ in 0..5 {
             assert_eq!(bucket.take(0, 1), Ok(()));
         }
-        assert_eq!(bucket.could_take(0, 1), Err(200 * ms));
         assert_eq!(bucket.take(0, 1), Err(200 * ms), "one token every 200 ms");
         assert_eq!(bucket.take(199 * ms, 1), Err(ms));
         assert_eq!(bucket.take(200 * ms, 1), Ok(()));
@@ -887,18 +885,33 @@ mod tests {
         assert_eq!(bucket.take(100 * ms, 1), Err(2_100 * ms));
         assert_eq!(bucket.take(3_000 * ms, 30), Err(100 * ms));
         assert_eq!(bucket.take(3_100 * ms, 30), Ok(()));
-        // Given back at once (the batch was refused after all), the debt is gone again.
-        bucket.give_back(30, Duration::ZERO);
+        // Given back (the batch was refused after all), the debt is gone again.
+        bucket.give_back(30, 3_100 * ms);
         assert_eq!(bucket.take(3_100 * ms, 10), Ok(()));
         assert!(bucket.take(3_100 * ms, 1).is_err());
-        // Not after its cost's time: the bucket may have been full meanwhile, its TAT past
-        // the cost (here it was: the batch at 6.1 s found it full, and would get 3 s back).
-        assert_eq!(bucket.take(6_100 * ms, 30), Ok(()));
-        let before = bucket.tat.load(Ordering::Relaxed);
-        bucket.give_back(10, Duration::from_millis(1_000));
-        assert_eq!(bucket.tat.load(Ordering::Relaxed), before);
-        bucket.give_back(10, Duration::from_millis(999));
-        assert_eq!(bucket.tat.load(Ordering::Relaxed), before - 1_000 * ms);
+    }
+
+    #[test]
+    fn tokens_go_back_after_a_wait_unless_the_bucket_was_full_since() {
+        let ms = 1_000_000u64;
+        let tat = |bucket: &Bucket| bucket.tat.load(Ordering::Relaxed) / ms;
+        let bucket = Bucket::new(10.0, 0).unwrap(); // 100 ms a token, burst 10
+        assert_eq!(bucket.take(10_000 * ms, 5), Ok(())); // from a full bucket
+        assert_eq!(bucket.take(10_200 * ms, 5), Ok(()));
+        assert_eq!(tat(&bucket), 11_000);
+        // The first request refused after its wait for a place (1 s and more, longer than
+        // its tokens' cost): no take found the bucket full since, so the cost is all there.
+        bucket.give_back(5, 10_000 * ms);
+        assert_eq!(tat(&bucket), 10_500);
+        // Full again at 20 s: the second request's tokens had refilled, and that take
+        // started afresh; giving them back would give tokens the bucket never held.
+        assert_eq!(bucket.take(20_000 * ms, 10), Ok(()));
+        bucket.give_back(5, 10_200 * ms);
+        assert_eq!(tat(&bucket), 21_000);
+        // The 20 s take's own tokens go back.
+        bucket.give_back(10, 20_000 * ms);
+        assert_eq!(tat(&bucket), 20_000);
+        assert_eq!(bucket.take(20_500 * ms, 10), Ok(()), "full");
     }
 
     #[test]
@@ -910,16 +923,16 @@ mod tests {
         config.anonymous_burst = 1;
         let auth = Auth::new(&config).unwrap();
         let alice = Client::named("alice");
-        assert_eq!(auth.take(&alice, 2), Ok(()));
+        assert!(auth.take(&alice, 2).is_ok());
         let wait = auth.take(&alice, 1).unwrap_err();
         assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1));
         // Bob has no limit; the anonymous callers share one bucket; unknown names are free.
         for _ in 0..1000 {
-            assert_eq!(auth.take(&Client::named("bob"), 1), Ok(()));
+            assert!(auth.take(&Client::named("bob"), 1).is_ok());
         }
-        assert_eq!(auth.take(&Client::ANONYMOUS, 1), Ok(()));
+        assert!(auth.take(&Client::ANONYMOUS, 1).is_ok());
         assert!(auth.take(&Client::ANONYMOUS, 1).is_err());
-        assert_eq!(auth.take(&Client::named("removed"), 100), Ok(()));
+        assert!(auth.take(&Client::named("removed"), 100).is_ok());
         assert!(Bucket::new(0.0, 5).is_none());
         // A named client may run into debt with a large batch; the anonymous callers, who
         // share their bucket, may not.
@@ -941,7 +954,7 @@ mod tests {
         let old = Auth::new(&first).unwrap();
         let (alice, bob) = (Client::named("alice"), Client::named("bob"));
         for client in [&alice, &bob, &Client::ANONYMOUS] {
-            assert_eq!(old.take(client, 1), Ok(()));
+            assert!(old.take(client, 1).is_ok());
             assert!(old.take(client, 1).is_err());
         }
         // Bob's burst changes; carol gets a quota; alice and the anonymous one stay.
@@ -952,8 +965,8 @@ mod tests {
         assert_eq!(new.keep_buckets(&old), 2);
         assert!(new.take(&alice, 1).is_err(), "still spent");
         assert!(new.take(&Client::ANONYMOUS, 1).is_err(), "still spent");
-        assert_eq!(new.take(&bob, 2), Ok(()), "a new quota starts full");
-        assert_eq!(new.take(&Client::named("carol"), 1), Ok(()));
+        assert!(new.take(&bob, 2).is_ok(), "a new quota starts full");
+        assert!(new.take(&Client::named("carol"), 1).is_ok());
         // Shared: what the old configuration hands out counts in the new one.
         let mut third = Auth::new(&second).unwrap();
         third.keep_buckets(&new);

@@ -70,7 +70,7 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 
 use super::admission::{self, AddressKey, AddressSlot, ConnectionSlot};
-use super::auth::{Link, PeerCertificate, Refusal};
+use super::auth::{Link, PeerCertificate, Refusal, Taken};
 use super::reply::{BatchBody, ReplyBody};
 use super::write_timeout::{SendBy, WriteTimeout};
 use super::{metrics, Client, Outcome, Tsa};
@@ -515,8 +515,10 @@ async fn public_route(
                 // Counts its items' outcomes itself.
                 return timestamp_batch(req, tsa, limits, link, connection, start).await;
             }
-            Method::POST => match authenticate(&req, tsa, link).and_then(|c| charge(tsa, c, 1)) {
-                Ok(client) => timestamp(req, tsa, limits, &client, start).await,
+            Method::POST => match authenticate(&req, tsa, link)
+                .and_then(|client| Ok((charge(tsa, &client, 1)?, client)))
+            {
+                Ok((taken, client)) => timestamp(req, tsa, limits, &client, taken).await,
                 Err(denied) => denied.answer(),
             },
             _ => {
@@ -624,11 +626,11 @@ fn authenticate(req: &Request<Incoming>, tsa: &Tsa, link: Link<'_>) -> Result<Cl
 }
 
 /// Takes `n` tokens from `client`'s quota (a batch of n requests takes n).
-fn charge(tsa: &Tsa, client: Client, n: u32) -> Result<Client, Denied> {
-    match tsa.auth.load().take(&client, n) {
-        Ok(()) => Ok(client),
-        Err(wait) => Err(quota_refused(tsa, &client, n, wait)),
-    }
+fn charge(tsa: &Tsa, client: &Client, n: u32) -> Result<Taken, Denied> {
+    tsa.auth
+        .load()
+        .take(client, n)
+        .map_err(|wait| quota_refused(tsa, client, n, wait))
 }
 
 /// `client` has not `n` tokens left for `wait`: counted, logged (a line a second) and 429.
@@ -652,7 +654,7 @@ async fn timestamp(
     tsa: &Arc<Tsa>,
     limits: &Limits,
     client: &Client,
-    charged: Instant,
+    taken: Taken,
 ) -> (Reply, Outcome) {
     if !has_media_type(&req, QUERY_TYPE) {
         return rejection(
@@ -666,7 +668,7 @@ async fn timestamp(
         Err(refused) => return refused,
     };
     let Some(_admitted) = tsa.admission.enter(1).await else {
-        tsa.auth.load().give_back(client, 1, charged.elapsed());
+        tsa.auth.load().give_back(client, taken);
         return overloaded(tsa, metrics::Overload::Queue);
     };
     let (der, outcome) = tsa.respond(body, client).await;
@@ -696,11 +698,14 @@ async fn timestamp_batch(
         Ok(client) => client,
         Err(denied) => return refused(denied.answer()),
     };
-    // A client without a token left holds no place while its body comes (it is charged for
-    // every item once the body is read).
-    if let Err(wait) = tsa.auth.load().has_a_token(&client) {
-        return refused(quota_refused(tsa, &client, 1, wait).answer());
-    }
+    // One token before it holds a place while its body comes, as a single request pays: a
+    // batch refused before its items are counted (its body too slow, too large or not a
+    // batch) costs that one, so that a client without tokens cannot hold batch places for
+    // nothing. Charged for every item once they are counted.
+    let held = match charge(tsa, &client, 1) {
+        Ok(taken) => taken,
+        Err(denied) => return refused(denied.answer()),
+    };
     // All taken before the body is read, so that the batch bodies held at once are bounded,
     // and one client's and one address's share of them too. The shares first: a client or
     // address that has its share is refused as such (and logged), whether or not the others
@@ -775,17 +780,23 @@ async fn timestamp_batch(
              when 0 one second of auth.anonymous_rate_per_s)",
         ));
     }
-    let charged = Instant::now();
-    let client = match charge(tsa, client, tokens) {
-        Ok(client) => client,
-        Err(denied) => return refused(denied.answer()),
+    // The one token back and every item's taken: more than the burst is taken only from a
+    // full bucket, which the one held would keep from being full. Refused, the batch still
+    // pays the one.
+    let auth = tsa.auth.load();
+    auth.give_back(&client, held);
+    let taken = match charge(tsa, &client, tokens) {
+        Ok(taken) => taken,
+        Err(denied) => {
+            let _ = auth.take(&client, 1);
+            return refused(denied.answer());
+        }
     };
+    drop(auth);
     // A batch waits for the lane in chunks (`Tsa::respond_batch`); each is one place.
     let places = count.div_ceil(super::issue::BATCH_CHUNK);
     let Some(_admitted) = tsa.admission.enter(places).await else {
-        tsa.auth
-            .load()
-            .give_back(&client, tokens, charged.elapsed());
+        tsa.auth.load().give_back(&client, taken);
         return refused(overloaded(tsa, metrics::Overload::Queue));
     };
     drop(body);
