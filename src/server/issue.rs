@@ -1,7 +1,7 @@
 //! The request path, top to bottom: parse → read the clock → build → sign → assemble.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -308,11 +308,18 @@ impl Tsa {
     /// records of all granted items go to the writer at once (its group commit takes them in a
     /// few transactions) and the answer waits until every one is committed; an item whose
     /// record failed is answered `systemFailure` and its token dropped.
+    ///
+    /// Dropped before it is done (its client went away, and hyper dropped the request), the
+    /// batch signs no more: the chunks already running end with the item they are signing,
+    /// so that a client cannot leave the lane busy with batches nobody awaits while their
+    /// places, counted until then, are free for more.
     pub async fn respond_batch(
         self: &Arc<Self>,
         items: Vec<Bytes>,
         client: &Client,
     ) -> Vec<(Vec<u8>, Outcome)> {
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let _abandon_when_dropped = SetOnDrop(Arc::clone(&abandoned));
         let count = items.len();
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         let lanes = self
@@ -338,10 +345,17 @@ impl Tsa {
             }
             let task = place.map(|permit| {
                 let (tsa, client) = (Arc::clone(self), client.clone());
+                let abandoned = Arc::clone(&abandoned);
                 tokio::task::spawn_blocking(move || {
                     let _permit = permit;
                     part.iter()
-                        .map(|body| tsa.issue_in_lane(body, &client))
+                        .map(|body| match abandoned.load(Ordering::Relaxed) {
+                            false => tsa.issue_in_lane(body, &client),
+                            true => Err(Rejection::new(
+                                FailInfo::SystemFailure,
+                                "the batch's client went away",
+                            )),
+                        })
                         .collect::<Vec<_>>()
                 })
             });
@@ -718,6 +732,15 @@ pub const BATCH_CHUNK: usize = 64;
 
 /// One item issued and not yet recorded: the response with its record, or the rejection.
 type Issued = Result<Granted, Rejection>;
+
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
 
 /// A batch's issued items, their records handed to the archive together and awaited together:
 /// the granted response, or the rejection (`systemFailure` where the record failed).
@@ -1142,6 +1165,77 @@ mod tests {
         for (i, (_, outcome)) in outcomes.iter().enumerate() {
             assert_eq!(*outcome, Outcome::Granted, "request {i}");
         }
+    }
+
+    /// A signer whose signatures wait until its gate opens, counting those it makes.
+    struct Gated {
+        inner: Arc<dyn Signer>,
+        open: std::sync::Mutex<bool>,
+        opened: std::sync::Condvar,
+        signed: AtomicU64,
+    }
+
+    impl Signer for Gated {
+        fn algorithm(&self) -> crate::alg::SignatureAlgorithm {
+            self.inner.algorithm()
+        }
+        fn public_key(&self) -> &[u8] {
+            self.inner.public_key()
+        }
+        fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
+            let open = self.open.lock().unwrap();
+            drop(self.opened.wait_while(open, |open| !*open).unwrap());
+            self.signed.fetch_add(1, Ordering::Relaxed);
+            self.inner.sign(message)
+        }
+    }
+
+    #[test]
+    fn a_batch_whose_client_went_away_signs_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tsa = development_tsa(dir.path());
+        let gated = Arc::new(Gated {
+            inner: Arc::clone(&tsa.signer),
+            open: std::sync::Mutex::new(false),
+            opened: std::sync::Condvar::new(),
+            signed: AtomicU64::new(0),
+        });
+        tsa.signer = gated.clone();
+        const LANES: usize = 2;
+        tsa.blocking_lane = Arc::new(tokio::sync::Semaphore::new(LANES));
+        let tsa = Arc::new(tsa);
+        let items = vec![Bytes::from(query_der()); 10 * BATCH_CHUNK];
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // Its client goes away while the first chunks wait at the gate: hyper drops the
+            // request's future.
+            let answered = tokio::time::timeout(
+                Duration::from_millis(300),
+                tsa.respond_batch(items, &Client::ANONYMOUS),
+            )
+            .await;
+            assert!(
+                answered.is_err(),
+                "nothing is signed while the gate is shut"
+            );
+        });
+        *gated.open.lock().unwrap() = true;
+        gated.opened.notify_all();
+        // Until the chunks that were running have ended: no signature for half a second.
+        let mut signed = u64::MAX;
+        while signed != gated.signed.load(Ordering::Relaxed) {
+            signed = gated.signed.load(Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert_eq!(
+            signed, LANES as u64,
+            "each running chunk ends with the item it was signing, of {} in a chunk",
+            BATCH_CHUNK
+        );
+        assert_eq!(tsa.blocking_lane.available_permits(), LANES);
     }
 
     /// Random serials, each after a wait (as for a reservation the writer is slow to make).
