@@ -334,10 +334,15 @@ impl Signer for Pkcs11Signer {
         let raw = self
             .pool
             .sign_within(&scheme.input(digest_alg, &digest), wait)?;
-        let signature = scheme.output(raw).map_err(SignError::Failed)?;
-        key::check(self.algorithm, &self.public_key, message, &signature)
-            .map_err(SignError::Failed)?;
-        Ok(signature)
+        // Checked on the host before any token carries it; a module that returns what does
+        // not verify is taken out until a test signature verifies again.
+        let checked = scheme.output(raw).and_then(|signature| {
+            key::check(self.algorithm, &self.public_key, message, &signature).map(|()| signature)
+        });
+        checked.map_err(|why| {
+            self.pool.signature_invalid(&why);
+            SignError::Failed(why)
+        })
     }
 
     fn health(&self) -> Result<(), String> {

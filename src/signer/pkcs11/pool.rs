@@ -8,16 +8,19 @@
 //!
 //! Faults: a signature that fails with a handle error (`CKR_OBJECT_HANDLE_INVALID`,
 //! `CKR_KEY_HANDLE_INVALID`) first finds the key again in its session, checks with a test
-//! signature that it is still the key the TSA started with, and retries once. Any
-//! fault that means the session, the login or the token went away (see [`classify`]) marks the
-//! pool down: from then on `sign` answers `Unavailable` at once, `health` is an error, and the
+//! signature that it is still the key the TSA started with, and retries once. A session the
+//! module no longer knows (`CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`: a network HSM,
+//! or its proxy, closes sessions it finds idle) while the token still answers is replaced by a
+//! new one, and the signature retried once in it. Any other fault that means the session, the
+//! login or the token went away (see [`classify`]) marks the pool down: from then on `sign` answers `Unavailable` at once, `health` is an error, and the
 //! recovery thread tries, with a bounded exponential backoff, new sessions and a new login,
 //! then `C_Finalize` + `C_Initialize` and all of it again, until a probe signature verifies
 //! with the key's known public key. The library is re-initialized only by the module's only
 //! user in the process (see [`super::module`]): with another signer on the same module, only
 //! new sessions and logins are tried. While the pool is up the same thread probes an idle
 //! session every `health_check_interval` (`C_GetTokenInfo`, `C_GetSessionInfo`), so that a lost
-//! token is noticed without traffic.
+//! token is noticed without traffic. Sessions are lent and probed in turn (first in, first
+//! out), so that none stays unused and unchecked for long under light load.
 //!
 //! A module that stops answering: every signature's start is recorded, and the health thread
 //! marks the pool down when one has been inside the module longer than `sign_timeout` (a hung
@@ -25,6 +28,7 @@
 //! while such a signature is in flight (it would wait for it for good), and the shutdown waits
 //! for the health thread at most `sign_timeout`.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -204,7 +208,8 @@ enum Health {
 }
 
 struct State {
-    idle: Vec<Pooled>,
+    /// The least recently used first.
+    idle: VecDeque<Pooled>,
     in_flight: InFlight,
     health: Health,
     shutdown: bool,
@@ -473,7 +478,7 @@ impl Pool {
             algorithm,
             lib: RwLock::new(lib),
             state: Mutex::new(State {
-                idle: sessions,
+                idle: sessions.into(),
                 in_flight: InFlight::default(),
                 health: Health::Up,
                 shutdown: false,
@@ -594,7 +599,7 @@ impl Pool {
             return Err(SignError::Unavailable(reason.clone()));
         }
         // A recovery holds the write lock: answer now rather than wait for it.
-        let _lib = match self.lib.try_read() {
+        let lib = match self.lib.try_read() {
             Ok(guard) => guard,
             Err(TryLockError::WouldBlock) => {
                 return Err(SignError::Unavailable(
@@ -604,7 +609,7 @@ impl Pool {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
         };
         let pooled = self.acquire(wait)?;
-        self.sign_with(pooled, data)
+        self.sign_with(&lib, pooled, data)
     }
 
     /// Borrows an idle session, waiting while all are busy (at most `wait`, and at most
@@ -616,7 +621,18 @@ impl Pool {
             if let Health::Down { reason, .. } = &state.health {
                 return Err(SignError::Unavailable(reason.clone()));
             }
-            if let Some(mut pooled) = state.idle.pop() {
+            // A call that hangs in the module (the health thread's own probe, say, which then
+            // cannot mark the pool down): no new signature goes in after it.
+            if let Some(running) = state
+                .in_flight
+                .stuck(Instant::now(), self.spec.sign_timeout)
+            {
+                return Err(SignError::Unavailable(format!(
+                    "an HSM call has not returned for {} ms",
+                    running.as_millis()
+                )));
+            }
+            if let Some(mut pooled) = state.idle.pop_front() {
                 pooled.signing = Some(state.in_flight.begin(Instant::now()));
                 return Ok(pooled);
             }
@@ -644,21 +660,36 @@ impl Pool {
         if let Some(id) = pooled.signing.take() {
             state.in_flight.end(id);
         }
-        state.idle.push(pooled);
+        state.idle.push_back(pooled);
         drop(state);
         self.idle_cv.notify_one();
     }
 
     /// Signs with a borrowed session (under the read lock) and gives it back.
-    fn sign_with(&self, mut pooled: Pooled, data: &[u8]) -> Result<Vec<u8>, SignError> {
+    fn sign_with(
+        &self,
+        lib: &Library,
+        mut pooled: Pooled,
+        data: &[u8],
+    ) -> Result<Vec<u8>, SignError> {
         let mechanism = self.scheme.mechanism();
-        let error = match pooled.session.sign(&mechanism, pooled.key, data) {
+        let mut error = match pooled.session.sign(&mechanism, pooled.key, data) {
             Ok(signature) => {
                 self.release(pooled);
                 return Ok(signature);
             }
             Err(e) => e,
         };
+        if let Some(fresh) = self.replace_session(lib, &mut pooled, &error) {
+            pooled = fresh;
+            error = match pooled.session.sign(&mechanism, pooled.key, data) {
+                Ok(signature) => {
+                    self.release(pooled);
+                    return Ok(signature);
+                }
+                Err(e) => e,
+            };
+        }
         let error = match classify(&error) {
             Fault::Operation => {
                 self.release(pooled);
@@ -689,15 +720,33 @@ impl Pool {
                         &self.info.public_key,
                     ) {
                         self.release(pooled);
-                        let reason = format!(
-                            "{} ({}), and the key found again with {} is not the key the TSA \
-                             started with (its certificate's): {e}",
-                            ckr(&error),
-                            function(&error),
-                            self.spec.key
-                        );
-                        self.mark_down(
-                            format!("the HSM key was replaced: {reason}"),
+                        // A test signature that verifies with another public key: another
+                        // key. One that failed in the module says nothing of the key.
+                        let (event, reason) = match &e.ckr {
+                            None => (
+                                "hsm_key_replaced",
+                                format!(
+                                    "the HSM key was replaced: {} ({}), and the key found \
+                                     again with {} is not the key the TSA started with (its \
+                                     certificate's): {e}",
+                                    ckr(&error),
+                                    function(&error),
+                                    self.spec.key
+                                ),
+                            ),
+                            Some(_) => (
+                                "hsm_session_lost",
+                                format!(
+                                    "{} ({}), and the test signature with the key found again \
+                                     failed: {e}",
+                                    ckr(&error),
+                                    function(&error)
+                                ),
+                            ),
+                        };
+                        self.mark_down_as(
+                            event,
+                            reason.clone(),
                             e.ckr.clone().or_else(|| Some(ckr(&error))),
                             Some(function(&error)),
                         );
@@ -749,6 +798,71 @@ impl Pool {
             Some(function(&error)),
         );
         Err(SignError::Unavailable(reason))
+    }
+
+    /// A new logged-in session for `dead`, when `error` says that the module no longer knows
+    /// that session while the token still answers: only the session was lost (a network HSM,
+    /// or its proxy, closes sessions it finds idle), not the token or the application's login.
+    /// The new session takes over `dead`'s place in the pool and its signature in flight.
+    fn replace_session(&self, lib: &Library, dead: &mut Pooled, error: &CkError) -> Option<Pooled> {
+        if !matches!(
+            error,
+            CkError::Pkcs11(RvError::SessionHandleInvalid | RvError::SessionClosed, _)
+        ) {
+            return None;
+        }
+        lib.ctx().get_token_info(lib.slot).ok()?;
+        let opened = lib
+            .ctx()
+            .open_ro_session(lib.slot)
+            .map_err(|e| ConnectError::pkcs11("cannot open a session", &e))
+            .and_then(|session| {
+                // The login is the application's, shared by its sessions; a token that wants
+                // one per session gets it here.
+                if !matches!(
+                    session.get_session_info().map(|i| i.session_state()),
+                    Ok(SessionState::RoUser)
+                ) {
+                    login(&session, &self.spec.pin)?;
+                }
+                Ok(session)
+            });
+        match opened {
+            Ok(session) => {
+                tracing::warn!(
+                    event = "hsm_session_replaced",
+                    ckr = %ckr(error),
+                    function = %function(error),
+                    "the HSM no longer knows one of the pool's sessions; a new one replaces it"
+                );
+                Some(Pooled {
+                    session,
+                    key: dead.key,
+                    signing: dead.signing.take(),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(
+                    ckr = e.ckr.as_deref().unwrap_or(""),
+                    error = %e,
+                    "a lost HSM session could not be replaced"
+                );
+                None
+            }
+        }
+    }
+
+    /// A signature from the module that does not verify with the key's public key (checked
+    /// on the host before any token carries it): the module or its key is faulty (a fault in
+    /// an RSA signature can even give the key away). The pool goes down, so that the recovery
+    /// checks the key with a test signature before signing again, and the event is archived.
+    pub fn signature_invalid(&self, why: &str) {
+        self.mark_down_as(
+            "hsm_signature_invalid",
+            format!("a signature from the HSM did not verify with the key's public key: {why}"),
+            None,
+            Some("C_Sign".into()),
+        );
     }
 
     fn mark_down(&self, reason: String, ckr: Option<String>, function: Option<String>) {
@@ -905,7 +1019,7 @@ impl Pool {
             if !state.in_flight.is_empty() {
                 return;
             }
-            let Some(pooled) = state.idle.pop() else {
+            let Some(pooled) = state.idle.pop_front() else {
                 return;
             };
             let probing = state.in_flight.begin(Instant::now());
@@ -940,6 +1054,11 @@ impl Pool {
             }
             Err(e) => e,
         };
+        let mut pooled = pooled;
+        if let Some(fresh) = self.replace_session(&lib, &mut pooled, &error) {
+            self.release(fresh);
+            return;
+        }
         self.release(pooled);
         if classify(&error) != Fault::Operation {
             self.mark_down(
@@ -1087,7 +1206,7 @@ impl Pool {
     ) {
         let mut state = self.state();
         let outage_ms = outage(&state);
-        state.idle = sessions;
+        state.idle = sessions.into();
         state.health = Health::Up;
         drop(state);
         tracing::info!(
@@ -1145,6 +1264,122 @@ mod tests {
         // An instant before the start (another clock reading) is not a negative duration.
         in_flight.begin(at);
         assert_eq!(in_flight.stuck(t0, bound), None);
+    }
+
+    /// Closes a session of the module at `module` behind cryptoki's back, as a network HSM
+    /// (or its proxy) closes a session it finds idle.
+    fn close_session_underneath(module: &std::path::Path, handle: libc::c_ulong) {
+        use std::ffi::CString;
+        let path = CString::new(module.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: the module is loaded already (RTLD_NOLOAD only looks it up); C_CloseSession
+        // has this signature in PKCS#11, and the handle is one of the module's sessions.
+        unsafe {
+            let library = libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+            assert!(!library.is_null(), "the module is loaded");
+            let symbol = libc::dlsym(library, c"C_CloseSession".as_ptr());
+            assert!(!symbol.is_null());
+            // CK_RV C_CloseSession(CK_SESSION_HANDLE): both CK_ULONG; CKR_OK is 0.
+            let close: extern "C" fn(libc::c_ulong) -> libc::c_ulong = std::mem::transmute(symbol);
+            assert_eq!(close(handle), 0, "CKR_OK");
+            libc::dlclose(library);
+        }
+    }
+
+    /// The pool under faults, on a SoftHSM2 token (one test: the process has one SoftHSM2
+    /// configuration once the module is initialized).
+    #[test]
+    fn a_pool_replaces_lost_sessions_and_holds_off_after_hung_calls_and_bad_signatures() {
+        use super::super::key::KeyKind;
+        use super::super::token;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let conf = token::write_softhsm_conf(dir.path()).unwrap();
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+        let module_path = token::softhsm_module().expect("SoftHSM2 (scripts/test.sh installs it)");
+        let pin_path = dir.path().join("pin");
+        std::fs::write(&pin_path, "4711\n").unwrap();
+        std::fs::set_permissions(&pin_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let pin = PinSource::File(pin_path);
+        let selector = TokenSelector {
+            label: Some("pool".into()),
+            slot: None,
+        };
+        let module = token::Module::load(&module_path).unwrap();
+        token::init_token(&module, "pool", &pin, &pin).unwrap();
+        let session = token::open_session(&module, &selector, &pin).unwrap();
+        token::generate_key_pair(&session, KeyKind::EcP256, "tsu", &[7]).unwrap();
+        drop(session);
+        let pool = Pool::open(Spec {
+            module: module_path.clone(),
+            token: selector,
+            key: KeySelector {
+                label: Some("tsu".into()),
+                id: None,
+            },
+            pin,
+            sessions: 3,
+            padding: Default::default(),
+            // No probe during the test but those it makes itself.
+            health_check_interval: Duration::from_secs(3600),
+            sign_timeout: Duration::from_secs(2),
+        })
+        .unwrap();
+        drop(module);
+        let digest = [0x5a; 32];
+        let input = pool.scheme().input(pool.algorithm().digest(), &digest);
+        let up = |pool: &Pool| matches!(pool.state().health, Health::Up);
+
+        // A session closed underneath: the signature that finds it is made in a new one, and
+        // the pool stays up; so do the other sessions' signatures.
+        let front = pool.state().idle.front().unwrap().session.handle();
+        close_session_underneath(&module_path, front);
+        for i in 0..4 {
+            pool.sign(&input)
+                .unwrap_or_else(|e| panic!("signature {i}: {e}"));
+        }
+        assert!(up(&pool));
+        // The health check takes the least recently used session: the idle ones in turn.
+        let next = pool.state().idle.front().unwrap().session.handle();
+        close_session_underneath(&module_path, next);
+        pool.probe();
+        assert!(up(&pool));
+        let handles: Vec<_> = pool
+            .state()
+            .idle
+            .iter()
+            .map(|p| p.session.handle())
+            .collect();
+        assert_eq!(handles.len(), 3);
+        assert!(!handles.contains(&next), "replaced");
+        pool.sign(&input)
+            .expect("signed after the probe's replacement");
+
+        // A call that has not returned for longer than sign_timeout (here one begun 3 s ago):
+        // no signature goes in after it, though the pool is still up.
+        let hung = pool
+            .state()
+            .in_flight
+            .begin(Instant::now() - Duration::from_secs(3));
+        assert!(matches!(pool.sign(&input), Err(SignError::Unavailable(_))));
+        pool.state().in_flight.end(hung);
+        pool.sign(&input).expect("signed once it returned");
+
+        // A signature that did not verify on the host: the pool goes down (held down here by
+        // a read of the library, which the recovery waits for) and the recovery's test
+        // signature brings it back.
+        {
+            let _reading = pool.lib.read().unwrap();
+            pool.signature_invalid("a test");
+            let down = pool.health().unwrap_err();
+            assert!(down.contains("did not verify"), "{down}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !up(&pool) {
+            assert!(Instant::now() < deadline, "recovered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pool.sign(&input).expect("signed after the recovery");
+        pool.shutdown();
     }
 
     #[test]
