@@ -802,12 +802,17 @@ impl Pool {
 
     /// A new logged-in session for `dead`, when `error` says that the module no longer knows
     /// that session while the token still answers: only the session was lost (a network HSM,
-    /// or its proxy, closes sessions it finds idle), not the token or the application's login.
-    /// The new session takes over `dead`'s place in the pool and its signature in flight.
+    /// or its proxy, closes sessions it finds idle), not the token or the application's login;
+    /// or that an operation is still active in it (a module that left one behind after a
+    /// failed `C_Sign`), which would refuse every signature in it. The new session takes over
+    /// `dead`'s place in the pool and its signature in flight; `dead`'s closes when dropped.
     fn replace_session(&self, lib: &Library, dead: &mut Pooled, error: &CkError) -> Option<Pooled> {
         if !matches!(
             error,
-            CkError::Pkcs11(RvError::SessionHandleInvalid | RvError::SessionClosed, _)
+            CkError::Pkcs11(
+                RvError::SessionHandleInvalid | RvError::SessionClosed | RvError::OperationActive,
+                _
+            )
         ) {
             return None;
         }
@@ -833,7 +838,8 @@ impl Pool {
                     event = "hsm_session_replaced",
                     ckr = %ckr(error),
                     function = %function(error),
-                    "the HSM no longer knows one of the pool's sessions; a new one replaces it"
+                    "one of the pool's sessions cannot sign (the HSM no longer knows it, or an \
+                     operation is left active in it); a new one replaces it"
                 );
                 Some(Pooled {
                     session,
@@ -1353,6 +1359,20 @@ mod tests {
         assert!(!handles.contains(&next), "replaced");
         pool.sign(&input)
             .expect("signed after the probe's replacement");
+        // A session with an operation left active in it (as a failed C_Sign of a faulty
+        // module leaves one): replaced too, rather than lent again to fail every time.
+        {
+            let state = pool.state();
+            let front = state.idle.front().unwrap();
+            front
+                .session
+                .sign_init(&pool.scheme().mechanism(), front.key)
+                .unwrap();
+        }
+        for i in 0..4 {
+            pool.sign(&input)
+                .unwrap_or_else(|e| panic!("signature {i} after an active operation: {e}"));
+        }
 
         // A call that has not returned for longer than sign_timeout (here one begun 3 s ago):
         // no signature goes in after it, though the pool is still up.
