@@ -585,6 +585,13 @@ impl Writer {
             Ok(()) => {
                 self.reserved_until = until;
                 self.serials.extend(until);
+                // A block that failed before is reserved with this one: the probe has none
+                // left to reserve.
+                if let Some(outage) = self.outage.as_mut() {
+                    if outage.reservation.is_some_and(|failed| failed <= until) {
+                        outage.reservation = None;
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot reserve the next block of serial numbers");
@@ -597,8 +604,12 @@ impl Writer {
         }
     }
 
-    /// The reservation, in the database and in the state file, both durable.
+    /// The reservation, in the database and in the state file, both durable. Never below
+    /// what was reserved already: the database keeps the higher of the two, and so does the
+    /// state file (a block that failed and is reserved again by the recovery may be below one
+    /// reserved since).
     fn persist_reservation(&mut self, until: u64) -> Result<(), ArchiveError> {
+        let until = until.max(self.reserved_until);
         self.store
             .reserve(self.instance_id, until, self.max_gen_time_ns)
             .map_err(|e| ArchiveError(e.to_string()))?;
@@ -699,5 +710,71 @@ impl Writer {
         if let Err(e) = self.write_state(self.reserved_until) {
             tracing::warn!(error = %e, "archive state file not written at shutdown");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::archive::sqlite::{Layout, SqliteStore};
+
+    /// A writer of instance 0 over a new rows archive in `dir` (writes that find the database
+    /// locked fail after `busy_timeout`), counters reserved below 10.
+    fn writer(dir: &Path, busy_timeout: Duration) -> Writer {
+        let mut db = SqliteStore::open(&dir.join("archive.sqlite"), busy_timeout).unwrap();
+        db.settle_layout(Layout::Rows).unwrap();
+        Writer {
+            store: Box::new(db),
+            instance_id: 0,
+            head: ChainHead::EMPTY,
+            last_event_seq: 0,
+            max_gen_time_ns: 0,
+            reserved_until: 10,
+            serials: BlockSerials::new(0, 1, 10, 10, Box::new(|_| {})),
+            state: StateFile::new(&dir.join("archive.state")),
+            signer: crate::archive::tests::signer(),
+            last_checkpoint_seq: 0,
+            checkpoint_interval: Duration::from_secs(3600),
+            retention: None,
+            max_batch: 16,
+            healthy: Arc::new(AtomicBool::new(true)),
+            stalled: Arc::new(AtomicBool::new(false)),
+            stats: Default::default(),
+            queue: Arc::new(Queue::new(Duration::ZERO, 16)),
+            refused: Default::default(),
+            durable: Arc::new(Mutex::new(ChainHead::EMPTY)),
+            outage: None,
+            pending_events: Vec::new(),
+            prune_again: None,
+        }
+    }
+
+    /// A block that failed to be reserved and was reserved by a later request, followed by a
+    /// higher one, is not written again by the recovery: the state file keeps the highest.
+    #[test]
+    fn a_recovered_reservation_never_lowers_the_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer(dir.path(), Duration::from_millis(100));
+        let saved = |writer: &Writer| writer.state.read().unwrap().unwrap().reserved_until;
+        // Another process holds the database: the reservation up to 20 fails.
+        let locker = rusqlite::Connection::open(dir.path().join("archive.sqlite")).unwrap();
+        locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        writer.reserve(20);
+        assert!(writer.outage.is_some(), "the reservation did not fail");
+        locker.execute_batch("ROLLBACK").unwrap();
+        // Later requests reserve it, then the next block, before the writer's probe.
+        writer.reserve(20);
+        writer.reserve(30);
+        assert_eq!(saved(&writer), 30);
+        writer.recover().unwrap();
+        assert!(writer.outage.is_none());
+        assert_eq!(writer.reserved_until, 30);
+        assert_eq!(
+            saved(&writer),
+            30,
+            "the state file went back below a reservation"
+        );
     }
 }
