@@ -862,10 +862,15 @@ mod tests {
 
     /// `n` records of instance 0 from position 1 on.
     fn records(n: u64) -> Vec<StoredRecord> {
+        records_of(n, 300)
+    }
+
+    /// `n` records of instance 0 from position 1 on, each with a token of `token_len` octets.
+    fn records_of(n: u64, token_len: usize) -> Vec<StoredRecord> {
         let mut prev = record::ZERO_HASH;
         (1..=n)
             .map(|seq| {
-                let mut r = sample(300);
+                let mut r = sample(token_len);
                 r.serial = layout::encode(0, seq, [7; 7]).to_vec();
                 let stored = StoredRecord::chain(0, seq, seq, r, prev);
                 prev = stored.hash;
@@ -924,6 +929,62 @@ mod tests {
             third,
             "left as it was"
         );
+    }
+
+    /// A sector of the last checkpointed frame reads as zeros and its index entry is lost (a
+    /// disk that lost a sector of acknowledged frames): it looks like a torn commit, yet a
+    /// signed checkpoint covers it. The start refuses before it cuts or copies anything.
+    #[test]
+    fn a_checkpointed_frame_that_looks_torn_is_not_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), "archive.state");
+        // Frames of some 2 KB: the third holds a whole sector.
+        let records = records_of(3, 2_000);
+        {
+            let mut db = SqliteStore::open(&config.database, Duration::from_secs(1)).unwrap();
+            db.settle_layout(sqlite::Layout::Log).unwrap();
+            let mut store = log::LogStore::open(db);
+            store.append(0, &records, &[]).unwrap();
+            store.add_checkpoint(&checkpoint_of(&records[2])).unwrap();
+        }
+        let folder = log::segments::instance_dir(&log::segments::dir_for(&config.database), 0);
+        let segment = log::segments::segments(&folder).unwrap().pop().unwrap();
+        let third = log::segments::offset_of(&segment, 3).unwrap().unwrap();
+        std::fs::remove_file(segment.index_path()).unwrap();
+        let sector = (third + 4).div_ceil(512) * 512;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&segment.path)
+            .unwrap();
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&[0; 512], sector).unwrap();
+        drop(file);
+        let octets = std::fs::read(&segment.path).unwrap();
+        assert!(
+            sector + 512 < octets.len() as u64,
+            "the sector is inside the frame"
+        );
+        let names = |folder: &Path| {
+            let mut names: Vec<_> = std::fs::read_dir(folder)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            names
+        };
+        let before = names(&folder);
+
+        let error = Archive::open(&config, signer(), 16)
+            .err()
+            .expect("must not start");
+        let text = format!("{error:#}");
+        assert!(text.contains("checkpoint"), "{text}");
+        assert!(
+            std::fs::read(&segment.path).unwrap() == octets,
+            "the segment was changed"
+        );
+        assert_eq!(names(&folder), before, "files were made or removed");
+        assert!(text.contains(&segment.path.display().to_string()), "{text}");
     }
 
     /// A checkpoint of instance 0 signing `record` as its head.

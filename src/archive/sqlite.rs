@@ -920,3 +920,24 @@ pub(super) fn last_checkpoint_seq(
         |r| r.get(0),
     )?)
 }
+
+/// The position and head hash of the instance's last signed checkpoint, if it has one: the
+/// chain must reach it.
+pub(super) fn last_checkpoint(
+    conn: &Connection,
+    instance_id: u32,
+) -> Result<Option<ChainHead>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT seq, head_hash FROM checkpoints WHERE instance_id = ?1 \
+             ORDER BY seq DESC LIMIT 1",
+            [instance_id],
+            |r| {
+                Ok(ChainHead {
+                    seq: r.get(0)?,
+                    hash: hash_of(r.get(1)?)?,
+                })
+            },
+        )
+        .optional()?)
+}

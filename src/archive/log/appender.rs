@@ -117,6 +117,20 @@ impl Appender {
     /// segment and the offset, and nothing is changed. Returns the appender and the chain's
     /// last record.
     pub fn open(dir: &Path, segment_limit: u64) -> io::Result<(Self, Option<StoredRecord>)> {
+        Self::open_reaching(dir, segment_limit, None)
+    }
+
+    /// [`Appender::open`] for a chain that must reach `signed` (the instance's last signed
+    /// checkpoint: its position, and its head hash there). A checkpoint signs only frames
+    /// that were synced, so good frames that end below it (or at it with another hash) are
+    /// damage even where the tail past them looks like a torn commit (a disk that lost a
+    /// sector of acknowledged frames): an `InvalidData` error naming the segment and the
+    /// positions, before anything is cut, copied or removed.
+    pub fn open_reaching(
+        dir: &Path,
+        segment_limit: u64,
+        signed: Option<ChainHead>,
+    ) -> io::Result<(Self, Option<StoredRecord>)> {
         let mut appender = Self {
             dir: dir.to_owned(),
             open: None,
@@ -154,6 +168,31 @@ impl Appender {
                         scanned.entries.len()
                     ),
                 ));
+            }
+            if let Some(signed) = signed {
+                // The good frames end here; without one, the chain ends before this segment.
+                let reach = scanned
+                    .last
+                    .as_ref()
+                    .map_or(segment.first_seq.saturating_sub(1), |l| l.seq);
+                let other_head = scanned
+                    .last
+                    .as_ref()
+                    .is_some_and(|l| l.seq == signed.seq && l.hash != signed.hash);
+                if reach < signed.seq || other_head {
+                    return Err(damaged(
+                        &segment,
+                        scanned.end,
+                        &format!(
+                            "its good frames end at record {reach}{}, but the last signed \
+                             checkpoint covers {} records (head hash {}): records that were \
+                             committed and answered are missing or were altered",
+                            if other_head { " with another hash" } else { "" },
+                            signed.seq,
+                            crate::archive::record::hex(&signed.hash)
+                        ),
+                    ));
+                }
             }
             let room = match tail(&file, scanned.end, len)? {
                 // The room written ahead, not a torn commit. The frames before it may still

@@ -516,7 +516,13 @@ impl LogStore {
             .is_none_or(|(id, _)| *id != instance_id)
         {
             let dir = instance_dir(&self.log.root, instance_id);
-            let (appender, _) = Appender::open(&dir, self.segment_limit)?;
+            // The frames must reach the last signed checkpoint (unless pruning went past it
+            // with the rows, before a migration): the appender refuses before it cuts a tail
+            // that holds signed records.
+            let anchor = self.anchor_of(instance_id)?;
+            let signed = super::sqlite::last_checkpoint(self.db.connection(), instance_id)?
+                .filter(|c| c.seq > anchor);
+            let (appender, _) = Appender::open_reaching(&dir, self.segment_limit, signed)?;
             self.appender = Some((instance_id, appender));
         }
         Ok(&mut self.appender.as_mut().expect("opened above").1)
