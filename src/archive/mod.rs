@@ -225,7 +225,8 @@ impl Archive {
         let next = [
             1,
             db.reserved_until,
-            db.max_counter.map_or(0, |c| c + 1),
+            // Saturating: at the last counter the block below finds the counter exhausted.
+            db.max_counter.map_or(0, |c| c.saturating_add(1)),
             saved.map_or(0, |s| s.reserved_until),
         ]
         .into_iter()
@@ -987,6 +988,53 @@ mod tests {
         assert!(text.contains(&segment.path.display().to_string()), "{text}");
     }
 
+    /// Index entries are derived data: a garbled one (a far-future genTime, the last counter)
+    /// is no floor for the counters and genTimes the start hands out.
+    #[test]
+    fn garbled_index_entries_set_no_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), "archive.state");
+        let mut records = records(3);
+        let mut prev = record::ZERO_HASH;
+        for (r, second) in records.iter_mut().zip(1..) {
+            let mut token = r.record.clone();
+            token.gen_time_ns = 1_700_000_000_000_000_000 + second * 1_000_000_000;
+            *r = StoredRecord::chain(0, r.seq, r.counter, token, prev);
+            prev = r.hash;
+        }
+        {
+            let mut db = SqliteStore::open(&config.database, Duration::from_secs(1)).unwrap();
+            db.settle_layout(sqlite::Layout::Log).unwrap();
+            let mut store = log::LogStore::open(db);
+            store.append(0, &records, &[]).unwrap();
+        }
+        let folder = log::segments::instance_dir(&log::segments::dir_for(&config.database), 0);
+        let segment = log::segments::segments(&folder).unwrap().pop().unwrap();
+        // Entry 0's genTime in the year 2200, entry 1's counter the last there is; their
+        // positions and offsets as they were.
+        let index = std::fs::OpenOptions::new()
+            .write(true)
+            .open(segment.index_path())
+            .unwrap();
+        use std::os::unix::fs::FileExt;
+        let year_2200_ns = 7_258_118_400_000_000_000u64;
+        index.write_all_at(&year_2200_ns.to_be_bytes(), 24).unwrap();
+        index
+            .write_all_at(
+                &u64::MAX.to_be_bytes(),
+                log::segments::ENTRY_LEN as u64 + 16,
+            )
+            .unwrap();
+        drop(index);
+
+        let archive = Archive::open(&config, signer(), 16).unwrap();
+        assert_eq!(archive.gen_time_floor_ns(), records[2].record.gen_time_ns);
+        assert_eq!(archive.serials().position().0, 4, "the next counter");
+        archive.close();
+        let saved = StateFile::new(&config.state_file).read().unwrap().unwrap();
+        assert_eq!(saved.gen_time_ns, records[2].record.gen_time_ns);
+    }
+
     /// A checkpoint of instance 0 signing `record` as its head.
     fn checkpoint_of(record: &StoredRecord) -> Checkpoint {
         Checkpoint {
@@ -1042,6 +1090,65 @@ mod tests {
             );
             assert_eq!(store.instance(0).unwrap().head.unwrap().seq, 10);
         }
+    }
+
+    /// The latest genTime of a segment's records, not of its index entries, decides whether it
+    /// is pruned: an entry garbled to an early genTime does not make it look old enough.
+    #[test]
+    fn pruning_takes_no_gen_time_from_a_garbled_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_of(sqlite::Layout::Log, dir.path());
+        let second = 1_000_000_000u64;
+        let mut prev = record::ZERO_HASH;
+        let records: Vec<StoredRecord> = (1..=10u64)
+            .map(|seq| {
+                let mut r = sample(300);
+                r.serial = layout::encode(0, seq, [7; 7]).to_vec();
+                r.gen_time_ns = seq * second;
+                let stored = StoredRecord::chain(0, seq, seq, r, prev);
+                prev = stored.hash;
+                stored
+            })
+            .collect();
+        for r in &records {
+            store.append(0, std::slice::from_ref(r), &[]).unwrap();
+        }
+        store.add_checkpoint(&checkpoint_of(&records[9])).unwrap();
+        let folder = log::segments::instance_dir(
+            &log::segments::dir_for(&dir.path().join("archive.sqlite")),
+            0,
+        );
+        let all = log::segments::segments(&folder).unwrap();
+        assert!(all.len() > 2, "{} segments", all.len());
+        let first = &all[0];
+        // The entry of the first segment's last record (its latest genTime) says 0.
+        let entries =
+            std::fs::metadata(first.index_path()).unwrap().len() / log::segments::ENTRY_LEN as u64;
+        let last_seq = first.first_seq + entries - 1;
+        assert_eq!(
+            last_seq + 1,
+            all[1].first_seq,
+            "the index lists every record"
+        );
+        let index = std::fs::OpenOptions::new()
+            .write(true)
+            .open(first.index_path())
+            .unwrap();
+        use std::os::unix::fs::FileExt;
+        let at = (entries - 1) * log::segments::ENTRY_LEN as u64 + 24;
+        index.write_all_at(&0u64.to_be_bytes(), at).unwrap();
+        drop(index);
+
+        // Up to that record's genTime, excluded: it stays, and so does its segment.
+        assert_eq!(store.prune(0, last_seq * second).unwrap(), None);
+        assert!(first.path.exists());
+        // Past it, the segment goes.
+        let anchor = store
+            .prune(0, last_seq * second + 1)
+            .unwrap()
+            .expect("pruned");
+        assert_eq!(anchor.seq, last_seq);
+        assert_eq!(anchor.max_gen_time_ns, last_seq * second);
     }
 
     #[test]

@@ -112,7 +112,9 @@ impl LogReader {
             if i >= 2 && spanned >= MAXIMA_SPAN {
                 break;
             }
-            let scanned = scan(segment)?;
+            // The index entries that set them are checked against their frames (a garbled
+            // one would be a floor that no later start undoes, the index removed or not).
+            let scanned = segments::scan_checked(segment)?;
             spanned = spanned.saturating_add(scanned.end);
             for e in scanned.entries {
                 counter = counter.max(Some(e.counter));
@@ -895,11 +897,17 @@ impl ArchiveStore for LogStore {
                 break;
             }
             stepped += 1;
-            let scanned = scan(segment)?;
+            // Its latest genTime (and the highest counter the anchor keeps) checked against
+            // the frames; and the last record's, read from its frame.
+            let scanned = segments::scan_checked(segment)?;
             if scanned
                 .entries
                 .iter()
                 .any(|e| e.gen_time_ns >= before_ns || e.seq > signed)
+                || scanned
+                    .last
+                    .as_ref()
+                    .is_some_and(|l| l.record.gen_time_ns >= before_ns)
             {
                 break;
             }
@@ -935,7 +943,11 @@ impl ArchiveStore for LogStore {
         // where no record kept is as old: those explain the records (a sync lost, a key event)
         // that stay unpruned past their checkpoint.
         let oldest_kept = match all.get(removing) {
-            Some(kept) => scan(kept)?.entries.iter().map(|e| e.gen_time_ns).min(),
+            Some(kept) => segments::scan_checked(kept)?
+                .entries
+                .iter()
+                .map(|e| e.gen_time_ns)
+                .min(),
             None => None,
         };
         self.db.prune(

@@ -394,9 +394,52 @@ pub struct Scanned {
 /// The entries of `segment`: its index file's, then those of the frames past them, read and
 /// checked (hash, position, chain) up to the first that is cut short or does not check.
 pub fn scan(segment: &Segment) -> io::Result<Scanned> {
+    scan_with(segment, true)
+}
+
+/// [`scan`], where the entries are to decide something lasting (the counter and genTime
+/// floors of a start, what pruning removes and the maxima its anchor keeps): the index
+/// entries that hold the segment's highest counter and its earliest and latest genTime are
+/// checked against their frames, and where one does not agree (a garbled index: only its
+/// positions and offsets are checked otherwise) the index is passed over and the frames read
+/// instead. A few frames more are read for a sound index, not the whole segment.
+pub fn scan_checked(segment: &Segment) -> io::Result<Scanned> {
+    let scanned = scan(segment)?;
+    let indexed = &scanned.entries[..scanned.indexed];
+    let extremes = [
+        indexed.iter().max_by_key(|e| e.counter),
+        indexed.iter().max_by_key(|e| e.gen_time_ns),
+        indexed.iter().min_by_key(|e| e.gen_time_ns),
+    ];
+    let file = File::open(&segment.path)?;
+    for entry in extremes.into_iter().flatten() {
+        let agrees = read_at(&file, entry.offset)?
+            .is_some_and(|(record, _)| Entry::of(&record, entry.offset) == *entry);
+        if !agrees {
+            tracing::warn!(
+                index = %segment.index_path().display(),
+                seq = entry.seq,
+                "an index entry does not agree with its frame: the segment's frames are read \
+                 instead (remove the index to have it written again)"
+            );
+            return Ok(Scanned {
+                claimed: scanned.claimed,
+                ..scan_with(segment, false)?
+            });
+        }
+    }
+    Ok(scanned)
+}
+
+/// [`scan`], with the index file or without it (the frames alone).
+fn scan_with(segment: &Segment, use_index: bool) -> io::Result<Scanned> {
     let file = File::open(&segment.path)?;
     let len = file.metadata()?.len();
-    let mut entries = indexed_entries(segment, len)?;
+    let mut entries = if use_index {
+        indexed_entries(segment, len)?
+    } else {
+        Vec::new()
+    };
     let claimed = entries.len();
     entries.truncate(entries.partition_point(|e| e.offset < len));
     let indexed = entries.len();
