@@ -655,9 +655,21 @@ impl Appender {
 }
 
 impl Drop for Appender {
-    /// The commit in flight is answered, and cut off if it did not become durable.
+    /// The commit in flight is answered, and cut off if it did not become durable; the frames
+    /// of a refused commit whose cut failed (`dirty`) are cut off once more, or the next start
+    /// would take them as records (frames that may not even be on the disk).
     fn drop(&mut self) {
         self.wait();
+        if !self.dirty || self.open.is_none() {
+            return;
+        }
+        if let Err(e) = self.cut_dirty() {
+            tracing::error!(
+                error = %e,
+                "the frames of a refused commit cannot be cut off the token log: the next \
+                 start takes them as records (archived and chained, their tokens never sent)"
+            );
+        }
     }
 }
 

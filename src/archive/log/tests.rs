@@ -303,6 +303,28 @@ fn frames_a_failed_cut_left_are_cut_before_any_append_even_one_without_records()
     assert_eq!(log.all(), log.records);
 }
 
+/// At a graceful stop too: the next start does not take the refused frames as records.
+#[test]
+fn frames_a_failed_cut_left_are_cut_when_the_appender_closes() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    appender.append(&log.chain(2)).unwrap();
+    let segment = segment_files(&log.dir()).pop().unwrap();
+    let good_len = frames_end(&segment);
+    let refused = log.chain(1);
+    log.records.pop();
+    let mut frame = Vec::new();
+    segments::encode_frame(&refused[0], &mut frame);
+    let file = OpenOptions::new().write(true).open(&segment.path).unwrap();
+    file.write_all_at(&frame, good_len).unwrap();
+    appender.set_dirty();
+    drop(appender);
+    assert_eq!(fs::metadata(&segment.path).unwrap().len(), good_len);
+    let (_, last) = open(&log.dir());
+    assert_eq!(last.map(|r| r.seq), Some(2), "the refused record was taken");
+    assert_eq!(log.all(), log.records);
+}
+
 #[test]
 fn commits_overwrite_zeros_written_ahead_and_closed_segments_are_cut_to_their_frames() {
     let mut log = Log::new();
