@@ -56,6 +56,8 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
     tracing::info!(
         event = "key_loaded",
         subject = %issuing.certificate().subject(),
+        serial = %issuing.certificate().serial_hex(),
+        certificate_sha256 = %issuing.certificate().sha256_hex(),
         algorithm = signer.algorithm().name(),
         "signing key and certificate loaded"
     );
@@ -442,6 +444,8 @@ const ROLLOVER_WATCH: Duration = Duration::from_secs(600);
 /// keys by their own genTime in the request path, whatever this task does.
 async fn roll_over(tsa: Arc<Tsa>) {
     let Some(next) = tsa.rollover() else { return };
+    // A start after the instant: the rollover happened before (and was recorded then).
+    let passed_before_start = crate::clock::system_unix_ns() >= next.at_ns;
     let mut healthy = true;
     loop {
         let now = crate::clock::system_unix_ns();
@@ -474,13 +478,29 @@ async fn roll_over(tsa: Arc<Tsa>) {
         .swap(places, std::sync::atomic::Ordering::Relaxed);
     resize(&tsa.blocking_lane, was, places);
     let issuing = next.issuing.load();
-    tracing::warn!(
-        event = "key_rollover",
-        at = %next.at,
-        subject = %issuing.certificate().subject(),
-        algorithm = next.signer.algorithm().name(),
-        "planned key rollover: tokens are now signed by the new key"
-    );
+    let certificate = issuing.certificate();
+    if passed_before_start {
+        tracing::info!(
+            event = "key_loaded",
+            rollover_at = %next.at,
+            subject = %certificate.subject(),
+            serial = %certificate.serial_hex(),
+            certificate_sha256 = %certificate.sha256_hex(),
+            algorithm = next.signer.algorithm().name(),
+            "the planned rollover's key and certificate loaded: its instant has passed, tokens \
+             are signed by it"
+        );
+    } else {
+        tracing::warn!(
+            event = "key_rollover",
+            at = %next.at,
+            subject = %certificate.subject(),
+            serial = %certificate.serial_hex(),
+            certificate_sha256 = %certificate.sha256_hex(),
+            algorithm = next.signer.algorithm().name(),
+            "planned key rollover: tokens are now signed by the new key"
+        );
+    }
     if let Some(archive) = tsa.archive() {
         match checkpoint_signer(&next.signer, issuing.certificate().der()) {
             Ok(signer) => archive.set_checkpoint_signer(signer),

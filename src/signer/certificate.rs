@@ -51,6 +51,18 @@ impl TsuCertificate {
         self.cert.tbs_certificate().subject().to_string()
     }
 
+    /// The serial number in hex: with the issuer, what names this certificate (and so its
+    /// key) in key events, where a renewed certificate often keeps the subject.
+    pub fn serial_hex(&self) -> String {
+        crate::archive::record::hex(self.cert.tbs_certificate().serial_number().as_bytes())
+    }
+
+    /// The SHA-256 of the certificate's DER in hex, as `openssl x509 -fingerprint -sha256`
+    /// shows it (without colons).
+    pub fn sha256_hex(&self) -> String {
+        crate::archive::record::hex(&crate::archive::record::sha256(&self.der))
+    }
+
     pub fn not_before(&self) -> SystemTime {
         self.cert
             .tbs_certificate()
