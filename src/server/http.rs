@@ -699,9 +699,9 @@ async fn timestamp_batch(
         Err(denied) => return refused(denied.answer()),
     };
     // One token before it holds a place while its body comes, as a single request pays: a
-    // batch refused before its items are counted (its body too slow, too large or not a
-    // batch) costs that one, so that a client without tokens cannot hold batch places for
-    // nothing. Charged for every item once they are counted.
+    // batch refused before its items are taken (its body too slow, too large or not a batch,
+    // over the anonymous burst or the quota) costs that one, so that a client without tokens
+    // cannot hold batch places for nothing. Charged for every item once they are counted.
     let held = match charge(tsa, &client, 1) {
         Ok(taken) => taken,
         Err(denied) => return refused(denied.answer()),
