@@ -421,13 +421,16 @@ impl Auth {
     /// the answer is how long to wait. A client unknown here (configured before a reload that
     /// removed it) has no quota.
     pub fn take(&self, client: &Client, n: u32) -> Result<Taken, Duration> {
-        let at_ns = self.epoch.elapsed().as_nanos() as u64;
         match self.bucket(client) {
-            None => Ok(Taken { n, at_ns }),
-            Some(bucket) => bucket
-                .take(at_ns, n)
-                .map(|()| Taken { n, at_ns })
-                .map_err(Duration::from_nanos),
+            // Nothing to give back: no time to read.
+            None => Ok(Taken { n, at_ns: 0 }),
+            Some(bucket) => {
+                let at_ns = self.epoch.elapsed().as_nanos() as u64;
+                bucket
+                    .take(at_ns, n)
+                    .map(|()| Taken { n, at_ns })
+                    .map_err(Duration::from_nanos)
+            }
         }
     }
 
