@@ -335,7 +335,7 @@ impl Signer for Pkcs11Signer {
             .pool
             .sign_within(&scheme.input(digest_alg, &digest), wait)?;
         // Checked on the host before any token carries it; a module that returns what does
-        // not verify is taken out until a test signature verifies again.
+        // not verify is taken out unless a test signature verifies (`Pool::signature_invalid`).
         let checked = scheme.output(raw).and_then(|signature| {
             key::check(self.algorithm, &self.public_key, message, &signature).map(|()| signature)
         });

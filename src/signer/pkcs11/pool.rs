@@ -42,6 +42,7 @@ use super::key::{self, FindError, KeyInfo, KeySelector, Scheme};
 use super::module::{Reinitialized, SharedModule};
 use super::pin::PinSource;
 use crate::alg::SignatureAlgorithm;
+use crate::log_limit::LogLimit;
 use crate::signer::SignError;
 
 /// How long a signature waits for a busy session before it gives up.
@@ -680,16 +681,20 @@ impl Pool {
             }
             Err(e) => e,
         };
-        if let Some(fresh) = self.replace_session(lib, &mut pooled, &error) {
-            pooled = fresh;
-            error = match pooled.session.sign(&mechanism, pooled.key, data) {
-                Ok(signature) => {
-                    self.release(pooled);
-                    return Ok(signature);
+        pooled = match self.replace_session(lib, pooled, &error) {
+            Ok(fresh) => {
+                let retried = fresh.session.sign(&mechanism, fresh.key, data);
+                match retried {
+                    Ok(signature) => {
+                        self.release(fresh);
+                        return Ok(signature);
+                    }
+                    Err(e) => error = e,
                 }
-                Err(e) => e,
-            };
-        }
+                fresh
+            }
+            Err(dead) => dead,
+        };
         let error = match classify(&error) {
             Fault::Operation => {
                 self.release(pooled);
@@ -805,18 +810,25 @@ impl Pool {
     /// or its proxy, closes sessions it finds idle), not the token or the application's login;
     /// or that an operation is still active in it (a module that left one behind after a
     /// failed `C_Sign`), which would refuse every signature in it. The new session takes over
-    /// `dead`'s place in the pool and its signature in flight; `dead`'s closes when dropped.
-    fn replace_session(&self, lib: &Library, dead: &mut Pooled, error: &CkError) -> Option<Pooled> {
-        if !matches!(
-            error,
-            CkError::Pkcs11(
-                RvError::SessionHandleInvalid | RvError::SessionClosed | RvError::OperationActive,
-                _
-            )
-        ) {
-            return None;
+    /// `dead`'s place in the pool and its signature in flight. `Err(dead)` where no
+    /// replacement applies or none could be opened.
+    fn replace_session(
+        &self,
+        lib: &Library,
+        dead: Pooled,
+        error: &CkError,
+    ) -> Result<Pooled, Pooled> {
+        let CkError::Pkcs11(
+            rv
+            @ (RvError::SessionHandleInvalid | RvError::SessionClosed | RvError::OperationActive),
+            _,
+        ) = error
+        else {
+            return Err(dead);
+        };
+        if lib.ctx().get_token_info(lib.slot).is_err() {
+            return Err(dead);
         }
-        lib.ctx().get_token_info(lib.slot).ok()?;
         let opened = lib
             .ctx()
             .open_ro_session(lib.slot)
@@ -832,43 +844,97 @@ impl Pool {
                 }
                 Ok(session)
             });
-        match opened {
-            Ok(session) => {
-                tracing::warn!(
-                    event = "hsm_session_replaced",
-                    ckr = %ckr(error),
-                    function = %function(error),
-                    "one of the pool's sessions cannot sign (the HSM no longer knows it, or an \
-                     operation is left active in it); a new one replaces it"
-                );
-                Some(Pooled {
-                    session,
-                    key: dead.key,
-                    signing: dead.signing.take(),
-                })
-            }
+        let session = match opened {
+            Ok(session) => session,
             Err(e) => {
                 tracing::warn!(
                     ckr = e.ckr.as_deref().unwrap_or(""),
                     error = %e,
                     "a lost HSM session could not be replaced"
                 );
-                None
+                return Err(dead);
             }
+        };
+        tracing::warn!(
+            event = "hsm_session_replaced",
+            ckr = %ckr(error),
+            function = %function(error),
+            "one of the pool's sessions cannot sign (the HSM no longer knows it, or an \
+             operation is left active in it); a new one replaces it"
+        );
+        let Pooled {
+            session: old,
+            key,
+            signing,
+        } = dead;
+        match rv {
+            // Still the module's: closed (ending its operation), its handle not reused meanwhile.
+            RvError::OperationActive => drop(old),
+            // A handle the module has freed may already be another session's (the new one's,
+            // or another thread's replacement): closing it would close that one. Never closed
+            // (what cryptoki keeps of it is a reference to the library, which is finalized
+            // explicitly, not when the last reference goes).
+            _ => std::mem::forget(old),
+        }
+        Ok(Pooled {
+            session,
+            key,
+            signing,
+        })
+    }
+
+    /// A signature from the module that did not verify with the key's public key (checked on
+    /// the host before any token carries it): the module or its key is faulty (a fault in an
+    /// RSA signature can even give the key away). A test signature says which: one that
+    /// verifies leaves the pool up (a passing fault: that request alone was refused; the event
+    /// is archived, at most once a second); one that does not, or none that can be made, takes
+    /// the pool down until a recovery's test signature verifies.
+    pub fn signature_invalid(&self, why: &str) {
+        match self.test_signature() {
+            Ok(()) => {
+                static LOG: LogLimit = LogLimit::new();
+                if let Some(left_out) = LOG.allow() {
+                    tracing::error!(
+                        event = "hsm_signature_invalid",
+                        reason = why,
+                        left_out,
+                        "a signature from the HSM did not verify with the key's public key and \
+                         was not used; a test signature then verified, so the key goes on signing"
+                    );
+                }
+            }
+            Err(e) => self.mark_down_as(
+                "hsm_signature_invalid",
+                format!(
+                    "a signature from the HSM did not verify with the key's public key ({why}), \
+                     and no test signature did: {e}"
+                ),
+                None,
+                Some("C_Sign".into()),
+            ),
         }
     }
 
-    /// A signature from the module that does not verify with the key's public key (checked
-    /// on the host before any token carries it): the module or its key is faulty (a fault in
-    /// an RSA signature can even give the key away). The pool goes down, so that the recovery
-    /// checks the key with a test signature before signing again, and the event is archived.
-    pub fn signature_invalid(&self, why: &str) {
-        self.mark_down_as(
-            "hsm_signature_invalid",
-            format!("a signature from the HSM did not verify with the key's public key: {why}"),
-            None,
-            Some("C_Sign".into()),
+    /// A test signature in an idle session (waiting for one at most a second), verified with
+    /// the key's public key.
+    fn test_signature(&self) -> Result<(), String> {
+        let _lib = match self.lib.try_read() {
+            Ok(guard) => guard,
+            Err(TryLockError::WouldBlock) => return Err("the HSM is being reconnected".into()),
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        let pooled = self
+            .acquire(Duration::from_secs(1))
+            .map_err(|e| e.to_string())?;
+        let tested = probe_signature(
+            &pooled.session,
+            pooled.key,
+            self.scheme,
+            self.algorithm,
+            &self.info.public_key,
         );
+        self.release(pooled);
+        tested.map_err(|e| e.to_string())
     }
 
     fn mark_down(&self, reason: String, ckr: Option<String>, function: Option<String>) {
@@ -1035,7 +1101,6 @@ impl Pool {
             .ctx()
             .get_token_info(lib.slot)
             .and_then(|_| pooled.session.get_session_info());
-        self.state().in_flight.end(probing);
         let error = match checked {
             Ok(info)
                 if matches!(
@@ -1043,10 +1108,12 @@ impl Pool {
                     SessionState::RoUser | SessionState::RwUser
                 ) =>
             {
+                self.state().in_flight.end(probing);
                 self.release(pooled);
                 return;
             }
             Ok(info) => {
+                self.state().in_flight.end(probing);
                 self.release(pooled);
                 self.mark_down(
                     format!(
@@ -1060,11 +1127,16 @@ impl Pool {
             }
             Err(e) => e,
         };
-        let mut pooled = pooled;
-        if let Some(fresh) = self.replace_session(&lib, &mut pooled, &error) {
-            self.release(fresh);
-            return;
-        }
+        // Still counted in flight: a replacement that hangs in the module is seen as stuck.
+        let replaced = self.replace_session(&lib, pooled, &error);
+        self.state().in_flight.end(probing);
+        let pooled = match replaced {
+            Ok(fresh) => {
+                self.release(fresh);
+                return;
+            }
+            Err(dead) => dead,
+        };
         self.release(pooled);
         if classify(&error) != Fault::Operation {
             self.mark_down(
@@ -1384,11 +1456,18 @@ mod tests {
         pool.state().in_flight.end(hung);
         pool.sign(&input).expect("signed once it returned");
 
-        // A signature that did not verify on the host: the pool goes down (held down here by
-        // a read of the library, which the recovery waits for) and the recovery's test
-        // signature brings it back.
+        // A signature that did not verify on the host, and then a test signature that does:
+        // a passing fault, the pool stays up and signs on.
+        pool.signature_invalid("a test");
+        assert!(up(&pool));
+        pool.sign(&input).expect("signed after a passing fault");
+        // One whose test signature cannot be made either (its session closed underneath):
+        // the pool goes down (held down here by a read of the library, which the recovery
+        // waits for), and the recovery's test signature brings it back.
         {
             let _reading = pool.lib.read().unwrap();
+            let front = pool.state().idle.front().unwrap().session.handle();
+            close_session_underneath(&module_path, front);
             pool.signature_invalid("a test");
             let down = pool.health().unwrap_err();
             assert!(down.contains("did not verify"), "{down}");
