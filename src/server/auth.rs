@@ -536,15 +536,17 @@ impl Bucket {
     /// TAT held (it starts afresh from its own time). So until one has, the cost is all there
     /// (a TAT moved back before now is a full bucket, no fuller); after one, nothing is
     /// returned rather than tokens the bucket had already refilled (to other callers).
+    ///
+    /// A take that finds the bucket full notes it before it moves the TAT, and the TAT is
+    /// moved back only by a change whose `full_at` was read after the TAT it replaces
+    /// (sequentially consistent): a take that started the TAT afresh is always seen, never
+    /// given the tokens before it.
     fn give_back(&self, n: u32, taken_at: u64) {
-        if self.full_at.load(Ordering::Relaxed) > taken_at {
-            return;
-        }
         let cost = self.interval.saturating_mul(u64::from(n));
         let _ = self
             .tat
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |tat| {
-                Some(tat.saturating_sub(cost))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |tat| {
+                (self.full_at.load(Ordering::SeqCst) <= taken_at).then(|| tat.saturating_sub(cost))
             });
     }
 
@@ -552,19 +554,19 @@ impl Bucket {
     /// (a large batch) is taken from a full bucket, which then stays empty until the debt is
     /// paid back at the rate.
     fn take(&self, now: u64, n: u32) -> Result<(), u64> {
-        let mut tat = self.tat.load(Ordering::Relaxed);
+        let mut tat = self.tat.load(Ordering::SeqCst);
         loop {
             let next = self.after(tat, now, n)?;
+            // Noted before the TAT moves (see `give_back`); noted and then not taken (another
+            // take came first), it only withholds a refund, never grants one.
+            if tat <= now {
+                self.full_at.fetch_max(now, Ordering::SeqCst);
+            }
             match self
                 .tat
-                .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange_weak(tat, next, Ordering::SeqCst, Ordering::SeqCst)
             {
-                Ok(_) => {
-                    if tat <= now {
-                        self.full_at.fetch_max(now, Ordering::Relaxed);
-                    }
-                    return Ok(());
-                }
+                Ok(_) => return Ok(()),
                 Err(current) => tat = current,
             }
         }

@@ -698,14 +698,6 @@ async fn timestamp_batch(
         Ok(client) => client,
         Err(denied) => return refused(denied.answer()),
     };
-    // One token before it holds a place while its body comes, as a single request pays: a
-    // batch refused before its items are taken (its body too slow, too large or not a batch,
-    // over the anonymous burst or the quota) costs that one, so that a client without tokens
-    // cannot hold batch places for nothing. Charged for every item once they are counted.
-    let held = match charge(tsa, &client, 1) {
-        Ok(taken) => taken,
-        Err(denied) => return refused(denied.answer()),
-    };
     // All taken before the body is read, so that the batch bodies held at once are bounded,
     // and one client's and one address's share of them too. The shares first: a client or
     // address that has its share is refused as such (and logged), whether or not the others
@@ -736,6 +728,15 @@ async fn timestamp_batch(
     };
     let Ok(place) = Arc::clone(&tsa.batches).try_acquire_owned() else {
         return refused(overloaded(tsa, metrics::Overload::Batches));
+    };
+    // One token once it holds its places, before its body comes, as a single request pays:
+    // a batch refused before its items are taken (its body too slow, too large or not a
+    // batch, over the anonymous burst or the quota) costs that one, so that a client without
+    // tokens cannot hold batch places for nothing (refused here, it lets them go at once).
+    // Charged for every item once they are counted.
+    let held = match charge(tsa, &client, 1) {
+        Ok(taken) => taken,
+        Err(denied) => return refused(denied.answer()),
     };
     let body = match read_body(req, limits.max_batch_body, limits.read_timeout).await {
         Ok(body) => body,

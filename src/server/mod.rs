@@ -444,7 +444,9 @@ const ROLLOVER_WATCH: Duration = Duration::from_secs(600);
 /// keys by their own genTime in the request path, whatever this task does.
 async fn roll_over(tsa: Arc<Tsa>) {
     let Some(next) = tsa.rollover() else { return };
-    // A start after the instant: the rollover happened before (and was recorded then).
+    // A start after the instant: the rollover happened before, recorded then as
+    // `key_rollover` (or, where the server was stopped across the instant, only as this
+    // start's `key_loaded` of the new key, which names the instant).
     let passed_before_start = crate::clock::system_unix_ns() >= next.at_ns;
     let mut healthy = true;
     loop {
