@@ -331,18 +331,15 @@ impl Signer for Pkcs11Signer {
             .digest(message)
             .expect("SHA-2 is computed on the host");
         let scheme = self.pool.scheme();
-        let raw = self
-            .pool
-            .sign_within(&scheme.input(digest_alg, &digest), wait)?;
         // Checked on the host before any token carries it; a module that returns what does
-        // not verify is taken out unless a test signature verifies (`Pool::signature_invalid`).
-        let checked = scheme.output(raw).and_then(|signature| {
-            key::check(self.algorithm, &self.public_key, message, &signature).map(|()| signature)
-        });
-        checked.map_err(|why| {
-            self.pool.signature_invalid(&why);
-            SignError::Failed(why)
-        })
+        // not verify is taken out unless a test signature verifies (`Pool::sign_checked`).
+        let check = |raw: Vec<u8>| {
+            let signature = scheme.output(raw)?;
+            key::check(self.algorithm, &self.public_key, message, &signature)?;
+            Ok(signature)
+        };
+        self.pool
+            .sign_checked(&scheme.input(digest_alg, &digest), wait, &check)
     }
 
     fn health(&self) -> Result<(), String> {

@@ -50,6 +50,9 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The first pause between recovery attempts, doubled up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Two signatures that fail the host's check within this take the pool down, whatever the
+/// test signatures say ([`Pool::signature_invalid`]).
+const INVALID_WINDOW: Duration = Duration::from_secs(60);
 /// What the probe signature signs (recoveries verify it with the known public key).
 const PROBE_MESSAGE: &[u8] = b"tsa pkcs11 probe";
 
@@ -216,6 +219,8 @@ struct State {
     shutdown: bool,
     /// The health thread has returned.
     watcher_done: bool,
+    /// When a signature last failed the caller's check ([`Pool::sign_checked`]).
+    last_invalid: Option<Instant>,
 }
 
 pub struct Pool {
@@ -484,6 +489,7 @@ impl Pool {
                 health: Health::Up,
                 shutdown: false,
                 watcher_done: false,
+                last_invalid: None,
             }),
             idle_cv: Condvar::new(),
             wake_cv: Condvar::new(),
@@ -590,12 +596,20 @@ impl Pool {
 
     /// Signs `data` (what the mechanism takes) with the key; the raw mechanism output.
     pub fn sign(&self, data: &[u8]) -> Result<Vec<u8>, SignError> {
-        self.sign_within(data, ACQUIRE_TIMEOUT)
+        self.sign_checked(data, ACQUIRE_TIMEOUT, &|raw| Ok(raw))
     }
 
     /// `sign`, waiting at most `wait` for a session (and never more than the pool's own
-    /// session wait, 5 s): [`SignError::Late`] when `wait` ran out first.
-    pub fn sign_within(&self, data: &[u8], wait: Duration) -> Result<Vec<u8>, SignError> {
+    /// session wait, 5 s): [`SignError::Late`] when `wait` ran out first. `check` takes the
+    /// raw output to what the caller uses, or says why it is not a good signature (it does
+    /// not verify with the key's public key): that session then makes a test signature
+    /// before it is lent again ([`Pool::signature_invalid`]).
+    pub fn sign_checked(
+        &self,
+        data: &[u8],
+        wait: Duration,
+        check: &dyn Fn(Vec<u8>) -> Result<Vec<u8>, String>,
+    ) -> Result<Vec<u8>, SignError> {
         if let Health::Down { reason, .. } = &self.state().health {
             return Err(SignError::Unavailable(reason.clone()));
         }
@@ -610,7 +624,7 @@ impl Pool {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
         };
         let pooled = self.acquire(wait)?;
-        self.sign_with(&lib, pooled, data)
+        self.sign_with(&lib, pooled, data, check)
     }
 
     /// Borrows an idle session, waiting while all are busy (at most `wait`, and at most
@@ -672,23 +686,18 @@ impl Pool {
         lib: &Library,
         mut pooled: Pooled,
         data: &[u8],
+        check: &dyn Fn(Vec<u8>) -> Result<Vec<u8>, String>,
     ) -> Result<Vec<u8>, SignError> {
         let mechanism = self.scheme.mechanism();
         let mut error = match pooled.session.sign(&mechanism, pooled.key, data) {
-            Ok(signature) => {
-                self.release(pooled);
-                return Ok(signature);
-            }
+            Ok(raw) => return self.checked(pooled, raw, check),
             Err(e) => e,
         };
         pooled = match self.replace_session(lib, pooled, &error) {
             Ok(fresh) => {
                 let retried = fresh.session.sign(&mechanism, fresh.key, data);
                 match retried {
-                    Ok(signature) => {
-                        self.release(fresh);
-                        return Ok(signature);
-                    }
+                    Ok(raw) => return self.checked(fresh, raw, check),
                     Err(e) => error = e,
                 }
                 fresh
@@ -883,15 +892,54 @@ impl Pool {
         })
     }
 
+    /// `raw` through the caller's check; one that fails it has the same session make a test
+    /// signature, still in flight, before the session is lent again.
+    fn checked(
+        &self,
+        pooled: Pooled,
+        raw: Vec<u8>,
+        check: &dyn Fn(Vec<u8>) -> Result<Vec<u8>, String>,
+    ) -> Result<Vec<u8>, SignError> {
+        let why = match check(raw) {
+            Ok(signature) => {
+                self.release(pooled);
+                return Ok(signature);
+            }
+            Err(why) => why,
+        };
+        let tested = probe_signature(
+            &pooled.session,
+            pooled.key,
+            self.scheme,
+            self.algorithm,
+            &self.info.public_key,
+        )
+        .map_err(|e| e.to_string());
+        self.release(pooled);
+        self.signature_invalid(&why, tested);
+        Err(SignError::Failed(why))
+    }
+
     /// A signature from the module that did not verify with the key's public key (checked on
     /// the host before any token carries it): the module or its key is faulty (a fault in an
-    /// RSA signature can even give the key away). A test signature says which: one that
-    /// verifies leaves the pool up (a passing fault: that request alone was refused; the event
-    /// is archived, at most once a second); one that does not, or none that can be made, takes
-    /// the pool down until a recovery's test signature verifies.
-    pub fn signature_invalid(&self, why: &str) {
-        match self.test_signature() {
-            Ok(()) => {
+    /// RSA signature can even give the key away), and `tested` is what a test signature in
+    /// the same session then gave. One that verified, and no other bad signature within
+    /// [`INVALID_WINDOW`], is a passing fault: that request alone was refused, and the event
+    /// archived (at most once a second). Otherwise the pool goes down until a recovery's test
+    /// signature verifies, and a module that keeps faulting, however seldom the test catches
+    /// it, keeps the signer down rather than refuse request after request.
+    fn signature_invalid(&self, why: &str, tested: Result<(), String>) {
+        let again = {
+            let mut state = self.state();
+            let now = Instant::now();
+            let again = state
+                .last_invalid
+                .is_some_and(|last| now.saturating_duration_since(last) < INVALID_WINDOW);
+            state.last_invalid = Some(now);
+            again
+        };
+        let reason = match (tested, again) {
+            (Ok(()), false) => {
                 static LOG: LogLimit = LogLimit::new();
                 if let Some(left_out) = LOG.allow() {
                     tracing::error!(
@@ -899,42 +947,23 @@ impl Pool {
                         reason = why,
                         left_out,
                         "a signature from the HSM did not verify with the key's public key and \
-                         was not used; a test signature then verified, so the key goes on signing"
+                         was not used; a test signature in the same session then verified, so \
+                         the key goes on signing"
                     );
                 }
+                return;
             }
-            Err(e) => self.mark_down_as(
-                "hsm_signature_invalid",
-                format!(
-                    "a signature from the HSM did not verify with the key's public key ({why}), \
-                     and no test signature did: {e}"
-                ),
-                None,
-                Some("C_Sign".into()),
+            (Ok(()), true) => format!(
+                "signatures from the HSM did not verify with the key's public key twice within \
+                 {} s ({why})",
+                INVALID_WINDOW.as_secs()
             ),
-        }
-    }
-
-    /// A test signature in an idle session (waiting for one at most a second), verified with
-    /// the key's public key.
-    fn test_signature(&self) -> Result<(), String> {
-        let _lib = match self.lib.try_read() {
-            Ok(guard) => guard,
-            Err(TryLockError::WouldBlock) => return Err("the HSM is being reconnected".into()),
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            (Err(e), _) => format!(
+                "a signature from the HSM did not verify with the key's public key ({why}), nor \
+                 did a test signature in the same session: {e}"
+            ),
         };
-        let pooled = self
-            .acquire(Duration::from_secs(1))
-            .map_err(|e| e.to_string())?;
-        let tested = probe_signature(
-            &pooled.session,
-            pooled.key,
-            self.scheme,
-            self.algorithm,
-            &self.info.public_key,
-        );
-        self.release(pooled);
-        tested.map_err(|e| e.to_string())
+        self.mark_down_as("hsm_signature_invalid", reason, None, Some("C_Sign".into()));
     }
 
     fn mark_down(&self, reason: String, ckr: Option<String>, function: Option<String>) {
@@ -1456,21 +1485,35 @@ mod tests {
         pool.state().in_flight.end(hung);
         pool.sign(&input).expect("signed once it returned");
 
-        // A signature that did not verify on the host, and then a test signature that does:
-        // a passing fault, the pool stays up and signs on.
-        pool.signature_invalid("a test");
+        // A signature that fails the caller's check, then a test signature in the same
+        // session that verifies: a passing fault, the pool stays up and signs on.
+        let refuse = |_: Vec<u8>| Err("refused by the test".to_string());
+        let refused = pool.sign_checked(&input, ACQUIRE_TIMEOUT, &refuse);
+        assert!(matches!(refused, Err(SignError::Failed(_))), "{refused:?}");
         assert!(up(&pool));
         pool.sign(&input).expect("signed after a passing fault");
-        // One whose test signature cannot be made either (its session closed underneath):
-        // the pool goes down (held down here by a read of the library, which the recovery
-        // waits for), and the recovery's test signature brings it back.
+        // Another within the window: the pool goes down (held down here by a read of the
+        // library, which the recovery waits for), and the recovery's test signature brings
+        // it back.
         {
             let _reading = pool.lib.read().unwrap();
-            let front = pool.state().idle.front().unwrap().session.handle();
-            close_session_underneath(&module_path, front);
-            pool.signature_invalid("a test");
+            let refused = pool.sign_checked(&input, ACQUIRE_TIMEOUT, &refuse);
+            assert!(matches!(refused, Err(SignError::Failed(_))), "{refused:?}");
             let down = pool.health().unwrap_err();
-            assert!(down.contains("did not verify"), "{down}");
+            assert!(down.contains("twice within 60 s"), "{down}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !up(&pool) {
+            assert!(Instant::now() < deadline, "recovered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // One whose test signature fails too: down at once, window or not.
+        pool.state().last_invalid = None;
+        {
+            let _reading = pool.lib.read().unwrap();
+            pool.signature_invalid("a test", Err("the test signature failed".into()));
+            let down = pool.health().unwrap_err();
+            assert!(down.contains("nor did a test signature"), "{down}");
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while !up(&pool) {
