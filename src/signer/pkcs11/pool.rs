@@ -603,7 +603,7 @@ impl Pool {
     /// session wait, 5 s): [`SignError::Late`] when `wait` ran out first. `check` takes the
     /// raw output to what the caller uses, or says why it is not a good signature (it does
     /// not verify with the key's public key): that session then makes a test signature
-    /// before it is lent again ([`Pool::signature_invalid`]).
+    /// before it is lent again (`Pool::signature_invalid`).
     pub fn sign_checked(
         &self,
         data: &[u8],
