@@ -670,6 +670,24 @@ impl Pool {
         }
     }
 
+    /// [`Pool::release`], unless `error` says that the module has freed the session's handle:
+    /// then the session leaves the pool without being closed (the recovery opens a full pool
+    /// again), since a freed handle may already be another session's, this pool's or another
+    /// signer's on the same module, which closing it would close.
+    fn put_back(&self, mut pooled: Pooled, error: &CkError) {
+        if !matches!(
+            error,
+            CkError::Pkcs11(RvError::SessionHandleInvalid | RvError::SessionClosed, _)
+        ) {
+            return self.release(pooled);
+        }
+        if let Some(id) = pooled.signing.take() {
+            self.state().in_flight.end(id);
+        }
+        std::mem::forget(pooled.session);
+        self.idle_cv.notify_one();
+    }
+
     fn release(&self, mut pooled: Pooled) {
         let mut state = self.state();
         if let Some(id) = pooled.signing.take() {
@@ -804,7 +822,7 @@ impl Pool {
             }
         };
         // The session, login or token is gone: the recovery thread takes over.
-        self.release(pooled);
+        self.put_back(pooled, &error);
         let reason = format!("{} ({})", ckr(&error), function(&error));
         self.mark_down(
             format!("the HSM session was lost: {reason}"),
@@ -880,9 +898,9 @@ impl Pool {
             // Still the module's: closed (ending its operation), its handle not reused meanwhile.
             RvError::OperationActive => drop(old),
             // A handle the module has freed may already be another session's (the new one's,
-            // or another thread's replacement): closing it would close that one. Never closed
-            // (what cryptoki keeps of it is a reference to the library, which is finalized
-            // explicitly, not when the last reference goes).
+            // another thread's replacement, another signer's): closing it would close that
+            // one. Never closed (what cryptoki keeps of it is a reference to the library, which
+            // is finalized explicitly, not when the last reference goes).
             _ => std::mem::forget(old),
         }
         Ok(Pooled {
@@ -1166,7 +1184,7 @@ impl Pool {
             }
             Err(dead) => dead,
         };
-        self.release(pooled);
+        self.put_back(pooled, &error);
         if classify(&error) != Fault::Operation {
             self.mark_down(
                 format!(
