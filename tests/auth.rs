@@ -980,8 +980,8 @@ fn a_batch_of_a_client_over_its_quota_is_refused_before_its_body() {
 /// A batch costs one token before its body is read: one refused before its items are counted
 /// (here not a batch at all, 400) keeps it, so that a client cannot hold batch places for
 /// nothing. With a burst of 2 and nothing refilling, two malformed batches leave alice no
-/// token: her third batch and a single request are refused (429), the latter with no place
-/// held. Bob's malformed batch costs one of his 2; a batch of 2 then finds only one and is
+/// token: her third batch (before its body, its places let go at once) and a single request
+/// are refused (429). Bob's malformed batch costs one of his 2; a batch of 2 then finds only one and is
 /// refused when its items are counted, after its body held a place: it keeps the one too.
 #[test]
 fn a_batch_refused_before_its_items_are_counted_costs_one_token() {

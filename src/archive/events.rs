@@ -2,9 +2,11 @@
 //!
 //! Every module already logs its events through `tracing` with an `event` field
 //! (`sync_acquired`, `clock_sync`, `sync_lost`, `source_rejected`, `step_detected`,
-//! `leap_applied`, `key_loaded`, `hsm_session_lost`, `hsm_recovered`, …). [`layer`] captures exactly those
-//! (it selects callsites by their fields, so other logging costs nothing) whatever the log
-//! level, and hands them to the archive's writer, which stores them with the next commit.
+//! `leap_applied`, `key_loaded`, `key_rollover`, `hsm_session_lost`, `hsm_session_replaced`,
+//! `hsm_signature_invalid`, `hsm_key_replaced`, `hsm_recovered`, …). [`layer`] captures
+//! exactly those (it selects callsites by their fields, so other logging costs nothing)
+//! whatever the log level, and hands them to the archive's writer, which stores them with the
+//! next commit.
 //! Events that come before the archive is open (the key loaded at start-up) wait in a small
 //! buffer. [`record`] is the same thing as a function, for code that does not log.
 

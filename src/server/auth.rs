@@ -13,8 +13,9 @@
 //! API keys are random 256-bit strings, so the configuration keeps their SHA-256 only (a slow
 //! password hash would add nothing against guessing and cost every request). Quotas are token
 //! buckets, one per configured client and one shared by all anonymous callers, so that memory
-//! stays bounded whoever calls; a batch of n requests takes n tokens at once. A reload keeps the
-//! bucket, spent or not, of every client whose rate and burst it leaves unchanged (and the
+//! stays bounded whoever calls; a batch takes one token before its body is read, and once its
+//! n items are counted that one back and n at once (it keeps the one when refused before
+//! then). A reload keeps the bucket, spent or not, of every client whose rate and burst it leaves unchanged (and the
 //! anonymous one likewise), so that reloading forgives no client its debt.
 //!
 //! Everything here is pure: the HTTP layer hands in the header and the verified certificate and
@@ -436,8 +437,9 @@ impl Auth {
 
     /// Gives back tokens taken from `client`'s quota, for a request the server then refused
     /// as overloaded (after its wait for a place, a second or more later): a refusal the
-    /// client did not cause (another client's load may have) costs it nothing. Nothing goes
-    /// back once the bucket has been full since the take: it had refilled them already.
+    /// client did not cause (another client's load may have) costs it nothing; and a batch's
+    /// one token before its n items are taken. Nothing goes back once the bucket has been
+    /// full since the take: it had refilled them already.
     pub fn give_back(&self, client: &Client, taken: Taken) {
         if let Some(bucket) = self.bucket(client) {
             bucket.give_back(taken.n, taken.at_ns);

@@ -30,8 +30,9 @@
 //!
 //! The HTTPS listener (`server.https_listen`, [`super::tls`]) serves the same routes; its
 //! verified client certificate is a credential besides the `Authorization` header
-//! ([`super::auth`]). Authentication comes first, then the quota, then the checks above, then
-//! admission. Idle keep-alive connections close after `read_timeout_ms`, busy ones after
+//! ([`super::auth`]). Authentication comes first, then the quota (a batch: its places, one
+//! token before its body, its n tokens once its items are counted), then the checks above,
+//! then admission. Idle keep-alive connections close after `read_timeout_ms`, busy ones after
 //! `max_requests_per_connection` requests (the last reply says `Connection: close`), and a
 //! connection whose client reads none of its answers for `write_timeout_ms` is closed
 //! ([`super::write_timeout`]), so that it cannot hold its place under `max_connections`.

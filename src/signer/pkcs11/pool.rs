@@ -4,27 +4,35 @@
 //! Concurrency: a signature borrows one idle session (waiting while all are busy) under a read
 //! lock on the library; sessions are only ever lent inside such a read section, so whoever
 //! holds the write lock (the recovery) sees every session idle and may close them, log in
-//! again, or finalize and re-initialize the library without any thread being inside it.
+//! again, or finalize and re-initialize the library without any thread being inside it (a
+//! session whose handle the module freed has left the pool unclosed already; the recovery
+//! opens a full pool).
 //!
 //! Faults: a signature that fails with a handle error (`CKR_OBJECT_HANDLE_INVALID`,
 //! `CKR_KEY_HANDLE_INVALID`) first finds the key again in its session, checks with a test
 //! signature that it is still the key the TSA started with, and retries once. A session the
 //! module no longer knows (`CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`: a network HSM,
 //! or its proxy, closes sessions it finds idle) while the token still answers is replaced by a
-//! new one, and the signature retried once in it. Any other fault that means the session, the
-//! login or the token went away (see [`classify`]) marks the pool down: from then on `sign` answers `Unavailable` at once, `health` is an error, and the
-//! recovery thread tries, with a bounded exponential backoff, new sessions and a new login,
-//! then `C_Finalize` + `C_Initialize` and all of it again, until a probe signature verifies
-//! with the key's known public key. The library is re-initialized only by the module's only
-//! user in the process (see [`super::module`]): with another signer on the same module, only
-//! new sessions and logins are tried. While the pool is up the same thread probes an idle
-//! session every `health_check_interval` (`C_GetTokenInfo`, `C_GetSessionInfo`), so that a lost
-//! token is noticed without traffic. Sessions are lent and probed in turn (first in, first
-//! out), so that none stays unused and unchecked for long under light load.
+//! new one, and the signature retried once in it; so is one with an operation left active
+//! (`CKR_OPERATION_ACTIVE`). Every signature goes through the caller's check (it verifies on
+//! the host) before its session is lent again: one that fails it has that session make a
+//! test signature, and one that fails too, or a second bad signature within a minute, marks
+//! the pool down (`hsm_signature_invalid`). Any other fault that means the session, the login
+//! or the token went away (see [`classify`]) marks the pool down: from then on `sign` answers
+//! `Unavailable` at once, `health` is an error, and the recovery thread tries, with a bounded
+//! exponential backoff, new sessions and a new login, then `C_Finalize` + `C_Initialize` and
+//! all of it again, until a probe signature verifies with the key's known public key. The
+//! library is re-initialized only by the module's only user in the process (see
+//! [`super::module`]): with another signer on the same module, only new sessions and logins
+//! are tried. While the pool is up the same thread probes an idle session every
+//! `health_check_interval` (`C_GetTokenInfo`, `C_GetSessionInfo`), so that a lost token is
+//! noticed without traffic. Sessions are lent and probed in turn (first in, first out), so
+//! that none stays unused and unchecked for long under light load.
 //!
 //! A module that stops answering: every signature's start is recorded, and the health thread
 //! marks the pool down when one has been inside the module longer than `sign_timeout` (a hung
-//! HSM holds its sessions, so there is no idle one to probe). No recovery takes the write lock
+//! HSM holds its sessions, so there is no idle one to probe); until then, and when the call
+//! that hangs is the probe's own, no new signature is begun. No recovery takes the write lock
 //! while such a signature is in flight (it would wait for it for good), and the shutdown waits
 //! for the health thread at most `sign_timeout`.
 
@@ -120,6 +128,15 @@ pub fn classify(error: &CkError) -> Fault {
         },
         _ => Fault::Operation,
     }
+}
+
+/// Whether `error` says that the module has freed the session's handle (it no longer knows
+/// the session): a handle it may give to the next session opened.
+fn handle_freed(error: &CkError) -> bool {
+    matches!(
+        error,
+        CkError::Pkcs11(RvError::SessionHandleInvalid | RvError::SessionClosed, _)
+    )
 }
 
 /// The `CKR_…` name of a PKCS#11 error (`ObjectHandleInvalid` → `CKR_OBJECT_HANDLE_INVALID`),
@@ -594,7 +611,8 @@ impl Pool {
         }
     }
 
-    /// Signs `data` (what the mechanism takes) with the key; the raw mechanism output.
+    /// Signs `data` (what the mechanism takes) with the key; the raw mechanism output,
+    /// unchecked (`Pkcs11Signer` signs through [`Pool::sign_checked`]).
     pub fn sign(&self, data: &[u8]) -> Result<Vec<u8>, SignError> {
         self.sign_checked(data, ACQUIRE_TIMEOUT, &|raw| Ok(raw))
     }
@@ -675,10 +693,7 @@ impl Pool {
     /// again), since a freed handle may already be another session's, this pool's or another
     /// signer's on the same module, which closing it would close.
     fn put_back(&self, mut pooled: Pooled, error: &CkError) {
-        if !matches!(
-            error,
-            CkError::Pkcs11(RvError::SessionHandleInvalid | RvError::SessionClosed, _)
-        ) {
+        if !handle_freed(error) {
             return self.release(pooled);
         }
         if let Some(id) = pooled.signing.take() {
@@ -787,14 +802,13 @@ impl Pool {
                 }
                 match found {
                     Ok(handle) => match pooled.session.sign(&mechanism, handle, data) {
-                        Ok(signature) => {
+                        Ok(raw) => {
                             tracing::info!(
                                 event = "hsm_key_refound",
                                 "the key was found again and signs"
                             );
                             pooled.key = handle;
-                            self.release(pooled);
-                            return Ok(signature);
+                            return self.checked(pooled, raw, check);
                         }
                         Err(e) if classify(&e) == Fault::Operation => {
                             pooled.key = handle;
@@ -845,14 +859,9 @@ impl Pool {
         dead: Pooled,
         error: &CkError,
     ) -> Result<Pooled, Pooled> {
-        let CkError::Pkcs11(
-            rv
-            @ (RvError::SessionHandleInvalid | RvError::SessionClosed | RvError::OperationActive),
-            _,
-        ) = error
-        else {
+        if !handle_freed(error) && !matches!(error, CkError::Pkcs11(RvError::OperationActive, _)) {
             return Err(dead);
-        };
+        }
         if lib.ctx().get_token_info(lib.slot).is_err() {
             return Err(dead);
         }
@@ -894,14 +903,15 @@ impl Pool {
             key,
             signing,
         } = dead;
-        match rv {
-            // Still the module's: closed (ending its operation), its handle not reused meanwhile.
-            RvError::OperationActive => drop(old),
+        if handle_freed(error) {
             // A handle the module has freed may already be another session's (the new one's,
             // another thread's replacement, another signer's): closing it would close that
             // one. Never closed (what cryptoki keeps of it is a reference to the library, which
             // is finalized explicitly, not when the last reference goes).
-            _ => std::mem::forget(old),
+            std::mem::forget(old);
+        } else {
+            // Still the module's: closed (ending its operation), its handle not reused meanwhile.
+            drop(old);
         }
         Ok(Pooled {
             session,
@@ -1126,9 +1136,11 @@ impl Pool {
         }
     }
 
-    /// Checks an idle session without signing: the token answers and the session is still
-    /// logged in. A pool with signatures in flight is not probed (its signatures are the
-    /// probe). The probe counts as a call in flight, so that one that hangs is seen as stuck.
+    /// Checks the least recently used idle session without signing: the token answers and the
+    /// session is still logged in; one the module no longer knows, while the token answers,
+    /// is replaced (`replace_session`). A pool with signatures in flight is not probed (its
+    /// signatures are the probe). The probe counts as a call in flight, so that one that hangs
+    /// is seen as stuck.
     fn probe(&self) {
         let Ok(lib) = self.lib.try_read() else {
             return;
@@ -1492,6 +1504,33 @@ mod tests {
             pool.sign(&input)
                 .unwrap_or_else(|e| panic!("signature {i} after an active operation: {e}"));
         }
+
+        // A stale key handle (a session object's, gone with its session): the key is found
+        // again, and the signature made with it goes through the caller's check like any.
+        let stale = {
+            let lib = pool.lib.read().unwrap();
+            let session = lib.ctx().open_rw_session(lib.slot).unwrap();
+            let object = session
+                .create_object(&[
+                    cryptoki::object::Attribute::Class(cryptoki::object::ObjectClass::DATA),
+                    cryptoki::object::Attribute::Token(false),
+                    cryptoki::object::Attribute::Value(vec![1]),
+                ])
+                .unwrap();
+            drop(session);
+            object
+        };
+        let key = pool.state().idle.front().unwrap().key;
+        pool.state().idle.front_mut().unwrap().key = stale;
+        let checks = std::sync::atomic::AtomicUsize::new(0);
+        let count = |raw: Vec<u8>| {
+            checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(raw)
+        };
+        pool.sign_checked(&input, ACQUIRE_TIMEOUT, &count)
+            .expect("signed with the key found again");
+        assert_eq!(checks.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert!(pool.state().idle.iter().all(|p| p.key == key));
 
         // A call that has not returned for longer than sign_timeout (here one begun 3 s ago):
         // no signature goes in after it, though the pool is still up.
