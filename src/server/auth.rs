@@ -121,7 +121,8 @@ pub struct PeerCertificate {
     /// SHA-256 of the certificate's DER.
     pub sha256: [u8; 32],
     /// Its issuer (the subject of the CA that signed it) and its subject, as clients are
-    /// matched by them; `None` when they cannot be read.
+    /// matched by them; `None` when they cannot be read, or when no client CA issued it
+    /// directly (its issuer's name then says nothing of who vouches for its subject).
     pub names: Option<(NameKey, NameKey)>,
     /// The end of its validity, Unix seconds: checked at every request, since a resumed TLS
     /// session restores the certificate without verifying it again, and a connection lives
@@ -133,12 +134,19 @@ pub struct PeerCertificate {
 }
 
 impl PeerCertificate {
-    /// The identity of `chain`'s first certificate, the chain kept.
-    pub fn from_chain(chain: &[rustls::pki_types::CertificateDer<'_>]) -> Self {
+    /// The identity of `chain`'s first certificate, the chain kept; its names only where
+    /// `issued_by_a_client_ca` (its issuer signed it with its own key, checked by
+    /// [`super::tls::Issuers::issued`]).
+    pub fn from_chain(
+        chain: &[rustls::pki_types::CertificateDer<'_>],
+        issued_by_a_client_ca: bool,
+    ) -> Self {
         let leaf = chain.first().map_or(&[][..], |c| c.as_ref());
+        let identity = Self::from_der(leaf);
         Self {
             chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
-            ..Self::from_der(leaf)
+            names: identity.names.filter(|_| issued_by_a_client_ca),
+            ..identity
         }
     }
 
@@ -355,13 +363,15 @@ impl Auth {
                     "the API key and the client certificate belong to different clients",
                 ))
             }
-            (Some(key), _) => key,
-            (None, Some(Some(cert))) => cert,
-            (None, Some(None)) => {
+            // A certificate beside a key names the same client or none may be there: one of
+            // no configured client (a removed client's, say) is refused with or without a key.
+            (_, Some(None)) => {
                 return Err(Refusal::InvalidCredentials(
                     "the client certificate belongs to no configured client",
                 ))
             }
+            (Some(key), _) => key,
+            (None, Some(Some(cert))) => cert,
             (None, None) if self.anonymous => return Ok(Client::ANONYMOUS),
             (None, None) => return Err(Refusal::Unauthenticated),
         };
@@ -783,15 +793,16 @@ mod tests {
             auth.authenticate(link(Some(&other_ca)), None),
             Err(Refusal::InvalidCredentials(_))
         ));
-        // Key and certificate: the same client, or the key with an unmapped certificate.
+        // Key and certificate: the same client; a certificate of no configured client is
+        // refused beside a good key too.
         assert_eq!(
             name(auth.authenticate(link(Some(&bob)), Some(&bearer(BOB_KEY)))),
             Ok(Some("bob".into()))
         );
-        assert_eq!(
-            name(auth.authenticate(link(Some(&stranger)), Some(&bearer(ALICE_KEY)))),
-            Ok(Some("alice".into()))
-        );
+        assert!(matches!(
+            auth.authenticate(link(Some(&stranger)), Some(&bearer(ALICE_KEY))),
+            Err(Refusal::InvalidCredentials(_))
+        ));
         assert!(matches!(
             auth.authenticate(link(Some(&bob)), Some(&bearer(ALICE_KEY))),
             Err(Refusal::InvalidCredentials(_))

@@ -8,7 +8,11 @@
 //! them gives (fail closed: a CA left out of the CRLs would otherwise go unchecked). The CRLs
 //! are read again with the rest of the TLS files on reload (SIGHUP).
 //! The verified certificate's identity goes with every request of the connection to
-//! [`super::auth`], which maps it to a configured client. A connection opened before a reload
+//! [`super::auth`], which maps it to a configured client. Its issuer's name counts there only
+//! where one of those CAs issued it directly, its signature checked with that CA's own key
+//! ([`Issuers`]): webpki links a chain by names, and keeps of a CA it trusts only its name and
+//! key (not its path length limit), so any trusted CA could issue an intermediate that bears
+//! another trusted CA's name and have it vouch for that CA's subjects. A connection opened before a reload
 //! keeps its certificate only while the reloaded configuration accepts it too
 //! ([`Tls::still_accepts`], asked once per connection and reload while it is accepted, at each
 //! request once it is not): a certificate that the new CRLs revoke, or whose CA was dropped,
@@ -35,6 +39,7 @@ use crate::pem;
 pub struct Tls {
     pub acceptor: TlsAcceptor,
     verifier: Option<Arc<dyn ClientCertVerifier>>,
+    issuers: Arc<Issuers>,
     /// `require_client_certificate`: a handshake without one is refused.
     requires_certificate: bool,
 }
@@ -72,12 +77,19 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<Tls> {
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?;
     let mut client_verifier = None;
+    let mut issuers = Issuers::default();
     let builder = if config.client_ca.is_empty() {
         builder.with_no_client_auth()
     } else {
         let mut roots = RootCertStore::empty();
         for path in &config.client_ca {
             for cert in pem::certificates(path).context("server.tls.client_ca")? {
+                issuers.add(&cert, &provider).with_context(|| {
+                    format!(
+                        "server.tls.client_ca: {} is not a usable CA",
+                        path.display()
+                    )
+                })?;
                 roots.add(cert).with_context(|| {
                     format!(
                         "server.tls.client_ca: {} is not a usable CA",
@@ -113,7 +125,57 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<Tls> {
         acceptor: TlsAcceptor::from(Arc::new(server)),
         requires_certificate: client_verifier.is_some() && config.require_client_certificate,
         verifier: client_verifier,
+        issuers: Arc::new(issuers),
     })
+}
+
+/// The client CAs, each with a verifier that trusts it alone: which of them issued a client
+/// certificate directly.
+#[derive(Default)]
+pub struct Issuers {
+    /// Each CA's subject (DER) and its verifier.
+    cas: Vec<(Vec<u8>, Arc<dyn ClientCertVerifier>)>,
+}
+
+impl Issuers {
+    fn add(
+        &mut self,
+        ca: &CertificateDer<'static>,
+        provider: &Arc<rustls::crypto::CryptoProvider>,
+    ) -> anyhow::Result<()> {
+        use der::{Decode, Encode};
+        let subject = x509_cert::Certificate::from_der(ca)?
+            .tbs_certificate()
+            .subject()
+            .to_der()?;
+        let mut alone = RootCertStore::empty();
+        alone.add(ca.clone())?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(alone), provider.clone())
+                .allow_unauthenticated()
+                .build()?;
+        self.cas.push((subject, verifier));
+        Ok(())
+    }
+
+    /// Whether one of the CAs issued `leaf` itself (not through an intermediate): one whose
+    /// subject is the leaf's issuer, byte for byte, and whose key verifies the leaf's
+    /// signature (validity and key usage as in the handshake).
+    pub fn issued(&self, leaf: &CertificateDer<'_>) -> bool {
+        use der::{Decode, Encode};
+        let Some(issuer) = x509_cert::Certificate::from_der(leaf)
+            .ok()
+            .and_then(|c| c.tbs_certificate().issuer().to_der().ok())
+        else {
+            return false;
+        };
+        self.cas.iter().any(|(subject, verifier)| {
+            *subject == issuer
+                && verifier
+                    .verify_client_cert(leaf, &[], UnixTime::now())
+                    .is_ok()
+        })
+    }
 }
 
 /// The TLS handshake on an accepted connection, within `timeout`; `None` when it fails (a
@@ -134,7 +196,10 @@ where
                 .1
                 .peer_certificates()
                 .filter(|chain| !chain.is_empty())
-                .map(|chain| Arc::new(PeerCertificate::from_chain(chain)));
+                .map(|chain| {
+                    let direct = tls.issuers.issued(&chain[0]);
+                    Arc::new(PeerCertificate::from_chain(chain, direct))
+                });
             Some((stream, peer))
         }
         Ok(Err(e)) => {
@@ -145,5 +210,92 @@ where
             tracing::debug!("TLS handshake timed out");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA named `name`, issued by `issuer` (self-signed when None).
+    fn ca(
+        name: &str,
+        issuer: Option<&(rcgen::CertificateParams, rcgen::KeyPair)>,
+    ) -> (
+        rcgen::CertificateParams,
+        rcgen::KeyPair,
+        CertificateDer<'static>,
+    ) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let cert = match issuer {
+            None => params.self_signed(&key).unwrap(),
+            Some((issuer_params, issuer_key)) => params
+                .signed_by(&key, &rcgen::Issuer::new(issuer_params.clone(), issuer_key))
+                .unwrap(),
+        };
+        (params, key, cert.der().clone())
+    }
+
+    /// A client certificate for `subject`, issued by `issuer`.
+    fn client(
+        subject: &str,
+        issuer: &(rcgen::CertificateParams, rcgen::KeyPair),
+    ) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, subject);
+        params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params
+            .signed_by(&key, &rcgen::Issuer::new(issuer.0.clone(), &issuer.1))
+            .unwrap();
+        cert.der().clone()
+    }
+
+    #[test]
+    fn only_a_client_ca_itself_issues_for_its_name() {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let (a_params, a_key, a_der) = ca("Client CA A", None);
+        let (b_params, b_key, b_der) = ca("Client CA B", None);
+        let mut issuers = Issuers::default();
+        issuers.add(&a_der, &provider).unwrap();
+        issuers.add(&b_der, &provider).unwrap();
+        let a = (a_params, a_key);
+        let b = (b_params, b_key);
+        assert!(issuers.issued(&client("carol", &a)), "issued by A itself");
+        assert!(issuers.issued(&client("dave", &b)), "issued by B itself");
+        // B's intermediate named as A: the chain verifies in the handshake (webpki links by
+        // names), but A did not issue carol's certificate.
+        let (i_params, i_key, i_der) = ca("Client CA A", Some(&b));
+        let forged = client("carol", &(i_params, i_key));
+        let mut roots = RootCertStore::empty();
+        roots.add(a_der.clone()).unwrap();
+        roots.add(b_der.clone()).unwrap();
+        let handshake = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
+        assert!(
+            handshake
+                .verify_client_cert(&forged, &[i_der], UnixTime::now())
+                .is_ok(),
+            "the forged chain passes the handshake's verification"
+        );
+        assert!(!issuers.issued(&forged));
+        assert!(
+            !Issuers::default().issued(&client("carol", &a)),
+            "no client CA"
+        );
     }
 }
