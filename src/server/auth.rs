@@ -136,7 +136,7 @@ pub struct PeerCertificate {
 impl PeerCertificate {
     /// The identity of `chain`'s first certificate, the chain kept; its names only where
     /// `issued_by_a_client_ca` (its issuer signed it with its own key, checked by
-    /// [`super::tls::Issuers::issued`]).
+    /// `tls::Issuers::issued`).
     pub fn from_chain(
         chain: &[rustls::pki_types::CertificateDer<'_>],
         issued_by_a_client_ca: bool,
