@@ -89,7 +89,8 @@ pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
             let tbs = certificate.tbs_certificate();
             println!(
                 "[[auth.client]]\nname = {}\ncertificate_sha256 = \"{}\"\n\
-                 # or any certificate with this subject that this CA issues:\n\
+                 # or any certificate with this subject that this CA (one of client_ca) issues\n\
+                 # itself, not through an intermediate CA:\n\
                  # certificate_subject = {}\n# certificate_issuer = {}",
                 toml_string(name),
                 hex(&id.sha256),

@@ -126,8 +126,14 @@ impl Connection {
         if Arc::ptr_eq(&under, &current) {
             return false;
         }
+        // A certificate mapped by its issuer's name keeps the mapping only while a client CA
+        // of the reloaded configuration issued it directly too.
         let accepted = match &self.peer {
-            Some(peer) => current.still_accepts(&peer.chain),
+            Some(peer) => {
+                current.still_accepts(&peer.chain)
+                    && (peer.names.is_none()
+                        || peer.chain.first().is_some_and(|leaf| current.issued(leaf)))
+            }
             None => !current.requires_certificate(),
         };
         if accepted {

@@ -50,6 +50,12 @@ impl Tls {
         self.requires_certificate
     }
 
+    /// Whether one of this configuration's client CAs issued `leaf` itself
+    /// ([`Issuers::issued`]).
+    pub fn issued(&self, leaf: &CertificateDer<'_>) -> bool {
+        self.issuers.issued(leaf)
+    }
+
     /// Whether this configuration accepts the client certificate `chain` (the client's first,
     /// as its handshake presented it) now, as its handshake would.
     pub fn still_accepts(&self, chain: &[CertificateDer<'static>]) -> bool {
