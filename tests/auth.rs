@@ -351,6 +351,24 @@ fn without_anonymous_access_credentials_are_required_and_keys_reload() {
         Some(1.0)
     );
 
+    // A batch of alice's whose body is still coming during the reload.
+    use std::io::{Read, Write};
+    let batch = std::fs::read(batch_file(d, "alice-batch", 2)).unwrap();
+    let url = server.url.strip_prefix("http://").unwrap();
+    let (host, path) = url.split_once('/').unwrap();
+    let mut pending = std::net::TcpStream::connect(host).unwrap();
+    pending
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        pending,
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {alice}\r\n\
+         Content-Type: application/timestamp-query-batch\r\nContent-Length: {}\r\n\r\n",
+        batch.len()
+    )
+    .unwrap();
+    pending.write_all(&batch[..10]).unwrap();
+
     // Replace alice by carol and reload.
     let (carol, carol_toml) = new_key("carol", &[]);
     let config = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
@@ -367,6 +385,12 @@ fn without_anonymous_access_credentials_are_required_and_keys_reload() {
         FailInfo::BadRequest,
         "invalid credentials",
     );
+    // The rest of alice's batch, after the reload that removed her: refused, not served.
+    pending.write_all(&batch[10..]).unwrap();
+    let mut reply = [0u8; 64];
+    let n = pending.read(&mut reply).expect("an answer");
+    let head = String::from_utf8_lossy(&reply[..n]);
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
     let archived = archived_clients(d);
     assert_eq!(archived[&hex(&token)].as_deref(), Some("alice"));
     assert!(archived.values().any(|c| c.as_deref() == Some("carol")));

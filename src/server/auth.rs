@@ -472,6 +472,15 @@ impl Auth {
         !self.clients.is_empty()
     }
 
+    /// Whether this configuration still has `client` (a reload may have removed it, or
+    /// anonymous access, while one of its requests was under way).
+    pub fn admits(&self, client: &Client) -> bool {
+        match &client.name {
+            None => self.anonymous,
+            Some(name) => self.by_name.contains_key(name),
+        }
+    }
+
     fn bucket(&self, client: &Client) -> Option<&Bucket> {
         match &client.name {
             None => self.anonymous_bucket.as_deref(),

@@ -769,6 +769,19 @@ async fn timestamp_batch(
             ));
         }
     };
+    // Authenticated before its body came, which can take read_timeout_ms: a reload meanwhile
+    // may have removed its client, whose items are not served (nor charged to a quota
+    // no longer there).
+    if !tsa.auth.load().admits(&client) {
+        tsa.metrics
+            .auth_refused(metrics::AuthRefusal::InvalidCredentials);
+        return refused(
+            Denied::Credentials(Refusal::InvalidCredentials(
+                "the client was removed by a reload while its batch came",
+            ))
+            .answer(),
+        );
+    }
     let count = items.len();
     let tokens = u32::try_from(count).unwrap_or(u32::MAX);
     if let Some(burst) = tsa.auth.load().over_shared_burst(&client, tokens) {
