@@ -124,9 +124,10 @@ pub struct PeerCertificate {
     /// matched by them; `None` when they cannot be read, or when no client CA issued it
     /// directly (its issuer's name then says nothing of who vouches for its subject).
     pub names: Option<(NameKey, NameKey)>,
-    /// The end of its validity, Unix seconds: checked at every request, since a resumed TLS
-    /// session restores the certificate without verifying it again, and a connection lives
-    /// for many requests.
+    /// The end of its validity, Unix seconds (of the verified chain's, the earliest end of its
+    /// certificates: an intermediate CA's may come first): checked at every request, since a
+    /// resumed TLS session restores the certificate without verifying it again, and a
+    /// connection lives for many requests.
     pub not_after_s: Option<u64>,
     /// The chain the handshake verified, the client's certificate first: verified again
     /// when the TLS configuration is reloaded while the connection lives.
@@ -141,11 +142,24 @@ impl PeerCertificate {
         chain: &[rustls::pki_types::CertificateDer<'_>],
         issued_by_a_client_ca: bool,
     ) -> Self {
+        use der::Decode;
         let leaf = chain.first().map_or(&[][..], |c| c.as_ref());
         let identity = Self::from_der(leaf);
+        let chain_ends = chain.iter().skip(1).filter_map(|c| {
+            x509_cert::Certificate::from_der(c).ok().map(|c| {
+                c.tbs_certificate()
+                    .validity()
+                    .not_after
+                    .to_unix_duration()
+                    .as_secs()
+            })
+        });
         Self {
             chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
             names: identity.names.filter(|_| issued_by_a_client_ca),
+            not_after_s: identity
+                .not_after_s
+                .map(|leaf| chain_ends.fold(leaf, u64::min)),
             ..identity
         }
     }
@@ -340,8 +354,8 @@ impl Auth {
         }
         if certificate.is_some_and(|c| c.not_after_s.is_some_and(|end| now_s > end)) {
             return Err(Refusal::InvalidCredentials(
-                "the client certificate has expired since its connection's handshake (or the \
-                 session's that this one resumed)",
+                "the client certificate, or a CA certificate of its chain, has expired since its \
+                 connection's handshake (or the session's that this one resumed)",
             ));
         }
         let by_key = authorization
@@ -939,6 +953,60 @@ mod tests {
         bucket.give_back(10, 20_000 * ms);
         assert_eq!(tat(&bucket), 20_000);
         assert_eq!(bucket.take(20_500 * ms, 10), Ok(()), "full");
+    }
+
+    #[test]
+    fn a_connections_certificate_ends_with_the_earliest_end_of_its_chain() {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(vec![]).unwrap();
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "Client CA");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let inter_key = rcgen::KeyPair::generate().unwrap();
+        let mut inter = rcgen::CertificateParams::new(vec![]).unwrap();
+        inter
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Issuing CA");
+        inter.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        inter.not_after = rcgen::date_time_ymd(2030, 1, 1);
+        let inter_der = inter
+            .signed_by(&inter_key, &rcgen::Issuer::new(ca, &ca_key))
+            .unwrap()
+            .der()
+            .clone();
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec![]).unwrap();
+        leaf.distinguished_name
+            .push(rcgen::DnType::CommonName, "carol");
+        leaf.not_after = rcgen::date_time_ymd(2035, 1, 1);
+        let leaf_der = leaf
+            .signed_by(&leaf_key, &rcgen::Issuer::new(inter, &inter_key))
+            .unwrap()
+            .der()
+            .clone();
+        let (end_2030, end_2035) = (1_893_456_000, 2_051_222_400);
+        assert_eq!(
+            PeerCertificate::from_der(&leaf_der).not_after_s,
+            Some(end_2035)
+        );
+        let peer = PeerCertificate::from_chain(&[leaf_der, inter_der], false);
+        assert_eq!(
+            peer.not_after_s,
+            Some(end_2030),
+            "the intermediate's end first"
+        );
+        // Past the intermediate's end, a kept connection's certificate names nobody.
+        let auth = Auth::new(&config(true)).unwrap();
+        let link = Link {
+            tls: true,
+            certificate: Some(&peer),
+            certificate_refused: false,
+        };
+        let refused = auth.authenticate_at(link, None, end_2030 + 1);
+        assert!(
+            matches!(refused, Err(Refusal::InvalidCredentials(why)) if why.contains("CA certificate")),
+            "{refused:?}"
+        );
     }
 
     #[test]

@@ -122,6 +122,13 @@ impl Connection {
         let Some(current) = tsa.tls.load_full() else {
             return true;
         };
+        // A client CRL past its nextUpdate refuses every certificate in the handshake; a
+        // kept connection's too, reload or not.
+        if self.peer.is_some()
+            && current.crls_outdated(crate::clock::system_unix_ns() / 1_000_000_000)
+        {
+            return true;
+        }
         let mut under = under.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::ptr_eq(&under, &current) {
             return false;

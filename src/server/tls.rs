@@ -17,7 +17,8 @@
 //! ([`Tls::still_accepts`], asked once per connection and reload while it is accepted, at each
 //! request once it is not): a certificate that the new CRLs revoke, or whose CA was dropped,
 //! is refused at the connection's next request, and so is a connection without one where the
-//! reloaded configuration requires one.
+//! reloaded configuration requires one. A client CRL past its `nextUpdate` refuses a kept
+//! connection's certificate at its next request as the handshake would, reload or not.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +41,9 @@ pub struct Tls {
     pub acceptor: TlsAcceptor,
     verifier: Option<Arc<dyn ClientCertVerifier>>,
     issuers: Arc<Issuers>,
+    /// The earliest `nextUpdate` of the client CRLs (Unix seconds): past it the handshake
+    /// refuses every client certificate, and so does a kept connection's next request.
+    crls_until_s: Option<u64>,
     /// `require_client_certificate`: a handshake without one is refused.
     requires_certificate: bool,
 }
@@ -48,6 +52,13 @@ impl Tls {
     /// Whether this configuration refuses a connection without a client certificate.
     pub fn requires_certificate(&self) -> bool {
         self.requires_certificate
+    }
+
+    /// Whether a client CRL of this configuration is past its `nextUpdate` at `now_s`: it
+    /// says nothing of later revocations, so no client certificate is accepted until a
+    /// reload brings a fresh one.
+    pub fn crls_outdated(&self, now_s: u64) -> bool {
+        self.crls_until_s.is_some_and(|until| now_s > until)
     }
 
     /// Whether one of this configuration's client CAs issued `leaf` itself
@@ -84,6 +95,7 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<Tls> {
         .context("TLS protocol versions")?;
     let mut client_verifier = None;
     let mut issuers = Issuers::default();
+    let mut crls_until_s = None;
     let builder = if config.client_ca.is_empty() {
         builder.with_no_client_auth()
     } else {
@@ -108,6 +120,7 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<Tls> {
         for path in &config.client_crl {
             crls.extend(pem::crls(path).context("server.tls.client_crl")?);
         }
+        crls_until_s = crls.iter().filter_map(next_update_s).min();
         // A CRL past its nextUpdate says nothing about later revocations: refused, as one
         // missing is (reload with a fresh one).
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
@@ -132,7 +145,19 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<Tls> {
         requires_certificate: client_verifier.is_some() && config.require_client_certificate,
         verifier: client_verifier,
         issuers: Arc::new(issuers),
+        crls_until_s,
     })
+}
+
+/// A CRL's `nextUpdate`, Unix seconds (`None` without one, or unreadable: the handshake's
+/// verifier judges it).
+fn next_update_s(crl: &rustls::pki_types::CertificateRevocationListDer<'_>) -> Option<u64> {
+    use der::Decode;
+    let list =
+        x509_cert::crl::CertificateList::<x509_cert::certificate::Rfc5280>::from_der(crl).ok()?;
+    list.tbs_cert_list
+        .next_update
+        .map(|t| t.to_unix_duration().as_secs())
 }
 
 /// The client CAs, each with a verifier that trusts it alone: which of them issued a client
@@ -268,6 +293,23 @@ mod tests {
             .signed_by(&key, &rcgen::Issuer::new(issuer.0.clone(), &issuer.1))
             .unwrap();
         cert.der().clone()
+    }
+
+    #[test]
+    fn a_crls_next_update_is_read() {
+        let (params, key, _) = ca("Client CA", None);
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2026, 1, 1),
+            next_update: rcgen::date_time_ymd(2030, 1, 1),
+            crl_number: 1u64.into(),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&rcgen::Issuer::new(params, &key))
+        .unwrap();
+        assert_eq!(next_update_s(crl.der()), Some(1_893_456_000));
+        assert_eq!(next_update_s(&vec![0x30, 0x00].into()), None);
     }
 
     #[test]
