@@ -368,6 +368,18 @@ fn without_anonymous_access_credentials_are_required_and_keys_reload() {
     )
     .unwrap();
     pending.write_all(&batch[..10]).unwrap();
+    // The server has taken the batch (authenticated, its place held) before the reload.
+    wait_until(
+        || metric(&server, "tsa_batches_in_flight") == Some(1.0),
+        "alice's batch in flight",
+    );
+    let invalid = || {
+        metric(
+            &server,
+            r#"tsa_auth_refusals_total{reason="invalid_credentials"}"#,
+        )
+        .unwrap_or(0.0)
+    };
 
     // Replace alice by carol and reload.
     let (carol, carol_toml) = new_key("carol", &[]);
@@ -380,6 +392,7 @@ fn without_anonymous_access_credentials_are_required_and_keys_reload() {
         || post(&server.url, &q, &["-H", &carol_header]).status == 200,
         "carol's key after the reload",
     );
+    let invalid_before = invalid();
     post(&server.url, &q, &["-u", &basic("alice", &alice)]).refused(
         401,
         FailInfo::BadRequest,
@@ -391,6 +404,8 @@ fn without_anonymous_access_credentials_are_required_and_keys_reload() {
     let n = pending.read(&mut reply).expect("an answer");
     let head = String::from_utf8_lossy(&reply[..n]);
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    // Two refusals since the reload: alice's single request and her batch.
+    assert_eq!(invalid(), invalid_before + 2.0);
     let archived = archived_clients(d);
     assert_eq!(archived[&hex(&token)].as_deref(), Some("alice"));
     assert!(archived.values().any(|c| c.as_deref() == Some("carol")));

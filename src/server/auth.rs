@@ -124,11 +124,15 @@ pub struct PeerCertificate {
     /// matched by them; `None` when they cannot be read, or when no client CA issued it
     /// directly (its issuer's name then says nothing of who vouches for its subject).
     pub names: Option<(NameKey, NameKey)>,
-    /// The end of its validity, Unix seconds (of the verified chain's, the earliest end of its
-    /// certificates: an intermediate CA's may come first): checked at every request, since a
-    /// resumed TLS session restores the certificate without verifying it again, and a
-    /// connection lives for many requests.
+    /// The end of its validity, Unix seconds: checked at every request, since a resumed TLS
+    /// session restores the certificate without verifying it again, and a connection lives
+    /// for many requests.
     pub not_after_s: Option<u64>,
+    /// The earliest end of the other certificates the client presented (its CA
+    /// certificates): from then the connection's chain is verified again at each request
+    /// (a CA certificate expired refuses it; one the client sent and the path does not use
+    /// does not).
+    pub cas_not_after_s: Option<u64>,
     /// The chain the handshake verified, the client's certificate first: verified again
     /// when the TLS configuration is reloaded while the connection lives.
     pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -145,21 +149,23 @@ impl PeerCertificate {
         use der::Decode;
         let leaf = chain.first().map_or(&[][..], |c| c.as_ref());
         let identity = Self::from_der(leaf);
-        let chain_ends = chain.iter().skip(1).filter_map(|c| {
-            x509_cert::Certificate::from_der(c).ok().map(|c| {
-                c.tbs_certificate()
-                    .validity()
-                    .not_after
-                    .to_unix_duration()
-                    .as_secs()
+        let cas_not_after_s = chain
+            .iter()
+            .skip(1)
+            .filter_map(|c| {
+                x509_cert::Certificate::from_der(c).ok().map(|c| {
+                    c.tbs_certificate()
+                        .validity()
+                        .not_after
+                        .to_unix_duration()
+                        .as_secs()
+                })
             })
-        });
+            .min();
         Self {
             chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
             names: identity.names.filter(|_| issued_by_a_client_ca),
-            not_after_s: identity
-                .not_after_s
-                .map(|leaf| chain_ends.fold(leaf, u64::min)),
+            cas_not_after_s,
             ..identity
         }
     }
@@ -182,6 +188,7 @@ impl PeerCertificate {
             sha256,
             names,
             not_after_s,
+            cas_not_after_s: None,
             chain: Vec::new(),
         }
     }
@@ -348,14 +355,15 @@ impl Auth {
         let certificate = link.certificate;
         if link.certificate_refused {
             return Err(Refusal::InvalidCredentials(
-                "the TLS configuration reloaded since the connection's handshake refuses its \
-                 client certificate (revoked, its CA dropped) or requires one",
+                "the TLS configuration in force refuses the connection's client certificate now \
+                 (revoked, its CA dropped, a CA certificate of its chain expired, a client CRL \
+                 past its nextUpdate), or requires one",
             ));
         }
         if certificate.is_some_and(|c| c.not_after_s.is_some_and(|end| now_s > end)) {
             return Err(Refusal::InvalidCredentials(
-                "the client certificate, or a CA certificate of its chain, has expired since its \
-                 connection's handshake (or the session's that this one resumed)",
+                "the client certificate has expired since its connection's handshake (or the \
+                 session's that this one resumed)",
             ));
         }
         let by_key = authorization
@@ -484,15 +492,6 @@ impl Auth {
     /// (`admission::ClientBatches`).
     pub fn has_named_clients(&self) -> bool {
         !self.clients.is_empty()
-    }
-
-    /// Whether this configuration still has `client` (a reload may have removed it, or
-    /// anonymous access, while one of its requests was under way).
-    pub fn admits(&self, client: &Client) -> bool {
-        match &client.name {
-            None => self.anonymous,
-            Some(name) => self.by_name.contains_key(name),
-        }
     }
 
     fn bucket(&self, client: &Client) -> Option<&Bucket> {
@@ -729,6 +728,7 @@ mod tests {
             sha256,
             names: NameKey::parse("CN=Client CA A").zip(NameKey::parse(subject)),
             not_after_s: Some(4_102_444_800),
+            cas_not_after_s: None,
             chain: Vec::new(),
         }
     }
@@ -956,7 +956,7 @@ mod tests {
     }
 
     #[test]
-    fn a_connections_certificate_ends_with_the_earliest_end_of_its_chain() {
+    fn a_connections_chain_is_due_again_at_its_ca_certificates_earliest_end() {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::new(vec![]).unwrap();
         ca.distinguished_name
@@ -992,20 +992,13 @@ mod tests {
         let peer = PeerCertificate::from_chain(&[leaf_der, inter_der], false);
         assert_eq!(
             peer.not_after_s,
-            Some(end_2030),
-            "the intermediate's end first"
+            Some(end_2035),
+            "the client certificate's own"
         );
-        // Past the intermediate's end, a kept connection's certificate names nobody.
-        let auth = Auth::new(&config(true)).unwrap();
-        let link = Link {
-            tls: true,
-            certificate: Some(&peer),
-            certificate_refused: false,
-        };
-        let refused = auth.authenticate_at(link, None, end_2030 + 1);
-        assert!(
-            matches!(refused, Err(Refusal::InvalidCredentials(why)) if why.contains("CA certificate")),
-            "{refused:?}"
+        assert_eq!(
+            peer.cas_not_after_s,
+            Some(end_2030),
+            "from then the chain is verified again"
         );
     }
 

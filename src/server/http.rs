@@ -71,6 +71,8 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 
 use super::admission::{self, AddressKey, AddressSlot, ConnectionSlot};
+use rustls::pki_types::UnixTime;
+
 use super::auth::{Link, PeerCertificate, Refusal, Taken};
 use super::reply::{BatchBody, ReplyBody};
 use super::write_timeout::{SendBy, WriteTimeout};
@@ -104,7 +106,9 @@ struct Connection {
     served: AtomicU64,
     /// Shared with the connection's [`WriteTimeout`]: set while a batch's reply is sent.
     send_by: SendBy,
-    peer: Option<Arc<PeerCertificate>>,
+    /// The client certificate's identity; its subject mapping dropped where a reload's
+    /// client CAs no longer issued it directly.
+    peer: arc_swap::ArcSwapOption<PeerCertificate>,
     /// On the HTTPS listener (`None` on the plain one): the TLS configuration that last
     /// accepted the connection and `peer` (its handshake's, then a reloaded one that verified
     /// it again).
@@ -112,9 +116,12 @@ struct Connection {
 }
 
 impl Connection {
-    /// Whether the TLS configuration in force, reloaded since the connection's client
-    /// certificate (or its lack of one) was last accepted, refuses it: a certificate it
-    /// does not verify, or none where it requires one (asked once per reload while accepted).
+    /// Whether the TLS configuration in force refuses the connection's client certificate (or
+    /// its lack of one) now, as a new handshake would: after a reload (asked once per reload
+    /// while accepted), and once a CA certificate the client presented has expired or a
+    /// client CRL is past its nextUpdate (asked at each request from then). A certificate
+    /// still accepted after a reload keeps its subject mapping only while a client CA of the
+    /// reloaded configuration issued it directly (otherwise only its SHA-256 maps it).
     fn certificate_refused(&self, tsa: &Tsa) -> bool {
         let Some(under) = &self.tls else {
             return false;
@@ -122,31 +129,36 @@ impl Connection {
         let Some(current) = tsa.tls.load_full() else {
             return true;
         };
-        // A client CRL past its nextUpdate refuses every certificate in the handshake; a
-        // kept connection's too, reload or not.
-        if self.peer.is_some()
-            && current.crls_outdated(crate::clock::system_unix_ns() / 1_000_000_000)
-        {
-            return true;
+        let peer = self.peer.load_full();
+        if let Some(peer) = &peer {
+            let now_s = UnixTime::now().as_secs();
+            let due = peer.cas_not_after_s.is_some_and(|end| now_s >= end)
+                || current.crls_outdated(now_s);
+            if due && !current.still_accepts(&peer.chain) {
+                return true;
+            }
         }
         let mut under = under.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::ptr_eq(&under, &current) {
             return false;
         }
-        // A certificate mapped by its issuer's name keeps the mapping only while a client CA
-        // of the reloaded configuration issued it directly too.
-        let accepted = match &self.peer {
-            Some(peer) => {
-                current.still_accepts(&peer.chain)
-                    && (peer.names.is_none()
-                        || peer.chain.first().is_some_and(|leaf| current.issued(leaf)))
-            }
+        let accepted = match &peer {
+            Some(peer) => current.still_accepts(&peer.chain),
             None => !current.requires_certificate(),
         };
-        if accepted {
-            *under = current;
+        if !accepted {
+            return true;
         }
-        !accepted
+        if let Some(peer) = peer.filter(|p| p.names.is_some()) {
+            if !peer.chain.first().is_some_and(|leaf| current.issued(leaf)) {
+                self.peer.store(Some(Arc::new(PeerCertificate {
+                    names: None,
+                    ..(*peer).clone()
+                })));
+            }
+        }
+        *under = current;
+        false
     }
 }
 
@@ -214,7 +226,7 @@ where
         address: AddressSlot::uncounted(),
         served: AtomicU64::new(0),
         send_by: send_by.clone(),
-        peer: None,
+        peer: Default::default(),
         tls: None,
     };
     let limits = Arc::new(Limits::new(&config));
@@ -269,7 +281,7 @@ pub(super) async fn run(
                     }
                 };
                 let send_by = SendBy::default();
-                let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), send_by: send_by.clone(), peer: None, tls: None };
+                let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), send_by: send_by.clone(), peer: Default::default(), tls: None };
                 let (tsa, limits) = (tsa.clone(), limits.clone());
                 let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout, send_by));
                 spawn(serve_public(&builder, graceful.watcher(), io, tsa, limits, connection));
@@ -307,7 +319,7 @@ pub(super) async fn run(
                         return Ok(());
                     };
                     let tls = Some(std::sync::Mutex::new(tls));
-                    let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), send_by, peer, tls };
+                    let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), send_by, peer: arc_swap::ArcSwapOption::new(peer), tls };
                     serve_public(&builder, watcher, TokioIo::new(stream), tsa, limits, connection).await
                 });
             }
@@ -489,10 +501,12 @@ where
     let service = service_fn(move |req| {
         let (tsa, limits, connection) = (tsa.clone(), limits.clone(), connection.clone());
         async move {
+            let certificate_refused = connection.certificate_refused(&tsa);
+            let peer = connection.peer.load_full();
             let link = Link {
                 tls: connection.tls.is_some(),
-                certificate: connection.peer.as_deref(),
-                certificate_refused: connection.certificate_refused(&tsa),
+                certificate: peer.as_deref(),
+                certificate_refused,
             };
             let mut reply = public_route(req, &tsa, &limits, link, &connection).await;
             let served = connection.served.fetch_add(1, Ordering::Relaxed) + 1;
@@ -529,7 +543,7 @@ async fn public_route(
                 // Counts its items' outcomes itself.
                 return timestamp_batch(req, tsa, limits, link, connection, start).await;
             }
-            Method::POST => match authenticate(&req, tsa, link)
+            Method::POST => match authenticate(req.headers(), tsa, link)
                 .and_then(|client| Ok((charge(tsa, &client, 1)?, client)))
             {
                 Ok((taken, client)) => timestamp(req, tsa, limits, &client, taken).await,
@@ -607,8 +621,8 @@ impl Denied {
 
 /// The request's client ([`super::auth`]): from its `Authorization` header and the
 /// connection's verified client certificate.
-fn authenticate(req: &Request<Incoming>, tsa: &Tsa, link: Link<'_>) -> Result<Client, Denied> {
-    let mut authorization = req.headers().get_all(header::AUTHORIZATION).iter();
+fn authenticate(headers: &hyper::HeaderMap, tsa: &Tsa, link: Link<'_>) -> Result<Client, Denied> {
+    let mut authorization = headers.get_all(header::AUTHORIZATION).iter();
     let (first, second) = (authorization.next(), authorization.next());
     let auth = tsa.auth.load();
     let authenticated = match second {
@@ -708,7 +722,7 @@ async fn timestamp_batch(
         tsa.metrics.request(outcome, start.elapsed());
         reply
     };
-    let client = match authenticate(&req, tsa, link) {
+    let client = match authenticate(req.headers(), tsa, link) {
         Ok(client) => client,
         Err(denied) => return refused(denied.answer()),
     };
@@ -752,6 +766,8 @@ async fn timestamp_batch(
         Ok(taken) => taken,
         Err(denied) => return refused(denied.answer()),
     };
+    // Its credentials, to check again once its body is read.
+    let headers = req.headers().clone();
     let body = match read_body(req, limits.max_batch_body, limits.read_timeout).await {
         Ok(body) => body,
         Err(refusal) => return refused(refusal),
@@ -777,17 +793,28 @@ async fn timestamp_batch(
         }
     };
     // Authenticated before its body came, which can take read_timeout_ms: a reload meanwhile
-    // may have removed its client, whose items are not served (nor charged to a quota
-    // no longer there).
-    if !tsa.auth.load().admits(&client) {
-        tsa.metrics
-            .auth_refused(metrics::AuthRefusal::InvalidCredentials);
-        return refused(
-            Denied::Credentials(Refusal::InvalidCredentials(
-                "the client was removed by a reload while its batch came",
-            ))
-            .answer(),
-        );
+    // may have removed its client, rotated its key or revoked its certificate. Its
+    // credentials are checked again against the configuration in force.
+    let certificate_refused = connection.certificate_refused(tsa);
+    let peer = connection.peer.load_full();
+    let now = Link {
+        tls: connection.tls.is_some(),
+        certificate: peer.as_deref(),
+        certificate_refused,
+    };
+    match authenticate(&headers, tsa, now) {
+        Ok(again) if again.name == client.name => {}
+        Ok(_) => {
+            tsa.metrics
+                .auth_refused(metrics::AuthRefusal::InvalidCredentials);
+            return refused(
+                Denied::Credentials(Refusal::InvalidCredentials(
+                    "its credentials name another client since a reload",
+                ))
+                .answer(),
+            );
+        }
+        Err(denied) => return refused(denied.answer()),
     }
     let count = items.len();
     let tokens = u32::try_from(count).unwrap_or(u32::MAX);

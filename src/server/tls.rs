@@ -17,8 +17,9 @@
 //! ([`Tls::still_accepts`], asked once per connection and reload while it is accepted, at each
 //! request once it is not): a certificate that the new CRLs revoke, or whose CA was dropped,
 //! is refused at the connection's next request, and so is a connection without one where the
-//! reloaded configuration requires one. A client CRL past its `nextUpdate` refuses a kept
-//! connection's certificate at its next request as the handshake would, reload or not.
+//! reloaded configuration requires one. Once a CA certificate the client presented has
+//! expired, or a client CRL is past its `nextUpdate`, a kept connection's chain is verified
+//! again at each request, reload or not, and refused where a handshake would refuse it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,8 +42,8 @@ pub struct Tls {
     pub acceptor: TlsAcceptor,
     verifier: Option<Arc<dyn ClientCertVerifier>>,
     issuers: Arc<Issuers>,
-    /// The earliest `nextUpdate` of the client CRLs (Unix seconds): past it the handshake
-    /// refuses every client certificate, and so does a kept connection's next request.
+    /// The earliest `nextUpdate` of the client CRLs (Unix seconds): from then a kept
+    /// connection's chain is verified again at each request, as a handshake would.
     crls_until_s: Option<u64>,
     /// `require_client_certificate`: a handshake without one is refused.
     requires_certificate: bool,
@@ -55,10 +56,11 @@ impl Tls {
     }
 
     /// Whether a client CRL of this configuration is past its `nextUpdate` at `now_s`: it
-    /// says nothing of later revocations, so no client certificate is accepted until a
-    /// reload brings a fresh one.
+    /// says nothing of later revocations, and the handshake refuses the certificates it
+    /// covers until a reload brings a fresh one; a kept connection's chain is then verified
+    /// again at each request.
     pub fn crls_outdated(&self, now_s: u64) -> bool {
-        self.crls_until_s.is_some_and(|until| now_s > until)
+        self.crls_until_s.is_some_and(|until| now_s >= until)
     }
 
     /// Whether one of this configuration's client CAs issued `leaf` itself
