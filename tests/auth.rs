@@ -368,6 +368,20 @@ fn without_anonymous_access_credentials_are_required_and_keys_reload() {
     )
     .unwrap();
     pending.write_all(&batch[..10]).unwrap();
+    // And a single request of hers, its body pending too.
+    let single = std::fs::read(&q).unwrap();
+    let mut pending_single = std::net::TcpStream::connect(host).unwrap();
+    pending_single
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        pending_single,
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {alice}\r\n\
+         Content-Type: application/timestamp-query\r\nContent-Length: {}\r\n\r\n",
+        single.len()
+    )
+    .unwrap();
+    pending_single.write_all(&single[..10]).unwrap();
     // The server has taken the batch (authenticated, its place held) before the reload.
     wait_until(
         || metric(&server, "tsa_batches_in_flight") == Some(1.0),
@@ -404,8 +418,12 @@ fn without_anonymous_access_credentials_are_required_and_keys_reload() {
     let n = pending.read(&mut reply).expect("an answer");
     let head = String::from_utf8_lossy(&reply[..n]);
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
-    // Two refusals since the reload: alice's single request and her batch.
-    assert_eq!(invalid(), invalid_before + 2.0);
+    pending_single.write_all(&single[10..]).unwrap();
+    let n = pending_single.read(&mut reply).expect("an answer");
+    let head = String::from_utf8_lossy(&reply[..n]);
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    // Three refusals since the reload: alice's new request, her batch and her pending one.
+    assert_eq!(invalid(), invalid_before + 3.0);
     let archived = archived_clients(d);
     assert_eq!(archived[&hex(&token)].as_deref(), Some("alice"));
     assert!(archived.values().any(|c| c.as_deref() == Some("carol")));

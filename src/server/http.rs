@@ -109,6 +109,9 @@ struct Connection {
     /// The client certificate's identity; its subject mapping dropped where a reload's
     /// client CAs no longer issued it directly.
     peer: arc_swap::ArcSwapOption<PeerCertificate>,
+    /// The second of the last verification of its chain that was due, shifted left one, and
+    /// whether it refused the chain (the low bit): at most one a second.
+    rechecked: AtomicU64,
     /// On the HTTPS listener (`None` on the plain one): the TLS configuration that last
     /// accepted the connection and `peer` (its handshake's, then a reloaded one that verified
     /// it again).
@@ -134,7 +137,20 @@ impl Connection {
             let now_s = UnixTime::now().as_secs();
             let due = peer.cas_not_after_s.is_some_and(|end| now_s >= end)
                 || current.crls_outdated(now_s);
-            if due && !current.still_accepts(&peer.chain) {
+            // At most one verification a second: a client can keep it due (an expired
+            // certificate sent beside its chain), and each is a path search.
+            let last = self.rechecked.load(Ordering::Relaxed);
+            let refused = due
+                && match last >> 1 == now_s {
+                    true => last & 1 == 1,
+                    false => {
+                        let refused = !current.still_accepts(&peer.chain);
+                        self.rechecked
+                            .store(now_s << 1 | u64::from(refused), Ordering::Relaxed);
+                        refused
+                    }
+                };
+            if refused {
                 return true;
             }
         }
@@ -227,6 +243,7 @@ where
         served: AtomicU64::new(0),
         send_by: send_by.clone(),
         peer: Default::default(),
+        rechecked: AtomicU64::new(0),
         tls: None,
     };
     let limits = Arc::new(Limits::new(&config));
@@ -281,7 +298,7 @@ pub(super) async fn run(
                     }
                 };
                 let send_by = SendBy::default();
-                let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), send_by: send_by.clone(), peer: Default::default(), tls: None };
+                let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), send_by: send_by.clone(), peer: Default::default(), rechecked: AtomicU64::new(0), tls: None };
                 let (tsa, limits) = (tsa.clone(), limits.clone());
                 let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout, send_by));
                 spawn(serve_public(&builder, graceful.watcher(), io, tsa, limits, connection));
@@ -319,7 +336,7 @@ pub(super) async fn run(
                         return Ok(());
                     };
                     let tls = Some(std::sync::Mutex::new(tls));
-                    let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), send_by, peer: arc_swap::ArcSwapOption::new(peer), tls };
+                    let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), send_by, peer: arc_swap::ArcSwapOption::new(peer), rechecked: AtomicU64::new(0), tls };
                     serve_public(&builder, watcher, TokioIo::new(stream), tsa, limits, connection).await
                 });
             }
@@ -546,7 +563,9 @@ async fn public_route(
             Method::POST => match authenticate(req.headers(), tsa, link)
                 .and_then(|client| Ok((charge(tsa, &client, 1)?, client)))
             {
-                Ok((taken, client)) => timestamp(req, tsa, limits, &client, taken).await,
+                Ok((taken, client)) => {
+                    timestamp(req, tsa, limits, connection, &client, taken).await
+                }
                 Err(denied) => denied.answer(),
             },
             _ => {
@@ -654,6 +673,73 @@ fn authenticate(headers: &hyper::HeaderMap, tsa: &Tsa, link: Link<'_>) -> Result
 }
 
 /// Takes `n` tokens from `client`'s quota (a batch of n requests takes n).
+/// A request's credentials as they were when it was authenticated, before its body came
+/// (which can take `read_timeout_ms`): a reload meanwhile may have removed its client,
+/// rotated its key or revoked its certificate.
+struct Credentials {
+    authorization: hyper::HeaderMap,
+    /// The configurations it was authenticated under.
+    auth: Arc<super::auth::Auth>,
+    tls: Option<Arc<super::tls::Tls>>,
+}
+
+impl Credentials {
+    fn of(headers: &hyper::HeaderMap, tsa: &Tsa) -> Self {
+        let mut authorization = hyper::HeaderMap::new();
+        for value in headers.get_all(header::AUTHORIZATION) {
+            authorization.append(header::AUTHORIZATION, value.clone());
+        }
+        Self {
+            authorization,
+            auth: tsa.auth.load_full(),
+            tls: tsa.tls.load_full(),
+        }
+    }
+
+    /// `Ok` when they still name `client` under the configurations in force: at once where
+    /// neither was reloaded since; otherwise authenticated again.
+    fn still_name(
+        &self,
+        client: &Client,
+        tsa: &Tsa,
+        connection: &Connection,
+    ) -> Result<(), Denied> {
+        let tls = tsa.tls.load_full();
+        let same_tls = match (&self.tls, &tls) {
+            (Some(then), Some(now)) => Arc::ptr_eq(then, now),
+            (None, None) => true,
+            _ => false,
+        };
+        if same_tls && Arc::ptr_eq(&self.auth, &tsa.auth.load()) {
+            return Ok(());
+        }
+        let certificate_refused = connection.certificate_refused(tsa);
+        let peer = connection.peer.load_full();
+        let link = Link {
+            tls: connection.tls.is_some(),
+            certificate: peer.as_deref(),
+            certificate_refused,
+        };
+        match authenticate(&self.authorization, tsa, link)? {
+            again if again.name == client.name => Ok(()),
+            _ => {
+                static LOG: LogLimit = LogLimit::new();
+                if let Some(left_out) = LOG.allow() {
+                    tracing::info!(
+                        left_out,
+                        "request refused: its credentials name another client since a reload"
+                    );
+                }
+                tsa.metrics
+                    .auth_refused(metrics::AuthRefusal::InvalidCredentials);
+                Err(Denied::Credentials(Refusal::InvalidCredentials(
+                    "its credentials name another client since a reload",
+                )))
+            }
+        }
+    }
+}
+
 fn charge(tsa: &Tsa, client: &Client, n: u32) -> Result<Taken, Denied> {
     tsa.auth
         .load()
@@ -681,6 +767,7 @@ async fn timestamp(
     req: Request<Incoming>,
     tsa: &Arc<Tsa>,
     limits: &Limits,
+    connection: &Connection,
     client: &Client,
     taken: Taken,
 ) -> (Reply, Outcome) {
@@ -691,10 +778,15 @@ async fn timestamp(
             "the request media type must be application/timestamp-query",
         );
     }
+    // Its credentials, checked again after its body should a reload come meanwhile.
+    let credentials = Credentials::of(req.headers(), tsa);
     let body = match read_body(req, limits.max_body, limits.read_timeout).await {
         Ok(body) => body,
         Err(refused) => return refused,
     };
+    if let Err(denied) = credentials.still_name(client, tsa, connection) {
+        return denied.answer();
+    }
     let Some(_admitted) = tsa.admission.enter(1).await else {
         tsa.auth.load().give_back(client, taken);
         return overloaded(tsa, metrics::Overload::Queue);
@@ -767,7 +859,7 @@ async fn timestamp_batch(
         Err(denied) => return refused(denied.answer()),
     };
     // Its credentials, to check again once its body is read.
-    let headers = req.headers().clone();
+    let credentials = Credentials::of(req.headers(), tsa);
     let body = match read_body(req, limits.max_batch_body, limits.read_timeout).await {
         Ok(body) => body,
         Err(refusal) => return refused(refusal),
@@ -792,29 +884,8 @@ async fn timestamp_batch(
             ));
         }
     };
-    // Authenticated before its body came, which can take read_timeout_ms: a reload meanwhile
-    // may have removed its client, rotated its key or revoked its certificate. Its
-    // credentials are checked again against the configuration in force.
-    let certificate_refused = connection.certificate_refused(tsa);
-    let peer = connection.peer.load_full();
-    let now = Link {
-        tls: connection.tls.is_some(),
-        certificate: peer.as_deref(),
-        certificate_refused,
-    };
-    match authenticate(&headers, tsa, now) {
-        Ok(again) if again.name == client.name => {}
-        Ok(_) => {
-            tsa.metrics
-                .auth_refused(metrics::AuthRefusal::InvalidCredentials);
-            return refused(
-                Denied::Credentials(Refusal::InvalidCredentials(
-                    "its credentials name another client since a reload",
-                ))
-                .answer(),
-            );
-        }
-        Err(denied) => return refused(denied.answer()),
+    if let Err(denied) = credentials.still_name(&client, tsa, connection) {
+        return refused(denied.answer());
     }
     let count = items.len();
     let tokens = u32::try_from(count).unwrap_or(u32::MAX);
