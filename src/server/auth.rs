@@ -208,6 +208,8 @@ impl super::Tsa {
             "clients and quotas reloaded"
         );
         self.auth.store(Arc::new(auth));
+        self.credential_reloads
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -678,9 +678,8 @@ fn authenticate(headers: &hyper::HeaderMap, tsa: &Tsa, link: Link<'_>) -> Result
 /// rotated its key or revoked its certificate.
 struct Credentials {
     authorization: hyper::HeaderMap,
-    /// The configurations it was authenticated under.
-    auth: Arc<super::auth::Auth>,
-    tls: Option<Arc<super::tls::Tls>>,
+    /// `Tsa::credential_reloads` when it was authenticated.
+    reloads: u64,
 }
 
 impl Credentials {
@@ -691,26 +690,21 @@ impl Credentials {
         }
         Self {
             authorization,
-            auth: tsa.auth.load_full(),
-            tls: tsa.tls.load_full(),
+            reloads: tsa.credential_reloads.load(Ordering::SeqCst),
         }
     }
 
     /// `Ok` when they still name `client` under the configurations in force: at once where
-    /// neither was reloaded since; otherwise authenticated again.
+    /// neither was reloaded since (a reload counts once in force, so one that authenticated
+    /// this request under the old configuration is always seen); otherwise authenticated
+    /// again.
     fn still_name(
         &self,
         client: &Client,
         tsa: &Tsa,
         connection: &Connection,
     ) -> Result<(), Denied> {
-        let tls = tsa.tls.load_full();
-        let same_tls = match (&self.tls, &tls) {
-            (Some(then), Some(now)) => Arc::ptr_eq(then, now),
-            (None, None) => true,
-            _ => false,
-        };
-        if same_tls && Arc::ptr_eq(&self.auth, &tsa.auth.load()) {
+        if tsa.credential_reloads.load(Ordering::SeqCst) == self.reloads {
             return Ok(());
         }
         let certificate_refused = connection.certificate_refused(tsa);

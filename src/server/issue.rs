@@ -187,6 +187,9 @@ pub struct Tsa {
     pub(super) rollover: Option<Rollover>,
     /// The HTTPS listener's TLS configuration, when it has one; replaced by a reload.
     pub(super) tls: arc_swap::ArcSwapOption<super::tls::Tls>,
+    /// Reloads of `[auth]` and of the TLS configuration so far, each counted once it is in
+    /// force: a request whose body came across one is authenticated again.
+    pub(super) credential_reloads: AtomicU64,
 }
 
 /// A granted response and, with the archive, its token's record (not yet recorded).

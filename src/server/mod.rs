@@ -158,6 +158,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         auth: ArcSwap::from_pointee(auth::Auth::new(&config.auth)?),
         rollover,
         tls: arc_swap::ArcSwapOption::empty(),
+        credential_reloads: std::sync::atomic::AtomicU64::new(0),
     })
 }
 
@@ -251,6 +252,8 @@ pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
     tsa.reload(first, next);
     if let Some(acceptor) = tls {
         tsa.tls.store(Some(Arc::new(acceptor)));
+        tsa.credential_reloads
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(
             event = "tls_certificate_reloaded",
             "the HTTPS listener's certificate, key, client CAs and CRLs reloaded; new connections use them"
