@@ -519,7 +519,11 @@ where
         let (tsa, limits, connection) = (tsa.clone(), limits.clone(), connection.clone());
         async move {
             let certificate_refused = connection.certificate_refused(&tsa);
-            let peer = connection.peer.load_full();
+            // Only the HTTPS listener's connections have one.
+            let peer = match connection.tls {
+                Some(_) => connection.peer.load_full(),
+                None => None,
+            };
             let link = Link {
                 tls: connection.tls.is_some(),
                 certificate: peer.as_deref(),
