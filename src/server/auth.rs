@@ -391,8 +391,18 @@ impl Auth {
             // no configured client (a removed client's, say) is refused with or without a key.
             (_, Some(None)) => {
                 return Err(Refusal::InvalidCredentials(
-                    "the client certificate belongs to no configured client",
-                ))
+                    match certificate.is_some_and(|c| c.names.is_none()) {
+                        // What an operator needs to know of a client mapped by subject whose
+                        // certificate comes from an intermediate CA.
+                        true => {
+                            "the client certificate belongs to no configured client: its \
+                             SHA-256 names none, and no client CA signed it itself, so its \
+                             subject names none either (map a certificate issued under an \
+                             intermediate CA by certificate_sha256)"
+                        }
+                        false => "the client certificate belongs to no configured client",
+                    },
+                ));
             }
             (Some(key), _) => key,
             (None, Some(Some(cert))) => cert,
@@ -817,6 +827,16 @@ mod tests {
         assert!(matches!(
             auth.authenticate(link(Some(&other_ca)), None),
             Err(Refusal::InvalidCredentials(_))
+        ));
+        // A certificate no client CA signed itself (its names dropped by the handshake) and
+        // of no configured SHA-256: the reason says why a subject did not map it.
+        let under_an_intermediate = PeerCertificate {
+            names: None,
+            ..other_ca.clone()
+        };
+        assert!(matches!(
+            auth.authenticate(link(Some(&under_an_intermediate)), None),
+            Err(Refusal::InvalidCredentials(why)) if why.contains("intermediate CA")
         ));
         // Key and certificate: the same client; a certificate of no configured client is
         // refused beside a good key too.
