@@ -642,7 +642,29 @@ impl Pool {
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
         };
         let pooled = self.acquire(wait)?;
-        self.sign_with(&lib, pooled, data, check)
+        let signing = pooled.signing;
+        // A panic inside (the module's binding on an answer it did not expect, the caller's
+        // check) must not leave the signature counted in flight for good: the health thread
+        // would take the module for hung, and no recovery ever starts while a signature is in
+        // flight. Its session went with the panic: the pool goes down and recovers in full.
+        let signed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.sign_with(&lib, pooled, data, check)
+        }));
+        drop(lib);
+        signed.unwrap_or_else(|_| {
+            if let Some(id) = signing {
+                self.state().in_flight.end(id);
+            }
+            let reason = "a signature panicked in the signer (an answer of the module the \
+                          binding did not expect, or a fault here); its session is gone";
+            self.mark_down_as(
+                "hsm_signature_panicked",
+                reason.into(),
+                None,
+                Some("C_Sign".into()),
+            );
+            Err(SignError::Failed(reason.into()))
+        })
     }
 
     /// Borrows an idle session, waiting while all are busy (at most `wait`, and at most
@@ -1541,6 +1563,19 @@ mod tests {
         assert!(matches!(pool.sign(&input), Err(SignError::Unavailable(_))));
         pool.state().in_flight.end(hung);
         pool.sign(&input).expect("signed once it returned");
+
+        // A check that panics: the signature is refused, nothing stays in flight, and the
+        // pool, down, recovers in full.
+        let panicking = |_: Vec<u8>| -> Result<Vec<u8>, String> { panic!("a test's check") };
+        let refused = pool.sign_checked(&input, ACQUIRE_TIMEOUT, &panicking);
+        assert!(matches!(refused, Err(SignError::Failed(_))), "{refused:?}");
+        assert!(pool.state().in_flight.is_empty());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(up(&pool) && pool.state().idle.len() == 3) {
+            assert!(Instant::now() < deadline, "recovered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pool.sign(&input).expect("signed after the recovery");
 
         // A signature that fails the caller's check, then a test signature in the same
         // session that verifies: a passing fault, the pool stays up and signs on.
