@@ -868,11 +868,26 @@ mod tests {
 
     /// `n` records of instance 0 from position 1 on, each with a token of `token_len` octets.
     fn records_of(n: u64, token_len: usize) -> Vec<StoredRecord> {
+        records_with(n, token_len, |_, _| {})
+    }
+
+    /// [`records`], the record at position `seq` with its genTime at `seq` seconds.
+    fn records_a_second_apart(n: u64) -> Vec<StoredRecord> {
+        records_with(n, 300, |seq, r| r.gen_time_ns = seq * 1_000_000_000)
+    }
+
+    /// [`records_of`], each record set by `set` (given its position) before it is chained.
+    fn records_with(
+        n: u64,
+        token_len: usize,
+        set: impl Fn(u64, &mut record::TokenRecord),
+    ) -> Vec<StoredRecord> {
         let mut prev = record::ZERO_HASH;
         (1..=n)
             .map(|seq| {
                 let mut r = sample(token_len);
                 r.serial = layout::encode(0, seq, [7; 7]).to_vec();
+                set(seq, &mut r);
                 let stored = StoredRecord::chain(0, seq, seq, r, prev);
                 prev = stored.hash;
                 stored
@@ -1099,17 +1114,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = store_of(sqlite::Layout::Log, dir.path());
         let second = 1_000_000_000u64;
-        let mut prev = record::ZERO_HASH;
-        let records: Vec<StoredRecord> = (1..=10u64)
-            .map(|seq| {
-                let mut r = sample(300);
-                r.serial = layout::encode(0, seq, [7; 7]).to_vec();
-                r.gen_time_ns = seq * second;
-                let stored = StoredRecord::chain(0, seq, seq, r, prev);
-                prev = stored.hash;
-                stored
-            })
-            .collect();
+        let records = records_a_second_apart(10);
         for r in &records {
             store.append(0, std::slice::from_ref(r), &[]).unwrap();
         }
@@ -1174,17 +1179,7 @@ mod tests {
             let mut store = store_of(layout, dir.path());
             // Records one second apart, and an event at each one's genTime.
             let second = 1_000_000_000u64;
-            let mut prev = record::ZERO_HASH;
-            let records: Vec<StoredRecord> = (1..=10u64)
-                .map(|seq| {
-                    let mut r = sample(300);
-                    r.serial = layout::encode(0, seq, [7; 7]).to_vec();
-                    r.gen_time_ns = seq * second;
-                    let stored = StoredRecord::chain(0, seq, seq, r, prev);
-                    prev = stored.hash;
-                    stored
-                })
-                .collect();
+            let records = records_a_second_apart(10);
             let events: Vec<EventRecord> = (1..=10u64)
                 .map(|seq| EventRecord {
                     instance_id: 0,

@@ -119,21 +119,35 @@ struct Connection {
 }
 
 impl Connection {
-    /// Whether the TLS configuration in force refuses the connection's client certificate (or
-    /// its lack of one) now, as a new handshake would: after a reload (asked once per reload
-    /// while accepted), and once a CA certificate the client presented has expired or a
-    /// client CRL is past its nextUpdate (asked at each request from then). A certificate
-    /// still accepted after a reload keeps its subject mapping only while a client CA of the
-    /// reloaded configuration issued it directly (otherwise only its SHA-256 maps it).
-    fn certificate_refused(&self, tsa: &Tsa) -> bool {
+    /// What the connection authenticates with now: its client certificate's identity (on the
+    /// HTTPS listener), and whether the TLS configuration in force refuses that certificate
+    /// (or its lack of one) as a new handshake would.
+    fn client_certificate(&self, tsa: &Tsa) -> (Option<Arc<PeerCertificate>>, bool) {
         let Some(under) = &self.tls else {
-            return false;
+            return (None, false);
         };
+        let peer = self.peer.load_full();
+        let refused = self.certificate_refused(tsa, under, &peer);
+        // A reload may have dropped its subject mapping meanwhile.
+        (self.peer.load_full(), refused)
+    }
+
+    /// Whether the TLS configuration in force refuses `peer`, the connection's client
+    /// certificate (or its lack of one), now: after a reload (asked once per reload while
+    /// accepted), and once a CA certificate the client presented has expired or a client CRL
+    /// is past its nextUpdate (asked at each request from then). A certificate still accepted
+    /// after a reload keeps its subject mapping only while a client CA of the reloaded
+    /// configuration issued it directly (otherwise only its SHA-256 maps it).
+    fn certificate_refused(
+        &self,
+        tsa: &Tsa,
+        under: &std::sync::Mutex<Arc<super::tls::Tls>>,
+        peer: &Option<Arc<PeerCertificate>>,
+    ) -> bool {
         let Some(current) = tsa.tls.load_full() else {
             return true;
         };
-        let peer = self.peer.load_full();
-        if let Some(peer) = &peer {
+        if let Some(peer) = peer {
             let now_s = UnixTime::now().as_secs();
             let due = peer.cas_not_after_s.is_some_and(|end| now_s >= end)
                 || current.crls_outdated(now_s);
@@ -158,18 +172,18 @@ impl Connection {
         if Arc::ptr_eq(&under, &current) {
             return false;
         }
-        let accepted = match &peer {
+        let accepted = match peer {
             Some(peer) => current.still_accepts(&peer.chain),
             None => !current.requires_certificate(),
         };
         if !accepted {
             return true;
         }
-        if let Some(peer) = peer.filter(|p| p.names.is_some()) {
+        if let Some(peer) = peer.as_ref().filter(|p| p.names.is_some()) {
             if !peer.chain.first().is_some_and(|leaf| current.issued(leaf)) {
                 self.peer.store(Some(Arc::new(PeerCertificate {
                     names: None,
-                    ..(*peer).clone()
+                    ..(**peer).clone()
                 })));
             }
         }
@@ -518,12 +532,7 @@ where
     let service = service_fn(move |req| {
         let (tsa, limits, connection) = (tsa.clone(), limits.clone(), connection.clone());
         async move {
-            let certificate_refused = connection.certificate_refused(&tsa);
-            // Only the HTTPS listener's connections have one.
-            let peer = match connection.tls {
-                Some(_) => connection.peer.load_full(),
-                None => None,
-            };
+            let (peer, certificate_refused) = connection.client_certificate(&tsa);
             let link = Link {
                 tls: connection.tls.is_some(),
                 certificate: peer.as_deref(),
@@ -647,14 +656,27 @@ impl Denied {
 fn authenticate(headers: &hyper::HeaderMap, tsa: &Tsa, link: Link<'_>) -> Result<Client, Denied> {
     let mut authorization = headers.get_all(header::AUTHORIZATION).iter();
     let (first, second) = (authorization.next(), authorization.next());
-    let auth = tsa.auth.load();
-    let authenticated = match second {
+    authenticate_with(first, second.is_some(), tsa, link)
+}
+
+/// [`authenticate`] with the request's `Authorization` header (the first, and whether there
+/// were more).
+fn authenticate_with(
+    authorization: Option<&HeaderValue>,
+    more: bool,
+    tsa: &Tsa,
+    link: Link<'_>,
+) -> Result<Client, Denied> {
+    let authenticated = match more {
         // A proxy in front may have read the other one: who the client is must not depend
         // on which of them a reader takes.
-        Some(_) => Err(Refusal::InvalidCredentials(
+        true => Err(Refusal::InvalidCredentials(
             "more than one Authorization header",
         )),
-        None => auth.authenticate(link, first.map(HeaderValue::as_bytes)),
+        false => tsa
+            .auth
+            .load()
+            .authenticate(link, authorization.map(HeaderValue::as_bytes)),
     };
     authenticated.map_err(|refusal| {
         let metric = match refusal {
@@ -676,24 +698,20 @@ fn authenticate(headers: &hyper::HeaderMap, tsa: &Tsa, link: Link<'_>) -> Result
     })
 }
 
-/// Takes `n` tokens from `client`'s quota (a batch of n requests takes n).
 /// A request's credentials as they were when it was authenticated, before its body came
 /// (which can take `read_timeout_ms`): a reload meanwhile may have removed its client,
 /// rotated its key or revoked its certificate.
 struct Credentials {
-    authorization: hyper::HeaderMap,
+    /// Its `Authorization` header (a request with more than one is refused before).
+    authorization: Option<HeaderValue>,
     /// `Tsa::credential_reloads` when it was authenticated.
     reloads: u64,
 }
 
 impl Credentials {
     fn of(headers: &hyper::HeaderMap, tsa: &Tsa) -> Self {
-        let mut authorization = hyper::HeaderMap::new();
-        for value in headers.get_all(header::AUTHORIZATION) {
-            authorization.append(header::AUTHORIZATION, value.clone());
-        }
         Self {
-            authorization,
+            authorization: headers.get(header::AUTHORIZATION).cloned(),
             reloads: tsa.credential_reloads.load(Ordering::SeqCst),
         }
     }
@@ -711,14 +729,13 @@ impl Credentials {
         if tsa.credential_reloads.load(Ordering::SeqCst) == self.reloads {
             return Ok(());
         }
-        let certificate_refused = connection.certificate_refused(tsa);
-        let peer = connection.peer.load_full();
+        let (peer, certificate_refused) = connection.client_certificate(tsa);
         let link = Link {
             tls: connection.tls.is_some(),
             certificate: peer.as_deref(),
             certificate_refused,
         };
-        match authenticate(&self.authorization, tsa, link)? {
+        match authenticate_with(self.authorization.as_ref(), false, tsa, link)? {
             again if again.name == client.name => Ok(()),
             _ => {
                 static LOG: LogLimit = LogLimit::new();
@@ -738,6 +755,7 @@ impl Credentials {
     }
 }
 
+/// Takes `n` tokens from `client`'s quota (a batch of n requests takes n).
 fn charge(tsa: &Tsa, client: &Client, n: u32) -> Result<Taken, Denied> {
     tsa.auth
         .load()

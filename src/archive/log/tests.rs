@@ -276,14 +276,13 @@ fn a_torn_commit_is_cut_off_and_the_chain_goes_on() {
     assert_eq!(log.all(), log.records, "the chain goes on from the head");
 }
 
-#[test]
-fn frames_a_failed_cut_left_are_cut_before_any_append_even_one_without_records() {
-    let mut log = Log::new();
-    let (mut appender, _) = open(&log.dir());
+/// Two records appended, then a commit refused after its frame was written, whose cut failed:
+/// its frame stays past the good ones and the appender knows it (dirty). The segment and
+/// where its good frames end; `log` keeps the two records.
+fn frames_of_a_refused_commit_left(log: &mut Log, appender: &mut Appender) -> (Segment, u64) {
     appender.append(&log.chain(2)).unwrap();
     let segment = segment_files(&log.dir()).pop().unwrap();
     let good_len = frames_end(&segment);
-    // A commit refused after its frames were written, and its cut failed: its frames stay.
     let refused = log.chain(1);
     log.records.pop();
     log.head = ChainHead {
@@ -295,6 +294,14 @@ fn frames_a_failed_cut_left_are_cut_before_any_append_even_one_without_records()
     let file = OpenOptions::new().write(true).open(&segment.path).unwrap();
     file.write_all_at(&frame, good_len).unwrap();
     appender.set_dirty();
+    (segment, good_len)
+}
+
+#[test]
+fn frames_a_failed_cut_left_are_cut_before_any_append_even_one_without_records() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    let (segment, good_len) = frames_of_a_refused_commit_left(&mut log, &mut appender);
     // The writer's probe appends no record: the cut comes first.
     appender.append(&[]).unwrap();
     assert_eq!(fs::metadata(&segment.path).unwrap().len(), good_len);
@@ -308,16 +315,7 @@ fn frames_a_failed_cut_left_are_cut_before_any_append_even_one_without_records()
 fn frames_a_failed_cut_left_are_cut_when_the_appender_closes() {
     let mut log = Log::new();
     let (mut appender, _) = open(&log.dir());
-    appender.append(&log.chain(2)).unwrap();
-    let segment = segment_files(&log.dir()).pop().unwrap();
-    let good_len = frames_end(&segment);
-    let refused = log.chain(1);
-    log.records.pop();
-    let mut frame = Vec::new();
-    segments::encode_frame(&refused[0], &mut frame);
-    let file = OpenOptions::new().write(true).open(&segment.path).unwrap();
-    file.write_all_at(&frame, good_len).unwrap();
-    appender.set_dirty();
+    let (segment, good_len) = frames_of_a_refused_commit_left(&mut log, &mut appender);
     drop(appender);
     assert_eq!(fs::metadata(&segment.path).unwrap().len(), good_len);
     let (_, last) = open(&log.dir());
