@@ -123,7 +123,7 @@ measure() {
 }
 
 # The archive's figures so far: "commits records seconds writer_ticks indexer_ticks
-# syncer_ticks", from the admin listener's metrics (read without curl, which the lent machine
+# syncer_ticks spare_ticks", from the admin listener's metrics (read without curl, which the lent machine
 # lacks) and the ticks of the writer's, the imprint indexer's and the token log's sync threads.
 archive_stats() {
   local commits
@@ -133,15 +133,19 @@ archive_stats() {
       /^tsa_archive_commit_records_sum / { r = $2 }
       /^tsa_archive_commit_duration_seconds_sum / { d = $2 }
       END { print n + 0, r + 0, d + 0 }' <&3)
-  echo "$commits" $(for t in /proc/$pid/task/*; do echo "$(cat $t/comm) $(cpu_ticks $pid/task/${t##*/})"; done |
-    awk '{ n[$1] += $2 } END { print n["tsa-archive"] + 0, n["tsa-imprints"] + 0, n["tsa-log-sync"] + 0 }')
+  # The next segment's thread ends with each segment it writes: the threads that ended took
+  # the process's ticks less its live threads' (the process read first).
+  echo "$commits" $({ echo "process $(cpu_ticks $pid)"
+      for t in /proc/$pid/task/*; do echo "$(cat $t/comm) $(cpu_ticks $pid/task/${t##*/})"; done; } |
+    awk '$1 == "process" { ended += $2; next } { ended -= $2; n[$1] += $2 }
+      END { print n["tsa-archive"] + 0, n["tsa-imprints"] + 0, n["tsa-log-sync"] + 0, n["tsa-log-spare"] + ended }')
 }
 # archive_report BEFORE AFTER: per run, the commits and the archive threads' CPU per token.
 archive_report() {
   awk -v n=$requests -v hz=$hz -v b="$1" -v a="$2" 'BEGIN {
     split(b, x, " "); split(a, y, " "); c = y[1] - x[1]
-    if (c > 0 && n > 0) printf "    commits: %d, %.1f records each, %.2f ms each (write + fsync); writer %.1f µs/token, its syncer %.1f, imprint indexer %.1f µs/token\n",
-      c, (y[2] - x[2]) / c, (y[3] - x[3]) * 1e3 / c, (y[4] - x[4]) / hz * 1e6 / n, (y[6] - x[6]) / hz * 1e6 / n, (y[5] - x[5]) / hz * 1e6 / n }'
+    if (c > 0 && n > 0) printf "    commits: %d, %.1f records each, %.2f ms each (write + fsync); writer %.1f µs/token, its syncer %.1f, next segment %.1f, imprint indexer %.1f µs/token\n",
+      c, (y[2] - x[2]) / c, (y[3] - x[3]) * 1e3 / c, (y[4] - x[4]) / hz * 1e6 / n, (y[6] - x[6]) / hz * 1e6 / n, (y[7] - x[7]) / hz * 1e6 / n, (y[5] - x[5]) / hz * 1e6 / n }'
 }
 
 # serve_tsa CORES CONFIG: starts `tsa serve` on CORES, sets $pid; fails (and says why) when
