@@ -481,6 +481,17 @@ pub enum SignerConfig {
     Pkcs11(Box<crate::signer::pkcs11::Pkcs11Config>),
 }
 
+impl SignerConfig {
+    /// The RSA padding configured (`None` where the kind has no such setting); the key may
+    /// still turn out not to be RSA.
+    pub fn rsa_padding(&self) -> Option<crate::signer::software::RsaPadding> {
+        match self {
+            SignerConfig::Software { rsa_padding, .. } => Some(*rsa_padding),
+            SignerConfig::Pkcs11(pkcs11) => Some(pkcs11.rsa_padding),
+        }
+    }
+}
+
 /// A planned key rollover: tokens whose genTime is at or after `at` are signed by `signer`
 /// (with its certificate) instead of `[signer]`. Both keys are loaded and checked at start.
 #[derive(Clone, Debug, Deserialize)]

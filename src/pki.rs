@@ -3,7 +3,7 @@
 
 use chrono::{Datelike, Duration as ChronoDuration, Utc};
 use rcgen::{
-    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, DnValue,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, RsaKeySize, SanType,
 };
 
@@ -33,7 +33,7 @@ impl DevPki {
         let ca_cert = ca_params.self_signed(&ca_key)?;
         let issuer = Issuer::new(ca_params, &ca_key);
         let tsu_key = new_key(algorithm)?;
-        let tsu_cert = tsu_params()?.signed_by(&tsu_key, &issuer)?;
+        let tsu_cert = issued(tsu_params()?).signed_by(&tsu_key, &issuer)?;
         Ok(Self {
             ca_cert_pem: ca_cert.pem(),
             ca_key_pem: ca_key.serialize_pem(),
@@ -61,7 +61,7 @@ impl DevPkiForKey {
         let ca_params = ca_params()?;
         let ca_cert = ca_params.self_signed(&ca_key)?;
         let issuer = Issuer::new(ca_params, &ca_key);
-        let tsu_cert = tsu_params()?.signed_by(tsu_key, &issuer)?;
+        let tsu_cert = issued(tsu_params()?).signed_by(tsu_key, &issuer)?;
         Ok(Self {
             ca_cert_pem: ca_cert.pem(),
             ca_key_pem: ca_key.serialize_pem(),
@@ -101,7 +101,7 @@ impl DevTls {
         server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         validity(&mut server, 2);
-        let server_cert = server.signed_by(&server_key, &root)?;
+        let server_cert = issued(server).signed_by(&server_key, &root)?;
 
         let client_ca_key = new_key(KeyAlgorithm::P256)?;
         let mut client_ca = ca_params()?;
@@ -115,7 +115,7 @@ impl DevTls {
         client.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         validity(&mut client, 2);
-        let client_cert = client.signed_by(&client_key, &client_ca)?;
+        let client_cert = issued(client).signed_by(&client_key, &client_ca)?;
         Ok(Self {
             server_cert_pem: server_cert.pem(),
             server_key_pem: server_key.serialize_pem(),
@@ -151,13 +151,31 @@ fn new_key(algorithm: KeyAlgorithm) -> anyhow::Result<KeyPair> {
 
 fn name(common_name: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CountryName, "VN");
+    dn.push(DnType::CountryName, country("VN").expect("a country code"));
     dn.push(
         DnType::OrganizationName,
         "Development TSA (not for production)",
     );
     dn.push(DnType::CommonName, common_name);
     dn
+}
+
+/// A countryName value: two letters as a PrintableString (RFC 5280 `X520countryName`; rcgen
+/// would write a `&str` as a UTF8String, which validators and linters refuse).
+pub fn country(code: &str) -> anyhow::Result<DnValue> {
+    anyhow::ensure!(
+        code.len() == 2 && code.bytes().all(|b| b.is_ascii_alphabetic()),
+        "a country is two letters (ISO 3166), not '{code}'"
+    );
+    Ok(DnValue::PrintableString(code.try_into()?))
+}
+
+/// A certificate's parameters for issuing by a CA (not self-signed, not for a request): with
+/// an authority key identifier, which RFC 5280 4.2.1.1 requires of such a certificate (chain
+/// builders match it to the issuer's subject key identifier).
+fn issued(mut params: CertificateParams) -> CertificateParams {
+    params.use_authority_key_identifier_extension = true;
+    params
 }
 
 /// Validity from yesterday (clock skew between machines) for `years`.
@@ -193,4 +211,57 @@ fn tsu_params() -> anyhow::Result<CertificateParams> {
     params.custom_extensions.push(ext);
     validity(&mut params, 3);
     Ok(params)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use der::{DecodePem, Tag, Tagged};
+    use x509_cert::ext::pkix::{AuthorityKeyIdentifier, SubjectKeyIdentifier};
+    use x509_cert::Certificate;
+
+    fn country_tag(cert: &Certificate) -> Tag {
+        let country = const_oid::db::rfc4519::COUNTRY_NAME;
+        let rdns = cert.tbs_certificate().subject().as_ref().iter();
+        let value = rdns
+            .flat_map(|rdn| rdn.as_ref().iter())
+            .find(|atv| atv.oid == country)
+            .expect("a countryName");
+        value.value.tag()
+    }
+
+    /// RFC 5280: a CA's certificates carry its key identifier (4.2.1.1), and countryName is a
+    /// PrintableString (appendix A).
+    #[test]
+    fn issued_certificates_name_their_issuers_key_and_country_as_printable() {
+        let pki = DevPki::generate(KeyAlgorithm::P256).unwrap();
+        let ca = Certificate::from_pem(&pki.ca_cert_pem).unwrap();
+        let tsu = Certificate::from_pem(&pki.tsu_cert_pem).unwrap();
+        let (_, ca_ski) = ca
+            .tbs_certificate()
+            .get_extension::<SubjectKeyIdentifier>()
+            .unwrap()
+            .expect("the CA's subject key identifier");
+        let (critical, aki) = tsu
+            .tbs_certificate()
+            .get_extension::<AuthorityKeyIdentifier>()
+            .unwrap()
+            .expect("the TSU certificate's authority key identifier");
+        assert!(!critical);
+        assert_eq!(aki.key_identifier.as_ref(), Some(&ca_ski.0));
+        assert_eq!(country_tag(&ca), Tag::PrintableString);
+        assert_eq!(country_tag(&tsu), Tag::PrintableString);
+
+        let tls = DevTls::generate(&pki.ca_key_pem, "client").unwrap();
+        let server = Certificate::from_pem(&tls.server_cert_pem).unwrap();
+        let (_, aki) = server
+            .tbs_certificate()
+            .get_extension::<AuthorityKeyIdentifier>()
+            .unwrap()
+            .expect("the server certificate's authority key identifier");
+        assert_eq!(aki.key_identifier.as_ref(), Some(&ca_ski.0));
+
+        assert!(country("VNM").is_err());
+        assert!(country("V1").is_err());
+    }
 }

@@ -14,7 +14,9 @@ pub struct InitArgs {
     /// The TSU key's algorithm.
     #[arg(long, value_enum, default_value = "p256")]
     pub algorithm: KeyAlgorithm,
-    /// Sign with RSA-PSS instead of PKCS#1 v1.5 (RSA keys only).
+    /// Sign with RSA-PSS instead of PKCS#1 v1.5 (RSA keys only). `openssl ts -verify` refuses
+    /// PSS tokens (OpenSSL's TS code assumes PKCS#1 v1.5); `openssl cms -verify` and `tsa
+    /// verify` take them.
     #[arg(long)]
     pub pss: bool,
     /// The public listener written into the configuration.

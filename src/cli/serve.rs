@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tsa::config::{Config, ServerConfig};
 use tsa::server;
+use tsa::signer::software::RsaPadding;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
@@ -48,6 +49,14 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .parent()
         .map(|d| d.join("ca-cert.pem"))
         .filter(|p| p.exists());
+    let pss = config.signer.rsa_padding() == Some(RsaPadding::Pss);
+    if pss {
+        tracing::warn!(
+            "the signer uses RSA-PSS: `openssl ts -verify` (OpenSSL's TS API, and tools built \
+             on it) refuses such tokens (its PKCS#7 code assumes PKCS#1 v1.5); `openssl cms \
+             -verify`, `tsa verify`, Java and BouncyCastle take them"
+        );
+    }
     let served = runtime.block_on(async {
         let tsa = Arc::new(server::build(&config)?);
         tokio::spawn(reload_on_sighup(
@@ -58,7 +67,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         server::serve(
             tsa,
             &config.server,
-            |bound| announce(bound, &config.server.path, ca_hint),
+            |bound| announce(bound, &config.server.path, ca_hint, pss),
             shutdown_signal(),
         )
         .await
@@ -82,7 +91,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
 const BLOCKING_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Tells the operator (and tests, which read the first line) where the TSA listens.
-fn announce(bound: server::Bound, path: &str, ca: Option<PathBuf>) {
+fn announce(bound: server::Bound, path: &str, ca: Option<PathBuf>, pss: bool) {
     let url = format!("http://{}{}", bound.public, path);
     let https = bound
         .https
@@ -97,13 +106,18 @@ fn announce(bound: server::Bound, path: &str, ca: Option<PathBuf>) {
     let ca = ca
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "CA.pem".into());
+    // `openssl ts -verify` refuses RSA-PSS tokens (its PKCS#7 code assumes PKCS#1 v1.5).
+    let verify = match pss {
+        false => format!("openssl ts -verify -in reply.tsr -queryfile req.tsq -CAfile {ca}"),
+        true => format!("tsa verify --in reply.tsr --query req.tsq --data README.md --ca {ca}"),
+    };
     let _ = writeln!(
         out,
         "ask for a stamp:\n  \
          openssl ts -query -data README.md -sha256 -cert -out req.tsq\n  \
          curl -sS -H 'Content-Type: application/timestamp-query' --data-binary @req.tsq {url} -o reply.tsr\n  \
          openssl ts -reply -in reply.tsr -text\n  \
-         openssl ts -verify -in reply.tsr -queryfile req.tsq -CAfile {ca}"
+         {verify}"
     );
     if let Some(addr) = bound.https {
         let _ = writeln!(

@@ -1,7 +1,9 @@
 //! Batches: many `TimeStampReq`s in one body, each answered by its own `TimeStampResp`.
 //!
+//! This project's own format (`docs/batch.md`; RFC 3161 defines none), over RFC 3161's types:
+//!
 //! ```asn1
-//! BatchRequest  ::= SEQUENCE SIZE (1..MAX) OF TimeStampReq   -- RFC 3161
+//! BatchRequest  ::= SEQUENCE SIZE (1..MAX) OF TimeStampReq
 //! BatchResponse ::= SEQUENCE OF TimeStampResp                -- same order, same count
 //! ```
 //!

@@ -324,8 +324,12 @@ pub fn parse_subject(text: &str) -> anyhow::Result<rcgen::DistinguishedName> {
         let (name, value) = part
             .split_once('=')
             .with_context(|| format!("'{part}' is not NAME=value"))?;
+        let value = value.trim();
         let kind = match name.trim().to_ascii_uppercase().as_str() {
-            "C" => DnType::CountryName,
+            "C" => {
+                dn.push(DnType::CountryName, crate::pki::country(value)?);
+                continue;
+            }
             "ST" => DnType::StateOrProvinceName,
             "L" => DnType::LocalityName,
             "O" => DnType::OrganizationName,
@@ -333,7 +337,7 @@ pub fn parse_subject(text: &str) -> anyhow::Result<rcgen::DistinguishedName> {
             "CN" => DnType::CommonName,
             other => bail!("unknown attribute '{other}' in the subject (C, ST, L, O, OU, CN)"),
         };
-        dn.push(kind, value.trim());
+        dn.push(kind, value);
     }
     if dn.iter().next().is_none() {
         bail!("the subject is empty");
@@ -352,5 +356,12 @@ mod tests {
         assert!(parse_subject("X=1").is_err());
         assert!(parse_subject("CN").is_err());
         assert!(parse_subject("").is_err());
+        // countryName is a PrintableString of two letters (RFC 5280 X520countryName).
+        assert!(matches!(
+            dn.get(&rcgen::DnType::CountryName),
+            Some(rcgen::DnValue::PrintableString(c)) if c.as_str() == "VN"
+        ));
+        assert!(parse_subject("C=Viet Nam,CN=x").is_err());
+        assert!(parse_subject("C=V1,CN=x").is_err());
     }
 }
