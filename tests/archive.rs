@@ -993,7 +993,7 @@ fn a_rows_archive_migrates_into_the_token_log() {
     // The first two pruned: the log starts after the anchor.
     let cut = chrono::DateTime::from_timestamp_nanos(first[2].gen_time_ns as i64)
         .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
-    let (ok, out) = archive_cli(d, &["prune", "--before", &cut]);
+    let (ok, out) = archive_cli(d, &["prune", "--before", &cut, "--force"]);
     assert!(ok && out.contains("records up to 2 removed"), "{out}");
 
     let (ok, out) = archive_cli(d, &["migrate"]);
@@ -1058,8 +1058,27 @@ fn pruning_keeps_verification_green() {
         chrono::DateTime::from_timestamp_nanos(ns as i64)
             .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
     };
-    // Before the third token: the first two go.
-    let (ok, out) = archive_cli(d, &["prune", "--before", &rfc3339(first[2].gen_time_ns)]);
+    // Before the third token: refused where the configuration keeps every record
+    // (retention_days 0), and within a retention of a day; nothing goes.
+    let cut = rfc3339(first[2].gen_time_ns);
+    let (ok, out) = archive_cli(d, &["prune", "--before", &cut]);
+    assert!(!ok && out.contains("retention_days is 0"), "{out}");
+    let config = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
+    let with_retention = config.replacen("[archive]\n", "[archive]\nretention_days = 1\n", 1);
+    assert_ne!(config, with_retention);
+    std::fs::write(d.join("tsa.toml"), &with_retention).unwrap();
+    let (ok, out) = archive_cli(d, &["prune", "--before", &cut]);
+    assert!(
+        !ok && out.contains("within archive.retention_days (1 days)"),
+        "{out}"
+    );
+    assert!(open_store(d)
+        .record_by_serial(&first[0].serial)
+        .unwrap()
+        .is_some());
+    std::fs::write(d.join("tsa.toml"), &config).unwrap();
+    // With --force the first two go.
+    let (ok, out) = archive_cli(d, &["prune", "--before", &cut, "--force"]);
     assert!(ok && out.contains("records up to 2 removed"), "{out}");
     let out = verify_report(d).unwrap();
     assert!(
@@ -1078,7 +1097,7 @@ fn pruning_keeps_verification_green() {
     assert!(out.contains("5 records verified, up to 7"), "{out}");
 
     // Everything pruned: the anchor is the head; the next start still counts on from it.
-    let (ok, out) = archive_cli(d, &["prune", "--before", "4000000000"]);
+    let (ok, out) = archive_cli(d, &["prune", "--before", "4000000000", "--force"]);
     assert!(ok && out.contains("records up to 7 removed"), "{out}");
     let out = verify_report(d).unwrap();
     assert!(out.contains("0 records verified, up to 7"), "{out}");

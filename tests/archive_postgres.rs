@@ -117,7 +117,7 @@ fn records_are_complete_and_verify_on_postgres() {
 
     // Pruning everything leaves an anchor; what remains (nothing) still verifies, and a
     // restart continues above every pruned counter.
-    let (ok, out) = archive_cli(d, &["prune", "--before", "4000000000"]);
+    let (ok, out) = archive_cli(d, &["prune", "--before", "4000000000", "--force"]);
     assert!(ok, "{out}");
     assert!(pg::all_records(&mut store, 0).is_empty());
     let (ok, report) = archive_cli(d, &["verify"]);

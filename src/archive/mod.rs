@@ -1177,16 +1177,22 @@ mod tests {
         for layout in [sqlite::Layout::Rows, sqlite::Layout::Log] {
             let dir = tempfile::tempdir().unwrap();
             let mut store = store_of(layout, dir.path());
-            // Records one second apart, and an event at each one's genTime.
+            // Records one second apart, and an event at each one's genTime: the key loaded
+            // first, then the clock's sync lost and acquired in turns.
             let second = 1_000_000_000u64;
             let records = records_a_second_apart(10);
+            let kind = |seq: u64| match seq {
+                1 => "key_loaded",
+                s if s % 2 == 0 => "sync_lost",
+                _ => "sync_acquired",
+            };
             let events: Vec<EventRecord> = (1..=10u64)
                 .map(|seq| EventRecord {
                     instance_id: 0,
                     seq,
                     time_ns: seq * second,
                     level: "warn".into(),
-                    kind: "sync_lost".into(),
+                    kind: kind(seq).into(),
                     message: String::new(),
                     fields: "{}".into(),
                 })
@@ -1207,14 +1213,27 @@ mod tests {
                 (1..=10).collect::<Vec<_>>(),
                 "{layout:?}"
             );
-            // Signed up to 5: the records up to the anchor go, and the events before the
-            // oldest record kept.
-            store.add_checkpoint(&checkpoint_of(&records[4])).unwrap();
-            let anchor = store.prune(0, u64::MAX).unwrap().expect("pruned");
-            let left = events_left(&mut store);
+            // Signed up to 7: the records up to the anchor go, and the events before the
+            // oldest record kept, but for the last of each kind (the key loaded, the clock's
+            // last state before it), under which the records kept were issued.
+            store.add_checkpoint(&checkpoint_of(&records[6])).unwrap();
+            let mut anchor = store.prune(0, u64::MAX).unwrap().expect("pruned");
+            // Rows go in bounded steps.
+            while let Some(further) = store.prune(0, u64::MAX).unwrap() {
+                anchor = further;
+            }
+            assert!(anchor.seq >= 4, "{layout:?}: anchor at {}", anchor.seq);
+            let last_of = |k: &str| (1..=anchor.seq).rev().find(|&s| kind(s) == k).unwrap();
+            let mut kept = vec![
+                last_of("key_loaded"),
+                last_of("sync_lost"),
+                last_of("sync_acquired"),
+            ];
+            kept.sort_unstable();
+            kept.extend(anchor.seq + 1..=10);
             assert_eq!(
-                left,
-                (anchor.seq + 1..=10).collect::<Vec<_>>(),
+                events_left(&mut store),
+                kept,
                 "{layout:?}: anchor at {}",
                 anchor.seq
             );

@@ -857,7 +857,9 @@ impl ArchiveStore for SqliteStore {
             None => None,
         };
         // Events go only where no record kept is as old: those explain the records (a sync
-        // lost, a key event) that stay unpruned past their checkpoint.
+        // lost, a key event) that stay unpruned past their checkpoint. And the last event of
+        // each kind before that stays: the key loaded, the clock's state, as the records kept
+        // were issued under them.
         let kept_from = last.as_ref().map_or(0, |(seq, _)| *seq);
         let oldest_kept: Option<u64> = tx.query_row(
             "SELECT MIN(gen_time_ns) FROM tokens WHERE instance_id = ?1 AND seq > ?2",
@@ -866,7 +868,8 @@ impl ArchiveStore for SqliteStore {
         )?;
         let events_before = oldest_kept.map_or(before_ns, |t| t.min(before_ns));
         tx.execute(
-            "DELETE FROM events WHERE instance_id = ?1 AND time_ns < ?2",
+            "DELETE FROM events WHERE instance_id = ?1 AND time_ns < ?2 AND seq NOT IN \
+             (SELECT MAX(seq) FROM events WHERE instance_id = ?1 AND time_ns < ?2 GROUP BY kind)",
             params![instance_id, events_before],
         )?;
         let Some((seq, hash)) = last else {

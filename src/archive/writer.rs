@@ -651,7 +651,11 @@ impl Writer {
         let Some(retention) = self.retention else {
             return;
         };
-        let before = crate::clock::system_unix_ns().saturating_sub(retention.as_nanos() as u64);
+        // From the latest genTime archived too, not the system clock alone (which this
+        // process does not discipline): a step forward of it must not prune records the
+        // retention keeps.
+        let now = crate::clock::system_unix_ns().min(self.max_gen_time_ns);
+        let before = now.saturating_sub(retention.as_nanos() as u64);
         match self.store.prune(self.instance_id, before) {
             // An archive event too: records leaving the archive is one to keep.
             Ok(Some(anchor)) => {

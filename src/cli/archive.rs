@@ -78,11 +78,16 @@ pub enum ArchiveCommand {
     },
     /// Remove the records issued before a time (and the events before it), never past an
     /// instance's last signed checkpoint; each chain keeps the last removed record's hash as
-    /// its anchor, so what remains still verifies.
+    /// its anchor, so what remains still verifies. A time within the configured
+    /// `retention_days` (or any time, where it is 0: keep every record) is refused without
+    /// --force.
     Prune {
         /// RFC 3339 or Unix seconds.
         #[arg(long)]
         before: String,
+        /// Remove records the configured retention keeps.
+        #[arg(long)]
+        force: bool,
         /// Only this instance (default: every instance in the archive).
         #[arg(long)]
         instance: Option<u32>,
@@ -135,8 +140,16 @@ pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
             jsonl.as_deref(),
             *force,
         ),
-        ArchiveCommand::Prune { before, instance } => {
-            prune(&config, &parse_time(before)?, *instance)
+        ArchiveCommand::Prune {
+            before,
+            instance,
+            force,
+        } => {
+            let before = parse_time(before)?;
+            if !force {
+                within_retention(&config.archive, before, tsa::clock::system_unix_ns())?;
+            }
+            prune(&config, &before, *instance)
         }
         ArchiveCommand::Migrate => migrate(&config),
         ArchiveCommand::Events { from, to } => events(
@@ -428,6 +441,30 @@ pub fn json_line(r: &StoredRecord) -> serde_json::Value {
         "hash": hex(&r.hash),
         "token": hex(&rec.token),
     })
+}
+
+/// Refuses a cut that would remove records the configured retention keeps: one after
+/// `now` less `retention_days`, or any where that is 0 (keep every record).
+fn within_retention(
+    config: &tsa::config::ArchiveConfig,
+    before_ns: u64,
+    now_ns: u64,
+) -> anyhow::Result<()> {
+    let days = config.retention_days;
+    anyhow::ensure!(
+        days > 0,
+        "archive.retention_days is 0: the configuration keeps every record (--force to prune \
+         anyway)"
+    );
+    let kept_from = now_ns.saturating_sub(days.saturating_mul(86_400_000_000_000));
+    anyhow::ensure!(
+        before_ns <= kept_from,
+        "{} is within archive.retention_days ({days} days): records issued since {} are kept \
+         (--force to prune anyway)",
+        GenTime::from_unix_ns(before_ns),
+        GenTime::from_unix_ns(kept_from)
+    );
+    Ok(())
 }
 
 fn prune(config: &Config, before: &u64, only: Option<u32>) -> anyhow::Result<()> {

@@ -807,7 +807,9 @@ impl ArchiveStore for PostgresStore {
                 None => None,
             };
             // Events go only where no record kept is as old: those explain the records (a
-            // sync lost, a key event) that stay unpruned past their checkpoint.
+            // sync lost, a key event) that stay unpruned past their checkpoint. And the last
+            // event of each kind before that stays: the key loaded, the clock's state, as the
+            // records kept were issued under them.
             let kept_from: i64 = last.as_ref().map_or(0, |l| l.get(0));
             let oldest_kept: Option<i64> = tx
                 .query_one(
@@ -817,7 +819,9 @@ impl ArchiveStore for PostgresStore {
                 .get(0);
             let events_before = oldest_kept.map_or(before, |t| t.min(before));
             tx.execute(
-                "DELETE FROM events WHERE instance_id = $1 AND time_ns < $2",
+                "DELETE FROM events WHERE instance_id = $1 AND time_ns < $2 AND seq NOT IN \
+                 (SELECT MAX(seq) FROM events WHERE instance_id = $1 AND time_ns < $2 \
+                 GROUP BY kind)",
                 &[&id, &events_before],
             )?;
             let Some(last) = last else {
