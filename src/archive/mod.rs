@@ -872,7 +872,7 @@ mod tests {
     }
 
     /// [`records`], the record at position `seq` with its genTime at `seq` seconds.
-    fn records_a_second_apart(n: u64) -> Vec<StoredRecord> {
+    pub(super) fn records_a_second_apart(n: u64) -> Vec<StoredRecord> {
         records_with(n, 300, |seq, r| r.gen_time_ns = seq * 1_000_000_000)
     }
 
@@ -1051,7 +1051,7 @@ mod tests {
     }
 
     /// A checkpoint of instance 0 signing `record` as its head.
-    fn checkpoint_of(record: &StoredRecord) -> Checkpoint {
+    pub(super) fn checkpoint_of(record: &StoredRecord) -> Checkpoint {
         Checkpoint {
             instance_id: 0,
             seq: record.seq,

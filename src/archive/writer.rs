@@ -755,6 +755,29 @@ mod tests {
         }
     }
 
+    /// The retention counts back from the latest genTime archived where the system clock is
+    /// past it (a step forward of a clock this process does not discipline).
+    #[test]
+    fn retention_counts_back_from_the_latest_gen_time_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer(dir.path(), Duration::from_secs(1));
+        writer.retention = Some(Duration::from_secs(86_400));
+        // Records issued at 1 to 10 s after the epoch, all signed: the system clock is
+        // decades past them.
+        let records = crate::archive::tests::records_a_second_apart(10);
+        writer.store.append(0, &records, &[]).unwrap();
+        let checkpoint = crate::archive::tests::checkpoint_of(&records[9]);
+        writer.store.add_checkpoint(&checkpoint).unwrap();
+        writer.max_gen_time_ns = 10_000_000_000;
+        writer.prune_step();
+        assert_eq!(writer.store.instance(0).unwrap().anchor, None, "pruned");
+        // A day and 3 s later by the records' own time: those before 3 s go.
+        writer.max_gen_time_ns = 86_403_000_000_000;
+        writer.prune_step();
+        let anchor = writer.store.instance(0).unwrap().anchor.expect("an anchor");
+        assert_eq!(anchor.seq, 2);
+    }
+
     /// A block that failed to be reserved and was reserved by a later request, followed by a
     /// higher one, is not written again by the recovery: the state file keeps the highest.
     #[test]
