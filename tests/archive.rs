@@ -740,6 +740,151 @@ fn a_stripped_archive_does_not_pass_for_a_verified_one() {
     assert_eq!(verify_status(d, &["--strict"]).0, Some(2));
 }
 
+/// A rollback of the whole archive to an earlier checkpoint (records, instance row and
+/// checkpoints rewritten together) leaves nothing on the disk to tell, but a head kept
+/// elsewhere (verify's `head:` line, the server's `archive_checkpoint` event) does; an
+/// instance the auditor names, or the configuration's own, must be there.
+#[test]
+fn a_rollback_shows_against_a_head_kept_elsewhere() {
+    let dir = init("checkpoint_interval_s = 3600\nlayout = \"rows\"");
+    let d = dir.path();
+    let server = Serving::start(d);
+    let first = stamps(&server, 5, "kept");
+    server.stop();
+    let out = verify_report(d).unwrap();
+    let head_line = |out: &str| -> String {
+        let line = out.lines().find(|l| l.trim_start().starts_with("head: "));
+        line.expect("a head line").trim_start()["head: ".len()..].to_string()
+    };
+    let head5 = head_line(&out);
+    assert!(
+        head5.starts_with("0:5:") && head5.len() == "0:5:".len() + 64,
+        "{out}"
+    );
+    // The server logged the same head at its checkpoint, as an archive event too.
+    let (ok, events) = archive_cli(d, &["events"]);
+    assert!(
+        ok && events.contains("archive_checkpoint") && events.contains(&head5),
+        "{events}"
+    );
+    let server = Serving::start(d);
+    stamps(&server, 3, "rolled back");
+    server.stop();
+    let out = verify_report(d).unwrap();
+    let head8 = head_line(&out);
+    assert!(head8.starts_with("0:8:"), "{out}");
+    let expect = |head: &str| verify_status(d, &["--expect", head]);
+    assert_eq!(expect(&head8).0, Some(0));
+    assert_eq!(expect(&head5).0, Some(0), "an earlier head is in the chain");
+
+    // Back to the checkpoint at 5: its records, the instance row, the checkpoints after it.
+    let conn = write_conn(d);
+    conn.execute("DELETE FROM tokens WHERE seq > 5", [])
+        .unwrap();
+    conn.execute("DELETE FROM checkpoints WHERE seq > 5", [])
+        .unwrap();
+    let counter = layout::decode(&first[4].serial).unwrap().1;
+    conn.execute("UPDATE instances SET max_counter = ?1", [counter as i64])
+        .unwrap();
+    drop(conn);
+    let (status, out) = verify_status(d, &["--strict"]);
+    assert_eq!(status, Some(0), "nothing on the disk tells: {out}");
+    let (status, out) = expect(&head8);
+    assert_eq!(status, Some(1), "{out}");
+    assert!(
+        out.contains("before the expected head 8") && out.contains("rolled back"),
+        "{out}"
+    );
+    // A head changed in place (its hash recomputed) does not match either.
+    let mut other = head5.clone();
+    let last = other.pop().unwrap();
+    other.push(if last == '0' { '1' } else { '0' });
+    let (status, out) = expect(&other);
+    assert_eq!(status, Some(1), "{out}");
+    assert!(out.contains("is not the expected head"), "{out}");
+    let (status, out) = verify_status(d, &["--expect", "0:5:xyz"]);
+    assert_eq!(status, Some(2), "clap refuses a malformed head: {out}");
+
+    // An instance named, or one whose head is expected, that the archive does not hold.
+    let (status, out) = verify_status(d, &["--instance", "7"]);
+    assert_eq!(status, Some(1), "{out}");
+    assert!(out.contains("instance 7: BROKEN"), "{out}");
+    let (status, out) = expect(&format!("3{}", &head5[1..]));
+    assert_eq!(status, Some(1), "{out}");
+    assert!(out.contains("instance 3: BROKEN"), "{out}");
+    // The configuration's own instance, once the archive holds another.
+    let config = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
+    std::fs::write(d.join("tsa.toml"), format!("{config}instance_id = 4\n")).unwrap();
+    let (status, out) = verify_status(d, &[]);
+    assert_eq!(status, Some(1), "{out}");
+    assert!(out.contains("instance 4: BROKEN"), "{out}");
+}
+
+/// One who can rewrite the archive can put a certificate of their own in the configuration's
+/// place and sign the checkpoints again with its key: the tokens at the checkpoints, signed
+/// by the TSU key, no longer verify then, and an auditor's own copy of the TSU certificate
+/// (`--trust`) refuses the checkpoints themselves.
+#[test]
+fn a_certificate_put_in_the_configurations_place_does_not_pass() {
+    use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+    let dir = init("checkpoint_interval_s = 3600\nlayout = \"rows\"");
+    let d = dir.path();
+    let server = Serving::start(d);
+    stamps(&server, 4, "signed");
+    server.stop();
+    let auditors = d.join("auditors-copy.pem");
+    std::fs::copy(d.join("tsa-cert.pem"), &auditors).unwrap();
+    assert_eq!(verify_status(d, &["--strict"]).0, Some(0));
+
+    // Another development PKI's TSU key and certificate (P-256, as the archive's).
+    let other = tempfile::tempdir().unwrap();
+    archive_support::init_in(other.path(), "");
+    let key = tsa::pem::private_key(&other.path().join("tsa-key.pem")).unwrap();
+    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, key.secret_der()).unwrap();
+    let cert = tsa::pem::certificates(&other.path().join("tsa-cert.pem")).unwrap();
+    let cert = cert[0].to_vec();
+    let conn = write_conn(d);
+    let checkpoints: Vec<(i64, Vec<u8>, i64)> = conn
+        .prepare("SELECT seq, head_hash, time_ns FROM checkpoints")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(!checkpoints.is_empty());
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    for (seq, hash, time_ns) in checkpoints {
+        let message = tsa::archive::record::checkpoint_message(
+            0,
+            seq as u64,
+            &hash.try_into().unwrap(),
+            time_ns as u64,
+        );
+        let signature = key.sign(&rng, &message).unwrap();
+        conn.execute(
+            "UPDATE checkpoints SET signature = ?1, certificate = ?2 WHERE seq = ?3",
+            params![signature.as_ref(), cert, seq],
+        )
+        .unwrap();
+    }
+    drop(conn);
+    std::fs::copy(other.path().join("tsa-cert.pem"), d.join("tsa-cert.pem")).unwrap();
+    let (status, out) = verify_status(d, &[]);
+    assert_eq!(status, Some(1), "{out}");
+    assert!(
+        out.contains("does not verify with a trusted certificate")
+            && out.contains("a signed checkpoint is at this record"),
+        "{out}"
+    );
+    // The auditor's copy: the checkpoints' certificate is not trusted.
+    let (status, out) = verify_status(d, &["--trust", auditors.to_str().unwrap()]);
+    assert_eq!(status, Some(1), "{out}");
+    assert!(
+        out.contains("signed by a certificate that is not trusted"),
+        "{out}"
+    );
+}
+
 /// Export makes every file it writes: it never truncates one that exists (the archive's own
 /// database included) nor writes through a link, unless --force, which replaces the link.
 #[test]

@@ -83,9 +83,13 @@ pub(super) fn attach(queue: Arc<Queue>) {
     *sink = Sink::Attached(queue);
 }
 
-/// Stops sending to the writer (at shutdown); later events are buffered again.
+/// Stops sending to the writer (at shutdown); later events are buffered again (those that
+/// came after its queue closed are already).
 pub(super) fn detach() {
-    *SINK.lock().unwrap_or_else(|p| p.into_inner()) = Sink::Buffer(Vec::new());
+    let mut sink = SINK.lock().unwrap_or_else(|p| p.into_inner());
+    if matches!(*sink, Sink::Attached(_)) {
+        *sink = Sink::Buffer(Vec::new());
+    }
 }
 
 /// Records an event in the archive (when one is open) without logging it.

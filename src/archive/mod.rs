@@ -549,12 +549,14 @@ impl Archive {
         let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
-        events::detach();
+        // Events go on to the writer until it closes its queue (the last checkpoint's among
+        // them); those that come later wait in a buffer.
         let (done, finished) = mpsc::channel();
         if self.send(Msg::Close(done)).is_ok() {
             let _ = finished.recv();
         }
         let _ = handle.join();
+        events::detach();
         if let Some(checkpointer) = &self.checkpointer {
             checkpointer.stop();
         }

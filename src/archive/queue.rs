@@ -232,6 +232,14 @@ impl Queue {
         s.first_at = None;
         s.msgs.drain(..).collect()
     }
+
+    /// Returns what is queued, taking more later.
+    pub fn take_all(&self) -> Vec<Msg> {
+        let mut s = self.lock();
+        s.records = 0;
+        s.first_at = None;
+        s.msgs.drain(..).collect()
+    }
 }
 
 #[cfg(test)]

@@ -39,17 +39,56 @@ pub struct InstanceReport {
     /// What verification cannot vouch for, though nothing is broken: records after the last
     /// signed checkpoint, an instance without records.
     pub warnings: Vec<String>,
+    /// The certificates that signed its checkpoints: (SHA-256 of the DER in hex, subject).
+    pub checkpoint_signers: Vec<(String, String)>,
+}
+
+/// A chain head an auditor recorded earlier (from this report's `head` line, or from an
+/// `archive_checkpoint` event in a log kept elsewhere): the chain must still hold it. Rows
+/// and files can be rewritten back to any earlier checkpoint with nothing on the disk to
+/// tell; a head kept elsewhere can.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expected {
+    pub instance_id: u32,
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+impl std::str::FromStr for Expected {
+    type Err = String;
+
+    /// `INSTANCE:SEQ:HASH`, the hash in hex (64 digits).
+    fn from_str(text: &str) -> Result<Self, String> {
+        let wrong = || format!("'{text}' is not INSTANCE:SEQ:HASH (the hash in 64 hex digits)");
+        let mut parts = text.trim().split(':');
+        let (Some(instance), Some(seq), Some(hash), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(wrong());
+        };
+        let hash = crate::archive::decode_hex(hash)
+            .and_then(|h| <[u8; 32]>::try_from(h).ok())
+            .ok_or_else(wrong)?;
+        Ok(Self {
+            instance_id: instance.parse().map_err(|_| wrong())?,
+            seq: seq.parse().map_err(|_| wrong())?,
+            hash,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub instances: Vec<InstanceReport>,
+    /// Instances the caller named (`--instance`, the configuration's own) that the archive
+    /// does not hold at all: a break, as records removed are.
+    pub missing: Vec<u32>,
 }
 
 impl Report {
-    /// No chain is broken.
+    /// No chain is broken, and no instance named is missing.
     pub fn ok(&self) -> bool {
-        self.instances.iter().all(|i| i.first_break.is_none())
+        self.missing.is_empty() && self.instances.iter().all(|i| i.first_break.is_none())
     }
 
     /// What the report warns of (an empty archive, records no checkpoint signs); `tsa archive
@@ -74,6 +113,14 @@ const EMPTY: &str = "the archive is empty: no instance has a record, an anchor, 
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for id in &self.missing {
+            writeln!(
+                f,
+                "instance {id}: BROKEN: the archive holds nothing of it (no record, anchor, \
+                 reservation or checkpoint): it never ran against this archive, or all of it \
+                 was removed"
+            )?;
+        }
         if self.instances.is_empty() {
             return writeln!(f, "WARNING: {EMPTY}");
         }
@@ -113,6 +160,20 @@ impl fmt::Display for Report {
                     b.what
                 )?,
             }
+            if i.head.seq > 0 {
+                // To keep elsewhere and give back as --expect: a rollback to an earlier
+                // checkpoint leaves nothing on this disk to tell.
+                writeln!(
+                    f,
+                    "  head: {}:{}:{}",
+                    i.instance_id,
+                    i.head.seq,
+                    hex(&i.head.hash)
+                )?;
+            }
+            for (sha256, subject) in &i.checkpoint_signers {
+                writeln!(f, "  checkpoints signed by {subject} (SHA-256 {sha256})")?;
+            }
             for w in &i.warnings {
                 writeln!(f, "  WARNING: {w}")?;
             }
@@ -121,20 +182,45 @@ impl fmt::Display for Report {
     }
 }
 
-/// Verifies every instance in `store`; checkpoints, and the tokens after the last one, must
-/// be signed by one of `trusted` (DER certificates: the TSU certificate, and older ones after
-/// a key change).
-pub fn verify(store: &mut dyn ArchiveStore, trusted: &[Vec<u8>]) -> Result<Report, StoreError> {
+/// Verifies every instance in `store`; checkpoints, the tokens at their positions and the
+/// tokens after the last one must be signed by one of `trusted` (DER certificates: the TSU
+/// certificate, and older ones after a key change). Each of `named` must be in the archive,
+/// and each of `expected` in its chain.
+pub fn verify(
+    store: &mut dyn ArchiveStore,
+    trusted: &[Vec<u8>],
+    named: &[u32],
+    expected: &[Expected],
+) -> Result<Report, StoreError> {
     let mut report = Report::default();
     let signers: Vec<Certificate> = trusted
         .iter()
         .filter_map(|der| Certificate::from_der(der).ok())
         .collect();
-    for instance_id in store.instances()? {
-        report
-            .instances
-            .push(verify_instance(store, instance_id, trusted, &signers)?);
+    let present = store.instances()?;
+    for instance_id in &present {
+        let expected: Vec<Expected> = expected
+            .iter()
+            .filter(|e| e.instance_id == *instance_id)
+            .copied()
+            .collect();
+        report.instances.push(verify_instance(
+            store,
+            *instance_id,
+            trusted,
+            &signers,
+            &expected,
+        )?);
     }
+    let mut missing: Vec<u32> = named
+        .iter()
+        .chain(expected.iter().map(|e| &e.instance_id))
+        .filter(|id| !present.contains(id))
+        .copied()
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    report.missing = missing;
     Ok(report)
 }
 
@@ -143,6 +229,7 @@ fn verify_instance(
     instance_id: u32,
     trusted: &[Vec<u8>],
     signers: &[Certificate],
+    expected: &[Expected],
 ) -> Result<InstanceReport, StoreError> {
     // Read before the records: a server appending meanwhile only raises what they show.
     let state = store.instance(instance_id)?;
@@ -151,7 +238,15 @@ fn verify_instance(
     // are checked instead.
     let signed_up_to = checkpoints.last().map_or(0, |c| c.seq);
     let mut max_counter = state.anchor.map(|a| a.max_counter);
-    let wanted: HashMap<u64, ()> = checkpoints.iter().map(|c| (c.seq, ())).collect();
+    // The positions whose hashes are compared after the walk: the checkpoints' and the
+    // expected heads'.
+    let wanted: HashMap<u64, ()> = checkpoints
+        .iter()
+        .map(|c| c.seq)
+        .chain(expected.iter().map(|e| e.seq))
+        .map(|seq| (seq, ()))
+        .collect();
+    let checkpointed: HashMap<u64, ()> = checkpoints.iter().map(|c| (c.seq, ())).collect();
     let start = state.anchor.map_or(ChainHead::EMPTY, |a| ChainHead {
         seq: a.seq,
         hash: a.hash,
@@ -182,16 +277,23 @@ fn verify_instance(
                 first_break = Some(b);
                 return Ok(false);
             }
-            if r.seq > signed_up_to {
+            // The tokens no checkpoint signs, and the one at each checkpoint: a checkpoint's
+            // key must be one the tokens were signed with too (a certificate put in the
+            // configuration's place, and the checkpoints signed again with its key, show).
+            if r.seq > signed_up_to || checkpointed.contains_key(&r.seq) {
                 if let Err(e) =
                     Token::from_der(&r.record.token).and_then(|t| verify_signed_by(&t, signers))
                 {
+                    let what = match r.seq > signed_up_to {
+                        true => "no checkpoint signs this record",
+                        false => "a signed checkpoint is at this record",
+                    };
                     first_break = Some(Break {
                         seq: r.seq,
                         serial: Some(hex(&r.record.serial)),
                         what: format!(
                             "the token's signature does not verify with a trusted certificate \
-                             ({e:#}); no checkpoint signs this record"
+                             ({e:#}); {what}"
                         ),
                     });
                     return Ok(false);
@@ -223,6 +325,13 @@ fn verify_instance(
                 break;
             }
         }
+    }
+    // Heads recorded elsewhere: the chain must hold each (a rollback to an earlier checkpoint
+    // removes them, and the records after them, with nothing here to tell).
+    if first_break.is_none() {
+        first_break = expected
+            .iter()
+            .find_map(|e| check_expected(e, state.anchor.as_ref(), head, &hashes_at));
     }
     // The anchor's hash is the chain's start: only a signed checkpoint at or after it,
     // checked above through the chain from it, says that it is the one pruning kept.
@@ -308,6 +417,17 @@ fn verify_instance(
             });
         }
     }
+    let mut checkpoint_signers: Vec<(String, String)> = Vec::new();
+    for c in &checkpoints {
+        let sha256 = hex(&crate::archive::record::sha256(&c.certificate));
+        if !checkpoint_signers.iter().any(|(s, _)| *s == sha256) {
+            let subject = Certificate::from_der(&c.certificate).map_or_else(
+                |_| "a certificate that does not decode".to_string(),
+                |cert| cert.tbs_certificate().subject().to_string(),
+            );
+            checkpoint_signers.push((sha256, subject));
+        }
+    }
     Ok(InstanceReport {
         instance_id,
         records,
@@ -317,7 +437,49 @@ fn verify_instance(
         last_checkpoint: checkpoints.last().map(|c| (c.seq, c.time_ns)),
         first_break,
         warnings,
+        checkpoint_signers,
     })
+}
+
+/// What is wrong with the chain for an expected head, if anything.
+fn check_expected(
+    e: &Expected,
+    anchor: Option<&Anchor>,
+    head: ChainHead,
+    hashes_at: &HashMap<u64, [u8; 32]>,
+) -> Option<Break> {
+    let anchor_seq = anchor.map_or(0, |a| a.seq);
+    let hash = if e.seq > head.seq {
+        return Some(Break {
+            seq: head.seq + 1,
+            serial: None,
+            what: format!(
+                "records are missing at the end: the chain ends at {}, before the expected \
+                 head {} (rolled back?)",
+                head.seq, e.seq
+            ),
+        });
+    } else if e.seq > anchor_seq {
+        hashes_at.get(&e.seq).copied()
+    } else if e.seq == anchor_seq {
+        anchor.map(|a| a.hash)
+    } else {
+        // Pruned since: nothing is left to compare.
+        return None;
+    };
+    match hash {
+        Some(h) if h == e.hash => None,
+        _ => Some(Break {
+            seq: e.seq,
+            serial: None,
+            what: format!(
+                "the chain at {} is not the expected head {}: records up to it were changed \
+                 and their hashes recomputed",
+                e.seq,
+                hex(&e.hash[..8])
+            ),
+        }),
+    }
 }
 
 /// The first thing wrong with `r` as the record after `prev`.

@@ -207,9 +207,17 @@ impl Writer {
                     Msg::Certificate(der) => self.signer.certificate = der,
                     Msg::Signer(signer) => self.signer = *signer,
                     Msg::Close(done) => {
-                        // Whatever is still queued goes in before the last checkpoint.
-                        self.drain(queue.close());
+                        // Whatever is still queued goes in before the last checkpoint; then
+                        // the events that came since, the checkpoint's own among them (and
+                        // another checkpoint, should a record have come too).
+                        self.drain(queue.take_all());
                         self.close();
+                        let late = queue.close();
+                        let records_came = late.iter().any(|m| matches!(m, Msg::Record(..)));
+                        self.drain(late);
+                        if records_came {
+                            self.close();
+                        }
                         let _ = done.send(());
                         return;
                     }
@@ -704,6 +712,15 @@ impl Writer {
             .add_checkpoint(&checkpoint)
             .map_err(|e| ArchiveError(e.to_string()))?;
         self.last_checkpoint_seq = head.seq;
+        // The head in the log too, which is kept elsewhere: `tsa archive verify --expect`
+        // takes it back, against a rollback of the archive to an earlier checkpoint.
+        tracing::info!(
+            event = "archive_checkpoint",
+            instance = self.instance_id,
+            seq = head.seq,
+            head = %format!("{}:{}:{}", self.instance_id, head.seq, hex(&head.hash)),
+            "archive head signed"
+        );
         Ok(())
     }
 

@@ -30,9 +30,25 @@ pub enum ArchiveCommand {
     Verify {
         /// Further trusted TSU certificates (PEM), for checkpoints signed before a change of
         /// certificate; the configured ones ([signer], and [rollover.signer] when a rollover
-        /// is planned) are always trusted.
+        /// is planned) are trusted too, unless --trust is given.
         #[arg(long)]
         cert: Vec<PathBuf>,
+        /// Trust only the TSU certificates in these files (PEM), not the configuration's: an
+        /// auditor's own copy, as one who could rewrite the archive could replace the
+        /// configured certificate too.
+        #[arg(long)]
+        trust: Vec<PathBuf>,
+        /// An instance that must be in the archive (repeatable); the configuration's own
+        /// must be too, unless the archive is empty.
+        #[arg(long)]
+        instance: Vec<u32>,
+        /// A chain head recorded earlier, INSTANCE:SEQ:HASH (as this command prints it on
+        /// its `head:` lines, and the server logs it at each checkpoint as an
+        /// `archive_checkpoint` event): the chain must still hold it (repeatable). A rollback
+        /// of the whole archive to an earlier checkpoint shows only against such a record
+        /// kept elsewhere.
+        #[arg(long)]
+        expect: Vec<archive::verify::Expected>,
         /// Warnings fail too, with exit status 2: for a stopped server's archive, whose
         /// head the shutdown signed.
         #[arg(long)]
@@ -111,7 +127,22 @@ pub enum ArchiveCommand {
 pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
     let config = Config::load(&args.config)?;
     match &args.command {
-        ArchiveCommand::Verify { cert, strict } => verify(&config, cert, *strict),
+        ArchiveCommand::Verify {
+            cert,
+            trust,
+            instance,
+            expect,
+            strict,
+        } => verify(
+            &config,
+            &Trust {
+                extra: cert,
+                only: trust,
+            },
+            instance,
+            expect,
+            *strict,
+        ),
         ArchiveCommand::Get {
             serial,
             imprint,
@@ -183,16 +214,29 @@ fn parse_time(text: &str) -> anyhow::Result<u64> {
 /// warnings (1 is a broken chain or an error).
 const WARNINGS_EXIT_STATUS: i32 = 2;
 
-fn verify(config: &Config, extra: &[PathBuf], strict: bool) -> anyhow::Result<()> {
+/// The certificates `verify` trusts: the configured ones and `extra`, or `only`.
+struct Trust<'a> {
+    extra: &'a [PathBuf],
+    only: &'a [PathBuf],
+}
+
+fn verify(
+    config: &Config,
+    trust: &Trust<'_>,
+    named: &[u32],
+    expected: &[archive::verify::Expected],
+    strict: bool,
+) -> anyhow::Result<()> {
     // The configured signer's certificate, and the planned rollover's: checkpoints after the
     // rollover's instant are signed by its key.
     let mut trusted = Vec::new();
-    for (what, signer) in std::iter::once(("[signer]", &config.signer)).chain(
+    let configured = std::iter::once(("[signer]", &config.signer)).chain(
         config
             .rollover
             .as_ref()
             .map(|r| ("[rollover.signer]", &r.signer)),
-    ) {
+    );
+    for (what, signer) in configured.filter(|_| trust.only.is_empty()) {
         let (cert, chain) = signer.certificates();
         trusted.push(
             tsa::signer::certificate::TsuCertificate::load(cert, chain)
@@ -201,11 +245,16 @@ fn verify(config: &Config, extra: &[PathBuf], strict: bool) -> anyhow::Result<()
                 .to_vec(),
         );
     }
-    for file in extra {
+    for file in trust.extra.iter().chain(trust.only) {
         trusted.extend(tsa::signer::certificate::read_pem_certificates(file)?);
     }
     let mut store = archive::open_read_only(&config.archive)?;
-    let report = archive::verify::verify(store.as_mut(), &trusted)?;
+    // The configuration's own instance must be there once anything is.
+    let mut named = named.to_vec();
+    if !store.instances()?.is_empty() {
+        named.push(config.archive.instance_id);
+    }
+    let report = archive::verify::verify(store.as_mut(), &trusted, &named, expected)?;
     print!("{report}");
     if config.archive.backend == ArchiveBackend::Sqlite {
         println!("{}", archive::imprints::status(&config.archive.database));
