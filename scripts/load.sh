@@ -289,14 +289,16 @@ core_ticks() { # "busy total" ticks of the server's cores so far (/proc/stat; st
 }
 thread_ticks() { # "name ticks" for each of the archive's threads of the server, summed by name
   # The next segment's thread ends with each segment it writes, and a thread that ended is
-  # no longer listed: its ticks are the process's less its live threads' ("ended", read first).
+  # no longer listed: its ticks are the process's less its live threads' (read first), and
+  # counted with the live one's, so that one that ends during a run is counted once.
   { echo "process $(stat_ticks)"
     for t in /proc/"$server_pid"/task/*; do
       echo "$(cat "$t/comm" 2>/dev/null) $(ticks "$t/stat")"
     done
   } | awk '$1 == "process" { ended += $2; next } NF == 2 { ended -= $2 }
-    $1 ~ /^tsa-(archive|log-sync|log-spare|imprints|checkpoint)$/ { n[$1] += $2 }
-    END { for (k in n) print k, n[k]; print "ended", ended }'
+    $1 ~ /^tsa-(archive|log-sync|imprints|checkpoint)$/ { n[$1] += $2 }
+    $1 == "tsa-log-spare" { ended += $2 }
+    END { for (k in n) print k, n[k]; print "tsa-log-spare", ended }'
 }
 
 # "commits records seconds" so far, from the server's metrics (the archive's commit histograms).
@@ -459,7 +461,7 @@ run_loads() { # mode
         { us[$1] = n > 0 ? ($2 - before[$1]) / hz * 1e6 / n : 0 }
         END {
           printf "       archive threads, µs per token: writer %.1f, its syncer %.1f, next segment %.1f, imprint indexer %.1f, checkpointer %.1f\n",
-            us["tsa-archive"], us["tsa-log-sync"], us["tsa-log-spare"] + us["ended"], us["tsa-imprints"], us["tsa-checkpoint"]
+            us["tsa-archive"], us["tsa-log-sync"], us["tsa-log-spare"], us["tsa-imprints"], us["tsa-checkpoint"]
         }' <(echo "$threads_before") <(echo "$threads_after")
       # The group commit: how many records each commit took, and how long it took.
       read -r n0 r0 d0 <<<"$commits_before"

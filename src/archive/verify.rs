@@ -41,6 +41,8 @@ pub struct InstanceReport {
     pub warnings: Vec<String>,
     /// The certificates that signed its checkpoints: (SHA-256 of the DER in hex, subject).
     pub checkpoint_signers: Vec<(String, String)>,
+    /// The last checkpoint's position and head hash.
+    pub signed_head: Option<(u64, [u8; 32])>,
 }
 
 /// A chain head an auditor recorded earlier (from this report's `head` line, or from an
@@ -80,9 +82,12 @@ impl std::str::FromStr for Expected {
 #[derive(Clone, Debug, Default)]
 pub struct Report {
     pub instances: Vec<InstanceReport>,
-    /// Instances the caller named (`--instance`, the configuration's own) that the archive
-    /// does not hold at all: a break, as records removed are.
+    /// Instances the caller named (`--instance`, `--expect`) that the archive does not hold
+    /// at all: a break, as records removed are.
     pub missing: Vec<u32>,
+    /// The configuration's own instance, where the archive holds others but nothing of it (a
+    /// node not started yet, or one whose records were removed): a warning.
+    pub configured_missing: Option<u32>,
 }
 
 impl Report {
@@ -97,15 +102,23 @@ impl Report {
         if self.instances.is_empty() {
             return vec![EMPTY.to_string()];
         }
-        self.instances
-            .iter()
-            .flat_map(|i| {
+        self.configured_missing
+            .map(configured_missing)
+            .into_iter()
+            .chain(self.instances.iter().flat_map(|i| {
                 i.warnings
                     .iter()
                     .map(move |w| format!("instance {}: {w}", i.instance_id))
-            })
+            }))
             .collect()
     }
+}
+
+fn configured_missing(id: u32) -> String {
+    format!(
+        "instance {id} (the configuration's) has nothing in the archive: it has not run \
+         against it yet, or all of it was removed"
+    )
 }
 
 const EMPTY: &str = "the archive is empty: no instance has a record, an anchor, a reservation or \
@@ -123,6 +136,9 @@ impl fmt::Display for Report {
         }
         if self.instances.is_empty() {
             return writeln!(f, "WARNING: {EMPTY}");
+        }
+        if let Some(id) = self.configured_missing {
+            writeln!(f, "WARNING: {}", configured_missing(id))?;
         }
         for i in &self.instances {
             write!(
@@ -160,16 +176,11 @@ impl fmt::Display for Report {
                     b.what
                 )?,
             }
-            if i.head.seq > 0 {
+            if let Some((seq, hash)) = i.signed_head.filter(|_| i.first_break.is_none()) {
                 // To keep elsewhere and give back as --expect: a rollback to an earlier
-                // checkpoint leaves nothing on this disk to tell.
-                writeln!(
-                    f,
-                    "  head: {}:{}:{}",
-                    i.instance_id,
-                    i.head.seq,
-                    hex(&i.head.hash)
-                )?;
+                // checkpoint leaves nothing on this disk to tell. The last checkpoint's, which
+                // is durable (a running server's last frames may not be yet).
+                writeln!(f, "  head: {}:{seq}:{}", i.instance_id, hex(&hash))?;
             }
             for (sha256, subject) in &i.checkpoint_signers {
                 writeln!(f, "  checkpoints signed by {subject} (SHA-256 {sha256})")?;
@@ -185,12 +196,14 @@ impl fmt::Display for Report {
 /// Verifies every instance in `store`; checkpoints, the tokens at their positions and the
 /// tokens after the last one must be signed by one of `trusted` (DER certificates: the TSU
 /// certificate, and older ones after a key change). Each of `named` must be in the archive,
-/// and each of `expected` in its chain.
+/// and each of `expected` in its chain; `configured` (the configuration's instance) is a
+/// warning where it is not, though others are.
 pub fn verify(
     store: &mut dyn ArchiveStore,
     trusted: &[Vec<u8>],
     named: &[u32],
     expected: &[Expected],
+    configured: Option<u32>,
 ) -> Result<Report, StoreError> {
     let mut report = Report::default();
     let signers: Vec<Certificate> = trusted
@@ -221,6 +234,8 @@ pub fn verify(
     missing.sort_unstable();
     missing.dedup();
     report.missing = missing;
+    report.configured_missing =
+        configured.filter(|id| !present.is_empty() && !present.contains(id));
     Ok(report)
 }
 
@@ -246,7 +261,13 @@ fn verify_instance(
         .chain(expected.iter().map(|e| e.seq))
         .map(|seq| (seq, ()))
         .collect();
-    let checkpointed: HashMap<u64, ()> = checkpoints.iter().map(|c| (c.seq, ())).collect();
+    // The checkpoints' certificates by position, and whether each signed its own position's
+    // token (above the anchor, where the tokens are still there).
+    let checkpointed: HashMap<u64, Option<Certificate>> = checkpoints
+        .iter()
+        .map(|c| (c.seq, Certificate::from_der(&c.certificate).ok()))
+        .collect();
+    let mut own_token: HashMap<u64, bool> = HashMap::new();
     let start = state.anchor.map_or(ChainHead::EMPTY, |a| ChainHead {
         seq: a.seq,
         hash: a.hash,
@@ -278,12 +299,19 @@ fn verify_instance(
                 return Ok(false);
             }
             // The tokens no checkpoint signs, and the one at each checkpoint: a checkpoint's
-            // key must be one the tokens were signed with too (a certificate put in the
-            // configuration's place, and the checkpoints signed again with its key, show).
-            if r.seq > signed_up_to || checkpointed.contains_key(&r.seq) {
-                if let Err(e) =
-                    Token::from_der(&r.record.token).and_then(|t| verify_signed_by(&t, signers))
-                {
+            // key must be one that signs tokens too (a certificate put in the configuration's
+            // place, or beside it, and the checkpoints signed again with its key, show; see
+            // `keys_that_signed_no_token`).
+            let at_checkpoint = checkpointed.get(&r.seq);
+            if r.seq > signed_up_to || at_checkpoint.is_some() {
+                let token = Token::from_der(&r.record.token);
+                if let (Ok(t), Some(own)) = (&token, at_checkpoint) {
+                    let own = own
+                        .as_ref()
+                        .is_some_and(|c| verify_signed_by(t, std::slice::from_ref(c)).is_ok());
+                    own_token.insert(r.seq, own);
+                }
+                if let Err(e) = token.and_then(|t| verify_signed_by(&t, signers)) {
                     let what = match r.seq > signed_up_to {
                         true => "no checkpoint signs this record",
                         false => "a signed checkpoint is at this record",
@@ -326,6 +354,32 @@ fn verify_instance(
             }
         }
     }
+    // Each checkpoint's key must have signed tokens too (after the checks above, which say
+    // more where a checkpoint's certificate is not trusted at all).
+    let mut warnings: Vec<String> = Vec::new();
+    if first_break.is_none() {
+        match keys_that_signed_no_token(&checkpoints, &own_token) {
+            Some((c, true)) => warnings.push(format!(
+                "the last checkpoint (at {}) is signed by a certificate that signed no token \
+                 checked here (a key rollover just before it?): compare the SHA-256 below with \
+                 your TSU certificates' (--trust)",
+                c.seq
+            )),
+            Some((c, false)) => {
+                first_break = Some(Break {
+                    seq: c.seq,
+                    serial: None,
+                    what: format!(
+                        "the checkpoint at {} is signed by a certificate that signed neither \
+                         the token at its position nor one at a later checkpoint: a key that \
+                         signs no token signed it",
+                        c.seq
+                    ),
+                })
+            }
+            None => {}
+        }
+    }
     // Heads recorded elsewhere: the chain must hold each (a rollback to an earlier checkpoint
     // removes them, and the records after them, with nothing here to tell).
     if first_break.is_none() {
@@ -364,11 +418,12 @@ fn verify_instance(
             ),
         });
     }
-    let mut warnings: Vec<String> = store
-        .derived_damage(instance_id)?
-        .into_iter()
-        .map(|d| format!("look-ups may miss records: {d}"))
-        .collect();
+    warnings.extend(
+        store
+            .derived_damage(instance_id)?
+            .into_iter()
+            .map(|d| format!("look-ups may miss records: {d}")),
+    );
     for (copy, octets) in store.torn_copies(instance_id)? {
         warnings.push(format!(
             "{} ({octets} octets) is a torn commit a start cut off and kept: it holds tokens \
@@ -438,6 +493,27 @@ fn verify_instance(
         first_break,
         warnings,
         checkpoint_signers,
+        signed_head: checkpoints.last().map(|c| (c.seq, c.head_hash)),
+    })
+}
+
+/// The first checkpoint whose certificate signed no token it can be checked against, and
+/// whether it is the last one. Each checkpoint's certificate must have signed the token at its
+/// position (`own_token`, false where it did not), or, as the first checkpoint after a key
+/// rollover may be over a token the old key signed, the token at a later checkpoint of the
+/// same certificate. The last checkpoint has no later one, so there it is a warning.
+fn keys_that_signed_no_token<'c>(
+    checkpoints: &'c [Checkpoint],
+    own_token: &HashMap<u64, bool>,
+) -> Option<(&'c Checkpoint, bool)> {
+    let signed_own = |c: &Checkpoint| own_token.get(&c.seq) == Some(&true);
+    checkpoints.iter().enumerate().find_map(|(i, c)| {
+        let later = &checkpoints[i + 1..];
+        let fails = own_token.get(&c.seq) == Some(&false)
+            && !later
+                .iter()
+                .any(|l| l.certificate == c.certificate && signed_own(l));
+        fails.then_some((c, later.is_empty()))
     })
 }
 
@@ -656,4 +732,58 @@ fn check_signature(c: &Checkpoint) -> anyhow::Result<()> {
         &c.message(),
         &c.signature,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint(seq: u64, certificate: &[u8]) -> Checkpoint {
+        Checkpoint {
+            instance_id: 0,
+            seq,
+            head_hash: [0; 32],
+            time_ns: 0,
+            algorithm: Vec::new(),
+            signature: Vec::new(),
+            certificate: certificate.to_vec(),
+        }
+    }
+
+    /// After a key rollover the first checkpoint of the next key may sit over a token of the
+    /// old one; a later checkpoint of the next key over its own token vouches for it. A key
+    /// that signed no token breaks, or is a warning on the last checkpoint alone.
+    #[test]
+    fn a_checkpoints_key_must_have_signed_a_token() {
+        let (old, next) = (b"old".as_slice(), b"next".as_slice());
+        let own = |pairs: &[(u64, bool)]| pairs.iter().copied().collect::<HashMap<_, _>>();
+        let rollover = [
+            checkpoint(4, old),
+            checkpoint(8, next),
+            checkpoint(12, next),
+        ];
+        let found = |c: &[Checkpoint], o: &HashMap<u64, bool>| {
+            keys_that_signed_no_token(c, o).map(|(c, last)| (c.seq, last))
+        };
+        assert_eq!(
+            found(&rollover, &own(&[(4, true), (8, false), (12, true)])),
+            None
+        );
+        // The next key's only checkpoint is the last: a warning.
+        assert_eq!(
+            found(&rollover[..2], &own(&[(4, true), (8, false)])),
+            Some((8, true))
+        );
+        // A key that signed none of the tokens at its checkpoints.
+        assert_eq!(
+            found(&rollover, &own(&[(4, true), (8, false), (12, false)])),
+            Some((8, false))
+        );
+        assert_eq!(
+            found(&rollover, &own(&[(4, false), (8, true), (12, true)])),
+            Some((4, false))
+        );
+        // Checkpoints whose tokens were pruned are not judged.
+        assert_eq!(found(&rollover, &own(&[(12, true)])), None);
+    }
 }

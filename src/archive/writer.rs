@@ -120,6 +120,10 @@ pub(super) struct Outage {
     next_probe: Instant,
 }
 
+/// At shutdown, how many more checkpoints sign records that came after the last (the server
+/// has stopped taking requests by then; what comes later still is committed unsigned).
+const LATE_CHECKPOINTS: usize = 3;
+
 /// How often the writer tries the store again while it cannot write.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -212,12 +216,16 @@ impl Writer {
                         // another checkpoint, should a record have come too).
                         self.drain(queue.take_all());
                         self.close();
-                        let late = queue.close();
-                        let records_came = late.iter().any(|m| matches!(m, Msg::Record(..)));
-                        self.drain(late);
-                        if records_came {
+                        for _ in 0..LATE_CHECKPOINTS {
+                            let late = queue.take_all();
+                            let records = late.iter().any(|m| matches!(m, Msg::Record(..)));
+                            self.drain(late);
+                            if !records {
+                                break;
+                            }
                             self.close();
                         }
+                        self.drain(queue.close());
                         let _ = done.send(());
                         return;
                     }

@@ -38,8 +38,8 @@ pub enum ArchiveCommand {
         /// configured certificate too.
         #[arg(long)]
         trust: Vec<PathBuf>,
-        /// An instance that must be in the archive (repeatable); the configuration's own
-        /// must be too, unless the archive is empty.
+        /// An instance that must be in the archive (repeatable). The configuration's own is
+        /// a warning where it is not (a node not started yet), though others are.
         #[arg(long)]
         instance: Vec<u32>,
         /// A chain head recorded earlier, INSTANCE:SEQ:HASH (as this command prints it on
@@ -175,13 +175,7 @@ pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
             before,
             instance,
             force,
-        } => {
-            let before = parse_time(before)?;
-            if !force {
-                within_retention(&config.archive, before, tsa::clock::system_unix_ns())?;
-            }
-            prune(&config, &before, *instance)
-        }
+        } => prune(&config, parse_time(before)?, *instance, *force),
         ArchiveCommand::Migrate => migrate(&config),
         ArchiveCommand::Events { from, to } => events(
             &config,
@@ -249,12 +243,13 @@ fn verify(
         trusted.extend(tsa::signer::certificate::read_pem_certificates(file)?);
     }
     let mut store = archive::open_read_only(&config.archive)?;
-    // The configuration's own instance must be there once anything is.
-    let mut named = named.to_vec();
-    if !store.instances()?.is_empty() {
-        named.push(config.archive.instance_id);
-    }
-    let report = archive::verify::verify(store.as_mut(), &trusted, &named, expected)?;
+    let report = archive::verify::verify(
+        store.as_mut(),
+        &trusted,
+        named,
+        expected,
+        Some(config.archive.instance_id),
+    )?;
     print!("{report}");
     if config.archive.backend == ArchiveBackend::Sqlite {
         println!("{}", archive::imprints::status(&config.archive.database));
@@ -493,7 +488,7 @@ pub fn json_line(r: &StoredRecord) -> serde_json::Value {
 }
 
 /// Refuses a cut that would remove records the configured retention keeps: one after
-/// `now` less `retention_days`, or any where that is 0 (keep every record).
+/// `now_ns` less `retention_days`, or any where that is 0 (keep every record).
 fn within_retention(
     config: &tsa::config::ArchiveConfig,
     before_ns: u64,
@@ -516,19 +511,29 @@ fn within_retention(
     Ok(())
 }
 
-fn prune(config: &Config, before: &u64, only: Option<u32>) -> anyhow::Result<()> {
+fn prune(config: &Config, before: u64, only: Option<u32>, force: bool) -> anyhow::Result<()> {
     let mut store = archive::open_writable(&config.archive)?;
     let instances = match only {
         Some(id) => vec![id],
         None => store.instances()?,
     };
+    if !force {
+        // Counted back from the latest genTime archived too, as the server's retention is:
+        // a step forward of this host's clock must not make a cut look old enough.
+        let mut latest = 0;
+        for id in &instances {
+            latest = latest.max(store.instance(*id)?.max_gen_time_ns);
+        }
+        let now = tsa::clock::system_unix_ns().min(latest);
+        within_retention(&config.archive, before, now)?;
+    }
     for id in instances {
         // A call removes a bounded step (the token log: some segments); until nothing is left.
         // The server's own retention may be pruning the instance: its turn is short.
         let mut last = None;
         let mut busy = 0;
         loop {
-            match store.prune(id, *before) {
+            match store.prune(id, before) {
                 Ok(Some(anchor)) => last = Some(anchor),
                 Ok(None) => break,
                 Err(e) if e.0.contains(archive::state::PRUNED_ELSEWHERE) && busy < 30 => {

@@ -49,7 +49,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .parent()
         .map(|d| d.join("ca-cert.pem"))
         .filter(|p| p.exists());
-    let pss = config.signer.rsa_padding() == Some(RsaPadding::Pss);
+    let pss = std::iter::once(&config.signer)
+        .chain(config.rollover.as_ref().map(|r| &r.signer))
+        .any(|s| s.rsa_padding() == Some(RsaPadding::Pss));
     if pss {
         tracing::warn!(
             "the signer uses RSA-PSS: `openssl ts -verify` (OpenSSL's TS API, and tools built \

@@ -772,7 +772,7 @@ fn damaged_index_and_imprint_files_are_reported_against_the_frames() {
     }
     store.add_checkpoint(&log.checkpoint()).unwrap();
     assert_eq!(store.derived_damage(0).unwrap(), Vec::<String>::new());
-    let report = crate::archive::verify::verify(&mut store, &[], &[], &[]).unwrap();
+    let report = crate::archive::verify::verify(&mut store, &[], &[], &[], None).unwrap();
     assert!(
         report.warnings().iter().all(|w| !w.contains("look-ups")),
         "{report}"
@@ -792,7 +792,7 @@ fn damaged_index_and_imprint_files_are_reported_against_the_frames() {
         "{damage:?}"
     );
     // (The sample tokens do not decode, so the report has its break anyway.)
-    let report = crate::archive::verify::verify(&mut store, &[], &[], &[]).unwrap();
+    let report = crate::archive::verify::verify(&mut store, &[], &[], &[], None).unwrap();
     assert!(
         report
             .warnings()
