@@ -173,11 +173,11 @@ impl LogReader {
 
     /// The instance's record with `counter`. Counters rise with the position except among
     /// requests in flight together, so it is nearly always in the last segment whose first
-    /// counter is not above it (a binary search: the first counters of log2(segments)
-    /// segments are read), or next to that one. A counter taken early and recorded late (a
-    /// batch, a slow signature) may lie further on, and first counters may then be out of
-    /// order: when those segments do not hold it, every other segment whose lowest and highest
-    /// counters (read once for a closed segment) span it is searched.
+    /// counter is not above it (a binary search: the first frames of log2(segments) segments
+    /// are read), or next to that one. A counter taken early and recorded late (a batch, a
+    /// slow signature) may lie further on, and first counters may then be out of order: when
+    /// those segments do not hold it, every other segment whose lowest and highest counters
+    /// (read once for a closed segment, checked against their frames) span it is searched.
     pub fn by_counter(&self, instance_id: u32, counter: u64) -> io::Result<Option<StoredRecord>> {
         let all = self.segments(instance_id)?;
         let (mut low, mut high) = (0, all.len());
@@ -211,7 +211,7 @@ impl LogReader {
                 let range = match cached {
                     Some(range) => range,
                     None => {
-                        let entries = scan(segment)?.entries;
+                        let entries = segments::scan_checked_for_look_ups(segment)?.entries;
                         let range = entries
                             .iter()
                             .map(|e| e.counter)
@@ -236,11 +236,25 @@ impl LogReader {
         self.counters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The record with `counter` in `segment`, through its entries.
+    /// The record with `counter` in `segment`, through its entries, checked
+    /// ([`segments::scan_checked_for_look_ups`]: a garbled counter at either end of the
+    /// segment's is told). An entry whose frame is another record voids the index: the frames
+    /// are read instead. (One whose frame does not check names a damaged record.)
     fn counter_in(segment: &Segment, counter: u64) -> io::Result<Option<StoredRecord>> {
-        let entries = scan(segment)?.entries;
+        let entries = segments::scan_checked_for_look_ups(segment)?.entries;
+        let Some(e) = entries.iter().find(|e| e.counter == counter) else {
+            return Ok(None);
+        };
+        let file = File::open(&segment.path)?;
+        let Some((record, _)) = read_at(&file, e.offset)? else {
+            return Ok(None);
+        };
+        if record.seq == e.seq && record.counter == counter {
+            return Ok(Some(record));
+        }
+        let entries = segments::frames_instead(segment, e.seq)?.entries;
         match entries.iter().find(|e| e.counter == counter) {
-            Some(e) => Ok(read_at(&File::open(&segment.path)?, e.offset)?.map(|(r, _)| r)),
+            Some(e) => Ok(read_at(&file, e.offset)?.map(|(r, _)| r)),
             None => Ok(None),
         }
     }
@@ -291,6 +305,7 @@ impl LogReader {
         let mut files = SegmentFiles::new(keep_open);
         let mut visited_up_to = 0;
         let (mut out_of_order, mut pruned, mut unreadable) = (0u64, 0u64, 0u64);
+        let mut misindexed = 0u64;
         loop {
             let next = (0..logs.len())
                 .filter_map(|i| logs[i].floor().map(|floor| (floor, i)))
@@ -322,6 +337,11 @@ impl LogReader {
                     }
                     continue;
                 };
+                // The frame decides: its index entry put it in the range (a garbled genTime).
+                if !(from_ns..to_ns).contains(&record.record.gen_time_ns) {
+                    misindexed += 1;
+                    continue;
+                }
                 if !visit(record)? {
                     return Ok(());
                 }
@@ -337,7 +357,9 @@ impl LogReader {
             // The records a closed segment holds, and those the newest one's index lists, are
             // durable; frames past that index may be a commit whose sync is still to come.
             let newest = log.unread.is_empty();
-            let (entries, indexed) = match scan(&segment) {
+            // Checked: a garbled genTime at either end of the segment's would leave records
+            // out of the range, or take others in.
+            let (entries, indexed) = match segments::scan_checked_for_look_ups(&segment) {
                 Ok(scanned) => (scanned.entries, scanned.indexed),
                 // Pruned since it was listed (retention, beside a long export).
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -376,6 +398,14 @@ impl LogReader {
                 slack_s = TIME_SLACK_NS / 1_000_000_000,
                 "records visited out of genTime order: their genTimes lie further below earlier \
                  records' than the slack a read in genTime order allows for"
+            );
+        }
+        if misindexed > 0 {
+            tracing::warn!(
+                records = misindexed,
+                "records whose index entries put them in the range and whose frames do not are \
+                 left out: an index disagrees with its frames (see tsa archive verify; remove \
+                 the index to have it written again)"
             );
         }
         if unreadable > 0 {
@@ -440,8 +470,8 @@ impl SegmentFiles {
 struct InTime {
     instance_id: u32,
     anchor: u64,
-    /// The segments not read yet, in order, each with its first record's genTime if its index
-    /// tells it.
+    /// The segments not read yet, in order, each with its first record's genTime (from its
+    /// frame) where its index covers the segment.
     unread: VecDeque<(Segment, Option<u64>)>,
     /// The latest genTime read so far.
     latest: Option<u64>,

@@ -398,37 +398,61 @@ pub fn scan(segment: &Segment) -> io::Result<Scanned> {
 }
 
 /// [`scan`], where the entries are to decide something lasting (the counter and genTime
-/// floors of a start, what pruning removes and the maxima its anchor keeps): the index
-/// entries that hold the segment's highest counter and its earliest and latest genTime are
-/// checked against their frames, and where one does not agree (a garbled index: only its
-/// positions and offsets are checked otherwise) the index is passed over and the frames read
-/// instead. A few frames more are read for a sound index, not the whole segment.
+/// floors of a start, what pruning removes and the maxima its anchor keeps) or what a look-up
+/// leaves out (a serial's segment, a time range's records): the index entries that hold the
+/// segment's highest and lowest counter and its earliest and latest genTime are checked
+/// against their frames, and where one does not agree (a garbled index: only its positions
+/// and offsets are checked otherwise) the index is passed over and the frames read instead.
+/// A few frames more are read for a sound index, not the whole segment.
 pub fn scan_checked(segment: &Segment) -> io::Result<Scanned> {
+    scan_checked_with(segment, true)
+}
+
+/// [`scan_checked`] for a look-up, which tells the records it cannot read: an entry whose
+/// frame does not check at all leaves the index in use (that record is damaged, and the
+/// records after it are still found through the index; frames alone would end at it), one
+/// whose frame is another record or holds other values voids it.
+pub fn scan_checked_for_look_ups(segment: &Segment) -> io::Result<Scanned> {
+    scan_checked_with(segment, false)
+}
+
+/// [`scan_checked`]; `damage_voids`: whether an entry whose frame does not check voids the
+/// index too.
+fn scan_checked_with(segment: &Segment, damage_voids: bool) -> io::Result<Scanned> {
     let scanned = scan(segment)?;
     let indexed = &scanned.entries[..scanned.indexed];
     let extremes = [
         indexed.iter().max_by_key(|e| e.counter),
+        indexed.iter().min_by_key(|e| e.counter),
         indexed.iter().max_by_key(|e| e.gen_time_ns),
         indexed.iter().min_by_key(|e| e.gen_time_ns),
     ];
     let file = File::open(&segment.path)?;
     for entry in extremes.into_iter().flatten() {
-        let agrees = read_at(&file, entry.offset)?
-            .is_some_and(|(record, _)| Entry::of(&record, entry.offset) == *entry);
+        let agrees = match read_at(&file, entry.offset)? {
+            Some((record, _)) => Entry::of(&record, entry.offset) == *entry,
+            None => !damage_voids,
+        };
         if !agrees {
-            tracing::warn!(
-                index = %segment.index_path().display(),
-                seq = entry.seq,
-                "an index entry does not agree with its frame: the segment's frames are read \
-                 instead (remove the index to have it written again)"
-            );
             return Ok(Scanned {
                 claimed: scanned.claimed,
-                ..scan_with(segment, false)?
+                ..frames_instead(segment, entry.seq)?
             });
         }
     }
     Ok(scanned)
+}
+
+/// [`scan`] of `segment`'s frames alone, its index passed over: an entry of it (position
+/// `seq`) was found not to agree with its frame. Logged, with the remedy.
+pub fn frames_instead(segment: &Segment, seq: u64) -> io::Result<Scanned> {
+    tracing::warn!(
+        index = %segment.index_path().display(),
+        seq,
+        "an index entry does not agree with its frame: the segment's frames are read \
+         instead (remove the index to have it written again)"
+    );
+    scan_with(segment, false)
 }
 
 /// [`scan`], with the index file or without it (the frames alone).
@@ -515,14 +539,10 @@ fn entry_in(index: &File, i: u64) -> io::Result<Option<Entry>> {
     Ok(read_exact_or_end(index, &mut octets, at)?.then(|| Entry::decode(&octets)))
 }
 
-/// The counter of `segment`'s first record: from its index's first entry (40 octets), else
-/// from its first frame.
+/// The counter of `segment`'s first record, from its first frame: not from its index's first
+/// entry, whose counter nothing checks (a garbled one sends a look-up by serial to other
+/// segments than the record's).
 pub fn first_counter(segment: &Segment) -> io::Result<Option<u64>> {
-    if let Some(entry) =
-        indexed_entry(segment, 0)?.filter(|e| e.seq == segment.first_seq && e.offset == 0)
-    {
-        return Ok(Some(entry.counter));
-    }
     Ok(read_at(&File::open(&segment.path)?, 0)?.map(|(r, _)| r.counter))
 }
 
@@ -777,9 +797,11 @@ pub fn derived_damage(segment: &Segment) -> io::Result<Vec<String>> {
     Ok(damage)
 }
 
-/// The genTimes of `segment`'s first and last records, from the first and last entries of its
-/// index, when the index covers the whole segment (no good frame follows its last entry's);
-/// `None` otherwise.
+/// The genTimes of `segment`'s first and last records, read from their frames, when its index
+/// covers the whole segment (no good frame follows its last entry's, which says where the
+/// last frame is); `None` otherwise. The index's own genTimes are not taken: a garbled one
+/// would have a read by time pass the segment over, its records left out in silence. An entry
+/// that does not agree with its frame is logged.
 pub fn time_bounds(segment: &Segment) -> io::Result<Option<(u64, u64)>> {
     let indexed = match fs::metadata(segment.index_path()) {
         Ok(m) => m.len() / ENTRY_LEN as u64,
@@ -789,20 +811,30 @@ pub fn time_bounds(segment: &Segment) -> io::Result<Option<(u64, u64)>> {
     let Some(last_i) = indexed.checked_sub(1) else {
         return Ok(None);
     };
-    let (Some(first), Some(last)) = (
-        indexed_entry(segment, 0)?.filter(|e| e.seq == segment.first_seq && e.offset == 0),
-        indexed_entry(segment, last_i)?
-            .filter(|e| segment.first_seq.checked_add(last_i) == Some(e.seq)),
-    ) else {
+    let Some(last) = indexed_entry(segment, last_i)?
+        .filter(|e| segment.first_seq.checked_add(last_i) == Some(e.seq))
+    else {
         return Ok(None);
     };
     let file = File::open(&segment.path)?;
-    Ok(match read_at(&file, last.offset)? {
-        Some((record, frame))
-            if record.seq == last.seq && read_at(&file, last.offset + frame)?.is_none() =>
-        {
-            Some((first.gen_time_ns, last.gen_time_ns))
-        }
-        _ => None,
-    })
+    let first_frame = read_at(&file, 0)?.filter(|(r, _)| r.seq == segment.first_seq);
+    let last_frame = read_at(&file, last.offset)?.filter(|(r, _)| r.seq == last.seq);
+    let (Some((first_record, _)), Some((last_record, frame))) = (first_frame, last_frame) else {
+        return Ok(None);
+    };
+    if read_at(&file, last.offset + frame)?.is_some() {
+        return Ok(None);
+    }
+    let first = indexed_entry(segment, 0)?;
+    if first != Some(Entry::of(&first_record, 0)) || last != Entry::of(&last_record, last.offset) {
+        tracing::warn!(
+            index = %segment.index_path().display(),
+            "the index's first or last entry does not agree with its frame: the frames' \
+             genTimes are taken (remove the index to have it written again)"
+        );
+    }
+    Ok(Some((
+        first_record.record.gen_time_ns,
+        last_record.record.gen_time_ns,
+    )))
 }

@@ -1802,3 +1802,105 @@ fn an_anchor_inside_a_segment_is_found_and_one_at_a_segments_end_is_not() {
         assert_eq!(found.seq, newest);
     }
 }
+
+/// Writes `value` over field `field` (0 position, 1 offset, 2 counter, 3 genTime, 4 imprint
+/// key) of entry `i` in `segment`'s index.
+fn garble_entry(segment: &Segment, i: usize, field: usize, value: u64) {
+    OpenOptions::new()
+        .write(true)
+        .open(segment.index_path())
+        .unwrap()
+        .write_all_at(&value.to_be_bytes(), (i * ENTRY + field * 8) as u64)
+        .unwrap();
+}
+
+/// The positions `reader` visits in `[from, to)`, by genTime.
+fn in_time_seqs(reader: &LogReader, from: u64, to: u64) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    reader
+        .in_time(from, to, &HashMap::new(), &mut |r| {
+            seqs.push(r.seq);
+            Ok(true)
+        })
+        .unwrap();
+    seqs
+}
+
+#[test]
+fn a_garbled_index_leaves_no_record_out_of_a_time_range_nor_takes_one_in() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    for _ in 0..12 {
+        appender.append(&log.chain(1)).unwrap();
+    }
+    drop(appender);
+    let first = segment_files(&log.dir()).remove(0);
+    let last_i = segments::scan(&first).unwrap().entries.len() - 1;
+    // The first and last genTimes of the first segment's index, far in the future: its
+    // bounds would pass it over, its entries leave its records out.
+    for i in [0, last_i] {
+        garble_entry(&first, i, 3, u64::MAX / 2);
+    }
+    let reader = log.reader();
+    let gen = |seq: usize| log.records[seq - 1].record.gen_time_ns;
+    let all: Vec<u64> = (1..=12).collect();
+    assert_eq!(in_time_seqs(&reader, gen(1), gen(12) + 1), all);
+    fs::remove_file(first.index_path()).unwrap();
+
+    // A record past the range whose entry puts it inside, between its segment's extremes: the
+    // frame's genTime leaves it out.
+    let mut log = Log::new();
+    let (mut appender, _) = Appender::open(&log.dir(), 1 << 20).unwrap();
+    appender.append(&log.chain(6)).unwrap();
+    drop(appender);
+    let segment = segment_files(&log.dir()).remove(0);
+    let gen = |seq: usize| log.records[seq - 1].record.gen_time_ns;
+    garble_entry(&segment, 4, 3, gen(2));
+    assert_eq!(in_time_seqs(&log.reader(), gen(2), gen(3)), [2]);
+}
+
+#[test]
+fn a_garbled_index_hides_no_record_from_a_look_up_by_serial() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    for _ in 0..12 {
+        appender.append(&log.chain(1)).unwrap();
+    }
+    drop(appender);
+    let all = segment_files(&log.dir());
+    assert!(all.len() >= 4, "{all:?}");
+    // The first counter of each closed segment's index zeroed.
+    for segment in &all[1..all.len() - 1] {
+        garble_entry(segment, 0, 2, 0);
+        let first = &log.records[segment.first_seq as usize - 1];
+        assert_eq!(
+            segments::first_counter(segment).unwrap(),
+            Some(first.counter),
+            "from the frame"
+        );
+    }
+    let reader = log.reader();
+    for r in &log.records {
+        assert_eq!(reader.by_counter(0, r.counter).unwrap().as_ref(), Some(r));
+    }
+
+    // In one segment of six records, the entry of counter 20 says 40 (neither extreme): the
+    // look-up of 40 gets record 4 (counter 40), not record 2.
+    let mut log = Log::new();
+    let (mut appender, _) = Appender::open(&log.dir(), 1 << 20).unwrap();
+    appender.append(&log.chain(6)).unwrap();
+    drop(appender);
+    let segment = segment_files(&log.dir()).remove(0);
+    garble_entry(&segment, 1, 2, 40);
+    assert_eq!(
+        log.reader().by_counter(0, 40).unwrap().as_ref(),
+        Some(&log.records[3])
+    );
+    // The entry of counter 30 says 0 (the lowest, with the genTime of neither end).
+    garble_entry(&segment, 1, 2, 20);
+    garble_entry(&segment, 2, 2, 0);
+    assert_eq!(
+        log.reader().by_counter(0, 30).unwrap().as_ref(),
+        Some(&log.records[2])
+    );
+}
