@@ -348,6 +348,12 @@ fn read_exact_or_end(file: &File, buf: &mut [u8], offset: u64) -> io::Result<boo
     }
 }
 
+/// One more than the frames a segment of `segment_len` octets can hold (each is longer than
+/// its overhead): what bounds the entries read from a derived file beside it.
+fn most_frames(segment_len: u64) -> u64 {
+    segment_len / FRAME_OVERHEAD as u64 + 1
+}
+
 /// The entries of the index file beside `segment` while they agree with the positions (the
 /// first at `first_seq` and offset 0, each the next, offsets rising), wherever they point;
 /// read up to one entry more than a segment of `segment_len` octets can have frames.
@@ -357,7 +363,7 @@ fn indexed_entries(segment: &Segment, segment_len: u64) -> io::Result<Vec<Entry>
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    let most = (segment_len / FRAME_OVERHEAD as u64 + 1).saturating_mul(ENTRY_LEN as u64);
+    let most = most_frames(segment_len).saturating_mul(ENTRY_LEN as u64);
     let mut octets = Vec::new();
     file.take(most).read_to_end(&mut octets)?;
     let mut entries: Vec<Entry> = Vec::with_capacity(octets.len() / ENTRY_LEN);
@@ -746,19 +752,34 @@ pub fn positions_by_imprint(segment: &Segment, imprint: &[u8]) -> io::Result<Opt
 /// frames. One line each, naming the file; removing it is the remedy (readers then read the
 /// frames, and the next start or roll writes it again).
 pub fn derived_damage(segment: &Segment) -> io::Result<Vec<String>> {
+    let remedy = "remove the file: readers then read the frames, and the next start (or the \
+                  segment's closing) writes it again";
+    let mut damage = Vec::new();
+    // Each file is read up to what the segment's frames can justify (a garbled or sparse file
+    // of any length costs no more memory than a sound one), and one longer is damage itself.
+    let file = File::open(&segment.path)?;
+    let most = most_frames(file.metadata()?.len());
+    let mut read = |path: PathBuf, entry_len: u64| -> io::Result<Option<Vec<u8>>> {
+        let limit = most.saturating_mul(entry_len);
+        Ok(match read_derived(&path, limit)? {
+            Derived::Missing => None,
+            Derived::Octets(octets) => Some(octets),
+            Derived::TooLong => {
+                damage.push(format!(
+                    "{}: longer than the segment's frames can have entries for (over {limit} \
+                     octets); {remedy}",
+                    path.display()
+                ));
+                None
+            }
+        })
+    };
     // The index first: entries are written after their frames are synced, so beside a writer
     // every entry read here names a frame read below.
-    let mut octets = Vec::new();
-    if let Some(mut file) = open_index_for_reading(segment)? {
-        file.read_to_end(&mut octets)?;
-    }
+    let octets = read(segment.index_path(), ENTRY_LEN as u64)?.unwrap_or_default();
     let index: Vec<Entry> = octets.chunks_exact(ENTRY_LEN).map(Entry::decode).collect();
-    let imprints = match std::fs::read(segment.imprints_path()) {
-        Ok(octets) => Some(octets),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e),
-    };
-    let mut frames = Frames::open(segment, 0)?.unchecked();
+    let imprints = read(segment.imprints_path(), IMPRINT_ENTRY_LEN)?;
+    let mut frames = Frames::new(file, 0)?.unchecked();
     let mut expected = Vec::new();
     while let Some((offset, fields, _)) = frames.next_ref()? {
         expected.push(Entry {
@@ -769,9 +790,6 @@ pub fn derived_damage(segment: &Segment) -> io::Result<Vec<String>> {
             imprint_key: imprint_key(fields.imprint),
         });
     }
-    let mut damage = Vec::new();
-    let remedy = "remove the file: readers then read the frames, and the next start (or the \
-                  segment's closing) writes it again";
     if let Some(i) = (0..index.len().min(expected.len())).find(|&i| index[i] != expected[i]) {
         damage.push(format!(
             "{}: entry {i} (position {}) does not match its frame; {remedy}",
@@ -795,6 +813,34 @@ pub fn derived_damage(segment: &Segment) -> io::Result<Vec<String>> {
         }
     }
     Ok(damage)
+}
+
+/// A derived file beside a segment, read up to a limit.
+enum Derived {
+    Missing,
+    /// Longer than the limit (by its length, or grown past it as it was read): not read.
+    TooLong,
+    Octets(Vec<u8>),
+}
+
+/// The file at `path`, read up to `limit` octets.
+fn read_derived(path: &Path, limit: u64) -> io::Result<Derived> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Derived::Missing),
+        Err(e) => return Err(e),
+    };
+    if file.metadata()?.len() > limit {
+        return Ok(Derived::TooLong);
+    }
+    let mut octets = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut octets)?;
+    Ok(if octets.len() as u64 > limit {
+        Derived::TooLong
+    } else {
+        Derived::Octets(octets)
+    })
 }
 
 /// The genTimes of `segment`'s first and last records, read from their frames, when its index

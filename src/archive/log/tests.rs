@@ -1904,3 +1904,26 @@ fn a_garbled_index_hides_no_record_from_a_look_up_by_serial() {
         Some(&log.records[2])
     );
 }
+
+#[test]
+fn derived_files_longer_than_their_segment_justifies_are_damage_not_read() {
+    let mut log = Log::new();
+    let mut store = log.new_store();
+    while segment_files(&log.dir()).len() < 3 {
+        store.append(0, &log.chain(2), &[]).unwrap();
+    }
+    let closed = &segment_files(&log.dir())[0];
+    // Sparse: thousands of times what a segment of LIMIT octets can have entries for.
+    for path in [closed.index_path(), closed.imprints_path()] {
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(16 << 20).unwrap();
+    }
+    let damage = store.derived_damage(0).unwrap();
+    assert_eq!(damage.len(), 2, "{damage:?}");
+    for (line, extension) in damage.iter().zip([".idx", ".imp"]) {
+        assert!(
+            line.contains(extension) && line.contains("longer than the segment's frames"),
+            "{damage:?}"
+        );
+    }
+}
