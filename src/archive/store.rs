@@ -303,6 +303,16 @@ pub trait ArchiveStore: Send {
         Ok(found)
     }
 
+    /// A record stored where reads do not look for it, and what is wrong (the token log's
+    /// segment whose first frame is not at the position its name says), for verification to
+    /// report as a break. None elsewhere (rows are found by their own columns).
+    fn misplaced_record(
+        &mut self,
+        _instance_id: u32,
+    ) -> Result<Option<(StoredRecord, String)>, StoreError> {
+        Ok(None)
+    }
+
     /// Records of every instance with `from_ns <= genTime < to_ns`, by genTime.
     fn for_each_in_time(
         &mut self,

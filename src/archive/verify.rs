@@ -291,6 +291,15 @@ fn verify_instance(
             });
         }
     }
+    if first_break.is_none() {
+        if let Some((r, what)) = store.misplaced_record(instance_id)? {
+            first_break = Some(Break {
+                seq: r.seq,
+                serial: Some(hex(&r.record.serial)),
+                what,
+            });
+        }
+    }
     let mut hashes_at: HashMap<u64, [u8; 32]> = HashMap::new();
     if first_break.is_none() {
         store.for_each_record(instance_id, start.seq + 1, &mut |r| {

@@ -637,9 +637,13 @@ impl LogStore {
 impl ArchiveStore for LogStore {
     /// The log prunes whole segments and anchors at the last record of the last one removed
     /// (the anchor first, the files after: segments wholly at or below the anchor are what an
-    /// interrupted prune leaves, for the next one to remove). A segment that holds the
-    /// anchor's position and the one after it is what no prune leaves: an anchor written by
-    /// hand in its middle, which would hide every record below it from verification.
+    /// interrupted prune leaves, for the next one to remove). So the segment that reads by
+    /// position take for the anchor's next position begins there, by its first frame: one that
+    /// begins below holds the anchor's position and the one after it, which no prune leaves
+    /// (an anchor written by hand in its middle, which would hide every record below it from
+    /// verification). Its name is no proof of where it begins (a segment renamed after such an
+    /// anchor would pass), and the newest segment is no exception: pruning never removes it,
+    /// so it never anchors inside it.
     fn kept_below_anchor(
         &mut self,
         instance_id: u32,
@@ -650,27 +654,35 @@ impl ArchiveStore for LogStore {
         let Some(i) = segments.iter().rposition(|s| s.first_seq <= after) else {
             return Ok(None);
         };
-        if segments[i].first_seq == after {
-            return Ok(None);
+        Ok(segments::first_record(&segments[i])?.filter(|first| first.seq <= anchor_seq))
+    }
+
+    /// Reads go by the segments' names (by position, serial, time, imprint): a segment whose
+    /// first frame is at another position than its name says (renamed) has its records looked
+    /// for where they are not, or taken for others'.
+    fn misplaced_record(
+        &mut self,
+        instance_id: u32,
+    ) -> Result<Option<(StoredRecord, String)>, StoreError> {
+        for segment in self.log.segments(instance_id)? {
+            let first = match segments::first_record(&segment) {
+                Ok(first) => first,
+                // Pruned since it was listed.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(first) = first.filter(|r| r.seq != segment.first_seq) {
+                let what = format!(
+                    "the token log's segment {} begins with this record, but its name says it \
+                     begins at {}: reads look for a segment's records by its name (was it \
+                     renamed?)",
+                    segment.path.display(),
+                    segment.first_seq
+                );
+                return Ok(Some((first, what)));
+            }
         }
-        let reaches_past = match segments.get(i + 1) {
-            // The next segment begins past `after`: this one holds it.
-            Some(_) => true,
-            None => self
-                .log
-                .head(instance_id)?
-                .is_some_and(|head| head.seq > anchor_seq),
-        };
-        if !reaches_past {
-            return Ok(None);
-        }
-        let mut first = None;
-        self.log
-            .for_each_from(instance_id, segments[i].first_seq, &mut |r| {
-                first = Some(r);
-                Ok(false)
-            })?;
-        Ok(first)
+        Ok(None)
     }
 
     fn instance(&mut self, instance_id: u32) -> Result<InstanceState, StoreError> {

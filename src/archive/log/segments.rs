@@ -545,6 +545,15 @@ fn entry_in(index: &File, i: u64) -> io::Result<Option<Entry>> {
     Ok(read_exact_or_end(index, &mut octets, at)?.then(|| Entry::decode(&octets)))
 }
 
+/// The record of `segment`'s first frame, taken as it decodes (as verification takes frames:
+/// its hash is not checked, so that an altered one is still told where it stands).
+pub fn first_record(segment: &Segment) -> io::Result<Option<StoredRecord>> {
+    Ok(Frames::open(segment, 0)?
+        .unchecked()
+        .next_frame()?
+        .map(|(_, r)| r))
+}
+
 /// The counter of `segment`'s first record, from its first frame: not from its index's first
 /// entry, whose counter nothing checks (a garbled one sends a look-up by serial to other
 /// segments than the record's).

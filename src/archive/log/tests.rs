@@ -1777,10 +1777,9 @@ fn an_anchor_inside_a_segment_is_found_and_one_at_a_segments_end_is_not() {
     let segments = segment_files(&log.dir());
     assert!(segments.len() >= 3, "{segments:?}");
     let mut store = log.store();
-    // At a segment's last record (what pruning writes), and past the head: nothing.
+    // At a segment's last record (what pruning writes): nothing.
     let last_of_first = segments[1].first_seq - 1;
     assert_eq!(store.kept_below_anchor(0, last_of_first).unwrap(), None);
-    assert_eq!(store.kept_below_anchor(0, 12).unwrap(), None);
     // Inside a segment: its first record, which pruning to there would have removed.
     let inside = segments[1].first_seq;
     assert!(
@@ -1792,11 +1791,12 @@ fn an_anchor_inside_a_segment_is_found_and_one_at_a_segments_end_is_not() {
         .unwrap()
         .expect("a record");
     assert_eq!(found.seq, segments[1].first_seq);
-    // Inside the newest segment, while records follow the anchor.
+    // Inside the newest segment, while records follow the anchor, and at its last record
+    // (the head): pruning never removes the newest segment, so never anchors in it.
     let newest = segments.last().unwrap().first_seq;
-    if newest < 12 {
+    for anchor in [newest, 12] {
         let found = store
-            .kept_below_anchor(0, newest)
+            .kept_below_anchor(0, anchor)
             .unwrap()
             .expect("a record");
         assert_eq!(found.seq, newest);
@@ -1926,4 +1926,45 @@ fn derived_files_longer_than_their_segment_justifies_are_damage_not_read() {
             "{damage:?}"
         );
     }
+}
+
+/// Renames `segment`'s files (its frames, index and imprint file) as if it began at `first`.
+fn rename_segment(segment: &Segment, first: u64) -> Segment {
+    let renamed = Segment::new(segment.path.parent().unwrap(), first);
+    fs::rename(&segment.path, &renamed.path).unwrap();
+    fs::rename(segment.index_path(), renamed.index_path()).unwrap();
+    if segment.imprints_path().exists() {
+        fs::rename(segment.imprints_path(), renamed.imprints_path()).unwrap();
+    }
+    renamed
+}
+
+#[test]
+fn a_segment_is_where_its_first_frame_says_whatever_its_name() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    for _ in 0..12 {
+        appender.append(&log.chain(1)).unwrap();
+    }
+    drop(appender);
+    let segments = segment_files(&log.dir());
+    assert!(segments.len() >= 4, "{segments:?}");
+    let mut store = log.store();
+    assert_eq!(store.misplaced_record(0).unwrap(), None);
+
+    // An anchor in the middle of a segment, which is renamed to begin after it.
+    let inside = segments[1].first_seq;
+    let renamed = rename_segment(&segments[1], inside + 1);
+    let found = store
+        .kept_below_anchor(0, inside)
+        .unwrap()
+        .expect("a record");
+    assert_eq!(found, log.records[inside as usize - 1]);
+    // Verification says so, without an anchor too.
+    let (misplaced, what) = store.misplaced_record(0).unwrap().expect("misplaced");
+    assert_eq!(misplaced, log.records[inside as usize - 1]);
+    assert!(what.contains(&renamed.path.display().to_string()), "{what}");
+    let report = crate::archive::verify::verify(&mut store, &[]).unwrap();
+    let broken = report.instances[0].first_break.clone().expect("a break");
+    assert_eq!((broken.seq, broken.what), (inside, what));
 }
