@@ -493,6 +493,66 @@ fn below_anchor(all: &[Segment], i: usize, anchor: u64) -> bool {
         .is_some_and(|next| next.first_seq <= anchor.saturating_add(1))
 }
 
+/// Whether every record of a segment (`scanned`, checked against its frames) is older than
+/// `before_ns` and at or below `signed` (the last signed checkpoint's position): pruning to
+/// `before_ns` removes it.
+fn prunable(scanned: &segments::Scanned, before_ns: u64, signed: u64) -> bool {
+    let keeps = scanned
+        .entries
+        .iter()
+        .any(|e| e.gen_time_ns >= before_ns || e.seq > signed)
+        || scanned
+            .last
+            .as_ref()
+            .is_some_and(|l| l.record.gen_time_ns >= before_ns);
+    !keeps
+}
+
+/// Whether `leftovers`, the segments that by their names lie wholly at or below `anchor`, are
+/// what a prune that stored it and stopped before removing them leaves: each is whole (every
+/// frame checks from the position its name says to its end, as pruning found it), the last
+/// ends with the anchor's record (its position and hash), none holds a record past the anchor,
+/// and every record is one that this pruning removes too (older than `before_ns`, at or
+/// below `signed`).
+/// Names and anchors are no proof (an anchor row written by hand at a segment's end, a segment
+/// renamed): what is not such a leftover is kept, with a warning, for the operator to look at.
+fn left_by_a_prune(
+    leftovers: &[Segment],
+    anchor: &Anchor,
+    before_ns: u64,
+    signed: u64,
+) -> io::Result<bool> {
+    for (i, segment) in leftovers.iter().enumerate() {
+        let scanned = segments::scan_checked(segment)?;
+        let last = scanned.last.as_ref();
+        let len = std::fs::metadata(&segment.path)?.len();
+        let why = if scanned.end != len || scanned.entries.len() < scanned.claimed {
+            "not every frame checks from the position its name says to its end"
+        } else if !prunable(&scanned, before_ns, signed) {
+            "it holds records this pruning keeps (not older than its cut, or not signed by a \
+             checkpoint)"
+        } else if last.is_some_and(|l| l.seq > anchor.seq) {
+            "it holds records past the anchor"
+        } else if i + 1 == leftovers.len()
+            && last.is_none_or(|l| l.seq != anchor.seq || l.hash != anchor.hash)
+        {
+            "its last record is not the anchor's (position and hash)"
+        } else {
+            continue;
+        };
+        tracing::warn!(
+            segment = %segment.path.display(),
+            anchor = anchor.seq,
+            reason = why,
+            "segments before the chain's anchor by their names are not removed, nor any \
+             other this pass: they are not what a prune to that anchor left (see tsa archive \
+             verify)"
+        );
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 /// An SQLite archive whose token records are in the log.
 pub struct LogStore {
     db: SqliteStore,
@@ -909,7 +969,7 @@ impl ArchiveStore for LogStore {
     /// an error before anything is removed, events included (its anchor would break the
     /// chain). The anchor is stored (synced) before the
     /// files go, so a crash between the two leaves segments that readers pass over and the
-    /// next pruning removes.
+    /// next pruning removes, once their frames show them to be such ([`left_by_a_prune`]).
     /// At most `PRUNE_STEP` segments a call (the writer prunes between commits: a first
     /// retention pass over years of segments must not hold them for minutes); the anchor only
     /// rises, one process at a time ([`crate::archive::state::Lock::for_pruning`]).
@@ -922,35 +982,37 @@ impl ArchiveStore for LogStore {
         // head reaches the anchor through the chain.
         let signed =
             super::sqlite::last_checkpoint_seq(self.db.connection(), instance_id)?.unwrap_or(0);
-        let (mut removing, mut last) = (0, None);
+        let mut last = None;
         let (mut max_counter, mut max_gen) =
             previous.map_or((0, 0), |a| (a.max_counter, a.max_gen_time_ns));
         let anchored = previous.map_or(0, |a| a.seq);
-        let (mut leftovers, mut stepped) = (0, 0);
-        for (i, segment) in all.iter().enumerate().take(all.len().saturating_sub(1)) {
-            // Every record at or below the anchor: left by a prune that stopped after storing
-            // it (a crash, a file that could not be removed). Removed now, outside the step.
-            if below_anchor(&all, i, anchored) {
-                leftovers += 1;
-                removing += 1;
-                continue;
-            }
-            if stepped == PRUNE_STEP {
-                break;
-            }
-            stepped += 1;
+        // Every record at or below the anchor by the segments' names: left by a prune that
+        // stopped after storing it (a crash, a file that could not be removed). Removed now,
+        // outside the step, where their frames show them to be such; else this pass removes
+        // nothing.
+        let closed = all.len().saturating_sub(1);
+        let below = (0..closed)
+            .take_while(|&i| below_anchor(&all, i, anchored))
+            .count();
+        let go_on = match &previous {
+            _ if below == 0 => true,
+            Some(anchor) => left_by_a_prune(&all[..below], anchor, before_ns, signed)?,
+            None => false,
+        };
+        let leftovers = if go_on { below } else { 0 };
+        let step = if go_on { PRUNE_STEP } else { 0 };
+        let mut removing = leftovers;
+        for (i, segment) in all
+            .iter()
+            .enumerate()
+            .take(closed)
+            .skip(leftovers)
+            .take(step)
+        {
             // Its latest genTime (and the highest counter the anchor keeps) checked against
             // the frames; and the last record's, read from its frame.
             let scanned = segments::scan_checked(segment)?;
-            if scanned
-                .entries
-                .iter()
-                .any(|e| e.gen_time_ns >= before_ns || e.seq > signed)
-                || scanned
-                    .last
-                    .as_ref()
-                    .is_some_and(|l| l.record.gen_time_ns >= before_ns)
-            {
+            if !prunable(&scanned, before_ns, signed) {
                 break;
             }
             // A closed segment ends with its last good frame, which the next segment's first

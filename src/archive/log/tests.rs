@@ -1968,3 +1968,62 @@ fn a_segment_is_where_its_first_frame_says_whatever_its_name() {
     let broken = report.instances[0].first_break.clone().expect("a break");
     assert_eq!((broken.seq, broken.what), (inside, what));
 }
+
+#[test]
+fn pruning_removes_only_the_leftovers_a_prune_to_its_anchor_leaves() {
+    let mut log = Log::new();
+    let mut store = log.new_store();
+    while segment_files(&log.dir()).len() < 5 {
+        store.append(0, &log.chain(2), &[]).unwrap();
+    }
+    store.add_checkpoint(&log.checkpoint()).unwrap();
+    let before = segment_files(&log.dir());
+    let end_of_first = log.records[before[1].first_seq as usize - 2].clone();
+    let anchor = |hash| Anchor {
+        instance_id: 0,
+        seq: end_of_first.seq,
+        hash,
+        max_counter: end_of_first.counter,
+        max_gen_time_ns: end_of_first.record.gen_time_ns,
+        pruned_at_ns: 1,
+    };
+    // An anchor row written by hand at the first segment's end, with its record's hash: a
+    // cut before every record removes nothing.
+    store.db.set_anchor(&anchor(end_of_first.hash)).unwrap();
+    let first_gen = log.records[0].record.gen_time_ns;
+    assert_eq!(store.prune(0, first_gen).unwrap(), None);
+    assert_eq!(segment_files(&log.dir()), before);
+    // With another hash, not even a cut past every record.
+    store.db.set_anchor(&anchor([9; 32])).unwrap();
+    assert_eq!(store.prune(0, u64::MAX).unwrap(), None);
+    assert_eq!(segment_files(&log.dir()), before);
+    // A later segment renamed to come first: below the anchor by its name, not by its frames.
+    store.db.set_anchor(&anchor(end_of_first.hash)).unwrap();
+    let renamed = rename_segment(&before[3], 0);
+    assert_eq!(store.prune(0, u64::MAX).unwrap(), None);
+    assert_eq!(segment_files(&log.dir()).len(), before.len());
+    rename_segment(&renamed, before[3].first_seq);
+    // The first segment with the second's frames after its own, and the anchor's record alone
+    // in a segment of its own name after it: the last one below the anchor ends with it, the
+    // first holds records past it.
+    let original = fs::read(&before[0].path).unwrap();
+    let mut longer = original.clone();
+    longer.extend(fs::read(&before[1].path).unwrap());
+    fs::write(&before[0].path, longer).unwrap();
+    let alone = Segment::new(&log.dir(), end_of_first.seq);
+    let mut frame = Vec::new();
+    segments::encode_frame(&end_of_first, &mut frame);
+    fs::write(&alone.path, frame).unwrap();
+    assert_eq!(store.prune(0, u64::MAX).unwrap(), None);
+    assert_eq!(segment_files(&log.dir()).len(), before.len() + 1);
+    fs::write(&before[0].path, original).unwrap();
+    fs::remove_file(&alone.path).unwrap();
+
+    // What a prune to that anchor left: its cut removes it, and the pruning goes on.
+    let cut = log.records[before[2].first_seq as usize - 1]
+        .record
+        .gen_time_ns;
+    let pruned = store.prune(0, cut).unwrap().expect("the second segment");
+    assert_eq!(pruned.seq, before[2].first_seq - 1);
+    assert_eq!(segment_files(&log.dir()), before[2..]);
+}
