@@ -1099,6 +1099,31 @@ fn tampering_with_the_token_log_is_reported_at_the_right_record() {
     assert!(refused.contains("a good frame"), "{refused}");
 }
 
+/// A frame holds the instance it was chained in: instance 0's folder copied as instance 5's
+/// is no chain of instance 5.
+#[test]
+fn a_copy_of_an_instances_log_as_another_does_not_verify() {
+    let dir = init("checkpoint_interval_s = 3600");
+    let d = dir.path();
+    let server = Serving::start(d);
+    stamps(&server, 3, "copied");
+    server.stop();
+    verify_report(d).expect("green before the copy");
+    let (from, to) = (d.join("archive.tokens/0"), d.join("archive.tokens/5"));
+    std::fs::create_dir(&to).unwrap();
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+    let report = verify_report(d).expect_err("a copy of instance 0's records");
+    assert!(
+        report.contains("instance 5: 0 records")
+            && report.contains("BROKEN at record 1")
+            && report.contains("chained in instance 0"),
+        "{report}"
+    );
+}
+
 /// A power cut inside a commit leaves part of its frame after the last good one: the next
 /// start cuts it off, keeps its octets beside the segment, and verification warns of the copy
 /// (`--strict` fails) until the operator has looked at it and removed it.

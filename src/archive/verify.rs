@@ -303,7 +303,7 @@ fn verify_instance(
     let mut hashes_at: HashMap<u64, [u8; 32]> = HashMap::new();
     if first_break.is_none() {
         store.for_each_record(instance_id, start.seq + 1, &mut |r| {
-            if let Some(b) = check_record(&r, &head) {
+            if let Some(b) = check_record(&r, instance_id, &head) {
                 first_break = Some(b);
                 return Ok(false);
             }
@@ -567,8 +567,8 @@ fn check_expected(
     }
 }
 
-/// The first thing wrong with `r` as the record after `prev`.
-fn check_record(r: &StoredRecord, prev: &ChainHead) -> Option<Break> {
+/// The first thing wrong with `r` as the record after `prev` in the chain of `instance_id`.
+fn check_record(r: &StoredRecord, instance_id: u32, prev: &ChainHead) -> Option<Break> {
     let serial = Some(hex(&r.record.serial));
     let at = |what: String| {
         Some(Break {
@@ -587,6 +587,16 @@ fn check_record(r: &StoredRecord, prev: &ChainHead) -> Option<Break> {
                 r.seq
             ),
         });
+    }
+    // The instance a record was chained in is in its hash (and its serial): a store keeps
+    // each instance's records apart (the token log in a folder per instance), and a record
+    // of another's there, whole, is a copy, not this instance's chain.
+    if r.instance_id != instance_id {
+        return at(format!(
+            "the record was chained in instance {}, not in this one: it is stored among \
+             instance {instance_id}'s records (a copy of another instance's?)",
+            r.instance_id
+        ));
     }
     let differences = token_differences(r);
     if r.computed_hash() != r.hash {
