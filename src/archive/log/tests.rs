@@ -1964,7 +1964,7 @@ fn a_segment_is_where_its_first_frame_says_whatever_its_name() {
     let (misplaced, what) = store.misplaced_record(0).unwrap().expect("misplaced");
     assert_eq!(misplaced, log.records[inside as usize - 1]);
     assert!(what.contains(&renamed.path.display().to_string()), "{what}");
-    let report = crate::archive::verify::verify(&mut store, &[]).unwrap();
+    let report = crate::archive::verify::verify(&mut store, &[], &[], &[], None).unwrap();
     let broken = report.instances[0].first_break.clone().expect("a break");
     assert_eq!((broken.seq, broken.what), (inside, what));
 }
