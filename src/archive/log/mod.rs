@@ -246,12 +246,11 @@ impl LogReader {
             return Ok(None);
         };
         let file = File::open(&segment.path)?;
-        let Some((record, _)) = read_at(&file, e.offset)? else {
-            return Ok(None);
-        };
-        if record.seq == e.seq && record.counter == counter {
+        let found = read_at(&file, e.offset)?.map(|(record, _)| record);
+        if let Some(record) = found.filter(|r| r.seq == e.seq && r.counter == counter) {
             return Ok(Some(record));
         }
+        // Another record there, or none that checks (a garbled offset).
         let entries = segments::frames_instead(segment, e.seq)?.entries;
         match entries.iter().find(|e| e.counter == counter) {
             Some(e) => Ok(read_at(&file, e.offset)?.map(|(r, _)| r)),
@@ -515,13 +514,14 @@ fn prunable(scanned: &segments::Scanned, before_ns: u64, signed: u64) -> bool {
 /// and every record is one that this pruning removes too (older than `before_ns`, at or
 /// below `signed`).
 /// Names and anchors are no proof (an anchor row written by hand at a segment's end, a segment
-/// renamed): what is not such a leftover is kept, with a warning, for the operator to look at.
-fn left_by_a_prune(
+/// renamed): what is not such a leftover is kept, and said (the first that is not, and why),
+/// for the operator to look at.
+fn not_left_by_a_prune(
     leftovers: &[Segment],
     anchor: &Anchor,
     before_ns: u64,
     signed: u64,
-) -> io::Result<bool> {
+) -> io::Result<Option<String>> {
     for (i, segment) in leftovers.iter().enumerate() {
         let scanned = segments::scan_checked(segment)?;
         let last = scanned.last.as_ref();
@@ -540,17 +540,9 @@ fn left_by_a_prune(
         } else {
             continue;
         };
-        tracing::warn!(
-            segment = %segment.path.display(),
-            anchor = anchor.seq,
-            reason = why,
-            "segments before the chain's anchor by their names are not removed, nor any \
-             other this pass: they are not what a prune to that anchor left (see tsa archive \
-             verify)"
-        );
-        return Ok(false);
+        return Ok(Some(format!("{}: {why}", segment.path.display())));
     }
-    Ok(true)
+    Ok(None)
 }
 
 /// An SQLite archive whose token records are in the log.
@@ -702,8 +694,10 @@ impl ArchiveStore for LogStore {
     /// begins below holds the anchor's position and the one after it, which no prune leaves
     /// (an anchor written by hand in its middle, which would hide every record below it from
     /// verification). Its name is no proof of where it begins (a segment renamed after such an
-    /// anchor would pass), and the newest segment is no exception: pruning never removes it,
-    /// so it never anchors inside it.
+    /// anchor would pass), and the newest segment is no exception (pruning never removes it,
+    /// so it never anchors inside it) but where it ends with the anchor's record: a prune that
+    /// stopped before removing its last segment, which a start then reopened as the newest
+    /// (the one after it was empty), until the next roll.
     fn kept_below_anchor(
         &mut self,
         instance_id: u32,
@@ -714,24 +708,45 @@ impl ArchiveStore for LogStore {
         let Some(i) = segments.iter().rposition(|s| s.first_seq <= after) else {
             return Ok(None);
         };
-        Ok(segments::first_record(&segments[i])?.filter(|first| first.seq <= anchor_seq))
+        let first = match segments::first_record(&segments[i]) {
+            Ok(first) => first.filter(|first| first.seq <= anchor_seq),
+            // Pruned since it was listed.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+        if first.is_some() && i + 1 == segments.len() {
+            let last = segments::scan_checked(&segments[i])?.last;
+            if last.is_some_and(|l| l.seq == anchor_seq) {
+                return Ok(None);
+            }
+        }
+        Ok(first)
     }
 
     /// Reads go by the segments' names (by position, serial, time, imprint): a segment whose
     /// first frame is at another position than its name says (renamed) has its records looked
     /// for where they are not, or taken for others'.
+    /// Only a first frame that checks (its hash) counts: a damaged one is the chain's break
+    /// where the walk reaches it. Segments below the anchor, which no read looks into, are
+    /// passed over.
     fn misplaced_record(
         &mut self,
         instance_id: u32,
     ) -> Result<Option<(StoredRecord, String)>, StoreError> {
-        for segment in self.log.segments(instance_id)? {
-            let first = match segments::first_record(&segment) {
+        let anchor = self.db.instance(instance_id)?.anchor.map_or(0, |a| a.seq);
+        let all = self.log.segments(instance_id)?;
+        for (i, segment) in all.iter().enumerate() {
+            if below_anchor(&all, i, anchor) {
+                continue;
+            }
+            let first = match segments::first_record(segment) {
                 Ok(first) => first,
                 // Pruned since it was listed.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e.into()),
             };
-            if let Some(first) = first.filter(|r| r.seq != segment.first_seq) {
+            let checks = |r: &StoredRecord| r.computed_hash() == r.hash;
+            if let Some(first) = first.filter(|r| r.seq != segment.first_seq && checks(r)) {
                 let what = format!(
                     "the token log's segment {} begins with this record, but its name says it \
                      begins at {}: reads look for a segment's records by its name (was it \
@@ -969,7 +984,7 @@ impl ArchiveStore for LogStore {
     /// an error before anything is removed, events included (its anchor would break the
     /// chain). The anchor is stored (synced) before the
     /// files go, so a crash between the two leaves segments that readers pass over and the
-    /// next pruning removes, once their frames show them to be such ([`left_by_a_prune`]).
+    /// next pruning removes, once their frames show them to be such ([`not_left_by_a_prune`]).
     /// At most `PRUNE_STEP` segments a call (the writer prunes between commits: a first
     /// retention pass over years of segments must not hold them for minutes); the anchor only
     /// rises, one process at a time ([`crate::archive::state::Lock::for_pruning`]).
@@ -994,13 +1009,23 @@ impl ArchiveStore for LogStore {
         let below = (0..closed)
             .take_while(|&i| below_anchor(&all, i, anchored))
             .count();
-        let go_on = match &previous {
-            _ if below == 0 => true,
-            Some(anchor) => left_by_a_prune(&all[..below], anchor, before_ns, signed)?,
-            None => false,
-        };
-        let leftovers = if go_on { below } else { 0 };
-        let step = if go_on { PRUNE_STEP } else { 0 };
+        if below > 0 {
+            let refused = match &previous {
+                Some(anchor) => not_left_by_a_prune(&all[..below], anchor, before_ns, signed)?,
+                None => Some("no anchor stands for them".to_string()),
+            };
+            if let Some(why) = refused {
+                // Every pass, said (the server's retention logs it; the command fails), until
+                // the operator has looked: a cut that keeps them says so too.
+                return Err(StoreError(format!(
+                    "instance {instance_id}: pruning stops at segments that lie below the \
+                     chain's anchor ({anchored}) by their names but are not what a prune to it \
+                     leaves: {why}; nothing is removed until they are looked at (tsa archive \
+                     verify; a backup's copy)"
+                )));
+            }
+        }
+        let (leftovers, step) = (below, PRUNE_STEP);
         let mut removing = leftovers;
         for (i, segment) in all
             .iter()

@@ -558,7 +558,13 @@ pub fn first_record(segment: &Segment) -> io::Result<Option<StoredRecord>> {
 /// entry, whose counter nothing checks (a garbled one sends a look-up by serial to other
 /// segments than the record's).
 pub fn first_counter(segment: &Segment) -> io::Result<Option<u64>> {
-    Ok(read_at(&File::open(&segment.path)?, 0)?.map(|(r, _)| r.counter))
+    let file = match File::open(&segment.path) {
+        Ok(file) => file,
+        // Pruned since it was listed.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(read_at(&file, 0)?.map(|(r, _)| r.counter))
 }
 
 /// Where the frame of position `seq` starts in `segment`: from its index entry when that
@@ -767,10 +773,20 @@ pub fn derived_damage(segment: &Segment) -> io::Result<Vec<String>> {
     // Each file is read up to what the segment's frames can justify (a garbled or sparse file
     // of any length costs no more memory than a sound one), and one longer is damage itself.
     let file = File::open(&segment.path)?;
-    let most = most_frames(file.metadata()?.len());
     let mut read = |path: PathBuf, entry_len: u64| -> io::Result<Option<Vec<u8>>> {
-        let limit = most.saturating_mul(entry_len);
-        Ok(match read_derived(&path, limit)? {
+        let limit = |file: &File| -> io::Result<u64> {
+            Ok(most_frames(file.metadata()?.len()).saturating_mul(entry_len))
+        };
+        let mut limit_now = limit(&file)?;
+        let mut derived = read_derived(&path, limit_now)?;
+        // The newest segment grows beside a writer: its frames (and so the room for entries)
+        // as they are once the file was read.
+        if matches!(derived, Derived::TooLong) && limit(&file)? > limit_now {
+            limit_now = limit(&file)?;
+            derived = read_derived(&path, limit_now)?;
+        }
+        let limit = limit_now;
+        Ok(match derived {
             Derived::Missing => None,
             Derived::Octets(octets) => Some(octets),
             Derived::TooLong => {

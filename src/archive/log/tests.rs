@@ -1791,16 +1791,18 @@ fn an_anchor_inside_a_segment_is_found_and_one_at_a_segments_end_is_not() {
         .unwrap()
         .expect("a record");
     assert_eq!(found.seq, segments[1].first_seq);
-    // Inside the newest segment, while records follow the anchor, and at its last record
-    // (the head): pruning never removes the newest segment, so never anchors in it.
+    // Inside the newest segment, while records follow the anchor: pruning never removes the
+    // newest segment, so never anchors in it.
     let newest = segments.last().unwrap().first_seq;
-    for anchor in [newest, 12] {
-        let found = store
-            .kept_below_anchor(0, anchor)
-            .unwrap()
-            .expect("a record");
-        assert_eq!(found.seq, newest);
-    }
+    let found = store
+        .kept_below_anchor(0, newest)
+        .unwrap()
+        .expect("a record");
+    assert_eq!(found.seq, newest);
+    // At its last record (the head): what a start leaves of a prune that stopped before
+    // removing its last segment, the one after it empty (reopened as the newest until the
+    // next roll).
+    assert_eq!(store.kept_below_anchor(0, 12).unwrap(), None);
 }
 
 /// Writes `value` over field `field` (0 position, 1 offset, 2 counter, 3 genTime, 4 imprint
@@ -1903,6 +1905,17 @@ fn a_garbled_index_hides_no_record_from_a_look_up_by_serial() {
         log.reader().by_counter(0, 30).unwrap().as_ref(),
         Some(&log.records[2])
     );
+    // The entry of counter 30 right again, its offset one octet on (inside its frame, where
+    // no frame begins): the frames are read instead.
+    garble_entry(&segment, 2, 2, 30);
+    let offset = segments::offset_of(&segment, 3)
+        .unwrap()
+        .expect("record 3's frame");
+    garble_entry(&segment, 2, 1, offset + 1);
+    assert_eq!(
+        log.reader().by_counter(0, 30).unwrap().as_ref(),
+        Some(&log.records[2])
+    );
 }
 
 #[test]
@@ -1991,16 +2004,24 @@ fn pruning_removes_only_the_leftovers_a_prune_to_its_anchor_leaves() {
     // cut before every record removes nothing.
     store.db.set_anchor(&anchor(end_of_first.hash)).unwrap();
     let first_gen = log.records[0].record.gen_time_ns;
-    assert_eq!(store.prune(0, first_gen).unwrap(), None);
+    // Refused, and said, until someone has looked.
+    let refused = |store: &mut LogStore, cut: u64| -> String {
+        let why = store.prune(0, cut).expect_err("refused").0;
+        assert!(why.contains("nothing is removed until"), "{why}");
+        why
+    };
+    let why = refused(&mut store, first_gen);
+    assert!(why.contains("holds records this pruning keeps"), "{why}");
     assert_eq!(segment_files(&log.dir()), before);
     // With another hash, not even a cut past every record.
     store.db.set_anchor(&anchor([9; 32])).unwrap();
-    assert_eq!(store.prune(0, u64::MAX).unwrap(), None);
+    let why = refused(&mut store, u64::MAX);
+    assert!(why.contains("is not the anchor's"), "{why}");
     assert_eq!(segment_files(&log.dir()), before);
     // A later segment renamed to come first: below the anchor by its name, not by its frames.
     store.db.set_anchor(&anchor(end_of_first.hash)).unwrap();
     let renamed = rename_segment(&before[3], 0);
-    assert_eq!(store.prune(0, u64::MAX).unwrap(), None);
+    refused(&mut store, u64::MAX);
     assert_eq!(segment_files(&log.dir()).len(), before.len());
     rename_segment(&renamed, before[3].first_seq);
     // The first segment with the second's frames after its own, and the anchor's record alone
@@ -2014,7 +2035,7 @@ fn pruning_removes_only_the_leftovers_a_prune_to_its_anchor_leaves() {
     let mut frame = Vec::new();
     segments::encode_frame(&end_of_first, &mut frame);
     fs::write(&alone.path, frame).unwrap();
-    assert_eq!(store.prune(0, u64::MAX).unwrap(), None);
+    refused(&mut store, u64::MAX);
     assert_eq!(segment_files(&log.dir()).len(), before.len() + 1);
     fs::write(&before[0].path, original).unwrap();
     fs::remove_file(&alone.path).unwrap();
