@@ -901,6 +901,30 @@ fn an_instance_id_outside_u32_is_refused_not_truncated() {
     assert!(error.contains("4294967296"), "{error}");
 }
 
+/// A column of another type than the schema's (a database altered by hand) is an error the
+/// store reports, not a panic in the server's writer or in `tsa archive verify`.
+#[test]
+fn a_column_of_another_type_is_an_error_not_a_panic() {
+    let cluster = pg::Cluster::start();
+    cluster.create_database("tsa");
+    let dir = setup(&cluster, "tsa", 0, "");
+    let config = Config::load(&dir.path().join("tsa.toml")).unwrap();
+    let mut store = PostgresStore::open(&config.archive).unwrap();
+    store.instance(0).unwrap();
+    cluster
+        .client("tsa")
+        .batch_execute(
+            "INSERT INTO instances (instance_id, reserved_until, max_counter, max_gen_time_ns, \
+             updated_ns) VALUES (0, 1, 1, 1, 1) ON CONFLICT DO NOTHING; \
+             ALTER TABLE instances ALTER COLUMN max_counter TYPE TEXT",
+        )
+        .unwrap();
+    let error = store.instance(0).unwrap_err().to_string();
+    assert!(error.contains("error deserializing column 1"), "{error}");
+    let (status, out) = archive_support::archive_cli_status(dir.path(), &["verify"]);
+    assert_eq!(status, Some(1), "an error, not a panic (101): {out}");
+}
+
 /// The plan of a look-up's query with sequential and bitmap scans off: what index it reads,
 /// and whether it sorts.
 fn look_up_plan(client: &mut postgres::Client) -> String {

@@ -248,9 +248,10 @@ fn take(
          FROM instance_leases WHERE instance_id = $1",
         &[&instance_id],
     )?;
-    let (who, left) = other.map_or((String::from("?"), 0.0), |r| {
-        (r.get::<_, String>(0), r.get::<_, f64>(1))
-    });
+    let (who, left) = match other {
+        Some(r) => (r.try_get::<_, String>(0)?, r.try_get::<_, f64>(1)?),
+        None => (String::from("?"), 0.0),
+    };
     Err(StoreError(format!(
         "archive.instance_id = {instance_id} is held by another live instance ({who}; its \
          lease expires in {left:.1} s unless renewed): every instance needs its own id"

@@ -120,7 +120,7 @@ impl PostgresStore {
             // `statement_timeout` of the role or database.
             let alone: bool = client
                 .query_one("SELECT pg_try_advisory_lock(3162)", &[])?
-                .get(0);
+                .try_get(0)?;
             if !alone {
                 return Err(StoreError(
                     "another `tsa archive migrate` is building the imprint index: wait for it"
@@ -145,7 +145,7 @@ impl PostgresStore {
                      WHERE relid = 'tokens'::regclass)",
                     &[],
                 )?
-                .get(0);
+                .try_get(0)?;
             if running {
                 return Err(StoreError(
                     "an index on tokens is being built (pg_stat_progress_create_index): run \
@@ -202,7 +202,8 @@ fn imprint_index_state(client: &mut impl GenericClient) -> Result<Option<bool>, 
              WHERE indexrelid = to_regclass('tokens_imprint_newest')",
             &[],
         )?
-        .map(|r| r.get(0)))
+        .map(|r| r.try_get(0))
+        .transpose()?)
 }
 
 impl Inner {
@@ -217,7 +218,7 @@ impl Inner {
         let exists = |tx: &mut postgres::Transaction<'_>, name: &str| -> Result<bool, StoreError> {
             Ok(tx
                 .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])?
-                .get(0))
+                .try_get(0)?)
         };
         if !exists(&mut tx, "events_time")? {
             tx.batch_execute(&schema("BYTEA"))?;
@@ -228,7 +229,7 @@ impl Inner {
         let newest = imprint_index_state(&mut tx)?;
         let empty: bool = tx
             .query_one("SELECT NOT EXISTS (SELECT 1 FROM tokens)", &[])?
-            .get(0);
+            .try_get(0)?;
         match newest {
             Some(true) => {}
             None if empty => tx.batch_execute(IMPRINT_INDEX)?,
@@ -265,7 +266,8 @@ impl Inner {
             .client
             .query_opt("SELECT value FROM archive_meta WHERE name = 'schema'", &[])
             .map_err(|e| StoreError(format!("not an archive database: {e}")))?
-            .map(|r| r.get(0));
+            .map(|r| r.try_get(0))
+            .transpose()?;
         match version.as_deref() {
             Some(SCHEMA_VERSION) => Ok(()),
             other => Err(StoreError(format!(
@@ -303,7 +305,8 @@ impl Inner {
                     "SELECT der FROM certificate_sets WHERE hash = $1",
                     &[&&key[..]],
                 )?
-                .map(|r| r.get(0)))
+                .map(|r| r.try_get(0))
+                .transpose()?)
         })
     }
 }
@@ -391,7 +394,14 @@ impl ArchiveStore for PostgresStore {
                      WHERE instance_id = $1",
                     &[&id],
                 )?
-                .map(|r| (u(r.get(0)), r.get::<_, Option<i64>>(1).map(u), u(r.get(2))))
+                .map(|r| -> Result<_, postgres::Error> {
+                    Ok((
+                        u(r.try_get(0)?),
+                        r.try_get::<_, Option<i64>>(1)?.map(u),
+                        u(r.try_get(2)?),
+                    ))
+                })
+                .transpose()?
                 .unwrap_or((0, None, 0));
             let anchor = match c.query_opt(ANCHOR_SQL, &[&id])? {
                 Some(r) => Some(read_anchor(&r)?),
@@ -402,8 +412,8 @@ impl ArchiveStore for PostgresStore {
                 &[&id],
             )? {
                 Some(r) => Some(ChainHead {
-                    seq: u(r.get(0)),
-                    hash: hash_of(r.get(1))?,
+                    seq: u(r.try_get(0)?),
+                    hash: hash_of(r.try_get(1)?)?,
                 }),
                 None => None,
             };
@@ -414,9 +424,9 @@ impl ArchiveStore for PostgresStore {
                  (SELECT MAX(seq) FROM events WHERE instance_id = $1)",
                 &[&id],
             )?;
-            let max_counter: Option<i64> = row.get(0);
-            let recent_gen: Option<i64> = row.get(1);
-            let last_event_seq: Option<i64> = row.get(2);
+            let max_counter: Option<i64> = row.try_get(0)?;
+            let recent_gen: Option<i64> = row.try_get(1)?;
+            let last_event_seq: Option<i64> = row.try_get(2)?;
             Ok(InstanceState::combine(
                 reserved_until,
                 [max_counter.map(u), inst_max_counter],
@@ -589,7 +599,7 @@ impl ArchiveStore for PostgresStore {
                     "SELECT head_hash FROM checkpoints WHERE instance_id = $1 AND seq = $2",
                     &[&(c.instance_id as i64), &i(c.seq)],
                 )?
-                .get(0);
+                .try_get(0)?;
             if signed != c.head_hash {
                 return Err(StoreError(format!(
                     "instance {}: a checkpoint at position {} signs another head already: the \
@@ -782,7 +792,7 @@ impl ArchiveStore for PostgresStore {
                     "SELECT MIN(seq) FROM tokens WHERE instance_id = $1 AND gen_time_ns >= $2",
                     &[&id, &before],
                 )?
-                .get(0);
+                .try_get(0)?;
             // Never past the last signed checkpoint (none: nothing is pruned), so that a
             // signed head reaches the anchor through the chain.
             let signed: Option<i64> = tx
@@ -790,11 +800,11 @@ impl ArchiveStore for PostgresStore {
                     "SELECT MAX(seq) FROM checkpoints WHERE instance_id = $1",
                     &[&id],
                 )?
-                .get(0);
+                .try_get(0)?;
             // A bounded step (`PRUNE_ROWS`) from the oldest record there.
             let lowest: Option<i64> = tx
                 .query_one("SELECT MIN(seq) FROM tokens WHERE instance_id = $1", &[&id])?
-                .get(0);
+                .try_get(0)?;
             let step_end = lowest.map_or(0, |l| {
                 (l - 1).saturating_add(i64::try_from(PRUNE_ROWS).unwrap_or(i64::MAX))
             });
@@ -810,13 +820,16 @@ impl ArchiveStore for PostgresStore {
             // sync lost, a key event) that stay unpruned past their checkpoint. And the last
             // event of each kind before that stays: the key loaded, the clock's state, as the
             // records kept were issued under them.
-            let kept_from: i64 = last.as_ref().map_or(0, |l| l.get(0));
+            let kept_from: i64 = match &last {
+                Some(l) => l.try_get(0)?,
+                None => 0,
+            };
             let oldest_kept: Option<i64> = tx
                 .query_one(
                     "SELECT MIN(gen_time_ns) FROM tokens WHERE instance_id = $1 AND seq > $2",
                     &[&id, &kept_from],
                 )?
-                .get(0);
+                .try_get(0)?;
             let events_before = oldest_kept.map_or(before, |t| t.min(before));
             tx.execute(
                 "DELETE FROM events WHERE instance_id = $1 AND time_ns < $2 AND seq NOT IN \
@@ -828,14 +841,14 @@ impl ArchiveStore for PostgresStore {
                 tx.commit()?;
                 return Ok(None);
             };
-            let seq: i64 = last.get(0);
-            let hash = hash_of(last.get(1))?;
+            let seq: i64 = last.try_get(0)?;
+            let hash = hash_of(last.try_get(1)?)?;
             let row = tx.query_one(
                 "SELECT MAX(counter), MAX(gen_time_ns) FROM tokens WHERE instance_id = $1 \
                  AND seq <= $2",
                 &[&id, &seq],
             )?;
-            let (max_counter, max_gen): (i64, i64) = (row.get(0), row.get(1));
+            let (max_counter, max_gen): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
             let previous = match tx.query_opt(ANCHOR_SQL, &[&id])? {
                 Some(r) => Some(read_anchor(&r)?),
                 None => None,
