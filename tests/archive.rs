@@ -842,6 +842,15 @@ fn a_certificate_put_in_the_configurations_place_does_not_pass() {
     let auditors = d.join("auditors-copy.pem");
     std::fs::copy(d.join("tsa-cert.pem"), &auditors).unwrap();
     assert_eq!(verify_status(d, &["--strict"]).0, Some(0));
+    // A CA certificate is no TSU's: not trusted for checkpoints, even when given.
+    let ca = d.join("ca-cert.pem");
+    let (status, out) = verify_status(d, &["--trust", ca.to_str().unwrap()]);
+    assert_eq!(status, Some(1), "{out}");
+    assert!(
+        out.contains("is not trusted for checkpoints")
+            && out.contains("no TSU certificate to trust"),
+        "{out}"
+    );
 
     // Another development PKI's TSU key and certificate (P-256, as the archive's).
     let other = tempfile::tempdir().unwrap();

@@ -208,6 +208,22 @@ fn parse_time(text: &str) -> anyhow::Result<u64> {
 /// warnings (1 is a broken chain or an error).
 const WARNINGS_EXIT_STATUS: i32 = 2;
 
+/// Whether `der` is a TSU certificate: not a CA, with id-kp-timeStamping.
+fn time_stamping_unit(der: &[u8]) -> bool {
+    use der::Decode;
+    use x509_cert::ext::pkix::{BasicConstraints, ExtendedKeyUsage};
+    let Ok(cert) = x509_cert::Certificate::from_der(der) else {
+        return false;
+    };
+    let tbs = cert.tbs_certificate();
+    let ca = matches!(tbs.get_extension::<BasicConstraints>(), Ok(Some((_, bc))) if bc.ca);
+    let stamps = matches!(
+        tbs.get_extension::<ExtendedKeyUsage>(),
+        Ok(Some((_, eku))) if eku.0.contains(&tsa::alg::oid::KP_TIME_STAMPING)
+    );
+    !ca && stamps
+}
+
 /// The certificates `verify` trusts: the configured ones and `extra`, or `only`.
 struct Trust<'a> {
     extra: &'a [PathBuf],
@@ -240,7 +256,21 @@ fn verify(
         );
     }
     for file in trust.extra.iter().chain(trust.only) {
-        trusted.extend(tsa::signer::certificate::read_pem_certificates(file)?);
+        for der in tsa::signer::certificate::read_pem_certificates(file)? {
+            // A file with a chain: only the TSU certificates in it sign checkpoints, so only
+            // they are trusted to (not its CA, whose key signs certificates).
+            match time_stamping_unit(&der) {
+                true => trusted.push(der),
+                false => eprintln!(
+                    "{}: a certificate that is not a TSU's (a CA, or without \
+                     id-kp-timeStamping) is not trusted for checkpoints",
+                    file.display()
+                ),
+            }
+        }
+    }
+    if trusted.is_empty() {
+        bail!("no TSU certificate to trust: the files given hold none");
     }
     let mut store = archive::open_read_only(&config.archive)?;
     let report = archive::verify::verify(
