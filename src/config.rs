@@ -652,34 +652,40 @@ impl ClockConfig {
     pub fn disciplined(&self) -> anyhow::Result<crate::clock::service::DisciplinedConfig> {
         use std::net::ToSocketAddrs;
         let poll = Duration::from_millis(self.poll_interval_ms);
-        let ntp = self
-            .ntp_servers
-            .iter()
-            .map(|name| {
-                let addr = name
-                    .to_socket_addrs()
-                    .with_context(|| format!("clock.ntp_servers: cannot resolve '{name}'"))?
-                    .next()
-                    .with_context(|| format!("clock.ntp_servers: '{name}' has no address"))?;
-                Ok(crate::clock::ntp::NtpServer {
-                    addr,
-                    poll,
-                    timeout: Duration::from_millis(self.ntp_timeout_ms),
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        // One server under two names would count as two agreeing sources.
-        for (i, a) in ntp.iter().enumerate() {
-            if let Some(j) = ntp[..i].iter().position(|b| b.addr == a.addr) {
+        // Every address of each name, IPv4-mapped IPv6 ones as IPv4: one server under two
+        // names (127.0.0.1 and [::ffff:127.0.0.1], a name and its address, localhost and
+        // 127.0.0.1) would count as two agreeing sources.
+        let mut addresses: Vec<Vec<std::net::SocketAddr>> = Vec::new();
+        for name in &self.ntp_servers {
+            let all: Vec<std::net::SocketAddr> = name
+                .to_socket_addrs()
+                .with_context(|| format!("clock.ntp_servers: cannot resolve '{name}'"))?
+                .map(|a| std::net::SocketAddr::new(a.ip().to_canonical(), a.port()))
+                .collect();
+            if all.is_empty() {
+                bail!("clock.ntp_servers: '{name}' has no address");
+            }
+            if let Some((j, same)) = addresses
+                .iter()
+                .enumerate()
+                .find_map(|(j, other)| all.iter().find(|a| other.contains(a)).map(|a| (j, a)))
+            {
                 bail!(
-                    "clock.ntp_servers: '{}' and '{}' are the same server {}: each source must be \
-                     another server",
-                    self.ntp_servers[j],
-                    self.ntp_servers[i],
-                    a.addr
+                    "clock.ntp_servers: '{}' and '{name}' are the same server {same}: each \
+                     source must be another server",
+                    self.ntp_servers[j]
                 );
             }
+            addresses.push(all);
         }
+        let ntp = addresses
+            .iter()
+            .map(|all| crate::clock::ntp::NtpServer {
+                addr: all[0],
+                poll,
+                timeout: Duration::from_millis(self.ntp_timeout_ms),
+            })
+            .collect::<Vec<_>>();
         let max_age = match self.max_sample_age_ms {
             0 => poll * 4,
             ms => Duration::from_millis(ms),
@@ -923,8 +929,12 @@ impl Config {
             if precisions.iter().any(|p| !(1..=16_000).contains(p)) {
                 bail!("clock.gps_precision_ms, gps_serial_precision_ms and nmea_precision_ms must be from 1 to 16000 (RFC 5905's largest distance)");
             }
-            if c.step_confirm_rounds == 0 || c.poll_interval_ms == 0 || c.ntp_timeout_ms == 0 {
-                bail!("clock.step_confirm_rounds, poll_interval_ms and ntp_timeout_ms must be positive");
+            if c.poll_interval_ms == 0 || c.ntp_timeout_ms == 0 {
+                bail!("clock.poll_interval_ms and ntp_timeout_ms must be positive");
+            }
+            // One round would follow any step the majority makes at once: no confirmation.
+            if c.step_confirm_rounds < 2 {
+                bail!("clock.step_confirm_rounds must be at least 2");
             }
             // NTP servers answer once a poll, within their timeout (GPS receivers report every
             // second).
@@ -1244,16 +1254,19 @@ mod tests {
         parse("[clock]\nmax_accuracy_ms = 1000\n[token]\nprecision = \"seconds\"\n")
             .validate()
             .unwrap();
-        // Two names of one server: found once they are resolved.
-        let twins = parse(&format!(
-            "{disciplined}ntp_servers = [\"127.0.0.1:123\", \"127.0.0.1:0123\"]\n"
-        ));
-        twins.validate().unwrap();
-        let Err(error) = twins.clock.disciplined() else {
-            panic!("two names of one server accepted");
-        };
-        let error = error.to_string();
-        assert!(error.contains("the same server"), "{error}");
+        // Two names of one server: found once they are resolved (an IPv4-mapped IPv6
+        // address as its IPv4 one).
+        for twin in ["127.0.0.1:0123", "[::ffff:127.0.0.1]:123"] {
+            let twins = parse(&format!(
+                "{disciplined}ntp_servers = [\"127.0.0.1:123\", \"127.0.0.2:123\", \"{twin}\"]\n"
+            ));
+            twins.validate().unwrap();
+            let Err(error) = twins.clock.disciplined() else {
+                panic!("two names of one server accepted: {twin}");
+            };
+            let error = error.to_string();
+            assert!(error.contains("the same server"), "{error}");
+        }
     }
 
     #[test]

@@ -127,6 +127,10 @@ pub struct SourceSpec {
 pub enum Selection {
     /// No fresh sample.
     Unusable,
+    /// Its root distance exceeds the declared accuracy: kept out of the selection, whose
+    /// bound it would widen past what tokens may state (it still counts among the
+    /// configured sources, so a majority is as hard to reach).
+    TooFar,
     /// Usable, but no majority could be formed.
     Unselected,
     /// Outside the majority's intersection.
@@ -139,6 +143,7 @@ impl Selection {
     pub fn name(self) -> &'static str {
         match self {
             Self::Unusable => "unusable",
+            Self::TooFar => "too_far",
             Self::Unselected => "unselected",
             Self::Falseticker => "falseticker",
             Self::Selected => "selected",
@@ -244,6 +249,9 @@ struct Interval {
     offset: i64,
     distance: u64,
     leap: Leap,
+    /// When the source's newest sample was measured (local time): whether it answered since
+    /// a step's last confirmation round.
+    newest_at: u64,
 }
 
 impl Interval {
@@ -271,6 +279,7 @@ struct Model {
     bound: u64,
 }
 
+#[derive(Clone, Copy)]
 struct PendingStep {
     offset: i64,
     bound: u64,
@@ -519,10 +528,13 @@ impl Discipline {
         self.apply_due_leap(now);
         let intervals = self.intervals(now);
         if intervals.len() < self.needed() {
+            // A step waiting for confirmation starts again once the sources agree again.
+            self.pending = None;
             self.too_few(&intervals, now);
             return;
         }
         let Some(survivors) = self.select(&intervals) else {
+            self.pending = None;
             return;
         };
         let (offset, bound) = combine(&survivors);
@@ -542,6 +554,7 @@ impl Discipline {
         let phi = self.phi();
         let (freq, freq_unc) = self.frequency();
         let max_age = self.config.max_sample_age_ns;
+        let declared = self.config.declared_accuracy_ns;
         // A sample carried from its time to `now`: its offset advanced at the model's
         // frequency, its distance grown by what that frequency and PHI can be wrong by.
         let carried = |s: &Sample| {
@@ -581,12 +594,21 @@ impl Discipline {
                 .sum::<f64>()
                 / fresh.len() as f64)
                 .sqrt();
-            intervals.push(Interval {
+            let interval = Interval {
                 source: id,
                 offset: offset(best),
                 distance: distance(best).saturating_add(jitter.ceil() as u64),
                 leap: best.leap,
-            });
+                newest_at: newest.map_or(best.at, |n| n.at),
+            };
+            // A source that cannot say the time within the declared accuracy (a server whose
+            // upstream was lost hours ago, its dispersion grown) would, as a survivor, widen
+            // the bound past it and stop every token.
+            if declared.is_some_and(|a| interval.distance > a) {
+                src.selection = Selection::TooFar;
+                continue;
+            }
+            intervals.push(interval);
         }
         intervals
     }
@@ -770,25 +792,37 @@ impl Discipline {
         }
 
         let phi = self.phi();
-        let rounds = match &self.pending {
+        // A round counts only where as many of the survivors as a selection needs answered
+        // since the last one: the same samples, carried on until they age out, are no
+        // persistence (one forged reply from each of a majority, then silence, would
+        // otherwise confirm a step by itself).
+        let needed = self.needed();
+        let answered_since = |t: u64| survivors.iter().filter(|s| s.newest_at > t).count();
+        let pending = match self.pending {
+            Some(p) if answered_since(p.at) < needed => p,
             Some(p) => {
                 let drift = ((phi + model.freq_unc) * (now - p.at) as f64) as u64;
-                if offset.abs_diff(p.offset) <= p.bound.saturating_add(bound).saturating_add(drift)
-                {
-                    p.rounds + 1
-                } else {
-                    1
+                let same = offset.abs_diff(p.offset)
+                    <= p.bound.saturating_add(bound).saturating_add(drift);
+                PendingStep {
+                    offset,
+                    bound,
+                    at: now,
+                    step,
+                    rounds: if same { p.rounds + 1 } else { 1 },
                 }
             }
-            None => 1,
+            None => PendingStep {
+                offset,
+                bound,
+                at: now,
+                step,
+                rounds: 1,
+            },
         };
-        self.pending = Some(PendingStep {
-            offset,
-            bound,
-            at: now,
-            step,
-            rounds,
-        });
+        let new_round = self.pending.is_none_or(|p| p.at != pending.at);
+        let rounds = pending.rounds;
+        self.pending = Some(pending);
         let independent = |i: &Interval| self.sources[i.source].spec.independent;
         let confirmed_by = if survivors.iter().any(independent) {
             Some("an independent reference")
@@ -814,10 +848,12 @@ impl Discipline {
                 self.set_state(SyncState::Synchronized, "step confirmed".into());
             }
             None => {
-                self.events.push(Event::StepDetected {
-                    step_ns: step,
-                    rounds,
-                });
+                if new_round {
+                    self.events.push(Event::StepDetected {
+                        step_ns: step,
+                        rounds,
+                    });
+                }
                 self.set_state(
                     SyncState::Unsynchronized,
                     format!(

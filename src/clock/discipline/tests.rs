@@ -499,6 +499,71 @@ fn a_majority_step_is_not_followed_until_confirmed() {
         .any(|e| matches!(e, Event::StepAccepted { .. })));
 }
 
+/// One stepped reply from each of a majority, then silence (or the others alone answering):
+/// the same samples carried on are no persistence, so the step is never followed.
+#[test]
+fn a_step_is_confirmed_only_by_fresh_answers() {
+    for others_answer in [false, true] {
+        let mut run = Run::new(vec![
+            honest(0),
+            honest(100),
+            honest(-100),
+            honest(50),
+            honest(-50),
+        ]);
+        run.rounds(10);
+        for sim in &mut run.sims[..3] {
+            sim.lie = 2_000_000_000;
+        }
+        for sim in &mut run.sims[3..] {
+            sim.up = others_answer;
+        }
+        run.round();
+        assert_eq!(run.state(), SyncState::Unsynchronized);
+        for sim in &mut run.sims[..3] {
+            sim.up = false;
+        }
+        // Until the stepped samples age out, and after.
+        run.rounds(8);
+        assert!(
+            !run.events
+                .iter()
+                .any(|e| matches!(e, Event::StepAccepted { .. })),
+            "others answering: {others_answer}: {:?}",
+            run.events
+        );
+        let rounds: Vec<u32> = run
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::StepDetected { rounds, .. } => Some(*rounds),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rounds, [1], "others answering: {others_answer}");
+    }
+}
+
+/// A source whose root distance exceeds the declared accuracy (an honest server that lost
+/// its upstream hours ago) is kept out of the selection instead of widening the bound past
+/// the accuracy, which stopped every token.
+#[test]
+fn a_source_too_far_to_vouch_for_the_accuracy_is_left_out() {
+    let mut wide = honest(0);
+    wide.root_dispersion = 2 * S;
+    let config = DisciplineConfig {
+        declared_accuracy_ns: Some(S),
+        ..DisciplineConfig::default()
+    };
+    let sims = vec![honest(0), honest(100), honest(-100), honest(50), wide];
+    let mut run = Run::with(sims, config, 0.0);
+    run.rounds(6);
+    let e = run.d.estimate(run.now);
+    assert_eq!(e.state, SyncState::Synchronized, "{}", e.reason);
+    assert!(e.bound_ns < S / 10, "bound {} ns", e.bound_ns);
+    assert_eq!(run.selections()[4], Selection::TooFar);
+}
+
 #[test]
 fn a_step_that_goes_away_is_abandoned() {
     let mut run = Run::new(vec![

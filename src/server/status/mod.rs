@@ -427,7 +427,7 @@ fn selection_class(s: Selection) -> &'static str {
         Selection::Selected => "ok",
         Selection::Falseticker => "bad",
         Selection::Unselected => "warn",
-        Selection::Unusable => "off",
+        Selection::Unusable | Selection::TooFar => "off",
     }
 }
 
