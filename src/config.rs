@@ -652,26 +652,28 @@ impl ClockConfig {
     pub fn disciplined(&self) -> anyhow::Result<crate::clock::service::DisciplinedConfig> {
         use std::net::ToSocketAddrs;
         let poll = Duration::from_millis(self.poll_interval_ms);
-        // Every address of each name, IPv4-mapped IPv6 ones as IPv4: one server under two
-        // names (127.0.0.1 and [::ffff:127.0.0.1], a name and its address, localhost and
-        // 127.0.0.1) would count as two agreeing sources.
+        // Each name is polled at its first address, as resolved (an IPv6 scope kept). One
+        // server under two names (127.0.0.1 and [::ffff:127.0.0.1], a name and its address,
+        // localhost and 127.0.0.1) would count as two agreeing sources: a name whose polled
+        // address is among another's addresses (IPv4-mapped ones compared as IPv4) is refused.
+        let same = |a: &std::net::SocketAddr, b: &std::net::SocketAddr| {
+            a.ip().to_canonical() == b.ip().to_canonical() && a.port() == b.port()
+        };
         let mut addresses: Vec<Vec<std::net::SocketAddr>> = Vec::new();
         for name in &self.ntp_servers {
             let all: Vec<std::net::SocketAddr> = name
                 .to_socket_addrs()
                 .with_context(|| format!("clock.ntp_servers: cannot resolve '{name}'"))?
-                .map(|a| std::net::SocketAddr::new(a.ip().to_canonical(), a.port()))
                 .collect();
-            if all.is_empty() {
+            let Some(polled) = all.first() else {
                 bail!("clock.ntp_servers: '{name}' has no address");
-            }
-            if let Some((j, same)) = addresses
-                .iter()
-                .enumerate()
-                .find_map(|(j, other)| all.iter().find(|a| other.contains(a)).map(|a| (j, a)))
-            {
+            };
+            let twin = addresses.iter().position(|other| {
+                other.iter().any(|a| same(a, polled)) || all.iter().any(|a| same(a, &other[0]))
+            });
+            if let Some(j) = twin {
                 bail!(
-                    "clock.ntp_servers: '{}' and '{name}' are the same server {same}: each \
+                    "clock.ntp_servers: '{}' and '{name}' are the same server {polled}: each \
                      source must be another server",
                     self.ntp_servers[j]
                 );
@@ -1266,6 +1268,15 @@ mod tests {
             };
             let error = error.to_string();
             assert!(error.contains("the same server"), "{error}");
+        }
+        // A link-local server keeps its scope: it is polled as resolved.
+        let scoped = parse(&format!(
+            "{disciplined}ntp_servers = [\"[fe80::1%2]:123\", \"127.0.0.1:123\", \"127.0.0.2:123\"]\n"
+        ));
+        let resolved = scoped.clock.disciplined().unwrap();
+        match resolved.ntp[0].addr {
+            std::net::SocketAddr::V6(v6) => assert_eq!(v6.scope_id(), 2),
+            other => panic!("{other}"),
         }
     }
 

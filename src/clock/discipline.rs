@@ -252,6 +252,10 @@ struct Interval {
     /// When the source's newest sample was measured (local time): whether it answered since
     /// a step's last confirmation round.
     newest_at: u64,
+    /// Its distance exceeds the declared accuracy ([`Selection::TooFar`]): left out of the
+    /// selection, the combination and the leap vote, still heard as a contradiction or an
+    /// independent reference's veto.
+    too_far: bool,
 }
 
 impl Interval {
@@ -527,14 +531,12 @@ impl Discipline {
     fn update_model(&mut self, now: u64) {
         self.apply_due_leap(now);
         let intervals = self.intervals(now);
-        if intervals.len() < self.needed() {
-            // A step waiting for confirmation starts again once the sources agree again.
-            self.pending = None;
+        let near: Vec<Interval> = intervals.iter().filter(|i| !i.too_far).copied().collect();
+        if near.len() < self.needed() {
             self.too_few(&intervals, now);
             return;
         }
-        let Some(survivors) = self.select(&intervals) else {
-            self.pending = None;
+        let Some(survivors) = self.select(&near) else {
             return;
         };
         let (offset, bound) = combine(&survivors);
@@ -594,21 +596,22 @@ impl Discipline {
                 .sum::<f64>()
                 / fresh.len() as f64)
                 .sqrt();
-            let interval = Interval {
-                source: id,
-                offset: offset(best),
-                distance: distance(best).saturating_add(jitter.ceil() as u64),
-                leap: best.leap,
-                newest_at: newest.map_or(best.at, |n| n.at),
-            };
+            let distance = distance(best).saturating_add(jitter.ceil() as u64);
             // A source that cannot say the time within the declared accuracy (a server whose
             // upstream was lost hours ago, its dispersion grown) would, as a survivor, widen
             // the bound past it and stop every token.
-            if declared.is_some_and(|a| interval.distance > a) {
+            let too_far = declared.is_some_and(|a| distance > a);
+            if too_far {
                 src.selection = Selection::TooFar;
-                continue;
             }
-            intervals.push(interval);
+            intervals.push(Interval {
+                source: id,
+                offset: offset(best),
+                distance,
+                leap: best.leap,
+                newest_at: newest.map_or(best.at, |n| n.at),
+                too_far,
+            });
         }
         intervals
     }
@@ -798,7 +801,9 @@ impl Discipline {
         // otherwise confirm a step by itself).
         let needed = self.needed();
         let answered_since = |t: u64| survivors.iter().filter(|s| s.newest_at > t).count();
-        let pending = match self.pending {
+        // A pending step whose last round is older than any usable sample starts over.
+        let max_age = self.config.max_sample_age_ns;
+        let pending = match self.pending.filter(|p| now.saturating_sub(p.at) <= max_age) {
             Some(p) if answered_since(p.at) < needed => p,
             Some(p) => {
                 let drift = ((phi + model.freq_unc) * (now - p.at) as f64) as u64;
@@ -826,7 +831,8 @@ impl Discipline {
         let independent = |i: &Interval| self.sources[i.source].spec.independent;
         let confirmed_by = if survivors.iter().any(independent) {
             Some("an independent reference")
-        } else if rounds >= self.config.step_confirm_rounds
+        } else if new_round
+            && rounds >= self.config.step_confirm_rounds
             && !intervals
                 .iter()
                 .any(|i| independent(i) && !survivors.iter().any(|s| s.source == i.source))
@@ -908,12 +914,13 @@ impl Discipline {
             self.sources_lost("no source has a fresh sample".into());
             return;
         }
-        for i in intervals {
+        let near = intervals.iter().filter(|i| !i.too_far);
+        for i in near.clone() {
             self.sources[i.source].selection = Selection::Unselected;
         }
         let usable = format!(
             "usable sources: {}, needed: {} ({} configured)",
-            intervals.len(),
+            near.count(),
             self.needed(),
             self.sources.len()
         );

@@ -564,6 +564,73 @@ fn a_source_too_far_to_vouch_for_the_accuracy_is_left_out() {
     assert_eq!(run.selections()[4], Selection::TooFar);
 }
 
+/// An update that cannot select (one of the stepped sources off for a round) keeps the
+/// pending step: an honest step with a flapping source is still confirmed.
+#[test]
+fn an_update_that_cannot_select_keeps_the_pending_step() {
+    let mut run = Run::new(vec![honest(0), honest(100), honest(-100)]);
+    run.rounds(10);
+    // The sources all stepped (here the model is what was wrong).
+    run.check = false;
+    for sim in &mut run.sims {
+        sim.lie = 2_000_000_000;
+    }
+    run.rounds(2);
+    // One of them off by another second for a round: no majority.
+    run.sims[2].lie = 3_000_000_000;
+    run.round();
+    assert!(
+        run.d.estimate(run.now).reason.contains("agree"),
+        "{}",
+        run.d.estimate(run.now).reason
+    );
+    run.sims[2].lie = 2_000_000_000;
+    run.rounds(2);
+    assert!(
+        run.events
+            .iter()
+            .any(|e| matches!(e, Event::StepAccepted { .. })),
+        "{:?}",
+        run.events
+    );
+}
+
+/// An independent reference too wide for the declared accuracy is left out of the selection
+/// but still vetoes a step its interval rules out.
+#[test]
+fn a_too_far_independent_reference_still_vetoes_a_step() {
+    let mut wide_gps = gps(0);
+    wide_gps.root_dispersion = 400_000_000;
+    let config = DisciplineConfig {
+        declared_accuracy_ns: Some(300_000_000),
+        ..DisciplineConfig::default()
+    };
+    let sims = vec![
+        honest(0),
+        honest(100),
+        honest(-100),
+        honest(50),
+        honest(-50),
+        wide_gps,
+    ];
+    let mut run = Run::with(sims, config, 0.0);
+    run.rounds(10);
+    assert_eq!(run.selections()[5], Selection::TooFar);
+    // Four of six configured: a majority.
+    for sim in &mut run.sims[..4] {
+        sim.lie = 2_000_000_000;
+    }
+    run.rounds(6);
+    assert!(
+        !run.events
+            .iter()
+            .any(|e| matches!(e, Event::StepAccepted { .. })),
+        "{:?}",
+        run.events
+    );
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+}
+
 #[test]
 fn a_step_that_goes_away_is_abandoned() {
     let mut run = Run::new(vec![
