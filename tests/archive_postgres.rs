@@ -32,6 +32,15 @@ fn setup(cluster: &pg::Cluster, database: &str, id: u32, extra: &str) -> tempfil
     ))
 }
 
+/// Instance 0's archive in a new database `tsa` of `cluster`, opened.
+fn new_archive(cluster: &pg::Cluster) -> (tempfile::TempDir, PostgresStore) {
+    cluster.create_database("tsa");
+    let dir = setup(cluster, "tsa", 0, "");
+    let config = Config::load(&dir.path().join("tsa.toml")).unwrap();
+    let store = PostgresStore::open(&config.archive).unwrap();
+    (dir, store)
+}
+
 fn store(dir: &Path) -> PostgresStore {
     let config = Config::load(&dir.join("tsa.toml")).unwrap();
     PostgresStore::open_existing(&config.archive).unwrap()
@@ -782,10 +791,7 @@ fn checkpoint_of(record: &StoredRecord) -> tsa::archive::record::Checkpoint {
 #[test]
 fn pruning_on_postgres_never_goes_past_the_last_signed_checkpoint() {
     let cluster = pg::Cluster::start();
-    cluster.create_database("tsa");
-    let dir = setup(&cluster, "tsa", 0, "");
-    let config = Config::load(&dir.path().join("tsa.toml")).unwrap();
-    let mut store = PostgresStore::open(&config.archive).unwrap();
+    let (_dir, mut store) = new_archive(&cluster);
     let records = chained(0, 10);
     store.append(0, &records[..5], &[]).unwrap();
     assert_eq!(store.prune(0, u64::MAX).unwrap(), None, "no checkpoint yet");
@@ -809,10 +815,7 @@ fn pruning_on_postgres_never_goes_past_the_last_signed_checkpoint() {
 #[test]
 fn a_frequent_imprint_gives_its_newest_records_and_counts_them_all_on_postgres() {
     let cluster = pg::Cluster::start();
-    cluster.create_database("tsa");
-    let dir = setup(&cluster, "tsa", 0, "");
-    let config = Config::load(&dir.path().join("tsa.toml")).unwrap();
-    let mut store = PostgresStore::open(&config.archive).unwrap();
+    let (_dir, mut store) = new_archive(&cluster);
     let frequent = vec![0x42; 32];
     let mut twin = frequent.clone();
     twin[31] = 0;
@@ -884,10 +887,7 @@ fn a_frequent_imprint_gives_its_newest_records_and_counts_them_all_on_postgres()
 #[test]
 fn an_instance_id_outside_u32_is_refused_not_truncated() {
     let cluster = pg::Cluster::start();
-    cluster.create_database("tsa");
-    let dir = setup(&cluster, "tsa", 0, "");
-    let config = Config::load(&dir.path().join("tsa.toml")).unwrap();
-    let mut store = PostgresStore::open(&config.archive).unwrap();
+    let (_dir, mut store) = new_archive(&cluster);
     // 2^32: as u32 it would read as instance 0.
     cluster
         .client("tsa")
@@ -906,10 +906,7 @@ fn an_instance_id_outside_u32_is_refused_not_truncated() {
 #[test]
 fn a_column_of_another_type_is_an_error_not_a_panic() {
     let cluster = pg::Cluster::start();
-    cluster.create_database("tsa");
-    let dir = setup(&cluster, "tsa", 0, "");
-    let config = Config::load(&dir.path().join("tsa.toml")).unwrap();
-    let mut store = PostgresStore::open(&config.archive).unwrap();
+    let (dir, mut store) = new_archive(&cluster);
     store.instance(0).unwrap();
     cluster
         .client("tsa")

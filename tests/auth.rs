@@ -356,32 +356,26 @@ fn without_anonymous_access_credentials_are_required_and_keys_reload() {
     let batch = std::fs::read(batch_file(d, "alice-batch", 2)).unwrap();
     let url = server.url.strip_prefix("http://").unwrap();
     let (host, path) = url.split_once('/').unwrap();
-    let mut pending = std::net::TcpStream::connect(host).unwrap();
-    pending
-        .set_read_timeout(Some(Duration::from_secs(30)))
+    // Alice's request of `content_type` whose body has come only up to its tenth octet.
+    let pending_request = |content_type: &str, body: &[u8]| {
+        let mut pending = std::net::TcpStream::connect(host).unwrap();
+        pending
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        write!(
+            pending,
+            "POST /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {alice}\r\n\
+             Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
         .unwrap();
-    write!(
-        pending,
-        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {alice}\r\n\
-         Content-Type: application/timestamp-query-batch\r\nContent-Length: {}\r\n\r\n",
-        batch.len()
-    )
-    .unwrap();
-    pending.write_all(&batch[..10]).unwrap();
+        pending.write_all(&body[..10]).unwrap();
+        pending
+    };
+    let mut pending = pending_request("application/timestamp-query-batch", &batch);
     // And a single request of hers, its body pending too.
     let single = std::fs::read(&q).unwrap();
-    let mut pending_single = std::net::TcpStream::connect(host).unwrap();
-    pending_single
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(
-        pending_single,
-        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {alice}\r\n\
-         Content-Type: application/timestamp-query\r\nContent-Length: {}\r\n\r\n",
-        single.len()
-    )
-    .unwrap();
-    pending_single.write_all(&single[..10]).unwrap();
+    let mut pending_single = pending_request("application/timestamp-query", &single);
     // The server has taken the batch (authenticated, its place held) before the reload.
     wait_until(
         || metric(&server, "tsa_batches_in_flight") == Some(1.0),

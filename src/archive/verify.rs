@@ -533,8 +533,7 @@ fn check_expected(
     head: ChainHead,
     hashes_at: &HashMap<u64, [u8; 32]>,
 ) -> Option<Break> {
-    let anchor_seq = anchor.map_or(0, |a| a.seq);
-    let hash = if e.seq > head.seq {
+    if e.seq > head.seq {
         return Some(Break {
             seq: head.seq + 1,
             serial: None,
@@ -544,16 +543,11 @@ fn check_expected(
                 head.seq, e.seq
             ),
         });
-    } else if e.seq > anchor_seq {
-        hashes_at.get(&e.seq).copied()
-    } else if e.seq == anchor_seq {
-        anchor.map(|a| a.hash)
-    } else {
+    }
+    match chain_at(e.seq, anchor, hashes_at) {
         // Pruned since: nothing is left to compare.
-        return None;
-    };
-    match hash {
-        Some(h) if h == e.hash => None,
+        ChainAt::Pruned => None,
+        ChainAt::Hash(h) if h == e.hash => None,
         _ => Some(Break {
             seq: e.seq,
             serial: None,
@@ -720,25 +714,42 @@ fn check_checkpoint(
             head.seq
         ));
     }
-    let anchor_seq = anchor.map_or(0, |a| a.seq);
-    let hash = if c.seq > anchor_seq {
-        hashes_at.get(&c.seq).copied()
-    } else if c.seq == anchor_seq {
-        anchor.map(|a| a.hash)
-    } else {
+    match chain_at(c.seq, anchor, hashes_at) {
         // Pruned: the signature alone is left to check.
-        return None;
-    };
-    match hash {
-        Some(h) if h == c.head_hash => None,
-        Some(_) => Some(format!(
+        ChainAt::Pruned => None,
+        ChainAt::Hash(h) if h == c.head_hash => None,
+        ChainAt::Hash(_) => Some(format!(
             "the chain at {} differs from the checkpoint signed at {}: records up to it were \
              changed and their hashes recomputed",
             c.seq,
             crate::protocol::GenTime::from_unix_ns(c.time_ns)
         )),
-        None => Some(format!("no record at the checkpoint's position {}", c.seq)),
+        ChainAt::Missing => Some(format!("no record at the checkpoint's position {}", c.seq)),
     }
+}
+
+/// What the walk knows of the chain at a position.
+enum ChainAt {
+    /// The hash of the record there (the anchor's, at the anchor).
+    Hash([u8; 32]),
+    /// No record there.
+    Missing,
+    /// Below the anchor: pruned.
+    Pruned,
+}
+
+/// The chain at `seq`: from the walk's `hashes_at` above the anchor, the anchor's own hash at
+/// it, pruned below.
+fn chain_at(seq: u64, anchor: Option<&Anchor>, hashes_at: &HashMap<u64, [u8; 32]>) -> ChainAt {
+    let anchor_seq = anchor.map_or(0, |a| a.seq);
+    let hash = if seq > anchor_seq {
+        hashes_at.get(&seq).copied()
+    } else if seq == anchor_seq {
+        anchor.map(|a| a.hash)
+    } else {
+        return ChainAt::Pruned;
+    };
+    hash.map_or(ChainAt::Missing, ChainAt::Hash)
 }
 
 fn check_signature(c: &Checkpoint) -> anyhow::Result<()> {

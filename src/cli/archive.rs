@@ -10,6 +10,7 @@ use tsa::archive::record::{hex, StoredRecord};
 use tsa::archive::{self, decode_hex, normalize_serial, serial_hex};
 use tsa::config::{ArchiveBackend, Config};
 use tsa::protocol::GenTime;
+use tsa::signer::certificate::TsuCertificate;
 
 #[derive(Debug, clap::Args)]
 pub struct ArchiveArgs {
@@ -208,22 +209,6 @@ fn parse_time(text: &str) -> anyhow::Result<u64> {
 /// warnings (1 is a broken chain or an error).
 const WARNINGS_EXIT_STATUS: i32 = 2;
 
-/// Whether `der` is a TSU certificate: not a CA, with id-kp-timeStamping.
-fn time_stamping_unit(der: &[u8]) -> bool {
-    use der::Decode;
-    use x509_cert::ext::pkix::{BasicConstraints, ExtendedKeyUsage};
-    let Ok(cert) = x509_cert::Certificate::from_der(der) else {
-        return false;
-    };
-    let tbs = cert.tbs_certificate();
-    let ca = matches!(tbs.get_extension::<BasicConstraints>(), Ok(Some((_, bc))) if bc.ca);
-    let stamps = matches!(
-        tbs.get_extension::<ExtendedKeyUsage>(),
-        Ok(Some((_, eku))) if eku.0.contains(&tsa::alg::oid::KP_TIME_STAMPING)
-    );
-    !ca && stamps
-}
-
 /// The certificates `verify` trusts: the configured ones and `extra`, or `only`.
 struct Trust<'a> {
     extra: &'a [PathBuf],
@@ -249,7 +234,7 @@ fn verify(
     for (what, signer) in configured.filter(|_| trust.only.is_empty()) {
         let (cert, chain) = signer.certificates();
         trusted.push(
-            tsa::signer::certificate::TsuCertificate::load(cert, chain)
+            TsuCertificate::load(cert, chain)
                 .with_context(|| format!("the certificate of {what}"))?
                 .der()
                 .to_vec(),
@@ -259,9 +244,11 @@ fn verify(
         for der in tsa::signer::certificate::read_pem_certificates(file)? {
             // A file with a chain: only the TSU certificates in it sign checkpoints, so only
             // they are trusted to (not its CA, whose key signs certificates).
-            match time_stamping_unit(&der) {
-                true => trusted.push(der),
-                false => eprintln!(
+            let profile =
+                TsuCertificate::from_der(der.clone(), Vec::new()).and_then(|c| c.check_profile());
+            match profile {
+                Ok(()) => trusted.push(der),
+                Err(_) => eprintln!(
                     "{}: a certificate that is not a TSU's (a CA, or without \
                      id-kp-timeStamping) is not trusted for checkpoints",
                     file.display()

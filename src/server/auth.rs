@@ -979,29 +979,29 @@ mod tests {
 
     #[test]
     fn a_connections_chain_is_due_again_at_its_ca_certificates_earliest_end() {
+        // A certificate of `name`, a CA or not, ending in `until` (a year).
+        let params = |name: &str, ca: bool, until: Option<i32>| {
+            let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+            p.distinguished_name.push(rcgen::DnType::CommonName, name);
+            if ca {
+                p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            }
+            if let Some(year) = until {
+                p.not_after = rcgen::date_time_ymd(year, 1, 1);
+            }
+            p
+        };
         let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(vec![]).unwrap();
-        ca.distinguished_name
-            .push(rcgen::DnType::CommonName, "Client CA");
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params("Client CA", true, None);
         let inter_key = rcgen::KeyPair::generate().unwrap();
-        let mut inter = rcgen::CertificateParams::new(vec![]).unwrap();
-        inter
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "Issuing CA");
-        inter.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        inter.not_after = rcgen::date_time_ymd(2030, 1, 1);
+        let inter = params("Issuing CA", true, Some(2030));
         let inter_der = inter
             .signed_by(&inter_key, &rcgen::Issuer::new(ca, &ca_key))
             .unwrap()
             .der()
             .clone();
         let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let mut leaf = rcgen::CertificateParams::new(vec![]).unwrap();
-        leaf.distinguished_name
-            .push(rcgen::DnType::CommonName, "carol");
-        leaf.not_after = rcgen::date_time_ymd(2035, 1, 1);
-        let leaf_der = leaf
+        let leaf_der = params("carol", false, Some(2035))
             .signed_by(&leaf_key, &rcgen::Issuer::new(inter, &inter_key))
             .unwrap()
             .der()

@@ -134,7 +134,14 @@ impl TsuCertificate {
                 validity.not_after
             );
         }
+        self.check_profile()
+    }
 
+    /// The TSU profile alone: not a CA, id-kp-timeStamping as the only extended key usage,
+    /// critical, and a key usage (if any) that allows signatures.
+    pub fn check_profile(&self) -> anyhow::Result<()> {
+        let tbs = self.cert.tbs_certificate();
+        let subject = tbs.subject();
         let ext_err = |e: der::Error| anyhow::anyhow!("the certificate of {subject}: {e}");
         if let Some((_, bc)) = tbs.get_extension::<BasicConstraints>().map_err(ext_err)? {
             if bc.ca {

@@ -1118,16 +1118,7 @@ fn a_time_range_passes_over_segments_far_from_it_and_misses_nothing() {
     }
     assert!(segment_files(&log.dir()).len() >= 4);
     let reader = log.reader();
-    let in_time = |from: u64, to: u64| {
-        let mut seqs = Vec::new();
-        reader
-            .in_time(from, to, &HashMap::new(), &mut |r| {
-                seqs.push(r.seq);
-                Ok(true)
-            })
-            .unwrap();
-        seqs
-    };
+    let in_time = |from: u64, to: u64| in_time_seqs(&reader, from, to);
     let gen = |seq: usize| log.records[seq - 1].record.gen_time_ns;
     for (from, to) in [(4, 7), (1, 2), (11, 13), (5, 6), (2, 12)] {
         let expected: Vec<u64> = (from as u64..to as u64).filter(|&s| s <= 12).collect();
@@ -1768,12 +1759,7 @@ const ENTRY: usize = segments::ENTRY_LEN;
 
 #[test]
 fn an_anchor_inside_a_segment_is_found_and_one_at_a_segments_end_is_not() {
-    let mut log = Log::new();
-    let (mut appender, _) = open(&log.dir());
-    for _ in 0..12 {
-        appender.append(&log.chain(1)).unwrap();
-    }
-    drop(appender);
+    let log = twelve_commits_of_one();
     let segments = segment_files(&log.dir());
     assert!(segments.len() >= 3, "{segments:?}");
     let mut store = log.store();
@@ -1816,6 +1802,16 @@ fn garble_entry(segment: &Segment, i: usize, field: usize, value: u64) {
         .unwrap();
 }
 
+/// Twelve records appended one a commit, in segments of a few records each.
+fn twelve_commits_of_one() -> Log {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    for _ in 0..12 {
+        appender.append(&log.chain(1)).unwrap();
+    }
+    log
+}
+
 /// The positions `reader` visits in `[from, to)`, by genTime.
 fn in_time_seqs(reader: &LogReader, from: u64, to: u64) -> Vec<u64> {
     let mut seqs = Vec::new();
@@ -1830,12 +1826,7 @@ fn in_time_seqs(reader: &LogReader, from: u64, to: u64) -> Vec<u64> {
 
 #[test]
 fn a_garbled_index_leaves_no_record_out_of_a_time_range_nor_takes_one_in() {
-    let mut log = Log::new();
-    let (mut appender, _) = open(&log.dir());
-    for _ in 0..12 {
-        appender.append(&log.chain(1)).unwrap();
-    }
-    drop(appender);
+    let log = twelve_commits_of_one();
     let first = segment_files(&log.dir()).remove(0);
     let last_i = segments::scan(&first).unwrap().entries.len() - 1;
     // The first and last genTimes of the first segment's index, far in the future: its
@@ -1863,12 +1854,7 @@ fn a_garbled_index_leaves_no_record_out_of_a_time_range_nor_takes_one_in() {
 
 #[test]
 fn a_garbled_index_hides_no_record_from_a_look_up_by_serial() {
-    let mut log = Log::new();
-    let (mut appender, _) = open(&log.dir());
-    for _ in 0..12 {
-        appender.append(&log.chain(1)).unwrap();
-    }
-    drop(appender);
+    let log = twelve_commits_of_one();
     let all = segment_files(&log.dir());
     assert!(all.len() >= 4, "{all:?}");
     // The first counter of each closed segment's index zeroed.
@@ -1954,12 +1940,7 @@ fn rename_segment(segment: &Segment, first: u64) -> Segment {
 
 #[test]
 fn a_segment_is_where_its_first_frame_says_whatever_its_name() {
-    let mut log = Log::new();
-    let (mut appender, _) = open(&log.dir());
-    for _ in 0..12 {
-        appender.append(&log.chain(1)).unwrap();
-    }
-    drop(appender);
+    let log = twelve_commits_of_one();
     let segments = segment_files(&log.dir());
     assert!(segments.len() >= 4, "{segments:?}");
     let mut store = log.store();

@@ -175,6 +175,13 @@ impl Run {
         }
     }
 
+    /// Whether a step was followed so far.
+    fn accepted_a_step(&self) -> bool {
+        self.events
+            .iter()
+            .any(|e| matches!(e, Event::StepAccepted { .. }))
+    }
+
     fn state(&self) -> SyncState {
         self.d.estimate(self.now).state
     }
@@ -293,10 +300,7 @@ fn silencing_honest_sources_never_hands_the_clock_to_a_minority() {
         assert!((offset - before).abs() < 10_000_000, "round {round}");
     }
     assert_eq!(run.state(), SyncState::Unsynchronized);
-    assert!(!run
-        .events
-        .iter()
-        .any(|e| matches!(e, Event::StepAccepted { .. })));
+    assert!(!run.accepted_a_step());
 
     // From the start, with only the three liars answering: never synchronized.
     let mut sims: Vec<Sim> = (0..7).map(|_| liar(2_000)).collect();
@@ -493,10 +497,7 @@ fn a_majority_step_is_not_followed_until_confirmed() {
         .events
         .iter()
         .any(|e| matches!(e, Event::StepDetected { rounds: 1, .. })));
-    assert!(run
-        .events
-        .iter()
-        .any(|e| matches!(e, Event::StepAccepted { .. })));
+    assert!(run.accepted_a_step());
 }
 
 /// One stepped reply from each of a majority, then silence (or the others alone answering):
@@ -526,9 +527,7 @@ fn a_step_is_confirmed_only_by_fresh_answers() {
         // Until the stepped samples age out, and after.
         run.rounds(8);
         assert!(
-            !run.events
-                .iter()
-                .any(|e| matches!(e, Event::StepAccepted { .. })),
+            !run.accepted_a_step(),
             "others answering: {others_answer}: {:?}",
             run.events
         );
@@ -586,13 +585,7 @@ fn an_update_that_cannot_select_keeps_the_pending_step() {
     );
     run.sims[2].lie = 2_000_000_000;
     run.rounds(2);
-    assert!(
-        run.events
-            .iter()
-            .any(|e| matches!(e, Event::StepAccepted { .. })),
-        "{:?}",
-        run.events
-    );
+    assert!(run.accepted_a_step(), "{:?}", run.events);
 }
 
 /// An independent reference too wide for the declared accuracy is left out of the selection
@@ -621,13 +614,7 @@ fn a_too_far_independent_reference_still_vetoes_a_step() {
         sim.lie = 2_000_000_000;
     }
     run.rounds(6);
-    assert!(
-        !run.events
-            .iter()
-            .any(|e| matches!(e, Event::StepAccepted { .. })),
-        "{:?}",
-        run.events
-    );
+    assert!(!run.accepted_a_step(), "{:?}", run.events);
     assert_eq!(run.state(), SyncState::Unsynchronized);
 }
 
