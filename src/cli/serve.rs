@@ -61,7 +61,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     }
     let served = runtime.block_on(async {
         let tsa = Arc::new(server::build(&config)?);
+        // Installed before the server announces itself: a SIGHUP that came before the task's
+        // first poll took the default action and ended the process.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         tokio::spawn(reload_on_sighup(
+            hup,
             tsa.clone(),
             args.clone(),
             config.server.clone(),
@@ -138,8 +142,13 @@ fn announce(bound: server::Bound, path: &str, ca: Option<PathBuf>, pss: bool) {
 /// signing key and the clock stay as they are until a restart (a changed `[server]` is logged
 /// as `reload_partial`). A configuration that does not load, or
 /// a certificate that does not fit the key, is refused and the running one kept.
-async fn reload_on_sighup(tsa: Arc<server::Tsa>, args: ServeArgs, running: ServerConfig) {
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+async fn reload_on_sighup(
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+    tsa: Arc<server::Tsa>,
+    args: ServeArgs,
+    running: ServerConfig,
+) {
+    let Ok(mut hup) = hup else {
         tracing::warn!("cannot install a SIGHUP handler; reload needs a restart");
         return;
     };
