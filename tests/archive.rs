@@ -437,7 +437,48 @@ fn tampering_is_reported_at_the_right_record() {
     );
     conn.execute("UPDATE certificate_sets SET der = ?1", [&set])
         .unwrap();
-    verify_report(d).expect("green once restored");
+    let report = verify_report(d).expect("green once restored");
+
+    // The events (the key loaded, the clock's, the archive's own) are chained and signed by
+    // the checkpoints too: one changed, or one deleted, breaks them.
+    let events = report
+        .lines()
+        .find(|l| l.trim_start().starts_with("events:"))
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(events.ends_with(": OK"), "{report}");
+    let message: String = conn
+        .query_row("SELECT message FROM events WHERE seq = 2", [], |r| r.get(0))
+        .unwrap();
+    conn.execute("UPDATE events SET message = 'edited' WHERE seq = 2", [])
+        .unwrap();
+    let report = verify_report(d).unwrap_err();
+    assert!(
+        report.contains("BROKEN at event 2") && report.contains("does not match its fields"),
+        "{report}"
+    );
+    conn.execute("UPDATE events SET message = ?1 WHERE seq = 2", [&message])
+        .unwrap();
+    // The events' head a checkpoint signs is in its signature.
+    conn.execute("UPDATE checkpoints SET events_seq = events_seq - 1", [])
+        .unwrap();
+    let report = verify_report(d).unwrap_err();
+    assert!(report.contains("has a bad signature"), "{report}");
+    conn.execute("UPDATE checkpoints SET events_seq = events_seq + 1", [])
+        .unwrap();
+    let snapshot = d.join("events.sqlite");
+    conn.execute("VACUUM INTO ?1", [snapshot.to_str().unwrap()])
+        .unwrap();
+    conn.execute("DELETE FROM events WHERE seq = 2", [])
+        .unwrap();
+    let report = verify_report(d).unwrap_err();
+    assert!(
+        report.contains("BROKEN at event 3") && report.contains("event 2 is missing"),
+        "{report}"
+    );
+    drop(conn);
+    restore(d, &snapshot);
+    std::fs::remove_file(&snapshot).unwrap();
+    let conn = write_conn(d);
 
     // A record deleted in the middle, and the last one (which the signed checkpoint covers).
     let snapshot = d.join("snapshot.sqlite");
@@ -860,21 +901,28 @@ fn a_certificate_put_in_the_configurations_place_does_not_pass() {
     let cert = tsa::pem::certificates(&other.path().join("tsa-cert.pem")).unwrap();
     let cert = cert[0].to_vec();
     let conn = write_conn(d);
-    let checkpoints: Vec<(i64, Vec<u8>, i64)> = conn
-        .prepare("SELECT seq, head_hash, time_ns FROM checkpoints")
+    type Row = (i64, Vec<u8>, i64, i64, Vec<u8>);
+    let checkpoints: Vec<Row> = conn
+        .prepare("SELECT seq, head_hash, time_ns, events_seq, events_hash FROM checkpoints")
         .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
         .unwrap()
         .map(Result::unwrap)
         .collect();
     assert!(!checkpoints.is_empty());
     let rng = aws_lc_rs::rand::SystemRandom::new();
-    for (seq, hash, time_ns) in checkpoints {
+    for (seq, hash, time_ns, events_seq, events_hash) in checkpoints {
         let message = tsa::archive::record::checkpoint_message(
             0,
             seq as u64,
             &hash.try_into().unwrap(),
             time_ns as u64,
+            Some(&tsa::archive::record::ChainHead {
+                seq: events_seq as u64,
+                hash: events_hash.try_into().unwrap(),
+            }),
         );
         let signature = key.sign(&rng, &message).unwrap();
         conn.execute(

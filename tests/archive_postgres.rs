@@ -191,7 +191,14 @@ fn a_second_instance_with_the_same_id_is_refused_while_the_first_holds_the_lease
         &["verify", "--cert", &certs[0], "--cert", &certs[1]],
     );
     assert!(ok, "{report}");
-    assert_eq!(report.matches(": OK").count(), 2, "{report}");
+    // Each instance's records and its events.
+    let ok = |what: &str| {
+        report
+            .lines()
+            .filter(|l| l.trim_start().starts_with(what) && l.ends_with(": OK"))
+            .count()
+    };
+    assert_eq!((ok("instance "), ok("events:")), (2, 2), "{report}");
 }
 
 const ROUNDS: usize = 8;
@@ -785,6 +792,7 @@ fn checkpoint_of(record: &StoredRecord) -> tsa::archive::record::Checkpoint {
         algorithm: vec![],
         signature: vec![1],
         certificate: vec![],
+        events: None,
     }
 }
 
@@ -1050,4 +1058,63 @@ fn the_imprint_index_reads_look_ups_in_their_order_and_waits_for_the_operator() 
         .get(0);
     assert!(valid);
     assert_eq!(newest(&mut store), (vec![20, 13, 6], 20));
+}
+
+/// An archive of schema 1 (events without hashes, checkpoints without the events' head) is
+/// read as it is, and migrated by the first server that opens it: its events are chained
+/// after the old ones, and the whole verifies.
+#[test]
+fn an_archive_of_schema_1_is_read_as_it_is_and_migrated_by_a_server() {
+    let cluster = pg::Cluster::start();
+    let (dir, mut written) = new_archive(&cluster);
+    let old = |seq: u64| tsa::archive::record::EventRecord {
+        instance_id: 0,
+        seq,
+        time_ns: seq,
+        level: "info".into(),
+        kind: "sync_acquired".into(),
+        message: format!("event {seq}"),
+        fields: "{}".into(),
+        prev_hash: None,
+        hash: None,
+    };
+    written.append(0, &[], &[old(1), old(2)]).unwrap();
+    drop(written);
+    let mut client = cluster.client("tsa");
+    client
+        .batch_execute(
+            "ALTER TABLE events DROP COLUMN prev_hash; ALTER TABLE events DROP COLUMN hash; \
+             ALTER TABLE checkpoints DROP COLUMN events_seq; \
+             ALTER TABLE checkpoints DROP COLUMN events_hash; \
+             UPDATE archive_meta SET value = '1' WHERE name = 'schema'",
+        )
+        .unwrap();
+    let mut read = store(dir.path());
+    assert_eq!(read.events_after(0, 0, 10).unwrap(), [old(1), old(2)]);
+    drop(read);
+
+    let server = Serving::start(dir.path());
+    let mut conn = Conn::connect(&server.public).unwrap();
+    stamp(&mut conn, b"after the migration").unwrap().unwrap();
+    server.stop();
+    let schema: String = client
+        .query_one("SELECT value FROM archive_meta WHERE name = 'schema'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(schema, tsa::archive::store::SCHEMA_VERSION);
+    let events = store(dir.path()).events_after(0, 2, 1).unwrap();
+    assert_eq!(
+        events[0].prev_hash,
+        Some([0; 32]),
+        "the chain starts after the old ones"
+    );
+    let (ok, report) = archive_cli(dir.path(), &["verify"]);
+    assert!(ok, "{report}");
+    assert!(
+        report.contains("2 of them stored before events were chained")
+            && report
+                .lines()
+                .any(|l| l.trim_start().starts_with("events:") && l.ends_with(": OK")),
+        "{report}"
+    );
 }

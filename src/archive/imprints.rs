@@ -713,6 +713,7 @@ mod tests {
                     algorithm: vec![],
                     signature: vec![1],
                     certificate: vec![],
+                    events: None,
                 })
                 .unwrap();
         }

@@ -254,7 +254,7 @@ impl Archive {
         // The start itself is an event, committed before the first token.
         let opened = record::EventRecord {
             instance_id,
-            seq: db.last_event_seq + 1,
+            seq: db.last_event.seq + 1,
             time_ns: crate::clock::system_unix_ns(),
             level: "info".into(),
             kind: "archive_opened".into(),
@@ -268,7 +268,10 @@ impl Archive {
                 "database": location,
             })
             .to_string(),
-        };
+            prev_hash: None,
+            hash: None,
+        }
+        .chained(db.last_event.hash);
         store
             .append(instance_id, &[], std::slice::from_ref(&opened))
             .context("cannot write to the archive")?;
@@ -310,7 +313,7 @@ impl Archive {
             store,
             instance_id,
             head,
-            last_event_seq: opened.seq,
+            last_event: opened.head(),
             max_gen_time_ns: gen_time_floor_ns,
             reserved_until: until,
             serials: serials.clone(),
@@ -813,7 +816,7 @@ mod tests {
 
     use const_oid::ObjectIdentifier;
 
-    use super::record::{tests_support::sample, Checkpoint, EventRecord, StoredRecord};
+    use super::record::{tests_support::sample, Checkpoint, EventRecord, StoredRecord, ZERO_HASH};
     use super::store::ArchiveStore;
     use super::*;
 
@@ -916,6 +919,7 @@ mod tests {
                     algorithm: vec![],
                     signature: vec![1],
                     certificate: vec![],
+                    events: None,
                 })
                 .unwrap();
         }
@@ -1062,6 +1066,7 @@ mod tests {
             algorithm: vec![],
             signature: vec![1],
             certificate: vec![],
+            events: None,
         }
     }
 
@@ -1197,6 +1202,8 @@ mod tests {
                     kind: kind(seq).into(),
                     message: String::new(),
                     fields: "{}".into(),
+                    prev_hash: None,
+                    hash: None,
                 })
                 .collect();
             for (r, e) in records.iter().zip(&events) {
@@ -1243,6 +1250,80 @@ mod tests {
     }
 
     #[test]
+    fn pruning_leaves_a_chain_of_events_that_verifies() {
+        for layout in [sqlite::Layout::Rows, sqlite::Layout::Log] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = store_of(layout, dir.path());
+            // Records one second apart, an event at each one's genTime, chained.
+            let second = 1_000_000_000u64;
+            let records = records_a_second_apart(10);
+            let kind = |seq: u64| {
+                if seq % 2 == 0 {
+                    "sync_lost"
+                } else {
+                    "sync_acquired"
+                }
+            };
+            let mut prev = ZERO_HASH;
+            let events: Vec<EventRecord> = (1..=10u64)
+                .map(|seq| {
+                    let e = EventRecord {
+                        instance_id: 0,
+                        seq,
+                        time_ns: seq * second,
+                        level: "warn".into(),
+                        kind: kind(seq).into(),
+                        message: String::new(),
+                        fields: "{}".into(),
+                        prev_hash: None,
+                        hash: None,
+                    }
+                    .chained(prev);
+                    prev = e.hash.unwrap();
+                    e
+                })
+                .collect();
+            for (r, e) in records.iter().zip(&events) {
+                store
+                    .append(0, std::slice::from_ref(r), std::slice::from_ref(e))
+                    .unwrap();
+            }
+            // The checkpoint at record 7 signed the events up to the third.
+            let checkpoint = Checkpoint {
+                events: Some(events[2].head()),
+                ..checkpoint_of(&records[6])
+            };
+            store.add_checkpoint(&checkpoint).unwrap();
+            let mut anchor = store.prune(0, u64::MAX).unwrap().expect("pruned");
+            while let Some(further) = store.prune(0, u64::MAX).unwrap() {
+                anchor = further;
+            }
+            // Old enough are the events before the oldest record kept; of those, only the
+            // ones the checkpoint at or below the anchor signed go, but for the last of each
+            // kind.
+            let signed = if anchor.seq >= 7 { 3 } else { 0 };
+            let last_of = |k: &str| (1..=anchor.seq).rev().find(|&s| kind(s) == k);
+            let goes =
+                |seq: u64| seq <= anchor.seq && seq <= signed && Some(seq) != last_of(kind(seq));
+            let left: Vec<u64> = store
+                .events(0, u64::MAX)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect();
+            let expected: Vec<u64> = (1..=10).filter(|&s| !goes(s)).collect();
+            assert_eq!(left, expected, "{layout:?}: anchor at {}", anchor.seq);
+            if layout == sqlite::Layout::Rows {
+                // The fourth and fifth are as old, but no checkpoint at the anchor signed them.
+                assert_eq!(left, [4, 5, 6, 7, 8, 9, 10]);
+            }
+            let report =
+                verify::verify_events(&mut *store, 0, &[checkpoint], Some(&anchor)).unwrap();
+            assert_eq!(report.first_break, None, "{layout:?}");
+        }
+    }
+
+    #[test]
     fn one_process_per_instance_of_a_database_whatever_its_state_file() {
         let dir = tempfile::tempdir().unwrap();
         let first = Archive::open(&config(dir.path(), "a.state"), signer(), 16).unwrap();
@@ -1278,6 +1359,7 @@ mod tests {
             algorithm: vec![],
             signature: vec![1],
             certificate: vec![],
+            events: None,
         };
         db.add_checkpoint(&checkpoint).unwrap();
         db.add_checkpoint(&checkpoint).unwrap();
@@ -1300,6 +1382,75 @@ mod tests {
                 assert_eq!(&super::dotted(&oid), text);
             }
         }
+    }
+
+    #[test]
+    fn an_archive_of_schema_1_is_migrated_and_its_events_chained_after_the_old_ones() {
+        use crate::archive::serial::SerialAllocator;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path(), "archive.state");
+        config.layout = sqlite::Layout::Rows;
+        let old = |seq: u64| EventRecord {
+            instance_id: 0,
+            seq,
+            time_ns: seq,
+            level: "info".into(),
+            kind: "sync_acquired".into(),
+            message: format!("event {seq}"),
+            fields: "{}".into(),
+            prev_hash: None,
+            hash: None,
+        };
+        {
+            let mut db = SqliteStore::open(&config.database, Duration::from_secs(1)).unwrap();
+            db.append(0, &[], &[old(1), old(2)]).unwrap();
+            // What schema 1 was.
+            db.connection()
+                .execute_batch(
+                    "ALTER TABLE events DROP COLUMN prev_hash; \
+                     ALTER TABLE events DROP COLUMN hash; \
+                     ALTER TABLE checkpoints DROP COLUMN events_seq; \
+                     ALTER TABLE checkpoints DROP COLUMN events_hash; \
+                     UPDATE archive_meta SET value = '1' WHERE name = 'schema';",
+                )
+                .unwrap();
+        }
+        // Read as it is (a backup an auditor verifies).
+        let mut read = SqliteStore::open_read_only(&config.database).unwrap();
+        assert_eq!(read.events_after(0, 0, 10).unwrap(), [old(1), old(2)]);
+        drop(read);
+
+        // A server opens it: migrated, the events after the old ones chained from zeros, and
+        // the checkpoint at its close signs the last one stored before it.
+        let archive = Archive::open(&config, signer(), 16).unwrap();
+        let serials = archive.serials();
+        let mut record = sample(300);
+        record.serial = serials.next().unwrap().as_bytes().to_vec();
+        archive.record_blocking(record).unwrap();
+        archive.close();
+        let mut store = SqliteStore::open_read_only(&config.database).unwrap();
+        let version: String = store
+            .connection()
+            .query_row(
+                "SELECT value FROM archive_meta WHERE name = 'schema'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(version, store::SCHEMA_VERSION);
+        let events = store.events_after(0, 0, 100).unwrap();
+        assert_eq!(events[2].kind, "archive_opened");
+        assert_eq!(events[2].prev_hash, Some(ZERO_HASH));
+        let checkpoints = store.checkpoints(0).unwrap();
+        let signed = checkpoints.last().unwrap().events.unwrap();
+        let at = events.iter().find(|e| e.seq == signed.seq).unwrap();
+        assert_eq!(at.hash, Some(signed.hash));
+        let report = verify::verify_events(&mut store, 0, &checkpoints, None).unwrap();
+        assert_eq!(report.first_break, None, "{events:#?}");
+        assert_eq!(report.unchained, 2);
+        // The checkpoint at close signed the last event (no `tracing` layer here: the
+        // checkpoint's own event is not archived).
+        assert_eq!((report.events, report.unsigned), (3, 0), "{report:?}");
     }
 
     #[test]

@@ -109,10 +109,48 @@ pub struct EventRecord {
     pub message: String,
     /// The other fields, as a JSON object.
     pub fields: String,
+    /// The previous event's hash (zeros for the instance's first, or the first chained
+    /// after events of an archive written before events were chained), and this one's: see
+    /// [`event_hash`]. `None` for events stored before (schema 1).
+    pub prev_hash: Option<Hash>,
+    pub hash: Option<Hash>,
+}
+
+impl EventRecord {
+    /// The event chained after `prev_hash` (its position and fields as they are).
+    pub fn chained(mut self, prev_hash: Hash) -> Self {
+        self.prev_hash = Some(prev_hash);
+        self.hash = self.computed_hash();
+        self
+    }
+
+    /// The hash the fields and `prev_hash` give (`None` for an event stored unchained).
+    pub fn computed_hash(&self) -> Option<Hash> {
+        let prev_hash = self.prev_hash?;
+        let mut out = Vec::with_capacity(128 + self.message.len() + self.fields.len());
+        out.extend_from_slice(EVENT_DOMAIN);
+        put_u64(&mut out, self.instance_id.into());
+        put_u64(&mut out, self.seq);
+        put_u64(&mut out, self.time_ns);
+        put_bytes(&mut out, self.level.as_bytes());
+        put_bytes(&mut out, self.kind.as_bytes());
+        put_bytes(&mut out, self.message.as_bytes());
+        put_bytes(&mut out, self.fields.as_bytes());
+        out.extend_from_slice(&prev_hash);
+        Some(sha256(&out))
+    }
+
+    /// Its position and hash, as the next event chains to it.
+    pub fn head(&self) -> ChainHead {
+        ChainHead {
+            seq: self.seq,
+            hash: self.hash.unwrap_or(ZERO_HASH),
+        }
+    }
 }
 
 /// The position and hash of an instance's chain head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ChainHead {
     pub seq: u64,
     pub hash: Hash,
@@ -151,17 +189,29 @@ pub struct Checkpoint {
     pub signature: Vec<u8>,
     /// The signing certificate (DER).
     pub certificate: Vec<u8>,
+    /// The instance's last event stored when it was signed (its position and hash), which
+    /// the signature covers too; `None` for checkpoints signed before events were chained
+    /// (their message is the first version's).
+    pub events: Option<ChainHead>,
 }
 
 impl Checkpoint {
     pub fn message(&self) -> Vec<u8> {
-        checkpoint_message(self.instance_id, self.seq, &self.head_hash, self.time_ns)
+        checkpoint_message(
+            self.instance_id,
+            self.seq,
+            &self.head_hash,
+            self.time_ns,
+            self.events.as_ref(),
+        )
     }
 }
 
 /// The first octets of every record's canonical encoding (so of every frame's body).
 pub const RECORD_DOMAIN: &[u8] = b"tsa-archive/record/v1\0";
 const CHECKPOINT_DOMAIN: &[u8] = b"tsa-archive/checkpoint/v1\0";
+const CHECKPOINT_DOMAIN_V2: &[u8] = b"tsa-archive/checkpoint/v2\0";
+const EVENT_DOMAIN: &[u8] = b"tsa-archive/event/v1\0";
 
 /// The canonical encoding of a record: a domain string, then every field in a fixed order,
 /// integers as 8 octets big-endian, octet and text strings as a 4-octet big-endian length and
@@ -340,14 +390,28 @@ pub fn record_hash(
 }
 
 /// What a checkpoint signs: a domain string, the instance, the head's position (the record
-/// count), the head's hash and the time, in the encoding of [`canonical`].
-pub fn checkpoint_message(instance_id: u32, seq: u64, head_hash: &Hash, time_ns: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(CHECKPOINT_DOMAIN.len() + 56);
-    out.extend_from_slice(CHECKPOINT_DOMAIN);
+/// count), the head's hash and the time, in the encoding of [`canonical`]; then, in the
+/// second version (`events` given), the last event's position and hash.
+pub fn checkpoint_message(
+    instance_id: u32,
+    seq: u64,
+    head_hash: &Hash,
+    time_ns: u64,
+    events: Option<&ChainHead>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CHECKPOINT_DOMAIN_V2.len() + 96);
+    out.extend_from_slice(match events {
+        Some(_) => CHECKPOINT_DOMAIN_V2,
+        None => CHECKPOINT_DOMAIN,
+    });
     put_u64(&mut out, instance_id.into());
     put_u64(&mut out, seq);
     out.extend_from_slice(head_hash);
     put_u64(&mut out, time_ns);
+    if let Some(events) = events {
+        put_u64(&mut out, events.seq);
+        out.extend_from_slice(&events.hash);
+    }
     out
 }
 

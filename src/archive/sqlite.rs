@@ -10,11 +10,12 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transactio
 use super::imprints::{Found, ImprintIndex};
 use super::record::{
     Anchor, ChainHead, Checkpoint, ClockAtIssue, EventRecord, Hash, StoredRecord, TokenRecord,
+    ZERO_HASH,
 };
 use super::serial::layout;
 use super::store::{
-    schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState, Newest, Rank, StoreError,
-    Visit, PRUNE_ROWS, RECORD_COLUMNS, SCHEMA_VERSION,
+    migrate_from_1, schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState, Newest,
+    Rank, StoreError, Visit, PRUNE_ROWS, RECORD_COLUMNS, SCHEMA_VERSION, SCHEMA_VERSION_1,
 };
 
 pub struct SqliteStore {
@@ -24,6 +25,9 @@ pub struct SqliteStore {
     /// That index, once a look-up found it (kept for the next ones).
     imprints: Option<ImprintIndex>,
     certificate_sets: CertificateSets,
+    /// Schema 2: events carry their hashes and checkpoints their events' head. A schema-1
+    /// archive opened to be read shows neither.
+    chained: bool,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -54,6 +58,7 @@ impl SqliteStore {
             path: path.to_owned(),
             imprints: None,
             certificate_sets: CertificateSets::default(),
+            chained: true,
         };
         store.create_schema()?;
         store.drop_imprint_index()?;
@@ -66,13 +71,14 @@ impl SqliteStore {
             return Err(StoreError(format!("{} does not exist", path.display())));
         }
         let conn = connect(path, Access::Read, Duration::from_secs(5))?;
-        let store = Self {
+        let mut store = Self {
             conn,
             path: path.to_owned(),
             imprints: None,
             certificate_sets: CertificateSets::default(),
+            chained: true,
         };
-        store.check_version()?;
+        store.chained = store.check_version()? == SCHEMA_VERSION;
         Ok(store)
     }
 
@@ -86,8 +92,23 @@ impl SqliteStore {
              ON CONFLICT (name) DO NOTHING",
             [SCHEMA_VERSION],
         )?;
+        if version(&tx)?.as_deref() == Some(SCHEMA_VERSION_1) {
+            tracing::info!(
+                event = "archive_schema_migrated",
+                from = SCHEMA_VERSION_1,
+                to = SCHEMA_VERSION,
+                "the archive's events are chained from now on, and checkpoints sign them"
+            );
+            tx.execute_batch(&migrate_from_1("BLOB"))?;
+        }
         tx.commit()?;
-        self.check_version()
+        match self.check_version()?.as_str() {
+            SCHEMA_VERSION => Ok(()),
+            other => Err(StoreError(format!(
+                "the archive's schema is version {other}: opened to be written, it must be \
+                 {SCHEMA_VERSION}"
+            ))),
+        }
     }
 
     /// Archives written before the imprint index moved to a database of its own have it on
@@ -121,20 +142,29 @@ impl SqliteStore {
         }
     }
 
-    fn check_version(&self) -> Result<(), StoreError> {
-        let version: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT value FROM archive_meta WHERE name = 'schema'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
-        match version.as_deref() {
-            Some(SCHEMA_VERSION) => Ok(()),
+    /// The schema's version, one this build reads ([`SCHEMA_VERSION`] or the one before).
+    fn check_version(&self) -> Result<String, StoreError> {
+        match version(&self.conn)? {
+            Some(v) if v == SCHEMA_VERSION || v == SCHEMA_VERSION_1 => Ok(v),
             other => Err(StoreError(format!(
                 "unknown archive schema version {other:?} (this build knows {SCHEMA_VERSION})"
             ))),
+        }
+    }
+
+    /// The columns of an event's chain, or nulls in a schema-1 archive.
+    fn event_chain_columns(&self) -> &'static str {
+        match self.chained {
+            true => "prev_hash, hash",
+            false => "NULL, NULL",
+        }
+    }
+
+    /// The columns of a checkpoint's events head, or nulls in a schema-1 archive.
+    fn checkpoint_events_columns(&self) -> &'static str {
+        match self.chained {
+            true => "events_seq, events_hash",
+            false => "NULL, NULL",
         }
     }
 
@@ -402,7 +432,18 @@ fn read_record(row: &Row<'_>) -> Result<Stored, rusqlite::Error> {
     Ok((record, optional_octets(row, 18)?))
 }
 
+fn version(conn: &Connection) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT value FROM archive_meta WHERE name = 'schema'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
 fn read_checkpoint(row: &Row<'_>) -> Result<Checkpoint, rusqlite::Error> {
+    let events_seq: Option<u64> = row.get(7)?;
     Ok(Checkpoint {
         instance_id: row.get(0)?,
         seq: row.get(1)?,
@@ -411,6 +452,28 @@ fn read_checkpoint(row: &Row<'_>) -> Result<Checkpoint, rusqlite::Error> {
         algorithm: row.get(4)?,
         signature: row.get(5)?,
         certificate: row.get(6)?,
+        events: match events_seq {
+            Some(seq) => Some(ChainHead {
+                seq,
+                hash: hash_of(octets(row, 8)?)?,
+            }),
+            None => None,
+        },
+    })
+}
+
+/// An event from `instance_id, seq, time_ns, level, kind, message, fields, prev_hash, hash`.
+fn read_event(r: &Row<'_>) -> Result<EventRecord, rusqlite::Error> {
+    Ok(EventRecord {
+        instance_id: r.get(0)?,
+        seq: r.get(1)?,
+        time_ns: r.get(2)?,
+        level: r.get(3)?,
+        kind: r.get(4)?,
+        message: r.get(5)?,
+        fields: r.get(6)?,
+        prev_hash: optional_octets(r, 7)?.map(hash_of).transpose()?,
+        hash: optional_octets(r, 8)?.map(hash_of).transpose()?,
     })
 }
 
@@ -475,18 +538,31 @@ impl ArchiveStore for SqliteStore {
             [instance_id],
             |r| r.get(0),
         )?;
-        let last_event_seq: Option<u64> = c.query_row(
-            "SELECT MAX(seq) FROM events WHERE instance_id = ?1",
-            [instance_id],
-            |r| r.get(0),
-        )?;
+        let last_event: Option<ChainHead> = c
+            .query_row(
+                &format!(
+                    "SELECT seq, {} FROM events WHERE instance_id = ?1 ORDER BY seq DESC LIMIT 1",
+                    self.event_chain_columns()
+                ),
+                [instance_id],
+                |r| {
+                    Ok(ChainHead {
+                        seq: r.get(0)?,
+                        hash: optional_octets(r, 2)?
+                            .map(hash_of)
+                            .transpose()?
+                            .unwrap_or(ZERO_HASH),
+                    })
+                },
+            )
+            .optional()?;
         Ok(InstanceState::combine(
             reserved_until,
             [max_counter, inst_max_counter],
             [recent_gen, Some(inst_max_gen)],
             head,
             anchor,
-            last_event_seq,
+            last_event,
         ))
     }
 
@@ -575,8 +651,8 @@ impl ArchiveStore for SqliteStore {
                 ])?;
             }
             let mut insert = tx.prepare_cached(
-                "INSERT INTO events (instance_id, seq, time_ns, level, kind, message, fields) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO events (instance_id, seq, time_ns, level, kind, message, fields, \
+                 prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             for e in events {
                 insert.execute(params![
@@ -586,7 +662,9 @@ impl ArchiveStore for SqliteStore {
                     e.level,
                     e.kind,
                     e.message,
-                    e.fields
+                    e.fields,
+                    e.prev_hash.as_ref().map(|h| &h[..]),
+                    e.hash.as_ref().map(|h| &h[..]),
                 ])?;
             }
             if let (Some(max_counter), Some(max_gen)) = (
@@ -614,7 +692,8 @@ impl ArchiveStore for SqliteStore {
     fn add_checkpoint(&mut self, c: &Checkpoint) -> Result<(), StoreError> {
         let added = self.conn.execute(
             "INSERT INTO checkpoints (instance_id, seq, head_hash, time_ns, algorithm, \
-             signature, certificate) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             signature, certificate, events_seq, events_hash) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
              ON CONFLICT (instance_id, seq) DO NOTHING",
             params![
                 c.instance_id,
@@ -623,7 +702,9 @@ impl ArchiveStore for SqliteStore {
                 c.time_ns,
                 c.algorithm,
                 c.signature,
-                c.certificate
+                c.certificate,
+                c.events.map(|e| e.seq),
+                c.events.as_ref().map(|e| &e.hash[..]),
             ],
         )?;
         if added == 0 {
@@ -644,10 +725,11 @@ impl ArchiveStore for SqliteStore {
     }
 
     fn checkpoints(&mut self, instance_id: u32) -> Result<Vec<Checkpoint>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT instance_id, seq, head_hash, time_ns, algorithm, signature, certificate \
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT instance_id, seq, head_hash, time_ns, algorithm, signature, certificate, {} \
              FROM checkpoints WHERE instance_id = ?1 ORDER BY seq",
-        )?;
+            self.checkpoint_events_columns()
+        ))?;
         let all = stmt
             .query_map([instance_id], read_checkpoint)?
             .collect::<Result<Vec<_>, _>>()?;
@@ -796,24 +878,39 @@ impl ArchiveStore for SqliteStore {
     }
 
     fn events(&mut self, from_ns: u64, to_ns: u64) -> Result<Vec<EventRecord>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT instance_id, seq, time_ns, level, kind, message, fields FROM events \
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT instance_id, seq, time_ns, level, kind, message, fields, {} FROM events \
              WHERE time_ns >= ?1 AND time_ns < ?2 ORDER BY time_ns, instance_id, seq",
-        )?;
+            self.event_chain_columns()
+        ))?;
         let all = stmt
             .query_map(
                 params![from_ns.min(i64::MAX as u64), to_ns.min(i64::MAX as u64)],
-                |r| {
-                    Ok(EventRecord {
-                        instance_id: r.get(0)?,
-                        seq: r.get(1)?,
-                        time_ns: r.get(2)?,
-                        level: r.get(3)?,
-                        kind: r.get(4)?,
-                        message: r.get(5)?,
-                        fields: r.get(6)?,
-                    })
-                },
+                read_event,
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(all)
+    }
+
+    fn events_after(
+        &mut self,
+        instance_id: u32,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT instance_id, seq, time_ns, level, kind, message, fields, {} FROM events \
+             WHERE instance_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            self.event_chain_columns()
+        ))?;
+        let all = stmt
+            .query_map(
+                params![
+                    instance_id,
+                    after_seq.min(i64::MAX as u64),
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                read_event,
             )?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(all)
@@ -867,10 +964,29 @@ impl ArchiveStore for SqliteStore {
             |r| r.get(0),
         )?;
         let events_before = oldest_kept.map_or(before_ns, |t| t.min(before_ns));
+        // And of the chained events, only those a checkpoint at or below the anchor signed:
+        // verification takes a gap in the events' chain for pruning only there.
+        let anchored = match &last {
+            Some((seq, _)) => *seq,
+            None => tx
+                .query_row(
+                    "SELECT seq FROM chain_anchors WHERE instance_id = ?1",
+                    [instance_id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(0),
+        };
+        let events_signed: Option<u64> = tx.query_row(
+            "SELECT MAX(events_seq) FROM checkpoints WHERE instance_id = ?1 AND seq <= ?2",
+            params![instance_id, anchored],
+            |r| r.get(0),
+        )?;
         tx.execute(
-            "DELETE FROM events WHERE instance_id = ?1 AND time_ns < ?2 AND seq NOT IN \
+            "DELETE FROM events WHERE instance_id = ?1 AND time_ns < ?2 \
+             AND (hash IS NULL OR seq <= ?3) AND seq NOT IN \
              (SELECT MAX(seq) FROM events WHERE instance_id = ?1 AND time_ns < ?2 GROUP BY kind)",
-            params![instance_id, events_before],
+            params![instance_id, events_before, events_signed.unwrap_or(0)],
         )?;
         let Some((seq, hash)) = last else {
             tx.commit()?;

@@ -40,8 +40,8 @@ pub struct InstanceState {
     /// The chain's last record (or the anchor when everything was pruned).
     pub head: Option<ChainHead>,
     pub anchor: Option<Anchor>,
-    /// The last event's position.
-    pub last_event_seq: u64,
+    /// The last event's position and hash (zeros for one stored unchained, or none).
+    pub last_event: ChainHead,
 }
 
 impl InstanceState {
@@ -54,7 +54,7 @@ impl InstanceState {
         max_gen_times_ns: [Option<u64>; 2],
         head: Option<ChainHead>,
         anchor: Option<Anchor>,
-        last_event_seq: Option<u64>,
+        last_event: Option<ChainHead>,
     ) -> Self {
         let max_counter = max_counters
             .into_iter()
@@ -76,7 +76,7 @@ impl InstanceState {
                 hash: a.hash,
             })),
             anchor,
-            last_event_seq: last_event_seq.unwrap_or(0),
+            last_event: last_event.unwrap_or(ChainHead::EMPTY),
         }
     }
 }
@@ -324,6 +324,14 @@ pub trait ArchiveStore: Send {
     /// Events of every instance with `from_ns <= time < to_ns`, by time.
     fn events(&mut self, from_ns: u64, to_ns: u64) -> Result<Vec<EventRecord>, StoreError>;
 
+    /// The instance's events after position `after_seq`, by position, `limit` at most.
+    fn events_after(
+        &mut self,
+        instance_id: u32,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError>;
+
     /// Removes the instance's oldest records while their genTime is before `before_ns` and
     /// their position is at or below the instance's last signed checkpoint (none: no record
     /// goes), keeping the last removed one's hash as the chain's anchor; removes events
@@ -434,6 +442,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     algorithm {blob} NOT NULL,
     signature {blob} NOT NULL,
     certificate {blob} NOT NULL,
+    events_seq BIGINT,
+    events_hash {blob},
     PRIMARY KEY (instance_id, seq)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -444,6 +454,8 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL,
     message TEXT NOT NULL,
     fields TEXT NOT NULL,
+    prev_hash {blob},
+    hash {blob},
     PRIMARY KEY (instance_id, seq)
 );
 CREATE INDEX IF NOT EXISTS events_time ON events (time_ns);
@@ -477,8 +489,26 @@ pub const IMPRINT_INDEX_CONCURRENTLY: &str = imprint_index!("CONCURRENTLY");
 pub const OLD_IMPRINT_INDEX: &str =
     "CREATE INDEX IF NOT EXISTS tokens_imprint ON tokens (imprint);";
 
-/// The schema version in `archive_meta` (name `schema`).
-pub const SCHEMA_VERSION: &str = "1";
+/// The schema version in `archive_meta` (name `schema`): 2 since events are chained and
+/// checkpoints sign their head.
+pub const SCHEMA_VERSION: &str = "2";
+
+/// The version before: events without hashes, checkpoints without their head. Opened for
+/// writing, such an archive is migrated ([`migrate_from_1`]); read, it shows them as `None`.
+pub const SCHEMA_VERSION_1: &str = "1";
+
+/// The columns that schema 2 adds to schema 1 (`blob` as for [`schema`]): null in the rows
+/// written before, which verification takes as written before events were chained.
+pub fn migrate_from_1(blob: &str) -> String {
+    format!(
+        "ALTER TABLE events ADD COLUMN prev_hash {blob};
+ALTER TABLE events ADD COLUMN hash {blob};
+ALTER TABLE checkpoints ADD COLUMN events_seq BIGINT;
+ALTER TABLE checkpoints ADD COLUMN events_hash {blob};
+UPDATE archive_meta SET value = '{SCHEMA_VERSION}' WHERE name = 'schema';
+"
+    )
+}
 
 #[cfg(test)]
 mod tests {

@@ -2,6 +2,8 @@
 //! its head, every record against the token it holds, and every signed checkpoint against the
 //! chain and a trusted TSU certificate. Reports the first break of each chain.
 
+mod events;
+
 use std::collections::HashMap;
 use std::fmt;
 
@@ -14,6 +16,8 @@ use super::serial::layout;
 use super::store::{ArchiveStore, StoreError, UnreadTail};
 use crate::client::read::Token;
 use crate::client::verify::{verify_signature, verify_signed_by};
+
+pub use events::{verify_events, EventsReport};
 
 /// Where a chain breaks and how.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +47,15 @@ pub struct InstanceReport {
     pub checkpoint_signers: Vec<(String, String)>,
     /// The last checkpoint's position and head hash.
     pub signed_head: Option<(u64, [u8; 32])>,
+    /// Its events (their chain breaks apart from the records').
+    pub events: EventsReport,
+}
+
+impl InstanceReport {
+    /// Neither its records' chain nor its events' is broken.
+    pub fn ok(&self) -> bool {
+        self.first_break.is_none() && self.events.first_break.is_none()
+    }
 }
 
 /// A chain head an auditor recorded earlier (from this report's `head` line, or from an
@@ -93,7 +106,7 @@ pub struct Report {
 impl Report {
     /// No chain is broken, and no instance named is missing.
     pub fn ok(&self) -> bool {
-        self.missing.is_empty() && self.instances.iter().all(|i| i.first_break.is_none())
+        self.missing.is_empty() && self.instances.iter().all(InstanceReport::ok)
     }
 
     /// What the report warns of (an empty archive, records no checkpoint signs); `tsa archive
@@ -184,6 +197,23 @@ impl fmt::Display for Report {
             }
             for (sha256, subject) in &i.checkpoint_signers {
                 writeln!(f, "  checkpoints signed by {subject} (SHA-256 {sha256})")?;
+            }
+            let e = &i.events;
+            write!(f, "  events: {} read, up to {}", e.events, e.last_seq)?;
+            if e.unchained > 0 {
+                write!(
+                    f,
+                    ", {} of them stored before events were chained (nothing vouches for \
+                     those)",
+                    e.unchained
+                )?;
+            }
+            if e.unsigned > 0 {
+                write!(f, ", {} after the last checkpoint", e.unsigned)?;
+            }
+            match &e.first_break {
+                None => writeln!(f, ": OK")?,
+                Some((seq, what)) => writeln!(f, "\n  BROKEN at event {seq}: {what}")?,
             }
             for w in &i.warnings {
                 writeln!(f, "  WARNING: {w}")?;
@@ -503,6 +533,7 @@ fn verify_instance(
         warnings,
         checkpoint_signers,
         signed_head: checkpoints.last().map(|c| (c.seq, c.head_hash)),
+        events: events::verify_events(store, instance_id, &checkpoints, state.anchor.as_ref())?,
     })
 }
 
@@ -777,6 +808,7 @@ mod tests {
             algorithm: Vec::new(),
             signature: Vec::new(),
             certificate: certificate.to_vec(),
+            events: None,
         }
     }
 

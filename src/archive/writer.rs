@@ -67,7 +67,8 @@ pub(super) struct Writer {
     pub store: Box<dyn ArchiveStore>,
     pub instance_id: u32,
     pub head: ChainHead,
-    pub last_event_seq: u64,
+    /// The last event stored (or handed to the store): the next one chains to it.
+    pub last_event: ChainHead,
     pub max_gen_time_ns: u64,
     pub reserved_until: u64,
     pub serials: BlockSerials,
@@ -301,7 +302,7 @@ impl Writer {
             self.queue.set_target(chained.len());
         }
         let captured = events;
-        let events = self.event_records(&captured, self.last_event_seq + 1);
+        let events = self.event_records(&captured, self.last_event);
         let records = chained.len();
         let durable = self.answer(replies, head);
         let appended = self
@@ -310,7 +311,9 @@ impl Writer {
         match appended {
             Ok(()) => {
                 self.head = head;
-                self.last_event_seq += events.len() as u64;
+                if let Some(last) = events.last() {
+                    self.last_event = last.head();
+                }
                 if let Some(max) = chained.iter().map(|r| r.record.gen_time_ns).max() {
                     self.max_gen_time_ns = self.max_gen_time_ns.max(max);
                 }
@@ -427,18 +430,26 @@ impl Writer {
     }
 
     /// Numbered event records for `events`, from `first_seq` on.
-    fn event_records(&self, events: &[Captured], first_seq: u64) -> Vec<EventRecord> {
+    /// `events` at the positions after `last`, each chained to the one before.
+    fn event_records(&self, events: &[Captured], last: ChainHead) -> Vec<EventRecord> {
+        let mut prev = last;
         events
             .iter()
-            .zip(first_seq..)
-            .map(|(e, seq)| EventRecord {
-                instance_id: self.instance_id,
-                seq,
-                time_ns: e.time_ns,
-                level: e.level.clone(),
-                kind: e.kind.clone(),
-                message: e.message.clone(),
-                fields: e.fields.clone(),
+            .map(|e| {
+                let event = EventRecord {
+                    instance_id: self.instance_id,
+                    seq: prev.seq + 1,
+                    time_ns: e.time_ns,
+                    level: e.level.clone(),
+                    kind: e.kind.clone(),
+                    message: e.message.clone(),
+                    fields: e.fields.clone(),
+                    prev_hash: None,
+                    hash: None,
+                }
+                .chained(prev.hash);
+                prev = event.head();
+                event
             })
             .collect()
     }
@@ -546,7 +557,9 @@ impl Writer {
             self.head = head;
         }
         *self.durable.lock().unwrap_or_else(|p| p.into_inner()) = self.head;
-        self.last_event_seq = self.last_event_seq.max(db.last_event_seq);
+        if db.last_event.seq > self.last_event.seq {
+            self.last_event = db.last_event;
+        }
         self.max_gen_time_ns = self.max_gen_time_ns.max(db.max_gen_time_ns);
         if let Some(until) = reservation {
             self.persist_reservation(until)?;
@@ -555,10 +568,7 @@ impl Writer {
         }
         let now_ns = crate::clock::system_unix_ns();
         // What happened during the outage first, then the recovery itself.
-        let mut events = self.event_records(&self.pending_events, self.last_event_seq + 1);
-        let event = EventRecord {
-            instance_id: self.instance_id,
-            seq: self.last_event_seq + 1 + events.len() as u64,
+        let recovered = Captured {
             time_ns: now_ns,
             level: "info".into(),
             kind: "archive_recovered".into(),
@@ -571,12 +581,15 @@ impl Writer {
             })
             .to_string(),
         };
-        let last_seq = event.seq;
-        events.push(event);
+        let mut captured = self.pending_events.clone();
+        captured.push(recovered);
+        let events = self.event_records(&captured, self.last_event);
         self.store
             .append(self.instance_id, &[], &events)
             .map_err(|e| ArchiveError(e.to_string()))?;
-        self.last_event_seq = last_seq;
+        if let Some(last) = events.last() {
+            self.last_event = last.head();
+        }
         self.pending_events.clear();
         self.outage = None;
         self.healthy.store(true, Ordering::Relaxed);
@@ -713,6 +726,7 @@ impl Writer {
             algorithm: self.signer.algorithm.clone(),
             signature: Vec::new(),
             certificate: self.signer.certificate.clone(),
+            events: Some(self.last_event),
         };
         checkpoint.signature = (self.signer.sign)(&checkpoint.message())
             .map_err(|e| ArchiveError(format!("the checkpoint cannot be signed: {e}")))?;
@@ -758,7 +772,7 @@ mod tests {
             store: Box::new(db),
             instance_id: 0,
             head: ChainHead::EMPTY,
-            last_event_seq: 0,
+            last_event: ChainHead::EMPTY,
             max_gen_time_ns: 0,
             reserved_until: 10,
             serials: BlockSerials::new(0, 1, 10, 10, Box::new(|_| {})),

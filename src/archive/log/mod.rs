@@ -859,7 +859,10 @@ impl ArchiveStore for LogStore {
         }
     }
 
+    /// The events kept from commits whose events could not be stored go first: the
+    /// checkpoint signs the writer's last event, which must be there.
     fn add_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+        self.store_events(checkpoint.instance_id, &[], &[])?;
         self.db.add_checkpoint(checkpoint)
     }
 
@@ -977,6 +980,15 @@ impl ArchiveStore for LogStore {
 
     fn events(&mut self, from_ns: u64, to_ns: u64) -> Result<Vec<EventRecord>, StoreError> {
         self.db.events(from_ns, to_ns)
+    }
+
+    fn events_after(
+        &mut self,
+        instance_id: u32,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.db.events_after(instance_id, after_seq, limit)
     }
 
     /// Removes whole segments, oldest first, while every record of one is older than

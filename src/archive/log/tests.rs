@@ -79,6 +79,7 @@ impl Log {
             algorithm: vec![],
             signature: vec![1],
             certificate: vec![],
+            events: None,
         }
     }
 
@@ -547,6 +548,8 @@ fn the_store_appends_finds_and_prunes_through_the_archive_trait() {
         kind: "sync_acquired".into(),
         message: "m".into(),
         fields: "{}".into(),
+        prev_hash: None,
+        hash: None,
     };
     store
         .append(0, &log.chain(3), std::slice::from_ref(&event))
@@ -557,7 +560,7 @@ fn the_store_appends_finds_and_prunes_through_the_archive_trait() {
     let state = store.instance(0).unwrap();
     assert_eq!(state.head, Some(log.head));
     assert_eq!(state.max_counter, Some(130));
-    assert_eq!(state.last_event_seq, 1);
+    assert_eq!(state.last_event.seq, 1);
     assert_eq!(store.events(0, 10).unwrap(), [event]);
 
     let mut reader = LogStore::open_read_only(SqliteStore::open_read_only(&log.database).unwrap());
@@ -1612,6 +1615,8 @@ fn events_that_cannot_be_stored_do_not_fail_records_already_durable() {
         kind: "sync_acquired".into(),
         message: format!("event {seq}"),
         fields: "{}".into(),
+        prev_hash: None,
+        hash: None,
     };
     store.append(0, &log.chain(1), &[event(1)]).unwrap();
 
@@ -1630,7 +1635,7 @@ fn events_that_cannot_be_stored_do_not_fail_records_already_durable() {
         store.events(0, 10).unwrap(),
         [event(1), event(2), event(3), event(4)]
     );
-    assert_eq!(store.instance(0).unwrap().last_event_seq, 4);
+    assert_eq!(store.instance(0).unwrap().last_event.seq, 4);
     assert_eq!(log.all(), log.records);
 }
 
@@ -1689,6 +1694,8 @@ fn a_damaged_segment_is_not_pruned() {
         kind: "sync_acquired".into(),
         message: "m".into(),
         fields: "{}".into(),
+        prev_hash: None,
+        hash: None,
     };
     store
         .append(0, &log.chain(2), std::slice::from_ref(&event))

@@ -25,12 +25,13 @@ use lease::{Fence, LEASE_SCHEMA};
 
 use super::record::{
     Anchor, ChainHead, Checkpoint, ClockAtIssue, EventRecord, Hash, StoredRecord, TokenRecord,
+    ZERO_HASH,
 };
 use super::serial::layout;
 use super::store::{
-    schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState, StoreError, Visit,
-    IMPRINT_INDEX, IMPRINT_INDEX_CONCURRENTLY, OLD_IMPRINT_INDEX, PRUNE_ROWS, RECORD_COLUMNS,
-    SCHEMA_VERSION,
+    migrate_from_1, schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState,
+    StoreError, Visit, IMPRINT_INDEX, IMPRINT_INDEX_CONCURRENTLY, OLD_IMPRINT_INDEX, PRUNE_ROWS,
+    RECORD_COLUMNS, SCHEMA_VERSION, SCHEMA_VERSION_1,
 };
 use crate::config::ArchiveConfig;
 
@@ -62,6 +63,9 @@ struct Inner {
     certificate_sets: CertificateSets,
     /// The writer's store: the lease that each append checks in its own transaction.
     fence: Option<Fence>,
+    /// Schema 2: events carry their hashes and checkpoints their events' head. A schema-1
+    /// archive opened to be read shows neither.
+    chained: bool,
 }
 
 pub struct PostgresStore {
@@ -101,6 +105,7 @@ impl PostgresStore {
                 pg: pg.clone(),
                 certificate_sets: CertificateSets::default(),
                 fence: None,
+                chained: true,
             })
         })?;
         off_runtime(&mut inner, first)?;
@@ -257,10 +262,40 @@ impl Inner {
              ON CONFLICT (name) DO NOTHING",
             &[&SCHEMA_VERSION],
         )?;
+        let version: Option<String> = tx
+            .query_opt("SELECT value FROM archive_meta WHERE name = 'schema'", &[])?
+            .map(|r| r.try_get(0))
+            .transpose()?;
+        if version.as_deref() == Some(SCHEMA_VERSION_1) {
+            tracing::info!(
+                event = "archive_schema_migrated",
+                from = SCHEMA_VERSION_1,
+                to = SCHEMA_VERSION,
+                "the archive's events are chained from now on, and checkpoints sign them"
+            );
+            tx.batch_execute(&migrate_from_1("BYTEA"))?;
+        }
         tx.commit()?;
-        self.check_version()
+        self.check_version()?;
+        match self.chained {
+            true => Ok(()),
+            false => Err(StoreError(format!(
+                "the archive's schema is version {SCHEMA_VERSION_1}: opened to be written, it \
+                 must be {SCHEMA_VERSION}"
+            ))),
+        }
     }
 
+    /// The columns of an event's chain, or nulls in a schema-1 archive.
+    fn event_chain_columns(&self) -> &'static str {
+        match self.chained {
+            true => "prev_hash, hash",
+            false => "NULL::BYTEA, NULL::BYTEA",
+        }
+    }
+
+    /// Reads the schema's version: one this build reads ([`SCHEMA_VERSION`] or the one
+    /// before, which is read without the events' chain).
     fn check_version(&mut self) -> Result<(), StoreError> {
         let version: Option<String> = self
             .client
@@ -269,7 +304,14 @@ impl Inner {
             .map(|r| r.try_get(0))
             .transpose()?;
         match version.as_deref() {
-            Some(SCHEMA_VERSION) => Ok(()),
+            Some(SCHEMA_VERSION) => {
+                self.chained = true;
+                Ok(())
+            }
+            Some(SCHEMA_VERSION_1) => {
+                self.chained = false;
+                Ok(())
+            }
             other => Err(StoreError(format!(
                 "unknown archive schema version {other:?} (this build knows {SCHEMA_VERSION})"
             ))),
@@ -365,6 +407,24 @@ fn read_record(row: &Row) -> Result<Stored, StoreError> {
     Ok((record, row.try_get(18)?))
 }
 
+/// An event from `instance_id, seq, time_ns, level, kind, message, fields, prev_hash, hash`.
+fn read_event(r: &Row) -> Result<EventRecord, StoreError> {
+    let hash = |idx: usize| -> Result<Option<Hash>, StoreError> {
+        r.try_get::<_, Option<&[u8]>>(idx)?.map(hash_of).transpose()
+    };
+    Ok(EventRecord {
+        instance_id: instance_of(r.try_get(0)?)?,
+        seq: u(r.try_get(1)?),
+        time_ns: u(r.try_get(2)?),
+        level: r.try_get(3)?,
+        kind: r.try_get(4)?,
+        message: r.try_get(5)?,
+        fields: r.try_get(6)?,
+        prev_hash: hash(7)?,
+        hash: hash(8)?,
+    })
+}
+
 fn read_anchor(row: &Row) -> Result<Anchor, StoreError> {
     Ok(Anchor {
         instance_id: instance_of(row.try_get(0)?)?,
@@ -387,6 +447,7 @@ impl ArchiveStore for PostgresStore {
     fn instance(&mut self, instance_id: u32) -> Result<InstanceState, StoreError> {
         let id = instance_id as i64;
         self.run(move |s| {
+            let chain_columns = s.event_chain_columns();
             let c = &mut s.client;
             let (reserved_until, inst_max_counter, inst_max_gen) = c
                 .query_opt(
@@ -420,20 +481,34 @@ impl ArchiveStore for PostgresStore {
             let row = c.query_one(
                 "SELECT (SELECT MAX(counter) FROM tokens WHERE instance_id = $1), \
                  (SELECT MAX(gen_time_ns) FROM (SELECT gen_time_ns FROM tokens \
-                  WHERE instance_id = $1 ORDER BY seq DESC LIMIT 100000) AS recent), \
-                 (SELECT MAX(seq) FROM events WHERE instance_id = $1)",
+                  WHERE instance_id = $1 ORDER BY seq DESC LIMIT 100000) AS recent)",
                 &[&id],
             )?;
             let max_counter: Option<i64> = row.try_get(0)?;
             let recent_gen: Option<i64> = row.try_get(1)?;
-            let last_event_seq: Option<i64> = row.try_get(2)?;
+            let last_event = match c.query_opt(
+                &format!(
+                    "SELECT seq, {} FROM events WHERE instance_id = $1 ORDER BY seq DESC LIMIT 1",
+                    chain_columns
+                ),
+                &[&id],
+            )? {
+                Some(r) => Some(ChainHead {
+                    seq: u(r.try_get(0)?),
+                    hash: match r.try_get::<_, Option<&[u8]>>(2)? {
+                        Some(h) => hash_of(h)?,
+                        None => ZERO_HASH,
+                    },
+                }),
+                None => None,
+            };
             Ok(InstanceState::combine(
                 reserved_until,
                 [max_counter.map(u), inst_max_counter],
                 [recent_gen.map(u), Some(inst_max_gen)],
                 head,
                 anchor,
-                last_event_seq.map(u),
+                last_event,
             ))
         })
     }
@@ -532,8 +607,8 @@ impl ArchiveStore for PostgresStore {
                 )?;
             }
             let insert = tx.prepare(
-                "INSERT INTO events (instance_id, seq, time_ns, level, kind, message, fields) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO events (instance_id, seq, time_ns, level, kind, message, fields, \
+                 prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             )?;
             for e in events {
                 tx.execute(
@@ -546,6 +621,8 @@ impl ArchiveStore for PostgresStore {
                         &e.kind,
                         &e.message,
                         &e.fields,
+                        &e.prev_hash.as_ref().map(|h| &h[..]),
+                        &e.hash.as_ref().map(|h| &h[..]),
                     ],
                 )?;
             }
@@ -580,7 +657,8 @@ impl ArchiveStore for PostgresStore {
         self.run(move |s| {
             s.client.execute(
                 "INSERT INTO checkpoints (instance_id, seq, head_hash, time_ns, algorithm, \
-                 signature, certificate) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 signature, certificate, events_seq, events_hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                  ON CONFLICT (instance_id, seq) DO NOTHING",
                 &[
                     &(c.instance_id as i64),
@@ -590,6 +668,8 @@ impl ArchiveStore for PostgresStore {
                     &c.algorithm,
                     &c.signature,
                     &c.certificate,
+                    &c.events.map(|e| i(e.seq)),
+                    &c.events.as_ref().map(|e| &e.hash[..]),
                 ],
             )?;
             // Stored again (a repeat) is a no-op; another head at a signed position is not.
@@ -613,10 +693,17 @@ impl ArchiveStore for PostgresStore {
 
     fn checkpoints(&mut self, instance_id: u32) -> Result<Vec<Checkpoint>, StoreError> {
         self.run(move |s| {
+            let events_columns = match s.chained {
+                true => "events_seq, events_hash",
+                false => "NULL::BIGINT, NULL::BYTEA",
+            };
             s.client
                 .query(
-                    "SELECT instance_id, seq, head_hash, time_ns, algorithm, signature, \
-                     certificate FROM checkpoints WHERE instance_id = $1 ORDER BY seq",
+                    &format!(
+                        "SELECT instance_id, seq, head_hash, time_ns, algorithm, signature, \
+                         certificate, {events_columns} FROM checkpoints WHERE instance_id = $1 \
+                         ORDER BY seq"
+                    ),
                     &[&(instance_id as i64)],
                 )?
                 .iter()
@@ -629,6 +716,13 @@ impl ArchiveStore for PostgresStore {
                         algorithm: r.try_get(4)?,
                         signature: r.try_get(5)?,
                         certificate: r.try_get(6)?,
+                        events: match r.try_get::<_, Option<i64>>(7)? {
+                            Some(seq) => Some(ChainHead {
+                                seq: u(seq),
+                                hash: hash_of(r.try_get(8)?)?,
+                            }),
+                            None => None,
+                        },
                     })
                 })
                 .collect()
@@ -756,24 +850,42 @@ impl ArchiveStore for PostgresStore {
 
     fn events(&mut self, from_ns: u64, to_ns: u64) -> Result<Vec<EventRecord>, StoreError> {
         self.run(move |s| {
+            let sql = format!(
+                "SELECT instance_id, seq, time_ns, level, kind, message, fields, {} FROM events \
+                 WHERE time_ns >= $1 AND time_ns < $2 ORDER BY time_ns, instance_id, seq",
+                s.event_chain_columns()
+            );
+            s.client
+                .query(&sql, &[&i(from_ns), &i(to_ns)])?
+                .iter()
+                .map(read_event)
+                .collect()
+        })
+    }
+
+    fn events_after(
+        &mut self,
+        instance_id: u32,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        self.run(move |s| {
+            let sql = format!(
+                "SELECT instance_id, seq, time_ns, level, kind, message, fields, {} FROM events \
+                 WHERE instance_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                s.event_chain_columns()
+            );
             s.client
                 .query(
-                    "SELECT instance_id, seq, time_ns, level, kind, message, fields FROM events \
-                     WHERE time_ns >= $1 AND time_ns < $2 ORDER BY time_ns, instance_id, seq",
-                    &[&i(from_ns), &i(to_ns)],
+                    &sql,
+                    &[
+                        &(instance_id as i64),
+                        &i(after_seq),
+                        &i64::try_from(limit).unwrap_or(i64::MAX),
+                    ],
                 )?
                 .iter()
-                .map(|r| {
-                    Ok(EventRecord {
-                        instance_id: instance_of(r.try_get(0)?)?,
-                        seq: u(r.try_get(1)?),
-                        time_ns: u(r.try_get(2)?),
-                        level: r.try_get(3)?,
-                        kind: r.try_get(4)?,
-                        message: r.try_get(5)?,
-                        fields: r.try_get(6)?,
-                    })
-                })
+                .map(read_event)
                 .collect()
         })
     }
@@ -831,11 +943,28 @@ impl ArchiveStore for PostgresStore {
                 )?
                 .try_get(0)?;
             let events_before = oldest_kept.map_or(before, |t| t.min(before));
+            // And of the chained events, only those a checkpoint at or below the anchor
+            // signed: verification takes a gap in the events' chain for pruning only there.
+            let anchored: i64 = match &last {
+                Some(l) => l.try_get(0)?,
+                None => match tx.query_opt(ANCHOR_SQL, &[&id])? {
+                    Some(r) => i(read_anchor(&r)?.seq),
+                    None => 0,
+                },
+            };
+            let events_signed: Option<i64> = tx
+                .query_one(
+                    "SELECT MAX(events_seq) FROM checkpoints WHERE instance_id = $1 \
+                     AND seq <= $2",
+                    &[&id, &anchored],
+                )?
+                .try_get(0)?;
             tx.execute(
-                "DELETE FROM events WHERE instance_id = $1 AND time_ns < $2 AND seq NOT IN \
+                "DELETE FROM events WHERE instance_id = $1 AND time_ns < $2 \
+                 AND (hash IS NULL OR seq <= $3) AND seq NOT IN \
                  (SELECT MAX(seq) FROM events WHERE instance_id = $1 AND time_ns < $2 \
                  GROUP BY kind)",
-                &[&id, &events_before],
+                &[&id, &events_before, &events_signed.unwrap_or(0)],
             )?;
             let Some(last) = last else {
                 tx.commit()?;
