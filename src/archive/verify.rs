@@ -283,6 +283,7 @@ fn verify_instance(
     // are checked instead.
     let signed_up_to = checkpoints.last().map_or(0, |c| c.seq);
     let mut max_counter = state.anchor.map(|a| a.max_counter);
+    let mut counters = Counters::default();
     // The positions whose hashes are compared after the walk: the checkpoints' and the
     // expected heads'.
     let wanted: HashMap<u64, ()> = checkpoints
@@ -333,7 +334,9 @@ fn verify_instance(
     let mut hashes_at: HashMap<u64, [u8; 32]> = HashMap::new();
     if first_break.is_none() {
         store.for_each_record(instance_id, start.seq + 1, &mut |r| {
-            if let Some(b) = check_record(&r, instance_id, &head) {
+            if let Some(b) =
+                check_record(&r, instance_id, &head).or_else(|| counters.handed_out_twice(&r))
+            {
                 first_break = Some(b);
                 return Ok(false);
             }
@@ -661,6 +664,37 @@ fn check_record(r: &StoredRecord, instance_id: u32, prev: &ChainHead) -> Option<
     None
 }
 
+/// The counters of an instance's records seen so far: a serial is unique by its instance and
+/// counter (the random octets after them aside), so a counter seen twice is a serial handed
+/// out twice, or two tokens of which a look-up by serial finds one. The rows layout and
+/// PostgreSQL refuse a second one (a unique index); the token log keeps whatever it is given.
+///
+/// A bit a counter, in blocks of 2^16: counters are dense (blocks of `serial_block`, a
+/// restart skips the rest of one), so 100 million records take about 12 MB.
+#[derive(Default)]
+struct Counters(HashMap<u64, Box<[u64; 1024]>>);
+
+impl Counters {
+    /// Notes `r`'s counter; the break if an earlier record had it.
+    fn handed_out_twice(&mut self, r: &StoredRecord) -> Option<Break> {
+        let block = self
+            .0
+            .entry(r.counter >> 16)
+            .or_insert_with(|| Box::new([0; 1024]));
+        let (word, bit) = ((r.counter >> 6) as usize & 1023, 1u64 << (r.counter & 63));
+        let seen = block[word] & bit != 0;
+        block[word] |= bit;
+        seen.then(|| Break {
+            seq: r.seq,
+            serial: Some(hex(&r.record.serial)),
+            what: format!(
+                "counter {} is an earlier record's too: the instance handed it out twice",
+                r.counter
+            ),
+        })
+    }
+}
+
 /// The columns that disagree with the token the record holds.
 fn token_differences(r: &StoredRecord) -> Vec<String> {
     let rec = &r.record;
@@ -810,6 +844,39 @@ mod tests {
             certificate: certificate.to_vec(),
             events: None,
         }
+    }
+
+    #[test]
+    fn a_counter_seen_twice_is_a_break() {
+        let records = crate::archive::tests::records_a_second_apart(3);
+        let mut counters = Counters::default();
+        for r in &records {
+            assert_eq!(counters.handed_out_twice(r), None);
+        }
+        // Far apart, in blocks of their own, and next to one another.
+        for counter in [1 << 40, (1 << 40) + 63, (1 << 40) + 64, u64::MAX >> 1] {
+            let r = StoredRecord {
+                counter,
+                ..records[0].clone()
+            };
+            assert_eq!(counters.handed_out_twice(&r), None, "{counter}");
+        }
+        let again = StoredRecord {
+            seq: 4,
+            ..records[1].clone()
+        };
+        let b = counters.handed_out_twice(&again).expect("counter 2 again");
+        assert_eq!(b.seq, 4);
+        assert!(
+            b.what.contains("counter 2 is an earlier record's too"),
+            "{}",
+            b.what
+        );
+        let far = StoredRecord {
+            counter: (1 << 40) + 64,
+            ..records[0].clone()
+        };
+        assert!(counters.handed_out_twice(&far).is_some());
     }
 
     /// After a key rollover the first checkpoint of the next key may sit over a token of the
