@@ -17,7 +17,7 @@ mod syncer;
 mod tests;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -66,6 +66,9 @@ pub struct LogReader {
     /// The lowest and highest counter of closed segments (instance, first position), read
     /// once: a closed segment does not change.
     counters: Mutex<CounterRanges>,
+    /// Segments (file, entries) whose index entries a look-up that missed found to agree
+    /// with their frames: see [`LogReader::counter_in_frames`].
+    agreeing: Mutex<HashSet<(PathBuf, usize)>>,
 }
 
 /// Per closed segment (instance, first position): its lowest and highest counter, if any.
@@ -77,6 +80,7 @@ impl LogReader {
         Self {
             root: dir_for(database),
             counters: Mutex::new(HashMap::new()),
+            agreeing: Mutex::new(HashSet::new()),
         }
     }
 
@@ -196,7 +200,7 @@ impl LogReader {
             .filter(|&i| i < all.len())
             .collect();
         for &i in &candidates {
-            if let Some(found) = Self::counter_in(&all[i], counter)? {
+            if let Some(found) = self.counter_in(&all[i], counter)? {
                 return Ok(Some(found));
             }
         }
@@ -225,7 +229,7 @@ impl LogReader {
                     continue;
                 }
             }
-            if let Some(found) = Self::counter_in(segment, counter)? {
+            if let Some(found) = self.counter_in(segment, counter)? {
                 return Ok(Some(found));
             }
         }
@@ -240,10 +244,10 @@ impl LogReader {
     /// ([`segments::scan_checked_for_look_ups`]: a garbled counter at either end of the
     /// segment's is told). An entry whose frame is another record voids the index: the frames
     /// are read instead. (One whose frame does not check names a damaged record.)
-    fn counter_in(segment: &Segment, counter: u64) -> io::Result<Option<StoredRecord>> {
+    fn counter_in(&self, segment: &Segment, counter: u64) -> io::Result<Option<StoredRecord>> {
         let entries = segments::scan_checked_for_look_ups(segment)?.entries;
         let Some(e) = entries.iter().find(|e| e.counter == counter) else {
-            return Ok(None);
+            return self.counter_in_frames(segment, counter, &entries);
         };
         let file = File::open(&segment.path)?;
         let found = read_at(&file, e.offset)?.map(|(record, _)| record);
@@ -254,6 +258,44 @@ impl LogReader {
         let entries = segments::frames_instead(segment, e.seq)?.entries;
         match entries.iter().find(|e| e.counter == counter) {
             Some(e) => Ok(read_at(&file, e.offset)?.map(|(r, _)| r)),
+            None => Ok(None),
+        }
+    }
+
+    /// A counter that `entries` (`segment`'s) do not hold, though their lowest and highest
+    /// counters span it. Only those two are checked against their frames, so an entry between
+    /// them with a garbled counter would hide its record ("no such token" of a token the log
+    /// holds): the entries are compared with the frames, once for as many entries (a
+    /// counter never handed out, or a token refused, misses again at no cost), and where they
+    /// differ the frames are searched.
+    fn counter_in_frames(
+        &self,
+        segment: &Segment,
+        counter: u64,
+        entries: &[segments::Entry],
+    ) -> io::Result<Option<StoredRecord>> {
+        let low = entries.iter().map(|e| e.counter).min();
+        let high = entries.iter().map(|e| e.counter).max();
+        let spans = low.is_some_and(|l| l <= counter) && high.is_some_and(|h| counter <= h);
+        let key = (segment.path.clone(), entries.len());
+        let agreeing = || self.agreeing.lock().unwrap_or_else(|p| p.into_inner());
+        if !spans || agreeing().contains(&key) {
+            return Ok(None);
+        }
+        let frames = segments::frames(segment)?.entries;
+        let differs = entries
+            .iter()
+            .zip(&frames)
+            .find(|(entry, frame)| entry != frame)
+            .map(|(entry, _)| entry.seq)
+            .or_else(|| (frames.len() < entries.len()).then(|| entries[frames.len()].seq));
+        let Some(seq) = differs else {
+            agreeing().insert(key);
+            return Ok(None);
+        };
+        segments::warn_frames_instead(segment, seq);
+        match frames.iter().find(|e| e.counter == counter) {
+            Some(e) => Ok(read_at(&File::open(&segment.path)?, e.offset)?.map(|(r, _)| r)),
             None => Ok(None),
         }
     }

@@ -452,12 +452,22 @@ fn scan_checked_with(segment: &Segment, damage_voids: bool) -> io::Result<Scanne
 /// [`scan`] of `segment`'s frames alone, its index passed over: an entry of it (position
 /// `seq`) was found not to agree with its frame. Logged, with the remedy.
 pub fn frames_instead(segment: &Segment, seq: u64) -> io::Result<Scanned> {
+    warn_frames_instead(segment, seq);
+    frames(segment)
+}
+
+/// What [`frames_instead`] logs.
+pub fn warn_frames_instead(segment: &Segment, seq: u64) {
     tracing::warn!(
         index = %segment.index_path().display(),
         seq,
         "an index entry does not agree with its frame: the segment's frames are read \
          instead (remove the index to have it written again)"
     );
+}
+
+/// [`scan`] of `segment`'s frames alone, its index passed over.
+pub fn frames(segment: &Segment) -> io::Result<Scanned> {
     scan_with(segment, false)
 }
 

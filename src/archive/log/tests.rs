@@ -1909,6 +1909,20 @@ fn a_garbled_index_hides_no_record_from_a_look_up_by_serial() {
         log.reader().by_counter(0, 30).unwrap().as_ref(),
         Some(&log.records[2])
     );
+    // The offset right again, and the entry of counter 20 saying 50 (between the extremes,
+    // where the entry of 50 leads to record 5): counter 20 is in no entry, but the frames
+    // have it. A counter between them that no record has misses, the frames read once.
+    garble_entry(&segment, 2, 1, offset);
+    garble_entry(&segment, 1, 2, 50);
+    let reader = log.reader();
+    assert_eq!(
+        reader.by_counter(0, 20).unwrap().as_ref(),
+        Some(&log.records[1])
+    );
+    garble_entry(&segment, 1, 2, 20);
+    assert_eq!(reader.by_counter(0, 25).unwrap(), None);
+    assert_eq!(reader.agreeing.lock().unwrap().len(), 1, "the index agrees");
+    assert_eq!(reader.by_counter(0, 25).unwrap(), None);
 }
 
 #[test]
