@@ -415,9 +415,28 @@ impl LogReader {
             let file = files.add(segment.path);
             for (i, e) in entries.iter().enumerate() {
                 log.latest = log.latest.max(Some(e.gen_time_ns));
-                if e.seq > log.anchor && e.gen_time_ns >= from_ns && e.gen_time_ns < to_ns {
+                let mut gen_time_ns = e.gen_time_ns;
+                let in_range = |t: u64| (from_ns..to_ns).contains(&t);
+                // Further from each neighbour's genTime than records in flight together are:
+                // an entry garbled between the segment's extremes (which alone were checked)
+                // would hide its record from the range, or take it out of order, so its frame
+                // decides. (Sparse traffic reads a few frames more.)
+                if e.seq > log.anchor && stray(&entries, i) {
+                    // (A frame that is not there is left to the read below, which tells it.)
+                    let frame = match files.open(file)? {
+                        Some(segment) => read_at(segment, e.offset)?,
+                        None => None,
+                    };
+                    if let Some((r, _)) = frame.filter(|(r, _)| r.seq == e.seq) {
+                        if r.record.gen_time_ns != gen_time_ns {
+                            misindexed += 1;
+                            gen_time_ns = r.record.gen_time_ns;
+                        }
+                    }
+                }
+                if e.seq > log.anchor && in_range(gen_time_ns) {
                     pending.push(Reverse((
-                        e.gen_time_ns,
+                        gen_time_ns,
                         log.instance_id,
                         e.seq,
                         file,
@@ -444,9 +463,9 @@ impl LogReader {
         if misindexed > 0 {
             tracing::warn!(
                 records = misindexed,
-                "records whose index entries put them in the range and whose frames do not are \
-                 left out: an index disagrees with its frames (see tsa archive verify; remove \
-                 the index to have it written again)"
+                "records whose index entries give another genTime than their frames are read \
+                 by their frames: an index disagrees with its frames (see tsa archive verify; \
+                 remove the index to have it written again)"
             );
         }
         if unreadable > 0 {
@@ -458,6 +477,17 @@ impl LogReader {
         }
         Ok(())
     }
+}
+
+/// Whether `entries[i]`'s genTime lies further than `TIME_SLACK_NS` from each of its
+/// neighbours' (records in flight together lie closer).
+fn stray(entries: &[segments::Entry], i: usize) -> bool {
+    let t = entries[i].gen_time_ns;
+    [i.checked_sub(1), i.checked_add(1)]
+        .into_iter()
+        .flatten()
+        .filter_map(|n| entries.get(n))
+        .all(|n| t.abs_diff(n.gen_time_ns) > TIME_SLACK_NS)
 }
 
 /// The segments a read by genTime has scanned, by number, a few of them open: in genTime

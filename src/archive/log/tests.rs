@@ -1857,6 +1857,27 @@ fn a_garbled_index_leaves_no_record_out_of_a_time_range_nor_takes_one_in() {
     let gen = |seq: usize| log.records[seq - 1].record.gen_time_ns;
     garble_entry(&segment, 4, 3, gen(2));
     assert_eq!(in_time_seqs(&log.reader(), gen(2), gen(3)), [2]);
+
+    // Records an hour apart, the third's entry saying 4.5 hours (between the extremes, far
+    // from both neighbours): a read of the third hour still has it, by its frame.
+    let mut log = Log::new();
+    log.gen_step_ns = 3_600_000_000_000;
+    let (mut appender, _) = Appender::open(&log.dir(), 1 << 20).unwrap();
+    appender.append(&log.chain(6)).unwrap();
+    drop(appender);
+    let segment = segment_files(&log.dir()).remove(0);
+    let gen = |seq: usize| log.records[seq - 1].record.gen_time_ns;
+    garble_entry(&segment, 2, 3, gen(5) - 1_800_000_000_000);
+    assert_eq!(in_time_seqs(&log.reader(), gen(3), gen(4)), [3]);
+    assert_eq!(
+        in_time_seqs(&log.reader(), gen(1), gen(6) + 1),
+        [1, 2, 3, 4, 5, 6]
+    );
+    // Nor does its entry take it into the range it names.
+    assert_eq!(
+        in_time_seqs(&log.reader(), gen(5) - 1_800_000_000_000, gen(5)),
+        Vec::<u64>::new()
+    );
 }
 
 #[test]
