@@ -453,7 +453,7 @@ fn tampering_is_reported_at_the_right_record() {
         .unwrap();
     let report = verify_report(d).unwrap_err();
     assert!(
-        report.contains("BROKEN at event 2") && report.contains("does not match its fields"),
+        report.contains("BROKEN at event 2") && report.contains("do not match its body hash"),
         "{report}"
     );
     conn.execute("UPDATE events SET message = ?1 WHERE seq = 2", [&message])

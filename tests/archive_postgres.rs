@@ -1076,6 +1076,7 @@ fn an_archive_of_schema_1_is_read_as_it_is_and_migrated_by_a_server() {
         message: format!("event {seq}"),
         fields: "{}".into(),
         prev_hash: None,
+        body_hash: None,
         hash: None,
     };
     written.append(0, &[], &[old(1), old(2)]).unwrap();
@@ -1083,14 +1084,14 @@ fn an_archive_of_schema_1_is_read_as_it_is_and_migrated_by_a_server() {
     let mut client = cluster.client("tsa");
     client
         .batch_execute(
-            "ALTER TABLE events DROP COLUMN prev_hash; ALTER TABLE events DROP COLUMN hash; \
+            "ALTER TABLE events DROP COLUMN prev_hash; ALTER TABLE events DROP COLUMN hash; ALTER TABLE events DROP COLUMN body_hash; \
              ALTER TABLE checkpoints DROP COLUMN events_seq; \
              ALTER TABLE checkpoints DROP COLUMN events_hash; \
              UPDATE archive_meta SET value = '1' WHERE name = 'schema'",
         )
         .unwrap();
     let mut read = store(dir.path());
-    assert_eq!(read.events_after(0, 0, 10).unwrap(), [old(1), old(2)]);
+    assert_eq!(read.events_from(0, 0, 10).unwrap(), [old(1), old(2)]);
     drop(read);
 
     let server = Serving::start(dir.path());
@@ -1102,7 +1103,7 @@ fn an_archive_of_schema_1_is_read_as_it_is_and_migrated_by_a_server() {
         .unwrap()
         .get(0);
     assert_eq!(schema, tsa::archive::store::SCHEMA_VERSION);
-    let events = store(dir.path()).events_after(0, 2, 1).unwrap();
+    let events = store(dir.path()).events_from(0, 3, 1).unwrap();
     assert_eq!(
         events[0].prev_hash,
         Some([0; 32]),

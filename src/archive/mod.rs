@@ -269,6 +269,7 @@ impl Archive {
             })
             .to_string(),
             prev_hash: None,
+            body_hash: None,
             hash: None,
         }
         .chained(db.last_event.hash);
@@ -1203,6 +1204,7 @@ mod tests {
                     message: String::new(),
                     fields: "{}".into(),
                     prev_hash: None,
+                    body_hash: None,
                     hash: None,
                 })
                 .collect();
@@ -1276,6 +1278,7 @@ mod tests {
                         message: String::new(),
                         fields: "{}".into(),
                         prev_hash: None,
+                        body_hash: None,
                         hash: None,
                     }
                     .chained(prev);
@@ -1288,7 +1291,8 @@ mod tests {
                     .append(0, std::slice::from_ref(r), std::slice::from_ref(e))
                     .unwrap();
             }
-            // The checkpoint at record 7 signed the events up to the third.
+            // The checkpoint at record 7 signed the events up to the third (pruning empties
+            // it: it stays, its hash as signed).
             let checkpoint = Checkpoint {
                 events: Some(events[2].head()),
                 ..checkpoint_of(&records[6])
@@ -1298,27 +1302,23 @@ mod tests {
             while let Some(further) = store.prune(0, u64::MAX).unwrap() {
                 anchor = further;
             }
-            // Old enough are the events before the oldest record kept; of those, only the
-            // ones the checkpoint at or below the anchor signed go, but for the last of each
-            // kind.
-            let signed = if anchor.seq >= 7 { 3 } else { 0 };
+            // Old enough are the events before the oldest record kept; they are emptied but
+            // for the last of each kind, and stay in the chain.
             let last_of = |k: &str| (1..=anchor.seq).rev().find(|&s| kind(s) == k);
-            let goes =
-                |seq: u64| seq <= anchor.seq && seq <= signed && Some(seq) != last_of(kind(seq));
-            let left: Vec<u64> = store
-                .events(0, u64::MAX)
-                .unwrap()
-                .iter()
-                .map(|e| e.seq)
-                .collect();
-            let expected: Vec<u64> = (1..=10).filter(|&s| !goes(s)).collect();
-            assert_eq!(left, expected, "{layout:?}: anchor at {}", anchor.seq);
+            let emptied = |seq: u64| seq <= anchor.seq && Some(seq) != last_of(kind(seq));
+            let left = store.events(0, u64::MAX).unwrap();
+            let seqs: Vec<u64> = left.iter().map(|e| e.seq).collect();
+            assert_eq!(seqs, (1..=10).collect::<Vec<_>>(), "{layout:?}");
+            let pruned: Vec<u64> = left.iter().filter(|e| e.pruned()).map(|e| e.seq).collect();
+            let expected: Vec<u64> = (1..=10).filter(|&s| emptied(s)).collect();
+            assert_eq!(pruned, expected, "{layout:?}: anchor at {}", anchor.seq);
             if layout == sqlite::Layout::Rows {
-                // The fourth and fifth are as old, but no checkpoint at the anchor signed them.
-                assert_eq!(left, [4, 5, 6, 7, 8, 9, 10]);
+                assert_eq!(pruned, [1, 2, 3, 4, 5]);
             }
+            assert!(left.iter().all(|e| !e.pruned() || e.message.is_empty()));
+            let kept_from = records[anchor.seq as usize].record.gen_time_ns;
             let report =
-                verify::verify_events(&mut *store, 0, &[checkpoint], Some(&anchor)).unwrap();
+                verify::verify_events(&mut *store, 0, &[checkpoint], Some(kept_from)).unwrap();
             assert_eq!(report.first_break, None, "{layout:?}");
         }
     }
@@ -1399,6 +1399,7 @@ mod tests {
             message: format!("event {seq}"),
             fields: "{}".into(),
             prev_hash: None,
+            body_hash: None,
             hash: None,
         };
         {
@@ -1408,7 +1409,7 @@ mod tests {
             db.connection()
                 .execute_batch(
                     "ALTER TABLE events DROP COLUMN prev_hash; \
-                     ALTER TABLE events DROP COLUMN hash; \
+                     ALTER TABLE events DROP COLUMN hash; ALTER TABLE events DROP COLUMN body_hash; \
                      ALTER TABLE checkpoints DROP COLUMN events_seq; \
                      ALTER TABLE checkpoints DROP COLUMN events_hash; \
                      UPDATE archive_meta SET value = '1' WHERE name = 'schema';",
@@ -1417,7 +1418,7 @@ mod tests {
         }
         // Read as it is (a backup an auditor verifies).
         let mut read = SqliteStore::open_read_only(&config.database).unwrap();
-        assert_eq!(read.events_after(0, 0, 10).unwrap(), [old(1), old(2)]);
+        assert_eq!(read.events_from(0, 0, 10).unwrap(), [old(1), old(2)]);
         drop(read);
 
         // A server opens it: migrated, the events after the old ones chained from zeros, and
@@ -1438,7 +1439,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(version, store::SCHEMA_VERSION);
-        let events = store.events_after(0, 0, 100).unwrap();
+        let events = store.events_from(0, 0, 100).unwrap();
         assert_eq!(events[2].kind, "archive_opened");
         assert_eq!(events[2].prev_hash, Some(ZERO_HASH));
         let checkpoints = store.checkpoints(0).unwrap();

@@ -110,9 +110,14 @@ pub struct EventRecord {
     /// The other fields, as a JSON object.
     pub fields: String,
     /// The previous event's hash (zeros for the instance's first, or the first chained
-    /// after events of an archive written before events were chained), and this one's: see
-    /// [`event_hash`]. `None` for events stored before (schema 1).
+    /// after events of an archive written before events were chained). `None` for events
+    /// stored unchained (schema 1), as are the two below.
     pub prev_hash: Option<Hash>,
+    /// SHA-256 of the message and fields ([`body_hash`]): the event's hash covers it in
+    /// their place, so that pruning can empty them (a pruned event keeps its position, time,
+    /// level and kind) and the chain still holds every event.
+    pub body_hash: Option<Hash>,
+    /// SHA-256 of the rest ([`EventRecord::computed_hash`]).
     pub hash: Option<Hash>,
 }
 
@@ -120,22 +125,30 @@ impl EventRecord {
     /// The event chained after `prev_hash` (its position and fields as they are).
     pub fn chained(mut self, prev_hash: Hash) -> Self {
         self.prev_hash = Some(prev_hash);
+        self.body_hash = Some(body_hash(&self.message, &self.fields));
         self.hash = self.computed_hash();
         self
     }
 
-    /// The hash the fields and `prev_hash` give (`None` for an event stored unchained).
+    /// Whether pruning emptied it: its fields are the empty string, never what an event
+    /// stores (a JSON object).
+    pub fn pruned(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// The hash the stored fields, `body_hash` and `prev_hash` give (`None` for an event
+    /// stored unchained): "tsa-archive/event/v1" 0x00, the instance, position, time, level
+    /// and kind, the body's hash and the previous event's, in the encoding of [`canonical`].
     pub fn computed_hash(&self) -> Option<Hash> {
-        let prev_hash = self.prev_hash?;
-        let mut out = Vec::with_capacity(128 + self.message.len() + self.fields.len());
+        let (prev_hash, body_hash) = (self.prev_hash?, self.body_hash?);
+        let mut out = Vec::with_capacity(160 + self.level.len() + self.kind.len());
         out.extend_from_slice(EVENT_DOMAIN);
         put_u64(&mut out, self.instance_id.into());
         put_u64(&mut out, self.seq);
         put_u64(&mut out, self.time_ns);
         put_bytes(&mut out, self.level.as_bytes());
         put_bytes(&mut out, self.kind.as_bytes());
-        put_bytes(&mut out, self.message.as_bytes());
-        put_bytes(&mut out, self.fields.as_bytes());
+        out.extend_from_slice(&body_hash);
         out.extend_from_slice(&prev_hash);
         Some(sha256(&out))
     }
@@ -147,6 +160,14 @@ impl EventRecord {
             hash: self.hash.unwrap_or(ZERO_HASH),
         }
     }
+}
+
+/// What an event's hash covers of its message and fields: SHA-256 of both as `bytes`.
+pub fn body_hash(message: &str, fields: &str) -> Hash {
+    let mut out = Vec::with_capacity(8 + message.len() + fields.len());
+    put_bytes(&mut out, message.as_bytes());
+    put_bytes(&mut out, fields.as_bytes());
+    sha256(&out)
 }
 
 /// The position and hash of an instance's chain head.

@@ -10,12 +10,12 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transactio
 use super::imprints::{Found, ImprintIndex};
 use super::record::{
     Anchor, ChainHead, Checkpoint, ClockAtIssue, EventRecord, Hash, StoredRecord, TokenRecord,
-    ZERO_HASH,
 };
 use super::serial::layout;
 use super::store::{
-    migrate_from_1, schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState, Newest,
-    Rank, StoreError, Visit, PRUNE_ROWS, RECORD_COLUMNS, SCHEMA_VERSION, SCHEMA_VERSION_1,
+    checkpoint_columns, event_columns, migrate_from_1, migrated_from_1, schema, ArchiveStore,
+    CertificateSets, ImprintMatches, InstanceState, Newest, Rank, StoreError, Visit, PRUNE_ROWS,
+    RECORD_COLUMNS, SCHEMA_VERSION, SCHEMA_VERSION_1,
 };
 
 pub struct SqliteStore {
@@ -92,16 +92,14 @@ impl SqliteStore {
              ON CONFLICT (name) DO NOTHING",
             [SCHEMA_VERSION],
         )?;
-        if version(&tx)?.as_deref() == Some(SCHEMA_VERSION_1) {
-            tracing::info!(
-                event = "archive_schema_migrated",
-                from = SCHEMA_VERSION_1,
-                to = SCHEMA_VERSION,
-                "the archive's events are chained from now on, and checkpoints sign them"
-            );
+        let migrate = version(&tx)?.as_deref() == Some(SCHEMA_VERSION_1);
+        if migrate {
             tx.execute_batch(&migrate_from_1("BLOB"))?;
         }
         tx.commit()?;
+        if migrate {
+            migrated_from_1();
+        }
         match self.check_version()?.as_str() {
             SCHEMA_VERSION => Ok(()),
             other => Err(StoreError(format!(
@@ -149,22 +147,6 @@ impl SqliteStore {
             other => Err(StoreError(format!(
                 "unknown archive schema version {other:?} (this build knows {SCHEMA_VERSION})"
             ))),
-        }
-    }
-
-    /// The columns of an event's chain, or nulls in a schema-1 archive.
-    fn event_chain_columns(&self) -> &'static str {
-        match self.chained {
-            true => "prev_hash, hash",
-            false => "NULL, NULL",
-        }
-    }
-
-    /// The columns of a checkpoint's events head, or nulls in a schema-1 archive.
-    fn checkpoint_events_columns(&self) -> &'static str {
-        match self.chained {
-            true => "events_seq, events_hash",
-            false => "NULL, NULL",
         }
     }
 
@@ -462,7 +444,7 @@ fn read_checkpoint(row: &Row<'_>) -> Result<Checkpoint, rusqlite::Error> {
     })
 }
 
-/// An event from `instance_id, seq, time_ns, level, kind, message, fields, prev_hash, hash`.
+/// An event from [`event_columns`].
 fn read_event(r: &Row<'_>) -> Result<EventRecord, rusqlite::Error> {
     Ok(EventRecord {
         instance_id: r.get(0)?,
@@ -473,7 +455,8 @@ fn read_event(r: &Row<'_>) -> Result<EventRecord, rusqlite::Error> {
         message: r.get(5)?,
         fields: r.get(6)?,
         prev_hash: optional_octets(r, 7)?.map(hash_of).transpose()?,
-        hash: optional_octets(r, 8)?.map(hash_of).transpose()?,
+        body_hash: optional_octets(r, 8)?.map(hash_of).transpose()?,
+        hash: optional_octets(r, 9)?.map(hash_of).transpose()?,
     })
 }
 
@@ -538,24 +521,17 @@ impl ArchiveStore for SqliteStore {
             [instance_id],
             |r| r.get(0),
         )?;
-        let last_event: Option<ChainHead> = c
+        let last_event = c
             .query_row(
                 &format!(
-                    "SELECT seq, {} FROM events WHERE instance_id = ?1 ORDER BY seq DESC LIMIT 1",
-                    self.event_chain_columns()
+                    "SELECT {} FROM events WHERE instance_id = ?1 ORDER BY seq DESC LIMIT 1",
+                    event_columns(self.chained, "BLOB")
                 ),
                 [instance_id],
-                |r| {
-                    Ok(ChainHead {
-                        seq: r.get(0)?,
-                        hash: optional_octets(r, 2)?
-                            .map(hash_of)
-                            .transpose()?
-                            .unwrap_or(ZERO_HASH),
-                    })
-                },
+                read_event,
             )
-            .optional()?;
+            .optional()?
+            .map(|e| e.head());
         Ok(InstanceState::combine(
             reserved_until,
             [max_counter, inst_max_counter],
@@ -570,7 +546,8 @@ impl ArchiveStore for SqliteStore {
         let mut stmt = self.conn.prepare(
             "SELECT instance_id FROM instances UNION SELECT DISTINCT instance_id FROM tokens \
              UNION SELECT instance_id FROM chain_anchors \
-             UNION SELECT DISTINCT instance_id FROM checkpoints ORDER BY 1",
+             UNION SELECT DISTINCT instance_id FROM checkpoints \
+             UNION SELECT DISTINCT instance_id FROM events ORDER BY 1",
         )?;
         let ids = stmt
             .query_map([], |r| r.get(0))?
@@ -652,7 +629,7 @@ impl ArchiveStore for SqliteStore {
             }
             let mut insert = tx.prepare_cached(
                 "INSERT INTO events (instance_id, seq, time_ns, level, kind, message, fields, \
-                 prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                 prev_hash, body_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
             for e in events {
                 insert.execute(params![
@@ -664,6 +641,7 @@ impl ArchiveStore for SqliteStore {
                     e.message,
                     e.fields,
                     e.prev_hash.as_ref().map(|h| &h[..]),
+                    e.body_hash.as_ref().map(|h| &h[..]),
                     e.hash.as_ref().map(|h| &h[..]),
                 ])?;
             }
@@ -726,9 +704,8 @@ impl ArchiveStore for SqliteStore {
 
     fn checkpoints(&mut self, instance_id: u32) -> Result<Vec<Checkpoint>, StoreError> {
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT instance_id, seq, head_hash, time_ns, algorithm, signature, certificate, {} \
-             FROM checkpoints WHERE instance_id = ?1 ORDER BY seq",
-            self.checkpoint_events_columns()
+            "SELECT {} FROM checkpoints WHERE instance_id = ?1 ORDER BY seq",
+            checkpoint_columns(self.chained, "BLOB")
         ))?;
         let all = stmt
             .query_map([instance_id], read_checkpoint)?
@@ -879,9 +856,9 @@ impl ArchiveStore for SqliteStore {
 
     fn events(&mut self, from_ns: u64, to_ns: u64) -> Result<Vec<EventRecord>, StoreError> {
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT instance_id, seq, time_ns, level, kind, message, fields, {} FROM events \
-             WHERE time_ns >= ?1 AND time_ns < ?2 ORDER BY time_ns, instance_id, seq",
-            self.event_chain_columns()
+            "SELECT {} FROM events WHERE time_ns >= ?1 AND time_ns < ?2 \
+             ORDER BY time_ns, instance_id, seq",
+            event_columns(self.chained, "BLOB")
         ))?;
         let all = stmt
             .query_map(
@@ -892,22 +869,21 @@ impl ArchiveStore for SqliteStore {
         Ok(all)
     }
 
-    fn events_after(
+    fn events_from(
         &mut self,
         instance_id: u32,
-        after_seq: u64,
+        from_seq: u64,
         limit: usize,
     ) -> Result<Vec<EventRecord>, StoreError> {
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT instance_id, seq, time_ns, level, kind, message, fields, {} FROM events \
-             WHERE instance_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            self.event_chain_columns()
+            "SELECT {} FROM events WHERE instance_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
+            event_columns(self.chained, "BLOB")
         ))?;
         let all = stmt
             .query_map(
                 params![
                     instance_id,
-                    after_seq.min(i64::MAX as u64),
+                    from_seq.min(i64::MAX as u64),
                     i64::try_from(limit).unwrap_or(i64::MAX)
                 ],
                 read_event,
@@ -964,30 +940,21 @@ impl ArchiveStore for SqliteStore {
             |r| r.get(0),
         )?;
         let events_before = oldest_kept.map_or(before_ns, |t| t.min(before_ns));
-        // And of the chained events, only those a checkpoint at or below the anchor signed:
-        // verification takes a gap in the events' chain for pruning only there.
-        let anchored = match &last {
-            Some((seq, _)) => *seq,
-            None => tx
-                .query_row(
-                    "SELECT seq FROM chain_anchors WHERE instance_id = ?1",
-                    [instance_id],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .unwrap_or(0),
-        };
-        let events_signed: Option<u64> = tx.query_row(
-            "SELECT MAX(events_seq) FROM checkpoints WHERE instance_id = ?1 AND seq <= ?2",
-            params![instance_id, anchored],
-            |r| r.get(0),
-        )?;
-        tx.execute(
-            "DELETE FROM events WHERE instance_id = ?1 AND time_ns < ?2 \
-             AND (hash IS NULL OR seq <= ?3) AND seq NOT IN \
-             (SELECT MAX(seq) FROM events WHERE instance_id = ?1 AND time_ns < ?2 GROUP BY kind)",
-            params![instance_id, events_before, events_signed.unwrap_or(0)],
-        )?;
+        // A chained event keeps its place in the chain (its hash covers its body's hash):
+        // its message and fields are emptied. Events stored unchained (schema 1) go.
+        for what in [
+            "UPDATE events SET message = '', fields = ''",
+            "DELETE FROM events",
+        ] {
+            tx.execute(
+                &format!(
+                    "{what} WHERE instance_id = ?1 AND time_ns < ?2 AND fields <> '' \
+                     AND (hash IS NULL) = ?3 AND seq NOT IN (SELECT MAX(seq) FROM events \
+                     WHERE instance_id = ?1 AND time_ns < ?2 GROUP BY kind)"
+                ),
+                params![instance_id, events_before, what.starts_with("DELETE")],
+            )?;
+        }
         let Some((seq, hash)) = last else {
             tx.commit()?;
             return Ok(None);

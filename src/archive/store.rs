@@ -211,7 +211,7 @@ pub trait ArchiveStore: Send {
     /// The instance's state (all zero / `None` for an instance never seen).
     fn instance(&mut self, instance_id: u32) -> Result<InstanceState, StoreError>;
 
-    /// Every instance that has records, an anchor, a reservation or checkpoints.
+    /// Every instance that has records, an anchor, a reservation, checkpoints or events.
     fn instances(&mut self) -> Result<Vec<u32>, StoreError>;
 
     /// Records durably that counters below `until` may be handed out (never lowers it), and
@@ -324,18 +324,21 @@ pub trait ArchiveStore: Send {
     /// Events of every instance with `from_ns <= time < to_ns`, by time.
     fn events(&mut self, from_ns: u64, to_ns: u64) -> Result<Vec<EventRecord>, StoreError>;
 
-    /// The instance's events after position `after_seq`, by position, `limit` at most.
-    fn events_after(
+    /// The instance's events from position `from_seq` on, by position, `limit` at most.
+    fn events_from(
         &mut self,
         instance_id: u32,
-        after_seq: u64,
+        from_seq: u64,
         limit: usize,
     ) -> Result<Vec<EventRecord>, StoreError>;
 
     /// Removes the instance's oldest records while their genTime is before `before_ns` and
     /// their position is at or below the instance's last signed checkpoint (none: no record
-    /// goes), keeping the last removed one's hash as the chain's anchor; removes events
-    /// before `before_ns` too. Returns the new anchor, `None` when no record was removed.
+    /// goes), keeping the last removed one's hash as the chain's anchor. Events older than
+    /// both `before_ns` and the oldest record kept, but the last of each kind, are emptied
+    /// (their message and fields; they keep their place in the events' chain), or removed
+    /// where stored unchained (schema 1). Returns the new anchor, `None` when no record was
+    /// removed.
     fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError>;
 
     /// Damage to data derived from an instance's records that look-ups trust (the token log's
@@ -455,6 +458,7 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL,
     fields TEXT NOT NULL,
     prev_hash {blob},
+    body_hash {blob},
     hash {blob},
     PRIMARY KEY (instance_id, seq)
 );
@@ -493,6 +497,37 @@ pub const OLD_IMPRINT_INDEX: &str =
 /// checkpoints sign their head.
 pub const SCHEMA_VERSION: &str = "2";
 
+/// Logs (and so archives, as its first chained event) a migration from schema 1 that
+/// committed.
+pub fn migrated_from_1() {
+    tracing::info!(
+        event = "archive_schema_migrated",
+        from = SCHEMA_VERSION_1,
+        to = SCHEMA_VERSION,
+        "the archive's events are chained from now on, and checkpoints sign them"
+    );
+}
+
+/// The columns of `events` in the order both backends write and read an event; in a schema-1
+/// archive (`chained` false) the chain's three as nulls (`blob` as for [`schema`]).
+pub fn event_columns(chained: bool, blob: &str) -> String {
+    let chain = match chained {
+        true => "prev_hash, body_hash, hash".to_string(),
+        false => format!("CAST(NULL AS {blob}), CAST(NULL AS {blob}), CAST(NULL AS {blob})"),
+    };
+    format!("instance_id, seq, time_ns, level, kind, message, fields, {chain}")
+}
+
+/// The columns of `checkpoints` in the order both backends read a checkpoint; in a schema-1
+/// archive the events' head as nulls.
+pub fn checkpoint_columns(chained: bool, blob: &str) -> String {
+    let events = match chained {
+        true => "events_seq, events_hash".to_string(),
+        false => format!("CAST(NULL AS BIGINT), CAST(NULL AS {blob})"),
+    };
+    format!("instance_id, seq, head_hash, time_ns, algorithm, signature, certificate, {events}")
+}
+
 /// The version before: events without hashes, checkpoints without their head. Opened for
 /// writing, such an archive is migrated ([`migrate_from_1`]); read, it shows them as `None`.
 pub const SCHEMA_VERSION_1: &str = "1";
@@ -502,6 +537,7 @@ pub const SCHEMA_VERSION_1: &str = "1";
 pub fn migrate_from_1(blob: &str) -> String {
     format!(
         "ALTER TABLE events ADD COLUMN prev_hash {blob};
+ALTER TABLE events ADD COLUMN body_hash {blob};
 ALTER TABLE events ADD COLUMN hash {blob};
 ALTER TABLE checkpoints ADD COLUMN events_seq BIGINT;
 ALTER TABLE checkpoints ADD COLUMN events_hash {blob};

@@ -208,6 +208,9 @@ impl fmt::Display for Report {
                     e.unchained
                 )?;
             }
+            if e.pruned > 0 {
+                write!(f, ", {} emptied by pruning", e.pruned)?;
+            }
             if e.unsigned > 0 {
                 write!(f, ", {} after the last checkpoint", e.unsigned)?;
             }
@@ -536,8 +539,39 @@ fn verify_instance(
         warnings,
         checkpoint_signers,
         signed_head: checkpoints.last().map(|c| (c.seq, c.head_hash)),
-        events: events::verify_events(store, instance_id, &checkpoints, state.anchor.as_ref())?,
+        events: verify_instance_events(store, instance_id, &checkpoints)?,
     })
+}
+
+/// The instance's events ([`verify_events`]) against the oldest record kept as read now: the
+/// server's retention may have pruned since the records were walked, and may prune while the
+/// events are read, so a break is checked once more against the oldest record kept then.
+fn verify_instance_events(
+    store: &mut dyn ArchiveStore,
+    instance_id: u32,
+    checkpoints: &[Checkpoint],
+) -> Result<EventsReport, StoreError> {
+    let kept_from = kept_from(store, instance_id)?;
+    let report = verify_events(store, instance_id, checkpoints, kept_from)?;
+    if report.first_break.is_some() {
+        let again = self::kept_from(store, instance_id)?;
+        if again != kept_from {
+            return verify_events(store, instance_id, checkpoints, again);
+        }
+    }
+    Ok(report)
+}
+
+/// The genTime of the first record above the anchor (none: no record is kept). Pruning
+/// empties only events older than the oldest record it keeps, which is no older than this.
+fn kept_from(store: &mut dyn ArchiveStore, instance_id: u32) -> Result<Option<u64>, StoreError> {
+    let anchor = store.instance(instance_id)?.anchor.map_or(0, |a| a.seq);
+    let mut first = None;
+    store.for_each_record(instance_id, anchor + 1, &mut |r| {
+        first = Some(r.record.gen_time_ns);
+        Ok(false)
+    })?;
+    Ok(first)
 }
 
 /// The first checkpoint whose certificate signed no token it can be checked against, and

@@ -429,7 +429,6 @@ impl Writer {
         }
     }
 
-    /// Numbered event records for `events`, from `first_seq` on.
     /// `events` at the positions after `last`, each chained to the one before.
     fn event_records(&self, events: &[Captured], last: ChainHead) -> Vec<EventRecord> {
         let mut prev = last;
@@ -445,6 +444,7 @@ impl Writer {
                     message: e.message.clone(),
                     fields: e.fields.clone(),
                     prev_hash: None,
+                    body_hash: None,
                     hash: None,
                 }
                 .chained(prev.hash);
@@ -728,6 +728,7 @@ impl Writer {
             certificate: self.signer.certificate.clone(),
             events: Some(self.last_event),
         };
+        let checkpoint_events = self.last_event;
         checkpoint.signature = (self.signer.sign)(&checkpoint.message())
             .map_err(|e| ArchiveError(format!("the checkpoint cannot be signed: {e}")))?;
         self.store
@@ -741,6 +742,7 @@ impl Writer {
             instance = self.instance_id,
             seq = head.seq,
             head = %format!("{}:{}:{}", self.instance_id, head.seq, hex(&head.hash)),
+            events = %format!("{}:{}", checkpoint_events.seq, hex(&checkpoint_events.hash)),
             "archive head signed"
         );
         Ok(())

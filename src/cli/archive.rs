@@ -611,6 +611,10 @@ fn events(config: &Config, from: u64, to: u64) -> anyhow::Result<()> {
     let mut store = archive::open_read_only(&config.archive)?;
     let mut stdout = std::io::stdout().lock();
     for e in store.events(from, to)? {
+        let (message, fields) = match e.pruned() {
+            true => ("(pruned: its message and fields were removed)", ""),
+            false => (e.message.as_str(), e.fields.as_str()),
+        };
         writeln!(
             stdout,
             "{} instance {} #{} {:<5} {:<24} {} {}",
@@ -619,8 +623,8 @@ fn events(config: &Config, from: u64, to: u64) -> anyhow::Result<()> {
             e.seq,
             e.level,
             e.kind,
-            e.message,
-            e.fields
+            message,
+            fields
         )?;
     }
     Ok(())

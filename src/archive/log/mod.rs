@@ -1054,13 +1054,13 @@ impl ArchiveStore for LogStore {
         self.db.events(from_ns, to_ns)
     }
 
-    fn events_after(
+    fn events_from(
         &mut self,
         instance_id: u32,
-        after_seq: u64,
+        from_seq: u64,
         limit: usize,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        self.db.events_after(instance_id, after_seq, limit)
+        self.db.events_from(instance_id, from_seq, limit)
     }
 
     /// Removes whole segments, oldest first, while every record of one is older than

@@ -549,6 +549,7 @@ fn the_store_appends_finds_and_prunes_through_the_archive_trait() {
         message: "m".into(),
         fields: "{}".into(),
         prev_hash: None,
+        body_hash: None,
         hash: None,
     };
     store
@@ -1616,6 +1617,7 @@ fn events_that_cannot_be_stored_do_not_fail_records_already_durable() {
         message: format!("event {seq}"),
         fields: "{}".into(),
         prev_hash: None,
+        body_hash: None,
         hash: None,
     };
     store.append(0, &log.chain(1), &[event(1)]).unwrap();
@@ -1695,6 +1697,7 @@ fn a_damaged_segment_is_not_pruned() {
         message: "m".into(),
         fields: "{}".into(),
         prev_hash: None,
+        body_hash: None,
         hash: None,
     };
     store

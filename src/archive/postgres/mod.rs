@@ -25,13 +25,13 @@ use lease::{Fence, LEASE_SCHEMA};
 
 use super::record::{
     Anchor, ChainHead, Checkpoint, ClockAtIssue, EventRecord, Hash, StoredRecord, TokenRecord,
-    ZERO_HASH,
 };
 use super::serial::layout;
 use super::store::{
-    migrate_from_1, schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState,
-    StoreError, Visit, IMPRINT_INDEX, IMPRINT_INDEX_CONCURRENTLY, OLD_IMPRINT_INDEX, PRUNE_ROWS,
-    RECORD_COLUMNS, SCHEMA_VERSION, SCHEMA_VERSION_1,
+    checkpoint_columns, event_columns, migrate_from_1, migrated_from_1, schema, ArchiveStore,
+    CertificateSets, ImprintMatches, InstanceState, StoreError, Visit, IMPRINT_INDEX,
+    IMPRINT_INDEX_CONCURRENTLY, OLD_IMPRINT_INDEX, PRUNE_ROWS, RECORD_COLUMNS, SCHEMA_VERSION,
+    SCHEMA_VERSION_1,
 };
 use crate::config::ArchiveConfig;
 
@@ -266,16 +266,17 @@ impl Inner {
             .query_opt("SELECT value FROM archive_meta WHERE name = 'schema'", &[])?
             .map(|r| r.try_get(0))
             .transpose()?;
-        if version.as_deref() == Some(SCHEMA_VERSION_1) {
-            tracing::info!(
-                event = "archive_schema_migrated",
-                from = SCHEMA_VERSION_1,
-                to = SCHEMA_VERSION,
-                "the archive's events are chained from now on, and checkpoints sign them"
-            );
+        let migrate = version.as_deref() == Some(SCHEMA_VERSION_1);
+        if migrate {
+            // Behind a long transaction on the tables the lock would queue every instance's
+            // inserts behind it: fail the start instead (the next one tries again).
+            tx.batch_execute("SET LOCAL lock_timeout = '10s'")?;
             tx.batch_execute(&migrate_from_1("BYTEA"))?;
         }
         tx.commit()?;
+        if migrate {
+            migrated_from_1();
+        }
         self.check_version()?;
         match self.chained {
             true => Ok(()),
@@ -283,14 +284,6 @@ impl Inner {
                 "the archive's schema is version {SCHEMA_VERSION_1}: opened to be written, it \
                  must be {SCHEMA_VERSION}"
             ))),
-        }
-    }
-
-    /// The columns of an event's chain, or nulls in a schema-1 archive.
-    fn event_chain_columns(&self) -> &'static str {
-        match self.chained {
-            true => "prev_hash, hash",
-            false => "NULL::BYTEA, NULL::BYTEA",
         }
     }
 
@@ -407,7 +400,7 @@ fn read_record(row: &Row) -> Result<Stored, StoreError> {
     Ok((record, row.try_get(18)?))
 }
 
-/// An event from `instance_id, seq, time_ns, level, kind, message, fields, prev_hash, hash`.
+/// An event from [`event_columns`].
 fn read_event(r: &Row) -> Result<EventRecord, StoreError> {
     let hash = |idx: usize| -> Result<Option<Hash>, StoreError> {
         r.try_get::<_, Option<&[u8]>>(idx)?.map(hash_of).transpose()
@@ -421,7 +414,8 @@ fn read_event(r: &Row) -> Result<EventRecord, StoreError> {
         message: r.try_get(5)?,
         fields: r.try_get(6)?,
         prev_hash: hash(7)?,
-        hash: hash(8)?,
+        body_hash: hash(8)?,
+        hash: hash(9)?,
     })
 }
 
@@ -447,7 +441,7 @@ impl ArchiveStore for PostgresStore {
     fn instance(&mut self, instance_id: u32) -> Result<InstanceState, StoreError> {
         let id = instance_id as i64;
         self.run(move |s| {
-            let chain_columns = s.event_chain_columns();
+            let event_columns = event_columns(s.chained, "BYTEA");
             let c = &mut s.client;
             let (reserved_until, inst_max_counter, inst_max_gen) = c
                 .query_opt(
@@ -488,18 +482,12 @@ impl ArchiveStore for PostgresStore {
             let recent_gen: Option<i64> = row.try_get(1)?;
             let last_event = match c.query_opt(
                 &format!(
-                    "SELECT seq, {} FROM events WHERE instance_id = $1 ORDER BY seq DESC LIMIT 1",
-                    chain_columns
+                    "SELECT {event_columns} FROM events WHERE instance_id = $1 \
+                     ORDER BY seq DESC LIMIT 1"
                 ),
                 &[&id],
             )? {
-                Some(r) => Some(ChainHead {
-                    seq: u(r.try_get(0)?),
-                    hash: match r.try_get::<_, Option<&[u8]>>(2)? {
-                        Some(h) => hash_of(h)?,
-                        None => ZERO_HASH,
-                    },
-                }),
+                Some(r) => Some(read_event(&r)?.head()),
                 None => None,
             };
             Ok(InstanceState::combine(
@@ -518,7 +506,8 @@ impl ArchiveStore for PostgresStore {
             let rows = s.client.query(
                 "SELECT instance_id FROM instances UNION SELECT DISTINCT instance_id FROM tokens \
                  UNION SELECT instance_id FROM chain_anchors \
-                 UNION SELECT DISTINCT instance_id FROM checkpoints ORDER BY 1",
+                 UNION SELECT DISTINCT instance_id FROM checkpoints \
+                 UNION SELECT DISTINCT instance_id FROM events ORDER BY 1",
                 &[],
             )?;
             rows.iter().map(|r| instance_of(r.try_get(0)?)).collect()
@@ -608,7 +597,8 @@ impl ArchiveStore for PostgresStore {
             }
             let insert = tx.prepare(
                 "INSERT INTO events (instance_id, seq, time_ns, level, kind, message, fields, \
-                 prev_hash, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                 prev_hash, body_hash, hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             )?;
             for e in events {
                 tx.execute(
@@ -622,6 +612,7 @@ impl ArchiveStore for PostgresStore {
                         &e.message,
                         &e.fields,
                         &e.prev_hash.as_ref().map(|h| &h[..]),
+                        &e.body_hash.as_ref().map(|h| &h[..]),
                         &e.hash.as_ref().map(|h| &h[..]),
                     ],
                 )?;
@@ -693,16 +684,11 @@ impl ArchiveStore for PostgresStore {
 
     fn checkpoints(&mut self, instance_id: u32) -> Result<Vec<Checkpoint>, StoreError> {
         self.run(move |s| {
-            let events_columns = match s.chained {
-                true => "events_seq, events_hash",
-                false => "NULL::BIGINT, NULL::BYTEA",
-            };
             s.client
                 .query(
                     &format!(
-                        "SELECT instance_id, seq, head_hash, time_ns, algorithm, signature, \
-                         certificate, {events_columns} FROM checkpoints WHERE instance_id = $1 \
-                         ORDER BY seq"
+                        "SELECT {} FROM checkpoints WHERE instance_id = $1 ORDER BY seq",
+                        checkpoint_columns(s.chained, "BYTEA")
                     ),
                     &[&(instance_id as i64)],
                 )?
@@ -851,9 +837,9 @@ impl ArchiveStore for PostgresStore {
     fn events(&mut self, from_ns: u64, to_ns: u64) -> Result<Vec<EventRecord>, StoreError> {
         self.run(move |s| {
             let sql = format!(
-                "SELECT instance_id, seq, time_ns, level, kind, message, fields, {} FROM events \
-                 WHERE time_ns >= $1 AND time_ns < $2 ORDER BY time_ns, instance_id, seq",
-                s.event_chain_columns()
+                "SELECT {} FROM events WHERE time_ns >= $1 AND time_ns < $2 \
+                 ORDER BY time_ns, instance_id, seq",
+                event_columns(s.chained, "BYTEA")
             );
             s.client
                 .query(&sql, &[&i(from_ns), &i(to_ns)])?
@@ -863,24 +849,23 @@ impl ArchiveStore for PostgresStore {
         })
     }
 
-    fn events_after(
+    fn events_from(
         &mut self,
         instance_id: u32,
-        after_seq: u64,
+        from_seq: u64,
         limit: usize,
     ) -> Result<Vec<EventRecord>, StoreError> {
         self.run(move |s| {
             let sql = format!(
-                "SELECT instance_id, seq, time_ns, level, kind, message, fields, {} FROM events \
-                 WHERE instance_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                s.event_chain_columns()
+                "SELECT {} FROM events WHERE instance_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+                event_columns(s.chained, "BYTEA")
             );
             s.client
                 .query(
                     &sql,
                     &[
                         &(instance_id as i64),
-                        &i(after_seq),
+                        &i(from_seq),
                         &i64::try_from(limit).unwrap_or(i64::MAX),
                     ],
                 )?
@@ -943,29 +928,21 @@ impl ArchiveStore for PostgresStore {
                 )?
                 .try_get(0)?;
             let events_before = oldest_kept.map_or(before, |t| t.min(before));
-            // And of the chained events, only those a checkpoint at or below the anchor
-            // signed: verification takes a gap in the events' chain for pruning only there.
-            let anchored: i64 = match &last {
-                Some(l) => l.try_get(0)?,
-                None => match tx.query_opt(ANCHOR_SQL, &[&id])? {
-                    Some(r) => i(read_anchor(&r)?.seq),
-                    None => 0,
-                },
-            };
-            let events_signed: Option<i64> = tx
-                .query_one(
-                    "SELECT MAX(events_seq) FROM checkpoints WHERE instance_id = $1 \
-                     AND seq <= $2",
-                    &[&id, &anchored],
-                )?
-                .try_get(0)?;
-            tx.execute(
-                "DELETE FROM events WHERE instance_id = $1 AND time_ns < $2 \
-                 AND (hash IS NULL OR seq <= $3) AND seq NOT IN \
-                 (SELECT MAX(seq) FROM events WHERE instance_id = $1 AND time_ns < $2 \
-                 GROUP BY kind)",
-                &[&id, &events_before, &events_signed.unwrap_or(0)],
-            )?;
+            // A chained event keeps its place in the chain (its hash covers its body's hash):
+            // its message and fields are emptied. Events stored unchained (schema 1) go.
+            for what in [
+                "UPDATE events SET message = '', fields = ''",
+                "DELETE FROM events",
+            ] {
+                tx.execute(
+                    &format!(
+                        "{what} WHERE instance_id = $1 AND time_ns < $2 AND fields <> '' \
+                         AND (hash IS NULL) = $3 AND seq NOT IN (SELECT MAX(seq) FROM events \
+                         WHERE instance_id = $1 AND time_ns < $2 GROUP BY kind)"
+                    ),
+                    &[&id, &events_before, &what.starts_with("DELETE")],
+                )?;
+            }
             let Some(last) = last else {
                 tx.commit()?;
                 return Ok(None);

@@ -1,10 +1,10 @@
-//! Verification of an instance's events: each event's hash against its fields, each one
-//! chained to the one before, none missing but where pruning removed them, and the events'
-//! head that each checkpoint signs still there.
+//! Verification of an instance's events: each event's hash against its fields (a pruned
+//! event's against the body hash it keeps), each chained to the one before with none missing,
+//! pruning only where it may prune, and the events' head that each checkpoint signs there.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::super::record::{Anchor, ChainHead, Checkpoint, EventRecord, Hash, ZERO_HASH};
+use super::super::record::{ChainHead, Checkpoint, EventRecord, Hash, ZERO_HASH};
 use super::super::store::{ArchiveStore, StoreError};
 
 /// Events read per call.
@@ -18,8 +18,10 @@ pub struct EventsReport {
     /// The last one's position.
     pub last_seq: u64,
     /// Of those, events stored before events were chained (schema 1): nothing vouches for
-    /// them.
+    /// them, and pruning removed some.
     pub unchained: u64,
+    /// Of those, events pruning emptied (their message and fields).
+    pub pruned: u64,
     /// Events after the last checkpoint's events head: no checkpoint signs them yet (a
     /// checkpoint's own `archive_checkpoint` event always follows it).
     pub unsigned: u64,
@@ -28,24 +30,14 @@ pub struct EventsReport {
 }
 
 /// Verifies the events of `instance_id` against `checkpoints` (their signatures are checked
-/// with the records'). Pruning removes only the chained events that a checkpoint at or below
-/// the anchor signed (and keeps the last of each kind among them): a gap in the chain is
-/// pruning's only there.
+/// with the records'). Pruning empties events older than the oldest record kept
+/// (`kept_from_ns`, its genTime; `None` without one) but the last of each kind before it.
 pub fn verify_events(
     store: &mut dyn ArchiveStore,
     instance_id: u32,
     checkpoints: &[Checkpoint],
-    anchor: Option<&Anchor>,
+    kept_from_ns: Option<u64>,
 ) -> Result<EventsReport, StoreError> {
-    let prunable = anchor.map_or(0, |a| {
-        checkpoints
-            .iter()
-            .filter(|c| c.seq <= a.seq)
-            .filter_map(|c| c.events)
-            .map(|e| e.seq)
-            .max()
-            .unwrap_or(0)
-    });
     // The events' heads the checkpoints sign, by position: (hash, the checkpoint's position).
     let signed: BTreeMap<u64, (Hash, u64)> = checkpoints
         .iter()
@@ -56,21 +48,33 @@ pub fn verify_events(
         })
         .collect();
     let last_signed = signed.keys().next_back().copied().unwrap_or(0);
+    let old_enough = |e: &EventRecord| kept_from_ns.is_none_or(|kept| e.time_ns < kept);
     let mut report = EventsReport::default();
     let mut seen_signed = HashSet::new();
+    // The last event of each kind old enough to be pruned: (position, pruned).
+    let mut last_of_kind: HashMap<String, (u64, bool)> = HashMap::new();
     // The last chained event read.
     let mut prev: Option<ChainHead> = None;
-    loop {
-        let page = store.events_after(instance_id, report.last_seq, PAGE)?;
-        if page.is_empty() {
+    let mut from = 0;
+    'pages: loop {
+        let page = store.events_from(instance_id, from, PAGE)?;
+        let Some(last) = page.last() else {
             break;
-        }
+        };
+        from = last.seq.saturating_add(1);
         for e in page {
             report.events += 1;
             if e.seq > last_signed {
                 report.unsigned += 1;
             }
-            let mut wrong = check_event(&e, prev, report.last_seq, prunable);
+            let mut wrong = check_event(&e, prev, report.last_seq);
+            if e.pruned() && wrong.is_none() && !old_enough(&e) {
+                wrong = Some(
+                    "the event was emptied as pruning empties events, but it is not older than \
+                     the oldest record kept: pruning keeps it"
+                        .to_string(),
+                );
+            }
             if let Some((hash, at)) = signed.get(&e.seq) {
                 seen_signed.insert(e.seq);
                 if wrong.is_none() && e.hash != Some(*hash) {
@@ -82,21 +86,29 @@ pub fn verify_events(
             }
             if let Some(what) = wrong {
                 report.first_break = Some((e.seq, what));
-                return Ok(report);
+                break 'pages;
+            }
+            if e.pruned() {
+                report.pruned += 1;
+            }
+            if old_enough(&e) {
+                last_of_kind.insert(e.kind.clone(), (e.seq, e.pruned()));
             }
             match e.hash {
-                Some(hash) => {
-                    prev = Some(ChainHead { seq: e.seq, hash });
-                }
+                Some(hash) => prev = Some(ChainHead { seq: e.seq, hash }),
                 None => report.unchained += 1,
             }
             report.last_seq = e.seq;
         }
     }
-    // The heads the checkpoints sign must be there, but where pruning removed them.
+    if report.first_break.is_some() {
+        return Ok(report);
+    }
+    // The heads the checkpoints sign must be there; and pruning keeps the last event of each
+    // kind before the oldest record kept (the key and the clock's state it was issued under).
     report.first_break = signed
         .iter()
-        .find(|(seq, _)| **seq > prunable && !seen_signed.contains(*seq))
+        .find(|(seq, _)| !seen_signed.contains(*seq))
         .map(|(&seq, &(_, at))| {
             let what = match seq > report.last_seq {
                 true => format!(
@@ -107,51 +119,75 @@ pub fn verify_events(
                 false => format!("the event that the checkpoint at {at} signs is missing"),
             };
             (seq, what)
+        })
+        .or_else(|| {
+            let mut emptied: Vec<(u64, &String)> = last_of_kind
+                .iter()
+                .filter(|(_, (_, pruned))| *pruned)
+                .map(|(kind, (seq, _))| (*seq, kind))
+                .collect();
+            emptied.sort_unstable();
+            emptied.first().map(|(seq, kind)| {
+                (
+                    *seq,
+                    format!(
+                        "the last {kind} event before the oldest record kept was emptied: \
+                         pruning keeps it (the records kept were issued under it)"
+                    ),
+                )
+            })
         });
     Ok(report)
 }
 
-/// The first thing wrong with `e` as the event after `last_seq`, the last chained one read
-/// being `prev`; gaps are pruning's at or below `prunable`.
-fn check_event(
-    e: &EventRecord,
-    prev: Option<ChainHead>,
-    last_seq: u64,
-    prunable: u64,
-) -> Option<String> {
-    let Some(hash) = e.hash else {
+/// The first thing wrong with `e` as the event after position `last_seq`, the last chained
+/// one read being `prev`.
+fn check_event(e: &EventRecord, prev: Option<ChainHead>, last_seq: u64) -> Option<String> {
+    if e.seq == 0 {
+        return Some("an event at position 0, where none is stored".to_string());
+    }
+    let (Some(hash), Some(prev_hash), Some(body_hash)) = (e.hash, e.prev_hash, e.body_hash) else {
         // Stored before events were chained: only before every chained one.
-        return prev.is_some().then(|| {
-            "the event carries no hash, though events before it do: an earlier version, or \
-             someone by hand, stored it after them"
-                .to_string()
+        return (prev.is_some() || e.hash.is_some() || e.prev_hash.is_some()).then(|| {
+            match prev {
+                Some(_) => {
+                    "the event carries no hash, though events before it do: an earlier \
+                            version, or someone by hand, stored it after them"
+                }
+                None => "the event carries part of its chain only",
+            }
+            .to_string()
         });
     };
-    let Some(prev_hash) = e.prev_hash else {
-        return Some("the event has a hash but no previous hash".to_string());
-    };
+    if e.pruned() {
+        if !e.message.is_empty() {
+            return Some("the event's fields were emptied but not its message".to_string());
+        }
+    } else if super::super::record::body_hash(&e.message, &e.fields) != body_hash {
+        return Some(
+            "the event's message or fields do not match its body hash: they were changed after \
+             it was stored"
+                .to_string(),
+        );
+    }
     if e.computed_hash() != Some(hash) {
         return Some(
             "the event's hash does not match its fields: it was changed after it was stored"
                 .to_string(),
         );
     }
-    let gap = e.seq > last_seq + 1;
-    let pruned = e.seq.saturating_sub(1) <= prunable;
     match prev {
-        Some(p) if !gap => (prev_hash != p.hash).then(|| {
+        Some(p) if e.seq != p.seq + 1 => Some(missing(p.seq, e.seq)),
+        Some(p) => (prev_hash != p.hash).then(|| {
             format!(
                 "the event does not chain to event {} (its previous hash is not that event's)",
                 p.seq
             )
         }),
-        Some(_) if pruned => None,
-        Some(_) => Some(missing(last_seq, e.seq, prunable)),
-        // The first chained event: the chain's start (after events stored unchained, if any),
-        // or one whose predecessors pruning removed.
+        // The first chained event: the chain's start, after events stored unchained if any
+        // (pruning removed some of those).
         None if prev_hash == ZERO_HASH => None,
-        None if gap && pruned => None,
-        None if gap => Some(missing(last_seq, e.seq, prunable)),
+        None if e.seq > last_seq + 1 => Some(missing(last_seq, e.seq)),
         None => Some(
             "the event does not start the chain (its previous hash is not zeros), and the \
              event before it carries no hash"
@@ -160,15 +196,15 @@ fn check_event(
     }
 }
 
-fn missing(last_seq: u64, seq: u64, prunable: u64) -> String {
+fn missing(last_seq: u64, seq: u64) -> String {
     let first = last_seq + 1;
     let which = match first == seq - 1 {
         true => format!("event {first} is missing"),
         false => format!("events {first} to {} are missing", seq - 1),
     };
     format!(
-        "{which}: pruning removes only events that a checkpoint at or below the anchor signed \
-         (up to {prunable} here)"
+        "{which}: deleted (pruning empties events, it does not remove them), or dropped by the \
+         server when its database could not store them (its log says so)"
     )
 }
 
@@ -193,6 +229,7 @@ mod tests {
             .collect()
     }
 
+    /// At `seq` microseconds, sync lost at even positions and acquired at odd ones.
     fn unchained(seq: u64) -> EventRecord {
         EventRecord {
             instance_id: 0,
@@ -208,6 +245,7 @@ mod tests {
             message: format!("event {seq}"),
             fields: "{}".into(),
             prev_hash: None,
+            body_hash: None,
             hash: None,
         }
     }
@@ -227,43 +265,41 @@ mod tests {
         }
     }
 
-    fn anchor(seq: u64) -> Anchor {
-        Anchor {
-            instance_id: 0,
-            seq,
-            hash: [9; 32],
-            max_counter: seq,
-            max_gen_time_ns: 1,
-            pruned_at_ns: 1,
-        }
+    fn store_in(dir: &tempfile::TempDir) -> SqliteStore {
+        SqliteStore::open(&dir.path().join("archive.sqlite"), Duration::from_secs(1)).unwrap()
     }
 
-    /// Six chained events, the fourth signed by a checkpoint, then `change` to the database,
-    /// then verification (without an anchor).
-    fn six_then(change: impl FnOnce(&rusqlite::Connection, &[EventRecord])) -> EventsReport {
+    /// Eight chained events, the fourth signed by a checkpoint, then `change` to the database,
+    /// then verification with the oldest record kept at `kept_from_ns`.
+    fn eight_then(
+        kept_from_ns: Option<u64>,
+        change: impl FnOnce(&rusqlite::Connection, &[EventRecord]),
+    ) -> EventsReport {
         let dir = tempfile::tempdir().unwrap();
-        let mut store =
-            SqliteStore::open(&dir.path().join("archive.sqlite"), Duration::from_secs(1)).unwrap();
-        let all = events(1, 6, ZERO_HASH);
+        let mut store = store_in(&dir);
+        let all = events(1, 8, ZERO_HASH);
         store.append(0, &[], &all).unwrap();
         let signed = checkpoint(1, &all[3]);
         store.add_checkpoint(&signed).unwrap();
         change(store.connection(), &all);
-        verify_events(&mut store, 0, &[signed], None).unwrap()
+        verify_events(&mut store, 0, &[signed], kept_from_ns).unwrap()
     }
 
-    fn delete(conn: &rusqlite::Connection, seq: u64) {
-        conn.execute("DELETE FROM events WHERE seq = ?1", [seq])
-            .unwrap();
+    fn execute(conn: &rusqlite::Connection, sql: &str) {
+        conn.execute(sql, []).unwrap();
     }
 
     /// Writes `e` over the stored event at its position.
     fn rewrite(conn: &rusqlite::Connection, e: &EventRecord) {
         conn.execute(
-            "UPDATE events SET message = ?1, prev_hash = ?2, hash = ?3 WHERE seq = ?4",
+            "UPDATE events SET kind = ?1, message = ?2, fields = ?3, prev_hash = ?4, \
+             body_hash = ?5, hash = ?6 WHERE seq = ?7",
             params![
+                e.kind,
                 e.message,
+                e.fields,
                 &e.prev_hash.unwrap()[..],
+                &e.body_hash.unwrap()[..],
                 &e.hash.unwrap()[..],
                 e.seq
             ],
@@ -271,134 +307,141 @@ mod tests {
         .unwrap();
     }
 
-    #[test]
-    fn chained_events_verify_and_what_changes_them_breaks_them() {
-        let report = six_then(|_, _| {});
-        assert_eq!(
-            report,
-            EventsReport {
-                events: 6,
-                last_seq: 6,
-                unchained: 0,
-                unsigned: 2,
-                first_break: None,
-            }
-        );
-
-        let report = six_then(|conn, _| {
-            conn.execute("UPDATE events SET message = 'edited' WHERE seq = 2", [])
-                .unwrap();
-        });
-        let (seq, what) = report.first_break.unwrap();
-        assert_eq!(seq, 2);
-        assert!(what.contains("does not match its fields"), "{what}");
-
-        let report = six_then(|conn, _| delete(conn, 3));
-        assert_eq!(
-            report.first_break.unwrap(),
-            (
-                4,
-                "event 3 is missing: pruning removes only events that a checkpoint at or below \
-                 the anchor signed (up to 0 here)"
-                    .to_string()
-            )
-        );
-
-        // The signed event changed, its hash recomputed and the next one chained to it again:
-        // each event checks, but the checkpoint signed another.
-        let report = six_then(|conn, all| {
-            let mut fourth = all[3].clone();
-            fourth.message = "edited".into();
-            let fourth = fourth.chained(all[2].hash.unwrap());
-            let fifth = all[4].clone().chained(fourth.hash.unwrap());
-            let sixth = all[5].clone().chained(fifth.hash.unwrap());
-            for e in [&fourth, &fifth, &sixth] {
-                rewrite(conn, e);
-            }
-        });
-        let (seq, what) = report.first_break.unwrap();
-        assert_eq!(seq, 4);
-        assert!(what.contains("signs another event here"), "{what}");
-
-        // Events deleted from the end, past what the checkpoint signed: nothing tells.
-        let report = six_then(|conn, _| {
-            delete(conn, 6);
-            delete(conn, 5);
-        });
-        assert_eq!((report.first_break, report.last_seq), (None, 4));
-        // Up to the signed one: the checkpoint tells.
-        let report = six_then(|conn, _| {
-            for seq in [6, 5, 4] {
-                delete(conn, seq);
-            }
-        });
-        let (seq, what) = report.first_break.unwrap();
-        assert_eq!(seq, 4);
-        assert!(what.contains("events are missing at the end"), "{what}");
-
-        // The first events deleted and the next one made the chain's start: the checkpoint's
-        // event is not there.
-        let report = six_then(|conn, all| {
-            for seq in 1..=5 {
-                delete(conn, seq);
-            }
-            rewrite(conn, &all[5].clone().chained(ZERO_HASH));
-        });
-        let (seq, what) = report.first_break.unwrap();
-        assert_eq!(seq, 4);
-        assert!(what.contains("is missing"), "{what}");
+    fn broken_at(report: EventsReport, seq: u64, what: &str) {
+        let (at, found) = report.first_break.expect(what);
+        assert_eq!(at, seq, "{found}");
+        assert!(found.contains(what), "{found}");
     }
 
     #[test]
-    fn gaps_are_pruning_only_at_or_below_what_a_checkpoint_at_the_anchor_signed() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut store =
-            SqliteStore::open(&dir.path().join("archive.sqlite"), Duration::from_secs(1)).unwrap();
-        let all = events(1, 8, ZERO_HASH);
-        store.append(0, &[], &all).unwrap();
-        // A checkpoint at record 10 signed events up to 3, one at record 20 up to 6.
-        let checkpoints = [checkpoint(10, &all[2]), checkpoint(20, &all[5])];
-        for c in &checkpoints {
-            store.add_checkpoint(c).unwrap();
-        }
-        let conn = store.connection();
-        // Pruned to record 10: events 1 and 3 gone, the second kept (the last of its kind).
-        delete(conn, 1);
-        delete(conn, 3);
-        let report = verify_events(&mut store, 0, &checkpoints, Some(&anchor(10))).unwrap();
-        assert_eq!(report.first_break, None);
-        assert_eq!((report.events, report.last_seq), (6, 8));
-        // Without the anchor, no gap is pruning's.
-        let report = verify_events(&mut store, 0, &checkpoints, None).unwrap();
-        assert_eq!(report.first_break.unwrap().0, 2);
-        // Past what the checkpoint at the anchor signed, a gap is a break.
-        delete(store.connection(), 5);
-        let report = verify_events(&mut store, 0, &checkpoints, Some(&anchor(10))).unwrap();
-        let (seq, what) = report.first_break.unwrap();
-        assert_eq!(seq, 6);
-        assert!(what.contains("event 5 is missing"), "{what}");
-        assert!(what.contains("up to 3 here"), "{what}");
+    fn chained_events_verify_and_what_changes_them_breaks_them() {
+        let report = eight_then(None, |_, _| {});
+        assert_eq!(
+            report,
+            EventsReport {
+                events: 8,
+                last_seq: 8,
+                unchained: 0,
+                pruned: 0,
+                unsigned: 4,
+                first_break: None,
+            }
+        );
+        let report = eight_then(None, |conn, _| {
+            execute(conn, "UPDATE events SET message = 'edited' WHERE seq = 2")
+        });
+        broken_at(report, 2, "do not match its body hash");
+        let report = eight_then(None, |conn, _| {
+            execute(conn, "UPDATE events SET level = 'debug' WHERE seq = 2")
+        });
+        broken_at(report, 2, "hash does not match its fields");
+        let report = eight_then(None, |conn, _| {
+            execute(conn, "DELETE FROM events WHERE seq = 3")
+        });
+        broken_at(report, 4, "event 3 is missing: deleted");
+
+        // The signed event changed, its hash recomputed and those after it chained to it
+        // again: each event checks, but the checkpoint signed another.
+        let report = eight_then(None, |conn, all| {
+            let mut prev = all[2].hash.unwrap();
+            for (i, e) in all.iter().enumerate().skip(3) {
+                let mut e = e.clone();
+                if i == 3 {
+                    e.message = "edited".into();
+                }
+                let e = e.chained(prev);
+                rewrite(conn, &e);
+                prev = e.hash.unwrap();
+            }
+        });
+        broken_at(report, 4, "signs another event here");
+
+        // Events deleted from the end, past what the checkpoint signed: nothing tells.
+        let report = eight_then(None, |conn, _| {
+            execute(conn, "DELETE FROM events WHERE seq > 4")
+        });
+        assert_eq!((report.first_break, report.last_seq), (None, 4));
+        // Up to the signed one: the checkpoint tells.
+        let report = eight_then(None, |conn, _| {
+            execute(conn, "DELETE FROM events WHERE seq > 3")
+        });
+        broken_at(report, 4, "events are missing at the end");
+        // The first events deleted and the next one made the chain's start: the checkpoint's
+        // event is not there.
+        let report = eight_then(None, |conn, all| {
+            execute(conn, "DELETE FROM events WHERE seq < 6");
+            let mut prev = ZERO_HASH;
+            for e in &all[5..] {
+                let e = e.clone().chained(prev);
+                rewrite(conn, &e);
+                prev = e.hash.unwrap();
+            }
+        });
+        broken_at(report, 4, "is missing");
+        // An event at position 0 (reads from 0 on see it).
+        let report = eight_then(None, |conn, _| {
+            execute(
+                conn,
+                "INSERT INTO events SELECT instance_id, 0, time_ns, level, kind, message, \
+                 fields, prev_hash, body_hash, hash FROM events WHERE seq = 1",
+            )
+        });
+        broken_at(report, 0, "position 0");
+    }
+
+    #[test]
+    fn pruning_empties_events_older_than_the_records_kept_but_the_last_of_each_kind() {
+        // The oldest record kept is at 6.5 µs: events 1 to 6 are old enough, and the last
+        // of each kind among them (5 and 6) stays.
+        let kept = Some(6_500);
+        let prune = |conn: &rusqlite::Connection, seqs: &str| {
+            execute(
+                conn,
+                &format!("UPDATE events SET message = '', fields = '' WHERE seq IN ({seqs})"),
+            )
+        };
+        let report = eight_then(kept, |conn, _| prune(conn, "1, 2, 3, 4"));
+        assert_eq!((report.first_break, report.pruned), (None, 4));
+        let report = eight_then(kept, |conn, _| prune(conn, "1, 2, 3, 4, 7"));
+        broken_at(report, 7, "not older than the oldest record kept");
+        let report = eight_then(kept, |conn, _| prune(conn, "1, 2, 3, 4, 6"));
+        broken_at(
+            report,
+            6,
+            "the last sync_lost event before the oldest record kept",
+        );
+        let report = eight_then(kept, |conn, _| {
+            prune(conn, "1, 2, 3, 4");
+            execute(conn, "UPDATE events SET fields = '' WHERE seq = 5");
+        });
+        broken_at(report, 5, "emptied but not its message");
+        // What pruning emptied still holds its place: one deleted, or changed, shows.
+        let report = eight_then(kept, |conn, _| {
+            prune(conn, "1, 2, 3, 4");
+            execute(conn, "DELETE FROM events WHERE seq = 2");
+        });
+        broken_at(report, 3, "event 2 is missing");
+        let report = eight_then(kept, |conn, _| {
+            prune(conn, "1, 2, 3, 4");
+            execute(conn, "UPDATE events SET kind = 'key_loaded' WHERE seq = 2");
+        });
+        broken_at(report, 2, "hash does not match its fields");
     }
 
     #[test]
     fn events_stored_before_chaining_come_only_before_the_chained_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store =
-            SqliteStore::open(&dir.path().join("archive.sqlite"), Duration::from_secs(1)).unwrap();
-        // An archive of schema 1 migrated: two events without hashes, the chain's start after.
-        store.append(0, &[], &[unchained(1), unchained(2)]).unwrap();
-        let chained = events(3, 4, ZERO_HASH);
-        store.append(0, &[], &chained).unwrap();
+        let mut store = store_in(&dir);
+        // An archive of schema 1 migrated: events without hashes (the second pruned), the
+        // chain's start after them.
+        store.append(0, &[], &[unchained(1), unchained(3)]).unwrap();
+        store.append(0, &[], &events(4, 5, ZERO_HASH)).unwrap();
         let report = verify_events(&mut store, 0, &[], None).unwrap();
         assert_eq!((report.first_break, report.unchained), (None, 2));
 
         // An event without a hash after them (an older version writing again).
-        store.append(0, &[], &[unchained(5)]).unwrap();
-        let (seq, what) = verify_events(&mut store, 0, &[], None)
-            .unwrap()
-            .first_break
-            .unwrap();
-        assert_eq!(seq, 5);
-        assert!(what.contains("carries no hash"), "{what}");
+        store.append(0, &[], &[unchained(6)]).unwrap();
+        let report = verify_events(&mut store, 0, &[], None).unwrap();
+        broken_at(report, 6, "carries no hash");
     }
 }
