@@ -1318,7 +1318,8 @@ mod tests {
             assert!(left.iter().all(|e| !e.pruned() || e.message.is_empty()));
             let kept_from = records[anchor.seq as usize].record.gen_time_ns;
             let report =
-                verify::verify_events(&mut *store, 0, &[checkpoint], Some(kept_from)).unwrap();
+                verify::verify_events(&mut *store, 0, &[checkpoint], |_| Ok(Some(kept_from)))
+                    .unwrap();
             assert_eq!(report.first_break, None, "{layout:?}");
         }
     }
@@ -1446,7 +1447,7 @@ mod tests {
         let signed = checkpoints.last().unwrap().events.unwrap();
         let at = events.iter().find(|e| e.seq == signed.seq).unwrap();
         assert_eq!(at.hash, Some(signed.hash));
-        let report = verify::verify_events(&mut store, 0, &checkpoints, None).unwrap();
+        let report = verify::verify_events(&mut store, 0, &checkpoints, |_| Ok(None)).unwrap();
         assert_eq!(report.first_break, None, "{events:#?}");
         assert_eq!(report.unchained, 2);
         // The checkpoint at close signed the last event (no `tracing` layer here: the

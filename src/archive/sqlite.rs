@@ -13,9 +13,9 @@ use super::record::{
 };
 use super::serial::layout;
 use super::store::{
-    checkpoint_columns, event_columns, migrate_from_1, migrated_from_1, schema, ArchiveStore,
-    CertificateSets, ImprintMatches, InstanceState, Newest, Rank, StoreError, Visit, PRUNE_ROWS,
-    RECORD_COLUMNS, SCHEMA_VERSION, SCHEMA_VERSION_1,
+    checkpoint_columns, event_columns, migrate_from_1, migrated_from_1, prune_events, schema,
+    ArchiveStore, CertificateSets, ImprintMatches, InstanceState, Newest, Rank, StoreError, Visit,
+    PRUNE_ROWS, RECORD_COLUMNS, SCHEMA_VERSION, SCHEMA_VERSION_1,
 };
 
 pub struct SqliteStore {
@@ -883,7 +883,12 @@ impl ArchiveStore for SqliteStore {
             .query_map(
                 params![
                     instance_id,
-                    from_seq.min(i64::MAX as u64),
+                    // From 0: every position, a negative one too (none is stored honestly,
+                    // and reading one fails rather than pass it over).
+                    match from_seq {
+                        0 => i64::MIN,
+                        from => i64::try_from(from).unwrap_or(i64::MAX),
+                    },
                     i64::try_from(limit).unwrap_or(i64::MAX)
                 ],
                 read_event,
@@ -940,20 +945,8 @@ impl ArchiveStore for SqliteStore {
             |r| r.get(0),
         )?;
         let events_before = oldest_kept.map_or(before_ns, |t| t.min(before_ns));
-        // A chained event keeps its place in the chain (its hash covers its body's hash):
-        // its message and fields are emptied. Events stored unchained (schema 1) go.
-        for what in [
-            "UPDATE events SET message = '', fields = ''",
-            "DELETE FROM events",
-        ] {
-            tx.execute(
-                &format!(
-                    "{what} WHERE instance_id = ?1 AND time_ns < ?2 AND fields <> '' \
-                     AND (hash IS NULL) = ?3 AND seq NOT IN (SELECT MAX(seq) FROM events \
-                     WHERE instance_id = ?1 AND time_ns < ?2 GROUP BY kind)"
-                ),
-                params![instance_id, events_before, what.starts_with("DELETE")],
-            )?;
+        for sql in prune_events(|n| format!("?{n}")) {
+            tx.execute(&sql, params![instance_id, events_before])?;
         }
         let Some((seq, hash)) = last else {
             tx.commit()?;

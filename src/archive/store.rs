@@ -463,6 +463,7 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (instance_id, seq)
 );
 CREATE INDEX IF NOT EXISTS events_time ON events (time_ns);
+{EVENTS_UNPRUNED}
 "
     )
 }
@@ -496,6 +497,30 @@ pub const OLD_IMPRINT_INDEX: &str =
 /// The schema version in `archive_meta` (name `schema`): 2 since events are chained and
 /// checkpoints sign their head.
 pub const SCHEMA_VERSION: &str = "2";
+
+/// The events pruning has not emptied, for pruning to read only those: a pass costs what came
+/// since the last one, not every event of the retention.
+const EVENTS_UNPRUNED: &str =
+    "CREATE INDEX IF NOT EXISTS events_unpruned ON events (instance_id, time_ns) WHERE fields <> '';";
+
+/// What pruning does to an instance's events before a time, in the two statements of either
+/// backend (`param(n)`: its n-th parameter, `?n` or `$n`; the instance, then the time). A
+/// chained event is emptied (its message and fields: its hash covers their hash, so it keeps
+/// its place in the events' chain), one stored unchained (schema 1) removed; the last of each
+/// kind before the time stays (the records kept were issued under it; it is never one emptied
+/// before, which is why only those not emptied are read, through `events_unpruned`).
+pub fn prune_events(param: fn(u8) -> String) -> [String; 2] {
+    let (id, before) = (param(1), param(2));
+    let old = format!("instance_id = {id} AND time_ns < {before} AND fields <> ''");
+    let last_of_kind = format!("SELECT MAX(seq) FROM events WHERE {old} GROUP BY kind");
+    [
+        format!(
+            "UPDATE events SET message = '', fields = '' WHERE {old} AND hash IS NOT NULL \
+             AND seq NOT IN ({last_of_kind})"
+        ),
+        format!("DELETE FROM events WHERE {old} AND hash IS NULL AND seq NOT IN ({last_of_kind})"),
+    ]
+}
 
 /// Logs (and so archives, as its first chained event) a migration from schema 1 that
 /// committed.
@@ -541,6 +566,7 @@ ALTER TABLE events ADD COLUMN body_hash {blob};
 ALTER TABLE events ADD COLUMN hash {blob};
 ALTER TABLE checkpoints ADD COLUMN events_seq BIGINT;
 ALTER TABLE checkpoints ADD COLUMN events_hash {blob};
+{EVENTS_UNPRUNED}
 UPDATE archive_meta SET value = '{SCHEMA_VERSION}' WHERE name = 'schema';
 "
     )

@@ -539,27 +539,10 @@ fn verify_instance(
         warnings,
         checkpoint_signers,
         signed_head: checkpoints.last().map(|c| (c.seq, c.head_hash)),
-        events: verify_instance_events(store, instance_id, &checkpoints)?,
+        events: verify_events(store, instance_id, &checkpoints, |store| {
+            kept_from(store, instance_id)
+        })?,
     })
-}
-
-/// The instance's events ([`verify_events`]) against the oldest record kept as read now: the
-/// server's retention may have pruned since the records were walked, and may prune while the
-/// events are read, so a break is checked once more against the oldest record kept then.
-fn verify_instance_events(
-    store: &mut dyn ArchiveStore,
-    instance_id: u32,
-    checkpoints: &[Checkpoint],
-) -> Result<EventsReport, StoreError> {
-    let kept_from = kept_from(store, instance_id)?;
-    let report = verify_events(store, instance_id, checkpoints, kept_from)?;
-    if report.first_break.is_some() {
-        let again = self::kept_from(store, instance_id)?;
-        if again != kept_from {
-            return verify_events(store, instance_id, checkpoints, again);
-        }
-    }
-    Ok(report)
 }
 
 /// The genTime of the first record above the anchor (none: no record is kept). Pruning
@@ -703,21 +686,58 @@ fn check_record(r: &StoredRecord, instance_id: u32, prev: &ChainHead) -> Option<
 /// out twice, or two tokens of which a look-up by serial finds one. The rows layout and
 /// PostgreSQL refuse a second one (a unique index); the token log keeps whatever it is given.
 ///
-/// A bit a counter, in blocks of 2^16: counters are dense (blocks of `serial_block`, a
-/// restart skips the rest of one), so 100 million records take about 12 MB.
+/// Per block of 2^16 counters, the low 16 bits of those seen: a sorted list while few, then a
+/// bit each. Counters are dense (blocks of `serial_block`, a restart skips the rest of one),
+/// so 100 million records take about 12 MB; an archive rewritten with counters far apart,
+/// about 40 octets each.
 #[derive(Default)]
-struct Counters(HashMap<u64, Box<[u64; 1024]>>);
+struct Counters(HashMap<u64, Seen>);
+
+enum Seen {
+    Few(Vec<u16>),
+    Bits(Box<[u64; 1024]>),
+}
+
+impl Seen {
+    /// Past this many, a bit each (a list of 128 is 256 octets beside the bits' 8 KiB).
+    const FEW: usize = 128;
+
+    /// Adds `low`; whether it was there.
+    fn insert(&mut self, low: u16) -> bool {
+        match self {
+            Seen::Few(few) => match few.binary_search(&low) {
+                Ok(_) => true,
+                Err(at) if few.len() < Self::FEW => {
+                    few.insert(at, low);
+                    false
+                }
+                Err(_) => {
+                    let mut bits = Box::new([0u64; 1024]);
+                    for &l in few.iter().chain([&low]) {
+                        bits[usize::from(l >> 6)] |= 1 << (l & 63);
+                    }
+                    *self = Seen::Bits(bits);
+                    false
+                }
+            },
+            Seen::Bits(bits) => {
+                let (word, bit) = (usize::from(low >> 6), 1u64 << (low & 63));
+                let seen = bits[word] & bit != 0;
+                bits[word] |= bit;
+                seen
+            }
+        }
+    }
+}
 
 impl Counters {
     /// Notes `r`'s counter; the break if an earlier record had it.
     fn handed_out_twice(&mut self, r: &StoredRecord) -> Option<Break> {
-        let block = self
+        let seen = self
             .0
             .entry(r.counter >> 16)
-            .or_insert_with(|| Box::new([0; 1024]));
-        let (word, bit) = ((r.counter >> 6) as usize & 1023, 1u64 << (r.counter & 63));
-        let seen = block[word] & bit != 0;
-        block[word] |= bit;
+            .or_insert_with(|| Seen::Few(Vec::new()))
+            .insert(r.counter as u16);
         seen.then(|| Break {
             seq: r.seq,
             serial: Some(hex(&r.record.serial)),
@@ -911,6 +931,20 @@ mod tests {
             ..records[0].clone()
         };
         assert!(counters.handed_out_twice(&far).is_some());
+        // Past a block's short list, in its bits: the earlier ones still count.
+        let at = |counter: u64| StoredRecord {
+            counter,
+            ..records[0].clone()
+        };
+        for counter in (4..300).rev() {
+            assert_eq!(counters.handed_out_twice(&at(counter)), None, "{counter}");
+        }
+        for counter in [1, 150, 299] {
+            assert!(
+                counters.handed_out_twice(&at(counter)).is_some(),
+                "{counter}"
+            );
+        }
     }
 
     /// After a key rollover the first checkpoint of the next key may sit over a token of the

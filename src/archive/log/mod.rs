@@ -17,7 +17,7 @@ mod syncer;
 mod tests;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -66,9 +66,9 @@ pub struct LogReader {
     /// The lowest and highest counter of closed segments (instance, first position), read
     /// once: a closed segment does not change.
     counters: Mutex<CounterRanges>,
-    /// Segments (file, entries) whose index entries a look-up that missed found to agree
+    /// Per segment file, how many of its index entries a look-up that missed found to agree
     /// with their frames: see [`LogReader::counter_in_frames`].
-    agreeing: Mutex<HashSet<(PathBuf, usize)>>,
+    agreeing: Mutex<HashMap<PathBuf, usize>>,
 }
 
 /// Per closed segment (instance, first position): its lowest and highest counter, if any.
@@ -80,7 +80,7 @@ impl LogReader {
         Self {
             root: dir_for(database),
             counters: Mutex::new(HashMap::new()),
-            agreeing: Mutex::new(HashSet::new()),
+            agreeing: Mutex::new(HashMap::new()),
         }
     }
 
@@ -199,8 +199,10 @@ impl LogReader {
             .flatten()
             .filter(|&i| i < all.len())
             .collect();
+        // Segments whose entries span the counter without holding it (one garbled?).
+        let mut spanning = Vec::new();
         for &i in &candidates {
-            if let Some(found) = self.counter_in(&all[i], counter)? {
+            if let Some(found) = self.counter_in(&all[i], counter, &mut spanning)? {
                 return Ok(Some(found));
             }
         }
@@ -229,7 +231,12 @@ impl LogReader {
                     continue;
                 }
             }
-            if let Some(found) = self.counter_in(segment, counter)? {
+            if let Some(found) = self.counter_in(segment, counter, &mut spanning)? {
+                return Ok(Some(found));
+            }
+        }
+        for (segment, entries) in spanning {
+            if let Some(found) = self.counter_in_frames(&segment, counter, &entries)? {
                 return Ok(Some(found));
             }
         }
@@ -243,11 +250,23 @@ impl LogReader {
     /// The record with `counter` in `segment`, through its entries, checked
     /// ([`segments::scan_checked_for_look_ups`]: a garbled counter at either end of the
     /// segment's is told). An entry whose frame is another record voids the index: the frames
-    /// are read instead. (One whose frame does not check names a damaged record.)
-    fn counter_in(&self, segment: &Segment, counter: u64) -> io::Result<Option<StoredRecord>> {
+    /// are read instead. (One whose frame does not check names a damaged record.) Where the
+    /// entries span the counter without holding it, the segment and its entries go to
+    /// `spanning`, for [`LogReader::counter_in_frames`] once no segment's entries hold it.
+    fn counter_in(
+        &self,
+        segment: &Segment,
+        counter: u64,
+        spanning: &mut Vec<(Segment, Vec<segments::Entry>)>,
+    ) -> io::Result<Option<StoredRecord>> {
         let entries = segments::scan_checked_for_look_ups(segment)?.entries;
         let Some(e) = entries.iter().find(|e| e.counter == counter) else {
-            return self.counter_in_frames(segment, counter, &entries);
+            let low = entries.iter().map(|e| e.counter).min();
+            let high = entries.iter().map(|e| e.counter).max();
+            if low.is_some_and(|l| l <= counter) && high.is_some_and(|h| counter <= h) {
+                spanning.push((segment.clone(), entries));
+            }
+            return Ok(None);
         };
         let file = File::open(&segment.path)?;
         let found = read_at(&file, e.offset)?.map(|(record, _)| record);
@@ -265,35 +284,34 @@ impl LogReader {
     /// A counter that `entries` (`segment`'s) do not hold, though their lowest and highest
     /// counters span it. Only those two are checked against their frames, so an entry between
     /// them with a garbled counter would hide its record ("no such token" of a token the log
-    /// holds): the entries are compared with the frames, once for as many entries (a
-    /// counter never handed out, or a token refused, misses again at no cost), and where they
-    /// differ the frames are searched.
+    /// holds): the entries are compared with the frames, those not compared before (a closed
+    /// segment's once; the open one's as they come), and where they differ the frames are
+    /// searched.
     fn counter_in_frames(
         &self,
         segment: &Segment,
         counter: u64,
         entries: &[segments::Entry],
     ) -> io::Result<Option<StoredRecord>> {
-        let low = entries.iter().map(|e| e.counter).min();
-        let high = entries.iter().map(|e| e.counter).max();
-        let spans = low.is_some_and(|l| l <= counter) && high.is_some_and(|h| counter <= h);
-        let key = (segment.path.clone(), entries.len());
         let agreeing = || self.agreeing.lock().unwrap_or_else(|p| p.into_inner());
-        if !spans || agreeing().contains(&key) {
-            return Ok(None);
-        }
-        let frames = segments::frames(segment)?.entries;
-        let differs = entries
-            .iter()
-            .zip(&frames)
-            .find(|(entry, frame)| entry != frame)
-            .map(|(entry, _)| entry.seq)
-            .or_else(|| (frames.len() < entries.len()).then(|| entries[frames.len()].seq));
-        let Some(seq) = differs else {
-            agreeing().insert(key);
+        let compared = agreeing().get(&segment.path).copied().unwrap_or(0);
+        let Some(first) = entries.get(compared) else {
             return Ok(None);
         };
-        segments::warn_frames_instead(segment, seq);
+        let mut frames = Frames::open(segment, first.offset)?;
+        let mut differs = None;
+        for entry in &entries[compared..] {
+            let frame = frames.next_frame()?;
+            if frame.is_none_or(|(at, record)| segments::Entry::of(&record, at) != *entry) {
+                differs = Some(entry.seq);
+                break;
+            }
+        }
+        let Some(seq) = differs else {
+            agreeing().insert(segment.path.clone(), entries.len());
+            return Ok(None);
+        };
+        let frames = segments::frames_instead(segment, seq)?.entries;
         match frames.iter().find(|e| e.counter == counter) {
             Some(e) => Ok(read_at(&File::open(&segment.path)?, e.offset)?.map(|(r, _)| r)),
             None => Ok(None),
@@ -417,11 +435,12 @@ impl LogReader {
                 log.latest = log.latest.max(Some(e.gen_time_ns));
                 let mut gen_time_ns = e.gen_time_ns;
                 let in_range = |t: u64| (from_ns..to_ns).contains(&t);
-                // Further from each neighbour's genTime than records in flight together are:
-                // an entry garbled between the segment's extremes (which alone were checked)
-                // would hide its record from the range, or take it out of order, so its frame
-                // decides. (Sparse traffic reads a few frames more.)
-                if e.seq > log.anchor && stray(&entries, i) {
+                // An entry garbled between the segment's extremes (which alone were checked)
+                // would hide its record from the range, or take it out of order: where its
+                // genTime is further from each neighbour's than records in flight together
+                // are, or out of the range while its neighbours' span reaches into it, its
+                // frame decides. (Sparse traffic reads a few frames more.)
+                if e.seq > log.anchor && suspect(&entries, i, from_ns..to_ns) {
                     // (A frame that is not there is left to the read below, which tells it.)
                     let frame = match files.open(file)? {
                         Some(segment) => read_at(segment, e.offset)?,
@@ -479,15 +498,23 @@ impl LogReader {
     }
 }
 
-/// Whether `entries[i]`'s genTime lies further than `TIME_SLACK_NS` from each of its
-/// neighbours' (records in flight together lie closer).
-fn stray(entries: &[segments::Entry], i: usize) -> bool {
+/// Whether `entries[i]`'s genTime may be garbled, as a read of `range` tells: it lies further
+/// than `TIME_SLACK_NS` from each of its neighbours' (records in flight together lie closer),
+/// or it is out of the range while the span of its neighbours' reaches into it.
+fn suspect(entries: &[segments::Entry], i: usize, range: std::ops::Range<u64>) -> bool {
     let t = entries[i].gen_time_ns;
-    [i.checked_sub(1), i.checked_add(1)]
+    let neighbours: Vec<u64> = [i.checked_sub(1), i.checked_add(1)]
         .into_iter()
         .flatten()
         .filter_map(|n| entries.get(n))
-        .all(|n| t.abs_diff(n.gen_time_ns) > TIME_SLACK_NS)
+        .map(|n| n.gen_time_ns)
+        .collect();
+    let stray = neighbours.iter().all(|n| t.abs_diff(*n) > TIME_SLACK_NS);
+    let reaches = match (neighbours.iter().min(), neighbours.iter().max()) {
+        (Some(&low), Some(&high)) => low < range.end && high >= range.start,
+        _ => false,
+    };
+    stray || (!range.contains(&t) && reaches)
 }
 
 /// The segments a read by genTime has scanned, by number, a few of them open: in genTime
@@ -633,7 +660,9 @@ pub struct LogStore {
     kept_events: Vec<EventRecord>,
 }
 
-/// Events kept for the next commit; later ones are dropped (the log has them all).
+/// Events kept for the next commit at most: past them, a commit's records are not written
+/// until the events are stored (the writer has chained every event it hands over, so none may
+/// be dropped: the events' chain would break there).
 const MAX_KEPT_EVENTS: usize = 10_000;
 
 impl LogStore {
@@ -742,13 +771,10 @@ impl LogStore {
                 Err(e)
             }
             Err(e) => {
-                let dropped = self.kept_events.len().saturating_sub(MAX_KEPT_EVENTS);
-                self.kept_events.truncate(MAX_KEPT_EVENTS);
                 tracing::error!(
                     error = %e,
                     records = records.len(),
                     kept_events = self.kept_events.len(),
-                    dropped_events = dropped,
                     "the archive's events cannot be stored; the records are written, the \
                      events are kept for the next commit"
                 );
@@ -881,7 +907,8 @@ impl ArchiveStore for LogStore {
     /// The records go to the log (made durable beside the caller, see
     /// [`Appender::append_then`]), then the events to the database. Once the records are
     /// written the commit goes on: events that cannot be stored then are kept, in order, and
-    /// stored before the next commit's (up to `MAX_KEPT_EVENTS`). A commit of events alone
+    /// stored before the next commit's; with `MAX_KEPT_EVENTS` kept, a commit whose events
+    /// would pass it fails, no record written, while they cannot be stored. A commit of events alone
     /// fails when they cannot be stored (the writer keeps them). Counters are not looked up:
     /// each comes from a block reserved durably beforehand, so none is handed out twice.
     fn append_then(
@@ -891,6 +918,13 @@ impl ArchiveStore for LogStore {
         events: &[EventRecord],
         durable: Durable,
     ) -> Result<(), StoreError> {
+        // More events than it keeps: those kept are stored first, or no record is written.
+        if !self.kept_events.is_empty() && self.kept_events.len() + events.len() > MAX_KEPT_EVENTS {
+            if let Err(e) = self.store_events(instance_id, &[], &[]) {
+                durable(Err(&e));
+                return Err(e);
+            }
+        }
         let appender = match self.appender_for(instance_id, records) {
             Ok(appender) => appender,
             Err(e) => {
@@ -1151,10 +1185,12 @@ impl ArchiveStore for LogStore {
             last = scanned.last.or(last);
             removing += 1;
         }
-        // Every segment to remove checked: the events before the cut go (the database holds
-        // no token rows in this layout), then the anchor, then the segments. Events go only
-        // where no record kept is as old: those explain the records (a sync lost, a key event)
-        // that stay unpruned past their checkpoint.
+        // Every segment to remove checked: the anchor, then the events before the cut (the
+        // database holds no token rows in this layout), then the segments. Events are pruned
+        // only where no record kept is as old: those explain the records (a sync lost, a key
+        // event) that stay unpruned past their checkpoint. After the anchor, so that no
+        // event is pruned that the oldest record kept by the anchor before does not allow
+        // (a crash between the two would leave verification a break).
         let oldest_kept = match all.get(removing) {
             Some(kept) => segments::scan_checked(kept)?
                 .entries
@@ -1163,11 +1199,9 @@ impl ArchiveStore for LogStore {
                 .min(),
             None => None,
         };
-        self.db.prune(
-            instance_id,
-            oldest_kept.map_or(before_ns, |t| t.min(before_ns)),
-        )?;
+        let events_before = oldest_kept.map_or(before_ns, |t| t.min(before_ns));
         let Some(last) = last.filter(|l| previous.is_none_or(|p| l.seq > p.seq)) else {
+            self.db.prune(instance_id, events_before)?;
             if leftovers > 0 {
                 self.remove_segments(instance_id, &all[..leftovers])?;
             }
@@ -1182,6 +1216,7 @@ impl ArchiveStore for LogStore {
             pruned_at_ns: crate::clock::system_unix_ns(),
         };
         self.db.set_anchor(&anchor)?;
+        self.db.prune(instance_id, events_before)?;
         self.remove_segments(instance_id, &all[..removing])?;
         Ok(Some(anchor))
     }

@@ -457,7 +457,7 @@ pub fn frames_instead(segment: &Segment, seq: u64) -> io::Result<Scanned> {
 }
 
 /// What [`frames_instead`] logs.
-pub fn warn_frames_instead(segment: &Segment, seq: u64) {
+fn warn_frames_instead(segment: &Segment, seq: u64) {
     tracing::warn!(
         index = %segment.index_path().display(),
         seq,
@@ -467,7 +467,7 @@ pub fn warn_frames_instead(segment: &Segment, seq: u64) {
 }
 
 /// [`scan`] of `segment`'s frames alone, its index passed over.
-pub fn frames(segment: &Segment) -> io::Result<Scanned> {
+fn frames(segment: &Segment) -> io::Result<Scanned> {
     scan_with(segment, false)
 }
 

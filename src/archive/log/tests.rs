@@ -1639,6 +1639,20 @@ fn events_that_cannot_be_stored_do_not_fail_records_already_durable() {
     );
     assert_eq!(store.instance(0).unwrap().last_event.seq, 4);
     assert_eq!(log.all(), log.records);
+
+    // As many events kept as it keeps, while they cannot be stored: the next commit fails,
+    // its record unwritten, rather than drop events the writer has chained.
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let many: Vec<EventRecord> = (5..5 + super::MAX_KEPT_EVENTS as u64).map(event).collect();
+    store.append(0, &log.chain(1), &many).unwrap();
+    let next = 5 + super::MAX_KEPT_EVENTS as u64;
+    let refused = log.chain(1);
+    assert!(store.append(0, &refused, &[event(next)]).is_err());
+    assert_eq!(log.all(), log.records[..log.records.len() - 1]);
+    locker.execute_batch("ROLLBACK").unwrap();
+    // Once they can be, they are (the writer hands the refused commit's events again).
+    store.append(0, &[], &[event(next)]).unwrap();
+    assert_eq!(store.instance(0).unwrap().last_event.seq, next);
 }
 
 #[test]
@@ -1876,6 +1890,14 @@ fn a_garbled_index_leaves_no_record_out_of_a_time_range_nor_takes_one_in() {
         in_time_seqs(&log.reader(), gen(1), gen(6) + 1),
         [1, 2, 3, 4, 5, 6]
     );
+    // Garbled near a neighbour (2 hours and a second, within the slack of the second's): a
+    // read of the third hour still has it, its neighbours' span reaching into the range.
+    garble_entry(&segment, 2, 3, gen(2) + 1_000_000_000);
+    assert_eq!(
+        in_time_seqs(&log.reader(), gen(3) - 1_800_000_000_000, gen(3) + 1),
+        [3]
+    );
+    garble_entry(&segment, 2, 3, gen(5) - 1_800_000_000_000);
     // Nor does its entry take it into the range it names.
     assert_eq!(
         in_time_seqs(&log.reader(), gen(5) - 1_800_000_000_000, gen(5)),

@@ -28,8 +28,8 @@ use super::record::{
 };
 use super::serial::layout;
 use super::store::{
-    checkpoint_columns, event_columns, migrate_from_1, migrated_from_1, schema, ArchiveStore,
-    CertificateSets, ImprintMatches, InstanceState, StoreError, Visit, IMPRINT_INDEX,
+    checkpoint_columns, event_columns, migrate_from_1, migrated_from_1, prune_events, schema,
+    ArchiveStore, CertificateSets, ImprintMatches, InstanceState, StoreError, Visit, IMPRINT_INDEX,
     IMPRINT_INDEX_CONCURRENTLY, OLD_IMPRINT_INDEX, PRUNE_ROWS, RECORD_COLUMNS, SCHEMA_VERSION,
     SCHEMA_VERSION_1,
 };
@@ -270,7 +270,7 @@ impl Inner {
         if migrate {
             // Behind a long transaction on the tables the lock would queue every instance's
             // inserts behind it: fail the start instead (the next one tries again).
-            tx.batch_execute("SET LOCAL lock_timeout = '10s'")?;
+            tx.batch_execute("SET LOCAL lock_timeout = '2s'")?;
             tx.batch_execute(&migrate_from_1("BYTEA"))?;
         }
         tx.commit()?;
@@ -405,9 +405,13 @@ fn read_event(r: &Row) -> Result<EventRecord, StoreError> {
     let hash = |idx: usize| -> Result<Option<Hash>, StoreError> {
         r.try_get::<_, Option<&[u8]>>(idx)?.map(hash_of).transpose()
     };
+    let seq: i64 = r.try_get(1)?;
+    if seq < 0 {
+        return Err(StoreError(format!("an event at position {seq}")));
+    }
     Ok(EventRecord {
         instance_id: instance_of(r.try_get(0)?)?,
-        seq: u(r.try_get(1)?),
+        seq: u(seq),
         time_ns: u(r.try_get(2)?),
         level: r.try_get(3)?,
         kind: r.try_get(4)?,
@@ -865,7 +869,11 @@ impl ArchiveStore for PostgresStore {
                     &sql,
                     &[
                         &(instance_id as i64),
-                        &i(from_seq),
+                        // From 0: every position, a negative one too (reading it fails).
+                        &match from_seq {
+                            0 => i64::MIN,
+                            from => i(from),
+                        },
                         &i64::try_from(limit).unwrap_or(i64::MAX),
                     ],
                 )?
@@ -928,20 +936,8 @@ impl ArchiveStore for PostgresStore {
                 )?
                 .try_get(0)?;
             let events_before = oldest_kept.map_or(before, |t| t.min(before));
-            // A chained event keeps its place in the chain (its hash covers its body's hash):
-            // its message and fields are emptied. Events stored unchained (schema 1) go.
-            for what in [
-                "UPDATE events SET message = '', fields = ''",
-                "DELETE FROM events",
-            ] {
-                tx.execute(
-                    &format!(
-                        "{what} WHERE instance_id = $1 AND time_ns < $2 AND fields <> '' \
-                         AND (hash IS NULL) = $3 AND seq NOT IN (SELECT MAX(seq) FROM events \
-                         WHERE instance_id = $1 AND time_ns < $2 GROUP BY kind)"
-                    ),
-                    &[&id, &events_before, &what.starts_with("DELETE")],
-                )?;
+            for sql in prune_events(|n| format!("${n}")) {
+                tx.execute(&sql, &[&id, &events_before])?;
             }
             let Some(last) = last else {
                 tx.commit()?;

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::super::record::{ChainHead, Checkpoint, EventRecord, Hash, ZERO_HASH};
+use super::super::record::{body_hash, ChainHead, Checkpoint, EventRecord, Hash, ZERO_HASH};
 use super::super::store::{ArchiveStore, StoreError};
 
 /// Events read per call.
@@ -30,13 +30,15 @@ pub struct EventsReport {
 }
 
 /// Verifies the events of `instance_id` against `checkpoints` (their signatures are checked
-/// with the records'). Pruning empties events older than the oldest record kept
-/// (`kept_from_ns`, its genTime; `None` without one) but the last of each kind before it.
+/// with the records'). Pruning empties events older than the oldest record kept, but the last
+/// of each kind before it: `kept_from` reads that record's genTime (`None`: none is kept)
+/// once the events are read, as pruning beside the verification (the server's retention)
+/// only raises it, and what any pass emptied lies below what it reads then.
 pub fn verify_events(
     store: &mut dyn ArchiveStore,
     instance_id: u32,
     checkpoints: &[Checkpoint],
-    kept_from_ns: Option<u64>,
+    kept_from: impl FnOnce(&mut dyn ArchiveStore) -> Result<Option<u64>, StoreError>,
 ) -> Result<EventsReport, StoreError> {
     // The events' heads the checkpoints sign, by position: (hash, the checkpoint's position).
     let signed: BTreeMap<u64, (Hash, u64)> = checkpoints
@@ -48,11 +50,9 @@ pub fn verify_events(
         })
         .collect();
     let last_signed = signed.keys().next_back().copied().unwrap_or(0);
-    let old_enough = |e: &EventRecord| kept_from_ns.is_none_or(|kept| e.time_ns < kept);
     let mut report = EventsReport::default();
     let mut seen_signed = HashSet::new();
-    // The last event of each kind old enough to be pruned: (position, pruned).
-    let mut last_of_kind: HashMap<String, (u64, bool)> = HashMap::new();
+    let mut pruning = Pruning::default();
     // The last chained event read.
     let mut prev: Option<ChainHead> = None;
     let mut from = 0;
@@ -68,13 +68,6 @@ pub fn verify_events(
                 report.unsigned += 1;
             }
             let mut wrong = check_event(&e, prev, report.last_seq);
-            if e.pruned() && wrong.is_none() && !old_enough(&e) {
-                wrong = Some(
-                    "the event was emptied as pruning empties events, but it is not older than \
-                     the oldest record kept: pruning keeps it"
-                        .to_string(),
-                );
-            }
             if let Some((hash, at)) = signed.get(&e.seq) {
                 seen_signed.insert(e.seq);
                 if wrong.is_none() && e.hash != Some(*hash) {
@@ -91,9 +84,7 @@ pub fn verify_events(
             if e.pruned() {
                 report.pruned += 1;
             }
-            if old_enough(&e) {
-                last_of_kind.insert(e.kind.clone(), (e.seq, e.pruned()));
-            }
+            pruning.note(&e);
             match e.hash {
                 Some(hash) => prev = Some(ChainHead { seq: e.seq, hash }),
                 None => report.unchained += 1,
@@ -104,8 +95,7 @@ pub fn verify_events(
     if report.first_break.is_some() {
         return Ok(report);
     }
-    // The heads the checkpoints sign must be there; and pruning keeps the last event of each
-    // kind before the oldest record kept (the key and the clock's state it was issued under).
+    // The heads the checkpoints sign must be there.
     report.first_break = signed
         .iter()
         .find(|(seq, _)| !seen_signed.contains(*seq))
@@ -119,25 +109,64 @@ pub fn verify_events(
                 false => format!("the event that the checkpoint at {at} signs is missing"),
             };
             (seq, what)
-        })
-        .or_else(|| {
-            let mut emptied: Vec<(u64, &String)> = last_of_kind
-                .iter()
-                .filter(|(_, (_, pruned))| *pruned)
-                .map(|(kind, (seq, _))| (*seq, kind))
-                .collect();
-            emptied.sort_unstable();
-            emptied.first().map(|(seq, kind)| {
+        });
+    if report.first_break.is_none() {
+        report.first_break = pruning.wrong(kept_from(store)?);
+    }
+    Ok(report)
+}
+
+/// What the events show of pruning, to be judged against the oldest record kept once they
+/// are read ([`Pruning::wrong`]).
+#[derive(Default)]
+struct Pruning {
+    /// The emptied event with the latest time: (time, position).
+    latest_emptied: Option<(u64, u64)>,
+    /// Per kind, its last emptied event's position and time, and the earliest time of an
+    /// event of the kind after it not emptied (which, old enough, is the later one pruning
+    /// kept of the kind).
+    kinds: HashMap<String, (u64, u64, Option<u64>)>,
+}
+
+impl Pruning {
+    fn note(&mut self, e: &EventRecord) {
+        if e.pruned() {
+            if self.latest_emptied.is_none_or(|(t, _)| e.time_ns > t) {
+                self.latest_emptied = Some((e.time_ns, e.seq));
+            }
+            self.kinds.insert(e.kind.clone(), (e.seq, e.time_ns, None));
+        } else if let Some((_, _, after)) = self.kinds.get_mut(&e.kind) {
+            *after = Some(after.map_or(e.time_ns, |t| t.min(e.time_ns)));
+        }
+    }
+
+    /// What is wrong with the events emptied, the oldest record kept at `kept_from` (`None`:
+    /// none is kept): one not older than it, or the last of its kind before it.
+    fn wrong(&self, kept_from: Option<u64>) -> Option<(u64, String)> {
+        let older = |t: u64| kept_from.is_none_or(|kept| t < kept);
+        if let Some((_, seq)) = self.latest_emptied.filter(|(t, _)| !older(*t)) {
+            return Some((
+                seq,
+                "the event was emptied as pruning empties events, but it is not older than \
+                 the oldest record kept: pruning keeps it"
+                    .to_string(),
+            ));
+        }
+        self.kinds
+            .iter()
+            .filter(|(_, (_, _, after))| !after.is_some_and(older))
+            .map(|(kind, (seq, _, _))| (*seq, kind))
+            .min()
+            .map(|(seq, kind)| {
                 (
-                    *seq,
+                    seq,
                     format!(
                         "the last {kind} event before the oldest record kept was emptied: \
                          pruning keeps it (the records kept were issued under it)"
                     ),
                 )
             })
-        });
-    Ok(report)
+    }
 }
 
 /// The first thing wrong with `e` as the event after position `last_seq`, the last chained
@@ -146,7 +175,8 @@ fn check_event(e: &EventRecord, prev: Option<ChainHead>, last_seq: u64) -> Optio
     if e.seq == 0 {
         return Some("an event at position 0, where none is stored".to_string());
     }
-    let (Some(hash), Some(prev_hash), Some(body_hash)) = (e.hash, e.prev_hash, e.body_hash) else {
+    let (Some(hash), Some(prev_hash), Some(stored_body)) = (e.hash, e.prev_hash, e.body_hash)
+    else {
         // Stored before events were chained: only before every chained one.
         return (prev.is_some() || e.hash.is_some() || e.prev_hash.is_some()).then(|| {
             match prev {
@@ -163,7 +193,7 @@ fn check_event(e: &EventRecord, prev: Option<ChainHead>, last_seq: u64) -> Optio
         if !e.message.is_empty() {
             return Some("the event's fields were emptied but not its message".to_string());
         }
-    } else if super::super::record::body_hash(&e.message, &e.fields) != body_hash {
+    } else if body_hash(&e.message, &e.fields) != stored_body {
         return Some(
             "the event's message or fields do not match its body hash: they were changed after \
              it was stored"
@@ -282,7 +312,7 @@ mod tests {
         let signed = checkpoint(1, &all[3]);
         store.add_checkpoint(&signed).unwrap();
         change(store.connection(), &all);
-        verify_events(&mut store, 0, &[signed], kept_from_ns).unwrap()
+        verify_events(&mut store, 0, &[signed], |_| Ok(kept_from_ns)).unwrap()
     }
 
     fn execute(conn: &rusqlite::Connection, sql: &str) {
@@ -387,6 +417,16 @@ mod tests {
             )
         });
         broken_at(report, 0, "position 0");
+        // One at a negative position is read too: an error, not passed over.
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_in(&dir);
+        store.append(0, &[], &events(1, 2, ZERO_HASH)).unwrap();
+        execute(
+            store.connection(),
+            "INSERT INTO events SELECT instance_id, -1, time_ns, level, kind, message, fields, \
+             prev_hash, body_hash, hash FROM events WHERE seq = 1",
+        );
+        assert!(verify_events(&mut store, 0, &[], |_| Ok(None)).is_err());
     }
 
     #[test]
@@ -436,12 +476,12 @@ mod tests {
         // chain's start after them.
         store.append(0, &[], &[unchained(1), unchained(3)]).unwrap();
         store.append(0, &[], &events(4, 5, ZERO_HASH)).unwrap();
-        let report = verify_events(&mut store, 0, &[], None).unwrap();
+        let report = verify_events(&mut store, 0, &[], |_| Ok(None)).unwrap();
         assert_eq!((report.first_break, report.unchained), (None, 2));
 
         // An event without a hash after them (an older version writing again).
         store.append(0, &[], &[unchained(6)]).unwrap();
-        let report = verify_events(&mut store, 0, &[], None).unwrap();
+        let report = verify_events(&mut store, 0, &[], |_| Ok(None)).unwrap();
         broken_at(report, 6, "carries no hash");
     }
 }
