@@ -1334,9 +1334,36 @@ fn pruning_keeps_verification_green() {
     assert!(ok && out.contains("records up to 2 removed"), "{out}");
     let out = verify_report(d).unwrap();
     assert!(
-        out.contains("3 records verified, up to 5") && out.contains("pruned up to 2"),
+        out.contains("3 records verified, up to 5")
+            && out.contains("pruned up to 2")
+            && !out.contains("WARNING"),
         "{out}"
     );
+    // The anchor is signed: moved or changed by hand, it shows; unsigned, a warning.
+    let conn = write_conn(d);
+    conn.execute("UPDATE chain_anchors SET max_counter = max_counter + 1", [])
+        .unwrap();
+    let out = verify_report(d).unwrap_err();
+    assert!(
+        out.contains("the anchor (pruned up to 2) has a bad signature"),
+        "{out}"
+    );
+    conn.execute("UPDATE chain_anchors SET max_counter = max_counter - 1", [])
+        .unwrap();
+    let signature: Vec<u8> = conn
+        .query_row("SELECT signature FROM chain_anchors", [], |r| r.get(0))
+        .unwrap();
+    conn.execute("UPDATE chain_anchors SET signature = NULL", [])
+        .unwrap();
+    let out = verify_report(d).unwrap();
+    assert!(
+        out.contains("WARNING: the anchor (pruned up to 2) is not signed"),
+        "{out}"
+    );
+    conn.execute("UPDATE chain_anchors SET signature = ?1", [&signature])
+        .unwrap();
+    drop(conn);
+    assert!(!verify_report(d).unwrap().contains("WARNING"));
     let mut store = open_store(d);
     assert!(store.record_by_serial(&first[1].serial).unwrap().is_none());
     assert!(store.record_by_serial(&first[2].serial).unwrap().is_some());

@@ -64,6 +64,27 @@ pub struct CheckpointSigner {
     pub certificate: Vec<u8>,
 }
 
+/// Signs `anchor` (what a prune left) with the checkpoints' key and stores the signature,
+/// for verification to tell the anchor from one written by hand.
+pub fn sign_anchor(
+    store: &mut dyn ArchiveStore,
+    anchor: &record::Anchor,
+    signer: &CheckpointSigner,
+) -> Result<(), ArchiveError> {
+    let signature = (signer.sign)(&anchor.message())
+        .map_err(|e| ArchiveError(format!("the anchor cannot be signed: {e}")))?;
+    store
+        .sign_anchor(
+            anchor,
+            &record::AnchorSignature {
+                algorithm: signer.algorithm.clone(),
+                signature,
+                certificate: signer.certificate.clone(),
+            },
+        )
+        .map_err(|e| ArchiveError(e.to_string()))
+}
+
 /// The result of an admin look-up.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Lookup {
@@ -333,6 +354,7 @@ impl Archive {
             outage: None,
             pending_events: Vec::new(),
             prune_again: None,
+            unsigned_anchor: None,
         };
         let handle = std::thread::Builder::new()
             .name("tsa-archive".into())
@@ -817,7 +839,8 @@ mod tests {
 
     use const_oid::ObjectIdentifier;
 
-    use super::record::{tests_support::sample, Checkpoint, EventRecord, StoredRecord, ZERO_HASH};
+    use super::record::tests_support::{event, sample};
+    use super::record::{Checkpoint, EventRecord, StoredRecord, ZERO_HASH};
     use super::store::ArchiveStore;
     use super::*;
 
@@ -1195,18 +1218,7 @@ mod tests {
                 _ => "sync_acquired",
             };
             let events: Vec<EventRecord> = (1..=10u64)
-                .map(|seq| EventRecord {
-                    instance_id: 0,
-                    seq,
-                    time_ns: seq * second,
-                    level: "warn".into(),
-                    kind: kind(seq).into(),
-                    message: String::new(),
-                    fields: "{}".into(),
-                    prev_hash: None,
-                    body_hash: None,
-                    hash: None,
-                })
+                .map(|seq| event(seq, seq * second, kind(seq)))
                 .collect();
             for (r, e) in records.iter().zip(&events) {
                 store
@@ -1269,19 +1281,7 @@ mod tests {
             let mut prev = ZERO_HASH;
             let events: Vec<EventRecord> = (1..=10u64)
                 .map(|seq| {
-                    let e = EventRecord {
-                        instance_id: 0,
-                        seq,
-                        time_ns: seq * second,
-                        level: "warn".into(),
-                        kind: kind(seq).into(),
-                        message: String::new(),
-                        fields: "{}".into(),
-                        prev_hash: None,
-                        body_hash: None,
-                        hash: None,
-                    }
-                    .chained(prev);
+                    let e = event(seq, seq * second, kind(seq)).chained(prev);
                     prev = e.hash.unwrap();
                     e
                 })
@@ -1391,18 +1391,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut config = config(dir.path(), "archive.state");
         config.layout = sqlite::Layout::Rows;
-        let old = |seq: u64| EventRecord {
-            instance_id: 0,
-            seq,
-            time_ns: seq,
-            level: "info".into(),
-            kind: "sync_acquired".into(),
-            message: format!("event {seq}"),
-            fields: "{}".into(),
-            prev_hash: None,
-            body_hash: None,
-            hash: None,
-        };
+        let old = |seq: u64| event(seq, seq, "sync_acquired");
         {
             let mut db = SqliteStore::open(&config.database, Duration::from_secs(1)).unwrap();
             db.append(0, &[], &[old(1), old(2)]).unwrap();
@@ -1410,9 +1399,13 @@ mod tests {
             db.connection()
                 .execute_batch(
                     "ALTER TABLE events DROP COLUMN prev_hash; \
-                     ALTER TABLE events DROP COLUMN hash; ALTER TABLE events DROP COLUMN body_hash; \
+                     ALTER TABLE events DROP COLUMN body_hash; \
+                     ALTER TABLE events DROP COLUMN hash; \
                      ALTER TABLE checkpoints DROP COLUMN events_seq; \
                      ALTER TABLE checkpoints DROP COLUMN events_hash; \
+                     ALTER TABLE chain_anchors DROP COLUMN algorithm; \
+                     ALTER TABLE chain_anchors DROP COLUMN signature; \
+                     ALTER TABLE chain_anchors DROP COLUMN certificate; \
                      UPDATE archive_meta SET value = '1' WHERE name = 'schema';",
                 )
                 .unwrap();

@@ -196,6 +196,32 @@ pub struct Anchor {
     pub pruned_at_ns: u64,
 }
 
+impl Anchor {
+    /// What the key that prunes signs of it (as a checkpoint is signed): a domain string,
+    /// then every field in the encoding of [`canonical`].
+    pub fn message(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(ANCHOR_DOMAIN.len() + 72);
+        out.extend_from_slice(ANCHOR_DOMAIN);
+        put_u64(&mut out, self.instance_id.into());
+        put_u64(&mut out, self.seq);
+        out.extend_from_slice(&self.hash);
+        put_u64(&mut out, self.max_counter);
+        put_u64(&mut out, self.max_gen_time_ns);
+        put_u64(&mut out, self.pruned_at_ns);
+        out
+    }
+}
+
+/// The signature of an anchor ([`Anchor::message`]) by the TSA's own key, as a checkpoint's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnchorSignature {
+    /// The signature's AlgorithmIdentifier (DER).
+    pub algorithm: Vec<u8>,
+    pub signature: Vec<u8>,
+    /// The signing certificate (DER).
+    pub certificate: Vec<u8>,
+}
+
 /// A signed statement of an instance's chain head.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -232,6 +258,7 @@ impl Checkpoint {
 pub const RECORD_DOMAIN: &[u8] = b"tsa-archive/record/v1\0";
 const CHECKPOINT_DOMAIN: &[u8] = b"tsa-archive/checkpoint/v1\0";
 const CHECKPOINT_DOMAIN_V2: &[u8] = b"tsa-archive/checkpoint/v2\0";
+const ANCHOR_DOMAIN: &[u8] = b"tsa-archive/anchor/v1\0";
 const EVENT_DOMAIN: &[u8] = b"tsa-archive/event/v1\0";
 
 /// The canonical encoding of a record: a domain string, then every field in a fixed order,
@@ -634,6 +661,23 @@ pub(crate) mod tests_support {
             &signer_infos,
         ];
         rebuild(&[0x06, 0x03, 0x2a, 0x86, 0x48], &parts)
+    }
+
+    /// An event of instance 0 at position `seq` and time `time_ns`, a `sync_acquired` unless
+    /// `kind` says another, stored unchained (chain it with [`EventRecord::chained`]).
+    pub(crate) fn event(seq: u64, time_ns: u64, kind: &str) -> EventRecord {
+        EventRecord {
+            instance_id: 0,
+            seq,
+            time_ns,
+            level: "info".into(),
+            kind: kind.into(),
+            message: format!("event {seq}"),
+            fields: "{}".into(),
+            prev_hash: None,
+            body_hash: None,
+            hash: None,
+        }
     }
 
     pub(crate) fn sample(token_len: usize) -> TokenRecord {

@@ -9,7 +9,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, Transactio
 
 use super::imprints::{Found, ImprintIndex};
 use super::record::{
-    Anchor, ChainHead, Checkpoint, ClockAtIssue, EventRecord, Hash, StoredRecord, TokenRecord,
+    Anchor, AnchorSignature, ChainHead, Checkpoint, ClockAtIssue, EventRecord, Hash, StoredRecord,
+    TokenRecord,
 };
 use super::serial::layout;
 use super::store::{
@@ -284,13 +285,16 @@ impl SqliteStore {
     }
 }
 
+/// Writes `anchor` as the instance's, unsigned (the caller signs it once the prune is done:
+/// [`ArchiveStore::sign_anchor`]).
 fn write_anchor(conn: &Connection, anchor: &Anchor) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, max_gen_time_ns, \
          pruned_at_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
          ON CONFLICT (instance_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, \
          max_counter = excluded.max_counter, max_gen_time_ns = excluded.max_gen_time_ns, \
-         pruned_at_ns = excluded.pruned_at_ns",
+         pruned_at_ns = excluded.pruned_at_ns, algorithm = NULL, signature = NULL, \
+         certificate = NULL",
         params![
             anchor.instance_id,
             anchor.seq,
@@ -446,9 +450,17 @@ fn read_checkpoint(row: &Row<'_>) -> Result<Checkpoint, rusqlite::Error> {
 
 /// An event from [`event_columns`].
 fn read_event(r: &Row<'_>) -> Result<EventRecord, rusqlite::Error> {
+    let seq: i64 = r.get(1)?;
+    let seq = u64::try_from(seq).map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            1,
+            rusqlite::types::Type::Integer,
+            format!("an event at position {seq}").into(),
+        )
+    })?;
     Ok(EventRecord {
         instance_id: r.get(0)?,
-        seq: r.get(1)?,
+        seq,
         time_ns: r.get(2)?,
         level: r.get(3)?,
         kind: r.get(4)?,
@@ -867,6 +879,50 @@ impl ArchiveStore for SqliteStore {
             )?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(all)
+    }
+
+    fn sign_anchor(
+        &mut self,
+        anchor: &Anchor,
+        signature: &AnchorSignature,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE chain_anchors SET algorithm = ?1, signature = ?2, certificate = ?3 \
+             WHERE instance_id = ?4 AND seq = ?5 AND hash = ?6",
+            params![
+                signature.algorithm,
+                signature.signature,
+                signature.certificate,
+                anchor.instance_id,
+                anchor.seq,
+                &anchor.hash[..]
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn anchor_signature(
+        &mut self,
+        instance_id: u32,
+    ) -> Result<Option<AnchorSignature>, StoreError> {
+        if !self.chained {
+            return Ok(None);
+        }
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT algorithm, signature, certificate FROM chain_anchors \
+                 WHERE instance_id = ?1 AND signature IS NOT NULL",
+                [instance_id],
+                |r| {
+                    Ok(AnchorSignature {
+                        algorithm: octets(r, 0)?,
+                        signature: octets(r, 1)?,
+                        certificate: octets(r, 2)?,
+                    })
+                },
+            )
+            .optional()?)
     }
 
     fn events_from(

@@ -14,8 +14,8 @@ use std::collections::BinaryHeap;
 use std::path::PathBuf;
 
 use super::record::{
-    join_certificates, sha256, split_certificates, Anchor, ChainHead, Checkpoint, EventRecord,
-    Hash, StoredRecord,
+    join_certificates, sha256, split_certificates, Anchor, AnchorSignature, ChainHead, Checkpoint,
+    EventRecord, Hash, StoredRecord,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -324,6 +324,18 @@ pub trait ArchiveStore: Send {
     /// Events of every instance with `from_ns <= time < to_ns`, by time.
     fn events(&mut self, from_ns: u64, to_ns: u64) -> Result<Vec<EventRecord>, StoreError>;
 
+    /// Stores the signature of the instance's anchor, if the anchor is still `anchor` (a later
+    /// prune replaced it: that one is signed in turn).
+    fn sign_anchor(
+        &mut self,
+        anchor: &Anchor,
+        signature: &AnchorSignature,
+    ) -> Result<(), StoreError>;
+
+    /// The signature of the instance's anchor, if it has one.
+    fn anchor_signature(&mut self, instance_id: u32)
+        -> Result<Option<AnchorSignature>, StoreError>;
+
     /// The instance's events from position `from_seq` on, by position, `limit` at most.
     fn events_from(
         &mut self,
@@ -435,7 +447,10 @@ CREATE TABLE IF NOT EXISTS chain_anchors (
     hash {blob} NOT NULL,
     max_counter BIGINT NOT NULL,
     max_gen_time_ns BIGINT NOT NULL,
-    pruned_at_ns BIGINT NOT NULL
+    pruned_at_ns BIGINT NOT NULL,
+    algorithm {blob},
+    signature {blob},
+    certificate {blob}
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     instance_id BIGINT NOT NULL,
@@ -507,8 +522,11 @@ const EVENTS_UNPRUNED: &str =
 /// backend (`param(n)`: its n-th parameter, `?n` or `$n`; the instance, then the time). A
 /// chained event is emptied (its message and fields: its hash covers their hash, so it keeps
 /// its place in the events' chain), one stored unchained (schema 1) removed; the last of each
-/// kind before the time stays (the records kept were issued under it; it is never one emptied
-/// before, which is why only those not emptied are read, through `events_unpruned`).
+/// kind before the time stays (the records kept were issued under it). Only events not
+/// emptied yet are read, through `events_unpruned`: while the time only rises from pass to
+/// pass, the last of a kind before it is never one emptied before; where it falls (a
+/// `tsa archive prune --before` later than the retention's cut, then the retention's pass),
+/// the pass empties nothing the last of the kind among all would have kept.
 pub fn prune_events(param: fn(u8) -> String) -> [String; 2] {
     let (id, before) = (param(1), param(2));
     let old = format!("instance_id = {id} AND time_ns < {before} AND fields <> ''");
@@ -566,6 +584,9 @@ ALTER TABLE events ADD COLUMN body_hash {blob};
 ALTER TABLE events ADD COLUMN hash {blob};
 ALTER TABLE checkpoints ADD COLUMN events_seq BIGINT;
 ALTER TABLE checkpoints ADD COLUMN events_hash {blob};
+ALTER TABLE chain_anchors ADD COLUMN algorithm {blob};
+ALTER TABLE chain_anchors ADD COLUMN signature {blob};
+ALTER TABLE chain_anchors ADD COLUMN certificate {blob};
 {EVENTS_UNPRUNED}
 UPDATE archive_meta SET value = '{SCHEMA_VERSION}' WHERE name = 'schema';
 "

@@ -448,6 +448,42 @@ fn verify_instance(
             });
         }
     }
+    // And the anchor itself is signed by the key that pruned (the checkpoints'): one moved on
+    // by hand, the records before it deleted from the start, is not.
+    if let Some(anchor) = state.anchor.filter(|_| first_break.is_none()) {
+        match store.anchor_signature(instance_id)? {
+            None => warnings.push(format!(
+                "the anchor (pruned up to {}) is not signed: by an earlier version, or by a \
+                 prune that could not sign it (the server tries again at its next pruning \
+                 step), or written by hand; records deleted from the start with it would not \
+                 show",
+                anchor.seq
+            )),
+            Some(signed) => {
+                let wrong = if !trusted.contains(&signed.certificate) {
+                    Some("is signed by a certificate that is not trusted".to_string())
+                } else {
+                    signature_check(
+                        &signed.certificate,
+                        &signed.algorithm,
+                        &anchor.message(),
+                        &signed.signature,
+                    )
+                    .err()
+                    .map(|e| format!("has a bad signature ({e:#})"))
+                };
+                first_break = wrong.map(|wrong| Break {
+                    seq: anchor.seq,
+                    serial: None,
+                    what: format!(
+                        "the anchor (pruned up to {}) {wrong}: it was changed, or moved on by \
+                         hand",
+                        anchor.seq
+                    ),
+                });
+            }
+        }
+    }
     // The highest counter the instance archived, as its row keeps it (rows archives and
     // PostgreSQL raise it with each commit; the token log does not keep it): records deleted
     // after the last checkpoint show here.
@@ -689,7 +725,7 @@ fn check_record(r: &StoredRecord, instance_id: u32, prev: &ChainHead) -> Option<
 /// Per block of 2^16 counters, the low 16 bits of those seen: a sorted list while few, then a
 /// bit each. Counters are dense (blocks of `serial_block`, a restart skips the rest of one),
 /// so 100 million records take about 12 MB; an archive rewritten with counters far apart,
-/// about 40 octets each.
+/// about 100 octets each.
 #[derive(Default)]
 struct Counters(HashMap<u64, Seen>);
 
@@ -872,14 +908,25 @@ fn chain_at(seq: u64, anchor: Option<&Anchor>, hashes_at: &HashMap<u64, [u8; 32]
 }
 
 fn check_signature(c: &Checkpoint) -> anyhow::Result<()> {
-    let cert = Certificate::from_der(&c.certificate)?;
-    let alg = AlgorithmIdentifierOwned::from_der(&c.algorithm)?;
+    signature_check(&c.certificate, &c.algorithm, &c.message(), &c.signature)
+}
+
+/// Whether `signature` (as CMS carries it, of `algorithm`) over `message` verifies with the
+/// key of `certificate` (DER).
+fn signature_check(
+    certificate: &[u8],
+    algorithm: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> anyhow::Result<()> {
+    let cert = Certificate::from_der(certificate)?;
+    let alg = AlgorithmIdentifierOwned::from_der(algorithm)?;
     verify_signature(
         cert.tbs_certificate().subject_public_key_info(),
         &alg,
         None,
-        &c.message(),
-        &c.signature,
+        message,
+        signature,
     )
 }
 

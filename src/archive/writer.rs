@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use super::events::Captured;
 use super::queue::Queue;
-use super::record::{hex, ChainHead, Checkpoint, EventRecord, StoredRecord, TokenRecord};
+use super::record::{hex, Anchor, ChainHead, Checkpoint, EventRecord, StoredRecord, TokenRecord};
 use super::serial::{layout, BlockSerials};
 use super::state::{SavedState, StateFile};
 use super::store::{ArchiveStore, Durable};
@@ -98,6 +98,9 @@ pub(super) struct Writer {
     /// When retention's next pruning step is due, while the last one removed records (each
     /// step is bounded, and commits go on between steps).
     pub prune_again: Option<Instant>,
+    /// An anchor of this writer's pruning whose signature could not be made or stored yet
+    /// (an HSM busy): tried again at the next step.
+    pub unsigned_anchor: Option<Anchor>,
 }
 
 /// The pause between two pruning steps of the retention while records are left to remove.
@@ -685,9 +688,13 @@ impl Writer {
         // retention keeps.
         let now = crate::clock::system_unix_ns().min(self.max_gen_time_ns);
         let before = now.saturating_sub(retention.as_nanos() as u64);
+        if let Some(anchor) = self.unsigned_anchor.take() {
+            self.sign_anchor(anchor);
+        }
         match self.store.prune(self.instance_id, before) {
             // An archive event too: records leaving the archive is one to keep.
             Ok(Some(anchor)) => {
+                self.sign_anchor(anchor);
                 tracing::info!(
                     event = "archive_pruned",
                     instance = self.instance_id,
@@ -700,6 +707,15 @@ impl Writer {
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "archive pruning failed"),
+        }
+    }
+
+    /// Signs `anchor` (this writer's pruning wrote it) with the checkpoints' key, or keeps it
+    /// to try again at the next step.
+    fn sign_anchor(&mut self, anchor: Anchor) {
+        if let Err(e) = super::sign_anchor(&mut *self.store, &anchor, &self.signer) {
+            tracing::warn!(error = %e, anchor_seq = anchor.seq, "the archive's anchor is not signed yet");
+            self.unsigned_anchor = Some(anchor);
         }
     }
 
@@ -793,6 +809,7 @@ mod tests {
             outage: None,
             pending_events: Vec::new(),
             prune_again: None,
+            unsigned_anchor: None,
         }
     }
 
@@ -817,6 +834,21 @@ mod tests {
         writer.prune_step();
         let anchor = writer.store.instance(0).unwrap().anchor.expect("an anchor");
         assert_eq!(anchor.seq, 2);
+        // Signed with the checkpoints' key (here one that signs everything [1]).
+        let signed = writer.store.anchor_signature(0).unwrap().expect("signed");
+        assert_eq!(signed.signature, [1]);
+        // One whose signature fails is signed at the next step.
+        writer.signer.sign = Box::new(|_| Err("the HSM is busy".into()));
+        writer.max_gen_time_ns += 1_000_000_000;
+        writer.prune_step();
+        let anchor = writer.store.instance(0).unwrap().anchor.expect("an anchor");
+        assert_eq!(anchor.seq, 3);
+        assert_eq!(writer.store.anchor_signature(0).unwrap(), None);
+        assert_eq!(writer.unsigned_anchor, Some(anchor));
+        writer.signer.sign = Box::new(|_| Ok(vec![2]));
+        writer.prune_step();
+        let signed = writer.store.anchor_signature(0).unwrap().expect("signed");
+        assert_eq!(signed.signature, [2]);
     }
 
     /// A block that failed to be reserved and was reserved by a later request, followed by a

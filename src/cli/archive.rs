@@ -544,6 +544,7 @@ fn prune(config: &Config, before: u64, only: Option<u32>, force: bool) -> anyhow
         let now = tsa::clock::system_unix_ns().min(latest);
         within_retention(&config.archive, before, now)?;
     }
+    let mut signer = None;
     for id in instances {
         // A call removes a bounded step (the token log: some segments); until nothing is left.
         // The server's own retention may be pruning the instance: its turn is short.
@@ -561,11 +562,24 @@ fn prune(config: &Config, before: u64, only: Option<u32>, force: bool) -> anyhow
             }
         }
         match last {
-            Some(anchor) => println!(
-                "instance {id}: records up to {} removed; anchor {}",
-                anchor.seq,
-                hex(&anchor.hash)
-            ),
+            Some(anchor) => {
+                println!(
+                    "instance {id}: records up to {} removed; anchor {}",
+                    anchor.seq,
+                    hex(&anchor.hash)
+                );
+                // Signed with the checkpoints' key, for verification to tell it from an anchor
+                // written by hand.
+                if signer.is_none() {
+                    signer = Some(
+                        tsa::server::archive_signer(config)
+                            .context("the anchor cannot be signed (the records are pruned)")?,
+                    );
+                }
+                let signer = signer.as_ref().expect("opened above");
+                archive::sign_anchor(&mut *store, &anchor, signer)
+                    .context("the anchor cannot be signed (the records are pruned)")?;
+            }
             None => println!(
                 "instance {id}: nothing to remove (pruning stops at the last signed checkpoint)"
             ),

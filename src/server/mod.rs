@@ -414,6 +414,23 @@ fn open_archive(
     crate::archive::Archive::open(&config.archive, checkpoints, max_queued)
 }
 
+/// What signs the archive's checkpoints and anchors now, outside a server (`tsa archive
+/// prune`): the configured signer, or a planned rollover's once its instant has passed.
+pub fn archive_signer(config: &Config) -> anyhow::Result<crate::archive::CheckpointSigner> {
+    let now = SystemTime::now();
+    let signer_config = match &config.rollover {
+        Some(planned)
+            if SystemTime::UNIX_EPOCH + Duration::from_nanos(planned.at_unix_ns()?) <= now =>
+        {
+            &planned.signer
+        }
+        _ => &config.signer,
+    };
+    let signer = open_signer(signer_config)?;
+    let issuing = issuing(config, signer_config, signer.as_ref(), Some(now))?;
+    checkpoint_signer(&signer, issuing.certificate().der())
+}
+
 fn checkpoint_signer(
     signer: &Arc<dyn Signer>,
     certificate: &[u8],

@@ -29,7 +29,7 @@ use self::segments::{
     dir_for, frame_fields, instance_dir, read_at, read_frame_into, scan, Frames, PositionReader,
     Segment,
 };
-use super::record::{Anchor, ChainHead, Checkpoint, EventRecord, StoredRecord};
+use super::record::{Anchor, AnchorSignature, ChainHead, Checkpoint, EventRecord, StoredRecord};
 use super::serial::layout;
 use super::sqlite::SqliteStore;
 use super::store::{
@@ -235,8 +235,8 @@ impl LogReader {
                 return Ok(Some(found));
             }
         }
-        for (segment, entries) in spanning {
-            if let Some(found) = self.counter_in_frames(&segment, counter, &entries)? {
+        for (segment, scanned) in spanning {
+            if let Some(found) = self.counter_in_frames(&segment, counter, &scanned)? {
                 return Ok(Some(found));
             }
         }
@@ -257,14 +257,15 @@ impl LogReader {
         &self,
         segment: &Segment,
         counter: u64,
-        spanning: &mut Vec<(Segment, Vec<segments::Entry>)>,
+        spanning: &mut Vec<(Segment, segments::Scanned)>,
     ) -> io::Result<Option<StoredRecord>> {
-        let entries = segments::scan_checked_for_look_ups(segment)?.entries;
+        let scanned = segments::scan_checked_for_look_ups(segment)?;
+        let entries = &scanned.entries;
         let Some(e) = entries.iter().find(|e| e.counter == counter) else {
             let low = entries.iter().map(|e| e.counter).min();
             let high = entries.iter().map(|e| e.counter).max();
             if low.is_some_and(|l| l <= counter) && high.is_some_and(|h| counter <= h) {
-                spanning.push((segment.clone(), entries));
+                spanning.push((segment.clone(), scanned));
             }
             return Ok(None);
         };
@@ -281,18 +282,20 @@ impl LogReader {
         }
     }
 
-    /// A counter that `entries` (`segment`'s) do not hold, though their lowest and highest
-    /// counters span it. Only those two are checked against their frames, so an entry between
-    /// them with a garbled counter would hide its record ("no such token" of a token the log
-    /// holds): the entries are compared with the frames, those not compared before (a closed
-    /// segment's once; the open one's as they come), and where they differ the frames are
-    /// searched.
+    /// A counter that `segment`'s entries (`scanned`) do not hold, though their lowest and
+    /// highest counters span it. Only those two are checked against their frames, so an entry
+    /// between them with a garbled counter would hide its record ("no such token" of a token
+    /// the log holds): the entries are compared with the frames, those not compared before
+    /// (a closed segment's once; the open one's as its index grows: the frames past its
+    /// index, a commit in flight that may yet be cut, are compared each time), and where they
+    /// differ the frames are searched.
     fn counter_in_frames(
         &self,
         segment: &Segment,
         counter: u64,
-        entries: &[segments::Entry],
+        scanned: &segments::Scanned,
     ) -> io::Result<Option<StoredRecord>> {
+        let entries = &scanned.entries;
         let agreeing = || self.agreeing.lock().unwrap_or_else(|p| p.into_inner());
         let compared = agreeing().get(&segment.path).copied().unwrap_or(0);
         let Some(first) = entries.get(compared) else {
@@ -308,7 +311,7 @@ impl LogReader {
             }
         }
         let Some(seq) = differs else {
-            agreeing().insert(segment.path.clone(), entries.len());
+            agreeing().insert(segment.path.clone(), scanned.indexed.min(entries.len()));
             return Ok(None);
         };
         let frames = segments::frames_instead(segment, seq)?.entries;
@@ -499,22 +502,23 @@ impl LogReader {
 }
 
 /// Whether `entries[i]`'s genTime may be garbled, as a read of `range` tells: it lies further
-/// than `TIME_SLACK_NS` from each of its neighbours' (records in flight together lie closer),
-/// or it is out of the range while the span of its neighbours' reaches into it.
+/// than `TIME_SLACK_NS` from each of its neighbours' (records in flight together lie closer);
+/// or it is out of the range while the span of its neighbours' reaches into it, or it is the
+/// segment's first or last (one neighbour says less). What is left: an entry garbled out of
+/// the range, between neighbours out of it too, of a record in flight beside them whose
+/// genTime is in it (`tsa archive verify` reports every entry that differs from its frame).
 fn suspect(entries: &[segments::Entry], i: usize, range: std::ops::Range<u64>) -> bool {
     let t = entries[i].gen_time_ns;
-    let neighbours: Vec<u64> = [i.checked_sub(1), i.checked_add(1)]
-        .into_iter()
-        .flatten()
-        .filter_map(|n| entries.get(n))
-        .map(|n| n.gen_time_ns)
-        .collect();
-    let stray = neighbours.iter().all(|n| t.abs_diff(*n) > TIME_SLACK_NS);
-    let reaches = match (neighbours.iter().min(), neighbours.iter().max()) {
+    let neighbours = [i.checked_sub(1), i.checked_add(1)]
+        .map(|n| n.and_then(|n| entries.get(n)).map(|e| e.gen_time_ns));
+    let known = || neighbours.iter().flatten();
+    let stray = known().all(|n| t.abs_diff(*n) > TIME_SLACK_NS);
+    let reaches = match (known().min(), known().max()) {
         (Some(&low), Some(&high)) => low < range.end && high >= range.start,
         _ => false,
     };
-    stray || (!range.contains(&t) && reaches)
+    let end = neighbours.iter().any(Option::is_none);
+    stray || (!range.contains(&t) && (reaches || end))
 }
 
 /// The segments a read by genTime has scanned, by number, a few of them open: in genTime
@@ -921,6 +925,11 @@ impl ArchiveStore for LogStore {
         // More events than it keeps: those kept are stored first, or no record is written.
         if !self.kept_events.is_empty() && self.kept_events.len() + events.len() > MAX_KEPT_EVENTS {
             if let Err(e) = self.store_events(instance_id, &[], &[]) {
+                let e = StoreError(format!(
+                    "{} events kept from earlier commits cannot be stored ({e}): no record is \
+                     written until they are",
+                    self.kept_events.len()
+                ));
                 durable(Err(&e));
                 return Err(e);
             }
@@ -1095,6 +1104,21 @@ impl ArchiveStore for LogStore {
         limit: usize,
     ) -> Result<Vec<EventRecord>, StoreError> {
         self.db.events_from(instance_id, from_seq, limit)
+    }
+
+    fn sign_anchor(
+        &mut self,
+        anchor: &Anchor,
+        signature: &AnchorSignature,
+    ) -> Result<(), StoreError> {
+        self.db.sign_anchor(anchor, signature)
+    }
+
+    fn anchor_signature(
+        &mut self,
+        instance_id: u32,
+    ) -> Result<Option<AnchorSignature>, StoreError> {
+        self.db.anchor_signature(instance_id)
     }
 
     /// Removes whole segments, oldest first, while every record of one is older than

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use super::appender::Appender;
 use super::segments::{self, dir_for, instance_dir, Segment};
 use super::*;
-use crate::archive::record::tests_support::sample;
+use crate::archive::record::tests_support::{event, sample};
 use crate::archive::record::{Anchor, ChainHead, EventRecord, TokenRecord, ZERO_HASH};
 use crate::archive::sqlite::{Layout, SqliteStore};
 
@@ -540,18 +540,7 @@ fn the_store_appends_finds_and_prunes_through_the_archive_trait() {
     let mut log = Log::new();
     let mut store = log.new_store();
     assert_eq!(store.instance(0).unwrap().head, None);
-    let event = EventRecord {
-        instance_id: 0,
-        seq: 1,
-        time_ns: 5,
-        level: "info".into(),
-        kind: "sync_acquired".into(),
-        message: "m".into(),
-        fields: "{}".into(),
-        prev_hash: None,
-        body_hash: None,
-        hash: None,
-    };
+    let event = event(1, 5, "sync_acquired");
     store
         .append(0, &log.chain(3), std::slice::from_ref(&event))
         .unwrap();
@@ -1608,18 +1597,7 @@ fn events_that_cannot_be_stored_do_not_fail_records_already_durable() {
     let mut db = SqliteStore::open(&log.database, Duration::from_millis(50)).unwrap();
     assert_eq!(db.settle_layout(Layout::Log).unwrap(), Layout::Log);
     let mut store = LogStore::open(db).with_segment_limit(LIMIT);
-    let event = |seq: u64| EventRecord {
-        instance_id: 0,
-        seq,
-        time_ns: seq,
-        level: "info".into(),
-        kind: "sync_acquired".into(),
-        message: format!("event {seq}"),
-        fields: "{}".into(),
-        prev_hash: None,
-        body_hash: None,
-        hash: None,
-    };
+    let event = |seq: u64| event(seq, seq, "sync_acquired");
     store.append(0, &log.chain(1), &[event(1)]).unwrap();
 
     // Another process holds the database's write lock past the busy timeout.
@@ -1702,18 +1680,7 @@ fn verification_beside_the_writer_does_not_take_a_frame_being_written() {
 fn a_damaged_segment_is_not_pruned() {
     let mut log = Log::new();
     let mut store = log.store();
-    let event = EventRecord {
-        instance_id: 0,
-        seq: 1,
-        time_ns: 5,
-        level: "info".into(),
-        kind: "sync_acquired".into(),
-        message: "m".into(),
-        fields: "{}".into(),
-        prev_hash: None,
-        body_hash: None,
-        hash: None,
-    };
+    let event = event(1, 5, "sync_acquired");
     store
         .append(0, &log.chain(2), std::slice::from_ref(&event))
         .unwrap();

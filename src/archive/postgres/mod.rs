@@ -24,7 +24,8 @@ use connection::connect;
 use lease::{Fence, LEASE_SCHEMA};
 
 use super::record::{
-    Anchor, ChainHead, Checkpoint, ClockAtIssue, EventRecord, Hash, StoredRecord, TokenRecord,
+    Anchor, AnchorSignature, ChainHead, Checkpoint, ClockAtIssue, EventRecord, Hash, StoredRecord,
+    TokenRecord,
 };
 use super::serial::layout;
 use super::store::{
@@ -853,6 +854,51 @@ impl ArchiveStore for PostgresStore {
         })
     }
 
+    fn sign_anchor(
+        &mut self,
+        anchor: &Anchor,
+        signature: &AnchorSignature,
+    ) -> Result<(), StoreError> {
+        self.run(move |s| {
+            s.client.execute(
+                "UPDATE chain_anchors SET algorithm = $1, signature = $2, certificate = $3 \
+                 WHERE instance_id = $4 AND seq = $5 AND hash = $6",
+                &[
+                    &signature.algorithm,
+                    &signature.signature,
+                    &signature.certificate,
+                    &(anchor.instance_id as i64),
+                    &i(anchor.seq),
+                    &&anchor.hash[..],
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn anchor_signature(
+        &mut self,
+        instance_id: u32,
+    ) -> Result<Option<AnchorSignature>, StoreError> {
+        self.run(move |s| {
+            if !s.chained {
+                return Ok(None);
+            }
+            match s.client.query_opt(
+                "SELECT algorithm, signature, certificate FROM chain_anchors \
+                 WHERE instance_id = $1 AND signature IS NOT NULL",
+                &[&(instance_id as i64)],
+            )? {
+                Some(r) => Ok(Some(AnchorSignature {
+                    algorithm: r.try_get(0)?,
+                    signature: r.try_get(1)?,
+                    certificate: r.try_get(2)?,
+                })),
+                None => Ok(None),
+            }
+        })
+    }
+
     fn events_from(
         &mut self,
         instance_id: u32,
@@ -968,7 +1014,9 @@ impl ArchiveStore for PostgresStore {
                  max_gen_time_ns, pruned_at_ns) VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (instance_id) DO UPDATE SET seq = excluded.seq, \
                  hash = excluded.hash, max_counter = excluded.max_counter, \
-                 max_gen_time_ns = excluded.max_gen_time_ns, pruned_at_ns = excluded.pruned_at_ns",
+                 max_gen_time_ns = excluded.max_gen_time_ns, \
+                 pruned_at_ns = excluded.pruned_at_ns, algorithm = NULL, signature = NULL, \
+                 certificate = NULL",
                 &[
                     &id,
                     &seq,

@@ -134,7 +134,12 @@ impl Pruning {
             if self.latest_emptied.is_none_or(|(t, _)| e.time_ns > t) {
                 self.latest_emptied = Some((e.time_ns, e.seq));
             }
-            self.kinds.insert(e.kind.clone(), (e.seq, e.time_ns, None));
+            match self.kinds.get_mut(&e.kind) {
+                Some(kind) => *kind = (e.seq, e.time_ns, None),
+                None => {
+                    self.kinds.insert(e.kind.clone(), (e.seq, e.time_ns, None));
+                }
+            }
         } else if let Some((_, _, after)) = self.kinds.get_mut(&e.kind) {
             *after = Some(after.map_or(e.time_ns, |t| t.min(e.time_ns)));
         }
@@ -147,8 +152,8 @@ impl Pruning {
         if let Some((_, seq)) = self.latest_emptied.filter(|(t, _)| !older(*t)) {
             return Some((
                 seq,
-                "the event was emptied as pruning empties events, but it is not older than \
-                 the oldest record kept: pruning keeps it"
+                "the latest event emptied (as pruning empties events) is not older than the \
+                 oldest record kept: pruning keeps such events"
                     .to_string(),
             ));
         }
@@ -261,23 +266,12 @@ mod tests {
 
     /// At `seq` microseconds, sync lost at even positions and acquired at odd ones.
     fn unchained(seq: u64) -> EventRecord {
-        EventRecord {
-            instance_id: 0,
-            seq,
-            time_ns: seq * 1_000,
-            level: "info".into(),
-            kind: if seq % 2 == 0 {
-                "sync_lost"
-            } else {
-                "sync_acquired"
-            }
-            .into(),
-            message: format!("event {seq}"),
-            fields: "{}".into(),
-            prev_hash: None,
-            body_hash: None,
-            hash: None,
-        }
+        let kind = if seq % 2 == 0 {
+            "sync_lost"
+        } else {
+            "sync_acquired"
+        };
+        crate::archive::record::tests_support::event(seq, seq * 1_000, kind)
     }
 
     /// A checkpoint at record position `seq` that signed `events` as the events' head (its
