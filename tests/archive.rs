@@ -1328,6 +1328,17 @@ fn pruning_keeps_verification_green() {
         .record_by_serial(&first[0].serial)
         .unwrap()
         .is_some());
+    // Without its signer (the key unreadable here), nothing goes either: the anchor a prune
+    // leaves is signed in its transaction.
+    let without_key = config.replacen("key = \"tsa-key.pem\"", "key = \"missing.pem\"", 1);
+    assert_ne!(config, without_key);
+    std::fs::write(d.join("tsa.toml"), &without_key).unwrap();
+    let (ok, out) = archive_cli(d, &["prune", "--before", &cut, "--force"]);
+    assert!(!ok && out.contains("nothing pruned"), "{out}");
+    assert!(open_store(d)
+        .record_by_serial(&first[0].serial)
+        .unwrap()
+        .is_some());
     std::fs::write(d.join("tsa.toml"), &config).unwrap();
     // With --force the first two go.
     let (ok, out) = archive_cli(d, &["prune", "--before", &cut, "--force"]);

@@ -53,7 +53,7 @@ const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 pub struct ArchiveError(pub String);
 
 /// Signs a message (hashing it with the key's digest); the signature as CMS carries it.
-pub type SignFn = Box<dyn Fn(&[u8]) -> Result<Vec<u8>, String> + Send>;
+pub type SignFn = Box<dyn Fn(&[u8]) -> Result<Vec<u8>, String> + Send + Sync>;
 
 /// Signs checkpoints with the TSA's own key.
 pub struct CheckpointSigner {
@@ -64,25 +64,20 @@ pub struct CheckpointSigner {
     pub certificate: Vec<u8>,
 }
 
-/// Signs `anchor` (what a prune left) with the checkpoints' key and stores the signature,
-/// for verification to tell the anchor from one written by hand.
-pub fn sign_anchor(
-    store: &mut dyn ArchiveStore,
-    anchor: &record::Anchor,
+/// What signs the anchors a prune leaves ([`store::ArchiveStore::prune_signed`]): the
+/// checkpoints' key, so that verification tells an anchor from one written by hand.
+pub fn anchor_signer(
     signer: &CheckpointSigner,
-) -> Result<(), ArchiveError> {
-    let signature = (signer.sign)(&anchor.message())
-        .map_err(|e| ArchiveError(format!("the anchor cannot be signed: {e}")))?;
-    store
-        .sign_anchor(
-            anchor,
-            &record::AnchorSignature {
-                algorithm: signer.algorithm.clone(),
-                signature,
-                certificate: signer.certificate.clone(),
-            },
-        )
-        .map_err(|e| ArchiveError(e.to_string()))
+) -> impl Fn(&record::Anchor) -> Result<Option<record::AnchorSignature>, String> + Sync + '_ {
+    move |anchor| {
+        let signature = (signer.sign)(&anchor.message())
+            .map_err(|e| format!("the anchor cannot be signed: {e}"))?;
+        Ok(Some(record::AnchorSignature {
+            algorithm: signer.algorithm.clone(),
+            signature,
+            certificate: signer.certificate.clone(),
+        }))
+    }
 }
 
 /// The result of an admin look-up.
@@ -354,7 +349,6 @@ impl Archive {
             outage: None,
             pending_events: Vec::new(),
             prune_again: None,
-            unsigned_anchor: None,
         };
         let handle = std::thread::Builder::new()
             .name("tsa-archive".into())

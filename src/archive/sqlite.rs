@@ -15,8 +15,8 @@ use super::record::{
 use super::serial::layout;
 use super::store::{
     checkpoint_columns, event_columns, migrate_from_1, migrated_from_1, prune_events, schema,
-    ArchiveStore, CertificateSets, ImprintMatches, InstanceState, Newest, Rank, StoreError, Visit,
-    PRUNE_ROWS, RECORD_COLUMNS, SCHEMA_VERSION, SCHEMA_VERSION_1,
+    ArchiveStore, CertificateSets, ImprintMatches, InstanceState, Newest, Rank, SignAnchor,
+    StoreError, Visit, PRUNE_ROWS, RECORD_COLUMNS, SCHEMA_VERSION, SCHEMA_VERSION_1,
 };
 
 pub struct SqliteStore {
@@ -275,8 +275,12 @@ impl SqliteStore {
     }
 
     /// Stores `anchor` as its instance's chain anchor (replacing the last one), durably.
-    pub(super) fn set_anchor(&mut self, anchor: &Anchor) -> Result<(), StoreError> {
-        write_anchor(&self.conn, anchor)
+    pub(super) fn set_anchor(
+        &mut self,
+        anchor: &Anchor,
+        signature: Option<&AnchorSignature>,
+    ) -> Result<(), StoreError> {
+        write_anchor(&self.conn, anchor, signature)
     }
 
     /// The archive's database file.
@@ -285,23 +289,30 @@ impl SqliteStore {
     }
 }
 
-/// Writes `anchor` as the instance's, unsigned (the caller signs it once the prune is done:
-/// [`ArchiveStore::sign_anchor`]).
-fn write_anchor(conn: &Connection, anchor: &Anchor) -> Result<(), StoreError> {
+/// Writes `anchor` as the instance's, with its signature.
+fn write_anchor(
+    conn: &Connection,
+    anchor: &Anchor,
+    signature: Option<&AnchorSignature>,
+) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, max_gen_time_ns, \
-         pruned_at_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+         pruned_at_ns, algorithm, signature, certificate) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
          ON CONFLICT (instance_id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, \
          max_counter = excluded.max_counter, max_gen_time_ns = excluded.max_gen_time_ns, \
-         pruned_at_ns = excluded.pruned_at_ns, algorithm = NULL, signature = NULL, \
-         certificate = NULL",
+         pruned_at_ns = excluded.pruned_at_ns, algorithm = excluded.algorithm, \
+         signature = excluded.signature, certificate = excluded.certificate",
         params![
             anchor.instance_id,
             anchor.seq,
             &anchor.hash[..],
             anchor.max_counter,
             anchor.max_gen_time_ns,
-            anchor.pruned_at_ns
+            anchor.pruned_at_ns,
+            signature.map(|s| &s.algorithm),
+            signature.map(|s| &s.signature),
+            signature.map(|s| &s.certificate),
         ],
     )?;
     Ok(())
@@ -881,45 +892,32 @@ impl ArchiveStore for SqliteStore {
         Ok(all)
     }
 
-    fn sign_anchor(
-        &mut self,
-        anchor: &Anchor,
-        signature: &AnchorSignature,
-    ) -> Result<(), StoreError> {
-        self.conn.execute(
-            "UPDATE chain_anchors SET algorithm = ?1, signature = ?2, certificate = ?3 \
-             WHERE instance_id = ?4 AND seq = ?5 AND hash = ?6",
-            params![
-                signature.algorithm,
-                signature.signature,
-                signature.certificate,
-                anchor.instance_id,
-                anchor.seq,
-                &anchor.hash[..]
-            ],
-        )?;
-        Ok(())
-    }
-
-    fn anchor_signature(
+    fn signed_anchor(
         &mut self,
         instance_id: u32,
-    ) -> Result<Option<AnchorSignature>, StoreError> {
-        if !self.chained {
-            return Ok(None);
-        }
+    ) -> Result<Option<(Anchor, Option<AnchorSignature>)>, StoreError> {
+        let signature = match self.chained {
+            true => "algorithm, signature, certificate",
+            false => "NULL, NULL, NULL",
+        };
         Ok(self
             .conn
             .query_row(
-                "SELECT algorithm, signature, certificate FROM chain_anchors \
-                 WHERE instance_id = ?1 AND signature IS NOT NULL",
+                &format!(
+                    "SELECT instance_id, seq, hash, max_counter, max_gen_time_ns, pruned_at_ns, \
+                     {signature} FROM chain_anchors WHERE instance_id = ?1"
+                ),
                 [instance_id],
                 |r| {
-                    Ok(AnchorSignature {
-                        algorithm: octets(r, 0)?,
-                        signature: octets(r, 1)?,
-                        certificate: octets(r, 2)?,
-                    })
+                    let signed = match optional_octets(r, 7)? {
+                        Some(signature) => Some(AnchorSignature {
+                            algorithm: octets(r, 6)?,
+                            signature,
+                            certificate: octets(r, 8)?,
+                        }),
+                        None => None,
+                    };
+                    Ok((read_anchor(r)?, signed))
                 },
             )
             .optional()?)
@@ -953,7 +951,12 @@ impl ArchiveStore for SqliteStore {
         Ok(all)
     }
 
-    fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError> {
+    fn prune_signed(
+        &mut self,
+        instance_id: u32,
+        before_ns: u64,
+        sign: &SignAnchor<'_>,
+    ) -> Result<Option<Anchor>, StoreError> {
         let before_ns = before_ns.min(i64::MAX as u64);
         let tx = self
             .conn
@@ -1029,7 +1032,8 @@ impl ArchiveStore for SqliteStore {
             max_gen_time_ns: max_gen.max(previous.map_or(0, |a| a.max_gen_time_ns)),
             pruned_at_ns: now_ns(),
         };
-        write_anchor(&tx, &anchor)?;
+        let signature = sign(&anchor).map_err(StoreError)?;
+        write_anchor(&tx, &anchor, signature.as_ref())?;
         tx.execute(
             "DELETE FROM tokens WHERE instance_id = ?1 AND seq <= ?2",
             params![instance_id, seq],

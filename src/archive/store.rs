@@ -204,6 +204,10 @@ impl<T> Newest<T> {
 /// Told whether an append's records became durable ([`ArchiveStore::append_then`]).
 pub type Durable = Box<dyn FnOnce(Result<(), &StoreError>) + Send>;
 
+/// Signs an anchor a prune is about to store ([`ArchiveStore::prune_signed`]); `None` leaves
+/// it unsigned.
+pub type SignAnchor<'a> = dyn Fn(&Anchor) -> Result<Option<AnchorSignature>, String> + Sync + 'a;
+
 /// A visitor over records; returns `false` to stop.
 pub type Visit<'a> = dyn FnMut(StoredRecord) -> Result<bool, StoreError> + 'a;
 
@@ -324,17 +328,11 @@ pub trait ArchiveStore: Send {
     /// Events of every instance with `from_ns <= time < to_ns`, by time.
     fn events(&mut self, from_ns: u64, to_ns: u64) -> Result<Vec<EventRecord>, StoreError>;
 
-    /// Stores the signature of the instance's anchor, if the anchor is still `anchor` (a later
-    /// prune replaced it: that one is signed in turn).
-    fn sign_anchor(
+    /// The instance's anchor and its signature, read together (none: nothing was pruned).
+    fn signed_anchor(
         &mut self,
-        anchor: &Anchor,
-        signature: &AnchorSignature,
-    ) -> Result<(), StoreError>;
-
-    /// The signature of the instance's anchor, if it has one.
-    fn anchor_signature(&mut self, instance_id: u32)
-        -> Result<Option<AnchorSignature>, StoreError>;
+        instance_id: u32,
+    ) -> Result<Option<(Anchor, Option<AnchorSignature>)>, StoreError>;
 
     /// The instance's events from position `from_seq` on, by position, `limit` at most.
     fn events_from(
@@ -349,9 +347,20 @@ pub trait ArchiveStore: Send {
     /// goes), keeping the last removed one's hash as the chain's anchor. Events older than
     /// both `before_ns` and the oldest record kept, but the last of each kind, are emptied
     /// (their message and fields; they keep their place in the events' chain), or removed
-    /// where stored unchained (schema 1). Returns the new anchor, `None` when no record was
-    /// removed.
-    fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError>;
+    /// where stored unchained (schema 1). The new anchor is stored with its signature by
+    /// `sign` (in the same transaction: a signature that fails prunes nothing). Returns the
+    /// new anchor, `None` when no record was removed.
+    fn prune_signed(
+        &mut self,
+        instance_id: u32,
+        before_ns: u64,
+        sign: &SignAnchor<'_>,
+    ) -> Result<Option<Anchor>, StoreError>;
+
+    /// [`ArchiveStore::prune_signed`], the anchor unsigned (tests).
+    fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError> {
+        self.prune_signed(instance_id, before_ns, &|_| Ok(None))
+    }
 
     /// Damage to data derived from an instance's records that look-ups trust (the token log's
     /// index and imprint files): a line for each, for verification to warn of. None elsewhere

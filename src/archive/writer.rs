@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use super::events::Captured;
 use super::queue::Queue;
-use super::record::{hex, Anchor, ChainHead, Checkpoint, EventRecord, StoredRecord, TokenRecord};
+use super::record::{hex, ChainHead, Checkpoint, EventRecord, StoredRecord, TokenRecord};
 use super::serial::{layout, BlockSerials};
 use super::state::{SavedState, StateFile};
 use super::store::{ArchiveStore, Durable};
@@ -98,9 +98,6 @@ pub(super) struct Writer {
     /// When retention's next pruning step is due, while the last one removed records (each
     /// step is bounded, and commits go on between steps).
     pub prune_again: Option<Instant>,
-    /// An anchor of this writer's pruning whose signature could not be made or stored yet
-    /// (an HSM busy): tried again at the next step.
-    pub unsigned_anchor: Option<Anchor>,
 }
 
 /// The pause between two pruning steps of the retention while records are left to remove.
@@ -688,13 +685,12 @@ impl Writer {
         // retention keeps.
         let now = crate::clock::system_unix_ns().min(self.max_gen_time_ns);
         let before = now.saturating_sub(retention.as_nanos() as u64);
-        if let Some(anchor) = self.unsigned_anchor.take() {
-            self.sign_anchor(anchor);
-        }
-        match self.store.prune(self.instance_id, before) {
+        // The anchor signed in the prune's transaction: a signature that fails (an HSM busy)
+        // prunes nothing, and the next step tries again.
+        let sign = super::anchor_signer(&self.signer);
+        match self.store.prune_signed(self.instance_id, before, &sign) {
             // An archive event too: records leaving the archive is one to keep.
             Ok(Some(anchor)) => {
-                self.sign_anchor(anchor);
                 tracing::info!(
                     event = "archive_pruned",
                     instance = self.instance_id,
@@ -707,15 +703,6 @@ impl Writer {
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "archive pruning failed"),
-        }
-    }
-
-    /// Signs `anchor` (this writer's pruning wrote it) with the checkpoints' key, or keeps it
-    /// to try again at the next step.
-    fn sign_anchor(&mut self, anchor: Anchor) {
-        if let Err(e) = super::sign_anchor(&mut *self.store, &anchor, &self.signer) {
-            tracing::warn!(error = %e, anchor_seq = anchor.seq, "the archive's anchor is not signed yet");
-            self.unsigned_anchor = Some(anchor);
         }
     }
 
@@ -809,7 +796,6 @@ mod tests {
             outage: None,
             pending_events: Vec::new(),
             prune_again: None,
-            unsigned_anchor: None,
         }
     }
 
@@ -835,20 +821,18 @@ mod tests {
         let anchor = writer.store.instance(0).unwrap().anchor.expect("an anchor");
         assert_eq!(anchor.seq, 2);
         // Signed with the checkpoints' key (here one that signs everything [1]).
-        let signed = writer.store.anchor_signature(0).unwrap().expect("signed");
-        assert_eq!(signed.signature, [1]);
-        // One whose signature fails is signed at the next step.
+        let signed = |writer: &mut Writer| writer.store.signed_anchor(0).unwrap().unwrap();
+        assert_eq!(signed(&mut writer).1.expect("signed").signature, [1]);
+        // A signature that fails prunes nothing; the next step does.
         writer.signer.sign = Box::new(|_| Err("the HSM is busy".into()));
         writer.max_gen_time_ns += 1_000_000_000;
         writer.prune_step();
-        let anchor = writer.store.instance(0).unwrap().anchor.expect("an anchor");
-        assert_eq!(anchor.seq, 3);
-        assert_eq!(writer.store.anchor_signature(0).unwrap(), None);
-        assert_eq!(writer.unsigned_anchor, Some(anchor));
+        assert_eq!(signed(&mut writer).0.seq, 2, "nothing pruned");
         writer.signer.sign = Box::new(|_| Ok(vec![2]));
         writer.prune_step();
-        let signed = writer.store.anchor_signature(0).unwrap().expect("signed");
-        assert_eq!(signed.signature, [2]);
+        let (anchor, signature) = signed(&mut writer);
+        assert_eq!(anchor.seq, 3);
+        assert_eq!(signature.expect("signed").signature, [2]);
     }
 
     /// A block that failed to be reserved and was reserved by a later request, followed by a

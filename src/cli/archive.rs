@@ -544,14 +544,18 @@ fn prune(config: &Config, before: u64, only: Option<u32>, force: bool) -> anyhow
         let now = tsa::clock::system_unix_ns().min(latest);
         within_retention(&config.archive, before, now)?;
     }
-    let mut signer = None;
+    // The anchors a prune leaves are signed with the TSU key, in the prune's transaction:
+    // the signer first, so that nothing is pruned without it.
+    let signer = tsa::server::archive_signer(config)
+        .context("tsa archive prune signs the anchor it leaves with the TSU key: nothing pruned")?;
+    let sign = archive::anchor_signer(&signer);
     for id in instances {
         // A call removes a bounded step (the token log: some segments); until nothing is left.
         // The server's own retention may be pruning the instance: its turn is short.
         let mut last = None;
         let mut busy = 0;
         loop {
-            match store.prune(id, before) {
+            match store.prune_signed(id, before, &sign) {
                 Ok(Some(anchor)) => last = Some(anchor),
                 Ok(None) => break,
                 Err(e) if e.0.contains(archive::state::PRUNED_ELSEWHERE) && busy < 30 => {
@@ -562,24 +566,11 @@ fn prune(config: &Config, before: u64, only: Option<u32>, force: bool) -> anyhow
             }
         }
         match last {
-            Some(anchor) => {
-                println!(
-                    "instance {id}: records up to {} removed; anchor {}",
-                    anchor.seq,
-                    hex(&anchor.hash)
-                );
-                // Signed with the checkpoints' key, for verification to tell it from an anchor
-                // written by hand.
-                if signer.is_none() {
-                    signer = Some(
-                        tsa::server::archive_signer(config)
-                            .context("the anchor cannot be signed (the records are pruned)")?,
-                    );
-                }
-                let signer = signer.as_ref().expect("opened above");
-                archive::sign_anchor(&mut *store, &anchor, signer)
-                    .context("the anchor cannot be signed (the records are pruned)")?;
-            }
+            Some(anchor) => println!(
+                "instance {id}: records up to {} removed; anchor {} (signed)",
+                anchor.seq,
+                hex(&anchor.hash)
+            ),
             None => println!(
                 "instance {id}: nothing to remove (pruning stops at the last signed checkpoint)"
             ),

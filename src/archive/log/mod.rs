@@ -33,8 +33,8 @@ use super::record::{Anchor, AnchorSignature, ChainHead, Checkpoint, EventRecord,
 use super::serial::layout;
 use super::sqlite::SqliteStore;
 use super::store::{
-    ArchiveStore, Durable, ImprintMatches, InstanceState, Newest, Rank, StoreError, UnreadTail,
-    Visit,
+    ArchiveStore, Durable, ImprintMatches, InstanceState, Newest, Rank, SignAnchor, StoreError,
+    UnreadTail, Visit,
 };
 
 impl From<io::Error> for StoreError {
@@ -1106,19 +1106,11 @@ impl ArchiveStore for LogStore {
         self.db.events_from(instance_id, from_seq, limit)
     }
 
-    fn sign_anchor(
-        &mut self,
-        anchor: &Anchor,
-        signature: &AnchorSignature,
-    ) -> Result<(), StoreError> {
-        self.db.sign_anchor(anchor, signature)
-    }
-
-    fn anchor_signature(
+    fn signed_anchor(
         &mut self,
         instance_id: u32,
-    ) -> Result<Option<AnchorSignature>, StoreError> {
-        self.db.anchor_signature(instance_id)
+    ) -> Result<Option<(Anchor, Option<AnchorSignature>)>, StoreError> {
+        self.db.signed_anchor(instance_id)
     }
 
     /// Removes whole segments, oldest first, while every record of one is older than
@@ -1130,7 +1122,12 @@ impl ArchiveStore for LogStore {
     /// At most `PRUNE_STEP` segments a call (the writer prunes between commits: a first
     /// retention pass over years of segments must not hold them for minutes); the anchor only
     /// rises, one process at a time ([`crate::archive::state::Lock::for_pruning`]).
-    fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError> {
+    fn prune_signed(
+        &mut self,
+        instance_id: u32,
+        before_ns: u64,
+        sign: &SignAnchor<'_>,
+    ) -> Result<Option<Anchor>, StoreError> {
         let _pruning = crate::archive::state::Lock::for_pruning(self.db.path(), instance_id)
             .map_err(|e| StoreError(format!("{e:#}")))?;
         let all = self.log.segments(instance_id)?;
@@ -1239,7 +1236,8 @@ impl ArchiveStore for LogStore {
             max_gen_time_ns: max_gen,
             pruned_at_ns: crate::clock::system_unix_ns(),
         };
-        self.db.set_anchor(&anchor)?;
+        let signature = sign(&anchor).map_err(StoreError)?;
+        self.db.set_anchor(&anchor, signature.as_ref())?;
         self.db.prune(instance_id, events_before)?;
         self.remove_segments(instance_id, &all[..removing])?;
         Ok(Some(anchor))

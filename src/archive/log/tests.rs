@@ -956,14 +956,17 @@ fn a_frequent_imprint_gives_its_newest_records_and_counts_them_all() {
     let at = &log.records[39];
     store
         .db
-        .set_anchor(&Anchor {
-            instance_id: 0,
-            seq: at.seq,
-            hash: at.hash,
-            max_counter: at.counter,
-            max_gen_time_ns: gen_time_ns(31),
-            pruned_at_ns: 1,
-        })
+        .set_anchor(
+            &Anchor {
+                instance_id: 0,
+                seq: at.seq,
+                hash: at.hash,
+                max_counter: at.counter,
+                max_gen_time_ns: gen_time_ns(31),
+                pruned_at_ns: 1,
+            },
+            None,
+        )
         .unwrap();
     let left = expected(40);
     assert_eq!(left.len(), 23);
@@ -2017,7 +2020,10 @@ fn pruning_removes_only_the_leftovers_a_prune_to_its_anchor_leaves() {
     };
     // An anchor row written by hand at the first segment's end, with its record's hash: a
     // cut before every record removes nothing.
-    store.db.set_anchor(&anchor(end_of_first.hash)).unwrap();
+    store
+        .db
+        .set_anchor(&anchor(end_of_first.hash), None)
+        .unwrap();
     let first_gen = log.records[0].record.gen_time_ns;
     // Refused, and said, until someone has looked.
     let refused = |store: &mut LogStore, cut: u64| -> String {
@@ -2029,12 +2035,15 @@ fn pruning_removes_only_the_leftovers_a_prune_to_its_anchor_leaves() {
     assert!(why.contains("holds records this pruning keeps"), "{why}");
     assert_eq!(segment_files(&log.dir()), before);
     // With another hash, not even a cut past every record.
-    store.db.set_anchor(&anchor([9; 32])).unwrap();
+    store.db.set_anchor(&anchor([9; 32]), None).unwrap();
     let why = refused(&mut store, u64::MAX);
     assert!(why.contains("is not the anchor's"), "{why}");
     assert_eq!(segment_files(&log.dir()), before);
     // A later segment renamed to come first: below the anchor by its name, not by its frames.
-    store.db.set_anchor(&anchor(end_of_first.hash)).unwrap();
+    store
+        .db
+        .set_anchor(&anchor(end_of_first.hash), None)
+        .unwrap();
     let renamed = rename_segment(&before[3], 0);
     refused(&mut store, u64::MAX);
     assert_eq!(segment_files(&log.dir()).len(), before.len());

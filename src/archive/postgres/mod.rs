@@ -30,9 +30,9 @@ use super::record::{
 use super::serial::layout;
 use super::store::{
     checkpoint_columns, event_columns, migrate_from_1, migrated_from_1, prune_events, schema,
-    ArchiveStore, CertificateSets, ImprintMatches, InstanceState, StoreError, Visit, IMPRINT_INDEX,
-    IMPRINT_INDEX_CONCURRENTLY, OLD_IMPRINT_INDEX, PRUNE_ROWS, RECORD_COLUMNS, SCHEMA_VERSION,
-    SCHEMA_VERSION_1,
+    ArchiveStore, CertificateSets, ImprintMatches, InstanceState, SignAnchor, StoreError, Visit,
+    IMPRINT_INDEX, IMPRINT_INDEX_CONCURRENTLY, OLD_IMPRINT_INDEX, PRUNE_ROWS, RECORD_COLUMNS,
+    SCHEMA_VERSION, SCHEMA_VERSION_1,
 };
 use crate::config::ArchiveConfig;
 
@@ -854,46 +854,31 @@ impl ArchiveStore for PostgresStore {
         })
     }
 
-    fn sign_anchor(
-        &mut self,
-        anchor: &Anchor,
-        signature: &AnchorSignature,
-    ) -> Result<(), StoreError> {
-        self.run(move |s| {
-            s.client.execute(
-                "UPDATE chain_anchors SET algorithm = $1, signature = $2, certificate = $3 \
-                 WHERE instance_id = $4 AND seq = $5 AND hash = $6",
-                &[
-                    &signature.algorithm,
-                    &signature.signature,
-                    &signature.certificate,
-                    &(anchor.instance_id as i64),
-                    &i(anchor.seq),
-                    &&anchor.hash[..],
-                ],
-            )?;
-            Ok(())
-        })
-    }
-
-    fn anchor_signature(
+    fn signed_anchor(
         &mut self,
         instance_id: u32,
-    ) -> Result<Option<AnchorSignature>, StoreError> {
+    ) -> Result<Option<(Anchor, Option<AnchorSignature>)>, StoreError> {
         self.run(move |s| {
-            if !s.chained {
-                return Ok(None);
-            }
-            match s.client.query_opt(
-                "SELECT algorithm, signature, certificate FROM chain_anchors \
-                 WHERE instance_id = $1 AND signature IS NOT NULL",
-                &[&(instance_id as i64)],
-            )? {
-                Some(r) => Ok(Some(AnchorSignature {
-                    algorithm: r.try_get(0)?,
-                    signature: r.try_get(1)?,
-                    certificate: r.try_get(2)?,
-                })),
+            let signature = match s.chained {
+                true => "algorithm, signature, certificate",
+                false => "NULL::BYTEA, NULL::BYTEA, NULL::BYTEA",
+            };
+            let sql = format!(
+                "SELECT instance_id, seq, hash, max_counter, max_gen_time_ns, pruned_at_ns, \
+                 {signature} FROM chain_anchors WHERE instance_id = $1"
+            );
+            match s.client.query_opt(&sql, &[&(instance_id as i64)])? {
+                Some(r) => {
+                    let signed = match r.try_get::<_, Option<Vec<u8>>>(7)? {
+                        Some(signature) => Some(AnchorSignature {
+                            algorithm: r.try_get(6)?,
+                            signature,
+                            certificate: r.try_get(8)?,
+                        }),
+                        None => None,
+                    };
+                    Ok(Some((read_anchor(&r)?, signed)))
+                }
                 None => Ok(None),
             }
         })
@@ -929,7 +914,12 @@ impl ArchiveStore for PostgresStore {
         })
     }
 
-    fn prune(&mut self, instance_id: u32, before_ns: u64) -> Result<Option<Anchor>, StoreError> {
+    fn prune_signed(
+        &mut self,
+        instance_id: u32,
+        before_ns: u64,
+        sign: &SignAnchor<'_>,
+    ) -> Result<Option<Anchor>, StoreError> {
         let (id, before) = (instance_id as i64, i(before_ns));
         self.run(move |s| {
             let mut tx = s.client.transaction()?;
@@ -1009,14 +999,16 @@ impl ArchiveStore for PostgresStore {
                 max_gen_time_ns: u(max_gen).max(previous.map_or(0, |a| a.max_gen_time_ns)),
                 pruned_at_ns: u(now_ns()),
             };
+            let signed = sign(&anchor).map_err(StoreError)?;
             tx.execute(
                 "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, \
-                 max_gen_time_ns, pruned_at_ns) VALUES ($1, $2, $3, $4, $5, $6) \
+                 max_gen_time_ns, pruned_at_ns, algorithm, signature, certificate) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                  ON CONFLICT (instance_id) DO UPDATE SET seq = excluded.seq, \
                  hash = excluded.hash, max_counter = excluded.max_counter, \
                  max_gen_time_ns = excluded.max_gen_time_ns, \
-                 pruned_at_ns = excluded.pruned_at_ns, algorithm = NULL, signature = NULL, \
-                 certificate = NULL",
+                 pruned_at_ns = excluded.pruned_at_ns, algorithm = excluded.algorithm, \
+                 signature = excluded.signature, certificate = excluded.certificate",
                 &[
                     &id,
                     &seq,
@@ -1024,6 +1016,9 @@ impl ArchiveStore for PostgresStore {
                     &i(anchor.max_counter),
                     &i(anchor.max_gen_time_ns),
                     &i(anchor.pruned_at_ns),
+                    &signed.as_ref().map(|s| &s.algorithm),
+                    &signed.as_ref().map(|s| &s.signature),
+                    &signed.as_ref().map(|s| &s.certificate),
                 ],
             )?;
             tx.execute(
