@@ -901,28 +901,41 @@ fn a_certificate_put_in_the_configurations_place_does_not_pass() {
     let cert = tsa::pem::certificates(&other.path().join("tsa-cert.pem")).unwrap();
     let cert = cert[0].to_vec();
     let conn = write_conn(d);
-    type Row = (i64, Vec<u8>, i64, i64, Vec<u8>);
+    type Row = (i64, Vec<u8>, i64, i64, Vec<u8>, i64);
     let checkpoints: Vec<Row> = conn
-        .prepare("SELECT seq, head_hash, time_ns, events_seq, events_hash FROM checkpoints")
+        .prepare(
+            "SELECT seq, head_hash, time_ns, events_seq, events_hash, anchor_seq \
+             FROM checkpoints",
+        )
         .unwrap()
         .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         })
         .unwrap()
         .map(Result::unwrap)
         .collect();
     assert!(!checkpoints.is_empty());
     let rng = aws_lc_rs::rand::SystemRandom::new();
-    for (seq, hash, time_ns, events_seq, events_hash) in checkpoints {
+    for (seq, hash, time_ns, events_seq, events_hash, anchor_seq) in checkpoints {
         let message = tsa::archive::record::checkpoint_message(
             0,
             seq as u64,
             &hash.try_into().unwrap(),
             time_ns as u64,
-            Some(&tsa::archive::record::ChainHead {
-                seq: events_seq as u64,
-                hash: events_hash.try_into().unwrap(),
-            }),
+            Some((
+                &tsa::archive::record::ChainHead {
+                    seq: events_seq as u64,
+                    hash: events_hash.try_into().unwrap(),
+                },
+                anchor_seq as u64,
+            )),
         );
         let signature = key.sign(&rng, &message).unwrap();
         conn.execute(
@@ -1364,11 +1377,15 @@ fn pruning_keeps_verification_green() {
     let signature: Vec<u8> = conn
         .query_row("SELECT signature FROM chain_anchors", [], |r| r.get(0))
         .unwrap();
+    // Above the last checkpoint's anchor (none: the server was stopped when it pruned), an
+    // anchor without its signature is one moved on by hand.
     conn.execute("UPDATE chain_anchors SET signature = NULL", [])
         .unwrap();
-    let out = verify_report(d).unwrap();
+    let out = verify_report(d).unwrap_err();
     assert!(
-        out.contains("WARNING: the anchor (pruned up to 2) is not signed"),
+        out.contains(
+            "the anchor (pruned up to 2) is above the last checkpoint's (0) and not signed"
+        ),
         "{out}"
     );
     conn.execute("UPDATE chain_anchors SET signature = ?1", [&signature])
@@ -1385,6 +1402,15 @@ fn pruning_keeps_verification_green() {
     server.stop();
     let out = verify_report(d).unwrap();
     assert!(out.contains("5 records verified, up to 7"), "{out}");
+    // Its checkpoints signed the anchor's position: they vouch for it, signed or not.
+    let conn = write_conn(d);
+    conn.execute("UPDATE chain_anchors SET signature = NULL", [])
+        .unwrap();
+    let out = verify_report(d).unwrap();
+    assert!(!out.contains("WARNING"), "{out}");
+    conn.execute("UPDATE chain_anchors SET signature = ?1", [&signature])
+        .unwrap();
+    drop(conn);
 
     // Everything pruned: the anchor is the head; the next start still counts on from it.
     let (ok, out) = archive_cli(d, &["prune", "--before", "4000000000", "--force"]);

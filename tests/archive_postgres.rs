@@ -793,6 +793,7 @@ fn checkpoint_of(record: &StoredRecord) -> tsa::archive::record::Checkpoint {
         signature: vec![1],
         certificate: vec![],
         events: None,
+        anchor_seq: 0,
     }
 }
 
@@ -1089,6 +1090,7 @@ fn an_archive_of_schema_1_is_read_as_it_is_and_migrated_by_a_server() {
              ALTER TABLE events DROP COLUMN hash; \
              ALTER TABLE checkpoints DROP COLUMN events_seq; \
              ALTER TABLE checkpoints DROP COLUMN events_hash; \
+             ALTER TABLE checkpoints DROP COLUMN anchor_seq; \
              ALTER TABLE chain_anchors DROP COLUMN algorithm; \
              ALTER TABLE chain_anchors DROP COLUMN signature; \
              ALTER TABLE chain_anchors DROP COLUMN certificate; \

@@ -714,6 +714,7 @@ mod tests {
                     signature: vec![1],
                     certificate: vec![],
                     events: None,
+                    anchor_seq: 0,
                 })
                 .unwrap();
         }

@@ -938,6 +938,7 @@ mod tests {
                     signature: vec![1],
                     certificate: vec![],
                     events: None,
+                    anchor_seq: 0,
                 })
                 .unwrap();
         }
@@ -1085,6 +1086,7 @@ mod tests {
             signature: vec![1],
             certificate: vec![],
             events: None,
+            anchor_seq: 0,
         }
     }
 
@@ -1355,6 +1357,7 @@ mod tests {
             signature: vec![1],
             certificate: vec![],
             events: None,
+            anchor_seq: 0,
         };
         db.add_checkpoint(&checkpoint).unwrap();
         db.add_checkpoint(&checkpoint).unwrap();
@@ -1397,6 +1400,7 @@ mod tests {
                      ALTER TABLE events DROP COLUMN hash; \
                      ALTER TABLE checkpoints DROP COLUMN events_seq; \
                      ALTER TABLE checkpoints DROP COLUMN events_hash; \
+                     ALTER TABLE checkpoints DROP COLUMN anchor_seq; \
                      ALTER TABLE chain_anchors DROP COLUMN algorithm; \
                      ALTER TABLE chain_anchors DROP COLUMN signature; \
                      ALTER TABLE chain_anchors DROP COLUMN certificate; \

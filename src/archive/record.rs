@@ -240,6 +240,10 @@ pub struct Checkpoint {
     /// the signature covers too; `None` for checkpoints signed before events were chained
     /// (their message is the first version's).
     pub events: Option<ChainHead>,
+    /// The instance's anchor position when it was signed (0: none), which the second
+    /// version's signature covers too: an anchor above the last checkpoint's must carry a
+    /// signature of its own, one at it is vouched for.
+    pub anchor_seq: u64,
 }
 
 impl Checkpoint {
@@ -249,7 +253,7 @@ impl Checkpoint {
             self.seq,
             &self.head_hash,
             self.time_ns,
-            self.events.as_ref(),
+            self.events.as_ref().map(|e| (e, self.anchor_seq)),
         )
     }
 }
@@ -439,13 +443,14 @@ pub fn record_hash(
 
 /// What a checkpoint signs: a domain string, the instance, the head's position (the record
 /// count), the head's hash and the time, in the encoding of [`canonical`]; then, in the
-/// second version (`events` given), the last event's position and hash.
+/// second version (`events` given), the last event's position and hash and the anchor's
+/// position.
 pub fn checkpoint_message(
     instance_id: u32,
     seq: u64,
     head_hash: &Hash,
     time_ns: u64,
-    events: Option<&ChainHead>,
+    events: Option<(&ChainHead, u64)>,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(CHECKPOINT_DOMAIN_V2.len() + 96);
     out.extend_from_slice(match events {
@@ -456,9 +461,10 @@ pub fn checkpoint_message(
     put_u64(&mut out, seq);
     out.extend_from_slice(head_hash);
     put_u64(&mut out, time_ns);
-    if let Some(events) = events {
+    if let Some((events, anchor_seq)) = events {
         put_u64(&mut out, events.seq);
         out.extend_from_slice(&events.hash);
+        put_u64(&mut out, anchor_seq);
     }
     out
 }

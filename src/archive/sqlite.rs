@@ -456,6 +456,7 @@ fn read_checkpoint(row: &Row<'_>) -> Result<Checkpoint, rusqlite::Error> {
             }),
             None => None,
         },
+        anchor_seq: row.get::<_, Option<u64>>(9)?.unwrap_or(0),
     })
 }
 
@@ -693,8 +694,8 @@ impl ArchiveStore for SqliteStore {
     fn add_checkpoint(&mut self, c: &Checkpoint) -> Result<(), StoreError> {
         let added = self.conn.execute(
             "INSERT INTO checkpoints (instance_id, seq, head_hash, time_ns, algorithm, \
-             signature, certificate, events_seq, events_hash) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+             signature, certificate, events_seq, events_hash, anchor_seq) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
              ON CONFLICT (instance_id, seq) DO NOTHING",
             params![
                 c.instance_id,
@@ -706,6 +707,7 @@ impl ArchiveStore for SqliteStore {
                 c.certificate,
                 c.events.map(|e| e.seq),
                 c.events.as_ref().map(|e| &e.hash[..]),
+                c.events.map(|_| c.anchor_seq),
             ],
         )?;
         if added == 0 {

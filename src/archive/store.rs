@@ -471,6 +471,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     certificate {blob} NOT NULL,
     events_seq BIGINT,
     events_hash {blob},
+    anchor_seq BIGINT,
     PRIMARY KEY (instance_id, seq)
 );
 CREATE TABLE IF NOT EXISTS events (
@@ -574,8 +575,8 @@ pub fn event_columns(chained: bool, blob: &str) -> String {
 /// archive the events' head as nulls.
 pub fn checkpoint_columns(chained: bool, blob: &str) -> String {
     let events = match chained {
-        true => "events_seq, events_hash".to_string(),
-        false => format!("CAST(NULL AS BIGINT), CAST(NULL AS {blob})"),
+        true => "events_seq, events_hash, anchor_seq".to_string(),
+        false => format!("CAST(NULL AS BIGINT), CAST(NULL AS {blob}), CAST(NULL AS BIGINT)"),
     };
     format!("instance_id, seq, head_hash, time_ns, algorithm, signature, certificate, {events}")
 }
@@ -593,6 +594,7 @@ ALTER TABLE events ADD COLUMN body_hash {blob};
 ALTER TABLE events ADD COLUMN hash {blob};
 ALTER TABLE checkpoints ADD COLUMN events_seq BIGINT;
 ALTER TABLE checkpoints ADD COLUMN events_hash {blob};
+ALTER TABLE checkpoints ADD COLUMN anchor_seq BIGINT;
 ALTER TABLE chain_anchors ADD COLUMN algorithm {blob};
 ALTER TABLE chain_anchors ADD COLUMN signature {blob};
 ALTER TABLE chain_anchors ADD COLUMN certificate {blob};

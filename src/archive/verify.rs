@@ -448,43 +448,82 @@ fn verify_instance(
             });
         }
     }
-    // And the anchor itself is signed by the key that pruned (the checkpoints'): one moved on
-    // by hand, the records before it deleted from the start, is not. Its row is read again
-    // with its signature (the server's retention may have moved it on since: that one is
-    // checked, as signed).
-    if first_break.is_none() && state.anchor.is_some() {
-        match store.signed_anchor(instance_id)? {
-            None => {}
-            Some((anchor, None)) => warnings.push(format!(
-                "the anchor (pruned up to {}) is not signed: pruned by an earlier version \
-                 (schema 1), or its signature removed by hand; records deleted from the start \
-                 with it would not show",
-                anchor.seq
+    // And the anchor itself: at the position the last checkpoint signed (vouched for by it),
+    // or above it with a signature of its own by the key that pruned (the checkpoints'). One
+    // moved on by hand, the records before it deleted from the start, is neither. Its row is
+    // read again with its signature (the server's retention may have moved it on since: that
+    // one is checked, as signed).
+    if first_break.is_none() {
+        let vouched = checkpoints
+            .iter()
+            .filter(|c| c.events.is_some())
+            .map(|c| (c.anchor_seq, c.seq))
+            .max();
+        let anchor = store.signed_anchor(instance_id)?;
+        let wrong = match (&anchor, vouched) {
+            (None, Some((at, by))) if at > 0 => Some((
+                at,
+                format!(
+                    "no anchor, though the checkpoint at {by} signed one at {at}: it was removed"
+                ),
             )),
-            Some((anchor, Some(signed))) => {
+            (Some((a, _)), Some((at, by))) if a.seq < at => Some((
+                a.seq,
+                format!(
+                    "the anchor (pruned up to {}) is below the one the checkpoint at {by} signed \
+                     ({at}): it was moved back by hand",
+                    a.seq
+                ),
+            )),
+            (Some((a, None)), Some((at, _))) if a.seq > at => Some((
+                a.seq,
+                format!(
+                    "the anchor (pruned up to {}) is above the last checkpoint's ({at}) and not \
+                     signed: records were deleted from the start and the anchor moved on by hand",
+                    a.seq
+                ),
+            )),
+            (Some((a, None)), None) => {
+                warnings.push(format!(
+                    "the anchor (pruned up to {}) is not signed and no checkpoint of this \
+                     version vouches for it: pruned by an earlier version (schema 1; the \
+                     server's next checkpoint will), or moved on by hand; records deleted \
+                     from the start with it would not show",
+                    a.seq
+                ));
+                None
+            }
+            (Some((a, Some(signed))), _) => {
                 let wrong = if !trusted.contains(&signed.certificate) {
                     Some("is signed by a certificate that is not trusted".to_string())
                 } else {
                     signature_check(
                         &signed.certificate,
                         &signed.algorithm,
-                        &anchor.message(),
+                        &a.message(),
                         &signed.signature,
                     )
                     .err()
                     .map(|e| format!("has a bad signature ({e:#})"))
                 };
-                first_break = wrong.map(|wrong| Break {
-                    seq: anchor.seq,
-                    serial: None,
-                    what: format!(
-                        "the anchor (pruned up to {}) {wrong}: it was changed, or moved on by \
-                         hand",
-                        anchor.seq
-                    ),
-                });
+                wrong.map(|wrong| {
+                    (
+                        a.seq,
+                        format!(
+                            "the anchor (pruned up to {}) {wrong}: it was changed, or moved on \
+                             by hand",
+                            a.seq
+                        ),
+                    )
+                })
             }
-        }
+            _ => None,
+        };
+        first_break = wrong.map(|(seq, what)| Break {
+            seq,
+            serial: None,
+            what,
+        });
     }
     // The highest counter the instance archived, as its row keeps it (rows archives and
     // PostgreSQL raise it with each commit; the token log does not keep it): records deleted
@@ -946,6 +985,7 @@ mod tests {
             signature: Vec::new(),
             certificate: certificate.to_vec(),
             events: None,
+            anchor_seq: 0,
         }
     }
 

@@ -730,6 +730,12 @@ impl Writer {
             signature: Vec::new(),
             certificate: self.signer.certificate.clone(),
             events: Some(self.last_event),
+            // As stored now (`tsa archive prune` may have moved it beside this writer).
+            anchor_seq: self
+                .store
+                .signed_anchor(self.instance_id)
+                .map_err(|e| ArchiveError(e.to_string()))?
+                .map_or(0, |(anchor, _)| anchor.seq),
         };
         let checkpoint_events = self.last_event;
         checkpoint.signature = (self.signer.sign)(&checkpoint.message())

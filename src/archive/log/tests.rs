@@ -80,6 +80,7 @@ impl Log {
             signature: vec![1],
             certificate: vec![],
             events: None,
+            anchor_seq: 0,
         }
     }
 

@@ -653,8 +653,8 @@ impl ArchiveStore for PostgresStore {
         self.run(move |s| {
             s.client.execute(
                 "INSERT INTO checkpoints (instance_id, seq, head_hash, time_ns, algorithm, \
-                 signature, certificate, events_seq, events_hash) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 signature, certificate, events_seq, events_hash, anchor_seq) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
                  ON CONFLICT (instance_id, seq) DO NOTHING",
                 &[
                     &(c.instance_id as i64),
@@ -666,6 +666,7 @@ impl ArchiveStore for PostgresStore {
                     &c.certificate,
                     &c.events.map(|e| i(e.seq)),
                     &c.events.as_ref().map(|e| &e.hash[..]),
+                    &c.events.map(|_| i(c.anchor_seq)),
                 ],
             )?;
             // Stored again (a repeat) is a no-op; another head at a signed position is not.
@@ -714,6 +715,7 @@ impl ArchiveStore for PostgresStore {
                             }),
                             None => None,
                         },
+                        anchor_seq: r.try_get::<_, Option<i64>>(9)?.map_or(0, u),
                     })
                 })
                 .collect()

@@ -286,6 +286,7 @@ mod tests {
             signature: vec![1],
             certificate: vec![],
             events: Some(events.head()),
+            anchor_seq: 0,
         }
     }
 
