@@ -1084,18 +1084,7 @@ fn an_archive_of_schema_1_is_read_as_it_is_and_migrated_by_a_server() {
     drop(written);
     let mut client = cluster.client("tsa");
     client
-        .batch_execute(
-            "ALTER TABLE events DROP COLUMN prev_hash; \
-             ALTER TABLE events DROP COLUMN body_hash; \
-             ALTER TABLE events DROP COLUMN hash; \
-             ALTER TABLE checkpoints DROP COLUMN events_seq; \
-             ALTER TABLE checkpoints DROP COLUMN events_hash; \
-             ALTER TABLE checkpoints DROP COLUMN anchor_seq; \
-             ALTER TABLE chain_anchors DROP COLUMN algorithm; \
-             ALTER TABLE chain_anchors DROP COLUMN signature; \
-             ALTER TABLE chain_anchors DROP COLUMN certificate; \
-             UPDATE archive_meta SET value = '1' WHERE name = 'schema'",
-        )
+        .batch_execute(&tsa::archive::store::back_to_1_for_tests())
         .unwrap();
     let mut read = store(dir.path());
     assert_eq!(read.events_from(0, 0, 10).unwrap(), [old(1), old(2)]);

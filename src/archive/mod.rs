@@ -1394,18 +1394,7 @@ mod tests {
             db.append(0, &[], &[old(1), old(2)]).unwrap();
             // What schema 1 was.
             db.connection()
-                .execute_batch(
-                    "ALTER TABLE events DROP COLUMN prev_hash; \
-                     ALTER TABLE events DROP COLUMN body_hash; \
-                     ALTER TABLE events DROP COLUMN hash; \
-                     ALTER TABLE checkpoints DROP COLUMN events_seq; \
-                     ALTER TABLE checkpoints DROP COLUMN events_hash; \
-                     ALTER TABLE checkpoints DROP COLUMN anchor_seq; \
-                     ALTER TABLE chain_anchors DROP COLUMN algorithm; \
-                     ALTER TABLE chain_anchors DROP COLUMN signature; \
-                     ALTER TABLE chain_anchors DROP COLUMN certificate; \
-                     UPDATE archive_meta SET value = '1' WHERE name = 'schema';",
-                )
+                .execute_batch(&crate::archive::store::back_to_1_for_tests())
                 .unwrap();
         }
         // Read as it is (a backup an auditor verifies).

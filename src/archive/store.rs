@@ -585,23 +585,47 @@ pub fn checkpoint_columns(chained: bool, blob: &str) -> String {
 /// writing, such an archive is migrated ([`migrate_from_1`]); read, it shows them as `None`.
 pub const SCHEMA_VERSION_1: &str = "1";
 
+/// The columns schema 2 adds to schema 1: table, column, and type (`None`: the blob type).
+const ADDED_IN_2: [(&str, &str, Option<&str>); 9] = [
+    ("events", "prev_hash", None),
+    ("events", "body_hash", None),
+    ("events", "hash", None),
+    ("checkpoints", "events_seq", Some("BIGINT")),
+    ("checkpoints", "events_hash", None),
+    ("checkpoints", "anchor_seq", Some("BIGINT")),
+    ("chain_anchors", "algorithm", None),
+    ("chain_anchors", "signature", None),
+    ("chain_anchors", "certificate", None),
+];
+
 /// The columns that schema 2 adds to schema 1 (`blob` as for [`schema`]): null in the rows
 /// written before, which verification takes as written before events were chained.
 pub fn migrate_from_1(blob: &str) -> String {
-    format!(
-        "ALTER TABLE events ADD COLUMN prev_hash {blob};
-ALTER TABLE events ADD COLUMN body_hash {blob};
-ALTER TABLE events ADD COLUMN hash {blob};
-ALTER TABLE checkpoints ADD COLUMN events_seq BIGINT;
-ALTER TABLE checkpoints ADD COLUMN events_hash {blob};
-ALTER TABLE checkpoints ADD COLUMN anchor_seq BIGINT;
-ALTER TABLE chain_anchors ADD COLUMN algorithm {blob};
-ALTER TABLE chain_anchors ADD COLUMN signature {blob};
-ALTER TABLE chain_anchors ADD COLUMN certificate {blob};
-{EVENTS_UNPRUNED}
-UPDATE archive_meta SET value = '{SCHEMA_VERSION}' WHERE name = 'schema';
-"
-    )
+    let mut sql = String::new();
+    for (table, column, kind) in ADDED_IN_2 {
+        let kind = kind.unwrap_or(blob);
+        sql.push_str(&format!(
+            "ALTER TABLE {table} ADD COLUMN {column} {kind};\n"
+        ));
+    }
+    sql.push_str(EVENTS_UNPRUNED);
+    sql.push_str(&format!(
+        "\nUPDATE archive_meta SET value = '{SCHEMA_VERSION}' WHERE name = 'schema';\n"
+    ));
+    sql
+}
+
+/// An archive of schema 2 made back into what schema 1 was (its new columns dropped, with
+/// what they held), for the migration's tests; never run on an archive.
+pub fn back_to_1_for_tests() -> String {
+    let mut sql = String::new();
+    for (table, column, _) in ADDED_IN_2 {
+        sql.push_str(&format!("ALTER TABLE {table} DROP COLUMN {column};\n"));
+    }
+    sql.push_str(&format!(
+        "UPDATE archive_meta SET value = '{SCHEMA_VERSION_1}' WHERE name = 'schema';\n"
+    ));
+    sql
 }
 
 #[cfg(test)]
