@@ -625,7 +625,8 @@ fn verify_instance(
 /// The genTime of the first record above the anchor (none: no record is kept). Pruning
 /// empties only events older than the oldest record it keeps, which is no older than this.
 fn kept_from(store: &mut dyn ArchiveStore, instance_id: u32) -> Result<Option<u64>, StoreError> {
-    let anchor = store.instance(instance_id)?.anchor.map_or(0, |a| a.seq);
+    // The anchor's row alone (the instance's whole state reads the token log's last segments).
+    let anchor = store.signed_anchor(instance_id)?.map_or(0, |(a, _)| a.seq);
     let mut first = None;
     store.for_each_record(instance_id, anchor + 1, &mut |r| {
         first = Some(r.record.gen_time_ns);

@@ -62,6 +62,17 @@ struct Sim {
     independent: bool,
 }
 
+/// Five honest servers within 100 µs of the truth.
+fn five_honest() -> Run {
+    Run::new(vec![
+        honest(0),
+        honest(100),
+        honest(-100),
+        honest(50),
+        honest(-50),
+    ])
+}
+
 fn honest(bias_us: i64) -> Sim {
     Sim {
         bias: bias_us * 1_000,
@@ -172,6 +183,13 @@ impl Run {
                 e.state,
                 e.reason
             );
+        }
+    }
+
+    /// The first three sources answer `ns` off the truth from now on.
+    fn first_three_lie_by(&mut self, ns: i64) {
+        for sim in &mut self.sims[..3] {
+            sim.lie = ns;
         }
     }
 
@@ -464,18 +482,10 @@ fn a_silent_discipline_reports_holdover() {
 
 #[test]
 fn a_majority_step_is_not_followed_until_confirmed() {
-    let mut run = Run::new(vec![
-        honest(0),
-        honest(100),
-        honest(-100),
-        honest(50),
-        honest(-50),
-    ]);
+    let mut run = five_honest();
     run.rounds(10);
     let before = run.d.estimate(run.now).utc_ns as i64 - run.now as i64;
-    for sim in &mut run.sims[..3] {
-        sim.lie = 2_000_000_000;
-    }
+    run.first_three_lie_by(2_000_000_000);
     // Rounds 1 to 3: refused, and the estimate stays on the old time.
     for round in 1..=3 {
         run.round();
@@ -505,17 +515,9 @@ fn a_majority_step_is_not_followed_until_confirmed() {
 #[test]
 fn a_step_is_confirmed_only_by_fresh_answers() {
     for others_answer in [false, true] {
-        let mut run = Run::new(vec![
-            honest(0),
-            honest(100),
-            honest(-100),
-            honest(50),
-            honest(-50),
-        ]);
+        let mut run = five_honest();
         run.rounds(10);
-        for sim in &mut run.sims[..3] {
-            sim.lie = 2_000_000_000;
-        }
+        run.first_three_lie_by(2_000_000_000);
         for sim in &mut run.sims[3..] {
             sim.up = others_answer;
         }
@@ -620,22 +622,12 @@ fn a_too_far_independent_reference_still_vetoes_a_step() {
 
 #[test]
 fn a_step_that_goes_away_is_abandoned() {
-    let mut run = Run::new(vec![
-        honest(0),
-        honest(100),
-        honest(-100),
-        honest(50),
-        honest(-50),
-    ]);
+    let mut run = five_honest();
     run.rounds(5);
-    for sim in &mut run.sims[..3] {
-        sim.lie = 2_000_000_000;
-    }
+    run.first_three_lie_by(2_000_000_000);
     run.rounds(2);
     assert_eq!(run.state(), SyncState::Unsynchronized);
-    for sim in &mut run.sims[..3] {
-        sim.lie = 0;
-    }
+    run.first_three_lie_by(0);
     // The samples of the lying rounds age out of the minimum-delay filter only slowly, but
     // the sources return to the truth: the step is abandoned.
     run.rounds(10);
@@ -673,9 +665,7 @@ fn an_independent_reference_decides_steps() {
     // GPS disagrees with a majority of stepped servers: never followed by rounds alone.
     let mut run = Run::new(vec![honest(0), honest(100), honest(-100), gps, honest(50)]);
     run.rounds(5);
-    for sim in &mut run.sims[..3] {
-        sim.lie = 2_000_000_000;
-    }
+    run.first_three_lie_by(2_000_000_000);
     run.rounds(10);
     assert_eq!(run.state(), SyncState::Unsynchronized);
 }
@@ -735,9 +725,7 @@ fn an_independent_reference_that_keeps_disagreeing_stops_a_slowly_lying_majority
     assert_eq!(state_events(&run.events), ["lost"], "{:?}", run.events);
 
     // The attacker stops: the sources agree with the GPS receiver and the model again.
-    for sim in &mut run.sims[..3] {
-        sim.lie = 0;
-    }
+    run.first_three_lie_by(0);
     run.rounds(12);
     assert_eq!(run.state(), SyncState::Synchronized);
 }
