@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use archive_support::{
-    archive_cli, archived_records, database, get, get_with_header, hex, init, open_store, stamp,
-    Conn, Received, Serving,
+    archive_cli, archived_records, chained, database, get, get_with_header, hex, init,
+    one_checkpoint_per_position, open_store, stamp, Conn, Received, Serving,
 };
 use rusqlite::params;
 use tsa::archive::record::{record_hash, StoredRecord};
@@ -333,6 +333,122 @@ fn complete_refetchable_and_verified(layout: &str) {
         assert_eq!(line["token"], hex(&got.token));
         assert_eq!(line["clock"]["state"], "synchronized");
     }
+}
+
+/// A checkpoint signed again at its position with later events replaces the one there, in
+/// both SQLite layouts (PostgreSQL: tests/archive_postgres.rs).
+#[test]
+fn checkpoints_signed_again_with_later_events_replace_theirs() {
+    use tsa::archive::sqlite::{Layout, SqliteStore};
+    for layout in [Layout::Rows, Layout::Log] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db =
+            SqliteStore::open(&dir.path().join("archive.sqlite"), Duration::from_secs(5)).unwrap();
+        db.settle_layout(layout).unwrap();
+        let mut store: Box<dyn ArchiveStore> = match layout {
+            Layout::Rows => Box::new(db),
+            Layout::Log => Box::new(tsa::archive::log::LogStore::open(db)),
+        };
+        let records = chained(0, 3);
+        store.append(0, &records, &[]).unwrap();
+        one_checkpoint_per_position(store.as_mut(), &records);
+    }
+}
+
+/// The events of an idle server (a sync lost at night, a key event) are signed at the next
+/// checkpoint interval, by the checkpoint at the last token's position signed again: they do
+/// not wait for the next token to be vouched for.
+#[test]
+fn an_idle_servers_events_are_signed_without_a_token() {
+    let dir = init("checkpoint_interval_s = 1\nlayout = \"rows\"");
+    let d = dir.path();
+    let server = Serving::start(d);
+    stamps(&server, 2, "idle");
+    let conn = write_conn(d);
+    let wait_for = |what: &str, query: &str, done: &dyn Fn(u64) -> bool| -> u64 {
+        let start = Instant::now();
+        loop {
+            let found: Option<u64> = conn.query_row(query, [], |r| r.get(0)).unwrap();
+            match found {
+                Some(v) if done(v) => return v,
+                _ if start.elapsed() > Duration::from_secs(20) => {
+                    panic!("{what}: not after 20 s ({found:?})")
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    };
+    let signed_events = "SELECT MAX(events_seq) FROM checkpoints WHERE seq = 2";
+    wait_for("a checkpoint at 2", signed_events, &|_| true);
+    // The checkpoint as it is before the reload, for the rollback below.
+    let columns = "time_ns, algorithm, signature, certificate, events_seq, events_hash, anchor_seq";
+    let before: Vec<rusqlite::types::Value> = conn
+        .query_row(
+            &format!("SELECT {columns} FROM checkpoints WHERE seq = 2"),
+            [],
+            |r| (0..7).map(|i| r.get(i)).collect(),
+        )
+        .unwrap();
+    // A reload: an event, and no token after it.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(server.pid(), libc::SIGHUP) };
+    let reloaded = wait_for(
+        "the reload's event",
+        "SELECT MAX(seq) FROM events WHERE kind = 'certificate_reloaded'",
+        &|_| true,
+    );
+    wait_for("the reload signed", signed_events, &|seq| seq >= reloaded);
+    let positions: Vec<u64> = conn
+        .prepare("SELECT seq FROM checkpoints ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(positions.last(), Some(&2), "a token came: {positions:?}");
+    server.stop();
+    let report = verify_report(d).unwrap_or_else(|e| panic!("{e}"));
+    let line = |start: &str| -> String {
+        let found = report.lines().find(|l| l.trim_start().starts_with(start));
+        found.unwrap_or_else(|| panic!("{report}")).trim_start()[start.len()..].to_string()
+    };
+    assert!(line("events:").ends_with(": OK"), "{report}");
+    // The events' head to keep elsewhere: the server logged it too.
+    let head = line("events head: ");
+    let (ok, events) = archive_cli(d, &["events"]);
+    assert!(ok && events.contains(&head), "{head}: {events}");
+    assert_eq!(verify_status(d, &["--expect-events", &head]).0, Some(0));
+
+    // The checkpoint put back as it was before the reload, the events after it deleted:
+    // nothing on the disk tells, the head kept elsewhere does.
+    let old_events = match before[4] {
+        rusqlite::types::Value::Integer(seq) => seq,
+        ref other => panic!("{other:?}"),
+    };
+    conn.execute("DELETE FROM events WHERE seq > ?1", [old_events])
+        .unwrap();
+    let set: Vec<String> = columns
+        .split(", ")
+        .enumerate()
+        .map(|(i, c)| format!("{c} = ?{}", i + 1))
+        .collect();
+    conn.execute(
+        &format!("UPDATE checkpoints SET {} WHERE seq = 2", set.join(", ")),
+        rusqlite::params_from_iter(&before),
+    )
+    .unwrap();
+    drop(conn);
+    let (status, out) = verify_status(d, &["--strict"]);
+    assert_eq!(status, Some(0), "nothing on the disk tells: {out}");
+    let (status, out) = verify_status(d, &["--expect-events", &head]);
+    assert_eq!(status, Some(1), "{out}");
+    assert!(
+        out.contains("events are missing at the end: the events' head expected")
+            && out.contains("rolled back"),
+        "{out}"
+    );
+    let (status, out) = verify_status(d, &["--expect-events", "0:5"]);
+    assert_eq!(status, Some(2), "clap refuses a malformed head: {out}");
 }
 
 /// Runs `tsa archive verify`; on failure returns its report.

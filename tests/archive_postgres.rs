@@ -16,7 +16,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use archive_support::{
-    archive_cli, check_received, get, hex, init, stamp, Conn, Load, Received, Serving,
+    archive_cli, chained, chained_with, check_received, checkpoint_of, get, hex, init,
+    one_checkpoint_per_position, stamp, Conn, Load, Received, Serving,
 };
 use tsa::archive::postgres::PostgresStore;
 use tsa::archive::record::StoredRecord;
@@ -741,60 +742,13 @@ fn a_client_certificate_logs_in_without_a_password() {
     assert!(err.contains("requires a valid client certificate"), "{err}");
 }
 
-/// `n` chained records of `instance_id` from position 1 on (counter = position).
-fn chained(instance_id: u32, n: u64) -> Vec<StoredRecord> {
-    chained_with(instance_id, n, |_, _| {})
-}
-
-/// [`chained`], each record changed by `adjust(position, record)` before it is chained.
-fn chained_with(
-    instance_id: u32,
-    n: u64,
-    adjust: impl Fn(u64, &mut tsa::archive::record::TokenRecord),
-) -> Vec<StoredRecord> {
-    use tsa::archive::record::{ClockAtIssue, TokenRecord, ZERO_HASH};
-    let mut prev = ZERO_HASH;
-    (1..=n)
-        .map(|seq| {
-            let mut record = TokenRecord {
-                serial: tsa::archive::serial::layout::encode(instance_id, seq, [7; 7]).to_vec(),
-                gen_time_ns: 1_700_000_000_000_000_000 + seq,
-                accuracy_ns: 1_000_000,
-                imprint_alg: "2.16.840.1.101.3.4.2.1".into(),
-                imprint: vec![seq as u8; 32],
-                policy: "1.3.6.1.4.1.32473.1".into(),
-                nonce: None,
-                client: None,
-                clock: ClockAtIssue {
-                    source: "test".into(),
-                    state: "synchronized".into(),
-                    bound_ns: 1,
-                    sources: String::new(),
-                },
-                token: vec![0x30, 0x00],
-            };
-            adjust(seq, &mut record);
-            let stored = StoredRecord::chain(instance_id, seq, seq, record, prev);
-            prev = stored.hash;
-            stored
-        })
-        .collect()
-}
-
-/// A checkpoint signing `record` as its instance's head (the store does not check the
-/// signature; verification does).
-fn checkpoint_of(record: &StoredRecord) -> tsa::archive::record::Checkpoint {
-    tsa::archive::record::Checkpoint {
-        instance_id: record.instance_id,
-        seq: record.seq,
-        head_hash: record.hash,
-        time_ns: 1,
-        algorithm: vec![],
-        signature: vec![1],
-        certificate: vec![],
-        events: None,
-        anchor_seq: 0,
-    }
+#[test]
+fn checkpoints_signed_again_with_later_events_replace_theirs_on_postgres() {
+    let cluster = pg::Cluster::start();
+    let (_dir, mut store) = new_archive(&cluster);
+    let records = chained(0, 3);
+    store.append(0, &records, &[]).unwrap();
+    one_checkpoint_per_position(&mut store, &records);
 }
 
 #[test]

@@ -337,6 +337,9 @@ impl Archive {
             state: state_file,
             signer,
             last_checkpoint_seq,
+            signed_events_seq: 0,
+            // The opening is one to sign, though no token comes after it.
+            events_to_sign: opened.seq,
             checkpoint_interval: Duration::from_secs(config.checkpoint_interval_s.max(1)),
             retention: (config.retention_days > 0)
                 .then(|| Duration::from_secs(config.retention_days * 86_400)),
@@ -1314,7 +1317,7 @@ mod tests {
             assert!(left.iter().all(|e| !e.pruned() || e.message.is_empty()));
             let kept_from = records[anchor.seq as usize].record.gen_time_ns;
             let report =
-                verify::verify_events(&mut *store, 0, &[checkpoint], |_| Ok(Some(kept_from)))
+                verify::verify_events(&mut *store, 0, &[checkpoint], &[], |_| Ok(Some(kept_from)))
                     .unwrap();
             assert_eq!(report.first_break, None, "{layout:?}");
         }
@@ -1427,7 +1430,7 @@ mod tests {
         let signed = checkpoints.last().unwrap().events.unwrap();
         let at = events.iter().find(|e| e.seq == signed.seq).unwrap();
         assert_eq!(at.hash, Some(signed.hash));
-        let report = verify::verify_events(&mut store, 0, &checkpoints, |_| Ok(None)).unwrap();
+        let report = verify::verify_events(&mut store, 0, &checkpoints, &[], |_| Ok(None)).unwrap();
         assert_eq!(report.first_break, None, "{events:#?}");
         assert_eq!(report.unchained, 2);
         // The checkpoint at close signed the last event (no `tracing` layer here: the

@@ -16,7 +16,8 @@ use super::serial::layout;
 use super::store::{
     checkpoint_columns, event_columns, migrate_from_1, migrated_from_1, prune_events, schema,
     ArchiveStore, CertificateSets, ImprintMatches, InstanceState, Newest, Rank, SignAnchor,
-    StoreError, Visit, PRUNE_ROWS, RECORD_COLUMNS, SCHEMA_VERSION, SCHEMA_VERSION_1,
+    StoreError, Visit, PRUNE_ROWS, RECORD_COLUMNS, RESIGN_CHECKPOINT, SCHEMA_VERSION,
+    SCHEMA_VERSION_1,
 };
 
 pub struct SqliteStore {
@@ -689,14 +690,16 @@ impl ArchiveStore for SqliteStore {
         Ok(())
     }
 
-    /// A checkpoint is stored once per position; storing it again is a no-op, but one that
-    /// signs another head there is refused (the chain was rewritten below a signed head).
+    /// One checkpoint per position: one that signs the same head there with a later events'
+    /// head replaces it, a repeat is a no-op, and one that signs another head is refused (the
+    /// chain was rewritten below a signed head).
     fn add_checkpoint(&mut self, c: &Checkpoint) -> Result<(), StoreError> {
         let added = self.conn.execute(
-            "INSERT INTO checkpoints (instance_id, seq, head_hash, time_ns, algorithm, \
-             signature, certificate, events_seq, events_hash, anchor_seq) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
-             ON CONFLICT (instance_id, seq) DO NOTHING",
+            &format!(
+                "INSERT INTO checkpoints (instance_id, seq, head_hash, time_ns, algorithm, \
+                 signature, certificate, events_seq, events_hash, anchor_seq) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) {RESIGN_CHECKPOINT}"
+            ),
             params![
                 c.instance_id,
                 c.seq,

@@ -265,6 +265,9 @@ pub trait ArchiveStore: Send {
     /// ahead for the next commits here). Failures are the store's to log: nothing waits on it.
     fn after_append(&mut self) {}
 
+    /// Stores a checkpoint: one per position, replaced by one that signs the same head with
+    /// a later events' head ([`RESIGN_CHECKPOINT`]); one that signs another head there is
+    /// refused.
     fn add_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), StoreError>;
 
     /// The instance's checkpoints by position.
@@ -396,6 +399,19 @@ pub trait ArchiveStore: Send {
 }
 
 /// The columns of `tokens` in the order both backends write and read a record.
+/// How a checkpoint stored at a position that has one already goes in (SQLite and
+/// PostgreSQL alike): one that signs the same head with a later events' head replaces it (the
+/// writer signs its head again where only events came: it vouches for all the earlier one
+/// did, the events' chain being linked); anything else leaves the row, for the caller to
+/// compare.
+pub const RESIGN_CHECKPOINT: &str = "ON CONFLICT (instance_id, seq) DO UPDATE SET \
+     time_ns = excluded.time_ns, algorithm = excluded.algorithm, \
+     signature = excluded.signature, certificate = excluded.certificate, \
+     events_seq = excluded.events_seq, events_hash = excluded.events_hash, \
+     anchor_seq = excluded.anchor_seq \
+     WHERE checkpoints.head_hash = excluded.head_hash \
+     AND excluded.events_seq > COALESCE(checkpoints.events_seq, -1)";
+
 pub const RECORD_COLUMNS: &str = "instance_id, seq, serial, counter, gen_time_ns, accuracy_ns, \
      imprint_alg, imprint, policy, nonce, client, clock_source, clock_state, clock_bound_ns, \
      clock_sources, token, prev_hash, hash, certificates";

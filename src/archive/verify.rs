@@ -47,6 +47,8 @@ pub struct InstanceReport {
     pub checkpoint_signers: Vec<(String, String)>,
     /// The last checkpoint's position and head hash.
     pub signed_head: Option<(u64, [u8; 32])>,
+    /// The events' head the last checkpoint signs (none before schema 2, or before events).
+    pub signed_events: Option<ChainHead>,
     /// Its events (their chain breaks apart from the records').
     pub events: EventsReport,
 }
@@ -58,15 +60,34 @@ impl InstanceReport {
     }
 }
 
-/// A chain head an auditor recorded earlier (from this report's `head` line, or from an
-/// `archive_checkpoint` event in a log kept elsewhere): the chain must still hold it. Rows
-/// and files can be rewritten back to any earlier checkpoint with nothing on the disk to
-/// tell; a head kept elsewhere can.
+/// A chain head an auditor recorded earlier (from this report's `head` or `events head`
+/// line, or from an `archive_checkpoint` event in a log kept elsewhere): the chain must still
+/// hold it. Rows and files can be rewritten back to any earlier checkpoint with nothing on the
+/// disk to tell; a head kept elsewhere can.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Expected {
     pub instance_id: u32,
     pub seq: u64,
     pub hash: [u8; 32],
+    /// The records' chain (`--expect`) or the events' (`--expect-events`).
+    pub chain: Chain,
+}
+
+/// An instance's two chains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chain {
+    Records,
+    Events,
+}
+
+impl Expected {
+    /// The same head, of the events' chain.
+    pub fn of_events(self) -> Self {
+        Self {
+            chain: Chain::Events,
+            ..self
+        }
+    }
 }
 
 impl std::str::FromStr for Expected {
@@ -88,6 +109,7 @@ impl std::str::FromStr for Expected {
             instance_id: instance.parse().map_err(|_| wrong())?,
             seq: seq.parse().map_err(|_| wrong())?,
             hash,
+            chain: Chain::Records,
         })
     }
 }
@@ -218,6 +240,17 @@ impl fmt::Display for Report {
                 None => writeln!(f, ": OK")?,
                 Some((seq, what)) => writeln!(f, "\n  BROKEN at event {seq}: {what}")?,
             }
+            if let Some(head) = i.signed_events.filter(|_| e.first_break.is_none()) {
+                // The same for the events (--expect-events): a checkpoint signed again with
+                // later events replaces the one before.
+                writeln!(
+                    f,
+                    "  events head: {}:{}:{}",
+                    i.instance_id,
+                    head.seq,
+                    hex(&head.hash)
+                )?;
+            }
             for w in &i.warnings {
                 writeln!(f, "  WARNING: {w}")?;
             }
@@ -245,17 +278,24 @@ pub fn verify(
         .collect();
     let present = store.instances()?;
     for instance_id in &present {
-        let expected: Vec<Expected> = expected
+        let (records, events): (Vec<Expected>, Vec<Expected>) = expected
             .iter()
             .filter(|e| e.instance_id == *instance_id)
-            .copied()
+            .partition(|e| e.chain == Chain::Records);
+        let events: Vec<ChainHead> = events
+            .iter()
+            .map(|e| ChainHead {
+                seq: e.seq,
+                hash: e.hash,
+            })
             .collect();
         report.instances.push(verify_instance(
             store,
             *instance_id,
             trusted,
             &signers,
-            &expected,
+            &records,
+            &events,
         )?);
     }
     let mut missing: Vec<u32> = named
@@ -278,6 +318,7 @@ fn verify_instance(
     trusted: &[Vec<u8>],
     signers: &[Certificate],
     expected: &[Expected],
+    expected_events: &[ChainHead],
 ) -> Result<InstanceReport, StoreError> {
     // Read before the records: a server appending meanwhile only raises what they show.
     let state = store.instance(instance_id)?;
@@ -616,7 +657,11 @@ fn verify_instance(
         warnings,
         checkpoint_signers,
         signed_head: checkpoints.last().map(|c| (c.seq, c.head_hash)),
-        events: verify_events(store, instance_id, &checkpoints, |store| {
+        signed_events: checkpoints
+            .last()
+            .and_then(|c| c.events)
+            .filter(|e| e.seq > 0),
+        events: verify_events(store, instance_id, &checkpoints, expected_events, |store| {
             kept_from(store, instance_id)
         })?,
     })

@@ -33,7 +33,7 @@ pub(crate) enum Msg {
     Event(Captured),
     /// Reserve counters up to (excluding) this one.
     Reserve(u64),
-    /// Sign a checkpoint now (if the head moved) and answer.
+    /// Sign a checkpoint now (if the head or the events moved) and answer.
     Checkpoint(std::sync::mpsc::Sender<Result<(), ArchiveError>>),
     /// The certificate of later checkpoints.
     Certificate(Vec<u8>),
@@ -75,6 +75,11 @@ pub(super) struct Writer {
     pub state: StateFile,
     pub signer: CheckpointSigner,
     pub last_checkpoint_seq: u64,
+    /// The events' position this writer's last checkpoint signed (0 before its first).
+    pub signed_events_seq: u64,
+    /// The last event stored that is not a checkpoint's own (`archive_checkpoint`): past
+    /// `signed_events_seq`, the events moved since the last checkpoint.
+    pub events_to_sign: u64,
     pub checkpoint_interval: Duration,
     pub retention: Option<Duration>,
     pub max_batch: usize,
@@ -99,6 +104,9 @@ pub(super) struct Writer {
     /// step is bounded, and commits go on between steps).
     pub prune_again: Option<Instant>,
 }
+
+/// The kind of a checkpoint's own event, which follows it.
+const CHECKPOINT_EVENT: &str = "archive_checkpoint";
 
 /// The pause between two pruning steps of the retention while records are left to remove.
 const PRUNE_PAUSE: Duration = Duration::from_secs(1);
@@ -311,9 +319,7 @@ impl Writer {
         match appended {
             Ok(()) => {
                 self.head = head;
-                if let Some(last) = events.last() {
-                    self.last_event = last.head();
-                }
+                self.stored_events(&events);
                 if let Some(max) = chained.iter().map(|r| r.record.gen_time_ns).max() {
                     self.max_gen_time_ns = self.max_gen_time_ns.max(max);
                 }
@@ -454,6 +460,17 @@ impl Writer {
             .collect()
     }
 
+    /// `events` were stored (or handed to the store): the next one chains to the last, and a
+    /// checkpoint signs them unless they are a checkpoint's own.
+    fn stored_events(&mut self, events: &[EventRecord]) {
+        if let Some(last) = events.last() {
+            self.last_event = last.head();
+        }
+        if let Some(e) = events.iter().rev().find(|e| e.kind != CHECKPOINT_EVENT) {
+            self.events_to_sign = e.seq;
+        }
+    }
+
     /// Keeps events that could not be stored, after those already kept, up to
     /// [`MAX_PENDING_EVENTS`]; the rest are counted as dropped.
     fn keep_events(&mut self, events: Vec<Captured>) {
@@ -587,9 +604,7 @@ impl Writer {
         self.store
             .append(self.instance_id, &[], &events)
             .map_err(|e| ArchiveError(e.to_string()))?;
-        if let Some(last) = events.last() {
-            self.last_event = last.head();
-        }
+        self.stored_events(&events);
         self.pending_events.clear();
         self.outage = None;
         self.healthy.store(true, Ordering::Relaxed);
@@ -706,7 +721,12 @@ impl Writer {
         }
     }
 
-    /// Signs the chain head and stores the checkpoint, unless nothing changed since the last.
+    /// Signs the chain head and the events' head and stores the checkpoint, unless neither
+    /// moved since the last. Where only events came (an idle server: a sync lost, a key
+    /// event), the checkpoint at the same position is signed again with the events' new head
+    /// (the store replaces it), so that they do not wait for the next token to be signed. The
+    /// checkpoint's own event alone does not count, or an idle server would sign one every
+    /// interval for nothing.
     fn checkpoint(&mut self) -> Result<(), ArchiveError> {
         // Only a durable head is signed: after a commit that failed, the one the recovery
         // reads back, or while it cannot, the last one known durable.
@@ -717,7 +737,13 @@ impl Writer {
             }
         }
         let head = self.durable_head();
-        if head.seq == 0 || head.seq <= self.last_checkpoint_seq {
+        let events_moved = self.events_to_sign > self.signed_events_seq;
+        let due = match head.seq.cmp(&self.last_checkpoint_seq) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Equal => events_moved,
+            std::cmp::Ordering::Less => false,
+        };
+        if head.seq == 0 || !due {
             return Ok(());
         }
         let time_ns = crate::clock::system_unix_ns();
@@ -744,14 +770,20 @@ impl Writer {
             .add_checkpoint(&checkpoint)
             .map_err(|e| ArchiveError(e.to_string()))?;
         self.last_checkpoint_seq = head.seq;
+        self.signed_events_seq = checkpoint_events.seq;
         // The head in the log too, which is kept elsewhere: `tsa archive verify --expect`
         // takes it back, against a rollback of the archive to an earlier checkpoint.
         tracing::info!(
-            event = "archive_checkpoint",
+            event = CHECKPOINT_EVENT,
             instance = self.instance_id,
             seq = head.seq,
             head = %format!("{}:{}:{}", self.instance_id, head.seq, hex(&head.hash)),
-            events = %format!("{}:{}", checkpoint_events.seq, hex(&checkpoint_events.hash)),
+            events = %format!(
+                "{}:{}:{}",
+                self.instance_id,
+                checkpoint_events.seq,
+                hex(&checkpoint_events.hash)
+            ),
             "archive head signed"
         );
         Ok(())
@@ -790,6 +822,8 @@ mod tests {
             state: StateFile::new(&dir.join("archive.state")),
             signer: crate::archive::tests::signer(),
             last_checkpoint_seq: 0,
+            signed_events_seq: 0,
+            events_to_sign: 0,
             checkpoint_interval: Duration::from_secs(3600),
             retention: None,
             max_batch: 16,
@@ -839,6 +873,51 @@ mod tests {
         let (anchor, signature) = signed(&mut writer);
         assert_eq!(anchor.seq, 3);
         assert_eq!(signature.expect("signed").signature, [2]);
+    }
+
+    /// Events that come while no token does (an idle server) are signed at the next interval:
+    /// the checkpoint at the same position is signed again with their head. The checkpoint's
+    /// own event alone signs nothing more.
+    #[test]
+    fn events_without_tokens_are_signed_again_at_the_same_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer(dir.path(), Duration::from_secs(1));
+        let records = crate::archive::tests::records_a_second_apart(3);
+        writer.store.append(0, &records, &[]).unwrap();
+        let head = ChainHead {
+            seq: 3,
+            hash: records[2].hash,
+        };
+        writer.head = head;
+        *writer.durable.lock().unwrap() = head;
+        let event = |kind: &str| Captured {
+            time_ns: 1,
+            level: "info".into(),
+            kind: kind.into(),
+            message: kind.into(),
+            fields: "{}".into(),
+        };
+        let signed = |writer: &mut Writer| {
+            let all = writer.store.checkpoints(0).unwrap();
+            assert_eq!(all.len(), 1);
+            assert_eq!(all[0].seq, 3);
+            all[0].events.expect("an events' head").seq
+        };
+        writer.commit(Vec::new(), vec![event("sync_acquired")]);
+        writer.checkpoint().unwrap();
+        assert_eq!(signed(&mut writer), 1);
+        // Its own event, stored after it: nothing new to sign.
+        writer.commit(Vec::new(), vec![event(CHECKPOINT_EVENT)]);
+        writer.checkpoint().unwrap();
+        assert_eq!(signed(&mut writer), 1, "signed again for its own event");
+        // A sync lost, then the next checkpoint's own event: both signed, at the same place.
+        writer.commit(
+            Vec::new(),
+            vec![event("sync_lost"), event(CHECKPOINT_EVENT)],
+        );
+        writer.checkpoint().unwrap();
+        assert_eq!(signed(&mut writer), 4);
+        assert_eq!(writer.last_event.seq, 4);
     }
 
     /// A block that failed to be reserved and was reserved by a later request, followed by a

@@ -50,6 +50,13 @@ pub enum ArchiveCommand {
         /// kept elsewhere.
         #[arg(long)]
         expect: Vec<archive::verify::Expected>,
+        /// An events' head recorded earlier, INSTANCE:SEQ:HASH (this command's `events
+        /// head:` lines; the `events` field of the server's `archive_checkpoint` events): the events must still hold it (repeatable). A checkpoint
+        /// signed again with later events (an idle server's) replaces the one before, so
+        /// events removed from the end with the checkpoint put back as it was show only
+        /// against such a record.
+        #[arg(long)]
+        expect_events: Vec<archive::verify::Expected>,
         /// Warnings fail too, with exit status 2: for a stopped server's archive, whose
         /// head the shutdown signed.
         #[arg(long)]
@@ -133,6 +140,7 @@ pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
             trust,
             instance,
             expect,
+            expect_events,
             strict,
         } => verify(
             &config,
@@ -141,7 +149,11 @@ pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
                 only: trust,
             },
             instance,
-            expect,
+            &expect
+                .iter()
+                .copied()
+                .chain(expect_events.iter().map(|e| e.of_events()))
+                .collect::<Vec<_>>(),
             *strict,
         ),
         ArchiveCommand::Get {

@@ -409,3 +409,111 @@ pub fn check_received(records: &[StoredRecord], received: &[Vec<Received>]) {
         }
     }
 }
+
+/// `n` chained records of `instance_id` from position 1 on (counter = position).
+pub fn chained(instance_id: u32, n: u64) -> Vec<StoredRecord> {
+    chained_with(instance_id, n, |_, _| {})
+}
+
+/// [`chained`], each record changed by `adjust(position, record)` before it is chained.
+pub fn chained_with(
+    instance_id: u32,
+    n: u64,
+    adjust: impl Fn(u64, &mut tsa::archive::record::TokenRecord),
+) -> Vec<StoredRecord> {
+    use tsa::archive::record::{ClockAtIssue, TokenRecord, ZERO_HASH};
+    let mut prev = ZERO_HASH;
+    (1..=n)
+        .map(|seq| {
+            let mut record = TokenRecord {
+                serial: tsa::archive::serial::layout::encode(instance_id, seq, [7; 7]).to_vec(),
+                gen_time_ns: 1_700_000_000_000_000_000 + seq,
+                accuracy_ns: 1_000_000,
+                imprint_alg: "2.16.840.1.101.3.4.2.1".into(),
+                imprint: vec![seq as u8; 32],
+                policy: "1.3.6.1.4.1.32473.1".into(),
+                nonce: None,
+                client: None,
+                clock: ClockAtIssue {
+                    source: "test".into(),
+                    state: "synchronized".into(),
+                    bound_ns: 1,
+                    sources: String::new(),
+                },
+                token: vec![0x30, 0x00],
+            };
+            adjust(seq, &mut record);
+            let stored = StoredRecord::chain(instance_id, seq, seq, record, prev);
+            prev = stored.hash;
+            stored
+        })
+        .collect()
+}
+
+/// A checkpoint signing `record` as its instance's head (the store does not check the
+/// signature; verification does).
+pub fn checkpoint_of(record: &StoredRecord) -> tsa::archive::record::Checkpoint {
+    tsa::archive::record::Checkpoint {
+        instance_id: record.instance_id,
+        seq: record.seq,
+        head_hash: record.hash,
+        time_ns: 1,
+        algorithm: vec![],
+        signature: vec![1],
+        certificate: vec![],
+        events: None,
+        anchor_seq: 0,
+    }
+}
+
+/// The rule for checkpoints stored at one position, which every store keeps: one that signs
+/// the same head with a later events' head replaces the one there (the writer signs its head
+/// again where only events came), one with an earlier, the same or no events' head leaves it,
+/// and one that signs another head is refused. `records`: a chain appended to `store`.
+pub fn one_checkpoint_per_position(store: &mut dyn ArchiveStore, records: &[StoredRecord]) {
+    use tsa::archive::record::{ChainHead, Checkpoint};
+    let at = records.last().expect("records");
+    let signing = |events_seq: u64, signature: u8| Checkpoint {
+        time_ns: events_seq + 1,
+        signature: vec![signature],
+        events: Some(ChainHead {
+            seq: events_seq,
+            hash: [signature; 32],
+        }),
+        ..checkpoint_of(at)
+    };
+    let stored = |store: &mut dyn ArchiveStore| {
+        let all = store.checkpoints(at.instance_id).unwrap();
+        assert_eq!(all.len(), 1, "one checkpoint per position");
+        assert_eq!(all[0].seq, at.seq);
+        (all[0].events.map(|e| e.seq), all[0].signature.clone())
+    };
+    // One without an events' head (as schema 1 stored it), then signed with one.
+    store.add_checkpoint(&checkpoint_of(at)).unwrap();
+    assert_eq!(stored(store), (None, vec![1]));
+    store.add_checkpoint(&signing(3, 2)).unwrap();
+    assert_eq!(stored(store), (Some(3), vec![2]), "not signed again");
+    store.add_checkpoint(&signing(5, 3)).unwrap();
+    assert_eq!(stored(store), (Some(5), vec![3]), "not signed again");
+    // Earlier events, the same, none: the later one stays.
+    for earlier in [signing(4, 4), signing(5, 5), checkpoint_of(at)] {
+        store.add_checkpoint(&earlier).unwrap();
+        assert_eq!(
+            stored(store),
+            (Some(5), vec![3]),
+            "replaced by an earlier one"
+        );
+    }
+    // Another head at the position, even with later events, is refused.
+    let other = Checkpoint {
+        head_hash: [0xEE; 32],
+        ..signing(9, 6)
+    };
+    let refused = store.add_checkpoint(&other).unwrap_err().to_string();
+    assert!(refused.contains("signs another head"), "{refused}");
+    assert_eq!(
+        stored(store),
+        (Some(5), vec![3]),
+        "replaced by another head"
+    );
+}

@@ -32,7 +32,7 @@ use super::store::{
     checkpoint_columns, event_columns, migrate_from_1, migrated_from_1, prune_events, schema,
     ArchiveStore, CertificateSets, ImprintMatches, InstanceState, SignAnchor, StoreError, Visit,
     IMPRINT_INDEX, IMPRINT_INDEX_CONCURRENTLY, OLD_IMPRINT_INDEX, PRUNE_ROWS, RECORD_COLUMNS,
-    SCHEMA_VERSION, SCHEMA_VERSION_1,
+    RESIGN_CHECKPOINT, SCHEMA_VERSION, SCHEMA_VERSION_1,
 };
 use crate::config::ArchiveConfig;
 
@@ -652,10 +652,11 @@ impl ArchiveStore for PostgresStore {
     fn add_checkpoint(&mut self, c: &Checkpoint) -> Result<(), StoreError> {
         self.run(move |s| {
             s.client.execute(
-                "INSERT INTO checkpoints (instance_id, seq, head_hash, time_ns, algorithm, \
-                 signature, certificate, events_seq, events_hash, anchor_seq) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                 ON CONFLICT (instance_id, seq) DO NOTHING",
+                &format!(
+                    "INSERT INTO checkpoints (instance_id, seq, head_hash, time_ns, algorithm, \
+                     signature, certificate, events_seq, events_hash, anchor_seq) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) {RESIGN_CHECKPOINT}"
+                ),
                 &[
                     &(c.instance_id as i64),
                     &i(c.seq),
@@ -669,7 +670,8 @@ impl ArchiveStore for PostgresStore {
                     &c.events.map(|_| i(c.anchor_seq)),
                 ],
             )?;
-            // Stored again (a repeat) is a no-op; another head at a signed position is not.
+            // Stored again (a repeat, or signed again with later events) is fine; another
+            // head at a signed position is not.
             let signed: Vec<u8> = s
                 .client
                 .query_one(

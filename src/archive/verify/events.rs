@@ -1,6 +1,7 @@
 //! Verification of an instance's events: each event's hash against its fields (a pruned
 //! event's against the body hash it keeps), each chained to the one before with none missing,
-//! pruning only where it may prune, and the events' head that each checkpoint signs there.
+//! pruning only where it may prune, and the events' head that each checkpoint signs there (and
+//! each head an auditor kept elsewhere, `--expect-events`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -29,8 +30,31 @@ pub struct EventsReport {
     pub first_break: Option<(u64, String)>,
 }
 
+/// Who vouches for the event at a position.
+#[derive(Clone, Copy, Debug)]
+enum Voucher {
+    /// The checkpoint at this record position signs it as the events' head.
+    Checkpoint(u64),
+    /// An events' head kept elsewhere (`--expect-events`): a checkpoint signed again with
+    /// later events replaces the one before, so an archive rolled back to an older one
+    /// (events removed from the end with it) shows only against such a head.
+    Expected,
+}
+
+impl Voucher {
+    /// The start of a sentence that goes on with a position.
+    fn says(self) -> String {
+        match self {
+            Voucher::Checkpoint(at) => format!("the checkpoint at {at} signs the event at"),
+            Voucher::Expected => {
+                "the events' head expected (--expect-events) is the event at".into()
+            }
+        }
+    }
+}
+
 /// Verifies the events of `instance_id` against `checkpoints` (their signatures are checked
-/// with the records'). Pruning empties events older than the oldest record kept, but the last
+/// with the records') and the events' heads `expected` kept elsewhere. Pruning empties events older than the oldest record kept, but the last
 /// of each kind before it: `kept_from` reads that record's genTime (`None`: none is kept)
 /// once the events are read, as pruning beside the verification (the server's retention)
 /// only raises it, and what any pass emptied lies below what it reads then.
@@ -38,20 +62,29 @@ pub fn verify_events(
     store: &mut dyn ArchiveStore,
     instance_id: u32,
     checkpoints: &[Checkpoint],
+    expected: &[ChainHead],
     kept_from: impl FnOnce(&mut dyn ArchiveStore) -> Result<Option<u64>, StoreError>,
 ) -> Result<EventsReport, StoreError> {
-    // The events' heads the checkpoints sign, by position: (hash, the checkpoint's position).
-    let signed: BTreeMap<u64, (Hash, u64)> = checkpoints
-        .iter()
-        .filter_map(|c| {
-            c.events
-                .filter(|e| e.seq > 0)
-                .map(|e| (e.seq, (e.hash, c.seq)))
-        })
-        .collect();
-    let last_signed = signed.keys().next_back().copied().unwrap_or(0);
+    // The events' heads the checkpoints sign, by position, and those expected.
+    let mut vouched: BTreeMap<u64, Vec<(Hash, Voucher)>> = BTreeMap::new();
+    for c in checkpoints {
+        if let Some(e) = c.events.filter(|e| e.seq > 0) {
+            vouched
+                .entry(e.seq)
+                .or_default()
+                .push((e.hash, Voucher::Checkpoint(c.seq)));
+        }
+    }
+    // The last a checkpoint signs: what comes after it is unsigned.
+    let last_signed = vouched.keys().next_back().copied().unwrap_or(0);
+    for e in expected {
+        vouched
+            .entry(e.seq)
+            .or_default()
+            .push((e.hash, Voucher::Expected));
+    }
     let mut report = EventsReport::default();
-    let mut seen_signed = HashSet::new();
+    let mut seen_vouched = HashSet::new();
     let mut pruning = Pruning::default();
     // The last chained event read.
     let mut prev: Option<ChainHead> = None;
@@ -68,13 +101,17 @@ pub fn verify_events(
                 report.unsigned += 1;
             }
             let mut wrong = check_event(&e, prev, report.last_seq);
-            if let Some((hash, at)) = signed.get(&e.seq) {
-                seen_signed.insert(e.seq);
-                if wrong.is_none() && e.hash != Some(*hash) {
-                    wrong = Some(format!(
-                        "the checkpoint at {at} signs another event here: this one was changed \
-                         and its hash recomputed, or put in its place"
-                    ));
+            if let Some(vouchers) = vouched.get(&e.seq) {
+                seen_vouched.insert(e.seq);
+                if let Some((_, by)) = vouchers.iter().find(|(hash, _)| e.hash != Some(*hash)) {
+                    wrong = wrong.or_else(|| {
+                        Some(format!(
+                            "{} {} with another hash: this one was changed and its hash \
+                             recomputed, or put in its place",
+                            by.says(),
+                            e.seq
+                        ))
+                    });
                 }
             }
             if let Some(what) = wrong {
@@ -95,18 +132,19 @@ pub fn verify_events(
     if report.first_break.is_some() {
         return Ok(report);
     }
-    // The heads the checkpoints sign must be there.
-    report.first_break = signed
+    // The heads the checkpoints sign, and those expected, must be there.
+    report.first_break = vouched
         .iter()
-        .find(|(seq, _)| !seen_signed.contains(*seq))
-        .map(|(&seq, &(_, at))| {
+        .find(|(seq, _)| !seen_vouched.contains(*seq))
+        .map(|(&seq, vouchers)| {
+            let says = vouchers[0].1.says();
             let what = match seq > report.last_seq {
                 true => format!(
-                    "events are missing at the end: the checkpoint at {at} signs events up to \
-                     {seq}, the last one stored is {}",
+                    "events are missing at the end: {says} {seq}, the last one stored is {} \
+                     (rolled back?)",
                     report.last_seq
                 ),
-                false => format!("the event that the checkpoint at {at} signs is missing"),
+                false => format!("{says} {seq}, which is missing"),
             };
             (seq, what)
         });
@@ -300,14 +338,24 @@ mod tests {
         kept_from_ns: Option<u64>,
         change: impl FnOnce(&rusqlite::Connection, &[EventRecord]),
     ) -> EventsReport {
+        eight_expecting(|_| Vec::new(), kept_from_ns, change)
+    }
+
+    /// [`eight_then`], with the events' heads `expected` picks of the eight kept elsewhere.
+    fn eight_expecting(
+        expected: impl FnOnce(&[EventRecord]) -> Vec<ChainHead>,
+        kept_from_ns: Option<u64>,
+        change: impl FnOnce(&rusqlite::Connection, &[EventRecord]),
+    ) -> EventsReport {
         let dir = tempfile::tempdir().unwrap();
         let mut store = store_in(&dir);
         let all = events(1, 8, ZERO_HASH);
         store.append(0, &[], &all).unwrap();
         let signed = checkpoint(1, &all[3]);
         store.add_checkpoint(&signed).unwrap();
+        let expected = expected(&all);
         change(store.connection(), &all);
-        verify_events(&mut store, 0, &[signed], |_| Ok(kept_from_ns)).unwrap()
+        verify_events(&mut store, 0, &[signed], &expected, |_| Ok(kept_from_ns)).unwrap()
     }
 
     fn execute(conn: &rusqlite::Connection, sql: &str) {
@@ -379,7 +427,11 @@ mod tests {
                 prev = e.hash.unwrap();
             }
         });
-        broken_at(report, 4, "signs another event here");
+        broken_at(
+            report,
+            4,
+            "the checkpoint at 1 signs the event at 4 with another hash",
+        );
 
         // Events deleted from the end, past what the checkpoint signed: nothing tells.
         let report = eight_then(None, |conn, _| {
@@ -391,6 +443,36 @@ mod tests {
             execute(conn, "DELETE FROM events WHERE seq > 3")
         });
         broken_at(report, 4, "events are missing at the end");
+
+        // Past it, a head kept elsewhere tells (a checkpoint signed again with later events
+        // replaced, with those events deleted, by the one before), as it tells one changed.
+        let seventh = |all: &[EventRecord]| vec![all[6].head()];
+        let report = eight_expecting(seventh, None, |_, _| {});
+        assert_eq!(report.first_break, None);
+        let report = eight_expecting(seventh, None, |conn, _| {
+            execute(conn, "DELETE FROM events WHERE seq > 6")
+        });
+        broken_at(
+            report,
+            7,
+            "events are missing at the end: the events' head expected (--expect-events) is \
+             the event at 7, the last one stored is 6 (rolled back?)",
+        );
+        let report = eight_expecting(seventh, None, |conn, all| {
+            let mut prev = all[5].hash.unwrap();
+            for e in &all[6..] {
+                let mut e = e.clone();
+                e.message = "edited".into();
+                let e = e.chained(prev);
+                rewrite(conn, &e);
+                prev = e.hash.unwrap();
+            }
+        });
+        broken_at(
+            report,
+            7,
+            "expected (--expect-events) is the event at 7 with another hash",
+        );
         // The first events deleted and the next one made the chain's start: the checkpoint's
         // event is not there.
         let report = eight_then(None, |conn, all| {
@@ -421,7 +503,7 @@ mod tests {
             "INSERT INTO events SELECT instance_id, -1, time_ns, level, kind, message, fields, \
              prev_hash, body_hash, hash FROM events WHERE seq = 1",
         );
-        assert!(verify_events(&mut store, 0, &[], |_| Ok(None)).is_err());
+        assert!(verify_events(&mut store, 0, &[], &[], |_| Ok(None)).is_err());
     }
 
     #[test]
@@ -471,12 +553,12 @@ mod tests {
         // chain's start after them.
         store.append(0, &[], &[unchained(1), unchained(3)]).unwrap();
         store.append(0, &[], &events(4, 5, ZERO_HASH)).unwrap();
-        let report = verify_events(&mut store, 0, &[], |_| Ok(None)).unwrap();
+        let report = verify_events(&mut store, 0, &[], &[], |_| Ok(None)).unwrap();
         assert_eq!((report.first_break, report.unchained), (None, 2));
 
         // An event without a hash after them (an older version writing again).
         store.append(0, &[], &[unchained(6)]).unwrap();
-        let report = verify_events(&mut store, 0, &[], |_| Ok(None)).unwrap();
+        let report = verify_events(&mut store, 0, &[], &[], |_| Ok(None)).unwrap();
         broken_at(report, 6, "carries no hash");
     }
 }
