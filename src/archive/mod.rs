@@ -265,7 +265,7 @@ impl Archive {
             })
             .with_context(|| format!("cannot write {}", config.state_file.display()))?;
         let head = db.head.unwrap_or(ChainHead::EMPTY);
-        let last_checkpoint_seq = last_checkpoint.map_or(0, |c| c.seq);
+        let last_checkpoint_seq = last_checkpoint.as_ref().map_or(0, |c| c.seq);
         let (backend, location) = location(config);
         // The start itself is an event, committed before the first token.
         let opened = record::EventRecord {
@@ -338,6 +338,7 @@ impl Archive {
             signer,
             last_checkpoint_seq,
             signed_events_seq: 0,
+            last_checkpoint_certificate: last_checkpoint.map(|c| c.certificate),
             // The opening is one to sign, though no token comes after it.
             events_to_sign: opened.seq,
             checkpoint_interval: Duration::from_secs(config.checkpoint_interval_s.max(1)),
@@ -545,7 +546,8 @@ impl Archive {
         let _ = self.send(Msg::Signer(Box::new(signer)));
     }
 
-    /// Signs a checkpoint of the chain head now (if it moved since the last one).
+    /// Signs a checkpoint of the chain head now (if it moved since the last one, or events
+    /// came: see `Writer::checkpoint`).
     pub fn checkpoint(&self) -> Result<(), ArchiveError> {
         let (reply, done) = mpsc::channel();
         self.send(Msg::Checkpoint(reply))?;

@@ -398,7 +398,6 @@ pub trait ArchiveStore: Send {
     }
 }
 
-/// The columns of `tokens` in the order both backends write and read a record.
 /// How a checkpoint stored at a position that has one already goes in (SQLite and
 /// PostgreSQL alike): one that signs the same head with a later events' head replaces it (the
 /// writer signs its head again where only events came: it vouches for all the earlier one
@@ -412,6 +411,7 @@ pub const RESIGN_CHECKPOINT: &str = "ON CONFLICT (instance_id, seq) DO UPDATE SE
      WHERE checkpoints.head_hash = excluded.head_hash \
      AND excluded.events_seq > COALESCE(checkpoints.events_seq, -1)";
 
+/// The columns of `tokens` in the order both backends write and read a record.
 pub const RECORD_COLUMNS: &str = "instance_id, seq, serial, counter, gen_time_ns, accuracy_ns, \
      imprint_alg, imprint, policy, nonce, client, clock_source, clock_state, clock_bound_ns, \
      clock_sources, token, prev_hash, hash, certificates";

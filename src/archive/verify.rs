@@ -240,7 +240,7 @@ impl fmt::Display for Report {
                 None => writeln!(f, ": OK")?,
                 Some((seq, what)) => writeln!(f, "\n  BROKEN at event {seq}: {what}")?,
             }
-            if let Some(head) = i.signed_events.filter(|_| e.first_break.is_none()) {
+            if let Some(head) = i.signed_events.filter(|_| i.ok()) {
                 // The same for the events (--expect-events): a checkpoint signed again with
                 // later events replaces the one before.
                 writeln!(

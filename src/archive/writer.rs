@@ -77,6 +77,8 @@ pub(super) struct Writer {
     pub last_checkpoint_seq: u64,
     /// The events' position this writer's last checkpoint signed (0 before its first).
     pub signed_events_seq: u64,
+    /// The certificate of the last checkpoint stored (this writer's, or the one it found).
+    pub last_checkpoint_certificate: Option<Vec<u8>>,
     /// The last event stored that is not a checkpoint's own (`archive_checkpoint`): past
     /// `signed_events_seq`, the events moved since the last checkpoint.
     pub events_to_sign: u64,
@@ -222,14 +224,18 @@ impl Writer {
                     Msg::Close(done) => {
                         // Whatever is still queued goes in before the last checkpoint; then
                         // the events that came since, the checkpoint's own among them (and
-                        // another checkpoint, should a record have come too).
+                        // another checkpoint, should a record or another event have come too).
                         self.drain(queue.take_all());
                         self.close();
                         for _ in 0..LATE_CHECKPOINTS {
                             let late = queue.take_all();
-                            let records = late.iter().any(|m| matches!(m, Msg::Record(..)));
+                            let to_sign = late.iter().any(|m| match m {
+                                Msg::Record(..) => true,
+                                Msg::Event(e) => e.kind != CHECKPOINT_EVENT,
+                                _ => false,
+                            });
                             self.drain(late);
-                            if !records {
+                            if !to_sign {
                                 break;
                             }
                             self.close();
@@ -722,11 +728,14 @@ impl Writer {
     }
 
     /// Signs the chain head and the events' head and stores the checkpoint, unless neither
-    /// moved since the last. Where only events came (an idle server: a sync lost, a key
-    /// event), the checkpoint at the same position is signed again with the events' new head
-    /// (the store replaces it), so that they do not wait for the next token to be signed. The
-    /// checkpoint's own event alone does not count, or an idle server would sign one every
-    /// interval for nothing.
+    /// moved since the last. Where only events came (an idle server: routine syncs, a sync
+    /// lost, a key event), the checkpoint at the same position is signed again with the
+    /// events' new head (the store replaces it), so that they do not wait for the next token
+    /// to be signed. The checkpoint's own event alone does not count, or each checkpoint
+    /// would call for the next. Only with the certificate that signed the checkpoint there:
+    /// verify asks a checkpoint's key to have signed the token at its position (or at a later
+    /// checkpoint of its own), so after a key rollover or a certificate reloaded the events
+    /// wait for the next token, whose checkpoint the new key signs over its own token.
     fn checkpoint(&mut self) -> Result<(), ArchiveError> {
         // Only a durable head is signed: after a commit that failed, the one the recovery
         // reads back, or while it cannot, the last one known durable.
@@ -740,7 +749,10 @@ impl Writer {
         let events_moved = self.events_to_sign > self.signed_events_seq;
         let due = match head.seq.cmp(&self.last_checkpoint_seq) {
             std::cmp::Ordering::Greater => true,
-            std::cmp::Ordering::Equal => events_moved,
+            std::cmp::Ordering::Equal => {
+                events_moved
+                    && self.last_checkpoint_certificate.as_ref() == Some(&self.signer.certificate)
+            }
             std::cmp::Ordering::Less => false,
         };
         if head.seq == 0 || !due {
@@ -771,6 +783,7 @@ impl Writer {
             .map_err(|e| ArchiveError(e.to_string()))?;
         self.last_checkpoint_seq = head.seq;
         self.signed_events_seq = checkpoint_events.seq;
+        self.last_checkpoint_certificate = Some(checkpoint.certificate);
         // The head in the log too, which is kept elsewhere: `tsa archive verify --expect`
         // takes it back, against a rollback of the archive to an earlier checkpoint.
         tracing::info!(
@@ -823,6 +836,7 @@ mod tests {
             signer: crate::archive::tests::signer(),
             last_checkpoint_seq: 0,
             signed_events_seq: 0,
+            last_checkpoint_certificate: None,
             events_to_sign: 0,
             checkpoint_interval: Duration::from_secs(3600),
             retention: None,
@@ -918,6 +932,16 @@ mod tests {
         writer.checkpoint().unwrap();
         assert_eq!(signed(&mut writer), 4);
         assert_eq!(writer.last_event.seq, 4);
+        // After a key rollover (or a certificate reloaded), not over the old key's token:
+        // the events wait for the next token.
+        writer.signer.certificate = vec![0x30, 0x03, 0x02, 0x01, 0x07];
+        writer.commit(Vec::new(), vec![event("key_rollover")]);
+        writer.checkpoint().unwrap();
+        assert_eq!(
+            signed(&mut writer),
+            4,
+            "signed again by another certificate"
+        );
     }
 
     /// A block that failed to be reserved and was reserved by a later request, followed by a

@@ -51,10 +51,10 @@ pub enum ArchiveCommand {
         #[arg(long)]
         expect: Vec<archive::verify::Expected>,
         /// An events' head recorded earlier, INSTANCE:SEQ:HASH (this command's `events
-        /// head:` lines; the `events` field of the server's `archive_checkpoint` events): the events must still hold it (repeatable). A checkpoint
-        /// signed again with later events (an idle server's) replaces the one before, so
-        /// events removed from the end with the checkpoint put back as it was show only
-        /// against such a record.
+        /// head:` lines; the `events` field of the server's `archive_checkpoint` events): the
+        /// events must still hold it (repeatable). A checkpoint signed again with later
+        /// events (an idle server's) replaces the one before, so events removed from the end
+        /// with the checkpoint put back as it was show only against such a record.
         #[arg(long)]
         expect_events: Vec<archive::verify::Expected>,
         /// Warnings fail too, with exit status 2: for a stopped server's archive, whose

@@ -138,7 +138,11 @@ impl TsuCertificate {
     }
 
     /// The TSU profile alone: not a CA, id-kp-timeStamping as the only extended key usage,
-    /// critical, and a key usage (if any) that allows signatures.
+    /// critical, and a key usage (if any) of digitalSignature or nonRepudiation and nothing
+    /// else. OpenSSL's time-stamping purpose refuses a certificate whose key usage holds
+    /// another bit (`openssl ts -verify`: "unsupported certificate purpose"), such as the
+    /// keyEncipherment many RSA certificates carry; Java before 17 refuses one without
+    /// digitalSignature, which is why the development PKI's has it alone.
     pub fn check_profile(&self) -> anyhow::Result<()> {
         let tbs = self.cert.tbs_certificate();
         let subject = tbs.subject();
@@ -165,10 +169,17 @@ impl TsuCertificate {
             }
         }
         if let Some((_, ku)) = tbs.get_extension::<KeyUsage>().map_err(ext_err)? {
-            if !(ku.0.contains(KeyUsages::DigitalSignature)
-                || ku.0.contains(KeyUsages::NonRepudiation))
-            {
+            let signing = KeyUsages::DigitalSignature | KeyUsages::NonRepudiation;
+            if (ku.0 & signing).is_empty() {
                 bail!("the key usage of the certificate of {subject} allows neither digitalSignature nor nonRepudiation");
+            }
+            let others = ku.0 & !signing;
+            if !others.is_empty() {
+                bail!(
+                    "the key usage of the certificate of {subject} allows {others:?} besides \
+                     signing: verifiers (openssl ts -verify) refuse a time-stamping certificate \
+                     whose key usage holds more than digitalSignature and nonRepudiation"
+                );
             }
         }
         Ok(())
@@ -264,6 +275,32 @@ mod tests {
             Ok::<_, der::Error>(tlv(0x30, &content.concat()))
         })
         .unwrap()
+    }
+
+    /// A key usage beyond digitalSignature and nonRepudiation (as many RSA certificates carry
+    /// keyEncipherment), or without either, is refused; either of them alone is the profile.
+    #[test]
+    fn a_key_usage_beyond_signing_is_refused() {
+        use rcgen::KeyUsagePurpose::*;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let with = |usages: Vec<rcgen::KeyUsagePurpose>| {
+            let mut params = crate::pki::tsu_certificate_params().unwrap();
+            params.key_usages = usages;
+            let der = params.self_signed(&key).unwrap().der().to_vec();
+            TsuCertificate::from_der(der, Vec::new())
+                .unwrap()
+                .check_profile()
+                .map_err(|e| format!("{e:#}"))
+        };
+        assert_eq!(with(vec![DigitalSignature]), Ok(()));
+        assert_eq!(with(vec![ContentCommitment]), Ok(()));
+        assert_eq!(with(vec![DigitalSignature, ContentCommitment]), Ok(()));
+        for others in [KeyEncipherment, KeyAgreement, KeyCertSign] {
+            let refused = with(vec![DigitalSignature, others]).unwrap_err();
+            assert!(refused.contains("besides signing"), "{refused}");
+        }
+        let refused = with(vec![KeyEncipherment]).unwrap_err();
+        assert!(refused.contains("allows neither"), "{refused}");
     }
 
     #[test]

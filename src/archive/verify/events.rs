@@ -54,10 +54,11 @@ impl Voucher {
 }
 
 /// Verifies the events of `instance_id` against `checkpoints` (their signatures are checked
-/// with the records') and the events' heads `expected` kept elsewhere. Pruning empties events older than the oldest record kept, but the last
-/// of each kind before it: `kept_from` reads that record's genTime (`None`: none is kept)
-/// once the events are read, as pruning beside the verification (the server's retention)
-/// only raises it, and what any pass emptied lies below what it reads then.
+/// with the records') and the events' heads `expected` kept elsewhere. Pruning empties events
+/// older than the oldest record kept, but the last of each kind before it: `kept_from` reads
+/// that record's genTime (`None`: none is kept) once the events are read, as pruning beside
+/// the verification (the server's retention) only raises it, and what any pass emptied lies
+/// below what it reads then.
 pub fn verify_events(
     store: &mut dyn ArchiveStore,
     instance_id: u32,
