@@ -530,6 +530,7 @@ impl Discipline {
     /// Filter, selection, combination and the step guard.
     fn update_model(&mut self, now: u64) {
         self.apply_due_leap(now);
+        self.past_uncertain_leap(now);
         let intervals = self.intervals(now);
         let near: Vec<Interval> = intervals.iter().filter(|i| !i.too_far).copied().collect();
         if near.len() < self.needed() {
@@ -1031,6 +1032,24 @@ impl Discipline {
                 self.leap_uncertain = Some(midnight);
             }
             _ => {}
+        }
+    }
+
+    /// Once an uncertain leap's midnight and the second after it (which an inserted leap
+    /// repeats) have passed on the model's scale, samples taken before then are dropped: they
+    /// cannot tell whether the sources took a leap, and, still fresh at the first update after
+    /// it, they would agree with the unshifted model and settle the uncertainty (the clock a
+    /// second off with a bound of milliseconds). Only samples from after it then decide.
+    fn past_uncertain_leap(&mut self, now: u64) {
+        let (Some(midnight), Some(model)) = (self.leap_uncertain, self.model) else {
+            return;
+        };
+        let (offset, _) = predict(&model, self.phi(), None, now);
+        let after = midnight + NS_PER_S;
+        if (now as i64 + offset) as u64 >= after {
+            for src in &mut self.sources {
+                src.samples.retain(|s| (s.at as i64 + offset) as u64 >= after);
+            }
         }
     }
 

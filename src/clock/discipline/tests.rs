@@ -138,6 +138,15 @@ impl Run {
     /// against the truth right after the update and half a poll later.
     fn round(&mut self) {
         self.now += POLL;
+        self.answer();
+        self.d.update(self.now);
+        self.events.extend(self.d.drain_events());
+        self.check_truth(self.now);
+        self.check_truth(self.now + POLL / 2);
+    }
+
+    /// Every source answers (or not) at `now`, without an update.
+    fn answer(&mut self) {
         for (i, sim) in self.sims.clone().iter().enumerate() {
             if !sim.up {
                 self.d.missed(i);
@@ -158,10 +167,6 @@ impl Run {
                 },
             );
         }
-        self.d.update(self.now);
-        self.events.extend(self.d.drain_events());
-        self.check_truth(self.now);
-        self.check_truth(self.now + POLL / 2);
     }
 
     fn rounds(&mut self, n: usize) {
@@ -1023,6 +1028,45 @@ fn disagreeing_announcements_on_the_last_day_refuse_around_midnight() {
         t += S / 4;
     }
     assert_eq!(run.state(), SyncState::Synchronized);
+}
+
+#[test]
+fn an_uncertain_leap_is_not_settled_by_samples_from_before_midnight() {
+    // Two servers announce the leap, two do not (smearing ones, say), and it is inserted. The
+    // first update after midnight finds only answers from before it, still fresh: they agree
+    // with the unshifted model and say nothing of the leap. They must not settle the
+    // uncertainty (the clock would stamp a second ahead of UTC with a bound of milliseconds).
+    let mut announcing = honest(0);
+    announcing.leap = Leap::Insert;
+    let mut run = Run::new(vec![
+        announcing.clone(),
+        announcing,
+        honest(10),
+        honest(-10),
+    ]);
+    let leap = before_new_year(&mut run, 10 * POLL / S, true);
+    run.rounds(2);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    // Answers 2 s before midnight, then an update 1.5 s after it (true UTC).
+    while run.truth.utc(run.now + POLL) + 2 * S < leap {
+        run.round();
+    }
+    run.now = leap - 2 * S - run.truth.offset(run.now) as u64;
+    run.answer();
+    run.d.update(run.now);
+    run.now += 4 * S + S / 2;
+    assert_eq!(run.truth.utc(run.now), leap + S + S / 2);
+    run.d.update(run.now);
+    run.events.extend(run.d.drain_events());
+    let e = run.d.estimate(run.now);
+    assert_eq!(e.state, SyncState::Unsynchronized, "{}", e.reason);
+    run.check_truth(run.now);
+    // Answers from after midnight decide, as a step back the sources confirm; the truth
+    // stays within the bound all along (`round` checks it).
+    run.rounds(12);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    let e = run.d.estimate(run.now);
+    assert!((e.utc_ns as i64 - run.truth.utc(run.now) as i64).unsigned_abs() < 5_000_000);
 }
 
 #[test]
