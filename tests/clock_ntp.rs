@@ -684,3 +684,51 @@ fn a_server_with_inconsistent_timestamps_is_unusable() {
             > 0
     );
 }
+
+/// Three of five servers take their time from one server (their reference ID names it) and
+/// are 3 s off: they are one source, not a majority, and the two others are none either. The
+/// TSA refuses to stamp, and says why; without the reference IDs it would follow the three.
+#[test]
+fn servers_that_take_their_time_from_one_server_are_not_a_majority() {
+    let mut servers: Vec<NtpServer> = (0..3)
+        .map(|_| {
+            NtpServer::start(Behaviour {
+                offset_ns: 3_000_000_000,
+                refid: Some([10, 0, 0, 9]),
+                ..Default::default()
+            })
+        })
+        .collect();
+    servers.extend(ntp_servers(2, 0));
+    let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
+    let server = clock::tsa_disciplined(&addrs, "");
+    let mut report = String::new();
+    wait_for(
+        || {
+            report = clock_report(&server);
+            report.contains("take their time from the same server")
+        },
+        "the reason in the clock's report",
+        Duration::from_secs(10),
+    );
+    // The operator's status page lists the event.
+    let status = std::process::Command::new("curl")
+        .args(["-s", &format!("{}/status", server.admin_url)])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("data-event=\"source_dependent\""),
+        "{status}"
+    );
+    assert!(!ready(&server), "{report}");
+    let work = tempfile::tempdir().unwrap();
+    query(work.path());
+    let (response, _, _) = stamp(&server, work.path());
+    assert!(!response.granted(), "{report}");
+    assert_eq!(
+        response.fail_info(),
+        Some(FailInfo::TimeNotAvailable),
+        "{report}"
+    );
+}

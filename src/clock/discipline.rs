@@ -51,6 +51,20 @@ pub struct Sample {
     /// The reference's reading resolution, or the precision configured for it.
     pub precision: u64,
     pub leap: Leap,
+    /// Where an NTP server's time comes from (none for a local reference).
+    pub lineage: Lineage,
+}
+
+/// Where an NTP server's time comes from, as its reply tells: sources that take their time
+/// from one server are not independent of each other, and count once towards a majority.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lineage {
+    /// The server's IPv4 address, as queried: a server synchronized to it names it as its
+    /// reference ID.
+    pub address: Option<[u8; 4]>,
+    /// The reference ID of a server synchronized to another (stratum 2 and up): that server's
+    /// IPv4 address, or the first octets of a hash of its IPv6 address.
+    pub upstream: Option<[u8; 4]>,
 }
 
 /// The largest offset a sample may claim: about 73 years, more than any local clock anchored
@@ -196,6 +210,12 @@ pub enum Event {
         kind: Leap,
         utc_ns: u64,
     },
+    /// The source takes its time from the same server as `with` (or from `with` itself), and
+    /// counts with it once towards a majority; `with: None`: no longer.
+    SourceDependent {
+        source: usize,
+        with: Option<usize>,
+    },
 }
 
 /// The estimate at one instant.
@@ -240,6 +260,9 @@ struct Source {
     samples: VecDeque<Sample>,
     reach: u8,
     selection: Selection,
+    /// The source it counts with towards a majority (the lowest of those that take their
+    /// time from one server), itself when none.
+    counts_with: usize,
 }
 
 /// One source's interval at the time of an update.
@@ -340,11 +363,13 @@ impl Discipline {
             config,
             sources: sources
                 .into_iter()
-                .map(|spec| Source {
+                .enumerate()
+                .map(|(i, spec)| Source {
                     spec,
                     samples: VecDeque::new(),
                     reach: 0,
                     selection: Selection::Unusable,
+                    counts_with: i,
                 })
                 .collect(),
             model: None,
@@ -532,6 +557,7 @@ impl Discipline {
         self.apply_due_leap(now);
         self.past_uncertain_leap(now);
         let intervals = self.intervals(now);
+        self.group_by_lineage();
         let near: Vec<Interval> = intervals.iter().filter(|i| !i.too_far).copied().collect();
         if near.len() < self.needed() {
             self.too_few(&intervals, now);
@@ -617,6 +643,49 @@ impl Discipline {
         intervals
     }
 
+    /// Groups the sources that take their time from one server, from their newest samples'
+    /// lineage: one synchronized to another configured server (its reference ID is that
+    /// server's address), and those synchronized to the same upstream server. A group counts
+    /// once towards a majority: three configured servers of which two follow the third are
+    /// one source, and a fault of that one would otherwise carry the majority (and confirm
+    /// its step by persisting). Stratum-1 servers name a reference clock (`GPS`, `PPS`), not a
+    /// server, and are never grouped. A change is an event.
+    fn group_by_lineage(&mut self) {
+        let lineage: Vec<Lineage> = self
+            .sources
+            .iter()
+            .map(|s| s.samples.back().map(|x| x.lineage).unwrap_or_default())
+            .collect();
+        let mut root: Vec<usize> = (0..lineage.len()).collect();
+        fn find(root: &mut [usize], mut i: usize) -> usize {
+            while root[i] != i {
+                root[i] = root[root[i]];
+                i = root[i];
+            }
+            i
+        }
+        for (i, a) in lineage.iter().enumerate() {
+            let Some(upstream) = a.upstream else {
+                continue;
+            };
+            for (j, b) in lineage.iter().enumerate() {
+                if i != j && (b.address == Some(upstream) || b.upstream == Some(upstream)) {
+                    let (ri, rj) = (find(&mut root, i), find(&mut root, j));
+                    root[ri.max(rj)] = ri.min(rj);
+                }
+            }
+        }
+        for i in 0..self.sources.len() {
+            let with = find(&mut root, i);
+            let src = &mut self.sources[i];
+            if src.counts_with != with {
+                src.counts_with = with;
+                let with = (with != i).then_some(with);
+                self.events.push(Event::SourceDependent { source: i, with });
+            }
+        }
+    }
+
     /// Agreeing sources needed to select: at least `min_agreeing` and a strict majority of the
     /// *configured* sources. A majority of those that answer would let an attacker who
     /// silences honest sources (blocks their packets) hand the clock to a minority of liars.
@@ -644,27 +713,39 @@ impl Discipline {
                 region = (edges[window].0, next);
             }
         }
-        let agreeing = best as usize;
+        let survivors: Vec<Interval> = intervals
+            .iter()
+            .filter(|i| i.low() <= region.0 && region.1 <= i.high())
+            .copied()
+            .collect();
+        // Those that take their time from one server count once.
+        let mut groups: Vec<usize> = survivors
+            .iter()
+            .map(|i| self.sources[i.source].counts_with)
+            .collect();
+        groups.sort_unstable();
+        groups.dedup();
+        let agreeing = groups.len();
         let needed = self.needed();
         if agreeing < needed {
             for i in intervals {
                 self.sources[i.source].selection = Selection::Unselected;
             }
+            let dependent = match survivors.len() - agreeing {
+                0 => String::new(),
+                n => format!(" ({n} more take their time from the same server as another)"),
+            };
             self.set_state(
                 SyncState::Unsynchronized,
                 format!(
-                    "only {agreeing} of {} usable sources agree; {needed} needed ({} configured)",
+                    "only {agreeing} of {} usable sources agree{dependent}; {needed} needed ({} \
+                     configured)",
                     intervals.len(),
                     self.sources.len()
                 ),
             );
             return None;
         }
-        let survivors: Vec<Interval> = intervals
-            .iter()
-            .filter(|i| i.low() <= region.0 && region.1 <= i.high())
-            .copied()
-            .collect();
         for i in intervals {
             let selection = if survivors.iter().any(|s| s.source == i.source) {
                 Selection::Selected
@@ -1048,7 +1129,8 @@ impl Discipline {
         let after = midnight + NS_PER_S;
         if (now as i64 + offset) as u64 >= after {
             for src in &mut self.sources {
-                src.samples.retain(|s| (s.at as i64 + offset) as u64 >= after);
+                src.samples
+                    .retain(|s| (s.at as i64 + offset) as u64 >= after);
             }
         }
     }

@@ -79,6 +79,7 @@ pub(crate) fn serial_sample(utc: i64, at: u64, max_lag: u64) -> Option<Sample> {
         root_dispersion: 0,
         precision: half,
         leap: Leap::Unknown,
+        lineage: Default::default(),
     })
 }
 
@@ -364,6 +365,7 @@ impl GpsdTracker {
                 root_dispersion: 0,
                 precision: self.pps_precision,
                 leap: Leap::Unknown,
+                lineage: Default::default(),
             }
         } else {
             // TOFF: the second of a fix against the arrival of its first sentence.

@@ -19,7 +19,7 @@ use sntpc::{KissOfDeathCode, NtpContext, NtpResult, NtpTimestampGenerator};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use super::discipline::{Leap, Sample};
+use super::discipline::{Leap, Lineage, Sample};
 use super::local::LocalClock;
 use super::service::SourceMessage;
 
@@ -171,7 +171,9 @@ async fn exchange(server: &NtpServer, clock: LocalClock) -> Result<Sample, Failu
     .map_err(|_| Failure::Timeout)?;
     let after = clock.now();
     match result {
-        Ok(reply) => to_sample(&reply, before / 2 + after / 2).ok_or(Failure::Implausible),
+        Ok(reply) => {
+            to_sample(&reply, before / 2 + after / 2, server.addr).ok_or(Failure::Implausible)
+        }
         Err(sntpc::Error::KissOfDeath(code)) => Err(Failure::Kod(code)),
         Err(e) => Err(Failure::Ntp(e)),
     }
@@ -187,8 +189,8 @@ const MAX_PRECISION: i8 = 0;
 /// this is ours.
 const CLIENT_PRECISION_NS: u64 = 3_000;
 
-/// The reply as a sample; `None` when it is implausible.
-fn to_sample(reply: &NtpResult, at: u64) -> Option<Sample> {
+/// The reply of the server at `from` as a sample; `None` when it is implausible.
+fn to_sample(reply: &NtpResult, at: u64, from: SocketAddr) -> Option<Sample> {
     // A round trip of 0: inconsistent timestamps (see `LocalTimestamps::precision`).
     if reply.precision() > MAX_PRECISION || reply.roundtrip() == 0 {
         return None;
@@ -207,6 +209,16 @@ fn to_sample(reply: &NtpResult, at: u64) -> Option<Sample> {
             1 => Leap::Insert,
             2 => Leap::Delete,
             _ => Leap::None,
+        },
+        lineage: Lineage {
+            address: match from.ip() {
+                std::net::IpAddr::V4(v4) => Some(v4.octets()),
+                std::net::IpAddr::V6(_) => None,
+            },
+            // Stratum 1 names a reference clock, not a server.
+            upstream: (2..16)
+                .contains(&reply.stratum())
+                .then(|| reply.reference_id()),
         },
     };
     sample.is_plausible().then_some(sample)
@@ -279,6 +291,34 @@ mod tests {
         assert_eq!(short_to_ns(0), 0);
     }
 
+    const SERVER: SocketAddr = SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 7)),
+        123,
+    );
+
+    /// The sample names the server's IPv4 address, and the server it takes its time from at
+    /// stratum 2 and up (its reference ID); stratum 1 names a reference clock, not a server.
+    #[test]
+    fn a_sample_carries_where_the_servers_time_comes_from() {
+        let from = |stratum: u8, refid: [u8; 4], server: SocketAddr| {
+            let reply = NtpResult::new(0, 0, 400, -20, stratum, -20, 0, 0x10, 0x20, refid, 0, 4, 0);
+            to_sample(&reply, 1_795_000_000_000_000_000, server)
+                .unwrap()
+                .lineage
+        };
+        assert_eq!(
+            from(2, [10, 0, 0, 1], SERVER),
+            Lineage {
+                address: Some([192, 0, 2, 7]),
+                upstream: Some([10, 0, 0, 1]),
+            }
+        );
+        assert_eq!(from(3, [10, 0, 0, 1], SERVER).upstream, Some([10, 0, 0, 1]));
+        assert_eq!(from(1, *b"GPS\0", SERVER).upstream, None);
+        let v6 = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), 123);
+        assert_eq!(from(2, [10, 0, 0, 1], v6).address, None);
+    }
+
     fn reply(precision: i8, offset_us: i64) -> NtpResult {
         reply_after(precision, offset_us, 400)
     }
@@ -318,7 +358,7 @@ mod tests {
         let sent = 1_795_000_000;
         let ntp = |unix_s: u64| (unix_s + 2_208_988_800) << 32;
         let dispersion = |reference| {
-            to_sample(&reply_at(-20, 0, 400, sent, reference), at)
+            to_sample(&reply_at(-20, 0, 400, sent, reference), at, SERVER)
                 .unwrap()
                 .root_dispersion
         };
@@ -334,11 +374,15 @@ mod tests {
         // Across the 2036 era change: the reference in era 0, the reply in era 1.
         let era1 = 2_085_978_496 + 100; // Unix seconds 100 s into era 1
         let reference = (u64::from(u32::MAX) - 99) << 32; // 100 s before the era's end
-        let s = to_sample(&reply_at(-20, 0, 400, era1, reference), at).unwrap();
+        let s = to_sample(&reply_at(-20, 0, 400, era1, reference), at, SERVER).unwrap();
         assert_eq!(s.root_dispersion, sent_as_is + 200 * 15_000);
         // A reference years old makes the sample implausible.
         assert_eq!(
-            to_sample(&reply_at(-20, 0, 400, sent, ntp(sent - 100_000_000)), at),
+            to_sample(
+                &reply_at(-20, 0, 400, sent, ntp(sent - 100_000_000)),
+                at,
+                SERVER
+            ),
             None
         );
     }
@@ -346,25 +390,29 @@ mod tests {
     #[test]
     fn an_inconsistent_reply_is_refused() {
         let at = 1_795_000_000_000_000_000;
-        assert!(to_sample(&reply_after(-20, 10, 1), at).is_some());
-        assert_eq!(to_sample(&reply_after(-20, 10, 0), at), None);
+        assert!(to_sample(&reply_after(-20, 10, 1), at, SERVER).is_some());
+        assert_eq!(to_sample(&reply_after(-20, 10, 0), at, SERVER), None);
     }
 
     #[test]
     fn a_precision_worse_than_a_second_is_refused() {
         let at = 1_795_000_000_000_000_000;
-        let s = to_sample(&reply(-20, 1_500), at).unwrap();
+        let s = to_sample(&reply(-20, 1_500), at, SERVER).unwrap();
         assert_eq!(
             (s.at, s.offset, s.delay, s.precision),
             (at, 1_500_000, 400_000, 954 + CLIENT_PRECISION_NS)
         );
         assert_eq!(
-            to_sample(&reply(0, 0), at).unwrap().precision,
+            to_sample(&reply(0, 0), at, SERVER).unwrap().precision,
             1_000_000_000 + CLIENT_PRECISION_NS
         );
         for precision in [1, 33, 34, 35, 127] {
-            assert_eq!(to_sample(&reply(precision, 0), at), None, "{precision}");
+            assert_eq!(
+                to_sample(&reply(precision, 0), at, SERVER),
+                None,
+                "{precision}"
+            );
         }
-        assert_eq!(to_sample(&reply(-20, i64::MAX / 100), at), None);
+        assert_eq!(to_sample(&reply(-20, i64::MAX / 100), at, SERVER), None);
     }
 }

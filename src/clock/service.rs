@@ -502,6 +502,21 @@ fn log_event(event: &Event, names: &[String], utc_ns: u64) {
         Event::LeapApplied { kind, utc_ns: at } => {
             tracing::warn!(event = "leap_applied", utc_ns, leap = ?kind, at_ns = at, "leap second applied")
         }
+        Event::SourceDependent { source, with } => match with {
+            Some(with) => tracing::warn!(
+                event = "source_dependent",
+                utc_ns,
+                source = name(source),
+                with = name(with),
+                "source takes its time from the same server as another: they count once"
+            ),
+            None => tracing::info!(
+                event = "source_dependent",
+                utc_ns,
+                source = name(source),
+                "source independent of the others again"
+            ),
+        },
     }
 }
 
@@ -604,6 +619,23 @@ fn describe(event: &Event, names: &[String], utc_ns: u64) -> ClockEvent {
                 crate::protocol::GenTime::from_unix_ns(*at)
             ),
         ),
+        Event::SourceDependent { source, with } => match with {
+            Some(with) => (
+                "source_dependent",
+                EventLevel::Warning,
+                format!(
+                    "{} takes its time from the same server as {} (or from it): they count once \
+                     towards a majority",
+                    name(source),
+                    name(with)
+                ),
+            ),
+            None => (
+                "source_dependent",
+                EventLevel::Info,
+                format!("{} is independent of the other sources again", name(source)),
+            ),
+        },
         Event::Changed(Change::AccuracyExceeded {
             bound_ns,
             accuracy_ns,
@@ -741,6 +773,7 @@ mod tests {
             root_dispersion: 600_000,
             precision: 1_000,
             leap: Leap::None,
+            lineage: Default::default(),
         };
         let now = local.now();
         for source in 0..3 {

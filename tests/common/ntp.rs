@@ -14,6 +14,10 @@ pub struct Behaviour {
     /// NTP leap indicator: 0 none, 1 insert, 2 delete, 3 unsynchronized.
     pub leap: u8,
     pub stratum: u8,
+    /// The reference ID (at stratum 2 and up, the server it takes its time from). `None`: one
+    /// of this server's own, from its port, so that servers are independent of each other
+    /// unless a test says otherwise.
+    pub refid: Option<[u8; 4]>,
     /// Answer with a kiss-o'-death of this code.
     pub kod: Option<[u8; 4]>,
     /// Do not answer at all.
@@ -29,6 +33,7 @@ impl Default for Behaviour {
             offset_ns: 0,
             leap: 0,
             stratum: 2,
+            refid: None,
             kod: None,
             silent: false,
             held_ns: 0,
@@ -54,7 +59,9 @@ impl NtpServer {
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (b, s, r) = (behaviour.clone(), stop.clone(), requests.clone());
-        std::thread::spawn(move || serve(socket, b, s, r));
+        let [high, low] = addr.port().to_be_bytes();
+        let own_refid = [198, 51, high, low];
+        std::thread::spawn(move || serve(socket, b, s, r, own_refid));
         Self {
             addr,
             behaviour,
@@ -92,6 +99,7 @@ fn serve(
     behaviour: Arc<Mutex<Behaviour>>,
     stop: Arc<AtomicBool>,
     requests: Arc<std::sync::atomic::AtomicUsize>,
+    own_refid: [u8; 4],
 ) {
     let mut buf = [0u8; 512];
     while !stop.load(Ordering::SeqCst) {
@@ -110,7 +118,7 @@ fn serve(
         let mut reply = [0u8; 48];
         let (stratum, refid) = match b.kod {
             Some(code) => (0, code),
-            None => (b.stratum, *b"TEST"),
+            None => (b.stratum, b.refid.unwrap_or(own_refid)),
         };
         reply[0] = (b.leap << 6) | (4 << 3) | 4; // LI, version 4, mode 4 (server)
         reply[1] = stratum;

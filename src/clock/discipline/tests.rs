@@ -60,6 +60,7 @@ struct Sim {
     up: bool,
     leap: Leap,
     independent: bool,
+    lineage: Lineage,
 }
 
 /// Five honest servers within 100 µs of the truth.
@@ -84,6 +85,7 @@ fn honest(bias_us: i64) -> Sim {
         up: true,
         leap: Leap::None,
         independent: false,
+        lineage: Lineage::default(),
     }
 }
 
@@ -164,6 +166,7 @@ impl Run {
                     root_dispersion: sim.root_dispersion,
                     precision: sim.precision,
                     leap: sim.leap,
+                    lineage: sim.lineage,
                 },
             );
         }
@@ -1069,6 +1072,91 @@ fn an_uncertain_leap_is_not_settled_by_samples_from_before_midnight() {
     assert!((e.utc_ns as i64 - run.truth.utc(run.now) as i64).unsigned_abs() < 5_000_000);
 }
 
+/// `sims` with the lineages given: (own address, upstream) per source.
+fn with_lineage(mut sims: Vec<Sim>, lineage: &[(Option<u8>, Option<u8>)]) -> Vec<Sim> {
+    for (sim, (address, upstream)) in sims.iter_mut().zip(lineage) {
+        sim.lineage = Lineage {
+            address: address.map(|a| [192, 0, 2, a]),
+            upstream: upstream.map(|u| [192, 0, 2, u]),
+        };
+    }
+    sims
+}
+
+#[test]
+fn sources_that_take_their_time_from_one_server_count_once() {
+    // Five servers, two of them synchronized to the first (their reference ID is its
+    // address), and the three 50 ms off together: three of five agree, but they are one
+    // source, and the two honest ones are no majority either. Nothing is selected (the
+    // truth would otherwise leave the bound: `round` checks it).
+    let lineage = [
+        (Some(1), Some(100)),
+        (Some(2), Some(1)),
+        (Some(3), Some(1)),
+        (Some(4), Some(101)),
+        (Some(5), Some(102)),
+    ];
+    let sims = vec![liar(50), liar(50), liar(50), honest(0), honest(10)];
+    let mut run = Run::new(with_lineage(sims.clone(), &lineage));
+    run.rounds(6);
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+    assert!(
+        run.d
+            .estimate(run.now)
+            .reason
+            .contains("2 more take their time"),
+        "{}",
+        run.d.estimate(run.now).reason
+    );
+    let dependent: Vec<(usize, Option<usize>)> = run
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SourceDependent { source, with } => Some((*source, *with)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dependent, [(1, Some(0)), (2, Some(0))]);
+
+    // The same with the three synchronized to one server that is not configured.
+    let shared = [
+        (Some(1), Some(100)),
+        (Some(2), Some(100)),
+        (Some(3), Some(100)),
+        (Some(4), Some(101)),
+        (Some(5), Some(102)),
+    ];
+    let mut run = Run::new(with_lineage(sims, &shared));
+    run.rounds(6);
+    assert_eq!(run.state(), SyncState::Unsynchronized);
+
+    // Honest, the three count as one and the other two make the majority. When the two
+    // take their time elsewhere, they count on their own again.
+    let mut run = Run::new(with_lineage(
+        vec![honest(0), honest(10), honest(-10), honest(20), honest(-20)],
+        &lineage,
+    ));
+    run.rounds(3);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    run.sims[3].up = false;
+    run.rounds(8);
+    assert_eq!(
+        run.state(),
+        SyncState::Unsynchronized,
+        "two of five configured, as one, with a third"
+    );
+    run.sims = with_lineage(
+        run.sims.clone(),
+        &[(Some(1), None), (Some(2), Some(103)), (Some(3), Some(104))],
+    );
+    run.rounds(2);
+    assert!(run.events.contains(&Event::SourceDependent {
+        source: 1,
+        with: None
+    }));
+    assert_ne!(run.state(), SyncState::Unsynchronized);
+}
+
 #[test]
 fn a_source_claiming_an_absurd_distance_cannot_outvote_honest_ones() {
     // An NTP server with precision 34 (2^34 s, as the adapter would have turned it), and one
@@ -1124,6 +1212,7 @@ fn extreme_offsets_neither_overflow_nor_count() {
                     root_dispersion: 600_000,
                     precision: 1_000,
                     leap: Leap::None,
+                    lineage: Lineage::default(),
                 },
             );
         }
@@ -1142,6 +1231,7 @@ fn extreme_offsets_neither_overflow_nor_count() {
                 root_dispersion: 0,
                 precision: 1_000_000,
                 leap: Leap::None,
+                lineage: Lineage::default(),
             },
         );
         d.update(now);
@@ -1337,6 +1427,7 @@ fn a_suspend_voids_the_model_and_the_samples_measured_before_it() {
                 root_dispersion: 600_000,
                 precision: 1_000,
                 leap: Leap::None,
+                lineage: Lineage::default(),
             },
         );
     }
