@@ -694,7 +694,7 @@ fn servers_that_take_their_time_from_one_server_are_not_a_majority() {
         .map(|_| {
             NtpServer::start(Behaviour {
                 offset_ns: 3_000_000_000,
-                refid: Some([10, 0, 0, 9]),
+                refid: Some([192, 0, 2, 9]),
                 ..Default::default()
             })
         })

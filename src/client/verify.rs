@@ -457,7 +457,7 @@ fn check_ess(
 
 /// The TSU certificate's profile (RFC 3161 § 2.3, as `openssl ts -verify` checks it): the only
 /// extended key usage id-kp-timeStamping, marked critical; a key usage, where there is one,
-/// that allows digitalSignature or nonRepudiation.
+/// that allows digitalSignature or nonRepudiation and nothing else.
 fn check_tsu_profile(cert: &Certificate) -> anyhow::Result<()> {
     let tbs = cert.tbs_certificate();
     match tbs.get_extension::<ExtendedKeyUsage>()? {
@@ -467,10 +467,14 @@ fn check_tsu_profile(cert: &Certificate) -> anyhow::Result<()> {
         None => bail!("the signer's certificate has no extended key usage"),
     }
     if let Some((_, usage)) = tbs.get_extension::<KeyUsage>()? {
+        let signing = KeyUsages::DigitalSignature | KeyUsages::NonRepudiation;
         ensure!(
-            usage.0.contains(KeyUsages::DigitalSignature)
-                || usage.0.contains(KeyUsages::NonRepudiation),
+            !(usage.0 & signing).is_empty(),
             "the signer's key usage allows neither digitalSignature nor nonRepudiation"
+        );
+        ensure!(
+            (usage.0 & !signing).is_empty(),
+            "the signer's key usage allows more than digitalSignature and nonRepudiation"
         );
     }
     Ok(())
@@ -837,6 +841,26 @@ mod tests {
     use crate::protocol::asn1::{EssCertId, EssCertIdV2};
     use der::asn1::{Ia5String, OctetStringRef};
     use der::DecodePem;
+
+    /// The key usage as `openssl ts -verify` takes it: digitalSignature or nonRepudiation,
+    /// and nothing else.
+    #[test]
+    fn a_signer_whose_key_usage_holds_more_than_signing_is_refused() {
+        use rcgen::KeyUsagePurpose::*;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let profile = |usages: Vec<rcgen::KeyUsagePurpose>| {
+            let mut params = crate::pki::tsu_certificate_params().unwrap();
+            params.key_usages = usages;
+            let der = params.self_signed(&key).unwrap().der().to_vec();
+            check_tsu_profile(&Certificate::from_der(&der).unwrap()).map_err(|e| e.to_string())
+        };
+        assert_eq!(profile(vec![DigitalSignature]), Ok(()));
+        assert_eq!(profile(vec![ContentCommitment]), Ok(()));
+        let refused = profile(vec![DigitalSignature, KeyEncipherment]).unwrap_err();
+        assert!(refused.contains("more than"), "{refused}");
+        let refused = profile(vec![KeyEncipherment]).unwrap_err();
+        assert!(refused.contains("neither"), "{refused}");
+    }
 
     #[test]
     fn pss_parameters_are_read_not_compared_octet_for_octet() {

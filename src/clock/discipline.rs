@@ -67,6 +67,28 @@ pub struct Lineage {
     pub upstream: Option<[u8; 4]>,
 }
 
+/// Whether a reference ID can name an upstream server: not a reference clock's name (capital
+/// letters and digits, padded with zeros: `GPS`, `PPS`, `LOCL`, `PHC0`, which some servers
+/// report at stratum 2 and up), nor in `0.0.0.0/8` or a loopback address (chrony's `local`
+/// reports 127.127.1.1, ntpd's orphan mode a loopback address).
+fn names_a_server(id: [u8; 4]) -> bool {
+    let len = id.iter().rposition(|&b| b != 0).map_or(0, |last| last + 1);
+    let clock_name = len > 0
+        && id[0].is_ascii_uppercase()
+        && id[..len]
+            .iter()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+    !(clock_name || id[0] == 0 || id[0] == 127)
+}
+
+/// Whether a reference ID is an address of a private network (RFC 1918, shared address space,
+/// link-local), which unrelated operators' internal servers share.
+fn private(id: [u8; 4]) -> bool {
+    matches!(id, [10, ..] | [192, 168, ..] | [169, 254, ..])
+        || (id[0] == 172 && (16..32).contains(&id[1]))
+        || (id[0] == 100 && (64..128).contains(&id[1]))
+}
+
 /// The largest offset a sample may claim: about 73 years, more than any local clock anchored
 /// to a wall clock that was reset to 1970 can be off, and small enough that the difference of
 /// two offsets never overflows.
@@ -210,11 +232,17 @@ pub enum Event {
         kind: Leap,
         utc_ns: u64,
     },
-    /// The source takes its time from the same server as `with` (or from `with` itself), and
-    /// counts with it once towards a majority; `with: None`: no longer.
+    /// A leap scheduled and not applied yet, which a majority of the sources no longer
+    /// announces.
+    LeapWithdrawn {
+        kind: Leap,
+        utc_ns: u64,
+    },
+    /// The sources the source takes its time from one server with changed: they count once
+    /// towards a majority (`with` empty: it is independent of the others).
     SourceDependent {
         source: usize,
-        with: Option<usize>,
+        with: Vec<usize>,
     },
 }
 
@@ -260,9 +288,11 @@ struct Source {
     samples: VecDeque<Sample>,
     reach: u8,
     selection: Selection,
-    /// The source it counts with towards a majority (the lowest of those that take their
-    /// time from one server), itself when none.
-    counts_with: usize,
+    /// Where its time comes from, as its last sample told.
+    lineage: Lineage,
+    /// The other sources that take their time from the same server (see
+    /// [`Discipline::group_by_lineage`]); it counts once with them towards a majority.
+    peers: Vec<usize>,
 }
 
 /// One source's interval at the time of an update.
@@ -346,6 +376,9 @@ pub struct Discipline {
     leap: Option<ScheduledLeap>,
     /// The midnight (UTC) for which the sources disagree whether a leap comes.
     leap_uncertain: Option<u64>,
+    /// The uncertain leap's midnight once the samples from before it were dropped
+    /// ([`Discipline::past_uncertain_leap`]): only an update after that settles it.
+    uncertain_cut: Option<u64>,
     /// Consecutive updates in which a reachable independent reference disagreed with the
     /// selected sources; see [`Discipline::independent_dissent`].
     dissent: u32,
@@ -363,13 +396,13 @@ impl Discipline {
             config,
             sources: sources
                 .into_iter()
-                .enumerate()
-                .map(|(i, spec)| Source {
+                .map(|spec| Source {
                     spec,
                     samples: VecDeque::new(),
                     reach: 0,
                     selection: Selection::Unusable,
-                    counts_with: i,
+                    lineage: Lineage::default(),
+                    peers: Vec::new(),
                 })
                 .collect(),
             model: None,
@@ -379,6 +412,7 @@ impl Discipline {
             reason: "no update yet".into(),
             leap: None,
             leap_uncertain: None,
+            uncertain_cut: None,
             dissent: 0,
             events: Vec::new(),
             announced: (SyncState::Unsynchronized, true),
@@ -424,6 +458,7 @@ impl Discipline {
             self.events.push(Event::SourceReachable { source });
         }
         src.reach = (src.reach << 1) | 1;
+        src.lineage = sample.lineage;
         src.samples.push_back(sample);
         while src.samples.len() > self.config.filter_len {
             src.samples.pop_front();
@@ -559,7 +594,7 @@ impl Discipline {
         let intervals = self.intervals(now);
         self.group_by_lineage();
         let near: Vec<Interval> = intervals.iter().filter(|i| !i.too_far).copied().collect();
-        if near.len() < self.needed() {
+        if self.votes(near.iter().map(|i| i.source)) < self.needed() {
             self.too_few(&intervals, now);
             return;
         }
@@ -598,6 +633,7 @@ impl Discipline {
         let distance = |s: &Sample| carried(s).1;
         let apart = |a: i64, b: i64| (i128::from(a) - i128::from(b)).unsigned_abs();
         let mut intervals = Vec::new();
+        let mut left_out = Vec::new();
         for (id, src) in self.sources.iter_mut().enumerate() {
             let newest = src.samples.back().copied();
             let fresh: Vec<&Sample> = match newest {
@@ -614,7 +650,7 @@ impl Discipline {
             };
             // Minimum delay; among equal delays the newest.
             let Some(best) = fresh.iter().rev().min_by_key(|s| s.delay).copied() else {
-                src.selection = Selection::Unusable;
+                left_out.push((id, Selection::Unusable));
                 continue;
             };
             let jitter = (fresh
@@ -629,7 +665,7 @@ impl Discipline {
             // the bound past it and stop every token.
             let too_far = declared.is_some_and(|a| distance > a);
             if too_far {
-                src.selection = Selection::TooFar;
+                left_out.push((id, Selection::TooFar));
             }
             intervals.push(Interval {
                 source: id,
@@ -640,22 +676,40 @@ impl Discipline {
                 too_far,
             });
         }
+        for (source, selection) in left_out {
+            self.set_selection(source, selection);
+        }
         intervals
     }
 
-    /// Groups the sources that take their time from one server, from their newest samples'
-    /// lineage: one synchronized to another configured server (its reference ID is that
-    /// server's address), and those synchronized to the same upstream server. A group counts
-    /// once towards a majority: three configured servers of which two follow the third are
-    /// one source, and a fault of that one would otherwise carry the majority (and confirm
-    /// its step by persisting). Stratum-1 servers name a reference clock (`GPS`, `PPS`), not a
-    /// server, and are never grouped. A change is an event.
+    /// Sets what the selection made of a source; a change is an event: selected, or rejected
+    /// and why (unusable, too far, unselected, falseticker).
+    fn set_selection(&mut self, source: usize, selection: Selection) {
+        let src = &mut self.sources[source];
+        if src.selection != selection {
+            src.selection = selection;
+            self.events.push(match selection {
+                Selection::Selected => Event::SourceSelected { source },
+                other => Event::SourceRejected {
+                    source,
+                    selection: other,
+                },
+            });
+        }
+    }
+
+    /// Groups the sources that take their time from one server, from the lineage their last
+    /// samples told: one synchronized to another configured server (its reference ID is that
+    /// server's address), and those synchronized to the same upstream server (one that is
+    /// not on a private network, where unrelated operators' internal servers share
+    /// addresses). A group counts once towards a majority: three configured servers of which
+    /// two follow the third are one source, and a fault of that one would otherwise carry the
+    /// majority (and confirm its step by persisting). Reference IDs that name no server are
+    /// never grouped on: a reference clock's (`GPS`, `LOCL`, at any stratum), a loopback
+    /// address (chrony's `local`, ntpd's orphan mode), `0.0.0.0`. A change of a source's group
+    /// is an event.
     fn group_by_lineage(&mut self) {
-        let lineage: Vec<Lineage> = self
-            .sources
-            .iter()
-            .map(|s| s.samples.back().map(|x| x.lineage).unwrap_or_default())
-            .collect();
+        let lineage: Vec<Lineage> = self.sources.iter().map(|s| s.lineage).collect();
         let mut root: Vec<usize> = (0..lineage.len()).collect();
         fn find(root: &mut [usize], mut i: usize) -> usize {
             while root[i] != i {
@@ -665,25 +719,47 @@ impl Discipline {
             i
         }
         for (i, a) in lineage.iter().enumerate() {
-            let Some(upstream) = a.upstream else {
+            let Some(upstream) = a.upstream.filter(|u| names_a_server(*u)) else {
                 continue;
             };
             for (j, b) in lineage.iter().enumerate() {
-                if i != j && (b.address == Some(upstream) || b.upstream == Some(upstream)) {
+                let follows = b.address == Some(upstream);
+                let shares = b.upstream == Some(upstream) && !private(upstream);
+                if i != j && (follows || shares) {
                     let (ri, rj) = (find(&mut root, i), find(&mut root, j));
                     root[ri.max(rj)] = ri.min(rj);
                 }
             }
         }
+        let roots: Vec<usize> = (0..lineage.len()).map(|i| find(&mut root, i)).collect();
         for i in 0..self.sources.len() {
-            let with = find(&mut root, i);
-            let src = &mut self.sources[i];
-            if src.counts_with != with {
-                src.counts_with = with;
-                let with = (with != i).then_some(with);
-                self.events.push(Event::SourceDependent { source: i, with });
+            let peers: Vec<usize> = (0..roots.len())
+                .filter(|&j| j != i && roots[j] == roots[i])
+                .collect();
+            if self.sources[i].peers != peers {
+                self.sources[i].peers = peers.clone();
+                self.events.push(Event::SourceDependent {
+                    source: i,
+                    with: peers,
+                });
             }
         }
+    }
+
+    /// The group of a source: the lowest of those that take their time from one server.
+    fn group_of(&self, source: usize) -> usize {
+        self.sources[source]
+            .peers
+            .first()
+            .map_or(source, |&p| p.min(source))
+    }
+
+    /// How many votes `sources` are: those that take their time from one server count once.
+    fn votes(&self, sources: impl Iterator<Item = usize>) -> usize {
+        let mut groups: Vec<usize> = sources.map(|i| self.group_of(i)).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        groups.len()
     }
 
     /// Agreeing sources needed to select: at least `min_agreeing` and a strict majority of the
@@ -719,17 +795,11 @@ impl Discipline {
             .copied()
             .collect();
         // Those that take their time from one server count once.
-        let mut groups: Vec<usize> = survivors
-            .iter()
-            .map(|i| self.sources[i.source].counts_with)
-            .collect();
-        groups.sort_unstable();
-        groups.dedup();
-        let agreeing = groups.len();
+        let agreeing = self.votes(survivors.iter().map(|i| i.source));
         let needed = self.needed();
         if agreeing < needed {
             for i in intervals {
-                self.sources[i.source].selection = Selection::Unselected;
+                self.set_selection(i.source, Selection::Unselected);
             }
             let dependent = match survivors.len() - agreeing {
                 0 => String::new(),
@@ -752,17 +822,7 @@ impl Discipline {
             } else {
                 Selection::Falseticker
             };
-            let src = &mut self.sources[i.source];
-            if src.selection != selection {
-                self.events.push(match selection {
-                    Selection::Selected => Event::SourceSelected { source: i.source },
-                    other => Event::SourceRejected {
-                        source: i.source,
-                        selection: other,
-                    },
-                });
-            }
-            src.selection = selection;
+            self.set_selection(i.source, selection);
         }
         Some(survivors)
     }
@@ -882,7 +942,14 @@ impl Discipline {
         // persistence (one forged reply from each of a majority, then silence, would
         // otherwise confirm a step by itself).
         let needed = self.needed();
-        let answered_since = |t: u64| survivors.iter().filter(|s| s.newest_at > t).count();
+        let answered_since = |t: u64| {
+            self.votes(
+                survivors
+                    .iter()
+                    .filter(|s| s.newest_at > t)
+                    .map(|s| s.source),
+            )
+        };
         // A pending step whose last round is older than any usable sample starts over.
         let max_age = self.config.max_sample_age_ns;
         let pending = match self.pending.filter(|p| now.saturating_sub(p.at) <= max_age) {
@@ -998,11 +1065,16 @@ impl Discipline {
         }
         let near = intervals.iter().filter(|i| !i.too_far);
         for i in near.clone() {
-            self.sources[i.source].selection = Selection::Unselected;
+            self.set_selection(i.source, Selection::Unselected);
         }
+        let count = near.clone().count();
+        let votes = self.votes(near.map(|i| i.source));
+        let dependent = match count - votes {
+            0 => String::new(),
+            n => format!(" ({n} more take their time from the same server as another)"),
+        };
         let usable = format!(
-            "usable sources: {}, needed: {} ({} configured)",
-            near.count(),
+            "usable sources: {votes}{dependent}, needed: {} ({} configured)",
             self.needed(),
             self.sources.len()
         );
@@ -1063,16 +1135,26 @@ impl Discipline {
     /// midnight has seen which way the sources went.
     fn vote_leap(&mut self, survivors: &[Interval], now: u64, offset: i64) {
         let utc = now.saturating_add_signed(offset);
-        if self
-            .leap_uncertain
-            .is_some_and(|midnight| utc >= midnight + NS_PER_S)
-        {
+        // Settled by the sources' time past it, and only once the samples from before it are
+        // gone: the model's time can be a little behind theirs, and an update in between would
+        // select samples from before midnight.
+        if self.leap_uncertain.is_some_and(|midnight| {
+            utc >= midnight + NS_PER_S && self.uncertain_cut == Some(midnight)
+        }) {
             self.leap_uncertain = None;
         }
+        // One vote per group of sources that take their time from one server.
+        let mut groups = Vec::new();
         let informing: Vec<Leap> = survivors
             .iter()
+            .filter(|i| i.leap != Leap::Unknown)
+            .filter(|i| {
+                let group = self.group_of(i.source);
+                let first = !groups.contains(&group);
+                groups.push(group);
+                first
+            })
             .map(|i| i.leap)
-            .filter(|l| *l != Leap::Unknown)
             .collect();
         if informing.is_empty() {
             return;
@@ -1104,9 +1186,13 @@ impl Discipline {
             }
             Some(Leap::None) => {
                 self.leap_uncertain = None;
-                if self.leap.is_some_and(|l| !l.applied) {
+                if let Some(leap) = self.leap.filter(|l| !l.applied) {
                     // Withdrawn before it happened.
                     self.leap = None;
+                    self.events.push(Event::LeapWithdrawn {
+                        kind: leap.kind,
+                        utc_ns: leap.utc_ns,
+                    });
                 }
             }
             None if leap_month && midnight - utc <= 86_400 * NS_PER_S => {
@@ -1132,6 +1218,7 @@ impl Discipline {
                 src.samples
                     .retain(|s| (s.at as i64 + offset) as u64 >= after);
             }
+            self.uncertain_cut = Some(midnight);
         }
     }
 

@@ -74,11 +74,50 @@ pub trait KernelApi: Send + Sync + 'static {
 pub struct Adjtimex;
 
 impl KernelApi for Adjtimex {
+    /// The state and the time it goes with, taken together: `adjtimex` also gives the kernel's
+    /// time at the call (`timex.time`, in microseconds unless the daemon switched the kernel
+    /// to nanoseconds), and the clock read right after it must be within
+    /// [`PAIRED_WITHIN_NS`] of it, or a step of the clock came between the two (the state of
+    /// before the step paired with the time of after it), and the call is made again. Where
+    /// that keeps happening the reading is refused (`rc` −1, as a failed call).
     fn state(&self) -> KernelState {
-        // SAFETY: `timex` is plain data; `modes == 0` makes adjtimex only read the kernel state.
-        let mut tx: libc::timex = unsafe { std::mem::zeroed() };
-        let rc = unsafe { libc::adjtimex(&mut tx) };
-        let unix_ns = system_unix_ns();
+        let mut last = None;
+        for _ in 0..3 {
+            // SAFETY: `timex` is plain data; `modes == 0` makes adjtimex only read the kernel
+            // state.
+            let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+            let rc = unsafe { libc::adjtimex(&mut tx) };
+            let unix_ns = system_unix_ns();
+            let nano = tx.status & libc::STA_NANO != 0;
+            let kernel_ns = i128::from(tx.time.tv_sec) * 1_000_000_000
+                + i128::from(tx.time.tv_usec) * if nano { 1 } else { 1_000 };
+            let paired = rc != -1 && paired(kernel_ns, unix_ns);
+            let state = Self::read(&tx, rc, unix_ns);
+            if paired || rc == -1 {
+                return state;
+            }
+            last = Some(state);
+        }
+        KernelState {
+            rc: -1,
+            ..last.expect("three tries")
+        }
+    }
+}
+
+/// How far the clock read right after `adjtimex` may be from the time it gave: the call's
+/// own length, its time's truncation to microseconds, and a preemption between the two.
+const PAIRED_WITHIN_NS: i128 = 1_000_000;
+
+/// Whether `read_ns`, read right after `adjtimex` gave `kernel_ns`, is the same clock without a
+/// step between them: not before it (less its truncation), and not later than
+/// [`PAIRED_WITHIN_NS`].
+fn paired(kernel_ns: i128, read_ns: u64) -> bool {
+    (-1_000..=PAIRED_WITHIN_NS).contains(&(i128::from(read_ns) - kernel_ns))
+}
+
+impl Adjtimex {
+    fn read(tx: &libc::timex, rc: i32, unix_ns: u64) -> KernelState {
         KernelState {
             unix_ns,
             rc,
@@ -621,6 +660,25 @@ mod tests {
         running.store(false, Ordering::Relaxed);
         watch.look_now(false);
         assert_eq!(watch.refusal(), Some(Verdict::NoDaemon));
+    }
+
+    /// The clock read after `adjtimex` goes with its state when it is the time the call gave
+    /// (truncated to microseconds) plus the call's length; a step between them, either way,
+    /// makes the call be made again.
+    #[test]
+    fn a_step_between_the_kernels_state_and_the_time_read_is_seen() {
+        let kernel_ns: i128 = 1_795_000_000_123_456_000;
+        let at = |ns: i128| u64::try_from(kernel_ns + ns).unwrap();
+        assert!(paired(kernel_ns, at(0)));
+        assert!(paired(kernel_ns, at(999)), "within its microsecond");
+        assert!(paired(kernel_ns, at(40_000)), "a slow call");
+        assert!(!paired(kernel_ns, at(1_000_000_000)), "stepped forward");
+        assert!(!paired(kernel_ns, at(-1_000_000)), "stepped back");
+        // The real call, on this machine's clock: paired (no step now).
+        let state = Adjtimex.state();
+        assert_ne!(state.rc, -1, "the kernel's time and the clock never paired");
+        let now = system_unix_ns();
+        assert!(now >= state.unix_ns && now - state.unix_ns < 1_000_000_000);
     }
 
     #[test]

@@ -211,7 +211,7 @@ fn to_sample(reply: &NtpResult, at: u64, from: SocketAddr) -> Option<Sample> {
             _ => Leap::None,
         },
         lineage: Lineage {
-            address: match from.ip() {
+            address: match from.ip().to_canonical() {
                 std::net::IpAddr::V4(v4) => Some(v4.octets()),
                 std::net::IpAddr::V6(_) => None,
             },

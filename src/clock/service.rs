@@ -502,19 +502,22 @@ fn log_event(event: &Event, names: &[String], utc_ns: u64) {
         Event::LeapApplied { kind, utc_ns: at } => {
             tracing::warn!(event = "leap_applied", utc_ns, leap = ?kind, at_ns = at, "leap second applied")
         }
-        Event::SourceDependent { source, with } => match with {
-            Some(with) => tracing::warn!(
+        Event::LeapWithdrawn { kind, utc_ns: at } => {
+            tracing::warn!(event = "leap_withdrawn", utc_ns, leap = ?kind, at_ns = at, "leap second withdrawn")
+        }
+        Event::SourceDependent { source, with } => match with.as_slice() {
+            [] => tracing::info!(
                 event = "source_dependent",
                 utc_ns,
                 source = name(source),
-                with = name(with),
-                "source takes its time from the same server as another: they count once"
+                "source independent of the others"
             ),
-            None => tracing::info!(
+            with => tracing::warn!(
                 event = "source_dependent",
                 utc_ns,
                 source = name(source),
-                "source independent of the others again"
+                with = %with.iter().map(name).collect::<Vec<_>>().join(", "),
+                "source takes its time from the same server as others: they count once"
             ),
         },
     }
@@ -619,21 +622,29 @@ fn describe(event: &Event, names: &[String], utc_ns: u64) -> ClockEvent {
                 crate::protocol::GenTime::from_unix_ns(*at)
             ),
         ),
-        Event::SourceDependent { source, with } => match with {
-            Some(with) => (
+        Event::LeapWithdrawn { kind, utc_ns: at } => (
+            "leap_withdrawn",
+            EventLevel::Warning,
+            format!(
+                "leap second ({kind:?}) at {} withdrawn: the sources no longer announce it",
+                crate::protocol::GenTime::from_unix_ns(*at)
+            ),
+        ),
+        Event::SourceDependent { source, with } => match with.as_slice() {
+            [] => (
+                "source_dependent",
+                EventLevel::Info,
+                format!("{} is independent of the other sources", name(source)),
+            ),
+            with => (
                 "source_dependent",
                 EventLevel::Warning,
                 format!(
-                    "{} takes its time from the same server as {} (or from it): they count once \
-                     towards a majority",
+                    "{} takes its time from the same server as {} (or from it, or it from \
+                     them): they count once towards a majority",
                     name(source),
-                    name(with)
+                    with.iter().map(name).collect::<Vec<_>>().join(", ")
                 ),
-            ),
-            None => (
-                "source_dependent",
-                EventLevel::Info,
-                format!("{} is independent of the other sources again", name(source)),
             ),
         },
         Event::Changed(Change::AccuracyExceeded {

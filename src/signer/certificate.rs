@@ -91,10 +91,11 @@ impl TsuCertificate {
     }
 
     /// Refuses a certificate that a verifier would refuse, or that the profile forbids: a key
-    /// that is not the signer's, a CA certificate, one outside its validity period at `now`
-    /// (not checked when `None`: a certificate no longer used to sign, as the first one after
-    /// a rollover), or one whose extended key usage is not exactly id-kp-timeStamping, marked
-    /// critical (RFC 3161 2.3, ETSI EN 319 422 7.2).
+    /// that is not the signer's, a CA certificate, one whose extended key usage is not exactly
+    /// id-kp-timeStamping, marked critical (RFC 3161 2.3, ETSI EN 319 422 7.2), and, for one
+    /// that signs from `now` on, one outside its validity period then or whose key usage
+    /// verifiers refuse ([`Self::check_signing_key_usage`]). `now` is `None` for a
+    /// certificate no longer used to sign (the first one after a rollover).
     pub fn check(&self, signer: &dyn Signer, now: Option<SystemTime>) -> anyhow::Result<()> {
         let tbs = self.cert.tbs_certificate();
         let subject = tbs.subject();
@@ -134,15 +135,17 @@ impl TsuCertificate {
                 validity.not_after
             );
         }
-        self.check_profile()
+        self.check_profile()?;
+        if now.is_some() {
+            self.check_signing_key_usage()?;
+        }
+        Ok(())
     }
 
     /// The TSU profile alone: not a CA, id-kp-timeStamping as the only extended key usage,
-    /// critical, and a key usage (if any) of digitalSignature or nonRepudiation and nothing
-    /// else. OpenSSL's time-stamping purpose refuses a certificate whose key usage holds
-    /// another bit (`openssl ts -verify`: "unsupported certificate purpose"), such as the
-    /// keyEncipherment many RSA certificates carry; Java before 17 refuses one without
-    /// digitalSignature, which is why the development PKI's has it alone.
+    /// critical, and a key usage (if any) that allows signing (digitalSignature or
+    /// nonRepudiation). What a certificate that signed once must have had: checkpoints and
+    /// tokens of an older certificate are checked against this.
     pub fn check_profile(&self) -> anyhow::Result<()> {
         let tbs = self.cert.tbs_certificate();
         let subject = tbs.subject();
@@ -173,12 +176,30 @@ impl TsuCertificate {
             if (ku.0 & signing).is_empty() {
                 bail!("the key usage of the certificate of {subject} allows neither digitalSignature nor nonRepudiation");
             }
-            let others = ku.0 & !signing;
+        }
+        Ok(())
+    }
+
+    /// A key usage (if any) of digitalSignature or nonRepudiation and nothing else, for a
+    /// certificate that signs tokens: OpenSSL's time-stamping purpose refuses one whose key
+    /// usage holds another bit (`openssl ts -verify`: "unsupported certificate purpose"),
+    /// such as the keyEncipherment many RSA certificates carry. Java before 17 refuses one
+    /// without digitalSignature, which is why the development PKI's has it alone.
+    pub fn check_signing_key_usage(&self) -> anyhow::Result<()> {
+        let tbs = self.cert.tbs_certificate();
+        let subject = tbs.subject();
+        let usage = tbs
+            .get_extension::<KeyUsage>()
+            .map_err(|e| anyhow::anyhow!("the certificate of {subject}: {e}"))?;
+        if let Some((_, ku)) = usage {
+            let others = ku.0 & !(KeyUsages::DigitalSignature | KeyUsages::NonRepudiation);
             if !others.is_empty() {
+                let names: Vec<String> = others.into_iter().map(|f| format!("{f:?}")).collect();
                 bail!(
-                    "the key usage of the certificate of {subject} allows {others:?} besides \
-                     signing: verifiers (openssl ts -verify) refuse a time-stamping certificate \
-                     whose key usage holds more than digitalSignature and nonRepudiation"
+                    "the key usage of the certificate of {subject} allows {} besides signing: \
+                     verifiers (openssl ts -verify) refuse a time-stamping certificate whose \
+                     key usage holds more than digitalSignature and nonRepudiation",
+                    names.join(", ")
                 );
             }
         }
@@ -278,18 +299,24 @@ mod tests {
     }
 
     /// A key usage beyond digitalSignature and nonRepudiation (as many RSA certificates carry
-    /// keyEncipherment), or without either, is refused; either of them alone is the profile.
+    /// keyEncipherment) is refused for a certificate that signs, not for one that signed once
+    /// (its checkpoints and tokens are still checked); one without either is refused for
+    /// both; either of them alone is the profile.
     #[test]
     fn a_key_usage_beyond_signing_is_refused() {
         use rcgen::KeyUsagePurpose::*;
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let with = |usages: Vec<rcgen::KeyUsagePurpose>| {
+        let certificate = |usages: Vec<rcgen::KeyUsagePurpose>| {
             let mut params = crate::pki::tsu_certificate_params().unwrap();
             params.key_usages = usages;
             let der = params.self_signed(&key).unwrap().der().to_vec();
-            TsuCertificate::from_der(der, Vec::new())
-                .unwrap()
-                .check_profile()
+            TsuCertificate::from_der(der, Vec::new()).unwrap()
+        };
+        let with = |usages: Vec<rcgen::KeyUsagePurpose>| {
+            let certificate = certificate(usages);
+            let signed_once = certificate.check_profile();
+            signed_once
+                .and_then(|()| certificate.check_signing_key_usage())
                 .map_err(|e| format!("{e:#}"))
         };
         assert_eq!(with(vec![DigitalSignature]), Ok(()));
@@ -298,7 +325,14 @@ mod tests {
         for others in [KeyEncipherment, KeyAgreement, KeyCertSign] {
             let refused = with(vec![DigitalSignature, others]).unwrap_err();
             assert!(refused.contains("besides signing"), "{refused}");
+            let signed_once = certificate(vec![DigitalSignature, others]).check_profile();
+            assert!(signed_once.is_ok(), "{others:?}: {signed_once:?}");
         }
+        let refused = with(vec![DigitalSignature, KeyEncipherment]).unwrap_err();
+        assert!(
+            refused.contains("allows KeyEncipherment besides"),
+            "{refused}"
+        );
         let refused = with(vec![KeyEncipherment]).unwrap_err();
         assert!(refused.contains("allows neither"), "{refused}");
     }

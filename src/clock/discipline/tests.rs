@@ -571,6 +571,19 @@ fn a_source_too_far_to_vouch_for_the_accuracy_is_left_out() {
     assert_eq!(e.state, SyncState::Synchronized, "{}", e.reason);
     assert!(e.bound_ns < S / 10, "bound {} ns", e.bound_ns);
     assert_eq!(run.selections()[4], Selection::TooFar);
+    // Said once, as it is left out.
+    let rejected: Vec<&Event> = run
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::SourceRejected { source: 4, .. }))
+        .collect();
+    assert_eq!(
+        rejected,
+        [&Event::SourceRejected {
+            source: 4,
+            selection: Selection::TooFar
+        }]
+    );
 }
 
 /// An update that cannot select (one of the stepped sources off for a round) keeps the
@@ -987,6 +1000,33 @@ fn a_leap_applied_on_the_announcement_alone_gives_no_stamps_until_an_update_conf
     assert!((e.utc_ns as i64 - run.truth.utc(run.now) as i64).unsigned_abs() < 5_000_000);
 }
 
+/// A leap scheduled, then no longer announced by the sources before it happened: withdrawn,
+/// and said so.
+#[test]
+fn a_leap_withdrawn_before_it_happened_is_an_event() {
+    let mut sims = vec![honest(0), honest(10), honest(-10)];
+    for sim in &mut sims {
+        sim.leap = Leap::Insert;
+    }
+    let mut run = Run::new(sims);
+    let leap = before_new_year(&mut run, 3_600, false);
+    run.round();
+    assert!(run.d.system_view(run.now).leap.is_some());
+    for sim in &mut run.sims {
+        sim.leap = Leap::None;
+    }
+    run.round();
+    assert_eq!(run.d.system_view(run.now).leap, None);
+    assert!(
+        run.events.contains(&Event::LeapWithdrawn {
+            kind: Leap::Insert,
+            utc_ns: leap
+        }),
+        "{:?}",
+        run.events
+    );
+}
+
 #[test]
 fn a_leap_is_accepted_only_at_the_end_of_june_or_december() {
     // 2026-11-19: the end of November is no leap date.
@@ -1108,15 +1148,20 @@ fn sources_that_take_their_time_from_one_server_count_once() {
         "{}",
         run.d.estimate(run.now).reason
     );
-    let dependent: Vec<(usize, Option<usize>)> = run
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            Event::SourceDependent { source, with } => Some((*source, *with)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(dependent, [(1, Some(0)), (2, Some(0))]);
+    let dependent = |run: &Run| -> Vec<(usize, Vec<usize>)> {
+        run.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::SourceDependent { source, with } => Some((*source, with.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(
+        dependent(&run),
+        [(0, vec![1, 2]), (1, vec![0, 2]), (2, vec![0, 1])],
+        "told once each"
+    );
 
     // The same with the three synchronized to one server that is not configured.
     let shared = [
@@ -1138,23 +1183,108 @@ fn sources_that_take_their_time_from_one_server_count_once() {
     ));
     run.rounds(3);
     assert_eq!(run.state(), SyncState::Synchronized);
+    // One of the others lost: two votes of the three needed, too few to select, so the
+    // clock holds over (as when as many independent servers are lost).
     run.sims[3].up = false;
     run.rounds(8);
-    assert_eq!(
-        run.state(),
-        SyncState::Unsynchronized,
-        "two of five configured, as one, with a third"
+    let e = run.d.estimate(run.now);
+    assert_eq!(e.state, SyncState::Holdover, "{}", e.reason);
+    assert!(
+        e.reason.contains("usable sources: 2 (2 more"),
+        "{}",
+        e.reason
     );
     run.sims = with_lineage(
         run.sims.clone(),
         &[(Some(1), None), (Some(2), Some(103)), (Some(3), Some(104))],
     );
     run.rounds(2);
-    assert!(run.events.contains(&Event::SourceDependent {
-        source: 1,
-        with: None
-    }));
-    assert_ne!(run.state(), SyncState::Unsynchronized);
+    assert_eq!(
+        dependent(&run)[3..],
+        [(0, vec![]), (1, vec![]), (2, vec![])],
+        "independent again"
+    );
+    assert_eq!(run.state(), SyncState::Synchronized);
+}
+
+/// Reference IDs that name no server group nothing: a reference clock's name at stratum 2,
+/// chrony's `local` (127.127.1.1), `0.0.0.0`; a private address groups only with the
+/// configured server that has it, not with another source naming it.
+#[test]
+fn reference_ids_that_name_no_server_group_nothing() {
+    for id in [
+        *b"LOCL",
+        *b"GPS\0",
+        *b"PHC0",
+        [127, 127, 1, 1],
+        [0, 0, 0, 0],
+    ] {
+        assert!(!names_a_server(id), "{id:?}");
+    }
+    for id in [[192, 0, 2, 1], [10, 1, 2, 3], [203, 0, 113, 9], *b"gps\0"] {
+        assert!(names_a_server(id), "{id:?}");
+    }
+    assert!(private([10, 1, 2, 3]) && private([172, 20, 0, 1]) && private([100, 64, 0, 1]));
+    assert!(!private([172, 32, 0, 1]) && !private([192, 0, 2, 1]));
+
+    let mut sims = vec![honest(0), honest(10), honest(-10), honest(20), honest(-20)];
+    for sim in &mut sims[..4] {
+        sim.lineage.upstream = Some([127, 127, 1, 1]);
+    }
+    sims[4].lineage.upstream = Some(*b"LOCL");
+    let mut run = Run::new(sims);
+    run.rounds(3);
+    assert_eq!(run.state(), SyncState::Synchronized);
+    assert!(!run
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::SourceDependent { .. })));
+    // Three sharing a private upstream: not grouped; one naming a configured server's
+    // private address: grouped with it.
+    let mut sims = vec![honest(0), honest(10), honest(-10), honest(20), honest(-20)];
+    for sim in &mut sims[..3] {
+        sim.lineage.upstream = Some([10, 0, 0, 1]);
+    }
+    sims[3].lineage.address = Some([10, 9, 9, 9]);
+    sims[4].lineage.upstream = Some([10, 9, 9, 9]);
+    let mut run = Run::new(sims);
+    run.rounds(3);
+    assert_eq!(run.selections().len(), 5);
+    let dependent: Vec<&Event> = run
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::SourceDependent { .. }))
+        .collect();
+    assert_eq!(
+        dependent,
+        [
+            &Event::SourceDependent {
+                source: 3,
+                with: vec![4]
+            },
+            &Event::SourceDependent {
+                source: 4,
+                with: vec![3]
+            }
+        ]
+    );
+}
+
+/// The sources' time can be a little ahead of the model's: an update past midnight + 1 s by
+/// theirs and not yet by the model's must not settle the uncertainty (its samples from before
+/// midnight are still there).
+#[test]
+fn an_uncertain_leap_is_settled_only_after_its_samples_were_dropped() {
+    let mut d = Discipline::new(DisciplineConfig::default(), Vec::new());
+    let midnight = 1_798_761_600 * S; // 2027-01-01T00:00:00Z
+    d.leap_uncertain = Some(midnight);
+    let survivors: [Interval; 0] = [];
+    // At midnight + 1.002 s by the sources; the samples not cut yet.
+    d.vote_leap(&survivors, midnight, (S + 2_000_000) as i64);
+    assert_eq!(d.leap_uncertain, Some(midnight));
+    d.uncertain_cut = Some(midnight);
+    d.vote_leap(&survivors, midnight, (S + 2_000_000) as i64);
+    assert_eq!(d.leap_uncertain, None);
 }
 
 #[test]
