@@ -7,7 +7,8 @@
  * one state or the next). Without the variable or the file, and for calls that set anything,
  * the real adjtimex answers. The clock itself is never touched: the time is the system's.
  * esterror is set to maxerror, so that each state written looks like a daemon's update (the
- * kernel source then reads chronyd's correction again); freq and tick are 0.
+ * kernel source then reads chronyd's correction again); freq and tick are 0. The time the
+ * call gives (timex.time) is the system clock's at the call, as the kernel's is.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -15,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/timex.h>
+#include <time.h>
 
 typedef int (*adjtimex_fn)(struct timex *);
 
@@ -44,5 +46,9 @@ int adjtimex(struct timex *buf) {
     buf->maxerror = max_error;
     buf->esterror = max_error;
     buf->offset = offset;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    buf->time.tv_sec = now.tv_sec;
+    buf->time.tv_usec = (status & STA_NANO) ? now.tv_nsec : now.tv_nsec / 1000;
     return rc;
 }
