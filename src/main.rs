@@ -68,7 +68,16 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tsa: {e:#}");
-            std::process::ExitCode::FAILURE
+            // A PIN the token refused: a restart would try it again (see the systemd units).
+            let pin_refused = e
+                .chain()
+                .any(|c| c.is::<tsa::signer::pkcs11::pool::PinRefused>());
+            match pin_refused {
+                true => {
+                    std::process::ExitCode::from(tsa::signer::pkcs11::pool::PinRefused::EXIT_STATUS)
+                }
+                false => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }

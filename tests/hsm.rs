@@ -490,6 +490,13 @@ fn keygen_csr_and_install_cert_for_a_new_token_key() {
 
 /// Runs `tsa serve` that must refuse to start; its stderr.
 fn refused_start(dir: &Path, envs: &[(&str, &str)]) -> String {
+    let (status, err) = refused_start_status(dir, envs);
+    assert_eq!(status, Some(1), "{err}");
+    err
+}
+
+/// [`refused_start`], with the exit status.
+fn refused_start_status(dir: &Path, envs: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut child = Command::new(TSA)
         .arg("serve")
         .arg("--config")
@@ -507,7 +514,7 @@ fn refused_start(dir: &Path, envs: &[(&str, &str)]) -> String {
             let mut err = String::new();
             std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
             assert!(!status.success(), "tsa serve started: {err}");
-            return err;
+            return (status.code(), err);
         }
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -523,11 +530,18 @@ fn a_wrong_pin_a_missing_token_or_key_and_a_pin_in_the_config_refuse_to_start() 
     let d = dir.path();
     let right = pin(d);
     std::fs::write(d.join("hsm-pin"), "0000\n").unwrap();
-    let err = refused_start(d, &[]);
+    // A status of its own, which the systemd units do not restart on: each restart would try
+    // the wrong PIN again, until the token locks its user.
+    let (status, err) = refused_start_status(d, &[]);
+    assert_eq!(status, Some(78), "{err}");
     assert!(
         err.contains("PIN") && err.contains("CKR_PIN_INCORRECT"),
         "{err}"
     );
+    for unit in ["tsa.service", "tsa@.service"] {
+        let text = std::fs::read_to_string(Path::new("systemd").join(unit)).unwrap();
+        assert!(text.contains("RestartPreventExitStatus=78"), "{unit}");
+    }
     assert!(!err.contains(&right), "the PIN was printed");
     std::fs::write(d.join("hsm-pin"), format!("{right}\n")).unwrap();
 

@@ -269,6 +269,78 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
+/// The token's flag that the next wrong PIN locks the user: the TSA does not try one then.
+const FINAL_TRY: &str = "CKF_USER_PIN_FINAL_TRY";
+
+/// Why a login is not tried, from the token's flags: the user PIN locked, or one more wrong
+/// PIN would lock it. A low count alone (a wrong PIN was given since the last good one) is
+/// tried, with a warning: an operator's typo must not keep the TSA down.
+fn login_refusal(locked: bool, final_try: bool, count_low: bool) -> Option<ConnectError> {
+    if locked {
+        return Some(ConnectError {
+            message: "the token's user PIN is locked after too many wrong PINs; unlock it with \
+                      the SO PIN"
+                .into(),
+            ckr: Some("CKR_PIN_LOCKED".into()),
+        });
+    }
+    if final_try {
+        return Some(ConnectError {
+            message: "the token allows one more PIN attempt before it locks the user \
+                      (CKF_USER_PIN_FINAL_TRY): the TSA does not try its PIN, which may be the \
+                      wrong one that brought the token there; check the PIN file, log in once \
+                      with the right PIN (pkcs11-tool --login --test) to reset the count, and \
+                      start the TSA again"
+                .into(),
+            ckr: Some(FINAL_TRY.into()),
+        });
+    }
+    if count_low {
+        tracing::warn!(
+            "the token counts wrong PINs since the last good one (CKF_USER_PIN_COUNT_LOW); \
+             logging in"
+        );
+    }
+    None
+}
+
+#[cfg(test)]
+mod login_tests {
+    use super::*;
+
+    /// Locked, or one wrong PIN from locked: the login is not tried, and the refusal stops
+    /// the recovery and a restart as a refused PIN does. A low count alone is tried.
+    #[test]
+    fn a_login_that_could_lock_the_token_is_not_tried() {
+        let locked = login_refusal(true, false, true).expect("refused");
+        assert!(locked.pin_refused() && locked.message.contains("locked"));
+        let final_try = login_refusal(false, true, true).expect("refused");
+        assert!(final_try.pin_refused());
+        assert!(final_try.message.contains("CKF_USER_PIN_FINAL_TRY"));
+        assert!(login_refusal(false, false, true).is_none());
+        assert!(login_refusal(false, false, false).is_none());
+    }
+}
+
+/// A start refused because the token refused the PIN (or would lock it on the next wrong
+/// one): the process exits with [`PinRefused::EXIT_STATUS`], which the systemd units do not
+/// restart on (each restart would try the PIN again, and lock the token's user).
+#[derive(Debug)]
+pub struct PinRefused;
+
+impl PinRefused {
+    /// `EX_CONFIG` (sysexits.h): listed in the units' `RestartPreventExitStatus`.
+    pub const EXIT_STATUS: u8 = 78;
+}
+
+impl std::fmt::Display for PinRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the token refused the PIN; not restarted, so as not to lock it")
+    }
+}
+
+impl std::error::Error for PinRefused {}
+
 enum Recovery {
     Recovered,
     Failed,
@@ -277,11 +349,18 @@ enum Recovery {
 }
 
 impl ConnectError {
-    /// The token refused the PIN (wrong, locked or expired).
-    fn pin_refused(&self) -> bool {
+    /// The token refused the PIN (wrong, locked or expired), or the TSA did not try it
+    /// because the next wrong one would lock it.
+    pub fn pin_refused(&self) -> bool {
         matches!(
             self.ckr.as_deref(),
-            Some("CKR_PIN_INCORRECT" | "CKR_PIN_LOCKED" | "CKR_PIN_EXPIRED" | "CKR_PIN_INVALID")
+            Some(
+                "CKR_PIN_INCORRECT"
+                    | "CKR_PIN_LOCKED"
+                    | "CKR_PIN_EXPIRED"
+                    | "CKR_PIN_INVALID"
+                    | FINAL_TRY
+            )
         )
     }
 
@@ -373,11 +452,25 @@ pub fn open_logged_in(
         ctx.open_ro_session(slot)
     }
     .map_err(|e| ConnectError::pkcs11("cannot open a session", &e))?;
-    login(&session, pin)?;
+    login(ctx, slot, &session, pin)?;
     Ok(session)
 }
 
-fn login(session: &Session, pin: &PinSource) -> Result<(), ConnectError> {
+/// Logs the user in, unless the token says that the PIN is locked, or that the next wrong PIN
+/// locks it (`CKF_USER_PIN_FINAL_TRY`): a wrong PIN in a file, tried again by each restart or
+/// recovery, would lock the token's user (which only the SO PIN undoes, or on some HSMs
+/// nothing). Then nothing is tried, and the refusal is a refused PIN
+/// ([`ConnectError::pin_refused`]).
+fn login(ctx: &Pkcs11, slot: Slot, session: &Session, pin: &PinSource) -> Result<(), ConnectError> {
+    if let Ok(token) = ctx.get_token_info(slot) {
+        if let Some(refusal) = login_refusal(
+            token.user_pin_locked(),
+            token.user_pin_final_try(),
+            token.user_pin_count_low(),
+        ) {
+            return Err(refusal);
+        }
+    }
     let secret = pin
         .read()
         .map_err(|e| ConnectError::new(format!("cannot read the PIN: {e:#}")))?;
@@ -439,7 +532,7 @@ fn connect(
             session.get_session_info().map(|i| i.session_state()),
             Ok(SessionState::RoUser)
         ) {
-            login(&session, &spec.pin)?;
+            login(lib.ctx(), lib.slot, &session, &spec.pin)?;
         }
         sessions.push(Pooled {
             session,
@@ -491,8 +584,13 @@ impl Pool {
         let module = SharedModule::open(&spec.module)?;
         let slot = find_slot(module.ctx(), &spec.token).map_err(|e| anyhow::anyhow!(e.message))?;
         let lib = Library { module, slot };
-        let (sessions, info) = connect(&lib, &spec, None)
-            .map_err(|e| anyhow::anyhow!("{} ({}): {e}", spec.token, spec.module.display()))?;
+        let (sessions, info) = connect(&lib, &spec, None).map_err(|e| {
+            let message = format!("{} ({}): {e}", spec.token, spec.module.display());
+            match e.pin_refused() {
+                true => anyhow::Error::new(PinRefused).context(message),
+                false => anyhow::anyhow!(message),
+            }
+        })?;
         let (scheme, algorithm) = info.kind.scheme(spec.padding);
         let pool = Arc::new(Pool {
             spec,
@@ -898,7 +996,7 @@ impl Pool {
                     session.get_session_info().map(|i| i.session_state()),
                     Ok(SessionState::RoUser)
                 ) {
-                    login(&session, &self.spec.pin)?;
+                    login(lib.ctx(), lib.slot, &session, &self.spec.pin)?;
                 }
                 Ok(session)
             });
