@@ -234,7 +234,8 @@ pub struct ServerConfig {
     pub admin_hosts: Vec<String>,
     /// Requests served on one keep-alive connection before it is closed; 0: no limit.
     pub max_requests_per_connection: u64,
-    /// The largest request head (request line and headers); larger ones get 431.
+    /// The largest request head (request line and headers); larger ones get 431. 1 KiB to
+    /// 1 MiB: it bounds each connection's read buffer too.
     pub max_header_bytes: usize,
     /// The HTTPS listener (the same routes as `listen`, over TLS; mutual TLS with
     /// `tls.client_ca`); none without it.
@@ -833,6 +834,15 @@ impl Config {
         if self.server.read_timeout_ms == 0 {
             bail!("server.read_timeout_ms must be positive: every request would time out at once");
         }
+        // It also bounds each connection's read buffer (pipelined requests included).
+        if !(1024..=1 << 20).contains(&self.server.max_header_bytes) {
+            bail!(
+                "server.max_header_bytes = {} is outside 1024 to 1048576: below, ordinary \
+                 requests get 431; above, each connection's read buffer grows with what a \
+                 client pipelines",
+                self.server.max_header_bytes
+            );
+        }
         if self.server.write_timeout_ms == 0 {
             bail!("server.write_timeout_ms must be positive: a client that reads nothing would hold its connection for good");
         }
@@ -1248,6 +1258,8 @@ mod tests {
             "[archive]\nmax_batch = 2049\n".into(),
             "[clock]\nmax_accuracy_ms = 999\n[token]\nprecision = \"seconds\"\n".into(),
             "[server]\nmax_request_bytes = 0\n".into(),
+            "[server]\nmax_header_bytes = 0\n".into(),
+            "[server]\nmax_header_bytes = 1048577\n".into(),
             "[server]\npath = \"/certs\"\n".into(),
             format!("{disciplined}{servers}poll_interval_ms = 16000\nmax_sample_age_ms = 16000\n"),
         ] {

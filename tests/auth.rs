@@ -996,6 +996,34 @@ fn quotas_answer_429_with_retry_after_and_recover() {
     post(&server.url, &q, &["-H", &alice_auth]).granted();
 }
 
+/// A request of another media type (415) costs no token: anonymous callers share one bucket,
+/// which 415s would otherwise empty for nothing.
+#[test]
+fn a_request_of_another_media_type_costs_no_token() {
+    let dir = init(&[]);
+    configure(
+        dir.path(),
+        &[],
+        "[auth]\nanonymous_rate_per_s = 0.001\nanonymous_burst = 2\n",
+    );
+    let server = Server::serve(dir);
+    let q = query(server.dir.path(), "media-type");
+    for _ in 0..3 {
+        let out = ok(Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+            .arg("Content-Type: text/plain")
+            .arg("--data-binary")
+            .arg(format!("@{}", q.display()))
+            .arg(&server.url));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "415");
+    }
+    let codes: Vec<u16> = burst(&server.url, &q, 3, &[])
+        .iter()
+        .map(|(code, _, _)| *code)
+        .collect();
+    assert_eq!(codes, [200, 200, 429], "the two tokens left whole");
+}
+
 /// A client with no token left is refused a batch (429) before its body is read: it holds no
 /// batch place while the body comes, however slowly (here it never comes).
 #[test]

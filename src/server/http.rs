@@ -532,13 +532,16 @@ where
     let service = service_fn(move |req| {
         let (tsa, limits, connection) = (tsa.clone(), limits.clone(), connection.clone());
         async move {
+            // Read before the request's credentials are judged: a reload from here on is seen
+            // by the check after its body ([`Credentials::still_name`]).
+            let reloads = tsa.credential_reloads.load(Ordering::SeqCst);
             let (peer, certificate_refused) = connection.client_certificate(&tsa);
             let link = Link {
                 tls: connection.tls.is_some(),
                 certificate: peer.as_deref(),
                 certificate_refused,
             };
-            let mut reply = public_route(req, &tsa, &limits, link, &connection).await;
+            let mut reply = public_route(req, &tsa, &limits, link, &connection, reloads).await;
             let served = connection.served.fetch_add(1, Ordering::Relaxed) + 1;
             if served == limits.max_requests_per_connection {
                 reply
@@ -565,19 +568,29 @@ async fn public_route(
     limits: &Limits,
     link: Link<'_>,
     connection: &Connection,
+    reloads: u64,
 ) -> Reply {
     if req.uri().path() == limits.path {
         let start = Instant::now();
         let (reply, outcome) = match *req.method() {
             Method::POST if has_media_type(&req, batch::QUERY_MEDIA_TYPE) => {
                 // Counts its items' outcomes itself.
-                return timestamp_batch(req, tsa, limits, link, connection, start).await;
+                let credentials = Credentials::of(req.headers(), reloads);
+                return timestamp_batch(req, tsa, limits, link, connection, credentials, start)
+                    .await;
             }
+            // Before anything is charged: a request of another type costs no token.
+            Method::POST if !has_media_type(&req, QUERY_TYPE) => rejection(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                FailInfo::BadDataFormat,
+                "the request media type must be application/timestamp-query",
+            ),
             Method::POST => match authenticate(req.headers(), tsa, link)
                 .and_then(|client| Ok((charge(tsa, &client, 1)?, client)))
             {
                 Ok((taken, client)) => {
-                    timestamp(req, tsa, limits, connection, &client, taken).await
+                    let credentials = Credentials::of(req.headers(), reloads);
+                    timestamp(req, tsa, limits, connection, &client, taken, credentials).await
                 }
                 Err(denied) => denied.answer(),
             },
@@ -704,15 +717,17 @@ fn authenticate_with(
 struct Credentials {
     /// Its `Authorization` header (a request with more than one is refused before).
     authorization: Option<HeaderValue>,
-    /// `Tsa::credential_reloads` when it was authenticated.
+    /// `Tsa::credential_reloads` before it was authenticated (and its connection's
+    /// certificate judged): a reload after that reading, even one before the request was
+    /// charged, is seen.
     reloads: u64,
 }
 
 impl Credentials {
-    fn of(headers: &hyper::HeaderMap, tsa: &Tsa) -> Self {
+    fn of(headers: &hyper::HeaderMap, reloads: u64) -> Self {
         Self {
             authorization: headers.get(header::AUTHORIZATION).cloned(),
-            reloads: tsa.credential_reloads.load(Ordering::SeqCst),
+            reloads,
         }
     }
 
@@ -786,16 +801,9 @@ async fn timestamp(
     connection: &Connection,
     client: &Client,
     taken: Taken,
+    // Checked again after its body, should a reload have come since they were judged.
+    credentials: Credentials,
 ) -> (Reply, Outcome) {
-    if !has_media_type(&req, QUERY_TYPE) {
-        return rejection(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            FailInfo::BadDataFormat,
-            "the request media type must be application/timestamp-query",
-        );
-    }
-    // Its credentials, checked again after its body should a reload come meanwhile.
-    let credentials = Credentials::of(req.headers(), tsa);
     let body = match read_body(req, limits.max_body, limits.read_timeout).await {
         Ok(body) => body,
         Err(refused) => return refused,
@@ -824,6 +832,7 @@ async fn timestamp_batch(
     limits: &Limits,
     link: Link<'_>,
     connection: &Connection,
+    credentials: Credentials,
     start: Instant,
 ) -> Reply {
     let refused = |(reply, outcome): (Reply, Outcome)| {
@@ -874,8 +883,6 @@ async fn timestamp_batch(
         Ok(taken) => taken,
         Err(denied) => return refused(denied.answer()),
     };
-    // Its credentials, to check again once its body is read.
-    let credentials = Credentials::of(req.headers(), tsa);
     let body = match read_body(req, limits.max_batch_body, limits.read_timeout).await {
         Ok(body) => body,
         Err(refusal) => return refused(refusal),
