@@ -17,7 +17,7 @@
 //! (`CKR_OPERATION_ACTIVE`). Every signature goes through the caller's check (it verifies on
 //! the host) before its session is lent again: one that fails it has that session make a
 //! test signature, and one that fails too, or a second bad signature within a minute, marks
-//! the pool down (`hsm_signature_invalid`). Any other fault that means the session, the login
+//! the pool down (`hsm_signature_invalid`) for a minute at least. Any other fault that means the session, the login
 //! or the token went away (see [`classify`]) marks the pool down: from then on `sign` answers
 //! `Unavailable` at once, `health` is an error, and the recovery thread tries, with a bounded
 //! exponential backoff, new sessions and a new login, then `C_Finalize` + `C_Initialize` and
@@ -61,6 +61,13 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Two signatures that fail the host's check within this take the pool down, whatever the
 /// test signatures say ([`Pool::signature_invalid`]).
 const INVALID_WINDOW: Duration = Duration::from_secs(60);
+/// How long a pool that bad signatures took down waits before its recovery tries the module
+/// again: its test signature may pass while it keeps faulting now and then, and without the
+/// wait the pool would be up again within milliseconds, to refuse the next request it spoils.
+#[cfg(not(test))]
+const INVALID_HOLD: Duration = INVALID_WINDOW;
+#[cfg(test)]
+const INVALID_HOLD: Duration = Duration::from_millis(500);
 /// What the probe signature signs (recoveries verify it with the known public key).
 const PROBE_MESSAGE: &[u8] = b"tsa pkcs11 probe";
 
@@ -238,6 +245,8 @@ struct State {
     watcher_done: bool,
     /// When a signature last failed the caller's check ([`Pool::sign_checked`]).
     last_invalid: Option<Instant>,
+    /// Bad signatures took the pool down: no recovery before this ([`INVALID_HOLD`]).
+    hold_until: Option<Instant>,
 }
 
 pub struct Pool {
@@ -267,6 +276,18 @@ impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)
     }
+}
+
+/// A recovery's log line, as an archived event (`event = KIND`) where `archived`, else as a
+/// plain log line (the events layer takes only lines with an `event`).
+macro_rules! recovery_event {
+    ($level:ident, $archived:expr, $kind:literal, $($rest:tt)*) => {
+        if $archived {
+            tracing::$level!(event = $kind, $($rest)*)
+        } else {
+            tracing::$level!($($rest)*)
+        }
+    };
 }
 
 /// The token's flag that the next wrong PIN locks the user: the TSA does not try one then.
@@ -605,6 +626,7 @@ impl Pool {
                 shutdown: false,
                 watcher_done: false,
                 last_invalid: None,
+                hold_until: None,
             }),
             idle_cv: Condvar::new(),
             wake_cv: Condvar::new(),
@@ -1073,9 +1095,10 @@ impl Pool {
     /// RSA signature can even give the key away), and `tested` is what a test signature in
     /// the same session then gave. One that verified, and no other bad signature within
     /// [`INVALID_WINDOW`], is a passing fault: that request alone was refused, and the event
-    /// archived (at most once a second). Otherwise the pool goes down until a recovery's test
-    /// signature verifies, and a module that keeps faulting, however seldom the test catches
-    /// it, keeps the signer down rather than refuse request after request.
+    /// archived (at most once a second). Otherwise the pool goes down, for [`INVALID_HOLD`]
+    /// at least, until a recovery's test signature verifies, and a module that keeps
+    /// faulting, however seldom the test catches it, keeps the signer down rather than refuse
+    /// request after request.
     fn signature_invalid(&self, why: &str, tested: Result<(), String>) {
         let again = {
             let mut state = self.state();
@@ -1111,6 +1134,7 @@ impl Pool {
                  did a test signature in the same session: {e}"
             ),
         };
+        self.state().hold_until = Some(Instant::now() + INVALID_HOLD);
         self.mark_down_as("hsm_signature_invalid", reason, None, Some("C_Sign".into()));
     }
 
@@ -1176,6 +1200,22 @@ impl Pool {
                         }
                         state = self.state();
                     }
+                }
+            }
+            // Bad signatures took it down: the module is left alone a while first.
+            let hold = self.state().hold_until.take();
+            if let Some(until) = hold {
+                let mut state = self.state();
+                while !state.shutdown && Instant::now() < until {
+                    let left = until.saturating_duration_since(Instant::now());
+                    state = self
+                        .wake_cv
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                if state.shutdown {
+                    return;
                 }
             }
             attempt += 1;
@@ -1351,8 +1391,14 @@ impl Pool {
             Health::Down { since, .. } => since.elapsed().as_millis() as u64,
             Health::Up => 0,
         };
-        tracing::info!(
-            event = "hsm_recovery_attempt",
+        // Every attempt is logged; the archive (which keeps each `event`) takes the 1st, 2nd,
+        // 4th, 8th…: a long outage tried every 5 s would otherwise add some 35,000 events a
+        // day to the events' chain. The attempt's number says how many came between.
+        let archived = attempt.is_power_of_two();
+        recovery_event!(
+            info,
+            archived,
+            "hsm_recovery_attempt",
             attempt,
             level = "sessions",
             "opening new HSM sessions and logging in again"
@@ -1367,8 +1413,10 @@ impl Pool {
         if sessions_error.pin_refused() {
             return self.halt(attempt, &sessions_error);
         }
-        tracing::warn!(
-            event = "hsm_recovery_failed",
+        recovery_event!(
+            warn,
+            archived,
+            "hsm_recovery_failed",
             attempt,
             level = "sessions",
             ckr = sessions_error.ckr.as_deref().unwrap_or(""),
@@ -1378,8 +1426,10 @@ impl Pool {
 
         let result = match lib.module.reinitialize() {
             Ok(Reinitialized::Done) => {
-                tracing::info!(
-                    event = "hsm_recovery_attempt",
+                recovery_event!(
+                    info,
+                    archived,
+                    "hsm_recovery_attempt",
                     attempt,
                     level = "library",
                     "the PKCS#11 library was finalized and initialized again"
@@ -1419,8 +1469,10 @@ impl Pool {
             Err(e) if e.pin_refused() => self.halt(attempt, &e),
             Err(e) => {
                 let state = self.state();
-                tracing::warn!(
-                    event = "hsm_recovery_failed",
+                recovery_event!(
+                    warn,
+                    archived,
+                    "hsm_recovery_failed",
                     attempt,
                     level = "library",
                     ckr = e.ckr.as_deref().unwrap_or(""),
@@ -1692,6 +1744,9 @@ mod tests {
             let down = pool.health().unwrap_err();
             assert!(down.contains("twice within 60 s"), "{down}");
         }
+        // Left alone a while first (a module that keeps faulting stays down).
+        std::thread::sleep(INVALID_HOLD / 2);
+        assert!(!up(&pool), "recovered before the hold");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !up(&pool) {
             assert!(Instant::now() < deadline, "recovered");
