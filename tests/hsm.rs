@@ -404,6 +404,8 @@ fn the_csr_is_signed_by_the_token_key_which_never_leaves_the_token() {
         report.contains("CKA_SENSITIVE=Some(true) CKA_EXTRACTABLE=Some(false)"),
         "{report}"
     );
+    // Generated there, for signing only: no warning.
+    assert!(!report.contains("WARNING"), "{report}");
     assert!(report.contains("verified on the host"), "{report}");
 }
 
@@ -1283,6 +1285,58 @@ fn a_key_replaced_under_the_same_label_and_id_is_not_used() {
     assert_eq!(code, 503, "{text}");
     let log = server.log();
     assert!(!log.contains("event=\"hsm_key_refound\""), "{log}");
+}
+
+/// A key imported into the token (not generated there) is flagged: the token does not vouch
+/// that it never left it, as ETSI EN 319 421 asks of TSU keys. `tsa hsm check` says so, and
+/// the server logs it as an event at start.
+#[test]
+fn an_imported_key_is_flagged() {
+    let dir = init_hsm(&[], "");
+    let d = dir.path();
+    // The development PKI's software key and its certificate, imported under another label.
+    let software = tempfile::tempdir().unwrap();
+    ok(Command::new(TSA)
+        .args(["init", "--dir"])
+        .arg(software.path()));
+    let (conf, _) = softhsm_env(d);
+    ok(Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &conf)
+        .args(["--import"])
+        .arg(software.path().join("tsa-key.pem"))
+        .args([
+            "--token", "tsa", "--label", "imported", "--id", "0c0c", "--pin",
+        ])
+        .arg(pin(d)));
+    let certificate = software.path().join("tsa-cert.pem");
+    edit_config(d, |config| {
+        let config = config.replace("key_label = \"tsa-tsu\"", "key_label = \"imported\"");
+        let config = replace_line(&config, "key_id = ", "key_id = \"0c0c\"");
+        config.replace(
+            "certificate = \"tsa-cert.pem\"",
+            &format!("certificate = \"{}\"", certificate.display()),
+        )
+    });
+    let out = ok(Command::new(TSA)
+        .args(["hsm", "check", "--config"])
+        .arg(d.join("tsa.toml")));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("not generated on the token"), "{report}");
+    let server = HsmServer::start(d, &[]);
+    let log = server.log();
+    assert!(
+        log.contains("event=\"hsm_key_not_generated_on_token\""),
+        "{log}"
+    );
+}
+
+/// `config` with the line that starts with `start` replaced by `line`.
+fn replace_line(config: &str, start: &str, line: &str) -> String {
+    config
+        .lines()
+        .map(|l| if l.starts_with(start) { line } else { l })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Two tokens with the token label of the configuration: the signer does not guess.

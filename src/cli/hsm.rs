@@ -277,7 +277,7 @@ fn check(args: &CheckArgs) -> anyhow::Result<()> {
     writeln!(
         out,
         "attributes: CKA_SENSITIVE={:?} CKA_EXTRACTABLE={:?} CKA_ALWAYS_SENSITIVE={:?} \
-         CKA_NEVER_EXTRACTABLE={:?} CKA_PRIVATE={:?} CKA_SIGN={:?}{}",
+         CKA_NEVER_EXTRACTABLE={:?} CKA_PRIVATE={:?} CKA_SIGN={:?}{}{}{}",
         p.sensitive,
         p.extractable,
         p.always_sensitive,
@@ -288,6 +288,16 @@ fn check(args: &CheckArgs) -> anyhow::Result<()> {
             ""
         } else {
             "  <- WARNING: the key can leave the token"
+        },
+        if p.never_left_the_token() {
+            String::new()
+        } else {
+            "  <- WARNING: not generated on the token, or extractable once".into()
+        },
+        if p.other_uses.is_empty() {
+            String::new()
+        } else {
+            format!("  <- WARNING: also allows {}", p.other_uses.join(", "))
         }
     )?;
     let certificate = TsuCertificate::load(&config.certificate, &config.chain)?;

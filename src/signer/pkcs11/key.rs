@@ -226,12 +226,22 @@ pub struct Protection {
     pub never_extractable: Option<bool>,
     pub sign: Option<bool>,
     pub private: Option<bool>,
+    /// What the key also allows besides signing (`CKA_DECRYPT`, `CKA_UNWRAP`, `CKA_DERIVE`,
+    /// `CKA_SIGN_RECOVER` true).
+    pub other_uses: Vec<&'static str>,
 }
 
 impl Protection {
     /// Whether the key can never leave the token in the clear.
     pub fn is_protected(&self) -> bool {
         self.sensitive == Some(true) && self.extractable == Some(false)
+    }
+
+    /// Whether the token vouches that the key never left it in the clear since it was made
+    /// there (`CKA_ALWAYS_SENSITIVE` and `CKA_NEVER_EXTRACTABLE` true): a key imported, or once
+    /// extractable, is not. ETSI EN 319 421 asks for TSU keys generated in the HSM.
+    pub fn never_left_the_token(&self) -> bool {
+        self.always_sensitive == Some(true) && self.never_extractable == Some(true)
     }
 }
 
@@ -262,6 +272,10 @@ pub fn read_key_info(session: &Session, key: ObjectHandle) -> anyhow::Result<Key
                 AttributeType::NeverExtractable,
                 AttributeType::Sign,
                 AttributeType::Private,
+                AttributeType::Decrypt,
+                AttributeType::Unwrap,
+                AttributeType::Derive,
+                AttributeType::SignRecover,
                 AttributeType::EcParams,
                 AttributeType::Modulus,
                 AttributeType::PublicExponent,
@@ -283,6 +297,10 @@ pub fn read_key_info(session: &Session, key: ObjectHandle) -> anyhow::Result<Key
             Attribute::NeverExtractable(b) => protection.never_extractable = Some(b),
             Attribute::Sign(b) => protection.sign = Some(b),
             Attribute::Private(b) => protection.private = Some(b),
+            Attribute::Decrypt(true) => protection.other_uses.push("CKA_DECRYPT"),
+            Attribute::Unwrap(true) => protection.other_uses.push("CKA_UNWRAP"),
+            Attribute::Derive(true) => protection.other_uses.push("CKA_DERIVE"),
+            Attribute::SignRecover(true) => protection.other_uses.push("CKA_SIGN_RECOVER"),
             Attribute::EcParams(p) => ec_params = Some(p),
             Attribute::Modulus(m) => modulus = Some(m),
             Attribute::PublicExponent(e) => exponent = Some(e),

@@ -293,6 +293,23 @@ impl Pkcs11Signer {
                  is not false); production keys should be sensitive and non-extractable"
             );
         }
+        if !info.protection.never_left_the_token() {
+            tracing::warn!(
+                event = "hsm_key_not_generated_on_token",
+                always_sensitive = ?info.protection.always_sensitive,
+                never_extractable = ?info.protection.never_extractable,
+                "the token does not vouch that the HSM key never left it (CKA_ALWAYS_SENSITIVE \
+                 or CKA_NEVER_EXTRACTABLE is not true): it was imported, or extractable once; \
+                 ETSI EN 319 421 asks for TSU keys generated in the HSM (tsa hsm keygen)"
+            );
+        }
+        if !info.protection.other_uses.is_empty() {
+            tracing::warn!(
+                event = "hsm_key_other_uses",
+                uses = %info.protection.other_uses.join(", "),
+                "the HSM key allows more than signing; a TSU key should sign only"
+            );
+        }
         Ok(Self {
             algorithm: pool.algorithm(),
             public_key: info.public_key.clone(),

@@ -201,6 +201,7 @@ pub fn generate_key_pair(
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
         Attribute::Sign(true),
+        Attribute::SignRecover(false),
         Attribute::Decrypt(false),
         Attribute::Unwrap(false),
         Attribute::Derive(false),
