@@ -10,7 +10,9 @@
 //!
 //! Modules are told apart by their canonical path (a bare file name left to the dynamic loader
 //! by that name): name one module the same way in every signer. A library that some other
-//! code of the process had initialized already is never finalized or re-initialized from here.
+//! code of the process had initialized already is never finalized or re-initialized from here;
+//! nor, from then on, is any module of the registry, since the one initialized already may be
+//! one of them named another way (a bare name beside a path).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -92,6 +94,15 @@ impl SharedModule {
                 ckr(&e)
             )
         })?;
+        if !owns_init {
+            // Initialized already: by code outside the registry, or by an entry of this
+            // registry that names the same library another way (a bare name beside a path,
+            // a hard link). Which one cannot be told, so none of them finalizes it any more:
+            // that would pull it from under the others' sessions.
+            for entry in map.values_mut() {
+                entry.owns_init = false;
+            }
+        }
         map.insert(
             key.clone(),
             Entry {
@@ -105,6 +116,15 @@ impl SharedModule {
 
     pub fn ctx(&self) -> &Pkcs11 {
         &self.ctx
+    }
+
+    /// Whether other users rely on the library (another signer on the module, or code
+    /// outside the registry that initialized it): their sessions' handles may be numbers
+    /// that this user's lost sessions had.
+    pub fn shared(&self) -> bool {
+        let loaded = loaded();
+        let entry = loaded.as_ref().and_then(|map| map.get(&self.key));
+        entry.is_none_or(|e| may_reinitialize(e.users, e.owns_init).is_some())
     }
 
     /// `C_Finalize` + `C_Initialize`, only when this is the module's only user and the library

@@ -1383,9 +1383,19 @@ impl Pool {
         let Some(mut lib) = self.write_for_recovery() else {
             return Recovery::Failed;
         };
-        // Under the write lock no session is lent: close them all.
+        // Under the write lock no session is lent: close them all; or, where other users
+        // share the module, let them go unclosed: a lost token or session freed their
+        // handles, which the others' new sessions may have taken meanwhile (their recovery
+        // runs beside this one), and closing ours would close theirs. Sessions still alive
+        // are then left open in the module (at most the pool's size per outage).
         let old = std::mem::take(&mut self.state().idle);
-        drop(old);
+        if lib.module.shared() {
+            for pooled in old {
+                std::mem::forget(pooled.session);
+            }
+        } else {
+            drop(old);
+        }
 
         let outage = |state: &State| match &state.health {
             Health::Down { since, .. } => since.elapsed().as_millis() as u64,
@@ -1634,6 +1644,14 @@ mod tests {
         })
         .unwrap();
         drop(module);
+        // The pool alone on the module; another user shares it (a recovery then lets its lost
+        // sessions go unclosed: their handles may be the other's new ones).
+        let shared = |pool: &Pool| pool.lib.read().unwrap().module.shared();
+        assert!(!shared(&pool));
+        let other = SharedModule::open(&module_path).unwrap();
+        assert!(shared(&pool));
+        drop(other);
+        assert!(!shared(&pool));
         let digest = [0x5a; 32];
         let input = pool.scheme().input(pool.algorithm().digest(), &digest);
         let up = |pool: &Pool| matches!(pool.state().health, Health::Up);
