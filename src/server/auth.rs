@@ -128,11 +128,11 @@ pub struct PeerCertificate {
     /// session restores the certificate without verifying it again, and a connection lives
     /// for many requests.
     pub not_after_s: Option<u64>,
-    /// The earliest end of the other certificates the client presented (its CA
-    /// certificates): from then the connection's chain is verified again at each request
-    /// (a CA certificate expired refuses it; one the client sent and the path does not use
-    /// does not).
-    pub cas_not_after_s: Option<u64>,
+    /// The ends of the other certificates the client presented (its CA certificates), in
+    /// order: as each passes, the connection's chain is verified again (a CA certificate
+    /// expired refuses it; one the client sent and the path does not use does not, and once
+    /// a verification after its end accepted the chain it is not asked again).
+    pub cas_not_after_s: Vec<u64>,
     /// The chain the handshake verified, the client's certificate first: verified again
     /// when the TLS configuration is reloaded while the connection lives.
     pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -161,7 +161,9 @@ impl PeerCertificate {
                         .as_secs()
                 })
             })
-            .min();
+            .collect::<std::collections::BTreeSet<u64>>()
+            .into_iter()
+            .collect();
         Self {
             chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
             names: identity.names.filter(|_| issued_by_a_client_ca),
@@ -188,7 +190,7 @@ impl PeerCertificate {
             sha256,
             names,
             not_after_s,
-            cas_not_after_s: None,
+            cas_not_after_s: Vec::new(),
             chain: Vec::new(),
         }
     }
@@ -740,7 +742,7 @@ mod tests {
             sha256,
             names: NameKey::parse("CN=Client CA A").zip(NameKey::parse(subject)),
             not_after_s: Some(4_102_444_800),
-            cas_not_after_s: None,
+            cas_not_after_s: Vec::new(),
             chain: Vec::new(),
         }
     }
@@ -1019,7 +1021,7 @@ mod tests {
         );
         assert_eq!(
             peer.cas_not_after_s,
-            Some(end_2030),
+            [end_2030],
             "from then the chain is verified again"
         );
     }

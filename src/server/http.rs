@@ -118,6 +118,19 @@ struct Connection {
     tls: Option<std::sync::Mutex<Arc<super::tls::Tls>>>,
 }
 
+/// Whether a connection's chain is to be verified again at `now_s` for its CA certificates'
+/// ends (`cas_not_after_s`), given its last verification (`rechecked`: its second shifted
+/// left one, and whether it refused): where one of them ended since then, or while it was
+/// refused. An expired certificate sent beside the chain it is verified on is so asked about
+/// once, not at every request (each verification is a path search).
+fn recheck_due(cas_not_after_s: &[u64], rechecked: u64, now_s: u64) -> bool {
+    let (last_s, last_refused) = (rechecked >> 1, rechecked & 1 == 1);
+    last_refused
+        || cas_not_after_s
+            .iter()
+            .any(|&end| end >= last_s && end <= now_s)
+}
+
 impl Connection {
     /// What the connection authenticates with now: its client certificate's identity (on the
     /// HTTPS listener), and whether the TLS configuration in force refuses that certificate
@@ -149,11 +162,10 @@ impl Connection {
         };
         if let Some(peer) = peer {
             let now_s = UnixTime::now().as_secs();
-            let due = peer.cas_not_after_s.is_some_and(|end| now_s >= end)
-                || current.crls_outdated(now_s);
-            // At most one verification a second: a client can keep it due (an expired
-            // certificate sent beside its chain), and each is a path search.
             let last = self.rechecked.load(Ordering::Relaxed);
+            let due =
+                recheck_due(&peer.cas_not_after_s, last, now_s) || current.crls_outdated(now_s);
+            // At most one verification a second.
             let refused = due
                 && match last >> 1 == now_s {
                     true => last & 1 == 1,
@@ -1230,6 +1242,26 @@ fn response(status: StatusCode, content_type: &'static str, body: Bytes) -> Repl
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CA certificate's end calls for one verification after it; an accepting one ends
+    /// that (the certificate was not on the verified path), a refusing one does not.
+    #[test]
+    fn an_expired_certificate_beside_the_chain_is_verified_again_once() {
+        let ends = [1_000, 5_000];
+        let checked = |second: u64, refused: bool| second << 1 | u64::from(refused);
+        // Never verified again since the handshake: the end passed before it is asked once.
+        assert!(recheck_due(&ends, 0, 2_000));
+        // Verified after it, accepted: not again until the next end.
+        assert!(!recheck_due(&ends, checked(2_000, false), 2_001));
+        assert!(!recheck_due(&ends, checked(2_000, false), 4_999));
+        assert!(recheck_due(&ends, checked(2_000, false), 5_000));
+        // Verified in its last second: asked once more after it.
+        assert!(recheck_due(&ends, checked(5_000, false), 5_001));
+        assert!(!recheck_due(&ends, checked(5_001, false), 9_000));
+        // Refused: asked again (a reload may accept it).
+        assert!(recheck_due(&ends, checked(2_000, true), 2_001));
+        assert!(!recheck_due(&[], 0, 2_000));
+    }
 
     #[test]
     fn the_admin_listener_answers_ip_addresses_localhost_and_the_names_configured() {
