@@ -443,6 +443,11 @@ impl Discipline {
         self.config.max_drift_ppm * 1e-6
     }
 
+    /// Whether events wait to be drained ([`Discipline::drain_events`]).
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     /// A poll of `source` answered with `sample`. An implausible sample (see
     /// [`Sample::is_plausible`]) counts as a missed poll.
     pub fn sample(&mut self, source: usize, sample: Sample) {

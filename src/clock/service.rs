@@ -322,6 +322,12 @@ async fn run(
                     // the loss of sync is observed and logged.
                     None => sources_running = false,
                 }
+                // A source reachable again, or unreachable, is told when it happens, not at
+                // the next update (up to a poll interval later, and dated then).
+                if discipline.has_events() {
+                    let utc = discipline.estimate(clock.local.now()).utc_ns;
+                    tell(&clock, &mut discipline, &names, utc);
+                }
             }
             _ = tick.tick() => {
                 resumed(&clock, &mut discipline, &mut suspended, &mut wall, &names);
