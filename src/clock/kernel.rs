@@ -49,7 +49,8 @@ use super::{system_unix_ns, Reading, SyncState, TimeSource};
 pub struct KernelState {
     pub unix_ns: u64,
     /// What `adjtimex` returned: the clock state (`TIME_OK`, `TIME_INS`, `TIME_DEL`,
-    /// `TIME_OOP`, `TIME_WAIT`, `TIME_ERROR`), or −1.
+    /// `TIME_OOP`, `TIME_WAIT`, `TIME_ERROR`), or −1; [`UNPAIRED`] where its time never
+    /// paired with the clock read after it.
     pub rc: i32,
     /// `timex.status` (`STA_UNSYNC`, `STA_INS`, `STA_DEL`, …).
     pub status: i32,
@@ -79,7 +80,9 @@ impl KernelApi for Adjtimex {
     /// to nanoseconds), and the clock read right after it must be within
     /// [`PAIRED_WITHIN_NS`] of it, or a step of the clock came between the two (the state of
     /// before the step paired with the time of after it), and the call is made again. Where
-    /// that keeps happening the reading is refused (`rc` −1, as a failed call).
+    /// that keeps happening the reading is refused ([`UNPAIRED`]). In an inserted leap second
+    /// (`TIME_OOP`) the kernel gives 23:59:60 as 23:59:59 again, which pairs with nothing: the
+    /// leap refuses that reading anyway.
     fn state(&self) -> KernelState {
         let mut last = None;
         for _ in 0..3 {
@@ -91,19 +94,21 @@ impl KernelApi for Adjtimex {
             let nano = tx.status & libc::STA_NANO != 0;
             let kernel_ns = i128::from(tx.time.tv_sec) * 1_000_000_000
                 + i128::from(tx.time.tv_usec) * if nano { 1 } else { 1_000 };
-            let paired = rc != -1 && paired(kernel_ns, unix_ns);
             let state = Self::read(&tx, rc, unix_ns);
-            if paired || rc == -1 {
+            if rc == -1 || rc == libc::TIME_OOP || paired(kernel_ns, unix_ns) {
                 return state;
             }
             last = Some(state);
         }
         KernelState {
-            rc: -1,
+            rc: UNPAIRED,
             ..last.expect("three tries")
         }
     }
 }
+
+/// `KernelState::rc` where `adjtimex`'s time never paired with the clock read after it.
+pub const UNPAIRED: i32 = -2;
 
 /// How far the clock read right after `adjtimex` may be from the time it gave: the call's
 /// own length, its time's truncation to microseconds, and a preemption between the two.
@@ -377,10 +382,11 @@ enum Verdict {
     NoBound,
     NoDaemon,
     CorrectionUnknown,
+    Unpaired,
 }
 
 fn reason(verdict: Verdict) -> Arc<str> {
-    static REASONS: [OnceLock<Arc<str>>; 7] = [const { OnceLock::new() }; 7];
+    static REASONS: [OnceLock<Arc<str>>; 8] = [const { OnceLock::new() }; 8];
     REASONS[verdict as usize]
         .get_or_init(|| {
             match verdict {
@@ -407,6 +413,10 @@ fn reason(verdict: Verdict) -> Arc<str> {
                     "chronyd's correction still to slew (chronyc tracking's System time) is not \
                      known: its command port (clock.chronyd_command) does not answer, or it has \
                      just updated the clock"
+                }
+                Verdict::Unpaired => {
+                    "the kernel's time (adjtimex) and the clock read right after it differ by \
+                     more than a millisecond, three times in a row: the clock is being stepped"
                 }
             }
             .into()
@@ -484,6 +494,9 @@ impl<A: KernelApi> KernelClock<A> {
 
     /// What the kernel's own state says.
     fn verdict_of(state: &KernelState) -> Verdict {
+        if state.rc == UNPAIRED {
+            return Verdict::Unpaired;
+        }
         let unsynchronized =
             state.rc < 0 || state.rc == libc::TIME_ERROR || state.status & libc::STA_UNSYNC != 0;
         let leap_pending = matches!(state.rc, libc::TIME_INS | libc::TIME_DEL | libc::TIME_WAIT)
@@ -674,9 +687,16 @@ mod tests {
         assert!(paired(kernel_ns, at(40_000)), "a slow call");
         assert!(!paired(kernel_ns, at(1_000_000_000)), "stepped forward");
         assert!(!paired(kernel_ns, at(-1_000_000)), "stepped back");
+        // Three in a row: refused, and said why.
+        let r = KernelClock::<Adjtimex>::judge(state(5, UNPAIRED, 0));
+        assert_eq!(r.state, SyncState::Unsynchronized);
+        assert!(r.reason.contains("being stepped"), "{}", r.reason);
         // The real call, on this machine's clock: paired (no step now).
         let state = Adjtimex.state();
-        assert_ne!(state.rc, -1, "the kernel's time and the clock never paired");
+        assert_ne!(
+            state.rc, UNPAIRED,
+            "the kernel's time and the clock never paired"
+        );
         let now = system_unix_ns();
         assert!(now >= state.unix_ns && now - state.unix_ns < 1_000_000_000);
     }

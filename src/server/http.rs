@@ -147,8 +147,9 @@ impl Connection {
 
     /// Whether the TLS configuration in force refuses `peer`, the connection's client
     /// certificate (or its lack of one), now: after a reload (asked once per reload while
-    /// accepted), and once a CA certificate the client presented has expired or a client CRL
-    /// is past its nextUpdate (asked at each request from then). A certificate still accepted
+    /// accepted), once after each end of a CA certificate the client presented
+    /// ([`recheck_due`]), while refused, and while a client CRL is past its nextUpdate (at
+    /// most once a second). A certificate still accepted
     /// after a reload keeps its subject mapping only while a client CA of the reloaded
     /// configuration issued it directly (otherwise only its SHA-256 maps it).
     fn certificate_refused(

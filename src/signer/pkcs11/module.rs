@@ -118,15 +118,6 @@ impl SharedModule {
         &self.ctx
     }
 
-    /// Whether other users rely on the library (another signer on the module, or code
-    /// outside the registry that initialized it): their sessions' handles may be numbers
-    /// that this user's lost sessions had.
-    pub fn shared(&self) -> bool {
-        let loaded = loaded();
-        let entry = loaded.as_ref().and_then(|map| map.get(&self.key));
-        entry.is_none_or(|e| may_reinitialize(e.users, e.owns_init).is_some())
-    }
-
     /// `C_Finalize` + `C_Initialize`, only when this is the module's only user and the library
     /// was initialized here; otherwise nothing (finalizing would pull the library from under
     /// the other users' sessions and calls).

@@ -67,7 +67,7 @@ const INVALID_WINDOW: Duration = Duration::from_secs(60);
 #[cfg(not(test))]
 const INVALID_HOLD: Duration = INVALID_WINDOW;
 #[cfg(test)]
-const INVALID_HOLD: Duration = Duration::from_millis(500);
+const INVALID_HOLD: Duration = Duration::from_secs(2);
 /// What the probe signature signs (recoveries verify it with the known public key).
 const PROBE_MESSAGE: &[u8] = b"tsa pkcs11 probe";
 
@@ -356,7 +356,10 @@ impl PinRefused {
 
 impl std::fmt::Display for PinRefused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the token refused the PIN; not restarted, so as not to lock it")
+        f.write_str(
+            "the token refused the PIN, or would lock on a wrong one: not to be tried again \
+             until it is fixed",
+        )
     }
 }
 
@@ -365,6 +368,8 @@ impl std::error::Error for PinRefused {}
 enum Recovery {
     Recovered,
     Failed,
+    /// Not tried: bad signatures took the pool down, and the module is left alone until then.
+    Held(Instant),
     /// The PIN was refused: no more attempts.
     Halted,
 }
@@ -380,6 +385,7 @@ impl ConnectError {
                     | "CKR_PIN_LOCKED"
                     | "CKR_PIN_EXPIRED"
                     | "CKR_PIN_INVALID"
+                    | "CKR_PIN_LEN_RANGE"
                     | FINAL_TRY
             )
         )
@@ -483,6 +489,13 @@ pub fn open_logged_in(
 /// nothing). Then nothing is tried, and the refusal is a refused PIN
 /// ([`ConnectError::pin_refused`]).
 fn login(ctx: &Pkcs11, slot: Slot, session: &Session, pin: &PinSource) -> Result<(), ConnectError> {
+    // The application is logged in already (another signer on the token): no PIN is sent.
+    if matches!(
+        session.get_session_info().map(|i| i.session_state()),
+        Ok(SessionState::RoUser | SessionState::RwUser)
+    ) {
+        return Ok(());
+    }
     if let Ok(token) = ctx.get_token_info(slot) {
         if let Some(refusal) = login_refusal(
             token.user_pin_locked(),
@@ -1202,24 +1215,24 @@ impl Pool {
                     }
                 }
             }
-            // Bad signatures took it down: the module is left alone a while first.
-            let hold = self.state().hold_until.take();
-            if let Some(until) = hold {
-                let mut state = self.state();
-                while !state.shutdown && Instant::now() < until {
-                    let left = until.saturating_duration_since(Instant::now());
-                    state = self
-                        .wake_cv
-                        .wait_timeout(state, left)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
-                if state.shutdown {
-                    return;
-                }
-            }
             attempt += 1;
             match self.recover(attempt) {
+                Recovery::Held(until) => {
+                    // Not an attempt: wait out the hold (interruptible by the shutdown).
+                    attempt -= 1;
+                    let mut state = self.state();
+                    while !state.shutdown && Instant::now() < until {
+                        let left = until.saturating_duration_since(Instant::now());
+                        state = self
+                            .wake_cv
+                            .wait_timeout(state, left)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    if state.shutdown {
+                        return;
+                    }
+                }
                 Recovery::Recovered => {
                     backoff = FIRST_BACKOFF;
                     attempt = 0;
@@ -1383,19 +1396,19 @@ impl Pool {
         let Some(mut lib) = self.write_for_recovery() else {
             return Recovery::Failed;
         };
-        // Under the write lock no session is lent: close them all; or, where other users
-        // share the module, let them go unclosed: a lost token or session freed their
-        // handles, which the others' new sessions may have taken meanwhile (their recovery
-        // runs beside this one), and closing ours would close theirs. Sessions still alive
-        // are then left open in the module (at most the pool's size per outage).
-        let old = std::mem::take(&mut self.state().idle);
-        if lib.module.shared() {
-            for pooled in old {
-                std::mem::forget(pooled.session);
-            }
-        } else {
-            drop(old);
+        // Bad signatures took it down: the module is left alone a while first (read under
+        // the write lock, so that a hold set by a signature that held the read lock until
+        // now is seen).
+        let hold = self
+            .state()
+            .hold_until
+            .filter(|until| *until > Instant::now());
+        if let Some(until) = hold {
+            return Recovery::Held(until);
         }
+        // Under the write lock no session is lent: close them all.
+        let old = std::mem::take(&mut self.state().idle);
+        drop(old);
 
         let outage = |state: &State| match &state.health {
             Health::Down { since, .. } => since.elapsed().as_millis() as u64,
@@ -1527,6 +1540,7 @@ impl Pool {
         let outage_ms = outage(&state);
         state.idle = sessions.into();
         state.health = Health::Up;
+        state.hold_until = None;
         drop(state);
         tracing::info!(
             event = "hsm_recovered",
@@ -1644,14 +1658,6 @@ mod tests {
         })
         .unwrap();
         drop(module);
-        // The pool alone on the module; another user shares it (a recovery then lets its lost
-        // sessions go unclosed: their handles may be the other's new ones).
-        let shared = |pool: &Pool| pool.lib.read().unwrap().module.shared();
-        assert!(!shared(&pool));
-        let other = SharedModule::open(&module_path).unwrap();
-        assert!(shared(&pool));
-        drop(other);
-        assert!(!shared(&pool));
         let digest = [0x5a; 32];
         let input = pool.scheme().input(pool.algorithm().digest(), &digest);
         let up = |pool: &Pool| matches!(pool.state().health, Health::Up);
@@ -1763,7 +1769,7 @@ mod tests {
             assert!(down.contains("twice within 60 s"), "{down}");
         }
         // Left alone a while first (a module that keeps faulting stays down).
-        std::thread::sleep(INVALID_HOLD / 2);
+        std::thread::sleep(INVALID_HOLD / 10);
         assert!(!up(&pool), "recovered before the hold");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !up(&pool) {
