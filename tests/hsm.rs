@@ -459,6 +459,12 @@ fn keygen_csr_and_install_cert_for_a_new_token_key() {
         .args(["hsm", "keygen", "--algorithm", "p384", "--config"])
         .arg(&config));
     assert!(String::from_utf8_lossy(&out.stdout).contains("ECDSA P-384"));
+    // A key event in the operator's log (ETSI EN 319 421), the public key's hash with it.
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("hsm_key_generated") && log.contains("public_key_sha256"),
+        "{log}"
+    );
     ok(Command::new(TSA)
         .args([
             "hsm",
@@ -480,11 +486,13 @@ fn keygen_csr_and_install_cert_for_a_new_token_key() {
         .arg(&config));
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("does not belong"));
-    ok(Command::new(TSA)
+    let installed = ok(Command::new(TSA)
         .args(["hsm", "install-cert", "--cert"])
         .arg(d.join("new.pem"))
         .arg("--config")
         .arg(&config));
+    let log = String::from_utf8_lossy(&installed.stderr);
+    assert!(log.contains("certificate_installed"), "{log}");
     let server = HsmServer::start(d, &[]);
     let work = tempfile::tempdir().unwrap();
     stamp_and_verify(&server, work.path(), &["-sha384", "-cert"]);

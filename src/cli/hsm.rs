@@ -181,6 +181,19 @@ fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
     let session = token::open_session(&module, &config.token_selector(), &config.pin_source()?)?;
     token::generate_key_pair(&session, key_kind(args.algorithm), &label, &id)?;
     let key = TokenKey::find(&session, &selector)?;
+    // A key event (ETSI EN 319 421): in the operator's log, with the public key's hash.
+    tracing::info!(
+        event = "hsm_key_generated",
+        token = %config.token_selector(),
+        key_label = %label,
+        key_id = %key::hex(&id),
+        key = %key.info().kind.describe(),
+        public_key_sha256 = %key::hex(
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &key.info().public_key)
+                .as_ref()
+        ),
+        "key pair generated on the token"
+    );
     println!(
         "generated {} key '{}' (id {}) on {}: sensitive, not extractable",
         key.info().kind.describe(),
@@ -251,6 +264,14 @@ fn install_cert(args: &InstallCertArgs) -> anyhow::Result<()> {
         tsa::files::replace(&config.certificate, &pem, tsa::files::PUBLIC)
             .with_context(|| format!("cannot write {}", config.certificate.display()))?;
     }
+    tracing::info!(
+        event = "certificate_installed",
+        subject = %certificate.subject(),
+        serial = %certificate.serial_hex(),
+        sha256 = %certificate.sha256_hex(),
+        path = %config.certificate.display(),
+        "TSU certificate of the token key installed"
+    );
     println!(
         "the certificate of {} belongs to the token key; installed as {}",
         certificate.subject(),
