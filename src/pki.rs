@@ -133,6 +133,16 @@ pub fn tsu_certificate_params() -> anyhow::Result<CertificateParams> {
     tsu_params()
 }
 
+/// A self-signed certificate (DER) of the TSU profile with these key usages instead, for
+/// tests of the profile's checks.
+#[cfg(test)]
+pub(crate) fn tsu_certificate_with_key_usages(usages: Vec<KeyUsagePurpose>) -> Vec<u8> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = tsu_params().unwrap();
+    params.key_usages = usages;
+    params.self_signed(&key).unwrap().der().to_vec()
+}
+
 fn new_key(algorithm: KeyAlgorithm) -> anyhow::Result<KeyPair> {
     Ok(match algorithm {
         KeyAlgorithm::P256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,

@@ -847,11 +847,8 @@ mod tests {
     #[test]
     fn a_signer_whose_key_usage_holds_more_than_signing_is_refused() {
         use rcgen::KeyUsagePurpose::*;
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let profile = |usages: Vec<rcgen::KeyUsagePurpose>| {
-            let mut params = crate::pki::tsu_certificate_params().unwrap();
-            params.key_usages = usages;
-            let der = params.self_signed(&key).unwrap().der().to_vec();
+            let der = crate::pki::tsu_certificate_with_key_usages(usages);
             check_tsu_profile(&Certificate::from_der(&der).unwrap()).map_err(|e| e.to_string())
         };
         assert_eq!(profile(vec![DigitalSignature]), Ok(()));

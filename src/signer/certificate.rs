@@ -305,11 +305,8 @@ mod tests {
     #[test]
     fn a_key_usage_beyond_signing_is_refused() {
         use rcgen::KeyUsagePurpose::*;
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let certificate = |usages: Vec<rcgen::KeyUsagePurpose>| {
-            let mut params = crate::pki::tsu_certificate_params().unwrap();
-            params.key_usages = usages;
-            let der = params.self_signed(&key).unwrap().der().to_vec();
+            let der = crate::pki::tsu_certificate_with_key_usages(usages);
             TsuCertificate::from_der(der, Vec::new()).unwrap()
         };
         let with = |usages: Vec<rcgen::KeyUsagePurpose>| {

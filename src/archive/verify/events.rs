@@ -381,6 +381,24 @@ mod tests {
         .unwrap();
     }
 
+    /// The stored events from index `from` of `all` on, each changed by `edit` (given its
+    /// index) and chained again to the one before: every hash recomputed, as a forger would.
+    fn rechain_from(
+        conn: &rusqlite::Connection,
+        all: &[EventRecord],
+        from: usize,
+        edit: impl Fn(usize, &mut EventRecord),
+    ) {
+        let mut prev = all[from - 1].hash.unwrap();
+        for (i, e) in all.iter().enumerate().skip(from) {
+            let mut e = e.clone();
+            edit(i, &mut e);
+            let e = e.chained(prev);
+            rewrite(conn, &e);
+            prev = e.hash.unwrap();
+        }
+    }
+
     fn broken_at(report: EventsReport, seq: u64, what: &str) {
         let (at, found) = report.first_break.expect(what);
         assert_eq!(at, seq, "{found}");
@@ -417,16 +435,11 @@ mod tests {
         // The signed event changed, its hash recomputed and those after it chained to it
         // again: each event checks, but the checkpoint signed another.
         let report = eight_then(None, |conn, all| {
-            let mut prev = all[2].hash.unwrap();
-            for (i, e) in all.iter().enumerate().skip(3) {
-                let mut e = e.clone();
+            rechain_from(conn, all, 3, |i, e| {
                 if i == 3 {
                     e.message = "edited".into();
                 }
-                let e = e.chained(prev);
-                rewrite(conn, &e);
-                prev = e.hash.unwrap();
-            }
+            })
         });
         broken_at(
             report,
@@ -460,14 +473,7 @@ mod tests {
              the event at 7, the last one stored is 6 (rolled back?)",
         );
         let report = eight_expecting(seventh, None, |conn, all| {
-            let mut prev = all[5].hash.unwrap();
-            for e in &all[6..] {
-                let mut e = e.clone();
-                e.message = "edited".into();
-                let e = e.chained(prev);
-                rewrite(conn, &e);
-                prev = e.hash.unwrap();
-            }
+            rechain_from(conn, all, 6, |_, e| e.message = "edited".into())
         });
         broken_at(
             report,
