@@ -451,6 +451,59 @@ fn an_idle_servers_events_are_signed_without_a_token() {
     assert_eq!(status, Some(2), "clap refuses a malformed head: {out}");
 }
 
+/// A server that has issued no token yet signs its events too, at position 0 (the empty
+/// chain): they verify, and the events' head goes to an auditor like any.
+#[test]
+fn a_server_without_tokens_signs_its_events() {
+    let dir = init("checkpoint_interval_s = 1\nlayout = \"rows\"");
+    let d = dir.path();
+    let server = Serving::start(d);
+    let conn = write_conn(d);
+    let start = Instant::now();
+    loop {
+        let signed: Option<u64> = conn
+            .query_row(
+                "SELECT MAX(events_seq) FROM checkpoints WHERE seq = 0",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if signed.is_some() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no checkpoint at 0"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(conn);
+    server.stop();
+    let (status, out) = verify_status(d, &[]);
+    assert_eq!(status, Some(0), "{out}");
+    assert!(out.contains("the last at 0"), "{out}");
+    let events = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("events:"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(events.ends_with(": OK"), "{out}");
+    let head = out
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("events head: "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(verify_status(d, &["--expect-events", head]).0, Some(0));
+    // The checkpoint at 0 changed: its signature no longer verifies.
+    write_conn(d)
+        .execute(
+            "UPDATE checkpoints SET events_seq = events_seq - 1 WHERE seq = 0",
+            [],
+        )
+        .unwrap();
+    let (status, out) = verify_status(d, &[]);
+    assert_eq!(status, Some(1), "{out}");
+    assert!(out.contains("bad signature"), "{out}");
+}
+
 /// Runs `tsa archive verify`; on failure returns its report.
 fn verify_report(dir: &Path) -> Result<String, String> {
     match archive_cli(dir, &["verify"]) {

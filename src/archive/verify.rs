@@ -983,6 +983,10 @@ enum ChainAt {
 /// The chain at `seq`: from the walk's `hashes_at` above the anchor, the anchor's own hash at
 /// it, pruned below.
 fn chain_at(seq: u64, anchor: Option<&Anchor>, hashes_at: &HashMap<u64, [u8; 32]>) -> ChainAt {
+    if seq == 0 && anchor.is_none() {
+        // The empty chain (a checkpoint of an instance before its first token).
+        return ChainAt::Hash(ZERO_HASH);
+    }
     let anchor_seq = anchor.map_or(0, |a| a.seq);
     let hash = if seq > anchor_seq {
         hashes_at.get(&seq).copied()

@@ -735,7 +735,8 @@ impl Writer {
     /// would call for the next. Only with the certificate that signed the checkpoint there:
     /// verify asks a checkpoint's key to have signed the token at its position (or at a later
     /// checkpoint of its own), so after a key rollover or a certificate reloaded the events
-    /// wait for the next token, whose checkpoint the new key signs over its own token.
+    /// wait for the next token, whose checkpoint the new key signs over its own token. An
+    /// instance that has issued no token yet signs its events at position 0.
     fn checkpoint(&mut self) -> Result<(), ArchiveError> {
         // Only a durable head is signed: after a commit that failed, the one the recovery
         // reads back, or while it cannot, the last one known durable.
@@ -749,13 +750,18 @@ impl Writer {
         let events_moved = self.events_to_sign > self.signed_events_seq;
         let due = match head.seq.cmp(&self.last_checkpoint_seq) {
             std::cmp::Ordering::Greater => true,
+            // The first checkpoint of an instance that has issued no token yet is at position
+            // 0 (the empty chain), so that its events are signed too.
             std::cmp::Ordering::Equal => {
                 events_moved
-                    && self.last_checkpoint_certificate.as_ref() == Some(&self.signer.certificate)
+                    && self
+                        .last_checkpoint_certificate
+                        .as_ref()
+                        .is_none_or(|c| *c == self.signer.certificate)
             }
             std::cmp::Ordering::Less => false,
         };
-        if head.seq == 0 || !due {
+        if !due {
             return Ok(());
         }
         let time_ns = crate::clock::system_unix_ns();
@@ -942,6 +948,31 @@ mod tests {
             4,
             "signed again by another certificate"
         );
+    }
+
+    /// Before any token, the events are signed by a checkpoint at position 0.
+    #[test]
+    fn events_before_the_first_token_are_signed_at_position_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer(dir.path(), Duration::from_secs(1));
+        writer.commit(
+            Vec::new(),
+            vec![Captured {
+                time_ns: 1,
+                level: "info".into(),
+                kind: "sync_lost".into(),
+                message: "m".into(),
+                fields: "{}".into(),
+            }],
+        );
+        writer.checkpoint().unwrap();
+        let all = writer.store.checkpoints(0).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(
+            (all[0].seq, all[0].head_hash),
+            (0, crate::archive::record::ZERO_HASH)
+        );
+        assert_eq!(all[0].events.map(|e| e.seq), Some(1));
     }
 
     /// A block that failed to be reserved and was reserved by a later request, followed by a
