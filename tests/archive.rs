@@ -452,36 +452,46 @@ fn an_idle_servers_events_are_signed_without_a_token() {
 }
 
 /// A server that has issued no token yet signs its events too, at position 0 (the empty
-/// chain): they verify, and the events' head goes to an auditor like any.
+/// chain), in the default layout: they verify across a restart, an event rewritten with
+/// every hash after it recomputed breaks, and the key of that checkpoint, vouched for by no
+/// token yet, is a warning until a checkpoint of the same certificate over a token follows.
 #[test]
 fn a_server_without_tokens_signs_its_events() {
-    let dir = init("checkpoint_interval_s = 1\nlayout = \"rows\"");
+    let dir = init("checkpoint_interval_s = 1");
     let d = dir.path();
-    let server = Serving::start(d);
-    let conn = write_conn(d);
-    let start = Instant::now();
-    loop {
-        let signed: Option<u64> = conn
+    let signed_at_0 = |d: &Path| -> Option<u64> {
+        write_conn(d)
             .query_row(
                 "SELECT MAX(events_seq) FROM checkpoints WHERE seq = 0",
                 [],
                 |r| r.get(0),
             )
-            .unwrap();
-        if signed.is_some() {
-            break;
+            .unwrap()
+    };
+    for _ in 0..2 {
+        // The second start checks the chain against the checkpoint at 0, and signs again.
+        let before = match database(d).exists() {
+            true => signed_at_0(d).unwrap_or(0),
+            false => 0,
+        };
+        let server = Serving::start(d);
+        let start = Instant::now();
+        while signed_at_0(d).unwrap_or(0) <= before {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no checkpoint at 0"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "no checkpoint at 0"
-        );
-        std::thread::sleep(Duration::from_millis(50));
+        server.stop();
     }
-    drop(conn);
-    server.stop();
     let (status, out) = verify_status(d, &[]);
     assert_eq!(status, Some(0), "{out}");
     assert!(out.contains("the last at 0"), "{out}");
+    assert!(
+        out.contains("the checkpoint before the first token"),
+        "{out}"
+    );
     let events = out
         .lines()
         .find(|l| l.trim_start().starts_with("events:"))
@@ -490,18 +500,61 @@ fn a_server_without_tokens_signs_its_events() {
     let head = out
         .lines()
         .find_map(|l| l.trim_start().strip_prefix("events head: "))
-        .unwrap_or_else(|| panic!("{out}"));
-    assert_eq!(verify_status(d, &["--expect-events", head]).0, Some(0));
-    // The checkpoint at 0 changed: its signature no longer verifies.
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
+    assert_eq!(verify_status(d, &["--expect-events", &head]).0, Some(0));
+
+    // The first event rewritten, every event's hash after it recomputed: each checks, but
+    // the checkpoint at 0 signed another head.
+    let snapshot = d.join("snapshot.sqlite");
     write_conn(d)
-        .execute(
-            "UPDATE checkpoints SET events_seq = events_seq - 1 WHERE seq = 0",
-            [],
+        .execute("VACUUM INTO ?1", [snapshot.to_str().unwrap()])
+        .unwrap();
+    let mut store = tsa::archive::sqlite::SqliteStore::open_read_only(&database(d)).unwrap();
+    let all = store.events_from(0, 0, 10_000).unwrap();
+    drop(store);
+    let conn = write_conn(d);
+    let mut prev = tsa::archive::record::ZERO_HASH;
+    for (i, e) in all.into_iter().enumerate() {
+        let mut e = e;
+        if i == 0 {
+            e.message = "edited".into();
+        }
+        let e = e.chained(prev);
+        conn.execute(
+            "UPDATE events SET message = ?1, prev_hash = ?2, body_hash = ?3, hash = ?4 \
+             WHERE seq = ?5",
+            params![
+                e.message,
+                &e.prev_hash.unwrap()[..],
+                &e.body_hash.unwrap()[..],
+                &e.hash.unwrap()[..],
+                e.seq
+            ],
         )
         .unwrap();
+        prev = e.hash.unwrap();
+    }
+    drop(conn);
     let (status, out) = verify_status(d, &[]);
     assert_eq!(status, Some(1), "{out}");
-    assert!(out.contains("bad signature"), "{out}");
+    assert!(
+        out.contains("the checkpoint at 0 signs the event at"),
+        "{out}"
+    );
+    restore(d, &snapshot);
+
+    // A token, and a checkpoint of the same certificate over it: the warning goes.
+    let server = Serving::start(d);
+    stamps(&server, 1, "first");
+    server.stop();
+    let (status, out) = verify_status(d, &[]);
+    assert_eq!(status, Some(0), "{out}");
+    assert!(
+        !out.contains("the checkpoint before the first token"),
+        "{out}"
+    );
+    assert_eq!(verify_status(d, &["--strict"]).0, Some(0), "{out}");
 }
 
 /// Runs `tsa archive verify`; on failure returns its report.

@@ -465,6 +465,29 @@ fn verify_instance(
             }
             None => {}
         }
+        // The checkpoint before the first token (at 0) has no token of its own to be checked
+        // against: its key is vouched for only by a later checkpoint of the same certificate
+        // over its own token. Without one it is a warning (a rollover before the first
+        // token, or a certificate put in the configuration's place).
+        let vouched = |c: &Checkpoint| {
+            checkpoints.iter().any(|l| {
+                l.seq > 0 && l.certificate == c.certificate && own_token.get(&l.seq) == Some(&true)
+            })
+        };
+        if checkpoints
+            .first()
+            .is_some_and(|c| c.seq == 0 && !vouched(c))
+        {
+            warnings.push(format!(
+                "the checkpoint before the first token (at 0) is signed by a certificate that \
+                 signed no token checked here{}: compare the SHA-256 below with your TSU \
+                 certificates' (--trust)",
+                match checkpoints.len() {
+                    1 => "",
+                    _ => " (a key rollover since?)",
+                }
+            ));
+        }
     }
     // Heads recorded elsewhere: the chain must hold each (a rollback to an earlier checkpoint
     // removes them, and the records after them, with nothing here to tell).

@@ -751,13 +751,13 @@ impl Writer {
         let due = match head.seq.cmp(&self.last_checkpoint_seq) {
             std::cmp::Ordering::Greater => true,
             // The first checkpoint of an instance that has issued no token yet is at position
-            // 0 (the empty chain), so that its events are signed too.
+            // 0 (the empty chain), so that its events are signed too; there no token ties it
+            // to a certificate, so a new key signs it again as well.
             std::cmp::Ordering::Equal => {
                 events_moved
-                    && self
-                        .last_checkpoint_certificate
-                        .as_ref()
-                        .is_none_or(|c| *c == self.signer.certificate)
+                    && (head.seq == 0
+                        || self.last_checkpoint_certificate.as_ref()
+                            == Some(&self.signer.certificate))
             }
             std::cmp::Ordering::Less => false,
         };
@@ -973,6 +973,23 @@ mod tests {
             (0, crate::archive::record::ZERO_HASH)
         );
         assert_eq!(all[0].events.map(|e| e.seq), Some(1));
+        // No token ties it to a certificate: a new key (a rollover) signs it again too.
+        writer.signer.certificate = vec![0x30, 0x03, 0x02, 0x01, 0x07];
+        writer.commit(
+            Vec::new(),
+            vec![Captured {
+                time_ns: 2,
+                level: "info".into(),
+                kind: "key_rollover".into(),
+                message: "m".into(),
+                fields: "{}".into(),
+            }],
+        );
+        writer.checkpoint().unwrap();
+        let all = writer.store.checkpoints(0).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].events.map(|e| e.seq), Some(2));
+        assert_eq!(all[0].certificate, writer.signer.certificate);
     }
 
     /// A block that failed to be reserved and was reserved by a later request, followed by a
