@@ -895,6 +895,17 @@ mod tests {
         assert_eq!(signature.expect("signed").signature, [2]);
     }
 
+    /// A captured event of `kind`.
+    fn event(kind: &str) -> Captured {
+        Captured {
+            time_ns: 1,
+            level: "info".into(),
+            kind: kind.into(),
+            message: kind.into(),
+            fields: "{}".into(),
+        }
+    }
+
     /// Events that come while no token does (an idle server) are signed at the next interval:
     /// the checkpoint at the same position is signed again with their head. The checkpoint's
     /// own event alone signs nothing more.
@@ -910,13 +921,6 @@ mod tests {
         };
         writer.head = head;
         *writer.durable.lock().unwrap() = head;
-        let event = |kind: &str| Captured {
-            time_ns: 1,
-            level: "info".into(),
-            kind: kind.into(),
-            message: kind.into(),
-            fields: "{}".into(),
-        };
         let signed = |writer: &mut Writer| {
             let all = writer.store.checkpoints(0).unwrap();
             assert_eq!(all.len(), 1);
@@ -955,16 +959,7 @@ mod tests {
     fn events_before_the_first_token_are_signed_at_position_0() {
         let dir = tempfile::tempdir().unwrap();
         let mut writer = writer(dir.path(), Duration::from_secs(1));
-        writer.commit(
-            Vec::new(),
-            vec![Captured {
-                time_ns: 1,
-                level: "info".into(),
-                kind: "sync_lost".into(),
-                message: "m".into(),
-                fields: "{}".into(),
-            }],
-        );
+        writer.commit(Vec::new(), vec![event("sync_lost")]);
         writer.checkpoint().unwrap();
         let all = writer.store.checkpoints(0).unwrap();
         assert_eq!(all.len(), 1);
@@ -975,16 +970,7 @@ mod tests {
         assert_eq!(all[0].events.map(|e| e.seq), Some(1));
         // No token ties it to a certificate: a new key (a rollover) signs it again too.
         writer.signer.certificate = vec![0x30, 0x03, 0x02, 0x01, 0x07];
-        writer.commit(
-            Vec::new(),
-            vec![Captured {
-                time_ns: 2,
-                level: "info".into(),
-                kind: "key_rollover".into(),
-                message: "m".into(),
-                fields: "{}".into(),
-            }],
-        );
+        writer.commit(Vec::new(), vec![event("key_rollover")]);
         writer.checkpoint().unwrap();
         let all = writer.store.checkpoints(0).unwrap();
         assert_eq!(all.len(), 1);
