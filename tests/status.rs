@@ -161,9 +161,15 @@ fn status_page_in_headless_chromium() {
     ]));
     let text = String::from_utf8(out.stdout).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let head_lower = head.to_ascii_lowercase();
     assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: text/html; charset=utf-8"),
+        head_lower.contains("content-type: text/html; charset=utf-8"),
+        "{head}"
+    );
+    // The operator's page: never sniffed as another type, never kept by a cache.
+    assert!(
+        head_lower.contains("x-content-type-options: nosniff")
+            && head_lower.contains("cache-control: no-store"),
         "{head}"
     );
     assert!(body.starts_with("<!DOCTYPE html>"));

@@ -384,7 +384,9 @@ pub(super) async fn run(
                                 "this host name is not served here (server.admin_hosts)\n".into(),
                             ));
                         }
-                        Ok::<_, Infallible>(admin_route(req, &tsa).await)
+                        let mut reply = admin_route(req, &tsa).await;
+                        admin_headers(reply.headers_mut());
+                        Ok::<_, Infallible>(reply)
                     }
                 });
                 let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout, SendBy::default()));
@@ -1110,6 +1112,16 @@ fn admin_host_allowed(host: Option<&HeaderValue>, allowed: &[String]) -> bool {
     name.parse::<std::net::Ipv4Addr>().is_ok()
         || name.eq_ignore_ascii_case("localhost")
         || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+/// What every admin answer carries: the status page, metrics and archived tokens are the
+/// operator's, read as served and never kept by a cache on the way (a browser's included).
+fn admin_headers(headers: &mut hyper::HeaderMap) {
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
 }
 
 async fn admin_route(req: Request<Incoming>, tsa: &Arc<Tsa>) -> Reply {
