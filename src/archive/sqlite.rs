@@ -14,10 +14,10 @@ use super::record::{
 };
 use super::serial::layout;
 use super::store::{
-    checkpoint_columns, event_columns, migrate_from_1, migrated_from_1, prune_events, schema,
-    ArchiveStore, CertificateSets, ImprintMatches, InstanceState, Newest, Rank, SignAnchor,
-    StoreError, Visit, PRUNE_ROWS, RECORD_COLUMNS, RESIGN_CHECKPOINT, SCHEMA_VERSION,
-    SCHEMA_VERSION_1,
+    checkpoint_columns, event_columns, events_read_start, migrate_from_1, migrated_from_1,
+    prune_events, schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState, Newest,
+    Rank, SignAnchor, StoreError, Visit, PRUNE_ROWS, RECORD_COLUMNS, RESIGN_CHECKPOINT,
+    SCHEMA_VERSION, SCHEMA_VERSION_1,
 };
 
 pub struct SqliteStore {
@@ -942,12 +942,7 @@ impl ArchiveStore for SqliteStore {
             .query_map(
                 params![
                     instance_id,
-                    // From 0: every position, a negative one too (none is stored honestly,
-                    // and reading one fails rather than pass it over).
-                    match from_seq {
-                        0 => i64::MIN,
-                        from => i64::try_from(from).unwrap_or(i64::MAX),
-                    },
+                    events_read_start(from_seq),
                     i64::try_from(limit).unwrap_or(i64::MAX)
                 ],
                 read_event,

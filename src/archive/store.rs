@@ -398,6 +398,16 @@ pub trait ArchiveStore: Send {
     }
 }
 
+/// The position an events read from `from_seq` starts at, as both backends store it: from 0,
+/// every position, a negative one too (none is stored honestly, and reading one fails rather
+/// than pass it over).
+pub fn events_read_start(from_seq: u64) -> i64 {
+    match from_seq {
+        0 => i64::MIN,
+        from => i64::try_from(from).unwrap_or(i64::MAX),
+    }
+}
+
 /// How a checkpoint stored at a position that has one already goes in (SQLite and
 /// PostgreSQL alike): one that signs the same head with a later events' head replaces it (the
 /// writer signs its head again where only events came: it vouches for all the earlier one

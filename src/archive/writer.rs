@@ -110,6 +110,12 @@ pub(super) struct Writer {
 /// The kind of a checkpoint's own event, which follows it.
 const CHECKPOINT_EVENT: &str = "archive_checkpoint";
 
+/// Whether an event of `kind` calls for a checkpoint to sign it: any but a checkpoint's own,
+/// which would otherwise call for the next one.
+fn to_sign(kind: &str) -> bool {
+    kind != CHECKPOINT_EVENT
+}
+
 /// The pause between two pruning steps of the retention while records are left to remove.
 const PRUNE_PAUSE: Duration = Duration::from_secs(1);
 
@@ -231,7 +237,7 @@ impl Writer {
                             let late = queue.take_all();
                             let to_sign = late.iter().any(|m| match m {
                                 Msg::Record(..) => true,
-                                Msg::Event(e) => e.kind != CHECKPOINT_EVENT,
+                                Msg::Event(e) => to_sign(&e.kind),
                                 _ => false,
                             });
                             self.drain(late);
@@ -472,7 +478,7 @@ impl Writer {
         if let Some(last) = events.last() {
             self.last_event = last.head();
         }
-        if let Some(e) = events.iter().rev().find(|e| e.kind != CHECKPOINT_EVENT) {
+        if let Some(e) = events.iter().rev().find(|e| to_sign(&e.kind)) {
             self.events_to_sign = e.seq;
         }
     }

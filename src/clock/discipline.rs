@@ -81,6 +81,15 @@ fn names_a_server(id: [u8; 4]) -> bool {
     !(clock_name || id[0] == 0 || id[0] == 127)
 }
 
+/// What a refusal's reason adds where `sources` are fewer `votes` (some take their time from
+/// the same server as another).
+fn dependents_note(sources: usize, votes: usize) -> String {
+    match sources - votes {
+        0 => String::new(),
+        n => format!(" ({n} more take their time from the same server as another)"),
+    }
+}
+
 /// Whether a reference ID is an address of a private network (RFC 1918, shared address space,
 /// link-local), which unrelated operators' internal servers share.
 fn private(id: [u8; 4]) -> bool {
@@ -806,10 +815,7 @@ impl Discipline {
             for i in intervals {
                 self.set_selection(i.source, Selection::Unselected);
             }
-            let dependent = match survivors.len() - agreeing {
-                0 => String::new(),
-                n => format!(" ({n} more take their time from the same server as another)"),
-            };
+            let dependent = dependents_note(survivors.len(), agreeing);
             self.set_state(
                 SyncState::Unsynchronized,
                 format!(
@@ -1074,10 +1080,7 @@ impl Discipline {
         }
         let count = near.clone().count();
         let votes = self.votes(near.map(|i| i.source));
-        let dependent = match count - votes {
-            0 => String::new(),
-            n => format!(" ({n} more take their time from the same server as another)"),
-        };
+        let dependent = dependents_note(count, votes);
         let usable = format!(
             "usable sources: {votes}{dependent}, needed: {} ({} configured)",
             self.needed(),

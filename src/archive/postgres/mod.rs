@@ -29,10 +29,10 @@ use super::record::{
 };
 use super::serial::layout;
 use super::store::{
-    checkpoint_columns, event_columns, migrate_from_1, migrated_from_1, prune_events, schema,
-    ArchiveStore, CertificateSets, ImprintMatches, InstanceState, SignAnchor, StoreError, Visit,
-    IMPRINT_INDEX, IMPRINT_INDEX_CONCURRENTLY, OLD_IMPRINT_INDEX, PRUNE_ROWS, RECORD_COLUMNS,
-    RESIGN_CHECKPOINT, SCHEMA_VERSION, SCHEMA_VERSION_1,
+    checkpoint_columns, event_columns, events_read_start, migrate_from_1, migrated_from_1,
+    prune_events, schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState, SignAnchor,
+    StoreError, Visit, IMPRINT_INDEX, IMPRINT_INDEX_CONCURRENTLY, OLD_IMPRINT_INDEX, PRUNE_ROWS,
+    RECORD_COLUMNS, RESIGN_CHECKPOINT, SCHEMA_VERSION, SCHEMA_VERSION_1,
 };
 use crate::config::ArchiveConfig;
 
@@ -904,11 +904,7 @@ impl ArchiveStore for PostgresStore {
                     &sql,
                     &[
                         &(instance_id as i64),
-                        // From 0: every position, a negative one too (reading it fails).
-                        &match from_seq {
-                            0 => i64::MIN,
-                            from => i(from),
-                        },
+                        &events_read_start(from_seq),
                         &i64::try_from(limit).unwrap_or(i64::MAX),
                     ],
                 )?

@@ -325,24 +325,6 @@ fn login_refusal(locked: bool, final_try: bool, count_low: bool) -> Option<Conne
     None
 }
 
-#[cfg(test)]
-mod login_tests {
-    use super::*;
-
-    /// Locked, or one wrong PIN from locked: the login is not tried, and the refusal stops
-    /// the recovery and a restart as a refused PIN does. A low count alone is tried.
-    #[test]
-    fn a_login_that_could_lock_the_token_is_not_tried() {
-        let locked = login_refusal(true, false, true).expect("refused");
-        assert!(locked.pin_refused() && locked.message.contains("locked"));
-        let final_try = login_refusal(false, true, true).expect("refused");
-        assert!(final_try.pin_refused());
-        assert!(final_try.message.contains("CKF_USER_PIN_FINAL_TRY"));
-        assert!(login_refusal(false, false, true).is_none());
-        assert!(login_refusal(false, false, false).is_none());
-    }
-}
-
 /// A start refused because the token refused the PIN (or would lock it on the next wrong
 /// one): the process exits with [`PinRefused::EXIT_STATUS`], which the systemd units do not
 /// restart on (each restart would try the PIN again, and lock the token's user).
@@ -560,14 +542,9 @@ fn connect(
             .ctx()
             .open_ro_session(lib.slot)
             .map_err(|e| ConnectError::pkcs11("cannot open another session", &e))?;
-        // The login is the application's, shared by its sessions; a token that wants one per
-        // session gets it here.
-        if !matches!(
-            session.get_session_info().map(|i| i.session_state()),
-            Ok(SessionState::RoUser)
-        ) {
-            login(lib.ctx(), lib.slot, &session, &spec.pin)?;
-        }
+        // The login is the application's, shared by its sessions (`login` sends no PIN then);
+        // a token that wants one per session gets it here.
+        login(lib.ctx(), lib.slot, &session, &spec.pin)?;
         sessions.push(Pooled {
             session,
             key,
@@ -1025,14 +1002,9 @@ impl Pool {
             .open_ro_session(lib.slot)
             .map_err(|e| ConnectError::pkcs11("cannot open a session", &e))
             .and_then(|session| {
-                // The login is the application's, shared by its sessions; a token that wants
-                // one per session gets it here.
-                if !matches!(
-                    session.get_session_info().map(|i| i.session_state()),
-                    Ok(SessionState::RoUser)
-                ) {
-                    login(lib.ctx(), lib.slot, &session, &self.spec.pin)?;
-                }
+                // The login is the application's, shared by its sessions (`login` sends no PIN
+                // then); a token that wants one per session gets it here.
+                login(lib.ctx(), lib.slot, &session, &self.spec.pin)?;
                 Ok(session)
             });
         let session = match opened {
@@ -1791,6 +1763,19 @@ mod tests {
         }
         pool.sign(&input).expect("signed after the recovery");
         pool.shutdown();
+    }
+
+    /// Locked, or one wrong PIN from locked: the login is not tried, and the refusal stops
+    /// the recovery and a restart as a refused PIN does. A low count alone is tried.
+    #[test]
+    fn a_login_that_could_lock_the_token_is_not_tried() {
+        let locked = login_refusal(true, false, true).expect("refused");
+        assert!(locked.pin_refused() && locked.message.contains("locked"));
+        let final_try = login_refusal(false, true, true).expect("refused");
+        assert!(final_try.pin_refused());
+        assert!(final_try.message.contains("CKF_USER_PIN_FINAL_TRY"));
+        assert!(login_refusal(false, false, true).is_none());
+        assert!(login_refusal(false, false, false).is_none());
     }
 
     #[test]
