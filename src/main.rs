@@ -68,6 +68,14 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tsa: {e:#}");
+            if e.chain().any(|c| c.is::<tsa::server::SignerHung>()) {
+                // A thread is still inside the HSM module: the module's exit handlers, which
+                // `exit` runs, could wait for that thread for good or tear the module down
+                // under it. Everything of the TSA's own (listeners, archive) is closed by now.
+                let _ = std::io::Write::flush(&mut std::io::stderr());
+                // SAFETY: `_exit` ends the process at once; nothing runs after it.
+                unsafe { libc::_exit(tsa::server::SignerHung::EXIT_STATUS.into()) }
+            }
             // A PIN the token refused: a restart would try it again (see the systemd units).
             let pin_refused = e
                 .chain()

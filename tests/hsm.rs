@@ -18,7 +18,10 @@
 //! - two tokens of one module: the first going away and back leaves the second signing and
 //!   ready throughout (the shared library is not re-initialized under it);
 //! - a key deleted and generated anew under the same label and id is not used; two tokens with
-//!   one label refuse to start.
+//!   one label refuse to start;
+//! - a module whose `C_Sign` stops answering (`hsm_support/stall.c` over SoftHSM2) takes the
+//!   signer down after `sign_timeout_ms` and makes the server exit with status 75 after
+//!   `exit_after_hung_ms`; started anew, it signs.
 //!
 //! SoftHSM2 and OpenSC's pkcs11-tool must be installed (`scripts/test.sh` installs them).
 
@@ -1345,6 +1348,106 @@ fn replace_line(config: &str, start: &str, line: &str) -> String {
         .map(|l| if l.starts_with(start) { line } else { l })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// A module whose `C_Sign` stops answering (`hsm_support/stall.c`, over SoftHSM2, while a
+/// file exists): the signer goes down after `sign_timeout_ms` (readiness 503, the next request
+/// refused at once with systemFailure), and after `exit_after_hung_ms` the server stops and
+/// exits with status 75 (a PKCS#11 call cannot be cancelled: only a new process loads the
+/// module anew), which the systemd units restart. Started anew, with the module answering,
+/// it signs.
+#[test]
+fn a_module_that_stops_answering_makes_the_server_exit_for_a_new_start() {
+    let tools = tempfile::tempdir().unwrap();
+    let stall = common::preload_library("tests/hsm_support/stall.c", tools.path());
+    let dir = init_hsm(
+        &[],
+        "[signer]\nhealth_check_interval_ms = 100\nsign_timeout_ms = 500\n\
+         exit_after_hung_ms = 2000\n",
+    );
+    let d = dir.path();
+    let (_, softhsm) = softhsm_env(d);
+    edit_config(d, |config| {
+        replace_line(
+            config,
+            "module = ",
+            &format!("module = \"{}\"", stall.display()),
+        )
+    });
+    let flag = d.join("stall");
+    let envs = [
+        ("TSA_TEST_STALL_MODULE", softhsm.as_str()),
+        ("TSA_TEST_STALL_FILE", flag.to_str().unwrap()),
+    ];
+    let mut server = HsmServer::start(d, &envs);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    stamp_and_verify(&server, w, &["-sha256", "-cert"]);
+
+    // A request whose signature goes into the module and does not come back.
+    std::fs::write(&flag, b"").unwrap();
+    let stalled = Instant::now();
+    query(w, &["-sha256"]);
+    let hung = {
+        let (url, request) = (server.url.clone(), w.join("req.tsq"));
+        std::thread::spawn(move || {
+            run(Command::new("curl")
+                .args(["-sS", "--max-time", "60", "-o", "/dev/null"])
+                .args([
+                    "-H",
+                    &format!("Content-Type: {QUERY_TYPE}"),
+                    "--data-binary",
+                ])
+                .arg(format!("@{}", request.display()))
+                .args(["-w", "%{http_code}", &url]))
+        })
+    };
+    // Readiness says first that a call has not returned, then (the health check's verdict
+    // after sign_timeout_ms) that the signer is down.
+    wait_for("the signer to go down", Duration::from_secs(10), || {
+        let (code, text) = server.readiness();
+        code == 503 && text.contains("a signature has been inside the PKCS#11 module")
+    });
+    assert!(server.alive(), "exited before exit_after_hung_ms");
+    // The next request is refused at once, not sent into the module after the first.
+    let response = post(&server, w);
+    assert_eq!(
+        response.fail_bits,
+        vec![FailInfo::SystemFailure.bit() as usize],
+        "{:?}",
+        response.status_text
+    );
+
+    // The server stops by itself and exits with 75.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running: {}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = server.log();
+    assert_eq!(status.code(), Some(75), "{log}");
+    assert!(stalled.elapsed() >= Duration::from_secs(2), "{log}");
+    assert!(log.contains("event=\"hsm_sign_timeout\""), "{log}");
+    let exit = log
+        .lines()
+        .find(|l| l.contains("event=\"signer_hung_exit\""))
+        .unwrap_or_else(|| panic!("no signer_hung_exit event: {log}"));
+    assert!(exit.contains("exit_after_hung_ms = 2000"), "{exit}");
+    assert!(
+        log.contains("the TSA stopped for its service manager to start it anew"),
+        "{log}"
+    );
+    // The request inside the module got no token: its connection ended with the process.
+    let hung = hung.join().unwrap();
+    assert_ne!(String::from_utf8_lossy(&hung.stdout), "200", "{hung:?}");
+
+    // Started anew, with the module answering again: it signs.
+    std::fs::remove_file(&flag).unwrap();
+    let server = HsmServer::start(d, &envs);
+    stamp_and_verify(&server, w, &["-sha256", "-cert"]);
 }
 
 /// Two tokens with the token label of the configuration: the signer does not guess.

@@ -354,8 +354,9 @@ pub struct Bound {
 }
 
 /// Binds both listeners, reports them through `on_bound`, and serves until `shutdown`
-/// resolves; then closes the listeners (a new connection is refused at once) and lets
-/// requests in flight finish, for up to 10 s.
+/// resolves, or until the signer in force needs a new process ([`Signer::needs_restart`]:
+/// then the result is a [`SignerHung`] error); then closes the listeners (a new connection is
+/// refused at once) and lets requests in flight finish, for up to 10 s.
 pub async fn serve(
     tsa: Arc<Tsa>,
     config: &ServerConfig,
@@ -389,12 +390,52 @@ pub async fn serve(
     tokio::spawn(systemd::supervise(tsa.clone()));
     tokio::spawn(history::run(tsa.clone()));
     tokio::spawn(roll_over(tsa.clone()));
-    let served = http::run(tsa.clone(), config, public, admin, https, shutdown).await;
+    let mut hung = None;
+    let stop = async {
+        tokio::select! {
+            () = shutdown => {}
+            reason = signer_hung(&tsa) => hung = Some(reason),
+        }
+    };
+    let served = http::run(tsa.clone(), config, public, admin, https, stop).await;
     if let Some(archive) = tsa.archive() {
         // What is queued, a last signed checkpoint and the state file.
         archive.close();
     }
-    served
+    match hung {
+        Some(reason) => served.and(Err(SignerHung(reason).into())),
+        None => served,
+    }
+}
+
+/// The server stopped because its signer needs a new process: a call inside the HSM module
+/// has not returned for `exit_after_hung_ms`. `tsa serve` exits with [`SignerHung::EXIT_STATUS`],
+/// which the systemd units restart.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}; the TSA stopped for its service manager to start it anew")]
+pub struct SignerHung(pub String);
+
+impl SignerHung {
+    /// `EX_TEMPFAIL` of sysexits.h: a new start may succeed.
+    pub const EXIT_STATUS: u8 = 75;
+}
+
+/// Resolves, with the reason, once the signer in force needs a new process (checked every
+/// second).
+async fn signer_hung(tsa: &Tsa) -> String {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if let Some(reason) = tsa.signer().needs_restart() {
+            tracing::error!(
+                event = "signer_hung_exit",
+                reason = %reason,
+                exit_status = SignerHung::EXIT_STATUS,
+                "the signer does not answer; stopping for a new start"
+            );
+            return reason;
+        }
+    }
 }
 
 /// The archive, its checkpoints signed with the TSA's own key.

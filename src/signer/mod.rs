@@ -50,6 +50,14 @@ pub trait Signer: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Why only a new process can make this signer sign again, if so: a call inside an HSM
+    /// module that has not returned for the signer's `exit_after_hung_ms` (a PKCS#11 call
+    /// cannot be cancelled). The server then stops and exits for its service manager to start
+    /// it anew (`tsa serve`, exit status 75).
+    fn needs_restart(&self) -> Option<String> {
+        None
+    }
+
     /// Whether a signature can take long enough (an HSM round trip, an RSA private-key
     /// operation: hundreds of microseconds and more) that it must not run on an async worker.
     /// The server then issues on the blocking pool, a bounded number at a time; a fast signer

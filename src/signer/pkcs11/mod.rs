@@ -79,6 +79,11 @@ pub struct Pkcs11Config {
     /// hung (readiness 503 until it answers again).
     #[serde(default = "default_sign_timeout_ms")]
     pub sign_timeout_ms: u64,
+    /// How long a call may stay inside the module before the TSA exits (status 75) for its
+    /// service manager to start it anew: a PKCS#11 call cannot be cancelled, and a module
+    /// that does not answer keeps the signer down until a new process loads it. 0: never.
+    #[serde(default = "default_exit_after_hung_ms")]
+    pub exit_after_hung_ms: u64,
     /// The TSU certificate (PEM); it may be followed by its chain.
     pub certificate: PathBuf,
     /// Further certificates sent when a request sets certReq.
@@ -96,6 +101,10 @@ fn default_health_check_interval_ms() -> u64 {
 
 fn default_sign_timeout_ms() -> u64 {
     10_000
+}
+
+fn default_exit_after_hung_ms() -> u64 {
+    60_000
 }
 
 impl Pkcs11Config {
@@ -137,6 +146,12 @@ impl Pkcs11Config {
         }
         if self.sign_timeout_ms < 100 {
             bail!("signer.sign_timeout_ms must be at least 100");
+        }
+        if self.exit_after_hung_ms != 0 && self.exit_after_hung_ms < self.sign_timeout_ms {
+            bail!(
+                "signer.exit_after_hung_ms must be 0 (never) or at least sign_timeout_ms ({})",
+                self.sign_timeout_ms
+            );
         }
         Ok(())
     }
@@ -260,6 +275,8 @@ pub struct Pkcs11Signer {
     algorithm: SignatureAlgorithm,
     public_key: Vec<u8>,
     sessions: usize,
+    /// `exit_after_hung_ms`; `None` for never.
+    exit_after_hung: Option<Duration>,
 }
 
 impl Pkcs11Signer {
@@ -315,6 +332,8 @@ impl Pkcs11Signer {
             public_key: info.public_key.clone(),
             pool,
             sessions: config.sessions,
+            exit_after_hung: (config.exit_after_hung_ms > 0)
+                .then(|| Duration::from_millis(config.exit_after_hung_ms)),
         })
     }
 
@@ -363,6 +382,19 @@ impl Signer for Pkcs11Signer {
         self.pool.health()
     }
 
+    fn needs_restart(&self) -> Option<String> {
+        let bound = self.exit_after_hung?;
+        let running = self.pool.call_running_longer_than(bound)?;
+        Some(format!(
+            "a call has been inside the PKCS#11 module {} for {} s (signer.exit_after_hung_ms \
+             = {}); a PKCS#11 call cannot be cancelled, and only a new process loads the \
+             module anew",
+            self.pool.spec().module.display(),
+            running.as_secs(),
+            bound.as_millis()
+        ))
+    }
+
     /// One signature per session: a network HSM's latency is hidden by many sessions.
     fn max_in_flight(&self) -> Option<usize> {
         Some(self.sessions)
@@ -387,6 +419,7 @@ mod tests {
         let ok = parse("token_label = \"t\"\nkey_label = \"k\"\npin_file = \"pin\"\n").unwrap();
         assert_eq!(ok.sessions, 4);
         assert_eq!(ok.sign_timeout_ms, 10_000);
+        assert_eq!(ok.exit_after_hung_ms, 60_000);
         assert_eq!(ok.pin_source().unwrap(), PinSource::File("pin".into()));
         let with_id = parse("slot = 3\nkey_id = \"0a:1B\"\npin_env = \"PIN\"\n").unwrap();
         assert_eq!(with_id.key_selector().unwrap().id, Some(vec![0x0a, 0x1b]));
@@ -408,6 +441,12 @@ mod tests {
             err("token_label = \"t\"\nkey_label = \"k\"\npin_env = \"A\"\nsessions = 0\n")
                 .contains("sessions")
         );
+        let hung = |ms: u64| {
+            format!("token_label = \"t\"\nkey_label = \"k\"\npin_env = \"A\"\nexit_after_hung_ms = {ms}\n")
+        };
+        assert!(err(&hung(9_999)).contains("exit_after_hung_ms must be 0 (never) or at least"));
+        parse(&hung(0)).expect("0: never");
+        parse(&hung(10_000)).expect("as long as sign_timeout_ms");
         assert!(
             err("token_label = \"t\"\nkey_label = \"k\"\npin_env = \"A\"\ntypo = 1\n")
                 .contains("unknown field")

@@ -37,7 +37,7 @@
 //! for the health thread at most `sign_timeout`.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, TryLockError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockWriteGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::Pkcs11;
@@ -247,6 +247,8 @@ struct State {
     last_invalid: Option<Instant>,
     /// Bad signatures took the pool down: no recovery before this ([`INVALID_HOLD`]).
     hold_until: Option<Instant>,
+    /// When the recovery running now began: its calls into the module may hang too.
+    recovery_started: Option<Instant>,
 }
 
 pub struct Pool {
@@ -617,6 +619,7 @@ impl Pool {
                 watcher_done: false,
                 last_invalid: None,
                 hold_until: None,
+                recovery_started: None,
             }),
             idle_cv: Condvar::new(),
             wake_cv: Condvar::new(),
@@ -719,6 +722,18 @@ impl Pool {
                 since.elapsed().as_millis()
             )),
         }
+    }
+
+    /// How long the oldest call in flight (a signature, the health check's probe, a
+    /// recovery) has been inside the module, where that is longer than `bound`.
+    pub fn call_running_longer_than(&self, bound: Duration) -> Option<Duration> {
+        let state = self.state();
+        let now = Instant::now();
+        let recovery = state
+            .recovery_started
+            .map(|started| now.saturating_duration_since(started))
+            .filter(|running| *running > bound);
+        state.in_flight.stuck(now, bound).max(recovery)
     }
 
     /// Signs `data` (what the mechanism takes) with the key; the raw mechanism output,
@@ -1248,7 +1263,7 @@ impl Pool {
     /// The library's write lock for a recovery, once no signature is in flight; `None` while
     /// one has been inside the module longer than `sign_timeout` (it may never return, and a
     /// blocking `write()` would wait with it) or when the pool shuts down.
-    fn write_for_recovery(&self) -> Option<std::sync::RwLockWriteGuard<'_, Library>> {
+    fn write_for_recovery(&self) -> Option<RwLockWriteGuard<'_, Library>> {
         loop {
             match self.lib.try_write() {
                 Ok(lib) => return Some(lib),
@@ -1368,6 +1383,15 @@ impl Pool {
         let Some(mut lib) = self.write_for_recovery() else {
             return Recovery::Failed;
         };
+        // Timed as a call in flight is: one that does not return is the hung module it is
+        // (`Pkcs11Signer::needs_restart`).
+        self.state().recovery_started = Some(Instant::now());
+        let recovery = self.recover_locked(&mut lib, attempt);
+        self.state().recovery_started = None;
+        recovery
+    }
+
+    fn recover_locked(&self, lib: &mut Library, attempt: u32) -> Recovery {
         // Bad signatures took it down: the module is left alone a while first (read under
         // the write lock, so that a hold set by a signature that held the read lock until
         // now is seen).
@@ -1398,7 +1422,7 @@ impl Pool {
             level = "sessions",
             "opening new HSM sessions and logging in again"
         );
-        let sessions_error = match connect(&lib, &self.spec, Some(&self.info)) {
+        let sessions_error = match connect(lib, &self.spec, Some(&self.info)) {
             Ok((sessions, _)) => {
                 self.install(sessions, attempt, "sessions", outage);
                 return Recovery::Recovered;
@@ -1431,7 +1455,7 @@ impl Pool {
                 );
                 find_slot(lib.ctx(), &self.spec.token).and_then(|slot| {
                     lib.slot = slot;
-                    connect(&lib, &self.spec, Some(&self.info))
+                    connect(lib, &self.spec, Some(&self.info))
                 })
             }
             Ok(Reinitialized::Shared { others }) => {
@@ -1707,8 +1731,18 @@ mod tests {
             .in_flight
             .begin(Instant::now() - Duration::from_secs(3));
         assert!(matches!(pool.sign(&input), Err(SignError::Unavailable(_))));
+        let running = pool.call_running_longer_than(Duration::from_secs(2));
+        assert!(running >= Some(Duration::from_secs(3)), "{running:?}");
+        assert_eq!(pool.call_running_longer_than(Duration::from_secs(4)), None);
         pool.state().in_flight.end(hung);
+        assert_eq!(pool.call_running_longer_than(Duration::from_secs(2)), None);
         pool.sign(&input).expect("signed once it returned");
+        // A recovery's calls are timed as well (here one begun 5 s ago, on its own).
+        pool.state().recovery_started = Some(Instant::now() - Duration::from_secs(5));
+        let running = pool.call_running_longer_than(Duration::from_secs(2));
+        assert!(running >= Some(Duration::from_secs(5)), "{running:?}");
+        pool.state().recovery_started = None;
+        assert_eq!(pool.call_running_longer_than(Duration::from_secs(2)), None);
 
         // A check that panics: the signature is refused, nothing stays in flight, and the
         // pool, down, recovers in full.
