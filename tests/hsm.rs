@@ -21,7 +21,8 @@
 //!   one label refuse to start;
 //! - a module whose `C_Sign` stops answering (`hsm_support/stall.c` over SoftHSM2) takes the
 //!   signer down after `sign_timeout_ms` and makes the server exit with status 75 after
-//!   `exit_after_hung_ms`; started anew, it signs.
+//!   `exit_after_hung_ms`, also where the call that hangs is the archive writer's; started
+//!   anew, it signs (and the archive verifies).
 //!
 //! SoftHSM2 and OpenSC's pkcs11-tool must be installed (`scripts/test.sh` installs them).
 
@@ -1358,34 +1359,15 @@ fn replace_line(config: &str, start: &str, line: &str) -> String {
 /// it signs.
 #[test]
 fn a_module_that_stops_answering_makes_the_server_exit_for_a_new_start() {
-    let tools = tempfile::tempdir().unwrap();
-    let stall = common::preload_library("tests/hsm_support/stall.c", tools.path());
-    let dir = init_hsm(
-        &[],
-        "[signer]\nhealth_check_interval_ms = 100\nsign_timeout_ms = 500\n\
-         exit_after_hung_ms = 2000\n",
-    );
-    let d = dir.path();
-    let (_, softhsm) = softhsm_env(d);
-    edit_config(d, |config| {
-        replace_line(
-            config,
-            "module = ",
-            &format!("module = \"{}\"", stall.display()),
-        )
-    });
-    let flag = d.join("stall");
-    let envs = [
-        ("TSA_TEST_STALL_MODULE", softhsm.as_str()),
-        ("TSA_TEST_STALL_FILE", flag.to_str().unwrap()),
-    ];
+    let stalling = Stalling::init(&[], "");
+    let (d, flag, envs) = (stalling.dir.path(), &stalling.flag, stalling.envs());
     let mut server = HsmServer::start(d, &envs);
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     stamp_and_verify(&server, w, &["-sha256", "-cert"]);
 
     // A request whose signature goes into the module and does not come back.
-    std::fs::write(&flag, b"").unwrap();
+    std::fs::write(flag, b"").unwrap();
     let stalled = Instant::now();
     query(w, &["-sha256"]);
     let hung = {
@@ -1419,16 +1401,7 @@ fn a_module_that_stops_answering_makes_the_server_exit_for_a_new_start() {
     );
 
     // The server stops by itself and exits with 75.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "still running: {}", server.log());
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let log = server.log();
-    assert_eq!(status.code(), Some(75), "{log}");
+    let log = stalling.exit_75(&mut server);
     assert!(stalled.elapsed() >= Duration::from_secs(2), "{log}");
     assert!(log.contains("event=\"hsm_sign_timeout\""), "{log}");
     let exit = log
@@ -1445,9 +1418,111 @@ fn a_module_that_stops_answering_makes_the_server_exit_for_a_new_start() {
     assert_ne!(String::from_utf8_lossy(&hung.stdout), "200", "{hung:?}");
 
     // Started anew, with the module answering again: it signs.
-    std::fs::remove_file(&flag).unwrap();
+    std::fs::remove_file(flag).unwrap();
     let server = HsmServer::start(d, &envs);
     stamp_and_verify(&server, w, &["-sha256", "-cert"]);
+}
+
+/// The same with the archive on, where the call that hangs is its writer's, signing a
+/// checkpoint (for the events of a reload): the server still exits with 75, after giving the
+/// writer 5 s to close, and the archive, recovered at the next start as after a crash,
+/// verifies with the tokens of both runs.
+#[test]
+fn a_hung_archive_writer_does_not_keep_the_server_from_exiting() {
+    let stalling = Stalling::init(&["--archive"], "[archive]\ncheckpoint_interval_s = 1\n");
+    let (d, flag, envs) = (stalling.dir.path(), &stalling.flag, stalling.envs());
+    let mut server = HsmServer::start(d, &envs);
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    stamp_and_verify(&server, w, &["-sha256", "-cert"]);
+
+    // The reload's event has the writer sign a checkpoint within a second: in the module.
+    std::fs::write(flag, b"").unwrap();
+    ok(Command::new("kill").args(["-HUP", &server.child.id().to_string()]));
+    let log = stalling.exit_75(&mut server);
+    assert!(log.contains("event=\"certificate_reloaded\""), "{log}");
+    assert!(
+        log.contains("the archive's writer did not close (inside the signer?)"),
+        "{log}"
+    );
+
+    std::fs::remove_file(flag).unwrap();
+    let mut server = HsmServer::start(d, &envs);
+    stamp_and_verify(&server, w, &["-sha256", "-cert"]);
+    // Stopped as the service manager stops it: the writer signs a last checkpoint.
+    ok(Command::new("kill").args(["-TERM", &server.child.id().to_string()]));
+    assert!(server.child.wait().unwrap().success(), "{}", server.log());
+    let out = run(Command::new(TSA)
+        .args(["archive", "verify", "--config"])
+        .arg(d.join("tsa.toml")));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("2 records verified"), "{text}");
+    assert!(!text.contains("WARNING"), "{text}");
+}
+
+/// A `tsa init --hsm` state directory whose signer's module is `hsm_support/stall.c` over
+/// SoftHSM2 (`C_Sign` waits while `flag` exists), with short bounds for a hung call:
+/// `sign_timeout_ms` 500, `exit_after_hung_ms` 2000.
+struct Stalling {
+    dir: tempfile::TempDir,
+    flag: PathBuf,
+    softhsm: String,
+    _tools: tempfile::TempDir,
+}
+
+impl Stalling {
+    fn init(init_args: &[&str], extra: &str) -> Stalling {
+        let tools = tempfile::tempdir().unwrap();
+        let stall = common::preload_library("tests/hsm_support/stall.c", tools.path());
+        let dir = init_hsm(
+            init_args,
+            &format!(
+                "[signer]\nhealth_check_interval_ms = 100\nsign_timeout_ms = 500\n\
+                 exit_after_hung_ms = 2000\n{extra}"
+            ),
+        );
+        let (_, softhsm) = softhsm_env(dir.path());
+        edit_config(dir.path(), |config| {
+            replace_line(
+                config,
+                "module = ",
+                &format!("module = \"{}\"", stall.display()),
+            )
+        });
+        Stalling {
+            flag: dir.path().join("stall"),
+            dir,
+            softhsm,
+            _tools: tools,
+        }
+    }
+
+    fn envs(&self) -> [(&str, &str); 2] {
+        [
+            ("TSA_TEST_STALL_MODULE", self.softhsm.as_str()),
+            ("TSA_TEST_STALL_FILE", self.flag.to_str().unwrap()),
+        ]
+    }
+
+    /// Waits for `server` to exit by itself, with status 75; its log.
+    fn exit_75(&self, server: &mut HsmServer) -> String {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let status = loop {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "still running: {}", server.log());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let log = server.log();
+        assert_eq!(status.code(), Some(75), "{log}");
+        log
+    }
 }
 
 /// Two tokens with the token label of the configuration: the signer does not guess.

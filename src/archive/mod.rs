@@ -568,23 +568,45 @@ impl Archive {
     /// Commits what is queued, signs a last checkpoint, writes the state file and stops the
     /// writer, the imprint indexer and the checkpointer. Records sent later fail.
     pub fn close(&self) {
+        self.close_within(None);
+    }
+
+    /// [`Archive::close`], waiting for the writer at most `wait` (it may be inside a signer
+    /// that does not answer, signing a checkpoint); false where it gave up, and the process
+    /// must end: the records not committed were never answered, and the next start recovers
+    /// the archive as after a crash.
+    pub fn close_within(&self, wait: Option<Duration>) -> bool {
         if let Some(indexer) = &self.indexer {
             indexer.stop();
         }
         let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            return;
+            return true;
         };
         // Events go on to the writer until it closes its queue (the last checkpoint's among
         // them); those that come later wait in a buffer.
         let (done, finished) = mpsc::channel();
         if self.send(Msg::Close(done)).is_ok() {
-            let _ = finished.recv();
+            let closed = match wait {
+                Some(wait) => finished.recv_timeout(wait),
+                None => finished
+                    .recv()
+                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            };
+            if matches!(closed, Err(mpsc::RecvTimeoutError::Timeout)) {
+                tracing::error!(
+                    waited_ms = wait.unwrap_or_default().as_millis() as u64,
+                    "the archive's writer did not close (inside the signer?); going on without \
+                     it: the next start recovers the archive"
+                );
+                return false;
+            }
         }
         let _ = handle.join();
         events::detach();
         if let Some(checkpointer) = &self.checkpointer {
             checkpointer.stop();
         }
+        true
     }
 
     /// Answers `GET /archive/serial/<hex>` and `GET /archive/imprint/<hex>` (the path after

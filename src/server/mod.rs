@@ -399,8 +399,9 @@ pub async fn serve(
     };
     let served = http::run(tsa.clone(), config, public, admin, https, stop).await;
     if let Some(archive) = tsa.archive() {
-        // What is queued, a last signed checkpoint and the state file.
-        archive.close();
+        // What is queued, a last signed checkpoint and the state file; after a hung signer
+        // the writer may be inside it, signing a checkpoint: it is given a few seconds.
+        archive.close_within(hung.is_some().then_some(HUNG_ARCHIVE_CLOSE));
     }
     match hung {
         Some(reason) => served.and(Err(SignerHung(reason).into())),
@@ -419,6 +420,9 @@ impl SignerHung {
     /// `EX_TEMPFAIL` of sysexits.h: a new start may succeed.
     pub const EXIT_STATUS: u8 = 75;
 }
+
+/// How long a server stopping for a hung signer waits for the archive's writer.
+const HUNG_ARCHIVE_CLOSE: Duration = Duration::from_secs(5);
 
 /// Resolves, with the reason, once the signer in force needs a new process (checked every
 /// second).
