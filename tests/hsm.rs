@@ -19,10 +19,12 @@
 //!   ready throughout (the shared library is not re-initialized under it);
 //! - a key deleted and generated anew under the same label and id is not used; two tokens with
 //!   one label refuse to start;
-//! - a module whose `C_Sign` stops answering (`hsm_support/stall.c` over SoftHSM2) takes the
+//! - a module whose `C_Sign` stops answering (`hsm_support/faults.c` over SoftHSM2) takes the
 //!   signer down after `sign_timeout_ms` and makes the server exit with status 75 after
 //!   `exit_after_hung_ms`, also where the call that hangs is the archive writer's; started
-//!   anew, it signs (and the archive verifies).
+//!   anew, it signs (and the archive verifies);
+//! - with the PIN changed on the HSM's side, every session lost at once under load sends the
+//!   wrong PIN once in all (`hsm_support/faults.c` counts the logins), and the recovery stops.
 //!
 //! SoftHSM2 and OpenSC's pkcs11-tool must be installed (`scripts/test.sh` installs them).
 
@@ -1351,7 +1353,7 @@ fn replace_line(config: &str, start: &str, line: &str) -> String {
         .join("\n")
 }
 
-/// A module whose `C_Sign` stops answering (`hsm_support/stall.c`, over SoftHSM2, while a
+/// A module whose `C_Sign` stops answering (`hsm_support/faults.c`, over SoftHSM2, while a
 /// file exists): the signer goes down after `sign_timeout_ms` (readiness 503, the next request
 /// refused at once with systemFailure), and after `exit_after_hung_ms` the server stops and
 /// exits with status 75 (a PKCS#11 call cannot be cancelled: only a new process loads the
@@ -1359,8 +1361,8 @@ fn replace_line(config: &str, start: &str, line: &str) -> String {
 /// it signs.
 #[test]
 fn a_module_that_stops_answering_makes_the_server_exit_for_a_new_start() {
-    let stalling = Stalling::init(&[], "");
-    let (d, flag, envs) = (stalling.dir.path(), &stalling.flag, stalling.envs());
+    let faulty = FaultyModule::init(&[], "");
+    let (d, flag, envs) = (faulty.dir.path(), &faulty.stall, faulty.envs());
     let mut server = HsmServer::start(d, &envs);
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
@@ -1401,7 +1403,7 @@ fn a_module_that_stops_answering_makes_the_server_exit_for_a_new_start() {
     );
 
     // The server stops by itself and exits with 75.
-    let log = stalling.exit_75(&mut server);
+    let log = faulty.exit_75(&mut server);
     assert!(stalled.elapsed() >= Duration::from_secs(2), "{log}");
     assert!(log.contains("event=\"hsm_sign_timeout\""), "{log}");
     let exit = log
@@ -1429,8 +1431,8 @@ fn a_module_that_stops_answering_makes_the_server_exit_for_a_new_start() {
 /// verifies with the tokens of both runs.
 #[test]
 fn a_hung_archive_writer_does_not_keep_the_server_from_exiting() {
-    let stalling = Stalling::init(&["--archive"], "[archive]\ncheckpoint_interval_s = 1\n");
-    let (d, flag, envs) = (stalling.dir.path(), &stalling.flag, stalling.envs());
+    let faulty = FaultyModule::init(&["--archive"], "[archive]\ncheckpoint_interval_s = 1\n");
+    let (d, flag, envs) = (faulty.dir.path(), &faulty.stall, faulty.envs());
     let mut server = HsmServer::start(d, &envs);
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
@@ -1439,7 +1441,7 @@ fn a_hung_archive_writer_does_not_keep_the_server_from_exiting() {
     // The reload's event has the writer sign a checkpoint within a second: in the module.
     std::fs::write(flag, b"").unwrap();
     ok(Command::new("kill").args(["-HUP", &server.child.id().to_string()]));
-    let log = stalling.exit_75(&mut server);
+    let log = faulty.exit_75(&mut server);
     assert!(log.contains("event=\"certificate_reloaded\""), "{log}");
     assert!(
         log.contains("the archive's writer did not close (inside the signer?)"),
@@ -1465,20 +1467,23 @@ fn a_hung_archive_writer_does_not_keep_the_server_from_exiting() {
     assert!(!text.contains("WARNING"), "{text}");
 }
 
-/// A `tsa init --hsm` state directory whose signer's module is `hsm_support/stall.c` over
-/// SoftHSM2 (`C_Sign` waits while `flag` exists), with short bounds for a hung call:
-/// `sign_timeout_ms` 500, `exit_after_hung_ms` 2000.
-struct Stalling {
+/// A `tsa init --hsm` state directory whose signer's module is `hsm_support/faults.c` over
+/// SoftHSM2, with short bounds for a hung call (`sign_timeout_ms` 500, `exit_after_hung_ms`
+/// 2000). The module's `C_Sign` waits while `stall` exists; one that finds `drop_sessions`
+/// removes it and closes every session first; each `C_Login` is counted in `logins`.
+struct FaultyModule {
     dir: tempfile::TempDir,
-    flag: PathBuf,
+    stall: PathBuf,
+    drop_sessions: PathBuf,
+    logins: PathBuf,
     softhsm: String,
     _tools: tempfile::TempDir,
 }
 
-impl Stalling {
-    fn init(init_args: &[&str], extra: &str) -> Stalling {
+impl FaultyModule {
+    fn init(init_args: &[&str], extra: &str) -> FaultyModule {
         let tools = tempfile::tempdir().unwrap();
-        let stall = common::preload_library("tests/hsm_support/stall.c", tools.path());
+        let module = common::preload_library("tests/hsm_support/faults.c", tools.path());
         let dir = init_hsm(
             init_args,
             &format!(
@@ -1491,22 +1496,38 @@ impl Stalling {
             replace_line(
                 config,
                 "module = ",
-                &format!("module = \"{}\"", stall.display()),
+                &format!("module = \"{}\"", module.display()),
             )
         });
-        Stalling {
-            flag: dir.path().join("stall"),
+        let d = dir.path();
+        FaultyModule {
+            stall: d.join("stall"),
+            drop_sessions: d.join("drop-sessions"),
+            logins: d.join("logins"),
             dir,
             softhsm,
             _tools: tools,
         }
     }
 
-    fn envs(&self) -> [(&str, &str); 2] {
+    fn envs(&self) -> [(&str, &str); 4] {
         [
-            ("TSA_TEST_STALL_MODULE", self.softhsm.as_str()),
-            ("TSA_TEST_STALL_FILE", self.flag.to_str().unwrap()),
+            ("TSA_TEST_REAL_MODULE", self.softhsm.as_str()),
+            ("TSA_TEST_STALL_FILE", self.stall.to_str().unwrap()),
+            (
+                "TSA_TEST_DROP_SESSIONS",
+                self.drop_sessions.to_str().unwrap(),
+            ),
+            ("TSA_TEST_LOGINS", self.logins.to_str().unwrap()),
         ]
+    }
+
+    /// How many times the module was asked to log in.
+    fn logins(&self) -> usize {
+        std::fs::read_to_string(&self.logins)
+            .unwrap_or_default()
+            .lines()
+            .count()
     }
 
     /// Waits for `server` to exit by itself, with status 75; its log.
@@ -1523,6 +1544,58 @@ impl Stalling {
         assert_eq!(status.code(), Some(75), "{log}");
         log
     }
+}
+
+/// The PIN changed on the HSM's side while the TSA runs, then every session lost at once
+/// under load (the module closes them all, which logs the application out): the sessions
+/// replaced at once send the wrong PIN once in all, not once each, and the recovery stops
+/// without another login (`hsm_recovery_stopped`). A token that locks its user after a few
+/// wrong PINs would otherwise be locked by the pool itself.
+#[test]
+fn sessions_replaced_at_once_send_a_refused_pin_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let faulty = FaultyModule::init(&[], "");
+    let d = faulty.dir.path();
+    let server = HsmServer::start(d, &faulty.envs());
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    stamp_and_verify(&server, w, &["-sha256", "-cert"]);
+    let before = faulty.logins();
+    assert!(before >= 1, "the start logged in");
+
+    // The PIN file no longer holds the token's PIN.
+    std::fs::write(d.join("hsm-pin"), "99999999\n").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, request, stop) = (server.url.clone(), w.join("req.tsq"), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    curl_post(&url, &request, QUERY_TYPE);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(&faulty.drop_sessions, b"").unwrap();
+    wait_for("the recovery to stop", Duration::from_secs(30), || {
+        server.log().contains("event=\"hsm_recovery_stopped\"")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.join().unwrap();
+    }
+    let log = server.log();
+    assert!(
+        !faulty.drop_sessions.exists(),
+        "the sessions were not dropped"
+    );
+    assert!(log.contains("CKR_PIN_INCORRECT"), "{log}");
+    assert_eq!(faulty.logins() - before, 1, "wrong PINs sent: {log}");
+    assert_eq!(server.readiness().0, 503);
 }
 
 /// Two tokens with the token label of the configuration: the signer does not guess.

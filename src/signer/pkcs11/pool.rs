@@ -264,10 +264,17 @@ pub struct Pool {
     wake_cv: Condvar,
     /// The health thread, joined by [`Pool::shutdown`].
     watcher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The token's refusal of the PIN, once one came. Held by each login that replaces a
+    /// session, so that those go one at a time (each reads the token's PIN flags after the
+    /// one before) and none after a refusal; the recovery then stops without a login. A PIN
+    /// changed on the HSM would otherwise be sent by every session replaced at once (all of
+    /// them, where the HSM closed the application's sessions and so its login), and lock
+    /// the token's user.
+    pin_refused: Mutex<Option<ConnectError>>,
 }
 
 /// Why a connection failed; the message is for operators.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnectError {
     pub message: String,
     /// The PKCS#11 return value, if one caused it.
@@ -624,6 +631,7 @@ impl Pool {
             idle_cv: Condvar::new(),
             wake_cv: Condvar::new(),
             watcher: Mutex::new(None),
+            pin_refused: Mutex::new(None),
         });
         let thread_pool = Arc::clone(&pool);
         let watcher = std::thread::Builder::new()
@@ -1019,7 +1027,7 @@ impl Pool {
             .and_then(|session| {
                 // The login is the application's, shared by its sessions (`login` sends no PIN
                 // then); a token that wants one per session gets it here.
-                login(lib.ctx(), lib.slot, &session, &self.spec.pin)?;
+                self.login_unless_refused(lib, &session)?;
                 Ok(session)
             });
         let session = match opened {
@@ -1060,6 +1068,22 @@ impl Pool {
             key,
             signing,
         })
+    }
+
+    /// [`login`] for a session that replaces one, one at a time, and not once the token
+    /// refused the PIN (`pin_refused`).
+    fn login_unless_refused(&self, lib: &Library, session: &Session) -> Result<(), ConnectError> {
+        let mut refused = self.pin_refused.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(refusal) = refused.as_ref() {
+            return Err(refusal.clone());
+        }
+        let result = login(lib.ctx(), lib.slot, session, &self.spec.pin);
+        if let Err(e) = &result {
+            if e.pin_refused() {
+                *refused = Some(e.clone());
+            }
+        }
+        result
     }
 
     /// `raw` through the caller's check; one that fails it has the same session make a test
@@ -1402,6 +1426,15 @@ impl Pool {
         if let Some(until) = hold {
             return Recovery::Held(until);
         }
+        // A replaced session's login was refused: no PIN is sent again.
+        let refused = self
+            .pin_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(refusal) = refused {
+            return self.halt(attempt, &refusal);
+        }
         // Under the write lock no session is lent: close them all.
         let old = std::mem::take(&mut self.state().idle);
         drop(old);
@@ -1511,6 +1544,7 @@ impl Pool {
 
     /// Stops recovering: another login with a refused PIN could lock the token's user.
     fn halt(&self, attempt: u32, error: &ConnectError) -> Recovery {
+        *self.pin_refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
         tracing::error!(
             event = "hsm_recovery_stopped",
             attempt,
