@@ -3,6 +3,7 @@
 mod cli;
 
 use clap::{Parser, Subcommand};
+use std::io::Write;
 
 /// An RFC 3161 Time-Stamp Authority.
 #[derive(Debug, Parser)]
@@ -67,15 +68,8 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tsa: {e:#}");
-            if e.chain().any(|c| c.is::<tsa::server::SignerHung>()) {
-                // A thread is still inside the HSM module: the module's exit handlers, which
-                // `exit` runs, could wait for that thread for good or tear the module down
-                // under it. Everything of the TSA's own (listeners, archive) is closed by now.
-                let _ = std::io::Write::flush(&mut std::io::stderr());
-                // SAFETY: `_exit` ends the process at once; nothing runs after it.
-                unsafe { libc::_exit(tsa::server::SignerHung::EXIT_STATUS.into()) }
-            }
+            // Not `eprintln!`, which panics where stderr is gone (a closed pipe).
+            let _ = writeln!(std::io::stderr(), "tsa: {e:#}");
             // A PIN the token refused: a restart would try it again (see the systemd units).
             let pin_refused = e
                 .chain()

@@ -19,7 +19,7 @@ use archive_support::{
     archive_cli, chained, chained_with, check_received, checkpoint_of, get, hex, init,
     one_checkpoint_per_position, stamp, Conn, Load, Received, Serving,
 };
-use tsa::archive::postgres::PostgresStore;
+use tsa::archive::postgres::{Lease, PostgresStore};
 use tsa::archive::record::StoredRecord;
 use tsa::archive::store::ArchiveStore;
 use tsa::config::Config;
@@ -149,6 +149,33 @@ fn records_are_complete_and_verify_on_postgres() {
     );
     let (ok, report) = archive_cli(d, &["verify"]);
     assert!(ok, "{report}");
+}
+
+/// A lease given back while its holder lives on (a process about to end with a signer stuck,
+/// whose archive is never dropped: `Archive::close_within`) lets the next holder in at once,
+/// not after its time to live.
+#[test]
+fn a_lease_given_back_is_free_at_once() {
+    let cluster = pg::Cluster::start();
+    cluster.create_database("lease");
+    let dir = setup(&cluster, "lease", 3, "");
+    let mut config = Config::load(&dir.path().join("tsa.toml")).unwrap();
+    config.archive.lease_ttl_s = 60;
+    let held = Lease::acquire(&config.archive).expect("the lease");
+    let refused = Lease::acquire(&config.archive)
+        .err()
+        .expect("a second holder while the first holds it");
+    assert!(
+        refused
+            .to_string()
+            .contains("held by another live instance"),
+        "{refused}"
+    );
+    held.release(Duration::from_secs(5));
+    let again = Lease::acquire(&config.archive).expect("free once given back");
+    assert!(!again.lost());
+    drop(held);
+    assert!(!again.lost(), "the first holder's drop took nothing");
 }
 
 #[test]

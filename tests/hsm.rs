@@ -1361,7 +1361,7 @@ fn replace_line(config: &str, start: &str, line: &str) -> String {
 /// it signs.
 #[test]
 fn a_module_that_stops_answering_makes_the_server_exit_for_a_new_start() {
-    let faulty = FaultyModule::init(&[], "");
+    let faulty = FaultyModule::init(&[], 4_000, "");
     let (d, flag, envs) = (faulty.dir.path(), &faulty.stall, faulty.envs());
     let mut server = HsmServer::start(d, &envs);
     let work = tempfile::tempdir().unwrap();
@@ -1370,7 +1370,6 @@ fn a_module_that_stops_answering_makes_the_server_exit_for_a_new_start() {
 
     // A request whose signature goes into the module and does not come back.
     std::fs::write(flag, b"").unwrap();
-    let stalled = Instant::now();
     query(w, &["-sha256"]);
     let hung = {
         let (url, request) = (server.url.clone(), w.join("req.tsq"));
@@ -1404,13 +1403,19 @@ fn a_module_that_stops_answering_makes_the_server_exit_for_a_new_start() {
 
     // The server stops by itself and exits with 75.
     let log = faulty.exit_75(&mut server);
-    assert!(stalled.elapsed() >= Duration::from_secs(2), "{log}");
     assert!(log.contains("event=\"hsm_sign_timeout\""), "{log}");
     let exit = log
         .lines()
         .find(|l| l.contains("event=\"signer_hung_exit\""))
         .unwrap_or_else(|| panic!("no signer_hung_exit event: {log}"));
-    assert!(exit.contains("exit_after_hung_ms = 2000"), "{exit}");
+    assert!(exit.contains("exit_after_hung_ms = 4000"), "{exit}");
+    // "… inside the PKCS#11 module PATH for N s …": not before exit_after_hung_ms.
+    let hung_s: u64 = exit
+        .split_once("faults.so for ")
+        .and_then(|(_, rest)| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no duration in {exit}"));
+    assert!(hung_s >= 4, "{exit}");
     assert!(
         log.contains("the TSA stopped for its service manager to start it anew"),
         "{log}"
@@ -1431,7 +1436,11 @@ fn a_module_that_stops_answering_makes_the_server_exit_for_a_new_start() {
 /// verifies with the tokens of both runs.
 #[test]
 fn a_hung_archive_writer_does_not_keep_the_server_from_exiting() {
-    let faulty = FaultyModule::init(&["--archive"], "[archive]\ncheckpoint_interval_s = 1\n");
+    let faulty = FaultyModule::init(
+        &["--archive"],
+        2_000,
+        "[archive]\ncheckpoint_interval_s = 1\n",
+    );
     let (d, flag, envs) = (faulty.dir.path(), &faulty.stall, faulty.envs());
     let mut server = HsmServer::start(d, &envs);
     let work = tempfile::tempdir().unwrap();
@@ -1467,9 +1476,45 @@ fn a_hung_archive_writer_does_not_keep_the_server_from_exiting() {
     assert!(!text.contains("WARNING"), "{text}");
 }
 
+/// A stop (SIGTERM) while a signer's call hangs, before any `exit_after_hung_ms` (here
+/// never), with the archive's writer the one inside the module: the stop gives the writer
+/// 5 s, then ends the process without the module's exit handlers, with status 0.
+#[test]
+fn a_stop_while_the_signer_hangs_ends_the_process() {
+    let faulty = FaultyModule::init(&["--archive"], 0, "[archive]\ncheckpoint_interval_s = 1\n");
+    let (d, envs) = (faulty.dir.path(), faulty.envs());
+    let mut server = HsmServer::start(d, &envs);
+    let work = tempfile::tempdir().unwrap();
+    stamp_and_verify(&server, work.path(), &["-sha256", "-cert"]);
+    std::fs::write(&faulty.stall, b"").unwrap();
+    ok(Command::new("kill").args(["-HUP", &server.child.id().to_string()]));
+    wait_for(
+        "the writer's signature to hang",
+        Duration::from_secs(10),
+        || server.log().contains("event=\"hsm_sign_timeout\""),
+    );
+    ok(Command::new("kill").args(["-TERM", &server.child.id().to_string()]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running: {}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = server.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        log.contains("the archive's writer did not close (inside the signer?)"),
+        "{log}"
+    );
+    assert!(log.contains("exiting without its exit handlers"), "{log}");
+    assert!(!log.contains("signer_hung_exit"), "{log}");
+}
+
 /// A `tsa init --hsm` state directory whose signer's module is `hsm_support/faults.c` over
-/// SoftHSM2, with short bounds for a hung call (`sign_timeout_ms` 500, `exit_after_hung_ms`
-/// 2000). The module's `C_Sign` waits while `stall` exists; one that finds `drop_sessions`
+/// SoftHSM2, with short bounds for a hung call (`sign_timeout_ms` 500, and
+/// `exit_after_hung_ms` as given). The module's `C_Sign` waits while `stall` exists; one that finds `drop_sessions`
 /// removes it and closes every session first; each `C_Login` is counted in `logins`.
 struct FaultyModule {
     dir: tempfile::TempDir,
@@ -1481,14 +1526,14 @@ struct FaultyModule {
 }
 
 impl FaultyModule {
-    fn init(init_args: &[&str], extra: &str) -> FaultyModule {
+    fn init(init_args: &[&str], exit_after_hung_ms: u64, extra: &str) -> FaultyModule {
         let tools = tempfile::tempdir().unwrap();
         let module = common::preload_library("tests/hsm_support/faults.c", tools.path());
         let dir = init_hsm(
             init_args,
             &format!(
                 "[signer]\nhealth_check_interval_ms = 100\nsign_timeout_ms = 500\n\
-                 exit_after_hung_ms = 2000\n{extra}"
+                 exit_after_hung_ms = {exit_after_hung_ms}\n{extra}"
             ),
         );
         let (_, softhsm) = softhsm_env(dir.path());
@@ -1556,7 +1601,7 @@ fn sessions_replaced_at_once_send_a_refused_pin_once() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    let faulty = FaultyModule::init(&[], "");
+    let faulty = FaultyModule::init(&[], 60_000, "");
     let d = faulty.dir.path();
     let server = HsmServer::start(d, &faulty.envs());
     let work = tempfile::tempdir().unwrap();

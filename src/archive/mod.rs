@@ -572,10 +572,20 @@ impl Archive {
     }
 
     /// [`Archive::close`], waiting for the writer at most `wait` (it may be inside a signer
-    /// that does not answer, signing a checkpoint); false where it gave up, and the process
-    /// must end: the records not committed were never answered, and the next start recovers
-    /// the archive as after a crash.
+    /// that does not answer, signing a checkpoint), for a process about to end without
+    /// dropping the archive: the instance id's lease, where one is held, is given back too.
+    /// False where it gave up on the writer, and the process must end: the records not
+    /// committed were never answered, and the next start recovers the archive as after a
+    /// crash.
     pub fn close_within(&self, wait: Option<Duration>) -> bool {
+        let closed = self.close_writer(wait);
+        if let (Some(wait), Held::Lease(lease)) = (wait, &self.held) {
+            lease.release(wait);
+        }
+        closed
+    }
+
+    fn close_writer(&self, wait: Option<Duration>) -> bool {
         if let Some(indexer) = &self.indexer {
             indexer.stop();
         }

@@ -90,7 +90,40 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
              running; exiting without it"
         );
     }
-    served
+    let stuck = match &served {
+        Ok(stopped) => *stopped == server::Stopped::SignerStuck,
+        Err(e) => e.chain().any(|c| c.is::<server::SignerHung>()),
+    };
+    if stuck {
+        exit_past_stuck_signer(&served);
+    }
+    served.map(|_| ())
+}
+
+/// Ends the process at once, without the exit handlers (`_exit`): a thread is still inside a
+/// signer's module that does not answer, and the module's handlers, which `exit` runs, could
+/// wait for that thread for good or tear the module down under it. Everything of the TSA's
+/// own (listeners, archive, its lease) is closed by now. Status 75 after a hung signer
+/// ([`server::SignerHung`]), for the service manager to start the TSA anew.
+fn exit_past_stuck_signer(served: &anyhow::Result<server::Stopped>) -> ! {
+    use std::io::Write;
+    let status = match served {
+        Ok(_) => 0,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "tsa: {e:#}");
+            match e.chain().any(|c| c.is::<server::SignerHung>()) {
+                true => server::SignerHung::EXIT_STATUS,
+                false => 1,
+            }
+        }
+    };
+    tracing::warn!(
+        exit_status = status,
+        "a signer's module does not answer: exiting without its exit handlers"
+    );
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` ends the process at once; nothing runs after it.
+    unsafe { libc::_exit(status.into()) }
 }
 
 /// How long the exit waits for blocking work still running after the server stopped.

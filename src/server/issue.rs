@@ -718,6 +718,13 @@ impl Tsa {
         }
     }
 
+    /// Both keys of a planned rollover (either may be signing: the token's genTime decides,
+    /// and the archive's checkpoints change keys apart from the tokens), or the one key.
+    pub(super) fn signers(&self) -> impl Iterator<Item = &dyn Signer> {
+        std::iter::once(self.signer.as_ref())
+            .chain(self.rollover.as_ref().map(|r| r.signer.as_ref()))
+    }
+
     /// The signer the server started with (before any planned rollover).
     pub(super) fn first_signer(&self) -> &dyn Signer {
         self.signer.as_ref()

@@ -353,16 +353,28 @@ pub struct Bound {
     pub https: Option<SocketAddr>,
 }
 
+/// How the server stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every part closed.
+    Closed,
+    /// A thread is still inside a signer's module that does not answer ([`Signer::stuck`]):
+    /// the process must end without running the module's exit handlers, which could wait for
+    /// that thread for good or tear the module down under it.
+    SignerStuck,
+}
+
 /// Binds both listeners, reports them through `on_bound`, and serves until `shutdown`
-/// resolves, or until the signer in force needs a new process ([`Signer::needs_restart`]:
-/// then the result is a [`SignerHung`] error); then closes the listeners (a new connection is
-/// refused at once) and lets requests in flight finish, for up to 10 s.
+/// resolves, or until a signer needs a new process ([`Signer::needs_restart`]: then the
+/// result is a [`SignerHung`] error, and a signer is stuck); then closes the listeners (a new
+/// connection is refused at once), lets requests in flight finish, for up to 10 s, and
+/// closes the archive.
 pub async fn serve(
     tsa: Arc<Tsa>,
     config: &ServerConfig,
     on_bound: impl FnOnce(Bound),
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Stopped> {
     let public = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -398,14 +410,16 @@ pub async fn serve(
         }
     };
     let served = http::run(tsa.clone(), config, public, admin, https, stop).await;
+    let stuck = hung.is_some() || tsa.signers().any(|signer| signer.stuck());
     if let Some(archive) = tsa.archive() {
-        // What is queued, a last signed checkpoint and the state file; after a hung signer
+        // What is queued, a last signed checkpoint and the state file; with a signer stuck
         // the writer may be inside it, signing a checkpoint: it is given a few seconds.
-        archive.close_within(hung.is_some().then_some(HUNG_ARCHIVE_CLOSE));
+        archive.close_within(stuck.then_some(STUCK_ARCHIVE_CLOSE));
     }
-    match hung {
-        Some(reason) => served.and(Err(SignerHung(reason).into())),
-        None => served,
+    match (hung, stuck) {
+        (Some(reason), _) => served.and(Err(SignerHung(reason).into())),
+        (None, true) => served.map(|()| Stopped::SignerStuck),
+        (None, false) => served.map(|()| Stopped::Closed),
     }
 }
 
@@ -421,16 +435,16 @@ impl SignerHung {
     pub const EXIT_STATUS: u8 = 75;
 }
 
-/// How long a server stopping for a hung signer waits for the archive's writer.
-const HUNG_ARCHIVE_CLOSE: Duration = Duration::from_secs(5);
+/// How long a server stopping with a signer stuck waits for the archive's writer.
+const STUCK_ARCHIVE_CLOSE: Duration = Duration::from_secs(5);
 
-/// Resolves, with the reason, once the signer in force needs a new process (checked every
-/// second).
+/// Resolves, with the reason, once a signer (either key of a planned rollover) needs a new
+/// process (checked every second).
 async fn signer_hung(tsa: &Tsa) -> String {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        if let Some(reason) = tsa.signer().needs_restart() {
+        if let Some(reason) = tsa.signers().find_map(|signer| signer.needs_restart()) {
             tracing::error!(
                 event = "signer_hung_exit",
                 reason = %reason,

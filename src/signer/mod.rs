@@ -58,6 +58,13 @@ pub trait Signer: Send + Sync + 'static {
         None
     }
 
+    /// Whether a call has been inside the signer longer than its bound for an answer (an
+    /// HSM's `sign_timeout_ms`): a thread is inside a module that does not answer, and the
+    /// process must not wait for it, nor run the module's exit handlers under it.
+    fn stuck(&self) -> bool {
+        false
+    }
+
     /// Whether a signature can take long enough (an HSM round trip, an RSA private-key
     /// operation: hundreds of microseconds and more) that it must not run on an async worker.
     /// The server then issues on the blocking pool, a bounded number at a time; a fast signer

@@ -3,9 +3,9 @@
 //! two processes never issue with the same instance id (serials would repeat).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postgres::Client;
 
@@ -30,8 +30,8 @@ pub(super) const LEASE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS instance_lease
 /// the row gone or held by another process, the lease is lost for good: nothing more is
 /// committed, so no token leaves (`systemFailure`), and readiness fails until a restart.
 pub struct Lease {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    stop: Mutex<Option<mpsc::Sender<()>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
     instance_id: i64,
     holder: String,
     ttl: Duration,
@@ -180,8 +180,8 @@ impl Lease {
             .map_err(StoreError::new)?;
         match ready.recv() {
             Ok(Ok(())) => Ok(Lease {
-                stop: Some(stop),
-                thread: Some(thread),
+                stop: Mutex::new(Some(stop)),
+                thread: Mutex::new(Some(thread)),
                 instance_id,
                 holder,
                 ttl,
@@ -207,12 +207,38 @@ impl Lease {
     pub fn unreachable(&self) -> bool {
         self.state.unreachable.load(Ordering::Relaxed)
     }
+
+    /// Gives the instance id back now (the keeper deletes its row), waiting for the database
+    /// at most `wait`: for a process about to end without dropping its archive, whose next
+    /// start would otherwise be refused until the row expires. A commit of a writer still
+    /// running would find the row gone, and fail (the writer's fence).
+    pub fn release(&self, wait: Duration) {
+        drop(self.stop.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = Instant::now() + wait;
+        while thread.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if thread.as_ref().is_some_and(|t| t.is_finished()) {
+            let _ = thread.take().map(JoinHandle::join);
+        }
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
+        drop(
+            self.stop
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
+        if let Some(t) = self
+            .thread
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             let _ = t.join();
         }
     }

@@ -382,6 +382,11 @@ impl Signer for Pkcs11Signer {
         self.pool.health()
     }
 
+    fn stuck(&self) -> bool {
+        let bound = self.pool.spec().sign_timeout;
+        self.pool.call_running_longer_than(bound).is_some()
+    }
+
     fn needs_restart(&self) -> Option<String> {
         let bound = self.exit_after_hung?;
         let running = self.pool.call_running_longer_than(bound)?;

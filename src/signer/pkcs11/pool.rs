@@ -103,6 +103,29 @@ pub struct Spec {
     pub sign_timeout: Duration,
 }
 
+/// The running recovery's current step, for [`Pool::call_running_longer_than`]; none once
+/// dropped (also where the recovery panicked).
+struct RecoveryStep<'a>(&'a Pool);
+
+impl<'a> RecoveryStep<'a> {
+    fn begin(pool: &'a Pool) -> Self {
+        let step = RecoveryStep(pool);
+        step.next();
+        step
+    }
+
+    /// The next step begins now.
+    fn next(&self) {
+        self.0.state().recovery_step = Some(Instant::now());
+    }
+}
+
+impl Drop for RecoveryStep<'_> {
+    fn drop(&mut self) {
+        self.0.state().recovery_step = None;
+    }
+}
+
 /// What a failed PKCS#11 call means for the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -247,8 +270,10 @@ struct State {
     last_invalid: Option<Instant>,
     /// Bad signatures took the pool down: no recovery before this ([`INVALID_HOLD`]).
     hold_until: Option<Instant>,
-    /// When the recovery running now began: its calls into the module may hang too.
-    recovery_started: Option<Instant>,
+    /// When the running recovery's current step began (a session closed, or opened and
+    /// logged in; the key found and probed; the library re-initialized): its calls into the
+    /// module may hang too.
+    recovery_step: Option<Instant>,
 }
 
 pub struct Pool {
@@ -516,13 +541,17 @@ fn login(ctx: &Pkcs11, slot: Slot, session: &Session, pin: &PinSource) -> Result
 }
 
 /// Logs in, finds the key, reads it, and opens the other sessions. `expect` is the public key
-/// a reconnection must find again.
+/// a reconnection must find again. `step` is called before each session is opened and
+/// before the key is looked for (a recovery times each step: [`RecoveryStep`]).
 fn connect(
     lib: &Library,
     spec: &Spec,
     expect: Option<&KeyInfo>,
+    step: &dyn Fn(),
 ) -> Result<(Vec<Pooled>, KeyInfo), ConnectError> {
+    step();
     let first = open_logged_in(lib.ctx(), lib.slot, &spec.pin, false)?;
+    step();
     let key = key::find_private_key(&first, &spec.key).map_err(|e| match e {
         FindError::Token(e) => ConnectError::pkcs11("cannot search the token", &e),
         other => ConnectError::new(other.to_string()),
@@ -547,6 +576,7 @@ fn connect(
         signing: None,
     });
     while sessions.len() < spec.sessions {
+        step();
         let session = lib
             .ctx()
             .open_ro_session(lib.slot)
@@ -604,7 +634,7 @@ impl Pool {
         let module = SharedModule::open(&spec.module)?;
         let slot = find_slot(module.ctx(), &spec.token).map_err(|e| anyhow::anyhow!(e.message))?;
         let lib = Library { module, slot };
-        let (sessions, info) = connect(&lib, &spec, None).map_err(|e| {
+        let (sessions, info) = connect(&lib, &spec, None, &|| {}).map_err(|e| {
             let message = format!("{} ({}): {e}", spec.token, spec.module.display());
             match e.pin_refused() {
                 true => anyhow::Error::new(PinRefused).context(message),
@@ -626,7 +656,7 @@ impl Pool {
                 watcher_done: false,
                 last_invalid: None,
                 hold_until: None,
-                recovery_started: None,
+                recovery_step: None,
             }),
             idle_cv: Condvar::new(),
             wake_cv: Condvar::new(),
@@ -738,7 +768,7 @@ impl Pool {
         let state = self.state();
         let now = Instant::now();
         let recovery = state
-            .recovery_started
+            .recovery_step
             .map(|started| now.saturating_duration_since(started))
             .filter(|running| *running > bound);
         state.in_flight.stuck(now, bound).max(recovery)
@@ -1407,15 +1437,13 @@ impl Pool {
         let Some(mut lib) = self.write_for_recovery() else {
             return Recovery::Failed;
         };
-        // Timed as a call in flight is: one that does not return is the hung module it is
-        // (`Pkcs11Signer::needs_restart`).
-        self.state().recovery_started = Some(Instant::now());
-        let recovery = self.recover_locked(&mut lib, attempt);
-        self.state().recovery_started = None;
-        recovery
+        // Each step timed as a call in flight is: one that does not return is the hung module
+        // it is (`Pkcs11Signer::needs_restart`); a slow one that returns is not.
+        let step = RecoveryStep::begin(self);
+        self.recover_locked(&mut lib, attempt, &step)
     }
 
-    fn recover_locked(&self, lib: &mut Library, attempt: u32) -> Recovery {
+    fn recover_locked(&self, lib: &mut Library, attempt: u32, step: &RecoveryStep) -> Recovery {
         // Bad signatures took it down: the module is left alone a while first (read under
         // the write lock, so that a hold set by a signature that held the read lock until
         // now is seen).
@@ -1437,7 +1465,10 @@ impl Pool {
         }
         // Under the write lock no session is lent: close them all.
         let old = std::mem::take(&mut self.state().idle);
-        drop(old);
+        for pooled in old {
+            step.next();
+            drop(pooled);
+        }
 
         let outage = |state: &State| match &state.health {
             Health::Down { since, .. } => since.elapsed().as_millis() as u64,
@@ -1455,7 +1486,7 @@ impl Pool {
             level = "sessions",
             "opening new HSM sessions and logging in again"
         );
-        let sessions_error = match connect(lib, &self.spec, Some(&self.info)) {
+        let sessions_error = match connect(lib, &self.spec, Some(&self.info), &|| step.next()) {
             Ok((sessions, _)) => {
                 self.install(sessions, attempt, "sessions", outage);
                 return Recovery::Recovered;
@@ -1476,6 +1507,7 @@ impl Pool {
             "new sessions did not help"
         );
 
+        step.next();
         let result = match lib.module.reinitialize() {
             Ok(Reinitialized::Done) => {
                 recovery_event!(
@@ -1486,9 +1518,10 @@ impl Pool {
                     level = "library",
                     "the PKCS#11 library was finalized and initialized again"
                 );
+                step.next();
                 find_slot(lib.ctx(), &self.spec.token).and_then(|slot| {
                     lib.slot = slot;
-                    connect(lib, &self.spec, Some(&self.info))
+                    connect(lib, &self.spec, Some(&self.info), &|| step.next())
                 })
             }
             Ok(Reinitialized::Shared { others }) => {
@@ -1772,10 +1805,10 @@ mod tests {
         assert_eq!(pool.call_running_longer_than(Duration::from_secs(2)), None);
         pool.sign(&input).expect("signed once it returned");
         // A recovery's calls are timed as well (here one begun 5 s ago, on its own).
-        pool.state().recovery_started = Some(Instant::now() - Duration::from_secs(5));
+        pool.state().recovery_step = Some(Instant::now() - Duration::from_secs(5));
         let running = pool.call_running_longer_than(Duration::from_secs(2));
         assert!(running >= Some(Duration::from_secs(5)), "{running:?}");
-        pool.state().recovery_started = None;
+        pool.state().recovery_step = None;
         assert_eq!(pool.call_running_longer_than(Duration::from_secs(2)), None);
 
         // A check that panics: the signature is refused, nothing stays in flight, and the
