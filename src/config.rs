@@ -456,7 +456,20 @@ pub fn sha256_hex(text: &str) -> anyhow::Result<[u8; 32]> {
     let digits: Vec<u8> = text.bytes().filter(|b| *b != b':').collect();
     let mut out = [0u8; 32];
     if digits.len() != 64 || !digits.iter().all(u8::is_ascii_hexdigit) {
-        bail!("expected 64 hex digits, got '{text}'");
+        // The value is not echoed: it may be a secret pasted in the wrong place (the API
+        // key itself), and this message goes to the log and, as a reload's event, into the
+        // archive's signed events.
+        if text.starts_with("tsa_") {
+            bail!(
+                "this looks like the API key itself, not its SHA-256: configure the hash that \
+                 `tsa client new-key` printed (the key is now in the configuration file: \
+                 make a new one if others may read it)"
+            );
+        }
+        bail!(
+            "expected a SHA-256 as 64 hex digits, got {} characters",
+            text.chars().count()
+        );
     }
     for (byte, pair) in out.iter_mut().zip(digits.chunks(2)) {
         let pair = std::str::from_utf8(pair).expect("ASCII hex digits");
@@ -1080,6 +1093,30 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bad_sha256_is_refused_without_echoing_it() {
+        let hash = "ab".repeat(32);
+        assert_eq!(sha256_hex(&hash).unwrap(), [0xab; 32]);
+        let colons = hash
+            .as_bytes()
+            .chunks(2)
+            .map(|p| std::str::from_utf8(p).unwrap());
+        assert_eq!(
+            sha256_hex(&colons.collect::<Vec<_>>().join(":")).unwrap(),
+            [0xab; 32]
+        );
+        let key = "tsa_Zm9vYmFyYmF6cXV4cXV1eHh5enp5eHh4eHh4eHh4eHg";
+        let err = sha256_hex(key).unwrap_err().to_string();
+        assert!(err.contains("the API key itself"), "{err}");
+        assert!(!err.contains(&key[4..]), "{err}");
+        let secret = "not-a-hash-but-a-secret";
+        let err = sha256_hex(secret).unwrap_err().to_string();
+        assert!(
+            err.contains("got 23 characters") && !err.contains(secret),
+            "{err}"
+        );
+    }
 
     #[test]
     fn zero_timeouts_are_refused_with_the_setting_named() {

@@ -1934,10 +1934,9 @@ fn an_imprint_stamped_many_times(layout: &str) {
     assert!(ok, "{out}");
     assert_eq!(out.lines().filter(|l| l.starts_with("serial")).count(), 12);
     assert!(!out.contains("not shown"), "{out}");
-    // Counted only; --out still writes the latest.
-    let (ok, out) = archive_cli(
-        d,
-        &[
+    // Counted only; --out still writes the latest, replacing a file with --force only.
+    let again = |force: &[&str]| {
+        let mut args = vec![
             "get",
             "--imprint",
             &imprint,
@@ -1945,9 +1944,17 @@ fn an_imprint_stamped_many_times(layout: &str) {
             "0",
             "--out",
             tsr.to_str().unwrap(),
-        ],
-    );
+        ];
+        args.extend_from_slice(force);
+        archive_cli(d, &args)
+    };
+    std::fs::write(&tsr, b"kept").unwrap();
+    let (ok, out) = again(&[]);
+    assert!(!ok && out.contains("exists already"), "{out}");
+    assert_eq!(std::fs::read(&tsr).unwrap(), b"kept");
+    let (ok, out) = again(&["--force"]);
     assert!(ok, "{out}");
+    assert_eq!(std::fs::read(&tsr).unwrap(), latest.response);
     assert!(!out.contains("serial"), "{out}");
     assert!(
         out.contains("12 of the 12 tokens with this imprint not shown"),

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{new_key, ok, openssl, wait_until, Server, TSA};
+use common::{new_key, ok, openssl, run, wait_until, Server, TSA};
 use tsa::client::read::Response;
 use tsa::protocol::FailInfo;
 
@@ -231,6 +231,21 @@ fn api_keys_authenticate_and_wrong_ones_are_refused_even_with_anonymous_access()
         .to_string();
     assert!(bob.starts_with("tsa_") && bob != alice);
     let bob_toml = String::from_utf8(out.stdout).unwrap();
+    // Another key into bob's file: refused, bob's key kept.
+    let again = run(Command::new(TSA).args([
+        "client",
+        "new-key",
+        "--name",
+        "carol",
+        "--key-out",
+        bob_file.to_str().unwrap(),
+    ]));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && stderr.contains("exists already"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&bob_file).unwrap().trim(), bob);
     configure(d, &[], &format!("{alice_toml}\n{bob_toml}"));
     let server = Server::serve(dir);
     let d = server.dir.path();

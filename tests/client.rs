@@ -94,3 +94,40 @@ fn verifying_a_token_asked_without_its_certificate_is_refused_before_asking() {
     assert!(!stderr.contains("cannot reach"), "{stderr}");
     assert!(!dir.path().join("reply.tsr").exists());
 }
+
+/// What would turn a check off or mislead is refused before anything is asked (nothing
+/// listens on the URL): an empty `--ca` file (a failed download), a digest with a sign in
+/// it, a broken hash; and a refused exchange leaves an earlier query file as it was.
+#[test]
+fn tsa_request_refuses_what_would_mislead() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("doc.txt"), "a document").unwrap();
+    std::fs::write(d.join("empty.pem"), "\n").unwrap();
+    let url = "http://127.0.0.1:9/";
+    let refused = |args: &[&str], why: &str| {
+        let out = tsa_request(d, url, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+        assert!(!stderr.contains("cannot reach"), "{args:?}: {stderr}");
+        assert!(!d.join("reply.tsr").exists());
+    };
+    refused(
+        &["--data", "doc.txt", "--ca", "empty.pem"],
+        "empty.pem holds no certificate",
+    );
+    let signed = format!("+{}", "a".repeat(63));
+    refused(&["--digest", &signed], "is not hex");
+    refused(&["--data", "doc.txt", "--hash", "sha1"], "broken");
+
+    // A query file of an earlier exchange stays when the next one fails (--force).
+    std::fs::write(d.join("earlier.tsq"), b"earlier").unwrap();
+    let out = tsa_request(
+        d,
+        url,
+        &["--data", "doc.txt", "--query-out", "earlier.tsq", "--force"],
+    );
+    assert!(!out.status.success());
+    assert_eq!(std::fs::read(d.join("earlier.tsq")).unwrap(), b"earlier");
+}

@@ -81,6 +81,9 @@ pub enum ArchiveCommand {
         /// Write the bare token (CMS ContentInfo) instead of the TimeStampResp.
         #[arg(long)]
         token: bool,
+        /// Replace --out where it exists.
+        #[arg(long, requires = "out")]
+        force: bool,
     },
     /// Export the tokens whose genTime is in [--from, --to): a directory of
     /// `<serial-hex>.tsr` files (DER TimeStampResp) or one JSON-lines file (one object per
@@ -162,12 +165,13 @@ pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
             limit,
             out,
             token,
+            force,
         } => get(
             &config,
             serial.as_deref(),
             imprint.as_deref(),
             *limit,
-            out.as_deref(),
+            out.as_deref().map(|path| (path, *force)),
             *token,
         ),
         ArchiveCommand::Export {
@@ -334,9 +338,14 @@ fn get(
     serial: Option<&str>,
     imprint: Option<&str>,
     limit: usize,
-    out: Option<&Path>,
+    out: Option<(&Path, bool)>,
     bare_token: bool,
 ) -> anyhow::Result<()> {
+    // Before the look-up: a mistyped --out (the archive's own database) is not replaced.
+    let out = match out {
+        Some((path, force)) => Some(super::not_replacing(path, force)?),
+        None => None,
+    };
     let mut store = archive::open_read_only(&config.archive)?;
     let (records, total) = match (serial, imprint) {
         (Some(serial), _) => {

@@ -26,6 +26,9 @@ enum ClientCommand {
         /// Write the key into this file (mode 0600) instead of standard error.
         #[arg(long)]
         key_out: Option<PathBuf>,
+        /// Replace --key-out where it exists (another client's key?).
+        #[arg(long, requires = "key_out")]
+        force: bool,
         /// Tokens per second for this client; 0: no limit.
         #[arg(long, default_value_t = 0.0)]
         rate_per_s: f64,
@@ -52,7 +55,11 @@ pub fn run(args: &ClientArgs) -> anyhow::Result<()> {
             key_out,
             rate_per_s,
             burst,
+            force,
         } => {
+            if let Some(path) = key_out {
+                super::not_replacing(path, *force)?;
+            }
             let (key, hash) = new_api_key();
             match key_out {
                 Some(path) => {

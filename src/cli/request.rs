@@ -142,9 +142,6 @@ pub fn run(args: &RequestArgs) -> anyhow::Result<()> {
     let outputs = [Some(args.out.as_path()), args.query_out.as_deref()];
     refuse_overwriting_inputs(args.data.as_deref(), outputs.into_iter().flatten())?;
     refuse_replacing(outputs.into_iter().flatten(), args.force)?;
-    if let Some(path) = &args.query_out {
-        write(path, &der)?;
-    }
     let trusted = super::verify::load_all(&args.ca)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -158,6 +155,11 @@ pub fn run(args: &RequestArgs) -> anyhow::Result<()> {
         reply: args.out.clone(),
     };
     save_reply(&item, &reply, false, &trusted)?;
+    // Beside the reply it answers, once that is saved: a refused or failed exchange leaves
+    // an earlier pair (--force) as it was.
+    if let Some(path) = &args.query_out {
+        write(path, &item.der)?;
+    }
     let response = Response::from_der(&reply)?;
     let token = response.token.as_ref().expect("a granted reply was saved");
     let tst = token.tst_info();
@@ -184,7 +186,16 @@ fn endpoint(args: &RequestArgs) -> anyhow::Result<client::Endpoint> {
 }
 
 fn digest_algorithm(args: &RequestArgs) -> anyhow::Result<DigestAlgorithm> {
-    DigestAlgorithm::from_name(&args.hash).with_context(|| format!("unknown hash '{}'", args.hash))
+    let digest = DigestAlgorithm::from_name(&args.hash)
+        .with_context(|| format!("unknown hash '{}'", args.hash))?;
+    // Its token would prove nothing about one document, and every verifier refuses it.
+    if digest.is_broken() {
+        bail!(
+            "{} is broken (collisions): stamp a SHA-2 or SHA-3 digest",
+            digest.name()
+        );
+    }
+    Ok(digest)
 }
 
 /// A query for a digest given in hex, with a fresh nonce, asking for the certificate.

@@ -128,10 +128,13 @@ pub(super) fn load_all(paths: &[PathBuf]) -> anyhow::Result<Vec<Certificate>> {
     let mut certs = Vec::new();
     for path in paths {
         let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        certs.extend(
-            Certificate::load_pem_chain(&pem)
-                .with_context(|| format!("{} is not PEM certificates", path.display()))?,
-        );
+        let loaded = Certificate::load_pem_chain(&pem)
+            .with_context(|| format!("{} is not PEM certificates", path.display()))?;
+        // An empty file (a download that failed) would otherwise turn a check off.
+        if loaded.is_empty() {
+            bail!("{} holds no certificate", path.display());
+        }
+        certs.extend(loaded);
     }
     Ok(certs)
 }
