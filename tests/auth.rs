@@ -1613,3 +1613,54 @@ fn keys_over_plain_http_are_refused_where_configured() {
     let anonymous = post(&server.url, &q, &[]).granted();
     assert_archived(d, &[(&over_tls, Some("alice")), (&anonymous, None)]);
 }
+
+/// Refusals of the server's own making cost the client nothing: with a clock that never
+/// synchronizes (every answer timeNotAvailable), a client with 2 tokens and nothing refilling
+/// is answered (not 429) 4 times alone and for a batch of 2 items, twice over.
+#[test]
+fn failures_of_the_server_cost_no_quota() {
+    const BATCH: &str = "application/timestamp-query-batch";
+    let dir = init(&[]);
+    let (alice, alice_toml) = new_key("alice", &["--rate-per-s", "0.001", "--burst", "2"]);
+    // NTP from ports where nothing answers; a production policy (the development policy is
+    // the development clock's only).
+    configure(
+        dir.path(),
+        &[(
+            "source = \"development\"\n",
+            "source = \"disciplined\"\nntp_servers = [\"127.0.0.1:9\", \"127.0.0.2:9\", \"127.0.0.3:9\"]\n",
+        )],
+        &format!("[auth]\n{alice_toml}"),
+    );
+    let path = dir.path().join("tsa.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        common::merge_toml(&config, "[policy]\ndefault = \"0.4.0.2023.1.1\"\n"),
+    )
+    .unwrap();
+    let server = Server::serve(dir);
+    let d = server.dir.path();
+    let q = query(d, "unsynchronized");
+    let key = format!("Authorization: Bearer {alice}");
+    for _ in 0..4 {
+        let answer = post(&server.url, &q, &["-H", &key]);
+        assert_eq!(answer.status, 200);
+        assert_eq!(
+            answer.response().fail_info(),
+            Some(FailInfo::TimeNotAvailable)
+        );
+    }
+    let items = batch_file(d, "alice", 2);
+    for _ in 0..2 {
+        let answer = curl_as(&server.url, &items, BATCH, &["-H", &key]).unwrap();
+        assert_eq!(answer.status, 200, "{:?}", answer.header("retry-after"));
+        let replies = tsa::protocol::batch::decode(&answer.body, 10).unwrap();
+        assert_eq!(replies.len(), 2);
+        for reply in replies {
+            let reply = Response::from_der(reply).unwrap();
+            assert_eq!(reply.fail_info(), Some(FailInfo::TimeNotAvailable));
+        }
+    }
+    assert_eq!(post(&server.url, &q, &["-H", &key]).status, 200);
+}

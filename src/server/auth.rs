@@ -482,10 +482,13 @@ impl Auth {
     }
 
     /// Gives back tokens taken from `client`'s quota, for a request the server then refused
-    /// as overloaded (after its wait for a place, a second or more later): a refusal the
-    /// client did not cause (another client's load may have) costs it nothing; and a batch's
-    /// one token before its n items are taken. Nothing goes back once the bucket has been
-    /// full since the take: it had refilled them already.
+    /// as overloaded (after its wait for a place, a second or more later), or answered with
+    /// a failure of its own (`systemFailure`, `timeNotAvailable`: [`Outcome::servers_fault`]):
+    /// a refusal the client did not cause (another client's load may have) costs it nothing;
+    /// and a batch's one token before its n items are taken. Nothing goes back once the
+    /// bucket has been full since the take: it had refilled them already.
+    ///
+    /// [`Outcome::servers_fault`]: super::Outcome::servers_fault
     pub fn give_back(&self, client: &Client, taken: Taken) {
         if let Some(bucket) = self.bucket(client) {
             bucket.give_back(taken.n, taken.at_ns);
@@ -527,6 +530,16 @@ pub struct Taken {
     n: u32,
     /// When, on the quotas' clock.
     at_ns: u64,
+}
+
+impl Taken {
+    /// `n` of these tokens (at most all), to give back some of a batch's.
+    pub fn part(self, n: u32) -> Taken {
+        Taken {
+            n: n.min(self.n),
+            at_ns: self.at_ns,
+        }
+    }
 }
 
 /// A token bucket as the generic cell rate algorithm: one atomic, the theoretical arrival

@@ -831,6 +831,9 @@ async fn timestamp(
         return overloaded(tsa, metrics::Overload::Queue);
     };
     let (der, outcome) = tsa.respond(body, client).await;
+    if outcome.servers_fault() {
+        tsa.auth.load().give_back(client, taken);
+    }
     (response(StatusCode::OK, REPLY_TYPE, der.into()), outcome)
 }
 
@@ -966,13 +969,20 @@ async fn timestamp_batch(
     drop(body);
     let answers = tsa.respond_batch(items, &client).await;
     let elapsed = start.elapsed();
+    let mut servers_faults = 0u32;
     let ders: Vec<Vec<u8>> = answers
         .into_iter()
         .map(|(der, outcome)| {
             tsa.metrics.request(outcome, elapsed);
+            servers_faults += u32::from(outcome.servers_fault());
             der
         })
         .collect();
+    if servers_faults > 0 {
+        tsa.auth
+            .load()
+            .give_back(&client, taken.part(servers_faults));
+    }
     let body = BatchBody::new(
         ders,
         connection.send_by.clone(),

@@ -51,6 +51,17 @@ pub enum Outcome {
     Rejected(FailInfo),
 }
 
+impl Outcome {
+    /// Refused for a reason of the server's own (its clock, its signer, its archive), not
+    /// the request's: the client's quota gives the token back.
+    pub fn servers_fault(self) -> bool {
+        matches!(
+            self,
+            Outcome::Rejected(FailInfo::SystemFailure | FailInfo::TimeNotAvailable)
+        )
+    }
+}
+
 /// What a reload replaces as a whole: the request rules, the certificate with its chain and
 /// the token template made from them.
 pub struct Issuing {
