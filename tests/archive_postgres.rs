@@ -227,6 +227,20 @@ fn a_second_instance_with_the_same_id_is_refused_while_the_first_holds_the_lease
             .count()
     };
     assert_eq!((ok("instance "), ok("events:")), (2, 2), "{report}");
+
+    // A prune from one instance's configuration cuts that instance only (signed with its
+    // key, by its retention); the others' records stay.
+    let (ok, out) = archive_cli(
+        other_dir.path(),
+        &["prune", "--before", "4000000000", "--force"],
+    );
+    assert!(
+        ok && out.contains("instance 8: records up to 1 removed"),
+        "{out}"
+    );
+    assert!(!out.contains("instance 7"), "{out}");
+    assert!(pg::all_records(&mut store, 8).is_empty());
+    assert_eq!(pg::all_records(&mut store, 7).len(), 2);
 }
 
 const ROUNDS: usize = 8;

@@ -115,9 +115,13 @@ pub enum ArchiveCommand {
         /// Remove records the configured retention keeps.
         #[arg(long)]
         force: bool,
-        /// Only this instance (default: every instance in the archive).
-        #[arg(long)]
+        /// This instance instead of the configured one (`archive.instance_id`).
+        #[arg(long, conflicts_with = "all_instances")]
         instance: Option<u32>,
+        /// Every instance in the archive (in a fleet's shared database, the other instances'
+        /// anchors are then signed with this instance's key, and cut by its retention).
+        #[arg(long)]
+        all_instances: bool,
     },
     /// Bring an archive to the layout of new ones. SQLite: move a rows archive's tokens into
     /// a token log beside its database (about half the writer's CPU), with the server
@@ -191,8 +195,15 @@ pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
         ArchiveCommand::Prune {
             before,
             instance,
+            all_instances,
             force,
-        } => prune(&config, parse_time(before)?, *instance, *force),
+        } => {
+            let only = match all_instances {
+                true => None,
+                false => Some(instance.unwrap_or(config.archive.instance_id)),
+            };
+            prune(&config, parse_time(before)?, only, *force)
+        }
         ArchiveCommand::Migrate => migrate(&config),
         ArchiveCommand::Events { from, to } => events(
             &config,
