@@ -892,6 +892,68 @@ fn tsa_request_batch_stamps_files_and_digests_in_few_round_trips() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("would overwrite"));
 }
 
+/// A batch refused as a whole (here 429: the anonymous quota, 4 tokens refilling at 2 a
+/// second, spent by the first batch of 4) fails its items, and the next batches are still
+/// sent; the run fails, and a later one with --skip-existing asks only for the items without
+/// a reply (a plain rerun is refused: the replies are there).
+#[test]
+fn tsa_request_batch_goes_on_past_a_refused_batch_and_resumes() {
+    let server = Server::start(
+        &[],
+        "[auth]\nanonymous_rate_per_s = 2\nanonymous_burst = 4\n",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let files: Vec<String> = (0..7)
+        .map(|i| {
+            let name = format!("receipt-{i}.xml");
+            std::fs::write(w.join(&name), format!("<receipt n='{i}'/>")).unwrap();
+            name
+        })
+        .collect();
+    let request = |extra: &[&str]| {
+        let out = run(Command::new(TSA)
+            .current_dir(w)
+            .args([
+                "request",
+                "--batch",
+                "--url",
+                &server.url,
+                "--batch-size",
+                "4",
+            ])
+            .args(extra)
+            .args(&files));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = request(&[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("receipt-4.xml … receipt-6.xml (3 items)"),
+        "{text}"
+    );
+    assert!(text.contains("request quota exceeded"), "{text}");
+    assert!(text.contains("4 of 7 granted"), "{text}");
+    assert!(text.contains("--skip-existing"), "{text}");
+    let saved = |i: usize| w.join(format!("{}.tsr", files[i])).exists();
+    assert!((0..4).all(saved) && !(4..7).any(saved), "{text}");
+
+    let (ok, text) = request(&[]);
+    assert!(!ok && text.contains("exists already"), "{text}");
+    // The quota whole again (4 tokens at 2 a second).
+    std::thread::sleep(std::time::Duration::from_millis(2_100));
+    let (ok, text) = request(&["--skip-existing"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("4 of 7 items left out"), "{text}");
+    assert!(text.contains("3 of 3 granted"), "{text}");
+    assert!((0..7).all(saved));
+}
+
 #[test]
 fn rsa_batches_sign_on_the_blocking_pool_beside_single_requests() {
     let server = Server::start(&["--algorithm", "rsa2048"], "");

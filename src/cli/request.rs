@@ -111,6 +111,10 @@ pub struct RequestArgs {
     /// Batch mode: also save each request beside its reply, as .tsq.
     #[arg(long, requires = "batch")]
     pub save_queries: bool,
+    /// Batch mode: leave out the items whose reply file is there (the rest of a run that
+    /// stopped or failed in part), rather than refuse to start.
+    #[arg(long, requires = "batch", conflicts_with = "force")]
+    pub skip_existing: bool,
     /// Batch mode: the most requests sent in one round trip (the TSA's
     /// server.max_batch_items); more are sent in several batches.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), requires = "batch")]
@@ -313,6 +317,21 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let listed = items.len();
+    let items: Vec<Item> = match args.skip_existing {
+        true => items.into_iter().filter(|i| !i.reply.exists()).collect(),
+        false => items,
+    };
+    if listed > items.len() {
+        eprintln!(
+            "{} of {listed} items left out: their replies are there (--skip-existing)",
+            listed - items.len()
+        );
+    }
+    if items.is_empty() {
+        println!("nothing to stamp: every reply is there");
+        return Ok(());
+    }
     let tsq = |item: &Item| item.reply.with_extension("tsq");
     let queries: Vec<PathBuf> = match args.save_queries {
         true => items.iter().map(tsq).collect(),
@@ -344,7 +363,21 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
     let (mut granted, mut failed) = (0usize, 0usize);
     for chunk in items.chunks(args.batch_size as usize) {
         let requests: Vec<Vec<u8>> = chunk.iter().map(|item| item.der.clone()).collect();
-        let replies = runtime.block_on(client::post_batch(&endpoint, &requests))?;
+        // A batch refused or lost as a whole fails its items; the next batches are still
+        // sent (the replies saved meanwhile let a later run with --skip-existing finish).
+        let replies = match runtime.block_on(client::post_batch(&endpoint, &requests)) {
+            Ok(replies) => replies,
+            Err(e) => {
+                failed += chunk.len();
+                eprintln!(
+                    "{} … {} ({} items): {e:#}",
+                    chunk[0].label,
+                    chunk[chunk.len() - 1].label,
+                    chunk.len()
+                );
+                continue;
+            }
+        };
         for (item, reply) in chunk.iter().zip(replies) {
             match save_reply(item, &reply, args.save_queries, &trusted) {
                 Ok(()) => granted += 1,
@@ -366,7 +399,10 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
         if batches == 1 { "" } else { "es" }
     );
     if failed > 0 {
-        bail!("{failed} of {total} items were not granted or did not verify");
+        bail!(
+            "{failed} of {total} items were not granted or did not verify (--skip-existing \
+             asks again for those without a reply)"
+        );
     }
     Ok(())
 }

@@ -84,6 +84,10 @@ const MAX_REPLY: usize = 1 << 20;
 /// items at this stay within some 300 MiB, twice that while the replies are split).
 const MAX_BATCH_REPLY_ITEM: usize = 32 << 10;
 
+/// The most a batch reply may hold, whatever its number of items: a TSA (or anyone on the
+/// way over http://) cannot make the client hold more.
+const MAX_BATCH_REPLY: usize = 512 << 20;
+
 /// POSTs a DER request to a TSA and returns the body of its reply.
 pub async fn post(endpoint: &Endpoint, request: Vec<u8>) -> anyhow::Result<Vec<u8>> {
     let (status, content_type, body) = endpoint.exchange(QUERY_TYPE, request, MAX_REPLY).await?;
@@ -104,7 +108,8 @@ pub async fn post_batch(endpoint: &Endpoint, requests: &[Vec<u8>]) -> anyhow::Re
     let body = batch::encode(requests);
     let max_reply = MAX_BATCH_REPLY_ITEM
         .saturating_mul(requests.len())
-        .saturating_add(MAX_REPLY);
+        .saturating_add(MAX_REPLY)
+        .min(MAX_BATCH_REPLY);
     let (status, content_type, body) = endpoint
         .exchange(batch::QUERY_MEDIA_TYPE, body, max_reply)
         .await?;
