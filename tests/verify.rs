@@ -433,6 +433,35 @@ fn with_cert_req_the_signers_certificate_must_be_in_the_token() {
     // …but not as the answer to a request that asked for it in the token.
     let error = verify(token, &expectation(&p, Some(&query))).unwrap_err();
     assert!(format!("{error:#}").contains("certReq"), "{error:#}");
+    // Nor when only checked against the request (no trusted CAs): a certificate is there,
+    // the issuing CA's, but not the signer's.
+    let error = tsa::client::verify::answers_query(token, &query).unwrap_err();
+    assert!(
+        format!("{error:#}").contains("does not carry the signer's certificate"),
+        "{error:#}"
+    );
+    let response = Response::from_der(&reply).unwrap();
+    tsa::client::verify::answers_query(response.token.as_ref().unwrap(), &query).unwrap();
+}
+
+/// RFC 3161 2.4.2: a nonce in the token is checked where the request had one; where it had
+/// none, a token with one still answers it (as OpenSSL takes it).
+#[test]
+fn a_nonce_is_checked_where_the_request_had_one() {
+    use tsa::protocol::asn1::TimeStampReq;
+    let p = pki(ca("Root", Some(0)), vec![], current_tsu());
+    let (reply, query) = stamp(&p, DigestAlgorithm::Sha256, SystemTime::now());
+    let response = Response::from_der(&reply).unwrap();
+    let token = response.token.as_ref().unwrap();
+    assert!(token.tst_info().nonce.is_some(), "stamped with a nonce");
+    let mut request = TimeStampReq::from_der(&query).unwrap();
+    request.nonce = None;
+    let without = request.to_der().unwrap();
+    tsa::client::verify::answers_query(token, &without).unwrap();
+    let other = der::asn1::IntRef::new(&[0x01, 0x02, 0x03]).unwrap();
+    request.nonce = Some(other);
+    let error = tsa::client::verify::answers_query(token, &request.to_der().unwrap()).unwrap_err();
+    assert!(error.to_string().contains("nonce"), "{error}");
 }
 
 #[test]

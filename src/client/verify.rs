@@ -203,8 +203,14 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
             .map(|b| format!("{b:02x}"))
             .collect(),
         policy: tst.policy,
-        signer: signer_cert.tbs_certificate().subject().to_string(),
+        signer: shown(signer_cert.tbs_certificate().subject()),
     })
+}
+
+/// A certificate's name as messages show it: with the control and reordering characters a
+/// certificate may hold escaped ([`super::printable`]).
+fn shown(name: &x509_cert::name::Name) -> String {
+    super::printable(&name.to_string())
 }
 
 /// The token's SignerInfo: a token has exactly one.
@@ -337,10 +343,14 @@ fn answers(token: &Token, query: &[u8]) -> anyhow::Result<bool> {
         req.message_imprint == tst.message_imprint,
         "the token's message imprint is not the request's"
     );
-    ensure!(
-        req.nonce.map(|n| n.as_bytes()) == tst.nonce.map(|n| n.as_bytes()),
-        "the token's nonce is not the request's"
-    );
+    // RFC 3161 2.4.2: the nonce MUST be present, and equal, where the request had one; where
+    // it had none, one in the token binds nothing (OpenSSL does not look either).
+    if let Some(nonce) = req.nonce {
+        ensure!(
+            tst.nonce.map(|n| n.as_bytes()) == Some(nonce.as_bytes()),
+            "the token's nonce is not the request's"
+        );
+    }
     if let Some(policy) = req.req_policy {
         ensure!(
             policy == tst.policy,
@@ -352,10 +362,27 @@ fn answers(token: &Token, query: &[u8]) -> anyhow::Result<bool> {
     // checks it is the signer's); without it the certificates field MUST NOT be.
     let certificates = token.signed_data.certificates.as_ref();
     if req.cert_req {
+        // One that signed: a token carrying only its CA's certificate would not do (a
+        // reply checked against its query only, without trusted CAs, is saved on this).
+        let included: Vec<&Certificate> = certificates
+            .iter()
+            .flat_map(|set| set.0.iter())
+            .filter_map(|choice| match choice {
+                CertificateChoices::Certificate(c) => Some(c),
+                _ => None,
+            })
+            .take(MAX_CERTIFICATES + 1)
+            .collect();
         ensure!(
-            certificates.is_some_and(|c| !c.0.is_empty()),
-            "the request set certReq but the token carries no certificates"
+            included.len() <= MAX_CERTIFICATES,
+            "more than {MAX_CERTIFICATES} certificates to find the signer's among"
         );
+        signed_by_one(
+            token,
+            only_signer_info(token)?,
+            &included,
+            "the request set certReq but the token does not carry the signer's certificate",
+        )?;
     } else {
         ensure!(
             certificates.is_none(),
@@ -493,7 +520,7 @@ fn check_tsa_name(tsa: &der::asn1::AnyRef<'_>, cert: &Certificate) -> anyhow::Re
     ensure!(
         alternatives.is_some_and(|(_, san)| san.0.contains(&name)),
         "the token's tsa field names someone other than its signer {}",
-        tbs.subject()
+        shown(tbs.subject())
     );
     Ok(())
 }
@@ -522,7 +549,7 @@ fn check_path(
         ensure!(
             valid_at(leaf, at),
             "the signer's certificate {} is not valid at the validation time",
-            leaf.tbs_certificate().subject()
+            shown(leaf.tbs_certificate().subject())
         );
         return Ok(());
     }
@@ -539,7 +566,7 @@ fn check_path(
         ensure!(
             cert.signature_algorithm() == cert.tbs_certificate().signature(),
             "the certificate {} names two different signature algorithms",
-            cert.tbs_certificate().subject()
+            shown(cert.tbs_certificate().subject())
         );
     }
     let der = |c: &Certificate| c.to_der().map(CertificateDer::from);
@@ -611,7 +638,7 @@ fn check_path(
             };
             anyhow::anyhow!(
                 "the signer's certificate {} has no valid path to a trusted CA: {e}{hint}",
-                leaf.tbs_certificate().subject()
+                shown(leaf.tbs_certificate().subject())
             )
         })?;
     // `webpki` takes a trust anchor as a name and a key; a trusted CA certificate's own path
@@ -637,7 +664,7 @@ fn check_path(
         ensure!(
             valid_at(root, at),
             "the trusted CA certificate {} is not valid at the validation time",
-            root.tbs_certificate().subject()
+            shown(root.tbs_certificate().subject())
         );
         check_issuing_ca(root)
     };
@@ -670,7 +697,7 @@ fn check_path(
             ensure!(
                 below <= usize::from(max),
                 "the signer's path has {below} CA certificates below {}, which allows {max}",
-                root.tbs_certificate().subject()
+                shown(root.tbs_certificate().subject())
             );
         }
     }
@@ -697,13 +724,13 @@ fn check_issuing_ca(cert: &Certificate) -> anyhow::Result<()> {
     ensure!(
         ca,
         "{} signs a certificate on the signer's path but is not a CA certificate",
-        tbs.subject()
+        shown(tbs.subject())
     );
     if let Some((_, usage)) = tbs.get_extension::<KeyUsage>()? {
         ensure!(
             usage.0.contains(KeyUsages::KeyCertSign),
             "{} signs a certificate on the signer's path but its key usage does not allow it",
-            tbs.subject()
+            shown(tbs.subject())
         );
     }
     Ok(())
@@ -917,6 +944,18 @@ mod tests {
         ] {
             assert!(pss_verifier(&alg).is_err(), "{why}");
         }
+    }
+
+    #[test]
+    fn names_are_shown_with_reordering_and_control_characters_escaped() {
+        use std::str::FromStr;
+        let name = x509_cert::name::Name::from_str("CN=Good TSA\u{202e}ASI fo\u{9b}").unwrap();
+        let text = shown(&name);
+        assert!(
+            !text.contains('\u{202e}') && !text.contains('\u{9b}'),
+            "{text}"
+        );
+        assert!(text.contains("Good TSA\\u{202e}"), "{text}");
     }
 
     fn tsu() -> Certificate {
