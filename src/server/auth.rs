@@ -16,7 +16,8 @@
 //! stays bounded whoever calls; a batch takes one token before its body is read, and once its
 //! n items are counted that one back and n at once (it keeps the one when refused before
 //! then). A reload keeps the bucket, spent or not, of every client whose rate and burst it leaves unchanged (and the
-//! anonymous one likewise), so that reloading forgives no client its debt.
+//! anonymous one likewise), and a client whose quota changed starts owing the tokens it owed,
+//! so that reloading forgives no client its debt.
 //!
 //! Everything here is pure: the HTTP layer hands in the header and the verified certificate and
 //! turns a [`Refusal`] or a wait into its reply.
@@ -308,16 +309,20 @@ impl Auth {
     /// Takes over from `old`, the configuration in force, the bucket of each client of the
     /// same name whose rate and burst are the same, and the anonymous bucket when its quota is
     /// the same: the very buckets, shared, so that tokens taken through `old` while the reload
-    /// is swapped in count too. The buckets' time base becomes `old`'s. Answers how many
-    /// buckets were kept.
+    /// is swapped in count too. A bucket whose quota changed starts with the tokens its
+    /// client still owes (a large batch's debt is not forgiven by a new rate). The buckets'
+    /// time base becomes `old`'s. Answers how many buckets were kept.
     fn keep_buckets(&mut self, old: &Auth) -> usize {
         self.epoch = old.epoch;
+        let now = self.epoch.elapsed().as_nanos() as u64;
         let mut kept = 0;
         let mut keep = |new: &mut Option<Arc<Bucket>>, old: Option<&Arc<Bucket>>| {
             if let (Some(bucket), Some(old)) = (new.as_ref(), old) {
                 if bucket.same_quota(old) {
                     *new = Some(Arc::clone(old));
                     kept += 1;
+                } else {
+                    bucket.owe(old.owed(now), now);
                 }
             }
         };
@@ -577,6 +582,23 @@ impl Bucket {
     /// Whether `other` has the same rate and burst.
     fn same_quota(&self, other: &Bucket) -> bool {
         (self.interval, self.capacity) == (other.interval, other.capacity)
+    }
+
+    /// The tokens taken and not refilled yet at `now`: a whole bucket's worth where it is
+    /// empty, more for a batch taken past its burst.
+    fn owed(&self, now: u64) -> u64 {
+        self.tat
+            .load(Ordering::SeqCst)
+            .saturating_sub(now)
+            .div_ceil(self.interval)
+    }
+
+    /// A new bucket that starts `tokens` short at `now` (see [`Bucket::owed`]).
+    fn owe(&self, tokens: u64, now: u64) {
+        if tokens > 0 {
+            let tat = now.saturating_add(self.interval.saturating_mul(tokens));
+            self.tat.store(tat, Ordering::SeqCst);
+        }
     }
 
     /// The TAT after `n` more tokens from `tat` at `now`, or how long until they fit.
@@ -1090,13 +1112,40 @@ mod tests {
         assert_eq!(new.keep_buckets(&old), 2);
         assert!(new.take(&alice, 1).is_err(), "still spent");
         assert!(new.take(&Client::ANONYMOUS, 1).is_err(), "still spent");
-        assert!(new.take(&bob, 2).is_ok(), "a new quota starts full");
+        // Bob's new bucket of 2 starts with the one he owes taken.
+        assert!(new.take(&bob, 1).is_ok(), "the new quota's second token");
+        assert!(new.take(&bob, 1).is_err(), "the debt carried over");
         assert!(new.take(&Client::named("carol"), 1).is_ok());
         // Shared: what the old configuration hands out counts in the new one.
         let mut third = Auth::new(&second).unwrap();
         third.keep_buckets(&new);
         assert!(new.take(&Client::named("carol"), 1).is_err());
         assert!(third.take(&Client::named("carol"), 1).is_err());
+
+        // A batch's debt past the burst (carol: 1 + 50 tokens at 100 s each) is not forgiven
+        // by a new rate: at ten times the rate she owes 50 tokens of 10 s.
+        assert!(
+            third.take(&Client::named("carol"), 50).is_err(),
+            "not from an empty bucket"
+        );
+        let mut fresh = Auth::new(&second).unwrap();
+        let carol = Client::named("carol");
+        assert!(
+            fresh.take(&carol, 50).is_ok(),
+            "past the burst from a full bucket"
+        );
+        let mut faster = second.clone();
+        faster.client[2].rate_per_s = 0.1;
+        let mut fourth = Auth::new(&faster).unwrap();
+        fourth.keep_buckets(&fresh);
+        let wait = fourth.take(&carol, 1).unwrap_err();
+        assert!(wait > Duration::from_secs(480), "{wait:?}");
+        // An unchanged bucket that is full stays full under a new quota.
+        let mut again = faster.clone();
+        again.client[0].rate_per_s = 0.02;
+        fresh = Auth::new(&again).unwrap();
+        fresh.keep_buckets(&Auth::new(&first).unwrap());
+        assert!(fresh.take(&alice, 1).is_ok());
     }
 
     #[test]
