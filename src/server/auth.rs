@@ -309,9 +309,10 @@ impl Auth {
     /// Takes over from `old`, the configuration in force, the bucket of each client of the
     /// same name whose rate and burst are the same, and the anonymous bucket when its quota is
     /// the same: the very buckets, shared, so that tokens taken through `old` while the reload
-    /// is swapped in count too. A bucket whose quota changed starts with the tokens its
-    /// client still owes (a large batch's debt is not forgiven by a new rate). The buckets'
-    /// time base becomes `old`'s. Answers how many buckets were kept.
+    /// is swapped in count too. A bucket whose quota changed starts with what its client had
+    /// spent and still owes ([`Bucket::carry_from`]: a large batch's debt is not forgiven
+    /// by a new rate). The buckets' time base becomes `old`'s. Answers how many buckets were
+    /// kept.
     fn keep_buckets(&mut self, old: &Auth) -> usize {
         self.epoch = old.epoch;
         let now = self.epoch.elapsed().as_nanos() as u64;
@@ -322,7 +323,7 @@ impl Auth {
                     *new = Some(Arc::clone(old));
                     kept += 1;
                 } else {
-                    bucket.owe(old.owed(now), now);
+                    bucket.carry_from(old, now);
                 }
             }
         };
@@ -487,16 +488,28 @@ impl Auth {
     }
 
     /// Gives back tokens taken from `client`'s quota, for a request the server then refused
-    /// as overloaded (after its wait for a place, a second or more later), or answered with
-    /// a failure of its own (`systemFailure`, `timeNotAvailable`: [`Outcome::servers_fault`]):
-    /// a refusal the client did not cause (another client's load may have) costs it nothing;
-    /// and a batch's one token before its n items are taken. Nothing goes back once the
-    /// bucket has been full since the take: it had refilled them already.
-    ///
-    /// [`Outcome::servers_fault`]: super::Outcome::servers_fault
+    /// as overloaded (after its wait for a place, a second or more later): a refusal the
+    /// client did not cause (another client's load may have) costs it nothing; and a batch's
+    /// one token before its n items are taken. Nothing goes back once the bucket has been
+    /// full since the take: it had refilled them already.
     pub fn give_back(&self, client: &Client, taken: Taken) {
         if let Some(bucket) = self.bucket(client) {
             bucket.give_back(taken.n, taken.at_ns);
+        }
+    }
+
+    /// Gives back, of tokens a batch took for items the server failed on its own
+    /// (`systemFailure`, `timeNotAvailable`: [`Outcome::servers_fault`]), those that left
+    /// the bucket in debt past empty: a batch answered while the clock was unsynchronized
+    /// or the disk full does not keep its client refused for minutes after, while a client
+    /// still pays its burst for them (refunded in full, they would let it ask at any rate
+    /// for as long as the server fails fast).
+    ///
+    /// [`Outcome::servers_fault`]: super::Outcome::servers_fault
+    pub fn forgive_debt(&self, client: &Client, taken: Taken) {
+        if let Some(bucket) = self.bucket(client) {
+            let now = self.epoch.elapsed().as_nanos() as u64;
+            bucket.forgive_debt(taken.n, taken.at_ns, now);
         }
     }
 
@@ -584,21 +597,26 @@ impl Bucket {
         (self.interval, self.capacity) == (other.interval, other.capacity)
     }
 
-    /// The tokens taken and not refilled yet at `now`: a whole bucket's worth where it is
-    /// empty, more for a batch taken past its burst.
-    fn owed(&self, now: u64) -> u64 {
-        self.tat
-            .load(Ordering::SeqCst)
-            .saturating_sub(now)
-            .div_ceil(self.interval)
-    }
-
-    /// A new bucket that starts `tokens` short at `now` (see [`Bucket::owed`]).
-    fn owe(&self, tokens: u64, now: u64) {
-        if tokens > 0 {
-            let tat = now.saturating_add(self.interval.saturating_mul(tokens));
-            self.tat.store(tat, Ordering::SeqCst);
+    /// A new bucket for the quota `old` had until `now`: it starts with what `old` had
+    /// spent, as far as its own burst goes (a burst lowered from 10,000 to 100 leaves an
+    /// empty bucket, not 10,000 tokens owed), and with any debt `old` ran up past empty (a
+    /// batch taken past the burst), tokens counted as tokens whatever the new rate. Refunds
+    /// of takes before it go no further than a full bucket would have (`full_at`).
+    fn carry_from(&self, old: &Bucket, now: u64) {
+        let ahead = old.tat.load(Ordering::SeqCst).saturating_sub(now);
+        if ahead == 0 {
+            return;
         }
+        // In the new bucket's time: ns ahead in old tokens, times the new interval.
+        let rescale = |ns: u64| {
+            (u128::from(ns) * u128::from(self.interval) / u128::from(old.interval))
+                .min(u128::from(u64::MAX)) as u64
+        };
+        let spent = rescale(ahead.min(old.capacity)).min(self.capacity);
+        let debt = rescale(ahead.saturating_sub(old.capacity));
+        let tat = now.saturating_add(spent).saturating_add(debt);
+        self.tat.store(tat, Ordering::SeqCst);
+        self.full_at.store(now, Ordering::SeqCst);
     }
 
     /// The TAT after `n` more tokens from `tat` at `now`, or how long until they fit.
@@ -630,6 +648,19 @@ impl Bucket {
             .tat
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |tat| {
                 (self.full_at.load(Ordering::SeqCst) <= taken_at).then(|| tat.saturating_sub(cost))
+            });
+    }
+
+    /// [`Bucket::give_back`], of at most what holds the TAT past a bucket that is empty at
+    /// `now`.
+    fn forgive_debt(&self, n: u32, taken_at: u64, now: u64) {
+        let cost = self.interval.saturating_mul(u64::from(n));
+        let _ = self
+            .tat
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |tat| {
+                let debt = tat.saturating_sub(now).saturating_sub(self.capacity);
+                (self.full_at.load(Ordering::SeqCst) <= taken_at && debt > 0)
+                    .then(|| tat - cost.min(debt))
             });
     }
 
@@ -1140,12 +1171,57 @@ mod tests {
         fourth.keep_buckets(&fresh);
         let wait = fourth.take(&carol, 1).unwrap_err();
         assert!(wait > Duration::from_secs(480), "{wait:?}");
+        // A burst lowered below what was spent within the old one leaves the bucket empty,
+        // not in debt: alice spends 10 of 10 at 0.01/s, then gets a burst of 2 at 1/s.
+        let mut big = first.clone();
+        big.client[0].burst = 10;
+        let before = Auth::new(&big).unwrap();
+        assert!(before.take(&alice, 10).is_ok());
+        let mut small = big.clone();
+        small.client[0].burst = 2;
+        small.client[0].rate_per_s = 1.0;
+        let mut after = Auth::new(&small).unwrap();
+        after.keep_buckets(&before);
+        let wait = after.take(&alice, 1).unwrap_err();
+        assert!(wait <= Duration::from_secs(1), "{wait:?}");
         // An unchanged bucket that is full stays full under a new quota.
         let mut again = faster.clone();
         again.client[0].rate_per_s = 0.02;
         fresh = Auth::new(&again).unwrap();
         fresh.keep_buckets(&Auth::new(&first).unwrap());
         assert!(fresh.take(&alice, 1).is_ok());
+    }
+
+    #[test]
+    fn a_batchs_debt_for_the_servers_failures_is_forgiven_down_to_an_empty_bucket() {
+        // 100 s a token, a burst of 2: nothing refills during the test.
+        let mut quota = config(true);
+        quota.client[0].rate_per_s = 0.01;
+        quota.client[0].burst = 2;
+        let auth = Auth::new(&quota).unwrap();
+        let alice = Client::named("alice");
+        // 6 items past the burst from a full bucket: 4 tokens of debt, 500 s before one more.
+        let taken = auth.take(&alice, 6).unwrap();
+        let wait = auth.take(&alice, 1).unwrap_err();
+        assert!(wait > Duration::from_secs(490), "{wait:?}");
+        // 5 of them failed on the server's side: the debt goes, the burst stays spent.
+        auth.forgive_debt(&alice, taken.part(5));
+        let wait = auth.take(&alice, 1).unwrap_err();
+        assert!(
+            wait > Duration::from_secs(90) && wait <= Duration::from_secs(100),
+            "{wait:?}"
+        );
+        // Nothing more to forgive once the bucket is no longer in debt.
+        auth.forgive_debt(&alice, taken);
+        assert!(auth.take(&alice, 1).is_err());
+        // A single request within the burst is never in debt: nothing given back.
+        let bob = Client::named("bob");
+        quota.client[1].rate_per_s = 0.01;
+        quota.client[1].burst = 1;
+        let auth = Auth::new(&quota).unwrap();
+        let one = auth.take(&bob, 1).unwrap();
+        auth.forgive_debt(&bob, one);
+        assert!(auth.take(&bob, 1).is_err());
     }
 
     #[test]

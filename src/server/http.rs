@@ -831,9 +831,6 @@ async fn timestamp(
         return overloaded(tsa, metrics::Overload::Queue);
     };
     let (der, outcome) = tsa.respond(body, client).await;
-    if outcome.servers_fault() {
-        tsa.auth.load().give_back(client, taken);
-    }
     (response(StatusCode::OK, REPLY_TYPE, der.into()), outcome)
 }
 
@@ -981,7 +978,7 @@ async fn timestamp_batch(
     if servers_faults > 0 {
         tsa.auth
             .load()
-            .give_back(&client, taken.part(servers_faults));
+            .forgive_debt(&client, taken.part(servers_faults));
     }
     let body = BatchBody::new(
         ders,

@@ -53,7 +53,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Refused for a reason of the server's own (its clock, its signer, its archive), not
-    /// the request's: the client's quota gives the token back.
+    /// the request's: a batch's debt for such items is forgiven (`Auth::forgive_debt`).
     pub fn servers_fault(self) -> bool {
         matches!(
             self,
