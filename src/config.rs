@@ -450,6 +450,38 @@ impl AuthConfig {
     }
 }
 
+/// A TOML or schema error by line and column, without the source line that `toml` quotes
+/// and with the quoted values of its message left out: the line may hold a secret pasted in
+/// the wrong place (an API key where its hash goes), and a reload's refusal goes to the log
+/// and into the archive's signed events.
+fn syntax_error(text: &str, error: &toml::de::Error) -> String {
+    let mut message = String::new();
+    let mut quoted = false;
+    for c in error.message().chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                message.push_str("\"…");
+                quoted = true;
+            }
+            ('"', true) => {
+                message.push('"');
+                quoted = false;
+            }
+            (_, true) => {}
+            (c, false) => message.push(c),
+        }
+    }
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {}", message.trim_end())
+        }
+        None => message.trim_end().to_string(),
+    }
+}
+
 /// A SHA-256 value written as 64 hex digits (colons allowed, as `openssl x509 -fingerprint`
 /// prints them).
 pub fn sha256_hex(text: &str) -> anyhow::Result<[u8; 32]> {
@@ -789,8 +821,13 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the configuration {}", path.display()))?;
-        let mut config: Config = toml::from_str(&text)
-            .with_context(|| format!("invalid configuration {}", path.display()))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "invalid configuration {}: {}",
+                path.display(),
+                syntax_error(&text, &e)
+            )
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.validate()?;
@@ -1093,6 +1130,29 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_configuration_error_quotes_no_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tsa.toml");
+        let secret = "tsa_Zm9vYmFyYmF6cXV4cXV1eHh5enp5eHh4eHh4eHh4eHg";
+        for (text, at) in [
+            (
+                format!("[auth]\n[[auth.client]]\nname = \"a\"\napi_key = \"{secret}\"\n"),
+                "line 4",
+            ),
+            (
+                format!("[auth]\n[[auth.client]]\nname = \"a\"\nrate_per_s = \"{secret}\"\n"),
+                "line 4",
+            ),
+            (format!("[auth]\nanonymous = {secret}\n"), "line 2"),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            let error = format!("{:#}", Config::load(&path).unwrap_err());
+            assert!(!error.contains(&secret[4..12]), "{error}");
+            assert!(error.contains(at), "{error}");
+        }
+    }
 
     #[test]
     fn a_bad_sha256_is_refused_without_echoing_it() {

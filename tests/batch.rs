@@ -892,15 +892,16 @@ fn tsa_request_batch_stamps_files_and_digests_in_few_round_trips() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("would overwrite"));
 }
 
-/// A batch refused as a whole (here 429: the anonymous quota, 4 tokens refilling at 2 a
+/// A batch refused as a whole (here 429: the anonymous quota, 4 tokens refilling at one a
 /// second, spent by the first batch of 4) fails its items, and the next batches are still
-/// sent; the run fails, and a later one with --skip-existing asks only for the items without
-/// a reply (a plain rerun is refused: the replies are there).
+/// sent; the run fails, and a later one with --skip-existing asks only for the items whose
+/// reply file does not hold their token: none there, or a rejection (replaced); a file
+/// holding another token is not replaced (and a plain rerun is refused: replies are there).
 #[test]
 fn tsa_request_batch_goes_on_past_a_refused_batch_and_resumes() {
     let server = Server::start(
         &[],
-        "[auth]\nanonymous_rate_per_s = 2\nanonymous_burst = 4\n",
+        "[auth]\nanonymous_rate_per_s = 1\nanonymous_burst = 4\n",
     );
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
@@ -945,13 +946,27 @@ fn tsa_request_batch_goes_on_past_a_refused_batch_and_resumes() {
 
     let (ok, text) = request(&[]);
     assert!(!ok && text.contains("exists already"), "{text}");
-    // The quota whole again (4 tokens at 2 a second).
-    std::thread::sleep(std::time::Duration::from_millis(2_100));
+    // Another item's token where receipt-4's reply goes: not replaced, nothing sent.
+    let tsr = |i: usize| w.join(format!("{}.tsr", files[i]));
+    std::fs::copy(tsr(0), tsr(4)).unwrap();
+    let (ok, text) = request(&["--skip-existing"]);
+    assert!(
+        !ok && text.contains("receipt-4.xml.tsr exists already"),
+        "{text}"
+    );
+    std::fs::remove_file(tsr(4)).unwrap();
+    // A rejection where receipt-5's goes (status 2, no token): asked again, replaced.
+    std::fs::write(tsr(5), [0x30, 0x05, 0x30, 0x03, 0x02, 0x01, 0x02]).unwrap();
+    // The quota has 3 tokens again (one a second).
+    std::thread::sleep(std::time::Duration::from_millis(3_200));
     let (ok, text) = request(&["--skip-existing"]);
     assert!(ok, "{text}");
     assert!(text.contains("4 of 7 items left out"), "{text}");
     assert!(text.contains("3 of 3 granted"), "{text}");
-    assert!((0..7).all(saved));
+    for (i, file) in files.iter().enumerate() {
+        let reply = std::fs::read(tsr(i)).unwrap();
+        assert!(Response::from_der(&reply).unwrap().granted(), "{file}");
+    }
 }
 
 #[test]

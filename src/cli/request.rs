@@ -318,18 +318,32 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let listed = items.len();
+    // --skip-existing: an item whose reply file holds its token is left out; one whose file
+    // holds a rejection is asked again, and that file (and its .tsq) replaced.
+    let mut again = HashSet::new();
     let items: Vec<Item> = match args.skip_existing {
-        true => items.into_iter().filter(|i| !i.reply.exists()).collect(),
+        true => items
+            .into_iter()
+            .filter(|item| match Saved::of(item) {
+                Saved::Token => false,
+                Saved::Rejection => {
+                    again.insert(item.reply.clone());
+                    again.insert(item.reply.with_extension("tsq"));
+                    true
+                }
+                Saved::Nothing | Saved::Other => true,
+            })
+            .collect(),
         false => items,
     };
     if listed > items.len() {
         eprintln!(
-            "{} of {listed} items left out: their replies are there (--skip-existing)",
+            "{} of {listed} items left out: their replies hold their tokens (--skip-existing)",
             listed - items.len()
         );
     }
     if items.is_empty() {
-        println!("nothing to stamp: every reply is there");
+        println!("nothing to stamp: every reply holds its token");
         return Ok(());
     }
     let tsq = |item: &Item| item.reply.with_extension("tsq");
@@ -351,7 +365,7 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
         args.files.iter().chain(lists).map(PathBuf::as_path),
         outputs(),
     )?;
-    refuse_replacing(outputs(), args.force)?;
+    refuse_replacing(outputs().filter(|p| !again.contains(*p)), args.force)?;
     if let Some(dir) = &args.out_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -369,12 +383,15 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
             Ok(replies) => replies,
             Err(e) => {
                 failed += chunk.len();
-                eprintln!(
-                    "{} … {} ({} items): {e:#}",
-                    chunk[0].label,
-                    chunk[chunk.len() - 1].label,
-                    chunk.len()
-                );
+                let (first, last) = (&chunk[0].label, &chunk[chunk.len() - 1].label);
+                match chunk.len() {
+                    1 => eprintln!("{}: {e:#}", client::printable(first)),
+                    n => eprintln!(
+                        "{} … {} ({n} items): {e:#}",
+                        client::printable(first),
+                        client::printable(last)
+                    ),
+                }
                 continue;
             }
         };
@@ -405,6 +422,44 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// What an item's reply file holds, for --skip-existing.
+enum Saved {
+    Nothing,
+    /// A granted reply whose token stamps the item's digest.
+    Token,
+    /// A reply without a token: the TSA's refusal of an earlier run.
+    Rejection,
+    /// Anything else (another item's token?): not replaced without --force.
+    Other,
+}
+
+impl Saved {
+    fn of(item: &Item) -> Saved {
+        let Ok(der) = std::fs::read(&item.reply) else {
+            return match item.reply.symlink_metadata() {
+                Ok(_) => Saved::Other,
+                Err(_) => Saved::Nothing,
+            };
+        };
+        let Ok(response) = Response::from_der(&der) else {
+            return Saved::Other;
+        };
+        match &response.token {
+            None => Saved::Rejection,
+            Some(token) => {
+                let imprint = &token.tst_info().message_imprint;
+                let stamps_it = DigestAlgorithm::from_oid(&imprint.hash_algorithm.oid)
+                    == Some(item.query.digest)
+                    && imprint.hashed_message.as_bytes() == item.query.hashed_message.as_slice();
+                match stamps_it {
+                    true => Saved::Token,
+                    false => Saved::Other,
+                }
+            }
+        }
+    }
 }
 
 /// Checks one item's reply against its request (and in full with trusted CAs), then saves

@@ -327,10 +327,12 @@ fn check_signed_by(
     .context("the token's signature does not verify")
 }
 
-/// Whether `token` answers the DER request `query`: the same message imprint and nonce, the
-/// requested policy (if it named one), and the certificate present exactly when certReq asked
-/// for it. Checks nothing about the signature or the signer: [`verify`] does, and calls this
-/// when it is given the query.
+/// Whether `token` answers the DER request `query`: the same message imprint, the nonce
+/// where the request had one, the requested policy (if it named one), and with certReq the
+/// certificate that signed the token among its certificates (its signature and signed
+/// attributes checked with it), without it none. Checks nothing about whom the signer is:
+/// [`verify`] does (the signer's profile and path), and calls this when it is given the
+/// query.
 pub fn answers_query(token: &Token, query: &[u8]) -> anyhow::Result<()> {
     answers(token, query).map(|_| ())
 }
