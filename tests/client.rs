@@ -131,3 +131,33 @@ fn tsa_request_refuses_what_would_mislead() {
     assert!(!out.status.success());
     assert_eq!(std::fs::read(d.join("earlier.tsq")).unwrap(), b"earlier");
 }
+
+/// A batch run whose round trips all fail (nothing listens) gives up after three in a row
+/// rather than try every chunk of a long list.
+#[test]
+fn a_batch_run_gives_up_after_three_failed_round_trips_in_a_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let files: Vec<String> = (0..5)
+        .map(|i| {
+            let name = format!("doc-{i}.txt");
+            std::fs::write(d.join(&name), format!("document {i}")).unwrap();
+            name
+        })
+        .collect();
+    let mut args = vec!["--batch", "--batch-size", "1"];
+    args.extend(files.iter().map(String::as_str));
+    let out = tsa_request(d, "http://127.0.0.1:9/", &args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert_eq!(text.matches("cannot reach").count(), 3, "{text}");
+    assert!(
+        text.contains("2 items not sent: 3 round trips in a row failed"),
+        "{text}"
+    );
+    assert!(text.contains("0 of 5 granted"), "{text}");
+}

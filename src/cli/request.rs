@@ -374,14 +374,26 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (mut granted, mut failed) = (0usize, 0usize);
-    for chunk in items.chunks(args.batch_size as usize) {
+    let (mut granted, mut failed, mut failed_in_a_row) = (0usize, 0usize, 0);
+    for (sent, chunk) in items.chunks(args.batch_size as usize).enumerate() {
+        // Round trips that all fail (refused credentials, a TSA that is down) are not
+        // repeated for every chunk of a long list.
+        if failed_in_a_row == GIVE_UP_AFTER {
+            let left = items.len() - sent * args.batch_size as usize;
+            failed += left;
+            eprintln!("{left} items not sent: {GIVE_UP_AFTER} round trips in a row failed");
+            break;
+        }
         let requests: Vec<Vec<u8>> = chunk.iter().map(|item| item.der.clone()).collect();
         // A batch refused or lost as a whole fails its items; the next batches are still
         // sent (the replies saved meanwhile let a later run with --skip-existing finish).
         let replies = match runtime.block_on(client::post_batch(&endpoint, &requests)) {
-            Ok(replies) => replies,
+            Ok(replies) => {
+                failed_in_a_row = 0;
+                replies
+            }
             Err(e) => {
+                failed_in_a_row += 1;
                 failed += chunk.len();
                 let (first, last) = (&chunk[0].label, &chunk[chunk.len() - 1].label);
                 match chunk.len() {
@@ -423,6 +435,9 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// After this many failed batch round trips in a row, the rest are not sent.
+const GIVE_UP_AFTER: usize = 3;
 
 /// What an item's reply file holds, for --skip-existing.
 enum Saved {
