@@ -134,6 +134,18 @@ impl HsmServer {
     fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
+
+    /// Waits at most `limit` for the server to exit; its exit status and log.
+    fn exit_within(&mut self, limit: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, self.log());
+            }
+            assert!(Instant::now() < deadline, "still running: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for HsmServer {
@@ -1494,15 +1506,7 @@ fn a_stop_while_the_signer_hangs_ends_the_process() {
         || server.log().contains("event=\"hsm_sign_timeout\""),
     );
     ok(Command::new("kill").args(["-TERM", &server.child.id().to_string()]));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "still running: {}", server.log());
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let log = server.log();
+    let (status, log) = server.exit_within(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(
         log.contains("the archive's writer did not close (inside the signer?)"),
@@ -1577,15 +1581,7 @@ impl FaultyModule {
 
     /// Waits for `server` to exit by itself, with status 75; its log.
     fn exit_75(&self, server: &mut HsmServer) -> String {
-        let deadline = Instant::now() + Duration::from_secs(40);
-        let status = loop {
-            if let Some(status) = server.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "still running: {}", server.log());
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let log = server.log();
+        let (status, log) = server.exit_within(Duration::from_secs(40));
         assert_eq!(status.code(), Some(75), "{log}");
         log
     }
