@@ -355,6 +355,14 @@ fn without_anonymous_access_credentials_are_required_and_keys_reload() {
         none.header("www-authenticate").as_deref(),
         Some(r#"Bearer realm="tsa""#)
     );
+    // Basic is offered as well, in a challenge of its own.
+    assert!(
+        none.headers.lines().any(|l| l
+            .trim_end()
+            .eq_ignore_ascii_case(r#"www-authenticate: Basic realm="tsa", charset="UTF-8""#)),
+        "{}",
+        none.headers
+    );
     let certs = ok(Command::new("curl").args(["-sS", "-f", &format!("{}certs", server.url)]));
     assert!(String::from_utf8_lossy(&certs.stdout).contains("BEGIN CERTIFICATE"));
     let token = post(&server.url, &q, &["-u", &basic("alice", &alice)]).granted();

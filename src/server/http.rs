@@ -674,7 +674,16 @@ impl Denied {
             }
         };
         let (mut reply, outcome) = rejection(status, fail_info, reason);
+        let unauthenticated = status == StatusCode::UNAUTHORIZED;
         reply.headers_mut().insert(header, value);
+        if unauthenticated {
+            // Basic is taken too (`curl -u :KEY`): clients that send credentials only when
+            // challenged for their scheme are told so.
+            reply.headers_mut().append(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Basic realm="tsa", charset="UTF-8""#),
+            );
+        }
         (reply, outcome)
     }
 }
@@ -922,9 +931,6 @@ async fn timestamp_batch(
             ));
         }
     };
-    if let Err(denied) = credentials.still_name(&client, tsa, connection) {
-        return refused(denied.answer());
-    }
     let count = items.len();
     let tokens = u32::try_from(count).unwrap_or(u32::MAX);
     if let Some(burst) = tsa.auth.load().over_shared_burst(&client, tokens) {
@@ -957,6 +963,14 @@ async fn timestamp_batch(
         }
     };
     drop(auth);
+    // After the charge: a reload that removed the client before it would have let the
+    // charge find no bucket, and the batch go unpaid.
+    if let Err(denied) = credentials.still_name(&client, tsa, connection) {
+        let auth = tsa.auth.load();
+        auth.give_back(&client, taken);
+        let _ = auth.take(&client, 1);
+        return refused(denied.answer());
+    }
     // A batch waits for the lane in chunks (`Tsa::respond_batch`); each is one place.
     let places = count.div_ceil(super::issue::BATCH_CHUNK);
     let Some(_admitted) = tsa.admission.enter(places).await else {
