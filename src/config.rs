@@ -47,7 +47,7 @@ pub enum ArchiveBackend {
 }
 
 /// The durable token archive and structured serial numbers (see `src/archive/LAYOUT.md`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ArchiveConfig {
     /// Record every token before it is sent, with structured serials; otherwise serials are
@@ -510,7 +510,7 @@ pub fn sha256_hex(text: &str) -> anyhow::Result<[u8; 32]> {
     Ok(out)
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
 pub enum SignerConfig {
     /// A PKCS#8 key file used through aws-lc-rs.
@@ -560,6 +560,22 @@ impl RolloverConfig {
 }
 
 impl SignerConfig {
+    /// This signer's key settings with `other`'s certificate and chain: what a reload uses,
+    /// which reads certificates again but keeps the keys loaded at start.
+    pub fn with_certificates_of(&self, other: &SignerConfig) -> SignerConfig {
+        let (certificate, chain) = other.certificates();
+        let mut kept = self.clone();
+        let (to, to_chain) = match &mut kept {
+            SignerConfig::Software {
+                certificate, chain, ..
+            } => (certificate, chain),
+            SignerConfig::Pkcs11(pkcs11) => (&mut pkcs11.certificate, &mut pkcs11.chain),
+        };
+        *to = certificate.clone();
+        *to_chain = chain.to_vec();
+        kept
+    }
+
     /// The certificate file and chain files of this signer.
     pub fn certificates(&self) -> (&PathBuf, &[PathBuf]) {
         match self {
@@ -628,7 +644,7 @@ pub enum ClockSource {
     Disciplined,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClockConfig {
     pub source: ClockSource,
@@ -801,6 +817,26 @@ impl Default for TokenConfig {
     }
 }
 
+/// Marks, as an error's context, a start refused for the configuration or a file it names
+/// (a signing certificate expired or of another key, a key file that does not load): started
+/// again, the TSA would meet it again. `tsa` then exits with [`Misconfigured::EXIT_STATUS`],
+/// which the systemd units do not restart on (they tried every 2 s for good). Not for what may
+/// pass by itself: an HSM not there yet, an archive database that does not answer, a port in
+/// use.
+#[derive(Debug)]
+pub struct Misconfigured;
+
+impl Misconfigured {
+    /// `EX_CONFIG` (sysexits.h): listed in the units' `RestartPreventExitStatus`.
+    pub const EXIT_STATUS: u8 = 78;
+}
+
+impl std::fmt::Display for Misconfigured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("configuration")
+    }
+}
+
 impl Config {
     /// The PKCS#11 signers, by section: `[signer]`, `[rollover.signer]`.
     pub fn pkcs11_signers(&self) -> Vec<(&'static str, &crate::signer::pkcs11::Pkcs11Config)> {
@@ -927,6 +963,9 @@ impl Config {
                 unit_ns / 1_000_000,
                 self.clock.max_accuracy_ms
             );
+        }
+        if self.token.min_certificate_validity_days > 36_500 {
+            bail!("token.min_certificate_validity_days must be at most 36500 (100 years)");
         }
         if self.clock.development_accuracy_ms > DAY_MS {
             bail!("clock.development_accuracy_ms must be at most {DAY_MS} (a day)");

@@ -70,15 +70,20 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // Not `eprintln!`, which panics where stderr is gone (a closed pipe).
             let _ = writeln!(std::io::stderr(), "tsa: {e:#}");
-            // A PIN the token refused: a restart would try it again (see the systemd units).
+            // A PIN the token refused, or a configuration that cannot be used: a restart
+            // would meet it again (see the systemd units).
             let pin_refused = e
                 .chain()
                 .any(|c| c.is::<tsa::signer::pkcs11::pool::PinRefused>());
-            match pin_refused {
-                true => {
+            let misconfigured = e.downcast_ref::<tsa::config::Misconfigured>().is_some();
+            match (pin_refused, misconfigured) {
+                (true, _) => {
                     std::process::ExitCode::from(tsa::signer::pkcs11::pool::PinRefused::EXIT_STATUS)
                 }
-                false => std::process::ExitCode::FAILURE,
+                (false, true) => {
+                    std::process::ExitCode::from(tsa::config::Misconfigured::EXIT_STATUS)
+                }
+                (false, false) => std::process::ExitCode::FAILURE,
             }
         }
     }

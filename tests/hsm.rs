@@ -588,7 +588,10 @@ fn a_wrong_pin_a_missing_token_or_key_and_a_pin_in_the_config_refuse_to_start() 
     let err = refused_start(d, &[]);
     assert!(err.contains("token 'elsewhere' is not present"), "{err}");
     with("pin_file = \"hsm-pin\"", &format!("pin = \"{right}\""));
-    let err = refused_start(d, &[]);
+    // The configuration's own fault: EX_CONFIG, not restarted. A key or token not found may
+    // be an HSM not there yet: 1, restarted.
+    let (status, err) = refused_start_status(d, &[]);
+    assert_eq!(status, Some(78), "{err}");
     assert!(err.contains("never read from the configuration"), "{err}");
     assert!(!err.contains(&right), "the PIN was printed");
     with("module = \"", "module = \"/nonexistent");
@@ -605,7 +608,8 @@ fn a_certificate_of_another_key_is_refused() {
         one.path().join("tsa-cert.pem"),
     )
     .unwrap();
-    let err = refused_start(one.path(), &[]);
+    let (status, err) = refused_start_status(one.path(), &[]);
+    assert_eq!(status, Some(78), "not restarted: {err}");
     assert!(err.contains("does not belong to the signing key"), "{err}");
 }
 

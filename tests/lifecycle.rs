@@ -188,6 +188,104 @@ fn a_reload_keeps_the_servers_limits_and_says_so() {
     assert!(response.granted(), "{:?}", response.status_text);
 }
 
+/// A reload cannot change the clock: the tokens' policy and declared accuracy rest on the
+/// clock the server runs. A development server's file edited to the kernel clock (whose tokens
+/// would carry the ETSI policy) is refused on SIGHUP, and its tokens keep the development
+/// policy. A reload that changes `[archive]` is taken, and says the archive stays as started.
+#[test]
+fn a_reload_that_changes_the_clock_is_refused() {
+    let server = Server::serve_logged(Server::init(&[], ""));
+    let config_path = server.path("tsa.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let log = || std::fs::read_to_string(server.path(Server::LOG)).unwrap_or_default();
+    let edit = |from: &str, to: &str| {
+        assert!(config.contains(from), "{config}");
+        std::fs::write(&config_path, config.replace(from, to)).unwrap();
+    };
+    edit("source = \"development\"", "source = \"kernel\"");
+    server.signal("HUP");
+    common::wait_until(
+        || log().contains("reload_refused"),
+        "the reload to be refused",
+    );
+    assert!(log().contains("[clock] changed"), "{}", log());
+    let response = stamp_once(&server);
+    assert!(response.granted(), "{:?}", response.status_text);
+    let policy = response.token.as_ref().unwrap().tst_info().policy;
+    assert_eq!(
+        policy.to_string(),
+        "1.3.6.1.4.1.32473.3161.1",
+        "the development policy"
+    );
+
+    edit("enabled = false", "enabled = true");
+    server.signal("HUP");
+    common::wait_until(|| log().contains("reload_partial"), "the reload's warning");
+    assert!(log().contains("[archive]"), "{}", log());
+    assert_eq!(log().matches("reload_refused").count(), 1, "{}", log());
+}
+
+/// A planned rollover's instant written with an offset and a fraction of a second is the same
+/// instant at a reload: the reload is taken (every one was refused as "[rollover] changed"
+/// unless the instant was written as the server prints it).
+#[test]
+fn a_reload_takes_a_rollover_instant_written_with_an_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(Command::new(common::TSA).args(["init", "--dir"]).arg(d));
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            "next-key.pem",
+        ],
+        d,
+    );
+    issue_cert(d, "next-key.pem", "/CN=TSU after rollover", "next-cert.pem");
+    let at = (chrono::Utc::now() + chrono::Duration::days(1))
+        .with_timezone(&chrono::FixedOffset::east_opt(2 * 3600).unwrap())
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, false);
+    assert!(at.ends_with("+02:00"), "{at}");
+    let config_path = d.join("tsa.toml");
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    let extra = format!(
+        "[rollover]\nat = \"{at}\"\n[rollover.signer]\nkind = \"software\"\nkey = \"next-key.pem\"\ncertificate = \"next-cert.pem\"\n"
+    );
+    let config = common::merge_toml(&text, &extra);
+    std::fs::write(&config_path, &config).unwrap();
+    let server = Server::serve_logged(dir);
+    assert!(config.contains("precision = \"micros\""), "{config}");
+    std::fs::write(
+        &config_path,
+        config.replace("precision = \"micros\"", "precision = \"millis\""),
+    )
+    .unwrap();
+    server.signal("HUP");
+    let log = || std::fs::read_to_string(server.path(Server::LOG)).unwrap_or_default();
+    common::wait_until(
+        || log().contains("certificate_reloaded") || log().contains("reload_refused"),
+        "the reload",
+    );
+    assert!(!log().contains("reload_refused"), "{}", log());
+    let response = stamp_once(&server);
+    let gen_time = response
+        .token
+        .as_ref()
+        .unwrap()
+        .tst_info()
+        .gen_time
+        .unix_ns();
+    assert_eq!(
+        gen_time % 1_000_000,
+        0,
+        "millisecond precision after the reload"
+    );
+}
+
 #[test]
 fn a_bad_reload_is_refused_and_the_running_certificate_kept() {
     let server = Server::serve_logged(Server::init(&[], ""));
@@ -487,7 +585,9 @@ fn serve_once(dir: &Path) -> Result<(), String> {
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut first)
         .unwrap();
-    let _ = child.kill();
+    if !first.is_empty() {
+        let _ = child.kill();
+    }
     let mut err = String::new();
     child
         .stderr
@@ -495,8 +595,15 @@ fn serve_once(dir: &Path) -> Result<(), String> {
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
-    let _ = child.wait();
+    let status = child.wait().unwrap();
     if first.is_empty() {
+        // EX_CONFIG, which the systemd units do not restart on: started again, the TSA
+        // would refuse the same certificate.
+        assert_eq!(
+            status.code(),
+            Some(78),
+            "a refused certificate's exit: {err}"
+        );
         Err(err)
     } else {
         Ok(())

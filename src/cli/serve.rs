@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tsa::config::{Config, ServerConfig};
+use anyhow::Context;
+use tsa::config::{Config, Misconfigured, ServerConfig};
 use tsa::server;
 use tsa::signer::software::RsaPadding;
 
@@ -35,7 +36,7 @@ fn load(args: &ServeArgs) -> anyhow::Result<Config> {
 }
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
-    let config = load(args)?;
+    let config = load(args).context(Misconfigured)?;
     // The PKCS#11 modules' environment, while this is the only thread.
     tsa::signer::pkcs11::apply_module_envs(config.pkcs11_signers())?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -68,7 +69,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             hup,
             tsa.clone(),
             args.clone(),
-            config.server.clone(),
+            config.clone(),
         ));
         server::serve(
             tsa,
@@ -171,15 +172,14 @@ fn announce(bound: server::Bound, path: &str, ca: Option<PathBuf>, pss: bool) {
 /// SIGHUP (`systemctl reload`): the certificate chain and the reloadable settings (policies,
 /// accepted digests, token options, the clients of `[auth]` and their quotas, the HTTPS
 /// listener's certificate, key, client CAs and CRLs) are read again and swapped in without
-/// dropping a connection. The rest of `[server]` (listeners, paths, limits, timeouts), the
-/// signing key and the clock stay as they are until a restart (a changed `[server]` is logged
-/// as `reload_partial`). A configuration that does not load, or
-/// a certificate that does not fit the key, is refused and the running one kept.
+/// dropping a connection; what stays as started is said by [`keep_started`]. A configuration
+/// that does not load, a changed clock, or a certificate that does not fit the key, is
+/// refused and the running one kept.
 async fn reload_on_sighup(
     hup: std::io::Result<tokio::signal::unix::Signal>,
     tsa: Arc<server::Tsa>,
     args: ServeArgs,
-    running: ServerConfig,
+    running: Config,
 ) {
     let Ok(mut hup) = hup else {
         tracing::warn!("cannot install a SIGHUP handler; reload needs a restart");
@@ -188,21 +188,14 @@ async fn reload_on_sighup(
     while hup.recv().await.is_some() {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
         let result = load(&args).and_then(|mut config| {
-            // Only [server.tls] of [server] is reloaded (the request rules keep the start's
-            // size limit with the rest): say so when the rest changed.
-            let server = ServerConfig {
-                tls: config.server.tls.clone(),
-                ..running.clone()
-            };
-            let partial = config.server != server;
-            config.server = server;
+            let kept = keep_started(&mut config, &running)?;
             let auth = server::auth::Auth::new(&config.auth)?;
             server::reload(&tsa, &config)?;
-            if partial {
+            if !kept.is_empty() {
                 tracing::warn!(
                     event = "reload_partial",
-                    "[server] changed besides [server.tls]: its listeners, paths, limits and \
-                     timeouts stay as they are until a restart"
+                    kept = %kept.join("; "),
+                    "settings that changed stay as they are until a restart"
                 );
             }
             Ok(auth)
@@ -215,6 +208,51 @@ async fn reload_on_sighup(
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     }
+}
+
+/// Puts back into a reloaded `config` what stays as the server `running` started: the
+/// listeners, paths, limits and timeouts of `[server]` (but `[server.tls]`; the request rules
+/// keep the start's size limit with them), `[archive]`, and the signing keys' settings (their
+/// certificates and chains are read again). Returns what changed there, for the log. A
+/// changed `[clock]` refuses the reload: the tokens' policy and declared accuracy rest on the
+/// clock the server runs, which only a restart replaces (a development clock reloaded as
+/// another would otherwise have lifted the development policy off its tokens).
+fn keep_started(config: &mut Config, running: &Config) -> anyhow::Result<Vec<&'static str>> {
+    if config.clock != running.clock {
+        anyhow::bail!(
+            "[clock] changed: the clock is set at start, and the tokens' policy and accuracy \
+             with it; restart to change it"
+        );
+    }
+    let mut kept = Vec::new();
+    let server = ServerConfig {
+        tls: config.server.tls.clone(),
+        ..running.server.clone()
+    };
+    if config.server != server {
+        kept.push("[server] besides [server.tls]: listeners, paths, limits and timeouts");
+    }
+    config.server = server;
+    if config.archive != running.archive {
+        kept.push("[archive]");
+    }
+    config.archive = running.archive.clone();
+    let signer = running.signer.with_certificates_of(&config.signer);
+    if config.signer != signer {
+        kept.push("[signer] besides its certificate and chain: the key loaded at start");
+    }
+    config.signer = signer;
+    // A rollover planned, dropped or moved is refused by `server::reload`.
+    if let (Some(planned), Some(started)) = (&mut config.rollover, &running.rollover) {
+        let signer = started.signer.with_certificates_of(&planned.signer);
+        if planned.signer != signer {
+            kept.push(
+                "[rollover.signer] besides its certificate and chain: the key loaded at start",
+            );
+        }
+        planned.signer = signer;
+    }
+    Ok(kept)
 }
 
 async fn shutdown_signal() {

@@ -231,7 +231,7 @@ const SERIAL_WAIT_REREAD: Duration = Duration::from_millis(1);
 /// genTime, so no token straddles the instant.
 pub struct Rollover {
     pub(super) at_ns: u64,
-    /// `at_ns` as configured (RFC 3339), to tell a reload that it changed.
+    /// `at_ns` in RFC 3339, for the log.
     pub(super) at: String,
     pub(super) signer: Arc<dyn Signer>,
     pub(super) issuing: ArcSwap<Issuing>,
@@ -697,13 +697,29 @@ impl Tsa {
     /// signer started with, `next` for the planned rollover's. Requests in flight finish with
     /// the version they started with.
     pub fn reload(&self, first: Issuing, next: Option<Issuing>) {
+        // Key events (EN 319 421): which certificate is in force from now on, named by its
+        // serial and hash (a renewed one keeps its subject), and whether it changed.
+        let certificate = &first.certificate;
         tracing::info!(
             event = "certificate_reloaded",
-            subject = %first.certificate.subject(),
+            subject = %certificate.subject(),
+            serial = %certificate.serial_hex(),
+            certificate_sha256 = %certificate.sha256_hex(),
+            changed = self.issuing.load().certificate.der() != certificate.der(),
             "configuration and certificate chain reloaded"
         );
         self.issuing.store(Arc::new(first));
         if let (Some(rollover), Some(next)) = (&self.rollover, next) {
+            let certificate = &next.certificate;
+            tracing::info!(
+                event = "certificate_reloaded",
+                signer = "rollover",
+                subject = %certificate.subject(),
+                serial = %certificate.serial_hex(),
+                certificate_sha256 = %certificate.sha256_hex(),
+                changed = rollover.issuing.load().certificate.der() != certificate.der(),
+                "the planned rollover key's certificate reloaded"
+            );
             rollover.issuing.store(Arc::new(next));
         }
         if let Some(archive) = &self.archive {

@@ -30,7 +30,7 @@ use crate::clock::service::DisciplinedClock;
 use crate::clock::{
     development::DevelopmentClock, kernel::KernelClock, IssuingClock, Reading, TimeSource,
 };
-use crate::config::{ClockSource, Config, ServerConfig, SignerConfig};
+use crate::config::{ClockSource, Config, Misconfigured, ServerConfig, SignerConfig};
 use crate::protocol::{RequestRules, TemplateOptions, TokenTemplate};
 use crate::signer::{
     certificate::TsuCertificate, pkcs11::Pkcs11Signer, software::SoftwareSigner, Signer,
@@ -43,6 +43,8 @@ pub use issue::{Client, Issuing, Outcome, Rollover, Tsa};
 /// Call it inside a tokio runtime: the disciplined clock starts its tasks there.
 pub fn build(config: &Config) -> anyhow::Result<Tsa> {
     let signer = open_signer(&config.signer)?;
+    // What the configuration and its certificates decide is `Misconfigured`: refused at a
+    // start, it is refused at every one.
     let rollover_at_ns = match &config.rollover {
         Some(planned) => Some(planned.at_unix_ns()?),
         None => None,
@@ -52,7 +54,8 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         &config.signer,
         signer.as_ref(),
         first_valid_at(rollover_at_ns, SystemTime::now()),
-    )?;
+    )
+    .context(Misconfigured)?;
     tracing::info!(
         event = "key_loaded",
         subject = %issuing.certificate().subject(),
@@ -166,7 +169,7 @@ fn open_signer(config: &SignerConfig) -> anyhow::Result<Arc<dyn Signer>> {
     Ok(match config {
         SignerConfig::Software {
             key, rsa_padding, ..
-        } => Arc::new(SoftwareSigner::load(key, *rsa_padding)?),
+        } => Arc::new(SoftwareSigner::load(key, *rsa_padding).context(Misconfigured)?),
         SignerConfig::Pkcs11(pkcs11) => Arc::new(Pkcs11Signer::open(pkcs11)?),
     })
 }
@@ -197,7 +200,8 @@ fn plan_rollover(
         signer.as_ref(),
         Some(at.max(SystemTime::now())),
     )
-    .context("rollover.signer")?;
+    .context("rollover.signer")
+    .context(Misconfigured)?;
     if first.certificate().not_after() < at {
         tracing::warn!(
             not_after = %chrono::DateTime::<chrono::Utc>::from(first.certificate().not_after()),
@@ -222,7 +226,13 @@ fn plan_rollover(
 /// but for `[server.tls]` (the request rules take its `max_request_bytes`, which the HTTP
 /// limits were set from). Nothing changes unless all of it can be built.
 pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
-    if config.rollover.as_ref().map(|r| &r.at) != tsa.rollover.as_ref().map(|r| &r.at) {
+    // The instant, however written (`+02:00`, fractions of a second).
+    let planned_at_ns = config
+        .rollover
+        .as_ref()
+        .map(|r| r.at_unix_ns())
+        .transpose()?;
+    if planned_at_ns != tsa.rollover.as_ref().map(|r| r.at_ns) {
         bail!("[rollover] changed: a planned rollover is set at start; restart to change it");
     }
     let now = SystemTime::now();

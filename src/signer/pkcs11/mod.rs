@@ -31,7 +31,7 @@ pub use pin::PinSource;
 pub use pool::TokenSelector;
 
 /// `[signer] kind = "pkcs11"`: see `config/tsa.example.toml`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pkcs11Config {
     /// The PKCS#11 module: a path, or a bare file name for the dynamic loader to find.
