@@ -287,9 +287,8 @@ impl ServerConfig {
     }
 }
 
-/// The most records `archive.max_batch` lets one commit take: its frames must stay within
-/// what the token log's start takes for one torn commit (32 MiB), 2,048 tokens of up to
-/// 16 KB with their certificates.
+/// The most records `archive.max_batch` lets one commit take. (The token log writes a commit
+/// of more than 32 MiB, what its start takes for one torn commit, in synced parts.)
 pub const MAX_COMMIT_RECORDS: usize = 2048;
 
 /// The most `server.admin_max_connections` may be: their descriptors are part of those the

@@ -555,10 +555,28 @@ impl Writer {
             .map_err(|e| ArchiveError(e.to_string()))?;
         // The chain goes on from the store's head: past the writer's where a commit reported
         // as failed had gone in after all; before it where commits that the writer chained
-        // on did not become durable (the token log's), but never below what was durable
-        // (records the store lost: the chain is not forked over them).
+        // on did not become durable (the token log's), but never below what was durable.
         let head = db.head.unwrap_or(ChainHead::EMPTY);
         let durable = self.durable_head();
+        if head.seq < durable.seq {
+            // Records the store had made durable, and whose tokens were answered, are gone
+            // (a file removed or cut under the running server, a database put back): the
+            // chain can go on neither from the store's head (records would take the lost
+            // ones' positions) nor past the lost ones (the store would refuse every commit
+            // that does not follow its head, while readiness came back between them). The
+            // outage stays, for an operator.
+            tracing::error!(
+                instance = self.instance_id,
+                store_seq = head.seq,
+                durable_seq = durable.seq,
+                "the archive lost records it had committed: tokens stay refused until an \
+                 operator looks (`tsa archive verify`) and restarts the server"
+            );
+            return Err(ArchiveError(format!(
+                "the archive's head {} is below records it committed (up to {})",
+                head.seq, durable.seq
+            )));
+        }
         if head.seq > self.head.seq {
             tracing::warn!(
                 instance = self.instance_id,
@@ -567,15 +585,6 @@ impl Writer {
                 "a commit reported as failed had gone in: the chain continues after it"
             );
             self.head = head;
-        } else if head.seq < durable.seq {
-            tracing::error!(
-                instance = self.instance_id,
-                store_seq = head.seq,
-                durable_seq = durable.seq,
-                "the archive's head is below records it committed: the chain goes on after them \
-                 (see `tsa archive verify`)"
-            );
-            self.head = durable;
         } else if head.seq < self.head.seq {
             tracing::warn!(
                 instance = self.instance_id,
@@ -1009,5 +1018,30 @@ mod tests {
             30,
             "the state file went back below a reservation"
         );
+    }
+
+    /// Records committed (durable, answered) and then gone from the store keep the outage
+    /// open: the writer neither forks the chain over them nor declares a recovery after which
+    /// every commit is refused.
+    #[test]
+    fn records_the_store_lost_keep_the_outage_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer(dir.path(), Duration::from_millis(100));
+        let locker = rusqlite::Connection::open(dir.path().join("archive.sqlite")).unwrap();
+        locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        writer.reserve(20);
+        assert!(writer.outage.is_some(), "the reservation did not fail");
+        locker.execute_batch("ROLLBACK").unwrap();
+        // Five records were durable; the store holds none.
+        let lost = ChainHead {
+            seq: 5,
+            hash: [5; 32],
+        };
+        *writer.durable.lock().unwrap() = lost;
+        writer.head = lost;
+        let e = writer.recover().unwrap_err();
+        assert!(e.to_string().contains("below records it committed"), "{e}");
+        assert!(writer.outage.is_some(), "recovered over lost records");
+        assert!(!writer.healthy.load(Ordering::SeqCst));
     }
 }

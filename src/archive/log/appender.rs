@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use super::segments::{
     encode_frame, imprint_entries, imprint_key, open_index, read_at, scan, segments,
-    write_imprints, Entry, Segment, ENTRY_LEN, MAX_BODY,
+    write_imprints, Entry, Segment, ENTRY_LEN, FRAME_OVERHEAD, MAX_BODY,
 };
 use super::spare::Spare;
 use super::syncer::{Job, Syncer};
@@ -29,7 +29,8 @@ use crate::archive::store::{Durable, StoreError, UnreadTail};
 
 /// A torn commit is cut off at start; past this many octets that are not zeros after the last
 /// good frame, the damage is no torn commit (a commit of a thousand tokens is some megabytes)
-/// and the start stops for the operator instead.
+/// and the start stops for the operator instead. A commit larger than this is written in parts
+/// of at most this many octets, each synced before the next (`Appender::append_then`).
 const MAX_TORN: u64 = 32 << 20;
 
 /// A disk writes a sector whole or not at all; one that did not reach it reads as it was
@@ -68,6 +69,8 @@ pub struct Appender {
     /// Segments close at this length.
     segment_limit: u64,
     frames: Vec<u8>,
+    /// Where each of `frames` ends in it.
+    frame_ends: Vec<usize>,
     entries: Vec<u8>,
     /// The open segment's imprint entries, written sorted when it closes.
     imprints: Vec<(u64, u64)>,
@@ -139,6 +142,7 @@ impl Appender {
             dirty: false,
             segment_limit,
             frames: Vec::new(),
+            frame_ends: Vec::new(),
             entries: Vec::new(),
             imprints: Vec::new(),
             zeros: Vec::new(),
@@ -391,10 +395,25 @@ impl Appender {
         }
         let open = self.open.as_ref().expect("a segment is open");
         self.frames.clear();
+        self.frame_ends.clear();
         self.entries.clear();
         for record in records {
             Entry::of(record, open.len + self.frames.len() as u64).encode(&mut self.entries);
+            let at = self.frames.len();
             encode_frame(record, &mut self.frames);
+            // One the log's readers would refuse is not written (and its token answered).
+            if self.frames.len() - at > MAX_BODY + FRAME_OVERHEAD {
+                let e = io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "record {} takes {} octets, more than a frame may ({MAX_BODY})",
+                        record.seq,
+                        self.frames.len() - at - FRAME_OVERHEAD
+                    ),
+                );
+                return answer(durable, Err(e));
+            }
+            self.frame_ends.push(self.frames.len());
         }
         // The commit before must be durable before this one is written: a torn commit is
         // always the last one (`tail`).
@@ -402,7 +421,14 @@ impl Appender {
             return answer(durable, Err(e));
         }
         let open = self.open.as_mut().expect("a segment is open");
-        if let Err(e) = open.file.write_all_at(&self.frames, open.len) {
+        let parts = write_in_parts(
+            &open.file,
+            open.len,
+            &self.frames,
+            &self.frame_ends,
+            MAX_TORN,
+        );
+        if let Err(e) = parts {
             // Nothing of the records may stay to be found, or chained to.
             cut(open, &mut self.dirty);
             return answer(durable, Err(e));
@@ -680,6 +706,39 @@ fn cut(open: &mut Open, dirty: &mut bool) {
         *dirty = true;
     }
     open.room = open.len;
+}
+
+/// Writes a commit's `frames` (ending at `ends`) at `at`: at once where they take at most
+/// [`MAX_TORN`] octets, else in parts of whole frames of at most that, each but the last synced
+/// before the next is written, so that after a power cut only the last part can be torn (a
+/// start takes no more as a torn commit). The records of parts synced are durable, and found
+/// at the next start, though none is answered before the whole commit is.
+/// Returns where the parts begin in `frames`.
+pub(super) fn write_in_parts(
+    file: &File,
+    at: u64,
+    frames: &[u8],
+    ends: &[usize],
+    max: u64,
+) -> io::Result<Vec<usize>> {
+    let max = usize::try_from(max).unwrap_or(usize::MAX);
+    let mut starts = vec![0];
+    let mut from = 0;
+    while frames.len() - from > max {
+        // The whole frames that fit; a frame larger than `max` alone (with MAX_TORN, none
+        // is). The last frame ends past `from + max`, so `ends[fit]` is one.
+        let fit = ends.partition_point(|&end| end <= from + max);
+        let to = match ends[..fit].last() {
+            Some(&end) if end > from => end,
+            _ => ends[fit],
+        };
+        file.write_all_at(&frames[from..to], at + from as u64)?;
+        file.sync_data()?;
+        from = to;
+        starts.push(from);
+    }
+    file.write_all_at(&frames[from..], at + from as u64)?;
+    Ok(starts)
 }
 
 /// Cuts `file` at `len` and syncs the cut (its size too).

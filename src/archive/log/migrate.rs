@@ -17,7 +17,7 @@ use super::appender::Appender;
 use super::segments::{dir_for, instance_dir};
 use super::LogReader;
 use crate::archive::imprints;
-use crate::archive::record::{sha256, StoredRecord};
+use crate::archive::record::{sha256, ChainHead, StoredRecord, ZERO_HASH};
 use crate::archive::sqlite::{layout_of, Layout, SqliteStore};
 use crate::archive::store::{ArchiveStore, StoreError};
 
@@ -86,10 +86,28 @@ pub fn migrate(
     }
     let mut migrated = Vec::new();
     for instance_id in db.instances()? {
-        let anchor = db.instance(instance_id)?.anchor.map_or(0, |a| a.seq);
+        let anchored = db.instance(instance_id)?.anchor;
+        let anchor = anchored.as_ref().map_or(0, |a| a.seq);
         let (mut appender, _) = Appender::open(&instance_dir(&root, instance_id), segment_limit)?;
         let (mut batch, mut rows) = (Vec::with_capacity(BATCH), Digest::default());
+        // The chain from the anchor on, each record after the one before: a missing position
+        // or a broken link is left in the rows, for `tsa archive verify` to say where.
+        let mut head = ChainHead {
+            seq: anchor,
+            hash: anchored.map_or(ZERO_HASH, |a| a.hash),
+        };
         db.for_each_record(instance_id, anchor + 1, &mut |r| {
+            if r.seq != head.seq + 1 || r.prev_hash != head.hash {
+                return Err(StoreError(format!(
+                    "instance {instance_id}: record {} does not follow {} (a missing position \
+                     or a broken chain): nothing was changed; `tsa archive verify` says where",
+                    r.seq, head.seq
+                )));
+            }
+            head = ChainHead {
+                seq: r.seq,
+                hash: r.hash,
+            };
             rows.add(&r);
             batch.push(r);
             if batch.len() == BATCH {

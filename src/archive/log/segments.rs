@@ -36,7 +36,7 @@ pub const MAX_BODY: usize = 16 << 20;
 const MAX_OFFSET: u64 = i64::MAX as u64 - (MAX_BODY + FRAME_OVERHEAD) as u64;
 
 /// Octets of a frame around its body: the length and the hash.
-const FRAME_OVERHEAD: usize = 4 + 32;
+pub const FRAME_OVERHEAD: usize = 4 + 32;
 
 /// Octets of an index entry.
 pub const ENTRY_LEN: usize = 40;

@@ -278,6 +278,119 @@ fn a_torn_commit_is_cut_off_and_the_chain_goes_on() {
     assert_eq!(log.all(), log.records, "the chain goes on from the head");
 }
 
+/// A commit's frames go to disk in parts of whole frames of at most `max` octets (a frame
+/// larger alone), in order, where they belong.
+#[test]
+fn a_large_commit_is_written_in_parts_of_whole_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(dir.path().join("segment"))
+        .unwrap();
+    let sizes = [10usize, 10, 25, 5, 40, 3];
+    let frames: Vec<u8> = sizes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &n)| std::iter::repeat_n(i as u8 + 1, n))
+        .collect();
+    let ends: Vec<usize> = sizes
+        .iter()
+        .scan(0, |end, n| {
+            *end += n;
+            Some(*end)
+        })
+        .collect();
+    let starts = super::appender::write_in_parts(&file, 7, &frames, &ends, 30).unwrap();
+    assert_eq!(starts, [0, 20, 50, 90]);
+    let mut back = vec![0; 7 + frames.len()];
+    file.read_exact_at(&mut back, 0).unwrap();
+    assert_eq!(&back[7..], frames.as_slice());
+    // Within the bound: one write.
+    let starts = super::appender::write_in_parts(&file, 0, &frames, &ends, 93).unwrap();
+    assert_eq!(starts, [0]);
+}
+
+/// A commit larger than a start takes as one torn commit (32 MiB; 2,048 tokens of 20 KB with
+/// their certificates are 40 MiB) is written in synced parts: a power cut inside its last part
+/// leaves the parts before it, and the start cuts the torn part off (the whole commit after
+/// the last good frame was "more than a commit that did not complete", a server that did
+/// not start again).
+#[test]
+fn a_commit_past_the_torn_limit_tears_only_in_its_last_part() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    appender.append(&log.chain(1)).unwrap();
+    let segment = segment_files(&log.dir()).pop().unwrap();
+    let good_len = frames_end(&segment);
+    let index_len = fs::metadata(segment.index_path()).unwrap().len();
+    let big = log.chain_with(40, |seq, r| r.token = vec![seq as u8; 1 << 20]);
+    appender.append(&big).unwrap();
+    drop(appender);
+    // The index entries come after the commit's sync: none yet at the power cut.
+    OpenOptions::new()
+        .write(true)
+        .open(segment.index_path())
+        .unwrap()
+        .set_len(index_len)
+        .unwrap();
+    // Where the last part begins: the whole frames within 32 MiB.
+    let mut at = 0usize;
+    let mut in_first = 0;
+    for r in &big {
+        let mut frame = Vec::new();
+        segments::encode_frame(r, &mut frame);
+        if at + frame.len() > 32 << 20 {
+            break;
+        }
+        at += frame.len();
+        in_first += 1;
+    }
+    assert!((1..big.len()).contains(&in_first), "{in_first}");
+    // Of the last part only its first sector reached the disk.
+    let file = OpenOptions::new().write(true).open(&segment.path).unwrap();
+    let from = good_len + at as u64;
+    let sector = from.div_ceil(512) * 512 + 512;
+    let end = fs::metadata(&segment.path).unwrap().len();
+    file.write_all_at(&vec![0; (end - sector) as usize], sector)
+        .unwrap();
+    drop(file);
+    let (_, last) = open(&log.dir());
+    let kept = 1 + in_first;
+    // (Positions only: a record's Debug is its megabyte.)
+    assert_eq!(last.map(|r| r.seq), Some(kept as u64), "the parts before");
+    let back = log.all();
+    assert_eq!(back.len(), kept);
+    assert!(back == log.records[..kept], "read back");
+}
+
+/// A record larger than the log's readers take as a frame (16 MiB) is refused before anything
+/// is written (it was written, synced and answered, and then cut off as a torn tail at the
+/// next start); the log goes on.
+#[test]
+fn a_record_larger_than_a_frame_may_be_is_refused_and_leaves_nothing() {
+    let mut log = Log::new();
+    let (mut appender, _) = open(&log.dir());
+    appender.append(&log.chain(1)).unwrap();
+    let segment = segment_files(&log.dir()).pop().unwrap();
+    let good_len = frames_end(&segment);
+    let big = log.chain_with(1, |_, r| r.token = vec![1; 17 << 20]);
+    let e = appender.append(&big).unwrap_err();
+    assert!(e.to_string().contains("more than a frame may"), "{e}");
+    assert_eq!(frames_end(&segment), good_len);
+    log.records.pop();
+    log.head = ChainHead {
+        seq: 1,
+        hash: log.records[0].hash,
+    };
+    appender.append(&log.chain(2)).unwrap();
+    drop(appender);
+    let (_, last) = open(&log.dir());
+    assert_eq!(last.map(|r| r.seq), Some(3));
+    assert!(log.all() == log.records, "read back");
+}
+
 /// Two records appended, then a commit refused after its frame was written, whose cut failed:
 /// its frame stays past the good ones and the appender knows it (dirty). The segment and
 /// where its good frames end; `log` keeps the two records.
@@ -1364,6 +1477,23 @@ fn a_migration_starts_over_after_a_stop_and_leaves_a_broken_chain_as_it_was() {
         .query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get(0))
         .unwrap();
     assert_eq!(rows, 3, "the rows stay");
+
+    // Nor one whose first record is missing (the chain starts past the anchor, here none: 0).
+    let mut late = Log::new();
+    let mut db = SqliteStore::open(&late.database, Duration::from_secs(1)).unwrap();
+    let records = late.chain(3);
+    db.append(0, &records[1..], &[]).unwrap();
+    drop(db);
+    let error = super::migrate::migrate(&late.database, Duration::from_secs(1), LIMIT).unwrap_err();
+    assert!(
+        error.to_string().contains("record 2 does not follow 0"),
+        "{error}"
+    );
+    let db = SqliteStore::open_read_only(&late.database).unwrap();
+    assert_eq!(
+        crate::archive::sqlite::layout_of(db.connection()).unwrap(),
+        Layout::Rows
+    );
 }
 
 /// Three commits of one record each in one segment, with the room the writer keeps, and the
