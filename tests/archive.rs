@@ -208,6 +208,15 @@ fn complete_refetchable_and_verified(layout: &str) {
     assert_eq!(std::fs::read(d.join("cli.tsr")).unwrap(), ours[1].response);
     let (ok, out) = archive_cli(d, &["get", "--serial", "0102"]);
     assert!(!ok && out.contains("no such token"), "{out}");
+    // As `openssl ts -reply -text` prints it; a sign is no hex digit.
+    let openssl_form = format!("0x{}", serial_hex.trim_start_matches('0').to_uppercase());
+    let (ok, out) = archive_cli(d, &["get", "--serial", &openssl_form]);
+    assert!(
+        ok && out.contains("development synchronized"),
+        "{openssl_form}: {out}"
+    );
+    let (ok, out) = archive_cli(d, &["get", "--serial", "+a"]);
+    assert!(!ok && out.contains("not hex"), "{out}");
 
     // SIGTERM: a last checkpoint, signed with the TSU key.
     server.stop();
@@ -1235,7 +1244,31 @@ fn export_never_overwrites_nor_follows_links() {
     let database = archive_support::database(d);
     let before = std::fs::read(&database).unwrap();
     let (ok, text) = export(&["--jsonl", database.to_str().unwrap()]);
-    assert!(!ok && text.contains("exists already"), "{text}");
+    assert!(!ok && text.contains("the archive's own files"), "{text}");
+    assert_eq!(std::fs::read(&database).unwrap(), before);
+    // Not with --force either, nor by another name for it, nor its journal or the token log.
+    let wal = format!("{}-wal", database.display());
+    let segment = database.with_extension("tokens").join("0").join("x.tsr");
+    let another_name = d.join(".").join(database.file_name().unwrap());
+    for file in [
+        database.to_str().unwrap(),
+        &wal,
+        another_name.to_str().unwrap(),
+    ] {
+        let (ok, text) = export(&["--jsonl", file, "--force"]);
+        assert!(
+            !ok && text.contains("the archive's own files"),
+            "{file}: {text}"
+        );
+    }
+    let serial = hex(&got[0].serial);
+    for file in [database.to_str().unwrap(), segment.to_str().unwrap()] {
+        let (ok, text) = archive_cli(d, &["get", "--serial", &serial, "--out", file, "--force"]);
+        assert!(
+            !ok && text.contains("the archive's own files"),
+            "{file}: {text}"
+        );
+    }
     assert_eq!(std::fs::read(&database).unwrap(), before);
     verify_report(d).expect("the archive is untouched");
     // A link as the JSON-lines file.

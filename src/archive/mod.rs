@@ -702,7 +702,8 @@ pub fn normalize_serial(bytes: &[u8]) -> Vec<u8> {
 
 pub fn decode_hex(text: &str) -> Option<Vec<u8>> {
     let text: Vec<u8> = text.bytes().filter(|b| !matches!(b, b':' | b' ')).collect();
-    if text.is_empty() || text.len() % 2 != 0 {
+    // `from_str_radix` alone would take a sign ("+a").
+    if text.is_empty() || text.len() % 2 != 0 || !text.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
     text.chunks(2)

@@ -354,13 +354,24 @@ fn get(
 ) -> anyhow::Result<()> {
     // Before the look-up: a mistyped --out (the archive's own database) is not replaced.
     let out = match out {
-        Some((path, force)) => Some(super::not_replacing(path, force)?),
+        Some((path, force)) => Some(super::not_replacing(not_the_archive(path, config)?, force)?),
         None => None,
     };
     let mut store = archive::open_read_only(&config.archive)?;
     let (records, total) = match (serial, imprint) {
         (Some(serial), _) => {
-            let bytes = decode_hex(serial).context("--serial is not hex")?;
+            // As `tsa inspect` prints it, or `openssl ts -reply -text` (`0x…`); an odd
+            // number of digits has its leading zero back.
+            let digits = serial.trim();
+            let digits = digits
+                .strip_prefix("0x")
+                .or_else(|| digits.strip_prefix("0X"))
+                .unwrap_or(digits);
+            let even = match digits.len() % 2 {
+                0 => digits.to_string(),
+                _ => format!("0{digits}"),
+            };
+            let bytes = decode_hex(&even).context("--serial is not hex")?;
             let found = store.record_by_serial(&normalize_serial(&bytes))?;
             let total = u64::from(found.is_some());
             (found.into_iter().collect::<Vec<_>>(), total)
@@ -406,6 +417,47 @@ fn get(
         writeln!(stdout, "written to {}", out.display())?;
     }
     Ok(())
+}
+
+/// `path`, unless it names one of the archive's own files (the database and its journal,
+/// the imprint index, the state file, anything in the token log's folder): `--force` replaces
+/// what a path names, and a slip of the operator's must not replace the archive.
+fn not_the_archive<'a>(path: &'a Path, config: &Config) -> anyhow::Result<&'a Path> {
+    // Where a path leads: its folder resolved (links too), then its name.
+    let resolved = |p: &Path| -> Option<std::path::PathBuf> {
+        let name = p.file_name()?;
+        let folder = p.parent().filter(|f| !f.as_os_str().is_empty());
+        Some(
+            std::fs::canonicalize(folder.unwrap_or(Path::new(".")))
+                .ok()?
+                .join(name),
+        )
+    };
+    let Some(target) = resolved(path) else {
+        return Ok(path);
+    };
+    let database = &config.archive.database;
+    let with_suffix = |p: &Path, suffix: &str| {
+        let mut name = p.as_os_str().to_owned();
+        name.push(suffix);
+        std::path::PathBuf::from(name)
+    };
+    let imprints = archive::imprints::path_for(database);
+    let mut own = vec![config.archive.state_file.clone()];
+    for file in [database, &imprints] {
+        own.push(file.clone());
+        own.extend(["-wal", "-shm", "-journal", ".lock"].map(|s| with_suffix(file, s)));
+    }
+    let tokens = resolved(&archive::log::segments::dir_for(database));
+    let ours = own.iter().filter_map(|p| resolved(p)).any(|p| p == target)
+        || tokens.is_some_and(|t| target.starts_with(t));
+    if ours {
+        bail!(
+            "{} is one of the archive's own files: not written there",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// A new file at `path` for an export: made here (`O_CREAT | O_EXCL`), never through a link,
@@ -478,7 +530,7 @@ fn export(
             println!("{count} tokens written to {}", dir.display());
         }
         (None, Some(file)) => {
-            let f = create_export_file(file, force)?;
+            let f = create_export_file(not_the_archive(file, config)?, force)?;
             let mut w = std::io::BufWriter::new(f);
             let written = store
                 .for_each_in_time(from, to, &mut |r| {
