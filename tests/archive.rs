@@ -1211,6 +1211,89 @@ fn a_certificate_put_in_the_configurations_place_does_not_pass() {
     );
 }
 
+/// With a certificate of their own trusted beside the TSU's (as a rollover's), one who can
+/// rewrite the archive could delete the oldest records and sign an anchor over them with its
+/// key, and nothing showed (a pruning's anchor, checked by its signature alone). Its key
+/// signed no token kept and no checkpoint after it: a warning, which --strict fails.
+#[test]
+fn an_anchor_signed_by_a_key_that_signs_nothing_else_is_a_warning() {
+    use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+    let dir = init("checkpoint_interval_s = 3600\nlayout = \"rows\"");
+    let d = dir.path();
+    // Checkpoints at 4, 8 and 12 (each run's shutdown).
+    for _ in 0..3 {
+        let server = Serving::start(d);
+        stamps(&server, 4, "kept");
+        server.stop();
+    }
+    assert_eq!(verify_status(d, &["--strict"]).0, Some(0));
+
+    let other = tempfile::tempdir().unwrap();
+    archive_support::init_in(other.path(), "");
+    let key = tsa::pem::private_key(&other.path().join("tsa-key.pem")).unwrap();
+    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, key.secret_der()).unwrap();
+    let cert = tsa::pem::certificates(&other.path().join("tsa-cert.pem")).unwrap()[0].to_vec();
+    std::fs::copy(other.path().join("tsa-cert.pem"), d.join("next-cert.pem")).unwrap();
+    std::fs::copy(other.path().join("tsa-key.pem"), d.join("next-key.pem")).unwrap();
+    let mut text = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
+    text.push_str(
+        "\n[rollover]\nat = \"2099-01-01T00:00:00Z\"\n[rollover.signer]\nkind = \"software\"\n\
+         key = \"next-key.pem\"\ncertificate = \"next-cert.pem\"\n",
+    );
+    std::fs::write(d.join("tsa.toml"), text).unwrap();
+    assert_eq!(
+        verify_status(d, &["--strict"]).0,
+        Some(0),
+        "trusted, unused"
+    );
+
+    // Records 1 to 8 deleted, and an anchor at 8 signed with the other key.
+    let conn = write_conn(d);
+    let (hash, counter, gen_time_ns): (Vec<u8>, i64, i64) = conn
+        .query_row(
+            "SELECT hash, counter, gen_time_ns FROM tokens WHERE seq = 8",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    let algorithm: Vec<u8> = conn
+        .query_row("SELECT algorithm FROM checkpoints WHERE seq = 8", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let anchor = tsa::archive::record::Anchor {
+        instance_id: 0,
+        seq: 8,
+        hash: hash.try_into().unwrap(),
+        max_counter: counter as u64,
+        max_gen_time_ns: gen_time_ns as u64,
+        pruned_at_ns: gen_time_ns as u64 + 1,
+    };
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let signature = key.sign(&rng, &anchor.message()).unwrap();
+    conn.execute("DELETE FROM tokens WHERE seq <= 8", [])
+        .unwrap();
+    conn.execute(
+        "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, max_gen_time_ns, \
+         pruned_at_ns, algorithm, signature, certificate) VALUES (0, 8, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            &anchor.hash[..],
+            counter,
+            gen_time_ns,
+            gen_time_ns + 1,
+            algorithm,
+            signature.as_ref(),
+            cert
+        ],
+    )
+    .unwrap();
+    drop(conn);
+    let (status, out) = verify_status(d, &[]);
+    assert_eq!(status, Some(0), "{out}");
+    assert!(out.contains("signed by a key that signed neither"), "{out}");
+    assert_eq!(verify_status(d, &["--strict"]).0, Some(2), "{out}");
+}
+
 /// Export makes every file it writes: it never truncates one that exists (the archive's own
 /// database included) nor writes through a link, unless --force, which replaces the link.
 #[test]

@@ -229,6 +229,14 @@ fn only_signer_info(token: &Token) -> anyhow::Result<&SignerInfo> {
 /// that issued them. The signed attributes (contentType, messageDigest over TSTInfo,
 /// signingCertificate) and the signature are checked as [`verify`] checks them.
 pub fn verify_signed_by(token: &Token, signers: &[Certificate]) -> anyhow::Result<()> {
+    signer_among(token, signers).map(|_| ())
+}
+
+/// [`verify_signed_by`], returning which of `signers` signed.
+pub fn signer_among<'c>(
+    token: &Token,
+    signers: &'c [Certificate],
+) -> anyhow::Result<&'c Certificate> {
     let signer_info = only_signer_info(token)?;
     let candidates: Vec<&Certificate> = signers.iter().collect();
     signed_by_one(
@@ -237,7 +245,7 @@ pub fn verify_signed_by(token: &Token, signers: &[Certificate]) -> anyhow::Resul
         &candidates,
         "the token's signer is none of the trusted certificates",
     )
-    .map(|_| ())
+    .map(|(cert, _)| cert)
 }
 
 /// The signer's certificate among `candidates`, and its DER: of those the sid names (a token
