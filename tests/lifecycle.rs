@@ -670,6 +670,12 @@ fn serve_refuses_to_start_on_a_tsu_certificate_outside_the_profile() {
             not_yet,
             "is not valid before",
         ),
+        (
+            "Unknown critical extension",
+            format!("{TSU_PROFILE}1.3.6.1.4.1.32473.99=critical,ASN1:NULL\n"),
+            valid,
+            "has a critical extension 1.3.6.1.4.1.32473.99 that verifiers do not process",
+        ),
     ];
     for (cn, ext, dates, expected) in &cases {
         issue_tsu_cert(d, cn, ext, *dates);

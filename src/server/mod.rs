@@ -114,9 +114,20 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         max_accuracy,
         Duration::from_nanos(config.token.precision.unit_ns().min(1_000)),
     );
-    let archive = match config.archive.enabled {
-        true => Some(Arc::new(open_archive(config, &signer, &issuing)?)),
-        false => None,
+    // The key in force signs the archive's checkpoints from the start: the rollover's once
+    // its instant has passed (before the rollover task hands them over, the archive's opening
+    // would be signed by the old key, whose certificate may have expired since).
+    let in_force = rollover
+        .as_ref()
+        .filter(|next| crate::clock::system_unix_ns() >= next.at_ns);
+    let archive = match (config.archive.enabled, in_force) {
+        (false, _) => None,
+        (true, Some(next)) => Some(Arc::new(open_archive(
+            config,
+            &next.signer,
+            &next.issuing.load(),
+        )?)),
+        (true, None) => Some(Arc::new(open_archive(config, &signer, &issuing)?)),
     };
     let serials: Box<dyn crate::archive::serial::SerialAllocator> = match &archive {
         Some(archive) => {

@@ -138,6 +138,43 @@ impl TsuCertificate {
         self.check_profile()?;
         if now.is_some() {
             self.check_signing_key_usage()?;
+            self.check_critical_extensions()?;
+        }
+        Ok(())
+    }
+
+    /// No critical extension but those verifiers process (RFC 5280 4.2: a certificate with a
+    /// critical extension the verifier does not recognize is refused, and every token with
+    /// it), for a certificate that signs tokens.
+    pub fn check_critical_extensions(&self) -> anyhow::Result<()> {
+        // RFC 5280's, as OpenSSL and the JDK process them.
+        const KNOWN: [&str; 12] = [
+            "2.5.29.14", // subjectKeyIdentifier
+            "2.5.29.15", // keyUsage
+            "2.5.29.17", // subjectAltName
+            "2.5.29.19", // basicConstraints
+            "2.5.29.30", // nameConstraints
+            "2.5.29.31", // cRLDistributionPoints
+            "2.5.29.32", // certificatePolicies
+            "2.5.29.33", // policyMappings
+            "2.5.29.35", // authorityKeyIdentifier
+            "2.5.29.36", // policyConstraints
+            "2.5.29.37", // extKeyUsage
+            "2.5.29.54", // inhibitAnyPolicy
+        ];
+        let tbs = self.cert.tbs_certificate();
+        let unknown = tbs
+            .extensions()
+            .into_iter()
+            .flatten()
+            .find(|e| e.critical && !KNOWN.contains(&e.extn_id.to_string().as_str()));
+        if let Some(e) = unknown {
+            bail!(
+                "the certificate of {} has a critical extension {} that verifiers do not \
+                 process: they refuse the certificate, and every token it signs",
+                tbs.subject(),
+                e.extn_id
+            );
         }
         Ok(())
     }
