@@ -17,7 +17,6 @@ mod pg;
 mod ports;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -105,10 +104,7 @@ impl Instance {
             .stderr(log)
             .spawn()
             .expect("spawn tsa serve");
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
+        let first = archive_support::announce::first_line(&mut child);
         if first.is_empty() {
             let _ = child.wait();
             return Err(std::fs::read_to_string(self.log()).unwrap_or_default());
@@ -265,6 +261,18 @@ impl Tally {
 }
 
 /// `clients` threads posting through `addr` until `stop` (or `per_client` requests each).
+/// The longest a client of [`load`] sends.
+const LOAD_LIMIT: Duration = Duration::from_secs(300);
+
+/// Says stop to [`load`]'s clients when dropped: a test that panics stops them too.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn load(
     addr: &str,
     tag: &str,
@@ -283,8 +291,10 @@ fn load(
             );
             std::thread::spawn(move || {
                 let mut conn = None;
+                // Bounded by itself too (a test that failed before it said stop).
+                let deadline = Instant::now() + LOAD_LIMIT;
                 for i in 0..per_client {
-                    if stop.load(Ordering::Relaxed) {
+                    if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
                         break;
                     }
                     let outcome = post(&mut conn, &addr, format!("{tag} client {c} request {i}"));
@@ -538,6 +548,7 @@ fn the_balancer_serves_on_when_an_instance_is_killed_and_it_comes_back_with_its_
     let cluster = pg::Cluster::start();
     let (mut fleet, haproxy) = start_fleet(&cluster);
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop_clients = StopOnDrop(stop.clone());
     let tally = Arc::new(Mutex::new(Tally::default()));
     let clients = load(
         &haproxy.addr,

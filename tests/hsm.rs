@@ -32,7 +32,6 @@ mod common;
 #[path = "common/wire.rs"]
 mod wire;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -91,10 +90,7 @@ impl HsmServer {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn tsa serve");
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .expect("read the announcement");
+        let first = common::announce::first_line(&mut child);
         let url = first
             .split_whitespace()
             .find(|w| w.starts_with("http://"))

@@ -570,7 +570,7 @@ fn issue_tsu_cert(dir: &Path, cn: &str, ext: &str, (start, end): (&str, &str)) {
 /// Starts `tsa serve` on the configuration in `dir` and stops it once it has announced its
 /// listeners; its standard error when it exits instead.
 fn serve_once(dir: &Path) -> Result<(), String> {
-    use std::io::{BufRead, Read};
+    use std::io::Read;
     let mut child = Command::new(common::TSA)
         .arg("serve")
         .arg("--config")
@@ -581,10 +581,7 @@ fn serve_once(dir: &Path) -> Result<(), String> {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn tsa serve");
-    let mut first = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+    let first = common::announce::first_line(&mut child);
     if !first.is_empty() {
         let _ = child.kill();
     }

@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -86,10 +86,7 @@ impl Serving {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn tsa serve");
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
+        let first = announce::first_line(&mut child);
         if first.is_empty() {
             let mut err = String::new();
             child
@@ -168,6 +165,10 @@ impl Drop for Serving {
     }
 }
 
+// (Also in `common`, which some test crates hold beside this.)
+#[allow(clippy::duplicate_mod)]
+#[path = "../common/announce.rs"]
+pub mod announce;
 #[path = "../common/http1.rs"]
 mod http1;
 pub use http1::Conn;

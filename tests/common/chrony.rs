@@ -55,7 +55,8 @@ impl Chronyd {
             &conf,
             format!(
                 "port {port}\nbindaddress 127.0.0.1\n{extra}allow 127.0.0.1\n\
-                 pidfile {0}/chronyd.pid\ndriftfile {0}/drift\n",
+                 pidfile {0}/chronyd.pid\ndriftfile {0}/drift\n\
+                 bindcmdaddress /\n",
                 dir.path().display()
             ),
         )
@@ -65,12 +66,29 @@ impl Chronyd {
         if is_root() {
             cmd.args(["-u", "root"]);
         }
-        let child = cmd
+        // (`bindcmdaddress /`: no Unix command socket, which would replace the host
+        // chronyd's, /run/chrony/chronyd.sock, and remove it on exit.)
+        let log = std::fs::File::create(dir.path().join("chronyd.log")).unwrap();
+        let mut child = cmd
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("chronyd (scripts/test.sh installs chrony)");
-        std::thread::sleep(Duration::from_millis(300));
+        // Serving once its NTP port is taken.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            let log =
+                || std::fs::read_to_string(dir.path().join("chronyd.log")).unwrap_or_default();
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("chronyd exited ({status}): {}", log());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "chronyd did not bind 127.0.0.1:{port} within 10 s: {}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Chronyd {
             addr: format!("127.0.0.1:{port}").parse().unwrap(),
             command,
@@ -101,7 +119,8 @@ impl Drop for Chronyd {
 /// seconds ("System clock wrong by X seconds"; positive: the clock is behind).
 pub fn chronyd_query(servers: &[SocketAddr]) -> Option<f64> {
     let mut cmd = Command::new("chronyd");
-    cmd.args(["-Q", "-f", "/dev/null"]);
+    // (`-t`: it gives up on servers that do not answer.)
+    cmd.args(["-Q", "-t", "30", "-f", "/dev/null"]);
     if is_root() {
         cmd.args(["-u", "root"]);
     }

@@ -2,10 +2,11 @@
 //! chosen by the kernel, and helpers to drive the real `openssl` and `curl` against it.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
+
+pub mod announce;
 
 pub const TSA: &str = env!("CARGO_BIN_EXE_tsa");
 
@@ -104,11 +105,7 @@ impl Server {
             .stderr(stderr)
             .spawn()
             .expect("spawn tsa serve");
-        let stdout = child.stdout.take().unwrap();
-        let mut first = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut first)
-            .expect("read announcement");
+        let first = announce::first_line(&mut child);
         // "tsa: serving RFC 3161 on http://127.0.0.1:PORT/ (admin http://127.0.0.1:PORT)", with
         // " and https://127.0.0.1:PORT/" before "(admin" when HTTPS is on.
         let url = first
@@ -313,12 +310,14 @@ pub fn curl_post(url: &str, body_file: &Path, content_type: &str) -> (u16, Strin
     )
 }
 
+/// Waits for `f` to hold, for up to 30 s (a loaded machine's slowest step).
 pub fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
-    for _ in 0..100 {
-        if f() {
-            return;
-        }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("timed out waiting for {what}");
 }
