@@ -468,6 +468,24 @@ fn assert_refused_at_once(server: &Server, body: &[u8]) {
     assert_refused(start_batch(server, body));
 }
 
+/// The same refusal read by a client that sends its whole upload (3 MiB, more than the
+/// sockets' buffers hold) before it reads, without `Expect: 100-continue`: the 503 and its
+/// body, not a reset (a socket closed with unread data sends one, and the client then loses
+/// the answer).
+fn assert_refused_while_sending(server: &Server) {
+    let (_, path) = wire::split_url(&server.url);
+    let mut conn = wire::Conn::open(&server.url);
+    let body = vec![0u8; 3 << 20];
+    let request = wire::request("POST", &path, &[("Content-Type", BATCH_QUERY)], &body);
+    let mut writer = conn.stream.try_clone().unwrap();
+    // Cut short where the server stops reading: what counts is the answer.
+    let sender = std::thread::spawn(move || writer.write_all(&request));
+    // Read once the server is done with the connection.
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    assert_refused(conn);
+    let _ = sender.join();
+}
+
 /// [`assert_refused_at_once`] for a batch already begun.
 fn assert_refused(mut conn: wire::Conn) {
     let reply = conn
@@ -500,6 +518,7 @@ fn past_max_batches_in_flight_a_batch_gets_503_before_its_body_is_read() {
         "the upload to take its place",
     );
     assert_refused_at_once(&server, &body);
+    assert_refused_while_sending(&server);
     // Single requests are not held back by it.
     let (status, _, reply) = post(&server, w, &items[0], QUERY);
     assert_eq!(status, 200);
@@ -525,7 +544,7 @@ fn past_max_batches_in_flight_a_batch_gets_503_before_its_body_is_read() {
     let metrics = scrape(&server);
     assert_eq!(
         counter(&metrics, "tsa_overload_refusals_total{limit=\"batches\"}"),
-        2
+        3
     );
 }
 
