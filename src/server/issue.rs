@@ -593,7 +593,8 @@ impl Tsa {
             SignError::Late(wait) => Rejection {
                 detail: Some(e.to_string()),
                 ..self.signed_late(
-                    wait.as_nanos() as u64 >= declared_ns.saturating_sub(time.bound_ns) / 2,
+                    left_to_sign(declared_ns, time.bound_ns)
+                        .is_some_and(|left| wait.as_nanos() as u64 >= left / 2),
                 )
             },
             // An unavailable key is the signer's health to report (and to recover).
@@ -612,7 +613,9 @@ impl Tsa {
         if stamp.accuracy.as_ns().saturating_add(late_ns) > declared_ns {
             // The signer's to answer for when late whatever genTime's truncation (which can
             // bring a fast signature close to the limit).
-            return Err(self.signed_late(time.bound_ns.saturating_add(late_ns) > declared_ns));
+            return Err(self.signed_late(
+                left_to_sign(declared_ns, time.bound_ns).is_some_and(|left| late_ns > left),
+            ));
         }
 
         let der = issuing.template.assemble(&tbs, &signature);
@@ -627,8 +630,6 @@ impl Tsa {
         Ok(Some((der, record)))
     }
 
-    /// A `timeNotAvailable` for a genTime whose error would exceed the declared accuracy,
-    /// counted among the clock's refusals.
     /// A signature that came, or would have come, too late for the token's declared accuracy;
     /// `signer_to_blame` marks the signer's failure, so that readiness holds off the requests
     /// a balancer would send into the same wait.
@@ -642,6 +643,8 @@ impl Tsa {
         )
     }
 
+    /// A `timeNotAvailable` for a genTime whose error would exceed the declared accuracy,
+    /// counted among the clock's refusals.
     fn refuse(&self, kind: RefusalKind, reason: &'static str) -> Rejection {
         let refusal = Refusal {
             kind,
@@ -651,11 +654,25 @@ impl Tsa {
         Rejection::new(FailInfo::TimeNotAvailable, refusal.reason)
     }
 
-    /// Ready to issue: the clock is trusted, the certificate in force is valid now (with the
-    /// validity left that `token.min_certificate_validity_days` asks), the signer is healthy
-    /// and its last signature did not fail.
+    /// Ready to issue: the clock is trusted, with room in the declared accuracy for genTime's
+    /// truncation (half a unit of its precision: else most requests are refused), the
+    /// certificate in force is valid now (with the validity left that
+    /// `token.min_certificate_validity_days` asks), the signer is healthy and its last
+    /// signature did not fail.
     pub fn readiness(&self) -> Result<(), String> {
         self.clock.check().map_err(|r| r.reason.into_owned())?;
+        let half_unit = self.issuing.load().template.precision().unit_ns() / 2;
+        let bound_ns = self.clock.reading().bound_ns;
+        let declared_ns = self.clock.max_bound_ns();
+        if bound_ns.saturating_add(half_unit) > declared_ns {
+            return Err(format!(
+                "the clock's error bound {} leaves less than half of genTime's precision ({}) \
+                 of the declared accuracy {}: most requests would be refused",
+                crate::clock::fmt_ns(bound_ns),
+                crate::clock::fmt_ns(half_unit * 2),
+                crate::clock::fmt_ns(declared_ns)
+            ));
+        }
         let (from, until) = self.certificate().0.valid_ns;
         if !(from..=until).contains(&crate::clock::system_unix_ns()) {
             return Err(CERTIFICATE_NOT_VALID.into());
@@ -833,6 +850,16 @@ fn log_rejection(rejection: &Rejection) {
     }
 }
 
+/// What the clock's bound leaves of the declared accuracy for the signature, where it is a
+/// fair part of it (a tenth at least): a late signature is the signer's to answer for only
+/// then. A bound that nears the accuracy leaves no signer time enough, and its refusals are
+/// the clock's (blamed on the signer, readiness would drop the instance for a signer that is
+/// well, and take it back, while the bound grew).
+fn left_to_sign(declared_ns: u64, bound_ns: u64) -> Option<u64> {
+    let left = declared_ns.saturating_sub(bound_ns);
+    (left >= declared_ns / 10).then_some(left)
+}
+
 /// A token that could not be archived is not handed out.
 fn archived(e: crate::archive::ArchiveError) -> Rejection {
     Rejection::internal("the token could not be archived", e)
@@ -955,6 +982,65 @@ mod tests {
 
     /// A time source that always reads `unix_ns`, synchronized to within a millisecond.
     struct Fixed(u64);
+
+    /// A synchronized source at the system clock, with a bound of `.0`.
+    struct Bounded(u64);
+
+    impl TimeSource for Bounded {
+        fn name(&self) -> &'static str {
+            "bounded"
+        }
+        fn read(&self) -> Reading {
+            Reading {
+                unix_ns: crate::clock::system_unix_ns(),
+                bound_ns: self.0,
+                state: SyncState::Synchronized,
+                reason: "bounded".into(),
+            }
+        }
+    }
+
+    /// A bound that nears the declared accuracy leaves the signer too little: a signature
+    /// back past it is refused, and is not the signer's (readiness stays); a bound that leaves
+    /// less than half of genTime's precision is not ready.
+    #[test]
+    fn a_bound_that_nears_the_declared_accuracy_is_the_clocks_not_the_signers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tsa = development_tsa(dir.path());
+        let inner = Arc::clone(&tsa.signer);
+        let query = query_der();
+        // 1 ms of bound, 1.05 ms declared: 50 µs left, under a tenth.
+        tsa.clock = IssuingClock::new(
+            Box::new(Bounded(1_000_000)),
+            Duration::from_micros(1_050),
+            Duration::from_micros(1),
+        );
+        tsa.signer = Arc::new(Stalling {
+            inner: Arc::clone(&inner),
+            stall: Duration::from_millis(1),
+        });
+        let refused = tsa.issue(&query).expect_err("late");
+        assert_eq!(refused.fail_info, FailInfo::TimeNotAvailable);
+        assert_eq!(tsa.clock.refusals(RefusalKind::SignedLate), 1);
+        assert_eq!(tsa.readiness(), Ok(()));
+
+        // A precision of seconds: ready while the bound leaves half a second.
+        let mut tsa = development_tsa_with(dir.path(), "[token]\nprecision = \"seconds\"\n");
+        for (bound_ms, ready) in [(400, true), (600, false)] {
+            tsa.clock = IssuingClock::new(
+                Box::new(Bounded(bound_ms * 1_000_000)),
+                Duration::from_secs(1),
+                Duration::from_micros(1),
+            );
+            match tsa.readiness() {
+                Ok(()) => assert!(ready, "{bound_ms} ms"),
+                Err(e) => {
+                    assert!(!ready, "{bound_ms} ms: {e}");
+                    assert!(e.contains("half of genTime's precision"), "{e}");
+                }
+            }
+        }
+    }
 
     impl TimeSource for Fixed {
         fn name(&self) -> &'static str {
