@@ -474,7 +474,7 @@ fn assert_refused_at_once(server: &Server, body: &[u8]) {
 /// the answer).
 fn assert_refused_while_sending(server: &Server) {
     let (_, path) = wire::split_url(&server.url);
-    let mut conn = wire::Conn::open(&server.url);
+    let conn = wire::Conn::open(&server.url);
     let body = vec![0u8; 3 << 20];
     let request = wire::request("POST", &path, &[("Content-Type", BATCH_QUERY)], &body);
     let mut writer = conn.stream.try_clone().unwrap();
