@@ -22,6 +22,8 @@ pub struct Connection {
     tls: Option<MakeRustls>,
     /// `postgres_ca`, for the error when the server's certificate is refused.
     ca: Vec<std::path::PathBuf>,
+    /// Each session's settings ([`connect`]).
+    session: String,
 }
 
 /// `connect_timeout` when `postgres_url` sets none.
@@ -30,6 +32,13 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest `connect_timeout` or `tcp_user_timeout` accepted.
 const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+/// TCP keepalive (idle time, then probes apart, and how many unanswered end the connection)
+/// when `postgres_url` sets none, on this side and asked of the server for its side: a host
+/// that stopped answering while nothing was left unacknowledged (a COMMIT the network took,
+/// then no reply) is found within seconds, not after the system's two hours idle.
+const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(5), Duration::from_secs(2), 3);
+/// tokio-postgres's own `keepalives_idle`, which the URL did not change where it is this.
+const KEEPALIVE_IDLE_UNSET: Duration = Duration::from_secs(2 * 60 * 60);
 
 /// The connection settings: `postgres_url` (a key=value string or a `postgresql://` URL,
 /// without a password), the password from `postgres_password_file` or the
@@ -80,6 +89,15 @@ pub fn connection(config: &ArchiveConfig) -> Result<Connection, StoreError> {
     if pg.get_tcp_user_timeout().is_none() {
         pg.tcp_user_timeout(DEFAULT_TCP_USER_TIMEOUT);
     }
+    if pg.get_keepalives_idle() == KEEPALIVE_IDLE_UNSET {
+        pg.keepalives_idle(KEEPALIVE.0);
+    }
+    if pg.get_keepalives_interval().is_none() {
+        pg.keepalives_interval(KEEPALIVE.1);
+    }
+    if pg.get_keepalives_retries().is_none() {
+        pg.keepalives_retries(KEEPALIVE.2);
+    }
     // Seconds here, where libpq reads tcp_user_timeout in milliseconds: a value copied from a
     // libpq setting would hold requests for hours.
     for (name, timeout) in [
@@ -99,7 +117,29 @@ pub fn connection(config: &ArchiveConfig) -> Result<Connection, StoreError> {
         pg,
         tls,
         ca: config.postgres_ca.clone(),
+        session: session_settings(config),
     })
+}
+
+/// What each session sets on the server. Read committed, which the lease's fence and take
+/// rely on (the row re-checked after a wait), whatever the database's default. A lock waits
+/// `busy_timeout_ms` at most (a session of this instance's that the server still holds, and
+/// its locks with it, after the network dropped it; a prune's signature), and such a session
+/// is ended by the server within half the lease's time, before another process may take
+/// the lease. The server's side of TCP keepalive as this side's.
+fn session_settings(config: &ArchiveConfig) -> String {
+    let idle_in_transaction_ms = (config.lease_ttl_s * 1000 / 2).max(5_000);
+    format!(
+        "SET synchronous_commit = on; SET client_min_messages = warning; \
+         SET default_transaction_isolation = 'read committed'; \
+         SET lock_timeout = {}; SET idle_in_transaction_session_timeout = {idle_in_transaction_ms}; \
+         SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; \
+         SET tcp_keepalives_count = {}",
+        config.busy_timeout_ms.max(1),
+        KEEPALIVE.0.as_secs(),
+        KEEPALIVE.1.as_secs(),
+        KEEPALIVE.2
+    )
 }
 
 /// Where the archive is, for logs and the `archive_opened` event: hosts, ports, database and
@@ -159,8 +199,9 @@ pub(super) fn connect(connection: &Connection) -> Result<Client, StoreError> {
         let hint = certificate_hint(&e, &connection.ca);
         StoreError(format!("cannot connect to PostgreSQL: {text}{hint}"))
     })?;
-    // No NOTICE per "CREATE … IF NOT EXISTS" of the schema in the logs at every start.
-    client.batch_execute("SET synchronous_commit = on; SET client_min_messages = warning")?;
+    // (client_min_messages: no NOTICE per "CREATE … IF NOT EXISTS" of the schema in the logs
+    // at every start.)
+    client.batch_execute(&connection.session)?;
     Ok(client)
 }
 
@@ -183,12 +224,36 @@ mod tests {
             plain.pg.get_tcp_user_timeout(),
             Some(&DEFAULT_TCP_USER_TIMEOUT)
         );
+        assert_eq!(plain.pg.get_keepalives_idle(), KEEPALIVE.0);
+        assert_eq!(plain.pg.get_keepalives_interval(), Some(KEEPALIVE.1));
+        assert_eq!(plain.pg.get_keepalives_retries(), Some(KEEPALIVE.2));
         let own = connection(&config(
-            "host=127.0.0.1 user=tsa sslmode=disable connect_timeout=2 tcp_user_timeout=3",
+            "host=127.0.0.1 user=tsa sslmode=disable connect_timeout=2 tcp_user_timeout=3 \
+             keepalives_idle=30 keepalives_interval=7 keepalives_retries=9",
         ))
         .unwrap();
         assert_eq!(own.pg.get_connect_timeout(), Some(&Duration::from_secs(2)));
         assert_eq!(own.pg.get_tcp_user_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(own.pg.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(
+            own.pg.get_keepalives_interval(),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(own.pg.get_keepalives_retries(), Some(9));
+        // The server's side: locks wait busy_timeout_ms, a session left in a transaction
+        // ends within half the lease.
+        assert!(
+            plain.session.contains("SET lock_timeout = 5000;"),
+            "{}",
+            plain.session
+        );
+        assert!(
+            plain
+                .session
+                .contains("SET idle_in_transaction_session_timeout = 15000;"),
+            "{}",
+            plain.session
+        );
         for url in [
             "host=127.0.0.1 user=tsa tcp_user_timeout=10000",
             "host=127.0.0.1 user=tsa connect_timeout=3600",

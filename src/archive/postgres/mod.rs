@@ -447,7 +447,15 @@ impl ArchiveStore for PostgresStore {
         let id = instance_id as i64;
         self.run(move |s| {
             let event_columns = event_columns(s.chained, "BYTEA");
-            let c = &mut s.client;
+            // One snapshot: a prune that commits between the anchor's read and the head's
+            // would leave neither standing for the records it removed.
+            let mut tx = s
+                .client
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()?;
+            let c = &mut tx;
             let (reserved_until, inst_max_counter, inst_max_gen) = c
                 .query_opt(
                     "SELECT reserved_until, max_counter, max_gen_time_ns FROM instances \
@@ -495,6 +503,7 @@ impl ArchiveStore for PostgresStore {
                 Some(r) => Some(read_event(&r)?.head()),
                 None => None,
             };
+            tx.commit()?;
             Ok(InstanceState::combine(
                 reserved_until,
                 [max_counter.map(u), inst_max_counter],
