@@ -110,7 +110,10 @@ fn counters_clock_and_sources_are_exported_with_bounded_labels() {
     let bound = value(&m, "tsa_clock_error_bound_seconds").unwrap();
     assert!(bound > 0.0 && bound < 0.05, "bound {bound}");
     assert!(value(&m, "tsa_clock_offset_seconds").unwrap().abs() < 0.05);
-    assert!(value(&m, "tsa_certificate_expiry_seconds").unwrap() > 86_400.0);
+    let expiry = value(&m, "tsa_certificate_expiry_seconds").unwrap();
+    assert!(expiry > 86_400.0);
+    let issuing = value(&m, "tsa_certificate_issuing_left_seconds").unwrap();
+    assert!(issuing > 0.0 && issuing <= expiry, "{issuing} of {expiry}");
     for addr in &addrs {
         let source = format!("ntp {addr}");
         assert_eq!(
@@ -146,6 +149,34 @@ fn counters_clock_and_sources_are_exported_with_bounded_labels() {
         value(&m, r#"tsa_clock_refusals_total{reason="unsynchronized"}"#),
         Some(0.0)
     );
+}
+
+/// While the clock is unsynchronized its bound is unbounded: the bound's series reads +Inf
+/// (an alert on it fires; a series left out went quiet), and issuing stops
+/// `min_certificate_validity_days` before the certificate's expiry.
+#[test]
+fn an_unbounded_clock_reads_as_an_infinite_bound() {
+    // Nothing answers on the discard port.
+    let silent: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let server = tsa_disciplined(
+        &[silent],
+        "min_agreeing = 1\n[token]\nmin_certificate_validity_days = 30\n",
+    );
+    let m = scrape(&server.admin_url);
+    assert_eq!(
+        value(&m, r#"tsa_clock_state{state="unsynchronized"}"#),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        value(&m, "tsa_clock_error_bound_seconds"),
+        Some(f64::INFINITY),
+        "{m}"
+    );
+    let expiry = value(&m, "tsa_certificate_expiry_seconds").unwrap();
+    let issuing = value(&m, "tsa_certificate_issuing_left_seconds").unwrap();
+    let gap = expiry - issuing - 30.0 * 86_400.0;
+    assert!(gap.abs() < 60.0, "{issuing} against {expiry}");
 }
 
 /// Every string of `json` under one of `keys` (recursively), with the path that led there.

@@ -20,6 +20,13 @@ use crate::signer::{certificate::TsuCertificate, SignError, Signer};
 /// The certificate of one version of [`Issuing`].
 pub struct CurrentCertificate(Arc<Issuing>);
 
+impl CurrentCertificate {
+    /// Until when it issues (Unix ns): its notAfter less `token.min_certificate_validity_days`.
+    pub fn issues_until_ns(&self) -> u64 {
+        self.0.valid_ns.1
+    }
+}
+
 impl std::ops::Deref for CurrentCertificate {
     type Target = TsuCertificate;
     fn deref(&self) -> &TsuCertificate {

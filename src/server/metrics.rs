@@ -51,8 +51,10 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        // 50 µs to about 3.3 s.
-        let buckets = || exponential_buckets(50e-6, 2.0, 17);
+        // 50 µs to about 52 s: past the server's own longest waits (a queue wait, the signer's
+        // lane, a read timeout, an archive commit), which a quantile would otherwise pin at
+        // the last bucket.
+        let buckets = || exponential_buckets(50e-6, 2.0, 21);
         let requests = Family::<Labels, Counter>::default();
         let auth_refusals = Family::<Labels, Counter>::default();
         let overloads = Family::<Labels, Counter>::default();
@@ -311,13 +313,26 @@ impl Collector for Scraped {
             None,
             &[(vec![("version", env!("CARGO_PKG_VERSION").into())], 1.0)],
         )?;
-        let left = tsa.certificate().remaining(SystemTime::now()).as_secs_f64();
+        let certificate = tsa.certificate();
+        let left = certificate.remaining(SystemTime::now()).as_secs_f64();
         gauge(
             &mut e,
             "certificate_expiry",
             "Time until the TSU certificate expires",
             Some(&Unit::Seconds),
             &[(none.clone(), left)],
+        )?;
+        // Issuing stops token.min_certificate_validity_days before the expiry.
+        let issuing_left = certificate
+            .issues_until_ns()
+            .saturating_sub(crate::clock::system_unix_ns()) as f64
+            / 1e9;
+        gauge(
+            &mut e,
+            "certificate_issuing_left",
+            "Time until the TSU certificate stops issuing (its expiry less token.min_certificate_validity_days)",
+            Some(&Unit::Seconds),
+            &[(none.clone(), issuing_left)],
         )?;
 
         gauge(
@@ -419,15 +434,19 @@ impl Collector for Scraped {
             None,
             &state_series,
         )?;
-        if reading.bound_ns != u64::MAX {
-            gauge(
-                &mut e,
-                "clock_error_bound",
-                "The clock's error bound now",
-                Some(&Unit::Seconds),
-                &[(none.clone(), reading.bound_ns as f64 / 1e9)],
-            )?;
-        }
+        // +Inf while unbounded (unsynchronized, or just resumed): an alert on the bound fires
+        // then, where a series left out would go quiet.
+        let bound = match reading.bound_ns {
+            u64::MAX => f64::INFINITY,
+            ns => ns as f64 / 1e9,
+        };
+        gauge(
+            &mut e,
+            "clock_error_bound",
+            "The clock's error bound now (+Inf while unbounded)",
+            Some(&Unit::Seconds),
+            &[(none.clone(), bound)],
+        )?;
         gauge(
             &mut e,
             "clock_declared_accuracy",
