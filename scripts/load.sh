@@ -301,6 +301,14 @@ thread_ticks() { # "name ticks" for each of the archive's threads of the server,
     END { for (k in n) print k, n[k]; print "tsa-log-spare", ended }'
 }
 
+# Tokens the server has issued so far (tsa_tokens_issued_total), or -1 without its metrics
+# (the other server): a reply counts as a token only where the server says it issued one,
+# whatever the load tool could see (oha reads no bodies: a refusal is an HTTP 200 too).
+tokens_issued() {
+  [ -n "${admin:-}" ] || { echo -1; return; }
+  curl -s --max-time 5 "$admin/metrics" | awk '/^tsa_tokens_issued_total / { t = $2 } END { printf "%d", (t == "" ? -1 : t) }'
+}
+
 # "commits records seconds" so far, from the server's metrics (the archive's commit histograms).
 commit_sums() {
   curl -s --max-time 5 "$admin/metrics" | awk '
@@ -378,6 +386,7 @@ start_server() { # mode: off | on | other
 # request.
 start_other() {
   url=$other_url
+  admin= # no metrics: its tokens are its HTTP 200 replies (wrk also checks their PKIStatus)
   taskset -c "$SERVER_CPU" bash -c "exec $OTHER" >"$work/serve-other.out" 2>&1 &
   server_pid=$!
   local code=000
@@ -413,12 +422,13 @@ stop_server() {
 run_loads() { # mode
   local mode=$1 c out line before after
   run=0 # runs so far in this mode (rate[] is keyed by it; open_loop reads it)
-  printf '\n%-6s %10s %10s %10s %9s %10s %9s %12s %14s %9s %9s%s\n' conc req/s p50_ms p99_ms requests bad_frac errors cpu_us/token cpu/raw_sign rss_MiB core_busy \
+  printf '\n%-6s %10s %10s %10s %9s %10s %9s %12s %14s %9s %9s%s\n' conc tokens/s p50_ms p99_ms requests bad_frac errors cpu_us/token cpu/raw_sign rss_MiB core_busy \
     "$([ -n "${hsm_rate:-}" ] && printf ' %12s' 'of_hsm_rate')"
   for c in $CONCURRENCY; do
     kill -0 "$server_pid" 2>/dev/null || die "the server died"
     # The metrics scrape costs the server CPU: before the run's CPU is read, not inside it.
     [ "$mode" = on ] && commits_before=$(commit_sums)
+    tokens_before=$(tokens_issued)
     before=$(stat_ticks)
     cores_before=$(core_ticks)
     [ "$mode" = on ] && threads_before=$(thread_ticks)
@@ -437,16 +447,22 @@ run_loads() { # mode
     after=$(stat_ticks)
     cores_after=$(core_ticks)
     [ "$mode" = on ] && { threads_after=$(thread_ticks); commits_after=$(commit_sums); }
+    tokens_after=$(tokens_issued)
+    tokens=-1
+    [ "$tokens_before" -ge 0 ] && [ "$tokens_after" -ge 0 ] && tokens=$((tokens_after - tokens_before))
     line=$(grep '^RESULT ' <<<"$out") || { echo "$out" >&2; die "no result from $LOAD_TOOL at c=$c"; }
     # The server's peak RSS so far (VmHWM): runs go up in concurrency, so it is this run's.
     rss=$(awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$server_pid/status")
     awk -v c="$c" -v ticks=$((after - before)) -v hz="$hz" -v raw="$raw_sign_us" -v hsm="${hsm_rate:-0}" -v rss="$rss" \
-      -v cores="$cores_before $cores_after" '
+      -v cores="$cores_before $cores_after" -v tokens="$tokens" '
       { for (i = 2; i <= NF; i++) { split($i, kv, "="); r[kv[1]] = kv[2] } }
       END {
+        # Tokens: what the server issued (its counter; replies cut off at the end of the
+        # run aside), else the replies that were 200 and, with wrk, granted.
         n = r["requests"]; bad = r["non200"] + (r["notgranted"] > 0 ? r["notgranted"] : 0)
-        cpu = n > 0 ? ticks / hz * 1e6 / n : 0
-        printf "%-6d %10.0f %10.3f %10.3f %9d %10s %9d %12.1f %14.2f %9.1f", c, n / r["seconds"],
+        if (tokens >= 0) { bad = n > tokens ? n - tokens : 0; t = tokens } else t = n - bad
+        cpu = t > 0 ? ticks / hz * 1e6 / t : 0
+        printf "%-6d %10.0f %10.3f %10.3f %9d %10s %9d %12.1f %14.2f %9.1f", c, t / r["seconds"],
           r["p50_ms"], r["p99_ms"], n, (n > 0 ? sprintf("%.4f", bad / n) : "-"), r["errors"],
           cpu, cpu / raw, rss
         split(cores, k, " ")
@@ -456,7 +472,7 @@ run_loads() { # mode
       }' <<<"$line" | tee "$work/line"
     if [ "$mode" = on ]; then
       # The archive's own threads, per token: the rest of cpu_us/token is the request path.
-      awk -v n="$(awk '{ print $5 }' "$work/line")" -v hz="$hz" '
+      awk -v n="$([ "$tokens" -ge 0 ] && echo "$tokens" || awk '{ print $5 }' "$work/line")" -v hz="$hz" \
         FNR == NR { before[$1] = $2; next }
         { us[$1] = n > 0 ? ($2 - before[$1]) / hz * 1e6 / n : 0 }
         END {

@@ -625,7 +625,9 @@ fn the_pin_comes_from_an_environment_variable_or_a_systemd_credential() {
     let server = HsmServer::start(d, &[("TSA_TEST_HSM_PIN", &the_pin)]);
     stamp_and_verify(&server, work.path(), &["-sha256", "-cert"]);
     drop(server);
-    let err = refused_start(d, &[]);
+    // The configuration's to fix: EX_CONFIG, not restarted.
+    let (status, err) = refused_start_status(d, &[]);
+    assert_eq!(status, Some(78), "{err}");
     assert!(err.contains("TSA_TEST_HSM_PIN is not set"), "{err}");
 
     let credentials = tempfile::tempdir().unwrap();

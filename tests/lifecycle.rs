@@ -607,6 +607,47 @@ fn serve_once(dir: &Path) -> Result<(), String> {
     }
 }
 
+/// The development clock says at start whether the kernel counts the system clock
+/// synchronized: where it does not, nothing vouches for the declared accuracy, and the log
+/// says so.
+#[test]
+fn the_development_clock_tells_when_the_kernel_does_not_vouch_for_the_system_clock() {
+    // SAFETY: `timex` is plain data; modes 0 only reads.
+    let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::adjtimex(&mut tx) };
+    let unsynchronized = rc < 0 || rc == libc::TIME_ERROR || tx.status & libc::STA_UNSYNC != 0;
+    let server = Server::serve_logged(Server::init(&[], ""));
+    assert!(stamp_once(&server).granted());
+    let log = std::fs::read_to_string(server.path(Server::LOG)).unwrap();
+    assert!(log.contains("development_clock"), "{log}");
+    assert_eq!(
+        log.contains("the kernel does not count the system clock synchronized"),
+        unsynchronized,
+        "kernel status {:#x}, rc {rc}: {log}",
+        tx.status
+    );
+}
+
+/// A signing key or an HTTPS listener's key that other users may read stops the start, with
+/// exit 78 (EX_CONFIG: the units do not restart it, as a restart would meet the same file).
+#[test]
+fn a_key_other_users_may_read_stops_the_start_for_good() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(Command::new(common::TSA)
+        .args(["init", "--tls", "--dir"])
+        .arg(d));
+    for key in ["tsa-key.pem", "tls-key.pem"] {
+        let path = d.join(key);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = serve_once(d).expect_err(&format!("{key}: tsa serve started"));
+        assert!(err.contains(key), "{key}: {err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    serve_once(d).unwrap_or_else(|e| panic!("the keys private again: {e}"));
+}
+
 /// `tsa serve` refuses to start on a certificate of its own key from its own CA that a verifier
 /// or the TSU profile (RFC 3161 2.3, ETSI EN 319 422) would refuse, and says why: a CA
 /// certificate, no extended key usage, another one beside id-kp-timeStamping, one not marked

@@ -12,7 +12,7 @@
 //! | `POST {path}` with a transfer coding besides `chunked` (`gzip, chunked`) | 501 + DER rejection `badRequest`, connection closed |
 //! | `Content-Length` together with `chunked`            | read as chunked, then the connection closed (hyper) |
 //! | any other method on `{path}`                        | 405, `Allow: POST` + DER rejection `badRequest` |
-//! | `POST {path}` without credentials, `[auth] anonymous = false` | 401, `WWW-Authenticate: Bearer realm="tsa"` + DER rejection `badRequest` |
+//! | `POST {path}` without credentials, `[auth] anonymous = false` | 401, `WWW-Authenticate: Bearer realm="tsa"` and `Basic realm="tsa", charset="UTF-8"` + DER rejection `badRequest` |
 //! | `POST {path}` with a wrong API key, or a client certificate of no configured client (or one that the TLS configuration reloaded since its connection's handshake refuses) | 401 (also when anonymous access is on) + DER rejection `badRequest` |
 //! | `POST {path}` over the client's quota               | 429, `Retry-After` (seconds) + DER rejection `systemFailure` |
 //! | an anonymous batch of more items than their burst (`auth.anonymous_burst`, or one second of `anonymous_rate_per_s` where it is 0) | 413 + DER rejection `badRequest` |

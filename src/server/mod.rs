@@ -81,6 +81,20 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
                  carries the development policy {} and must never be relied on.",
                 oid::DEVELOPMENT_POLICY
             );
+            // Honest about what stands behind it: the kernel's own view of the system clock.
+            use crate::clock::kernel::{Adjtimex, KernelApi};
+            let kernel = Adjtimex.state();
+            let unsynchronized = kernel.rc < 0
+                || kernel.rc == libc::TIME_ERROR
+                || kernel.status & libc::STA_UNSYNC != 0;
+            if unsynchronized {
+                tracing::warn!(
+                    kernel_max_error_us = kernel.max_error_us,
+                    "the kernel does not count the system clock synchronized (no time daemon \
+                     disciplines it here, or it lost its sources): nothing vouches for the \
+                     development clock's declared accuracy"
+                );
+            }
             let declared = Duration::from_millis(config.clock.development_accuracy_ms);
             Box::new(DevelopmentClock::new(declared))
         }
@@ -404,7 +418,8 @@ pub async fn serve(
         .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
     let https = match config.https_listen {
         Some(addr) => {
-            tsa.tls.store(Some(Arc::new(tls::acceptor(&config.tls)?)));
+            let acceptor = tls::acceptor(&config.tls).context(Misconfigured)?;
+            tsa.tls.store(Some(Arc::new(acceptor)));
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} (HTTPS)"))?;

@@ -304,6 +304,9 @@ pub struct ConnectError {
     pub message: String,
     /// The PKCS#11 return value, if one caused it.
     pub ckr: Option<String>,
+    /// The configuration's to fix (the PIN's source does not give it): a start refused for
+    /// it exits as [`crate::config::Misconfigured`].
+    pub configuration: bool,
 }
 
 impl std::fmt::Display for ConnectError {
@@ -337,6 +340,7 @@ fn login_refusal(locked: bool, final_try: bool, count_low: bool) -> Option<Conne
                       the SO PIN"
                 .into(),
             ckr: Some("CKR_PIN_LOCKED".into()),
+            configuration: false,
         });
     }
     if final_try {
@@ -348,6 +352,7 @@ fn login_refusal(locked: bool, final_try: bool, count_low: bool) -> Option<Conne
                       start the TSA again"
                 .into(),
             ckr: Some(FINAL_TRY.into()),
+            configuration: false,
         });
     }
     if count_low {
@@ -411,6 +416,7 @@ impl ConnectError {
         Self {
             message: message.into(),
             ckr: None,
+            configuration: false,
         }
     }
 
@@ -418,6 +424,7 @@ impl ConnectError {
         Self {
             message: format!("{what}: {} ({})", ckr(error), function(error)),
             ckr: Some(ckr(error)),
+            configuration: false,
         }
     }
 }
@@ -521,9 +528,10 @@ fn login(ctx: &Pkcs11, slot: Slot, session: &Session, pin: &PinSource) -> Result
             return Err(refusal);
         }
     }
-    let secret = pin
-        .read()
-        .map_err(|e| ConnectError::new(format!("cannot read the PIN: {e:#}")))?;
+    let secret = pin.read().map_err(|e| ConnectError {
+        configuration: true,
+        ..ConnectError::new(format!("cannot read the PIN: {e:#}"))
+    })?;
     let result = session.login(UserType::User, Some(&secret));
     drop(secret);
     match result {
@@ -636,9 +644,10 @@ impl Pool {
         let lib = Library { module, slot };
         let (sessions, info) = connect(&lib, &spec, None, &|| {}).map_err(|e| {
             let message = format!("{} ({}): {e}", spec.token, spec.module.display());
-            match e.pin_refused() {
-                true => anyhow::Error::new(PinRefused).context(message),
-                false => anyhow::anyhow!(message),
+            match (e.pin_refused(), e.configuration) {
+                (true, _) => anyhow::Error::new(PinRefused).context(message),
+                (false, true) => anyhow::anyhow!(message).context(crate::config::Misconfigured),
+                (false, false) => anyhow::anyhow!(message),
             }
         })?;
         let (scheme, algorithm) = info.kind.scheme(spec.padding);
@@ -1542,6 +1551,7 @@ impl Pool {
                         "{sessions_error}; the shared PKCS#11 library is not re-initialized"
                     ),
                     ckr: sessions_error.ckr.clone(),
+                    configuration: false,
                 })
             }
             Err(e) => Err(ConnectError::pkcs11("C_Initialize failed", &e)),
