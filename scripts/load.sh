@@ -64,9 +64,11 @@
 #                Run the script a few times and compare the ratios: the servers take turns,
 #                so a machine that slows down between runs weighs on both
 #
-# Per run it prints requests/s, p50/p99 latency, non-200 and non-granted replies (wrk checks
-# every reply's PKIStatus in Lua; oha reports only HTTP status codes) and the server's CPU time
-# (utime+stime of the whole process, from /proc/PID/stat) per completed request, and the
+# Per run it prints tokens/s (the server's own count, tsa_tokens_issued_total, read before and
+# after the run; for OTHER its HTTP 200 replies, with wrk only those granted), p50/p99
+# latency, the replies that were no token (wrk also checks every reply's PKIStatus in Lua; oha
+# reads only HTTP status codes) and the server's CPU time (utime+stime of the whole process,
+# from /proc/PID/stat) per token, and the
 # server's peak RSS (VmHWM) after the run, and how busy the server's cores were (/proc/stat:
 # below 100 % they waited, for the clients or for the archive's commits). One reply is
 # also checked with `openssl ts -reply -text` and `openssl ts -verify` before the runs start.
@@ -467,12 +469,12 @@ run_loads() { # mode
           cpu, cpu / raw, rss
         split(cores, k, " ")
         printf " %8s", (k[4] > k[2] ? sprintf("%.0f%%", 100 * (k[3] - k[1]) / (k[4] - k[2])) : "-")
-        if (hsm > 0) printf " %11.0f%%", 100 * n / r["seconds"] / hsm
+        if (hsm > 0) printf " %11.0f%%", 100 * t / r["seconds"] / hsm
         printf "\n"
       }' <<<"$line" | tee "$work/line"
     if [ "$mode" = on ]; then
       # The archive's own threads, per token: the rest of cpu_us/token is the request path.
-      awk -v n="$([ "$tokens" -ge 0 ] && echo "$tokens" || awk '{ print $5 }' "$work/line")" -v hz="$hz" \
+      awk -v n="$([ "$tokens" -ge 0 ] && echo "$tokens" || awk '{ print $5 }' "$work/line")" -v hz="$hz" '
         FNR == NR { before[$1] = $2; next }
         { us[$1] = n > 0 ? ($2 - before[$1]) / hz * 1e6 / n : 0 }
         END {
@@ -501,26 +503,32 @@ run_loads() { # mode
 # latency a client sees when the server is not saturated; above it (OVERLOAD), what share of
 # the capacity is still served as granted tokens while the excess is refused with 503.
 open_loop() { # mode multiple connections
-  local mode=$1 multiple=$2 connections=$3 cap=0 q before
+  local mode=$1 multiple=$2 connections=$3 cap=0 q before tokens_before tokens
   for ((k = 0; k < run; k++)); do
     cap=$(awk -v a="$cap" -v b="${rate[$mode-$k]}" 'BEGIN { print (b > a ? b : a) }')
   done
   q=$(awk -v c="$cap" -v m="$multiple" 'BEGIN { printf "%d", c * m }')
   echo "== open loop: $q req/s ($multiple × $cap) over $connections connections, ${DURATION} s"
+  tokens_before=$(tokens_issued)
   before=$(stat_ticks)
   taskset -c "$CLIENT_CPU" timeout $((DURATION + 30)) \
     oha -z "${DURATION}s" -q "$q" --latency-correction -c "$connections" -m POST \
     -H 'Content-Type: application/timestamp-query' ${oha_transport[@]+"${oha_transport[@]}"} \
     -D "$work/req.tsq" --no-tui \
     --output-format json "$url" >"$work/open.json"
-  python3 - "$cap" $(($(stat_ticks) - before)) "$hz" "$work/open.json" <<'PY'
+  local ticks=$(($(stat_ticks) - before))
+  tokens=$(tokens_issued)
+  [ "$tokens_before" -ge 0 ] && [ "$tokens" -ge 0 ] && tokens=$((tokens - tokens_before)) || tokens=-1
+  python3 - "$cap" "$ticks" "$hz" "$work/open.json" "$tokens" <<'PY'
 import json, sys
 cap, ticks, hz = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 d = json.load(open(sys.argv[4]))
+tokens = int(sys.argv[5])
 codes = {k: int(v) for k, v in d.get("statusCodeDistribution", {}).items()}
 seconds = d["summary"]["total"]
 p = d.get("latencyPercentiles", {})
-good = codes.get("200", 0) / seconds
+# Granted: the server's own count of tokens where it has one, else its HTTP 200 replies.
+good = (tokens if tokens >= 0 else codes.get("200", 0)) / seconds
 replies = sum(codes.values())
 print("answered %.0f/s  granted %.0f/s = %.1f%% of capacity  503: %d  other: %s  "
       "p50 %.2f ms  p99 %.2f ms  p99.9 %.2f ms (all replies, from when each was due)"
@@ -564,7 +572,7 @@ done
 # token to the first's, in percent (unit %) or as factors (unit x).
 side_by_side() { # mode_a mode_b name_a name_b unit
   local a=$1 b=$2 k=0 c
-  printf '\n%-6s %12s %12s %12s %14s %14s %14s\n' conc "$3_req/s" "$4_req/s" "$4/$3" \
+  printf '\n%-6s %12s %12s %12s %14s %14s %14s\n' conc "$3_tokens/s" "$4_tokens/s" "$4/$3" \
     "$3_cpu_us" "$4_cpu_us" "cpu_$4/$3"
   for c in $CONCURRENCY; do
     awk -v c="$c" -v ra="${rate[$a-$k]}" -v rb="${rate[$b-$k]}" -v ca="${cpu[$a-$k]}" \
@@ -588,10 +596,11 @@ if [ -n "${OTHER:-}" ]; then
   echo "read (oha) or checked for PKIStatus only (wrk)."
 fi
 echo
-echo "cpu_us/token: utime+stime of the server (tsa serve${OTHER:+, or OTHER}) per completed request"
+echo "cpu_us/token: utime+stime of the server (tsa serve${OTHER:+, or OTHER}) per token: those its"
+echo "tsa_tokens_issued_total counted${OTHER:+ (OTHER: its HTTP 200 replies, with wrk those granted)}"
 echo "(CLK_TCK=$hz, so ±$((1000000 / hz)) µs over the run); cpu/raw_sign: that divided by openssl's"
 echo "$raw_sign_us µs per $speed_alg signature. core_busy: the share of the time the server's"
 echo "cores ($SERVER_CPU) ran anything (/proc/stat): below 100 % they waited for the clients or for"
 echo "the archive's commits, and tokens/s is then set by latency, not by CPU."
-[ "$LOAD_TOOL" = oha ] && echo "bad_frac counts non-200 replies only (oha does not read bodies)."
+[ "$LOAD_TOOL" = oha ] && echo "bad_frac: replies that were no token by the server's count (oha does not read bodies)."
 exit 0
