@@ -812,6 +812,19 @@ client_crl = ["crl.pem"]"#,
     let server = Server::serve(dir);
     let d = server.dir.path();
     let https = server.https_url.clone().expect("an HTTPS listener");
+    // The listener's certificate and CRLs, for an operator's alerts.
+    let metrics = ok(Command::new("curl").args(["-sS", &format!("{}/metrics", server.admin_url)]));
+    let metrics = String::from_utf8(metrics.stdout).unwrap();
+    let gauge = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name}: {metrics}"))
+    };
+    let next_update = chrono::DateTime::parse_from_rfc3339("2099-01-01T00:00:00Z").unwrap();
+    let crl_left = (next_update.timestamp() - chrono::Utc::now().timestamp()) as f64;
+    assert!((gauge("tsa_tls_client_crl_next_update_seconds") - crl_left).abs() < 120.0);
+    assert!(gauge("tsa_tls_certificate_expiry_seconds") > 86_400.0);
     let q = query(d, "crl");
     let post_as = |name: &str| {
         let file = |f: String| d.join(f).display().to_string();

@@ -335,6 +335,29 @@ impl Collector for Scraped {
             &[(none.clone(), issuing_left)],
         )?;
 
+        // The HTTPS listener's own: an expired certificate, or client CRLs past their
+        // nextUpdate, fail handshakes while the rest says ready.
+        if let Some(tls) = tsa.tls.load().as_ref() {
+            let now_s = crate::clock::system_unix_ns() as f64 / 1e9;
+            if let Some(not_after) = tls.not_after_s() {
+                gauge(
+                    &mut e,
+                    "tls_certificate_expiry",
+                    "Time until the HTTPS listener's certificate expires (negative: expired)",
+                    Some(&Unit::Seconds),
+                    &[(none.clone(), not_after as f64 - now_s)],
+                )?;
+            }
+            if let Some(until) = tls.crls_until_s() {
+                gauge(
+                    &mut e,
+                    "tls_client_crl_next_update",
+                    "Time until the earliest client CRL's nextUpdate (negative: past it, client certificates are refused until fresh CRLs are reloaded)",
+                    Some(&Unit::Seconds),
+                    &[(none.clone(), until as f64 - now_s)],
+                )?;
+            }
+        }
         gauge(
             &mut e,
             "queue_depth",

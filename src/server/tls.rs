@@ -47,9 +47,22 @@ pub struct Tls {
     crls_until_s: Option<u64>,
     /// `require_client_certificate`: a handshake without one is refused.
     requires_certificate: bool,
+    /// The server certificate's `notAfter`, Unix seconds (`None`: unreadable).
+    not_after_s: Option<u64>,
 }
 
 impl Tls {
+    /// The server certificate's `notAfter` (Unix seconds): past it every handshake fails.
+    pub fn not_after_s(&self) -> Option<u64> {
+        self.not_after_s
+    }
+
+    /// The earliest `nextUpdate` of the client CRLs (Unix seconds): past it, clients with
+    /// certificates are refused until fresh CRLs are reloaded.
+    pub fn crls_until_s(&self) -> Option<u64> {
+        self.crls_until_s
+    }
+
     /// Whether this configuration refuses a connection without a client certificate.
     pub fn requires_certificate(&self) -> bool {
         self.requires_certificate
@@ -90,6 +103,17 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<Tls> {
         bail!("server.https_listen needs server.tls.certificate and server.tls.key");
     };
     let chain = pem::certificates(cert_path).context("server.tls.certificate")?;
+    let not_after_s = chain.first().and_then(|cert| {
+        use der::Decode;
+        let cert = x509_cert::Certificate::from_der(cert).ok()?;
+        Some(
+            cert.tbs_certificate()
+                .validity()
+                .not_after
+                .to_unix_duration()
+                .as_secs(),
+        )
+    });
     let key = pem::service_private_key(key_path).context("server.tls.key")?;
 
     let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -148,6 +172,7 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<Tls> {
         verifier: client_verifier,
         issuers: Arc::new(issuers),
         crls_until_s,
+        not_after_s,
     })
 }
 
