@@ -233,18 +233,7 @@ fn a_reload_takes_a_rollover_instant_written_with_an_offset() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     ok(Command::new(common::TSA).args(["init", "--dir"]).arg(d));
-    openssl(
-        &[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            "next-key.pem",
-        ],
-        d,
-    );
+    ec_key(d, "P-256", "next-key.pem");
     issue_cert(d, "next-key.pem", "/CN=TSU after rollover", "next-cert.pem");
     let at = (chrono::Utc::now() + chrono::Duration::days(1))
         .with_timezone(&chrono::FixedOffset::east_opt(2 * 3600).unwrap())
@@ -291,18 +280,7 @@ fn a_bad_reload_is_refused_and_the_running_certificate_kept() {
     let server = Server::serve_logged(Server::init(&[], ""));
     let dir = server.dir.path().to_path_buf();
     // A certificate for another key: the reload must refuse it.
-    openssl(
-        &[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            "other-key.pem",
-        ],
-        &dir,
-    );
+    ec_key(&dir, "P-256", "other-key.pem");
     issue_cert(&dir, "other-key.pem", "/CN=Someone Else", "other.pem");
     std::fs::copy(dir.join("other.pem"), dir.join("tsa-cert.pem")).unwrap();
     let log = || std::fs::read_to_string(server.path(Server::LOG)).unwrap_or_default();
@@ -345,6 +323,22 @@ fn too_little_certificate_validity_left_stops_issuance() {
     );
 }
 
+/// A new EC key on `curve` (`P-256`, `P-384`) as `out` in `dir`, by `openssl genpkey`.
+fn ec_key(dir: &Path, curve: &str, out: &str) {
+    openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            &format!("ec_paramgen_curve:{curve}"),
+            "-out",
+            out,
+        ],
+        dir,
+    );
+}
+
 /// The DER of a PEM certificate file.
 fn cert_der(path: &Path) -> Vec<u8> {
     let out = openssl(
@@ -365,18 +359,7 @@ fn a_planned_rollover_changes_key_and_certificate_at_its_instant() {
     ok(Command::new(common::TSA)
         .args(["init", "--dir"])
         .arg(dir.path()));
-    openssl(
-        &[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-384",
-            "-out",
-            "next-key.pem",
-        ],
-        dir.path(),
-    );
+    ec_key(dir.path(), "P-384", "next-key.pem");
     issue_cert(
         dir.path(),
         "next-key.pem",

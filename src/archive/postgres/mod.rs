@@ -435,6 +435,15 @@ fn read_anchor(row: &Row) -> Result<Anchor, StoreError> {
     })
 }
 
+/// A read-only transaction whose reads all see one snapshot of the database.
+fn snapshot(client: &mut postgres::Client) -> Result<postgres::Transaction<'_>, postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+}
+
 fn now_ns() -> i64 {
     i(crate::clock::system_unix_ns())
 }
@@ -449,12 +458,7 @@ impl ArchiveStore for PostgresStore {
             let event_columns = event_columns(s.chained, "BYTEA");
             // One snapshot: a prune that commits between the anchor's read and the head's
             // would leave neither standing for the records it removed.
-            let mut tx = s
-                .client
-                .build_transaction()
-                .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()?;
+            let mut tx = snapshot(&mut s.client)?;
             let c = &mut tx;
             let (reserved_until, inst_max_counter, inst_max_gen) = c
                 .query_opt(
@@ -757,12 +761,7 @@ impl ArchiveStore for PostgresStore {
     ) -> Result<ImprintMatches, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.run(move |s| {
-            let mut tx = s
-                .client
-                .build_transaction()
-                .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()?;
+            let mut tx = snapshot(&mut s.client)?;
             let total: i64 = tx
                 .query_one(
                     "SELECT COUNT(*) FROM tokens WHERE imprint = $1",
