@@ -7,7 +7,7 @@
 set -u
 cd "$(dirname "$0")"
 [ -n "${KIT_UNPACKED:-}" ] || { echo "run as PARTS=hsm ./scaling.sh" >&2; exit 2; }
-T=$PWD/tsa; W=/tmp/hsmload; rm -rf $W; mkdir -p $W
+T=${TSA:-$PWD/tsa}; W=/tmp/hsmload; rm -rf $W; mkdir -p $W
 nproc; $T --version
 $T init --dir $W/st --hsm > $W/init.log 2>&1 || { cat $W/init.log; exit 1; }
 echo "raw (tsa hsm check, 1 process, 1 thread):"; taskset -c 0 $T hsm check --config $W/st/tsa.toml --signatures ${HSM_SIGNATURES:-20000} --threads 1 2>&1 | grep rate
@@ -17,12 +17,21 @@ wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/timestamp-query"
 local f = io.open("$PWD/q.tsq", "rb"); wrk.body = f:read("*a"); f:close()
 LUA
+pid=
+trap '[ -n "$pid" ] && { kill $pid; wait $pid; } 2>/dev/null' EXIT
+tokens() { curl -s --max-time 5 http://127.0.0.1:3991/metrics | awk '/^tsa_tokens_issued_total / { printf "%d", $2 }'; }
 for cores in ${HSM_CORE_SETS:-0-1 0-3 0-7}; do
+  (exec 3<>/dev/tcp/127.0.0.1/3990) 2>/dev/null && { echo "port 3990 is taken" >&2; exit 1; }
   taskset -c $cores $T serve --config $W/st/tsa.toml --listen 127.0.0.1:3990 --admin-listen 127.0.0.1:3991 > $W/out 2> $W/err &
-  pid=$!; sleep 1.5
+  pid=$!
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/3990) 2>/dev/null && break; sleep 0.1; done
+  kill -0 $pid 2>/dev/null || { echo "tsa serve did not start:"; tail -5 $W/err; exit 1; }
   for c in 16 64; do
     echo "server on cores $cores, wrk on cores ${LOAD_CPUS:-8-15}, c=$c:"
+    # Tokens by the server's own count: wrk's Requests/sec counts every reply.
+    before=$(tokens)
     taskset -c ${LOAD_CPUS:-8-15} wrk -t${LOAD_THREADS:-4} -c$c -d6s -s $W/post.lua http://127.0.0.1:3990/ | grep -E "Requests/sec|Latency|Non-2xx"
+    echo "tokens issued: $(( $(tokens) - before )) in 6 s"
   done
-  kill $pid; wait $pid 2>/dev/null; sleep 0.5
+  kill $pid; wait $pid 2>/dev/null; pid=; sleep 0.5
 done

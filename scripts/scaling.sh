@@ -32,6 +32,8 @@
 set -u
 cd "$(dirname "$0")"
 KIT=$PWD
+# Without the query every request would be refused, and measured as if it were a token.
+[ -f q.tsq ] || { echo "no q.tsq in $KIT: the kit carries the query (openssl ts -query -data FILE -sha256 -cert -out q.tsq)" >&2; exit 2; }
 T=${TSA:-$KIT/tsa}; W=/tmp/scale; rm -rf $W; mkdir -p $W
 CORE_SETS=${CORE_SETS:-0 0-1 0-3 0-7}; CONNS=${CONNS:-64 256}; DURATION=${DURATION:-6}
 LOAD_CPUS=${LOAD_CPUS:-8-15}; LOAD_THREADS=${LOAD_THREADS:-8}
@@ -98,6 +100,10 @@ wait_port() {
   done
   return 1
 }
+# A port something already listens on would be measured in place of the server started.
+port_free() {
+  ! (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null || { echo "port $1 is taken: stop what listens there"; return 1; }
+}
 
 # One wrk run against the server PID at URL: one line of results.
 #   measure LABEL PID URL CONNECTIONS SECONDS LOAD_CPUS THREADS
@@ -151,17 +157,34 @@ archive_report() {
 # serve_tsa CORES CONFIG: starts `tsa serve` on CORES, sets $pid; fails (and says why) when
 # it does not listen.
 serve_tsa() {
+  port_free 3990 && port_free 3991 || return 1
   taskset -c $1 $T serve --config $2 --listen 127.0.0.1:3990 --admin-listen 127.0.0.1:3991 \
     > $W/out 2> $W/err &
   pid=$!
-  wait_port 3990 || { echo "tsa serve did not start:"; tail -5 $W/err; stop; return 1; }
+  wait_port 3990 && kill -0 $pid 2>/dev/null ||
+    { echo "tsa serve did not start:"; tail -5 $W/err; stop; return 1; }
 }
 serve_uts() {
+  port_free 2020 || return 1
   taskset -c $1 /tmp/uts-server/uts-server -c /tmp/uts-server/uts.cnf > $W/uts.out 2>&1 &
   pid=$!
-  wait_port 2020 || { echo "uts-server did not start:"; tail -5 $W/uts.out; stop; return 1; }
+  wait_port 2020 && kill -0 $pid 2>/dev/null ||
+    { echo "uts-server did not start:"; tail -5 $W/uts.out; stop; return 1; }
 }
-stop() { kill $pid 2>/dev/null; wait $pid 2>/dev/null; sleep 0.5; }
+# SIGTERM, then SIGKILL after 15 s: a server whose shutdown hangs does not hang the script.
+stop() {
+  [ -n "${pid:-}" ] || return 0
+  kill $pid 2>/dev/null
+  for _ in $(seq 150); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+  kill -KILL $pid 2>/dev/null
+  wait $pid 2>/dev/null
+  pid=
+  sleep 0.5
+}
+# Interrupted or failed, the script leaves no server behind.
+trap stop EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 # The cores in a set as CORE_SETS names them: "N" or "0-N".
 ncores() { echo $(( ${1##*-} + 1 )); }
 
