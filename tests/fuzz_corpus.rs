@@ -65,3 +65,39 @@ fn request_roundtrip_corpus() {
 fn request_canonical_corpus() {
     assert!(replay("request_canonical", request_canonical::check) >= MIN_INPUTS);
 }
+
+/// The tolerated form of certReq FALSE (`01 01 00`) where those three octets push the outer
+/// length past 127, so that it takes an octet more: the tolerated form still (the check
+/// counted exactly three octets more, and failed such an input); a FALSE after the
+/// extensions, out of DER's order, is not parsed at all.
+#[test]
+fn an_explicit_false_that_lengthens_the_outer_length_is_the_tolerated_form() {
+    let sequence = |content: &[u8]| -> Vec<u8> {
+        let mut out = vec![0x30];
+        match content.len() {
+            n @ 0..=127 => out.push(n as u8),
+            n => out.extend_from_slice(&[0x81, n as u8]),
+        }
+        out.extend_from_slice(content);
+        out
+    };
+    let mut content = vec![0x02, 0x01, 0x01]; // version v1
+                                              // messageImprint: SHA-256 with NULL parameters, 32 octets.
+    content.extend_from_slice(&[
+        0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01,
+        0x05, 0x00, 0x04, 0x20,
+    ]);
+    content.extend_from_slice(&[7; 32]);
+    // A nonce of 70 octets: 126 octets of content, one octet of length.
+    content.extend_from_slice(&[0x02, 70, 0x01]);
+    content.extend_from_slice(&[0x55; 69]);
+    assert_eq!(content.len(), 126);
+    let der = sequence(&content);
+    request_canonical::check(&der);
+    let mut with_false = content.clone();
+    with_false.extend_from_slice(&[0x01, 0x01, 0x00]);
+    let tolerated = sequence(&with_false);
+    assert_eq!(tolerated.len(), der.len() + 4);
+    assert!(<tsa::protocol::asn1::TimeStampReq as der::Decode>::from_der(&tolerated).is_ok());
+    request_canonical::check(&tolerated);
+}
