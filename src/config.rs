@@ -383,9 +383,19 @@ pub struct ClientConfig {
 
 impl AuthConfig {
     fn validate(&self) -> anyhow::Result<()> {
-        let rate_ok = |rate: f64| rate.is_finite() && rate >= 0.0;
-        if !rate_ok(self.anonymous_rate_per_s) {
-            bail!("auth.anonymous_rate_per_s must be a number of tokens per second, 0 or more");
+        // 0 (no limit), or a rate whose refill time for the burst fits the buckets' clock
+        // (nanoseconds in 64 bits): a rate so small that it does not would be no limit at all.
+        let quota_ok = |rate: f64, burst: u32| {
+            rate == 0.0
+                || (rate.is_finite()
+                    && rate >= MIN_RATE_PER_S
+                    && 1e9 / rate * f64::from(burst.max(1)) < 1e18)
+        };
+        if !quota_ok(self.anonymous_rate_per_s, self.anonymous_burst) {
+            bail!(
+                "auth.anonymous_rate_per_s must be 0 (no limit) or from {MIN_RATE_PER_S} tokens \
+                 per second, with anonymous_burst filled within 30 years"
+            );
         }
         let mut names = std::collections::HashSet::new();
         let mut keys = std::collections::HashSet::new();
@@ -441,13 +451,20 @@ impl AuthConfig {
                 }
                 (None, None) => {}
             }
-            if !rate_ok(c.rate_per_s) {
-                bail!("auth.client '{name}': rate_per_s must be 0 or more");
+            if !quota_ok(c.rate_per_s, c.burst) {
+                bail!(
+                    "auth.client '{name}': rate_per_s must be 0 (no limit) or from \
+                     {MIN_RATE_PER_S} tokens per second, with burst filled within 30 years"
+                );
             }
         }
         Ok(())
     }
 }
+
+/// The smallest quota rate (tokens per second) other than 0, which is no limit: about one
+/// token in 12 days.
+pub const MIN_RATE_PER_S: f64 = 1e-6;
 
 /// A TOML or schema error by line and column, without the source line that `toml` quotes
 /// and with the quoted values of its message left out: the line may hold a secret pasted in
@@ -1521,6 +1538,48 @@ mod tests {
             refused.contains("new_connections_per_address_burst"),
             "{refused}"
         );
+    }
+
+    /// A quota whose refill time does not fit the buckets' clock was no limit at all (the
+    /// arithmetic saturated): refused, with 0 still meaning no limit.
+    #[test]
+    fn a_quota_too_small_to_count_is_refused() {
+        let base = "[signer]\nkind = \"software\"\nkey = \"k\"\ncertificate = \"c\"\n";
+        let key = "00".repeat(32);
+        let client = |rate: &str, burst: u32| {
+            toml::from_str::<Config>(&format!(
+                "{base}[[auth.client]]\nname = \"a\"\napi_key_sha256 = \"{key}\"\n\
+                 rate_per_s = {rate}\nburst = {burst}\n"
+            ))
+            .unwrap()
+            .validate()
+        };
+        let anonymous = |rate: &str, burst: u32| {
+            toml::from_str::<Config>(&format!(
+                "{base}[auth]\nanonymous_rate_per_s = {rate}\nanonymous_burst = {burst}\n"
+            ))
+            .unwrap()
+            .validate()
+        };
+        for (rate, burst) in [("0", 10), ("1e-6", 10), ("50", 100)] {
+            client(rate, burst).unwrap();
+            anonymous(rate, burst).unwrap();
+        }
+        for (rate, burst) in [
+            ("1e-11", 1),
+            ("1e-9", 20),
+            ("-1", 1),
+            ("nan", 1),
+            ("inf", 1),
+        ] {
+            let refused = client(rate, burst).unwrap_err().to_string();
+            assert!(refused.contains("rate_per_s"), "{rate}: {refused}");
+            let refused = anonymous(rate, burst).unwrap_err().to_string();
+            assert!(
+                refused.contains("anonymous_rate_per_s"),
+                "{rate}: {refused}"
+            );
+        }
     }
 
     #[test]

@@ -779,6 +779,44 @@ impl TestCa {
     }
 }
 
+/// Two client CAs of one name and different keys are one issuer to a client configured by
+/// certificate_issuer and certificate_subject (which names the CA by its name): the start
+/// says so, where the operator can give each its own name.
+#[test]
+fn client_cas_that_share_a_name_are_named_at_start() {
+    let dir = init(&["--tls", "--https-listen", "127.0.0.1:0"]);
+    let d = dir.path();
+    for copy in ["twin-a.pem", "twin-b.pem"] {
+        let _ = TestCa::new(d, "Twin CA");
+        std::fs::rename(d.join("Twin CA.pem"), d.join(copy)).unwrap();
+    }
+    configure(
+        d,
+        &[(
+            r#"client_ca = ["client-ca-cert.pem"]"#,
+            r#"client_ca = ["client-ca-cert.pem", "twin-a.pem"]"#,
+        )],
+        "",
+    );
+    let warning = "two client CAs have this name and different keys";
+    let log = |server: &Server| std::fs::read_to_string(server.path(Server::LOG)).unwrap();
+    let server = Server::serve_logged(dir);
+    assert!(!log(&server).contains(warning), "{}", log(&server));
+    let dir = server.into_dir();
+    let d = dir.path();
+    configure(
+        d,
+        &[(r#""twin-a.pem"]"#, r#""twin-a.pem", "twin-b.pem"]"#)],
+        "",
+    );
+    let server = Server::serve_logged(dir);
+    assert!(
+        log(&server).contains(warning) && log(&server).contains("CN=Twin CA"),
+        "{}",
+        log(&server)
+    );
+}
+
 /// `server.tls.client_crl`: with the client CA's CRL (PEM) that revokes nothing, both of its
 /// clients are served; after a CRL (DER) that revokes one and a reload (SIGHUP), that one is
 /// refused in the handshake while the other still gets its token. A certificate of a client CA

@@ -286,9 +286,9 @@ pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
     };
     tsa.reload(first, next);
     if let Some(acceptor) = tls {
+        // (`Tsa::reload_clients`, which follows, tells requests to authenticate again once the
+        // clients are in place too.)
         tsa.tls.store(Some(Arc::new(acceptor)));
-        tsa.credential_reloads
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(
             event = "tls_certificate_reloaded",
             "the HTTPS listener's certificate, key, client CAs and CRLs reloaded; new connections use them"

@@ -191,8 +191,14 @@ fn next_update_s(crl: &rustls::pki_types::CertificateRevocationListDer<'_>) -> O
 /// certificate directly.
 #[derive(Default)]
 pub struct Issuers {
-    /// Each CA's subject (DER) and its verifier.
-    cas: Vec<(Vec<u8>, Arc<dyn ClientCertVerifier>)>,
+    cas: Vec<ClientCa>,
+}
+
+/// A client CA: its subject and public key (DER), and a verifier that trusts it alone.
+struct ClientCa {
+    subject: Vec<u8>,
+    key: Vec<u8>,
+    verifier: Arc<dyn ClientCertVerifier>,
 }
 
 impl Issuers {
@@ -202,17 +208,35 @@ impl Issuers {
         provider: &Arc<rustls::crypto::CryptoProvider>,
     ) -> anyhow::Result<()> {
         use der::{Decode, Encode};
-        let subject = x509_cert::Certificate::from_der(ca)?
-            .tbs_certificate()
-            .subject()
-            .to_der()?;
+        let certificate = x509_cert::Certificate::from_der(ca)?;
+        let tbs = certificate.tbs_certificate();
+        let subject = tbs.subject().to_der()?;
+        let key = tbs.subject_public_key_info().to_der()?;
+        // A client is named by its CA's name (certificate_issuer): CAs that share one are one
+        // issuer to it, whichever of their keys signed.
+        if self
+            .cas
+            .iter()
+            .any(|ca| ca.subject == subject && ca.key != key)
+        {
+            tracing::warn!(
+                ca = %tbs.subject(),
+                "two client CAs have this name and different keys: a client configured by \
+                 certificate_issuer and certificate_subject takes a certificate from either \
+                 (give each CA its own name, unless it is one CA's new key)"
+            );
+        }
         let mut alone = RootCertStore::empty();
         alone.add(ca.clone())?;
         let verifier =
             WebPkiClientVerifier::builder_with_provider(Arc::new(alone), provider.clone())
                 .allow_unauthenticated()
                 .build()?;
-        self.cas.push((subject, verifier));
+        self.cas.push(ClientCa {
+            subject,
+            key,
+            verifier,
+        });
         Ok(())
     }
 
@@ -227,9 +251,10 @@ impl Issuers {
         else {
             return false;
         };
-        self.cas.iter().any(|(subject, verifier)| {
-            *subject == issuer
-                && verifier
+        self.cas.iter().any(|ca| {
+            ca.subject == issuer
+                && ca
+                    .verifier
                     .verify_client_cert(leaf, &[], UnixTime::now())
                     .is_ok()
         })
