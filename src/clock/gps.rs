@@ -63,6 +63,12 @@ const MAX_REPORT_AGE_NS: u64 = 5 * NS_PER_S;
 /// PPS preferred over TOFF, TOFF over TPV, while the better one came within this.
 const PREFER_NS: u64 = 3 * NS_PER_S;
 
+/// The earliest UTC a receiver may name (2020-01-01T00:00:00Z). A receiver with the GPS
+/// week-number rollover bug names dates 1024 weeks (about 19.6 years) back, which would still
+/// pass for a measured offset of the local clock: its fixes count as none (this floor catches
+/// them until 2039).
+pub(crate) const EARLIEST_UTC_NS: i64 = 1_577_836_800 * NS_PER_S as i64;
+
 /// A sample for a time read from a serial line: the time `utc` of a second, whose report
 /// arrived at local time `at`. The report comes after the second it names, by up to
 /// `max_lag` (10 to 700 ms for serial GPS time), never before, so UTC − local at `at` lies in
@@ -196,6 +202,9 @@ impl Lines {
 struct Report {
     class: String,
     mode: Option<i64>,
+    /// TPV's fix status (gpsd 3.19+): 5 dead reckoning, 6 GNSS with dead reckoning, 8
+    /// simulated; absent in older gpsd, where a 3D fix is a GNSS one.
+    status: Option<i64>,
     time: Option<String>,
     leapseconds: Option<i64>,
     real_sec: Option<i64>,
@@ -235,6 +244,11 @@ pub struct GpsdTracker {
     last_pps: Option<u64>,
     last_toff: Option<u64>,
     liveness: Liveness,
+    /// The wall clock's offset from the local clock as read with each line and tick (local
+    /// time, offset), back over the oldest report taken: a pulse is placed with the offset
+    /// of its report's arrival, so a step of the wall clock between the two (not a slew)
+    /// would move it by the whole step.
+    walls: std::collections::VecDeque<(u64, i64)>,
 }
 
 impl GpsdTracker {
@@ -248,7 +262,35 @@ impl GpsdTracker {
             last_pps: None,
             last_toff: None,
             liveness: Liveness::new(now),
+            walls: std::collections::VecDeque::new(),
         }
+    }
+
+    /// The wall clock's offset from the local clock at local time `now` (each tick).
+    pub fn wall(&mut self, now: u64, wall_offset: i64) {
+        self.walls.push_back((now, wall_offset));
+        // Back over the oldest report taken, and a tick before it.
+        let keep_from = now.saturating_sub(MAX_REPORT_AGE_NS + TICK.as_nanos() as u64);
+        while self.walls.len() > 1 && self.walls[1].0 <= keep_from {
+            self.walls.pop_front();
+        }
+    }
+
+    /// Whether the wall clock moved, between local time `at` and `now` (when it is
+    /// `wall_offset` ahead), more than a slew can: by the reading at or before `at` (else the
+    /// oldest one kept).
+    fn stepped_since(&self, at: u64, now: u64, wall_offset: i64) -> bool {
+        let base = self
+            .walls
+            .iter()
+            .rev()
+            .find(|(t, _)| *t <= at)
+            .or(self.walls.front());
+        let Some(&(then, offset)) = base else {
+            return false;
+        };
+        let slewed = (now.saturating_sub(then) as f64 * MAX_SLEW_RATE).ceil() as i64;
+        (wall_offset - offset).abs() > slewed + 1_000_000
     }
 
     pub fn trusted(&self) -> bool {
@@ -266,12 +308,14 @@ impl GpsdTracker {
         let Ok(report) = serde_json::from_str::<Report>(line) else {
             return Output::Nothing;
         };
-        match report.class.as_str() {
+        let out = match report.class.as_str() {
             "TPV" => self.tpv(&report, now),
             "PPS" => self.pulse(&report, now, wall_offset, true),
             "TOFF" => self.pulse(&report, now, wall_offset, false),
             _ => Output::Nothing,
-        }
+        };
+        self.wall(now, wall_offset);
+        out
     }
 
     /// A timer tick at local time `now`: the untrusting and the misses of silence.
@@ -305,7 +349,20 @@ impl GpsdTracker {
     fn tpv(&mut self, report: &Report, now: u64) -> Output {
         self.liveness.heard(now);
         self.last_tpv = Some(now);
-        if report.mode != Some(3) || !valid_leap_seconds(report.leapseconds) {
+        // A fix of the sky's own: not dead reckoning, not a simulation (gpsfake, a receiver's
+        // test mode), as NMEA's modes E and S are refused.
+        let from_the_sky = !matches!(report.status, Some(5 | 6 | 8));
+        // (A time that does not parse is a miss below, as before: not a rollover's.)
+        let rolled_back = report
+            .time
+            .as_deref()
+            .and_then(parse_iso_time)
+            .is_some_and(|utc| utc < EARLIEST_UTC_NS);
+        if report.mode != Some(3)
+            || !from_the_sky
+            || rolled_back
+            || !valid_leap_seconds(report.leapseconds)
+        {
             self.fixes = 0;
             return Output::Missed;
         }
@@ -334,6 +391,9 @@ impl GpsdTracker {
         ) else {
             return Output::Nothing;
         };
+        if real < EARLIEST_UTC_NS {
+            return Output::Nothing;
+        }
         self.liveness.heard(now);
         if pps {
             self.last_pps = Some(now);
@@ -346,6 +406,10 @@ impl GpsdTracker {
         let Some(at) = clock.checked_sub(wall_offset) else {
             return Output::Nothing;
         };
+        // Stepped since the pulse (chronyd's makestep, `date -s`): its place is unknown.
+        if self.stepped_since(at.max(0) as u64, now, wall_offset) {
+            return Output::Nothing;
+        }
         let now = now as i64;
         // A pulse seen "after" its report by less than a millisecond is the rounding of the
         // two clock readings behind `wall_offset`: it is dated now.
@@ -532,6 +596,7 @@ async fn session(
             }
             _ = tick.tick() => {
                 let now = clock.now();
+                tracker.wall(now, clock.wall_offset());
                 send(tx, id, tracker.tick(now)).await?;
                 if now.saturating_sub(last_line) >= RECONNECT_AFTER_NS {
                     break "no report for 10 s".to_string();
@@ -590,9 +655,14 @@ mod tests {
 
     /// Three good TPVs, one a second from `T0`; returns the local time after them.
     fn trust(t: &mut GpsdTracker) -> u64 {
+        trust_with_wall(t, 0)
+    }
+
+    /// [`trust`], the wall clock `wall_offset` ahead of the local clock.
+    fn trust_with_wall(t: &mut GpsdTracker, wall_offset: i64) -> u64 {
         for i in 0..3 {
             let now = T0 + i * S;
-            let out = t.line(&tpv(3, now, Some(18)), now, 0);
+            let out = t.line(&tpv(3, now, Some(18)), now, wall_offset);
             if i < 2 {
                 assert_eq!(out, Output::Missed, "fix {i}");
                 assert!(!t.trusted());
@@ -658,13 +728,82 @@ mod tests {
         }
     }
 
+    /// A pulse's report placed by the wall clock's offset at its arrival: where the wall
+    /// clock was stepped between the pulse and the report, the pulse is not taken (it would
+    /// be off by the step, with a bound grown by the report's age only); after the step,
+    /// pulses are taken again. A slew within MAX_SLEW_RATE does not count as a step.
     #[test]
-    fn pps_is_preferred_with_its_precision_and_wall_offset() {
+    fn a_pulse_reported_across_a_step_of_the_wall_clock_is_not_taken() {
         let mut t = tracker();
         let now = trust(&mut t);
+        for k in 1..=4 {
+            t.wall(now + k * S / 4, 0);
+        }
+        // The pulse at now + 1 s (wall time the same: offset 0), reported 200 ms later, after
+        // the wall clock was stepped 400 ms forward.
+        let pulse_at = now + S;
+        t.wall(pulse_at - S / 8, 0);
+        let step = 400_000_000i64;
+        let report_at = pulse_at + 200_000_000;
+        let out = t.line(&pulse("PPS", pulse_at + 5_000, pulse_at), report_at, step);
+        assert_eq!(out, Output::Nothing);
+        // The next pulse, seen on the stepped wall clock: taken.
+        let next = pulse_at + S;
+        t.wall(next - S / 8, step);
+        let seen = next + step as u64;
+        let out = t.line(&pulse("PPS", next + 5_000, seen), next + 10_000_000, step);
+        let Output::Sample(s) = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(s.offset, 5_000);
+        // A slew of 1 ms over the next second: within what a daemon slews.
+        let later = next + S;
+        t.wall(later - S / 8, step);
+        let slewed = step + 1_000_000;
+        let seen = later + slewed as u64;
+        let out = t.line(&pulse("PPS", later, seen), later + 10_000_000, slewed);
+        assert!(matches!(out, Output::Sample(_)), "{out:?}");
+    }
+
+    /// A fix by dead reckoning or a simulation (gpsd's status 5, 6, 8) does not count.
+    #[test]
+    fn dead_reckoning_and_simulated_fixes_are_not_trusted() {
+        for status in [5, 6, 8] {
+            let mut t = tracker();
+            for i in 0..5 {
+                let now = T0 + i * S;
+                let line = tpv(3, now, Some(18))
+                    .replace("\"mode\":3", &format!("\"mode\":3,\"status\":{status}"));
+                assert!(line.contains("status"), "{line}");
+                assert_eq!(t.line(&line, now, 0), Output::Missed);
+                assert!(!t.trusted(), "status {status}");
+            }
+        }
+        // Nor one dated 1024 weeks back (the week-number rollover bug).
+        let mut t = tracker();
+        for i in 0..5 {
+            let now = T0 + i * S;
+            let named = now - 1024 * 7 * 86_400 * S;
+            assert_eq!(t.line(&tpv(3, named, Some(18)), now, 0), Output::Missed);
+            assert!(!t.trusted());
+        }
+        // Status 1 (a GPS fix) counts.
+        let mut t = tracker();
+        for i in 0..3 {
+            let now = T0 + i * S;
+            let line = tpv(3, now, Some(18)).replace("\"mode\":3", "\"mode\":3,\"status\":1");
+            t.line(&line, now, 0);
+        }
+        assert!(t.trusted());
+    }
+
+    #[test]
+    fn pps_is_preferred_with_its_precision_and_wall_offset() {
         // The wall clock is 2 s ahead of the local clock; the pulse was seen at wall time W,
         // 10 ms before the report arrived, and its true time is W + 300 ms.
         let wall_offset = 2 * S as i64;
+        let mut t = tracker();
+        let now = trust_with_wall(&mut t, wall_offset);
         let now = now + S;
         let seen_wall = now + 2 * S - 10_000_000;
         let out = t.line(

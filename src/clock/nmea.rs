@@ -35,8 +35,8 @@ use tokio::sync::mpsc;
 
 use super::discipline::Sample;
 use super::gps::{
-    send, serial_sample, wait_reporting, Lines, Liveness, Output, Stopped, MAX_BACKOFF,
-    MIN_BACKOFF, TRUST_AFTER,
+    send, serial_sample, wait_reporting, Lines, Liveness, Output, Stopped, EARLIEST_UTC_NS,
+    MAX_BACKOFF, MIN_BACKOFF, TRUST_AFTER,
 };
 use super::local::LocalClock;
 use super::service::SourceMessage;
@@ -218,10 +218,12 @@ impl NmeaTracker {
     /// One line, received at local time `now`.
     pub fn line(&mut self, line: &str, now: u64) -> Output {
         match parse(line) {
+            // A date before any this code can run at: the GPS week-number rollover bug
+            // (`EARLIEST_UTC_NS`), no fix.
             Ok(Sentence::Rmc {
                 utc: Some(utc),
                 fix: true,
-            }) => {
+            }) if utc >= EARLIEST_UTC_NS => {
                 self.liveness.heard(now);
                 if self.last_fix_utc.is_some_and(|last| utc <= last) {
                     // A receiver whose time repeats or goes back starts again.
@@ -577,6 +579,30 @@ mod tests {
                 "{body}"
             );
         }
+    }
+
+    /// A receiver with the GPS week-number rollover bug names dates 1024 weeks back: valid
+    /// sentences, a time that rises, and never trusted (its offset of 19.6 years would pass
+    /// for a measurement, and veto every other source).
+    #[test]
+    fn dates_of_the_week_number_rollover_are_no_fix() {
+        const ROLLOVER: u64 = 1024 * 7 * 86_400 * S;
+        let mut t = NmeaTracker::new(500_000_000, T0);
+        for i in 0..10 {
+            let local = T0 + i * S;
+            let named = local - ROLLOVER;
+            assert_eq!(
+                t.line(&rmc(named, "A"), local + 100_000_000),
+                Output::Missed
+            );
+            assert!(!t.trusted(), "fix {i}");
+        }
+        // The same receiver once it names today's date: trusted after three fixes.
+        for i in 0..3 {
+            let utc = T0 + (20 + i) * S;
+            t.line(&rmc(utc, "A"), utc + 100_000_000);
+        }
+        assert!(t.trusted());
     }
 
     #[test]
