@@ -40,6 +40,27 @@ fn synchronized_tsa(servers: &[NtpServer], extra: &str) -> common::Server {
     server
 }
 
+/// A datagram from another port of a server's address before each of its replies (a stray,
+/// or a spoofer who knows the address and not the port) does not end the poll: the client's
+/// socket takes datagrams from its server alone, and the clock synchronizes. (It read the
+/// first datagram and failed each poll on its address.)
+#[test]
+fn a_datagram_from_another_port_does_not_spoil_a_poll() {
+    let servers: Vec<NtpServer> = (0..3)
+        .map(|_| {
+            NtpServer::start(Behaviour {
+                stray_first: true,
+                ..Default::default()
+            })
+        })
+        .collect();
+    let server = synchronized_tsa(&servers, "");
+    let work = tempfile::tempdir().unwrap();
+    query(work.path());
+    let (response, _, _) = stamp(&server, work.path());
+    assert!(response.granted(), "{:?}", response.status_text);
+}
+
 /// The references say the time is 5 s later than this machine's clock: the TSA follows them,
 /// and genTime ± accuracy holds the references' time of the exchange.
 #[test]

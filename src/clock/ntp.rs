@@ -160,6 +160,9 @@ async fn exchange(server: &NtpServer, clock: LocalClock) -> Result<Sample, Failu
     // A fresh socket (and source port) per poll: a late reply to an earlier poll cannot be
     // taken for this one, and off-path spoofing has to guess the port.
     let socket = UdpSocket::bind(bind).await.map_err(Failure::Io)?;
+    // Connected: the kernel drops datagrams from any other address or port, which would
+    // otherwise be the one sntpc reads (it reads one) and end the poll as a failure.
+    socket.connect(server.addr).await.map_err(Failure::Io)?;
     let socket = sntpc_net_tokio::UdpSocketWrapper::from(socket);
     let context = NtpContext::new(LocalTimestamps { clock, now: 0 });
     let before = clock.now();

@@ -25,6 +25,9 @@ pub struct Behaviour {
     /// Claim to have held each request this long (receive timestamp this much before the
     /// transmit one): more than the exchange takes makes the reply inconsistent.
     pub held_ns: i64,
+    /// Before each reply, send the same datagram from another port (a stray, or a spoofing
+    /// attempt that got the address but not the port).
+    pub stray_first: bool,
 }
 
 impl Default for Behaviour {
@@ -37,6 +40,7 @@ impl Default for Behaviour {
             kod: None,
             silent: false,
             held_ns: 0,
+            stray_first: false,
         }
     }
 }
@@ -131,6 +135,11 @@ fn serve(
         reply[24..32].copy_from_slice(&buf[40..48]); // origin = the client's transmit time
         reply[32..40].copy_from_slice(&receive);
         reply[40..48].copy_from_slice(&ntp_timestamp(b.offset_ns));
+        if b.stray_first {
+            if let Ok(other) = UdpSocket::bind("127.0.0.1:0") {
+                let _ = other.send_to(&reply, peer);
+            }
+        }
         let _ = socket.send_to(&reply, peer);
     }
 }
