@@ -351,6 +351,9 @@ fn open(path: &Path) -> std::io::Result<AsyncFd<File>> {
             if libc::tcsetattr(fd, libc::TCSANOW, &t) != 0 {
                 tracing::warn!(device = %path.display(), error = %std::io::Error::last_os_error(), "cannot switch the NMEA device to raw mode");
             }
+            // What waited in the device's buffer before it was opened is old: stamped with
+            // the time of its read, it would look fresh.
+            libc::tcflush(fd, libc::TCIFLUSH);
         }
     }
     // SAFETY: the `File` owns its descriptor, which stays open and the same until the
