@@ -395,11 +395,6 @@ impl GpsdTracker {
             return Output::Nothing;
         }
         self.liveness.heard(now);
-        if pps {
-            self.last_pps = Some(now);
-        } else {
-            self.last_toff = Some(now);
-        }
         if !self.trusted() || (!pps && Self::recent(self.last_pps, now)) {
             return Output::Nothing;
         }
@@ -452,6 +447,13 @@ impl GpsdTracker {
         // A pulse dated decades away from the local clock is garbage, not a measurement.
         if !sample.is_plausible() {
             return Output::Nothing;
+        }
+        // Preferred over the serial time only while it gives samples: pulses refused (stale,
+        // across a step) leave TOFF and TPV to speak.
+        if pps {
+            self.last_pps = Some(now as u64);
+        } else {
+            self.last_toff = Some(now as u64);
         }
         Output::Sample(sample)
     }
@@ -762,6 +764,20 @@ mod tests {
         let slewed = step + 1_000_000;
         let seen = later + slewed as u64;
         let out = t.line(&pulse("PPS", later, seen), later + 10_000_000, slewed);
+        assert!(matches!(out, Output::Sample(_)), "{out:?}");
+    }
+
+    /// Pulses that are refused (here: reported 6 s after the pulse, past MAX_REPORT_AGE_NS)
+    /// do not keep TOFF from speaking: PPS is preferred while it gives samples (it silenced
+    /// TOFF and TPV for 3 s after each refused one).
+    #[test]
+    fn refused_pulses_leave_the_serial_time_its_say() {
+        let mut t = tracker();
+        let now = trust(&mut t) + S;
+        let stale = pulse("PPS", now - 6 * S, now - 6 * S);
+        assert_eq!(t.line(&stale, now, 0), Output::Nothing);
+        let toff = pulse("TOFF", now + S, now + S - 1_000_000);
+        let out = t.line(&toff, now + S, 0);
         assert!(matches!(out, Output::Sample(_)), "{out:?}");
     }
 

@@ -226,8 +226,10 @@ impl NmeaTracker {
             }) if utc >= EARLIEST_UTC_NS => {
                 self.liveness.heard(now);
                 if self.last_fix_utc.is_some_and(|last| utc <= last) {
-                    // A receiver whose time repeats or goes back starts again.
+                    // A receiver whose time repeats or goes back starts again, and its
+                    // samples from its new time on (not only once past the old one).
                     self.fixes = 0;
+                    self.last_sample_utc = None;
                 }
                 self.fixes = self.fixes.saturating_add(1);
                 self.last_fix_utc = Some(utc);
@@ -260,9 +262,10 @@ impl NmeaTracker {
         if self.last_sample_utc.is_some_and(|last| utc <= last) {
             return Output::Nothing;
         }
+        // A trusted receiver's time that is no measurement: a miss, not silence.
         let Some(sample) = serial_sample(utc, now, self.precision).filter(Sample::is_plausible)
         else {
-            return Output::Nothing;
+            return Output::Missed;
         };
         self.last_sample_utc = Some(utc);
         Output::Sample(sample)
@@ -284,6 +287,7 @@ impl NmeaTracker {
     pub fn disconnected(&mut self) {
         self.fixes = 0;
         self.last_fix_utc = None;
+        self.last_sample_utc = None;
         self.liveness.lost();
     }
 }
@@ -696,6 +700,19 @@ mod tests {
             t.line(&rmc(T0 + 3 * S, "A"), T0 + 3 * S),
             Output::Sample(_)
         ));
+        // Its time corrected a minute back (a leap-second count learnt after a cold start):
+        // trusted again after three fixes, and sampled from then on, not silent until its
+        // time passes the old one.
+        let local = T0 + 4 * S;
+        for i in 0..2 {
+            let out = t.line(&rmc(T0 - 60 * S + i * S, "A"), local + i * S);
+            assert_eq!(out, Output::Missed, "fix {i}");
+        }
+        let out = t.line(&rmc(T0 - 58 * S, "A"), local + 2 * S);
+        assert!(
+            matches!(out, Output::Sample(s) if s.offset < -60 * S as i64),
+            "{out:?}"
+        );
     }
 
     #[test]
