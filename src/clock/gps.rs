@@ -395,30 +395,55 @@ impl GpsdTracker {
             return Output::Nothing;
         }
         self.liveness.heard(now);
+        // Preferred over the serial time while its reports come (before trust too), but not
+        // one refused for its own fault (stale, across a step, implausible): that leaves TOFF
+        // and TPV to speak.
+        if pps {
+            self.last_pps = Some(now);
+        } else {
+            self.last_toff = Some(now);
+        }
         if !self.trusted() || (!pps && Self::recent(self.last_pps, now)) {
             return Output::Nothing;
         }
-        let Some(at) = clock.checked_sub(wall_offset) else {
-            return Output::Nothing;
-        };
+        match self.pulse_sample(real, clock, now, wall_offset, pps) {
+            Some(sample) => Output::Sample(sample),
+            None => {
+                match pps {
+                    true => self.last_pps = None,
+                    false => self.last_toff = None,
+                }
+                Output::Nothing
+            }
+        }
+    }
+
+    /// The sample of a pulse whose true time is `real` and whose wall-clock stamp is `clock`,
+    /// reported at local time `now`; `None` where it cannot be placed.
+    fn pulse_sample(
+        &self,
+        real: i64,
+        clock: i64,
+        now: u64,
+        wall_offset: i64,
+        pps: bool,
+    ) -> Option<Sample> {
+        let at = clock.checked_sub(wall_offset)?;
         // Stepped since the pulse (chronyd's makestep, `date -s`): its place is unknown.
         if self.stepped_since(at.max(0) as u64, now, wall_offset) {
-            return Output::Nothing;
+            return None;
         }
         let now = now as i64;
         // A pulse seen "after" its report by less than a millisecond is the rounding of the
         // two clock readings behind `wall_offset`: it is dated now.
         if at > now + 1_000_000 || now - at > MAX_REPORT_AGE_NS as i64 {
-            return Output::Nothing;
+            return None;
         }
-        let sample = if pps {
+        let mut sample = if pps {
             // The pulse marks the second itself: a symmetric interval of its precision.
-            let Some(offset) = real.checked_sub(at) else {
-                return Output::Nothing;
-            };
             Sample {
                 at: at.min(now) as u64,
-                offset,
+                offset: real.checked_sub(at)?,
                 delay: 0,
                 root_delay: 0,
                 root_dispersion: 0,
@@ -428,34 +453,20 @@ impl GpsdTracker {
             }
         } else {
             // TOFF: the second of a fix against the arrival of its first sentence.
-            match serial_sample(real, at as u64, self.serial_precision) {
-                Some(sample) => Sample {
-                    at: at.min(now) as u64,
-                    ..sample
-                },
-                None => return Output::Nothing,
+            Sample {
+                at: at.min(now) as u64,
+                ..serial_sample(real, at as u64, self.serial_precision)?
             }
         };
         // `at` is the pulse's wall-clock stamp moved by the wall clock's offset *now*: a daemon
         // slewing the wall clock since (at most `MAX_SLEW_RATE`) moved it by up to the report's
         // age times that, which the interval must hold.
-        let mut sample = sample;
         let age = now.saturating_sub(at).max(0) as f64;
         sample.precision = sample
             .precision
             .saturating_add((age * MAX_SLEW_RATE).ceil() as u64);
         // A pulse dated decades away from the local clock is garbage, not a measurement.
-        if !sample.is_plausible() {
-            return Output::Nothing;
-        }
-        // Preferred over the serial time only while it gives samples: pulses refused (stale,
-        // across a step) leave TOFF and TPV to speak.
-        if pps {
-            self.last_pps = Some(now as u64);
-        } else {
-            self.last_toff = Some(now as u64);
-        }
-        Output::Sample(sample)
+        sample.is_plausible().then_some(sample)
     }
 }
 
