@@ -76,14 +76,10 @@ fn main() -> std::process::ExitCode {
                 .chain()
                 .any(|c| c.is::<tsa::signer::pkcs11::pool::PinRefused>());
             let misconfigured = e.downcast_ref::<tsa::config::Misconfigured>().is_some();
-            match (pin_refused, misconfigured) {
-                (true, _) => {
-                    std::process::ExitCode::from(tsa::signer::pkcs11::pool::PinRefused::EXIT_STATUS)
-                }
-                (false, true) => {
-                    std::process::ExitCode::from(tsa::config::Misconfigured::EXIT_STATUS)
-                }
-                (false, false) => std::process::ExitCode::FAILURE,
+            // Both EX_CONFIG.
+            match pin_refused || misconfigured {
+                true => std::process::ExitCode::from(tsa::config::Misconfigured::EXIT_STATUS),
+                false => std::process::ExitCode::FAILURE,
             }
         }
     }

@@ -66,6 +66,14 @@ pub struct KernelState {
     pub offset_ns: i64,
 }
 
+impl KernelState {
+    /// Whether the kernel counts its clock unsynchronized (`STA_UNSYNC`, `TIME_ERROR`, or
+    /// `adjtimex` failed).
+    pub fn unsynchronized(&self) -> bool {
+        self.rc < 0 || self.rc == libc::TIME_ERROR || self.status & libc::STA_UNSYNC != 0
+    }
+}
+
 /// Where kernel readings come from: the real kernel, or a test.
 pub trait KernelApi: Send + Sync + 'static {
     fn state(&self) -> KernelState;
@@ -497,8 +505,7 @@ impl<A: KernelApi> KernelClock<A> {
         if state.rc == UNPAIRED {
             return Verdict::Unpaired;
         }
-        let unsynchronized =
-            state.rc < 0 || state.rc == libc::TIME_ERROR || state.status & libc::STA_UNSYNC != 0;
+        let unsynchronized = state.unsynchronized();
         let leap_pending = matches!(state.rc, libc::TIME_INS | libc::TIME_DEL | libc::TIME_WAIT)
             || state.status & (libc::STA_INS | libc::STA_DEL) != 0;
         if unsynchronized || state.max_error_us < 0 {

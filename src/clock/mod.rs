@@ -315,8 +315,8 @@ impl IssuingClock {
     }
 
     /// Whether a token could be issued now: what [`IssuingClock::now`] would refuse, without
-    /// taking a tick.
-    pub fn check(&self) -> Result<(), Refusal> {
+    /// taking a tick; the reading it judged.
+    pub fn check(&self) -> Result<Reading, Refusal> {
         // Read under the lock, as `now` does: a reading taken before it could be passed by
         // the tokens issued while this thread waited, and look like a step back.
         let last = self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
@@ -326,7 +326,7 @@ impl IssuingClock {
             Some(behind) if behind > MAX_WAIT_BACKWARDS.as_nanos() as u64 => {
                 Err(stepped_back(behind))
             }
-            _ => Ok(()),
+            _ => Ok(reading),
         }
     }
 

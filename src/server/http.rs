@@ -674,9 +674,8 @@ impl Denied {
             }
         };
         let (mut reply, outcome) = rejection(status, fail_info, reason);
-        let unauthenticated = status == StatusCode::UNAUTHORIZED;
         reply.headers_mut().insert(header, value);
-        if unauthenticated {
+        if status == StatusCode::UNAUTHORIZED {
             // Basic is taken too (`curl -u :KEY`): clients that send credentials only when
             // challenged for their scheme are told so.
             reply.headers_mut().append(

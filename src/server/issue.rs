@@ -667,9 +667,12 @@ impl Tsa {
     /// `token.min_certificate_validity_days` asks), the signer is healthy and its last
     /// signature did not fail.
     pub fn readiness(&self) -> Result<(), String> {
-        self.clock.check().map_err(|r| r.reason.into_owned())?;
+        let bound_ns = self
+            .clock
+            .check()
+            .map_err(|r| r.reason.into_owned())?
+            .bound_ns;
         let half_unit = self.issuing.load().template.precision().unit_ns() / 2;
-        let bound_ns = self.clock.reading().bound_ns;
         let declared_ns = self.clock.max_bound_ns();
         if bound_ns.saturating_add(half_unit) > declared_ns {
             return Err(format!(
@@ -721,29 +724,10 @@ impl Tsa {
     /// signer started with, `next` for the planned rollover's. Requests in flight finish with
     /// the version they started with.
     pub fn reload(&self, first: Issuing, next: Option<Issuing>) {
-        // Key events (EN 319 421): which certificate is in force from now on, named by its
-        // serial and hash (a renewed one keeps its subject), and whether it changed.
-        let certificate = &first.certificate;
-        tracing::info!(
-            event = "certificate_reloaded",
-            subject = %certificate.subject(),
-            serial = %certificate.serial_hex(),
-            certificate_sha256 = %certificate.sha256_hex(),
-            changed = self.issuing.load().certificate.der() != certificate.der(),
-            "configuration and certificate chain reloaded"
-        );
+        log_reloaded("first", &self.issuing.load(), &first);
         self.issuing.store(Arc::new(first));
         if let (Some(rollover), Some(next)) = (&self.rollover, next) {
-            let certificate = &next.certificate;
-            tracing::info!(
-                event = "certificate_reloaded",
-                signer = "rollover",
-                subject = %certificate.subject(),
-                serial = %certificate.serial_hex(),
-                certificate_sha256 = %certificate.sha256_hex(),
-                changed = rollover.issuing.load().certificate.der() != certificate.der(),
-                "the planned rollover key's certificate reloaded"
-            );
+            log_reloaded("rollover", &rollover.issuing.load(), &next);
             rollover.issuing.store(Arc::new(next));
         }
         if let Some(archive) = &self.archive {
@@ -855,6 +839,22 @@ fn log_rejection(rejection: &Rejection) {
             "request rejected"
         );
     }
+}
+
+/// A key event (EN 319 421) of a reload: the certificate of `signer` ("first", or the
+/// planned "rollover" key's) in force from now on, named by its serial and hash (a renewed
+/// one keeps its subject), and whether it changed from `was`'s.
+fn log_reloaded(signer: &str, was: &Issuing, now: &Issuing) {
+    let certificate = &now.certificate;
+    tracing::info!(
+        event = "certificate_reloaded",
+        signer,
+        subject = %certificate.subject(),
+        serial = %certificate.serial_hex(),
+        certificate_sha256 = %certificate.sha256_hex(),
+        changed = was.certificate.der() != certificate.der(),
+        "configuration and certificate chain reloaded"
+    );
 }
 
 /// What the clock's bound leaves of the declared accuracy for the signature, where it is a

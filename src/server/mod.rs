@@ -43,12 +43,12 @@ pub use issue::{Client, Issuing, Outcome, Rollover, Tsa};
 /// Call it inside a tokio runtime: the disciplined clock starts its tasks there.
 pub fn build(config: &Config) -> anyhow::Result<Tsa> {
     let signer = open_signer(&config.signer)?;
-    // What the configuration and its certificates decide is `Misconfigured`: refused at a
-    // start, it is refused at every one.
     let rollover_at_ns = match &config.rollover {
         Some(planned) => Some(planned.at_unix_ns()?),
         None => None,
     };
+    // What the configuration and its certificates decide is `Misconfigured`: refused at a
+    // start, it is refused at every one.
     let issuing = issuing(
         config,
         &config.signer,
@@ -84,10 +84,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
             // Honest about what stands behind it: the kernel's own view of the system clock.
             use crate::clock::kernel::{Adjtimex, KernelApi};
             let kernel = Adjtimex.state();
-            let unsynchronized = kernel.rc < 0
-                || kernel.rc == libc::TIME_ERROR
-                || kernel.status & libc::STA_UNSYNC != 0;
-            if unsynchronized {
+            if kernel.unsynchronized() {
                 tracing::warn!(
                     kernel_max_error_us = kernel.max_error_us,
                     "the kernel does not count the system clock synchronized (no time daemon \
@@ -114,13 +111,15 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         }
     };
 
-    // The lane of the signer in force at start: the rollover's from its instant on (the
-    // rollover task resizes it at the instant, from whatever size it has).
-    let blocking_lane = match &rollover {
-        Some(next) if crate::clock::system_unix_ns() >= next.at_ns => {
-            lane_for(next.signer.as_ref())
-        }
-        _ => lane_for(signer.as_ref()),
+    // The planned rollover, where its instant has passed: its key is in force from the start.
+    let in_force = rollover
+        .as_ref()
+        .filter(|next| crate::clock::system_unix_ns() >= next.at_ns);
+    // The lane of the signer in force at start (the rollover task resizes it at the instant,
+    // from whatever size it has).
+    let blocking_lane = match in_force {
+        Some(next) => lane_for(next.signer.as_ref()),
+        None => lane_for(signer.as_ref()),
     };
 
     let clock = IssuingClock::new(
@@ -128,12 +127,9 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         max_accuracy,
         Duration::from_nanos(config.token.precision.unit_ns().min(1_000)),
     );
-    // The key in force signs the archive's checkpoints from the start: the rollover's once
-    // its instant has passed (before the rollover task hands them over, the archive's opening
-    // would be signed by the old key, whose certificate may have expired since).
-    let in_force = rollover
-        .as_ref()
-        .filter(|next| crate::clock::system_unix_ns() >= next.at_ns);
+    // The key in force signs the archive's checkpoints from the start (before the rollover
+    // task hands them over, the archive's opening would be signed by the old key, whose
+    // certificate may have expired since).
     let archive = match (config.archive.enabled, in_force) {
         (false, _) => None,
         (true, Some(next)) => Some(Arc::new(open_archive(
