@@ -812,6 +812,35 @@ fn pruning_on_postgres_never_goes_past_the_last_signed_checkpoint() {
     assert_eq!(store.prune(0, u64::MAX).unwrap(), None, "nothing more");
 }
 
+#[test]
+fn pruning_on_postgres_signs_its_anchor_before_it_locks_the_instance() {
+    let cluster = pg::Cluster::start();
+    let (_dir, mut store) = new_archive(&cluster);
+    let records = chained(0, 10);
+    store.append(0, &records, &[]).unwrap();
+    store.add_checkpoint(&checkpoint_of(&records[9])).unwrap();
+    // While the anchor is signed (an HSM may take seconds), the instance's row is free: the
+    // server's commits and lease renewals do not wait for the signer.
+    let free = std::sync::Mutex::new(Vec::new());
+    let sign = |anchor: &tsa::archive::record::Anchor| {
+        let mut other = cluster.client("tsa");
+        let row = other.query(
+            "SELECT 1 FROM instances WHERE instance_id = 0 FOR UPDATE NOWAIT",
+            &[],
+        );
+        free.lock()
+            .unwrap()
+            .push((anchor.seq, row.map(|r| r.len())));
+        Ok(None)
+    };
+    let anchor = store.prune_signed(0, u64::MAX, &sign).unwrap().unwrap();
+    let free = free.into_inner().unwrap();
+    assert_eq!(free.len(), 1, "signed once");
+    assert_eq!(free[0].0, anchor.seq);
+    assert_eq!(free[0].1.as_ref().ok(), Some(&1), "{:?}", free[0].1);
+    assert_eq!(store.instance(0).unwrap().anchor, Some(anchor));
+}
+
 /// One imprint stamped 53 times by two instances, among look-alikes, with genTimes out of
 /// position order and equal across instances: a look-up answers the newest `limit` (the later
 /// genTime first, then the lower instance, then the later position) and counts every match;

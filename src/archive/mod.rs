@@ -1238,6 +1238,59 @@ mod tests {
     }
 
     #[test]
+    fn a_prune_signs_its_anchor_before_it_locks_the_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_of(sqlite::Layout::Rows, dir.path());
+        let records = records(10);
+        store.append(0, &records, &[]).unwrap();
+        store.add_checkpoint(&checkpoint_of(&records[9])).unwrap();
+        // While the anchor is signed (an HSM may take seconds), another process can write:
+        // the server's commits do not wait for the signer.
+        let database = dir.path().join("archive.sqlite");
+        let written = std::sync::Mutex::new(Vec::new());
+        let sign = |anchor: &record::Anchor| {
+            let other = rusqlite::Connection::open(&database).unwrap();
+            other.busy_timeout(Duration::ZERO).unwrap();
+            let wrote = other.execute_batch("BEGIN IMMEDIATE; COMMIT;").is_ok();
+            written.lock().unwrap().push((anchor.seq, wrote));
+            Ok(None)
+        };
+        let anchor = store.prune_signed(0, u64::MAX, &sign).unwrap().unwrap();
+        assert_eq!(anchor.seq, 3);
+        assert_eq!(*written.lock().unwrap(), [(3, true)]);
+    }
+
+    #[test]
+    fn a_prune_whose_cut_moved_while_it_signed_signs_the_new_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_of(sqlite::Layout::Rows, dir.path());
+        let records = records(10);
+        store.append(0, &records, &[]).unwrap();
+        store.add_checkpoint(&checkpoint_of(&records[9])).unwrap();
+        // A second prune (another process) takes the first step while the first one signs
+        // it: the first one then signs and stores the next step, never the anchor it signed
+        // first over records already gone.
+        let signed = std::sync::Mutex::new(Vec::new());
+        let sign = |anchor: &record::Anchor| {
+            let mut signed = signed.lock().unwrap();
+            if signed.is_empty() {
+                let mut other = store_of(sqlite::Layout::Rows, dir.path());
+                assert_eq!(other.prune(0, u64::MAX).unwrap().unwrap().seq, anchor.seq);
+            }
+            signed.push(anchor.seq);
+            Ok(None)
+        };
+        let anchor = store.prune_signed(0, u64::MAX, &sign).unwrap().unwrap();
+        assert_eq!(*signed.lock().unwrap(), [3, 6]);
+        assert_eq!(anchor.seq, 6);
+        let state = store.instance(0).unwrap();
+        assert_eq!(
+            state.anchor.map(|a| (a.seq, a.hash)),
+            Some((6, records[5].hash))
+        );
+    }
+
+    #[test]
     fn pruning_keeps_the_events_of_the_records_it_keeps() {
         for layout in [sqlite::Layout::Rows, sqlite::Layout::Log] {
             let dir = tempfile::tempdir().unwrap();

@@ -15,9 +15,9 @@ use super::record::{
 use super::serial::layout;
 use super::store::{
     checkpoint_columns, event_columns, events_read_start, migrate_from_1, migrated_from_1,
-    prune_events, schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState, Newest,
-    Rank, SignAnchor, StoreError, Visit, PRUNE_ROWS, RECORD_COLUMNS, RESIGN_CHECKPOINT,
-    SCHEMA_VERSION, SCHEMA_VERSION_1,
+    prune_events, prune_signed_unlocked, same_cut, schema, ArchiveStore, CertificateSets,
+    ImprintMatches, InstanceState, Newest, Pruned, Rank, SignAnchor, StoreError, Visit, PRUNE_ROWS,
+    RECORD_COLUMNS, RESIGN_CHECKPOINT, SCHEMA_VERSION, SCHEMA_VERSION_1,
 };
 
 pub struct SqliteStore {
@@ -958,93 +958,116 @@ impl ArchiveStore for SqliteStore {
         sign: &SignAnchor<'_>,
     ) -> Result<Option<Anchor>, StoreError> {
         let before_ns = before_ns.min(i64::MAX as u64);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        // The records before the first one that is not old enough (so the anchor is always
-        // the record right before the oldest one kept), and never past the last signed
-        // checkpoint: the anchor's hash is then one that a signed head reaches through the
-        // chain. Without a checkpoint nothing is pruned.
-        let first_kept: Option<u64> = tx.query_row(
-            "SELECT MIN(seq) FROM tokens WHERE instance_id = ?1 AND gen_time_ns >= ?2",
-            params![instance_id, before_ns],
-            |r| r.get(0),
-        )?;
-        let signed = last_checkpoint_seq(&tx, instance_id)?;
-        // A bounded step (`PRUNE_ROWS`) from the oldest record there.
-        let lowest: Option<u64> = tx.query_row(
-            "SELECT MIN(seq) FROM tokens WHERE instance_id = ?1",
-            [instance_id],
-            |r| r.get(0),
-        )?;
-        let step_end = lowest.map_or(0, |l| l.saturating_sub(1).saturating_add(PRUNE_ROWS));
-        let last: Option<(u64, Vec<u8>)> = match signed {
-            Some(signed) => tx
-                .query_row(
-                    "SELECT seq, hash FROM tokens WHERE instance_id = ?1 AND seq < ?2 \
-                     AND seq <= ?3 ORDER BY seq DESC LIMIT 1",
-                    params![
-                        instance_id,
-                        first_kept.unwrap_or(i64::MAX as u64),
-                        signed.min(step_end).min(i64::MAX as u64)
-                    ],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?,
-            None => None,
-        };
-        // Events go only where no record kept is as old: those explain the records (a sync
-        // lost, a key event) that stay unpruned past their checkpoint. And the last event of
-        // each kind before that stays: the key loaded, the clock's state, as the records kept
-        // were issued under them.
-        let kept_from = last.as_ref().map_or(0, |(seq, _)| *seq);
-        let oldest_kept: Option<u64> = tx.query_row(
-            "SELECT MIN(gen_time_ns) FROM tokens WHERE instance_id = ?1 AND seq > ?2",
-            params![instance_id, kept_from],
-            |r| r.get(0),
-        )?;
-        let events_before = oldest_kept.map_or(before_ns, |t| t.min(before_ns));
-        for sql in prune_events(|n| format!("?{n}")) {
-            tx.execute(&sql, params![instance_id, events_before])?;
-        }
-        let Some((seq, hash)) = last else {
-            tx.commit()?;
-            return Ok(None);
-        };
-        let (max_counter, max_gen): (u64, u64) = tx.query_row(
-            "SELECT MAX(counter), MAX(gen_time_ns) FROM tokens WHERE instance_id = ?1 AND seq <= ?2",
-            params![instance_id, seq],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        let previous = tx
-            .query_row(
-                "SELECT instance_id, seq, hash, max_counter, max_gen_time_ns, pruned_at_ns \
-                 FROM chain_anchors WHERE instance_id = ?1",
-                [instance_id],
-                read_anchor,
-            )
-            .optional()?;
-        let anchor = Anchor {
-            instance_id,
-            seq,
-            hash: hash_of(hash)?,
-            max_counter: max_counter.max(previous.map_or(0, |a| a.max_counter)),
-            max_gen_time_ns: max_gen.max(previous.map_or(0, |a| a.max_gen_time_ns)),
-            pruned_at_ns: now_ns(),
-        };
-        let signature = sign(&anchor).map_err(StoreError)?;
-        write_anchor(&tx, &anchor, signature.as_ref())?;
-        tx.execute(
-            "DELETE FROM tokens WHERE instance_id = ?1 AND seq <= ?2",
-            params![instance_id, seq],
-        )?;
-        tx.commit()?;
-        Ok(Some(anchor))
+        prune_signed_unlocked(
+            self,
+            sign,
+            // Read in one snapshot, which holds no lock (WAL).
+            |store| {
+                let snapshot = store.conn.transaction()?;
+                Ok(prune_plan(&snapshot, instance_id, before_ns)?.0)
+            },
+            |store, signed| {
+                let tx = store
+                    .conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let (found, events_before) = prune_plan(&tx, instance_id, before_ns)?;
+                if !same_cut(found.as_ref(), signed.map(|(anchor, _)| anchor)) {
+                    return Ok(Pruned::Moved(found));
+                }
+                for sql in prune_events(|n| format!("?{n}")) {
+                    tx.execute(&sql, params![instance_id, events_before])?;
+                }
+                if let Some((anchor, signature)) = signed {
+                    write_anchor(&tx, anchor, signature.as_ref())?;
+                    tx.execute(
+                        "DELETE FROM tokens WHERE instance_id = ?1 AND seq <= ?2",
+                        params![instance_id, anchor.seq],
+                    )?;
+                }
+                tx.commit()?;
+                Ok(Pruned::Done(signed.map(|(anchor, _)| *anchor)))
+            },
+        )
     }
 
     fn free_space(&self) -> Option<u64> {
         crate::files::free_space(crate::files::directory_of(&self.path))
     }
+}
+
+/// Where a prune of the instance's records before `before_ns` would cut: the anchor it would
+/// store (`None`: no record goes) and the time before which events go.
+///
+/// The records before the first one that is not old enough (so the anchor is always the
+/// record right before the oldest one kept), a bounded step (`PRUNE_ROWS`) from the oldest
+/// there, and never past the last signed checkpoint: the anchor's hash is then one that a
+/// signed head reaches through the chain. Without a checkpoint nothing is pruned. Events go
+/// only where no record kept is as old: those explain the records (a sync lost, a key event)
+/// that stay unpruned past their checkpoint.
+fn prune_plan(
+    conn: &Connection,
+    instance_id: u32,
+    before_ns: u64,
+) -> Result<(Option<Anchor>, u64), StoreError> {
+    let first_kept: Option<u64> = conn.query_row(
+        "SELECT MIN(seq) FROM tokens WHERE instance_id = ?1 AND gen_time_ns >= ?2",
+        params![instance_id, before_ns],
+        |r| r.get(0),
+    )?;
+    let signed = last_checkpoint_seq(conn, instance_id)?;
+    let lowest: Option<u64> = conn.query_row(
+        "SELECT MIN(seq) FROM tokens WHERE instance_id = ?1",
+        [instance_id],
+        |r| r.get(0),
+    )?;
+    let step_end = lowest.map_or(0, |l| l.saturating_sub(1).saturating_add(PRUNE_ROWS));
+    let last: Option<(u64, Vec<u8>)> = match signed {
+        Some(signed) => conn
+            .query_row(
+                "SELECT seq, hash FROM tokens WHERE instance_id = ?1 AND seq < ?2 \
+                 AND seq <= ?3 ORDER BY seq DESC LIMIT 1",
+                params![
+                    instance_id,
+                    first_kept.unwrap_or(i64::MAX as u64),
+                    signed.min(step_end).min(i64::MAX as u64)
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?,
+        None => None,
+    };
+    let kept_from = last.as_ref().map_or(0, |(seq, _)| *seq);
+    let oldest_kept: Option<u64> = conn.query_row(
+        "SELECT MIN(gen_time_ns) FROM tokens WHERE instance_id = ?1 AND seq > ?2",
+        params![instance_id, kept_from],
+        |r| r.get(0),
+    )?;
+    let events_before = oldest_kept.map_or(before_ns, |t| t.min(before_ns));
+    let Some((seq, hash)) = last else {
+        return Ok((None, events_before));
+    };
+    let (max_counter, max_gen): (u64, u64) = conn.query_row(
+        "SELECT MAX(counter), MAX(gen_time_ns) FROM tokens WHERE instance_id = ?1 AND seq <= ?2",
+        params![instance_id, seq],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let previous = conn
+        .query_row(
+            "SELECT instance_id, seq, hash, max_counter, max_gen_time_ns, pruned_at_ns \
+             FROM chain_anchors WHERE instance_id = ?1",
+            [instance_id],
+            read_anchor,
+        )
+        .optional()?;
+    let anchor = Anchor {
+        instance_id,
+        seq,
+        hash: hash_of(hash)?,
+        max_counter: max_counter.max(previous.map_or(0, |a| a.max_counter)),
+        max_gen_time_ns: max_gen.max(previous.map_or(0, |a| a.max_gen_time_ns)),
+        pruned_at_ns: now_ns(),
+    };
+    Ok((Some(anchor), events_before))
 }
 
 /// The position of the instance's last signed checkpoint, if it has one: pruning never goes

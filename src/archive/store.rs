@@ -90,6 +90,56 @@ pub const PRUNE_ROWS: u64 = 20_000;
 #[cfg(test)]
 pub const PRUNE_ROWS: u64 = 3;
 
+/// What a locked prune found ([`prune_signed_unlocked`]).
+pub(super) enum Pruned {
+    /// Done, as planned: the anchor stored, if any.
+    Done(Option<Anchor>),
+    /// Not done: the cut is no longer the one signed (another prune, a checkpoint, records
+    /// arrived); this is the anchor it would take now.
+    Moved(Option<Anchor>),
+}
+
+/// Rounds of [`prune_signed_unlocked`] before it gives up.
+const PRUNE_ROUNDS: usize = 4;
+
+/// A rows or PostgreSQL prune with its anchor signed while nothing is locked: a signer that is
+/// slow or hung (an HSM) must not hold the instance's commits (SQLite's write lock,
+/// PostgreSQL's instance row) for as long as it takes. `plan` reads the cut without a lock
+/// (the anchor it would store); `commit` locks, reads the cut again and prunes only when it is
+/// the one signed (the anchor's time apart), else answers the one it found to be signed in
+/// another round.
+pub(super) fn prune_signed_unlocked<S: ?Sized>(
+    store: &mut S,
+    sign: &SignAnchor<'_>,
+    plan: impl FnOnce(&mut S) -> Result<Option<Anchor>, StoreError>,
+    mut commit: impl FnMut(
+        &mut S,
+        Option<&(Anchor, Option<AnchorSignature>)>,
+    ) -> Result<Pruned, StoreError>,
+) -> Result<Option<Anchor>, StoreError> {
+    let mut planned = plan(store)?;
+    for _ in 0..PRUNE_ROUNDS {
+        let signed = match planned {
+            Some(anchor) => Some((anchor, sign(&anchor).map_err(StoreError)?)),
+            None => None,
+        };
+        match commit(store, signed.as_ref())? {
+            Pruned::Done(anchor) => return Ok(anchor),
+            Pruned::Moved(found) => planned = found,
+        }
+    }
+    Err(StoreError(format!(
+        "the instance's oldest records moved each time an anchor was signed for them \
+         ({PRUNE_ROUNDS} rounds: another prune at work?); nothing was pruned, try again"
+    )))
+}
+
+/// Whether two planned anchors cut at the same place (their times apart).
+pub(super) fn same_cut(a: Option<&Anchor>, b: Option<&Anchor>) -> bool {
+    let cut = |a: Option<&Anchor>| a.map(|a| (a.seq, a.hash, a.max_counter, a.max_gen_time_ns));
+    cut(a) == cut(b)
+}
+
 /// What follows the last record an instance's reads reach ([`ArchiveStore::unread_tail`]).
 #[derive(Debug, PartialEq, Eq)]
 pub enum UnreadTail {
@@ -351,8 +401,8 @@ pub trait ArchiveStore: Send {
     /// both `before_ns` and the oldest record kept, but the last of each kind, are emptied
     /// (their message and fields; they keep their place in the events' chain), or removed
     /// where stored unchained (schema 1). The new anchor is stored with its signature by
-    /// `sign` (in the same transaction: a signature that fails prunes nothing). Returns the
-    /// new anchor, `None` when no record was removed.
+    /// `sign`, which is asked before the instance is locked (a signature that fails prunes
+    /// nothing). Returns the new anchor, `None` when no record was removed.
     fn prune_signed(
         &mut self,
         instance_id: u32,

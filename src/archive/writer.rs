@@ -721,8 +721,8 @@ impl Writer {
         // retention keeps.
         let now = crate::clock::system_unix_ns().min(self.max_gen_time_ns);
         let before = now.saturating_sub(retention.as_nanos() as u64);
-        // The anchor signed in the prune's transaction: a signature that fails (an HSM busy)
-        // prunes nothing, and the next step tries again.
+        // The anchor signed before the prune locks the instance: a signature that fails (an
+        // HSM busy) prunes nothing, and the next step tries again.
         let sign = super::anchor_signer(&self.signer);
         match self.store.prune_signed(self.instance_id, before, &sign) {
             // An archive event too: records leaving the archive is one to keep.

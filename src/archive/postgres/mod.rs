@@ -30,9 +30,10 @@ use super::record::{
 use super::serial::layout;
 use super::store::{
     checkpoint_columns, event_columns, events_read_start, migrate_from_1, migrated_from_1,
-    prune_events, schema, ArchiveStore, CertificateSets, ImprintMatches, InstanceState, SignAnchor,
-    StoreError, Visit, IMPRINT_INDEX, IMPRINT_INDEX_CONCURRENTLY, OLD_IMPRINT_INDEX, PRUNE_ROWS,
-    RECORD_COLUMNS, RESIGN_CHECKPOINT, SCHEMA_VERSION, SCHEMA_VERSION_1,
+    prune_events, prune_signed_unlocked, same_cut, schema, ArchiveStore, CertificateSets,
+    ImprintMatches, InstanceState, Pruned, SignAnchor, StoreError, Visit, IMPRINT_INDEX,
+    IMPRINT_INDEX_CONCURRENTLY, OLD_IMPRINT_INDEX, PRUNE_ROWS, RECORD_COLUMNS, RESIGN_CHECKPOINT,
+    SCHEMA_VERSION, SCHEMA_VERSION_1,
 };
 use crate::config::ArchiveConfig;
 
@@ -433,6 +434,115 @@ fn read_anchor(row: &Row) -> Result<Anchor, StoreError> {
         max_gen_time_ns: u(row.try_get(4)?),
         pruned_at_ns: u(row.try_get(5)?),
     })
+}
+
+/// Where a prune of the instance's records before `before` (ns) would cut: the anchor it would
+/// store (`None`: no record goes) and the time before which events go.
+///
+/// The records before the first one that is not old enough (so the anchor is always the
+/// record right before the oldest one kept), a bounded step (`PRUNE_ROWS`) from the oldest
+/// there, and never past the last signed checkpoint (none: nothing is pruned), so that a
+/// signed head reaches the anchor through the chain. Events go only where no record kept is
+/// as old: those explain the records (a sync lost, a key event) that stay unpruned past their
+/// checkpoint.
+fn prune_plan(
+    c: &mut impl GenericClient,
+    instance_id: u32,
+    before: i64,
+) -> Result<(Option<Anchor>, i64), StoreError> {
+    let id = instance_id as i64;
+    let first_kept: Option<i64> = c
+        .query_one(
+            "SELECT MIN(seq) FROM tokens WHERE instance_id = $1 AND gen_time_ns >= $2",
+            &[&id, &before],
+        )?
+        .try_get(0)?;
+    let signed: Option<i64> = c
+        .query_one(
+            "SELECT MAX(seq) FROM checkpoints WHERE instance_id = $1",
+            &[&id],
+        )?
+        .try_get(0)?;
+    let lowest: Option<i64> = c
+        .query_one("SELECT MIN(seq) FROM tokens WHERE instance_id = $1", &[&id])?
+        .try_get(0)?;
+    let step_end = lowest.map_or(0, |l| {
+        (l - 1).saturating_add(i64::try_from(PRUNE_ROWS).unwrap_or(i64::MAX))
+    });
+    let last = match signed {
+        Some(signed) => c.query_opt(
+            "SELECT seq, hash FROM tokens WHERE instance_id = $1 AND seq < $2 \
+             AND seq <= $3 ORDER BY seq DESC LIMIT 1",
+            &[&id, &first_kept.unwrap_or(i64::MAX), &signed.min(step_end)],
+        )?,
+        None => None,
+    };
+    let kept_from: i64 = match &last {
+        Some(l) => l.try_get(0)?,
+        None => 0,
+    };
+    let oldest_kept: Option<i64> = c
+        .query_one(
+            "SELECT MIN(gen_time_ns) FROM tokens WHERE instance_id = $1 AND seq > $2",
+            &[&id, &kept_from],
+        )?
+        .try_get(0)?;
+    let events_before = oldest_kept.map_or(before, |t| t.min(before));
+    let Some(last) = last else {
+        return Ok((None, events_before));
+    };
+    let seq: i64 = last.try_get(0)?;
+    let hash = hash_of(last.try_get(1)?)?;
+    let row = c.query_one(
+        "SELECT MAX(counter), MAX(gen_time_ns) FROM tokens WHERE instance_id = $1 \
+         AND seq <= $2",
+        &[&id, &seq],
+    )?;
+    let (max_counter, max_gen): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    let previous = match c.query_opt(ANCHOR_SQL, &[&id])? {
+        Some(r) => Some(read_anchor(&r)?),
+        None => None,
+    };
+    let anchor = Anchor {
+        instance_id,
+        seq: u(seq),
+        hash,
+        max_counter: u(max_counter).max(previous.map_or(0, |a| a.max_counter)),
+        max_gen_time_ns: u(max_gen).max(previous.map_or(0, |a| a.max_gen_time_ns)),
+        pruned_at_ns: u(now_ns()),
+    };
+    Ok((Some(anchor), events_before))
+}
+
+/// Stores `anchor` as its instance's chain anchor (replacing the last one), with its
+/// signature.
+fn write_anchor(
+    c: &mut impl GenericClient,
+    anchor: &Anchor,
+    signed: Option<&AnchorSignature>,
+) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, \
+         max_gen_time_ns, pruned_at_ns, algorithm, signature, certificate) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         ON CONFLICT (instance_id) DO UPDATE SET seq = excluded.seq, \
+         hash = excluded.hash, max_counter = excluded.max_counter, \
+         max_gen_time_ns = excluded.max_gen_time_ns, \
+         pruned_at_ns = excluded.pruned_at_ns, algorithm = excluded.algorithm, \
+         signature = excluded.signature, certificate = excluded.certificate",
+        &[
+            &(anchor.instance_id as i64),
+            &i(anchor.seq),
+            &&anchor.hash[..],
+            &i(anchor.max_counter),
+            &i(anchor.max_gen_time_ns),
+            &i(anchor.pruned_at_ns),
+            &signed.map(|s| &s.algorithm),
+            &signed.map(|s| &s.signature),
+            &signed.map(|s| &s.certificate),
+        ],
+    )?;
+    Ok(())
 }
 
 /// A read-only transaction whose reads all see one snapshot of the database.
@@ -929,112 +1039,41 @@ impl ArchiveStore for PostgresStore {
         sign: &SignAnchor<'_>,
     ) -> Result<Option<Anchor>, StoreError> {
         let (id, before) = (instance_id as i64, i(before_ns));
-        self.run(move |s| {
-            let mut tx = s.client.transaction()?;
-            // One pruning of an instance at a time (the instance row is the lock).
-            tx.execute(
-                "SELECT 1 FROM instances WHERE instance_id = $1 FOR UPDATE",
-                &[&id],
-            )?;
-            let first_kept: Option<i64> = tx
-                .query_one(
-                    "SELECT MIN(seq) FROM tokens WHERE instance_id = $1 AND gen_time_ns >= $2",
-                    &[&id, &before],
-                )?
-                .try_get(0)?;
-            // Never past the last signed checkpoint (none: nothing is pruned), so that a
-            // signed head reaches the anchor through the chain.
-            let signed: Option<i64> = tx
-                .query_one(
-                    "SELECT MAX(seq) FROM checkpoints WHERE instance_id = $1",
-                    &[&id],
-                )?
-                .try_get(0)?;
-            // A bounded step (`PRUNE_ROWS`) from the oldest record there.
-            let lowest: Option<i64> = tx
-                .query_one("SELECT MIN(seq) FROM tokens WHERE instance_id = $1", &[&id])?
-                .try_get(0)?;
-            let step_end = lowest.map_or(0, |l| {
-                (l - 1).saturating_add(i64::try_from(PRUNE_ROWS).unwrap_or(i64::MAX))
-            });
-            let last = match signed {
-                Some(signed) => tx.query_opt(
-                    "SELECT seq, hash FROM tokens WHERE instance_id = $1 AND seq < $2 \
-                     AND seq <= $3 ORDER BY seq DESC LIMIT 1",
-                    &[&id, &first_kept.unwrap_or(i64::MAX), &signed.min(step_end)],
-                )?,
-                None => None,
-            };
-            // Events go only where no record kept is as old: those explain the records (a
-            // sync lost, a key event) that stay unpruned past their checkpoint. And the last
-            // event of each kind before that stays: the key loaded, the clock's state, as the
-            // records kept were issued under them.
-            let kept_from: i64 = match &last {
-                Some(l) => l.try_get(0)?,
-                None => 0,
-            };
-            let oldest_kept: Option<i64> = tx
-                .query_one(
-                    "SELECT MIN(gen_time_ns) FROM tokens WHERE instance_id = $1 AND seq > $2",
-                    &[&id, &kept_from],
-                )?
-                .try_get(0)?;
-            let events_before = oldest_kept.map_or(before, |t| t.min(before));
-            for sql in prune_events(|n| format!("${n}")) {
-                tx.execute(&sql, &[&id, &events_before])?;
-            }
-            let Some(last) = last else {
-                tx.commit()?;
-                return Ok(None);
-            };
-            let seq: i64 = last.try_get(0)?;
-            let hash = hash_of(last.try_get(1)?)?;
-            let row = tx.query_one(
-                "SELECT MAX(counter), MAX(gen_time_ns) FROM tokens WHERE instance_id = $1 \
-                 AND seq <= $2",
-                &[&id, &seq],
-            )?;
-            let (max_counter, max_gen): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-            let previous = match tx.query_opt(ANCHOR_SQL, &[&id])? {
-                Some(r) => Some(read_anchor(&r)?),
-                None => None,
-            };
-            let anchor = Anchor {
-                instance_id,
-                seq: u(seq),
-                hash,
-                max_counter: u(max_counter).max(previous.map_or(0, |a| a.max_counter)),
-                max_gen_time_ns: u(max_gen).max(previous.map_or(0, |a| a.max_gen_time_ns)),
-                pruned_at_ns: u(now_ns()),
-            };
-            let signed = sign(&anchor).map_err(StoreError)?;
-            tx.execute(
-                "INSERT INTO chain_anchors (instance_id, seq, hash, max_counter, \
-                 max_gen_time_ns, pruned_at_ns, algorithm, signature, certificate) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                 ON CONFLICT (instance_id) DO UPDATE SET seq = excluded.seq, \
-                 hash = excluded.hash, max_counter = excluded.max_counter, \
-                 max_gen_time_ns = excluded.max_gen_time_ns, \
-                 pruned_at_ns = excluded.pruned_at_ns, algorithm = excluded.algorithm, \
-                 signature = excluded.signature, certificate = excluded.certificate",
-                &[
-                    &id,
-                    &seq,
-                    &&anchor.hash[..],
-                    &i(anchor.max_counter),
-                    &i(anchor.max_gen_time_ns),
-                    &i(anchor.pruned_at_ns),
-                    &signed.as_ref().map(|s| &s.algorithm),
-                    &signed.as_ref().map(|s| &s.signature),
-                    &signed.as_ref().map(|s| &s.certificate),
-                ],
-            )?;
-            tx.execute(
-                "DELETE FROM tokens WHERE instance_id = $1 AND seq <= $2",
-                &[&id, &seq],
-            )?;
-            tx.commit()?;
-            Ok(Some(anchor))
-        })
+        prune_signed_unlocked(
+            self,
+            sign,
+            |store| {
+                store.run(move |s| {
+                    let mut snapshot = snapshot(&mut s.client)?;
+                    Ok(prune_plan(&mut snapshot, instance_id, before)?.0)
+                })
+            },
+            |store, signed| {
+                store.run(move |s| {
+                    let mut tx = s.client.transaction()?;
+                    // One pruning of an instance at a time (the instance row is the lock).
+                    tx.execute(
+                        "SELECT 1 FROM instances WHERE instance_id = $1 FOR UPDATE",
+                        &[&id],
+                    )?;
+                    let (found, events_before) = prune_plan(&mut tx, instance_id, before)?;
+                    if !same_cut(found.as_ref(), signed.map(|(anchor, _)| anchor)) {
+                        return Ok(Pruned::Moved(found));
+                    }
+                    for sql in prune_events(|n| format!("${n}")) {
+                        tx.execute(&sql, &[&id, &events_before])?;
+                    }
+                    if let Some((anchor, signature)) = signed {
+                        write_anchor(&mut tx, anchor, signature.as_ref())?;
+                        tx.execute(
+                            "DELETE FROM tokens WHERE instance_id = $1 AND seq <= $2",
+                            &[&id, &i(anchor.seq)],
+                        )?;
+                    }
+                    tx.commit()?;
+                    Ok(Pruned::Done(signed.map(|(anchor, _)| *anchor)))
+                })
+            },
+        )
     }
 }
