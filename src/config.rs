@@ -1136,7 +1136,7 @@ impl Config {
                 client.name
             );
         }
-        self.digests()?;
+        let digests = self.digests()?;
         let (default, accepted) = self.policies()?;
         // ETSI EN 319 421 and EN 319 422: tokens under the baseline policy declare an accuracy
         // of 1 s or better. (The development clock's tokens carry the development policy.)
@@ -1149,6 +1149,17 @@ impl Config {
                 "clock.max_accuracy_ms = {} is over 1000: tokens under the ETSI baseline policy \
                  ({}) must declare an accuracy of 1 s or better",
                 self.clock.max_accuracy_ms,
+                oid::ETSI_BASELINE_POLICY
+            );
+        }
+        // A stamp of an MD5 or SHA-1 imprint binds no single document (collisions with a
+        // chosen prefix are made): ETSI TS 119 312 keeps neither for new signatures.
+        if let Some(broken) = digests.iter().find(|d| d.is_broken()).filter(|_| etsi) {
+            bail!(
+                "token.accepted_digests lists {}, whose collisions can be made: tokens under the \
+                 ETSI baseline policy ({}) do not stamp it (ETSI TS 119 312); accept it under a \
+                 policy of your own only",
+                broken.name(),
                 oid::ETSI_BASELINE_POLICY
             );
         }
@@ -1631,6 +1642,25 @@ mod tests {
         let own = format!("[clock]\nmax_accuracy_ms = 2000\n[policy]\ndefault = \"{other}\"\n");
         parse(&own).validate().unwrap();
         parse("[clock]\nsource = \"development\"\nmax_accuracy_ms = 2000\n")
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn the_etsi_policy_stamps_no_imprint_whose_collisions_can_be_made() {
+        let base = "[signer]\nkind = \"software\"\nkey = \"k\"\ncertificate = \"c\"\n";
+        let parse = |extra: &str| toml::from_str::<Config>(&format!("{base}{extra}")).unwrap();
+        let other = oid::DEVELOPMENT_POLICY;
+        for broken in ["md5", "sha1"] {
+            let digests = format!("[token]\naccepted_digests = [\"sha256\", \"{broken}\"]\n");
+            let error = parse(&digests).validate().unwrap_err().to_string();
+            assert!(error.contains(broken) && error.contains("ETSI"), "{error}");
+            // Under a policy of the operator's own, it is the operator's to accept.
+            parse(&format!("{digests}[policy]\ndefault = \"{other}\"\n"))
+                .validate()
+                .unwrap();
+        }
+        parse("[token]\naccepted_digests = [\"sha256\", \"sha224\"]\n")
             .validate()
             .unwrap();
     }

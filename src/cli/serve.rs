@@ -60,6 +60,15 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
              -verify`, `tsa verify`, Java and BouncyCastle take them"
         );
     }
+    // Refused at load under the ETSI policy; under the operator's own, said.
+    for digest in config.digests()?.iter().filter(|d| d.is_broken()) {
+        tracing::warn!(
+            digest = digest.name(),
+            "token.accepted_digests lists {}, whose collisions can be made: a token over such \
+             an imprint may be shown for another document than the one stamped",
+            digest.name()
+        );
+    }
     let served = runtime.block_on(async {
         let tsa = Arc::new(server::build(&config)?);
         // Installed before the server announces itself: a SIGHUP that came before the task's
