@@ -722,7 +722,7 @@ fn valid_at(cert: &Certificate, at: std::time::SystemTime) -> bool {
 
 /// A certificate that signed another on the signer's path: a CA (basicConstraints cA) whose
 /// key usage, if it has one, includes keyCertSign.
-fn check_issuing_ca(cert: &Certificate) -> anyhow::Result<()> {
+pub(crate) fn check_issuing_ca(cert: &Certificate) -> anyhow::Result<()> {
     let tbs = cert.tbs_certificate();
     // A version 1 root (no extensions at all) is taken as a CA where it is trusted, as
     // OpenSSL takes it.

@@ -136,9 +136,70 @@ impl TsuCertificate {
             );
         }
         self.check_profile()?;
+        self.check_chain(now)?;
         if now.is_some() {
             self.check_signing_key_usage()?;
             self.check_critical_extensions()?;
+        }
+        Ok(())
+    }
+
+    /// The chain as tokens (with certReq) and `GET /certs` hand it to verifiers: each of its
+    /// certificates issued the one before it (the TSU certificate first), by name and by
+    /// signature, as a CA whose key usage allows signing certificates, and, for a certificate
+    /// that signs from `now` on, is valid then. A wrong, misordered or expired intermediate
+    /// would be served with every token while verifiers could build no path.
+    fn check_chain(&self, now: Option<SystemTime>) -> anyhow::Result<()> {
+        use crate::client::verify::{check_issuing_ca, verify_signature};
+        let chain = self
+            .chain
+            .iter()
+            .map(|der| Ok((Certificate::from_der(der)?, &der[..])))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let below =
+            std::iter::once((&self.cert, &self.der[..])).chain(chain.iter().map(|(c, d)| (c, *d)));
+        for (i, ((cert, octets), (issuer, _))) in below.zip(&chain).enumerate() {
+            let (tbs, by) = (cert.tbs_certificate(), issuer.tbs_certificate());
+            let which = || format!("certificate {} of the TSU certificate's chain", i + 1);
+            if tbs.issuer() != by.subject() {
+                bail!(
+                    "{} ({}) did not issue {}, issued by {}: the chain follows the TSU \
+                     certificate up, each certificate the issuer of the one before it",
+                    which(),
+                    by.subject(),
+                    tbs.subject(),
+                    tbs.issuer()
+                );
+            }
+            verify_signature(
+                by.subject_public_key_info(),
+                cert.signature_algorithm(),
+                None,
+                tbs_octets(octets)?,
+                cert.signature().raw_bytes(),
+            )
+            .with_context(|| {
+                format!(
+                    "{} ({}) has the name of the issuer of {} but not its key",
+                    which(),
+                    by.subject(),
+                    tbs.subject()
+                )
+            })?;
+            check_issuing_ca(issuer).with_context(which)?;
+            let validity = by.validity();
+            if now.is_some_and(|now| {
+                now < validity.not_before.to_system_time()
+                    || now > validity.not_after.to_system_time()
+            }) {
+                bail!(
+                    "{} ({}) is not valid now (from {} to {}): verifiers build no path through it",
+                    which(),
+                    by.subject(),
+                    validity.not_before,
+                    validity.not_after
+                );
+            }
         }
         Ok(())
     }
@@ -273,6 +334,13 @@ pub fn read_pem_certificates(path: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
         .collect()
 }
 
+/// The octets of a certificate's tbsCertificate, as they are (what its issuer signed).
+fn tbs_octets(certificate: &[u8]) -> anyhow::Result<&[u8]> {
+    use der::{Reader, SliceReader};
+    let outer = der::asn1::AnyRef::from_der(certificate)?;
+    Ok(SliceReader::new(outer.value())?.tlv_bytes()?)
+}
+
 /// Refuses a certificate whose octets are not the DER of what they decode to (a `der` reading
 /// sorts a SET OF, such as a multi-valued RDN, that came unsorted): the names a token gives
 /// its signer (`sid`, ESS `issuerSerial`, `tsa`) are encoded from the decoded certificate and
@@ -387,6 +455,48 @@ mod tests {
         assert!(format!("{error:#}").contains("expired"), "{error:#}");
         // A certificate no longer used to sign (the first one after a rollover).
         assert!(certificate.check(&signer, None).is_ok());
+    }
+
+    #[test]
+    fn the_chain_must_issue_the_tsu_certificate_up_to_its_end() {
+        use crate::signer::software::{RsaPadding, SoftwareSigner};
+        let first = |pem: &str| {
+            Certificate::load_pem_chain(pem.as_bytes()).unwrap()[0]
+                .to_der()
+                .unwrap()
+        };
+        let (a, b) = (
+            crate::pki::DevPki::generate(crate::pki::KeyAlgorithm::P256).unwrap(),
+            crate::pki::DevPki::generate(crate::pki::KeyAlgorithm::P384).unwrap(),
+        );
+        let (tsu, ca, other_ca) = (
+            first(&a.tsu_cert_pem),
+            first(&a.ca_cert_pem),
+            first(&b.ca_cert_pem),
+        );
+        let key = der::pem::decode_vec(a.tsu_key_pem.as_bytes()).unwrap().1;
+        let signer = SoftwareSigner::from_pkcs8(&key, RsaPadding::Pkcs1).unwrap();
+        let check = |chain: Vec<Vec<u8>>, now| {
+            TsuCertificate::from_der(tsu.clone(), chain)
+                .unwrap()
+                .check(&signer, now)
+                .map_err(|e| format!("{e:#}"))
+        };
+        let now = Some(SystemTime::now());
+        check(vec![], now).unwrap();
+        check(vec![ca.clone()], now).unwrap();
+        // A root repeated issues itself.
+        check(vec![ca.clone(), ca.clone()], now).unwrap();
+        // Another CA of the same name (two development PKIs): its key did not sign.
+        let error = check(vec![other_ca.clone()], now).unwrap_err();
+        assert!(error.contains("not its key"), "{error}");
+        // Out of order, or a certificate that issued nothing here; also for a certificate
+        // no longer used to sign.
+        for chain in [vec![tsu.clone()], vec![ca.clone(), tsu.clone()]] {
+            let error = check(chain.clone(), now).unwrap_err();
+            assert!(error.contains("did not issue"), "{error}");
+            assert!(check(chain, None).is_err());
+        }
     }
 
     #[test]
