@@ -1358,6 +1358,100 @@ fn an_imported_key_is_flagged() {
     );
 }
 
+/// The configured key's id, in hex.
+fn key_id(d: &Path) -> String {
+    let config = std::fs::read_to_string(d.join("tsa.toml")).unwrap();
+    let line = config
+        .lines()
+        .find(|l| l.starts_with("key_id = "))
+        .expect("a key_id");
+    line["key_id = ".len()..].trim_matches('"').to_string()
+}
+
+/// `tsa hsm check`'s exit and its output.
+fn hsm_check(d: &Path) -> (bool, String) {
+    let out = common::run(
+        Command::new(TSA)
+            .args(["hsm", "check", "--config"])
+            .arg(d.join("tsa.toml")),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A private key deleted without its public key: `tsa hsm keygen` does not put a second
+/// public key beside the one left behind, and two public keys of the key's id that differ
+/// (one made beside it by another tool) are refused rather than one taken at the token's
+/// choice.
+#[test]
+fn a_public_key_left_behind_is_not_taken_for_the_new_keys() {
+    let dir = init_hsm(&["--algorithm", "p256"], "");
+    let d = dir.path();
+    let id = key_id(d);
+    pkcs11_tool(d, &["--delete-object", "--type", "privkey", "--id", &id]);
+    let out = common::run(
+        Command::new(TSA)
+            .args(["hsm", "keygen", "--algorithm", "p256", "--config"])
+            .arg(d.join("tsa.toml")),
+    );
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a key generated beside the public key left behind"
+    );
+    assert!(error.contains("public key with"), "{error}");
+
+    pkcs11_tool(
+        d,
+        &[
+            "--keypairgen",
+            "--key-type",
+            "EC:prime256v1",
+            "--label",
+            "tsa-tsu",
+            "--id",
+            &id,
+            "--usage-sign",
+        ],
+    );
+    let (ok, report) = hsm_check(d);
+    assert!(!ok, "{report}");
+    assert!(report.contains("public key objects with id"), "{report}");
+}
+
+/// A private key that asks for the PIN before each signature (CKA_ALWAYS_AUTHENTICATE) is
+/// refused by name, not by the module's CKR_USER_NOT_LOGGED_IN at the first signature.
+#[test]
+fn a_key_that_needs_the_pin_for_each_signature_is_refused_by_name() {
+    let dir = init_hsm(&["--algorithm", "p256"], "");
+    let d = dir.path();
+    let id = key_id(d);
+    for class in ["privkey", "pubkey"] {
+        pkcs11_tool(d, &["--delete-object", "--type", class, "--id", &id]);
+    }
+    pkcs11_tool(
+        d,
+        &[
+            "--keypairgen",
+            "--key-type",
+            "EC:prime256v1",
+            "--label",
+            "tsa-tsu",
+            "--id",
+            &id,
+            "--usage-sign",
+            "--always-auth",
+        ],
+    );
+    let (ok, report) = hsm_check(d);
+    assert!(!ok, "{report}");
+    assert!(report.contains("CKA_ALWAYS_AUTHENTICATE"), "{report}");
+}
+
 /// `config` with the line that starts with `start` replaced by `line`.
 fn replace_line(config: &str, start: &str, line: &str) -> String {
     config
@@ -1527,6 +1621,8 @@ struct FaultyModule {
     stall: PathBuf,
     drop_sessions: PathBuf,
     logins: PathBuf,
+    lose_key: PathBuf,
+    find_fails: PathBuf,
     softhsm: String,
     _tools: tempfile::TempDir,
 }
@@ -1555,13 +1651,15 @@ impl FaultyModule {
             stall: d.join("stall"),
             drop_sessions: d.join("drop-sessions"),
             logins: d.join("logins"),
+            lose_key: d.join("lose-key"),
+            find_fails: d.join("find-fails"),
             dir,
             softhsm,
             _tools: tools,
         }
     }
 
-    fn envs(&self) -> [(&str, &str); 4] {
+    fn envs(&self) -> [(&str, &str); 6] {
         [
             ("TSA_TEST_REAL_MODULE", self.softhsm.as_str()),
             ("TSA_TEST_STALL_FILE", self.stall.to_str().unwrap()),
@@ -1570,6 +1668,8 @@ impl FaultyModule {
                 self.drop_sessions.to_str().unwrap(),
             ),
             ("TSA_TEST_LOGINS", self.logins.to_str().unwrap()),
+            ("TSA_TEST_LOSE_KEY", self.lose_key.to_str().unwrap()),
+            ("TSA_TEST_FIND_FAILS", self.find_fails.to_str().unwrap()),
         ]
     }
 
@@ -1587,6 +1687,41 @@ impl FaultyModule {
         assert_eq!(status.code(), Some(75), "{log}");
         log
     }
+}
+
+/// A key handle gone stale, then the search for the key again failing in the module (an
+/// operation's error, not a lost session or token): the request is refused, and the signer
+/// stays up (no recovery, no login again) for the next one, which is granted.
+#[test]
+fn a_failed_search_for_a_stale_key_refuses_the_request_not_the_signer() {
+    let faulty = FaultyModule::init(&[], 60_000, "");
+    let server = HsmServer::start(faulty.dir.path(), &faulty.envs());
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    stamp_and_verify(&server, w, &["-sha256", "-cert"]);
+    let logins = faulty.logins();
+
+    std::fs::write(&faulty.find_fails, b"").unwrap();
+    std::fs::write(&faulty.lose_key, b"").unwrap();
+    let response = post(&server, w);
+    assert!(!faulty.lose_key.exists(), "the key handle was not lost");
+    assert!(!response.granted(), "granted with the key lost");
+    assert_eq!(
+        response.fail_bits,
+        vec![FailInfo::SystemFailure.bit() as usize],
+        "{:?}",
+        response.status_text
+    );
+    std::fs::remove_file(&faulty.find_fails).unwrap();
+    stamp_and_verify(&server, w, &["-sha256", "-cert"]);
+    let log = server.log();
+    assert!(log.contains("event=\"hsm_key_handle_invalid\""), "{log}");
+    assert!(log.contains("CKR_FUNCTION_FAILED"), "{log}");
+    assert!(!log.contains("event=\"hsm_session_lost\""), "{log}");
+    assert!(!log.contains("event=\"hsm_recovery_attempt\""), "{log}");
+    assert_eq!(faulty.logins(), logins, "logged in again: {log}");
+    let (code, text) = server.readiness();
+    assert_eq!(code, 200, "{text}\n{log}");
 }
 
 /// The PIN changed on the HSM's side while the TSA runs, then every session lost at once

@@ -9,7 +9,7 @@ use x509_cert::ext::pkix::{BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsag
 use x509_cert::Certificate;
 
 use super::Signer;
-use crate::alg::oid;
+use crate::alg::{oid, SignatureAlgorithm};
 
 /// The signing certificate and the chain that goes with it.
 pub struct TsuCertificate {
@@ -116,6 +116,28 @@ impl TsuCertificate {
                 spki.algorithm.oid,
                 signer.algorithm().name()
             );
+        }
+        // An EC point of the same length on another curve (brainpoolP256r1 beside P-256)
+        // would pass the comparison of the key's octets; verifiers would take the curve of the
+        // certificate, and every token would fail.
+        let curve = match signer.algorithm() {
+            SignatureAlgorithm::EcdsaP256Sha256 => Some(oid::SECP256R1),
+            SignatureAlgorithm::EcdsaP384Sha384 => Some(oid::SECP384R1),
+            _ => None,
+        };
+        if let Some(curve) = curve {
+            let named = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.decode_as::<der::asn1::ObjectIdentifier>().ok());
+            if named != Some(curve) {
+                bail!(
+                    "the certificate of {subject} names the curve {}, the key is {}",
+                    named.map_or("(none)".to_string(), |c| c.to_string()),
+                    signer.algorithm().name()
+                );
+            }
         }
 
         let validity = tbs.validity();
@@ -455,6 +477,34 @@ mod tests {
         assert!(format!("{error:#}").contains("expired"), "{error:#}");
         // A certificate no longer used to sign (the first one after a rollover).
         assert!(certificate.check(&signer, None).is_ok());
+    }
+
+    #[test]
+    fn the_certificate_must_name_the_keys_curve() {
+        use crate::signer::software::{RsaPadding, SoftwareSigner};
+        let pki = crate::pki::DevPki::generate(crate::pki::KeyAlgorithm::P256).unwrap();
+        let der = Certificate::load_pem_chain(pki.tsu_cert_pem.as_bytes()).unwrap()[0]
+            .to_der()
+            .unwrap();
+        let key = der::pem::decode_vec(pki.tsu_key_pem.as_bytes()).unwrap().1;
+        let signer = SoftwareSigner::from_pkcs8(&key, RsaPadding::Pkcs1).unwrap();
+        // prime256v1 (1.2.840.10045.3.1.7) made prime192v1 (…3.1.1): the same point.
+        let p256 = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+        let at = der.windows(p256.len()).position(|w| w == p256).unwrap();
+        let mut other = der.clone();
+        other[at + p256.len() - 1] = 0x01;
+        let check = |der: Vec<u8>| {
+            TsuCertificate::from_der(der, Vec::new())
+                .unwrap()
+                .check(&signer, Some(SystemTime::now()))
+                .map_err(|e| format!("{e:#}"))
+        };
+        check(der).unwrap();
+        let error = check(other).unwrap_err();
+        assert!(
+            error.contains("names the curve 1.2.840.10045.3.1.1"),
+            "{error}"
+        );
     }
 
     #[test]

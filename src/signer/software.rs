@@ -40,11 +40,15 @@ impl SoftwareSigner {
         let cannot_read = || format!("cannot read the signing key {}", path.display());
         let mut file = std::fs::File::open(path).with_context(cannot_read)?;
         crate::files::ensure_private(&file, &format_args!("the signing key {}", path.display()))?;
-        let mut bytes = Vec::new();
+        // The key's copies read here are wiped when dropped (aws-lc keeps its own), the
+        // buffer sized once so that no copy is left behind by its growth.
+        let size = file.metadata().map_or(0, |m| m.len() as usize);
+        let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(size.saturating_add(1)));
         file.read_to_end(&mut bytes).with_context(cannot_read)?;
         let der = if bytes.starts_with(b"-----BEGIN") {
             let (label, der) = der::pem::decode_vec(&bytes)
                 .with_context(|| format!("{} is not a PEM file", path.display()))?;
+            let der = zeroize::Zeroizing::new(der);
             if label != "PRIVATE KEY" {
                 bail!(
                     "{} holds a PEM '{label}'; the TSA needs an unencrypted PKCS#8 'PRIVATE KEY'",

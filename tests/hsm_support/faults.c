@@ -5,7 +5,11 @@
  * - a C_Sign that finds the file named by TSA_TEST_DROP_SESSIONS removes it and first closes
  *   every session of the slot last opened (C_CloseAllSessions, which logs the application
  *   out): an HSM that lost its sessions, as a restarted one does;
- * - each C_Login appends a line to the file named by TSA_TEST_LOGINS.
+ * - each C_Login appends a line to the file named by TSA_TEST_LOGINS;
+ * - a C_SignInit that finds the file named by TSA_TEST_LOSE_KEY removes it and answers
+ *   CKR_KEY_HANDLE_INVALID: a key handle gone stale;
+ * - C_FindObjectsInit answers CKR_FUNCTION_FAILED while the file named by
+ *   TSA_TEST_FIND_FAILS exists: a search that fails in the module.
  * cryptoki copies the function list once, at load, so only C_GetFunctionList is exported (no
  * C_GetInterface).
  *
@@ -21,10 +25,14 @@
 #define C_OPEN_SESSION 12
 #define C_CLOSE_ALL_SESSIONS 14
 #define C_LOGIN 18
+#define C_FIND_OBJECTS_INIT 26
+#define C_SIGN_INIT 42
 #define C_SIGN 43
 #define CKR_OK 0UL
 #define CKR_GENERAL_ERROR 5UL
+#define CKR_FUNCTION_FAILED 6UL
 #define CKR_ARGUMENTS_BAD 7UL
+#define CKR_KEY_HANDLE_INVALID 0x60UL
 
 typedef unsigned long ck_ulong;
 
@@ -40,6 +48,8 @@ typedef ck_ulong (*open_session_fn)(ck_ulong slot, ck_ulong flags, void *applica
 typedef ck_ulong (*close_all_sessions_fn)(ck_ulong slot);
 typedef ck_ulong (*login_fn)(ck_ulong session, ck_ulong user_type, unsigned char *pin,
                              ck_ulong pin_len);
+typedef ck_ulong (*sign_init_fn)(ck_ulong session, void *mechanism, ck_ulong key);
+typedef ck_ulong (*find_objects_init_fn)(ck_ulong session, void *template, ck_ulong count);
 typedef ck_ulong (*get_function_list_fn)(struct function_list **list);
 
 static struct function_list list;
@@ -47,6 +57,8 @@ static sign_fn real_sign;
 static open_session_fn real_open_session;
 static close_all_sessions_fn real_close_all_sessions;
 static login_fn real_login;
+static sign_init_fn real_sign_init;
+static find_objects_init_fn real_find_objects_init;
 static volatile ck_ulong last_slot;
 
 static ck_ulong stalling_sign(ck_ulong session, unsigned char *data, ck_ulong data_len,
@@ -81,6 +93,22 @@ static ck_ulong counted_login(ck_ulong session, ck_ulong user_type, unsigned cha
     return real_login(session, user_type, pin, pin_len);
 }
 
+static ck_ulong key_losing_sign_init(ck_ulong session, void *mechanism, ck_ulong key) {
+    const char *lose = getenv("TSA_TEST_LOSE_KEY");
+    if (lose != NULL && unlink(lose) == 0) {
+        return CKR_KEY_HANDLE_INVALID;
+    }
+    return real_sign_init(session, mechanism, key);
+}
+
+static ck_ulong failing_find_objects_init(ck_ulong session, void *template, ck_ulong count) {
+    const char *fails = getenv("TSA_TEST_FIND_FAILS");
+    if (fails != NULL && access(fails, F_OK) == 0) {
+        return CKR_FUNCTION_FAILED;
+    }
+    return real_find_objects_init(session, template, count);
+}
+
 ck_ulong C_GetFunctionList(struct function_list **out) {
     if (out == NULL) {
         return CKR_ARGUMENTS_BAD;
@@ -105,6 +133,10 @@ ck_ulong C_GetFunctionList(struct function_list **out) {
         real_close_all_sessions = (close_all_sessions_fn)list.functions[C_CLOSE_ALL_SESSIONS];
         real_login = (login_fn)list.functions[C_LOGIN];
         list.functions[C_LOGIN] = (void (*)(void))counted_login;
+        real_sign_init = (sign_init_fn)list.functions[C_SIGN_INIT];
+        list.functions[C_SIGN_INIT] = (void (*)(void))key_losing_sign_init;
+        real_find_objects_init = (find_objects_init_fn)list.functions[C_FIND_OBJECTS_INIT];
+        list.functions[C_FIND_OBJECTS_INIT] = (void (*)(void))failing_find_objects_init;
     }
     *out = &list;
     return CKR_OK;

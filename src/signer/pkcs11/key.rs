@@ -161,7 +161,7 @@ impl std::fmt::Display for KeySelector {
 }
 
 impl KeySelector {
-    fn template(&self, class: ObjectClass) -> Vec<Attribute> {
+    pub(super) fn template(&self, class: ObjectClass) -> Vec<Attribute> {
         let mut template = vec![Attribute::Class(class)];
         if let Some(label) = &self.label {
             template.push(Attribute::Label(label.as_bytes().to_vec()));
@@ -279,6 +279,7 @@ pub fn read_key_info(session: &Session, key: ObjectHandle) -> anyhow::Result<Key
                 AttributeType::EcParams,
                 AttributeType::Modulus,
                 AttributeType::PublicExponent,
+                AttributeType::AlwaysAuthenticate,
             ],
         )
         .context("cannot read the private key's attributes")?;
@@ -304,15 +305,28 @@ pub fn read_key_info(session: &Session, key: ObjectHandle) -> anyhow::Result<Key
             Attribute::EcParams(p) => ec_params = Some(p),
             Attribute::Modulus(m) => modulus = Some(m),
             Attribute::PublicExponent(e) => exponent = Some(e),
+            Attribute::AlwaysAuthenticate(true) => bail!(
+                "the private key '{label}' needs the PIN again before each signature \
+                 (CKA_ALWAYS_AUTHENTICATE), which a server signing thousands of tokens a \
+                 second does not give: generate the TSU key without it"
+            ),
             _ => {}
         }
     }
     if protection.sign == Some(false) {
         bail!("the private key '{label}' does not allow signing (CKA_SIGN is false)");
     }
-    let public = KeySelector {
-        label: (!label.is_empty()).then(|| label.clone()),
-        id: (!id.is_empty()).then(|| id.clone()),
+    // The public key object goes with the private key by CKA_ID (the PKCS#11 convention:
+    // labels of a pair may differ), by label where the key has no id.
+    let public = match id.is_empty() {
+        false => KeySelector {
+            label: None,
+            id: Some(id.clone()),
+        },
+        true => KeySelector {
+            label: (!label.is_empty()).then(|| label.clone()),
+            id: None,
+        },
     };
     let (kind, public_key) = match key_type {
         Some(t) if t == KeyType::EC => {
@@ -368,7 +382,9 @@ pub fn read_key_info(session: &Session, key: ObjectHandle) -> anyhow::Result<Key
     })
 }
 
-/// An attribute of the public key object that goes with the private key.
+/// An attribute of the public key object that goes with the private key. Public key objects
+/// of `selector` that disagree on it are refused: which one a token finds first is its own
+/// choice (a public key left behind by a key pair whose private key was deleted, say).
 fn public_attribute(
     session: &Session,
     selector: &KeySelector,
@@ -377,19 +393,27 @@ fn public_attribute(
     if selector.label.is_none() && selector.id.is_none() {
         return Ok(None);
     }
+    let mut value = None;
     let found = session.find_objects(&selector.template(ObjectClass::PUBLIC_KEY))?;
     for object in found {
         for attr in session.get_attributes(object, &[attribute])? {
-            match attr {
+            let this = match attr {
                 Attribute::EcParams(v)
                 | Attribute::EcPoint(v)
                 | Attribute::Modulus(v)
-                | Attribute::PublicExponent(v) => return Ok(Some(v)),
-                _ => {}
+                | Attribute::PublicExponent(v) => v,
+                _ => continue,
+            };
+            if value.as_ref().is_some_and(|v| *v != this) {
+                anyhow::bail!(
+                    "the token holds public key objects with {selector} that differ ({attribute}): \
+                     which one goes with the private key is not known; delete the stale one"
+                );
             }
+            value = Some(this);
         }
     }
-    Ok(None)
+    Ok(value)
 }
 
 fn curve(params: &[u8]) -> anyhow::Result<KeyKind> {

@@ -1015,6 +1015,19 @@ impl Pool {
                         }
                         Err(e) => e,
                     },
+                    // A search that failed as an operation does (not a session, login or
+                    // token lost): this request is refused, the signer stays up, and the
+                    // next signature finds the key again if its handle is still stale.
+                    Err(FindError::Token(e)) if classify(&e) == Fault::Operation => {
+                        self.release(pooled);
+                        return Err(SignError::Failed(format!(
+                            "{} ({}), and the key could not be searched for again: {} ({})",
+                            ckr(&error),
+                            function(&error),
+                            ckr(&e),
+                            function(&e)
+                        )));
+                    }
                     Err(FindError::Token(e)) => e,
                     Err(other) => {
                         self.release(pooled);

@@ -155,7 +155,7 @@ pub fn open_session(
 
 /// Generates a key pair on the token: the private key sensitive, never extractable, for
 /// signing only, private; the public key a token object for verifying, with the same label
-/// and id. Refuses when a private key with that label or id exists already.
+/// and id. Refuses when a private or public key with that label or id exists already.
 pub fn generate_key_pair(
     session: &Session,
     kind: KeyKind,
@@ -178,6 +178,17 @@ pub fn generate_key_pair(
             Ok(_) | Err(key::FindError::Ambiguous(_)) => {
                 bail!("the token holds a private key with {selector} already")
             }
+        }
+        // A public key left behind (its private key deleted) would stand beside the new one
+        // with the same label or id, and either could be taken for the pair's.
+        let public = session
+            .find_objects(&selector.template(ObjectClass::PUBLIC_KEY))
+            .map_err(|e| anyhow::anyhow!("cannot search the token: {}", ckr(&e)))?;
+        if !public.is_empty() {
+            bail!(
+                "the token holds a public key with {selector} already (its private key \
+                 deleted?): delete it first"
+            );
         }
     }
     let common = |class: ObjectClass| {
