@@ -908,8 +908,8 @@ impl Discipline {
                 );
                 true
             }
-            // A step: the step guard holds it (an independent reference outside the
-            // survivors keeps the rounds from confirming it).
+            // A step: the step guard holds it (an independent reference that contradicts
+            // it keeps anything from confirming it).
             Some(model) => !self.is_step(&model, now, offset, bound),
         }
     }
@@ -966,8 +966,12 @@ impl Discipline {
         let pending = match self.pending.filter(|p| now.saturating_sub(p.at) <= max_age) {
             Some(p) if answered_since(p.at) < needed => p,
             Some(p) => {
-                let drift = ((phi + model.freq_unc) * (now - p.at) as f64) as u64;
-                let same = offset.abs_diff(p.offset)
+                // The offset moves by the oscillator's frequency between rounds (the raw
+                // clock is never corrected): 3.2 ms a 16 s poll at 200 ppm.
+                let elapsed = (now - p.at) as f64;
+                let expected = p.offset.saturating_add((model.freq * elapsed) as i64);
+                let drift = ((phi + model.freq_unc) * elapsed) as u64;
+                let same = offset.abs_diff(expected)
                     <= p.bound.saturating_add(bound).saturating_add(drift);
                 PendingStep {
                     offset,
@@ -989,14 +993,19 @@ impl Discipline {
         let rounds = pending.rounds;
         self.pending = Some(pending);
         let independent = |i: &Interval| self.sources[i.source].spec.independent;
-        let confirmed_by = if survivors.iter().any(independent) {
+        // A reachable independent reference whose interval does not meet the stepped offset
+        // (`offset ± bound`), too far for the selection or not, contradicts the step: nothing
+        // confirms it then. One that meets it (it moved too) contradicts nothing.
+        let reach = i64::try_from(bound).unwrap_or(i64::MAX);
+        let (low, high) = (offset.saturating_sub(reach), offset.saturating_add(reach));
+        let contradicted = intervals
+            .iter()
+            .any(|i| independent(i) && (i.high() < low || i.low() > high));
+        let confirmed_by = if contradicted {
+            None
+        } else if survivors.iter().any(independent) {
             Some("an independent reference")
-        } else if new_round
-            && rounds >= self.config.step_confirm_rounds
-            && !intervals
-                .iter()
-                .any(|i| independent(i) && !survivors.iter().any(|s| s.source == i.source))
-        {
+        } else if new_round && rounds >= self.config.step_confirm_rounds {
             Some("persistence over the confirmation rounds")
         } else {
             None

@@ -641,6 +641,81 @@ fn a_too_far_independent_reference_still_vetoes_a_step() {
     assert_eq!(run.state(), SyncState::Unsynchronized);
 }
 
+/// An independent reference too wide for the declared accuracy, which agrees with a real step
+/// (it moved too), does not keep the rounds from confirming it: it contradicts nothing.
+#[test]
+fn a_too_far_independent_reference_that_agrees_lets_a_step_be_confirmed() {
+    let mut wide_gps = gps(0);
+    wide_gps.root_dispersion = 400_000_000;
+    let config = DisciplineConfig {
+        declared_accuracy_ns: Some(300_000_000),
+        ..DisciplineConfig::default()
+    };
+    let sims = vec![
+        honest(0),
+        honest(100),
+        honest(-100),
+        honest(50),
+        honest(-50),
+        wide_gps,
+    ];
+    let mut run = Run::with(sims, config, 0.0);
+    run.rounds(10);
+    assert_eq!(run.selections()[5], Selection::TooFar);
+    run.truth.offset0 += 2_000_000_000;
+    run.rounds(8);
+    assert!(run.accepted_a_step(), "{:?}", run.events);
+    assert_eq!(run.state(), SyncState::Synchronized);
+}
+
+/// A real step on a clock whose oscillator is 200 ppm off (a VM's, an uncalibrated crystal):
+/// the offsets of the confirmation rounds move by the frequency the model knows, 3.2 ms a
+/// poll, and the rounds still count as the same step.
+#[test]
+fn a_step_is_confirmed_on_a_fast_oscillator() {
+    let mut run = Run::with(
+        vec![
+            honest(0),
+            honest(100),
+            honest(-100),
+            honest(50),
+            honest(-50),
+        ],
+        DisciplineConfig::default(),
+        200e-6,
+    );
+    run.rounds(20);
+    run.check = false;
+    run.truth.offset0 += 2_000_000_000;
+    run.rounds(8);
+    assert!(run.accepted_a_step(), "{:?}", run.events);
+    assert_eq!(run.state(), SyncState::Synchronized);
+}
+
+/// An independent reference among the survivors confirms a step at once, unless another one
+/// that is reachable contradicts it.
+#[test]
+fn a_step_one_independent_reference_confirms_and_another_contradicts_waits() {
+    let mut wide_nmea = gps(0);
+    wide_nmea.root_dispersion = 150_000_000;
+    let mut run = Run::new(vec![
+        honest(0),
+        honest(100),
+        honest(-100),
+        wide_nmea,
+        honest(50),
+        gps(0),
+    ]);
+    run.rounds(5);
+    // The servers and the wide receiver step; the precise one stays.
+    run.first_three_lie_by(2_000_000_000);
+    run.sims[3].lie = 2_000_000_000;
+    run.sims[4].lie = 2_000_000_000;
+    run.check = false;
+    run.round();
+    assert!(!run.accepted_a_step(), "{:?}", run.events);
+}
+
 #[test]
 fn a_step_that_goes_away_is_abandoned() {
     let mut run = five_honest();
