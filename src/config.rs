@@ -224,6 +224,19 @@ pub struct ServerConfig {
     /// New connections an address may open at once before the rate holds it; 0: one second's
     /// worth (at least 1); at most [`MAX_NEW_CONNECTIONS_BURST`].
     pub new_connections_per_address_burst: u32,
+    /// Failed authentications (a wrong or malformed API key) one client address may make per
+    /// second, after a burst of `auth_failures_per_address_burst`; past it, requests from that
+    /// address that carry an `Authorization` header are answered 429 with `Retry-After`,
+    /// their key not looked at, until the address has regained a failure. A key made by `tsa
+    /// client new-key` (256 random bits) cannot be guessed anyway; a hash of a weaker one,
+    /// configured by hand, could be guessed online without this. Addresses are counted as
+    /// there (an IPv6 /64 is one). 0 (the default): no limit, as a balancer in front needs
+    /// (every client's failures would count against the balancer's address, and one client
+    /// with a wrong key would lock the others out).
+    pub auth_failures_per_address_per_s: f64,
+    /// Failed authentications an address may make at once before the rate holds it; 0: one
+    /// second's worth (at least 1); at most [`MAX_NEW_CONNECTIONS_BURST`].
+    pub auth_failures_per_address_burst: u32,
     /// Open connections of the admin listener, counted apart from `max_connections`; past it
     /// a new one gets the same fixed 503. Its descriptors come from those kept beside
     /// `max_connections`, hence at most [`MAX_ADMIN_CONNECTIONS`].
@@ -263,6 +276,8 @@ impl Default for ServerConfig {
             max_connections_per_address: 0,
             new_connections_per_address_per_s: 0.0,
             new_connections_per_address_burst: 0,
+            auth_failures_per_address_per_s: 0.0,
+            auth_failures_per_address_burst: 0,
             admin_max_connections: 16,
             admin_hosts: Vec::new(),
             max_requests_per_connection: 10_000,
@@ -1092,6 +1107,26 @@ impl Config {
                  is 0 (no limit): set the rate too, or remove the burst"
             );
         }
+        let failures = self.server.auth_failures_per_address_per_s;
+        if !(failures == 0.0 || (failures.is_finite() && failures >= 0.001)) {
+            bail!(
+                "server.auth_failures_per_address_per_s must be 0 (no limit) or at least 0.001 \
+                 (one failure in 1000 s)"
+            );
+        }
+        if failures == 0.0 && self.server.auth_failures_per_address_burst > 0 {
+            bail!(
+                "server.auth_failures_per_address_burst is set, but \
+                 auth_failures_per_address_per_s is 0 (no limit): set the rate too, or remove \
+                 the burst"
+            );
+        }
+        if self.server.auth_failures_per_address_burst > MAX_NEW_CONNECTIONS_BURST {
+            bail!(
+                "server.auth_failures_per_address_burst must be at most \
+                 {MAX_NEW_CONNECTIONS_BURST} (0: one second's worth)"
+            );
+        }
         if self.server.new_connections_per_address_burst > MAX_NEW_CONNECTIONS_BURST {
             bail!(
                 "server.new_connections_per_address_burst must be at most \
@@ -1644,6 +1679,29 @@ mod tests {
         parse("[clock]\nsource = \"development\"\nmax_accuracy_ms = 2000\n")
             .validate()
             .unwrap();
+    }
+
+    #[test]
+    fn failed_authentications_per_address_are_a_rate_and_a_burst() {
+        let base = "[signer]\nkind = \"software\"\nkey = \"k\"\ncertificate = \"c\"\n";
+        let parse = |extra: &str| toml::from_str::<Config>(&format!("{base}{extra}")).unwrap();
+        let server = |lines: &str| parse(&format!("[server]\n{lines}")).validate();
+        server("auth_failures_per_address_per_s = 0.1\nauth_failures_per_address_burst = 20\n")
+            .unwrap();
+        server("auth_failures_per_address_per_s = 0.001\n").unwrap();
+        for refused in [
+            "auth_failures_per_address_per_s = 0.0005\n",
+            "auth_failures_per_address_per_s = -1\n",
+            "auth_failures_per_address_per_s = nan\n",
+            "auth_failures_per_address_burst = 5\n",
+            "auth_failures_per_address_per_s = 1\nauth_failures_per_address_burst = 100001\n",
+        ] {
+            let error = server(refused).unwrap_err().to_string();
+            assert!(
+                error.contains("auth_failures_per_address"),
+                "{refused}: {error}"
+            );
+        }
     }
 
     #[test]

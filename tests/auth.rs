@@ -1070,6 +1070,63 @@ fn quotas_answer_429_with_retry_after_and_recover() {
     post(&server.url, &q, &["-H", &alice_auth]).granted();
 }
 
+/// With `auth_failures_per_address_*`, an address that made its failed authentications gets
+/// 429 for any request with an `Authorization` header, a right key's too (which is not looked
+/// at: an online guesser learns nothing), until it may fail once more; requests without one
+/// are not held.
+#[test]
+fn an_address_past_its_failed_authentications_is_refused_before_its_key_is_looked_at() {
+    let dir = init(&[]);
+    let (alice, alice_toml) = new_key("alice", &[]);
+    configure(
+        dir.path(),
+        &[(
+            "[server]\n",
+            "[server]\nauth_failures_per_address_per_s = 0.5\nauth_failures_per_address_burst = 3\n",
+        )],
+        &alice_toml,
+    );
+    let server = Server::serve(dir);
+    let d = server.dir.path();
+    let q = query(d, "failures");
+    let wrong = format!("Authorization: Bearer {}", "A".repeat(alice.len()));
+    let right = format!("Authorization: Bearer {alice}");
+    post(&server.url, &q, &["-H", &right]).granted();
+    for n in 0..3 {
+        let reply = post(&server.url, &q, &["-H", &wrong]);
+        assert_eq!(reply.status, 401, "failure {n}: {reply:?}");
+    }
+    for auth in [&wrong, &right] {
+        let reply = post(&server.url, &q, &["-H", auth]);
+        reply.refused(
+            429,
+            FailInfo::SystemFailure,
+            "too many failed authentications from this address",
+        );
+        let wait: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=2).contains(&wait), "{reply:?}");
+    }
+    // Without credentials (anonymous access is on), nothing to guess.
+    post(&server.url, &q, &[]).granted();
+    assert_eq!(
+        metric(
+            &server,
+            r#"tsa_auth_refusals_total{reason="address_failures"}"#
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &server,
+            r#"tsa_auth_refusals_total{reason="invalid_credentials"}"#
+        ),
+        Some(3.0)
+    );
+    // Once the address may fail again, its right key is taken.
+    std::thread::sleep(Duration::from_millis(2_100));
+    post(&server.url, &q, &["-H", &right]).granted();
+}
+
 /// A request of another media type (415) costs no token: anonymous callers share one bucket,
 /// which 415s would otherwise empty for nothing.
 #[test]

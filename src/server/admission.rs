@@ -542,6 +542,25 @@ impl ConnectionRate {
         Ok(())
     }
 
+    /// How long until `ip` may take one more from its bucket, where it may not now; nothing
+    /// is taken. (The same table counts failed authentications per address:
+    /// `server.auth_failures_per_address_per_s`, where [`ConnectionRate::admit`] takes a
+    /// failure and this tells whether the address has failures left.)
+    pub fn exhausted(&self, ip: IpAddr) -> Option<Duration> {
+        self.exhausted_at(ip, self.epoch.elapsed())
+    }
+
+    fn exhausted_at(&self, ip: IpAddr, now: Duration) -> Option<Duration> {
+        if self.interval_ns == 0 {
+            return None;
+        }
+        let now = nanos(now);
+        let table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let full_at = *table.full_at.get(&AddressKey::of(ip))?;
+        let ahead = full_at.saturating_sub(now);
+        (ahead > self.tolerance_ns).then(|| Duration::from_nanos(ahead - self.tolerance_ns))
+    }
+
     /// The answer to a connection refused on the plain listener.
     pub fn refusal(&self) -> &[u8] {
         &self.refusal
@@ -853,6 +872,30 @@ mod tests {
             assert!(rate.admit_at(ip(host), at(0)).is_ok());
         }
         assert!(rate.admit_at(ip("2001:db8::4"), at(0)).is_err());
+    }
+
+    #[test]
+    fn exhausted_tells_the_wait_for_one_more_and_takes_nothing() {
+        // One every two seconds (failed authentications), three at once.
+        let rate = ConnectionRate::new(0.5, 3);
+        let at = |ms: u64| Duration::from_millis(ms);
+        let a = ip("192.0.2.1");
+        assert_eq!(rate.exhausted_at(a, at(0)), None, "never seen");
+        for n in 0..3 {
+            assert_eq!(rate.exhausted_at(a, at(0)), None, "{n}");
+            assert!(rate.admit_at(a, at(0)).is_ok(), "{n}");
+        }
+        assert_eq!(rate.exhausted_at(a, at(500)), Some(at(1500)));
+        assert_eq!(
+            rate.exhausted_at(a, at(500)),
+            Some(at(1500)),
+            "nothing taken"
+        );
+        assert_eq!(rate.exhausted_at(ip("192.0.2.2"), at(500)), None);
+        assert_eq!(rate.exhausted_at(a, at(2000)), None);
+        assert!(rate.admit_at(a, at(2000)).is_ok());
+        assert_eq!(rate.exhausted_at(a, at(2000)), Some(at(2000)));
+        assert_eq!(ConnectionRate::new(0.0, 0).exhausted_at(a, at(0)), None);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! | any other method on `{path}`                        | 405, `Allow: POST` + DER rejection `badRequest` |
 //! | `POST {path}` without credentials, `[auth] anonymous = false` | 401, `WWW-Authenticate: Bearer realm="tsa"` and `Basic realm="tsa", charset="UTF-8"` + DER rejection `badRequest` |
 //! | `POST {path}` with a wrong API key, or a client certificate of no configured client (or one that the TLS configuration reloaded since its connection's handshake refuses) | 401 (also when anonymous access is on) + DER rejection `badRequest` |
+//! | `POST {path}` with an `Authorization` header, from an address that made `auth_failures_per_address_burst` failed authentications faster than `auth_failures_per_address_per_s` | 429, `Retry-After` (until it may fail once more) + DER rejection `systemFailure`, the key not looked at (0, the default: no limit) |
 //! | `POST {path}` over the client's quota               | 429, `Retry-After` (seconds) + DER rejection `systemFailure` |
 //! | an anonymous batch of more items than their burst (`auth.anonymous_burst`, or one second of `anonymous_rate_per_s` where it is 0) | 413 + DER rejection `badRequest` |
 //! | `POST {path}` while `max_queue` requests are admitted, and no place frees within `queue_wait_ms` | 503, `Retry-After: 1` + DER rejection `systemFailure` ([`super::admission`]) |
@@ -103,6 +104,9 @@ struct Limits {
 struct Connection {
     _slot: ConnectionSlot,
     address: AddressSlot,
+    /// The client's address (`None` for a stream without one): its failed authentications
+    /// are counted under it.
+    ip: Option<std::net::IpAddr>,
     served: AtomicU64,
     /// Shared with the connection's [`WriteTimeout`]: set while a batch's reply is sent.
     send_by: SendBy,
@@ -267,6 +271,7 @@ where
     let connection = Connection {
         _slot: slot,
         address: AddressSlot::uncounted(),
+        ip: None,
         served: AtomicU64::new(0),
         send_by: send_by.clone(),
         peer: Default::default(),
@@ -325,7 +330,7 @@ pub(super) async fn run(
                     }
                 };
                 let send_by = SendBy::default();
-                let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), send_by: send_by.clone(), peer: Default::default(), rechecked: AtomicU64::new(0), tls: None };
+                let connection = Connection { _slot: slot, address, ip: Some(from.ip()), served: AtomicU64::new(0), send_by: send_by.clone(), peer: Default::default(), rechecked: AtomicU64::new(0), tls: None };
                 let (tsa, limits) = (tsa.clone(), limits.clone());
                 let io = TokioIo::new(WriteTimeout::new(stream, limits.write_timeout, send_by));
                 spawn(serve_public(&builder, graceful.watcher(), io, tsa, limits, connection));
@@ -363,7 +368,7 @@ pub(super) async fn run(
                         return Ok(());
                     };
                     let tls = Some(std::sync::Mutex::new(tls));
-                    let connection = Connection { _slot: slot, address, served: AtomicU64::new(0), send_by, peer: arc_swap::ArcSwapOption::new(peer), rechecked: AtomicU64::new(0), tls };
+                    let connection = Connection { _slot: slot, address, ip: Some(from.ip()), served: AtomicU64::new(0), send_by, peer: arc_swap::ArcSwapOption::new(peer), rechecked: AtomicU64::new(0), tls };
                     serve_public(&builder, watcher, TokioIo::new(stream), tsa, limits, connection).await
                 });
             }
@@ -600,7 +605,7 @@ async fn public_route(
                 FailInfo::BadDataFormat,
                 "the request media type must be application/timestamp-query",
             ),
-            Method::POST => match authenticate(req.headers(), tsa, link)
+            Method::POST => match authenticate(req.headers(), tsa, link, connection.ip)
                 .and_then(|client| Ok((charge(tsa, &client, 1)?, client)))
             {
                 Ok((taken, client)) => {
@@ -641,6 +646,9 @@ enum Denied {
     Credentials(Refusal),
     /// How long until the quota holds the request.
     Quota(Duration),
+    /// How long until the address may fail to authenticate once more
+    /// (`server.auth_failures_per_address_per_s`).
+    AddressFailures(Duration),
 }
 
 impl Denied {
@@ -662,12 +670,15 @@ impl Denied {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static(r#"Bearer realm="tsa", error="invalid_token""#),
             ),
-            Denied::Quota(wait) => {
+            Denied::Quota(wait) | Denied::AddressFailures(wait) => {
                 let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                 (
                     StatusCode::TOO_MANY_REQUESTS,
                     FailInfo::SystemFailure,
-                    "request quota exceeded",
+                    match self {
+                        Denied::Quota(_) => "request quota exceeded",
+                        _ => "too many failed authentications from this address",
+                    },
                     header::RETRY_AFTER,
                     HeaderValue::from(seconds.max(1)),
                 )
@@ -689,20 +700,43 @@ impl Denied {
 
 /// The request's client ([`super::auth`]): from its `Authorization` header and the
 /// connection's verified client certificate.
-fn authenticate(headers: &hyper::HeaderMap, tsa: &Tsa, link: Link<'_>) -> Result<Client, Denied> {
+fn authenticate(
+    headers: &hyper::HeaderMap,
+    tsa: &Tsa,
+    link: Link<'_>,
+    ip: Option<std::net::IpAddr>,
+) -> Result<Client, Denied> {
     let mut authorization = headers.get_all(header::AUTHORIZATION).iter();
     let (first, second) = (authorization.next(), authorization.next());
-    authenticate_with(first, second.is_some(), tsa, link)
+    authenticate_with(first, second.is_some(), tsa, link, ip)
 }
 
 /// [`authenticate`] with the request's `Authorization` header (the first, and whether there
-/// were more).
+/// were more). A request with one, from an address that has made its failed
+/// authentications (`server.auth_failures_per_address_per_s`), is refused before its key is
+/// looked at; one whose header is refused counts as a failure of its address.
 fn authenticate_with(
     authorization: Option<&HeaderValue>,
     more: bool,
     tsa: &Tsa,
     link: Link<'_>,
+    ip: Option<std::net::IpAddr>,
 ) -> Result<Client, Denied> {
+    let failures = ip.filter(|_| authorization.is_some());
+    if let Some(wait) = failures.and_then(|ip| tsa.auth_failures.exhausted(ip)) {
+        static LOG: LogLimit = LogLimit::new();
+        if let Some(left_out) = LOG.allow() {
+            tracing::info!(
+                address = %admission::AddressKey::of(ip.expect("an address")),
+                left_out,
+                "request refused: its address made too many failed authentications \
+                 (server.auth_failures_per_address_per_s)"
+            );
+        }
+        tsa.metrics
+            .auth_refused(metrics::AuthRefusal::AddressFailures);
+        return Err(Denied::AddressFailures(wait));
+    }
     let authenticated = match more {
         // A proxy in front may have read the other one: who the client is must not depend
         // on which of them a reader takes.
@@ -725,6 +759,10 @@ fn authenticate_with(
                         left_out,
                         "request refused: invalid credentials"
                     );
+                }
+                if let Some(ip) = failures {
+                    // Taken, or refused when the table is full: the next request tells.
+                    let _ = tsa.auth_failures.admit(ip);
                 }
                 metrics::AuthRefusal::InvalidCredentials
             }
@@ -773,7 +811,7 @@ impl Credentials {
             certificate: peer.as_deref(),
             certificate_refused,
         };
-        match authenticate_with(self.authorization.as_ref(), false, tsa, link)? {
+        match authenticate_with(self.authorization.as_ref(), false, tsa, link, connection.ip)? {
             again if again.name == client.name => Ok(()),
             _ => {
                 static LOG: LogLimit = LogLimit::new();
@@ -862,7 +900,7 @@ async fn timestamp_batch(
         tsa.metrics.request(outcome, start.elapsed());
         reply
     };
-    let client = match authenticate(req.headers(), tsa, link) {
+    let client = match authenticate(req.headers(), tsa, link, connection.ip) {
         Ok(client) => client,
         Err(denied) => return refused(denied.answer()),
     };

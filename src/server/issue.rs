@@ -199,6 +199,8 @@ pub struct Tsa {
     /// New public connections per client address and second
     /// (`server.new_connections_per_address_per_s`).
     pub(super) connection_rate: super::admission::ConnectionRate,
+    /// Failed authentications per client address (`server.auth_failures_per_address_per_s`).
+    pub(super) auth_failures: super::admission::ConnectionRate,
     /// The clients of `[auth]` and their quotas; replaced whole on reload.
     pub(super) auth: ArcSwap<super::auth::Auth>,
     /// A planned change of key (`[rollover]`).

@@ -44,7 +44,7 @@ pub struct Metrics {
     /// Requests refused by client authentication and quotas, by reason; each series also
     /// held by itself (created at start, so that they read 0 before the first refusal).
     auth_refusals: Family<Labels, Counter>,
-    auth_refused: [Counter; 3],
+    auth_refused: [Counter; 4],
     /// The status page's history, sampled from these counters and the clock.
     pub(super) history: super::history::History,
 }
@@ -199,13 +199,17 @@ pub enum AuthRefusal {
     Unauthenticated = 0,
     InvalidCredentials = 1,
     Quota = 2,
+    /// The address made more failed authentications than `server.auth_failures_per_address_*`
+    /// allows.
+    AddressFailures = 3,
 }
 
 impl AuthRefusal {
-    const ALL: [AuthRefusal; 3] = [
+    const ALL: [AuthRefusal; 4] = [
         AuthRefusal::Unauthenticated,
         AuthRefusal::InvalidCredentials,
         AuthRefusal::Quota,
+        AuthRefusal::AddressFailures,
     ];
 
     fn name(self) -> &'static str {
@@ -213,6 +217,7 @@ impl AuthRefusal {
             AuthRefusal::Unauthenticated => "unauthenticated",
             AuthRefusal::InvalidCredentials => "invalid_credentials",
             AuthRefusal::Quota => "quota",
+            AuthRefusal::AddressFailures => "address_failures",
         }
     }
 }

@@ -179,6 +179,10 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
             config.server.new_connections_per_address_per_s,
             config.server.new_connections_per_address_burst,
         ),
+        auth_failures: admission::ConnectionRate::new(
+            config.server.auth_failures_per_address_per_s,
+            config.server.auth_failures_per_address_burst,
+        ),
         auth: ArcSwap::from_pointee(auth::Auth::new(&config.auth)?),
         rollover,
         tls: arc_swap::ArcSwapOption::empty(),
