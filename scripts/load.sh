@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Load test of `tsa serve` on loopback: the server pinned to one core, the load generator on
 # another, and the server's CPU time per token compared with the raw signing cost of the same
-# algorithm (`openssl speed`, single core).
+# algorithm: the signature as the server makes it (`tsa check --signatures`, aws-lc-rs, single
+# core), with `openssl speed`'s beside it for a comparison with OpenSSL-based TSAs.
 #
 #   ./scripts/load.sh                                  # ALG=p256, concurrency 1 8 32 128, 10 s each
 #   ALG=rsa2048 DURATION=5 CONCURRENCY="1 16" ./scripts/load.sh
@@ -34,7 +35,7 @@
 #                wrk with IMPRINTS=distinct
 #   SERVER_CPU   the core(s) `tsa serve` is pinned to, as taskset takes them ("0", "0-3")  (default 0)
 #   CLIENT_CPU   the core(s) the load generator is pinned to            (default 1)
-#   SPEED_SECONDS  seconds for `openssl speed`                       (default 3)
+#   SPEED_SECONDS  seconds for `openssl speed`, and about as long for `tsa check` (default 3)
 #   NO_BUILD=1   use target/release/tsa as it is
 #   TSA_BIN      measure this tsa binary instead (an earlier build, for a comparison)
 #   COMMIT_DELAY_US  the archive's [archive] commit_delay_us (group commit window)
@@ -202,6 +203,21 @@ sign_per_s=$(awk '
 [ -n "$sign_per_s" ] || die "cannot read sign/s from openssl speed:\n$speed_out"
 raw_sign_us=$(awk -v r="$sign_per_s" 'BEGIN { printf "%.2f", 1e6 / r }')
 echo "raw sign: $sign_per_s sign/s = $raw_sign_us µs per signature (OpenSSL $(openssl version | awk '{print $2}'))"
+openssl_sign_us=$raw_sign_us
+raw_source="openssl's"
+# The same signature as the server makes it (aws-lc-rs), on the server's core, for about as
+# long: what the server's CPU per token is compared with. (With HSM=1 the token's own rate is
+# measured below, and OpenSSL's software signature stays the CPU baseline.)
+if [ "${HSM:-0}" != 1 ]; then
+  "$TSA" init --dir "$work/state-raw" "${init_args[@]}" >/dev/null
+  raw_signatures=$(awk -v r="$sign_per_s" -v s="$SPEED_SECONDS" 'BEGIN { printf "%d", r * s + 100 }')
+  check_out=$(taskset -c "$SERVER_CPU" "$TSA" check --config "$work/state-raw/tsa.toml" \
+    --signatures "$raw_signatures" 2>&1) || die "tsa check failed:\n$check_out"
+  raw_sign_us=$(awk '/^rate:/ { print $(NF - 2) }' <<<"$check_out")
+  [ -n "$raw_sign_us" ] || die "cannot read the rate from tsa check:\n$check_out"
+  raw_source="the server's own (tsa check)"
+  echo "raw sign as the server signs (tsa check, aws-lc-rs, core $SERVER_CPU): $raw_sign_us µs per signature; OpenSSL's: $openssl_sign_us µs"
+fi
 
 # wrk: POST the request and check every reply's PKIStatus (granted = 0 or 1).
 cat >"$work/post.lua" <<'LUA'
@@ -598,8 +614,8 @@ fi
 echo
 echo "cpu_us/token: utime+stime of the server (tsa serve${OTHER:+, or OTHER}) per token: those its"
 echo "tsa_tokens_issued_total counted${OTHER:+ (OTHER: its HTTP 200 replies, with wrk those granted)}"
-echo "(CLK_TCK=$hz, so ±$((1000000 / hz)) µs over the run); cpu/raw_sign: that divided by openssl's"
-echo "$raw_sign_us µs per $speed_alg signature. core_busy: the share of the time the server's"
+echo "(CLK_TCK=$hz, so ±$((1000000 / hz)) µs over the run); cpu/raw_sign: that divided by $raw_source"
+echo "$raw_sign_us µs per $ALG signature (OpenSSL's: $openssl_sign_us µs). core_busy: the share of the time the server's"
 echo "cores ($SERVER_CPU) ran anything (/proc/stat): below 100 % they waited for the clients or for"
 echo "the archive's commits, and tokens/s is then set by latency, not by CPU."
 [ "$LOAD_TOOL" = oha ] && echo "bad_frac: replies that were no token by the server's count (oha does not read bodies)."

@@ -31,6 +31,9 @@ enum Command {
     Inspect(cli::inspect::InspectArgs),
     /// Show a running server's clock: state, offset, frequency, bound and sources.
     Clock(cli::clock::ClockArgs),
+    /// Check the configured signer as a start does (its key, certificate and chain), sign once,
+    /// and with --signatures time its raw signing rate.
+    Check(cli::check::CheckArgs),
     /// HSM keys through PKCS#11: SoftHSM2 tokens, key generation, CSRs, certificates, checks.
     Hsm(cli::hsm::HsmArgs),
     /// The token archive: verify its chains and checkpoints, look up, export, prune, events.
@@ -61,6 +64,7 @@ fn main() -> std::process::ExitCode {
         Command::Verify(args) => cli::verify::run(args),
         Command::Inspect(args) => cli::inspect::run(args),
         Command::Clock(args) => cli::clock::run(args),
+        Command::Check(args) => cli::check::run(args),
         Command::Hsm(args) => cli::hsm::run(args),
         Command::Archive(args) => cli::archive::run(args),
         Command::Client(args) => cli::client::run(args),

@@ -631,6 +631,54 @@ fn a_key_other_users_may_read_stops_the_start_for_good() {
     serve_once(d).unwrap_or_else(|e| panic!("the keys private again: {e}"));
 }
 
+/// A chain that did not issue the TSU certificate (another development CA of the same name)
+/// stops the start for good (exit 78), and `tsa check` says why; with its own CA's certificate
+/// the server starts, and `tsa check --signatures` times the signer.
+#[test]
+fn a_chain_that_did_not_issue_the_tsu_certificate_stops_the_start() {
+    let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let d = dir.path();
+    for state in [d, other.path()] {
+        ok(Command::new(common::TSA).args(["init", "--dir"]).arg(state));
+    }
+    let config = d.join("tsa.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let with_chain = |ca: &Path| {
+        let line = "certificate = \"tsa-cert.pem\"";
+        assert!(original.contains(line));
+        let chain = format!("{line}\nchain = [\"{}\"]", ca.display());
+        std::fs::write(&config, original.replace(line, &chain)).unwrap();
+    };
+    let check = |args: &[&str]| {
+        let out = common::run(
+            Command::new(common::TSA)
+                .args(["check", "--config"])
+                .arg(&config)
+                .args(args),
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    with_chain(&other.path().join("ca-cert.pem"));
+    let err = serve_once(d).expect_err("started with another CA's certificate as its chain");
+    assert!(err.contains("not its key"), "{err}");
+    let (checked, text) = check(&[]);
+    assert!(!checked && text.contains("not its key"), "{text}");
+
+    with_chain(&d.join("ca-cert.pem"));
+    serve_once(d).unwrap_or_else(|e| panic!("its own CA: {e}"));
+    let (checked, text) = check(&["--signatures", "50"]);
+    assert!(checked, "{text}");
+    assert!(
+        text.contains("rate: 50 signatures on 1 thread(s)"),
+        "{text}"
+    );
+}
+
 /// `tsa serve` refuses to start on a certificate of its own key from its own CA that a verifier
 /// or the TSU profile (RFC 3161 2.3, ETSI EN 319 422) would refuse, and says why: a CA
 /// certificate, no extended key usage, another one beside id-kp-timeStamping, one not marked

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use anyhow::{bail, Context};
 use tsa::config::{Config, SignerConfig};
@@ -335,31 +335,13 @@ fn check(args: &CheckArgs) -> anyhow::Result<()> {
     signer.sign(message)?;
     writeln!(out, "signature: made by the token, verified on the host")?;
     if args.signatures > 0 {
-        let threads = args.threads.max(1);
-        let per_thread = args.signatures.div_ceil(threads);
-        let start = Instant::now();
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..threads)
-                .map(|_| {
-                    let signer = Arc::clone(&signer);
-                    scope.spawn(move || -> anyhow::Result<()> {
-                        for _ in 0..per_thread {
-                            signer.sign(message)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .try_for_each(|h| h.join().expect("a signing thread panicked"))
-        })?;
-        let elapsed = start.elapsed();
-        let total = per_thread * threads;
+        let signer: Arc<dyn Signer> = signer;
+        let (total, elapsed) = super::time_signatures(&signer, args.signatures, args.threads)?;
         writeln!(
             out,
-            "rate: {total} signatures (each checked on the host) on {threads} thread(s) in \
+            "rate: {total} signatures (each checked on the host) on {} thread(s) in \
              {:.2} s = {:.0}/s",
+            args.threads.max(1),
             elapsed.as_secs_f64(),
             total as f64 / elapsed.as_secs_f64()
         )?;

@@ -190,7 +190,9 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
     })
 }
 
-fn open_signer(config: &SignerConfig) -> anyhow::Result<Arc<dyn Signer>> {
+/// The signer a `[signer]` section names, its key loaded (software) or found on its token
+/// and probed (PKCS#11).
+pub fn open_signer(config: &SignerConfig) -> anyhow::Result<Arc<dyn Signer>> {
     Ok(match config {
         SignerConfig::Software {
             key, rsa_padding, ..
