@@ -286,6 +286,30 @@ fn unknown_paths_are_404() {
     assert_eq!(code, "404");
 }
 
+/// `/certs` answers HEAD as it answers GET, without the body.
+#[test]
+fn the_certificates_answer_head_as_get() {
+    let server = Server::start(&[], "");
+    let url = format!("{}/certs", server.url.trim_end_matches('/'));
+    let fetch = |extra: &[&str]| {
+        let (out, _) = curl(&[extra, &["-w", "\n%{http_code}", &url]].concat());
+        let (text, code) = out.rsplit_once('\n').unwrap();
+        (code.to_string(), text.to_string())
+    };
+    let (code, pem) = fetch(&[]);
+    assert_eq!(code, "200");
+    assert!(pem.contains("BEGIN CERTIFICATE"), "{pem}");
+    let (code, headers) = fetch(&["-I"]);
+    assert_eq!(code, "200", "{headers}");
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("application/pem-certificate-chain"),
+        "{headers}"
+    );
+    assert!(!headers.contains("BEGIN CERTIFICATE"), "{headers}");
+}
+
 /// The subject and SHA-256 fingerprint of a PEM certificate, as openssl reads them.
 fn x509_identity(pem: &Path) -> String {
     let out = ok(Command::new("openssl").args([

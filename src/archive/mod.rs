@@ -64,6 +64,27 @@ pub struct CheckpointSigner {
     pub certificate: Vec<u8>,
 }
 
+impl CheckpointSigner {
+    /// Takes `der` as the certificate checkpoints carry where it certifies this signer's key
+    /// (a certificate renewed by a reload). One of another key is left: a reload just past a
+    /// planned rollover's instant sends the new key's certificate before the rollover's own
+    /// message brings the key ([`Archive::set_checkpoint_signer`]), and checkpoints would
+    /// name one certificate while the other key signed them. Answers whether it was taken.
+    pub fn renew_certificate(&mut self, der: Vec<u8>) -> bool {
+        use der::{Decode, Encode};
+        let key = |der: &[u8]| {
+            x509_cert::Certificate::from_der(der)
+                .ok()
+                .and_then(|c| c.tbs_certificate().subject_public_key_info().to_der().ok())
+        };
+        let same = key(&der).is_some_and(|new| key(&self.certificate) == Some(new));
+        if same {
+            self.certificate = der;
+        }
+        same
+    }
+}
+
 /// What signs the anchors a prune leaves ([`store::ArchiveStore::prune_signed`]): the
 /// checkpoints' key, so that verification tells an anchor from one written by hand.
 pub fn anchor_signer(
@@ -336,6 +357,7 @@ impl Archive {
             serials: serials.clone(),
             state: state_file,
             signer,
+            planned: None,
             last_checkpoint_seq,
             signed_events_seq: 0,
             last_checkpoint_certificate: last_checkpoint.map(|c| c.certificate),
@@ -519,8 +541,8 @@ impl Archive {
         Ok(())
     }
 
-    /// Checkpoints from now on are signed with this certificate's key (after a reload that
-    /// replaced the certificate; the key stays the same).
+    /// Checkpoints from now on carry this certificate, where it certifies their key (after a
+    /// reload that replaced the certificate; see [`CheckpointSigner::renew_certificate`]).
     pub fn set_certificate(&self, der: Vec<u8>) {
         let _ = self.send(Msg::Certificate(der));
     }
@@ -544,6 +566,13 @@ impl Archive {
     /// Checkpoints from now on are signed with this key and certificate (a planned rollover).
     pub fn set_checkpoint_signer(&self, signer: CheckpointSigner) {
         let _ = self.send(Msg::Signer(Box::new(signer)));
+    }
+
+    /// A planned rollover's key for the checkpoints, and its instant: it signs them from the
+    /// first one after a token of a genTime at or past the instant (which it signed), if
+    /// [`Archive::set_checkpoint_signer`] has not handed it over before.
+    pub fn plan_checkpoint_signer(&self, at_ns: u64, signer: CheckpointSigner) {
+        let _ = self.send(Msg::Planned(at_ns, Box::new(signer)));
     }
 
     /// Signs a checkpoint of the chain head now (if it moved since the last one, or events
@@ -1235,6 +1264,31 @@ mod tests {
         // PRUNE_ROWS is 3 in tests: each step one transaction of at most three records.
         assert_eq!(anchors, [3, 6, 9, 10]);
         assert_eq!(store.instance(0).unwrap().anchor.unwrap().seq, 10);
+    }
+
+    #[test]
+    fn checkpoints_take_a_reloaded_certificate_only_of_their_own_key() {
+        use der::Encode;
+        let der = |pki: &crate::pki::DevPki| {
+            x509_cert::Certificate::load_pem_chain(pki.tsu_cert_pem.as_bytes()).unwrap()[0]
+                .to_der()
+                .unwrap()
+        };
+        let (a, b) = (
+            der(&crate::pki::DevPki::generate(crate::pki::KeyAlgorithm::P256).unwrap()),
+            der(&crate::pki::DevPki::generate(crate::pki::KeyAlgorithm::P256).unwrap()),
+        );
+        let mut signer = CheckpointSigner {
+            sign: Box::new(|_| Ok(Vec::new())),
+            algorithm: Vec::new(),
+            certificate: a.clone(),
+        };
+        // The rollover's certificate (another key), sent by a reload before its key came.
+        assert!(!signer.renew_certificate(b.clone()));
+        assert!(!signer.renew_certificate(b"not a certificate".to_vec()));
+        assert_eq!(signer.certificate, a);
+        assert!(signer.renew_certificate(a.clone()));
+        assert_eq!(signer.certificate, a);
     }
 
     #[test]

@@ -140,7 +140,13 @@ impl Queue {
         loop {
             let now = Instant::now();
             let (goal, due_at) = match grown {
-                Some(goal) => (goal, Some(entered + self.commit_delay * LOAD_WAIT)),
+                // Due after the wait only once something is queued: with nothing (a signer
+                // that stalls while requests are held), an empty batch at once would have the
+                // writer spin through this for as long as the load lasts.
+                Some(goal) => (
+                    goal,
+                    s.first_at.map(|_| entered + self.commit_delay * LOAD_WAIT),
+                ),
                 None => (
                     s.target.min(max_records),
                     s.first_at.map(|t| t + self.commit_delay),
@@ -250,6 +256,33 @@ mod tests {
     fn record() -> Msg {
         let (reply, _) = tokio::sync::oneshot::channel();
         Msg::Record(Box::new(sample(10)), reply)
+    }
+
+    /// Under load with nothing queued, the writer waits (for a record, or until idle), with
+    /// no commit delay too: it spun on empty batches.
+    #[test]
+    fn under_load_an_empty_queue_is_waited_on() {
+        let q = Queue::new(Duration::ZERO, 1_000);
+        q.set_load(Box::new(|| 100));
+        q.set_target(10);
+        let start = Instant::now();
+        assert!(q
+            .next_batch(start + Duration::from_millis(200), 1_000)
+            .is_empty());
+        assert!(
+            start.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            start.elapsed()
+        );
+        // A record queued is taken at once (no commit delay).
+        q.send(record()).map_err(|_| ()).unwrap();
+        let start = Instant::now();
+        assert_eq!(q.next_batch(start + Duration::from_secs(5), 1_000).len(), 1);
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[test]

@@ -136,10 +136,17 @@ struct Counters {
     requested: bool,
     /// Why the last reservation failed, while no later one succeeded.
     failure: Option<String>,
+    /// A draw waited `RESERVATION_WAIT` for the reservation asked for, in vain: later draws
+    /// fail at once until it is answered (a writer that hangs would otherwise hold each of
+    /// them, a batch's 64 items one after the other, for the whole wait).
+    unanswered: bool,
 }
 
 /// How long `next` waits for a reservation when the block ran out.
+#[cfg(not(test))]
 const RESERVATION_WAIT: Duration = Duration::from_secs(5);
+#[cfg(test)]
+const RESERVATION_WAIT: Duration = Duration::from_millis(300);
 
 impl BlockSerials {
     /// Counters `next..limit` are reserved; `request(until)` asks for a reservation up to
@@ -159,6 +166,7 @@ impl BlockSerials {
                 limit,
                 requested: false,
                 failure: None,
+                unanswered: false,
             }),
             extended: Condvar::new(),
             request,
@@ -175,6 +183,7 @@ impl BlockSerials {
         c.limit = c.limit.max(until);
         c.requested = false;
         c.failure = None;
+        c.unanswered = false;
         self.0.extended.notify_all();
     }
 
@@ -183,6 +192,7 @@ impl BlockSerials {
         let mut c = self.lock();
         c.requested = false;
         c.failure = Some(reason);
+        c.unanswered = false;
         self.0.extended.notify_all();
     }
 
@@ -222,8 +232,14 @@ impl BlockSerials {
             if let Some(counter) = self.take_reserved(&mut c)? {
                 return Ok(counter);
             }
-            if waited {
-                let reason = c.failure.clone().unwrap_or_else(|| "no answer".into());
+            if waited || (c.requested && c.unanswered) {
+                let reason = match &c.failure {
+                    Some(reason) => reason.clone(),
+                    None => format!(
+                        "no answer in {} s (the archive's writer hangs?)",
+                        RESERVATION_WAIT.as_secs_f64()
+                    ),
+                };
                 return Err(SerialError(format!(
                     "no serial block could be reserved: {reason}"
                 )));
@@ -233,6 +249,9 @@ impl BlockSerials {
                 .wait_timeout_while(c, RESERVATION_WAIT, |c| c.next >= c.limit && c.requested)
                 .unwrap_or_else(|p| p.into_inner());
             c = guard;
+            if timeout.timed_out() && c.requested {
+                c.unanswered = true;
+            }
             waited = timeout.timed_out() || c.next >= c.limit;
         }
     }
@@ -396,5 +415,31 @@ mod tests {
         let err = waiter.join().unwrap().unwrap_err();
         assert!(err.0.contains("disk full"), "{err}");
         assert_eq!(serials.position(), (6, 6));
+    }
+
+    /// A reservation never answered (a writer that hangs): one draw waits for it, the next
+    /// ones fail at once, until it is answered.
+    #[test]
+    fn after_one_wait_in_vain_draws_fail_at_once_until_the_reservation_comes() {
+        let serials = BlockSerials::new(1, 5, 6, 4, Box::new(|_| {}));
+        serials.next().unwrap();
+        let started = std::time::Instant::now();
+        let err = serials.next().unwrap_err();
+        assert!(started.elapsed() >= RESERVATION_WAIT, "{err}");
+        assert!(err.0.contains("no answer"), "{err}");
+        let started = std::time::Instant::now();
+        for _ in 0..3 {
+            assert!(serials.next().is_err());
+        }
+        assert!(
+            started.elapsed() < RESERVATION_WAIT,
+            "{:?}",
+            started.elapsed()
+        );
+        serials.extend(20);
+        assert_eq!(
+            layout::decode(serials.next().unwrap().as_bytes()).unwrap(),
+            (1, 6)
+        );
     }
 }

@@ -39,6 +39,10 @@ pub(crate) enum Msg {
     Certificate(Vec<u8>),
     /// The key (and certificate) of later checkpoints, after a planned rollover.
     Signer(Box<CheckpointSigner>),
+    /// A planned rollover's key and its instant: it signs the checkpoints from the first
+    /// one after a record whose genTime is at or past the instant (its token was signed by
+    /// that key), unless [`Msg::Signer`] handed it over before.
+    Planned(u64, Box<CheckpointSigner>),
     /// A final checkpoint and state file, then stop.
     Close(std::sync::mpsc::Sender<()>),
 }
@@ -74,6 +78,8 @@ pub(super) struct Writer {
     pub serials: BlockSerials,
     pub state: StateFile,
     pub signer: CheckpointSigner,
+    /// A planned rollover's instant and key ([`Msg::Planned`]).
+    pub planned: Option<(u64, CheckpointSigner)>,
     pub last_checkpoint_seq: u64,
     /// The events' position this writer's last checkpoint signed (0 before its first).
     pub signed_events_seq: u64,
@@ -225,8 +231,9 @@ impl Writer {
                     Msg::Checkpoint(reply) => {
                         let _ = reply.send(self.checkpoint());
                     }
-                    Msg::Certificate(der) => self.signer.certificate = der,
-                    Msg::Signer(signer) => self.signer = *signer,
+                    Msg::Certificate(der) => self.renew_certificate(der),
+                    Msg::Signer(signer) => self.hand_over(*signer),
+                    Msg::Planned(at_ns, signer) => self.planned = Some((at_ns, *signer)),
                     Msg::Close(done) => {
                         // Whatever is still queued goes in before the last checkpoint; then
                         // the events that came since, the checkpoint's own among them (and
@@ -264,8 +271,9 @@ impl Writer {
                 Msg::Record(r, reply) => records.push((r, reply)),
                 Msg::Event(e) => events.push(e),
                 Msg::Reserve(_) => {}
-                Msg::Certificate(der) => self.signer.certificate = der,
-                Msg::Signer(signer) => self.signer = *signer,
+                Msg::Certificate(der) => self.renew_certificate(der),
+                Msg::Signer(signer) => self.hand_over(*signer),
+                Msg::Planned(at_ns, signer) => self.planned = Some((at_ns, *signer)),
                 Msg::Checkpoint(reply) => {
                     let _ = reply.send(Err(ArchiveError("the archive is closing".into())));
                 }
@@ -709,6 +717,29 @@ impl Writer {
         self.prune_step();
     }
 
+    /// A reloaded certificate for the checkpoints, taken by the key (in force, or planned)
+    /// it certifies.
+    fn renew_certificate(&mut self, der: Vec<u8>) {
+        let taken = self.signer.renew_certificate(der.clone())
+            || self
+                .planned
+                .as_mut()
+                .is_some_and(|(_, planned)| planned.renew_certificate(der));
+        if !taken {
+            // The key before a rollover's, handed over already.
+            tracing::debug!(
+                instance = self.instance_id,
+                "a reloaded certificate certifies neither key of the archive's checkpoints"
+            );
+        }
+    }
+
+    /// The key of the checkpoints from now on (a planned rollover's, handed over).
+    fn hand_over(&mut self, signer: CheckpointSigner) {
+        self.signer = signer;
+        self.planned = None;
+    }
+
     /// One bounded step of the retention's pruning; another one is due [`PRUNE_PAUSE`] later
     /// while this one removed records (commits go on in between).
     fn prune_step(&mut self) {
@@ -756,6 +787,15 @@ impl Writer {
         // Only a durable head is signed: after a commit that failed, the one the recovery
         // reads back, or while it cannot, the last one known durable.
         self.settle();
+        // Once a token of the planned key is archived, that key signs: the old one must not
+        // sign a head that the new one signed (verification could tie it to no token of its
+        // own), whatever the system clock, by which the server hands the key over, says.
+        if let Some((at_ns, _)) = &self.planned {
+            if self.max_gen_time_ns >= *at_ns {
+                let (_, planned) = self.planned.take().expect("planned");
+                self.signer = planned;
+            }
+        }
         if self.head != self.durable_head() {
             if let Err(e) = self.recover() {
                 tracing::warn!(error = %e, "the archive is not recovered: the checkpoint signs its last durable head");
@@ -855,6 +895,7 @@ mod tests {
             serials: BlockSerials::new(0, 1, 10, 10, Box::new(|_| {})),
             state: StateFile::new(&dir.join("archive.state")),
             signer: crate::archive::tests::signer(),
+            planned: None,
             last_checkpoint_seq: 0,
             signed_events_seq: 0,
             last_checkpoint_certificate: None,
@@ -967,6 +1008,45 @@ mod tests {
             4,
             "signed again by another certificate"
         );
+    }
+
+    /// A planned rollover's key signs the first checkpoint after a record at or past its
+    /// instant (whose token it signed), before the server hands it over by the system clock;
+    /// the old key signs while every record is before the instant.
+    #[test]
+    fn the_planned_key_signs_checkpoints_once_a_token_of_its_gen_time_is_archived() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = writer(dir.path(), Duration::from_secs(1));
+        let records = crate::archive::tests::records_a_second_apart(3);
+        writer.store.append(0, &records, &[]).unwrap();
+        let head = |seq: usize| ChainHead {
+            seq: seq as u64,
+            hash: records[seq - 1].hash,
+        };
+        let new_certificate = vec![0x30, 0x03, 0x02, 0x01, 0x07];
+        let planned = |at_s: u64| {
+            let mut signer = crate::archive::tests::signer();
+            signer.certificate = new_certificate.clone();
+            Some((at_s * 1_000_000_000, signer))
+        };
+        let last = |writer: &mut Writer| writer.store.checkpoints(0).unwrap().pop().unwrap();
+        // Up to the second record (genTime 2 s), the instant at 3 s: the old key.
+        (writer.head, writer.max_gen_time_ns) = (head(2), 2_000_000_000);
+        *writer.durable.lock().unwrap() = head(2);
+        writer.planned = planned(3);
+        writer.checkpoint().unwrap();
+        assert_eq!(last(&mut writer).certificate, [0x30, 0x00]);
+        assert!(writer.planned.is_some());
+        // The third (3 s): the new key, from now on.
+        (writer.head, writer.max_gen_time_ns) = (head(3), 3_000_000_000);
+        *writer.durable.lock().unwrap() = head(3);
+        writer.checkpoint().unwrap();
+        let checkpoint = last(&mut writer);
+        assert_eq!(
+            (checkpoint.seq, checkpoint.certificate),
+            (3, new_certificate)
+        );
+        assert!(writer.planned.is_none());
     }
 
     /// Before any token, the events are signed by a checkpoint at position 0.

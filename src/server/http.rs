@@ -31,9 +31,10 @@
 //!
 //! The HTTPS listener (`server.https_listen`, [`super::tls`]) serves the same routes; its
 //! verified client certificate is a credential besides the `Authorization` header
-//! ([`super::auth`]). Authentication comes first, then the quota (a batch: its places, one
-//! token before its body, its n tokens once its items are counted), then the checks above,
-//! then admission. Idle keep-alive connections close after `read_timeout_ms`, busy ones after
+//! ([`super::auth`]). A request of another media type is answered 415 first (it costs no
+//! token); then authentication, then the quota (a batch: its places, one token before its
+//! body, its n tokens once its items are counted), then the other checks above, then
+//! admission. Idle keep-alive connections close after `read_timeout_ms`, busy ones after
 //! `max_requests_per_connection` requests (the last reply says `Connection: close`), and a
 //! connection whose client reads none of its answers for `write_timeout_ms` is closed
 //! ([`super::write_timeout`]), so that it cannot hold its place under `max_connections`.
@@ -629,7 +630,8 @@ async fn public_route(
         tsa.metrics.request(outcome, start.elapsed());
         return reply;
     }
-    if req.uri().path() == "/certs" && req.method() == Method::GET {
+    // HEAD too, as wherever GET is served (RFC 9110 9.3.2): hyper sends its headers alone.
+    if req.uri().path() == "/certs" && matches!(*req.method(), Method::GET | Method::HEAD) {
         return response(
             StatusCode::OK,
             "application/pem-certificate-chain",

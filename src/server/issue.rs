@@ -75,11 +75,18 @@ pub struct Issuing {
     rules: RequestRules,
     template: TokenTemplate,
     certificate: TsuCertificate,
-    /// genTimes outside [not_before, not_after − minimum remaining validity] get systemFailure.
+    /// [not_before, not_after − minimum remaining validity]: a token whose window (genTime less
+    /// its accuracy, to genTime plus the declared accuracy) leaves it gets systemFailure.
     valid_ns: (u64, u64),
 }
 
 impl Issuing {
+    /// Until when it issues (Unix ns): its certificate's notAfter less
+    /// `token.min_certificate_validity_days`.
+    pub(super) fn issues_until_ns(&self) -> u64 {
+        self.valid_ns.1
+    }
+
     pub(super) fn new(
         rules: RequestRules,
         template: TokenTemplate,
@@ -555,9 +562,21 @@ impl Tsa {
             }
             _ => (issuing, &self.signer),
         };
+        let stamp = Stamp::new(
+            time.unix_ns,
+            time.bound_ns,
+            issuing.template.precision(),
+            serial,
+        );
+        let declared_ns = self.clock.max_bound_ns();
+        // The certificate is valid over every instant the token may stand for: from genTime
+        // less its accuracy (the earliest the reading may truly have been) to genTime plus
+        // the declared accuracy (the latest a signature may return and still be sent).
         let (from, until) = issuing.valid_ns;
-        let gen_time = gen_time_ns(&issuing);
-        if gen_time < from || time.unix_ns > until {
+        let gen_time = stamp.gen_time.unix_ns();
+        if gen_time.saturating_sub(stamp.accuracy.as_ns()) < from
+            || gen_time.saturating_add(declared_ns) > until
+        {
             // Once a second at most: every request would log it (and queue it as an archive
             // event) while it lasts.
             static LOG: LogLimit = LogLimit::new();
@@ -573,13 +592,6 @@ impl Tsa {
                 CERTIFICATE_NOT_VALID,
             ));
         }
-        let stamp = Stamp::new(
-            time.unix_ns,
-            time.bound_ns,
-            issuing.template.precision(),
-            serial,
-        );
-        let declared_ns = self.clock.max_bound_ns();
         if stamp.accuracy.as_ns() > declared_ns {
             return Err(self.refuse(
                 RefusalKind::BoundExceeded,
@@ -732,8 +744,13 @@ impl Tsa {
             log_reloaded("rollover", &rollover.issuing.load(), &next);
             rollover.issuing.store(Arc::new(next));
         }
+        // Each to the checkpoints' key it certifies (the one in force, or the rollover's
+        // planned one).
         if let Some(archive) = &self.archive {
-            archive.set_certificate(self.certificate().der().to_vec());
+            archive.set_certificate(self.issuing.load().certificate().der().to_vec());
+            if let Some(rollover) = &self.rollover {
+                archive.set_certificate(rollover.issuing.load().certificate().der().to_vec());
+            }
         }
     }
 
@@ -1106,6 +1123,40 @@ mod tests {
                 std::slice::from_ref(expected),
                 "read at {reading}"
             );
+        }
+    }
+
+    /// The certificate must be valid over the whole window a token may stand for: from its
+    /// genTime less the accuracy to its genTime plus the declared accuracy (a signature may
+    /// come back that late and still be sent).
+    #[test]
+    fn the_certificate_covers_gen_time_less_its_accuracy_to_the_declared_accuracy_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tsa = development_tsa(dir.path());
+        let (from, until) = tsa.issuing.load().valid_ns;
+        let query = query_der();
+        const MS: u64 = 1_000_000;
+        // Fixed reads with a bound of 1 ms; 1 s declared.
+        for (reading, granted) in [
+            (until - MS / 1000, false),
+            (until - 999 * MS, false),
+            (until - 1_001 * MS, true),
+            (from + MS / 2, false),
+            (from + 2 * MS, true),
+        ] {
+            tsa.clock = IssuingClock::new(
+                Box::new(Fixed(reading)),
+                Duration::from_secs(1),
+                Duration::from_micros(1),
+            );
+            match tsa.issue(&query) {
+                Ok(_) => assert!(granted, "granted at {reading} in [{from}, {until}]"),
+                Err(refused) => {
+                    assert!(!granted, "at {reading}: {refused:?}");
+                    assert_eq!(refused.fail_info, FailInfo::SystemFailure);
+                    assert_eq!(refused.reason, CERTIFICATE_NOT_VALID);
+                }
+            }
         }
     }
 

@@ -139,6 +139,12 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         )?)),
         (true, None) => Some(Arc::new(open_archive(config, &signer, &issuing)?)),
     };
+    // A rollover still to come: its key takes the checkpoints over at the first one after a
+    // token it signed, if the rollover task (by the system clock) has not handed them over.
+    if let (Some(archive), Some(next), None) = (&archive, &rollover, in_force) {
+        let certificate = next.issuing.load().certificate().der().to_vec();
+        archive.plan_checkpoint_signer(next.at_ns, checkpoint_signer(&next.signer, &certificate)?);
+    }
     let serials: Box<dyn crate::archive::serial::SerialAllocator> = match &archive {
         Some(archive) => {
             // genTime never goes back across a restart.
@@ -229,11 +235,14 @@ fn plan_rollover(
     )
     .context("rollover.signer")
     .context(Misconfigured)?;
-    if first.certificate().not_after() < at {
+    if first.issues_until_ns() < at_ns {
+        let until = SystemTime::UNIX_EPOCH + Duration::from_nanos(first.issues_until_ns());
         tracing::warn!(
             not_after = %chrono::DateTime::<chrono::Utc>::from(first.certificate().not_after()),
-            "the current signing certificate expires before the planned rollover: no tokens \
-             will be issued in between"
+            issues_until = %chrono::DateTime::<chrono::Utc>::from(until),
+            "the current signing certificate stops issuing (its expiry, less \
+             token.min_certificate_validity_days) before the planned rollover: no tokens will \
+             be issued in between"
         );
     }
     tracing::info!(
