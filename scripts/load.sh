@@ -207,8 +207,9 @@ openssl_sign_us=$raw_sign_us
 raw_source="openssl's"
 # The same signature as the server makes it (aws-lc-rs), on the server's core, for about as
 # long: what the server's CPU per token is compared with. (With HSM=1 the token's own rate is
-# measured below, and OpenSSL's software signature stays the CPU baseline.)
-if [ "${HSM:-0}" != 1 ]; then
+# measured below, and OpenSSL's software signature stays the CPU baseline; so it does with a
+# TSA_BIN built before `tsa check`.)
+if [ "${HSM:-0}" != 1 ] && "$TSA" check --help >/dev/null 2>&1; then
   "$TSA" init --dir "$work/state-raw" "${init_args[@]}" >/dev/null
   raw_signatures=$(awk -v r="$sign_per_s" -v s="$SPEED_SECONDS" 'BEGIN { printf "%d", r * s + 100 }')
   check_out=$(taskset -c "$SERVER_CPU" "$TSA" check --config "$work/state-raw/tsa.toml" \

@@ -1420,7 +1420,36 @@ fn a_public_key_left_behind_is_not_taken_for_the_new_keys() {
     );
     let (ok, report) = hsm_check(d);
     assert!(!ok, "{report}");
-    assert!(report.contains("public key objects with id"), "{report}");
+    assert!(
+        report.contains("public key objects with label 'tsa-tsu' and id"),
+        "{report}"
+    );
+}
+
+/// Another key pair with the same CKA_ID under another label (`pkcs11-tool --id` makes them
+/// easily) is not taken for the configured key's: its public key goes by label and id.
+#[test]
+fn a_key_pair_of_the_same_id_under_another_label_is_not_the_keys() {
+    let dir = init_hsm(&["--algorithm", "p256"], "");
+    let d = dir.path();
+    let id = key_id(d);
+    pkcs11_tool(
+        d,
+        &[
+            "--keypairgen",
+            "--key-type",
+            "EC:prime256v1",
+            "--label",
+            "other",
+            "--id",
+            &id,
+            "--usage-sign",
+        ],
+    );
+    // The private keys differ by label: the configured one is found by its own.
+    edit_config(d, |config| replace_line(config, "key_id = ", ""));
+    let (ok, report) = hsm_check(d);
+    assert!(ok, "{report}");
 }
 
 /// A private key that asks for the PIN before each signature (CKA_ALWAYS_AUTHENTICATE) is

@@ -358,6 +358,7 @@ impl Archive {
             state: state_file,
             signer,
             planned: None,
+            signer_is_rollover: false,
             last_checkpoint_seq,
             signed_events_seq: 0,
             last_checkpoint_certificate: last_checkpoint.map(|c| c.certificate),
@@ -541,10 +542,11 @@ impl Archive {
         Ok(())
     }
 
-    /// Checkpoints from now on carry this certificate, where it certifies their key (after a
-    /// reload that replaced the certificate; see [`CheckpointSigner::renew_certificate`]).
-    pub fn set_certificate(&self, der: Vec<u8>) {
-        let _ = self.send(Msg::Certificate(der));
+    /// Checkpoints signed by the first key (`rollover` false) or a planned rollover's carry
+    /// this certificate from now on, where it certifies that key (after a reload that replaced
+    /// the certificate; see [`CheckpointSigner::renew_certificate`]).
+    pub fn set_certificate(&self, der: Vec<u8>, rollover: bool) {
+        let _ = self.send(Msg::Certificate(der, rollover));
     }
 
     /// Where the writer learns how many requests the server holds, to commit larger batches

@@ -145,7 +145,8 @@ impl Queue {
                 // writer spin through this for as long as the load lasts.
                 Some(goal) => (
                     goal,
-                    s.first_at.map(|_| entered + self.commit_delay * LOAD_WAIT),
+                    s.first_at
+                        .map(|first| first.max(entered) + self.commit_delay * LOAD_WAIT),
                 ),
                 None => (
                     s.target.min(max_records),

@@ -35,8 +35,9 @@ pub(crate) enum Msg {
     Reserve(u64),
     /// Sign a checkpoint now (if the head or the events moved) and answer.
     Checkpoint(std::sync::mpsc::Sender<Result<(), ArchiveError>>),
-    /// The certificate of later checkpoints.
-    Certificate(Vec<u8>),
+    /// The certificate of later checkpoints: of the first key (`false`) or of a planned
+    /// rollover's (`true`).
+    Certificate(Vec<u8>, bool),
     /// The key (and certificate) of later checkpoints, after a planned rollover.
     Signer(Box<CheckpointSigner>),
     /// A planned rollover's key and its instant: it signs the checkpoints from the first
@@ -80,6 +81,8 @@ pub(super) struct Writer {
     pub signer: CheckpointSigner,
     /// A planned rollover's instant and key ([`Msg::Planned`]).
     pub planned: Option<(u64, CheckpointSigner)>,
+    /// `signer` is a planned rollover's key (handed over, or in force at start).
+    pub signer_is_rollover: bool,
     pub last_checkpoint_seq: u64,
     /// The events' position this writer's last checkpoint signed (0 before its first).
     pub signed_events_seq: u64,
@@ -231,7 +234,7 @@ impl Writer {
                     Msg::Checkpoint(reply) => {
                         let _ = reply.send(self.checkpoint());
                     }
-                    Msg::Certificate(der) => self.renew_certificate(der),
+                    Msg::Certificate(der, rollover) => self.renew_certificate(der, rollover),
                     Msg::Signer(signer) => self.hand_over(*signer),
                     Msg::Planned(at_ns, signer) => self.planned = Some((at_ns, *signer)),
                     Msg::Close(done) => {
@@ -271,7 +274,7 @@ impl Writer {
                 Msg::Record(r, reply) => records.push((r, reply)),
                 Msg::Event(e) => events.push(e),
                 Msg::Reserve(_) => {}
-                Msg::Certificate(der) => self.renew_certificate(der),
+                Msg::Certificate(der, rollover) => self.renew_certificate(der, rollover),
                 Msg::Signer(signer) => self.hand_over(*signer),
                 Msg::Planned(at_ns, signer) => self.planned = Some((at_ns, *signer)),
                 Msg::Checkpoint(reply) => {
@@ -717,19 +720,21 @@ impl Writer {
         self.prune_step();
     }
 
-    /// A reloaded certificate for the checkpoints, taken by the key (in force, or planned)
-    /// it certifies.
-    fn renew_certificate(&mut self, der: Vec<u8>) {
-        let taken = self.signer.renew_certificate(der.clone())
-            || self
-                .planned
-                .as_mut()
-                .is_some_and(|(_, planned)| planned.renew_certificate(der));
+    /// A reloaded certificate for the checkpoints, of the first key or of the rollover's
+    /// (`rollover`): taken by that key (in force, or planned) where it certifies it. The first
+    /// key's, once the rollover's has taken over, is left.
+    fn renew_certificate(&mut self, der: Vec<u8>, rollover: bool) {
+        let taken = match (rollover == self.signer_is_rollover, &mut self.planned) {
+            (true, _) => self.signer.renew_certificate(der),
+            (false, Some((_, planned))) if rollover => planned.renew_certificate(der),
+            _ => return,
+        };
         if !taken {
-            // The key before a rollover's, handed over already.
-            tracing::debug!(
+            tracing::warn!(
                 instance = self.instance_id,
-                "a reloaded certificate certifies neither key of the archive's checkpoints"
+                rollover,
+                "a reloaded certificate does not certify its key: the archive's checkpoints \
+                 keep the certificate they had"
             );
         }
     }
@@ -737,6 +742,7 @@ impl Writer {
     /// The key of the checkpoints from now on (a planned rollover's, handed over).
     fn hand_over(&mut self, signer: CheckpointSigner) {
         self.signer = signer;
+        self.signer_is_rollover = true;
         self.planned = None;
     }
 
@@ -793,7 +799,7 @@ impl Writer {
         if let Some((at_ns, _)) = &self.planned {
             if self.max_gen_time_ns >= *at_ns {
                 let (_, planned) = self.planned.take().expect("planned");
-                self.signer = planned;
+                self.hand_over(planned);
             }
         }
         if self.head != self.durable_head() {
@@ -896,6 +902,7 @@ mod tests {
             state: StateFile::new(&dir.join("archive.state")),
             signer: crate::archive::tests::signer(),
             planned: None,
+            signer_is_rollover: false,
             last_checkpoint_seq: 0,
             signed_events_seq: 0,
             last_checkpoint_certificate: None,

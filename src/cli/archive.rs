@@ -628,8 +628,8 @@ fn prune(config: &Config, before: u64, only: Option<u32>, force: bool) -> anyhow
         let now = tsa::clock::system_unix_ns().min(latest);
         within_retention(&config.archive, before, now)?;
     }
-    // The anchors a prune leaves are signed with the TSU key, in the prune's transaction:
-    // the signer first, so that nothing is pruned without it.
+    // The anchors a prune leaves are signed with the TSU key, before each step locks the
+    // instance: the signer first, so that nothing is pruned without it.
     let signer = tsa::server::archive_signer(config)
         .context("tsa archive prune signs the anchor it leaves with the TSU key: nothing pruned")?;
     let sign = archive::anchor_signer(&signer);

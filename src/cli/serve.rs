@@ -246,12 +246,6 @@ fn keep_started(config: &mut Config, running: &Config) -> anyhow::Result<Vec<&'s
         kept.push("[archive]");
     }
     config.archive = running.archive.clone();
-    // The clock's tick (genTimes apart) is set by it at start, and a rollover's key is
-    // chosen by the genTime both signers truncate alike.
-    if config.token.precision != running.token.precision {
-        kept.push("[token] precision");
-    }
-    config.token.precision = running.token.precision;
     let signer = running.signer.with_certificates_of(&config.signer);
     if config.signer != signer {
         kept.push("[signer] besides its certificate and chain: the key loaded at start");

@@ -809,8 +809,14 @@ fn verify_rsa(
 ) -> anyhow::Result<()> {
     UnparsedPublicKey::new(verifier, spki.subject_public_key.raw_bytes())
         .verify(message, signature)
-        .map_err(|_| anyhow::anyhow!("bad signature"))
+        .map_err(|_| BadSignature.into())
 }
+
+/// A signature checked and found not to verify ([`verify_signature`]'s other errors are of
+/// algorithms it does not check).
+#[derive(Debug, thiserror::Error)]
+#[error("bad signature")]
+pub struct BadSignature;
 
 /// RSASSA-PSS-params (RFC 4055 section 3.1); an absent field takes its DEFAULT (SHA-1, MGF1
 /// with SHA-1, 20 octets of salt, trailer 1).

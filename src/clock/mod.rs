@@ -224,8 +224,9 @@ const MAX_WAIT_BACKWARDS: Duration = Duration::from_millis(2);
 pub struct IssuingClock {
     source: Box<dyn TimeSource>,
     max_bound_ns: u64,
-    /// The resolution at which handed-out times strictly increase.
-    tick_ns: u64,
+    /// The resolution at which handed-out times strictly increase (a reload of genTime's
+    /// precision sets it again).
+    tick_ns: AtomicU64,
     /// The last time handed out, truncated to the tick; the next is in a later tick.
     last_ns: Mutex<u64>,
     refusals: [AtomicU64; RefusalKind::ALL.len()],
@@ -241,7 +242,7 @@ impl IssuingClock {
         Self {
             source,
             max_bound_ns: max_bound.as_nanos() as u64,
-            tick_ns: (tick.as_nanos() as u64).max(1),
+            tick_ns: AtomicU64::new((tick.as_nanos() as u64).max(1)),
             last_ns: Mutex::new(0),
             refusals: Default::default(),
         }
@@ -259,7 +260,20 @@ impl IssuingClock {
     /// source is more than a moment behind it, `now` refuses (as for a step back).
     pub fn set_floor(&self, unix_ns: u64) {
         let mut last = self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
-        *last = (*last).max(unix_ns - unix_ns % self.tick_ns);
+        *last = (*last).max(unix_ns - unix_ns % self.tick());
+    }
+
+    /// Handed-out times strictly increase at `tick` from now on (genTime's precision, capped
+    /// at 1 µs, reloaded): from nanoseconds to microseconds, two genTimes of one microsecond
+    /// would otherwise be the same.
+    pub fn set_tick(&self, tick: Duration) {
+        let _last = self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
+        self.tick_ns
+            .store((tick.as_nanos() as u64).max(1), Ordering::Relaxed);
+    }
+
+    fn tick(&self) -> u64 {
+        self.tick_ns.load(Ordering::Relaxed)
     }
 
     /// The source's current reading, for health checks and the status page.
@@ -368,7 +382,7 @@ impl IssuingClock {
         loop {
             let reading = self.source.read();
             self.admit(&reading)?;
-            let tick = reading.unix_ns - reading.unix_ns % self.tick_ns;
+            let tick = reading.unix_ns - reading.unix_ns % self.tick();
             if tick > *last {
                 *last = tick;
                 return Ok(TrustedTime {
@@ -746,6 +760,32 @@ mod tests {
         }
         // Never ahead of the source: the reading itself is handed out.
         assert!(clock.now().unwrap().unix_ns < now.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_tick_set_again_holds_from_then_on() {
+        let now = Arc::new(AtomicU64::new(1_000_000_000));
+        let source = Scripted {
+            now: now.clone(),
+            state: SyncState::Synchronized,
+            bound_ns: 1,
+        };
+        let clock = IssuingClock::new(
+            Box::new(source),
+            Duration::from_secs(1),
+            Duration::from_nanos(1),
+        );
+        let first = clock.now().unwrap().unix_ns;
+        assert_eq!(
+            clock.now().unwrap().unix_ns,
+            first + 1,
+            "a nanosecond apart"
+        );
+        // Microseconds from now on: the next time is in a later microsecond.
+        clock.set_tick(Duration::from_micros(1));
+        let next = clock.now().unwrap().unix_ns;
+        assert!(next / 1_000 > (first + 1) / 1_000, "{next} after {first}");
+        assert!(next <= now.load(Ordering::SeqCst));
     }
 
     #[test]

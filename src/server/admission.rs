@@ -542,6 +542,18 @@ impl ConnectionRate {
         Ok(())
     }
 
+    /// Gives back one taken by [`ConnectionRate::admit`] (a request with credentials that
+    /// turned out right: its failure was taken before they were looked at).
+    pub fn give_back(&self, ip: IpAddr) {
+        if self.interval_ns == 0 {
+            return;
+        }
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(full_at) = table.full_at.get_mut(&AddressKey::of(ip)) {
+            *full_at = full_at.saturating_sub(self.interval_ns);
+        }
+    }
+
     /// How long until `ip` may take one more from its bucket, where it may not now; nothing
     /// is taken. (The same table counts failed authentications per address:
     /// `server.auth_failures_per_address_per_s`, where [`ConnectionRate::admit`] takes a
@@ -895,6 +907,10 @@ mod tests {
         assert_eq!(rate.exhausted_at(a, at(2000)), None);
         assert!(rate.admit_at(a, at(2000)).is_ok());
         assert_eq!(rate.exhausted_at(a, at(2000)), Some(at(2000)));
+        // One given back (credentials that were right) is there again.
+        rate.give_back(a);
+        assert_eq!(rate.exhausted_at(a, at(2000)), None);
+        assert!(rate.admit_at(a, at(2000)).is_ok());
         assert_eq!(ConnectionRate::new(0.0, 0).exhausted_at(a, at(0)), None);
     }
 

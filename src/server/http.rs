@@ -715,8 +715,8 @@ fn authenticate(
 
 /// [`authenticate`] with the request's `Authorization` header (the first, and whether there
 /// were more). A request with one, from an address that has made its failed
-/// authentications (`server.auth_failures_per_address_per_s`), is refused before its key is
-/// looked at; one whose header is refused counts as a failure of its address.
+/// authentications (`server.auth_failures_per_address_per_s`; `ip`), is refused before its
+/// key is looked at; one whose header is refused counts as a failure of its address.
 fn authenticate_with(
     authorization: Option<&HeaderValue>,
     more: bool,
@@ -724,12 +724,20 @@ fn authenticate_with(
     link: Link<'_>,
     ip: Option<std::net::IpAddr>,
 ) -> Result<Client, Denied> {
+    // A failure is taken from the address before its credentials are looked at, and given
+    // back where they are right: concurrent guesses cannot all pass a check made before any
+    // of them failed.
     let failures = ip.filter(|_| authorization.is_some());
-    if let Some(wait) = failures.and_then(|ip| tsa.auth_failures.exhausted(ip)) {
+    if let Some(Err(_)) = failures.map(|ip| tsa.auth_failures.admit(ip)) {
+        let ip = ip.expect("an address");
+        let wait = tsa
+            .auth_failures
+            .exhausted(ip)
+            .unwrap_or(Duration::from_secs(1));
         static LOG: LogLimit = LogLimit::new();
         if let Some(left_out) = LOG.allow() {
             tracing::info!(
-                address = %admission::AddressKey::of(ip.expect("an address")),
+                address = %admission::AddressKey::of(ip),
                 left_out,
                 "request refused: its address made too many failed authentications \
                  (server.auth_failures_per_address_per_s)"
@@ -750,6 +758,9 @@ fn authenticate_with(
             .load()
             .authenticate(link, authorization.map(HeaderValue::as_bytes)),
     };
+    if let (Ok(_), Some(ip)) = (&authenticated, failures) {
+        tsa.auth_failures.give_back(ip);
+    }
     authenticated.map_err(|refusal| {
         let metric = match refusal {
             Refusal::Unauthenticated => metrics::AuthRefusal::Unauthenticated,
@@ -761,10 +772,6 @@ fn authenticate_with(
                         left_out,
                         "request refused: invalid credentials"
                     );
-                }
-                if let Some(ip) = failures {
-                    // Taken, or refused when the table is full: the next request tells.
-                    let _ = tsa.auth_failures.admit(ip);
                 }
                 metrics::AuthRefusal::InvalidCredentials
             }
@@ -813,7 +820,8 @@ impl Credentials {
             certificate: peer.as_deref(),
             certificate_refused,
         };
-        match authenticate_with(self.authorization.as_ref(), false, tsa, link, connection.ip)? {
+        // Authenticated and charged already: its address's failures are not asked again.
+        match authenticate_with(self.authorization.as_ref(), false, tsa, link, None)? {
             again if again.name == client.name => Ok(()),
             _ => {
                 static LOG: LogLimit = LogLimit::new();

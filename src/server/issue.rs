@@ -75,8 +75,9 @@ pub struct Issuing {
     rules: RequestRules,
     template: TokenTemplate,
     certificate: TsuCertificate,
-    /// [not_before, not_after − minimum remaining validity]: a token whose window (genTime less
-    /// its accuracy, to genTime plus the declared accuracy) leaves it gets systemFailure.
+    /// [not_before, not_after − minimum remaining validity], of the certificate's whole path
+    /// ([`TsuCertificate::path_validity`]): a token whose window (genTime less its accuracy,
+    /// to genTime plus the declared accuracy) leaves it gets systemFailure.
     valid_ns: (u64, u64),
 }
 
@@ -97,12 +98,11 @@ impl Issuing {
             t.duration_since(UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         };
-        let until = certificate
-            .not_after()
-            .checked_sub(min_remaining)
-            .unwrap_or(UNIX_EPOCH);
+        // The whole path's: an intermediate that expires first ends what verifiers can check.
+        let (from, not_after) = certificate.path_validity();
+        let until = not_after.checked_sub(min_remaining).unwrap_or(UNIX_EPOCH);
         Self {
-            valid_ns: (ns(certificate.not_before()), ns(until)),
+            valid_ns: (ns(from), ns(until)),
             rules,
             template,
             certificate,
@@ -747,9 +747,10 @@ impl Tsa {
         // Each to the checkpoints' key it certifies (the one in force, or the rollover's
         // planned one).
         if let Some(archive) = &self.archive {
-            archive.set_certificate(self.issuing.load().certificate().der().to_vec());
+            archive.set_certificate(self.issuing.load().certificate().der().to_vec(), false);
             if let Some(rollover) = &self.rollover {
-                archive.set_certificate(rollover.issuing.load().certificate().der().to_vec());
+                let certificate = rollover.issuing.load().certificate().der().to_vec();
+                archive.set_certificate(certificate, true);
             }
         }
     }

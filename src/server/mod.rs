@@ -141,9 +141,14 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
     };
     // A rollover still to come: its key takes the checkpoints over at the first one after a
     // token it signed, if the rollover task (by the system clock) has not handed them over.
-    if let (Some(archive), Some(next), None) = (&archive, &rollover, in_force) {
+    if let (Some(archive), Some(next)) = (&archive, &rollover) {
         let certificate = next.issuing.load().certificate().der().to_vec();
-        archive.plan_checkpoint_signer(next.at_ns, checkpoint_signer(&next.signer, &certificate)?);
+        let signer = checkpoint_signer(&next.signer, &certificate)?;
+        match in_force {
+            // Signing already (the opening too): the writer knows it as the rollover's.
+            Some(_) => archive.set_checkpoint_signer(signer),
+            None => archive.plan_checkpoint_signer(next.at_ns, signer),
+        }
     }
     let serials: Box<dyn crate::archive::serial::SerialAllocator> = match &archive {
         Some(archive) => {
@@ -235,14 +240,29 @@ fn plan_rollover(
     )
     .context("rollover.signer")
     .context(Misconfigured)?;
-    if first.issues_until_ns() < at_ns {
+    // A token needs its certificate valid over the declared accuracy around its genTime.
+    let declared_ns = config.clock.max_accuracy_ms.saturating_mul(1_000_000);
+    if first.issues_until_ns() < at_ns.saturating_add(declared_ns) {
         let until = SystemTime::UNIX_EPOCH + Duration::from_nanos(first.issues_until_ns());
         tracing::warn!(
             not_after = %chrono::DateTime::<chrono::Utc>::from(first.certificate().not_after()),
             issues_until = %chrono::DateTime::<chrono::Utc>::from(until),
-            "the current signing certificate stops issuing (its expiry, less \
-             token.min_certificate_validity_days) before the planned rollover: no tokens will \
-             be issued in between"
+            "the current signing certificate stops issuing (its path's expiry, less \
+             token.min_certificate_validity_days and the declared accuracy) before the planned \
+             rollover: no tokens will be issued in between"
+        );
+    }
+    let next_from_ns = issuing
+        .certificate()
+        .path_validity()
+        .0
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    if at_ns < next_from_ns.saturating_add(declared_ns) {
+        tracing::warn!(
+            at = %planned.at,
+            "the planned rollover's certificate (or its chain) becomes valid less than the \
+             declared accuracy before the instant: tokens just after it will be refused"
         );
     }
     tracing::info!(
@@ -296,6 +316,9 @@ pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
         _ => None,
     };
     tsa.reload(first, next);
+    tsa.clock.set_tick(Duration::from_nanos(
+        config.token.precision.unit_ns().min(1_000),
+    ));
     if let Some(acceptor) = tls {
         // (`Tsa::reload_clients`, which follows, tells requests to authenticate again once the
         // clients are in place too.)

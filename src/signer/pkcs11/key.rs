@@ -316,18 +316,25 @@ pub fn read_key_info(session: &Session, key: ObjectHandle) -> anyhow::Result<Key
     if protection.sign == Some(false) {
         bail!("the private key '{label}' does not allow signing (CKA_SIGN is false)");
     }
-    // The public key object goes with the private key by CKA_ID (the PKCS#11 convention:
-    // labels of a pair may differ), by label where the key has no id.
-    let public = match id.is_empty() {
-        false => KeySelector {
-            label: None,
-            id: Some(id.clone()),
-        },
-        true => KeySelector {
-            label: (!label.is_empty()).then(|| label.clone()),
-            id: None,
-        },
+    // The public key object of the private key's label and id; where none has both, the one
+    // of its CKA_ID (the PKCS#11 convention: the labels of a pair may differ).
+    let public = KeySelector {
+        label: (!label.is_empty()).then(|| label.clone()),
+        id: (!id.is_empty()).then(|| id.clone()),
     };
+    let by_id = KeySelector {
+        label: None,
+        id: public.id.clone(),
+    };
+    let public_attribute =
+        |session: &Session, public: &KeySelector, attribute| match public_attribute(
+            session, public, attribute,
+        )? {
+            None if public.label.is_some() && by_id.id.is_some() => {
+                public_attribute(session, &by_id, attribute)
+            }
+            found => Ok(found),
+        };
     let (kind, public_key) = match key_type {
         Some(t) if t == KeyType::EC => {
             let params = match ec_params {
