@@ -1368,6 +1368,22 @@ fn key_id(d: &Path) -> String {
     line["key_id = ".len()..].trim_matches('"').to_string()
 }
 
+/// A P-256 key pair for signing made by pkcs11-tool on the state's token, with `label` and
+/// `id` (hex) and `extra` options.
+fn keypairgen(d: &Path, label: &str, id: &str, extra: &[&str]) {
+    let args = [
+        "--keypairgen",
+        "--key-type",
+        "EC:prime256v1",
+        "--label",
+        label,
+        "--id",
+        id,
+        "--usage-sign",
+    ];
+    pkcs11_tool(d, &[&args[..], extra].concat());
+}
+
 /// `tsa hsm check`'s exit and its output.
 fn hsm_check(d: &Path) -> (bool, String) {
     let out = common::run(
@@ -1405,19 +1421,7 @@ fn a_public_key_left_behind_is_not_taken_for_the_new_keys() {
     );
     assert!(error.contains("public key with"), "{error}");
 
-    pkcs11_tool(
-        d,
-        &[
-            "--keypairgen",
-            "--key-type",
-            "EC:prime256v1",
-            "--label",
-            "tsa-tsu",
-            "--id",
-            &id,
-            "--usage-sign",
-        ],
-    );
+    keypairgen(d, "tsa-tsu", &id, &[]);
     let (ok, report) = hsm_check(d);
     assert!(!ok, "{report}");
     assert!(
@@ -1433,19 +1437,7 @@ fn a_key_pair_of_the_same_id_under_another_label_is_not_the_keys() {
     let dir = init_hsm(&["--algorithm", "p256"], "");
     let d = dir.path();
     let id = key_id(d);
-    pkcs11_tool(
-        d,
-        &[
-            "--keypairgen",
-            "--key-type",
-            "EC:prime256v1",
-            "--label",
-            "other",
-            "--id",
-            &id,
-            "--usage-sign",
-        ],
-    );
+    keypairgen(d, "other", &id, &[]);
     // The private keys differ by label: the configured one is found by its own.
     edit_config(d, |config| replace_line(config, "key_id = ", ""));
     let (ok, report) = hsm_check(d);
@@ -1462,20 +1454,7 @@ fn a_key_that_needs_the_pin_for_each_signature_is_refused_by_name() {
     for class in ["privkey", "pubkey"] {
         pkcs11_tool(d, &["--delete-object", "--type", class, "--id", &id]);
     }
-    pkcs11_tool(
-        d,
-        &[
-            "--keypairgen",
-            "--key-type",
-            "EC:prime256v1",
-            "--label",
-            "tsa-tsu",
-            "--id",
-            &id,
-            "--usage-sign",
-            "--always-auth",
-        ],
-    );
+    keypairgen(d, "tsa-tsu", &id, &["--always-auth"]);
     let (ok, report) = hsm_check(d);
     assert!(!ok, "{report}");
     assert!(report.contains("CKA_ALWAYS_AUTHENTICATE"), "{report}");

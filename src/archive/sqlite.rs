@@ -512,14 +512,7 @@ impl ArchiveStore for SqliteStore {
             )
             .optional()?
             .unwrap_or((0, None, 0));
-        let anchor = c
-            .query_row(
-                "SELECT instance_id, seq, hash, max_counter, max_gen_time_ns, pruned_at_ns \
-                 FROM chain_anchors WHERE instance_id = ?1",
-                [instance_id],
-                read_anchor,
-            )
-            .optional()?;
+        let anchor = anchor_of(c, instance_id)?;
         // The head is the record with the highest position; the counter index answers the
         // highest counter; the genTimes of the last records (commit order and genTime order
         // differ only among requests in flight together) and the instance row the rest.
@@ -995,6 +988,17 @@ impl ArchiveStore for SqliteStore {
     }
 }
 
+/// The instance's chain anchor, if it has one.
+fn anchor_of(conn: &Connection, instance_id: u32) -> Result<Option<Anchor>, rusqlite::Error> {
+    conn.query_row(
+        "SELECT instance_id, seq, hash, max_counter, max_gen_time_ns, pruned_at_ns \
+         FROM chain_anchors WHERE instance_id = ?1",
+        [instance_id],
+        read_anchor,
+    )
+    .optional()
+}
+
 /// Where a prune of the instance's records before `before_ns` would cut: the anchor it would
 /// store (`None`: no record goes) and the time before which events go.
 ///
@@ -1051,14 +1055,7 @@ fn prune_plan(
         params![instance_id, seq],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
-    let previous = conn
-        .query_row(
-            "SELECT instance_id, seq, hash, max_counter, max_gen_time_ns, pruned_at_ns \
-             FROM chain_anchors WHERE instance_id = ?1",
-            [instance_id],
-            read_anchor,
-        )
-        .optional()?;
+    let previous = anchor_of(conn, instance_id)?;
     let anchor = Anchor {
         instance_id,
         seq,

@@ -87,17 +87,8 @@ pub struct InstallCertArgs {
     pub cert: PathBuf,
 }
 
-#[derive(Debug, clap::Args)]
-pub struct CheckArgs {
-    #[arg(long, short, default_value = "state/tsa.toml")]
-    pub config: PathBuf,
-    /// Signatures to time after the checks (0: none).
-    #[arg(long, default_value_t = 0)]
-    pub signatures: usize,
-    /// Threads signing at once while timing.
-    #[arg(long, default_value_t = 1)]
-    pub threads: usize,
-}
+/// `tsa hsm check` takes what `tsa check` takes.
+pub use super::check::CheckArgs;
 
 pub fn run(args: &HsmArgs) -> anyhow::Result<()> {
     match &args.command {

@@ -611,10 +611,9 @@ fn an_update_that_cannot_select_keeps_the_pending_step() {
     assert!(run.accepted_a_step(), "{:?}", run.events);
 }
 
-/// An independent reference too wide for the declared accuracy is left out of the selection
-/// but still vetoes a step its interval rules out.
-#[test]
-fn a_too_far_independent_reference_still_vetoes_a_step() {
+/// Five honest servers and a GPS receiver too wide (400 ms) for the declared accuracy
+/// (300 ms), after ten rounds: the receiver is left out of the selection.
+fn five_honest_and_a_too_far_gps() -> Run {
     let mut wide_gps = gps(0);
     wide_gps.root_dispersion = 400_000_000;
     let config = DisciplineConfig {
@@ -632,6 +631,14 @@ fn a_too_far_independent_reference_still_vetoes_a_step() {
     let mut run = Run::with(sims, config, 0.0);
     run.rounds(10);
     assert_eq!(run.selections()[5], Selection::TooFar);
+    run
+}
+
+/// An independent reference too wide for the declared accuracy is left out of the selection
+/// but still vetoes a step its interval rules out.
+#[test]
+fn a_too_far_independent_reference_still_vetoes_a_step() {
+    let mut run = five_honest_and_a_too_far_gps();
     // Four of six configured: a majority.
     for sim in &mut run.sims[..4] {
         sim.lie = 2_000_000_000;
@@ -645,23 +652,7 @@ fn a_too_far_independent_reference_still_vetoes_a_step() {
 /// (it moved too), does not keep the rounds from confirming it: it contradicts nothing.
 #[test]
 fn a_too_far_independent_reference_that_agrees_lets_a_step_be_confirmed() {
-    let mut wide_gps = gps(0);
-    wide_gps.root_dispersion = 400_000_000;
-    let config = DisciplineConfig {
-        declared_accuracy_ns: Some(300_000_000),
-        ..DisciplineConfig::default()
-    };
-    let sims = vec![
-        honest(0),
-        honest(100),
-        honest(-100),
-        honest(50),
-        honest(-50),
-        wide_gps,
-    ];
-    let mut run = Run::with(sims, config, 0.0);
-    run.rounds(10);
-    assert_eq!(run.selections()[5], Selection::TooFar);
+    let mut run = five_honest_and_a_too_far_gps();
     run.truth.offset0 += 2_000_000_000;
     run.rounds(8);
     assert!(run.accepted_a_step(), "{:?}", run.events);
