@@ -739,19 +739,22 @@ mod tests {
         assert!(clock.now().is_ok());
     }
 
-    #[test]
-    fn strictly_increasing_at_the_tick() {
+    /// A synchronized clock over a source one nanosecond further at each reading, handing
+    /// out times that strictly increase at `tick`.
+    fn ticking_at(tick: Duration) -> (IssuingClock, Arc<AtomicU64>) {
         let now = Arc::new(AtomicU64::new(1_000_000_000));
         let source = Scripted {
             now: now.clone(),
             state: SyncState::Synchronized,
             bound_ns: 1,
         };
-        let clock = IssuingClock::new(
-            Box::new(source),
-            Duration::from_secs(1),
-            Duration::from_micros(1),
-        );
+        let clock = IssuingClock::new(Box::new(source), Duration::from_secs(1), tick);
+        (clock, now)
+    }
+
+    #[test]
+    fn strictly_increasing_at_the_tick() {
+        let (clock, now) = ticking_at(Duration::from_micros(1));
         let mut last = 0;
         for _ in 0..100 {
             let t = clock.now().unwrap().unix_ns / 1_000;
@@ -764,17 +767,7 @@ mod tests {
 
     #[test]
     fn a_tick_set_again_holds_from_then_on() {
-        let now = Arc::new(AtomicU64::new(1_000_000_000));
-        let source = Scripted {
-            now: now.clone(),
-            state: SyncState::Synchronized,
-            bound_ns: 1,
-        };
-        let clock = IssuingClock::new(
-            Box::new(source),
-            Duration::from_secs(1),
-            Duration::from_nanos(1),
-        );
+        let (clock, now) = ticking_at(Duration::from_nanos(1));
         let first = clock.now().unwrap().unix_ns;
         assert_eq!(
             clock.now().unwrap().unix_ns,
