@@ -315,6 +315,20 @@ impl ImprintIndex {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Another server's indexer on the same archive (instances sharing one database) may
+        // have indexed them since the watermark was read: its run stands, this one is not
+        // written (the same records in two runs would also fail the merge of their level).
+        let now: u64 = tx
+            .query_row(
+                "SELECT seq FROM watermarks WHERE instance_id = ?1",
+                [instance_id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        if now != mark {
+            return Ok(Some(now));
+        }
         let id = new_run(&tx, 0, entries.len())?;
         {
             let mut insert = tx.prepare(&format!(
@@ -369,14 +383,16 @@ impl ImprintIndex {
             |r| r.get(0),
         )?;
         let id = new_run(&tx, level + 1, records as usize)?;
-        // Each run is in key order, so SQLite merges them as they are (no sort).
+        // Each run is in key order, so SQLite merges them as they are (no sort). A record
+        // indexed twice (by two indexers before they checked each other's watermark) is kept
+        // once.
         let union = runs
             .iter()
             .map(|r| format!("SELECT prefix, instance_id, seq FROM run_{r}"))
             .collect::<Vec<_>>()
             .join(" UNION ALL ");
         tx.execute_batch(&format!(
-            "INSERT INTO run_{id} (prefix, instance_id, seq) {union} ORDER BY 1, 2, 3;
+            "INSERT OR IGNORE INTO run_{id} (prefix, instance_id, seq) {union} ORDER BY 1, 2, 3;
              INSERT INTO run_ranges (run, instance_id, max_seq) \
              SELECT {id}, instance_id, MAX(max_seq) FROM run_ranges WHERE run IN ({list}) \
              GROUP BY instance_id;"
@@ -892,6 +908,42 @@ mod tests {
             )
             .unwrap();
         assert_eq!(total, 4);
+    }
+
+    /// Two indexers on one archive (two servers of instances sharing its database): a run
+    /// the second would write over records the first indexed since it read the watermark is
+    /// not written, and runs that hold a record twice (written so before) merge into one
+    /// that holds it once.
+    #[test]
+    fn two_indexers_on_one_archive_index_each_record_once() {
+        let mut a = Archive::new();
+        let seqs = a.append(&(0..3).map(imprint).collect::<Vec<_>>());
+        let (mut first, mut second) = (a.index(), a.index());
+        let conn = a.store.connection();
+        assert_eq!(first.index(conn, INSTANCE, 0, 3).unwrap(), Some(3));
+        // The second read the watermark (0) before the first moved it.
+        assert_eq!(second.index(conn, INSTANCE, 0, 3).unwrap(), Some(3));
+        assert_eq!(runs(&first), vec![(0, 3)], "one run");
+        each_found_once(&mut first, &seqs);
+
+        // A record in two runs (as an index written before could hold it) merges once.
+        let mut b = Archive::new();
+        let n = FANOUT as u64 - 1;
+        let seqs = b.append(&(0..n).map(imprint).collect::<Vec<_>>());
+        let mut index = b.index();
+        let conn = b.store.connection();
+        for mark in 0..n {
+            index.index(conn, INSTANCE, mark, 1).unwrap();
+        }
+        index
+            .conn
+            .execute("UPDATE watermarks SET seq = 0", [])
+            .unwrap();
+        index.index(conn, INSTANCE, 0, 1).unwrap();
+        assert_eq!(runs(&index).len(), FANOUT, "the first record twice");
+        assert!(index.merge().unwrap());
+        assert_eq!(runs(&index), vec![(1, FANOUT as i64)]);
+        each_found_once(&mut index, &seqs);
     }
 
     #[test]

@@ -1252,6 +1252,42 @@ mod tests {
         assert_eq!(anchor.max_gen_time_ns, last_seq * second);
     }
 
+    /// A segment removed by a prune while a look-up goes over the segments (listed before):
+    /// the records of the others are still found, by imprint and by serial.
+    #[test]
+    fn a_segment_pruned_during_a_look_up_leaves_the_others_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_of(sqlite::Layout::Log, dir.path());
+        // Every record of the same imprint, in segments of a few records each.
+        let records = records_a_second_apart(10);
+        for r in &records {
+            store.append(0, std::slice::from_ref(r), &[]).unwrap();
+        }
+        let folder = log::segments::instance_dir(
+            &log::segments::dir_for(&dir.path().join("archive.sqlite")),
+            0,
+        );
+        let all = log::segments::segments(&folder).unwrap();
+        assert!(all.len() > 2, "{} segments", all.len());
+        let first_kept = all[1].first_seq;
+        // Listed, then gone when opened: a link to nothing stands for the race.
+        std::fs::remove_file(&all[0].path).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("gone"), &all[0].path).unwrap();
+        let found = store
+            .records_by_imprint(&records[0].record.imprint, 100)
+            .unwrap();
+        let mut seqs: Vec<u64> = found.records.iter().map(|r| r.seq).collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (first_kept..=10).collect::<Vec<_>>());
+        let serial = &records[0].record.serial;
+        assert!(store.record_by_serial(serial).unwrap().is_none());
+        let last = &records[9].record.serial;
+        assert_eq!(
+            store.record_by_serial(last).unwrap().map(|r| r.seq),
+            Some(10)
+        );
+    }
+
     #[test]
     fn rows_are_pruned_in_bounded_steps() {
         let dir = tempfile::tempdir().unwrap();

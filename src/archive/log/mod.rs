@@ -259,7 +259,12 @@ impl LogReader {
         counter: u64,
         spanning: &mut Vec<(Segment, segments::Scanned)>,
     ) -> io::Result<Option<StoredRecord>> {
-        let scanned = segments::scan_checked_for_look_ups(segment)?;
+        let scanned = match segments::scan_checked_for_look_ups(segment) {
+            Ok(scanned) => scanned,
+            // Pruned since it was listed: the counter is not there.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
         let entries = &scanned.entries;
         let Some(e) = entries.iter().find(|e| e.counter == counter) else {
             let low = entries.iter().map(|e| e.counter).min();
@@ -1035,30 +1040,40 @@ impl ArchiveStore for LogStore {
             for (i, segment) in all.iter().enumerate() {
                 let end = all.get(i + 1).map_or(u64::MAX, |next| next.first_seq);
                 let counts = |seq: u64| seq > anchor && seq < end;
-                if let Some(positions) = segments::positions_by_imprint(segment, imprint)? {
-                    let positions: Vec<u64> =
-                        positions.into_iter().filter(|&s| counts(s)).collect();
-                    // Most look-ups find no candidate in most segments: their files stay shut.
-                    if positions.is_empty() {
-                        continue;
+                let mut read = || -> io::Result<()> {
+                    if let Some(positions) = segments::positions_by_imprint(segment, imprint)? {
+                        let positions: Vec<u64> =
+                            positions.into_iter().filter(|&s| counts(s)).collect();
+                        // Most look-ups find no candidate in most segments: their files stay
+                        // shut.
+                        if positions.is_empty() {
+                            return Ok(());
+                        }
+                        let mut reader = PositionReader::open(segment)?;
+                        for seq in positions {
+                            if reader.read(seq, &mut frame)?.is_some() {
+                                offer(&mut frame, seq);
+                            }
+                        }
+                        return Ok(());
                     }
-                    let mut reader = PositionReader::open(segment)?;
-                    for seq in positions {
-                        if reader.read(seq, &mut frame)?.is_some() {
-                            offer(&mut frame, seq);
+                    // The open segment: its index entries carry the key.
+                    let file = File::open(&segment.path)?;
+                    for e in scan(segment)?.entries {
+                        if e.imprint_key == key
+                            && counts(e.seq)
+                            && read_frame_into(&file, e.offset, &mut frame)?
+                        {
+                            offer(&mut frame, e.seq);
                         }
                     }
-                    continue;
-                }
-                // The open segment: its index entries carry the key.
-                let file = File::open(&segment.path)?;
-                for e in scan(segment)?.entries {
-                    if e.imprint_key == key
-                        && counts(e.seq)
-                        && read_frame_into(&file, e.offset, &mut frame)?
-                    {
-                        offer(&mut frame, e.seq);
-                    }
+                    Ok(())
+                };
+                match read() {
+                    // Pruned since it was listed (retention, beside the look-up): its
+                    // records are gone, the others are still found.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    other => other?,
                 }
             }
         }
