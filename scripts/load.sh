@@ -110,6 +110,9 @@ need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
 command -v taskset >/dev/null || need+=(util-linux)
+if [ "${HSM:-0}" = 1 ]; then
+  command -v softhsm2-util >/dev/null || need+=(softhsm2)
+fi
 if [ -z "${IMPRINTS:-}" ]; then
   if [ "${ARCHIVE:-0}" = 0 ]; then IMPRINTS=same; else IMPRINTS=distinct; fi
 fi

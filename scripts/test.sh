@@ -5,13 +5,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Some tests mount a tmpfs (tests/disk_full.rs), run PostgreSQL as a user of their own and
+# make network namespaces: they need root.
+if [ "$(id -u)" != 0 ]; then
+  echo "test.sh: the tests need root (sudo ./scripts/test.sh)" >&2
+  exit 1
+fi
+command -v cargo >/dev/null || {
+  echo "test.sh: needs Rust 1.85 or later (cargo), from https://rustup.rs" >&2
+  exit 1
+}
 need=()
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
 command -v timeout >/dev/null || need+=(coreutils)
 # tests/clock_chrony.rs, tests/clock_kernel.rs: real chronyd on loopback (-x: never touching
 # the clock).
-command -v chronyd >/dev/null || need+=(chrony)
+command -v chronyd >/dev/null || [ -x /usr/sbin/chronyd ] || need+=(chrony)
 # tests/systemd.rs: systemd-analyze verify / security --offline on the unit files.
 command -v systemd-analyze >/dev/null || need+=(systemd)
 # tests/clock_gps.rs: the real gpsd, reading NMEA from a pseudo-terminal on a loopback port.
@@ -35,6 +45,8 @@ command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
 command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need+=(iproute2)
 command -v unshare >/dev/null || need+=(util-linux)
+# tests/hsm.rs signals servers with kill(1) (not the shell's builtin).
+[ -x /bin/kill ] || [ -x /usr/bin/kill ] || need+=(procps)
 # tests/status.rs: the status page rendered by headless Chromium.
 command -v chromium >/dev/null || need+=(chromium)
 # tests/power_loss.rs, tests/clock_kernel.rs: libraries for LD_PRELOAD, built with the C compiler.
