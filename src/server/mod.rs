@@ -450,6 +450,15 @@ pub async fn serve(
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin)", config.admin_listen))?;
+    if !config.admin_listen.ip().is_loopback() {
+        tracing::warn!(
+            admin_listen = %config.admin_listen,
+            "the admin listener is not on loopback: it asks for no credentials, and its \
+             /archive look-ups hand out any client's token by serial or imprint (and how often \
+             an imprint was stamped), /metrics and /status the server's state, to whoever \
+             reaches it; keep it on a management network that a firewall closes to others"
+        );
+    }
     let https = match config.https_listen {
         Some(addr) => {
             let acceptor = tls::acceptor(&config.tls).context(Misconfigured)?;
