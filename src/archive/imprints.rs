@@ -258,15 +258,7 @@ impl ImprintIndex {
             behind: 0,
         };
         for (instance_id, head) in heads(archive)? {
-            let mut mark: u64 = self
-                .conn
-                .query_row(
-                    "SELECT seq FROM watermarks WHERE instance_id = ?1",
-                    [instance_id],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .unwrap_or(0);
+            let mut mark = watermark(&self.conn, instance_id)?;
             if !progress.worked && head.is_some_and(|h| h > mark) {
                 mark = self
                     .index(archive, instance_id, mark, limit)?
@@ -318,14 +310,7 @@ impl ImprintIndex {
         // Another server's indexer on the same archive (instances sharing one database) may
         // have indexed them since the watermark was read: its run stands, this one is not
         // written (the same records in two runs would also fail the merge of their level).
-        let now: u64 = tx
-            .query_row(
-                "SELECT seq FROM watermarks WHERE instance_id = ?1",
-                [instance_id],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(0);
+        let now = watermark(&tx, instance_id)?;
         if now != mark {
             return Ok(Some(now));
         }
@@ -512,6 +497,18 @@ fn run_ids(tx: &Transaction<'_>, sql: &str) -> Result<Vec<i64>, StoreError> {
 }
 
 /// Adds a run of `level` with `records` entries and creates its table; returns its id.
+/// The instance's watermark: its records up to it are indexed (0: none).
+fn watermark(conn: &Connection, instance_id: u32) -> Result<u64, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT seq FROM watermarks WHERE instance_id = ?1",
+            [instance_id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0))
+}
+
 fn new_run(tx: &Transaction<'_>, level: i64, records: usize) -> Result<i64, StoreError> {
     tx.execute(
         "INSERT INTO runs (level, records) VALUES (?1, ?2)",

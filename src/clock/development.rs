@@ -44,7 +44,10 @@ impl DevelopmentClock {
     /// would otherwise cost).
     fn kernel_bound_ns(&self, now_ns: u64) -> u64 {
         let second = now_ns / 1_000_000_000;
-        if self.kernel_read_s.swap(second, Ordering::Relaxed) != second {
+        // Loaded first: a token writes nothing shared unless the second changed.
+        if self.kernel_read_s.load(Ordering::Relaxed) != second
+            && self.kernel_read_s.swap(second, Ordering::Relaxed) != second
+        {
             let state = self.kernel.state();
             let bound = match state.unsynchronized() || state.max_error_us < 0 {
                 true => 0,

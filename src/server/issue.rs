@@ -23,7 +23,7 @@ pub struct CurrentCertificate(Arc<Issuing>);
 impl CurrentCertificate {
     /// Until when it issues (Unix ns): its notAfter less `token.min_certificate_validity_days`.
     pub fn issues_until_ns(&self) -> u64 {
-        self.0.valid_ns.1
+        self.0.issues_until_ns()
     }
 }
 

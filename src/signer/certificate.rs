@@ -16,6 +16,8 @@ pub struct TsuCertificate {
     der: Vec<u8>,
     chain: Vec<Vec<u8>>,
     cert: Certificate,
+    /// `chain`, decoded.
+    chain_certs: Vec<Certificate>,
 }
 
 impl TsuCertificate {
@@ -36,7 +38,21 @@ impl TsuCertificate {
     pub fn from_der(der: Vec<u8>, chain: Vec<Vec<u8>>) -> anyhow::Result<Self> {
         let cert = Certificate::from_der(&der).context("the TSU certificate is not valid DER")?;
         ensure_der(&cert, &der).context("the TSU certificate")?;
-        Ok(Self { der, chain, cert })
+        let chain_certs = chain
+            .iter()
+            .enumerate()
+            .map(|(i, der)| {
+                Certificate::from_der(der).with_context(|| {
+                    format!("certificate {} of the TSU certificate's chain", i + 1)
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            der,
+            chain,
+            cert,
+            chain_certs,
+        })
     }
 
     pub fn der(&self) -> &[u8] {
@@ -84,12 +100,10 @@ impl TsuCertificate {
     /// check, though the TSU certificate runs on).
     pub fn path_validity(&self) -> (SystemTime, SystemTime) {
         let mut validity = (self.not_before(), self.not_after());
-        for der in &self.chain {
-            if let Ok(cert) = Certificate::from_der(der) {
-                let v = cert.tbs_certificate().validity();
-                validity.0 = validity.0.max(v.not_before.to_system_time());
-                validity.1 = validity.1.min(v.not_after.to_system_time());
-            }
+        for cert in &self.chain_certs {
+            let v = cert.tbs_certificate().validity();
+            validity.0 = validity.0.max(v.not_before.to_system_time());
+            validity.1 = validity.1.min(v.not_after.to_system_time());
         }
         validity
     }
@@ -188,14 +202,12 @@ impl TsuCertificate {
     /// would be served with every token while verifiers could build no path.
     fn check_chain(&self, now: Option<SystemTime>) -> anyhow::Result<()> {
         use crate::client::verify::{check_issuing_ca, verify_signature, BadSignature};
-        let chain = self
-            .chain
-            .iter()
-            .map(|der| Ok((Certificate::from_der(der)?, &der[..])))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let below =
-            std::iter::once((&self.cert, &self.der[..])).chain(chain.iter().map(|(c, d)| (c, *d)));
-        for (i, ((cert, octets), (issuer, _))) in below.zip(&chain).enumerate() {
+        let below = std::iter::once((&self.cert, &self.der[..])).chain(
+            self.chain_certs
+                .iter()
+                .zip(self.chain.iter().map(Vec::as_slice)),
+        );
+        for (i, ((cert, octets), issuer)) in below.zip(&self.chain_certs).enumerate() {
             let (tbs, by) = (cert.tbs_certificate(), issuer.tbs_certificate());
             let which = || format!("certificate {} of the TSU certificate's chain", i + 1);
             if tbs.issuer() != by.subject() {

@@ -326,42 +326,39 @@ pub fn read_key_info(session: &Session, key: ObjectHandle) -> anyhow::Result<Key
         label: None,
         id: public.id.clone(),
     };
-    let public_attribute =
-        |session: &Session, public: &KeySelector, attribute| match public_attribute(
-            session, public, attribute,
-        )? {
-            None if public.label.is_some() && by_id.id.is_some() => {
-                public_attribute(session, &by_id, attribute)
-            }
-            found => Ok(found),
-        };
+    let public_of = |attribute| match public_attribute(session, &public, attribute)? {
+        None if public.label.is_some() && by_id.id.is_some() => {
+            public_attribute(session, &by_id, attribute)
+        }
+        found => Ok(found),
+    };
     let (kind, public_key) = match key_type {
         Some(t) if t == KeyType::EC => {
             let params = match ec_params {
                 Some(p) => p,
-                None => public_attribute(session, &public, AttributeType::EcParams)?
+                None => public_of(AttributeType::EcParams)?
                     .context("the EC key has no CKA_EC_PARAMS")?,
             };
             let kind = curve(&params)?;
-            let point =
-                public_attribute(session, &public, AttributeType::EcPoint)?.with_context(|| {
-                    format!(
-                        "no public key object with {public} beside the private key; the TSA \
+            let point = public_of(AttributeType::EcPoint)?.with_context(|| {
+                format!(
+                    "no public key object with {public} beside the private key; the TSA \
                          reads the EC point (CKA_EC_POINT) from it"
-                    )
-                })?;
+                )
+            })?;
             let field_len = if kind == KeyKind::EcP256 { 32 } else { 48 };
             (kind, ec_point(&point, field_len)?)
         }
         Some(t) if t == KeyType::RSA => {
             let modulus = match modulus {
                 Some(m) => m,
-                None => public_attribute(session, &public, AttributeType::Modulus)?
-                    .context("the RSA key has no CKA_MODULUS")?,
+                None => {
+                    public_of(AttributeType::Modulus)?.context("the RSA key has no CKA_MODULUS")?
+                }
             };
             let exponent = match exponent {
                 Some(e) => e,
-                None => public_attribute(session, &public, AttributeType::PublicExponent)?
+                None => public_of(AttributeType::PublicExponent)?
                     .context("the RSA key has no CKA_PUBLIC_EXPONENT")?,
             };
             let bits = significant_bits(&modulus);
