@@ -12,12 +12,14 @@ use std::time::{Duration, Instant};
 
 use archive_support::{
     archive_cli, archived_records, chained, database, get, get_with_header, hex, init,
-    one_checkpoint_per_position, open_store, stamp, Conn, Received, Serving,
+    one_checkpoint_per_position, open_store, stamp, stamp_query, Conn, Received, Serving,
 };
 use rusqlite::params;
+use tsa::alg::DigestAlgorithm;
 use tsa::archive::record::{record_hash, StoredRecord};
 use tsa::archive::serial::layout;
 use tsa::archive::store::ArchiveStore;
+use tsa::client::Query;
 use tsa::protocol::FailInfo;
 
 const DEVELOPMENT_POLICY: &str = "1.3.6.1.4.1.32473.3161.1";
@@ -2076,6 +2078,82 @@ fn an_imprint_stamped_many_times(layout: &str) {
         out.contains("12 of the 12 tokens with this imprint not shown"),
         "{out}"
     );
+}
+
+#[test]
+fn a_look_up_by_imprint_takes_the_digest_algorithm_in_rows() {
+    one_imprint_under_two_digests("rows");
+}
+
+#[test]
+fn a_look_up_by_imprint_takes_the_digest_algorithm_in_the_token_log() {
+    one_imprint_under_two_digests("log");
+}
+
+/// The same octets stamped as a SHA-256 and as a SHA3-256 imprint are two imprints: a look-up
+/// that names the algorithm gets only its tokens (a client verifying the re-fetched token
+/// hashes its document with the token's algorithm); one that does not gets them all.
+fn one_imprint_under_two_digests(layout: &str) {
+    let dir = init(&format!("layout = \"{layout}\""));
+    let d = dir.path();
+    let server = Serving::start(d);
+    let mut conn = Conn::connect(&server.public).unwrap();
+    let sha256 = Query::for_data(DigestAlgorithm::Sha256, b"an invoice").unwrap();
+    let sha3 = Query {
+        digest: DigestAlgorithm::Sha3_256,
+        ..sha256.clone()
+    };
+    let mut granted = |query: &Query| stamp_query(&mut conn, query).unwrap().expect("granted");
+    let (first, second, other) = (granted(&sha256), granted(&sha256), granted(&sha3));
+    assert_eq!(first.imprint, other.imprint);
+    let imprint = hex(&first.imprint);
+    let look_up = |query: &str| {
+        get_with_header(
+            &server.admin,
+            &format!("/archive/imprint/{imprint}{query}"),
+            "x-archive-matches",
+        )
+    };
+    let (status, matches, body) = look_up("");
+    assert_eq!((status, matches.as_deref()), (200, Some("3")));
+    assert_eq!(body, other.response);
+    for query in ["?alg=sha256", "?alg=SHA256", "?alg=2.16.840.1.101.3.4.2.1"] {
+        let (status, matches, body) = look_up(query);
+        assert_eq!((status, matches.as_deref()), (200, Some("2")), "{query}");
+        assert_eq!(body, second.response, "{query}");
+    }
+    let (status, matches, body) = look_up("?alg=sha3-256");
+    assert_eq!((status, matches.as_deref()), (200, Some("1")));
+    assert_eq!(body, other.response);
+    assert_eq!(look_up("?alg=sha512").0, 404);
+    for bad in [
+        "?alg=whirlpool",
+        "?digest=sha256",
+        "?alg=sha256&alg=sha3-256",
+    ] {
+        let (status, _, body) = look_up(bad);
+        assert_eq!(status, 400, "{bad}: {}", String::from_utf8_lossy(&body));
+    }
+    let by_serial = format!("/archive/serial/{}?alg=sha256", hex(&first.serial));
+    assert_eq!(get(&server.admin, &by_serial).0, 400);
+    server.stop();
+
+    let serials = |alg: &[&str]| {
+        let mut args = vec!["get", "--imprint", &imprint];
+        args.extend_from_slice(alg);
+        let (ok, out) = archive_cli(d, &args);
+        assert!(ok, "{out}");
+        out.lines()
+            .filter_map(|l| l.strip_prefix("serial      : "))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let hexes = |rs: &[&Received]| rs.iter().map(|r| hex(&r.serial)).collect::<Vec<_>>();
+    assert_eq!(serials(&[]), hexes(&[&other, &second, &first]));
+    assert_eq!(serials(&["--alg", "sha256"]), hexes(&[&second, &first]));
+    assert_eq!(serials(&["--alg", "sha3-256"]), hexes(&[&other]));
+    let (ok, out) = archive_cli(d, &["get", "--imprint", &imprint, "--alg", "sha4"]);
+    assert!(!ok && out.contains("unknown digest"), "{out}");
 }
 
 /// The imprint index is derived data: when it cannot be kept (here a directory stands where

@@ -863,10 +863,15 @@ fn a_frequent_imprint_gives_its_newest_records_and_counts_them_all_on_postgres()
         r.imprint = (if seq % 3 == 0 { &twin } else { &frequent }).clone();
         r.gen_time_ns = gen_time_ns(seq);
     });
-    // Instance 1: the genTimes of instance 0's newest two, and an old one.
+    // Instance 1: the genTimes of instance 0's newest two, and an old one; the second's
+    // octets are a SHA3-256 imprint.
+    const SHA3_256: &str = "2.16.840.1.101.3.4.2.8";
     let one = chained_with(1, 3, |seq, r| {
         r.imprint = frequent.clone();
         r.gen_time_ns = [gen_time_ns(71), gen_time_ns(74), BASE][seq as usize - 1];
+        if seq == 2 {
+            r.imprint_alg = SHA3_256.into();
+        }
     });
     store.append(0, &zero, &[]).unwrap();
     store.append(1, &one, &[]).unwrap();
@@ -906,6 +911,24 @@ fn a_frequent_imprint_gives_its_newest_records_and_counts_them_all_on_postgres()
     let found = store.records_by_imprint(&frequent, 1).unwrap();
     assert_eq!(found.records, [zero[70].clone()], "the whole record");
     assert_eq!(store.records_by_imprint(&twin, 3).unwrap().total, 25);
+    // By algorithm: the SHA3-256 one alone, or all but it.
+    let of = |store: &mut PostgresStore, alg: &str| {
+        let found = store
+            .records_by_imprint_of(Some(alg), &frequent, 2)
+            .unwrap();
+        let at: Vec<(u32, u64)> = found
+            .records
+            .iter()
+            .map(|r| (r.instance_id, r.seq))
+            .collect();
+        (at, found.total)
+    };
+    assert_eq!(of(&mut store, SHA3_256), (vec![(1, 2)], 1));
+    let sha256: Vec<_> = expected(0).into_iter().filter(|&at| at != (1, 2)).collect();
+    assert_eq!(
+        of(&mut store, "2.16.840.1.101.3.4.2.1"),
+        (sha256[..2].to_vec(), 52)
+    );
 
     // Instance 0 pruned up to position 10 (the first genTime at or after the cut is 11's).
     store.add_checkpoint(&checkpoint_of(&zero[74])).unwrap();

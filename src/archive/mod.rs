@@ -650,13 +650,31 @@ impl Archive {
         true
     }
 
-    /// Answers `GET /archive/serial/<hex>` and `GET /archive/imprint/<hex>` (the path after
-    /// `/archive/`).
-    pub fn lookup_path(&self, path: &str) -> Lookup {
+    /// Answers `GET /archive/serial/<hex>` and `GET /archive/imprint/<hex>[?alg=<digest>]`
+    /// (the path after `/archive/`, and the query).
+    pub fn lookup_path(&self, path: &str, query: Option<&str>) -> Lookup {
         let (kind, value) = path.split_once('/').unwrap_or((path, ""));
         let Some(bytes) = decode_hex(value) else {
             return Lookup::BadRequest(format!("'{value}' is not hex"));
         };
+        let mut alg = None;
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("alg", name)) if kind == "imprint" && alg.is_none() => {
+                    match imprint_algorithm(name) {
+                        Some(oid) => alg = Some(oid),
+                        None => return Lookup::BadRequest(format!("unknown digest '{name}'")),
+                    }
+                }
+                _ => {
+                    return Lookup::BadRequest(format!(
+                        "'{pair}': a look-up by imprint takes alg=<digest> once, by serial \
+                         nothing"
+                    ))
+                }
+            }
+        }
+        let alg = alg.as_deref();
         let mut reader = self.reader.lock().unwrap_or_else(|p| p.into_inner());
         // Read after the records: whatever it covers was durable when they were read.
         let durable = || DurableEnd {
@@ -672,15 +690,21 @@ impl Archive {
             // those few are all of it.
             "imprint" => {
                 const FEW: usize = 4;
-                reader.records_by_imprint(&bytes, FEW).and_then(|m| {
-                    let all = m.records.len() as u64 == m.total;
-                    let mut found = durable().only(m);
-                    if found.records.is_empty() && !all {
-                        let commit = crate::config::MAX_COMMIT_RECORDS;
-                        found = durable().only(reader.records_by_imprint(&bytes, FEW + commit)?);
-                    }
-                    Ok((found.records.into_iter().next(), found.total))
-                })
+                reader
+                    .records_by_imprint_of(alg, &bytes, FEW)
+                    .and_then(|m| {
+                        let all = m.records.len() as u64 == m.total;
+                        let mut found = durable().only(m);
+                        if found.records.is_empty() && !all {
+                            let commit = crate::config::MAX_COMMIT_RECORDS;
+                            found = durable().only(reader.records_by_imprint_of(
+                                alg,
+                                &bytes,
+                                FEW + commit,
+                            )?);
+                        }
+                        Ok((found.records.into_iter().next(), found.total))
+                    })
             }
             _ => return Lookup::NotFound,
         };
@@ -717,6 +741,17 @@ impl DurableEnd {
 impl Drop for Archive {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// An imprint's digest algorithm as the archive keeps it (a dotted OID), from its name
+/// (`sha256`, `sha3-256`, …) or its dotted OID.
+pub fn imprint_algorithm(text: &str) -> Option<String> {
+    match crate::alg::DigestAlgorithm::from_name(text) {
+        Some(alg) => Some(alg.oid().to_string()),
+        None => const_oid::ObjectIdentifier::new(text)
+            .ok()
+            .map(|oid| oid.to_string()),
     }
 }
 

@@ -761,8 +761,9 @@ impl ArchiveStore for SqliteStore {
     /// there is no index, or it cannot be read), in one read transaction. The matches are
     /// counted and ranked by their genTimes, their tokens left on disk; then the newest `limit`
     /// are read whole.
-    fn records_by_imprint(
+    fn records_by_imprint_of(
         &mut self,
+        alg: Option<&str>,
         imprint: &[u8],
         limit: usize,
     ) -> Result<ImprintMatches, StoreError> {
@@ -792,7 +793,7 @@ impl ArchiveStore for SqliteStore {
         {
             let mut indexed = tx.prepare(
                 "SELECT gen_time_ns FROM tokens WHERE instance_id = ?1 AND seq = ?2 \
-                 AND imprint = ?3",
+                 AND imprint = ?3 AND (?4 IS NULL OR imprint_alg = ?4)",
             )?;
             for &(instance_id, seq) in &found.positions {
                 // One above its watermark is among those read next.
@@ -800,7 +801,7 @@ impl ArchiveStore for SqliteStore {
                     continue;
                 }
                 let gen_time_ns: Option<u64> = indexed
-                    .query_row(params![instance_id, seq, imprint], |r| r.get(0))
+                    .query_row(params![instance_id, seq, imprint, alg], |r| r.get(0))
                     .optional()?;
                 if let Some(gen_time_ns) = gen_time_ns {
                     newest.offer(Rank::new(gen_time_ns, instance_id, seq), (instance_id, seq));
@@ -808,10 +809,11 @@ impl ArchiveStore for SqliteStore {
             }
             let mut above = tx.prepare(
                 "SELECT seq, gen_time_ns FROM tokens WHERE instance_id = ?1 AND seq > ?2 \
-                 AND imprint = ?3",
+                 AND imprint = ?3 AND (?4 IS NULL OR imprint_alg = ?4)",
             )?;
             for &instance_id in &instances {
-                let mut rows = above.query(params![instance_id, mark(instance_id), imprint])?;
+                let mut rows =
+                    above.query(params![instance_id, mark(instance_id), imprint, alg])?;
                 while let Some(row) = rows.next()? {
                     let (seq, gen_time_ns) = (row.get(0)?, row.get(1)?);
                     newest.offer(Rank::new(gen_time_ns, instance_id, seq), (instance_id, seq));

@@ -332,6 +332,17 @@ pub trait ArchiveStore: Send {
         &mut self,
         imprint: &[u8],
         limit: usize,
+    ) -> Result<ImprintMatches, StoreError> {
+        self.records_by_imprint_of(None, imprint, limit)
+    }
+
+    /// [`ArchiveStore::records_by_imprint`], of the imprint's algorithm `alg` (a dotted OID)
+    /// alone where one is given: the same octets under SHA-256 and SHA3-256 are two imprints.
+    fn records_by_imprint_of(
+        &mut self,
+        alg: Option<&str>,
+        imprint: &[u8],
+        limit: usize,
     ) -> Result<ImprintMatches, StoreError>;
 
     /// The instance's records in chain order, from position `from_seq` on.

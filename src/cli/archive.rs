@@ -75,6 +75,10 @@ pub enum ArchiveCommand {
         /// counted). An imprint may have been stamped millions of times.
         #[arg(long, default_value_t = 100, requires = "imprint")]
         limit: usize,
+        /// With --imprint, only the tokens of this digest (`sha256`, `sha3-256`, … or a
+        /// dotted OID): the same octets under two algorithms are two imprints.
+        #[arg(long, requires = "imprint")]
+        alg: Option<String>,
         /// Write the granted TimeStampResp (DER, `.tsr`) here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -167,13 +171,14 @@ pub fn run(args: &ArchiveArgs) -> anyhow::Result<()> {
             serial,
             imprint,
             limit,
+            alg,
             out,
             token,
             force,
         } => get(
             &config,
             serial.as_deref(),
-            imprint.as_deref(),
+            imprint.as_deref().map(|imprint| (imprint, alg.as_deref())),
             *limit,
             out.as_deref().map(|path| (path, *force)),
             *token,
@@ -343,15 +348,23 @@ fn describe(r: &StoredRecord) -> String {
 }
 
 /// Prints what the archive holds of the token with `serial`, or of the latest `limit` tokens
-/// with `imprint` (and how many more there are), and writes the latest to `out`.
+/// with `imprint` (of one digest algorithm where one is named; and how many more there are),
+/// and writes the latest to `out`.
 fn get(
     config: &Config,
     serial: Option<&str>,
-    imprint: Option<&str>,
+    imprint: Option<(&str, Option<&str>)>,
     limit: usize,
     out: Option<(&Path, bool)>,
     bare_token: bool,
 ) -> anyhow::Result<()> {
+    let alg = match imprint.and_then(|(_, alg)| alg) {
+        Some(name) => Some(
+            archive::imprint_algorithm(name)
+                .with_context(|| format!("--alg: unknown digest '{name}'"))?,
+        ),
+        None => None,
+    };
     // Before the look-up: a mistyped --out (the archive's own database) is not replaced.
     let out = match out {
         Some((path, force)) => Some(super::not_replacing(not_the_archive(path, config)?, force)?),
@@ -376,10 +389,10 @@ fn get(
             let total = u64::from(found.is_some());
             (found.into_iter().collect::<Vec<_>>(), total)
         }
-        (None, Some(imprint)) => {
+        (None, Some((imprint, _))) => {
             let imprint = decode_hex(imprint).context("--imprint is not hex")?;
             // The latest one at least, for --out, even when none is printed.
-            let found = store.records_by_imprint(&imprint, limit.max(1))?;
+            let found = store.records_by_imprint_of(alg.as_deref(), &imprint, limit.max(1))?;
             (found.records, found.total)
         }
         (None, None) => bail!("give --serial or --imprint"),

@@ -46,8 +46,9 @@
 //! reason while the clock is not trusted or the signer failed), `GET /clock` (the clock's
 //! state and sources in words, as `tsa clock` prints them), `GET /metrics` (Prometheus),
 //! `GET /status` (the operator's HTML status page, [`super::status`]). With the archive:
-//! `GET /archive/serial/<hex>` and `GET /archive/imprint/<hex>` answer the archived token as
-//! its granted `TimeStampResp` (for an imprint, the latest of `X-Archive-Matches` tokens), 404
+//! `GET /archive/serial/<hex>` and `GET /archive/imprint/<hex>[?alg=<digest>]` answer the
+//! archived token as its granted `TimeStampResp` (for an imprint, the latest of
+//! `X-Archive-Matches` tokens, of the digest `alg` names where it is given), 404
 //! when unknown, 503 with `Retry-After` while [`MAX_LOOKUPS`] look-ups run. A request whose
 //! `Host` is not an IP address, `localhost` or one of `admin_hosts` gets 403 (DNS rebinding:
 //! a web page in the operator's browser must not read the listener). Its connections are counted apart from the public ones: past
@@ -1235,9 +1236,10 @@ async fn admin_route(req: Request<Incoming>, tsa: &Arc<Tsa>) -> Reply {
                 return busy;
             };
             let (tsa, path) = (Arc::clone(tsa), path["/archive/".len()..].to_owned());
+            let query = req.uri().query().map(str::to_owned);
             tokio::task::spawn_blocking(move || {
                 let _place = place;
-                archive_lookup(&tsa, &path)
+                archive_lookup(&tsa, &path, query.as_deref())
             })
             .await
             .unwrap_or_else(|_| {
@@ -1252,13 +1254,13 @@ async fn admin_route(req: Request<Incoming>, tsa: &Arc<Tsa>) -> Reply {
     }
 }
 
-fn archive_lookup(tsa: &Tsa, path: &str) -> Reply {
+fn archive_lookup(tsa: &Tsa, path: &str, query: Option<&str>) -> Reply {
     use crate::archive::Lookup;
     let text = |status, body: String| response(status, "text/plain", body.into());
     let Some(archive) = tsa.archive() else {
         return text(StatusCode::NOT_FOUND, "the archive is not enabled\n".into());
     };
-    match archive.lookup_path(path) {
+    match archive.lookup_path(path, query) {
         Lookup::Found(der, matches) => {
             let mut reply = response(StatusCode::OK, REPLY_TYPE, der.into());
             reply

@@ -204,7 +204,14 @@ pub struct Received {
 
 /// POSTs a query for `data`; the granted token, or the decoded rejection.
 pub fn stamp(conn: &mut Conn, data: &[u8]) -> std::io::Result<Result<Received, Response>> {
-    let query = Query::for_data(DigestAlgorithm::Sha256, data).unwrap();
+    stamp_query(
+        conn,
+        &Query::for_data(DigestAlgorithm::Sha256, data).unwrap(),
+    )
+}
+
+/// POSTs `query`; the granted token, or the decoded rejection.
+pub fn stamp_query(conn: &mut Conn, query: &Query) -> std::io::Result<Result<Received, Response>> {
     let (status, body) = conn.request("POST", "/", &query.to_der().unwrap())?;
     assert_eq!(status, 200);
     let response = Response::from_der(&body).expect("a DER TimeStampResp");

@@ -1014,8 +1014,9 @@ impl ArchiveStore for LogStore {
     /// keep their frames (the buffer goes into [`Newest`], which hands back the one it
     /// displaces), and only those become records at the end: the frames are kept rather than
     /// read again by offset, since a segment may go (pruning) before the end.
-    fn records_by_imprint(
+    fn records_by_imprint_of(
         &mut self,
+        alg: Option<&str>,
         imprint: &[u8],
         limit: usize,
     ) -> Result<ImprintMatches, StoreError> {
@@ -1023,7 +1024,11 @@ impl ArchiveStore for LogStore {
         let mut newest = Newest::new(limit);
         let mut offer = |frame: &mut Vec<u8>, seq: u64| {
             let rank = match frame_fields(frame) {
-                Some((r, _)) if r.seq == seq && r.imprint == imprint => {
+                Some((r, _))
+                    if r.seq == seq
+                        && r.imprint == imprint
+                        && alg.is_none_or(|alg| alg == r.imprint_alg) =>
+                {
                     Rank::new(r.gen_time_ns, r.instance_id, r.seq)
                 }
                 _ => return,

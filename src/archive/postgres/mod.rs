@@ -864,8 +864,9 @@ impl ArchiveStore for PostgresStore {
 
     /// A count and the newest `limit` rows (a top-N sort: the server holds no more either),
     /// from one snapshot.
-    fn records_by_imprint(
+    fn records_by_imprint_of(
         &mut self,
+        alg: Option<&str>,
         imprint: &[u8],
         limit: usize,
     ) -> Result<ImprintMatches, StoreError> {
@@ -874,16 +875,18 @@ impl ArchiveStore for PostgresStore {
             let mut tx = snapshot(&mut s.client)?;
             let total: i64 = tx
                 .query_one(
-                    "SELECT COUNT(*) FROM tokens WHERE imprint = $1",
-                    &[&imprint],
+                    "SELECT COUNT(*) FROM tokens WHERE imprint = $1 \
+                     AND ($2::TEXT IS NULL OR imprint_alg = $2)",
+                    &[&imprint, &alg],
                 )?
                 .try_get(0)?;
             let rows = tx.query(
                 &format!(
                     "SELECT {RECORD_COLUMNS} FROM tokens WHERE imprint = $1 \
+                     AND ($3::TEXT IS NULL OR imprint_alg = $3) \
                      ORDER BY gen_time_ns DESC, instance_id, seq DESC LIMIT $2"
                 ),
-                &[&imprint, &limit],
+                &[&imprint, &limit, &alg],
             )?;
             tx.commit()?;
             let mut records = Vec::with_capacity(rows.len());
