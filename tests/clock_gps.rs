@@ -344,6 +344,41 @@ fn pps_offsets_are_used() {
     );
 }
 
+/// PPS reports a whole second off the TPV time (gpsd pairing each pulse with the wrong
+/// sentence): the pulses are refused, and the TSA follows the serial time (its offset within
+/// the TPV's lag, its distance the serial time's), never the second-off pulses.
+#[test]
+fn pps_a_second_off_the_serial_time_is_not_used() {
+    let gpsd = ScriptedGpsd::start(GpsdScript {
+        pps_offset_ns: Some(1_000_000_000),
+        ..Default::default()
+    });
+    let server = tsa_with(
+        &[],
+        &format!(
+            "gpsd = \"{}\"\nmin_agreeing = 1\nmax_sample_age_ms = 3000\n",
+            gpsd.addr
+        ),
+    );
+    wait_for(
+        || selection(&server, "gpsd ").as_deref() == Some("selected"),
+        "gpsd selected",
+        Duration::from_secs(10),
+    );
+    for _ in 0..3 {
+        let report = clock_report(&server);
+        let gps = row(&report, "gpsd ").unwrap();
+        let offset = gps.offset_ns.unwrap();
+        // TPV lines arrive after their second: UTC − local in [0, 700 ms], centred.
+        assert!((0.0..700e6).contains(&offset), "{report}");
+        assert!(
+            gps.distance_ns.unwrap() > 100e6,
+            "the serial time's: {report}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// The NMEA reader on a pseudo-terminal: RMC and ZDA five times a second, each cycle with a
 /// corrupted RMC five seconds off (refused by its checksum). Selected with two NTP servers;
 /// unusable once the receiver reports no fix (RMC status V).

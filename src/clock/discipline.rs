@@ -371,7 +371,7 @@ struct ScheduledLeap {
 const HISTORY: usize = 16;
 /// What an oscillator can plausibly do (NTP's MAXFREQ): before any fit, the frequency is
 /// taken as 0 ± this.
-const MAX_FREQ: f64 = 500e-6;
+pub(crate) const MAX_FREQ: f64 = 500e-6;
 
 pub struct Discipline {
     config: DisciplineConfig,

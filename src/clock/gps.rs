@@ -19,6 +19,13 @@
 //!   `[m, m + lag]` (`m` the time named minus the arrival), not `m ± lag` (`serial_sample`).
 //!   System-clock times become local times through [`LocalClock::wall_offset`] taken when the
 //!   report arrives.
+//! - **The pulse's second.** A PPS report's true time is gpsd's label for the pulse: the
+//!   second it takes from the serial time. A label off by a whole second (a receiver sending
+//!   its sentence before the pulse it names) would pass for a sample precise to microseconds.
+//!   So a pulse is used only where the serial time of the last three seconds (TPV or TOFF,
+//!   its interval widened by what the oscillator can drift in between) holds its offset, as
+//!   chrony locks a PPS to a serial reference: otherwise it is refused, the serial time speaks
+//!   in its place, and the refusal is logged (`gps_pps_refused`) until pulses agree again.
 //! - **Reachability.** While untrusted, each TPV counts as a missed poll. When the connection
 //!   drops, or no TPV/PPS/TOFF arrives for three seconds, a miss is sent once per second, so
 //!   that the discipline's reach register empties. The client reconnects with a backoff of 1 s
@@ -40,7 +47,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::discipline::{Leap, Sample};
+use super::discipline::{Leap, Sample, MAX_FREQ};
 use super::local::{LocalClock, MAX_SLEW_RATE};
 use super::service::SourceMessage;
 
@@ -243,6 +250,11 @@ pub struct GpsdTracker {
     last_tpv: Option<u64>,
     last_pps: Option<u64>,
     last_toff: Option<u64>,
+    /// The latest sample of serial time (TPV or TOFF) while trusted, taken whether or not it
+    /// was sent: what names a pulse's second.
+    serial: Option<Sample>,
+    /// The last pulse was refused for naming another second than the serial time.
+    pps_refused: bool,
     liveness: Liveness,
     /// The wall clock's offset from the local clock as read with each line and tick (local
     /// time, offset), back over the oldest report taken: a pulse is placed with the offset
@@ -261,6 +273,8 @@ impl GpsdTracker {
             last_tpv: None,
             last_pps: None,
             last_toff: None,
+            serial: None,
+            pps_refused: false,
             liveness: Liveness::new(now),
             walls: std::collections::VecDeque::new(),
         }
@@ -295,6 +309,11 @@ impl GpsdTracker {
 
     pub fn trusted(&self) -> bool {
         self.fixes >= TRUST_AFTER
+    }
+
+    /// Whether the last pulse was refused for naming another second than the serial time.
+    pub fn pps_refused(&self) -> bool {
+        self.pps_refused
     }
 
     /// Nanoseconds since the last TPV/PPS/TOFF; `None` after a disconnection.
@@ -339,6 +358,7 @@ impl GpsdTracker {
         self.last_tpv = None;
         self.last_pps = None;
         self.last_toff = None;
+        self.serial = None;
         self.liveness.lost();
     }
 
@@ -370,15 +390,19 @@ impl GpsdTracker {
         if !self.trusted() {
             return Output::Missed;
         }
-        if Self::recent(self.last_pps, now) || Self::recent(self.last_toff, now) {
-            return Output::Nothing;
-        }
         let sample = report
             .time
             .as_deref()
             .and_then(parse_iso_time)
-            .and_then(|utc| serial_sample(utc, now, self.serial_precision));
-        match sample.filter(Sample::is_plausible) {
+            .and_then(|utc| serial_sample(utc, now, self.serial_precision))
+            .filter(Sample::is_plausible);
+        if let Some(sample) = &sample {
+            self.serial = Some(*sample);
+        }
+        if Self::recent(self.last_pps, now) || Self::recent(self.last_toff, now) {
+            return Output::Nothing;
+        }
+        match sample {
             Some(sample) => Output::Sample(sample),
             None => Output::Missed,
         }
@@ -403,10 +427,28 @@ impl GpsdTracker {
         } else {
             self.last_toff = Some(now);
         }
-        if !self.trusted() || (!pps && Self::recent(self.last_pps, now)) {
+        if !self.trusted() {
             return Output::Nothing;
         }
-        match self.pulse_sample(real, clock, now, wall_offset, pps) {
+        let sample = self.pulse_sample(real, clock, now, wall_offset, pps);
+        let sample = match pps {
+            true => {
+                if let Some(pulse) = &sample {
+                    self.pps_refused = !self.names_its_second(pulse);
+                }
+                sample.filter(|_| !self.pps_refused)
+            }
+            false => {
+                if let Some(sample) = &sample {
+                    self.serial = Some(*sample);
+                }
+                if Self::recent(self.last_pps, now) {
+                    return Output::Nothing;
+                }
+                sample
+            }
+        };
+        match sample {
             Some(sample) => Output::Sample(sample),
             None => {
                 match pps {
@@ -416,6 +458,25 @@ impl GpsdTracker {
                 Output::Nothing
             }
         }
+    }
+
+    /// Whether the serial time of the last [`PREFER_NS`] holds `pulse`'s offset: its interval
+    /// widened by the pulse's precision and by what the local oscillator can drift (at most
+    /// [`MAX_FREQ`]) between the two. No serial time that recent names no second.
+    fn names_its_second(&self, pulse: &Sample) -> bool {
+        let Some(serial) = &self.serial else {
+            return false;
+        };
+        let apart = pulse.at.abs_diff(serial.at);
+        if apart >= PREFER_NS {
+            return false;
+        }
+        let drift = (apart as f64 * MAX_FREQ).ceil() as u64;
+        let reach = serial
+            .precision
+            .saturating_add(pulse.precision)
+            .saturating_add(drift);
+        pulse.offset.abs_diff(serial.offset) <= reach
     }
 
     /// The sample of a pulse whose true time is `real` and whose wall-clock stamp is `clock`,
@@ -591,6 +652,7 @@ async fn session(
     let mut heard = false;
     let mut last_line = clock.now();
     let mut trusted = tracker.trusted();
+    let mut pps_refused = tracker.pps_refused();
     let reason = loop {
         tokio::select! {
             read = stream.read(&mut buf) => {
@@ -614,6 +676,19 @@ async fn session(
                 if now.saturating_sub(last_line) >= RECONNECT_AFTER_NS {
                     break "no report for 10 s".to_string();
                 }
+            }
+        }
+        if tracker.pps_refused() != pps_refused {
+            pps_refused = tracker.pps_refused();
+            if pps_refused {
+                tracing::warn!(
+                    event = "gps_pps_refused",
+                    gpsd = %source.addr,
+                    "gpsd's PPS names another second than the receiver's serial time (or no \
+                     serial time came for 3 s): pulses are not used, the serial time is"
+                );
+            } else {
+                tracing::info!(event = "gps_pps_agrees", gpsd = %source.addr, "gpsd's PPS agrees with the serial time again: pulses are used");
             }
         }
         if tracker.trusted() != trusted {
@@ -673,9 +748,14 @@ mod tests {
 
     /// [`trust`], the wall clock `wall_offset` ahead of the local clock.
     fn trust_with_wall(t: &mut GpsdTracker, wall_offset: i64) -> u64 {
+        trust_ahead(t, wall_offset, 0)
+    }
+
+    /// [`trust_with_wall`], UTC `utc_ahead` ahead of the local clock.
+    fn trust_ahead(t: &mut GpsdTracker, wall_offset: i64, utc_ahead: u64) -> u64 {
         for i in 0..3 {
             let now = T0 + i * S;
-            let out = t.line(&tpv(3, now, Some(18)), now, wall_offset);
+            let out = t.line(&tpv(3, now + utc_ahead, Some(18)), now, wall_offset);
             if i < 2 {
                 assert_eq!(out, Output::Missed, "fix {i}");
                 assert!(!t.trusted());
@@ -769,8 +849,13 @@ mod tests {
             panic!("{out:?}")
         };
         assert_eq!(s.offset, 5_000);
-        // A slew of 1 ms over the next second: within what a daemon slews.
+        // A slew of 1 ms over the next second: within what a daemon slews. (The second's
+        // serial time came, as each second's does: it names the pulses' seconds.)
         let later = next + S;
+        assert_eq!(
+            t.line(&tpv(3, next + 5_000, Some(18)), next + 100_000_000, step),
+            Output::Nothing
+        );
         t.wall(later - S / 8, step);
         let slewed = step + 1_000_000;
         let seen = later + slewed as u64;
@@ -790,6 +875,83 @@ mod tests {
         let toff = pulse("TOFF", now + S, now + S - 1_000_000);
         let out = t.line(&toff, now + S, 0);
         assert!(matches!(out, Output::Sample(_)), "{out:?}");
+    }
+
+    /// A pulse whose label is a whole second off the serial time (gpsd pairing the pulse
+    /// with the wrong sentence) is refused, whichever way; the serial time speaks in its
+    /// place; pulses that agree are used again.
+    #[test]
+    fn a_pulse_that_names_another_second_than_the_serial_time_is_refused() {
+        for off in [S as i64, -(S as i64)] {
+            let mut t = tracker();
+            let mut now = trust(&mut t);
+            // UTC is the local time: pulses at each whole local second, reported 5 ms later,
+            // and each second's TPV 200 ms after its pulse.
+            let mut second = |t: &mut GpsdTracker, label: i64| {
+                now += S;
+                let real = (now as i64 + label) as u64;
+                let pps = t.line(&pulse("PPS", real, now), now + 5_000_000, 0);
+                let tpv = t.line(&tpv(3, now, Some(18)), now + 200_000_000, 0);
+                (pps, tpv)
+            };
+            let (pps, tpv) = second(&mut t, 0);
+            assert!(matches!(pps, Output::Sample(s) if s.offset == 0), "{pps:?}");
+            assert_eq!(tpv, Output::Nothing, "PPS preferred");
+            assert!(!t.pps_refused());
+            for _ in 0..3 {
+                let (pps, tpv) = second(&mut t, off);
+                assert_eq!(pps, Output::Nothing, "label {off}");
+                assert!(t.pps_refused());
+                let Output::Sample(s) = tpv else {
+                    panic!("the serial time speaks: {tpv:?}")
+                };
+                assert!(s.offset.abs_diff(0) <= s.precision + 200_000_000, "{s:?}");
+            }
+            let (pps, _) = second(&mut t, 0);
+            assert!(matches!(pps, Output::Sample(s) if s.offset == 0), "{pps:?}");
+            assert!(!t.pps_refused());
+        }
+    }
+
+    /// The serial time's interval, widened by the pulse's precision and by 500 ppm of the
+    /// time between them, is what a pulse must fall in; without serial time in the last 3 s
+    /// (fixes without a time) no pulse is used.
+    #[test]
+    fn a_pulse_must_fall_in_the_serial_times_interval() {
+        let mut t = tracker();
+        let now = trust(&mut t);
+        // The third TPV: UTC − local in [0, 500 ms] at `now`. A pulse 2 s later: 1 ms of
+        // precision and 1 ms of drift more on each side.
+        let at = now + 2 * S;
+        let reach = 1_000_000 + 1_000_000;
+        for (offset, taken) in [
+            (-reach, true),
+            (-reach - 1, false),
+            (500_000_000 + reach, true),
+            (500_000_000 + reach + 1, false),
+        ] {
+            let real = (at as i64 + offset) as u64;
+            let out = t.line(&pulse("PPS", real, at), at, 0);
+            assert_eq!(matches!(out, Output::Sample(_)), taken, "{offset}: {out:?}");
+            assert_eq!(t.pps_refused(), !taken);
+        }
+        // 3 s after the serial time: too old to name a second.
+        let at = now + 3 * S;
+        assert_eq!(t.line(&pulse("PPS", at, at), at, 0), Output::Nothing);
+        assert!(t.pps_refused());
+
+        // Fixes that carry no time: trusted, but nothing names the pulses' seconds.
+        let mut t = tracker();
+        for i in 0..3 {
+            let now = T0 + i * S;
+            let line = tpv(3, now, Some(18)).replace(&format!(",\"time\":\"{}\"", iso(now)), "");
+            assert!(!line.contains("time"), "{line}");
+            t.line(&line, now, 0);
+        }
+        assert!(t.trusted());
+        let at = T0 + 3 * S;
+        assert_eq!(t.line(&pulse("PPS", at, at), at, 0), Output::Nothing);
+        assert!(t.pps_refused());
     }
 
     /// A fix by dead reckoning or a simulation (gpsd's status 5, 6, 8) does not count.
@@ -827,10 +989,11 @@ mod tests {
     #[test]
     fn pps_is_preferred_with_its_precision_and_wall_offset() {
         // The wall clock is 2 s ahead of the local clock; the pulse was seen at wall time W,
-        // 10 ms before the report arrived, and its true time is W + 300 ms.
+        // 10 ms before the report arrived, and its true time is W + 300 ms (the serial time
+        // says UTC is 2.3 s ahead of the local clock, as the pulse does).
         let wall_offset = 2 * S as i64;
         let mut t = tracker();
-        let now = trust_with_wall(&mut t, wall_offset);
+        let now = trust_ahead(&mut t, wall_offset, 2 * S + 300_000_000);
         let now = now + S;
         let seen_wall = now + 2 * S - 10_000_000;
         let out = t.line(
