@@ -16,6 +16,7 @@ command -v cargo >/dev/null || {
   exit 1
 }
 need=()
+updated= # set once apt-get update has run
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
 command -v timeout >/dev/null || need+=(coreutils)
@@ -26,8 +27,17 @@ command -v chronyd >/dev/null || [ -x /usr/sbin/chronyd ] || need+=(chrony)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 # tests/clock_gps.rs: the real gpsd, reading NMEA from a pseudo-terminal on a loopback port.
 [ -x /usr/sbin/gpsd ] || command -v gpsd >/dev/null || need+=(gpsd)
-# tests/interop_java.rs: the JDK and BouncyCastle from Debian.
-command -v javac >/dev/null || need+=(openjdk-17-jdk-headless)
+# tests/interop_java.rs: the JDK and BouncyCastle from Debian. Newer releases drop
+# openjdk-17: the first of these JDKs that the package lists know (updated first).
+if ! command -v javac >/dev/null; then
+  apt-get update -qq && updated=1
+  jdk=
+  for candidate in openjdk-17-jdk-headless openjdk-21-jdk-headless default-jdk-headless; do
+    if apt-cache show "$candidate" >/dev/null 2>&1; then jdk=$candidate && break; fi
+  done
+  [ -n "$jdk" ] || echo "test.sh: no openjdk-17, openjdk-21 or default JDK package found" >&2
+  need+=("${jdk:-openjdk-17-jdk-headless}")
+fi
 [ -e /usr/share/java/bcprov.jar ] || need+=(libbcprov-java)
 [ -e /usr/share/java/bcpkix.jar ] || need+=(libbcpkix-java)
 [ -e /usr/share/java/bcutil.jar ] || need+=(libbcutil-java)
@@ -55,7 +65,8 @@ command -v cc >/dev/null || need+=(gcc libc6-dev)
 command -v python3 >/dev/null || need+=(python3)
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then need+=(python3-venv); fi
 if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+  { [ -n "$updated" ] || apt-get update -qq; } &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 
 # Trail of Bits' rfc3161-client from PyPI, in target/pyenv (tests/interop_python.rs).
