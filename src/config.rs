@@ -419,7 +419,7 @@ impl AuthConfig {
         for c in &self.client {
             let name = &c.name;
             if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
-                bail!("auth.client name '{name}': 1 to 128 characters, no control characters");
+                bail!("auth.client name '{name}': 1 to 128 octets of UTF-8, no control characters");
             }
             if !names.insert(name) {
                 bail!("auth.client '{name}' is configured twice");
@@ -948,6 +948,22 @@ impl Config {
         if self.server.max_batches_in_flight == 0 {
             bail!("server.max_batches_in_flight must be positive");
         }
+        // Each of these at 0 refuses everything it counts.
+        for (setting, value) in [
+            ("max_connections", self.server.max_connections),
+            ("max_queue", self.server.max_queue),
+            ("max_batch_items", self.server.max_batch_items),
+        ] {
+            if value == 0 {
+                bail!("server.{setting} must be positive: at 0 every one would be refused");
+            }
+        }
+        if self.server.max_batch_bytes < 64 {
+            bail!(
+                "server.max_batch_bytes = {} is below 64: every batch would be refused",
+                self.server.max_batch_bytes
+            );
+        }
         if self.server.read_timeout_ms == 0 {
             bail!("server.read_timeout_ms must be positive: every request would time out at once");
         }
@@ -998,14 +1014,19 @@ impl Config {
         if self.token.min_certificate_validity_days > 36_500 {
             bail!("token.min_certificate_validity_days must be at most 36500 (100 years)");
         }
-        if self.clock.development_accuracy_ms > DAY_MS {
-            bail!("clock.development_accuracy_ms must be at most {DAY_MS} (a day)");
+        // 0 would claim the development clock exact.
+        if !(1..=DAY_MS).contains(&self.clock.development_accuracy_ms) {
+            bail!("clock.development_accuracy_ms must be from 1 to {DAY_MS} (a day)");
         }
         if a.retention_days > 36_500 || a.checkpoint_interval_s > 7 * 86_400 {
             bail!(
                 "archive.retention_days must be at most 36500 (100 years) and \
                  checkpoint_interval_s at most 604800 (a week)"
             );
+        }
+        // Under load every reply may wait for it.
+        if a.commit_delay_us.is_some_and(|us| us > 1_000_000) {
+            bail!("archive.commit_delay_us must be at most 1000000 (a second)");
         }
         if a.busy_timeout_ms > 3_600_000 {
             bail!("archive.busy_timeout_ms must be at most 3600000 (an hour)");
@@ -1440,6 +1461,12 @@ mod tests {
             .validate()
             .unwrap();
         parse("[archive]\nmax_batch = 2048\n").validate().unwrap();
+        parse("[archive]\ncommit_delay_us = 1000000\n[clock]\ndevelopment_accuracy_ms = 1\n")
+            .validate()
+            .unwrap();
+        parse("[server]\nmax_connections = 1\nmax_queue = 1\nmax_batch_items = 1\n")
+            .validate()
+            .unwrap();
         for bad in [
             format!("{disciplined}{servers}max_drift_ppm = nan\n"),
             format!("{disciplined}{servers}max_drift_ppm = inf\n"),
@@ -1456,6 +1483,12 @@ mod tests {
             "[archive]\nmax_batch = 2049\n".into(),
             "[clock]\nmax_accuracy_ms = 999\n[token]\nprecision = \"seconds\"\n".into(),
             "[server]\nmax_request_bytes = 0\n".into(),
+            "[server]\nmax_connections = 0\n".into(),
+            "[server]\nmax_queue = 0\n".into(),
+            "[server]\nmax_batch_items = 0\n".into(),
+            "[server]\nmax_batch_bytes = 63\n".into(),
+            "[archive]\ncommit_delay_us = 1000001\n".into(),
+            "[clock]\ndevelopment_accuracy_ms = 0\n".into(),
             "[server]\nmax_header_bytes = 0\n".into(),
             "[server]\nmax_header_bytes = 1048577\n".into(),
             "[server]\npath = \"/certs\"\n".into(),
