@@ -17,8 +17,13 @@
 //!
 //! A batch takes one place per chunk of [`super::issue::BATCH_CHUNK`] items, the unit in which
 //! it queues for the signing lane beside single requests; a batch with more chunks than the
-//! whole queue takes all of it, so it runs alone. Batches wait in turn too: one waiting for
-//! its places holds back the requests behind it until it has them, or its wait ends. Past
+//! whole queue takes all of it, so it runs alone. A batch that finds too few places free
+//! first looks for them, every [`BATCH_LOOK_EVERY`], for half its wait, holding none: a
+//! waiter in the queue takes each place as it frees, so a batch queued at once would hold
+//! the free places idle and every single request behind it until it had them all (up to
+//! `queue_wait_ms`, where a request is otherwise admitted at once). For the second half it
+//! queues, first come first served, so that a stream of single requests cannot keep it out
+//! for good; then the requests behind it wait for it, as behind any request. Past
 //! `server.max_connections`, a new connection gets a fixed 503 and is closed (what it sent is
 //! read and discarded briefly first, so that its client reads the 503, not a reset).
 //!
@@ -52,6 +57,10 @@ pub const CONNECTIONS_EXCEEDED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
     Retry-After: 1\r\nContent-Type: text/plain\r\nContent-Length: 21\r\n\
     Connection: close\r\n\r\ntoo many connections\n";
 
+/// How often a batch that found too few places looks for them again while it does not queue
+/// (see the module's documentation).
+pub const BATCH_LOOK_EVERY: Duration = Duration::from_millis(2);
+
 /// The queue's places, and the requests waiting for one.
 #[derive(Debug)]
 pub struct Admission {
@@ -75,23 +84,49 @@ impl Admission {
     }
 
     /// Takes `n` places (a batch's chunks), waiting up to `queue_wait_ms` for them behind the
-    /// requests that came first, then yields once (see the module's documentation). `None`:
-    /// overloaded; the ticket returns the places when dropped.
+    /// requests that came first (a batch first without queuing, for half of it), then yields
+    /// once (see the module's documentation). `None`: overloaded; the ticket returns the
+    /// places when dropped.
     pub async fn enter(&self, n: usize) -> Option<Ticket<'_>> {
         let n = self.places_for(n);
         let permit = match self.places.try_acquire_many(n) {
             Ok(permit) => permit,
             Err(TryAcquireError::NoPermits) if !self.wait.is_zero() => {
                 let _waiting = Waiting::count(&self.waiting);
-                tokio::time::timeout(self.wait, self.places.acquire_many(n))
-                    .await
-                    .ok()?
-                    .ok()?
+                let deadline = tokio::time::Instant::now() + self.wait;
+                match self.look_for(n, deadline - self.wait / 2).await? {
+                    Some(permit) => permit,
+                    None => tokio::time::timeout_at(deadline, self.places.acquire_many(n))
+                        .await
+                        .ok()?
+                        .ok()?,
+                }
             }
             Err(_) => return None,
         };
         tokio::task::yield_now().await;
         Some(Ticket { _places: permit })
+    }
+
+    /// A batch's `n` places, taken as soon as they are free together before `until`, queuing
+    /// for none. `Some(None)`: not found in time (a single place queues at once).
+    async fn look_for(
+        &self,
+        n: u32,
+        until: tokio::time::Instant,
+    ) -> Option<Option<SemaphorePermit<'_>>> {
+        if n == 1 {
+            return Some(None);
+        }
+        while tokio::time::Instant::now() + BATCH_LOOK_EVERY <= until {
+            tokio::time::sleep(BATCH_LOOK_EVERY).await;
+            match self.places.try_acquire_many(n) {
+                Ok(permit) => return Some(Some(permit)),
+                Err(TryAcquireError::NoPermits) => {}
+                Err(TryAcquireError::Closed) => return None,
+            }
+        }
+        Some(None)
     }
 
     /// At least one place; a batch larger than the whole queue takes all of it.
@@ -703,6 +738,58 @@ mod tests {
                 "first come, first served"
             );
             assert_eq!((admission.waiting(), admission.depth()), (0, 0));
+        });
+    }
+
+    /// A batch that finds too few places does not hold the free ones while it looks for the
+    /// rest: single requests are admitted beside it at once, and it gets its places when they
+    /// free together. For the second half of its wait it queues: then single requests wait
+    /// behind it.
+    #[test]
+    fn a_waiting_batch_leaves_the_free_places_to_single_requests_for_half_its_wait() {
+        run(async {
+            let wait = Duration::from_millis(400);
+            let admission = Arc::new(Admission::new(10, wait));
+            let held = admission.enter(6).await.expect("room");
+            let batch = {
+                let admission = admission.clone();
+                tokio::spawn(async move { admission.enter(8).await.map(|_t| ()) })
+            };
+            while admission.waiting() < 1 {
+                tokio::task::yield_now().await;
+            }
+            let started = tokio::time::Instant::now();
+            let single = admission.enter(1).await.expect("a free place");
+            assert!(
+                started.elapsed() < Duration::from_millis(50),
+                "admitted at once"
+            );
+            drop(single);
+            drop(held);
+            assert_eq!(batch.await.unwrap(), Some(()), "the batch found its places");
+            assert_eq!((admission.waiting(), admission.depth()), (0, 0));
+
+            // Past half its wait the batch queues: the free places go to it.
+            let held = admission.enter(6).await.expect("room");
+            let batch = {
+                let admission = admission.clone();
+                tokio::spawn(async move { admission.enter(8).await.map(|_t| ()) })
+            };
+            tokio::time::sleep(wait / 2 + Duration::from_millis(50)).await;
+            assert_eq!(
+                admission.depth(),
+                10,
+                "the queued batch holds the free places"
+            );
+            let started = tokio::time::Instant::now();
+            let single = {
+                let admission = admission.clone();
+                tokio::spawn(async move { admission.enter(1).await.map(|_t| ()) })
+            };
+            drop(held);
+            assert_eq!(batch.await.unwrap(), Some(()));
+            assert_eq!(single.await.unwrap(), Some(()), "admitted after the batch");
+            assert!(started.elapsed() < wait);
         });
     }
 

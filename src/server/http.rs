@@ -1141,7 +1141,7 @@ async fn collect(
             return Err(BodyError::TooLarge);
         }
         if let Some(buffer) = joined.as_mut() {
-            buffer.extend_from_slice(&data);
+            append_within(buffer, &data, max);
         } else if let Some(head) = first.take() {
             let size = declared
                 .map_or(0, |n| n as usize)
@@ -1158,6 +1158,20 @@ async fn collect(
         Some(buffer) => buffer.freeze(),
         None => first.unwrap_or_default(),
     })
+}
+
+/// Appends `data` to `buffer`, whose length with it is at most `max`, growing it by doubling
+/// but never past `max`: a body that declared no length would otherwise take up to twice its
+/// limit (the allocator's doubling past it).
+fn append_within(buffer: &mut BytesMut, data: &[u8], max: usize) {
+    let needed = buffer.len() + data.len();
+    if needed > buffer.capacity() {
+        let mut grown =
+            BytesMut::with_capacity((buffer.capacity() * 2).clamp(needed, max.max(needed)));
+        grown.extend_from_slice(buffer);
+        *buffer = grown;
+    }
+    buffer.extend_from_slice(data);
 }
 
 /// Whether the admin listener answers a request that names `host` (its `Host` header): an IP
@@ -1324,6 +1338,27 @@ fn response(status: StatusCode, content_type: &'static str, body: Bytes) -> Repl
 
 #[cfg(test)]
 mod tests {
+    /// A body without a length, in pieces: its buffer never takes more than the limit, where
+    /// doubling alone would reach nearly twice it.
+    #[test]
+    fn a_body_in_pieces_is_held_within_its_limit() {
+        let max = 1000;
+        for piece in [1, 7, 100, 333] {
+            let mut buffer = bytes::BytesMut::with_capacity(2);
+            let mut fed = 0;
+            while fed + piece <= max {
+                super::append_within(&mut buffer, &vec![fed as u8; piece], max);
+                fed += piece;
+                assert!(buffer.capacity() <= max, "{piece}: {}", buffer.capacity());
+            }
+            assert_eq!(buffer.len(), fed);
+            assert!(buffer
+                .chunks(piece)
+                .enumerate()
+                .all(|(i, c)| c.iter().all(|&b| b == (i * piece) as u8)));
+        }
+    }
+
     use super::*;
 
     /// A CA certificate's end calls for one verification after it; an accepting one ends
