@@ -350,6 +350,7 @@ mod tests {
             est_error_us: 10,
             frequency: (0, 10_000),
             offset_ns: 0,
+            adjtime_ns: 0,
         }));
         let read = {
             let kernel = Arc::clone(&kernel);

@@ -107,6 +107,7 @@ mod tests {
             est_error_us: 0,
             frequency: (0, 10_000),
             offset_ns: 0,
+            adjtime_ns: 0,
         }));
         let clock = DevelopmentClock::with_kernel(
             Duration::from_millis(100),

@@ -6,7 +6,9 @@
 //! no daemon updates it (500 µs once a second, so a reading can be up to 500 µs behind: it is
 //! added). The bound taken is that plus the offset the kernel's PLL still has to
 //! slew (`offset`, which ntpd and systemd-timesyncd hand to the kernel and `maxerror` leaves
-//! out). chronyd slews the clock itself and writes `maxerror` as its root distance alone,
+//! out), plus what an `adjtime(3)` call has still to slew (the kernel's `time_adjust`, read
+//! with `ADJ_OFFSET_SS_READ`: a daemon that slews with `adjtime`, as ntpd with its kernel
+//! discipline off does, leaves it out of `maxerror` too). chronyd slews the clock itself and writes `maxerror` as its root distance alone,
 //! leaving out the offset it has still to slew: usually well below the root distance, but after
 //! a disturbance found at an update (a virtual machine paused or migrated, the network back
 //! after an outage) whatever chronyd found, for the minutes its slew takes. So where chronyd is
@@ -15,8 +17,10 @@
 //! touched the clock since waits for it to be read again, and once chronyd has not answered
 //! for 2 s every reading is refused. What the kernel cannot tell, and so neither can this
 //! source:
-//! - systemd-timesyncd writes `maxerror` 0 at each update (it keeps no error estimate), so
-//!   there is no bound at all: where it runs, this source refuses (see [`time_daemons`]), and
+//! - systemd-timesyncd writes `maxerror` 0 at each update (it keeps no error estimate), and so
+//!   does OpenNTPD (whose Linux port names its processes `ntpd` too, told apart by the titles
+//!   of its engines, `ntpd: ntp engine`), so there is no bound at all: where either runs, this
+//!   source refuses (see [`time_daemons`]), and
 //!   so it does where it sees no daemon that keeps one (chronyd, ntpd): a container that
 //!   cannot see the host's processes, a unit with `ProtectProc=invisible`;
 //! - a leap second that the daemon slews (chrony's `leapsecmode slew`, smearing servers) never
@@ -64,6 +68,8 @@ pub struct KernelState {
     pub frequency: (i64, i64),
     /// The offset the kernel's PLL has still to slew, in nanoseconds.
     pub offset_ns: i64,
+    /// What an `adjtime(3)` call has still to slew (`time_adjust`), in nanoseconds.
+    pub adjtime_ns: i64,
 }
 
 impl KernelState {
@@ -102,8 +108,13 @@ impl KernelApi for Adjtimex {
             let nano = tx.status & libc::STA_NANO != 0;
             let kernel_ns = i128::from(tx.time.tv_sec) * 1_000_000_000
                 + i128::from(tx.time.tv_usec) * if nano { 1 } else { 1_000 };
-            let state = Self::read(&tx, rc, unix_ns);
-            if rc == -1 || rc == libc::TIME_OOP || paired(kernel_ns, unix_ns) {
+            let mut state = Self::read(&tx, rc, unix_ns);
+            match pending_adjtime_ns() {
+                Some(ns) => state.adjtime_ns = ns,
+                // Not known: no bound either.
+                None => state.rc = -1,
+            }
+            if state.rc == -1 || rc == libc::TIME_OOP || paired(kernel_ns, unix_ns) {
                 return state;
             }
             last = Some(state);
@@ -113,6 +124,17 @@ impl KernelApi for Adjtimex {
             ..last.expect("three tries")
         }
     }
+}
+
+/// What an `adjtime(3)` call has still to slew, in nanoseconds (`ADJ_OFFSET_SS_READ`, which
+/// needs no privilege and changes nothing); `None` where the kernel does not say.
+fn pending_adjtime_ns() -> Option<i64> {
+    // SAFETY: `timex` is plain data; ADJ_OFFSET_SS_READ only reads `time_adjust` into
+    // `offset` (microseconds).
+    let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+    tx.modes = libc::ADJ_OFFSET_SS_READ;
+    let rc = unsafe { libc::adjtimex(&mut tx) };
+    (rc != -1).then(|| tx.offset.saturating_mul(1_000))
 }
 
 /// `KernelState::rc` where `adjtimex`'s time never paired with the clock read after it.
@@ -144,6 +166,7 @@ impl Adjtimex {
             } else {
                 micros_offset(tx.offset).saturating_mul(1_000)
             },
+            adjtime_ns: 0,
         }
     }
 }
@@ -263,7 +286,7 @@ impl DaemonWatch {
 
 /// Why the kernel source refuses under `daemons`: none that keeps a bound.
 fn verdict_without(daemons: &[&str]) -> Option<Verdict> {
-    if daemons.contains(&"systemd-timesyncd") {
+    if daemons.contains(&"systemd-timesyncd") || daemons.contains(&"openntpd") {
         Some(Verdict::NoBound)
     } else if daemons.is_empty() {
         // The kernel's maxerror is whatever its last writer left, grown by 500 ppm.
@@ -347,7 +370,7 @@ impl Resume {
 }
 
 /// The time daemons running on this host, by the names of the processes this one can see in
-/// `/proc` (`chronyd`, `ntpd`, `systemd-timesyncd`).
+/// `/proc` (`chronyd`, `ntpd`, `openntpd`, `systemd-timesyncd`).
 pub fn time_daemons() -> Vec<&'static str> {
     let mut found = Vec::new();
     for (_, name) in time_daemon_processes() {
@@ -360,12 +383,6 @@ pub fn time_daemons() -> Vec<&'static str> {
 
 /// The processes of [`time_daemons`]: (process id, daemon).
 fn time_daemon_processes() -> Vec<(u32, &'static str)> {
-    const KNOWN: [(&str, &str); 3] = [
-        ("chronyd", "chronyd"),
-        ("ntpd", "ntpd"),
-        // The kernel keeps 15 octets of a process's name.
-        ("systemd-timesyn", "systemd-timesyncd"),
-    ];
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -374,10 +391,31 @@ fn time_daemon_processes() -> Vec<(u32, &'static str)> {
         .filter_map(|entry| {
             let pid = entry.file_name().to_str()?.parse().ok()?;
             let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
-            let (_, name) = KNOWN.iter().find(|(known, _)| comm.trim_end() == *known)?;
-            Some((pid, *name))
+            let cmdline = || std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            Some((pid, daemon_of(comm.trim_end(), cmdline)?))
         })
         .collect()
+}
+
+/// The time daemon a process named `comm` is, `cmdline` read where the name is not enough:
+/// OpenNTPD's Linux port names its processes `ntpd` as the reference ntpd (and ntpsec) does,
+/// and titles its engines `ntpd: ntp engine` and `ntpd: dns engine`.
+fn daemon_of(comm: &str, cmdline: impl FnOnce() -> Vec<u8>) -> Option<&'static str> {
+    match comm {
+        "chronyd" => Some("chronyd"),
+        "openntpd" => Some("openntpd"),
+        "ntpd" => {
+            let title = cmdline();
+            let engine = |name: &[u8]| title.windows(name.len()).any(|w| w == name);
+            match engine(b"ntp engine") || engine(b"dns engine") {
+                true => Some("openntpd"),
+                false => Some("ntpd"),
+            }
+        }
+        // The kernel keeps 15 octets of a process's name.
+        "systemd-timesyn" => Some("systemd-timesyncd"),
+        _ => None,
+    }
 }
 
 /// Why the kernel clock is (not) trusted; shared, so that a reading allocates nothing.
@@ -409,8 +447,9 @@ fn reason(verdict: Verdict) -> Arc<str> {
                     "the host was suspended: waiting for the time daemon to update the clock"
                 }
                 Verdict::NoBound => {
-                    "systemd-timesyncd disciplines the clock and keeps no error bound \
-                     (it writes maxerror 0): run chronyd or ntpd, or use the disciplined clock"
+                    "systemd-timesyncd or OpenNTPD disciplines the clock and keeps no error \
+                     bound (it writes maxerror 0): run chronyd or ntpd, or use the disciplined \
+                     clock"
                 }
                 Verdict::NoDaemon => {
                     "no time daemon that keeps an error bound (chronyd, ntpd) is seen among \
@@ -527,6 +566,7 @@ impl<A: KernelApi> KernelClock<A> {
                     .saturating_add(MAX_ERROR_LAG_US)
                     .saturating_mul(1_000)
                     .saturating_add(state.offset_ns.unsigned_abs())
+                    .saturating_add(state.adjtime_ns.unsigned_abs())
                     .saturating_add(correction_ns),
                 _ => u64::MAX,
             },
@@ -583,6 +623,7 @@ mod tests {
             est_error_us: 100,
             frequency: (0, 10_000),
             offset_ns: 0,
+            adjtime_ns: 0,
         }
     }
 
@@ -592,6 +633,60 @@ mod tests {
         fn state(&self) -> KernelState {
             *self.0.lock().unwrap()
         }
+    }
+
+    /// What an adjtime() call has still to slew is outside maxerror too: in the bound,
+    /// whichever way it goes.
+    #[test]
+    fn the_bound_holds_what_adjtime_has_still_to_slew() {
+        for adjtime_ns in [4_000_000, -4_000_000] {
+            let r = KernelClock::<Adjtimex>::judge(KernelState {
+                adjtime_ns,
+                offset_ns: 250_000,
+                ..state(5, libc::TIME_OK, libc::STA_PLL)
+            });
+            // maxerror 1.5 ms, the 0.5 ms it may lag, the PLL's offset, adjtime's.
+            assert_eq!(r.bound_ns, 6_250_000);
+        }
+        // The kernel here says what is pending (nothing: no test slews this clock).
+        assert_eq!(pending_adjtime_ns(), Some(0));
+        assert_eq!(Adjtimex.state().adjtime_ns, 0);
+    }
+
+    /// OpenNTPD keeps no bound (maxerror 0 at each update) and names its processes as ntpd
+    /// does: told apart by its engines' titles, it refuses as systemd-timesyncd does.
+    #[test]
+    fn openntpd_is_told_from_ntpd_and_refused() {
+        let title = |t: &str| t.as_bytes().to_vec();
+        assert_eq!(
+            daemon_of("ntpd", || title("/usr/sbin/ntpd\0-p\0/run/ntpd.pid\0-g\0")),
+            Some("ntpd")
+        );
+        assert_eq!(
+            daemon_of("ntpd", || title("ntpd: ntp engine")),
+            Some("openntpd")
+        );
+        assert_eq!(
+            daemon_of("ntpd", || title("ntpd: dns engine")),
+            Some("openntpd")
+        );
+        assert_eq!(daemon_of("openntpd", || unreachable!()), Some("openntpd"));
+        assert_eq!(daemon_of("chronyd", || unreachable!()), Some("chronyd"));
+        assert_eq!(
+            daemon_of("systemd-timesyn", || unreachable!()),
+            Some("systemd-timesyncd")
+        );
+        assert_eq!(daemon_of("sshd", || unreachable!()), None);
+        // The privileged parent (untitled) and its engines: OpenNTPD, whatever ntpd says.
+        assert_eq!(
+            verdict_without(&["ntpd", "openntpd"]),
+            Some(Verdict::NoBound)
+        );
+        assert_eq!(
+            verdict_without(&["chronyd", "openntpd"]),
+            Some(Verdict::NoBound)
+        );
+        assert_eq!(verdict_without(&["ntpd"]), None);
     }
 
     #[test]
@@ -720,18 +815,33 @@ mod tests {
 
     #[test]
     fn time_daemons_are_found_by_their_process_names() {
+        use std::os::unix::process::CommandExt;
         // A copy of sleep named chronyd, beside the test binary (where executing is allowed).
         let deps = std::env::current_exe().unwrap();
         let dir = tempfile::tempdir_in(deps.parent().unwrap()).unwrap();
         let fake = dir.path().join("chronyd");
         std::fs::copy("/bin/sleep", &fake).unwrap();
-        let mut child = std::process::Command::new(&fake).arg("5").spawn().unwrap();
+        // And one named ntpd, titled as OpenNTPD's engine is.
+        let engine = dir.path().join("ntpd");
+        std::fs::copy("/bin/sleep", &engine).unwrap();
+        let mut children = [
+            std::process::Command::new(&fake).arg("5").spawn().unwrap(),
+            std::process::Command::new(&engine)
+                .arg0("ntpd: ntp engine")
+                .arg("5")
+                .spawn()
+                .unwrap(),
+        ];
         let found = (0..100).any(|_| {
             std::thread::sleep(std::time::Duration::from_millis(10));
-            time_daemon_processes().contains(&(child.id(), "chronyd"))
+            let seen = time_daemon_processes();
+            seen.contains(&(children[0].id(), "chronyd"))
+                && seen.contains(&(children[1].id(), "openntpd"))
         });
-        child.kill().unwrap();
-        child.wait().unwrap();
+        for child in &mut children {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
         assert!(found, "{:?}", time_daemon_processes());
     }
 
