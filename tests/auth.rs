@@ -929,6 +929,13 @@ client_crl = ["crl.pem"]"#,
     let refused =
         stamp_on(&revoked_conn).expect_err("a revoked certificate served on its old connection");
     assert!(refused.contains("HTTP 401"), "{refused}");
+    // That answer closed the connection: the next request makes a new one, whose handshake
+    // the CRL refuses (on the old one each request searched the chain's paths again).
+    let again = stamp_on(&revoked_conn).expect_err("a revoked certificate served");
+    assert!(
+        !again.contains("HTTP 401"),
+        "the refused connection kept open: {again}"
+    );
     assert!(stamp_on(&kept_conn).unwrap().granted());
     let archived = archived_clients(d);
     let count = |name| {

@@ -127,7 +127,9 @@ pub struct PeerCertificate {
     pub names: Option<(NameKey, NameKey)>,
     /// The end of its validity, Unix seconds: checked at every request, since a resumed TLS
     /// session restores the certificate without verifying it again, and a connection lives
-    /// for many requests.
+    /// for many requests. `None` where it, or a CA certificate of its chain, cannot be read
+    /// here (webpki is more lenient than RFC 5280: a serial of more than 20 octets, a
+    /// non-minimal INTEGER): its end, or theirs, would go unchecked, so it is refused.
     pub not_after_s: Option<u64>,
     /// The ends of the other certificates the client presented (its CA certificates), in
     /// order: as each passes, the connection's chain is verified again (a CA certificate
@@ -150,10 +152,10 @@ impl PeerCertificate {
         use der::Decode;
         let leaf = chain.first().map_or(&[][..], |c| c.as_ref());
         let identity = Self::from_der(leaf);
-        let cas_not_after_s = chain
+        let cas_not_after_s: Option<std::collections::BTreeSet<u64>> = chain
             .iter()
             .skip(1)
-            .filter_map(|c| {
+            .map(|c| {
                 x509_cert::Certificate::from_der(c).ok().map(|c| {
                     c.tbs_certificate()
                         .validity()
@@ -162,13 +164,12 @@ impl PeerCertificate {
                         .as_secs()
                 })
             })
-            .collect::<std::collections::BTreeSet<u64>>()
-            .into_iter()
             .collect();
         Self {
             chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
             names: identity.names.filter(|_| issued_by_a_client_ca),
-            cas_not_after_s,
+            not_after_s: identity.not_after_s.filter(|_| cas_not_after_s.is_some()),
+            cas_not_after_s: cas_not_after_s.unwrap_or_default().into_iter().collect(),
             ..identity
         }
     }
@@ -368,6 +369,13 @@ impl Auth {
                 "the TLS configuration in force refuses the connection's client certificate now \
                  (revoked, its CA dropped, a CA certificate of its chain expired, a client CRL \
                  past its nextUpdate), or requires one",
+            ));
+        }
+        if certificate.is_some_and(|c| c.not_after_s.is_none()) {
+            return Err(Refusal::InvalidCredentials(
+                "the client certificate, or a CA certificate of its chain, cannot be read as \
+                 RFC 5280 has it (a serial longer than 20 octets, a non-minimal encoding): its \
+                 validity could not be checked",
             ));
         }
         if certificate.is_some_and(|c| c.not_after_s.is_some_and(|end| now_s > end)) {
@@ -938,6 +946,18 @@ mod tests {
                 Err(Refusal::InvalidCredentials(_))
             ));
         }
+        // One whose validity cannot be read (a chain webpki took that RFC 5280 does not):
+        // refused, its end unknown, even where its hash names a client.
+        let unreadable = PeerCertificate {
+            not_after_s: None,
+            ..bob.clone()
+        };
+        for key in [None, Some(bearer(BOB_KEY))] {
+            assert!(matches!(
+                auth.authenticate_at(link(Some(&unreadable)), key.as_deref(), 0),
+                Err(Refusal::InvalidCredentials(why)) if why.contains("cannot be read")
+            ));
+        }
     }
 
     #[test]
@@ -1089,6 +1109,22 @@ mod tests {
             peer.cas_not_after_s,
             [end_2030],
             "from then the chain is verified again"
+        );
+        // A serial of 22 octets (webpki takes it, RFC 5280 allows 20): its end, or that of
+        // the CA certificate beside it, cannot be read, and so is known to be unknown.
+        let mut long = params("dave", false, Some(2035));
+        long.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x11; 22]));
+        let long_der = long.self_signed(&leaf_key).unwrap().der().clone();
+        assert_eq!(PeerCertificate::from_der(&long_der).not_after_s, None);
+        let leaf_der = params("erin", false, Some(2035))
+            .self_signed(&leaf_key)
+            .unwrap()
+            .der()
+            .clone();
+        let peer = PeerCertificate::from_chain(&[leaf_der, long_der], false);
+        assert_eq!(
+            peer.not_after_s, None,
+            "a CA certificate that cannot be read"
         );
     }
 

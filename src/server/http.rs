@@ -121,7 +121,7 @@ struct Connection {
     /// On the HTTPS listener (`None` on the plain one): the TLS configuration that last
     /// accepted the connection and `peer` (its handshake's, then a reloaded one that verified
     /// it again).
-    tls: Option<std::sync::Mutex<Arc<super::tls::Tls>>>,
+    tls: Option<std::sync::Mutex<(Arc<super::tls::Tls>, bool)>>,
 }
 
 /// Whether a connection's chain is to be verified again at `now_s` for its CA certificates'
@@ -152,8 +152,9 @@ impl Connection {
     }
 
     /// Whether the TLS configuration in force refuses `peer`, the connection's client
-    /// certificate (or its lack of one), now: after a reload (asked once per reload while
-    /// accepted), once after each end of a CA certificate the client presented
+    /// certificate (or its lack of one), now: after a reload (asked once per reload, its
+    /// answer kept: a refused chain is not searched again at each request, which could cost
+    /// a handshake's signatures each), once after each end of a CA certificate the client presented
     /// ([`recheck_due`]), while refused, and while a client CRL is past its nextUpdate (at
     /// most once a second). A certificate still accepted
     /// after a reload keeps its subject mapping only while a client CA of the reloaded
@@ -161,7 +162,7 @@ impl Connection {
     fn certificate_refused(
         &self,
         tsa: &Tsa,
-        under: &std::sync::Mutex<Arc<super::tls::Tls>>,
+        under: &std::sync::Mutex<(Arc<super::tls::Tls>, bool)>,
         peer: &Option<Arc<PeerCertificate>>,
     ) -> bool {
         let Some(current) = tsa.tls.load_full() else {
@@ -188,14 +189,15 @@ impl Connection {
             }
         }
         let mut under = under.lock().unwrap_or_else(|p| p.into_inner());
-        if Arc::ptr_eq(&under, &current) {
-            return false;
+        if Arc::ptr_eq(&under.0, &current) {
+            return under.1;
         }
         let accepted = match peer {
             Some(peer) => current.still_accepts(&peer.chain),
             None => !current.requires_certificate(),
         };
         if !accepted {
+            *under = (current, true);
             return true;
         }
         if let Some(peer) = peer.as_ref().filter(|p| p.names.is_some()) {
@@ -206,7 +208,7 @@ impl Connection {
                 })));
             }
         }
-        *under = current;
+        *under = (current, false);
         false
     }
 }
@@ -369,7 +371,7 @@ pub(super) async fn run(
                     let Some((stream, peer)) = super::tls::handshake(&tls, stream, limits.read_timeout).await else {
                         return Ok(());
                     };
-                    let tls = Some(std::sync::Mutex::new(tls));
+                    let tls = Some(std::sync::Mutex::new((tls, false)));
                     let connection = Connection { _slot: slot, address, ip: Some(from.ip()), served: AtomicU64::new(0), send_by, peer: arc_swap::ArcSwapOption::new(peer), rechecked: AtomicU64::new(0), tls };
                     serve_public(&builder, watcher, TokioIo::new(stream), tsa, limits, connection).await
                 });
@@ -565,7 +567,10 @@ where
             };
             let mut reply = public_route(req, &tsa, &limits, link, &connection, reloads).await;
             let served = connection.served.fetch_add(1, Ordering::Relaxed) + 1;
-            if served == limits.max_requests_per_connection {
+            // A certificate the configuration in force refuses stays refused on this
+            // connection; a new handshake is judged afresh (without a certificate where
+            // none is asked for any more).
+            if served == limits.max_requests_per_connection || certificate_refused {
                 reply
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));

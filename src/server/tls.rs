@@ -146,7 +146,16 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<Tls> {
         for path in &config.client_crl {
             crls.extend(pem::crls(path).context("server.tls.client_crl")?);
         }
-        crls_until_s = crls.iter().filter_map(next_update_s).min();
+        // Kept connections are verified again once the earliest passes: a CRL whose
+        // nextUpdate cannot be read here would never have them verified again.
+        crls_until_s = crls
+            .iter()
+            .map(next_update_s)
+            .collect::<anyhow::Result<Vec<_>>>()
+            .context("server.tls.client_crl")?
+            .into_iter()
+            .flatten()
+            .min();
         // A CRL past its nextUpdate says nothing about later revocations: refused, as one
         // missing is (reload with a fresh one).
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
@@ -176,15 +185,20 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<Tls> {
     })
 }
 
-/// A CRL's `nextUpdate`, Unix seconds (`None` without one, or unreadable: the handshake's
-/// verifier judges it).
-fn next_update_s(crl: &rustls::pki_types::CertificateRevocationListDer<'_>) -> Option<u64> {
+/// A CRL's `nextUpdate`, Unix seconds (`None` without one); an error where the CRL cannot be
+/// read as RFC 5280 has it.
+fn next_update_s(
+    crl: &rustls::pki_types::CertificateRevocationListDer<'_>,
+) -> anyhow::Result<Option<u64>> {
     use der::Decode;
-    let list =
-        x509_cert::crl::CertificateList::<x509_cert::certificate::Rfc5280>::from_der(crl).ok()?;
-    list.tbs_cert_list
+    let list = x509_cert::crl::CertificateList::<x509_cert::certificate::Rfc5280>::from_der(crl)
+        .map_err(|e| {
+            anyhow::anyhow!("a CRL that cannot be read ({e}): its nextUpdate is not known")
+        })?;
+    Ok(list
+        .tbs_cert_list
         .next_update
-        .map(|t| t.to_unix_duration().as_secs())
+        .map(|t| t.to_unix_duration().as_secs()))
 }
 
 /// The client CAs, each with a verifier that trusts it alone: which of them issued a client
@@ -360,8 +374,8 @@ mod tests {
         }
         .signed_by(&rcgen::Issuer::new(params, &key))
         .unwrap();
-        assert_eq!(next_update_s(crl.der()), Some(1_893_456_000));
-        assert_eq!(next_update_s(&vec![0x30, 0x00].into()), None);
+        assert_eq!(next_update_s(crl.der()).unwrap(), Some(1_893_456_000));
+        assert!(next_update_s(&vec![0x30, 0x00].into()).is_err());
     }
 
     #[test]
