@@ -235,7 +235,9 @@ pub struct ServerConfig {
     /// with a wrong key would lock the others out).
     pub auth_failures_per_address_per_s: f64,
     /// Failed authentications an address may make at once before the rate holds it; 0: one
-    /// second's worth (at least 1); at most [`MAX_NEW_CONNECTIONS_BURST`].
+    /// second's worth (at least 1); at most [`MAX_NEW_CONNECTIONS_BURST`]; never taken below
+    /// the worker threads plus one (each request with a key takes a failure while its key is
+    /// looked at).
     pub auth_failures_per_address_burst: u32,
     /// Open connections of the admin listener, counted apart from `max_connections`; past it
     /// a new one gets the same fixed 503. Its descriptors come from those kept beside

@@ -1089,7 +1089,9 @@ fn an_address_past_its_failed_authentications_is_refused_before_its_key_is_looke
         dir.path(),
         &[(
             "[server]\n",
-            "[server]\nauth_failures_per_address_per_s = 0.5\nauth_failures_per_address_burst = 3\n",
+            // Two workers: the burst is at least the keys looked at together plus one.
+            "[server]\nworkers = 2\nauth_failures_per_address_per_s = 0.5\n\
+             auth_failures_per_address_burst = 3\n",
         )],
         &alice_toml,
     );

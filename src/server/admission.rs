@@ -501,6 +501,22 @@ pub const MAX_ADDRESSES: usize = 100_000;
 const SWEEP_PAUSE: Duration = Duration::from_millis(100);
 
 impl ConnectionRate {
+    /// Failed authentications: `per_s` a second per address (0: no limit), `burst` at once
+    /// (as [`ConnectionRate::new`]), but never fewer than `checking + 1`. Each request with a
+    /// key takes a failure while its key is looked at and gives it back where the key is
+    /// right, and `checking` requests (the worker threads) may be looked at together: a
+    /// smaller burst would refuse an address's right keys sent at once.
+    pub fn for_failures(per_s: f64, burst: u32, checking: usize) -> Self {
+        let burst = match burst {
+            0 => per_s.ceil().max(1.0) as u64,
+            n => u64::from(n),
+        };
+        let floor = u64::try_from(checking)
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        Self::new(per_s, u32::try_from(burst.max(floor)).unwrap_or(u32::MAX))
+    }
+
     /// `per_s` new connections a second per address (0: no limit), `burst` at once (0: one
     /// second's worth; at least 1).
     pub fn new(per_s: f64, burst: u32) -> Self {
@@ -974,6 +990,20 @@ mod tests {
             assert!(rate.admit_at(ip(host), at(0)).is_ok());
         }
         assert!(rate.admit_at(ip("2001:db8::4"), at(0)).is_err());
+    }
+
+    /// Right keys sent together from one address each take a failure while they are looked
+    /// at: the burst is never below the requests looked at together, plus one.
+    #[test]
+    fn the_failure_burst_holds_the_keys_looked_at_together() {
+        let ip = ip("192.0.2.9");
+        for (burst, checking, room) in [(0, 4, 5), (1, 2, 3), (20, 4, 20)] {
+            let failures = ConnectionRate::for_failures(0.1, burst, checking);
+            for i in 0..room {
+                assert!(failures.admit(ip).is_ok(), "{burst} {checking}: {i}");
+            }
+            assert!(failures.admit(ip).is_err(), "{burst} {checking}");
+        }
     }
 
     #[test]

@@ -190,9 +190,13 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
             config.server.new_connections_per_address_per_s,
             config.server.new_connections_per_address_burst,
         ),
-        auth_failures: admission::ConnectionRate::new(
+        auth_failures: admission::ConnectionRate::for_failures(
             config.server.auth_failures_per_address_per_s,
             config.server.auth_failures_per_address_burst,
+            match config.server.workers {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n,
+            },
         ),
         auth: ArcSwap::from_pointee(auth::Auth::new(&config.auth)?),
         rollover,
@@ -320,9 +324,12 @@ pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
         config.token.precision.unit_ns().min(1_000),
     ));
     if let Some(acceptor) = tls {
-        // (`Tsa::reload_clients`, which follows, tells requests to authenticate again once the
-        // clients are in place too.)
+        // Requests authenticated under the old configuration authenticate again (a
+        // certificate the new CRL revokes); `Tsa::reload_clients`, which follows, tells them
+        // again once the clients are in place too.
         tsa.tls.store(Some(Arc::new(acceptor)));
+        tsa.credential_reloads
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(
             event = "tls_certificate_reloaded",
             "the HTTPS listener's certificate, key, client CAs and CRLs reloaded; new connections use them"
@@ -457,6 +464,18 @@ pub async fn serve(
              /archive look-ups hand out any client's token by serial or imprint (and how often \
              an imprint was stamped), /metrics and /status the server's state, to whoever \
              reaches it; keep it on a management network that a firewall closes to others"
+        );
+    }
+    if config.https_listen.is_some()
+        && config.tls.require_client_certificate
+        && !config.listen.ip().is_loopback()
+    {
+        tracing::warn!(
+            listen = %config.listen,
+            "server.tls.require_client_certificate holds on the HTTPS listener only: the plain \
+             listener (server.listen) is not on loopback and serves whoever [auth] lets in \
+             there (anonymous callers unless auth.anonymous = false); put it on loopback, or \
+             firewall it, where every client must present a certificate"
         );
     }
     let https = match config.https_listen {
