@@ -230,6 +230,20 @@ pub struct IssuingClock {
     /// The last time handed out, truncated to the tick; the next is in a later tick.
     last_ns: Mutex<u64>,
     refusals: [AtomicU64; RefusalKind::ALL.len()],
+    /// For a source that does not log its own changes (the kernel's), what a [`Watch`] sees
+    /// of the readings the tokens take (and the sampler's, once a second while none come):
+    /// a change that lasted less than a second between two samples, with tokens issued in
+    /// it, is logged too. Observed under `last_ns`, so in the readings' order.
+    watch: Option<Mutex<Watch>>,
+    /// What the watch saw last ([`watch_key`]): a reading like it is passed at the cost of
+    /// one load, without the watch's lock.
+    watched: std::sync::atomic::AtomicU8,
+}
+
+/// A reading as a [`Watch`] tells it apart: its state, and whether its bound is within the
+/// declared accuracy.
+fn watch_key(reading: &Reading, max_bound_ns: u64) -> u8 {
+    (reading.state as u8) << 1 | u8::from(reading.bound_ns <= max_bound_ns)
 }
 
 impl IssuingClock {
@@ -240,12 +254,40 @@ impl IssuingClock {
     /// (it only never decreases).
     pub fn new(source: Box<dyn TimeSource>, max_bound: Duration, tick: Duration) -> Self {
         Self {
-            source,
             max_bound_ns: max_bound.as_nanos() as u64,
             tick_ns: AtomicU64::new((tick.as_nanos() as u64).max(1)),
             last_ns: Mutex::new(0),
             refusals: Default::default(),
+            watch: (!source.logs_its_changes()).then(|| Mutex::new(Watch::default())),
+            watched: std::sync::atomic::AtomicU8::new(u8::MAX),
+            source,
         }
+    }
+
+    /// Logs what changed since the last reading watched, for a source that does not log its
+    /// own changes (see [`IssuingClock::watch`]); called with `last_ns` held.
+    fn observe(&self, reading: &Reading) {
+        let Some(watch) = &self.watch else {
+            return;
+        };
+        let key = watch_key(reading, self.max_bound_ns);
+        if self.watched.load(Ordering::Relaxed) == key {
+            return;
+        }
+        let mut watch = watch.lock().unwrap_or_else(|p| p.into_inner());
+        for change in watch.observe(reading, self.max_bound_ns) {
+            change.log(self.source.name(), reading.unix_ns);
+        }
+        self.watched.store(key, Ordering::Relaxed);
+    }
+
+    /// The source's reading, watched as the tokens' are (the sampler's, once a second: a
+    /// change with no token to see it is logged within the second).
+    pub fn watched_reading(&self) -> Reading {
+        let _last = self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
+        let reading = self.source.read();
+        self.observe(&reading);
+        reading
     }
 
     pub fn source_name(&self) -> &'static str {
@@ -335,6 +377,7 @@ impl IssuingClock {
         // the tokens issued while this thread waited, and look like a step back.
         let last = self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
         let reading = self.source.read();
+        self.observe(&reading);
         self.admit(&reading)?;
         match last.checked_sub(reading.unix_ns) {
             Some(behind) if behind > MAX_WAIT_BACKWARDS.as_nanos() as u64 => {
@@ -381,6 +424,7 @@ impl IssuingClock {
         let mut last = self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let reading = self.source.read();
+            self.observe(&reading);
             self.admit(&reading)?;
             let tick = reading.unix_ns - reading.unix_ns % self.tick();
             if tick > *last {
@@ -423,8 +467,8 @@ fn stepped_back(behind_ns: u64) -> Refusal {
 
 /// Whether a source's readings allow tokens, watched from outside for a source that does not
 /// log its own changes (the kernel's clock, whose state the kernel keeps): ETSI EN 319 421
-/// wants every synchronization and loss of it logged. One reading a second is enough; each
-/// change is told once.
+/// wants every synchronization and loss of it logged. [`IssuingClock`] shows it every
+/// reading a token takes, and the sampler's once a second; each change is told once.
 #[derive(Debug, Default)]
 pub struct Watch {
     /// The last state seen, and whether its bound was within the declared accuracy.
@@ -737,6 +781,120 @@ mod tests {
         // A floor in the past changes nothing.
         clock.set_floor(start);
         assert!(clock.now().is_ok());
+    }
+
+    /// A source whose state the test sets, one nanosecond further at each reading.
+    struct Flipping {
+        now: AtomicU64,
+        synchronized: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl TimeSource for Flipping {
+        fn name(&self) -> &'static str {
+            "flipping"
+        }
+        fn read(&self) -> Reading {
+            let synchronized = self.synchronized.load(Ordering::SeqCst);
+            Reading {
+                unix_ns: self.now.fetch_add(1, Ordering::SeqCst),
+                bound_ns: if synchronized { 1_000 } else { u64::MAX },
+                state: match synchronized {
+                    true => SyncState::Synchronized,
+                    false => SyncState::Unsynchronized,
+                },
+                reason: Arc::from("flipping"),
+            }
+        }
+    }
+
+    /// The events a closure logs, one line each.
+    fn logged(f: impl FnOnce()) -> Vec<String> {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .filter_map(|l| l.split("event=").nth(1))
+            .map(|e| {
+                e.split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .trim_matches('"')
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// A source that does not log its own changes is watched through the readings the tokens
+    /// take: a loss of synchronization and its return between two of the sampler's readings,
+    /// tokens refused and issued in it, are logged (the sampler alone saw neither), each
+    /// change once.
+    #[test]
+    fn the_tokens_readings_log_the_changes_of_a_source_that_does_not() {
+        let synchronized = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let source = Flipping {
+            now: AtomicU64::new(1_000_000_000),
+            synchronized: synchronized.clone(),
+        };
+        let clock = IssuingClock::new(
+            Box::new(source),
+            Duration::from_secs(1),
+            Duration::from_nanos(1),
+        );
+        let events = logged(|| {
+            clock.watched_reading();
+            for synchronized_now in [true, false, false, true, true] {
+                synchronized.store(synchronized_now, Ordering::SeqCst);
+                assert_eq!(clock.now().is_ok(), synchronized_now);
+            }
+            clock.watched_reading();
+        });
+        assert_eq!(events, ["sync_acquired", "sync_lost", "sync_acquired"]);
+
+        // One that logs its own: not watched.
+        struct Logging(Flipping);
+        impl TimeSource for Logging {
+            fn name(&self) -> &'static str {
+                "logging"
+            }
+            fn read(&self) -> Reading {
+                self.0.read()
+            }
+            fn logs_its_changes(&self) -> bool {
+                true
+            }
+        }
+        let source = Logging(Flipping {
+            now: AtomicU64::new(1_000_000_000),
+            synchronized: synchronized.clone(),
+        });
+        let clock = IssuingClock::new(
+            Box::new(source),
+            Duration::from_secs(1),
+            Duration::from_nanos(1),
+        );
+        let events = logged(|| {
+            for synchronized_now in [true, false, true] {
+                synchronized.store(synchronized_now, Ordering::SeqCst);
+                let _ = clock.now();
+            }
+        });
+        assert!(events.is_empty(), "{events:?}");
     }
 
     /// A synchronized clock over a source one nanosecond further at each reading, handing

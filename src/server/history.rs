@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::Tsa;
-use crate::clock::{SyncState, Watch};
+use crate::clock::SyncState;
 
 /// How often the sampler runs; the fine ring keeps every sample.
 pub const FINE_INTERVAL: Duration = Duration::from_secs(1);
@@ -93,19 +93,15 @@ fn sample(tsa: &Tsa, reading: &crate::clock::Reading) -> Point {
 }
 
 /// The sampler; runs for the life of the server. For a clock that does not log its own
-/// changes (the kernel's), it also logs each change of whether tokens can be issued.
+/// changes (the kernel's), its reading is watched as the tokens' are
+/// ([`crate::clock::IssuingClock::watched_reading`]): a change is logged within the second
+/// where no token sees it first.
 pub(super) async fn run(tsa: Arc<Tsa>) {
     let mut tick = tokio::time::interval(FINE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut watch = (!tsa.clock().logs_its_changes()).then(Watch::default);
     loop {
         tick.tick().await;
-        let reading = tsa.clock().reading();
-        if let Some(watch) = &mut watch {
-            for change in watch.observe(&reading, tsa.clock().max_bound_ns()) {
-                change.log(tsa.clock().source_name(), reading.unix_ns);
-            }
-        }
+        let reading = tsa.clock().watched_reading();
         tsa.metrics.history.record(sample(&tsa, &reading));
     }
 }
