@@ -212,7 +212,9 @@ impl Correction {
 
     /// Asks the thread to read the correction again, and waits for it ([`REFRESH_WAIT`] at
     /// most): whether it was read. Not while chronyd does not answer (the thread asks again
-    /// at its polls): readings then are refused at once rather than one after another.
+    /// at its polls), nor while a question a reading waited for in vain is still out (up to
+    /// the thread's 200 ms timeout): readings then are refused at once rather than one after
+    /// another, each holding the issuing clock's lock for the wait.
     pub fn refresh(&self) -> bool {
         if self.shared.failing.load(Ordering::Acquire) {
             return false;
@@ -226,7 +228,12 @@ impl Correction {
             .read
             .wait_timeout_while(reads, REFRESH_WAIT, |reads| *reads == seen)
             .unwrap_or_else(|p| p.into_inner());
-        *reads != seen && !self.shared.failing.load(Ordering::Acquire)
+        if *reads == seen {
+            // Unanswered so far: failing until the question ends (its answer clears it).
+            self.shared.failing.store(true, Ordering::Release);
+            return false;
+        }
+        !self.shared.failing.load(Ordering::Acquire)
     }
 }
 
@@ -396,14 +403,19 @@ mod tests {
         }
         assert_eq!(correction.current(&updated), Some(500_000_000));
         // chronyd stops answering: the last value holds until it is too old, and readings no
-        // longer wait for the thread.
+        // longer wait for the thread: not even while the question one of them waited for in
+        // vain is still out (five more in far less than one wait).
         answer.store(0, SeqCst);
         for _ in 0..500 {
             if !correction.refresh() {
                 break;
             }
         }
-        assert!(!correction.refresh());
+        let started = std::time::Instant::now();
+        for _ in 0..5 {
+            assert!(!correction.refresh());
+        }
+        assert!(started.elapsed() < REFRESH_WAIT, "{:?}", started.elapsed());
         assert_eq!(correction.current(&updated), Some(500_000_000));
         assert_eq!(correction.current(&at(now + 3_000_000_000, 11, 900)), None);
     }
