@@ -98,9 +98,10 @@ fn private(id: [u8; 4]) -> bool {
         || (id[0] == 100 && (64..128).contains(&id[1]))
 }
 
-/// The largest offset a sample may claim: about 73 years, more than any local clock anchored
-/// to a wall clock that was reset to 1970 can be off, and small enough that the difference of
-/// two offsets never overflows.
+/// The largest offset a sample may claim: about 73 years, small enough that the difference
+/// of two offsets never overflows. (NTP's arithmetic folds offsets beyond 2^31 s, 68 years,
+/// into the other sign: the local clock never starts before 2020, `local::start_at`, so
+/// that none is that large before 2088.)
 pub const MAX_OFFSET_NS: u64 = 1 << 61;
 /// The largest distance a sample may claim before ageing: RFC 5905's MAXDISP (16 s). A sample
 /// that vouches for nothing better than that says nothing about a clock that must hold 1 s.

@@ -75,11 +75,23 @@ pub fn suspended_between(before_ns: u64, after_ns: u64) -> bool {
     after_ns > before_ns.saturating_add(SUSPEND_TOLERANCE_NS)
 }
 
+/// The earliest instant the local clock starts at (2020-01-01T00:00:00Z), whatever the wall
+/// clock says at start (a host whose clock was reset to 1970): the offsets the discipline
+/// measures from it then stay below 2^31 s until 2088, where NTP's 32.32 arithmetic (sntpc
+/// takes the timestamps' differences modulo 2^32 s) would fold a larger one into a wrong
+/// offset of the other sign that every server agreed on.
+const EARLIEST_START_NS: u64 = 1_577_836_800 * 1_000_000_000;
+
+/// Where the local clock starts, the wall clock reading `wall_ns` at start.
+fn start_at(wall_ns: u64) -> u64 {
+    wall_ns.max(EARLIEST_START_NS)
+}
+
 impl LocalClock {
     pub fn new() -> Self {
         Self {
             start_raw: raw_ns(),
-            epoch_ns: system_unix_ns(),
+            epoch_ns: start_at(system_unix_ns()),
         }
     }
 
@@ -155,6 +167,17 @@ mod tests {
         let b = clock.now();
         assert!(b >= a);
         assert!(clock.wall_offset().unsigned_abs() < 1_000_000_000);
+    }
+
+    /// A wall clock reset to 1970 at start: the local clock starts in 2020 (offsets to UTC
+    /// stay below NTP's 68-year fold); a wall clock after that is taken as it is.
+    #[test]
+    fn the_local_clock_never_starts_before_2020() {
+        assert_eq!(start_at(0), EARLIEST_START_NS);
+        assert_eq!(start_at(86_400_000_000_000), EARLIEST_START_NS);
+        let now = system_unix_ns();
+        assert_eq!(start_at(now), now);
+        assert!(LocalClock::new().now() >= now);
     }
 
     #[test]

@@ -85,7 +85,7 @@ pub async fn poll(
                 SourceMessage::Sample(id, sample)
             }
             Err(Failure::Kod(KissOfDeathCode::Rate)) => {
-                interval = after_rate(interval);
+                interval = after_rate(interval, server.poll);
                 tracing::warn!(event = "ntp_kod", server = %server.addr, code = "RATE", poll_s = interval.as_secs_f64(), "kiss-o'-death RATE: polling less often");
                 SourceMessage::Missed(id)
             }
@@ -111,9 +111,11 @@ pub async fn poll(
     }
 }
 
-/// The poll interval after a kiss-o'-death `RATE`: doubled, up to [`MAX_POLL`].
-fn after_rate(interval: Duration) -> Duration {
-    (interval * 2).min(MAX_POLL)
+/// The poll interval after a kiss-o'-death `RATE`: doubled, up to [`MAX_POLL`] or the
+/// configured interval where that is longer (a server that asks us to slow down is never
+/// polled faster than configured).
+fn after_rate(interval: Duration, configured: Duration) -> Duration {
+    (interval * 2).min(MAX_POLL.max(configured))
 }
 
 /// How long to leave a server alone after it refused us, `last` the pause after its refusal
@@ -262,17 +264,21 @@ mod tests {
         let configured = Duration::from_secs(16);
         let mut interval = configured;
         for expected in [32, 64, 128] {
-            interval = after_rate(interval);
+            interval = after_rate(interval, configured);
             assert_eq!(interval, Duration::from_secs(expected));
         }
         for _ in 0..20 {
-            interval = after_rate(interval);
+            interval = after_rate(interval, configured);
         }
         assert_eq!(interval, MAX_POLL);
         for expected in [512, 256, 128, 64, 32, 16, 16] {
             interval = after_reply(interval, configured);
             assert_eq!(interval, Duration::from_secs(expected));
         }
+        // Configured slower than MAX_POLL: a RATE never makes the polls faster.
+        let slow = Duration::from_secs(2_048);
+        assert_eq!(after_rate(slow, slow), slow);
+        assert_eq!(after_rate(Duration::from_secs(1_024), slow), slow);
     }
 
     #[test]
