@@ -499,9 +499,13 @@ impl Tsa {
     }
 
     /// [`Tsa::issue_unrecorded`] on the blocking pool, holding a place of its lane: the lane
-    /// moved once it ends ([`Tsa::lane_place`]).
+    /// moved once it ends ([`Tsa::lane_place`]), a fault in it (a panic) too, which answers
+    /// its request alone with systemFailure (not every item of a batch's chunk).
     fn issue_in_lane(&self, body: &[u8], client: &Client) -> Issued {
-        let issued = self.issue_unrecorded(body, client);
+        let issued = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.issue_unrecorded(body, client)
+        }))
+        .unwrap_or_else(|_| Err(Rejection::new(FailInfo::SystemFailure, "internal error")));
         self.lane_moved.mark();
         issued
     }
@@ -1420,6 +1424,60 @@ mod tests {
             BATCH_CHUNK
         );
         assert_eq!(tsa.blocking_lane.available_permits(), LANES);
+    }
+
+    /// A signer that panics at its `.1`th signature (counting from 1), and signs the others.
+    struct PanicsOnce(Arc<dyn Signer>, u64, AtomicU64);
+
+    impl Signer for PanicsOnce {
+        fn algorithm(&self) -> crate::alg::SignatureAlgorithm {
+            self.0.algorithm()
+        }
+        fn public_key(&self) -> &[u8] {
+            self.0.public_key()
+        }
+        fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
+            if self.2.fetch_add(1, Ordering::SeqCst) + 1 == self.1 {
+                panic!("a fault in one item");
+            }
+            self.0.sign(message)
+        }
+    }
+
+    /// A fault (a panic) while one item of a batch is issued answers that item alone with
+    /// systemFailure; the others, of its chunk too, are granted.
+    #[test]
+    fn a_fault_in_one_batch_item_spoils_that_item_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tsa = development_tsa(dir.path());
+        tsa.signer = Arc::new(PanicsOnce(Arc::clone(&tsa.signer), 2, AtomicU64::new(0)));
+        // A lane for each chunk: none waits for another (whose fault, with its backtrace
+        // printed, may take longer than the tests' wait for a lane that does not move).
+        tsa.blocking_lane = Arc::new(tokio::sync::Semaphore::new(8));
+        let tsa = Arc::new(tsa);
+        let items = vec![Bytes::from(query_der()); 4];
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let answers = runtime.block_on(tsa.respond_batch(items, &Client::ANONYMOUS));
+        let outcomes: Vec<bool> = answers
+            .iter()
+            .map(|(der, outcome)| {
+                let granted = crate::client::read::Response::from_der(der)
+                    .unwrap()
+                    .token
+                    .is_some();
+                assert_eq!(granted, matches!(outcome, Outcome::Granted));
+                granted
+            })
+            .collect();
+        // Which item met the fault depends on how the chunks ran; one did, alone.
+        assert_eq!(
+            outcomes.iter().filter(|granted| **granted).count(),
+            3,
+            "{outcomes:?}"
+        );
     }
 
     /// Random serials, each after a wait (as for a reservation the writer is slow to make).
