@@ -19,6 +19,59 @@ pub const PUBLIC: u32 = 0o644;
 /// synced. A reader, or the file system after a crash, finds the old file or the new one,
 /// never a part of either. A symbolic link at `path` is replaced, not followed.
 pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    write_whole(path, contents, mode, |temporary, path| {
+        std::fs::rename(temporary, path)
+    })
+}
+
+/// [`replace`], but only where nothing is at `path` (not a file, not a link): an error of
+/// kind `AlreadyExists` otherwise, and nothing there is touched. For files a user did not ask
+/// to replace, made by another process (or written under another name that is the same file
+/// on a case-insensitive file system) between a check and the write.
+pub fn create(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    write_whole(path, contents, mode, |temporary, path| {
+        rename_no_replace(temporary, path)
+    })
+}
+
+/// Renames `from` to `to` unless something is at `to` (`renameat2`'s `RENAME_NOREPLACE`; a
+/// hard link, then the removal of `from`, on a file system without it).
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the path"))
+    };
+    let (from_c, to_c) = (c(from)?, c(to)?);
+    // SAFETY: two NUL-terminated paths, relative to the working directory.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+        return Err(e);
+    }
+    std::fs::hard_link(from, to)?;
+    std::fs::remove_file(from)
+}
+
+/// Writes `contents` to a temporary file beside `path` (mode `mode`), syncs it, puts it at
+/// `path` with `place`, and syncs the directory.
+fn write_whole(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    place: impl FnOnce(&Path, &Path) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = directory_of(path);
     let name = path
         .file_name()
@@ -51,7 +104,7 @@ pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
             })?;
         file.write_all(contents)?;
         file.sync_all()?;
-        std::fs::rename(&temporary, path)
+        place(&temporary, path)
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&temporary);
@@ -137,6 +190,32 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["tsa-cert.pem"], "no temporary file is left");
+    }
+
+    /// `create` writes where nothing is, and leaves a file or a link that is there as it was
+    /// (and nothing beside it).
+    #[test]
+    fn create_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tsr");
+        create(&path, b"first", PUBLIC).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        let again = create(&path, b"second", PUBLIC).unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        let link = dir.path().join("b.tsr");
+        std::os::unix::fs::symlink("nowhere", &link).unwrap();
+        assert_eq!(
+            create(&link, b"x", PUBLIC).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("nowhere"));
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.tsr", "b.tsr"], "no temporary file is left");
     }
 
     #[test]

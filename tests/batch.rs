@@ -986,6 +986,12 @@ fn tsa_request_batch_goes_on_past_a_refused_batch_and_resumes() {
         let reply = std::fs::read(tsr(i)).unwrap();
         assert!(Response::from_der(&reply).unwrap().granted(), "{file}");
     }
+    let (ok, text) = request(&["--skip-existing"]);
+    assert!(ok && text.contains("nothing to stamp"), "{text}");
+    // A run that asks for another policy: the tokens there do not carry it, so they are not
+    // this run's to skip, nor to replace.
+    let (ok, text) = request(&["--skip-existing", "--policy", "1.2.3.4"]);
+    assert!(!ok && text.contains("exists already"), "{text}");
 }
 
 #[test]

@@ -158,11 +158,11 @@ pub fn run(args: &RequestArgs) -> anyhow::Result<()> {
         der,
         reply: args.out.clone(),
     };
-    save_reply(&item, &reply, false, &trusted)?;
+    save_reply(&item, &reply, false, Replacing::only(args.force), &trusted)?;
     // Beside the reply it answers, once that is saved: a refused or failed exchange leaves
     // an earlier pair (--force) as it was.
     if let Some(path) = &args.query_out {
-        write(path, &item.der)?;
+        write(path, &item.der, Replacing::only(args.force))?;
     }
     let response = Response::from_der(&reply)?;
     let token = response.token.as_ref().expect("a granted reply was saved");
@@ -318,13 +318,14 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let listed = items.len();
+    let trusted = super::verify::load_all(&args.ca)?;
     // --skip-existing: an item whose reply file holds its token is left out; one whose file
     // holds a rejection is asked again, and that file (and its .tsq) replaced.
     let mut again = HashSet::new();
     let items: Vec<Item> = match args.skip_existing {
         true => items
             .into_iter()
-            .filter(|item| match Saved::of(item) {
+            .filter(|item| match Saved::of(item, &trusted) {
                 Saved::Token => false,
                 Saved::Rejection => {
                     again.insert(item.reply.clone());
@@ -369,7 +370,6 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
     if let Some(dir) = &args.out_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let trusted = super::verify::load_all(&args.ca)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -408,7 +408,10 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
             }
         };
         for (item, reply) in chunk.iter().zip(replies) {
-            match save_reply(item, &reply, args.save_queries, &trusted) {
+            // What is there is replaced only with --force, or where --skip-existing found the
+            // rejection it asks again for.
+            let replacing = Replacing::only(args.force || again.contains(&item.reply));
+            match save_reply(item, &reply, args.save_queries, replacing, &trusted) {
                 Ok(()) => granted += 1,
                 Err(e) => {
                     failed += 1;
@@ -442,16 +445,19 @@ const GIVE_UP_AFTER: usize = 3;
 /// What an item's reply file holds, for --skip-existing.
 enum Saved {
     Nothing,
-    /// A granted reply whose token stamps the item's digest.
+    /// A granted reply whose token stamps the item's digest as this run asks: its policy
+    /// where one is asked for, its certificate where certReq is set, and verified with the
+    /// trusted CAs where they are given.
     Token,
     /// A reply without a token: the TSA's refusal of an earlier run.
     Rejection,
-    /// Anything else (another item's token?): not replaced without --force.
+    /// Anything else (another item's token? one this run's options would not take?): not
+    /// replaced without --force.
     Other,
 }
 
 impl Saved {
-    fn of(item: &Item) -> Saved {
+    fn of(item: &Item, trusted: &[x509_cert::Certificate]) -> Saved {
         let Ok(der) = std::fs::read(&item.reply) else {
             return match item.reply.symlink_metadata() {
                 Ok(_) => Saved::Other,
@@ -468,7 +474,27 @@ impl Saved {
                 let stamps_it = DigestAlgorithm::from_oid(&imprint.hash_algorithm.oid)
                     == Some(item.query.digest)
                     && imprint.hashed_message.as_bytes() == item.query.hashed_message.as_slice();
-                match stamps_it {
+                let policy = item
+                    .query
+                    .policy
+                    .is_none_or(|asked| asked == token.tst_info().policy);
+                let certificate = !item.query.cert_req
+                    || token
+                        .signed_data
+                        .certificates
+                        .as_ref()
+                        .is_some_and(|set| !set.0.is_empty());
+                let verified = trusted.is_empty()
+                    || verify(
+                        token,
+                        &Expectation {
+                            digest: Some(&item.query.hashed_message),
+                            trusted: trusted.to_vec(),
+                            ..Default::default()
+                        },
+                    )
+                    .is_ok();
+                match stamps_it && policy && certificate && verified {
                     true => Saved::Token,
                     false => Saved::Other,
                 }
@@ -483,6 +509,7 @@ fn save_reply(
     item: &Item,
     reply: &[u8],
     save_query: bool,
+    replacing: Replacing,
     trusted: &[x509_cert::Certificate],
 ) -> anyhow::Result<()> {
     let response = Response::from_der(reply).context("the reply does not decode")?;
@@ -505,9 +532,9 @@ fn save_reply(
     // be an earlier token, the only proof of time its owner has.
     let kept = response.token.is_none() && item.reply.exists();
     if !kept {
-        write(&item.reply, reply)?;
+        write(&item.reply, reply, replacing)?;
         if save_query {
-            write(&item.reply.with_extension("tsq"), &item.der)?;
+            write(&item.reply.with_extension("tsq"), &item.der, replacing)?;
         }
     }
     match (&response.token, kept) {
@@ -569,9 +596,38 @@ fn refuse_overwriting_inputs<'a>(
 
 /// Saves a request or a reply whole and durably: a token may be the only proof of time its
 /// owner has.
-fn write(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    tsa::files::replace(path, bytes, tsa::files::PUBLIC)
-        .with_context(|| format!("cannot write {}", path.display()))
+/// Whether a reply or query file may replace one that is there.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Replacing {
+    /// --force, or a rejection --skip-existing asks again for.
+    Allowed,
+    /// Nothing is replaced: a file that appeared since the check at start (another run, a
+    /// name the file system takes for another item's) is an error, and left as it is.
+    Never,
+}
+
+impl Replacing {
+    fn only(allowed: bool) -> Self {
+        match allowed {
+            true => Self::Allowed,
+            false => Self::Never,
+        }
+    }
+}
+
+fn write(path: &Path, bytes: &[u8], replacing: Replacing) -> anyhow::Result<()> {
+    let written = match replacing {
+        Replacing::Allowed => tsa::files::replace(path, bytes, tsa::files::PUBLIC),
+        Replacing::Never => tsa::files::create(path, bytes, tsa::files::PUBLIC),
+    };
+    written.map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(
+            "{} appeared since the start (another run, or a name the file system takes for \
+             another item's): kept as it is (--force replaces it)",
+            path.display()
+        ),
+        _ => anyhow::Error::new(e).context(format!("cannot write {}", path.display())),
+    })
 }
 
 /// The lines of a file, or of standard input for `-`.
