@@ -367,7 +367,10 @@ fn get(
     };
     // Before the look-up: a mistyped --out (the archive's own database) is not replaced.
     let out = match out {
-        Some((path, force)) => Some(super::not_replacing(not_the_archive(path, config)?, force)?),
+        Some((path, force)) => Some((
+            super::not_replacing(not_the_archive(path, config)?, force)?,
+            force,
+        )),
         None => None,
     };
     let mut store = archive::open_read_only(&config.archive)?;
@@ -419,14 +422,18 @@ fn get(
              latest N)"
         )?;
     }
-    if let Some(out) = out {
+    if let Some((out, force)) = out {
         let der = if bare_token {
             latest.record.token.clone()
         } else {
             latest.response()
         };
-        tsa::files::replace(out, &der, tsa::files::PUBLIC)
-            .with_context(|| format!("cannot write {}", out.display()))?;
+        // Without --force, not over a file made since the check above either.
+        match force {
+            true => tsa::files::replace(out, &der, tsa::files::PUBLIC),
+            false => tsa::files::create(out, &der, tsa::files::PUBLIC),
+        }
+        .with_context(|| format!("cannot write {}", out.display()))?;
         writeln!(stdout, "written to {}", out.display())?;
     }
     Ok(())
