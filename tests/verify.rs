@@ -81,6 +81,8 @@ struct Pki {
     /// What signs for the root (its CRLs).
     root_issuer: Issuer<'static, KeyPair>,
     between: Vec<Certificate>,
+    /// What signs for each of `between` (their CRLs).
+    between_issuers: Vec<Issuer<'static, KeyPair>>,
     tsu: Certificate,
     tsu_key: KeyPair,
 }
@@ -95,9 +97,14 @@ fn pki(root: CertificateParams, path: Vec<CertificateParams>, tsu: CertificatePa
     );
     let mut issuer = Issuer::new(root, root_key);
     let mut between = Vec::new();
+    let mut between_issuers = Vec::new();
     for params in path {
         let k = key();
         between.push(cert(&params.signed_by(&k, &issuer).unwrap()));
+        between_issuers.push(Issuer::new(
+            params.clone(),
+            KeyPair::from_pem(&k.serialize_pem()).unwrap(),
+        ));
         issuer = Issuer::new(params, k);
     }
     let tsu_key = key();
@@ -106,6 +113,7 @@ fn pki(root: CertificateParams, path: Vec<CertificateParams>, tsu: CertificatePa
         root: cert(&root_cert),
         root_issuer,
         between,
+        between_issuers,
         tsu,
         tsu_key,
     }
@@ -526,6 +534,10 @@ fn a_crl_given_must_vouch_for_the_signers_certificate() {
     .der()
     .to_vec();
     judge(vec![foreign]).unwrap_err();
+    // Two CRLs of the root: refused (only the first would be read, and the revoking one
+    // missed).
+    let error = judge(vec![crl(&[]), crl(&[&serial])]).unwrap_err();
+    assert!(error.contains("two CRLs of one issuer"), "{error}");
 
     // The same through `tsa verify --crl`, from a PEM file and a DER file.
     let dir = tempfile::tempdir().unwrap();
@@ -564,6 +576,85 @@ fn a_crl_given_must_vouch_for_the_signers_certificate() {
         !refused.status.success() && stderr.contains("evoked"),
         "{stderr}"
     );
+}
+
+/// A CRL given must be current now, whatever the validation time (a validation at a past
+/// time or at genTime must not take a CRL that expired before the key was revoked); and one
+/// that revokes a CA certificate on the signer's path refuses the token, as one that revokes
+/// the signer's certificate does.
+#[test]
+fn crls_given_are_current_and_bind_the_whole_path() {
+    let p = pki(
+        ca("Root", None),
+        vec![ca("Issuing CA", None)],
+        current_tsu(),
+    );
+    let (reply, query) = stamp(&p, DigestAlgorithm::Sha256, SystemTime::now());
+    let response = Response::from_der(&reply).unwrap();
+    let token = response.token.as_ref().unwrap();
+    let crl = |issuer: &Issuer<'static, KeyPair>, next: SystemTime, revoked: &[&[u8]]| {
+        let (y, m, d) = ymd(next);
+        let (y0, m0, d0) = ymd(SystemTime::now() - 2 * YEAR);
+        rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(y0, m0, d0),
+            next_update: rcgen::date_time_ymd(y, m, d),
+            crl_number: 1u64.into(),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(serial),
+                    revocation_time: rcgen::date_time_ymd(y0, m0, d0),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(issuer)
+        .unwrap()
+        .der()
+        .to_vec()
+    };
+    let judge = |crls: Vec<Vec<u8>>, at: ValidAt| {
+        verify(
+            token,
+            &Expectation {
+                data: Some(DATA),
+                query: Some(&query),
+                trusted: vec![p.root.clone()],
+                crls,
+                at,
+                ..Default::default()
+            },
+        )
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"))
+    };
+    let later = SystemTime::now() + YEAR;
+    let issuing = &p.between_issuers[0];
+    judge(vec![crl(issuing, later, &[])], ValidAt::Now).unwrap();
+    // The issuing CA's CRL expired 3 months ago: refused now, and half a year ago too.
+    let expired = crl(issuing, SystemTime::now() - YEAR / 4, &[]);
+    let half_a_year_ago = ValidAt::Time(SystemTime::now() - YEAR / 2);
+    for at in [ValidAt::Now, half_a_year_ago] {
+        let error = judge(vec![expired.clone()], at).unwrap_err();
+        assert!(error.contains("nextUpdate"), "{error}");
+    }
+    // The root's CRL revokes the issuing CA: refused, beside the issuing CA's own.
+    let issuing_serial = p.between[0]
+        .tbs_certificate()
+        .serial_number()
+        .as_bytes()
+        .to_vec();
+    let revoking_root = crl(&p.root_issuer, later, &[&issuing_serial]);
+    let error = judge(vec![crl(issuing, later, &[]), revoking_root], ValidAt::Now).unwrap_err();
+    assert!(error.contains("evoked"), "{error}");
+    judge(
+        vec![crl(issuing, later, &[]), crl(&p.root_issuer, later, &[])],
+        ValidAt::Now,
+    )
+    .unwrap();
 }
 
 #[test]

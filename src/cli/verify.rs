@@ -30,8 +30,10 @@ pub struct VerifyArgs {
     /// Further certificates (PEM), for a token issued without its certificate.
     #[arg(long)]
     pub untrusted: Vec<PathBuf>,
-    /// CRLs (PEM or DER): the signer's certificate must have its status in one of them and
-    /// not be revoked. Without any, revocation is not checked.
+    /// CRLs (PEM or DER), one per issuer, each current now (before its nextUpdate, whatever
+    /// --at says): the signer's certificate must have its status in one of them and not be
+    /// revoked, and no CA certificate on its path may be revoked by one of them. Without any,
+    /// revocation is not checked.
     #[arg(long)]
     pub crl: Vec<PathBuf>,
     /// When the signer's certificate path must be valid: "now" (as `openssl ts -verify`

@@ -35,9 +35,10 @@ pub struct Expectation<'a> {
     pub query: Option<&'a [u8]>,
     /// Trust anchors.
     pub trusted: Vec<Certificate>,
-    /// CRLs (DER), one current CRL per issuer: when given, the signer's certificate must have
-    /// its status in one of them, not past its nextUpdate, and not be revoked; none: no
-    /// revocation checked.
+    /// CRLs (DER), one current CRL per issuer (two of one issuer are refused, as is one past
+    /// its nextUpdate now): when given, the signer's certificate must have its status in one
+    /// of them and not be revoked, and no CA certificate on its path may be revoked by one of
+    /// them; none: no revocation checked.
     pub crls: Vec<Vec<u8>>,
     /// Further certificates, for a token issued without them (certReq false).
     pub untrusted: Vec<Certificate>,
@@ -615,21 +616,26 @@ fn check_path(
                 .map_err(|e| anyhow::anyhow!("a CRL given cannot be read: {e}"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    check_crls_given(&expect.crls, &crls)?;
     let crl_refs: Vec<&webpki::CertRevocationList<'_>> = crls.iter().collect();
     // The signer's certificate, as `openssl ts -verify -crl_check` checks it: its status must
-    // be in a CRL given (a CRL of another issuer says nothing), and not revoked.
-    let revocation = webpki::RevocationOptionsBuilder::new(&crl_refs)
-        .ok()
-        .map(|options| {
-            options
-                .with_depth(webpki::RevocationCheckDepth::EndEntity)
-                .with_status_policy(webpki::UnknownStatusPolicy::Deny)
-                // A CRL past its nextUpdate says nothing of revocations since.
-                .with_expiration_policy(webpki::ExpirationPolicy::Enforce)
-                .build()
-        });
-    let path = end_entity
-        .verify_for_usage(
+    // be in a CRL given (a CRL of another issuer says nothing), and not revoked; and every CA
+    // certificate on its path that a CRL given covers must not be revoked either (one the
+    // CRLs say nothing of passes, as without CRLs).
+    let revocation = |depth, status| {
+        webpki::RevocationOptionsBuilder::new(&crl_refs)
+            .ok()
+            .map(|options| {
+                options
+                    .with_depth(depth)
+                    .with_status_policy(status)
+                    // A CRL past its nextUpdate says nothing of revocations since.
+                    .with_expiration_policy(webpki::ExpirationPolicy::Enforce)
+                    .build()
+            })
+    };
+    let verify_path = |revocation| {
+        end_entity.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
             &anchors,
             &intermediates,
@@ -638,19 +644,36 @@ fn check_path(
             revocation,
             None,
         )
-        .map_err(|e| {
-            let hint = match e {
-                webpki::Error::UnsupportedCriticalExtension => {
-                    " (a certificate on the path marks critical an extension this verifier does \
-                     not process, such as policy constraints: check it with openssl ts -verify)"
-                }
-                _ => "",
-            };
+    };
+    if let Some(whole) = revocation(
+        webpki::RevocationCheckDepth::Chain,
+        webpki::UnknownStatusPolicy::Allow,
+    ) {
+        verify_path(Some(whole)).map_err(|e| {
             anyhow::anyhow!(
-                "the signer's certificate {} has no valid path to a trusted CA: {e}{hint}",
+                "the signer's certificate {} has no path to a trusted CA that the CRLs given \
+                 leave standing: {e}",
                 shown(leaf.tbs_certificate().subject())
             )
         })?;
+    }
+    let path = verify_path(revocation(
+        webpki::RevocationCheckDepth::EndEntity,
+        webpki::UnknownStatusPolicy::Deny,
+    ))
+    .map_err(|e| {
+        let hint = match e {
+            webpki::Error::UnsupportedCriticalExtension => {
+                " (a certificate on the path marks critical an extension this verifier does \
+                     not process, such as policy constraints: check it with openssl ts -verify)"
+            }
+            _ => "",
+        };
+        anyhow::anyhow!(
+            "the signer's certificate {} has no valid path to a trusted CA: {e}{hint}",
+            shown(leaf.tbs_certificate().subject())
+        )
+    })?;
     // `webpki` takes a trust anchor as a name and a key; a trusted CA certificate's own path
     // length constraint binds the path too (as OpenSSL holds it).
     let anchor = path.anchor();
@@ -710,6 +733,41 @@ fn check_path(
                 shown(root.tbs_certificate().subject())
             );
         }
+    }
+    Ok(())
+}
+
+/// The CRLs given (`der`, read by `webpki` as `read`) as the path check needs them: one per
+/// issuer and distribution point (`webpki` reads the first of an issuer's only: a later one
+/// that revokes the signer would go unread), and each current now, whatever the validation
+/// time (a CRL past its nextUpdate says nothing of revocations since, and a validation at
+/// genTime would otherwise take one that expired before the key was revoked).
+fn check_crls_given(
+    der: &[Vec<u8>],
+    read: &[webpki::CertRevocationList<'_>],
+) -> anyhow::Result<()> {
+    let now = std::time::SystemTime::now();
+    let mut seen = std::collections::HashSet::new();
+    for (der, crl) in der.iter().zip(read) {
+        ensure!(
+            seen.insert((
+                crl.issuer().to_vec(),
+                crl.issuing_distribution_point().map(<[u8]>::to_vec)
+            )),
+            "two CRLs of one issuer are given: give its current one alone"
+        );
+        let list =
+            x509_cert::crl::CertificateList::<x509_cert::certificate::Rfc5280>::from_der(der)
+                .context("a CRL given cannot be read")?;
+        let next_update = list
+            .tbs_cert_list
+            .next_update
+            .context("a CRL given has no nextUpdate: when it stops vouching is not known")?;
+        ensure!(
+            next_update.to_system_time() > now,
+            "a CRL given is past its nextUpdate ({}): it says nothing of revocations since",
+            next_update
+        );
     }
     Ok(())
 }
