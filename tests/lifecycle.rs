@@ -260,6 +260,12 @@ fn a_reload_takes_a_rollover_instant_written_with_an_offset() {
         "the reload",
     );
     assert!(!log().contains("reload_refused"), "{}", log());
+    // The reload's event says what the tokens now carry.
+    assert!(
+        log().contains("chain_changed=false") && log().contains("precision=Millis"),
+        "{}",
+        log()
+    );
     let response = stamp_once(&server);
     let gen_time = response
         .token
@@ -296,6 +302,27 @@ fn a_bad_reload_is_refused_and_the_running_certificate_kept() {
         log()
     );
     assert!(subject_of(&server).contains("Development Time-Stamping Unit"));
+    assert!(stamp_once(&server).granted());
+    // A new key named beside its certificate: a reload keeps the running key, so it is
+    // refused, and says that a new key takes a restart.
+    let config_path = server.path("tsa.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    assert!(config.contains("key = \"tsa-key.pem\""), "{config}");
+    std::fs::write(
+        &config_path,
+        config.replace("key = \"tsa-key.pem\"", "key = \"other-key.pem\""),
+    )
+    .unwrap();
+    server.signal("HUP");
+    common::wait_until(
+        || log().matches("reload_refused").count() == 2,
+        "the second reload to be refused",
+    );
+    assert!(
+        log().contains("restart to sign with a new key"),
+        "{}",
+        log()
+    );
     assert!(stamp_once(&server).granted());
 }
 

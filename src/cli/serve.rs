@@ -199,7 +199,17 @@ async fn reload_on_sighup(
         let result = load(&args).and_then(|mut config| {
             let kept = keep_started(&mut config, &running)?;
             let auth = server::auth::Auth::new(&config.auth)?;
-            server::reload(&tsa, &config)?;
+            server::reload(&tsa, &config).map_err(|e| {
+                match kept.iter().any(|k| k.contains("the key loaded at start")) {
+                // A new key beside its new certificate: the certificate is checked against
+                // the running key, which a reload keeps.
+                true => e.context(
+                    "a signer's key settings changed too, and a reload keeps the key loaded at \
+                     start: restart to sign with a new key",
+                ),
+                false => e,
+            }
+            })?;
             if !kept.is_empty() {
                 tracing::warn!(
                     event = "reload_partial",

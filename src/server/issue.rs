@@ -870,6 +870,18 @@ fn log_rejection(rejection: &Rejection) {
 /// one keeps its subject), and whether it changed from `was`'s.
 fn log_reloaded(signer: &str, was: &Issuing, now: &Issuing) {
     let certificate = &now.certificate;
+    let digests: Vec<&str> = now
+        .rules
+        .accepted_digests
+        .iter()
+        .map(|d| d.name())
+        .collect();
+    let policies: Vec<String> = now
+        .rules
+        .other_policies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     tracing::info!(
         event = "certificate_reloaded",
         signer,
@@ -877,6 +889,12 @@ fn log_reloaded(signer: &str, was: &Issuing, now: &Issuing) {
         serial = %certificate.serial_hex(),
         certificate_sha256 = %certificate.sha256_hex(),
         changed = was.certificate.der() != certificate.der(),
+        // The intermediates served with every token are the key's too.
+        chain_changed = was.certificate.chain() != certificate.chain(),
+        default_policy = %now.rules.default_policy,
+        other_policies = %policies.join(","),
+        accepted_digests = %digests.join(","),
+        precision = ?now.template.precision(),
         "configuration and certificate chain reloaded"
     );
 }

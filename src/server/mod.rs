@@ -279,6 +279,23 @@ fn plan_rollover(
     Ok(Rollover::new(at_ns, signer, issuing))
 }
 
+/// At start and at each reload (`[server.tls]` is reloaded): a warning where client
+/// certificates are required on the HTTPS listener but the plain one is not on loopback.
+fn warn_of_the_plain_listener(config: &ServerConfig) {
+    if config.https_listen.is_some()
+        && config.tls.require_client_certificate
+        && !config.listen.ip().is_loopback()
+    {
+        tracing::warn!(
+            listen = %config.listen,
+            "server.tls.require_client_certificate holds on the HTTPS listener only: the plain \
+             listener (server.listen) is not on loopback and serves whoever [auth] lets in \
+             there (anonymous callers unless auth.anonymous = false); put it on loopback, or \
+             firewall it, where every client must present a certificate"
+        );
+    }
+}
+
 /// Rebuilds what a reload replaces (SIGHUP): request rules, certificates and chains, token
 /// templates, for the current signer and the planned one, and the HTTPS listener's
 /// certificate, key, client CAs and CRLs. The keys themselves, the rollover instant and the
@@ -330,6 +347,7 @@ pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
         tsa.tls.store(Some(Arc::new(acceptor)));
         tsa.credential_reloads
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        warn_of_the_plain_listener(&config.server);
         tracing::info!(
             event = "tls_certificate_reloaded",
             "the HTTPS listener's certificate, key, client CAs and CRLs reloaded; new connections use them"
@@ -466,18 +484,7 @@ pub async fn serve(
              reaches it; keep it on a management network that a firewall closes to others"
         );
     }
-    if config.https_listen.is_some()
-        && config.tls.require_client_certificate
-        && !config.listen.ip().is_loopback()
-    {
-        tracing::warn!(
-            listen = %config.listen,
-            "server.tls.require_client_certificate holds on the HTTPS listener only: the plain \
-             listener (server.listen) is not on loopback and serves whoever [auth] lets in \
-             there (anonymous callers unless auth.anonymous = false); put it on loopback, or \
-             firewall it, where every client must present a certificate"
-        );
-    }
+    warn_of_the_plain_listener(config);
     let https = match config.https_listen {
         Some(addr) => {
             let acceptor = tls::acceptor(&config.tls).context(Misconfigured)?;
