@@ -785,3 +785,52 @@ fn serve_refuses_to_start_on_a_tsu_certificate_outside_the_profile() {
     issue_tsu_cert(d, "Within the profile", TSU_PROFILE, valid);
     serve_once(d).unwrap_or_else(|e| panic!("the profile's certificate: {e}"));
 }
+
+/// A SIGHUP while the server is still being built (here its archive's database takes its
+/// connection and never answers, as a PostgreSQL that hangs would) neither ends the process
+/// (the signal's default action did, before its handler was installed after the build) nor
+/// is acted on before the server is up.
+#[test]
+fn a_sighup_while_the_server_is_built_does_not_end_it() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let kept: Vec<_> = listener.incoming().take(4).flatten().collect();
+        std::thread::sleep(Duration::from_secs(60));
+        drop(kept);
+    });
+    let dir = Server::init(&[], "");
+    let config_path = dir.path().join("tsa.toml");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    let archive = format!(
+        "[archive]\nbackend = \"postgres\"\n\
+         postgres_url = \"host=127.0.0.1 port={port} user=tsa dbname=tsa connect_timeout=30\"\n"
+    );
+    let config = config.replacen("[archive]\n", &archive, 1).replacen(
+        "enabled = false",
+        "enabled = true",
+        1,
+    );
+    assert!(config.contains("backend = \"postgres\"") && config.contains("enabled = true"));
+    std::fs::write(&config_path, config).unwrap();
+    let mut child = Command::new(common::TSA)
+        .args(["serve", "--config"])
+        .arg(dir.path().join("tsa.toml"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the server is still being built (waiting for its database)"
+    );
+    // SAFETY: a signal to the child we spawned, which has not been reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let status = child.try_wait().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, None, "the SIGHUP ended the process");
+}

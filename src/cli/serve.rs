@@ -70,12 +70,16 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         );
     }
     let served = runtime.block_on(async {
-        let tsa = Arc::new(server::build(&config)?);
-        // Installed before the server announces itself: a SIGHUP that came before the task's
-        // first poll took the default action and ended the process.
+        // Installed before anything else: a SIGHUP while the server is built (an HSM's login,
+        // the archive's recovery) took the default action and ended the process. One that
+        // comes before the listeners are bound waits for them (`serve` installs the HTTPS
+        // listener's TLS configuration, which a reload replaces, and says READY first).
         let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        let tsa = Arc::new(server::build(&config)?);
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(reload_on_sighup(
             hup,
+            bound_rx,
             tsa.clone(),
             args.clone(),
             config.clone(),
@@ -83,7 +87,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         server::serve(
             tsa,
             &config.server,
-            |bound| announce(bound, &config.server.path, ca_hint, pss),
+            |bound| {
+                announce(bound, &config.server.path, ca_hint, pss);
+                let _ = bound_tx.send(());
+            },
             shutdown_signal(),
         )
         .await
@@ -186,6 +193,7 @@ fn announce(bound: server::Bound, path: &str, ca: Option<PathBuf>, pss: bool) {
 /// refused and the running one kept.
 async fn reload_on_sighup(
     hup: std::io::Result<tokio::signal::unix::Signal>,
+    bound: tokio::sync::oneshot::Receiver<()>,
     tsa: Arc<server::Tsa>,
     args: ServeArgs,
     running: Config,
@@ -194,6 +202,10 @@ async fn reload_on_sighup(
         tracing::warn!("cannot install a SIGHUP handler; reload needs a restart");
         return;
     };
+    // Not before the server is up (a signal meanwhile waits in `hup`).
+    if bound.await.is_err() {
+        return;
+    }
     while hup.recv().await.is_some() {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
         let result = load(&args).and_then(|mut config| {
