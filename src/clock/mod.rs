@@ -318,6 +318,11 @@ impl IssuingClock {
         self.tick_ns.load(Ordering::Relaxed)
     }
 
+    /// The resolution at which handed-out times strictly increase now.
+    pub fn tick_duration(&self) -> Duration {
+        Duration::from_nanos(self.tick())
+    }
+
     /// The source's current reading, for health checks and the status page.
     pub fn reading(&self) -> Reading {
         self.source.read()
@@ -413,20 +418,27 @@ impl IssuingClock {
     /// The time for the next token: read now, in a later tick than every earlier one, never
     /// ahead of the source. Call it as late as possible, just before signing.
     pub fn now(&self) -> Result<TrustedTime, Refusal> {
-        let result = self.next_time();
+        self.now_in_ticks_of(self.tick_duration())
+    }
+
+    /// [`IssuingClock::now`] in a later tick of `tick` than every earlier time (of any tick):
+    /// the tick of the token's own precision, where a reload may change it while requests
+    /// of the old one are in flight.
+    pub fn now_in_ticks_of(&self, tick: Duration) -> Result<TrustedTime, Refusal> {
+        let result = self.next_time((tick.as_nanos() as u64).max(1));
         if let Err(refusal) = &result {
             self.count_refusal(refusal);
         }
         result
     }
 
-    fn next_time(&self) -> Result<TrustedTime, Refusal> {
+    fn next_time(&self, tick_ns: u64) -> Result<TrustedTime, Refusal> {
         let mut last = self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let reading = self.source.read();
             self.observe(&reading);
             self.admit(&reading)?;
-            let tick = reading.unix_ns - reading.unix_ns % self.tick();
+            let tick = reading.unix_ns - reading.unix_ns % tick_ns;
             if tick > *last {
                 *last = tick;
                 return Ok(TrustedTime {
@@ -937,6 +949,30 @@ mod tests {
         let next = clock.now().unwrap().unix_ns;
         assert!(next / 1_000 > (first + 1) / 1_000, "{next} after {first}");
         assert!(next <= now.load(Ordering::SeqCst));
+    }
+
+    /// Times taken in ticks of their own (a reload changing genTime's precision while
+    /// requests of the old one are in flight): each is in a later tick of its own than every
+    /// earlier time, whatever tick the clock is set to.
+    #[test]
+    fn times_in_ticks_of_their_own_stay_distinct_in_them() {
+        let (clock, _) = ticking_at(Duration::from_nanos(1));
+        let micro = Duration::from_micros(1);
+        let mut last = clock.now().unwrap().unix_ns;
+        for i in 0..20 {
+            let t = match i % 2 {
+                0 => clock.now_in_ticks_of(micro).unwrap().unix_ns,
+                _ => clock.now().unwrap().unix_ns,
+            };
+            assert!(t > last, "{t} after {last}");
+            if i % 2 == 0 {
+                assert!(
+                    t / 1_000 > last / 1_000,
+                    "a later microsecond: {t} after {last}"
+                );
+            }
+            last = t;
+        }
     }
 
     #[test]

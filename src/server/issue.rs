@@ -172,8 +172,12 @@ impl Moment {
 
 /// Everything the issuing path needs, built once at start-up.
 pub struct Tsa {
-    /// Replaced whole by a reload; each request works on one version.
+    /// Replaced whole by a reload; each request works on one version, of it and of the
+    /// planned rollover's together ([`Tsa::generation`]).
     pub(super) issuing: ArcSwap<Issuing>,
+    /// Odd while a reload stores the first signer's and the rollover's [`Issuing`], bumped
+    /// before and after: a request that saw it change (or odd) reads both again.
+    pub(super) reloading: AtomicU64,
     pub(super) clock: IssuingClock,
     pub(super) signer: Arc<dyn Signer>,
     pub(super) serials: Box<dyn SerialAllocator>,
@@ -524,7 +528,7 @@ impl Tsa {
         client: &Client,
         draw: Draw,
     ) -> Result<Option<Granted>, Rejection> {
-        let issuing = self.issuing.load();
+        let (issuing, next_issuing) = self.generation();
         let request = protocol::parse_request(body, &issuing.rules)?;
 
         // The time first: a clock that cannot vouch for it refuses before a serial is spent
@@ -532,11 +536,15 @@ impl Tsa {
         // that waited for a reservation (the archive's writer behind; on the blocking pool, see
         // `respond`) has the time read again, so that the signature still follows its genTime
         // closely.
+        // In ticks of this generation's precision (capped at 1 µs), whatever a reload sets.
+        let tick = Duration::from_nanos(issuing.template.precision().unit_ns().min(1_000));
         let now = || {
-            self.clock.now().map_err(|refusal| Rejection {
-                detail: Some(refusal.reason.into_owned()),
-                ..Rejection::new(FailInfo::TimeNotAvailable, refusal.kind.public_reason())
-            })
+            self.clock
+                .now_in_ticks_of(tick)
+                .map_err(|refusal| Rejection {
+                    detail: Some(refusal.reason.into_owned()),
+                    ..Rejection::new(FailInfo::TimeNotAvailable, refusal.kind.public_reason())
+                })
         };
         // Taken before the reading: the lateness measured from it is never too small. Boot
         // time, so that a suspend of the host between reading and signature counts in full.
@@ -560,9 +568,9 @@ impl Tsa {
         let gen_time_ns = |issuing: &Issuing| {
             protocol::GenTime::truncated(time.unix_ns, issuing.template.precision()).unix_ns()
         };
-        let (issuing, signer) = match &self.rollover {
-            Some(next) if gen_time_ns(&issuing) >= next.at_ns => {
-                (next.issuing.load(), &next.signer)
+        let (issuing, signer) = match (&self.rollover, next_issuing) {
+            (Some(next), Some(next_issuing)) if gen_time_ns(&issuing) >= next.at_ns => {
+                (next_issuing, &next.signer)
             }
             _ => (issuing, &self.signer),
         };
@@ -743,11 +751,16 @@ impl Tsa {
     /// the version they started with.
     pub fn reload(&self, first: Issuing, next: Option<Issuing>) {
         log_reloaded("first", &self.issuing.load(), &first);
+        if let (Some(rollover), Some(next)) = (&self.rollover, &next) {
+            log_reloaded("rollover", &rollover.issuing.load(), next);
+        }
+        // Both stored as one ([`Tsa::generation`]).
+        self.reloading.fetch_add(1, Ordering::SeqCst);
         self.issuing.store(Arc::new(first));
         if let (Some(rollover), Some(next)) = (&self.rollover, next) {
-            log_reloaded("rollover", &rollover.issuing.load(), &next);
             rollover.issuing.store(Arc::new(next));
         }
+        self.reloading.fetch_add(1, Ordering::SeqCst);
         // Each to the checkpoints' key it certifies (the one in force, or the rollover's
         // planned one).
         if let Some(archive) = &self.archive {
@@ -756,6 +769,21 @@ impl Tsa {
                 let certificate = rollover.issuing.load().certificate().der().to_vec();
                 archive.set_certificate(certificate, true);
             }
+        }
+    }
+
+    /// The first signer's [`Issuing`] and the planned rollover's, of one reload: a request
+    /// that took the rules of one and the template of the other could choose its key by one
+    /// precision and stamp genTime with another.
+    fn generation(&self) -> (Arc<Issuing>, Option<Arc<Issuing>>) {
+        loop {
+            let before = self.reloading.load(Ordering::SeqCst);
+            let first = self.issuing.load_full();
+            let next = self.rollover.as_ref().map(|r| r.issuing.load_full());
+            if before % 2 == 0 && self.reloading.load(Ordering::SeqCst) == before {
+                return (first, next);
+            }
+            std::thread::yield_now();
         }
     }
 
@@ -1442,6 +1470,24 @@ mod tests {
             BATCH_CHUNK
         );
         assert_eq!(tsa.blocking_lane.available_permits(), LANES);
+    }
+
+    /// A request reads the first signer's and the rollover's [`Issuing`] of one reload: while
+    /// a reload stores them (its count odd, or moved on meanwhile), it reads them again.
+    #[test]
+    fn a_request_reads_both_signers_of_one_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let tsa = Arc::new(development_tsa(dir.path()));
+        tsa.reloading.store(1, Ordering::SeqCst);
+        let reader = {
+            let tsa = Arc::clone(&tsa);
+            std::thread::spawn(move || tsa.generation().0)
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!reader.is_finished(), "it waits for the reload's end");
+        tsa.reloading.store(2, Ordering::SeqCst);
+        let first = reader.join().unwrap();
+        assert!(Arc::ptr_eq(&first, &tsa.issuing.load_full()));
     }
 
     /// A signer that panics at its `.1`th signature (counting from 1), and signs the others.

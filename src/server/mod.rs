@@ -167,6 +167,7 @@ pub fn build(config: &Config) -> anyhow::Result<Tsa> {
         (config.server.max_batches_in_flight).clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
     Ok(Tsa {
         issuing: ArcSwap::from_pointee(issuing),
+        reloading: std::sync::atomic::AtomicU64::new(0),
         clock,
         signer,
         serials,
@@ -337,6 +338,7 @@ pub fn reload(tsa: &Tsa, config: &Config) -> anyhow::Result<()> {
         _ => None,
     };
     tsa.reload(first, next);
+    // (Tokens take their times in ticks of their own generation's precision.)
     tsa.clock.set_tick(Duration::from_nanos(
         config.token.precision.unit_ns().min(1_000),
     ));
