@@ -131,11 +131,21 @@ fn rules(digest: DigestAlgorithm) -> RequestRules {
 /// A token stamping [`DATA`] with `digest` at `at`, signed by the PKI's TSU with its path (and
 /// the TSU's name in TSTInfo): (the reply, its query).
 fn stamp(pki: &Pki, digest: DigestAlgorithm, at: SystemTime) -> (Vec<u8>, Vec<u8>) {
+    stamp_as(pki, &pki.tsu.to_der().unwrap(), digest, at)
+}
+
+/// [`stamp`], the TSU's certificate carried as `tsu_der`.
+fn stamp_as(
+    pki: &Pki,
+    tsu_der: &[u8],
+    digest: DigestAlgorithm,
+    at: SystemTime,
+) -> (Vec<u8>, Vec<u8>) {
     let signer =
         SoftwareSigner::from_pkcs8(&pki.tsu_key.serialize_der(), RsaPadding::Pkcs1).unwrap();
     let chain: Vec<Vec<u8>> = pki.between.iter().map(|c| c.to_der().unwrap()).collect();
     let template = TokenTemplate::new(
-        &pki.tsu.to_der().unwrap(),
+        tsu_der,
         &chain,
         signer.algorithm(),
         TemplateOptions {
@@ -655,6 +665,80 @@ fn crls_given_are_current_and_bind_the_whole_path() {
         ValidAt::Now,
     )
     .unwrap();
+}
+
+/// DER's tag, length and `content`.
+fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    match content.len() {
+        n if n < 0x80 => out.push(n as u8),
+        n => {
+            let octets: Vec<u8> = n
+                .to_be_bytes()
+                .into_iter()
+                .skip_while(|&b| b == 0)
+                .collect();
+            out.push(0x80 | octets.len() as u8);
+            out.extend(octets);
+        }
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+/// `cert_der` with its first non-critical extension's `critical FALSE` written out (a DEFAULT
+/// value DER leaves out, which some issuers write), signed again by `issuer`: a certificate
+/// that decodes to the same one and encodes again to other octets.
+fn with_critical_false_written(cert_der: &[u8], issuer: &Issuer<'static, KeyPair>) -> Vec<u8> {
+    use der::asn1::AnyRef;
+    use der::{Reader, SliceReader};
+    let elements = |der: &[u8]| -> Vec<Vec<u8>> {
+        let mut reader = SliceReader::new(AnyRef::from_der(der).unwrap().value()).unwrap();
+        let mut out = Vec::new();
+        while !reader.is_finished() {
+            out.push(AnyRef::decode(&mut reader).unwrap().to_der().unwrap());
+        }
+        out
+    };
+    let parts = elements(cert_der);
+    let mut tbs = elements(&parts[0]);
+    let extensions_at = tbs.iter().position(|e| e[0] == 0xa3).unwrap();
+    let mut extensions = elements(&elements(&tbs[extensions_at])[0]);
+    let plain = extensions
+        .iter()
+        .position(|e| elements(e).len() == 2)
+        .expect("a non-critical extension");
+    let fields = elements(&extensions[plain]);
+    extensions[plain] = tlv(
+        0x30,
+        &[fields[0].clone(), vec![0x01, 0x01, 0x00], fields[1].clone()].concat(),
+    );
+    tbs[extensions_at] = tlv(0xa3, &tlv(0x30, &extensions.concat()));
+    let tbs = tlv(0x30, &tbs.concat());
+    use rcgen::SigningKey;
+    let signature = issuer.key().sign(&tbs).unwrap();
+    let bits = tlv(0x03, &[&[0u8][..], &signature].concat());
+    tlv(0x30, &[tbs, parts[1].clone(), bits].concat())
+}
+
+/// A TSU certificate as its issuer wrote it, not as DER has it (`critical FALSE` written
+/// out): ESSCertIDv2 and the path's signatures are over the octets the token carries, which
+/// the verifier takes as they are (it hashed the certificate encoded again, and refused a
+/// token `openssl ts -verify` takes).
+#[test]
+fn a_certificate_carried_as_its_issuer_wrote_it_is_verified_as_carried() {
+    let p = pki(ca("Root", None), vec![], current_tsu());
+    let written = with_critical_false_written(&p.tsu.to_der().unwrap(), &p.root_issuer);
+    let decoded = Certificate::from_der(&written).unwrap();
+    assert_ne!(
+        decoded.to_der().unwrap(),
+        written,
+        "encoded again, it differs"
+    );
+    let (reply, query) = stamp_as(&p, &written, DigestAlgorithm::Sha256, SystemTime::now());
+    ours(&p, &reply, &query, ValidAt::Now).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    assert!(openssl(&p, &reply, &query, None, dir.path()));
 }
 
 #[test]

@@ -78,6 +78,11 @@ pub struct Token {
     pub der: Vec<u8>,
     pub signed_data: SignedData,
     pub tst_info_der: Vec<u8>,
+    /// The certificates the token carries, each as its octets there: a certificate decoded
+    /// and encoded again may differ from them (a DEFAULT value written out, a date in
+    /// GeneralizedTime before 2050, which DER and RFC 5280 forbid but issuers have made), and
+    /// ESSCertID and the path's signatures bind the octets the TSA was given.
+    carried: Vec<Vec<u8>>,
 }
 
 impl Token {
@@ -107,14 +112,53 @@ impl Token {
         let octets: der::asn1::OctetString = econtent.decode_as().context("eContent")?;
         let tst_info_der = octets.into_bytes().into_vec();
         TstInfo::from_der(&tst_info_der).context("TSTInfo does not decode")?;
+        let carried = carried_certificates(&content_info.content.to_der()?)
+            .context("the token's certificates do not decode")?;
         Ok(Self {
             der: der.to_vec(),
             signed_data,
             tst_info_der,
+            carried,
         })
+    }
+
+    /// `cert`'s octets as the token carries it, where it does.
+    pub fn carried_der(&self, cert: &x509_cert::Certificate) -> Option<&[u8]> {
+        self.carried
+            .iter()
+            .find(|der| x509_cert::Certificate::from_der(der).is_ok_and(|c| c == *cert))
+            .map(Vec::as_slice)
     }
 
     pub fn tst_info(&self) -> TstInfo<'_> {
         TstInfo::from_der(&self.tst_info_der).expect("checked in from_der")
     }
+}
+
+/// The certificates (`[0] IMPLICIT SET OF CertificateChoices`, the plain ones) of the DER
+/// SignedData `signed_data`, each as the octets it is carried in, in the order carried.
+fn carried_certificates(signed_data: &[u8]) -> der::Result<Vec<Vec<u8>>> {
+    use der::asn1::AnyRef;
+    use der::{Reader, SliceReader, Tag, TagNumber, Tagged};
+    let outer = AnyRef::from_der(signed_data)?;
+    let mut fields = SliceReader::new(outer.value())?;
+    let mut carried = Vec::new();
+    while !fields.is_finished() {
+        let field = AnyRef::decode(&mut fields)?;
+        let certificates = Tag::ContextSpecific {
+            constructed: true,
+            number: TagNumber(0),
+        };
+        if field.tag() != certificates {
+            continue;
+        }
+        let mut set = SliceReader::new(field.value())?;
+        while !set.is_finished() {
+            let choice = AnyRef::decode(&mut set)?;
+            if choice.tag() == Tag::Sequence {
+                carried.push(choice.to_der()?);
+            }
+        }
+    }
+    Ok(carried)
 }

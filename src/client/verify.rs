@@ -173,7 +173,7 @@ pub fn verify(token: &Token, expect: &Expectation<'_>) -> anyhow::Result<Verifie
         }
         ValidAt::Time(at) => at,
     };
-    check_path(signer_cert, &signer_der, &included, expect, at)?;
+    check_path(token, signer_cert, &signer_der, &included, expect, at)?;
     // Whatever the validation time, the token's own time must lie within the signer's
     // certificate (a key cannot vouch for years its certificate never covered) and not ahead
     // of this machine's clock by more than clocks differ.
@@ -261,7 +261,11 @@ fn signed_by_one<'c>(
 ) -> anyhow::Result<(&'c Certificate, Vec<u8>)> {
     let mut refused = None;
     for cert in find_signers(&signer_info.sid, candidates) {
-        let der = cert.to_der()?;
+        // As the token carries it, where it does: ESSCertID hashes those octets.
+        let der = match token.carried_der(cert) {
+            Some(der) => der.to_vec(),
+            None => cert.to_der()?,
+        };
         match check_signed_by(token, signer_info, cert, &der) {
             Ok(()) => return Ok((cert, der)),
             Err(e) => {
@@ -541,6 +545,7 @@ fn check_tsa_name(tsa: &der::asn1::AnyRef<'_>, cert: &Certificate) -> anyhow::Re
 /// certificate on it that restricts its extended key usage. A trusted certificate that is the
 /// signer's own (a pinned TSU certificate) needs no path, only to be valid at `at`.
 fn check_path(
+    token: &Token,
     leaf: &Certificate,
     leaf_der: &[u8],
     included: &[Certificate],
@@ -580,7 +585,12 @@ fn check_path(
             shown(cert.tbs_certificate().subject())
         );
     }
-    let der = |c: &Certificate| c.to_der().map(CertificateDer::from);
+    // A certificate the token carries, as it carries it (the signatures on the path are over
+    // those octets); the caller's, as decoded.
+    let der = |c: &Certificate| match token.carried_der(c) {
+        Some(der) => Ok(CertificateDer::from(der.to_vec())),
+        None => c.to_der().map(CertificateDer::from),
+    };
     let trusted = expect
         .trusted
         .iter()
