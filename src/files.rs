@@ -24,6 +24,14 @@ pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     })
 }
 
+/// [`replace`] where `replace` holds, else [`create`].
+pub fn write(path: &Path, contents: &[u8], mode: u32, replace: bool) -> io::Result<()> {
+    match replace {
+        true => self::replace(path, contents, mode),
+        false => create(path, contents, mode),
+    }
+}
+
 /// [`replace`], but only where nothing is at `path` (not a file, not a link): an error of
 /// kind `AlreadyExists` otherwise, and nothing there is touched. For files a user did not ask
 /// to replace, made by another process (or written under another name that is the same file
@@ -57,11 +65,32 @@ fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
         return Ok(());
     }
     let e = io::Error::last_os_error();
-    if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+    if !matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::ENOSYS | libc::EPERM | libc::EOPNOTSUPP)
+    ) {
         return Err(e);
     }
-    std::fs::hard_link(from, to)?;
-    std::fs::remove_file(from)
+    match std::fs::hard_link(from, to) {
+        Ok(()) => std::fs::remove_file(from),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(e),
+        // Neither (some FUSE and shared-folder file systems): the file is made at `to`
+        // itself, never over one there; a crash may leave it part-written, as any file
+        // written in place.
+        Err(_) => {
+            let contents = std::fs::read(from)?;
+            let mode = std::fs::metadata(from)?.permissions();
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(to)?;
+            file.set_permissions(mode)?;
+            file.write_all(&contents)?;
+            file.sync_all()?;
+            std::fs::remove_file(from)
+        }
+    }
 }
 
 /// Writes `contents` to a temporary file beside `path` (mode `mode`), syncs it, puts it at

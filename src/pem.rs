@@ -52,6 +52,20 @@ pub fn service_private_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>
     PrivateKeyDer::from_pem_reader(BufReader::new(file)).with_context(cannot)
 }
 
+/// A CRL's `nextUpdate`, Unix seconds (`None` without one); an error where the CRL cannot be
+/// read as RFC 5280 has it (its nextUpdate is then not known).
+pub fn crl_next_update_s(der: &[u8]) -> anyhow::Result<Option<u64>> {
+    use der::Decode;
+    let list = x509_cert::crl::CertificateList::<x509_cert::certificate::Rfc5280>::from_der(der)
+        .map_err(|e| {
+            anyhow::anyhow!("a CRL that cannot be read ({e}): its nextUpdate is not known")
+        })?;
+    Ok(list
+        .tbs_cert_list
+        .next_update
+        .map(|t| t.to_unix_duration().as_secs()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2128,6 +2128,7 @@ fn one_imprint_under_two_digests(layout: &str) {
     assert_eq!(look_up("?alg=sha512").0, 404);
     for bad in [
         "?alg=whirlpool",
+        "?alg=1.2.3",
         "?digest=sha256",
         "?alg=sha256&alg=sha3-256",
     ] {

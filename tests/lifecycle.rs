@@ -794,10 +794,14 @@ fn serve_refuses_to_start_on_a_tsu_certificate_outside_the_profile() {
 fn a_sighup_while_the_server_is_built_does_not_end_it() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let (connected, build_waits) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let kept: Vec<_> = listener.incoming().take(4).flatten().collect();
+        let mut kept = Vec::new();
+        for connection in listener.incoming().take(4).flatten() {
+            kept.push(connection);
+            let _ = connected.send(());
+        }
         std::thread::sleep(Duration::from_secs(60));
-        drop(kept);
     });
     let dir = Server::init(&[], "");
     let config_path = dir.path().join("tsa.toml");
@@ -821,7 +825,11 @@ fn a_sighup_while_the_server_is_built_does_not_end_it() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1_500));
+    // The build has reached the archive (the handler is installed before it) and waits.
+    build_waits
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the server connects to its database");
+    std::thread::sleep(Duration::from_millis(200));
     assert!(
         child.try_wait().unwrap().is_none(),
         "the server is still being built (waiting for its database)"

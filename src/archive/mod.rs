@@ -745,14 +745,12 @@ impl Drop for Archive {
 }
 
 /// An imprint's digest algorithm as the archive keeps it (a dotted OID), from its name
-/// (`sha256`, `sha3-256`, …) or its dotted OID.
+/// (`sha256`, `sha3-256`, …) or its dotted OID; `None` for one this TSA does not know.
 pub fn imprint_algorithm(text: &str) -> Option<String> {
-    match crate::alg::DigestAlgorithm::from_name(text) {
-        Some(alg) => Some(alg.oid().to_string()),
-        None => const_oid::ObjectIdentifier::new(text)
-            .ok()
-            .map(|oid| oid.to_string()),
-    }
+    use crate::alg::DigestAlgorithm;
+    let alg = DigestAlgorithm::from_name(text)
+        .or_else(|| DigestAlgorithm::from_oid(&const_oid::ObjectIdentifier::new(text).ok()?))?;
+    Some(alg.oid().to_string())
 }
 
 /// A serial as an INTEGER's content octets: leading zeros dropped (keeping one before a high

@@ -429,11 +429,8 @@ fn get(
             latest.response()
         };
         // Without --force, not over a file made since the check above either.
-        match force {
-            true => tsa::files::replace(out, &der, tsa::files::PUBLIC),
-            false => tsa::files::create(out, &der, tsa::files::PUBLIC),
-        }
-        .with_context(|| format!("cannot write {}", out.display()))?;
+        tsa::files::write(out, &der, tsa::files::PUBLIC, force)
+            .with_context(|| format!("cannot write {}", out.display()))?;
         writeln!(stdout, "written to {}", out.display())?;
     }
     Ok(())

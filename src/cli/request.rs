@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use const_oid::ObjectIdentifier;
 use tsa::alg::DigestAlgorithm;
-use tsa::client::verify::{answers_query, verify, Expectation};
+use tsa::client::verify::{answers_query, verify, Expectation, ValidAt};
 use tsa::client::{self, read::Response, Query};
 
 #[derive(Debug, clap::Args)]
@@ -158,11 +158,11 @@ pub fn run(args: &RequestArgs) -> anyhow::Result<()> {
         der,
         reply: args.out.clone(),
     };
-    save_reply(&item, &reply, false, Replacing::only(args.force), &trusted)?;
+    save_reply(&item, &reply, false, args.force, &trusted)?;
     // Beside the reply it answers, once that is saved: a refused or failed exchange leaves
     // an earlier pair (--force) as it was.
     if let Some(path) = &args.query_out {
-        write(path, &item.der, Replacing::only(args.force))?;
+        write(path, &item.der, args.force)?;
     }
     let response = Response::from_der(&reply)?;
     let token = response.token.as_ref().expect("a granted reply was saved");
@@ -410,7 +410,7 @@ fn run_batch(args: &RequestArgs) -> anyhow::Result<()> {
         for (item, reply) in chunk.iter().zip(replies) {
             // What is there is replaced only with --force, or where --skip-existing found the
             // rejection it asks again for.
-            let replacing = Replacing::only(args.force || again.contains(&item.reply));
+            let replacing = args.force || again.contains(&item.reply);
             match save_reply(item, &reply, args.save_queries, replacing, &trusted) {
                 Ok(()) => granted += 1,
                 Err(e) => {
@@ -490,6 +490,9 @@ impl Saved {
                         &Expectation {
                             digest: Some(&item.query.hashed_message),
                             trusted: trusted.to_vec(),
+                            // As it stood when it was saved: a TSU certificate expired since
+                            // does not make the run replace the older proof.
+                            at: ValidAt::GenTime,
                             ..Default::default()
                         },
                     )
@@ -509,7 +512,7 @@ fn save_reply(
     item: &Item,
     reply: &[u8],
     save_query: bool,
-    replacing: Replacing,
+    replacing: bool,
     trusted: &[x509_cert::Certificate],
 ) -> anyhow::Result<()> {
     let response = Response::from_der(reply).context("the reply does not decode")?;
@@ -595,32 +598,12 @@ fn refuse_overwriting_inputs<'a>(
 }
 
 /// Saves a request or a reply whole and durably: a token may be the only proof of time its
-/// owner has.
-/// Whether a reply or query file may replace one that is there.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Replacing {
-    /// --force, or a rejection --skip-existing asks again for.
-    Allowed,
-    /// Nothing is replaced: a file that appeared since the check at start (another run, a
-    /// name the file system takes for another item's) is an error, and left as it is.
-    Never,
-}
-
-impl Replacing {
-    fn only(allowed: bool) -> Self {
-        match allowed {
-            true => Self::Allowed,
-            false => Self::Never,
-        }
-    }
-}
-
-fn write(path: &Path, bytes: &[u8], replacing: Replacing) -> anyhow::Result<()> {
-    let written = match replacing {
-        Replacing::Allowed => tsa::files::replace(path, bytes, tsa::files::PUBLIC),
-        Replacing::Never => tsa::files::create(path, bytes, tsa::files::PUBLIC),
-    };
-    written.map_err(|e| match e.kind() {
+/// owner has. Over a file there only where `replace` (--force, or a rejection
+/// --skip-existing asks again for): otherwise a file that appeared since the check at start
+/// (another run, a name the file system takes for another item's) is an error, and left as
+/// it is.
+fn write(path: &Path, bytes: &[u8], replace: bool) -> anyhow::Result<()> {
+    tsa::files::write(path, bytes, tsa::files::PUBLIC, replace).map_err(|e| match e.kind() {
         std::io::ErrorKind::AlreadyExists => anyhow::anyhow!(
             "{} appeared since the start (another run, or a name the file system takes for \
              another item's): kept as it is (--force replaces it)",

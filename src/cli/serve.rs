@@ -212,20 +212,21 @@ async fn reload_on_sighup(
             let kept = keep_started(&mut config, &running)?;
             let auth = server::auth::Auth::new(&config.auth)?;
             server::reload(&tsa, &config).map_err(|e| {
-                match kept.iter().any(|k| k.contains("the key loaded at start")) {
                 // A new key beside its new certificate: the certificate is checked against
                 // the running key, which a reload keeps.
-                true => e.context(
-                    "a signer's key settings changed too, and a reload keeps the key loaded at \
-                     start: restart to sign with a new key",
-                ),
-                false => e,
-            }
+                let not_the_key = e.chain().any(|c| c.to_string().contains(NOT_THE_KEY));
+                match kept.key_changed && not_the_key {
+                    true => e.context(
+                        "a signer's key settings changed too, and a reload keeps the key \
+                         loaded at start: restart to sign with a new key",
+                    ),
+                    false => e,
+                }
             })?;
-            if !kept.is_empty() {
+            if !kept.settings.is_empty() {
                 tracing::warn!(
                     event = "reload_partial",
-                    kept = %kept.join("; "),
+                    kept = %kept.settings.join("; "),
                     "settings that changed stay as they are until a restart"
                 );
             }
@@ -248,7 +249,18 @@ async fn reload_on_sighup(
 /// changed `[clock]` refuses the reload: the tokens' policy and declared accuracy rest on the
 /// clock the server runs, which only a restart replaces (a development clock reloaded as
 /// another would otherwise have lifted the development policy off its tokens).
-fn keep_started(config: &mut Config, running: &Config) -> anyhow::Result<Vec<&'static str>> {
+/// What a reload kept as the server started: the settings that changed there, for the log,
+/// and whether a signing key's settings were among them.
+struct Kept {
+    settings: Vec<&'static str>,
+    key_changed: bool,
+}
+
+/// The words of the refusal of a certificate that is not the running key's
+/// (`TsuCertificate::check`).
+const NOT_THE_KEY: &str = "does not belong to the signing key";
+
+fn keep_started(config: &mut Config, running: &Config) -> anyhow::Result<Kept> {
     if config.clock != running.clock {
         anyhow::bail!(
             "[clock] changed: the clock is set at start, and the tokens' policy and accuracy \
@@ -269,7 +281,8 @@ fn keep_started(config: &mut Config, running: &Config) -> anyhow::Result<Vec<&'s
     }
     config.archive = running.archive.clone();
     let signer = running.signer.with_certificates_of(&config.signer);
-    if config.signer != signer {
+    let mut key_changed = config.signer != signer;
+    if key_changed {
         kept.push("[signer] besides its certificate and chain: the key loaded at start");
     }
     config.signer = signer;
@@ -277,13 +290,17 @@ fn keep_started(config: &mut Config, running: &Config) -> anyhow::Result<Vec<&'s
     if let (Some(planned), Some(started)) = (&mut config.rollover, &running.rollover) {
         let signer = started.signer.with_certificates_of(&planned.signer);
         if planned.signer != signer {
+            key_changed = true;
             kept.push(
                 "[rollover.signer] besides its certificate and chain: the key loaded at start",
             );
         }
         planned.signer = signer;
     }
-    Ok(kept)
+    Ok(Kept {
+        settings: kept,
+        key_changed,
+    })
 }
 
 async fn shutdown_signal() {

@@ -655,18 +655,6 @@ fn check_path(
             None,
         )
     };
-    if let Some(whole) = revocation(
-        webpki::RevocationCheckDepth::Chain,
-        webpki::UnknownStatusPolicy::Allow,
-    ) {
-        verify_path(Some(whole)).map_err(|e| {
-            anyhow::anyhow!(
-                "the signer's certificate {} has no path to a trusted CA that the CRLs given \
-                 leave standing: {e}",
-                shown(leaf.tbs_certificate().subject())
-            )
-        })?;
-    }
     let path = verify_path(revocation(
         webpki::RevocationCheckDepth::EndEntity,
         webpki::UnknownStatusPolicy::Deny,
@@ -684,6 +672,19 @@ fn check_path(
             shown(leaf.tbs_certificate().subject())
         )
     })?;
+    if let Some(whole) = revocation(
+        webpki::RevocationCheckDepth::Chain,
+        webpki::UnknownStatusPolicy::Allow,
+    ) {
+        verify_path(Some(whole)).map_err(|e| {
+            anyhow::anyhow!(
+                "the signer's certificate {} has no path to a trusted CA that the CRLs given \
+                 leave standing: {e}",
+                shown(leaf.tbs_certificate().subject())
+            )
+        })?;
+    }
+
     // `webpki` takes a trust anchor as a name and a key; a trusted CA certificate's own path
     // length constraint binds the path too (as OpenSSL holds it).
     let anchor = path.anchor();
@@ -766,17 +767,14 @@ fn check_crls_given(
             )),
             "two CRLs of one issuer are given: give its current one alone"
         );
-        let list =
-            x509_cert::crl::CertificateList::<x509_cert::certificate::Rfc5280>::from_der(der)
-                .context("a CRL given cannot be read")?;
-        let next_update = list
-            .tbs_cert_list
-            .next_update
+        let next_update_s = crate::pem::crl_next_update_s(der)
+            .context("a CRL given")?
             .context("a CRL given has no nextUpdate: when it stops vouching is not known")?;
+        let next_update = std::time::UNIX_EPOCH + std::time::Duration::from_secs(next_update_s);
         ensure!(
-            next_update.to_system_time() > now,
+            next_update > now,
             "a CRL given is past its nextUpdate ({}): it says nothing of revocations since",
-            next_update
+            chrono::DateTime::<chrono::Utc>::from(next_update).to_rfc3339()
         );
     }
     Ok(())

@@ -251,6 +251,9 @@ fn ask(
     let before = kernel();
     let answer = query(server);
     let after = kernel();
+    // Under the readings' lock, so that a reading that gave up waiting (and marked the
+    // question failing) does so before this answer clears it, not after.
+    let mut reads = shared.reads.lock().unwrap_or_else(|p| p.into_inner());
     match answer {
         Ok(seconds) => {
             if let Some((_, true)) = failing_since {
@@ -283,7 +286,8 @@ fn ask(
             }
         }
     }
-    *shared.reads.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    *reads += 1;
+    drop(reads);
     shared.read.notify_all();
 }
 

@@ -112,7 +112,18 @@ impl KernelApi for Adjtimex {
             match pending_adjtime_ns() {
                 Some(ns) => state.adjtime_ns = ns,
                 // Not known: no bound either.
-                None => state.rc = -1,
+                None => {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        tracing::error!(
+                            error = %std::io::Error::last_os_error(),
+                            "adjtimex(ADJ_OFFSET_SS_READ) fails here (a sandbox that filters \
+                             it?): what adjtime() has still to slew is not known, so the kernel \
+                             clock is refused; use the disciplined clock"
+                        );
+                    });
+                    state.rc = -1;
+                }
             }
             if state.rc == -1 || rc == libc::TIME_OOP || paired(kernel_ns, unix_ns) {
                 return state;
@@ -648,9 +659,8 @@ mod tests {
             // maxerror 1.5 ms, the 0.5 ms it may lag, the PLL's offset, adjtime's.
             assert_eq!(r.bound_ns, 6_250_000);
         }
-        // The kernel here says what is pending (nothing: no test slews this clock).
-        assert_eq!(pending_adjtime_ns(), Some(0));
-        assert_eq!(Adjtimex.state().adjtime_ns, 0);
+        // The kernel here says what is pending (a daemon on the host may be slewing).
+        assert!(pending_adjtime_ns().is_some());
     }
 
     /// OpenNTPD keeps no bound (maxerror 0 at each update) and names its processes as ntpd

@@ -240,6 +240,24 @@ pub struct IssuingClock {
     watched: std::sync::atomic::AtomicU8,
 }
 
+/// Changes of the source's state that a reading showed: logged when dropped, after the
+/// issuing lock (a log that waits for its writer must not hold up every token), holding the
+/// watch's lock until then so that changes are logged in the readings' order.
+struct Unlogged<'a> {
+    _in_order: std::sync::MutexGuard<'a, Watch>,
+    changes: Vec<Change>,
+    source: &'static str,
+    utc_ns: u64,
+}
+
+impl Drop for Unlogged<'_> {
+    fn drop(&mut self) {
+        for change in &self.changes {
+            change.log(self.source, self.utc_ns);
+        }
+    }
+}
+
 /// A reading as a [`Watch`] tells it apart: its state, and whether its bound is within the
 /// declared accuracy.
 fn watch_key(reading: &Reading, max_bound_ns: u64) -> u8 {
@@ -266,27 +284,33 @@ impl IssuingClock {
 
     /// Logs what changed since the last reading watched, for a source that does not log its
     /// own changes (see [`IssuingClock::watch`]); called with `last_ns` held.
-    fn observe(&self, reading: &Reading) {
-        let Some(watch) = &self.watch else {
-            return;
-        };
+    /// The changes `reading` shows, to be logged once the issuing lock is let go (see
+    /// [`Unlogged`]); `None` where there are none. Never while an earlier one is held.
+    fn observe(&self, reading: &Reading) -> Option<Unlogged<'_>> {
+        let watch = self.watch.as_ref()?;
         let key = watch_key(reading, self.max_bound_ns);
         if self.watched.load(Ordering::Relaxed) == key {
-            return;
+            return None;
         }
         let mut watch = watch.lock().unwrap_or_else(|p| p.into_inner());
-        for change in watch.observe(reading, self.max_bound_ns) {
-            change.log(self.source.name(), reading.unix_ns);
-        }
+        let changes = watch.observe(reading, self.max_bound_ns);
         self.watched.store(key, Ordering::Relaxed);
+        Some(Unlogged {
+            _in_order: watch,
+            changes,
+            source: self.source.name(),
+            utc_ns: reading.unix_ns,
+        })
     }
 
     /// The source's reading, watched as the tokens' are (the sampler's, once a second: a
     /// change with no token to see it is logged within the second).
     pub fn watched_reading(&self) -> Reading {
+        let unlogged;
         let _last = self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
         let reading = self.source.read();
-        self.observe(&reading);
+        unlogged = self.observe(&reading);
+        drop((_last, unlogged));
         reading
     }
 
@@ -380,9 +404,11 @@ impl IssuingClock {
     pub fn check(&self) -> Result<Reading, Refusal> {
         // Read under the lock, as `now` does: a reading taken before it could be passed by
         // the tokens issued while this thread waited, and look like a step back.
+        // Declared first, so let go last: the changes are logged after the issuing lock.
+        let _unlogged;
         let last = self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
         let reading = self.source.read();
-        self.observe(&reading);
+        _unlogged = self.observe(&reading);
         self.admit(&reading)?;
         match last.checked_sub(reading.unix_ns) {
             Some(behind) if behind > MAX_WAIT_BACKWARDS.as_nanos() as u64 => {
@@ -433,10 +459,16 @@ impl IssuingClock {
     }
 
     fn next_time(&self, tick_ns: u64) -> Result<TrustedTime, Refusal> {
+        // Declared first, so let go last: the changes are logged after the issuing lock.
+        let mut unlogged = None;
         let mut last = self.last_ns.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let reading = self.source.read();
-            self.observe(&reading);
+            // The readings of a wait for the clock to pass the last time are microseconds
+            // apart: the first change among them is told.
+            if unlogged.is_none() {
+                unlogged = self.observe(&reading);
+            }
             self.admit(&reading)?;
             let tick = reading.unix_ns - reading.unix_ns % tick_ns;
             if tick > *last {

@@ -492,6 +492,14 @@ struct RateTable {
     quiet_until: u64,
 }
 
+/// A configured burst: 0 is one second's worth of `per_s`, at least 1.
+fn default_burst(per_s: f64, burst: u32) -> u64 {
+    match burst {
+        0 => per_s.ceil().max(1.0) as u64,
+        n => u64::from(n),
+    }
+}
+
 /// The smallest table that is swept.
 const MIN_SWEEP: usize = 1024;
 /// The most addresses the table holds (about 5 MB).
@@ -507,27 +515,24 @@ impl ConnectionRate {
     /// right, and `checking` requests (the worker threads) may be looked at together: a
     /// smaller burst would refuse an address's right keys sent at once.
     pub fn for_failures(per_s: f64, burst: u32, checking: usize) -> Self {
-        let burst = match burst {
-            0 => per_s.ceil().max(1.0) as u64,
-            n => u64::from(n),
-        };
         let floor = u64::try_from(checking)
             .unwrap_or(u64::MAX)
             .saturating_add(1);
-        Self::new(per_s, u32::try_from(burst.max(floor)).unwrap_or(u32::MAX))
+        Self::with_burst(per_s, default_burst(per_s, burst).max(floor))
     }
 
     /// `per_s` new connections a second per address (0: no limit), `burst` at once (0: one
     /// second's worth; at least 1).
     pub fn new(per_s: f64, burst: u32) -> Self {
+        Self::with_burst(per_s, default_burst(per_s, burst))
+    }
+
+    /// `per_s` a second per address (0: no limit), `burst` (at least 1) at once.
+    fn with_burst(per_s: f64, burst: u64) -> Self {
         let interval_ns = if per_s > 0.0 {
             (1e9 / per_s).clamp(1.0, u64::MAX as f64) as u64
         } else {
             0
-        };
-        let burst = match burst {
-            0 => per_s.ceil().max(1.0) as u64,
-            n => u64::from(n),
         };
         let retry_after = interval_ns.div_ceil(1_000_000_000).max(1);
         let body = "too many new connections\n";
@@ -791,7 +796,12 @@ mod tests {
                 let admission = admission.clone();
                 tokio::spawn(async move { admission.enter(8).await.map(|_t| ()) })
             };
-            tokio::time::sleep(wait / 2 + Duration::from_millis(50)).await;
+            tokio::time::sleep(wait / 2).await;
+            // Queued from half its wait on: it takes the free places as it waits.
+            let queued = tokio::time::Instant::now();
+            while admission.depth() < 10 && queued.elapsed() < wait / 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             assert_eq!(
                 admission.depth(),
                 10,

@@ -509,7 +509,12 @@ impl Tsa {
         let issued = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.issue_unrecorded(body, client)
         }))
-        .unwrap_or_else(|_| Err(Rejection::new(FailInfo::SystemFailure, "internal error")));
+        .unwrap_or_else(|_| {
+            tracing::error!(
+                "a request's issuance failed (a fault, the panic above); answered systemFailure"
+            );
+            Err(Rejection::new(FailInfo::SystemFailure, "internal error"))
+        });
         self.lane_moved.mark();
         issued
     }

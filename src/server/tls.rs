@@ -190,15 +190,7 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<Tls> {
 fn next_update_s(
     crl: &rustls::pki_types::CertificateRevocationListDer<'_>,
 ) -> anyhow::Result<Option<u64>> {
-    use der::Decode;
-    let list = x509_cert::crl::CertificateList::<x509_cert::certificate::Rfc5280>::from_der(crl)
-        .map_err(|e| {
-            anyhow::anyhow!("a CRL that cannot be read ({e}): its nextUpdate is not known")
-        })?;
-    Ok(list
-        .tbs_cert_list
-        .next_update
-        .map(|t| t.to_unix_duration().as_secs()))
+    crate::pem::crl_next_update_s(crl)
 }
 
 /// The client CAs, each with a verifier that trusts it alone: which of them issued a client
