@@ -25,7 +25,8 @@
 //!   So a pulse is used only where the serial time of the last three seconds (TPV or TOFF,
 //!   its interval widened by what the oscillator can drift in between) holds its offset, as
 //!   chrony locks a PPS to a serial reference: otherwise it is refused, the serial time speaks
-//!   in its place, and the refusal is logged (`gps_pps_refused`) until pulses agree again.
+//!   in its place, and the refusal is logged (`gps_pps_refused`; `gps_pps_agrees` when pulses agree
+//!   again; once a minute at most, with the changes left untold, where they flip).
 //! - **Reachability.** While untrusted, each TPV counts as a missed poll. When the connection
 //!   drops, or no TPV/PPS/TOFF arrives for three seconds, a miss is sent once per second, so
 //!   that the discipline's reach register empties. The client reconnects with a backoff of 1 s
@@ -553,6 +554,45 @@ const RECONNECT_AFTER_NS: u64 = 10 * NS_PER_S;
 pub(crate) const MIN_BACKOFF: Duration = Duration::from_secs(1);
 pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// A state told at most once per `every`: [`Told::tell`], fed the state as it is, says when
+/// to tell it (where it is not the one told last), with how many changes went untold since.
+struct Told {
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+    told: bool,
+    seen: bool,
+    untold: u64,
+}
+
+impl Told {
+    fn every(every: std::time::Duration, state: bool) -> Self {
+        Self {
+            every,
+            last: None,
+            told: state,
+            seen: state,
+            untold: 0,
+        }
+    }
+
+    fn tell(&mut self, now: std::time::Instant, state: bool) -> Option<(bool, u64)> {
+        if state != self.seen {
+            self.seen = state;
+            self.untold += 1;
+        }
+        let due = self
+            .last
+            .is_none_or(|last| now.duration_since(last) >= self.every);
+        if state == self.told || !due {
+            return None;
+        }
+        self.last = Some(now);
+        self.told = state;
+        // The change told is not among the untold.
+        Some((state, std::mem::take(&mut self.untold) - 1))
+    }
+}
+
 /// The discipline went away: the task ends.
 pub(crate) struct Stopped;
 
@@ -652,7 +692,7 @@ async fn session(
     let mut heard = false;
     let mut last_line = clock.now();
     let mut trusted = tracker.trusted();
-    let mut pps_refused = tracker.pps_refused();
+    let mut pps_changes = Told::every(std::time::Duration::from_secs(60), tracker.pps_refused());
     let reason = loop {
         tokio::select! {
             read = stream.read(&mut buf) => {
@@ -678,17 +718,21 @@ async fn session(
                 }
             }
         }
-        if tracker.pps_refused() != pps_refused {
-            pps_refused = tracker.pps_refused();
-            if pps_refused {
+        // Pulses at the edge of the serial time's interval may flip every second: the state
+        // is told once a minute at most (the one it settles in, within the minute), with how
+        // many changes were not.
+        let told = pps_changes.tell(std::time::Instant::now(), tracker.pps_refused());
+        if let Some((refused, untold)) = told {
+            if refused {
                 tracing::warn!(
                     event = "gps_pps_refused",
                     gpsd = %source.addr,
+                    untold,
                     "gpsd's PPS names another second than the receiver's serial time (or no \
                      serial time came for 3 s): pulses are not used, the serial time is"
                 );
             } else {
-                tracing::info!(event = "gps_pps_agrees", gpsd = %source.addr, "gpsd's PPS agrees with the serial time again: pulses are used");
+                tracing::info!(event = "gps_pps_agrees", gpsd = %source.addr, untold, "gpsd's PPS agrees with the serial time again: pulses are used");
             }
         }
         if tracker.trusted() != trusted {
@@ -952,6 +996,25 @@ mod tests {
         let at = T0 + 3 * S;
         assert_eq!(t.line(&pulse("PPS", at, at), at, 0), Output::Nothing);
         assert!(t.pps_refused());
+    }
+
+    /// A state that flips is told once a minute at most, with the changes left untold, and
+    /// the one it settles in is told within the minute.
+    #[test]
+    fn a_flipping_state_is_told_once_a_minute_and_where_it_settles() {
+        let start = std::time::Instant::now();
+        let at = |s: u64| start + std::time::Duration::from_secs(s);
+        let mut told = Told::every(std::time::Duration::from_secs(60), false);
+        assert_eq!(told.tell(at(0), false), None, "as it was");
+        assert_eq!(told.tell(at(1), true), Some((true, 0)));
+        assert_eq!(told.tell(at(2), false), None);
+        assert_eq!(told.tell(at(3), true), None);
+        assert_eq!(told.tell(at(4), false), None);
+        // Settled: told once the minute has passed, with the 2 changes between.
+        assert_eq!(told.tell(at(30), false), None);
+        assert_eq!(told.tell(at(61), false), Some((false, 2)));
+        assert_eq!(told.tell(at(62), false), None);
+        assert_eq!(told.tell(at(200), true), Some((true, 0)));
     }
 
     /// A fix by dead reckoning or a simulation (gpsd's status 5, 6, 8) does not count.
