@@ -888,6 +888,23 @@ fn an_anchor_written_by_hand_does_not_verify() {
     drop(conn);
     restore(d, &snapshot);
 
+    // A copy of record 3 put in at position 0, without an anchor (a walk from position 1
+    // passed over it, and look-ups by serial find it): out of place.
+    let conn = write_conn(d);
+    conn.execute_batch(
+        "CREATE TEMP TABLE copy AS SELECT * FROM tokens WHERE seq = 3; \
+         UPDATE copy SET seq = 0, counter = counter + 1000000; \
+         INSERT INTO tokens SELECT * FROM copy;",
+    )
+    .unwrap();
+    let report = verify_report(d).expect_err("a record at position 0");
+    assert!(
+        report.contains("BROKEN at record 0") && report.contains("positions begin at 1"),
+        "{report}"
+    );
+    drop(conn);
+    restore(d, &snapshot);
+
     // Records 1..7 gone under a forged anchor that 8..10 chain to, and the checkpoint at 10
     // deleted: only the checkpoint at 5, below the anchor, is left.
     let conn = write_conn(d);

@@ -362,7 +362,8 @@ pub trait ArchiveStore: Send {
         anchor_seq: u64,
     ) -> Result<Option<StoredRecord>, StoreError> {
         let mut found = None;
-        self.for_each_record(instance_id, 1, &mut |r| {
+        // From position 0: one put in there is as out of place as one below the anchor.
+        self.for_each_record(instance_id, 0, &mut |r| {
             if r.seq <= anchor_seq {
                 found = Some(r);
             }

@@ -387,18 +387,21 @@ fn verify_instance_once(
     // Pruning deletes the records up to the anchor in the anchor's own transaction: one left
     // at or below it was put back, or the anchor written over records it does not stand
     // for. Either way they are not what the chain goes on from, and look-ups still find them.
-    if let Some(anchor) = &state.anchor {
-        if let Some(r) = store.kept_below_anchor(instance_id, anchor.seq)? {
-            first_break = Some(Break {
-                seq: r.seq,
-                serial: Some(hex(&r.record.serial)),
-                what: format!(
+    // Without an anchor, a record at position 0 is as out of place (positions begin at 1).
+    let below = state.anchor.as_ref().map_or(0, |a| a.seq);
+    if let Some(r) = store.kept_below_anchor(instance_id, below)? {
+        first_break = Some(Break {
+            seq: r.seq,
+            serial: Some(hex(&r.record.serial)),
+            what: match &state.anchor {
+                Some(anchor) => format!(
                     "the record is at or below the anchor ({}): pruning removed every record \
                      up to it, so the anchor does not stand for these",
                     anchor.seq
                 ),
-            });
-        }
+                None => "the record is at position 0: positions begin at 1".into(),
+            },
+        });
     }
     if first_break.is_none() {
         if let Some((r, what)) = store.misplaced_record(instance_id)? {

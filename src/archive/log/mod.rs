@@ -131,7 +131,9 @@ impl LogReader {
     /// Visits the instance's records from position `from_seq` on, in order, until `visit`
     /// returns `false`. A record is read as stored (its hash is not checked here:
     /// verification recomputes it); a frame that is cut short or does not decode ends its
-    /// segment.
+    /// segment. Frames before `from_seq` are passed over only until the first one visited:
+    /// one of a lower position after it (a frame put in among the others) is visited as it
+    /// is, for verification to find out of place.
     pub fn for_each_from(
         &self,
         instance_id: u32,
@@ -142,18 +144,33 @@ impl LogReader {
         let start = all
             .partition_point(|s| s.first_seq <= from_seq)
             .saturating_sub(1);
+        let mut started = false;
+        // A segment pruned since it was listed (retention, beside a verification) ends the
+        // walk there: what follows is no longer what it went on from, and a verification
+        // that finds the chain short of its checkpoints reads it again from the new anchor.
+        let pruned = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
         for (i, segment) in all.iter().enumerate().skip(start) {
             let offset = if i == start && from_seq > segment.first_seq {
-                match segments::offset_of(segment, from_seq)? {
-                    Some(offset) => offset,
-                    None => continue,
+                match segments::offset_of(segment, from_seq) {
+                    Ok(Some(offset)) => offset,
+                    Ok(None) => continue,
+                    Err(e) if pruned(&e) => return Ok(()),
+                    Err(e) => return Err(e.into()),
                 }
             } else {
                 0
             };
-            let mut frames = Frames::open(segment, offset)?.unchecked();
+            let mut frames = match Frames::open(segment, offset) {
+                Ok(frames) => frames.unchecked(),
+                Err(e) if pruned(&e) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
             while let Some((_, fields, hash)) = frames.next_ref()? {
-                if fields.seq >= from_seq && !visit(fields.to_record(hash))? {
+                if !started && fields.seq < from_seq {
+                    continue;
+                }
+                started = true;
+                if !visit(fields.to_record(hash))? {
                     return Ok(());
                 }
             }
@@ -1272,7 +1289,12 @@ impl ArchiveStore for LogStore {
             if below_anchor(&all, i, anchor) {
                 continue;
             }
-            damage.extend(segments::derived_damage(segment)?);
+            match segments::derived_damage(segment) {
+                Ok(found) => damage.extend(found),
+                // Pruned since it was listed (retention, beside the verification).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(damage)
     }

@@ -2131,6 +2131,49 @@ fn a_segment_is_where_its_first_frame_says_whatever_its_name() {
     assert_eq!((broken.seq, broken.what), (inside, what));
 }
 
+/// A frame put in among a closed segment's others, at a position below where the walk
+/// starts (0 here, without an anchor; its hash made anew, its index and imprint files
+/// removed as derived data): the walk verification makes visits it, and the chain breaks
+/// there; it passed over every frame of a lower position than its start wherever it was.
+#[test]
+fn a_frame_of_a_lower_position_put_in_among_the_others_breaks_the_chain() {
+    let log = twelve_commits_of_one();
+    let segments = segment_files(&log.dir());
+    assert!(segments.len() >= 3, "{segments:?}");
+    let segment = &segments[1];
+    let inside = segment.first_seq + 1;
+    let mut forged = log.records[inside as usize - 1].clone();
+    forged.seq = 0;
+    forged.record.clock.state = "holdover".into();
+    forged.hash = forged.computed_hash();
+    let mut frame = Vec::new();
+    segments::encode_frame(&forged, &mut frame);
+    let at = segments::offset_of(segment, inside)
+        .unwrap()
+        .expect("the frame") as usize;
+    let mut octets = fs::read(&segment.path).unwrap();
+    octets.splice(at..at, frame);
+    fs::write(&segment.path, octets).unwrap();
+    for derived in [segment.index_path(), segment.imprints_path()] {
+        let _ = fs::remove_file(derived);
+    }
+    // The walk verification makes (its records are no real tokens here, which it would
+    // break on first): the frame put in is visited in its place, where the chain breaks.
+    let mut store = log.store();
+    let mut seqs = Vec::new();
+    store
+        .for_each_record(0, 1, &mut |r| {
+            seqs.push(r.seq);
+            Ok(true)
+        })
+        .unwrap();
+    let expected: Vec<u64> = (1..inside)
+        .chain([0])
+        .chain(inside..=log.records.len() as u64)
+        .collect();
+    assert_eq!(seqs, expected);
+}
+
 #[test]
 fn pruning_removes_only_the_leftovers_a_prune_to_its_anchor_leaves() {
     let mut log = Log::new();
