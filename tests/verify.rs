@@ -482,6 +482,33 @@ fn a_nonce_is_checked_where_the_request_had_one() {
     assert!(error.to_string().contains("nonce"), "{error}");
 }
 
+/// A CRL of `issuer` (issued two years ago) revoking the certificates of `revoked` serials,
+/// current until `next`.
+fn crl(issuer: &Issuer<'static, KeyPair>, next: SystemTime, revoked: &[&[u8]]) -> Vec<u8> {
+    let (y, m, d) = ymd(next);
+    let (y0, m0, d0) = ymd(SystemTime::now() - 2 * YEAR);
+    rcgen::CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(y0, m0, d0),
+        next_update: rcgen::date_time_ymd(y, m, d),
+        crl_number: 1u64.into(),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|serial| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(serial),
+                revocation_time: rcgen::date_time_ymd(y0, m0, d0),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(issuer)
+    .unwrap()
+    .der()
+    .to_vec()
+}
+
 #[test]
 fn a_crl_given_must_vouch_for_the_signers_certificate() {
     let p = pki(ca("Root", Some(0)), vec![], current_tsu());
@@ -489,28 +516,7 @@ fn a_crl_given_must_vouch_for_the_signers_certificate() {
     let response = Response::from_der(&reply).unwrap();
     let token = response.token.as_ref().unwrap();
     let serial = p.tsu.tbs_certificate().serial_number().as_bytes().to_vec();
-    let crl = |revoked: &[&[u8]]| {
-        rcgen::CertificateRevocationListParams {
-            this_update: rcgen::date_time_ymd(2024, 1, 1),
-            next_update: rcgen::date_time_ymd(2099, 1, 1),
-            crl_number: 1u64.into(),
-            issuing_distribution_point: None,
-            revoked_certs: revoked
-                .iter()
-                .map(|serial| rcgen::RevokedCertParams {
-                    serial_number: rcgen::SerialNumber::from_slice(serial),
-                    revocation_time: rcgen::date_time_ymd(2024, 1, 1),
-                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
-                    invalidity_date: None,
-                })
-                .collect(),
-            key_identifier_method: rcgen::KeyIdMethod::Sha256,
-        }
-        .signed_by(&p.root_issuer)
-        .unwrap()
-        .der()
-        .to_vec()
-    };
+    let root_crl = |revoked: &[&[u8]]| crl(&p.root_issuer, SystemTime::now() + 5 * YEAR, revoked);
     let judge = |crls: Vec<Vec<u8>>| {
         verify(
             token,
@@ -526,27 +532,16 @@ fn a_crl_given_must_vouch_for_the_signers_certificate() {
         .map_err(|e| format!("{e:#}"))
     };
     judge(vec![]).unwrap();
-    judge(vec![crl(&[])]).unwrap();
-    let error = judge(vec![crl(&[&serial])]).unwrap_err();
+    judge(vec![root_crl(&[])]).unwrap();
+    let error = judge(vec![root_crl(&[&serial])]).unwrap_err();
     assert!(error.contains("evoked"), "{error}");
     // A CRL of another CA says nothing of this certificate: its status is unknown.
     let other = pki(ca("Other root", Some(0)), vec![], current_tsu());
-    let foreign = rcgen::CertificateRevocationListParams {
-        this_update: rcgen::date_time_ymd(2024, 1, 1),
-        next_update: rcgen::date_time_ymd(2099, 1, 1),
-        crl_number: 1u64.into(),
-        issuing_distribution_point: None,
-        revoked_certs: vec![],
-        key_identifier_method: rcgen::KeyIdMethod::Sha256,
-    }
-    .signed_by(&other.root_issuer)
-    .unwrap()
-    .der()
-    .to_vec();
+    let foreign = crl(&other.root_issuer, SystemTime::now() + 5 * YEAR, &[]);
     judge(vec![foreign]).unwrap_err();
     // Two CRLs of the root: refused (only the first would be read, and the revoking one
     // missed).
-    let error = judge(vec![crl(&[]), crl(&[&serial])]).unwrap_err();
+    let error = judge(vec![root_crl(&[]), root_crl(&[&serial])]).unwrap_err();
     assert!(error.contains("two CRLs of one issuer"), "{error}");
 
     // The same through `tsa verify --crl`, from a PEM file and a DER file.
@@ -561,9 +556,9 @@ fn a_crl_given_must_vouch_for_the_signers_certificate() {
         der::EncodePem::to_pem(&p.root, lf).unwrap(),
     )
     .unwrap();
-    let empty = der::pem::encode_string("X509 CRL", lf, &crl(&[])).unwrap();
+    let empty = der::pem::encode_string("X509 CRL", lf, &root_crl(&[])).unwrap();
     std::fs::write(d.join("empty.pem"), empty).unwrap();
-    std::fs::write(d.join("revoking.der"), crl(&[&serial])).unwrap();
+    std::fs::write(d.join("revoking.der"), root_crl(&[&serial])).unwrap();
     let run = |crl: &str| {
         Command::new(env!("CARGO_BIN_EXE_tsa"))
             .args([
@@ -602,30 +597,6 @@ fn crls_given_are_current_and_bind_the_whole_path() {
     let (reply, query) = stamp(&p, DigestAlgorithm::Sha256, SystemTime::now());
     let response = Response::from_der(&reply).unwrap();
     let token = response.token.as_ref().unwrap();
-    let crl = |issuer: &Issuer<'static, KeyPair>, next: SystemTime, revoked: &[&[u8]]| {
-        let (y, m, d) = ymd(next);
-        let (y0, m0, d0) = ymd(SystemTime::now() - 2 * YEAR);
-        rcgen::CertificateRevocationListParams {
-            this_update: rcgen::date_time_ymd(y0, m0, d0),
-            next_update: rcgen::date_time_ymd(y, m, d),
-            crl_number: 1u64.into(),
-            issuing_distribution_point: None,
-            revoked_certs: revoked
-                .iter()
-                .map(|serial| rcgen::RevokedCertParams {
-                    serial_number: rcgen::SerialNumber::from_slice(serial),
-                    revocation_time: rcgen::date_time_ymd(y0, m0, d0),
-                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
-                    invalidity_date: None,
-                })
-                .collect(),
-            key_identifier_method: rcgen::KeyIdMethod::Sha256,
-        }
-        .signed_by(issuer)
-        .unwrap()
-        .der()
-        .to_vec()
-    };
     let judge = |crls: Vec<Vec<u8>>, at: ValidAt| {
         verify(
             token,

@@ -82,7 +82,7 @@ pub struct Token {
     /// and encoded again may differ from them (a DEFAULT value written out, a date in
     /// GeneralizedTime before 2050, which DER and RFC 5280 forbid but issuers have made), and
     /// ESSCertID and the path's signatures bind the octets the TSA was given.
-    carried: Vec<Vec<u8>>,
+    carried: Vec<(x509_cert::Certificate, Vec<u8>)>,
 }
 
 impl Token {
@@ -112,8 +112,13 @@ impl Token {
         let octets: der::asn1::OctetString = econtent.decode_as().context("eContent")?;
         let tst_info_der = octets.into_bytes().into_vec();
         TstInfo::from_der(&tst_info_der).context("TSTInfo does not decode")?;
+        // Decoded once, beside their octets (those that do not decode are none of the
+        // certificates a verifier looks for).
         let carried = carried_certificates(&content_info.content.to_der()?)
-            .context("the token's certificates do not decode")?;
+            .context("the token's certificates do not decode")?
+            .into_iter()
+            .filter_map(|der| Some((x509_cert::Certificate::from_der(&der).ok()?, der)))
+            .collect();
         Ok(Self {
             der: der.to_vec(),
             signed_data,
@@ -126,8 +131,8 @@ impl Token {
     pub fn carried_der(&self, cert: &x509_cert::Certificate) -> Option<&[u8]> {
         self.carried
             .iter()
-            .find(|der| x509_cert::Certificate::from_der(der).is_ok_and(|c| c == *cert))
-            .map(Vec::as_slice)
+            .find(|(decoded, _)| decoded == cert)
+            .map(|(_, der)| der.as_slice())
     }
 
     pub fn tst_info(&self) -> TstInfo<'_> {

@@ -98,17 +98,9 @@ impl KernelApi for Adjtimex {
     /// (`TIME_OOP`) the kernel gives 23:59:60 as 23:59:59 again, which pairs with nothing: the
     /// leap refuses that reading anyway.
     fn state(&self) -> KernelState {
-        let mut last = None;
-        for _ in 0..3 {
-            // SAFETY: `timex` is plain data; `modes == 0` makes adjtimex only read the kernel
-            // state.
-            let mut tx: libc::timex = unsafe { std::mem::zeroed() };
-            let rc = unsafe { libc::adjtimex(&mut tx) };
-            let unix_ns = system_unix_ns();
-            let nano = tx.status & libc::STA_NANO != 0;
-            let kernel_ns = i128::from(tx.time.tv_sec) * 1_000_000_000
-                + i128::from(tx.time.tv_usec) * if nano { 1 } else { 1_000 };
-            let mut state = Self::read(&tx, rc, unix_ns);
+        let mut state = self.paired_state();
+        if state.rc != -1 {
+            // Once, whichever try paired: it changes only as a slew goes on.
             match pending_adjtime_ns() {
                 Some(ns) => state.adjtime_ns = ns,
                 // Not known: no bound either.
@@ -125,7 +117,27 @@ impl KernelApi for Adjtimex {
                     state.rc = -1;
                 }
             }
-            if state.rc == -1 || rc == libc::TIME_OOP || paired(kernel_ns, unix_ns) {
+        }
+        state
+    }
+}
+
+impl Adjtimex {
+    /// The kernel's state paired with the clock read right after it (see
+    /// [`KernelApi::state`] for [`Adjtimex`]).
+    fn paired_state(&self) -> KernelState {
+        let mut last = None;
+        for _ in 0..3 {
+            // SAFETY: `timex` is plain data; `modes == 0` makes adjtimex only read the kernel
+            // state.
+            let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+            let rc = unsafe { libc::adjtimex(&mut tx) };
+            let unix_ns = system_unix_ns();
+            let nano = tx.status & libc::STA_NANO != 0;
+            let kernel_ns = i128::from(tx.time.tv_sec) * 1_000_000_000
+                + i128::from(tx.time.tv_usec) * if nano { 1 } else { 1_000 };
+            let state = Self::read(&tx, rc, unix_ns);
+            if rc == -1 || rc == libc::TIME_OOP || paired(kernel_ns, unix_ns) {
                 return state;
             }
             last = Some(state);

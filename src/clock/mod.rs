@@ -827,15 +827,34 @@ mod tests {
         assert!(clock.now().is_ok());
     }
 
-    /// A source whose state the test sets, one nanosecond further at each reading.
+    /// A source whose state the test sets, one nanosecond further at each reading; it logs
+    /// its own changes where `logs` says so.
     struct Flipping {
         now: AtomicU64,
         synchronized: Arc<std::sync::atomic::AtomicBool>,
+        logs: bool,
+    }
+
+    /// An issuing clock over a [`Flipping`] source.
+    fn flipping(synchronized: &Arc<std::sync::atomic::AtomicBool>, logs: bool) -> IssuingClock {
+        let source = Flipping {
+            now: AtomicU64::new(1_000_000_000),
+            synchronized: Arc::clone(synchronized),
+            logs,
+        };
+        IssuingClock::new(
+            Box::new(source),
+            Duration::from_secs(1),
+            Duration::from_nanos(1),
+        )
     }
 
     impl TimeSource for Flipping {
         fn name(&self) -> &'static str {
             "flipping"
+        }
+        fn logs_its_changes(&self) -> bool {
+            self.logs
         }
         fn read(&self) -> Reading {
             let synchronized = self.synchronized.load(Ordering::SeqCst);
@@ -891,15 +910,7 @@ mod tests {
     #[test]
     fn the_tokens_readings_log_the_changes_of_a_source_that_does_not() {
         let synchronized = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let source = Flipping {
-            now: AtomicU64::new(1_000_000_000),
-            synchronized: synchronized.clone(),
-        };
-        let clock = IssuingClock::new(
-            Box::new(source),
-            Duration::from_secs(1),
-            Duration::from_nanos(1),
-        );
+        let clock = flipping(&synchronized, false);
         let events = logged(|| {
             clock.watched_reading();
             for synchronized_now in [true, false, false, true, true] {
@@ -911,27 +922,7 @@ mod tests {
         assert_eq!(events, ["sync_acquired", "sync_lost", "sync_acquired"]);
 
         // One that logs its own: not watched.
-        struct Logging(Flipping);
-        impl TimeSource for Logging {
-            fn name(&self) -> &'static str {
-                "logging"
-            }
-            fn read(&self) -> Reading {
-                self.0.read()
-            }
-            fn logs_its_changes(&self) -> bool {
-                true
-            }
-        }
-        let source = Logging(Flipping {
-            now: AtomicU64::new(1_000_000_000),
-            synchronized: synchronized.clone(),
-        });
-        let clock = IssuingClock::new(
-            Box::new(source),
-            Duration::from_secs(1),
-            Duration::from_nanos(1),
-        );
+        let clock = flipping(&synchronized, true);
         let events = logged(|| {
             for synchronized_now in [true, false, true] {
                 synchronized.store(synchronized_now, Ordering::SeqCst);
